@@ -1,0 +1,35 @@
+"""Keye-VL training framework: megatron-core MoE LM + SigLIP ViT, DSA/KSA attention, video data."""
+from setuptools import find_packages, setup
+
+# Versions are the ones the code is tested with (see ../shared/KNOWN-TRAPS.md in the design notes):
+# megatron-core 0.17+ needs Python >= 3.12, 0.16.1 runs on 3.11 (CI) and 3.12 (GPU machine).
+# torch is left as a range: the CPU build 2.13.0 is installed first on CPU machines, and a
+# range that it satisfies keeps pip from pulling a CUDA build.
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.15",
+    "megatron-core==0.16.1",
+    "deepspeed==0.19.8",
+    "triton==3.6.0",
+    "webdataset==1.0.2",
+    "decord==0.6.0",
+    "av>=14",
+    "hydra-core==1.3.8",
+    "omegaconf>=2.3,<2.4",
+    "wandb>=0.19",
+    "torchdata==0.11.0",
+    "numpy",
+    "einops",
+    "tqdm",
+    "safetensors",
+]
+DEV_REQUIRES = ["pytest>=8", "pytest-timeout"]
+
+setup(
+    name="keye-train",
+    version="0.1.0",
+    description="Distributed training of long-video MoE vision-language models (Keye-VL-2.0 class)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["kernels*", "models*", "parallel*", "data*", "train*", "launch*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": DEV_REQUIRES},
+)
