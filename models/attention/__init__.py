@@ -1,0 +1,52 @@
+"""Attention variants for the language model's attention slot.
+
+Each variant is a function `LMConfig -> ModuleSpec` for the layer's `self_attention` submodule, so a
+layer is built from a spec and never branches on the variant itself. DSA and KSA add their entries
+here when their modules exist.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from models.attention.dense import SDPACoreAttention
+from models.norm import RMSNorm
+
+
+def dense_attention_spec(cfg) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPACoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=RMSNorm,
+            k_layernorm=RMSNorm,
+        ),
+    )
+
+
+def _not_built(name: str) -> Callable:
+    def spec(cfg):
+        raise ValueError(f"model.lm.attention={name!r} is not available in this build yet")
+    return spec
+
+
+ATTENTION_SPECS: dict[str, Callable] = {
+    "dense": dense_attention_spec,
+    "dsa": _not_built("dsa"),
+    "ksa": _not_built("ksa"),
+}
+
+
+def attention_spec(variant: str, cfg) -> ModuleSpec:
+    try:
+        return ATTENTION_SPECS[variant](cfg)
+    except KeyError:
+        raise ValueError(f"unknown attention variant {variant!r}; known: {sorted(ATTENTION_SPECS)}") from None

@@ -1,0 +1,51 @@
+"""Dense causal GQA core attention on torch's scaled_dot_product_attention.
+
+Drop-in for megatron-core's `core_attention` slot (same constructor and forward signature as its
+`DotProductAttention`), without materialising the [b, heads, s, s] score tensor on GPU (SDPA picks
+the flash / memory-efficient kernels there). Packed sequences (`PackedSeqParams` with cu_seqlens)
+are attended document by document, so no token attends across a document boundary.
+
+Shapes (megatron layout): query [s, b, nq, d], key/value [s, b, nkv, d] -> context [s, b, nq*d].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention runs without context parallelism (parallel.cp=1)")
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention takes no attention bias")
+        s, b, nq, d = query.shape
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        p = self.dropout_p if self.training else 0.0
+        if packed_seq_params is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                 scale=self.softmax_scale, enable_gqa=k.shape[1] != nq)
+        else:
+            if b != 1:
+                raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
+            cu = packed_seq_params.cu_seqlens_q.tolist()
+            out = torch.empty_like(q)
+            for start, end in zip(cu[:-1], cu[1:]):
+                if end > start:
+                    out[:, :, start:end] = F.scaled_dot_product_attention(
+                        q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
+                        dropout_p=p, scale=self.softmax_scale, enable_gqa=k.shape[1] != nq)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)

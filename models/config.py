@@ -1,0 +1,126 @@
+"""Typed configuration of the language model (the `model.lm` node of a recipe) and its size arithmetic.
+
+Presets live as YAML under `recipes/model/`; this file holds the schema, its validation, and the
+parameter/FLOP counts derived from it without allocating anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
+
+
+@dataclass
+class LMConfig:
+    """A Qwen3-MoE-style decoder: RMSNorm, QK-norm, GQA, RoPE, MoE FFN on every layer, untied embeddings."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int = 16
+    vocab_size: int = 512
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1.0e7
+    norm_eps: float = 1.0e-6
+    # Mixture of experts (every layer is an MoE layer, as in Qwen3-30B-A3B).
+    num_experts: int = 4
+    moe_topk: int = 2
+    moe_ffn_hidden_size: int = 32
+    moe_aux_loss_coeff: float = 1.0e-3
+    moe_norm_topk_prob: bool = True  # Qwen3 renormalises the top-k router probabilities to sum to 1
+    moe_router_dtype: str = "fp32"
+    init_std: float = 0.02
+    untie_embeddings: bool = True
+    # Attention variant per layer: one name for all layers, or a list with one name per layer.
+    attention: str = "dense"
+    attention_per_layer: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+                     "vocab_size", "num_experts", "moe_topk", "moe_ffn_hidden_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.lm.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.lm.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.lm.num_query_groups ({self.num_query_groups})")
+        if self.moe_topk > self.num_experts:
+            raise ValueError(f"model.lm.moe_topk ({self.moe_topk}) exceeds model.lm.num_experts ({self.num_experts})")
+        if self.moe_router_dtype not in ("fp32", "fp64"):
+            raise ValueError(f"model.lm.moe_router_dtype must be fp32 or fp64, got {self.moe_router_dtype!r}")
+        for v in [self.attention, *self.attention_per_layer]:
+            if v not in ATTENTION_VARIANTS:
+                raise ValueError(f"model.lm.attention variant {v!r} is not one of {ATTENTION_VARIANTS}")
+        if self.attention_per_layer and len(self.attention_per_layer) != self.num_layers:
+            raise ValueError(
+                f"model.lm.attention_per_layer has {len(self.attention_per_layer)} entries but "
+                f"model.lm.num_layers is {self.num_layers}")
+
+    def layer_attention(self) -> list[str]:
+        return list(self.attention_per_layer) or [self.attention] * self.num_layers
+
+
+@dataclass(frozen=True)
+class ModelParallelSizes:
+    """The parallel degrees a model chunk is built for (validated by parallel.layout)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    moe_dispatcher: str = "alltoall"
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    active: int  # parameters touched by one token: attention, router, top-k experts, embeddings, head
+    embedding: int
+
+
+def lm_param_count(cfg: LMConfig) -> ParamCount:
+    """Parameter count from the config alone (no allocation); checked against a built model in tests."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    attn = h * (q + 2 * kv) + q * h + 2 * d  # qkv, output projection, q/k RMSNorm weights
+    norms = 2 * h  # input and pre-MLP RMSNorm
+    router = h * cfg.num_experts
+    expert = 3 * h * cfg.moe_ffn_hidden_size  # SwiGLU: gate, up, down
+    per_layer_total = attn + norms + router + cfg.num_experts * expert
+    per_layer_active = attn + norms + router + cfg.moe_topk * expert
+    emb = cfg.vocab_size * h
+    head = emb if cfg.untie_embeddings else 0
+    final_norm = h
+    return ParamCount(
+        total=cfg.num_layers * per_layer_total + emb + head + final_norm,
+        active=cfg.num_layers * per_layer_active + emb + head + final_norm,
+        embedding=emb,
+    )
+
+
+def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the language model.
+
+    Counted: every matmul of the active parameters (2 FLOPs per multiply-add; the input embedding is a
+    lookup and is not counted), plus attention scores and values: 2 * 2 * seq * q_dim per layer,
+    halved for causal masking. Each attention variant can report its own attention term; this is the
+    dense one.
+    """
+    pc = lm_param_count(cfg)
+    matmul_params = pc.active - pc.embedding - cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) - cfg.hidden_size
+    q_dim = cfg.num_attention_heads * cfg.head_dim
+    attn = 2 * 2 * seq_len * q_dim * cfg.num_layers * (0.5 if causal else 1.0)
+    return 3.0 * (2.0 * matmul_params + attn)
+
+
+@dataclass
+class ModelConfig:
+    """The `model` node of a recipe. The language model now; the ViT and projector join it later."""
+
+    name: str = "keye_tiny"
+    lm: LMConfig = field(default_factory=LMConfig)

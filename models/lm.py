@@ -1,0 +1,149 @@
+"""The Qwen3-MoE-style language model as megatron-core specs, and its builder.
+
+`build_lm` takes the model config, the parallel sizes and the process groups as arguments (it never
+reads global process-group state itself) and returns a megatron `GPTModel` chunk for one pipeline
+stage (and virtual stage). Layers are built from per-layer specs, so the attention variant of each
+layer comes from `models.attention.attention_spec` and the layer class never branches on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from models.attention import attention_spec
+from models.config import LMConfig, ModelParallelSizes
+from models.norm import RMSNorm
+
+
+def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
+                       use_cpu_initialization: bool, recompute: str | None = None,
+                       calculate_per_token_loss: bool = True) -> TransformerConfig:
+    """Megatron TransformerConfig for the language model."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    recompute_kwargs = {}
+    if recompute == "full":
+        recompute_kwargs = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        recompute_kwargs = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        kv_channels=lm.head_dim,
+        ffn_hidden_size=lm.moe_ffn_hidden_size,
+        moe_ffn_hidden_size=lm.moe_ffn_hidden_size,
+        num_moe_experts=lm.num_experts,
+        moe_router_topk=lm.moe_topk,
+        # softmax over the top-k logits == softmax over all experts renormalised within the top-k
+        # (Qwen3's norm_topk_prob); pre-softmax keeps the un-renormalised probabilities.
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not lm.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=lm.moe_aux_loss_coeff,
+        moe_router_dtype=lm.moe_router_dtype,
+        moe_token_dispatcher_type=sizes.moe_dispatcher,
+        moe_grouped_gemm=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        qk_layernorm=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=lm.init_std,
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        virtual_pipeline_model_parallel_size=sizes.vpp,
+        expert_model_parallel_size=sizes.ep,
+        expert_tensor_parallel_size=sizes.etp,
+        context_parallel_size=sizes.cp,
+        sequence_parallel=sizes.sequence_parallel,
+        params_dtype=dtype,
+        bf16=bf16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        calculate_per_token_loss=calculate_per_token_loss,
+        # gloo cannot batch isend/irecv correctly for interleaved schedules (silently wrong grads).
+        batch_p2p_comm=False,
+        deallocate_pipeline_outputs=True,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **recompute_kwargs,
+    )
+
+
+def layer_spec(lm: LMConfig, variant: str) -> ModuleSpec:
+    """One decoder layer: RMSNorm -> attention (variant) -> residual -> RMSNorm -> MoE -> residual."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=attention_spec(variant, lm),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(lm: LMConfig, config: TransformerConfig, *, pp_rank: int, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """The layer specs of the layers this (virtual) pipeline stage owns, plus the final norm."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    variants = lm.layer_attention()[offset: offset + count]
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(lm, v) for v in variants], layer_norm=RMSNorm)
+
+
+def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank: int, pp_size: int,
+             vp_stage: int | None = None, vpp_size: int | None = None) -> GPTModel:
+    """Builds the model chunk of pipeline rank `pp_rank` (and virtual stage `vp_stage`)."""
+    first = pp_rank == 0 and (vp_stage is None or vp_stage == 0)
+    last = pp_rank == pp_size - 1 and (vp_stage is None or vp_stage == (vpp_size or 1) - 1)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(lm, config, pp_rank=pp_rank, vp_stage=vp_stage),
+        vocab_size=lm.vocab_size,
+        max_sequence_length=lm.max_position_embeddings,
+        pre_process=first,
+        post_process=last,
+        share_embeddings_and_output_weights=not lm.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(lm.rope_theta),
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    mark_expert_params(model)
+    return model
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Tags every expert weight `allreduce=False`, so DDP reduces it over the expert-data-parallel group.
+
+    megatron-core tags expert weights only when expert_model_parallel_size > 1 and otherwise reduces
+    them over the dense data-parallel group. That group is the wrong one whenever the expert tensor
+    parallel size differs from TP (e.g. TP=2, ETP=1, EP=1: experts are replicated over 2 expert-DP
+    ranks while dense DP is 1), and the expert gradients silently stay partial.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.allreduce = False

@@ -1,0 +1,34 @@
+"""Runs launch/pretrain.py under torchrun in a subprocess and reads what the run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Runs in tests are short: no wandb, short warmup, and no checkpoints unless a test asks for them.
+QUIET = ["train.wandb.enabled=false", "train.warmup_steps=1", "train.log_interval=1"]
+
+
+def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int = 600,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "launch" / "pretrain.py"), *QUIET, *overrides, f"run_dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (the last record wins when a resumed run logged a step again)."""
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out

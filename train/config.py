@@ -1,0 +1,115 @@
+"""The typed schema of a whole run, registered in Hydra's ConfigStore.
+
+Defaults here < YAML recipes under recipes/ < command-line overrides. Unknown keys and wrong types are
+rejected by Hydra against these dataclasses; value checks live in each dataclass's __post_init__
+(run when `to_config` converts the composed config) and raise ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.synthetic_tokens import DataConfig
+from models.config import ModelConfig
+from parallel.layout import ParallelConfig
+
+LR_SCHEDULES = ("cosine", "wsd", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # false: never write checkpoints (benchmarks, parity tests)
+    save_interval: int = 50  # steps between checkpoints; a checkpoint is also written at the end
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a newer one commits)
+    resume: bool = True  # continue from the newest complete checkpoint in the run directory
+    init_from: str = ""  # a checkpoint directory to initialise model weights from when starting fresh
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 1:
+            raise ValueError(f"train.checkpoint.save_interval must be >= 1, got {self.save_interval}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "keye-vl"
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"train.wandb.mode must be auto/online/offline/disabled, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # total optimizer steps of the run (the LR schedule spans these)
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 256
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 10
+    wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying at the end
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"  # bf16 on GPU, fp32 on CPU
+    log_interval: int = 1
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = the measured default for the device kind
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_after < 0:
+            raise ValueError(f"train.stop_after must be >= 0, got {self.stop_after}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must be in [0, train.lr ({self.lr})]")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass
+class Config:
+    recipe_name: str = "keye_tiny"
+    run_dir: str = ""  # empty: runs/<recipe_name>, so rerunning the same command resumes
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.recipe_name}"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Composed Hydra config -> typed Config (runs every __post_init__ check)."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj

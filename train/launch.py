@@ -1,0 +1,62 @@
+"""From a composed Hydra config to a finished run: validation, per-rank logging, the trainer, teardown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from parallel.groups import teardown, world_size_from_env
+from parallel.layout import ParallelLayout
+from train.config import Config, to_config
+
+
+def setup_logging(run_dir: str, rank: int) -> None:
+    """Rank 0 logs to the console; every rank logs to run_dir/logs/rank<N>.log."""
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if rank == 0:
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    for noisy in ("megatron", "torch.distributed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
+    """Typed config and layout, or ValueError naming the bad setting. Builds no process group."""
+    cfg = to_config(dcfg)
+    layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env(), lm=cfg.model.lm)
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * layout.dp):
+        raise ValueError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
+    if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
+        raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
+                         f"({cfg.model.lm.max_position_embeddings})")
+    return cfg, layout
+
+
+def run(dcfg: DictConfig) -> None:
+    try:
+        cfg, layout = validate(dcfg)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(cfg.resolved_run_dir(), rank)
+    from train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg))
+        trainer.train()
+    finally:
+        teardown()

@@ -1,0 +1,118 @@
+"""Throughput / MFU accounting, the console progress line and wandb (rank 0 only).
+
+FLOPs are counted analytically (models.config.lm_flops_per_token): 6 x active matmul parameters per
+token (forward + backward; the input embedding lookup excluded) plus causal attention, 6 * 2 * s * q_dim
+per layer per token halved for causality. MFU = achieved FLOP/s per device / the device's peak. The
+default peak is the measured bf16 dense matmul rate of the device kind (H100/H200: 775 TFLOP/s,
+measured on an H200 with torch 2.11); CPU runs report no MFU unless `train.peak_tflops` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("train")
+
+MEASURED_PEAK_TFLOPS = {"H200": 775.0, "H100": 775.0}
+
+
+def device_peak_tflops(configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in MEASURED_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    tokens: int
+
+
+class Meter:
+    def __init__(self, *, flops_per_token: float, world_size: int, peak_tflops: float | None, total_steps: int):
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_tflops
+        self.total_steps = total_steps
+        self.wandb = None
+
+    def rates(self, s: StepStats) -> dict:
+        tok_s = s.tokens / max(s.seconds, 1e-9)
+        tflops = self.flops_per_token * tok_s / self.world_size / 1e12
+        out = {"loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "step_time_s": s.seconds,
+               "tokens_per_s": tok_s, "tflops_per_device": tflops}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        if torch.cuda.is_available():
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return out
+
+    def line(self, s: StepStats) -> str:
+        r = self.rates(s)
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        mem = f" | mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
+        return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f} | grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
+                f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
+                f"{s.seconds:.2f} s/step{mem}")
+
+    def start_wandb(self, *, enabled: bool, mode: str, project: str, run_dir: str, name: str, config: dict) -> None:
+        if not enabled or os.environ.get("WANDB_MODE") == "disabled" or mode == "disabled":
+            return
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        import wandb
+
+        self.wandb = wandb.init(project=project, name=name, dir=run_dir, mode=mode, config=config,
+                                resume="allow", id=_wandb_id(run_dir))
+
+    def log(self, s: StepStats) -> None:
+        log.info(self.line(s))
+        if self.wandb is not None:
+            self.wandb.log(self.rates(s), step=s.step)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_id(run_dir: str) -> str:
+    """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
+    path = os.path.join(run_dir, "wandb_id.txt")
+    if os.path.exists(path):
+        return open(path).read().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.t0

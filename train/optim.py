@@ -1,0 +1,129 @@
+"""Optimizer (megatron's distributed AdamW with fp32 master weights) and the learning-rate schedule.
+
+The schedule is a pure function of the step, so its only state is the step counter in the checkpoint:
+    warmup:   lr = lr_max * (step + 1) / warmup_steps              for step < warmup_steps
+    cosine:   min + (max - min) * (1 + cos(pi * r)) / 2,  r = progress after warmup in [0, 1]
+    linear:   min + (max - min) * (1 - r)
+    wsd:      max until the last `wsd_decay_fraction` of the steps, then linear down to min
+    constant: max
+`step` is the 0-based index of the optimizer step about to be taken.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from train.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig, *, max_lr: float | None = None, min_lr: float | None = None) -> float:
+    hi = cfg.lr if max_lr is None else max_lr
+    lo = cfg.min_lr if min_lr is None else min_lr
+    if step < cfg.warmup_steps:
+        return hi * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return hi
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    r = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_schedule == "cosine":
+        return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * r))
+    if cfg.lr_schedule == "linear":
+        return lo + (hi - lo) * (1.0 - r)
+    # wsd: stable, then a linear decay over the final fraction of all steps
+    decay_steps = max(1, int(round(cfg.wsd_decay_fraction * cfg.steps)))
+    decay_start = cfg.steps - decay_steps
+    if step < decay_start:
+        return hi
+    return lo + (hi - lo) * max(0.0, 1.0 - (step - decay_start) / decay_steps)
+
+
+def apply_lr(optimizer, step: int, cfg: TrainConfig) -> float:
+    """Sets lr and weight decay of every parameter group for `step`; returns the base lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg, max_lr=group.get("max_lr"), min_lr=group.get("min_lr"))
+        group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
+    return lr_at(step, cfg)
+
+
+def build_optimizer(model_chunks, cfg: TrainConfig, *, bf16: bool, distributed: bool, pg_collection):
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+        decoupled_weight_decay=True,
+    )
+    return get_megatron_optimizer(opt_cfg, model_chunks, pg_collection=pg_collection, use_gloo_process_groups=False)
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside megatron's (possibly chained, possibly distributed) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in chained]
+
+
+def untie_adam_steps(optimizer) -> None:
+    """Gives every parameter its own Adam `step` tensor.
+
+    megatron-core 0.16.1's distributed optimizer, loading a checkpoint without apex/TE, puts ONE shared
+    `step` tensor into every parameter's state; torch's AdamW increments it in place once per parameter,
+    so bias correction is wrong from the first resumed step on and training silently diverges.
+    """
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].detach().clone()
+
+
+def ensure_adam_state(optimizer) -> None:
+    """Allocates zero Adam state for parameters that have none yet.
+
+    megatron-core 0.16.1's distributed optimizer, without apex/TE, asserts in `state_dict()` (called
+    while building the sharded state dict for loading) when the torch optimizer has no state yet.
+    The values written here are overwritten by the load.
+    """
+    for opt in torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    state["step"] = torch.tensor(0.0)
+
+
+def patch_step_restore(optimizer) -> None:
+    """Lets megatron-core 0.16.1's distributed optimizer load a "fully_reshardable" checkpoint without TE/apex.
+
+    Its loader copies every key of a parameter's live Adam state from the checkpoint, but the
+    checkpoint's per-parameter tensors have no `step` (it is restored separately, from the param
+    groups), so loading raises KeyError: 'step'. The step already restored is kept as it is.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_step_restore_patched", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def patched(model_param, tensors, _opt=opt, _original=original):
+            if "step" not in tensors:
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = _opt.optimizer.state[main_param].get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return _original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = patched
+        opt._step_restore_patched = True

@@ -1,0 +1,239 @@
+"""Builds a run from its typed config and runs the step loop on megatron-core's schedules.
+
+Order of construction (each part receives only its own sub-config):
+    layout (validated before any process group) -> process groups -> seeds -> model chunks
+    (layout-invariant init) -> megatron DDP -> distributed optimizer -> data stream -> resume.
+One step: set lr for the step -> forward/backward over the micro-batches (pipeline-aware schedule)
+-> finalize grads (DP reduce-scatter, SP norms, embeddings) -> clip -> AdamW -> log -> maybe save.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from data.synthetic_tokens import SyntheticTokenStream
+from models.config import lm_flops_per_token, lm_param_count
+from models.init import init_layout_invariant
+from models.lm import build_lm, transformer_config
+from parallel.groups import build_process_groups, init_distributed, seed_all
+from parallel.layout import ParallelLayout
+from train import checkpoint as ckpt
+from train.config import Config
+from train.metrics import Meter, StepStats, Timer, device_peak_tflops
+from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
+
+log = logging.getLogger("train")
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token loss sum and token count (megatron's calculate_per_token_loss convention)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach().double(), mask.sum().double()])}
+
+
+def _forward_step(device: torch.device, data_iterator, model):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(_loss_func, batch["loss_mask"])
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def code_version() -> str:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = ""):
+        self.cfg, self.layout = cfg, layout
+        self.run_dir = cfg.resolved_run_dir()
+        self.device = init_distributed()
+        self.rank = dist.get_rank()
+        self.pgs = build_process_groups(layout)
+        seed_all(cfg.seed, self.pgs)
+        t, lm = cfg.train, cfg.model.lm
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+        if self.bf16 and not torch.cuda.is_available():
+            raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
+
+        self.tconfig = transformer_config(lm, layout.model_sizes(), bf16=self.bf16, use_cpu_initialization=False,
+                                          recompute=None if layout.recompute == "none" else layout.recompute)
+        # megatron's own initialisation stays on although init_layout_invariant overwrites every value: with
+        # perform_initialization=False megatron 0.16.1 never tags TP-sharded weights `tensor_model_parallel`,
+        # and gradient clipping then counts them on TP rank 0 only (a wrong grad norm at TP > 1).
+        pp_rank = self.pgs.pp.rank()
+        vpp = layout.vpp if layout.vpp > 1 else None
+        chunks = [build_lm(lm, self.tconfig, pg_collection=self.pgs, pp_rank=pp_rank, pp_size=layout.pp,
+                           vp_stage=v, vpp_size=vpp) for v in (range(vpp) if vpp else [None])]
+        for c in chunks:
+            c.to(self.device)
+        init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=layout.distributed_optimizer,
+                                                check_for_nan_in_grad=True)
+        self.model = [DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=c,
+                                              disable_bucketing=i > 0, pg_collection=self.pgs)
+                      for i, c in enumerate(chunks)]
+        self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
+        self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
+                                         pg_collection=self.pgs)
+
+        dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
+        make_stream = functools.partial(SyntheticTokenStream, cfg.data, vocab_size=lm.vocab_size,
+                                        seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                        global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+        # One stream per model chunk: the interleaved schedule pulls each chunk's micro-batches separately.
+        self.streams = [make_stream() for _ in self.model]
+        self.num_microbatches = self.streams[0].num_microbatches
+
+        pc = lm_param_count(lm)
+        self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
+                           peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
+        self.step = 0
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            log.info("model %s: %s parameters, %s active per token", cfg.model.name, _count(pc.total), _count(pc.active))
+            log.info("backends: %s; attention %s; experts: megatron SequentialMLP; optimizer: torch AdamW (%s)",
+                     "NCCL" if torch.cuda.is_available() else "gloo (CPU mode)", "/".join(sorted(set(lm.layer_attention()))),
+                     "distributed" if layout.distributed_optimizer else "replicated")
+            log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
+                     self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
+            if resolved_config_yaml:
+                Path(self.run_dir, "config.yaml").write_text(resolved_config_yaml)
+            Path(self.run_dir, "code_version.txt").write_text(code_version() + "\n")
+        self._resume()
+
+    # ----------------------------------------------------------------------------------------------
+    def _common_state(self) -> dict:
+        l = self.layout
+        return {"step": self.step, "data": self.streams[0].state_dict(),
+                "layout": {"tp": l.tp, "pp": l.pp, "vpp": l.vpp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "dp": l.dp,
+                           "world_size": l.world_size},
+                "recipe": self.cfg.recipe_name, "seed": self.cfg.seed}
+
+    def _resume(self) -> None:
+        c = self.cfg.train.checkpoint
+        ref = ckpt.find_latest(self.run_dir) if c.resume else None
+        if ref is None:
+            if c.init_from:
+                src = ckpt.find_latest(c.init_from)
+                if src is None:
+                    raise ValueError(f"train.checkpoint.init_from={c.init_from!r} holds no complete checkpoint")
+                ckpt.load_checkpoint(src, self.model, self.optimizer, load_optimizer=False, load_rng=False)
+                log.info("initialised model weights from %s (fresh optimizer, step 0)", src.path)
+            return
+        same_layout = self._saved_layout(ref) == self._common_state()["layout"]
+        ensure_adam_state(self.optimizer)
+        patch_step_restore(self.optimizer)
+        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, load_rng=same_layout)
+        untie_adam_steps(self.optimizer)
+        self.step = int(common["step"])
+        for s in self.streams:
+            s.load_state_dict(common["data"])
+        log.info("resumed from %s at step %d%s", ref.path, self.step,
+                 "" if same_layout else f" (resharded from layout {self._saved_layout(ref)}; RNG state not restored)")
+
+    @staticmethod
+    def _saved_layout(ref: ckpt.CheckpointRef) -> dict:
+        import megatron.core.dist_checkpointing as dcp
+
+        return dcp.load_common_state_dict(str(ref.path))["common"]["layout"]
+
+    def _save(self) -> None:
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._common_state(),
+                                    keep_last=self.cfg.train.checkpoint.keep_last)
+        log.info("saved checkpoint %s", path)
+
+    # ----------------------------------------------------------------------------------------------
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Global per-token mean loss over all micro-batches and data-parallel ranks."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
+        if losses and self.pgs.tp.rank() == 0:
+            for d in losses:
+                total += d["lm_loss"].to(self.device)
+        dist.all_reduce(total)
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def train_step(self) -> StepStats:
+        t = self.cfg.train
+        timer = Timer()
+        timer.start()
+        lr = apply_lr(self.optimizer, self.step, t)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp, vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
+        extra = {}
+        if self.layout.pp > 1:
+            extra["p2p_communicator"] = self.p2p
+        losses = fwd_bwd(
+            forward_step_func=functools.partial(_forward_step, self.device),
+            data_iterator=self.streams if len(self.model) > 1 else self.streams[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+            pg_collection=self.pgs,
+            **extra,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+        loss = self._reduce_loss(losses)
+        self.step += 1
+        return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
+                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length)
+
+    def train(self) -> list[StepStats]:
+        t = self.cfg.train
+        if self.rank == 0:
+            self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
+                                   run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
+        history: list[StepStats] = []
+        start = self.step
+        for m in self.model:
+            m.train()
+        while self.step < t.steps:
+            stats = self.train_step()
+            history.append(stats)
+            if self.rank == 0:
+                with open(Path(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": stats.step, **self.meter.rates(stats)}) + "\n")
+                if stats.step % t.log_interval == 0 or stats.step == t.steps or stats.step == start + 1:
+                    self.meter.log(stats)
+            stopping = t.stop_after and self.step - start >= t.stop_after
+            if t.checkpoint.enabled and (self.step % t.checkpoint.save_interval == 0 or self.step == t.steps or stopping):
+                self._save()
+            if stopping:
+                log.info("stopping after %d steps of this run (train.stop_after); rerun the same command to resume",
+                         t.stop_after)
+                break
+        if self.rank == 0:
+            self.meter.finish()
+        return history
