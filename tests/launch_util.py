@@ -32,3 +32,17 @@ def losses(run_dir: Path) -> dict[int, float]:
         rec = json.loads(line)
         out[rec["step"]] = rec["loss"]
     return out
+
+
+def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900) -> dict[str, dict[int, float]]:
+    """Trains each named layout (a list of overrides) in one torchrun job; returns name -> {step: loss}."""
+    out = tmp / "layouts.json"
+    spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "tests" / "dist" / "layouts_driver.py"), str(out), str(tmp / "runs"), spec]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"layouts run failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return {name: {int(k): v for k, v in steps.items()} for name, steps in json.loads(out.read_text()).items()}

@@ -38,7 +38,11 @@ _NAME = re.compile(r"^step_(\d{6,})$")
 COMPLETE = "COMPLETE.json"
 # "fully_reshardable": optimizer state in model space (one tensor per parameter), so TP/PP/EP/DP may change
 # between save and load. ("fully_sharded_model_space" needs flattened shards, which 0.16.1 rejects.)
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# megatron adds its data-parallel group to the metadata dict it is given, so every call gets a fresh
+# dict with the group of the current layout (a shared dict would carry a stale group into the next one).
+def _sharding_metadata(dp_cp_group) -> dict:
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+            "dp_cp_group": dp_cp_group}
 
 
 @dataclass(frozen=True)
@@ -107,20 +111,22 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool, rank: int, world: int) -> dict:
+def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool, rank: int, world: int,
+                   dp_cp_group) -> dict:
     sd: dict = {}
     model_sd = {}
+    metadata = _sharding_metadata(dp_cp_group)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
         model_sd.update(sd[key])
     if with_optimizer:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=SHARDING_METADATA)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return sd
 
 
-def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *, keep_last: int) -> Path:
+def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *, keep_last: int, dp_cp_group) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint path."""
     rank, world = dist.get_rank(), dist.get_world_size()
     root = checkpoint_root(run_dir)
@@ -131,7 +137,8 @@ def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     dist.barrier()
-    sd = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=True, rank=rank, world=world)
+    sd = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=True, rank=rank, world=world,
+                        dp_cp_group=dp_cp_group)
     sd["common"] = common
     dist_checkpointing.save(sd, str(partial))
     dist.barrier()
@@ -155,11 +162,12 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, load_optimizer: bool = True,
+def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, dp_cp_group, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Collective. Loads model (and optimizer / RNG) in place; returns the common state."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    sd = _sharded_state(model_chunks, optimizer, is_loading=True, with_optimizer=load_optimizer, rank=rank, world=world)
+    sd = _sharded_state(model_chunks, optimizer, is_loading=True, with_optimizer=load_optimizer, rank=rank, world=world,
+                        dp_cp_group=dp_cp_group)
     if not load_rng:
         sd.pop("rng_state")
     state = dist_checkpointing.load(sd, str(ref.path))

@@ -143,13 +143,14 @@ class Trainer:
                 src = ckpt.find_latest(c.init_from)
                 if src is None:
                     raise ValueError(f"train.checkpoint.init_from={c.init_from!r} holds no complete checkpoint")
-                ckpt.load_checkpoint(src, self.model, self.optimizer, load_optimizer=False, load_rng=False)
+                ckpt.load_checkpoint(src, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp,
+                                     load_optimizer=False, load_rng=False)
                 log.info("initialised model weights from %s (fresh optimizer, step 0)", src.path)
             return
         same_layout = self._saved_layout(ref) == self._common_state()["layout"]
         ensure_adam_state(self.optimizer)
         patch_step_restore(self.optimizer)
-        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, load_rng=same_layout)
+        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout)
         untie_adam_steps(self.optimizer)
         self.step = int(common["step"])
         for s in self.streams:
@@ -165,7 +166,7 @@ class Trainer:
 
     def _save(self) -> None:
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._common_state(),
-                                    keep_last=self.cfg.train.checkpoint.keep_last)
+                                    keep_last=self.cfg.train.checkpoint.keep_last, dp_cp_group=self.pgs.dp_cp)
         log.info("saved checkpoint %s", path)
 
     # ----------------------------------------------------------------------------------------------

@@ -10,33 +10,34 @@ sequence parallelism) moved the step-2 loss by 7e-4 and 7e-5 relative.
 
 import pytest
 
-from tests.launch_util import losses, run_pretrain
+from tests.launch_util import run_layouts
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["recipe=keye_tiny", "train.steps=3", "train.checkpoint.enabled=false", "train.global_batch_size=8",
-          "train.micro_batch_size=2", "train.seq_length=128"]
+          "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
 RTOL = 2e-5
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "tp2_etp2": ["parallel.tp=2", "parallel.etp=2"],
+    "ep2_alltoall": ["parallel.ep=2", "parallel.moe_dispatcher=alltoall"],
+    "ep2_allgather": ["parallel.ep=2", "parallel.moe_dispatcher=allgather"],
+    "pp2": ["parallel.pp=2"],
+    "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tp1")
-    run_pretrain(1, COMMON + ["parallel=single"], d)
-    return losses(d)
+def curves(tmp_path_factory):
+    ref = run_layouts(1, {"single": COMMON}, tmp_path_factory.mktemp("single"))["single"]
+    two = run_layouts(2, {name: COMMON + ov for name, ov in LAYOUTS.items()}, tmp_path_factory.mktemp("two"))
+    return ref, two
 
 
-@pytest.mark.parametrize("name,nproc,layout", [
-    ("tp2", 2, ["parallel=single", "parallel.tp=2"]),
-    ("tp2_etp2", 2, ["parallel=single", "parallel.tp=2", "parallel.etp=2"]),
-    ("ep2_alltoall", 2, ["parallel=single", "parallel.ep=2", "parallel.moe_dispatcher=alltoall"]),
-    ("ep2_allgather", 2, ["parallel=single", "parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
-    ("pp2", 2, ["parallel=single", "parallel.pp=2"]),
-    ("pp2_vpp2", 2, ["parallel=single", "parallel.pp=2", "parallel.vpp=2"]),
-])
-def test_layout_matches_single_process(reference, tmp_path, name, nproc, layout):
-    run_pretrain(nproc, COMMON + layout, tmp_path)
-    got = losses(tmp_path)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(curves, name):
+    reference, runs = curves
+    got = runs[name]
     assert sorted(got) == [1, 2, 3]
     for step, ref in reference.items():
         assert abs(got[step] - ref) <= RTOL * abs(ref), f"{name} step {step}: loss {got[step]!r} vs {ref!r} (single process)"

@@ -1,0 +1,55 @@
+"""Runs several short trainings in ONE torchrun job, one layout after another, and writes their losses.
+
+Used by the parity tests: starting a process costs ~15-30 s of imports on a 2-core machine, a layout's
+3 training steps cost ~5 s, so the layouts share the processes. Between layouts megatron's parallel
+state is destroyed and rebuilt by `build_process_groups`; nothing else carries over.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist/layouts_driver.py OUT.json RUN_ROOT 'name=override override;...'
+
+An entry with `run_dir=<dir>` uses RUN_ROOT/<dir>, so later entries can resume an earlier one's checkpoints.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from train.noise import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from train.config import register_configs  # noqa: E402
+from train.launch import validate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    out, run_root, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    register_configs()
+    results = {}
+    for item in spec.split(";"):
+        name, overrides = item.split("=", 1)
+        # run_dir=<name> shares a run directory between entries (resume / reshard); default: own directory
+        ov = [o for o in overrides.split() if not o.startswith("run_dir=")]
+        shared = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("run_dir=")]
+        with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
+            dcfg = compose("config", overrides=ov + [f"run_dir={run_root / (shared[-1] if shared else name)}"])
+        cfg, layout = validate(dcfg)
+        from train.trainer import Trainer
+
+        history = Trainer(cfg, layout).train()
+        results[name] = {s.step: s.loss for s in history}
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(results))
+    from parallel.groups import teardown
+
+    teardown()
+
+
+if __name__ == "__main__":
+    main()

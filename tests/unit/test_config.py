@@ -1,0 +1,96 @@
+"""Config errors stop the run before any process group is built, naming the offending key."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from train.config import Config, register_configs
+from train.launch import validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _compose(*overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def _validate(*overrides, world_size=2):
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        return validate(_compose(*overrides))
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def test_tiny_recipe_composes_into_typed_config():
+    cfg, layout = _validate("recipe=keye_tiny")
+    assert isinstance(cfg, Config)
+    assert cfg.recipe_name == "keye_tiny" and cfg.resolved_run_dir() == "runs/keye_tiny"
+    assert (layout.ep, layout.dp, layout.tp) == (2, 2, 1)
+
+
+def test_recipe_values_win_over_schema_defaults_and_cli_wins_over_recipe():
+    cfg, _ = _validate("recipe=keye_tiny", "train.lr=1e-3", "parallel.ep=1")
+    assert cfg.train.lr == 1e-3 and cfg.parallel.ep == 1
+    assert cfg.train.steps == 60  # from recipes/train/tiny.yaml, not the schema default (100)
+
+
+def test_full_size_recipe_layout_for_one_node():
+    cfg, layout = _validate("recipe=keye_30b_a3b", world_size=8)
+    assert cfg.model.lm.num_experts == 128 and layout.ep == 8 and layout.dp == 8
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("recipe=keye_tiny", "train.lrr=1e-4")
+    assert "lrr" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("recipe=keye_tiny", "train.lr=fast")
+    msg = str(e.value.__cause__ or e.value)
+    assert "train.lr" in msg and "fast" in msg
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallel.ep=3"], 3, "parallel.ep (3) must divide model.lm.num_experts (8)"),
+    (["parallel.tp=3", "parallel.ep=1"], 3, "parallel.tp (3) must divide model.lm.num_attention_heads (8)"),
+    (["parallel.ep=2"], 3, "world size (3) must be divisible by parallel.etp * parallel.ep * parallel.pp"),
+    (["parallel.pp=3", "parallel.ep=1"], 3, "model.lm.num_layers (4) must be divisible by parallel.pp * parallel.vpp"),
+    (["train.global_batch_size=6"], 2, "train.global_batch_size (6) must be a multiple of train.micro_batch_size (4)"),
+    (["parallel.moe_dispatcher=flex"], 2, "parallel.moe_dispatcher must be one of"),
+    (["train.lr_schedule=step"], 2, "train.lr_schedule must be one of"),
+    (["model.lm.attention=sliding"], 2, "model.lm.attention variant 'sliding'"),
+])
+def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
+    with pytest.raises(ValueError) as e:
+        _validate("recipe=keye_tiny", *overrides, world_size=world)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("override,world,needle", [
+    ("train.lrr=1", 1, "lrr"),
+    ("train.lr=fast", 1, "train.lr"),
+    ("parallel.ep=3", 3, "parallel.ep (3) must divide model.lm.num_experts (8)"),
+])
+def test_launcher_exits_before_building_anything(tmp_path, override, world, needle):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WORLD_SIZE": str(world)}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny", override,
+                           f"run_dir={run_dir}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+    assert not run_dir.exists(), "nothing may be written before the config is valid"
+    assert "process group" not in (proc.stderr + proc.stdout).lower()
