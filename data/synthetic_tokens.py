@@ -50,16 +50,18 @@ class SyntheticTokenSource:
         self.successors = torch.randint(0, vocab_size, (vocab_size, cfg.branching), generator=g)
         probs = torch.tensor([0.5 ** i for i in range(cfg.branching)])
         self.cum_probs = (probs / probs.sum()).cumsum(0)
+        self._successor_rows = self.successors.tolist()
 
     def sample(self, index: int) -> torch.Tensor:
         n = self.seq_length + 1
         g = _generator(self.cfg.seed, index)
         choice = torch.searchsorted(self.cum_probs, torch.rand(n, generator=g)).clamp_max(self.cfg.branching - 1)
-        toks = torch.empty(n, dtype=torch.long)
-        toks[0] = torch.randint(0, self.vocab_size, (1,), generator=g)
-        succ = self.successors
-        for i in range(1, n):
-            toks[i] = succ[toks[i - 1], choice[i]]
+        first = int(torch.randint(0, self.vocab_size, (1,), generator=g))
+        succ, ch = self._successor_rows, choice.tolist()
+        walk = [first]
+        for i in range(1, n):  # plain Python ints: ~50x faster than indexing tensors element by element
+            walk.append(succ[walk[-1]][ch[i]])
+        toks = torch.tensor(walk, dtype=torch.long)
         if n >= 32 and torch.rand(1, generator=g).item() < self.cfg.copy_prob:
             span = int(torch.randint(8, max(9, n // 4), (1,), generator=g))
             src = int(torch.randint(0, n // 2 - span + 1, (1,), generator=g)) if n // 2 > span else 0

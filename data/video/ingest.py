@@ -1,0 +1,360 @@
+"""Ingest: a folder of videos + an annotation JSONL -> verified webdataset shards.
+
+    python launch/ingest.py --videos DIR --annotations FILE.jsonl --out DIR --shard-size-mb 1024 \
+        [--proxy] [--workers N]
+
+Every video is decoded end to end in a guarded child process (`isolation.GuardedWorker`, one per
+worker thread), so a decoder segfault or hang costs that one file. What training relies on is
+measured and written into `<key>.json` beside the video in the shard (see `probe.py`); with
+`--proxy` the stored video is a training proxy (2 fps, short side <= 448, a keyframe every second,
+H.264) and the original's metadata is kept under "source". Files that fail go to `rejects.jsonl`
+with a reason; ingest never stops on one file.
+
+Resumable: `ingest_manifest.jsonl` gets one line per *completed* shard (written after the tar and
+its index are in place) and `rejects.jsonl` one line per rejected file. A rerun skips both, deletes
+shard files that no completed line accounts for (an interrupted shard), and continues numbering.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .isolation import GuardedWorker, WorkerFailure
+from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
+                     write_json_atomic)
+
+MANIFEST = "ingest_manifest.jsonl"
+REJECTS = "rejects.jsonl"
+SUMMARY = "dataset.json"
+
+
+@dataclass
+class IngestOptions:
+    videos: str
+    out: str
+    annotations: str | None = None
+    shard_size_mb: float = 1024.0
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2)))
+    proxy: bool = False
+    proxy_fps: float = 2.0
+    proxy_short_side: int = 448
+    proxy_keyframe_s: float = 1.0
+    timeout_s: float = 3600.0
+    """Per-file deadline for probing (+ transcoding); a file over it is rejected as 'timeout'."""
+    threads_per_file: int = 1
+    check_decord: bool = True
+    retry_rejects: bool = False
+    progress: bool = True
+    extensions: tuple[str, ...] = VIDEO_EXTS
+    tmp_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.videos):
+            raise ValueError(f"IngestOptions.videos = {self.videos!r}: not a directory")
+        if self.annotations is not None and not os.path.isfile(self.annotations):
+            raise ValueError(f"IngestOptions.annotations = {self.annotations!r}: no such file")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"IngestOptions.shard_size_mb = {self.shard_size_mb}: must be > 0")
+        if self.workers < 1:
+            raise ValueError(f"IngestOptions.workers = {self.workers}: must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError(f"IngestOptions.timeout_s = {self.timeout_s}: must be > 0")
+        if not 0 < self.proxy_fps <= 60:
+            raise ValueError(f"IngestOptions.proxy_fps = {self.proxy_fps}: must be in (0, 60]")
+        if self.proxy_short_side < 28:
+            raise ValueError(f"IngestOptions.proxy_short_side = {self.proxy_short_side}: must be >= 28")
+
+
+def list_videos(root: str, extensions=VIDEO_EXTS) -> list[str]:
+    exts = {e.lower().lstrip(".") for e in extensions}
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.rsplit(".", 1)[-1].lower() in exts and "." in name:
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def read_annotations(path: str | None) -> tuple[dict[str, dict], list[str]]:
+    """JSONL -> {relative video path: record}; returns also a list of problems found."""
+    if path is None:
+        return {}, []
+    recs: dict[str, dict] = {}
+    problems: list[str] = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: not JSON ({e})")
+                continue
+            v = r.get("video") if isinstance(r, dict) else None
+            if not isinstance(v, str):
+                problems.append(f"{path}:{n}: no string field 'video'")
+                continue
+            rel = os.path.normpath(v)
+            if rel in recs:
+                problems.append(f"{path}:{n}: second record for {rel!r} ignored")
+                continue
+            recs[rel] = r
+    return recs, problems
+
+
+class _Pool:
+    """Worker threads, each driving its own guarded child process."""
+
+    def __init__(self, n: int) -> None:
+        self.local = threading.local()
+        self.workers: list[GuardedWorker] = []
+        self.lock = threading.Lock()
+        self.ex = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ingest")
+
+    def worker(self) -> GuardedWorker:
+        w = getattr(self.local, "w", None)
+        if w is None:
+            w = GuardedWorker(name="ingest")
+            self.local.w = w
+            with self.lock:
+                self.workers.append(w)
+        return w
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True)
+        for w in self.workers:
+            w.close()
+
+
+def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dict:
+    path = os.path.join(root, rel)
+    key = make_key(rel)
+    kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord}
+    proxy_path = None
+    if opts.proxy:
+        proxy_path = os.path.join(tmp, key + ".mp4")
+        kwargs.update(proxy={"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
+                             "keyframe_s": opts.proxy_keyframe_s}, proxy_path=proxy_path)
+    t0 = time.monotonic()
+    try:
+        res = pool.worker().call("inspect", timeout_s=opts.timeout_s, **kwargs)
+    except WorkerFailure as e:
+        if proxy_path and os.path.exists(proxy_path):
+            os.unlink(proxy_path)
+        return {"rel": rel, "key": key, "ok": False, "reason": e.reason, "detail": e.detail[:500],
+                "bytes_in": _size(path), "seconds": time.monotonic() - t0}
+    return {"rel": rel, "key": key, "ok": True, "result": res, "bytes_in": _size(path),
+            "seconds": time.monotonic() - t0}
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _append_jsonl(path: str, rec: dict) -> None:
+    line = json.dumps(rec, sort_keys=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cleanup_incomplete(out: Path, complete: set[str]) -> None:
+    for p in out.glob("shard-*"):
+        name = p.name
+        base = re.sub(r"(\.idx\.json|\.tar)(\.tmp)?$", "", name)
+        if base + ".tar" not in complete:
+            p.unlink()
+
+
+def ingest(opts: IngestOptions) -> dict:
+    """Run (or resume) an ingest; returns the summary also written to `<out>/dataset.json`."""
+    t_start = time.monotonic()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path, rejects_path = str(out / MANIFEST), str(out / REJECTS)
+
+    # ---- what is already done ----
+    shards_done = read_jsonl(manifest_path)
+    complete = {s["shard"] for s in shards_done if os.path.exists(out / s["shard"])
+                and os.path.exists(index_path(out / s["shard"]))}
+    shards_done = [s for s in shards_done if s["shard"] in complete]
+    _cleanup_incomplete(out, complete)
+    done = {v for s in shards_done for v in s["videos"]}
+    rejected_before = read_jsonl(rejects_path)
+    if not opts.retry_rejects:
+        done |= {r["video"] for r in rejected_before}
+    next_index = 1 + max([int(s["shard"][6:12]) for s in shards_done], default=-1)
+
+    root = os.path.abspath(opts.videos)
+    videos = list_videos(root, opts.extensions)
+    ann, problems = read_annotations(opts.annotations)
+    for p in problems:
+        print(f"[ingest] warning: {p}", file=sys.stderr)
+    missing = sorted(set(ann) - set(videos))
+    for rel in missing:
+        if rel not in done:
+            _append_jsonl(rejects_path, {"video": rel, "reason": "missing_file",
+                                         "detail": "listed in annotations, not found under --videos"})
+            done.add(rel)
+    todo = [v for v in videos if v not in done]
+
+    tmp = tempfile.mkdtemp(prefix="keye-ingest-", dir=opts.tmp_dir)
+    pool = _Pool(opts.workers)
+    reasons: Counter = Counter()
+    stats = Counter()
+    writer: ShardWriter | None = None
+    cur_videos: list[str] = []
+    target = int(opts.shard_size_mb * (1 << 20))
+    bar = None
+    if opts.progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), unit="video", desc="ingest", dynamic_ncols=True)
+        except Exception:
+            bar = None
+
+    def close_shard() -> None:
+        nonlocal writer, cur_videos
+        if writer is None:
+            return
+        path, entries = writer.close()
+        rec = {"shard": os.path.basename(path), "videos": cur_videos, "num_samples": len(entries),
+               "bytes": os.path.getsize(path)}
+        _append_jsonl(manifest_path, rec)
+        shards_done.append(rec)
+        writer, cur_videos = None, []
+
+    try:
+        pending = set()
+        it = iter(todo)
+        max_inflight = 4 * opts.workers
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < max_inflight:
+                rel = next(it, None)
+                if rel is None:
+                    exhausted = True
+                    break
+                pending.add(pool.ex.submit(_job, pool, opts, root, rel, tmp))
+            if not pending:
+                break
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: f.result()["rel"]):
+                r = fut.result()
+                stats["bytes_in"] += r["bytes_in"]
+                if not r["ok"]:
+                    reasons[r["reason"]] += 1
+                    _append_jsonl(rejects_path, {"video": r["rel"], "reason": r["reason"], "detail": r["detail"]})
+                else:
+                    res = r["result"]
+                    rel = r["rel"]
+                    annotation = ann.get(rel, {"video": rel})
+                    if rel not in ann:
+                        stats["unannotated"] += 1
+                    stored = res["stored_path"]
+                    ext = "mp4" if opts.proxy else rel.rsplit(".", 1)[-1].lower()
+                    record = {"schema": SCHEMA, "key": r["key"], "source_path": rel, "video": res["video"],
+                              "source": res["source"], "annotation": annotation,
+                              "proxy": ({"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
+                                         "keyframe_s": opts.proxy_keyframe_s} if opts.proxy else None)}
+                    if writer is None:
+                        writer = ShardWriter(out, next_index)
+                        next_index += 1
+                    writer.add_sample(r["key"], stored, ext, record)
+                    cur_videos.append(rel)
+                    stats["accepted"] += 1
+                    stats["bytes_stored"] += res["video"]["bytes"]
+                    stats["frames"] += res["video"]["num_frames"]
+                    stats["seconds_of_video"] += res["video"]["duration_s"]
+                    if opts.proxy:
+                        os.unlink(stored)
+                    if writer.size >= target:
+                        close_shard()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(ok=stats["accepted"], rejected=sum(reasons.values()), refresh=False)
+        close_shard()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        pool.close()
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    elapsed = time.monotonic() - t_start
+    all_rejects = read_jsonl(rejects_path)
+    summary = {
+        "schema": SCHEMA,
+        "shards": [s["shard"] for s in sorted(shards_done, key=lambda s: s["shard"])],
+        "num_samples": sum(s["num_samples"] for s in shards_done),
+        "num_rejected": len(all_rejects),
+        "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
+        "this_run": {"processed": len(todo), "accepted": stats["accepted"],
+                     "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
+                     "skipped_already_done": len(videos) - len(todo), "unannotated": stats["unannotated"],
+                     "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
+                     "frames": stats["frames"], "seconds_of_video": round(stats["seconds_of_video"], 3),
+                     "seconds": round(elapsed, 3),
+                     "videos_per_s": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
+                     "gb_per_s": round(stats["bytes_in"] / elapsed / 1e9, 6) if elapsed > 0 else None},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
+    }
+    write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Verify videos and write webdataset shards with metadata.")
+    p.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
+    p.add_argument("--annotations", default=None, help="JSONL: one record per video, see docs/data.md")
+    p.add_argument("--out", required=True, help="output folder for shards, index, rejects")
+    p.add_argument("--shard-size-mb", type=float, default=1024.0)
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--proxy", action="store_true", help="store a 2 fps, <=448 px training proxy")
+    p.add_argument("--proxy-fps", type=float, default=2.0)
+    p.add_argument("--proxy-short-side", type=int, default=448)
+    p.add_argument("--proxy-keyframe-s", type=float, default=1.0)
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="per-file deadline")
+    p.add_argument("--retry-rejects", action="store_true", help="try files rejected by an earlier run again")
+    p.add_argument("--no-decord-check", action="store_true", help="skip the decord seek-accuracy check")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_arg_parser().parse_args(argv)
+    try:
+        opts = IngestOptions(videos=a.videos, out=a.out, annotations=a.annotations,
+                             shard_size_mb=a.shard_size_mb, workers=a.workers, proxy=a.proxy,
+                             proxy_fps=a.proxy_fps, proxy_short_side=a.proxy_short_side,
+                             proxy_keyframe_s=a.proxy_keyframe_s, timeout_s=a.timeout_s,
+                             retry_rejects=a.retry_rejects, check_decord=not a.no_decord_check,
+                             progress=not a.no_progress)
+    except ValueError as e:
+        print(f"ingest: {e}", file=sys.stderr)
+        return 2
+    s = ingest(opts)
+    r = s["this_run"]
+    print(f"ingest: {r['accepted']} accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
+          f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
+          f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
+    return 0

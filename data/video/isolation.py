@@ -1,0 +1,260 @@
+"""A guarded child process that runs decode/probe jobs, so a segfault or a hang costs one sample.
+
+`GuardedWorker` starts `python -m data.video.isolation` with pipes (subprocess, so it also works
+from a daemonic DataLoader worker, which multiprocessing would refuse), sends length-prefixed
+pickled requests, and waits for each answer with a deadline. If the child dies (SIGSEGV, abort,
+OOM kill) the call raises `WorkerFailure("crashed", ...)`, if it misses the deadline the child is
+killed and the call raises `WorkerFailure("timeout", ...)`; either way the next call starts a fresh
+child. Exceptions inside a job come back as `WorkerFailure(reason, detail)` with the job's own
+reason (e.g. "decode_error"). Decoded frames travel through a file in tmpfs, not the pipe.
+
+The child keeps its protocol on a private dup of stdout and points fd 1 at stderr, so library
+chatter on stdout cannot corrupt the stream; stderr goes to a small per-child log whose tail is
+attached to crash reports.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HEADER = struct.Struct("<Q")
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class WorkerFailure(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _write_msg(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    buf = memoryview(_HEADER.pack(len(data)) + data)
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                raise TimeoutError
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            return None          # EOF: the other side is gone
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_msg(fd: int, deadline: float | None = None):
+    head = _read_exact(fd, _HEADER.size, deadline)
+    if head is None:
+        return None
+    (size,) = _HEADER.unpack(head)
+    body = _read_exact(fd, size, deadline)
+    if body is None:
+        return None
+    return pickle.loads(body)
+
+
+class GuardedWorker:
+    """Parent side. Not thread-safe: one caller at a time (one per DataLoader worker/thread)."""
+
+    def __init__(self, *, name: str = "video", log_dir: str | None = None) -> None:
+        self.name = name
+        self.log_dir = log_dir or tempfile.gettempdir()
+        self.proc: subprocess.Popen | None = None
+        self.num_starts = 0
+        self.num_failures = 0
+        self._log = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.setdefault(var, "1")
+        if self._log is None:
+            # an anonymous log: unlinked at once, so nothing is left behind even if we are killed
+            fd, path = tempfile.mkstemp(prefix=f"keye-{self.name}-", suffix=".log", dir=self.log_dir)
+            os.close(fd)
+            self._log = open(path, "a+b")
+            os.unlink(path)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "data.video.isolation"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            env=env, cwd=_REPO_ROOT, close_fds=True)
+        self.num_starts += 1
+
+    def close(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None:
+            try:
+                p.stdin.close()
+            except Exception:
+                pass
+            try:
+                p.wait(timeout=2)
+            except Exception:
+                p.kill()
+                p.wait()
+            try:
+                p.stdout.close()
+            except Exception:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _kill(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None:
+            try:
+                p.kill()
+            except Exception:
+                pass
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                try:
+                    f.close()
+                except Exception:
+                    pass
+
+    def _log_tail(self, n: int = 600) -> str:
+        try:
+            fd = self._log.fileno()
+            size = os.fstat(fd).st_size
+            return os.pread(fd, n, max(0, size - n)).decode("utf-8", "replace").strip().replace("\n", " | ")
+        except Exception:
+            return ""
+
+    # -- calls --------------------------------------------------------------------------------
+    def call(self, op: str, timeout_s: float | None = None, **kwargs):
+        """Run `op(**kwargs)` in the child; returns its result or raises WorkerFailure."""
+        if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None:
+                self._kill()
+            self._start()
+        if self._log is not None:
+            self._log.truncate(0)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            _write_msg(self.proc.stdin.fileno(), (op, kwargs))
+            reply = _read_msg(self.proc.stdout.fileno(), deadline)
+        except TimeoutError:
+            self._kill()
+            self.num_failures += 1
+            raise WorkerFailure("timeout", f"{op} took longer than {timeout_s:.0f} s; child killed") from None
+        except (BrokenPipeError, OSError):
+            reply = None
+        if reply is None:
+            code = self.proc.wait() if self.proc is not None else None
+            self._kill()
+            self.num_failures += 1
+            sig = ""
+            if code is not None and code < 0:
+                try:
+                    sig = signal.Signals(-code).name
+                except ValueError:
+                    sig = f"signal {-code}"
+            raise WorkerFailure("crashed", f"{op}: child exited ({sig or code}); log: {self._log_tail()}")
+        status, payload = reply
+        if status == "ok":
+            return payload
+        reason, detail = payload
+        raise WorkerFailure(reason, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# child side
+# ---------------------------------------------------------------------------------------------
+
+def _op_inspect(path: str, proxy: dict | None = None, proxy_path: str | None = None,
+                threads: int = 1, check_decord: bool = True) -> dict:
+    from .probe import ProxySpec, inspect_video
+
+    spec = ProxySpec(**proxy) if proxy else None
+    return inspect_video(path, proxy=spec, proxy_path=proxy_path, threads=threads, check_decord=check_decord)
+
+
+def _fault_injection(path: str) -> None:
+    """Test hook: KEYE_DECODE_FAULT="crash:<substring>" or "hang:<substring>" makes the decode of a
+    file whose original name contains <substring> segfault or hang, like a broken decoder would."""
+    spec = os.environ.get("KEYE_DECODE_FAULT", "")
+    if not spec or ":" not in spec:
+        return
+    kind, _, needle = spec.partition(":")
+    if needle and needle in os.path.basename(path):
+        if kind == "crash":
+            _op_crash()
+        elif kind == "hang":
+            _op_hang()
+
+
+def _op_decode(backend: str, out_path: str, fault_tag: str = "", **req) -> tuple[int, int, int, int]:
+    from .backends import DecodeRequest, decode_frames
+
+    _fault_injection(fault_tag or req["path"])
+    arr = decode_frames(backend, DecodeRequest(**req))
+    with open(out_path, "wb") as f:
+        f.write(memoryview(arr).cast("B"))
+    return tuple(arr.shape)
+
+
+def _op_crash() -> None:          # for tests: what a decoder segfault looks like
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _op_hang(seconds: float = 3600.0) -> None:   # for tests: a stuck decoder
+    time.sleep(seconds)
+
+
+_OPS = {"inspect": _op_inspect, "decode": _op_decode, "ping": lambda: os.getpid(),
+        "_crash": _op_crash, "_hang": _op_hang}
+
+
+def _child_main() -> None:
+    proto_out = os.dup(1)
+    os.dup2(2, 1)                      # stray prints go to the log, not the protocol
+    proto_in = sys.stdin.fileno()
+    from .backends import DecodeError
+    from .probe import ProbeError
+
+    while True:
+        msg = _read_msg(proto_in)
+        if msg is None:
+            return
+        op, kwargs = msg
+        try:
+            result = ("ok", _OPS[op](**kwargs))
+        except (DecodeError, ProbeError) as e:
+            result = ("err", (e.reason, e.detail))
+        except Exception as e:         # anything else: report it, keep serving
+            result = ("err", ("exception", f"{type(e).__name__}: {str(e)[:500]}"))
+        _write_msg(proto_out, result)
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -1,0 +1,651 @@
+"""`VideoPackedLoader`: resumable, DP-aware iterator of packed video batches.
+
+Global order (independent of the number of data-parallel ranks and workers)
+--------------------------------------------------------------------------
+For epoch e, the sample order is a pure function of (catalog, seed, e): shards are permuted, their
+samples read in tar order through a shuffle buffer that is *simulated over sample ids* with a seeded
+RNG (so shard reads stay local, and the buffer's contents at any point are a function of the
+position, not state to save). Every sample is planned from its metadata (frames, sizes, text), so
+its token count is known, and the ordered samples are packed (best-fit, `pack_lookahead` open
+bins) into that epoch's list of packs. Concatenating the epochs gives one global stream of packs
+`(epoch, pack)`.
+
+Who gets what
+-------------
+A loader holds a position in that stream: `base` (the first pack not known to be consumed), a
+small `skip` set (packs after base already consumed, only after merging uneven rank states), and
+`consumed` (packs this rank has yielded since base). Let `remaining` be the stream from `base` minus
+`skip`. Rank r of W yields remaining[r], remaining[r + W], remaining[r + 2W], ...; inside a rank,
+DataLoader worker w of K builds the rank's items w, w + K, ... and torch's in-order round robin
+returns them in rank order. A pack is decoded only by the worker that yields it.
+
+Resume
+------
+Ranks step in lockstep (one pack each per micro-step), so after c steps exactly remaining[:W*c] is
+consumed, whatever W was. `load_state_dict` advances `base` by W_saved * c_saved packs of
+`remaining` — by index, nothing is replayed or decoded — and continues with the new W. Hence the
+same W resumes bit-exactly, and W=2 -> 1 or 1 -> 2 neither repeats nor skips a pack (so a sample)
+for the rest of the epoch. `merge_rank_states` combines per-rank states of ranks that are not in
+lockstep. With `num_epochs` set, the stream ends at the last epoch, trimmed to a multiple of W so
+that ranks end together.
+
+Bad samples
+-----------
+A sample whose decode fails (error, short decode, crash, hang) is left out of its pack (the pack is
+padded instead), written to the quarantine JSONL with (shard, key, reason) and counted by reason;
+the run raises only after `max_consecutive_failures` failures in a row.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .backends import DecodeError, DecodeRequest, decode_frames
+from .config import VideoDataConfig
+from .isolation import GuardedWorker, WorkerFailure
+from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify,
+                      plan_document)
+from .sampling import PlanError
+from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
+from .tokenizer import Tokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "min_frames", "max_frames",
+                "min_frame_tokens", "max_frame_tokens", "video_tokens_per_second", "min_video_tokens",
+                "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
+                "shuffle", "shuffle_buffer", "tokenizer", "vocab_size", "special_token_offset")
+
+
+class SampleFailure(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: global order and packs of an epoch (pure functions of catalog, config, seed, epoch)
+# ---------------------------------------------------------------------------------------------
+
+def epoch_order(shard_of: np.ndarray, *, seed: int, epoch: int, shuffle: bool, buffer: int) -> np.ndarray:
+    """Sample ids (uids) of one epoch in training order. `shard_of[uid]` = shard number; uids of a
+    shard are contiguous and in tar order."""
+    n = shard_of.shape[0]
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x5EED])
+    n_shards = int(shard_of.max()) + 1 if n else 0
+    starts = np.searchsorted(shard_of, np.arange(n_shards + 1))
+    perm = rng.permutation(n_shards)
+    stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in perm]) if n else shard_of
+    if buffer <= 1:
+        return stream.astype(np.int64)
+    draws = rng.random(stream.shape[0])
+    out: list[int] = []
+    buf: list[int] = []
+    for x, u in zip(stream.tolist(), draws.tolist()):
+        if len(buf) < buffer:
+            buf.append(x)
+            continue
+        j = int(u * len(buf))
+        out.append(buf[j])
+        buf[j] = x
+    tail = np.array(buf, dtype=np.int64)
+    rng.shuffle(tail)
+    return np.concatenate([np.array(out, dtype=np.int64), tail])
+
+
+@dataclass
+class EpochPlan:
+    epoch: int
+    order: np.ndarray                    # uids in training order (planned-out samples included)
+    packs: list[list[int]]               # uids per pack, pack order = stream order
+    rejects: dict[int, tuple[str, str]]  # uid -> (reason, detail) for samples that cannot be planned
+
+
+class Planner:
+    """Plans documents and epochs; cached; identical in every process that builds one."""
+
+    def __init__(self, catalog: list[SampleRecord], cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int) -> None:
+        self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
+        shard_names = sorted({r.shard for r in catalog})
+        sid = {s: i for i, s in enumerate(shard_names)}
+        self.shard_of = np.array([sid[r.shard] for r in catalog], dtype=np.int64)
+        self._docs: dict[tuple[int, int], DocPlan | PlanError] = {}
+        self._epochs: dict[int, EpochPlan] = {}
+
+    def doc(self, uid: int, epoch: int) -> DocPlan:
+        k = (uid, epoch if self.cfg.frame_jitter > 0 else 0)
+        d = self._docs.get(k)
+        if d is None:
+            r = self.catalog[uid]
+            try:
+                d = plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
+                                  annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer,
+                                  seed=self.seed, epoch=epoch)
+            except PlanError as e:
+                d = e
+            except (KeyError, TypeError, ValueError) as e:
+                d = PlanError("bad_metadata", f"{type(e).__name__}: {e}")
+            self._docs[k] = d
+        if isinstance(d, PlanError):
+            raise d
+        return d
+
+    def epoch(self, e: int) -> EpochPlan:
+        p = self._epochs.get(e)
+        if p is None:
+            order = epoch_order(self.shard_of, seed=self.seed, epoch=e, shuffle=self.cfg.shuffle,
+                                buffer=self.cfg.shuffle_buffer)
+            kept, lengths, rejects = [], [], {}
+            for uid in order.tolist():
+                try:
+                    lengths.append(self.doc(uid, e).length)
+                    kept.append(uid)
+                except PlanError as err:
+                    rejects[uid] = (err.reason, err.detail)
+            bins = pack_greedy(lengths, self.cfg.seq_len, self.cfg.pack_lookahead)
+            p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects)
+            if len(self._epochs) >= 3:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[e] = p
+            if self.cfg.frame_jitter > 0:          # per-epoch doc plans of old epochs are dead
+                self._docs = {k: v for k, v in self._docs.items() if k[1] >= e - 1}
+        return p
+
+    def num_packs(self, e: int) -> int:
+        return len(self.epoch(e).packs)
+
+    def key(self, uid: int) -> str:
+        r = self.catalog[uid]
+        return f"{os.path.basename(r.shard)}/{r.key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# positions in the global pack stream
+# ---------------------------------------------------------------------------------------------
+
+def iter_stream(planner: Planner, base: tuple[int, int], skip: frozenset, *, start: int, stride: int,
+                stop: int | None, num_epochs: int | None):
+    """Yield (epoch, pack) at remaining-indices start, start+stride, ... (< stop)."""
+    e, j = base
+    idx = 0
+    target = start
+    while stop is None or target < stop:
+        while True:
+            if num_epochs is not None and e >= num_epochs:
+                return
+            n = planner.num_packs(e)
+            if j >= n:
+                e, j = e + 1, 0
+                continue
+            if (e, j) in skip:
+                j += 1
+                continue
+            if idx == target:
+                break
+            jump = target - idx
+            if not any(s[0] == e and j < s[1] < j + jump + 1 for s in skip):
+                jump = min(jump, n - j)
+                j += jump
+                idx += jump
+            else:
+                j += 1
+                idx += 1
+        yield e, j
+        target += stride
+
+
+def advance(planner: Planner, base: tuple[int, int], skip: frozenset, count: int,
+            num_epochs: int | None) -> tuple[tuple[int, int], frozenset]:
+    """The position `count` packs of `remaining` after `base`."""
+    if count <= 0:
+        return tuple(base), skip
+    nxt = None
+    for pos in iter_stream(planner, base, skip, start=count, stride=1, stop=count + 1, num_epochs=num_epochs):
+        nxt = pos
+    if nxt is None:                                      # ran off the end of the last epoch
+        nxt = (num_epochs if num_epochs is not None else base[0] + 1, 0)
+    return nxt, frozenset(s for s in skip if s >= nxt)
+
+
+def remaining_count(planner: Planner, base, skip, num_epochs: int | None) -> int | None:
+    if num_epochs is None:
+        return None
+    e, j = base
+    total = 0
+    for ep in range(e, num_epochs):
+        total += planner.num_packs(ep) - (j if ep == e else 0)
+    return total - sum(1 for s in skip if s >= tuple(base) and s[0] < num_epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding one sample in a worker
+# ---------------------------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _remove_stale_spills(spill_dir: str) -> None:
+    """Delete spill files left by processes that no longer exist (a worker killed mid-sample)."""
+    try:
+        names = os.listdir(spill_dir)
+    except OSError:
+        return
+    host = _HOST
+    for name in names:
+        m = re.match(r"keye-(.+)-(\d+)-\d+-\d+\.", name)
+        if not m or m.group(1) != host:          # only this host's files (spill_dir may be shared)
+            continue
+        pid = int(m.group(2))
+        try:
+            os.kill(pid, 0)
+            continue                      # owner alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(spill_dir, name))
+        except OSError:
+            pass
+
+
+class FrameSource:
+    """Reads a sample's video member, spills it to tmpfs, decodes the planned frames (guarded)."""
+
+    def __init__(self, cfg: VideoDataConfig) -> None:
+        self.cfg = cfg
+        self.guard: GuardedWorker | None = None
+        d = cfg.spill_dir
+        self.spill_dir = d if d and os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
+        self._n = 0
+        _remove_stale_spills(self.spill_dir)
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
+
+    def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
+        """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
+        fp = doc.frames
+        self._n += 1
+        stem = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
+        video = f"{stem}.{rec.video_ext}"
+        raw = f"{stem}.rgb"
+        req = dict(path=video, indices=list(fp.indices), height=fp.height, width=fp.width, meta=rec.video,
+                   threads=self.cfg.decode_threads, layout="chw")
+        try:
+            try:
+                spill_member(rec.shard, rec.video_offset, rec.video_size, video)
+            except OSError as e:
+                raise SampleFailure("read_error", str(e)[:300]) from None
+            if self.cfg.decode_isolation == "process":
+                if self.guard is None:
+                    self.guard = GuardedWorker(name="decode", log_dir=self.spill_dir)
+                try:
+                    shape = self.guard.call("decode", timeout_s=self.cfg.sample_timeout_s,
+                                            backend=self.cfg.decode_backend, out_path=raw, fault_tag=rec.key, **req)
+                except WorkerFailure as e:
+                    raise SampleFailure(e.reason, e.detail) from None
+                size = os.path.getsize(raw)
+                if size != int(np.prod(shape)):
+                    raise SampleFailure("short_decode", f"frame file has {size} bytes, expected {shape}")
+                arr = np.memmap(raw, dtype=np.uint8, mode="r", shape=tuple(shape))   # valid after unlink
+            else:
+                arr = self._inline(req)
+        finally:
+            for p in (video, raw):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        if arr.shape != (fp.num_frames, 3, fp.height, fp.width):
+            raise SampleFailure("short_decode", f"got {arr.shape}, planned {(fp.num_frames, 3, fp.height, fp.width)}")
+        return arr
+
+    def _inline(self, req: dict) -> np.ndarray:
+        use_alarm = threading.current_thread() is threading.main_thread()
+
+        def on_alarm(signum, frame):
+            raise TimeoutError
+
+        old = None
+        if use_alarm:
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.cfg.sample_timeout_s)
+        try:
+            return decode_frames(self.cfg.decode_backend, DecodeRequest(**req))
+        except DecodeError as e:
+            raise SampleFailure(e.reason, e.detail) from None
+        except TimeoutError:
+            raise SampleFailure("timeout", f"decode took longer than {self.cfg.sample_timeout_s} s") from None
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+
+
+def _alloc_uint8(rows: int, cols: int, *, shared: bool) -> torch.Tensor:
+    """[rows, cols] uint8; in shared memory when built in a DataLoader worker, so that handing it to
+    the main process costs no copy."""
+    if shared and rows:
+        try:
+            st = torch.UntypedStorage._new_shared(rows * cols)
+            return torch.empty(0, dtype=torch.uint8).set_(st).view(rows, cols)
+        except Exception:          # private API moved: fall back to a plain tensor (one extra copy)
+            pass
+    return torch.empty((rows, cols), dtype=torch.uint8)
+
+
+def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) -> PackedSample:
+    """Decode and assemble pack `index` of `epoch` (failed samples are left out and reported).
+
+    The patches of all planned frames go straight into one preallocated tensor (a failed sample's
+    slot is closed up), so a frame is copied once after decoding: from the decoder's output into
+    the pack, already in ViT patch order."""
+    cfg, tok = planner.cfg, planner.tokenizer
+    p, m = cfg.patch_size, cfg.merge_size
+    uids = planner.epoch(epoch).packs[index]
+    plans = [planner.doc(uid, epoch) for uid in uids]
+    rows = [d.frames.num_frames * (d.frames.height // p) * (d.frames.width // p) for d in plans]
+    pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
+    pv = pixels.numpy()
+    docs, keys, failures, off = [], [], [], 0
+    for uid, doc, n in zip(uids, plans, rows):
+        rec = planner.catalog[uid]
+        try:
+            frames = source.frames(rec, doc)
+            patchify(frames, p, m, out=pv[off:off + n], layout="chw")
+            del frames
+        except SampleFailure as e:
+            failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
+                             "detail": e.detail[:500]})
+            continue
+        docs.append(build_document(doc, None, cfg, tok))
+        keys.append(doc.key)
+        off += n
+    return assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
+                         planned_keys=[d.key for d in plans], pixel_values=pixels[:off])
+
+
+class _PackDataset(IterableDataset):
+    def __init__(self, planner: Planner, base, skip, rank: int, world: int, stop: int | None) -> None:
+        self.planner, self.base, self.skip = planner, tuple(base), frozenset(skip)
+        self.rank, self.world, self.stop = rank, world, stop
+
+    def __iter__(self):
+        info = get_worker_info()
+        k, w = (info.num_workers, info.id) if info is not None else (1, 0)
+        source = FrameSource(self.planner.cfg)
+        try:
+            for e, j in iter_stream(self.planner, self.base, self.skip, start=self.rank + w * self.world,
+                                    stride=k * self.world, stop=self.stop,
+                                    num_epochs=self.planner.cfg.num_epochs):
+                yield build_pack(self.planner, source, e, j)
+        finally:
+            source.close()
+
+
+def _identity(x):
+    return x
+
+
+def _check_backend(name: str) -> None:
+    """Fail at construction, not after max_consecutive_failures samples, if the backend is missing."""
+    mod = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec.decoders"}[name]
+    try:
+        importlib.import_module(mod)
+    except Exception as e:
+        raise ValueError(f"VideoDataConfig.decode_backend = {name!r}: cannot import {mod} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------------
+
+class VideoPackedLoader:
+    """Iterator of `PackedSample` for one data-parallel rank, with exact `state_dict` resume."""
+
+    def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
+                 tokenizer: Tokenizer | None = None, catalog: list[SampleRecord] | None = None) -> None:
+        if not isinstance(dp_world, int) or dp_world < 1:
+            raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank = {dp_rank!r}: must be in [0, dp_world={dp_world})")
+        _check_backend(cfg.decode_backend)
+        if cfg.batch_timeout_s > 0 and cfg.num_workers == 0:
+            warnings.warn("VideoDataConfig.batch_timeout_s is ignored with num_workers=0 "
+                          "(sample_timeout_s still guards each decode)")
+        log.info("video loader: rank %d/%d, decode backend %s (%s), %d workers, seq_len %d",
+                 dp_rank, dp_world, cfg.decode_backend, cfg.decode_isolation, cfg.num_workers, cfg.seq_len)
+        self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
+        self.tokenizer = tokenizer or build_tokenizer(cfg)
+        self.catalog = catalog if catalog is not None else load_catalog(cfg.shards)
+        self.planner = Planner(self.catalog, cfg, self.tokenizer, self.seed)
+        self.catalog_fp = catalog_fingerprint(self.catalog)
+        self._base: tuple[int, int] = (0, 0)
+        self._skip: frozenset = frozenset()
+        self._consumed = 0
+        self._it = None
+        self._consecutive = 0
+        self._stats = Counter()
+        self._reasons: Counter = Counter()
+        self._logged_plan_epochs: set[int] = set()
+        qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
+        self.quarantine_path = qp
+
+    # ---- iteration ----------------------------------------------------------------------------
+    def _stop(self) -> int | None:
+        n = remaining_count(self.planner, self._base, self._skip, self.cfg.num_epochs)
+        if n is None:
+            return None
+        return (n // self.dp_world) * self.dp_world
+
+    def _make_iter(self):
+        # start after the packs this rank already yielded since `base` (non-zero only after close())
+        done = self._consumed * self.dp_world
+        base, skip = advance(self.planner, self._base, self._skip, done, self.cfg.num_epochs)
+        stop = self._stop()
+        ds = _PackDataset(self.planner, base, skip, self.dp_rank, self.dp_world,
+                          None if stop is None else max(0, stop - done))
+        if self.cfg.num_workers == 0:
+            return iter(ds)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
+                        prefetch_factor=self.cfg.prefetch_factor, timeout=self.cfg.batch_timeout_s,
+                        persistent_workers=False)
+        return iter(dl)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PackedSample:
+        if self._it is None:
+            self._it = self._make_iter()
+        pack = next(self._it)
+        self._consumed += 1
+        self._account(pack)
+        return pack
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (a later `next` starts fresh ones at the same position)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        del it
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- bad samples --------------------------------------------------------------------------
+    def _quarantine(self, rec: dict) -> None:
+        if not self.quarantine_path:
+            return
+        d = os.path.dirname(self.quarantine_path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(self.quarantine_path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    def _account(self, pack: PackedSample) -> None:
+        self._stats["packs"] += 1
+        if pack.epoch not in self._logged_plan_epochs:
+            self._logged_plan_epochs.add(pack.epoch)
+            if self.dp_rank == 0:
+                for uid, (reason, detail) in sorted(self.planner.epoch(pack.epoch).rejects.items()):
+                    r = self.catalog[uid]
+                    self._quarantine({"shard": os.path.basename(r.shard), "key": r.key, "reason": reason,
+                                      "detail": detail, "stage": "plan", "epoch": pack.epoch,
+                                      "rank": self.dp_rank})
+                    self._reasons[reason] += 1
+        failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
+        for key in pack.planned_keys:
+            f = failed.get(key)
+            if f is None:
+                self._consecutive = 0
+                self._stats["samples_ok"] += 1
+                continue
+            self._consecutive += 1
+            self._stats["samples_failed"] += 1
+            self._reasons[f["reason"]] += 1
+            self._quarantine({**f, "stage": "decode", "epoch": pack.epoch, "pack": pack.pack_index,
+                              "rank": self.dp_rank, "time": round(time.time(), 3)})
+            if self._consecutive >= self.cfg.max_consecutive_failures:
+                self.close()
+                raise RuntimeError(
+                    f"video loader: {self._consecutive} consecutive samples failed to load "
+                    f"(max_consecutive_failures={self.cfg.max_consecutive_failures}); failures so far by reason: "
+                    f"{dict(self._reasons)}; last: {f['shard']}/{f['key']}: {f['reason']}: {f['detail'][:200]}. "
+                    f"Check the shards ({self.cfg.shards}), the decode backend ({self.cfg.decode_backend}) "
+                    f"and {self.quarantine_path or 'the quarantine log'}.")
+
+    @property
+    def stats(self) -> dict:
+        return {**dict(self._stats), "failures_by_reason": dict(self._reasons),
+                "consecutive_failures": self._consecutive}
+
+    # ---- state --------------------------------------------------------------------------------
+    def _plan_config(self) -> dict:
+        c = asdict(self.cfg)
+        return {k: c[k] for k in _PLAN_FIELDS}
+
+    def plan_fingerprint(self) -> str:
+        blob = json.dumps({"catalog": self.catalog_fp, "seed": self.seed, "cfg": self._plan_config(),
+                           "tokenizer": repr(self.tokenizer)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def position(self) -> dict:
+        """Where this rank's next pack is (for logs): epoch, pack, and its first sample's place."""
+        out = {"epoch": None, "pack": None}
+        for e, j in iter_stream(self.planner, self._base, self._skip,
+                                start=self.dp_rank + self._consumed * self.dp_world, stride=1,
+                                stop=self.dp_rank + self._consumed * self.dp_world + 1,
+                                num_epochs=self.cfg.num_epochs):
+            ep = self.planner.epoch(e)
+            out = {"epoch": e, "pack": j, "packs_in_epoch": len(ep.packs)}
+            uids = ep.packs[j]
+            if uids:
+                r = self.catalog[uids[0]]
+                same = [x.uid for x in self.catalog if x.shard == r.shard]
+                out.update({"order_index": int(np.nonzero(ep.order == uids[0])[0][0]),
+                            "shard": os.path.basename(r.shard), "in_shard_index": same.index(r.uid),
+                            "keys": [self.planner.key(u) for u in uids]})
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "plan_fingerprint": self.plan_fingerprint(),
+            "catalog_fingerprint": self.catalog_fp,
+            "plan_config": self._plan_config(),
+            "dp_world": self.dp_world,
+            "dp_rank": self.dp_rank,
+            "base": list(self._base),
+            "skip": sorted([list(s) for s in self._skip]),
+            "consumed": self._consumed,
+            "consecutive_failures": self._consecutive,
+            "stats": dict(self._stats),
+            "failures_by_reason": dict(self._reasons),
+            "logged_plan_epochs": sorted(self._logged_plan_epochs),
+        }
+
+    def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
+        """Continue from `state` (saved by any rank of a lockstep run, with any dp_world)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}: expected {STATE_VERSION}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        base, skip = tuple(state["base"]), frozenset(tuple(s) for s in state["skip"])
+        consumed = int(state["consumed"]) * int(state["dp_world"])
+        if state["plan_fingerprint"] != self.plan_fingerprint():
+            changed = {k: (state["plan_config"].get(k), v) for k, v in self._plan_config().items()
+                       if state["plan_config"].get(k) != v}
+            msg = (f"loader state does not match this data/config: catalog "
+                   f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}")
+            if strict:
+                raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
+            warnings.warn(msg + "; restarting at the beginning of the saved epoch")
+            base, skip, consumed = (int(base[0]), 0), frozenset(), 0
+        elif state.get("_skip_ahead"):
+            # merged state of non-lockstep ranks: remaining-indices consumed beyond the first gap
+            ahead = set(int(i) for i in state["_skip_ahead"])
+            extra = [pos for i, pos in enumerate(iter_stream(self.planner, base, skip, start=0, stride=1,
+                                                              stop=max(ahead) + 1,
+                                                              num_epochs=self.cfg.num_epochs)) if i in ahead]
+            skip = skip | frozenset(extra)
+        self.close()
+        self._base, self._skip = advance(self.planner, base, skip, consumed, self.cfg.num_epochs)
+        self._consumed = 0
+        self._consecutive = int(state.get("consecutive_failures", 0))
+        self._stats = Counter(state.get("stats", {}))
+        self._reasons = Counter(state.get("failures_by_reason", {}))
+        self._logged_plan_epochs = set(state.get("logged_plan_epochs", []))
+
+
+def merge_rank_states(states: list[dict]) -> dict:
+    """One state from the states of all ranks of a run whose ranks were *not* in lockstep: base =
+    the first pack no rank consumed, skip = packs after it that some rank did consume."""
+    if not states:
+        raise ValueError("merge_rank_states: no states")
+    s0 = states[0]
+    W = int(s0["dp_world"])
+    if len(states) != W or sorted(int(s["dp_rank"]) for s in states) != list(range(W)):
+        raise ValueError(f"merge_rank_states: need one state per rank 0..{W - 1}")
+    for s in states:
+        if (s["base"], s["skip"], s["plan_fingerprint"]) != (s0["base"], s0["skip"], s0["plan_fingerprint"]):
+            raise ValueError("merge_rank_states: states come from different runs or positions")
+    consumed = set()
+    for s in states:
+        r, c = int(s["dp_rank"]), int(s["consumed"])
+        consumed |= {r + i * W for i in range(c)}
+    first_gap = 0
+    while first_gap in consumed:
+        first_gap += 1
+    ahead = sorted(i for i in consumed if i > first_gap)
+    out = dict(s0)
+    out["_merged"] = {"first_unconsumed": first_gap, "consumed_ahead": ahead}
+    out["dp_world"], out["consumed"], out["dp_rank"] = 1, first_gap, 0
+    out["_skip_ahead"] = ahead        # remaining-indices (relative to base) consumed past the gap
+    return out

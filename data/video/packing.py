@@ -1,0 +1,387 @@
+"""Documents, packing and the batch dataclass.
+
+Legend: S = packed sequence length, L = one document's length, F = frames in a pack,
+P = ViT patches in a pack, V = merged visual tokens in a pack (= P / merge**2).
+
+One sample (a video + its annotation) becomes one *document*:
+
+    <bos>
+    for each frame k:  "<12.5s>" (text bytes)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
+    annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." (see docs/data.md)
+    <eos>
+
+Labels are shifted inside the packer: labels[i] = tokens[i+1] where token i+1 is supervised (caption,
+event and answer text, and <eos> when the document has any supervised text), else
+`label_ignore_index`; loss_mask[i] = 1.0 exactly there. The last token of every document predicts
+nothing, so no loss crosses a document boundary.
+
+3D position ids (time, height, width), restarting at 0 in every document. Let p be the next free
+position. A text token takes (p, p, p) and p += 1. For a video, let R = slot / interval (positions
+per second), slot = max over its frames of (timestamp tokens + 2 + max(rows, cols)) and interval =
+the planned frame spacing; at the first frame A = p - round(ts_0 * R). The merged tokens of frame k
+(grid rows x cols, row-major) take t = max(p, A + round(ts_k * R)), h = t + row, w = t + col, and
+then p = t + max(rows, cols). So the temporal axis is linear in the frame's timestamp (equal time
+steps give equal position steps), positions never go backwards, and a frame spans
+max(rows, cols) positions like a Qwen2-VL image.
+
+Packing: best-fit over `pack_lookahead` open bins in the global sample order; a document is never
+split across sequences; a bin that would overflow is never used; bins are emitted oldest first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import VideoDataConfig
+from .sampling import FramePlan, PlanError, plan_frames, timestamp_text
+from .tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PackedSample:
+    """One packed sequence of S tokens and the frames whose merged tokens sit in it."""
+
+    tokens: torch.Tensor          # [S] int64, text ids with video_pad_id where a visual token goes
+    labels: torch.Tensor          # [S] int64, next-token targets, label_ignore_index where unsupervised
+    loss_mask: torch.Tensor       # [S] float32, 1.0 where labels count
+    position_ids: torch.Tensor    # [3, S] int64, (time, height, width) M-RoPE positions
+    cu_seqlens: torch.Tensor      # [n_segments + 1] int32, document boundaries (padding = last segment)
+    pixel_values: torch.Tensor    # [P, 3 * patch * patch] uint8, patches in merge-group order
+    grid_thw: torch.Tensor        # [F, 3] int64, (1, rows, cols) in patches per frame
+    visual_pos: torch.Tensor      # [V] int64, sequence index of each merged visual token, ViT-output order
+    frame_timestamps: torch.Tensor  # [F] float32, seconds from the video start
+    frame_doc: torch.Tensor       # [F] int32, which document each frame belongs to
+    num_docs: int                 # real documents (the padding segment is not counted)
+    num_pad: int                  # padding tokens at the end
+    sample_keys: list[str] = field(default_factory=list)   # "shard.tar/key" of each document
+    epoch: int = 0
+    pack_index: int = 0           # position of this pack in its epoch's global pack list
+    failures: list[dict] = field(default_factory=list)     # samples planned here that failed to load
+    planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[0])
+
+    _TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "pixel_values", "grid_thw",
+                "visual_pos", "frame_timestamps", "frame_doc")
+
+    def _map(self, fn) -> "PackedSample":
+        kw = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for name in self._TENSORS:
+            kw[name] = fn(kw[name])
+        return PackedSample(**kw)
+
+    def to(self, device, non_blocking: bool = False) -> "PackedSample":
+        """A copy with every tensor on `device` (metadata lists shared)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedSample":
+        """Used by DataLoader(pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def validate(self, cfg: VideoDataConfig, tokenizer: Tokenizer) -> None:
+        """Internal invariants (used by tests and debug runs)."""
+        S = self.seq_len
+        assert self.labels.shape == (S,) and self.loss_mask.shape == (S,)
+        assert self.position_ids.shape == (3, S)
+        assert int(self.cu_seqlens[0]) == 0 and int(self.cu_seqlens[-1]) == S
+        assert bool((self.cu_seqlens[1:] > self.cu_seqlens[:-1]).all())
+        assert S <= cfg.seq_len
+        is_vis = self.tokens == tokenizer.video_pad_id
+        assert torch.equal(torch.nonzero(is_vis).flatten(), self.visual_pos)
+        m2 = cfg.merge_size ** 2
+        assert self.pixel_values.shape[0] == int(self.grid_thw.prod(-1).sum())
+        assert self.visual_pos.shape[0] * m2 == self.pixel_values.shape[0]
+        assert self.pixel_values.shape[1] == 3 * cfg.patch_size ** 2
+        assert bool((self.loss_mask[is_vis] == 0).all())
+
+
+def patchify(frames: np.ndarray, patch: int, merge: int, out: np.ndarray | None = None,
+             layout: str = "hwc") -> np.ndarray:
+    """uint8 frames -> [n * (H/patch) * (W/patch), C * patch * patch], ordered frame, merge row,
+    merge col, then the merge x merge patches of a group, each patch flattened (C, ph, pw) — the
+    order a 2x2 patch merger consumes (Qwen2-VL, temporal patch 1).
+
+    `frames` is [n, H, W, C] (layout "hwc") or [n, C, H, W] ("chw", what the PyAV backend can
+    produce directly). With `out` (a contiguous array of the result's shape) the patches are written
+    there. The copy moves whole `patch`-byte rows of a patch at a time (a void dtype), which is
+    ~3.5x faster than an element-wise transpose; HWC input is first made planar (one cheap pass)."""
+    if layout == "hwc":
+        frames = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+    elif layout != "chw":
+        raise ValueError(f"layout {layout!r}: must be 'hwc' or 'chw'")
+    n, C, H, W = frames.shape
+    gh, gw = H // patch, W // patch
+    assert gh * patch == H and gw * patch == W and gh % merge == 0 and gw % merge == 0, frames.shape
+    rows = n * gh * gw
+    if out is None:
+        out = np.empty((rows, C * patch * patch), np.uint8)
+    assert out.shape == (rows, C * patch * patch) and out.flags.c_contiguous, out.shape
+    src = np.ascontiguousarray(frames)
+    if src.dtype == np.uint8:
+        row_t = np.dtype((np.void, patch))            # one row of one patch: `patch` contiguous bytes
+        v = src.view(row_t).reshape(n, C, gh // merge, merge, patch, gw // merge, merge)
+        x = v.transpose(0, 2, 5, 3, 6, 1, 4)          # n, bh, bw, mh, mw, C, ph
+        np.copyto(out.view(row_t).reshape(x.shape), x)
+    else:
+        x = src.reshape(n, C, gh // merge, merge, patch, gw // merge, merge, patch).transpose(0, 2, 5, 3, 6, 1, 4, 7)
+        np.copyto(out.reshape(x.shape), x)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# documents
+# ---------------------------------------------------------------------------------------------
+
+def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
+    """(text, supervised) segments of an annotation record, in a fixed order."""
+    segs: list[tuple[str, bool]] = []
+    prompt = annotation.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        segs.append((prompt.rstrip("\n") + "\n", False))
+    cap = annotation.get("caption")
+    if isinstance(cap, str) and cap:
+        segs += [("Caption: ", False), (cap.rstrip("\n") + "\n", True)]
+    events = annotation.get("events") or []
+    if events:
+        segs.append(("Events:\n", False))
+        for e in events:
+            try:
+                s, t, txt = float(e["start"]), float(e.get("end", e["start"])), str(e["text"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            segs.append((f"<{s:.1f}s-{t:.1f}s> {txt}\n", True))
+    for qa in annotation.get("qa") or []:
+        if not isinstance(qa, dict):
+            continue
+        q = qa.get("question", qa.get("q"))
+        a = qa.get("answer", qa.get("a"))
+        if q is None or a is None:
+            continue
+        segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
+    return segs
+
+
+@dataclass
+class DocPlan:
+    """A planned document: everything but the pixels."""
+    uid: int
+    key: str                       # "shard.tar/key"
+    frames: FramePlan
+    ts_ids: list[list[int]]        # timestamp tokens per frame
+    text_ids: list[int]
+    text_loss: list[bool]
+    length: int
+
+
+def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    loss: list[bool] = []
+    for text, sup in segs:
+        t = tokenizer.encode(text)
+        room = cap - len(ids)
+        if room <= 0:
+            break
+        t = t[:room]
+        ids += t
+        loss += [sup] * len(t)
+    return ids, loss
+
+
+def plan_document(*, uid: int, key: str, video: dict, annotation: dict, cfg: VideoDataConfig,
+                  tokenizer: Tokenizer, seed: int, epoch: int) -> DocPlan:
+    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError)."""
+    n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
+    ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9))) + 2)
+    text_cap = min(cfg.max_text_tokens, cfg.seq_len - 2 - ts_budget - n_min * cfg.min_frame_tokens)
+    text_ids, text_loss = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
+    fixed = 2 + len(text_ids)
+    cap = cfg.seq_len - fixed
+    for _ in range(12):
+        if cap < cfg.min_frame_tokens:
+            break
+        fp = plan_frames(video, cfg, seed=seed, epoch=epoch, key=key, token_cap=cap)
+        ts_ids = [tokenizer.encode(timestamp_text(t)) for t in fp.timestamps]
+        length = fixed + fp.visual_tokens + sum(len(t) + 2 for t in ts_ids)
+        if length <= cfg.seq_len:
+            return DocPlan(uid=uid, key=key, frames=fp, ts_ids=ts_ids, text_ids=text_ids,
+                           text_loss=text_loss, length=length)
+        cap -= max(1, length - cfg.seq_len)
+    raise PlanError("does_not_fit", f"cannot fit seq_len {cfg.seq_len}")
+
+
+@dataclass
+class DocArrays:
+    tokens: np.ndarray        # [L] int64
+    labels: np.ndarray        # [L] int64
+    loss_mask: np.ndarray     # [L] float32
+    pos: np.ndarray           # [3, L] int64
+    pixels: np.ndarray | None  # [n*gh*gw, 3*p*p] uint8 (None when written straight into the pack)
+    grid: np.ndarray          # [n, 3]
+    timestamps: np.ndarray    # [n] float32
+
+
+def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig,
+                   tokenizer: Tokenizer) -> DocArrays:
+    """Token ids, labels, loss mask, 3D positions (and patches, if `frames` is given) of one document."""
+    fp = doc.frames
+    n = fp.num_frames
+    assert frames is None or frames.shape == (n, fp.height, fp.width, 3), (frames.shape, fp)
+    rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
+    per = rows * cols
+    L = doc.length
+    tok = np.empty(L, np.int64)
+    sup = np.zeros(L, bool)
+    pos = np.empty((3, L), np.int64)
+    rr, cc = np.divmod(np.arange(per, dtype=np.int64), cols)
+    slot = max(len(t) + 2 + max(rows, cols) for t in doc.ts_ids)
+    rate = slot / fp.interval_s
+    i = 0
+    p = 0
+
+    def text(ids, loss=False):
+        nonlocal i, p
+        k = len(ids)
+        tok[i:i + k] = ids
+        sup[i:i + k] = loss
+        pos[:, i:i + k] = np.arange(p, p + k, dtype=np.int64)[None]
+        i += k
+        p += k
+
+    text([tokenizer.bos_id])
+    anchor = None
+    for k in range(n):
+        text(doc.ts_ids[k])
+        text([tokenizer.vision_start_id])
+        ts = fp.timestamps[k]
+        if anchor is None:
+            anchor = p - int(round(fp.timestamps[0] * rate))
+        t = max(p, anchor + int(round(ts * rate)))
+        tok[i:i + per] = tokenizer.video_pad_id
+        pos[0, i:i + per] = t
+        pos[1, i:i + per] = t + rr
+        pos[2, i:i + per] = t + cc
+        i += per
+        p = t + max(rows, cols)
+        text([tokenizer.vision_end_id])
+    if doc.text_ids:
+        tok[i:i + len(doc.text_ids)] = doc.text_ids
+        sup[i:i + len(doc.text_ids)] = doc.text_loss
+        pos[:, i:i + len(doc.text_ids)] = np.arange(p, p + len(doc.text_ids), dtype=np.int64)[None]
+        i += len(doc.text_ids)
+        p += len(doc.text_ids)
+    text([tokenizer.eos_id], loss=any(doc.text_loss))
+    assert i == L, (i, L)
+    labels = np.full(L, cfg.label_ignore_index, np.int64)
+    nxt = sup[1:]
+    labels[:-1][nxt] = tok[1:][nxt]
+    loss_mask = np.zeros(L, np.float32)
+    loss_mask[:-1][nxt] = 1.0
+    pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
+    grid = np.tile(np.array([[1, rows * cfg.merge_size, cols * cfg.merge_size]], np.int64), (n, 1))
+    return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
+                     grid=grid, timestamps=np.asarray(fp.timestamps, np.float32))
+
+
+def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, tokenizer: Tokenizer, *,
+                  epoch: int, pack_index: int, failures: list[dict], planned_keys: list[str],
+                  pixel_values: torch.Tensor | None = None) -> PackedSample:
+    """Concatenate documents into one PackedSample (padded to seq_len when configured).
+    `pixel_values`: the pack's patches already written (see `build_pack`); else taken from `docs`."""
+    S_real = sum(d.tokens.shape[0] for d in docs)
+    assert S_real <= cfg.seq_len, (S_real, cfg.seq_len)
+    pad = cfg.seq_len - S_real if cfg.pad_to_seq_len else 0
+    if S_real + pad == 0:
+        pad = 1                                  # keep tensors non-empty even if every sample failed
+    S = S_real + pad
+    tokens = np.full(S, tokenizer.pad_id, np.int64)
+    labels = np.full(S, cfg.label_ignore_index, np.int64)
+    loss_mask = np.zeros(S, np.float32)
+    pos = np.zeros((3, S), np.int64)
+    cu = [0]
+    frame_doc = []
+    off = 0
+    for d_i, d in enumerate(docs):
+        L = d.tokens.shape[0]
+        tokens[off:off + L] = d.tokens
+        labels[off:off + L] = d.labels
+        loss_mask[off:off + L] = d.loss_mask
+        pos[:, off:off + L] = d.pos
+        off += L
+        cu.append(off)
+        frame_doc += [d_i] * d.grid.shape[0]
+    if pad:
+        pos[:, off:] = np.arange(pad, dtype=np.int64)[None]
+        cu.append(S)
+    p2 = 3 * cfg.patch_size ** 2
+    if pixel_values is None:
+        pixel_values = torch.from_numpy(np.concatenate([d.pixels for d in docs]) if docs
+                                        else np.zeros((0, p2), np.uint8))
+    grid = np.concatenate([d.grid for d in docs]) if docs else np.zeros((0, 3), np.int64)
+    ts = np.concatenate([d.timestamps for d in docs]) if docs else np.zeros(0, np.float32)
+    visual_pos = np.nonzero(tokens == tokenizer.video_pad_id)[0].astype(np.int64)
+    return PackedSample(
+        tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask), position_ids=torch.from_numpy(pos),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32), pixel_values=pixel_values,
+        grid_thw=torch.from_numpy(grid), visual_pos=torch.from_numpy(visual_pos),
+        frame_timestamps=torch.from_numpy(ts), frame_doc=torch.tensor(frame_doc, dtype=torch.int32),
+        num_docs=len(docs), num_pad=pad, sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
+        failures=list(failures), planned_keys=list(planned_keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# packing plan
+# ---------------------------------------------------------------------------------------------
+
+def pack_greedy(lengths: list[int], seq_len: int, lookahead: int = 1) -> list[list[int]]:
+    """Best-fit packing of items (given in order) into bins of capacity seq_len.
+
+    Keeps up to `lookahead` bins open; an item goes to the open bin with the least room that still
+    fits it, else a new bin is opened (closing the oldest if more than `lookahead` are open).
+    Returns bins as lists of item positions, in the order they are closed (oldest first); items in
+    a bin keep their order. Every item must be <= seq_len.
+    """
+    bins: list[list[int]] = []           # open bins (items), oldest first
+    room: list[int] = []
+    out: list[list[int]] = []
+    for i, L in enumerate(lengths):
+        if L > seq_len:
+            raise ValueError(f"item {i} has length {L} > seq_len {seq_len}")
+        best, best_room = -1, seq_len + 1
+        for b, r in enumerate(room):
+            if L <= r < best_room:
+                best, best_room = b, r
+        if best < 0:
+            bins.append([i])
+            room.append(seq_len - L)
+            if len(bins) > lookahead:
+                out.append(bins.pop(0))
+                room.pop(0)
+        else:
+            bins[best].append(i)
+            room[best] -= L
+    out += bins
+    return out
+
+
+def unpatchify(pixel_values: np.ndarray | torch.Tensor, grid_thw, patch: int, merge: int) -> list[np.ndarray]:
+    """Inverse of `patchify` for a whole pack: list of uint8 frames [H, W, 3] (for tests/debugging)."""
+    pv = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else np.asarray(pixel_values)
+    grid = np.asarray(grid_thw)
+    out, off = [], 0
+    for t, gh, gw in grid.tolist():
+        n = t * gh * gw
+        x = pv[off:off + n].reshape(t, gh // merge, gw // merge, merge, merge, 3, patch, patch)
+        x = x.transpose(0, 1, 3, 6, 2, 4, 7, 5)      # t, bh, mh, ph, bw, mw, pw, C
+        frames = x.reshape(t, gh * patch, gw * patch, 3)
+        out += list(frames)
+        off += n
+    return out

@@ -1,0 +1,317 @@
+"""Verify a video by decoding every frame (PyAV), optionally writing a training proxy.
+
+This is what ingest runs, in a guarded child process, for every file. Headers lie, so everything
+the training path relies on is measured: the real number of decodable frames and their pts, the
+keyframe positions, the displayed size (after the rotation matrix), fps and duration from the pts,
+and whether decord's seeking returns the frame it was asked for on this very file (it does not on
+some MPEG-4 Part 2 files with B-frames; such files are then decoded with PyAV at training time).
+
+A file is rejected (`ProbeError(reason, detail)`) when it cannot be opened, has no video stream,
+raises a decode error, has corrupt frames, decodes to no frames, decodes clearly fewer frames than
+its header promises (truncated), or changes resolution mid-stream.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from .timeline import encode_runs
+
+THUMB = 8            # side of the grey thumbnails used to check decord's seeking
+SEEK_CHECKS = 12     # frames asked from decord at ingest
+
+
+class ProbeError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ProxySpec:
+    fps: float = 2.0
+    short_side: int = 448
+    keyframe_s: float = 1.0
+    codec: str = "libx264"
+    crf: int = 23
+
+
+def _quiet_av() -> None:
+    try:
+        import av.logging
+        av.logging.set_level(av.logging.PANIC)
+    except Exception:
+        pass
+
+
+def _display_size(w: int, h: int, rotation: int) -> tuple[int, int]:
+    return (h, w) if rotation % 180 == 90 else (w, h)
+
+
+class _ProxyWriter:
+    """Re-encodes a stream at a fixed low fps / size while the probe decodes it."""
+
+    def __init__(self, dst: str, spec: ProxySpec) -> None:
+        self.dst, self.spec = dst, spec
+        self.container = None
+        self.k = 0                       # next proxy frame index
+        self.prev = None                 # (time, VideoFrame) last source frame seen
+
+    def _open(self, frame, rotation: int) -> None:
+        import av
+
+        dw, dh = _display_size(frame.width, frame.height, rotation)
+        scale = min(1.0, self.spec.short_side / max(1, min(dw, dh)))
+        self.out_w = max(2, int(dw * scale) // 2 * 2)
+        self.out_h = max(2, int(dh * scale) // 2 * 2)
+        self.rotation = rotation
+        # decode size in stored orientation
+        self.dec_w, self.dec_h = _display_size(self.out_w, self.out_h, rotation)
+        self.container = av.open(self.dst, "w", options={"movflags": "faststart"})
+        rate = Fraction(self.spec.fps).limit_denominator(1000)
+        self.stream = self.container.add_stream(self.spec.codec, rate=rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = self.out_w, self.out_h, "yuv420p"
+        gop = max(1, int(round(self.spec.keyframe_s * self.spec.fps)))
+        opts = {"g": str(gop), "keyint_min": str(gop)}
+        if self.spec.codec == "libx264":
+            opts.update({"crf": str(self.spec.crf), "preset": "veryfast", "sc_threshold": "0", "bf": "0",
+                         "threads": "1"})
+        self.stream.options = opts
+        self.rate = rate
+
+    def _emit(self, frame) -> None:
+        import av
+
+        arr = frame.to_ndarray(width=self.dec_w, height=self.dec_h, format="rgb24")
+        if self.rotation:
+            arr = np.ascontiguousarray(np.rot90(arr, k=self.rotation // 90))
+        out = av.VideoFrame.from_ndarray(arr, format="rgb24")
+        out.pts = self.k
+        out.time_base = 1 / self.rate
+        for p in self.stream.encode(out):
+            self.container.mux(p)
+        self.k += 1
+
+    def add(self, t: float, frame, rotation: int) -> None:
+        if self.container is None:
+            self._open(frame, rotation)
+        if self.prev is not None:
+            # proxy frames whose time falls before this frame show the previous source frame
+            while self.k / self.spec.fps < t - 1e-9:
+                self._emit(self.prev[1])
+        self.prev = (t, frame)
+
+    def close(self, duration: float) -> None:
+        if self.container is None:
+            return
+        while self.prev is not None and self.k / self.spec.fps < duration - 1e-9:
+            self._emit(self.prev[1])
+        if self.k == 0 and self.prev is not None:
+            self._emit(self.prev[1])
+        for p in self.stream.encode():
+            self.container.mux(p)
+        self.container.close()
+        self.container = None
+
+    def abort(self) -> None:
+        try:
+            if self.container is not None:
+                self.container.close()
+        except Exception:
+            pass
+        self.container = None
+
+
+def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | None = None,
+                threads: int = 1, keep_thumbs: bool = False,
+                truncation_tolerance: float = 0.05) -> dict:
+    """Decode every frame of `path`; return the verified metadata dict (see docs/data.md).
+
+    With `proxy`, also writes the training proxy to `proxy_path` in the same pass.
+    Raises ProbeError(reason, detail) for files training must not see.
+    """
+    import av
+
+    _quiet_av()
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ProbeError("empty_file", "0 bytes")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.error.FFmpegError, EOFError, OSError, UnicodeDecodeError) as e:
+        raise ProbeError("open_failed", str(e)[:300]) from None
+    writer = _ProxyWriter(proxy_path, proxy) if proxy is not None else None
+    try:
+        videos = container.streams.video
+        if not videos:
+            kinds = [s.type for s in container.streams]
+            raise ProbeError("no_video_stream", f"streams: {kinds}")
+        st = videos[0]
+        st.thread_type = "AUTO" if threads > 1 else "SLICE"
+        st.codec_context.thread_count = threads
+        tb = st.time_base or Fraction(1, 90000)
+        header_frames = int(st.frames or 0)
+        header_rate = float(st.average_rate) if st.average_rate else None
+        header_duration = float(st.duration * tb) if st.duration else (
+            container.duration / 1e6 if container.duration else None)
+
+        pts: list[int | None] = []
+        keys: list[int] = []
+        thumbs: list[np.ndarray] = []
+        corrupt = 0
+        size_changes = 0
+        first = None
+        last_duration = None
+        error = None
+        for packet in container.demux(st):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                error = f"{type(e).__name__}: {e} (after {len(pts)} frames, header says {header_frames})"
+                break
+            for fr in frames:
+                if first is None:
+                    first = (fr.width, fr.height, int(getattr(fr, "rotation", 0) or 0) % 360,
+                             fr.format.name)
+                elif (fr.width, fr.height) != first[:2]:
+                    size_changes += 1
+                if fr.is_corrupt:
+                    corrupt += 1
+                if fr.key_frame:
+                    keys.append(len(pts))
+                pts.append(fr.pts)
+                if fr.duration:
+                    last_duration = int(fr.duration)
+                if keep_thumbs:
+                    thumbs.append(fr.to_ndarray(width=THUMB, height=THUMB, format="gray").astype(np.float32))
+                if writer is not None and fr.pts is not None:
+                    writer.add(float((fr.pts - (pts[0] or 0)) * tb), fr, first[2])
+        n = len(pts)
+        if error is not None:
+            raise ProbeError("decode_error", error)
+        if n == 0:
+            raise ProbeError("no_frames", f"decoded 0 frames (header says {header_frames})")
+        if corrupt:
+            raise ProbeError("corrupt_frames", f"{corrupt} of {n} decoded frames flagged corrupt")
+        if header_frames and n < header_frames * (1 - truncation_tolerance) - 1:
+            raise ProbeError("truncated", f"decoded {n} frames, header says {header_frames}")
+        if size_changes:
+            raise ProbeError("resolution_change", f"{size_changes} frames differ from {first[:2]}")
+        width, height, rotation, pix_fmt = first
+        if rotation % 90:
+            raise ProbeError("unsupported_rotation", f"{rotation} degrees")
+
+        # ---- pts sanity: strictly increasing, else synthesize from the frame rate ----
+        synthesized = False
+        arr = np.array([p if p is not None else -1 for p in pts], dtype=np.int64)
+        if any(p is None for p in pts) or (n > 1 and np.any(np.diff(arr) <= 0)):
+            synthesized = True
+            rate = Fraction(header_rate or 25.0).limit_denominator(1001)
+            tb = 1 / rate
+            arr = np.arange(n, dtype=np.int64)
+            last_duration = 1
+        steps = np.diff(arr)
+        if last_duration is None or last_duration <= 0:
+            last_duration = int(np.median(steps)) if n > 1 else max(1, int(round(1 / (float(tb) * (header_rate or 25.0)))))
+        end_pts = int(arr[-1] + last_duration)
+        duration = float((end_pts - arr[0]) * tb)
+        vfr = bool(n > 2 and (steps.max() - steps.min()) > max(1, 0.02 * np.median(steps)))
+        key_times = [float((arr[k] - arr[0]) * tb) for k in keys]
+        gaps = np.diff(key_times + [duration]) if keys else np.array([duration])
+        dw, dh = _display_size(width, height, rotation)
+        meta = {
+            "codec": st.codec_context.name,
+            "container": container.format.name,
+            "pix_fmt": pix_fmt,
+            "coded_width": width, "coded_height": height, "rotation": rotation,
+            "width": dw, "height": dh,
+            "num_frames": n,
+            "header_frames": header_frames,
+            "header_fps": header_rate,
+            "header_duration_s": header_duration,
+            "fps": n / duration if duration > 0 else 0.0,
+            "duration_s": duration,
+            "start_s": float(arr[0] * tb),
+            "time_base": [tb.numerator, tb.denominator],
+            "pts_runs": encode_runs(arr.tolist()),
+            "end_pts": end_pts,
+            "pts_synthesized": synthesized,
+            "vfr": vfr,
+            "keyframe_runs": encode_runs(keys),
+            "num_keyframes": len(keys),
+            "keyframe_interval_s": {"mean": float(np.mean(gaps)), "max": float(np.max(gaps))},
+            "bytes": size,
+        }
+        if writer is not None:
+            writer.close(duration)
+        if keep_thumbs:
+            meta["_thumbs"] = np.stack(thumbs)
+        return meta
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        container.close()
+
+
+def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: int = 0) -> bool | None:
+    """Ask decord for a few frames (sorted, one fresh reader, as training does) and check each is
+    the frame PyAV decoded at that index. None when decord is not importable or fails to open."""
+    try:
+        import decord
+    except Exception:
+        return None
+    n = thumbs.shape[0]
+    if n <= 2:
+        return True
+    rng = np.random.default_rng(seed + n)
+    idx = sorted({n - 1, n // 2, *rng.integers(0, n, SEEK_CHECKS - 2).tolist()})
+    try:
+        # decord cannot scale below ~20 px wide (row alignment): read 4x larger, block-average
+        side = THUMB * 4
+        vr = decord.VideoReader(path, num_threads=1, width=side, height=side)
+        if len(vr) < n:
+            return False
+        got = vr.get_batch(idx).asnumpy().astype(np.float32).mean(-1)      # [k, 32, 32]
+        got = got.reshape(len(idx), THUMB, 4, THUMB, 4).mean(axis=(2, 4))  # [k, 8, 8]
+    except Exception:
+        return None
+    ref = thumbs
+    if rotation:
+        ref = np.rot90(thumbs, k=rotation // 90, axes=(1, 2))
+    for j, i in enumerate(idx):
+        lo, hi = max(0, i - 4), min(n, i + 5)
+        err = ((ref[lo:hi] - got[j][None]) ** 2).mean(axis=(1, 2))
+        if err[i - lo] > 1.5 * err.min() + 4.0:    # another frame fits clearly better
+            return False
+    return True
+
+
+def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | None = None,
+                  threads: int = 1, check_decord: bool = True) -> dict:
+    """Ingest's per-file job. Returns {"video": meta of the file to store, "source": meta of the
+    original when a proxy was written (else None), "stored_path": ...}. Raises ProbeError."""
+    if proxy is None:
+        meta = probe_video(path, threads=threads, keep_thumbs=check_decord)
+        source = None
+        stored = path
+    else:
+        source = probe_video(path, proxy=proxy, proxy_path=proxy_path, threads=threads)
+        try:
+            meta = probe_video(proxy_path, threads=threads, keep_thumbs=check_decord)
+        except ProbeError as e:
+            raise ProbeError("proxy_failed", str(e)) from None
+        stored = proxy_path
+    thumbs = meta.pop("_thumbs", None)
+    if check_decord and thumbs is not None:
+        meta["decord_seek_ok"] = check_decord_seeking(stored, thumbs, meta["rotation"])
+    else:
+        meta["decord_seek_ok"] = None
+    return {"video": meta, "source": source, "stored_path": stored}
+
+

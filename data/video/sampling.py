@@ -1,0 +1,166 @@
+"""Sampling plan: which frames, at what size, how many tokens — pure functions of the metadata.
+
+`plan_frames(video_meta, cfg, seed=, epoch=, key=)` decides everything before any decoding:
+
+1. Per-video visual budget grows with duration (Keye-VL-2.0: longer videos get proportionally more
+   tokens): `budget = clamp(duration * video_tokens_per_second, min_video_tokens, max_video_tokens)`,
+   further capped so that the sample fits one packed sequence (`token_cap`).
+2. Frame count: `round(duration * sample_fps)` clamped to [min_frames, max_frames] and to the
+   verified number of frames; lowered further if even `min_frame_tokens` per frame would overrun
+   the budget.
+3. Tokens per frame: `budget // n_frames` clamped to [min_frame_tokens, max_frame_tokens]; the frame
+   is resized keeping its aspect ratio to sides that are multiples of patch*merge (28), so that
+   (H/28)*(W/28) merged tokens fit that share (`snap_frame_size`); if the aspect ratio forces a
+   slightly larger grid, the frame count is lowered so that frames x tokens <= budget.
+4. Timestamps: n evenly spaced targets at interval mid-points, (k + 0.5) * duration / n (optionally
+   jittered by a seeded fraction of the interval); each picks the frame on screen at that time from
+   the verified pts, and the frame's own time is what the text timestamp "<12.5s>" shows.
+
+Token counts are therefore known from metadata alone, so packing is planned before decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import VideoDataConfig
+from .timeline import FrameTimeline
+
+
+class PlanError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    indices: tuple[int, ...]        # sorted unique frame indices into the verified frame list
+    timestamps: tuple[float, ...]   # seconds from the first frame, one per index
+    height: int                     # resized display size, multiples of patch*merge
+    width: int
+    tokens_per_frame: int           # merged (LM) tokens per frame = (height/28) * (width/28)
+    interval_s: float               # nominal spacing of the sampled frames
+    budget: int                     # visual-token budget the plan was made for
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+    def grid(self, patch_size: int, merge_size: int) -> tuple[int, int]:
+        """(rows, cols) of merged tokens per frame."""
+        f = patch_size * merge_size
+        return self.height // f, self.width // f
+
+
+def video_token_budget(duration_s: float, cfg: VideoDataConfig) -> int:
+    """Visual tokens one video may use, growing linearly with its duration up to the cap."""
+    b = int(round(duration_s * cfg.video_tokens_per_second))
+    return int(min(cfg.max_video_tokens, max(cfg.min_video_tokens, b)))
+
+
+def snap_frame_size(height: int, width: int, *, factor: int, min_tokens: int, max_tokens: int,
+                    max_aspect_ratio: float = 200.0) -> tuple[int, int]:
+    """Resize (height, width) to sides that are multiples of `factor`, keeping the aspect ratio.
+
+    Grids (rows, cols) with cols = round(rows * aspect) are the candidates. The native size
+    (rounded to the factor) is kept when its token count rows*cols lies in [min_tokens, max_tokens];
+    a larger frame takes the largest candidate <= max_tokens (and >= min_tokens), a smaller one the
+    smallest candidate >= min_tokens. When no candidate lies in the range (a narrow range and an
+    awkward aspect ratio) the smallest candidate >= min_tokens is used, so the result may exceed
+    max_tokens slightly; `plan_frames` then uses fewer frames to stay within the video budget.
+    """
+    if height < 1 or width < 1:
+        raise PlanError("bad_dimensions", f"{width}x{height}")
+    if max(height, width) / min(height, width) > max_aspect_ratio:
+        raise PlanError("aspect_ratio", f"{width}x{height} exceeds {max_aspect_ratio}:1")
+    nat_r = max(1, round(height / factor))
+    nat_c = max(1, round(width / factor))
+    if min_tokens <= nat_r * nat_c <= max_tokens:
+        return nat_r * factor, nat_c * factor
+    aspect = width / height
+    limit = max(max_tokens, min_tokens) * 2 + 2
+    grids: list[tuple[float, int, int, int]] = []     # (aspect error, tokens, rows, cols)
+    for r in range(1, limit + 1):
+        for c in {max(1, math.floor(r * aspect)), max(1, math.ceil(r * aspect))}:
+            if r * c <= limit:
+                grids.append((abs(math.log(c / r / aspect)), r * c, r, c))
+    if not grids:          # even one row/column of cells exceeds the budget: a 1-cell-thick strip
+        n = max(1, max_tokens)
+        return (factor, n * factor) if aspect >= 1 else (n * factor, factor)
+    for tol in (0.1, 0.25, math.inf):
+        cands = [(t, -e, r, c) for e, t, r, c in grids if e <= tol]
+        in_range = [x for x in cands if min_tokens <= x[0] <= max_tokens]
+        above_min = [x for x in cands if x[0] >= min_tokens]
+        if nat_r * nat_c > max_tokens and in_range:
+            _, _, r, c = max(in_range)                 # largest, then best aspect
+            break
+        if above_min:
+            t0 = min(x[0] for x in above_min)
+            _, _, r, c = max(x for x in above_min if x[0] == t0)
+            break
+    else:
+        _, _, r, c = max((t, -e, r, c) for e, t, r, c in grids)
+    return int(r * factor), int(c * factor)
+
+
+def sample_rng(seed: int, epoch: int, key: str, salt: str = "") -> np.random.Generator:
+    """Per-sample RNG: a pure function of (seed, epoch, sample key); no RNG state to save."""
+    d = hashlib.blake2b(f"{seed}/{epoch}/{key}/{salt}".encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(d, "little"))
+
+
+def plan_frames(video: dict, cfg: VideoDataConfig, *, seed: int = 0, epoch: int = 0, key: str = "",
+                token_cap: int | None = None) -> FramePlan:
+    """The sampling plan of one video (see module docstring). `video` is the verified metadata."""
+    tl = FrameTimeline.from_meta(video)
+    n_avail = tl.num_frames
+    duration = tl.duration
+    if n_avail < 1 or not duration > 0:
+        raise PlanError("empty_video", f"{n_avail} frames, {duration} s")
+    factor = cfg.frame_factor
+    budget = video_token_budget(duration, cfg)
+    if token_cap is not None:
+        budget = min(budget, int(token_cap))
+    n = int(round(duration * cfg.sample_fps))
+    n = max(cfg.min_frames, min(cfg.max_frames, n))
+    n = max(1, min(n, n_avail))
+    if budget < n * cfg.min_frame_tokens:
+        n = budget // cfg.min_frame_tokens
+        if n < min(cfg.min_frames, n_avail):
+            raise PlanError("does_not_fit", f"budget {budget} < {min(cfg.min_frames, n_avail)} frames x "
+                                            f"{cfg.min_frame_tokens} tokens")
+    per_frame = max(cfg.min_frame_tokens, min(cfg.max_frame_tokens, budget // n))
+    h, w = snap_frame_size(int(video["height"]), int(video["width"]), factor=factor,
+                           min_tokens=cfg.min_frame_tokens, max_tokens=per_frame,
+                           max_aspect_ratio=cfg.max_aspect_ratio)
+    tpf = (h // factor) * (w // factor)
+    if n * tpf > budget:                       # the snapped size overshot the per-frame share
+        n = budget // tpf
+        if n < min(cfg.min_frames, n_avail):
+            raise PlanError("does_not_fit", f"budget {budget} < {min(cfg.min_frames, n_avail)} frames x "
+                                            f"{tpf} tokens")
+    # frame times
+    interval = duration / n
+    offsets = np.full(n, 0.5)
+    if cfg.frame_jitter > 0:
+        rng = sample_rng(seed, epoch, key, "frames")
+        offsets = offsets + cfg.frame_jitter * (rng.random(n) - 0.5)
+    targets = (np.arange(n) + offsets) * interval
+    idx = np.unique(tl.index_at(targets))
+    times = tl.times()[idx]
+    return FramePlan(indices=tuple(int(i) for i in idx), timestamps=tuple(float(t) for t in times),
+                     height=h, width=w, tokens_per_frame=tpf, interval_s=float(interval), budget=budget)
+
+
+def timestamp_text(t: float) -> str:
+    """The text timestamp that precedes a frame, e.g. '<12.5s>'."""
+    return f"<{t:.1f}s>"

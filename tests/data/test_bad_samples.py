@@ -1,0 +1,107 @@
+"""Training-time bad samples: files that break after ingest (truncated, garbage, emptied, not a
+video), a decoder that segfaults and one that hangs -> quarantined with a reason, never a crash;
+N consecutive failures abort with a message."""
+import json
+from pathlib import Path
+
+import pytest
+
+from data.video.loader import VideoPackedLoader
+from data.video.shards import ShardWriter, load_catalog
+from data.video.synthetic import make_bad_videos
+
+from .conftest import read_jsonl, small_cfg
+
+BAD = ["zero_byte.mp4", "truncated_in_middle.mp4", "garbage_in_middle.mp4", "not_a_video.mp4",
+       "truncated_after_header.mp4", "audio_only.mp4"]
+
+
+def _broken_shards(shard_dir: Path, out: Path, *, n_good: int, bad: list[str], extra_good_tags=()) -> Path:
+    """A shard whose bad members carry the metadata of a good video (as if corrupted after ingest)."""
+    cat = load_catalog(str(shard_dir))
+    cases = make_bad_videos(out / "bad_src", seed=1)
+    out.mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(out, 0)
+    spill = out / "good.bin"
+    donors = cat[:max(n_good, 1)]
+    for i, r in enumerate(donors[:n_good]):
+        spill.write_bytes(Path(r.shard).read_bytes()[r.video_offset:r.video_offset + r.video_size])
+        w.add_sample(f"good{i}", str(spill), "mp4", {"video": r.video, "annotation": r.annotation})
+    for tag in extra_good_tags:                        # good files, but the decoder misbehaves on them
+        r = donors[0]
+        spill.write_bytes(Path(r.shard).read_bytes()[r.video_offset:r.video_offset + r.video_size])
+        w.add_sample(tag, str(spill), "mp4", {"video": r.video, "annotation": r.annotation})
+    for name in bad:
+        key = "bad_" + name.split(".")[0]
+        w.add_sample(key, cases[name]["path"], "mp4", {"video": donors[0].video, "annotation": {"caption": "x"}})
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("backend,isolation", [("decord", "process"), ("pyav", "inline")])
+def test_broken_files_are_quarantined(shard_dir, tmp_path, backend, isolation):
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=3, bad=BAD)
+    cfg = small_cfg(d, tmp_path, decode_backend=backend, decode_isolation=isolation, shuffle=False,
+                    num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=0)
+    packs = list(loader)
+    got = [k for p in packs for k in p.sample_keys]
+    assert sorted(k.split("/")[1] for k in got) == ["good0", "good1", "good2"]
+    q = read_jsonl(cfg.quarantine_path)
+    assert sorted(r["key"] for r in q) == sorted("bad_" + b.split(".")[0] for b in BAD)
+    assert all(r["shard"] == "shard-000000.tar" and r["reason"] and r["stage"] == "decode" for r in q)
+    st = loader.stats
+    assert st["samples_failed"] == len(BAD) and st["samples_ok"] == 3
+    assert sum(st["failures_by_reason"].values()) == len(BAD)
+    for p in packs:
+        p.validate(cfg, loader.tokenizer)
+
+
+def test_segfault_and_hang_cost_one_sample_each(shard_dir, tmp_path, monkeypatch):
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=2, bad=[], extra_good_tags=["crashme", "hangme"])
+    cfg = small_cfg(d, tmp_path, shuffle=False, num_epochs=1, num_workers=1, sample_timeout_s=3.0,
+                    decode_isolation="process")
+    for spec in ("crash:crashme", "hang:hangme"):
+        monkeypatch.setenv("KEYE_DECODE_FAULT", spec)
+        loader = VideoPackedLoader(cfg, seed=0)
+        packs = list(loader)
+        keys = sorted(k.split("/")[1] for p in packs for k in p.sample_keys)
+        bad = "crashme" if spec.startswith("crash") else "hangme"
+        assert keys == sorted({"good0", "good1", "crashme", "hangme"} - {bad})
+        reasons = {r["key"]: r["reason"] for r in read_jsonl(cfg.quarantine_path)}
+        assert reasons[bad] == ("crashed" if bad == "crashme" else "timeout")
+        loader.close()
+
+
+def test_consecutive_failures_abort_with_message(shard_dir, tmp_path):
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=0, bad=BAD[:4])
+    cfg = small_cfg(d, tmp_path, shuffle=False, max_consecutive_failures=3, decode_isolation="inline")
+    loader = VideoPackedLoader(cfg, seed=0)
+    with pytest.raises(RuntimeError) as e:
+        for _ in range(10):
+            next(loader)
+    msg = str(e.value)
+    assert "3 consecutive samples failed" in msg and "max_consecutive_failures=3" in msg
+    assert "bad_" in msg and str(d) in msg
+
+
+def test_a_few_failures_among_good_samples_do_not_abort(shard_dir, tmp_path):
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=4, bad=BAD[:3])
+    cfg = small_cfg(d, tmp_path, shuffle=True, shuffle_buffer=8, max_consecutive_failures=4,
+                    decode_isolation="inline", num_epochs=1)
+    packs = list(VideoPackedLoader(cfg, seed=3))
+    assert len({k for p in packs for k in p.sample_keys}) == 4
+    assert len(json.loads(json.dumps(read_jsonl(cfg.quarantine_path)))) == 3
+
+
+def test_stale_spill_files_of_dead_workers_are_removed(tmp_path):
+    from data.video.config import VideoDataConfig
+    from data.video.loader import _HOST, FrameSource
+
+    dead = tmp_path / f"keye-{_HOST}-999999-3-7.mp4"          # pid 999999 does not exist
+    mine = tmp_path / f"keye-{_HOST}-{__import__('os').getpid()}-3-7.mp4"
+    other_host = tmp_path / "keye-elsewhere-999999-3-7.mp4"
+    for p in (dead, mine, other_host):
+        p.write_bytes(b"x")
+    FrameSource(VideoDataConfig(spill_dir=str(tmp_path))).close()
+    assert not dead.exists() and mine.exists() and other_host.exists()

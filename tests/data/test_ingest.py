@@ -1,0 +1,155 @@
+"""Ingest: every bad file type is rejected with a reason or accepted with correct metadata; the
+shards are readable with the index; an interrupted ingest resumes; proxies are frame-correct."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import av
+import pytest
+
+from data.video.ingest import IngestOptions, ingest
+from data.video.shards import load_catalog, read_member
+from data.video.synthetic import (VideoSpec, annotation_for, make_bad_videos, make_synthetic_videos,
+                                  read_counter, write_video)
+
+from .conftest import read_jsonl
+
+EXPECTED_REASONS = {
+    "zero_byte.mp4": {"empty_file"},
+    "truncated_in_header.mp4": {"open_failed"},
+    "truncated_after_header.mp4": {"decode_error", "no_frames"},
+    "truncated_in_middle.mp4": {"decode_error", "truncated"},
+    "garbage_in_middle.mp4": {"decode_error", "corrupt_frames"},
+    "not_a_video.mp4": {"open_failed"},
+    "audio_only.mp4": {"no_video_stream"},
+    "ghost.mp4": {"missing_file"},
+}
+
+
+@pytest.fixture(scope="module")
+def bad_ingest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    vids = root / "videos"
+    cases = make_bad_videos(vids, seed=3)
+    good = write_video(vids / "good.mp4", VideoSpec(n_frames=36, width=96, height=64, fps=12, seed=9))
+    ann = [annotation_for("good.mp4", good), {"video": "ghost.mp4", "caption": "no such file"},
+           {"video": "rotated_90.mp4", "caption": "rotated"}]
+    (root / "ann.jsonl").write_text("".join(json.dumps(a) + "\n" for a in ann) + "not json\n")
+    summary = ingest(IngestOptions(videos=str(vids), annotations=str(root / "ann.jsonl"), out=str(root / "out"),
+                                   shard_size_mb=0.02, workers=2, progress=False))
+    return root, cases, summary
+
+
+def test_bad_files_rejected_with_reason(bad_ingest):
+    root, cases, summary = bad_ingest
+    rejects = {r["video"]: r for r in read_jsonl(root / "out" / "rejects.jsonl")}
+    assert set(rejects) == set(EXPECTED_REASONS)
+    for name, allowed in EXPECTED_REASONS.items():
+        assert rejects[name]["reason"] in allowed, (name, rejects[name])
+        assert rejects[name]["detail"] or rejects[name]["reason"] == "empty_file"
+    assert summary["num_rejected"] == len(EXPECTED_REASONS)
+
+
+def test_accepted_files_have_verified_metadata(bad_ingest):
+    root, cases, summary = bad_ingest
+    cat = {r.annotation["video"]: r for r in load_catalog(str(root / "out"))}
+    accepted = {n for n, c in cases.items() if c["expect"] == "accept"} | {"good.mp4"}
+    assert set(cat) == accepted and summary["num_samples"] == len(accepted)
+    for name in accepted - {"good.mp4"}:
+        c, v = cases[name], cat[name].video
+        assert v["num_frames"] == c["n_frames"], name
+        assert (v["width"], v["height"]) == (c["width"], c["height"]), name      # after rotation
+        assert v["rotation"] == c["rotation"]
+        assert v["duration_s"] == pytest.approx(c["duration"] if c["rotation"] or "variable" not in name
+                                                else c["times"][-1] + (c["times"][-1] - c["times"][-2]), abs=0.2)
+        assert v["keyframe_interval_s"]["max"] > 0 and v["codec"] in ("h264", "mpeg4")
+    assert cat["variable_frame_rate.mp4"].video["vfr"] is True
+    assert cat["good.mp4"].video["vfr"] is False
+    assert cat["odd_resolution.mp4"].video["decord_seek_ok"] is False          # mpeg4 + B-frames
+    assert cat["rotated_90.mp4"].annotation["caption"] == "rotated"
+    assert cat["odd_resolution.mp4"].annotation == {"video": "odd_resolution.mp4"}  # unannotated: kept
+
+
+def test_shards_are_plain_webdataset_tars(bad_ingest):
+    root, _, _ = bad_ingest
+    r = next(iter(load_catalog(str(root / "out"))))
+    with tarfile.open(r.shard) as tar:
+        names = tar.getnames()
+        m = tar.getmember(f"{r.key}.{r.video_ext}")
+        assert m.offset_data == r.video_offset and m.size == r.video_size
+        rec = json.loads(tar.extractfile(f"{r.key}.json").read())
+    assert names.index(f"{r.key}.json") + 1 == names.index(f"{r.key}.{r.video_ext}")
+    assert rec["video"] == r.video and rec["key"] == r.key
+    blob = read_member(r.shard, r.video_offset, r.video_size)
+    assert blob[4:8] == b"ftyp"
+
+
+def test_ingest_resumes_after_interruption(tmp_path):
+    vids, ann = make_synthetic_videos(tmp_path, 6, seed=5, max_seconds=2.0)
+    out = tmp_path / "out"
+    opts = dict(videos=str(vids), annotations=str(ann), out=str(out), shard_size_mb=0.015, workers=2,
+                progress=False)
+    s1 = ingest(IngestOptions(**opts))
+    assert s1["num_samples"] == 6 and len(s1["shards"]) >= 2
+    keys_full = sorted(r.key for r in load_catalog(str(out)))
+    # simulate a crash while the last shard was being written: its manifest line is missing and a
+    # half-written tmp file is left behind
+    lines = (out / "ingest_manifest.jsonl").read_text().splitlines()
+    lost = json.loads(lines[-1])
+    (out / "ingest_manifest.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    (out / "shard-000099.tar.tmp").write_bytes(b"partial")
+    s2 = ingest(IngestOptions(**opts))
+    assert s2["this_run"]["processed"] == len(lost["videos"])
+    assert s2["this_run"]["skipped_already_done"] == 6 - len(lost["videos"])
+    assert sorted(r.key for r in load_catalog(str(out))) == keys_full        # no loss, no duplicate
+    assert not list(out.glob("*.tmp"))
+    s3 = ingest(IngestOptions(**opts))                                       # nothing left to do
+    assert s3["this_run"]["processed"] == 0 and s3["num_samples"] == 6
+
+
+def test_proxy_is_2fps_small_and_frame_correct(tmp_path):
+    vids = tmp_path / "v"
+    vids.mkdir()
+    truth = write_video(vids / "a.mp4", VideoSpec(n_frames=60, width=160, height=120, fps=12, seed=2))
+    s = ingest(IngestOptions(videos=str(vids), out=str(tmp_path / "o"), proxy=True, proxy_short_side=56,
+                             shard_size_mb=1, workers=1, progress=False))
+    assert s["num_samples"] == 1
+    r = load_catalog(str(tmp_path / "o"))[0]
+    v, src = r.video, json.loads(read_member(r.shard, *_json_member(r)))["source"]
+    assert src["num_frames"] == 60 and src["width"] == 160
+    assert v["num_frames"] == 10 and v["fps"] == pytest.approx(2.0) and min(v["width"], v["height"]) <= 56
+    assert v["keyframe_interval_s"]["max"] <= 1.0 + 1e-6
+    p = tmp_path / "proxy.mp4"
+    p.write_bytes(read_member(r.shard, r.video_offset, r.video_size))
+    with av.open(str(p)) as c:
+        got = [read_counter(f.to_ndarray(format="rgb24"), truth["counter_bits"]) for f in c.decode(video=0)]
+    assert got == [6 * k for k in range(10)]          # proxy frame k = source frame at k/2 s
+
+
+def _json_member(r):
+    import json as _j
+    idx = _j.loads(Path(r.shard[:-4] + ".idx.json").read_text())
+    s = next(x for x in idx["samples"] if x["key"] == r.key)
+    return s["json_offset"], s["json_size"]
+
+
+def test_cli(tmp_path):
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=8, seed=1))
+    (vids / "broken.mp4").write_bytes(b"")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(vids), "--out",
+                        str(tmp_path / "o"), "--shard-size-mb", "1", "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 accepted, 1 rejected" in r.stdout
+    r = subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "videos" in r.stderr
+    shutil.rmtree(tmp_path / "o")

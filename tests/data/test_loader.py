@@ -1,0 +1,171 @@
+"""Loader: frame-accurate packs, exact resume mid-epoch with 2 DataLoader workers, resume with a
+different number of DP ranks (2 -> 1, 1 -> 2) without repeats or skips, resume without replay."""
+import hashlib
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from data.video.loader import VideoPackedLoader, epoch_order, merge_rank_states
+from data.video.packing import unpatchify
+from data.video.synthetic import read_counter
+
+from .conftest import small_cfg
+
+
+def signature(p) -> tuple:
+    h = hashlib.sha1()
+    for t in (p.tokens, p.labels, p.loss_mask, p.position_ids, p.cu_seqlens, p.pixel_values, p.grid_thw,
+              p.visual_pos):
+        h.update(t.numpy().tobytes())
+    return (p.epoch, p.pack_index, tuple(p.sample_keys), h.hexdigest())
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def epoch_keys(planner, e):
+    return sorted(planner.key(u) for pk in planner.epoch(e).packs for u in pk)
+
+
+def test_packs_are_frame_accurate_and_valid(shard_dir, counter_bits, tmp_path):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=2, num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=11)
+    packs = list(loader)
+    assert loader.stats["samples_ok"] == 16 and not loader.stats.get("samples_failed")
+    for p in packs:
+        p.validate(cfg, loader.tokenizer)
+        assert p.seq_len == cfg.seq_len
+        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
+        f = 0
+        for d, key in enumerate(p.sample_keys):
+            uid = next(r.uid for r in loader.catalog if f"{r.shard.rsplit('/', 1)[1]}/{r.key}" == key)
+            doc = loader.planner.doc(uid, p.epoch)
+            bits = counter_bits[key.split("/")[1]]
+            got = [read_counter(frames[f + i], bits) for i in range(doc.frames.num_frames)]
+            assert got == list(doc.frames.indices), key            # frame i really is frame i
+            assert np.allclose(p.frame_timestamps[f:f + len(got)].numpy(), doc.frames.timestamps)
+            f += len(got)
+        assert f == len(frames)
+    assert sorted(k for p in packs for k in p.sample_keys) == epoch_keys(loader.planner, 0)
+
+
+def test_exact_resume_mid_epoch_two_workers(shard_dir, tmp_path):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=2)
+    ref_loader = VideoPackedLoader(cfg, seed=5)
+    n_epoch = ref_loader.planner.num_packs(0)
+    total = n_epoch + 2                                   # run across the epoch boundary
+    ref = [signature(p) for p in take(ref_loader, total)]
+    ref_loader.close()
+    assert ref[n_epoch][0] == 1 and ref[n_epoch - 1][0] == 0
+
+    a = VideoPackedLoader(cfg, seed=5)
+    k = 3
+    first = [signature(p) for p in take(a, k)]
+    state = pickle.loads(pickle.dumps(a.state_dict()))
+    assert len(pickle.dumps(state)) < 8192
+    more = [signature(p) for p in take(a, 2)]              # keep going after the snapshot ...
+    a.close()
+    b = VideoPackedLoader(cfg, seed=5)
+    b.load_state_dict(state)                               # ... the resumed one restarts at the snapshot
+    rest = [signature(p) for p in take(b, total - k)]
+    b.close()
+    assert first + rest == ref
+    assert more == ref[k:k + 2]
+
+
+@pytest.mark.parametrize("w_before,w_after", [(2, 1), (1, 2), (2, 3)])
+def test_resume_with_different_dp_world(shard_dir, tmp_path, w_before, w_after):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline")
+    before = [VideoPackedLoader(cfg, dp_rank=r, dp_world=w_before, seed=9) for r in range(w_before)]
+    planner = before[0].planner
+    n_epoch = planner.num_packs(0)
+    steps = max(1, n_epoch // (2 * w_before))              # about half the epoch, in lockstep
+    seen = []
+    for _ in range(steps):
+        for ld in before:
+            p = next(ld)
+            assert p.epoch == 0
+            seen += p.planned_keys
+    state = before[0].state_dict()                         # any rank's state describes the position
+    after = [VideoPackedLoader(cfg, dp_rank=r, dp_world=w_after, seed=9) for r in range(w_after)]
+    for ld in after:
+        ld.load_state_dict(state)
+    live = list(after)
+    while live:
+        for ld in list(live):
+            p = next(ld)
+            if p.epoch != 0:
+                live.remove(ld)
+                continue
+            seen += p.planned_keys
+    assert len(seen) == len(set(seen)), "a sample was repeated"
+    assert sorted(seen) == epoch_keys(planner, 0), "a sample was skipped"
+
+
+def test_merge_states_of_ranks_out_of_lockstep(shard_dir, tmp_path):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline")
+    r0, r1 = (VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=2) for r in range(2))
+    seen = [k for p in take(r0, 3) for k in p.planned_keys] + [k for p in take(r1, 1) for k in p.planned_keys]
+    merged = merge_rank_states([r0.state_dict(), r1.state_dict()])
+    c = VideoPackedLoader(cfg, seed=2)
+    c.load_state_dict(merged)
+    while True:
+        p = next(c)
+        if p.epoch:
+            break
+        seen += p.planned_keys
+    assert len(seen) == len(set(seen)) and sorted(seen) == epoch_keys(c.planner, 0)
+
+
+def test_resume_at_90_percent_does_not_replay(shard_dir, tmp_path, monkeypatch):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline")
+    a = VideoPackedLoader(cfg, seed=4)
+    n = a.planner.num_packs(0)
+    k = max(1, int(0.9 * n))
+    state = dict(a.state_dict(), consumed=k)                # as if k packs had been consumed
+    calls = []
+    import data.video.loader as L
+    orig = L.FrameSource.frames
+    monkeypatch.setattr(L.FrameSource, "frames", lambda self, rec, doc: calls.append(rec.uid) or orig(self, rec, doc))
+    b = VideoPackedLoader(cfg, seed=4)
+    t = time.perf_counter()
+    b.load_state_dict(state)
+    p = next(b)
+    assert time.perf_counter() - t < 5.0
+    assert (p.epoch, p.pack_index) == (0, k)
+    assert sorted(calls) == sorted(a.planner.epoch(0).packs[k])   # decoded only the pack it yields
+
+
+def test_state_mismatch_and_even_end(shard_dir, tmp_path):
+    cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline", num_epochs=1)
+    a = VideoPackedLoader(cfg, seed=1)
+    st = a.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        VideoPackedLoader(cfg, seed=2).load_state_dict(st)
+    other = small_cfg(shard_dir, tmp_path, num_workers=0, seq_len=2048, num_epochs=1)
+    with pytest.raises(ValueError, match="seq_len"):
+        VideoPackedLoader(other, seed=1).load_state_dict(st)
+    # with a finite number of epochs both ranks stop after the same number of packs
+    counts = [sum(1 for _ in VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=1)) for r in range(2)]
+    assert counts[0] == counts[1] == a.planner.num_packs(0) // 2
+
+
+def test_epoch_order_is_a_permutation_and_seeded():
+    shard_of = np.repeat(np.arange(7), 13)
+    o = epoch_order(shard_of, seed=3, epoch=0, shuffle=True, buffer=10)
+    assert sorted(o.tolist()) == list(range(91))
+    assert np.array_equal(o, epoch_order(shard_of, seed=3, epoch=0, shuffle=True, buffer=10))
+    assert not np.array_equal(o, epoch_order(shard_of, seed=3, epoch=1, shuffle=True, buffer=10))
+    assert np.array_equal(epoch_order(shard_of, seed=3, epoch=0, shuffle=False, buffer=10), np.arange(91))
+
+
+def test_missing_backend_fails_at_construction(shard_dir, tmp_path):
+    from data.video.backends import torchcodec_available
+
+    if torchcodec_available():
+        pytest.skip("torchcodec is installed here")
+    with pytest.raises(ValueError, match="decode_backend"):
+        VideoPackedLoader(small_cfg(shard_dir, tmp_path, decode_backend="torchcodec"), seed=0)

@@ -1,0 +1,143 @@
+"""Packing: capacity never exceeded, documents never split, labels/mask/positions/patches consistent."""
+import numpy as np
+import pytest
+import torch
+
+from data.video.config import VideoDataConfig
+from data.video.packing import (annotation_segments, assemble_pack, build_document, pack_greedy,
+                                patchify, plan_document, unpatchify)
+from data.video.tokenizer import ByteTokenizer
+
+from .test_sampling import meta
+
+
+@pytest.mark.parametrize("lookahead", [1, 4, 64])
+def test_pack_greedy_capacity_and_coverage(lookahead):
+    rng = np.random.default_rng(lookahead)
+    seq = 4096
+    lengths = rng.integers(1, seq + 1, 500).tolist() + [seq, 1, seq // 2, seq // 2]
+    bins = pack_greedy(lengths, seq, lookahead)
+    flat = [i for b in bins for i in b]
+    assert sorted(flat) == list(range(len(lengths)))            # every item exactly once
+    assert all(sum(lengths[i] for i in b) <= seq for b in bins)  # never over capacity
+    assert all(b == sorted(b) for b in bins)                     # order kept inside a bin
+    if lookahead == 1:                                           # plain sequential greedy
+        assert flat == list(range(len(lengths)))
+    fill = sum(lengths) / (len(bins) * seq)
+    assert fill > (0.5 if lookahead == 1 else 0.8)
+
+
+def test_pack_greedy_rejects_oversized():
+    with pytest.raises(ValueError):
+        pack_greedy([10, 11], 10)
+
+
+CFG = VideoDataConfig(seq_len=2048, min_frames=2, min_frame_tokens=4, max_frame_tokens=16,
+                      min_video_tokens=16, video_tokens_per_second=24.0, max_text_tokens=300)
+TOK = ByteTokenizer()
+ANN = {"caption": "a red square", "events": [{"start": 0.0, "end": 1.0, "text": "moves"}],
+       "qa": [{"question": "color?", "answer": "red"}], "prompt": "Describe."}
+
+
+def _doc(uid, duration, w=96, h=64, fps=12.0, ann=ANN):
+    m = meta(duration, fps=fps, width=w, height=h, tb=12288)
+    d = plan_document(uid=uid, key=f"s/{uid}", video=m, annotation=ann, cfg=CFG, tokenizer=TOK, seed=0, epoch=0)
+    fp = d.frames
+    frames = np.random.default_rng(uid).integers(0, 256, (fp.num_frames, fp.height, fp.width, 3), dtype=np.uint8)
+    return d, frames
+
+
+def test_document_layout_labels_and_positions():
+    d, frames = _doc(1, 3.0)
+    a = build_document(d, frames, CFG, TOK)
+    L = d.length
+    assert a.tokens.shape == (L,) and a.pos.shape == (3, L)         # planned length == built length
+    text = TOK.decode(a.tokens.tolist())
+    assert text.startswith("<bos><0.2s><vision_start><video_pad>") and text.endswith("red\n<eos>")
+    assert "Caption: a red square\n" in text and "Q: color?\nA: red\n" in text
+    # labels: next token where supervised; never on video pads, timestamps or question text
+    sup = a.loss_mask > 0
+    assert np.array_equal(a.labels[sup], a.tokens[1:][sup[:-1]])
+    assert np.all(a.labels[~sup] == CFG.label_ignore_index) and not sup[-1]
+    targets = a.tokens[1:][sup[:-1]]
+    assert TOK.video_pad_id not in targets and TOK.vision_start_id not in targets
+    assert TOK.decode(targets.tolist()).startswith("a red square\n")
+    assert targets[-1] == TOK.eos_id
+    # positions: text tokens have equal t/h/w and advance by 1; frames by the rule in packing.py
+    vis = a.tokens == TOK.video_pad_id
+    txt = ~vis
+    assert np.all(a.pos[0, txt] == a.pos[1, txt]) and np.all(a.pos[0, txt] == a.pos[2, txt])
+    assert np.all(np.diff(a.pos[0, txt]) >= 1)
+    rows, cols = d.frames.grid(CFG.patch_size, CFG.merge_size)
+    per = rows * cols
+    starts = np.nonzero(vis & ~np.r_[False, vis[:-1]])[0]
+    assert len(starts) == d.frames.num_frames
+    t_k = a.pos[0, starts]
+    for s, t in zip(starts, t_k):
+        blk = a.pos[:, s:s + per]
+        assert np.all(blk[0] == t)
+        assert np.array_equal(blk[1] - t, np.repeat(np.arange(rows), cols))
+        assert np.array_equal(blk[2] - t, np.tile(np.arange(cols), rows))
+        assert a.pos[0, s - 1] < t                                  # never goes backwards
+        assert a.pos[0, s + per] == t + max(rows, cols)             # vision_end follows the frame
+    # temporal axis is linear in the timestamp (uniform frames -> uniform steps, up to rounding)
+    ts = np.array(d.frames.timestamps)
+    rate = np.diff(t_k) / np.diff(ts)
+    assert np.all(np.abs(rate - rate.mean()) <= 1.0 / np.diff(ts).min() + 1e-6)
+    # patches
+    assert a.pixels.shape == (d.frames.num_frames * per * 4, 588) and a.pixels.dtype == np.uint8
+    assert np.all(a.grid == [1, rows * 2, cols * 2])
+
+
+def test_pack_assembly_never_splits_and_fits():
+    docs = [_doc(i, float(dur), w=w, h=h) for i, (dur, w, h) in
+            enumerate([(3.0, 96, 64), (1.5, 64, 48), (4.0, 160, 120), (2.0, 80, 112), (5.0, 128, 96)])]
+    bins = pack_greedy([d.length for d, _ in docs], CFG.seq_len, 4)
+    seen = []
+    for b in bins:
+        arrays = [build_document(docs[i][0], docs[i][1], CFG, TOK) for i in b]
+        p = assemble_pack(arrays, [docs[i][0].key for i in b], CFG, TOK, epoch=0, pack_index=0,
+                          failures=[], planned_keys=[docs[i][0].key for i in b])
+        p.validate(CFG, TOK)
+        q = p.to("cpu")
+        assert torch.equal(q.position_ids, p.position_ids) and q.sample_keys == p.sample_keys
+        assert p.seq_len == CFG.seq_len and int(p.cu_seqlens[-1]) == CFG.seq_len
+        assert p.num_docs == len(b) and len(p.cu_seqlens) == len(b) + 1 + (p.num_pad > 0)
+        # every frame's merged tokens lie inside its own document's segment
+        off = 0
+        cu = p.cu_seqlens.tolist()
+        for f in range(p.grid_thw.shape[0]):
+            n_tok = int(p.grid_thw[f].prod()) // 4
+            pos = p.visual_pos[off:off + n_tok]
+            dd = int(p.frame_doc[f])
+            assert cu[dd] <= int(pos.min()) and int(pos.max()) < cu[dd + 1]
+            off += n_tok
+        # whole documents: each doc's frames are all here
+        for k, i in enumerate(b):
+            assert int((p.frame_doc == k).sum()) == docs[i][0].frames.num_frames
+        # pixel payload is the frames, in order
+        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
+        want = [f for i in b for f in docs[i][1]]
+        assert all(np.array_equal(x, y) for x, y in zip(frames, want)) and len(frames) == len(want)
+        assert torch.all(p.loss_mask[cu[-2]:] == 0) if p.num_pad else True
+        seen += b
+    assert sorted(seen) == list(range(len(docs)))
+
+
+def test_patchify_roundtrip_and_merge_order():
+    f = np.arange(2 * 56 * 84 * 3, dtype=np.int64).reshape(2, 56, 84, 3).astype(np.uint8)
+    p = patchify(f, 14, 2)
+    assert p.shape == (2 * 4 * 6, 588)
+    # the first 4 patches are one 2x2 merge group: rows 0-27, cols 0-27 of frame 0
+    grp = p[:4].reshape(2, 2, 3, 14, 14).transpose(0, 3, 1, 4, 2).reshape(28, 28, 3)
+    assert np.array_equal(grp, f[0, :28, :28])
+    back = unpatchify(p, np.array([[1, 4, 6]] * 2), 14, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(back, f))
+
+
+def test_text_truncation_and_fit():
+    long = {"caption": "x" * 5000}
+    d, frames = _doc(9, 2.0, ann=long)
+    assert len(d.text_ids) <= CFG.max_text_tokens and d.length <= CFG.seq_len
+    assert build_document(d, frames, CFG, TOK).tokens.shape[0] == d.length
+    assert annotation_segments({}) == []
