@@ -1,0 +1,219 @@
+"""Training-step throughput of a Keye-30B-A3B slice: our trainer against plain megatron-core, same run.
+
+Both sides: the full-width language model (hidden 2048, 32 q / 4 kv heads, 128 experts top-8, expert FFN
+768, vocab 151,936) cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16 compute with
+fp32 master weights, megatron's distributed optimizer (AdamW) and DDP, one GPU.
+- "ours": train.trainer.Trainer built from the keye_30b_a3b recipe (SDPA flash attention, our RMSNorm,
+  layout-invariant init; experts are still megatron's SequentialMLP until issue 3 replaces them).
+- "plain": megatron-core GPTModel from `get_gpt_layer_local_spec` (DotProductAttention, torch norms,
+  SequentialMLP), the same TransformerConfig, optimizer and data.
+Batches are generated before timing (same synthetic token stream for both) so data generation stays
+out of the step time. Step time: median of `--steps` steps after `--warmup`, CUDA-synchronised.
+FLOPs per token: models.config.lm_flops_per_token (6 x active matmul parameters, embedding lookup
+excluded, plus causal attention 6 * 2 * s * q_dim / 2 per layer); MFU against 775 TFLOP/s, the bf16
+dense matmul rate measured on an H200 (torch 2.11).
+
+    python bench/bench_spine.py --out $OUT/spine.json                 # GPU: 8K and 32K, 4 layers
+    python bench/bench_spine.py --smoke --out /tmp/spine.json         # CPU: tiny recipe, checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train.noise import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from train.config import register_configs  # noqa: E402
+from train.launch import validate  # noqa: E402
+
+PEAK_TFLOPS = 775.0
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
+        return validate(compose("config", overrides=overrides))
+
+
+class Pregenerated:
+    """Yields pre-built micro-batches (so batch generation is not timed)."""
+
+    def __init__(self, stream, n_steps: int):
+        self.batches = [next(stream) for _ in range(n_steps * stream.num_microbatches)]
+        self.i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_mem():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+def run_ours(cfg, layout, steps: int, warmup: int) -> dict:
+    from train.trainer import Trainer
+
+    _reset_mem()
+    tr = Trainer(cfg, layout)
+    tr.streams = [Pregenerated(tr.streams[0], steps + warmup)]
+    for m in tr.model:
+        m.train()
+    times, losses = [], []
+    for i in range(steps + warmup):
+        s = tr.train_step()
+        if i >= warmup:
+            times.append(s.seconds)
+            losses.append(s.loss)
+    out = {"step_s": statistics.median(times), "losses": losses, "peak_mem_gb": _peak_gb()}
+    del tr
+    return out
+
+
+def run_plain(cfg, layout, steps: int, warmup: int) -> dict:
+    """Plain megatron-core: GPTModel with the local spec, same config, optimizer and batches."""
+    import functools
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from data.synthetic_tokens import SyntheticTokenStream
+    from models.lm import transformer_config
+    from parallel.groups import build_process_groups, init_distributed, seed_all
+    from train.optim import apply_lr, build_optimizer
+    from train.trainer import _forward_step
+
+    _reset_mem()
+    lm, t = cfg.model.lm, cfg.train
+    device = init_distributed()
+    pgs = build_process_groups(layout)
+    seed_all(cfg.seed, pgs)
+    bf16 = torch.cuda.is_available()
+    tc = transformer_config(lm, layout.model_sizes(), bf16=bf16, use_cpu_initialization=False)
+    spec = get_gpt_layer_local_spec(num_experts=lm.num_experts, moe_grouped_gemm=False, qk_layernorm=True,
+                                    normalization="RMSNorm")
+    model = GPTModel(config=tc, transformer_layer_spec=spec, vocab_size=lm.vocab_size,
+                     max_sequence_length=lm.max_position_embeddings, share_embeddings_and_output_weights=False,
+                     position_embedding_type="rope", rotary_base=int(lm.rope_theta), pg_collection=pgs).to(device)
+    ddp = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=model, pg_collection=pgs)
+    tc.no_sync_func = ddp.no_sync
+    tc.finalize_model_grads_func = finalize_model_grads
+    opt = build_optimizer([ddp], t, bf16=bf16, distributed=True, pg_collection=pgs)
+    stream = Pregenerated(SyntheticTokenStream(cfg.data, vocab_size=lm.vocab_size, seq_length=t.seq_length,
+                                               micro_batch_size=t.micro_batch_size,
+                                               global_batch_size=t.global_batch_size, dp_rank=0, dp_size=1),
+                          steps + warmup)
+    fwd_bwd = get_forward_backward_func()
+    times, losses = [], []
+    for i in range(steps + warmup):
+        _sync()
+        t0 = time.perf_counter()
+        apply_lr(opt, i, t)
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        out = fwd_bwd(forward_step_func=functools.partial(_forward_step, device), data_iterator=stream, model=ddp,
+                      num_microbatches=1, seq_length=t.seq_length, micro_batch_size=1, forward_only=False,
+                      pg_collection=pgs)
+        opt.step()
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            d = out[0]["lm_loss"]
+            losses.append((d[0] / d[1]).item())
+    res = {"step_s": statistics.median(times), "losses": losses, "peak_mem_gb": _peak_gb()}
+    del ddp, model, opt
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", choices=["ours", "plain"], default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ["WANDB_MODE"] = "disabled"
+    register_configs()
+    from models.config import lm_flops_per_token
+
+    recipe = "keye_tiny" if args.smoke else "keye_30b_a3b"
+    seqs = [256] if args.smoke else args.seqs
+    results = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "layers": args.layers, "peak_tflops": PEAK_TFLOPS}, "runs": []}
+    for seq in seqs:
+        overrides = [f"recipe={recipe}", "parallel=single", f"model.lm.num_layers={args.layers}",
+                     f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
+                     f"train.steps={args.steps + args.warmup + 1}", "train.warmup_steps=1",
+                     "train.checkpoint.enabled=false", "train.wandb.enabled=false",
+                     f"run_dir=/tmp/bench_spine/{seq}"]
+        if seq > 4096 and not args.smoke:
+            overrides.append(f"model.lm.max_position_embeddings={max(seq, 262144)}")
+        cfg, layout = compose_cfg(overrides)
+        fpt = lm_flops_per_token(cfg.model.lm, seq)
+        for name, fn in (("ours", run_ours), ("plain", run_plain)):
+            if args.only and name != args.only:
+                continue
+            rec = {"impl": name, "seq": seq, "layers": args.layers}
+            try:
+                r = fn(cfg, layout, args.steps, args.warmup)
+                tok_s = seq / r["step_s"]
+                tflops = fpt * tok_s / 1e12
+                rec.update(r, tokens_per_s=tok_s, tflops=tflops, mfu=tflops / PEAK_TFLOPS)
+            except Exception as e:  # OOM or anything else: record and go on
+                rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+                traceback.print_exc()
+            results["runs"].append(rec)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            _reset_mem()
+    print(f"\n{'impl':6} {'seq':>6} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['impl']:6} {r['seq']:>6}  {r['error'][:80]}")
+        else:
+            print(f"{r['impl']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9,.0f} {r['tflops']:8.1f} "
+                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f}")
+    from parallel.groups import teardown
+
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
