@@ -1,0 +1,178 @@
+"""DeepSeek Sparse Attention (DSA) for grouped-query attention: public API.
+
+    idx  = dsa_topk(q_idx, w, k_idx, topk)                         # [B, T, topk] int32
+    o    = sparse_gqa_attention(q, k, v, idx)                      # autograd into q, k, v
+    loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse)
+    o, loss, idx = dsa_attention(q, k, v, q_idx, w, k_idx)         # the three composed
+
+Shapes: q [B, T, Hq, D], k / v [B, T, Hkv, D] (Hq a multiple of Hkv), q_idx [B, T, HI, DI],
+w [B, T, HI] (already scaled), k_idx [B, T, DI]; packed documents via cu_seqlens (int32
+[num_docs + 1], B == 1). backend="triton" runs the kernels of this folder, backend="naive" the
+O(T^2) PyTorch reference (naive.py). Nothing here keeps global state. See README.md.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import naive
+from .common import check_same_device, row_doc_start, validate_cu_seqlens
+from .plan import SparsePlan, build_sparse_plan, default_block_q
+
+Backend = Literal["triton", "naive"]
+Stage = Literal["dense", "sparse"]
+
+__all__ = ["dsa_topk", "sparse_gqa_attention", "indexer_kl_loss", "dsa_attention",
+           "build_sparse_plan", "SparsePlan", "default_block_q", "naive"]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("triton", "naive"):
+        raise ValueError(f"backend must be 'triton' or 'naive', got {backend!r}")
+
+
+def _check_indexer(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor) -> None:
+    if q_idx.dim() != 4 or w.dim() != 3 or k_idx.dim() != 3:
+        raise ValueError("expected q_idx [B, T, HI, DI], w [B, T, HI], k_idx [B, T, DI], got "
+                         f"{tuple(q_idx.shape)}, {tuple(w.shape)}, {tuple(k_idx.shape)}")
+    B, T, HI, DI = q_idx.shape
+    if tuple(w.shape) != (B, T, HI) or tuple(k_idx.shape) != (B, T, DI):
+        raise ValueError(f"w must be {(B, T, HI)} and k_idx {(B, T, DI)}, got "
+                         f"{tuple(w.shape)} and {tuple(k_idx.shape)}")
+    check_same_device(q_idx, w, k_idx)
+
+
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"expected q [B, T, Hq, D] and k [B, T, Hkv, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} "
+                         "(same B, T, D; Hq a multiple of Hkv)")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+
+
+def dsa_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk: int, *,
+             cu_seqlens: torch.Tensor | None = None, backend: Backend = "triton",
+             **kwargs) -> torch.Tensor:
+    """Top-`topk` keys per query by I[t,s] = sum_j w[t,j] relu(q_idx[t,j] . k_idx[s]).
+
+    Returns [B, T, topk] int32: the min(topk, #eligible) best positions (larger score first, ties
+    to the smaller position), sorted ascending, padded with -1. Eligible: s <= t and, with
+    cu_seqlens, s in t's document. No gradient. Extra kwargs (cap, num_samples, chunk_bytes,
+    stats) go to the Triton selector.
+    """
+    _check_backend(backend)
+    _check_indexer(q_idx, w, k_idx)
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    validate_cu_seqlens(cu_seqlens, q_idx.shape[0], q_idx.shape[1])
+    with torch.no_grad():
+        if backend == "naive":
+            return naive.topk_indices(q_idx, w, k_idx, topk, cu_seqlens)
+        from .topk import dsa_topk_triton
+        return dsa_topk_triton(q_idx.detach(), w.detach(), k_idx.detach(), topk, cu_seqlens,
+                               **kwargs)
+
+
+def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *,
+                         scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                         return_lse: bool = False, plan: SparsePlan | None = None,
+                         block_q: int | None = None, backend: Backend = "triton"):
+    """Each query head attends over its token's selected keys (idx, -1 = unused slot).
+
+    q [B, T, Hq, D], k / v [B, T, Hkv, D]; query head h uses KV head h // (Hq / Hkv); softmax
+    scale defaults to D ** -0.5. Returns o [B, T, Hq, D] (and lse [B, T, Hq] fp32, natural log,
+    when return_lse). cu_seqlens is only validated: documents are already encoded in idx.
+    `plan` (from build_sparse_plan(idx, block_q)) can be shared with indexer_kl_loss.
+    """
+    _check_backend(backend)
+    _check_attention(q, k, v)
+    check_same_device(q, k, v, idx)
+    B, T, Hq, D = q.shape
+    validate_cu_seqlens(cu_seqlens, B, T)
+    if idx.shape[:2] != (B, T):
+        raise ValueError(f"idx {tuple(idx.shape)} must be [B={B}, T={T}, topk]")
+    scale = D ** -0.5 if scale is None else float(scale)
+    if backend == "naive":
+        o, lse = naive.sparse_gqa_attention(q, k, v, idx, scale)
+    else:
+        from .sparse_attn import SparseGQAAttentionFn
+        if plan is None:
+            plan = build_sparse_plan(idx, block_q or default_block_q(Hq, k.shape[2]))
+        o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
+    return (o, lse) if return_lse else o
+
+
+def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: torch.Tensor,
+                    k_idx: torch.Tensor, *, stage: Stage, idx: torch.Tensor | None = None,
+                    lse: torch.Tensor | None = None, scale: float | None = None,
+                    cu_seqlens: torch.Tensor | None = None, plan: SparsePlan | None = None,
+                    block_q: int | None = None, backend: Backend = "triton") -> torch.Tensor:
+    """Mean over tokens of KL(p_t || softmax(I_t)), gradient into q_idx, w and k_idx only.
+
+    stage="dense" (warm-up): keys = all eligible keys; p = dense causal attention probabilities
+    summed over query heads and L1-normalised. `lse` = the dense attention's [B, T, Hq] lse, or
+    None to compute it here (streamed).
+    stage="sparse": keys = the selected set `idx`; p = head-summed probabilities
+    exp(scale q.k - lse) over the set, renormalised. Pass the sparse attention's lse (the default
+    when None: it is recomputed) or a dense lse for "dense p restricted to the set".
+    q and k are treated as constants (detached).
+    """
+    _check_backend(backend)
+    if stage not in ("dense", "sparse"):
+        raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
+    _check_attention(q, k)
+    _check_indexer(q_idx, w, k_idx)
+    B, T, Hq, D = q.shape
+    if q_idx.shape[:2] != (B, T):
+        raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
+    validate_cu_seqlens(cu_seqlens, B, T)
+    if stage == "sparse" and idx is None:
+        raise ValueError("stage='sparse' needs idx (the selected keys)")
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, k = q.detach(), k.detach()
+    lse = None if lse is None else lse.detach().float()
+    if backend == "naive":
+        return naive.indexer_kl_loss(q, k, q_idx, w, k_idx, stage, idx_BTK=idx, lse_BTH=lse,
+                                     scale=scale, cu_seqlens=cu_seqlens)
+    from .indexer_loss import IndexerKLLossFn, dense_attention_lse, loss_block_q
+    start = row_doc_start(B, T, cu_seqlens, q.device)
+    if stage == "dense":
+        if lse is None:
+            lse = dense_attention_lse(q, k, scale, cu_seqlens)
+        bq = block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2])
+        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, bq, scale)
+    if plan is None:
+        plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]))
+    if lse is None:
+        from .sparse_attn import sparse_attn_fwd
+        _, lse = sparse_attn_fwd(q.contiguous(), k.contiguous(), k.contiguous(), plan, scale)
+    return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, plan, plan.block_q, scale)
+
+
+def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                  w: torch.Tensor, k_idx: torch.Tensor, *, topk: int = 2048,
+                  scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                  block_q: int | None = None, backend: Backend = "triton"):
+    """Sparse-stage DSA in one call: select, attend, and the sparse indexer KL loss.
+
+    Returns (o, kl_loss, idx). o has gradients into q, k, v; kl_loss into q_idx, w, k_idx (the
+    attention target is detached). Train with loss = lm_loss + lambda * kl_loss. The dense warm-up
+    stage uses dense attention plus indexer_kl_loss(stage="dense") instead.
+    """
+    idx = dsa_topk(q_idx, w, k_idx, topk, cu_seqlens=cu_seqlens, backend=backend)
+    if backend == "naive":
+        o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, backend=backend)
+        loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse,
+                               scale=scale, backend=backend)
+        return o, loss, idx
+    plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]))
+    o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
+    loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,
+                           plan=plan)
+    return o, loss, idx

@@ -1,0 +1,149 @@
+"""Compile every DSA kernel for an NVIDIA target without a GPU and report registers, spills, smem.
+
+    python -m kernels.dsa.aot_check                 # sm_90 (H100 / H200), the benchmark shapes
+    python -m kernels.dsa.aot_check --arch 100      # another compute capability
+
+Uses Triton's bundled ptxas, so it runs on a CPU-only machine (do not set TRITON_INTERPRET). The
+tile sizes are the ones the wrappers pick on a CUDA device. STACK > 0 means register spills; SMEM
+must stay under the 227 KB an H100 / H200 block may use. Shapes: Hq 32, Hkv 4, D 128, HI 16,
+DI 64, top-k 2048, bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import indexer_loss as il
+from . import sparse_attn as sa
+from . import topk as tk
+from .common import pow2
+from .plan import default_block_q, plan_fwd_kernel_union
+
+CUDA = torch.device("cuda")
+
+
+def _resources(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    for line in out.splitlines():
+        if "REG:" in line:
+            fields = dict(tok.split(":") for tok in line.split() if ":" in tok)
+            return f"REG {fields.get('REG')} STACK {fields.get('STACK')}"
+    return out.strip()[-200:]
+
+
+def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    full = dict(sig)
+    full.update({k: "constexpr" for k in consts})
+    t0 = time.time()
+    ck = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts),
+                        target=GPUTarget("cuda", arch, 64),
+                        options=dict(num_warps=num_warps, num_stages=num_stages))
+    return dict(kernel=fn.__name__, warps=num_warps, stages=num_stages,
+                smem=ck.metadata.shared, res=_resources(ck.asm["cubin"]),
+                seconds=round(time.time() - t0, 1))
+
+
+def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
+    G = HQ // HKV
+    GP, DP, HIP, DIP = pow2(G), pow2(D, 16), pow2(HI), pow2(DI, 16)
+    prec = "tf32"
+    out = []
+    c = tk._config(CUDA)
+    cap = tk.default_cap(K)
+    M = min(2048, cap // 2)
+    out.append((tk.topk_fwd_kernel_sample,
+                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", tau_ptr="*fp32",
+                     scratch_ptr="*fp32", NSLOT="i32", T="i32", NBT="i32", K="i32", CAP="i32",
+                     M="i32", TARGET="i32"),
+                dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BT=c["BT"], SB=c["SB"], MP=pow2(M), R=c["R"],
+                     DOT_PREC=prec), c["warps_sample"], 2))
+    out.append((tk.topk_fwd_kernel_filter,
+                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", tau_ptr="*fp32",
+                     cnt_ptr="*i32", cand_s_ptr="*fp32", cand_p_ptr="*i32", T="i32", NBT="i32",
+                     CAP="i32"),
+                dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], BS=c["BS"], DOT_PREC=prec),
+                c["warps_filter"], 2))
+    out.append((tk.topk_fwd_kernel_select,
+                dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
+                     cand_p_ptr="*i32", out_ptr="*i32", fail_ptr="*i32", NSLOT="i32", T="i32",
+                     NBT="i32", K="i32", CAP="i32"),
+                dict(BT=c["BT"], R=c["R"], RB=pow2(cap), OB=min(pow2(K), 1024)),
+                c["warps_select"], 2))
+    out.append((tk.topk_fwd_kernel_select_long,
+                dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
+                     cand_p_ptr="*i32", out_ptr="*i32", T="i32", NBT="i32", K="i32", CAP="i32"),
+                dict(BT=c["BT"], RB=1024), c["warps_select"], 2))
+    BQ = default_block_q(HQ, HKV)
+    out.append((plan_fwd_kernel_union,
+                dict(idx_ptr="*i32", counts_ptr="*i32", offsets_ptr="*i64", pos_ptr="*i32",
+                     bits_ptr="*i32", T="i32", NBT="i32", K="i32", WRITE="i32"),
+                dict(BQ=BQ, KP=pow2(K)), 8, 2))
+    c = sa._config(CUDA, BQ * GP, D)
+    heads = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ, DOT_PREC=prec)
+    plan_sig = dict(offsets="*i64", upos="*i32", ubits="*i32", T="i32", NBT="i32")
+    out.append((sa.sparse_attn_fwd_kernel_union,
+                dict(q=dt, k=dt, v=dt, o=dt, lse="*fp32", **plan_sig, scale_log2="fp32"),
+                dict(heads, BS=c["BS_fwd"]), c["warps_fwd"], c["stages"]))
+    out.append((sa.sparse_attn_bwd_kernel_union,
+                dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32", dv="*fp32",
+                     **plan_sig, scale="fp32"),
+                dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages"]))
+    c = il._config(CUDA)
+    bq_lse = max(1, min(16, 64 // GP))
+    out.append((il.indexer_loss_fwd_kernel_lse,
+                dict(q=dt, k=dt, lse="*fp32", start_ptr="*i32", T="i32", NBT="i32",
+                     scale_log2="fp32"),
+                dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=bq_lse, BS=c["BS_lse"],
+                     DOT_PREC=prec), c["warps_lse"], c["stages"]))
+    common = dict(q=dt, k=dt, lse="*fp32", q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32",
+                  offsets="*i64", upos="*i32", ubits="*i32")
+    for dense in (False, True):
+        bq = il.loss_block_q(HQ, HKV, HI) if dense else BQ
+        meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP,
+                    BQ=bq, DENSE=dense, DOT_PREC=prec)
+        out.append((il.indexer_loss_fwd_kernel_kl,
+                    dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", T="i32",
+                         NBT="i32", scale_log2="fp32"), dict(meta, BS=c["BS_fwd"]), c["warps"],
+                    c["stages"]))
+        out.append((il.indexer_loss_bwd_kernel_kl,
+                    dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", gscale_ptr="*fp32", dq_idx=dt,
+                         dw=dt, dk_idx="*fp32", T="i32", NBT="i32", scale_log2="fp32"),
+                    dict(meta, BS=c["BS_bwd"]), c["warps"], c["stages"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this compiles real GPU code")
+    for fn, sig, consts, warps, stages in specs():
+        shown = {k: v for k, v in consts.items()
+                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE")}
+        try:
+            r = compile_one(fn, sig, consts, warps, stages, args.arch)
+            print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "
+                  f"smem {r['smem']:6d}  {r['res']}  ({r['seconds']}s)", flush=True)
+        except Exception as e:  # report and continue with the next kernel
+            print(f"{fn.__name__:34s} {str(shown):48s} FAILED: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Small helpers shared by the DSA Triton wrappers: argument checks, document starts, sizes."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(x: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(int(x)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact (IEEE) dot products so fp32 tests are tight; 16-bit inputs use MMA."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> None:
+    if cu_seqlens is None:
+        return
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed input with batch size 1, got B={B}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [num_docs + 1]")
+    cu = cu_seqlens.detach().to("cpu", torch.long)
+    if cu[0].item() != 0 or cu[-1].item() != T or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0, end at T={T} and be non-decreasing, "
+                         f"got {cu.tolist()[:8]}...")
+
+
+def row_doc_start(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[B * T] int32: first position (within its batch row) of each token's document."""
+    if cu_seqlens is None:
+        return torch.zeros(B * T, dtype=torch.int32, device=device)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    pos = torch.arange(T, device=device)
+    seg = torch.searchsorted(cu[1:], pos, right=True)
+    return cu[seg].to(torch.int32).repeat(B)
+
+
+def check_same_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")

@@ -1,0 +1,346 @@
+"""Indexer KL losses for DSA training, streamed over key tiles (Triton forward and backward).
+
+Shape legend: B batch, T tokens, Hq / Hkv attention heads (G = Hq / Hkv, GP = next_pow2(G)), D head
+dim, HI / DI indexer heads / dim (HIP, DIP padded to powers of two), BQ tokens per program, BS keys
+per tile. Per token t and key set S_t:
+
+    I[t, s]  = sum_j w[t, j] relu(q_idx[t, j] . k_idx[s])                 (indexer scores)
+    P[t, s]  = sum_h exp(scale q[t, h] . k[s, h // G] - lse[t, h])        (attention, head-summed)
+    p[t, s]  = P[t, s] / Z[t],  Z[t] = sum_{s in S_t} P[t, s]            (target, L1-normalised)
+    KL_t     = sum_s p log p - sum_s p (I - lse_I[t]),  lse_I = logsumexp_{s in S_t} I[t, s]
+    loss     = mean_t KL_t;   dKL_t / dI[t, s] = softmax(I)[t, s] - p[t, s]
+
+stage "dense": S_t = all eligible keys (causal, same document), keys walked in contiguous tiles,
+lse = dense attention lse (computed by `indexer_loss_fwd_kernel_lse` when not given).
+stage "sparse": S_t = the selected keys, walked through the block union plan (plan.py), lse = the
+sparse attention's lse (p is then the sparse attention's head-summed probabilities).
+
+Forward keeps per token only (KL, lse_I, Z) with online log-sum-exp; backward recomputes I and P
+tile by tile. dq_idx and dw are written once per token (no atomics); dk_idx is scatter-added with
+fp32 atomics (one per key tile and block). The target is detached: q, k, lse get no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, dot_precision, interpreting, pow2, row_doc_start
+from .plan import SparsePlan
+
+
+@triton.jit
+def _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ: tl.constexpr, BS: tl.constexpr,
+                  DENSE: tl.constexpr):
+    """Loop bounds of the key walk of one query block: key positions (dense) or union entries."""
+    i = tl.arange(0, BQ)
+    t = t0 + i
+    tvalid = t < T
+    start = tl.load(start_ptr + (bb * T + tl.minimum(t, T - 1)).to(tl.int64), mask=tvalid, other=0)
+    if DENSE:
+        lo = tl.min(tl.where(tvalid, start, 2147483647), axis=0)
+        lo = (lo // BS) * BS
+        hi = tl.max(tl.where(tvalid, t + 1, 0), axis=0)
+        lo = lo.to(tl.int64)
+        hi = hi.to(tl.int64)
+    else:
+        lo = tl.load(offsets + pid)
+        hi = tl.load(offsets + pid + 1)
+    return t, tvalid, start, lo, hi
+
+
+@triton.jit
+def _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS: tl.constexpr, DENSE: tl.constexpr):
+    """Positions [BS] of the tile starting at u0 and the membership mask [BQ, BS]."""
+    uu = u0 + tl.arange(0, BS)
+    um = uu < hi
+    if DENSE:
+        pos = uu.to(tl.int32)
+        member = ((pos[None, :] <= t[:, None]) & (pos[None, :] >= start[:, None])
+                  & um[None, :] & tvalid[:, None])
+    else:
+        pos = tl.load(upos + uu, mask=um, other=0)
+        bits = tl.load(ubits + uu, mask=um, other=0)
+        i = tl.arange(0, t.shape[0])
+        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & tvalid[:, None]
+    return pos, um, member
+
+
+@triton.jit
+def _index_tile(qi, wv, k_idx, bb, T, pos, um, DI: tl.constexpr, DIP: tl.constexpr,
+                BQ: tl.constexpr, HIP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """u [BQ*HIP, BS] per-head dots, gathered k_idx [BS, DIP], scores I [BQ, BS]."""
+    dd = tl.arange(0, DIP)
+    ki = tl.load(k_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :],
+                 mask=um[:, None] & (dd[None, :] < DI), other=0.0)
+    u = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
+    ru = tl.maximum(u, 0.0) * wv[:, None]
+    score = tl.sum(tl.reshape(ru, [BQ, HIP, ru.shape[1]]), axis=1)
+    return u, ki, score
+
+
+@triton.jit
+def _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+               BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """P [BQ, BS]: attention probabilities exp(scale q.k - lse) summed over all query heads."""
+    rg = tl.arange(0, BQ * GP)
+    ig = rg // GP
+    h = rg % GP
+    tg = t0 + ig
+    gvalid = (h < G) & (tg < T)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    psum = tl.zeros([BQ, BS], dtype=tl.float32)
+    for g in range(HKV):
+        head_row = (bb * T + tl.minimum(tg, T - 1)).to(tl.int64) * HQ + g * G + h
+        qg = tl.load(q + head_row[:, None] * D + d[None, :], mask=gvalid[:, None] & dmask[None, :],
+                     other=0.0)
+        lse2 = tl.load(lse + head_row, mask=gvalid, other=float("inf")) * 1.4426950408889634
+        kg = tl.load(k + ((bb * T + pos).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
+                     mask=um[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(qg, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
+        pg = tl.where(gvalid[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        psum += tl.sum(tl.reshape(pg, [BQ, GP, BS]), axis=1)
+    return psum
+
+
+@triton.jit
+def _load_indexer_rows(q_idx, w, bb, t0, T, HI: tl.constexpr, DI: tl.constexpr,
+                       DIP: tl.constexpr, BQ: tl.constexpr, HIP: tl.constexpr):
+    """Stacked indexer query rows of the block: row r = token r // HIP, head r % HIP."""
+    ri = tl.arange(0, BQ * HIP)
+    ti = t0 + ri // HIP
+    j = ri % HIP
+    ivalid = (j < HI) & (ti < T)
+    irow = (bb * T + tl.minimum(ti, T - 1)).to(tl.int64) * HI + j
+    dd = tl.arange(0, DIP)
+    imask = ivalid[:, None] & (dd[None, :] < DI)
+    qi = tl.load(q_idx + irow[:, None] * DI + dd[None, :], mask=imask, other=0.0)
+    wv = tl.load(w + irow, mask=ivalid, other=0.0).to(tl.float32)
+    return qi, wv, irow, imask, ivalid
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def indexer_loss_fwd_kernel_lse(q, k, lse, start_ptr, T, NBT, scale_log2, HQ: tl.constexpr,
+                                HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                                D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr,
+                                BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Dense causal (document-masked) attention lse [B, T, Hq] for the dense-stage target."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    t, tvalid, start, lo, hi = _block_bounds(start_ptr, start_ptr, pid, bb, t0, T, BQ, BS, True)
+    r = tl.arange(0, BQ * GP)
+    ir = r // GP
+    h = r % GP
+    tr = t0 + ir
+    rvalid = (h < G) & (tr < T)
+    start_r = tl.load(start_ptr + (bb * T + tl.minimum(tr, T - 1)).to(tl.int64), mask=rvalid,
+                      other=0)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    head_row = (bb * T + tl.minimum(tr, T - 1)).to(tl.int64) * HQ + g * G + h
+    qt = tl.load(q + head_row[:, None] * D + d[None, :], mask=rvalid[:, None] & dmask[None, :],
+                 other=0.0)
+    m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ * GP], dtype=tl.float32)
+    for s0 in range(lo, hi, BS):
+        s = s0 + tl.arange(0, BS)
+        sm = s < hi
+        kt = tl.load(k + ((bb * T + s).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
+                     mask=sm[:, None] & dmask[None, :], other=0.0)
+        x = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+        ok = (s[None, :] <= tr[:, None]) & (s[None, :] >= start_r[:, None]) & sm[None, :]
+        x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+        m_i = m_new
+    out = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
+    tl.store(lse + head_row, out, mask=rvalid)
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
+                               kl_ptr, lse_i_ptr, z_ptr, T, NBT, scale_log2,
+                               HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                               GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                               HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
+                               DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+                               DENSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    t, tvalid, start, lo, hi = _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ, BS, DENSE)
+    qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
+    m_i = tl.full([BQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    a_i = tl.zeros([BQ], dtype=tl.float32)  # sum P log P
+    z_i = tl.zeros([BQ], dtype=tl.float32)  # sum P
+    b_i = tl.zeros([BQ], dtype=tl.float32)  # sum P I
+    for u0 in range(lo, hi, BS):
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
+        u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
+        psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP, BQ,
+                          BS, DOT_PREC)
+        psum = tl.where(member, psum, 0.0)
+        sm = tl.where(member, score, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sm, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sm - m_safe[:, None]), axis=1)
+        m_i = m_new
+        a_i += tl.sum(tl.where(psum > 0.0, psum * tl.log(tl.where(psum > 0.0, psum, 1.0)), 0.0),
+                      axis=1)
+        z_i += tl.sum(psum, axis=1)
+        b_i += tl.sum(tl.where(member, psum * score, 0.0), axis=1)
+    lse_i = m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i))
+    z_safe = tl.where(z_i > 0.0, z_i, 1.0)
+    kl = a_i / z_safe - tl.log(z_safe) - b_i / z_safe + tl.where(z_i > 0.0, lse_i, 0.0)
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    tl.store(kl_ptr + row, kl, mask=tvalid)
+    tl.store(lse_i_ptr + row, lse_i, mask=tvalid)
+    tl.store(z_ptr + row, z_safe, mask=tvalid)
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
+                               lse_i_ptr, z_ptr, gscale_ptr, dq_idx, dw, dk_idx, T, NBT,
+                               scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                               GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                               HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
+                               DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+                               DENSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    t, tvalid, start, lo, hi = _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ, BS, DENSE)
+    qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    lse_i = tl.load(lse_i_ptr + row, mask=tvalid, other=0.0)
+    z_i = tl.load(z_ptr + row, mask=tvalid, other=1.0)
+    gscale = tl.load(gscale_ptr)  # d loss / d KL_t = grad_out / number of tokens
+    dd = tl.arange(0, DIP)
+    dqi = tl.zeros([BQ * HIP, DIP], dtype=tl.float32)
+    dwv = tl.zeros([BQ * HIP], dtype=tl.float32)
+    for u0 in range(lo, hi, BS):
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
+        u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
+        psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP, BQ,
+                          BS, DOT_PREC)
+        d_i = tl.exp(tl.where(member, score, float("-inf")) - lse_i[:, None]) - psum / z_i[:, None]
+        d_i = tl.where(member, d_i, 0.0) * gscale
+        d_rows = tl.reshape(tl.broadcast_to(d_i[:, None, :], [BQ, HIP, BS]), [BQ * HIP, BS])
+        du = tl.where(u > 0.0, d_rows * wv[:, None], 0.0)
+        dwv += tl.sum(tl.maximum(u, 0.0) * d_rows, axis=1)
+        dqi += tl.dot(du.to(ki.dtype), ki, input_precision=DOT_PREC)
+        dki = tl.dot(tl.trans(du.to(qi.dtype)), qi, input_precision=DOT_PREC)
+        tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
+                      mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
+    tl.store(dq_idx + irow[:, None] * DI + dd[None, :], dqi.to(dq_idx.dtype.element_ty), mask=imask)
+    tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
+
+
+def _config(device: torch.device) -> dict:
+    """Interpreter: wide tiles (cost is per op). GPU: sm_90 sizes without register spills at
+    Hq 32 / Hkv 4 / D 128 / HI 16 / DI 64 with 4 tokens per program (aot_check.py)."""
+    if interpreting() or device.type != "cuda":
+        return dict(BS_fwd=128, BS_bwd=128, BS_lse=128, warps=4, warps_lse=4, stages=1)
+    return dict(BS_fwd=32, BS_bwd=16, BS_lse=64, warps=8, warps_lse=4, stages=2)
+
+
+def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
+    """Tokens per program: <= 64 stacked indexer rows and <= 32 attention rows per group."""
+    gp = pow2(num_q_heads // num_kv_heads)
+    return max(1, min(16, 64 // pow2(num_idx_heads), 32 // gp))
+
+
+def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
+                        cu_seqlens: torch.Tensor | None,
+                        block_q: int | None = None) -> torch.Tensor:
+    """[B, T, Hq] fp32 lse of dense causal (document-masked) attention, streamed."""
+    q, k = q.contiguous(), k.contiguous()
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    BQ = block_q or max(1, min(16, 64 // pow2(G)))
+    cfg = _config(q.device)
+    nbt = triton.cdiv(T, BQ)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    start = row_doc_start(B, T, cu_seqlens, q.device)
+    indexer_loss_fwd_kernel_lse[(B * nbt, HKV)](
+        q, k, lse, start, T, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D,
+        DP=pow2(D, 16), BQ=BQ, BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg["warps_lse"], num_stages=cfg["stages"])
+    return lse
+
+
+def _launch_meta(q, k, q_idx, plan: SparsePlan | None, block_q: int):
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    HI, DI = q_idx.shape[2], q_idx.shape[3]
+    G = HQ // HKV
+    BQ = plan.block_q if plan is not None else block_q
+    return dict(HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D, DP=pow2(D, 16), HI=HI, HIP=pow2(HI),
+                DI=DI, DIP=pow2(DI, 16), BQ=BQ), B, T, triton.cdiv(T, BQ)
+
+
+def _plan_args(start, plan: SparsePlan | None):
+    if plan is None:  # dense stage: the plan pointers are unused
+        return start, start, start
+    return plan.offsets_N1, plan.pos_U, plan.bits_U
+
+
+def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
+                   scale: float, kl=None, lse_i=None, z=None):
+    """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32). plan=None: dense
+    stage. Output buffers may be given (tests pass NaN-filled ones)."""
+    q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
+    meta, B, T, nbt = _launch_meta(q, k, q_idx, plan, block_q)
+    cfg = _config(q.device)
+    kl = torch.empty(B * T, dtype=torch.float32, device=q.device) if kl is None else kl
+    lse_i = torch.empty_like(kl) if lse_i is None else lse_i
+    z = torch.empty_like(kl) if z is None else z
+    indexer_loss_fwd_kernel_kl[(B * nbt,)](
+        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z, T, nbt,
+        scale * LOG2E, **meta, BS=cfg["BS_fwd"], DENSE=plan is None,
+        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return kl, lse_i, z
+
+
+def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
+                   scale: float, lse_i, z, gscale, dq_idx=None, dw=None):
+    """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor)."""
+    q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
+    meta, B, T, nbt = _launch_meta(q, k, q_idx, plan, block_q)
+    cfg = _config(q.device)
+    dq_idx = torch.empty_like(q_idx) if dq_idx is None else dq_idx
+    dw = torch.empty_like(w) if dw is None else dw
+    dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    indexer_loss_bwd_kernel_kl[(B * nbt,)](
+        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z, gscale, dq_idx,
+        dw, dk32, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_bwd"], DENSE=plan is None,
+        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return dq_idx, dw, dk32.to(k_idx.dtype)
+
+
+class IndexerKLLossFn(torch.autograd.Function):
+    """Mean over tokens of KL(p || softmax(I)); gradients into q_idx, w, k_idx only."""
+
+    @staticmethod
+    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
+                scale: float):
+        q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
+        kl, lse_i, z = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, block_q, scale)
+        ctx.save_for_backward(q_idx, w, k_idx, q, k, lse, start, lse_i, z)
+        ctx.plan, ctx.block_q, ctx.scale = plan, block_q, scale
+        return kl.sum() / kl.numel()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_idx, w, k_idx, q, k, lse, start, lse_i, z = ctx.saved_tensors
+        gscale = (grad.to(torch.float32) / lse_i.numel()).reshape(1).contiguous()
+        dq_idx, dw, dk_idx = indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, ctx.plan,
+                                            ctx.block_q, ctx.scale, lse_i, z, gscale)
+        return dq_idx, dw, dk_idx, None, None, None, None, None, None, None

@@ -1,0 +1,198 @@
+"""Sparse GQA attention over the DSA-selected keys (Triton forward and backward).
+
+Shape legend: B batch, T tokens, Hq query heads, Hkv KV heads, G = Hq / Hkv query heads per group,
+GP = next_pow2(G), D head dim (DP = next_pow2(D)), BQ tokens per block (plan.block_q),
+BM = BQ * GP query rows per program, BS union keys per tile.
+
+One program per (query block, KV group). It loads the group's query heads of the BQ tokens as one
+[BM, D] tile (row r = token r // GP, head r % GP), walks the block's union of selected keys
+(plan.py) in tiles of BS, gathers each key/value row of the group once, and masks (row, key)
+pairs whose token did not select the key. Each head keeps its own online softmax.
+
+Forward stores o [B, T, Hq, D] and lse [B, T, Hq] (fp32, natural log). Backward recomputes the
+probabilities from lse, computes dq in registers (no atomics: a token belongs to one block), and
+scatter-adds dk / dv per union key with fp32 atomics into [B, T, Hkv, D] buffers: one atomic per
+(block, distinct key, group) rather than per (token, key). Summation order of those atomics is not
+fixed, so dk / dv may differ in the last bits between runs (dq, o, lse are deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, dot_precision, interpreting, pow2
+from .plan import SparsePlan
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def sparse_attn_fwd_kernel_union(q, k, v, o, lse, offsets, upos, ubits, T, NBT, scale_log2,
+                                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                                 GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                                 BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    bb = pid // NBT
+    BM: tl.constexpr = BQ * GP
+    r = tl.arange(0, BM)
+    i = r // GP
+    h = r % GP
+    t = (pid % NBT) * BQ + i
+    rvalid = (h < G) & (t < T)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    row_off = ((bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h) * D
+    qt = tl.load(q + row_off[:, None] + d[None, :], mask=rvalid[:, None] & dmask[None, :],
+                 other=0.0)
+    u_lo = tl.load(offsets + pid)
+    u_hi = tl.load(offsets + pid + 1)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, DP], dtype=tl.float32)
+    for u0 in range(u_lo, u_hi, BS):
+        uu = u0 + tl.arange(0, BS)
+        um = uu < u_hi
+        pos = tl.load(upos + uu, mask=um, other=0)
+        bits = tl.load(ubits + uu, mask=um, other=0)
+        kv_off = ((bb * T + pos).to(tl.int64) * HKV + g) * D
+        kvmask = um[:, None] & dmask[None, :]
+        kt = tl.load(k + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        vt = tl.load(v + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :]
+        s = tl.where(member, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(o + row_off[:, None] + d[None, :], out.to(o.dtype.element_ty),
+             mask=rvalid[:, None] & dmask[None, :])
+    lse_r = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse_off = (bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h
+    tl.store(lse + lse_off, lse_r, mask=rvalid)
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT,
+                                 scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                                 GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                                 BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    bb = pid // NBT
+    BM: tl.constexpr = BQ * GP
+    r = tl.arange(0, BM)
+    i = r // GP
+    h = r % GP
+    t = (pid % NBT) * BQ + i
+    rvalid = (h < G) & (t < T)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    rmask = rvalid[:, None] & dmask[None, :]
+    head_row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h
+    row_off = head_row * D
+    qt = tl.load(q + row_off[:, None] + d[None, :], mask=rmask, other=0.0)
+    dot_ = tl.load(do + row_off[:, None] + d[None, :], mask=rmask, other=0.0)
+    ot = tl.load(o + row_off[:, None] + d[None, :], mask=rmask, other=0.0)
+    delta = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), axis=1)
+    lse2 = tl.load(lse + head_row, mask=rvalid, other=float("inf")) * 1.4426950408889634
+    scale_log2 = scale * 1.4426950408889634
+    u_lo = tl.load(offsets + pid)
+    u_hi = tl.load(offsets + pid + 1)
+    dq_acc = tl.zeros([BM, DP], dtype=tl.float32)
+    for u0 in range(u_lo, u_hi, BS):
+        uu = u0 + tl.arange(0, BS)
+        um = uu < u_hi
+        pos = tl.load(upos + uu, mask=um, other=0)
+        bits = tl.load(ubits + uu, mask=um, other=0)
+        kv_off = ((bb * T + pos).to(tl.int64) * HKV + g) * D
+        kvmask = um[:, None] & dmask[None, :]
+        kt = tl.load(k + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        vt = tl.load(v + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & rvalid[:, None]
+        p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq_acc += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
+        dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
+        dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
+        tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
+        tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+    tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
+             mask=rmask)
+
+
+def _config(device: torch.device, BM: int, D: int) -> dict:
+    """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 or 64 rows): the
+    sizes that compile without register spills (see aot_check.py)."""
+    if interpreting() or device.type != "cuda":
+        return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages=1)
+    small = BM * pow2(D, 16) <= 32 * 64
+    return dict(BS_fwd=64, BS_bwd=32, warps_fwd=4 if small else 8, warps_bwd=4 if small else 8,
+                stages=2)
+
+
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
+                    scale: float, o: torch.Tensor | None = None,
+                    lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, T, Hq, D] and lse [B, T, Hq]; `o` / `lse` may be given (tests pass NaN-filled ones)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    GP, DP = pow2(G), pow2(D, 16)
+    BQ = plan.block_q
+    cfg = _config(q.device, BQ * GP, D)
+    o = torch.empty_like(q) if o is None else o
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if lse is None else lse
+    sparse_attn_fwd_kernel_union[(plan.num_blocks, HKV)](
+        q, k, v, o, lse, plan.offsets_N1, plan.pos_U, plan.bits_U, T, plan.num_blocks_t,
+        scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_fwd"],
+        DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_fwd"], num_stages=cfg["stages"])
+    return o, lse
+
+
+def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
+                    dq: torch.Tensor | None = None):
+    """(dq, dk, dv). dk / dv accumulate in fp32 buffers (keys nobody selected stay 0)."""
+    q, k, v, o, do, lse = (x.contiguous() for x in (q, k, v, o, do, lse))
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    GP, DP = pow2(G), pow2(D, 16)
+    BQ = plan.block_q
+    cfg = _config(q.device, BQ * GP, D)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    sparse_attn_bwd_kernel_union[(plan.num_blocks, HKV)](
+        q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, T,
+        plan.num_blocks_t, scale, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ,
+        BS=cfg["BS_bwd"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"],
+        num_stages=cfg["stages"])
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+class SparseGQAAttentionFn(torch.autograd.Function):
+    """o, lse = attention of each query head over its token's selected keys (plan)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: SparsePlan, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = sparse_attn_fwd(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = sparse_attn_bwd(q, k, v, o, do.contiguous(), lse, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None

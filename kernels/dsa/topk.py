@@ -1,0 +1,369 @@
+"""Streaming top-k selection over the DSA lightning-indexer scores (Triton).
+
+Shape legend: B batch, T tokens, HI indexer heads, DI indexer dim, K top-k, CAP candidate slots per
+row, M threshold samples per row. A "row" is one query token (flattened b * T + t); a "slot" is a
+row's place in the current launch (blocks of BT consecutive tokens).
+
+No [T, T] score matrix ever exists. Selection runs in three kernels per chunk of query blocks:
+
+1. `topk_fwd_kernel_sample` (R rows per program): for rows with more eligible keys than CAP it
+   scores M stratified pseudo-random keys of the row's document prefix and takes the sample order
+   statistic that predicts about (K + CAP) / 2 survivors as the row threshold tau. Rows with
+   n <= K keep nothing (their answer is the whole prefix), rows with K < n <= CAP keep everything.
+2. `topk_fwd_kernel_filter` (one program per BT query rows): recomputes the scores tile by tile
+   (per indexer head a [BT, DI] x [DI, BS] dot, ReLU, weight, sum) over the causal / document
+   key range and appends every key with score >= tau to the row's candidate list (positions
+   ascending, at most CAP stored, all counted). This is the only pass over the L^2/2 scores.
+3. `topk_fwd_kernel_select` (R rows per program): exact top-K among the candidates: bisection
+   over the order-preserving int32 image of the fp32 scores finds the K-th largest value; ties at
+   that value are taken in ascending position (the candidates are stored in that order); output
+   positions ascending. Rows whose candidate count fell outside [K, CAP] are flagged.
+
+Flagged rows (rare: the sample estimate was off, or massive ties) are redone exactly: the filter
+runs again for their blocks with tau = -inf and room for the whole prefix, then
+`topk_fwd_kernel_select_long` streams the same bisection over the long list. The result is always
+the exact top-K of the kernel's fp32 scores. R = 1 on the GPU; the interpreter, whose cost is per
+operation whatever the tile size, batches 16 rows per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, interpreting, pow2, row_doc_start, validate_cu_seqlens
+
+INT32_MIN = tl.constexpr(-2147483648)
+
+
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> int32 whose signed order is the float order (callers map -0.0 to +0.0 first)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _hash(a, b):
+    """Deterministic 31-bit mix of two integers (sample positions inside a stratum)."""
+    x = (a.to(tl.int64) * 1103515245 + b.to(tl.int64) * 12345 + 2531011) & 0x7FFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 1540483477) & 0x7FFFFFFF
+    x = x ^ (x >> 13)
+    return x
+
+
+@triton.jit
+def _kth_largest_key(keys, valid, kth):
+    """Per row of keys [R, N]: largest int32 v with #{valid & keys >= v} >= kth (kth scalar or [R];
+    rows with fewer than kth valid keys return INT32_MIN). 32 halvings of the int32 range."""
+    lo = tl.full([keys.shape[0]], INT32_MIN, tl.int64)
+    hi = tl.full([keys.shape[0]], 2147483648, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((valid & (keys >= mid.to(tl.int32)[:, None])).to(tl.int32), axis=1)
+        take = cnt >= kth
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT: tl.constexpr):
+    """Launch slots -> (live, flattened row, start of its document, #eligible keys)."""
+    smask = slot < NSLOT
+    blk = tl.load(blk_ptr + slot // BT, mask=smask, other=0)
+    bb = blk // NBT
+    t = (blk % NBT) * BT + slot % BT
+    live = smask & (t < T)
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    start = tl.load(start_ptr + row, mask=live, other=0)
+    return live, row, start, t - start + 1
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET"])
+def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, scratch_ptr,
+                           NSLOT, T, NBT, K, CAP, M, TARGET,
+                           HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
+                           DIP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
+                           MP: tl.constexpr, R: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Row threshold tau: +inf (n <= K: keep nothing), -inf (n <= CAP: keep all), or a sample
+    order statistic expected to leave about TARGET keys (n > CAP). R rows per program; the
+    sample scores of the R rows are one batched [R, HI, DI] x [R, DI, SB] dot per tile."""
+    slot = tl.program_id(0) * R + tl.arange(0, R)
+    live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
+    est = live & (n > CAP)
+    tau = tl.where(live & (n > K), float("-inf"), float("inf"))
+    if tl.max(est.to(tl.int32), axis=0) > 0:
+        hh = tl.arange(0, HIP)
+        dd = tl.arange(0, DIP)
+        bb = row // T
+        n_safe = tl.maximum(n, 1).to(tl.int64)
+        qmask = est[:, None, None] & (hh[None, :, None] < HI) & (dd[None, None, :] < DI)
+        qt = tl.load(q_idx + ((row[:, None] * HI + hh[None, :]) * DI)[:, :, None]
+                     + dd[None, None, :], mask=qmask, other=0.0)           # [R, HIP, DIP]
+        wt = tl.load(w + row[:, None] * HI + hh[None, :],
+                     mask=est[:, None] & (hh[None, :] < HI), other=0.0).to(tl.float32)
+        for j0 in range(0, M, SB):  # score M stratified samples per row into scratch
+            j = j0 + tl.arange(0, SB)
+            jm = est[:, None] & (j[None, :] < M)
+            off = _hash(row[:, None], j[None, :]) % n_safe[:, None]
+            pos = start[:, None] + (j[None, :].to(tl.int64) * n_safe[:, None] + off) // M
+            kt = tl.load(k_idx + ((bb[:, None] * T + pos) * DI)[:, :, None] + dd[None, None, :],
+                         mask=jm[:, :, None] & (dd[None, None, :] < DI), other=0.0)  # [R, SB, DIP]
+            u = tl.dot(qt, tl.trans(kt, 0, 2, 1), input_precision=DOT_PREC)       # [R, HIP, SB]
+            sc = tl.sum(tl.maximum(u, 0.0) * wt[:, :, None], axis=1)
+            tl.store(scratch_ptr + slot.to(tl.int64)[:, None] * MP + j[None, :], sc, mask=jm)
+        tl.debug_barrier()
+        jj = tl.arange(0, MP)
+        valid = est[:, None] & (jj[None, :] < M)
+        sc = tl.load(scratch_ptr + slot.to(tl.int64)[:, None] * MP + jj[None, :], mask=valid,
+                     other=0.0)
+        sc = tl.where(sc == 0.0, 0.0, sc)
+        keys = _ordered_key(sc)
+        r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n_safe - 1) // n_safe, 1), M)
+        kth = _kth_largest_key(keys, valid, r_k.to(tl.int32))
+        tau_e = tl.max(tl.where(valid & (keys == kth[:, None]), sc, float("-inf")), axis=1)
+        tau = tl.where(est, tau_e, tau)
+    tl.store(tau_ptr + slot, tau, mask=slot < NSLOT)
+
+
+@triton.jit(do_not_specialize=["T", "NBT", "CAP"])
+def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr,
+                           cand_s_ptr, cand_p_ptr, T, NBT, CAP,
+                           HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                           BT: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One program per BT query rows: the single streamed pass over the causal scores; appends
+    keys with score >= tau (ascending positions) to each row's candidate list."""
+    p = tl.program_id(0)
+    blk = tl.load(blk_ptr + p)
+    bb = blk // NBT
+    i = tl.arange(0, BT)
+    t = (blk % NBT) * BT + i
+    tvalid = t < T
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    tau = tl.load(tau_ptr + p * BT + i)
+    active = tvalid & (tau < float("inf"))
+    lo = tl.min(tl.where(active, start, 2147483647), axis=0)
+    hi = tl.max(tl.where(active, t + 1, 0), axis=0)
+    lo = (lo // BS) * BS
+    dd = tl.arange(0, DIP)
+    dmask = dd < DI
+    cnt = tl.zeros([BT], dtype=tl.int32)
+    cand_row = (p * BT + i).to(tl.int64) * CAP
+    for s0 in range(lo, hi, BS):
+        s = s0 + tl.arange(0, BS)
+        smask = s < hi
+        kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
+                     mask=smask[:, None] & dmask[None, :], other=0.0)
+        score = tl.zeros([BT, BS], dtype=tl.float32)
+        for j in tl.static_range(HI):  # fixed head order: the same fp32 sum in every pass
+            qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
+                         mask=tvalid[:, None] & dmask[None, :], other=0.0)
+            wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
+            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
+            score += tl.maximum(u, 0.0) * wj[:, None]
+        score = tl.where(score == 0.0, 0.0, score)
+        elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
+        keep = elig & (score >= tau[:, None])
+        kc = keep.to(tl.int32)
+        dest = cnt[:, None] + tl.cumsum(kc, axis=1) - 1
+        smask2 = keep & (dest < CAP)
+        tl.store(cand_s_ptr + cand_row[:, None] + dest, score, mask=smask2)
+        tl.store(cand_p_ptr + cand_row[:, None] + dest, s[None, :] + 0 * dest, mask=smask2)
+        cnt += tl.sum(kc, axis=1)
+    tl.store(cnt_ptr + p * BT + i, cnt)
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP"])
+def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, out_ptr, fail_ptr,
+                           NSLOT, T, NBT, K, CAP,
+                           BT: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
+                           OB: tl.constexpr):
+    """Exact top-K of each row's candidates (R rows per program, CAP <= RB), or the whole prefix
+    for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr."""
+    slot = tl.program_id(0) * R + tl.arange(0, R)
+    live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
+    c = tl.load(cnt_ptr + slot, mask=live, other=0)
+    short = live & (n <= K)
+    long = live & (n > K)
+    bad = long & ((c < K) | (c > CAP))
+    good = long & (c >= K) & (c <= CAP)
+    tl.store(fail_ptr + row, tl.full([R], 1, tl.int32), mask=bad)
+    out_row = out_ptr + row * K
+    for j0 in range(0, K, OB):  # short rows: the whole prefix, then -1
+        j = j0 + tl.arange(0, OB)
+        vals = tl.where(j[None, :] < n[:, None], start[:, None] + j[None, :], -1)
+        tl.store(out_row[:, None] + j[None, :], vals, mask=short[:, None] & (j[None, :] < K))
+    jj = tl.arange(0, RB)
+    vm = good[:, None] & (jj[None, :] < c[:, None])
+    base = slot.to(tl.int64) * CAP
+    keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=vm, other=0.0))
+    thr = _kth_largest_key(keys, vm, K)
+    gt = vm & (keys > thr[:, None])
+    tie = vm & (keys == thr[:, None])
+    need = K - tl.sum(gt.to(tl.int32), axis=1)
+    sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
+    dest = tl.cumsum(sel.to(tl.int32), axis=1) - 1
+    pos = tl.load(cand_p_ptr + base[:, None] + jj[None, :], mask=vm, other=0)
+    tl.store(out_row[:, None] + dest, pos, mask=sel)
+
+
+@triton.jit(do_not_specialize=["T", "NBT", "K", "CAP"])
+def topk_fwd_kernel_select_long(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, out_ptr,
+                                T, NBT, K, CAP, BT: tl.constexpr, RB: tl.constexpr):
+    """Fallback rows (one per program, list of any length): the same bisection and tie rule,
+    streamed over the candidate list in RB chunks. Rows without exactly >= K candidates are
+    left alone (they are not fallback rows)."""
+    slot = tl.program_id(0)
+    blk = tl.load(blk_ptr + slot // BT)
+    bb = blk // NBT
+    t = (blk % NBT) * BT + slot % BT
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    start = tl.load(start_ptr + row)
+    c = tl.load(cnt_ptr + slot)
+    if (t < T) & (t - start + 1 > K) & (c >= K) & (c <= CAP):
+        base = slot.to(tl.int64) * CAP
+        lo = tl.full([], INT32_MIN, tl.int64)
+        hi = tl.full([], 2147483648, tl.int64)
+        for _ in range(32):
+            mid = ((lo + hi) >> 1).to(tl.int32)
+            cnt = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, c, RB):
+                jj = j0 + tl.arange(0, RB)
+                vm = jj < c
+                keys = _ordered_key(tl.load(cand_s_ptr + base + jj, mask=vm, other=0.0))
+                cnt += tl.sum((vm & (keys >= mid)).to(tl.int32), axis=0)
+            take = cnt >= K
+            lo = tl.where(take, mid.to(tl.int64), lo)
+            hi = tl.where(take, hi, mid.to(tl.int64))
+        thr = lo.to(tl.int32)
+        n_gt = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, c, RB):
+            jj = j0 + tl.arange(0, RB)
+            vm = jj < c
+            keys = _ordered_key(tl.load(cand_s_ptr + base + jj, mask=vm, other=0.0))
+            n_gt += tl.sum((vm & (keys > thr)).to(tl.int32), axis=0)
+        need = K - n_gt
+        ties_seen = tl.zeros([], dtype=tl.int32)
+        written = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, c, RB):
+            jj = j0 + tl.arange(0, RB)
+            vm = jj < c
+            keys = _ordered_key(tl.load(cand_s_ptr + base + jj, mask=vm, other=0.0))
+            gt = vm & (keys > thr)
+            tie = vm & (keys == thr)
+            sel = gt | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+            dest = written + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            pos = tl.load(cand_p_ptr + base + jj, mask=vm, other=0)
+            tl.store(out_ptr + row * K + dest, pos, mask=sel)
+            ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+            written += tl.sum(sel.to(tl.int32), axis=0)
+
+
+def _config(device: torch.device) -> dict:
+    """Tile sizes. Under the interpreter every op costs ~0.1 ms whatever its size, so tiles are
+    wide and several rows share a program; on the GPU one row per select/sample program."""
+    if interpreting() or device.type != "cuda":
+        return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4)
+    # sm_90 without register spills (aot_check.py): filter 217 regs, sample / select ~8 B stack.
+    return dict(BT=16, BS=128, SB=128, R=1, warps_filter=8, warps_select=8, warps_sample=4)
+
+
+def default_cap(topk: int) -> int:
+    return pow2(4 * topk, minimum=32)
+
+
+def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: torch.Tensor,
+                    topk: int, cu_seqlens: torch.Tensor | None = None, *, cap: int | None = None,
+                    num_samples: int | None = None, chunk_bytes: int = 512 << 20,
+                    stats: dict | None = None) -> torch.Tensor:
+    """Exact top-`topk` key positions per query, [B, T, topk] int32 (see module docstring).
+
+    cap: candidate slots per row (default next_pow2(4 * topk)); num_samples: threshold samples per
+    row (default min(2048, cap // 2)); chunk_bytes bounds the candidate buffer (8 bytes per slot).
+    `stats`, if given, receives the number of rows that needed the exact fallback.
+    """
+    B, T, HI, DI = q_idx_BTHD.shape
+    K = int(topk)
+    if K < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    validate_cu_seqlens(cu_seqlens, B, T)
+    dev = q_idx_BTHD.device
+    q_idx_BTHD, w_BTH, k_idx_BTD = (x.contiguous() for x in (q_idx_BTHD, w_BTH, k_idx_BTD))
+    cap = default_cap(K) if cap is None else int(cap)
+    if cap < K + 1:
+        raise ValueError(f"cap ({cap}) must exceed topk ({K})")
+    M = min(2048, cap // 2) if num_samples is None else int(num_samples)
+    if not 1 <= M <= cap:
+        raise ValueError(f"num_samples ({M}) must be in [1, cap={cap}]")
+    cfg = _config(dev)
+    BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
+    HIP, DIP, MP = pow2(HI), pow2(DI, 16), pow2(M)
+    prec = dot_precision(q_idx_BTHD.dtype)
+    start = row_doc_start(B, T, cu_seqlens, dev)
+    NBT = triton.cdiv(T, BT)
+    NB = B * NBT
+    out = torch.empty(B, T, K, dtype=torch.int32, device=dev)
+    fail = torch.zeros(B * T, dtype=torch.int32, device=dev)
+    nbc = max(1, min(NB, chunk_bytes // (BT * cap * 8)))
+    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
+    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
+    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
+    scratch = torch.empty(nbc * BT, MP, dtype=torch.float32, device=dev)
+    target = (K + cap) // 2
+    all_blocks = torch.arange(NB, dtype=torch.int32, device=dev)
+    for c0 in range(0, NB, nbc):
+        blks = all_blocks[c0:c0 + nbc]
+        nslot = blks.numel() * BT
+        topk_fwd_kernel_sample[(triton.cdiv(nslot, R),)](
+            q_idx_BTHD, w_BTH, k_idx_BTD, start, blks, tau, scratch, nslot, T, NBT, K, cap, M,
+            target, HI=HI, HIP=HIP, DI=DI, DIP=DIP, BT=BT, SB=SB, MP=MP, R=R, DOT_PREC=prec,
+            num_warps=cfg["warps_sample"])
+        topk_fwd_kernel_filter[(blks.numel(),)](
+            q_idx_BTHD, w_BTH, k_idx_BTD, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
+            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
+        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
+            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
+            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+    del cand_s, cand_p, scratch
+    failed_rows = fail.nonzero().flatten()
+    if stats is not None:
+        stats["fallback_rows"] = int(failed_rows.numel())
+    if failed_rows.numel() > 0:
+        _exact_fallback(q_idx_BTHD, w_BTH, k_idx_BTD, start, failed_rows, out, T, NBT, K,
+                        chunk_bytes, cfg, prec)
+    return out
+
+
+def _exact_fallback(q_idx, w, k_idx, start, failed_rows, out, T, NBT, K, chunk_bytes, cfg, prec):
+    """Redo rows whose candidate count left [K, CAP]: keep every eligible key, then select."""
+    dev = out.device
+    B, HI, DI = q_idx.shape[0], q_idx.shape[2], q_idx.shape[3]
+    BT, BS = cfg["BT"], cfg["BS"]
+    b = failed_rows // T
+    t = failed_rows % T
+    blocks = torch.unique(b * NBT + t // BT).to(torch.int32)
+    is_failed = torch.zeros(B * T, dtype=torch.bool, device=dev)
+    is_failed[failed_rows] = True
+    cap_fb = int((t - start[failed_rows].long() + 1).max().item())
+    nbc = max(1, chunk_bytes // (BT * cap_fb * 8))
+    for c0 in range(0, blocks.numel(), nbc):
+        blks = blocks[c0:c0 + nbc]
+        nb = blks.numel()
+        slot_t = (blks.long() % NBT).view(-1, 1) * BT + torch.arange(BT, device=dev).view(1, -1)
+        slot_row = (blks.long() // NBT).view(-1, 1) * T + slot_t.clamp_max(T - 1)
+        hit = is_failed[slot_row] & (slot_t < T)
+        tau = torch.where(hit, float("-inf"), float("inf")).to(torch.float32).flatten().contiguous()
+        cnt = torch.empty(nb * BT, dtype=torch.int32, device=dev)
+        cand_s = torch.empty(nb * BT, cap_fb, dtype=torch.float32, device=dev)
+        cand_p = torch.empty(nb * BT, cap_fb, dtype=torch.int32, device=dev)
+        topk_fwd_kernel_filter[(nb,)](
+            q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap_fb,
+            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, BS=BS, DOT_PREC=prec,
+            num_warps=cfg["warps_filter"])
+        topk_fwd_kernel_select_long[(nb * BT,)](
+            start, blks, cnt, cand_s, cand_p, out, T, NBT, K, cap_fb,
+            BT=BT, RB=1024, num_warps=cfg["warps_select"])

@@ -1,0 +1,416 @@
+"""DSA kernels (kernels/dsa) against the PyTorch reference (kernels/dsa/naive.py).
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 in fp32 (bf16 is wrong in the interpreter);
+on a GPU the same tests run compiled fp32 kernels, and `test_gpu_bf16` checks bf16 numerics.
+Tolerances are relative RMSE ratios (tests/kernels/helpers.py) against float64 references.
+Top-k selections are compared for exact equality on integer-valued inputs, whose scores are
+exact in fp32 whatever the summation order (and tie often, which exercises the tie rule).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+
+import pytest
+import torch
+
+from kernels.dsa import (build_sparse_plan, default_block_q, dsa_attention, dsa_topk,
+                         indexer_kl_loss, naive, sparse_gqa_attention)
+from kernels.dsa.common import row_doc_start
+from kernels.dsa.indexer_loss import dense_attention_lse, indexer_kl_bwd, indexer_kl_fwd
+from kernels.dsa.plan import build_sparse_plan_torch
+from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd
+from tests.kernels.helpers import assert_close, poison_
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 kernels against float64 references: fp32 rounding of sums over <= 1000 keys gives ~1e-7.
+TOL_OUT = 1e-5      # o, lse, per-token KL: one fp32 online softmax / log-sum-exp per row
+TOL_GRAD = 2e-5     # dq, dk, dv, indexer grads: fp32 atomics add in any order (observed ~5e-7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_fixes():
+    """Make triton 3.6's interpreter usable here (CPU only, restored after this module).
+
+    1. numpy >= 2 refuses int() of the 1-element arrays the interpreter uses for scalars, so any
+       `range(0, n)` with a runtime bound fails; take the element instead.
+    2. Integer-overflow sanitising and 3. re-patching triton.language at every device-function call
+       (tl.sum, tl.max, ...) cost several ms per op; neither changes results.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield
+        return
+    import triton.language as tl
+    import triton.runtime.interpreter as ti
+
+    with pytest.MonkeyPatch.context() as mp:
+        if hasattr(ti, "_patch_lang_tensor"):
+            orig_patch = ti._patch_lang_tensor
+
+            def patch_tensor(tensor, scope):
+                orig_patch(tensor, scope)
+                scope.set_attr(tensor, "__index__",
+                               lambda self: int(self.handle.data.reshape(-1)[0]))
+
+            mp.setattr(ti, "_patch_lang_tensor", patch_tensor)
+        builder = getattr(ti, "interpreter_builder", None)
+        if builder is not None and hasattr(builder.options, "sanitize_overflow"):
+            mp.setattr(builder, "options",
+                       dataclasses.replace(builder.options, sanitize_overflow=False))
+        if all(hasattr(ti, n) for n in ("GridExecutor", "InterpretedFunction", "_patch_lang",
+                                        "InterpreterError")):
+            seen: set = set()
+            grid_call = ti.GridExecutor.__call__
+
+            def grid_call_fresh(self, *args, **kwargs):
+                seen.clear()
+                try:
+                    return grid_call(self, *args, **kwargs)
+                finally:
+                    seen.clear()
+
+            def device_call(self, *args, **kwargs):
+                key = tuple(sorted(id(v) for v in self.fn.__globals__.values()
+                                   if inspect.ismodule(v) and v in (tl, tl.core)))
+                if key not in seen:  # triton.language is already patched for this launch
+                    ti._patch_lang(self.fn)
+                    seen.add(key)
+                try:
+                    return self.rewrite()(*args, **kwargs)
+                except Exception as e:
+                    raise ti.InterpreterError(repr(e)) from e
+
+            mp.setattr(ti.GridExecutor, "__call__", grid_call_fresh)
+            mp.setattr(ti.InterpretedFunction, "__call__", device_call)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(42)
+
+
+def _cu(*bounds):
+    return torch.tensor(bounds, dtype=torch.int32, device=DEV)
+
+
+def _int_indexer(B, T, HI, DI, lo=-4, hi=5, w_lo=-1):
+    """Integer-valued indexer inputs: every score is exact in fp32 (and ties are common; rows
+    whose weights are all <= 0 tie at their maximum, 0, and go through the exact fallback)."""
+    q = torch.randint(lo, hi, (B, T, HI, DI), device=DEV).float()
+    w = torch.randint(w_lo, 3, (B, T, HI), device=DEV).float()
+    k = torch.randint(lo, hi, (B, T, DI), device=DEV).float()
+    return q, w, k
+
+
+def _check_idx_valid(idx, topk, cu_seqlens=None):
+    """Shape, -1 padding after the valid entries, ascending, causal, same document, count."""
+    B, T, K = idx.shape
+    assert K == topk and idx.dtype == torch.int32
+    start = naive.doc_start(B, T, cu_seqlens, idx.device)
+    t = torch.arange(T, device=idx.device).view(1, T, 1)
+    valid = idx >= 0
+    assert ((idx >= -1)).all(), "padding must be -1"
+    assert (valid.sum(-1) == torch.clamp(t.squeeze(-1) - start + 1, max=topk)).all(), "count"
+    assert (valid[..., :-1] | ~valid[..., 1:]).all(), "a valid entry after padding"
+    assert ((idx <= t) | ~valid).all(), "a future key was selected"
+    assert ((idx >= start.unsqueeze(-1)) | ~valid).all(), "a key across a document boundary"
+    both = valid[..., 1:] & valid[..., :-1]
+    assert ((idx[..., 1:] > idx[..., :-1]) | ~both).all(), "entries not strictly ascending"
+
+
+# ----------------------------------------------------------------------------- top-k selection
+
+def test_naive_topk_tie_rule():
+    """Ties go to the smaller position; -0.0 equals +0.0; rows ascending, -1 padded."""
+    scores = torch.tensor([[[0.0, 0, 0, 0], [1.0, 1.0, 0, 0], [-0.0, 0.0, 2.0, 0],
+                            [3.0, -0.0, 0.0, 3.0]]], dtype=torch.float64)
+    q = torch.zeros(1, 4, 1, 1)
+    idx = naive.topk_indices(q, torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), 2, scores_BTT=scores)
+    assert idx.tolist() == [[[0, -1], [0, 1], [0, 2], [0, 3]]]
+
+
+TOPK_CASES = [
+    # B, T, HI, DI, topk, cap, num_samples, integer range, cu_seqlens bounds
+    pytest.param(2, 63, 4, 16, 8, 32, 16, 4, None, id="T63-sampled-threshold"),
+    pytest.param(1, 111, 4, 16, 8, 32, 16, 4, (0, 40, 41, 111), id="T111-packed-docs"),
+    pytest.param(1, 63, 2, 16, 1, None, None, 4, None, id="topk1"),
+    pytest.param(1, 50, 2, 16, 64, None, None, 4, None, id="topk-larger-than-T"),
+    # wide range, positive weights: few ties, so sampled thresholds rarely need the fallback
+    pytest.param(1, 1000, 2, 16, 16, 128, 64, 64, (0, 700, 1000), id="T1000"),
+]
+
+
+@pytest.mark.parametrize("B,T,HI,DI,topk,cap,m,vrange,cu", TOPK_CASES)
+def test_topk_exact(B, T, HI, DI, topk, cap, m, vrange, cu):
+    cu = None if cu is None else _cu(*cu)
+    q, w, k = _int_indexer(B, T, HI, DI, -vrange, vrange + 1, w_lo=1 if vrange > 4 else -1)
+    ref = naive.topk_indices(q, w, k, topk, cu)
+    stats = {}
+    out = dsa_topk(q, w, k, topk, cu_seqlens=cu, cap=cap, num_samples=m, stats=stats)
+    _check_idx_valid(out, topk, cu)
+    assert torch.equal(out, ref), "selection differs from the reference"
+    if T < 1000:  # (the long case runs once: the interpreter is slow)
+        again = dsa_topk(q, w, k, topk, cu_seqlens=cu, cap=cap, num_samples=m)
+        assert torch.equal(again, out), "selection is not deterministic"
+    else:
+        assert stats["fallback_rows"] < T // 20, stats
+
+
+def test_topk_all_ties_uses_exact_fallback():
+    """All scores equal: every long row overflows its candidate list and is redone exactly;
+    the answer is the first topk positions of the document."""
+    B, T, topk = 1, 40, 8
+    q = torch.zeros(B, T, 2, 16, device=DEV)
+    w = torch.ones(B, T, 2, device=DEV)
+    k = torch.randn(B, T, 16, device=DEV)
+    stats = {}
+    out = dsa_topk(q, w, k, topk, cap=16, num_samples=8, stats=stats)
+    assert stats["fallback_rows"] == T - 16
+    assert torch.equal(out, naive.topk_indices(q, w, k, topk))
+
+
+def test_topk_continuous_scores_are_a_valid_topk():
+    """Random fp32 inputs: near-ties may resolve differently from the fp64 reference, so check
+    that every selected score beats every unselected eligible score up to fp32 rounding."""
+    B, T, HI, DI, topk = 1, 111, 4, 32, 12
+    q, w, k = torch.randn(B, T, HI, DI, device=DEV), torch.rand(B, T, HI, device=DEV), \
+        torch.randn(B, T, DI, device=DEV)
+    out = dsa_topk(q, w, k, topk, cap=32, num_samples=16)
+    _check_idx_valid(out, topk)
+    s = naive.index_scores(q, w, k)
+    elig = naive.eligible_mask(B, T, None, DEV)
+    sel = naive.selection_mask(out, T)
+    worst_sel = torch.where(sel, s, torch.full_like(s, float("inf"))).amin(-1)
+    best_out = torch.where(elig & ~sel, s, torch.full_like(s, float("-inf"))).amax(-1)
+    slack = 1e-5 * s.abs().amax()  # fp32 score rounding
+    assert (worst_sel >= best_out - slack).all()
+
+
+def test_plan_builders_agree():
+    """The Triton union builder (sort per block) equals the torch reference builder."""
+    q, w, k = _int_indexer(1, 24, 2, 16)
+    idx = naive.topk_indices(q, w, k, 4, _cu(0, 10, 24))
+    a = build_sparse_plan(idx, 4, method="triton")
+    b = build_sparse_plan_torch(idx, 4)
+    assert torch.equal(a.offsets_N1, b.offsets_N1)
+    assert torch.equal(a.pos_U, b.pos_U) and torch.equal(a.bits_U, b.bits_U)
+    # every (token, key) selection is represented exactly once
+    total = int((idx >= 0).sum())
+    assert int(torch.tensor([bin(int(x)).count("1") for x in b.bits_U]).sum()) == total
+
+
+# ----------------------------------------------------------------------------- sparse attention
+
+ATTN_CASES = [
+    # B, T, Hq, Hkv, D, topk, block_q, cu_seqlens bounds
+    pytest.param(2, 63, 4, 2, 32, 8, None, None, id="T63"),
+    pytest.param(1, 111, 6, 2, 16, 16, 4, (0, 40, 41, 111), id="T111-G3-packed"),
+    pytest.param(1, 40, 4, 2, 16, 1, 1, None, id="topk1-blockq1"),
+    pytest.param(1, 40, 4, 2, 16, 64, None, None, id="topk-larger-than-T"),
+    pytest.param(1, 1000, 4, 2, 32, 16, None, None, id="T1000"),
+]
+
+
+def _selection(B, T, topk, cu):
+    q, w, k = _int_indexer(B, T, 2, 16)
+    return naive.topk_indices(q, w, k, topk, cu)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,topk,block_q,cu", ATTN_CASES)
+def test_sparse_attention_fwd_bwd(B, T, Hq, Hkv, D, topk, block_q, cu):
+    cu = None if cu is None else _cu(*cu)
+    idx = _selection(B, T, topk, cu)
+    q = torch.randn(B, T, Hq, D, device=DEV)
+    k = torch.randn(B, T, Hkv, D, device=DEV)
+    v = torch.randn(B, T, Hkv, D, device=DEV)
+    do = torch.randn(B, T, Hq, D, device=DEV)
+    scale = D ** -0.5
+    plan = build_sparse_plan(idx, block_q or default_block_q(Hq, Hkv))
+    o = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(B, T, Hq, device=DEV))
+    sparse_attn_fwd(q, k, v, plan, scale, o=o, lse=lse)
+    dq, dk, dv = sparse_attn_bwd(q, k, v, o, do, lse, plan, scale, dq=poison_(torch.empty_like(q)))
+
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = naive.sparse_gqa_attention(qr, kr, vr, idx, scale)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do)
+    assert_close("o", o_ref, o, TOL_OUT)
+    assert_close("lse", lse_ref, lse, TOL_OUT)
+    assert_close("dv", dv_ref, dv, TOL_GRAD)
+    if topk == 1:  # one key per query: softmax is constant, dq = dk = 0 up to fp32 rounding
+        assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5
+    else:
+        assert_close("dq", dq_ref, dq, TOL_GRAD)
+        assert_close("dk", dk_ref, dk, TOL_GRAD)
+
+
+def test_sparse_attention_autograd_api():
+    """The public autograd path (plan built inside) matches the reference, and the naive backend."""
+    B, T, Hq, Hkv, D = 1, 47, 4, 2, 16
+    idx = _selection(B, T, 8, None)
+    q, k, v = (torch.randn(B, T, h, D, device=DEV, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    o = sparse_gqa_attention(q, k, v, idx)
+    g = torch.autograd.grad(o.square().sum(), (q, k, v))
+    o_ref = sparse_gqa_attention(q, k, v, idx, backend="naive")
+    g_ref = torch.autograd.grad(o_ref.square().sum(), (q, k, v))
+    assert_close("o", o_ref, o, TOL_OUT)
+    for name, a, b in zip(("dq", "dk", "dv"), g_ref, g):
+        assert_close(name, a, b, TOL_GRAD)
+
+
+# ----------------------------------------------------------------------------- indexer KL losses
+
+LOSS_CASES = [
+    # B, T, Hq, Hkv, D, HI, DI, topk, cu_seqlens bounds
+    pytest.param(2, 63, 4, 2, 32, 4, 16, 8, None, id="T63"),
+    pytest.param(1, 111, 6, 2, 16, 2, 16, 16, (0, 40, 41, 111), id="T111-G3-packed"),
+    pytest.param(1, 63, 4, 4, 16, 2, 16, 1, None, id="topk1"),
+]
+
+
+def _loss_inputs(B, T, Hq, Hkv, D, HI, DI):
+    q = torch.randn(B, T, Hq, D, device=DEV)
+    k = torch.randn(B, T, Hkv, D, device=DEV)
+    qi = torch.randn(B, T, HI, DI, device=DEV) * 0.5
+    w = torch.randn(B, T, HI, device=DEV)
+    ki = torch.randn(B, T, DI, device=DEV) * 0.5
+    return q, k, qi, w, ki
+
+
+def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
+    B, T = q.shape[:2]
+    scale = q.shape[-1] ** -0.5
+    start = row_doc_start(B, T, cu, q.device)
+    outs = [poison_(torch.empty(B * T, device=DEV)) for _ in range(3)]
+    kl, lse_i, z = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, *outs)
+    gscale = torch.full((1,), 1.0 / (B * T), device=DEV)
+    dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, lse_i, z,
+                                  gscale, dq_idx=poison_(torch.empty_like(qi)),
+                                  dw=poison_(torch.empty_like(w)))
+    qir, wr, kir = (x.clone().requires_grad_() for x in (qi, w, ki))
+    ref = naive.indexer_kl_loss(q, k, qir, wr, kir, stage, idx_BTK=idx, lse_BTH=lse, scale=scale,
+                                cu_seqlens=cu)
+    g_ref = torch.autograd.grad(ref, (qir, wr, kir))
+    assert_close("loss", ref.detach().reshape(1), kl.mean().reshape(1), TOL_OUT)
+    assert torch.isfinite(lse_i).all() and torch.isfinite(z).all()
+    for name, a, b in zip(("dq_idx", "dw", "dk_idx"), g_ref, (dqi, dw, dki)):
+        assert_close(f"{stage} {name}", a, b, TOL_GRAD)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES)
+def test_indexer_loss_sparse(B, T, Hq, Hkv, D, HI, DI, topk, cu):
+    cu = None if cu is None else _cu(*cu)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    idx = _selection(B, T, topk, cu)
+    _, lse = naive.sparse_gqa_attention(q, k, k, idx)  # the sparse attention's lse
+    block_q = default_block_q(Hq, Hkv)
+    _check_loss("sparse", q, k, qi, w, ki, idx, lse, cu, build_sparse_plan(idx, block_q), block_q)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES[:2])
+def test_indexer_loss_dense(B, T, Hq, Hkv, D, HI, DI, topk, cu):
+    cu = None if cu is None else _cu(*cu)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    lse = poison_(torch.empty(B, T, Hq, device=DEV))
+    lse = dense_attention_lse(q, k, D ** -0.5, cu)
+    assert_close("dense lse", naive.dense_lse(q, k, None, cu), lse, TOL_OUT)
+    _check_loss("dense", q, k, qi, w, ki, None, lse, cu, None, 16)
+
+
+def test_indexer_loss_sparse_T1000():
+    B, T, Hq, Hkv, D, HI, DI, topk = 1, 1000, 4, 2, 16, 2, 16, 16
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    idx = _selection(B, T, topk, None)
+    _, lse = naive.sparse_gqa_attention(q, k, k, idx)
+    _check_loss("sparse", q, k, qi, w, ki, idx, lse, None, build_sparse_plan(idx, 16), 16)
+
+
+def test_indexer_loss_api_and_composition():
+    """Public autograd API (lse computed internally when absent) and dsa_attention vs naive."""
+    B, T, Hq, Hkv, D, HI, DI = 1, 37, 4, 2, 16, 2, 16
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    v = torch.randn_like(k)
+    qi.requires_grad_()
+    for stage in ("dense", "sparse"):
+        idx = _selection(B, T, 8, None) if stage == "sparse" else None
+        loss = indexer_kl_loss(q, k, qi, w, ki, stage=stage, idx=idx)
+        ref = indexer_kl_loss(q, k, qi, w, ki, stage=stage, idx=idx, backend="naive")
+        assert_close(f"{stage} loss", ref.detach().reshape(1), loss.detach().reshape(1), TOL_OUT)
+        assert_close(f"{stage} dq_idx", torch.autograd.grad(ref, qi)[0],
+                     torch.autograd.grad(loss, qi)[0], TOL_GRAD)
+    qi = qi.detach().round()  # integer-valued indexer: exact selection on both backends
+    ki = ki.round()
+    w = w.round()
+    o, loss, idx = dsa_attention(q, k, v, qi, w, ki, topk=8)
+    o_r, loss_r, idx_r = dsa_attention(q, k, v, qi, w, ki, topk=8, backend="naive")
+    assert torch.equal(idx, idx_r)
+    assert_close("o", o_r, o, TOL_OUT)
+    assert_close("loss", loss_r.reshape(1), loss.reshape(1), TOL_OUT)
+
+
+def test_argument_errors():
+    q, w, k = _int_indexer(1, 8, 2, 16)
+    with pytest.raises(ValueError):
+        dsa_topk(q, w, k, 0)
+    with pytest.raises(ValueError):
+        dsa_topk(q, w, k, 4, backend="cuda")
+    with pytest.raises(ValueError):
+        dsa_topk(q, w[:, :, :1], k, 4)
+    with pytest.raises(ValueError):  # cu_seqlens must end at T
+        dsa_topk(q, w, k, 4, cu_seqlens=_cu(0, 5))
+    qa = torch.randn(1, 8, 6, 16, device=DEV)
+    with pytest.raises(ValueError):  # Hq not a multiple of Hkv
+        sparse_gqa_attention(qa, torch.randn(1, 8, 4, 16, device=DEV),
+                             torch.randn(1, 8, 4, 16, device=DEV), torch.zeros(1, 8, 2, device=DEV,
+                                                                                 dtype=torch.int32))
+    with pytest.raises(ValueError):
+        indexer_kl_loss(qa, qa, q, w, k, stage="sparse")  # sparse needs idx
+    with pytest.raises(ValueError):
+        indexer_kl_loss(qa, qa, q, w, k, stage="warmup")
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="bf16 kernels are checked on a CUDA GPU only "
+                           "(the interpreter's bf16 arithmetic is wrong)")
+def test_gpu_bf16():
+    B, T, Hq, Hkv, D, HI, DI, topk = 1, 1500, 32, 4, 128, 16, 64, 256
+    bf = torch.bfloat16
+    q = torch.randn(B, T, Hq, D, device=DEV, dtype=bf)
+    k = torch.randn(B, T, Hkv, D, device=DEV, dtype=bf)
+    v = torch.randn(B, T, Hkv, D, device=DEV, dtype=bf)
+    qi = torch.randn(B, T, HI, DI, device=DEV, dtype=bf)
+    w = (torch.randn(B, T, HI, device=DEV) * (HI * DI) ** -0.5).to(bf)
+    ki = torch.randn(B, T, DI, device=DEV, dtype=bf)
+    idx = dsa_topk(qi, w, ki, topk)
+    _check_idx_valid(idx, topk)
+    s = naive.index_scores(qi, w, ki)
+    sel = naive.selection_mask(idx, T)
+    elig = naive.eligible_mask(B, T, None, DEV)
+    worst_sel = torch.where(sel, s, torch.full_like(s, float("inf"))).amin(-1)
+    best_out = torch.where(elig & ~sel, s, torch.full_like(s, float("-inf"))).amax(-1)
+    assert (worst_sel >= best_out - 1e-4 * s.abs().amax()).all()  # fp32 scores of bf16 inputs
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o, lse = sparse_gqa_attention(qr, kr, vr, idx, return_lse=True)
+    do = torch.randn_like(o)
+    g = torch.autograd.grad(o, (qr, kr, vr), do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = naive.sparse_gqa_attention(q64, k64, v64, idx)
+    g_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+    assert_close("o bf16", o_ref, o, 1e-2)       # bf16 output and bf16 P in the PV product
+    assert_close("lse bf16", lse_ref, lse, 1e-3)  # fp32 accumulation of bf16 logits
+    for name, a, b in zip(("dq", "dk", "dv"), g_ref, g):
+        assert_close(f"{name} bf16", a, b, 2e-2)   # bf16 dS / P operands, fp32 accumulation
+    qi_r = qi.detach().clone().requires_grad_()
+    for stage in ("sparse", "dense"):
+        loss = indexer_kl_loss(q, k, qi_r, w, ki, stage=stage, idx=idx,
+                               lse=lse if stage == "sparse" else None)
+        ref = naive.indexer_kl_loss(q, k, qi_r, w, ki, stage, idx_BTK=idx,
+                                    lse_BTH=lse if stage == "sparse" else None)
+        assert_close(f"{stage} loss bf16", ref.detach().reshape(1), loss.detach().reshape(1), 1e-2)
+        assert_close(f"{stage} dq_idx bf16", torch.autograd.grad(ref, qi_r)[0],
+                     torch.autograd.grad(loss, qi_r)[0], 3e-2)  # bf16 dI operands
