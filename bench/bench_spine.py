@@ -159,6 +159,43 @@ def run_plain(cfg, layout, steps: int, warmup: int) -> dict:
     return res
 
 
+def run_cases(args) -> None:
+    """Each (impl, seq) case in its own process, so one case's memory (or OOM) cannot affect the next."""
+    import subprocess
+
+    seqs = [256] if args.smoke else args.seqs
+    impls = [args.only] if args.only else ["ours", "plain"]
+    merged = None
+    for seq in seqs:
+        for impl in impls:
+            part = f"{args.out}.{impl}.{seq}.json"
+            cmd = [sys.executable, __file__, "--child", "--only", impl, "--seqs", str(seq), "--layers", str(args.layers),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", part] + (["--smoke"] if args.smoke else [])
+            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not Path(part).exists():
+                rec = {"impl": impl, "seq": seq, "layers": args.layers,
+                       "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"[:300]}
+                merged = merged or {"env": {}, "runs": []}
+                merged["runs"].append(rec)
+            else:
+                d = json.loads(Path(part).read_text())
+                merged = merged or {"env": d["env"], "runs": []}
+                merged["runs"] += d["runs"]
+            Path(args.out).write_text(json.dumps(merged, indent=1))
+    print_table(merged)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'impl':6} {'seq':>6} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['impl']:6} {r['seq']:>6}  {r['error'][:100]}")
+        else:
+            print(f"{r['impl']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9,.0f} {r['tflops']:8.1f} "
+                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
@@ -167,8 +204,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=["ours", "plain"], default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
+    ap.add_argument("--child", action="store_true", help="run exactly one (impl, seq) case in this process")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if not args.child:
+        return run_cases(args)
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
     register_configs()
@@ -203,13 +243,6 @@ def main() -> None:
             results["runs"].append(rec)
             Path(args.out).write_text(json.dumps(results, indent=1))
             _reset_mem()
-    print(f"\n{'impl':6} {'seq':>6} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
-    for r in results["runs"]:
-        if "error" in r:
-            print(f"{r['impl']:6} {r['seq']:>6}  {r['error'][:80]}")
-        else:
-            print(f"{r['impl']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9,.0f} {r['tflops']:8.1f} "
-                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f}")
     from parallel.groups import teardown
 
     teardown()
