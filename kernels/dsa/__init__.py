@@ -103,7 +103,11 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     else:
         from .sparse_attn import SparseGQAAttentionFn
         if plan is None:
-            plan = build_sparse_plan(idx, block_q or default_block_q(Hq, k.shape[2]))
+            bq = block_q or default_block_q(Hq, k.shape[2])
+            if q.is_cuda and bq * (Hq // k.shape[2]) < 16:
+                raise ValueError(f"block_q ({bq}) x query heads per KV group ({Hq // k.shape[2]}) must be >= 16 "
+                                 "on a GPU (tl.dot needs 16 rows)")
+            plan = build_sparse_plan(idx, bq)
         o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     return (o, lse) if return_lse else o
 

@@ -38,7 +38,7 @@ def _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ: tl.constexpr, BS: tl.c
     tvalid = t < T
     start = tl.load(start_ptr + (bb * T + tl.minimum(t, T - 1)).to(tl.int64), mask=tvalid, other=0)
     if DENSE:
-        lo = tl.min(tl.where(tvalid, start, 2147483647), axis=0)
+        lo = tl.min(tl.where(tvalid, start, T), axis=0)  # sentinel T: see topk_fwd_kernel_filter
         lo = (lo // BS) * BS
         hi = tl.max(tl.where(tvalid, t + 1, 0), axis=0)
         lo = lo.to(tl.int64)

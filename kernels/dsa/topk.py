@@ -145,7 +145,10 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
     start = tl.load(start_ptr + row, mask=tvalid, other=0)
     tau = tl.load(tau_ptr + p * BT + i)
     active = tvalid & (tau < float("inf"))
-    lo = tl.min(tl.where(active, start, 2147483647), axis=0)
+    # Sentinel T, not INT32_MAX: on the GPU the software pipeliner issues the first tile's loads
+    # before testing the loop bound, and INT32_MAX + arange(BS) wrapped to negative positions that
+    # passed the `s < hi` mask (an out-of-bounds read found by compute-sanitizer on an H200).
+    lo = tl.min(tl.where(active, start, T), axis=0)
     hi = tl.max(tl.where(active, t + 1, 0), axis=0)
     lo = (lo // BS) * BS
     dd = tl.arange(0, DIP)

@@ -220,6 +220,8 @@ def _selection(B, T, topk, cu):
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,topk,block_q,cu", ATTN_CASES)
 def test_sparse_attention_fwd_bwd(B, T, Hq, Hkv, D, topk, block_q, cu):
+    if DEV == "cuda" and block_q and block_q * (Hq // Hkv) < 16:
+        pytest.skip("compiled tl.dot needs >= 16 query rows per program (block_q x group)")
     cu = None if cu is None else _cu(*cu)
     idx = _selection(B, T, topk, cu)
     q = torch.randn(B, T, Hq, D, device=DEV)
