@@ -9,6 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
+KSA_BACKENDS = ("auto", "triton", "naive", "flex")
+
+
+@dataclass
+class KSAConfig:
+    """Kwai Summary Attention: S summary tokens after every C text tokens; W per layer from `windows`.
+
+    Layer i uses windows[i % len(windows)] chunks of raw text (a window at least the number of chunks
+    in the sequence is full causal attention over the text). The released 1.9B configuration mixes
+    3 KSA layers (W=128) with 1 long-window layer (W=1024), which is the default here.
+    """
+
+    chunk: int = 8
+    num_summary: int = 1
+    windows: list[int] = field(default_factory=lambda: [128, 128, 128, 1024])
+    backend: str = "auto"  # triton on GPU, the mask reference on CPU
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.num_summary < 1:
+            raise ValueError(f"model.lm.ksa.chunk ({self.chunk}) and num_summary ({self.num_summary}) must be >= 1")
+        if not self.windows or min(self.windows) < 0:
+            raise ValueError(f"model.lm.ksa.windows must be a non-empty list of windows >= 0, got {self.windows}")
+        if self.backend not in KSA_BACKENDS:
+            raise ValueError(f"model.lm.ksa.backend must be one of {KSA_BACKENDS}, got {self.backend!r}")
+
+    def window(self, layer_index: int) -> int:
+        return self.windows[layer_index % len(self.windows)]
 
 
 @dataclass
@@ -23,6 +50,10 @@ class LMConfig:
     vocab_size: int = 512
     max_position_embeddings: int = 4096
     rope_theta: float = 1.0e7
+    # Multimodal RoPE: rotary channel pairs given to the (time, height, width) position rows. Text has
+    # three equal rows, which makes it exactly 1-D RoPE at the given positions (so packed documents,
+    # KSA summaries and video frames all carry explicit positions). Sum = head_dim / 2.
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
     norm_eps: float = 1.0e-6
     # Mixture of experts (every layer is an MoE layer, as in Qwen3-30B-A3B).
     num_experts: int = 4
@@ -36,6 +67,7 @@ class LMConfig:
     # Attention variant per layer: one name for all layers, or a list with one name per layer.
     attention: str = "dense"
     attention_per_layer: list[str] = field(default_factory=list)
+    ksa: KSAConfig = field(default_factory=KSAConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
@@ -53,6 +85,9 @@ class LMConfig:
         for v in [self.attention, *self.attention_per_layer]:
             if v not in ATTENTION_VARIANTS:
                 raise ValueError(f"model.lm.attention variant {v!r} is not one of {ATTENTION_VARIANTS}")
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"model.lm.mrope_section {self.mrope_section} must sum to head_dim / 2 "
+                             f"({self.head_dim // 2})")
         if self.attention_per_layer and len(self.attention_per_layer) != self.num_layers:
             raise ValueError(
                 f"model.lm.attention_per_layer has {len(self.attention_per_layer)} entries but "
@@ -60,6 +95,10 @@ class LMConfig:
 
     def layer_attention(self) -> list[str]:
         return list(self.attention_per_layer) or [self.attention] * self.num_layers
+
+    @property
+    def uses_ksa(self) -> bool:
+        return "ksa" in self.layer_attention()
 
 
 @dataclass(frozen=True)
@@ -96,9 +135,12 @@ def lm_param_count(cfg: LMConfig) -> ParamCount:
     emb = cfg.vocab_size * h
     head = emb if cfg.untie_embeddings else 0
     final_norm = h
+    # KSA: every KSA layer has a second QKV projection for summary tokens, plus S summary embeddings.
+    ksa_layers = cfg.layer_attention().count("ksa")
+    summary = ksa_layers * h * (q + 2 * kv) + (cfg.ksa.num_summary * h if ksa_layers else 0)
     return ParamCount(
-        total=cfg.num_layers * per_layer_total + emb + head + final_norm,
-        active=cfg.num_layers * per_layer_active + emb + head + final_norm,
+        total=cfg.num_layers * per_layer_total + emb + head + final_norm + summary,
+        active=cfg.num_layers * per_layer_active + emb + head + final_norm + summary,
         embedding=emb,
     )
 

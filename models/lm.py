@@ -79,6 +79,7 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
         autocast_dtype=dtype,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=calculate_per_token_loss,
+        mrope_section=list(lm.mrope_section),
         # gloo cannot batch isend/irecv correctly for interleaved schedules (silently wrong grads).
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=True,
@@ -91,13 +92,13 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
     )
 
 
-def layer_spec(lm: LMConfig, variant: str) -> ModuleSpec:
+def layer_spec(lm: LMConfig, variant: str, layer_index: int) -> ModuleSpec:
     """One decoder layer: RMSNorm -> attention (variant) -> residual -> RMSNorm -> MoE -> residual."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=attention_spec(variant, lm),
+            self_attention=attention_spec(variant, lm, layer_index),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False),
@@ -111,7 +112,8 @@ def block_spec(lm: LMConfig, config: TransformerConfig, *, pp_rank: int, vp_stag
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     variants = lm.layer_attention()[offset: offset + count]
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(lm, v) for v in variants], layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(lm, v, offset + i) for i, v in enumerate(variants)],
+                                      layer_norm=RMSNorm)
 
 
 def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank: int, pp_size: int,
@@ -119,7 +121,8 @@ def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank:
     """Builds the model chunk of pipeline rank `pp_rank` (and virtual stage `vp_stage`)."""
     first = pp_rank == 0 and (vp_stage is None or vp_stage == 0)
     last = pp_rank == pp_size - 1 and (vp_stage is None or vp_stage == (vpp_size or 1) - 1)
-    model = GPTModel(
+    model = KeyeLM(
+        num_summary=lm.ksa.num_summary if lm.uses_ksa else 0,
         config=config,
         transformer_layer_spec=block_spec(lm, config, pp_rank=pp_rank, vp_stage=vp_stage),
         vocab_size=lm.vocab_size,
@@ -127,13 +130,56 @@ def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank:
         pre_process=first,
         post_process=last,
         share_embeddings_and_output_weights=not lm.untie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope",
         rotary_base=int(lm.rope_theta),
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
     mark_expert_params(model)
     return model
+
+
+class KeyeLM(GPTModel):
+    """megatron's GPTModel with explicit [3, b, s] positions (multimodal RoPE) and, for KSA, a table of
+    summary-token embeddings.
+
+    Summary slots carry token ids vocab_size + slot (slot < num_summary); their embedding comes from
+    `summary_embedding`, not from the vocabulary table, and the output layer never predicts them.
+    """
+
+    def __init__(self, *, num_summary: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_summary = num_summary
+        if num_summary and self.pre_process:
+            self.summary_embedding = torch.nn.Parameter(
+                torch.empty(num_summary, self.config.hidden_size, dtype=self.config.params_dtype))
+            torch.nn.init.normal_(self.summary_embedding, std=self.config.init_method_std)
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, *args, **kwargs):
+        if self.num_summary and self.pre_process and decoder_input is None:
+            is_summary = input_ids >= self.vocab_size
+            decoder_input = self.embedding(input_ids=torch.where(is_summary, 0, input_ids), position_ids=position_ids)
+            slot = (input_ids - self.vocab_size).clamp(0, self.num_summary - 1)
+            extra = (self.summary_embedding[slot] * is_summary[..., None]).transpose(0, 1)  # [s, b, h]
+            keep = (~is_summary).transpose(0, 1)[..., None]
+            if self.config.sequence_parallel:
+                from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+                extra = scatter_to_sequence_parallel_region(extra.contiguous(), group=self.pg_collection.tp)
+                keep = scatter_to_sequence_parallel_region(keep.contiguous(), group=self.pg_collection.tp)
+            decoder_input = decoder_input * keep.to(decoder_input.dtype) + extra.to(decoder_input.dtype)
+        return super()._preprocess(input_ids, position_ids, decoder_input, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if getattr(self, "summary_embedding", None) is not None:
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+            key = f"{prefix}summary_embedding"
+            sd[key] = ShardedTensor.from_rank_offsets(key, self.summary_embedding,
+                                                      replica_id=(0, self.pg_collection.tp.rank(),
+                                                                  self.pg_collection.dp_cp.rank()))
+        return sd
 
 
 def mark_expert_params(model: torch.nn.Module) -> None:
@@ -147,3 +193,33 @@ def mark_expert_params(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         if ".experts." in name:
             param.allreduce = False
+
+
+def freeze_for_stage(chunks, trainable: str) -> int:
+    """Sets requires_grad for a training stage; returns the number of frozen parameter tensors.
+
+    all: everything trains. summary: only KSA summary parameters (summary embeddings and the summary
+    QKV projections) train, the rest of the model is frozen (KSA conversion, stage 1).
+    """
+    if trainable not in ("all", "summary"):
+        raise ValueError(f"unknown trainable set {trainable!r}")
+    frozen = 0
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            train = trainable == "all" or "summary" in name
+            p.requires_grad_(train)
+            frozen += not train
+    if trainable == "summary" and not any(p.requires_grad for c in chunks for p in c.parameters()):
+        raise ValueError("train.trainable=summary, but the model has no summary parameters (model.lm.attention=ksa?)")
+    return frozen
+
+
+@torch.no_grad()
+def copy_text_qkv_to_summary(chunks) -> None:
+    """Starts every summary QKV projection as a copy of its layer's text projection (conversion from dense)."""
+    from models.attention.ksa import KSASelfAttention
+
+    for chunk in chunks:
+        for m in chunk.modules():
+            if isinstance(m, KSASelfAttention):
+                m.linear_qkv_summary.weight.copy_(m.linear_qkv.weight)

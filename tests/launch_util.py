@@ -34,8 +34,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900) -> dict[str, dict[int, float]]:
-    """Trains each named layout (a list of overrides) in one torchrun job; returns name -> {step: loss}."""
+def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900,
+                digests: bool = False) -> dict[str, dict[int, float]]:
+    """Trains each named layout (a list of overrides) in one torchrun job; returns name -> {step: loss}
+    (and, with digests=True, also name -> {parameter: [sum, abs sum]} of rank 0 after training).
+    `{root}` in an override is replaced by the job's run root (to point one entry at another's run)."""
     out = tmp / "layouts.json"
     spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -45,4 +48,6 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"layouts run failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return {name: {int(k): v for k, v in steps.items()} for name, steps in json.loads(out.read_text()).items()}
+    data = json.loads(out.read_text())
+    losses = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
+    return (losses, data["digests"]) if digests else losses

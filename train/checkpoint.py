@@ -178,3 +178,33 @@ def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, dp_cp_group,
     if load_rng:
         _set_rng_state(state["rng_state"])
     return state["common"]
+
+
+def load_model_weights(ref: CheckpointRef, model_chunks, *, dp_cp_group) -> list[str]:
+    """Collective. Loads the model weights that `ref` holds into the (unwrapped) chunks; returns the
+    checkpoint keys of parameters it does not hold (they keep their values), e.g. the summary
+    parameters when a KSA model starts from a dense checkpoint."""
+    available = set(dist_checkpointing.load_tensors_metadata(str(ref.path)).keys())
+    metadata = _sharding_metadata(dp_cp_group)
+    sd, missing = {}, []
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        full = _unwrap(chunk).sharded_state_dict(metadata=metadata)
+        kept = {}
+        for name, sh in full.items():
+            ck = getattr(sh, "key", None)
+            if ck is None or name.endswith("_extra_state"):
+                continue
+            if ck in available:
+                kept[name] = sh
+            else:
+                missing.append(ck)
+        sd[key] = kept
+    state = dist_checkpointing.load(sd, str(ref.path))
+    for i, chunk in enumerate(model_chunks):
+        loaded = state["model" if len(model_chunks) == 1 else f"model{i}"]
+        result = _unwrap(chunk).load_state_dict(loaded, strict=False)
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+        if unexpected:
+            raise RuntimeError(f"checkpoint {ref.path} has tensors this model does not: {unexpected[:5]}")
+    return missing

@@ -47,6 +47,25 @@ class WandbConfig:
 
 
 @dataclass
+class DistillConfig:
+    """KSA conversion stage 1 (train/distill.py): the dense model teaches its KSA version."""
+
+    enabled: bool = False
+    lm_weight: float = 1.0
+    kl_weight: float = 5.0
+    attn_weight: float = 5.0
+    attn_clamp: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("lm_weight", "kl_weight", "attn_weight", "attn_clamp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.distill.{name} must be >= 0, got {getattr(self, name)}")
+
+
+TRAINABLE = ("all", "summary")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # total optimizer steps of the run (the LR schedule spans these)
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
@@ -66,6 +85,9 @@ class TrainConfig:
     precision: str = "auto"  # bf16 on GPU, fp32 on CPU
     log_interval: int = 1
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = the measured default for the device kind
+    # which parameters train: all, or only the KSA summary parameters (conversion stage 1)
+    trainable: str = "all"
+    distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -85,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
         if not 0.0 < self.wsd_decay_fraction <= 1.0:
             raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class StepStats:
     lr: float
     seconds: float
     tokens: int
+    extra: dict = field(default_factory=dict)  # further reported losses (e.g. distillation terms)
 
 
 class Meter:
@@ -54,7 +55,7 @@ class Meter:
         tok_s = s.tokens / max(s.seconds, 1e-9)
         tflops = self.flops_per_token * tok_s / self.world_size / 1e12
         out = {"loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "step_time_s": s.seconds,
-               "tokens_per_s": tok_s, "tflops_per_device": tflops}
+               "tokens_per_s": tok_s, "tflops_per_device": tflops, **s.extra}
         if self.peak:
             out["mfu"] = tflops / self.peak
         if torch.cuda.is_available():
@@ -65,7 +66,8 @@ class Meter:
         r = self.rates(s)
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         mem = f" | mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
-        return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f} | grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
+        extra = "".join(f" | {k} {v:.4f}" for k, v in s.extra.items())
+        return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f}{extra} | grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
                 f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
                 f"{s.seconds:.2f} s/step{mem}")
 

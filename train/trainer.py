@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dataclasses import dataclass
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -26,11 +27,13 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
-from models.lm import build_lm, transformer_config
+from models.ksa_tokens import insert_summary_slots
+from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
 from train import checkpoint as ckpt
-from train.config import Config
+from train.config import Config, DistillConfig
+from train.distill import distill_losses
 from train.metrics import Meter, StepStats, Timer, device_peak_tflops
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 
@@ -45,10 +48,41 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach().double(), mask.sum().double()])}
 
 
-def _forward_step(device: torch.device, data_iterator, model):
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, functools.partial(_loss_func, batch["loss_mask"])
+def _distill_loss_func(num_tokens: torch.Tensor, report: torch.Tensor, output: torch.Tensor):
+    return output, num_tokens, {"lm_loss": report[:2], "distill": report[2:]}
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """How a text micro-batch becomes model inputs (fixed for a run)."""
+
+    device: torch.device
+    vocab_size: int
+    ksa_chunk: int = 0  # > 0: insert KSA summary slots
+    ksa_summary: int = 1
+    distill: DistillConfig | None = None
+    tp_group: object = None
+    sequence_parallel: bool = False
+
+
+def _forward_step(inputs: StepInputs, data_iterator, model):
+    batch = {k: v.to(inputs.device, non_blocking=True) for k, v in next(data_iterator).items()}
+    pos = batch["position_ids"]
+    if pos.dim() == 2:  # [b, s] text positions -> the [3, b, s] rows of multimodal RoPE
+        batch["position_ids"] = pos = pos.unsqueeze(0).expand(3, -1, -1)
+    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    if inputs.ksa_chunk:
+        sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
+                                  loss_mask=mask, position_ids=pos, summary_token_id=inputs.vocab_size,
+                                  ignore_index=0)
+        sb.input_ids[..., sb.layout.summary_index] = inputs.vocab_size + sb.layout.summary_slot
+        if inputs.distill is not None:
+            loss_sum, n, report = distill_losses(model, batch, sb, inputs.distill, tp_group=inputs.tp_group,
+                                                 sequence_parallel=inputs.sequence_parallel)
+            return loss_sum, functools.partial(_distill_loss_func, n, report)
+        tokens, labels, mask, pos = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids
+    output = model(tokens, pos, None, labels=labels)
+    return output, functools.partial(_loss_func, mask)
 
 
 def _count(n: int) -> str:
@@ -90,6 +124,10 @@ class Trainer:
         for c in chunks:
             c.to(self.device)
         init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
+        # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
+        if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
+            self._init_weights_from(chunks, t.checkpoint.init_from)
+        frozen = freeze_for_stage(chunks, t.trainable)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=layout.distributed_optimizer,
                                                 check_for_nan_in_grad=True)
@@ -101,6 +139,17 @@ class Trainer:
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
         self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
                                          pg_collection=self.pgs)
+
+        if t.distill.enabled and not lm.uses_ksa:
+            raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
+        if t.distill.enabled and layout.pp > 1:
+            raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
+        self.step_inputs = StepInputs(
+            device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
+            ksa_summary=lm.ksa.num_summary, distill=t.distill if t.distill.enabled else None,
+            tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel)
+        # KSA lengthens every sequence by its summary slots (one document per row in the token stream).
+        self.model_seq_length = t.seq_length + (lm.ksa.num_summary * (t.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         make_stream = functools.partial(SyntheticTokenStream, cfg.data, vocab_size=lm.vocab_size,
@@ -120,6 +169,8 @@ class Trainer:
             log.info("backends: %s; attention %s; experts: megatron SequentialMLP; optimizer: torch AdamW (%s)",
                      "NCCL" if torch.cuda.is_available() else "gloo (CPU mode)", "/".join(sorted(set(lm.layer_attention()))),
                      "distributed" if layout.distributed_optimizer else "replicated")
+            if frozen:
+                log.info("train.trainable=%s: %d parameter tensors frozen", t.trainable, frozen)
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
             if resolved_config_yaml:
@@ -139,13 +190,6 @@ class Trainer:
         c = self.cfg.train.checkpoint
         ref = ckpt.find_latest(self.run_dir) if c.resume else None
         if ref is None:
-            if c.init_from:
-                src = ckpt.find_latest(c.init_from)
-                if src is None:
-                    raise ValueError(f"train.checkpoint.init_from={c.init_from!r} holds no complete checkpoint")
-                ckpt.load_checkpoint(src, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp,
-                                     load_optimizer=False, load_rng=False)
-                log.info("initialised model weights from %s (fresh optimizer, step 0)", src.path)
             return
         same_layout = self._saved_layout(ref) == self._common_state()["layout"]
         ensure_adam_state(self.optimizer)
@@ -157,6 +201,17 @@ class Trainer:
             s.load_state_dict(common["data"])
         log.info("resumed from %s at step %d%s", ref.path, self.step,
                  "" if same_layout else f" (resharded from layout {self._saved_layout(ref)}; RNG state not restored)")
+
+    def _init_weights_from(self, chunks, source: str) -> None:
+        """Model weights from another run's newest checkpoint; parameters it lacks keep their init."""
+        src = ckpt.find_latest(source)
+        if src is None:
+            raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
+        missing = ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)
+        if any("linear_qkv_summary" in k for k in missing):
+            copy_text_qkv_to_summary(chunks)
+        log.info("initialised model weights from %s (fresh optimizer, step 0)%s", src.path,
+                 f"; not in that checkpoint, kept at init: {sorted(set(missing))}" if missing else "")
 
     @staticmethod
     def _saved_layout(ref: ckpt.CheckpointRef) -> dict:
@@ -170,15 +225,19 @@ class Trainer:
         log.info("saved checkpoint %s", path)
 
     # ----------------------------------------------------------------------------------------------
-    def _reduce_loss(self, losses: list[dict]) -> float:
-        """Global per-token mean loss over all micro-batches and data-parallel ranks."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
+        """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms)."""
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
             for d in losses:
-                total += d["lm_loss"].to(self.device)
+                total[:2] += d["lm_loss"].to(self.device)
+                if "distill" in d:
+                    total[2:] += d["distill"].to(self.device)
         dist.all_reduce(total)
-        return (total[0] / total[1].clamp_min(1)).item()
+        n = total[1].clamp_min(1)
+        extra = {"kl": (total[2] / n).item(), "attn_mse": (total[3] / n).item()} if self.step_inputs.distill else {}
+        return (total[0] / n).item(), extra
 
     def train_step(self) -> StepStats:
         t = self.cfg.train
@@ -193,11 +252,11 @@ class Trainer:
         if self.layout.pp > 1:
             extra["p2p_communicator"] = self.p2p
         losses = fwd_bwd(
-            forward_step_func=functools.partial(_forward_step, self.device),
+            forward_step_func=functools.partial(_forward_step, self.step_inputs),
             data_iterator=self.streams if len(self.model) > 1 else self.streams[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
-            seq_length=t.seq_length,
+            seq_length=self.model_seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
             pg_collection=self.pgs,
@@ -206,10 +265,10 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
-        loss = self._reduce_loss(losses)
+        loss, extra = self._reduce_loss(losses)
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
-                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length)
+                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra)
 
     def train(self) -> list[StepStats]:
         t = self.cfg.train

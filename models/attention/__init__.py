@@ -1,8 +1,7 @@
 """Attention variants for the language model's attention slot.
 
-Each variant is a function `LMConfig -> ModuleSpec` for the layer's `self_attention` submodule, so a
-layer is built from a spec and never branches on the variant itself. DSA and KSA add their entries
-here when their modules exist.
+Each variant is a function `(LMConfig, layer_index) -> ModuleSpec` for the layer's `self_attention`
+submodule, so a layer is built from a spec and never branches on the variant itself.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from models.attention.dense import SDPACoreAttention
+from models.attention.ksa import KSACoreAttention, KSASelfAttention
 from models.norm import RMSNorm
 
 
-def dense_attention_spec(cfg) -> ModuleSpec:
+def dense_attention_spec(cfg, layer_index: int) -> ModuleSpec:
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -32,8 +32,25 @@ def dense_attention_spec(cfg) -> ModuleSpec:
     )
 
 
+def ksa_attention_spec(cfg, layer_index: int) -> ModuleSpec:
+    k = cfg.ksa
+    return ModuleSpec(
+        module=KSASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "chunk": k.chunk, "num_summary": k.num_summary},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=ModuleSpec(module=KSACoreAttention,
+                                      params={"chunk": k.chunk, "num_summary": k.num_summary,
+                                              "window": k.window(layer_index), "backend": k.backend}),
+            linear_proj=RowParallelLinear,
+            q_layernorm=RMSNorm,
+            k_layernorm=RMSNorm,
+        ),
+    )
+
+
 def _not_built(name: str) -> Callable:
-    def spec(cfg):
+    def spec(cfg, layer_index):
         raise ValueError(f"model.lm.attention={name!r} is not available in this build yet")
     return spec
 
@@ -41,12 +58,13 @@ def _not_built(name: str) -> Callable:
 ATTENTION_SPECS: dict[str, Callable] = {
     "dense": dense_attention_spec,
     "dsa": _not_built("dsa"),
-    "ksa": _not_built("ksa"),
+    "ksa": ksa_attention_spec,
 }
 
 
-def attention_spec(variant: str, cfg) -> ModuleSpec:
+def attention_spec(variant: str, cfg, layer_index: int) -> ModuleSpec:
     try:
-        return ATTENTION_SPECS[variant](cfg)
+        make = ATTENTION_SPECS[variant]
     except KeyError:
         raise ValueError(f"unknown attention variant {variant!r}; known: {sorted(ATTENTION_SPECS)}") from None
+    return make(cfg, layer_index)

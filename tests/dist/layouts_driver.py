@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 def main() -> None:
     out, run_root, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     register_configs()
-    results = {}
+    results, digests = {}, {}
     for item in spec.split(";"):
+        item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
         # run_dir=<name> shares a run directory between entries (resume / reshard); default: own directory
         ov = [o for o in overrides.split() if not o.startswith("run_dir=")]
@@ -42,10 +43,15 @@ def main() -> None:
         cfg, layout = validate(dcfg)
         from train.trainer import Trainer
 
-        history = Trainer(cfg, layout).train()
+        trainer = Trainer(cfg, layout)
+        history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
+        # rank 0's parameter values after training, summarised per tensor (to check what a stage froze)
+        digests[name] = {n: [float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
+                         for n, p in trainer.model[0].module.named_parameters()}
+        del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps({"losses": results, "digests": digests}))
     from parallel.groups import teardown
 
     teardown()

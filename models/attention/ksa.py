@@ -1,0 +1,150 @@
+"""Kwai Summary Attention (KSA) for the language model's attention slot.
+
+The input sequence is interleaved: after every C text tokens of a document come S summary tokens
+(models/ksa_tokens.py builds it; inside a document, index i is a summary iff i % (C+S) >= C).
+- `KSASelfAttention`: megatron's SelfAttention with a second QKV projection, `linear_qkv_summary`,
+  used at summary positions (summary tokens have their own Q/K/V projections and share the QK norms).
+  The text projection keeps megatron's `linear_qkv` name, so a dense checkpoint loads into it unchanged
+  (the conversion recipe starts from one).
+- `KSACoreAttention`: the attention itself through kernels.ksa (Triton on GPU, the mask reference on
+  CPU), with this layer's window W (previous chunks whose raw text a text query sees).
+- Teacher mode (`ksa_teacher_mode(model)`): every KSA layer runs plain causal attention with the text
+  projection, which is the dense model the distillation stage compares against (fed text only).
+
+Shapes (megatron layout): hidden [s, b, h]; q [s, b, nq, d], k/v [s, b, nkv, d].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+
+from kernels.ksa import ksa_attention
+
+
+def summary_mask(num_tokens: int, batch: int, *, chunk: int, num_summary: int,
+                 cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[s, b] bool: True at summary positions of the interleaved sequence."""
+    pos = torch.arange(num_tokens, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        doc = torch.searchsorted(cu[1:], pos, right=True)
+        pos = pos - cu[doc]
+    mask = (pos % (chunk + num_summary)) >= chunk
+    return mask[:, None].expand(num_tokens, batch)
+
+
+class _MergedQKV(torch.nn.Module):
+    """Calls the text and the summary projection and takes each position's row from the right one."""
+
+    def __init__(self, text, summary, mask):
+        super().__init__()
+        self.text, self.summary, self.mask = text, summary, mask
+
+    def forward(self, hidden_states):
+        out, bias = self.text(hidden_states)
+        out_s, _ = self.summary(hidden_states)
+        return torch.where(self.mask[..., None], out_s, out), bias
+
+
+class KSASelfAttention(SelfAttention):
+    def __init__(self, config, submodules, layer_number: int, attn_mask_type=None, cp_comm_type=None,
+                 pg_collection=None, chunk: int = 8, num_summary: int = 1, **unused):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.chunk, self.num_summary = chunk, num_summary
+        self.linear_qkv_summary = submodules.linear_qkv(
+            self.config.hidden_size, self.linear_qkv_out_dim, config=self.config,
+            init_method=self.config.init_method, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
+        self.teacher = False
+        self._mask = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        if self.teacher or self._mask is None:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        text = self._modules["linear_qkv"]
+        self._modules["linear_qkv"] = _MergedQKV(text, self.linear_qkv_summary, self._mask)
+        try:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        finally:
+            self._modules["linear_qkv"] = text
+
+    def forward(self, hidden_states, attention_mask, *args, packed_seq_params=None, **kwargs):
+        s, b = hidden_states.shape[0], hidden_states.shape[1]
+        if self.config.sequence_parallel:
+            s *= self.pg_collection.tp.size()  # the QKV projection all-gathers the sequence shards
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        self._mask = None if self.teacher else summary_mask(s, b, chunk=self.chunk, num_summary=self.num_summary,
+                                                            cu_seqlens=cu, device=hidden_states.device)
+        try:
+            return super().forward(hidden_states, attention_mask, *args, packed_seq_params=packed_seq_params, **kwargs)
+        finally:
+            self._mask = None
+
+
+class KSACoreAttention(MegatronModule):
+    """Core attention of a KSA layer: kernels.ksa on the interleaved sequence, or causal in teacher mode."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, chunk: int = 8, num_summary: int = 1,
+                 window: int = 128, backend: str = "auto"):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("KSA attention runs without context parallelism (parallel.cp=1) in this build")
+        self.chunk, self.num_summary, self.window = chunk, num_summary, window
+        self.backend = backend
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.teacher = False
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        s, b, nq, d = query.shape
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        if self.teacher:
+            out = _causal(q, k, v, cu, self.scale)
+        else:
+            backend = self.backend
+            if backend == "auto":
+                backend = "triton" if q.is_cuda else "naive"
+            out = ksa_attention(q.contiguous(), k.contiguous(), v.contiguous(), chunk=self.chunk,
+                                window=self.window, num_summary=self.num_summary, cu_seqlens=cu,
+                                scale=self.scale, backend=backend)
+        return out.transpose(0, 1).reshape(s, b, nq * d)
+
+
+def _causal(q, k, v, cu, scale):
+    """Dense causal attention, [b, s, h, d]; per document when cu_seqlens is given."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = kt.shape[1] != qt.shape[1]
+    if cu is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
+    out = torch.empty_like(qt)
+    bounds = cu.tolist()
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        if e > a:
+            out[:, :, a:e] = F.scaled_dot_product_attention(qt[:, :, a:e], kt[:, :, a:e], vt[:, :, a:e],
+                                                            is_causal=True, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def ksa_teacher_mode(model: torch.nn.Module):
+    """Inside: KSA layers attend causally over text with the text projection (the dense teacher)."""
+    mods = [m for m in model.modules() if isinstance(m, (KSASelfAttention, KSACoreAttention))]
+    for m in mods:
+        m.teacher = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.teacher = False
