@@ -38,6 +38,33 @@ class KSAConfig:
         return self.windows[layer_index % len(self.windows)]
 
 
+DSA_STAGES = ("dense_warmup", "sparse")
+DSA_BACKENDS = ("auto", "triton", "naive")
+
+
+@dataclass
+class DSAConfig:
+    """DeepSeek Sparse Attention for GQA (Keye-VL-2.0 shipped settings by default)."""
+
+    index_heads: int = 16
+    index_dim: int = 64
+    topk: int = 2048
+    stage: str = "sparse"  # dense_warmup: dense attention, only the indexer learns (KL over all keys)
+    loss_weight: float = 1.0  # lambda of total = LM + lambda * KL
+    backend: str = "auto"  # triton on GPU, the reference on CPU
+
+    def __post_init__(self) -> None:
+        for name in ("index_heads", "index_dim", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.lm.dsa.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stage not in DSA_STAGES:
+            raise ValueError(f"model.lm.dsa.stage must be one of {DSA_STAGES}, got {self.stage!r}")
+        if self.backend not in DSA_BACKENDS:
+            raise ValueError(f"model.lm.dsa.backend must be one of {DSA_BACKENDS}, got {self.backend!r}")
+        if self.loss_weight < 0:
+            raise ValueError(f"model.lm.dsa.loss_weight must be >= 0, got {self.loss_weight}")
+
+
 @dataclass
 class LMConfig:
     """A Qwen3-MoE-style decoder: RMSNorm, QK-norm, GQA, RoPE, MoE FFN on every layer, untied embeddings."""
@@ -68,6 +95,7 @@ class LMConfig:
     attention: str = "dense"
     attention_per_layer: list[str] = field(default_factory=list)
     ksa: KSAConfig = field(default_factory=KSAConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
@@ -85,6 +113,9 @@ class LMConfig:
         for v in [self.attention, *self.attention_per_layer]:
             if v not in ATTENTION_VARIANTS:
                 raise ValueError(f"model.lm.attention variant {v!r} is not one of {ATTENTION_VARIANTS}")
+        if "dsa" in self.layer_attention() and self.dsa.index_dim * 2 > self.head_dim:
+            raise ValueError(f"model.lm.dsa.index_dim ({self.dsa.index_dim}) must be at most head_dim / 2 "
+                             f"({self.head_dim // 2})")
         if sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f"model.lm.mrope_section {self.mrope_section} must sum to head_dim / 2 "
                              f"({self.head_dim // 2})")
@@ -138,9 +169,13 @@ def lm_param_count(cfg: LMConfig) -> ParamCount:
     # KSA: every KSA layer has a second QKV projection for summary tokens, plus S summary embeddings.
     ksa_layers = cfg.layer_attention().count("ksa")
     summary = ksa_layers * h * (q + 2 * kv) + (cfg.ksa.num_summary * h if ksa_layers else 0)
+    # DSA: per layer an indexer (query, key, weight projections and the key LayerNorm weight).
+    d = cfg.dsa
+    indexer = cfg.layer_attention().count("dsa") * (h * (d.index_heads * d.index_dim + d.index_dim + d.index_heads)
+                                                     + d.index_dim)
     return ParamCount(
-        total=cfg.num_layers * per_layer_total + emb + head + final_norm + summary,
-        active=cfg.num_layers * per_layer_active + emb + head + final_norm + summary,
+        total=cfg.num_layers * per_layer_total + emb + head + final_norm + summary + indexer,
+        active=cfg.num_layers * per_layer_active + emb + head + final_norm + summary + indexer,
         embedding=emb,
     )
 

@@ -199,19 +199,24 @@ def freeze_for_stage(chunks, trainable: str) -> int:
     """Sets requires_grad for a training stage; returns the number of frozen parameter tensors.
 
     all: everything trains. summary: only KSA summary parameters (summary embeddings and the summary
-    QKV projections) train, the rest of the model is frozen (KSA conversion, stage 1).
+    QKV projections) train (KSA conversion, stage 1). indexer: only the DSA indexers train (DSA dense
+    warm-up). The rest of the model is frozen.
     """
-    if trainable not in ("all", "summary"):
-        raise ValueError(f"unknown trainable set {trainable!r}")
+    if trainable not in TRAINABLE_MARKERS:
+        raise ValueError(f"unknown trainable set {trainable!r}; known: {sorted(TRAINABLE_MARKERS)}")
+    marker = TRAINABLE_MARKERS[trainable]
     frozen = 0
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            train = trainable == "all" or "summary" in name
+            train = marker is None or marker in name
             p.requires_grad_(train)
             frozen += not train
-    if trainable == "summary" and not any(p.requires_grad for c in chunks for p in c.parameters()):
-        raise ValueError("train.trainable=summary, but the model has no summary parameters (model.lm.attention=ksa?)")
+    if marker is not None and not any(p.requires_grad for c in chunks for p in c.parameters()):
+        raise ValueError(f"train.trainable={trainable}, but this model (stage) has no such parameters")
     return frozen
+
+
+TRAINABLE_MARKERS = {"all": None, "summary": "summary", "indexer": ".indexer."}
 
 
 @torch.no_grad()

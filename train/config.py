@@ -62,7 +62,7 @@ class DistillConfig:
                 raise ValueError(f"train.distill.{name} must be >= 0, got {getattr(self, name)}")
 
 
-TRAINABLE = ("all", "summary")
+TRAINABLE = ("all", "summary", "indexer")
 
 
 @dataclass
@@ -85,7 +85,8 @@ class TrainConfig:
     precision: str = "auto"  # bf16 on GPU, fp32 on CPU
     log_interval: int = 1
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = the measured default for the device kind
-    # which parameters train: all, or only the KSA summary parameters (conversion stage 1)
+    # which parameters train: all, only the KSA summary parameters (conversion stage 1), or only the DSA
+    # indexers (dense warm-up)
     trainable: str = "all"
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

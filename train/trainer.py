@@ -234,9 +234,15 @@ class Trainer:
                 total[:2] += d["lm_loss"].to(self.device)
                 if "distill" in d:
                     total[2:] += d["distill"].to(self.device)
+        # DSA indexer KL of the last micro-batch, averaged over this rank's DSA layers, then over ranks
+        kls = [m.last_kl for chunk in self.model for m in chunk.modules() if getattr(m, "last_kl", None) is not None]
+        kl = torch.tensor([float(sum(kls)), float(len(kls))], dtype=torch.float64, device=self.device)
+        total = torch.cat([total, kl])
         dist.all_reduce(total)
         n = total[1].clamp_min(1)
         extra = {"kl": (total[2] / n).item(), "attn_mse": (total[3] / n).item()} if self.step_inputs.distill else {}
+        if total[5] > 0:
+            extra["indexer_kl"] = (total[4] / total[5]).item()
         return (total[0] / n).item(), extra
 
     def train_step(self) -> StepStats:

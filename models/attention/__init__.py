@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from models.attention.dense import SDPACoreAttention
+from models.attention.dsa import DSACoreAttention, DSASelfAttention
 from models.attention.ksa import KSACoreAttention, KSASelfAttention
 from models.norm import RMSNorm
 
@@ -49,15 +50,26 @@ def ksa_attention_spec(cfg, layer_index: int) -> ModuleSpec:
     )
 
 
-def _not_built(name: str) -> Callable:
-    def spec(cfg, layer_index):
-        raise ValueError(f"model.lm.attention={name!r} is not available in this build yet")
-    return spec
+def dsa_attention_spec(cfg, layer_index: int) -> ModuleSpec:
+    d = cfg.dsa
+    return ModuleSpec(
+        module=DSASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "index_heads": d.index_heads, "index_dim": d.index_dim},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=ModuleSpec(module=DSACoreAttention,
+                                      params={"topk": d.topk, "stage": d.stage, "loss_weight": d.loss_weight,
+                                              "backend": d.backend}),
+            linear_proj=RowParallelLinear,
+            q_layernorm=RMSNorm,
+            k_layernorm=RMSNorm,
+        ),
+    )
 
 
 ATTENTION_SPECS: dict[str, Callable] = {
     "dense": dense_attention_spec,
-    "dsa": _not_built("dsa"),
+    "dsa": dsa_attention_spec,
     "ksa": ksa_attention_spec,
 }
 

@@ -35,17 +35,24 @@ class SDPACoreAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         p = self.dropout_p if self.training else 0.0
-        if packed_seq_params is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
-                                                 scale=self.softmax_scale, enable_gqa=k.shape[1] != nq)
-        else:
-            if b != 1:
-                raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
-            cu = packed_seq_params.cu_seqlens_q.tolist()
-            out = torch.empty_like(q)
-            for start, end in zip(cu[:-1], cu[1:]):
-                if end > start:
-                    out[:, :, start:end] = F.scaled_dot_product_attention(
-                        q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
-                        dropout_p=p, scale=self.softmax_scale, enable_gqa=k.shape[1] != nq)
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        out = causal_attention(q, k, v, cu, self.softmax_scale, dropout_p=p)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+
+
+def causal_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0):
+    """Causal GQA attention on [b, h, s, d] tensors; with cu_seqlens (batch 1), per document."""
+    gqa = k.shape[1] != q.shape[1]
+    if cu_seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    if q.shape[0] != 1:
+        raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            out[:, :, start:end] = F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
+                dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    return out

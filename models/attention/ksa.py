@@ -20,11 +20,11 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.ksa import ksa_attention
+from models.attention.dense import causal_attention
 
 
 def summary_mask(num_tokens: int, batch: int, *, chunk: int, num_summary: int,
@@ -111,7 +111,7 @@ class KSACoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if self.teacher:
-            out = _causal(q, k, v, cu, self.scale)
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
         else:
             backend = self.backend
             if backend == "auto":
@@ -120,21 +120,6 @@ class KSACoreAttention(MegatronModule):
                                 window=self.window, num_summary=self.num_summary, cu_seqlens=cu,
                                 scale=self.scale, backend=backend)
         return out.transpose(0, 1).reshape(s, b, nq * d)
-
-
-def _causal(q, k, v, cu, scale):
-    """Dense causal attention, [b, s, h, d]; per document when cu_seqlens is given."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    gqa = kt.shape[1] != qt.shape[1]
-    if cu is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
-    out = torch.empty_like(qt)
-    bounds = cu.tolist()
-    for a, e in zip(bounds[:-1], bounds[1:]):
-        if e > a:
-            out[:, :, a:e] = F.scaled_dot_product_attention(qt[:, :, a:e], kt[:, :, a:e], vt[:, :, a:e],
-                                                            is_causal=True, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
 
 
 @contextlib.contextmanager

@@ -44,10 +44,14 @@ def single_process_group():
     dist.destroy_process_group()
 
 
-def test_formula_matches_built_tiny_model(single_process_group):
+@pytest.mark.parametrize("variant", ["keye_tiny", "keye_tiny_ksa", "keye_tiny_dsa"])
+def test_formula_matches_built_tiny_model(single_process_group, variant):
     from models.lm import build_lm, transformer_config
 
-    lm, layout, pgs = single_process_group
+    _, layout, pgs = single_process_group
+    raw = OmegaConf.load(REPO / "recipes" / "model" / f"{variant}.yaml")
+    base = OmegaConf.load(REPO / "recipes" / "model" / "keye_tiny.yaml")
+    lm = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), base.lm, raw.lm))
     model = build_lm(lm, transformer_config(lm, layout.model_sizes(), bf16=False, use_cpu_initialization=True),
                      pg_collection=pgs, pp_rank=0, pp_size=1)
     built = sum(p.numel() for p in model.parameters())

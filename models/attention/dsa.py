@@ -1,0 +1,149 @@
+"""DeepSeek Sparse Attention adapted to GQA (DSA) for the language model's attention slot.
+
+Per layer an indexer scores keys for every query,
+    q_idx = W_q h            [b, s, HI, DI]   (RoPE, non-interleaved)
+    k_idx = LayerNorm(W_k h) [b, s, DI]       (one shared index key per token, fp32 norm, RoPE)
+    w     = W_w h * HI^-0.5 * DI^-0.5         [b, s, HI]
+    I[t, s] = sum_j w[t, j] relu(q_idx[t, j] . k_idx[s]),
+and the attention of every query head uses only the top-k keys of its token (kernels/dsa).
+Stages (`model.lm.dsa.stage`):
+  dense_warmup  attention stays dense (SDPA); the indexer learns KL(p || softmax(I)) over all causal
+                keys, p = the main attention summed over heads and L1-normalised (detached). Train it
+                with `train.trainable=indexer` so the rest of the model stays frozen.
+  sparse        attention over the selected top-k only; KL restricted to the selected set; the
+                indexer's input is detached, so the LM loss never reaches the indexer and the indexer
+                loss never reaches the model. total = LM + loss_weight * KL.
+The indexer RoPE uses the even rotary pairs of the main attention's rotary frequencies: with head dim
+128 and index dim 64 these are exactly theta^(-2i/64), i < 32, i.e. standard half-split RoPE at the
+index dimension (and, for video tokens, the same time/height/width split at half the width).
+
+Tensor parallelism: indexer weights are replicated. Each TP rank builds its target p from its own
+query heads; since KL is linear in p and p = mean over ranks of the per-rank head averages, each rank
+attaches loss_weight / tp * KL_r and the indexer weights are tagged `sequence_parallel`, which makes
+megatron sum their gradients over the TP group: the sum is the gradient of the full-head loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+
+from kernels.dsa import dsa_topk, indexer_kl_loss, sparse_gqa_attention
+from models.attention.dense import causal_attention
+
+STAGES = ("dense_warmup", "sparse")
+
+
+class AttachLoss(torch.autograd.Function):
+    """Returns x unchanged; in backward, adds d(loss)/d(...) = 1 so `loss` trains whatever produced it."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.save_for_backward(loss)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
+
+
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Half-split (non-interleaved) RoPE; x [b, s, ..., d], freqs [b, s, 1.., d/2]."""
+    d = x.shape[-1] // 2
+    cos, sin = freqs.cos(), freqs.sin()
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class DSAIndexer(MegatronModule):
+    def __init__(self, config, *, heads: int, dim: int):
+        super().__init__(config=config)
+        h = config.hidden_size
+        self.heads, self.dim = heads, dim
+        self.wq = torch.nn.Linear(h, heads * dim, bias=False, dtype=config.params_dtype)
+        self.wk = torch.nn.Linear(h, dim, bias=False, dtype=config.params_dtype)
+        self.ww = torch.nn.Linear(h, heads, bias=False, dtype=config.params_dtype)
+        self.k_norm = torch.nn.LayerNorm(dim, bias=False, dtype=torch.float32)
+        for p in self.parameters():  # replicated over TP; gradients summed over TP (see module docstring)
+            p.sequence_parallel = config.tensor_model_parallel_size > 1
+
+    def forward(self, hidden_bsh: torch.Tensor, freqs_bs1f: torch.Tensor):
+        b, s, _ = hidden_bsh.shape
+        q = self.wq(hidden_bsh).view(b, s, self.heads, self.dim)
+        k = self.k_norm(self.wk(hidden_bsh).float()).to(hidden_bsh.dtype)
+        w = self.ww(hidden_bsh) * (self.heads ** -0.5 * self.dim ** -0.5)
+        q = _rotate(q, freqs_bs1f)
+        k = _rotate(k, freqs_bs1f[:, :, 0])
+        return q, w, k
+
+
+class DSASelfAttention(SelfAttention):
+    def __init__(self, config, submodules, layer_number: int, attn_mask_type=None, cp_comm_type=None,
+                 pg_collection=None, index_heads: int = 16, index_dim: int = 64, **unused):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        if index_dim * 2 > config.kv_channels:
+            raise ValueError(f"model.lm.dsa.index_dim ({index_dim}) must be at most half the head dim "
+                             f"({config.kv_channels}): its RoPE uses every other rotary pair")
+        self.indexer = DSAIndexer(config, heads=index_heads, dim=index_dim)
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        if rotary_pos_emb is None:
+            raise ValueError("DSA needs rotary position embeddings (the model's RoPE)")
+        emb = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb  # [s, b, 1, D]
+        half = emb.shape[-1] // 2
+        freqs = emb[..., :half][..., ::2][..., : self.indexer.dim // 2]  # even pairs -> [s, b, 1, DI/2]
+        h = hidden_states.detach() if self.core_attention.stage == "sparse" else hidden_states
+        if self.config.sequence_parallel:  # the indexer scores every key: it needs the whole sequence
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+        self.core_attention.indexer_out = self.indexer(h.transpose(0, 1), freqs.transpose(0, 1))
+        try:
+            return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        finally:
+            self.core_attention.indexer_out = None
+
+
+class DSACoreAttention(MegatronModule):
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, topk: int = 2048,
+                 stage: str = "sparse", loss_weight: float = 1.0, backend: str = "auto"):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("DSA attention runs without context parallelism (parallel.cp=1) in this build")
+        if stage not in STAGES:
+            raise ValueError(f"model.lm.dsa.stage must be one of {STAGES}, got {stage!r}")
+        self.topk, self.stage, self.loss_weight, self.backend = topk, stage, loss_weight, backend
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.tp = config.tensor_model_parallel_size
+        self.indexer_out = None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if self.indexer_out is None:
+            raise RuntimeError("DSACoreAttention must be called from DSASelfAttention (no indexer output)")
+        q_idx, w, k_idx = self.indexer_out
+        s, b, nq, d = query.shape
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
+        if self.stage == "sparse":
+            idx = dsa_topk(q_idx, w, k_idx, self.topk, cu_seqlens=cu, backend=backend)
+            out, lse = sparse_gqa_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, scale=self.scale,
+                                            cu_seqlens=cu, return_lse=True, backend=backend)
+            kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=self.scale,
+                                 cu_seqlens=cu, backend=backend)
+        else:
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
+            kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
+                                 backend=backend)
+        if self.training and torch.is_grad_enabled():
+            # per-token loss convention: the trainer divides every gradient by the global token count
+            out = AttachLoss.apply(out, kl * (self.loss_weight * b * s / self.tp))
+        self.last_kl = kl.detach()
+        return out.transpose(0, 1).reshape(s, b, nq * d)
