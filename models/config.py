@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
+EXPERT_IMPLS = ("sequential", "auto", "torch_grouped_mm", "triton", "loop")
 KSA_BACKENDS = ("auto", "triton", "naive", "flex")
 
 
@@ -89,6 +90,12 @@ class LMConfig:
     moe_aux_loss_coeff: float = 1.0e-3
     moe_norm_topk_prob: bool = True  # Qwen3 renormalises the top-k router probabilities to sum to 1
     moe_router_dtype: str = "fp32"
+    # experts: "sequential" = megatron's SequentialMLP (a loop over experts); otherwise models/moe's
+    # GroupedExperts with this implementation ("auto": torch grouped GEMM on a GPU in bf16, else a loop)
+    experts_impl: str = "auto"
+    # cross-entropy over the vocabulary in chunks of this many tokens (fp32 logits of one chunk at a
+    # time); 0 = megatron's loss, which holds fp32 logits of the whole micro-batch
+    loss_chunk_tokens: int = 4096
     init_std: float = 0.02
     untie_embeddings: bool = True
     # Attention variant per layer: one name for all layers, or a list with one name per layer.
@@ -108,6 +115,10 @@ class LMConfig:
                 f"model.lm.num_query_groups ({self.num_query_groups})")
         if self.moe_topk > self.num_experts:
             raise ValueError(f"model.lm.moe_topk ({self.moe_topk}) exceeds model.lm.num_experts ({self.num_experts})")
+        if self.experts_impl not in EXPERT_IMPLS:
+            raise ValueError(f"model.lm.experts_impl must be one of {EXPERT_IMPLS}, got {self.experts_impl!r}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"model.lm.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.moe_router_dtype not in ("fp32", "fp64"):
             raise ValueError(f"model.lm.moe_router_dtype must be fp32 or fp64, got {self.moe_router_dtype!r}")
         for v in [self.attention, *self.attention_per_layer]:

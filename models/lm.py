@@ -24,6 +24,8 @@ from megatron.core.transformer.transformer_layer import (
 
 from models.attention import attention_spec
 from models.config import LMConfig, ModelParallelSizes
+from models.moe.chunked_loss_gpt import ChunkedLossMixin
+from models.moe.spec import moe_module_spec
 from models.norm import RMSNorm
 
 
@@ -101,7 +103,9 @@ def layer_spec(lm: LMConfig, variant: str, layer_index: int) -> ModuleSpec:
             self_attention=attention_spec(variant, lm, layer_index),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False),
+            mlp=(get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False)
+                 if lm.experts_impl == "sequential" else moe_module_spec(num_experts=lm.num_experts,
+                                                                         experts_impl=lm.experts_impl)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -123,6 +127,7 @@ def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank:
     last = pp_rank == pp_size - 1 and (vp_stage is None or vp_stage == (vpp_size or 1) - 1)
     model = KeyeLM(
         num_summary=lm.ksa.num_summary if lm.uses_ksa else 0,
+        loss_chunk_tokens=lm.loss_chunk_tokens,
         config=config,
         transformer_layer_spec=block_spec(lm, config, pp_rank=pp_rank, vp_stage=vp_stage),
         vocab_size=lm.vocab_size,
@@ -139,16 +144,18 @@ def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank:
     return model
 
 
-class KeyeLM(GPTModel):
-    """megatron's GPTModel with explicit [3, b, s] positions (multimodal RoPE) and, for KSA, a table of
-    summary-token embeddings.
+class KeyeLM(ChunkedLossMixin, GPTModel):
+    """megatron's GPTModel with explicit [3, b, s] positions (multimodal RoPE), the chunked
+    cross-entropy (models/moe/chunked_ce.py; `loss_chunk_tokens` 0 = megatron's loss) and, for KSA, a
+    table of summary-token embeddings.
 
     Summary slots carry token ids vocab_size + slot (slot < num_summary); their embedding comes from
     `summary_embedding`, not from the vocabulary table, and the output layer never predicts them.
     """
 
-    def __init__(self, *, num_summary: int = 0, **kwargs):
+    def __init__(self, *, num_summary: int = 0, loss_chunk_tokens: int = 0, **kwargs):
         super().__init__(**kwargs)
+        self.loss_chunk_tokens = loss_chunk_tokens or None
         self.num_summary = num_summary
         if num_summary and self.pre_process:
             self.summary_embedding = torch.nn.Parameter(

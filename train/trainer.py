@@ -166,8 +166,10 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             log.info("model %s: %s parameters, %s active per token", cfg.model.name, _count(pc.total), _count(pc.active))
-            log.info("backends: %s; attention %s; experts: megatron SequentialMLP; optimizer: torch AdamW (%s)",
+            log.info("backends: %s; attention %s; experts %s; loss %s; optimizer: torch AdamW (%s)",
                      "NCCL" if torch.cuda.is_available() else "gloo (CPU mode)", "/".join(sorted(set(lm.layer_attention()))),
+                     "megatron SequentialMLP" if lm.experts_impl == "sequential" else f"GroupedExperts({lm.experts_impl})",
+                     f"chunked cross-entropy ({lm.loss_chunk_tokens} tokens)" if lm.loss_chunk_tokens else "megatron's",
                      "distributed" if layout.distributed_optimizer else "replicated")
             if frozen:
                 log.info("train.trainable=%s: %d parameter tensors frozen", t.trainable, frozen)

@@ -57,5 +57,5 @@ def test_formula_matches_built_tiny_model(single_process_group, variant):
     built = sum(p.numel() for p in model.parameters())
     assert built == lm_param_count(lm).total
     experts = [n for n, _ in model.named_parameters() if ".experts." in n]
-    assert len(experts) == lm.num_layers * lm.num_experts * 2  # fc1 (gate+up) and fc2 per expert
+    assert len(experts) == lm.num_layers * 2  # GroupedExperts: stacked w13 (gate+up) and w2 per layer
     assert all(not p.allreduce for n, p in model.named_parameters() if ".experts." in n)
