@@ -114,7 +114,7 @@ def run_plain(cfg, layout, steps: int, warmup: int) -> dict:
     from models.lm import transformer_config
     from parallel.groups import build_process_groups, init_distributed, seed_all
     from train.optim import apply_lr, build_optimizer
-    from train.trainer import _forward_step
+    from train.trainer import StepInputs, _forward_step
 
     _reset_mem()
     lm, t = cfg.model.lm, cfg.train
@@ -145,7 +145,8 @@ def run_plain(cfg, layout, steps: int, warmup: int) -> dict:
         apply_lr(opt, i, t)
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        out = fwd_bwd(forward_step_func=functools.partial(_forward_step, device), data_iterator=stream, model=ddp,
+        out = fwd_bwd(forward_step_func=functools.partial(_forward_step, StepInputs(device=device, vocab_size=lm.vocab_size)),
+                      data_iterator=stream, model=ddp,
                       num_microbatches=1, seq_length=t.seq_length, micro_batch_size=1, forward_only=False,
                       pg_collection=pgs)
         opt.step()
