@@ -140,10 +140,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
                                          pg_collection=self.pgs)
 
-        if t.distill.enabled and not lm.uses_ksa:
-            raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
-        if t.distill.enabled and layout.pp > 1:
-            raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
         self.step_inputs = StepInputs(
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
             ksa_summary=lm.ksa.num_summary, distill=t.distill if t.distill.enabled else None,

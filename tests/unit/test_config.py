@@ -73,6 +73,8 @@ def test_wrong_type_names_the_key():
     (["parallel.moe_dispatcher=flex"], 2, "parallel.moe_dispatcher must be one of"),
     (["train.lr_schedule=step"], 2, "train.lr_schedule must be one of"),
     (["model.lm.attention=sliding"], 2, "model.lm.attention variant 'sliding'"),
+    (["train.distill.enabled=true"], 2, "train.distill.enabled needs KSA layers"),
+    (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
 ])
 def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     with pytest.raises(ValueError) as e:
