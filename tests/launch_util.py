@@ -14,10 +14,10 @@ QUIET = ["train.wandb.enabled=false", "train.warmup_steps=1", "train.log_interva
 
 
 def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int = 600,
-                 check: bool = True) -> subprocess.CompletedProcess:
+                 check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "launch" / "pretrain.py"), *QUIET, *overrides, f"run_dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

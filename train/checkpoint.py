@@ -5,11 +5,14 @@ Layout of a run directory:
     checkpoints/step_000060.partial/  being written (or torn by a crash): never loaded
     checkpoints/latest                name of the newest complete checkpoint (informational)
 
-A save writes into `<name>.partial`; after every rank has finished (dist_checkpointing's collective
-save, then a barrier), rank 0 writes COMPLETE.json listing every file with its size and renames the
-directory to its final name. Loading scans for directories with COMPLETE.json whose files all exist
-with the recorded sizes, newest first, so a crash mid-save leaves the previous checkpoint as the
-newest complete one.
+A save writes into `<name>.partial`; after every rank has finished writing (synchronously, or when an
+asynchronous save's writers are all done), each rank reports the sizes of the files it wrote, rank 0
+writes COMPLETE.json listing every file and renames the directory to its final name. Then each rank
+checksums its own files in a background thread (CRC32 per 64 MiB chunk, CHECKSUMS.rank<r>.json), so the
+checksum pass does not block training. Resuming takes the newest directory with COMPLETE.json whose
+files all exist with their sizes and match their recorded checksums (the ranks split the work); a
+corrupted file is named in the log and the next older checkpoint is used, so neither a crash mid-save
+nor a damaged shard wins. Retention: the newest `keep_last` plus every `keep_every`-th step.
 
 What a checkpoint holds: the model chunks and the optimizer (fp32 master weights and Adam moments, in
 megatron's "fully_reshardable" form, so a checkpoint written at TP2/EP2 loads at
@@ -18,11 +21,15 @@ TP1/EP1), each rank's RNG states, and the common state: step, data position, lay
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,19 +37,43 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from train.faults import maybe_fail
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 COMPLETE = "COMPLETE.json"
-# "fully_reshardable": optimizer state in model space (one tensor per parameter), so TP/PP/EP/DP may change
-# between save and load. ("fully_sharded_model_space" needs flattened shards, which 0.16.1 rejects.)
+# Optimizer formats (train.checkpoint.optimizer_format): "dp_reshardable" (each rank its own flat buffers:
+# fully parallel, no gather; loads at another DP size only) or "fully_reshardable" (per-parameter tensors
+# in model space, gathered over DP at save: TP/PP/EP may change between save and load).
+# ("fully_sharded_model_space" needs flattened shards, which 0.16.1 rejects.)
 # megatron adds its data-parallel group to the metadata dict it is given, so every call gets a fresh
 # dict with the group of the current layout (a shared dict would carry a stale group into the next one).
-def _sharding_metadata(dp_cp_group) -> dict:
-    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+def _sharding_metadata(dp_cp_group, optimizer_format: str = "fully_reshardable") -> dict:
+    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True,
             "dp_cp_group": dp_cp_group}
+
+
+MODEL_PARALLEL_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp")
+
+
+def check_resumable(saved_common: dict, layout: dict, where: Path) -> None:
+    """Raises ValueError when a checkpoint's optimizer state cannot be loaded at `layout`: the
+    dp_reshardable format follows the distributed optimizer's buffers, so only DP may change."""
+    fmt = saved_common.get("optimizer_format", "fully_reshardable")
+    saved = saved_common["layout"]
+    changed = {k: (saved.get(k), layout.get(k)) for k in MODEL_PARALLEL_KEYS if saved.get(k) != layout.get(k)}
+    if fmt == "dp_reshardable" and changed:
+        was = " ".join(f"{k}={saved.get(k)}" for k in MODEL_PARALLEL_KEYS)
+        raise ValueError(
+            f"checkpoint {where} stores the optimizer as dp_reshardable at {was}; this run changes "
+            + ", ".join(f"{k} {a}->{b}" for k, (a, b) in changed.items())
+            + ". That format reshards over data parallelism only. Resume once at the saved layout with "
+              "train.checkpoint.optimizer_format=fully_reshardable train.stop_after=1 (it writes a checkpoint "
+              "any layout loads), then start the new layout.")
 
 
 @dataclass(frozen=True)
@@ -63,7 +94,8 @@ def _verify(path: Path) -> tuple[bool, str]:
         info = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return False, f"unreadable COMPLETE.json: {e}"
-    for rel, size in info.get("files", {}).items():
+    for rel, meta in info.get("files", {}).items():
+        size = meta["size"] if isinstance(meta, dict) else meta
         f = path / rel
         if not f.is_file():
             return False, f"missing file {f}"
@@ -72,12 +104,52 @@ def _verify(path: Path) -> tuple[bool, str]:
     return True, ""
 
 
-def find_latest(run_dir: str | os.PathLike) -> CheckpointRef | None:
-    """Newest complete and verified checkpoint of a run directory (None if there is none)."""
+def verify_checksums(ref: CheckpointRef) -> list[str]:
+    """Collective: the ranks split the checksummed files and compare their CRC32s with the checksum records
+    the saving ranks wrote. Returns the corrupted files (the same list on every rank). Files without a record
+    (the save's background checksum pass had not finished when that run ended) are logged and not judged."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    records = read_checksums(ref.path)
+    unrecorded = sorted(set(json.loads((ref.path / COMPLETE).read_text())["files"]) - set(records))
+    if unrecorded and rank == 0:
+        log.warning("checkpoint %s: no checksum recorded for %d file(s) (%s...); only their sizes are checked",
+                    ref.path, len(unrecorded), unrecorded[0])
+    bad = []
+    for i, (name, want) in enumerate(sorted(records.items())):
+        if i % world != rank:
+            continue
+        f = ref.path / name
+        got = chunk_crc32s(f, want["chunk_bytes"]) if f.is_file() else None
+        if got != want["crc32"]:
+            bad.append(f"{f}: CRC32 differs from the one recorded at save time" if got is not None else f"{f}: missing")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, bad)
+    return sorted(b for part in gathered for b in part)
+
+
+def find_latest_verified(run_dir) -> CheckpointRef | None:
+    """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
+    corrupted one is reported (file named) and skipped for the next older one."""
+    root = checkpoint_root(run_dir)
+    skipped: list[str] = []
+    while True:
+        ref = find_latest(run_dir, exclude=skipped)
+        if ref is None:
+            return None
+        bad = verify_checksums(ref)
+        if not bad:
+            return ref
+        log.error("checkpoint %s is corrupted, resuming from an older one instead: %s", ref.path, "; ".join(bad))
+        skipped.append(ref.path.name)
+
+
+def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:
+    """Newest complete checkpoint of a run directory whose files exist with their recorded sizes."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
-    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))), reverse=True)
+    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.name not in exclude),
+                        reverse=True)
     for step, path in candidates:
         ok, why = _verify(path)
         if ok:
@@ -112,10 +184,10 @@ def _unwrap(chunk):
 
 
 def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool, rank: int, world: int,
-                   dp_cp_group) -> dict:
-    sd: dict = {}
+                   dp_cp_group, optimizer_format: str = "fully_reshardable", extra: dict | None = None) -> dict:
+    sd: dict = {"extra": extra} if extra else {}
     model_sd = {}
-    metadata = _sharding_metadata(dp_cp_group)
+    metadata = _sharding_metadata(dp_cp_group, optimizer_format)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
@@ -126,24 +198,170 @@ def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer:
     return sd
 
 
-def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *, keep_last: int, dp_cp_group) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint path."""
+class CheckpointSaveError(RuntimeError):
+    pass
+
+
+def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *, keep_last: int, keep_every: int = 0,
+                    dp_cp_group, async_queue=None, optimizer_format: str = "dp_reshardable",
+                    extra: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the path the checkpoint is committed to.
+
+    Synchronous: returns after the commit. With `async_queue` (megatron's AsyncCallsQueue): returns once
+    the shards are staged; a forked writer writes them while training goes on, and the commit runs when
+    `async_queue.maybe_finalize_async_calls` finds every rank's writer done.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:06d}"
     partial = root / f"step_{step:06d}.partial"
+    ok = torch.ones(1, device=_device())
     if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    sd = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=True, rank=rank, world=world,
-                        dp_cp_group=dp_cp_group)
-    sd["common"] = common
-    dist_checkpointing.save(sd, str(partial))
-    dist.barrier()
+        try:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        except OSError as e:
+            log.error("cannot create %s: %s", partial, e)
+            ok.zero_()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise CheckpointSaveError(f"could not create checkpoint directory {partial}; see rank 0's log")
+    sd = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=optimizer is not None,
+                        rank=rank, world=world,
+                        dp_cp_group=dp_cp_group, optimizer_format=optimizer_format, extra=extra)
+    sd["common"] = {**common, "optimizer_format": optimizer_format}
+    commit = functools.partial(_commit, root, partial, final, step, keep_last, keep_every)
+    try:
+        if async_queue is None:
+            dist_checkpointing.save(sd, str(partial))
+            commit()
+        else:
+            request = dist_checkpointing.save(sd, str(partial), async_sharded_save=True)
+            request.add_finalize_fn(commit)
+            async_queue.schedule_async_request(request)
+    except CheckpointSaveError:
+        raise
+    except (Exception, CheckpointException) as e:  # e.g. ENOSPC while writing shards: raised on every rank.
+        # torch's CheckpointException derives from BaseException, hence named here.
+        raise CheckpointSaveError(save_failure_message(step, partial, e)) from e
+    return final
+
+
+def save_failure_message(step: int, partial: Path, e: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(partial.parent).free / 1e6:.0f} MB free on the disk holding {partial.parent}"
+    except OSError:
+        free = f"free space on the disk holding {partial.parent} unknown"
+    first = str(e).strip().splitlines()
+    causes = sorted({line.strip() for line in str(e).splitlines() if "Error" in line and ":" in line})
+    why = "; ".join(causes) if causes else (first[0] if first else type(e).__name__)
+    return (f"saving step {step} to {partial} failed ({why}; {free}). The checkpoint is not committed; the "
+            f"newest complete one is still used on resume. Free space (or fix the cause) and rerun to resume.")
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _own_files(directory: Path, rank: int) -> list[Path]:
+    """Files this rank wrote: its __<rank>_<n>.distcp shards (rank 0 also the metadata / common files)."""
+    mine = []
+    for p in sorted(directory.iterdir()):
+        if not p.is_file() or p.name == COMPLETE:
+            continue
+        m = re.match(r"^__(\d+)_\d+\.distcp$", p.name)
+        if (m and int(m.group(1)) == rank) or (not m and rank == 0):
+            mine.append(p)
+    return mine
+
+
+CHECKSUM_CHUNK = 1 << 26  # 64 MiB: files are checksummed in chunks, in parallel threads
+
+
+def chunk_crc32s(path: Path, chunk_bytes: int = CHECKSUM_CHUNK, *, threads: int = 8) -> list[str]:
+    """CRC32 of each `chunk_bytes` piece of a file. zlib releases the GIL on large buffers, so chunks are
+    hashed in parallel threads: a checkpoint of tens of GB is checksummed at memory speed, not 1-2 GB/s."""
+    size = path.stat().st_size
+    n = max(1, -(-size // chunk_bytes))
+
+    def one(i: int) -> str:
+        with open(path, "rb") as f:
+            f.seek(i * chunk_bytes)
+            return f"{zlib.crc32(f.read(chunk_bytes)):08x}"
+
+    if n == 1:
+        return [one(0)]
+    with concurrent.futures.ThreadPoolExecutor(min(threads, n)) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _checksum_record_name(rank: int) -> str:
+    return f"CHECKSUMS.rank{rank}.json"
+
+
+def read_checksums(path: Path) -> dict:
+    """name -> {"chunk_bytes", "crc32": [...]}, merged from every rank's record in a checkpoint directory."""
+    out = {}
+    for rec in sorted(path.glob("CHECKSUMS.rank*.json")):
+        try:
+            out.update(json.loads(rec.read_text())["files"])
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            log.warning("unreadable checksum record %s (%s): ignored", rec, e)
+    return out
+
+
+class _Checksummer:
+    """Per process: after a commit, checksums this rank's files of the committed checkpoint in a background
+    thread and records them beside them (CHECKSUMS.rank<r>.json, written atomically), so neither a
+    synchronous nor an asynchronous save blocks training for it. `wait()` joins the pending pass (called
+    before the next save and at the end of training)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self, final: Path, rank: int, names: list[str]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(final, rank, names), daemon=True,
+                                        name=f"checksum-{final.name}")
+        self._thread.start()
+
+    @staticmethod
+    def _run(final: Path, rank: int, names: list[str]) -> None:
+        try:
+            files = {n: {"chunk_bytes": CHECKSUM_CHUNK, "crc32": chunk_crc32s(final / n)} for n in names}
+            tmp = final / (_checksum_record_name(rank) + ".tmp")
+            tmp.write_text(json.dumps({"files": files}))
+            os.replace(tmp, final / _checksum_record_name(rank))
+        except FileNotFoundError:  # pruned meanwhile
+            pass
+        except OSError as e:
+            log.warning("could not record checksums of %s: %s (the checkpoint stays usable, sizes are checked)",
+                        final, e)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+CHECKSUMS = _Checksummer()
+
+
+def _commit(root: Path, partial: Path, final: Path, step: int, keep_last: int, keep_every: int) -> None:
+    """Collective, after every rank's shards are on disk: record sizes and checksums, then make the
+    checkpoint visible by renaming it (rank 0), and prune old ones."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    maybe_fail("kill_in_save", step=step, rank=rank)
+    CHECKSUMS.wait()  # the previous checkpoint's pass (it may be pruned below)
+    mine = {p.name: {"size": p.stat().st_size} for p in _own_files(partial, rank)}
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
     if rank == 0:
-        files = {str(p.relative_to(partial)): p.stat().st_size for p in partial.rglob("*") if p.is_file()}
+        files = {k: v for part in gathered for k, v in part.items()}
+        on_disk = {p.name for p in partial.iterdir() if p.is_file()}
+        if on_disk - set(files):
+            raise CheckpointSaveError(f"files in {partial} that no rank accounted for: {sorted(on_disk - set(files))}")
         (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
         if final.exists():  # an older copy of the same step (e.g. rerun after a crash): replace it
             shutil.rmtree(final)
@@ -151,23 +369,33 @@ def save_checkpoint(run_dir, step: int, model_chunks, optimizer, common: dict, *
         tmp = root / "latest.tmp"
         tmp.write_text(final.name + "\n")
         os.replace(tmp, root / "latest")
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep_every)
+        log.info("committed checkpoint %s (%d files, %.1f MB)", final, len(files),
+                 sum(v["size"] for v in files.values()) / 1e6)
     dist.barrier()
-    return final
+    CHECKSUMS.start(final, rank, sorted(mine))
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / COMPLETE).is_file())
-    for _, p in complete[:-keep_last]:
+def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Keeps the newest `keep_last` complete checkpoints plus every step that is a multiple of `keep_every`."""
+    complete = sorted((int(m.group(1)), p) for p in root.iterdir()
+                      if (m := _NAME.match(p.name)) and (p / COMPLETE).is_file())
+    for step, p in complete[:-keep_last]:
+        if keep_every and step % keep_every == 0:
+            continue
         shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, dp_cp_group, load_optimizer: bool = True,
-                    load_rng: bool = True) -> dict:
-    """Collective. Loads model (and optimizer / RNG) in place; returns the common state."""
+                    load_rng: bool = True, extra: dict | None = None) -> dict:
+    """Collective. Loads model (and optimizer / RNG) in place; returns the common state. `extra`: more
+    ShardedTensors (e.g. the vision tower's, train/vision.py), loaded into their tensors in place."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    fmt = dist_checkpointing.load_common_state_dict(str(ref.path))["common"].get("optimizer_format",
+                                                                                 "fully_reshardable")
     sd = _sharded_state(model_chunks, optimizer, is_loading=True, with_optimizer=load_optimizer, rank=rank, world=world,
-                        dp_cp_group=dp_cp_group)
+                        dp_cp_group=dp_cp_group, optimizer_format=fmt, extra=extra)
+    targets = {k: sh.data for k, sh in (extra or {}).items()}  # load() replaces the entries in place
     if not load_rng:
         sd.pop("rng_state")
     state = dist_checkpointing.load(sd, str(ref.path))
@@ -177,6 +405,8 @@ def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, dp_cp_group,
         optimizer.load_state_dict(state["optimizer"])
     if load_rng:
         _set_rng_state(state["rng_state"])
+    for k, target in targets.items():
+        target.copy_(state["extra"][k])
     return state["common"]
 
 

@@ -103,11 +103,12 @@ def ensure_adam_state(optimizer) -> None:
 
 
 def patch_step_restore(optimizer) -> None:
-    """Lets megatron-core 0.16.1's distributed optimizer load a "fully_reshardable" checkpoint without TE/apex.
+    """Lets megatron-core 0.16.1's distributed optimizer load its checkpoints without TE/apex.
 
-    Its loader copies every key of a parameter's live Adam state from the checkpoint, but the
-    checkpoint's per-parameter tensors have no `step` (it is restored separately, from the param
-    groups), so loading raises KeyError: 'step'. The step already restored is kept as it is.
+    Its loader copies every key of a parameter's live Adam state from the checkpoint. A fully_reshardable
+    checkpoint's per-parameter tensors have no `step` (restored separately, from the param groups), so
+    loading raised KeyError: 'step'; a dp_reshardable one returns a stale placeholder step that would
+    overwrite the restored one with 0 (resumed training then diverges). The restored step is kept.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -117,13 +118,20 @@ def patch_step_restore(optimizer) -> None:
         original = opt._set_main_param_and_optimizer_states
 
         def patched(model_param, tensors, _opt=opt, _original=original):
-            if "step" not in tensors:
-                group_index, group_order = _opt.model_param_group_index_map[model_param]
-                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-                step = _opt.optimizer.state[main_param].get("step")
-                if step is not None:
-                    tensors = {**tensors, "step": step}
-            return _original(model_param, tensors)
+            # The step restored from the param groups is kept: a fully_reshardable checkpoint has no
+            # per-parameter step, and a dp_reshardable one hands back the step the state had when the
+            # load request was built (a non-persistent placeholder, 0 on a fresh optimizer).
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            step = _opt.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+            else:
+                tensors = {k: v for k, v in tensors.items() if k != "step"}
+            # the dp_reshardable loader calls this outside no_grad: an in-place copy into a leaf fp32 main
+            # param that requires grad would raise
+            with torch.no_grad():
+                return _original(model_param, tensors)
 
         opt._set_main_param_and_optimizer_states = patched
         opt._step_restore_patched = True

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One SLURM task per node: starts torchrun with the rendezvous taken from the SLURM environment.
+# Called by pretrain.sbatch through srun; every argument is passed to launch/pretrain.py.
+#   SLURM_JOB_ID, SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST   set by SLURM
+#   GPUS_PER_NODE   processes per node (default: the GPUs this node shows, else 1)
+#   MASTER_ADDR / MASTER_PORT   rendezvous host / port (default: first node of the job / 29400)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+: "${SLURM_JOB_ID:?not inside a SLURM job (SLURM_JOB_ID unset)}"
+: "${SLURM_NNODES:?SLURM_NNODES unset}"
+: "${SLURM_NODEID:?SLURM_NODEID unset}"
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+  MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+fi
+MASTER_PORT="${MASTER_PORT:-29400}"
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+fi
+# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+mkdir -p "${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}"
+exec python -m torch.distributed.run \
+  --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$GPUS_PER_NODE" \
+  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
+  --log_dir="${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}/torchrun-node$SLURM_NODEID" \
+  "$repo/launch/pretrain.py" "$@"

@@ -1,0 +1,33 @@
+"""Fault injection points a user (or a test) can switch on, to check that failures lose nothing.
+
+    KEYE_FAULT="kill_in_save:step=4"          a rank dies (SIGKILL) after writing its shards of the
+                                              step-4 checkpoint, before the commit
+    KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
+Several faults are separated by ';'. `rank` defaults to every rank, `step` to every step.
+The disk-full case needs no hook: run with the run directory on a small filesystem
+(tests/dist/test_faults.py mounts a tmpfs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse(spec: str) -> list[tuple[str, dict]]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        name, *args = item.split(":")
+        kv = dict(a.split("=", 1) for a in args)
+        faults.append((name, {k: int(v) for k, v in kv.items()}))
+    return faults
+
+
+def maybe_fail(point: str, *, step: int, rank: int) -> None:
+    """Kills this process with SIGKILL if KEYE_FAULT names `point` for this step and rank."""
+    spec = os.environ.get("KEYE_FAULT")
+    if not spec:
+        return
+    for name, kv in _parse(spec):
+        if name == point and kv.get("step", step) == step and kv.get("rank", rank) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,92 @@
+"""Stop requests: SIGTERM / SIGUSR1 to a training process, or a STOP file in the run directory.
+
+On a request every rank finishes its current step, the ranks agree (one all-reduce per step), a
+checkpoint is written and training returns, so a requeued or rerun job resumes from exactly there.
+- SIGTERM: what torchrun forwards to its workers when it is terminated (scancel, preemption); torchrun
+  kills workers that have not exited 30 s later, so this path suits jobs whose save takes less.
+- SIGUSR1: SLURM's early warning (`sbatch --signal=USR1@<seconds>` delivered to the tasks).
+- STOP file: launch/slurm/pretrain.sbatch traps its own early-warning signal and touches
+  <run_dir>/STOP; the workers see it at the next step boundary, with no grace limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STOP_FILE = "STOP"
+
+
+class StopRequests:
+    def __init__(self, run_dir: str, *, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.stop_file = Path(run_dir) / STOP_FILE
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, device: torch.device) -> str | None:
+        """Collective: the reason if any rank saw a signal or the STOP file, else None."""
+        local = 1.0 if self.signal_name else (2.0 if self.stop_file.exists() else 0.0)
+        flag = torch.tensor([local], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return None
+        return self.signal_name or ("signal on another rank" if flag.item() == 1 else f"{self.stop_file} exists")
+
+    def clear_stop_file(self) -> None:
+        try:
+            self.stop_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+
+
+def _die_with_parent() -> None:
+    """Runs in the helper process: Linux sends it SIGTERM when the process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def restart_checkpoint_helpers() -> None:
+    """(Re)starts the multiprocessing Manager megatron-core's checkpoint writer reports through.
+
+    megatron starts that Manager lazily with no tie to its parent. Two failures follow: torchrun
+    delivers SIGTERM to a worker's whole process group, killing the Manager, and the final save on
+    that signal fails with BrokenPipeError; and a rank killed outright leaves its Manager running as
+    an orphan (holding the job's output pipes). The Manager started here dies with the training
+    process (PR_SET_PDEATHSIG), and one started after a stop signal is not hit by that signal.
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _MANAGERS.append(manager)  # keep it referenced: its finalizer would shut the server down
+
+
+_MANAGERS: list = []
