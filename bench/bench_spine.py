@@ -215,7 +215,7 @@ def main() -> None:
     register_configs()
     from models.config import lm_flops_per_token
 
-    recipe = "keye_tiny" if args.smoke else "keye_30b_a3b"
+    recipe = "keye_tiny_lm" if args.smoke else "keye_30b_a3b_lm"
     seqs = [256] if args.smoke else args.seqs
     results = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "layers": args.layers, "peak_tflops": PEAK_TFLOPS}, "runs": []}

@@ -13,19 +13,28 @@ looks back, i.e. induction heads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-DATA_KINDS = ("synthetic_tokens",)
+from data.video.config import VideoDataConfig
+
+DATA_KINDS = ("synthetic_tokens", "video")
 
 
 @dataclass
 class DataConfig:
+    """`data`: synthetic_tokens (a text stream made here) or video (packed video + text samples from
+    tar shards written by launch/ingest.py, see docs/data.md)."""
+
     kind: str = "synthetic_tokens"
     seed: int = 1234
     branching: int = 4
     copy_prob: float = 0.5
+    # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
+    # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos, once, then reused)
+    video: VideoDataConfig = field(default_factory=VideoDataConfig)
+    synthetic_videos: int = 24
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:

@@ -207,8 +207,36 @@ def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True) -> f
 
 
 @dataclass
+class VisionModelConfig:
+    """The `model.vision` node: the native-resolution SigLIP ViT + 2x2 patch-merger projector
+    (models/vision). Disabled: a text-only language model. Sizes default to SigLIP-so400m."""
+
+    enabled: bool = False
+    depth: int = 27
+    hidden: int = 1152
+    heads: int = 16
+    mlp: int = 4304
+    patch: int = 14
+    merge: int = 2
+    pos_grid: int = 27
+    init_std: float = 0.02
+
+    def build(self, lm_hidden: int):
+        """The models.vision.VisionConfig of these sizes, projecting to `lm_hidden` (validates)."""
+        from models.vision.config import VisionConfig
+
+        return VisionConfig(depth=self.depth, hidden=self.hidden, heads=self.heads, mlp=self.mlp,
+                            lm_hidden=lm_hidden, patch=self.patch, merge=self.merge, pos_grid=self.pos_grid)
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            self.build(lm_hidden=1)  # raises naming the field on a bad size
+
+
+@dataclass
 class ModelConfig:
-    """The `model` node of a recipe. The language model now; the ViT and projector join it later."""
+    """The `model` node of a recipe: the language model and (optionally) the vision tower."""
 
     name: str = "keye_tiny"
     lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)

@@ -162,7 +162,39 @@ class KeyeLM(ChunkedLossMixin, GPTModel):
                 torch.empty(num_summary, self.config.hidden_size, dtype=self.config.params_dtype))
             torch.nn.init.normal_(self.summary_embedding, std=self.config.init_method_std)
 
+    def forward(self, *args, visual=None, **kwargs):
+        """`visual`: (embeddings [V, h], positions [V]) of one packed row (batch 1): the vision tower's
+        merged tokens, written over the placeholder tokens at those sequence positions."""
+        self._visual = visual
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._visual = None
+
+    def _insert_visual(self, decoder_input, input_ids):
+        embeds, pos = self._visual
+        s, b = input_ids.shape[1], input_ids.shape[0]
+        if b != 1:
+            raise ValueError(f"visual tokens need one packed sequence per micro-batch, got batch {b}")
+        if embeds.shape[0] != pos.shape[0]:
+            raise ValueError(f"{embeds.shape[0]} visual embeddings for {pos.shape[0]} visual positions")
+        extra = decoder_input.new_zeros(s, 1, decoder_input.shape[-1], dtype=embeds.dtype)
+        extra = extra.index_put((pos, torch.zeros_like(pos)), embeds)  # differentiable in embeds
+        keep = torch.ones(s, 1, 1, dtype=decoder_input.dtype, device=decoder_input.device)
+        keep[pos] = 0
+        if self.config.sequence_parallel:
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            extra = scatter_to_sequence_parallel_region(extra, group=self.pg_collection.tp)
+            keep = scatter_to_sequence_parallel_region(keep, group=self.pg_collection.tp)
+        return decoder_input * keep + extra.to(decoder_input.dtype)
+
     def _preprocess(self, input_ids, position_ids, decoder_input=None, *args, **kwargs):
+        if getattr(self, "_visual", None) is not None and self.pre_process and decoder_input is None:
+            if self.num_summary:
+                raise ValueError("visual tokens with KSA summary slots are not supported yet")
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            decoder_input = self._insert_visual(decoder_input, input_ids)
         if self.num_summary and self.pre_process and decoder_input is None:
             is_summary = input_ids >= self.vocab_size
             decoder_input = self.embedding(input_ids=torch.where(is_summary, 0, input_ids), position_ids=position_ids)

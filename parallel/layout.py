@@ -10,12 +10,34 @@ is built.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.config import LMConfig, ModelParallelSizes
 
 DISPATCHERS = ("alltoall", "allgather")
 RECOMPUTE = ("none", "selective", "full")
+CP_COMM = ("a2a", "allgather")  # dense attention under CP: Ulysses all-to-all, or all-gathered K/V
+
+
+VIT_LAYOUTS = ("spread", "replicated")
+VIT_BALANCE = ("lpt", "round_robin")
+
+
+@dataclass
+class ViTParallelConfig:
+    """`parallel.vit`: the vision tower's own layout. spread: the frames of a step are split over every
+    rank that shares an LM sequence (TP x CP x PP of one data-parallel replica), balanced by cost;
+    replicated: every LM-input rank encodes all frames itself (the usual layout, kept as a baseline)."""
+
+    layout: str = "spread"
+    balance: str = "lpt"  # lpt: longest-processing-time on per-frame FLOPs; round_robin: frame i -> rank i % n
+    recompute: bool = False  # checkpoint each ViT block and keep no ViT activations between its forward and backward phases
+
+    def __post_init__(self) -> None:
+        if self.layout not in VIT_LAYOUTS:
+            raise ValueError(f"parallel.vit.layout must be one of {VIT_LAYOUTS}, got {self.layout!r}")
+        if self.balance not in VIT_BALANCE:
+            raise ValueError(f"parallel.vit.balance must be one of {VIT_BALANCE}, got {self.balance!r}")
 
 
 @dataclass
@@ -30,6 +52,8 @@ class ParallelConfig:
     moe_dispatcher: str = "alltoall"
     distributed_optimizer: bool = True
     recompute: str = "none"
+    cp_comm: str = "a2a"  # dense attention under CP: "a2a" (Ulysses all-to-all) or "allgather" (K/V gathered)
+    vit: ViTParallelConfig = field(default_factory=ViTParallelConfig)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
@@ -39,6 +63,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.moe_dispatcher must be one of {DISPATCHERS}, got {self.moe_dispatcher!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"parallel.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.cp_comm not in CP_COMM:
+            raise ValueError(f"parallel.cp_comm must be one of {CP_COMM}, got {self.cp_comm!r}")
         if self.vpp > 1 and self.pp == 1:
             raise ValueError(f"parallel.vpp ({self.vpp}) > 1 needs parallel.pp > 1 (got pp={self.pp})")
 
@@ -58,6 +84,7 @@ class ParallelLayout:
     moe_dispatcher: str
     distributed_optimizer: bool
     recompute: str
+    cp_comm: str = "a2a"
 
     @classmethod
     def build(cls, cfg: ParallelConfig, *, world_size: int, lm: LMConfig) -> "ParallelLayout":
@@ -92,8 +119,10 @@ class ParallelLayout:
                 f"model.lm.num_layers ({lm.num_layers}) must be divisible by parallel.pp * parallel.vpp "
                 f"({pp} * {vpp} = {pp * vpp})")
         if cp > 1:
-            raise ValueError(
-                f"parallel.cp ({cp}) > 1 needs context-parallel attention, which this build does not have yet")
+            check_context_parallel(cp, cfg.cp_comm, lm, tp=tp)
+            if cfg.cp_comm == "allgather":
+                warnings.warn("parallel.cp_comm=allgather is validated but does not reach the model yet "
+                              "(models/lm.transformer_config sets no cp_comm_type): dense attention runs Ulysses (a2a)")
         sp = tp > 1
         if tp > 1 and not cfg.sequence_parallel:
             warnings.warn("parallel.sequence_parallel=false is ignored: MoE layers with tp > 1 need "
@@ -101,7 +130,18 @@ class ParallelLayout:
         return cls(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=cp, dp=dp,
                    edp=world_size // expert_par, world_size=world_size, sequence_parallel=sp,
                    moe_dispatcher=cfg.moe_dispatcher, distributed_optimizer=cfg.distributed_optimizer,
-                   recompute=cfg.recompute)
+                   recompute=cfg.recompute, cp_comm=cfg.cp_comm)
+
+    def check_seq_length(self, seq_length: int, lm: LMConfig) -> int:
+        """The model's sequence length (text + KSA summaries) for `seq_length` text tokens, checked for cp.
+
+        ValueError when it is not divisible by 2 * cp (the load-balanced split cuts 2 * cp equal chunks)."""
+        model_len = seq_length + (lm.ksa.num_summary * (seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
+        if self.cp > 1 and model_len % (2 * self.cp):
+            what = f"{seq_length} tokens + KSA summaries = {model_len}" if lm.uses_ksa else f"{seq_length}"
+            raise ValueError(f"train.seq_length ({what}) must be divisible by 2 * parallel.cp = {2 * self.cp}: "
+                             "context parallelism cuts the sequence into 2 * cp equal chunks")
+        return model_len
 
     def model_sizes(self) -> ModelParallelSizes:
         return ModelParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None,
@@ -112,4 +152,31 @@ class ParallelLayout:
         return (f"world {self.world_size} = tp {self.tp} x cp {self.cp} x dp {self.dp} x pp {self.pp}"
                 f"{f' (vpp {self.vpp})' if self.vpp > 1 else ''}; experts: etp {self.etp} x ep {self.ep} "
                 f"x edp {self.edp} x pp {self.pp}; sequence parallel {'on' if self.sequence_parallel else 'off'}, "
-                f"dispatcher {self.moe_dispatcher}")
+                f"dispatcher {self.moe_dispatcher}"
+                f"{f'; context parallel comm {self.cp_comm}' if self.cp > 1 else ''}")
+
+
+def check_context_parallel(cp: int, cp_comm: str, lm: LMConfig, *, tp: int) -> None:
+    """Checks that every attention variant the model uses can run at context-parallel degree `cp`.
+
+    Ulysses (dense with cp_comm=a2a, KSA always, the DSA dense warm-up with a2a) gives each CP rank
+    Hq/cp query heads of the heads one TP rank holds, in whole GQA groups: Hq/tp divisible by cp, and
+    Hkv/tp and cp dividing one another (KV heads are replicated when fewer than cp). All-gather-KV dense
+    and DSA sparse attention have no head constraint. The sequence-length check (divisible by 2 * cp)
+    needs the train config: `ParallelLayout.check_seq_length`.
+    """
+    variants = set(lm.layer_attention())
+    ulysses = ("ksa" in variants or (cp_comm == "a2a" and ("dense" in variants or
+                                                          ("dsa" in variants and lm.dsa.stage == "dense_warmup"))))
+    if not ulysses:
+        return
+    hq, hkv = lm.num_attention_heads // tp, lm.num_query_groups // tp
+    why = "KSA layers run by Ulysses" if "ksa" in variants else "parallel.cp_comm=a2a (Ulysses)"
+    if hq % cp:
+        raise ValueError(f"parallel.cp ({cp}) must divide the query heads per TP rank (model.lm.num_attention_heads "
+                         f"{lm.num_attention_heads} / tp {tp} = {hq}): {why} splits heads over CP ranks"
+                         + ("" if "ksa" in variants else "; or use parallel.cp_comm=allgather"))
+    if hkv % cp and cp % hkv:
+        raise ValueError(f"parallel.cp ({cp}) and the KV heads per TP rank (model.lm.num_query_groups "
+                         f"{lm.num_query_groups} / tp {tp} = {hkv}) must divide one another: {why} sends whole GQA "
+                         "groups to each CP rank" + ("" if "ksa" in variants else "; or use parallel.cp_comm=allgather"))

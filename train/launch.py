@@ -31,6 +31,35 @@ def setup_logging(run_dir: str, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
+    """The vision tower and video data fit together and with the layout (ValueError naming the setting)."""
+    v, d, t = cfg.model.vision, cfg.data, cfg.train
+    if d.kind == "video" and d.video.shards == "REQUIRED":
+        raise ValueError("data.video.shards is required: the directory of shards written by launch/ingest.py "
+                         "(e.g. data.video.shards=/data/shards); an empty value trains on synthetic videos")
+    if t.trainable == "projector" and not v.enabled:
+        raise ValueError("train.trainable=projector trains the vision projector: set model.vision.enabled=true")
+    if not v.enabled:
+        return
+    if d.kind != "video":
+        raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}")
+    if cfg.model.lm.uses_ksa:
+        raise ValueError("model.vision with KSA attention is not supported yet: the visual positions would "
+                         "have to follow the inserted summary slots")
+    if layout.cp > 1:
+        raise ValueError(f"model.vision with parallel.cp={layout.cp} is not supported yet (the visual tokens "
+                         "would have to follow the context-parallel split)")
+    if t.micro_batch_size != 1:
+        raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
+                         f"got {t.micro_batch_size}")
+    if d.video.vocab_size > cfg.model.lm.vocab_size:
+        raise ValueError(f"data.video.vocab_size ({d.video.vocab_size}) exceeds model.lm.vocab_size "
+                         f"({cfg.model.lm.vocab_size})")
+    if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
+        raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
+                         f"model.vision.patch/merge ({v.patch}/{v.merge})")
+
+
 def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     """Typed config and layout, or ValueError naming the bad setting. Builds no process group."""
     cfg = to_config(dcfg)
@@ -43,6 +72,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
+    check_multimodal(cfg, layout)
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
@@ -59,8 +89,14 @@ def run(dcfg: DictConfig) -> None:
     setup_logging(cfg.resolved_run_dir(), rank)
     from train.trainer import Trainer
 
+    from train.checkpoint import CheckpointSaveError
+
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg))
         trainer.train()
+    except CheckpointSaveError as e:
+        logging.getLogger("train").error("checkpoint error: %s", e)
+        print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         teardown()

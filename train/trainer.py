@@ -14,12 +14,12 @@ import json
 import logging
 import os
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dataclasses import dataclass
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -34,8 +34,10 @@ from parallel.layout import ParallelLayout
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig
 from train.distill import distill_losses
+from train.faults import maybe_fail
 from train.metrics import Meter, StepStats, Timer, device_peak_tflops
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
+from train.preemption import StopRequests, restart_checkpoint_helpers
 
 log = logging.getLogger("train")
 
@@ -63,10 +65,15 @@ class StepInputs:
     distill: DistillConfig | None = None
     tp_group: object = None
     sequence_parallel: bool = False
+    cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
+
+
+VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds")
 
 
 def _forward_step(inputs: StepInputs, data_iterator, model):
-    batch = {k: v.to(inputs.device, non_blocking=True) for k, v in next(data_iterator).items()}
+    raw = next(data_iterator)
+    batch = {k: v.to(inputs.device, non_blocking=True) for k, v in raw.items() if k not in VISION_KEYS}
     pos = batch["position_ids"]
     if pos.dim() == 2:  # [b, s] text positions -> the [3, b, s] rows of multimodal RoPE
         batch["position_ids"] = pos = pos.unsqueeze(0).expand(3, -1, -1)
@@ -81,8 +88,28 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
                                                  sequence_parallel=inputs.sequence_parallel)
             return loss_sum, functools.partial(_distill_loss_func, n, report)
         tokens, labels, mask, pos = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids
-    output = model(tokens, pos, None, labels=labels)
+    kwargs = {}
+    if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
+        kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"])
+    if inputs.cp_group is not None:
+        from parallel.context.batch import split_batch_for_cp
+
+        tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group)
+    if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
+        kwargs["visual"] = (raw["visual_embeds"], raw["visual_pos"].to(inputs.device))
+    output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask)
+
+
+def packed_params(cu_seqlens: torch.Tensor):
+    """PackedSeqParams for one packed row in megatron's sbhd layout: rotary embeddings use the explicit
+    positions (no per-document restart, which the thd path would do), the core attention the bounds."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.reshape(-1).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 def _count(n: int) -> str:
@@ -127,7 +154,22 @@ class Trainer:
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
         if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
             self._init_weights_from(chunks, t.checkpoint.init_from)
-        frozen = freeze_for_stage(chunks, t.trainable)
+        if t.trainable == "projector":  # alignment stage: ViT and LM frozen, only the projector trains
+            frozen = sum(1 for c in chunks for p in c.parameters())
+            for c in chunks:
+                c.requires_grad_(False)
+        else:
+            frozen = freeze_for_stage(chunks, t.trainable)
+        # a frozen LM (projector alignment) has no optimizer state to save or restore
+        self.lm_trainable = any(p.requires_grad for c in chunks for p in c.parameters())
+        self.vision = None
+        if cfg.model.vision.enabled:
+            from train.vision import VisionTower
+
+            self.vision = VisionTower(cfg, layout, self.pgs, self.device, train_vit=t.trainable == "all",
+                                      bf16=self.bf16)
+            if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
+                self._init_vision_from(t.checkpoint.init_from)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=layout.distributed_optimizer,
                                                 check_for_nan_in_grad=True)
@@ -143,22 +185,31 @@ class Trainer:
         self.step_inputs = StepInputs(
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
             ksa_summary=lm.ksa.num_summary, distill=t.distill if t.distill.enabled else None,
-            tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel)
+            tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
+            cp_group=self.pgs.cp if layout.cp > 1 else None)
         # KSA lengthens every sequence by its summary slots (one document per row in the token stream).
         self.model_seq_length = t.seq_length + (lm.ksa.num_summary * (t.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
-        make_stream = functools.partial(SyntheticTokenStream, cfg.data, vocab_size=lm.vocab_size,
-                                        seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                        global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-        # One stream per model chunk: the interleaved schedule pulls each chunk's micro-batches separately.
-        self.streams = [make_stream() for _ in self.model]
+        if cfg.data.kind == "video":
+            # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
+            # every model chunk iterates the same list.
+            self.streams = [self._video_stream(cfg, dp_rank, dp_size)]
+        else:
+            make_stream = functools.partial(SyntheticTokenStream, cfg.data, vocab_size=lm.vocab_size,
+                                            seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                            global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+            # One stream per model chunk: the interleaved schedule pulls each chunk's micro-batches separately.
+            self.streams = [make_stream() for _ in self.model]
         self.num_microbatches = self.streams[0].num_microbatches
 
         pc = lm_param_count(lm)
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
+        self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
+        if t.checkpoint.enabled:
+            restart_checkpoint_helpers()
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             log.info("model %s: %s parameters, %s active per token", cfg.model.name, _count(pc.total), _count(pc.active))
@@ -177,31 +228,70 @@ class Trainer:
         self._resume()
 
     # ----------------------------------------------------------------------------------------------
+    def _video_stream(self, cfg, dp_rank: int, dp_size: int):
+        from dataclasses import replace
+
+        from data.video_stream import VideoBatchStream, ensure_synthetic_shards
+
+        v = cfg.data.video
+        if not v.shards:
+            shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
+                                             cfg.data.seed, rank=self.rank)
+            v = replace(v, shards=str(shards))
+        if v.quarantine_path and not os.path.isabs(v.quarantine_path):
+            stem = Path(v.quarantine_path)
+            v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
+        t = cfg.train
+        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                seed=cfg.data.seed)
+
     def _common_state(self) -> dict:
         l = self.layout
         return {"step": self.step, "data": self.streams[0].state_dict(),
                 "layout": {"tp": l.tp, "pp": l.pp, "vpp": l.vpp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "dp": l.dp,
                            "world_size": l.world_size},
-                "recipe": self.cfg.recipe_name, "seed": self.cfg.seed}
+                "recipe": self.cfg.recipe_name, "seed": self.cfg.seed,
+                "vision_steps": self.vision.steps if self.vision is not None else 0}
 
     def _resume(self) -> None:
         c = self.cfg.train.checkpoint
-        ref = ckpt.find_latest(self.run_dir) if c.resume else None
+        ref = ckpt.find_latest_verified(self.run_dir) if c.resume else None
         if ref is None:
             return
-        same_layout = self._saved_layout(ref) == self._common_state()["layout"]
-        ensure_adam_state(self.optimizer)
-        patch_step_restore(self.optimizer)
-        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout)
-        untie_adam_steps(self.optimizer)
+        saved = self._saved_common(ref)
+        same_layout = saved["layout"] == self._common_state()["layout"]
+        ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)
+        if self.lm_trainable:
+            ensure_adam_state(self.optimizer)
+            patch_step_restore(self.optimizer)
+        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
+                                      load_optimizer=self.lm_trainable,
+                                      extra=self.vision.sharded_state() if self.vision is not None else None)
+        if self.vision is not None:
+            self.vision.load_sharded({}, {}, int(common.get("vision_steps", 0)))
+        if self.lm_trainable:
+            untie_adam_steps(self.optimizer)
         self.step = int(common["step"])
         for s in self.streams:
             s.load_state_dict(common["data"])
         log.info("resumed from %s at step %d%s", ref.path, self.step,
-                 "" if same_layout else f" (resharded from layout {self._saved_layout(ref)}; RNG state not restored)")
+                 "" if same_layout else f" (resharded from layout {saved['layout']}; RNG state not restored)")
 
     def _init_weights_from(self, chunks, source: str) -> None:
-        """Model weights from another run's newest checkpoint; parameters it lacks keep their init."""
+        """Model weights from another run's newest checkpoint, or from a Hugging Face Qwen3-MoE directory
+        (config.json + safetensors, read slice by slice for this rank's shards); parameters the source
+        lacks keep their init."""
+        from models.hf import is_hf_checkpoint, load_hf_into
+
+        if is_hf_checkpoint(source):
+            from models.hf import KeyeLMView, is_multimodal
+
+            multimodal = is_multimodal(json.loads(Path(source, "config.json").read_text()))
+            stats = load_hf_into(chunks, KeyeLMView(source) if multimodal else source, lm=self.cfg.model.lm)
+            log.info("initialised model weights from the Hugging Face checkpoint %s (fresh optimizer, step 0): %s",
+                     source, stats)
+            return
         src = ckpt.find_latest(source)
         if src is None:
             raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
@@ -211,16 +301,60 @@ class Trainer:
         log.info("initialised model weights from %s (fresh optimizer, step 0)%s", src.path,
                  f"; not in that checkpoint, kept at init: {sorted(set(missing))}" if missing else "")
 
+    def _init_vision_from(self, source: str) -> None:
+        """The vision tower's weights from a Keye-VL HF directory or from one of our checkpoints that holds
+        `vision.*` tensors; a source without a vision tower leaves the ViT and projector at their init."""
+        from models.hf import is_hf_checkpoint, is_multimodal, load_keye_vision_into
+
+        if is_hf_checkpoint(source):
+            if is_multimodal(json.loads(Path(source, "config.json").read_text())):
+                stats = load_keye_vision_into(self.vision.model, source)
+                log.info("initialised the vision tower from the Hugging Face checkpoint %s: %s", source, stats)
+                return
+            log.info("%s has no vision tower: the ViT and projector keep their initialisation", source)
+            return
+        src = ckpt.find_latest(source)
+        if src is None:
+            raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
+        sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
+        missing = ckpt.load_extra_weights(src, sd)
+        log.info("initialised the vision tower from %s%s", src.path,
+                 f"; not in that checkpoint, kept at init: {len(missing)} tensors" if missing else "")
+
     @staticmethod
-    def _saved_layout(ref: ckpt.CheckpointRef) -> dict:
+    def _saved_common(ref: ckpt.CheckpointRef) -> dict:
         import megatron.core.dist_checkpointing as dcp
 
-        return dcp.load_common_state_dict(str(ref.path))["common"]["layout"]
+        return dcp.load_common_state_dict(str(ref.path))["common"]
 
-    def _save(self) -> None:
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._common_state(),
-                                    keep_last=self.cfg.train.checkpoint.keep_last, dp_cp_group=self.pgs.dp_cp)
-        log.info("saved checkpoint %s", path)
+    def _save(self, *, blocking: bool = False) -> None:
+        c = self.cfg.train.checkpoint
+        self._finish_saves(blocking=True)  # one save in flight at a time
+        queue = None if blocking else self.async_queue
+        timer = Timer()
+        timer.start()
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
+                                    self.optimizer if self.lm_trainable else None, self._common_state(),
+                                    keep_last=c.keep_last, keep_every=c.keep_every, dp_cp_group=self.pgs.dp_cp,
+                                    async_queue=queue, optimizer_format=c.optimizer_format,
+                                    extra=self.vision.sharded_state() if self.vision is not None else None)
+        self._inflight = (self.step, path)
+        log.info("%s checkpoint %s (training blocked %.2f s)", "saved" if queue is None else "saving (async)", path,
+                 timer.stop())
+
+    def _finish_saves(self, *, blocking: bool) -> None:
+        """Commits async saves whose writers are done on every rank (all of them with blocking=True).
+        A writer's failure (disk full, I/O error) surfaces here as CheckpointSaveError."""
+        if self.async_queue is None:
+            return
+        try:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except ckpt.CheckpointSaveError:
+            raise
+        except (Exception, ckpt.CheckpointException) as e:
+            step, final = self._inflight
+            raise ckpt.CheckpointSaveError(
+                ckpt.save_failure_message(step, final.with_name(final.name + ".partial"), e)) from e
 
     # ----------------------------------------------------------------------------------------------
     def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
@@ -255,9 +389,17 @@ class Trainer:
         extra = {}
         if self.layout.pp > 1:
             extra["p2p_communicator"] = self.p2p
+        if self.cfg.data.kind == "video":
+            mbs = [next(self.streams[0]) for _ in range(self.num_microbatches)]
+            if self.vision is not None:
+                embeds = self.vision.forward(mbs, self.device)
+                mbs = [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
+            iters = [iter(mbs) for _ in self.model]
+        else:
+            iters = self.streams
         losses = fwd_bwd(
             forward_step_func=functools.partial(_forward_step, self.step_inputs),
-            data_iterator=self.streams if len(self.model) > 1 else self.streams[0],
+            data_iterator=iters if len(self.model) > 1 else iters[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
             seq_length=self.model_seq_length,
@@ -266,10 +408,19 @@ class Trainer:
             pg_collection=self.pgs,
             **extra,
         )
+        maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
+        if self.vision is not None:
+            # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
+            tok = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs))], dtype=torch.float64,
+                               device=self.device)
+            dist.all_reduce(tok, group=self.pgs.dp_cp)
+            vit_norm = self.vision.backward_and_step(lr, float(tok.item()))
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
         loss, extra = self._reduce_loss(losses)
+        if self.vision is not None:
+            extra["vit_grad"] = vit_norm
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra)
@@ -283,21 +434,42 @@ class Trainer:
         start = self.step
         for m in self.model:
             m.train()
+        stops = StopRequests(self.run_dir)
+        try:
+            self._loop(history, start, stops)
+        finally:
+            stops.restore()
+            self._finish_saves(blocking=True)
+            ckpt.CHECKSUMS.wait()
+        if self.rank == 0:
+            self.meter.finish()
+        return history
+
+    def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
+        t = self.cfg.train
         while self.step < t.steps:
             stats = self.train_step()
+            self._finish_saves(blocking=False)
             history.append(stats)
             if self.rank == 0:
                 with open(Path(self.run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": stats.step, **self.meter.rates(stats)}) + "\n")
                 if stats.step % t.log_interval == 0 or stats.step == t.steps or stats.step == start + 1:
                     self.meter.log(stats)
+            reason = stops.requested(self.device)
+            if reason:
+                log.info("stop requested (%s): saving a checkpoint at step %d; rerun or requeue the same command "
+                         "to resume", reason, self.step)
+                if t.checkpoint.enabled:
+                    restart_checkpoint_helpers()  # a signal may have killed the old one with the process group
+                    self._save(blocking=True)
+                if self.rank == 0:
+                    stops.clear_stop_file()
+                break
             stopping = t.stop_after and self.step - start >= t.stop_after
             if t.checkpoint.enabled and (self.step % t.checkpoint.save_interval == 0 or self.step == t.steps or stopping):
-                self._save()
+                self._save(blocking=self.step == t.steps or bool(stopping))
             if stopping:
                 log.info("stopping after %d steps of this run (train.stop_after); rerun the same command to resume",
                          t.stop_after)
                 break
-        if self.rank == 0:
-            self.meter.finish()
-        return history

@@ -13,7 +13,7 @@ COMMON = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_le
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return run_layouts(1, {
-        "dense": COMMON + ["recipe=keye_tiny", "train.steps=2"],
+        "dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"],
         "warmup": COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false",
                             "train.checkpoint.init_from={root}/dense"],
         "sparse": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=8", "train.lr=3e-3", "train.min_lr=3e-4",

@@ -14,7 +14,7 @@ COMMON = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_le
 def single(tmp_path_factory):
     return run_layouts(1, {
         "ksa": COMMON + ["recipe=keye_tiny_ksa", "train.steps=8", "train.checkpoint.enabled=false"],
-        "dense": COMMON + ["recipe=keye_tiny", "train.steps=2"],
+        "dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"],
         "distill": COMMON + ["recipe=keye_tiny_ksa_distill", "train.steps=3", "train.checkpoint.enabled=false",
                              "train.checkpoint.init_from={root}/dense"],
     }, tmp_path_factory.mktemp("ksa"), digests=True)

@@ -14,7 +14,7 @@ from tests.launch_util import run_layouts
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["recipe=keye_tiny", "train.steps=3", "train.checkpoint.enabled=false", "train.global_batch_size=8",
+COMMON = ["recipe=keye_tiny_lm", "train.steps=3", "train.checkpoint.enabled=false", "train.global_batch_size=8",
           "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
 RTOL = 2e-5
 LAYOUTS = {

@@ -25,7 +25,7 @@ from tests.launch_util import QUIET, REPO, losses, run_layouts, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["recipe=keye_tiny", "train.steps=5", "train.global_batch_size=8", "train.micro_batch_size=2",
+COMMON = ["recipe=keye_tiny_lm", "train.steps=5", "train.global_batch_size=8", "train.micro_batch_size=2",
           "train.seq_length=128", "parallel=single", "train.checkpoint.save_interval=2"]
 TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
 
@@ -34,7 +34,9 @@ TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
 def runs(tmp_path_factory):
     return run_layouts(2, {
         "full": COMMON + TP2EP2,
-        "stopped": COMMON + TP2EP2 + ["train.stop_after=2", "run_dir=s"],
+        # fully_reshardable: the optimizer state in model space, so the TP1/EP1 resume below can load it
+        "stopped": COMMON + TP2EP2 + ["train.stop_after=2", "run_dir=s",
+                                      "train.checkpoint.optimizer_format=fully_reshardable"],
         # reshard: resume the TP2/EP2 step-2 checkpoint at TP1/EP1 (dp 2), one step, writing nothing
         "reshard_tp1ep1": COMMON + ["train.stop_after=1", "train.checkpoint.enabled=false", "run_dir=s"],
         "resumed": COMMON + TP2EP2 + ["run_dir=s"],

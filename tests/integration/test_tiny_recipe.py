@@ -1,25 +1,35 @@
-"""The README's main job: `torchrun --nproc_per_node 2 launch/pretrain.py recipe=keye_tiny` trains on the
-synthetic stream, the loss falls, and a sharded checkpoint is committed. Shortened to 30 steps."""
+"""The README's main job: `torchrun --nproc_per_node 2 launch/pretrain.py recipe=keye_tiny` trains the
+tiny multimodal model (ViT + projector + MoE LM) end to end on synthetic videos the run makes itself,
+the loss falls, sharded checkpoints are committed, and a stopped run resumes bit-identically
+(model, ViT, both optimizers, RNG and the video loader's position). Shortened to 10 steps."""
 
 import json
 
 import pytest
 
-from tests.launch_util import run_pretrain
+from tests.launch_util import losses, run_pretrain
 
 pytestmark = pytest.mark.slow
 
+COMMON = ["recipe=keye_tiny", "train.steps=10", "train.warmup_steps=2", "train.checkpoint.save_interval=5"]
 
-def test_tiny_recipe_trains_and_checkpoints(tmp_path):
-    proc = run_pretrain(2, ["recipe=keye_tiny", "train.steps=30", "train.warmup_steps=5",
-                            "train.checkpoint.save_interval=15"], tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
+    full = tmp_path / "full"
+    proc = run_pretrain(2, COMMON, full)
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 10
     first, last = records[0]["loss"], records[-1]["loss"]
-    assert len(records) == 30
-    # ln(512) = 6.24 at initialisation; the sparse Markov chain's entropy is ~1.2 nats.
-    assert first > 6.0 and last < 3.5, (first, last)
-    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert ckpts == ["step_000015", "step_000030"]
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000030"
-    assert (tmp_path / "config.yaml").exists() and (tmp_path / "logs" / "rank1.log").exists()
+    # ln(512) = 6.24 at initialisation; captions and timestamps are byte text with a lot of structure
+    assert first > 5.8 and last < first - 1.0, (first, last)
+    assert "vision tower" in proc.stdout + proc.stderr or "vision tower" in (full / "logs" / "rank0.log").read_text()
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000005", "step_000010"]
+    assert (full / "config.yaml").exists() and (full / "logs" / "rank1.log").exists()
     assert "tok/s" in proc.stdout and "MFU" in proc.stdout
+
+    resumed = tmp_path / "resumed"
+    run_pretrain(2, COMMON + ["train.stop_after=5"], resumed)
+    run_pretrain(2, COMMON, resumed)
+    assert "resumed from" in (resumed / "logs" / "rank0.log").read_text()
+    assert losses(resumed) == losses(full), "a stopped and resumed multimodal run must repeat the curve exactly"

@@ -34,32 +34,51 @@ def _validate(*overrides, world_size=2):
 
 
 def test_tiny_recipe_composes_into_typed_config():
-    cfg, layout = _validate("recipe=keye_tiny")
+    cfg, layout = _validate("recipe=keye_tiny_lm")
     assert isinstance(cfg, Config)
-    assert cfg.recipe_name == "keye_tiny" and cfg.resolved_run_dir() == "runs/keye_tiny"
+    assert cfg.recipe_name == "keye_tiny_lm" and cfg.resolved_run_dir() == "runs/keye_tiny_lm"
     assert (layout.ep, layout.dp, layout.tp) == (2, 2, 1)
 
 
 def test_recipe_values_win_over_schema_defaults_and_cli_wins_over_recipe():
-    cfg, _ = _validate("recipe=keye_tiny", "train.lr=1e-3", "parallel.ep=1")
+    cfg, _ = _validate("recipe=keye_tiny_lm", "train.lr=1e-3", "parallel.ep=1")
     assert cfg.train.lr == 1e-3 and cfg.parallel.ep == 1
     assert cfg.train.steps == 60  # from recipes/train/tiny.yaml, not the schema default (100)
 
 
 def test_full_size_recipe_layout_for_one_node():
-    cfg, layout = _validate("recipe=keye_30b_a3b", world_size=8)
+    cfg, layout = _validate("recipe=keye_30b_a3b_lm", world_size=8)
     assert cfg.model.lm.num_experts == 128 and layout.ep == 8 and layout.dp == 8
+
+
+def test_full_size_multimodal_recipe_needs_shards_and_builds_the_vit():
+    with pytest.raises(Exception, match="shards"):
+        _validate("recipe=keye_30b_a3b", world_size=8)
+    cfg, layout = _validate("recipe=keye_30b_a3b", "data.video.shards=/data/shards", world_size=8)
+    v = cfg.model.vision
+    assert v.enabled and (v.depth, v.hidden, v.heads, v.mlp, v.patch) == (27, 1152, 16, 4304, 14)
+    assert 0.40e9 < v.build(cfg.model.lm.hidden_size).num_params() < 0.45e9  # SigLIP-so400m + projector
+    assert cfg.data.kind == "video" and cfg.train.micro_batch_size == 1 and cfg.parallel.vit.layout == "spread"
+
+
+def test_vision_needs_video_data_and_no_ksa():
+    with pytest.raises(ValueError, match="data.kind=video"):
+        _validate("recipe=keye_tiny", "data=synthetic_tokens")
+    with pytest.raises(ValueError, match="KSA"):
+        _validate("recipe=keye_tiny", "model.lm.attention=ksa")
+    with pytest.raises(ValueError, match="parallel.vit.layout"):
+        _validate("recipe=keye_tiny", "parallel.vit.layout=everywhere")
 
 
 def test_unknown_key_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
-        _compose("recipe=keye_tiny", "train.lrr=1e-4")
+        _compose("recipe=keye_tiny_lm", "train.lrr=1e-4")
     assert "lrr" in str(e.value.__cause__ or e.value)
 
 
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
-        _compose("recipe=keye_tiny", "train.lr=fast")
+        _compose("recipe=keye_tiny_lm", "train.lr=fast")
     msg = str(e.value.__cause__ or e.value)
     assert "train.lr" in msg and "fast" in msg
 
@@ -78,7 +97,7 @@ def test_wrong_type_names_the_key():
 ])
 def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     with pytest.raises(ValueError) as e:
-        _validate("recipe=keye_tiny", *overrides, world_size=world)
+        _validate("recipe=keye_tiny_lm", *overrides, world_size=world)
     assert needle in str(e.value)
 
 
@@ -90,7 +109,7 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
 def test_launcher_exits_before_building_anything(tmp_path, override, world, needle):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WORLD_SIZE": str(world)}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny", override,
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm", override,
                            f"run_dir={run_dir}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout

@@ -1,0 +1,99 @@
+"""Packed video samples as the trainer's micro-batches.
+
+`VideoBatchStream` wraps one data-parallel rank's `VideoPackedLoader` (docs/data.md) in the interface
+the trainer's token stream has: `num_microbatches`, `next()` -> a dict of tensors, and a small
+`state_dict()` that resumes exactly. Every micro-batch is one packed sequence (micro batch size 1):
+
+    tokens       [1, S] int64   text ids, the video pad id where a merged visual token goes
+    labels       [1, S] int64   next-token targets (0 where unsupervised: the loss mask drops them)
+    loss_mask    [1, S] float32
+    position_ids [3, 1, S]      3D multimodal RoPE positions (time, height, width)
+    cu_seqlens   [D + 1] int32  document bounds inside the pack
+    pixel_values [P, 3 p^2]     uint8 patches in merge-group order; grid_thw [F, 3]; visual_pos [V]
+
+`ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
+once per directory; other ranks wait for its marker file), so the demo needs no downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from data.video.config import VideoDataConfig
+from data.video.loader import VideoPackedLoader
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+
+
+def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: int, *, rank: int,
+                            timeout_s: float = 1800.0) -> Path:
+    """Shard directory of `n_videos` synthetic videos under `directory`; made by rank 0 if missing."""
+    from data.video.synthetic import make_synthetic_shards
+
+    d = Path(directory)
+    marker = d / READY
+    if rank == 0 and not marker.exists():
+        log.info("making %d synthetic videos and their shards in %s (once)", n_videos, d)
+        d.mkdir(parents=True, exist_ok=True)
+        # one ingest worker: shards list the videos in a fixed order, so the same seed gives the same data
+        make_synthetic_shards(d, n_videos=n_videos, seed=seed, shard_size_mb=0.05, workers=1)
+        marker.write_text(f"{n_videos} videos, seed {seed}\n")
+    deadline = time.time() + timeout_s
+    while not marker.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank}: synthetic video shards in {d} not ready after {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return d / "shards"
+
+
+class VideoBatchStream:
+    def __init__(self, cfg: VideoDataConfig, *, seq_length: int, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int):
+        if micro_batch_size != 1:
+            raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
+                             f"got {micro_batch_size}")
+        if global_batch_size % dp_size:
+            raise ValueError(f"train.global_batch_size ({global_batch_size}) must be divisible by the "
+                             f"data-parallel size ({dp_size})")
+        if cfg.seq_len != seq_length:
+            cfg = replace(cfg, seq_len=seq_length)  # the trainer's sequence length is the packing length
+        self.cfg = cfg
+        self.num_microbatches = global_batch_size // dp_size
+        self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed)
+        self._it = None
+        self.label_ignore_index = cfg.label_ignore_index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        s = next(self._it)
+        labels = s.labels.clone()
+        labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
+        return {
+            "tokens": s.tokens.view(1, -1),
+            "labels": labels.view(1, -1),
+            "loss_mask": s.loss_mask.float().view(1, -1),
+            "position_ids": s.position_ids.view(3, 1, -1),
+            "cu_seqlens": s.cu_seqlens.to(torch.int32),
+            "pixel_values": s.pixel_values,
+            "grid_thw": s.grid_thw,
+            "visual_pos": s.visual_pos,
+        }
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None

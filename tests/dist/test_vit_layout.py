@@ -1,0 +1,313 @@
+"""The ViT's spread layout (parallel/vit_layout.py) against one process encoding everything.
+
+On 2 and 4 gloo processes (torch.multiprocessing spawn, one job per world size running every case:
+starting processes costs more than the cases), float64 tiny ViT, uint8 frames of skewed sizes over
+two micro-batches. Per case each consumer checks its embeddings and their gradients, and every rank
+checks the ViT + projector gradients after `allreduce_vit_grads`, against a single-process
+VisionModel with the same weights and the same total loss.
+
+Loss on a consumer: sum over its tokens t of  w_t . e_t + 0.25 |e_t|^2  (fixed random w), so the
+embedding gradient w_t + 0.5 e_t depends on the embedding (a wrong embedding shows in it). In grad
+mode "replicated" consumers holding the same token hold the same gradient and the reference counts
+each token once; in "partial" the reference sums every consumer's loss.
+
+Tolerance: relative RMSE 1e-10 per tensor. Everything is float64 (eps 2.2e-16); layouts differ only
+in summation order (frames batched in other SDPA/GEMM groupings, per-rank partial gradients summed by
+all_reduce), a few hundred roundings deep. A missing, duplicated or misplaced token gives errors of
+order 1e-2 to 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.vision import VisionModel, tiny  # noqa: E402
+from parallel.vit_layout import make_plan  # noqa: E402
+
+TOL = 1e-10
+LM_HIDDEN = 24
+# micro-batch -> frame grids (rows, cols) in patches: skewed, sizes repeated and interleaved
+GRIDS = [[(2, 2), (8, 8), (2, 2), (4, 6), (2, 2), (6, 4)],
+         [(10, 10), (2, 4), (2, 4), (4, 2), (6, 6)]]
+FEW = [[(4, 4)], [(2, 6)]]           # fewer frames than ranks: some ranks encode nothing
+
+# name -> (world sizes, options)
+CASES = {
+    "tp_all": ({2, 4}, dict(consumers="all", needs="all", grad_mode="replicated")),
+    "pp_stage0": ({2, 4}, dict(consumers=[0], needs="all", grad_mode="replicated")),
+    "pp2_tp2_stage0": ({4}, dict(consumers=[0, 1], needs="all", grad_mode="replicated")),
+    "cp_disjoint_recompute": ({2}, dict(consumers="all", needs="disjoint", grad_mode="partial", recompute=True)),
+    "tp2_cp2_subsets": ({4}, dict(consumers="all", needs="tp_cp", grad_mode="replicated")),
+    "tp2_cp2_subsets_recompute": ({4}, dict(consumers="all", needs="tp_cp", grad_mode="replicated", recompute=True)),
+    "overlap_partial": ({4}, dict(consumers=[1, 3], needs="random", grad_mode="partial", check=True)),
+    "round_robin": ({4}, dict(consumers=[2], needs="all", grad_mode="replicated", balance="round_robin")),
+    "few_frames": ({4}, dict(consumers=[3], needs="random", grad_mode="replicated", few=True)),
+    "frozen_vit": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", freeze="vit")),
+    "frozen_all": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", freeze="all")),
+    "replicated_tp_all": ({2, 4}, dict(consumers="all", needs="all", grad_mode="replicated", layout="replicated")),
+    "replicated_tp_cp": ({4}, dict(consumers="all", needs="tp_cp", grad_mode="replicated", layout="replicated")),
+    "replicated_partial": ({4}, dict(consumers=[1, 3], needs="random", grad_mode="partial", layout="replicated",
+                                     recompute=True)),
+}
+
+
+# --------------------------------------------------------------------------------------------- data
+def _model(freeze: str | None = None) -> VisionModel:
+    torch.manual_seed(7)
+    m = VisionModel(tiny(LM_HIDDEN)).double()
+    with torch.no_grad():
+        for p in m.parameters():            # move off the default init (LayerNorm = 1/0 would hide bugs)
+            p.add_(0.1 * torch.randn_like(p))
+    if freeze == "vit":
+        m.vit.requires_grad_(False)
+    elif freeze == "all":
+        m.requires_grad_(False)
+    return m
+
+
+def _microbatches(grids) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for frames in grids:
+        grid = torch.tensor([[1, r, c] for r, c in frames], dtype=torch.long)
+        P = int(grid.prod(-1).sum())
+        out.append(dict(pixel_values=torch.randint(0, 256, (P, 3 * 14 * 14), generator=g, dtype=torch.uint8),
+                        grid_thw=grid))
+    return out
+
+
+def _needs(kind: str, consumers: list[int], W: int, V: list[int]) -> dict | None:
+    if kind == "all":
+        return None
+    g = torch.Generator().manual_seed(11)
+    if kind == "disjoint":                                  # CP-like: consumer c gets shard c of a shuffle
+        out = {c: [] for c in consumers}
+        for v in V:
+            perm = torch.randperm(v, generator=g)
+            for i, c in enumerate(consumers):
+                out[c].append(perm[i::len(consumers)])
+        return out
+    if kind == "tp_cp":                                     # ranks (cp, tp) = divmod(rank, 2): tp pairs share a shard
+        out = {c: [] for c in consumers}
+        for v in V:
+            perm = torch.randperm(v, generator=g)
+            for c in consumers:
+                out[c].append(perm[c // 2::2])
+        return out
+    if kind == "random":                                    # overlapping random subsets, some mbs whole
+        out = {}
+        for c in consumers:
+            out[c] = [torch.randperm(v, generator=g)[:max(1, v // 2 + c)] if (c + mb) % 3 else None
+                      for mb, v in enumerate(V)]
+        return out
+    raise ValueError(kind)
+
+
+def _idx(needs, c, mb, V):
+    if needs is None or needs[c][mb] is None:
+        return torch.arange(V)
+    return needs[c][mb]
+
+
+def _weights(V: list[int]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(v, LM_HIDDEN, generator=g, dtype=torch.float64) for v in V]
+
+
+def _token_loss(e, w):
+    return (w * e).sum() + 0.25 * (e * e).sum()
+
+
+def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    if ref.shape != got.shape:
+        return float("inf")
+    ref, got = ref.detach().double(), got.detach().double()
+    if not bool(got.isfinite().all()):
+        return float("inf")
+    denom = ref.pow(2).mean().sqrt().clamp_min(1e-30) if ref.numel() else torch.tensor(1.0)
+    return float((ref - got).pow(2).mean().sqrt() / denom) if ref.numel() else 0.0
+
+
+# --------------------------------------------------------------------------------------------- worker
+def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    from parallel.vit_layout import ReplicatedVisionPhase, VisionPhase, allreduce_vit_grads
+
+    consumers = list(range(W)) if opt["consumers"] == "all" else opt["consumers"]
+    grids = FEW if opt.get("few") else GRIDS
+    mbs = _microbatches(grids)
+    V = [int(mb["grid_thw"].prod(-1).sum()) // 4 for mb in mbs]
+    needs = _needs(opt["needs"], consumers, W, V)
+    w = _weights(V)
+    model = _model(opt.get("freeze"))
+    ref = _model(opt.get("freeze"))
+    trains = any(p.requires_grad for p in ref.parameters())
+
+    # reference: one process encodes every micro-batch whole
+    ref_e = [ref(mb["pixel_values"], mb["grid_thw"]) for mb in mbs]
+    total = 0.0
+    for mb in range(len(mbs)):
+        if opt["grad_mode"] == "replicated":               # each token held by some consumer counts once
+            held = torch.zeros(V[mb], dtype=torch.bool)
+            for c in consumers:
+                held[_idx(needs, c, mb, V[mb])] = True
+            t = torch.nonzero(held).flatten()
+            total = total + _token_loss(ref_e[mb][t], w[mb][t])
+        else:
+            for c in consumers:
+                t = _idx(needs, c, mb, V[mb])
+                total = total + _token_loss(ref_e[mb][t], w[mb][t])
+    if trains:
+        total.backward()
+
+    kw = dict(recompute=opt.get("recompute", False), grad_mode=opt["grad_mode"])
+    if opt.get("layout") == "replicated":
+        phase = ReplicatedVisionPhase(model, None, consumers, **kw)
+    else:
+        phase = VisionPhase(model, None, consumers, balance=opt.get("balance", "lpt"), check=opt.get("check", False), **kw)
+    out = phase.forward(mbs, needs)
+    errs: dict[str, float] = {}
+    if rank in consumers:
+        assert out is not None and len(out) == len(mbs)
+        loss = 0.0
+        for mb, e in enumerate(out):
+            t = _idx(needs, rank, mb, V[mb])
+            errs[f"emb{mb}"] = _rel(ref_e[mb][t], e)
+            errs[f"emb{mb}_requires_grad_ok"] = 0.0 if e.requires_grad == trains else 1.0
+            loss = loss + _token_loss(e, w[mb][t])
+        if trains:
+            loss.backward()
+            for mb, e in enumerate(out):
+                t = _idx(needs, rank, mb, V[mb])
+                e_ref = ref_e[mb][t].detach().requires_grad_()
+                (g_ref,) = torch.autograd.grad(_token_loss(e_ref, w[mb][t]), e_ref)
+                errs[f"emb{mb}_grad"] = _rel(g_ref, e.grad)
+    else:
+        errs["non_consumer_gets_none"] = 0.0 if out is None else 1.0
+    phase.backward()
+    allreduce_vit_grads(model, None)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if q.requires_grad:
+            errs[f"grad.{n}"] = _rel(q.grad, p.grad) if p.grad is not None else float("inf")
+        else:
+            errs[f"frozen_has_no_grad.{n}"] = 0.0 if p.grad is None else 1.0
+    if phase.last_plan is not None and opt.get("layout") != "replicated":
+        errs["plan_ranks_ok"] = 0.0 if phase.last_plan.num_ranks == W else 1.0
+    dist.barrier()
+    return errs
+
+
+def _worker(rank: int, W: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=W)
+    results = {}
+    for name, (worlds, opt) in CASES.items():
+        if W in worlds:
+            try:
+                results[name] = _run_case(name, opt, rank, W)
+            except Exception as exc:  # reported per case; later cases may then hang, so stop here
+                results[name] = {"error": repr(exc)}
+                Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+                raise
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------- pytest
+_RESULTS: dict[int, dict] = {}
+
+
+def _results(W: int, tmp_path_factory) -> dict:
+    if W not in _RESULTS:
+        import torch.multiprocessing as mp
+
+        out = tmp_path_factory.mktemp(f"vit_layout_{W}")
+        mp.start_processes(_worker, args=(W, _free_port(), str(out)), nprocs=W, join=True, start_method="spawn")
+        merged: dict[str, dict[str, float]] = {}
+        for r in range(W):
+            for case, errs in json.loads(Path(out, f"rank{r}.json").read_text()).items():
+                for k, v in errs.items():
+                    key = f"rank{r}.{k}"
+                    merged.setdefault(case, {})[key] = v
+        _RESULTS[W] = merged
+    return _RESULTS[W]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("W,case", [(W, c) for c, (ws, _) in CASES.items() for W in sorted(ws)])
+def test_layout_matches_single_process(W, case, tmp_path_factory):
+    errs = _results(W, tmp_path_factory)[case]
+    bad = {k: v for k, v in errs.items() if not (isinstance(v, float) and v <= TOL)}
+    assert not bad, f"W={W} {case}: above {TOL} (or error): {bad}"
+
+
+# --------------------------------------------------------------------------------------------- plan
+def _skewed_grids() -> list[torch.Tensor]:
+    # 4 big frames at indices 0, 4, 8, 12 of 16: round-robin puts them all on rank 0 of 4
+    frames = [(16, 16) if i % 4 == 0 else (2, 2) for i in range(16)]
+    return [torch.tensor([[1, r, c] for r, c in frames[:8]]), torch.tensor([[1, r, c] for r, c in frames[8:]])]
+
+
+def test_plan_balance_lpt_beats_round_robin():
+    model = VisionModel(tiny(LM_HIDDEN))
+    grids = _skewed_grids()
+    lpt = make_plan(grids, model.frame_cost, 4, 4, "lpt")
+    rr = make_plan(grids, model.frame_cost, 4, 4, "round_robin")
+    assert rr.imbalance() > 3.0, rr.describe()          # all 4 big frames on one rank
+    assert lpt.imbalance() < 1.1, lpt.describe()        # one big frame per rank
+    # LPT's bound: makespan <= 4/3 OPT, and OPT >= max(mean load, largest frame)
+    costs = [f.cost for f in lpt.frames]
+    opt_lb = max(sum(costs) / 4, max(costs))
+    assert max(x["cost"] for x in lpt.loads()) <= 4 / 3 * opt_lb + 1e-9
+
+
+def test_plan_is_deterministic_and_complete():
+    model = VisionModel(tiny(LM_HIDDEN))
+    grids = [torch.tensor([[1, r, c] for r, c in mb]) for mb in GRIDS]
+    a = make_plan(grids, model.frame_cost, 3, 4)
+    b = make_plan([g.clone() for g in grids], model.frame_cost, 3, 4)
+    assert a.owner == b.owner
+    assert sorted(i for r in range(3) for i in a.rank_frames(r)) == list(range(len(a.frames)))
+    assert a.mb_tokens == [sum(r * c for r, c in mb) // 4 for mb in GRIDS]
+    assert "imbalance" in a.describe()
+
+
+def test_needs_and_inputs_are_validated():
+    from parallel.vit_layout import _check_pixel_dtypes, _layouts, build_vision_phase
+
+    model = VisionModel(tiny(LM_HIDDEN))
+    grids = [torch.tensor([[1, r, c] for r, c in mb]) for mb in GRIDS]
+    plan = make_plan(grids, model.frame_cost, 2, 4)
+    V = plan.mb_tokens
+    with pytest.raises(ValueError, match=rf"needs\[1\]\[0\] has token indices outside \[0, {V[0]}\)"):
+        _layouts(plan, [0, 1], {1: [torch.tensor([0, V[0]]), None]}, "replicated")
+    with pytest.raises(ValueError, match=r"needs\[0\]\[1\] has repeated token indices"):
+        _layouts(plan, [0], {0: [None, torch.tensor([3, 3])]}, "partial")
+    with pytest.raises(ValueError, match=r"needs\[0\] has 1 entries, the step has 2 micro-batches"):
+        _layouts(plan, [0], {0: [None]}, "partial")
+    with pytest.raises(ValueError, match=r"different dtypes"):
+        _check_pixel_dtypes([torch.zeros(1, dtype=torch.uint8), torch.zeros(1)])
+    with pytest.raises(ValueError, match=r"vit layout must be 'spread' or 'replicated'"):
+        build_vision_phase("tp", model)

@@ -1,0 +1,228 @@
+"""The vision tower (models/vision): VisionModel against the per-frame reference (naive.py), the
+variable-length batching, positions, frozen / recompute modes and input validation.
+
+Tolerance: relative RMSE 1e-12 in float64 between vit.py and naive.py. The two compute the same math
+in different orders (grouped SDPA vs explicit softmax, Linear vs Conv2d patch embedding, rotate-half
+vs per-pair RoPE), so they differ by a few hundred float64 roundings (eps 2.2e-16); a wrong position,
+token order or rotation gives errors of order 1e-2 and more. Varlen-vs-per-frame uses the same
+1e-12 (different SDPA batch shapes may block the GEMMs differently); recompute is required bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.video.packing import patchify
+from models.vision import VisionConfig, VisionModel, frame_flops, so400m, tiny
+from models.vision.naive import _frame_image, naive_forward
+from models.vision.vit import interpolate_pos_embed, merge_order_index
+
+TOL = 1e-12
+LM = 24
+
+
+def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    ref, got = ref.detach().double(), got.detach().double()
+    return float((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def _model(recompute: bool = False, seed: int = 42) -> VisionModel:
+    torch.manual_seed(seed)
+    m = VisionModel(tiny(LM), recompute=recompute).double()
+    with torch.no_grad():
+        for p in m.parameters():          # off the default init: LayerNorm 1/0 and zero biases hide bugs
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _pixels(grid: list[tuple[int, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grid_thw = torch.tensor([[1, r, c] for r, c in grid], dtype=torch.long)
+    P = int(grid_thw.prod(-1).sum())
+    return torch.randint(0, 256, (P, 3 * 14 * 14), generator=g, dtype=torch.uint8), grid_thw
+
+
+# 28x28, 56x84, 84x56 px and the native 84x84 (= pos_grid 6 of the tiny preset), interleaved sizes
+SIZES = [(2, 2), (4, 6), (6, 4), (2, 2), (6, 6), (4, 6)]
+
+
+def test_forward_matches_naive():
+    m = _model()
+    pv, grid = _pixels(SIZES)
+    out = m(pv, grid)
+    ref = naive_forward(m, pv, grid)
+    assert out.shape == (pv.shape[0] // 4, LM)
+    assert _rel(ref, out) <= TOL
+
+
+def test_forward_matches_naive_float_input():
+    """Floating pixel values are taken as already normalised (both paths)."""
+    m = _model()
+    _, grid = _pixels([(4, 6), (2, 2)])
+    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 14 * 14, dtype=torch.float64)
+    assert _rel(naive_forward(m, pv, grid), m(pv, grid)) <= TOL
+
+
+def test_uint8_equals_normalised_float():
+    m = _model()
+    pv, grid = _pixels([(4, 6), (2, 2)])
+    assert _rel(m(pv, grid), m((pv.double() / 255 - 0.5) / 0.5, grid)) <= TOL
+
+
+def test_varlen_equals_per_frame_calls():
+    m = _model()
+    pv, grid = _pixels(SIZES)
+    out = m(pv, grid)
+    per, off = [], 0
+    for t, r, c in grid.tolist():
+        n = r * c
+        per.append(m(pv[off:off + n], grid[len(per):len(per) + 1]))
+        off += n
+    assert _rel(torch.cat(per), out) <= TOL
+
+
+def test_varlen_grad_equals_per_frame_grads():
+    m1, m2 = _model(), _model()
+    pv, grid = _pixels(SIZES)
+    m1(pv, grid).pow(2).sum().backward()
+    off = 0
+    for i, (t, r, c) in enumerate(grid.tolist()):
+        m2(pv[off:off + r * c], grid[i:i + 1]).pow(2).sum().backward()
+        off += r * c
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert _rel(q.grad, p.grad) <= TOL, n
+
+
+def test_patch_order_is_patchify_merge_order():
+    """naive.py's inverse of the merge-group order recovers the frame that patchify flattened."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (1, 56, 84, 3), dtype=np.uint8)
+    pv = torch.from_numpy(patchify(frame, 14, 2))
+    cfg = tiny(LM)
+    cfg.pixel_mean, cfg.pixel_std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)   # identity normalisation
+    img = _frame_image(pv, 4, 6, cfg, torch.float64)
+    assert torch.equal(img, torch.from_numpy(frame[0]).permute(2, 0, 1).double())
+    # and merge_order_index agrees: slot k holds the patch at row-major index idx[k]
+    idx = merge_order_index(4, 6, 2)
+    rows, cols = idx // 6, idx % 6
+    for k in (0, 1, 2, 3, 4, 9, 23):
+        r, c = int(rows[k]), int(cols[k])
+        patch = frame[0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].transpose(2, 0, 1).reshape(-1)
+        assert np.array_equal(pv[k].numpy(), patch), k
+
+
+def test_patch_embed_is_conv2d():
+    m = _model()
+    cfg = m.cfg
+    conv = torch.nn.Conv2d(3, cfg.hidden, 14, stride=14).double()
+    with torch.no_grad():
+        conv.weight.copy_(m.vit.patch_embed.weight.view(cfg.hidden, 3, 14, 14))
+        conv.bias.copy_(m.vit.patch_embed.bias)
+    img = torch.randn(1, 3, 28, 42, dtype=torch.float64)
+    ref = conv(img)[0].reshape(cfg.hidden, -1).t()                                # row-major patches
+    patches = img[0].reshape(3, 2, 14, 3, 14).permute(1, 3, 0, 2, 4).reshape(6, -1)  # row-major, (C, ph, pw)
+    assert _rel(ref, m.vit.patch_embed(patches)) <= TOL
+
+
+def test_position_interpolation_at_native_grid_is_the_table():
+    table = torch.randn(36, 8, dtype=torch.float64)
+    assert interpolate_pos_embed(table, 6, 6, 6) is table
+    # bilinear resampling with align_corners=False onto the same grid is exactly the identity
+    img = table.t().reshape(1, 8, 6, 6)
+    same = F.interpolate(img, size=(6, 6), mode="bilinear", align_corners=False).reshape(8, 36).t()
+    assert torch.equal(same, table)
+    other = interpolate_pos_embed(table, 6, 4, 8)
+    assert other.shape == (32, 8)
+
+
+def test_frozen_stores_no_graph():
+    m = _model()
+    m.requires_grad_(False)
+    pv, grid = _pixels([(4, 6)])
+    out = m(pv, grid)
+    assert out.grad_fn is None and not out.requires_grad
+    m.projector.requires_grad_(True)                  # frozen ViT, trainable projector
+    vit_out = m.vit(pv, grid)
+    assert vit_out.grad_fn is None
+    out = m(pv, grid)
+    assert out.requires_grad
+    out.sum().backward()
+    assert all(p.grad is None for p in m.vit.parameters())
+    assert all(p.grad is not None for p in m.projector.parameters())
+
+
+def test_recompute_gives_identical_grads():
+    a, b = _model(recompute=False), _model(recompute=True)
+    pv, grid = _pixels(SIZES)
+    w = torch.randn(pv.shape[0] // 4, LM, dtype=torch.float64)
+    oa, ob = a(pv, grid), b(pv, grid)
+    assert torch.equal(oa, ob)
+    (oa * w).sum().backward()
+    (ob * w).sum().backward()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_empty_input():
+    m = _model()
+    out = m(torch.zeros(0, 588, dtype=torch.uint8), torch.zeros(0, 3, dtype=torch.long))
+    assert out.shape == (0, LM)
+
+
+@pytest.mark.parametrize("grid,pixels,match", [
+    ([[1, 4, 6]], 23, r"pixel_values has 23 patches but grid_thw describes 24"),
+    ([[1, 4, 6], [1, 3, 4]], 36, r"grid_thw\[1\] = \(1, 3, 4\).*multiples of merge \(2\)"),
+    ([[2, 4, 6]], 48, r"grid_thw\[0\].*t must be 1"),
+])
+def test_bad_inputs_raise(grid, pixels, match):
+    m = _model()
+    with pytest.raises(ValueError, match=match):
+        m(torch.zeros(pixels, 588, dtype=torch.uint8), torch.tensor(grid))
+
+
+def test_bad_shapes_raise():
+    m = _model()
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[patches, 588\]"):
+        m(torch.zeros(24, 587, dtype=torch.uint8), torch.tensor([[1, 4, 6]]))
+    with pytest.raises(ValueError, match=r"grid_thw must have shape \[frames, 3\]"):
+        m(torch.zeros(24, 588, dtype=torch.uint8), torch.tensor([4, 6]))
+    with pytest.raises(ValueError, match=r"grid_thw must be an integer tensor"):
+        m(torch.zeros(24, 588, dtype=torch.uint8), torch.tensor([[1.0, 4.0, 6.0]]))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"hidden \(100\) must be divisible by vision.heads \(16\)"):
+        VisionConfig(depth=1, hidden=100, heads=16, mlp=8, lm_hidden=8)
+    with pytest.raises(ValueError, match=r"head_dim .* = 6 must be divisible by 4"):
+        VisionConfig(depth=1, hidden=24, heads=4, mlp=8, lm_hidden=8)
+    with pytest.raises(ValueError, match=r"pixel_mean"):
+        VisionConfig(depth=1, hidden=16, heads=1, mlp=8, lm_hidden=8, pixel_mean=(0.5,))
+    with pytest.raises(ValueError, match=r"vision.depth must be >= 1"):
+        VisionConfig(depth=0, hidden=16, heads=1, mlp=8, lm_hidden=8)
+
+
+def test_presets_and_param_count():
+    cfg = so400m(2048)
+    assert (cfg.depth, cfg.hidden, cfg.heads, cfg.mlp, cfg.patch, cfg.pos_grid) == (27, 1152, 16, 4304, 14, 27)
+    # SigLIP-so400m vision tower (without its pooling head) has ~412.4M parameters
+    vit_only = cfg.num_params() - (2 * 1152 + 4608 * 4608 + 4608 + 4608 * 2048 + 2048)
+    assert 411e6 < vit_only < 414e6, vit_only
+    m = VisionModel(tiny(LM))
+    assert m.cfg.num_params() == sum(p.numel() for p in m.parameters())
+
+
+def test_frame_cost_is_quadratic_aware():
+    cfg = tiny(LM)
+    m = VisionModel(cfg)
+    cost = m.frame_cost(torch.tensor([[1, 4, 4], [1, 8, 8]]))
+    assert cost.dtype == torch.float64
+    assert float(cost[0]) == frame_flops(cfg, 4, 4)
+    assert float(cost[1]) > 4 * float(cost[0])      # 4x the patches costs more than 4x (attention ~ n^2)
+    n, h = 16, cfg.hidden
+    expect = (2 * n * cfg.patch_dim * h + cfg.depth * (2 * n * (4 * h * h + 2 * h * cfg.mlp) + 4 * n * n * h)
+              + 2 * (n // 4) * ((4 * h) ** 2 + 4 * h * LM))
+    assert float(cost[0]) == expect

@@ -1,0 +1,121 @@
+"""The vision tower inside a training run: built replicated on every rank, run as a phase around the
+LM's pipeline schedule on its own parallel layout (parallel/vit_layout.py), optimised by its own AdamW.
+
+Per step (every rank):
+    embeds = forward(micro_batches)      plan -> encode this rank's share of frames -> one all_to_all;
+                                         the LM-input ranks (pipeline stage 0) get one leaf tensor of
+                                         merged visual embeddings per micro-batch
+    ... the LM schedule runs; its stage-0 forward writes embeds[i] over micro-batch i's placeholders ...
+    backward_and_step(lr, total_tokens) gradients back in one all_to_all -> ViT backward -> one
+                                         all_reduce over all ranks -> / tokens -> clip -> AdamW
+
+Why its own optimizer: the ViT is replicated on every rank of every data-parallel replica and each
+rank back-propagates only the frames it encoded, so its gradient is one sum over the whole world,
+not megatron's per-group reduction; megatron's distributed optimizer shards by its own DP groups.
+Gradient scale: the LM uses megatron's per-token loss (gradients of the summed loss, divided by the
+global loss-token count in finalize_model_grads); the ViT's summed gradient is divided by the same count.
+Clipping: by the ViT's own gradient norm with train.grad_clip (the LM's clip sees only LM parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from models.vision import VisionModel
+from parallel.layout import ParallelLayout
+from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
+
+log = logging.getLogger("train")
+
+VISION_SEED_OFFSET = 0x5EED  # the ViT's init stream: same on every rank, independent of the layout
+
+
+class VisionTower:
+    def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool):
+        t = cfg.train
+        vcfg = cfg.model.vision.build(cfg.model.lm.hidden_size)
+        v = cfg.parallel.vit
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + VISION_SEED_OFFSET)
+            # recompute: checkpoint every ViT block (only block inputs stay) and keep nothing of the ViT
+            # between its forward phase and its backward phase (the LM's own activations peak then)
+            self.model = VisionModel(vcfg, recompute=v.recompute).to(device)
+        self.bf16 = bf16
+        for p in self.model.vit.parameters():
+            p.requires_grad_(train_vit)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay) if self.params else None
+        self.grad_clip = t.grad_clip
+        self.steps = 0
+        # The ranks that share one LM sequence: megatron's model-parallel group (TP x PP) of this replica.
+        group = pgs.mp
+        members = dist.get_process_group_ranks(group)
+        per_stage = layout.tp * layout.cp * layout.dp
+        consumers = [i for i, r in enumerate(members) if r // per_stage == 0]  # pipeline stage 0
+        self.phase = build_vision_phase(v.layout, self.model, group, consumers, recompute=v.recompute,
+                                        **({"balance": v.balance} if v.layout == "spread" else {}))
+        self.group_size = len(members)
+        if dist.get_rank() == 0:
+            log.info("vision tower: %.1fM parameters (%s), layout %s over %d ranks per LM sequence "
+                     "(LM-input ranks %s), balance %s, recompute %s", vcfg.num_params() / 1e6,
+                     "ViT frozen" if not train_vit else "trained", v.layout, len(members), consumers,
+                     v.balance, v.recompute)
+
+    def forward(self, micro_batches: list[dict], device) -> list | None:
+        mbs = [(mb["pixel_values"].to(device, non_blocking=True), mb["grid_thw"]) for mb in micro_batches]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.phase.forward(mbs)
+
+    def backward_and_step(self, lr: float, total_tokens: float) -> float:
+        """Completes the ViT's backward and updates it; returns the ViT gradient norm (before clipping)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            self.phase.backward()
+        if self.optimizer is None:
+            return 0.0
+        allreduce_vit_grads(self.model, None)  # every rank encoded different frames: sum over the world
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.div_(max(total_tokens, 1.0))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return norm
+
+    # -- checkpointing: replicated everywhere, written by rank 0 (replica_id 0), loaded by every rank
+    def _ensure_state(self) -> None:
+        for p in self.params:
+            st = self.optimizer.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def sharded_state(self) -> dict:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        replica = dist.get_rank()  # 0 on rank 0 only: one writer
+        sd = {f"vision.{n}": ShardedTensor.from_rank_offsets(f"vision.{n}", p.data, replica_id=replica)
+              for n, p in self.model.named_parameters()}
+        if self.optimizer is not None:
+            self._ensure_state()
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            for p in self.params:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    key = f"vision_optimizer.{names[id(p)]}.{k}"
+                    sd[key] = ShardedTensor.from_rank_offsets(key, self.optimizer.state[p][k], replica_id=replica)
+        return sd
+
+    def load_sharded(self, loaded: dict, sd: dict, steps: int) -> None:
+        for k, sh in sd.items():
+            sh.data.copy_(loaded[k])
+        self.steps = steps
+        if self.optimizer is not None:
+            for p in self.params:
+                self.optimizer.state[p]["step"] = torch.tensor(float(steps))
