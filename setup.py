@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
     "tqdm",
     "safetensors",
 ]
-DEV_REQUIRES = ["pytest>=8", "pytest-timeout"]
+# transformers: the reference implementation HF-interop tests compare logits against
+DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "transformers==5.24.0"]
 
 setup(
     name="keye-train",

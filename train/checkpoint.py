@@ -438,3 +438,16 @@ def load_model_weights(ref: CheckpointRef, model_chunks, *, dp_cp_group) -> list
         if unexpected:
             raise RuntimeError(f"checkpoint {ref.path} has tensors this model does not: {unexpected[:5]}")
     return missing
+
+
+def load_extra_weights(ref: CheckpointRef, sharded: dict) -> list[str]:
+    """Collective. Loads the ShardedTensors of `sharded` (e.g. the vision tower's) that `ref` holds into their
+    tensors in place; returns the keys it does not hold (those keep their values)."""
+    available = set(dist_checkpointing.load_tensors_metadata(str(ref.path)).keys())
+    present = {k: sh for k, sh in sharded.items() if sh.key in available}
+    targets = {k: sh.data for k, sh in present.items()}
+    if present:
+        state = dist_checkpointing.load(present, str(ref.path))
+        for k, target in targets.items():
+            target.copy_(state[k])
+    return sorted(sh.key for k, sh in sharded.items() if k not in present)

@@ -1,0 +1,436 @@
+"""Hugging Face <-> our checkpoints for the Qwen3-MoE language model and the Keye-VL vision tower
+(mapping: models/hf, guide: docs/hf.md).
+
+    # HF -> a run directory holding checkpoints/step_000000, to start training from:
+    python launch/convert.py import HF_DIR OUT_DIR [--model keye_30b_a3b] [--verify]
+    torchrun --nproc_per_node 8 launch/convert.py import HF_DIR OUT_DIR --model keye_30b_a3b --ep 8
+    torchrun --nproc_per_node 8 launch/pretrain.py recipe=keye_30b_a3b train.checkpoint.init_from=OUT_DIR
+
+    # one of our checkpoints (a run directory: its newest checkpoint, or a step_* directory) -> HF
+    python launch/convert.py export RUN_OR_STEP_DIR HF_OUT [--model keye_30b_a3b] [--max-shard-size 5GB] [--dtype bf16]
+
+    # logits of our model (from the HF weights, or from one of our checkpoints) against transformers
+    python launch/convert.py verify HF_DIR [--checkpoint RUN_OR_STEP_DIR] [--tp 2 --ep 2 under torchrun]
+
+    # a multimodal Keye-VL directory (config.json with vision_config): `import` also writes the vision tower
+    # into the checkpoint (keys vision.*, as the trainer's VisionTower saves them), `export` writes it back;
+    # or only the vision tower + projector -> a torch file of our VisionModel
+    python launch/convert.py import-vision HF_DIR VISION.pt [--strict]
+    # combined export: the LM of a checkpoint plus a vision tower (VISION.pt) under visual.* / mlp_AR.*
+    python launch/convert.py export RUN_OR_STEP_DIR HF_OUT --vision VISION.pt
+
+The model config comes from --model (a recipes/model preset name or a YAML file with an `lm:` node, plus
+--set lm.FIELD=VALUE overrides), else from the HF config.json (import, verify) or, for export, from the
+run directory's config.yaml. Import and verify run on any layout (--tp/--pp/--ep/--etp, under torchrun);
+each rank reads only its own slices of the safetensors files. Exit code 1 when verification fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.noise import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
+
+import torch  # noqa: E402
+
+from models.config import LMConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("convert")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------ config
+def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None = None,
+                 run_dir: Path | None = None) -> LMConfig:
+    """model.lm from --model (+ --set), else the HF config, else a run directory's config.yaml."""
+    from omegaconf import OmegaConf
+
+    from models.hf.qwen3_moe import lm_config_from_hf
+
+    base = OmegaConf.structured(LMConfig)
+    if model:
+        path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "recipes" / "model" / f"{model}.yaml"
+        raw = OmegaConf.load(path)
+        node = raw.model.lm if "model" in raw else raw.lm
+        merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))
+        return OmegaConf.to_object(merged)
+    if hf_dir:
+        return _lm_from_dict(asdict(lm_config_from_hf(_lm_hf_config(hf_dir))), overrides)
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return model_config(str(run_dir / "config.yaml"), overrides)
+    raise ValueError("no model config: pass --model (a recipes/model preset or a YAML file)")
+
+
+def _lm_hf_config(hf_dir: str) -> dict:
+    """config.json of the language model: the file itself, or for a multimodal Keye-VL directory the LM
+    part as models.hf.keye_vision.KeyeLMView presents it (Qwen3-MoE fields, no vision_config)."""
+    from models.hf.keye_vision import KeyeLMView, is_multimodal
+
+    config = json.loads(Path(hf_dir, "config.json").read_text())
+    return KeyeLMView(hf_dir).config if is_multimodal(config) else config
+
+
+def resolve_checkpoint(path: str | Path):
+    """(step directory, run directory) of a run directory's newest checkpoint or of a step_* directory."""
+    from train import checkpoint as ckpt
+
+    p = Path(path)
+    if (p / ckpt.COMPLETE).is_file():
+        return p, p.parent.parent
+    ref = ckpt.find_latest(p)
+    if ref is None:
+        raise ValueError(f"{p} holds no complete checkpoint")
+    return ref.path, p
+
+
+# ------------------------------------------------------------------------------------------ building
+class _NoOptimizer:
+    """Stands in for the optimizer in train.checkpoint.save_checkpoint: an imported checkpoint holds the
+    model only (a fresh run initialises from it with train.checkpoint.init_from and builds its own)."""
+
+    def sharded_state_dict(self, model_sd, is_loading=False, metadata=None):
+        return {}
+
+
+def build_model(lm: LMConfig, *, tp=1, pp=1, ep=1, etp=1, dtype=torch.float32):
+    """Process groups for the torchrun world and the model chunk of this rank (weights uninitialised)."""
+    from models.lm import build_lm, transformer_config
+    from parallel.groups import build_process_groups, init_distributed, seed_all, world_size_from_env
+    from parallel.layout import ParallelConfig, ParallelLayout
+
+    device = init_distributed()
+    layout = ParallelLayout.build(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp), world_size=world_size_from_env(), lm=lm)
+    pgs = build_process_groups(layout)
+    seed_all(0, pgs)  # megatron's RNG trackers (sequence-parallel embedding dropout forks one, even at p=0)
+    tconfig = transformer_config(lm, layout.model_sizes(), bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    tconfig.perform_initialization = False  # every value is overwritten
+    chunk = build_lm(lm, tconfig, pg_collection=pgs, pp_rank=pgs.pp.rank(), pp_size=layout.pp).to(device)
+    return [chunk], pgs, layout
+
+
+def _hf_dtype(hf_dir: str) -> torch.dtype:
+    from models.hf.checkpoint_io import HFCheckpoint
+
+    ck = HFCheckpoint(hf_dir)
+    return torch.bfloat16 if ck.dtype(ck.names()[0]) == "BF16" else torch.float32
+
+
+# ------------------------------------------------------------------------------------------ commands
+def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=1, dtype: str = "auto",
+              verify: bool = False) -> dict:
+    """HF checkpoint -> OUT_DIR/checkpoints/step_000000 (collective under torchrun).
+    Returns {"checkpoint": that path, "verify": the logit comparison or None}."""
+    import torch.distributed as dist
+
+    from models.hf.keye_vision import KeyeLMView, is_multimodal
+    from models.hf.qwen3_moe import check_hf_config, load_hf_into
+    from train import checkpoint as ckpt
+
+    multimodal = is_multimodal(json.loads(Path(hf_dir, "config.json").read_text()))
+    if multimodal and verify:
+        raise ValueError("--verify compares logits with transformers' Qwen3-MoE, which cannot load a multimodal "
+                         "Keye-VL directory: import without --verify")
+    source = KeyeLMView(hf_dir) if multimodal else hf_dir
+    check_hf_config(_lm_hf_config(hf_dir), lm)  # before building anything
+    torch_dtype = _hf_dtype(hf_dir) if dtype == "auto" else DTYPES[dtype]
+    chunks, pgs, layout = build_model(lm, tp=tp, pp=pp, ep=ep, etp=etp, dtype=torch_dtype)
+    stats = load_hf_into(chunks, source, lm=lm)
+    log.info("loaded %s into %s (%s): %d tensors, %d elements on rank %d", hf_dir, layout.describe(), torch_dtype,
+             stats["tensors"], stats["elements"], dist.get_rank())
+    extra, vision_common = None, {}
+    if multimodal:
+        extra, vision_common = _vision_extra(hf_dir, lm)
+    result = None
+    if verify:
+        result = verify_chunks(chunks, hf_dir, pgs=pgs)
+        if not result["ok"]:
+            raise RuntimeError(f"logits differ from transformers beyond the tolerance: {result}")
+    common = {"step": 0, "recipe": "hf_import",
+              "source": {"hf_dir": str(Path(hf_dir).resolve()), "format": "keye_vl" if multimodal else "qwen3_moe"},
+              "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "etp": layout.etp,
+                         "cp": layout.cp, "dp": layout.dp, "world_size": layout.world_size},
+              "model_lm": asdict(lm), **vision_common}
+    path = ckpt.save_checkpoint(out_dir, 0, chunks, _NoOptimizer(), common, keep_last=1, dp_cp_group=pgs.dp_cp,
+                                extra=extra)
+    log.info("wrote %s (use it with train.checkpoint.init_from=%s)", path, out_dir)
+    return {"checkpoint": path, "verify": result}
+
+
+def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: str | None = None,
+           overrides: list[str] = (), max_shard_bytes: int = 5 * 2**30, dtype: str | None = None,
+           vision: str | None = None) -> dict:
+    """One of our checkpoints -> HF layout (collective under torchrun; rank 0 writes). `vision`: a torch
+    file from import-vision whose tower and projector are added (visual.* / mlp_AR.*, one index)."""
+    from megatron.core import dist_checkpointing
+
+    from models.hf.qwen3_moe import export_hf
+    from parallel.groups import init_distributed
+
+    init_distributed()
+    step_dir, run_dir = resolve_checkpoint(checkpoint)
+    if lm is None:
+        common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})
+        if not model and "model_lm" in common:  # a checkpoint written by `import` records its model.lm
+            lm = _lm_from_dict(common["model_lm"], overrides)
+        else:
+            lm = model_config(model, list(overrides), run_dir=run_dir)
+    result = export_hf(step_dir, out_dir, lm=lm, max_shard_bytes=max_shard_bytes,
+                       dtype=DTYPES[dtype] if dtype else None)
+    log.info("exported %s -> %s: %d tensors, %.1f MB in %d file(s)", step_dir, out_dir, result["tensors"],
+             result["bytes"] / 1e6, len(result["files"]))
+    import torch.distributed as dist
+
+    common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})
+    stored = vision_from_checkpoint(step_dir, common, run_dir, lm)
+    if vision and stored is not None:
+        raise ValueError(f"{step_dir} already holds a vision tower: leave out --vision {vision}")
+    if vision or stored is not None:
+        from models.hf.keye_vision import add_vision_to_hf_dir, export_keye_vision
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            vm = load_vision_file(vision) if vision else stored
+            vis = add_vision_to_hf_dir(out_dir, export_keye_vision(vm, dtype=DTYPES[dtype] if dtype else None),
+                                       vm.cfg, max_shard_bytes=max_shard_bytes)
+            result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
+            log.info("added the vision tower of %s: %d tensors in %s", vision or step_dir, vis["tensors"], vis["files"])
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    return result
+
+
+def _vision_extra(hf_dir: str, lm: LMConfig) -> tuple[dict, dict]:
+    """The vision tower of a multimodal HF directory as extra checkpoint tensors under the keys the
+    trainer's VisionTower saves (`vision.{parameter name}`, fp32, written by rank 0), and the common-state
+    entry recording its VisionConfig ("model_vision")."""
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from models.hf.checkpoint_io import HFCheckpoint
+    from models.hf.keye_vision import load_keye_vision_into, vision_config_from_hf
+    from models.vision import VisionModel
+
+    vcfg = vision_config_from_hf(HFCheckpoint(hf_dir).config)
+    if vcfg.lm_hidden != lm.hidden_size:
+        raise ValueError(f"HF vision projector output {vcfg.lm_hidden} != model.lm.hidden_size {lm.hidden_size}")
+    model = VisionModel(vcfg)
+    stats = load_keye_vision_into(model, hf_dir)
+    log.info("loaded the vision tower of %s (%s layout): %d tensors, %.1fM parameters", hf_dir, stats["layout"],
+             stats["tensors"], stats["elements"] / 1e6)
+    extra = {f"vision.{n}": ShardedTensor.from_rank_offsets(f"vision.{n}", p.data, replica_id=dist.get_rank())
+             for n, p in model.named_parameters()}
+    return extra, {"model_vision": asdict(vcfg)}
+
+
+def vision_from_checkpoint(step_dir: Path, common: dict, run_dir: Path | None, lm: LMConfig):
+    """The VisionModel stored in one of our checkpoints (`vision.*` tensors: written by a multimodal import
+    or by a training run with model.vision.enabled), or None when it holds none. Its VisionConfig comes
+    from the checkpoint's common state (`model_vision`, import) or the run's config.yaml (model.vision)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from models.vision import VisionConfig, VisionModel
+
+    meta = dist_checkpointing.load_tensors_metadata(str(step_dir))
+    if not any(k.startswith("vision.") for k in meta):
+        return None
+    if "model_vision" in common:
+        vcfg = VisionConfig(**common["model_vision"])
+    elif run_dir is not None and (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        from models.config import VisionModelConfig
+
+        node = OmegaConf.load(run_dir / "config.yaml").model.vision
+        vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VisionModelConfig), node)).build(lm.hidden_size)
+    else:
+        raise ValueError(f"{step_dir} holds vision.* tensors but no vision config (common model_vision or "
+                         "the run's config.yaml)")
+    model = VisionModel(vcfg)
+    sd = {f"vision.{n}": ShardedTensor.from_rank_offsets(f"vision.{n}", p.data, replica_id=0)
+          for n, p in model.named_parameters()}
+    missing = sorted(set(sd) - set(meta))
+    if missing:
+        raise ValueError(f"{step_dir}: vision tensors missing: {missing[:8]}")
+    loaded = dist_checkpointing.load(sd, str(step_dir), validate_access_integrity=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(loaded[f"vision.{n}"])
+    return model
+
+
+def import_vision(hf_dir: str, out_path: str, *, strict: bool = False) -> dict:
+    """The vision tower + projector of a Keye-VL HF checkpoint -> a torch file holding our VisionModel's
+    state_dict ("vision_model"), its VisionConfig ("vision_config", a dict) and the source. No process
+    group is needed: the tower is replicated on every rank in training (train/vision.py)."""
+    from models.hf.checkpoint_io import HFCheckpoint
+    from models.hf.keye_vision import KNOWN_UNUSED, load_keye_vision_into, vision_config_from_hf
+    from models.vision import VisionModel
+
+    vcfg = vision_config_from_hf(HFCheckpoint(hf_dir).config)
+    model = VisionModel(vcfg)
+    stats = load_keye_vision_into(model, hf_dir, ignore=() if strict else KNOWN_UNUSED)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    torch.save({"vision_model": model.state_dict(), "vision_config": asdict(vcfg),
+                "source": {"hf_dir": str(Path(hf_dir).resolve()), "format": "keye_vl", "layout": stats["layout"],
+                           "skipped": stats["skipped"]}}, tmp)
+    os.replace(tmp, out)
+    log.info("vision tower of %s (%s layout, %d tensors, %.1fM parameters) -> %s", hf_dir, stats["layout"],
+             stats["tensors"], stats["elements"] / 1e6, out)
+    return stats
+
+
+def load_vision_file(path: str):
+    """The VisionModel written by import-vision (or any file of that form)."""
+    from models.vision import VisionConfig, VisionModel
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = VisionModel(VisionConfig(**blob["vision_config"]))
+    model.load_state_dict(blob["vision_model"])
+    return model
+
+
+def _lm_from_dict(d: dict, overrides=()) -> LMConfig:
+    from omegaconf import OmegaConf
+
+    dots = OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides])
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), d, dots))
+
+
+def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, seed: int = 0) -> dict:
+    """Collective: our logits vs transformers' (computed on rank 0) on a fixed input; same verdict on all ranks."""
+    import torch.distributed as dist
+
+    from models.hf.verify import compare_logits, fixed_input_ids, model_logits, reference_logits
+
+    vocab = json.loads(Path(hf_dir, "config.json").read_text())["vocab_size"]
+    ids = fixed_input_ids(vocab, batch=batch, seq=seq, seed=seed)
+    ours = model_logits(chunks[0], ids, tp_group=pgs.tp)
+    result = [None]
+    if dist.get_rank() == 0:
+        result[0] = compare_logits(ours, reference_logits(hf_dir, ids))
+        log.info("logits vs transformers: max |diff| %.3g (tolerance %.3g, max |logit| %.3g), argmax agreement %.3f",
+                 result[0]["max_abs_diff"], result[0]["tolerance"], result[0]["max_abs_ref"], result[0]["argmax_agree"])
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep=1, etp=1, batch=2, seq=32) -> dict:
+    """Builds our model (fp32) from the HF weights or from `checkpoint`, and compares logits with transformers."""
+    from models.hf.qwen3_moe import check_hf_config, load_hf_into
+    from train import checkpoint as ckpt
+
+    chunks, pgs, _ = build_model(lm, tp=tp, ep=ep, etp=etp, dtype=torch.float32)
+    if checkpoint:
+        check_hf_config(json.loads(Path(hf_dir, "config.json").read_text()), lm)
+        step_dir, _ = resolve_checkpoint(checkpoint)
+        missing = ckpt.load_model_weights(ckpt.CheckpointRef(step_dir, 0), chunks, dp_cp_group=pgs.dp_cp)
+        if missing:
+            raise RuntimeError(f"{step_dir} lacks model tensors: {sorted(set(missing))[:8]}")
+    else:
+        load_hf_into(chunks, hf_dir, lm=lm)
+    return verify_chunks(chunks, hf_dir, pgs=pgs, batch=batch, seq=seq)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(t)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(s):
+        s.add_argument("--model", help="recipes/model preset name or YAML file with an `lm:` node")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="lm.FIELD=VALUE")
+
+    def layout_args(s, pp=True):
+        for name in ("tp", "ep", "etp") + (("pp",) if pp else ()):
+            s.add_argument(f"--{name}", type=int, default=1)
+
+    s = sub.add_parser("import", help="HF checkpoint -> our checkpoint (OUT/checkpoints/step_000000)")
+    s.add_argument("hf_dir")
+    s.add_argument("out_dir")
+    model_args(s)
+    layout_args(s)
+    s.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: as stored in the HF files")
+    s.add_argument("--verify", action="store_true", help="also compare logits with transformers (pp=1)")
+
+    s = sub.add_parser("export", help="our checkpoint -> HF safetensors + config.json")
+    s.add_argument("checkpoint", help="a run directory (newest checkpoint) or a step_* directory")
+    s.add_argument("out_dir")
+    model_args(s)
+    s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="e.g. 5GB, 500MB (default 5GiB)")
+    s.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast (default: as stored)")
+    s.add_argument("--vision", help="torch file from import-vision: add its tower + projector (Keye-VL names)")
+
+    s = sub.add_parser("import-vision", help="Keye-VL HF checkpoint's vision tower + projector -> torch file")
+    s.add_argument("hf_dir")
+    s.add_argument("out_path")
+    s.add_argument("--strict", action="store_true",
+                   help="also fail on the tensors Keye's forward does not use (packing_position_embedding, head.*)")
+
+    s = sub.add_parser("verify", help="our logits vs transformers' on a fixed input (fp32)")
+    s.add_argument("hf_dir")
+    s.add_argument("--checkpoint", help="load our weights from this checkpoint instead of the HF files")
+    model_args(s)
+    layout_args(s, pp=False)
+    s.add_argument("--batch", type=int, default=2)
+    s.add_argument("--seq", type=int, default=32)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    from parallel.groups import teardown
+
+    try:
+        if args.cmd == "import":
+            lm = model_config(args.model, args.overrides, hf_dir=args.hf_dir)
+            import_hf(args.hf_dir, args.out_dir, lm=lm, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                      dtype=args.dtype, verify=args.verify)
+        elif args.cmd == "export":
+            export(args.checkpoint, args.out_dir, model=args.model, overrides=args.overrides,
+                   max_shard_bytes=args.max_shard_size, dtype=args.dtype, vision=args.vision)
+        elif args.cmd == "import-vision":
+            import_vision(args.hf_dir, args.out_path, strict=args.strict)
+        else:
+            lm = model_config(args.model, args.overrides, hf_dir=args.hf_dir)
+            result = verify(args.hf_dir, lm=lm, checkpoint=args.checkpoint, tp=args.tp, ep=args.ep, etp=args.etp,
+                            batch=args.batch, seq=args.seq)
+            print(json.dumps(result))
+            if not result["ok"]:
+                return 1
+    except (ValueError, FileNotFoundError) as e:  # a config / checkpoint mismatch: the message names it
+        print(f"convert {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

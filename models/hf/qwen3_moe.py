@@ -1,0 +1,551 @@
+"""Qwen3-MoE checkpoints in the Hugging Face layout <-> the language model of this project.
+
+Legend: L layers, H hidden size, nq query heads, ng KV heads (= query groups), d head_dim, E experts,
+F expert FFN size (moe_intermediate_size), V vocabulary.
+
+Both directions are driven by one table, `megatron_to_hf`: a megatron checkpoint tensor (its global key
+as in `sharded_state_dict`, plus the layer / expert index of its prepended axes) is the concatenation
+along dim 0 of row ranges ("segments") of HF tensors:
+
+    embedding.word_embeddings.weight [V, H]      = model.embed_tokens.weight
+    linear_qkv.weight [ng*(nq/ng+2)*d, H]        = per query group g: q_proj rows of the group's nq/ng
+                                                   heads, k_proj rows of head g, v_proj rows of head g
+    experts.linear_fc1.weight [2F, H] (l, e)     = experts.e.gate_proj rows, then experts.e.up_proj rows
+    ...                                            (see docs/hf.md for the whole table)
+
+Import (`load_hf_into`) walks the model's own sharded state dict, as `models.init` does, so it fills
+every parameter of any TP / PP / EP / ETP layout with exactly the slice that rank owns, reading only
+that slice from the safetensors files. Export (`export_hf`) walks the same table over a
+dist_checkpointing checkpoint, loading a bounded group of tensors at a time. Both refuse to finish when
+a tensor is left over on either side and name it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from models.config import LMConfig
+from models.hf.checkpoint_io import HFCheckpoint, HFShardWriter
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------ names
+EMBED = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+QKV = "decoder.layers.self_attention.linear_qkv.weight"
+FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+# megatron key of a per-layer tensor -> HF name under model.layers.{l}. (one HF tensor, rows in order)
+LAYER_KEYS = {
+    "decoder.layers.input_layernorm.weight": "input_layernorm.weight",
+    "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "decoder.layers.self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "decoder.layers.self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "decoder.layers.pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "decoder.layers.mlp.router.weight": "mlp.gate.weight",
+}
+GLOBAL_KEYS = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
+# number of prepended (layer, expert) axes of each megatron key
+PREPEND = {EMBED: 0, OUTPUT: 0, FINAL_NORM: 0, QKV: 1, FC1: 2, FC2: 2, **{k: 1 for k in LAYER_KEYS}}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, start + rows) of the HF tensor `name` (all of its other dimensions)."""
+
+    name: str
+    start: int
+    rows: int
+
+
+def _layer(l: int) -> str:
+    return f"model.layers.{l}."
+
+
+def megatron_to_hf(key: str, index: tuple[int, ...], lm: LMConfig) -> list[Segment] | None:
+    """The HF segments whose row-wise concatenation is megatron tensor `key` at prepended `index`
+    (layer, or layer and expert); None for a key that has no HF counterpart."""
+    if key not in PREPEND:
+        return None
+    if len(index) != PREPEND[key]:
+        raise ValueError(f"{key}: expected {PREPEND[key]} prepended axes (layer/expert), got index {index}")
+    d, ng = lm.head_dim, lm.num_query_groups
+    if key == OUTPUT and not lm.untie_embeddings:
+        key = EMBED  # a tied output layer on a last pipeline stage is the embedding
+    if key in GLOBAL_KEYS:
+        name = GLOBAL_KEYS[key]
+        return [Segment(name, 0, _hf_shapes_global(lm)[name][0])]
+    l = index[0]
+    if key in LAYER_KEYS:
+        name = _layer(l) + LAYER_KEYS[key]
+        return [Segment(name, 0, _hf_layer_shapes(lm, l)[name][0])]
+    if key == QKV:
+        qpg = lm.num_attention_heads // ng
+        p = _layer(l) + "self_attn."
+        segs = []
+        for g in range(ng):
+            segs += [Segment(p + "q_proj.weight", g * qpg * d, qpg * d), Segment(p + "k_proj.weight", g * d, d),
+                     Segment(p + "v_proj.weight", g * d, d)]
+        return segs
+    e, f = index[1], lm.moe_ffn_hidden_size
+    p = f"{_layer(l)}mlp.experts.{e}."
+    if key == FC1:
+        return [Segment(p + "gate_proj.weight", 0, f), Segment(p + "up_proj.weight", 0, f)]
+    return [Segment(p + "down_proj.weight", 0, lm.hidden_size)]  # FC2
+
+
+def _hf_shapes_global(lm: LMConfig) -> dict[str, tuple[int, ...]]:
+    out = {"model.embed_tokens.weight": (lm.vocab_size, lm.hidden_size), "model.norm.weight": (lm.hidden_size,)}
+    if lm.untie_embeddings:
+        out["lm_head.weight"] = (lm.vocab_size, lm.hidden_size)
+    return out
+
+
+def _hf_layer_shapes(lm: LMConfig, l: int) -> dict[str, tuple[int, ...]]:
+    h, d, f = lm.hidden_size, lm.head_dim, lm.moe_ffn_hidden_size
+    q, kv = lm.num_attention_heads * d, lm.num_query_groups * d
+    p = _layer(l)
+    out = {
+        p + "input_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (q, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, q),
+        p + "self_attn.q_norm.weight": (d,),
+        p + "self_attn.k_norm.weight": (d,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "mlp.gate.weight": (lm.num_experts, h),
+    }
+    for e in range(lm.num_experts):
+        out[f"{p}mlp.experts.{e}.gate_proj.weight"] = (f, h)
+        out[f"{p}mlp.experts.{e}.up_proj.weight"] = (f, h)
+        out[f"{p}mlp.experts.{e}.down_proj.weight"] = (h, f)
+    return out
+
+
+def hf_tensor_shapes(lm: LMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen3-MoE HF checkpoint of this model holds, with its shape, in file order."""
+    g = _hf_shapes_global(lm)
+    out = {"model.embed_tokens.weight": g["model.embed_tokens.weight"]}
+    for l in range(lm.num_layers):
+        out.update(_hf_layer_shapes(lm, l))
+    out["model.norm.weight"] = g["model.norm.weight"]
+    if "lm_head.weight" in g:
+        out["lm_head.weight"] = g["lm_head.weight"]
+    return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One megatron checkpoint tensor at one (layer, expert) index, and the HF segments it is made of."""
+
+    key: str
+    index: tuple[int, ...]
+    segments: tuple[Segment, ...]
+
+
+def units(lm: LMConfig) -> list[Unit]:
+    """All megatron tensors of the model (per layer / expert), in HF file order."""
+    def unit(key, *index):
+        return Unit(key, tuple(index), tuple(megatron_to_hf(key, tuple(index), lm)))
+
+    out = [unit(EMBED)]
+    for l in range(lm.num_layers):
+        out += [unit("decoder.layers.input_layernorm.weight", l), unit(QKV, l)]
+        out += [unit(k, l) for k in list(LAYER_KEYS)[1:]]
+        for e in range(lm.num_experts):
+            out += [unit(FC1, l, e), unit(FC2, l, e)]
+    out.append(unit(FINAL_NORM))
+    if lm.untie_embeddings:
+        out.append(unit(OUTPUT))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ config
+def _hf_rope_theta(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for where, d in (("rope_parameters", rp), ("rope_scaling", scaling)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind not in ("default", None):
+            raise ValueError(f"HF config {where}.rope_type={kind!r}: only plain RoPE (default) is supported")
+    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _hf_value(cfg: dict, name: str):
+    if name == "num_experts":
+        v = cfg.get("num_experts", cfg.get("num_local_experts"))
+    elif name == "head_dim":
+        v = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    elif name == "rope_theta":
+        v = _hf_rope_theta(cfg)
+    elif name == "tie_word_embeddings":
+        v = cfg.get("tie_word_embeddings", False)
+    else:
+        v = cfg.get(name)
+    if v is None:
+        raise ValueError(f"HF config has no {name!r}")
+    return v
+
+
+# HF config field -> (LMConfig field, HF value from the LMConfig value)
+CONFIG_FIELDS = {
+    "num_hidden_layers": ("num_layers", lambda v: v),
+    "hidden_size": ("hidden_size", lambda v: v),
+    "num_attention_heads": ("num_attention_heads", lambda v: v),
+    "num_key_value_heads": ("num_query_groups", lambda v: v),
+    "head_dim": ("head_dim", lambda v: v),
+    "vocab_size": ("vocab_size", lambda v: v),
+    "num_experts": ("num_experts", lambda v: v),
+    "num_experts_per_tok": ("moe_topk", lambda v: v),
+    "moe_intermediate_size": ("moe_ffn_hidden_size", lambda v: v),
+    "rope_theta": ("rope_theta", float),
+    "norm_topk_prob": ("moe_norm_topk_prob", bool),
+    "tie_word_embeddings": ("untie_embeddings", lambda v: not v),
+    "rms_norm_eps": ("norm_eps", float),
+}
+
+
+def check_hf_architecture(cfg: dict) -> None:
+    """Rejects HF configs whose model this project's LM is not (every layer MoE, SiLU, no biases, ...)."""
+    if cfg.get("model_type") not in ("qwen3_moe", None):
+        raise ValueError(f"HF config model_type={cfg.get('model_type')!r}: only qwen3_moe is supported "
+                         "(a multimodal Keye-VL checkpoint needs the ViT, which this converter does not map)")
+    checks = [
+        ("hidden_act", cfg.get("hidden_act", "silu") == "silu", "silu"),
+        ("attention_bias", not cfg.get("attention_bias", False), "false"),
+        ("use_sliding_window", not cfg.get("use_sliding_window", False), "false"),
+        ("decoder_sparse_step", cfg.get("decoder_sparse_step", 1) == 1, "1 (every layer MoE)"),
+        ("mlp_only_layers", not cfg.get("mlp_only_layers"), "[] (every layer MoE)"),
+    ]
+    for name, ok, want in checks:
+        if not ok:
+            raise ValueError(f"HF config {name}={cfg.get(name)!r} is not supported (needs {want})")
+    _hf_rope_theta(cfg)
+
+
+def check_hf_config(cfg: dict, lm: LMConfig) -> None:
+    """ValueError naming the first field where the HF config and model.lm disagree."""
+    check_hf_architecture(cfg)
+    for hf_name, (lm_name, conv) in CONFIG_FIELDS.items():
+        hf_v = conv(_hf_value(cfg, hf_name))
+        lm_v = getattr(lm, lm_name)
+        same = math.isclose(hf_v, lm_v, rel_tol=1e-9) if isinstance(lm_v, float) else hf_v == lm_v
+        if not same:
+            raise ValueError(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match "
+                             f"model.lm.{lm_name}={lm_v!r}")
+    if cfg.get("max_position_embeddings", lm.max_position_embeddings) != lm.max_position_embeddings:
+        log.warning("HF config max_position_embeddings=%s, model.lm.max_position_embeddings=%s (weights do not "
+                    "depend on it)", cfg["max_position_embeddings"], lm.max_position_embeddings)
+
+
+def default_mrope_section(head_dim: int) -> list[int]:
+    """(time, height, width) rotary pairs summing to head_dim / 2, split 1/4 : 3/8 : 3/8 as in Qwen3-VL
+    ([16, 24, 24] at head_dim 128). Text positions use three equal rows, so the split does not matter there."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
+    """model.lm for an HF config: the HF fields replace those of `base` (default LMConfig()); the rest of
+    `base` (experts_impl, attention variant, loss chunking, ...) stays."""
+    check_hf_architecture(cfg)
+    base = base or LMConfig()
+    values = {lm_name: _from_hf(_hf_value(cfg, hf_name), lm_name) for hf_name, (lm_name, _) in CONFIG_FIELDS.items()}
+    values["max_position_embeddings"] = int(cfg.get("max_position_embeddings", base.max_position_embeddings))
+    if sum(base.mrope_section) * 2 != values["head_dim"]:
+        values["mrope_section"] = default_mrope_section(values["head_dim"])
+    return replace(base, **values)
+
+
+def _from_hf(v, lm_name: str):
+    if lm_name == "untie_embeddings":
+        return not v
+    if lm_name in ("rope_theta", "norm_eps"):
+        return float(v)
+    if lm_name == "moe_norm_topk_prob":
+        return bool(v)
+    return int(v)
+
+
+def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x)."""
+    if lm.layer_attention() != ["dense"] * lm.num_layers:
+        raise ValueError(f"model.lm attention {sorted(set(lm.layer_attention()))}: a Qwen3-MoE HF checkpoint "
+                         "holds dense attention only")
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": lm.vocab_size,
+        "hidden_size": lm.hidden_size,
+        "intermediate_size": lm.moe_ffn_hidden_size * lm.moe_topk,  # dense-MLP size; unused (every layer MoE)
+        "num_hidden_layers": lm.num_layers,
+        "num_attention_heads": lm.num_attention_heads,
+        "num_key_value_heads": lm.num_query_groups,
+        "head_dim": lm.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": lm.max_position_embeddings,
+        "rms_norm_eps": lm.norm_eps,
+        "rope_theta": lm.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta},
+        "tie_word_embeddings": not lm.untie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "num_experts": lm.num_experts,
+        "num_experts_per_tok": lm.moe_topk,
+        "moe_intermediate_size": lm.moe_ffn_hidden_size,
+        "norm_topk_prob": lm.moe_norm_topk_prob,
+        "router_aux_loss_coef": lm.moe_aux_loss_coeff,
+        "output_router_logits": False,
+        "initializer_range": lm.init_std,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_hf_tensors(ckpt: HFCheckpoint, lm: LMConfig) -> None:
+    """Every tensor the model needs is present with its shape, and no other tensor is there."""
+    want = hf_tensor_shapes(lm)
+    have = set(ckpt.names())
+    extra = have - set(want)
+    if not lm.untie_embeddings and "lm_head.weight" in extra:
+        # some tied checkpoints still store the head; it must be the embedding
+        if not torch.equal(ckpt.read("lm_head.weight"), ckpt.read("model.embed_tokens.weight")):
+            raise ValueError(f"{ckpt.path}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "model.embed_tokens.weight")
+        extra.discard("lm_head.weight")
+    missing = set(want) - have
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) the model has no place for: {_listing(extra)}")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) the model needs are missing: {_listing(missing)}")
+        raise ValueError(f"HF checkpoint {ckpt.path}: " + "; ".join(parts))
+    wrong = [f"{n} has shape {list(ckpt.shape(n))}, the model needs {list(s)}" for n, s in want.items()
+             if ckpt.shape(n) != s]
+    if wrong:
+        raise ValueError(f"HF checkpoint {ckpt.path}: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+
+
+# ------------------------------------------------------------------------------------------ import
+def _iter_sharded_tensors(sharded_sd):
+    from models.init import _iter_sharded_tensors as it  # the walker the layout-invariant init uses
+
+    return it(sharded_sd)
+
+
+def _read_block(ckpt: HFCheckpoint, segments, offsets, shape, reads: set) -> torch.Tensor:
+    """Rows [offsets[0], offsets[0] + shape[0]) (and the given ranges of the other dims) of the row-wise
+    concatenation of `segments`, reading only those parts of the HF tensors."""
+    r0, r1 = offsets[0], offsets[0] + shape[0]
+    rest = tuple(slice(o, o + n) for o, n in zip(offsets[1:], shape[1:]))
+    parts, pos = [], 0
+    for seg in segments:
+        a, b = max(r0, pos), min(r1, pos + seg.rows)
+        if a < b:
+            hf_rows = slice(seg.start + a - pos, seg.start + b - pos)
+            parts.append(ckpt.read(seg.name, (hf_rows, *rest)))
+            reads.add((seg.name, (hf_rows.start, hf_rows.stop), *((s.start, s.stop) for s in rest)))
+        pos += seg.rows
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group=None) -> dict:
+    """Fills every parameter of the (unwrapped or DDP-wrapped) model chunks from a Qwen3-MoE HF checkpoint.
+
+    Collective when torch.distributed is initialised: all ranks of `group` (default: all ranks) call it,
+    and together they must have read every element of every HF tensor. Each rank reads only the slices its
+    parameters hold. Raises ValueError on a config mismatch (naming the field), on an HF tensor the model
+    has no place for or a missing one (naming them), and RuntimeError on a model tensor with no HF source.
+    Returns counts: {"tensors": model tensors written, "elements": elements written, "hf_slices": reads}.
+    `hf_dir` may also be an open checkpoint (an HFCheckpoint, or a view with its interface such as
+    models.hf.keye_vision.KeyeLMView: the language model of a multimodal checkpoint under Qwen3 names).
+    """
+    ckpt = hf_dir if hasattr(hf_dir, "read") and hasattr(hf_dir, "names") else HFCheckpoint(hf_dir)
+    check_hf_config(ckpt.config, lm)
+    check_hf_tensors(ckpt, lm)
+    reads: set = set()
+    unmapped: set[str] = set()
+    written = elements = 0
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        covered: set[int] = set()
+        for sh in _iter_sharded_tensors(module.sharded_state_dict()):
+            if sh.flattened_range is not None:
+                raise ValueError(f"{sh.key}: flattened shards cannot be loaded here")
+            pre = sh.prepend_axis_num
+            index = tuple(sh.global_offset[:pre])
+            segments = megatron_to_hf(sh.key, index, lm)
+            if segments is None:
+                unmapped.add(sh.key)
+                continue
+            full = tuple(sh.global_shape[pre:])
+            want = (sum(s.rows for s in segments), *ckpt.shape(segments[0].name)[1:])
+            if full != want:
+                raise ValueError(f"model tensor {sh.key}{list(index)} has shape {list(full)}, its HF source "
+                                 f"{[s.name for s in segments][:3]} gives {list(want)}")
+            block = _read_block(ckpt, segments, tuple(sh.global_offset[pre:]), tuple(sh.data.shape), reads)
+            sh.data.copy_(block)
+            covered.add(sh.data.untyped_storage().data_ptr())
+            written += 1
+            elements += sh.data.numel()
+        unmapped |= {n for n, p in module.named_parameters() if p.untyped_storage().data_ptr() not in covered}
+    # one verdict for all ranks (a parameter only one pipeline stage holds must not leave the others waiting)
+    _check_coverage(reads, hf_tensor_shapes(lm), group, where=str(ckpt.path), unfilled=unmapped)
+    return {"tensors": written, "elements": elements, "hf_slices": len(reads)}
+
+
+def _check_coverage(reads: set, shapes: dict, group, *, where: str, unfilled: set = frozenset()) -> None:
+    """No model parameter was left unfilled on any rank, every element of every HF tensor was read by some
+    rank, and no two distinct reads overlap. Collective over `group` when torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (reads, unfilled), group=group)
+        reads = set().union(*(r for r, _ in gathered))
+        unfilled = set().union(*(u for _, u in gathered))
+    if unfilled:
+        raise RuntimeError(f"model parameters with no tensor in the HF checkpoint {where}: {_listing(unfilled)}")
+    by_name = defaultdict(list)
+    for name, *rect in reads:
+        by_name[name].append(rect)
+    unused = [n for n in shapes if n not in by_name]
+    partial = []
+    for name, rects in by_name.items():
+        area = sum(math.prod(b - a for a, b in r) for r in rects)
+        overlap = any(all(a1 < b2 and a2 < b1 for (a1, b1), (a2, b2) in zip(r, s))
+                      for i, r in enumerate(rects) for s in rects[i + 1:])
+        if overlap or area != math.prod(shapes[name]):
+            partial.append(name)
+    if unused or partial:
+        raise RuntimeError(f"HF checkpoint {where}: tensors not used by the model: {_listing(unused)}; "
+                           f"tensors only partly used: {_listing(partial)}")
+
+
+# ------------------------------------------------------------------------------------------ export
+def model_keys_in_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
+    """The language-model tensors (key -> metadata ShardedTensor) of one of our dist_checkpointing
+    checkpoints: not the optimizer's, and not the vision tower's (`vision.*` / `vision_optimizer.*`,
+    train/vision.py; models/hf/keye_vision.py exports those)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    # optimizer keys: "optimizer.*", or "chained_{i}.optimizer.*" for megatron's chained (multi-group) optimizer
+    return {k: v for k, v in meta.items()
+            if not re.match(r"(chained_\d+\.)?optimizer\.|vision\.|vision_optimizer\.", k)}
+
+
+def _plan_shards(plan_units: list[Unit], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[Unit]]:
+    shards, cur, size = [], [], 0
+    for u in plan_units:
+        b = sum(nbytes[n] for n in {s.name for s in u.segments})
+        if cur and size + b > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(u)
+        size += b
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+@torch.no_grad()
+def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, lm: LMConfig,
+              max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> dict:
+    """Writes one of our checkpoints (a `step_*` directory) as a Qwen3-MoE HF checkpoint: config.json,
+    safetensors files of at most `max_shard_bytes` each (plus model.safetensors.index.json when there are
+    several). Tensors are loaded one output file at a time, so memory stays about one file's worth.
+
+    Collective when torch.distributed is initialised (every rank loads, rank 0 writes). `dtype`: cast the
+    weights (default: as stored). Raises on a checkpoint tensor with no HF name or of the wrong shape.
+    Returns {"files": [...], "tensors": n, "bytes": total}.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    hf_cfg = hf_config_from_lm(lm, dtype=dtype or torch.float32)
+    meta = model_keys_in_checkpoint(checkpoint_dir)
+    unknown = [k for k in meta if k not in PREPEND or (k == OUTPUT and not lm.untie_embeddings)]
+    if unknown:
+        raise ValueError(f"checkpoint {checkpoint_dir}: tensors with no Qwen3-MoE HF counterpart: {_listing(unknown)}")
+    plan = units(lm)
+    shapes = hf_tensor_shapes(lm)
+    assert {seg.name for u in plan for seg in u.segments} == set(shapes), "the unit table misses HF tensors"
+    absent = {u.key for u in plan} - set(meta)
+    if absent:
+        raise ValueError(f"checkpoint {checkpoint_dir}: model tensors missing: {_listing(absent)}")
+    sizes = (lm.num_layers, lm.num_experts)  # of the prepended (layer, expert) axes
+    for u in plan:
+        want = (*sizes[:len(u.index)], sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
+        if tuple(meta[u.key].global_shape) != want:
+            raise ValueError(f"checkpoint tensor {u.key} has shape {list(meta[u.key].global_shape)}, "
+                             f"model.lm gives {list(want)}")
+    out_dtype = dtype or meta[EMBED].dtype
+    hf_cfg["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    elem = torch.empty(0, dtype=out_dtype).element_size()
+    nbytes = {n: math.prod(s) * elem for n, s in shapes.items()}
+    shards = _plan_shards(plan, nbytes, max_shard_bytes)
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    writer = HFShardWriter(out_dir, len(shards)) if rank0 else None
+    produced: set[str] = set()
+    for shard in shards:
+        sd = {}
+        for i, u in enumerate(shard):
+            local = (sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
+            offsets = [(axis, idx, sizes[axis]) for axis, idx in enumerate(u.index)]
+            # the layer / expert axes as ordinary axes of size 1: torch's sharded-tensor path that a request
+            # with prepended axes takes cannot load a subset of a tensor in a single process
+            sd[f"u{i}"] = ShardedTensor.from_rank_offsets(
+                u.key, torch.empty((1,) * len(u.index) + local, dtype=meta[u.key].dtype), *offsets, replica_id=0)
+        # a subset of each stored tensor: the "every shard read exactly once" check does not apply
+        loaded = dist_checkpointing.load(sd, str(checkpoint_dir), validate_access_integrity=False)
+        tensors: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = defaultdict(int)
+        for i, u in enumerate(shard):
+            t, pos = loaded[f"u{i}"].reshape(-1, *loaded[f"u{i}"].shape[len(u.index) + 1:]), 0
+            for seg in u.segments:
+                if seg.name not in tensors:
+                    tensors[seg.name] = torch.empty(shapes[seg.name], dtype=out_dtype)
+                tensors[seg.name][seg.start: seg.start + seg.rows] = t[pos: pos + seg.rows]
+                filled[seg.name] += seg.rows
+                pos += seg.rows
+        short = [n for n, r in filled.items() if r != shapes[n][0]]
+        assert not short, f"HF tensors assembled from the wrong number of rows: {short}"
+        produced |= set(tensors)
+        if writer is not None:
+            writer.add_shard(tensors)
+        del loaded, tensors
+    assert produced == set(shapes), f"export produced no data for {_listing(set(shapes) - produced)}"
+    if writer is not None:
+        writer.finish()
+        Path(out_dir, "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    files = [HFShardWriter.shard_name(i, len(shards)) for i in range(len(shards))]
+    return {"files": files, "tensors": len(produced), "bytes": sum(nbytes[n] for n in produced)}
+

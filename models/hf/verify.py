@@ -1,0 +1,75 @@
+"""Logits of our model against the transformers implementation of the same Qwen3-MoE checkpoint.
+
+Both run in fp32 on the same fixed token ids; positions 0..s-1 (our model takes them as the three equal
+rows [3, b, s] of multimodal RoPE, which is plain RoPE). With tensor parallelism the vocabulary-parallel
+logits are gathered over the TP group, so every rank ends with the full [b, s, V] logits.
+
+Tolerance (fp32, CPU): the two implementations differ in summation order only (fused QKV GEMM against
+three GEMMs, SDPA against transformers' attention, expert loop order, fp32 router in both), so logits
+agree to a few ulp of their magnitude: `max|ours - ref| <= LOGIT_ATOL + LOGIT_RTOL * max|ref|`. A routing
+flip (two experts' router scores within rounding of each other) would break that by orders of magnitude,
+which a random tiny model at the fixed seed does not hit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LOGIT_ATOL = 1e-5
+LOGIT_RTOL = 1e-4
+
+
+def fixed_input_ids(vocab_size: int, *, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+@torch.no_grad()
+def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' Qwen3MoeForCausalLM on the checkpoint, fp32, eager attention: [b, s, V]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def model_logits(model, input_ids: torch.Tensor, *, tp_group) -> torch.Tensor:
+    """Our model chunk (one pipeline stage holding the whole model) on `input_ids`: full-vocab [b, s, V]."""
+    module = getattr(model, "module", model)
+    if not (module.pre_process and module.post_process):
+        raise ValueError("logit verification needs the whole model on one pipeline stage (parallel.pp=1)")
+    device = next(module.parameters()).device
+    ids = input_ids.to(device)
+    b, s = ids.shape
+    if s % tp_group.size():
+        raise ValueError(f"sequence length {s} must be divisible by tp ({tp_group.size()}) (sequence parallel)")
+    pos = torch.arange(s, device=device).expand(3, b, s)
+    was_training = module.training
+    module.eval()
+    try:
+        logits = module(ids, pos, None)  # [b, s, V / tp]
+    finally:
+        module.train(was_training)
+    if tp_group.size() > 1:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(logits) for _ in range(tp_group.size())]
+        dist.all_gather(parts, logits.contiguous(), group=tp_group)
+        logits = torch.cat(parts, dim=-1)
+    return logits.float().cpu()
+
+
+def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Differences and the verdict against the stated tolerance."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"logit shapes differ: ours {list(ours.shape)}, reference {list(ref.shape)}")
+    diff = (ours - ref).abs()
+    scale = ref.abs().max().item()
+    bound = LOGIT_ATOL + LOGIT_RTOL * scale
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "max_abs_ref": scale,
+            "tolerance": bound, "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "ok": bool(diff.max().item() <= bound)}

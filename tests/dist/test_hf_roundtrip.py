@@ -1,0 +1,150 @@
+"""HF interop at TP2/EP2 on 2 gloo processes, in one torchrun job (this file is also its driver):
+
+    1. import a sharded Qwen3-MoE HF checkpoint at TP2/EP2 (each rank reads its slices) into our checkpoint
+       format, with the logits checked against transformers;
+    2. the project's Trainer starts from it (train.checkpoint.init_from) and trains one step, saving a checkpoint;
+       a second run with init_from naming the HF directory itself gives the same loss;
+    3. that checkpoint is exported to HF safetensors (bounded files + index);
+    4. the export is re-imported at TP2/EP2 and every parameter compared, exactly, with the trained
+       checkpoint loaded by train.checkpoint; the trained model's logits are checked against transformers
+       running the export.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAYOUT = dict(tp=2, ep=2)
+TINY_MODEL = ["model.lm.num_layers=2", "model.lm.hidden_size=64", "model.lm.num_attention_heads=4",
+              "model.lm.num_query_groups=2", "model.lm.head_dim=16", "model.lm.vocab_size=512",
+              "model.lm.num_experts=8", "model.lm.moe_topk=2", "model.lm.moe_ffn_hidden_size=32"]
+EXPORT_SHARD_BYTES = 50_000
+
+
+@pytest.mark.slow
+def test_tp2_ep2_import_train_export_reimport(tmp_path):
+    pytest.importorskip("transformers", reason="HF interop tests need transformers (setup.py dev extra)")
+    import torch
+
+    from models.hf.checkpoint_io import HFCheckpoint
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    hf_dir, work, out = tmp_path / "hf", tmp_path / "work", tmp_path / "out.json"
+    save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(out), str(hf_dir), str(work)]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"driver failed\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    res = json.loads(out.read_text())
+    print("\nTP2/EP2:", json.dumps(res, indent=1))
+
+    assert res["import_verify"]["ok"], res["import_verify"]
+    assert res["import_verify"]["argmax_agree"] == 1.0
+    assert len(res["losses"]) == 1 and 5.0 < res["losses"]["1"] < 8.0  # about ln(512) = 6.24 on random tokens
+    # training straight from the HF directory starts from the same weights as from the imported checkpoint
+    assert res["losses_direct"] == res["losses"], (res["losses_direct"], res["losses"])
+    assert res["reimport_mismatches"] == [], res["reimport_mismatches"]
+    assert res["reimport_tensors"] > 0
+    assert res["export_verify"]["ok"], res["export_verify"]
+    # the export is a complete Qwen3-MoE checkpoint of the trained weights: all tensors, training moved them
+    src, exported = HFCheckpoint(hf_dir), HFCheckpoint(work / "exported")
+    assert sorted(exported.names()) == sorted(src.names())
+    changed = [n for n in src.names() if not torch.equal(src.read(n), exported.read(n))]
+    assert len(changed) > 0.9 * len(src.names()), f"training changed only {len(changed)} tensors"
+    # ... by one Adam step of lr 3e-3 (about lr per element) from the HF weights, not from a fresh init
+    step = max((src.read(n) - exported.read(n)).abs().max().item() for n in src.names())
+    assert step < 0.01, f"the trained weights moved {step} from the HF ones: training did not start from them"
+    assert len(res["export"]["files"]) > 1 and (work / "exported" / "model.safetensors.index.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _train_one_step(init_from: Path, run_dir: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs
+    from train.launch import validate
+    from train.trainer import Trainer
+
+    register_configs()
+    overrides = ["recipe=keye_tiny_lm", *TINY_MODEL, f"parallel.tp={LAYOUT['tp']}", f"parallel.ep={LAYOUT['ep']}",
+                 "train.steps=2", "train.stop_after=1", "train.warmup_steps=1", "train.global_batch_size=2",
+                 "train.micro_batch_size=1", "train.seq_length=32", "train.wandb.enabled=false",
+                 f"train.checkpoint.init_from={init_from}", f"run_dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
+        cfg, layout = validate(compose("config", overrides=overrides))
+    trainer = Trainer(cfg, layout)
+    history = trainer.train()
+    del trainer
+    return {s.step: s.loss for s in history}
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "launch"))
+    from train.noise import silence_known_warnings
+
+    silence_known_warnings()
+    import torch
+    import torch.distributed as dist
+
+    import convert  # launch/convert.py
+    from models.hf.qwen3_moe import load_hf_into
+    from parallel.groups import teardown
+    from train import checkpoint as ckpt
+
+    out, hf_dir, work = (Path(a) for a in sys.argv[1:4])
+    lm = convert.model_config(None, [], hf_dir=str(hf_dir))
+    res = {}
+    res["import_verify"] = convert.import_hf(str(hf_dir), str(work / "imported"), lm=lm, verify=True, **LAYOUT)["verify"]
+    res["losses"] = _train_one_step(work / "imported", work / "run")
+    res["losses_direct"] = _train_one_step(hf_dir, work / "run_direct")  # init_from names the HF directory
+    res["export"] = convert.export(str(work / "run"), str(work / "exported"), lm=lm, max_shard_bytes=EXPORT_SHARD_BYTES)
+
+    chunks, _, _ = convert.build_model(lm, **LAYOUT)
+    load_hf_into(chunks, work / "exported", lm=lm)
+    reimported = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    chunks, pgs, _ = convert.build_model(lm, **LAYOUT)
+    missing = ckpt.load_model_weights(ckpt.find_latest(work / "run"), chunks, dp_cp_group=pgs.dp_cp)
+    assert not missing, missing
+    bad = [f"rank{dist.get_rank()}:{n}" for n, p in chunks[0].named_parameters() if not torch.equal(p, reimported[n])]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, bad)
+    res["reimport_mismatches"] = sum(gathered, [])
+    res["reimport_tensors"] = len(reimported)
+    res["export_verify"] = convert.verify_chunks(chunks, str(work / "exported"), pgs=pgs)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(res, default=str))
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
+
+
+@pytest.mark.slow
+def test_multimodal_run_starts_from_a_keye_vl_checkpoint(tmp_path):
+    """train.checkpoint.init_from naming a Keye-VL-style HF directory fills the LM (through the
+    Qwen3-MoE mapping) and the vision tower + projector (models/hf/keye_vision.py) of the tiny
+    multimodal recipe, then it trains."""
+    pytest.importorskip("transformers", reason="HF interop tests need transformers (setup.py dev extra)")
+    from models.hf.keye_vision import save_tiny_keye_vl
+    from tests.launch_util import losses, run_pretrain
+
+    hf_dir = tmp_path / "keye_vl"
+    save_tiny_keye_vl(hf_dir)
+    run = tmp_path / "run"
+    run_pretrain(2, ["recipe=keye_tiny", *TINY_MODEL, "train.steps=2", "train.warmup_steps=1",
+                     "train.checkpoint.save_interval=2", f"train.checkpoint.init_from={hf_dir}"], run)
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "initialised model weights from the Hugging Face checkpoint" in log
+    assert "initialised the vision tower from the Hugging Face checkpoint" in log
+    assert sorted(losses(run)) == [1, 2]

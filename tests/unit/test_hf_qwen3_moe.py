@@ -1,0 +1,271 @@
+"""Qwen3-MoE Hugging Face interop at TP1/EP1 in one process: config checks, the QKV interleaving, import
+against transformers' logits, loud failures on extra / missing / unmapped tensors, and export round trips.
+(The TP2/EP2 import, a training step and the re-import of its export are in tests/dist/test_hf_roundtrip.py.)"""
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers", reason="HF interop tests need transformers (setup.py dev extra)")
+pytest.importorskip("safetensors", reason="HF interop needs safetensors")
+
+from models.config import LMConfig  # noqa: E402
+from models.hf import qwen3_moe as q  # noqa: E402
+from models.hf.checkpoint_io import HFCheckpoint  # noqa: E402
+from models.hf.verify import compare_logits, fixed_input_ids, reference_logits  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _convert_module():
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "launch" / "convert.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """The tiny random checkpoint, saved as one file and as 50 KB shards, with transformers' logits."""
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    root = tmp_path_factory.mktemp("hf")
+    save_tiny_qwen3_moe(root / "single")
+    save_tiny_qwen3_moe(root / "sharded", max_shard_size="50KB")
+    config = json.loads((root / "single" / "config.json").read_text())
+    lm = q.lm_config_from_hf(config)
+    ids = fixed_input_ids(lm.vocab_size)
+    return {"root": root, "single": root / "single", "sharded": root / "sharded", "lm": lm, "ids": ids,
+            "ref": reference_logits(root / "single", ids), "config": config}
+
+
+@pytest.fixture(scope="module")
+def pgs():
+    from parallel.groups import build_process_groups, init_distributed, seed_all
+    from parallel.layout import ParallelConfig, ParallelLayout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(30000 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1")
+    init_distributed()
+    groups = build_process_groups(ParallelLayout.build(ParallelConfig(), world_size=1, lm=LMConfig()))
+    seed_all(0, groups)
+    yield groups
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _build(lm, pgs):
+    from models.lm import build_lm, transformer_config
+    from models.config import ModelParallelSizes
+
+    return build_lm(lm, transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True),
+                    pg_collection=pgs, pp_rank=0, pp_size=1)
+
+
+def _copy_with(src: Path, dst: Path, *, add: dict | None = None, drop: tuple = ()) -> Path:
+    """A single-file copy of checkpoint `src` with tensors added / removed."""
+    from safetensors.torch import save_file
+
+    ck = HFCheckpoint(src)
+    tensors = {n: ck.read(n) for n in ck.names() if n not in drop}
+    tensors.update(add or {})
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_hf_config_maps_to_lm_config_and_back(hf):
+    lm = hf["lm"]
+    assert (lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups, lm.head_dim) == (2, 64, 4, 2, 16)
+    assert (lm.num_experts, lm.moe_topk, lm.moe_ffn_hidden_size, lm.vocab_size) == (8, 2, 32, 512)
+    assert lm.rope_theta == 1.0e7 and lm.moe_norm_topk_prob and lm.untie_embeddings and lm.norm_eps == 1e-6
+    assert sum(lm.mrope_section) * 2 == lm.head_dim
+    assert q.lm_config_from_hf(q.hf_config_from_lm(lm)) == lm
+    q.check_hf_config(hf["config"], lm)
+    # transformers 4.x configs: num_experts and a top-level rope_theta
+    legacy = {k: v for k, v in hf["config"].items() if k not in ("rope_parameters", "num_local_experts")}
+    legacy.update(num_experts=8, rope_theta=1.0e7)
+    q.check_hf_config(legacy, lm)
+    assert q.default_mrope_section(128) == [16, 24, 24]
+
+
+@pytest.mark.parametrize("hf_field, value, lm_field", [
+    ("hidden_size", 128, "hidden_size"),
+    ("num_key_value_heads", 4, "num_query_groups"),
+    ("head_dim", 32, "head_dim"),
+    ("num_local_experts", 16, "num_experts"),
+    ("num_experts_per_tok", 4, "moe_topk"),
+    ("moe_intermediate_size", 64, "moe_ffn_hidden_size"),
+    ("vocab_size", 1024, "vocab_size"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1.0e6}, "rope_theta"),
+    ("norm_topk_prob", False, "moe_norm_topk_prob"),
+    ("tie_word_embeddings", True, "untie_embeddings"),
+    ("rms_norm_eps", 1e-5, "norm_eps"),
+])
+def test_config_mismatch_names_the_field(hf, hf_field, value, lm_field):
+    bad = {**hf["config"], hf_field: value}
+    with pytest.raises(ValueError, match=rf"model\.lm\.{lm_field}="):
+        q.check_hf_config(bad, hf["lm"])
+
+
+@pytest.mark.parametrize("field, value", [("attention_bias", True), ("mlp_only_layers", [1]), ("hidden_act", "gelu"),
+                                          ("model_type", "keye_vl"), ("decoder_sparse_step", 2),
+                                          ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e7})])
+def test_unsupported_architectures_are_refused(hf, field, value):
+    with pytest.raises(ValueError, match=field):
+        q.check_hf_config({**hf["config"], field: value}, hf["lm"])
+
+
+def test_qkv_rows_interleave_per_query_group():
+    lm = LMConfig(num_attention_heads=4, num_query_groups=2, head_dim=16, hidden_size=64)
+    segs = q.megatron_to_hf(q.QKV, (1,), lm)
+    p = "model.layers.1.self_attn."
+    # megatron: [q0 q1 k0 v0 | q2 q3 k1 v1], 16 rows per head
+    assert [(s.name.removeprefix(p), s.start, s.rows) for s in segs] == [
+        ("q_proj.weight", 0, 32), ("k_proj.weight", 0, 16), ("v_proj.weight", 0, 16),
+        ("q_proj.weight", 32, 32), ("k_proj.weight", 16, 16), ("v_proj.weight", 16, 16)]
+    fc1 = q.megatron_to_hf(q.FC1, (0, 5), lm)
+    assert [s.name for s in fc1] == ["model.layers.0.mlp.experts.5.gate_proj.weight",
+                                     "model.layers.0.mlp.experts.5.up_proj.weight"]
+    assert q.megatron_to_hf("decoder.layers.self_attention.linear_qkv_summary.weight", (0,), lm) is None
+
+
+# ------------------------------------------------------------------------------------------ import
+@pytest.mark.parametrize("experts_impl, layout", [("auto", "single"), ("sequential", "sharded")])
+def test_import_matches_transformers_logits(hf, pgs, experts_impl, layout):
+    from models.hf.verify import model_logits
+
+    lm = replace(hf["lm"], experts_impl=experts_impl)
+    model = _build(lm, pgs)
+    stats = q.load_hf_into([model], hf[layout], lm=lm)
+    assert stats["elements"] == sum(p.numel() for p in model.parameters())
+    result = compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), hf["ref"])
+    print(f"\nTP1/EP1 {experts_impl} experts, {layout} checkpoint: {result}")
+    assert result["ok"], result
+    assert result["max_abs_ref"] > 1.0  # the random checkpoint gives logits of a useful size
+    assert result["argmax_agree"] == 1.0
+
+
+@pytest.mark.parametrize("swap", [("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+                                  ("input_layernorm.weight", "post_attention_layernorm.weight"),
+                                  ("gate_proj.weight", "up_proj.weight")])
+def test_logit_check_catches_a_wrong_mapping(hf, pgs, monkeypatch, swap):
+    """The verification has teeth: exchanging two same-shaped tensors in the table breaks the logits."""
+    from models.hf.verify import model_logits
+
+    a, b = swap
+    original = q.megatron_to_hf
+
+    def swapped(key, index, lm):
+        segs = original(key, index, lm)
+        return None if segs is None else [
+            replace(s, name=s.name.replace(a, "@").replace(b, a).replace("@", b)) for s in segs]
+
+    monkeypatch.setattr(q, "megatron_to_hf", swapped)
+    model = _build(hf["lm"], pgs)
+    q.load_hf_into([model], hf["single"], lm=hf["lm"])
+    result = compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), hf["ref"])
+    assert result["max_abs_diff"] > 100 * result["tolerance"], result
+
+
+def test_sharded_and_single_file_import_identically(hf, pgs):
+    a, b = _build(hf["lm"], pgs), _build(hf["lm"], pgs)
+    q.load_hf_into([a], hf["single"], lm=hf["lm"])
+    q.load_hf_into([b], hf["sharded"], lm=hf["lm"])
+    assert len(list(HFCheckpoint(hf["sharded"]).path.glob("*.safetensors"))) > 5
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), n
+
+
+def test_unknown_tensor_is_named(hf, pgs, tmp_path):
+    extra = "model.layers.0.mlp.shared_expert.gate_proj.weight"
+    path = _copy_with(hf["single"], tmp_path / "extra", add={extra: torch.zeros(32, 64)})
+    with pytest.raises(ValueError, match=r"no place for: model\.layers\.0\.mlp\.shared_expert\.gate_proj\.weight"):
+        q.load_hf_into([_build(hf["lm"], pgs)], path, lm=hf["lm"])
+
+
+def test_missing_expert_tensor_is_named(hf, pgs, tmp_path):
+    gone = "model.layers.1.mlp.experts.5.up_proj.weight"
+    path = _copy_with(hf["single"], tmp_path / "missing", drop=(gone,))
+    with pytest.raises(ValueError, match=r"missing: model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight"):
+        q.load_hf_into([_build(hf["lm"], pgs)], path, lm=hf["lm"])
+
+
+def test_wrong_shape_is_named(hf, pgs, tmp_path):
+    name = "model.layers.0.self_attn.k_norm.weight"
+    path = _copy_with(hf["single"], tmp_path / "shape", add={name: torch.ones(8)})
+    with pytest.raises(ValueError, match=r"k_norm\.weight has shape \[8\]"):
+        q.load_hf_into([_build(hf["lm"], pgs)], path, lm=hf["lm"])
+
+
+def test_model_parameters_without_hf_source_are_named(hf, pgs):
+    lm = replace(hf["lm"], attention="ksa")  # summary embedding and summary QKV projections: not in Qwen3
+    with pytest.raises(RuntimeError, match=r"linear_qkv_summary.*summary_embedding|summary_embedding"):
+        q.load_hf_into([_build(lm, pgs)], hf["single"], lm=lm)
+
+
+def test_coverage_check_names_unread_and_partly_read_tensors():
+    shapes = {"a": (4, 2), "b": (3,), "c": (2, 2)}
+    q._check_coverage({("a", (0, 4), (0, 2)), ("b", (0, 3))}, {"a": (4, 2), "b": (3,)}, None, where="x")
+    with pytest.raises(RuntimeError, match=r"not used by the model: c; tensors only partly used: a"):
+        q._check_coverage({("a", (0, 2), (0, 2)), ("b", (0, 3))}, shapes, None, where="x")
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_import_save_export_round_trip_is_exact(hf, pgs, tmp_path):
+    """HF -> our checkpoint (train.checkpoint's format) -> HF: every tensor bit-identical, files bounded,
+    and transformers loads the export and gives the reference logits."""
+    convert = _convert_module()
+    out = convert.import_hf(str(hf["sharded"]), str(tmp_path / "ours"), lm=hf["lm"])
+    assert (out["checkpoint"] / "COMPLETE.json").is_file()
+    limit = 40_000
+    result = convert.export(str(tmp_path / "ours"), str(tmp_path / "back"), max_shard_bytes=limit)
+    src, back = HFCheckpoint(hf["single"]), HFCheckpoint(tmp_path / "back")
+    assert sorted(back.names()) == sorted(src.names())
+    for n in src.names():
+        assert torch.equal(back.read(n), src.read(n)), n
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(src.names()) and len(result["files"]) > 5
+    for f in result["files"]:  # bounded, unless one tensor alone is larger (the 128 KB embedding / head)
+        names = [n for n, g in index["weight_map"].items() if g == f]
+        size = sum(back.read(n).numel() * 4 for n in names)
+        assert size <= limit or len(names) == 1, (f, size)
+    assert compare_logits(reference_logits(tmp_path / "back", hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
+    # a re-import of the export fills the model with exactly the same values
+    a, b = _build(hf["lm"], pgs), _build(hf["lm"], pgs)
+    q.load_hf_into([a], hf["single"], lm=hf["lm"])
+    q.load_hf_into([b], tmp_path / "back", lm=hf["lm"])
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), n
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["num_experts"] == 8
+    assert asdict(q.lm_config_from_hf(json.loads((tmp_path / "back" / "config.json").read_text()))) == asdict(hf["lm"])
+
+
+def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
+    """tie_word_embeddings: no lm_head in the files; the output layer is the embedding."""
+    from models.hf.tiny import save_tiny_qwen3_moe
+    from models.hf.verify import model_logits
+
+    save_tiny_qwen3_moe(tmp_path / "tied", tie_word_embeddings=True)
+    lm = q.lm_config_from_hf(json.loads((tmp_path / "tied" / "config.json").read_text()))
+    assert not lm.untie_embeddings and "lm_head.weight" not in q.hf_tensor_shapes(lm)
+    model = _build(lm, pgs)
+    q.load_hf_into([model], tmp_path / "tied", lm=lm)
+    result = compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), reference_logits(tmp_path / "tied", hf["ids"]))
+    assert result["ok"], result
+    convert = _convert_module()
+    convert.import_hf(str(tmp_path / "tied"), str(tmp_path / "ours"), lm=lm)
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    src, back = HFCheckpoint(tmp_path / "tied"), HFCheckpoint(tmp_path / "back")
+    assert sorted(back.names()) == sorted(src.names())
+    assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
