@@ -155,6 +155,7 @@ class ModelParallelSizes:
     cp: int = 1
     sequence_parallel: bool = False
     moe_dispatcher: str = "alltoall"
+    cp_comm: str = "a2a"  # dense attention under CP: "a2a" (Ulysses) or "allgather" (K/V gathered)
 
 
 @dataclass(frozen=True)

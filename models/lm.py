@@ -74,6 +74,7 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
         context_parallel_size=sizes.cp,
+        cp_comm_type=sizes.cp_comm if sizes.cp > 1 else None,  # read by our core attention modules
         sequence_parallel=sizes.sequence_parallel,
         params_dtype=dtype,
         bf16=bf16,

@@ -63,6 +63,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):  # no pinned allocator without an accelerator (megatron's CP RoPE slice asks)
+            kwargs["pin_memory"] = False
         if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
             args = tuple(_CPU if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a
                          for i, a in enumerate(args))

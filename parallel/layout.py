@@ -120,9 +120,6 @@ class ParallelLayout:
                 f"({pp} * {vpp} = {pp * vpp})")
         if cp > 1:
             check_context_parallel(cp, cfg.cp_comm, lm, tp=tp)
-            if cfg.cp_comm == "allgather":
-                warnings.warn("parallel.cp_comm=allgather is validated but does not reach the model yet "
-                              "(models/lm.transformer_config sets no cp_comm_type): dense attention runs Ulysses (a2a)")
         sp = tp > 1
         if tp > 1 and not cfg.sequence_parallel:
             warnings.warn("parallel.sequence_parallel=false is ignored: MoE layers with tp > 1 need "
@@ -146,7 +143,8 @@ class ParallelLayout:
     def model_sizes(self) -> ModelParallelSizes:
         return ModelParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None,
                                   ep=self.ep, etp=self.etp, cp=self.cp,
-                                  sequence_parallel=self.sequence_parallel, moe_dispatcher=self.moe_dispatcher)
+                                  sequence_parallel=self.sequence_parallel, moe_dispatcher=self.moe_dispatcher,
+                                  cp_comm=self.cp_comm)
 
     def describe(self) -> str:
         return (f"world {self.world_size} = tp {self.tp} x cp {self.cp} x dp {self.dp} x pp {self.pp}"

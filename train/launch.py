@@ -46,9 +46,6 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     if cfg.model.lm.uses_ksa:
         raise ValueError("model.vision with KSA attention is not supported yet: the visual positions would "
                          "have to follow the inserted summary slots")
-    if layout.cp > 1:
-        raise ValueError(f"model.vision with parallel.cp={layout.cp} is not supported yet (the visual tokens "
-                         "would have to follow the context-parallel split)")
     if t.micro_batch_size != 1:
         raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                          f"got {t.micro_batch_size}")
@@ -73,6 +70,9 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)
+    layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
+    if cfg.train.distill.enabled and layout.cp > 1:
+        raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")

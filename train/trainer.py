@@ -68,7 +68,7 @@ class StepInputs:
     cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
 
 
-VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds")
+VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds", "visual_local_pos")
 
 
 def _forward_step(inputs: StepInputs, data_iterator, model):
@@ -96,7 +96,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
 
         tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
-        kwargs["visual"] = (raw["visual_embeds"], raw["visual_pos"].to(inputs.device))
+        where = raw["visual_local_pos"] if "visual_local_pos" in raw else raw["visual_pos"]  # CP: local share
+        kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
     output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask)
 
@@ -413,7 +414,7 @@ class Trainer:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
             tok = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs))], dtype=torch.float64,
                                device=self.device)
-            dist.all_reduce(tok, group=self.pgs.dp_cp)
+            dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
             vit_norm = self.vision.backward_and_step(lr, float(tok.item()))
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:

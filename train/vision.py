@@ -51,11 +51,24 @@ class VisionTower:
                                            weight_decay=t.weight_decay) if self.params else None
         self.grad_clip = t.grad_clip
         self.steps = 0
-        # The ranks that share one LM sequence: megatron's model-parallel group (TP x PP) of this replica.
-        group = pgs.mp
+        # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica (megatron's
+        # model-parallel group when CP is off; with CP a group of our own, rank grid [pp, dp, cp, tp]).
+        self.layout = layout
+        if layout.cp == 1:
+            group = pgs.mp
+        else:
+            grid = torch.arange(layout.world_size).view(layout.pp, layout.dp, layout.cp, layout.tp)
+            group = None
+            for d in range(layout.dp):  # every rank creates every group, in the same order
+                g = dist.new_group(grid[:, d].flatten().tolist())
+                if dist.get_rank() in grid[:, d].flatten().tolist():
+                    group = g
         members = dist.get_process_group_ranks(group)
         per_stage = layout.tp * layout.cp * layout.dp
         consumers = [i for i, r in enumerate(members) if r // per_stage == 0]  # pipeline stage 0
+        # each LM-input rank's context-parallel rank: it needs only the visual tokens of its sequence chunks
+        self.consumer_cp_rank = {i: (members[i] // layout.tp) % layout.cp for i in consumers}
+        self.my_consumer = members.index(dist.get_rank()) if dist.get_rank() in [members[i] for i in consumers] else None
         self.phase = build_vision_phase(v.layout, self.model, group, consumers, recompute=v.recompute,
                                         **({"balance": v.balance} if v.layout == "spread" else {}))
         self.group_size = len(members)
@@ -66,9 +79,29 @@ class VisionTower:
                      v.balance, v.recompute)
 
     def forward(self, micro_batches: list[dict], device) -> list | None:
+        """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism
+        each micro-batch dict gets "visual_local_pos": where this rank's share of the visual tokens sits in
+        its local (zigzag-split) sequence; the embeddings returned are exactly those tokens."""
         mbs = [(mb["pixel_values"].to(device, non_blocking=True), mb["grid_thw"]) for mb in micro_batches]
+        needs = None
+        if self.layout.cp > 1:
+            from parallel.context.split import cp_global_indices
+
+            needs = {c: [] for c in self.consumer_cp_rank}
+            for mb in micro_batches:
+                seq = mb["tokens"].shape[-1]
+                for c, r in self.consumer_cp_rank.items():
+                    mine = torch.zeros(seq, dtype=torch.bool)
+                    mine[cp_global_indices(seq, self.layout.cp, r)] = True
+                    sel = mine[mb["visual_pos"]].nonzero().flatten()
+                    needs[c].append(sel)
+                    if c == self.my_consumer:
+                        local = cp_global_indices(seq, self.layout.cp, r)
+                        inv = torch.empty(seq, dtype=torch.long)
+                        inv[local] = torch.arange(local.numel())
+                        mb["visual_local_pos"] = inv[mb["visual_pos"][sel]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.phase.forward(mbs)
+            return self.phase.forward(mbs, needs)
 
     def backward_and_step(self, lr: float, total_tokens: float) -> float:
         """Completes the ViT's backward and updates it; returns the ViT gradient norm (before clipping)."""

@@ -21,11 +21,20 @@ Tensor parallelism: indexer weights are replicated. Each TP rank builds its targ
 query heads; since KL is linear in p and p = mean over ranks of the per-rank head averages, each rank
 attaches loss_weight / tp * KL_r and the indexer weights are tagged `sequence_parallel`, which makes
 megatron sum their gradients over the TP group: the sum is the gradient of the full-head loss.
+
+Context parallelism (the CP group of `pg_collection` has > 1 rank): the indexer runs on the rank's
+tokens with the rank's slice of the rotary embedding (megatron's MultimodalRotaryEmbedding slices it per
+CP rank, so the index RoPE uses each token's global position); `parallel.context.dsa_cp_attention`
+gathers the small index keys, selects top-k of the local queries over all keys with the GLOBAL
+cu_seqlens, attends over all-gathered K/V and returns the KL as the mean over the rank's tokens, so the
+attached `kl * b * s_local` is this rank's share of the global per-token sum (CP gradients are summed
+over the DP x CP group and divided by the global token count, as for the LM loss).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -33,7 +42,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.dsa import dsa_topk, indexer_kl_loss, sparse_gqa_attention
-from models.attention.dense import causal_attention
+from models.attention.dense import causal_attention, cp_group_of, resolve_cp_comm
 
 STAGES = ("dense_warmup", "sparse")
 
@@ -91,6 +100,13 @@ class DSASelfAttention(SelfAttention):
             raise ValueError(f"model.lm.dsa.index_dim ({index_dim}) must be at most half the head dim "
                              f"({config.kv_channels}): its RoPE uses every other rotary pair")
         self.indexer = DSAIndexer(config, heads=index_heads, dim=index_dim)
+        if self.checkpoint_core_attention:
+            # megatron's selective recompute re-runs the core attention in backward, after forward() has
+            # cleared the indexer output it reads; DSA's core attention is therefore never checkpointed
+            # (parallel/memory.py counts its activations as kept).
+            warnings.warn("parallel.recompute=selective does not recompute DSA core attention (its indexer "
+                          "output is not a checkpoint input); the rest of the layer follows the setting")
+            self.checkpoint_core_attention = False
 
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
         if rotary_pos_emb is None:
@@ -114,8 +130,14 @@ class DSACoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None, topk: int = 2048,
                  stage: str = "sparse", loss_weight: float = 1.0, backend: str = "auto"):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("DSA attention runs without context parallelism (parallel.cp=1) in this build")
+        self.cp_group = cp_group_of(pg_collection)
+        if config.context_parallel_size > 1 and self.cp_group is None:
+            raise ValueError("context_parallel_size > 1 but the layer's pg_collection has no CP group of that size")
+        tp_ = config.tensor_model_parallel_size
+        # only the dense warm-up's attention uses it (sparse attention all-gathers K/V regardless)
+        self.cp_comm = resolve_cp_comm(cp_comm_type if stage == "dense_warmup" else "all_gather",
+                                       num_q_heads=config.num_attention_heads // tp_,
+                                       num_kv_heads=config.num_query_groups // tp_, cp_size=config.context_parallel_size)
         if stage not in STAGES:
             raise ValueError(f"model.lm.dsa.stage must be one of {STAGES}, got {stage!r}")
         self.topk, self.stage, self.loss_weight, self.backend = topk, stage, loss_weight, backend
@@ -132,7 +154,14 @@ class DSACoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
-        if self.stage == "sparse":
+        if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
+            from parallel.context import dsa_cp_attention
+
+            r = dsa_cp_attention(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
+                                 stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
+                                 cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
+            out, kl = r.out.transpose(0, 1), r.kl  # [b, s, h, d] like the single-rank path below
+        elif self.stage == "sparse":
             idx = dsa_topk(q_idx, w, k_idx, self.topk, cu_seqlens=cu, backend=backend)
             out, lse = sparse_gqa_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, scale=self.scale,
                                             cu_seqlens=cu, return_lse=True, backend=backend)

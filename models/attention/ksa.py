@@ -12,6 +12,12 @@ The input sequence is interleaved: after every C text tokens of a document come 
   projection, which is the dense model the distillation stage compares against (fed text only).
 
 Shapes (megatron layout): hidden [s, b, h]; q [s, b, nq, d], k/v [s, b, nkv, d].
+
+Context parallelism (the CP group of `pg_collection` has > 1 rank): the CP split is of the INTERLEAVED
+sequence, so `s` is this rank's share of text + summary tokens. Which local tokens are summaries comes
+from their GLOBAL positions (`parallel.context.ksa_summary_mask_for_cp`), and the attention runs by
+Ulysses (`parallel.context.ksa_cp_attention`: the unchanged KSA kernel over the whole interleaved
+sequence for Hq / cp heads, GLOBAL cu_seqlens). Teacher mode runs dense CP attention the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.ksa import ksa_attention
-from models.attention.dense import causal_attention
+from models.attention.dense import causal_attention, cp_group_of, resolve_cp_comm
 
 
 def summary_mask(num_tokens: int, batch: int, *, chunk: int, num_summary: int,
@@ -64,6 +70,7 @@ class KSASelfAttention(SelfAttention):
             is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
         self.teacher = False
         self._mask = None
+        self.cp_group = cp_group_of(self.pg_collection)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         if self.teacher or self._mask is None:
@@ -82,8 +89,18 @@ class KSASelfAttention(SelfAttention):
         if self.config.sequence_parallel:
             s *= self.pg_collection.tp.size()  # the QKV projection all-gathers the sequence shards
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-        self._mask = None if self.teacher else summary_mask(s, b, chunk=self.chunk, num_summary=self.num_summary,
-                                                            cu_seqlens=cu, device=hidden_states.device)
+        if self.teacher:
+            self._mask = None
+        elif self.cp_group is not None:  # s = this rank's share: roles come from the global positions
+            from parallel.context import ksa_summary_mask_for_cp
+
+            cp = self.cp_group.size()
+            self._mask = ksa_summary_mask_for_cp(s * cp, b, chunk=self.chunk, num_summary=self.num_summary,
+                                                 cu_seqlens=cu, cp_size=cp, cp_rank=self.cp_group.rank(),
+                                                 device=hidden_states.device)
+        else:
+            self._mask = summary_mask(s, b, chunk=self.chunk, num_summary=self.num_summary, cu_seqlens=cu,
+                                      device=hidden_states.device)
         try:
             return super().forward(hidden_states, attention_mask, *args, packed_seq_params=packed_seq_params, **kwargs)
         finally:
@@ -98,8 +115,16 @@ class KSACoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None, chunk: int = 8, num_summary: int = 1,
                  window: int = 128, backend: str = "auto"):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("KSA attention runs without context parallelism (parallel.cp=1) in this build")
+        self.cp_group = cp_group_of(pg_collection)
+        if config.context_parallel_size > 1 and self.cp_group is None:
+            raise ValueError("context_parallel_size > 1 but the layer's pg_collection has no CP group of that size")
+        tp = config.tensor_model_parallel_size
+        # KSA runs by Ulysses only (the kernel needs the whole interleaved sequence): check the head split;
+        # the teacher's dense attention follows cp_comm_type
+        resolve_cp_comm("a2a", num_q_heads=config.num_attention_heads // tp,
+                        num_kv_heads=config.num_query_groups // tp, cp_size=config.context_parallel_size)
+        self.cp_comm = resolve_cp_comm(cp_comm_type, num_q_heads=config.num_attention_heads // tp,
+                                       num_kv_heads=config.num_query_groups // tp, cp_size=config.context_parallel_size)
         self.chunk, self.num_summary, self.window = chunk, num_summary, window
         self.backend = backend
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -110,6 +135,17 @@ class KSACoreAttention(MegatronModule):
         s, b, nq, d = query.shape
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        if self.cp_group is not None:  # s = this rank's tokens; cu = global (interleaved) boundaries
+            from parallel.context import dense_cp_attention, ksa_cp_attention
+
+            if self.teacher:
+                out = dense_cp_attention(query, key, value, cp_group=self.cp_group, scale=self.scale, cu_seqlens=cu,
+                                         cp_comm=self.cp_comm)
+            else:
+                out = ksa_cp_attention(query, key, value, cp_group=self.cp_group, chunk=self.chunk, window=self.window,
+                                       num_summary=self.num_summary, cu_seqlens=cu, scale=self.scale,
+                                       backend=self.backend)
+            return out.reshape(s, b, nq * d)
         if self.teacher:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
         else:

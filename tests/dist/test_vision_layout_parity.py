@@ -35,6 +35,8 @@ def curves(tmp_path_factory):
         "pp2_spread": COMMON + ["parallel.pp=2", "parallel.vit.layout=spread"],
         "pp2_spread_recompute": COMMON + ["parallel.pp=2", "parallel.vit.layout=spread", "parallel.vit.recompute=true"],
         "pp2_replicated": COMMON + ["parallel.pp=2", "parallel.vit.layout=replicated"],
+        # context parallelism: each CP rank asks the exchange for only the visual tokens of its chunks
+        "cp2_spread": COMMON + ["parallel.cp=2", "parallel.vit.layout=spread"],
         # projector alignment stage: ViT and LM frozen; the same run with lr 0 shows the LM untouched
         "align": COMMON + ["parallel.tp=2", "train.trainable=projector"],
         "align_lr0": COMMON + ["parallel.tp=2", "train.trainable=projector", "train.lr=0", "train.min_lr=0"],
@@ -47,7 +49,7 @@ def curves(tmp_path_factory):
     return single, {**two, **four}
 
 
-@pytest.mark.parametrize("name", ["tp2_spread", "tp2_replicated", "pp2_spread", "pp2_spread_recompute",
+@pytest.mark.parametrize("name", ["tp2_spread", "tp2_replicated", "pp2_spread", "pp2_spread_recompute", "cp2_spread",
                                   "pp2_replicated", "tp2pp2_spread", "tp2pp2_replicated"])
 def test_vit_layout_matches_single_process(curves, name):
     single, runs = curves

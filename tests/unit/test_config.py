@@ -115,3 +115,10 @@ def test_launcher_exits_before_building_anything(tmp_path, override, world, need
     assert needle in proc.stderr + proc.stdout
     assert not run_dir.exists(), "nothing may be written before the config is valid"
     assert "process group" not in (proc.stderr + proc.stdout).lower()
+
+
+@pytest.mark.parametrize("stage,cp,seq", [("8k", 1, 8192), ("32k", 2, 32768), ("64k", 4, 65536), ("256k", 8, 262144)])
+def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq):
+    cfg, layout = _validate(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.shards=/data/shards", world_size=8)
+    assert layout.cp == cp and cfg.train.seq_length == seq and cfg.model.lm.max_position_embeddings >= seq
+    assert cfg.model.vision.enabled and (cfg.train.trainable == "projector") == (stage == "8k")

@@ -1,0 +1,383 @@
+"""DeepSeek Sparse Attention for GQA (DSA) under context parallelism (CP).
+
+Each rank holds n = S / cp tokens of the load-balanced split (`split.py`: chunks r and 2cp-1-r).
+Per layer:
+
+1. all-gather the shared 64-dim index keys k_idx (2 bytes x 64 per token in bf16, tiny) and restore
+   natural order; backward: reduce-scatter of dk_idx (every rank's indexer loss reaches every key);
+2. top-k for the rank's OWN queries against ALL keys: eligible keys are s <= t (t = the query's
+   GLOBAL position) inside t's document (global cu_seqlens); indices are global key positions,
+   sorted ascending, -1 padded -- exactly what the single-device selector returns for those rows
+   (same scores, same tie rule); never an S x S tensor (rows are processed in chunks);
+3. all-gather the GQA K / V (Hkv = 4 heads after TP: small next to the queries), reduce-scatter
+   dK / dV in backward, and run the sparse attention for the local queries with global indices;
+4. the indexer KL loss for the local queries: sparse stage over the selected set with the sparse
+   attention's lse, dense warm-up over all eligible keys with the dense lse; the returned value is
+   the MEAN over this rank's tokens, so `kl * b * n` is the rank's share of the global token sum
+   (what DSACoreAttention attaches with the local s; the CP gradient all-reduce adds the shares).
+
+Dense warm-up attention itself is the Ulysses dense attention of `attention.py`.
+
+Query subsets and the kernels (kernels/dsa): causality lives only in `idx`, so the Triton sparse
+attention and sparse KL kernels accept queries that are a subset of positions when the batch is
+folded into one row (B = 1: query rows are local, key rows global). The top-k selector and the
+dense-stage KL kernels derive the causal bound from the query's ROW index; for them the local
+queries are scattered into a zero buffer at their global rows and the kernels are launched only on
+the blocks holding local rows, with the document start of other rows set past the row (empty key
+range). That costs transient buffers of (last local position + 1) rows -- see README.md -- until the
+kernels take query positions. The "naive" backend here is a row-chunked PyTorch reference for
+query subsets (float64 scores, the same ranking as kernels/dsa/naive.py).
+
+Shapes (suffixes): query [n, b, Hq, D], key / value [n, b, Hkv, D] (megatron layout), indexer
+q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI] (DSAIndexer's layout). Internally the batch is
+folded into one packed row: R = b * n query rows, T = b * S key rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from kernels.dsa import naive as dsa_naive
+from parallel.context.attention import CPComm, dense_cp_attention
+from parallel.context.comm import all_gather_seq, group_size_rank
+from parallel.context.split import cp_global_indices, rank_concat_to_natural
+
+__all__ = ["DSACPOutput", "dsa_cp_attention", "cp_topk_indices", "gather_index_keys"]
+
+Stage = Literal["dense", "sparse"]
+Backend = Literal["auto", "naive", "triton"]
+
+
+@dataclass
+class DSACPOutput:
+    out: torch.Tensor               # [n, b, Hq, D] attention output of the local tokens
+    kl: torch.Tensor                # scalar: mean indexer KL over the local tokens (grad into the indexer only)
+    idx: torch.Tensor | None        # [b, n, K] int32 global key positions (per batch row), -1 padded; None if dense
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _doc_start(pos: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    cu = cu.to(device=pos.device, dtype=torch.long)
+    return cu[torch.searchsorted(cu[1:], pos, right=True)]
+
+
+def _fold(seq_len: int, batch: int, cp: int, rank: int, cu_seqlens: torch.Tensor | None,
+          device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the local queries after folding the batch into one packed row (batch row i becomes a
+    document at offset i * seq_len) and their document starts: [b * n] int64 each."""
+    pos = cp_global_indices(seq_len, cp, rank, device)
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        if int(cu[-1]) != seq_len:
+            raise ValueError(f"cu_seqlens must be the GLOBAL boundaries (last entry {seq_len}), got {int(cu[-1])}")
+    else:
+        cu = torch.arange(batch + 1, device=device) * seq_len
+    pos_f = (torch.arange(batch, device=device)[:, None] * seq_len + pos[None, :]).reshape(-1)
+    return pos_f, _doc_start(pos_f, cu)
+
+
+def gather_index_keys(x: torch.Tensor, cp_group: dist.ProcessGroup | None, *, dim: int) -> torch.Tensor:
+    """All-gather a per-token tensor over CP and restore natural token order (reduce-scatter backward)."""
+    cp, _ = group_size_rank(cp_group)
+    if cp == 1:
+        return x
+    return rank_concat_to_natural(all_gather_seq(x, cp_group, dim=dim), cp, dim=dim)
+
+
+# ---------------------------------------------------------------------------- reference (query subsets)
+def _topk_ref(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, rows_per_chunk: int = 256) -> torch.Tensor:
+    """[R, K] int32 for arbitrary query rows (global positions pos_R): the ranking of
+    kernels/dsa/naive.topk_indices (float64 scores, -0.0 == +0.0, larger score first, ties to the
+    smaller position; chosen positions ascending, then -1)."""
+    T = k_idx_TD.shape[0]
+    kk = min(topk, T)
+    s = torch.arange(T, device=k_idx_TD.device)
+    big = torch.iinfo(torch.long).max
+    out = []
+    for r0 in range(0, pos_R.numel(), rows_per_chunk):
+        sl = slice(r0, r0 + rows_per_chunk)
+        scores = dsa_naive.index_scores(q_idx_RHD[None, sl], w_RH[None, sl], k_idx_TD[None])[0]  # [r, T] f64
+        scores = torch.where(scores == 0, torch.zeros_like(scores), scores)
+        elig = (s[None] <= pos_R[sl, None]) & (s[None] >= start_R[sl, None])
+        order = torch.sort(scores.masked_fill(~elig, float("-inf")), dim=-1, descending=True, stable=True).indices
+        order = order[:, :kk]
+        order = torch.where(torch.gather(elig, -1, order), order, torch.full_like(order, big))
+        order = torch.sort(order, dim=-1).values
+        order = torch.where(order == big, torch.full_like(order, -1), order)
+        if kk < topk:
+            order = torch.cat([order, order.new_full((order.shape[0], topk - kk), -1)], dim=-1)
+        out.append(order)
+    return torch.cat(out).to(torch.int32)
+
+
+def _sparse_attn_ref(q_RHD, k_THD, v_THD, idx_RK, scale: float):
+    """Gather-based sparse GQA attention (float64 math). Returns o [R, Hq, D], lse [R, Hq] fp32."""
+    R, Hq, D = q_RHD.shape
+    Hkv = k_THD.shape[1]
+    valid = idx_RK >= 0
+    ii = idx_RK.clamp_min(0).long()
+    kg, vg = k_THD[ii].double(), v_THD[ii].double()                       # [R, K, Hkv, D]
+    logits = torch.einsum("rhgd,rkhd->rhgk", q_RHD.view(R, Hkv, Hq // Hkv, D).double(), kg) * scale
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    o = torch.einsum("rhgk,rkhd->rhgd", p, vg).reshape(R, Hq, D)
+    return o.to(q_RHD.dtype), lse.reshape(R, Hq).float()
+
+
+def _kl_rows_ref(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, keys_mask_RT, lse_RH, scale: float) -> torch.Tensor:
+    """Sum over rows of KL(p || softmax(I)) on the key set mask [r, T] (float64; grads into the indexer).
+    lse None: the dense lse over the mask."""
+    R, Hq, D = q_RHD.shape
+    Hkv = k_THD.shape[1]
+    k_rep = k_THD.repeat_interleave(Hq // Hkv, dim=1).double()
+    logits = torch.einsum("rhd,thd->rht", q_RHD.double(), k_rep) * scale
+    logits = logits.masked_fill(~keys_mask_RT[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1) if lse_RH is None else lse_RH.double()
+    P = torch.where(keys_mask_RT[:, None, :], torch.exp(logits - lse[..., None]), torch.zeros_like(logits)).sum(1)
+    p = P / P.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    scores = dsa_naive.index_scores(q_idx_RHD[None], w_RH[None], k_idx_TD[None])[0]
+    logq = torch.log_softmax(scores.masked_fill(~keys_mask_RT, float("-inf")), dim=-1)
+    logq = torch.where(keys_mask_RT, logq, torch.zeros_like(logq))
+    term = torch.where(keys_mask_RT, torch.xlogy(p, p) - p * logq, torch.zeros_like(p))
+    return term.sum()
+
+
+def _kl_ref(stage: Stage, q, k, q_idx, w, k_idx, pos, start, idx, lse, scale: float,
+            rows_per_chunk: int = 128) -> torch.Tensor:
+    T = k.shape[0]
+    s = torch.arange(T, device=k.device)
+    total = q_idx.new_zeros((), dtype=torch.float64)
+    for r0 in range(0, pos.numel(), rows_per_chunk):
+        sl = slice(r0, r0 + rows_per_chunk)
+        if stage == "dense":
+            mask = (s[None] <= pos[sl, None]) & (s[None] >= start[sl, None])
+            lse_c = None
+        else:
+            mask = dsa_naive.selection_mask(idx[None, sl], T)[0]
+            lse_c = lse[sl]
+        total = total + _kl_rows_ref(q[sl], k, q_idx[sl], w[sl], k_idx, mask, lse_c, scale)
+    return (total / pos.numel()).float()
+
+
+# ------------------------------------------------------------------------------ Triton (query subsets)
+def _scatter_rows(x_R: torch.Tensor, pos_R: torch.Tensor, rows: int) -> torch.Tensor:
+    """[R, ...] -> [rows, ...] zeros with x at rows pos (differentiable in x)."""
+    return x_R.new_zeros((rows, *x_R.shape[1:])).index_copy(0, pos_R, x_R)
+
+
+def _padded_starts(pos_R: torch.Tensor, start_R: torch.Tensor, rows: int) -> torch.Tensor:
+    """int32 [rows]: document start of local rows; row + 1 (an empty key range) for the others."""
+    st = torch.arange(1, rows + 1, device=pos_R.device, dtype=torch.long)
+    st[pos_R] = start_R
+    return st.to(torch.int32)
+
+
+def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_bytes: int = 512 << 20) -> torch.Tensor:
+    """Top-k of the local rows with the kernels/dsa Triton selector, launched only on the blocks that
+    hold local rows (queries scattered to their global rows, see the module docstring)."""
+    import triton
+    from kernels.dsa.common import dot_precision, pow2
+    from kernels.dsa.topk import (_config, _exact_fallback, default_cap, topk_fwd_kernel_filter,
+                                  topk_fwd_kernel_sample, topk_fwd_kernel_select)
+    dev = q_idx_RHD.device
+    HI, DI = q_idx_RHD.shape[1:]
+    Tp = int(pos_R.max()) + 1
+    K = int(topk)
+    q_idx = _scatter_rows(q_idx_RHD.detach(), pos_R, Tp)[None].contiguous()
+    w = _scatter_rows(w_RH.detach(), pos_R, Tp)[None].contiguous()
+    k_idx = k_idx_TD.detach()[None, :Tp].contiguous()
+    start = _padded_starts(pos_R, start_R, Tp)
+    cap = default_cap(K)
+    M = min(2048, cap // 2)
+    cfg = _config(dev)
+    BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
+    prec = dot_precision(q_idx.dtype)
+    NBT = triton.cdiv(Tp, BT)
+    out = torch.full((1, Tp, K), -1, dtype=torch.int32, device=dev)
+    fail = torch.zeros(Tp, dtype=torch.int32, device=dev)
+    blocks = torch.unique(pos_R // BT).to(torch.int32)
+    nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * cap * 8)))
+    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
+    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
+    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
+    scratch = torch.empty(nbc * BT, pow2(M), dtype=torch.float32, device=dev)
+    for c0 in range(0, blocks.numel(), nbc):
+        blks = blocks[c0:c0 + nbc].contiguous()
+        nslot = blks.numel() * BT
+        topk_fwd_kernel_sample[(triton.cdiv(nslot, R),)](
+            q_idx, w, k_idx, start, blks, tau, scratch, nslot, Tp, NBT, K, cap, M, (K + cap) // 2,
+            HI=HI, HIP=pow2(HI), DI=DI, DIP=pow2(DI, 16), BT=BT, SB=SB, MP=pow2(M), R=R, DOT_PREC=prec,
+            num_warps=cfg["warps_sample"])
+        topk_fwd_kernel_filter[(blks.numel(),)](
+            q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, Tp, NBT, cap,
+            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
+        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
+            start, blks, cnt, cand_s, cand_p, out, fail, nslot, Tp, NBT, K, cap,
+            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+    del cand_s, cand_p, scratch
+    failed = fail.nonzero().flatten()
+    if failed.numel():
+        _exact_fallback(q_idx, w, k_idx, start, failed, out, Tp, NBT, K, chunk_bytes, cfg, prec)
+    return out[0, pos_R]
+
+
+def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, scale: float) -> torch.Tensor:
+    """Dense-stage KL of the local rows with the kernels/dsa Triton kernels (rows scattered to their
+    global positions; rows not held have an empty key range and contribute 0)."""
+    import triton
+    from kernels.dsa.common import LOG2E, dot_precision, pow2
+    from kernels.dsa.indexer_loss import IndexerKLLossFn, _config, indexer_loss_fwd_kernel_lse, loss_block_q
+    Tp = int(pos_R.max()) + 1
+    HQ, D = q_RHD.shape[1:]
+    HKV = k_THD.shape[1]
+    G = HQ // HKV
+    q = _scatter_rows(q_RHD.detach(), pos_R, Tp)[None].contiguous()
+    k = k_THD.detach()[None, :Tp].contiguous()
+    q_idx = _scatter_rows(q_idx_RHD, pos_R, Tp)[None]
+    w = _scatter_rows(w_RH, pos_R, Tp)[None]
+    start = _padded_starts(pos_R, start_R, Tp)
+    cfg = _config(q.device)
+    bq_lse = max(1, min(16, 64 // pow2(G)))
+    nbt = triton.cdiv(Tp, bq_lse)
+    lse = torch.zeros(1, Tp, HQ, dtype=torch.float32, device=q.device)
+    indexer_loss_fwd_kernel_lse[(nbt, HKV)](
+        q, k, lse, start, Tp, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D, DP=pow2(D, 16), BQ=bq_lse,
+        BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_lse"], num_stages=cfg["stages"])
+    bq = loss_block_q(HQ, HKV, q_idx.shape[2])
+    mean_tp = IndexerKLLossFn.apply(q_idx, w, k_idx_TD[None, :Tp], q, k, lse, start, None, bq, scale)
+    return mean_tp * (Tp / pos_R.numel())  # rows not held contribute exactly 0
+
+
+def _plan_for_subset(idx_1RK: torch.Tensor, block_q: int):
+    """Union plan (kernels/dsa/plan.py) of query rows whose selected key positions may exceed the
+    number of query rows. The Triton builder never bounds positions by the row count; kernels/dsa's
+    torch builder does (a [rows, T] table), so off the GPU the plan is built here with a sort."""
+    from kernels.dsa.common import interpreting, pow2
+    from kernels.dsa.plan import MAX_SORT, SparsePlan, build_sparse_plan
+    _, R, K = idx_1RK.shape
+    if idx_1RK.is_cuda and not interpreting() and block_q * pow2(K) <= MAX_SORT:
+        return build_sparse_plan(idx_1RK, block_q, method="triton")
+    dev = idx_1RK.device
+    nbt = -(-R // block_q)
+    idx = idx_1RK[0].long()
+    valid = idx >= 0
+    span = int(idx.max().clamp_min(0)) + 1
+    row = torch.arange(R, device=dev)[:, None].expand(R, K)
+    key = (row // block_q) * span + idx                               # (block, position), sorted by unique
+    bit = (torch.ones_like(idx) << (row % block_q))
+    uniq, inv = torch.unique(key[valid], return_inverse=True)
+    bits = torch.zeros(uniq.numel(), dtype=torch.long, device=dev).index_add_(0, inv, bit[valid])  # distinct bits
+    offsets = torch.zeros(nbt + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.bincount(uniq // span, minlength=nbt).cumsum(0)
+    return SparsePlan(block_q, 1, R, nbt, offsets, (uniq % span).to(torch.int32).contiguous(),
+                      bits.to(torch.int32).contiguous())
+
+
+def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float):
+    """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1)."""
+    from kernels.dsa import default_block_q
+    from kernels.dsa.indexer_loss import IndexerKLLossFn, loss_block_q
+    from kernels.dsa.sparse_attn import SparseGQAAttentionFn
+    Hq, Hkv, HI = q_RHD.shape[1], k_THD.shape[1], q_idx_RHD.shape[1]
+    idx = idx_RK[None].contiguous()
+    plan = _plan_for_subset(idx, default_block_q(Hq, Hkv))
+    q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
+    o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
+    bq = loss_block_q(Hq, Hkv, HI)
+    lplan = plan if bq == plan.block_q else _plan_for_subset(idx, bq)
+    start = torch.zeros(idx.shape[1], dtype=torch.int32, device=q.device)  # unused by the sparse walk
+    kl = IndexerKLLossFn.apply(q_idx_RHD[None], w_RH[None], k_idx_TD[None], q.detach(), k.detach(),
+                               lse.detach(), start, lplan, lplan.block_q, scale)
+    return o[0], kl
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto": the Triton kernels on a GPU, the PyTorch reference elsewhere (as DSACoreAttention)."""
+    if backend == "auto":
+        return "triton" if x.is_cuda else "naive"
+    if backend not in ("naive", "triton"):
+        raise ValueError(f"backend must be 'auto', 'naive' or 'triton', got {backend!r}")
+    return backend
+
+
+def cp_topk_indices(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, *, topk: int,
+                    cp_group: dist.ProcessGroup | None, cu_seqlens: torch.Tensor | None = None,
+                    backend: Backend = "auto") -> torch.Tensor:
+    """[b, n, K] int32: the single-device top-k rows of this rank's queries (global key positions).
+
+    q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI] are the local indexer outputs; the index
+    keys are all-gathered here. No gradient.
+    """
+    backend = _resolve_backend(backend, q_idx)
+    cp, rank = group_size_rank(cp_group)
+    b, n = q_idx.shape[:2]
+    S = n * cp
+    with torch.no_grad():
+        k_all = gather_index_keys(k_idx.detach(), cp_group, dim=1).reshape(b * S, -1)
+        pos, start = _fold(S, b, cp, rank, cu_seqlens, q_idx.device)
+        idx = _select(q_idx.reshape(b * n, *q_idx.shape[2:]), w.reshape(b * n, -1), k_all, pos, start, topk,
+                      backend)
+        return _unfold_idx(idx, b, n, S)
+
+
+def _select(q_idx_R, w_R, k_all_T, pos, start, topk: int, backend: Backend) -> torch.Tensor:
+    """[R, K] int32 folded global positions (no gradient)."""
+    fn = _topk_ref if backend == "naive" else _topk_triton
+    return fn(q_idx_R, w_R, k_all_T, pos, start, topk)
+
+
+def _unfold_idx(idx_RK: torch.Tensor, b: int, n: int, S: int) -> torch.Tensor:
+    off = (torch.arange(b, device=idx_RK.device) * S).repeat_interleave(n)[:, None].to(idx_RK.dtype)
+    return torch.where(idx_RK >= 0, idx_RK - off, idx_RK).view(b, n, -1)
+
+
+def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_idx: torch.Tensor,
+                     w: torch.Tensor, k_idx: torch.Tensor, *, cp_group: dist.ProcessGroup | None, topk: int,
+                     stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
+                     backend: Backend = "auto", dense_cp_comm: CPComm = "a2a") -> DSACPOutput:
+    """DSA of this rank's tokens under CP (see the module docstring).
+
+    query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
+    cu_seqlens: GLOBAL boundaries (batch 1). stage "sparse": top-k + sparse attention + sparse KL;
+    stage "dense": dense attention (`dense_cp_attention` with `dense_cp_comm`) + dense KL (warm-up). Returns out [n, b, Hq, D], the local
+    mean KL and (sparse) the selected global positions [b, n, K].
+    """
+    if stage not in ("dense", "sparse"):
+        raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
+    backend = _resolve_backend(backend, query)
+    cp, rank = group_size_rank(cp_group)
+    n, b, Hq, D = query.shape
+    Hkv = key.shape[2]
+    S = n * cp
+    pos, start = _fold(S, b, cp, rank, cu_seqlens, query.device)
+    R = b * n
+    q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:]), w.reshape(R, -1)
+    k_idx_T = gather_index_keys(k_idx, cp_group, dim=1).reshape(b * S, -1)   # grads reduce-scattered
+    q_R = query.transpose(0, 1).reshape(R, Hq, D)
+    if stage == "dense":
+        out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
+                                 cp_comm=dense_cp_comm)
+        k_T = gather_index_keys(key.detach(), cp_group, dim=0).transpose(0, 1).reshape(b * S, Hkv, D)
+        if backend == "naive":
+            kl = _kl_ref("dense", q_R.detach(), k_T, q_idx_R, w_R, k_idx_T, pos, start, None, None, scale)
+        else:
+            kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale)
+        return DSACPOutput(out=out, kl=kl, idx=None)
+    with torch.no_grad():
+        idx = _select(q_idx_R.detach(), w_R.detach(), k_idx_T.detach(), pos, start, topk, backend)
+    k_T, v_T = (gather_index_keys(t, cp_group, dim=0).transpose(0, 1).reshape(b * S, Hkv, D) for t in (key, value))
+    if backend == "naive":
+        o_R, lse = _sparse_attn_ref(q_R, k_T, v_T, idx, scale)
+        kl = _kl_ref("sparse", q_R.detach(), k_T.detach(), q_idx_R, w_R, k_idx_T, pos, start, idx, lse.detach(), scale)
+    else:
+        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale)
+    out = o_R.view(b, n, Hq, D).transpose(0, 1)
+    return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))

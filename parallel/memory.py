@@ -1,0 +1,313 @@
+"""Peak memory per rank of a recipe + layout, predicted from the config alone (nothing is allocated).
+
+    python -m parallel.memory recipe=keye_30b_a3b_ctx_256k [world_size=16] [overrides ...]
+
+prints a table (GiB per rank): model state (bf16/fp32 parameters, the fp32 gradient buffer, the
+distributed optimizer's fp32 master copy + Adam moments sharded over DP x CP for dense and over expert-DP
+for expert weights), activations kept for backward per layer type, the loss, and one layer's transient
+buffers. It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
+the code in this repository as it is: what each module saves for backward is counted from the modules
+(models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
+models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below.
+
+Legend: L layers, h hidden, d head dim, Hq / Hkv query / KV heads, E experts, k top-k, F expert FFN,
+V vocabulary, S model sequence length (text + KSA summaries), C KSA chunk, mbs micro-batch size.
+Per rank: t = mbs * S / cp tokens in the attention block, t_sp = t / tp in the sequence-parallel regions
+(norms, residual stream, router), T_e = t_sp * k * etp tokens reaching this rank's experts (balanced
+routing: every rank receives what it sends), hq = Hq/tp * d, hkv = Hkv/tp * d.
+
+Not counted (state it rather than hide it): the CUDA context and NCCL buffers (~1-2 GiB per GPU, outside
+torch's allocator and outside max_memory_allocated), allocator fragmentation (reported separately as a
+stated 10 % margin), routing imbalance (T_e grows with the busiest expert), torch.compile / Triton
+workspaces, and the ViT (text-only language model).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from models.config import LMConfig
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """Everything the estimate depends on (from a recipe: model.lm, parallel.*, train.*)."""
+
+    lm: LMConfig
+    seq_length: int  # text tokens per sample (train.seq_length)
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+    bf16: bool = True
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    dp: int = 1
+    edp: int = 1
+    distributed_optimizer: bool = True
+    recompute: str = "none"  # none | selective (core attention) | full (every layer, uniform, 1 layer per group)
+    cp_comm: str = "a2a"
+
+    @property
+    def model_seq(self) -> int:
+        lm = self.lm
+        return self.seq_length + (lm.ksa.num_summary * (self.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
+
+
+@dataclass
+class MemoryEstimate:
+    rows: dict[str, float] = field(default_factory=dict)  # bytes per item, worst pipeline stage
+    stage: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.rows.values())
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.rows) + 2
+        lines = [f"{'item':<{width}}{'GiB':>10}", "-" * (width + 10)]
+        lines += [f"{k:<{width}}{v / GIB:>10.2f}" for k, v in self.rows.items()]
+        lines += ["-" * (width + 10), f"{'predicted peak (allocated)':<{width}}{self.total / GIB:>10.2f}",
+                  f"{'+10% fragmentation margin':<{width}}{self.total * 1.1 / GIB:>10.2f}"]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ model state
+def param_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, float]:
+    """(dense, expert) parameter elements held by one rank of a pipeline stage.
+
+    Dense: attention matrices split over TP; norms, the router and the DSA indexer replicated over TP;
+    embedding / output layer split over TP on the first / last stage. Expert: E/ep experts of F/etp."""
+    lm, tp = m.lm, m.tp
+    h, d = lm.hidden_size, lm.head_dim
+    q, kv = lm.num_attention_heads * d, lm.num_query_groups * d
+    per_stage = lm.layer_attention()
+    layers = len(per_stage) // m.pp
+    variants = per_stage[:layers] if first else per_stage[-layers:]
+    dense = 0.0
+    for v in variants:
+        dense += (h * (q + 2 * kv) + q * h) / tp + 2 * d + 2 * h + h * lm.num_experts
+        if v == "ksa":
+            dense += h * (q + 2 * kv) / tp
+        if v == "dsa":
+            x = lm.dsa
+            dense += h * (x.index_heads * x.index_dim + x.index_dim + x.index_heads) + x.index_dim
+    if first:
+        dense += lm.vocab_size * h / tp + (lm.ksa.num_summary * h if lm.uses_ksa else 0)
+    if last:
+        dense += (lm.vocab_size * h / tp if lm.untie_embeddings else (0 if first else lm.vocab_size * h / tp)) + h
+    expert = layers * (lm.num_experts / m.ep) * 3 * h * lm.moe_ffn_hidden_size / m.etp
+    return dense, expert
+
+
+def model_state_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+    """Parameters, gradients (megatron DDP keeps an fp32 grad buffer: grad_reduce_in_fp32=True in
+    train/trainer.py) and optimizer state (bf16 training: fp32 master copy + Adam m, v = 12 B per element;
+    fp32 training: Adam m, v = 8 B), the latter sharded by the distributed optimizer over DP x CP (dense;
+    megatron's dp_cp group) and expert-DP (experts)."""
+    dense, expert = param_counts(m, first=first, last=last)
+    pbytes = 2 if m.bf16 else 4
+    opt = 12 if m.bf16 else 8
+    shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
+    shard_expert = m.edp if m.distributed_optimizer else 1
+    return {
+        "parameters": (dense + expert) * pbytes,
+        "gradients (fp32 buffer)": (dense + expert) * 4,
+        "optimizer (master + Adam, sharded)": dense * opt / shard_dense + expert * opt / shard_expert,
+    }
+
+
+# ------------------------------------------------------------------------------------------ activations
+def _norm(elems: float, b: int) -> float:
+    """models/norm.RMSNorm in eager mode keeps the fp32 input copy and the fp32 normalised tensor (4 + 4 B
+    per element; fp32 input: the copy is the input itself) plus its output (saved by the next op)."""
+    return elems * (8 + b)
+
+
+def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
+    """(kept for backward, transient during the layer's forward) bytes of one attention block."""
+    lm, tp, cp = m.lm, m.tp, m.cp
+    b = 2 if m.bf16 else 4
+    d = lm.head_dim
+    Hq, Hkv = lm.num_attention_heads // tp, lm.num_query_groups // tp
+    hq, hkv = Hq * d, Hkv * d
+    h = lm.hidden_size
+    t = m.micro_batch_size * m.model_seq / cp
+    t_sp = t / tp
+    kept = _norm(t_sp * h, b)  # input norm (its output: the QKV projection's saved input under SP)
+    qkv = t * (hq + 2 * hkv) * b  # QKV projection output (v is a view of it: the whole output stays alive)
+    qkv_norm = t * (hq + hkv) * 8  # q/k RMSNorm fp32 copies; their outputs feed RoPE ...
+    roped = t * (hq + hkv) * b  # ... whose outputs (q, k) the attention saves
+    kept += qkv + qkv_norm + roped
+    out = t * hq * b  # attention output = the output projection's saved input
+    lse = t * Hq * 4
+    kept += out
+    transient = 2 * t * (hq + 2 * hkv) * b  # the a2a send / receive buffers, or the projection's gather
+    core = lse
+    if variant in ("dense", "ksa") and cp > 1:
+        if variant == "ksa" or m.cp_comm == "a2a":
+            # Ulysses: q, k, v, out for the whole sequence of Hq/cp heads (KV replicated up to cp heads)
+            hkv_u = max(Hkv, cp) * d
+            core += t * (2 * hq + 2 * hkv_u) * b
+        else:  # all-gathered K and V of the whole sequence
+            core += t * cp * 2 * hkv * b
+    if variant == "dsa":
+        x = lm.dsa
+        S = m.micro_batch_size * m.model_seq
+        ind = (t * h * b if tp > 1 else 0)  # the indexer's input is gathered over TP (sequence parallel)
+        ind += t * x.index_heads * x.index_dim * (b + 4)  # q_idx (+ fp32 RoPE halves)
+        ind += t * x.index_heads * b + t * x.index_dim * (b + 8)  # w, k_idx (+ fp32 LayerNorm)
+        ind += (S * x.index_dim * b if cp > 1 else 0)  # gathered index keys
+        if x.stage == "sparse":
+            ind += t * x.topk * 4  # selected indices, int32
+            ind += (S * 2 * hkv * b if cp > 1 else 0)  # all-gathered K, V
+        elif cp > 1:
+            # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
+            # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K
+            ind += S * (hq + x.index_heads * x.index_dim) * b + S * hkv * b
+        core += ind
+        recompute_core = False  # DSA core attention is never checkpointed (models/attention/dsa.py)
+    if not recompute_core:
+        kept += core
+    else:
+        transient += core
+    return kept, transient
+
+
+def _moe(m: MemoryInputs) -> tuple[float, float]:
+    """(kept, transient) bytes of one MoE block (megatron router + alltoall dispatcher, SwiGLU experts)."""
+    lm = m.lm
+    b = 2 if m.bf16 else 4
+    h, E, k, F = lm.hidden_size, lm.num_experts, lm.moe_topk, lm.moe_ffn_hidden_size
+    t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
+    T_e = t_sp * k * m.etp
+    kept = _norm(t_sp * h, b)  # pre-MLP norm (its output feeds the router and the dispatcher)
+    kept += t_sp * E * (4 + 4 + 1)  # fp32 router logits, scores, routing map
+    kept += T_e * h * b  # permuted expert input (fc1's saved input)
+    kept += T_e * 2 * F / m.etp * b  # fc1 output (gate, up): SwiGLU's saved input
+    if lm.experts_impl == "sequential":  # megatron's SequentialMLP: every intermediate is kept
+        kept += T_e * F / m.etp * b  # SwiGLU output: fc2's saved input
+        kept += T_e * (h * b + 4)  # expert output and probabilities (the weighted unpermute)
+    else:  # models/moe/grouped_experts: saves x, fc1 output and probs; recomputes SwiGLU x prob in backward
+        kept += T_e * 4
+    transient = 3 * T_e * h * b  # permute output, all-to-all receive buffer, combine buffer
+    return kept, transient
+
+
+def _loss(m: MemoryInputs) -> float:
+    """The output layer + cross-entropy on the last stage (see models/moe/chunked_ce.py)."""
+    lm = m.lm
+    b = 2 if m.bf16 else 4
+    t = m.micro_batch_size * m.model_seq / m.cp
+    Vr = lm.vocab_size / m.tp
+    if lm.loss_chunk_tokens:
+        c = min(lm.loss_chunk_tokens, t)
+        acc = Vr * lm.hidden_size * 4 if t > c else 0
+        return c * Vr * (2 + 4 + 2) + acc + t * 4 + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
+    return t * Vr * (2 + 4 + 4) + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
+
+
+def in_flight_microbatches(m: MemoryInputs) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once (1F1B: pp; interleaved:
+    pp * (1 + (pp - 1) / (pp * vpp)) layer-sets, Korthikanti et al. 2022), never more than exist."""
+    if m.pp == 1:
+        return 1.0
+    if m.vpp == 1:
+        return float(min(m.pp, m.num_microbatches))
+    return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), float(m.num_microbatches * m.vpp) / m.vpp * m.pp)
+
+
+def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+    lm = m.lm
+    b = 2 if m.bf16 else 4
+    variants = lm.layer_attention()
+    layers = len(variants) // m.pp
+    mine = variants[:layers] if first else variants[-layers:]
+    t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
+    moe_kept, moe_tr = _moe(m)
+    rows: dict[str, float] = {}
+    transient = moe_tr
+    per_layer_full = []
+    for v in sorted(set(mine)):
+        a_kept, a_tr = _attention(m, v, recompute_core=m.recompute == "selective")
+        n = mine.count(v)
+        per_layer_full.append(_attention(m, v, recompute_core=False)[0] + moe_kept)
+        transient = max(transient, a_tr)
+        if m.recompute == "full":
+            rows[f"layer inputs ({n} {v} layers, full recompute)"] = n * t_sp * lm.hidden_size * b
+        else:
+            rows[f"attention {v} x{n}"] = n * a_kept
+            rows[f"MoE x{n} ({v} layers)"] = n * moe_kept
+    scale = in_flight_microbatches(m) if first else 1.0
+    for k in rows:
+        rows[k] *= scale
+    if m.recompute == "full":  # one layer's activations re-materialised during its backward
+        rows["one recomputed layer"] = max(per_layer_full)
+    if first:
+        rows["embedding output + rotary"] = scale * t_sp * lm.hidden_size * b + m.model_seq * lm.head_dim * 4
+    if last:
+        rows["output layer + loss"] = _loss(m)
+    rows["transient (one layer's buffers)"] = transient
+    return rows
+
+
+def estimate(m: MemoryInputs) -> MemoryEstimate:
+    """The worst pipeline stage's predicted peak (first stage: most in-flight activations; last: loss)."""
+    best = None
+    for stage in sorted({0, m.pp - 1}):
+        first, last = stage == 0, stage == m.pp - 1
+        rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last)}
+        est = MemoryEstimate(rows=rows, stage=stage)
+        if best is None or est.total > best.total:
+            best = est
+    return best
+
+
+def inputs_from_config(cfg, layout) -> MemoryInputs:
+    """MemoryInputs of a typed train Config and a validated ParallelLayout."""
+    t = cfg.train
+    import torch
+
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+    if t.precision == "auto" and not torch.cuda.is_available():
+        bf16 = True  # the estimate is for the GPU run the recipe describes
+    return MemoryInputs(lm=cfg.model.lm, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                        num_microbatches=t.global_batch_size // (t.micro_batch_size * layout.dp), bf16=bf16,
+                        tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, etp=layout.etp, cp=layout.cp,
+                        dp=layout.dp, edp=layout.edp, distributed_optimizer=layout.distributed_optimizer,
+                        recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"))
+
+
+def main(argv: list[str]) -> None:
+    """`python -m parallel.memory recipe=NAME [world_size=N] [hydra overrides]`."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from parallel.layout import ParallelLayout
+    from train.config import register_configs, to_config
+
+    world = [a for a in argv if a.startswith("world_size=")]
+    overrides = [a for a in argv if not a.startswith("world_size=")]
+    register_configs()
+    repo = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
+        cfg = to_config(compose("config", overrides=overrides))
+    p = cfg.parallel
+    world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
+    layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
+    m = inputs_from_config(cfg, layout)
+    est = estimate(m)
+    print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}")
+    print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
+          f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
+    print(est.table())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

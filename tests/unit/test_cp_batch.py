@@ -1,0 +1,88 @@
+"""parallel/context/batch.py (the trainer's CP split) and the CP checks of parallel/layout.py, one process.
+
+The split itself is exercised through the model in tests/dist/test_cp_model.py; here: what is split, what
+stays global, and the errors a user sees."""
+import pytest
+import torch
+
+from models.config import KSAConfig, LMConfig
+from parallel.context.batch import split_batch_for_cp
+from parallel.context.split import cp_global_indices
+from parallel.layout import ParallelConfig, ParallelLayout
+
+
+class FakeGroup:
+    """Stands in for a CP process group of `size` ranks (batch.py only asks for size and rank)."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+
+@pytest.fixture(autouse=True)
+def fake_groups(monkeypatch):
+    import parallel.context.batch as batch
+
+    monkeypatch.setattr(batch, "group_size_rank", lambda g: (1, 0) if g is None else (g._size, g._rank))
+
+
+def _batch(s: int):
+    tok = torch.arange(s)[None]
+    return tok, tok + 100, torch.ones(1, s), torch.arange(s).expand(3, 1, s)
+
+
+def test_tokens_are_split_positions_and_cu_seqlens_stay_global():
+    from train.trainer import packed_params
+
+    tok, lab, mask, pos = _batch(16)
+    psp = packed_params(torch.tensor([0, 5, 11, 16]))
+    t, l, m, p, kw = split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": psp}, FakeGroup(2, 1))
+    idx = cp_global_indices(16, 2, 1)
+    assert torch.equal(t[0], idx) and torch.equal(l[0], idx + 100) and m.shape == (1, 8)
+    assert p is pos and kw["packed_seq_params"] is psp  # megatron's rotary module slices the positions itself
+
+
+def test_no_group_is_a_no_op():
+    tok, lab, mask, pos = _batch(6)
+    assert split_batch_for_cp(tok, lab, mask, pos, {}, None)[0] is tok
+
+
+def test_errors_name_the_numbers():
+    from train.trainer import packed_params
+
+    tok, lab, mask, pos = _batch(18)
+    with pytest.raises(ValueError, match="not divisible by 2 \\* cp = 4"):
+        split_batch_for_cp(tok, lab, mask, pos, {}, FakeGroup(2, 0))
+    tok, lab, mask, pos = _batch(16)
+    with pytest.raises(ValueError, match="GLOBAL boundaries"):
+        split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": packed_params(torch.tensor([0, 8]))},
+                           FakeGroup(2, 0))
+
+
+LM = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=2, head_dim=16, num_experts=4,
+          moe_topk=2, moe_ffn_hidden_size=32, mrope_section=[2, 3, 3])
+
+
+def test_layout_accepts_cp_and_checks_ulysses_heads():
+    lm = LMConfig(**LM)
+    lay = ParallelLayout.build(ParallelConfig(cp=4), world_size=8, lm=lm)
+    assert (lay.cp, lay.dp, lay.cp_comm) == (4, 2, "a2a")
+    with pytest.raises(ValueError, match="query heads per TP rank"):
+        ParallelLayout.build(ParallelConfig(cp=8, tp=2), world_size=16, lm=lm)  # 4 heads per TP rank, cp 8
+    with pytest.raises(ValueError, match="must divide one another"):
+        ParallelLayout.build(ParallelConfig(cp=3), world_size=3, lm=LMConfig(**{**LM, "num_attention_heads": 6}))
+    # all-gather KV has no head constraint (dense only)
+    lay = ParallelLayout.build(ParallelConfig(cp=8, tp=2, cp_comm="allgather"), world_size=16, lm=lm)
+    assert lay.model_sizes().cp_comm == "allgather"  # reaches transformer_config.cp_comm_type
+    with pytest.raises(ValueError, match="KSA layers run by Ulysses"):
+        ParallelLayout.build(ParallelConfig(cp=8, tp=2, cp_comm="allgather"), world_size=16,
+                             lm=LMConfig(**{**LM, "attention": "ksa"}))
+    with pytest.raises(ValueError, match="parallel.cp_comm must be one of"):
+        ParallelConfig(cp=2, cp_comm="ring")
+
+
+def test_layout_checks_the_model_sequence_length():
+    ksa = LMConfig(**{**LM, "attention": "ksa", "ksa": KSAConfig(chunk=8, windows=[4])})
+    lay = ParallelLayout.build(ParallelConfig(cp=2), world_size=2, lm=ksa)
+    assert lay.check_seq_length(128, ksa) == 144
+    with pytest.raises(ValueError, match="KSA summaries = 135"):
+        lay.check_seq_length(120, ksa)
