@@ -96,7 +96,7 @@ class Fixed:
         return {}
 
 
-def run_case(layout_name: str, args, batches) -> dict:
+def run_case(layout_name: str, args, batches, recompute: bool) -> dict:
     from train.trainer import Trainer
 
     recipe = "keye_tiny" if args.smoke else "keye_30b_a3b"
@@ -105,7 +105,7 @@ def run_case(layout_name: str, args, batches) -> dict:
                  f"train.global_batch_size={args.microbatches}", "train.micro_batch_size=1",
                  "train.steps=1000", "train.warmup_steps=1", "train.checkpoint.enabled=false",
                  "train.wandb.enabled=false", "data.video.shards=/nonexistent", f"run_dir=/tmp/bench_vit/{layout_name}",
-                 f"parallel.vit.recompute={'true' if args.recompute else 'false'}"]
+                 f"parallel.vit.recompute={'true' if recompute else 'false'}"]
     if not args.smoke:
         overrides += ["model.vision.enabled=true", "data.kind=video", "data.video.vocab_size=512",
                       f"model.lm.max_position_embeddings={max(args.seq, 262144)}"]
@@ -149,7 +149,7 @@ def run_case(layout_name: str, args, batches) -> dict:
     vit = statistics.median(vit_times[args.warmup:])
     plan = vt.phase.last_plan
     loads = plan.loads() if plan is not None and hasattr(plan, "loads") else None
-    rec = {"layout": layout_name, "step_s": statistics.median(steps), "vit_s": vit,
+    rec = {"layout": layout_name, "recompute": recompute, "step_s": statistics.median(steps), "vit_s": vit,
            "imbalance": plan.imbalance() if plan is not None and hasattr(plan, "imbalance") else 1.0,
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0,
            "loss": s.loss}
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--recompute", type=int, default=1, help="parallel.vit.recompute for both layouts")
+    ap.add_argument("--cases", default="", help="layout:recompute list, e.g. spread:1,spread:0 (default: "
+                                                 "spread and replicated at --recompute)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -189,16 +191,18 @@ def main() -> None:
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "layers": args.layers, "seq": args.seq, "microbatches": args.microbatches,
                        "frames_per_step": frames, "patches_per_step": patches}, "runs": []}
-    for name in ("spread", "replicated"):
+    cases = ([(c.split(":")[0], c.split(":")[1] == "1") for c in args.cases.split(",")] if args.cases
+             else [("spread", bool(args.recompute)), ("replicated", bool(args.recompute))])
+    for name, rc in cases:
         try:
-            results["runs"].append(run_case(name, args, batches))
+            results["runs"].append(run_case(name, args, batches, rc))
         except Exception as e:  # keep the other case
-            results["runs"].append({"layout": name, "error": f"{type(e).__name__}: {e}"[:400]})
+            results["runs"].append({"layout": name, "recompute": rc, "error": f"{type(e).__name__}: {e}"[:400]})
         if dist.is_initialized():
             dist.barrier()
     if int(os.environ.get("RANK", "0")) == 0:
         runs = {r["layout"]: r for r in results["runs"] if "error" not in r}
-        if len(runs) == 2:
+        if {"spread", "replicated"} <= set(runs):
             results["step_speedup_spread_vs_replicated"] = runs["replicated"]["step_s"] / runs["spread"]["step_s"]
             results["vit_speedup_spread_vs_replicated"] = (max(runs["replicated"]["vit_s_per_rank"])
                                                            / max(runs["spread"]["vit_s_per_rank"]))

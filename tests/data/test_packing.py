@@ -141,3 +141,44 @@ def test_text_truncation_and_fit():
     assert len(d.text_ids) <= CFG.max_text_tokens and d.length <= CFG.seq_len
     assert build_document(d, frames, CFG, TOK).tokens.shape[0] == d.length
     assert annotation_segments({}) == []
+
+
+def test_packed_two_videos_and_text_3d_positions_follow_the_rule():
+    """3D RoPE positions of a pack holding two videos (different frame sizes, durations) and their text,
+    rebuilt token by token from the rule (Qwen2-VL-style mRoPE, per document from 0): a text token at
+    running position p gets (p, p, p) and advances p by 1; the merged tokens of a rows x cols frame whose
+    temporal index is t get (t, t + r, t + c) in row-major order, after which p = t + max(rows, cols);
+    temporal indices grow with the frame timestamps; the padding segment counts 0, 1, 2, ...."""
+    docs = [_doc(11, 2.0, w=96, h=64), _doc(12, 3.0, w=64, h=112)]
+    arrays = [build_document(d, f, CFG, TOK) for d, f in docs]
+    p = assemble_pack(arrays, [d.key for d, _ in docs], CFG, TOK, epoch=0, pack_index=0, failures=[],
+                      planned_keys=[d.key for d, _ in docs])
+    tokens, got = p.tokens.numpy(), p.position_ids.numpy()
+    want = np.zeros_like(got)
+    cu = p.cu_seqlens.tolist()
+    grids = p.grid_thw.numpy()
+    frame = 0
+    for d_i in range(p.num_docs + (p.num_pad > 0)):
+        a, b = cu[d_i], cu[d_i + 1]
+        if d_i == p.num_docs:  # padding
+            want[:, a:b] = np.arange(b - a)[None]
+            continue
+        i, pos, last_t = a, 0, -1
+        while i < b:
+            if tokens[i] != TOK.video_pad_id:
+                want[:, i] = pos
+                pos, i = pos + 1, i + 1
+                continue
+            rows, cols = grids[frame, 1] // CFG.merge_size, grids[frame, 2] // CFG.merge_size
+            t = got[0, i]  # the temporal index comes from the timestamp (checked for monotonicity below)
+            assert t >= pos and t > last_t, (d_i, frame, t, pos)
+            r, c = np.divmod(np.arange(rows * cols), cols)
+            want[0, i:i + rows * cols] = t
+            want[1, i:i + rows * cols] = t + r
+            want[2, i:i + rows * cols] = t + c
+            pos, last_t, i, frame = t + max(rows, cols), t, i + rows * cols, frame + 1
+    assert frame == grids.shape[0] == sum(d.frames.num_frames for d, _ in docs)
+    assert np.array_equal(got, want)
+    # each document starts from 0, as if alone in its sequence
+    assert all(got[:, cu[k]].tolist() == [0, 0, 0] for k in range(p.num_docs))
+    assert np.array_equal(got[:, cu[1]:cu[2]], arrays[1].pos)
