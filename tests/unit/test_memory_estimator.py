@@ -122,7 +122,13 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
 
     repo = Path(__file__).resolve().parents[2]
     seq = 2048
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1", "RANK": "0"}
+    import socket
+
+    with socket.socket() as sock:  # a free port for the worker's single-process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, str(repo / "tests/unit/memory_measure_worker.py"), str(seq)], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
