@@ -270,7 +270,7 @@ class Trainer:
                                       load_optimizer=self.lm_trainable,
                                       extra=self.vision.sharded_state() if self.vision is not None else None)
         if self.vision is not None:
-            self.vision.load_sharded({}, {}, int(common.get("vision_steps", 0)))
+            self.vision.restore_steps(int(common.get("vision_steps", 0)))
         if self.lm_trainable:
             untie_adam_steps(self.optimizer)
         self.step = int(common["step"])

@@ -145,9 +145,9 @@ class VisionTower:
                     sd[key] = ShardedTensor.from_rank_offsets(key, self.optimizer.state[p][k], replica_id=replica)
         return sd
 
-    def load_sharded(self, loaded: dict, sd: dict, steps: int) -> None:
-        for k, sh in sd.items():
-            sh.data.copy_(loaded[k])
+    def restore_steps(self, steps: int) -> None:
+        """After a resume: the tensors of `sharded_state()` were loaded in place by train.checkpoint; the
+        step count (AdamW's bias correction) comes from the checkpoint's common state."""
         self.steps = steps
         if self.optimizer is not None:
             for p in self.params:
