@@ -11,6 +11,9 @@ the trainer's token stream has: `num_microbatches`, `next()` -> a dict of tensor
     cu_seqlens   [D + 1] int32  document bounds inside the pack
     pixel_values [P, 3 p^2]     uint8 patches in merge-group order; grid_thw [F, 3]; visual_pos [V]
 
+With `data.video.long_shards` and `long_fraction` set, the packs come from a seeded long:short mixture
+(docs/data.md, "Mixture"); `stats["sources"]` reports what each source has supplied on this rank.
+
 `ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
 once per directory; other ranks wait for its marker file), so the demo needs no downloads.
 """
@@ -90,6 +93,12 @@ class VideoBatchStream:
             "grid_thw": s.grid_thw,
             "visual_pos": s.visual_pos,
         }
+
+    @property
+    def stats(self) -> dict:
+        """The loader's counters (packs, samples, failures by reason); with a long:short mixture also
+        `stats["sources"]`: packs, samples and tokens per source and their realized shares."""
+        return self.loader.stats
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

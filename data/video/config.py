@@ -6,6 +6,7 @@ packer read only this object. Values a user can set raise `ValueError` naming th
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -21,7 +22,23 @@ class VideoDataConfig:
     # ---- where the data is ------------------------------------------------------------------
     shards: str = ""
     """Directory holding `shard-*.tar` (+ `shard-*.idx.json`) from `launch/ingest.py`, or a glob
-    of tar files, or several of either joined with ','."""
+    of tar files, or several of either joined with ','. With `long_shards` set this is the short
+    source of the long:short mixture."""
+    long_shards: str = ""
+    """The long source of a long:short mixture (the long-context curriculum's long videos), in the same
+    forms as `shards`; "" = one source. Its shard files must not also be in `shards`."""
+    long_fraction: float = 0.0
+    """Share of packed sequences filled from `long_shards`, in [0, 1]; the rest come from `shards`
+    (long:short 1:3 = 0.25). The ratio counts packed sequences: each sequence is filled from ONE
+    source, chosen by a draw that is a pure function of (seed, the sequence's position in the global
+    stream), and each source is packed on its own. Why sequences and not samples: Keye-VL-2.0 states
+    its mix as shares of training data; every sequence is `seq_len` tokens of compute, so a share of
+    sequences is a share of tokens (up to each source's padding), whereas a share of samples is not
+    (one hour-long video is ~100x the tokens of a short clip, so 1:1 by samples would be ~99% long
+    tokens). Packing per source also leaves each source's packs, order and exact-resume state as they
+    would be on their own (0 and 1 reproduce the one-source streams exactly), keeps long videos from
+    being packed around with short clips, and needs no RNG state to resume. The realized shares of
+    sequences and of real tokens are in `VideoPackedLoader.stats["sources"]` (and logged)."""
 
     # ---- sequence packing -------------------------------------------------------------------
     seq_len: int = 8192
@@ -103,6 +120,19 @@ class VideoDataConfig:
                 bad(f.name, "must be a number")
         if not isinstance(self.shards, str):
             bad("shards", "must be a string (dir, glob, or comma-separated list)")
+        if not isinstance(self.long_shards, str):
+            bad("long_shards", "must be a string (dir, glob, or comma-separated list; '' = no long source)")
+        if isinstance(self.long_fraction, bool) or not (math.isfinite(self.long_fraction)
+                                                          and 0.0 <= self.long_fraction <= 1.0):
+            bad("long_fraction", "must be a number in [0, 1] (the share of packed sequences from long_shards)")
+        if self.long_fraction > 0 and not self.long_shards.strip():
+            bad("long_fraction", "is > 0 but there is no long source: set long_shards (data.video.long_shards="
+                                 "DIR) or long_fraction=0")
+        if self.long_shards.strip() and self.long_shards.strip() == self.shards.strip():
+            bad("long_shards", "names the same shards as `shards`: the long and short sources must differ")
+        if self.long_shards.strip() and self.long_fraction == 0:
+            warnings.warn(f"VideoDataConfig.long_shards = {self.long_shards!r} is ignored: long_fraction = 0, so "
+                          f"no packed sequence is drawn from it")
         if not 16 <= self.seq_len <= 1 << 20:
             bad("seq_len", "must be in [16, 1048576]")
         if self.pack_lookahead < 1:
@@ -164,6 +194,14 @@ class VideoDataConfig:
         if smallest > self.seq_len:
             bad("seq_len", f"cannot hold even the smallest video sample ({smallest} tokens = "
                            f"min_frames x (min_frame_tokens + ~12 text/marker tokens) + 2)")
+
+    def sources(self) -> list[tuple[str, str, str, float]]:
+        """(name, shard spec, config field, share of packed sequences) of each data source: one
+        ("short", shards) without `long_shards`, else ("short", shards) and ("long", long_shards)."""
+        if not self.long_shards.strip():
+            return [("short", self.shards, "shards", 1.0)]
+        f = float(self.long_fraction)
+        return [("short", self.shards, "shards", 1.0 - f), ("long", self.long_shards, "long_shards", f)]
 
     @property
     def frame_factor(self) -> int:

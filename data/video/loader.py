@@ -29,6 +29,15 @@ for the rest of the epoch. `merge_rank_states` combines per-rank states of ranks
 lockstep. With `num_epochs` set, the stream ends at the last epoch, trimmed to a multiple of W so
 that ranks end together.
 
+Two sources (the long-context curriculum's long:short mixture)
+-------------------------------------------------------------
+With `long_shards` set, each source (`shards` = "short", `long_shards` = "long") has its own catalog,
+planner and epochs, and mixed position g of the stream takes the next pack of the source drawn for g
+by a seeded hash (`streams.MixedStream`): a share `long_fraction` of the packed sequences comes from
+the long source. Everything above holds with "pack" read as "mixed position": ranks split the mixed
+stream, so each rank gets a disjoint part of each source; the state holds g and each source's
+(epoch, pack); resume never replays. `stats["sources"]` counts packs, samples and tokens per source.
+
 Bad samples
 -----------
 A sample whose decode fails (error, short decode, crash, hang) is left out of its pack (the pack is
@@ -63,6 +72,7 @@ from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack
                       plan_document)
 from .sampling import PlanError
 from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
+from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -176,64 +186,6 @@ class Planner:
     def key(self, uid: int) -> str:
         r = self.catalog[uid]
         return f"{os.path.basename(r.shard)}/{r.key}"
-
-
-# ---------------------------------------------------------------------------------------------
-# positions in the global pack stream
-# ---------------------------------------------------------------------------------------------
-
-def iter_stream(planner: Planner, base: tuple[int, int], skip: frozenset, *, start: int, stride: int,
-                stop: int | None, num_epochs: int | None):
-    """Yield (epoch, pack) at remaining-indices start, start+stride, ... (< stop)."""
-    e, j = base
-    idx = 0
-    target = start
-    while stop is None or target < stop:
-        while True:
-            if num_epochs is not None and e >= num_epochs:
-                return
-            n = planner.num_packs(e)
-            if j >= n:
-                e, j = e + 1, 0
-                continue
-            if (e, j) in skip:
-                j += 1
-                continue
-            if idx == target:
-                break
-            jump = target - idx
-            if not any(s[0] == e and j < s[1] < j + jump + 1 for s in skip):
-                jump = min(jump, n - j)
-                j += jump
-                idx += jump
-            else:
-                j += 1
-                idx += 1
-        yield e, j
-        target += stride
-
-
-def advance(planner: Planner, base: tuple[int, int], skip: frozenset, count: int,
-            num_epochs: int | None) -> tuple[tuple[int, int], frozenset]:
-    """The position `count` packs of `remaining` after `base`."""
-    if count <= 0:
-        return tuple(base), skip
-    nxt = None
-    for pos in iter_stream(planner, base, skip, start=count, stride=1, stop=count + 1, num_epochs=num_epochs):
-        nxt = pos
-    if nxt is None:                                      # ran off the end of the last epoch
-        nxt = (num_epochs if num_epochs is not None else base[0] + 1, 0)
-    return nxt, frozenset(s for s in skip if s >= nxt)
-
-
-def remaining_count(planner: Planner, base, skip, num_epochs: int | None) -> int | None:
-    if num_epochs is None:
-        return None
-    e, j = base
-    total = 0
-    for ep in range(e, num_epochs):
-        total += planner.num_packs(ep) - (j if ep == e else 0)
-    return total - sum(1 for s in skip if s >= tuple(base) and s[0] < num_epochs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,19 +340,22 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
 
 
 class _PackDataset(IterableDataset):
-    def __init__(self, planner: Planner, base, skip, rank: int, world: int, stop: int | None) -> None:
-        self.planner, self.base, self.skip = planner, tuple(base), frozenset(skip)
+    def __init__(self, stream, planners: list[Planner], names: list[str], base, skip, rank: int, world: int,
+                 stop: int | None) -> None:
+        self.stream, self.planners, self.names = stream, planners, names
+        self.base, self.skip = tuple(base), frozenset(skip)
         self.rank, self.world, self.stop = rank, world, stop
 
     def __iter__(self):
         info = get_worker_info()
         k, w = (info.num_workers, info.id) if info is not None else (1, 0)
-        source = FrameSource(self.planner.cfg)
+        source = FrameSource(self.planners[0].cfg)
         try:
-            for e, j in iter_stream(self.planner, self.base, self.skip, start=self.rank + w * self.world,
-                                    stride=k * self.world, stop=self.stop,
-                                    num_epochs=self.planner.cfg.num_epochs):
-                yield build_pack(self.planner, source, e, j)
+            for it in self.stream.iter(self.base, self.skip, start=self.rank + w * self.world,
+                                       stride=k * self.world, stop=self.stop):
+                pack = build_pack(self.planners[it.source], source, it.epoch, it.pack)
+                pack.source = self.names[it.source]
+                yield pack
         finally:
             source.close()
 
@@ -426,7 +381,8 @@ class VideoPackedLoader:
     """Iterator of `PackedSample` for one data-parallel rank, with exact `state_dict` resume."""
 
     def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
-                 tokenizer: Tokenizer | None = None, catalog: list[SampleRecord] | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, catalog: list[SampleRecord] | None = None,
+                 long_catalog: list[SampleRecord] | None = None) -> None:
         if not isinstance(dp_world, int) or dp_world < 1:
             raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
@@ -439,23 +395,45 @@ class VideoPackedLoader:
                  dp_rank, dp_world, cfg.decode_backend, cfg.decode_isolation, cfg.num_workers, cfg.seq_len)
         self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
         self.tokenizer = tokenizer or build_tokenizer(cfg)
-        self.catalog = catalog if catalog is not None else load_catalog(cfg.shards)
-        self.planner = Planner(self.catalog, cfg, self.tokenizer, self.seed)
-        self.catalog_fp = catalog_fingerprint(self.catalog)
-        self._base: tuple[int, int] = (0, 0)
+        specs = cfg.sources()                      # [(name, shard spec, config field, weight)]
+        given = [catalog, long_catalog]
+        cats = [given[i] if given[i] is not None else load_catalog(spec, field=fld)
+                for i, (_, spec, fld, _) in enumerate(specs)]
+        if len(cats) > 1:
+            shared = sorted({r.shard for r in cats[0]} & {r.shard for r in cats[1]})
+            if shared:
+                raise ValueError(f"VideoDataConfig.long_shards = {cfg.long_shards!r}: {len(shared)} shard file(s) are "
+                                 f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")
+        self.source_names = [name for name, *_ in specs]
+        self.catalogs = cats
+        self.planners = [Planner(c, cfg, self.tokenizer, self.seed) for c in cats]
+        self.catalog, self.planner = cats[0], self.planners[0]
+        fps = [catalog_fingerprint(c) for c in cats]
+        self.catalog_fp = fps[0] if len(cats) == 1 else hashlib.sha1(
+            "|".join(f"{n}:{fp}" for n, fp in zip(self.source_names, fps)).encode()).hexdigest()[:16]
+        streams = [SourceStream(p, cfg.num_epochs) for p in self.planners]
+        self.weights = [w for *_, w in specs]
+        self.stream = streams[0] if len(streams) == 1 else MixedStream(streams, self.weights, self.seed)
+        self.mixed = len(streams) > 1
+        if self.mixed:
+            log.info("video loader: mixture of %s", ", ".join(
+                f"{n} ({len(c)} samples from {spec!r}, {w:.1%} of packed sequences)"
+                for (n, spec, _, w), c in zip(specs, cats)))
+        self._base = self.stream.start()
         self._skip: frozenset = frozenset()
         self._consumed = 0
         self._it = None
         self._consecutive = 0
         self._stats = Counter()
         self._reasons: Counter = Counter()
-        self._logged_plan_epochs: set[int] = set()
+        self._by_source: dict[str, Counter] = {n: Counter() for n in self.source_names} if self.mixed else {}
+        self._logged_plan_epochs: set[tuple[int, int]] = set()     # (source, epoch)
         qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
         self.quarantine_path = qp
 
     # ---- iteration ----------------------------------------------------------------------------
     def _stop(self) -> int | None:
-        n = remaining_count(self.planner, self._base, self._skip, self.cfg.num_epochs)
+        n = self.stream.remaining(self._base, self._skip)
         if n is None:
             return None
         return (n // self.dp_world) * self.dp_world
@@ -463,10 +441,10 @@ class VideoPackedLoader:
     def _make_iter(self):
         # start after the packs this rank already yielded since `base` (non-zero only after close())
         done = self._consumed * self.dp_world
-        base, skip = advance(self.planner, self._base, self._skip, done, self.cfg.num_epochs)
+        base, skip = self.stream.advance(self._base, self._skip, done)
         stop = self._stop()
-        ds = _PackDataset(self.planner, base, skip, self.dp_rank, self.dp_world,
-                          None if stop is None else max(0, stop - done))
+        ds = _PackDataset(self.stream, self.planners, self.source_names if self.mixed else [""], base, skip,
+                          self.dp_rank, self.dp_world, None if stop is None else max(0, stop - done))
         if self.cfg.num_workers == 0:
             return iter(ds)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
@@ -510,16 +488,31 @@ class VideoPackedLoader:
 
     def _account(self, pack: PackedSample) -> None:
         self._stats["packs"] += 1
-        if pack.epoch not in self._logged_plan_epochs:
-            self._logged_plan_epochs.add(pack.epoch)
+        src = self.source_names.index(pack.source) if self.mixed else 0
+        tag = {"source": pack.source} if self.mixed else {}
+        if (src, pack.epoch) not in self._logged_plan_epochs:
+            self._logged_plan_epochs.add((src, pack.epoch))
             if self.dp_rank == 0:
-                for uid, (reason, detail) in sorted(self.planner.epoch(pack.epoch).rejects.items()):
-                    r = self.catalog[uid]
+                planner = self.planners[src]
+                for uid, (reason, detail) in sorted(planner.epoch(pack.epoch).rejects.items()):
+                    r = planner.catalog[uid]
                     self._quarantine({"shard": os.path.basename(r.shard), "key": r.key, "reason": reason,
                                       "detail": detail, "stage": "plan", "epoch": pack.epoch,
-                                      "rank": self.dp_rank})
+                                      "rank": self.dp_rank, **tag})
                     self._reasons[reason] += 1
         failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
+        if self.mixed:
+            c = self._by_source[pack.source]
+            c["packs"] += 1
+            c["samples"] += len(pack.planned_keys) - len(failed)
+            c["tokens"] += pack.seq_len - pack.num_pad
+            c["visual_tokens"] += int(pack.visual_pos.numel())
+            n = self._stats["packs"]
+            if self.dp_rank == 0 and (n in (1, 10, 100) or n % 1000 == 0):
+                log.info("video data mix on this rank after %d packed sequences (long_fraction %s): %s", n,
+                         self.cfg.long_fraction, "; ".join(
+                             f"{k} {v['pack_share']:.1%} of sequences, {v['token_share']:.1%} of tokens, "
+                             f"{v['samples']} samples" for k, v in self.source_stats().items()))
         for key in pack.planned_keys:
             f = failed.get(key)
             if f is None:
@@ -530,7 +523,7 @@ class VideoPackedLoader:
             self._stats["samples_failed"] += 1
             self._reasons[f["reason"]] += 1
             self._quarantine({**f, "stage": "decode", "epoch": pack.epoch, "pack": pack.pack_index,
-                              "rank": self.dp_rank, "time": round(time.time(), 3)})
+                              "rank": self.dp_rank, "time": round(time.time(), 3), **tag})
             if self._consecutive >= self.cfg.max_consecutive_failures:
                 self.close()
                 raise RuntimeError(
@@ -540,10 +533,23 @@ class VideoPackedLoader:
                     f"Check the shards ({self.cfg.shards}), the decode backend ({self.cfg.decode_backend}) "
                     f"and {self.quarantine_path or 'the quarantine log'}.")
 
+    def source_stats(self) -> dict:
+        """Per source of a mixture: packs (sequences), samples and real (non-padding) tokens this rank
+        has yielded since the run began, and each source's share of the packs and of the tokens."""
+        tot_p = sum(c["packs"] for c in self._by_source.values()) or 1
+        tot_t = sum(c["tokens"] for c in self._by_source.values()) or 1
+        return {name: {"packs": c["packs"], "samples": c["samples"], "tokens": c["tokens"],
+                       "visual_tokens": c["visual_tokens"], "pack_share": c["packs"] / tot_p,
+                       "token_share": c["tokens"] / tot_t}
+                for name, c in self._by_source.items()}
+
     @property
     def stats(self) -> dict:
-        return {**dict(self._stats), "failures_by_reason": dict(self._reasons),
-                "consecutive_failures": self._consecutive}
+        out = {**dict(self._stats), "failures_by_reason": dict(self._reasons),
+               "consecutive_failures": self._consecutive}
+        if self.mixed:
+            out["sources"] = self.source_stats()
+        return out
 
     # ---- state --------------------------------------------------------------------------------
     def _plan_config(self) -> dict:
@@ -556,25 +562,30 @@ class VideoPackedLoader:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def position(self) -> dict:
-        """Where this rank's next pack is (for logs): epoch, pack, and its first sample's place."""
+        """Where this rank's next pack is (for logs): epoch, pack, and its first sample's place (and, in
+        a mixture, its source)."""
         out = {"epoch": None, "pack": None}
-        for e, j in iter_stream(self.planner, self._base, self._skip,
-                                start=self.dp_rank + self._consumed * self.dp_world, stride=1,
-                                stop=self.dp_rank + self._consumed * self.dp_world + 1,
-                                num_epochs=self.cfg.num_epochs):
-            ep = self.planner.epoch(e)
+        first = self.dp_rank + self._consumed * self.dp_world
+        for it in self.stream.iter(self._base, self._skip, start=first, stride=1, stop=first + 1):
+            planner = self.planners[it.source]
+            e, j = it.epoch, it.pack
+            ep = planner.epoch(e)
             out = {"epoch": e, "pack": j, "packs_in_epoch": len(ep.packs)}
+            if self.mixed:
+                out.update({"source": self.source_names[it.source], "mixed_index": it.key})
             uids = ep.packs[j]
             if uids:
-                r = self.catalog[uids[0]]
-                same = [x.uid for x in self.catalog if x.shard == r.shard]
+                r = planner.catalog[uids[0]]
+                same = [x.uid for x in planner.catalog if x.shard == r.shard]
                 out.update({"order_index": int(np.nonzero(ep.order == uids[0])[0][0]),
                             "shard": os.path.basename(r.shard), "in_shard_index": same.index(r.uid),
-                            "keys": [self.planner.key(u) for u in uids]})
+                            "keys": [planner.key(u) for u in uids]})
         return out
 
     def state_dict(self) -> dict:
-        return {
+        base, skip = self.stream.encode(self._base, self._skip)
+        logged = sorted(self._logged_plan_epochs)
+        out = {
             "version": STATE_VERSION,
             "seed": self.seed,
             "plan_fingerprint": self.plan_fingerprint(),
@@ -582,46 +593,84 @@ class VideoPackedLoader:
             "plan_config": self._plan_config(),
             "dp_world": self.dp_world,
             "dp_rank": self.dp_rank,
-            "base": list(self._base),
-            "skip": sorted([list(s) for s in self._skip]),
+            "base": base,
+            "skip": skip,
             "consumed": self._consumed,
             "consecutive_failures": self._consecutive,
             "stats": dict(self._stats),
             "failures_by_reason": dict(self._reasons),
-            "logged_plan_epochs": sorted(self._logged_plan_epochs),
+            "logged_plan_epochs": [list(x) for x in logged] if self.mixed else [e for _, e in logged],
         }
+        if self.mixed:
+            out["mixture"] = {"sources": list(self.source_names), "weights": list(self.weights)}
+            out["source_stats"] = {n: dict(c) for n, c in self._by_source.items()}
+        return out
+
+    def _describe_sources(self, state: dict) -> str:
+        saved = state.get("mixture", {}).get("sources")
+        now = self.source_names if self.mixed else None
+        if saved == now:
+            return ""
+        one = "one source (data.video.shards)"
+        return (f"; sources (saved, now): ({saved or one}, {now or one}) — data.video.long_shards was "
+                f"{'added' if now else 'removed'}")
 
     def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
-        """Continue from `state` (saved by any rank of a lockstep run, with any dp_world)."""
+        """Continue from `state` (saved by any rank of a lockstep run, with any dp_world).
+
+        In a mixture, `long_fraction` may differ from the saved one: every source continues where it
+        stopped and the new ratio applies to the packs from here on (a warning says so)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}: expected {STATE_VERSION}")
         if int(state["seed"]) != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        base, skip = tuple(state["base"]), frozenset(tuple(s) for s in state["skip"])
         consumed = int(state["consumed"]) * int(state["dp_world"])
+        walker = self.stream          # the stream the saved position was consumed under
         if state["plan_fingerprint"] != self.plan_fingerprint():
             changed = {k: (state["plan_config"].get(k), v) for k, v in self._plan_config().items()
                        if state["plan_config"].get(k) != v}
             msg = (f"loader state does not match this data/config: catalog "
-                   f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}")
+                   f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}"
+                   f"{self._describe_sources(state)}")
             if strict:
                 raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")
-            base, skip, consumed = (int(base[0]), 0), frozenset(), 0
-        elif state.get("_skip_ahead"):
-            # merged state of non-lockstep ranks: remaining-indices consumed beyond the first gap
-            ahead = set(int(i) for i in state["_skip_ahead"])
-            extra = [pos for i, pos in enumerate(iter_stream(self.planner, base, skip, start=0, stride=1,
-                                                              stop=max(ahead) + 1,
-                                                              num_epochs=self.cfg.num_epochs)) if i in ahead]
-            skip = skip | frozenset(extra)
+            try:
+                base = self.stream.restart(self.stream.decode(state["base"], [])[0])
+            except (ValueError, TypeError, KeyError):
+                base = self.stream.start()
+            skip, consumed = frozenset(), 0
+        else:
+            base, skip = self.stream.decode(state["base"], state["skip"])
+            saved_w = state.get("mixture", {}).get("weights")
+            if self.mixed and saved_w is not None and not np.allclose(saved_w, self.weights, rtol=0, atol=1e-12):
+                walker = self.stream.with_weights(saved_w)
+            if state.get("_skip_ahead"):
+                # merged state of non-lockstep ranks: remaining-indices consumed beyond the first gap
+                ahead = set(int(i) for i in state["_skip_ahead"])
+                extra = [it.key for i, it in enumerate(walker.iter(base, skip, start=0, stride=1,
+                                                                   stop=max(ahead) + 1)) if i in ahead]
+                skip = skip | frozenset(extra)
+        base, skip = walker.advance(base, skip, consumed)
+        if walker is not self.stream:
+            if skip:
+                raise ValueError(f"VideoDataConfig.long_fraction = {self.cfg.long_fraction}: cannot change the "
+                                 f"mixture (saved weights {saved_w}) when resuming from merged out-of-step rank "
+                                 f"states; resume once with the saved long_fraction")
+            warnings.warn(f"VideoDataConfig.long_fraction changed on resume (source weights {saved_w} -> "
+                          f"{self.weights}): each source continues where it stopped, the new ratio applies "
+                          f"from here on")
         self.close()
-        self._base, self._skip = advance(self.planner, base, skip, consumed, self.cfg.num_epochs)
+        self._base, self._skip = base, skip
         self._consumed = 0
         self._consecutive = int(state.get("consecutive_failures", 0))
         self._stats = Counter(state.get("stats", {}))
         self._reasons = Counter(state.get("failures_by_reason", {}))
-        self._logged_plan_epochs = set(state.get("logged_plan_epochs", []))
+        self._logged_plan_epochs = {(x[0], x[1]) if isinstance(x, (list, tuple)) else (0, int(x))
+                                    for x in state.get("logged_plan_epochs", [])}
+        if self.mixed:
+            saved = state.get("source_stats", {})
+            self._by_source = {n: Counter(saved.get(n, {})) for n in self.source_names}
 
 
 def merge_rank_states(states: list[dict]) -> dict:

@@ -64,6 +64,7 @@ class PackedSample:
     pack_index: int = 0           # position of this pack in its epoch's global pack list
     failures: list[dict] = field(default_factory=list)     # samples planned here that failed to load
     planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
+    source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source
 
     @property
     def seq_len(self) -> int:

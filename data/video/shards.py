@@ -173,10 +173,11 @@ def load_shard_index(tar_path: str) -> dict:
     return scan_shard(tar_path)
 
 
-def load_catalog(spec: str) -> list[SampleRecord]:
+def load_catalog(spec: str, *, field: str = "shards") -> list[SampleRecord]:
+    """Every sample of the shards named by `spec` (`field` names the config key in errors)."""
     shards = resolve_shards(spec)
     if not shards:
-        raise ValueError(f"VideoDataConfig.shards = {spec!r}: no .tar shards found")
+        raise ValueError(f"VideoDataConfig.{field} = {spec!r}: no .tar shards found")
     out: list[SampleRecord] = []
     for tar_path in shards:
         idx = load_shard_index(tar_path)

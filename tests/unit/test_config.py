@@ -117,8 +117,17 @@ def test_launcher_exits_before_building_anything(tmp_path, override, world, need
     assert "process group" not in (proc.stderr + proc.stdout).lower()
 
 
-@pytest.mark.parametrize("stage,cp,seq", [("8k", 1, 8192), ("32k", 2, 32768), ("64k", 4, 65536), ("256k", 8, 262144)])
-def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq):
-    cfg, layout = _validate(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.shards=/data/shards", world_size=8)
+@pytest.mark.parametrize("stage,cp,seq,long_fraction", [("8k", 1, 8192, 0.0), ("32k", 2, 32768, 0.25),
+                                                         ("64k", 4, 65536, 1 / 3), ("256k", 8, 262144, 0.5)])
+def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq, long_fraction):
+    paths = ["data.video.shards=/data/shards"] + (["data.video.long_shards=/data/long"] if long_fraction else [])
+    cfg, layout = _validate(f"recipe=keye_30b_a3b_ctx_{stage}", *paths, world_size=8)
     assert layout.cp == cp and cfg.train.seq_length == seq and cfg.model.lm.max_position_embeddings >= seq
     assert cfg.model.vision.enabled and (cfg.train.trainable == "projector") == (stage == "8k")
+    assert cfg.data.video.long_fraction == pytest.approx(long_fraction)     # the long:short data mix
+    assert cfg.data.video.long_shards == ("/data/long" if long_fraction else "")
+    if long_fraction:                      # the long source is a REQUIRED path, like data.video.shards
+        with pytest.raises(ValueError, match="data.video.long_shards is required"):
+            _validate(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.shards=/data/shards", world_size=8)
+    with pytest.raises(ConfigCompositionException):                         # unknown keys are errors
+        _compose(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.long_short_ratio=0.5")

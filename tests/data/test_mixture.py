@@ -1,0 +1,229 @@
+"""Long:short data mixture (`long_shards` + `long_fraction`, the long-context curriculum): the realized
+ratio, determinism, disjoint ranks, exact resume mid-stream (also with another DP size, merged states and
+a changed fraction), the end of a finite mixture, config errors, and fractions 0 and 1 reproducing the
+one-source streams.
+
+The short source is the session's 16 synthetic clips (1.5-4 s); the long one is 6 clips of 5-8 s, so
+its documents are longer. Tests that only check which packs come where use blank frames instead of
+decoding (`no_decode`); the exact-resume and degenerate-fraction tests decode for real.
+"""
+import glob
+import math
+import pickle
+from collections import Counter
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+
+from data.video.loader import VideoPackedLoader, merge_rank_states
+from data.video.streams import SourceStream
+from data.video.synthetic import make_synthetic_shards
+from data.video_stream import VideoBatchStream
+
+from .conftest import small_cfg
+from .test_loader import signature, take
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("long")
+    return make_synthetic_shards(out, n_videos=6, seed=21, shard_size_mb=0.04, workers=1,
+                                 min_seconds=5.0, max_seconds=8.0)
+
+
+@pytest.fixture
+def no_decode(monkeypatch):
+    """Blank frames of the planned size instead of decoding."""
+    import data.video.loader as L
+
+    monkeypatch.setattr(L.FrameSource, "frames", lambda self, rec, doc: np.zeros(
+        (doc.frames.num_frames, 3, doc.frames.height, doc.frames.width), np.uint8))
+
+
+def mix_cfg(shard_dir, long_dir, tmp_path=None, fraction=0.25, **kw):
+    kw.setdefault("decode_isolation", "inline")
+    return small_cfg(shard_dir, tmp_path, long_shards=str(long_dir), long_fraction=fraction, **kw)
+
+
+def where(p) -> tuple:
+    return (p.source, p.epoch, p.pack_index)
+
+
+def own_order(planner, n):
+    """The first n packs (epoch, pack) of one source read on its own."""
+    return [(x.epoch, x.pack) for x in SourceStream(planner, None).iter((0, 0), frozenset(), start=0, stride=1, stop=n)]
+
+
+@pytest.mark.parametrize("fraction", [0.25, 1 / 3, 0.5])
+def test_realized_ratio_matches_long_fraction(shard_dir, long_dir, fraction):
+    # Tolerance: the draws are independent Bernoulli(f), so over N positions the long share has standard
+    # deviation sqrt(f (1 - f) / N) (0.0035 at f = 0.5, N = 20,000); we allow 4.5 of them (a fair
+    # draw fails this with probability ~7e-6 per seed), for each of 5 seeds.
+    N = 20_000
+    tol = 4.5 * math.sqrt(fraction * (1 - fraction) / N)
+    for seed in range(5):
+        ld = VideoPackedLoader(mix_cfg(shard_dir, long_dir, fraction=fraction), seed=seed)
+        share = float(np.mean(ld.stream.draws(0, N) == 1))
+        assert abs(share - fraction) <= tol, (seed, share, fraction, tol)
+    # what ranks iterate follows the draws, and each source is read in its own order, epoch after epoch
+    items = list(ld.stream.iter(ld.stream.start(), frozenset(), start=0, stride=1, stop=2000))
+    assert [it.source for it in items] == ld.stream.draws(0, 2000).tolist()
+    for s, planner in enumerate(ld.planners):
+        got = [(it.epoch, it.pack) for it in items if it.source == s]
+        assert got == own_order(planner, len(got)) and got[-1][0] > 3      # many epochs of each source
+
+
+def test_mixture_is_deterministic_and_ranks_get_disjoint_parts(shard_dir, long_dir, tmp_path, no_decode):
+    cfg = mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5)
+    a = [signature(p) + (p.source,) for p in take(VideoPackedLoader(cfg, seed=8), 16)]
+    b = [signature(p) + (p.source,) for p in take(VideoPackedLoader(cfg, seed=8), 16)]
+    assert a == b and {x[-1] for x in a} == {"short", "long"}
+    other = [p.source for p in take(VideoPackedLoader(cfg, seed=9), 16)]
+    assert other != [x[-1] for x in a]                   # the draws depend on the seed
+    # 3 ranks in lockstep: rank r gets mixed positions r, r+3, ...; in step order they are the 1-rank stream
+    W, steps = 3, 8
+    ranks = [VideoPackedLoader(cfg, dp_rank=r, dp_world=W, seed=8) for r in range(W)]
+    got = [[where(next(ld)) for ld in ranks] for _ in range(steps)]
+    flat = [x for step in got for x in step]
+    assert flat == [where(p) for p in take(VideoPackedLoader(cfg, seed=8), W * steps)]
+    per_rank = [{x for step in got for x in [step[r]]} for r in range(W)]
+    for r in range(W):
+        for q in range(r + 1, W):
+            assert not per_rank[r] & per_rank[q]         # disjoint parts of each source
+    assert all({x[0] for x in part} == {"short", "long"} for part in per_rank)
+
+
+def test_exact_resume_mid_stream_with_mixture_two_workers(shard_dir, long_dir, tmp_path):
+    cfg = mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5, num_workers=2)
+    ref_loader = VideoPackedLoader(cfg, seed=5)
+    total, k = 10, 4
+    ref_packs = take(ref_loader, total)
+    ref = [signature(p) + (p.source,) for p in ref_packs]
+    ref_stats = ref_loader.stats["sources"]
+    ref_loader.close()
+    assert any(p.source == "long" and p.epoch == 1 for p in ref_packs)     # crosses a long-source epoch
+
+    a = VideoPackedLoader(cfg, seed=5)
+    first = [signature(p) + (p.source,) for p in take(a, k)]
+    state = pickle.loads(pickle.dumps(a.state_dict()))
+    assert len(pickle.dumps(state)) < 8192
+    more = [signature(p) + (p.source,) for p in take(a, 2)]    # keep going after the snapshot ...
+    a.close()
+    b = VideoPackedLoader(cfg, seed=5)
+    b.load_state_dict(state)                                     # ... the resumed one restarts at it
+    rest = [signature(p) + (p.source,) for p in take(b, total - k)]
+    b.close()
+    assert first + rest == ref and more == ref[k:k + 2]
+    # per-source accounting: what the packs say, carried through the resume
+    assert b.stats["sources"] == ref_stats
+    for name in ("short", "long"):
+        mine = [p for p in ref_packs if p.source == name]
+        assert ref_stats[name]["packs"] == len(mine)
+        assert ref_stats[name]["tokens"] == sum(p.seq_len - p.num_pad for p in mine)
+        assert ref_stats[name]["samples"] == sum(len(p.sample_keys) for p in mine)
+    assert ref_stats["long"]["pack_share"] == pytest.approx(sum(p.source == "long" for p in ref_packs) / total)
+
+
+def test_resume_mixture_with_other_dp_world_and_merged_states(shard_dir, long_dir, tmp_path, no_decode):
+    cfg = mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5)
+    ref = [where(p) for p in take(VideoPackedLoader(cfg, seed=6), 2 * 3 + 3 * 4)]
+    before = [VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=6) for r in range(2)]
+    seen = [where(next(ld)) for _ in range(3) for ld in before]
+    state = before[1].state_dict()
+    after = [VideoPackedLoader(cfg, dp_rank=r, dp_world=3, seed=6) for r in range(3)]
+    for ld in after:
+        ld.load_state_dict(state)
+    seen += [where(next(ld)) for _ in range(4) for ld in after]
+    assert seen == ref                                    # 2 -> 3 ranks: nothing repeated or skipped
+
+    # ranks out of lockstep (rank 0 three packs ahead of rank 1's one): merged, then one rank goes on
+    r0, r1 = (VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=6) for r in range(2))
+    seen = [where(p) for p in take(r0, 3)] + [where(p) for p in take(r1, 1)]
+    c = VideoPackedLoader(cfg, seed=6)
+    c.load_state_dict(merge_rank_states([r0.state_dict(), r1.state_dict()]))
+    seen += [where(p) for p in take(c, 8)]
+    assert len(seen) == len(set(seen)) and set(seen) == set(ref[:12])
+
+    # the trainer's VideoBatchStream: state through the stream, per-source stats exposed
+    kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1, seed=6)
+    s1 = VideoBatchStream(cfg, **kw)
+    [next(s1) for _ in range(3)]
+    st = s1.state_dict()
+    s2 = VideoBatchStream(cfg, **kw)
+    s2.load_state_dict(st)
+    assert all(next(s1)["tokens"].equal(next(s2)["tokens"]) for _ in range(3))
+    assert s2.stats["sources"] == s1.stats["sources"] and sum(v["packs"] for v in s2.stats["sources"].values()) == 6
+
+
+def test_changing_long_fraction_on_resume_continues_each_source(shard_dir, long_dir, tmp_path, no_decode):
+    a = VideoPackedLoader(mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.25), seed=3)
+    before = take(a, 6)
+    b = VideoPackedLoader(mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.75), seed=3)
+    with pytest.warns(UserWarning, match="long_fraction changed on resume"):
+        b.load_state_dict(a.state_dict())
+    after = take(b, 12)
+    for name, planner in zip(b.source_names, b.planners):      # no pack of a source repeated or skipped
+        got = [(p.epoch, p.pack_index) for p in before + after if p.source == name]
+        assert got == own_order(planner, len(got))
+    assert [p.source for p in after] == [b.source_names[s] for s in b.stream.draws(6, 12)]   # new ratio from here
+
+
+def test_finite_mixture_ends_evenly_at_the_first_used_up_source(shard_dir, long_dir, tmp_path, no_decode):
+    cfg = mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5, num_epochs=1)
+    one = VideoPackedLoader(cfg, seed=2)
+    got = [where(p) for p in one]
+    n_src = dict(zip(one.source_names, (pl.num_packs(0) for pl in one.planners)))
+    counts = Counter(x[0] for x in got)
+    assert len(set(got)) == len(got) and all(e == 0 for _, e, _ in got)
+    assert all(counts[n] <= m for n, m in n_src.items())
+    nxt = one.source_names[int(one.stream.draws(len(got), 1)[0])]
+    assert counts[nxt] == n_src[nxt]                     # it ended where it drew a used-up source
+    lens = [sum(1 for _ in VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=2)) for r in range(2)]
+    assert lens[0] == lens[1] == len(got) // 2           # ranks stop together
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_degenerate_fraction_equals_the_one_source_stream(shard_dir, long_dir, tmp_path, fraction):
+    with pytest.warns(UserWarning, match="is ignored") if fraction == 0 else nullcontext():
+        cfg = mix_cfg(shard_dir, long_dir, tmp_path, fraction=fraction)
+    alone = VideoPackedLoader(small_cfg(shard_dir if fraction == 0 else long_dir, tmp_path,
+                                        decode_isolation="inline"), seed=4)
+    mixed = VideoPackedLoader(cfg, seed=4)
+    assert mixed.mixed and not alone.mixed
+    n = 2 * alone.planner.num_packs(0) + 1               # across two epoch boundaries
+    got = take(mixed, n)
+    assert [signature(p) for p in got] == [signature(p) for p in take(alone, n)]
+    assert {p.source for p in got} == {"long" if fraction else "short"}
+    assert mixed.stats["sources"]["long" if fraction else "short"]["pack_share"] == 1.0
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(long_shards="L", long_fraction=1.5), "VideoDataConfig.long_fraction = 1.5: must be a number in [0, 1]"),
+    (dict(long_shards="L", long_fraction=-0.1), "VideoDataConfig.long_fraction = -0.1: must be a number in [0, 1]"),
+    (dict(long_shards="L", long_fraction=float("nan")), "VideoDataConfig.long_fraction = nan"),
+    (dict(long_shards="L", long_fraction=True), "VideoDataConfig.long_fraction = True"),
+    (dict(long_fraction=0.25), "VideoDataConfig.long_fraction = 0.25: is > 0 but there is no long source"),
+    (dict(long_shards=7, long_fraction=0.5), "VideoDataConfig.long_shards = 7: must be a string"),
+    (dict(long_shards="SAME", long_fraction=0.5), "names the same shards as `shards`"),
+])
+def test_invalid_mixture_settings_name_the_key(shard_dir, kw, needle):
+    if kw.get("long_shards") == "SAME":
+        kw["long_shards"] = str(shard_dir)
+    with pytest.raises(ValueError) as e:
+        small_cfg(shard_dir, **kw)
+    assert needle in str(e.value)
+
+
+def test_bad_long_source_and_mismatched_states_fail_at_once(shard_dir, long_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"VideoDataConfig.long_shards = '.*nowhere': no .tar shards found"):
+        VideoPackedLoader(mix_cfg(shard_dir, tmp_path / "nowhere", fraction=0.5), seed=0)
+    one_tar = sorted(glob.glob(str(shard_dir / "*.tar")))[0]
+    with pytest.raises(ValueError, match="long and short sources must not overlap"):
+        VideoPackedLoader(mix_cfg(shard_dir, one_tar, fraction=0.5), seed=0)
+    mixed = VideoPackedLoader(mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5), seed=0)
+    alone = VideoPackedLoader(small_cfg(shard_dir, tmp_path), seed=0)
+    with pytest.raises(ValueError, match="long_shards was removed"):
+        alone.load_state_dict(mixed.state_dict())
+    with pytest.raises(ValueError, match="long_shards was added"):
+        mixed.load_state_dict(alone.state_dict())
