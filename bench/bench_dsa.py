@@ -238,16 +238,18 @@ def bench_size(L, quick, block_q):
     scale = D ** -0.5
     o, lse = sparse_attn_fwd(q, k, v, plan, scale)
     start = row_doc_start(1, L, None, q.device)
-    kl, lse_i, z = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale)
+    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+                                        keep_psum=True)
     gscale = torch.full((1,), 1.0 / L, device=q.device)
     pieces = {
         "topk_select": lambda: dsa_topk(qi, w, ki, TOPK),
         "union_plan": lambda: build_sparse_plan(idx, block_q),
         "attn_fwd": lambda: sparse_attn_fwd(q, k, v, plan, scale),
         "attn_bwd": lambda: sparse_attn_bwd(q, k, v, o, do, lse, plan, scale),
-        "loss_fwd": lambda: indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale),
+        "loss_fwd": lambda: indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+                                           keep_psum=True),
         "loss_bwd": lambda: indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
-                                           lse_i, z, gscale),
+                                           lse_i, z, gscale, psum=psum),
     }
     r["pieces_ms"] = {name: timed(fn, quick) for name, fn in pieces.items()}
     c = attention_counts(plan, L)

@@ -92,7 +92,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     out.append((plan_fwd_kernel_union,
                 dict(idx_ptr="*i32", counts_ptr="*i32", offsets_ptr="*i64", pos_ptr="*i32",
                      bits_ptr="*i32", T="i32", NBT="i32", K="i32", WRITE="i32"),
-                dict(BQ=BQ, KP=pow2(K)), 8, 2))
+                dict(BQ=BQ, KP=pow2(K), MERGE=True, LOG_KP=pow2(K).bit_length() - 1,
+                     LOG_N=(BQ * pow2(K)).bit_length() - 1), 8, 2))
     c = sa._config(CUDA, BQ * GP, D)
     heads = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ, DOT_PREC=prec)
     plan_sig = dict(offsets="*i64", upos="*i32", ubits="*i32", T="i32", NBT="i32")
@@ -117,13 +118,15 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
         meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP,
                     BQ=bq, DENSE=dense, DOT_PREC=prec)
         out.append((il.indexer_loss_fwd_kernel_kl,
-                    dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", T="i32",
-                         NBT="i32", scale_log2="fp32"), dict(meta, BS=c["BS_fwd"]), c["warps"],
-                    c["stages"]))
+                    dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
+                         T="i32", NBT="i32", scale_log2="fp32"),
+                    dict(meta, BS=c["BS_fwd"], STORE_P=not dense), c["warps"], c["stages"]))
         out.append((il.indexer_loss_bwd_kernel_kl,
-                    dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", gscale_ptr="*fp32", dq_idx=dt,
-                         dw=dt, dk_idx="*fp32", T="i32", NBT="i32", scale_log2="fp32"),
-                    dict(meta, BS=c["BS_bwd"]), c["warps"], c["stages"]))
+                    dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
+                         gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32",
+                         NBT="i32", scale_log2="fp32"),
+                    dict(meta, BS=c["BS_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense),
+                    c["warps_bwd" if dense else "warps"], c["stages"]))
     return out
 
 

@@ -52,3 +52,4 @@ def check_same_device(*tensors: torch.Tensor) -> None:
     for t in tensors[1:]:
         if t.device != dev:
             raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+

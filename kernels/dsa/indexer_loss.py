@@ -164,12 +164,15 @@ def indexer_loss_fwd_kernel_lse(q, k, lse, start_ptr, T, NBT, scale_log2, HQ: tl
 
 @triton.jit(do_not_specialize=["T", "NBT"])
 def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
-                               kl_ptr, lse_i_ptr, z_ptr, T, NBT, scale_log2,
+                               kl_ptr, lse_i_ptr, z_ptr, psum_ptr, T, NBT, scale_log2,
                                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                                HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
                                DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                               DENSE: tl.constexpr, DOT_PREC: tl.constexpr):
+                               DENSE: tl.constexpr, STORE_P: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
+    """STORE_P (sparse stage only): also write the head-summed P of every (union entry, token)
+    to psum_ptr [U, BQ], so that the backward reads it instead of recomputing 4 QK^T per tile."""
     pid = tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
@@ -186,6 +189,10 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
         psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP, BQ,
                           BS, DOT_PREC)
         psum = tl.where(member, psum, 0.0)
+        if STORE_P:
+            uu = u0 + tl.arange(0, BS)
+            tl.store(psum_ptr + uu.to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
+                     psum.to(psum_ptr.dtype.element_ty), mask=(uu < hi)[None, :])
         sm = tl.where(member, score, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sm, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -206,12 +213,14 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
 
 @triton.jit(do_not_specialize=["T", "NBT"])
 def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
-                               lse_i_ptr, z_ptr, gscale_ptr, dq_idx, dw, dk_idx, T, NBT,
-                               scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                               GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                               HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
-                               DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                               DENSE: tl.constexpr, DOT_PREC: tl.constexpr):
+                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx, T,
+                               NBT, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+                               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                               DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
+                               DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
+                               BS: tl.constexpr, DENSE: tl.constexpr, LOAD_P: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
+    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it."""
     pid = tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
@@ -227,8 +236,13 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
     for u0 in range(lo, hi, BS):
         pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
-        psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP, BQ,
-                          BS, DOT_PREC)
+        if LOAD_P:
+            uu = u0 + tl.arange(0, BS)
+            psum = tl.load(psum_ptr + uu.to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
+                           mask=member, other=0.0).to(tl.float32)
+        else:
+            psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
+                              BQ, BS, DOT_PREC)
         d_i = tl.exp(tl.where(member, score, float("-inf")) - lse_i[:, None]) - psum / z_i[:, None]
         d_i = tl.where(member, d_i, 0.0) * gscale
         d_rows = tl.reshape(tl.broadcast_to(d_i[:, None, :], [BQ, HIP, BS]), [BQ * HIP, BS])
@@ -243,11 +257,15 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
 
 
 def _config(device: torch.device) -> dict:
-    """Interpreter: wide tiles (cost is per op). GPU: sm_90 sizes without register spills at
-    Hq 32 / Hkv 4 / D 128 / HI 16 / DI 64 with 4 tokens per program (aot_check.py)."""
+    """Interpreter: wide tiles (cost is per op). GPU (sm_90 at Hq 32 / Hkv 4 / D 128 / HI 16 /
+    DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 64-key
+    tiles with 4 warps 68 ms (32 keys / 8 warps: 167); backward from the cached P, 32-key tiles
+    with 4 warps 29 ms; the recomputing backward (dense stage) keeps 16-key tiles with 8 warps."""
     if interpreting() or device.type != "cuda":
-        return dict(BS_fwd=128, BS_bwd=128, BS_lse=128, warps=4, warps_lse=4, stages=1)
-    return dict(BS_fwd=32, BS_bwd=16, BS_lse=64, warps=8, warps_lse=4, stages=2)
+        return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
+                    warps_lse=4, stages=1)
+    return dict(BS_fwd=64, BS_bwd=16, BS_bwd_p=32, BS_lse=64, warps=4, warps_bwd=8, warps_lse=4,
+                stages=2)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
@@ -276,9 +294,9 @@ def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
     return lse
 
 
-def _launch_meta(q, k, q_idx, plan: SparsePlan | None, block_q: int):
-    B, T, HQ, D = q.shape
-    HKV = k.shape[2]
+def _launch_meta(q_shape, k_shape, q_idx, plan: SparsePlan | None, block_q: int):
+    B, T, HQ, D = q_shape
+    HKV = k_shape[2]
     HI, DI = q_idx.shape[2], q_idx.shape[3]
     G = HQ // HKV
     BQ = plan.block_q if plan is not None else block_q
@@ -292,55 +310,92 @@ def _plan_args(start, plan: SparsePlan | None):
     return plan.offsets_N1, plan.pos_U, plan.bits_U
 
 
+def psum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the cached head-summed P: fp32 for fp32 inputs (exact tests), else bf16 (half
+    the memory; P in [0, Hq] keeps 8 significant bits, below the bf16 rounding of the inputs)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
 def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
-                   scale: float, kl=None, lse_i=None, z=None):
-    """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32). plan=None: dense
+                   scale: float, kl=None, lse_i=None, z=None, keep_psum: bool = False):
+    """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32), plus (sparse stage
+    with keep_psum) the head-summed P [U, BQ] for the backward, else None. plan=None: dense
     stage. Output buffers may be given (tests pass NaN-filled ones)."""
     q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-    meta, B, T, nbt = _launch_meta(q, k, q_idx, plan, block_q)
+    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, plan, block_q)
     cfg = _config(q.device)
     kl = torch.empty(B * T, dtype=torch.float32, device=q.device) if kl is None else kl
     lse_i = torch.empty_like(kl) if lse_i is None else lse_i
     z = torch.empty_like(kl) if z is None else z
+    store_p = keep_psum and plan is not None
+    psum = (torch.empty(plan.pos_U.numel() * plan.block_q, dtype=psum_dtype(q.dtype),
+                        device=q.device) if store_p else None)
     indexer_loss_fwd_kernel_kl[(B * nbt,)](
-        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z, T, nbt,
-        scale * LOG2E, **meta, BS=cfg["BS_fwd"], DENSE=plan is None,
-        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
-    return kl, lse_i, z
+        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z,
+        psum if store_p else kl, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_fwd"],
+        DENSE=plan is None, STORE_P=store_p, DOT_PREC=dot_precision(q_idx.dtype),
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return kl, lse_i, z, psum
 
 
 def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
-                   scale: float, lse_i, z, gscale, dq_idx=None, dw=None):
-    """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor)."""
-    q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-    meta, B, T, nbt = _launch_meta(q, k, q_idx, plan, block_q)
+                   scale: float, lse_i, z, gscale, dq_idx=None, dw=None, psum=None):
+    """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor). `psum` (from
+    indexer_kl_fwd(keep_psum=True)) replaces the recomputation of P from q, k and lse; q and k
+    may then be shapes (torch.Size) instead of tensors, and lse None."""
+    q_idx, w, k_idx = (x.contiguous() for x in (q_idx, w, k_idx))
+    meta, B, T, nbt = _launch_meta(q.shape if torch.is_tensor(q) else q,
+                                   k.shape if torch.is_tensor(k) else k, q_idx, plan, block_q)
+    if psum is None:
+        q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
+    else:  # unused by the LOAD_P kernel: any tensor fills the pointer slots
+        q = k = lse = z
     cfg = _config(q.device)
     dq_idx = torch.empty_like(q_idx) if dq_idx is None else dq_idx
     dw = torch.empty_like(w) if dw is None else dw
     dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    load_p = psum is not None
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
-        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z, gscale, dq_idx,
-        dw, dk32, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_bwd"], DENSE=plan is None,
-        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z,
+        psum if load_p else z, gscale, dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta,
+        BS=cfg["BS_bwd_p" if load_p else "BS_bwd"], DENSE=plan is None, LOAD_P=load_p,
+        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
+        num_stages=cfg["stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
 
 
 class IndexerKLLossFn(torch.autograd.Function):
-    """Mean over tokens of KL(p || softmax(I)); gradients into q_idx, w, k_idx only."""
+    """Mean over tokens of KL(p || softmax(I)); gradients into q_idx, w, k_idx only.
+
+    Sparse stage: the forward caches the head-summed attention probabilities of the selected
+    keys (`psum`, U * BQ entries, bf16 for 16-bit inputs) so the backward needs only the indexer's
+    own dots and keeps nothing of q, k, lse; dense stage: P over all keys cannot be cached, the
+    backward recomputes it.
+    """
 
     @staticmethod
     def forward(ctx, q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
                 scale: float):
         q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-        kl, lse_i, z = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, block_q, scale)
-        ctx.save_for_backward(q_idx, w, k_idx, q, k, lse, start, lse_i, z)
+        kl, lse_i, z, psum = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, block_q,
+                                            scale, keep_psum=True)
+        if psum is None:
+            ctx.save_for_backward(q_idx, w, k_idx, start, lse_i, z, q, k, lse)
+        else:
+            ctx.save_for_backward(q_idx, w, k_idx, start, lse_i, z, psum)
+            ctx.shapes = (q.shape, k.shape)
+        ctx.has_psum = psum is not None
         ctx.plan, ctx.block_q, ctx.scale = plan, block_q, scale
         return kl.sum() / kl.numel()
 
     @staticmethod
     def backward(ctx, grad):
-        q_idx, w, k_idx, q, k, lse, start, lse_i, z = ctx.saved_tensors
+        q_idx, w, k_idx, start, lse_i, z, *rest = ctx.saved_tensors
         gscale = (grad.to(torch.float32) / lse_i.numel()).reshape(1).contiguous()
+        if ctx.has_psum:
+            (psum,), (q, k), lse = rest, ctx.shapes, None
+        else:
+            (q, k, lse), psum = rest, None
         dq_idx, dw, dk_idx = indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, ctx.plan,
-                                            ctx.block_q, ctx.scale, lse_i, z, gscale)
+                                            ctx.block_q, ctx.scale, lse_i, z, gscale, psum=psum)
         return dq_idx, dw, dk_idx, None, None, None, None, None, None, None

@@ -50,10 +50,42 @@ class SparsePlan:
 MAX_SORT = 16384  # block_q * next_pow2(K) entries sorted in registers by the Triton builder
 
 
+@triton.jit
+def _merge_rows(x, BQ: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr,
+                LOG_N: tl.constexpr):
+    """[BQ, KP] int32 rows, each ascending -> [BQ * KP] ascending (bitonic merging).
+
+    A full sort of BQ * KP keys takes log2(N) (log2(N) + 1) / 2 compare-exchange stages (91 for
+    4 x 2048); the rows are already sorted, so only the merge rounds are needed (25 for 4 x 2048).
+    The keys live on a [2] * log2(N) hypercube: bit b of a key's index is one size-2 dimension,
+    and the compare-exchange partner across bit b is the tensor flipped along that dimension.
+    Round r merges runs of 2**r into runs of 2**(r + 1); its inputs must alternate ascending /
+    descending runs, so odd rows are reversed first and every round but the last writes its odd
+    runs descending.
+    """
+    N: tl.constexpr = BQ * KP
+    x2 = tl.where((tl.arange(0, BQ) % 2 == 1)[:, None], tl.flip(x, 1), x)
+    shape: tl.constexpr = [2] * LOG_N
+    h = tl.reshape(x2, shape)
+    index = tl.reshape(tl.arange(0, N), shape)
+    for r in tl.static_range(LOG_KP, LOG_N):
+        if r + 1 < LOG_N:
+            desc = ((index >> (r + 1)) & 1) != 0
+        else:
+            desc = index < 0  # the last round: everything ascending
+        for b in tl.static_range(r, -1, -1):      # bits r, r-1, ..., 0
+            partner = tl.flip(h, LOG_N - 1 - b)   # dimension of bit b (innermost = bit 0)
+            right = ((index >> b) & 1) != 0
+            h = tl.where(right != desc, tl.maximum(h, partner), tl.minimum(h, partner))
+    return tl.reshape(h, [N])
+
+
 @triton.jit(do_not_specialize=["T", "NBT", "K", "WRITE"])
 def plan_fwd_kernel_union(idx_ptr, counts_ptr, offsets_ptr, pos_ptr, bits_ptr, T, NBT, K, WRITE,
-                          BQ: tl.constexpr, KP: tl.constexpr):
-    """One program per block: WRITE == 0 counts its distinct keys, WRITE == 1 writes them."""
+                          BQ: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr,
+                          LOG_KP: tl.constexpr, LOG_N: tl.constexpr):
+    """One program per block: WRITE == 0 counts its distinct keys, WRITE == 1 writes them.
+    MERGE: bitonic-merge the (ascending) rows instead of sorting all BQ * KP keys."""
     pid = tl.program_id(0)
     bb = pid // NBT
     i = tl.arange(0, BQ)
@@ -62,9 +94,13 @@ def plan_fwd_kernel_union(idx_ptr, counts_ptr, offsets_ptr, pos_ptr, bits_ptr, T
     rows = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
     x = tl.load(idx_ptr + rows[:, None] * K + j[None, :],
                 mask=(t < T)[:, None] & (j < K)[None, :], other=-1)
+    # -1 padding sits at the end of each row, so the mapped rows stay ascending
     key = tl.where(x >= 0, x * BQ + i[:, None], 2147483647)
     N: tl.constexpr = BQ * KP
-    key = tl.sort(tl.reshape(key, [N]))
+    if MERGE:
+        key = _merge_rows(key, BQ, KP, LOG_KP, LOG_N)
+    else:
+        key = tl.sort(tl.reshape(key, [N]))
     a = tl.arange(0, N)
     valid = key != 2147483647
     s = key // BQ
@@ -88,12 +124,15 @@ def _check_block_q(block_q: int) -> None:
         raise ValueError(f"block_q must be a power of two in [1, 16], got {block_q}")
 
 
-def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto") -> SparsePlan:
+def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
+                      merge: bool = True, num_warps: int | None = None) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
     idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "triton",
     "torch", or "auto" (Triton on CUDA when block_q * next_pow2(K) <= MAX_SORT, else torch; the
-    interpreter runs tl.sort far too slowly for anything but tiny shapes).
+    interpreter runs tl.sort far too slowly for anything but tiny shapes). merge=False sorts
+    each block's keys from scratch instead of merging its sorted rows (the earlier kernel, kept
+    for comparison in bench/bench_dsa.py).
     """
     _check_block_q(block_q)
     B, T, K = idx_BTK.shape
@@ -109,17 +148,21 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto")
     idx = idx_BTK.to(torch.int32).contiguous()
     nbt = triton.cdiv(T, block_q)
     nb = B * nbt
-    warps = 4 if interpreting() or block_q * KP <= 2048 else 8
+    # 4 warps: the merge of 4 x 2048 keys takes 37 ms at 128K on an H200 with 4, 44 ms with 8 and
+    # 56 ms with 16 (bench/sweep_dsa.py); the full sort it replaces took 106 ms
+    warps = num_warps or (4 if interpreting() or merge or block_q * KP <= 2048 else 8)
     counts = torch.empty(nb, dtype=torch.int32, device=dev)
     offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
     plan_fwd_kernel_union[(nb,)](idx, counts, offsets, counts, counts, T, nbt, K, 0,
-                                 BQ=block_q, KP=KP, num_warps=warps)
+                                 BQ=block_q, KP=KP, MERGE=merge, LOG_KP=KP.bit_length() - 1,
+                                 LOG_N=(block_q * KP).bit_length() - 1, num_warps=warps)
     offsets[1:] = torch.cumsum(counts, 0)
     total = int(offsets[-1].item())
     pos = torch.empty(total, dtype=torch.int32, device=dev)
     bits = torch.empty(total, dtype=torch.int32, device=dev)
     plan_fwd_kernel_union[(nb,)](idx, counts, offsets, pos, bits, T, nbt, K, 1,
-                                 BQ=block_q, KP=KP, num_warps=warps)
+                                 BQ=block_q, KP=KP, MERGE=merge, LOG_KP=KP.bit_length() - 1,
+                                 LOG_N=(block_q * KP).bit_length() - 1, num_warps=warps)
     return SparsePlan(block_q, B, T, nbt, offsets, pos, bits)
 
 

@@ -158,6 +158,20 @@ def test_topk_exact(B, T, HI, DI, topk, cap, m, vrange, cu):
         assert stats["fallback_rows"] < T // 20, stats
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+def test_topk_filter_modes(mode, monkeypatch):
+    """The stacked-rows (1) and keys-on-M (2) score tiles select exactly what the reference does,
+    with packed documents, sampled thresholds and HI = 3 (padded to 4 stacked rows per token)."""
+    from kernels.dsa import topk as tk
+    orig = tk._config
+    monkeypatch.setattr(tk, "_config", lambda device: {**orig(device), "filter_mode": mode})
+    cu = _cu(0, 70, 71, 150)
+    q, w, k = _int_indexer(1, 150, 3, 16, -4, 5, w_lo=-1)
+    out = dsa_topk(q, w, k, 8, cu_seqlens=cu, cap=32, num_samples=16)
+    _check_idx_valid(out, 8, cu)
+    assert torch.equal(out, naive.topk_indices(q, w, k, 8, cu))
+
+
 def test_topk_all_ties_uses_exact_fallback():
     """All scores equal: every long row overflows its candidate list and is redone exactly;
     the answer is the first topk positions of the document."""
@@ -192,13 +206,28 @@ def test_plan_builders_agree():
     """The Triton union builder (sort per block) equals the torch reference builder."""
     q, w, k = _int_indexer(1, 24, 2, 16)
     idx = naive.topk_indices(q, w, k, 4, _cu(0, 10, 24))
-    a = build_sparse_plan(idx, 4, method="triton")
+    a = build_sparse_plan(idx, 4, method="triton", merge=False)  # full sort per block
     b = build_sparse_plan_torch(idx, 4)
     assert torch.equal(a.offsets_N1, b.offsets_N1)
     assert torch.equal(a.pos_U, b.pos_U) and torch.equal(a.bits_U, b.bits_U)
     # every (token, key) selection is represented exactly once
     total = int((idx >= 0).sum())
     assert int(torch.tensor([bin(int(x)).count("1") for x in b.bits_U]).sum()) == total
+
+
+@pytest.mark.parametrize("T,K,block_q", [(37, 16, 2), (50, 32, 8), (40, 8, 1)])
+def test_plan_merge_of_sorted_rows(T, K, block_q):
+    """The bitonic merge of each block's sorted rows gives the reference plan, including rows
+    shorter than K (-1 padding), the ragged last block and block_q = 1 (nothing to merge)."""
+    g = torch.Generator().manual_seed(T)
+    idx = torch.full((1, T, K), -1, dtype=torch.int32)
+    for t in range(T):
+        n = min(K, t + 1)
+        idx[0, t, :n] = torch.randperm(t + 1, generator=g)[:n].sort().values.int()
+    a = build_sparse_plan(idx.to(DEV), block_q, method="triton", merge=True)
+    b = build_sparse_plan_torch(idx, block_q)
+    assert torch.equal(a.offsets_N1.cpu(), b.offsets_N1)
+    assert torch.equal(a.pos_U.cpu(), b.pos_U) and torch.equal(a.bits_U.cpu(), b.bits_U)
 
 
 # ----------------------------------------------------------------------------- sparse attention
@@ -286,19 +315,24 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
     scale = q.shape[-1] ** -0.5
     start = row_doc_start(B, T, cu, q.device)
     outs = [poison_(torch.empty(B * T, device=DEV)) for _ in range(3)]
-    kl, lse_i, z = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, *outs)
+    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, *outs,
+                                        keep_psum=plan is not None)
+    assert (psum is None) == (plan is None)
     gscale = torch.full((1,), 1.0 / (B * T), device=DEV)
-    dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, lse_i, z,
-                                  gscale, dq_idx=poison_(torch.empty_like(qi)),
-                                  dw=poison_(torch.empty_like(w)))
     qir, wr, kir = (x.clone().requires_grad_() for x in (qi, w, ki))
     ref = naive.indexer_kl_loss(q, k, qir, wr, kir, stage, idx_BTK=idx, lse_BTH=lse, scale=scale,
                                 cu_seqlens=cu)
     g_ref = torch.autograd.grad(ref, (qir, wr, kir))
     assert_close("loss", ref.detach().reshape(1), kl.mean().reshape(1), TOL_OUT)
     assert torch.isfinite(lse_i).all() and torch.isfinite(z).all()
-    for name, a, b in zip(("dq_idx", "dw", "dk_idx"), g_ref, (dqi, dw, dki)):
-        assert_close(f"{stage} {name}", a, b, TOL_GRAD)
+    # backward recomputing P from q, k, lse, and (sparse stage) reading the forward's cached P
+    for cached in ((False, True) if psum is not None else (False,)):
+        dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, lse_i, z,
+                                      gscale, dq_idx=poison_(torch.empty_like(qi)),
+                                      dw=poison_(torch.empty_like(w)),
+                                      psum=psum if cached else None)
+        for name, a, b in zip(("dq_idx", "dw", "dk_idx"), g_ref, (dqi, dw, dki)):
+            assert_close(f"{stage} {name} cached={cached}", a, b, TOL_GRAD)
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES)

@@ -1,0 +1,199 @@
+"""GPU: tile sizes and variants of every DSA kernel at one length, each timed alone.
+
+    python bench/sweep_dsa.py --L 131072 --out $OUT/dsa_sweep.json
+
+The shapes and inputs are bench_dsa.py's (B = 1, 32 q / 4 kv heads, d 128, indexer 16 x 64,
+top-k 2048, bf16, smooth indexer inputs). Each piece (top-k selection, union plan, sparse attention
+forward / backward, sparse indexer loss forward / backward) runs under every candidate launch
+configuration by swapping the module's `_config` (the kernels read their tile sizes from it at
+launch), and the JSON lists the median milliseconds of each. The variants that change arithmetic
+are checked against the earlier ones in the same run: the bitonic-merge plan against the full sort,
+the indexer-loss backward from the cached head-summed P against the recomputing one. A configuration that fails to compile or run is recorded and skipped.
+The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_dsa import HQ, HKV, TOPK, D, make_inputs, rel, timed  # noqa: E402
+from kernels.dsa import indexer_loss as il  # noqa: E402
+from kernels.dsa import sparse_attn as sa  # noqa: E402
+from kernels.dsa import topk as tk  # noqa: E402
+from kernels.dsa.common import row_doc_start  # noqa: E402
+from kernels.dsa.plan import build_sparse_plan  # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(module, **overrides):
+    """Launch configuration of `module` with some keys replaced."""
+    orig_cfg = module._config
+    module._config = lambda *a, **k: {**orig_cfg(*a, **k), **overrides}
+    try:
+        yield
+    finally:
+        module._config = orig_cfg
+
+
+OUT_PATH = None
+
+
+def dump(results):
+    """Write the JSON after every piece, so a run cut short by a time limit keeps what it did."""
+    if OUT_PATH:
+        with open(OUT_PATH, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+def run_variants(name, module, variants, fn, results, quick):
+    rows = []
+    for ov in variants:
+        label = ",".join(f"{k}={v}" for k, v in ov.items()) or "default"
+        try:
+            with patched(module, **dict(ov)):
+                fn()  # compile outside the timing
+                torch.cuda.synchronize()
+                ms = timed(fn, quick)
+            rows.append({"config": ov, "ms": ms})
+            print(f"{name:10s} {label:60s} {ms:9.2f} ms", flush=True)
+        except Exception as e:  # compile failure, out of resources: record and go on
+            rows.append({"config": ov, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"{name:10s} {label:60s} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
+        torch.cuda.empty_cache()
+    ok = [r for r in rows if "ms" in r]
+    results[name] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+    dump(results)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--L", type=int, default=131072)
+    ap.add_argument("--out", default="dsa_sweep.json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated pieces to sweep")
+    args = ap.parse_args()
+    t0 = time.time()
+    only = set(filter(None, args.only.split(",")))
+    want = (lambda p: not only or p in only)
+    global OUT_PATH
+    OUT_PATH = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    L = args.L
+    x = make_inputs(L)
+    qi, w, ki = (x[n].detach() for n in ("q_idx", "w", "k_idx"))
+    q, k, v, do = (x[n].detach() for n in ("q", "k", "v", "do"))
+    scale = D ** -0.5
+    res = {"L": L, "device": torch.cuda.get_device_name(), "checks": {}}
+    idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
+    start = row_doc_start(1, L, None, q.device)
+    gscale = torch.full((1,), 1.0 / L, device=q.device)
+
+    # --- arithmetic checks of the new variants against the earlier ones ------------------------
+    try:
+        a = build_sparse_plan(idx, 4, merge=True)
+        b = build_sparse_plan(idx, 4, merge=False)
+        res["checks"]["plan_merge_equals_sort"] = bool(
+            torch.equal(a.offsets_N1, b.offsets_N1) and torch.equal(a.pos_U, b.pos_U)
+            and torch.equal(a.bits_U, b.bits_U))
+        plan = a
+        o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
+        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                               keep_psum=True)
+        r1 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale)
+        r2 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
+                               psum=psum)
+        res["checks"]["loss_bwd_cached_vs_recompute_rel"] = {
+            n: rel(p1, p2) for n, p1, p2 in zip(("dq_idx", "dw", "dk_idx"), r1, r2)}
+        res["checks"]["psum_bytes"] = psum.numel() * psum.element_size()
+        res["checks"]["plan_union_entries"] = plan.pos_U.numel()
+        del r1, r2
+    except Exception as e:
+        res["checks"]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        res["checks"]["trace"] = traceback.format_exc()[-2000:]
+        plan = build_sparse_plan(idx, 4)
+        o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
+    print("checks:", json.dumps(res["checks"], default=str)[:1500], flush=True)
+
+    # --- timings ------------------------------------------------------------------------------
+    if want("topk"):
+        run_variants("topk", tk, [
+            {}, {"BS": 64, "warps_filter": 4},
+            {"filter_mode": 1, "BT": 8}, {"filter_mode": 1, "BT": 16, "BS": 64},
+            {"filter_mode": 1, "BT": 8, "BS": 64, "warps_filter": 4},
+            {"filter_mode": 2, "BT": 8}, {"filter_mode": 2, "BT": 8, "BS": 64, "warps_filter": 4},
+            {"BS": 64, "warps_filter": 8}, {"BS": 32, "warps_filter": 4},
+            {"BS": 64, "warps_filter": 4, "warps_select": 4},
+        ], lambda: tk.dsa_topk_triton(qi, w, ki, TOPK), res, args.quick)
+    if want("plan"):
+        rows = []
+        for merge, warps in ((False, 8), (True, 8), (True, 16), (True, 4)):
+            try:
+                f = (lambda m=merge, nw=warps: build_sparse_plan(idx, 4, merge=m, num_warps=nw))
+                f()
+                ms = timed(f, args.quick)
+                rows.append({"config": {"merge": merge, "warps": warps}, "ms": ms})
+                print(f"plan       merge={merge} warps={warps:<44d} {ms:9.2f} ms", flush=True)
+            except Exception as e:
+                rows.append({"config": {"merge": merge, "warps": warps},
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        ok = [r for r in rows if "ms" in r]
+        res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+    if want("attn_fwd"):
+        run_variants("attn_fwd", sa, [
+            {}, {"BS_fwd": 32}, {"BS_fwd": 128}, {"BS_fwd": 64, "warps_fwd": 8},
+            {"BS_fwd": 64, "stages": 3}, {"BS_fwd": 128, "warps_fwd": 8},
+        ], lambda: sa.sparse_attn_fwd(q, k, v, plan, scale), res, args.quick)
+    if want("attn_bwd"):
+        run_variants("attn_bwd", sa, [
+            {}, {"BS_bwd": 32}, {"BS_bwd": 16}, {"BS_bwd": 64, "warps_bwd": 8},
+            {"BS_bwd": 64, "stages": 2}, {"BS_bwd": 64, "stages": 4}, {"BS_bwd": 128},
+        ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
+    if want("loss_fwd"):
+        run_variants("loss_fwd", il, [
+            {}, {"BS_fwd": 16}, {"BS_fwd": 64}, {"warps": 4}, {"BS_fwd": 64, "warps": 4},
+        ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                     keep_psum=True), res, args.quick)
+    if want("loss_bwd"):
+        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                               keep_psum=True)
+        run_variants("loss_bwd_recompute", il, [{}, {"warps_bwd": 4}, {"BS_bwd": 32, "warps_bwd": 4}],
+                     lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                               lse_i, z, gscale), res, args.quick)
+        run_variants("loss_bwd", il, [
+            {}, {"BS_bwd_p": 16}, {"BS_bwd_p": 64}, {"BS_bwd_p": 128}, {"warps": 8},
+        ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
+                                     psum=psum), res, args.quick)
+    if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
+        try:
+            plan8 = build_sparse_plan(idx, 8)
+            o8, lse8 = sa.sparse_attn_fwd(q, k, v, plan8, scale)
+            res["block8_union_per_block"] = plan8.mean_union()
+            run_variants("attn_fwd_bq8", sa, [{"BS_fwd": 32}, {"BS_fwd": 64, "warps_fwd": 8}],
+                         lambda: sa.sparse_attn_fwd(q, k, v, plan8, scale), res, args.quick)
+            run_variants("attn_bwd_bq8", sa, [{"BS_bwd": 32, "warps_bwd": 8},
+                                              {"BS_bwd": 64, "warps_bwd": 8}],
+                         lambda: sa.sparse_attn_bwd(q, k, v, o8, do, lse8, plan8, scale), res,
+                         args.quick)
+        except Exception as e:
+            res["block8_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    res["union_per_block"] = plan.mean_union()
+    res["wall_seconds"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print("best:", json.dumps({k: v.get("best") for k, v in res.items()
+                               if isinstance(v, dict) and "best" in v}, default=str))
+    print(f"wrote {args.out} ({res['wall_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
