@@ -323,8 +323,13 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
     ref = naive.indexer_kl_loss(q, k, qir, wr, kir, stage, idx_BTK=idx, lse_BTH=lse, scale=scale,
                                 cu_seqlens=cu)
     g_ref = torch.autograd.grad(ref, (qir, wr, kir))
-    assert_close("loss", ref.detach().reshape(1), kl.mean().reshape(1), TOL_OUT)
-    assert torch.isfinite(lse_i).all() and torch.isfinite(z).all()
+    # the per-token KL is A/Z - log Z - B/Z + lse_I: with one selected key every term cancels to 0
+    # exactly in float64, while compiled fp32 log / exp leave ~1e-7 per term, so a KL near 0 is
+    # compared on the scale of its terms (log of the head-summed mass, >= 1) rather than of itself
+    ref = ref.detach()
+    err = abs(float(kl.double().mean()) - float(ref))
+    assert err <= TOL_OUT * max(abs(float(ref)), 1.0), f"loss {float(kl.double().mean())} vs {float(ref)}"
+    assert torch.isfinite(kl).all() and torch.isfinite(lse_i).all() and torch.isfinite(z).all()
     # backward recomputing P from q, k, lse, and (sparse stage) reading the forward's cached P
     for cached in ((False, True) if psum is not None else (False,)):
         dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, lse_i, z,
@@ -332,7 +337,11 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
                                       dw=poison_(torch.empty_like(w)),
                                       psum=psum if cached else None)
         for name, a, b in zip(("dq_idx", "dw", "dk_idx"), g_ref, (dqi, dw, dki)):
-            assert_close(f"{stage} {name} cached={cached}", a, b, TOL_GRAD)
+            if a.abs().max() < 1e-12:  # one key per token: dKL/dI = softmax - p = 1 - 1 = 0, and the
+                # kernel's P / Z rounds to 1 +- 1 ulp (fp32), times 1 / (B*T) and the indexer inputs
+                assert torch.isfinite(b).all() and b.abs().max() < 1e-6, f"{name}: {b.abs().max()}"
+            else:
+                assert_close(f"{stage} {name} cached={cached}", a, b, TOL_GRAD)
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES)
