@@ -95,13 +95,13 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
     )
 
 
-def layer_spec(lm: LMConfig, variant: str, layer_index: int) -> ModuleSpec:
+def layer_spec(lm: LMConfig, variant: str, layer_index: int, *, cp_ops=None) -> ModuleSpec:
     """One decoder layer: RMSNorm -> attention (variant) -> residual -> RMSNorm -> MoE -> residual."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=attention_spec(variant, lm, layer_index),
+            self_attention=attention_spec(variant, lm, layer_index, cp_ops=cp_ops),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=(get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False)
@@ -112,25 +112,30 @@ def layer_spec(lm: LMConfig, variant: str, layer_index: int) -> ModuleSpec:
     )
 
 
-def block_spec(lm: LMConfig, config: TransformerConfig, *, pp_rank: int, vp_stage: int | None) -> TransformerBlockSubmodules:
+def block_spec(lm: LMConfig, config: TransformerConfig, *, pp_rank: int, vp_stage: int | None,
+               cp_ops=None) -> TransformerBlockSubmodules:
     """The layer specs of the layers this (virtual) pipeline stage owns, plus the final norm."""
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     variants = lm.layer_attention()[offset: offset + count]
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(lm, v, offset + i) for i, v in enumerate(variants)],
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(lm, v, offset + i, cp_ops=cp_ops)
+                                                   for i, v in enumerate(variants)],
                                       layer_norm=RMSNorm)
 
 
 def build_lm(lm: LMConfig, config: TransformerConfig, *, pg_collection, pp_rank: int, pp_size: int,
-             vp_stage: int | None = None, vpp_size: int | None = None) -> GPTModel:
-    """Builds the model chunk of pipeline rank `pp_rank` (and virtual stage `vp_stage`)."""
+             vp_stage: int | None = None, vpp_size: int | None = None, cp_ops=None) -> GPTModel:
+    """Builds the model chunk of pipeline rank `pp_rank` (and virtual stage `vp_stage`).
+
+    cp_ops: the context-parallel attention functions (models/attention/cp.py's interface), required when
+    config.context_parallel_size > 1; the caller injects them (train/ passes parallel/context's)."""
     first = pp_rank == 0 and (vp_stage is None or vp_stage == 0)
     last = pp_rank == pp_size - 1 and (vp_stage is None or vp_stage == (vpp_size or 1) - 1)
     model = KeyeLM(
         num_summary=lm.ksa.num_summary if lm.uses_ksa else 0,
         loss_chunk_tokens=lm.loss_chunk_tokens,
         config=config,
-        transformer_layer_spec=block_spec(lm, config, pp_rank=pp_rank, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(lm, config, pp_rank=pp_rank, vp_stage=vp_stage, cp_ops=cp_ops),
         vocab_size=lm.vocab_size,
         max_sequence_length=lm.max_position_embeddings,
         pre_process=first,

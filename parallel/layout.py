@@ -16,7 +16,9 @@ from models.config import LMConfig, ModelParallelSizes
 
 DISPATCHERS = ("alltoall", "allgather")
 RECOMPUTE = ("none", "selective", "full")
+OFFLOAD = ("none", "activations")  # activations: saved tensors of decoder layers to host memory (parallel/offload.py)
 CP_COMM = ("a2a", "allgather")  # dense attention under CP: Ulysses all-to-all, or all-gathered K/V
+CP_SPLITS = ("document", "sequence")  # token layout under CP (parallel/context/split.py); first = default
 
 
 VIT_LAYOUTS = ("spread", "replicated")
@@ -52,7 +54,14 @@ class ParallelConfig:
     moe_dispatcher: str = "alltoall"
     distributed_optimizer: bool = True
     recompute: str = "none"
+    # "activations": what each decoder layer saves for backward goes to pinned host memory and is prefetched
+    # back (parallel/offload.py); with recompute=full that is only each layer's input hidden state
+    offload: str = "none"
+    offload_layers: int = -1  # layers per model chunk (from the first) that offload; -1 = all but the last
     cp_comm: str = "a2a"  # dense attention under CP: "a2a" (Ulysses all-to-all) or "allgather" (K/V gathered)
+    # tokens per CP rank: "document" = chunks r and 2cp-1-r of EVERY packed document (balanced causal work
+    # for any pack), "sequence" = chunks r and 2cp-1-r of the whole sequence (balanced for one document only)
+    cp_split: str = "document"
     vit: ViTParallelConfig = field(default_factory=ViTParallelConfig)
 
     def __post_init__(self) -> None:
@@ -63,8 +72,17 @@ class ParallelConfig:
             raise ValueError(f"parallel.moe_dispatcher must be one of {DISPATCHERS}, got {self.moe_dispatcher!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"parallel.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.offload not in OFFLOAD:
+            raise ValueError(f"parallel.offload must be one of {OFFLOAD}, got {self.offload!r}")
+        if self.offload_layers < -1:
+            raise ValueError(f"parallel.offload_layers must be -1 (every layer of a model chunk but its last) or "
+                             f">= 0, got {self.offload_layers}")
+        if self.offload == "none" and self.offload_layers != -1:
+            warnings.warn(f"parallel.offload_layers={self.offload_layers} is ignored: parallel.offload=none")
         if self.cp_comm not in CP_COMM:
             raise ValueError(f"parallel.cp_comm must be one of {CP_COMM}, got {self.cp_comm!r}")
+        if self.cp_split not in CP_SPLITS:
+            raise ValueError(f"parallel.cp_split must be one of {CP_SPLITS}, got {self.cp_split!r}")
         if self.vpp > 1 and self.pp == 1:
             raise ValueError(f"parallel.vpp ({self.vpp}) > 1 needs parallel.pp > 1 (got pp={self.pp})")
 
@@ -85,6 +103,9 @@ class ParallelLayout:
     distributed_optimizer: bool
     recompute: str
     cp_comm: str = "a2a"
+    cp_split: str = "document"
+    offload: str = "none"
+    offload_layers: int = -1
 
     @classmethod
     def build(cls, cfg: ParallelConfig, *, world_size: int, lm: LMConfig) -> "ParallelLayout":
@@ -127,7 +148,8 @@ class ParallelLayout:
         return cls(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=cp, dp=dp,
                    edp=world_size // expert_par, world_size=world_size, sequence_parallel=sp,
                    moe_dispatcher=cfg.moe_dispatcher, distributed_optimizer=cfg.distributed_optimizer,
-                   recompute=cfg.recompute, cp_comm=cfg.cp_comm)
+                   recompute=cfg.recompute, cp_comm=cfg.cp_comm, cp_split=cfg.cp_split, offload=cfg.offload,
+                   offload_layers=cfg.offload_layers)
 
     def check_seq_length(self, seq_length: int, lm: LMConfig) -> int:
         """The model's sequence length (text + KSA summaries) for `seq_length` text tokens, checked for cp.
@@ -151,7 +173,7 @@ class ParallelLayout:
                 f"{f' (vpp {self.vpp})' if self.vpp > 1 else ''}; experts: etp {self.etp} x ep {self.ep} "
                 f"x edp {self.edp} x pp {self.pp}; sequence parallel {'on' if self.sequence_parallel else 'off'}, "
                 f"dispatcher {self.moe_dispatcher}"
-                f"{f'; context parallel comm {self.cp_comm}' if self.cp > 1 else ''}")
+                f"{f'; context parallel comm {self.cp_comm}, split {self.cp_split}' if self.cp > 1 else ''}")
 
 
 def check_context_parallel(cp: int, cp_comm: str, lm: LMConfig, *, tp: int) -> None:

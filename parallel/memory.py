@@ -5,7 +5,9 @@
 prints a table (GiB per rank): model state (bf16/fp32 parameters, the fp32 gradient buffer, the
 distributed optimizer's fp32 master copy + Adam moments sharded over DP x CP for dense and over expert-DP
 for expert weights), activations kept for backward per layer type, the loss, and one layer's transient
-buffers. It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
+buffers; with `parallel.offload=activations` (parallel/offload.py) the offloaded layers' saved tensors
+are counted as host memory (printed below the total) and two layers' worth stay on the device as copies
+in flight. It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
 the code in this repository as it is: what each module saves for backward is counted from the modules
 (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
 models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below.
@@ -52,6 +54,8 @@ class MemoryInputs:
     distributed_optimizer: bool = True
     recompute: str = "none"  # none | selective (core attention) | full (every layer, uniform, 1 layer per group)
     cp_comm: str = "a2a"
+    offload: str = "none"  # none | activations (parallel/offload.py: what offloaded layers save goes to the host)
+    offload_layers: int = -1  # per model chunk, from the first; -1 = all but the chunk's last layer
 
     @property
     def model_seq(self) -> int:
@@ -63,6 +67,7 @@ class MemoryInputs:
 class MemoryEstimate:
     rows: dict[str, float] = field(default_factory=dict)  # bytes per item, worst pipeline stage
     stage: int = 0
+    host: float = 0.0  # pinned host bytes of offloaded activations (not in the device total)
 
     @property
     def total(self) -> float:
@@ -74,6 +79,8 @@ class MemoryEstimate:
         lines += [f"{k:<{width}}{v / GIB:>10.2f}" for k, v in self.rows.items()]
         lines += ["-" * (width + 10), f"{'predicted peak (allocated)':<{width}}{self.total / GIB:>10.2f}",
                   f"{'+10% fragmentation margin':<{width}}{self.total * 1.1 / GIB:>10.2f}"]
+        if self.host:
+            lines.append(f"{'host memory (offloaded activations)':<{width}}{self.host / GIB:>10.2f}")
         return "\n".join(lines)
 
 
@@ -222,22 +229,55 @@ def in_flight_microbatches(m: MemoryInputs) -> float:
     return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), float(m.num_microbatches * m.vpp) / m.vpp * m.pp)
 
 
-def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
-    lm = m.lm
-    b = 2 if m.bf16 else 4
-    variants = lm.layer_attention()
+def _stage_layers(m: MemoryInputs, *, first: bool) -> tuple[list[str], list[str]]:
+    """(kept on the device, offloaded) attention variants of the stage's layers. parallel/offload.py offloads
+    the first `offload_layers` layers of each model chunk (vpp chunks per stage; -1 = all but the last)."""
+    variants = m.lm.layer_attention()
     layers = len(variants) // m.pp
     mine = variants[:layers] if first else variants[-layers:]
+    if m.offload == "none":
+        return mine, []
+    per_chunk = layers // m.vpp
+    n_off = per_chunk - 1 if m.offload_layers == -1 else min(m.offload_layers, per_chunk)
+    off = [i % per_chunk < n_off for i in range(len(mine))]
+    return [v for v, o in zip(mine, off) if not o], [v for v, o in zip(mine, off) if o]
+
+
+def _layer_kept(m: MemoryInputs, variant: str) -> float:
+    """Bytes one layer keeps for backward (what it hands to autograd; with offload, what moves to the host)."""
+    if m.recompute == "full":  # the checkpoint's input hidden state only
+        return m.micro_batch_size * m.model_seq / m.cp / m.tp * m.lm.hidden_size * (2 if m.bf16 else 4)
+    return _attention(m, variant, recompute_core=m.recompute == "selective")[0] + _moe(m)[0]
+
+
+def offloaded_host_bytes(m: MemoryInputs, *, first: bool) -> float:
+    """Host memory the offloaded layers' saved tensors take (every in-flight micro-batch's)."""
+    _, offloaded = _stage_layers(m, first=first)
+    scale = in_flight_microbatches(m) if first else 1.0
+    return scale * sum(_layer_kept(m, v) for v in offloaded)
+
+
+def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+    """Kept activations per layer type (of the layers that stay on the device when offloading), scaled by
+    the in-flight micro-batches, plus the transient buffers. Offload (parallel/offload.py) keeps on the
+    device at most two offloaded layers' saved tensors at a time: one being copied out in forward, or in
+    backward the layer being worked on plus the next one prefetched."""
+    lm = m.lm
+    b = 2 if m.bf16 else 4
+    mine, offloaded = _stage_layers(m, first=first)
+    all_mine = mine + offloaded
     t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
     moe_kept, moe_tr = _moe(m)
     rows: dict[str, float] = {}
     transient = moe_tr
     per_layer_full = []
-    for v in sorted(set(mine)):
+    for v in sorted(set(all_mine)):
         a_kept, a_tr = _attention(m, v, recompute_core=m.recompute == "selective")
         n = mine.count(v)
         per_layer_full.append(_attention(m, v, recompute_core=False)[0] + moe_kept)
         transient = max(transient, a_tr)
+        if not n:
+            continue
         if m.recompute == "full":
             rows[f"layer inputs ({n} {v} layers, full recompute)"] = n * t_sp * lm.hidden_size * b
         else:
@@ -246,6 +286,9 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     scale = in_flight_microbatches(m) if first else 1.0
     for k in rows:
         rows[k] *= scale
+    if offloaded:
+        rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
+            min(2, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
     if m.recompute == "full":  # one layer's activations re-materialised during its backward
         rows["one recomputed layer"] = max(per_layer_full)
     if first:
@@ -262,7 +305,7 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
     for stage in sorted({0, m.pp - 1}):
         first, last = stage == 0, stage == m.pp - 1
         rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last)}
-        est = MemoryEstimate(rows=rows, stage=stage)
+        est = MemoryEstimate(rows=rows, stage=stage, host=offloaded_host_bytes(m, first=first))
         if best is None or est.total > best.total:
             best = est
     return best
@@ -280,7 +323,9 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         num_microbatches=t.global_batch_size // (t.micro_batch_size * layout.dp), bf16=bf16,
                         tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, etp=layout.etp, cp=layout.cp,
                         dp=layout.dp, edp=layout.edp, distributed_optimizer=layout.distributed_optimizer,
-                        recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"))
+                        recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
+                        offload=getattr(layout, "offload", "none"),
+                        offload_layers=getattr(layout, "offload_layers", -1))
 
 
 def main(argv: list[str]) -> None:
@@ -303,7 +348,10 @@ def main(argv: list[str]) -> None:
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
     m = inputs_from_config(cfg, layout)
     est = estimate(m)
-    print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}")
+    print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}"
+          + (f"; offload {layout.offload} of "
+             f"{'all but the last layer' if layout.offload_layers == -1 else f'{layout.offload_layers} layers'}"
+             " per model chunk" if layout.offload != "none" else ""))
     print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
           f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
     print(est.table())

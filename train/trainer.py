@@ -31,6 +31,7 @@ from models.ksa_tokens import insert_summary_slots
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
+from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig
 from train.distill import distill_losses
@@ -66,6 +67,7 @@ class StepInputs:
     tp_group: object = None
     sequence_parallel: bool = False
     cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
+    cp_split: str = "document"  # parallel.cp_split: the token layout (the model's CP attention uses the same)
 
 
 VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds", "visual_local_pos")
@@ -94,7 +96,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     if inputs.cp_group is not None:
         from parallel.context.batch import split_batch_for_cp
 
-        tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group)
+        tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group,
+                                                               split=inputs.cp_split)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
         where = raw["visual_local_pos"] if "visual_local_pos" in raw else raw["visual_pos"]  # CP: local share
         kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
@@ -147,11 +150,22 @@ class Trainer:
         # and gradient clipping then counts them on TP rank 0 only (a wrong grad norm at TP > 1).
         pp_rank = self.pgs.pp.rank()
         vpp = layout.vpp if layout.vpp > 1 else None
+        # context parallelism: the model's attention gets parallel/context's functions injected (models/ never
+        # imports parallel/), with the token layout the micro-batches are split with (StepInputs.cp_split)
+        cp_ops = None
+        if layout.cp > 1:
+            from parallel.context import ContextParallelAttention
+
+            cp_ops = ContextParallelAttention(split=layout.cp_split)
         chunks = [build_lm(lm, self.tconfig, pg_collection=self.pgs, pp_rank=pp_rank, pp_size=layout.pp,
-                           vp_stage=v, vpp_size=vpp) for v in (range(vpp) if vpp else [None])]
+                           vp_stage=v, vpp_size=vpp, cp_ops=cp_ops) for v in (range(vpp) if vpp else [None])]
         for c in chunks:
             c.to(self.device)
         init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
+        # parallel.offload=activations: what decoder layers save for backward lives in host memory (with
+        # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
+        self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
+                           if layout.offload == "activations" else [])
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
         if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
             self._init_weights_from(chunks, t.checkpoint.init_from)
@@ -187,7 +201,7 @@ class Trainer:
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
             ksa_summary=lm.ksa.num_summary, distill=t.distill if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
-            cp_group=self.pgs.cp if layout.cp > 1 else None)
+            cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
         # KSA lengthens every sequence by its summary slots (one document per row in the token stream).
         self.model_seq_length = t.seq_length + (lm.ksa.num_summary * (t.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
 
@@ -221,6 +235,12 @@ class Trainer:
                      "distributed" if layout.distributed_optimizer else "replicated")
             if frozen:
                 log.info("train.trainable=%s: %d parameter tensors frozen", t.trainable, frozen)
+            if self.offloaders:
+                log.info("activation offload: the first %d of each model chunk's %d layers keep what they save for "
+                         "backward (recompute %s: %s) in %s", self.offloaders[0].layers_to_offload,
+                         self.offloaders[0].num_block_layers, layout.recompute,
+                         "their input hidden state" if layout.recompute == "full" else "every saved tensor",
+                         "pinned host memory" if torch.cuda.is_available() else "separate CPU tensors (CPU run)")
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
             if resolved_config_yaml:

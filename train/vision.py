@@ -81,7 +81,8 @@ class VisionTower:
     def forward(self, micro_batches: list[dict], device) -> list | None:
         """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism
         each micro-batch dict gets "visual_local_pos": where this rank's share of the visual tokens sits in
-        its local (zigzag-split) sequence; the embeddings returned are exactly those tokens."""
+        its local sequence (the parallel.cp_split layout of parallel/context/split.py, which for "document"
+        depends on the micro-batch's cu_seqlens); the embeddings returned are exactly those tokens."""
         mbs = [(mb["pixel_values"].to(device, non_blocking=True), mb["grid_thw"]) for mb in micro_batches]
         needs = None
         if self.layout.cp > 1:
@@ -90,13 +91,15 @@ class VisionTower:
             needs = {c: [] for c in self.consumer_cp_rank}
             for mb in micro_batches:
                 seq = mb["tokens"].shape[-1]
+                cu = mb.get("cu_seqlens")
+                cu = None if cu is None else cu.reshape(-1)
                 for c, r in self.consumer_cp_rank.items():
+                    local = cp_global_indices(seq, self.layout.cp, r, split=self.layout.cp_split, cu_seqlens=cu)
                     mine = torch.zeros(seq, dtype=torch.bool)
-                    mine[cp_global_indices(seq, self.layout.cp, r)] = True
+                    mine[local] = True
                     sel = mine[mb["visual_pos"]].nonzero().flatten()
                     needs[c].append(sel)
                     if c == self.my_consumer:
-                        local = cp_global_indices(seq, self.layout.cp, r)
                         inv = torch.empty(seq, dtype=torch.long)
                         inv[local] = torch.arange(local.numel())
                         mb["visual_local_pos"] = inv[mb["visual_pos"][sel]]

@@ -8,10 +8,10 @@ are attended document by document, so no token attends across a document boundar
 Shapes (megatron layout): query [s, b, nq, d], key/value [s, b, nkv, d] -> context [s, b, nq*d].
 
 Context parallelism: when the CP group of `pg_collection` has more than one rank, `s` is this rank's
-share of the sequence (parallel/context/split.py's load-balanced chunks) and the attention runs through
-`parallel.context.dense_cp_attention` with the GLOBAL cu_seqlens; `cp_comm_type` (megatron's
-TransformerConfig.cp_comm_type, handed to every core attention) picks Ulysses ("a2a", the default) or
-the all-gathered KV ("all_gather").
+share of the sequence and the attention runs through the injected CP functions (`cp_ops.dense`, see
+models/attention/cp.py: train/ passes parallel/context's implementation through the spec) with the GLOBAL
+cu_seqlens; `cp_comm_type` (megatron's TransformerConfig.cp_comm_type, handed to every core attention)
+picks Ulysses ("a2a", the default) or the all-gathered KV ("all_gather").
 """
 
 from __future__ import annotations
@@ -22,45 +22,19 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-# megatron's cp_comm_type spelling -> parallel.context's; None (megatron's default) is Ulysses, DESIGN decision 6
-_CP_COMM = {None: "a2a", "a2a": "a2a", "all_gather": "allgather", "allgather": "allgather"}
-
-
-def cp_group_of(pg_collection):
-    """The context-parallel group from the layer's process groups, or None when CP is off (size 1).
-
-    Core attention modules take their CP group from here, never from megatron's global parallel state."""
-    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    return group if group is not None and group.size() > 1 else None
-
-
-def resolve_cp_comm(cp_comm_type: str | None, *, num_q_heads: int, num_kv_heads: int, cp_size: int) -> str:
-    """Validated CP communication for dense attention ("a2a" | "allgather"); checks Ulysses' head split.
-
-    num_q_heads / num_kv_heads are the heads after tensor parallelism (what one rank holds)."""
-    if cp_comm_type not in _CP_COMM:
-        raise ValueError(f"context-parallel communication {cp_comm_type!r} is not supported by this model's attention; "
-                         "use 'a2a' (Ulysses) or 'all_gather' (all-gathered K/V)")
-    comm = _CP_COMM[cp_comm_type]
-    if comm == "a2a" and cp_size > 1:
-        from parallel.context import check_cp_heads
-
-        check_cp_heads(num_q_heads, num_kv_heads, cp_size)
-    return comm
+from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 
 
 class SDPACoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+                 cp_comm_type: str | None = None, pg_collection=None, cp_ops: ContextParallelOps | None = None):
         super().__init__(config=config)
-        self.cp_group = cp_group_of(pg_collection)
-        if config.context_parallel_size > 1 and self.cp_group is None:
-            raise ValueError("context_parallel_size > 1 but the layer's pg_collection has no CP group of that size")
+        self.cp_group, self.cp_ops = cp_ops_for(config, pg_collection, cp_ops)
         tp = config.tensor_model_parallel_size
         self.cp_comm = resolve_cp_comm(cp_comm_type, num_q_heads=config.num_attention_heads // tp,
                                        num_kv_heads=config.num_query_groups // tp,
-                                       cp_size=config.context_parallel_size)
+                                       cp_size=config.context_parallel_size, cp_ops=self.cp_ops)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
@@ -72,10 +46,8 @@ class SDPACoreAttention(MegatronModule):
         p = self.dropout_p if self.training else 0.0
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if self.cp_group is not None:  # s = this rank's tokens; cu_seqlens are the global boundaries
-            from parallel.context import dense_cp_attention
-
-            out = dense_cp_attention(query, key, value, cp_group=self.cp_group, scale=self.softmax_scale,
-                                     cu_seqlens=cu, dropout_p=p, cp_comm=self.cp_comm)
+            out = self.cp_ops.dense(query, key, value, cp_group=self.cp_group, scale=self.softmax_scale,
+                                    cu_seqlens=cu, dropout_p=p, cp_comm=self.cp_comm)
             return out.reshape(s, b, nq * d)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))

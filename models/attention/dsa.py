@@ -24,11 +24,12 @@ megatron sum their gradients over the TP group: the sum is the gradient of the f
 
 Context parallelism (the CP group of `pg_collection` has > 1 rank): the indexer runs on the rank's
 tokens with the rank's slice of the rotary embedding (megatron's MultimodalRotaryEmbedding slices it per
-CP rank, so the index RoPE uses each token's global position); `parallel.context.dsa_cp_attention`
-gathers the small index keys, selects top-k of the local queries over all keys with the GLOBAL
-cu_seqlens, attends over all-gathered K/V and returns the KL as the mean over the rank's tokens, so the
-attached `kl * b * s_local` is this rank's share of the global per-token sum (CP gradients are summed
-over the DP x CP group and divided by the global token count, as for the LM loss).
+CP rank, so the index RoPE uses each token's global position); the injected `cp_ops.dsa`
+(models/attention/cp.py; parallel/context implements it) gathers the small index keys, selects top-k of
+the local queries over all keys with the GLOBAL cu_seqlens, attends over all-gathered K/V and returns
+the KL as the mean over the rank's tokens, so the attached `kl * b * s_local` is this rank's share of the
+global per-token sum (CP gradients are summed over the DP x CP group and divided by the global token
+count, as for the LM loss).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.dsa import dsa_topk, indexer_kl_loss, sparse_gqa_attention
-from models.attention.dense import causal_attention, cp_group_of, resolve_cp_comm
+from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
+from models.attention.dense import causal_attention
 
 STAGES = ("dense_warmup", "sparse")
 
@@ -128,16 +130,16 @@ class DSACoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, topk: int = 2048,
-                 stage: str = "sparse", loss_weight: float = 1.0, backend: str = "auto"):
+                 stage: str = "sparse", loss_weight: float = 1.0, backend: str = "auto",
+                 cp_ops: ContextParallelOps | None = None):
         super().__init__(config=config)
-        self.cp_group = cp_group_of(pg_collection)
-        if config.context_parallel_size > 1 and self.cp_group is None:
-            raise ValueError("context_parallel_size > 1 but the layer's pg_collection has no CP group of that size")
+        self.cp_group, self.cp_ops = cp_ops_for(config, pg_collection, cp_ops)
         tp_ = config.tensor_model_parallel_size
         # only the dense warm-up's attention uses it (sparse attention all-gathers K/V regardless)
         self.cp_comm = resolve_cp_comm(cp_comm_type if stage == "dense_warmup" else "all_gather",
                                        num_q_heads=config.num_attention_heads // tp_,
-                                       num_kv_heads=config.num_query_groups // tp_, cp_size=config.context_parallel_size)
+                                       num_kv_heads=config.num_query_groups // tp_,
+                                       cp_size=config.context_parallel_size, cp_ops=self.cp_ops)
         if stage not in STAGES:
             raise ValueError(f"model.lm.dsa.stage must be one of {STAGES}, got {stage!r}")
         self.topk, self.stage, self.loss_weight, self.backend = topk, stage, loss_weight, backend
@@ -155,12 +157,10 @@ class DSACoreAttention(MegatronModule):
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
-            from parallel.context import dsa_cp_attention
-
-            r = dsa_cp_attention(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
-                                 stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
-                                 cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
-            out, kl = r.out.transpose(0, 1), r.kl  # [b, s, h, d] like the single-rank path below
+            out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
+                                      stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
+                                      cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
+            out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse":
             idx = dsa_topk(q_idx, w, k_idx, self.topk, cu_seqlens=cu, backend=backend)
             out, lse = sparse_gqa_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, scale=self.scale,

@@ -15,9 +15,10 @@ Shapes (megatron layout): hidden [s, b, h]; q [s, b, nq, d], k/v [s, b, nkv, d].
 
 Context parallelism (the CP group of `pg_collection` has > 1 rank): the CP split is of the INTERLEAVED
 sequence, so `s` is this rank's share of text + summary tokens. Which local tokens are summaries comes
-from their GLOBAL positions (`parallel.context.ksa_summary_mask_for_cp`), and the attention runs by
-Ulysses (`parallel.context.ksa_cp_attention`: the unchanged KSA kernel over the whole interleaved
-sequence for Hq / cp heads, GLOBAL cu_seqlens). Teacher mode runs dense CP attention the same way.
+from their GLOBAL positions (`cp_ops.summary_mask`), and the attention runs by Ulysses (`cp_ops.ksa`: the
+unchanged KSA kernel over the whole interleaved sequence for Hq / cp heads, GLOBAL cu_seqlens). Teacher
+mode runs dense CP attention the same way. `cp_ops` is injected through the spec (models/attention/cp.py;
+parallel/context implements it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.ksa import ksa_attention
-from models.attention.dense import causal_attention, cp_group_of, resolve_cp_comm
+from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
+from models.attention.dense import causal_attention
 
 
 def summary_mask(num_tokens: int, batch: int, *, chunk: int, num_summary: int,
@@ -60,7 +62,8 @@ class _MergedQKV(torch.nn.Module):
 
 class KSASelfAttention(SelfAttention):
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=None, cp_comm_type=None,
-                 pg_collection=None, chunk: int = 8, num_summary: int = 1, **unused):
+                 pg_collection=None, chunk: int = 8, num_summary: int = 1, cp_ops: ContextParallelOps | None = None,
+                 **unused):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.chunk, self.num_summary = chunk, num_summary
@@ -70,7 +73,7 @@ class KSASelfAttention(SelfAttention):
             is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
         self.teacher = False
         self._mask = None
-        self.cp_group = cp_group_of(self.pg_collection)
+        self.cp_group, self.cp_ops = cp_ops_for(config, self.pg_collection, cp_ops)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         if self.teacher or self._mask is None:
@@ -92,12 +95,9 @@ class KSASelfAttention(SelfAttention):
         if self.teacher:
             self._mask = None
         elif self.cp_group is not None:  # s = this rank's share: roles come from the global positions
-            from parallel.context import ksa_summary_mask_for_cp
-
-            cp = self.cp_group.size()
-            self._mask = ksa_summary_mask_for_cp(s * cp, b, chunk=self.chunk, num_summary=self.num_summary,
-                                                 cu_seqlens=cu, cp_size=cp, cp_rank=self.cp_group.rank(),
-                                                 device=hidden_states.device)
+            self._mask = self.cp_ops.summary_mask(s * self.cp_group.size(), b, chunk=self.chunk,
+                                                  num_summary=self.num_summary, cu_seqlens=cu, cp_group=self.cp_group,
+                                                  device=hidden_states.device)
         else:
             self._mask = summary_mask(s, b, chunk=self.chunk, num_summary=self.num_summary, cu_seqlens=cu,
                                       device=hidden_states.device)
@@ -113,18 +113,16 @@ class KSACoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, chunk: int = 8, num_summary: int = 1,
-                 window: int = 128, backend: str = "auto"):
+                 window: int = 128, backend: str = "auto", cp_ops: ContextParallelOps | None = None):
         super().__init__(config=config)
-        self.cp_group = cp_group_of(pg_collection)
-        if config.context_parallel_size > 1 and self.cp_group is None:
-            raise ValueError("context_parallel_size > 1 but the layer's pg_collection has no CP group of that size")
+        self.cp_group, self.cp_ops = cp_ops_for(config, pg_collection, cp_ops)
         tp = config.tensor_model_parallel_size
         # KSA runs by Ulysses only (the kernel needs the whole interleaved sequence): check the head split;
         # the teacher's dense attention follows cp_comm_type
-        resolve_cp_comm("a2a", num_q_heads=config.num_attention_heads // tp,
-                        num_kv_heads=config.num_query_groups // tp, cp_size=config.context_parallel_size)
-        self.cp_comm = resolve_cp_comm(cp_comm_type, num_q_heads=config.num_attention_heads // tp,
-                                       num_kv_heads=config.num_query_groups // tp, cp_size=config.context_parallel_size)
+        heads = dict(num_q_heads=config.num_attention_heads // tp, num_kv_heads=config.num_query_groups // tp,
+                     cp_size=config.context_parallel_size, cp_ops=self.cp_ops)
+        resolve_cp_comm("a2a", **heads)
+        self.cp_comm = resolve_cp_comm(cp_comm_type, **heads)
         self.chunk, self.num_summary, self.window = chunk, num_summary, window
         self.backend = backend
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -136,15 +134,13 @@ class KSACoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if self.cp_group is not None:  # s = this rank's tokens; cu = global (interleaved) boundaries
-            from parallel.context import dense_cp_attention, ksa_cp_attention
-
             if self.teacher:
-                out = dense_cp_attention(query, key, value, cp_group=self.cp_group, scale=self.scale, cu_seqlens=cu,
-                                         cp_comm=self.cp_comm)
+                out = self.cp_ops.dense(query, key, value, cp_group=self.cp_group, scale=self.scale, cu_seqlens=cu,
+                                        cp_comm=self.cp_comm)
             else:
-                out = ksa_cp_attention(query, key, value, cp_group=self.cp_group, chunk=self.chunk, window=self.window,
-                                       num_summary=self.num_summary, cu_seqlens=cu, scale=self.scale,
-                                       backend=self.backend)
+                out = self.cp_ops.ksa(query, key, value, cp_group=self.cp_group, chunk=self.chunk, window=self.window,
+                                      num_summary=self.num_summary, cu_seqlens=cu, scale=self.scale,
+                                      backend=self.backend)
             return out.reshape(s, b, nq * d)
         if self.teacher:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)

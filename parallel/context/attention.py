@@ -1,8 +1,11 @@
 """Dense causal GQA and KSA attention under context parallelism (CP).
 
-Inputs are the rank's share of the sequence in the load-balanced layout of `split.py` (chunks r
-and 2cp-1-r), megatron layout: query [n, b, Hq, D], key / value [n, b, Hkv, D] with n = S / cp
-(Hq, Hkv: heads after tensor parallelism). Output [n, b, Hq, D] for the same tokens.
+Inputs are the rank's share of the sequence in a load-balanced layout of `split.py` (`split="sequence"`:
+chunks r and 2cp-1-r of the sequence; `split="document"`: chunks r and 2cp-1-r of every document, which
+depends on the GLOBAL cu_seqlens), megatron layout: query [n, b, Hq, D], key / value [n, b, Hkv, D] with
+n = S / cp (Hq, Hkv: heads after tensor parallelism). Output [n, b, Hq, D] for the same tokens. Every
+function takes the `split` the batch was split with; the layout is only ever used through the global
+indices of split.py, so both splits run the same code.
 
 cp_comm="a2a" (Ulysses, the default): one all-to-all turns the sequence shard of all heads into
 the whole sequence of Hq / cp heads; the whole sequence arrives in rank-concatenated (zigzag)
@@ -14,14 +17,16 @@ rank receives whole query groups and the KV head they read (the replication's ba
 copies' gradients); heads that cannot be split raise a ValueError naming the numbers.
 
 cp_comm="allgather" (dense only): K and V are all-gathered (reduce-scattered in backward) and
-each rank attends with its own queries, chunk by chunk, document by document, with a lower-right
-aligned causal mask (the chunk's queries end where its visible keys end). Needs no head
+each rank attends with its own queries, run of contiguous positions by run (`split.cp_chunk_bounds`),
+document by document, with a lower-right aligned causal mask (the run's queries end where its visible
+keys end). Needs no head
 divisibility and, with 4 KV heads, moves FEWER bytes than Ulysses for cp < 9 (Ulysses ships q, k, v
 and the output: (2 Hq + 2 Hkv) S (cp-1)/cp^2 head-rows per rank; all-gather ships only K and V:
 2 Hkv S (cp-1)/cp), at the price of holding the whole K/V per rank (README.md has the numbers).
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Callable, Literal
 
 import torch
@@ -31,7 +36,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from models.attention.dense import causal_attention
 from parallel.context.comm import all_gather_seq, group_size_rank, head_to_seq_a2a, seq_to_head_a2a
-from parallel.context.split import (cp_chunk_bounds, natural_to_rank_concat, rank_concat_to_natural)
+from parallel.context.split import (CPSplit, cp_chunk_bounds, cp_global_indices, natural_to_rank_concat,
+                                    rank_concat_to_natural)
 
 __all__ = ["check_cp_heads", "expand_kv_heads_for_cp", "ulysses_attention", "dense_cp_attention",
            "ksa_cp_attention", "ksa_summary_mask_for_cp"]
@@ -70,10 +76,12 @@ def expand_kv_heads_for_cp(key: torch.Tensor, value: torch.Tensor, num_q_heads: 
 
 
 def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_fn: AttnFn, *,
-                      cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+                      cp_group: dist.ProcessGroup | None, split: CPSplit = "sequence",
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Run `attn_fn` on the whole sequence for a head shard (Ulysses), return the local tokens.
 
-    query [n, b, Hq, D], key / value [n, b, Hkv, D] (this rank's tokens, load-balanced split);
+    query [n, b, Hq, D], key / value [n, b, Hkv, D] (this rank's tokens in the `split` layout, which for
+    "document" is defined by the GLOBAL cu_seqlens);
     attn_fn(q [S, b, Hq/cp, D], k, v [S, b, Hkv'/cp, D]) sees natural token order and returns
     [S, b, Hq/cp, D]. Returns [n, b, Hq, D].
     """
@@ -86,10 +94,11 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # one all-to-all for q, k, v: concatenate per destination rank along the head dim
     packed = torch.cat([query.reshape(n, b, cp, hq // cp, d), key.reshape(n, b, cp, hk // cp, d),
                         value.reshape(n, b, cp, hk // cp, d)], dim=3).reshape(n, b, -1, d)
-    full = rank_concat_to_natural(seq_to_head_a2a(packed, cp_group), cp, dim=0)
+    layout = dict(split=split, cu_seqlens=cu_seqlens)
+    full = rank_concat_to_natural(seq_to_head_a2a(packed, cp_group), cp, dim=0, **layout)
     q, k, v = full.split([hq // cp, hk // cp, hk // cp], dim=2)
     out = attn_fn(q, k, v)
-    return head_to_seq_a2a(natural_to_rank_concat(out, cp, dim=0), cp_group)
+    return head_to_seq_a2a(natural_to_rank_concat(out, cp, dim=0, **layout), cp_group)
 
 
 def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float) -> AttnFn:
@@ -100,20 +109,25 @@ def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float) 
 
 
 def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group,
-                     cu_seqlens: torch.Tensor | None, scale: float, dropout_p: float) -> torch.Tensor:
-    """Local queries against all-gathered K/V, per zigzag chunk and document."""
+                     cu_seqlens: torch.Tensor | None, scale: float, dropout_p: float,
+                     split: CPSplit = "sequence") -> torch.Tensor:
+    """Local queries against all-gathered K/V, per run of contiguous local positions and document."""
     cp, rank = group_size_rank(cp_group)
     n, b, hq, d = query.shape
     seq_len = n * cp
-    k_all, v_all = (rank_concat_to_natural(all_gather_seq(t, cp_group, dim=0), cp, dim=0) for t in (key, value))
+    k_all, v_all = (rank_concat_to_natural(all_gather_seq(t, cp_group, dim=0), cp, dim=0, split=split,
+                                           cu_seqlens=cu_seqlens) for t in (key, value))
     q_b, k_b, v_b = (t.permute(1, 2, 0, 3) for t in (query, k_all, v_all))  # [b, h, tokens, d]
     gqa = k_b.shape[1] != hq
     bounds = [0, seq_len] if cu_seqlens is None else cu_seqlens.tolist()
     if cu_seqlens is not None and b != 1:
         raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
     pieces, local0 = [], 0
-    for a, e in cp_chunk_bounds(seq_len, cp, rank):
-        for ds, de in zip(bounds[:-1], bounds[1:]):
+    for a, e in cp_chunk_bounds(seq_len, cp, rank, split=split, cu_seqlens=cu_seqlens):
+        i = bisect_right(bounds, a) - 1  # the document holding position a
+        while i < len(bounds) - 1 and bounds[i] < e:
+            ds, de = bounds[i], bounds[i + 1]
+            i += 1
             lo, hi = max(a, ds), min(e, de)
             if hi <= lo:
                 continue
@@ -129,24 +143,25 @@ def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def dense_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                        cp_group: dist.ProcessGroup | None, scale: float,
                        cu_seqlens: torch.Tensor | None = None, dropout_p: float = 0.0,
-                       cp_comm: CPComm = "a2a") -> torch.Tensor:
+                       cp_comm: CPComm = "a2a", split: CPSplit = "sequence") -> torch.Tensor:
     """Causal GQA attention of this rank's tokens over the whole (packed) sequence.
 
-    query [n, b, Hq, D], key / value [n, b, Hkv, D] in the load-balanced split; cu_seqlens: the
+    query [n, b, Hq, D], key / value [n, b, Hkv, D] in the load-balanced `split`; cu_seqlens: the
     GLOBAL document boundaries (int32 [docs + 1], batch 1). Returns [n, b, Hq, D].
     """
     if cp_comm == "a2a":
-        return ulysses_attention(query, key, value, _sdpa_sbhd(scale, cu_seqlens, dropout_p), cp_group=cp_group)
+        return ulysses_attention(query, key, value, _sdpa_sbhd(scale, cu_seqlens, dropout_p), cp_group=cp_group,
+                                 split=split, cu_seqlens=cu_seqlens)
     if cp_comm == "allgather":
         return _allgather_dense(query, key, value, cp_group=cp_group, cu_seqlens=cu_seqlens, scale=scale,
-                                dropout_p=dropout_p)
+                                dropout_p=dropout_p, split=split)
     raise ValueError(f"cp_comm must be 'a2a' or 'allgather', got {cp_comm!r}")
 
 
 def ksa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                      cp_group: dist.ProcessGroup | None, chunk: int, window: int, num_summary: int = 1,
                      cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", split: CPSplit = "sequence") -> torch.Tensor:
     """KSA under CP by Ulysses: each rank runs the unchanged KSA kernel on the whole interleaved
     sequence (text AND summary tokens) for Hq / cp heads.
 
@@ -164,16 +179,15 @@ def ksa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = ksa_attention(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu_seqlens,
                             scale=scale, backend=backend)
         return out.transpose(0, 1)
-    return ulysses_attention(query, key, value, fn, cp_group=cp_group)
+    return ulysses_attention(query, key, value, fn, cp_group=cp_group, split=split, cu_seqlens=cu_seqlens)
 
 
 def ksa_summary_mask_for_cp(seq_len: int, batch: int, *, chunk: int, num_summary: int,
                             cu_seqlens: torch.Tensor | None, cp_size: int, cp_rank: int,
-                            device: torch.device | str | None = None) -> torch.Tensor:
+                            device: torch.device | str | None = None, split: CPSplit = "sequence") -> torch.Tensor:
     """[n, b] bool: which of this rank's tokens are summary slots (KSASelfAttention's projection
     switch), computed from GLOBAL positions: seq_len is the global interleaved length."""
-    from parallel.context.split import cp_global_indices
-    pos = cp_global_indices(seq_len, cp_size, cp_rank, device)
+    pos = cp_global_indices(seq_len, cp_size, cp_rank, device, split=split, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=device, dtype=torch.long)
         pos = pos - cu[torch.searchsorted(cu[1:], pos, right=True)]

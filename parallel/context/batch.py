@@ -5,14 +5,20 @@ after KSA summary insertion (so the split is of the interleaved sequence), with 
 sequence on every rank of the CP group (the data stream is keyed by the DP rank, which CP ranks share).
 
 What is split and what is not, and why:
-  * tokens, labels, loss mask [b, S] -> [b, S/cp]: the load-balanced chunks r and 2cp-1-r
-    (`split.split_for_cp`). The loss is then a sum over local tokens; megatron's per-token loss
-    all-reduces the token count over DP x CP and DDP sums gradients over DP x CP, so the gradient is
-    sum over every token / global token count, the same as at cp = 1.
-  * position ids [3, b, S] stay GLOBAL: megatron-core 0.16.1's MultimodalRotaryEmbedding (built by
+  * tokens, labels, loss mask [b, S] -> [b, S/cp]: the load-balanced layout `split` (`split.split_for_cp`):
+    "sequence" = chunks r and 2cp-1-r of the sequence, "document" = chunks r and 2cp-1-r of every
+    document of the GLOBAL cu_seqlens (the same `split` must reach the attention: train/ builds
+    `ops.ContextParallelAttention(split=...)` from the same config value). The loss is then a sum over
+    local tokens; megatron's per-token loss all-reduces the token count over DP x CP and DDP sums
+    gradients over DP x CP, so the gradient is sum over every token / global token count, as at cp = 1.
+  * position ids [3, b, S] stay GLOBAL-length: megatron-core 0.16.1's MultimodalRotaryEmbedding (built by
     GPTModel with megatron's CP group) computes the embedding for all S positions and slices it with
-    `get_pos_emb_on_this_cp_rank` (chunks r and 2cp-1-r, the same layout as `split.py`) whenever that
-    group has > 1 rank. Splitting the positions here as well would slice twice (and fail on shapes).
+    `get_pos_emb_on_this_cp_rank` (chunks r and 2cp-1-r of the SEQUENCE) whenever that group has > 1
+    rank. Splitting the positions here as well would slice twice (and fail on shapes). With
+    split="sequence" they are returned unchanged; with split="document" they are returned PERMUTED so
+    that megatron's sequence-chunk slice of them, on every rank, is exactly the positions of that rank's
+    tokens (`rotary_positions_for_cp`): RoPE still gets each token's true global (t, h, w) position.
+    Only the rotary embedding reads the position ids (mrope has no learned position table).
     The rotary embedding is [S, b, 1, D] per layer call (one per forward, shared by the layers), a few
     MB even at 256K, so computing it whole costs nothing that matters.
   * packed_seq_params (sbhd, batch 1) keeps the GLOBAL cu_seqlens: the CP attention functions need the
@@ -24,19 +30,35 @@ import torch
 import torch.distributed as dist
 
 from parallel.context.comm import group_size_rank
-from parallel.context.split import check_cp_seq_len, split_for_cp
+from parallel.context.split import (CPSplit, check_cp_seq_len, cp_rank_concat_indices, rank_concat_to_natural,
+                                    split_for_cp)
 
-__all__ = ["split_batch_for_cp"]
+__all__ = ["split_batch_for_cp", "rotary_positions_for_cp"]
+
+
+def rotary_positions_for_cp(pos: torch.Tensor, cp_size: int, *, split: CPSplit,
+                            cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """[3, b, S] position ids arranged so that megatron's rotary slice (chunks r and 2cp-1-r of the
+    sequence, `get_pos_emb_on_this_cp_rank`) gives, on every rank r, the positions of the tokens r holds
+    in the `split` layout: the identity for "sequence", a permutation for "document"."""
+    if split == "sequence" or cu_seqlens is None or cp_size == 1:
+        return pos
+    seq_len = pos.shape[-1]
+    mine = cp_rank_concat_indices(seq_len, cp_size, pos.device, split=split, cu_seqlens=cu_seqlens)
+    # megatron's slice on rank r reads the sequence-layout positions of r: put r's own tokens' there
+    perm = rank_concat_to_natural(mine, cp_size, dim=0, split="sequence")
+    return pos.index_select(-1, perm)
 
 
 def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                       kwargs: dict, cp_group: dist.ProcessGroup | None
+                       kwargs: dict, cp_group: dist.ProcessGroup | None, *, split: CPSplit
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """This CP rank's (tokens, labels, loss_mask, position_ids, model kwargs).
+    """This CP rank's (tokens, labels, loss_mask, position_ids, model kwargs) in the `split` layout.
 
-    tokens / labels / mask [b, S] -> [b, S/cp]; pos [3, b, S] returned unchanged (global, see module
-    docstring); kwargs["packed_seq_params"] (if any) unchanged (global cu_seqlens). Raises ValueError
-    when S is not divisible by 2 * cp or the packed boundaries do not cover the sequence.
+    tokens / labels / mask [b, S] -> [b, S/cp]; pos [3, b, S] global-length, unchanged ("sequence") or
+    permuted for megatron's rotary slice ("document", see `rotary_positions_for_cp`);
+    kwargs["packed_seq_params"] (if any) unchanged (global cu_seqlens). Raises ValueError when S is not
+    divisible by 2 * cp or the packed boundaries do not cover the sequence.
     """
     cp, rank = group_size_rank(cp_group)
     if cp == 1:
@@ -49,6 +71,7 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
     if pos.shape[-1] != seq_len:
         raise ValueError(f"position_ids cover {pos.shape[-1]} tokens, the sequence has {seq_len}")
     psp = kwargs.get("packed_seq_params")
+    cu = None
     if psp is not None:
         cu = psp.cu_seqlens_q
         if tokens.shape[0] != 1:
@@ -56,6 +79,7 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
         if int(cu[-1]) != seq_len:
             raise ValueError(f"cu_seqlens end at {int(cu[-1])}, the packed sequence has {seq_len} tokens: "
                              "cu_seqlens must be the GLOBAL boundaries of the whole sequence")
-    tokens, labels, mask = (None if t is None else split_for_cp(t, dim=-1, cp_size=cp, cp_rank=rank)
+    tokens, labels, mask = (None if t is None else split_for_cp(t, dim=-1, cp_size=cp, cp_rank=rank, split=split,
+                                                                cu_seqlens=cu)
                             for t in (tokens, labels, mask))
-    return tokens, labels, mask, pos, kwargs
+    return tokens, labels, mask, rotary_positions_for_cp(pos, cp, split=split, cu_seqlens=cu), kwargs

@@ -1,7 +1,8 @@
 """DeepSeek Sparse Attention for GQA (DSA) under context parallelism (CP).
 
-Each rank holds n = S / cp tokens of the load-balanced split (`split.py`: chunks r and 2cp-1-r).
-Per layer:
+Each rank holds n = S / cp tokens of a load-balanced split (`split.py`: chunks r and 2cp-1-r of the
+sequence, or of every document with `split="document"`); all that is used of the layout is the global
+position of each local token and the rank-concatenated order of a gather. Per layer:
 
 1. all-gather the shared 64-dim index keys k_idx (2 bytes x 64 per token in bf16, tiny) and restore
    natural order; backward: reduce-scatter of dk_idx (every rank's indexer loss reaches every key);
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from kernels.dsa import naive as dsa_naive
 from parallel.context.attention import CPComm, dense_cp_attention
 from parallel.context.comm import all_gather_seq, group_size_rank
-from parallel.context.split import cp_global_indices, rank_concat_to_natural
+from parallel.context.split import CPSplit, cp_global_indices, rank_concat_to_natural
 
 __all__ = ["DSACPOutput", "dsa_cp_attention", "cp_topk_indices", "gather_index_keys"]
 
@@ -65,10 +66,9 @@ def _doc_start(pos: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
 
 
 def _fold(seq_len: int, batch: int, cp: int, rank: int, cu_seqlens: torch.Tensor | None,
-          device) -> tuple[torch.Tensor, torch.Tensor]:
+          device, split: CPSplit = "sequence") -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the local queries after folding the batch into one packed row (batch row i becomes a
     document at offset i * seq_len) and their document starts: [b * n] int64 each."""
-    pos = cp_global_indices(seq_len, cp, rank, device)
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
@@ -77,16 +77,19 @@ def _fold(seq_len: int, batch: int, cp: int, rank: int, cu_seqlens: torch.Tensor
             raise ValueError(f"cu_seqlens must be the GLOBAL boundaries (last entry {seq_len}), got {int(cu[-1])}")
     else:
         cu = torch.arange(batch + 1, device=device) * seq_len
+    pos = cp_global_indices(seq_len, cp, rank, device, split=split, cu_seqlens=cu_seqlens)
     pos_f = (torch.arange(batch, device=device)[:, None] * seq_len + pos[None, :]).reshape(-1)
     return pos_f, _doc_start(pos_f, cu)
 
 
-def gather_index_keys(x: torch.Tensor, cp_group: dist.ProcessGroup | None, *, dim: int) -> torch.Tensor:
+def gather_index_keys(x: torch.Tensor, cp_group: dist.ProcessGroup | None, *, dim: int,
+                      split: CPSplit = "sequence", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """All-gather a per-token tensor over CP and restore natural token order (reduce-scatter backward)."""
     cp, _ = group_size_rank(cp_group)
     if cp == 1:
         return x
-    return rank_concat_to_natural(all_gather_seq(x, cp_group, dim=dim), cp, dim=dim)
+    return rank_concat_to_natural(all_gather_seq(x, cp_group, dim=dim), cp, dim=dim, split=split,
+                                  cu_seqlens=cu_seqlens)
 
 
 # ---------------------------------------------------------------------------- reference (query subsets)
@@ -310,7 +313,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def cp_topk_indices(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, *, topk: int,
                     cp_group: dist.ProcessGroup | None, cu_seqlens: torch.Tensor | None = None,
-                    backend: Backend = "auto") -> torch.Tensor:
+                    backend: Backend = "auto", split: CPSplit = "sequence") -> torch.Tensor:
     """[b, n, K] int32: the single-device top-k rows of this rank's queries (global key positions).
 
     q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI] are the local indexer outputs; the index
@@ -321,8 +324,9 @@ def cp_topk_indices(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, *
     b, n = q_idx.shape[:2]
     S = n * cp
     with torch.no_grad():
-        k_all = gather_index_keys(k_idx.detach(), cp_group, dim=1).reshape(b * S, -1)
-        pos, start = _fold(S, b, cp, rank, cu_seqlens, q_idx.device)
+        k_all = gather_index_keys(k_idx.detach(), cp_group, dim=1, split=split,
+                                  cu_seqlens=cu_seqlens).reshape(b * S, -1)
+        pos, start = _fold(S, b, cp, rank, cu_seqlens, q_idx.device, split)
         idx = _select(q_idx.reshape(b * n, *q_idx.shape[2:]), w.reshape(b * n, -1), k_all, pos, start, topk,
                       backend)
         return _unfold_idx(idx, b, n, S)
@@ -342,11 +346,12 @@ def _unfold_idx(idx_RK: torch.Tensor, b: int, n: int, S: int) -> torch.Tensor:
 def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_idx: torch.Tensor,
                      w: torch.Tensor, k_idx: torch.Tensor, *, cp_group: dist.ProcessGroup | None, topk: int,
                      stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
-                     backend: Backend = "auto", dense_cp_comm: CPComm = "a2a") -> DSACPOutput:
+                     backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
+                     split: CPSplit = "sequence") -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
-    cu_seqlens: GLOBAL boundaries (batch 1). stage "sparse": top-k + sparse attention + sparse KL;
+    cu_seqlens: GLOBAL boundaries (batch 1); split: the layout of the local tokens. stage "sparse": top-k + sparse attention + sparse KL;
     stage "dense": dense attention (`dense_cp_attention` with `dense_cp_comm`) + dense KL (warm-up). Returns out [n, b, Hq, D], the local
     mean KL and (sparse) the selected global positions [b, n, K].
     """
@@ -357,15 +362,16 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     n, b, Hq, D = query.shape
     Hkv = key.shape[2]
     S = n * cp
-    pos, start = _fold(S, b, cp, rank, cu_seqlens, query.device)
+    pos, start = _fold(S, b, cp, rank, cu_seqlens, query.device, split)
+    layout = dict(split=split, cu_seqlens=cu_seqlens)
     R = b * n
     q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:]), w.reshape(R, -1)
-    k_idx_T = gather_index_keys(k_idx, cp_group, dim=1).reshape(b * S, -1)   # grads reduce-scattered
+    k_idx_T = gather_index_keys(k_idx, cp_group, dim=1, **layout).reshape(b * S, -1)   # grads reduce-scattered
     q_R = query.transpose(0, 1).reshape(R, Hq, D)
     if stage == "dense":
         out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
-                                 cp_comm=dense_cp_comm)
-        k_T = gather_index_keys(key.detach(), cp_group, dim=0).transpose(0, 1).reshape(b * S, Hkv, D)
+                                 cp_comm=dense_cp_comm, split=split)
+        k_T = gather_index_keys(key.detach(), cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
         if backend == "naive":
             kl = _kl_ref("dense", q_R.detach(), k_T, q_idx_R, w_R, k_idx_T, pos, start, None, None, scale)
         else:
@@ -373,7 +379,8 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return DSACPOutput(out=out, kl=kl, idx=None)
     with torch.no_grad():
         idx = _select(q_idx_R.detach(), w_R.detach(), k_idx_T.detach(), pos, start, topk, backend)
-    k_T, v_T = (gather_index_keys(t, cp_group, dim=0).transpose(0, 1).reshape(b * S, Hkv, D) for t in (key, value))
+    k_T, v_T = (gather_index_keys(t, cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
+                for t in (key, value))
     if backend == "naive":
         o_R, lse = _sparse_attn_ref(q_R, k_T, v_T, idx, scale)
         kl = _kl_ref("sparse", q_R.detach(), k_T.detach(), q_idx_R, w_R, k_idx_T, pos, start, idx, lse.detach(), scale)

@@ -2,15 +2,18 @@
 
     torchrun --standalone --nproc_per_node N tests/dist/cp_packed_worker.py OUT.json RECIPE[,RECIPE..] CP [CP ...]
 
-For each context-parallel degree (1 first, the reference), on the same N processes: megatron's process
+CP is a degree with an optional token layout, "2" (the default `parallel.cp_split`), "2:document" or
+"2:sequence". For each (1 first, the reference), on the same N processes: megatron's process
 groups for `parallel.cp=CP` (the rest data parallel), the recipe's language model with the
-layout-invariant initialisation, ONE packed micro-batch (batch 1, documents of odd lengths so that they
-start and end inside CP chunks, positions restarting per document, KSA summary slots inserted for KSA
-models), forward through `parallel.context.batch.split_batch_for_cp` exactly as the trainer calls it,
-backward of the summed per-token loss. Gradients are then summed over the CP group (what DDP does over
-DP x CP) and compared, on rank 0, against CP 1: loss sum, token count and every parameter's gradient.
-DSA/KSA extras (the indexer KL attached in DSA layers, the summary projections) are part of the
-gradients compared. Writes {recipe: {cp: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}}.
+layout-invariant initialisation and, as the trainer does, parallel/context's attention functions injected
+(`build_lm(..., cp_ops=ContextParallelAttention(split))`), ONE packed micro-batch (batch 1, documents of odd
+lengths so that they start and end inside CP chunks, positions restarting per document, KSA summary slots
+inserted for KSA models), forward through `parallel.context.batch.split_batch_for_cp` with the same split
+exactly as the trainer calls it, backward of the summed per-token loss. Gradients are then summed over
+the CP group (what DDP does over DP x CP) and compared, on rank 0, against CP 1: loss sum, token count
+and every parameter's gradient. DSA/KSA extras (the indexer KL attached in DSA layers, the summary projections) are part of the
+gradients compared. Writes {recipe: {CP: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}}
+(keyed by the CP argument as given).
 """
 
 import json
@@ -54,9 +57,11 @@ def packed_batch(lm, device):
         cu.to(device=device, dtype=torch.int32)
 
 
-def run_one(recipe: str, cp: int, pad_to: int) -> tuple[float, float, dict[str, torch.Tensor]]:
+def run_one(recipe: str, cp: int, pad_to: int,
+            split: str | None = None) -> tuple[float, float, dict[str, torch.Tensor]]:
     from models.init import init_layout_invariant
     from models.lm import build_lm, transformer_config
+    from parallel.context import ContextParallelAttention
     from parallel.context.batch import split_batch_for_cp
     from parallel.groups import build_process_groups, seed_all
     from parallel.layout import ParallelLayout
@@ -65,14 +70,16 @@ def run_one(recipe: str, cp: int, pad_to: int) -> tuple[float, float, dict[str, 
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        dcfg = compose("config", overrides=[f"recipe={recipe}", "parallel=single", f"parallel.cp={cp}"])
+        dcfg = compose("config", overrides=[f"recipe={recipe}", "parallel=single", f"parallel.cp={cp}"]
+                       + ([f"parallel.cp_split={split}"] if split else []))
     cfg = to_config(dcfg)
     lm = cfg.model.lm
     layout = ParallelLayout.build(cfg.parallel, world_size=dist.get_world_size(), lm=lm)
     pgs = build_process_groups(layout)
     seed_all(cfg.seed, pgs)
     tconfig = transformer_config(lm, layout.model_sizes(), bf16=False, use_cpu_initialization=False)
-    model = build_lm(lm, tconfig, pg_collection=pgs, pp_rank=0, pp_size=1)
+    cp_ops = ContextParallelAttention(split=layout.cp_split) if cp > 1 else None
+    model = build_lm(lm, tconfig, pg_collection=pgs, pp_rank=0, pp_size=1, cp_ops=cp_ops)
     init_layout_invariant([model], seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
     model.train()
     (tokens, labels, mask, pos), cu = packed_batch(lm, torch.device("cpu"))
@@ -86,7 +93,8 @@ def run_one(recipe: str, cp: int, pad_to: int) -> tuple[float, float, dict[str, 
         cu = torch.cat([cu, cu.new_tensor([seq + extra])])
     kwargs = {"packed_seq_params": packed_params(cu)}
     group = pgs.cp if cp > 1 else None
-    tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, group)
+    tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, group,
+                                                           split=layout.cp_split)
     out = model(tokens, pos, None, labels=labels, **kwargs)
     loss = (out.float() * mask).sum()
     loss.backward()
@@ -101,23 +109,25 @@ def run_one(recipe: str, cp: int, pad_to: int) -> tuple[float, float, dict[str, 
 
 
 def main() -> None:
-    out, recipes, cps = sys.argv[1], sys.argv[2].split(","), [int(c) for c in sys.argv[3:]]
+    out, recipes, specs = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
     from parallel.groups import init_distributed, teardown
 
     init_distributed()
-    pad_to = 2 * max(cps)
+    pad_to = 2 * max(int(c.split(":")[0]) for c in specs)
     results = {}
     for recipe in recipes:
         ref_loss, ref_n, ref = run_one(recipe, 1, pad_to)
         result = results[recipe] = {1: {"loss": ref_loss, "tokens": ref_n}}
-        for cp in cps:
+        for spec in specs:
+            cp, _, split = spec.partition(":")
+            cp = int(cp)
             if cp == 1:
                 continue
-            loss, n, grads = run_one(recipe, cp, pad_to)
+            loss, n, grads = run_one(recipe, cp, pad_to, split or None)
             assert grads.keys() == ref.keys(), sorted(set(grads) ^ set(ref))
             err = {name: float((grads[name].double() - ref[name].double()).norm()
                                / ref[name].double().norm().clamp_min(1e-30)) for name in ref}
-            result[cp] = {"loss": loss, "tokens": n, "grad_rel_err": err}
+            result[spec] = {"loss": loss, "tokens": n, "grad_rel_err": err}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(results))
     teardown()

@@ -1,6 +1,9 @@
 """Context parallelism (parallel/context) against single-process attention: dense (Ulysses all-to-all and
 all-gather KV, and DeepSpeed's Ulysses `DistributedAttention`), DSA (sparse and dense warm-up stages) and KSA,
-at CP2 and CP4 on gloo, forward and backward, packed documents that cross rank and chunk boundaries.
+at CP2 and CP4 on gloo, forward and backward, packed documents that cross rank and chunk boundaries, in both
+token layouts: split="sequence" (chunks r, 2cp-1-r of the sequence) and, for every packed case, "document"
+(chunks r, 2cp-1-r of every document; the document lengths here are not multiples of 2cp, so the remainder
+tokens are dealt too). Result keys of the document layout end in "/doc".
 
 This file is both the pytest test and the worker it launches (`python this_file.py WORLD OUT PORT` spawns
 WORLD gloo processes that run every case; starting processes costs more than the cases). The CP1 reference is
@@ -76,31 +79,35 @@ def _dense_cases(group, world, rank, res):
         qr, kr, vr = (t.permute(1, 2, 0, 3) for t in ref_in)
         ref = causal_attention(qr, kr, vr, cu_, scale).permute(2, 0, 1, 3)
         (ref * dout).sum().backward()
-        ref_l = [split_for_cp(t, dim=0, cp_size=world, cp_rank=rank) for t in [ref] + _grads(ref_in)]
-        loc = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank)
-        for comm in ("a2a", "allgather"):
-            if comm == "a2a" and hq % world:
-                continue
-            x = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
-            out = dense_cp_attention(*x, cp_group=group, scale=scale, cu_seqlens=cu_, cp_comm=comm)
-            (out * loc(dout)).sum().backward()
-            res[f"dense/{name}/{comm}"] = {n: rel_rmse(r, o) for n, r, o in
-                                           zip(("out", "dq", "dk", "dv"), ref_l, [out] + _grads(x))}
-        # DeepSpeed's Ulysses wrapper with our local attention (natural order inside), where heads split cleanly
-        if hq % world == 0 and DEVICE.type == "cpu":  # (DeepSpeed is not installed on the GPU machine)
-            from deepspeed.sequence.layer import DistributedAttention
+        for split in ("sequence", "document") if cu_ is not None else ("sequence",):
+            lay = dict(split=split, cu_seqlens=cu_)
+            suffix = "/doc" if split == "document" else ""
+            loc = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank, **lay)
+            ref_l = [loc(t) for t in [ref] + _grads(ref_in)]
+            for comm in ("a2a", "allgather"):
+                if comm == "a2a" and hq % world:
+                    continue
+                x = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
+                out = dense_cp_attention(*x, cp_group=group, scale=scale, cu_seqlens=cu_, cp_comm=comm, split=split)
+                (out * loc(dout)).sum().backward()
+                res[f"dense/{name}/{comm}{suffix}"] = {n: rel_rmse(r, o) for n, r, o in
+                                                       zip(("out", "dq", "dk", "dv"), ref_l, [out] + _grads(x))}
+            # DeepSpeed's Ulysses wrapper with our local attention (natural order inside), where heads split cleanly
+            if hq % world == 0 and DEVICE.type == "cpu":  # (DeepSpeed is not installed on the GPU machine)
+                from deepspeed.sequence.layer import DistributedAttention
 
-            def local_attn(ql, kl, vl):
-                ql, kl, vl = (rank_concat_to_natural(t, world, dim=0).permute(1, 2, 0, 3) for t in (ql, kl, vl))
-                o = causal_attention(ql, kl, vl, cu_, scale).permute(2, 0, 1, 3)
-                return natural_to_rank_concat(o, world, dim=0)
+                def local_attn(ql, kl, vl):
+                    ql, kl, vl = (rank_concat_to_natural(t, world, dim=0, **lay).permute(1, 2, 0, 3)
+                                  for t in (ql, kl, vl))
+                    o = causal_attention(ql, kl, vl, cu_, scale).permute(2, 0, 1, 3)
+                    return natural_to_rank_concat(o, world, dim=0, **lay)
 
-            x = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
-            kk, vv = expand_kv_heads_for_cp(x[1], x[2], hq, world)  # DeepSpeed needs kv heads % cp == 0 here
-            out = DistributedAttention(local_attn, group, scatter_idx=2, gather_idx=0)(x[0], kk, vv, 1)
-            (out * loc(dout)).sum().backward()
-            res[f"dense/{name}/deepspeed"] = {n: rel_rmse(r, o) for n, r, o in
-                                              zip(("out", "dq", "dk", "dv"), ref_l, [out] + _grads(x))}
+                x = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
+                kk, vv = expand_kv_heads_for_cp(x[1], x[2], hq, world)  # DeepSpeed needs kv heads % cp == 0 here
+                out = DistributedAttention(local_attn, group, scatter_idx=2, gather_idx=0)(x[0], kk, vv, 1)
+                (out * loc(dout)).sum().backward()
+                res[f"dense/{name}/deepspeed{suffix}"] = {n: rel_rmse(r, o) for n, r, o in
+                                                          zip(("out", "dq", "dk", "dv"), ref_l, [out] + _grads(x))}
 
 
 def _dsa_cases(group, world, rank, res):
@@ -140,15 +147,17 @@ def _dsa_cases(group, world, rank, res):
                                      backend="naive")
             ref_out = o.transpose(0, 1)
             ((ref_out * dout).sum() + lam * kl).backward()
-            sl0 = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank)
-            sl1 = lambda t: split_for_cp(t, dim=1, cp_size=world, cp_rank=rank)
             # --- CP
-            for backend in ("naive", "triton") if DEVICE.type == "cuda" else ("naive",):
+            for split, backend in [(sp, be) for sp in (("sequence", "document") if cu_ is not None else ("sequence",))
+                                   for be in (("naive", "triton") if DEVICE.type == "cuda" else ("naive",))]:
+                lay = dict(split=split, cu_seqlens=cu_)
+                sl0 = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank, **lay)
+                sl1 = lambda t: split_for_cp(t, dim=1, cp_size=world, cp_rank=rank, **lay)
                 dt = torch.float64 if backend == "naive" else torch.float32  # Triton kernels: fp32 here
                 X = [sl0(t).to(dt).requires_grad_(True) for t in (q, k, v)] + \
                     [sl1(t).to(dt).requires_grad_(True) for t in (qi, w, ki)]
                 r = dsa_cp_attention(*X, cp_group=group, topk=K, stage=stage, scale=scale, cu_seqlens=cu_,
-                                     backend=backend)
+                                     backend=backend, split=split)
                 n_local = X[0].shape[0]
                 ((r.out * sl0(dout).to(dt)).sum() + lam * r.kl * (n_local / S)).backward()
                 kl_glob = (r.kl.detach() * n_local).clone()
@@ -160,8 +169,10 @@ def _dsa_cases(group, world, rank, res):
                 if stage == "sparse" and backend == "naive":  # fp32 scores may break float64 near-ties
                     errs["idx_equal"] = bool(torch.equal(sl1(idx), r.idx))
                     errs["cp_topk_indices_equal"] = bool(torch.equal(
-                        cp_topk_indices(X[3], X[4], X[5], topk=K, cp_group=group, cu_seqlens=cu_), r.idx))
-                res[f"dsa/{name}/{stage}" + ("" if backend == "naive" else "/triton")] = errs
+                        cp_topk_indices(X[3], X[4], X[5], topk=K, cp_group=group, cu_seqlens=cu_, split=split),
+                        r.idx))
+                res[f"dsa/{name}/{stage}" + ("" if backend == "naive" else "/triton")
+                    + ("/doc" if split == "document" else "")] = errs
 
 
 def _ksa_cases(group, world, rank, res):
@@ -187,17 +198,19 @@ def _ksa_cases(group, world, rank, res):
         ref = ksa_attention(*(t.transpose(0, 1) for t in R), chunk=C, window=W, num_summary=NS, cu_seqlens=cu,
                             backend="naive").transpose(0, 1)
         (ref * dout).sum().backward()
-        loc = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank)
-        X = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
-        out = ksa_cp_attention(*X, cp_group=group, chunk=C, window=W, num_summary=NS, cu_seqlens=cu, backend="naive")
-        (out * loc(dout)).sum().backward()
-        errs = {n: rel_rmse(loc(a), bb) for n, a, bb in zip(("out", "dq", "dk", "dv"), [ref] + _grads(R),
-                                                                [out] + _grads(X))}
-        m_ref = loc(summary_mask(S, 1, chunk=C, num_summary=NS, cu_seqlens=cu, device=DEVICE))
-        m_cp = ksa_summary_mask_for_cp(S, 1, chunk=C, num_summary=NS, cu_seqlens=cu, cp_size=world, cp_rank=rank,
-                                       device=DEVICE)
-        errs["summary_mask_equal"] = bool(torch.equal(m_ref, m_cp))
-        res[f"ksa/{name}"] = errs
+        for split in ("sequence", "document"):
+            loc = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank, split=split, cu_seqlens=cu)
+            X = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
+            out = ksa_cp_attention(*X, cp_group=group, chunk=C, window=W, num_summary=NS, cu_seqlens=cu,
+                                   backend="naive", split=split)
+            (out * loc(dout)).sum().backward()
+            errs = {n: rel_rmse(loc(a), bb) for n, a, bb in zip(("out", "dq", "dk", "dv"), [ref] + _grads(R),
+                                                                    [out] + _grads(X))}
+            m_ref = loc(summary_mask(S, 1, chunk=C, num_summary=NS, cu_seqlens=cu, device=DEVICE))
+            m_cp = ksa_summary_mask_for_cp(S, 1, chunk=C, num_summary=NS, cu_seqlens=cu, cp_size=world, cp_rank=rank,
+                                           device=DEVICE, split=split)
+            errs["summary_mask_equal"] = bool(torch.equal(m_ref, m_cp))
+            res[f"ksa/{name}" + ("/doc" if split == "document" else "")] = errs
 
 
 def _worker(rank: int, world: int, out: str, port: int) -> None:
@@ -277,19 +290,22 @@ def _check(results: dict, prefix: str, tol: float) -> int:
 def test_dense_cp_matches_single_process(cp_results):
     world, res = cp_results
     n = _check(res, "dense/", TOL_F64)
-    assert n == 9  # 3 head layouts x (a2a, allgather, DeepSpeed); at cp 4 the single KV head is replicated 4x
+    # 3 head layouts x (a2a, allgather, DeepSpeed), the 2 packed ones also in the document layout;
+    # at cp 4 the single KV head is replicated 4x
+    assert n == 9 + 6
+    assert sum(k.endswith("/doc") for k in res if k.startswith("dense/")) == 6
 
 
 @pytest.mark.slow
 def test_dsa_cp_matches_single_process(cp_results):
     _, res = cp_results
-    assert _check(res, "dsa/", TOL_F64) == 4
+    assert _check(res, "dsa/", TOL_F64) == 4 + 2  # packed sparse / dense also in the document layout
 
 
 @pytest.mark.slow
 def test_ksa_cp_matches_single_process(cp_results):
     _, res = cp_results
-    assert _check(res, "ksa/", TOL_F32) == 2
+    assert _check(res, "ksa/", TOL_F32) == 2 + 2  # both head layouts also in the document layout
 
 
 # ------------------------------------------------------------ Triton DSA kernels on query subsets (1 process)

@@ -9,7 +9,10 @@ Two kinds of check, both on gloo (CPU):
 2. One packed micro-batch through the real model (tests/dist/cp_packed_worker.py): documents of odd
    lengths that start and end inside CP chunks, positions restarting per document, KSA summaries
    inserted per document; the loss sum, token count and EVERY parameter's gradient (summed over the CP
-   group, as DDP does) against CP1 -- dense, DSA sparse, DSA dense warm-up and KSA.
+   group, as DDP does) against CP1 -- dense, DSA sparse, DSA dense warm-up and KSA, in both token layouts
+   (parallel.cp_split=document, the default: every document's chunks r and 2cp-1-r, positions permuted for
+   megatron's rotary slice; and sequence). The trainer runs of 1. have no document boundaries, where both
+   layouts are the same.
 
 Tolerances (all fp32). Losses: relative 2e-6. CP changes only the order of fp32 sums (attention over
 an all-to-all'ed / all-gathered sequence, the loss and gradient sums split over ranks, the MoE
@@ -50,6 +53,7 @@ TWO.update({"cp2_full_dsa": [VARIANTS["dsa"], "parallel.cp=2", "parallel.recompu
 FOUR = {"cp4_dense": [VARIANTS["dense"], "parallel.cp=4"], "cp4_ksa": [VARIANTS["ksa"], "parallel.cp=4"],
         "cp2_tp2_dsa": [VARIANTS["dsa"], "parallel.cp=2", "parallel.tp=2"]}
 PACKED = ["keye_tiny_lm", "keye_tiny_dsa_sparse", "keye_tiny_dsa_warmup", "keye_tiny_ksa"]
+PACKED_CP = ["2:document", "2:sequence"]  # cp_packed_worker's CP arguments: degree and token layout
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +93,16 @@ def packed(tmp_path_factory):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist" / "cp_packed_worker.py"), str(out), ",".join(PACKED), "1", "2"]
+           str(REPO / "tests" / "dist" / "cp_packed_worker.py"), str(out), ",".join(PACKED), "1", *PACKED_CP]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("spec", PACKED_CP)
 @pytest.mark.parametrize("recipe", PACKED)
-def test_packed_documents_across_cp_ranks(packed, recipe):
-    ref, got = packed[recipe]["1"], packed[recipe]["2"]
+def test_packed_documents_across_cp_ranks(packed, recipe, spec):
+    ref, got = packed[recipe]["1"], packed[recipe][spec]
     assert got["tokens"] == ref["tokens"] > 0
     assert abs(got["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"])
     worst = max(got["grad_rel_err"].items(), key=lambda kv: kv[1])

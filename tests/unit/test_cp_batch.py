@@ -35,15 +35,37 @@ def test_tokens_are_split_positions_and_cu_seqlens_stay_global():
 
     tok, lab, mask, pos = _batch(16)
     psp = packed_params(torch.tensor([0, 5, 11, 16]))
-    t, l, m, p, kw = split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": psp}, FakeGroup(2, 1))
+    t, l, m, p, kw = split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": psp}, FakeGroup(2, 1),
+                                        split="sequence")
     idx = cp_global_indices(16, 2, 1)
     assert torch.equal(t[0], idx) and torch.equal(l[0], idx + 100) and m.shape == (1, 8)
     assert p is pos and kw["packed_seq_params"] is psp  # megatron's rotary module slices the positions itself
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_document_split_positions_survive_megatrons_rotary_slice(cp):
+    """split="document": tokens follow every document's chunks; the position ids come back permuted so that
+    megatron's rotary slice (chunks r and 2cp-1-r of the SEQUENCE, get_pos_emb_on_this_cp_rank) gives each
+    rank the global positions of exactly its tokens."""
+    from train.trainer import packed_params
+
+    cu = torch.tensor([0, 13, 40, 57, 64])
+    tok, lab, mask, pos = _batch(64)
+    pos = torch.stack([torch.arange(64) * 3, torch.arange(64) % 7, -torch.arange(64)])[:, None]  # distinct rows
+    for r in range(cp):
+        t, l, m, p, kw = split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": packed_params(cu)},
+                                            FakeGroup(cp, r), split="document")
+        idx = cp_global_indices(64, cp, r, split="document", cu_seqlens=cu)
+        assert torch.equal(t[0], idx) and torch.equal(l[0], idx + 100) and m.shape == (1, 64 // cp)
+        assert p.shape == pos.shape  # global length: megatron slices it
+        c = 64 // (2 * cp)
+        sliced = p.view(3, 1, 2 * cp, c)[:, :, [r, 2 * cp - 1 - r]].reshape(3, 1, -1)  # megatron's slice
+        assert torch.equal(sliced, pos[..., idx])
+
+
 def test_no_group_is_a_no_op():
     tok, lab, mask, pos = _batch(6)
-    assert split_batch_for_cp(tok, lab, mask, pos, {}, None)[0] is tok
+    assert split_batch_for_cp(tok, lab, mask, pos, {}, None, split="document")[0] is tok
 
 
 def test_errors_name_the_numbers():
@@ -51,11 +73,11 @@ def test_errors_name_the_numbers():
 
     tok, lab, mask, pos = _batch(18)
     with pytest.raises(ValueError, match="not divisible by 2 \\* cp = 4"):
-        split_batch_for_cp(tok, lab, mask, pos, {}, FakeGroup(2, 0))
+        split_batch_for_cp(tok, lab, mask, pos, {}, FakeGroup(2, 0), split="document")
     tok, lab, mask, pos = _batch(16)
     with pytest.raises(ValueError, match="GLOBAL boundaries"):
         split_batch_for_cp(tok, lab, mask, pos, {"packed_seq_params": packed_params(torch.tensor([0, 8]))},
-                           FakeGroup(2, 0))
+                           FakeGroup(2, 0), split="document")
 
 
 LM = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=2, head_dim=16, num_experts=4,
@@ -78,6 +100,39 @@ def test_layout_accepts_cp_and_checks_ulysses_heads():
                              lm=LMConfig(**{**LM, "attention": "ksa"}))
     with pytest.raises(ValueError, match="parallel.cp_comm must be one of"):
         ParallelConfig(cp=2, cp_comm="ring")
+    assert lay.cp_split == "document"  # the default token layout
+    assert ParallelLayout.build(ParallelConfig(cp=2, cp_split="sequence"), world_size=2, lm=lm).cp_split == "sequence"
+    with pytest.raises(ValueError, match="parallel.cp_split must be one of"):
+        ParallelConfig(cp=2, cp_split="zigzag")
+
+
+def test_models_reach_context_parallelism_only_by_injection():
+    """DESIGN's arrows (kernels <- models <- parallel): no module under models/ imports our parallel package;
+    a CP layer built without the injected functions says how to pass them."""
+    import ast
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from models.attention.cp import cp_ops_for
+    from parallel.context import ContextParallelAttention
+
+    root = Path(__file__).resolve().parents[2]
+    bad = []
+    for f in (root / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            bad += [f"{f.relative_to(root)}: {n}" for n in names if n == "parallel" or n.startswith("parallel.")]
+    assert not bad, bad
+    config = SimpleNamespace(context_parallel_size=2)
+    pgs = SimpleNamespace(cp=SimpleNamespace(size=lambda: 2))
+    with pytest.raises(ValueError, match=r"build_lm\(\.\.\., cp_ops="):
+        cp_ops_for(config, pgs, None)
+    ops = ContextParallelAttention(split="sequence")
+    assert cp_ops_for(config, pgs, ops) == (pgs.cp, ops)
+    assert cp_ops_for(SimpleNamespace(context_parallel_size=1), None, ops) == (None, None)
+    with pytest.raises(ValueError, match="parallel.cp_split must be one of"):
+        ContextParallelAttention(split="zigzag")
 
 
 def test_layout_checks_the_model_sequence_length():

@@ -1,0 +1,262 @@
+"""Activation offload (parallel/offload.py, `parallel.offload=activations`): values, movement, config, estimate.
+
+One process, gloo world of 1, the tiny dense MoE LM (3 layers, fp32, CPU). On the CPU the hooks run the same
+pack/unpack path as on a GPU with synchronous copies into separate CPU tensors (no pinned memory, no streams).
+
+(a) Offload on vs off gives bitwise-identical losses and gradients, with recompute full and none: the copies
+    keep dtype, shape and (for dense tensors) strides, so every backward kernel sees the same values in the
+    same layout. No tolerance.
+(b) The saved tensors really leave: after the forward, the layers' input hidden states are overwritten
+    through `.data` (the storage autograd would read back without offload). Without offload that changes
+    the gradients (checked, so the test can fail); with offload the gradients equal the clean ones,
+    because backward reads the separate copies. With full recompute the offloaded layer inputs are freed
+    right after the forward (weak references die), and the hooks' counters give exactly one [s, b, h]
+    input per offloaded layer, prefetched one layer ahead.
+(c) A wrong `parallel.offload` / `parallel.offload_layers` stops config validation naming the key.
+(d) parallel/memory.py predicts less memory per rank with offload than without, for the 256K recipe.
+The trainer path (train/trainer.py attaches the same hooks) is not run here, to keep these tests at a few
+seconds; checked by hand, 2 steps each, per-step losses bit-identical to parallel.offload=none:
+    torchrun --nproc_per_node 1 launch/pretrain.py recipe=keye_tiny_lm parallel=single \
+        parallel.recompute=full parallel.offload=activations train.steps=2 train.checkpoint.enabled=false
+and likewise recompute=selective; recompute=none with keye_tiny_dsa_sparse and keye_tiny_ksa; 2 processes
+with parallel.pp=2 (recompute full) and with parallel.cp=2 (keye_tiny_ksa, recompute full).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+SEED = 5
+S, B = 32, 2
+LAYERS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(lm config, {recompute: model}) with identical weights."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from models.config import LMConfig, ModelParallelSizes
+    from models.lm import build_lm, transformer_config
+    from parallel.groups import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    init_distributed()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(SEED)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    lm = LMConfig(num_layers=LAYERS, loss_chunk_tokens=0)
+    models = {}
+    for recompute in ("none", "full"):
+        cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True,
+                                 recompute=None if recompute == "none" else recompute)
+        models[recompute] = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1).train()
+    models["full"].load_state_dict(models["none"].state_dict())
+    yield lm, models
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _step(lm, model, *, poison: bool = False):
+    """One forward + backward of a fixed batch; returns (loss, {name: grad}). poison: overwrite every
+    layer's input hidden state with 3.0 after the forward (through .data, invisible to autograd)."""
+    g = torch.Generator().manual_seed(SEED)
+    tokens = torch.randint(0, lm.vocab_size, (B, S), generator=g)
+    labels = torch.randint(0, lm.vocab_size, (B, S), generator=g)
+    pos = torch.arange(S).expand(3, B, S)
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+             for layer in model.decoder.layers] if poison else []
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, pos, None, labels=labels).sum()
+    for h in hooks:
+        h.remove()
+    for x in inputs:
+        x.data.fill_(3.0)
+    loss.backward()
+    return loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def clean(tiny):
+    """The reference step (no offload) of each model."""
+    lm, models = tiny
+    return {r: _step(lm, m) for r, m in models.items()}
+
+
+def _same(a, b) -> None:
+    (la, ga), (lb, gb) = a, b
+    assert torch.equal(la, lb), (la.item(), lb.item())
+    assert ga.keys() == gb.keys()
+    diff = [n for n in ga if not torch.equal(ga[n], gb[n])]
+    assert not diff, f"gradients differ: {diff}"
+
+
+@pytest.mark.parametrize("recompute", ["full", "none"])
+@pytest.mark.parametrize("layers", [-1, LAYERS])
+def test_offload_is_bitwise_identical(tiny, clean, recompute, layers):
+    from parallel.offload import attach_activation_offload
+
+    lm, models = tiny
+    model = models[recompute]
+    ref = clean[recompute]
+    (off,) = attach_activation_offload([model], num_layers=layers)
+    try:
+        got = _step(lm, model)
+    finally:
+        off.remove()
+    _same(ref, got)
+    st = off.stats
+    assert st.offloaded > 0 and st.unpacked >= st.offloaded
+    if recompute == "full":  # a checkpoint keeps only its layer's input; rotary table and masks stay
+        n = LAYERS - 1 if layers == -1 else LAYERS
+        assert st.offloaded == n and st.offloaded_bytes == n * S * B * lm.hidden_size * 4
+        # each is prefetched while the layer above runs its backward; with every layer offloaded, the first
+        # one backward meets (the last layer's) is fetched on demand
+        assert st.fetched == n and st.prefetched == (n if layers == -1 else n - 1)
+    else:  # everything a layer saves: norms, q/k/v, attention output, router, experts
+        assert st.offloaded >= 10 * (LAYERS - 1 if layers == -1 else LAYERS)
+        # a few saved tensors are never read back (their node's backward does not run: no gradient flows
+        # there, e.g. through the router's top-k indices); they are simply dropped with the graph
+        assert 0.9 * st.offloaded <= st.fetched <= st.offloaded
+
+
+@pytest.mark.parametrize("recompute", ["full", "none"])
+def test_backward_reads_the_host_copies(tiny, clean, recompute):
+    from parallel.offload import attach_activation_offload
+
+    lm, models = tiny
+    model = models[recompute]
+    ref = clean[recompute]
+    _, grads = _step(lm, model, poison=True)  # control: without offload the poison reaches the gradients
+    assert any(not torch.equal(g, ref[1][n]) for n, g in grads.items())
+    (off,) = attach_activation_offload([model], num_layers=LAYERS)  # every layer, so every poisoned input
+    try:
+        got = _step(lm, model, poison=True)
+    finally:
+        off.remove()
+    _same(ref, got)
+
+
+def test_offloaded_layer_inputs_are_freed_after_the_forward(tiny):
+    """Full recompute: after the forward, the only holder of a layer's input is its checkpoint. Without
+    offload the inputs stay alive until backward; with offload nothing on the model's device holds them."""
+    import gc
+    import weakref
+
+    from parallel.offload import attach_activation_offload
+
+    lm, models = tiny
+    model = models["full"]
+
+    def forward_inputs_alive():
+        refs = []
+        hooks = [layer.register_forward_pre_hook(lambda m, a, kw: refs.append(weakref.ref(kw["hidden_states"])),
+                                                 with_kwargs=True) for layer in model.decoder.layers]
+        tokens = torch.zeros(B, S, dtype=torch.long)
+        loss = model(tokens, torch.arange(S).expand(3, B, S), None, labels=tokens).sum()
+        for h in hooks:
+            h.remove()
+        gc.collect()
+        alive = [r() is not None for r in refs[1:]]  # layer 0's input is the embedding output: skip it
+        loss.backward()
+        return alive
+
+    assert all(forward_inputs_alive())
+    (off,) = attach_activation_offload([model], num_layers=LAYERS)
+    try:
+        assert not any(forward_inputs_alive())
+    finally:
+        off.remove()
+
+
+def test_hooks_only_act_inside_the_layers_and_detach(tiny):
+    """Outside a training forward (no_grad, eval) nothing is packed; remove() restores the plain model."""
+    from parallel.offload import attach_activation_offload
+
+    lm, models = tiny
+    model = models["full"]
+    (off,) = attach_activation_offload([model])
+    try:
+        with torch.no_grad():
+            model(torch.zeros(B, S, dtype=torch.long), torch.arange(S).expand(3, B, S), None)
+        model.eval()
+        model(torch.zeros(B, S, dtype=torch.long), torch.arange(S).expand(3, B, S), None)
+        assert off.stats.packed == 0
+    finally:
+        model.train()
+        off.remove()
+    _step(lm, model)
+    assert off.stats.packed == 0
+
+
+def test_wrong_offload_settings_name_the_key():
+    from parallel.layout import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"parallel.offload must be one of \('none', 'activations'\), got 'disk'"):
+        ParallelConfig(offload="disk")
+    with pytest.raises(ValueError, match="parallel.offload_layers must be -1"):
+        ParallelConfig(offload="activations", offload_layers=-2)
+    with pytest.warns(UserWarning, match="parallel.offload_layers=4 is ignored"):
+        ParallelConfig(offload_layers=4)
+
+
+def test_wrong_offload_value_stops_the_recipe(monkeypatch):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs
+    from train.launch import validate
+
+    def check(*overrides):
+        register_configs()
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "recipes"), version_base=None):
+            return validate(compose("config", overrides=["recipe=keye_tiny_lm", *overrides]))
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="parallel.offload must be one of"):
+        check("parallel.offload=gpu")
+    _, layout = check("parallel.offload=activations", "parallel.offload_layers=2")
+    assert (layout.offload, layout.offload_layers) == ("activations", 2)
+
+
+@pytest.mark.parametrize("recompute", ["full", "none"])
+def test_estimator_predicts_less_memory_with_offload_for_256k(recompute):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from parallel.layout import ParallelLayout
+    from parallel.memory import estimate, inputs_from_config
+    from train.config import register_configs, to_config
+
+    register_configs()
+    repo = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
+        cfg = to_config(compose("config", overrides=["recipe=keye_30b_a3b_ctx_256k", "model.vision.enabled=false",
+                                                     "data=synthetic_tokens",
+                                                     f"parallel.recompute={recompute}"]))
+    layout = ParallelLayout.build(cfg.parallel, world_size=8, lm=cfg.model.lm)
+    m = inputs_from_config(cfg, layout)
+    base = estimate(m)
+    off = estimate(replace(m, offload="activations"))
+    assert off.total < base.total and off.host > 0 and base.host == 0
+    lm = cfg.model.lm
+    if recompute == "full":
+        # 47 of 48 layer inputs (t = 262144 / cp 8 tokens x h x bf16) leave; 2 are in flight at a time
+        layer_input = 262144 / 8 * lm.hidden_size * 2
+        assert base.total - off.total == pytest.approx((lm.num_layers - 1 - 2) * layer_input)
+        assert off.host == pytest.approx((lm.num_layers - 1) * layer_input)
