@@ -45,6 +45,7 @@ def tiny():
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from models.config import LMConfig, ModelParallelSizes
     from models.lm import build_lm, transformer_config
@@ -55,6 +56,9 @@ def tiny():
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(SEED)
+    # megatron's process-wide MoE aux-loss tracker keeps one slot per layer of the first model that
+    # logged into it; another test's model in this process may have had fewer layers
+    get_moe_layer_wise_logging_tracker().clear()
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     lm = LMConfig(num_layers=LAYERS, loss_chunk_tokens=0)
     models = {}
@@ -64,6 +68,7 @@ def tiny():
         models[recompute] = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1).train()
     models["full"].load_state_dict(models["none"].state_dict())
     yield lm, models
+    get_moe_layer_wise_logging_tracker().clear()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
