@@ -65,7 +65,7 @@ LAYOUTS = (LEGACY, TRANSFORMERS)
 KNOWN_UNUSED = (r"embeddings\.packing_position_embedding\.weight", r"head\..+")
 
 # Keye's projector LayerNorm has eps 1e-5 hard-coded (mlp_AR.pre_norm); our PatchMerger uses
-# VisionConfig.layer_norm_eps (1e-6). See docs/hf.md ("Known numeric difference").
+# VisionConfig.projector_norm_eps, whose default is that value.
 KEYE_PROJECTOR_EPS = 1e-5
 KEYE_ROPE_THETA = 10000.0  # SigLIPRotaryEmbedding's default; not in the HF config
 
@@ -352,9 +352,9 @@ def load_keye_vision_into(vision_model, hf_dir: str | os.PathLike, *, check_conf
     skipped = check_vision_tensors(ckpt, cfg, layout, ignore=ignore)
     if skipped:
         log.info("%s: skipped %d tensor(s) Keye's forward does not use: %s", ckpt.path, len(skipped), _listing(skipped))
-    if not math.isclose(cfg.layer_norm_eps, KEYE_PROJECTOR_EPS):
-        log.warning("Keye's projector LayerNorm (mlp_AR.pre_norm) has eps %g, ours uses vision.layer_norm_eps=%g: "
-                    "embeddings differ by O(eps / var) relative (docs/hf.md)", KEYE_PROJECTOR_EPS, cfg.layer_norm_eps)
+    if not math.isclose(cfg.projector_norm_eps, KEYE_PROJECTOR_EPS):
+        log.warning("Keye's projector LayerNorm (mlp_AR.pre_norm) has eps %g, this model's projector_norm_eps is %g: "
+                    "embeddings differ by O(eps / var) relative", KEYE_PROJECTOR_EPS, cfg.projector_norm_eps)
     params = dict(module.named_parameters())
     filled, elements = set(), 0
     for vt in vision_table(cfg.depth):

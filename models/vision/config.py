@@ -31,6 +31,7 @@ class VisionConfig:
     merge: int = 2
     pos_grid: int = 27
     layer_norm_eps: float = 1e-6
+    projector_norm_eps: float = 1e-5  # Keye-VL's projector LayerNorm (mlp_AR.pre_norm) hard-codes 1e-5
     rope_theta: float = 10000.0
     pixel_mean: tuple[float, ...] = field(default_factory=lambda: (0.5, 0.5, 0.5))
     pixel_std: tuple[float, ...] = field(default_factory=lambda: (0.5, 0.5, 0.5))
@@ -53,9 +54,9 @@ class VisionConfig:
                              f"({len(self.pixel_std)}) need one value per channel (in_channels={self.in_channels})")
         if min(self.pixel_std) <= 0:
             raise ValueError(f"vision.pixel_std must be > 0, got {self.pixel_std}")
-        if self.layer_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError(f"vision.layer_norm_eps ({self.layer_norm_eps}) and vision.rope_theta "
-                             f"({self.rope_theta}) must be > 0")
+        if self.layer_norm_eps <= 0 or self.projector_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"vision.layer_norm_eps ({self.layer_norm_eps}), vision.projector_norm_eps "
+                             f"({self.projector_norm_eps}) and vision.rope_theta ({self.rope_theta}) must be > 0")
 
     @property
     def head_dim(self) -> int:

@@ -19,7 +19,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.group = cfg.merge_tokens
         wide = cfg.hidden * self.group
-        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.projector_norm_eps)
         self.fc1 = nn.Linear(wide, wide)
         self.fc2 = nn.Linear(wide, cfg.lm_hidden)
 
