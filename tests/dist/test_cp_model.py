@@ -9,10 +9,10 @@ Two kinds of check, both on gloo (CPU):
 2. One packed micro-batch through the real model (tests/dist/cp_packed_worker.py): documents of odd
    lengths that start and end inside CP chunks, positions restarting per document, KSA summaries
    inserted per document; the loss sum, token count and EVERY parameter's gradient (summed over the CP
-   group, as DDP does) against CP1 -- dense, DSA sparse, DSA dense warm-up and KSA, in both token layouts
-   (parallel.cp_split=document, the default: every document's chunks r and 2cp-1-r, positions permuted for
-   megatron's rotary slice; and sequence). The trainer runs of 1. have no document boundaries, where both
-   layouts are the same.
+   group, as DDP does) against CP1 -- dense, DSA sparse, DSA dense warm-up and KSA, in the default token
+   layout (parallel.cp_split=document: every document's chunks r and 2cp-1-r, positions permuted for
+   megatron's rotary slice). The trainer runs of 1. have no document boundaries, where both layouts are
+   the same.
 
 Tolerances (all fp32). Losses: relative 2e-6. CP changes only the order of fp32 sums (attention over
 an all-to-all'ed / all-gathered sequence, the loss and gradient sums split over ranks, the MoE
@@ -46,10 +46,11 @@ GRAD_RMSE = 1e-5
 TWO = {f"cp2_{v}": [r, "parallel.cp=2"] for v, r in VARIANTS.items()}
 # activation recomputation re-runs the CP collectives (and DSA's attached KL) inside megatron's checkpoint
 TWO.update({"cp2_full_dsa": [VARIANTS["dsa"], "parallel.cp=2", "parallel.recompute=full"],
-            "cp2_full_ksa": [VARIANTS["ksa"], "parallel.cp=2", "parallel.recompute=full"],
-            "cp2_selective_dense": [VARIANTS["dense"], "parallel.cp=2", "parallel.recompute=selective"],
-            # K/V all-gathered instead of the heads all-to-all
-            "cp2_allgather_dense": [VARIANTS["dense"], "parallel.cp=2", "parallel.cp_comm=allgather"]})
+            # full recompute with activation offload (parallel/offload.py): the layer inputs go through host memory
+            "cp2_full_offload_ksa": [VARIANTS["ksa"], "parallel.cp=2", "parallel.recompute=full",
+                                     "parallel.offload=activations", "parallel.offload_layers=1"],
+            "cp2_selective_dense": [VARIANTS["dense"], "parallel.cp=2", "parallel.recompute=selective"]})
+# (the K/V all-gather path, parallel.cp_comm=allgather, is checked op by op in test_context_parallel.py)
 FOUR = {"cp4_dense": [VARIANTS["dense"], "parallel.cp=4"], "cp4_ksa": [VARIANTS["ksa"], "parallel.cp=4"],
         "cp2_tp2_dsa": [VARIANTS["dsa"], "parallel.cp=2", "parallel.tp=2"]}
 PACKED = ["keye_tiny_lm", "keye_tiny_dsa_sparse", "keye_tiny_dsa_warmup", "keye_tiny_ksa"]
