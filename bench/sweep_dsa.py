@@ -177,12 +177,23 @@ def main():
             plan8 = build_sparse_plan(idx, 8)
             o8, lse8 = sa.sparse_attn_fwd(q, k, v, plan8, scale)
             res["block8_union_per_block"] = plan8.mean_union()
-            run_variants("attn_fwd_bq8", sa, [{"BS_fwd": 32}, {"BS_fwd": 64, "warps_fwd": 8}],
+            run_variants("attn_fwd_bq8", sa, [{"BS_fwd": 32}, {"BS_fwd": 64}, {"BS_fwd": 64, "warps_fwd": 8}],
                          lambda: sa.sparse_attn_fwd(q, k, v, plan8, scale), res, args.quick)
             run_variants("attn_bwd_bq8", sa, [{"BS_bwd": 32, "warps_bwd": 8},
-                                              {"BS_bwd": 64, "warps_bwd": 8}],
+                                              {"BS_bwd": 64, "warps_bwd": 8}, {"BS_bwd": 64, "warps_bwd": 4}],
                          lambda: sa.sparse_attn_bwd(q, k, v, o8, do, lse8, plan8, scale), res,
                          args.quick)
+            t_plan8 = timed(lambda: build_sparse_plan(idx, 8), args.quick)
+            res["plan_bq8"] = {"ms": t_plan8}
+            print(f"plan_bq8   {'default':60s} {t_plan8:9.2f} ms", flush=True)
+            run_variants("loss_fwd_bq8", il, [{}, {"warps": 8}, {"BS_fwd": 32, "warps": 8}],
+                         lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+                                                   keep_psum=True), res, args.quick)
+            _, lse_i8, z8, psum8 = il.indexer_kl_fwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+                                                     keep_psum=True)
+            run_variants("loss_bwd_bq8", il, [{}, {"warps": 8}],
+                         lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+                                                   lse_i8, z8, gscale, psum=psum8), res, args.quick)
         except Exception as e:
             res["block8_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     res["union_per_block"] = plan.mean_union()

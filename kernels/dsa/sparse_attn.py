@@ -128,18 +128,19 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
              mask=rmask)
 
 
-def _config(device: torch.device, BM: int, D: int) -> dict:
+def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 or 64 rows): sizes
     that compile without register spills (aot_check.py), timed by bench/sweep_dsa.py at 128K on an
-    H200: forward 64-key tiles 86 ms (32: 139, 128: 99); backward 64-key tiles with 3 pipeline
-    stages 308 ms (32-key tiles: 371; 2 stages: 398 / 463). 16-byte vector reductions
+    H200: forward 64-key tiles 86 ms (32: 139, 128: 99); backward with 3 pipeline stages, 128-key
+    tiles 275 ms for 16-bit inputs (64: 305, 32: 366; 64 with 2 stages: 392), 64-key tiles for fp32
+    inputs (128 fp32 K and V rows per stage would exceed the 227 KB of shared memory). 16-byte vector reductions
     (red.global.add.v4.f32) for dk / dv measured no faster than scalar fp32 atomics (371 vs 364 ms),
     so the backward is not bound by the number of atomic instructions."""
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages=1)
     small = BM * pow2(D, 16) <= 32 * 64
-    return dict(BS_fwd=64, BS_bwd=64, warps_fwd=4 if small else 8, warps_bwd=4 if small else 8,
-                stages=3)
+    return dict(BS_fwd=64, BS_bwd=128 if elem_bytes <= 2 else 64, warps_fwd=4 if small else 8,
+                warps_bwd=4 if small else 8, stages=3)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
@@ -171,7 +172,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
     G = HQ // HKV
     GP, DP = pow2(G), pow2(D, 16)
     BQ = plan.block_q
-    cfg = _config(q.device, BQ * GP, D)
+    cfg = _config(q.device, BQ * GP, D, q.element_size())
     dq = torch.empty_like(q) if dq is None else dq
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
