@@ -24,12 +24,17 @@ end; the other sources' leftovers are not drawn).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .loader import Planner
+
+class Planner(Protocol):
+    """What a stream needs of `loader.Planner` (stated here so this module does not import the loader)."""
+
+    def num_packs(self, epoch: int) -> int:
+        """Packed sequences of this source in `epoch`."""
+
 
 _CHUNK = 1 << 16          # draws counted per numpy call when walking far
 _MIX_TAG = 0x4D49585F     # "MIX_": keeps the draw stream apart from the epoch-order RNG's inputs
