@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_dsa import HQ, HKV, TOPK, D, make_inputs, rel, timed  # noqa: E402
+from bench.bench_dsa import TOPK, D, make_inputs, rel, timed  # noqa: E402
 from kernels.dsa import indexer_loss as il  # noqa: E402
 from kernels.dsa import sparse_attn as sa  # noqa: E402
 from kernels.dsa import topk as tk  # noqa: E402
@@ -127,9 +127,6 @@ def main():
     if want("topk"):
         run_variants("topk", tk, [
             {}, {"BS": 64, "warps_filter": 4},
-            {"filter_mode": 1, "BT": 8}, {"filter_mode": 1, "BT": 16, "BS": 64},
-            {"filter_mode": 1, "BT": 8, "BS": 64, "warps_filter": 4},
-            {"filter_mode": 2, "BT": 8}, {"filter_mode": 2, "BT": 8, "BS": 64, "warps_filter": 4},
             {"BS": 64, "warps_filter": 8}, {"BS": 32, "warps_filter": 4},
             {"BS": 64, "warps_filter": 4, "warps_select": 4},
         ], lambda: tk.dsa_topk_triton(qi, w, ki, TOPK), res, args.quick)

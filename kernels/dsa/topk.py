@@ -128,57 +128,13 @@ def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, scratch
     tl.store(tau_ptr + slot, tau, mask=slot < NSLOT)
 
 
-@triton.jit
-def _filter_scores(q_idx, w, row, tvalid, kt, HI: tl.constexpr, HIP: tl.constexpr,
-                   DI: tl.constexpr, DIP: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                   MODE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Index scores [BT, BS] of the block's rows against one key tile kt [BS, DIP].
-
-    MODE 0: one [BT, DI] x [DI, BS] dot per indexer head, summed in head order.
-    MODE 1: the BT * HI (token, head) rows stacked into one [BT*HIP, DI] x [DI, BS] dot, then ReLU,
-            weights and a sum over each token's HIP rows.
-    MODE 2: keys on the M side, [BS, DI] x [DI, BT*HIP] (the shape tensor cores like best for
-            small BT), then the same per-token sum over heads along the columns.
-    The modes round the fp32 head sum in different orders; a selection is exact for its own mode.
-    """
-    dd = tl.arange(0, DIP)
-    dmask = dd < DI
-    if MODE == 0:
-        score = tl.zeros([BT, BS], dtype=tl.float32)
-        for j in tl.static_range(HI):  # fixed head order: the same fp32 sum in every pass
-            qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
-                         mask=tvalid[:, None] & dmask[None, :], other=0.0)
-            wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
-            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
-            score += tl.maximum(u, 0.0) * wj[:, None]
-    else:
-        ri = tl.arange(0, BT * HIP)
-        j = ri % HIP
-        rrow = tl.reshape(tl.broadcast_to(row[:, None], [BT, HIP]), [BT * HIP])
-        rvalid = tl.reshape(tl.broadcast_to(tvalid[:, None], [BT, HIP]), [BT * HIP]) & (j < HI)
-        qs = tl.load(q_idx + (rrow * HI + j)[:, None] * DI + dd[None, :],
-                     mask=rvalid[:, None] & dmask[None, :], other=0.0)      # [BT*HIP, DIP]
-        ws = tl.load(w + rrow * HI + j, mask=rvalid, other=0.0).to(tl.float32)
-        if MODE == 1:
-            u = tl.dot(qs, tl.trans(kt), input_precision=DOT_PREC)          # [BT*HIP, BS]
-            ru = tl.maximum(u, 0.0) * ws[:, None]
-            score = tl.sum(tl.reshape(ru, [BT, HIP, BS]), axis=1)
-        else:
-            u = tl.dot(kt, tl.trans(qs), input_precision=DOT_PREC)          # [BS, BT*HIP]
-            ru = tl.maximum(u, 0.0) * ws[None, :]
-            score = tl.trans(tl.sum(tl.reshape(ru, [BS, BT, HIP]), axis=2))
-    return score
-
-
 @triton.jit(do_not_specialize=["T", "NBT", "CAP"])
 def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr,
                            cand_s_ptr, cand_p_ptr, T, NBT, CAP,
                            HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-                           BT: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr,
-                           MODE: tl.constexpr = 0, HIP: tl.constexpr = 16):
+                           BT: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program per BT query rows: the single streamed pass over the causal scores; appends
-    keys with score >= tau (ascending positions) to each row's candidate list. MODE: how the
-    scores are computed (_filter_scores); HIP = next_pow2(HI) for MODE 1 and 2."""
+    keys with score >= tau (ascending positions) to each row's candidate list."""
     p = tl.program_id(0)
     blk = tl.load(blk_ptr + p)
     bb = blk // NBT
@@ -204,8 +160,13 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         smask = s < hi
         kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
                      mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = _filter_scores(q_idx, w, row, tvalid, kt, HI, HIP, DI, DIP, BT, BS, MODE,
-                               DOT_PREC)
+        score = tl.zeros([BT, BS], dtype=tl.float32)
+        for j in tl.static_range(HI):  # fixed head order: the same fp32 sum in every pass
+            qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
+                         mask=tvalid[:, None] & dmask[None, :], other=0.0)
+            wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
+            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
+            score += tl.maximum(u, 0.0) * wj[:, None]
         score = tl.where(score == 0.0, 0.0, score)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
         keep = elig & (score >= tau[:, None])
@@ -308,13 +269,11 @@ def _config(device: torch.device) -> dict:
     """Tile sizes. Under the interpreter every op costs ~0.1 ms whatever its size, so tiles are
     wide and several rows share a program; on the GPU one row per select/sample program."""
     if interpreting() or device.type != "cuda":
-        return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
-                    filter_mode=0)
+        return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
-    # keys-on-M (240 ms) score tiles; 16 rows per program (32 and more spill registers).
-    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4,
-                filter_mode=0)
+    # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 and more spill).
+    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4)
 
 
 def default_cap(topk: int) -> int:
@@ -370,8 +329,7 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
             num_warps=cfg["warps_sample"])
         topk_fwd_kernel_filter[(blks.numel(),)](
             q_idx_BTHD, w_BTH, k_idx_BTD, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
-            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, MODE=cfg["filter_mode"], HIP=HIP,
-            num_warps=cfg["warps_filter"])
+            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
         topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
             start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
             BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
@@ -410,7 +368,7 @@ def _exact_fallback(q_idx, w, k_idx, start, failed_rows, out, T, NBT, K, chunk_b
         topk_fwd_kernel_filter[(nb,)](
             q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap_fb,
             HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, BS=BS, DOT_PREC=prec,
-            MODE=cfg["filter_mode"], HIP=pow2(HI), num_warps=cfg["warps_filter"])
+            num_warps=cfg["warps_filter"])
         topk_fwd_kernel_select_long[(nb * BT,)](
             start, blks, cnt, cand_s, cand_p, out, T, NBT, K, cap_fb,
             BT=BT, RB=1024, num_warps=cfg["warps_select"])

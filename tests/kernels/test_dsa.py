@@ -158,20 +158,6 @@ def test_topk_exact(B, T, HI, DI, topk, cap, m, vrange, cu):
         assert stats["fallback_rows"] < T // 20, stats
 
 
-@pytest.mark.parametrize("mode", [1, 2])
-def test_topk_filter_modes(mode, monkeypatch):
-    """The stacked-rows (1) and keys-on-M (2) score tiles select exactly what the reference does,
-    with packed documents, sampled thresholds and HI = 3 (padded to 4 stacked rows per token)."""
-    from kernels.dsa import topk as tk
-    orig = tk._config
-    monkeypatch.setattr(tk, "_config", lambda device: {**orig(device), "filter_mode": mode})
-    cu = _cu(0, 50, 51, 90)
-    q, w, k = _int_indexer(1, 90, 3, 16, -4, 5, w_lo=-1)
-    out = dsa_topk(q, w, k, 8, cu_seqlens=cu, cap=32, num_samples=16)
-    _check_idx_valid(out, 8, cu)
-    assert torch.equal(out, naive.topk_indices(q, w, k, 8, cu))
-
-
 def test_topk_all_ties_uses_exact_fallback():
     """All scores equal: every long row overflows its candidate list and is redone exactly;
     the answer is the first topk positions of the document."""
