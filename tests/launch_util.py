@@ -51,3 +51,38 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
     data = json.loads(out.read_text())
     losses = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
     return (losses, data["digests"]) if digests else losses
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a one-process or spawned gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_one_process_megatron(seed: int):
+    """A one-process gloo world with megatron's model-parallel groups of size 1 and its RNG tracker
+    seeded; returns the ProcessGroupCollection the model builders take. Undo with
+    `destroy_one_process_megatron()`."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from parallel.groups import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    init_distributed()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_one_process_megatron() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -9,7 +9,6 @@ The GPT comparison allows 1e-5 (the whole model's backward sits on top: measured
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,16 +18,11 @@ import torch.nn.functional as F
 
 from models.moe.chunked_ce import chunked_cross_entropy
 from tests.kernels.helpers import assert_close
+from tests.launch_util import destroy_one_process_megatron, free_port, init_one_process_megatron
 
 SEED = 42
 RTOL = 1e-6
 S, B, H, V = 13, 3, 24, 50  # 39 tokens
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(vocab=V, seed=SEED):
@@ -99,27 +93,18 @@ def _tp2_worker(rank: int, port: int, chunk: int) -> None:
 
 @pytest.mark.slow
 def test_tp2_vocab_split_matches_full_loss():
-    mp.start_processes(_tp2_worker, args=(_free_port(), 8), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_tp2_worker, args=(free_port(), 8), nprocs=2, join=True, start_method="spawn")
 
 
 # ------------------------------------------------------------------------------------ GPTModel (1 process)
 @pytest.fixture(scope="module")
 def tiny_gpt_pair():
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from models.config import LMConfig, ModelParallelSizes
     from models.lm import build_lm, transformer_config
     from models.moe.chunked_loss_gpt import enable_chunked_loss
-    from parallel.groups import init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-    init_distributed()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(SEED)
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs = init_one_process_megatron(SEED)
     lm = LMConfig(vocab_size=96, loss_chunk_tokens=0)  # the reference uses megatron's full-logit loss
     cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True)
     ref = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1)
@@ -127,8 +112,7 @@ def tiny_gpt_pair():
     chunked.load_state_dict(ref.state_dict())
     enable_chunked_loss(chunked, loss_chunk_tokens=7)
     yield lm, ref, chunked
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_one_process_megatron()
 
 
 def test_chunked_loss_gpt_matches_gpt(tiny_gpt_pair):

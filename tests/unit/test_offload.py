@@ -21,45 +21,29 @@ seconds; checked by hand, 2 steps each, per-step losses bit-identical to paralle
 and likewise recompute=selective; recompute=none with keye_tiny_dsa_sparse and keye_tiny_ksa; 2 processes
 with parallel.pp=2 (recompute full) and with parallel.cp=2 (keye_tiny_ksa, recompute full).
 """
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
+
+from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
 
 SEED = 5
 S, B = 32, 2
 LAYERS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """(lm config, {recompute: model}) with identical weights."""
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from models.config import LMConfig, ModelParallelSizes
     from models.lm import build_lm, transformer_config
-    from parallel.groups import init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-    init_distributed()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(SEED)
+    pgs = init_one_process_megatron(SEED)
     # megatron's process-wide MoE aux-loss tracker keeps one slot per layer of the first model that
     # logged into it; another test's model in this process may have had fewer layers
     get_moe_layer_wise_logging_tracker().clear()
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
     lm = LMConfig(num_layers=LAYERS, loss_chunk_tokens=0)
     models = {}
     for recompute in ("none", "full"):
@@ -69,8 +53,7 @@ def tiny():
     models["full"].load_state_dict(models["none"].state_dict())
     yield lm, models
     get_moe_layer_wise_logging_tracker().clear()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_one_process_megatron()
 
 
 def _step(lm, model, *, poison: bool = False):
