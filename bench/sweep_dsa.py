@@ -29,7 +29,7 @@ from bench.bench_dsa import TOPK, D, make_inputs, rel, timed  # noqa: E402
 from kernels.dsa import indexer_loss as il  # noqa: E402
 from kernels.dsa import sparse_attn as sa  # noqa: E402
 from kernels.dsa import topk as tk  # noqa: E402
-from kernels.dsa.common import row_doc_start  # noqa: E402
+from kernels.dsa.common import pow2, row_doc_start  # noqa: E402
 from kernels.dsa.plan import build_sparse_plan  # noqa: E402
 
 
@@ -125,11 +125,38 @@ def main():
 
     # --- timings ------------------------------------------------------------------------------
     if want("topk"):
-        run_variants("topk", tk, [
-            {}, {"BS": 64, "warps_filter": 4},
-            {"BS": 64, "warps_filter": 8}, {"BS": 32, "warps_filter": 4},
-            {"BS": 64, "warps_filter": 4, "warps_select": 4},
-        ], lambda: tk.dsa_topk_triton(qi, w, ki, TOPK), res, args.quick)
+        ref_idx = idx
+        rows = []
+        for ov, kw in (({}, {}), ({"BT": 32, "BS": 64, "warps_filter": 4}, {}),
+                       ({"BT": 32, "BS": 128, "warps_filter": 8}, {}),
+                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {}),
+                       ({"BT": 64, "BS": 128, "warps_filter": 8}, {}),
+                       ({"BT": 64, "BS": 64, "warps_filter": 4}, {}),
+                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {"chunk_bytes": 2 << 30}),
+                       ({"BT": 64, "BS": 128, "warps_filter": 8}, {"chunk_bytes": 2 << 30}),
+                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {"cap": 4096}),
+                       ({"BT": 32, "BS": 64, "warps_filter": 4}, {"cap": 4096}),
+                       ({}, {"cap": 4096}), ({"warps_sample": 8}, {})):
+            label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
+            try:
+                with patched(tk, **ov):
+                    st = {}
+                    out = tk.dsa_topk_triton(qi, w, ki, TOPK, stats=st, **kw)
+                    same = bool(torch.equal(out, ref_idx))
+                    del out
+                    torch.cuda.synchronize()
+                    ms = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK, **kw), args.quick)
+                rows.append({"config": {**ov, **kw}, "ms": ms, "same_idx": same,
+                             "fallback_rows": st.get("fallback_rows")})
+                print(f"topk       {label:60s} {ms:9.2f} ms same={same} "
+                      f"fallback={st.get('fallback_rows')}", flush=True)
+            except Exception as e:
+                rows.append({"config": {**ov, **kw}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"topk       {label:60s} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
+            torch.cuda.empty_cache()
+        ok = [r for r in rows if "ms" in r and r["same_idx"]]
+        res["topk"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+        dump(res)
     if want("plan"):
         rows = []
         for merge, warps in ((False, 8), (True, 8), (True, 16), (True, 4)):
@@ -146,17 +173,20 @@ def main():
         res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
     if want("attn_fwd"):
         run_variants("attn_fwd", sa, [
-            {}, {"BS_fwd": 32}, {"BS_fwd": 128}, {"BS_fwd": 64, "warps_fwd": 8},
-            {"BS_fwd": 64, "stages": 3}, {"BS_fwd": 128, "warps_fwd": 8},
+            {}, {"BS_fwd": 128, "warps_fwd": 4}, {"BS_fwd": 128, "warps_fwd": 4, "stages": 2},
+            {"BS_fwd": 128, "warps_fwd": 4, "stages": 4}, {"BS_fwd": 256, "warps_fwd": 4},
+            {"BS_fwd": 256, "warps_fwd": 8}, {"BS_fwd": 128, "warps_fwd": 8, "stages": 2},
         ], lambda: sa.sparse_attn_fwd(q, k, v, plan, scale), res, args.quick)
     if want("attn_bwd"):
         run_variants("attn_bwd", sa, [
-            {}, {"BS_bwd": 32}, {"BS_bwd": 16}, {"BS_bwd": 64, "warps_bwd": 8},
-            {"BS_bwd": 64, "stages": 2}, {"BS_bwd": 64, "stages": 4}, {"BS_bwd": 128},
+            {}, {"BS_bwd": 16}, {"BS_bwd": 32, "stages": 2}, {"BS_bwd": 32, "stages": 4},
+            {"BS_bwd": 32, "warps_bwd": 8}, {"BS_bwd": 32, "warps_bwd": 2},
+            {"BS_bwd": 128, "warps_bwd": 8},
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
     if want("loss_fwd"):
         run_variants("loss_fwd", il, [
-            {}, {"BS_fwd": 16}, {"BS_fwd": 64}, {"warps": 4}, {"BS_fwd": 64, "warps": 4},
+            {}, {"BS_fwd": 128, "warps": 4}, {"BS_fwd": 128, "warps": 4, "stages": 3},
+            {"BS_fwd": 256, "warps": 4}, {"BS_fwd": 256, "warps": 8}, {"BS_fwd": 128, "warps": 8},
         ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
                                      keep_psum=True), res, args.quick)
     if want("loss_bwd"):
@@ -166,7 +196,7 @@ def main():
                      lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
                                                lse_i, z, gscale), res, args.quick)
         run_variants("loss_bwd", il, [
-            {}, {"BS_bwd_p": 16}, {"BS_bwd_p": 64}, {"BS_bwd_p": 128}, {"warps": 8},
+            {}, {"BS_bwd_p": 64}, {"BS_bwd_p": 128}, {"BS_bwd_p": 64, "stages": 3},
         ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
                                      psum=psum), res, args.quick)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
@@ -194,6 +224,54 @@ def main():
         except Exception as e:
             res["block8_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     res["union_per_block"] = plan.mean_union()
+    if want("cluster"):  # how the union entries of a block fall into tiles of BK adjacent keys
+        blk = torch.repeat_interleave(torch.arange(plan.num_blocks, device=q.device),
+                                      plan.offsets_N1.diff())
+        res["cluster"] = {}
+        for bk in (16, 32, 64, 128):
+            pairs = torch.unique_consecutive(blk * (L // bk + 1) + plan.pos_U.long() // bk).numel()
+            res["cluster"][bk] = {"pairs": pairs, "entries_per_pair": plan.pos_U.numel() / pairs}
+        print("cluster:", res["cluster"], flush=True)
+        del blk
+    if want("topk_pieces"):  # the selector's kernels one by one, at the module's configuration
+        cfg = tk._config(q.device)
+        BT, K = cfg["BT"], TOPK
+        cap = tk.default_cap(K)
+        M = min(2048, cap // 2)
+        NBT = -(-L // BT)
+        nbc = min(NBT, (512 << 20) // (BT * cap * 8))
+        nslot = nbc * BT
+        tau = torch.empty(nslot, dtype=torch.float32, device=q.device)
+        cnt = torch.empty(nslot, dtype=torch.int32, device=q.device)
+        scratch = torch.empty(nslot, pow2(M), dtype=torch.float32, device=q.device)
+        cs = torch.empty(nslot, cap, dtype=torch.float32, device=q.device)
+        cp = torch.empty(nslot, cap, dtype=torch.int32, device=q.device)
+        outk = torch.empty(1, L, K, dtype=torch.int32, device=q.device)
+        fail = torch.zeros(L, dtype=torch.int32, device=q.device)
+        last = torch.arange(NBT - nbc, NBT, dtype=torch.int32, device=q.device)  # the longest rows
+        pieces = {}
+        for name, fn in (
+                ("sample", lambda b: tk.topk_fwd_kernel_sample[(nbc,)](
+                    qi, w, ki, start, b, scratch, L, NBT, cap, M, HI=16, DI=64, DIP=64, BT=BT,
+                    SB=cfg["SB"], MP=pow2(M), DOT_PREC="tf32", num_warps=cfg["warps_sample"])),
+                ("tau", lambda b: tk.topk_fwd_kernel_tau[(nslot,)](
+                    start, b, tau, scratch, nslot, L, NBT, K, cap, M, (K + cap) // 2, BT=BT,
+                    MP=pow2(M), R=1, num_warps=cfg["warps_select"])),
+                ("filter", lambda b: tk.topk_fwd_kernel_filter[(nbc,)](
+                    qi, w, ki, start, b, tau, cnt, cs, cp, L, NBT, cap, HI=16, DI=64, DIP=64,
+                    BT=BT, BS=cfg["BS"], DOT_PREC="tf32", num_warps=cfg["warps_filter"])),
+                ("select", lambda b: tk.topk_fwd_kernel_select[(nslot,)](
+                    start, b, cnt, cs, cp, outk, fail, nslot, L, NBT, K, cap, BT=BT, R=1,
+                    RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
+            try:
+                fn(last)
+                torch.cuda.synchronize()
+                pieces[name] = timed(lambda: fn(last), args.quick)
+            except Exception as e:
+                pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        pieces["note"] = f"last {nbc} blocks of {NBT} (the longest rows), one chunk"
+        res["topk_pieces"] = pieces
+        print("topk pieces:", pieces, flush=True)
     res["wall_seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -67,11 +67,14 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     cap = tk.default_cap(K)
     M = min(2048, cap // 2)
     out.append((tk.topk_fwd_kernel_sample,
-                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", tau_ptr="*fp32",
-                     scratch_ptr="*fp32", NSLOT="i32", T="i32", NBT="i32", K="i32", CAP="i32",
-                     M="i32", TARGET="i32"),
-                dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BT=c["BT"], SB=c["SB"], MP=pow2(M), R=c["R"],
-                     DOT_PREC=prec), c["warps_sample"], 2))
+                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32",
+                     scratch_ptr="*fp32", T="i32", NBT="i32", CAP="i32", M="i32"),
+                dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], SB=c["SB"], MP=pow2(M), DOT_PREC=prec),
+                c["warps_sample"], 2))
+    out.append((tk.topk_fwd_kernel_tau,
+                dict(start_ptr="*i32", blk_ptr="*i32", tau_ptr="*fp32", scratch_ptr="*fp32",
+                     NSLOT="i32", T="i32", NBT="i32", K="i32", CAP="i32", M="i32", TARGET="i32"),
+                dict(BT=c["BT"], MP=pow2(M), R=c["R"]), c["warps_select"], 2))
     out.append((tk.topk_fwd_kernel_filter,
                 dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", tau_ptr="*fp32",
                      cnt_ptr="*i32", cand_s_ptr="*fp32", cand_p_ptr="*i32", T="i32", NBT="i32",

@@ -258,13 +258,14 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
 
 def _config(device: torch.device) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90 at Hq 32 / Hkv 4 / D 128 / HI 16 /
-    DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 64-key
-    tiles with 4 warps 68 ms (32 keys / 8 warps: 167); backward from the cached P, 32-key tiles
-    with 4 warps 29 ms; the recomputing backward (dense stage) keeps 16-key tiles with 8 warps."""
+    DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 128-key
+    tiles with 4 warps 60 ms (64 / 4: 68, 256 / 8: 65, 32 / 8: 167); backward from the cached P,
+    128-key tiles 26 ms (32: 29, 64: 35); the recomputing backward (the dense stage's, timed on the
+    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296)."""
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
                     warps_lse=4, stages=1)
-    return dict(BS_fwd=64, BS_bwd=16, BS_bwd_p=32, BS_lse=64, warps=4, warps_bwd=8, warps_lse=4,
+    return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
                 stages=2)
 
 

@@ -129,17 +129,19 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
 
 
 def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2) -> dict:
-    """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 or 64 rows): sizes
-    that compile without register spills (aot_check.py), timed by bench/sweep_dsa.py at 128K on an
-    H200: forward 64-key tiles 86 ms (32: 139, 128: 99); backward with 3 pipeline stages, 128-key
-    tiles 275 ms for 16-bit inputs (64: 305, 32: 366; 64 with 2 stages: 392), 64-key tiles for fp32
-    inputs (128 fp32 K and V rows per stage would exceed the 227 KB of shared memory). 16-byte vector reductions
-    (red.global.add.v4.f32) for dk / dv measured no faster than scalar fp32 atomics (371 vs 364 ms),
-    so the backward is not bound by the number of atomic instructions."""
+    """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 rows), timed by
+    bench/sweep_dsa.py at 128K on an H200: forward 128-key tiles with 4 warps 54 ms (64 keys / 8
+    warps: 86, 64 / 4: 72, 256 / 8: 72; 8 warps at 128 keys: 99); backward 32-key tiles with 4
+    warps 222 ms (128 keys / 8 warps: 275, 64 / 4: 292, 128 / 4 spills: 776). fp32 inputs keep 64
+    keys forward (128 fp32 K and V rows per stage would exceed the 227 KB of shared memory). 64-row
+    blocks (8 tokens) keep 8 warps. 16-byte vector reductions (red.global.add.v4.f32) for dk / dv
+    measured no faster than scalar fp32 atomics (371 vs 364 ms); the backward is bound by the dk /
+    dv reductions (275 ms with them, 113 ms with the same products left unwritten, 229 ms with them
+    folded into an L2-resident band of 4K keys: bench/probe_dsa.py)."""
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages=1)
-    small = BM * pow2(D, 16) <= 32 * 64
-    return dict(BS_fwd=64, BS_bwd=128 if elem_bytes <= 2 else 64, warps_fwd=4 if small else 8,
+    small = BM * pow2(D, 16) <= 32 * 128
+    return dict(BS_fwd=128 if elem_bytes <= 2 else 64, BS_bwd=32, warps_fwd=4 if small else 8,
                 warps_bwd=4 if small else 8, stages=3)
 
 

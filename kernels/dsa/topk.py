@@ -4,11 +4,12 @@ Shape legend: B batch, T tokens, HI indexer heads, DI indexer dim, K top-k, CAP 
 row, M threshold samples per row. A "row" is one query token (flattened b * T + t); a "slot" is a
 row's place in the current launch (blocks of BT consecutive tokens).
 
-No [T, T] score matrix ever exists. Selection runs in three kernels per chunk of query blocks:
+No [T, T] score matrix ever exists. Selection runs in four kernels per chunk of query blocks:
 
-1. `topk_fwd_kernel_sample` (R rows per program): for rows with more eligible keys than CAP it
-   scores M stratified pseudo-random keys of the row's document prefix and takes the sample order
-   statistic that predicts about (K + CAP) / 2 survivors as the row threshold tau. Rows with
+1. `topk_fwd_kernel_sample` (one program per BT query rows) scores M stratified pseudo-random keys
+   of the block's document prefix for the rows with more eligible keys than CAP (one gathered key
+   tile serves all BT rows), and `topk_fwd_kernel_tau` (R rows per program) takes the sample order
+   statistic that predicts about (K + CAP) / 2 survivors as each row's threshold tau. Rows with
    n <= K keep nothing (their answer is the whole prefix), rows with K < n <= CAP keep everything.
 2. `topk_fwd_kernel_filter` (one program per BT query rows): recomputes the scores tile by tile
    (per indexer head a [BT, DI] x [DI, BS] dot, ReLU, weight, sum) over the causal / document
@@ -81,44 +82,71 @@ def _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT: tl.constexpr):
     return live, row, start, t - start + 1
 
 
+@triton.jit(do_not_specialize=["T", "NBT", "CAP", "M"])
+def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, scratch_ptr, T, NBT, CAP, M,
+                           HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                           BT: tl.constexpr, SB: tl.constexpr, MP: tl.constexpr,
+                           DOT_PREC: tl.constexpr):
+    """Scores of M stratified pseudo-random sample keys for the BT rows of one query block.
+
+    The rows share the sample: positions spread over the eligible prefix of the block's first row,
+    s0 + (j * n0 + hash(first row, j) % n0) // M. Only rows with more than CAP eligible keys need
+    a threshold, and (CAP >= BT) they all belong to the first row's document, so every sampled key
+    is eligible for them; each [BT, DI] x [DI, SB] dot reuses one gathered key tile for BT rows.
+    Rows in another document (possible only when CAP < BT) get no valid sample (-inf scores) and
+    end in the exact fallback."""
+    p = tl.program_id(0)
+    blk = tl.load(blk_ptr + p)
+    bb = blk // NBT
+    i = tl.arange(0, BT)
+    t = (blk % NBT) * BT + i
+    tvalid = t < T
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    est = tvalid & (t - start + 1 > CAP)
+    if tl.max(est.to(tl.int32), axis=0) > 0:
+        t0 = tl.min(tl.where(est, t, T), axis=0)
+        row0 = bb * T + t0
+        s0 = tl.load(start_ptr + row0)
+        n0 = (t0 - s0 + 1).to(tl.int64)
+        same = est & (start == s0)
+        dd = tl.arange(0, DIP)
+        dmask = dd < DI
+        for j0 in range(0, M, SB):
+            j = j0 + tl.arange(0, SB)
+            jm = j < M
+            pos = s0 + (j.to(tl.int64) * n0 + _hash(row0, j) % n0) // M
+            kt = tl.load(k_idx + ((bb * T + pos) * DI)[:, None] + dd[None, :],
+                         mask=jm[:, None] & dmask[None, :], other=0.0)
+            sc = tl.zeros([BT, SB], dtype=tl.float32)
+            for h in tl.static_range(HI):  # the filter's head order: the same fp32 sums
+                qh = tl.load(q_idx + (row * HI + h)[:, None] * DI + dd[None, :],
+                             mask=tvalid[:, None] & dmask[None, :], other=0.0)
+                wh = tl.load(w + row * HI + h, mask=tvalid, other=0.0).to(tl.float32)
+                u = tl.dot(qh, tl.trans(kt), input_precision=DOT_PREC)
+                sc += tl.maximum(u, 0.0) * wh[:, None]
+            sc = tl.where(same[:, None], sc, float("-inf"))
+            tl.store(scratch_ptr + (p * BT + i).to(tl.int64)[:, None] * MP + j[None, :], sc,
+                     mask=est[:, None] & jm[None, :])
+
+
 @triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET"])
-def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, scratch_ptr,
-                           NSLOT, T, NBT, K, CAP, M, TARGET,
-                           HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
-                           DIP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                           MP: tl.constexpr, R: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Row threshold tau: +inf (n <= K: keep nothing), -inf (n <= CAP: keep all), or a sample
-    order statistic expected to leave about TARGET keys (n > CAP). R rows per program; the
-    sample scores of the R rows are one batched [R, HI, DI] x [R, DI, SB] dot per tile."""
+def topk_fwd_kernel_tau(start_ptr, blk_ptr, tau_ptr, scratch_ptr, NSLOT, T, NBT, K, CAP, M, TARGET,
+                        BT: tl.constexpr, MP: tl.constexpr, R: tl.constexpr):
+    """Row threshold tau: +inf (n <= K: keep nothing), -inf (n <= CAP: keep all), or the sample
+    order statistic expected to leave about TARGET of the row's n keys (n > CAP). R rows per
+    program; the sample scores come from topk_fwd_kernel_sample."""
     slot = tl.program_id(0) * R + tl.arange(0, R)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     est = live & (n > CAP)
     tau = tl.where(live & (n > K), float("-inf"), float("inf"))
     if tl.max(est.to(tl.int32), axis=0) > 0:
-        hh = tl.arange(0, HIP)
-        dd = tl.arange(0, DIP)
-        bb = row // T
         n_safe = tl.maximum(n, 1).to(tl.int64)
-        qmask = est[:, None, None] & (hh[None, :, None] < HI) & (dd[None, None, :] < DI)
-        qt = tl.load(q_idx + ((row[:, None] * HI + hh[None, :]) * DI)[:, :, None]
-                     + dd[None, None, :], mask=qmask, other=0.0)           # [R, HIP, DIP]
-        wt = tl.load(w + row[:, None] * HI + hh[None, :],
-                     mask=est[:, None] & (hh[None, :] < HI), other=0.0).to(tl.float32)
-        for j0 in range(0, M, SB):  # score M stratified samples per row into scratch
-            j = j0 + tl.arange(0, SB)
-            jm = est[:, None] & (j[None, :] < M)
-            off = _hash(row[:, None], j[None, :]) % n_safe[:, None]
-            pos = start[:, None] + (j[None, :].to(tl.int64) * n_safe[:, None] + off) // M
-            kt = tl.load(k_idx + ((bb[:, None] * T + pos) * DI)[:, :, None] + dd[None, None, :],
-                         mask=jm[:, :, None] & (dd[None, None, :] < DI), other=0.0)  # [R, SB, DIP]
-            u = tl.dot(qt, tl.trans(kt, 0, 2, 1), input_precision=DOT_PREC)       # [R, HIP, SB]
-            sc = tl.sum(tl.maximum(u, 0.0) * wt[:, :, None], axis=1)
-            tl.store(scratch_ptr + slot.to(tl.int64)[:, None] * MP + j[None, :], sc, mask=jm)
-        tl.debug_barrier()
         jj = tl.arange(0, MP)
         valid = est[:, None] & (jj[None, :] < M)
         sc = tl.load(scratch_ptr + slot.to(tl.int64)[:, None] * MP + jj[None, :], mask=valid,
                      other=0.0)
+        valid = valid & (sc > float("-inf"))
         sc = tl.where(sc == 0.0, 0.0, sc)
         keys = _ordered_key(sc)
         r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n_safe - 1) // n_safe, 1), M)
@@ -267,12 +295,15 @@ def topk_fwd_kernel_select_long(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_
 
 def _config(device: torch.device) -> dict:
     """Tile sizes. Under the interpreter every op costs ~0.1 ms whatever its size, so tiles are
-    wide and several rows share a program; on the GPU one row per select/sample program."""
+    wide and several rows share a program; on the GPU one row per select / tau program."""
     if interpreting() or device.type != "cuda":
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
-    # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 and more spill).
+    # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
+    # 64 rows: out of shared memory). With the sample shared by a block's rows, all of top-k is
+    # 139 ms (sampling 21 -> ~7 ms). Rejected: cap 4096 (261 fallback rows, 175 ms); the append
+    # offsets as a matmul with a triangular ones matrix instead of tl.cumsum (no faster).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4)
 
 
@@ -304,36 +335,14 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
     if not 1 <= M <= cap:
         raise ValueError(f"num_samples ({M}) must be in [1, cap={cap}]")
     cfg = _config(dev)
-    BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
-    HIP, DIP, MP = pow2(HI), pow2(DI, 16), pow2(M)
     prec = dot_precision(q_idx_BTHD.dtype)
     start = row_doc_start(B, T, cu_seqlens, dev)
-    NBT = triton.cdiv(T, BT)
+    NBT = triton.cdiv(T, cfg["BT"])
     NB = B * NBT
     out = torch.empty(B, T, K, dtype=torch.int32, device=dev)
     fail = torch.zeros(B * T, dtype=torch.int32, device=dev)
-    nbc = max(1, min(NB, chunk_bytes // (BT * cap * 8)))
-    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
-    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
-    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
-    tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
-    scratch = torch.empty(nbc * BT, MP, dtype=torch.float32, device=dev)
-    target = (K + cap) // 2
-    all_blocks = torch.arange(NB, dtype=torch.int32, device=dev)
-    for c0 in range(0, NB, nbc):
-        blks = all_blocks[c0:c0 + nbc]
-        nslot = blks.numel() * BT
-        topk_fwd_kernel_sample[(triton.cdiv(nslot, R),)](
-            q_idx_BTHD, w_BTH, k_idx_BTD, start, blks, tau, scratch, nslot, T, NBT, K, cap, M,
-            target, HI=HI, HIP=HIP, DI=DI, DIP=DIP, BT=BT, SB=SB, MP=MP, R=R, DOT_PREC=prec,
-            num_warps=cfg["warps_sample"])
-        topk_fwd_kernel_filter[(blks.numel(),)](
-            q_idx_BTHD, w_BTH, k_idx_BTD, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
-            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
-        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
-            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
-            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
-    del cand_s, cand_p, scratch
+    select_blocks(q_idx_BTHD, w_BTH, k_idx_BTD, start, torch.arange(NB, dtype=torch.int32, device=dev),
+                  T, K, cap, M, out, fail, chunk_bytes)
     failed_rows = fail.nonzero().flatten()
     if stats is not None:
         stats["fallback_rows"] = int(failed_rows.numel())
@@ -341,6 +350,42 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
         _exact_fallback(q_idx_BTHD, w_BTH, k_idx_BTD, start, failed_rows, out, T, NBT, K,
                         chunk_bytes, cfg, prec)
     return out
+
+
+def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes):
+    """Run the sample / tau / filter / select kernels over the query blocks `blocks` (int32 block
+    ids b * NBT + t // BT at the module's BT), in chunks of at most chunk_bytes of candidates;
+    writes `out` rows and flags rows for the exact fallback in `fail` (both flattened b * T + t)."""
+    dev = out.device
+    HI, DI = q_idx.shape[2], q_idx.shape[3]
+    cfg = _config(dev)
+    BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
+    DIP, MP = pow2(DI, 16), pow2(M)
+    prec = dot_precision(q_idx.dtype)
+    NBT = triton.cdiv(T, BT)
+    nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * cap * 8)))
+    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
+    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
+    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
+    scratch = torch.empty(nbc * BT, MP, dtype=torch.float32, device=dev)
+    target = (K + cap) // 2
+    for c0 in range(0, blocks.numel(), nbc):
+        blks = blocks[c0:c0 + nbc].contiguous()
+        nslot = blks.numel() * BT
+        topk_fwd_kernel_sample[(blks.numel(),)](
+            q_idx, w, k_idx, start, blks, scratch, T, NBT, cap, M,
+            HI=HI, DI=DI, DIP=DIP, BT=BT, SB=SB, MP=MP, DOT_PREC=prec,
+            num_warps=cfg["warps_sample"])
+        topk_fwd_kernel_tau[(triton.cdiv(nslot, R),)](
+            start, blks, tau, scratch, nslot, T, NBT, K, cap, M, target, BT=BT, MP=MP, R=R,
+            num_warps=cfg["warps_select"])
+        topk_fwd_kernel_filter[(blks.numel(),)](
+            q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
+            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
+        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
+            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
+            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
 
 
 def _exact_fallback(q_idx, w, k_idx, start, failed_rows, out, T, NBT, K, chunk_bytes, cfg, prec):

@@ -185,11 +185,9 @@ def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_byt
     """Top-k of the local rows with the kernels/dsa Triton selector, launched only on the blocks that
     hold local rows (queries scattered to their global rows, see the module docstring)."""
     import triton
-    from kernels.dsa.common import dot_precision, pow2
-    from kernels.dsa.topk import (_config, _exact_fallback, default_cap, topk_fwd_kernel_filter,
-                                  topk_fwd_kernel_sample, topk_fwd_kernel_select)
+    from kernels.dsa.common import dot_precision
+    from kernels.dsa.topk import _config, _exact_fallback, default_cap, select_blocks
     dev = q_idx_RHD.device
-    HI, DI = q_idx_RHD.shape[1:]
     Tp = int(pos_R.max()) + 1
     K = int(topk)
     q_idx = _scatter_rows(q_idx_RHD.detach(), pos_R, Tp)[None].contiguous()
@@ -197,34 +195,14 @@ def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_byt
     k_idx = k_idx_TD.detach()[None, :Tp].contiguous()
     start = _padded_starts(pos_R, start_R, Tp)
     cap = default_cap(K)
-    M = min(2048, cap // 2)
     cfg = _config(dev)
-    BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
+    BT = cfg["BT"]
     prec = dot_precision(q_idx.dtype)
     NBT = triton.cdiv(Tp, BT)
     out = torch.full((1, Tp, K), -1, dtype=torch.int32, device=dev)
     fail = torch.zeros(Tp, dtype=torch.int32, device=dev)
     blocks = torch.unique(pos_R // BT).to(torch.int32)
-    nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * cap * 8)))
-    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
-    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
-    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
-    tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
-    scratch = torch.empty(nbc * BT, pow2(M), dtype=torch.float32, device=dev)
-    for c0 in range(0, blocks.numel(), nbc):
-        blks = blocks[c0:c0 + nbc].contiguous()
-        nslot = blks.numel() * BT
-        topk_fwd_kernel_sample[(triton.cdiv(nslot, R),)](
-            q_idx, w, k_idx, start, blks, tau, scratch, nslot, Tp, NBT, K, cap, M, (K + cap) // 2,
-            HI=HI, HIP=pow2(HI), DI=DI, DIP=pow2(DI, 16), BT=BT, SB=SB, MP=pow2(M), R=R, DOT_PREC=prec,
-            num_warps=cfg["warps_sample"])
-        topk_fwd_kernel_filter[(blks.numel(),)](
-            q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, Tp, NBT, cap,
-            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
-        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
-            start, blks, cnt, cand_s, cand_p, out, fail, nslot, Tp, NBT, K, cap,
-            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
-    del cand_s, cand_p, scratch
+    select_blocks(q_idx, w, k_idx, start, blocks, Tp, K, cap, min(2048, cap // 2), out, fail, chunk_bytes)
     failed = fail.nonzero().flatten()
     if failed.numel():
         _exact_fallback(q_idx, w, k_idx, start, failed, out, Tp, NBT, K, chunk_bytes, cfg, prec)
