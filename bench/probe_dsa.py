@@ -8,8 +8,10 @@ are bench_dsa.py's. Variants:
   (scores only), at several row / key tile sizes;
 - sparse-attention backward (copies of the kernel): MODE 0 atomics as shipped, 1 plain stores in
   their place, 2 no dk / dv at all, 3 dk / dv products computed but not written, 4 / 5 / 6 the
-  atomics folded into an L2-sized band of 4K / 16K / 1K keys (pos % WRAP); ORDER 1 KV groups
-  fastest in the grid, 2 blocks spread by a stride permutation;
+  atomics folded into an L2-sized band of 4K / 16K / 1K keys (pos % WRAP), 7 / 8 `red.global.add`
+  (scalar / v2) in inline assembly in place of the compiler's `atom` (checked to give the same sums);
+  ORDER 1 KV groups fastest in the grid, 2 blocks spread by a stride permutation
+  (PROBE_ONLY_BWD=1 runs only these);
 - sparse-attention forward: grid orders, and keys loaded at consecutive positions instead of the
   union's (what gathering costs).
 """
@@ -33,6 +35,23 @@ from kernels.dsa import topk as tk  # noqa: E402
 from kernels.dsa import indexer_loss as il  # noqa: E402
 from kernels.dsa.common import dot_precision, pow2, row_doc_start  # noqa: E402
 from kernels.dsa.plan import build_sparse_plan  # noqa: E402
+
+
+@triton.jit
+def _red_f32(ptr, val, mask):
+    """Fire-and-forget fp32 reduction (red, not atom: no value comes back)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.global.add.f32 [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,f,r", [ptr.to(tl.int64, bitcast=True), val, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _red_v2_f32(ptr, val, mask):
+    """Two adjacent fp32 reductions in one red.v2 (the thread's element pairs are adjacent in d)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.global.add.v2.f32 [$2], {$4, $5}; "
+        "mov.u32 $0, 0; mov.u32 $1, 0; }",
+        "=r,=r,l,l,f,f,r,r", [ptr.to(tl.int64, bitcast=True), val, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=2)
 
 
 @triton.jit
@@ -90,7 +109,15 @@ def bwd_probe(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT, NB,
         if MODE != 2:
             dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
             dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt) * scale
-            if MODE >= 4:
+            if MODE == 7:
+                m2 = kvmask & (d[None, :] >= 0)
+                _red_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
+                _red_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
+            elif MODE == 8:
+                m2 = kvmask & (d[None, :] >= 0)
+                _red_v2_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
+                _red_v2_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
+            elif MODE >= 4:
                 wrap = ((bb * T + pos % WRAP).to(tl.int64) * HKV + g) * D
                 tl.atomic_add(dv + wrap[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
                 tl.atomic_add(dk + wrap[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
@@ -225,6 +252,41 @@ def filter_probe(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr,
     tl.store(cnt_ptr + p * BT + i, cnt)
 
 
+def bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec):
+    # --- attention backward variants ---------------------------------------------------------
+    NB = plan.num_blocks
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=k.device)
+    dq = torch.empty_like(q)
+    res["red_check"] = {}
+    ref = None
+    for mode in (0, 7, 8):  # the red variants must give the atomics' dk / dv (up to fp32 order)
+        try:
+            dk32.zero_(), dv32.zero_()
+            bwd_probe[(NB, HKV_)](q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U,
+                                  plan.bits_U, L, plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8,
+                                  GP=8, D=128, BQ=4, BS=32, MODE=mode, ORDER=0, num_warps=4,
+                                  num_stages=3)
+            if ref is None:
+                ref = (dk32.clone(), dv32.clone())
+            else:
+                res["red_check"][mode] = [((a - b).norm() / b.norm()).item()
+                                          for a, b in zip((dk32, dv32), ref)]
+        except Exception as e:
+            res["red_check"][mode] = f"{type(e).__name__}: {str(e)[:300]}"
+    print("red_check", res["red_check"], flush=True)
+    del ref
+    for mode, order, bs, warps in ((0, 0, 32, 4), (7, 0, 32, 4), (8, 0, 32, 4), (3, 0, 32, 4),
+                                   (2, 0, 32, 4), (0, 0, 128, 8), (1, 0, 128, 4), (3, 0, 128, 8),
+                                   (4, 0, 128, 8), (5, 0, 128, 8), (6, 0, 64, 4), (0, 1, 128, 8),
+                                   (0, 2, 128, 8)):
+        grid = (HKV_, NB) if order == 1 else (NB, HKV_)
+        rec(f"bwd_probe_mode{mode}_order{order}_BS{bs}_w{warps}", lambda mode=mode, order=order, grid=grid, bs=bs, warps=warps: bwd_probe[grid](
+            q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
+            plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=4, BS=bs, MODE=mode,
+            ORDER=order, WRAP={4: 4096, 5: 16384, 6: 1024}.get(mode, 4096), num_warps=warps, num_stages=3))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=131072)
@@ -251,6 +313,11 @@ def main():
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    if os.environ.get("PROBE_ONLY_BWD"):
+        idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
+        plan = build_sparse_plan(idx, 4)
+        o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
+        return bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec)
     rec("topk_total", lambda: tk.dsa_topk_triton(qi, w, ki, TOPK))
     idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
     plan = build_sparse_plan(idx, 4)
@@ -335,19 +402,8 @@ def main():
     for bt, bs, wp in ((64, 128, 8), (128, 64, 8), (128, 128, 8), (64, 256, 8)):
         rec(f"filter_probe_scores_only_BT{bt}_BS{bs}_w{wp}", filt(2, bt, bs, wp))
 
-    # --- attention backward variants ---------------------------------------------------------
+    bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec)
     NB = plan.num_blocks
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=k.device)
-    dq = torch.empty_like(q)
-    for mode, order, bs, warps in ((0, 0, 128, 8), (1, 0, 128, 8), (2, 0, 128, 8),
-                                   (3, 0, 128, 8), (4, 0, 128, 8), (5, 0, 128, 8), (6, 0, 64, 4),
-                                   (0, 1, 128, 8), (0, 2, 128, 8)):
-        grid = (HKV_, NB) if order == 1 else (NB, HKV_)
-        rec(f"bwd_probe_mode{mode}_order{order}_BS{bs}_w{warps}", lambda mode=mode, order=order, grid=grid, bs=bs, warps=warps: bwd_probe[grid](
-            q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
-            plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=4, BS=bs, MODE=mode,
-            ORDER=order, WRAP={4: 4096, 5: 16384, 6: 1024}.get(mode, 4096), num_warps=warps, num_stages=3))
     ob = torch.empty_like(q)
     lb = torch.empty_like(lse)
     for order, contig in ((0, 0), (1, 0), (2, 0), (0, 1)):

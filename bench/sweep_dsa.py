@@ -127,16 +127,10 @@ def main():
     if want("topk"):
         ref_idx = idx
         rows = []
-        for ov, kw in (({}, {}), ({"BT": 32, "BS": 64, "warps_filter": 4}, {}),
-                       ({"BT": 32, "BS": 128, "warps_filter": 8}, {}),
-                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {}),
-                       ({"BT": 64, "BS": 128, "warps_filter": 8}, {}),
-                       ({"BT": 64, "BS": 64, "warps_filter": 4}, {}),
-                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {"chunk_bytes": 2 << 30}),
-                       ({"BT": 64, "BS": 128, "warps_filter": 8}, {"chunk_bytes": 2 << 30}),
-                       ({"BT": 64, "BS": 64, "warps_filter": 8}, {"cap": 4096}),
-                       ({"BT": 32, "BS": 64, "warps_filter": 4}, {"cap": 4096}),
-                       ({}, {"cap": 4096}), ({"warps_sample": 8}, {})):
+        for ov, kw in (({}, {}), ({"stages_filter": 3}, {}), ({"warps_filter": 8}, {}),
+                       ({"BS": 128, "warps_filter": 8}, {}), ({"BS": 32}, {}),
+                       ({"BT": 32, "warps_filter": 4}, {}), ({"BT": 64, "warps_filter": 8}, {}),
+                       ({}, {"cap": 4096})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):
@@ -204,10 +198,12 @@ def main():
             plan8 = build_sparse_plan(idx, 8)
             o8, lse8 = sa.sparse_attn_fwd(q, k, v, plan8, scale)
             res["block8_union_per_block"] = plan8.mean_union()
-            run_variants("attn_fwd_bq8", sa, [{"BS_fwd": 32}, {"BS_fwd": 64}, {"BS_fwd": 64, "warps_fwd": 8}],
+            run_variants("attn_fwd_bq8", sa, [{"BS_fwd": 64, "warps_fwd": 4}, {"BS_fwd": 128, "warps_fwd": 4},
+                                              {"BS_fwd": 64, "warps_fwd": 8}, {"BS_fwd": 128, "warps_fwd": 8}],
                          lambda: sa.sparse_attn_fwd(q, k, v, plan8, scale), res, args.quick)
             run_variants("attn_bwd_bq8", sa, [{"BS_bwd": 32, "warps_bwd": 8},
-                                              {"BS_bwd": 64, "warps_bwd": 8}, {"BS_bwd": 64, "warps_bwd": 4}],
+                                              {"BS_bwd": 32, "warps_bwd": 4}, {"BS_bwd": 16, "warps_bwd": 4},
+                                              {"BS_bwd": 64, "warps_bwd": 8}, {"BS_bwd": 16, "warps_bwd": 8}],
                          lambda: sa.sparse_attn_bwd(q, k, v, o8, do, lse8, plan8, scale), res,
                          args.quick)
             t_plan8 = timed(lambda: build_sparse_plan(idx, 8), args.quick)

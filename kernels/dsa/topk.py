@@ -297,14 +297,18 @@ def _config(device: torch.device) -> dict:
     """Tile sizes. Under the interpreter every op costs ~0.1 ms whatever its size, so tiles are
     wide and several rows share a program; on the GPU one row per select / tau program."""
     if interpreting() or device.type != "cuda":
-        return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4)
+        return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
+                    stages_filter=1)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
     # 64 rows: out of shared memory). With the sample shared by a block's rows, all of top-k is
-    # 139 ms (sampling 21 -> ~7 ms). Rejected: cap 4096 (261 fallback rows, 175 ms); the append
-    # offsets as a matmul with a triangular ones matrix instead of tl.cumsum (no faster).
-    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4)
+    # 134 ms (sampling 21 -> ~7 ms), 129 ms with 2 pipeline stages in the filter instead of 3.
+    # Rejected: cap 4096 (261 fallback rows, 175 ms); the append offsets as a matmul with a
+    # triangular ones matrix instead of tl.cumsum (no faster); reloading the 16 query tiles per
+    # key tile instead of keeping them in registers (135 vs 134 ms).
+    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4,
+                stages_filter=2)
 
 
 def default_cap(topk: int) -> int:
@@ -382,7 +386,8 @@ def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk
             num_warps=cfg["warps_select"])
         topk_fwd_kernel_filter[(blks.numel(),)](
             q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
-            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"])
+            HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"],
+            num_stages=cfg["stages_filter"])
         topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
             start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
             BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
