@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.launch_util import free_port  # noqa: E402
 
 TOL_F64 = 1e-12
 TOL_F32 = 1e-6
@@ -252,18 +253,12 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
 
 
 # =============================================================================================== pytest
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"cp{w}" for w in WORLDS])
 def cp_results(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"cp{world}") / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__, str(world), str(out), str(_free_port())], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, __file__, str(world), str(out), str(free_port())], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"cp{world} worker failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -13,14 +13,13 @@ reproduces an uninterrupted run's losses bit for bit (same layout, CPU fp32).
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.launch_util import QUIET, REPO, losses, run_pretrain
+from tests.launch_util import QUIET, REPO, free_port, losses, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +48,9 @@ def _wait_for(path: Path, procs, timeout=600):
         time.sleep(0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     run_dir = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     agents = []
     for node in (0, 1):
         env = _env(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_NODEID=str(node), SLURM_JOB_NODELIST="localhost",

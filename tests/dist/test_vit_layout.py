@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.launch_util import free_port  # noqa: E402
 
 from models.vision import VisionModel, tiny  # noqa: E402
 from parallel.vit_layout import make_plan  # noqa: E402
@@ -229,12 +230,6 @@ def _worker(rank: int, W: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------- pytest
 _RESULTS: dict[int, dict] = {}
 
@@ -244,7 +239,7 @@ def _results(W: int, tmp_path_factory) -> dict:
         import torch.multiprocessing as mp
 
         out = tmp_path_factory.mktemp(f"vit_layout_{W}")
-        mp.start_processes(_worker, args=(W, _free_port(), str(out)), nprocs=W, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(W, free_port(), str(out)), nprocs=W, join=True, start_method="spawn")
         merged: dict[str, dict[str, float]] = {}
         for r in range(W):
             for case, errs in json.loads(Path(out, f"rank{r}.json").read_text()).items():

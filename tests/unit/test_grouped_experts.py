@@ -9,7 +9,6 @@ GroupedExperts: one fused fp32 expression). Measured: <= 3e-7 relative.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.kernels.helpers import assert_close
+from tests.launch_util import free_port
 
 RTOL = 1e-5
 SEED = 42
@@ -28,12 +28,6 @@ def check(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float = RTOL) ->
     assert_close(name, ref, got, tol)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pgs():
     from megatron.core import parallel_state
@@ -42,7 +36,7 @@ def pgs():
 
     from parallel.groups import init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     init_distributed()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
