@@ -100,6 +100,17 @@ class VideoBatchStream:
         `stats["sources"]`: packs, samples and tokens per source and their realized shares."""
         return self.loader.stats
 
+    def step_metrics(self) -> dict:
+        """Scalars for the training log and wandb, from this rank's loader since the run began:
+        samples skipped as unreadable, and with a mixture each source's realized share of the packed
+        sequences and of the real tokens (the long:short ratio the curriculum asked for, as served)."""
+        st = self.loader.stats
+        out = {"data_samples_failed": float(st.get("samples_failed", 0))}
+        for name, c in st.get("sources", {}).items():
+            out[f"data_{name}_seq_share"] = c["pack_share"]
+            out[f"data_{name}_token_share"] = c["token_share"]
+        return out
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 

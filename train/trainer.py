@@ -442,6 +442,8 @@ class Trainer:
         loss, extra = self._reduce_loss(losses)
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
+        if self.cfg.data.kind == "video":  # this rank's loader (rank 0's is what gets logged)
+            extra.update(self.streams[0].step_metrics())
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra)

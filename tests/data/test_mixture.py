@@ -154,6 +154,12 @@ def test_resume_mixture_with_other_dp_world_and_merged_states(shard_dir, long_di
     s2.load_state_dict(st)
     assert all(next(s1)["tokens"].equal(next(s2)["tokens"]) for _ in range(3))
     assert s2.stats["sources"] == s1.stats["sources"] and sum(v["packs"] for v in s2.stats["sources"].values()) == 6
+    # what the trainer logs each step (console line and wandb): the realized shares, from the same counts
+    m = s2.step_metrics()
+    src = s2.stats["sources"]
+    assert m["data_long_seq_share"] == src["long"]["packs"] / 6
+    assert m["data_short_seq_share"] + m["data_long_seq_share"] == pytest.approx(1.0)
+    assert m["data_long_token_share"] == src["long"]["token_share"] and m["data_samples_failed"] == 0.0
 
 
 def test_changing_long_fraction_on_resume_continues_each_source(shard_dir, long_dir, tmp_path, no_decode):
