@@ -127,9 +127,10 @@ def main():
     if want("topk"):
         ref_idx = idx
         rows = []
-        for ov, kw in (({}, {}), ({"stages_filter": 3}, {}), ({"warps_filter": 8}, {}),
-                       ({"BS": 128, "warps_filter": 8}, {}), ({"BS": 32}, {}),
-                       ({"BT": 32, "warps_filter": 4}, {}), ({"BT": 64, "warps_filter": 8}, {}),
+        for ov, kw in (({}, {}), ({"warps_filter": 1}, {}), ({"warps_filter": 2}, {}),
+                       ({"warps_filter": 1, "BS": 32}, {}), ({"warps_filter": 2, "BS": 128}, {}),
+                       ({"warps_filter": 1, "stages_filter": 3}, {}), ({"warps_filter": 8}, {}),
+                       ({"BS": 128, "warps_filter": 8}, {}), ({"BT": 32, "warps_filter": 2}, {}),
                        ({}, {"cap": 4096})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
@@ -167,20 +168,17 @@ def main():
         res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
     if want("attn_fwd"):
         run_variants("attn_fwd", sa, [
-            {}, {"BS_fwd": 128, "warps_fwd": 4}, {"BS_fwd": 128, "warps_fwd": 4, "stages": 2},
-            {"BS_fwd": 128, "warps_fwd": 4, "stages": 4}, {"BS_fwd": 256, "warps_fwd": 4},
-            {"BS_fwd": 256, "warps_fwd": 8}, {"BS_fwd": 128, "warps_fwd": 8, "stages": 2},
+            {}, {"BS_fwd": 128, "warps_fwd": 2}, {"BS_fwd": 64, "warps_fwd": 2},
+            {"BS_fwd": 128, "warps_fwd": 4, "stages": 2}, {"BS_fwd": 256, "warps_fwd": 4},
         ], lambda: sa.sparse_attn_fwd(q, k, v, plan, scale), res, args.quick)
     if want("attn_bwd"):
         run_variants("attn_bwd", sa, [
-            {}, {"BS_bwd": 16}, {"BS_bwd": 32, "stages": 2}, {"BS_bwd": 32, "stages": 4},
-            {"BS_bwd": 32, "warps_bwd": 8}, {"BS_bwd": 32, "warps_bwd": 2},
-            {"BS_bwd": 128, "warps_bwd": 8},
+            {}, {"BS_bwd": 16}, {"BS_bwd": 32, "stages": 4}, {"BS_bwd": 32, "warps_bwd": 2},
+            {"BS_bwd": 16, "warps_bwd": 2}, {"BS_bwd": 64, "warps_bwd": 4}, {"BS_bwd": 128, "warps_bwd": 8},
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
     if want("loss_fwd"):
         run_variants("loss_fwd", il, [
-            {}, {"BS_fwd": 128, "warps": 4}, {"BS_fwd": 128, "warps": 4, "stages": 3},
-            {"BS_fwd": 256, "warps": 4}, {"BS_fwd": 256, "warps": 8}, {"BS_fwd": 128, "warps": 8},
+            {}, {"BS_fwd": 128, "warps": 2}, {"BS_fwd": 64, "warps": 2}, {"BS_fwd": 256, "warps": 8},
         ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
                                      keep_psum=True), res, args.quick)
     if want("loss_bwd"):

@@ -303,11 +303,12 @@ def _config(device: torch.device) -> dict:
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
     # 64 rows: out of shared memory). With the sample shared by a block's rows, all of top-k is
-    # 134 ms (sampling 21 -> ~7 ms), 129 ms with 2 pipeline stages in the filter instead of 3.
+    # 134 ms (sampling 21 -> ~7 ms), 129 ms with 2 pipeline stages in the filter instead of 3, 125 ms
+    # with 2 warps instead of 4 (1 warp: 467, 8: 237; 2 warps with 128-key tiles: 318).
     # Rejected: cap 4096 (261 fallback rows, 175 ms); the append offsets as a matmul with a
     # triangular ones matrix instead of tl.cumsum (no faster); reloading the 16 query tiles per
     # key tile instead of keeping them in registers (135 vs 134 ms).
-    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=4, warps_select=8, warps_sample=4,
+    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
                 stages_filter=2)
 
 
