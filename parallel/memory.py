@@ -136,6 +136,13 @@ def _norm(elems: float, b: int) -> float:
     return elems * (8 + b)
 
 
+# Distinct (block, key) entries of the DSA union plan per (token x top-k): 0.48 with the benchmark's smooth
+# indexer inputs, 0.73 with iid ones (bench/RESULTS.md, 3,965 and 6,010 keys per 4-token block at top-2048);
+# the larger is used so the estimate does not fall short for less local selections.
+DSA_UNION_SHARE = 0.75
+DSA_TOPK_CHUNK_BYTES = 512 << 20
+
+
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
     """(kept for backward, transient during the layer's forward) bytes of one attention block."""
     lm, tp, cp = m.lm, m.tp, m.cp
@@ -171,8 +178,16 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
         ind += t * x.index_heads * b + t * x.index_dim * (b + 8)  # w, k_idx (+ fp32 LayerNorm)
         ind += (S * x.index_dim * b if cp > 1 else 0)  # gathered index keys
         if x.stage == "sparse":
+            from kernels.dsa.plan import default_block_q
             ind += t * x.topk * 4  # selected indices, int32
             ind += (S * 2 * hkv * b if cp > 1 else 0)  # all-gathered K, V
+            # the union plan (position + token bits, int32 each) and the cached head-summed P (block_q
+            # tokens per entry) that the kernels keep for backward; entries = t * topk * DSA_UNION_SHARE
+            bq = default_block_q(Hq * tp, Hkv * tp)
+            ind += t * x.topk * DSA_UNION_SHARE * (8 + bq * b)
+            # the backward's fp32 dK / dV (every key the rank's queries can select) and the top-k
+            # selector's candidate lists (kernels/dsa/topk.py: 512 MiB per chunk)
+            transient += 2 * (S if cp > 1 else t) * hkv * 4 + DSA_TOPK_CHUNK_BYTES
         elif cp > 1:
             # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
             # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K

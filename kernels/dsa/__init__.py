@@ -175,8 +175,12 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
         loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse,
                                scale=scale, backend=backend)
         return o, loss, idx
+    # one union plan for both kernels when their block sizes agree (they do at Keye's shapes): the
+    # plan costs ~37 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
+    from .indexer_loss import loss_block_q
     plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]))
     o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
+    bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
     loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,
-                           plan=plan)
+                           plan=plan if bq == plan.block_q else None, block_q=bq)
     return o, loss, idx

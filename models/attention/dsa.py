@@ -42,7 +42,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
-from kernels.dsa import dsa_topk, indexer_kl_loss, sparse_gqa_attention
+from kernels.dsa import dsa_attention, indexer_kl_loss
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 from models.attention.dense import causal_attention
 
@@ -161,12 +161,9 @@ class DSACoreAttention(MegatronModule):
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
-        elif self.stage == "sparse":
-            idx = dsa_topk(q_idx, w, k_idx, self.topk, cu_seqlens=cu, backend=backend)
-            out, lse = sparse_gqa_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, scale=self.scale,
-                                            cu_seqlens=cu, return_lse=True, backend=backend)
-            kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=self.scale,
-                                 cu_seqlens=cu, backend=backend)
+        elif self.stage == "sparse":  # selection, attention and KL sharing one union plan
+            out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
+                                       topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend)
         else:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
             kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,

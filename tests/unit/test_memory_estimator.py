@@ -9,8 +9,8 @@ bench/bench_cp.py records the prediction next to the measurement for every CP ca
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
-from parallel.memory import (MemoryInputs, _attention, _moe, activation_bytes, estimate, model_state_bytes,
-                             param_counts)
+from parallel.memory import (DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
+                             estimate, model_state_bytes, param_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
           num_experts=4, moe_topk=2, moe_ffn_hidden_size=32, mrope_section=[2, 3, 3], loss_chunk_tokens=0)
@@ -87,6 +87,18 @@ def test_recompute_orders_activation_memory():
     totals = {r: estimate(MemoryInputs(lm=lm(num_layers=8), seq_length=4096, recompute=r)).total
               for r in ("none", "selective", "full")}
     assert totals["full"] < totals["selective"] < totals["none"]
+
+
+def test_dsa_sparse_counts_the_kernels_plan_cached_p_and_backward_buffers():
+    # fp32 (b = 4), t = 64 tokens, G = 2 query heads per KV group -> block_q 16 (kernels/dsa/plan.py);
+    # sparse minus warm-up: indices 64*4*4 = 1024 B kept, plus the union plan and the cached P,
+    # 64*4 entries * DSA_UNION_SHARE * (8 + 16*4) B; transient: fp32 dK, dV 2*64*32*4 and a candidate chunk
+    x = dict(index_heads=2, index_dim=8, topk=4)
+    sparse = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="sparse", **x)), seq_length=64, bf16=False)
+    dense = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="dense_warmup", **x)), seq_length=64, bf16=False)
+    (ks, ts), (kd, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
+    assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * (8 + 16 * 4)
+    assert ts - td == 2 * 64 * 32 * 4 + DSA_TOPK_CHUNK_BYTES
 
 
 def test_ksa_counts_summary_tokens():
