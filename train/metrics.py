@@ -2,7 +2,8 @@
 
 FLOPs are counted analytically (models.config.lm_flops_per_token): 6 x active matmul parameters per
 token (forward + backward; the input embedding lookup excluded) plus causal attention, 6 * 2 * s * q_dim
-per layer per token halved for causality. MFU = achieved FLOP/s per device / the device's peak. The
+per layer per token halved for causality; a multimodal step adds its vision tower's FLOPs (frames encoded,
+train/vision.py step_flops). MFU = achieved FLOP/s per device / the device's peak. The
 default peak is the measured bf16 dense matmul rate of the device kind (H100/H200: 775 TFLOP/s,
 measured on an H200 with torch 2.11); CPU runs report no MFU unless `train.peak_tflops` is set.
 """
@@ -41,6 +42,7 @@ class StepStats:
     seconds: float
     tokens: int
     extra: dict = field(default_factory=dict)  # further reported losses (e.g. distillation terms)
+    flops: float = 0.0  # model FLOPs of the step beyond the LM's per-token count (the vision tower's)
 
 
 class Meter:
@@ -53,7 +55,7 @@ class Meter:
 
     def rates(self, s: StepStats) -> dict:
         tok_s = s.tokens / max(s.seconds, 1e-9)
-        tflops = self.flops_per_token * tok_s / self.world_size / 1e12
+        tflops = (self.flops_per_token * s.tokens + s.flops) / max(s.seconds, 1e-9) / self.world_size / 1e12
         out = {"loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "step_time_s": s.seconds,
                "tokens_per_s": tok_s, "tflops_per_device": tflops, **s.extra}
         if self.peak:

@@ -408,6 +408,7 @@ class Trainer:
         self.optimizer.zero_grad()
         fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp, vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
         extra = {}
+        vit_flops = 0.0
         if self.layout.pp > 1:
             extra["p2p_communicator"] = self.p2p
         if self.cfg.data.kind == "video":
@@ -432,10 +433,12 @@ class Trainer:
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
-            tok = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs))], dtype=torch.float64,
-                               device=self.device)
+            # (and the ViT FLOPs of the step, for the throughput line)
+            tok = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs)), self.vision.step_flops(mbs)],
+                               dtype=torch.float64, device=self.device)
             dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
-            vit_norm = self.vision.backward_and_step(lr, float(tok.item()))
+            vit_norm = self.vision.backward_and_step(lr, float(tok[0].item()))
+            vit_flops = float(tok[1].item())
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
@@ -446,7 +449,8 @@ class Trainer:
             extra.update(self.streams[0].step_metrics())
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
-                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra)
+                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
+                         flops=vit_flops)
 
     def train(self) -> list[StepStats]:
         t = self.cfg.train

@@ -33,6 +33,14 @@ log = logging.getLogger("train")
 VISION_SEED_OFFSET = 0x5EED  # the ViT's init stream: same on every rank, independent of the layout
 
 
+def vision_step_flops(model: VisionModel, micro_batches: list[dict]) -> float:
+    """Model FLOPs of encoding the frames of `micro_batches` (models/vision frame_flops per frame):
+    forward + backward (3x) when the ViT trains, the forward alone when it is frozen; the projector is
+    counted with it. Recomputation is not counted (the MFU convention)."""
+    cost = float(sum(model.frame_cost(mb["grid_thw"]).sum() for mb in micro_batches))
+    return cost * (3.0 if any(p.requires_grad for p in model.vit.parameters()) else 1.0)
+
+
 class VisionTower:
     def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool):
         t = cfg.train
@@ -105,6 +113,9 @@ class VisionTower:
                         mb["visual_local_pos"] = inv[mb["visual_pos"][sel]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             return self.phase.forward(mbs, needs)
+
+    def step_flops(self, micro_batches: list[dict]) -> float:
+        return vision_step_flops(self.model, micro_batches)
 
     def backward_and_step(self, lr: float, total_tokens: float) -> float:
         """Completes the ViT's backward and updates it; returns the ViT gradient norm (before clipping)."""

@@ -226,3 +226,22 @@ def test_frame_cost_is_quadratic_aware():
     expect = (2 * n * cfg.patch_dim * h + cfg.depth * (2 * n * (4 * h * h + 2 * h * cfg.mlp) + 4 * n * n * h)
               + 2 * (n // 4) * ((4 * h) ** 2 + 4 * h * LM))
     assert float(cost[0]) == expect
+
+
+def test_step_flops_count_the_vit_in_the_throughput():
+    """The trainer adds these to the LM's FLOPs (train/metrics.py): 3x forward when the ViT trains,
+    1x when it is frozen; the Meter's TFLOP/s include them."""
+    from train.metrics import Meter, StepStats
+    from train.vision import vision_step_flops
+
+    cfg = tiny(LM)
+    m = VisionModel(cfg)
+    mbs = [{"grid_thw": torch.tensor([[1, 4, 4], [1, 8, 8]])}, {"grid_thw": torch.tensor([[1, 4, 4]])}]
+    fwd = 2 * frame_flops(cfg, 4, 4) + frame_flops(cfg, 8, 8)
+    assert vision_step_flops(m, mbs) == 3 * fwd
+    for p in m.vit.parameters():
+        p.requires_grad_(False)
+    assert vision_step_flops(m, mbs) == fwd
+    meter = Meter(flops_per_token=1e6, world_size=2, peak_tflops=None, total_steps=1)
+    s = StepStats(step=1, loss=0.0, grad_norm=0.0, lr=0.0, seconds=2.0, tokens=1000, flops=4e12)
+    assert meter.rates(s)["tflops_per_device"] == pytest.approx((1e9 + 4e12) / 2.0 / 2 / 1e12)
