@@ -24,7 +24,7 @@ all layers), broadcast views, whatever is saved outside the layers (embedding, f
 layers past `num_layers` (default: each chunk's last layer, whose tensors backward needs first).
 Limits: on a pipeline stage other than the first, the schedule itself keeps the received input tensor
 (the first layer's input) for its gradient, so offloading that one copies without freeing anything; the
-host copies of all in-flight micro-batches are held at once (`python -m parallel.memory` reports them).
+host copies of all in-flight micro-batches are held at once (`python launch/memory.py` reports them).
 
 Why not megatron-core 0.16.1's own offload: `cpu_offloading` needs TransformerEngine (the block asserts
 "CPU Offloading is enabled when TE is not present") and is rejected with any recompute or pipeline

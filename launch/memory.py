@@ -1,0 +1,45 @@
+"""Predicted peak memory per rank of a recipe + layout (parallel/memory.py), from the config alone.
+
+    python launch/memory.py recipe=keye_30b_a3b_ctx_256k [world_size=16] [overrides ...]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from parallel.memory import estimate, inputs_from_config  # noqa: E402
+
+
+def main(argv: list[str]) -> None:
+    """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from parallel.layout import ParallelLayout
+    from train.config import register_configs, to_config
+
+    world = [a for a in argv if a.startswith("world_size=")]
+    overrides = [a for a in argv if not a.startswith("world_size=")]
+    register_configs()
+    repo = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
+        cfg = to_config(compose("config", overrides=overrides))
+    p = cfg.parallel
+    world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
+    layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
+    m = inputs_from_config(cfg, layout)
+    est = estimate(m)
+    print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}"
+          + (f"; offload {layout.offload} of "
+             f"{'all but the last layer' if layout.offload_layers == -1 else f'{layout.offload_layers} layers'}"
+             " per model chunk" if layout.offload != "none" else ""))
+    print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
+          f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
+    print(est.table())
+
+
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
