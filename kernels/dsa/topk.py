@@ -89,12 +89,13 @@ def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, scratch_ptr, T, 
                            DOT_PREC: tl.constexpr):
     """Scores of M stratified pseudo-random sample keys for the BT rows of one query block.
 
-    The rows share the sample: positions spread over the eligible prefix of the block's first row,
-    s0 + (j * n0 + hash(first row, j) % n0) // M. Only rows with more than CAP eligible keys need
-    a threshold, and (CAP >= BT) they all belong to the first row's document, so every sampled key
-    is eligible for them; each [BT, DI] x [DI, SB] dot reuses one gathered key tile for BT rows.
-    Rows in another document (possible only when CAP < BT) get no valid sample (-inf scores) and
-    end in the exact fallback."""
+    The rows share the sample: positions spread over the eligible prefix of the block's first row
+    that needs a threshold (more than CAP eligible keys; n0 of them), s0 + (j * n0 + hash(that row,
+    j) % n0) // M. When CAP >= BT all such rows of the block belong to that row's document (a
+    document starting inside the block has at most BT keys), so every sampled key is eligible for
+    them; each [BT, DI] x [DI, SB] dot reuses one gathered key tile for BT rows. Rows of another
+    document (possible only when CAP < BT) get no valid sample (-inf scores) and end in the exact
+    fallback; rows not held by this rank under context parallelism have no keys and need none."""
     p = tl.program_id(0)
     blk = tl.load(blk_ptr + p)
     bb = blk // NBT
