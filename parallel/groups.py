@@ -71,6 +71,23 @@ def rank_grid(layout: ParallelLayout) -> torch.Tensor:
     return torch.arange(layout.world_size).view(layout.pp, layout.dp, layout.cp, layout.tp)
 
 
+def sequence_group(layout: ParallelLayout, pgs: ProcessGroupCollection):
+    """The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica. Megatron's
+    model-parallel group when CP is off; with CP a group of its own (megatron 0.16.1 has none), made on
+    every rank for every replica in the same order, as torch.distributed requires. The vision tower
+    encodes a replica's frames over this group (train/vision.py)."""
+    if layout.cp == 1:
+        return pgs.mp
+    grid = rank_grid(layout)
+    mine = None
+    for d in range(layout.dp):
+        ranks = grid[:, d].flatten().tolist()
+        g = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = g
+    return mine
+
+
 def teardown() -> None:
     if dist.is_initialized():
         # A barrier before destroying the group: without it some ranks aborted at exit.

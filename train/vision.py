@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models.vision import VisionModel
+from parallel.groups import sequence_group
 from parallel.layout import ParallelLayout
 from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
 
@@ -59,18 +60,9 @@ class VisionTower:
                                            weight_decay=t.weight_decay) if self.params else None
         self.grad_clip = t.grad_clip
         self.steps = 0
-        # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica (megatron's
-        # model-parallel group when CP is off; with CP a group of our own, rank grid [pp, dp, cp, tp]).
+        # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica
         self.layout = layout
-        if layout.cp == 1:
-            group = pgs.mp
-        else:
-            grid = torch.arange(layout.world_size).view(layout.pp, layout.dp, layout.cp, layout.tp)
-            group = None
-            for d in range(layout.dp):  # every rank creates every group, in the same order
-                g = dist.new_group(grid[:, d].flatten().tolist())
-                if dist.get_rank() in grid[:, d].flatten().tolist():
-                    group = g
+        group = sequence_group(layout, pgs)
         members = dist.get_process_group_ranks(group)
         per_stage = layout.tp * layout.cp * layout.dp
         consumers = [i for i, r in enumerate(members) if r // per_stage == 0]  # pipeline stage 0
