@@ -142,6 +142,11 @@ class LMConfig:
     def uses_ksa(self) -> bool:
         return "ksa" in self.layer_attention()
 
+    def model_seq_length(self, seq_length: int) -> int:
+        """Tokens the model sees for `seq_length` text tokens: with KSA the summary slots of every complete
+        chunk are added (the most a packed row can have: a row that is one document)."""
+        return seq_length + (self.ksa.num_summary * (seq_length // self.ksa.chunk) if self.uses_ksa else 0)
+
 
 @dataclass(frozen=True)
 class ModelParallelSizes:

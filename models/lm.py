@@ -196,11 +196,9 @@ class KeyeLM(ChunkedLossMixin, GPTModel):
         return decoder_input * keep + extra.to(decoder_input.dtype)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, *args, **kwargs):
-        if getattr(self, "_visual", None) is not None and self.pre_process and decoder_input is None:
-            if self.num_summary:
-                raise ValueError("visual tokens with KSA summary slots are not supported yet")
+        visual = getattr(self, "_visual", None) is not None and self.pre_process and decoder_input is None
+        if visual and not self.num_summary:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
-            decoder_input = self._insert_visual(decoder_input, input_ids)
         if self.num_summary and self.pre_process and decoder_input is None:
             is_summary = input_ids >= self.vocab_size
             decoder_input = self.embedding(input_ids=torch.where(is_summary, 0, input_ids), position_ids=position_ids)
@@ -213,6 +211,8 @@ class KeyeLM(ChunkedLossMixin, GPTModel):
                 extra = scatter_to_sequence_parallel_region(extra.contiguous(), group=self.pg_collection.tp)
                 keep = scatter_to_sequence_parallel_region(keep.contiguous(), group=self.pg_collection.tp)
             decoder_input = decoder_input * keep.to(decoder_input.dtype) + extra.to(decoder_input.dtype)
+        if visual:  # the visual positions index the interleaved sequence: never a summary slot
+            decoder_input = self._insert_visual(decoder_input, input_ids)
         return super()._preprocess(input_ids, position_ids, decoder_input, *args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -155,7 +155,7 @@ class ParallelLayout:
         """The model's sequence length (text + KSA summaries) for `seq_length` text tokens, checked for cp.
 
         ValueError when it is not divisible by 2 * cp (the load-balanced split cuts 2 * cp equal chunks)."""
-        model_len = seq_length + (lm.ksa.num_summary * (seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
+        model_len = lm.model_seq_length(seq_length)
         if self.cp > 1 and model_len % (2 * self.cp):
             what = f"{seq_length} tokens + KSA summaries = {model_len}" if lm.uses_ksa else f"{seq_length}"
             raise ValueError(f"train.seq_length ({what}) must be divisible by 2 * parallel.cp = {2 * self.cp}: "

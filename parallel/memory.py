@@ -58,8 +58,7 @@ class MemoryInputs:
 
     @property
     def model_seq(self) -> int:
-        lm = self.lm
-        return self.seq_length + (lm.ksa.num_summary * (self.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
+        return self.lm.model_seq_length(self.seq_length)
 
 
 @dataclass

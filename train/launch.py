@@ -48,9 +48,6 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         return
     if d.kind != "video":
         raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}")
-    if cfg.model.lm.uses_ksa:
-        raise ValueError("model.vision with KSA attention is not supported yet: the visual positions would "
-                         "have to follow the inserted summary slots")
     if t.micro_batch_size != 1:
         raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                          f"got {t.micro_batch_size}")
@@ -72,6 +69,9 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
+    if cfg.train.distill.enabled and cfg.data.kind != "synthetic_tokens":
+        raise ValueError(f"train.distill needs text data (data.kind=synthetic_tokens), got data.kind={cfg.data.kind}: "
+                         "the teacher pass takes one document per row")
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)

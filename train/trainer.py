@@ -63,6 +63,7 @@ class StepInputs:
     vocab_size: int
     ksa_chunk: int = 0  # > 0: insert KSA summary slots
     ksa_summary: int = 1
+    model_seq: int = 0  # tokens per row the model sees (text + KSA summaries); packed KSA rows are padded to it
     distill: DistillConfig | None = None
     tp_group: object = None
     sequence_parallel: bool = False
@@ -80,16 +81,23 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     if pos.dim() == 2:  # [b, s] text positions -> the [3, b, s] rows of multimodal RoPE
         batch["position_ids"] = pos = pos.unsqueeze(0).expand(3, -1, -1)
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    visual_pos = raw.get("visual_pos")
     if inputs.ksa_chunk:
+        cu = batch["cu_seqlens"].reshape(-1) if "cu_seqlens" in batch else None
         sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
                                   loss_mask=mask, position_ids=pos, summary_token_id=inputs.vocab_size,
-                                  ignore_index=0)
+                                  ignore_index=0, cu_seqlens=cu)
         sb.input_ids[..., sb.layout.summary_index] = inputs.vocab_size + sb.layout.summary_slot
         if inputs.distill is not None:
             loss_sum, n, report = distill_losses(model, batch, sb, inputs.distill, tp_group=inputs.tp_group,
                                                  sequence_parallel=inputs.sequence_parallel)
             return loss_sum, functools.partial(_distill_loss_func, n, report)
         tokens, labels, mask, pos = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids
+        if cu is not None:  # packed documents: summaries follow each document's chunks; pad to the fixed length
+            tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos, sb.cu_seqlens,
+                                                                            inputs.model_seq)
+        if visual_pos is not None:
+            visual_pos = sb.layout.text_index[visual_pos.to(sb.layout.text_index.device)]
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
         kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"])
@@ -99,10 +107,30 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group,
                                                                split=inputs.cp_split)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
-        where = raw["visual_local_pos"] if "visual_local_pos" in raw else raw["visual_pos"]  # CP: local share
+        # CP: the vision tower already placed this rank's share (in the model's, i.e. interleaved, sequence)
+        where = raw["visual_local_pos"] if "visual_local_pos" in raw else visual_pos
         kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
     output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask)
+
+
+def pad_packed_row(tokens, labels, mask, pos, cu_seqlens, length: int):
+    """Pads a packed row (batch 1) to `length` tokens with one more document of padding (token 0, no
+    loss): packed KSA rows have a summary count that depends on their documents, while the pipeline
+    schedule and the context-parallel split need one fixed length."""
+    n = length - tokens.shape[-1]
+    cu = cu_seqlens.reshape(-1)
+    if n < 0:
+        raise ValueError(f"a packed row of {tokens.shape[-1]} tokens exceeds the model's {length}")
+    if n == 0:
+        return tokens, labels, mask, pos, cu
+
+    def pad(x, value):
+        return torch.cat([x, x.new_full((*x.shape[:-1], n), value)], dim=-1)
+
+    ramp = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
+    return (pad(tokens, 0), pad(labels, 0), pad(mask, 0), torch.cat([pos, ramp], dim=-1),
+            torch.cat([cu, cu.new_full((1,), length)]))
 
 
 def packed_params(cu_seqlens: torch.Tensor):
@@ -197,13 +225,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
                                          pg_collection=self.pgs)
 
+        # KSA lengthens every sequence by its summary slots; packed rows are padded to this length
+        self.model_seq_length = lm.model_seq_length(t.seq_length)
         self.step_inputs = StepInputs(
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
-            ksa_summary=lm.ksa.num_summary, distill=t.distill if t.distill.enabled else None,
+            ksa_summary=lm.ksa.num_summary, model_seq=self.model_seq_length,
+            distill=t.distill if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
-        # KSA lengthens every sequence by its summary slots (one document per row in the token stream).
-        self.model_seq_length = t.seq_length + (lm.ksa.num_summary * (t.seq_length // lm.ksa.chunk) if lm.uses_ksa else 0)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         if cfg.data.kind == "video":

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models.vision import VisionModel
+from models.ksa_tokens import build_summary_layout
 from parallel.groups import sequence_group
 from parallel.layout import ParallelLayout
 from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
@@ -32,6 +33,21 @@ from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
 log = logging.getLogger("train")
 
 VISION_SEED_OFFSET = 0x5EED  # the ViT's init stream: same on every rank, independent of the layout
+
+
+def model_row(seq: int, cu: torch.Tensor | None, visual_pos: torch.Tensor, ksa: tuple | None):
+    """(length, cu_seqlens, visual positions) of a packed row as the LM sees it. With KSA (`ksa` =
+    (chunk, summaries per chunk, the model's row length)) the summary slots are inserted per document and
+    the row padded with one more document to its fixed length, as train/trainer.py _forward_step does
+    (insert_summary_slots + pad_packed_row); the context-parallel split is taken of that row."""
+    if ksa is None:
+        return seq, cu, visual_pos
+    chunk, num_summary, model_seq = ksa
+    lay = build_summary_layout(seq, chunk=chunk, num_summary=num_summary, cu_seqlens=cu)
+    cu_m = lay.cu_seqlens.to(torch.int64)
+    if lay.num_total < model_seq:
+        cu_m = torch.cat([cu_m, cu_m.new_full((1,), model_seq)])
+    return model_seq, cu_m, lay.text_index[visual_pos]
 
 
 def vision_step_flops(model: VisionModel, micro_batches: list[dict]) -> float:
@@ -59,6 +75,8 @@ class VisionTower:
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                            weight_decay=t.weight_decay) if self.params else None
         self.grad_clip = t.grad_clip
+        lm = cfg.model.lm  # KSA: (chunk, summaries per chunk, the model's row length), for the visual positions
+        self.ksa = (lm.ksa.chunk, lm.ksa.num_summary, lm.model_seq_length(t.seq_length)) if lm.uses_ksa else None
         self.steps = 0
         # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica
         self.layout = layout
@@ -90,19 +108,19 @@ class VisionTower:
 
             needs = {c: [] for c in self.consumer_cp_rank}
             for mb in micro_batches:
-                seq = mb["tokens"].shape[-1]
                 cu = mb.get("cu_seqlens")
-                cu = None if cu is None else cu.reshape(-1)
+                seq, cu, vpos = model_row(mb["tokens"].shape[-1], None if cu is None else cu.reshape(-1),
+                                          mb["visual_pos"], self.ksa)
                 for c, r in self.consumer_cp_rank.items():
                     local = cp_global_indices(seq, self.layout.cp, r, split=self.layout.cp_split, cu_seqlens=cu)
                     mine = torch.zeros(seq, dtype=torch.bool)
                     mine[local] = True
-                    sel = mine[mb["visual_pos"]].nonzero().flatten()
+                    sel = mine[vpos].nonzero().flatten()
                     needs[c].append(sel)
                     if c == self.my_consumer:
                         inv = torch.empty(seq, dtype=torch.long)
                         inv[local] = torch.arange(local.numel())
-                        mb["visual_local_pos"] = inv[mb["visual_pos"][sel]]
+                        mb["visual_local_pos"] = inv[vpos[sel]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             return self.phase.forward(mbs, needs)
 

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["recipe=keye_tiny", "parallel=single", "train.steps=3", "train.warmup_steps=1",
           "train.global_batch_size=2", "train.checkpoint.enabled=false", "data.synthetic_videos=12"]
+KSA = ["recipe=keye_tiny_vl_ksa"] + COMMON[1:]
 RTOL = 2e-5
 
 
@@ -28,7 +29,8 @@ def _close(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    single = run_layouts(1, {"single": COMMON}, tmp_path_factory.mktemp("one"))["single"]
+    one = run_layouts(1, {"single": COMMON, "ksa_single": KSA}, tmp_path_factory.mktemp("one"))
+    single = one["single"]
     two, digests = run_layouts(2, {
         "tp2_spread": COMMON + ["parallel.tp=2", "parallel.vit.layout=spread"],
         "tp2_replicated": COMMON + ["parallel.tp=2", "parallel.vit.layout=replicated"],
@@ -38,8 +40,13 @@ def curves(tmp_path_factory):
         # projector alignment stage: ViT and LM frozen; the same run with lr 0 shows the LM untouched
         "align": COMMON + ["parallel.tp=2", "train.trainable=projector"],
         "align_lr0": COMMON + ["parallel.tp=2", "train.trainable=projector", "train.lr=0", "train.min_lr=0"],
+        # KSA: summary slots are inserted per packed document and the row padded to its fixed length; the
+        # visual tokens follow them, also into each CP rank's chunks and through the pipeline
+        "ksa_cp2": KSA + ["parallel.cp=2", "parallel.vit.layout=spread"],
+        "ksa_pp2": KSA + ["parallel.pp=2", "parallel.vit.layout=spread"],
     }, tmp_path_factory.mktemp("two"), digests=True)
     two["_digests"] = digests
+    two["ksa_single"] = one["ksa_single"]
     return single, two
 
 
@@ -50,6 +57,13 @@ def curves(tmp_path_factory):
 def test_vit_layout_matches_single_process(curves, name):
     single, runs = curves
     assert _close(runs[name], single), (name, runs[name], single)
+
+
+@pytest.mark.parametrize("name", ["ksa_cp2", "ksa_pp2"])
+def test_vision_with_ksa_matches_single_process(curves, name):
+    _, runs = curves
+    assert _close(runs[name], runs["ksa_single"]), (name, runs[name], runs["ksa_single"])
+    assert runs["ksa_single"][3] < runs["ksa_single"][1], runs["ksa_single"]
 
 
 def test_loss_moves(curves):

@@ -61,11 +61,12 @@ def test_full_size_multimodal_recipe_needs_shards_and_builds_the_vit():
     assert cfg.data.kind == "video" and cfg.train.micro_batch_size == 1 and cfg.parallel.vit.layout == "spread"
 
 
-def test_vision_needs_video_data_and_no_ksa():
+def test_vision_needs_video_data_and_distill_needs_text():
     with pytest.raises(ValueError, match="data.kind=video"):
         _validate("recipe=keye_tiny", "data=synthetic_tokens")
-    with pytest.raises(ValueError, match="KSA"):
-        _validate("recipe=keye_tiny", "model.lm.attention=ksa")
+    _validate("recipe=keye_tiny_vl_ksa")  # vision with KSA: summary slots per packed document
+    with pytest.raises(ValueError, match="train.distill needs text data"):
+        _validate("recipe=keye_tiny_ksa_distill", "data=video_tiny", "train.micro_batch_size=1")
     with pytest.raises(ValueError, match="parallel.vit.layout"):
         _validate("recipe=keye_tiny", "parallel.vit.layout=everywhere")
 

@@ -100,3 +100,27 @@ def test_errors():
         insert_summary_slots(ids, chunk=4, cu_seqlens=torch.tensor([0, 5, 10]))
     with pytest.raises(ValueError, match="batch 1"):
         insert_summary_slots(ids.view(1, -1).repeat(2, 1), chunk=4, cu_seqlens=cu)
+
+
+def test_packed_row_padding_and_visual_positions_follow_the_summaries():
+    """A packed video row under KSA: summaries per document, one padding document up to the model's fixed
+    length, and the visual placeholders found again at their mapped positions; the vision tower computes
+    the same row (its context-parallel shares are cut from it) without building the batch."""
+    from train.trainer import pad_packed_row
+    from train.vision import model_row
+
+    cu = torch.tensor([0, 13, 33, 40], dtype=torch.int32)         # documents of 13, 20 and 7 text tokens
+    tokens = torch.arange(40) + 100
+    visual_pos = torch.tensor([2, 3, 14, 15, 16, 34])
+    sb = insert_summary_slots(tokens, chunk=4, num_summary=1, cu_seqlens=cu, labels=tokens,
+                              loss_mask=torch.ones(40), position_ids=torch.arange(40), summary_token_id=7)
+    assert sb.layout.num_total == 40 + 3 + 5 + 1                   # 13 // 4 + 20 // 4 + 7 // 4 summaries
+    t, lab, m, p, cu_m = pad_packed_row(sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids, sb.cu_seqlens, 50)
+    assert t.shape == lab.shape == m.shape == p.shape == (50,)
+    assert cu_m.tolist() == sb.cu_seqlens.tolist() + [50]
+    assert m[49:].sum() == 0 and (t[49:] == 0).all() and torch.equal(t[:49], sb.input_ids)
+    v = sb.layout.text_index[visual_pos]
+    assert torch.equal(t[v], tokens[visual_pos]) and not (t[v] == 7).any()
+    seq, cu_v, v_v = model_row(40, cu, visual_pos, (4, 1, 50))
+    assert seq == 50 and cu_v.tolist() == cu_m.tolist() and torch.equal(v_v, v)
+    assert model_row(40, cu, visual_pos, None) == (40, cu, visual_pos)
