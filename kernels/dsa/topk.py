@@ -55,6 +55,22 @@ def _hash(a, b):
 
 
 @triton.jit
+def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """I[row, key] of the rows [BT] against the gathered index keys kt [N, DIP]: per indexer head a
+    [BT, DI] x [DI, N] dot, ReLU, weight, summed in a fixed head order, so the sample, filter and
+    fallback passes compute bit-identical fp32 scores."""
+    score = tl.zeros([row.shape[0], kt.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(HI):
+        qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
+                     mask=tvalid[:, None] & dmask[None, :], other=0.0)
+        wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
+        u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
+        score += tl.maximum(u, 0.0) * wj[:, None]
+    return score
+
+
+@triton.jit
 def _kth_largest_key(keys, valid, kth):
     """Per row of keys [R, N]: largest int32 v with #{valid & keys >= v} >= kth (kth scalar or [R];
     rows with fewer than kth valid keys return INT32_MIN). 32 halvings of the int32 range."""
@@ -119,13 +135,7 @@ def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, scratch_ptr, T, 
             pos = s0 + (j.to(tl.int64) * n0 + _hash(row0, j) % n0) // M
             kt = tl.load(k_idx + ((bb * T + pos) * DI)[:, None] + dd[None, :],
                          mask=jm[:, None] & dmask[None, :], other=0.0)
-            sc = tl.zeros([BT, SB], dtype=tl.float32)
-            for h in tl.static_range(HI):  # the filter's head order: the same fp32 sums
-                qh = tl.load(q_idx + (row * HI + h)[:, None] * DI + dd[None, :],
-                             mask=tvalid[:, None] & dmask[None, :], other=0.0)
-                wh = tl.load(w + row * HI + h, mask=tvalid, other=0.0).to(tl.float32)
-                u = tl.dot(qh, tl.trans(kt), input_precision=DOT_PREC)
-                sc += tl.maximum(u, 0.0) * wh[:, None]
+            sc = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC)
             sc = tl.where(same[:, None], sc, float("-inf"))
             tl.store(scratch_ptr + (p * BT + i).to(tl.int64)[:, None] * MP + j[None, :], sc,
                      mask=est[:, None] & jm[None, :])
@@ -189,13 +199,7 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         smask = s < hi
         kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
                      mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = tl.zeros([BT, BS], dtype=tl.float32)
-        for j in tl.static_range(HI):  # fixed head order: the same fp32 sum in every pass
-            qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
-                         mask=tvalid[:, None] & dmask[None, :], other=0.0)
-            wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
-            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
-            score += tl.maximum(u, 0.0) * wj[:, None]
+        score = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC)
         score = tl.where(score == 0.0, 0.0, score)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
         keep = elig & (score >= tau[:, None])
