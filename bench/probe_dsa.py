@@ -55,13 +55,11 @@ def _red_v2_f32(ptr, val, mask):
 
 
 @triton.jit
-def bwd_probe(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT, NB,
-              scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-              GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-              MODE: tl.constexpr, ORDER: tl.constexpr, WRAP: tl.constexpr = 4096):
-    # MODE 4: atomics into keys pos % WRAP (an L2-resident band)
-    # MODE 0 atomics, 1 plain stores, 2 no dk/dv, 3 dk/dv dots without writes
-    # ORDER 0 grid (NB, HKV); 1 grid (HKV, NB) groups fastest; 2 blocks spread (stride permutation)
+def _probe_rows(T, NBT, NB, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr,
+                ORDER: tl.constexpr):
+    """Program -> (block, KV group, batch row, token of each tile row, valid rows, head row), as the
+    shipped kernels map it. ORDER 0 grid (NB, HKV); 1 grid (HKV, NB), groups fastest; 2 blocks spread
+    by a stride permutation."""
     if ORDER == 1:
         pid = tl.program_id(1)
         g = tl.program_id(0)
@@ -71,15 +69,27 @@ def bwd_probe(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT, NB,
     if ORDER == 2:
         pid = ((pid.to(tl.int64) * 7919) % NB).to(tl.int32)
     bb = pid // NBT
-    BM: tl.constexpr = BQ * GP
-    r = tl.arange(0, BM)
+    r = tl.arange(0, BQ * GP)
     i = r // GP
     h = r % GP
     t = (pid % NBT) * BQ + i
     rvalid = (h < G) & (t < T)
+    head_row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h
+    return pid, g, bb, i, rvalid, head_row
+
+
+@triton.jit
+def bwd_probe(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT, NB,
+              scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+              GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+              MODE: tl.constexpr, ORDER: tl.constexpr, WRAP: tl.constexpr = 4096):
+    # MODE 4: atomics into keys pos % WRAP (an L2-resident band)
+    # MODE 0 atomics, 1 plain stores, 2 no dk/dv, 3 dk/dv dots without writes
+    # ORDER 0 grid (NB, HKV); 1 grid (HKV, NB) groups fastest; 2 blocks spread (stride permutation)
+    pid, g, bb, i, rvalid, head_row = _probe_rows(T, NBT, NB, HQ, G, GP, BQ, ORDER)
+    BM: tl.constexpr = BQ * GP
     d = tl.arange(0, D)
     rmask = rvalid[:, None]
-    head_row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h
     row_off = head_row * D
     qt = tl.load(q + row_off[:, None] + d[None, :], mask=rmask, other=0.0)
     dot_ = tl.load(do + row_off[:, None] + d[None, :], mask=rmask, other=0.0)
@@ -142,23 +152,10 @@ def fwd_probe(q, k, v, o, lse, offsets, upos, ubits, T, NBT, NB, scale_log2,
               D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, ORDER: tl.constexpr,
               CONTIG: tl.constexpr):
     # CONTIG: load keys at consecutive positions instead of the union's (gather cost probe)
-    if ORDER == 1:
-        pid = tl.program_id(1)
-        g = tl.program_id(0)
-    else:
-        pid = tl.program_id(0)
-        g = tl.program_id(1)
-    if ORDER == 2:
-        pid = ((pid.to(tl.int64) * 7919) % NB).to(tl.int32)
-    bb = pid // NBT
+    pid, g, bb, i, rvalid, head_row = _probe_rows(T, NBT, NB, HQ, G, GP, BQ, ORDER)
     BM: tl.constexpr = BQ * GP
-    r = tl.arange(0, BM)
-    i = r // GP
-    h = r % GP
-    t = (pid % NBT) * BQ + i
-    rvalid = (h < G) & (t < T)
     d = tl.arange(0, D)
-    row_off = ((bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h) * D
+    row_off = head_row * D
     qt = tl.load(q + row_off[:, None] + d[None, :], mask=rvalid[:, None], other=0.0)
     u_lo = tl.load(offsets + pid)
     u_hi = tl.load(offsets + pid + 1)
@@ -188,8 +185,7 @@ def fwd_probe(q, k, v, o, lse, offsets, upos, ubits, T, NBT, NB, scale_log2,
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(o + row_off[:, None] + d[None, :], (acc / l_safe[:, None]).to(o.dtype.element_ty),
              mask=rvalid[:, None])
-    lse_off = (bb * T + tl.minimum(t, T - 1)).to(tl.int64) * HQ + g * G + h
-    tl.store(lse + lse_off, m_i + tl.log2(l_safe), mask=rvalid)
+    tl.store(lse + head_row, m_i + tl.log2(l_safe), mask=rvalid)
 
 
 @triton.jit
