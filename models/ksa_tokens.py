@@ -39,7 +39,7 @@ import torch
 
 __all__ = [
     "SummaryLayout", "SummaryBatch", "build_summary_layout", "insert_summary_slots", "remove_summary_slots",
-    "split_text_summary", "merge_text_summary",
+    "split_text_summary", "merge_text_summary", "pad_cu_seqlens",
 ]
 
 
@@ -196,3 +196,15 @@ def merge_text_summary(text: torch.Tensor, summary: torch.Tensor, layout: Summar
     out = text.new_zeros(shape)
     out = out.index_copy(dim, layout.text_index, text)
     return out.index_copy(dim, layout.summary_index, summary.to(text.dtype))
+
+
+def pad_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """[docs+1] boundaries of a packed row padded to `length` tokens: one more (padding) document from
+    the row's end to `length`, none when it is already that long. Packed KSA rows carry a number of
+    summaries that depends on their documents; the pipeline and the context-parallel split need one
+    length, so the trainer pads every row to the model's and the vision tower computes the same row."""
+    cu = cu_seqlens.reshape(-1)
+    end = int(cu[-1])
+    if end > length:
+        raise ValueError(f"a packed row of {end} tokens exceeds the model's {length}")
+    return cu if end == length else torch.cat([cu, cu.new_full((1,), length)])

@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
-from models.ksa_tokens import insert_summary_slots
+from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
@@ -118,10 +118,8 @@ def pad_packed_row(tokens, labels, mask, pos, cu_seqlens, length: int):
     """Pads a packed row (batch 1) to `length` tokens with one more document of padding (token 0, no
     loss): packed KSA rows have a summary count that depends on their documents, while the pipeline
     schedule and the context-parallel split need one fixed length."""
+    cu = pad_cu_seqlens(cu_seqlens, length)
     n = length - tokens.shape[-1]
-    cu = cu_seqlens.reshape(-1)
-    if n < 0:
-        raise ValueError(f"a packed row of {tokens.shape[-1]} tokens exceeds the model's {length}")
     if n == 0:
         return tokens, labels, mask, pos, cu
 
@@ -129,8 +127,7 @@ def pad_packed_row(tokens, labels, mask, pos, cu_seqlens, length: int):
         return torch.cat([x, x.new_full((*x.shape[:-1], n), value)], dim=-1)
 
     ramp = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
-    return (pad(tokens, 0), pad(labels, 0), pad(mask, 0), torch.cat([pos, ramp], dim=-1),
-            torch.cat([cu, cu.new_full((1,), length)]))
+    return pad(tokens, 0), pad(labels, 0), pad(mask, 0), torch.cat([pos, ramp], dim=-1), cu
 
 
 def packed_params(cu_seqlens: torch.Tensor):

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models.vision import VisionModel
-from models.ksa_tokens import build_summary_layout
+from models.ksa_tokens import build_summary_layout, pad_cu_seqlens
 from parallel.groups import sequence_group
 from parallel.layout import ParallelLayout
 from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
@@ -44,10 +44,7 @@ def model_row(seq: int, cu: torch.Tensor | None, visual_pos: torch.Tensor, ksa: 
         return seq, cu, visual_pos
     chunk, num_summary, model_seq = ksa
     lay = build_summary_layout(seq, chunk=chunk, num_summary=num_summary, cu_seqlens=cu)
-    cu_m = lay.cu_seqlens.to(torch.int64)
-    if lay.num_total < model_seq:
-        cu_m = torch.cat([cu_m, cu_m.new_full((1,), model_seq)])
-    return model_seq, cu_m, lay.text_index[visual_pos]
+    return model_seq, pad_cu_seqlens(lay.cu_seqlens.to(torch.int64), model_seq), lay.text_index[visual_pos]
 
 
 def vision_step_flops(model: VisionModel, micro_batches: list[dict]) -> float:
