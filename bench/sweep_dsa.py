@@ -113,6 +113,19 @@ def main():
                                psum=psum)
         res["checks"]["loss_bwd_cached_vs_recompute_rel"] = {
             n: rel(p1, p2) for n, p1, p2 in zip(("dq_idx", "dw", "dk_idx"), r1, r2)}
+        c1 = build_sparse_plan(idx, 4, one_pass=False)
+        res["checks"]["plan_one_pass_equals_two_pass"] = bool(
+            torch.equal(a.offsets_N1, c1.offsets_N1) and torch.equal(a.pos_U, c1.pos_U)
+            and torch.equal(a.bits_U, c1.bits_U))
+        del c1
+        kl_f, lse_i_f, z_f, psum_f = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                                       keep_psum=True, split=False)
+        kl_s, lse_i_s, z_s, psum_s = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                                                       keep_psum=True, split=True)
+        res["checks"]["loss_fwd_split_vs_fused"] = {
+            "kl_rel": rel(kl_f, kl_s), "z_rel": rel(z_f, z_s), "lse_i_equal": bool(torch.equal(lse_i_f, lse_i_s)),
+            "psum_rel": rel(psum_f.float(), psum_s.float()), "psum_equal": bool(torch.equal(psum_f, psum_s))}
+        del kl_f, lse_i_f, z_f, psum_f, kl_s, lse_i_s, z_s, psum_s
         res["checks"]["psum_bytes"] = psum.numel() * psum.element_size()
         res["checks"]["plan_union_entries"] = plan.pos_U.numel()
         del r1, r2
@@ -155,16 +168,18 @@ def main():
         dump(res)
     if want("plan"):
         rows = []
-        for merge, warps in ((False, 8), (True, 8), (True, 16), (True, 4)):
+        for merge, warps, one in ((True, 4, True), (True, 4, False), (False, 8, False),
+                                  (True, 8, False), (True, 16, False), (True, 8, True)):
+            cfg = {"merge": merge, "warps": warps, "one_pass": one}
             try:
-                f = (lambda m=merge, nw=warps: build_sparse_plan(idx, 4, merge=m, num_warps=nw))
+                f = (lambda m=merge, nw=warps, o=one: build_sparse_plan(idx, 4, merge=m,
+                                                                        num_warps=nw, one_pass=o))
                 f()
                 ms = timed(f, args.quick)
-                rows.append({"config": {"merge": merge, "warps": warps}, "ms": ms})
-                print(f"plan       merge={merge} warps={warps:<44d} {ms:9.2f} ms", flush=True)
+                rows.append({"config": cfg, "ms": ms})
+                print(f"plan       {json.dumps(cfg):60s} {ms:9.2f} ms", flush=True)
             except Exception as e:
-                rows.append({"config": {"merge": merge, "warps": warps},
-                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         ok = [r for r in rows if "ms" in r]
         res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
     if want("attn_fwd"):
@@ -179,7 +194,14 @@ def main():
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
     if want("loss_fwd"):
         run_variants("loss_fwd", il, [
-            {}, {"BS_fwd": 64, "warps": 4}, {"BS_fwd": 256, "warps": 8}, {"BS_fwd": 32, "warps": 8},
+            {}, {"split_fwd": False}, {"split_fwd": False, "BS_fwd": 64, "warps": 4},
+            {"split_fwd": False, "BS_fwd": 256, "warps": 8}, {"split_fwd": False, "BS_fwd": 32, "warps": 8},
+            {"BS_psum": 128, "warps_psum": 4, "stages_split": 2, "BS_kl": 128},  # the first split tiles
+            {"BS_psum": 128, "warps_psum": 4, "stages_split": 2},
+            {"BS_psum": 128, "warps_psum": 2}, {"BS_psum": 64, "warps_psum": 4},
+            {"BS_psum": 256, "warps_psum": 8}, {"stages_split": 2}, {"stages_split": 4},
+            {"BS_kl": 128}, {"BS_kl": 32, "warps_kl": 2}, {"BS_kl": 64, "warps_kl": 2},
+            {"chunk_bytes": 64 << 20}, {"chunk_bytes": 1 << 30}, {"chunk_bytes": 8 << 30},
         ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
                                      keep_psum=True), res, args.quick)
     if want("loss_bwd"):

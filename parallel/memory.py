@@ -138,7 +138,13 @@ def _norm(elems: float, b: int) -> float:
 # indexer inputs, 0.73 with iid ones (bench/RESULTS.md, 3,965 and 6,010 keys per 4-token block at top-2048);
 # the larger is used so the estimate does not fall short for less local selections.
 DSA_UNION_SHARE = 0.75
+# transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's candidate lists
+# (kernels/dsa/topk.py, 512 MiB per chunk of query blocks); the union plan's padded slots (kernels/dsa/plan.py,
+# 256 MiB per chunk) plus, while its packed chunks are joined, a second copy of the plan; the indexer loss's
+# fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
 DSA_TOPK_CHUNK_BYTES = 512 << 20
+DSA_PLAN_CHUNK_BYTES = 256 << 20
+DSA_LOSS_CHUNK_BYTES = 256 << 20
 
 
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
@@ -182,10 +188,12 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             # the union plan (position + token bits, int32 each) and the cached head-summed P (block_q
             # tokens per entry) that the kernels keep for backward; entries = t * topk * DSA_UNION_SHARE
             bq = default_block_q(Hq * tp, Hkv * tp)
-            ind += t * x.topk * DSA_UNION_SHARE * (8 + bq * b)
-            # the backward's fp32 dK / dV (every key the rank's queries can select) and the top-k
-            # selector's candidate lists (kernels/dsa/topk.py: 512 MiB per chunk)
-            transient += 2 * (S if cp > 1 else t) * hkv * 4 + DSA_TOPK_CHUNK_BYTES
+            plan = t * x.topk * DSA_UNION_SHARE * 8
+            ind += plan + t * x.topk * DSA_UNION_SHARE * bq * b
+            # the backward's fp32 dK / dV (every key the rank's queries can select) and the largest
+            # transient of the forward's stages (top-k candidates, plan building, loss chunk)
+            stage = max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + plan, DSA_LOSS_CHUNK_BYTES)
+            transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
         elif cp > 1:
             # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
             # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K

@@ -25,7 +25,7 @@ from . import indexer_loss as il
 from . import sparse_attn as sa
 from . import topk as tk
 from .common import pow2
-from .plan import default_block_q, plan_fwd_kernel_union
+from .plan import default_block_q, plan_fwd_kernel_compact, plan_fwd_kernel_union
 
 CUDA = torch.device("cuda")
 
@@ -94,9 +94,13 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     BQ = default_block_q(HQ, HKV)
     out.append((plan_fwd_kernel_union,
                 dict(idx_ptr="*i32", counts_ptr="*i32", offsets_ptr="*i64", pos_ptr="*i32",
-                     bits_ptr="*i32", T="i32", NBT="i32", K="i32", WRITE="i32"),
+                     bits_ptr="*i32", T="i32", NBT="i32", K="i32", WRITE="i32", PID0="i32",
+                     CAPB="i32"),
                 dict(BQ=BQ, KP=pow2(K), MERGE=True, LOG_KP=pow2(K).bit_length() - 1,
-                     LOG_N=(BQ * pow2(K)).bit_length() - 1), 8, 2))
+                     LOG_N=(BQ * pow2(K)).bit_length() - 1), 4, 2))
+    out.append((plan_fwd_kernel_compact,
+                dict(pad_pos="*i32", pad_bits="*i32", offsets_ptr="*i64", pos_ptr="*i32",
+                     bits_ptr="*i32", CAPB="i32", BASE="i64"), dict(BLOCK=1024), 4, 2))
     c = sa._config(CUDA, BQ * GP, D)
     heads = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ, DOT_PREC=prec)
     plan_sig = dict(offsets="*i64", upos="*i32", ubits="*i32", T="i32", NBT="i32")
@@ -120,10 +124,21 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
         bq = il.loss_block_q(HQ, HKV, HI) if dense else BQ
         meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP,
                     BQ=bq, DENSE=dense, DOT_PREC=prec)
+        split = not dense and c["split_fwd"]
+        if split:
+            out.append((il.indexer_loss_fwd_kernel_psum,
+                        dict(q=dt, k=dt, lse="*fp32", offsets="*i64", upos="*i32", ubits="*i32",
+                             psum_ptr="*fp32", T="i32", NBT="i32", g="i32", PID0="i32",
+                             U0="i64", scale_log2="fp32"),
+                        dict(heads, BS=c["BS_psum"], FIRST=False), c["warps_psum"],
+                        c["stages_split"]))
         out.append((il.indexer_loss_fwd_kernel_kl,
                     dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
-                         T="i32", NBT="i32", scale_log2="fp32"),
-                    dict(meta, BS=c["BS_fwd"], STORE_P=not dense), c["warps"], c["stages"]))
+                         psum_in="*fp32", T="i32", NBT="i32", PID0="i32", U0="i64",
+                         scale_log2="fp32"),
+                    dict(meta, BS=c["BS_kl" if split else "BS_fwd"], STORE_P=not dense,
+                         PSUM_IN=split), c["warps_kl" if split else "warps"],
+                    c["stages_split" if split else "stages"]))
         out.append((il.indexer_loss_bwd_kernel_kl,
                     dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
                          gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32",

@@ -162,18 +162,67 @@ def indexer_loss_fwd_kernel_lse(q, k, lse, start_ptr, T, NBT, scale_log2, HQ: tl
     tl.store(lse + head_row, out, mask=rvalid)
 
 
-@triton.jit(do_not_specialize=["T", "NBT"])
+@triton.jit(do_not_specialize=["T", "NBT", "g", "PID0", "U0"])
+def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, NBT, g, PID0, U0,
+                                 scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+                                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                                 DP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+                                 FIRST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Sparse stage, split forward: KV group g's share of the head-summed P of every (union entry,
+    token) of one block, written (FIRST, g = 0) or added (g > 0) into psum_ptr [U, BQ] fp32. One
+    launch per group, in group order, so the sums are deterministic and equal the fused kernel's
+    order; the group's query tile and lse are loaded once and each key row is gathered once.
+    Program p handles block PID0 + p; union entry u is at row u - U0 of psum_ptr (a chunk)."""
+    pid = PID0 + tl.program_id(0)
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    lo = tl.load(offsets + pid)
+    hi = tl.load(offsets + pid + 1)
+    i = tl.arange(0, BQ)
+    tvalid = (t0 + i) < T
+    rg = tl.arange(0, BQ * GP)
+    tg = t0 + rg // GP
+    h = rg % GP
+    gvalid = (h < G) & (tg < T)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    head_row = (bb * T + tl.minimum(tg, T - 1)).to(tl.int64) * HQ + g * G + h
+    qg = tl.load(q + head_row[:, None] * D + d[None, :], mask=gvalid[:, None] & dmask[None, :],
+                 other=0.0)
+    lse2 = tl.load(lse + head_row, mask=gvalid, other=float("inf")) * 1.4426950408889634
+    for u0 in range(lo, hi, BS):
+        uu = u0 + tl.arange(0, BS)
+        um = uu < hi
+        pos = tl.load(upos + uu, mask=um, other=0)
+        bits = tl.load(ubits + uu, mask=um, other=0)
+        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & tvalid[:, None]
+        kg = tl.load(k + ((bb * T + pos).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
+                     mask=um[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(qg, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
+        pg = tl.where(gvalid[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(member, tl.sum(tl.reshape(pg, [BQ, GP, BS]), axis=1), 0.0)
+        ptr = psum_ptr + (uu - U0).to(tl.int64)[None, :] * BQ + i[:, None]
+        if not FIRST:
+            p = tl.load(ptr, mask=um[None, :], other=0.0) + p
+        tl.store(ptr, p, mask=um[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
-                               kl_ptr, lse_i_ptr, z_ptr, psum_ptr, T, NBT, scale_log2,
+                               kl_ptr, lse_i_ptr, z_ptr, psum_ptr, psum_in, T, NBT, PID0, U0,
+                               scale_log2,
                                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                                HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
                                DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
                                DENSE: tl.constexpr, STORE_P: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
+                               PSUM_IN: tl.constexpr, DOT_PREC: tl.constexpr):
     """STORE_P (sparse stage only): also write the head-summed P of every (union entry, token)
-    to psum_ptr [U, BQ], so that the backward reads it instead of recomputing 4 QK^T per tile."""
-    pid = tl.program_id(0)
+    to psum_ptr [U, BQ], so that the backward reads it instead of recomputing 4 QK^T per tile.
+    PSUM_IN (sparse stage only): read that P, fp32, from psum_in [U, BQ] (written by
+    indexer_loss_fwd_kernel_psum, entry u at row u - U0) instead of computing it here.
+    Program p handles block PID0 + p."""
+    pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
     t, tvalid, start, lo, hi = _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ, BS, DENSE)
@@ -186,11 +235,16 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
     for u0 in range(lo, hi, BS):
         pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
-        psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP, BQ,
-                          BS, DOT_PREC)
+        uu = u0 + tl.arange(0, BS)
+        if PSUM_IN:
+            psum = tl.load(psum_in + (uu - U0).to(tl.int64)[None, :] * BQ
+                           + tl.arange(0, BQ)[:, None],
+                           mask=member, other=0.0)
+        else:
+            psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
+                              BQ, BS, DOT_PREC)
         psum = tl.where(member, psum, 0.0)
         if STORE_P:
-            uu = u0 + tl.arange(0, BS)
             tl.store(psum_ptr + uu.to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
                      psum.to(psum_ptr.dtype.element_ty), mask=(uu < hi)[None, :])
         sm = tl.where(member, score, float("-inf"))
@@ -261,12 +315,18 @@ def _config(device: torch.device) -> dict:
     DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 128-key
     tiles with 4 warps 60 ms (64 / 4: 68, 256 / 8: 65, 32 / 8: 167); backward from the cached P,
     128-key tiles 26 ms (32: 29, 64: 35); the recomputing backward (the dense stage's, timed on the
-    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296)."""
+    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296). The split sparse forward
+    (split_fwd): per-group P launches with 64-key tiles, 2 warps, 3 stages, then the KL kernel with
+    64-key tiles / 4 warps: 44 ms at 256 MiB chunks (the fused kernel above: 60 ms; first split
+    tiles 128 / 4 warps / 2 stages: 50 ms; chunks of 64 MiB 52 ms, 1 GiB 41.6 ms, kept at 256 MiB
+    for memory)."""
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
-                    warps_lse=4, stages=1)
+                    warps_lse=4, stages=1, split_fwd=True, BS_psum=128, warps_psum=4,
+                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20)
     return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
-                stages=2)
+                stages=2, split_fwd=True, BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4,
+                stages_split=3, chunk_bytes=256 << 20)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
@@ -318,10 +378,16 @@ def psum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
-                   scale: float, kl=None, lse_i=None, z=None, keep_psum: bool = False):
+                   scale: float, kl=None, lse_i=None, z=None, keep_psum: bool = False,
+                   split: bool | None = None, chunk_bytes: int | None = None):
     """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32), plus (sparse stage
     with keep_psum) the head-summed P [U, BQ] for the backward, else None. plan=None: dense
-    stage. Output buffers may be given (tests pass NaN-filled ones)."""
+    stage. Output buffers may be given (tests pass NaN-filled ones).
+
+    split (sparse stage; None: the `_config` default): per chunk of blocks, one launch per KV group
+    adds that group's head-summed P into an fp32 buffer (at most `chunk_bytes` + 4 * BQ * K bytes),
+    then the KL kernel reads it; else one kernel computes all groups' P tile by tile, reloading
+    each group's query tile per key tile. Same sums in the same order."""
     q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
     meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, plan, block_q)
     cfg = _config(q.device)
@@ -331,11 +397,41 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
     store_p = keep_psum and plan is not None
     psum = (torch.empty(plan.pos_U.numel() * plan.block_q, dtype=psum_dtype(q.dtype),
                         device=q.device) if store_p else None)
-    indexer_loss_fwd_kernel_kl[(B * nbt,)](
-        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z,
-        psum if store_p else kl, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_fwd"],
-        DENSE=plan is None, STORE_P=store_p, DOT_PREC=dot_precision(q_idx.dtype),
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    split = plan is not None and (cfg["split_fwd"] if split is None else split)
+    kl_args = (q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z,
+               psum if store_p else kl)
+    kl_meta = dict(meta, DENSE=plan is None, STORE_P=store_p, PSUM_IN=split,
+                   DOT_PREC=dot_precision(q_idx.dtype),
+                   num_stages=cfg["stages_split" if split else "stages"])
+    if not split:
+        indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, scale * LOG2E,
+                                               BS=cfg["BS_fwd"], num_warps=cfg["warps"], **kl_meta)
+        return kl, lse_i, z, psum
+    # chunks of blocks holding at most `chunk_bytes` of fp32 P, cut where the entry count crosses
+    # multiples of the budget (a block has at most BQ * K entries, so a chunk's buffer needs at
+    # most budget + that); one host sync for the cut points
+    bq, nb, offs = plan.block_q, B * nbt, plan.offsets_N1
+    n_u = plan.pos_U.numel()
+    budget = max(1, (chunk_bytes or cfg["chunk_bytes"]) // (4 * bq))
+    cuts = [0, nb]
+    if n_u > budget:
+        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
+        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
+    cuts = sorted(set(cuts))
+    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
+    width = max(b - a for a, b in zip(bounds[:-1], bounds[1:])) if len(bounds) > 1 else 0
+    buf = torch.empty(max(1, width) * bq, dtype=torch.float32, device=q.device)
+    pm = {n: meta[n] for n in ("HQ", "HKV", "G", "GP", "D", "DP", "BQ")}
+    for (b0, b1), u0 in zip(zip(cuts[:-1], cuts[1:]), bounds[:-1]):
+        for g in range(meta["HKV"]):
+            indexer_loss_fwd_kernel_psum[(b1 - b0,)](
+                q, k, lse, plan.offsets_N1, plan.pos_U, plan.bits_U, buf, T, nbt, g, b0, u0,
+                scale * LOG2E, **pm, BS=cfg["BS_psum"], FIRST=g == 0,
+                DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_psum"],
+                num_stages=cfg["stages_split"])
+        indexer_loss_fwd_kernel_kl[(b1 - b0,)](*kl_args, buf, T, nbt, b0, u0, scale * LOG2E,
+                                              BS=cfg["BS_kl"], num_warps=cfg["warps_kl"],
+                                              **kl_meta)
     return kl, lse_i, z, psum
 
 

@@ -11,9 +11,10 @@ of the block's tokens selected it. The plan is a CSR list per block:
 
 Two builders, equal output (tested): `build_sparse_plan` (Triton, used on the GPU and in tests)
 sorts the block_q * K keys (position * block_q + token) of each block in registers, marks the last
-entry of each run of equal positions and ORs the run's token bits, then compacts: a first launch
-counts the distinct keys per block, a second (same compiled kernel) writes them at the prefix-sum
-offsets. `build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
+entry of each run of equal positions and ORs the run's token bits, then compacts: each block's
+distinct keys are written into a padded slot of `block_q * K` entries (a chunk of blocks at a time,
+256 MiB of slots) with their count, and a copy kernel packs the slots at the prefix-sum offsets
+(`one_pass=False`: merge twice instead, counting first and writing second, with no slot buffer). `build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
 Both are deterministic. Memory of the result: 8 bytes per distinct (block, key) pair, at most
 8 * B * T * K bytes (no overlap at all).
 """
@@ -80,13 +81,15 @@ def _merge_rows(x, BQ: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr,
     return tl.reshape(h, [N])
 
 
-@triton.jit(do_not_specialize=["T", "NBT", "K", "WRITE"])
+@triton.jit(do_not_specialize=["T", "NBT", "K", "WRITE", "PID0", "CAPB"])
 def plan_fwd_kernel_union(idx_ptr, counts_ptr, offsets_ptr, pos_ptr, bits_ptr, T, NBT, K, WRITE,
-                          BQ: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr,
+                          PID0, CAPB, BQ: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr,
                           LOG_KP: tl.constexpr, LOG_N: tl.constexpr):
-    """One program per block: WRITE == 0 counts its distinct keys, WRITE == 1 writes them.
+    """Program p handles block PID0 + p. WRITE == 0 counts its distinct keys, WRITE == 1 writes
+    them at offsets_ptr[block], WRITE == 2 writes them at slot p * CAPB of a padded buffer and
+    stores the count (one pass; `plan_fwd_kernel_compact` then packs the slots).
     MERGE: bitonic-merge the (ascending) rows instead of sorting all BQ * KP keys."""
-    pid = tl.program_id(0)
+    pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     i = tl.arange(0, BQ)
     j = tl.arange(0, KP)
@@ -114,9 +117,31 @@ def plan_fwd_kernel_union(idx_ptr, counts_ptr, offsets_ptr, pos_ptr, bits_ptr, T
     if WRITE == 0:
         tl.store(counts_ptr + pid, tl.sum(last.to(tl.int32), axis=0))
     else:
-        dest = tl.load(offsets_ptr + pid) + tl.cumsum(last.to(tl.int64), axis=0) - 1
+        if WRITE == 1:
+            base = tl.load(offsets_ptr + pid)
+        else:
+            tl.store(counts_ptr + pid, tl.sum(last.to(tl.int32), axis=0))
+            base = tl.program_id(0).to(tl.int64) * CAPB
+        dest = base + tl.cumsum(last.to(tl.int64), axis=0) - 1
         tl.store(pos_ptr + dest, s, mask=last)
         tl.store(bits_ptr + dest, run, mask=last)
+
+
+@triton.jit(do_not_specialize=["CAPB", "BASE"])
+def plan_fwd_kernel_compact(pad_pos, pad_bits, offsets_ptr, pos_ptr, bits_ptr, CAPB, BASE,
+                            BLOCK: tl.constexpr):
+    """Block p of a chunk: copy its count (offsets[p + 1] - offsets[p]) entries from padded slot
+    p * CAPB to offsets[p] - BASE of the chunk's packed output."""
+    p = tl.program_id(0)
+    lo = tl.load(offsets_ptr + p)
+    n = tl.load(offsets_ptr + p + 1) - lo
+    src = p.to(tl.int64) * CAPB
+    dst = lo - BASE
+    for e0 in range(0, n, BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        m = e < n
+        tl.store(pos_ptr + dst + e, tl.load(pad_pos + src + e, mask=m), mask=m)
+        tl.store(bits_ptr + dst + e, tl.load(pad_bits + src + e, mask=m), mask=m)
 
 
 def _check_block_q(block_q: int) -> None:
@@ -125,14 +150,18 @@ def _check_block_q(block_q: int) -> None:
 
 
 def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
-                      merge: bool = True, num_warps: int | None = None) -> SparsePlan:
+                      merge: bool = True, num_warps: int | None = None,
+                      one_pass: bool = True, chunk_bytes: int = 256 << 20) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
     idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "triton",
     "torch", or "auto" (Triton on CUDA when block_q * next_pow2(K) <= MAX_SORT, else torch; the
     interpreter runs tl.sort far too slowly for anything but tiny shapes). merge=False sorts
     each block's keys from scratch instead of merging its sorted rows (the earlier kernel, kept
-    for comparison in bench/bench_dsa.py).
+    for comparison in bench/sweep_dsa.py). one_pass: merge each block once, writing its
+    distinct keys into a padded slot of block_q * K entries per block (chunks of blocks, at most
+    `chunk_bytes` of slots at a time), then pack the slots; else merge twice, counting first and
+    writing at the prefix-sum offsets second (no transient buffer). Same plan either way.
     """
     _check_block_q(block_q)
     B, T, K = idx_BTK.shape
@@ -148,21 +177,49 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
     idx = idx_BTK.to(torch.int32).contiguous()
     nbt = triton.cdiv(T, block_q)
     nb = B * nbt
-    # 4 warps: the merge of 4 x 2048 keys takes 37 ms at 128K on an H200 with 4, 44 ms with 8 and
-    # 56 ms with 16 (bench/sweep_dsa.py); the full sort it replaces took 106 ms
-    warps = num_warps or (4 if interpreting() or merge or block_q * KP <= 2048 else 8)
+    # timed at 128K on an H200 (bench/sweep_dsa.py): one pass 26.6 ms with 8 warps, 27.8 with 4;
+    # two passes (count, write) 38.9 ms with 4 warps, 44.4 with 8, 56.5 with 16; the full sort
+    # the merge replaced took 106.6 ms
+    if num_warps:
+        warps = num_warps
+    elif interpreting() or block_q * KP <= 2048:
+        warps = 4
+    else:
+        warps = 8 if one_pass or not merge else 4
+    meta = dict(BQ=block_q, KP=KP, MERGE=merge, LOG_KP=KP.bit_length() - 1,
+                LOG_N=(block_q * KP).bit_length() - 1, num_warps=warps)
     counts = torch.empty(nb, dtype=torch.int32, device=dev)
     offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
-    plan_fwd_kernel_union[(nb,)](idx, counts, offsets, counts, counts, T, nbt, K, 0,
-                                 BQ=block_q, KP=KP, MERGE=merge, LOG_KP=KP.bit_length() - 1,
-                                 LOG_N=(block_q * KP).bit_length() - 1, num_warps=warps)
-    offsets[1:] = torch.cumsum(counts, 0)
-    total = int(offsets[-1].item())
-    pos = torch.empty(total, dtype=torch.int32, device=dev)
-    bits = torch.empty(total, dtype=torch.int32, device=dev)
-    plan_fwd_kernel_union[(nb,)](idx, counts, offsets, pos, bits, T, nbt, K, 1,
-                                 BQ=block_q, KP=KP, MERGE=merge, LOG_KP=KP.bit_length() - 1,
-                                 LOG_N=(block_q * KP).bit_length() - 1, num_warps=warps)
+    if not one_pass:
+        plan_fwd_kernel_union[(nb,)](idx, counts, offsets, counts, counts, T, nbt, K, 0, 0, 0,
+                                     **meta)
+        offsets[1:] = torch.cumsum(counts, 0)
+        total = int(offsets[-1].item())
+        pos = torch.empty(total, dtype=torch.int32, device=dev)
+        bits = torch.empty(total, dtype=torch.int32, device=dev)
+        plan_fwd_kernel_union[(nb,)](idx, counts, offsets, pos, bits, T, nbt, K, 1, 0, 0, **meta)
+        return SparsePlan(block_q, B, T, nbt, offsets, pos, bits)
+    capb = block_q * K  # at most this many distinct keys per block
+    per_chunk = max(1, min(nb, chunk_bytes // (8 * capb)))
+    pad_pos = torch.empty(per_chunk * capb, dtype=torch.int32, device=dev)
+    pad_bits = torch.empty_like(pad_pos)
+    pos_parts, bits_parts = [], []
+    for c0 in range(0, nb, per_chunk):
+        n = min(per_chunk, nb - c0)
+        plan_fwd_kernel_union[(n,)](idx, counts, offsets, pad_pos, pad_bits, T, nbt, K, 2, c0,
+                                    capb, **meta)
+        off = offsets[c0:c0 + n + 1]
+        off[1:] = off[0] + torch.cumsum(counts[c0:c0 + n], 0)
+        base, end = (int(v) for v in off[[0, -1]].tolist())
+        pos_c = torch.empty(end - base, dtype=torch.int32, device=dev)
+        bits_c = torch.empty_like(pos_c)
+        plan_fwd_kernel_compact[(n,)](pad_pos, pad_bits, off, pos_c, bits_c, capb, base,
+                                      BLOCK=1024, num_warps=4)
+        pos_parts.append(pos_c)
+        bits_parts.append(bits_c)
+    del pad_pos, pad_bits
+    pos = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
+    bits = bits_parts[0] if len(bits_parts) == 1 else torch.cat(bits_parts)
     return SparsePlan(block_q, B, T, nbt, offsets, pos, bits)
 
 

@@ -210,10 +210,13 @@ def test_plan_merge_of_sorted_rows(T, K, block_q):
     for t in range(T):
         n = min(K, t + 1)
         idx[0, t, :n] = torch.randperm(t + 1, generator=g)[:n].sort().values.int()
-    a = build_sparse_plan(idx.to(DEV), block_q, method="triton", merge=True)
     b = build_sparse_plan_torch(idx, block_q)
-    assert torch.equal(a.offsets_N1.cpu(), b.offsets_N1)
-    assert torch.equal(a.pos_U.cpu(), b.pos_U) and torch.equal(a.bits_U.cpu(), b.bits_U)
+    # one merge per block into padded slots: one chunk of slots, then chunks of 3 blocks (a ragged
+    # last chunk, packed output concatenated); and the two-merge (count, then write) builder
+    for kw in (dict(), dict(chunk_bytes=3 * 8 * block_q * K), dict(one_pass=False)):
+        a = build_sparse_plan(idx.to(DEV), block_q, method="triton", merge=True, **kw)
+        assert torch.equal(a.offsets_N1.cpu(), b.offsets_N1), kw
+        assert torch.equal(a.pos_U.cpu(), b.pos_U) and torch.equal(a.bits_U.cpu(), b.bits_U), kw
 
 
 # ----------------------------------------------------------------------------- sparse attention
@@ -296,13 +299,15 @@ def _loss_inputs(B, T, Hq, Hkv, D, HI, DI):
     return q, k, qi, w, ki
 
 
-def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
+def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q, split=None,
+                chunk_bytes=None):
     B, T = q.shape[:2]
     scale = q.shape[-1] ** -0.5
     start = row_doc_start(B, T, cu, q.device)
     outs = [poison_(torch.empty(B * T, device=DEV)) for _ in range(3)]
     kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, *outs,
-                                        keep_psum=plan is not None)
+                                        keep_psum=plan is not None, split=split,
+                                        chunk_bytes=chunk_bytes)
     assert (psum is None) == (plan is None)
     gscale = torch.full((1,), 1.0 / (B * T), device=DEV)
     qir, wr, kir = (x.clone().requires_grad_() for x in (qi, w, ki))
@@ -330,14 +335,19 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q):
                 assert_close(f"{stage} {name} cached={cached}", a, b, TOL_GRAD)
 
 
+@pytest.mark.parametrize("split,chunk_bytes", [(True, None), (True, 512), (False, None)],
+                         ids=["split", "split-chunks", "fused"])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES)
-def test_indexer_loss_sparse(B, T, Hq, Hkv, D, HI, DI, topk, cu):
+def test_indexer_loss_sparse(B, T, Hq, Hkv, D, HI, DI, topk, cu, split, chunk_bytes):
+    """split: the forward's head-summed P from one launch per KV group into an fp32 buffer (with
+    512-byte chunks: many chunks of a few blocks, the last one ragged), or one fused kernel."""
     cu = None if cu is None else _cu(*cu)
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
     idx = _selection(B, T, topk, cu)
     _, lse = naive.sparse_gqa_attention(q, k, k, idx)  # the sparse attention's lse
     block_q = default_block_q(Hq, Hkv)
-    _check_loss("sparse", q, k, qi, w, ki, idx, lse, cu, build_sparse_plan(idx, block_q), block_q)
+    _check_loss("sparse", q, k, qi, w, ki, idx, lse, cu, build_sparse_plan(idx, block_q), block_q,
+                split, chunk_bytes)
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES[:2])

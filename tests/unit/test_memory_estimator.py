@@ -9,7 +9,7 @@ bench/bench_cp.py records the prediction next to the measurement for every CP ca
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
-from parallel.memory import (DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
+from parallel.memory import (DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
                              estimate, model_state_bytes, param_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
@@ -98,7 +98,8 @@ def test_dsa_sparse_counts_the_kernels_plan_cached_p_and_backward_buffers():
     dense = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="dense_warmup", **x)), seq_length=64, bf16=False)
     (ks, ts), (kd, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
     assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * (8 + 16 * 4)
-    assert ts - td == 2 * 64 * 32 * 4 + DSA_TOPK_CHUNK_BYTES
+    # the forward's largest stage transient: at 64 tokens the top-k chunk (the plan's is 256 MiB + ~1.5 KB)
+    assert ts - td == 2 * 64 * 32 * 4 + max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8)
 
 
 def test_ksa_counts_summary_tokens():
@@ -154,3 +155,16 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
     n = measured["layers"]
     assert abs(measured["attention"] / n / attn - 1) <= 0.10, (measured, attn)
     assert abs(measured["moe"] / n / moe - 1) <= 0.10, (measured, moe)
+
+
+def test_dsa_sparse_transient_is_the_plan_build_at_long_sequences():
+    # at 128K tokens and top-2048 the plan (t * topk * DSA_UNION_SHARE * 8 B, ~1.5 GiB) exceeds the top-k's
+    # 512 MiB candidate chunk: while its packed chunks are joined the plan exists twice, plus 256 MiB of slots
+    x = dict(index_heads=2, index_dim=8, topk=2048)
+    t = 131072
+    sparse = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="sparse", **x)), seq_length=t, bf16=False)
+    dense = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="dense_warmup", **x)), seq_length=t, bf16=False)
+    (_, ts), (_, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
+    plan = t * 2048 * DSA_UNION_SHARE * 8
+    assert plan > DSA_TOPK_CHUNK_BYTES
+    assert ts - td == 2 * t * 32 * 4 + DSA_PLAN_CHUNK_BYTES + plan
