@@ -36,21 +36,116 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900,
                 digests: bool = False) -> dict[str, dict[int, float]]:
-    """Trains each named layout (a list of overrides) in one torchrun job; returns name -> {step: loss}
-    (and, with digests=True, also name -> {parameter: [sum, abs sum]} of rank 0 after training).
-    `{root}` in an override is replaced by the job's run root (to point one entry at another's run)."""
+    """Trains each named layout (a list of overrides) in one job of `nproc` ranks forked from the warm
+    process of `run_ranks`; returns name -> {step: loss} (and, with digests=True, also name ->
+    {parameter: [sum, abs sum]} of rank 0 after training). `{root}` in an override is replaced by the
+    job's run root (to point one entry at another's run). The same job runs under torchrun with
+    `torchrun --standalone --nproc_per_node N tests/dist/layouts_driver.py OUT RUN_ROOT SPEC`."""
     out = tmp / "layouts.json"
     spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "tests" / "dist" / "layouts_driver.py"), str(out), str(tmp / "runs"), spec]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"layouts run failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    run_ranks(nproc, "tests.dist.layouts_driver:run", (str(out), str(tmp / "runs"), spec), tmp / "logs",
+              timeout=timeout)
     data = json.loads(out.read_text())
     losses = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
     return (losses, data["digests"]) if digests else losses
+
+
+# ------------------------------------------------------------------------------------ forked rank jobs
+# Starting a rank under torchrun costs ~11 CPU-seconds of imports (torch, megatron-core with the torch.compile
+# machinery its decorators pull in, hydra), more than the few training steps a parity test runs. `run_ranks`
+# forks the ranks instead from one warm process (multiprocessing's fork server) that imported those modules
+# once per test session. Each rank gets the environment torchrun would give it (RANK, LOCAL_RANK,
+# WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT, GROUP_RANK) and runs the named function; the
+# tests of the launcher itself (tests/dist/test_faults.py, tests/integration) keep running torchrun.
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "hydra", "train.config", "train.launch",
+            "train.trainer"]
+# what the fork server (and so every forked rank) starts with: one intra-op thread (as run_pretrain's
+# OMP_NUM_THREADS=1), no wandb, and compiled (not interpreted) Triton, which is decided when a kernel module
+# is imported
+_SERVER_ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TRITON_INTERPRET": None}
+
+
+def _fork_context():
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    if not getattr(_fork_context, "started", False):
+        ctx.set_forkserver_preload(_PRELOAD)
+        saved = {k: os.environ.get(k) for k in _SERVER_ENV}
+        try:
+            for k, v in _SERVER_ENV.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _fork_context.started = True
+    return ctx
+
+
+def _rank_main(rank: int, world: int, port: int, target: str, args: tuple, log: str) -> None:
+    import importlib
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.chdir(REPO)
+    module, name = target.split(":")
+    getattr(importlib.import_module(module), name)(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def run_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: int = 900) -> None:
+    """Runs `module:function(*args)` on `nproc` ranks forked from the warm fork server (a gloo world on
+    127.0.0.1). Like torchrun, the first rank to fail stops the others; raises AssertionError with the
+    failing ranks' log tails (logs in log_dir/rank<N>.log), or on timeout."""
+    import time
+    from multiprocessing.connection import wait
+
+    ctx = _fork_context()
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    logs = [str(log_dir / f"rank{r}.log") for r in range(nproc)]
+    procs = [ctx.Process(target=_rank_main, args=(r, nproc, port, target, args, logs[r])) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    failed = None
+    try:
+        pending = list(procs)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failed = f"timed out after {timeout} s"
+                break
+            for sentinel in wait([p.sentinel for p in pending], timeout=left):
+                p = next(q for q in pending if q.sentinel == sentinel)
+                p.join()
+                pending.remove(p)
+                if p.exitcode != 0 and failed is None:
+                    failed = f"rank {procs.index(p)} exited with {p.exitcode}"
+            if failed:
+                break
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    if failed:
+        tails = "\n".join(f"--- rank {r} ({logs[r]}):\n{Path(logs[r]).read_text()[-6000:]}"
+                          for r in range(nproc) if Path(logs[r]).exists())
+        raise AssertionError(f"{target} on {nproc} ranks: {failed}\n{tails}")
 
 
 def free_port() -> int:

@@ -108,8 +108,8 @@ def run_one(recipe: str, cp: int, pad_to: int,
     return float(stats[0]), float(stats[1]), grads
 
 
-def main() -> None:
-    out, recipes, specs = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+def main(out: str, recipes: str, *specs: str) -> None:
+    recipes = recipes.split(",")
     from parallel.groups import init_distributed, teardown
 
     init_distributed()
@@ -134,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -1,7 +1,8 @@
 """Runs several short trainings in ONE torchrun job, one layout after another, and writes their losses.
 
-Used by the parity tests: starting a process costs ~15-30 s of imports on a 2-core machine, a layout's
-3 training steps cost ~5 s, so the layouts share the processes. Between layouts megatron's parallel
+Used by the parity tests (through tests/launch_util.run_layouts, which forks the ranks from a warm
+process instead of starting them under torchrun): starting a process costs ~11 CPU-s of imports on a
+2-core machine, a layout's 3 training steps ~5 s, so the layouts share the processes. Between layouts megatron's parallel
 state is destroyed and rebuilt by `build_process_groups`; nothing else carries over.
 
     torchrun --standalone --nproc_per_node 2 tests/dist/layouts_driver.py OUT.json RUN_ROOT 'name=override override;...'
@@ -28,8 +29,10 @@ from train.launch import validate  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def main() -> None:
-    out, run_root, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+def run(out: str, run_root: str, spec: str) -> None:
+    """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
+    the losses and parameter digests to `out`."""
+    run_root = Path(run_root)
     register_configs()
     results, digests = {}, {}
     for item in spec.split(";"):
@@ -58,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(*sys.argv[1:4])

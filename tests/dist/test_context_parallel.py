@@ -5,8 +5,9 @@ token layouts: split="sequence" (chunks r, 2cp-1-r of the sequence) and, for eve
 (chunks r, 2cp-1-r of every document; the document lengths here are not multiples of 2cp, so the remainder
 tokens are dealt too). Result keys of the document layout end in "/doc".
 
-This file is both the pytest test and the worker it launches (`python this_file.py WORLD OUT PORT` spawns
-WORLD gloo processes that run every case; starting processes costs more than the cases). The CP1 reference is
+This file is both the pytest test and its worker: the test forks WORLD gloo ranks from the warm process of
+tests/launch_util.run_ranks (`rank_main`), each runs every case (starting processes costs more than the
+cases); `python this_file.py WORLD OUT PORT` spawns the same ranks by hand (CP_TEST_BACKEND=nccl on GPUs). The CP1 reference is
 computed in every worker from the same seeded full-sequence tensors with the single-device code
 (models/attention/dense.causal_attention, kernels.dsa naive, kernels.ksa naive).
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.launch_util import free_port  # noqa: E402
+from tests.launch_util import run_ranks  # noqa: E402
 
 TOL_F64 = 1e-12
 TOL_F32 = 1e-6
@@ -214,6 +214,11 @@ def _ksa_cases(group, world, rank, res):
             res[f"ksa/{name}" + ("/doc" if split == "document" else "")] = errs
 
 
+def rank_main(out: str) -> None:
+    """One rank of a job started by tests/launch_util.run_ranks (torchrun's environment variables)."""
+    _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), out, int(os.environ["MASTER_PORT"]))
+
+
 def _worker(rank: int, world: int, out: str, port: int) -> None:
     import torch.distributed as dist
 
@@ -256,12 +261,9 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"cp{w}" for w in WORLDS])
 def cp_results(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"cp{world}") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__, str(world), str(out), str(free_port())], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"cp{world} worker failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    tmp = tmp_path_factory.mktemp(f"cp{world}")
+    out = tmp / "results.json"
+    run_ranks(world, "tests.dist.test_context_parallel:rank_main", (str(out),), tmp / "logs", timeout=600)
     return world, json.loads(out.read_text())
 
 

@@ -23,17 +23,14 @@ sums such as a norm weight's drift) -- measured below 1e-6. Packed gradients: re
 tensor (measured <= 6e-7); a wrong position (e.g. RoPE sliced twice), a document mask that crosses
 ranks wrongly or a missing KL share gives errors of order 1e-2..1.
 
-Runtime on 2 CPU cores: about 3 minutes (4 torchrun jobs).
+Runtime on 2 CPU cores: about 1 minute (4 jobs of ranks forked by tests/launch_util.run_ranks).
     python -m pytest tests/dist/test_cp_model.py -q
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.launch_util import REPO, run_layouts
+from tests.launch_util import run_layouts, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -91,13 +88,10 @@ def test_cp_parameters_match_after_training(trainer_runs, name):
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed") / "packed.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist" / "cp_packed_worker.py"), str(out), ",".join(PACKED), "1", *PACKED_CP]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    tmp = tmp_path_factory.mktemp("packed")
+    out = tmp / "packed.json"
+    run_ranks(2, "tests.dist.cp_packed_worker:main", (str(out), ",".join(PACKED), "1", *PACKED_CP), tmp / "logs",
+              timeout=600)
     return json.loads(out.read_text())
 
 

@@ -1,4 +1,5 @@
-"""HF interop at TP2/EP2 on 2 gloo processes, in one torchrun job (this file is also its driver):
+"""HF interop at TP2/EP2 on 2 gloo processes, in one job (this file is also its driver; the test forks the
+ranks with tests/launch_util.run_ranks, the same job runs under torchrun with the command below):
 
     1. import a sharded Qwen3-MoE HF checkpoint at TP2/EP2 (each rank reads its slices) into our checkpoint
        format, with the logits checked against transformers;
@@ -13,12 +14,12 @@
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch_util import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = dict(tp=2, ep=2)
@@ -38,12 +39,8 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
 
     hf_dir, work, out = tmp_path / "hf", tmp_path / "work", tmp_path / "out.json"
     save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(out), str(hf_dir), str(work)]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"driver failed\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_ranks(2, "tests.dist.test_hf_roundtrip:main", (str(out), str(hf_dir), str(work)), tmp_path / "logs",
+              timeout=600)
     res = json.loads(out.read_text())
     print("\nTP2/EP2:", json.dumps(res, indent=1))
 
@@ -87,7 +84,7 @@ def _train_one_step(init_from: Path, run_dir: Path) -> dict:
     return {s.step: s.loss for s in history}
 
 
-def main() -> None:
+def main(out: str, hf_dir: str, work: str) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "launch"))
     from train.noise import silence_known_warnings
@@ -101,7 +98,7 @@ def main() -> None:
     from parallel.groups import teardown
     from train import checkpoint as ckpt
 
-    out, hf_dir, work = (Path(a) for a in sys.argv[1:4])
+    out, hf_dir, work = Path(out), Path(hf_dir), Path(work)
     lm = convert.model_config(None, [], hf_dir=str(hf_dir))
     res = {}
     res["import_verify"] = convert.import_hf(str(hf_dir), str(work / "imported"), lm=lm, verify=True, **LAYOUT)["verify"]
@@ -127,7 +124,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:4])
 
 
 @pytest.mark.slow

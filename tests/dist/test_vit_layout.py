@@ -1,6 +1,6 @@
 """The ViT's spread layout (parallel/vit_layout.py) against one process encoding everything.
 
-On 2 and 4 gloo processes (torch.multiprocessing spawn, one job per world size running every case:
+On 2 and 4 gloo processes (ranks forked by tests/launch_util.run_ranks, one job per world size running every case:
 starting processes costs more than the cases), float64 tiny ViT, uint8 frames of skewed sizes over
 two micro-batches. Per case each consumer checks its embeddings and their gradients, and every rank
 checks the ViT + projector gradients after `allreduce_vit_grads`, against a single-process
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.launch_util import free_port  # noqa: E402
+from tests.launch_util import run_ranks  # noqa: E402
 
 from models.vision import VisionModel, tiny  # noqa: E402
 from parallel.vit_layout import make_plan  # noqa: E402
@@ -210,6 +210,11 @@ def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
     return errs
 
 
+def rank_main(out_dir: str) -> None:
+    """One rank of a job started by tests/launch_util.run_ranks (torchrun's environment variables)."""
+    _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), out_dir)
+
+
 def _worker(rank: int, W: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -236,10 +241,8 @@ _RESULTS: dict[int, dict] = {}
 
 def _results(W: int, tmp_path_factory) -> dict:
     if W not in _RESULTS:
-        import torch.multiprocessing as mp
-
         out = tmp_path_factory.mktemp(f"vit_layout_{W}")
-        mp.start_processes(_worker, args=(W, free_port(), str(out)), nprocs=W, join=True, start_method="spawn")
+        run_ranks(W, "tests.dist.test_vit_layout:rank_main", (str(out),), out / "logs", timeout=600)
         merged: dict[str, dict[str, float]] = {}
         for r in range(W):
             for case, errs in json.loads(Path(out, f"rank{r}.json").read_text()).items():
