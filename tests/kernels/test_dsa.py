@@ -384,11 +384,20 @@ def test_indexer_loss_api_and_composition():
     qi = qi.detach().round()  # integer-valued indexer: exact selection on both backends
     ki = ki.round()
     w = w.round()
-    o, loss, idx = dsa_attention(q, k, v, qi, w, ki, topk=8)
-    o_r, loss_r, idx_r = dsa_attention(q, k, v, qi, w, ki, topk=8, backend="naive")
+    # the attention and the loss share one union plan here (block_q 16 for both); the gradients of
+    # both, through dsa_attention, against the reference
+    dout = torch.randn(B, T, Hq, D, device=DEV)
+    grads = []
+    for backend in ("triton", "naive"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, qi, w, ki)]
+        o, loss, idx = dsa_attention(*xs, topk=8, backend=backend)
+        grads.append((o.detach(), loss.detach(), idx, torch.autograd.grad((o * dout).sum() + 0.5 * loss, xs)))
+    (o, loss, idx, g), (o_r, loss_r, idx_r, g_r) = grads
     assert torch.equal(idx, idx_r)
     assert_close("o", o_r, o, TOL_OUT)
     assert_close("loss", loss_r.reshape(1), loss.reshape(1), TOL_OUT)
+    for name, a, b in zip(("dq", "dk", "dv", "dq_idx", "dw", "dk_idx"), g_r, g):
+        assert_close(f"dsa_attention {name}", a, b, TOL_GRAD)
 
 
 def test_argument_errors():
