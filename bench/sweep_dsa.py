@@ -186,6 +186,7 @@ def main():
         run_variants("attn_fwd", sa, [
             {}, {"BS_fwd": 64, "warps_fwd": 8}, {"BS_fwd": 64, "warps_fwd": 4}, {"BS_fwd": 256, "warps_fwd": 8},
             {"BS_fwd": 128, "warps_fwd": 8}, {"BS_fwd": 128, "warps_fwd": 2}, {"BS_fwd": 256, "warps_fwd": 4},
+            {"stages": 2}, {"stages": 4},
         ], lambda: sa.sparse_attn_fwd(q, k, v, plan, scale), res, args.quick)
     if want("attn_bwd"):
         run_variants("attn_bwd", sa, [
@@ -211,7 +212,8 @@ def main():
                      lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
                                                lse_i, z, gscale), res, args.quick)
         run_variants("loss_bwd", il, [
-            {}, {"BS_bwd_p": 32}, {"BS_bwd_p": 64},
+            {}, {"BS_bwd_p": 32}, {"BS_bwd_p": 64}, {"warps": 8}, {"warps": 2}, {"stages_bwd_p": 2},
+            {"stages_bwd_p": 1}, {"BS_bwd_p": 64, "warps": 2},
         ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
                                      psum=psum), res, args.quick)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics

@@ -144,7 +144,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                          gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32",
                          NBT="i32", scale_log2="fp32"),
                     dict(meta, BS=c["BS_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense),
-                    c["warps_bwd" if dense else "warps"], c["stages"]))
+                    c["warps_bwd" if dense else "warps"], c["stages" if dense else "stages_bwd_p"]))
     return out
 
 

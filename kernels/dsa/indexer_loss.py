@@ -315,7 +315,8 @@ def _config(device: torch.device) -> dict:
     DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 128-key
     tiles with 4 warps 60 ms (64 / 4: 68, 256 / 8: 65, 32 / 8: 167); backward from the cached P,
     128-key tiles 26 ms (32: 29, 64: 35); the recomputing backward (the dense stage's, timed on the
-    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296). The split sparse forward
+    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296); the backward from the
+    cached P with 3 pipeline stages 23.7 ms (2: 26.2, 1: 26.8; 8 warps: 63.5). The split sparse forward
     (split_fwd): per-group P launches with 64-key tiles, 2 warps, 3 stages, then the KL kernel with
     64-key tiles / 4 warps: 44 ms at 256 MiB chunks (the fused kernel above: 60 ms; first split
     tiles 128 / 4 warps / 2 stages: 50 ms; chunks of 64 MiB 52 ms, 1 GiB 41.6 ms, kept at 256 MiB
@@ -323,10 +324,10 @@ def _config(device: torch.device) -> dict:
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
                     warps_lse=4, stages=1, split_fwd=True, BS_psum=128, warps_psum=4,
-                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20)
+                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20, stages_bwd_p=1)
     return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
                 stages=2, split_fwd=True, BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4,
-                stages_split=3, chunk_bytes=256 << 20)
+                stages_split=3, chunk_bytes=256 << 20, stages_bwd_p=3)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
@@ -457,7 +458,7 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
         psum if load_p else z, gscale, dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta,
         BS=cfg["BS_bwd_p" if load_p else "BS_bwd"], DENSE=plan is None, LOAD_P=load_p,
         DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
-        num_stages=cfg["stages"])
+        num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
 
 
