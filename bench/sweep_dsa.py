@@ -145,7 +145,9 @@ def main():
                        ({"warps_filter": 1}, {}), ({"warps_filter": 8}, {}),
                        ({"warps_filter": 2, "BS": 128}, {}), ({"BS": 128, "warps_filter": 8}, {}),
                        ({"BT": 32, "warps_filter": 4}, {}), ({"BT": 32, "BS": 128, "warps_filter": 8}, {}),
-                       ({"BT": 64, "warps_filter": 8}, {}), ({}, {"cap": 4096})):
+                       ({"BT": 64, "warps_filter": 8}, {}), ({}, {"cap": 4096}),
+                       ({"BS": 32}, {}), ({"BS": 32, "warps_filter": 4}, {}), ({"stages_filter": 1}, {}),
+                       ({}, {"chunk_bytes": 1 << 30}), ({}, {"chunk_bytes": 2 << 30})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):

@@ -312,7 +312,9 @@ def _config(device: torch.device) -> dict:
     # with 2 warps instead of 4 (1 warp: 467, 8: 237; 2 warps with 128-key tiles: 318).
     # Rejected: cap 4096 (261 fallback rows, 175 ms); the append offsets as a matmul with a
     # triangular ones matrix instead of tl.cumsum (no faster); reloading the 16 query tiles per
-    # key tile instead of keeping them in registers (135 vs 134 ms).
+    # key tile instead of keeping them in registers (135 vs 134 ms); 32-key tiles (130 vs 125.6 ms;
+    # 226 with 4 warps); 1 pipeline stage (145). Candidate chunks of 1 / 2 GiB instead of 512 MiB:
+    # 124.0 / 123.3 ms, not worth 0.5 / 1.5 GiB more transient memory.
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
                 stages_filter=2)
 
