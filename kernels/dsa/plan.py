@@ -14,7 +14,8 @@ sorts the block_q * K keys (position * block_q + token) of each block in registe
 entry of each run of equal positions and ORs the run's token bits, then compacts: each block's
 distinct keys are written into a padded slot of `block_q * K` entries (a chunk of blocks at a time,
 256 MiB of slots) with their count, and a copy kernel packs the slots at the prefix-sum offsets
-(`one_pass=False`: merge twice instead, counting first and writing second, with no slot buffer). `build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
+(`one_pass=False`: merge twice instead, counting first and writing second, with no slot buffer).
+`build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
 Both are deterministic. Memory of the result: 8 bytes per distinct (block, key) pair, at most
 8 * B * T * K bytes (no overlap at all).
 """
