@@ -72,22 +72,24 @@ def _fork_context():
     ctx = mp.get_context("forkserver")
     if not getattr(_fork_context, "started", False):
         ctx.set_forkserver_preload(_PRELOAD)
-        saved = {k: os.environ.get(k) for k in _SERVER_ENV}
+        saved = _set_env(_SERVER_ENV)
         try:
-            for k, v in _SERVER_ENV.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             forkserver.ensure_running()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            _set_env(saved)
         _fork_context.started = True
     return ctx
+
+
+def _set_env(values: dict) -> dict:
+    """Sets os.environ[k] = v for each item (None: unset); returns the previous values, same form."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return old
 
 
 def _rank_main(rank: int, world: int, port: int, target: str, args: tuple, log: str) -> None:

@@ -80,28 +80,46 @@ def _index_tile(qi, wv, k_idx, bb, T, pos, um, DI: tl.constexpr, DIP: tl.constex
 
 
 @triton.jit
+def _group_rows(q, lse, bb, T, t0, g, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr):
+    """KV group g's query tile [BQ*GP, DP] of the block (row = token * GP + head), its lse in
+    log2 units, and which rows are real (head < G, token < T)."""
+    rg = tl.arange(0, BQ * GP)
+    tg = t0 + rg // GP
+    h = rg % GP
+    gvalid = (h < G) & (tg < T)
+    d = tl.arange(0, DP)
+    head_row = (bb * T + tl.minimum(tg, T - 1)).to(tl.int64) * HQ + g * G + h
+    qg = tl.load(q + head_row[:, None] * D + d[None, :], mask=gvalid[:, None] & (d < D)[None, :],
+                 other=0.0)
+    lse2 = tl.load(lse + head_row, mask=gvalid, other=float("inf")) * 1.4426950408889634
+    return qg, lse2, gvalid
+
+
+@triton.jit
+def _group_psum(qg, lse2, gvalid, k, bb, T, g, pos, um, scale_log2, HKV: tl.constexpr,
+                GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr,
+                BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """[BQ, BS]: group g's attention probabilities exp(scale q.k - lse) at the tile's keys,
+    summed over the group's query heads (each key row gathered once)."""
+    d = tl.arange(0, DP)
+    kg = tl.load(k + ((bb * T + pos).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
+                 mask=um[:, None] & (d < D)[None, :], other=0.0)
+    s = tl.dot(qg, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
+    pg = tl.where(gvalid[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+    return tl.sum(tl.reshape(pg, [BQ, GP, BS]), axis=1)
+
+
+@triton.jit
 def _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
     """P [BQ, BS]: attention probabilities exp(scale q.k - lse) summed over all query heads."""
-    rg = tl.arange(0, BQ * GP)
-    ig = rg // GP
-    h = rg % GP
-    tg = t0 + ig
-    gvalid = (h < G) & (tg < T)
-    d = tl.arange(0, DP)
-    dmask = d < D
     psum = tl.zeros([BQ, BS], dtype=tl.float32)
     for g in range(HKV):
-        head_row = (bb * T + tl.minimum(tg, T - 1)).to(tl.int64) * HQ + g * G + h
-        qg = tl.load(q + head_row[:, None] * D + d[None, :], mask=gvalid[:, None] & dmask[None, :],
-                     other=0.0)
-        lse2 = tl.load(lse + head_row, mask=gvalid, other=float("inf")) * 1.4426950408889634
-        kg = tl.load(k + ((bb * T + pos).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
-                     mask=um[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(qg, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
-        pg = tl.where(gvalid[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        psum += tl.sum(tl.reshape(pg, [BQ, GP, BS]), axis=1)
+        qg, lse2, gvalid = _group_rows(q, lse, bb, T, t0, g, HQ, G, GP, D, DP, BQ)
+        psum += _group_psum(qg, lse2, gvalid, k, bb, T, g, pos, um, scale_log2, HKV, GP, D, DP,
+                            BQ, BS, DOT_PREC)
     return psum
 
 
@@ -179,29 +197,15 @@ def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, N
     lo = tl.load(offsets + pid)
     hi = tl.load(offsets + pid + 1)
     i = tl.arange(0, BQ)
-    tvalid = (t0 + i) < T
-    rg = tl.arange(0, BQ * GP)
-    tg = t0 + rg // GP
-    h = rg % GP
-    gvalid = (h < G) & (tg < T)
-    d = tl.arange(0, DP)
-    dmask = d < D
-    head_row = (bb * T + tl.minimum(tg, T - 1)).to(tl.int64) * HQ + g * G + h
-    qg = tl.load(q + head_row[:, None] * D + d[None, :], mask=gvalid[:, None] & dmask[None, :],
-                 other=0.0)
-    lse2 = tl.load(lse + head_row, mask=gvalid, other=float("inf")) * 1.4426950408889634
+    t = t0 + i
+    tvalid = t < T
+    qg, lse2, gvalid = _group_rows(q, lse, bb, T, t0, g, HQ, G, GP, D, DP, BQ)
     for u0 in range(lo, hi, BS):
-        uu = u0 + tl.arange(0, BS)
-        um = uu < hi
-        pos = tl.load(upos + uu, mask=um, other=0)
-        bits = tl.load(ubits + uu, mask=um, other=0)
-        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & tvalid[:, None]
-        kg = tl.load(k + ((bb * T + pos).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
-                     mask=um[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(qg, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
-        pg = tl.where(gvalid[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        p = tl.where(member, tl.sum(tl.reshape(pg, [BQ, GP, BS]), axis=1), 0.0)
-        ptr = psum_ptr + (uu - U0).to(tl.int64)[None, :] * BQ + i[:, None]
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, t, BS, False)  # start: unused
+        p = _group_psum(qg, lse2, gvalid, k, bb, T, g, pos, um, scale_log2, HKV, GP, D, DP, BQ,
+                        BS, DOT_PREC)
+        p = tl.where(member, p, 0.0)
+        ptr = psum_ptr + (u0 + tl.arange(0, BS) - U0).to(tl.int64)[None, :] * BQ + i[:, None]
         if not FIRST:
             p = tl.load(ptr, mask=um[None, :], other=0.0) + p
         tl.store(ptr, p, mask=um[None, :])

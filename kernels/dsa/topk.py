@@ -55,6 +55,20 @@ def _hash(a, b):
 
 
 @triton.jit
+def _block_rows(blk_ptr, start_ptr, p, T, NBT, BT: tl.constexpr):
+    """The BT query rows of the block program p works on: (batch row b, row index i, position t,
+    t < T, flat row b * T + t, document start of t); `_slot_rows` is the one-row-per-slot form."""
+    blk = tl.load(blk_ptr + p)
+    bb = blk // NBT
+    i = tl.arange(0, BT)
+    t = (blk % NBT) * BT + i
+    tvalid = t < T
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    return bb, i, t, tvalid, row, start
+
+
+@triton.jit
 def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl.constexpr,
                   DOT_PREC: tl.constexpr):
     """I[row, key] of the rows [BT] against the gathered index keys kt [N, DIP]: per indexer head a
@@ -113,13 +127,7 @@ def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, scratch_ptr, T, 
     document (possible only when CAP < BT) get no valid sample (-inf scores) and end in the exact
     fallback; rows not held by this rank under context parallelism have no keys and need none."""
     p = tl.program_id(0)
-    blk = tl.load(blk_ptr + p)
-    bb = blk // NBT
-    i = tl.arange(0, BT)
-    t = (blk % NBT) * BT + i
-    tvalid = t < T
-    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
-    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    bb, i, t, tvalid, row, start = _block_rows(blk_ptr, start_ptr, p, T, NBT, BT)
     est = tvalid & (t - start + 1 > CAP)
     if tl.max(est.to(tl.int32), axis=0) > 0:
         t0 = tl.min(tl.where(est, t, T), axis=0)
@@ -175,13 +183,7 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
     """One program per BT query rows: the single streamed pass over the causal scores; appends
     keys with score >= tau (ascending positions) to each row's candidate list."""
     p = tl.program_id(0)
-    blk = tl.load(blk_ptr + p)
-    bb = blk // NBT
-    i = tl.arange(0, BT)
-    t = (blk % NBT) * BT + i
-    tvalid = t < T
-    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
-    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    bb, i, t, tvalid, row, start = _block_rows(blk_ptr, start_ptr, p, T, NBT, BT)
     tau = tl.load(tau_ptr + p * BT + i)
     active = tvalid & (tau < float("inf"))
     # Sentinel T, not INT32_MAX: on the GPU the software pipeliner issues the first tile's loads
