@@ -139,15 +139,21 @@ def main():
     # --- timings ------------------------------------------------------------------------------
     if want("topk"):
         ref_idx = idx
+        with patched(tk, mode="fused"):
+            fused_idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
+        diff = (fused_idx != ref_idx).any(-1)
+        res["checks"]["topk_stored_vs_fused_rows_differing"] = int(diff.sum())
+        del fused_idx, diff
         rows = []
         # the variants bench/RESULTS.md and topk._config cite (the default first)
-        for ov, kw in (({}, {}), ({"warps_filter": 4}, {}), ({"warps_filter": 4, "stages_filter": 3}, {}),
-                       ({"warps_filter": 1}, {}), ({"warps_filter": 8}, {}),
-                       ({"warps_filter": 2, "BS": 128}, {}), ({"BS": 128, "warps_filter": 8}, {}),
-                       ({"BT": 32, "warps_filter": 4}, {}), ({"BT": 32, "BS": 128, "warps_filter": 8}, {}),
-                       ({"BT": 64, "warps_filter": 8}, {}), ({}, {"cap": 4096}),
-                       ({"BS": 32}, {}), ({"BS": 32, "warps_filter": 4}, {}), ({"stages_filter": 1}, {}),
-                       ({}, {"chunk_bytes": 1 << 30}), ({}, {"chunk_bytes": 2 << 30})):
+        fused = {"mode": "fused"}
+        big = {"chunk_bytes": 2 << 30}
+        plain = {"asm_store": False, "stages_score": 1, "BN": 128}  # tl.store: nothing hoisted
+        for ov, kw in (({}, {}), (fused, {}), (plain, {}), ({"warps_score": 4}, {}),
+                       ({"stages_score": 2}, {}), ({"stages_score": 4}, {}), ({"BN": 128}, {}),
+                       ({"BN": 128, "warps_score": 4}, {}), ({"KS": 1024}, {}), ({"KS": 4096}, {}),
+                       ({"BC": 2048}, {}), ({"BC": 4096, "warps_compact": 8}, {}),
+                       ({}, {"chunk_bytes": 1 << 30}), ({}, big), (fused, big), (plain, big)):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):
@@ -260,7 +266,7 @@ def main():
         cap = tk.default_cap(K)
         M = min(2048, cap // 2)
         NBT = -(-L // BT)
-        nbc = min(NBT, (512 << 20) // (BT * cap * 8))
+        nbc = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * cap * 8))
         nslot = nbc * BT
         tau = torch.empty(nslot, dtype=torch.float32, device=q.device)
         cnt = torch.empty(nslot, dtype=torch.int32, device=q.device)
@@ -290,7 +296,32 @@ def main():
                 pieces[name] = timed(lambda: fn(last), args.quick)
             except Exception as e:
                 pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
-        pieces["note"] = f"last {nbc} blocks of {NBT} (the longest rows), one chunk"
+        # the stored-score path's kernels, on the last chunk of its own size
+        nbs = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * (L * 4 + cap * 8)))
+        rows_s = nbs * BT
+        buf = torch.empty(rows_s + 1, L, dtype=torch.float32, device=q.device)
+        last_s = torch.arange(NBT - nbs, NBT, dtype=torch.int32, device=q.device)
+        for name, fn in (
+                ("stored_score", lambda b: tk.topk_fwd_kernel_score[
+                    (-(-rows_s // cfg["RS"]), -(-L // cfg["KS"]), 1)](
+                    qi, w, ki, start, b, buf, rows_s, L, NBT, K, rows_s, HI=16, DI=64, DIP=64,
+                    BT=BT, RS=cfg["RS"], BN=cfg["BN"], KS=cfg["KS"], ASM_STORE=cfg["asm_store"], DOT_PREC="tf32",
+                    num_warps=cfg["warps_score"], num_stages=cfg["stages_score"])),
+                ("stored_compact", lambda b: tk.topk_fwd_kernel_compact[(rows_s,)](
+                    start, b, buf, cnt, cs, cp, rows_s, L, NBT, K, cap, M, (K + cap) // 2, BT=BT,
+                    MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])),
+                ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
+                    start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,
+                    RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
+            try:
+                fn(last_s)
+                torch.cuda.synchronize()
+                pieces[name] = timed(lambda: fn(last_s), args.quick)
+            except Exception as e:
+                pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        del buf
+        pieces["note"] = (f"fused: last {nbc} blocks of {NBT} (the longest rows), one chunk; "
+                          f"stored_*: last {nbs} blocks, one chunk")
         res["topk_pieces"] = pieces
         print("topk pieces:", pieces, flush=True)
     res["wall_seconds"] = time.time() - t0

@@ -138,11 +138,12 @@ def _norm(elems: float, b: int) -> float:
 # indexer inputs, 0.73 with iid ones (bench/RESULTS.md, 3,965 and 6,010 keys per 4-token block at top-2048);
 # the larger is used so the estimate does not fall short for less local selections.
 DSA_UNION_SHARE = 0.75
-# transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's candidate lists
-# (kernels/dsa/topk.py, 512 MiB per chunk of query blocks); the union plan's padded slots (kernels/dsa/plan.py,
+# transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's score slab and
+# candidate lists (kernels/dsa/topk.py TOPK_CHUNK_BYTES, 1 GiB per chunk of query blocks); the union plan's
+# padded slots (kernels/dsa/plan.py,
 # 256 MiB per chunk) plus, while its packed chunks are joined, a second copy of the plan; the indexer loss's
 # fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
-DSA_TOPK_CHUNK_BYTES = 512 << 20
+DSA_TOPK_CHUNK_BYTES = 1 << 30
 DSA_PLAN_CHUNK_BYTES = 256 << 20
 DSA_LOSS_CHUNK_BYTES = 256 << 20
 

@@ -50,7 +50,13 @@ def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, ar
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
     t0 = time.time()
-    ck = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts),
+    # As at launch: pointers are specialized as 16-byte aligned (torch allocations are), which
+    # lets loads vectorize and the pipeliner stage them in shared memory; without it the report
+    # understated shared memory (a top-k kernel read 32 KB here and needed 464 KB on the H200).
+    names = fn.arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v.startswith("*")}
+    ck = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", arch, 64),
                         options=dict(num_warps=num_warps, num_stages=num_stages))
     return dict(kernel=fn.__name__, warps=num_warps, stages=num_stages,
@@ -81,6 +87,16 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                      CAP="i32"),
                 dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], BS=c["BS"], DOT_PREC=prec),
                 c["warps_filter"], 2))
+    out.append((tk.topk_fwd_kernel_score,
+                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32",
+                     NSLOT="i32", T="i32", NBT="i32", K="i32", NROW="i32"),
+                dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], RS=c["RS"], BN=c["BN"], KS=c["KS"], ASM_STORE=c["asm_store"],
+                     DOT_PREC=prec), c["warps_score"], c["stages_score"]))
+    out.append((tk.topk_fwd_kernel_compact,
+                dict(start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32", cnt_ptr="*i32",
+                     cand_s_ptr="*fp32", cand_p_ptr="*i32", NSLOT="i32", T="i32", NBT="i32",
+                     K="i32", CAP="i32", M="i32", TARGET="i32"),
+                dict(BT=c["BT"], MP=pow2(M), BC=c["BC"]), c["warps_compact"], 2))
     out.append((tk.topk_fwd_kernel_select,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", fail_ptr="*i32", NSLOT="i32", T="i32",
@@ -156,7 +172,7 @@ def main() -> None:
         raise SystemExit("unset TRITON_INTERPRET: this compiles real GPU code")
     for fn, sig, consts, warps, stages in specs():
         shown = {k: v for k, v in consts.items()
-                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE")}
+                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC")}
         try:
             r = compile_one(fn, sig, consts, warps, stages, args.arch)
             print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "

@@ -4,21 +4,29 @@ Shape legend: B batch, T tokens, HI indexer heads, DI indexer dim, K top-k, CAP 
 row, M threshold samples per row. A "row" is one query token (flattened b * T + t); a "slot" is a
 row's place in the current launch (blocks of BT consecutive tokens).
 
-No [T, T] score matrix ever exists. Selection runs in four kernels per chunk of query blocks:
+No [T, T] score matrix ever exists. The query blocks are taken in chunks bounded by `chunk_bytes`;
+per chunk, the default (`mode="stored"`) runs three kernels:
 
-1. `topk_fwd_kernel_sample` (one program per BT query rows) scores M stratified pseudo-random keys
-   of the block's document prefix for the rows with more eligible keys than CAP (one gathered key
-   tile serves all BT rows), and `topk_fwd_kernel_tau` (R rows per program) takes the sample order
-   statistic that predicts about (K + CAP) / 2 survivors as each row's threshold tau. Rows with
-   n <= K keep nothing (their answer is the whole prefix), rows with K < n <= CAP keep everything.
-2. `topk_fwd_kernel_filter` (one program per BT query rows): recomputes the scores tile by tile
-   (per indexer head a [BT, DI] x [DI, BS] dot, ReLU, weight, sum) over the causal / document
-   key range and appends every key with score >= tau to the row's candidate list (positions
-   ascending, at most CAP stored, all counted). This is the only pass over the L^2/2 scores.
+1. `topk_fwd_kernel_score` scores the chunk's rows that have more than K eligible keys against
+   their causal / document key range and writes the fp32 scores into a [rows, T] slab (the only
+   pass over the L^2/2 scores). Programs are (64-row tile, key split, batch row); each holds its
+   16 per-head query tiles in shared memory and streams key tiles through [64, DI] x [DI, 64]
+   tensor-core dots (ReLU, weight, summed in a fixed head order).
+2. `topk_fwd_kernel_compact` (one program per row) takes the row's threshold tau from M stratified
+   pseudo-random samples of its stored scores (the order statistic expected to leave about
+   (K + CAP) / 2 keys; -inf when n <= CAP, nothing when n <= K), then streams the row once and
+   appends every key with score >= tau to its candidate list (positions ascending, at most CAP
+   stored, all counted).
 3. `topk_fwd_kernel_select` (R rows per program): exact top-K among the candidates: bisection
    over the order-preserving int32 image of the fp32 scores finds the K-th largest value; ties at
    that value are taken in ascending position (the candidates are stored in that order); output
    positions ascending. Rows whose candidate count fell outside [K, CAP] are flagged.
+
+`mode="fused"` (kept, tested, and the path of the exact fallback) never stores scores: per chunk,
+`topk_fwd_kernel_sample` scores M sample keys shared by a block's 16 rows, `topk_fwd_kernel_tau`
+takes the threshold, and `topk_fwd_kernel_filter` recomputes the scores 16 rows at a time and
+appends survivors as it goes, before the same select. Its 16-row tiles (the append's registers
+leave no room for more) run the scoring at about half the stored path's tensor-core rate.
 
 Flagged rows (rare: the sample estimate was off, or massive ties) are redone exactly: the filter
 runs again for their blocks with tau = -inf and room for the whole prefix, then
@@ -214,6 +222,119 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
     tl.store(cnt_ptr + p * BT + i, cnt)
 
 
+@triton.jit
+def _q_tile(q_idx, row, j, dd, dmask, HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr):
+    """Indexer head j's query rows [R, DIP], unmasked along rows (every slot maps to a real row)."""
+    if DIP == DI:
+        return tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :])
+    return tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :], mask=dmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _st_global_f32(base, off, val, ok):
+    """st.global of val to base + 4 * off where ok, as a pure elementwise op returning 0. Pure, so
+    the compiler does not treat it as a memory write: a tl.store inside the key loop of
+    topk_fwd_kernel_score kept the loop-invariant query-tile loads from being hoisted (they could
+    alias the store), which left them reloaded every tile and the loop unpipelined. The caller
+    consumes the returned zeros so the op is not removed; nothing reads the buffer until the
+    next kernel."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
+        "@p st.global.f32 [a], $3; mov.u32 $0, 0; }",
+        "=r,l,r,f,r", [base.to(tl.int64, bitcast=True), off, val, ok.to(tl.int32)],
+        dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "NROW"])
+def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T, NBT, K, NROW,
+                          HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                          BT: tl.constexpr, RS: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
+                          ASM_STORE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Stored-score selection, step 1: program (i, j, b) scores the RS launch slots i * RS.. of
+    batch row b (rows with more than K eligible keys) against keys [j * KS, (j + 1) * KS) of
+    their causal / document ranges and writes the fp32 scores to buf[slot, key] (row stride T).
+    Wide row tiles keep the 16 per-head dots on the tensor cores; nothing is compared here."""
+    slot = tl.program_id(0) * RS + tl.arange(0, RS)
+    b = tl.program_id(2)
+    live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
+    need = live & (n > K) & (row // T == b)
+    t = start + n - 1
+    k0 = tl.program_id(1) * KS
+    lo = tl.maximum((tl.min(tl.where(need, start, T), axis=0) // BN) * BN, k0)
+    hi = tl.minimum(tl.max(tl.where(need, t + 1, 0), axis=0), k0 + KS)
+    dd = tl.arange(0, DIP)
+    dmask = dd < DI
+    # Register pressure (sm_90, 8 warps): per-element row masks on the q loads or the store, or
+    # [RS, BN] 64-bit addresses, spilled. So q and w load unmasked (every slot maps to a real
+    # row), the store is masked by key only, at int32 offsets from a per-tile scalar base (the
+    # wrapper keeps (rows + 1) * T < 2^31), and rows this program must not write (another batch
+    # row, or no threshold needed) go to the spare line `NROW` of the buffer. A row's line is
+    # written over the tile's whole key range; the compact kernel reads only [start, t].
+    dst = tl.where(need, slot, NROW)
+    sink = tl.zeros([RS], dtype=tl.int32)
+    for s0 in range(lo, hi, BN):
+        s = s0 + tl.arange(0, BN)
+        smask = s < hi
+        kt = tl.load(k_idx + ((b * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
+                     mask=smask[:, None] & dmask[None, :], other=0.0)
+        score = tl.zeros([RS, BN], dtype=tl.float32)
+        for j in tl.static_range(HI):
+            qj = _q_tile(q_idx, row, j, dd, dmask, HI, DI, DIP)
+            wj = tl.load(w + row * HI + j).to(tl.float32)
+            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
+            score += tl.maximum(u, 0.0) * wj[:, None]
+        score = tl.where(score == 0.0, 0.0, score)
+        off = (dst * T)[:, None] + tl.arange(0, BN)[None, :]
+        if ASM_STORE:
+            sink |= tl.max(_st_global_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)
+        else:
+            tl.store(buf_ptr + s0 + off, score, mask=smask[None, :])
+    if ASM_STORE:  # always 0: keeps the pure stores alive
+        tot = tl.sum(sink, axis=0)
+        tl.store(buf_ptr + NROW.to(tl.int64) * T, tot.to(tl.float32), mask=tot != 0)
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET"])
+def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr,
+                            NSLOT, T, NBT, K, CAP, M, TARGET,
+                            BT: tl.constexpr, MP: tl.constexpr, BC: tl.constexpr):
+    """Stored-score selection, step 2 (one program per launch slot): the row's threshold tau from
+    M stratified pseudo-random samples of its stored scores (the order statistic expected to leave
+    about TARGET keys; -inf when n <= CAP), then one streamed pass over the stored scores that
+    appends every key with score >= tau (ascending positions, at most CAP stored, all counted)."""
+    slot = tl.program_id(0)
+    live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
+    cnt = tl.zeros([], dtype=tl.int32)
+    if live & (n > K):
+        base = buf_ptr + slot.to(tl.int64) * T
+        tau = tl.full([], float("-inf"), tl.float32)
+        if n > CAP:
+            j = tl.arange(0, MP)
+            jm = j < M
+            n64 = n.to(tl.int64)
+            pos = start + (j.to(tl.int64) * n64 + _hash(row, j) % n64) // M
+            sc = tl.load(base + pos, mask=jm, other=0.0)
+            keys = _ordered_key(sc)
+            r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n64 - 1) // n64, 1), M)
+            kth = _kth_largest_key(keys[None, :], jm[None, :], r_k.to(tl.int32))
+            tau = tl.max(tl.where(jm[None, :] & (keys[None, :] == kth[:, None]), sc[None, :],
+                                  float("-inf")))
+        cand = slot.to(tl.int64) * CAP
+        for s0 in range(start, start + n, BC):
+            s = s0 + tl.arange(0, BC)
+            sm = s < start + n
+            sc = tl.load(base + s, mask=sm, other=0.0)
+            keep = sm & (sc >= tau)
+            kc = keep.to(tl.int32)
+            dest = cnt + tl.cumsum(kc, axis=0) - 1
+            m2 = keep & (dest < CAP)
+            tl.store(cand_s_ptr + cand + dest, sc, mask=m2)
+            tl.store(cand_p_ptr + cand + dest, s, mask=m2)
+            cnt += tl.sum(kc, axis=0)
+    tl.store(cnt_ptr + slot, cnt, mask=slot < NSLOT)
+
+
 @triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP"])
 def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, out_ptr, fail_ptr,
                            NSLOT, T, NBT, K, CAP,
@@ -305,7 +426,8 @@ def _config(device: torch.device) -> dict:
     wide and several rows share a program; on the GPU one row per select / tau program."""
     if interpreting() or device.type != "cuda":
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
-                    stages_filter=1)
+                    stages_filter=1, mode="stored", RS=64, BN=128, KS=1024, BC=512,
+                    warps_score=4, stages_score=1, asm_store=False, warps_compact=4)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
@@ -317,8 +439,24 @@ def _config(device: torch.device) -> dict:
     # key tile instead of keeping them in registers (135 vs 134 ms); 32-key tiles (130 vs 125.6 ms;
     # 226 with 4 warps); 1 pipeline stage (145). Candidate chunks of 1 / 2 GiB instead of 512 MiB:
     # 124.0 / 123.3 ms, not worth 0.5 / 1.5 GiB more transient memory.
+    # Stored scores (mode="stored", bench/sweep_dsa.py --only topk at 128K, same run, 512 MiB
+    # chunks): 110.5 ms against 125.8 for the fused path; 100.1 with 1 GiB chunks (the default
+    # since: 2.7 instead of 1.4 waves of compact programs per chunk), 95.4 with 2 GiB. Score tiles
+    # 64 rows x 64 keys, 8 warps, 3 stages, key splits of 2048: 128-key tiles spill (139 ms), 4 warps
+    # 118, 2 stages 125, 4 stages 111, splits of 1024 / 4096 109.0 / 116.9. The score store through
+    # the pure inline-asm st.global (ASM_STORE) lets the compiler hoist the 16 query tiles into
+    # shared memory; with tl.store they are reloaded per key tile, unpipelined: 123.6 ms (128-key
+    # tiles, 1 stage, its best). Rejected: the query tiles hoisted by hand into a tuple (spills,
+    # 123-129 ms); one key tile per program with the loop over heads (188-215 ms: each program
+    # reloads 128 KB of query tiles from L2).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
-                stages_filter=2)
+                stages_filter=2, mode="stored", RS=64, BN=64, KS=2048, BC=1024,
+                warps_score=8, stages_score=3, asm_store=True, warps_compact=4)
+
+
+# transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
+# (the fused path's candidate lists); parallel/memory.py counts the same
+TOPK_CHUNK_BYTES = 1 << 30
 
 
 def default_cap(topk: int) -> int:
@@ -327,12 +465,14 @@ def default_cap(topk: int) -> int:
 
 def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: torch.Tensor,
                     topk: int, cu_seqlens: torch.Tensor | None = None, *, cap: int | None = None,
-                    num_samples: int | None = None, chunk_bytes: int = 512 << 20,
+                    num_samples: int | None = None, chunk_bytes: int = TOPK_CHUNK_BYTES,
                     stats: dict | None = None) -> torch.Tensor:
     """Exact top-`topk` key positions per query, [B, T, topk] int32 (see module docstring).
 
     cap: candidate slots per row (default next_pow2(4 * topk)); num_samples: threshold samples per
-    row (default min(2048, cap // 2)); chunk_bytes bounds the candidate buffer (8 bytes per slot).
+    row (default min(2048, cap // 2)); chunk_bytes bounds the transient buffers of one chunk of
+    query blocks (stored mode: 4 bytes per key of each row's score slab plus 8 per candidate slot;
+    fused mode: the candidate slots).
     `stats`, if given, receives the number of rows that needed the exact fallback.
     """
     B, T, HI, DI = q_idx_BTHD.shape
@@ -377,13 +517,17 @@ def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk
     DIP, MP = pow2(DI, 16), pow2(M)
     prec = dot_precision(q_idx.dtype)
     NBT = triton.cdiv(T, BT)
+    target = (K + cap) // 2
+    if cfg["mode"] == "stored":
+        _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fail, chunk_bytes,
+                       cfg, prec)
+        return
     nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * cap * 8)))
     cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
     cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
     cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
     tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
     scratch = torch.empty(nbc * BT, MP, dtype=torch.float32, device=dev)
-    target = (K + cap) // 2
     for c0 in range(0, blocks.numel(), nbc):
         blks = blocks[c0:c0 + nbc].contiguous()
         nslot = blks.numel() * BT
@@ -398,6 +542,44 @@ def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk
             q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
             HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"],
             num_stages=cfg["stages_filter"])
+        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
+            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
+            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+
+
+def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fail, chunk_bytes,
+                   cfg, prec):
+    """select_blocks with stored scores: per chunk of blocks, the score kernel writes the fp32
+    scores of the chunk's rows ([rows, T], the chunk sized so that scores and candidate lists
+    together stay within chunk_bytes), the compact kernel thresholds and appends, the select
+    kernel takes the exact top-K of the candidates."""
+    dev = out.device
+    B, HI, DI = q_idx.shape[0], q_idx.shape[2], q_idx.shape[3]
+    BT, R, RS, BN, KS = cfg["BT"], cfg["R"], cfg["RS"], cfg["BN"], cfg["KS"]
+    NBT = triton.cdiv(T, BT)
+    nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * (T * 4 + cap * 8))))
+    rows = nbc * BT
+    if (rows + 1) * T >= 2 ** 31:
+        raise ValueError(f"top-k score chunk of {rows} rows x {T} keys overflows int32 offsets; "
+                         f"lower chunk_bytes ({chunk_bytes})")
+    buf = torch.empty(rows + 1, T, dtype=torch.float32, device=dev)  # + the spare line
+    asm_store, stages = cfg["asm_store"], cfg["stages_score"]
+    if q_idx.element_size() > 2:  # fp32 query tiles (twice the bytes) do not fit hoisted in
+        asm_store, stages = False, 1  # shared memory: reload them per tile, unpipelined
+    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
+    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
+    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    for c0 in range(0, blocks.numel(), nbc):
+        blks = blocks[c0:c0 + nbc].contiguous()
+        nslot = blks.numel() * BT
+        topk_fwd_kernel_score[(triton.cdiv(nslot, RS), triton.cdiv(T, KS), B)](
+            q_idx, w, k_idx, start, blks, buf, nslot, T, NBT, K, rows,
+            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, RS=RS, BN=BN, KS=KS,
+            ASM_STORE=asm_store, DOT_PREC=prec, num_warps=cfg["warps_score"],
+            num_stages=stages)
+        topk_fwd_kernel_compact[(nslot,)](
+            start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, target,
+            BT=BT, MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])
         topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
             start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
             BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])

@@ -181,12 +181,13 @@ def _padded_starts(pos_R: torch.Tensor, start_R: torch.Tensor, rows: int) -> tor
     return st.to(torch.int32)
 
 
-def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_bytes: int = 512 << 20) -> torch.Tensor:
+def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_bytes: int | None = None) -> torch.Tensor:
     """Top-k of the local rows with the kernels/dsa Triton selector, launched only on the blocks that
     hold local rows (queries scattered to their global rows, see the module docstring)."""
     import triton
     from kernels.dsa.common import dot_precision
-    from kernels.dsa.topk import _config, _exact_fallback, default_cap, select_blocks
+    from kernels.dsa.topk import TOPK_CHUNK_BYTES, _config, _exact_fallback, default_cap, select_blocks
+    chunk_bytes = TOPK_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     dev = q_idx_RHD.device
     Tp = int(pos_R.max()) + 1
     K = int(topk)

@@ -159,7 +159,7 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
 
 def test_dsa_sparse_transient_is_the_plan_build_at_long_sequences():
     # at 128K tokens and top-2048 the plan (t * topk * DSA_UNION_SHARE * 8 B, ~1.5 GiB) exceeds the top-k's
-    # 512 MiB candidate chunk: while its packed chunks are joined the plan exists twice, plus 256 MiB of slots
+    # 1 GiB chunk: while its packed chunks are joined the plan exists twice, plus 256 MiB of slots
     x = dict(index_heads=2, index_dim=8, topk=2048)
     t = 131072
     sparse = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="sparse", **x)), seq_length=t, bf16=False)
