@@ -148,12 +148,13 @@ def main():
         # the variants bench/RESULTS.md and topk._config cite (the default first)
         fused = {"mode": "fused"}
         big = {"chunk_bytes": 2 << 30}
-        plain = {"asm_store": False, "stages_score": 1, "BN": 128}  # tl.store: nothing hoisted
-        for ov, kw in (({}, {}), (fused, {}), (plain, {}), ({"warps_score": 4}, {}),
-                       ({"stages_score": 2}, {}), ({"stages_score": 4}, {}), ({"BN": 128}, {}),
-                       ({"BN": 128, "warps_score": 4}, {}), ({"KS": 1024}, {}), ({"KS": 4096}, {}),
-                       ({"BC": 2048}, {}), ({"BC": 4096, "warps_compact": 8}, {}),
-                       ({}, {"chunk_bytes": 1 << 30}), ({}, big), (fused, big), (plain, big)):
+        half = {"chunk_bytes": 512 << 20}
+        plain = {"store": 0, "stages_score": 1, "BN": 128}  # tl.store: nothing hoisted
+        scalar = {"store": 1, "BN": 64}  # one fp32 per asm store (128-key tiles spill)
+        for ov, kw in (({}, {}), (fused, {}), (plain, {}), (scalar, {}), ({"store": 2, "BN": 64}, {}),
+                       ({"stages_score": 2}, {}), ({"warps_score": 4}, {}), ({"KS": 1024}, {}),
+                       ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half), (scalar, half),
+                       ({}, big), (scalar, big)):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):
@@ -299,16 +300,16 @@ def main():
         # the stored-score path's kernels, on the last chunk of its own size
         nbs = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * (L * 4 + cap * 8)))
         rows_s = nbs * BT
-        buf = torch.empty(rows_s + 1, L, dtype=torch.float32, device=q.device)
+        buf = torch.empty(rows_s + 1, L, dtype=torch.float32, device=q.device)  # L even: W = L
         last_s = torch.arange(NBT - nbs, NBT, dtype=torch.int32, device=q.device)
         for name, fn in (
                 ("stored_score", lambda b: tk.topk_fwd_kernel_score[
                     (-(-rows_s // cfg["RS"]), -(-L // cfg["KS"]), 1)](
-                    qi, w, ki, start, b, buf, rows_s, L, NBT, K, rows_s, HI=16, DI=64, DIP=64,
-                    BT=BT, RS=cfg["RS"], BN=cfg["BN"], KS=cfg["KS"], ASM_STORE=cfg["asm_store"], DOT_PREC="tf32",
+                    qi, w, ki, start, b, buf, rows_s, L, NBT, K, rows_s, L, HI=16, DI=64, DIP=64,
+                    BT=BT, RS=cfg["RS"], BN=cfg["BN"], KS=cfg["KS"], STORE=cfg["store"], DOT_PREC="tf32",
                     num_warps=cfg["warps_score"], num_stages=cfg["stages_score"])),
                 ("stored_compact", lambda b: tk.topk_fwd_kernel_compact[(rows_s,)](
-                    start, b, buf, cnt, cs, cp, rows_s, L, NBT, K, cap, M, (K + cap) // 2, BT=BT,
+                    start, b, buf, cnt, cs, cp, rows_s, L, NBT, K, cap, M, (K + cap) // 2, L, BT=BT,
                     MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])),
                 ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
                     start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,

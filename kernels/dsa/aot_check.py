@@ -89,13 +89,13 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                 c["warps_filter"], 2))
     out.append((tk.topk_fwd_kernel_score,
                 dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32",
-                     NSLOT="i32", T="i32", NBT="i32", K="i32", NROW="i32"),
-                dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], RS=c["RS"], BN=c["BN"], KS=c["KS"], ASM_STORE=c["asm_store"],
+                     NSLOT="i32", T="i32", NBT="i32", K="i32", NROW="i32", W="i32"),
+                dict(HI=HI, DI=DI, DIP=DIP, BT=c["BT"], RS=c["RS"], BN=c["BN"], KS=c["KS"], STORE=c["store"],
                      DOT_PREC=prec), c["warps_score"], c["stages_score"]))
     out.append((tk.topk_fwd_kernel_compact,
                 dict(start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32", cnt_ptr="*i32",
                      cand_s_ptr="*fp32", cand_p_ptr="*i32", NSLOT="i32", T="i32", NBT="i32",
-                     K="i32", CAP="i32", M="i32", TARGET="i32"),
+                     K="i32", CAP="i32", M="i32", TARGET="i32", W="i32"),
                 dict(BT=c["BT"], MP=pow2(M), BC=c["BC"]), c["warps_compact"], 2))
     out.append((tk.topk_fwd_kernel_select,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",

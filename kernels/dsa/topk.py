@@ -10,7 +10,7 @@ per chunk, the default (`mode="stored"`) runs three kernels:
 1. `topk_fwd_kernel_score` scores the chunk's rows that have more than K eligible keys against
    their causal / document key range and writes the fp32 scores into a [rows, T] slab (the only
    pass over the L^2/2 scores). Programs are (64-row tile, key split, batch row); each holds its
-   16 per-head query tiles in shared memory and streams key tiles through [64, DI] x [DI, 64]
+   16 per-head query tiles in shared memory and streams key tiles through [64, DI] x [DI, 128]
    tensor-core dots (ReLU, weight, summed in a fixed head order).
 2. `topk_fwd_kernel_compact` (one program per row) takes the row's threshold tau from M stratified
    pseudo-random samples of its stored scores (the order statistic expected to leave about
@@ -246,14 +246,29 @@ def _st_global_f32(base, off, val, ok):
         dtype=tl.int32, is_pure=True, pack=1)
 
 
-@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "NROW"])
+@triton.jit
+def _st_global_v2_f32(base, off, val, ok):
+    """_st_global_f32 for element pairs: Triton hands pack=2 asm the two adjacent columns a thread
+    holds in the MMA accumulator layout (c, c + 1 with c even), stored as one 8-byte st.v2 at
+    base + 4 * off of the first, under the first's ok. The caller keeps off of the first even
+    (even row stride and tile start) and leaves room for the second."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $8, 0; mad.wide.s32 a, $4, 4, $2; "
+        "@p st.global.v2.f32 [a], {$6, $7}; mov.u32 $0, 0; mov.u32 $1, 0; }",
+        "=r,=r,l,l,r,r,f,f,r,r", [base.to(tl.int64, bitcast=True), off, val, ok.to(tl.int32)],
+        dtype=tl.int32, is_pure=True, pack=2)
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "NROW", "W"])
 def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T, NBT, K, NROW,
-                          HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                          W, HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
                           BT: tl.constexpr, RS: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
-                          ASM_STORE: tl.constexpr, DOT_PREC: tl.constexpr):
+                          STORE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Stored-score selection, step 1: program (i, j, b) scores the RS launch slots i * RS.. of
     batch row b (rows with more than K eligible keys) against keys [j * KS, (j + 1) * KS) of
-    their causal / document ranges and writes the fp32 scores to buf[slot, key] (row stride T).
+    their causal / document ranges and writes the fp32 scores to buf[slot, key] (row stride W,
+    T rounded up to even). STORE: 0 tl.store, 1 / 2 the pure inline-asm st.global of one / two
+    adjacent fp32 (see _st_global_f32; pairs need BN and W even, which the wrapper ensures).
     Wide row tiles keep the 16 per-head dots on the tensor cores; nothing is compared here."""
     slot = tl.program_id(0) * RS + tl.arange(0, RS)
     b = tl.program_id(2)
@@ -268,7 +283,7 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
     # Register pressure (sm_90, 8 warps): per-element row masks on the q loads or the store, or
     # [RS, BN] 64-bit addresses, spilled. So q and w load unmasked (every slot maps to a real
     # row), the store is masked by key only, at int32 offsets from a per-tile scalar base (the
-    # wrapper keeps (rows + 1) * T < 2^31), and rows this program must not write (another batch
+    # wrapper keeps (rows + 1) * W < 2^31), and rows this program must not write (another batch
     # row, or no threshold needed) go to the spare line `NROW` of the buffer. A row's line is
     # written over the tile's whole key range; the compact kernel reads only [start, t].
     dst = tl.where(need, slot, NROW)
@@ -285,19 +300,21 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
             u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
             score += tl.maximum(u, 0.0) * wj[:, None]
         score = tl.where(score == 0.0, 0.0, score)
-        off = (dst * T)[:, None] + tl.arange(0, BN)[None, :]
-        if ASM_STORE:
+        off = (dst * W)[:, None] + tl.arange(0, BN)[None, :]
+        if STORE == 2:  # a pair past hi (odd hi) lands in this row's own line, below W
+            sink |= tl.max(_st_global_v2_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)
+        elif STORE == 1:
             sink |= tl.max(_st_global_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)
         else:
             tl.store(buf_ptr + s0 + off, score, mask=smask[None, :])
-    if ASM_STORE:  # always 0: keeps the pure stores alive
+    if STORE > 0:  # always 0: keeps the pure stores alive
         tot = tl.sum(sink, axis=0)
-        tl.store(buf_ptr + NROW.to(tl.int64) * T, tot.to(tl.float32), mask=tot != 0)
+        tl.store(buf_ptr + NROW.to(tl.int64) * W, tot.to(tl.float32), mask=tot != 0)
 
 
-@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET"])
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET", "W"])
 def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr,
-                            NSLOT, T, NBT, K, CAP, M, TARGET,
+                            NSLOT, T, NBT, K, CAP, M, TARGET, W,
                             BT: tl.constexpr, MP: tl.constexpr, BC: tl.constexpr):
     """Stored-score selection, step 2 (one program per launch slot): the row's threshold tau from
     M stratified pseudo-random samples of its stored scores (the order statistic expected to leave
@@ -307,7 +324,7 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     cnt = tl.zeros([], dtype=tl.int32)
     if live & (n > K):
-        base = buf_ptr + slot.to(tl.int64) * T
+        base = buf_ptr + slot.to(tl.int64) * W
         tau = tl.full([], float("-inf"), tl.float32)
         if n > CAP:
             j = tl.arange(0, MP)
@@ -427,7 +444,7 @@ def _config(device: torch.device) -> dict:
     if interpreting() or device.type != "cuda":
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
                     stages_filter=1, mode="stored", RS=64, BN=128, KS=1024, BC=512,
-                    warps_score=4, stages_score=1, asm_store=False, warps_compact=4)
+                    warps_score=4, stages_score=1, store=0, warps_compact=4)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
@@ -439,19 +456,21 @@ def _config(device: torch.device) -> dict:
     # key tile instead of keeping them in registers (135 vs 134 ms); 32-key tiles (130 vs 125.6 ms;
     # 226 with 4 warps); 1 pipeline stage (145). Candidate chunks of 1 / 2 GiB instead of 512 MiB:
     # 124.0 / 123.3 ms, not worth 0.5 / 1.5 GiB more transient memory.
-    # Stored scores (mode="stored", bench/sweep_dsa.py --only topk at 128K, same run, 512 MiB
-    # chunks): 110.5 ms against 125.8 for the fused path; 100.1 with 1 GiB chunks (the default
-    # since: 2.7 instead of 1.4 waves of compact programs per chunk), 95.4 with 2 GiB. Score tiles
-    # 64 rows x 64 keys, 8 warps, 3 stages, key splits of 2048: 128-key tiles spill (139 ms), 4 warps
-    # 118, 2 stages 125, 4 stages 111, splits of 1024 / 4096 109.0 / 116.9. The score store through
-    # the pure inline-asm st.global (ASM_STORE) lets the compiler hoist the 16 query tiles into
-    # shared memory; with tl.store they are reloaded per key tile, unpipelined: 123.6 ms (128-key
-    # tiles, 1 stage, its best). Rejected: the query tiles hoisted by hand into a tuple (spills,
-    # 123-129 ms); one key tile per program with the loop over heads (188-215 ms: each program
-    # reloads 128 KB of query tiles from L2).
+    # Stored scores (mode="stored"; bench/sweep_dsa.py --only topk at 128K, each against the fused
+    # path in the same run): 82.6 ms with 1 GiB chunks (fused 124.4), 91.4 with 512 MiB (fused
+    # 125.5), 78.7 with 2 GiB; 1 GiB is the default (2.7 rather than 1.4 waves of compact programs
+    # per chunk; the union plan's transient is larger at 128K anyway). Score tiles 64 rows x 128
+    # keys, 8 warps, 3 stages, key splits of 2048 (1024: 85.0, 4096: 83.0; 2 stages 87.9; 4 warps
+    # 103.3), stored by a pure inline-asm st.global.v2 of each thread's adjacent column pair
+    # (STORE=2): pure, so the compiler hoists the 16 query tiles into shared memory (a tl.store
+    # in the loop could alias them: reloaded per key tile, unpipelined, 114.1 ms, STORE=0);
+    # paired, so 128-key tiles fit in registers (one fp32 per store spills at 128 keys: 64-key
+    # tiles 99.6 ms, STORE=1; pairs at 64 keys 87.4). Rejected: the query tiles hoisted by hand
+    # into a tuple (spills, 123-129 ms); one key tile per program with the loop over heads
+    # (188-215 ms: each program reloads 128 KB of query tiles from L2).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
-                stages_filter=2, mode="stored", RS=64, BN=64, KS=2048, BC=1024,
-                warps_score=8, stages_score=3, asm_store=True, warps_compact=4)
+                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=1024,
+                warps_score=8, stages_score=3, store=2, warps_compact=4)
 
 
 # transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
@@ -559,13 +578,15 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fa
     NBT = triton.cdiv(T, BT)
     nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * (T * 4 + cap * 8))))
     rows = nbc * BT
-    if (rows + 1) * T >= 2 ** 31:
+    W = T + T % 2  # even row stride: the paired store's 8-byte alignment
+    if (rows + 1) * W >= 2 ** 31:
         raise ValueError(f"top-k score chunk of {rows} rows x {T} keys overflows int32 offsets; "
                          f"lower chunk_bytes ({chunk_bytes})")
-    buf = torch.empty(rows + 1, T, dtype=torch.float32, device=dev)  # + the spare line
-    asm_store, stages = cfg["asm_store"], cfg["stages_score"]
+    buf = torch.empty(rows + 1, W, dtype=torch.float32, device=dev)  # + the spare line
+    store, stages, BN = cfg["store"], cfg["stages_score"], cfg["BN"]
     if q_idx.element_size() > 2:  # fp32 query tiles (twice the bytes) do not fit hoisted in
-        asm_store, stages = False, 1  # shared memory: reload them per tile, unpipelined
+        store, stages, BN = 0, 1, 64  # shared memory: reload them per tile, unpipelined
+    assert store < 2 or (BN % 2 == 0 and KS % BN == 0), (BN, KS)
     cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
     cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
     cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
@@ -573,12 +594,11 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fa
         blks = blocks[c0:c0 + nbc].contiguous()
         nslot = blks.numel() * BT
         topk_fwd_kernel_score[(triton.cdiv(nslot, RS), triton.cdiv(T, KS), B)](
-            q_idx, w, k_idx, start, blks, buf, nslot, T, NBT, K, rows,
+            q_idx, w, k_idx, start, blks, buf, nslot, T, NBT, K, rows, W,
             HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, RS=RS, BN=BN, KS=KS,
-            ASM_STORE=asm_store, DOT_PREC=prec, num_warps=cfg["warps_score"],
-            num_stages=stages)
+            STORE=store, DOT_PREC=prec, num_warps=cfg["warps_score"], num_stages=stages)
         topk_fwd_kernel_compact[(nslot,)](
-            start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, target,
+            start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, target, W,
             BT=BT, MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])
         topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
             start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,

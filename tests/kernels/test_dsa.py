@@ -477,3 +477,19 @@ def test_gpu_bf16():
         assert_close(f"{stage} loss bf16", ref.detach().reshape(1), loss.detach().reshape(1), 1e-2)
         assert_close(f"{stage} dq_idx bf16", torch.autograd.grad(ref, qi_r)[0],
                      torch.autograd.grad(loss, qi_r)[0], 3e-2)  # bf16 dI operands
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the bf16 score path (paired inline-asm stores) compiles for a CUDA GPU only")
+@pytest.mark.parametrize("B,T,cu", [(2, 1001, None), (1, 4097, (0, 1500, 1501, 4097)), (3, 130, None)])
+def test_gpu_topk_bf16_exact(B, T, cu, topk_mode):
+    """bf16 inputs take the stored path's hoisted, paired-store score kernel (fp32 inputs do not):
+    integer-valued bf16 inputs give exact fp32 scores, so both paths equal the reference exactly,
+    at odd T (the odd row length pads the slab) and across batch rows and documents."""
+    cu = None if cu is None else _cu(*cu)
+    q, w, k = (x.to(torch.bfloat16) for x in _int_indexer(B, T, 16, 64, -4, 5, w_lo=-1))
+    ref = naive.topk_indices(q.double(), w.double(), k.double(), 64, cu)
+    out = dsa_topk(q, w, k, 64, cu_seqlens=cu, cap=256, num_samples=128)
+    _check_idx_valid(out, 64, cu)
+    assert torch.equal(out, ref)
