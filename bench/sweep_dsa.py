@@ -154,7 +154,7 @@ def main():
         for ov, kw in (({}, {}), (fused, {}), (plain, {}), (scalar, {}), ({"store": 2, "BN": 64}, {}),
                        ({"stages_score": 2}, {}), ({"warps_score": 4}, {}), ({"KS": 1024}, {}),
                        ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half), (scalar, half),
-                       ({}, big), (scalar, big)):
+                       ({}, big), (scalar, big), ({"warps_compact": 8}, {}), ({"BC": 2048}, {})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):

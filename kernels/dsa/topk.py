@@ -95,10 +95,16 @@ def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl
 @triton.jit
 def _kth_largest_key(keys, valid, kth):
     """Per row of keys [R, N]: largest int32 v with #{valid & keys >= v} >= kth (kth scalar or [R];
-    rows with fewer than kth valid keys return INT32_MIN). 32 halvings of the int32 range."""
-    lo = tl.full([keys.shape[0]], INT32_MIN, tl.int64)
-    hi = tl.full([keys.shape[0]], 2147483648, tl.int64)
-    for _ in range(32):
+    rows with fewer than kth valid keys return INT32_MIN). Bisection between the row's smallest
+    valid key (count >= kth) and its largest + 1 (count 0): log2 of the keys' span in halvings,
+    at most 32."""
+    big = tl.full(keys.shape, 2147483647, tl.int32)
+    n_valid = tl.sum(valid.to(tl.int32), axis=1)
+    ok = n_valid >= kth
+    lo = tl.where(ok, tl.min(tl.where(valid, keys, big), axis=1).to(tl.int64), INT32_MIN)
+    hi = tl.where(ok, tl.max(tl.where(valid, keys, -big - 1), axis=1).to(tl.int64) + 1,
+                  INT32_MIN + 1)
+    while tl.max(hi - lo, axis=0) > 1:
         mid = (lo + hi) >> 1
         cnt = tl.sum((valid & (keys >= mid.to(tl.int32)[:, None])).to(tl.int32), axis=1)
         take = cnt >= kth
