@@ -278,6 +278,14 @@ def main():
         fail = torch.zeros(L, dtype=torch.int32, device=q.device)
         last = torch.arange(NBT - nbc, NBT, dtype=torch.int32, device=q.device)  # the longest rows
         pieces = {}
+
+        def time_piece(name, fn, blocks):
+            try:
+                fn(blocks)
+                torch.cuda.synchronize()
+                pieces[name] = timed(lambda: fn(blocks), args.quick)
+            except Exception as e:
+                pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
         for name, fn in (
                 ("sample", lambda b: tk.topk_fwd_kernel_sample[(nbc,)](
                     qi, w, ki, start, b, scratch, L, NBT, cap, M, HI=16, DI=64, DIP=64, BT=BT,
@@ -291,12 +299,7 @@ def main():
                 ("select", lambda b: tk.topk_fwd_kernel_select[(nslot,)](
                     start, b, cnt, cs, cp, outk, fail, nslot, L, NBT, K, cap, BT=BT, R=1,
                     RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
-            try:
-                fn(last)
-                torch.cuda.synchronize()
-                pieces[name] = timed(lambda: fn(last), args.quick)
-            except Exception as e:
-                pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            time_piece(name, fn, last)
         # the stored-score path's kernels, on the last chunk of its own size
         nbs = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * (L * 4 + cap * 8)))
         rows_s = nbs * BT
@@ -314,12 +317,7 @@ def main():
                 ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
                     start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,
                     RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
-            try:
-                fn(last_s)
-                torch.cuda.synchronize()
-                pieces[name] = timed(lambda: fn(last_s), args.quick)
-            except Exception as e:
-                pieces[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            time_piece(name, fn, last_s)
         del buf
         pieces["note"] = (f"fused: last {nbc} blocks of {NBT} (the longest rows), one chunk; "
                           f"stored_*: last {nbs} blocks, one chunk")
