@@ -150,11 +150,10 @@ def main():
         big = {"chunk_bytes": 2 << 30}
         half = {"chunk_bytes": 512 << 20}
         plain = {"store": 0, "stages_score": 1, "BN": 128}  # tl.store: nothing hoisted
-        scalar = {"store": 1, "BN": 64}  # one fp32 per asm store (128-key tiles spill)
-        for ov, kw in (({}, {}), (fused, {}), (plain, {}), (scalar, {}), ({"store": 2, "BN": 64}, {}),
+        for ov, kw in (({}, {}), (fused, {}), (plain, {}), ({"BN": 64}, {}),
                        ({"stages_score": 2}, {}), ({"warps_score": 4}, {}), ({"KS": 1024}, {}),
-                       ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half), (scalar, half),
-                       ({}, big), (scalar, big), ({"warps_compact": 8}, {}), ({"BC": 2048}, {})):
+                       ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half),
+                       ({}, big), ({"warps_compact": 8}, {}), ({"BC": 2048}, {})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):

@@ -238,26 +238,18 @@ def _q_tile(q_idx, row, j, dd, dmask, HI: tl.constexpr, DI: tl.constexpr, DIP: t
 
 
 @triton.jit
-def _st_global_f32(base, off, val, ok):
-    """st.global of val to base + 4 * off where ok, as a pure elementwise op returning 0. Pure, so
-    the compiler does not treat it as a memory write: a tl.store inside the key loop of
+def _st_global_v2_f32(base, off, val, ok):
+    """st.global of val to base + 4 * off where ok, as a pure elementwise op returning 0s.
+
+    Pure, so the compiler does not treat it as a memory write: a tl.store inside the key loop of
     topk_fwd_kernel_score kept the loop-invariant query-tile loads from being hoisted (they could
     alias the store), which left them reloaded every tile and the loop unpipelined. The caller
-    consumes the returned zeros so the op is not removed; nothing reads the buffer until the
-    next kernel."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
-        "@p st.global.f32 [a], $3; mov.u32 $0, 0; }",
-        "=r,l,r,f,r", [base.to(tl.int64, bitcast=True), off, val, ok.to(tl.int32)],
-        dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _st_global_v2_f32(base, off, val, ok):
-    """_st_global_f32 for element pairs: Triton hands pack=2 asm the two adjacent columns a thread
-    holds in the MMA accumulator layout (c, c + 1 with c even), stored as one 8-byte st.v2 at
-    base + 4 * off of the first, under the first's ok. The caller keeps off of the first even
-    (even row stride and tile start) and leaves room for the second."""
+    consumes the returned zeros so the op is not removed; nothing reads the buffer until the next
+    kernel. Pairs: Triton hands pack=2 asm the two adjacent columns a thread holds in the MMA
+    accumulator layout (c, c + 1 with c even), stored as one 8-byte st.v2 at base + 4 * off of
+    the first, under the first's ok (one fp32 per store materialised an address per element and
+    spilled at 128-key tiles). The caller keeps off of the first even (even row stride and tile
+    start) and leaves room for the second."""
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $8, 0; mad.wide.s32 a, $4, 4, $2; "
         "@p st.global.v2.f32 [a], {$6, $7}; mov.u32 $0, 0; mov.u32 $1, 0; }",
@@ -273,8 +265,8 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
     """Stored-score selection, step 1: program (i, j, b) scores the RS launch slots i * RS.. of
     batch row b (rows with more than K eligible keys) against keys [j * KS, (j + 1) * KS) of
     their causal / document ranges and writes the fp32 scores to buf[slot, key] (row stride W,
-    T rounded up to even). STORE: 0 tl.store, 1 / 2 the pure inline-asm st.global of one / two
-    adjacent fp32 (see _st_global_f32; pairs need BN and W even, which the wrapper ensures).
+    T rounded up to even). STORE: 0 tl.store, 2 the pure inline-asm st.global of adjacent fp32
+    pairs (see _st_global_v2_f32; pairs need BN and W even, which the wrapper ensures).
     Wide row tiles keep the 16 per-head dots on the tensor cores; nothing is compared here."""
     slot = tl.program_id(0) * RS + tl.arange(0, RS)
     b = tl.program_id(2)
@@ -309,8 +301,6 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
         off = (dst * W)[:, None] + tl.arange(0, BN)[None, :]
         if STORE == 2:  # a pair past hi (odd hi) lands in this row's own line, below W
             sink |= tl.max(_st_global_v2_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)
-        elif STORE == 1:
-            sink |= tl.max(_st_global_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)
         else:
             tl.store(buf_ptr + s0 + off, score, mask=smask[None, :])
     if STORE > 0:  # always 0: keeps the pure stores alive
@@ -470,8 +460,8 @@ def _config(device: torch.device) -> dict:
     # 103.3), stored by a pure inline-asm st.global.v2 of each thread's adjacent column pair
     # (STORE=2): pure, so the compiler hoists the 16 query tiles into shared memory (a tl.store
     # in the loop could alias them: reloaded per key tile, unpipelined, 114.1 ms, STORE=0);
-    # paired, so 128-key tiles fit in registers (one fp32 per store spills at 128 keys: 64-key
-    # tiles 99.6 ms, STORE=1; pairs at 64 keys 87.4). Rejected: the query tiles hoisted by hand
+    # paired, so 128-key tiles fit in registers (one fp32 per asm store spilled at 128 keys; at
+    # 64-key tiles 99.6 ms, pairs at 64 keys 87.4; removed). Rejected: the query tiles hoisted by hand
     # into a tuple (spills, 123-129 ms); one key tile per program with the loop over heads
     # (188-215 ms: each program reloads 128 KB of query tiles from L2).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
@@ -592,7 +582,7 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fa
     store, stages, BN = cfg["store"], cfg["stages_score"], cfg["BN"]
     if q_idx.element_size() > 2:  # fp32 query tiles (twice the bytes) do not fit hoisted in
         store, stages, BN = 0, 1, 64  # shared memory: reload them per tile, unpipelined
-    assert store < 2 or (BN % 2 == 0 and KS % BN == 0), (BN, KS)
+    assert store == 0 or (BN % 2 == 0 and KS % BN == 0), (BN, KS)
     cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
     cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
     cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
