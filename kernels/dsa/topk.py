@@ -438,8 +438,11 @@ def _config(device: torch.device) -> dict:
     """Tile sizes. Under the interpreter every op costs ~0.1 ms whatever its size, so tiles are
     wide and several rows share a program; on the GPU one row per select / tau program."""
     if interpreting() or device.type != "cuda":
+        # the interpreter defaults to the fused path: the stored path's compact kernel runs one row
+        # per program (the GPU's best shape), ~4x slower here (tests/kernels/test_dsa.py T1000 case:
+        # 50 vs 9 s); the kernel tests run every top-k case on both paths
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
-                    stages_filter=1, mode="stored", RS=64, BN=128, KS=1024, BC=512,
+                    stages_filter=1, mode="fused", RS=64, BN=128, KS=1024, BC=512,
                     warps_score=4, stages_score=1, store=0, warps_compact=4)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
