@@ -195,13 +195,7 @@ def filter_probe(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr,
                  MODE: tl.constexpr):
     # MODE 0 as the kernel; 1 count only (no candidate append); 2 scores only (no compare)
     p = tl.program_id(0)
-    blk = tl.load(blk_ptr + p)
-    bb = blk // NBT
-    i = tl.arange(0, BT)
-    t = (blk % NBT) * BT + i
-    tvalid = t < T
-    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
-    start = tl.load(start_ptr + row, mask=tvalid, other=0)
+    bb, i, t, tvalid, row, start = tk._block_rows(blk_ptr, start_ptr, p, T, NBT, BT)
     tau = tl.load(tau_ptr + p * BT + i)
     active = tvalid & (tau < float("inf"))
     lo = tl.min(tl.where(active, start, T), axis=0)

@@ -78,15 +78,24 @@ def _block_rows(blk_ptr, start_ptr, p, T, NBT, BT: tl.constexpr):
 
 @triton.jit
 def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, ROW_MASK: tl.constexpr, DIP: tl.constexpr):
     """I[row, key] of the rows [BT] against the gathered index keys kt [N, DIP]: per indexer head a
     [BT, DI] x [DI, N] dot, ReLU, weight, summed in a fixed head order, so the sample, filter and
-    fallback passes compute bit-identical fp32 scores."""
+    fallback passes compute bit-identical fp32 scores. ROW_MASK=False loads the query rows and
+    weights unmasked (every row index must be a real row; the caller ignores rows outside tvalid):
+    topk_fwd_kernel_score's per-element row masks spilled registers."""
     score = tl.zeros([row.shape[0], kt.shape[0]], dtype=tl.float32)
     for j in tl.static_range(HI):
-        qj = tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :],
-                     mask=tvalid[:, None] & dmask[None, :], other=0.0)
-        wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
+        q_ptr = q_idx + (row * HI + j)[:, None] * DI + dd[None, :]
+        if ROW_MASK:
+            qj = tl.load(q_ptr, mask=tvalid[:, None] & dmask[None, :], other=0.0)
+            wj = tl.load(w + row * HI + j, mask=tvalid, other=0.0).to(tl.float32)
+        else:
+            if DIP == DI:
+                qj = tl.load(q_ptr)
+            else:
+                qj = tl.load(q_ptr, mask=dmask[None, :], other=0.0)
+            wj = tl.load(w + row * HI + j).to(tl.float32)
         u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
         score += tl.maximum(u, 0.0) * wj[:, None]
     return score
@@ -111,6 +120,16 @@ def _kth_largest_key(keys, valid, kth):
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid)
     return lo.to(tl.int32)
+
+
+@triton.jit
+def _sample_tau(sc, valid, n, M, TARGET):
+    """Per row of M sample scores sc [R, MP] (valid [R, MP]) of a row with n eligible keys (scalar
+    or [R], int64): the sample order statistic expected to leave about TARGET of the n keys."""
+    keys = _ordered_key(sc)
+    r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n - 1) // n, 1), M)
+    kth = _kth_largest_key(keys, valid, r_k.to(tl.int32))
+    return tl.max(tl.where(valid & (keys == kth[:, None]), sc, float("-inf")), axis=1)
 
 
 @triton.jit
@@ -157,7 +176,7 @@ def topk_fwd_kernel_sample(q_idx, w, k_idx, start_ptr, blk_ptr, scratch_ptr, T, 
             pos = s0 + (j.to(tl.int64) * n0 + _hash(row0, j) % n0) // M
             kt = tl.load(k_idx + ((bb * T + pos) * DI)[:, None] + dd[None, :],
                          mask=jm[:, None] & dmask[None, :], other=0.0)
-            sc = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC)
+            sc = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC, True, DIP)
             sc = tl.where(same[:, None], sc, float("-inf"))
             tl.store(scratch_ptr + (p * BT + i).to(tl.int64)[:, None] * MP + j[None, :], sc,
                      mask=est[:, None] & jm[None, :])
@@ -181,11 +200,7 @@ def topk_fwd_kernel_tau(start_ptr, blk_ptr, tau_ptr, scratch_ptr, NSLOT, T, NBT,
                      other=0.0)
         valid = valid & (sc > float("-inf"))
         sc = tl.where(sc == 0.0, 0.0, sc)
-        keys = _ordered_key(sc)
-        r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n_safe - 1) // n_safe, 1), M)
-        kth = _kth_largest_key(keys, valid, r_k.to(tl.int32))
-        tau_e = tl.max(tl.where(valid & (keys == kth[:, None]), sc, float("-inf")), axis=1)
-        tau = tl.where(est, tau_e, tau)
+        tau = tl.where(est, _sample_tau(sc, valid, n_safe, M, TARGET), tau)
     tl.store(tau_ptr + slot, tau, mask=slot < NSLOT)
 
 
@@ -215,7 +230,7 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         smask = s < hi
         kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
                      mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC)
+        score = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC, True, DIP)
         score = tl.where(score == 0.0, 0.0, score)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
         keep = elig & (score >= tau[:, None])
@@ -226,15 +241,6 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         tl.store(cand_p_ptr + cand_row[:, None] + dest, s[None, :] + 0 * dest, mask=smask2)
         cnt += tl.sum(kc, axis=1)
     tl.store(cnt_ptr + p * BT + i, cnt)
-
-
-@triton.jit
-def _q_tile(q_idx, row, j, dd, dmask, HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr):
-    """Indexer head j's query rows [R, DIP], unmasked along rows (every slot maps to a real row)."""
-    if DIP == DI:
-        return tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :])
-    return tl.load(q_idx + (row * HI + j)[:, None] * DI + dd[None, :], mask=dmask[None, :],
-                   other=0.0)
 
 
 @triton.jit
@@ -279,8 +285,8 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
     dd = tl.arange(0, DIP)
     dmask = dd < DI
     # Register pressure (sm_90, 8 warps): per-element row masks on the q loads or the store, or
-    # [RS, BN] 64-bit addresses, spilled. So q and w load unmasked (every slot maps to a real
-    # row), the store is masked by key only, at int32 offsets from a per-tile scalar base (the
+    # [RS, BN] 64-bit addresses, spilled. So q and w load unmasked (ROW_MASK=False: every slot
+    # maps to a real row), the store is masked by key only, at int32 offsets from a per-tile scalar base (the
     # wrapper keeps (rows + 1) * W < 2^31), and rows this program must not write (another batch
     # row, or no threshold needed) go to the spare line `NROW` of the buffer. A row's line is
     # written over the tile's whole key range; the compact kernel reads only [start, t].
@@ -291,12 +297,7 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
         smask = s < hi
         kt = tl.load(k_idx + ((b * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
                      mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = tl.zeros([RS, BN], dtype=tl.float32)
-        for j in tl.static_range(HI):
-            qj = _q_tile(q_idx, row, j, dd, dmask, HI, DI, DIP)
-            wj = tl.load(w + row * HI + j).to(tl.float32)
-            u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
-            score += tl.maximum(u, 0.0) * wj[:, None]
+        score = _index_scores(q_idx, w, row, need, kt, dd, dmask, HI, DI, DOT_PREC, False, DIP)
         score = tl.where(score == 0.0, 0.0, score)
         off = (dst * W)[:, None] + tl.arange(0, BN)[None, :]
         if STORE == 2:  # a pair past hi (odd hi) lands in this row's own line, below W
@@ -328,11 +329,7 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
             n64 = n.to(tl.int64)
             pos = start + (j.to(tl.int64) * n64 + _hash(row, j) % n64) // M
             sc = tl.load(base + pos, mask=jm, other=0.0)
-            keys = _ordered_key(sc)
-            r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n64 - 1) // n64, 1), M)
-            kth = _kth_largest_key(keys[None, :], jm[None, :], r_k.to(tl.int32))
-            tau = tl.max(tl.where(jm[None, :] & (keys[None, :] == kth[:, None]), sc[None, :],
-                                  float("-inf")))
+            tau = tl.max(_sample_tau(sc[None, :], jm[None, :], n64, M, TARGET), axis=0)
         cand = slot.to(tl.int64) * CAP
         for s0 in range(start, start + n, BC):
             s = s0 + tl.arange(0, BC)
@@ -525,25 +522,42 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
 
 
 def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes):
-    """Run the sample / tau / filter / select kernels over the query blocks `blocks` (int32 block
-    ids b * NBT + t // BT at the module's BT), in chunks of at most chunk_bytes of candidates;
-    writes `out` rows and flags rows for the exact fallback in `fail` (both flattened b * T + t)."""
+    """Exact top-K of the query blocks `blocks` (int32 block ids b * NBT + t // BT at the module's
+    BT) by the module's path (`mode`: stored or fused, see the module docstring), in chunks whose
+    transient buffers stay within chunk_bytes; writes `out` rows and flags rows for the exact
+    fallback in `fail` (both flattened b * T + t)."""
+    cfg = _config(out.device)
+    select = _select_stored if cfg["mode"] == "stored" else _select_fused
+    select(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes, cfg)
+
+
+def _candidates(rows, cap, dev):
+    """A chunk's candidate lists: scores, positions [rows, cap] and counts [rows]."""
+    return (torch.empty(rows, cap, dtype=torch.float32, device=dev),
+            torch.empty(rows, cap, dtype=torch.int32, device=dev),
+            torch.empty(rows, dtype=torch.int32, device=dev))
+
+
+def _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, cap, cfg):
+    """topk_fwd_kernel_select over the chunk `blks`, both paths' last step."""
+    BT, R = cfg["BT"], cfg["R"]
+    nslot = blks.numel() * BT
+    topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
+        start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
+        BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+
+
+def _select_fused(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes, cfg):
+    """select_blocks without stored scores: per chunk of at most chunk_bytes of candidates, the
+    sample / tau / filter / select kernels."""
     dev = out.device
     HI, DI = q_idx.shape[2], q_idx.shape[3]
-    cfg = _config(dev)
     BT, BS, SB, R = cfg["BT"], cfg["BS"], cfg["SB"], cfg["R"]
     DIP, MP = pow2(DI, 16), pow2(M)
     prec = dot_precision(q_idx.dtype)
     NBT = triton.cdiv(T, BT)
-    target = (K + cap) // 2
-    if cfg["mode"] == "stored":
-        _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fail, chunk_bytes,
-                       cfg, prec)
-        return
     nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * cap * 8)))
-    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
-    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
-    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    cand_s, cand_p, cnt = _candidates(nbc * BT, cap, dev)
     tau = torch.empty(nbc * BT, dtype=torch.float32, device=dev)
     scratch = torch.empty(nbc * BT, MP, dtype=torch.float32, device=dev)
     for c0 in range(0, blocks.numel(), nbc):
@@ -554,26 +568,23 @@ def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk
             HI=HI, DI=DI, DIP=DIP, BT=BT, SB=SB, MP=MP, DOT_PREC=prec,
             num_warps=cfg["warps_sample"])
         topk_fwd_kernel_tau[(triton.cdiv(nslot, R),)](
-            start, blks, tau, scratch, nslot, T, NBT, K, cap, M, target, BT=BT, MP=MP, R=R,
-            num_warps=cfg["warps_select"])
+            start, blks, tau, scratch, nslot, T, NBT, K, cap, M, (K + cap) // 2, BT=BT, MP=MP,
+            R=R, num_warps=cfg["warps_select"])
         topk_fwd_kernel_filter[(blks.numel(),)](
             q_idx, w, k_idx, start, blks, tau, cnt, cand_s, cand_p, T, NBT, cap,
             HI=HI, DI=DI, DIP=DIP, BT=BT, BS=BS, DOT_PREC=prec, num_warps=cfg["warps_filter"],
             num_stages=cfg["stages_filter"])
-        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
-            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
-            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+        _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, cap, cfg)
 
 
-def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fail, chunk_bytes,
-                   cfg, prec):
+def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes, cfg):
     """select_blocks with stored scores: per chunk of blocks, the score kernel writes the fp32
     scores of the chunk's rows ([rows, T], the chunk sized so that scores and candidate lists
     together stay within chunk_bytes), the compact kernel thresholds and appends, the select
     kernel takes the exact top-K of the candidates."""
     dev = out.device
     B, HI, DI = q_idx.shape[0], q_idx.shape[2], q_idx.shape[3]
-    BT, R, RS, BN, KS = cfg["BT"], cfg["R"], cfg["RS"], cfg["BN"], cfg["KS"]
+    BT, RS, KS = cfg["BT"], cfg["RS"], cfg["KS"]
     NBT = triton.cdiv(T, BT)
     nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * (T * 4 + cap * 8))))
     rows = nbc * BT
@@ -586,22 +597,19 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, target, out, fa
     if q_idx.element_size() > 2:  # fp32 query tiles (twice the bytes) do not fit hoisted in
         store, stages, BN = 0, 1, 64  # shared memory: reload them per tile, unpipelined
     assert store == 0 or (BN % 2 == 0 and KS % BN == 0), (BN, KS)
-    cand_s = torch.empty(nbc * BT, cap, dtype=torch.float32, device=dev)
-    cand_p = torch.empty(nbc * BT, cap, dtype=torch.int32, device=dev)
-    cnt = torch.empty(nbc * BT, dtype=torch.int32, device=dev)
+    cand_s, cand_p, cnt = _candidates(rows, cap, dev)
     for c0 in range(0, blocks.numel(), nbc):
         blks = blocks[c0:c0 + nbc].contiguous()
         nslot = blks.numel() * BT
         topk_fwd_kernel_score[(triton.cdiv(nslot, RS), triton.cdiv(T, KS), B)](
             q_idx, w, k_idx, start, blks, buf, nslot, T, NBT, K, rows, W,
-            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, RS=RS, BN=BN, KS=KS,
-            STORE=store, DOT_PREC=prec, num_warps=cfg["warps_score"], num_stages=stages)
+            HI=HI, DI=DI, DIP=pow2(DI, 16), BT=BT, RS=RS, BN=BN, KS=KS, STORE=store,
+            DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_score"],
+            num_stages=stages)
         topk_fwd_kernel_compact[(nslot,)](
-            start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, target, W,
+            start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, (K + cap) // 2, W,
             BT=BT, MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])
-        topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
-            start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
-            BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+        _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, cap, cfg)
 
 
 def _exact_fallback(q_idx, w, k_idx, start, failed_rows, out, T, NBT, K, chunk_bytes, cfg, prec):
