@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_dsa import TOPK, D, make_inputs, rel, timed  # noqa: E402
 from kernels.dsa import indexer_loss as il  # noqa: E402
+from kernels.dsa import plan as pl  # noqa: E402
 from kernels.dsa import sparse_attn as sa  # noqa: E402
 from kernels.dsa import topk as tk  # noqa: E402
 from kernels.dsa.common import pow2, row_doc_start  # noqa: E402
@@ -176,19 +177,42 @@ def main():
         dump(res)
     if want("plan"):
         rows = []
-        for merge, warps, one in ((True, 4, True), (True, 4, False), (False, 8, False),
-                                  (True, 8, False), (True, 16, False), (True, 8, True)):
+        for merge, warps, one in ((True, 8, True), (True, 4, True), (True, 4, False),
+                                  (False, 8, False)):
             cfg = {"merge": merge, "warps": warps, "one_pass": one}
             try:
-                f = (lambda m=merge, nw=warps, o=one: build_sparse_plan(idx, 4, merge=m,
-                                                                        num_warps=nw, one_pass=o))
+                f = (lambda m=merge, nw=warps, o=one: build_sparse_plan(
+                    idx, 4, method="triton", merge=m, num_warps=nw, one_pass=o))
                 f()
                 ms = timed(f, args.quick)
                 rows.append({"config": cfg, "ms": ms})
                 print(f"plan       {json.dumps(cfg):60s} {ms:9.2f} ms", flush=True)
             except Exception as e:
                 rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        ok = [r for r in rows if "ms" in r]
+        ref = build_sparse_plan(idx, 4)
+        # the bitmap builder (the default): the variants bench/RESULTS.md and plan._config cite
+        for ov in ({}, {"bits_emit": 8192, "warps_emit": 4}, {"bits_emit": 16384, "warps_emit": 4},
+                   {"bits_emit": 8192}, {"bits_emit": 32768}, {"warps_emit": 1},
+                   {"bits_emit": 8192, "warps_emit": 1}, {"warps_mark": 8}, {"chunk_bytes": 1 << 30}):
+            cfg = {"method": "bitmap", **ov}
+            kw = {"chunk_bytes": ov["chunk_bytes"]} if "chunk_bytes" in ov else {}
+            try:
+                with patched(pl, **{a: b for a, b in ov.items() if a != "chunk_bytes"}):
+                    f = (lambda kw=kw: build_sparse_plan(idx, 4, method="bitmap", **kw))
+                    got = f()
+                    same = bool(torch.equal(got.offsets_N1, ref.offsets_N1)
+                                and torch.equal(got.pos_U, ref.pos_U)
+                                and torch.equal(got.bits_U, ref.bits_U))
+                    del got
+                    ms = timed(f, args.quick)
+                rows.append({"config": cfg, "ms": ms, "same_plan": same})
+                print(f"plan       {json.dumps(cfg):60s} {ms:9.2f} ms same={same}", flush=True)
+            except Exception as e:
+                rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"plan       {json.dumps(cfg):60s} FAILED {type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
+        del ref
+        ok = [r for r in rows if "ms" in r and r.get("same_plan", True)]
         res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
     if want("attn_fwd"):
         run_variants("attn_fwd", sa, [

@@ -140,8 +140,8 @@ def _norm(elems: float, b: int) -> float:
 DSA_UNION_SHARE = 0.75
 # transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's score slab and
 # candidate lists (kernels/dsa/topk.py TOPK_CHUNK_BYTES, 1 GiB per chunk of query blocks); the union plan's
-# padded slots (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined, a second
-# copy of the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
+# padded slots and bitmaps (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined,
+# a second copy of the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
 DSA_TOPK_CHUNK_BYTES = 1 << 30
 DSA_PLAN_CHUNK_BYTES = 256 << 20
 DSA_LOSS_CHUNK_BYTES = 256 << 20

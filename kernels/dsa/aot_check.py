@@ -25,6 +25,7 @@ from . import indexer_loss as il
 from . import sparse_attn as sa
 from . import topk as tk
 from .common import pow2
+from . import plan as pl
 from .plan import default_block_q, plan_fwd_kernel_compact, plan_fwd_kernel_union
 
 CUDA = torch.device("cuda")
@@ -114,6 +115,15 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                      CAPB="i32"),
                 dict(BQ=BQ, KP=pow2(K), MERGE=True, LOG_KP=pow2(K).bit_length() - 1,
                      LOG_N=(BQ * pow2(K)).bit_length() - 1), 4, 2))
+    pc = pl._config()
+    out.append((pl.plan_fwd_kernel_mark,
+                dict(idx_ptr="*i32", bm_ptr="*i32", T="i32", NBT="i32", K="i32", PID0="i32",
+                     WORDS="i32"), dict(BQ=BQ, KB=min(pc["KB"], pow2(K))), pc["warps_mark"], 2))
+    out.append((pl.plan_fwd_kernel_emit,
+                dict(bm_ptr="*i32", idx_ptr="*i32", counts_ptr="*i32", pos_ptr="*i32",
+                     bits_ptr="*i32", T="i32", NBT="i32", K="i32", PID0="i32", WORDS="i32",
+                     CAPB="i32"), dict(BQ=BQ, NW=max(1, pc["bits_emit"] // (32 * BQ))),
+                pc["warps_emit"], 2))
     out.append((plan_fwd_kernel_compact,
                 dict(pad_pos="*i32", pad_bits="*i32", offsets_ptr="*i64", pos_ptr="*i32",
                      bits_ptr="*i32", CAPB="i32", BASE="i64"), dict(BLOCK=1024), 4, 2))
@@ -172,7 +182,7 @@ def main() -> None:
         raise SystemExit("unset TRITON_INTERPRET: this compiles real GPU code")
     for fn, sig, consts, warps, stages in specs():
         shown = {k: v for k, v in consts.items()
-                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC")}
+                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC", "NW", "KB")}
         try:
             r = compile_one(fn, sig, consts, warps, stages, args.arch)
             print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "

@@ -9,15 +9,21 @@ of the block's tokens selected it. The plan is a CSR list per block:
     pos_U       int32 [U]        key positions (within the batch row), ascending per block
     bits_U      int32 [U]        bit i set <=> token (block_start + i) selected that key
 
-Two builders, equal output (tested): `build_sparse_plan` (Triton, used on the GPU and in tests)
-sorts the block_q * K keys (position * block_q + token) of each block in registers, marks the last
-entry of each run of equal positions and ORs the run's token bits, then compacts: each block's
-distinct keys are written into a padded slot of `block_q * K` entries (a chunk of blocks at a time,
-256 MiB of slots) with their count, and a copy kernel packs the slots at the prefix-sum offsets
-(`one_pass=False`: merge twice instead, counting first and writing second, with no slot buffer).
+Three builders, equal output (tested). `build_sparse_plan(method="bitmap")` (Triton, the default on
+the GPU): per chunk of blocks, each token's selections set bits in its plane of the block's bitmap
+(`plan_fwd_kernel_mark`, integer atomic OR: order-free), then one walk over the words of the
+block's causal range (`plan_fwd_kernel_emit`) writes the positions with any bit set, ascending,
+with their token bits, into a padded slot of `block_q * K` entries, and a copy kernel packs the
+slots at the prefix-sum offsets (12.6 -> 10.4 ms at 128K against 27.9 for the merge below,
+bench/sweep_dsa.py --only plan). `method="triton"` sorts the block_q * K keys (position * block_q
++ token) of each block in registers (a bitonic merge of its sorted rows), marks the last entry of
+each run of equal positions and ORs the run's token bits, and packs the same way (`one_pass=False`:
+merge twice instead, counting first and writing second, with no slot buffer).
 `build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
-Both are deterministic. Memory of the result: 8 bytes per distinct (block, key) pair, at most
-8 * B * T * K bytes (no overlap at all).
+All are deterministic. Memory of the result: 8 bytes per distinct (block, key) pair, at most
+8 * B * T * K bytes (no overlap at all); while building, at most `chunk_bytes` (256 MiB) of slots
+and bitmaps (T / 2 bytes per 4-token block), plus a second copy of the plan while the packed chunks
+are joined.
 """
 from __future__ import annotations
 
@@ -145,6 +151,68 @@ def plan_fwd_kernel_compact(pad_pos, pad_bits, offsets_ptr, pos_ptr, bits_ptr, C
         tl.store(bits_ptr + dst + e, tl.load(pad_bits + src + e, mask=m), mask=m)
 
 
+@triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS"])
+def plan_fwd_kernel_mark(idx_ptr, bm_ptr, T, NBT, K, PID0, WORDS, BQ: tl.constexpr,
+                         KB: tl.constexpr):
+    """Bitmap builder, step 1. Program (p, i): token i of block PID0 + p sets bit pos % 32 of
+    word pos // 32 of its plane in the block's bitmap, laid out [word, token] (bm_ptr + (p *
+    WORDS + word) * BQ + i, the chunk's block p). Integer OR: the result does not depend on the
+    order of the atomics."""
+    p = tl.program_id(0)
+    i = tl.program_id(1)
+    pid = PID0 + p
+    bb = pid // NBT
+    t = (pid % NBT) * BQ + i
+    row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
+    base = bm_ptr + p.to(tl.int64) * WORDS * BQ + i
+    for j0 in range(0, K, KB):
+        j = j0 + tl.arange(0, KB)
+        x = tl.load(idx_ptr + row * K + j, mask=(j < K) & (t < T), other=-1)
+        tl.atomic_or(base + (x // 32).to(tl.int64) * BQ, tl.full([KB], 1, tl.int32) << (x % 32),
+                     mask=x >= 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS", "CAPB"])
+def plan_fwd_kernel_emit(bm_ptr, idx_ptr, counts_ptr, pos_ptr, bits_ptr, T, NBT, K, PID0, WORDS,
+                         CAPB, BQ: tl.constexpr, NW: tl.constexpr):
+    """Bitmap builder, step 2 (program p: block PID0 + p): walk the block's bitmap words from its
+    smallest selected position (the minimum of its rows' first entries: rows are ascending) to its
+    last token, and write every position whose token bits are not all zero, ascending, with those
+    bits, into padded slot p * CAPB (count to counts_ptr[block]); plan_fwd_kernel_compact then
+    packs the slots."""
+    p = tl.program_id(0)
+    pid = PID0 + p
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    t1 = tl.minimum(t0 + BQ, T) - 1
+    tq = t0 + tl.arange(0, BQ)
+    first = tl.load(idx_ptr + (bb * T + tl.minimum(tq, T - 1)).to(tl.int64) * K,
+                    mask=tq < T, other=-1)
+    lo = tl.min(tl.where(first >= 0, first, T), axis=0)
+    base = bm_ptr + p.to(tl.int64) * WORDS * BQ
+    dst = p.to(tl.int64) * CAPB
+    i = tl.arange(0, BQ)
+    b = tl.arange(0, 32)
+    cnt = tl.zeros([], dtype=tl.int32)
+    for w0 in range(lo // 32, t1 // 32 + 1, NW):
+        w = w0 + tl.arange(0, NW)
+        words = tl.load(base + w[:, None].to(tl.int64) * BQ + i[None, :],
+                        mask=(w <= t1 // 32)[:, None], other=0)
+        tb = tl.zeros([NW, 32], dtype=tl.int32)
+        for r in tl.static_range(BQ):
+            wr = tl.sum(tl.where(i[None, :] == r, words, 0), axis=1)
+            tb |= ((wr[:, None] >> b[None, :]) & 1) << r
+        member = tb != 0
+        m = member.to(tl.int32)
+        per_word = tl.sum(m, axis=1)
+        rank = (tl.cumsum(per_word, axis=0) - per_word)[:, None] + tl.cumsum(m, axis=1) - 1
+        pos = w[:, None] * 32 + b[None, :]
+        tl.store(pos_ptr + dst + cnt + rank, pos, mask=member)
+        tl.store(bits_ptr + dst + cnt + rank, tb, mask=member)
+        cnt += tl.sum(per_word, axis=0)
+    tl.store(counts_ptr + pid, cnt)
+
+
 def _check_block_q(block_q: int) -> None:
     if not 1 <= block_q <= 16 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two in [1, 16], got {block_q}")
@@ -155,29 +223,34 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       one_pass: bool = True, chunk_bytes: int = 256 << 20) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
-    idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "triton",
-    "torch", or "auto" (Triton on CUDA when block_q * next_pow2(K) <= MAX_SORT, else torch; the
-    interpreter runs tl.sort far too slowly for anything but tiny shapes). merge=False sorts
-    each block's keys from scratch instead of merging its sorted rows (the earlier kernel, kept
-    for comparison in bench/sweep_dsa.py). one_pass: merge each block once, writing its
-    distinct keys into a padded slot of block_q * K entries per block (chunks of blocks, at most
-    `chunk_bytes` of slots at a time), then pack the slots; else merge twice, counting first and
-    writing at the prefix-sum offsets second (no transient buffer). Same plan either way.
+    idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "bitmap",
+    "triton" (the merge), "torch", or "auto" (the bitmap builder on CUDA, torch otherwise: the
+    interpreter runs per-element Triton ops far too slowly for anything but tiny shapes).
+    merge=False sorts each block's keys from scratch instead of merging its sorted rows (the
+    earlier kernel, kept for comparison in bench/sweep_dsa.py). one_pass (merge builder): merge
+    each block once, writing its distinct keys into a padded slot of block_q * K entries per block
+    (chunks of blocks, at most `chunk_bytes` of slots, and of bitmaps for the bitmap builder, at a
+    time), then pack the slots; else merge twice, counting first and writing at the prefix-sum
+    offsets second (no transient buffer). Same plan either way.
     """
     _check_block_q(block_q)
     B, T, K = idx_BTK.shape
     KP = pow2(K)
-    if method not in ("auto", "triton", "torch"):
-        raise ValueError(f"method must be 'auto', 'triton' or 'torch', got {method!r}")
+    if method not in ("auto", "triton", "torch", "bitmap"):
+        raise ValueError(f"method must be 'auto', 'triton', 'bitmap' or 'torch', got {method!r}")
     if method == "auto":
-        fast = idx_BTK.device.type == "cuda" and not interpreting()
-        method = "triton" if fast and block_q * KP <= MAX_SORT else "torch"
+        method = "bitmap" if idx_BTK.device.type == "cuda" and not interpreting() else "torch"
     if method == "torch":
         return build_sparse_plan_torch(idx_BTK, block_q)
+    if method == "triton" and block_q * KP > MAX_SORT:
+        raise ValueError(f"method='triton' merges block_q * next_pow2(K) = {block_q * KP} keys in "
+                         f"registers (at most {MAX_SORT}); use method='bitmap'")
     dev = idx_BTK.device
     idx = idx_BTK.to(torch.int32).contiguous()
     nbt = triton.cdiv(T, block_q)
     nb = B * nbt
+    if method == "bitmap":
+        return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes)
     # timed at 128K on an H200 (bench/sweep_dsa.py): one pass 26.6 ms with 8 warps, 27.8 with 4;
     # two passes (count, write) 38.9 ms with 4 warps, 44.4 with 8, 56.5 with 16; the full sort
     # the merge replaced took 106.6 ms
@@ -202,13 +275,24 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
         return SparsePlan(block_q, B, T, nbt, offsets, pos, bits)
     capb = block_q * K  # at most this many distinct keys per block
     per_chunk = max(1, min(nb, chunk_bytes // (8 * capb)))
+
+    def union(c0, n, pad_pos, pad_bits):
+        plan_fwd_kernel_union[(n,)](idx, counts, offsets, pad_pos, pad_bits, T, nbt, K, 2, c0,
+                                    capb, **meta)
+    return _pack_slots(union, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
+
+
+def _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev) -> SparsePlan:
+    """Per chunk of `per_chunk` blocks: fill(c0, n, pad_pos, pad_bits) writes each block's distinct
+    keys into its padded slot of capb entries and their number into counts; the slots are packed
+    at the prefix-sum offsets and the packed chunks joined."""
+    nb = B * nbt
     pad_pos = torch.empty(per_chunk * capb, dtype=torch.int32, device=dev)
     pad_bits = torch.empty_like(pad_pos)
     pos_parts, bits_parts = [], []
     for c0 in range(0, nb, per_chunk):
         n = min(per_chunk, nb - c0)
-        plan_fwd_kernel_union[(n,)](idx, counts, offsets, pad_pos, pad_bits, T, nbt, K, 2, c0,
-                                    capb, **meta)
+        fill(c0, n, pad_pos, pad_bits)
         off = offsets[c0:c0 + n + 1]
         off[1:] = off[0] + torch.cumsum(counts[c0:c0 + n], 0)
         base, end = (int(v) for v in off[[0, -1]].tolist())
@@ -222,6 +306,40 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
     pos = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
     bits = bits_parts[0] if len(bits_parts) == 1 else torch.cat(bits_parts)
     return SparsePlan(block_q, B, T, nbt, offsets, pos, bits)
+
+
+def _config() -> dict:
+    """Bitmap builder launch sizes: KB selections per mark tile, bits_emit bitmap bits (words x 32 x
+    block_q) per emit tile."""
+    # timed at 128K on an H200 (bench/sweep_dsa.py --only plan): 8192 bits / 4 warps 13.95 ms,
+    # 16384 / 4: 10.41, 8192 / 2: 10.36, 4096 / 4: 14.11, 8192 / 8: 16.11; KB 2048 or 8 mark warps:
+    # no change; 1 GiB chunks instead of 256 MiB: 12.56 (kept at 256 MiB for memory)
+    return dict(KB=1024, warps_mark=4, bits_emit=16384, warps_emit=2)
+
+
+def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes) -> SparsePlan:
+    """The union plan from per-block bitmaps: each token's selections set bits in its plane of the
+    block's [T / 32 words, block_q] bitmap (integer atomic OR), then one walk over the words of the
+    block's causal range writes the positions with any bit set, ascending (no sort or merge; no
+    limit on K). Chunks of blocks hold the bitmaps and padded slots within chunk_bytes."""
+    dev = idx.device
+    nb = B * nbt
+    words = triton.cdiv(T, 32)
+    capb = block_q * K
+    per_chunk = max(1, min(nb, chunk_bytes // (8 * capb + 4 * words * block_q)))
+    bm = torch.empty(per_chunk * words * block_q, dtype=torch.int32, device=dev)
+    counts = torch.empty(nb, dtype=torch.int32, device=dev)
+    offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
+    cfg = _config()
+
+    def fill(c0, n, pad_pos, pad_bits):
+        bm[:n * words * block_q].zero_()
+        plan_fwd_kernel_mark[(n, block_q)](idx, bm, T, nbt, K, c0, words, BQ=block_q,
+                                           KB=min(cfg["KB"], pow2(K)), num_warps=cfg["warps_mark"])
+        plan_fwd_kernel_emit[(n,)](bm, idx, counts, pad_pos, pad_bits, T, nbt, K, c0, words, capb,
+                                   BQ=block_q, NW=max(1, cfg["bits_emit"] // (32 * block_q)),
+                                   num_warps=cfg["warps_emit"])
+    return _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
 
 
 def build_sparse_plan_torch(idx_BTK: torch.Tensor, block_q: int,

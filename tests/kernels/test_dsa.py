@@ -203,13 +203,14 @@ def test_topk_continuous_scores_are_a_valid_topk(topk_mode):
 
 
 def test_plan_builders_agree():
-    """The Triton union builder (sort per block) equals the torch reference builder."""
+    """The Triton union builders (sort per block; bitmaps) equal the torch reference builder."""
     q, w, k = _int_indexer(1, 24, 2, 16)
     idx = naive.topk_indices(q, w, k, 4, _cu(0, 10, 24))
-    a = build_sparse_plan(idx, 4, method="triton", merge=False)  # full sort per block
     b = build_sparse_plan_torch(idx, 4)
-    assert torch.equal(a.offsets_N1, b.offsets_N1)
-    assert torch.equal(a.pos_U, b.pos_U) and torch.equal(a.bits_U, b.bits_U)
+    for kw in (dict(method="triton", merge=False), dict(method="bitmap")):  # full sort per block;
+        a = build_sparse_plan(idx, 4, **kw)                                    # bitmaps
+        assert torch.equal(a.offsets_N1, b.offsets_N1), kw
+        assert torch.equal(a.pos_U, b.pos_U) and torch.equal(a.bits_U, b.bits_U), kw
     # every (token, key) selection is represented exactly once
     total = int((idx >= 0).sum())
     assert int(torch.tensor([bin(int(x)).count("1") for x in b.bits_U]).sum()) == total
@@ -227,8 +228,9 @@ def test_plan_merge_of_sorted_rows(T, K, block_q):
     b = build_sparse_plan_torch(idx, block_q)
     # one merge per block into padded slots: one chunk of slots, then chunks of 3 blocks (a ragged
     # last chunk, packed output concatenated); and the two-merge (count, then write) builder
-    for kw in (dict(), dict(chunk_bytes=3 * 8 * block_q * K), dict(one_pass=False)):
-        a = build_sparse_plan(idx.to(DEV), block_q, method="triton", merge=True, **kw)
+    for kw in (dict(), dict(chunk_bytes=3 * 8 * block_q * K), dict(one_pass=False),
+               dict(method="bitmap"), dict(method="bitmap", chunk_bytes=1)):
+        a = build_sparse_plan(idx.to(DEV), block_q, **{"method": "triton", "merge": True, **kw})
         assert torch.equal(a.offsets_N1.cpu(), b.offsets_N1), kw
         assert torch.equal(a.pos_U.cpu(), b.pos_U) and torch.equal(a.bits_U.cpu(), b.bits_U), kw
 
