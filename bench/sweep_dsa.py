@@ -154,7 +154,8 @@ def main():
         for ov, kw in (({}, {}), (fused, {}), (plain, {}), ({"BN": 64}, {}),
                        ({"stages_score": 2}, {}), ({"warps_score": 4}, {}), ({"KS": 1024}, {}),
                        ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half),
-                       ({}, big), ({"warps_compact": 8}, {}), ({"BC": 2048}, {})):
+                       ({}, big), ({"warps_compact": 8}, {}), ({"BC": 1024}, {}),
+                       ({"asm_stores": 0}, {}), ({"warps_select": 4}, {}), ({"warps_select": 16}, {})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):
@@ -321,7 +322,8 @@ def main():
                     BT=BT, BS=cfg["BS"], DOT_PREC="tf32", num_warps=cfg["warps_filter"])),
                 ("select", lambda b: tk.topk_fwd_kernel_select[(nslot,)](
                     start, b, cnt, cs, cp, outk, fail, nslot, L, NBT, K, cap, BT=BT, R=1,
-                    RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
+                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"],
+                    num_warps=cfg["warps_select"]))):
             time_piece(name, fn, last)
         # the stored-score path's kernels, on the last chunk of its own size
         nbs = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * (L * 4 + cap * 8)))
@@ -336,10 +338,12 @@ def main():
                     num_warps=cfg["warps_score"], num_stages=cfg["stages_score"])),
                 ("stored_compact", lambda b: tk.topk_fwd_kernel_compact[(rows_s,)](
                     start, b, buf, cnt, cs, cp, rows_s, L, NBT, K, cap, M, (K + cap) // 2, L, BT=BT,
-                    MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])),
+                    MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"],
+                    num_warps=cfg["warps_compact"])),
                 ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
                     start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,
-                    RB=pow2(cap), OB=1024, num_warps=cfg["warps_select"]))):
+                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"],
+                    num_warps=cfg["warps_select"]))):
             time_piece(name, fn, last_s)
         del buf
         pieces["note"] = (f"fused: last {nbc} blocks of {NBT} (the longest rows), one chunk; "

@@ -47,6 +47,11 @@ def _resources(cubin: bytes) -> str:
     return out.strip()[-200:]
 
 
+# integer arguments the wrappers keep multiples of 16 and Triton specialises on that (not in the
+# kernel's do_not_specialize): the top-k score slab's row stride W, the candidate capacity CAP
+DIV16 = ("W", "CAP")
+
+
 def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, arch: int) -> dict:
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
@@ -55,8 +60,9 @@ def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, ar
     # lets loads vectorize and the pipeliner stage them in shared memory; without it the report
     # understated shared memory (a top-k kernel read 32 KB here and needed 464 KB on the H200).
     names = fn.arg_names
+    fixed = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v.startswith("*")}
+             if v.startswith("*") or (k in DIV16 and k not in fixed)}
     ck = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", arch, 64),
                         options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -97,13 +103,14 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                 dict(start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32", cnt_ptr="*i32",
                      cand_s_ptr="*fp32", cand_p_ptr="*i32", NSLOT="i32", T="i32", NBT="i32",
                      K="i32", CAP="i32", M="i32", TARGET="i32", W="i32"),
-                dict(BT=c["BT"], MP=pow2(M), BC=c["BC"]), c["warps_compact"], 2))
+                dict(BT=c["BT"], MP=pow2(M), BC=c["BC"], STORE=c["asm_stores"]),
+                c["warps_compact"], 2))
     out.append((tk.topk_fwd_kernel_select,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", fail_ptr="*i32", NSLOT="i32", T="i32",
                      NBT="i32", K="i32", CAP="i32"),
-                dict(BT=c["BT"], R=c["R"], RB=pow2(cap), OB=min(pow2(K), 1024)),
-                c["warps_select"], 2))
+                dict(BT=c["BT"], R=c["R"], RB=pow2(cap), OB=min(pow2(K), 1024),
+                     STORE=c["asm_stores"]), c["warps_select"], 2))
     out.append((tk.topk_fwd_kernel_select_long,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", T="i32", NBT="i32", K="i32", CAP="i32"),

@@ -309,14 +309,32 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
         tl.store(buf_ptr + NROW.to(tl.int64) * W, tot.to(tl.float32), mask=tot != 0)
 
 
-@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET", "W"])
+@triton.jit
+def _st_global_b32(base, off, val, ok):
+    """st.global of one 32-bit val (fp32 or int32) to base + 4 * off where ok, as a pure op
+    returning 0 (see _st_global_v2_f32: the compiler's coalescing pass leaves it alone, so a
+    scattered store does not force the data into another register layout)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
+        "@p st.global.b32 [a], $3; mov.u32 $0, 0; }",
+        "=r,l,r,r,r", [base.to(tl.int64, bitcast=True), off, val.to(tl.int32, bitcast=True),
+                       ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP", "M", "TARGET"])
 def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr,
                             NSLOT, T, NBT, K, CAP, M, TARGET, W,
-                            BT: tl.constexpr, MP: tl.constexpr, BC: tl.constexpr):
+                            BT: tl.constexpr, MP: tl.constexpr, BC: tl.constexpr,
+                            STORE: tl.constexpr):
     """Stored-score selection, step 2 (one program per launch slot): the row's threshold tau from
     M stratified pseudo-random samples of its stored scores (the order statistic expected to leave
     about TARGET keys; -inf when n <= CAP), then one streamed pass over the stored scores that
-    appends every key with score >= tau (ascending positions, at most CAP stored, all counted)."""
+    appends every key with score >= tau (ascending positions, at most CAP stored, all counted).
+    The pass reads BC-key tiles from the row's start rounded down to 4 (keys outside the row's
+    range are masked after the load), so with the row stride W a multiple of 16 (specialised) the
+    loads are 16-byte vectors. STORE: 0 tl.store; 1 the pure inline-asm st.global (the
+    compiler's store coalescing moved the scattered appends, and with them the scores and masks,
+    into another register layout through shared memory)."""
     slot = tl.program_id(0)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     cnt = tl.zeros([], dtype=tl.int32)
@@ -331,27 +349,38 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
             sc = tl.load(base + pos, mask=jm, other=0.0)
             tau = tl.max(_sample_tau(sc[None, :], jm[None, :], n64, M, TARGET), axis=0)
         cand = slot.to(tl.int64) * CAP
-        for s0 in range(start, start + n, BC):
+        end = start + n
+        sink = tl.zeros([BC], dtype=tl.int32)
+        for s0 in range((start // 4) * 4, end, BC):
             s = s0 + tl.arange(0, BC)
-            sm = s < start + n
-            sc = tl.load(base + s, mask=sm, other=0.0)
-            keep = sm & (sc >= tau)
+            sc = tl.load(base + s, mask=s < W, other=0.0)
+            keep = (s >= start) & (s < end) & (sc >= tau)
             kc = keep.to(tl.int32)
             dest = cnt + tl.cumsum(kc, axis=0) - 1
             m2 = keep & (dest < CAP)
-            tl.store(cand_s_ptr + cand + dest, sc, mask=m2)
-            tl.store(cand_p_ptr + cand + dest, s, mask=m2)
+            if STORE == 1:
+                sink |= _st_global_b32(cand_s_ptr + cand, dest, sc, m2)
+                sink |= _st_global_b32(cand_p_ptr + cand, dest, s, m2)
+            else:
+                tl.store(cand_s_ptr + cand + dest, sc, mask=m2)
+                tl.store(cand_p_ptr + cand + dest, s, mask=m2)
             cnt += tl.sum(kc, axis=0)
+        if STORE == 1:  # always 0: keeps the pure stores alive
+            cnt += tl.max(sink, axis=0)
     tl.store(cnt_ptr + slot, cnt, mask=slot < NSLOT)
 
 
-@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K", "CAP"])
+@triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K"])
 def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, out_ptr, fail_ptr,
                            NSLOT, T, NBT, K, CAP,
                            BT: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
-                           OB: tl.constexpr):
+                           OB: tl.constexpr, STORE: tl.constexpr):
     """Exact top-K of each row's candidates (R rows per program, CAP <= RB), or the whole prefix
-    for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr."""
+    for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr.
+    The candidate rows load as whole (CAP, a power of two, is specialised: 16-byte vectors) and
+    are masked after the load; ties at the threshold are ranked by a cumulative sum only when
+    there are more of them than places left. STORE: 0 tl.store, 1 the pure inline-asm st.global
+    for the scattered output (see topk_fwd_kernel_compact)."""
     slot = tl.program_id(0) * R + tl.arange(0, R)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     c = tl.load(cnt_ptr + slot, mask=live, other=0)
@@ -368,15 +397,23 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
     jj = tl.arange(0, RB)
     vm = good[:, None] & (jj[None, :] < c[:, None])
     base = slot.to(tl.int64) * CAP
-    keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=vm, other=0.0))
+    ld = good[:, None] & (jj[None, :] < CAP)
+    keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=ld, other=0.0))
     thr = _kth_largest_key(keys, vm, K)
     gt = vm & (keys > thr[:, None])
     tie = vm & (keys == thr[:, None])
     need = K - tl.sum(gt.to(tl.int32), axis=1)
-    sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
+    if tl.max(tl.sum(tie.to(tl.int32), axis=1) - need, axis=0) > 0:  # more ties than places
+        sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
+    else:
+        sel = gt | tie
     dest = tl.cumsum(sel.to(tl.int32), axis=1) - 1
-    pos = tl.load(cand_p_ptr + base[:, None] + jj[None, :], mask=vm, other=0)
-    tl.store(out_row[:, None] + dest, pos, mask=sel)
+    pos = tl.load(cand_p_ptr + base[:, None] + jj[None, :], mask=ld, other=0)
+    if STORE == 1:
+        sink = _st_global_b32(out_row[:, None], dest, pos, sel)
+        tl.store(out_row, tl.max(sink, axis=1), mask=tl.max(sink, axis=1) != 0)  # never: keeps it
+    else:
+        tl.store(out_row[:, None] + dest, pos, mask=sel)
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "CAP"])
@@ -440,7 +477,7 @@ def _config(device: torch.device) -> dict:
         # 50 vs 9 s); the kernel tests run every top-k case on both paths
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
                     stages_filter=1, mode="fused", RS=64, BN=128, KS=1024, BC=512,
-                    warps_score=4, stages_score=1, store=0, warps_compact=4)
+                    warps_score=4, stages_score=1, store=0, warps_compact=4, asm_stores=0)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
@@ -464,9 +501,18 @@ def _config(device: torch.device) -> dict:
     # 64-key tiles 99.6 ms, pairs at 64 keys 87.4; removed). Rejected: the query tiles hoisted by hand
     # into a tuple (spills, 123-129 ms); one key tile per program with the loop over heads
     # (188-215 ms: each program reloads 128 KB of query tiles from L2).
-    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=8, warps_sample=4,
-                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=1024,
-                warps_score=8, stages_score=3, store=2, warps_compact=4)
+    # Compact and select (bench/sweep_dsa.py --only topk at 128K, each against the kernels before in
+    # the same run): the compact reads 16-byte vectors from the row start rounded down to 4 and both
+    # write their scattered appends / outputs through a pure inline-asm st.global (asm_stores=1):
+    # top-k 76.3-76.8 ms with 1,024-key compact tiles, 75.8 with 2,048, against 80.5-80.9 for the
+    # compact before (scalar loads from the row start, tl.store); the vector loads with tl.store:
+    # 92.6 (the compiler moved the scores and masks through shared memory into the scattered
+    # stores' layout; 111.9 with the select's too). The select loads whole candidate rows (CAP
+    # specialised) and ranks ties only when there are more than places: with 4 warps 74.0 ms against
+    # 78.6 with 8 (16: 79.0). Compact with 8 warps 78.7-79.6, 512-key tiles 82.8.
+    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=4, warps_sample=4,
+                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=2048,
+                warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1)
 
 
 # transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
@@ -544,7 +590,8 @@ def _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, c
     nslot = blks.numel() * BT
     topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
         start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
-        BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), num_warps=cfg["warps_select"])
+        BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), STORE=cfg["asm_stores"],
+        num_warps=cfg["warps_select"])
 
 
 def _select_fused(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes, cfg):
@@ -588,7 +635,7 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chun
     NBT = triton.cdiv(T, BT)
     nbc = max(1, min(blocks.numel(), chunk_bytes // (BT * (T * 4 + cap * 8))))
     rows = nbc * BT
-    W = T + T % 2  # even row stride: the paired store's 8-byte alignment
+    W = -(-T // 16) * 16  # row stride: even for the paired store; 16 for the compact's vector loads
     if (rows + 1) * W >= 2 ** 31:
         raise ValueError(f"top-k score chunk of {rows} rows x {T} keys overflows int32 offsets; "
                          f"lower chunk_bytes ({chunk_bytes})")
@@ -608,7 +655,8 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chun
             num_stages=stages)
         topk_fwd_kernel_compact[(nslot,)](
             start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, (K + cap) // 2, W,
-            BT=BT, MP=pow2(M), BC=cfg["BC"], num_warps=cfg["warps_compact"])
+            BT=BT, MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"],
+            num_warps=cfg["warps_compact"])
         _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, cap, cfg)
 
 
