@@ -202,10 +202,12 @@ def test_topk_continuous_scores_are_a_valid_topk(topk_mode):
     assert (worst_sel >= best_out - slack).all()
 
 
-def test_plan_builders_agree():
-    """The Triton union builders (sort per block; bitmaps) equal the torch reference builder."""
-    q, w, k = _int_indexer(1, 24, 2, 16)
-    idx = naive.topk_indices(q, w, k, 4, _cu(0, 10, 24))
+@pytest.mark.parametrize("B,cu", [(1, (0, 10, 24)), (2, None)])
+def test_plan_builders_agree(B, cu):
+    """The Triton union builders (sort per block; bitmaps) equal the torch reference builder, on
+    packed documents and on several batch rows."""
+    q, w, k = _int_indexer(B, 24, 2, 16)
+    idx = naive.topk_indices(q, w, k, 4, None if cu is None else _cu(*cu))
     b = build_sparse_plan_torch(idx, 4)
     for kw in (dict(method="triton", merge=False), dict(method="bitmap")):  # full sort per block;
         a = build_sparse_plan(idx, 4, **kw)                                    # bitmaps
