@@ -549,22 +549,27 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
     M = min(2048, cap // 2) if num_samples is None else int(num_samples)
     if not 1 <= M <= cap:
         raise ValueError(f"num_samples ({M}) must be in [1, cap={cap}]")
-    cfg = _config(dev)
-    prec = dot_precision(q_idx_BTHD.dtype)
     start = row_doc_start(B, T, cu_seqlens, dev)
-    NBT = triton.cdiv(T, cfg["BT"])
-    NB = B * NBT
+    NB = B * triton.cdiv(T, _config(dev)["BT"])
     out = torch.empty(B, T, K, dtype=torch.int32, device=dev)
-    fail = torch.zeros(B * T, dtype=torch.int32, device=dev)
-    select_blocks(q_idx_BTHD, w_BTH, k_idx_BTD, start, torch.arange(NB, dtype=torch.int32, device=dev),
-                  T, K, cap, M, out, fail, chunk_bytes)
+    topk_blocks(q_idx_BTHD, w_BTH, k_idx_BTD, start, torch.arange(NB, dtype=torch.int32, device=dev),
+                T, K, cap, M, out, chunk_bytes, stats)
+    return out
+
+
+def topk_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, chunk_bytes, stats=None):
+    """Exact top-K of the query blocks `blocks` (int32 block ids b * NBT + t // BT at the module's
+    BT) into their `out` rows: `select_blocks`, then the exact fallback for the rows it flagged
+    (one host sync to find them). `stats`, if given, receives the number of fallback rows."""
+    cfg = _config(out.device)
+    fail = torch.zeros(q_idx.shape[0] * T, dtype=torch.int32, device=out.device)
+    select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes)
     failed_rows = fail.nonzero().flatten()
     if stats is not None:
         stats["fallback_rows"] = int(failed_rows.numel())
     if failed_rows.numel() > 0:
-        _exact_fallback(q_idx_BTHD, w_BTH, k_idx_BTD, start, failed_rows, out, T, NBT, K,
-                        chunk_bytes, cfg, prec)
-    return out
+        _exact_fallback(q_idx, w, k_idx, start, failed_rows, out, T, triton.cdiv(T, cfg["BT"]), K,
+                        chunk_bytes, cfg, dot_precision(q_idx.dtype))
 
 
 def select_blocks(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes):

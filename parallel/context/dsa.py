@@ -184,9 +184,7 @@ def _padded_starts(pos_R: torch.Tensor, start_R: torch.Tensor, rows: int) -> tor
 def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_bytes: int | None = None) -> torch.Tensor:
     """Top-k of the local rows with the kernels/dsa Triton selector, launched only on the blocks that
     hold local rows (queries scattered to their global rows, see the module docstring)."""
-    import triton
-    from kernels.dsa.common import dot_precision
-    from kernels.dsa.topk import TOPK_CHUNK_BYTES, _config, _exact_fallback, default_cap, select_blocks
+    from kernels.dsa.topk import TOPK_CHUNK_BYTES, _config, default_cap, topk_blocks
     chunk_bytes = TOPK_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     dev = q_idx_RHD.device
     Tp = int(pos_R.max()) + 1
@@ -196,17 +194,9 @@ def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_byt
     k_idx = k_idx_TD.detach()[None, :Tp].contiguous()
     start = _padded_starts(pos_R, start_R, Tp)
     cap = default_cap(K)
-    cfg = _config(dev)
-    BT = cfg["BT"]
-    prec = dot_precision(q_idx.dtype)
-    NBT = triton.cdiv(Tp, BT)
     out = torch.full((1, Tp, K), -1, dtype=torch.int32, device=dev)
-    fail = torch.zeros(Tp, dtype=torch.int32, device=dev)
-    blocks = torch.unique(pos_R // BT).to(torch.int32)
-    select_blocks(q_idx, w, k_idx, start, blocks, Tp, K, cap, min(2048, cap // 2), out, fail, chunk_bytes)
-    failed = fail.nonzero().flatten()
-    if failed.numel():
-        _exact_fallback(q_idx, w, k_idx, start, failed, out, Tp, NBT, K, chunk_bytes, cfg, prec)
+    blocks = torch.unique(pos_R // _config(dev)["BT"]).to(torch.int32)
+    topk_blocks(q_idx, w, k_idx, start, blocks, Tp, K, cap, min(2048, cap // 2), out, chunk_bytes)
     return out[0, pos_R]
 
 
