@@ -328,7 +328,7 @@ def main():
         # the stored-score path's kernels, on the last chunk of its own size
         nbs = min(NBT, tk.TOPK_CHUNK_BYTES // (BT * (L * 4 + cap * 8)))
         rows_s = nbs * BT
-        buf = torch.empty(rows_s + 1, L, dtype=torch.float32, device=q.device)  # L even: W = L
+        buf = torch.empty(rows_s + 1, L, dtype=torch.float32, device=q.device)  # L % 16 == 0: W = L
         last_s = torch.arange(NBT - nbs, NBT, dtype=torch.int32, device=q.device)
         for name, fn in (
                 ("stored_score", lambda b: tk.topk_fwd_kernel_score[

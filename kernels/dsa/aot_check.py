@@ -24,9 +24,8 @@ from triton.compiler import ASTSource
 from . import indexer_loss as il
 from . import sparse_attn as sa
 from . import topk as tk
-from .common import pow2
 from . import plan as pl
-from .plan import default_block_q, plan_fwd_kernel_compact, plan_fwd_kernel_union
+from .common import pow2
 
 CUDA = torch.device("cuda")
 
@@ -115,8 +114,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", T="i32", NBT="i32", K="i32", CAP="i32"),
                 dict(BT=c["BT"], RB=1024), c["warps_select"], 2))
-    BQ = default_block_q(HQ, HKV)
-    out.append((plan_fwd_kernel_union,
+    BQ = pl.default_block_q(HQ, HKV)
+    out.append((pl.plan_fwd_kernel_union,
                 dict(idx_ptr="*i32", counts_ptr="*i32", offsets_ptr="*i64", pos_ptr="*i32",
                      bits_ptr="*i32", T="i32", NBT="i32", K="i32", WRITE="i32", PID0="i32",
                      CAPB="i32"),
@@ -131,7 +130,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                      bits_ptr="*i32", T="i32", NBT="i32", K="i32", PID0="i32", WORDS="i32",
                      CAPB="i32"), dict(BQ=BQ, NW=max(1, pc["bits_emit"] // (32 * BQ))),
                 pc["warps_emit"], 2))
-    out.append((plan_fwd_kernel_compact,
+    out.append((pl.plan_fwd_kernel_compact,
                 dict(pad_pos="*i32", pad_bits="*i32", offsets_ptr="*i64", pos_ptr="*i32",
                      bits_ptr="*i32", CAPB="i32", BASE="i64"), dict(BLOCK=1024), 4, 2))
     c = sa._config(CUDA, BQ * GP, D)

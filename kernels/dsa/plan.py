@@ -14,7 +14,7 @@ the GPU): per chunk of blocks, each token's selections set bits in its plane of 
 (`plan_fwd_kernel_mark`, integer atomic OR: order-free), then one walk over the words of the
 block's causal range (`plan_fwd_kernel_emit`) writes the positions with any bit set, ascending,
 with their token bits, into a padded slot of `block_q * K` entries, and a copy kernel packs the
-slots at the prefix-sum offsets (12.6 -> 10.4 ms at 128K against 27.9 for the merge below,
+slots at the prefix-sum offsets (10.4-10.5 ms at 128K against 26.0-27.9 for the merge below,
 bench/sweep_dsa.py --only plan). `method="triton"` sorts the block_q * K keys (position * block_q
 + token) of each block in registers (a bitonic merge of its sorted rows), marks the last entry of
 each run of equal positions and ORs the run's token bits, and packs the same way (`one_pass=False`:
@@ -311,9 +311,11 @@ def _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
 def _config() -> dict:
     """Bitmap builder launch sizes: KB selections per mark tile, bits_emit bitmap bits (words x 32 x
     block_q) per emit tile."""
-    # timed at 128K on an H200 (bench/sweep_dsa.py --only plan): 8192 bits / 4 warps 13.95 ms,
-    # 16384 / 4: 10.41, 8192 / 2: 10.36, 4096 / 4: 14.11, 8192 / 8: 16.11; KB 2048 or 8 mark warps:
-    # no change; 1 GiB chunks instead of 256 MiB: 12.56 (kept at 256 MiB for memory)
+    # timed at 128K on an H200 (bench/sweep_dsa.py --only plan, two runs; the merge builder 26.0-27.9
+    # ms in the same runs): 16384 bits / 2 warps (kept) 10.51, 16384 / 4: 10.37-10.41, 8192 / 2:
+    # 10.36-10.85, 8192 / 4: 13.20-13.95, 4096 / 4: 14.11, 32768 / 2: 11.62, 8192 / 8: 16.11, 1 emit
+    # warp 10.51-12.14; KB 2048 or 8 mark warps: no change; 1 GiB chunks instead of 256 MiB: 9.41-12.56
+    # (kept at 256 MiB for memory)
     return dict(KB=1024, warps_mark=4, bits_emit=16384, warps_emit=2)
 
 

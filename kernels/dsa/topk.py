@@ -102,6 +102,21 @@ def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl
 
 
 @triton.jit
+def _key_tile_scores(q_idx, w, k_idx, row, rmask, bb, T, s0, hi, dd, dmask, HI: tl.constexpr,
+                     DI: tl.constexpr, DOT_PREC: tl.constexpr, ROW_MASK: tl.constexpr,
+                     DIP: tl.constexpr, BN: tl.constexpr):
+    """Key tile [s0, s0 + BN) of batch row bb (keys from hi on masked): its positions, their
+    mask, and the rows' index scores against it (-0.0 mapped to +0.0: see _ordered_key); shared by
+    the fused filter and the stored path's score kernel, so both compare the same fp32 scores."""
+    s = s0 + tl.arange(0, BN)
+    smask = s < hi
+    kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
+                 mask=smask[:, None] & dmask[None, :], other=0.0)
+    score = _index_scores(q_idx, w, row, rmask, kt, dd, dmask, HI, DI, DOT_PREC, ROW_MASK, DIP)
+    return s, smask, tl.where(score == 0.0, 0.0, score)
+
+
+@triton.jit
 def _kth_largest_key(keys, valid, kth):
     """Per row of keys [R, N]: largest int32 v with #{valid & keys >= v} >= kth (kth scalar or [R];
     rows with fewer than kth valid keys return INT32_MIN). Bisection between the row's smallest
@@ -226,12 +241,8 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
     cnt = tl.zeros([BT], dtype=tl.int32)
     cand_row = (p * BT + i).to(tl.int64) * CAP
     for s0 in range(lo, hi, BS):
-        s = s0 + tl.arange(0, BS)
-        smask = s < hi
-        kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                     mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI, DI, DOT_PREC, True, DIP)
-        score = tl.where(score == 0.0, 0.0, score)
+        s, smask, score = _key_tile_scores(q_idx, w, k_idx, row, tvalid, bb, T, s0, hi, dd, dmask,
+                                           HI, DI, DOT_PREC, True, DIP, BS)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
         keep = elig & (score >= tau[:, None])
         kc = keep.to(tl.int32)
@@ -293,12 +304,8 @@ def topk_fwd_kernel_score(q_idx, w, k_idx, start_ptr, blk_ptr, buf_ptr, NSLOT, T
     dst = tl.where(need, slot, NROW)
     sink = tl.zeros([RS], dtype=tl.int32)
     for s0 in range(lo, hi, BN):
-        s = s0 + tl.arange(0, BN)
-        smask = s < hi
-        kt = tl.load(k_idx + ((b * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                     mask=smask[:, None] & dmask[None, :], other=0.0)
-        score = _index_scores(q_idx, w, row, need, kt, dd, dmask, HI, DI, DOT_PREC, False, DIP)
-        score = tl.where(score == 0.0, 0.0, score)
+        s, smask, score = _key_tile_scores(q_idx, w, k_idx, row, need, b, T, s0, hi, dd, dmask,
+                                           HI, DI, DOT_PREC, False, DIP, BN)
         off = (dst * W)[:, None] + tl.arange(0, BN)[None, :]
         if STORE == 2:  # a pair past hi (odd hi) lands in this row's own line, below W
             sink |= tl.max(_st_global_v2_f32(buf_ptr + s0, off, score, smask[None, :]), axis=1)

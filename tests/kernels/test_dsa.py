@@ -229,7 +229,8 @@ def test_plan_merge_of_sorted_rows(T, K, block_q):
         idx[0, t, :n] = torch.randperm(t + 1, generator=g)[:n].sort().values.int()
     b = build_sparse_plan_torch(idx, block_q)
     # one merge per block into padded slots: one chunk of slots, then chunks of 3 blocks (a ragged
-    # last chunk, packed output concatenated); and the two-merge (count, then write) builder
+    # last chunk, packed output concatenated); the two-merge (count, then write) builder; and the
+    # bitmap builder, in one chunk and in chunks of one block
     for kw in (dict(), dict(chunk_bytes=3 * 8 * block_q * K), dict(one_pass=False),
                dict(method="bitmap"), dict(method="bitmap", chunk_bytes=1)):
         a = build_sparse_plan(idx.to(DEV), block_q, **{"method": "triton", "merge": True, **kw})
