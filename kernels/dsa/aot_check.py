@@ -138,7 +138,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     plan_sig = dict(offsets="*i64", upos="*i32", ubits="*i32", T="i32", NBT="i32")
     out.append((sa.sparse_attn_fwd_kernel_union,
                 dict(q=dt, k=dt, v=dt, o=dt, lse="*fp32", **plan_sig, scale_log2="fp32"),
-                dict(heads, BS=c["BS_fwd"]), c["warps_fwd"], c["stages"]))
+                dict(heads, BS=c["BS_fwd"]), c["warps_fwd"], c["stages_fwd"]))
     out.append((sa.sparse_attn_bwd_kernel_union,
                 dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32", dv="*fp32",
                      **plan_sig, scale="fp32"),
