@@ -142,7 +142,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     out.append((sa.sparse_attn_bwd_kernel_union,
                 dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32", dv="*fp32",
                      **plan_sig, scale="fp32"),
-                dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages"]))
+                dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages_bwd"]))
     c = il._config(CUDA)
     bq_lse = max(1, min(16, 64 // GP))
     out.append((il.indexer_loss_fwd_kernel_lse,

@@ -142,12 +142,12 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2) -> dict:
     dv reductions (275 ms with them, 113 ms with the same products left unwritten, 229 ms with them
     folded into an L2-resident band of 4K keys: bench/probe_dsa.py)."""
     if interpreting() or device.type != "cuda":
-        return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages=1, stages_fwd=1)
+        return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages_fwd=1, stages_bwd=1)
     small = BM * pow2(D, 16) <= 32 * 128
     # forward pipeline stages with the group-minor grid: 2 stages 53.5 / 10.3 ms at 128K / 32K against
     # 53.9-54.2 / 10.6 for 3 and 53.8 / 10.6 for 4 (one run); the backward 3 (4: same, 5: 232.7 vs 222.3)
     return dict(BS_fwd=128 if elem_bytes <= 2 else 64, BS_bwd=32, warps_fwd=4 if small else 8,
-                warps_bwd=4 if small else 8, stages=3, stages_fwd=2)
+                warps_bwd=4 if small else 8, stages_fwd=2, stages_bwd=3)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
@@ -190,7 +190,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
         q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, T,
         plan.num_blocks_t, scale, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ,
         BS=cfg["BS_bwd"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"],
-        num_stages=cfg["stages"])
+        num_stages=cfg["stages_bwd"])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
