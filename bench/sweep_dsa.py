@@ -176,6 +176,34 @@ def main():
         ok = [r for r in rows if "ms" in r and r["same_idx"]]
         res["topk"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
         dump(res)
+    if want("topk_tail"):  # the selector's chunking and select variants (2026-12-01 round)
+        ref_idx = idx
+        rows = []
+        # (the whole-row select of the round, select_sub=0, and score lines cut to each chunk's
+        # longest row, chunk_area, are removed; their numbers are in topk._config)
+        for ov, kw in (({}, {}), ({"select_sub": 2048}, {}), ({"select_sub": 512}, {}),
+                       ({"warps_compact": 2}, {}), ({"warps_compact": 2, "BC": 1024}, {}),
+                       ({"BC": 4096}, {}), ({}, {"chunk_bytes": 2 << 30}), ({}, {})):
+            label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
+            try:
+                with patched(tk, **ov):
+                    st = {}
+                    out = tk.dsa_topk_triton(qi, w, ki, TOPK, stats=st, **kw)
+                    same = bool(torch.equal(out, ref_idx))
+                    del out
+                    torch.cuda.synchronize()
+                    ms = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK, **kw), args.quick)
+                rows.append({"config": {**ov, **kw}, "ms": ms, "same_idx": same,
+                             "fallback_rows": st.get("fallback_rows")})
+                print(f"topk_tail  {label:60s} {ms:9.2f} ms same={same} "
+                      f"fallback={st.get('fallback_rows')}", flush=True)
+            except Exception as e:
+                rows.append({"config": {**ov, **kw}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"topk_tail  {label:60s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            torch.cuda.empty_cache()
+        ok = [r for r in rows if "ms" in r and r["same_idx"]]
+        res["topk_tail"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+        dump(res)
     if want("plan"):
         rows = []
         for merge, warps, one in ((True, 8, True), (True, 4, True), (True, 4, False),
@@ -322,7 +350,7 @@ def main():
                     BT=BT, BS=cfg["BS"], DOT_PREC="tf32", num_warps=cfg["warps_filter"])),
                 ("select", lambda b: tk.topk_fwd_kernel_select[(nslot,)](
                     start, b, cnt, cs, cp, outk, fail, nslot, L, NBT, K, cap, BT=BT, R=1,
-                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"],
+                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"], SUB=cfg["select_sub"],
                     num_warps=cfg["warps_select"]))):
             time_piece(name, fn, last)
         # the stored-score path's kernels, on the last chunk of its own size
@@ -342,7 +370,7 @@ def main():
                     num_warps=cfg["warps_compact"])),
                 ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
                     start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,
-                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"],
+                    RB=pow2(cap), OB=1024, STORE=cfg["asm_stores"], SUB=cfg["select_sub"],
                     num_warps=cfg["warps_select"]))):
             time_piece(name, fn, last_s)
         del buf

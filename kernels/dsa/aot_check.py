@@ -109,7 +109,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                      cand_p_ptr="*i32", out_ptr="*i32", fail_ptr="*i32", NSLOT="i32", T="i32",
                      NBT="i32", K="i32", CAP="i32"),
                 dict(BT=c["BT"], R=c["R"], RB=pow2(cap), OB=min(pow2(K), 1024),
-                     STORE=c["asm_stores"]), c["warps_select"], 2))
+                     STORE=c["asm_stores"], SUB=c["select_sub"]), c["warps_select"], 2))
     out.append((tk.topk_fwd_kernel_select_long,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", T="i32", NBT="i32", K="i32", CAP="i32"),

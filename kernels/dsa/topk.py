@@ -20,7 +20,8 @@ per chunk, the default (`mode="stored"`) runs three kernels:
 3. `topk_fwd_kernel_select` (R rows per program): exact top-K among the candidates: bisection
    over the order-preserving int32 image of the fp32 scores finds the K-th largest value; ties at
    that value are taken in ascending position (the candidates are stored in that order); output
-   positions ascending. Rows whose candidate count fell outside [K, CAP] are flagged.
+   positions ascending, written SUB candidates at a time. Rows whose candidate count fell outside
+   [K, CAP] are flagged.
 
 `mode="fused"` (kept, tested, and the path of the exact fallback) never stores scores: per chunk,
 `topk_fwd_kernel_sample` scores M sample keys shared by a block's 16 rows, `topk_fwd_kernel_tau`
@@ -117,20 +118,20 @@ def _key_tile_scores(q_idx, w, k_idx, row, rmask, bb, T, s0, hi, dd, dmask, HI: 
 
 
 @triton.jit
-def _kth_largest_key(keys, valid, kth):
-    """Per row of keys [R, N]: largest int32 v with #{valid & keys >= v} >= kth (kth scalar or [R];
-    rows with fewer than kth valid keys return INT32_MIN). Bisection between the row's smallest
-    valid key (count >= kth) and its largest + 1 (count 0): log2 of the keys' span in halvings,
-    at most 32."""
+def _kth_largest_key(keys, kth):
+    """Per row of keys [R, N] (invalid entries INT32_MIN: no ordered key of a non-NaN float is,
+    -inf maps to INT32_MIN + 0x7FFFFF, so no validity mask stays live through the loop): the
+    largest int32 v with #{keys >= v} >= kth (kth scalar or [R]; rows with fewer than kth valid
+    keys return INT32_MIN). Bisection between the row's smallest valid key (count >= kth) and its
+    largest + 1 (count 0): log2 of the keys' span in halvings, at most 32."""
     big = tl.full(keys.shape, 2147483647, tl.int32)
-    n_valid = tl.sum(valid.to(tl.int32), axis=1)
-    ok = n_valid >= kth
+    valid = keys != INT32_MIN
+    ok = tl.sum(valid.to(tl.int32), axis=1) >= kth
     lo = tl.where(ok, tl.min(tl.where(valid, keys, big), axis=1).to(tl.int64), INT32_MIN)
-    hi = tl.where(ok, tl.max(tl.where(valid, keys, -big - 1), axis=1).to(tl.int64) + 1,
-                  INT32_MIN + 1)
+    hi = tl.where(ok, tl.max(keys, axis=1).to(tl.int64) + 1, INT32_MIN + 1)
     while tl.max(hi - lo, axis=0) > 1:
         mid = (lo + hi) >> 1
-        cnt = tl.sum((valid & (keys >= mid.to(tl.int32)[:, None])).to(tl.int32), axis=1)
+        cnt = tl.sum((keys >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
         take = cnt >= kth
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid)
@@ -141,9 +142,9 @@ def _kth_largest_key(keys, valid, kth):
 def _sample_tau(sc, valid, n, M, TARGET):
     """Per row of M sample scores sc [R, MP] (valid [R, MP]) of a row with n eligible keys (scalar
     or [R], int64): the sample order statistic expected to leave about TARGET of the n keys."""
-    keys = _ordered_key(sc)
+    keys = tl.where(valid, _ordered_key(sc), INT32_MIN)
     r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n - 1) // n, 1), M)
-    kth = _kth_largest_key(keys, valid, r_k.to(tl.int32))
+    kth = _kth_largest_key(keys, r_k.to(tl.int32))
     return tl.max(tl.where(valid & (keys == kth[:, None]), sc, float("-inf")), axis=1)
 
 
@@ -377,17 +378,62 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
     tl.store(cnt_ptr + slot, cnt, mask=slot < NSLOT)
 
 
+@triton.jit
+def _select_lean(cand_s_ptr, cand_p_ptr, out_row, base, good, c, K, CAP, R: tl.constexpr,
+                 RB: tl.constexpr, SUB: tl.constexpr, STORE: tl.constexpr):
+    """topk_fwd_kernel_select's exact top-K of the `good` rows. The bisection holds only the
+    candidates' keys (invalid ones INT32_MIN, so no validity mask stays live); the output pass
+    re-reads the candidates SUB at a time (L1 / L2 hits) and writes the selected positions at
+    running offsets; ties at the threshold are ranked by a running cumulative sum only when there
+    are more of them than places left. Holding keys, masks, offsets and positions of whole rows at
+    once took 217 registers (two programs per SM); this takes 128 (top-k at 128K on an H200:
+    70.4 ms with SUB = 1,024, 71.1 with 2,048, 74.5 before; at 32K 6.9 vs 8.0)."""
+    jj = tl.arange(0, RB)
+    ld = good[:, None] & (jj[None, :] < CAP)
+    keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=ld, other=0.0))
+    keys = tl.where(jj[None, :] < c[:, None], keys, INT32_MIN)
+    thr = _kth_largest_key(keys, K)
+    need = K - tl.sum((keys > thr[:, None]).to(tl.int32), axis=1)
+    many_ties = tl.max(tl.sum((keys == thr[:, None]).to(tl.int32), axis=1) - need, axis=0) > 0
+    written = tl.zeros([R], dtype=tl.int32)
+    ties_seen = tl.zeros([R], dtype=tl.int32)
+    sink = tl.zeros([R], dtype=tl.int32)
+    c_max = tl.max(tl.where(good, c, 0), axis=0)
+    for j0 in range(0, c_max, SUB):
+        j = j0 + tl.arange(0, SUB)
+        ldj = good[:, None] & (j[None, :] < CAP)
+        kj = _ordered_key(tl.load(cand_s_ptr + base[:, None] + j[None, :], mask=ldj, other=0.0))
+        vj = ldj & (j[None, :] < c[:, None])
+        gt = vj & (kj > thr[:, None])
+        tie = vj & (kj == thr[:, None])
+        if many_ties:  # more ties than places: the first ones in position order
+            sel = gt | (tie & (ties_seen[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
+                               <= need[:, None]))
+        else:
+            sel = gt | tie
+        dest = written[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1
+        pos = tl.load(cand_p_ptr + base[:, None] + j[None, :], mask=ldj, other=0)
+        if STORE == 1:
+            sink |= tl.max(_st_global_b32(out_row[:, None], dest, pos, sel), axis=1)
+        else:
+            tl.store(out_row[:, None] + dest, pos, mask=sel)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=1)
+        written += tl.sum(sel.to(tl.int32), axis=1)
+    if STORE == 1:  # always 0: keeps the pure stores alive
+        tl.store(out_row, sink, mask=sink != 0)
+
+
 @triton.jit(do_not_specialize=["NSLOT", "T", "NBT", "K"])
 def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, out_ptr, fail_ptr,
                            NSLOT, T, NBT, K, CAP,
                            BT: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
-                           OB: tl.constexpr, STORE: tl.constexpr):
+                           OB: tl.constexpr, STORE: tl.constexpr, SUB: tl.constexpr):
     """Exact top-K of each row's candidates (R rows per program, CAP <= RB), or the whole prefix
     for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr.
-    The candidate rows load as whole (CAP, a power of two, is specialised: 16-byte vectors) and
-    are masked after the load; ties at the threshold are ranked by a cumulative sum only when
-    there are more of them than places left. STORE: 0 tl.store, 1 the pure inline-asm st.global
-    for the scattered output (see topk_fwd_kernel_compact)."""
+    The candidates' keys load as whole rows (CAP, a power of two, is specialised: 16-byte
+    vectors) for the bisection; the output pass then re-reads them SUB at a time (see
+    _select_lean). STORE: 0 tl.store, 1 the pure inline-asm st.global for the scattered output
+    (see topk_fwd_kernel_compact)."""
     slot = tl.program_id(0) * R + tl.arange(0, R)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     c = tl.load(cnt_ptr + slot, mask=live, other=0)
@@ -401,26 +447,8 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
         j = j0 + tl.arange(0, OB)
         vals = tl.where(j[None, :] < n[:, None], start[:, None] + j[None, :], -1)
         tl.store(out_row[:, None] + j[None, :], vals, mask=short[:, None] & (j[None, :] < K))
-    jj = tl.arange(0, RB)
-    vm = good[:, None] & (jj[None, :] < c[:, None])
-    base = slot.to(tl.int64) * CAP
-    ld = good[:, None] & (jj[None, :] < CAP)
-    keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=ld, other=0.0))
-    thr = _kth_largest_key(keys, vm, K)
-    gt = vm & (keys > thr[:, None])
-    tie = vm & (keys == thr[:, None])
-    need = K - tl.sum(gt.to(tl.int32), axis=1)
-    if tl.max(tl.sum(tie.to(tl.int32), axis=1) - need, axis=0) > 0:  # more ties than places
-        sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
-    else:
-        sel = gt | tie
-    dest = tl.cumsum(sel.to(tl.int32), axis=1) - 1
-    pos = tl.load(cand_p_ptr + base[:, None] + jj[None, :], mask=ld, other=0)
-    if STORE == 1:
-        sink = _st_global_b32(out_row[:, None], dest, pos, sel)
-        tl.store(out_row, tl.max(sink, axis=1), mask=tl.max(sink, axis=1) != 0)  # never: keeps it
-    else:
-        tl.store(out_row[:, None] + dest, pos, mask=sel)
+    _select_lean(cand_s_ptr, cand_p_ptr, out_row, slot.to(tl.int64) * CAP, good, c, K, CAP, R, RB,
+                 SUB, STORE)
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "CAP"])
@@ -484,7 +512,8 @@ def _config(device: torch.device) -> dict:
         # 50 vs 9 s); the kernel tests run every top-k case on both paths
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
                     stages_filter=1, mode="fused", RS=64, BN=128, KS=1024, BC=512,
-                    warps_score=4, stages_score=1, store=0, warps_compact=4, asm_stores=0)
+                    warps_score=4, stages_score=1, store=0, warps_compact=4, asm_stores=0,
+                    select_sub=1024)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
@@ -517,9 +546,15 @@ def _config(device: torch.device) -> dict:
     # stores' layout; 111.9 with the select's too). The select loads whole candidate rows (CAP
     # specialised) and ranks ties only when there are more than places: with 4 warps 74.0 ms against
     # 78.6 with 8 (16: 79.0). Compact with 8 warps 78.7-79.6, 512-key tiles 82.8.
+    # The select's output pass SUB = 1,024 candidates at a time (--only topk_tail, one run, against
+    # the whole-row select in the same run): top-k 70.4 ms at 128K (2,048: 71.1; whole rows 74.4-74.5),
+    # 6.9 at 32K (whole rows 7.9-8.0). Rejected in that run: compact tiles of 4,096 keys (82.8 /
+    # 9.1 ms); score lines only as long as each chunk's longest row, so that chunks of early rows
+    # hold more rows in the same bytes (-0.9 ms at 128K, +0.2 at 32K; with SUB = 2,048 69.8 / 7.2).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=4, warps_sample=4,
                 stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=2048,
-                warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1)
+                warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1,
+                select_sub=1024)
 
 
 # transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
@@ -603,7 +638,7 @@ def _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, c
     topk_fwd_kernel_select[(triton.cdiv(nslot, R),)](
         start, blks, cnt, cand_s, cand_p, out, fail, nslot, T, NBT, K, cap,
         BT=BT, R=R, RB=pow2(cap), OB=min(pow2(K), 1024), STORE=cfg["asm_stores"],
-        num_warps=cfg["warps_select"])
+        SUB=min(cfg["select_sub"], pow2(cap)), num_warps=cfg["warps_select"])
 
 
 def _select_fused(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chunk_bytes, cfg):

@@ -172,6 +172,26 @@ def test_topk_exact(B, T, HI, DI, topk, cap, m, vrange, cu, topk_mode):
         assert stats["fallback_rows"] < T // 20, stats
 
 
+@pytest.mark.parametrize("B,T,cu", [(1, 160, None), (2, 80, None), (1, 160, (0, 50, 160))],
+                         ids=["B1", "B2", "packed"])
+def test_topk_stored_in_chunks(B, T, cu, monkeypatch):
+    """The stored path cut into several chunks (a small chunk_bytes), with the select's output
+    pass taking 16 candidates at a time (ties at the threshold ranked across those pieces): the
+    selection is the reference's."""
+    from kernels.dsa import topk as tk
+    orig = tk._config
+    monkeypatch.setattr(tk, "_config", lambda *a, **k: {**orig(*a, **k), "mode": "stored",
+                                                         "select_sub": 16})
+    cu = None if cu is None else _cu(*cu)
+    q, w, k = _int_indexer(B, T, 2, 16, -3, 4)
+    ref = naive.topk_indices(q, w, k, 16, cu)
+    BT, cap = orig(torch.device(DEV))["BT"], 64
+    budget = 2 * BT * (T * 4 + cap * 8)  # two blocks per chunk
+    out = dsa_topk(q, w, k, 16, cu_seqlens=cu, cap=cap, num_samples=16, chunk_bytes=budget)
+    _check_idx_valid(out, 16, cu)
+    assert torch.equal(out, ref), "selection differs from the reference"
+
+
 def test_topk_all_ties_uses_exact_fallback(topk_mode):
     """All scores equal: every long row overflows its candidate list and is redone exactly;
     the answer is the first topk positions of the document."""
