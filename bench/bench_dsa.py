@@ -7,8 +7,9 @@
 2. Per length L, B = 1, 32 query / 4 KV heads, head dim 128, indexer 16 x 64, top-k 2048, bf16:
    DSA forward (top-k selection + union plan + sparse attention + sparse-stage indexer KL loss) and
    forward+backward, dense SDPA flash forward and forward+backward, peak memory of each, every DSA
-   piece alone, and the sparse-attention kernels' achieved TFLOP/s and GB/s against 775 TFLOP/s
-   and 4.2 TB/s.
+   piece alone, the sparse-attention kernels' achieved TFLOP/s and GB/s against 775 TFLOP/s
+   and 4.2 TB/s, and the prefill cost (top-k + plan + attention forward without the indexer loss,
+   as inference runs it, against the dense forward; both without autograd).
 
 Indexer inputs ("--data smooth", the default) are moving averages of Gaussian noise over 50
 tokens (adjacent-token correlation 0.98) with RoPE applied: 16 adjacent queries' top-2048 sets then
@@ -107,6 +108,20 @@ def dsa_forward(x, block_q):
     loss = indexer_kl_loss(x["q"], x["k"], x["q_idx"], x["w"], x["k_idx"], stage="sparse",
                            idx=idx, lse=lse, plan=plan)
     return o, loss
+
+
+def dsa_prefill(x, block_q):
+    """What inference runs: top-k, union plan and sparse attention forward; no indexer loss, no
+    autograd graph (the prefill that Keye-VL-2.0 and DeepSeek compare with dense attention)."""
+    with torch.no_grad():
+        idx = dsa_topk(x["q_idx"], x["w"], x["k_idx"], TOPK)
+        plan = build_sparse_plan(idx, block_q)
+        return sparse_gqa_attention(x["q"], x["k"], x["v"], idx, plan=plan)
+
+
+def dense_prefill(x):
+    with torch.no_grad():
+        return dense_forward(x)
 
 
 def dsa_fwd_bwd(x, block_q):
@@ -226,6 +241,9 @@ def bench_size(L, quick, block_q):
     r["dense_peak_bytes"], r["dense_extra_bytes"] = peak_mem(lambda: dense_fwd_bwd(x))
     r["dsa_fwd_ms"] = timed(lambda: dsa_forward(x, block_q), quick)
     r["dsa_fwd_bwd_ms"] = timed(lambda: dsa_fwd_bwd(x, block_q), quick)
+    r["dense_prefill_ms"] = timed(lambda: dense_prefill(x), quick)
+    r["dsa_prefill_ms"] = timed(lambda: dsa_prefill(x, block_q), quick)
+    r["prefill_cost_ratio"] = r["dsa_prefill_ms"] / r["dense_prefill_ms"]
     r["dsa_peak_bytes"], r["dsa_extra_bytes"] = peak_mem(lambda: dsa_fwd_bwd(x, block_q))
     r["speedup_fwd_bwd"] = r["dense_fwd_bwd_ms"] / r["dsa_fwd_bwd_ms"]
     # the pieces, each alone
@@ -304,6 +322,12 @@ def print_table(res):
               f"{r['attn_fwd_useful_tflops']:9.1f} {r['attn_fwd_gbs']:9.0f} "
               f"{r['attn_bwd_useful_tflops']:9.1f} "
               f"{r['attention_counts']['mean_union_per_block']:9.0f}")
+    for r in res["sizes"]:
+        if "dsa_prefill_ms" in r:
+            print(f"prefill (top-k + plan + attention forward, no loss, no grad) L={r['L']}: DSA "
+                  f"{r['dsa_prefill_ms']:.2f} ms vs dense {r['dense_prefill_ms']:.2f} ms = "
+                  f"{r['prefill_cost_ratio']:.3f}x of dense ({1 / r['prefill_cost_ratio']:.2f}x "
+                  f"cheaper)")
     for r in res.get("iid", []):
         if "error" in r:
             print(f"iid L={r['L']}: FAILED {r['error'][:150]}")
