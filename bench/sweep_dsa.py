@@ -179,11 +179,13 @@ def main():
     if want("topk_tail"):  # the selector's chunking and select variants (2026-12-01 round)
         ref_idx = idx
         rows = []
-        # (the whole-row select of the round, select_sub=0, and score lines cut to each chunk's
-        # longest row, chunk_area, are removed; their numbers are in topk._config)
-        for ov, kw in (({}, {}), ({"select_sub": 2048}, {}), ({"select_sub": 512}, {}),
-                       ({"warps_compact": 2}, {}), ({"warps_compact": 2, "BC": 1024}, {}),
-                       ({"BC": 4096}, {}), ({}, {"chunk_bytes": 2 << 30}), ({}, {})):
+        # (the whole-row select of the round, select_sub=0, score lines cut to each chunk's longest
+        # row, chunk_area, and two tiles of compact prefetch are removed; their numbers are in
+        # topk._config)
+        for ov, kw in (({}, {}), ({"prefetch": 0, "BC": 2048}, {}), ({"prefetch": 1, "BC": 2048}, {}),
+                       ({"BC": 512}, {}), ({"BC": 4096}, {}), ({"warps_compact": 2}, {}),
+                       ({"select_sub": 2048}, {}), ({}, {"chunk_bytes": 2 << 30}),
+                       ({"prefetch": 0, "BC": 2048}, {}), ({}, {})):
             label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
             try:
                 with patched(tk, **ov):
@@ -366,7 +368,7 @@ def main():
                     num_warps=cfg["warps_score"], num_stages=cfg["stages_score"])),
                 ("stored_compact", lambda b: tk.topk_fwd_kernel_compact[(rows_s,)](
                     start, b, buf, cnt, cs, cp, rows_s, L, NBT, K, cap, M, (K + cap) // 2, L, BT=BT,
-                    MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"],
+                    MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"], PF=cfg["prefetch"],
                     num_warps=cfg["warps_compact"])),
                 ("stored_select", lambda b: tk.topk_fwd_kernel_select[(rows_s,)](
                     start, b, cnt, cs, cp, outk, fail, rows_s, L, NBT, K, cap, BT=BT, R=1,

@@ -102,8 +102,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                 dict(start_ptr="*i32", blk_ptr="*i32", buf_ptr="*fp32", cnt_ptr="*i32",
                      cand_s_ptr="*fp32", cand_p_ptr="*i32", NSLOT="i32", T="i32", NBT="i32",
                      K="i32", CAP="i32", M="i32", TARGET="i32", W="i32"),
-                dict(BT=c["BT"], MP=pow2(M), BC=c["BC"], STORE=c["asm_stores"]),
-                c["warps_compact"], 2))
+                dict(BT=c["BT"], MP=pow2(M), BC=c["BC"], STORE=c["asm_stores"],
+                     PF=c["prefetch"]), c["warps_compact"], 2))
     out.append((tk.topk_fwd_kernel_select,
                 dict(start_ptr="*i32", blk_ptr="*i32", cnt_ptr="*i32", cand_s_ptr="*fp32",
                      cand_p_ptr="*i32", out_ptr="*i32", fail_ptr="*i32", NSLOT="i32", T="i32",

@@ -333,7 +333,7 @@ def _st_global_b32(base, off, val, ok):
 def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr,
                             NSLOT, T, NBT, K, CAP, M, TARGET, W,
                             BT: tl.constexpr, MP: tl.constexpr, BC: tl.constexpr,
-                            STORE: tl.constexpr):
+                            STORE: tl.constexpr, PF: tl.constexpr = 0):
     """Stored-score selection, step 2 (one program per launch slot): the row's threshold tau from
     M stratified pseudo-random samples of its stored scores (the order statistic expected to leave
     about TARGET keys; -inf when n <= CAP), then one streamed pass over the stored scores that
@@ -342,7 +342,8 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
     range are masked after the load), so with the row stride W a multiple of 16 (specialised) the
     loads are 16-byte vectors. STORE: 0 tl.store; 1 the pure inline-asm st.global (the
     compiler's store coalescing moved the scattered appends, and with them the scores and masks,
-    into another register layout through shared memory)."""
+    into another register layout through shared memory). PF = 1 loads the next tile before
+    compacting this one (the stream is latency-bound: one row per program)."""
     slot = tl.program_id(0)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     cnt = tl.zeros([], dtype=tl.int32)
@@ -359,9 +360,19 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
         cand = slot.to(tl.int64) * CAP
         end = start + n
         sink = tl.zeros([BC], dtype=tl.int32)
-        for s0 in range((start // 4) * 4, end, BC):
+        first = (start // 4) * 4
+        lim = ((end + 3) // 4) * 4  # <= W; a multiple of 4, so the masked loads stay 16-byte
+        if PF == 1:
+            sn = first + tl.arange(0, BC)
+            sc_next = tl.load(base + sn, mask=sn < lim, other=0.0)
+        for s0 in range(first, end, BC):
             s = s0 + tl.arange(0, BC)
-            sc = tl.load(base + s, mask=s < W, other=0.0)
+            if PF == 1:  # the next tile's load is in flight while this one is compacted
+                sc = sc_next
+                sn = s + BC
+                sc_next = tl.load(base + sn, mask=sn < lim, other=0.0)
+            else:
+                sc = tl.load(base + s, mask=s < W, other=0.0)
             keep = (s >= start) & (s < end) & (sc >= tau)
             kc = keep.to(tl.int32)
             dest = cnt + tl.cumsum(kc, axis=0) - 1
@@ -513,7 +524,7 @@ def _config(device: torch.device) -> dict:
         return dict(BT=32, BS=128, SB=128, R=16, warps_filter=4, warps_select=4, warps_sample=4,
                     stages_filter=1, mode="fused", RS=64, BN=128, KS=1024, BC=512,
                     warps_score=4, stages_score=1, store=0, warps_compact=4, asm_stores=0,
-                    select_sub=1024)
+                    select_sub=1024, prefetch=1)
     # sm_90 (bench/sweep_dsa.py at 128K on an H200): the per-head filter over 64-key tiles with 4
     # warps, 151 ms, beats 128-key tiles with 8 warps (174 ms) and the stacked-rows (258 ms) and
     # keys-on-M (240 ms) score tiles tried in its place; 16 rows per program (32 rows: 281-303 ms,
@@ -546,15 +557,20 @@ def _config(device: torch.device) -> dict:
     # stores' layout; 111.9 with the select's too). The select loads whole candidate rows (CAP
     # specialised) and ranks ties only when there are more than places: with 4 warps 74.0 ms against
     # 78.6 with 8 (16: 79.0). Compact with 8 warps 78.7-79.6, 512-key tiles 82.8.
+    # The compact loads its next 1,024-key tile before compacting the current one (prefetch=1,
+    # --only topk_tail, two runs against the compact before, 2,048-key tiles without prefetch, in
+    # the same run): top-k 67.2-67.8 vs 69.8-70.6 ms at 128K, 6.53-6.56 vs 6.73-6.89 at 32K (80
+    # registers, six programs per SM; 2,048-key tiles with prefetch 68.0-68.7 / 6.76 (148 registers),
+    # 512: 71.7 / 6.64; two tiles ahead 66.9 / 6.49, not worth the second buffer).
     # The select's output pass SUB = 1,024 candidates at a time (--only topk_tail, one run, against
     # the whole-row select in the same run): top-k 70.4 ms at 128K (2,048: 71.1; whole rows 74.4-74.5),
     # 6.9 at 32K (whole rows 7.9-8.0). Rejected in that run: compact tiles of 4,096 keys (82.8 /
     # 9.1 ms); score lines only as long as each chunk's longest row, so that chunks of early rows
     # hold more rows in the same bytes (-0.9 ms at 128K, +0.2 at 32K; with SUB = 2,048 69.8 / 7.2).
     return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=4, warps_sample=4,
-                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=2048,
+                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=1024,
                 warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1,
-                select_sub=1024)
+                select_sub=1024, prefetch=1)
 
 
 # transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
@@ -702,7 +718,7 @@ def _select_stored(q_idx, w, k_idx, start, blocks, T, K, cap, M, out, fail, chun
             num_stages=stages)
         topk_fwd_kernel_compact[(nslot,)](
             start, blks, buf, cnt, cand_s, cand_p, nslot, T, NBT, K, cap, M, (K + cap) // 2, W,
-            BT=BT, MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"],
+            BT=BT, MP=pow2(M), BC=cfg["BC"], STORE=cfg["asm_stores"], PF=cfg["prefetch"],
             num_warps=cfg["warps_compact"])
         _select_candidates(start, blks, cnt, cand_s, cand_p, out, fail, T, NBT, K, cap, cfg)
 

@@ -175,13 +175,14 @@ def test_topk_exact(B, T, HI, DI, topk, cap, m, vrange, cu, topk_mode):
 @pytest.mark.parametrize("B,T,cu", [(1, 160, None), (2, 80, None), (1, 160, (0, 50, 160))],
                          ids=["B1", "B2", "packed"])
 def test_topk_stored_in_chunks(B, T, cu, monkeypatch):
-    """The stored path cut into several chunks (a small chunk_bytes), with the select's output
-    pass taking 16 candidates at a time (ties at the threshold ranked across those pieces): the
-    selection is the reference's."""
+    """The stored path cut into several chunks (a small chunk_bytes), its compact streaming each
+    row in 32-key tiles (the next tile's load in flight) and the select's output pass taking 16
+    candidates at a time (ties at the threshold ranked across those pieces): the selection is
+    the reference's."""
     from kernels.dsa import topk as tk
     orig = tk._config
     monkeypatch.setattr(tk, "_config", lambda *a, **k: {**orig(*a, **k), "mode": "stored",
-                                                         "select_sub": 16})
+                                                         "select_sub": 16, "BC": 32})
     cu = None if cu is None else _cu(*cu)
     q, w, k = _int_indexer(B, T, 2, 16, -3, 4)
     ref = naive.topk_indices(q, w, k, 16, cu)
