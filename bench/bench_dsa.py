@@ -12,8 +12,9 @@
    as inference runs it, against the dense forward; both without autograd).
 
 Indexer inputs ("--data smooth", the default) are moving averages of Gaussian noise over 50
-tokens (adjacent-token correlation 0.98) with RoPE applied: 16 adjacent queries' top-2048 sets then
-cover about 8.6K distinct keys at 128K, close to the ~8K Keye-VL reports for a trained indexer.
+tokens (adjacent-token correlation 0.98) with RoPE applied: at 128K the top-2048 sets of 4 / 8 / 16
+adjacent queries then cover 3,965 / 6,053 / 9,524 distinct keys (Keye-VL reports ~8K for 16 queries
+of a trained indexer).
 With "--data iid" adjacent selections barely overlap (the worst case for the union kernels); the
 default run also times DSA forward+backward on iid inputs at 32K. Per-size failures (OOM, compile
 errors) are recorded in the JSON and the run continues. Prints a table last.
