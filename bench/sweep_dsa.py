@@ -55,6 +55,33 @@ def dump(results):
             json.dump(results, f, indent=1, default=str)
 
 
+def run_topk_variants(name, variants, qi, w, ki, ref_idx, results, quick):
+    """Top-k selection under each (config overrides, call kwargs) pair: median ms, whether the
+    indices equal ref_idx, and the rows that needed the exact fallback."""
+    rows = []
+    for ov, kw in variants:
+        label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
+        try:
+            with patched(tk, **ov):
+                st = {}
+                out = tk.dsa_topk_triton(qi, w, ki, TOPK, stats=st, **kw)
+                same = bool(torch.equal(out, ref_idx))
+                del out
+                torch.cuda.synchronize()
+                ms = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK, **kw), quick)
+            rows.append({"config": {**ov, **kw}, "ms": ms, "same_idx": same,
+                         "fallback_rows": st.get("fallback_rows")})
+            print(f"{name:10s} {label:60s} {ms:9.2f} ms same={same} "
+                  f"fallback={st.get('fallback_rows')}", flush=True)
+        except Exception as e:
+            rows.append({"config": {**ov, **kw}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"{name:10s} {label:60s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.empty_cache()
+    ok = [r for r in rows if "ms" in r and r["same_idx"]]
+    results[name] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+    dump(results)
+
+
 def run_variants(name, module, variants, fn, results, quick):
     rows = []
     for ov in variants:
@@ -145,67 +172,26 @@ def main():
         diff = (fused_idx != ref_idx).any(-1)
         res["checks"]["topk_stored_vs_fused_rows_differing"] = int(diff.sum())
         del fused_idx, diff
-        rows = []
         # the variants bench/RESULTS.md and topk._config cite (the default first)
         fused = {"mode": "fused"}
         big = {"chunk_bytes": 2 << 30}
         half = {"chunk_bytes": 512 << 20}
         plain = {"store": 0, "stages_score": 1, "BN": 128}  # tl.store: nothing hoisted
-        for ov, kw in (({}, {}), (fused, {}), (plain, {}), ({"BN": 64}, {}),
-                       ({"stages_score": 2}, {}), ({"warps_score": 4}, {}), ({"KS": 1024}, {}),
-                       ({"KS": 4096}, {}), ({}, half), (fused, half), (plain, half),
-                       ({}, big), ({"warps_compact": 8}, {}), ({"BC": 1024}, {}),
-                       ({"asm_stores": 0}, {}), ({"warps_select": 4}, {}), ({"warps_select": 16}, {})):
-            label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
-            try:
-                with patched(tk, **ov):
-                    st = {}
-                    out = tk.dsa_topk_triton(qi, w, ki, TOPK, stats=st, **kw)
-                    same = bool(torch.equal(out, ref_idx))
-                    del out
-                    torch.cuda.synchronize()
-                    ms = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK, **kw), args.quick)
-                rows.append({"config": {**ov, **kw}, "ms": ms, "same_idx": same,
-                             "fallback_rows": st.get("fallback_rows")})
-                print(f"topk       {label:60s} {ms:9.2f} ms same={same} "
-                      f"fallback={st.get('fallback_rows')}", flush=True)
-            except Exception as e:
-                rows.append({"config": {**ov, **kw}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"topk       {label:60s} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
-            torch.cuda.empty_cache()
-        ok = [r for r in rows if "ms" in r and r["same_idx"]]
-        res["topk"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
-        dump(res)
+        run_topk_variants("topk", (
+            ({}, {}), (fused, {}), (plain, {}), ({"BN": 64}, {}), ({"stages_score": 2}, {}),
+            ({"warps_score": 4}, {}), ({"KS": 1024}, {}), ({"KS": 4096}, {}), ({}, half),
+            (fused, half), (plain, half), ({}, big), ({"warps_compact": 8}, {}), ({"BC": 1024}, {}),
+            ({"asm_stores": 0}, {}), ({"warps_select": 4}, {}), ({"warps_select": 16}, {})),
+            qi, w, ki, ref_idx, res, args.quick)
     if want("topk_tail"):  # the selector's chunking and select variants (2026-12-01 round)
-        ref_idx = idx
-        rows = []
         # (the whole-row select of the round, select_sub=0, score lines cut to each chunk's longest
         # row, chunk_area, and two tiles of compact prefetch are removed; their numbers are in
         # topk._config)
-        for ov, kw in (({}, {}), ({"prefetch": 0, "BC": 2048}, {}), ({"prefetch": 1, "BC": 2048}, {}),
-                       ({"BC": 512}, {}), ({"BC": 4096}, {}), ({"warps_compact": 2}, {}),
-                       ({"select_sub": 2048}, {}), ({}, {"chunk_bytes": 2 << 30}),
-                       ({"prefetch": 0, "BC": 2048}, {}), ({}, {})):
-            label = ",".join(f"{k}={v}" for k, v in {**ov, **kw}.items()) or "default"
-            try:
-                with patched(tk, **ov):
-                    st = {}
-                    out = tk.dsa_topk_triton(qi, w, ki, TOPK, stats=st, **kw)
-                    same = bool(torch.equal(out, ref_idx))
-                    del out
-                    torch.cuda.synchronize()
-                    ms = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK, **kw), args.quick)
-                rows.append({"config": {**ov, **kw}, "ms": ms, "same_idx": same,
-                             "fallback_rows": st.get("fallback_rows")})
-                print(f"topk_tail  {label:60s} {ms:9.2f} ms same={same} "
-                      f"fallback={st.get('fallback_rows')}", flush=True)
-            except Exception as e:
-                rows.append({"config": {**ov, **kw}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"topk_tail  {label:60s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-            torch.cuda.empty_cache()
-        ok = [r for r in rows if "ms" in r and r["same_idx"]]
-        res["topk_tail"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
-        dump(res)
+        run_topk_variants("topk_tail", (
+            ({}, {}), ({"prefetch": 0, "BC": 2048}, {}), ({"prefetch": 1, "BC": 2048}, {}),
+            ({"BC": 512}, {}), ({"BC": 4096}, {}), ({"warps_compact": 2}, {}),
+            ({"select_sub": 2048}, {}), ({}, {"chunk_bytes": 2 << 30}),
+            ({"prefetch": 0, "BC": 2048}, {}), ({}, {})), qi, w, ki, idx, res, args.quick)
     if want("plan"):
         rows = []
         for merge, warps, one in ((True, 8, True), (True, 4, True), (True, 4, False),
