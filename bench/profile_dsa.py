@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_dsa import dsa_fwd_bwd, make_inputs  # noqa: E402
+from bench.bench_dsa import HKV, HQ, dsa_fwd_bwd, make_inputs  # noqa: E402
 from kernels.dsa import default_block_q  # noqa: E402
-from bench.bench_dsa import HKV, HQ  # noqa: E402
 
 
 def profile_kernels(fn, iters):

@@ -172,7 +172,8 @@ def main():
         diff = (fused_idx != ref_idx).any(-1)
         res["checks"]["topk_stored_vs_fused_rows_differing"] = int(diff.sum())
         del fused_idx, diff
-        # the variants bench/RESULTS.md and topk._config cite (the default first)
+        # the variants bench/RESULTS.md and topk._config cite (the default first; since the
+        # 2026-12-01 round BC=1024 and warps_select=4 are the default, so those two re-time it)
         fused = {"mode": "fused"}
         big = {"chunk_bytes": 2 << 30}
         half = {"chunk_bytes": 512 << 20}
@@ -186,7 +187,8 @@ def main():
     if want("topk_tail"):  # the selector's chunking and select variants (2026-12-01 round)
         # (the whole-row select of the round, select_sub=0, score lines cut to each chunk's longest
         # row, chunk_area, and two tiles of compact prefetch are removed; their numbers are in
-        # topk._config)
+        # topk._config). The default and the compact before the round (prefetch=0, BC=2048) are
+        # timed first and last: their drift over the run bounds what the other rows can show.
         run_topk_variants("topk_tail", (
             ({}, {}), ({"prefetch": 0, "BC": 2048}, {}), ({"prefetch": 1, "BC": 2048}, {}),
             ({"BC": 512}, {}), ({"BC": 4096}, {}), ({"warps_compact": 2}, {}),

@@ -390,15 +390,14 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
 
 
 @triton.jit
-def _select_lean(cand_s_ptr, cand_p_ptr, out_row, base, good, c, K, CAP, R: tl.constexpr,
+def _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, base, good, c, K, CAP, R: tl.constexpr,
                  RB: tl.constexpr, SUB: tl.constexpr, STORE: tl.constexpr):
     """topk_fwd_kernel_select's exact top-K of the `good` rows. The bisection holds only the
     candidates' keys (invalid ones INT32_MIN, so no validity mask stays live); the output pass
     re-reads the candidates SUB at a time (L1 / L2 hits) and writes the selected positions at
     running offsets; ties at the threshold are ranked by a running cumulative sum only when there
-    are more of them than places left. Holding keys, masks, offsets and positions of whole rows at
-    once took 217 registers (two programs per SM); this takes 128 (top-k at 128K on an H200:
-    70.4 ms with SUB = 1,024, 71.1 with 2,048, 74.5 before; at 32K 6.9 vs 8.0)."""
+    are more of them than places left. 128 registers rather than the 217 of holding keys, masks,
+    offsets and positions of whole rows at once (timings beside _config)."""
     jj = tl.arange(0, RB)
     ld = good[:, None] & (jj[None, :] < CAP)
     keys = _ordered_key(tl.load(cand_s_ptr + base[:, None] + jj[None, :], mask=ld, other=0.0))
@@ -443,7 +442,7 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
     for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr.
     The candidates' keys load as whole rows (CAP, a power of two, is specialised: 16-byte
     vectors) for the bisection; the output pass then re-reads them SUB at a time (see
-    _select_lean). STORE: 0 tl.store, 1 the pure inline-asm st.global for the scattered output
+    _top_k_of_candidates). STORE: 0 tl.store, 1 the pure inline-asm st.global for the scattered output
     (see topk_fwd_kernel_compact)."""
     slot = tl.program_id(0) * R + tl.arange(0, R)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
@@ -458,7 +457,7 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
         j = j0 + tl.arange(0, OB)
         vals = tl.where(j[None, :] < n[:, None], start[:, None] + j[None, :], -1)
         tl.store(out_row[:, None] + j[None, :], vals, mask=short[:, None] & (j[None, :] < K))
-    _select_lean(cand_s_ptr, cand_p_ptr, out_row, slot.to(tl.int64) * CAP, good, c, K, CAP, R, RB,
+    _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, slot.to(tl.int64) * CAP, good, c, K, CAP, R, RB,
                  SUB, STORE)
 
 
