@@ -9,9 +9,12 @@ are bench_dsa.py's. Variants:
 - sparse-attention backward (copies of the kernel): MODE 0 atomics as shipped, 1 plain stores in
   their place, 2 no dk / dv at all, 3 dk / dv products computed but not written, 4 / 5 / 6 the
   atomics folded into an L2-sized band of 4K / 16K / 1K keys (pos % WRAP), 7 / 8 `red.global.add`
-  (scalar / v2) in inline assembly in place of the compiler's `atom` (checked to give the same sums);
+  (scalar / v2) in inline assembly in place of the compiler's `atom` (checked to give the same sums),
+  9 the reductions alone (no gathers, no products), 10 gathers and reductions without products,
+  11 as 9 folded into the 4K-key band;
   ORDER 1 KV groups fastest in the grid, 2 blocks spread by a stride permutation
-  (PROBE_ONLY_BWD=1 runs only these);
+  (PROBE_ONLY_BWD=1 runs only these; PROBE_BWD_MODES=0,3,9 only those modes, 32-key tiles;
+  with PROBE_BWD_BLOCK8=1 modes 0 / 3 / 9 over 8-token blocks instead);
 - sparse-attention forward: grid orders, and keys loaded at consecutive positions instead of the
   union's (what gathering costs).
 """
@@ -108,37 +111,52 @@ def bwd_probe(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT, NB,
         bits = tl.load(ubits + uu, mask=um, other=0)
         kv_off = ((bb * T + pos).to(tl.int64) * HKV + g) * D
         kvmask = um[:, None]
-        kt = tl.load(k + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
-        vt = tl.load(v + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
-        s = tl.dot(qt, tl.trans(kt)) * scale_log2
-        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & rvalid[:, None]
-        p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(dot_, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        dq_acc += tl.dot(ds.to(kt.dtype), kt)
-        if MODE != 2:
-            dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
-            dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt) * scale
-            if MODE == 7:
-                m2 = kvmask & (d[None, :] >= 0)
-                _red_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
-                _red_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
-            elif MODE == 8:
-                m2 = kvmask & (d[None, :] >= 0)
-                _red_v2_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
-                _red_v2_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
-            elif MODE >= 4:
-                wrap = ((bb * T + pos % WRAP).to(tl.int64) * HKV + g) * D
-                tl.atomic_add(dv + wrap[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
-                tl.atomic_add(dk + wrap[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
-            elif MODE == 0:
-                tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
-                tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
-            elif MODE == 1:
-                tl.store(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask)
-                tl.store(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask)
+        if MODE >= 9:  # 9: the reductions alone (no gathers, no products); 10: gathers too;
+            # 11: as 9 into the L2-sized band of WRAP keys
+            if MODE == 11:
+                kv_off = ((bb * T + pos % WRAP).to(tl.int64) * HKV + g) * D
+            if MODE != 10:
+                val_v = (pos[:, None] + d[None, :]).to(tl.float32)
+                val_k = val_v
             else:
-                sink += dv_t + dk_t
+                val_v = tl.load(v + kv_off[:, None] + d[None, :], mask=kvmask,
+                                other=0.0).to(tl.float32)
+                val_k = tl.load(k + kv_off[:, None] + d[None, :], mask=kvmask,
+                                other=0.0).to(tl.float32)
+            tl.atomic_add(dv + kv_off[:, None] + d[None, :], val_v, mask=kvmask, sem="relaxed")
+            tl.atomic_add(dk + kv_off[:, None] + d[None, :], val_k, mask=kvmask, sem="relaxed")
+        else:
+            kt = tl.load(k + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+            vt = tl.load(v + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+            s = tl.dot(qt, tl.trans(kt)) * scale_log2
+            member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & rvalid[:, None]
+            p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(dot_, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            dq_acc += tl.dot(ds.to(kt.dtype), kt)
+            if MODE != 2:
+                dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
+                dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt) * scale
+                if MODE == 7:
+                    m2 = kvmask & (d[None, :] >= 0)
+                    _red_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
+                    _red_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
+                elif MODE == 8:
+                    m2 = kvmask & (d[None, :] >= 0)
+                    _red_v2_f32(dv + kv_off[:, None] + d[None, :], dv_t, m2)
+                    _red_v2_f32(dk + kv_off[:, None] + d[None, :], dk_t, m2)
+                elif MODE >= 4:
+                    wrap = ((bb * T + pos % WRAP).to(tl.int64) * HKV + g) * D
+                    tl.atomic_add(dv + wrap[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
+                    tl.atomic_add(dk + wrap[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+                elif MODE == 0:
+                    tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
+                    tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+                elif MODE == 1:
+                    tl.store(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask)
+                    tl.store(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask)
+                else:
+                    sink += dv_t + dk_t
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
     if MODE == 3:
@@ -266,15 +284,39 @@ def bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec):
             res["red_check"][mode] = f"{type(e).__name__}: {str(e)[:300]}"
     print("red_check", res["red_check"], flush=True)
     del ref
-    for mode, order, bs, warps in ((0, 0, 32, 4), (7, 0, 32, 4), (8, 0, 32, 4), (3, 0, 32, 4),
-                                   (2, 0, 32, 4), (0, 0, 128, 8), (1, 0, 128, 4), (3, 0, 128, 8),
-                                   (4, 0, 128, 8), (5, 0, 128, 8), (6, 0, 64, 4), (0, 1, 128, 8),
-                                   (0, 2, 128, 8)):
+    variants = ((0, 0, 32, 4), (7, 0, 32, 4), (8, 0, 32, 4), (3, 0, 32, 4), (2, 0, 32, 4),
+                (9, 0, 32, 4), (10, 0, 32, 4), (11, 0, 32, 4), (4, 0, 32, 4), (0, 0, 128, 8),
+                (1, 0, 128, 4), (3, 0, 128, 8), (4, 0, 128, 8), (5, 0, 128, 8), (6, 0, 64, 4),
+                (0, 1, 128, 8), (0, 2, 128, 8))
+    only = os.environ.get("PROBE_BWD_MODES")  # e.g. "0,3,9,10": those modes at 32-key tiles
+    if only:
+        keep = {int(m) for m in only.split(",")}
+        variants = [vr for vr in variants if vr[0] in keep and vr[2] == 32 and vr[1] == 0]
+    for mode, order, bs, warps in variants:
         grid = (HKV_, NB) if order == 1 else (NB, HKV_)
         rec(f"bwd_probe_mode{mode}_order{order}_BS{bs}_w{warps}", lambda mode=mode, order=order, grid=grid, bs=bs, warps=warps: bwd_probe[grid](
             q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
             plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=4, BS=bs, MODE=mode,
             ORDER=order, WRAP={4: 4096, 5: 16384, 6: 1024}.get(mode, 4096), num_warps=warps, num_stages=3))
+
+
+def bwd_block8(q, k, v, do, idx, scale, L, res, rec):
+    """The backward over 8-token union blocks (64 query rows per program): what the fewer (block,
+    key) entries (757 per token instead of 991 at 128K) buy when the products double."""
+    plan = build_sparse_plan(idx, 8)
+    res["union_per_block8"] = plan.mean_union()
+    rec("plan_block8", lambda: build_sparse_plan(idx, 8))
+    o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
+    NB = plan.num_blocks
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=k.device)
+    dq = torch.empty_like(q)
+    for mode in (0, 3, 9):
+        for bs, warps in ((32, 8), (16, 8)):
+            rec(f"bwd_probe_block8_mode{mode}_BS{bs}_w{warps}", lambda mode=mode, bs=bs, warps=warps: bwd_probe[(NB, HKV_)](
+                q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
+                plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=8, BS=bs, MODE=mode,
+                ORDER=0, num_warps=warps, num_stages=3))
 
 
 def main():
@@ -307,6 +349,8 @@ def main():
         idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
         plan = build_sparse_plan(idx, 4)
         o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
+        if os.environ.get("PROBE_BWD_BLOCK8"):
+            return bwd_block8(q, k, v, do, idx, scale, L, res, rec)
         return bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec)
     rec("topk_total", lambda: tk.dsa_topk_triton(qi, w, ki, TOPK))
     idx = tk.dsa_topk_triton(qi, w, ki, TOPK)
