@@ -46,6 +46,36 @@ def patched(module, **overrides):
 
 
 OUT_PATH = None
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_indexer_fp8(q_idx, w, k_idx):
+    """(q8, w32, k8) for the `topk_fp8` piece (a measured and dropped design, bench/RESULTS.md):
+    q_idx scaled per (token, head), k_idx per tensor (LayerNorm'd: every token about the same
+    norm), so that the largest magnitude maps to 448, cast to float8_e4m3fn. The scales are
+    positive, so w relu((sq q8) . (sk k8)) = (w sq sk) relu(q8 . k8): the score kernels run
+    unchanged on fp8 tiles with fp32 weights w32 = w * sq * sk."""
+    q, k = q_idx.float(), k_idx.float()
+    sq = q.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    sq = torch.where(sq > 0, sq, torch.ones_like(sq))
+    sk = k.abs().amax() / FP8_MAX
+    sk = torch.where(sk > 0, sk, torch.ones_like(sk))
+    q8 = (q / sq).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+    k8 = (k / sk).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+    return q8, (w.float() * sq.squeeze(-1) * sk).contiguous(), k8
+
+
+def selection_overlap(a, b, rows=4096):
+    """Fraction of the valid entries of a [B, T, K] (ascending, -1 padded) that b's rows hold."""
+    hit = tot = 0
+    a2, b2 = a.flatten(0, 1), b.flatten(0, 1)
+    for r0 in range(0, a2.shape[0], rows):
+        x, y = a2[r0:r0 + rows].contiguous(), b2[r0:r0 + rows].contiguous()
+        y = torch.where(y >= 0, y, torch.iinfo(torch.int32).max)  # keep the rows sorted
+        pos = torch.searchsorted(y, x).clamp_max(y.shape[1] - 1)
+        hit += ((y.gather(1, pos) == x) & (x >= 0)).sum().item()
+        tot += (x >= 0).sum().item()
+    return hit / max(1, tot)
 
 
 def dump(results):
@@ -368,6 +398,23 @@ def main():
                           f"stored_*: last {nbs} blocks, one chunk")
         res["topk_pieces"] = pieces
         print("topk pieces:", pieces, flush=True)
+    if want("topk_fp8"):  # FP8 index scores (DeepSeek V3.2's indexer), a measured and dropped design
+        r = {}
+        try:
+            st = {}
+            idx8 = tk.dsa_topk_triton(*quantize_indexer_fp8(qi, w, ki), TOPK, stats=st)
+            r["fallback_rows_fp8"] = st.get("fallback_rows")
+            r["bf16_selection_kept"] = selection_overlap(idx, idx8)
+            del idx8
+            r["bf16_ms"] = timed(lambda: tk.dsa_topk_triton(qi, w, ki, TOPK), args.quick)
+            r["fp8_ms_with_quantisation"] = timed(
+                lambda: tk.dsa_topk_triton(*quantize_indexer_fp8(qi, w, ki), TOPK), args.quick)
+            r["quantisation_ms"] = timed(lambda: quantize_indexer_fp8(qi, w, ki), args.quick)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res["topk_fp8"] = r
+        print("topk fp8:", r, flush=True)
+        dump(res)
     res["wall_seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
