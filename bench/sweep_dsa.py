@@ -9,6 +9,8 @@ configuration by swapping the module's `_config` (the kernels read their tile si
 launch), and the JSON lists the median milliseconds of each. The variants that change arithmetic
 are checked against the earlier ones in the same run: the bitonic-merge plan against the full sort,
 the indexer-loss backward from the cached head-summed P against the recomputing one. A configuration that fails to compile or run is recorded and skipped.
+The `topk_fp8` piece times a design measured and dropped (FP8 index scores) against the bf16 top-k,
+with the share of the bf16 selection it keeps.
 The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
 """
 from __future__ import annotations

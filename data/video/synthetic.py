@@ -121,8 +121,14 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
         gop = spec.gop or max(1, int(round(spec.fps)))
         opts = {"g": str(gop)}
         if spec.codec == "libx264":
+            # asm=0: with x264's SIMD routines (the build the PyAV 17 / 18 wheels bundle, FFmpeg 8)
+            # the same frames encoded to different bytes, and decoded to different pixels, from run
+            # to run (one encoder thread: the same; zeroing the rows' padding bytes: rarer, not
+            # gone); with its C routines every run writes the same file. The tests compare training
+            # runs on these videos; the clips are tiny, so the speed does not matter.
             opts.update({"crf": str(spec.crf), "preset": "veryfast",
-                         "bf": "2" if spec.bframes else "0", "keyint_min": str(gop), "sc_threshold": "0"})
+                         "bf": "2" if spec.bframes else "0", "keyint_min": str(gop), "sc_threshold": "0",
+                         "x264-params": "asm=0"})
         else:
             opts.update({"qscale": "3", "bf": "2" if spec.bframes else "0"})
             stream.codec_context.qscale = 3
