@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "omegaconf>=2.3,<2.4",
     "wandb>=0.19",
     "torchdata==0.11.0",
-    "numpy",
+    "numpy<3",  # 2.4 tested
     "einops",
     "tqdm",
     "safetensors",
