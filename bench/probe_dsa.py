@@ -260,21 +260,32 @@ def filter_probe(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr,
     tl.store(cnt_ptr + p * BT + i, cnt)
 
 
-def bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec):
-    # --- attention backward variants ---------------------------------------------------------
+def bwd_launcher(q, k, v, o, do, lse, plan, scale, L):
+    """(launch, dk32, dv32): launch(mode, bs, warps, order=0) runs bwd_probe over `plan` (its
+    block_q) into the fp32 dk32 / dv32 buffers it returns; WRAP per mode as the docstring says."""
     NB = plan.num_blocks
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=k.device)
     dq = torch.empty_like(q)
+
+    def launch(mode, bs, warps, order=0):
+        grid = (HKV_, NB) if order == 1 else (NB, HKV_)
+        bwd_probe[grid](q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U,
+                        plan.bits_U, L, plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8,
+                        D=128, BQ=plan.block_q, BS=bs, MODE=mode, ORDER=order,
+                        WRAP={5: 16384, 6: 1024}.get(mode, 4096), num_warps=warps, num_stages=3)
+    return launch, dk32, dv32
+
+
+def bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec):
+    # --- attention backward variants ---------------------------------------------------------
+    launch, dk32, dv32 = bwd_launcher(q, k, v, o, do, lse, plan, scale, L)
     res["red_check"] = {}
     ref = None
     for mode in (0, 7, 8):  # the red variants must give the atomics' dk / dv (up to fp32 order)
         try:
             dk32.zero_(), dv32.zero_()
-            bwd_probe[(NB, HKV_)](q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U,
-                                  plan.bits_U, L, plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8,
-                                  GP=8, D=128, BQ=4, BS=32, MODE=mode, ORDER=0, num_warps=4,
-                                  num_stages=3)
+            launch(mode, 32, 4)
             if ref is None:
                 ref = (dk32.clone(), dv32.clone())
             else:
@@ -293,30 +304,25 @@ def bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec):
         keep = {int(m) for m in only.split(",")}
         variants = [vr for vr in variants if vr[0] in keep and vr[2] == 32 and vr[1] == 0]
     for mode, order, bs, warps in variants:
-        grid = (HKV_, NB) if order == 1 else (NB, HKV_)
-        rec(f"bwd_probe_mode{mode}_order{order}_BS{bs}_w{warps}", lambda mode=mode, order=order, grid=grid, bs=bs, warps=warps: bwd_probe[grid](
-            q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
-            plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=4, BS=bs, MODE=mode,
-            ORDER=order, WRAP={4: 4096, 5: 16384, 6: 1024}.get(mode, 4096), num_warps=warps, num_stages=3))
+        rec(f"bwd_probe_mode{mode}_order{order}_BS{bs}_w{warps}",
+            lambda mode=mode, order=order, bs=bs, warps=warps: launch(mode, bs, warps, order))
 
 
-def bwd_block8(q, k, v, do, idx, scale, L, res, rec):
+def bwd_block8(q, k, v, do, idx, plan4, o4, lse4, scale, L, res, rec):
     """The backward over 8-token union blocks (64 query rows per program): what the fewer (block,
-    key) entries (757 per token instead of 991 at 128K) buy when the products double."""
+    key) entries (757 per token instead of 991 at 128K) buy when the products double. The shipped
+    4-token backward (mode 0, 32-key tiles, 4 warps) is timed first in the same run as the baseline."""
+    launch4, _, _ = bwd_launcher(q, k, v, o4, do, lse4, plan4, scale, L)
+    rec("bwd_probe_block4_mode0_BS32_w4", lambda: launch4(0, 32, 4))
     plan = build_sparse_plan(idx, 8)
     res["union_per_block8"] = plan.mean_union()
     rec("plan_block8", lambda: build_sparse_plan(idx, 8))
     o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
-    NB = plan.num_blocks
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=k.device)
-    dq = torch.empty_like(q)
+    launch, _, _ = bwd_launcher(q, k, v, o, do, lse, plan, scale, L)
     for mode in (0, 3, 9):
         for bs, warps in ((32, 8), (16, 8)):
-            rec(f"bwd_probe_block8_mode{mode}_BS{bs}_w{warps}", lambda mode=mode, bs=bs, warps=warps: bwd_probe[(NB, HKV_)](
-                q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, L,
-                plan.num_blocks_t, NB, scale, HQ=32, HKV=4, G=8, GP=8, D=128, BQ=8, BS=bs, MODE=mode,
-                ORDER=0, num_warps=warps, num_stages=3))
+            rec(f"bwd_probe_block8_mode{mode}_BS{bs}_w{warps}",
+                lambda mode=mode, bs=bs, warps=warps: launch(mode, bs, warps))
 
 
 def main():
@@ -350,7 +356,7 @@ def main():
         plan = build_sparse_plan(idx, 4)
         o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
         if os.environ.get("PROBE_BWD_BLOCK8"):
-            return bwd_block8(q, k, v, do, idx, scale, L, res, rec)
+            return bwd_block8(q, k, v, do, idx, plan, o, lse, scale, L, res, rec)
         return bwd_variants(q, k, v, o, do, lse, plan, scale, L, res, rec)
     rec("topk_total", lambda: tk.dsa_topk_triton(qi, w, ki, TOPK))
     idx = tk.dsa_topk_triton(qi, w, ki, TOPK)

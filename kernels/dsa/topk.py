@@ -390,8 +390,9 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
 
 
 @triton.jit
-def _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, base, good, c, K, CAP, R: tl.constexpr,
-                 RB: tl.constexpr, SUB: tl.constexpr, STORE: tl.constexpr):
+def _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, base, good, c, K, CAP,
+                         R: tl.constexpr, RB: tl.constexpr, SUB: tl.constexpr,
+                         STORE: tl.constexpr):
     """topk_fwd_kernel_select's exact top-K of the `good` rows. The bisection holds only the
     candidates' keys (invalid ones INT32_MIN, so no validity mask stays live); the output pass
     re-reads the candidates SUB at a time (L1 / L2 hits) and writes the selected positions at
@@ -442,8 +443,8 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
     for rows with n <= K. Rows whose candidate count left [K, CAP] are flagged in fail_ptr.
     The candidates' keys load as whole rows (CAP, a power of two, is specialised: 16-byte
     vectors) for the bisection; the output pass then re-reads them SUB at a time (see
-    _top_k_of_candidates). STORE: 0 tl.store, 1 the pure inline-asm st.global for the scattered output
-    (see topk_fwd_kernel_compact)."""
+    _top_k_of_candidates). STORE: 0 tl.store, 1 the pure inline-asm st.global for the scattered
+    output (see topk_fwd_kernel_compact)."""
     slot = tl.program_id(0) * R + tl.arange(0, R)
     live, row, start, n = _slot_rows(blk_ptr, start_ptr, slot, NSLOT, T, NBT, BT)
     c = tl.load(cnt_ptr + slot, mask=live, other=0)
@@ -457,8 +458,8 @@ def topk_fwd_kernel_select(start_ptr, blk_ptr, cnt_ptr, cand_s_ptr, cand_p_ptr, 
         j = j0 + tl.arange(0, OB)
         vals = tl.where(j[None, :] < n[:, None], start[:, None] + j[None, :], -1)
         tl.store(out_row[:, None] + j[None, :], vals, mask=short[:, None] & (j[None, :] < K))
-    _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, slot.to(tl.int64) * CAP, good, c, K, CAP, R, RB,
-                 SUB, STORE)
+    _top_k_of_candidates(cand_s_ptr, cand_p_ptr, out_row, slot.to(tl.int64) * CAP, good, c, K,
+                         CAP, R, RB, SUB, STORE)
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "CAP"])
