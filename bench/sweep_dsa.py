@@ -270,11 +270,15 @@ def main():
             {}, {"BS_fwd": 64, "warps_fwd": 8}, {"BS_fwd": 64, "warps_fwd": 4}, {"BS_fwd": 256, "warps_fwd": 8},
             {"BS_fwd": 128, "warps_fwd": 8}, {"BS_fwd": 128, "warps_fwd": 2}, {"BS_fwd": 256, "warps_fwd": 4},
             {"stages_fwd": 3}, {"stages_fwd": 4},
+            {"stages_fwd": 1},
         ], lambda: sa.sparse_attn_fwd(q, k, v, plan, scale), res, args.quick)
     if want("attn_bwd"):
         run_variants("attn_bwd", sa, [
             {}, {"BS_bwd": 128, "warps_bwd": 8}, {"BS_bwd": 64, "warps_bwd": 4}, {"BS_bwd": 16},
             {"BS_bwd": 32, "warps_bwd": 8}, {"BS_bwd": 32, "warps_bwd": 2}, {"BS_bwd": 32, "stages_bwd": 2},
+            # registers per thread: uncapped (two programs per SM), 168 (three), 128 (four); the
+            # default caps at 168 up to 64K tokens (sparse_attn._config)
+            {"maxnreg_bwd": None}, {"maxnreg_bwd": 168}, {"maxnreg_bwd": 128}, {},
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
     if want("loss_fwd"):
         run_variants("loss_fwd", il, [

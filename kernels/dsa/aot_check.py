@@ -51,7 +51,8 @@ def _resources(cubin: bytes) -> str:
 DIV16 = ("W", "CAP")
 
 
-def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, arch: int,
+                maxnreg: int | None = None) -> dict:
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
     t0 = time.time()
@@ -62,10 +63,12 @@ def compile_one(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, ar
     fixed = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if v.startswith("*") or (k in DIV16 and k not in fixed)}
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     ck = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs),
-                        target=GPUTarget("cuda", arch, 64),
-                        options=dict(num_warps=num_warps, num_stages=num_stages))
-    return dict(kernel=fn.__name__, warps=num_warps, stages=num_stages,
+                        target=GPUTarget("cuda", arch, 64), options=options)
+    return dict(kernel=fn.__name__, warps=num_warps, stages=num_stages, maxnreg=maxnreg,
                 smem=ck.metadata.shared, res=_resources(ck.asm["cubin"]),
                 seconds=round(time.time() - t0, 1))
 
@@ -139,10 +142,13 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     out.append((sa.sparse_attn_fwd_kernel_union,
                 dict(q=dt, k=dt, v=dt, o=dt, lse="*fp32", **plan_sig, scale_log2="fp32"),
                 dict(heads, BS=c["BS_fwd"]), c["warps_fwd"], c["stages_fwd"]))
-    out.append((sa.sparse_attn_bwd_kernel_union,
-                dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32", dv="*fp32",
-                     **plan_sig, scale="fp32"),
-                dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages_bwd"]))
+    for T in (131072, 65536):  # uncapped registers above 64K tokens, capped up to it
+        c = sa._config(CUDA, BQ * GP, D, T=T)
+        out.append((sa.sparse_attn_bwd_kernel_union,
+                    dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32",
+                         dv="*fp32", **plan_sig, scale="fp32"),
+                    dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages_bwd"],
+                    c["maxnreg_bwd"]))
     c = il._config(CUDA)
     bq_lse = max(1, min(16, 64 // GP))
     out.append((il.indexer_loss_fwd_kernel_lse,
@@ -186,12 +192,13 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles real GPU code")
-    for fn, sig, consts, warps, stages in specs():
+    for fn, sig, consts, warps, stages, *cap in specs():  # cap: [maxnreg] where set
         shown = {k: v for k, v in consts.items()
                  if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC", "NW", "KB")}
         try:
-            r = compile_one(fn, sig, consts, warps, stages, args.arch)
+            r = compile_one(fn, sig, consts, warps, stages, args.arch, *cap)
             print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "
+                  f"{'maxnreg ' + str(cap[0]) + ' ' if cap and cap[0] else ''}"
                   f"smem {r['smem']:6d}  {r['res']}  ({r['seconds']}s)", flush=True)
         except Exception as e:  # report and continue with the next kernel
             print(f"{fn.__name__:34s} {str(shown):48s} FAILED: {type(e).__name__}: "

@@ -19,6 +19,12 @@ def pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(int(x)))
 
 
+def maxnreg(limit: int | None) -> dict:
+    """Launch keyword capping a kernel's registers per thread (more programs per SM, some spills);
+    nothing when `limit` is None or under the interpreter, which has no registers."""
+    return {} if limit is None or interpreting() else {"maxnreg": int(limit)}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact (IEEE) dot products so fp32 tests are tight; 16-bit inputs use MMA."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, pow2
+from .common import LOG2E, dot_precision, interpreting, maxnreg, pow2
 from .plan import SparsePlan
 
 
@@ -131,7 +131,8 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
              mask=rmask)
 
 
-def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2) -> dict:
+def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
+            T: int | None = None) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 rows), timed by
     bench/sweep_dsa.py at 128K on an H200: forward 128-key tiles with 4 warps 54 ms (64 keys / 8
     warps: 86, 64 / 4: 72, 256 / 8: 72; 8 warps at 128 keys: 99); backward 32-key tiles with 4
@@ -141,14 +142,24 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2) -> dict:
     measured no faster than scalar fp32 atomics (371 vs 364 ms); the backward is bound by the dk /
     dv reductions (275 ms with them, 113 ms with the same products left unwritten, 229 ms with them
     folded into an L2-resident band of 4K keys: bench/probe_dsa.py); at the shipped tiles the
-    reductions alone, without gathers or products, take 196 of the backward's 222 ms."""
+    reductions alone, without gathers or products, take 196 of the backward's 222 ms.
+    The backward runs at 255 registers (two programs per SM); capped at 168 (three per SM, 64 bytes
+    of spills) it is faster up to 64K tokens and slower at 128K (bench/sweep_dsa.py --only attn_bwd,
+    one run each, against the uncapped kernel in the same run: 6.79 vs 7.43-7.47 ms at 8K, 16.23 vs
+    17.77-17.79 at 16K, 36.98 vs 40.50-40.59 at 32K, 86.05 vs 92.55-92.70 at 64K, 231.88 vs
+    222.11-222.17 at 128K; 128 registers: 51.7 / 320.7 at 32K / 128K), so the cap applies to
+    T <= 64K, where more programs hide the gathers' latency; at 96K both take 155-157 ms, and at
+    128K the reductions bound it and a third program per SM only adds reductions in flight. The
+    forward gains nothing from a cap (its 82 KB of shared memory already allow only two programs;
+    64-key tiles at 128 registers: 55.0 vs 52.3 ms at 128K, 10.7 vs 10.3 at 32K)."""
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages_fwd=1, stages_bwd=1)
     small = BM * pow2(D, 16) <= 32 * 128
     # forward pipeline stages with the group-minor grid: 2 stages 53.5 / 10.3 ms at 128K / 32K against
     # 53.9-54.2 / 10.6 for 3 and 53.8 / 10.6 for 4 (one run); the backward 3 (4: same, 5: 232.7 vs 222.3)
     return dict(BS_fwd=128 if elem_bytes <= 2 else 64, BS_bwd=32, warps_fwd=4 if small else 8,
-                warps_bwd=4 if small else 8, stages_fwd=2, stages_bwd=3)
+                warps_bwd=4 if small else 8, stages_fwd=2, stages_bwd=3,
+                maxnreg_bwd=168 if small and T is not None and T <= 65536 else None)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
@@ -180,7 +191,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
     G = HQ // HKV
     GP, DP = pow2(G), pow2(D, 16)
     BQ = plan.block_q
-    cfg = _config(q.device, BQ * GP, D, q.element_size())
+    cfg = _config(q.device, BQ * GP, D, q.element_size(), T)
     dq = torch.empty_like(q) if dq is None else dq
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -191,7 +202,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
         q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, T,
         plan.num_blocks_t, scale, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ,
         BS=cfg["BS_bwd"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"],
-        num_stages=cfg["stages_bwd"])
+        num_stages=cfg["stages_bwd"], **maxnreg(cfg.get("maxnreg_bwd")))
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
