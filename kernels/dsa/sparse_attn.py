@@ -159,7 +159,8 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
     # 53.9-54.2 / 10.6 for 3 and 53.8 / 10.6 for 4 (one run); the backward 3 (4: same, 5: 232.7 vs 222.3)
     return dict(BS_fwd=128 if elem_bytes <= 2 else 64, BS_bwd=32, warps_fwd=4 if small else 8,
                 warps_bwd=4 if small else 8, stages_fwd=2, stages_bwd=3,
-                maxnreg_bwd=168 if small and T is not None and T <= 65536 else None)
+                maxnreg_bwd=(168 if small and elem_bytes <= 2 and T is not None and T <= 65536
+                             else None))  # measured for bf16 only
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
