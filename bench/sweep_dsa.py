@@ -280,6 +280,19 @@ def main():
             # default caps at 168 up to 64K tokens (sparse_attn._config)
             {"maxnreg_bwd": None}, {"maxnreg_bwd": 168}, {"maxnreg_bwd": 128}, {},
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
+    if want("attn_bwd_packed"):  # packed documents: the register cap against the document length
+        for doc in (8192, 16384, 32768, 65536):
+            if doc >= L:
+                continue
+            cu = torch.arange(0, L + 1, doc, dtype=torch.int32, device=q.device)
+            idx_p = tk.dsa_topk_triton(qi, w, ki, TOPK, cu_seqlens=cu)
+            plan_p = build_sparse_plan(idx_p, 4, cu_seqlens=cu)  # max_doc_len = doc: the default caps
+            o_p, lse_p = sa.sparse_attn_fwd(q, k, v, plan_p, scale)
+            run_variants(f"attn_bwd_packed{doc}", sa, [{"maxnreg_bwd": None}, {"maxnreg_bwd": 168},
+                                                       {"maxnreg_bwd": None}, {}],
+                         lambda: sa.sparse_attn_bwd(q, k, v, o_p, do, lse_p, plan_p, scale), res,
+                         args.quick)
+            del idx_p, plan_p, o_p, lse_p
     if want("loss_fwd"):
         run_variants("loss_fwd", il, [
             {}, {"split_fwd": False}, {"split_fwd": False, "BS_fwd": 64, "warps": 4},

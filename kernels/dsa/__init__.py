@@ -87,7 +87,8 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
 
     q [B, T, Hq, D], k / v [B, T, Hkv, D]; query head h uses KV head h // (Hq / Hkv); softmax
     scale defaults to D ** -0.5. Returns o [B, T, Hq, D] (and lse [B, T, Hq] fp32, natural log,
-    when return_lse). cu_seqlens is only validated: documents are already encoded in idx.
+    when return_lse). cu_seqlens is validated and gives the plan the longest document's length
+    (a launch setting); the documents themselves are already encoded in idx.
     `plan` (from build_sparse_plan(idx, block_q)) can be shared with indexer_kl_loss.
     """
     _check_backend(backend)
@@ -107,7 +108,7 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
             if q.is_cuda and bq * (Hq // k.shape[2]) < 16:
                 raise ValueError(f"block_q ({bq}) x query heads per KV group ({Hq // k.shape[2]}) must be >= 16 "
                                  "on a GPU (tl.dot needs 16 rows)")
-            plan = build_sparse_plan(idx, bq)
+            plan = build_sparse_plan(idx, bq, cu_seqlens=cu_seqlens)
         o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     return (o, lse) if return_lse else o
 
@@ -152,7 +153,8 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
         bq = block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2])
         return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, bq, scale)
     if plan is None:
-        plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]))
+        plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]),
+                                 cu_seqlens=cu_seqlens)
     if lse is None:
         from .sparse_attn import sparse_attn_fwd
         _, lse = sparse_attn_fwd(q.contiguous(), k.contiguous(), k.contiguous(), plan, scale)
@@ -178,7 +180,8 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     # one union plan for both kernels when their block sizes agree (they do at Keye's shapes): the
     # plan costs ~27 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
     from .indexer_loss import loss_block_q
-    plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]))
+    plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]),
+                             cu_seqlens=cu_seqlens)
     o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
     bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
     loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,

@@ -142,8 +142,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     out.append((sa.sparse_attn_fwd_kernel_union,
                 dict(q=dt, k=dt, v=dt, o=dt, lse="*fp32", **plan_sig, scale_log2="fp32"),
                 dict(heads, BS=c["BS_fwd"]), c["warps_fwd"], c["stages_fwd"]))
-    for T in (131072, 65536):  # uncapped registers above 64K tokens, capped up to it
-        c = sa._config(CUDA, BQ * GP, D, T=T)
+    for T in (131072, 65536):  # uncapped registers above 64K-token documents, capped up to it
+        c = sa._config(CUDA, BQ * GP, D, span=T)
         out.append((sa.sparse_attn_bwd_kernel_union,
                     dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32",
                          dv="*fp32", **plan_sig, scale="fp32"),

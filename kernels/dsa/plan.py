@@ -27,13 +27,13 @@ are joined.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, pow2
+from .common import interpreting, longest_document, pow2
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class SparsePlan:
     offsets_N1: torch.Tensor   # int64 [B * num_blocks_t + 1]
     pos_U: torch.Tensor        # int32 [U]
     bits_U: torch.Tensor       # int32 [U]
+    # tokens in the longest document (None: T): the widest key range a query reaches, which the
+    # attention backward's launch configuration depends on (sparse_attn._config)
+    max_doc_len: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -220,8 +223,20 @@ def _check_block_q(block_q: int) -> None:
 
 def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       merge: bool = True, num_warps: int | None = None,
-                      one_pass: bool = True, chunk_bytes: int = 256 << 20) -> SparsePlan:
+                      one_pass: bool = True, chunk_bytes: int = 256 << 20,
+                      cu_seqlens: torch.Tensor | None = None) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
+
+    cu_seqlens (packed documents, as given to dsa_topk) only sets the plan's `max_doc_len`; the
+    documents are already encoded in idx. The other arguments are _build_plan's.
+    """
+    plan = _build_plan(idx_BTK, block_q, method, merge, num_warps, one_pass, chunk_bytes)
+    return replace(plan, max_doc_len=longest_document(idx_BTK.shape[1], cu_seqlens))
+
+
+def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
+                num_warps: int | None, one_pass: bool, chunk_bytes: int) -> SparsePlan:
+    """build_sparse_plan without max_doc_len.
 
     idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "bitmap",
     "triton" (the merge), "torch", or "auto" (the bitmap builder on CUDA, torch otherwise: the

@@ -132,7 +132,7 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
 
 
 def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
-            T: int | None = None) -> dict:
+            span: int | None = None) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90, D = 128, BM = 32 rows), timed by
     bench/sweep_dsa.py at 128K on an H200: forward 128-key tiles with 4 warps 54 ms (64 keys / 8
     warps: 86, 64 / 4: 72, 256 / 8: 72; 8 warps at 128 keys: 99); backward 32-key tiles with 4
@@ -148,8 +148,11 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
     one run each, against the uncapped kernel in the same run: 6.79 vs 7.43-7.47 ms at 8K, 16.23 vs
     17.77-17.79 at 16K, 36.98 vs 40.50-40.59 at 32K, 86.05 vs 92.55-92.70 at 64K, 231.88 vs
     222.11-222.17 at 128K; 128 registers: 51.7 / 320.7 at 32K / 128K), so the cap applies to
-    T <= 64K, where more programs hide the gathers' latency; at 96K both take 155-157 ms, and at
-    128K the reductions bound it and a third program per SM only adds reductions in flight. The
+    span <= 64K, where more programs hide the gathers' latency; at 96K both take 155-157 ms, and at
+    128K the reductions bound it and a third program per SM only adds reductions in flight. `span`
+    is the longest packed document (plan.max_doc_len), not the packed length: 128K tokens packed as
+    8K / 16K / 32K / 64K documents take 106.8 / 129.7 / 148.2 / 173.7 ms capped against 117.3 /
+    142.1 / 162.8 / 186.6 uncapped (--only attn_bwd_packed). The
     forward gains nothing from a cap (its 82 KB of shared memory already allow only two programs;
     64-key tiles at 128 registers: 55.0 vs 52.3 ms at 128K, 10.7 vs 10.3 at 32K)."""
     if interpreting() or device.type != "cuda":
@@ -159,8 +162,8 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
     # 53.9-54.2 / 10.6 for 3 and 53.8 / 10.6 for 4 (one run); the backward 3 (4: same, 5: 232.7 vs 222.3)
     return dict(BS_fwd=128 if elem_bytes <= 2 else 64, BS_bwd=32, warps_fwd=4 if small else 8,
                 warps_bwd=4 if small else 8, stages_fwd=2, stages_bwd=3,
-                maxnreg_bwd=(168 if small and elem_bytes <= 2 and T is not None and T <= 65536
-                             else None))  # measured for bf16 only
+                maxnreg_bwd=(168 if small and elem_bytes <= 2 and span is not None
+                             and span <= 65536 else None))  # measured for bf16 only
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
@@ -192,7 +195,8 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
     G = HQ // HKV
     GP, DP = pow2(G), pow2(D, 16)
     BQ = plan.block_q
-    cfg = _config(q.device, BQ * GP, D, q.element_size(), T)
+    # the key range a query reaches (the longest packed document) decides the register cap
+    cfg = _config(q.device, BQ * GP, D, q.element_size(), plan.max_doc_len or T)
     dq = torch.empty_like(q) if dq is None else dq
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

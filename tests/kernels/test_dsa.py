@@ -320,6 +320,32 @@ def test_sparse_attention_autograd_api():
         assert_close(name, a, b, TOL_GRAD)
 
 
+def test_backward_register_cap_follows_the_longest_document(monkeypatch):
+    """The attention backward's launch settings see the longest packed document, not the packed
+    length: the plan records it from cu_seqlens, and _config caps registers (three programs per SM)
+    only for 16-bit inputs whose documents are at most 64K tokens (measured on an H200: faster up to
+    64K, slower at 128K; bench/RESULTS.md). The rule is checked as the GPU would apply it."""
+    from kernels.dsa import sparse_attn as sa
+    B, T, Hq, Hkv, D = 1, 47, 4, 2, 16
+    cu = _cu(0, 9, 30, 47)
+    idx = _selection(B, T, 8, cu)
+    assert build_sparse_plan(idx, 4, cu_seqlens=cu).max_doc_len == 21
+    assert build_sparse_plan(idx, 4).max_doc_len == T
+    seen = []
+    config = sa._config
+    monkeypatch.setattr(sa, "_config", lambda *a, **kw: seen.append(a) or config(*a, **kw))
+    q, k, v = (torch.randn(B, T, h, D, device=DEV, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    o = sparse_gqa_attention(q, k, v, idx, cu_seqlens=cu)
+    torch.autograd.grad(o.sum(), (q, k, v))
+    assert seen[-1][-1] == 21  # the backward's call: span = the 21-token document
+    monkeypatch.setattr(sa, "interpreting", lambda: False)
+    gpu = torch.device("cuda")
+    assert config(gpu, 32, 128, 2, 65536)["maxnreg_bwd"] == 168
+    assert config(gpu, 32, 128, 2, 65537)["maxnreg_bwd"] is None
+    assert config(gpu, 32, 128, 2, None)["maxnreg_bwd"] is None
+    assert config(gpu, 32, 128, 4, 4096)["maxnreg_bwd"] is None  # fp32 inputs: not measured
+
+
 # ----------------------------------------------------------------------------- indexer KL losses
 
 LOSS_CASES = [
