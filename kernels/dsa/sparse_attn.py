@@ -152,11 +152,12 @@ def _config(device: torch.device, BM: int, D: int, elem_bytes: int = 2,
     128K the reductions bound it and a third program per SM only adds reductions in flight. `span`
     is the longest packed document (plan.max_doc_len), not the packed length: 128K tokens packed as
     8K / 16K / 32K / 64K documents take 106.8 / 129.7 / 148.2 / 173.7 ms capped against 117.3 /
-    142.1 / 162.8 / 186.6 uncapped (--only attn_bwd_packed). The
-    forward gains nothing from a cap (its 82 KB of shared memory already allow only two programs;
-    64-key tiles at 128 registers: 55.0 vs 52.3 ms at 128K, 10.7 vs 10.3 at 32K)."""
+    142.1 / 162.8 / 186.6 uncapped (--only attn_bwd_packed). The forward gains nothing from a cap
+    (its 82 KB of shared memory already allow only two programs; 64-key tiles at 128 registers:
+    55.0 vs 52.3 ms at 128K, 10.7 vs 10.3 at 32K)."""
     if interpreting() or device.type != "cuda":
-        return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages_fwd=1, stages_bwd=1)
+        return dict(BS_fwd=128, BS_bwd=128, warps_fwd=4, warps_bwd=4, stages_fwd=1, stages_bwd=1,
+                    maxnreg_bwd=None)
     small = BM * pow2(D, 16) <= 32 * 128
     # forward pipeline stages with the group-minor grid: 2 stages 53.5 / 10.3 ms at 128K / 32K against
     # 53.9-54.2 / 10.6 for 3 and 53.8 / 10.6 for 4 (one run); the backward 3 (4: same, 5: 232.7 vs 222.3)
@@ -207,7 +208,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
         q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, T,
         plan.num_blocks_t, scale, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ,
         BS=cfg["BS_bwd"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"],
-        num_stages=cfg["stages_bwd"], **maxnreg(cfg.get("maxnreg_bwd")))
+        num_stages=cfg["stages_bwd"], **maxnreg(cfg["maxnreg_bwd"]))
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
