@@ -252,14 +252,21 @@ def _plan_for_subset(idx_1RK: torch.Tensor, block_q: int):
                       bits.to(torch.int32).contiguous())
 
 
-def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float):
-    """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1)."""
+def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float,
+                   span: int | None = None):
+    """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1).
+
+    span: the widest key range a local row reaches (its position minus its document start, plus
+    one; None: the key rows). The attention backward's launch settings depend on it
+    (kernels/dsa/sparse_attn._config), and neither the local row count nor the gathered key count
+    is it: 64K local rows of a 128K sequence reach 128K keys."""
+    from dataclasses import replace
     from kernels.dsa import default_block_q
     from kernels.dsa.indexer_loss import IndexerKLLossFn, loss_block_q
     from kernels.dsa.sparse_attn import SparseGQAAttentionFn
     Hq, Hkv, HI = q_RHD.shape[1], k_THD.shape[1], q_idx_RHD.shape[1]
     idx = idx_RK[None].contiguous()
-    plan = _plan_for_subset(idx, default_block_q(Hq, Hkv))
+    plan = replace(_plan_for_subset(idx, default_block_q(Hq, Hkv)), max_doc_len=span or k_THD.shape[0])
     q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
     o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     bq = loss_block_q(Hq, Hkv, HI)
@@ -354,6 +361,7 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         o_R, lse = _sparse_attn_ref(q_R, k_T, v_T, idx, scale)
         kl = _kl_ref("sparse", q_R.detach(), k_T.detach(), q_idx_R, w_R, k_idx_T, pos, start, idx, lse.detach(), scale)
     else:
-        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale)
+        span = int((pos - start).max()) + 1  # one host sync, like the top-k's
+        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span)
     out = o_R.view(b, n, Hq, D).transpose(0, 1)
     return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))

@@ -373,6 +373,39 @@ def test_dsa_triton_kernels_on_query_subset(stage):
         assert rel_rmse(ref[name], got[name]) <= TOL_TRITON, (name, rel_rmse(ref[name], got[name]))
 
 
+def test_dsa_cp_backward_sees_the_widest_key_range(monkeypatch):
+    """Under CP the attention backward's launch settings (the register cap of
+    kernels/dsa/sparse_attn._config) must see the widest key range a local row reaches, not the
+    local row count: rank 1 of 2 holds rows [32, 96), whose widest range is row 95 in the document
+    [40, 100), 56 keys, while it holds 64 rows (at 128K tokens on 2 ranks: 128K keys, 64K rows,
+    and the cap measured slower there)."""
+    from kernels.dsa import sparse_attn as sa
+    from parallel.context.dsa import _sparse_triton, _topk_ref, dsa_cp_attention
+    (q, k, v, qi, w, ki), pos, start = _subset_inputs(torch.float32, integer=False)
+    idx = _topk_ref(qi[pos], w[pos], ki, pos, start, 16)
+    seen = []
+    config = sa._config
+    monkeypatch.setattr(sa, "_config", lambda *a, **kw: seen.append(a) or config(*a, **kw))
+    span = int((pos - start).max()) + 1
+    assert span == 56 and pos.numel() == 64
+    q = q.clone().requires_grad_(True)
+    o, kl = _sparse_triton(q[pos], k, v, qi[pos], w[pos], ki, idx, 0.25, span)
+    o.sum().backward()
+    assert seen[-1][-1] == 56
+    seen.clear()
+    o, kl = _sparse_triton(q[pos], k, v, qi[pos], w[pos], ki, idx, 0.25)  # no span: all key rows
+    o.sum().backward()
+    assert seen[-1][-1] == k.shape[0]
+    # the public entry point passes it (one process: all 128 rows, the longest document 60 tokens)
+    seen.clear()
+    cu = torch.tensor([0, 40, 100, 128], dtype=torch.int32, device=q.device)
+    out = dsa_cp_attention(q.detach()[:, None].requires_grad_(True), k[:, None], v[:, None], qi[None], w[None],
+                           ki[None], cp_group=None, topk=16, stage="sparse", scale=0.25, cu_seqlens=cu,
+                           backend="triton")
+    out.out.sum().backward()
+    assert seen[-1][-1] == 60
+
+
 if __name__ == "__main__":
     import torch.multiprocessing as mp
     world_, out_, port_ = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
