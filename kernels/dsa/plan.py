@@ -45,8 +45,8 @@ class SparsePlan:
     offsets_N1: torch.Tensor   # int64 [B * num_blocks_t + 1]
     pos_U: torch.Tensor        # int32 [U]
     bits_U: torch.Tensor       # int32 [U]
-    # tokens in the longest document (None: T): the widest key range a query reaches, which the
-    # attention backward's launch configuration depends on (sparse_attn._config)
+    # tokens in the longest document (None: the key rows' count): the widest key range a query
+    # reaches, which the attention backward's launch configuration depends on (sparse_attn._config)
     max_doc_len: int | None = None
 
     @property

@@ -196,8 +196,9 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
     G = HQ // HKV
     GP, DP = pow2(G), pow2(D, 16)
     BQ = plan.block_q
-    # the key range a query reaches (the longest packed document) decides the register cap
-    cfg = _config(q.device, BQ * GP, D, q.element_size(), plan.max_doc_len or T)
+    # the key range a query reaches (the longest packed document; without it, every key row: under
+    # context parallelism the query rows are a subset of the keys) decides the register cap
+    cfg = _config(q.device, BQ * GP, D, q.element_size(), plan.max_doc_len or k.shape[1])
     dq = torch.empty_like(q) if dq is None else dq
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

@@ -257,7 +257,7 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1).
 
     span: the widest key range a local row reaches (its position minus its document start, plus
-    one; None: the key rows). The attention backward's launch settings depend on it
+    one; None: sparse_attn_bwd takes the key rows' count). The attention backward's launch settings depend on it
     (kernels/dsa/sparse_attn._config), and neither the local row count nor the gathered key count
     is it: 64K local rows of a 128K sequence reach 128K keys."""
     from dataclasses import replace
@@ -266,7 +266,7 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     from kernels.dsa.sparse_attn import SparseGQAAttentionFn
     Hq, Hkv, HI = q_RHD.shape[1], k_THD.shape[1], q_idx_RHD.shape[1]
     idx = idx_RK[None].contiguous()
-    plan = replace(_plan_for_subset(idx, default_block_q(Hq, Hkv)), max_doc_len=span or k_THD.shape[0])
+    plan = replace(_plan_for_subset(idx, default_block_q(Hq, Hkv)), max_doc_len=span)
     q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
     o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     bq = loss_block_q(Hq, Hkv, HI)
