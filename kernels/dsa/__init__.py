@@ -66,11 +66,21 @@ def dsa_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk: in
     cu_seqlens, s in t's document. No gradient. Extra kwargs (cap, num_samples, chunk_bytes,
     stats) go to the Triton selector.
     """
+    _check_topk_args(q_idx, w, k_idx, topk, cu_seqlens, backend)
+    return _select(q_idx, w, k_idx, topk, cu_seqlens, backend, kwargs)
+
+
+def _check_topk_args(q_idx, w, k_idx, topk: int, cu_seqlens, backend: str) -> int:
+    """dsa_topk's checks; returns the longest document (validate_cu_seqlens)."""
     _check_backend(backend)
     _check_indexer(q_idx, w, k_idx)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    validate_cu_seqlens(cu_seqlens, q_idx.shape[0], q_idx.shape[1])
+    return validate_cu_seqlens(cu_seqlens, q_idx.shape[0], q_idx.shape[1])
+
+
+def _select(q_idx, w, k_idx, topk: int, cu_seqlens, backend: str, kwargs: dict) -> torch.Tensor:
+    """dsa_topk after its checks."""
     with torch.no_grad():
         if backend == "naive":
             return naive.topk_indices(q_idx, w, k_idx, topk, cu_seqlens)
@@ -95,7 +105,7 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     _check_attention(q, k, v)
     check_same_device(q, k, v, idx)
     B, T, Hq, D = q.shape
-    validate_cu_seqlens(cu_seqlens, B, T)
+    longest = validate_cu_seqlens(cu_seqlens, B, T)
     if idx.shape[:2] != (B, T):
         raise ValueError(f"idx {tuple(idx.shape)} must be [B={B}, T={T}, topk]")
     scale = D ** -0.5 if scale is None else float(scale)
@@ -108,7 +118,7 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
             if q.is_cuda and bq * (Hq // k.shape[2]) < 16:
                 raise ValueError(f"block_q ({bq}) x query heads per KV group ({Hq // k.shape[2]}) must be >= 16 "
                                  "on a GPU (tl.dot needs 16 rows)")
-            plan = build_sparse_plan(idx, bq, cu_seqlens=cu_seqlens)
+            plan = build_sparse_plan(idx, bq, max_doc_len=longest)
         o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     return (o, lse) if return_lse else o
 
@@ -136,7 +146,7 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     B, T, Hq, D = q.shape
     if q_idx.shape[:2] != (B, T):
         raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
-    validate_cu_seqlens(cu_seqlens, B, T)
+    longest = validate_cu_seqlens(cu_seqlens, B, T)
     if stage == "sparse" and idx is None:
         raise ValueError("stage='sparse' needs idx (the selected keys)")
     scale = D ** -0.5 if scale is None else float(scale)
@@ -154,7 +164,7 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
         return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, bq, scale)
     if plan is None:
         plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]),
-                                 cu_seqlens=cu_seqlens)
+                                 max_doc_len=longest)
     if lse is None:
         from .sparse_attn import sparse_attn_fwd
         _, lse = sparse_attn_fwd(q.contiguous(), k.contiguous(), k.contiguous(), plan, scale)
@@ -171,7 +181,9 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     attention target is detached). Train with loss = lm_loss + lambda * kl_loss. The dense warm-up
     stage uses dense attention plus indexer_kl_loss(stage="dense") instead.
     """
-    idx = dsa_topk(q_idx, w, k_idx, topk, cu_seqlens=cu_seqlens, backend=backend)
+    # cu_seqlens is checked once, and the same host copy gives the plan's longest document
+    longest = _check_topk_args(q_idx, w, k_idx, topk, cu_seqlens, backend)
+    idx = _select(q_idx, w, k_idx, topk, cu_seqlens, backend, {})
     if backend == "naive":
         o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, backend=backend)
         loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse,
@@ -181,7 +193,7 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     # plan costs ~27 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
     from .indexer_loss import loss_block_q
     plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]),
-                             cu_seqlens=cu_seqlens)
+                             max_doc_len=longest)
     o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
     bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
     loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,

@@ -30,9 +30,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def validate_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> None:
+def validate_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> int:
+    """Check packed-document boundaries; return the longest document's length (T without them),
+    the widest key range any query can reach. One host sync when cu_seqlens lives on the GPU:
+    the check needs the values, so the length comes from the same copy."""
     if cu_seqlens is None:
-        return
+        return T
     if B != 1:
         raise ValueError(f"cu_seqlens needs packed input with batch size 1, got B={B}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -41,11 +44,12 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> None
     if cu[0].item() != 0 or cu[-1].item() != T or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must start at 0, end at T={T} and be non-decreasing, "
                          f"got {cu.tolist()[:8]}...")
+    return int(cu.diff().max().item())
 
 
 def longest_document(T: int, cu_seqlens: torch.Tensor | None) -> int:
-    """Tokens in the longest packed document (T when each batch row is one document): the widest
-    key range any query can reach. One host sync when cu_seqlens lives on the GPU."""
+    """Tokens in the longest packed document (T when each batch row is one document), unchecked.
+    One host sync when cu_seqlens lives on the GPU."""
     if cu_seqlens is None or cu_seqlens.numel() < 2:
         return T
     return int(cu_seqlens.detach().diff().max().item())

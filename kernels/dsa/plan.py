@@ -224,14 +224,19 @@ def _check_block_q(block_q: int) -> None:
 def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       merge: bool = True, num_warps: int | None = None,
                       one_pass: bool = True, chunk_bytes: int = 256 << 20,
-                      cu_seqlens: torch.Tensor | None = None) -> SparsePlan:
+                      cu_seqlens: torch.Tensor | None = None,
+                      max_doc_len: int | None = None) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
     cu_seqlens (packed documents, as given to dsa_topk) only sets the plan's `max_doc_len`; the
-    documents are already encoded in idx. The other arguments are _build_plan's.
+    documents are already encoded in idx. A caller that already knows the longest document (from
+    validate_cu_seqlens) passes it as max_doc_len instead, which saves a host sync. The other
+    arguments are _build_plan's.
     """
     plan = _build_plan(idx_BTK, block_q, method, merge, num_warps, one_pass, chunk_bytes)
-    return replace(plan, max_doc_len=longest_document(idx_BTK.shape[1], cu_seqlens))
+    if max_doc_len is None:
+        max_doc_len = longest_document(idx_BTK.shape[1], cu_seqlens)
+    return replace(plan, max_doc_len=int(max_doc_len))
 
 
 def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreting, pow2, row_doc_start, validate_cu_seqlens
+from .common import dot_precision, interpreting, pow2, row_doc_start
 
 INT32_MIN = tl.constexpr(-2147483648)
 
@@ -593,12 +593,12 @@ def dsa_topk_triton(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: to
     query blocks (stored mode: 4 bytes per key of each row's score slab plus 8 per candidate slot;
     fused mode: the candidate slots).
     `stats`, if given, receives the number of rows that needed the exact fallback.
+    cu_seqlens must already be checked (`dsa_topk` runs validate_cu_seqlens once for its callers).
     """
     B, T, HI, DI = q_idx_BTHD.shape
     K = int(topk)
     if K < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    validate_cu_seqlens(cu_seqlens, B, T)
     dev = q_idx_BTHD.device
     q_idx_BTHD, w_BTH, k_idx_BTD = (x.contiguous() for x in (q_idx_BTHD, w_BTH, k_idx_BTD))
     cap = default_cap(K) if cap is None else int(cap)

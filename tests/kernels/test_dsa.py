@@ -466,6 +466,38 @@ def test_indexer_loss_api_and_composition():
         assert_close(f"dsa_attention {name}", a, b, TOL_GRAD)
 
 
+def test_dsa_attention_reads_packed_bounds_once(monkeypatch):
+    """With packed documents, dsa_attention copies cu_seqlens to the host once (a GPU sync per
+    layer): validate_cu_seqlens returns the longest document, which the plan's launch setting
+    needs, so neither the top-k nor the plan builder reads cu_seqlens again. Every kernels.dsa
+    module's copy of the two readers is replaced, so a re-added call anywhere fails here."""
+    import sys
+    from kernels.dsa import common
+    from kernels.dsa import sparse_attn as sa
+    calls, seen = [], []
+    check, config = common.validate_cu_seqlens, sa._config
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("kernels.dsa") and hasattr(mod, "validate_cu_seqlens"):
+            monkeypatch.setattr(mod, "validate_cu_seqlens",
+                                lambda cu, *a: (cu is not None and calls.append(cu)) or check(cu, *a))
+        if name.startswith("kernels.dsa") and hasattr(mod, "longest_document"):
+            monkeypatch.setattr(mod, "longest_document", lambda *a: pytest.fail("cu_seqlens read again"))
+    monkeypatch.setattr(sa, "_config", lambda *a, **kw: seen.append(a) or config(*a, **kw))
+    B, T, Hq, Hkv, D, HI, DI = 1, 47, 4, 2, 16, 2, 16
+    cu = _cu(0, 9, 30, 47)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    v = torch.randn_like(k)
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o, loss, idx = dsa_attention(*xs, qi.round(), w.round(), ki.round(), topk=8, cu_seqlens=cu)
+    torch.autograd.grad(o.sum(), xs)
+    assert len(calls) == 1, calls
+    assert seen[-1][-1] == 21  # the backward's launch setting: the 21-token document
+    _check_idx_valid(idx, 8, cu)
+    assert check(cu, 1, T) == 21 and check(None, 1, T) == T
+    with pytest.raises(ValueError, match="end at T=47"):
+        dsa_attention(*xs, qi, w, ki, topk=8, cu_seqlens=_cu(0, 9, 30, 46))
+
+
 def test_argument_errors():
     q, w, k = _int_indexer(1, 8, 2, 16)
     with pytest.raises(ValueError):
