@@ -277,7 +277,8 @@ def main():
             {}, {"BS_bwd": 128, "warps_bwd": 8}, {"BS_bwd": 64, "warps_bwd": 4}, {"BS_bwd": 16},
             {"BS_bwd": 32, "warps_bwd": 8}, {"BS_bwd": 32, "warps_bwd": 2}, {"BS_bwd": 32, "stages_bwd": 2},
             # registers per thread: uncapped (two programs per SM), 168 (three), 128 (four); the
-            # default caps at 168 up to 64K tokens (sparse_attn._config)
+            # default caps at 168 up to 64K tokens (sparse_attn._config); the default again last
+            # (and the uncapped twice below) shows the run's drift
             {"maxnreg_bwd": None}, {"maxnreg_bwd": 168}, {"maxnreg_bwd": 128}, {},
         ], lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale), res, args.quick)
     if want("attn_bwd_packed"):  # packed documents: the register cap against the document length

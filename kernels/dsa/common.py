@@ -47,14 +47,6 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> int:
     return int(cu.diff().max().item())
 
 
-def longest_document(T: int, cu_seqlens: torch.Tensor | None) -> int:
-    """Tokens in the longest packed document (T when each batch row is one document), unchecked.
-    One host sync when cu_seqlens lives on the GPU."""
-    if cu_seqlens is None or cu_seqlens.numel() < 2:
-        return T
-    return int(cu_seqlens.detach().diff().max().item())
-
-
 def row_doc_start(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
     """[B * T] int32: first position (within its batch row) of each token's document."""
     if cu_seqlens is None:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, longest_document, pow2
+from .common import interpreting, pow2, validate_cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,14 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       max_doc_len: int | None = None) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
-    cu_seqlens (packed documents, as given to dsa_topk) only sets the plan's `max_doc_len`; the
-    documents are already encoded in idx. A caller that already knows the longest document (from
-    validate_cu_seqlens) passes it as max_doc_len instead, which saves a host sync. The other
-    arguments are _build_plan's.
+    cu_seqlens (packed documents, as given to dsa_topk) is checked and only sets the plan's
+    `max_doc_len`; the documents are already encoded in idx. A caller that already checked them
+    passes the length validate_cu_seqlens returned as max_doc_len instead, which saves a host
+    sync. The other arguments are _build_plan's.
     """
     plan = _build_plan(idx_BTK, block_q, method, merge, num_warps, one_pass, chunk_bytes)
     if max_doc_len is None:
-        max_doc_len = longest_document(idx_BTK.shape[1], cu_seqlens)
+        max_doc_len = validate_cu_seqlens(cu_seqlens, idx_BTK.shape[0], idx_BTK.shape[1])
     return replace(plan, max_doc_len=int(max_doc_len))
 
 
