@@ -9,6 +9,8 @@ configuration by swapping the module's `_config` (the kernels read their tile si
 launch), and the JSON lists the median milliseconds of each. The variants that change arithmetic
 are checked against the earlier ones in the same run: the bitonic-merge plan against the full sort,
 the indexer-loss backward from the cached head-summed P against the recomputing one. A configuration that fails to compile or run is recorded and skipped.
+The `plan_subset` piece times the union plan of a context-parallel rank's rows (the second half,
+positions over all L keys) with the bitmap builder against the merge builder.
 The `topk_fp8` piece times a design measured and dropped (FP8 index scores) against the bf16 top-k,
 with the share of the bf16 selection it keeps.
 The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
@@ -265,6 +267,29 @@ def main():
         del ref
         ok = [r for r in rows if "ms" in r and r.get("same_plan", True)]
         res["plan"] = {"variants": rows, "best": min(ok, key=lambda r: r["ms"]) if ok else None}
+    if want("plan_subset"):
+        # a context-parallel rank's rows (cp = 2, sequence split: the second half, the rows that reach
+        # the most keys) select among all L keys: the bitmap builder with n_keys, against the merge
+        # builder that this path used before it took n_keys; the same plan from both
+        sub = idx[:, L // 2:].contiguous()
+        out = {"rows": sub.shape[1], "n_keys": L}
+        try:
+            merge = build_sparse_plan(sub, 4, method="triton")
+            bitmap = build_sparse_plan(sub, 4, method="bitmap", n_keys=L)
+            out["same_plan"] = bool(torch.equal(merge.offsets_N1, bitmap.offsets_N1)
+                                    and torch.equal(merge.pos_U, bitmap.pos_U)
+                                    and torch.equal(merge.bits_U, bitmap.bits_U))
+            del merge, bitmap
+            for name, f in (("merge_ms", lambda: build_sparse_plan(sub, 4, method="triton")),
+                            ("bitmap_ms", lambda: build_sparse_plan(sub, 4, method="bitmap", n_keys=L)),
+                            ("merge_ms_again", lambda: build_sparse_plan(sub, 4, method="triton")),
+                            ("bitmap_ms_again", lambda: build_sparse_plan(sub, 4, method="bitmap", n_keys=L)),
+                            ("all_rows_bitmap_ms", lambda: build_sparse_plan(idx, 4, method="bitmap"))):
+                out[name] = timed(f, args.quick)
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res["plan_subset"] = out
+        print("plan subset:", out, flush=True)
     if want("attn_fwd"):
         run_variants("attn_fwd", sa, [
             {}, {"BS_fwd": 64, "warps_fwd": 8}, {"BS_fwd": 64, "warps_fwd": 4}, {"BS_fwd": 256, "warps_fwd": 8},

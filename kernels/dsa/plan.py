@@ -11,18 +11,21 @@ of the block's tokens selected it. The plan is a CSR list per block:
 
 Three builders, equal output (tested). `build_sparse_plan(method="bitmap")` (Triton, the default on
 the GPU): per chunk of blocks, each token's selections set bits in its plane of the block's bitmap
-(`plan_fwd_kernel_mark`, integer atomic OR: order-free), then one walk over the words of the
-block's causal range (`plan_fwd_kernel_emit`) writes the positions with any bit set, ascending,
+(`plan_fwd_kernel_mark`, integer atomic OR: order-free; it also records the block's largest
+position), then one walk over the words from the block's smallest to its largest selected position
+(`plan_fwd_kernel_emit`) writes the positions with any bit set, ascending,
 with their token bits, into a padded slot of `block_q * K` entries, and a copy kernel packs the
 slots at the prefix-sum offsets (10.4-10.5 ms at 128K against 26.0-27.9 for the merge below,
 bench/sweep_dsa.py --only plan). `method="triton"` sorts the block_q * K keys (position * block_q
 + token) of each block in registers (a bitonic merge of its sorted rows), marks the last entry of
 each run of equal positions and ORs the run's token bits, and packs the same way (`one_pass=False`:
 merge twice instead, counting first and writing second, with no slot buffer).
-`build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, T] table.
+`build_sparse_plan_torch` (reference) scatter-adds bits into a dense [chunk, n_keys] table.
+Query rows and key rows may differ in number (`n_keys`, default T): under context parallelism a
+rank's rows select among all the sequence's keys (parallel/context/dsa.py).
 All are deterministic. Memory of the result: 8 bytes per distinct (block, key) pair, at most
 8 * B * T * K bytes (no overlap at all); while building, at most `chunk_bytes` (256 MiB) of slots
-and bitmaps (T / 2 bytes per 4-token block), plus a second copy of the plan while the packed chunks
+and bitmaps (n_keys / 2 bytes per 4-token block), plus a second copy of the plan while the packed chunks
 are joined.
 """
 from __future__ import annotations
@@ -155,12 +158,14 @@ def plan_fwd_kernel_compact(pad_pos, pad_bits, offsets_ptr, pos_ptr, bits_ptr, C
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS"])
-def plan_fwd_kernel_mark(idx_ptr, bm_ptr, T, NBT, K, PID0, WORDS, BQ: tl.constexpr,
+def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, BQ: tl.constexpr,
                          KB: tl.constexpr):
     """Bitmap builder, step 1. Program (p, i): token i of block PID0 + p sets bit pos % 32 of
     word pos // 32 of its plane in the block's bitmap, laid out [word, token] (bm_ptr + (p *
-    WORDS + word) * BQ + i, the chunk's block p). Integer OR: the result does not depend on the
-    order of the atomics."""
+    WORDS + word) * BQ + i, the chunk's block p), and raises hi_ptr[p] to its largest position
+    (where the emit walk ends). Integer OR and max: the results do not depend on the order of the
+    atomics. Positions at or beyond WORDS * 32 (outside the bitmap; callers' idx never holds them)
+    are not marked."""
     p = tl.program_id(0)
     i = tl.program_id(1)
     pid = PID0 + p
@@ -171,36 +176,39 @@ def plan_fwd_kernel_mark(idx_ptr, bm_ptr, T, NBT, K, PID0, WORDS, BQ: tl.constex
     for j0 in range(0, K, KB):
         j = j0 + tl.arange(0, KB)
         x = tl.load(idx_ptr + row * K + j, mask=(j < K) & (t < T), other=-1)
+        x = tl.where(x < WORDS * 32, x, -1)
         tl.atomic_or(base + (x // 32).to(tl.int64) * BQ, tl.full([KB], 1, tl.int32) << (x % 32),
                      mask=x >= 0, sem="relaxed")
+        tl.atomic_max(hi_ptr + p, tl.max(x, axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS", "CAPB"])
-def plan_fwd_kernel_emit(bm_ptr, idx_ptr, counts_ptr, pos_ptr, bits_ptr, T, NBT, K, PID0, WORDS,
-                         CAPB, BQ: tl.constexpr, NW: tl.constexpr):
+def plan_fwd_kernel_emit(bm_ptr, idx_ptr, hi_ptr, counts_ptr, pos_ptr, bits_ptr, T, NBT, K, PID0,
+                         WORDS, CAPB, BQ: tl.constexpr, NW: tl.constexpr):
     """Bitmap builder, step 2 (program p: block PID0 + p): walk the block's bitmap words from its
     smallest selected position (the minimum of its rows' first entries: rows are ascending) to its
-    last token, and write every position whose token bits are not all zero, ascending, with those
-    bits, into padded slot p * CAPB (count to counts_ptr[block]); plan_fwd_kernel_compact then
-    packs the slots."""
+    largest (hi_ptr[p], from the mark step; not the block's last row index: under context
+    parallelism a rank's rows select keys beyond their row count), and write every position whose
+    token bits are not all zero, ascending, with those bits, into padded slot p * CAPB (count to
+    counts_ptr[block]); plan_fwd_kernel_compact then packs the slots."""
     p = tl.program_id(0)
     pid = PID0 + p
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
-    t1 = tl.minimum(t0 + BQ, T) - 1
+    hi = tl.maximum(tl.load(hi_ptr + p), 0)  # -1: nothing selected (the walk reads zero words)
     tq = t0 + tl.arange(0, BQ)
     first = tl.load(idx_ptr + (bb * T + tl.minimum(tq, T - 1)).to(tl.int64) * K,
                     mask=tq < T, other=-1)
-    lo = tl.min(tl.where(first >= 0, first, T), axis=0)
+    lo = tl.min(tl.where(first >= 0, first, WORDS * 32), axis=0)
     base = bm_ptr + p.to(tl.int64) * WORDS * BQ
     dst = p.to(tl.int64) * CAPB
     i = tl.arange(0, BQ)
     b = tl.arange(0, 32)
     cnt = tl.zeros([], dtype=tl.int32)
-    for w0 in range(lo // 32, t1 // 32 + 1, NW):
+    for w0 in range(lo // 32, hi // 32 + 1, NW):
         w = w0 + tl.arange(0, NW)
         words = tl.load(base + w[:, None].to(tl.int64) * BQ + i[None, :],
-                        mask=(w <= t1 // 32)[:, None], other=0)
+                        mask=(w <= hi // 32)[:, None], other=0)
         tb = tl.zeros([NW, 32], dtype=tl.int32)
         for r in tl.static_range(BQ):
             wr = tl.sum(tl.where(i[None, :] == r, words, 0), axis=1)
@@ -225,22 +233,30 @@ def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       merge: bool = True, num_warps: int | None = None,
                       one_pass: bool = True, chunk_bytes: int = 256 << 20,
                       cu_seqlens: torch.Tensor | None = None,
-                      max_doc_len: int | None = None) -> SparsePlan:
+                      max_doc_len: int | None = None,
+                      n_keys: int | None = None) -> SparsePlan:
     """Merge the selections of each block of `block_q` adjacent tokens (see module docstring).
 
     cu_seqlens (packed documents, as given to dsa_topk) is checked and only sets the plan's
     `max_doc_len`; the documents are already encoded in idx. A caller that already checked them
     passes the length validate_cu_seqlens returned as max_doc_len instead, which saves a host
-    sync. The other arguments are _build_plan's.
+    sync. n_keys: the number of key rows, every position in idx below it (default: idx's T, keys
+    and queries one sequence; under context parallelism a rank's query rows select among more
+    keys than it holds rows). The other arguments are _build_plan's.
     """
-    plan = _build_plan(idx_BTK, block_q, method, merge, num_warps, one_pass, chunk_bytes)
+    if n_keys is not None and cu_seqlens is not None:
+        raise ValueError("cu_seqlens describe one sequence of queries and keys; with n_keys (query "
+                         "rows a subset of the keys) pass the widest key range as max_doc_len")
+    plan = _build_plan(idx_BTK, block_q, method, merge, num_warps, one_pass, chunk_bytes, n_keys)
     if max_doc_len is None:
-        max_doc_len = validate_cu_seqlens(cu_seqlens, idx_BTK.shape[0], idx_BTK.shape[1])
+        max_doc_len = (n_keys if n_keys is not None
+                       else validate_cu_seqlens(cu_seqlens, idx_BTK.shape[0], idx_BTK.shape[1]))
     return replace(plan, max_doc_len=int(max_doc_len))
 
 
 def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
-                num_warps: int | None, one_pass: bool, chunk_bytes: int) -> SparsePlan:
+                num_warps: int | None, one_pass: bool, chunk_bytes: int,
+                n_keys: int | None = None) -> SparsePlan:
     """build_sparse_plan without max_doc_len.
 
     idx rows must hold distinct positions (or -1), as `dsa_topk` produces. method: "bitmap",
@@ -261,7 +277,7 @@ def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
     if method == "auto":
         method = "bitmap" if idx_BTK.device.type == "cuda" and not interpreting() else "torch"
     if method == "torch":
-        return build_sparse_plan_torch(idx_BTK, block_q)
+        return build_sparse_plan_torch(idx_BTK, block_q, n_keys=n_keys)
     if method == "triton" and block_q * KP > MAX_SORT:
         raise ValueError(f"method='triton' merges block_q * next_pow2(K) = {block_q * KP} keys in "
                          f"registers (at most {MAX_SORT}); use method='bitmap'")
@@ -270,7 +286,7 @@ def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
     nbt = triton.cdiv(T, block_q)
     nb = B * nbt
     if method == "bitmap":
-        return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes)
+        return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, T if n_keys is None else n_keys)
     # timed at 128K on an H200 (bench/sweep_dsa.py): one pass 26.6 ms with 8 warps, 27.8 with 4;
     # two passes (count, write) 38.9 ms with 4 warps, 44.4 with 8, 56.5 with 16; the full sort
     # the merge replaced took 106.6 ms
@@ -339,36 +355,44 @@ def _config() -> dict:
     return dict(KB=1024, warps_mark=4, bits_emit=16384, warps_emit=2)
 
 
-def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes) -> SparsePlan:
+def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, n_keys) -> SparsePlan:
     """The union plan from per-block bitmaps: each token's selections set bits in its plane of the
-    block's [T / 32 words, block_q] bitmap (integer atomic OR), then one walk over the words of the
-    block's causal range writes the positions with any bit set, ascending (no sort or merge; no
-    limit on K). Chunks of blocks hold the bitmaps and padded slots within chunk_bytes."""
+    block's [n_keys / 32 words, block_q] bitmap (integer atomic OR), then one walk over the words
+    from the block's smallest to its largest selected position writes the positions with any bit
+    set, ascending (no sort or merge; no limit on K). Chunks of blocks hold the bitmaps and padded
+    slots within chunk_bytes."""
     dev = idx.device
     nb = B * nbt
-    words = triton.cdiv(T, 32)
+    words = triton.cdiv(n_keys, 32)
     capb = block_q * K
-    per_chunk = max(1, min(nb, chunk_bytes // (8 * capb + 4 * words * block_q)))
+    per_chunk = max(1, min(nb, chunk_bytes // (8 * capb + 4 * words * block_q + 4)))
     bm = torch.empty(per_chunk * words * block_q, dtype=torch.int32, device=dev)
+    hi = torch.empty(per_chunk, dtype=torch.int32, device=dev)  # largest selected position per block
     counts = torch.empty(nb, dtype=torch.int32, device=dev)
     offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
     cfg = _config()
 
     def fill(c0, n, pad_pos, pad_bits):
         bm[:n * words * block_q].zero_()
-        plan_fwd_kernel_mark[(n, block_q)](idx, bm, T, nbt, K, c0, words, BQ=block_q,
+        hi.fill_(-1)
+        plan_fwd_kernel_mark[(n, block_q)](idx, bm, hi, T, nbt, K, c0, words, BQ=block_q,
                                            KB=min(cfg["KB"], pow2(K)), num_warps=cfg["warps_mark"])
-        plan_fwd_kernel_emit[(n,)](bm, idx, counts, pad_pos, pad_bits, T, nbt, K, c0, words, capb,
-                                   BQ=block_q, NW=max(1, cfg["bits_emit"] // (32 * block_q)),
+        plan_fwd_kernel_emit[(n,)](bm, idx, hi, counts, pad_pos, pad_bits, T, nbt, K, c0, words,
+                                   capb, BQ=block_q, NW=max(1, cfg["bits_emit"] // (32 * block_q)),
                                    num_warps=cfg["warps_emit"])
     return _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
 
 
 def build_sparse_plan_torch(idx_BTK: torch.Tensor, block_q: int,
-                            chunk_elems: int = 1 << 26) -> SparsePlan:
-    """Reference builder (dense bit table per chunk of blocks); same result as build_sparse_plan."""
+                            chunk_elems: int = 1 << 26, n_keys: int | None = None) -> SparsePlan:
+    """Reference builder (dense [blocks, n_keys] bit table per chunk of blocks); same result as
+    build_sparse_plan. n_keys (default T) bounds the positions in idx, which it checks."""
     _check_block_q(block_q)
     B, T, K = idx_BTK.shape
+    NK = T if n_keys is None else n_keys
+    if idx_BTK.numel() and int(idx_BTK.max()) >= NK:
+        raise ValueError(f"idx holds key position {int(idx_BTK.max())}, beyond the {NK} key rows "
+                         f"(n_keys={n_keys}, T={T})")
     dev = idx_BTK.device
     nbt = triton.cdiv(T, block_q)
     pad = nbt * block_q - T
@@ -379,20 +403,20 @@ def build_sparse_plan_torch(idx_BTK: torch.Tensor, block_q: int,
     bit_Q = (torch.ones(block_q, dtype=torch.int32, device=dev)
              << torch.arange(block_q, dtype=torch.int32, device=dev)).view(1, block_q, 1)
     n_blocks = B * nbt
-    per_chunk = max(1, chunk_elems // max(1, T))
+    per_chunk = max(1, chunk_elems // max(1, NK))
     counts, pos_parts, bits_parts = [], [], []
     for c0 in range(0, n_blocks, per_chunk):
         sub = idx_NQK[c0:c0 + per_chunk]
         n = sub.shape[0]
         valid = sub >= 0
-        table = torch.zeros(n * T, dtype=torch.int32, device=dev)
-        rows = torch.arange(n, device=dev).view(n, 1, 1) * T
+        table = torch.zeros(n * NK, dtype=torch.int32, device=dev)
+        rows = torch.arange(n, device=dev).view(n, 1, 1) * NK
         flat = (rows + sub.clamp_min(0))[valid]
         table.index_add_(0, flat, bit_Q.expand(n, block_q, K)[valid])  # distinct bits: sum == or
         nz = table.nonzero().flatten()
-        pos_parts.append((nz % T).to(torch.int32))
+        pos_parts.append((nz % NK).to(torch.int32))
         bits_parts.append(table[nz])
-        counts.append(torch.bincount(nz // T, minlength=n))
+        counts.append(torch.bincount(nz // NK, minlength=n))
     counts_N = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long, device=dev)
     offsets = torch.zeros(n_blocks + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts_N, 0)

@@ -227,31 +227,6 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
     return mean_tp * (Tp / pos_R.numel())  # rows not held contribute exactly 0
 
 
-def _plan_for_subset(idx_1RK: torch.Tensor, block_q: int):
-    """Union plan (kernels/dsa/plan.py) of query rows whose selected key positions may exceed the
-    number of query rows. The Triton builder never bounds positions by the row count; kernels/dsa's
-    torch builder does (a [rows, T] table), so off the GPU the plan is built here with a sort."""
-    from kernels.dsa.common import interpreting, pow2
-    from kernels.dsa.plan import MAX_SORT, SparsePlan, build_sparse_plan
-    _, R, K = idx_1RK.shape
-    if idx_1RK.is_cuda and not interpreting() and block_q * pow2(K) <= MAX_SORT:
-        return build_sparse_plan(idx_1RK, block_q, method="triton")
-    dev = idx_1RK.device
-    nbt = -(-R // block_q)
-    idx = idx_1RK[0].long()
-    valid = idx >= 0
-    span = int(idx.max().clamp_min(0)) + 1
-    row = torch.arange(R, device=dev)[:, None].expand(R, K)
-    key = (row // block_q) * span + idx                               # (block, position), sorted by unique
-    bit = (torch.ones_like(idx) << (row % block_q))
-    uniq, inv = torch.unique(key[valid], return_inverse=True)
-    bits = torch.zeros(uniq.numel(), dtype=torch.long, device=dev).index_add_(0, inv, bit[valid])  # distinct bits
-    offsets = torch.zeros(nbt + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.bincount(uniq // span, minlength=nbt).cumsum(0)
-    return SparsePlan(block_q, 1, R, nbt, offsets, (uniq % span).to(torch.int32).contiguous(),
-                      bits.to(torch.int32).contiguous())
-
-
 def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float,
                    span: int | None = None):
     """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1).
@@ -260,17 +235,19 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     one; None: sparse_attn_bwd takes the key rows' count). The attention backward's launch settings depend on it
     (kernels/dsa/sparse_attn._config), and neither the local row count nor the gathered key count
     is it: 64K local rows of a 128K sequence reach 128K keys."""
-    from dataclasses import replace
-    from kernels.dsa import default_block_q
+    from kernels.dsa import build_sparse_plan, default_block_q
     from kernels.dsa.indexer_loss import IndexerKLLossFn, loss_block_q
     from kernels.dsa.sparse_attn import SparseGQAAttentionFn
     Hq, Hkv, HI = q_RHD.shape[1], k_THD.shape[1], q_idx_RHD.shape[1]
     idx = idx_RK[None].contiguous()
-    plan = replace(_plan_for_subset(idx, default_block_q(Hq, Hkv)), max_doc_len=span)
+    # idx holds global key positions: the plan's bitmaps span the gathered keys, not the local rows
+    n_keys = k_THD.shape[0]
+    plan = build_sparse_plan(idx, default_block_q(Hq, Hkv), n_keys=n_keys, max_doc_len=span)
     q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
     o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     bq = loss_block_q(Hq, Hkv, HI)
-    lplan = plan if bq == plan.block_q else _plan_for_subset(idx, bq)
+    lplan = plan if bq == plan.block_q else build_sparse_plan(idx, bq, n_keys=n_keys,
+                                                              max_doc_len=plan.max_doc_len)
     start = torch.zeros(idx.shape[1], dtype=torch.int32, device=q.device)  # unused by the sparse walk
     kl = IndexerKLLossFn.apply(q_idx_RHD[None], w_RH[None], k_idx_TD[None], q.detach(), k.detach(),
                                lse.detach(), start, lplan, lplan.block_q, scale)

@@ -259,6 +259,41 @@ def test_plan_merge_of_sorted_rows(T, K, block_q):
         assert torch.equal(a.pos_U.cpu(), b.pos_U) and torch.equal(a.bits_U.cpu(), b.bits_U), kw
 
 
+@pytest.mark.parametrize("method", ["torch", "triton", "bitmap"])
+def test_plan_of_query_subset(method):
+    """Query rows that select among more keys than there are rows (a context-parallel rank's rows
+    hold global key positions), built with n_keys: every builder gives the plan that per-block
+    Python sets give, in one chunk and in chunks of one block (the bitmap builder must size its
+    bitmaps by the keys and end each walk at the block's largest position, not its last row)."""
+    R, NK, K, bq = 21, 90, 8, 4
+    g = torch.Generator().manual_seed(5)
+    idx = torch.full((1, R, K), -1, dtype=torch.int32)
+    for r in range(R):
+        t = 40 + 2 * r                      # the row's global position; it selects keys <= t
+        n = K if r % 5 else 3               # some rows shorter than K (-1 padding)
+        idx[0, r, :n] = torch.randperm(t + 1, generator=g)[:n].sort().values.int()
+    offsets, pos, bits = [0], [], []
+    for b0 in range(0, R, bq):
+        union = {}
+        for i, r in enumerate(range(b0, min(b0 + bq, R))):
+            for x in idx[0, r].tolist():
+                if x >= 0:
+                    union[x] = union.get(x, 0) | (1 << i)
+        pos += sorted(union)
+        bits += [union[x] for x in sorted(union)]
+        offsets.append(len(pos))
+    assert max(pos) >= 64  # beyond the rows, and beyond the rows' two bitmap words
+    for kw in (dict(), dict(chunk_bytes=1)):
+        a = build_sparse_plan(idx.to(DEV), bq, method=method, n_keys=NK, **kw)
+        assert a.offsets_N1.tolist() == offsets, kw
+        assert a.pos_U.tolist() == pos and a.bits_U.tolist() == bits, kw
+        assert (a.T, a.max_doc_len) == (R, NK)
+    with pytest.raises(ValueError, match=f"key position {max(pos)}, beyond the {R} key rows"):
+        build_sparse_plan_torch(idx, bq)  # without n_keys the rows bound the positions
+    with pytest.raises(ValueError, match="with n_keys"):
+        build_sparse_plan(idx, bq, n_keys=NK, cu_seqlens=torch.tensor([0, R], dtype=torch.int32))
+
+
 # ----------------------------------------------------------------------------- sparse attention
 
 ATTN_CASES = [
