@@ -29,31 +29,24 @@ __global__ void make_rows(int* rows, long n, uint32_t n_rows) {
   if (e < n) rows[e] = (int)(mix((uint32_t)e * 2654435761U + 12345U) % n_rows);
 }
 
-// One warp per row: each lane adds 4 adjacent floats per 128-float stripe (red.global.add.v4.f32).
-__global__ void k_red_v4(float* buf, const int* __restrict__ rows, long n, int row_floats, int per_cta) {
+// One warp per row, 4 adjacent floats per lane per 128-float stripe: RED adds them
+// (red.global.add.v4.f32), otherwise plain 16-byte stores write them (the bytes without the sum).
+template <bool RED>
+__global__ void k_warp_rows(float* buf, const int* __restrict__ rows, long n, int row_floats, int per_cta) {
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   long base = (long)blockIdx.x * per_cta;
   for (int i = warp; i < per_cta; i += nw) {
     long e = base + i;
     if (e >= n) return;
     float* dst = buf + (long)rows[e] * row_floats;
-    for (int c = lane * 4; c < row_floats; c += 128)
-      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-                   :: "l"(dst + c), "f"(1.0f), "f"(2.0f), "f"(3.0f), "f"(4.0f) : "memory");
-  }
-}
-
-// Same rows written with plain 16-byte stores (what a reduction-free write of the bytes costs).
-__global__ void k_store_v4(float* buf, const int* __restrict__ rows, long n, int row_floats, int per_cta) {
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  long base = (long)blockIdx.x * per_cta;
-  for (int i = warp; i < per_cta; i += nw) {
-    long e = base + i;
-    if (e >= n) return;
-    float* dst = buf + (long)rows[e] * row_floats;
-    for (int c = lane * 4; c < row_floats; c += 128)
-      asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};"
-                   :: "l"(dst + c), "f"(1.0f), "f"(2.0f), "f"(3.0f), "f"(4.0f) : "memory");
+    for (int c = lane * 4; c < row_floats; c += 128) {
+      if (RED)
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                     :: "l"(dst + c), "f"(1.0f), "f"(2.0f), "f"(3.0f), "f"(4.0f) : "memory");
+      else
+        asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};"
+                     :: "l"(dst + c), "f"(1.0f), "f"(2.0f), "f"(3.0f), "f"(4.0f) : "memory");
+    }
   }
 }
 
@@ -105,8 +98,8 @@ int main() {
           float best = 1e30f;
           for (int rep = 0; rep < 4; ++rep) {
             CK(cudaEventRecord(a));
-            if (kind == 0) k_red_v4<<<grid, threads>>>(buf, rows, n, row_floats, per_cta);
-            else if (kind == 1) k_store_v4<<<grid, threads>>>(buf, rows, n, row_floats, per_cta);
+            if (kind == 0) k_warp_rows<true><<<grid, threads>>>(buf, rows, n, row_floats, per_cta);
+            else if (kind == 1) k_warp_rows<false><<<grid, threads>>>(buf, rows, n, row_floats, per_cta);
             else k_bulk<<<grid, threads, smem>>>(buf, rows, n, row_floats, per_cta);
             CK(cudaEventRecord(b));
             CK(cudaEventSynchronize(b));
