@@ -282,7 +282,7 @@ def test_plan_of_query_subset(method):
         pos += sorted(union)
         bits += [union[x] for x in sorted(union)]
         offsets.append(len(pos))
-    assert max(pos) >= 64  # beyond the rows, and beyond the rows' two bitmap words
+    assert max(pos) >= 64  # beyond the 21 rows and the one 32-position bitmap word they would size
     for kw in (dict(), dict(chunk_bytes=1)):
         a = build_sparse_plan(idx.to(DEV), bq, method=method, n_keys=NK, **kw)
         assert a.offsets_N1.tolist() == offsets, kw
