@@ -16,13 +16,15 @@ picks Ulysses ("a2a", the default) or the all-gathered KV ("all_gather").
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
+from models.sdpa import sdpa
 
 
 class SDPACoreAttention(MegatronModule):
@@ -51,23 +53,87 @@ class SDPACoreAttention(MegatronModule):
             return out.reshape(s, b, nq * d)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = causal_attention(q, k, v, cu, self.softmax_scale, dropout_p=p)
+        longest = getattr(packed_seq_params, "max_seqlen_q", None)  # the trainer sets a Python int
+        out = causal_attention(q, k, v, cu, self.softmax_scale, dropout_p=p,
+                               max_seqlen=longest if isinstance(longest, int) else None)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
 
 
-def causal_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0):
-    """Causal GQA attention on [b, h, s, d] tensors; with cu_seqlens (batch 1), per document."""
+def causal_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, max_seqlen: int | None = None):
+    """Causal GQA attention on [b, h, s, d] tensors; with cu_seqlens (batch 1), per document.
+
+    Packed rows of short documents on a GPU go through one FlashAttention varlen call over the document
+    bounds when torch has it (bf16 / fp16, no dropout; VARLEN_BELOW_MEAN_DOC); max_seqlen, the longest
+    document, saves reading it from cu_seqlens. Otherwise one SDPA call per document."""
     gqa = k.shape[1] != q.shape[1]
     if cu_seqlens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
-                                              enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if q.shape[0] != 1:
         raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
-    out = torch.empty_like(q)
+    if (q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.bfloat16, torch.float16) and _varlen() is not None
+            and q.shape[2] < VARLEN_BELOW_MEAN_DOC * (cu_seqlens.numel() - 1)):
+        return _varlen_causal(q, k, v, cu_seqlens, scale, max_seqlen)
+    return per_document_attention(q, k, v, cu_seqlens, scale, dropout_p)
+
+
+# One varlen call beats one SDPA call per document when documents average fewer tokens than this (H200,
+# bf16, 32 q / 4 kv heads, head dim 128, forward+backward; bench/bench_packed_attention.py): the loop's
+# per-call cost dominates short documents, and torch's varlen kernel (FlashAttention 2, K / V repeated for
+# GQA in torch 2.11) is slower than SDPA's own kernels on long ones.
+VARLEN_BELOW_MEAN_DOC = 1024
+
+
+def per_document_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0):
+    """causal_attention of a packed row [1, h, s, d], one SDPA call per document of cu_seqlens.
+
+    The row is split into documents and the outputs concatenated, so the backward joins the documents'
+    input gradients once (a cat). Slicing each document out of the row and writing into a preallocated
+    output instead took 146 against 26 ms of forward+backward at 128K tokens of 2,048-token documents on an
+    H200 (bench/bench_packed_attention.py; the likely cause, not measured apart: each slice's backward
+    makes a gradient of the whole row)."""
+    gqa = k.shape[1] != q.shape[1]
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            out[:, :, start:end] = F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
-                dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    return out
+    if bounds[0] != 0 or bounds[-1] != q.shape[2]:
+        raise ValueError(f"cu_seqlens must run from 0 to the row's {q.shape[2]} tokens, got {bounds[0]} .. "
+                         f"{bounds[-1]}")
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    outs = []
+    for qd, kd, vd in zip(*(torch.split(t, sizes, dim=2) for t in (q, k, v))):
+        outs.append(qd if qd.shape[2] == 0 else sdpa(qd, kd, vd, is_causal=True, dropout_p=dropout_p,
+                                                     scale=scale, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
+
+
+@functools.cache
+def _varlen():
+    """(varlen_attn, its parameter names) of the installed torch, or None (no varlen, or a signature this
+    module cannot make causal)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    return (varlen_attn, params) if {"window_size", "is_causal"} & params else None
+
+
+def _varlen_causal(q, k, v, cu_seqlens, scale: float, max_seqlen: int | None):
+    """[1, h, s, d] -> [1, hq, s, d]: one causal varlen call over the documents of cu_seqlens."""
+    fn, params = _varlen()
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if max_seqlen is None:
+        cu = cu_seqlens
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    q_, k_, v_ = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [s, h, d]
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale != d ** -0.5:
+        q_ = q_ * (scale * d ** 0.5)
+    if hkv != hq:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k_, v_ = (t.repeat_interleave(hq // hkv, dim=1) for t in (k_, v_))
+    cu = cu_seqlens.to(torch.int32)
+    out = fn(q_, k_, v_, cu, cu, max_seqlen, max_seqlen, **kw)
+    return out.transpose(0, 1).unsqueeze(0)

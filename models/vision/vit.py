@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.sdpa import sdpa
 from models.vision.config import VisionConfig
 
 
@@ -181,7 +182,7 @@ class VisionAttention(nn.Module):
             q = apply_rope(blk[:, :, 0], g.cos, g.sin).transpose(1, 2)    # [nf, heads, n, d]
             k = apply_rope(blk[:, :, 1], g.cos, g.sin).transpose(1, 2)
             v = blk[:, :, 2].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v)                   # bidirectional within a frame
+            o = sdpa(q, k, v)                                             # bidirectional within a frame
             outs.append(o.transpose(1, 2).reshape(g.num_frames * g.n, self.heads * self.head_dim))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 

@@ -31,10 +31,10 @@ from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from models.attention.dense import causal_attention
+from models.sdpa import sdpa
 from parallel.context.comm import all_gather_seq, group_size_rank, head_to_seq_a2a, seq_to_head_a2a
 from parallel.context.split import (CPSplit, cp_chunk_bounds, cp_global_indices, natural_to_rank_concat,
                                     rank_concat_to_natural)
@@ -133,7 +133,7 @@ def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 continue
             qs = q_b[:, :, local0 + lo - a: local0 + hi - a]
             ks, vs = k_b[:, :, ds:hi], v_b[:, :, ds:hi]
-            pieces.append(F.scaled_dot_product_attention(
+            pieces.append(sdpa(
                 qs, ks, vs, attn_mask=causal_lower_right(hi - lo, hi - ds), dropout_p=dropout_p, scale=scale,
                 enable_gqa=gqa))
         local0 += e - a
