@@ -53,10 +53,22 @@ class SDPACoreAttention(MegatronModule):
             return out.reshape(s, b, nq * d)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        longest = getattr(packed_seq_params, "max_seqlen_q", None)  # the trainer sets a Python int
         out = causal_attention(q, k, v, cu, self.softmax_scale, dropout_p=p,
-                               max_seqlen=longest if isinstance(longest, int) else None)
+                               max_seqlen=None if cu is None else longest_document(s, packed_seq_params))
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+
+
+def longest_document(s: int, packed_seq_params) -> int:
+    """Tokens in the longest document of a micro-batch row of s tokens: the packed parameters' Python-int
+    max_seqlen_q when given (the trainer sets it; no device sync), else read from cu_seqlens."""
+    if packed_seq_params is None:
+        return s
+    longest = packed_seq_params.max_seqlen_q
+    return longest if isinstance(longest, int) else _longest(packed_seq_params.cu_seqlens_q)
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 def causal_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, max_seqlen: int | None = None):
@@ -121,8 +133,7 @@ def _varlen_causal(q, k, v, cu_seqlens, scale: float, max_seqlen: int | None):
     fn, params = _varlen()
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if max_seqlen is None:
-        cu = cu_seqlens
-        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        max_seqlen = _longest(cu_seqlens)
     q_, k_, v_ = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [s, h, d]
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:

@@ -13,6 +13,10 @@ Stages (`model.lm.dsa.stage`):
   sparse        attention over the selected top-k only; KL restricted to the selected set; the
                 indexer's input is detached, so the LM loss never reaches the indexer and the indexer
                 loss never reaches the model. total = LM + loss_weight * KL.
+                When no document is longer than top-k, every token selects its whole causal prefix:
+                the sparse attention is then dense attention and the KL over the selected set is the
+                KL over all eligible keys, so that case runs the dense kernels (the warm-up stage's
+                computation; no selection, union plan or gathers) with the same result.
 The indexer RoPE uses the even rotary pairs of the main attention's rotary frequencies: with head dim
 128 and index dim 64 these are exactly theta^(-2i/64), i < 32, i.e. standard half-split RoPE at the
 index dimension (and, for video tokens, the same time/height/width split at half the width).
@@ -44,7 +48,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from kernels.dsa import dsa_attention, indexer_kl_loss
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
-from models.attention.dense import causal_attention
+from models.attention.dense import causal_attention, longest_document
 
 STAGES = ("dense_warmup", "sparse")
 
@@ -161,11 +165,13 @@ class DSACoreAttention(MegatronModule):
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
-        elif self.stage == "sparse":  # selection, attention and KL sharing one union plan
+        elif self.stage == "sparse" and longest_document(s, packed_seq_params) > self.topk:
+            # selection, attention and KL sharing one union plan
             out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
                                        topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend)
-        else:
-            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
+        else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
+                                   max_seqlen=longest_document(s, packed_seq_params)).transpose(1, 2)
             kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
                                  backend=backend)
         if self.training and torch.is_grad_enabled():

@@ -1,0 +1,106 @@
+"""DSACoreAttention (models/attention/dsa.py), sparse stage: when no document of the micro-batch is longer
+than top-k, every token selects its whole causal prefix, and the layer runs the dense kernels instead of
+selection + union plan + sparse attention. Its output, KL and gradients must equal the sparse path's
+(kernels/dsa.dsa_attention, the float64 reference backend), and the sparse path must still run as soon as
+one document is longer than top-k."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+
+import models.attention.dsa as mdsa
+from kernels.dsa import dsa_attention
+from tests.kernels.helpers import assert_close
+from tests.kernels.test_dsa import _interpreter_fixes  # noqa: F401  (triton 3.6's interpreter with numpy 2)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter on CPU
+S, HQ, HKV, D, HI, DI = 40, 4, 2, 16, 4, 8
+SCALE = D ** -0.5
+# fp32 SDPA / fp32 Triton kernels (interpreter) against the float64 reference, sums over <= 40 keys:
+# rounding ~1e-7; the same bounds as tests/kernels/test_dsa.py's TOL_OUT / TOL_GRAD.
+TOL_OUT, TOL_GRAD = 1e-5, 2e-5
+
+
+def _core(topk: int, backend: str) -> mdsa.DSACoreAttention:
+    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV,
+                            kv_channels=D, use_cpu_initialization=True, params_dtype=torch.float32)
+    core = mdsa.DSACoreAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self", topk=topk,
+                                 stage="sparse", softmax_scale=SCALE, backend=backend)
+    return core.train()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    shapes = dict(q=(1, S, HQ, D), k=(1, S, HKV, D), v=(1, S, HKV, D), q_idx=(1, S, HI, DI), w=(1, S, HI),
+                  k_idx=(1, S, DI), dout=(1, S, HQ, D))
+    return {n: torch.randn(*s, generator=g).to(DEV) for n, s in shapes.items()}
+
+
+def _packed(bounds, max_seqlen):
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
+                           max_seqlen_kv=max_seqlen)
+
+
+def _run_core(core, x, packed):
+    """The layer's output [b, s, hq, d], its KL, and the gradients of sum(out * dout) + the attached KL."""
+    t = {n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v", "q_idx", "w", "k_idx")}
+    core.indexer_out = (t["q_idx"], t["w"], t["k_idx"])
+    q, k, v = (t[n].transpose(0, 1) for n in ("q", "k", "v"))  # megatron's [s, b, h, d]
+    out = core(q, k, v, None, packed_seq_params=packed)
+    out = out.view(S, 1, HQ, D).transpose(0, 1)
+    (out * x["dout"]).sum().backward()  # AttachLoss adds KL * b * s (loss_weight 1, tp 1)
+    return out.detach(), core.last_kl, {n: p.grad for n, p in t.items()}
+
+
+def _run_reference(x, topk, cu):
+    t = {n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v", "q_idx", "w", "k_idx")}
+    o, kl, _ = dsa_attention(t["q"], t["k"], t["v"], t["q_idx"], t["w"], t["k_idx"], topk=topk, scale=SCALE,
+                             cu_seqlens=cu, backend="naive")
+    ((o * x["dout"]).sum() + kl * S).backward()
+    return o.detach(), kl.detach(), {n: p.grad for n, p in t.items()}
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("case", ["packed", "packed_tensor_max", "unpacked"])
+def test_sparse_stage_with_every_key_selected_runs_dense_and_matches(case, backend, monkeypatch):
+    bounds = (0, 12, 30, 40)                        # longest document: 18 tokens
+    topk, cu, packed = {
+        "packed": (18, torch.tensor(bounds, dtype=torch.int32, device=DEV), _packed(bounds, 18)),
+        # megatron also allows tensors here: the layer then reads the bounds
+        "packed_tensor_max": (18, torch.tensor(bounds, dtype=torch.int32, device=DEV), _packed(bounds, torch.tensor(18))),
+        "unpacked": (S, None, None),                # one document of S = top-k tokens
+    }[case]
+    x = _inputs()
+    ref = _run_reference(x, topk, cu)
+    monkeypatch.setattr(mdsa, "dsa_attention", lambda *a, **k: pytest.fail("the sparse path ran"))
+    out, kl, grads = _run_core(_core(topk, backend), x, packed)
+    assert_close("out", ref[0], out, TOL_OUT)
+    assert_close("kl", ref[1], kl, TOL_OUT)
+    for name, g in ref[2].items():
+        assert_close(name, g, grads[name], TOL_GRAD)
+
+
+def test_sparse_stage_with_a_longer_document_takes_the_sparse_path(monkeypatch):
+    bounds = (0, 12, 30, 40)
+    calls = []
+    real = mdsa.dsa_attention
+    monkeypatch.setattr(mdsa, "dsa_attention", lambda *a, **k: calls.append(k["topk"]) or real(*a, **k))
+    x = _inputs()
+    out, kl, grads = _run_core(_core(17, "naive"), x, _packed(bounds, 18))  # 18 > top-k 17
+    assert calls == [17]
+    ref = _run_reference(x, 17, torch.tensor(bounds, dtype=torch.int32, device=DEV))
+    assert_close("out", ref[0], out, TOL_OUT)
+    assert_close("kl", ref[1], kl, TOL_OUT)
+
+
+def test_longest_document():
+    assert mdsa.longest_document(40, None) == 40
+    assert mdsa.longest_document(40, _packed((0, 12, 30, 40), 18)) == 18
+    assert mdsa.longest_document(40, _packed((0, 12, 30, 40), torch.tensor(99))) == 18  # reads the bounds
+    assert mdsa.longest_document(40, types.SimpleNamespace(max_seqlen_q=None,
+                                                            cu_seqlens_q=torch.tensor([0, 7, 40]))) == 33
