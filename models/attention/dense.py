@@ -2,8 +2,10 @@
 
 Drop-in for megatron-core's `core_attention` slot (same constructor and forward signature as its
 `DotProductAttention`), without materialising the [b, heads, s, s] score tensor on GPU (SDPA picks
-the flash / memory-efficient kernels there). Packed sequences (`PackedSeqParams` with cu_seqlens)
-are attended document by document, so no token attends across a document boundary.
+the flash / memory-efficient kernels there; every call goes through models/sdpa.py, whose backward gets a
+contiguous gradient). Packed sequences (`PackedSeqParams` with cu_seqlens) are attended per document, so no
+token attends across a document boundary: one SDPA call per document, or on a GPU one varlen call when the
+documents are short (`causal_attention`).
 
 Shapes (megatron layout): query [s, b, nq, d], key/value [s, b, nkv, d] -> context [s, b, nq*d].
 
