@@ -47,6 +47,7 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
         log.info("making %d synthetic videos and their shards in %s (once)", n_videos, d)
         d.mkdir(parents=True, exist_ok=True)
         # one ingest worker: shards list the videos in a fixed order, so the same seed gives the same data
+        # (up to the encoder's rare run-to-run differences, data/video/synthetic.py write_video)
         make_synthetic_shards(d, n_videos=n_videos, seed=seed, shard_size_mb=0.05, workers=1)
         marker.write_text(f"{n_videos} videos, seed {seed}\n")
     deadline = time.time() + timeout_s

@@ -124,8 +124,10 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
             # asm=0: with x264's SIMD routines (the build the PyAV 17 / 18 wheels bundle, FFmpeg 8)
             # the same frames encoded to different bytes, and decoded to different pixels, from run
             # to run (one encoder thread: the same; zeroing the rows' padding bytes: rarer, not
-            # gone); with its C routines every run writes the same file. The tests compare training
-            # runs on these videos; the clips are tiny, so the speed does not matter.
+            # gone); with its C routines runs almost always write the same file (not always: under a
+            # full test suite's load one run in a few wrote one video 182 bytes shorter, cause not
+            # found, so the tests that compare training runs make the videos once and share them).
+            # The clips are tiny, so the speed does not matter.
             opts.update({"crf": str(spec.crf), "preset": "veryfast",
                          "bf": "2" if spec.bframes else "0", "keyint_min": str(gop), "sc_threshold": "0",
                          "x264-params": "asm=0"})
