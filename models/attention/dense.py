@@ -79,9 +79,8 @@ def causal_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, 
     Packed rows of short documents on a GPU go through one FlashAttention varlen call over the document
     bounds when torch has it (bf16 / fp16, no dropout; VARLEN_BELOW_MEAN_DOC); max_seqlen, the longest
     document, saves reading it from cu_seqlens. Otherwise one SDPA call per document."""
-    gqa = k.shape[1] != q.shape[1]
     if cu_seqlens is None:
-        return sdpa(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if q.shape[0] != 1:
         raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
     if (q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.bfloat16, torch.float16) and _varlen() is not None

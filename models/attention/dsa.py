@@ -160,18 +160,19 @@ class DSACoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
+        longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
             out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
-        elif self.stage == "sparse" and longest_document(s, packed_seq_params) > self.topk:
+        elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan
             out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
                                        topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend)
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
-                                   max_seqlen=longest_document(s, packed_seq_params)).transpose(1, 2)
+                                   max_seqlen=longest).transpose(1, 2)
             kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
                                  backend=backend)
         if self.training and torch.is_grad_enabled():
