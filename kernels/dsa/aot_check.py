@@ -127,7 +127,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     pc = pl._config()
     out.append((pl.plan_fwd_kernel_mark,
                 dict(idx_ptr="*i32", bm_ptr="*i32", hi_ptr="*i32", T="i32", NBT="i32", K="i32", PID0="i32",
-                     WORDS="i32"), dict(BQ=BQ, KB=min(pc["KB"], pow2(K))), pc["warps_mark"], 2))
+                     WORDS="i32", NKEYS="i32", NB="i32"), dict(BQ=BQ, KB=min(pc["KB"], pow2(K))),
+                pc["warps_mark"], 2))
     out.append((pl.plan_fwd_kernel_emit,
                 dict(bm_ptr="*i32", idx_ptr="*i32", hi_ptr="*i32", counts_ptr="*i32", pos_ptr="*i32",
                      bits_ptr="*i32", T="i32", NBT="i32", K="i32", PID0="i32", WORDS="i32",

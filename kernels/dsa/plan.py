@@ -157,15 +157,15 @@ def plan_fwd_kernel_compact(pad_pos, pad_bits, offsets_ptr, pos_ptr, bits_ptr, C
         tl.store(bits_ptr + dst + e, tl.load(pad_bits + src + e, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS"])
-def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, BQ: tl.constexpr,
-                         KB: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS", "NKEYS", "NB"])
+def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, NKEYS, NB,
+                         BQ: tl.constexpr, KB: tl.constexpr):
     """Bitmap builder, step 1. Program (p, i): token i of block PID0 + p sets bit pos % 32 of
     word pos // 32 of its plane in the block's bitmap, laid out [word, token] (bm_ptr + (p *
     WORDS + word) * BQ + i, the chunk's block p), and raises hi_ptr[p] to its largest position
     (where the emit walk ends). Integer OR and max: the results do not depend on the order of the
-    atomics. Positions at or beyond WORDS * 32 (outside the bitmap; callers' idx never holds them)
-    are not marked."""
+    atomics. Positions at or beyond NKEYS (no such key row) are not marked; hi_ptr[NB] gets the
+    largest position seen, valid or not, for the host to reject them (_pack_slots)."""
     p = tl.program_id(0)
     i = tl.program_id(1)
     pid = PID0 + p
@@ -175,11 +175,12 @@ def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, BQ: tl
     base = bm_ptr + p.to(tl.int64) * WORDS * BQ + i
     for j0 in range(0, K, KB):
         j = j0 + tl.arange(0, KB)
-        x = tl.load(idx_ptr + row * K + j, mask=(j < K) & (t < T), other=-1)
-        x = tl.where(x < WORDS * 32, x, -1)
+        raw = tl.load(idx_ptr + row * K + j, mask=(j < K) & (t < T), other=-1)
+        x = tl.where(raw < NKEYS, raw, -1)
         tl.atomic_or(base + (x // 32).to(tl.int64) * BQ, tl.full([KB], 1, tl.int32) << (x % 32),
                      mask=x >= 0, sem="relaxed")
         tl.atomic_max(hi_ptr + p, tl.max(x, axis=0), sem="relaxed")
+        tl.atomic_max(hi_ptr + NB, tl.max(raw, axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS", "CAPB"])
@@ -222,6 +223,18 @@ def plan_fwd_kernel_emit(bm_ptr, idx_ptr, hi_ptr, counts_ptr, pos_ptr, bits_ptr,
         tl.store(bits_ptr + dst + cnt + rank, tb, mask=member)
         cnt += tl.sum(per_word, axis=0)
     tl.store(counts_ptr + pid, cnt)
+
+
+def _beyond_keys(top: int, n_keys: int, T: int) -> ValueError:
+    return ValueError(f"idx holds key position {top}, beyond the {n_keys} key rows ({T} query "
+                      "rows; pass n_keys when queries select among more keys): positions must "
+                      "lie in [0, n_keys), or be -1 for an unused slot")
+
+
+def _check_positions(idx: torch.Tensor, n_keys: int, T: int) -> None:
+    """Raise if idx holds a position >= n_keys (one host sync)."""
+    if idx.numel() and (top := int(idx.max())) >= n_keys:
+        raise _beyond_keys(top, n_keys, T)
 
 
 def _check_block_q(block_q: int) -> None:
@@ -287,6 +300,7 @@ def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
     nb = B * nbt
     if method == "bitmap":
         return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, T if n_keys is None else n_keys)
+    _check_positions(idx, T if n_keys is None else n_keys, T)  # the merge builder never looks
     # timed at 128K on an H200 (bench/sweep_dsa.py): one pass 26.6 ms with 8 warps, 27.8 with 4;
     # two passes (count, write) 38.9 ms with 4 warps, 44.4 with 8, 56.5 with 16; the full sort
     # the merge replaced took 106.6 ms
@@ -318,20 +332,26 @@ def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
     return _pack_slots(union, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
 
 
-def _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev) -> SparsePlan:
+def _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev,
+                n_keys=None) -> SparsePlan:
     """Per chunk of `per_chunk` blocks: fill(c0, n, pad_pos, pad_bits) writes each block's distinct
     keys into its padded slot of capb entries and their number into counts; the slots are packed
-    at the prefix-sum offsets and the packed chunks joined."""
+    at the prefix-sum offsets and the packed chunks joined. A fill that returns a 1-element
+    tensor (the chunk's largest position) has it checked against n_keys in the host sync that
+    reads the chunk's offsets."""
     nb = B * nbt
     pad_pos = torch.empty(per_chunk * capb, dtype=torch.int32, device=dev)
     pad_bits = torch.empty_like(pad_pos)
     pos_parts, bits_parts = [], []
     for c0 in range(0, nb, per_chunk):
         n = min(per_chunk, nb - c0)
-        fill(c0, n, pad_pos, pad_bits)
+        top = fill(c0, n, pad_pos, pad_bits)
         off = offsets[c0:c0 + n + 1]
         off[1:] = off[0] + torch.cumsum(counts[c0:c0 + n], 0)
-        base, end = (int(v) for v in off[[0, -1]].tolist())
+        ends = off[[0, -1]] if top is None else torch.cat((off[[0, -1]], top.to(off.dtype)))
+        base, end, *top = (int(v) for v in ends.tolist())
+        if top and top[0] >= n_keys:
+            raise _beyond_keys(top[0], n_keys, T)
         pos_c = torch.empty(end - base, dtype=torch.int32, device=dev)
         bits_c = torch.empty_like(pos_c)
         plan_fwd_kernel_compact[(n,)](pad_pos, pad_bits, off, pos_c, bits_c, capb, base,
@@ -367,7 +387,8 @@ def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, n_keys) -> SparsePlan
     capb = block_q * K
     per_chunk = max(1, min(nb, chunk_bytes // (8 * capb + 4 * words * block_q + 4)))
     bm = torch.empty(per_chunk * words * block_q, dtype=torch.int32, device=dev)
-    hi = torch.empty(per_chunk, dtype=torch.int32, device=dev)  # largest selected position per block
+    # largest selected position per block, then the largest position of the chunk, valid or not
+    hi = torch.empty(per_chunk + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(nb, dtype=torch.int32, device=dev)
     offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
     cfg = _config()
@@ -375,12 +396,14 @@ def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, n_keys) -> SparsePlan
     def fill(c0, n, pad_pos, pad_bits):
         bm[:n * words * block_q].zero_()
         hi.fill_(-1)
-        plan_fwd_kernel_mark[(n, block_q)](idx, bm, hi, T, nbt, K, c0, words, BQ=block_q,
-                                           KB=min(cfg["KB"], pow2(K)), num_warps=cfg["warps_mark"])
+        plan_fwd_kernel_mark[(n, block_q)](idx, bm, hi, T, nbt, K, c0, words, n_keys, per_chunk,
+                                           BQ=block_q, KB=min(cfg["KB"], pow2(K)),
+                                           num_warps=cfg["warps_mark"])
         plan_fwd_kernel_emit[(n,)](bm, idx, hi, counts, pad_pos, pad_bits, T, nbt, K, c0, words,
                                    capb, BQ=block_q, NW=max(1, cfg["bits_emit"] // (32 * block_q)),
                                    num_warps=cfg["warps_emit"])
-    return _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev)
+        return hi[per_chunk:]
+    return _pack_slots(fill, block_q, B, T, nbt, capb, per_chunk, counts, offsets, dev, n_keys)
 
 
 def build_sparse_plan_torch(idx_BTK: torch.Tensor, block_q: int,
@@ -390,9 +413,7 @@ def build_sparse_plan_torch(idx_BTK: torch.Tensor, block_q: int,
     _check_block_q(block_q)
     B, T, K = idx_BTK.shape
     NK = T if n_keys is None else n_keys
-    if idx_BTK.numel() and int(idx_BTK.max()) >= NK:
-        raise ValueError(f"idx holds key position {int(idx_BTK.max())}, beyond the {NK} key rows "
-                         f"(n_keys={n_keys}, T={T})")
+    _check_positions(idx_BTK, NK, T)
     dev = idx_BTK.device
     nbt = triton.cdiv(T, block_q)
     pad = nbt * block_q - T

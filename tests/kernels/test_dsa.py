@@ -294,6 +294,24 @@ def test_plan_of_query_subset(method):
         build_sparse_plan(idx, bq, n_keys=NK, cu_seqlens=torch.tensor([0, R], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("method", ["torch", "triton", "bitmap"])
+def test_plan_rejects_positions_beyond_the_keys(method):
+    """A position at or beyond n_keys (no such K / V row) stops every builder with an error naming
+    it, instead of a plan that sends the attention kernels past the end of K and V. The bitmap
+    builder finds it in the host sync that already reads each chunk's offsets: the bad row sits in
+    the last block, so in chunks of one block only the last chunk holds it. A bitmap word covers
+    32 positions, so 37 (inside the word that holds key 33) must be caught as well as 40."""
+    R, NK, K, bq = 12, 34, 4, 4
+    idx = torch.arange(K, dtype=torch.int32).repeat(1, R, 1)  # every row selects keys 0..3
+    for bad in (NK, 37, 40):
+        idx_bad = idx.clone()
+        idx_bad[0, R - 1, K - 1] = bad
+        for kw in (dict(), dict(chunk_bytes=1)):
+            with pytest.raises(ValueError, match=f"key position {bad}, beyond the {NK} key rows"):
+                build_sparse_plan(idx_bad.to(DEV), bq, method=method, n_keys=NK, **kw)
+    assert build_sparse_plan(idx.to(DEV), bq, method=method, n_keys=NK).pos_U.numel() == 3 * K
+
+
 # ----------------------------------------------------------------------------- sparse attention
 
 ATTN_CASES = [
