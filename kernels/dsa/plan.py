@@ -165,7 +165,7 @@ def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, NKEYS,
     WORDS + word) * BQ + i, the chunk's block p), and raises hi_ptr[p] to its largest position
     (where the emit walk ends). Integer OR and max: the results do not depend on the order of the
     atomics. Positions at or beyond NKEYS (no such key row) are not marked; hi_ptr[NB] gets the
-    largest position seen, valid or not, for the host to reject them (_pack_slots)."""
+    largest of them (it stays -1 when there are none), for the host to reject them (_pack_slots)."""
     p = tl.program_id(0)
     i = tl.program_id(1)
     pid = PID0 + p
@@ -180,7 +180,9 @@ def plan_fwd_kernel_mark(idx_ptr, bm_ptr, hi_ptr, T, NBT, K, PID0, WORDS, NKEYS,
         tl.atomic_or(base + (x // 32).to(tl.int64) * BQ, tl.full([KB], 1, tl.int32) << (x % 32),
                      mask=x >= 0, sem="relaxed")
         tl.atomic_max(hi_ptr + p, tl.max(x, axis=0), sem="relaxed")
-        tl.atomic_max(hi_ptr + NB, tl.max(raw, axis=0), sem="relaxed")
+        top = tl.max(raw, axis=0)
+        if top >= NKEYS:  # only a bad tile touches the chunk's one shared word
+            tl.atomic_max(hi_ptr + NB, top, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "K", "PID0", "WORDS", "CAPB"])
@@ -387,7 +389,7 @@ def _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, n_keys) -> SparsePlan
     capb = block_q * K
     per_chunk = max(1, min(nb, chunk_bytes // (8 * capb + 4 * words * block_q + 4)))
     bm = torch.empty(per_chunk * words * block_q, dtype=torch.int32, device=dev)
-    # largest selected position per block, then the largest position of the chunk, valid or not
+    # largest selected position per block, then the chunk's largest position beyond the keys (-1: none)
     hi = torch.empty(per_chunk + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(nb, dtype=torch.int32, device=dev)
     offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
