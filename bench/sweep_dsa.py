@@ -274,15 +274,15 @@ def main():
         sub = idx[:, L // 2:].contiguous()
         out = {"rows": sub.shape[1], "n_keys": L}
         try:
-            merge = build_sparse_plan(sub, 4, method="triton")
+            merge = build_sparse_plan(sub, 4, method="triton", n_keys=L)
             bitmap = build_sparse_plan(sub, 4, method="bitmap", n_keys=L)
             out["same_plan"] = bool(torch.equal(merge.offsets_N1, bitmap.offsets_N1)
                                     and torch.equal(merge.pos_U, bitmap.pos_U)
                                     and torch.equal(merge.bits_U, bitmap.bits_U))
             del merge, bitmap
-            for name, f in (("merge_ms", lambda: build_sparse_plan(sub, 4, method="triton")),
+            for name, f in (("merge_ms", lambda: build_sparse_plan(sub, 4, method="triton", n_keys=L)),
                             ("bitmap_ms", lambda: build_sparse_plan(sub, 4, method="bitmap", n_keys=L)),
-                            ("merge_ms_again", lambda: build_sparse_plan(sub, 4, method="triton")),
+                            ("merge_ms_again", lambda: build_sparse_plan(sub, 4, method="triton", n_keys=L)),
                             ("bitmap_ms_again", lambda: build_sparse_plan(sub, 4, method="bitmap", n_keys=L)),
                             ("all_rows_bitmap_ms", lambda: build_sparse_plan(idx, 4, method="bitmap"))):
                 out[name] = timed(f, args.quick)
