@@ -90,13 +90,16 @@ def run_ours(cfg, layout, steps: int, warmup: int) -> dict:
     tr.streams = [Pregenerated(tr.streams[0], steps + warmup)]
     for m in tr.model:
         m.train()
-    times, losses = [], []
+    times, losses, norms, extras = [], [], [], []
     for i in range(steps + warmup):
         s = tr.train_step()
         if i >= warmup:
             times.append(s.seconds)
             losses.append(s.loss)
-    out = {"step_s": statistics.median(times), "losses": losses, "peak_mem_gb": _peak_gb()}
+            norms.append(s.grad_norm)
+            extras.append(s.extra)
+    out = {"step_s": statistics.median(times), "step_times_s": times, "losses": losses, "grad_norms": norms,
+           "extra": extras, "peak_mem_gb": _peak_gb()}
     del tr
     return out
 

@@ -78,6 +78,7 @@ class DistillConfig:
 
 
 TRAINABLE = ("all", "summary", "indexer", "projector")
+INDEXER_BACKWARD = ("local", "model")
 
 
 @dataclass
@@ -103,6 +104,10 @@ class TrainConfig:
     # which parameters train: all, only the KSA summary parameters (conversion stage 1), or only the DSA
     # indexers (dense warm-up)
     trainable: str = "all"
+    # with trainable=indexer: "local" (each DSA layer back-propagates its KL in its forward and the step
+    # runs the frozen model forward only) or "model" (the KL's gradient rides back through the frozen
+    # model, as in the sparse stage: the same indexer gradients, slower; kept as the reference)
+    indexer_backward: str = "local"
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -125,6 +130,9 @@ class TrainConfig:
             raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.indexer_backward not in INDEXER_BACKWARD:
+            raise ValueError(f"train.indexer_backward must be one of {INDEXER_BACKWARD}, got "
+                             f"{self.indexer_backward!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")

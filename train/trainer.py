@@ -28,6 +28,7 @@ from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
+from models.attention.dsa import use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
@@ -168,8 +169,15 @@ class Trainer:
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
 
+        # train.trainable=indexer (the DSA warm-up): only the indexers train, and their one loss, each DSA layer's
+        # KL, never reaches the rest of the model (models/attention/dsa.py). With indexer_backward=local each
+        # layer back-propagates its KL in its forward and the step runs the model forward only: the backward
+        # through the frozen model reaches no trainable parameter. Nothing is then kept for a backward, so
+        # recompute and activation offload have nothing to do and are off.
+        self.indexer_step = t.trainable == "indexer" and t.indexer_backward == "local"
+        recompute = None if layout.recompute == "none" or self.indexer_step else layout.recompute
         self.tconfig = transformer_config(lm, layout.model_sizes(), bf16=self.bf16, use_cpu_initialization=False,
-                                          recompute=None if layout.recompute == "none" else layout.recompute)
+                                          recompute=recompute)
         # megatron's own initialisation stays on although init_layout_invariant overwrites every value: with
         # perform_initialization=False megatron 0.16.1 never tags TP-sharded weights `tensor_model_parallel`,
         # and gradient clipping then counts them on TP rank 0 only (a wrong grad norm at TP > 1).
@@ -187,10 +195,12 @@ class Trainer:
         for c in chunks:
             c.to(self.device)
         init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
+        if self.indexer_step:
+            use_local_kl_backward(chunks)
         # parallel.offload=activations: what decoder layers save for backward lives in host memory (with
         # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
         self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
-                           if layout.offload == "activations" else [])
+                           if layout.offload == "activations" and not self.indexer_step else [])
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
         if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
             self._init_weights_from(chunks, t.checkpoint.init_from)
@@ -206,8 +216,10 @@ class Trainer:
         if cfg.model.vision.enabled:
             from train.vision import VisionTower
 
+            # the projector trains with the whole model and in the alignment stage; the KSA and DSA conversion
+            # stages (trainable=summary / indexer) keep everything but their own parameters frozen
             self.vision = VisionTower(cfg, layout, self.pgs, self.device, train_vit=t.trainable == "all",
-                                      bf16=self.bf16)
+                                      train_projector=t.trainable in ("all", "projector"), bf16=self.bf16)
             if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
                 self._init_vision_from(t.checkpoint.init_from)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -261,6 +273,12 @@ class Trainer:
                      "distributed" if layout.distributed_optimizer else "replicated")
             if frozen:
                 log.info("train.trainable=%s: %d parameter tensors frozen", t.trainable, frozen)
+            if self.indexer_step:
+                log.info("train.indexer_backward=local: each DSA layer back-propagates its indexer KL in its forward; "
+                         "the step runs the frozen model forward only%s",
+                         "" if layout.recompute == "none" and layout.offload != "activations"
+                         else f" (parallel.recompute={layout.recompute} and parallel.offload={layout.offload} "
+                              "have nothing to keep for a backward and are off)")
             if self.offloaders:
                 log.info("activation offload: the first %d of each model chunk's %d layers keep what they save for "
                          "backward (recompute %s: %s) in %s", self.offloaders[0].layers_to_offload,
@@ -404,6 +422,12 @@ class Trainer:
                 ckpt.save_failure_message(step, final.with_name(final.name + ".partial"), e)) from e
 
     # ----------------------------------------------------------------------------------------------
+    def _loss_tokens(self, losses: list[dict]) -> torch.Tensor:
+        """This rank's loss-token count over the step's micro-batches (megatron's total_num_tokens; only the
+        last pipeline stage has losses, finalize_model_grads broadcasts its count)."""
+        n = sum(int(d["lm_loss"][1]) for d in losses) if losses else 0
+        return torch.tensor(n, dtype=torch.int, device=self.device)
+
     def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
         """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms)."""
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -452,10 +476,12 @@ class Trainer:
             num_microbatches=self.num_microbatches,
             seq_length=self.model_seq_length,
             micro_batch_size=t.micro_batch_size,
-            forward_only=False,
+            forward_only=self.indexer_step,
             pg_collection=self.pgs,
             **extra,
         )
+        if self.indexer_step:  # what the schedule does after a backward: DP / TP sums, divided by the tokens
+            finalize_model_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale

@@ -56,7 +56,8 @@ def vision_step_flops(model: VisionModel, micro_batches: list[dict]) -> float:
 
 
 class VisionTower:
-    def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool):
+    def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool,
+                 train_projector: bool = True):
         t = cfg.train
         vcfg = cfg.model.vision.build(cfg.model.lm.hidden_size)
         v = cfg.parallel.vit
@@ -68,6 +69,10 @@ class VisionTower:
         self.bf16 = bf16
         for p in self.model.vit.parameters():
             p.requires_grad_(train_vit)
+        vit = {id(p) for p in self.model.vit.parameters()}
+        for p in self.model.parameters():  # the projector: everything outside the ViT
+            if id(p) not in vit:
+                p.requires_grad_(train_projector)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                            weight_decay=t.weight_decay) if self.params else None
@@ -90,7 +95,8 @@ class VisionTower:
         if dist.get_rank() == 0:
             log.info("vision tower: %.1fM parameters (%s), layout %s over %d ranks per LM sequence "
                      "(LM-input ranks %s), balance %s, recompute %s", vcfg.num_params() / 1e6,
-                     "ViT frozen" if not train_vit else "trained", v.layout, len(members), consumers,
+                     ("ViT " + ("trained" if train_vit else "frozen") + ", projector "
+                      + ("trained" if train_projector else "frozen")), v.layout, len(members), consumers,
                      v.balance, v.recompute)
 
     def forward(self, micro_batches: list[dict], device) -> list | None:

@@ -10,9 +10,18 @@ Stages (`model.lm.dsa.stage`):
   dense_warmup  attention stays dense (SDPA); the indexer learns KL(p || softmax(I)) over all causal
                 keys, p = the main attention summed over heads and L1-normalised (detached). Train it
                 with `train.trainable=indexer` so the rest of the model stays frozen.
-  sparse        attention over the selected top-k only; KL restricted to the selected set; the
-                indexer's input is detached, so the LM loss never reaches the indexer and the indexer
-                loss never reaches the model. total = LM + loss_weight * KL.
+  sparse        attention over the selected top-k only; KL restricted to the selected set.
+                total = LM + loss_weight * KL.
+In both stages the indexer's input is detached, so the LM loss never reaches the indexer and the
+indexer loss never reaches the model.
+
+How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
+  "attach"  the KL rides on the attention output's gradient (AttachLoss), so it arrives during the
+            model's backward, under any pipeline schedule. The default.
+  "local"   the layer back-propagates its KL at once, in its forward, and returns an output that
+            needs no gradient. When nothing but the indexers trains (the warm-up), the step can then
+            skip the backward through the frozen model (train/trainer.py), whose gradients reach
+            no trainable parameter; the indexers get the same gradients.
                 When no document is longer than top-k, every token selects its whole causal prefix:
                 the sparse attention is then dense attention and the KL over the selected set is the
                 KL over all eligible keys, so that case runs the dense kernels (the warm-up stage's
@@ -120,7 +129,7 @@ class DSASelfAttention(SelfAttention):
         emb = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb  # [s, b, 1, D]
         half = emb.shape[-1] // 2
         freqs = emb[..., :half][..., ::2][..., : self.indexer.dim // 2]  # even pairs -> [s, b, 1, DI/2]
-        h = hidden_states.detach() if self.core_attention.stage == "sparse" else hidden_states
+        h = hidden_states.detach()  # the indexer loss never reaches the model (module docstring)
         if self.config.sequence_parallel:  # the indexer scores every key: it needs the whole sequence
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
         self.core_attention.indexer_out = self.indexer(h.transpose(0, 1), freqs.transpose(0, 1))
@@ -150,6 +159,7 @@ class DSACoreAttention(MegatronModule):
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.tp = config.tensor_model_parallel_size
         self.indexer_out = None
+        self.kl_backward = "attach"  # or "local" (module docstring; use_local_kl_backward)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -175,8 +185,21 @@ class DSACoreAttention(MegatronModule):
                                    max_seqlen=longest).transpose(1, 2)
             kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
                                  backend=backend)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and kl.requires_grad:
             # per-token loss convention: the trainer divides every gradient by the global token count
-            out = AttachLoss.apply(out, kl * (self.loss_weight * b * s / self.tp))
+            weighted = kl * (self.loss_weight * b * s / self.tp)
+            if self.kl_backward == "local":
+                weighted.backward()
+            else:
+                out = AttachLoss.apply(out, weighted)
         self.last_kl = kl.detach()
         return out.transpose(0, 1).reshape(s, b, nq * d)
+
+
+def use_local_kl_backward(modules) -> int:
+    """Switches every DSA core attention under `modules` (model chunks) to kl_backward="local" (module
+    docstring); returns how many there are."""
+    cores = [m for chunk in modules for m in chunk.modules() if isinstance(m, DSACoreAttention)]
+    for m in cores:
+        m.kl_backward = "local"
+    return len(cores)

@@ -1,5 +1,6 @@
 """The language model with DSA layers on CPU: the dense warm-up trains only the indexers (from a dense
-checkpoint), the sparse stage trains everything and its loss falls, and TP2 equals one process."""
+checkpoint), its indexer-only step equals the backward through the frozen model, the sparse stage trains
+everything and its loss falls, and TP2 equals one process."""
 
 import pytest
 
@@ -16,6 +17,9 @@ def runs(tmp_path_factory):
         "dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"],
         "warmup": COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false",
                             "train.checkpoint.init_from={root}/dense"],
+        # the reference for the indexer-only step: the KL's gradient back through the frozen model
+        "warmup_model": COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false",
+                                  "train.checkpoint.init_from={root}/dense", "train.indexer_backward=model"],
         "sparse": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=8", "train.lr=3e-3", "train.min_lr=3e-4",
                             "train.checkpoint.enabled=false"],
     }, tmp_path_factory.mktemp("dsa"), digests=True)
@@ -28,6 +32,36 @@ def test_warmup_trains_only_the_indexers(runs):
     assert indexer and all(n not in dense for n in indexer)
     for name, value in dense.items():
         assert warm[name] == value, f"{name} changed during the dense warm-up"
+
+
+def test_warmup_indexer_only_step_equals_the_backward_through_the_model(runs):
+    """train.indexer_backward=local (the default: each layer back-propagates its KL in its forward, the step
+    runs the frozen model forward only) trains the indexers exactly as the KL's gradient carried back through
+    the frozen model does: 4 micro-batches per step, so the per-token scaling of the gradients is checked
+    too. The same KL backward on the same inputs, added in the same micro-batch order: equal bit for bit."""
+    losses, digests = runs
+    assert losses["warmup"] == losses["warmup_model"]
+    local, model = digests["warmup"], digests["warmup_model"]
+    assert local.keys() == model.keys()
+    indexer = [n for n in local if ".indexer." in n]
+    assert indexer
+    for name in local:
+        assert local[name] == model[name], name
+
+
+def test_warmup_indexer_only_step_on_two_ranks(tmp_path):
+    """The same on 2 ranks, as tensor parallelism (the replicated indexers' gradients summed over TP) and as
+    data parallelism (summed over DP, the token count all-reduced): each equals its backward through the
+    model bit for bit (the same sums in the same order)."""
+    ov = COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false"]
+    par_ov = {"tp2": ["parallel.tp=2"], "dp2": []}  # parallel=single on 2 ranks: dp = 2
+    layouts = {f"{par}_{mode}": ov + par_ov[par] + [f"train.indexer_backward={mode}"]
+               for par in par_ov for mode in ("local", "model")}
+    losses, digests = run_layouts(2, layouts, tmp_path, digests=True)
+    for par in ("tp2", "dp2"):
+        assert losses[f"{par}_local"] == losses[f"{par}_model"]
+        local, model = digests[f"{par}_local"], digests[f"{par}_model"]
+        assert [n for n in local if ".indexer." in n] and local == model, par
 
 
 def test_sparse_stage_trains(runs):

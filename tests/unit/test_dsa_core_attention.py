@@ -2,7 +2,8 @@
 than top-k, every token selects its whole causal prefix, and the layer runs the dense kernels instead of
 selection + union plan + sparse attention. Its output, KL and gradients must equal the sparse path's
 (kernels/dsa.dsa_attention, the float64 reference backend), and the sparse path must still run as soon as
-one document is longer than top-k."""
+one document is longer than top-k. kl_backward="local" (the warm-up's indexer-only step) gives the indexer
+the gradients that the attached KL gives, in the forward, and leaves a frozen model nothing to back-propagate."""
 from __future__ import annotations
 
 import types
@@ -25,11 +26,11 @@ SCALE = D ** -0.5
 TOL_OUT, TOL_GRAD = 1e-5, 2e-5
 
 
-def _core(topk: int, backend: str) -> mdsa.DSACoreAttention:
+def _core(topk: int, backend: str, stage: str = "sparse") -> mdsa.DSACoreAttention:
     cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV,
                             kv_channels=D, use_cpu_initialization=True, params_dtype=torch.float32)
     core = mdsa.DSACoreAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self", topk=topk,
-                                 stage="sparse", softmax_scale=SCALE, backend=backend)
+                                 stage=stage, softmax_scale=SCALE, backend=backend)
     return core.train()
 
 
@@ -104,3 +105,32 @@ def test_longest_document():
     assert mdsa.longest_document(40, _packed((0, 12, 30, 40), torch.tensor(99))) == 18  # reads the bounds
     assert mdsa.longest_document(40, types.SimpleNamespace(max_seqlen_q=None,
                                                             cu_seqlens_q=torch.tensor([0, 7, 40]))) == 33
+
+
+@pytest.mark.parametrize("stage,topk", [("dense_warmup", 8), ("sparse", 8), ("sparse", S)])
+def test_local_kl_backward_gives_the_attached_gradients_in_the_forward(stage, topk):
+    """kl_backward="local": the indexer's gradients exist when the forward returns and equal those of the
+    default attach path after its backward (the same KL backward, so equal to rounding: TOL_GRAD). With
+    q, k, v frozen (the warm-up's model) the output needs no gradient, so the trainer can skip the
+    model's backward; with q, k, v trainable their gradients are the attach path's minus nothing (the KL
+    never reaches them), so local is correct there too."""
+    x = _inputs()
+    names = ("q_idx", "w", "k_idx")
+    ref = _run_core(_core(topk, "naive", stage), x, None)       # attach: LM-side backward delivers the KL
+    for frozen in (True, False):
+        core = _core(topk, "naive", stage)
+        core.kl_backward = "local"
+        t = {n: x[n].clone().requires_grad_(n in names or not frozen)
+             for n in ("q", "k", "v", "q_idx", "w", "k_idx")}
+        core.indexer_out = (t["q_idx"], t["w"], t["k_idx"])
+        out = core(*(t[n].transpose(0, 1) for n in ("q", "k", "v")), None, packed_seq_params=None)
+        for n in names:                                          # delivered before any backward call
+            assert_close(n, ref[2][n], t[n].grad, TOL_GRAD)
+        assert out.requires_grad is not frozen
+        if not frozen:
+            (out.view(S, 1, HQ, D).transpose(0, 1) * x["dout"]).sum().backward()
+            for n in ("q", "k", "v"):
+                assert_close(n, ref[2][n], t[n].grad, TOL_GRAD)
+            for n in names:                                      # the LM-side backward adds nothing
+                assert_close(n, ref[2][n], t[n].grad, TOL_GRAD)
+    assert mdsa.use_local_kl_backward([torch.nn.Sequential(_core(topk, "naive", stage))]) == 1

@@ -1,0 +1,125 @@
+"""DSA dense warm-up step of a Keye-30B-A3B slice: the indexer-only step against the backward through the frozen model.
+
+Both sides: `train.trainer.Trainer` from the `keye_30b_a3b_dsa_warmup` recipe (every layer DSA, dense attention,
+`train.trainable=indexer`), full width cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16,
+one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median
+step time of `--steps` steps after `--warmup`).
+- "local": `train.indexer_backward=local` (the default): each DSA layer back-propagates its indexer KL in its
+  forward and the step runs the frozen model forward only.
+- "model": `train.indexer_backward=model`, the baseline (what every warm-up step did before): the KL's gradient
+  is attached to the attention output and rides back through the frozen model's whole backward.
+The indexers get the same gradients either way; the run checks it (the gradient norm of every step, and the loss,
+equal to float rounding).
+
+    python bench/bench_dsa_warmup.py --out $OUT/dsa_warmup.json              # GPU: 8K and 32K, 4 layers
+    python bench/bench_dsa_warmup.py --smoke --out /tmp/dsa_warmup.json      # CPU: tiny recipe, checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_spine import _reset_mem, compose_cfg, run_ours  # noqa: E402
+
+MODES = ("local", "model")
+
+
+def run_cases(args) -> dict:
+    """Each (mode, seq) case in its own process."""
+    seqs = [256] if args.smoke else args.seqs
+    merged = {"runs": []}
+    for seq in seqs:
+        for mode in MODES:
+            part = f"{args.out}.{mode}.{seq}.json"
+            cmd = [sys.executable, __file__, "--child", "--mode", mode, "--seqs", str(seq), "--layers", str(args.layers),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", part] + (["--smoke"] if args.smoke else [])
+            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not Path(part).exists():
+                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+                merged["runs"].append({"mode": mode, "seq": seq, "error": f"exit {proc.returncode}: {tail}"[:300]})
+            else:
+                d = json.loads(Path(part).read_text())
+                merged.setdefault("env", d["env"])
+                merged["runs"] += d["runs"]
+            Path(args.out).write_text(json.dumps(merged, indent=1))
+    by = {(r["mode"], r["seq"]): r for r in merged["runs"] if "error" not in r}
+    merged["compare"] = {}
+    for seq in seqs:
+        a, b = by.get(("local", seq)), by.get(("model", seq))
+        if a and b:
+            rel = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a["grad_norms"], b["grad_norms"]))
+            merged["compare"][seq] = {"speedup": b["step_s"] / a["step_s"], "grad_norm_max_rel_diff": rel,
+                                      "losses_equal": a["losses"] == b["losses"],
+                                      "peak_gb": [a["peak_mem_gb"], b["peak_mem_gb"]]}
+    Path(args.out).write_text(json.dumps(merged, indent=1))
+    print(f"\n{'mode':6} {'seq':>6} {'step ms':>9} {'peak GB':>8}  grad norms")
+    for r in merged["runs"]:
+        if "error" in r:
+            print(f"{r['mode']:6} {r['seq']:>6}  {r['error'][:120]}")
+        else:
+            print(f"{r['mode']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['peak_mem_gb']:8.1f}  "
+                  + " ".join(f"{g:.6g}" for g in r["grad_norms"]))
+    for seq, c in merged["compare"].items():
+        print(f"{seq}: local is {c['speedup']:.2f}x the model-backward step; grad norms agree to "
+              f"{c['grad_norm_max_rel_diff']:.1e}; losses equal: {c['losses_equal']}")
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mode", choices=MODES, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
+    ap.add_argument("--child", action="store_true", help="run exactly one (mode, seq) case in this process")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if not args.child:
+        run_cases(args)
+        return
+    import torch
+
+    from train.config import register_configs
+
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ["WANDB_MODE"] = "disabled"
+    register_configs()
+    recipe = "keye_tiny_dsa_warmup" if args.smoke else "keye_30b_a3b_dsa_warmup"
+    results = {"env": {"torch": torch.__version__, "layers": args.layers,
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
+    for seq in ([256] if args.smoke else args.seqs):
+        overrides = [f"recipe={recipe}", "parallel=single", f"model.lm.num_layers={args.layers}",
+                     f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
+                     f"train.steps={args.steps + args.warmup + 1}", "train.warmup_steps=1",
+                     "train.checkpoint.enabled=false", "train.wandb.enabled=false",
+                     f"train.indexer_backward={args.mode}", f"run_dir=/tmp/bench_dsa_warmup/{args.mode}{seq}"]
+        if seq > 4096 and not args.smoke:
+            overrides.append(f"model.lm.max_position_embeddings={max(seq, 262144)}")
+        cfg, layout = compose_cfg(overrides)
+        rec = {"mode": args.mode, "seq": seq, "layers": args.layers}
+        try:
+            rec.update(run_ours(cfg, layout, args.steps, args.warmup))
+        except Exception as e:  # OOM or anything else: record and go on
+            rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        results["runs"].append(rec)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        _reset_mem()
+    from parallel.groups import teardown
+
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
