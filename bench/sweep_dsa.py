@@ -342,6 +342,41 @@ def main():
             {"stages_bwd_p": 1}, {"BS_bwd_p": 64, "warps": 2},
         ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
                                      psum=psum), res, args.quick)
+    if want("loss_dense"):  # the dense warm-up's KL over all causal keys: lse, forward, backward per block size
+        rows = []
+        lse_d = il.dense_attention_lse(q, k, scale, None)
+        ref = None
+        for bq in (4, 8, 16):
+            for ov in ({}, {"BS_fwd": 64}, {"BS_bwd": 64}, {"BS_bwd": 16, "warps_bwd": 8}, {"warps": 8, "warps_bwd": 8}):
+                cfg = {"block_q": bq, **ov}
+                try:
+                    with patched(il, **ov):
+                        kl_d, lse_i_d, z_d, _ = il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq, scale)
+                        g = il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq, scale, lse_i_d, z_d, gscale)
+                        if ref is None:
+                            ref = (kl_d.clone(), [t.clone() for t in g])
+                        diff = {"kl": rel(kl_d, ref[0]), **{n: rel(a, b) for n, a, b in
+                                                            zip(("dq_idx", "dw", "dk_idx"), g, ref[1])}}
+                        torch.cuda.synchronize()
+                        f_ms = timed(lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq, scale), args.quick)
+                        b_ms = timed(lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq, scale,
+                                                               lse_i_d, z_d, gscale), args.quick)
+                    rows.append({"config": cfg, "fwd_ms": f_ms, "bwd_ms": b_ms, "rel_to_first": diff})
+                    print(f"loss_dense {json.dumps(cfg):60s} fwd {f_ms:8.2f} bwd {b_ms:8.2f} ms "
+                          f"rel {max(diff.values()):.1e}", flush=True)
+                except Exception as e:
+                    rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    print(f"loss_dense {json.dumps(cfg):60s} FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
+                torch.cuda.empty_cache()
+        for bq in (4, 8, 16):
+            try:
+                ms = timed(lambda: il.dense_attention_lse(q, k, scale, None, block_q=bq), args.quick)
+                rows.append({"config": {"lse_block_q": bq}, "ms": ms})
+                print(f"loss_dense lse block_q={bq:<3d} {ms:9.2f} ms", flush=True)
+            except Exception as e:
+                rows.append({"config": {"lse_block_q": bq}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        res["loss_dense"] = rows
+        dump(res)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
         try:
             plan8 = build_sparse_plan(idx, 8)

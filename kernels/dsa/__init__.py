@@ -160,8 +160,8 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     if stage == "dense":
         if lse is None:
             lse = dense_attention_lse(q, k, scale, cu_seqlens)
-        bq = block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2])
-        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, bq, scale)
+        # block_q None: the dense stage's tuned forward / backward pair (indexer_loss.dense_block_q)
+        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, block_q, scale)
     if plan is None:
         plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]),
                                  max_doc_len=longest)

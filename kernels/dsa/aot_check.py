@@ -160,7 +160,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     common = dict(q=dt, k=dt, lse="*fp32", q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32",
                   offsets="*i64", upos="*i32", ubits="*i32")
     for dense in (False, True):
-        bq = il.loss_block_q(HQ, HKV, HI) if dense else BQ
+        bq_f, bq = il.dense_block_q(CUDA, HQ, HKV, HI) if dense else (BQ, BQ)
         meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP,
                     BQ=bq, DENSE=dense, DOT_PREC=prec)
         split = not dense and c["split_fwd"]
@@ -175,14 +175,14 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                     dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
                          psum_in="*fp32", T="i32", NBT="i32", PID0="i32", U0="i64",
                          scale_log2="fp32"),
-                    dict(meta, BS=c["BS_kl" if split else "BS_fwd"], STORE_P=not dense,
+                    dict(meta, BQ=bq_f, BS=c["BS_kl" if split else "BS_dense_fwd"], STORE_P=not dense,
                          PSUM_IN=split), c["warps_kl" if split else "warps"],
                     c["stages_split" if split else "stages"]))
         out.append((il.indexer_loss_bwd_kernel_kl,
                     dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
                          gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32",
                          NBT="i32", scale_log2="fp32"),
-                    dict(meta, BS=c["BS_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense),
+                    dict(meta, BS=c["BS_dense_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense),
                     c["warps_bwd" if dense else "warps"], c["stages" if dense else "stages_bwd_p"]))
     return out
 

@@ -328,16 +328,30 @@ def _config(device: torch.device) -> dict:
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
                     warps_lse=4, stages=1, split_fwd=True, BS_psum=128, warps_psum=4,
-                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20, stages_bwd_p=1)
+                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20, stages_bwd_p=1,
+                    BQ_dense_fwd=None, BS_dense_fwd=128, BS_dense_bwd=128)
+    # The dense stage (every causal key; bench/sweep_dsa.py --only loss_dense, H200, bf16, ms at 32K / 8K):
+    # forward 8 tokens per program with 64-key tiles 47.7 / 3.46 (4 tokens, 128 keys: 55.9 / 3.81; 8 /
+    # 128: 64.5 / 4.37; 16 tokens with 8 warps 59.0 / 4.19); backward 4 tokens with 64-key tiles 73.5 /
+    # 4.93 (32 keys: 92.8 / 5.55; 8 tokens: 82.1 / 5.91; 16 tokens with 8 warps 83.6 / 6.19)
     return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
                 stages=2, split_fwd=True, BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4,
-                stages_split=3, chunk_bytes=256 << 20, stages_bwd_p=3)
+                stages_split=3, chunk_bytes=256 << 20, stages_bwd_p=3,
+                BQ_dense_fwd=8, BS_dense_fwd=64, BS_dense_bwd=64)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
     """Tokens per program: <= 64 stacked indexer rows and <= 32 attention rows per group."""
     gp = pow2(num_q_heads // num_kv_heads)
     return max(1, min(16, 64 // pow2(num_idx_heads), 32 // gp))
+
+
+def dense_block_q(device: torch.device, num_q_heads: int, num_kv_heads: int,
+                  num_idx_heads: int) -> tuple[int, int]:
+    """(forward, backward) tokens per program of the dense stage: the forward's from `_config`
+    where it was timed (it holds twice loss_block_q's rows on an H200), else loss_block_q."""
+    bq = loss_block_q(num_q_heads, num_kv_heads, num_idx_heads)
+    return _config(device)["BQ_dense_fwd"] or bq, bq
 
 
 def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
@@ -410,7 +424,8 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
                    num_stages=cfg["stages_split" if split else "stages"])
     if not split:
         indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, scale * LOG2E,
-                                               BS=cfg["BS_fwd"], num_warps=cfg["warps"], **kl_meta)
+                                               BS=cfg["BS_fwd" if plan is not None else "BS_dense_fwd"],
+                                               num_warps=cfg["warps"], **kl_meta)
         return kl, lse_i, z, psum
     # chunks of blocks holding at most `chunk_bytes` of fp32 P, cut where the entry count crosses
     # multiples of the budget (a block has at most BQ * K entries, so a chunk's buffer needs at
@@ -460,7 +475,8 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
         q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z,
         psum if load_p else z, gscale, dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta,
-        BS=cfg["BS_bwd_p" if load_p else "BS_bwd"], DENSE=plan is None, LOAD_P=load_p,
+        BS=cfg["BS_bwd_p" if load_p else "BS_bwd" if plan is not None else "BS_dense_bwd"],
+        DENSE=plan is None, LOAD_P=load_p,
         DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
@@ -476,10 +492,15 @@ class IndexerKLLossFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
+    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int | None,
                 scale: float):
+        """block_q: tokens per program (the plan's in the sparse stage); None in the dense stage: the
+        forward's and the backward's from dense_block_q (the KL's per-token state does not depend on
+        it)."""
         q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-        kl, lse_i, z, psum = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, block_q,
+        bq_f, block_q = ((block_q, block_q) if block_q is not None
+                         else dense_block_q(q.device, q.shape[2], k.shape[2], q_idx.shape[2]))
+        kl, lse_i, z, psum = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, bq_f,
                                             scale, keep_psum=True)
         if psum is None:
             ctx.save_for_backward(q_idx, w, k_idx, start, lse_i, z, q, k, lse)

@@ -205,7 +205,7 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
     global positions; rows not held have an empty key range and contribute 0)."""
     import triton
     from kernels.dsa.common import LOG2E, dot_precision, pow2
-    from kernels.dsa.indexer_loss import IndexerKLLossFn, _config, indexer_loss_fwd_kernel_lse, loss_block_q
+    from kernels.dsa.indexer_loss import IndexerKLLossFn, _config, indexer_loss_fwd_kernel_lse
     Tp = int(pos_R.max()) + 1
     HQ, D = q_RHD.shape[1:]
     HKV = k_THD.shape[1]
@@ -222,8 +222,8 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
     indexer_loss_fwd_kernel_lse[(nbt, HKV)](
         q, k, lse, start, Tp, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D, DP=pow2(D, 16), BQ=bq_lse,
         BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_lse"], num_stages=cfg["stages"])
-    bq = loss_block_q(HQ, HKV, q_idx.shape[2])
-    mean_tp = IndexerKLLossFn.apply(q_idx, w, k_idx_TD[None, :Tp], q, k, lse, start, None, bq, scale)
+    # block_q None: the dense stage's tuned forward / backward pair (kernels/dsa/indexer_loss.dense_block_q)
+    mean_tp = IndexerKLLossFn.apply(q_idx, w, k_idx_TD[None, :Tp], q, k, lse, start, None, None, scale)
     return mean_tp * (Tp / pos_R.numel())  # rows not held contribute exactly 0
 
 

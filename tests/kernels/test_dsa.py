@@ -479,6 +479,32 @@ def test_indexer_loss_dense(B, T, Hq, Hkv, D, HI, DI, topk, cu):
     _check_loss("dense", q, k, qi, w, ki, None, lse, cu, None, 16)
 
 
+@pytest.mark.parametrize("fwd_bq", [None, 8, 2])
+def test_indexer_loss_dense_api_forward_and_backward_block_sizes(fwd_bq, monkeypatch):
+    """The public dense-stage loss (block_q None) runs its forward at `_config`'s BQ_dense_fwd tokens per
+    program and its backward at loss_block_q's (4 here): the per-token state the forward keeps
+    (lse_I, Z) does not depend on the block size, so loss and gradients equal the reference for every
+    pairing (None: both at loss_block_q), on packed documents whose bounds cut the blocks."""
+    from kernels.dsa import indexer_loss as il
+    real = il._config
+    monkeypatch.setattr(il, "_config", lambda device: {**real(device), "BQ_dense_fwd": fwd_bq})
+    seen = []
+    real_fwd = il.indexer_kl_fwd
+    monkeypatch.setattr(il, "indexer_kl_fwd", lambda *a, **kw: seen.append(a[8]) or real_fwd(*a, **kw))
+    B, T, Hq, Hkv, D, HI, DI = 1, 45, 4, 2, 16, 2, 16
+    cu = _cu(0, 13, 14, 45)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    qi.requires_grad_()
+    ki.requires_grad_()
+    loss = indexer_kl_loss(q, k, qi, w, ki, stage="dense", cu_seqlens=cu)
+    ref = indexer_kl_loss(q, k, qi, w, ki, stage="dense", cu_seqlens=cu, backend="naive")
+    assert seen == [fwd_bq or il.loss_block_q(Hq, Hkv, HI)]
+    assert_close("dense loss", ref.detach().reshape(1), loss.detach().reshape(1), TOL_OUT)
+    for name, a, b in zip(("dq_idx", "dk_idx"), torch.autograd.grad(ref, (qi, ki)),
+                          torch.autograd.grad(loss, (qi, ki))):
+        assert_close(f"dense {name}", a, b, TOL_GRAD)
+
+
 def test_indexer_loss_sparse_T1000():
     B, T, Hq, Hkv, D, HI, DI, topk = 1, 1000, 4, 2, 16, 2, 16, 16
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
