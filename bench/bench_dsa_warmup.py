@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import _reset_mem, compose_cfg, run_ours  # noqa: E402
+from bench.bench_spine import _reset_mem, compose_cfg, run_ours, slice_overrides  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -99,14 +99,9 @@ def main() -> None:
     results = {"env": {"torch": torch.__version__, "layers": args.layers,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
     for seq in ([256] if args.smoke else args.seqs):
-        overrides = [f"recipe={recipe}", "parallel=single", f"model.lm.num_layers={args.layers}",
-                     f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
-                     f"train.steps={args.steps + args.warmup + 1}", "train.warmup_steps=1",
-                     "train.checkpoint.enabled=false", "train.wandb.enabled=false",
-                     f"train.indexer_backward={args.mode}", f"run_dir=/tmp/bench_dsa_warmup/{args.mode}{seq}"]
-        if seq > 4096 and not args.smoke:
-            overrides.append(f"model.lm.max_position_embeddings={max(seq, 262144)}")
-        cfg, layout = compose_cfg(overrides)
+        cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
+                                                  f"/tmp/bench_dsa_warmup/{args.mode}{seq}", args.smoke)
+                                  + [f"train.indexer_backward={args.mode}"])
         rec = {"mode": args.mode, "seq": seq, "layers": args.layers}
         try:
             rec.update(run_ours(cfg, layout, args.steps, args.warmup))

@@ -45,6 +45,19 @@ from train.launch import validate  # noqa: E402
 PEAK_TFLOPS = 775.0
 
 
+def slice_overrides(recipe: str, seq: int, layers: int, steps: int, warmup: int, run_dir: str,
+                    smoke: bool = False) -> list[str]:
+    """The benchmarks' model slice: `recipe` cut to `layers` layers, one sequence of `seq` tokens per step, one
+    GPU, enough steps for `warmup` + `steps` timed ones, no checkpoints."""
+    ov = [f"recipe={recipe}", "parallel=single", f"model.lm.num_layers={layers}",
+          f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
+          f"train.steps={steps + warmup + 1}", "train.warmup_steps=1",
+          "train.checkpoint.enabled=false", "train.wandb.enabled=false", f"run_dir={run_dir}"]
+    if seq > 4096 and not smoke:
+        ov.append(f"model.lm.max_position_embeddings={max(seq, 262144)}")
+    return ov
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
         return validate(compose("config", overrides=overrides))
@@ -223,14 +236,8 @@ def main() -> None:
     results = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "layers": args.layers, "peak_tflops": PEAK_TFLOPS}, "runs": []}
     for seq in seqs:
-        overrides = [f"recipe={recipe}", "parallel=single", f"model.lm.num_layers={args.layers}",
-                     f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
-                     f"train.steps={args.steps + args.warmup + 1}", "train.warmup_steps=1",
-                     "train.checkpoint.enabled=false", "train.wandb.enabled=false",
-                     f"run_dir=/tmp/bench_spine/{seq}"]
-        if seq > 4096 and not args.smoke:
-            overrides.append(f"model.lm.max_position_embeddings={max(seq, 262144)}")
-        cfg, layout = compose_cfg(overrides)
+        cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
+                                                  f"/tmp/bench_spine/{seq}", args.smoke))
         fpt = lm_flops_per_token(cfg.model.lm, seq)
         for name, fn in (("ours", run_ours), ("plain", run_plain)):
             if args.only and name != args.only:

@@ -12,20 +12,22 @@ Stages (`model.lm.dsa.stage`):
                 with `train.trainable=indexer` so the rest of the model stays frozen.
   sparse        attention over the selected top-k only; KL restricted to the selected set.
                 total = LM + loss_weight * KL.
+                When no document is longer than top-k, every token selects its whole causal prefix:
+                the sparse attention is then dense attention and the KL over the selected set is the
+                KL over all eligible keys, so that case runs the dense kernels (the warm-up stage's
+                computation; no selection, union plan or gathers) with the same result.
 In both stages the indexer's input is detached, so the LM loss never reaches the indexer and the
 indexer loss never reaches the model.
 
 How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
   "attach"  the KL rides on the attention output's gradient (AttachLoss), so it arrives during the
             model's backward, under any pipeline schedule. The default.
-  "local"   the layer back-propagates its KL at once, in its forward, and returns an output that
-            needs no gradient. When nothing but the indexers trains (the warm-up), the step can then
-            skip the backward through the frozen model (train/trainer.py), whose gradients reach
-            no trainable parameter; the indexers get the same gradients.
-                When no document is longer than top-k, every token selects its whole causal prefix:
-                the sparse attention is then dense attention and the KL over the selected set is the
-                KL over all eligible keys, so that case runs the dense kernels (the warm-up stage's
-                computation; no selection, union plan or gathers) with the same result.
+  "local"   the layer back-propagates its KL at once, in its forward, and returns the attention
+            output without it (so a frozen model's output needs no gradient). When nothing but the
+            indexers trains (the warm-up), the step can then skip the backward through the frozen
+            model (train/trainer.py), whose gradients reach no trainable parameter; the indexers get
+            the same gradients.
+
 The indexer RoPE uses the even rotary pairs of the main attention's rotary frequencies: with head dim
 128 and index dim 64 these are exactly theta^(-2i/64), i < 32, i.e. standard half-split RoPE at the
 index dimension (and, for video tokens, the same time/height/width split at half the width).

@@ -49,9 +49,13 @@ def run(out: str, run_root: str, spec: str) -> None:
         trainer = Trainer(cfg, layout)
         history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
-        # rank 0's parameter values after training, summarised per tensor (to check what a stage froze)
+        # rank 0's parameter values after training, summarised per tensor (to check what a stage froze); the
+        # vision tower's (ViT and projector) under "vision."
+        params = list(trainer.model[0].module.named_parameters())
+        if trainer.vision is not None:
+            params += [(f"vision.{n}", p) for n, p in trainer.vision.model.named_parameters()]
         digests[name] = {n: [float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
-                         for n, p in trainer.model[0].module.named_parameters()}
+                         for n, p in params}
         del trainer
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests}))

@@ -64,6 +64,26 @@ def test_warmup_indexer_only_step_on_two_ranks(tmp_path):
         assert [n for n in local if ".indexer." in n] and local == model, par
 
 
+def test_warmup_on_the_multimodal_model_moves_only_the_indexers(tmp_path_factory):
+    """The warm-up on the tiny multimodal model (ViT + projector + LM with DSA layers, packed synthetic videos):
+    against the same run at lr 0, only indexer parameters moved (the ViT and the projector stay frozen too),
+    and the indexer-only step equals the backward through the model bit for bit."""
+    from data.video_stream import ensure_synthetic_shards
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    ov = ["recipe=keye_tiny", "parallel=single", "train.steps=2", "train.warmup_steps=1",
+          "train.global_batch_size=2", "train.checkpoint.enabled=false", "data.synthetic_videos=8",
+          f"data.video.shards={shards}", "model.lm.attention=dsa", "model.lm.dsa.index_heads=4",
+          "model.lm.dsa.index_dim=8", "model.lm.dsa.topk=32", "model.lm.dsa.stage=dense_warmup",
+          "train.trainable=indexer"]
+    _, d = run_layouts(1, {"local": ov, "model": ov + ["train.indexer_backward=model"],
+                           "lr0": ov + ["train.lr=0", "train.min_lr=0"]},
+                       tmp_path_factory.mktemp("vl"), digests=True)
+    assert any(n.startswith("vision.") for n in d["local"])
+    assert d["local"] == d["model"]
+    moved = {n for n in d["local"] if d["local"][n] != d["lr0"][n]}
+    assert moved and all(".indexer." in n for n in moved), moved
+
+
 def test_sparse_stage_trains(runs):
     losses, _ = runs
     curve = losses["sparse"]
