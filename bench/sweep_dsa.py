@@ -377,6 +377,25 @@ def main():
                 rows.append({"config": {"lse_block_q": bq}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         res["loss_dense"] = rows
         dump(res)
+    if want("loss_dense_fused"):  # the warm-up layer's KL with its backward at once: 3 passes vs 2
+        lse_d = il.dense_attention_lse(q, k, scale, None)
+        bq_f, bq_b = il.dense_block_q(q.device, q.shape[2], k.shape[2], qi.shape[2])
+
+        def three():
+            kl_d, lse_i_d, z_d, _ = il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq_f, scale)
+            return kl_d, il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq_b, scale, lse_i_d, z_d, gscale)
+
+        def two():
+            return il.indexer_kl_dense_fused(qi, w, ki, q, k, lse_d, start, scale, gscale)
+        (kl3, g3), (kl2, g2) = three(), two()
+        out = {"kl_rel": rel(kl2, kl3), **{n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}}
+        out["three_passes_ms"] = timed(three, args.quick)
+        out["two_passes_ms"] = timed(two, args.quick)
+        out["three_passes_ms_again"] = timed(three, args.quick)
+        out["two_passes_ms_again"] = timed(two, args.quick)
+        res["loss_dense_fused"] = out
+        print("loss_dense_fused:", out, flush=True)
+        dump(res)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
         try:
             plan8 = build_sparse_plan(idx, 8)

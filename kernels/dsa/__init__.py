@@ -23,8 +23,8 @@ from .plan import SparsePlan, build_sparse_plan, default_block_q
 Backend = Literal["triton", "naive"]
 Stage = Literal["dense", "sparse"]
 
-__all__ = ["dsa_topk", "sparse_gqa_attention", "indexer_kl_loss", "dsa_attention",
-           "build_sparse_plan", "SparsePlan", "default_block_q", "naive"]
+__all__ = ["dsa_topk", "sparse_gqa_attention", "indexer_kl_loss", "indexer_kl_loss_backward_now",
+           "dsa_attention", "build_sparse_plan", "SparsePlan", "default_block_q", "naive"]
 
 
 def _check_backend(backend: str) -> None:
@@ -123,6 +123,50 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     return (o, lse) if return_lse else o
 
 
+def indexer_kl_loss_backward_now(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor,
+                                 w: torch.Tensor, k_idx: torch.Tensor, *, grad: float,
+                                 scale: float | None = None,
+                                 cu_seqlens: torch.Tensor | None = None,
+                                 backend: Backend = "triton") -> torch.Tensor:
+    """The dense stage's indexer_kl_loss, back-propagated at once with d(total)/d(loss) = grad into
+    q_idx, w and k_idx (those that require grad; e.g. the warm-up layer that delivers its KL in its
+    forward). Returns the loss, detached. The same result as
+    `(grad * indexer_kl_loss(..., stage="dense")).backward()`; on the Triton backend in two passes over
+    the keys instead of three (indexer_loss.indexer_kl_dense_fused)."""
+    if backend == "naive" or not torch.is_grad_enabled():
+        loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=scale, cu_seqlens=cu_seqlens,
+                               backend=backend)
+        if loss.requires_grad:
+            (loss * grad).backward()
+        return loss.detach()
+    B, T, Hq, D, _ = _check_loss_args(q, k, q_idx, w, k_idx, "dense", cu_seqlens, backend)
+    from .indexer_loss import dense_attention_lse, indexer_kl_dense_fused
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, k = q.detach(), k.detach()
+    start = row_doc_start(B, T, cu_seqlens, q.device)
+    lse = dense_attention_lse(q, k, scale, cu_seqlens)
+    gscale = torch.full((1,), float(grad) / (B * T), dtype=torch.float32, device=q.device)
+    kl, grads = indexer_kl_dense_fused(q_idx.detach(), w.detach(), k_idx.detach(), q, k, lse, start, scale,
+                                       gscale)
+    pairs = [(x, g) for x, g in zip((q_idx, w, k_idx), grads) if x.requires_grad]
+    if pairs:
+        torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
+    return kl.sum() / kl.numel()
+
+
+def _check_loss_args(q, k, q_idx, w, k_idx, stage: str, cu_seqlens, backend: str):
+    """indexer_kl_loss's checks; returns B, T, Hq, D and the longest document (validate_cu_seqlens)."""
+    _check_backend(backend)
+    if stage not in ("dense", "sparse"):
+        raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
+    _check_attention(q, k)
+    _check_indexer(q_idx, w, k_idx)
+    B, T, Hq, D = q.shape
+    if q_idx.shape[:2] != (B, T):
+        raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
+    return B, T, Hq, D, validate_cu_seqlens(cu_seqlens, B, T)
+
+
 def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: torch.Tensor,
                     k_idx: torch.Tensor, *, stage: Stage, idx: torch.Tensor | None = None,
                     lse: torch.Tensor | None = None, scale: float | None = None,
@@ -138,15 +182,7 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     when None: it is recomputed) or a dense lse for "dense p restricted to the set".
     q and k are treated as constants (detached).
     """
-    _check_backend(backend)
-    if stage not in ("dense", "sparse"):
-        raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
-    _check_attention(q, k)
-    _check_indexer(q_idx, w, k_idx)
-    B, T, Hq, D = q.shape
-    if q_idx.shape[:2] != (B, T):
-        raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
-    longest = validate_cu_seqlens(cu_seqlens, B, T)
+    B, T, Hq, D, longest = _check_loss_args(q, k, q_idx, w, k_idx, stage, cu_seqlens, backend)
     if stage == "sparse" and idx is None:
         raise ValueError("stage='sparse' needs idx (the selected keys)")
     scale = D ** -0.5 if scale is None else float(scale)

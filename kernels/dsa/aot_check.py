@@ -178,12 +178,18 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                     dict(meta, BQ=bq_f, BS=c["BS_kl" if split else "BS_dense_fwd"], STORE_P=not dense,
                          PSUM_IN=split), c["warps_kl" if split else "warps"],
                     c["stages_split" if split else "stages"]))
-        out.append((il.indexer_loss_bwd_kernel_kl,
-                    dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
-                         gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32",
-                         NBT="i32", scale_log2="fp32"),
-                    dict(meta, BS=c["BS_dense_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense),
-                    c["warps_bwd" if dense else "warps"], c["stages" if dense else "stages_bwd_p"]))
+        for kl_out in ((False, True) if dense else (False,)):  # dense: also the fused warm-up pass
+            out.append((il.indexer_loss_bwd_kernel_kl,
+                        dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
+                             gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", kl_ptr="*fp32",
+                             T="i32", NBT="i32", scale_log2="fp32"),
+                        dict(meta, BS=c["BS_dense_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense,
+                             KL_OUT=kl_out),
+                        c["warps_bwd" if dense else "warps"], c["stages" if dense else "stages_bwd_p"]))
+    out.append((il.indexer_loss_fwd_kernel_lse_i,
+                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", lse_i_ptr="*fp32", T="i32", NBT="i32"),
+                dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BQ=il.dense_block_q(CUDA, HQ, HKV, HI)[0],
+                     BS=c["BS_dense_fwd"], DOT_PREC=prec), c["warps"], c["stages"]))
     return out
 
 

@@ -139,6 +139,54 @@ def _load_indexer_rows(q_idx, w, bb, t0, T, HI: tl.constexpr, DI: tl.constexpr,
     return qi, wv, irow, imask, ivalid
 
 
+@triton.jit
+def _lse_step(m_i, l_i, score, member):
+    """One key tile of the indexer's online logsumexp over the member keys: (m_i, l_i) updated."""
+    sm = tl.where(member, score, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sm, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sm - m_safe[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _kl_sums(a_i, z_i, b_i, psum, score, member):
+    """One key tile's share of sum P log P, sum P and sum P I (psum already zero off the members)."""
+    a_i += tl.sum(tl.where(psum > 0.0, psum * tl.log(tl.where(psum > 0.0, psum, 1.0)), 0.0), axis=1)
+    z_i += tl.sum(psum, axis=1)
+    b_i += tl.sum(tl.where(member, psum * score, 0.0), axis=1)
+    return a_i, z_i, b_i
+
+
+@triton.jit
+def _kl_value(a_i, z_i, b_i, lse_i):
+    """Per-token KL(P / Z || softmax(I)) from the sums (0 for a token without keys), and Z made safe."""
+    z_safe = tl.where(z_i > 0.0, z_i, 1.0)
+    kl = a_i / z_safe - tl.log(z_safe) - b_i / z_safe + tl.where(z_i > 0.0, lse_i, 0.0)
+    return kl, z_safe
+
+
+@triton.jit(do_not_specialize=["T", "NBT"])
+def indexer_loss_fwd_kernel_lse_i(q_idx, w, k_idx, start_ptr, lse_i_ptr, T, NBT, HI: tl.constexpr,
+                                  HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+                                  BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Dense stage: the indexer's own lse_I [B*T] over every causal key of its document, and nothing
+    of the attention (indexer_kl_dense_fused's first pass)."""
+    pid = tl.program_id(0)
+    bb = pid // NBT
+    t0 = (pid % NBT) * BQ
+    t, tvalid, start, lo, hi = _block_bounds(start_ptr, start_ptr, pid, bb, t0, T, BQ, BS, True)
+    qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
+    m_i = tl.full([BQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    for u0 in range(lo, hi, BS):
+        pos, um, member = _key_tile(start_ptr, start_ptr, u0, hi, t, tvalid, start, BS, True)
+        u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
+        m_i, l_i = _lse_step(m_i, l_i, score, member)
+    lse_i = m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i))
+    tl.store(lse_i_ptr + (bb * T + tl.minimum(t, T - 1)).to(tl.int64), lse_i, mask=tvalid)
+
+
 @triton.jit(do_not_specialize=["T", "NBT"])
 def indexer_loss_fwd_kernel_lse(q, k, lse, start_ptr, T, NBT, scale_log2, HQ: tl.constexpr,
                                 HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
@@ -251,18 +299,10 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
         if STORE_P:
             tl.store(psum_ptr + uu.to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
                      psum.to(psum_ptr.dtype.element_ty), mask=(uu < hi)[None, :])
-        sm = tl.where(member, score, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sm, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sm - m_safe[:, None]), axis=1)
-        m_i = m_new
-        a_i += tl.sum(tl.where(psum > 0.0, psum * tl.log(tl.where(psum > 0.0, psum, 1.0)), 0.0),
-                      axis=1)
-        z_i += tl.sum(psum, axis=1)
-        b_i += tl.sum(tl.where(member, psum * score, 0.0), axis=1)
+        m_i, l_i = _lse_step(m_i, l_i, score, member)
+        a_i, z_i, b_i = _kl_sums(a_i, z_i, b_i, psum, score, member)
     lse_i = m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i))
-    z_safe = tl.where(z_i > 0.0, z_i, 1.0)
-    kl = a_i / z_safe - tl.log(z_safe) - b_i / z_safe + tl.where(z_i > 0.0, lse_i, 0.0)
+    kl, z_safe = _kl_value(a_i, z_i, b_i, lse_i)
     row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
     tl.store(kl_ptr + row, kl, mask=tvalid)
     tl.store(lse_i_ptr + row, lse_i, mask=tvalid)
@@ -271,14 +311,16 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
 
 @triton.jit(do_not_specialize=["T", "NBT"])
 def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
-                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx, T,
-                               NBT, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx, kl_ptr,
+                               T, NBT, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
                                DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
                                BS: tl.constexpr, DENSE: tl.constexpr, LOAD_P: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
-    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it."""
+                               KL_OUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it. KL_OUT: also sum
+    the per-token KL from the P and I this pass computes anyway, into kl_ptr [B*T] (the forward's
+    formula; indexer_kl_dense_fused, whose z_ptr holds the target's known mass)."""
     pid = tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
@@ -291,6 +333,9 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
     dd = tl.arange(0, DIP)
     dqi = tl.zeros([BQ * HIP, DIP], dtype=tl.float32)
     dwv = tl.zeros([BQ * HIP], dtype=tl.float32)
+    a_i = tl.zeros([BQ], dtype=tl.float32)  # KL_OUT: sum P log P, sum P, sum P I
+    zs_i = tl.zeros([BQ], dtype=tl.float32)
+    b_i = tl.zeros([BQ], dtype=tl.float32)
     for u0 in range(lo, hi, BS):
         pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
@@ -301,6 +346,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
         else:
             psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
                               BQ, BS, DOT_PREC)
+        if KL_OUT:
+            a_i, zs_i, b_i = _kl_sums(a_i, zs_i, b_i, tl.where(member, psum, 0.0), score, member)
         d_i = tl.exp(tl.where(member, score, float("-inf")) - lse_i[:, None]) - psum / z_i[:, None]
         d_i = tl.where(member, d_i, 0.0) * gscale
         d_rows = tl.reshape(tl.broadcast_to(d_i[:, None, :], [BQ, HIP, BS]), [BQ * HIP, BS])
@@ -312,6 +359,9 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
                       mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
     tl.store(dq_idx + irow[:, None] * DI + dd[None, :], dqi.to(dq_idx.dtype.element_ty), mask=imask)
     tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
+    if KL_OUT:
+        kl, _ = _kl_value(a_i, zs_i, b_i, lse_i)
+        tl.store(kl_ptr + row, kl, mask=tvalid)
 
 
 def _config(device: torch.device) -> dict:
@@ -474,12 +524,42 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
     load_p = psum is not None
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
         q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z,
-        psum if load_p else z, gscale, dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta,
+        psum if load_p else z, gscale, dq_idx, dw, dk32, z, T, nbt, scale * LOG2E, **meta,
         BS=cfg["BS_bwd_p" if load_p else "BS_bwd" if plan is not None else "BS_dense_bwd"],
-        DENSE=plan is None, LOAD_P=load_p,
+        DENSE=plan is None, LOAD_P=load_p, KL_OUT=False,
         DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
+
+
+def indexer_kl_dense_fused(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale):
+    """Dense stage, forward and backward at once, for a caller that needs the gradients right away (the
+    warm-up layer that back-propagates its KL in its forward): the per-token KL [B*T] and (dq_idx, dw,
+    dk_idx) for d loss / d KL_t = gscale, in two passes over the keys instead of three. The first pass
+    (indexer_loss_fwd_kernel_lse_i) takes only the indexer's lse_I; the second is the backward, which
+    computes P and I anyway and sums the KL from them. The backward needs the target's mass Z before its
+    pass; in the dense stage it is Hq exactly (each head's softmax over the same keys sums to 1), so Z = Hq
+    replaces the forward's measured sum (which equals it to fp32 rounding); the KL uses the measured sum."""
+    q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
+    bq_f, bq = dense_block_q(q.device, q.shape[2], k.shape[2], q_idx.shape[2])
+    cfg = _config(q.device)
+    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, None, bq_f)
+    lse_i = torch.empty(B * T, dtype=torch.float32, device=q.device)
+    indexer_loss_fwd_kernel_lse_i[(B * nbt,)](
+        q_idx, w, k_idx, start, lse_i, T, nbt, HI=meta["HI"], HIP=meta["HIP"], DI=meta["DI"],
+        DIP=meta["DIP"], BQ=bq_f, BS=cfg["BS_dense_fwd"], DOT_PREC=dot_precision(q_idx.dtype),
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, None, bq)
+    z = torch.full_like(lse_i, float(q.shape[2]))
+    kl = torch.empty_like(lse_i)
+    dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
+    dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    indexer_loss_bwd_kernel_kl[(B * nbt,)](
+        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, None), lse_i, z, z, gscale, dq_idx, dw,
+        dk32, kl, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_dense_bwd"], DENSE=True, LOAD_P=False,
+        KL_OUT=True, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_bwd"],
+        num_stages=cfg["stages"])
+    return kl, (dq_idx, dw, dk32.to(k_idx.dtype))
 
 
 class IndexerKLLossFn(torch.autograd.Function):

@@ -57,7 +57,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
-from kernels.dsa import dsa_attention, indexer_kl_loss
+from kernels.dsa import dsa_attention, indexer_kl_loss, indexer_kl_loss_backward_now
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 from models.attention.dense import causal_attention, longest_document
 
@@ -185,17 +185,25 @@ class DSACoreAttention(MegatronModule):
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
                                    max_seqlen=longest).transpose(1, 2)
-            kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
-                                 backend=backend)
+            if self.kl_backward == "local" and self.training:  # its backward at once (module docstring)
+                kl = indexer_kl_loss_backward_now(q, k, q_idx, w, k_idx, grad=self._kl_grad(b, s), scale=self.scale,
+                                                  cu_seqlens=cu, backend=backend)
+            else:
+                kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
+                                     backend=backend)
         if self.training and torch.is_grad_enabled() and kl.requires_grad:
-            # per-token loss convention: the trainer divides every gradient by the global token count
-            weighted = kl * (self.loss_weight * b * s / self.tp)
+            weighted = kl * self._kl_grad(b, s)
             if self.kl_backward == "local":
                 weighted.backward()
             else:
                 out = AttachLoss.apply(out, weighted)
         self.last_kl = kl.detach()
         return out.transpose(0, 1).reshape(s, b, nq * d)
+
+    def _kl_grad(self, b: int, s: int) -> float:
+        """d(total)/d(KL): per-token loss convention, the trainer divides every gradient by the global token
+        count; each TP rank's KL uses its own heads (module docstring)."""
+        return self.loss_weight * b * s / self.tp
 
 
 def use_local_kl_backward(modules) -> int:

@@ -505,6 +505,29 @@ def test_indexer_loss_dense_api_forward_and_backward_block_sizes(fwd_bq, monkeyp
         assert_close(f"dense {name}", a, b, TOL_GRAD)
 
 
+@pytest.mark.parametrize("cu", [None, (0, 13, 14, 45)])
+def test_indexer_loss_backward_now_equals_the_autograd_loss(cu):
+    """indexer_kl_loss_backward_now (the dense stage's loss and its backward at once: the indexer's lse
+    first, then one pass that takes the gradients and the KL from the P and I it computes, with the
+    target's mass Z = Hq) against the reference's autograd, with w frozen (its gradient must not be
+    delivered); the returned loss is detached."""
+    from kernels.dsa import indexer_kl_loss_backward_now
+    B, T, Hq, Hkv, D, HI, DI = 1, 45, 4, 2, 16, 2, 16
+    cu = None if cu is None else _cu(*cu)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    grad = 3.0
+    qir, kir = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    ref = indexer_kl_loss(q, k, qir, w, kir, stage="dense", cu_seqlens=cu, backend="naive")
+    (ref * grad).backward()
+    qit, kit = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    wt = w.clone()
+    loss = indexer_kl_loss_backward_now(q, k, qit, wt, kit, grad=grad, cu_seqlens=cu)
+    assert not loss.requires_grad and wt.grad is None
+    assert_close("loss", ref.detach().reshape(1), loss.reshape(1), TOL_OUT)
+    assert_close("dq_idx", qir.grad, qit.grad, TOL_GRAD)
+    assert_close("dk_idx", kir.grad, kit.grad, TOL_GRAD)
+
+
 def test_indexer_loss_sparse_T1000():
     B, T, Hq, Hkv, D, HI, DI, topk = 1, 1000, 4, 2, 16, 2, 16, 16
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)

@@ -107,8 +107,9 @@ def test_longest_document():
                                                             cu_seqlens_q=torch.tensor([0, 7, 40]))) == 33
 
 
-@pytest.mark.parametrize("stage,topk", [("dense_warmup", 8), ("sparse", 8), ("sparse", S)])
-def test_local_kl_backward_gives_the_attached_gradients_in_the_forward(stage, topk):
+@pytest.mark.parametrize("stage,topk,backend", [("dense_warmup", 8, "naive"), ("dense_warmup", 8, "triton"),
+                                                 ("sparse", 8, "naive"), ("sparse", S, "naive")])
+def test_local_kl_backward_gives_the_attached_gradients_in_the_forward(stage, topk, backend):
     """kl_backward="local": the indexer's gradients exist when the forward returns and equal those of the
     default attach path after its backward (the same KL backward, so equal to rounding: TOL_GRAD). With
     q, k, v frozen (the warm-up's model) the output needs no gradient, so the trainer can skip the
@@ -118,7 +119,7 @@ def test_local_kl_backward_gives_the_attached_gradients_in_the_forward(stage, to
     names = ("q_idx", "w", "k_idx")
     ref = _run_core(_core(topk, "naive", stage), x, None)       # attach: LM-side backward delivers the KL
     for frozen in (True, False):
-        core = _core(topk, "naive", stage)
+        core = _core(topk, backend, stage)  # triton, dense: the fused two-pass KL (interpreter on CPU)
         core.kl_backward = "local"
         t = {n: x[n].clone().requires_grad_(n in names or not frozen)
              for n in ("q", "k", "v", "q_idx", "w", "k_idx")}
