@@ -53,12 +53,13 @@ def test_warmup_indexer_only_step_on_two_ranks(tmp_path):
     """The same on 2 ranks, as tensor parallelism (the replicated indexers' gradients summed over TP), as
     data parallelism (summed over DP, the token count all-reduced), as context parallelism (each rank's
     KL over its tokens, with the index keys all-gathered, back-propagated in its forward on both ranks at
-    once) and as two pipeline stages (megatron's schedule forward-only, the token count broadcast from the
-    last stage; rank 0's digests are the first stage's): each equals its backward through the model bit for
-    bit (the same sums in the same order)."""
+    once) and as two pipeline stages, plain and interleaved (megatron's schedules forward-only, the token
+    count broadcast from the last stage; rank 0's digests are its stages'): each equals its backward through
+    the model bit for bit (the same sums in the same order)."""
     ov = COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false"]
     # parallel=single on 2 ranks: dp = 2
-    par_ov = {"tp2": ["parallel.tp=2"], "dp2": [], "cp2": ["parallel.cp=2"], "pp2": ["parallel.pp=2"]}
+    par_ov = {"tp2": ["parallel.tp=2"], "dp2": [], "cp2": ["parallel.cp=2"], "pp2": ["parallel.pp=2"],
+              "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"]}
     layouts = {f"{par}_{mode}": ov + par_ov[par] + [f"train.indexer_backward={mode}"]
                for par in par_ov for mode in ("local", "model")}
     losses, digests = run_layouts(2, layouts, tmp_path, digests=True)
