@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import _reset_mem, compose_cfg, run_ours, slice_overrides  # noqa: E402
+from bench.bench_spine import compose_cfg, record_case, run_child, run_ours, slice_overrides  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -35,22 +33,12 @@ MODES = ("local", "model")
 def run_cases(args) -> dict:
     """Each (mode, seq) case in its own process."""
     seqs = [256] if args.smoke else args.seqs
-    merged = {"runs": []}
+    merged = {"env": {}, "runs": []}
     for seq in seqs:
         for mode in MODES:
-            part = f"{args.out}.{mode}.{seq}.json"
-            cmd = [sys.executable, __file__, "--child", "--mode", mode, "--seqs", str(seq), "--layers", str(args.layers),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", part] + (["--smoke"] if args.smoke else [])
-            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0 or not Path(part).exists():
-                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-                merged["runs"].append({"mode": mode, "seq": seq, "error": f"exit {proc.returncode}: {tail}"[:300]})
-            else:
-                d = json.loads(Path(part).read_text())
-                merged.setdefault("env", d["env"])
-                merged["runs"] += d["runs"]
-            Path(args.out).write_text(json.dumps(merged, indent=1))
+            flags = ["--mode", mode, "--seqs", str(seq), "--layers", str(args.layers), "--steps", str(args.steps),
+                     "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+            run_child(__file__, flags, f"{args.out}.{mode}.{seq}.json", {"mode": mode, "seq": seq}, merged, args.out)
     by = {(r["mode"], r["seq"]): r for r in merged["runs"] if "error" not in r}
     merged["compare"] = {}
     for seq in seqs:
@@ -102,15 +90,8 @@ def main() -> None:
         cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
                                                   f"/tmp/bench_dsa_warmup/{args.mode}{seq}", args.smoke)
                                   + [f"train.indexer_backward={args.mode}"])
-        rec = {"mode": args.mode, "seq": seq, "layers": args.layers}
-        try:
-            rec.update(run_ours(cfg, layout, args.steps, args.warmup))
-        except Exception as e:  # OOM or anything else: record and go on
-            rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc()
-        results["runs"].append(rec)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        _reset_mem()
+        record_case(results, {"mode": args.mode, "seq": seq, "layers": args.layers},
+                    lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
     from parallel.groups import teardown
 
     teardown()

@@ -176,30 +176,49 @@ def run_plain(cfg, layout, steps: int, warmup: int) -> dict:
     return res
 
 
-def run_cases(args) -> None:
-    """Each (impl, seq) case in its own process, so one case's memory (or OOM) cannot affect the next."""
+def run_child(script: str, flags: list[str], part: str, label: dict, merged: dict, out: str) -> None:
+    """One case in its own process (`script --child FLAGS --out part`), so one case's memory (or OOM) cannot
+    affect the next: its runs (or, if it died, an error record labelled `label`) go into merged["runs"], its
+    env into merged["env"], and `out` is rewritten."""
     import subprocess
 
+    cmd = [sys.executable, script, "--child", *flags, "--out", part]
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(part).exists():
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        merged["runs"].append({**label, "error": f"exit {proc.returncode}: {tail}"[:300]})
+    else:
+        d = json.loads(Path(part).read_text())
+        merged["env"] = merged.get("env") or d["env"]
+        merged["runs"] += d["runs"]
+    Path(out).write_text(json.dumps(merged, indent=1))
+
+
+def record_case(results: dict, rec: dict, fn, out: str) -> None:
+    """rec updated with fn()'s dict, or with the error if it raised (OOM or anything else: the run goes on);
+    appended to results["runs"], `out` rewritten, the GPU cache freed."""
+    try:
+        rec.update(fn())
+    except Exception as e:
+        rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc()
+    results["runs"].append(rec)
+    Path(out).write_text(json.dumps(results, indent=1))
+    _reset_mem()
+
+
+def run_cases(args) -> None:
+    """Each (impl, seq) case in its own process (run_child)."""
     seqs = [256] if args.smoke else args.seqs
     impls = [args.only] if args.only else ["ours", "plain"]
-    merged = None
+    merged = {"env": {}, "runs": []}
     for seq in seqs:
         for impl in impls:
-            part = f"{args.out}.{impl}.{seq}.json"
-            cmd = [sys.executable, __file__, "--child", "--only", impl, "--seqs", str(seq), "--layers", str(args.layers),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", part] + (["--smoke"] if args.smoke else [])
-            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0 or not Path(part).exists():
-                rec = {"impl": impl, "seq": seq, "layers": args.layers,
-                       "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"[:300]}
-                merged = merged or {"env": {}, "runs": []}
-                merged["runs"].append(rec)
-            else:
-                d = json.loads(Path(part).read_text())
-                merged = merged or {"env": d["env"], "runs": []}
-                merged["runs"] += d["runs"]
-            Path(args.out).write_text(json.dumps(merged, indent=1))
+            flags = ["--only", impl, "--seqs", str(seq), "--layers", str(args.layers), "--steps", str(args.steps),
+                     "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+            run_child(__file__, flags, f"{args.out}.{impl}.{seq}.json", {"impl": impl, "seq": seq, "layers": args.layers},
+                      merged, args.out)
     print_table(merged)
 
 
@@ -242,18 +261,12 @@ def main() -> None:
         for name, fn in (("ours", run_ours), ("plain", run_plain)):
             if args.only and name != args.only:
                 continue
-            rec = {"impl": name, "seq": seq, "layers": args.layers}
-            try:
+            def case(fn=fn):
                 r = fn(cfg, layout, args.steps, args.warmup)
                 tok_s = seq / r["step_s"]
                 tflops = fpt * tok_s / 1e12
-                rec.update(r, tokens_per_s=tok_s, tflops=tflops, mfu=tflops / PEAK_TFLOPS)
-            except Exception as e:  # OOM or anything else: record and go on
-                rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-                traceback.print_exc()
-            results["runs"].append(rec)
-            Path(args.out).write_text(json.dumps(results, indent=1))
-            _reset_mem()
+                return dict(r, tokens_per_s=tok_s, tflops=tflops, mfu=tflops / PEAK_TFLOPS)
+            record_case(results, {"impl": name, "seq": seq, "layers": args.layers}, case, args.out)
     from parallel.groups import teardown
 
     teardown()

@@ -425,8 +425,10 @@ class Trainer:
     def _loss_tokens(self, losses: list[dict]) -> torch.Tensor:
         """This rank's loss-token count over the step's micro-batches (megatron's total_num_tokens; only the
         last pipeline stage has losses, finalize_model_grads broadcasts its count)."""
-        n = sum(int(d["lm_loss"][1]) for d in losses) if losses else 0
-        return torch.tensor(n, dtype=torch.int, device=self.device)
+        if not losses:
+            return torch.zeros([], dtype=torch.int, device=self.device)
+        # summed on the device: no host sync per micro-batch
+        return torch.stack([d["lm_loss"][1].to(self.device) for d in losses]).sum().to(torch.int)
 
     def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
         """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms)."""

@@ -300,9 +300,10 @@ def _build_plan(idx_BTK: torch.Tensor, block_q: int, method: str, merge: bool,
     idx = idx_BTK.to(torch.int32).contiguous()
     nbt = triton.cdiv(T, block_q)
     nb = B * nbt
+    n_keys = T if n_keys is None else n_keys
     if method == "bitmap":
-        return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, T if n_keys is None else n_keys)
-    _check_positions(idx, T if n_keys is None else n_keys, T)  # the merge builder never looks
+        return _build_bitmap(idx, block_q, B, T, K, nbt, chunk_bytes, n_keys)
+    _check_positions(idx, n_keys, T)  # the merge builder never looks
     # timed at 128K on an H200 (bench/sweep_dsa.py): one pass 26.6 ms with 8 warps, 27.8 with 4;
     # two passes (count, write) 38.9 ms with 4 warps, 44.4 with 8, 56.5 with 16; the full sort
     # the merge replaced took 106.6 ms
