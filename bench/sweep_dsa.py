@@ -11,6 +11,8 @@ are checked against the earlier ones in the same run: the bitonic-merge plan aga
 the indexer-loss backward from the cached head-summed P against the recomputing one. A configuration that fails to compile or run is recorded and skipped.
 The `plan_subset` piece times the union plan of a context-parallel rank's rows (the second half,
 positions over all L keys) with the bitmap builder against the merge builder.
+The `loss_dense_cp` piece times the warm-up's KL of a context-parallel rank (cp = 2, both ranks) with its
+backward through autograd (three passes over the keys) and at once (two).
 The `topk_fp8` piece times a design measured and dropped (FP8 index scores) against the bf16 top-k,
 with the share of the bf16 selection it keeps.
 The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
@@ -395,6 +397,43 @@ def main():
         out["two_passes_ms_again"] = timed(two, args.quick)
         res["loss_dense_fused"] = out
         print("loss_dense_fused:", out, flush=True)
+        dump(res)
+    if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): 3 passes vs 2
+        from parallel.context.dsa import _dense_kl_triton
+        from parallel.context.split import cp_global_indices
+        out = {}
+        for rank in (0, 1):
+            pos = cp_global_indices(L, 2, rank, q.device)  # chunks r and 3 - r of four
+            st = torch.zeros_like(pos)  # one document: every row starts at key 0
+            q0, k0 = q[0], k[0]  # [L, heads, dim]: rows of one batch row
+            leaves = [t[0][pos].clone().requires_grad_(True) for t in (qi, w)] + [ki[0].clone().requires_grad_(True)]
+
+            def grads():
+                got = [t.grad.clone() for t in leaves]
+                for t in leaves:
+                    t.grad = None
+                return got
+
+            def three():
+                _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale).backward()
+
+            def two():
+                _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale, grad=1.0)
+            three()
+            g3 = grads()
+            two()
+            g2 = grads()
+            row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}
+            row["rows"] = pos.numel()
+            row["three_passes_ms"] = timed(three, args.quick)
+            row["two_passes_ms"] = timed(two, args.quick)
+            row["three_passes_ms_again"] = timed(three, args.quick)
+            row["two_passes_ms_again"] = timed(two, args.quick)
+            out[f"rank{rank}"] = row
+            print(f"loss_dense_cp rank {rank}:", row, flush=True)
+            del leaves, g2, g3
+            torch.cuda.empty_cache()
+        res["loss_dense_cp"] = out
         dump(res)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
         try:

@@ -140,18 +140,10 @@ def indexer_kl_loss_backward_now(q: torch.Tensor, k: torch.Tensor, q_idx: torch.
             (loss * grad).backward()
         return loss.detach()
     B, T, Hq, D, _ = _check_loss_args(q, k, q_idx, w, k_idx, "dense", cu_seqlens, backend)
-    from .indexer_loss import dense_attention_lse, indexer_kl_dense_fused
+    from .indexer_loss import indexer_kl_dense
     scale = D ** -0.5 if scale is None else float(scale)
-    q, k = q.detach(), k.detach()
-    start = row_doc_start(B, T, cu_seqlens, q.device)
-    lse = dense_attention_lse(q, k, scale, cu_seqlens)
-    gscale = torch.full((1,), float(grad) / (B * T), dtype=torch.float32, device=q.device)
-    kl, grads = indexer_kl_dense_fused(q_idx.detach(), w.detach(), k_idx.detach(), q, k, lse, start, scale,
-                                       gscale)
-    pairs = [(x, g) for x, g in zip((q_idx, w, k_idx), grads) if x.requires_grad]
-    if pairs:
-        torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
-    return kl.sum() / kl.numel()
+    return indexer_kl_dense(q_idx, w, k_idx, q, k, row_doc_start(B, T, cu_seqlens, q.device), scale,
+                            grad=float(grad))
 
 
 def _check_loss_args(q, k, q_idx, w, k_idx, stage: str, cu_seqlens, backend: str):
@@ -195,7 +187,7 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     start = row_doc_start(B, T, cu_seqlens, q.device)
     if stage == "dense":
         if lse is None:
-            lse = dense_attention_lse(q, k, scale, cu_seqlens)
+            lse = dense_attention_lse(q, k, scale, None, start=start)
         # block_q None: the dense stage's tuned forward / backward pair (indexer_loss.dense_block_q)
         return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, block_q, scale)
     if plan is None:

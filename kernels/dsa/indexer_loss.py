@@ -406,8 +406,9 @@ def dense_block_q(device: torch.device, num_q_heads: int, num_kv_heads: int,
 
 def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
                         cu_seqlens: torch.Tensor | None,
-                        block_q: int | None = None) -> torch.Tensor:
-    """[B, T, Hq] fp32 lse of dense causal (document-masked) attention, streamed."""
+                        block_q: int | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, Hq] fp32 lse of dense causal (document-masked) attention, streamed. start (int32 [B*T],
+    the first key each row may see) replaces the starts taken from cu_seqlens."""
     q, k = q.contiguous(), k.contiguous()
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -416,7 +417,7 @@ def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
     cfg = _config(q.device)
     nbt = triton.cdiv(T, BQ)
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    start = row_doc_start(B, T, cu_seqlens, q.device)
+    start = row_doc_start(B, T, cu_seqlens, q.device) if start is None else start
     indexer_loss_fwd_kernel_lse[(B * nbt, HKV)](
         q, k, lse, start, T, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D,
         DP=pow2(D, 16), BQ=BQ, BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype),
@@ -560,6 +561,28 @@ def indexer_kl_dense_fused(q_idx, w, k_idx, q, k, lse, start, scale: float, gsca
         KL_OUT=True, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_bwd"],
         num_stages=cfg["stages"])
     return kl, (dq_idx, dw, dk32.to(k_idx.dtype))
+
+
+def indexer_kl_dense(q_idx, w, k_idx, q, k, start, scale: float, grad: float | None = None):
+    """The dense stage's KL, mean over the B*T rows, for rows whose first eligible key is start
+    (int32 [B*T]; a row whose start lies past the row has no keys and adds 0 to the sum, which is how
+    a context-parallel rank leaves out the rows it does not hold). q and k are constants.
+    grad None: the loss with its autograd backward (IndexerKLLossFn, three passes over the keys).
+    grad a float: back-propagated at once into those of q_idx, w and k_idx that require grad, with
+    d(total)/d(loss) = grad, in two passes (indexer_kl_dense_fused); the loss is returned detached."""
+    q, k = q.detach(), k.detach()
+    lse = dense_attention_lse(q, k, scale, None, start=start)
+    if grad is None:
+        # block_q None: the dense stage's tuned forward / backward pair (dense_block_q)
+        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, None, scale)
+    n = q_idx.shape[0] * q_idx.shape[1]
+    gscale = torch.full((1,), float(grad) / n, dtype=torch.float32, device=q.device)
+    kl, grads = indexer_kl_dense_fused(q_idx.detach(), w.detach(), k_idx.detach(), q, k, lse, start, scale,
+                                       gscale)
+    pairs = [(x, g) for x, g in zip((q_idx, w, k_idx), grads) if x.requires_grad]
+    if pairs:
+        torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
+    return kl.sum() / n
 
 
 class IndexerKLLossFn(torch.autograd.Function):

@@ -38,9 +38,10 @@ class ContextParallelOps(Protocol):
 
     def dsa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_idx: torch.Tensor,
             w: torch.Tensor, k_idx: torch.Tensor, *, cp_group, topk: int, stage: str, scale: float,
-            cu_seqlens: torch.Tensor | None, backend: str, dense_cp_comm: str
+            cu_seqlens: torch.Tensor | None, backend: str, dense_cp_comm: str, kl_grad: float | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DSA ("sparse" | "dense" stage) -> (out [n, b, Hq, D], mean indexer KL over the local tokens)."""
+        """DSA ("sparse" | "dense" stage) -> (out [n, b, Hq, D], mean indexer KL over the local tokens).
+        kl_grad: back-propagate the KL at once with d(total)/d(KL) = kl_grad and return it detached."""
 
     def ksa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group, chunk: int,
             window: int, num_summary: int, cu_seqlens: torch.Tensor | None, scale: float | None,

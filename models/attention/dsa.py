@@ -173,10 +173,12 @@ class DSACoreAttention(MegatronModule):
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
         longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
+        now = self.kl_backward == "local" and self.training and torch.is_grad_enabled()
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
             out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
-                                      cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm)
+                                      cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
+                                      kl_grad=self._kl_grad(b, s) if now else None)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan
@@ -185,7 +187,7 @@ class DSACoreAttention(MegatronModule):
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
                                    max_seqlen=longest).transpose(1, 2)
-            if self.kl_backward == "local" and self.training:  # its backward at once (module docstring)
+            if now:  # its backward at once (module docstring)
                 kl = indexer_kl_loss_backward_now(q, k, q_idx, w, k_idx, grad=self._kl_grad(b, s), scale=self.scale,
                                                   cu_seqlens=cu, backend=backend)
             else:

@@ -200,31 +200,24 @@ def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_byt
     return out[0, pos_R]
 
 
-def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, scale: float) -> torch.Tensor:
-    """Dense-stage KL of the local rows with the kernels/dsa Triton kernels (rows scattered to their
-    global positions; rows not held have an empty key range and contribute 0)."""
-    import triton
-    from kernels.dsa.common import LOG2E, dot_precision, pow2
-    from kernels.dsa.indexer_loss import IndexerKLLossFn, _config, indexer_loss_fwd_kernel_lse
+def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, scale: float,
+                     grad: float | None = None) -> torch.Tensor:
+    """Dense-stage KL of the local rows (mean over them) with the kernels/dsa Triton kernels: rows
+    scattered to their global positions; rows not held have an empty key range and contribute 0.
+    grad: back-propagate at once with d(total)/d(KL) = grad (two passes over the keys instead of
+    three; the KL is returned detached), as kernels.dsa.indexer_kl_loss_backward_now does."""
+    from kernels.dsa.indexer_loss import indexer_kl_dense
     Tp = int(pos_R.max()) + 1
-    HQ, D = q_RHD.shape[1:]
-    HKV = k_THD.shape[1]
-    G = HQ // HKV
+    R = pos_R.numel()
     q = _scatter_rows(q_RHD.detach(), pos_R, Tp)[None].contiguous()
     k = k_THD.detach()[None, :Tp].contiguous()
     q_idx = _scatter_rows(q_idx_RHD, pos_R, Tp)[None]
     w = _scatter_rows(w_RH, pos_R, Tp)[None]
     start = _padded_starts(pos_R, start_R, Tp)
-    cfg = _config(q.device)
-    bq_lse = max(1, min(16, 64 // pow2(G)))
-    nbt = triton.cdiv(Tp, bq_lse)
-    lse = torch.zeros(1, Tp, HQ, dtype=torch.float32, device=q.device)
-    indexer_loss_fwd_kernel_lse[(nbt, HKV)](
-        q, k, lse, start, Tp, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D, DP=pow2(D, 16), BQ=bq_lse,
-        BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_lse"], num_stages=cfg["stages"])
-    # block_q None: the dense stage's tuned forward / backward pair (kernels/dsa/indexer_loss.dense_block_q)
-    mean_tp = IndexerKLLossFn.apply(q_idx, w, k_idx_TD[None, :Tp], q, k, lse, start, None, None, scale)
-    return mean_tp * (Tp / pos_R.numel())  # rows not held contribute exactly 0
+    # the kernels' mean is over Tp rows: the local mean is Tp / R times it, and so is its gradient
+    mean_tp = indexer_kl_dense(q_idx, w, k_idx_TD[None, :Tp], q, k, start, scale,
+                               grad=None if grad is None else grad * Tp / R)
+    return mean_tp * (Tp / R)
 
 
 def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float,
@@ -300,13 +293,17 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      w: torch.Tensor, k_idx: torch.Tensor, *, cp_group: dist.ProcessGroup | None, topk: int,
                      stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
                      backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
-                     split: CPSplit = "sequence") -> DSACPOutput:
+                     split: CPSplit = "sequence", kl_grad: float | None = None) -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
     cu_seqlens: GLOBAL boundaries (batch 1); split: the layout of the local tokens. stage "sparse": top-k + sparse attention + sparse KL;
     stage "dense": dense attention (`dense_cp_attention` with `dense_cp_comm`) + dense KL (warm-up). Returns out [n, b, Hq, D], the local
     mean KL and (sparse) the selected global positions [b, n, K].
+    kl_grad: back-propagate the KL at once (into the indexer tensors and, through the gather of the index
+    keys, every rank's) with d(total)/d(KL) = kl_grad, and return it detached; the warm-up layer that
+    delivers its KL in its forward (models/attention/dsa.py, kl_backward="local"). The dense stage's Triton
+    path then takes two passes over the keys instead of three.
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -325,11 +322,12 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
                                  cp_comm=dense_cp_comm, split=split)
         k_T = gather_index_keys(key.detach(), cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
+        now = kl_grad is not None and torch.is_grad_enabled()
         if backend == "naive":
             kl = _kl_ref("dense", q_R.detach(), k_T, q_idx_R, w_R, k_idx_T, pos, start, None, None, scale)
         else:
-            kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale)
-        return DSACPOutput(out=out, kl=kl, idx=None)
+            kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale, kl_grad if now else None)
+        return DSACPOutput(out=out, kl=_backward_now(kl, kl_grad), idx=None)
     with torch.no_grad():
         idx = _select(q_idx_R.detach(), w_R.detach(), k_idx_T.detach(), pos, start, topk, backend)
     k_T, v_T = (gather_index_keys(t, cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
@@ -341,4 +339,13 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         span = int((pos - start).max()) + 1  # one host sync, like the top-k's
         o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span)
     out = o_R.view(b, n, Hq, D).transpose(0, 1)
-    return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))
+    return DSACPOutput(out=out, kl=_backward_now(kl, kl_grad), idx=_unfold_idx(idx, b, n, S))
+
+
+def _backward_now(kl: torch.Tensor, grad: float | None) -> torch.Tensor:
+    """kl back-propagated with d(total)/d(kl) = grad when grad is given (and it still has a graph), detached."""
+    if grad is None:
+        return kl
+    if kl.requires_grad:
+        (kl * grad).backward()
+    return kl.detach()

@@ -338,8 +338,10 @@ def test_dsa_triton_topk_on_query_subset():
     assert torch.equal(ref, got)
 
 
-@pytest.mark.parametrize("stage", ["sparse", "dense"])
+@pytest.mark.parametrize("stage", ["sparse", "dense", "dense_now"])
 def test_dsa_triton_kernels_on_query_subset(stage):
+    """dense_now: the dense KL back-propagated at once (the warm-up's local backward: two passes over
+    the keys), against the reference's autograd."""
     from parallel.context.dsa import _dense_kl_triton, _kl_ref, _sparse_attn_ref, _sparse_triton, _topk_ref
     T, pos, start = _subset_inputs(torch.float32, integer=False)
     idx = _topk_ref(T[3][pos], T[4][pos], T[5], pos, start, 16)
@@ -360,6 +362,11 @@ def test_dsa_triton_kernels_on_query_subset(stage):
         else:
             if impl == "ref":
                 kl = _kl_ref("dense", q[pos].detach(), k.detach(), qi[pos], w[pos], ki, pos, start, None, None, scale)
+            elif stage == "dense_now":
+                kl = _dense_kl_triton(q[pos], k, qi[pos], w[pos], ki, pos, start, scale, grad=0.75)
+                assert not kl.requires_grad and ki.grad is not None  # delivered already
+                return {"out": kl, "kl": kl, **{n: t.grad / 0.75 for n, t in
+                                               zip(("dq_idx", "dw", "dk_idx"), (qi, w, ki))}}
             else:
                 kl = _dense_kl_triton(q[pos], k, qi[pos], w[pos], ki, pos, start, scale)
             o, loss = kl, kl
