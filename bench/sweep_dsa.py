@@ -398,6 +398,34 @@ def main():
         res["loss_dense_fused"] = out
         print("loss_dense_fused:", out, flush=True)
         dump(res)
+    if want("loss_dense_fused_tiles"):  # the two-pass warm-up KL under other launch settings, checked against the first
+        lse_d = il.dense_attention_lse(q, k, scale, None)
+        rows, ref = [], None
+        for ov in ({}, {"BS_dense_bwd": 32}, {"BS_dense_bwd": 128}, {"warps_bwd": 8},
+                   {"warps_bwd": 8, "BS_dense_bwd": 128}, {"stages": 1}, {"stages": 3}, {"BQ_dense_bwd": 2},
+                   {"BQ_dense_bwd": 8}, {"BQ_dense_bwd": 8, "warps_bwd": 8}, {"BQ_dense_fwd": 16},
+                   {"BS_dense_fwd": 128}, {"BQ_dense_fwd": 16, "BS_dense_fwd": 128, "warps": 8}):
+            try:
+                with patched(il, **ov):
+                    def two():
+                        return il.indexer_kl_dense_fused(qi, w, ki, q, k, lse_d, start, scale, gscale)
+                    kl2, g2 = two()
+                    if ref is None:
+                        ref = (kl2.clone(), [t.clone() for t in g2])
+                    diff = {"kl": rel(kl2, ref[0]), **{n: rel(a, b) for n, a, b in
+                                                       zip(("dq_idx", "dw", "dk_idx"), g2, ref[1])}}
+                    del kl2, g2
+                    ms = [timed(two, args.quick) for _ in range(2)]
+                rows.append({"config": ov, "ms": ms, "rel_to_first": diff})
+                print(f"loss_dense_fused_tiles {json.dumps(ov):60s} {ms[0]:8.2f} {ms[1]:8.2f} ms "
+                      f"rel {max(diff.values()):.1e}", flush=True)
+            except Exception as e:
+                rows.append({"config": ov, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"loss_dense_fused_tiles {json.dumps(ov):60s} FAILED {type(e).__name__}: {str(e)[:150]}",
+                      flush=True)
+            torch.cuda.empty_cache()
+        res["loss_dense_fused_tiles"] = rows
+        dump(res)
     if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): 3 passes vs 2
         from parallel.context.dsa import _dense_kl_triton
         from parallel.context.split import cp_global_indices

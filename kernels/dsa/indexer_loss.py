@@ -379,7 +379,7 @@ def _config(device: torch.device) -> dict:
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
                     warps_lse=4, stages=1, split_fwd=True, BS_psum=128, warps_psum=4,
                     BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20, stages_bwd_p=1,
-                    BQ_dense_fwd=None, BS_dense_fwd=128, BS_dense_bwd=128)
+                    BQ_dense_fwd=None, BQ_dense_bwd=None, BS_dense_fwd=128, BS_dense_bwd=128)
     # The dense stage (every causal key; bench/sweep_dsa.py --only loss_dense, H200, bf16, ms at 32K / 8K):
     # forward 8 tokens per program with 64-key tiles 47.7 / 3.46 (4 tokens, 128 keys: 55.9 / 3.81; 8 /
     # 128: 64.5 / 4.37; 16 tokens with 8 warps 59.0 / 4.19); backward 4 tokens with 64-key tiles 73.5 /
@@ -387,7 +387,7 @@ def _config(device: torch.device) -> dict:
     return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
                 stages=2, split_fwd=True, BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4,
                 stages_split=3, chunk_bytes=256 << 20, stages_bwd_p=3,
-                BQ_dense_fwd=8, BS_dense_fwd=64, BS_dense_bwd=64)
+                BQ_dense_fwd=8, BQ_dense_bwd=None, BS_dense_fwd=64, BS_dense_bwd=64)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
@@ -398,10 +398,11 @@ def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int
 
 def dense_block_q(device: torch.device, num_q_heads: int, num_kv_heads: int,
                   num_idx_heads: int) -> tuple[int, int]:
-    """(forward, backward) tokens per program of the dense stage: the forward's from `_config`
-    where it was timed (it holds twice loss_block_q's rows on an H200), else loss_block_q."""
+    """(forward, backward) tokens per program of the dense stage: `_config`'s where it was timed (the
+    forward holds twice loss_block_q's rows on an H200), else loss_block_q."""
     bq = loss_block_q(num_q_heads, num_kv_heads, num_idx_heads)
-    return _config(device)["BQ_dense_fwd"] or bq, bq
+    cfg = _config(device)
+    return cfg["BQ_dense_fwd"] or bq, cfg["BQ_dense_bwd"] or bq
 
 
 def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
