@@ -8,6 +8,7 @@ step time of `--steps` steps after `--warmup`).
   forward and the step runs the frozen model forward only.
 - "model": `train.indexer_backward=model`, the baseline (what every warm-up step did before): the KL's gradient
   is attached to the attention output and rides back through the frozen model's whole backward.
+Each case also records parallel/memory.py's predicted peak (`estimate_gb`, 10^9 bytes like the measurement).
 The indexers get the same gradients either way; the run checks it (the gradient norm of every step, and the loss,
 equal to float rounding).
 
@@ -47,14 +48,15 @@ def run_cases(args) -> dict:
             rel = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a["grad_norms"], b["grad_norms"]))
             merged["compare"][seq] = {"speedup": b["step_s"] / a["step_s"], "grad_norm_max_rel_diff": rel,
                                       "losses_equal": a["losses"] == b["losses"],
-                                      "peak_gb": [a["peak_mem_gb"], b["peak_mem_gb"]]}
+                                      "peak_gb": [a["peak_mem_gb"], b["peak_mem_gb"]],
+                                      "estimate_gb": [a.get("estimate_gb"), b.get("estimate_gb")]}
     Path(args.out).write_text(json.dumps(merged, indent=1))
-    print(f"\n{'mode':6} {'seq':>6} {'step ms':>9} {'peak GB':>8}  grad norms")
+    print(f"\n{'mode':6} {'seq':>6} {'step ms':>9} {'peak GB':>8} {'est. GB':>8}  grad norms")
     for r in merged["runs"]:
         if "error" in r:
             print(f"{r['mode']:6} {r['seq']:>6}  {r['error'][:120]}")
         else:
-            print(f"{r['mode']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['peak_mem_gb']:8.1f}  "
+            print(f"{r['mode']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  "
                   + " ".join(f"{g:.6g}" for g in r["grad_norms"]))
     for seq, c in merged["compare"].items():
         print(f"{seq}: local is {c['speedup']:.2f}x the model-backward step; grad norms agree to "
@@ -78,6 +80,7 @@ def main() -> None:
         return
     import torch
 
+    from parallel.memory import estimate, inputs_from_config
     from train.config import register_configs
 
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -90,7 +93,8 @@ def main() -> None:
         cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
                                                   f"/tmp/bench_dsa_warmup/{args.mode}{seq}", args.smoke)
                                   + [f"train.indexer_backward={args.mode}"])
-        record_case(results, {"mode": args.mode, "seq": seq, "layers": args.layers},
+        est = estimate(inputs_from_config(cfg, layout))  # parallel/memory.py's prediction, beside the measurement
+        record_case(results, {"mode": args.mode, "seq": seq, "layers": args.layers, "estimate_gb": est.total / 1e9},
                     lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
     from parallel.groups import teardown
 

@@ -34,6 +34,9 @@ def main(argv: list[str]) -> None:
           + (f"; offload {layout.offload} of "
              f"{'all but the last layer' if layout.offload_layers == -1 else f'{layout.offload_layers} layers'}"
              " per model chunk" if layout.offload != "none" else ""))
+    if m.indexer_step:
+        print("train.trainable=indexer with indexer_backward=local: the step runs the frozen model forward only "
+              "(recompute and offload unused), gradients and optimizer state for the indexers alone")
     print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
           f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
     print(est.table())

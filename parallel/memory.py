@@ -18,6 +18,12 @@ Per rank: t = mbs * S / cp tokens in the attention block, t_sp = t / tp in the s
 (norms, residual stream, router), T_e = t_sp * k * etp tokens reaching this rank's experts (balanced
 routing: every rank receives what it sends), hq = Hq/tp * d, hkv = Hkv/tp * d.
 
+Training stages (`train.trainable`): gradients and optimizer state only for the parameters that train; the
+warm-up's indexer-only step (trainable=indexer, indexer_backward=local) runs the frozen model forward only, so
+its activations are one working set, not every layer's kept tensors. A frozen model trained through its
+backward (trainable=indexer with indexer_backward=model, summary, projector) is counted as full training
+keeps it: an upper bound (a frozen layer saves less; bench/RESULTS.md measured 25-42% less).
+
 Not counted (state it rather than hide it): the CUDA context and NCCL buffers (~1-2 GiB per GPU, outside
 torch's allocator and outside max_memory_allocated), allocator fragmentation (reported separately as a
 stated 10 % margin), routing imbalance (T_e grows with the busiest expert), torch.compile / Triton
@@ -55,6 +61,8 @@ class MemoryInputs:
     cp_comm: str = "a2a"
     offload: str = "none"  # none | activations (parallel/offload.py: what offloaded layers save goes to the host)
     offload_layers: int = -1  # per model chunk, from the first; -1 = all but the chunk's last layer
+    trainable: str = "all"  # train.trainable: the parameters with gradients and optimizer state
+    indexer_step: bool = False  # trainable=indexer with indexer_backward=local: the step runs forward only
 
     @property
     def model_seq(self) -> int:
@@ -110,20 +118,47 @@ def param_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, fl
     return dense, expert
 
 
+def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, float]:
+    """(dense, expert) elements of the parameters that train (models/lm.freeze_for_stage): all of them, only
+    the DSA indexers (trainable=indexer), only the KSA summary embeddings and summary QKV projections
+    (summary), or none of the language model's (projector: only the vision projector trains, and the ViT is
+    not counted here)."""
+    if m.trainable == "all":
+        return param_counts(m, first=first, last=last)
+    lm = m.lm
+    per_stage = lm.layer_attention()
+    layers = len(per_stage) // m.pp
+    variants = per_stage[:layers] if first else per_stage[-layers:]
+    h = lm.hidden_size
+    if m.trainable == "indexer":
+        x = lm.dsa
+        return variants.count("dsa") * (h * (x.index_heads * x.index_dim + x.index_dim + x.index_heads)
+                                        + x.index_dim), 0.0
+    if m.trainable == "summary":
+        q, kv = lm.num_attention_heads * lm.head_dim, lm.num_query_groups * lm.head_dim
+        return (variants.count("ksa") * h * (q + 2 * kv) / m.tp
+                + (lm.ksa.num_summary * h if first and lm.uses_ksa else 0)), 0.0
+    if m.trainable == "projector":
+        return 0.0, 0.0
+    raise ValueError(f"unknown trainable set {m.trainable!r}")
+
+
 def model_state_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
     """Parameters, gradients (megatron DDP keeps an fp32 grad buffer: grad_reduce_in_fp32=True in
     train/trainer.py) and optimizer state (bf16 training: fp32 master copy + Adam m, v = 12 B per element;
     fp32 training: Adam m, v = 8 B), the latter sharded by the distributed optimizer over DP x CP (dense;
-    megatron's dp_cp group) and expert-DP (experts)."""
+    megatron's dp_cp group) and expert-DP (experts). Gradients and optimizer state exist only for the
+    parameters that train (megatron's buffers and optimizer take only those that require grad)."""
     dense, expert = param_counts(m, first=first, last=last)
+    t_dense, t_expert = trainable_counts(m, first=first, last=last)
     pbytes = 2 if m.bf16 else 4
     opt = 12 if m.bf16 else 8
     shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
     shard_expert = m.edp if m.distributed_optimizer else 1
     return {
         "parameters": (dense + expert) * pbytes,
-        "gradients (fp32 buffer)": (dense + expert) * 4,
-        "optimizer (master + Adam, sharded)": dense * opt / shard_dense + expert * opt / shard_expert,
+        "gradients (fp32 buffer)": (t_dense + t_expert) * 4,
+        "optimizer (master + Adam, sharded)": t_dense * opt / shard_dense + t_expert * opt / shard_expert,
     }
 
 
@@ -228,14 +263,19 @@ def _moe(m: MemoryInputs) -> tuple[float, float]:
 
 
 def _loss(m: MemoryInputs) -> float:
-    """The output layer + cross-entropy on the last stage (see models/moe/chunked_ce.py)."""
+    """The output layer + cross-entropy on the last stage (see models/moe/chunked_ce.py). The fp32 dW
+    accumulator exists only when the output layer trains; in the forward-only indexer step a chunk holds its
+    logits and their fp32 copy (the backward's gradient chunk never exists)."""
     lm = m.lm
     b = 2 if m.bf16 else 4
     t = m.micro_batch_size * m.model_seq / m.cp
     Vr = lm.vocab_size / m.tp
+    if m.indexer_step:  # one chunk's logits while their fp32 copy is made (exp and sum run in place)
+        c = min(lm.loss_chunk_tokens, t) if lm.loss_chunk_tokens else t
+        return c * Vr * (2 + 4) + t * 4 + t / m.tp * lm.hidden_size * b
     if lm.loss_chunk_tokens:
         c = min(lm.loss_chunk_tokens, t)
-        acc = Vr * lm.hidden_size * 4 if t > c else 0
+        acc = Vr * lm.hidden_size * 4 if t > c and m.trainable == "all" else 0
         return c * Vr * (2 + 4 + 2) + acc + t * 4 + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
     return t * Vr * (2 + 4 + 4) + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
 
@@ -283,6 +323,8 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     the in-flight micro-batches, plus the transient buffers. Offload (parallel/offload.py) keeps on the
     device at most two offloaded layers' saved tensors at a time: one being copied out in forward, or in
     backward the layer being worked on plus the next one prefetched."""
+    if m.indexer_step:
+        return _forward_only_bytes(m, first=first, last=last)
     lm = m.lm
     b = 2 if m.bf16 else 4
     mine, offloaded = _stage_layers(m, first=first)
@@ -320,6 +362,28 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     return rows
 
 
+def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+    """The warm-up's indexer-only step (train/trainer.py, `indexer_step`): the frozen model runs forward only and
+    each DSA layer back-propagates its KL inside its forward, so no layer keeps anything for a later backward and
+    no micro-batch's activations wait for one (recompute and offload are off in this step). The peak is one
+    working set: a layer's attention block's tensors (what a training step would keep, here alive only until
+    the block ends) with its transient buffers, or its MoE block's, or on the last stage the output layer and
+    loss's, whichever is largest, on top of the residual stream (each is freed before the next begins)."""
+    b = 2 if m.bf16 else 4
+    t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
+    mine, _ = _stage_layers(m, first=first)
+    sets = {f"{v} attention block": sum(_attention(m, v, recompute_core=False)) for v in set(mine)}
+    sets["MoE block"] = sum(_moe(m))
+    if last:
+        sets["output layer + loss"] = _loss(m)
+    name = max(sets, key=sets.get)
+    rows = {"kept for backward": 0.0, "residual stream": t_sp * m.lm.hidden_size * b,
+            f"largest working set, forward only ({name})": sets[name]}
+    if first:
+        rows["rotary"] = m.model_seq * m.lm.head_dim * 4
+    return rows
+
+
 def estimate(m: MemoryInputs) -> MemoryEstimate:
     """The worst pipeline stage's predicted peak (first stage: most in-flight activations; last: loss)."""
     best = None
@@ -346,4 +410,5 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         dp=layout.dp, edp=layout.edp, distributed_optimizer=layout.distributed_optimizer,
                         recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
                         offload=getattr(layout, "offload", "none"),
-                        offload_layers=getattr(layout, "offload_layers", -1))
+                        offload_layers=getattr(layout, "offload_layers", -1), trainable=t.trainable,
+                        indexer_step=t.trainable == "indexer" and t.indexer_backward == "local")

@@ -4,13 +4,15 @@ Measured GPU anchors (not asserted here: they need the H200): bench/RESULTS.md, 
 GPU, 4 layers of Keye-30B-A3B, bf16, no recompute, grouped experts, chunked loss: peak 67.4 at 8K and 84.3 at
 32K (torch max_memory_allocated, reported as "GB"). The estimator gives 64.0 / 81.9 GiB for the same
 configuration: -5 % / -3 % if those numbers are GiB, +2 % / +4 % if they are 10^9 bytes (62.8 / 78.5 GiB).
-bench/bench_cp.py records the prediction next to the measurement for every CP case it runs.
+bench/bench_cp.py records the prediction next to the measurement for every CP case it runs, and
+bench/bench_dsa_warmup.py for the warm-up step (2026-12-01: indexer-only step 10.3 / 11.5 GB measured at 8K /
+32K against 10.2 / 12.4 estimated).
 """
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
 from parallel.memory import (DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
-                             estimate, model_state_bytes, param_counts)
+                             estimate, model_state_bytes, param_counts, trainable_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
           num_experts=4, moe_topk=2, moe_ffn_hidden_size=32, mrope_section=[2, 3, 3], loss_chunk_tokens=0)
@@ -122,11 +124,6 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
     dispatcher index maps) and, at this tiny width, those are a few percent; a missing or double-counted
     tensor of a layer (q, k, v, the fc1 output, a norm copy) is >= 10 % of it.
     Not checkable here: KSA (its CPU backend is the mask reference, which keeps L x L) and bf16 sizes."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from dataclasses import replace
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -135,17 +132,7 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
 
     repo = Path(__file__).resolve().parents[2]
     seq = 2048
-    import socket
-
-    with socket.socket() as sock:  # a free port for the worker's single-process group
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    proc = subprocess.run([sys.executable, str(repo / "tests/unit/memory_measure_worker.py"), str(seq)], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    measured = _measure(seq)
     register_configs()
     with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
         cfg = to_config(compose("config", overrides=["recipe=keye_tiny_lm", "parallel=single"]))
@@ -168,3 +155,73 @@ def test_dsa_sparse_transient_is_the_plan_build_at_long_sequences():
     plan = t * 2048 * DSA_UNION_SHARE * 8
     assert plan > DSA_TOPK_CHUNK_BYTES
     assert ts - td == 2 * t * 32 * 4 + DSA_PLAN_CHUNK_BYTES + plan
+
+
+def _measure(seq: int, *args: str) -> dict:
+    """tests/unit/memory_measure_worker.py in its own process (it starts a one-process group)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, str(repo / "tests/unit/memory_measure_worker.py"), str(seq), *args],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _recipe_inputs(recipe: str, seq: int, **kw) -> MemoryInputs:
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "recipes"), version_base=None):
+        cfg = to_config(compose("config", overrides=[f"recipe={recipe}", "parallel=single"]))
+    return MemoryInputs(lm=cfg.model.lm, seq_length=seq, bf16=False, trainable=cfg.train.trainable, **kw)
+
+
+@pytest.mark.parametrize("recipe,trainable", [("keye_tiny_dsa_warmup", "indexer"), ("keye_tiny_ksa_distill", "summary"),
+                                              ("keye_tiny_dsa_warmup", "all")])
+def test_training_stage_counts_gradients_and_optimizer_of_its_trainable_parameters_only(recipe, trainable):
+    """The parameters that require grad in the built tiny model, frozen by models/lm.freeze_for_stage, against
+    trainable_counts; gradients and optimizer state follow them, the parameters stay whole."""
+    measured = _measure(256, recipe, trainable)
+    m = _recipe_inputs(recipe, 256)
+    m = MemoryInputs(**{**m.__dict__, "trainable": trainable})
+    dense, expert = trainable_counts(m, first=True, last=True)
+    assert dense + expert == measured["trainable_elements"]
+    rows = model_state_bytes(m, first=True, last=True)
+    assert rows["gradients (fp32 buffer)"] == measured["trainable_elements"] * 4
+    assert rows["optimizer (master + Adam, sharded)"] == measured["trainable_elements"] * 8  # fp32: Adam m, v
+    assert rows["parameters"] == sum(param_counts(m, first=True, last=True)) * 4
+
+
+def test_indexer_step_keeps_nothing_for_backward():
+    """The warm-up's indexer-only step (trainable=indexer, indexer_backward=local) runs the frozen model forward
+    only: measured, no saved tensor outlives the forward (each DSA layer's KL graph is consumed in the layer)
+    and the output needs no gradient; the estimate keeps nothing and counts one working set, not every layer's.
+    The same forward with the KL attached to the attention output (the "model" path) keeps tensors."""
+    measured = _measure(256, "keye_tiny_dsa_warmup", "indexer")
+    assert measured["alive_after_forward"] == 0 and not measured["output_requires_grad"]
+    assert measured["attention"] > 0  # the hooks did see the layers' KL graphs while they existed
+    step = _recipe_inputs("keye_tiny_dsa_warmup", 256, indexer_step=True)
+    through_model = _recipe_inputs("keye_tiny_dsa_warmup", 256)
+    rows = activation_bytes(step, first=True, last=True)
+    assert rows["kept for backward"] == 0
+    working = [v for k, v in rows.items() if k.startswith("largest working set")]
+    assert len(working) == 1
+    kept_model = sum(v for k, v in activation_bytes(through_model, first=True, last=True).items()
+                     if k.startswith(("attention", "MoE")))
+    assert working[0] < kept_model  # one layer's tensors at a time, against all four layers' kept
+    assert estimate(step).total < estimate(through_model).total
