@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     "triton==3.6.0",
     "webdataset==1.0.2",
     "decord==0.6.0",
-    "av>=14,<19",  # 17 and 18 tested; their x264 needs asm=0 for reproducible files (data/video/synthetic.py)
+    "av>=14,<19",  # 17 and 18 tested; reproducible files need asm=0 and one encoder thread (data/video/synthetic.py)
     "hydra-core==1.3.8",
     "omegaconf>=2.3,<2.4",
     "wandb>=0.19",

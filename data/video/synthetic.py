@@ -99,6 +99,7 @@ class VideoSpec:
     faststart: bool = True     # moov box before the media data
     crf: int = 18
     seed: int = 0
+    encoder_threads: int = 1   # 0: the codec's choice (not reproducible under load, see write_video)
 
 
 def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
@@ -124,10 +125,8 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
             # asm=0: with x264's SIMD routines (the build the PyAV 17 / 18 wheels bundle, FFmpeg 8)
             # the same frames encoded to different bytes, and decoded to different pixels, from run
             # to run (one encoder thread: the same; zeroing the rows' padding bytes: rarer, not
-            # gone); with its C routines runs almost always write the same file (not always: under a
-            # full test suite's load one run in a few wrote one video 182 bytes shorter, cause not
-            # found, so the tests that compare training runs make the videos once and share them).
-            # The clips are tiny, so the speed does not matter.
+            # gone). With its C routines, and several encoder threads, a run still wrote a different
+            # file now and then under load (below). The clips are tiny, so the speed does not matter.
             opts.update({"crf": str(spec.crf), "preset": "veryfast",
                          "bf": "2" if spec.bframes else "0", "keyint_min": str(gop), "sc_threshold": "0",
                          "x264-params": "asm=0"})
@@ -135,6 +134,9 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
             opts.update({"qscale": "3", "bf": "2" if spec.bframes else "0"})
             stream.codec_context.qscale = 3
         stream.options = opts
+        # one encoder thread: with x264's frame threads a run now and then wrote other bytes under load
+        # (bench/probe_synthetic_video.py: 6 of 6,300 encodings of one clip in three runs, 0 of 7,800 with one)
+        stream.codec_context.thread_count = spec.encoder_threads
         if spec.vfr:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)
