@@ -79,6 +79,7 @@ class DistillConfig:
 
 TRAINABLE = ("all", "summary", "indexer", "projector")
 INDEXER_BACKWARD = ("local", "model")
+MEMORY_CHECKS = ("error", "warn", "off")
 
 
 @dataclass
@@ -108,6 +109,9 @@ class TrainConfig:
     # runs the frozen model forward only) or "model" (the KL's gradient rides back through the frozen
     # model, as in the sparse stage: the same indexer gradients, slower; kept as the reference)
     indexer_backward: str = "local"
+    # before a GPU run starts, parallel/memory.py's predicted peak per rank against the GPU's memory: "error" stops a
+    # run whose prediction exceeds it (naming layouts that fit), "warn" only logs it, "off" skips the check
+    memory_check: str = "error"
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -130,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.memory_check not in MEMORY_CHECKS:
+            raise ValueError(f"train.memory_check must be one of {MEMORY_CHECKS}, got {self.memory_check!r}")
         if self.indexer_backward not in INDEXER_BACKWARD:
             raise ValueError(f"train.indexer_backward must be one of {INDEXER_BACKWARD}, got "
                              f"{self.indexer_backward!r}")

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.groups import teardown, world_size_from_env
@@ -84,14 +85,55 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     return cfg, layout
 
 
+# layouts check_memory proposes when the configured one does not fit, cheapest in compute first
+_LAYOUTS_THAT_SAVE_MEMORY = (("parallel.recompute=full", {"recompute": "full"}),
+                             ("parallel.offload=activations", {"offload": "activations"}),
+                             ("parallel.recompute=full parallel.offload=activations",
+                              {"recompute": "full", "offload": "activations"}))
+
+
+def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | None:
+    """parallel/memory.py's predicted peak per rank against `capacity` bytes (a GPU's memory).
+
+    None when the prediction with its 10% fragmentation margin fits. Otherwise a message naming the prediction,
+    the GPU's memory and the memory-saving layouts with their predictions: raised as a ValueError with
+    train.memory_check=error (such a run would most likely stop at its first step, after building the model: the
+    estimate has measured up to 9% below a real peak, bench/RESULTS.md, and the CUDA context and NCCL buffers
+    come on top), returned as a warning with train.memory_check=warn."""
+    from dataclasses import replace
+
+    from parallel.memory import GIB, estimate, inputs_from_config
+
+    m = inputs_from_config(cfg, layout)
+    peak = estimate(m).total
+    if peak * 1.1 <= capacity:
+        return None
+    options = [f"{label}: {estimate(replace(m, **kw)).total / GIB:.1f} GiB"
+               for label, kw in _LAYOUTS_THAT_SAVE_MEMORY if any(getattr(m, k) != v for k, v in kw.items())]
+    msg = (f"the predicted peak memory per rank is {peak / GIB:.1f} GiB ({peak * 1.1 / GIB:.1f} with a 10% "
+           f"fragmentation margin; python launch/memory.py prints it item by item), and this GPU has "
+           f"{capacity / GIB:.1f} GiB (parallel.recompute={layout.recompute}, parallel.offload={layout.offload}). "
+           f"Predicted instead: {'; '.join(options) or 'no other recompute / offload setting'}; or more GPUs "
+           "(larger parallel.ep, tp, pp or cp)")
+    if cfg.train.memory_check == "error":
+        raise ValueError(msg + ". train.memory_check=warn runs it anyway")
+    return msg
+
+
 def run(dcfg: DictConfig) -> None:
     try:
         cfg, layout = validate(dcfg)
+        warning = None
+        if cfg.train.memory_check != "off" and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            warning = check_memory(cfg, layout, torch.cuda.get_device_properties(local).total_memory)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(cfg.resolved_run_dir(), rank)
+    if warning and rank == 0:
+        logging.getLogger("train").warning("memory: %s", warning)
     from train.trainer import Trainer
 
     from train.checkpoint import CheckpointSaveError

@@ -132,3 +132,36 @@ def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq, lo
             _validate(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.shards=/data/shards", world_size=8)
     with pytest.raises(ConfigCompositionException):                         # unknown keys are errors
         _compose(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.long_short_ratio=0.5")
+
+
+H200 = 139.8 * 1024 ** 3  # torch.cuda.get_device_properties(0).total_memory of the lent H200s
+
+
+def test_memory_check_stops_a_layout_predicted_beyond_the_gpu_and_names_what_fits():
+    """The 30B recipe with selective recompute on one 8-GPU node is predicted at 138 GiB per GPU: on an H200 the
+    check stops it before the model is built and names full recompute (81 GiB); with warn it only reports."""
+    from train.launch import check_memory
+
+    shards = "data.video.shards=/data/shards"  # a path is only checked when the data is read
+    cfg, layout = _validate("recipe=keye_30b_a3b", shards, "parallel.recompute=selective", world_size=8)
+    with pytest.raises(ValueError, match=r"138\.3 GiB.*139\.8 GiB.*parallel\.recompute=full: 81\.0 GiB"):
+        check_memory(cfg, layout, H200)
+    cfg, layout = _validate("recipe=keye_30b_a3b", shards, "parallel.recompute=selective", "train.memory_check=warn",
+                            world_size=8)
+    assert "parallel.offload=activations" in check_memory(cfg, layout, H200)
+    cfg, layout = _validate("recipe=keye_30b_a3b", shards, world_size=8)
+    assert layout.recompute == "full" and check_memory(cfg, layout, H200) is None
+    with pytest.raises(ValueError, match="train.memory_check must be one of"):
+        _validate("recipe=keye_tiny_lm", "train.memory_check=maybe")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes/recipe").glob("keye_30b_a3b*.yaml")))
+def test_every_30b_recipe_is_predicted_to_fit_an_h200(recipe):
+    """Each Keye-30B-A3B recipe on the node it is written for (8 GPUs), with the estimate's 10% fragmentation
+    margin: what the memory check asks before a run. Placeholder shard paths where a recipe reads video."""
+    from train.launch import check_memory
+
+    video = "video" in (REPO / f"recipes/recipe/{recipe}.yaml").read_text() or recipe in ("keye_30b_a3b_align",)
+    paths = ["data.video.shards=/data/shards", "data.video.long_shards=/data/long"] if video else []
+    cfg, layout = _validate(f"recipe={recipe}", *paths, world_size=8)
+    assert check_memory(cfg, layout, H200) is None
