@@ -109,8 +109,8 @@ class TrainConfig:
     # runs the frozen model forward only) or "model" (the KL's gradient rides back through the frozen
     # model, as in the sparse stage: the same indexer gradients, slower; kept as the reference)
     indexer_backward: str = "local"
-    # before a GPU run starts, parallel/memory.py's predicted peak per rank against the GPU's memory: "error" stops a
-    # run whose prediction exceeds it (naming layouts that fit), "warn" only logs it, "off" skips the check
+    # before a GPU run starts, parallel/memory.py's predicted peak per rank, with its 10% margin, against the GPU's
+    # memory: "error" stops a run predicted not to fit (naming layouts that would), "warn" only logs it, "off" skips it
     memory_check: str = "error"
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
