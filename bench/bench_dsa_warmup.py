@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import compose_cfg, record_case, run_child, run_ours, slice_overrides  # noqa: E402
+from bench.bench_spine import compose_cfg, record_case, run_grid, run_ours, slice_overrides  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -34,12 +34,7 @@ MODES = ("local", "model")
 def run_cases(args) -> dict:
     """Each (mode, seq) case in its own process."""
     seqs = [256] if args.smoke else args.seqs
-    merged = {"env": {}, "runs": []}
-    for seq in seqs:
-        for mode in MODES:
-            flags = ["--mode", mode, "--seqs", str(seq), "--layers", str(args.layers), "--steps", str(args.steps),
-                     "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-            run_child(__file__, flags, f"{args.out}.{mode}.{seq}.json", {"mode": mode, "seq": seq}, merged, args.out)
+    merged = run_grid(__file__, args, "--mode", "mode", list(MODES))
     by = {(r["mode"], r["seq"]): r for r in merged["runs"] if "error" not in r}
     merged["compare"] = {}
     for seq in seqs:

@@ -208,18 +208,23 @@ def record_case(results: dict, rec: dict, fn, out: str) -> None:
     _reset_mem()
 
 
-def run_cases(args) -> None:
-    """Each (impl, seq) case in its own process (run_child)."""
-    seqs = [256] if args.smoke else args.seqs
-    impls = [args.only] if args.only else ["ours", "plain"]
+def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
+    """Every (value, seq) case of a step benchmark in its own process (run_child): `script --child flag value
+    --seqs seq` with the run's layers, steps, warm-up and smoke flag; returns the merged runs (error records
+    labelled {key: value, "seq": seq, "layers": ...})."""
     merged = {"env": {}, "runs": []}
-    for seq in seqs:
-        for impl in impls:
-            flags = ["--only", impl, "--seqs", str(seq), "--layers", str(args.layers), "--steps", str(args.steps),
+    for seq in ([256] if args.smoke else args.seqs):
+        for v in values:
+            flags = [flag, v, "--seqs", str(seq), "--layers", str(args.layers), "--steps", str(args.steps),
                      "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-            run_child(__file__, flags, f"{args.out}.{impl}.{seq}.json", {"impl": impl, "seq": seq, "layers": args.layers},
+            run_child(script, flags, f"{args.out}.{v}.{seq}.json", {key: v, "seq": seq, "layers": args.layers},
                       merged, args.out)
-    print_table(merged)
+    return merged
+
+
+def run_cases(args) -> None:
+    """Each (impl, seq) case in its own process."""
+    print_table(run_grid(__file__, args, "--only", "impl", [args.only] if args.only else ["ours", "plain"]))
 
 
 def print_table(results: dict) -> None:

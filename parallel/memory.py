@@ -411,4 +411,4 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
                         offload=getattr(layout, "offload", "none"),
                         offload_layers=getattr(layout, "offload_layers", -1), trainable=t.trainable,
-                        indexer_step=t.trainable == "indexer" and t.indexer_backward == "local")
+                        indexer_step=t.indexer_step)

@@ -143,6 +143,12 @@ class TrainConfig:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
 
+    @property
+    def indexer_step(self) -> bool:
+        """The DSA warm-up's indexer-only step: the model runs forward only, each DSA layer back-propagating its
+        KL in its forward (train/trainer.py; parallel/memory.py counts its memory so)."""
+        return self.trainable == "indexer" and self.indexer_backward == "local"
+
 
 @dataclass
 class Config:

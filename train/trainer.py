@@ -174,7 +174,7 @@ class Trainer:
         # layer back-propagates its KL in its forward and the step runs the model forward only: the backward
         # through the frozen model reaches no trainable parameter. Nothing is then kept for a backward, so
         # recompute and activation offload have nothing to do and are off.
-        self.indexer_step = t.trainable == "indexer" and t.indexer_backward == "local"
+        self.indexer_step = t.indexer_step
         recompute = None if layout.recompute == "none" or self.indexer_step else layout.recompute
         self.tconfig = transformer_config(lm, layout.model_sizes(), bf16=self.bf16, use_cpu_initialization=False,
                                           recompute=recompute)

@@ -41,7 +41,8 @@ class ContextParallelOps(Protocol):
             cu_seqlens: torch.Tensor | None, backend: str, dense_cp_comm: str, kl_grad: float | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """DSA ("sparse" | "dense" stage) -> (out [n, b, Hq, D], mean indexer KL over the local tokens).
-        kl_grad: back-propagate the KL at once with d(total)/d(KL) = kl_grad and return it detached."""
+        kl_grad: the caller's d(total)/d(KL) when it back-propagates the KL in its forward; an implementation may
+        back-propagate it itself and return the KL detached (the caller then has nothing left to do)."""
 
     def ksa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group, chunk: int,
             window: int, num_summary: int, cu_seqlens: torch.Tensor | None, scale: float | None,

@@ -300,10 +300,10 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     cu_seqlens: GLOBAL boundaries (batch 1); split: the layout of the local tokens. stage "sparse": top-k + sparse attention + sparse KL;
     stage "dense": dense attention (`dense_cp_attention` with `dense_cp_comm`) + dense KL (warm-up). Returns out [n, b, Hq, D], the local
     mean KL and (sparse) the selected global positions [b, n, K].
-    kl_grad: back-propagate the KL at once (into the indexer tensors and, through the gather of the index
-    keys, every rank's) with d(total)/d(KL) = kl_grad, and return it detached; the warm-up layer that
-    delivers its KL in its forward (models/attention/dsa.py, kl_backward="local"). The dense stage's Triton
-    path then takes two passes over the keys instead of three.
+    kl_grad: the caller's d(total)/d(KL) when it back-propagates the KL in its forward (models/attention/dsa.py,
+    kl_backward="local"). The dense stage's Triton path then back-propagates it here, in two passes over the keys
+    instead of three, and returns the KL detached; every other path returns it with its graph, as without
+    kl_grad, for the caller's own backward.
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -322,12 +322,12 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
                                  cp_comm=dense_cp_comm, split=split)
         k_T = gather_index_keys(key.detach(), cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
-        now = kl_grad is not None and torch.is_grad_enabled()
         if backend == "naive":
             kl = _kl_ref("dense", q_R.detach(), k_T, q_idx_R, w_R, k_idx_T, pos, start, None, None, scale)
         else:
-            kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale, kl_grad if now else None)
-        return DSACPOutput(out=out, kl=_backward_now(kl, kl_grad), idx=None)
+            kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale,
+                                  kl_grad if torch.is_grad_enabled() else None)
+        return DSACPOutput(out=out, kl=kl, idx=None)
     with torch.no_grad():
         idx = _select(q_idx_R.detach(), w_R.detach(), k_idx_T.detach(), pos, start, topk, backend)
     k_T, v_T = (gather_index_keys(t, cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
@@ -339,13 +339,4 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         span = int((pos - start).max()) + 1  # one host sync, like the top-k's
         o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span)
     out = o_R.view(b, n, Hq, D).transpose(0, 1)
-    return DSACPOutput(out=out, kl=_backward_now(kl, kl_grad), idx=_unfold_idx(idx, b, n, S))
-
-
-def _backward_now(kl: torch.Tensor, grad: float | None) -> torch.Tensor:
-    """kl back-propagated with d(total)/d(kl) = grad when grad is given (and it still has a graph), detached."""
-    if grad is None:
-        return kl
-    if kl.requires_grad:
-        (kl * grad).backward()
-    return kl.detach()
+    return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))
