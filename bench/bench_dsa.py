@@ -39,7 +39,6 @@ from triton.testing import do_bench  # noqa: E402
 
 from kernels.dsa import (build_sparse_plan, default_block_q, dsa_topk,  # noqa: E402
                          indexer_kl_loss, naive, sparse_gqa_attention)
-from kernels.dsa.common import row_doc_start  # noqa: E402
 from kernels.dsa.indexer_loss import indexer_kl_bwd, indexer_kl_fwd  # noqa: E402
 from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd  # noqa: E402
 
@@ -256,8 +255,7 @@ def bench_size(L, quick, block_q):
     plan = build_sparse_plan(idx, block_q)
     scale = D ** -0.5
     o, lse = sparse_attn_fwd(q, k, v, plan, scale)
-    start = row_doc_start(1, L, None, q.device)
-    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                         keep_psum=True)
     gscale = torch.full((1,), 1.0 / L, device=q.device)
     pieces = {
@@ -265,9 +263,9 @@ def bench_size(L, quick, block_q):
         "union_plan": lambda: build_sparse_plan(idx, block_q),
         "attn_fwd": lambda: sparse_attn_fwd(q, k, v, plan, scale),
         "attn_bwd": lambda: sparse_attn_bwd(q, k, v, o, do, lse, plan, scale),
-        "loss_fwd": lambda: indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+        "loss_fwd": lambda: indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                            keep_psum=True),
-        "loss_bwd": lambda: indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+        "loss_bwd": lambda: indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale,
                                            lse_i, z, gscale, psum=psum),
     }
     r["pieces_ms"] = {name: timed(fn, quick) for name, fn in pieces.items()}

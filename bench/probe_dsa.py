@@ -367,12 +367,12 @@ def main():
     rec("plan", lambda: build_sparse_plan(idx, 4))
     rec("attn_fwd", lambda: sa.sparse_attn_fwd(q, k, v, plan, scale))
     rec("attn_bwd", lambda: sa.sparse_attn_bwd(q, k, v, o, do, lse, plan, scale))
-    rec("loss_fwd", lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+    rec("loss_fwd", lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                               keep_psum=True))
-    kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+    kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                            keep_psum=True)
     gscale = torch.full((1,), 1.0 / L, device=q.device)
-    rec("loss_bwd", lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i,
+    rec("loss_bwd", lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i,
                                               z, gscale, psum=psum))
 
     # --- top-k pieces: sample / filter / select, one chunk layout as dsa_topk_triton ----------

@@ -23,7 +23,6 @@ from bench.bench_dsa import (D, TOPK, dsa_fwd_bwd, make_inputs, peak_mem,  # noq
                              timed)
 from kernels.dsa import (build_sparse_plan, default_block_q, dsa_topk,  # noqa: E402
                          indexer_kl_loss, sparse_gqa_attention)
-from kernels.dsa.common import row_doc_start  # noqa: E402
 from kernels.dsa.indexer_loss import indexer_kl_bwd, indexer_kl_fwd  # noqa: E402
 from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd  # noqa: E402
 
@@ -87,20 +86,18 @@ def probe_size(L, streams):
     plan = build_sparse_plan(idx, bq)
     scale = D ** -0.5
     o, lse = sparse_attn_fwd(q, k, v, plan, scale)
-    start = row_doc_start(1, L, None, q.device)
-    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q,
-                                        scale, keep_psum=True)
+    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale, keep_psum=True)
     gscale = torch.full((1,), 1.0 / L, device=q.device)
 
     def attb():
         return sparse_attn_bwd(q, k, v, o, do, lse, plan, scale)
 
     def lossf():
-        return indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+        return indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                               keep_psum=True)
 
     def lossb():
-        return indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, plan.block_q, scale,
+        return indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale,
                               lse_i, z, gscale, psum=psum)
 
     def both(s, first_side):

@@ -11,8 +11,11 @@ are checked against the earlier ones in the same run: the bitonic-merge plan aga
 the indexer-loss backward from the cached head-summed P against the recomputing one. A configuration that fails to compile or run is recorded and skipped.
 The `plan_subset` piece times the union plan of a context-parallel rank's rows (the second half,
 positions over all L keys) with the bitmap builder against the merge builder.
+The `loss_dense_tiles` piece times the warm-up's KL with its backward on token x key tiles
+(kernels/dsa/indexer_loss_dense.py) under its launch settings, and profiles its kernels (the 4-token
+blocks it replaced were timed against it in the same runs, bench/RESULTS.md).
 The `loss_dense_cp` piece times the warm-up's KL of a context-parallel rank (cp = 2, both ranks) with its
-backward through autograd (three passes over the keys) and at once (two).
+backward through autograd and at once.
 The `topk_fp8` piece times a design measured and dropped (FP8 index scores) against the bf16 top-k,
 with the share of the bf16 selection it keeps.
 The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
@@ -170,10 +173,10 @@ def main():
             and torch.equal(a.bits_U, b.bits_U))
         plan = a
         o, lse = sa.sparse_attn_fwd(q, k, v, plan, scale)
-        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                                keep_psum=True)
-        r1 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale)
-        r2 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
+        r1 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z, gscale)
+        r2 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z, gscale,
                                psum=psum)
         res["checks"]["loss_bwd_cached_vs_recompute_rel"] = {
             n: rel(p1, p2) for n, p1, p2 in zip(("dq_idx", "dw", "dk_idx"), r1, r2)}
@@ -182,9 +185,9 @@ def main():
             torch.equal(a.offsets_N1, c1.offsets_N1) and torch.equal(a.pos_U, c1.pos_U)
             and torch.equal(a.bits_U, c1.bits_U))
         del c1
-        kl_f, lse_i_f, z_f, psum_f = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+        kl_f, lse_i_f, z_f, psum_f = il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                                        keep_psum=True, split=False)
-        kl_s, lse_i_s, z_s, psum_s = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+        kl_s, lse_i_s, z_s, psum_s = il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                                        keep_psum=True, split=True)
         res["checks"]["loss_fwd_split_vs_fused"] = {
             "kl_rel": rel(kl_f, kl_s), "z_rel": rel(z_f, z_s), "lse_i_equal": bool(torch.equal(lse_i_f, lse_i_s)),
@@ -331,102 +334,72 @@ def main():
             {"BS_psum": 256, "warps_psum": 8}, {"stages_split": 2}, {"stages_split": 4},
             {"BS_kl": 128}, {"BS_kl": 32, "warps_kl": 2}, {"BS_kl": 64, "warps_kl": 2},
             {"chunk_bytes": 64 << 20}, {"chunk_bytes": 1 << 30}, {"chunk_bytes": 8 << 30},
-        ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+        ], lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                      keep_psum=True), res, args.quick)
     if want("loss_bwd"):
-        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+        kl, lse_i, z, psum = il.indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale,
                                                keep_psum=True)
         run_variants("loss_bwd_recompute", il, [{}, {"BS_bwd": 16, "warps_bwd": 8}, {"warps_bwd": 8}],
-                     lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale,
+                     lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale,
                                                lse_i, z, gscale), res, args.quick)
         run_variants("loss_bwd", il, [
             {}, {"BS_bwd_p": 32}, {"BS_bwd_p": 64}, {"warps": 8}, {"warps": 2}, {"stages_bwd_p": 2},
             {"stages_bwd_p": 1}, {"BS_bwd_p": 64, "warps": 2},
-        ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, 4, scale, lse_i, z, gscale,
+        ], lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z, gscale,
                                      psum=psum), res, args.quick)
-    if want("loss_dense"):  # the dense warm-up's KL over all causal keys: lse, forward, backward per block size
-        rows = []
-        lse_d = il.dense_attention_lse(q, k, scale, None)
-        ref = None
-        for bq in (4, 8, 16):
-            for ov in ({}, {"BS_fwd": 64}, {"BS_bwd": 64}, {"BS_bwd": 16, "warps_bwd": 8}, {"warps": 8, "warps_bwd": 8}):
-                cfg = {"block_q": bq, **ov}
-                try:
-                    with patched(il, **ov):
-                        kl_d, lse_i_d, z_d, _ = il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq, scale)
-                        g = il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq, scale, lse_i_d, z_d, gscale)
-                        if ref is None:
-                            ref = (kl_d.clone(), [t.clone() for t in g])
-                        diff = {"kl": rel(kl_d, ref[0]), **{n: rel(a, b) for n, a, b in
-                                                            zip(("dq_idx", "dw", "dk_idx"), g, ref[1])}}
-                        torch.cuda.synchronize()
-                        f_ms = timed(lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq, scale), args.quick)
-                        b_ms = timed(lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq, scale,
-                                                               lse_i_d, z_d, gscale), args.quick)
-                    rows.append({"config": cfg, "fwd_ms": f_ms, "bwd_ms": b_ms, "rel_to_first": diff})
-                    print(f"loss_dense {json.dumps(cfg):60s} fwd {f_ms:8.2f} bwd {b_ms:8.2f} ms "
-                          f"rel {max(diff.values()):.1e}", flush=True)
-                except Exception as e:
-                    rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                    print(f"loss_dense {json.dumps(cfg):60s} FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
-                torch.cuda.empty_cache()
-        for bq in (4, 8, 16):
-            try:
-                ms = timed(lambda: il.dense_attention_lse(q, k, scale, None, block_q=bq), args.quick)
-                rows.append({"config": {"lse_block_q": bq}, "ms": ms})
-                print(f"loss_dense lse block_q={bq:<3d} {ms:9.2f} ms", flush=True)
-            except Exception as e:
-                rows.append({"config": {"lse_block_q": bq}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        res["loss_dense"] = rows
-        dump(res)
-    if want("loss_dense_fused"):  # the warm-up layer's KL with its backward at once: 3 passes vs 2
-        lse_d = il.dense_attention_lse(q, k, scale, None)
-        bq_f, bq_b = il.dense_block_q(q.device, q.shape[2], k.shape[2], qi.shape[2])
-
-        def three():
-            kl_d, lse_i_d, z_d, _ = il.indexer_kl_fwd(qi, w, ki, q, k, lse_d, start, None, bq_f, scale)
-            return kl_d, il.indexer_kl_bwd(qi, w, ki, q, k, lse_d, start, None, bq_b, scale, lse_i_d, z_d, gscale)
-
-        def two():
-            return il.indexer_kl_dense_fused(qi, w, ki, q, k, lse_d, start, scale, gscale)
-        (kl3, g3), (kl2, g2) = three(), two()
-        out = {"kl_rel": rel(kl2, kl3), **{n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}}
-        out["three_passes_ms"] = timed(three, args.quick)
-        out["two_passes_ms"] = timed(two, args.quick)
-        out["three_passes_ms_again"] = timed(three, args.quick)
-        out["two_passes_ms_again"] = timed(two, args.quick)
-        res["loss_dense_fused"] = out
-        print("loss_dense_fused:", out, flush=True)
-        dump(res)
-    if want("loss_dense_fused_tiles"):  # the two-pass warm-up KL under other launch settings, checked against the first
-        lse_d = il.dense_attention_lse(q, k, scale, None)
+    if want("loss_dense_tiles"):  # the warm-up KL on token x key tiles (kernels/dsa/indexer_loss_dense.py)
+        from bench.profile_dsa import profile_kernels
+        from kernels.dsa import indexer_loss_dense as ild
+        start_d = row_doc_start(1, L, None, q.device)
+        lse_d = ild.dense_attention_lse(q, k, scale, start_d)
+        # round 1 (2026-12-01, 32K): BN_d 128 (-19 ms), 3 stages (-21), BQ_dq 4 with 4 warps (-4) from 8 / 64 / 8
+        # warps / 2 stages; round 2: KS 1024 (-1.6 ms at 32K, -0.7 at 8K), the lse kernel with 2 stages (-1.1);
+        # round 3: lse_I on 128 x 128 tiles, dq with 3 stages, the lse kernel on 128-key tiles (-1.2, -1.0, -0.6).
+        # The defaults combine them; these vary them again. Each variant is checked against the first.
+        variants = [{}, {"BN_d": 64}, {"KS": 2048}, {"stages_d": 4}, {"BM_d": 32, "BN_d": 128, "warps_d": 4},
+                    {"stages_dq": 2}, {"stages_dk": 3}, {"stages_lse": 3}, {"BM_lse": 64}, {"BQ_dk": 4, "BN_dk": 128},
+                    {"BN_dq": 128}, {"chunk_bytes": 256 << 20}]
+        if args.quick:
+            variants = variants[:1]
         rows, ref = [], None
-        for ov in ({}, {"BS_dense_bwd": 32}, {"BS_dense_bwd": 128}, {"warps_bwd": 8},
-                   {"warps_bwd": 8, "BS_dense_bwd": 128}, {"stages": 1}, {"stages": 3}, {"BQ_dense_bwd": 2},
-                   {"BQ_dense_bwd": 8}, {"BQ_dense_bwd": 8, "warps_bwd": 8}, {"BQ_dense_fwd": 16},
-                   {"BS_dense_fwd": 128}, {"BQ_dense_fwd": 16, "BS_dense_fwd": 128, "warps": 8}):
+        for ov in variants:
             try:
-                with patched(il, **ov):
-                    def two():
-                        return il.indexer_kl_dense_fused(qi, w, ki, q, k, lse_d, start, scale, gscale)
-                    kl2, g2 = two()
-                    if ref is None:
-                        ref = (kl2.clone(), [t.clone() for t in g2])
-                    diff = {"kl": rel(kl2, ref[0]), **{n: rel(a, b) for n, a, b in
-                                                       zip(("dq_idx", "dw", "dk_idx"), g2, ref[1])}}
-                    del kl2, g2
-                    ms = [timed(two, args.quick) for _ in range(2)]
-                rows.append({"config": ov, "ms": ms, "rel_to_first": diff})
-                print(f"loss_dense_fused_tiles {json.dumps(ov):60s} {ms[0]:8.2f} {ms[1]:8.2f} ms "
+                def tiles():
+                    return ild.dense_kl_fwd_bwd(qi, w, ki, q, k, lse_d, start_d, scale, gscale, cfg=ov)
+                kl_t, g_t = tiles()
+                if ref is None:
+                    ref = (kl_t, g_t)
+                diff = {"kl": rel(ref[0], kl_t), **{n: rel(a, b) for n, a, b in
+                                                    zip(("dq_idx", "dw", "dk_idx"), ref[1], g_t)}}
+                ms = [timed(tiles, args.quick) for _ in range(2)]
+                row = {"config": ov, "ms": ms, "rel_to_first": diff}
+                if not ov:
+                    row["kernels_ms"] = [r for r in profile_kernels(tiles, 3) if r["ms"] > 0.05]
+                rows.append(row)
+                print(f"loss_dense_tiles {json.dumps(ov):60s} {ms[0]:8.2f} {ms[1]:8.2f} ms "
                       f"rel {max(diff.values()):.1e}", flush=True)
             except Exception as e:
                 rows.append({"config": ov, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"loss_dense_fused_tiles {json.dumps(ov):60s} FAILED {type(e).__name__}: {str(e)[:150]}",
+                print(f"loss_dense_tiles {json.dumps(ov):60s} FAILED {type(e).__name__}: {str(e)[:150]}",
                       flush=True)
             torch.cuda.empty_cache()
-        res["loss_dense_fused_tiles"] = rows
+        for ov in ({}, {"stages_att": 3}, {"BN_att": 64}, {"BM_att": 64, "warps_att": 4}):
+            try:
+                lse_v = ild.dense_attention_lse(q, k, scale, start_d, cfg=ov)
+                rows.append({"config": {"lse": ov}, "rel_to_first": rel(lse_d, lse_v),
+                             "ms": [timed(lambda: ild.dense_attention_lse(q, k, scale, start_d, cfg=ov), args.quick)]})
+            except Exception as e:
+                rows.append({"config": {"lse": ov}, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print("loss_dense_tiles", rows[-1], flush=True)
+
+        def with_lse():
+            return ild.dense_kl_fwd_bwd(qi, w, ki, q, k, ild.dense_attention_lse(q, k, scale, start_d), start_d,
+                                        scale, gscale)
+        rows.append({"config": "lse + KL + gradients", "ms": [timed(with_lse, args.quick)]})
+        print("loss_dense_tiles", rows[-1], flush=True)
+        res["loss_dense_tiles"] = rows
         dump(res)
-    if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): 3 passes vs 2
+    if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): autograd vs at once
         from parallel.context.dsa import _dense_kl_triton
         from parallel.context.split import cp_global_indices
         out = {}
@@ -442,21 +415,19 @@ def main():
                     t.grad = None
                 return got
 
-            def three():
+            def autograd():
                 _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale).backward()
 
-            def two():
+            def at_once():
                 _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale, grad=1.0)
-            three()
+            autograd()
             g3 = grads()
-            two()
+            at_once()
             g2 = grads()
             row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}
             row["rows"] = pos.numel()
-            row["three_passes_ms"] = timed(three, args.quick)
-            row["two_passes_ms"] = timed(two, args.quick)
-            row["three_passes_ms_again"] = timed(three, args.quick)
-            row["two_passes_ms_again"] = timed(two, args.quick)
+            row["autograd_ms"] = timed(autograd, args.quick)
+            row["at_once_ms"] = timed(at_once, args.quick)
             out[f"rank{rank}"] = row
             print(f"loss_dense_cp rank {rank}:", row, flush=True)
             del leaves, g2, g3
@@ -480,12 +451,12 @@ def main():
             res["plan_bq8"] = {"ms": t_plan8}
             print(f"plan_bq8   {'default':60s} {t_plan8:9.2f} ms", flush=True)
             run_variants("loss_fwd_bq8", il, [{}, {"warps": 8}, {"BS_fwd": 32, "warps": 8}],
-                         lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+                         lambda: il.indexer_kl_fwd(qi, w, ki, q, k, lse8, plan8, scale,
                                                    keep_psum=True), res, args.quick)
-            _, lse_i8, z8, psum8 = il.indexer_kl_fwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+            _, lse_i8, z8, psum8 = il.indexer_kl_fwd(qi, w, ki, q, k, lse8, plan8, scale,
                                                      keep_psum=True)
             run_variants("loss_bwd_bq8", il, [{}, {"warps": 8}],
-                         lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse8, start, plan8, 8, scale,
+                         lambda: il.indexer_kl_bwd(qi, w, ki, q, k, lse8, plan8, scale,
                                                    lse_i8, z8, gscale, psum=psum8), res, args.quick)
         except Exception as e:
             res["block8_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -131,8 +131,8 @@ def indexer_kl_loss_backward_now(q: torch.Tensor, k: torch.Tensor, q_idx: torch.
     """The dense stage's indexer_kl_loss, back-propagated at once with d(total)/d(loss) = grad into
     q_idx, w and k_idx (those that require grad; e.g. the warm-up layer that delivers its KL in its
     forward). Returns the loss, detached. The same result as
-    `(grad * indexer_kl_loss(..., stage="dense")).backward()`; on the Triton backend in two passes over
-    the keys instead of three (indexer_loss.indexer_kl_dense_fused)."""
+    `(grad * indexer_kl_loss(..., stage="dense")).backward()` (on the Triton backend the two compute the
+    same gradients with indexer_loss_dense.py; this one skips autograd)."""
     if backend == "naive" or not torch.is_grad_enabled():
         loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=scale, cu_seqlens=cu_seqlens,
                                backend=backend)
@@ -140,7 +140,7 @@ def indexer_kl_loss_backward_now(q: torch.Tensor, k: torch.Tensor, q_idx: torch.
             (loss * grad).backward()
         return loss.detach()
     B, T, Hq, D, _ = _check_loss_args(q, k, q_idx, w, k_idx, "dense", cu_seqlens, backend)
-    from .indexer_loss import indexer_kl_dense
+    from .indexer_loss_dense import indexer_kl_dense
     scale = D ** -0.5 if scale is None else float(scale)
     return indexer_kl_dense(q_idx, w, k_idx, q, k, row_doc_start(B, T, cu_seqlens, q.device), scale,
                             grad=float(grad))
@@ -183,20 +183,20 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     if backend == "naive":
         return naive.indexer_kl_loss(q, k, q_idx, w, k_idx, stage, idx_BTK=idx, lse_BTH=lse,
                                      scale=scale, cu_seqlens=cu_seqlens)
-    from .indexer_loss import IndexerKLLossFn, dense_attention_lse, loss_block_q
-    start = row_doc_start(B, T, cu_seqlens, q.device)
-    if stage == "dense":
+    from .indexer_loss import IndexerKLLossFn, loss_block_q
+    if stage == "dense":  # block_q, plan: the sparse stage's
+        from .indexer_loss_dense import dense_attention_lse, dense_kl_loss
+        start = row_doc_start(B, T, cu_seqlens, q.device)
         if lse is None:
-            lse = dense_attention_lse(q, k, scale, None, start=start)
-        # block_q None: the dense stage's tuned forward / backward pair (indexer_loss.dense_block_q)
-        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, block_q, scale)
+            lse = dense_attention_lse(q, k, scale, start)
+        return dense_kl_loss(q_idx, w, k_idx, q, k, lse, start, scale)
     if plan is None:
         plan = build_sparse_plan(idx, block_q or loss_block_q(Hq, k.shape[2], q_idx.shape[2]),
                                  max_doc_len=longest)
     if lse is None:
         from .sparse_attn import sparse_attn_fwd
         _, lse = sparse_attn_fwd(q.contiguous(), k.contiguous(), k.contiguous(), plan, scale)
-    return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, plan, plan.block_q, scale)
+    return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, plan, scale)
 
 
 def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,

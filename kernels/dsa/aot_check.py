@@ -2,6 +2,7 @@
 
     python -m kernels.dsa.aot_check                 # sm_90 (H100 / H200), the benchmark shapes
     python -m kernels.dsa.aot_check --arch 100      # another compute capability
+    python -m kernels.dsa.aot_check --only dense_kl # the kernels whose name holds "dense_kl"
 
 Uses Triton's bundled ptxas, so it runs on a CPU-only machine (do not set TRITON_INTERPRET). The
 tile sizes are the ones the wrappers pick on a CUDA device. STACK > 0 means register spills; SMEM
@@ -22,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import indexer_loss as il
+from . import indexer_loss_dense as ild
 from . import sparse_attn as sa
 from . import topk as tk
 from . import plan as pl
@@ -151,57 +153,63 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
                     dict(heads, BS=c["BS_bwd"]), c["warps_bwd"], c["stages_bwd"],
                     c["maxnreg_bwd"]))
     c = il._config(CUDA)
-    bq_lse = max(1, min(16, 64 // GP))
-    out.append((il.indexer_loss_fwd_kernel_lse,
-                dict(q=dt, k=dt, lse="*fp32", start_ptr="*i32", T="i32", NBT="i32",
-                     scale_log2="fp32"),
-                dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=bq_lse, BS=c["BS_lse"],
-                     DOT_PREC=prec), c["warps_lse"], c["stages"]))
-    common = dict(q=dt, k=dt, lse="*fp32", q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32",
-                  offsets="*i64", upos="*i32", ubits="*i32")
-    for dense in (False, True):
-        bq_f, bq = il.dense_block_q(CUDA, HQ, HKV, HI) if dense else (BQ, BQ)
-        meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP,
-                    BQ=bq, DENSE=dense, DOT_PREC=prec)
-        split = not dense and c["split_fwd"]
-        if split:
-            out.append((il.indexer_loss_fwd_kernel_psum,
-                        dict(q=dt, k=dt, lse="*fp32", offsets="*i64", upos="*i32", ubits="*i32",
-                             psum_ptr="*fp32", T="i32", NBT="i32", g="i32", PID0="i32",
-                             U0="i64", scale_log2="fp32"),
-                        dict(heads, BS=c["BS_psum"], FIRST=False), c["warps_psum"],
-                        c["stages_split"]))
-        out.append((il.indexer_loss_fwd_kernel_kl,
-                    dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
-                         psum_in="*fp32", T="i32", NBT="i32", PID0="i32", U0="i64",
+    common = dict(q=dt, k=dt, lse="*fp32", q_idx=dt, w=dt, k_idx=dt, offsets="*i64", upos="*i32",
+                  ubits="*i32")
+    meta = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, HI=HI, HIP=HIP, DI=DI, DIP=DIP, BQ=BQ,
+                DOT_PREC=prec)
+    split = c["split_fwd"]
+    if split:
+        out.append((il.indexer_loss_fwd_kernel_psum,
+                    dict(q=dt, k=dt, lse="*fp32", offsets="*i64", upos="*i32", ubits="*i32",
+                         psum_ptr="*fp32", T="i32", NBT="i32", g="i32", PID0="i32", U0="i64",
                          scale_log2="fp32"),
-                    dict(meta, BQ=bq_f, BS=c["BS_kl" if split else "BS_dense_fwd"], STORE_P=not dense,
-                         PSUM_IN=split), c["warps_kl" if split else "warps"],
-                    c["stages_split" if split else "stages"]))
-        for kl_out in ((False, True) if dense else (False,)):  # dense: also the fused warm-up pass
-            out.append((il.indexer_loss_bwd_kernel_kl,
-                        dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
-                             gscale_ptr="*fp32", dq_idx=dt, dw=dt, dk_idx="*fp32", kl_ptr="*fp32",
-                             T="i32", NBT="i32", scale_log2="fp32"),
-                        dict(meta, BS=c["BS_dense_bwd" if dense else "BS_bwd_p"], LOAD_P=not dense,
-                             KL_OUT=kl_out),
-                        c["warps_bwd" if dense else "warps"], c["stages" if dense else "stages_bwd_p"]))
-    out.append((il.indexer_loss_fwd_kernel_lse_i,
-                dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32", lse_i_ptr="*fp32", T="i32", NBT="i32"),
-                dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BQ=il.dense_block_q(CUDA, HQ, HKV, HI)[0],
-                     BS=c["BS_dense_fwd"], DOT_PREC=prec), c["warps"], c["stages"]))
+                    dict(heads, BS=c["BS_psum"], FIRST=False), c["warps_psum"], c["stages_split"]))
+    out.append((il.indexer_loss_fwd_kernel_kl,
+                dict(common, kl_ptr="*fp32", lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt,
+                     psum_in="*fp32", T="i32", NBT="i32", PID0="i32", U0="i64", scale_log2="fp32"),
+                dict(meta, BS=c["BS_kl" if split else "BS_fwd"], STORE_P=True, PSUM_IN=split),
+                c["warps_kl" if split else "warps"], c["stages_split" if split else "stages"]))
+    out.append((il.indexer_loss_bwd_kernel_kl,
+                dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt, gscale_ptr="*fp32",
+                     dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32", NBT="i32", scale_log2="fp32"),
+                dict(meta, BS=c["BS_bwd_p"], LOAD_P=True), c["warps"], c["stages_bwd_p"]))
+    c = ild._config(CUDA)
+    out.append((ild.dense_kl_kernel_lse,
+                dict(q=dt, k=dt, lse="*fp32", start_ptr="*i32", T="i32", NBT="i32", scale_log2="fp32"),
+                dict(HQ=HQ, HKV=HKV, G=G, D=D, DP=DP, BM=c["BM_att"], BN=c["BN_att"], DOT_PREC=prec),
+                c["warps_att"], c["stages_att"]))
+    dense = dict(q_idx=dt, w=dt, k_idx=dt, start_ptr="*i32")
+    chunk = dict(T="i32", R0="i32", NR="i32", W="i32")
+    idx_heads = dict(HI=HI, DI=DI, DIP=DIP, DOT_PREC=prec)
+    out.append((ild.dense_kl_kernel_lse_i,
+                dict(dense, part_ptr="*fp32", T="i32", NBT="i32", NSEG="i32", KS="i32"),
+                dict(idx_heads, BM=c["BM_lse"], BN=c["BN_lse"]), c["warps_lse"], c["stages_lse"]))
+    out.append((ild.dense_kl_kernel_d,
+                dict(q=dt, k=dt, lse="*fp32", **dense, lse_i_ptr="*fp32", d_ptr="*fp32",
+                     part_ptr="*fp32", **chunk, NSEG="i32", KS="i32", bb="i32", scale_log2="fp32",
+                     inv_z="fp32"),
+                dict(idx_heads, HQ=HQ, HKV=HKV, G=G, D=D, DP=DP, BM=c["BM_d"], BN=c["BN_d"], STORE_D=True),
+                c["warps_d"], c["stages_d"]))
+    for fn, n, grads in ((ild.dense_kl_kernel_dq, "dq", dict(dq_idx=dt, dw=dt)),
+                         (ild.dense_kl_kernel_dk, "dk", dict(dk32="*fp32"))):
+        out.append((fn, dict(dense, d_ptr="*fp32", gscale_ptr="*fp32", **grads, **chunk, bb="i32"),
+                    dict(idx_heads, HIP=HIP, BQ=c["BQ_" + n], BN=c["BN_" + n]), c["warps_" + n],
+                    c["stages_" + n]))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles real GPU code")
     for fn, sig, consts, warps, stages, *cap in specs():  # cap: [maxnreg] where set
+        if args.only not in fn.__name__:
+            continue
         shown = {k: v for k, v in consts.items()
-                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC", "NW", "KB")}
+                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC", "NW", "KB", "BM")}
         try:
             r = compile_one(fn, sig, consts, warps, stages, args.arch, *cap)
             print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "

@@ -10,10 +10,10 @@ per tile. Per token t and key set S_t:
     KL_t     = sum_s p log p - sum_s p (I - lse_I[t]),  lse_I = logsumexp_{s in S_t} I[t, s]
     loss     = mean_t KL_t;   dKL_t / dI[t, s] = softmax(I)[t, s] - p[t, s]
 
-stage "dense": S_t = all eligible keys (causal, same document), keys walked in contiguous tiles,
-lse = dense attention lse (computed by `indexer_loss_fwd_kernel_lse` when not given).
-stage "sparse": S_t = the selected keys, walked through the block union plan (plan.py), lse = the
-sparse attention's lse (p is then the sparse attention's head-summed probabilities).
+This module is the sparse stage's: S_t = the selected keys, walked through the block union plan
+(plan.py), lse = the sparse attention's lse (p is then the sparse attention's head-summed
+probabilities). The dense (warm-up) stage, S_t = every causal key of the token's document, tiles
+tokens x keys instead: indexer_loss_dense.py.
 
 Forward keeps per token only (KL, lse_I, Z) with online log-sum-exp; backward recomputes I and P
 tile by tile. dq_idx and dw are written once per token (no atomics); dk_idx is scatter-added with
@@ -25,44 +25,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, pow2, row_doc_start
+from .common import LOG2E, dot_precision, interpreting, pow2
 from .plan import SparsePlan
 
 
 @triton.jit
-def _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ: tl.constexpr, BS: tl.constexpr,
-                  DENSE: tl.constexpr):
-    """Loop bounds of the key walk of one query block: key positions (dense) or union entries."""
-    i = tl.arange(0, BQ)
-    t = t0 + i
-    tvalid = t < T
-    start = tl.load(start_ptr + (bb * T + tl.minimum(t, T - 1)).to(tl.int64), mask=tvalid, other=0)
-    if DENSE:
-        lo = tl.min(tl.where(tvalid, start, T), axis=0)  # sentinel T: see topk_fwd_kernel_filter
-        lo = (lo // BS) * BS
-        hi = tl.max(tl.where(tvalid, t + 1, 0), axis=0)
-        lo = lo.to(tl.int64)
-        hi = hi.to(tl.int64)
-    else:
-        lo = tl.load(offsets + pid)
-        hi = tl.load(offsets + pid + 1)
-    return t, tvalid, start, lo, hi
+def _block_bounds(offsets, pid, t0, T, BQ: tl.constexpr):
+    """The block's tokens, which are real, and its union entries [lo, hi)."""
+    t = t0 + tl.arange(0, BQ)
+    return t, t < T, tl.load(offsets + pid), tl.load(offsets + pid + 1)
 
 
 @triton.jit
-def _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS: tl.constexpr, DENSE: tl.constexpr):
-    """Positions [BS] of the tile starting at u0 and the membership mask [BQ, BS]."""
+def _key_tile(upos, ubits, u0, hi, t, tvalid, BS: tl.constexpr):
+    """Positions [BS] of the union entries from u0 and the membership mask [BQ, BS]."""
     uu = u0 + tl.arange(0, BS)
     um = uu < hi
-    if DENSE:
-        pos = uu.to(tl.int32)
-        member = ((pos[None, :] <= t[:, None]) & (pos[None, :] >= start[:, None])
-                  & um[None, :] & tvalid[:, None])
-    else:
-        pos = tl.load(upos + uu, mask=um, other=0)
-        bits = tl.load(ubits + uu, mask=um, other=0)
-        i = tl.arange(0, t.shape[0])
-        member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & tvalid[:, None]
+    pos = tl.load(upos + uu, mask=um, other=0)
+    bits = tl.load(ubits + uu, mask=um, other=0)
+    i = tl.arange(0, t.shape[0])
+    member = (((bits[None, :] >> i[:, None]) & 1) != 0) & um[None, :] & tvalid[:, None]
     return pos, um, member
 
 
@@ -166,68 +148,6 @@ def _kl_value(a_i, z_i, b_i, lse_i):
     return kl, z_safe
 
 
-@triton.jit(do_not_specialize=["T", "NBT"])
-def indexer_loss_fwd_kernel_lse_i(q_idx, w, k_idx, start_ptr, lse_i_ptr, T, NBT, HI: tl.constexpr,
-                                  HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-                                  BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Dense stage: the indexer's own lse_I [B*T] over every causal key of its document, and nothing
-    of the attention (indexer_kl_dense_fused's first pass)."""
-    pid = tl.program_id(0)
-    bb = pid // NBT
-    t0 = (pid % NBT) * BQ
-    t, tvalid, start, lo, hi = _block_bounds(start_ptr, start_ptr, pid, bb, t0, T, BQ, BS, True)
-    qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
-    m_i = tl.full([BQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([BQ], dtype=tl.float32)
-    for u0 in range(lo, hi, BS):
-        pos, um, member = _key_tile(start_ptr, start_ptr, u0, hi, t, tvalid, start, BS, True)
-        u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
-        m_i, l_i = _lse_step(m_i, l_i, score, member)
-    lse_i = m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i))
-    tl.store(lse_i_ptr + (bb * T + tl.minimum(t, T - 1)).to(tl.int64), lse_i, mask=tvalid)
-
-
-@triton.jit(do_not_specialize=["T", "NBT"])
-def indexer_loss_fwd_kernel_lse(q, k, lse, start_ptr, T, NBT, scale_log2, HQ: tl.constexpr,
-                                HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                                D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr,
-                                BS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Dense causal (document-masked) attention lse [B, T, Hq] for the dense-stage target."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    bb = pid // NBT
-    t0 = (pid % NBT) * BQ
-    t, tvalid, start, lo, hi = _block_bounds(start_ptr, start_ptr, pid, bb, t0, T, BQ, BS, True)
-    r = tl.arange(0, BQ * GP)
-    ir = r // GP
-    h = r % GP
-    tr = t0 + ir
-    rvalid = (h < G) & (tr < T)
-    start_r = tl.load(start_ptr + (bb * T + tl.minimum(tr, T - 1)).to(tl.int64), mask=rvalid,
-                      other=0)
-    d = tl.arange(0, DP)
-    dmask = d < D
-    head_row = (bb * T + tl.minimum(tr, T - 1)).to(tl.int64) * HQ + g * G + h
-    qt = tl.load(q + head_row[:, None] * D + d[None, :], mask=rvalid[:, None] & dmask[None, :],
-                 other=0.0)
-    m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([BQ * GP], dtype=tl.float32)
-    for s0 in range(lo, hi, BS):
-        s = s0 + tl.arange(0, BS)
-        sm = s < hi
-        kt = tl.load(k + ((bb * T + s).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
-                     mask=sm[:, None] & dmask[None, :], other=0.0)
-        x = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
-        ok = (s[None, :] <= tr[:, None]) & (s[None, :] >= start_r[:, None]) & sm[None, :]
-        x = tl.where(ok, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
-        m_i = m_new
-    out = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
-    tl.store(lse + head_row, out, mask=rvalid)
-
-
 @triton.jit(do_not_specialize=["T", "NBT", "g", "PID0", "U0"])
 def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, NBT, g, PID0, U0,
                                  scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
@@ -242,14 +162,11 @@ def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, N
     pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
-    lo = tl.load(offsets + pid)
-    hi = tl.load(offsets + pid + 1)
+    t, tvalid, lo, hi = _block_bounds(offsets, pid, t0, T, BQ)
     i = tl.arange(0, BQ)
-    t = t0 + i
-    tvalid = t < T
     qg, lse2, gvalid = _group_rows(q, lse, bb, T, t0, g, HQ, G, GP, D, DP, BQ)
     for u0 in range(lo, hi, BS):
-        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, t, BS, False)  # start: unused
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, BS)
         p = _group_psum(qg, lse2, gvalid, k, bb, T, g, pos, um, scale_log2, HKV, GP, D, DP, BQ,
                         BS, DOT_PREC)
         p = tl.where(member, p, 0.0)
@@ -260,24 +177,24 @@ def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, N
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
-def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
+def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                kl_ptr, lse_i_ptr, z_ptr, psum_ptr, psum_in, T, NBT, PID0, U0,
                                scale_log2,
                                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                                HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
                                DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                               DENSE: tl.constexpr, STORE_P: tl.constexpr,
-                               PSUM_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """STORE_P (sparse stage only): also write the head-summed P of every (union entry, token)
-    to psum_ptr [U, BQ], so that the backward reads it instead of recomputing 4 QK^T per tile.
-    PSUM_IN (sparse stage only): read that P, fp32, from psum_in [U, BQ] (written by
+                               STORE_P: tl.constexpr, PSUM_IN: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
+    """STORE_P: also write the head-summed P of every (union entry, token) to psum_ptr [U, BQ],
+    so that the backward reads it instead of recomputing 4 QK^T per tile.
+    PSUM_IN: read that P, fp32, from psum_in [U, BQ] (written by
     indexer_loss_fwd_kernel_psum, entry u at row u - U0) instead of computing it here.
     Program p handles block PID0 + p."""
     pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
-    t, tvalid, start, lo, hi = _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ, BS, DENSE)
+    t, tvalid, lo, hi = _block_bounds(offsets, pid, t0, T, BQ)
     qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], dtype=tl.float32)
@@ -285,7 +202,7 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
     z_i = tl.zeros([BQ], dtype=tl.float32)  # sum P
     b_i = tl.zeros([BQ], dtype=tl.float32)  # sum P I
     for u0 in range(lo, hi, BS):
-        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, BS)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
         uu = u0 + tl.arange(0, BS)
         if PSUM_IN:
@@ -310,21 +227,18 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
 
 
 @triton.jit(do_not_specialize=["T", "NBT"])
-def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, upos, ubits,
-                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx, kl_ptr,
+def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
+                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx,
                                T, NBT, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
                                DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
-                               BS: tl.constexpr, DENSE: tl.constexpr, LOAD_P: tl.constexpr,
-                               KL_OUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it. KL_OUT: also sum
-    the per-token KL from the P and I this pass computes anyway, into kl_ptr [B*T] (the forward's
-    formula; indexer_kl_dense_fused, whose z_ptr holds the target's known mass)."""
+                               BS: tl.constexpr, LOAD_P: tl.constexpr, DOT_PREC: tl.constexpr):
+    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it."""
     pid = tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
-    t, tvalid, start, lo, hi = _block_bounds(start_ptr, offsets, pid, bb, t0, T, BQ, BS, DENSE)
+    t, tvalid, lo, hi = _block_bounds(offsets, pid, t0, T, BQ)
     qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ, HIP)
     row = (bb * T + tl.minimum(t, T - 1)).to(tl.int64)
     lse_i = tl.load(lse_i_ptr + row, mask=tvalid, other=0.0)
@@ -333,11 +247,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
     dd = tl.arange(0, DIP)
     dqi = tl.zeros([BQ * HIP, DIP], dtype=tl.float32)
     dwv = tl.zeros([BQ * HIP], dtype=tl.float32)
-    a_i = tl.zeros([BQ], dtype=tl.float32)  # KL_OUT: sum P log P, sum P, sum P I
-    zs_i = tl.zeros([BQ], dtype=tl.float32)
-    b_i = tl.zeros([BQ], dtype=tl.float32)
     for u0 in range(lo, hi, BS):
-        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, start, BS, DENSE)
+        pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, BS)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
         if LOAD_P:
             uu = u0 + tl.arange(0, BS)
@@ -346,8 +257,6 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
         else:
             psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
                               BQ, BS, DOT_PREC)
-        if KL_OUT:
-            a_i, zs_i, b_i = _kl_sums(a_i, zs_i, b_i, tl.where(member, psum, 0.0), score, member)
         d_i = tl.exp(tl.where(member, score, float("-inf")) - lse_i[:, None]) - psum / z_i[:, None]
         d_i = tl.where(member, d_i, 0.0) * gscale
         d_rows = tl.reshape(tl.broadcast_to(d_i[:, None, :], [BQ, HIP, BS]), [BQ * HIP, BS])
@@ -359,35 +268,26 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, start_ptr, offsets, u
                       mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
     tl.store(dq_idx + irow[:, None] * DI + dd[None, :], dqi.to(dq_idx.dtype.element_ty), mask=imask)
     tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
-    if KL_OUT:
-        kl, _ = _kl_value(a_i, zs_i, b_i, lse_i)
-        tl.store(kl_ptr + row, kl, mask=tvalid)
 
 
 def _config(device: torch.device) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90 at Hq 32 / Hkv 4 / D 128 / HI 16 /
     DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 128-key
     tiles with 4 warps 60 ms (64 / 4: 68, 256 / 8: 65, 32 / 8: 167); backward from the cached P,
-    128-key tiles 26 ms (32: 29, 64: 35); the recomputing backward (the dense stage's, timed on the
-    sparse plan) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296); the backward from the
+    128-key tiles 26 ms (32: 29, 64: 35); the recomputing backward (timed on the sparse plan when the
+    dense stage ran it too) 32-key tiles with 4 warps 97 ms (16 keys / 8 warps: 296); the backward from the
     cached P with 3 pipeline stages 23.7 ms (2: 26.2, 1: 26.8; 8 warps: 63.5). The split sparse forward
     (split_fwd): per-group P launches with 64-key tiles, 2 warps, 3 stages, then the KL kernel with
     64-key tiles / 4 warps: 44 ms at 256 MiB chunks (the fused kernel above: 60 ms; first split
     tiles 128 / 4 warps / 2 stages: 50 ms; chunks of 64 MiB 52 ms, 1 GiB 41.6 ms, kept at 256 MiB
     for memory)."""
     if interpreting() or device.type != "cuda":
-        return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, BS_lse=128, warps=4, warps_bwd=4,
-                    warps_lse=4, stages=1, split_fwd=True, BS_psum=128, warps_psum=4,
-                    BS_kl=128, warps_kl=4, stages_split=1, chunk_bytes=256 << 20, stages_bwd_p=1,
-                    BQ_dense_fwd=None, BQ_dense_bwd=None, BS_dense_fwd=128, BS_dense_bwd=128)
-    # The dense stage (every causal key; bench/sweep_dsa.py --only loss_dense, H200, bf16, ms at 32K / 8K):
-    # forward 8 tokens per program with 64-key tiles 47.7 / 3.46 (4 tokens, 128 keys: 55.9 / 3.81; 8 /
-    # 128: 64.5 / 4.37; 16 tokens with 8 warps 59.0 / 4.19); backward 4 tokens with 64-key tiles 73.5 /
-    # 4.93 (32 keys: 92.8 / 5.55; 8 tokens: 82.1 / 5.91; 16 tokens with 8 warps 83.6 / 6.19)
-    return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, BS_lse=64, warps=4, warps_bwd=4, warps_lse=4,
-                stages=2, split_fwd=True, BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4,
-                stages_split=3, chunk_bytes=256 << 20, stages_bwd_p=3,
-                BQ_dense_fwd=8, BQ_dense_bwd=None, BS_dense_fwd=64, BS_dense_bwd=64)
+        return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, warps=4, warps_bwd=4, stages=1,
+                    split_fwd=True, BS_psum=128, warps_psum=4, BS_kl=128, warps_kl=4, stages_split=1,
+                    chunk_bytes=256 << 20, stages_bwd_p=1)
+    return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, warps=4, warps_bwd=4, stages=2, split_fwd=True,
+                BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4, stages_split=3, chunk_bytes=256 << 20,
+                stages_bwd_p=3)
 
 
 def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int:
@@ -396,49 +296,17 @@ def loss_block_q(num_q_heads: int, num_kv_heads: int, num_idx_heads: int) -> int
     return max(1, min(16, 64 // pow2(num_idx_heads), 32 // gp))
 
 
-def dense_block_q(device: torch.device, num_q_heads: int, num_kv_heads: int,
-                  num_idx_heads: int) -> tuple[int, int]:
-    """(forward, backward) tokens per program of the dense stage: `_config`'s where it was timed (the
-    forward holds twice loss_block_q's rows on an H200), else loss_block_q."""
-    bq = loss_block_q(num_q_heads, num_kv_heads, num_idx_heads)
-    cfg = _config(device)
-    return cfg["BQ_dense_fwd"] or bq, cfg["BQ_dense_bwd"] or bq
-
-
-def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
-                        cu_seqlens: torch.Tensor | None,
-                        block_q: int | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T, Hq] fp32 lse of dense causal (document-masked) attention, streamed. start (int32 [B*T],
-    the first key each row may see) replaces the starts taken from cu_seqlens."""
-    q, k = q.contiguous(), k.contiguous()
-    B, T, HQ, D = q.shape
-    HKV = k.shape[2]
-    G = HQ // HKV
-    BQ = block_q or max(1, min(16, 64 // pow2(G)))
-    cfg = _config(q.device)
-    nbt = triton.cdiv(T, BQ)
-    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    start = row_doc_start(B, T, cu_seqlens, q.device) if start is None else start
-    indexer_loss_fwd_kernel_lse[(B * nbt, HKV)](
-        q, k, lse, start, T, nbt, scale * LOG2E, HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D,
-        DP=pow2(D, 16), BQ=BQ, BS=cfg["BS_lse"], DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg["warps_lse"], num_stages=cfg["stages"])
-    return lse
-
-
-def _launch_meta(q_shape, k_shape, q_idx, plan: SparsePlan | None, block_q: int):
+def _launch_meta(q_shape, k_shape, q_idx, plan: SparsePlan):
     B, T, HQ, D = q_shape
     HKV = k_shape[2]
     HI, DI = q_idx.shape[2], q_idx.shape[3]
     G = HQ // HKV
-    BQ = plan.block_q if plan is not None else block_q
+    BQ = plan.block_q
     return dict(HQ=HQ, HKV=HKV, G=G, GP=pow2(G), D=D, DP=pow2(D, 16), HI=HI, HIP=pow2(HI),
                 DI=DI, DIP=pow2(DI, 16), BQ=BQ), B, T, triton.cdiv(T, BQ)
 
 
-def _plan_args(start, plan: SparsePlan | None):
-    if plan is None:  # dense stage: the plan pointers are unused
-        return start, start, start
+def _plan_args(plan: SparsePlan):
     return plan.offsets_N1, plan.pos_U, plan.bits_U
 
 
@@ -448,35 +316,34 @@ def psum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
-                   scale: float, kl=None, lse_i=None, z=None, keep_psum: bool = False,
-                   split: bool | None = None, chunk_bytes: int | None = None):
-    """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32), plus (sparse stage
-    with keep_psum) the head-summed P [U, BQ] for the backward, else None. plan=None: dense
-    stage. Output buffers may be given (tests pass NaN-filled ones).
+def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, kl=None, lse_i=None,
+                   z=None, keep_psum: bool = False, split: bool | None = None,
+                   chunk_bytes: int | None = None):
+    """Per-token KL [B*T], indexer lse_I [B*T] and target mass Z [B*T] (fp32) over each token's keys
+    in the plan, plus (keep_psum) the head-summed P [U, BQ] for the backward, else None. Output
+    buffers may be given (tests pass NaN-filled ones).
 
-    split (sparse stage; None: the `_config` default): per chunk of blocks, one launch per KV group
+    split (None: the `_config` default): per chunk of blocks, one launch per KV group
     adds that group's head-summed P into an fp32 buffer (at most `chunk_bytes` + 4 * BQ * K bytes),
     then the KL kernel reads it; else one kernel computes all groups' P tile by tile, reloading
     each group's query tile per key tile. Same sums in the same order."""
     q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, plan, block_q)
+    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, plan)
     cfg = _config(q.device)
     kl = torch.empty(B * T, dtype=torch.float32, device=q.device) if kl is None else kl
     lse_i = torch.empty_like(kl) if lse_i is None else lse_i
     z = torch.empty_like(kl) if z is None else z
-    store_p = keep_psum and plan is not None
+    store_p = keep_psum
     psum = (torch.empty(plan.pos_U.numel() * plan.block_q, dtype=psum_dtype(q.dtype),
                         device=q.device) if store_p else None)
-    split = plan is not None and (cfg["split_fwd"] if split is None else split)
-    kl_args = (q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), kl, lse_i, z,
-               psum if store_p else kl)
-    kl_meta = dict(meta, DENSE=plan is None, STORE_P=store_p, PSUM_IN=split,
+    split = cfg["split_fwd"] if split is None else split
+    kl_args = (q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if store_p else kl)
+    kl_meta = dict(meta, STORE_P=store_p, PSUM_IN=split,
                    DOT_PREC=dot_precision(q_idx.dtype),
                    num_stages=cfg["stages_split" if split else "stages"])
     if not split:
         indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, scale * LOG2E,
-                                               BS=cfg["BS_fwd" if plan is not None else "BS_dense_fwd"],
+                                               BS=cfg["BS_fwd"],
                                                num_warps=cfg["warps"], **kl_meta)
         return kl, lse_i, z, psum
     # chunks of blocks holding at most `chunk_bytes` of fp32 P, cut where the entry count crosses
@@ -507,14 +374,14 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
     return kl, lse_i, z, psum
 
 
-def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int,
-                   scale: float, lse_i, z, gscale, dq_idx=None, dw=None, psum=None):
+def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, lse_i, z, gscale,
+                   dq_idx=None, dw=None, psum=None):
     """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor). `psum` (from
     indexer_kl_fwd(keep_psum=True)) replaces the recomputation of P from q, k and lse; q and k
     may then be shapes (torch.Size) instead of tensors, and lse None."""
     q_idx, w, k_idx = (x.contiguous() for x in (q_idx, w, k_idx))
     meta, B, T, nbt = _launch_meta(q.shape if torch.is_tensor(q) else q,
-                                   k.shape if torch.is_tensor(k) else k, q_idx, plan, block_q)
+                                   k.shape if torch.is_tensor(k) else k, q_idx, plan)
     if psum is None:
         q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
     else:  # unused by the LOAD_P kernel: any tensor fills the pointer slots
@@ -525,104 +392,35 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, b
     dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
     load_p = psum is not None
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
-        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, plan), lse_i, z,
-        psum if load_p else z, gscale, dq_idx, dw, dk32, z, T, nbt, scale * LOG2E, **meta,
-        BS=cfg["BS_bwd_p" if load_p else "BS_bwd" if plan is not None else "BS_dense_bwd"],
-        DENSE=plan is None, LOAD_P=load_p, KL_OUT=False,
-        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
+        q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
+        dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
+        LOAD_P=load_p, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
 
 
-def indexer_kl_dense_fused(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale):
-    """Dense stage, forward and backward at once, for a caller that needs the gradients right away (the
-    warm-up layer that back-propagates its KL in its forward): the per-token KL [B*T] and (dq_idx, dw,
-    dk_idx) for d loss / d KL_t = gscale, in two passes over the keys instead of three. The first pass
-    (indexer_loss_fwd_kernel_lse_i) takes only the indexer's lse_I; the second is the backward, which
-    computes P and I anyway and sums the KL from them. The backward needs the target's mass Z before its
-    pass; in the dense stage it is Hq exactly (each head's softmax over the same keys sums to 1), so Z = Hq
-    replaces the forward's measured sum (which equals it to fp32 rounding); the KL uses the measured sum."""
-    q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-    bq_f, bq = dense_block_q(q.device, q.shape[2], k.shape[2], q_idx.shape[2])
-    cfg = _config(q.device)
-    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, None, bq_f)
-    lse_i = torch.empty(B * T, dtype=torch.float32, device=q.device)
-    indexer_loss_fwd_kernel_lse_i[(B * nbt,)](
-        q_idx, w, k_idx, start, lse_i, T, nbt, HI=meta["HI"], HIP=meta["HIP"], DI=meta["DI"],
-        DIP=meta["DIP"], BQ=bq_f, BS=cfg["BS_dense_fwd"], DOT_PREC=dot_precision(q_idx.dtype),
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
-    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, None, bq)
-    z = torch.full_like(lse_i, float(q.shape[2]))
-    kl = torch.empty_like(lse_i)
-    dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
-    dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
-    indexer_loss_bwd_kernel_kl[(B * nbt,)](
-        q, k, lse, q_idx, w, k_idx, start, *_plan_args(start, None), lse_i, z, z, gscale, dq_idx, dw,
-        dk32, kl, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_dense_bwd"], DENSE=True, LOAD_P=False,
-        KL_OUT=True, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_bwd"],
-        num_stages=cfg["stages"])
-    return kl, (dq_idx, dw, dk32.to(k_idx.dtype))
-
-
-def indexer_kl_dense(q_idx, w, k_idx, q, k, start, scale: float, grad: float | None = None):
-    """The dense stage's KL, mean over the B*T rows, for rows whose first eligible key is start
-    (int32 [B*T]; a row whose start lies past the row has no keys and adds 0 to the sum, which is how
-    a context-parallel rank leaves out the rows it does not hold). q and k are constants.
-    grad None: the loss with its autograd backward (IndexerKLLossFn, three passes over the keys).
-    grad a float: back-propagated at once into those of q_idx, w and k_idx that require grad, with
-    d(total)/d(loss) = grad, in two passes (indexer_kl_dense_fused); the loss is returned detached."""
-    q, k = q.detach(), k.detach()
-    lse = dense_attention_lse(q, k, scale, None, start=start)
-    if grad is None:
-        # block_q None: the dense stage's tuned forward / backward pair (dense_block_q)
-        return IndexerKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, None, None, scale)
-    n = q_idx.shape[0] * q_idx.shape[1]
-    gscale = torch.full((1,), float(grad) / n, dtype=torch.float32, device=q.device)
-    kl, grads = indexer_kl_dense_fused(q_idx.detach(), w.detach(), k_idx.detach(), q, k, lse, start, scale,
-                                       gscale)
-    pairs = [(x, g) for x, g in zip((q_idx, w, k_idx), grads) if x.requires_grad]
-    if pairs:
-        torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
-    return kl.sum() / n
-
-
 class IndexerKLLossFn(torch.autograd.Function):
-    """Mean over tokens of KL(p || softmax(I)); gradients into q_idx, w, k_idx only.
+    """Mean over tokens of the sparse stage's KL(p || softmax(I)); gradients into q_idx, w, k_idx only.
 
-    Sparse stage: the forward caches the head-summed attention probabilities of the selected
-    keys (`psum`, U * BQ entries, bf16 for 16-bit inputs) so the backward needs only the indexer's
-    own dots and keeps nothing of q, k, lse; dense stage: P over all keys cannot be cached, the
-    backward recomputes it.
+    The forward caches the head-summed attention probabilities of the selected keys (`psum`, U * BQ
+    entries, bf16 for 16-bit inputs), so the backward needs only the indexer's own dots and keeps
+    nothing of q, k, lse.
     """
 
     @staticmethod
-    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, plan: SparsePlan | None, block_q: int | None,
-                scale: float):
-        """block_q: tokens per program (the plan's in the sparse stage); None in the dense stage: the
-        forward's and the backward's from dense_block_q (the KL's per-token state does not depend on
-        it)."""
+    def forward(ctx, q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float):
         q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
-        bq_f, block_q = ((block_q, block_q) if block_q is not None
-                         else dense_block_q(q.device, q.shape[2], k.shape[2], q_idx.shape[2]))
-        kl, lse_i, z, psum = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, start, plan, bq_f,
-                                            scale, keep_psum=True)
-        if psum is None:
-            ctx.save_for_backward(q_idx, w, k_idx, start, lse_i, z, q, k, lse)
-        else:
-            ctx.save_for_backward(q_idx, w, k_idx, start, lse_i, z, psum)
-            ctx.shapes = (q.shape, k.shape)
-        ctx.has_psum = psum is not None
-        ctx.plan, ctx.block_q, ctx.scale = plan, block_q, scale
+        kl, lse_i, z, psum = indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan, scale, keep_psum=True)
+        ctx.save_for_backward(q_idx, w, k_idx, lse_i, z, psum)
+        ctx.shapes = (q.shape, k.shape)
+        ctx.plan, ctx.scale = plan, scale
         return kl.sum() / kl.numel()
 
     @staticmethod
     def backward(ctx, grad):
-        q_idx, w, k_idx, start, lse_i, z, *rest = ctx.saved_tensors
+        q_idx, w, k_idx, lse_i, z, psum = ctx.saved_tensors
         gscale = (grad.to(torch.float32) / lse_i.numel()).reshape(1).contiguous()
-        if ctx.has_psum:
-            (psum,), (q, k), lse = rest, ctx.shapes, None
-        else:
-            (q, k, lse), psum = rest, None
-        dq_idx, dw, dk_idx = indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, start, ctx.plan,
-                                            ctx.block_q, ctx.scale, lse_i, z, gscale, psum=psum)
-        return dq_idx, dw, dk_idx, None, None, None, None, None, None, None
+        q_shape, k_shape = ctx.shapes
+        dq_idx, dw, dk_idx = indexer_kl_bwd(q_idx, w, k_idx, q_shape, k_shape, None, ctx.plan,
+                                            ctx.scale, lse_i, z, gscale, psum=psum)
+        return dq_idx, dw, dk_idx, None, None, None, None, None

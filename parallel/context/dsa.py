@@ -204,9 +204,9 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
                      grad: float | None = None) -> torch.Tensor:
     """Dense-stage KL of the local rows (mean over them) with the kernels/dsa Triton kernels: rows
     scattered to their global positions; rows not held have an empty key range and contribute 0.
-    grad: back-propagate at once with d(total)/d(KL) = grad (two passes over the keys instead of
-    three; the KL is returned detached), as kernels.dsa.indexer_kl_loss_backward_now does."""
-    from kernels.dsa.indexer_loss import indexer_kl_dense
+    grad: back-propagate at once with d(total)/d(KL) = grad (the KL is returned detached), as
+    kernels.dsa.indexer_kl_loss_backward_now does."""
+    from kernels.dsa.indexer_loss_dense import indexer_kl_dense
     Tp = int(pos_R.max()) + 1
     R = pos_R.numel()
     q = _scatter_rows(q_RHD.detach(), pos_R, Tp)[None].contiguous()
@@ -241,9 +241,8 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     bq = loss_block_q(Hq, Hkv, HI)
     lplan = plan if bq == plan.block_q else build_sparse_plan(idx, bq, n_keys=n_keys,
                                                               max_doc_len=plan.max_doc_len)
-    start = torch.zeros(idx.shape[1], dtype=torch.int32, device=q.device)  # unused by the sparse walk
     kl = IndexerKLLossFn.apply(q_idx_RHD[None], w_RH[None], k_idx_TD[None], q.detach(), k.detach(),
-                               lse.detach(), start, lplan, lplan.block_q, scale)
+                               lse.detach(), lplan, scale)
     return o[0], kl
 
 
@@ -301,8 +300,8 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     stage "dense": dense attention (`dense_cp_attention` with `dense_cp_comm`) + dense KL (warm-up). Returns out [n, b, Hq, D], the local
     mean KL and (sparse) the selected global positions [b, n, K].
     kl_grad: the caller's d(total)/d(KL) when it back-propagates the KL in its forward (models/attention/dsa.py,
-    kl_backward="local"). The dense stage's Triton path then back-propagates it here, in two passes over the keys
-    instead of three, and returns the KL detached; every other path returns it with its graph, as without
+    kl_backward="local"). The dense stage's Triton path then back-propagates it here and returns the KL
+    detached; every other path returns it with its graph, as without
     kl_grad, for the caller's own backward.
     """
     if stage not in ("dense", "sparse"):

@@ -18,7 +18,7 @@ import torch
 from kernels.dsa import (build_sparse_plan, default_block_q, dsa_attention, dsa_topk,
                          indexer_kl_loss, naive, sparse_gqa_attention)
 from kernels.dsa.common import row_doc_start
-from kernels.dsa.indexer_loss import dense_attention_lse, indexer_kl_bwd, indexer_kl_fwd
+from kernels.dsa.indexer_loss import indexer_kl_bwd, indexer_kl_fwd
 from kernels.dsa.plan import build_sparse_plan_torch
 from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd
 from tests.kernels.helpers import assert_close, poison_
@@ -418,19 +418,16 @@ def _loss_inputs(B, T, Hq, Hkv, D, HI, DI):
     return q, k, qi, w, ki
 
 
-def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q, split=None,
-                chunk_bytes=None):
+def _check_sparse_loss(q, k, qi, w, ki, idx, lse, cu, plan, split=None, chunk_bytes=None):
+    """indexer_loss.py's forward and both backwards against the reference's loss and autograd."""
     B, T = q.shape[:2]
     scale = q.shape[-1] ** -0.5
-    start = row_doc_start(B, T, cu, q.device)
     outs = [poison_(torch.empty(B * T, device=DEV)) for _ in range(3)]
-    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, *outs,
-                                        keep_psum=plan is not None, split=split,
-                                        chunk_bytes=chunk_bytes)
-    assert (psum is None) == (plan is None)
+    kl, lse_i, z, psum = indexer_kl_fwd(qi, w, ki, q, k, lse, plan, scale, *outs, keep_psum=True,
+                                        split=split, chunk_bytes=chunk_bytes)
     gscale = torch.full((1,), 1.0 / (B * T), device=DEV)
     qir, wr, kir = (x.clone().requires_grad_() for x in (qi, w, ki))
-    ref = naive.indexer_kl_loss(q, k, qir, wr, kir, stage, idx_BTK=idx, lse_BTH=lse, scale=scale,
+    ref = naive.indexer_kl_loss(q, k, qir, wr, kir, "sparse", idx_BTK=idx, lse_BTH=lse, scale=scale,
                                 cu_seqlens=cu)
     g_ref = torch.autograd.grad(ref, (qir, wr, kir))
     # the per-token KL is A/Z - log Z - B/Z + lse_I: with one selected key every term cancels to 0
@@ -440,9 +437,9 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q, split=None,
     err = abs(float(kl.double().mean()) - float(ref))
     assert err <= TOL_OUT * max(abs(float(ref)), 1.0), f"loss {float(kl.double().mean())} vs {float(ref)}"
     assert torch.isfinite(kl).all() and torch.isfinite(lse_i).all() and torch.isfinite(z).all()
-    # backward recomputing P from q, k, lse, and (sparse stage) reading the forward's cached P
-    for cached in ((False, True) if psum is not None else (False,)):
-        dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, start, plan, block_q, scale, lse_i, z,
+    # backward recomputing P from q, k, lse, and reading the forward's cached P
+    for cached in (False, True):
+        dqi, dw, dki = indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z,
                                       gscale, dq_idx=poison_(torch.empty_like(qi)),
                                       dw=poison_(torch.empty_like(w)),
                                       psum=psum if cached else None)
@@ -451,7 +448,7 @@ def _check_loss(stage, q, k, qi, w, ki, idx, lse, cu, plan, block_q, split=None,
                 # kernel's P / Z rounds to 1 +- 1 ulp (fp32), times 1 / (B*T) and the indexer inputs
                 assert torch.isfinite(b).all() and b.abs().max() < 1e-6, f"{name}: {b.abs().max()}"
             else:
-                assert_close(f"{stage} {name} cached={cached}", a, b, TOL_GRAD)
+                assert_close(f"sparse {name} cached={cached}", a, b, TOL_GRAD)
 
 
 @pytest.mark.parametrize("split,chunk_bytes", [(True, None), (True, 512), (False, None)],
@@ -464,33 +461,67 @@ def test_indexer_loss_sparse(B, T, Hq, Hkv, D, HI, DI, topk, cu, split, chunk_by
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
     idx = _selection(B, T, topk, cu)
     _, lse = naive.sparse_gqa_attention(q, k, k, idx)  # the sparse attention's lse
-    block_q = default_block_q(Hq, Hkv)
-    _check_loss("sparse", q, k, qi, w, ki, idx, lse, cu, build_sparse_plan(idx, block_q), block_q,
-                split, chunk_bytes)
+    _check_sparse_loss(q, k, qi, w, ki, idx, lse, cu, build_sparse_plan(idx, default_block_q(Hq, Hkv)),
+                       split, chunk_bytes)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu", LOSS_CASES[:2])
-def test_indexer_loss_dense(B, T, Hq, Hkv, D, HI, DI, topk, cu):
-    cu = None if cu is None else _cu(*cu)
+DENSE_TILE_CASES = [
+    # B, T, cu_seqlens bounds, rows without keys (a context-parallel rank's rows it does not hold),
+    # chunk budget in bytes (small: many row chunks, the last one ragged)
+    pytest.param(2, 63, None, None, None, id="T63-B2"),
+    pytest.param(1, 111, (0, 40, 41, 111), None, 4096, id="T111-packed-chunks"),
+    pytest.param(1, 100, (0, 37, 100), (0, 25, 75, 100), 8192, id="T100-cp-rows"),
+]
+
+
+@pytest.mark.parametrize("B,T,cu,held,chunk_bytes", DENSE_TILE_CASES)
+def test_dense_stage_kl_on_wide_tiles(B, T, cu, held, chunk_bytes):
+    """indexer_loss_dense.dense_kl_fwd_bwd (token x key tiles, d staged per row chunk, dk_idx
+    key-major) against the float64 reference's KL and autograd gradients. `held`: only the rows in
+    [held[0], held[1]) and [held[2], held[3]) have keys, as a context-parallel rank scatters its rows
+    (the others get start = row + 1); the reference is then the sum over the held rows only."""
+    from kernels.dsa import indexer_loss_dense as ild
+    from kernels.dsa.indexer_loss_dense import dense_kl_fwd_bwd
+    Hq, Hkv, D, HI, DI = 6, 2, 16, 3, 16  # G = 3 and HI = 3: padded head counts
+    cu_t = None if cu is None else _cu(*cu)
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
-    lse = poison_(torch.empty(B, T, Hq, device=DEV))
-    lse = dense_attention_lse(q, k, D ** -0.5, cu)
-    assert_close("dense lse", naive.dense_lse(q, k, None, cu), lse, TOL_OUT)
-    _check_loss("dense", q, k, qi, w, ki, None, lse, cu, None, 16)
+    scale = D ** -0.5
+    start = row_doc_start(B, T, cu_t, q.device)
+    keep = torch.ones(T, dtype=torch.bool, device=DEV)
+    if held is not None:
+        pos = torch.arange(T, device=DEV)
+        keep = ((pos >= held[0]) & (pos < held[1])) | ((pos >= held[2]) & (pos < held[3]))
+        start = torch.where(keep, start, (pos + 1).to(torch.int32))
+    lse = ild.dense_attention_lse(q, k, scale, start)
+    lse_ref = naive.dense_lse(q, k, scale, cu_t).reshape(-1, q.shape[2])
+    lse_ref = torch.where(keep.repeat(B)[:, None], lse_ref, float("-inf"))
+    assert torch.equal(lse.reshape(-1, q.shape[2]).isinf(), lse_ref.isinf())
+    assert_close("dense lse (tiles)", lse_ref.nan_to_num(neginf=0.0), lse.reshape(lse_ref.shape).nan_to_num(neginf=0.0),
+                 TOL_OUT)
+    grad = 2.5
+    gscale = torch.full((1,), grad / (B * T), device=DEV)
+    cfg = None if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    kl, (dqi, dw, dki) = dense_kl_fwd_bwd(qi, w, ki, q, k, lse, start, scale, gscale, cfg=cfg)
+    kl_only, none = dense_kl_fwd_bwd(qi, w, ki, q, k, lse, start, scale, None, cfg=cfg)
+    assert none is None and torch.equal(kl, kl_only)
+    qir, wr, kir = (x.clone().double().requires_grad_() for x in (qi, w, ki))
+    # the reference's own pieces, with the rows not held given no keys
+    mask = naive.eligible_mask(B, T, cu_t, q.device) & keep.view(1, T, 1)
+    p = naive.attention_target(q, k, mask, scale)
+    logq = torch.log_softmax(naive.index_scores(qir, wr, kir).masked_fill(~mask, float("-inf")), -1)
+    ref_tok = torch.where(mask, torch.xlogy(p, p) - p * torch.where(mask, logq, 0.0), 0.0).sum(-1)
+    g_ref = torch.autograd.grad(ref_tok.sum() * grad / (B * T), (qir, wr, kir))
+    assert_close("dense KL per token", ref_tok.reshape(-1), kl, TOL_OUT)
+    assert (kl[~keep.repeat(B)] == 0).all()
+    for name, a, b in zip(("dq_idx", "dw", "dk_idx"), g_ref, (dqi, dw, dki)):
+        assert_close(f"dense {name}", a, b, TOL_GRAD)
 
 
-@pytest.mark.parametrize("fwd_bq", [None, 8, 2])
-def test_indexer_loss_dense_api_forward_and_backward_block_sizes(fwd_bq, monkeypatch):
-    """The public dense-stage loss (block_q None) runs its forward at `_config`'s BQ_dense_fwd tokens per
-    program and its backward at loss_block_q's (4 here): the per-token state the forward keeps
-    (lse_I, Z) does not depend on the block size, so loss and gradients equal the reference for every
-    pairing (None: both at loss_block_q), on packed documents whose bounds cut the blocks."""
-    from kernels.dsa import indexer_loss as il
-    real = il._config
-    monkeypatch.setattr(il, "_config", lambda device: {**real(device), "BQ_dense_fwd": fwd_bq})
-    seen = []
-    real_fwd = il.indexer_kl_fwd
-    monkeypatch.setattr(il, "indexer_kl_fwd", lambda *a, **kw: seen.append(a[8]) or real_fwd(*a, **kw))
+def test_indexer_loss_dense_api_autograd(monkeypatch):
+    """The public dense-stage loss through autograd (indexer_loss_dense.DenseKLLossFn: the forward takes
+    the gradients with the KL, the backward scales them) against the reference, on packed documents
+    whose bounds cut the tiles; without an input that requires grad the forward takes none."""
+    from kernels.dsa import indexer_loss_dense as ild
     B, T, Hq, Hkv, D, HI, DI = 1, 45, 4, 2, 16, 2, 16
     cu = _cu(0, 13, 14, 45)
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
@@ -498,11 +529,17 @@ def test_indexer_loss_dense_api_forward_and_backward_block_sizes(fwd_bq, monkeyp
     ki.requires_grad_()
     loss = indexer_kl_loss(q, k, qi, w, ki, stage="dense", cu_seqlens=cu)
     ref = indexer_kl_loss(q, k, qi, w, ki, stage="dense", cu_seqlens=cu, backend="naive")
-    assert seen == [fwd_bq or il.loss_block_q(Hq, Hkv, HI)]
     assert_close("dense loss", ref.detach().reshape(1), loss.detach().reshape(1), TOL_OUT)
-    for name, a, b in zip(("dq_idx", "dk_idx"), torch.autograd.grad(ref, (qi, ki)),
-                          torch.autograd.grad(loss, (qi, ki))):
+    for name, a, b in zip(("dq_idx", "dk_idx"), torch.autograd.grad(ref * 3.0, (qi, ki)),
+                          torch.autograd.grad(loss * 3.0, (qi, ki))):
         assert_close(f"dense {name}", a, b, TOL_GRAD)
+    seen = []
+    real = ild.dense_kl_fwd_bwd
+    monkeypatch.setattr(ild, "dense_kl_fwd_bwd", lambda *a, **kw: seen.append(a[8] if len(a) > 8 else kw.get("gscale"))
+                        or real(*a, **kw))
+    with torch.no_grad():
+        again = indexer_kl_loss(q, k, qi, w, ki, stage="dense", cu_seqlens=cu)
+    assert seen == [None] and float(again) == float(loss.detach())
 
 
 @pytest.mark.parametrize("cu", [None, (0, 13, 14, 45)])
@@ -533,7 +570,7 @@ def test_indexer_loss_sparse_T1000():
     q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
     idx = _selection(B, T, topk, None)
     _, lse = naive.sparse_gqa_attention(q, k, k, idx)
-    _check_loss("sparse", q, k, qi, w, ki, idx, lse, None, build_sparse_plan(idx, 16), 16)
+    _check_sparse_loss(q, k, qi, w, ki, idx, lse, None, build_sparse_plan(idx, 16))
 
 
 def test_indexer_loss_api_and_composition():
