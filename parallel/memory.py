@@ -180,6 +180,11 @@ DSA_UNION_SHARE = 0.75
 DSA_TOPK_CHUNK_BYTES = 1 << 30
 DSA_PLAN_CHUNK_BYTES = 256 << 20
 DSA_LOSS_CHUNK_BYTES = 256 << 20
+# the dense (warm-up) stage's KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32
+# d = softmax(I) - P / Z of one chunk of rows (at most 512 MiB), the fp32 dk_idx, and lse_I's partial sums per
+# 1,024-key segment
+DSA_DENSE_KL_CHUNK_BYTES = 512 << 20
+DSA_DENSE_KL_SEGMENT = 1024
 
 
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
@@ -229,10 +234,16 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             # transient of the forward's stages (top-k candidates, plan building, loss chunk)
             stage = max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + plan, DSA_LOSS_CHUNK_BYTES)
             transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
-        elif cp > 1:
-            # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
-            # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K
-            ind += S * (hq + x.index_heads * x.index_dim) * b + S * hkv * b
+        else:
+            rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions
+            transient += (min(DSA_DENSE_KL_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
+                          + rows * -(-S // DSA_DENSE_KL_SEGMENT) * 4)
+            # the KL's gradients, taken with it: through autograd they wait for the backward
+            ind += t * (x.index_heads * x.index_dim + x.index_heads + x.index_dim) * b
+            if cp > 1:
+                # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
+                # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K
+                ind += S * (hq + x.index_heads * x.index_dim) * b + S * hkv * b
         core += ind
         recompute_core = False  # DSA core attention is never checkpointed (models/attention/dsa.py)
     if not recompute_core:

@@ -11,7 +11,7 @@ bench/bench_dsa_warmup.py for the warm-up step (2026-12-01: indexer-only step 10
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
-from parallel.memory import (DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
+from parallel.memory import (DSA_DENSE_KL_CHUNK_BYTES, DSA_DENSE_KL_SEGMENT, DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
                              estimate, model_state_bytes, param_counts, trainable_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
@@ -99,9 +99,13 @@ def test_dsa_sparse_counts_the_kernels_plan_cached_p_and_backward_buffers():
     sparse = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="sparse", **x)), seq_length=64, bf16=False)
     dense = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="dense_warmup", **x)), seq_length=64, bf16=False)
     (ks, ts), (kd, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
-    assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * (8 + 16 * 4)
-    # the forward's largest stage transient: at 64 tokens the top-k chunk (the plan's is 256 MiB + ~1.5 KB)
-    assert ts - td == 2 * 64 * 32 * 4 + max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8)
+    # the warm-up keeps its KL's gradients (the size of q_idx, w, k_idx: 64 * (2*8 + 2 + 8) * 4 B) instead
+    assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * (8 + 16 * 4) - 64 * (2 * 8 + 2 + 8) * 4
+    # the forward's largest stage transient: at 64 tokens the top-k chunk (the plan's is 256 MiB + ~1.5 KB);
+    # the warm-up's: its KL's fp32 d (64 x 64), dk_idx (64 x 8) and lse_I partials (one segment)
+    dense_kl = 64 * 64 * 4 + 64 * 8 * 4 + 64 * 4
+    assert ts - td == (2 * 64 * 32 * 4 + max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8)
+                       - dense_kl)
 
 
 def test_ksa_counts_summary_tokens():
@@ -154,7 +158,8 @@ def test_dsa_sparse_transient_is_the_plan_build_at_long_sequences():
     (_, ts), (_, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
     plan = t * 2048 * DSA_UNION_SHARE * 8
     assert plan > DSA_TOPK_CHUNK_BYTES
-    assert ts - td == 2 * t * 32 * 4 + DSA_PLAN_CHUNK_BYTES + plan
+    dense_kl = DSA_DENSE_KL_CHUNK_BYTES + t * 8 * 4 + t * (t // DSA_DENSE_KL_SEGMENT) * 4  # the warm-up's
+    assert ts - td == 2 * t * 32 * 4 + DSA_PLAN_CHUNK_BYTES + plan - dense_kl
 
 
 def _measure(seq: int, *args: str) -> dict:
