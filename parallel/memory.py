@@ -238,8 +238,8 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions
             transient += (min(DSA_DENSE_KL_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
                           + rows * -(-S // DSA_DENSE_KL_SEGMENT) * 4)
-            # the KL's gradients, taken with it: through autograd they wait for the backward
-            ind += t * (x.index_heads * x.index_dim + x.index_heads + x.index_dim) * b
+            # the KL's gradients, taken with it: through autograd they wait for the backward, in fp32
+            ind += t * (x.index_heads * x.index_dim + x.index_heads + x.index_dim) * 4
             if cp > 1:
                 # dense warm-up under CP: the dense KL keeps q and q_idx scattered to Tp = S rows on the
                 # rank holding the last chunk (parallel/context/README.md section 3), plus the gathered K

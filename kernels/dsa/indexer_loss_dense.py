@@ -316,12 +316,13 @@ def dense_attention_lse(q, k, scale: float, start, cfg: dict | None = None) -> t
 
 
 def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=None,
-                     cfg: dict | None = None):
+                     cfg: dict | None = None, grad_dtype: torch.dtype | None = None):
     """The dense stage's per-token KL [B*T] (fp32) and, with gscale (a 1-element fp32 tensor,
     d loss / d KL_t), the gradients (dq_idx, dw, dk_idx) in the inputs' dtypes; else None.
     q [B, T, Hq, D], k [B, T, Hkv, D], lse [B, T, Hq] fp32 (the dense attention's), q_idx
     [B, T, HI, DI], w [B, T, HI], k_idx [B, T, DI], start int32 [B*T] (each row's first key; a
-    start past the row: no keys, KL 0). `cfg` overrides `_config` keys (the tile sweep)."""
+    start past the row: no keys, KL 0). `cfg` overrides `_config` keys (the tile sweep). grad_dtype: the
+    gradients' dtype instead of the inputs' (DenseKLLossFn keeps them in fp32 to scale them later)."""
     q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -344,7 +345,8 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
     kl = torch.zeros(B * T, dtype=torch.float32, device=dev)
     grads = None
     if gscale is not None:
-        dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
+        dq_idx = torch.empty(q_idx.shape, dtype=grad_dtype or q_idx.dtype, device=dev)
+        dw = torch.empty(w.shape, dtype=grad_dtype or w.dtype, device=dev)
         dk32 = torch.zeros(B * T, DI, dtype=torch.float32, device=dev)
         grads = (dq_idx, dw, dk32)
     step = math.lcm(cfg["BM_d"], cfg["BQ_dq"], cfg["BQ_dk"])
@@ -375,27 +377,30 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
                 DI=DI, DIP=DIP, BQ=cfg["BQ_dk"], BN=cfg["BN_dk"], DOT_PREC=prec,
                 num_warps=cfg["warps_dk"], num_stages=cfg["stages_dk"])
     if grads is not None:
-        grads = (dq_idx, dw, dk32.view(B, T, DI).to(k_idx.dtype))
+        grads = (dq_idx, dw, dk32.view(B, T, DI).to(grad_dtype or k_idx.dtype))
     return kl, grads
 
 
 class DenseKLLossFn(torch.autograd.Function):
     """Mean over tokens of the dense stage's KL; gradients into q_idx, w, k_idx only. The forward
-    computes them too (one pipeline yields both; they are the size of the indexer's inputs) when
-    any is needed, and the backward scales them by the incoming gradient."""
+    computes them too (one pass yields both) and keeps them in fp32, so that the backward's scaling
+    by the incoming gradient (e.g. a context-parallel rank's rows-to-mean factor 1.5) rounds once, to
+    the inputs' dtype."""
 
     @staticmethod
     def forward(ctx, q_idx, w, k_idx, q, k, lse, start, scale: float):
         n = q_idx.shape[0] * q_idx.shape[1]
         gscale = torch.full((1,), 1.0 / n, dtype=torch.float32, device=q.device)
-        kl, grads = dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale, gscale)
+        kl, grads = dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale, gscale,
+                                     grad_dtype=torch.float32)
         ctx.save_for_backward(*grads)
+        ctx.dtypes = (q_idx.dtype, w.dtype, k_idx.dtype)
         return kl.sum() / n
 
     @staticmethod
     def backward(ctx, grad):
-        grads = [None if not need else g * grad.to(g.dtype)
-                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])]
+        grads = [None if not need else (g * grad.float()).to(dt)
+                 for g, need, dt in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes)]
         return (*grads, None, None, None, None, None)
 
 

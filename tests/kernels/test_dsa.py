@@ -703,6 +703,32 @@ def test_gpu_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="bf16 kernels are checked on a CUDA GPU only "
+                           "(the interpreter's bf16 arithmetic is wrong)")
+def test_gpu_bf16_dense_kl_autograd_scales_in_fp32():
+    """The dense-stage loss through autograd, scaled by 1.5 (a context-parallel rank's rows-to-mean factor),
+    gives the gradients of the loss back-propagated at once with grad 1.5, to the bf16 rounding of one result:
+    the autograd path keeps its gradients in fp32 until the scale (in bf16 they would round twice: 2.9e-3
+    apart on an H200)."""
+    from kernels.dsa import indexer_kl_loss_backward_now
+    B, T, Hq, Hkv, D, HI, DI = 1, 1500, 32, 4, 128, 16, 64
+    bf = torch.bfloat16
+    q, k = (torch.randn(B, T, h, D, device=DEV, dtype=bf) for h in (Hq, Hkv))
+    qi = torch.randn(B, T, HI, DI, device=DEV, dtype=bf)
+    w = (torch.randn(B, T, HI, device=DEV) * (HI * DI) ** -0.5).to(bf)
+    ki = torch.randn(B, T, DI, device=DEV, dtype=bf)
+    a = [x.clone().requires_grad_() for x in (qi, w, ki)]
+    (indexer_kl_loss(q, k, *a, stage="dense") * 1.5).backward()
+    b = [x.clone().requires_grad_() for x in (qi, w, ki)]
+    indexer_kl_loss_backward_now(q, k, *b, grad=1.5)
+    for name, x, y in zip(("dq_idx", "dw", "dk_idx"), a, b):
+        # both scale the same fp32 sums (in another order) and round once to bf16: only elements whose two
+        # fp32 values straddle a bf16 rounding boundary differ, by one ulp (2^-8 relative)
+        assert_close(f"autograd vs at once {name}", y.grad.float(), x.grad.float(), 5e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="the bf16 score path (paired inline-asm stores) compiles for a CUDA GPU only")
 @pytest.mark.parametrize("B,T,cu", [(2, 1001, None), (1, 4097, (0, 1500, 1501, 4097)), (3, 130, None)])
 def test_gpu_topk_bf16_exact(B, T, cu, topk_mode):
