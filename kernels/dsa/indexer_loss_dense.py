@@ -286,6 +286,19 @@ def _config(device: torch.device) -> dict:
                 chunk_bytes=512 << 20)
 
 
+MAX_SEGMENTS = 64
+
+
+def lse_i_segments(T: int, ks: int) -> tuple[int, int]:
+    """(keys per segment, segments) of lse_I's key split for T keys: `ks` keys (the grid's second axis,
+    which short sequences need to fill the GPU), but at most MAX_SEGMENTS segments, so that the fp32
+    partials (4 B per row and segment) stay 256 B per row instead of growing with T (on an H200 at
+    128K, 1,024- / 2,048- / 4,096-key segments took 659.0 / 661.3 / 658.5 ms: the split does not matter
+    there)."""
+    ks = max(ks, pow2(triton.cdiv(T, MAX_SEGMENTS)))
+    return ks, triton.cdiv(T, ks)
+
+
 def _row_chunks(T: int, step: int, budget: int) -> list[tuple[int, int]]:
     """[r0, r1) row chunks, each a multiple of `step` rows (but the last), whose d buffer
     rows x r1 elements stays within `budget` elements (at least `step` rows)."""
@@ -331,8 +344,7 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
     cfg = {**_config(dev), **(cfg or {})}
     prec = dot_precision(q_idx.dtype)
     DIP, HIP = pow2(DI, 16), pow2(HI)
-    KS = cfg["KS"]
-    nseg = triton.cdiv(T, KS)
+    KS, nseg = lse_i_segments(T, cfg["KS"])
     # 1. lse_I, per key segment, merged here
     bm = cfg["BM_lse"]
     nbt = triton.cdiv(T, bm)

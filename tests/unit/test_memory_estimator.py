@@ -11,7 +11,7 @@ bench/bench_dsa_warmup.py for the warm-up step (2026-12-01: indexer-only step 10
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
-from parallel.memory import (DSA_DENSE_KL_CHUNK_BYTES, DSA_DENSE_KL_SEGMENT, DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
+from parallel.memory import (DSA_DENSE_KL_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
                              estimate, model_state_bytes, param_counts, trainable_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
@@ -158,7 +158,7 @@ def test_dsa_sparse_transient_is_the_plan_build_at_long_sequences():
     (_, ts), (_, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
     plan = t * 2048 * DSA_UNION_SHARE * 8
     assert plan > DSA_TOPK_CHUNK_BYTES
-    dense_kl = DSA_DENSE_KL_CHUNK_BYTES + t * 8 * 4 + t * (t // DSA_DENSE_KL_SEGMENT) * 4  # the warm-up's
+    dense_kl = DSA_DENSE_KL_CHUNK_BYTES + t * 8 * 4 + t * 64 * 4  # the warm-up's (lse_I: at most 64 segments)
     assert ts - td == 2 * t * 32 * 4 + DSA_PLAN_CHUNK_BYTES + plan - dense_kl
 
 
