@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels.dsa.indexer_loss_dense import GPU_CHUNK_BYTES, GPU_KEY_SEGMENT, lse_i_segments
 from models.config import LMConfig
 
 GIB = 1024 ** 3
@@ -181,10 +182,9 @@ DSA_TOPK_CHUNK_BYTES = 1 << 30
 DSA_PLAN_CHUNK_BYTES = 256 << 20
 DSA_LOSS_CHUNK_BYTES = 256 << 20
 # the dense (warm-up) stage's KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32
-# d = softmax(I) - P / Z of one chunk of rows (at most 512 MiB), the fp32 dk_idx, and lse_I's partial sums per
-# key segment (1,024 keys, at most 64 segments: lse_i_segments)
-DSA_DENSE_KL_CHUNK_BYTES = 512 << 20
-DSA_DENSE_KL_SEGMENT = 1024
+# d = softmax(I) - P / Z of one chunk of rows (at most GPU_CHUNK_BYTES), the fp32 dk_idx, and lse_I's partial
+# sums per key segment (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)
+DSA_DENSE_KL_CHUNK_BYTES = GPU_CHUNK_BYTES
 
 
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
@@ -235,10 +235,9 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             stage = max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + plan, DSA_LOSS_CHUNK_BYTES)
             transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
         else:
-            from kernels.dsa.indexer_loss_dense import lse_i_segments
             rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions
             transient += (min(DSA_DENSE_KL_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
-                          + rows * lse_i_segments(S, DSA_DENSE_KL_SEGMENT)[1] * 4)
+                          + rows * lse_i_segments(S, GPU_KEY_SEGMENT)[1] * 4)
             # the KL's gradients, taken with it: through autograd they wait for the backward, in fp32
             ind += t * (x.index_heads * x.index_dim + x.index_heads + x.index_dim) * 4
             if cp > 1:

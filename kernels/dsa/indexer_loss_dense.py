@@ -67,6 +67,19 @@ def _row_range(start_ptr, bb, t, tvalid, T, BN: tl.constexpr):
 
 
 @triton.jit
+def _member(has, start, t, s, smask):
+    """[rows, keys]: key s is one of row t's (causal, from its document start)."""
+    return has[:, None] & (s[None, :] >= start[:, None]) & (s[None, :] <= t[:, None]) & smask[None, :]
+
+
+@triton.jit
+def _index_keys(k_idx, bb, T, s, smask, dd, DI: tl.constexpr):
+    """The index keys [BN, DIP] of positions s of batch row bb (zero where masked)."""
+    return tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
+                   mask=smask[:, None] & (dd[None, :] < DI), other=0.0)
+
+
+@triton.jit
 def _grid_rows(start_ptr, NBT, T, BM: tl.constexpr, BN: tl.constexpr):
     """The row tile of program_id(0) over B * NBT tiles of BM rows: batch row, rows, which are real,
     and _row_range's (row, start, has, lo, hi)."""
@@ -125,12 +138,9 @@ def dense_kl_kernel_lse_i(q_idx, w, k_idx, start_ptr, part_ptr, T, NBT, NSEG, KS
     for s0 in range(lo, hi, BN):
         s = s0 + tl.arange(0, BN)
         smask = s < hi
-        kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                     mask=smask[:, None] & dmask[None, :], other=0.0)
+        kt = _index_keys(k_idx, bb, T, s, smask, dd, DI)
         score = _scores(q_idx, w, row, has, kt, dd, dmask, HI, DI, DOT_PREC)
-        member = (has[:, None] & (s[None, :] >= start[:, None]) & (s[None, :] <= t[:, None])
-                  & smask[None, :])
-        m_i, l_i = _lse_step(m_i, l_i, score, member)
+        m_i, l_i = _lse_step(m_i, l_i, score, _member(has, start, t, s, smask))
     out = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     tl.store(part_ptr + row * NSEG + seg, out, mask=tvalid)
 
@@ -163,8 +173,7 @@ def dense_kl_kernel_d(q, k, lse, q_idx, w, k_idx, start_ptr, lse_i_ptr, d_ptr, p
     for s0 in range(lo, hi, BN):
         s = s0 + tl.arange(0, BN)
         smask = s < hi
-        member = (has[:, None] & (s[None, :] >= start[:, None]) & (s[None, :] <= t[:, None])
-                  & smask[None, :])
+        member = _member(has, start, t, s, smask)
         psum = tl.zeros([BM, BN], dtype=tl.float32)
         for g in range(HKV):  # runtime loops: see _scores
             kg = tl.load(k + ((bb * T + s).to(tl.int64) * HKV + g)[:, None] * D + d[None, :],
@@ -177,8 +186,7 @@ def dense_kl_kernel_d(q, k, lse, q_idx, w, k_idx, start_ptr, lse_i_ptr, d_ptr, p
                 x = tl.dot(qh, tl.trans(kg), input_precision=DOT_PREC) * scale_log2
                 psum += tl.exp2(x - lh[:, None])
         psum = tl.where(member, psum, 0.0)
-        kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                     mask=smask[:, None] & ddmask[None, :], other=0.0)
+        kt = _index_keys(k_idx, bb, T, s, smask, dd, DI)
         score = _scores(q_idx, w, row, has, kt, dd, ddmask, HI, DI, DOT_PREC)
         a_i, z_i, b_i = _kl_sums(a_i, z_i, b_i, psum, score, member)
         if STORE_D:
@@ -214,11 +222,8 @@ def dense_kl_kernel_dq(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dq_idx, dw
     for s0 in range(lo, hi, BN):
         s = s0 + tl.arange(0, BN)
         smask = s < hi
-        member = (has[:, None] & (s[None, :] >= start[:, None]) & (s[None, :] <= t[:, None])
-                  & smask[None, :])
-        kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                     mask=smask[:, None] & (dd[None, :] < DI), other=0.0)
-        dv = _d_tile(d_ptr, line[:, None], s[None, :], member)
+        kt = _index_keys(k_idx, bb, T, s, smask, dd, DI)
+        dv = _d_tile(d_ptr, line[:, None], s[None, :], _member(has, start, t, s, smask))
         u = tl.dot(qi, tl.trans(kt), input_precision=DOT_PREC)
         d_rows = tl.reshape(tl.broadcast_to(dv[:, None, :], [BQ, HIP, BN]), [BQ * HIP, BN])
         du = tl.where(u > 0.0, d_rows * wv[:, None], 0.0)
@@ -242,8 +247,7 @@ def dense_kl_kernel_dk(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dk32, T, R
     end = R0 + NR
     smask = s < end
     dd = tl.arange(0, DIP)
-    kt = tl.load(k_idx + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :],
-                 mask=smask[:, None] & (dd[None, :] < DI), other=0.0)
+    kt = _index_keys(k_idx, bb, T, s, smask, dd, DI)
     dk = tl.zeros([BN, DIP], dtype=tl.float32)
     for t0 in range(tl.maximum(R0, (s0 // BQ) * BQ), end, BQ):
         t = t0 + tl.arange(0, BQ)
@@ -252,8 +256,7 @@ def dense_kl_kernel_dk(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dk32, T, R
                         other=0)
         has = tvalid & (start <= t) & (start < s0 + BN) & (t >= s0)
         if tl.max(has.to(tl.int32), axis=0) > 0:
-            member = (has[None, :] & (s[:, None] >= start[None, :]) & (s[:, None] <= t[None, :])
-                      & smask[:, None])
+            member = tl.trans(_member(has, start, t, s, smask))  # [keys, rows]
             dv = _d_tile(d_ptr, ((t - R0).to(tl.int64) * W)[None, :], s[:, None], member)
             qi, wv, irow, imask, ivalid = _load_indexer_rows(q_idx, w, bb, t0, T, HI, DI, DIP, BQ,
                                                              HIP)
@@ -265,6 +268,11 @@ def dense_kl_kernel_dk(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dk32, T, R
     ptr = dk32 + ((bb * T + s).to(tl.int64) * DI)[:, None] + dd[None, :]
     kmask = smask[:, None] & (dd[None, :] < DI)
     tl.store(ptr, tl.load(ptr, mask=kmask, other=0.0) + dk * gscale, mask=kmask)
+
+
+# the GPU's row-chunk budget for d and its lse_I key segment, which parallel/memory.py counts too
+GPU_CHUNK_BYTES = 512 << 20
+GPU_KEY_SEGMENT = 1024
 
 
 def _config(device: torch.device) -> dict:
@@ -281,9 +289,9 @@ def _config(device: torch.device) -> dict:
                     warps_dq=4, warps_dk=4, stages_lse=1, stages_d=1, stages_dq=1, stages_dk=1,
                     chunk_bytes=1 << 20)
     return dict(BM_att=128, BN_att=128, warps_att=8, stages_att=2, BM_lse=128, BN_lse=128, BM_d=64,
-                BN_d=128, BQ_dq=4, BN_dq=64, BQ_dk=8, BN_dk=64, KS=1024, warps_lse=8, warps_d=8,
-                warps_dq=4, warps_dk=4, stages_lse=2, stages_d=3, stages_dq=3, stages_dk=2,
-                chunk_bytes=512 << 20)
+                BN_d=128, BQ_dq=4, BN_dq=64, BQ_dk=8, BN_dk=64, KS=GPU_KEY_SEGMENT, warps_lse=8,
+                warps_d=8, warps_dq=4, warps_dk=4, stages_lse=2, stages_d=3, stages_dq=3, stages_dk=2,
+                chunk_bytes=GPU_CHUNK_BYTES)
 
 
 MAX_SEGMENTS = 64
@@ -354,7 +362,7 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
         BN=cfg["BN_lse"], DOT_PREC=prec, num_warps=cfg["warps_lse"], num_stages=cfg["stages_lse"])
     lse_i = torch.logsumexp(part, dim=1)
     lse_i = torch.where(torch.isfinite(lse_i), lse_i, torch.zeros_like(lse_i))
-    kl = torch.zeros(B * T, dtype=torch.float32, device=dev)
+    sums = torch.empty(B * T, 3, dtype=torch.float32, device=dev)  # per row: sum P log P, sum P, sum P I
     grads = None
     if gscale is not None:
         dq_idx = torch.empty(q_idx.shape, dtype=grad_dtype or q_idx.dtype, device=dev)
@@ -367,17 +375,13 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
             nr = r1 - r0
             width = triton.cdiv(r1, 16) * 16
             dbuf = torch.empty(nr * width if grads is not None else 1, dtype=torch.float32, device=dev)
-            sums = torch.empty(nr, nseg, 3, dtype=torch.float32, device=dev)
+            part_d = torch.empty(nr, nseg, 3, dtype=torch.float32, device=dev)
             dense_kl_kernel_d[(triton.cdiv(nr, cfg["BM_d"]), nseg)](
-                q, k, lse, q_idx, w, k_idx, start, lse_i, dbuf, sums, T, r0, nr, width, nseg, KS, bb,
+                q, k, lse, q_idx, w, k_idx, start, lse_i, dbuf, part_d, T, r0, nr, width, nseg, KS, bb,
                 scale * LOG2E, 1.0 / HQ, HQ=HQ, HKV=HKV, G=HQ // HKV, D=D, DP=pow2(D, 16), HI=HI,
                 DI=DI, DIP=DIP, BM=cfg["BM_d"], BN=cfg["BN_d"], STORE_D=grads is not None,
                 DOT_PREC=prec, num_warps=cfg["warps_d"], num_stages=cfg["stages_d"])
-            a, z, b = sums.sum(dim=1).unbind(1)
-            rows = slice(bb * T + r0, bb * T + r1)
-            z_safe = torch.where(z > 0, z, torch.ones_like(z))
-            kl[rows] = torch.where(z > 0, a / z_safe - torch.log(z_safe) - b / z_safe + lse_i[rows],
-                                   torch.zeros_like(z))
+            torch.sum(part_d, dim=1, out=sums[bb * T + r0:bb * T + r1])
             if grads is None:
                 continue
             dense_kl_kernel_dq[(triton.cdiv(nr, cfg["BQ_dq"]),)](
@@ -388,6 +392,10 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
                 q_idx, w, k_idx, start, dbuf, gscale, dk32, T, r0, nr, width, bb, HI=HI, HIP=HIP,
                 DI=DI, DIP=DIP, BQ=cfg["BQ_dk"], BN=cfg["BN_dk"], DOT_PREC=prec,
                 num_warps=cfg["warps_dk"], num_stages=cfg["stages_dk"])
+    # per row KL = A/Z - log Z - B/Z + lse_I, 0 for a row without keys (indexer_loss._kl_value's formula)
+    a, z, b = sums.unbind(1)
+    z_safe = torch.where(z > 0, z, torch.ones_like(z))
+    kl = torch.where(z > 0, a / z_safe - torch.log(z_safe) - b / z_safe + lse_i, torch.zeros_like(z))
     if grads is not None:
         grads = (dq_idx, dw, dk32.view(B, T, DI).to(grad_dtype or k_idx.dtype))
     return kl, grads
