@@ -15,7 +15,8 @@ The `loss_dense_tiles` piece times the warm-up's KL with its backward on token x
 (kernels/dsa/indexer_loss_dense.py) under its launch settings, and profiles its kernels (the 4-token
 blocks it replaced were timed against it in the same runs, bench/RESULTS.md).
 The `loss_dense_cp` piece times the warm-up's KL of a context-parallel rank (cp = 2, both ranks) with its
-backward through autograd and at once.
+backward through autograd and at once; `loss_dense_cp_rows` times it (at once) with the row chunks that
+hold none of the rank's rows skipped, against launching them (cp = 2 and 8).
 The `topk_fp8` piece times a design measured and dropped (FP8 index scores) against the bf16 top-k,
 with the share of the bf16 selection it keeps.
 The chosen defaults go into the `_config` functions by hand, with the numbers in bench/RESULTS.md.
@@ -72,6 +73,36 @@ def quantize_indexer_fp8(q_idx, w, k_idx):
     q8 = (q / sq).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
     k8 = (k / sk).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
     return q8, (w.float() * sq.squeeze(-1) * sk).contiguous(), k8
+
+
+class CPRank:
+    """The warm-up's KL of one context-parallel rank (parallel/context/dsa._dense_kl_triton) on the
+    benchmark's one document: the rank's rows of the sequence split (chunks r and 2 cp - 1 - r), its
+    indexer inputs as leaves whose gradients `grads` takes (and clears)."""
+
+    def __init__(self, q, k, qi, w, ki, scale: float, cp: int, rank: int):
+        from parallel.context.split import cp_global_indices
+        self.pos = cp_global_indices(q.shape[1], cp, rank, q.device)
+        self.start = torch.zeros_like(self.pos)  # one document: every row starts at key 0
+        self.q, self.k, self.scale = q[0][self.pos], k[0], scale  # [rows, heads, dim]
+        self.leaves = [t[0][self.pos].clone().requires_grad_(True) for t in (qi, w)] + [
+            ki[0].clone().requires_grad_(True)]
+
+    def _kl(self, grad=None):
+        from parallel.context.dsa import _dense_kl_triton
+        return _dense_kl_triton(self.q, self.k, *self.leaves, self.pos, self.start, self.scale, grad=grad)
+
+    def autograd(self):
+        self._kl().backward()
+
+    def at_once(self):
+        self._kl(grad=1.0)
+
+    def grads(self):
+        got = [t.grad.clone() for t in self.leaves]
+        for t in self.leaves:
+            t.grad = None
+        return got
 
 
 def selection_overlap(a, b, rows=4096):
@@ -400,39 +431,49 @@ def main():
         res["loss_dense_tiles"] = rows
         dump(res)
     if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): autograd vs at once
-        from parallel.context.dsa import _dense_kl_triton
-        from parallel.context.split import cp_global_indices
         out = {}
         for rank in (0, 1):
-            pos = cp_global_indices(L, 2, rank, q.device)  # chunks r and 3 - r of four
-            st = torch.zeros_like(pos)  # one document: every row starts at key 0
-            q0, k0 = q[0], k[0]  # [L, heads, dim]: rows of one batch row
-            leaves = [t[0][pos].clone().requires_grad_(True) for t in (qi, w)] + [ki[0].clone().requires_grad_(True)]
-
-            def grads():
-                got = [t.grad.clone() for t in leaves]
-                for t in leaves:
-                    t.grad = None
-                return got
-
-            def autograd():
-                _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale).backward()
-
-            def at_once():
-                _dense_kl_triton(q0[pos], k0, leaves[0], leaves[1], leaves[2], pos, st, scale, grad=1.0)
-            autograd()
-            g3 = grads()
-            at_once()
-            g2 = grads()
+            r = CPRank(q, k, qi, w, ki, scale, 2, rank)
+            r.autograd()
+            g3 = r.grads()
+            r.at_once()
+            g2 = r.grads()
             row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}
-            row["rows"] = pos.numel()
-            row["autograd_ms"] = timed(autograd, args.quick)
-            row["at_once_ms"] = timed(at_once, args.quick)
+            row["rows"] = r.pos.numel()
+            row["autograd_ms"] = timed(r.autograd, args.quick)
+            row["at_once_ms"] = timed(r.at_once, args.quick)
             out[f"rank{rank}"] = row
             print(f"loss_dense_cp rank {rank}:", row, flush=True)
-            del leaves, g2, g3
+            del r, g2, g3
             torch.cuda.empty_cache()
         res["loss_dense_cp"] = out
+        dump(res)
+    if want("loss_dense_cp_rows"):  # a CP rank's warm-up KL: row chunks it does not hold skipped or launched
+        import kernels.dsa.indexer_loss_dense as ild
+        real = ild.indexer_kl_dense
+
+        def all_rows(*a, rows=None, **kw):  # the rows without keys launched, as before `rows`
+            return real(*a, **kw)
+        out = {}
+        for cp, rank in ((2, 0), (2, 1), (8, 0), (8, 7)):
+            r = CPRank(q, k, qi, w, ki, scale, cp, rank)
+            r.at_once()
+            g_rows = r.grads()
+            ild.indexer_kl_dense = all_rows
+            try:
+                r.at_once()
+                g_all = r.grads()
+                t_all = timed(r.at_once, args.quick)
+            finally:
+                ild.indexer_kl_dense = real
+            row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g_all, g_rows)}
+            row.update(rows=r.pos.numel(), all_rows_ms=t_all, held_rows_ms=timed(r.at_once, args.quick))
+            row["speedup"] = row["all_rows_ms"] / row["held_rows_ms"]
+            out[f"cp{cp}_rank{rank}"] = row
+            print(f"loss_dense_cp_rows cp {cp} rank {rank}:", row, flush=True)
+            del r, g_rows, g_all
+            torch.cuda.empty_cache()
+        res["loss_dense_cp_rows"] = out
         dump(res)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
         try:

@@ -27,6 +27,7 @@ Deterministic: every sum runs in a fixed order. Nothing of size rows x keys outl
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -230,8 +231,10 @@ def dense_kl_kernel_dq(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dq_idx, dw
         dwv += tl.sum(tl.maximum(u, 0.0) * d_rows, axis=1)
         dqi += tl.dot(du.to(kt.dtype), kt, input_precision=DOT_PREC)
     gscale = tl.load(gscale_ptr)
+    # only the chunk's rows: those past it belong to a later chunk or to rows without keys
+    ivalid = ivalid & (t0 + tl.arange(0, BQ * HIP) // HIP < R0 + NR)
     tl.store(dq_idx + irow[:, None] * DI + dd[None, :], (dqi * gscale).to(dq_idx.dtype.element_ty),
-             mask=imask)
+             mask=imask & ivalid[:, None])
     tl.store(dw + irow, (dwv * gscale).to(dw.dtype.element_ty), mask=ivalid)
 
 
@@ -307,9 +310,12 @@ def lse_i_segments(T: int, ks: int) -> tuple[int, int]:
     return ks, triton.cdiv(T, ks)
 
 
-def _row_chunks(T: int, step: int, budget: int) -> list[tuple[int, int]]:
+def _row_chunks(T: int, step: int, budget: int, rows=None) -> list[tuple[int, int]]:
     """[r0, r1) row chunks, each a multiple of `step` rows (but the last), whose d buffer
-    rows x r1 elements stays within `budget` elements (at least `step` rows)."""
+    rows x r1 elements stays within `budget` elements (at least `step` rows). rows: ascending,
+    disjoint [lo, hi) ranges; then each chunk is cut to the rows of `rows` it holds (first to last)
+    and left out if it holds none, so many short ranges (a rank's chunks of many documents) cost no
+    more chunks than all rows would."""
     out, r0 = [], 0
     while r0 < T:
         # the largest R with R * (r0 + R) <= budget
@@ -317,7 +323,20 @@ def _row_chunks(T: int, step: int, budget: int) -> list[tuple[int, int]]:
         r = max(step, (r // step) * step)
         out.append((r0, min(T, r0 + r)))
         r0 += r
-    return out
+    if rows is None:
+        return out
+    rows = [(int(lo), int(hi)) for lo, hi in rows]
+    if any(not 0 <= lo < hi <= T for lo, hi in rows) or any(a[1] > b[0] for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"rows must be ascending, disjoint, non-empty [lo, hi) ranges inside [0, {T}); "
+                         f"got {rows[:8]}")
+    cut = []
+    for r0, r1 in out:
+        first = bisect.bisect_right(rows, (r0, T + 1)) - 1   # the last range starting at or before r0
+        first += first < 0 or rows[first][1] <= r0           # ...or the next one, if that ends before r0
+        last = bisect.bisect_left(rows, (r1, -1)) - 1        # the last range starting before r1
+        if first <= last:
+            cut.append((max(r0, rows[first][0]), min(r1, rows[last][1])))
+    return cut
 
 
 def dense_attention_lse(q, k, scale: float, start, cfg: dict | None = None) -> torch.Tensor:
@@ -337,13 +356,17 @@ def dense_attention_lse(q, k, scale: float, start, cfg: dict | None = None) -> t
 
 
 def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=None,
-                     cfg: dict | None = None, grad_dtype: torch.dtype | None = None):
+                     cfg: dict | None = None, grad_dtype: torch.dtype | None = None, rows=None):
     """The dense stage's per-token KL [B*T] (fp32) and, with gscale (a 1-element fp32 tensor,
     d loss / d KL_t), the gradients (dq_idx, dw, dk_idx) in the inputs' dtypes; else None.
     q [B, T, Hq, D], k [B, T, Hkv, D], lse [B, T, Hq] fp32 (the dense attention's), q_idx
     [B, T, HI, DI], w [B, T, HI], k_idx [B, T, DI], start int32 [B*T] (each row's first key; a
     start past the row: no keys, KL 0). `cfg` overrides `_config` keys (the tile sweep). grad_dtype: the
-    gradients' dtype instead of the inputs' (DenseKLLossFn keeps them in fp32 to scale them later)."""
+    gradients' dtype instead of the inputs' (DenseKLLossFn keeps them in fp32 to scale them later).
+    rows: host [lo, hi) ranges (ascending, disjoint) holding every row of each batch row that has
+    keys; the KL and gradients of the other rows are 0 and their row chunks are not launched (a
+    context-parallel rank's rows scattered to their global positions: most of them it does not hold).
+    None: every row may have keys."""
     q_idx, w, k_idx, q, k, lse = (x.contiguous() for x in (q_idx, w, k_idx, q, k, lse))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -362,16 +385,19 @@ def dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale: float, gscale=Non
         BN=cfg["BN_lse"], DOT_PREC=prec, num_warps=cfg["warps_lse"], num_stages=cfg["stages_lse"])
     lse_i = torch.logsumexp(part, dim=1)
     lse_i = torch.where(torch.isfinite(lse_i), lse_i, torch.zeros_like(lse_i))
-    sums = torch.empty(B * T, 3, dtype=torch.float32, device=dev)  # per row: sum P log P, sum P, sum P I
+    # rows outside `rows` are never written: zeros for them (KL 0, no gradient)
+    new = torch.empty if rows is None else torch.zeros
+    sums = new(B * T, 3, dtype=torch.float32, device=dev)  # per row: sum P log P, sum P, sum P I
     grads = None
     if gscale is not None:
-        dq_idx = torch.empty(q_idx.shape, dtype=grad_dtype or q_idx.dtype, device=dev)
-        dw = torch.empty(w.shape, dtype=grad_dtype or w.dtype, device=dev)
+        dq_idx = new(q_idx.shape, dtype=grad_dtype or q_idx.dtype, device=dev)
+        dw = new(w.shape, dtype=grad_dtype or w.dtype, device=dev)
         dk32 = torch.zeros(B * T, DI, dtype=torch.float32, device=dev)
         grads = (dq_idx, dw, dk32)
     step = math.lcm(cfg["BM_d"], cfg["BQ_dq"], cfg["BQ_dk"])
+    chunks = _row_chunks(T, step, max(1, cfg["chunk_bytes"] // 4), rows)
     for bb in range(B):
-        for r0, r1 in _row_chunks(T, step, max(1, cfg["chunk_bytes"] // 4)):
+        for r0, r1 in chunks:
             nr = r1 - r0
             width = triton.cdiv(r1, 16) * 16
             dbuf = torch.empty(nr * width if grads is not None else 1, dtype=torch.float32, device=dev)
@@ -408,11 +434,11 @@ class DenseKLLossFn(torch.autograd.Function):
     the inputs' dtype."""
 
     @staticmethod
-    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, scale: float):
+    def forward(ctx, q_idx, w, k_idx, q, k, lse, start, scale: float, rows=None):
         n = q_idx.shape[0] * q_idx.shape[1]
         gscale = torch.full((1,), 1.0 / n, dtype=torch.float32, device=q.device)
         kl, grads = dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale, gscale,
-                                     grad_dtype=torch.float32)
+                                     grad_dtype=torch.float32, rows=rows)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (q_idx.dtype, w.dtype, k_idx.dtype)
         return kl.sum() / n
@@ -421,33 +447,35 @@ class DenseKLLossFn(torch.autograd.Function):
     def backward(ctx, grad):
         grads = [None if not need else (g * grad.float()).to(dt)
                  for g, need, dt in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
-def dense_kl_loss(q_idx, w, k_idx, q, k, lse, start, scale: float) -> torch.Tensor:
+def dense_kl_loss(q_idx, w, k_idx, q, k, lse, start, scale: float, rows=None) -> torch.Tensor:
     """The dense stage's mean KL, through DenseKLLossFn when a gradient can be asked of it, else the
-    KL alone (no gradients taken)."""
+    KL alone (no gradients taken). rows: as dense_kl_fwd_bwd's."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q_idx, w, k_idx)):
-        return DenseKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, scale)
-    kl, _ = dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale)
+        return DenseKLLossFn.apply(q_idx, w, k_idx, q, k, lse, start, scale, rows)
+    kl, _ = dense_kl_fwd_bwd(q_idx, w, k_idx, q, k, lse, start, scale, rows=rows)
     return kl.sum() / kl.numel()
 
 
-def indexer_kl_dense(q_idx, w, k_idx, q, k, start, scale: float, grad: float | None = None):
+def indexer_kl_dense(q_idx, w, k_idx, q, k, start, scale: float, grad: float | None = None,
+                     rows=None):
     """The dense stage's KL, mean over the B*T rows, for rows whose first eligible key is start
     (int32 [B*T]; a row whose start lies past the row has no keys and adds 0 to the sum, which is how
     a context-parallel rank leaves out the rows it does not hold). q and k are constants.
     grad None: the loss with its autograd backward (dense_kl_loss).
     grad a float: back-propagated at once into those of q_idx, w and k_idx that require grad, with
-    d(total)/d(loss) = grad; the loss is returned detached."""
+    d(total)/d(loss) = grad; the loss is returned detached. rows: the host ranges of the rows with
+    keys, if known (dense_kl_fwd_bwd)."""
     q, k = q.detach(), k.detach()
     lse = dense_attention_lse(q, k, scale, start)
     if grad is None:
-        return dense_kl_loss(q_idx, w, k_idx, q, k, lse, start, scale)
+        return dense_kl_loss(q_idx, w, k_idx, q, k, lse, start, scale, rows)
     n = q_idx.shape[0] * q_idx.shape[1]
     gscale = torch.full((1,), float(grad) / n, dtype=torch.float32, device=q.device)
     kl, grads = dense_kl_fwd_bwd(q_idx.detach(), w.detach(), k_idx.detach(), q, k, lse, start, scale,
-                                 gscale)
+                                 gscale, rows=rows)
     pairs = [(x, g) for x, g in zip((q_idx, w, k_idx), grads) if x.requires_grad]
     if pairs:
         torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])

@@ -181,6 +181,16 @@ def _padded_starts(pos_R: torch.Tensor, start_R: torch.Tensor, rows: int) -> tor
     return st.to(torch.int32)
 
 
+def _runs(pos_R: torch.Tensor) -> list[tuple[int, int]]:
+    """The local rows as ascending [lo, hi) runs of consecutive positions (one host sync): two per
+    document (or per sequence) and rank under the load-balanced split."""
+    p = torch.sort(pos_R).values
+    cut = torch.nonzero(p[1:] != p[:-1] + 1).flatten()
+    ends = torch.cat([p[cut] + 1, p[-1:] + 1])
+    starts = torch.cat([p[:1], p[cut + 1]])
+    return list(zip(*torch.stack([starts, ends]).tolist()))
+
+
 def _topk_triton(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, chunk_bytes: int | None = None) -> torch.Tensor:
     """Top-k of the local rows with the kernels/dsa Triton selector, launched only on the blocks that
     hold local rows (queries scattered to their global rows, see the module docstring)."""
@@ -207,7 +217,8 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
     grad: back-propagate at once with d(total)/d(KL) = grad (the KL is returned detached), as
     kernels.dsa.indexer_kl_loss_backward_now does."""
     from kernels.dsa.indexer_loss_dense import indexer_kl_dense
-    Tp = int(pos_R.max()) + 1
+    runs = _runs(pos_R)
+    Tp = runs[-1][1]
     R = pos_R.numel()
     q = _scatter_rows(q_RHD.detach(), pos_R, Tp)[None].contiguous()
     k = k_THD.detach()[None, :Tp].contiguous()
@@ -216,7 +227,7 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
     start = _padded_starts(pos_R, start_R, Tp)
     # the kernels' mean is over Tp rows: the local mean is Tp / R times it, and so is its gradient
     mean_tp = indexer_kl_dense(q_idx, w, k_idx_TD[None, :Tp], q, k, start, scale,
-                               grad=None if grad is None else grad * Tp / R)
+                               grad=None if grad is None else grad * Tp / R, rows=runs)
     return mean_tp * (Tp / R)
 
 
