@@ -261,7 +261,7 @@ def make_bad_videos(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, dict
     cases: dict[str, dict] = {}
 
     base = out / "_good_base.mp4"
-    truth = write_video(base, VideoSpec(n_frames=60, width=96, height=64, fps=12, seed=seed))
+    write_video(base, VideoSpec(n_frames=60, width=96, height=64, fps=12, seed=seed))
     data = base.read_bytes()
     boxes = {k: (o, s) for k, o, s in mp4_boxes(data)}
     moov_off, moov_size = boxes["moov"]
