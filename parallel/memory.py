@@ -34,7 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels.dsa.indexer_loss import LOSS_CHUNK_BYTES
 from kernels.dsa.indexer_loss_dense import GPU_CHUNK_BYTES, GPU_KEY_SEGMENT, lse_i_segments
+from kernels.dsa.plan import PLAN_CHUNK_BYTES
+from kernels.dsa.topk import TOPK_CHUNK_BYTES
 from models.config import LMConfig
 
 GIB = 1024 ** 3
@@ -175,12 +178,12 @@ def _norm(elems: float, b: int) -> float:
 # the larger is used so the estimate does not fall short for less local selections.
 DSA_UNION_SHARE = 0.75
 # transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's score slab and
-# candidate lists (kernels/dsa/topk.py TOPK_CHUNK_BYTES, 1 GiB per chunk of query blocks); the union plan's
-# padded slots and bitmaps (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined,
-# a second copy of the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
-DSA_TOPK_CHUNK_BYTES = 1 << 30
-DSA_PLAN_CHUNK_BYTES = 256 << 20
-DSA_LOSS_CHUNK_BYTES = 256 << 20
+# candidate lists (kernels/dsa/topk.py, 1 GiB per chunk of query blocks); the union plan's padded slots and
+# bitmaps (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined, a second copy of
+# the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
+DSA_TOPK_CHUNK_BYTES = TOPK_CHUNK_BYTES
+DSA_PLAN_CHUNK_BYTES = PLAN_CHUNK_BYTES
+DSA_LOSS_CHUNK_BYTES = LOSS_CHUNK_BYTES
 # the dense (warm-up) stage's KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32
 # d = softmax(I) - P / Z of one chunk of rows (at most GPU_CHUNK_BYTES), the fp32 dk_idx, and lse_I's partial
 # sums per key segment (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)

@@ -270,6 +270,10 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
     tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
 
 
+# the fp32 head-summed P of the sparse KL per chunk of union entries; parallel/memory.py counts it too
+LOSS_CHUNK_BYTES = 256 << 20
+
+
 def _config(device: torch.device) -> dict:
     """Interpreter: wide tiles (cost is per op). GPU (sm_90 at Hq 32 / Hkv 4 / D 128 / HI 16 /
     DI 64, 4 tokens per program), timed by bench/sweep_dsa.py at 128K on an H200: forward 128-key
@@ -284,9 +288,9 @@ def _config(device: torch.device) -> dict:
     if interpreting() or device.type != "cuda":
         return dict(BS_fwd=128, BS_bwd=128, BS_bwd_p=128, warps=4, warps_bwd=4, stages=1,
                     split_fwd=True, BS_psum=128, warps_psum=4, BS_kl=128, warps_kl=4, stages_split=1,
-                    chunk_bytes=256 << 20, stages_bwd_p=1)
+                    chunk_bytes=LOSS_CHUNK_BYTES, stages_bwd_p=1)
     return dict(BS_fwd=128, BS_bwd=32, BS_bwd_p=128, warps=4, warps_bwd=4, stages=2, split_fwd=True,
-                BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4, stages_split=3, chunk_bytes=256 << 20,
+                BS_psum=64, warps_psum=2, BS_kl=64, warps_kl=4, stages_split=3, chunk_bytes=LOSS_CHUNK_BYTES,
                 stages_bwd_p=3)
 
 

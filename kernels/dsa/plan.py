@@ -244,9 +244,13 @@ def _check_block_q(block_q: int) -> None:
         raise ValueError(f"block_q must be a power of two in [1, 16], got {block_q}")
 
 
+# slots (and bitmaps) built at once per chunk of query blocks; parallel/memory.py counts it too
+PLAN_CHUNK_BYTES = 256 << 20
+
+
 def build_sparse_plan(idx_BTK: torch.Tensor, block_q: int, method: str = "auto",
                       merge: bool = True, num_warps: int | None = None,
-                      one_pass: bool = True, chunk_bytes: int = 256 << 20,
+                      one_pass: bool = True, chunk_bytes: int = PLAN_CHUNK_BYTES,
                       cu_seqlens: torch.Tensor | None = None,
                       max_doc_len: int | None = None,
                       n_keys: int | None = None) -> SparsePlan:
