@@ -105,6 +105,25 @@ class CPRank:
         return got
 
 
+def grads_apart(a, b) -> dict:
+    """Relative RMSE of two (dq_idx, dw, dk_idx) triples, by name."""
+    return {n: rel(x, y) for n, x, y in zip(("dq_idx", "dw", "dk_idx"), a, b)}
+
+
+def cp_ranks(name: str, cases, measure, inputs, res: dict) -> None:
+    """res[name]["cp{cp}_rank{rank}"] = measure(CPRank(*inputs, cp, rank)) plus the rank's rows, for each
+    (cp, rank) in cases, each rank's buffers freed before the next."""
+    out = res[name] = {}
+    for cp, rank in cases:
+        r = CPRank(*inputs, cp, rank)
+        row = {**measure(r), "rows": r.pos.numel()}
+        del r
+        torch.cuda.empty_cache()
+        out[f"cp{cp}_rank{rank}"] = row
+        print(f"{name} cp {cp} rank {rank}:", row, flush=True)
+        dump(res)
+
+
 def selection_overlap(a, b, rows=4096):
     """Fraction of the valid entries of a [B, T, K] (ascending, -1 padded) that b's rows hold."""
     hit = tot = 0
@@ -209,8 +228,7 @@ def main():
         r1 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z, gscale)
         r2 = il.indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale, lse_i, z, gscale,
                                psum=psum)
-        res["checks"]["loss_bwd_cached_vs_recompute_rel"] = {
-            n: rel(p1, p2) for n, p1, p2 in zip(("dq_idx", "dw", "dk_idx"), r1, r2)}
+        res["checks"]["loss_bwd_cached_vs_recompute_rel"] = grads_apart(r1, r2)
         c1 = build_sparse_plan(idx, 4, one_pass=False)
         res["checks"]["plan_one_pass_equals_two_pass"] = bool(
             torch.equal(a.offsets_N1, c1.offsets_N1) and torch.equal(a.pos_U, c1.pos_U)
@@ -400,8 +418,7 @@ def main():
                 kl_t, g_t = tiles()
                 if ref is None:
                     ref = (kl_t, g_t)
-                diff = {"kl": rel(ref[0], kl_t), **{n: rel(a, b) for n, a, b in
-                                                    zip(("dq_idx", "dw", "dk_idx"), ref[1], g_t)}}
+                diff = {"kl": rel(ref[0], kl_t), **grads_apart(ref[1], g_t)}
                 ms = [timed(tiles, args.quick) for _ in range(2)]
                 row = {"config": ov, "ms": ms, "rel_to_first": diff}
                 if not ov:
@@ -431,50 +448,32 @@ def main():
         res["loss_dense_tiles"] = rows
         dump(res)
     if want("loss_dense_cp"):  # the warm-up's KL of one context-parallel rank (cp = 2): autograd vs at once
-        out = {}
-        for rank in (0, 1):
-            r = CPRank(q, k, qi, w, ki, scale, 2, rank)
+        def autograd_vs_at_once(r):
             r.autograd()
-            g3 = r.grads()
+            g_autograd = r.grads()
             r.at_once()
-            g2 = r.grads()
-            row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g2, g3)}
-            row["rows"] = r.pos.numel()
-            row["autograd_ms"] = timed(r.autograd, args.quick)
-            row["at_once_ms"] = timed(r.at_once, args.quick)
-            out[f"rank{rank}"] = row
-            print(f"loss_dense_cp rank {rank}:", row, flush=True)
-            del r, g2, g3
-            torch.cuda.empty_cache()
-        res["loss_dense_cp"] = out
-        dump(res)
+            return {**grads_apart(r.grads(), g_autograd), "autograd_ms": timed(r.autograd, args.quick),
+                    "at_once_ms": timed(r.at_once, args.quick)}
+        cp_ranks("loss_dense_cp", ((2, 0), (2, 1)), autograd_vs_at_once, (q, k, qi, w, ki, scale), res)
     if want("loss_dense_cp_rows"):  # a CP rank's warm-up KL: row chunks it does not hold skipped or launched
         import kernels.dsa.indexer_loss_dense as ild
         real = ild.indexer_kl_dense
 
         def all_rows(*a, rows=None, **kw):  # the rows without keys launched, as before `rows`
             return real(*a, **kw)
-        out = {}
-        for cp, rank in ((2, 0), (2, 1), (8, 0), (8, 7)):
-            r = CPRank(q, k, qi, w, ki, scale, cp, rank)
+
+        def held_vs_all(r):
             r.at_once()
             g_rows = r.grads()
             ild.indexer_kl_dense = all_rows
             try:
                 r.at_once()
-                g_all = r.grads()
-                t_all = timed(r.at_once, args.quick)
+                row = {**grads_apart(r.grads(), g_rows), "all_rows_ms": timed(r.at_once, args.quick)}
             finally:
                 ild.indexer_kl_dense = real
-            row = {n: rel(a, b) for n, a, b in zip(("dq_idx", "dw", "dk_idx"), g_all, g_rows)}
-            row.update(rows=r.pos.numel(), all_rows_ms=t_all, held_rows_ms=timed(r.at_once, args.quick))
-            row["speedup"] = row["all_rows_ms"] / row["held_rows_ms"]
-            out[f"cp{cp}_rank{rank}"] = row
-            print(f"loss_dense_cp_rows cp {cp} rank {rank}:", row, flush=True)
-            del r, g_rows, g_all
-            torch.cuda.empty_cache()
-        res["loss_dense_cp_rows"] = out
-        dump(res)
+            row["held_rows_ms"] = timed(r.at_once, args.quick)
+            return {**row, "speedup": row["all_rows_ms"] / row["held_rows_ms"]}
+        cp_ranks("loss_dense_cp_rows", ((2, 0), (2, 1), (8, 0), (8, 7)), held_vs_all, (q, k, qi, w, ki, scale), res)
     if want("block8"):  # 8 tokens per union block: 64 query rows per program, fewer atomics
         try:
             plan8 = build_sparse_plan(idx, 8)
