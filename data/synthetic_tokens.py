@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data.video.config import VideoDataConfig
+from data.video.config import REQUIRED, UnsetPathError, VideoDataConfig
 
 DATA_KINDS = ("synthetic_tokens", "video")
 
@@ -43,6 +43,18 @@ class DataConfig:
             raise ValueError(f"data.branching must be >= 1, got {self.branching}")
         if not 0.0 <= self.copy_prob <= 1.0:
             raise ValueError(f"data.copy_prob must be in [0, 1], got {self.copy_prob}")
+        if self.kind == "video":
+            unset = []
+            if self.video.shards == REQUIRED:
+                unset.append("data.video.shards is required: the directory of shards written by launch/ingest.py "
+                             "(e.g. data.video.shards=/data/shards); an empty value trains on synthetic videos")
+            if self.video.long_shards == REQUIRED:
+                unset.append(f"data.video.long_shards is required: this recipe mixes long and short data "
+                             f"(data.video.long_fraction={self.video.long_fraction}); set the directory of long-video "
+                             f"shards (e.g. data.video.long_shards=/data/long_shards), or data.video.long_fraction=0 "
+                             f"data.video.long_shards='' to train on data.video.shards alone")
+            if unset:
+                raise UnsetPathError("; and ".join(unset), tuple(u.split(" ", 1)[0] for u in unset))
 
 
 def _generator(seed: int, index: int) -> torch.Generator:

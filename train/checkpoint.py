@@ -130,7 +130,6 @@ def verify_checksums(ref: CheckpointRef) -> list[str]:
 def find_latest_verified(run_dir) -> CheckpointRef | None:
     """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
     corrupted one is reported (file named) and skipped for the next older one."""
-    root = checkpoint_root(run_dir)
     skipped: list[str] = []
     while True:
         ref = find_latest(run_dir, exclude=skipped)

@@ -35,14 +35,6 @@ def setup_logging(run_dir: str, rank: int) -> None:
 def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     """The vision tower and video data fit together and with the layout (ValueError naming the setting)."""
     v, d, t = cfg.model.vision, cfg.data, cfg.train
-    if d.kind == "video" and d.video.shards == "REQUIRED":
-        raise ValueError("data.video.shards is required: the directory of shards written by launch/ingest.py "
-                         "(e.g. data.video.shards=/data/shards); an empty value trains on synthetic videos")
-    if d.kind == "video" and d.video.long_shards == "REQUIRED":
-        raise ValueError(f"data.video.long_shards is required: this recipe mixes long and short data (data.video."
-                         f"long_fraction={d.video.long_fraction}); set the directory of long-video shards "
-                         f"(e.g. data.video.long_shards=/data/long_shards), or data.video.long_fraction=0 "
-                         f"data.video.long_shards='' to train on data.video.shards alone")
     if t.trainable == "projector" and not v.enabled:
         raise ValueError("train.trainable=projector trains the vision projector: set model.vision.enabled=true")
     if not v.enabled:

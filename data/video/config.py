@@ -16,6 +16,19 @@ DECODE_BACKENDS = ("decord", "pyav", "torchcodec")
 DECODE_ISOLATIONS = ("process", "inline")
 TOKENIZERS = ("bytes",)
 
+REQUIRED = "REQUIRED"
+"""The value a recipe gives a path the user must set (`shards: REQUIRED`): `DataConfig` refuses it when the
+run reads video; a run that reads no video (the memory estimate, text-only data) carries it unread."""
+
+
+class UnsetPathError(ValueError):
+    """A path the recipe leaves to the user (`REQUIRED`) is still unset where the run would read it;
+    `settings` names them (`data.video.shards`, ...)."""
+
+    def __init__(self, message: str, settings: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.settings = settings
+
 
 @dataclass
 class VideoDataConfig:
@@ -128,7 +141,7 @@ class VideoDataConfig:
         if self.long_fraction > 0 and not self.long_shards.strip():
             bad("long_fraction", "is > 0 but there is no long source: set long_shards (data.video.long_shards="
                                  "DIR) or long_fraction=0")
-        if self.long_shards.strip() and self.long_shards.strip() == self.shards.strip():
+        if self.long_shards.strip() and self.long_shards.strip() == self.shards.strip() != REQUIRED:
             bad("long_shards", "names the same shards as `shards`: the long and short sources must differ")
         if self.long_shards.strip() and self.long_fraction == 0:
             warnings.warn(f"VideoDataConfig.long_shards = {self.long_shards!r} is ignored: long_fraction = 0, so "

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from train.config import Config, register_configs
+from train.config import Config, register_configs, to_config
 from train.launch import validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +132,22 @@ def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq, lo
             _validate(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.shards=/data/shards", world_size=8)
     with pytest.raises(ConfigCompositionException):                         # unknown keys are errors
         _compose(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.long_short_ratio=0.5")
+
+
+def test_a_recipe_whose_video_paths_are_unset_names_them_first():
+    """The long-context recipes leave both video paths to the user (REQUIRED). Left unset, the run stops on them,
+    before the layout is checked against the world size, naming each with its override; earlier this surfaced as
+    'long_shards names the same shards as shards' (both placeholders compared as paths). Text data ignores them."""
+    from data.video.config import UnsetPathError
+
+    with pytest.raises(UnsetPathError, match=r"data\.video\.shards is required.*; and data\.video\.long_shards is "
+                                             r"required: .*long_fraction=0\.5") as unset:
+        _validate("recipe=keye_30b_a3b_ctx_256k", world_size=1)
+    assert unset.value.settings == ("data.video.shards", "data.video.long_shards")
+    with pytest.raises(UnsetPathError, match=r"^data\.video\.shards is required"):
+        _validate("recipe=keye_30b_a3b", world_size=1)
+    cfg = to_config(_compose("recipe=keye_30b_a3b_ctx_256k", "data=synthetic_tokens"))
+    assert cfg.data.kind == "synthetic_tokens" and cfg.data.video.long_shards == "REQUIRED"
 
 
 H200 = 139.8 * 1024 ** 3  # torch.cuda.get_device_properties(0).total_memory of the lent H200s
