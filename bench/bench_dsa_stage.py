@@ -1,0 +1,94 @@
+"""DSA sparse-training step of a Keye-30B-A3B slice against the same slice with dense attention, by sequence length.
+
+What the sparse stage costs a training step, not one attention call: `train.trainer.Trainer` from the
+`keye_30b_a3b_dsa_sparse` recipe (every layer DSA, top-2048, LM loss + the indexer KL over the selected set, all
+parameters train) against the same recipe with `model.lm.attention=dense` (SDPA flash), full width cut to
+`--layers` layers, full recomputation as the one-node recipes run, one sequence of `--seq` tokens per step, bf16,
+one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median step
+time of `--steps` steps after `--warmup`). The synthetic text is one document per sequence, so every token past
+2,048 runs the sparse path. Each case also records parallel/memory.py's predicted peak (`estimate_gb`).
+
+    python bench/bench_dsa_stage.py --out $OUT/dsa_stage.json                 # GPU: 8K, 32K, 128K, 4 layers
+    python bench/bench_dsa_stage.py --smoke --out /tmp/dsa_stage.json         # CPU: tiny recipe, checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_spine import compose_cfg, record_case, run_grid, run_ours, slice_overrides  # noqa: E402
+
+ATTENTION = ("dsa", "dense")
+
+
+def run_cases(args) -> dict:
+    """Each (attention, seq) case in its own process; the dense / DSA step-time ratio per length."""
+    merged = run_grid(__file__, args, "--attention", "attention", list(ATTENTION))
+    by = {(r["attention"], r["seq"]): r for r in merged["runs"] if "error" not in r}
+    merged["compare"] = {}
+    for seq in sorted({r["seq"] for r in merged["runs"]}):
+        a, d = by.get(("dsa", seq)), by.get(("dense", seq))
+        if a and d:
+            merged["compare"][seq] = {"dense_over_dsa": d["step_s"] / a["step_s"],
+                                      "peak_gb": {"dsa": a["peak_mem_gb"], "dense": d["peak_mem_gb"]},
+                                      "estimate_gb": {"dsa": a["estimate_gb"], "dense": d["estimate_gb"]}}
+    Path(args.out).write_text(json.dumps(merged, indent=1))
+    print(f"\n{'attention':9} {'seq':>7} {'step ms':>9} {'tok/s':>8} {'peak GB':>8} {'est. GB':>8}  LM loss / indexer KL")
+    for r in merged["runs"]:
+        if "error" in r:
+            print(f"{r['attention']:9} {r['seq']:>7}  {r['error'][:120]}")
+        else:
+            kl = [e.get("indexer_kl") for e in r["extra"]]
+            print(f"{r['attention']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['seq'] / r['step_s']:8,.0f} "
+                  f"{r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  {r['losses'][-1]:.4f} / {kl[-1]}")
+    for seq, c in merged["compare"].items():
+        print(f"{seq}: the DSA step is {c['dense_over_dsa']:.2f}x as fast as the dense one")
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--attention", choices=ATTENTION, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
+    ap.add_argument("--child", action="store_true", help="run exactly one (attention, seq) case in this process")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if not args.child:
+        run_cases(args)
+        return
+    import torch
+
+    from parallel.memory import estimate, inputs_from_config
+    from train.config import register_configs
+
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ["WANDB_MODE"] = "disabled"
+    register_configs()
+    recipe = "keye_tiny_dsa_sparse" if args.smoke else "keye_30b_a3b_dsa_sparse"
+    results = {"env": {"torch": torch.__version__, "layers": args.layers,
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
+    for seq in ([256] if args.smoke else args.seqs):
+        cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
+                                                  f"/tmp/bench_dsa_stage/{args.attention}{seq}", args.smoke)
+                                  + [f"model.lm.attention={args.attention}", "parallel.recompute=full"])
+        est = estimate(inputs_from_config(cfg, layout))
+        record_case(results, {"attention": args.attention, "seq": seq, "layers": args.layers,
+                              "estimate_gb": est.total / 1e9},
+                    lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
+    from parallel.groups import teardown
+
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
