@@ -1,4 +1,4 @@
-"""GPU benchmark: DSA (kernels/dsa) against dense causal GQA attention (SDPA flash), one H200.
+"""GPU benchmark: DSA (kernels/dsa) against dense causal GQA attention (SDPA flash, and the trainer's own), one H200.
 
     python bench/bench_dsa.py --out $OUT/dsa.json            # L = 8K, 32K, 64K, 128K (~5 min)
     python bench/bench_dsa.py --quick --out $OUT/dsa.json    # smoke run: L = 8K only
@@ -10,6 +10,9 @@
    piece alone, the sparse-attention kernels' achieved TFLOP/s and GB/s against 775 TFLOP/s
    and 4.2 TB/s, and the prefill cost (top-k + plan + attention forward without the indexer loss,
    as inference runs it, against the dense forward; both without autograd).
+3. The same dense timings for the project's dense attention (models/sdpa.py, as the trainer calls it: SDPA's
+   default backend choice; cuDNN on the H200 with torch 2.11, named in the JSON from a profile), which is what a
+   DSA layer replaces in training. The issue's named baseline is SDPA flash; both are in every run.
 
 Indexer inputs ("--data smooth", the default) are moving averages of Gaussian noise over 50
 tokens (adjacent-token correlation 0.98) with RoPE applied: at 128K the top-2048 sets of 4 / 8 / 16
@@ -41,6 +44,7 @@ from kernels.dsa import (build_sparse_plan, default_block_q, dsa_topk,  # noqa: 
                          indexer_kl_loss, naive, sparse_gqa_attention)
 from kernels.dsa.indexer_loss import indexer_kl_bwd, indexer_kl_fwd  # noqa: E402
 from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd  # noqa: E402
+from models.sdpa import sdpa  # noqa: E402
 
 PEAK_TFLOPS = 775.0   # measured bf16 matmul ceiling on the H200 (DESIGN.md)
 PEAK_GBS = 4200.0     # measured device copy bandwidth
@@ -146,9 +150,25 @@ def dense_forward(x):
     return _sdpa(x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2))
 
 
-def dense_fwd_bwd(x):
-    o = dense_forward(x)
+def dense_fwd_bwd(x, forward=dense_forward):
+    o = forward(x)
     return torch.autograd.grad(o, [x["q"], x["k"], x["v"]], x["do"].transpose(1, 2))
+
+
+def trainer_dense_forward(x):
+    """The project's dense attention on an unpacked row (models/attention/dense.causal_attention without
+    cu_seqlens): SDPA through models/sdpa.py with the backend torch picks."""
+    return sdpa(x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2), is_causal=True,
+                enable_gqa=True)
+
+
+def sdpa_kernel_names(x):
+    """The CUDA kernels one trainer_dense_forward launches (which backend torch picked)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer_dense_forward(x)
+        torch.cuda.synchronize()
+    return sorted({ev.name[:120] for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA})
 
 
 def timed(fn, quick=False):
@@ -246,6 +266,15 @@ def bench_size(L, quick, block_q):
     r["prefill_cost_ratio"] = r["dsa_prefill_ms"] / r["dense_prefill_ms"]
     r["dsa_peak_bytes"], r["dsa_extra_bytes"] = peak_mem(lambda: dsa_fwd_bwd(x, block_q))
     r["speedup_fwd_bwd"] = r["dense_fwd_bwd_ms"] / r["dsa_fwd_bwd_ms"]
+    # the trainer's dense attention (module docstring, 3.)
+    r["trainer_dense_kernels"] = sdpa_kernel_names(x)
+    r["trainer_dense_fwd_ms"] = timed(lambda: trainer_dense_forward(x), quick)
+    r["trainer_dense_fwd_bwd_ms"] = timed(lambda: dense_fwd_bwd(x, trainer_dense_forward), quick)
+    r["trainer_dense_peak_bytes"], _ = peak_mem(lambda: dense_fwd_bwd(x, trainer_dense_forward))
+    with torch.no_grad():
+        r["trainer_dense_prefill_ms"] = timed(lambda: trainer_dense_forward(x), quick)
+    r["speedup_fwd_bwd_vs_trainer_dense"] = r["trainer_dense_fwd_bwd_ms"] / r["dsa_fwd_bwd_ms"]
+    r["prefill_cost_ratio_vs_trainer_dense"] = r["dsa_prefill_ms"] / r["trainer_dense_prefill_ms"]
     # the pieces, each alone
     qi, w, ki = (x[n].detach() for n in ("q_idx", "w", "k_idx"))
     q, k, v, do = (x[n].detach() for n in ("q", "k", "v", "do"))
@@ -285,7 +314,8 @@ def bench_iid(L, quick, block_q):
     plan = build_sparse_plan(idx, block_q)
     return {"L": L, "data": "iid", "mean_union_per_block": plan.mean_union(),
             "dsa_fwd_bwd_ms": timed(lambda: dsa_fwd_bwd(x, block_q), quick),
-            "dense_fwd_bwd_ms": timed(lambda: dense_fwd_bwd(x), quick)}
+            "dense_fwd_bwd_ms": timed(lambda: dense_fwd_bwd(x), quick),
+            "trainer_dense_fwd_bwd_ms": timed(lambda: dense_fwd_bwd(x, trainer_dense_forward), quick)}
 
 
 def _record_failure(results, key, L, e):
@@ -327,12 +357,19 @@ def print_table(res):
                   f"{r['dsa_prefill_ms']:.2f} ms vs dense {r['dense_prefill_ms']:.2f} ms = "
                   f"{r['prefill_cost_ratio']:.3f}x of dense ({1 / r['prefill_cost_ratio']:.2f}x "
                   f"cheaper)")
+    for r in res["sizes"]:
+        if "trainer_dense_fwd_bwd_ms" in r:
+            print(f"the trainer's dense attention L={r['L']}: fwd {r['trainer_dense_fwd_ms']:.2f} ms, f+b "
+                  f"{r['trainer_dense_fwd_bwd_ms']:.2f} ms, {r['trainer_dense_peak_bytes'] / gib:.2f} GiB; DSA f+b "
+                  f"{r['speedup_fwd_bwd_vs_trainer_dense']:.2f}x faster, prefill "
+                  f"{r['prefill_cost_ratio_vs_trainer_dense']:.3f}x of it; kernels {r['trainer_dense_kernels']}")
     for r in res.get("iid", []):
         if "error" in r:
             print(f"iid L={r['L']}: FAILED {r['error'][:150]}")
         else:
             print(f"iid inputs, L={r['L']}: DSA fwd+bwd {r['dsa_fwd_bwd_ms']:.2f} ms vs dense "
-                  f"{r['dense_fwd_bwd_ms']:.2f} ms, union/block {r['mean_union_per_block']:.0f}")
+                  f"{r['dense_fwd_bwd_ms']:.2f} ms (the trainer's {r['trainer_dense_fwd_bwd_ms']:.2f}), "
+                  f"union/block {r['mean_union_per_block']:.0f}")
     print("times in ms (median); GiB = peak allocated during one forward+backward (inputs "
           "included); TF/s counts useful flops (selected pairs); ceilings 775 TF/s, 4200 GB/s")
 
