@@ -12,6 +12,8 @@ In one run:
    32K and 128K TEXT tokens (the KSA sequence is 9/8 as long: summaries included) of
      - ksa    : our Triton kernels (forward; forward+backward),
      - dense  : causal SDPA (flash backend, GQA) on the text length alone,
+     - trainer: the same call as the trainer's dense layers make (models/sdpa.py, SDPA's own backend choice:
+                cuDNN on the H200 with torch 2.11), the dense attention a KSA layer replaces in training,
      - flex   : FlexAttention with the same KSA mask (compiled block mask, compiled flex_attention);
    times are triton.testing.do_bench medians; a failing case (OOM, compile error) is recorded in
    the JSON and the run goes on. Cases run in order of importance and are skipped, with a note,
@@ -137,22 +139,31 @@ def run_ksa(n_text: int, window: int, config=None) -> dict:
     return res
 
 
-def run_dense(n_text: int) -> dict:
+def run_dense(n_text: int, flash: bool = True) -> dict:
+    """Causal GQA SDPA on the text alone: forced to the flash backend, or (flash=False) the trainer's call
+    (module docstring)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+
+    from models.sdpa import sdpa
 
     q, k, v, do = make_inputs(n_text, HQ, HKV)
     q, k, v, do = (x.transpose(1, 2) for x in (q, k, v, do))  # [B, H, T, D] views
     gqa = {"enable_gqa": True}
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            F.scaled_dot_product_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], is_causal=True, **gqa)
-        mode = "flash, enable_gqa"
-    except RuntimeError:  # flash without native GQA in this build: expand K/V (same kernel time)
-        k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
-        gqa, mode = {}, "flash, K/V expanded to 32 heads"
+    if not flash:
+        mode = "models/sdpa.py, SDPA's default backend"
+    else:
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], is_causal=True, **gqa)
+            mode = "flash, enable_gqa"
+        except RuntimeError:  # flash without native GQA in this build: expand K/V (same kernel time)
+            k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+            gqa, mode = {}, "flash, K/V expanded to 32 heads"
 
     def f(a, b, c):
+        if not flash:
+            return sdpa(a, b, c, is_causal=True, **gqa)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(a, b, c, is_causal=True, **gqa)
 
@@ -314,7 +325,7 @@ def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     flex_fn = torch.compile(flex_attention, dynamic=False)  # compiled once per shape, on first use
-    plan = [("ksa", n) for n in sizes] + [("dense", n) for n in sizes]
+    plan = [("ksa", n) for n in sizes] + [("dense", n) for n in sizes] + [("trainer", n) for n in sizes]
     if not args.skip_flex:
         plan += [("flex", n) for n in sizes]
     for method, n_text in plan:
@@ -328,8 +339,8 @@ def main() -> None:
             if method == "ksa":
                 r = run_ksa(n_text, args.window)
                 pairs = ksa_pairs(n_text, args.window)
-            elif method == "dense":
-                r = run_dense(n_text)
+            elif method in ("dense", "trainer"):
+                r = run_dense(n_text, flash=method == "dense")
                 pairs = n_text * (n_text + 1) // 2
             else:
                 r = run_flex(n_text, args.window, flex_fn)
@@ -352,7 +363,7 @@ def main() -> None:
     for n in sizes:
         ksa = by.get(("ksa", n))
         if ksa:
-            for base in ("dense", "flex"):
+            for base in ("dense", "trainer", "flex"):
                 if (base, n) in by:
                     ksa[f"speedup_vs_{base}_fwd_bwd"] = by[(base, n)]["fwd_bwd"]["ms"] / ksa["fwd_bwd"]["ms"]
                     ksa[f"speedup_vs_{base}_fwd"] = by[(base, n)]["fwd"]["ms"] / ksa["fwd"]["ms"]
@@ -364,7 +375,7 @@ def main() -> None:
     print(f"correctness: {result['correctness'].get('status')}  "
           + "  ".join(f"{k} {v:.2e} (tol {TOL[k]:.0e})" for k, v in result["correctness"].get("rel_rmse", {}).items()))
     hdr = (f"{'method':7s} {'text':>6s} {'tokens':>7s} {'fwd ms':>9s} {'f+b ms':>9s} {'TF/s fwd':>9s} "
-           f"{'TF/s f+b':>9s} {'peak GB f+b':>11s} {'x dense':>8s} {'x flex':>7s}  status")
+           f"{'TF/s f+b':>9s} {'peak GB f+b':>11s} {'x dense':>8s} {'x trainer':>9s} {'x flex':>7s}  status")
     print(hdr)
     print("-" * len(hdr))
     for c in result["cases"]:
@@ -374,7 +385,7 @@ def main() -> None:
         print(f"{c['method']:7s} {c['text_tokens'] // 1024:>5d}K {c['tokens']:>7d} {c['fwd']['ms']:>9.2f} "
               f"{c['fwd_bwd']['ms']:>9.2f} {c['tflops_fwd']:>9.1f} {c['tflops_fwd_bwd']:>9.1f} "
               f"{c['fwd_bwd']['peak_gb']:>11.2f} {c.get('speedup_vs_dense_fwd_bwd', math.nan):>8.2f} "
-              f"{c.get('speedup_vs_flex_fwd_bwd', math.nan):>7.2f}  ok")
+              f"{c.get('speedup_vs_trainer_fwd_bwd', math.nan):>9.2f} {c.get('speedup_vs_flex_fwd_bwd', math.nan):>7.2f}  ok")
     print(f"wall {result['wall_s']:.0f} s; JSON written to {args.out}")
 
 
