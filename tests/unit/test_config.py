@@ -134,6 +134,21 @@ def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq, lo
         _compose(f"recipe=keye_30b_a3b_ctx_{stage}", "data.video.long_short_ratio=0.5")
 
 
+def test_dsa_stage_recipes_follow_deepseek_at_128k_on_one_node():
+    """DeepSeek-V3.2's published DSA stages: warm-up 1000 steps x 16 x 128K tokens (2.1B) at lr 1e-3, indexers
+    only; sparse 15000 x 480 x 128K (943.7B) at 7.3e-6, everything. At 128K, not 8K: at 32K and below a DSA layer is
+    slower than the trainer's dense attention (bench/RESULTS.md, tenth round), so the stages run where DSA pays."""
+    warm, layout = _validate("recipe=keye_30b_a3b_dsa_warmup", world_size=8)
+    sparse, _ = _validate("recipe=keye_30b_a3b_dsa_sparse", world_size=8)
+    for cfg in (warm, sparse):
+        assert cfg.train.seq_length == 131072 and cfg.model.lm.attention == "dsa" and cfg.model.lm.dsa.topk == 2048
+    assert layout.cp == 4 and layout.dp == 2
+    assert (warm.model.lm.dsa.stage, warm.train.trainable, warm.train.lr) == ("dense_warmup", "indexer", 1e-3)
+    assert warm.train.steps * warm.train.global_batch_size * warm.train.seq_length == 1000 * 16 * 131072
+    assert (sparse.model.lm.dsa.stage, sparse.train.trainable, sparse.train.lr) == ("sparse", "all", 7.3e-6)
+    assert sparse.train.steps * sparse.train.global_batch_size * sparse.train.seq_length == 15000 * 480 * 131072
+
+
 def test_a_recipe_whose_video_paths_are_unset_names_them_first():
     """The long-context recipes leave both video paths to the user (REQUIRED). Left unset, the run stops on them,
     before the layout is checked against the world size, naming each with its override; earlier this surfaced as
