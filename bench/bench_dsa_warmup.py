@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import compose_cfg, record_case, run_grid, run_ours, slice_overrides  # noqa: E402
+from bench.bench_spine import run_grid, run_slice_child  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -73,27 +72,8 @@ def main() -> None:
     if not args.child:
         run_cases(args)
         return
-    import torch
-
-    from parallel.memory import estimate, inputs_from_config
-    from train.config import register_configs
-
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
-    recipe = "keye_tiny_dsa_warmup" if args.smoke else "keye_30b_a3b_dsa_warmup"
-    results = {"env": {"torch": torch.__version__, "layers": args.layers,
-                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
-    for seq in ([256] if args.smoke else args.seqs):
-        cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
-                                                  f"/tmp/bench_dsa_warmup/{args.mode}{seq}", args.smoke)
-                                  + [f"train.indexer_backward={args.mode}"])
-        est = estimate(inputs_from_config(cfg, layout))  # parallel/memory.py's prediction, beside the measurement
-        record_case(results, {"mode": args.mode, "seq": seq, "layers": args.layers, "estimate_gb": est.total / 1e9},
-                    lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
-    from parallel.groups import teardown
-
-    teardown()
+    run_slice_child(args, "keye_tiny_dsa_warmup" if args.smoke else "keye_30b_a3b_dsa_warmup", {"mode": args.mode},
+                    [f"train.indexer_backward={args.mode}"])
 
 
 if __name__ == "__main__":

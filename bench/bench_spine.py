@@ -222,6 +222,29 @@ def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
     return merged
 
 
+def run_slice_child(args, recipe: str, label: dict, extra: list[str]) -> None:
+    """The child side of a slice step benchmark (bench_dsa_warmup.py, bench_dsa_stage.py): each length of the
+    run (256 with --smoke, where `recipe` is the tiny one) as `recipe` cut by slice_overrides plus `extra`,
+    trained by run_ours and recorded into args.out under `label`, with parallel/memory.py's predicted peak
+    (`estimate_gb`, 10^9 bytes like the measurement) beside it."""
+    from parallel.groups import teardown
+    from parallel.memory import estimate, inputs_from_config
+
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ["WANDB_MODE"] = "disabled"
+    register_configs()
+    results = {"env": {"torch": torch.__version__, "layers": args.layers,
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
+    tag = "_".join(str(v) for v in label.values())
+    for seq in ([256] if args.smoke else args.seqs):
+        cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps, args.warmup,
+                                                  f"/tmp/{Path(sys.argv[0]).stem}/{tag}{seq}", args.smoke) + extra)
+        est = estimate(inputs_from_config(cfg, layout))
+        record_case(results, {**label, "seq": seq, "layers": args.layers, "estimate_gb": est.total / 1e9},
+                    lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
+    teardown()
+
+
 def run_cases(args) -> None:
     """Each (impl, seq) case in its own process."""
     print_table(run_grid(__file__, args, "--only", "impl", [args.only] if args.only else ["ours", "plain"]))
