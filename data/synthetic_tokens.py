@@ -44,17 +44,17 @@ class DataConfig:
         if not 0.0 <= self.copy_prob <= 1.0:
             raise ValueError(f"data.copy_prob must be in [0, 1], got {self.copy_prob}")
         if self.kind == "video":
-            unset = []
+            unset = {}  # setting -> what to set it to
             if self.video.shards == REQUIRED:
-                unset.append("data.video.shards is required: the directory of shards written by launch/ingest.py "
-                             "(e.g. data.video.shards=/data/shards); an empty value trains on synthetic videos")
+                unset["data.video.shards"] = ("the directory of shards written by launch/ingest.py (e.g. "
+                                              "data.video.shards=/data/shards); an empty value trains on synthetic videos")
             if self.video.long_shards == REQUIRED:
-                unset.append(f"data.video.long_shards is required: this recipe mixes long and short data "
-                             f"(data.video.long_fraction={self.video.long_fraction}); set the directory of long-video "
-                             f"shards (e.g. data.video.long_shards=/data/long_shards), or data.video.long_fraction=0 "
-                             f"data.video.long_shards='' to train on data.video.shards alone")
+                unset["data.video.long_shards"] = (
+                    f"this recipe mixes long and short data (data.video.long_fraction={self.video.long_fraction}); "
+                    f"set the directory of long-video shards (e.g. data.video.long_shards=/data/long_shards), or "
+                    f"data.video.long_fraction=0 data.video.long_shards='' to train on data.video.shards alone")
             if unset:
-                raise UnsetPathError("; and ".join(unset), tuple(u.split(" ", 1)[0] for u in unset))
+                raise UnsetPathError("; and ".join(f"{k} is required: {v}" for k, v in unset.items()), tuple(unset))
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
