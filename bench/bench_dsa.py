@@ -360,8 +360,8 @@ def print_table(res):
     for r in res["sizes"]:
         if "trainer_dense_fwd_bwd_ms" in r:
             print(f"the trainer's dense attention L={r['L']}: fwd {r['trainer_dense_fwd_ms']:.2f} ms, f+b "
-                  f"{r['trainer_dense_fwd_bwd_ms']:.2f} ms, {r['trainer_dense_peak_bytes'] / gib:.2f} GiB; DSA f+b "
-                  f"{r['speedup_fwd_bwd_vs_trainer_dense']:.2f}x faster, prefill "
+                  f"{r['trainer_dense_fwd_bwd_ms']:.2f} ms, {r['trainer_dense_peak_bytes'] / gib:.2f} GiB; DSA f+b at "
+                  f"{r['speedup_fwd_bwd_vs_trainer_dense']:.2f}x its speed, prefill "
                   f"{r['prefill_cost_ratio_vs_trainer_dense']:.3f}x of it; kernels {r['trainer_dense_kernels']}")
     for r in res.get("iid", []):
         if "error" in r:

@@ -3,10 +3,11 @@
 bench/bench_dsa_stage.py's slice and step (keye_30b_a3b_dsa_sparse cut to `--layers` layers, full recompute, one
 sequence of `--seq` tokens, one H200). Per (attention, seq) case, in its own process:
 - CUDA time per kernel name over one profiled step (torch.profiler, after `--warmup` steps), largest first;
-- for DSA, the selection the trainer's indexer makes on its first layer in that step (captured inputs): the
-  union plan's mean distinct keys per block, the top-k's exact-fallback rows, and the DSA forward+backward of
-  those captured tensors against bench_dsa.py's smooth-noise and iid inputs at the same length, timed in the
-  same process (what the selection's overlap costs, apart from the rest of the step).
+- for DSA, the selection the trainer's indexer makes on its first layer (inputs captured at the layer's first
+  call, in the first warm-up step's forward): the union plan's mean distinct keys per block, the top-k's
+  exact-fallback rows, and the DSA forward+backward of those captured tensors against bench_dsa.py's smooth-noise
+  and iid inputs at the same length, timed in the same process (what the selection's overlap costs, apart from
+  the rest of the step).
 
     python bench/profile_dsa_stage.py --out $OUT/dsa_stage_profile.json
 """
