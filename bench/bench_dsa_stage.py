@@ -10,6 +10,8 @@ time of `--steps` steps after `--warmup`). The synthetic text is one document pe
 
     python bench/bench_dsa_stage.py --out $OUT/dsa_stage.json                 # GPU: 8K, 32K, 128K, 4 layers
     python bench/bench_dsa_stage.py --smoke --out /tmp/dsa_stage.json         # CPU: tiny recipe, checks the script
+    python bench/bench_dsa_stage.py --seqs 131072 --cases dsa dsa_kl_twice --out $OUT/kl_skip.json
+        # the DSA step against its baseline that also computes the KL in full recompute's first pass
 """
 from __future__ import annotations
 
@@ -23,20 +25,36 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_spine import run_grid, run_slice_child  # noqa: E402
 
-ATTENTION = ("dsa", "dense")
+ATTENTION = ("dsa", "dense", "dsa_kl_twice")
+
+
+def kl_in_every_pass(trainer) -> None:
+    """The baseline "dsa_kl_twice": every DSA layer computes its KL in full recompute's first pass too (what it
+    did before it learnt to skip it; DSACoreAttention.skip_kl_without_grad)."""
+    from models.attention.dsa import DSACoreAttention
+
+    cores = [m for chunk in trainer.model for m in chunk.modules() if isinstance(m, DSACoreAttention)]
+    assert cores, "no DSA layer to switch"
+    for m in cores:
+        m.skip_kl_without_grad = False
 
 
 def run_cases(args) -> dict:
     """Each (attention, seq) case in its own process; the dense / DSA step-time ratio per length."""
-    merged = run_grid(__file__, args, "--attention", "attention", list(ATTENTION))
+    merged = run_grid(__file__, args, "--attention", "attention", args.cases or list(ATTENTION[:2]))
     by = {(r["attention"], r["seq"]): r for r in merged["runs"] if "error" not in r}
     merged["compare"] = {}
     for seq in sorted({r["seq"] for r in merged["runs"]}):
-        a, d = by.get(("dsa", seq)), by.get(("dense", seq))
+        a, d, twice = by.get(("dsa", seq)), by.get(("dense", seq)), by.get(("dsa_kl_twice", seq))
+        c = merged["compare"][seq] = {}
         if a and d:
-            merged["compare"][seq] = {"dense_over_dsa": d["step_s"] / a["step_s"],
-                                      "peak_gb": {"dsa": a["peak_mem_gb"], "dense": d["peak_mem_gb"]},
-                                      "estimate_gb": {"dsa": a["estimate_gb"], "dense": d["estimate_gb"]}}
+            c.update(dense_over_dsa=d["step_s"] / a["step_s"],
+                     peak_gb={"dsa": a["peak_mem_gb"], "dense": d["peak_mem_gb"]},
+                     estimate_gb={"dsa": a["estimate_gb"], "dense": d["estimate_gb"]})
+        if a and twice:  # the skipped KL trained nothing: losses and gradient norms agree up to fp32 atomics' order
+            c.update(kl_twice_over_dsa=twice["step_s"] / a["step_s"],
+                     max_rel_diff={key: max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a[key], twice[key]))
+                                   for key in ("losses", "grad_norms")})
     Path(args.out).write_text(json.dumps(merged, indent=1))
     print(f"\n{'attention':9} {'seq':>7} {'step ms':>9} {'tok/s':>8} {'peak GB':>8} {'est. GB':>8}  LM loss / indexer KL")
     for r in merged["runs"]:
@@ -47,7 +65,11 @@ def run_cases(args) -> dict:
             print(f"{r['attention']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['seq'] / r['step_s']:8,.0f} "
                   f"{r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  {r['losses'][-1]:.4f} / {kl[-1]}")
     for seq, c in merged["compare"].items():
-        print(f"{seq}: the DSA step is {c['dense_over_dsa']:.2f}x as fast as the dense one")
+        if "dense_over_dsa" in c:
+            print(f"{seq}: the DSA step is {c['dense_over_dsa']:.2f}x as fast as the dense one")
+        if "kl_twice_over_dsa" in c:
+            print(f"{seq}: skipping the KL in the recompute's first pass: {c['kl_twice_over_dsa']:.3f}x; losses / "
+                  f"gradient norms apart by {c['max_rel_diff']['losses']:.1e} / {c['max_rel_diff']['grad_norms']:.1e}")
     return merged
 
 
@@ -58,6 +80,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attention", choices=ATTENTION, default=None)
+    ap.add_argument("--cases", choices=ATTENTION, nargs="+", default=None,
+                    help="which cases to run (default: dsa and dense; dsa_kl_twice is the recompute baseline)")
     ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
     ap.add_argument("--child", action="store_true", help="run exactly one (attention, seq) case in this process")
     ap.add_argument("--out", required=True)
@@ -65,8 +89,10 @@ def main() -> None:
     if not args.child:
         run_cases(args)
         return
+    attention = "dsa" if args.attention == "dsa_kl_twice" else args.attention
     run_slice_child(args, "keye_tiny_dsa_sparse" if args.smoke else "keye_30b_a3b_dsa_sparse",
-                    {"attention": args.attention}, [f"model.lm.attention={args.attention}", "parallel.recompute=full"])
+                    {"attention": args.attention}, [f"model.lm.attention={attention}", "parallel.recompute=full"],
+                    kl_in_every_pass if args.attention == "dsa_kl_twice" else None)
 
 
 if __name__ == "__main__":

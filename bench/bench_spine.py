@@ -95,11 +95,14 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
 
 
-def run_ours(cfg, layout, steps: int, warmup: int) -> dict:
+def run_ours(cfg, layout, steps: int, warmup: int, prepare=None) -> dict:
+    """`steps` timed training steps after `warmup`; prepare(trainer), if given, runs once the trainer is built."""
     from train.trainer import Trainer
 
     _reset_mem()
     tr = Trainer(cfg, layout)
+    if prepare is not None:
+        prepare(tr)
     tr.streams = [Pregenerated(tr.streams[0], steps + warmup)]
     for m in tr.model:
         m.train()
@@ -222,11 +225,11 @@ def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
     return merged
 
 
-def run_slice_child(args, recipe: str, label: dict, extra: list[str]) -> None:
+def run_slice_child(args, recipe: str, label: dict, extra: list[str], prepare=None) -> None:
     """The child side of a slice step benchmark (bench_dsa_warmup.py, bench_dsa_stage.py): each length of the
     run (256 with --smoke, where `recipe` is the tiny one) as `recipe` cut by slice_overrides plus `extra`,
-    trained by run_ours and recorded into args.out under `label`, with parallel/memory.py's predicted peak
-    (`estimate_gb`, 10^9 bytes like the measurement) beside it."""
+    trained by run_ours (with `prepare`) and recorded into args.out under `label`, with parallel/memory.py's
+    predicted peak (`estimate_gb`, 10^9 bytes like the measurement) beside it."""
     from parallel.groups import teardown
     from parallel.memory import estimate, inputs_from_config
 
@@ -241,7 +244,7 @@ def run_slice_child(args, recipe: str, label: dict, extra: list[str]) -> None:
                                                   f"/tmp/{Path(sys.argv[0]).stem}/{tag}{seq}", args.smoke) + extra)
         est = estimate(inputs_from_config(cfg, layout))
         record_case(results, {**label, "seq": seq, "layers": args.layers, "estimate_gb": est.total / 1e9},
-                    lambda: run_ours(cfg, layout, args.steps, args.warmup), args.out)
+                    lambda: run_ours(cfg, layout, args.steps, args.warmup, prepare), args.out)
     teardown()
 
 

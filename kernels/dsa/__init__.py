@@ -202,12 +202,14 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
 def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                   w: torch.Tensor, k_idx: torch.Tensor, *, topk: int = 2048,
                   scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                  block_q: int | None = None, backend: Backend = "triton"):
+                  block_q: int | None = None, backend: Backend = "triton", with_loss: bool = True):
     """Sparse-stage DSA in one call: select, attend, and the sparse indexer KL loss.
 
     Returns (o, kl_loss, idx). o has gradients into q, k, v; kl_loss into q_idx, w, k_idx (the
     attention target is detached). Train with loss = lm_loss + lambda * kl_loss. The dense warm-up
-    stage uses dense attention plus indexer_kl_loss(stage="dense") instead.
+    stage uses dense attention plus indexer_kl_loss(stage="dense") instead. with_loss=False skips the
+    loss (kl_loss is None): for a forward whose loss would be thrown away, such as the first pass of a
+    full activation recompute.
     """
     # cu_seqlens is checked once, and the same host copy gives the plan's longest document
     longest = _check_topk_args(q_idx, w, k_idx, topk, cu_seqlens, backend)
@@ -215,7 +217,7 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     if backend == "naive":
         o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, backend=backend)
         loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse,
-                               scale=scale, backend=backend)
+                               scale=scale, backend=backend) if with_loss else None
         return o, loss, idx
     # one union plan for both kernels when their block sizes agree (they do at Keye's shapes): the
     # plan costs ~11 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
@@ -223,6 +225,8 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]),
                              max_doc_len=longest)
     o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
+    if not with_loss:
+        return o, None, idx
     bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
     loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,
                            plan=plan if bq == plan.block_q else None, block_q=bq)

@@ -162,6 +162,9 @@ class DSACoreAttention(MegatronModule):
         self.tp = config.tensor_model_parallel_size
         self.indexer_out = None
         self.kl_backward = "attach"  # or "local" (module docstring; use_local_kl_backward)
+        # no KL in a training forward without autograd (forward); False computes it anyway, the baseline that
+        # bench/bench_dsa_stage.py measures this against
+        self.skip_kl_without_grad = True
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -174,25 +177,34 @@ class DSACoreAttention(MegatronModule):
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
         longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
         now = self.kl_backward == "local" and self.training and torch.is_grad_enabled()
+        # Training without autograd is the first pass of a full activation recompute (parallel.recompute=full,
+        # or an offloaded layer): its KL could train nothing and the recompute computes it again with its
+        # graph, so it is skipped (bench/RESULTS.md: the loss forward, 45-60 ms per layer and step at 128K).
+        with_kl = not (self.skip_kl_without_grad and self.training and not torch.is_grad_enabled())
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
             out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
-                                      kl_grad=self._kl_grad(b, s) if now else None)
+                                      kl_grad=self._kl_grad(b, s) if now else None, with_kl=with_kl)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan
             out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
-                                       topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend)
+                                       topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend,
+                                       with_loss=with_kl)
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
                                    max_seqlen=longest).transpose(1, 2)
-            if now:  # its backward at once (module docstring)
+            if not with_kl:
+                kl = None
+            elif now:  # its backward at once (module docstring)
                 kl = indexer_kl_loss_backward_now(q, k, q_idx, w, k_idx, grad=self._kl_grad(b, s), scale=self.scale,
                                                   cu_seqlens=cu, backend=backend)
             else:
                 kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
                                      backend=backend)
+        if kl is None:  # last_kl keeps the value of the last pass that computed it
+            return out.transpose(0, 1).reshape(s, b, nq * d)
         if self.training and torch.is_grad_enabled() and kl.requires_grad:
             weighted = kl * self._kl_grad(b, s)
             if self.kl_backward == "local":

@@ -55,7 +55,8 @@ Backend = Literal["auto", "naive", "triton"]
 @dataclass
 class DSACPOutput:
     out: torch.Tensor               # [n, b, Hq, D] attention output of the local tokens
-    kl: torch.Tensor                # scalar: mean indexer KL over the local tokens (grad into the indexer only)
+    kl: torch.Tensor | None         # scalar: mean indexer KL over the local tokens (grad into the indexer only); None
+    #                                 when with_kl=False
     idx: torch.Tensor | None        # [b, n, K] int32 global key positions (per batch row), -1 padded; None if dense
 
 
@@ -232,7 +233,7 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
 
 
 def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float,
-                   span: int | None = None):
+                   span: int | None = None, with_kl: bool = True):
     """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1).
 
     span: the widest key range a local row reaches (its position minus its document start, plus
@@ -249,6 +250,8 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     plan = build_sparse_plan(idx, default_block_q(Hq, Hkv), n_keys=n_keys, max_doc_len=span)
     q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
     o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
+    if not with_kl:
+        return o[0], None
     bq = loss_block_q(Hq, Hkv, HI)
     lplan = plan if bq == plan.block_q else build_sparse_plan(idx, bq, n_keys=n_keys,
                                                               max_doc_len=plan.max_doc_len)
@@ -303,7 +306,8 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      w: torch.Tensor, k_idx: torch.Tensor, *, cp_group: dist.ProcessGroup | None, topk: int,
                      stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
                      backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
-                     split: CPSplit = "sequence", kl_grad: float | None = None) -> DSACPOutput:
+                     split: CPSplit = "sequence", kl_grad: float | None = None,
+                     with_kl: bool = True) -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
@@ -314,6 +318,8 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kl_backward="local"). The dense stage's Triton path then back-propagates it here and returns the KL
     detached; every other path returns it with its graph, as without
     kl_grad, for the caller's own backward.
+    with_kl=False: no KL (kl None) and none of the gathers only it needs; every rank of the group must pass the
+    same (the callers derive it from the grad mode, the same on every rank of a step).
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -326,11 +332,13 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     layout = dict(split=split, cu_seqlens=cu_seqlens)
     R = b * n
     q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:]), w.reshape(R, -1)
-    k_idx_T = gather_index_keys(k_idx, cp_group, dim=1, **layout).reshape(b * S, -1)   # grads reduce-scattered
     q_R = query.transpose(0, 1).reshape(R, Hq, D)
     if stage == "dense":
         out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
                                  cp_comm=dense_cp_comm, split=split)
+        if not with_kl:
+            return DSACPOutput(out=out, kl=None, idx=None)
+        k_idx_T = gather_index_keys(k_idx, cp_group, dim=1, **layout).reshape(b * S, -1)   # grads reduce-scattered
         k_T = gather_index_keys(key.detach(), cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
         if backend == "naive":
             kl = _kl_ref("dense", q_R.detach(), k_T, q_idx_R, w_R, k_idx_T, pos, start, None, None, scale)
@@ -338,15 +346,17 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             kl = _dense_kl_triton(q_R, k_T, q_idx_R, w_R, k_idx_T, pos, start, scale,
                                   kl_grad if torch.is_grad_enabled() else None)
         return DSACPOutput(out=out, kl=kl, idx=None)
+    k_idx_T = gather_index_keys(k_idx, cp_group, dim=1, **layout).reshape(b * S, -1)   # grads reduce-scattered
     with torch.no_grad():
         idx = _select(q_idx_R.detach(), w_R.detach(), k_idx_T.detach(), pos, start, topk, backend)
     k_T, v_T = (gather_index_keys(t, cp_group, dim=0, **layout).transpose(0, 1).reshape(b * S, Hkv, D)
                 for t in (key, value))
     if backend == "naive":
         o_R, lse = _sparse_attn_ref(q_R, k_T, v_T, idx, scale)
-        kl = _kl_ref("sparse", q_R.detach(), k_T.detach(), q_idx_R, w_R, k_idx_T, pos, start, idx, lse.detach(), scale)
+        kl = _kl_ref("sparse", q_R.detach(), k_T.detach(), q_idx_R, w_R, k_idx_T, pos, start, idx, lse.detach(),
+                     scale) if with_kl else None
     else:
         span = int((pos - start).max()) + 1  # one host sync, like the top-k's
-        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span)
+        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span, with_kl)
     out = o_R.view(b, n, Hq, D).transpose(0, 1)
     return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))

@@ -135,3 +135,40 @@ def test_local_kl_backward_gives_the_attached_gradients_in_the_forward(stage, to
             for n in names:                                      # the LM-side backward adds nothing
                 assert_close(n, ref[2][n], t[n].grad, TOL_GRAD)
     assert mdsa.use_local_kl_backward([torch.nn.Sequential(_core(topk, "naive", stage))]) == 1
+
+
+@pytest.mark.parametrize("stage,topk,backend", [("sparse", 8, "naive"), ("sparse", 8, "triton"),
+                                                 ("sparse", S, "naive"), ("dense_warmup", 8, "naive")])
+def test_training_forward_without_autograd_computes_no_kl(stage, topk, backend, monkeypatch):
+    """Full activation recompute runs each layer twice: first in training mode without autograd, then again with
+    it in the backward. The first pass's KL could train nothing, so the layer computes none there (no call reaches
+    the KL kernels' entry points, counted below), leaves last_kl to the pass with autograd, and returns the same
+    output. In eval mode (a validation pass) the KL is still computed: it is the metric. skip_kl_without_grad=False
+    (the benchmark's baseline) computes it in the first pass too."""
+    import kernels.dsa as kd
+
+    calls = []
+    for mod in (kd, mdsa):  # dsa_attention's loss (sparse path); the layer's own dense-path KL
+        monkeypatch.setattr(mod, "indexer_kl_loss", lambda *a, _real=mod.indexer_kl_loss, **k:
+                            calls.append(1) or _real(*a, **k))
+    x = _inputs()
+    core = _core(topk, backend, stage)
+
+    def forward(core):
+        core.indexer_out = (x["q_idx"], x["w"], x["k_idx"])
+        return core(*(x[n].transpose(0, 1) for n in ("q", "k", "v")), None, packed_seq_params=None)
+
+    core.last_kl = sentinel = torch.tensor(-1.0)
+    with torch.no_grad():
+        first = forward(core)
+    assert calls == [] and core.last_kl is sentinel
+    out, kl, _ = _run_core(core, x, None)                 # the recompute: with autograd, the KL and its gradient
+    assert len(calls) == 1 and kl is not sentinel
+    assert torch.equal(first.view(S, 1, HQ, D).transpose(0, 1), out)
+    with torch.no_grad():
+        forward(core.eval())
+    assert len(calls) == 2 and torch.equal(core.last_kl, kl)
+    core.train().skip_kl_without_grad = False
+    with torch.no_grad():
+        forward(core)
+    assert len(calls) == 3
