@@ -178,7 +178,7 @@ class DSACoreAttention(MegatronModule):
         longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
         now = self.kl_backward == "local" and self.training and torch.is_grad_enabled()
         # Training without autograd is the first pass of a full activation recompute (parallel.recompute=full,
-        # or an offloaded layer): its KL could train nothing and the recompute computes it again with its
+        # with or without parallel.offload): its KL could train nothing and the recompute computes it again with its
         # graph, so it is skipped (bench/RESULTS.md: the loss forward, 45-60 ms per layer and step at 128K).
         with_kl = not (self.skip_kl_without_grad and self.training and not torch.is_grad_enabled())
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
