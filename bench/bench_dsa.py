@@ -351,18 +351,14 @@ def print_table(res):
               f"{r['attn_fwd_useful_tflops']:9.1f} {r['attn_fwd_gbs']:9.0f} "
               f"{r['attn_bwd_useful_tflops']:9.1f} "
               f"{r['attention_counts']['mean_union_per_block']:9.0f}")
-    for r in res["sizes"]:
-        if "dsa_prefill_ms" in r:
-            print(f"prefill (top-k + plan + attention forward, no loss, no grad) L={r['L']}: DSA "
-                  f"{r['dsa_prefill_ms']:.2f} ms vs dense {r['dense_prefill_ms']:.2f} ms = "
-                  f"{r['prefill_cost_ratio']:.3f}x of dense ({1 / r['prefill_cost_ratio']:.2f}x "
-                  f"cheaper)")
-    for r in res["sizes"]:
-        if "trainer_dense_fwd_bwd_ms" in r:
-            print(f"the trainer's dense attention L={r['L']}: fwd {r['trainer_dense_fwd_ms']:.2f} ms, f+b "
-                  f"{r['trainer_dense_fwd_bwd_ms']:.2f} ms, {r['trainer_dense_peak_bytes'] / gib:.2f} GiB; DSA f+b at "
-                  f"{r['speedup_fwd_bwd_vs_trainer_dense']:.2f}x its speed, prefill "
-                  f"{r['prefill_cost_ratio_vs_trainer_dense']:.3f}x of it; kernels {r['trainer_dense_kernels']}")
+    for r in (r for r in res["sizes"] if "error" not in r):
+        print(f"prefill (top-k + plan + attention forward, no loss, no grad) L={r['L']}: DSA "
+              f"{r['dsa_prefill_ms']:.2f} ms vs dense {r['dense_prefill_ms']:.2f} ms = "
+              f"{r['prefill_cost_ratio']:.3f}x of dense ({1 / r['prefill_cost_ratio']:.2f}x cheaper)")
+        print(f"the trainer's dense attention L={r['L']}: fwd {r['trainer_dense_fwd_ms']:.2f} ms, f+b "
+              f"{r['trainer_dense_fwd_bwd_ms']:.2f} ms, {r['trainer_dense_peak_bytes'] / gib:.2f} GiB; DSA f+b at "
+              f"{r['speedup_fwd_bwd_vs_trainer_dense']:.2f}x its speed, prefill "
+              f"{r['prefill_cost_ratio_vs_trainer_dense']:.3f}x of it; kernels {r['trainer_dense_kernels']}")
     for r in res.get("iid", []):
         if "error" in r:
             print(f"iid L={r['L']}: FAILED {r['error'][:150]}")

@@ -15,7 +15,6 @@ time of `--steps` steps after `--warmup`). The synthetic text is one document pe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import run_grid, run_slice_child  # noqa: E402
+from bench.bench_spine import max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 ATTENTION = ("dsa", "dense", "dsa_kl_twice")
 
@@ -53,8 +52,7 @@ def run_cases(args) -> dict:
                      estimate_gb={"dsa": a["estimate_gb"], "dense": d["estimate_gb"]})
         if a and twice:  # the skipped KL trained nothing: losses and gradient norms agree up to fp32 atomics' order
             c.update(kl_twice_over_dsa=twice["step_s"] / a["step_s"],
-                     max_rel_diff={key: max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a[key], twice[key]))
-                                   for key in ("losses", "grad_norms")})
+                     max_rel_diff={key: max_rel_diff(a[key], twice[key]) for key in ("losses", "grad_norms")})
     Path(args.out).write_text(json.dumps(merged, indent=1))
     print(f"\n{'attention':9} {'seq':>7} {'step ms':>9} {'tok/s':>8} {'peak GB':>8} {'est. GB':>8}  LM loss / indexer KL")
     for r in merged["runs"]:
@@ -74,17 +72,9 @@ def run_cases(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--attention", choices=ATTENTION, default=None)
+    ap = slice_parser(__doc__, "--attention", ATTENTION, seqs=[8192, 32768, 131072], steps=3, warmup=1)
     ap.add_argument("--cases", choices=ATTENTION, nargs="+", default=None,
                     help="which cases to run (default: dsa and dense; dsa_kl_twice is the recompute baseline)")
-    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
-    ap.add_argument("--child", action="store_true", help="run exactly one (attention, seq) case in this process")
-    ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not args.child:
         run_cases(args)

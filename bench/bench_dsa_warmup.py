@@ -17,7 +17,6 @@ equal to float rounding).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import run_grid, run_slice_child  # noqa: E402
+from bench.bench_spine import max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -39,8 +38,8 @@ def run_cases(args) -> dict:
     for seq in seqs:
         a, b = by.get(("local", seq)), by.get(("model", seq))
         if a and b:
-            rel = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a["grad_norms"], b["grad_norms"]))
-            merged["compare"][seq] = {"speedup": b["step_s"] / a["step_s"], "grad_norm_max_rel_diff": rel,
+            merged["compare"][seq] = {"speedup": b["step_s"] / a["step_s"],
+                                      "grad_norm_max_rel_diff": max_rel_diff(a["grad_norms"], b["grad_norms"]),
                                       "losses_equal": a["losses"] == b["losses"],
                                       "peak_gb": [a["peak_mem_gb"], b["peak_mem_gb"]],
                                       "estimate_gb": [a.get("estimate_gb"), b.get("estimate_gb")]}
@@ -59,16 +58,7 @@ def run_cases(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--mode", choices=MODES, default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
-    ap.add_argument("--child", action="store_true", help="run exactly one (mode, seq) case in this process")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = slice_parser(__doc__, "--mode", MODES, seqs=[8192, 32768]).parse_args()
     if not args.child:
         run_cases(args)
         return

@@ -225,6 +225,29 @@ def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
     return merged
 
 
+def max_rel_diff(xs, ys) -> float:
+    """The largest |x - y| / |y| over two runs' per-step values (losses, gradient norms)."""
+    return max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(xs, ys))
+
+
+def slice_parser(doc: str, case_flag: str, choices, *, seqs: list[int], layers: int = 4, steps: int = 4,
+                 warmup: int = 2, smoke_help: str = "tiny recipe on CPU: checks the script, not speed"):
+    """The command line every slice step benchmark shares (this file, bench_dsa_warmup.py, bench_dsa_stage.py,
+    profile_dsa_stage.py): lengths, layers, steps, warm-up, --smoke, --child, --out, and its case flag
+    (`case_flag` with `choices`; run_grid hands one value to each child)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, nargs="+", default=seqs)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument(case_flag, choices=choices, default=None)
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--child", action="store_true", help="run exactly one case (one value of the case flag and "
+                                                         "one length) in this process")
+    ap.add_argument("--out", required=True)
+    return ap
+
+
 def run_slice_child(args, recipe: str, label: dict, extra: list[str], prepare=None) -> None:
     """The child side of a slice step benchmark (bench_dsa_warmup.py, bench_dsa_stage.py): each length of the
     run (256 with --smoke, where `recipe` is the tiny one) as `recipe` cut by slice_overrides plus `extra`,
@@ -264,16 +287,7 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", choices=["ours", "plain"], default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
-    ap.add_argument("--child", action="store_true", help="run exactly one (impl, seq) case in this process")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = slice_parser(__doc__, "--only", ["ours", "plain"], seqs=[8192, 32768]).parse_args()
     if not args.child:
         return run_cases(args)
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -13,7 +13,6 @@ sequence of `--seq` tokens, one H200). Per (attention, seq) case, in its own pro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_dsa_stage import ATTENTION  # noqa: E402
-from bench.bench_spine import Pregenerated, compose_cfg, record_case, run_grid, slice_overrides  # noqa: E402
+from bench.bench_spine import (Pregenerated, compose_cfg, record_case, run_grid, slice_overrides,  # noqa: E402
+                               slice_parser)
 
 
 def selection_stats(cap: dict, quick: bool) -> dict:
@@ -103,16 +103,8 @@ def profile_step(cfg, layout, warmup: int, capture: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--attention", choices=ATTENTION, default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script (no selection part)")
-    ap.add_argument("--child", action="store_true")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = slice_parser(__doc__, "--attention", ATTENTION, seqs=[32768, 131072], layers=2, steps=1, warmup=1,
+                        smoke_help="tiny recipe on CPU: checks the script (no selection part)").parse_args()
     if not args.child:
         merged = run_grid(__file__, args, "--attention", "attention", list(ATTENTION))
         for r in merged["runs"]:

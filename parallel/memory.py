@@ -181,13 +181,10 @@ DSA_UNION_SHARE = 0.75
 # candidate lists (kernels/dsa/topk.py, 1 GiB per chunk of query blocks); the union plan's padded slots and
 # bitmaps (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined, a second copy of
 # the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
-DSA_TOPK_CHUNK_BYTES = TOPK_CHUNK_BYTES
-DSA_PLAN_CHUNK_BYTES = PLAN_CHUNK_BYTES
-DSA_LOSS_CHUNK_BYTES = LOSS_CHUNK_BYTES
-# the dense (warm-up) stage's KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32
-# d = softmax(I) - P / Z of one chunk of rows (at most GPU_CHUNK_BYTES), the fp32 dk_idx, and lse_I's partial
-# sums per key segment (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)
-DSA_DENSE_KL_CHUNK_BYTES = GPU_CHUNK_BYTES
+# (TOPK_CHUNK_BYTES, PLAN_CHUNK_BYTES, LOSS_CHUNK_BYTES: imported from the kernels). The dense (warm-up) stage's
+# KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32 d = softmax(I) - P / Z of one
+# chunk of rows (at most GPU_CHUNK_BYTES), the fp32 dk_idx, and lse_I's partial sums per key segment
+# (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)
 
 
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
@@ -235,11 +232,11 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             ind += plan + t * x.topk * DSA_UNION_SHARE * bq * b
             # the backward's fp32 dK / dV (every key the rank's queries can select) and the largest
             # transient of the forward's stages (top-k candidates, plan building, loss chunk)
-            stage = max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + plan, DSA_LOSS_CHUNK_BYTES)
+            stage = max(TOPK_CHUNK_BYTES, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
             transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
         else:
             rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions
-            transient += (min(DSA_DENSE_KL_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
+            transient += (min(GPU_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
                           + rows * lse_i_segments(S, GPU_KEY_SEGMENT)[1] * 4)
             # the KL's gradients, taken with it: through autograd they wait for the backward, in fp32
             ind += t * (x.index_heads * x.index_dim + x.index_heads + x.index_dim) * 4

@@ -209,7 +209,7 @@ def main() -> None:
         if args.only not in fn.__name__:
             continue
         shown = {k: v for k, v in consts.items()
-                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "DENSE", "RS", "BN", "BC", "NW", "KB", "BM")}
+                 if k in ("BQ", "BS", "BT", "R", "RB", "KP", "RS", "BN", "BC", "NW", "KB", "BM")}
         try:
             r = compile_one(fn, sig, consts, warps, stages, args.arch, *cap)
             print(f"{r['kernel']:34s} {str(shown):48s} warps {warps} stages {stages} "

@@ -337,12 +337,11 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
     kl = torch.empty(B * T, dtype=torch.float32, device=q.device) if kl is None else kl
     lse_i = torch.empty_like(kl) if lse_i is None else lse_i
     z = torch.empty_like(kl) if z is None else z
-    store_p = keep_psum
     psum = (torch.empty(plan.pos_U.numel() * plan.block_q, dtype=psum_dtype(q.dtype),
-                        device=q.device) if store_p else None)
+                        device=q.device) if keep_psum else None)
     split = cfg["split_fwd"] if split is None else split
-    kl_args = (q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if store_p else kl)
-    kl_meta = dict(meta, STORE_P=store_p, PSUM_IN=split,
+    kl_args = (q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if keep_psum else kl)
+    kl_meta = dict(meta, STORE_P=keep_psum, PSUM_IN=split,
                    DOT_PREC=dot_precision(q_idx.dtype),
                    num_stages=cfg["stages_split" if split else "stages"])
     if not split:

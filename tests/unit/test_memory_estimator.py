@@ -11,7 +11,10 @@ bench/bench_dsa_warmup.py for the warm-up step (2026-12-01: indexer-only step 10
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
-from parallel.memory import (DSA_DENSE_KL_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES, DSA_TOPK_CHUNK_BYTES, DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
+from kernels.dsa.indexer_loss_dense import GPU_CHUNK_BYTES as DSA_DENSE_KL_CHUNK_BYTES
+from kernels.dsa.plan import PLAN_CHUNK_BYTES as DSA_PLAN_CHUNK_BYTES
+from kernels.dsa.topk import TOPK_CHUNK_BYTES as DSA_TOPK_CHUNK_BYTES
+from parallel.memory import (DSA_UNION_SHARE, MemoryInputs, _attention, _moe, activation_bytes,
                              estimate, model_state_bytes, param_counts, trainable_counts)
 
 LM = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=512,
