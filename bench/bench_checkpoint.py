@@ -85,7 +85,6 @@ def bench_saves(tr, args, res: dict) -> Path:
 
     from train import checkpoint as ckpt
 
-    c = tr.cfg.train.checkpoint
     common = tr._common_state()
     base = _steps(tr, args.steps)
     res["step_s_no_save"] = statistics.median(base)

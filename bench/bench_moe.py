@@ -44,7 +44,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch.nn.functional as F  # noqa: E402
 
 PEAK_TFLOPS = 775.0  # measured bf16 matmul ceiling on the H200 (DESIGN.md)
 GPU = torch.cuda.is_available()
@@ -316,10 +315,10 @@ def bench_moe(pgs, device, dtype, sz, impls, out) -> None:
                             "fwd_tflops": expert_flops(rows, sz) / f_ms / 1e9,
                             "fwd_bwd_tflops": 3 * expert_flops(rows, sz) / fb_ms / 1e9,
                             "peak_gb": peak_gb(fwd_bwd)}
-                del m
+                m = None  # frees the experts before the next build; the closures above are done with it
             except Exception as e:  # noqa: BLE001
                 record_failure(out, key, e)
-        del x, probs, dy
+        x = probs = dy = None
         hidden = torch.randn(tokens, 1, sz["hidden"], device=device, dtype=dtype)
         dh = torch.randn_like(hidden)
         for impl in impls:
@@ -338,7 +337,7 @@ def bench_moe(pgs, device, dtype, sz, impls, out) -> None:
                 out[key] = {"tokens": tokens, "impl": impl, "fwd_bwd_ms": ms,
                             "expert_tflops": 3 * expert_flops(tokens * sz["topk"], sz) / ms / 1e9,
                             "peak_gb": peak_gb(layer_fwd_bwd)}
-                del layer
+                layer = None
             except Exception as e:  # noqa: BLE001
                 record_failure(out, key, e)
 
@@ -366,7 +365,7 @@ def bench_ce(device, dtype, sz, out) -> None:
                 out[key] = {"tokens": tokens, "impl": name, "fwd_bwd_ms": ms, "peak_gb": peak_gb(fwd_bwd)}
             except Exception as e:  # noqa: BLE001
                 record_failure(out, key, e)
-        del hidden, labels
+        hidden = labels = None
 
 
 # ----------------------------------------------------------------------------------------------- report

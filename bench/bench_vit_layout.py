@@ -52,7 +52,6 @@ def _sync():
 def make_batch(seq: int, *, patch: int, merge: int, vocab: int, pad_id: int, seed: int, tokens_per_frame) -> dict:
     """One packed sequence: videos of frames (size fixed per video), with ~10% text between them."""
     g = torch.Generator().manual_seed(seed)
-    m2 = merge * merge
     grids, pos, t = [], [], 0
     while True:
         per = int(tokens_per_frame[torch.randint(len(tokens_per_frame), (1,), generator=g)])

@@ -56,7 +56,6 @@ def init_layout_invariant(model_chunks, *, seed: int, std: float, num_layers: in
     seen: set[int] = set()
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
-        params = {p.data_ptr(): p for p in module.parameters()}
         for sh in _iter_sharded_tensors(module.sharded_state_dict()):
             if sh.flattened_range is not None:
                 raise ValueError(f"{sh.key}: flattened shards cannot be initialised here")

@@ -23,7 +23,6 @@ tables are computed once per size and broadcast over the group's frames.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

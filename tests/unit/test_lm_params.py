@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
