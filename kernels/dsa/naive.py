@@ -149,10 +149,14 @@ def indexer_kl_loss(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, q_idx_BTHD: torc
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
     p = attention_target(q_BTHD, k_BTHD, mask, scale, lse_BTH, dtype)
     scores = index_scores(q_idx_BTHD, w_BTH, k_idx_BTD, dtype)
+    return masked_kl(p, scores, mask).mean().float()
+
+
+def masked_kl(p: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(scores)) per row over the keys the mask keeps (last dim); p is 0 off the mask."""
     logq = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     logq = torch.where(mask, logq, torch.zeros_like(logq))
-    term = torch.where(mask, torch.xlogy(p, p) - p * logq, torch.zeros_like(p))
-    return term.sum(dim=-1).mean().float()
+    return torch.where(mask, torch.xlogy(p, p) - p * logq, torch.zeros_like(p)).sum(dim=-1)
 
 
 def dense_lse(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, scale: float | None = None,
@@ -167,4 +171,4 @@ def dense_lse(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, scale: float | None = 
 
 
 __all__ = ["doc_start", "eligible_mask", "index_scores", "topk_indices", "selection_mask",
-           "sparse_gqa_attention", "attention_target", "indexer_kl_loss", "dense_lse"]
+           "sparse_gqa_attention", "attention_target", "indexer_kl_loss", "masked_kl", "dense_lse"]

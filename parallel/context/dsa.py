@@ -146,10 +146,7 @@ def _kl_rows_ref(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, keys_mask_RT, lse_RH, 
     P = torch.where(keys_mask_RT[:, None, :], torch.exp(logits - lse[..., None]), torch.zeros_like(logits)).sum(1)
     p = P / P.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     scores = dsa_naive.index_scores(q_idx_RHD[None], w_RH[None], k_idx_TD[None])[0]
-    logq = torch.log_softmax(scores.masked_fill(~keys_mask_RT, float("-inf")), dim=-1)
-    logq = torch.where(keys_mask_RT, logq, torch.zeros_like(logq))
-    term = torch.where(keys_mask_RT, torch.xlogy(p, p) - p * logq, torch.zeros_like(p))
-    return term.sum()
+    return dsa_naive.masked_kl(p, scores, keys_mask_RT).sum()
 
 
 def _kl_ref(stage: Stage, q, k, q_idx, w, k_idx, pos, start, idx, lse, scale: float,
