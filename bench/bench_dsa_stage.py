@@ -2,10 +2,11 @@
 
 What the sparse stage costs a training step, not one attention call: `train.trainer.Trainer` from the
 `keye_30b_a3b_dsa_sparse` recipe (every layer DSA, top-2048, LM loss + the indexer KL over the selected set, all
-parameters train) against the same recipe with `model.lm.attention=dense` (SDPA flash), full width cut to
-`--layers` layers, full recomputation as the one-node recipes run, one sequence of `--seq` tokens per step, bf16,
-one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median step
-time of `--steps` steps after `--warmup`). The synthetic text is one document per sequence, so every token past
+parameters train; its language model alone on synthetic text, bench_spine.DSA_LM_SLICE) against the same recipe
+with `model.lm.attention=dense` (the trainer's SDPA call: cuDNN on the H200), full width cut to `--layers` layers,
+full recomputation as the one-node recipes run, one sequence of `--seq` tokens per step, bf16, one GPU, the same
+pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median step time of `--steps`
+steps after `--warmup`). The synthetic text is one document per sequence, so every token past
 2,048 runs the sparse path. Each case also records parallel/memory.py's predicted peak (`estimate_gb`).
 
     python bench/bench_dsa_stage.py --out $OUT/dsa_stage.json                 # GPU: 8K, 32K, 128K, 4 layers
@@ -22,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
+from bench.bench_spine import DSA_LM_SLICE, max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 ATTENTION = ("dsa", "dense", "dsa_kl_twice")
 
@@ -81,7 +82,8 @@ def main() -> None:
         return
     attention = "dsa" if args.attention == "dsa_kl_twice" else args.attention
     run_slice_child(args, "keye_tiny_dsa_sparse" if args.smoke else "keye_30b_a3b_dsa_sparse",
-                    {"attention": args.attention}, [f"model.lm.attention={attention}", "parallel.recompute=full"],
+                    {"attention": args.attention}, ([] if args.smoke else DSA_LM_SLICE)
+                    + [f"model.lm.attention={attention}", "parallel.recompute=full"],
                     kl_in_every_pass if args.attention == "dsa_kl_twice" else None)
 
 

@@ -1,8 +1,8 @@
 """DSA dense warm-up step of a Keye-30B-A3B slice: the indexer-only step against the backward through the frozen model.
 
 Both sides: `train.trainer.Trainer` from the `keye_30b_a3b_dsa_warmup` recipe (every layer DSA, dense attention,
-`train.trainable=indexer`), full width cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16,
-one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median
+`train.trainable=indexer`), its language model alone on synthetic text (bench_spine.DSA_LM_SLICE), full width
+cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16, one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median
 step time of `--steps` steps after `--warmup`).
 - "local": `train.indexer_backward=local` (the default): each DSA layer back-propagates its indexer KL in its
   forward and the step runs the frozen model forward only.
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
+from bench.bench_spine import DSA_LM_SLICE, max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -63,7 +63,7 @@ def main() -> None:
         run_cases(args)
         return
     run_slice_child(args, "keye_tiny_dsa_warmup" if args.smoke else "keye_30b_a3b_dsa_warmup", {"mode": args.mode},
-                    [f"train.indexer_backward={args.mode}"])
+                    ([] if args.smoke else DSA_LM_SLICE) + [f"train.indexer_backward={args.mode}"])
 
 
 if __name__ == "__main__":

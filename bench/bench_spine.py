@@ -58,6 +58,11 @@ def slice_overrides(recipe: str, seq: int, layers: int, steps: int, warmup: int,
     return ov
 
 
+# The 30B DSA stage recipes train the multimodal model on video shards; their slice benchmarks time the language
+# model alone, as bench_dsa.py's attention does, on the project's synthetic text (no shards, no ViT).
+DSA_LM_SLICE = ["model=keye_30b_a3b_dsa", "data=synthetic_tokens"]
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
         return validate(compose("config", overrides=overrides))

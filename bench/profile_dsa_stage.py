@@ -1,7 +1,7 @@
 """GPU: where a DSA sparse-stage training step of the Keye-30B-A3B slice spends its time, against dense attention.
 
-bench/bench_dsa_stage.py's slice and step (keye_30b_a3b_dsa_sparse cut to `--layers` layers, full recompute, one
-sequence of `--seq` tokens, one H200). Per (attention, seq) case, in its own process:
+bench/bench_dsa_stage.py's slice and step (keye_30b_a3b_dsa_sparse's language model cut to `--layers` layers, full
+recompute, one sequence of `--seq` tokens, one H200). Per (attention, seq) case, in its own process:
 - CUDA time per kernel name over one profiled step (torch.profiler, after `--warmup` steps), largest first;
 - for DSA, the selection the trainer's indexer makes on its first layer (inputs captured at the layer's first
   call, in the first warm-up step's forward): the union plan's mean distinct keys per block, the top-k's
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_dsa_stage import ATTENTION  # noqa: E402
-from bench.bench_spine import (Pregenerated, compose_cfg, record_case, run_grid, slice_overrides,  # noqa: E402
-                               slice_parser)
+from bench.bench_spine import (DSA_LM_SLICE, Pregenerated, compose_cfg, record_case, run_grid,  # noqa: E402
+                               slice_overrides, slice_parser)
 
 
 def selection_stats(cap: dict, quick: bool) -> dict:
@@ -131,6 +131,7 @@ def main() -> None:
     for seq in ([256] if args.smoke else args.seqs):
         cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps + 1, args.warmup,
                                                   f"/tmp/profile_dsa_stage/{args.attention}{seq}", args.smoke)
+                                  + ([] if args.smoke else DSA_LM_SLICE)
                                   + [f"model.lm.attention={args.attention}", "parallel.recompute=full"])
         record_case(results, {"attention": args.attention, "seq": seq, "layers": args.layers},
                     lambda: profile_step(cfg, layout, args.warmup, capture=args.attention == "dsa"), args.out)

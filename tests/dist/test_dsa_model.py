@@ -69,24 +69,40 @@ def test_warmup_indexer_only_step_on_two_ranks(tmp_path):
         assert [n for n in local if ".indexer." in n] and local == model, par
 
 
-def test_warmup_on_the_multimodal_model_moves_only_the_indexers(tmp_path_factory):
-    """The warm-up on the tiny multimodal model (ViT + projector + LM with DSA layers, packed synthetic videos):
-    against the same run at lr 0, only indexer parameters moved (the ViT and the projector stay frozen too),
-    and the indexer-only step equals the backward through the model bit for bit."""
+def test_multimodal_stages_hand_over_from_dense_to_warmup_to_sparse(tmp_path_factory):
+    """The 30B DSA stages' CPU mirrors (keye_tiny_vl_dsa_{warmup,sparse}: ViT + projector + LM with DSA layers,
+    packed synthetic videos), each started as its recipe says, from the stage before:
+    - the warm-up from a dense keye_tiny checkpoint keeps everything but the indexers equal to that checkpoint
+      (the ViT and the projector stay frozen with the LM), moves the indexers (against the same run at lr 0),
+      and its indexer-only step equals the backward through the model bit for bit;
+    - the sparse stage from the warm-up's checkpoint at lr 0 ends with exactly the warm-up's weights (ViT and
+      indexers included: nothing is lost or re-initialised in the hand-over), and at its own lr it moves every
+      part: ViT, projector, language model and indexers."""
     from data.video_stream import ensure_synthetic_shards
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
-    ov = ["recipe=keye_tiny", "parallel=single", "train.steps=2", "train.warmup_steps=1",
-          "train.global_batch_size=2", "train.checkpoint.enabled=false", "data.synthetic_videos=8",
-          f"data.video.shards={shards}", "model.lm.attention=dsa", "model.lm.dsa.index_heads=4",
-          "model.lm.dsa.index_dim=8", "model.lm.dsa.topk=32", "model.lm.dsa.stage=dense_warmup",
-          "train.trainable=indexer"]
-    _, d = run_layouts(1, {"local": ov, "model": ov + ["train.indexer_backward=model"],
-                           "lr0": ov + ["train.lr=0", "train.min_lr=0"]},
+    common = ["parallel=single", "train.steps=2", "train.warmup_steps=1", "train.global_batch_size=2",
+              "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    warm = common + ["recipe=keye_tiny_vl_dsa_warmup", "train.checkpoint.init_from={root}/dense"]
+    no_save = ["train.checkpoint.enabled=false"]
+    sparse = common + no_save + ["recipe=keye_tiny_vl_dsa_sparse", "train.checkpoint.init_from={root}/local"]
+    _, d = run_layouts(1, {"dense": common + ["recipe=keye_tiny"],
+                           "local": warm,
+                           "model": warm + no_save + ["train.indexer_backward=model"],
+                           "lr0": warm + no_save + ["train.lr=0", "train.min_lr=0"],
+                           "sparse_lr0": sparse + ["train.lr=0", "train.min_lr=0"],
+                           "sparse": sparse},
                        tmp_path_factory.mktemp("vl"), digests=True)
-    assert any(n.startswith("vision.") for n in d["local"])
-    assert d["local"] == d["model"]
-    moved = {n for n in d["local"] if d["local"][n] != d["lr0"][n]}
-    assert moved and all(".indexer." in n for n in moved), moved
+    dense, local = d["dense"], d["local"]
+    assert any(n.startswith("vision.") for n in dense)
+    assert local == d["model"]
+    indexer = {n for n in local if ".indexer." in n}
+    assert indexer and not indexer & dense.keys() and local.keys() == dense.keys() | indexer
+    assert all(local[n] == dense[n] for n in dense), [n for n in dense if local[n] != dense[n]]
+    assert all(local[n] != d["lr0"][n] for n in indexer)
+    assert d["sparse_lr0"] == local
+    moved = {n for n in local if d["sparse"][n] != local[n]}
+    for part in ("vision.vit.", "vision.projector.", "decoder.", ".indexer."):
+        assert any(part in n for n in moved), (part, sorted(moved)[:5])
 
 
 def test_sparse_stage_trains(runs):

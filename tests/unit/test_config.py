@@ -1,5 +1,6 @@
 """Config errors stop the run before any process group is built, naming the offending key."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -137,11 +138,25 @@ def test_long_context_curriculum_recipes_validate_on_one_node(stage, cp, seq, lo
 def test_dsa_stage_recipes_follow_deepseek_at_128k_on_one_node():
     """DeepSeek-V3.2's published DSA stages: warm-up 1000 steps x 16 x 128K tokens (2.1B) at lr 1e-3, indexers
     only; sparse 15000 x 480 x 128K (943.7B) at 7.3e-6, everything. At 128K, not 8K: at 32K and below a DSA layer is
-    slower than the trainer's dense attention (bench/RESULTS.md, tenth round), so the stages run where DSA pays."""
-    warm, layout = _validate("recipe=keye_30b_a3b_dsa_warmup", world_size=8)
-    sparse, _ = _validate("recipe=keye_30b_a3b_dsa_sparse", world_size=8)
+    slower than the trainer's dense attention (bench/RESULTS.md, tenth round), so the stages run where DSA pays.
+    Both train the multimodal model on the curriculum's video data, continuing the 256K stage: its ViT, its RoPE
+    (theta 1e7, 262,144 positions) and its long:short mix, with both video paths left to the user."""
+    paths = ["data.video.shards=/data/shards", "data.video.long_shards=/data/long"]
+    warm, layout = _validate("recipe=keye_30b_a3b_dsa_warmup", *paths, world_size=8)
+    sparse, _ = _validate("recipe=keye_30b_a3b_dsa_sparse", *paths, world_size=8)
+    last, _ = _validate("recipe=keye_30b_a3b_ctx_256k", *paths, world_size=8)
     for cfg in (warm, sparse):
         assert cfg.train.seq_length == 131072 and cfg.model.lm.attention == "dsa" and cfg.model.lm.dsa.topk == 2048
+        assert cfg.model.vision == last.model.vision and cfg.model.vision.enabled
+        assert (cfg.model.lm.rope_theta, cfg.model.lm.max_position_embeddings) == (1e7, 262144)
+        # the 256K stage's language model but for its attention
+        assert dataclasses.replace(cfg.model.lm, attention="dense", dsa=last.model.lm.dsa) == last.model.lm
+        assert cfg.data.kind == "video" and cfg.data.video.seq_len == 131072
+        assert cfg.data.video.long_fraction == last.data.video.long_fraction == 0.5
+        assert cfg.data.video.max_video_tokens < cfg.data.video.seq_len
+    for stage in ("warmup", "sparse"):
+        with pytest.raises(ValueError, match=r"data\.video\.shards is required.*data\.video\.long_shards is required"):
+            _validate(f"recipe=keye_30b_a3b_dsa_{stage}", world_size=8)
     assert layout.cp == 4 and layout.dp == 2
     assert (warm.model.lm.dsa.stage, warm.train.trainable, warm.train.lr) == ("dense_warmup", "indexer", 1e-3)
     assert warm.train.steps * warm.train.global_batch_size * warm.train.seq_length == 1000 * 16 * 131072
