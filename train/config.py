@@ -32,6 +32,10 @@ class CheckpointConfig:
     async_save: bool = False  # write shards in a forked writer while training continues
     resume: bool = True  # continue from the newest complete checkpoint in the run directory
     init_from: str = ""  # a checkpoint directory (or a Hugging Face Qwen3-MoE directory) to start from
+    # The vision tower's source when it is not init_from's (a Keye-VL Hugging Face directory, or a run or import
+    # holding vision.* tensors), e.g. Keye-VL-1.5's ViT beside a Qwen3-30B-A3B language model. A fresh run whose
+    # frozen ViT or projector neither source fills stops: it would stay at its random initialisation.
+    vision_init_from: str = ""
     # How the distributed optimizer's state is stored. "dp_reshardable": each rank writes its own flat
     # shards, no gather, no host copies in the training process (fast; resumable at another DP size only).
     # "fully_reshardable": gathered into per-parameter tensors (any TP/PP/EP change on resume; the gather

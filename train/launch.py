@@ -37,6 +37,9 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     v, d, t = cfg.model.vision, cfg.data, cfg.train
     if t.trainable == "projector" and not v.enabled:
         raise ValueError("train.trainable=projector trains the vision projector: set model.vision.enabled=true")
+    if t.checkpoint.vision_init_from and not v.enabled:
+        raise ValueError(f"train.checkpoint.vision_init_from={t.checkpoint.vision_init_from!r} fills the vision "
+                         "tower, which this model does not have: set model.vision.enabled=true or leave it empty")
     if not v.enabled:
         return
     if d.kind != "video":

@@ -220,8 +220,10 @@ class Trainer:
             # stages (trainable=summary / indexer) keep everything but their own parameters frozen
             self.vision = VisionTower(cfg, layout, self.pgs, self.device, train_vit=t.trainable == "all",
                                       train_projector=t.trainable in ("all", "projector"), bf16=self.bf16)
-            if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
-                self._init_vision_from(t.checkpoint.init_from)
+            setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
+            source = getattr(t.checkpoint, setting)
+            if source and ckpt.find_latest(self.run_dir) is None:
+                self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=layout.distributed_optimizer,
                                                 check_for_nan_in_grad=True)
@@ -366,25 +368,48 @@ class Trainer:
         log.info("initialised model weights from %s (fresh optimizer, step 0)%s", src.path,
                  f"; not in that checkpoint, kept at init: {sorted(set(missing))}" if missing else "")
 
-    def _init_vision_from(self, source: str) -> None:
+    def _init_vision_from(self, source: str, setting: str) -> list[str]:
         """The vision tower's weights from a Keye-VL HF directory or from one of our checkpoints that holds
-        `vision.*` tensors; a source without a vision tower leaves the ViT and projector at their init."""
-        from models.hf import is_hf_checkpoint, is_multimodal, load_keye_vision_into
+        `vision.*` tensors (`setting`: the train.checkpoint field that named it); returns the `vision.*` keys the
+        source does not hold (all of them for a source without a vision tower), which keep their init."""
+        from models.hf import is_hf_checkpoint, is_multimodal, load_keye_vision_into, projector_width
 
+        keys = [f"vision.{n}" for n, _ in self.vision.model.named_parameters()]
         if is_hf_checkpoint(source):
-            if is_multimodal(json.loads(Path(source, "config.json").read_text())):
-                stats = load_keye_vision_into(self.vision.model, source)
-                log.info("initialised the vision tower from the Hugging Face checkpoint %s: %s", source, stats)
-                return
-            log.info("%s has no vision tower: the ViT and projector keep their initialisation", source)
-            return
+            hf_config = json.loads(Path(source, "config.json").read_text())
+            if not is_multimodal(hf_config):
+                log.info("%s has no vision tower: the ViT and projector keep their initialisation", source)
+                return keys
+            # a projector that feeds another language model (Keye-VL-1.5-8B's: 4096 wide) is not ours to take
+            ours = self.vision.model.cfg.lm_hidden
+            fits = projector_width(hf_config) in (None, ours)
+            stats = load_keye_vision_into(self.vision.model, source, projector=fits)  # each tensor, or an error
+            log.info("initialised the vision tower from the Hugging Face checkpoint %s: %s%s", source, stats,
+                     "" if fits else f"; its projector maps to {projector_width(hf_config)} dims, this language "
+                     f"model has {ours}: the projector keeps its initialisation")
+            return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
         src = ckpt.find_latest(source)
         if src is None:
-            raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
+            raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
         missing = ckpt.load_extra_weights(src, sd)
         log.info("initialised the vision tower from %s%s", src.path,
                  f"; not in that checkpoint, kept at init: {len(missing)} tensors" if missing else "")
+        return missing
+
+    def _check_frozen_vision_filled(self, missing: list[str], named: str) -> None:
+        """A fresh run started from another's weights whose source lacks vision tensors that this stage keeps
+        frozen (the ViT in every stage but trainable=all, the projector but in all / projector) would train
+        against a random vision tower for its whole length: stop before the first step, naming the fix."""
+        missing = set(missing)
+        unfilled = [f"vision.{n}" for n, p in self.vision.model.named_parameters()
+                    if not p.requires_grad and f"vision.{n}" in missing]
+        if unfilled:
+            raise ValueError(
+                f"train.checkpoint.{named} holds no weights for {len(unfilled)} of the vision tower's tensors (e.g. "
+                f"{unfilled[0]}), and train.trainable={self.cfg.train.trainable} keeps them frozen: they would stay "
+                "at their random initialisation. Set train.checkpoint.vision_init_from to a Keye-VL Hugging Face "
+                "directory, or to a run or an import (launch/convert.py import) that holds the vision tower.")
 
     @staticmethod
     def _saved_common(ref: ckpt.CheckpointRef) -> dict:

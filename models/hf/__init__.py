@@ -10,6 +10,7 @@ from models.hf.keye_vision import (
     export_keye_vl,
     is_multimodal,
     load_keye_vision_into,
+    projector_width,
     save_tiny_keye_vl,
     vision_config_from_hf,
 )
@@ -27,4 +28,5 @@ from models.hf.qwen3_moe import (
 __all__ = ["HFCheckpoint", "HFShardWriter", "KeyeLMView", "add_vision_to_hf_dir", "check_hf_config", "check_hf_tensors",
            "check_vision_config", "export_hf", "export_keye_vision", "export_keye_vl", "hf_config_from_lm",
            "hf_tensor_shapes", "is_hf_checkpoint", "is_multimodal", "lm_config_from_hf", "load_hf_into",
-           "load_keye_vision_into", "megatron_to_hf", "save_tiny_keye_vl", "vision_config_from_hf"]
+           "load_keye_vision_into", "megatron_to_hf", "projector_width", "save_tiny_keye_vl",
+           "vision_config_from_hf"]

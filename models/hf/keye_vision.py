@@ -208,7 +208,8 @@ def _vision_hf_config(hf_config: dict) -> dict:
     return vc
 
 
-def _lm_hidden(hf_config: dict) -> int | None:
+def projector_width(hf_config: dict) -> int | None:
+    """The language-model width a Keye-VL checkpoint's projector maps to (its LM's hidden_size), or None."""
     text = hf_config.get("text_config") or {}
     return text.get("hidden_size", hf_config.get("hidden_size"))
 
@@ -234,8 +235,9 @@ def _hf_pos_grid(vc: dict) -> int:
     return int(image) // int(patch)
 
 
-def check_vision_config(hf_config: dict, vision, *, lm_hidden: int | None = None) -> None:
-    """ValueError naming the first field where the HF `vision_config` and our vision config disagree.
+def check_vision_config(hf_config: dict, vision, *, lm_hidden: int | None = None, projector: bool = True) -> None:
+    """ValueError naming the first field where the HF `vision_config` and our vision config disagree
+    (projector=False: the ViT's fields only, not the projector's output width).
 
     `vision`: a models.vision.VisionConfig (its lm_hidden is checked against the HF hidden_size) or the
     recipe's models.config.VisionModelConfig (pass `lm_hidden` to check it; fields that node does not
@@ -268,8 +270,8 @@ def check_vision_config(hf_config: dict, vision, *, lm_hidden: int | None = None
         raise ValueError(f"HF vision_config.image_size={vc['image_size']!r} (// patch_size {vc['patch_size']} = "
                          f"{grid} positions per side) does not match {node}.pos_grid={vision.pos_grid!r}")
     want_lm = getattr(vision, "lm_hidden", lm_hidden)
-    hf_lm = _lm_hidden(hf_config)
-    if want_lm is not None and hf_lm is not None and int(hf_lm) != int(want_lm):
+    hf_lm = projector_width(hf_config)
+    if projector and want_lm is not None and hf_lm is not None and int(hf_lm) != int(want_lm):
         raise ValueError(f"HF config hidden_size={hf_lm!r} (the projector's output width) does not match "
                          f"{node}.lm_hidden={want_lm!r}")
 
@@ -287,7 +289,7 @@ def vision_config_from_hf(hf_config: dict, **overrides):
             raise ValueError(f"HF vision_config has no {hf_name!r}")
         values[ours] = conv(v)
     values["pos_grid"] = _hf_pos_grid(vc)
-    hf_lm = _lm_hidden(hf_config)
+    hf_lm = projector_width(hf_config)
     if hf_lm is None:
         raise ValueError("HF config has no hidden_size (the projector's output width)")
     values["lm_hidden"] = int(hf_lm)
@@ -309,11 +311,14 @@ def hf_vision_config(cfg, *, image_size: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ import
-def check_vision_tensors(ckpt: HFCheckpoint, cfg, layout: KeyeLayout, *, ignore=KNOWN_UNUSED) -> list[str]:
+def check_vision_tensors(ckpt: HFCheckpoint, cfg, layout: KeyeLayout, *, ignore=KNOWN_UNUSED,
+                         projector: bool = True) -> list[str]:
     """Every vision / projector tensor the model needs is present with its shape, and no other tensor is
-    under the vision or projector prefixes except the known-unused ones; returns those skipped."""
-    want = hf_vision_shapes(cfg, layout)
-    ours = {n for n in ckpt.names() if n.startswith((layout.vit_root, layout.projector))}
+    under the vision or projector prefixes except the known-unused ones; returns those skipped.
+    projector=False: the ViT's tensors only (the projector's are neither needed nor checked)."""
+    prefixes = (layout.vit_root, layout.projector) if projector else (layout.vit_root,)
+    want = {n: s for n, s in hf_vision_shapes(cfg, layout).items() if n.startswith(prefixes)}
+    ours = {n for n in ckpt.names() if n.startswith(prefixes)}
     skipped = sorted(n for n in ours - set(want) if _known_unused(n, layout, ignore))
     extra = ours - set(want) - set(skipped)
     missing = set(want) - ours
@@ -333,9 +338,11 @@ def check_vision_tensors(ckpt: HFCheckpoint, cfg, layout: KeyeLayout, *, ignore=
 
 @torch.no_grad()
 def load_keye_vision_into(vision_model, hf_dir: str | os.PathLike, *, check_config: bool = True,
-                          ignore=KNOWN_UNUSED) -> dict:
+                          ignore=KNOWN_UNUSED, projector: bool = True) -> dict:
     """Fills every parameter of `vision_model` (a models.vision.VisionModel) from the vision tower and
     projector of a Keye-VL HF checkpoint (either layout), reading only those tensors, by name.
+    projector=False fills the ViT only and leaves the projector as it is: a source whose projector feeds
+    another language model (Keye-VL-1.5-8B's maps to 4096 dims, Qwen3-30B-A3B's hidden is 2048).
 
     Raises ValueError on a vision_config mismatch (naming the field; skip with check_config=False), on a
     `visual.*` / `mlp_AR.*` tensor with no place in the model or a missing one (naming them; the
@@ -348,16 +355,18 @@ def load_keye_vision_into(vision_model, hf_dir: str | os.PathLike, *, check_conf
     ckpt = HFCheckpoint(hf_dir)
     layout = detect_layout(ckpt.names())
     if check_config:
-        check_vision_config(ckpt.config, cfg)
-    skipped = check_vision_tensors(ckpt, cfg, layout, ignore=ignore)
+        check_vision_config(ckpt.config, cfg, projector=projector)
+    skipped = check_vision_tensors(ckpt, cfg, layout, ignore=ignore, projector=projector)
     if skipped:
         log.info("%s: skipped %d tensor(s) Keye's forward does not use: %s", ckpt.path, len(skipped), _listing(skipped))
-    if not math.isclose(cfg.projector_norm_eps, KEYE_PROJECTOR_EPS):
+    if projector and not math.isclose(cfg.projector_norm_eps, KEYE_PROJECTOR_EPS):
         log.warning("Keye's projector LayerNorm (mlp_AR.pre_norm) has eps %g, this model's projector_norm_eps is %g: "
                     "embeddings differ by O(eps / var) relative", KEYE_PROJECTOR_EPS, cfg.projector_norm_eps)
-    params = dict(module.named_parameters())
+    params = {n: p for n, p in module.named_parameters() if projector or not n.startswith("projector.")}
     filled, elements = set(), 0
     for vt in vision_table(cfg.depth):
+        if vt.ours.startswith("projector.") and not projector:
+            continue
         if vt.ours not in params:
             raise RuntimeError(f"the vision table names {vt.ours}, which the model does not have")
         p = params[vt.ours]

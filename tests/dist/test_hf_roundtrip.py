@@ -145,3 +145,51 @@ def test_multimodal_run_starts_from_a_keye_vl_checkpoint(tmp_path):
     assert "initialised model weights from the Hugging Face checkpoint" in log
     assert "initialised the vision tower from the Hugging Face checkpoint" in log
     assert sorted(losses(run)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_align_stage_takes_its_vit_from_a_second_checkpoint(tmp_path):
+    """Keye-VL-2.0's first stage: the language model from a Qwen3-MoE directory, the ViT from a Keye-VL one
+    whose projector feeds another language model (here 96 wide against our 64, as Keye-VL-1.5-8B's 4096 against
+    Qwen3-30B-A3B's 2048). train.checkpoint.vision_init_from names it: the ViT is that checkpoint's, tensor for
+    tensor (checked against load_keye_vision_into on its own), and the projector, which trains, keeps its init.
+    Without it the frozen ViT would stay random: the run stops before its first step, naming the setting."""
+    pytest.importorskip("transformers", reason="HF interop tests need transformers (setup.py dev extra)")
+    from data.video_stream import ensure_synthetic_shards
+    from models.hf.keye_vision import load_keye_vision_into, save_tiny_keye_vl
+    from models.hf.tiny import save_tiny_qwen3_moe
+    from models.vision import VisionModel
+    from models.vision import tiny as tiny_vision
+    from tests.launch_util import run_layouts
+
+    qwen, keye = tmp_path / "qwen3", tmp_path / "keye_vl_other_lm"
+    save_tiny_qwen3_moe(qwen)
+    save_tiny_keye_vl(keye, seed=3, hidden_size=96)
+    shards = ensure_synthetic_shards(tmp_path / "videos", 8, 1234, rank=0)
+    align = ["recipe=keye_tiny_align", *TINY_MODEL, "parallel=single", "train.steps=2", "train.warmup_steps=1",
+             "train.global_batch_size=2", "train.checkpoint.enabled=false", "data.synthetic_videos=8",
+             f"data.video.shards={shards}", f"train.checkpoint.init_from={qwen}"]
+    _, d = run_layouts(1, {"align": align + [f"train.checkpoint.vision_init_from={keye}"],
+                           "fresh": align + ["train.lr=0", "train.min_lr=0",
+                                             "train.checkpoint.init_from=''"]},
+                       tmp_path / "runs", digests=True)
+    vit = VisionModel(tiny_vision(64))
+    load_keye_vision_into(vit, keye, projector=False)
+    for n, p in vit.named_parameters():
+        got = d["align"][f"vision.{n}"]
+        if n.startswith("vit."):
+            assert got == pytest.approx([float(p.double().sum()), float(p.double().abs().sum())], rel=1e-12), n
+    # and, read past the loader, the sum of the checkpoint's own ViT tensors (a concatenation or reshape keeps it)
+    from safetensors.torch import load_file
+
+    hf = {k: v for f in keye.glob("*.safetensors") for k, v in load_file(f).items()}
+    used = [v for k, v in hf.items() if k.startswith("visual.vision_model.")
+            and not k.endswith("packing_position_embedding.weight") and ".head." not in k]
+    vit_sum = sum(v[0] for n, v in d["align"].items() if n.startswith("vision.vit."))
+    assert used and vit_sum == pytest.approx(sum(float(v.double().sum()) for v in used), rel=1e-9)
+    projector = [n for n in d["align"] if n.startswith("vision.projector.")]
+    assert projector and all(d["align"][n] != d["fresh"][n] for n in projector)  # it trained, from its init
+    with pytest.raises(AssertionError, match=r"train\.checkpoint\.init_from=.*holds no weights for .* vision "
+                                             r"tower's tensors .*train\.trainable=projector keeps them frozen.*"
+                                             r"vision_init_from"):
+        run_layouts(1, {"no_vit": align}, tmp_path / "runs_no_vit")
