@@ -1,10 +1,12 @@
 """KSA conversion, stage 1: self-distillation of a dense-attention model into KSA.
 
-Per micro-batch of text (the data stream is unchanged):
-  teacher  the same weights in `ksa_teacher_mode` (causal attention, text projection) on the text
-           sequence, without gradients: logits_T and every layer's attention output A_T[l];
-  student  the model on the interleaved sequence (summaries inserted, models/ksa_tokens.py), with
-           gradients: logits_S and A_S[l] taken at the text positions.
+Per micro-batch (text, or packed video + text; the data stream is unchanged):
+  teacher  the same weights in `ksa_teacher_mode` (causal attention, text projection) on the row as it came
+           (its packed documents' bounds, its visual embeddings), without gradients: logits_T and every
+           layer's attention output A_T[l];
+  student  the model on the interleaved sequence (summaries inserted per document, models/ksa_tokens.py;
+           the same embeddings at their moved positions), with gradients: logits_S and A_S[l] taken at the
+           text positions.
   loss = lm_weight * CE(logits_S, labels)
        + kl_weight * KL(softmax(logits_T) || softmax(logits_S))                 (per text token)
        + attn_weight * mean_l clamp(MSE(A_S[l], A_T[l]), 0, attn_clamp)       (per micro-batch)
@@ -78,13 +80,16 @@ def capture_attention_outputs(model: torch.nn.Module):
             h.remove()
 
 
-def distill_losses(model, batch: dict, summary_batch, cfg: DistillConfig, *, tp_group, sequence_parallel: bool):
-    """Returns (loss_sum over text tokens, number of text tokens, report dict)."""
-    text_index = summary_batch.layout.text_index
+def distill_losses(model, batch: dict, teacher: tuple, student: tuple, text_index: torch.Tensor, cfg: DistillConfig,
+                   *, tp_group, sequence_parallel: bool):
+    """Returns (loss_sum over text tokens, number of text tokens, report dict). `teacher` and `student` are the
+    model's (tokens, position_ids, keyword arguments) for the text row and for the row with summary slots (packed
+    documents' bounds, the visual embeddings and their positions in each); `text_index` maps the text row's
+    positions into the student's; labels and loss mask are the text row's (`batch`)."""
     with torch.no_grad(), ksa_teacher_mode(model), capture_attention_outputs(model) as attn_t:
-        logits_t = model(batch["tokens"], batch["position_ids"], None)
+        logits_t = model(teacher[0], teacher[1], None, **teacher[2])
     with capture_attention_outputs(model) as attn_s:
-        logits_s = model(summary_batch.input_ids, summary_batch.position_ids, None)
+        logits_s = model(student[0], student[1], None, **student[2])
     logits_s = logits_s.index_select(1, text_index)  # [b, s_text, V/tp]
     logp_s = vocab_parallel_log_softmax(logits_s, tp_group)
     logp_t = vocab_parallel_log_softmax(logits_t, tp_group)

@@ -65,9 +65,6 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
-    if cfg.train.distill.enabled and cfg.data.kind != "synthetic_tokens":
-        raise ValueError(f"train.distill needs text data (data.kind=synthetic_tokens), got data.kind={cfg.data.kind}: "
-                         "the teacher pass takes one document per row")
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)

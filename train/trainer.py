@@ -83,16 +83,18 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         batch["position_ids"] = pos = pos.unsqueeze(0).expand(3, -1, -1)
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     visual_pos = raw.get("visual_pos")
+    teacher = None
     if inputs.ksa_chunk:
         cu = batch["cu_seqlens"].reshape(-1) if "cu_seqlens" in batch else None
         sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
                                   loss_mask=mask, position_ids=pos, summary_token_id=inputs.vocab_size,
                                   ignore_index=0, cu_seqlens=cu)
         sb.input_ids[..., sb.layout.summary_index] = inputs.vocab_size + sb.layout.summary_slot
-        if inputs.distill is not None:
-            loss_sum, n, report = distill_losses(model, batch, sb, inputs.distill, tp_group=inputs.tp_group,
-                                                 sequence_parallel=inputs.sequence_parallel)
-            return loss_sum, functools.partial(_distill_loss_func, n, report)
+        if inputs.distill is not None:  # the dense teacher reads the row as it came: its documents, its frames
+            teacher_kwargs = {} if cu is None else {"packed_seq_params": packed_params(cu)}
+            if raw.get("visual_embeds") is not None:
+                teacher_kwargs["visual"] = (raw["visual_embeds"], visual_pos.to(inputs.device))
+            teacher = (tokens, pos, teacher_kwargs)
         tokens, labels, mask, pos = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids
         if cu is not None:  # packed documents: summaries follow each document's chunks; pad to the fixed length
             tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos, sb.cu_seqlens,
@@ -111,6 +113,11 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         # CP: the vision tower already placed this rank's share (in the model's, i.e. interleaved, sequence)
         where = raw["visual_local_pos"] if "visual_local_pos" in raw else visual_pos
         kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
+    if teacher is not None:  # KSA conversion stage 1: the student is the row as the model trains on it
+        loss_sum, n, report = distill_losses(model, batch, teacher, (tokens, pos, kwargs), sb.layout.text_index,
+                                             inputs.distill, tp_group=inputs.tp_group,
+                                             sequence_parallel=inputs.sequence_parallel)
+        return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask)
 

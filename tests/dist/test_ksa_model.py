@@ -1,6 +1,8 @@
 """The language model with KSA layers: trains on CPU, matches across TP layouts, and converts from a
 dense checkpoint with only the summary parameters training in distillation stage 1."""
 
+import json
+
 import pytest
 
 from tests.launch_util import run_layouts
@@ -45,3 +47,35 @@ def test_distillation_stage1_trains_only_summary_parameters(single):
     qkv = [n for n in summary if "linear_qkv_summary" in n]
     assert qkv and all(distilled[n] != dense[n.replace("linear_qkv_summary", "linear_qkv")] for n in qkv)
     assert sorted(losses["distill"]) == [1, 2, 3]
+
+
+def test_distillation_of_the_multimodal_model_per_packed_document(tmp_path_factory):
+    """Stage 1 on packed video rows (keye_tiny_vl_ksa_distill), from a dense keye_tiny checkpoint:
+    - with windows that reach every earlier chunk, a text query never sees a summary, so the KSA student is the
+      dense teacher: KL and attention-output MSE are 0 and the LM loss is the dense model's on the same rows, to
+      fp32 rounding (the student's sequence has the summary slots between). A teacher that ignored the documents'
+      bounds or the frames' embeddings, or a student whose embeddings sat at the text row's positions, differs;
+    - at the recipe's windows the student differs from its teacher (KL > 0) and only summary parameters move:
+      the ViT, the projector and the language model stay the dense checkpoint's."""
+    from data.video_stream import ensure_synthetic_shards
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    common = ["parallel=single", "train.steps=2", "train.warmup_steps=1", "train.global_batch_size=2",
+              "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    lr0 = ["train.lr=0", "train.min_lr=0"]
+    distill = common + ["recipe=keye_tiny_vl_ksa_distill", "train.checkpoint.enabled=false",
+                        "train.checkpoint.init_from={root}/dense"]
+    root = tmp_path_factory.mktemp("vl_distill")
+    losses, d = run_layouts(1, {"dense": common + lr0 + ["recipe=keye_tiny"],
+                                "full_windows": distill + lr0 + ["model.lm.ksa.windows=[64,64,64,64]"],
+                                "distill": distill}, root, digests=True)
+    metrics = {name: [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("full_windows", "distill")}
+    for step in (1, 2):
+        assert losses["full_windows"][step] == pytest.approx(losses["dense"][step], rel=1e-5)
+    # 0 up to the fp32 rounding of two log-softmaxes over the vocabulary (|KL| ~1e-8 measured, either sign)
+    assert all(abs(m["kl"]) < 1e-6 and m["attn_mse"] < 1e-9 for m in metrics["full_windows"]), metrics["full_windows"]
+    assert all(m["kl"] > 1e-4 for m in metrics["distill"]), [(m["kl"], m["attn_mse"]) for m in metrics["distill"]]
+    dense, distilled = d["dense"], d["distill"]
+    assert any(n.startswith("vision.") for n in dense)
+    assert all(distilled[n] == v for n, v in dense.items()), [n for n in dense if distilled[n] != dense[n]]
+    assert any(distilled[n] != d["full_windows"][n] for n in distilled if "summary" in n)

@@ -62,12 +62,11 @@ def test_full_size_multimodal_recipe_needs_shards_and_builds_the_vit():
     assert cfg.data.kind == "video" and cfg.train.micro_batch_size == 1 and cfg.parallel.vit.layout == "spread"
 
 
-def test_vision_needs_video_data_and_distill_needs_text():
+def test_vision_needs_video_data():
     with pytest.raises(ValueError, match="data.kind=video"):
         _validate("recipe=keye_tiny", "data=synthetic_tokens")
     _validate("recipe=keye_tiny_vl_ksa")  # vision with KSA: summary slots per packed document
-    with pytest.raises(ValueError, match="train.distill needs text data"):
-        _validate("recipe=keye_tiny_ksa_distill", "data=video_tiny", "train.micro_batch_size=1")
+    _validate("recipe=keye_tiny_vl_ksa_distill")  # and its distillation, per packed document
     with pytest.raises(ValueError, match="parallel.vit.layout"):
         _validate("recipe=keye_tiny", "parallel.vit.layout=everywhere")
 
@@ -164,6 +163,25 @@ def test_dsa_stage_recipes_follow_deepseek_at_128k_on_one_node():
     assert warm.train.steps * warm.train.global_batch_size * warm.train.seq_length == 1000 * 16 * 131072
     assert (sparse.model.lm.dsa.stage, sparse.train.trainable, sparse.train.lr) == ("sparse", "all", 7.3e-6)
     assert sparse.train.steps * sparse.train.global_batch_size * sparse.train.seq_length == 15000 * 480 * 131072
+
+
+def test_ksa_stage_recipes_convert_the_multimodal_model_on_its_video_data():
+    """The three KSA conversion stages keep Keye-VL's ViT (the dense keye_30b_a3b run's, which stage 1 distils
+    from) and train on video: stage 1 distils with only the summary parameters training, stage 2 unfreezes
+    everything, stage 3 extends to 32K with the 32K curriculum stage's long:short mix."""
+    paths = ["data.video.shards=/data/shards", "data.video.long_shards=/data/long"]
+    dense, _ = _validate("recipe=keye_30b_a3b", paths[0], world_size=8)
+    stages = [_validate(f"recipe=keye_30b_a3b_ksa_stage{i}", *paths, world_size=8)[0] for i in (1, 2, 3)]
+    ctx_32k, _ = _validate("recipe=keye_30b_a3b_ctx_32k", *paths, world_size=8)
+    for cfg in stages:
+        assert cfg.model.vision == dense.model.vision and cfg.model.lm.attention == "ksa"
+        assert cfg.model.lm.ksa.windows == [128, 128, 128, 1024] and cfg.data.kind == "video"
+    assert (stages[0].train.trainable, stages[0].train.distill.enabled) == ("summary", True)
+    assert [c.train.trainable for c in stages[1:]] == ["all", "all"] and not stages[1].train.distill.enabled
+    assert stages[2].train.seq_length == stages[2].data.video.seq_len == 32768
+    assert stages[2].data.video.long_fraction == ctx_32k.data.video.long_fraction
+    with pytest.raises(ValueError, match=r"data\.video\.shards is required"):
+        _validate("recipe=keye_30b_a3b_ksa_stage1", world_size=8)
 
 
 def test_a_recipe_whose_video_paths_are_unset_names_them_first():
