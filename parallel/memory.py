@@ -24,10 +24,17 @@ its activations are one working set, not every layer's kept tensors. A frozen mo
 backward (trainable=indexer with indexer_backward=model, summary, projector) is counted as full training
 keeps it: an upper bound (a frozen layer saves less; bench/RESULTS.md measured 25-42% less).
 
+The vision tower (train/vision.py, parallel/vit_layout.py; `vision_bytes`): its fp32 weights on every rank,
+gradients and AdamW state of what trains, and what its phase holds while the language model's schedule runs,
+for all micro-batches of a step at once: the visual embeddings handed to the LM-input ranks (with their
+gradients), and this rank's share of the frames either as ViT activations or, with parallel.vit.recompute, as
+their pixels. Upper bound: every token of a sequence visual (seq_length merged tokens).
+
 Not counted (state it rather than hide it): the CUDA context and NCCL buffers (~1-2 GiB per GPU, outside
 torch's allocator and outside max_memory_allocated), allocator fragmentation (reported separately as a
 stated 10 % margin), routing imbalance (T_e grows with the busiest expert), torch.compile / Triton
-workspaces, and the ViT (text-only language model).
+workspaces, and the vision tower's transient working set in its own phases (the LM's activations are not
+alive then).
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ class MemoryInputs:
     offload_layers: int = -1  # per model chunk, from the first; -1 = all but the chunk's last layer
     trainable: str = "all"  # train.trainable: the parameters with gradients and optimizer state
     indexer_step: bool = False  # trainable=indexer with indexer_backward=local: the step runs forward only
+    vision: object = None  # models.vision.VisionConfig of the model's vision tower, None without one
+    vit_ranks: int = 1  # ranks that split one sequence's frames (parallel.vit.layout=spread: tp x cp x pp)
+    vit_recompute: bool = False  # parallel.vit.recompute
 
     @property
     def model_seq(self) -> int:
@@ -395,12 +405,49 @@ def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str
     return rows
 
 
+# The ViT's saved-for-backward elements per patch and block: 11 h + 2 mlp + heads + 4 when the frames come in
+# more than one size (the blocks join the size groups' attention outputs: h of it; a packed step has several),
+# measured on the CPU (tests/unit/test_memory_estimator.py counts them through autograd's saved-tensor hooks);
+# counted at 2 bytes (bf16 autocast). On the H200 the ViT kept 30.4 KB per patch and block at the SigLIP-so400m
+# sizes (the step with and without parallel.vit.recompute, bench/RESULTS.md), against 42.6 KB counted: an upper
+# bound.
+def vit_saved_elements(v) -> int:
+    return 11 * v.hidden + 2 * v.mlp + v.heads + 4
+
+
+def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
+    """The vision tower's rows (module docstring). `first`: the LM-input stage, which holds the embeddings."""
+    v = m.vision
+    if v is None:
+        return {}
+    train_vit = m.trainable == "all"
+    train_proj = m.trainable in ("all", "projector")
+    n_all, n_proj = v.num_params(), v.projector_params()
+    n_train = (n_all - n_proj if train_vit else 0) + (n_proj if train_proj else 0)
+    seqs = m.num_microbatches * m.micro_batch_size  # every sequence of the step passes the phase at once
+    patches = seqs * m.seq_length * v.merge_tokens / m.vit_ranks  # this rank's share of the frames
+    rows = {"vision tower weights (fp32, on every rank)": 4.0 * n_all}
+    if n_train:
+        rows["vision gradients + AdamW (fp32)"] = 12.0 * n_train
+    if n_train and m.vit_recompute:
+        rows["vision frames kept for the recompute (uint8 pixels)"] = patches * v.patch_dim
+    elif train_vit:
+        rows["ViT activations kept between its phases"] = patches * (v.depth * vit_saved_elements(v) + v.patch_dim) * 2
+    elif train_proj:
+        rows["projector activations kept between its phases"] = patches * 4 * v.hidden * 2
+    if first:
+        rows["visual embeddings for the LM" + (" + gradients" if n_train else "")] = (
+            seqs * m.seq_length / m.cp * v.lm_hidden * 2 * (2 if n_train else 1))
+    return rows
+
+
 def estimate(m: MemoryInputs) -> MemoryEstimate:
     """The worst pipeline stage's predicted peak (first stage: most in-flight activations; last: loss)."""
     best = None
     for stage in sorted({0, m.pp - 1}):
         first, last = stage == 0, stage == m.pp - 1
-        rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last)}
+        rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last),
+                **vision_bytes(m, first=first)}
         est = MemoryEstimate(rows=rows, stage=stage, host=offloaded_host_bytes(m, first=first))
         if best is None or est.total > best.total:
             best = est
@@ -422,4 +469,7 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
                         offload=getattr(layout, "offload", "none"),
                         offload_layers=getattr(layout, "offload_layers", -1), trainable=t.trainable,
-                        indexer_step=t.indexer_step)
+                        indexer_step=t.indexer_step,
+                        vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
+                        vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,
+                        vit_recompute=cfg.parallel.vit.recompute)

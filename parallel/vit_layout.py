@@ -27,8 +27,11 @@ around the schedule:
     phase.backward()                            # all group ranks: grads all_to_all back, ViT backward
     allreduce_vit_grads(model, group)           # ViT params are replicated in the group: sum grads
 
-`recompute=True` keeps nothing of the forward but the plan: backward re-encodes the local frames
-with grad (a second ViT forward for the memory of the whole step's ViT activations).
+`recompute=True` keeps nothing of the forward but the plan and the local frames' pixels: backward
+re-encodes them with grad (a second ViT forward for the memory of the whole step's ViT activations).
+Both of its encodes run over at most `chunk_patches` patches at a time (frames are independent: a
+frame is never split), the backward one chunk's forward and backward before the next, so the ViT's
+memory is one chunk's however many frames the step holds (32 sequences of 8K tokens are ~1M patches).
 
 Gradients of tokens needed by several consumers: `grad_mode="replicated"` (TP consumers: after
 megatron's sequence-parallel scatter every TP rank holds the same full gradient of the inserted
@@ -371,6 +374,40 @@ def _check_consumers(consumers: Sequence[int], W: int) -> list[int]:
     return cons
 
 
+CHUNK_PATCHES = 32768  # patches per encode chunk under recompute (~5 GB at SigLIP-so400m sizes with block recompute)
+
+
+def frame_chunks(grid: torch.Tensor, chunk_patches: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive frames of `grid` ([F, 3] t, h, w) in chunks of at most `chunk_patches` patches (a larger
+    frame alone): (first frame, end frame, first patch row, end patch row) of each."""
+    sizes = grid.prod(-1).tolist()
+    out, f0, p0, n = [], 0, 0, 0
+    for i, s in enumerate(sizes):
+        if n and n + s > chunk_patches:
+            out.append((f0, i, p0, p0 + n))
+            f0, p0, n = i, p0 + n, 0
+        n += s
+    if sizes:
+        out.append((f0, len(sizes), p0, p0 + n))
+    return out
+
+
+def encode_chunked(model, pv: torch.Tensor, grid: torch.Tensor, chunk_patches: int) -> torch.Tensor:
+    """model(pv, grid) as the concatenation of its chunks' outputs (rows in frame order, as the whole call)."""
+    parts = [model(pv[p0:p1], grid[f0:f1]) for f0, f1, p0, p1 in frame_chunks(grid, chunk_patches)]
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def backward_chunked(model, pv: torch.Tensor, grid: torch.Tensor, grad: torch.Tensor, chunk_patches: int) -> None:
+    """Back-propagates `grad` (rows of model(pv, grid)) through the model chunk by chunk: each chunk's forward
+    with grad, then its backward, before the next (parameter gradients accumulate)."""
+    m2 = model.cfg.merge_tokens
+    for f0, f1, p0, p1 in frame_chunks(grid, chunk_patches):
+        out = model(pv[p0:p1], grid[f0:f1])
+        if out.requires_grad:
+            torch.autograd.backward(out, grad[p0 // m2:p1 // m2])
+
+
 class VisionPhase:
     """Spread layout: frames spread over the group by cost, embeddings exchanged to the consumers.
 
@@ -382,8 +419,9 @@ class VisionPhase:
 
     def __init__(self, model, group=None, consumers: Sequence[int] | None = None, *, recompute: bool = False,
                  grad_mode: GradMode = "replicated", balance: Balance = "lpt", check: bool = False,
-                 log_every: int = 0):
+                 log_every: int = 0, chunk_patches: int = CHUNK_PATCHES):
         self.model, self.group = model, group
+        self.chunk_patches = chunk_patches
         self.W = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.consumers = _check_consumers(range(self.W) if consumers is None else consumers, self.W)
@@ -421,7 +459,7 @@ class VisionPhase:
             raise RuntimeError("VisionPhase: ranks of the group were given different grid_thw (the group must "
                                "hold the same batch)")
 
-    def _encode_local(self, pvs, grids, plan: VisionPlan):
+    def _encode_local(self, pvs, grids, plan: VisionPlan, chunked: bool = False):
         device, dtype = self._device_dtype()
         mine = plan.rank_frames(self.rank)
         H = self.model.cfg.lm_hidden
@@ -431,7 +469,7 @@ class VisionPhase:
                                               plan.frames[i].patch_start + plan.frames[i].num_patches]
                         for i in mine]).to(device, non_blocking=True)
         grid = torch.stack([grids[plan.frames[i].mb][plan.frames[i].frame] for i in mine])
-        return pv, grid, self.model(pv, grid)
+        return pv, grid, (encode_chunked(self.model, pv, grid, self.chunk_patches) if chunked else self.model(pv, grid))
 
     # -- the phase
     def forward(self, microbatches: Sequence[Any],
@@ -463,7 +501,7 @@ class VisionPhase:
             self._state = dict(out=out, bwd=bwd, local=None, pv=None, grid=None)
         else:
             with torch.no_grad():
-                pv, grid, local = self._encode_local(pvs, grids, plan)
+                pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True)
                 out = exchange_forward(local, fwd, n_target, self.group)
             if trainable:
                 self._state = dict(out=None, bwd=bwd, local=local.shape[0], pv=pv, grid=grid)
@@ -494,9 +532,8 @@ class VisionPhase:
             torch.autograd.backward(st["out"], g)
             return
         g_local = exchange_backward(g, st["bwd"], st["local"], self.group)
-        if st["pv"] is not None:
-            local = self.model(st["pv"], st["grid"])   # recompute with grad
-            torch.autograd.backward(local, g_local)
+        if st["pv"] is not None:                  # recompute with grad, one chunk of frames at a time
+            backward_chunked(self.model, st["pv"], st["grid"], g_local, self.chunk_patches)
 
 
 class ReplicatedVisionPhase:
@@ -508,8 +545,9 @@ class ReplicatedVisionPhase:
     count once) and leaves it as is in "partial" mode."""
 
     def __init__(self, model, group=None, consumers: Sequence[int] | None = None, *, recompute: bool = False,
-                 grad_mode: GradMode = "replicated", log_every: int = 0):
+                 grad_mode: GradMode = "replicated", log_every: int = 0, chunk_patches: int = CHUNK_PATCHES):
         self.model, self.group = model, group
+        self.chunk_patches = chunk_patches
         self.W = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.consumers = _check_consumers(range(self.W) if consumers is None else consumers, self.W)
@@ -547,8 +585,11 @@ class ReplicatedVisionPhase:
             scale = 1.0 / holders[lay.tokens]
         pv = torch.cat(pvs).to(p.device) if pvs else torch.zeros(0, cfg.patch_dim, device=p.device)
         grid = torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
-        with torch.set_grad_enabled(trainable and not self.recompute):
+        if trainable and not self.recompute:
             out = self.model(pv, grid).index_select(0, lay.tokens.to(p.device))
+        else:
+            with torch.no_grad():
+                out = encode_chunked(self.model, pv, grid, self.chunk_patches).index_select(0, lay.tokens.to(p.device))
         parts = list(torch.split(out.detach(), lay.mb_lengths))
         if trainable:
             parts = [q.requires_grad_() for q in parts]
@@ -561,11 +602,12 @@ class ReplicatedVisionPhase:
             return
         g = torch.cat([q.grad if q.grad is not None else torch.zeros_like(q) for q in st["leaves"]])
         g = g * st["scale"][:, None]
-        out = st["out"]
-        if self.recompute:
-            out = self.model(st["pv"], st["grid"]).index_select(0, st["rows"].to(g.device))
-        if out.requires_grad:
-            torch.autograd.backward(out, g)
+        if self.recompute:  # one chunk of frames at a time, with each row's gradient where the chunk puts it
+            rows = st["rows"].to(g.device)
+            full = g.new_zeros(int(st["grid"].prod(-1).sum()) // self.model.cfg.merge_tokens, g.shape[1])
+            backward_chunked(self.model, st["pv"], st["grid"], full.index_add_(0, rows, g), self.chunk_patches)
+        elif st["out"].requires_grad:
+            torch.autograd.backward(st["out"], g)
 
 
 def build_vision_phase(layout: Literal["spread", "replicated"], model, group=None,

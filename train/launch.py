@@ -97,16 +97,21 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
     from parallel.memory import GIB, estimate, inputs_from_config
 
     m = inputs_from_config(cfg, layout)
-    peak = estimate(m).total
+    est = estimate(m)
+    peak = est.total
     if peak * 1.1 <= capacity:
         return None
     options = [f"{label}: {estimate(replace(m, **kw)).total / GIB:.1f} GiB"
                for label, kw in _LAYOUTS_THAT_SAVE_MEMORY if any(getattr(m, k) != v for k, v in kw.items())]
+    largest = sorted(est.rows.items(), key=lambda kv: -kv[1])[:3]
     msg = (f"the predicted peak memory per rank is {peak / GIB:.1f} GiB ({peak * 1.1 / GIB:.1f} with a 10% "
-           f"fragmentation margin; python launch/memory.py prints it item by item), and this GPU has "
+           f"fragmentation margin; largest: {', '.join(f'{k} {v / GIB:.1f}' for k, v in largest)}; python "
+           f"launch/memory.py prints it item by item), and this GPU has "
            f"{capacity / GIB:.1f} GiB (parallel.recompute={layout.recompute}, parallel.offload={layout.offload}). "
            f"Predicted instead: {'; '.join(options) or 'no other recompute / offload setting'}; or more GPUs "
-           "(larger parallel.ep, tp, pp or cp)")
+           "(larger parallel.ep, tp, pp or cp" + ("" if m.vision is None else
+           f"; or more data-parallel ranks: the vision tower holds the frames and embeddings of the step's "
+           f"{m.num_microbatches} micro-batches per rank") + ")")
     if cfg.train.memory_check == "error":
         raise ValueError(msg + ". train.memory_check=warn runs it anyway")
     return msg

@@ -78,9 +78,12 @@ class VisionConfig:
         embed = self.patch_dim * h + h + self.pos_grid ** 2 * h
         block = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * m + m) + (m * h + h)
         post = 2 * h
-        mh = self.merge_tokens * h
-        proj = 2 * h + (mh * mh + mh) + (mh * self.lm_hidden + self.lm_hidden)
-        return embed + self.depth * block + post + proj
+        return embed + self.depth * block + post + self.projector_params()
+
+    def projector_params(self) -> int:
+        """Parameter count of the 2x2 patch-merger projector alone (LayerNorm, fc1, fc2)."""
+        mh = self.merge_tokens * self.hidden
+        return 2 * self.hidden + (mh * mh + mh) + (mh * self.lm_hidden + self.lm_hidden)
 
 
 def so400m(lm_hidden: int) -> VisionConfig:

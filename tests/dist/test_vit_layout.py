@@ -60,6 +60,13 @@ CASES = {
     "replicated_tp_cp": ({4}, dict(consumers="all", needs="tp_cp", grad_mode="replicated", layout="replicated")),
     "replicated_partial": ({4}, dict(consumers=[1, 3], needs="random", grad_mode="partial", layout="replicated",
                                      recompute=True)),
+    # recompute over chunks of at most 20 patches: the 4-16-patch frames grouped, the 36-100-patch ones alone
+    "cp_disjoint_recompute_chunked": ({2}, dict(consumers="all", needs="disjoint", grad_mode="partial", recompute=True,
+                                                chunk_patches=20)),
+    "frozen_vit_recompute_chunked": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", freeze="vit",
+                                               recompute=True, chunk_patches=20)),
+    "replicated_partial_chunked": ({4}, dict(consumers=[1, 3], needs="random", grad_mode="partial",
+                                             layout="replicated", recompute=True, chunk_patches=20)),
 }
 
 
@@ -174,6 +181,8 @@ def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
         total.backward()
 
     kw = dict(recompute=opt.get("recompute", False), grad_mode=opt["grad_mode"])
+    if "chunk_patches" in opt:
+        kw["chunk_patches"] = opt["chunk_patches"]
     if opt.get("layout") == "replicated":
         phase = ReplicatedVisionPhase(model, None, consumers, **kw)
     else:
@@ -309,3 +318,12 @@ def test_needs_and_inputs_are_validated():
         _check_pixel_dtypes([torch.zeros(1, dtype=torch.uint8), torch.zeros(1)])
     with pytest.raises(ValueError, match=r"vit layout must be 'spread' or 'replicated'"):
         build_vision_phase("tp", model)
+
+
+def test_frame_chunks_keep_frames_whole_and_cover_every_patch():
+    from parallel.vit_layout import frame_chunks
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 2], [1, 8, 8], [1, 2, 4], [1, 2, 2], [1, 2, 2], [1, 2, 2]])
+    assert frame_chunks(grid, 20) == [(0, 2, 0, 8), (2, 3, 8, 72), (3, 7, 72, 92)]  # 8 + 4 + 4 + 4 = 20 fits
+    assert frame_chunks(grid, 19) == [(0, 2, 0, 8), (2, 3, 8, 72), (3, 6, 72, 88), (6, 7, 88, 92)]
+    assert frame_chunks(grid, 1000) == [(0, 7, 0, 92)] and frame_chunks(grid[:0], 20) == []

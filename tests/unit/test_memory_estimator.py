@@ -233,3 +233,68 @@ def test_indexer_step_keeps_nothing_for_backward():
                      if k.startswith(("attention", "MoE")))
     assert working[0] < kept_model  # one layer's tensors at a time, against all four layers' kept
     assert estimate(step).total < estimate(through_model).total
+
+
+def test_vision_tower_rows_by_hand():
+    """The vision tower of a multimodal recipe (parallel/memory.py vision_bytes): fp32 weights on every rank;
+    gradients + AdamW for what trains; what its phase holds for the whole step while the LM schedule runs, for
+    every one of the rank's sequences: its share of the frames (pixels with parallel.vit.recompute, else the ViT's
+    activations) and, on the LM-input stage, the embeddings (+ their gradients when the tower trains)."""
+    from models.vision import tiny
+    from parallel.memory import vision_bytes, vit_saved_elements
+
+    v = tiny(64)
+    n, n_proj = v.num_params(), v.projector_params()
+    m = MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, cp=2, tp=2, vision=v, vit_ranks=4,
+                     vit_recompute=True)
+    patches = 3 * 256 * 4 / 4                     # 3 sequences, every token visual, 2x2 patches, over 4 ranks
+    assert vision_bytes(m, first=True) == {
+        "vision tower weights (fp32, on every rank)": 4 * n, "vision gradients + AdamW (fp32)": 12 * n,
+        "vision frames kept for the recompute (uint8 pixels)": patches * 3 * 14 * 14,
+        "visual embeddings for the LM + gradients": 3 * 256 / 2 * 64 * 2 * 2}
+    kept = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, vision=v, vit_ranks=4),
+                        first=False)
+    assert kept["ViT activations kept between its phases"] == patches * (2 * vit_saved_elements(v) + 588) * 2
+    assert "visual embeddings for the LM + gradients" not in kept
+    align = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="projector"), first=True)
+    assert align["vision gradients + AdamW (fp32)"] == 12 * n_proj
+    frozen = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="indexer",
+                                       vit_recompute=True), first=True)
+    assert frozen == {"vision tower weights (fp32, on every rank)": 4 * n, "visual embeddings for the LM": 256 * 64 * 2}
+    assert vision_bytes(MemoryInputs(lm=lm(), seq_length=256), first=True) == {}
+
+
+@pytest.mark.parametrize("sizes", [{}, {"hidden": 128}, {"mlp": 256}, {"heads": 8}])
+def test_vit_saved_elements_per_patch_and_block_as_measured_on_cpu(sizes):
+    """What one ViT block hands autograd per patch (fp32 on the CPU, counted once per storage through the
+    saved-tensor hooks, parameters excluded): the difference between a 2-block and a 1-block ViT on the same
+    frames, of two sizes as a packed step's are, equals parallel/memory.py's vit_saved_elements."""
+    import dataclasses
+
+    import torch
+
+    from models.vision import VisionModel, tiny
+    from parallel.memory import vit_saved_elements
+
+    def saved_elements_per_patch(depth: int) -> float:
+        cfg = dataclasses.replace(tiny(64), depth=depth, **sizes)
+        model = VisionModel(cfg)
+        grid = torch.tensor([[1, 6, 6]] * 3 + [[1, 4, 8]])
+        pv = torch.randint(0, 255, (int(grid.prod(-1).sum()), cfg.patch_dim), dtype=torch.uint8)
+        seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        total = [0]
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(pv, grid)
+        return total[0] / 4 / pv.shape[0]
+
+    cfg = dataclasses.replace(tiny(64), **sizes)
+    # abs: the two totals are divided by the 140 patches, so their difference carries float rounding only
+    assert saved_elements_per_patch(2) - saved_elements_per_patch(1) == pytest.approx(vit_saved_elements(cfg), abs=1e-6)
