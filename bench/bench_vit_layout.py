@@ -16,6 +16,16 @@ the plan's cost imbalance (max/mean over ranks), peak memory per rank.
 
     torchrun --nproc_per_node 2 bench/bench_vit_layout.py --out $OUT/vit.json          # 2 GPUs
     torchrun --nproc_per_node 2 bench/bench_vit_layout.py --smoke --out /tmp/vit.json  # CPU check
+
+The recompute's chunks (parallel/vit_layout.py CHUNK_PATCHES), one GPU: a case `layout:recompute:chunk` encodes
+at most `chunk` patches at a time (0: the whole step's frames in one call, as before chunking), e.g.
+
+    torchrun --nproc_per_node 1 bench/bench_vit_layout.py --tp 1 --seq 8192 --microbatches 16 \
+        --cases spread:1:32768,spread:1:0,spread:0 --out $OUT/vit_chunks.json
+
+Each case also records parallel/memory.py's predicted peak (`estimate_gb`, 10^9 bytes like the measurement,
+which takes every token as visual) and its vision rows. `peak_gb` is clean for a process's first case only: the
+process keeps part of a finished case's model (about 35 GB at 2 layers), so measure memory one case per process.
 """
 
 from __future__ import annotations
@@ -94,12 +104,16 @@ class Fixed:
     def state_dict(self):
         return {}
 
+    def step_metrics(self):  # the trainer logs the loader's per-step data metrics (none here)
+        return {}
 
-def run_case(layout_name: str, args, batches, recompute: bool) -> dict:
+
+def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None = None) -> dict:
+    from parallel.memory import estimate, inputs_from_config
     from train.trainer import Trainer
 
     recipe = "keye_tiny" if args.smoke else "keye_30b_a3b"
-    overrides = [f"recipe={recipe}", "parallel=single", "parallel.tp=2", f"parallel.vit.layout={layout_name}",
+    overrides = [f"recipe={recipe}", "parallel=single", f"parallel.tp={args.tp}", f"parallel.vit.layout={layout_name}",
                  f"model.lm.num_layers={args.layers}", f"train.seq_length={args.seq}",
                  f"train.global_batch_size={args.microbatches}", "train.micro_batch_size=1",
                  "train.steps=1000", "train.warmup_steps=1", "train.checkpoint.enabled=false",
@@ -117,6 +131,9 @@ def run_case(layout_name: str, args, batches, recompute: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     tr = Trainer(cfg, layout)
     vt = tr.vision
+    if chunk is not None:
+        vt.phase.chunk_patches = chunk or 1 << 62  # 0: one call over the whole step's frames
+    est = estimate(inputs_from_config(cfg, layout))
     vit_times = []
     fwd, bwd = vt.forward, vt.backward_and_step
 
@@ -148,7 +165,11 @@ def run_case(layout_name: str, args, batches, recompute: bool) -> dict:
     vit = statistics.median(vit_times[args.warmup:])
     plan = vt.phase.last_plan
     loads = plan.loads() if plan is not None and hasattr(plan, "loads") else None
-    rec = {"layout": layout_name, "recompute": recompute, "step_s": statistics.median(steps), "vit_s": vit,
+    rec = {"layout": layout_name, "recompute": recompute, "chunk_case": chunk, "chunk_patches": vt.phase.chunk_patches,
+           "estimate_gb": est.total / 1e9,
+           "estimate_vision_gb": {k: v / 1e9 for k, v in est.rows.items() if "vision" in k or "ViT" in k
+                                  or "visual" in k},
+           "step_s": statistics.median(steps), "vit_s": vit,
            "imbalance": plan.imbalance() if plan is not None and hasattr(plan, "imbalance") else 1.0,
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0,
            "loss": s.loss}
@@ -171,6 +192,7 @@ def main() -> None:
     ap.add_argument("--recompute", type=int, default=1, help="parallel.vit.recompute for both layouts")
     ap.add_argument("--cases", default="", help="layout:recompute list, e.g. spread:1,spread:0 (default: "
                                                  "spread and replicated at --recompute)")
+    ap.add_argument("--tp", type=int, default=2, help="parallel.tp: the GPUs that share one LM sequence")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -190,17 +212,22 @@ def main() -> None:
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "layers": args.layers, "seq": args.seq, "microbatches": args.microbatches,
                        "frames_per_step": frames, "patches_per_step": patches}, "runs": []}
-    cases = ([(c.split(":")[0], c.split(":")[1] == "1") for c in args.cases.split(",")] if args.cases
-             else [("spread", bool(args.recompute)), ("replicated", bool(args.recompute))])
-    for name, rc in cases:
+    cases = ([(c.split(":")[0], c.split(":")[1] == "1", int(c.split(":")[2]) if c.count(":") > 1 else None)
+              for c in args.cases.split(",")] if args.cases
+             else [("spread", bool(args.recompute), None), ("replicated", bool(args.recompute), None)])
+    for name, rc, chunk in cases:
         try:
-            results["runs"].append(run_case(name, args, batches, rc))
+            results["runs"].append(run_case(name, args, batches, rc, chunk))
         except Exception as e:  # keep the other case
-            results["runs"].append({"layout": name, "recompute": rc, "error": f"{type(e).__name__}: {e}"[:400]})
+            results["runs"].append({"layout": name, "recompute": rc, "chunk_case": chunk,
+                                    "error": f"{type(e).__name__}: {e}"[:400]})
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if dist.is_initialized():
             dist.barrier()
     if int(os.environ.get("RANK", "0")) == 0:
-        runs = {r["layout"]: r for r in results["runs"] if "error" not in r}
+        runs = {r["layout"]: r for r in results["runs"] if "error" not in r and r["chunk_case"] is None}
         if {"spread", "replicated"} <= set(runs):
             results["step_speedup_spread_vs_replicated"] = runs["replicated"]["step_s"] / runs["spread"]["step_s"]
             results["vit_speedup_spread_vs_replicated"] = (max(runs["replicated"]["vit_s_per_rank"])
