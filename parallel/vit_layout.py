@@ -374,7 +374,9 @@ def _check_consumers(consumers: Sequence[int], W: int) -> list[int]:
     return cons
 
 
-CHUNK_PATCHES = 32768  # patches per encode chunk under recompute (~5 GB at SigLIP-so400m sizes with block recompute)
+# Patches per encode chunk under recompute: at the SigLIP-so400m sizes, with block recompute, a chunk's backward holds
+# its 27 block inputs and one block's activations, ~5.5 GB counted (bench/RESULTS.md: no step-time cost).
+CHUNK_PATCHES = 32768
 
 
 def frame_chunks(grid: torch.Tensor, chunk_patches: int) -> list[tuple[int, int, int, int]]:
