@@ -135,7 +135,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
         vt.phase.chunk_patches = chunk or 1 << 62  # 0: one call over the whole step's frames
     est = estimate(inputs_from_config(cfg, layout))
     vit_times = []
-    fwd, bwd = vt.forward, vt.backward_and_step
+    fwd, bwd = vt.forward, vt.backward
 
     def timed_fwd(*a, **k):
         _sync()
@@ -153,7 +153,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
         vit_times[-1] += time.perf_counter() - t0
         return out
 
-    vt.forward, vt.backward_and_step = timed_fwd, timed_bwd
+    vt.forward, vt.backward = timed_fwd, timed_bwd
     for m in tr.model:
         m.train()
     steps = []

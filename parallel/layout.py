@@ -34,8 +34,15 @@ class ViTParallelConfig:
     layout: str = "spread"
     balance: str = "lpt"  # lpt: longest-processing-time on per-frame FLOPs; round_robin: frame i -> rank i % n
     recompute: bool = False  # checkpoint each ViT block and keep no ViT activations between its forward and backward phases
+    # Micro-batches per vision phase: 0 = all of a step's at once. N: the step runs rounds of (ViT forward, the LM's
+    # forward + backward of N micro-batches, ViT backward), so the frames and embeddings of N sequences are alive
+    # at a time instead of the whole step's; the LM's gradients are reduced once, after the last round. Must divide
+    # the micro-batches per step (train/launch.py checks it).
+    group: int = 0
 
     def __post_init__(self) -> None:
+        if self.group < 0:
+            raise ValueError(f"parallel.vit.group must be >= 0 (0: a step's micro-batches at once), got {self.group}")
         if self.layout not in VIT_LAYOUTS:
             raise ValueError(f"parallel.vit.layout must be one of {VIT_LAYOUTS}, got {self.layout!r}")
         if self.balance not in VIT_BALANCE:

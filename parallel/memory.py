@@ -26,7 +26,7 @@ keeps it: an upper bound (a frozen layer saves less; bench/RESULTS.md measured 2
 
 The vision tower (train/vision.py, parallel/vit_layout.py; `vision_bytes`): its fp32 weights on every rank,
 gradients and AdamW state of what trains, and what its phase holds while the language model's schedule runs,
-for all micro-batches of a step at once: the visual embeddings handed to the LM-input ranks (with their
+for all micro-batches of a step at once (or of a round of parallel.vit.group): the visual embeddings handed to the LM-input ranks (with their
 gradients), and this rank's share of the frames either as ViT activations or, with parallel.vit.recompute, as
 their pixels. Upper bound: every token of a sequence visual (seq_length merged tokens).
 
@@ -77,6 +77,7 @@ class MemoryInputs:
     vision: object = None  # models.vision.VisionConfig of the model's vision tower, None without one
     vit_ranks: int = 1  # ranks that split one sequence's frames (parallel.vit.layout=spread: tp x cp x pp)
     vit_recompute: bool = False  # parallel.vit.recompute
+    vit_group: int = 0  # parallel.vit.group: micro-batches per vision phase (0: the whole step's)
 
     @property
     def model_seq(self) -> int:
@@ -424,7 +425,7 @@ def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
     train_proj = m.trainable in ("all", "projector")
     n_all, n_proj = v.num_params(), v.projector_params()
     n_train = (n_all - n_proj if train_vit else 0) + (n_proj if train_proj else 0)
-    seqs = m.num_microbatches * m.micro_batch_size  # every sequence of the step passes the phase at once
+    seqs = (m.vit_group or m.num_microbatches) * m.micro_batch_size  # the sequences of one vision phase
     patches = seqs * m.seq_length * v.merge_tokens / m.vit_ranks  # this rank's share of the frames
     rows = {"vision tower weights (fp32, on every rank)": 4.0 * n_all}
     if n_train:
@@ -472,4 +473,4 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         indexer_step=t.indexer_step,
                         vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
                         vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,
-                        vit_recompute=cfg.parallel.vit.recompute)
+                        vit_recompute=cfg.parallel.vit.recompute, vit_group=cfg.parallel.vit.group)

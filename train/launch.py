@@ -50,6 +50,10 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     if d.video.vocab_size > cfg.model.lm.vocab_size:
         raise ValueError(f"data.video.vocab_size ({d.video.vocab_size}) exceeds model.lm.vocab_size "
                          f"({cfg.model.lm.vocab_size})")
+    group, per_step = cfg.parallel.vit.group, t.global_batch_size // (t.micro_batch_size * layout.dp)
+    if group and per_step % group:
+        raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel rank "
+                         f"({per_step} = train.global_batch_size / (train.micro_batch_size x {layout.dp}))")
     if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
         raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
@@ -109,9 +113,9 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
            f"launch/memory.py prints it item by item), and this GPU has "
            f"{capacity / GIB:.1f} GiB (parallel.recompute={layout.recompute}, parallel.offload={layout.offload}). "
            f"Predicted instead: {'; '.join(options) or 'no other recompute / offload setting'}; or more GPUs "
-           "(larger parallel.ep, tp, pp or cp" + ("" if m.vision is None else
-           f"; or more data-parallel ranks: the vision tower holds the frames and embeddings of the step's "
-           f"{m.num_microbatches} micro-batches per rank") + ")")
+           "(larger parallel.ep, tp, pp or cp)" + ("" if m.vision is None else
+           f"; or a smaller parallel.vit.group, or more data-parallel ranks: the vision tower holds the frames and "
+           f"embeddings of {m.vit_group or m.num_microbatches} micro-batches per rank at a time"))
     if cfg.train.memory_check == "error":
         raise ValueError(msg + ". train.memory_check=warn runs it anyway")
     return msg

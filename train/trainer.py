@@ -495,35 +495,51 @@ class Trainer:
         vit_flops = 0.0
         if self.layout.pp > 1:
             extra["p2p_communicator"] = self.p2p
-        if self.cfg.data.kind == "video":
-            mbs = [next(self.streams[0]) for _ in range(self.num_microbatches)]
-            if self.vision is not None:
-                embeds = self.vision.forward(mbs, self.device)
-                mbs = [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
-            iters = [iter(mbs) for _ in self.model]
-        else:
-            iters = self.streams
-        losses = fwd_bwd(
-            forward_step_func=functools.partial(_forward_step, self.step_inputs),
-            data_iterator=iters if len(self.model) > 1 else iters[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=self.num_microbatches,
-            seq_length=self.model_seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=self.indexer_step,
-            pg_collection=self.pgs,
-            **extra,
-        )
-        if self.indexer_step:  # what the schedule does after a backward: DP / TP sums, divided by the tokens
+
+        def run_schedule(iters, n: int) -> list:
+            return fwd_bwd(forward_step_func=functools.partial(_forward_step, self.step_inputs),
+                           data_iterator=iters if len(self.model) > 1 else iters[0],
+                           model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
+                           seq_length=self.model_seq_length, micro_batch_size=t.micro_batch_size,
+                           forward_only=self.indexer_step, pg_collection=self.pgs, **extra)
+
+        rounds = [self.num_microbatches]
+        if self.vision is not None and self.cfg.parallel.vit.group:
+            rounds = [self.cfg.parallel.vit.group] * (self.num_microbatches // self.cfg.parallel.vit.group)
+        # several rounds: the LM's gradients accumulate over them and are reduced once, after the last, with the
+        # step's loss-token count, as one schedule over every micro-batch would (finalize_model_grads)
+        finalize = self.tconfig.finalize_model_grads_func
+        if len(rounds) > 1:
+            self.tconfig.finalize_model_grads_func = None
+        losses, loss_mask_sum, vit_cost = [], 0.0, 0.0
+        try:
+            for n in rounds:
+                if self.cfg.data.kind == "video":
+                    mbs = [next(self.streams[0]) for _ in range(n)]
+                    if self.vision is not None:
+                        embeds = self.vision.forward(mbs, self.device)
+                        mbs = [{**mb, "visual_embeds": embeds[i] if embeds is not None else None}
+                               for i, mb in enumerate(mbs)]
+                        loss_mask_sum += float(sum(mb["loss_mask"].sum() for mb in mbs))
+                        vit_cost += self.vision.step_flops(mbs)
+                    iters = [iter(mbs) for _ in self.model]
+                else:
+                    iters = self.streams
+                losses += run_schedule(iters, n)
+                if self.vision is not None:
+                    self.vision.backward()  # this round's frames; the ViT's gradients accumulate until its step
+                mbs = iters = None
+        finally:
+            self.tconfig.finalize_model_grads_func = finalize
+        if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
             finalize_model_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
             # (and the ViT FLOPs of the step, for the throughput line)
-            tok = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs)), self.vision.step_flops(mbs)],
-                               dtype=torch.float64, device=self.device)
+            tok = torch.tensor([loss_mask_sum, vit_cost], dtype=torch.float64, device=self.device)
             dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
-            vit_norm = self.vision.backward_and_step(lr, float(tok[0].item()))
+            vit_norm = self.vision.step(lr, float(tok[0].item()))
             vit_flops = float(tok[1].item())
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:

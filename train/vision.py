@@ -1,13 +1,14 @@
 """The vision tower inside a training run: built replicated on every rank, run as a phase around the
 LM's pipeline schedule on its own parallel layout (parallel/vit_layout.py), optimised by its own AdamW.
 
-Per step (every rank):
+Per step (every rank), once, or once per round of parallel.vit.group micro-batches:
     embeds = forward(micro_batches)      plan -> encode this rank's share of frames -> one all_to_all;
                                          the LM-input ranks (pipeline stage 0) get one leaf tensor of
                                          merged visual embeddings per micro-batch
     ... the LM schedule runs; its stage-0 forward writes embeds[i] over micro-batch i's placeholders ...
-    backward_and_step(lr, total_tokens) gradients back in one all_to_all -> ViT backward -> one
-                                         all_reduce over all ranks -> / tokens -> clip -> AdamW
+    backward()                           gradients back in one all_to_all -> ViT backward (accumulating)
+then, once per step:
+    step(lr, total_tokens)               one all_reduce over all ranks -> / tokens -> clip -> AdamW
 
 Why its own optimizer: the ViT is replicated on every rank of every data-parallel replica and each
 rank back-propagates only the frames it encoded, so its gradient is one sum over the whole world,
@@ -130,10 +131,15 @@ class VisionTower:
     def step_flops(self, micro_batches: list[dict]) -> float:
         return vision_step_flops(self.model, micro_batches)
 
-    def backward_and_step(self, lr: float, total_tokens: float) -> float:
-        """Completes the ViT's backward and updates it; returns the ViT gradient norm (before clipping)."""
+    def backward(self) -> None:
+        """The ViT's backward of the last forward's micro-batches (collective); its gradients accumulate until
+        `step`, so a step may run several forward / backward rounds (parallel.vit.group)."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             self.phase.backward()
+
+    def step(self, lr: float, total_tokens: float) -> float:
+        """Sums the ViT's gradients over the world, scales them by the step's loss tokens, clips and updates;
+        returns the ViT gradient norm (before clipping)."""
         if self.optimizer is None:
             return 0.0
         allreduce_vit_grads(self.model, None)  # every rank encoded different frames: sum over the world

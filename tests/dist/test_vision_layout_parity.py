@@ -34,7 +34,11 @@ def curves(tmp_path_factory):
     from data.video_stream import ensure_synthetic_shards
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 12, 1234, rank=0)
     common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
-    one = run_layouts(1, {"single": common, "ksa_single": ksa}, tmp_path_factory.mktemp("one"))
+    # parallel.vit.group=1: each step's 2 micro-batches in two rounds of ViT forward, LM forward + backward, ViT
+    # backward, the LM's gradients reduced once after both (against the same step in one round)
+    grouped = ["parallel.vit.group=1"]
+    one = run_layouts(1, {"single": common, "ksa_single": ksa, "single_grouped": common + grouped},
+                      tmp_path_factory.mktemp("one"))
     single = one["single"]
     two, digests = run_layouts(2, {
         "tp2_spread": common + ["parallel.tp=2", "parallel.vit.layout=spread"],
@@ -49,16 +53,20 @@ def curves(tmp_path_factory):
         # visual tokens follow them, also into each CP rank's chunks and through the pipeline
         "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"],
         "ksa_pp2": ksa + ["parallel.pp=2", "parallel.vit.layout=spread"],
+        "pp2_grouped": common + ["parallel.pp=2", "parallel.vit.layout=spread"] + grouped,
+        "tp2_grouped_recompute": common + ["parallel.tp=2", "parallel.vit.recompute=true"] + grouped,
     }, tmp_path_factory.mktemp("two"), digests=True)
     two["_digests"] = digests
     two["ksa_single"] = one["ksa_single"]
+    two["single_grouped"] = one["single_grouped"]
     return single, two
 
 
 # Through the trainer: replicated under TP2 (every LM-input rank encodes everything, whatever the LM layout),
 # spread under TP2, PP2 and CP2. The exchange at 4 ranks (TP2 x PP2, TP2 x CP2) and ViT recomputation are
 # checked phase by phase in test_vit_layout.py and test_vision.py, at a fraction of the cost of 4 trainers.
-@pytest.mark.parametrize("name", ["tp2_spread", "tp2_replicated", "pp2_spread", "cp2_spread"])
+@pytest.mark.parametrize("name", ["tp2_spread", "tp2_replicated", "pp2_spread", "cp2_spread", "single_grouped",
+                                  "pp2_grouped", "tp2_grouped_recompute"])
 def test_vit_layout_matches_single_process(curves, name):
     single, runs = curves
     assert _close(runs[name], single), (name, runs[name], single)

@@ -67,6 +67,9 @@ def test_vision_needs_video_data():
         _validate("recipe=keye_tiny", "data=synthetic_tokens")
     _validate("recipe=keye_tiny_vl_ksa")  # vision with KSA: summary slots per packed document
     _validate("recipe=keye_tiny_vl_ksa_distill")  # and its distillation, per packed document
+    _validate("recipe=keye_tiny", "parallel.vit.group=2")  # the vision phase in rounds of 2 of the 4 micro-batches
+    with pytest.raises(ValueError, match=r"parallel\.vit\.group \(3\) must divide the micro-batches per step"):
+        _validate("recipe=keye_tiny", "parallel.vit.group=3")
     with pytest.raises(ValueError, match="parallel.vit.layout"):
         _validate("recipe=keye_tiny", "parallel.vit.layout=everywhere")
 
@@ -222,25 +225,22 @@ def test_memory_check_stops_a_layout_predicted_beyond_the_gpu_and_names_what_fit
         _validate("recipe=keye_tiny_lm", "train.memory_check=maybe")
 
 
-# recipes written for more than one 8-GPU node (their comments say why)
-NODES = {"keye_30b_a3b_dsa_sparse": 2}
-
-
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes/recipe").glob("keye_30b_a3b*.yaml")))
 def test_every_30b_recipe_is_predicted_to_fit_an_h200(recipe):
-    """Each Keye-30B-A3B recipe on the nodes it is written for (8 GPUs each), with the estimate's 10% fragmentation
+    """Each Keye-30B-A3B recipe on the node it is written for (8 GPUs), with the estimate's 10% fragmentation
     margin: what the memory check asks before a run. Placeholder shard paths where a recipe reads video. The
-    estimate counts the vision tower of the multimodal recipes (weights, optimizer, the step's frames and
-    embeddings); the DSA sparse stage's 240 sequences per GPU and step on one node do not fit, and are stopped."""
+    estimate counts the vision tower of the multimodal recipes (weights, optimizer, the frames and embeddings of
+    a vision phase); the DSA sparse stage's 240 sequences per GPU and step fit in rounds of 16
+    (parallel.vit.group), and all at once are stopped."""
     from train.launch import check_memory
 
     video = "video" in (REPO / f"recipes/recipe/{recipe}.yaml").read_text() or recipe in ("keye_30b_a3b_align",)
     paths = ["data.video.shards=/data/shards", "data.video.long_shards=/data/long"] if video else []
-    cfg, layout = _validate(f"recipe={recipe}", *paths, world_size=8 * NODES.get(recipe, 1))
+    cfg, layout = _validate(f"recipe={recipe}", *paths, world_size=8)
     assert check_memory(cfg, layout, H200) is None
-    if recipe in NODES:
-        cfg, layout = _validate(f"recipe={recipe}", *paths, world_size=8)
-        with pytest.raises(ValueError, match="visual embeddings"):
+    if cfg.parallel.vit.group:
+        cfg, layout = _validate(f"recipe={recipe}", *paths, "parallel.vit.group=0", world_size=8)
+        with pytest.raises(ValueError, match="largest: visual embeddings.*smaller parallel.vit.group.* 240 micro"):
             check_memory(cfg, layout, H200)
 
 

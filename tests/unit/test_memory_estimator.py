@@ -262,6 +262,11 @@ def test_vision_tower_rows_by_hand():
                                        vit_recompute=True), first=True)
     assert frozen == {"vision tower weights (fp32, on every rank)": 4 * n, "visual embeddings for the LM": 256 * 64 * 2}
     assert vision_bytes(MemoryInputs(lm=lm(), seq_length=256), first=True) == {}
+    # parallel.vit.group=1: one of the 3 micro-batches per vision phase
+    rounds = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, cp=2, tp=2, vision=v, vit_ranks=4,
+                                       vit_recompute=True, vit_group=1), first=True)
+    assert rounds["visual embeddings for the LM + gradients"] == 256 / 2 * 64 * 2 * 2
+    assert rounds["vision frames kept for the recompute (uint8 pixels)"] == patches / 3 * 588
 
 
 @pytest.mark.parametrize("sizes", [{}, {"hidden": 128}, {"mlp": 256}, {"heads": 8}])
