@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import DSA_LM_SLICE, max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
+from bench.bench_spine import dsa_slice, max_rel_diff, print_runs, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 ATTENTION = ("dsa", "dense", "dsa_kl_twice")
 
@@ -55,14 +55,12 @@ def run_cases(args) -> dict:
             c.update(kl_twice_over_dsa=twice["step_s"] / a["step_s"],
                      max_rel_diff={key: max_rel_diff(a[key], twice[key]) for key in ("losses", "grad_norms")})
     Path(args.out).write_text(json.dumps(merged, indent=1))
-    print(f"\n{'attention':9} {'seq':>7} {'step ms':>9} {'tok/s':>8} {'peak GB':>8} {'est. GB':>8}  LM loss / indexer KL")
-    for r in merged["runs"]:
-        if "error" in r:
-            print(f"{r['attention']:9} {r['seq']:>7}  {r['error'][:120]}")
-        else:
-            kl = [e.get("indexer_kl") for e in r["extra"]]
-            print(f"{r['attention']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['seq'] / r['step_s']:8,.0f} "
-                  f"{r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  {r['losses'][-1]:.4f} / {kl[-1]}")
+    print_runs(merged["runs"], "attention",
+               f"\n{'attention':9} {'seq':>7} {'step ms':>9} {'tok/s':>8} {'peak GB':>8} {'est. GB':>8}  "
+               "LM loss / indexer KL",
+               lambda r: f"{r['attention']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['seq'] / r['step_s']:8,.0f} "
+                         f"{r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  {r['losses'][-1]:.4f} / "
+                         f"{r['extra'][-1].get('indexer_kl')}")
     for seq, c in merged["compare"].items():
         if "dense_over_dsa" in c:
             print(f"{seq}: the DSA step is {c['dense_over_dsa']:.2f}x as fast as the dense one")
@@ -81,9 +79,9 @@ def main() -> None:
         run_cases(args)
         return
     attention = "dsa" if args.attention == "dsa_kl_twice" else args.attention
-    run_slice_child(args, "keye_tiny_dsa_sparse" if args.smoke else "keye_30b_a3b_dsa_sparse",
-                    {"attention": args.attention}, ([] if args.smoke else DSA_LM_SLICE)
-                    + [f"model.lm.attention={attention}", "parallel.recompute=full"],
+    recipe, lm_slice = dsa_slice("sparse", args.smoke)
+    run_slice_child(args, recipe, {"attention": args.attention},
+                    lm_slice + [f"model.lm.attention={attention}", "parallel.recompute=full"],
                     kl_in_every_pass if args.attention == "dsa_kl_twice" else None)
 
 

@@ -2,8 +2,9 @@
 
 Both sides: `train.trainer.Trainer` from the `keye_30b_a3b_dsa_warmup` recipe (every layer DSA, dense attention,
 `train.trainable=indexer`), its language model alone on synthetic text (bench_spine.DSA_LM_SLICE), full width
-cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16, one GPU, the same pre-generated batches (bench/bench_spine.py's harness: each case in its own process, median
-step time of `--steps` steps after `--warmup`).
+cut to `--layers` layers, one sequence of `--seq` tokens per step, bf16, one GPU, the same pre-generated batches
+(bench/bench_spine.py's harness: each case in its own process, median step time of `--steps` steps after
+`--warmup`).
 - "local": `train.indexer_backward=local` (the default): each DSA layer back-propagates its indexer KL in its
   forward and the step runs the frozen model forward only.
 - "model": `train.indexer_backward=model`, the baseline (what every warm-up step did before): the KL's gradient
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_spine import DSA_LM_SLICE, max_rel_diff, run_grid, run_slice_child, slice_parser  # noqa: E402
+from bench.bench_spine import dsa_slice, max_rel_diff, print_runs, run_grid, run_slice_child, slice_parser  # noqa: E402
 
 MODES = ("local", "model")
 
@@ -44,13 +45,10 @@ def run_cases(args) -> dict:
                                       "peak_gb": [a["peak_mem_gb"], b["peak_mem_gb"]],
                                       "estimate_gb": [a.get("estimate_gb"), b.get("estimate_gb")]}
     Path(args.out).write_text(json.dumps(merged, indent=1))
-    print(f"\n{'mode':6} {'seq':>6} {'step ms':>9} {'peak GB':>8} {'est. GB':>8}  grad norms")
-    for r in merged["runs"]:
-        if "error" in r:
-            print(f"{r['mode']:6} {r['seq']:>6}  {r['error'][:120]}")
-        else:
-            print(f"{r['mode']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['peak_mem_gb']:8.1f} {r['estimate_gb']:8.1f}  "
-                  + " ".join(f"{g:.6g}" for g in r["grad_norms"]))
+    print_runs(merged["runs"], "mode",
+               f"\n{'mode':9} {'seq':>7} {'step ms':>9} {'peak GB':>8} {'est. GB':>8}  grad norms",
+               lambda r: f"{r['mode']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['peak_mem_gb']:8.1f} "
+                         f"{r['estimate_gb']:8.1f}  " + " ".join(f"{g:.6g}" for g in r["grad_norms"]))
     for seq, c in merged["compare"].items():
         print(f"{seq}: local is {c['speedup']:.2f}x the model-backward step; grad norms agree to "
               f"{c['grad_norm_max_rel_diff']:.1e}; losses equal: {c['losses_equal']}")
@@ -62,8 +60,8 @@ def main() -> None:
     if not args.child:
         run_cases(args)
         return
-    run_slice_child(args, "keye_tiny_dsa_warmup" if args.smoke else "keye_30b_a3b_dsa_warmup", {"mode": args.mode},
-                    ([] if args.smoke else DSA_LM_SLICE) + [f"train.indexer_backward={args.mode}"])
+    recipe, lm_slice = dsa_slice("warmup", args.smoke)
+    run_slice_child(args, recipe, {"mode": args.mode}, lm_slice + [f"train.indexer_backward={args.mode}"])
 
 
 if __name__ == "__main__":

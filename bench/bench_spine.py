@@ -63,6 +63,19 @@ def slice_overrides(recipe: str, seq: int, layers: int, steps: int, warmup: int,
 DSA_LM_SLICE = ["model=keye_30b_a3b_dsa", "data=synthetic_tokens"]
 
 
+def dsa_slice(stage: str, smoke: bool) -> tuple[str, list[str]]:
+    """(recipe, overrides) of a DSA stage's slice benchmark: keye_30b_a3b_dsa_<stage>'s language model on synthetic
+    text, or with --smoke the tiny recipe, already that."""
+    return (f"keye_tiny_dsa_{stage}", []) if smoke else (f"keye_30b_a3b_dsa_{stage}", list(DSA_LM_SLICE))
+
+
+def print_runs(runs: list[dict], label: str, header: str, row) -> None:
+    """A benchmark's table: `header`, then per run its `label` column and seq, and `row(run)` or its error."""
+    print(header)
+    for r in runs:
+        print(f"{r[label]:9} {r['seq']:>7}  {r['error'][:120]}" if "error" in r else row(r))
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
         return validate(compose("config", overrides=overrides))
@@ -282,13 +295,10 @@ def run_cases(args) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'impl':6} {'seq':>6} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
-    for r in results["runs"]:
-        if "error" in r:
-            print(f"{r['impl']:6} {r['seq']:>6}  {r['error'][:100]}")
-        else:
-            print(f"{r['impl']:6} {r['seq']:>6} {1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9,.0f} {r['tflops']:8.1f} "
-                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f}")
+    print_runs(results["runs"], "impl",
+               f"\n{'impl':9} {'seq':>7} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}",
+               lambda r: f"{r['impl']:9} {r['seq']:>7} {1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9,.0f} "
+                         f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:8.1f}")
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_dsa_stage import ATTENTION  # noqa: E402
-from bench.bench_spine import (DSA_LM_SLICE, Pregenerated, compose_cfg, record_case, run_grid,  # noqa: E402
+from bench.bench_spine import (Pregenerated, compose_cfg, dsa_slice, record_case, run_grid,  # noqa: E402
                                slice_overrides, slice_parser)
 
 
@@ -103,10 +103,11 @@ def profile_step(cfg, layout, warmup: int, capture: bool) -> dict:
 
 
 def main() -> None:
-    args = slice_parser(__doc__, "--attention", ATTENTION, seqs=[32768, 131072], layers=2, steps=1, warmup=1,
+    cases = ATTENTION[:2]  # dsa and dense: the trainer's two attentions (dsa_kl_twice is bench_dsa_stage's baseline)
+    args = slice_parser(__doc__, "--attention", cases, seqs=[32768, 131072], layers=2, steps=1, warmup=1,
                         smoke_help="tiny recipe on CPU: checks the script (no selection part)").parse_args()
     if not args.child:
-        merged = run_grid(__file__, args, "--attention", "attention", list(ATTENTION))
+        merged = run_grid(__file__, args, "--attention", "attention", list(cases))
         for r in merged["runs"]:
             if "error" in r:
                 print(r["attention"], r["seq"], r["error"][:200])
@@ -127,11 +128,11 @@ def main() -> None:
     register_configs()
     results = {"env": {"torch": torch.__version__, "layers": args.layers,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
-    recipe = "keye_tiny_dsa_sparse" if args.smoke else "keye_30b_a3b_dsa_sparse"
+    recipe, lm_slice = dsa_slice("sparse", args.smoke)
     for seq in ([256] if args.smoke else args.seqs):
         cfg, layout = compose_cfg(slice_overrides(recipe, seq, args.layers, args.steps + 1, args.warmup,
                                                   f"/tmp/profile_dsa_stage/{args.attention}{seq}", args.smoke)
-                                  + ([] if args.smoke else DSA_LM_SLICE)
+                                  + lm_slice
                                   + [f"model.lm.attention={args.attention}", "parallel.recompute=full"])
         record_case(results, {"attention": args.attention, "seq": seq, "layers": args.layers},
                     lambda: profile_step(cfg, layout, args.warmup, capture=args.attention == "dsa"), args.out)

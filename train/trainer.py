@@ -388,11 +388,11 @@ class Trainer:
                 log.info("%s has no vision tower: the ViT and projector keep their initialisation", source)
                 return keys
             # a projector that feeds another language model (Keye-VL-1.5-8B's: 4096 wide) is not ours to take
-            ours = self.vision.model.cfg.lm_hidden
-            fits = projector_width(hf_config) in (None, ours)
+            ours, theirs = self.vision.model.cfg.lm_hidden, projector_width(hf_config)
+            fits = theirs in (None, ours)
             stats = load_keye_vision_into(self.vision.model, source, projector=fits)  # each tensor, or an error
             log.info("initialised the vision tower from the Hugging Face checkpoint %s: %s%s", source, stats,
-                     "" if fits else f"; its projector maps to {projector_width(hf_config)} dims, this language "
+                     "" if fits else f"; its projector maps to {theirs} dims, this language "
                      f"model has {ours}: the projector keeps its initialisation")
             return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
         src = ckpt.find_latest(source)

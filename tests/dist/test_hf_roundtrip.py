@@ -178,6 +178,8 @@ def test_align_stage_takes_its_vit_from_a_second_checkpoint(tmp_path):
     for n, p in vit.named_parameters():
         got = d["align"][f"vision.{n}"]
         if n.startswith("vit."):
+            # the same fp32 values summed in float64 in two processes (the digests pass JSON exactly): rel 1e-12
+            # leaves room for the summation order only
             assert got == pytest.approx([float(p.double().sum()), float(p.double().abs().sum())], rel=1e-12), n
     # and, read past the loader, the sum of the checkpoint's own ViT tensors (a concatenation or reshape keeps it)
     from safetensors.torch import load_file
@@ -186,6 +188,7 @@ def test_align_stage_takes_its_vit_from_a_second_checkpoint(tmp_path):
     used = [v for k, v in hf.items() if k.startswith("visual.vision_model.")
             and not k.endswith("packing_position_embedding.weight") and ".head." not in k]
     vit_sum = sum(v[0] for n, v in d["align"].items() if n.startswith("vision.vit."))
+    # float64 sums of the same values grouped differently (q, k, v are one tensor of ours, three of the file's)
     assert used and vit_sum == pytest.approx(sum(float(v.double().sum()) for v in used), rel=1e-9)
     projector = [n for n in d["align"] if n.startswith("vision.projector.")]
     assert projector and all(d["align"][n] != d["fresh"][n] for n in projector)  # it trained, from its init
