@@ -134,6 +134,7 @@ def run_ours(cfg, layout, steps: int, warmup: int, prepare=None) -> dict:
             extras.append(s.extra)
     out = {"step_s": statistics.median(times), "step_times_s": times, "losses": losses, "grad_norms": norms,
            "extra": extras, "peak_mem_gb": _peak_gb()}
+    tr.close()
     del tr
     return out
 

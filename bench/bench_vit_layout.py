@@ -23,9 +23,15 @@ at most `chunk` patches at a time (0: the whole step's frames in one call, as be
     torchrun --nproc_per_node 1 bench/bench_vit_layout.py --tp 1 --seq 8192 --microbatches 16 \
         --cases spread:1:32768,spread:1:0,spread:0 --out $OUT/vit_chunks.json
 
+A fourth field sets parallel.vit.group (the vision phase in rounds of that many micro-batches; 0: all at once):
+
+    torchrun --nproc_per_node 1 bench/bench_vit_layout.py --tp 1 --seq 8192 --microbatches 16 \
+        --cases spread:1:32768:0,spread:1:32768:4,spread:1:32768:1 --out $OUT/vit_group.json
+
 Each case also records parallel/memory.py's predicted peak (`estimate_gb`, 10^9 bytes like the measurement,
-which takes every token as visual) and its vision rows. `peak_gb` is clean for a process's first case only: the
-process keeps part of a finished case's model (about 35 GB at 2 layers), so measure memory one case per process.
+which takes every token as visual) and its vision rows. Cases after the first start from what the previous
+ones left: `Trainer.close()` frees a finished case's model (before it did, about 35 GB per case at 2 layers
+stayed alive), and `held_gb` records what is still allocated when a case starts.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ class Fixed:
         return {}
 
 
-def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None = None) -> dict:
+def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None = None, group: int = 0) -> dict:
     from parallel.memory import estimate, inputs_from_config
     from train.trainer import Trainer
 
@@ -118,7 +124,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
                  f"train.global_batch_size={args.microbatches}", "train.micro_batch_size=1",
                  "train.steps=1000", "train.warmup_steps=1", "train.checkpoint.enabled=false",
                  "train.wandb.enabled=false", "data.video.shards=/nonexistent", f"run_dir=/tmp/bench_vit/{layout_name}",
-                 f"parallel.vit.recompute={'true' if recompute else 'false'}"]
+                 f"parallel.vit.recompute={'true' if recompute else 'false'}", f"parallel.vit.group={group}"]
     if not args.smoke:
         overrides += ["model.vision.enabled=true", "data.kind=video", "data.video.vocab_size=512",
                       f"model.lm.max_position_embeddings={max(args.seq, 262144)}"]
@@ -129,6 +135,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
     tr = Trainer(cfg, layout)
     vt = tr.vision
     if chunk is not None:
@@ -166,6 +173,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
     plan = vt.phase.last_plan
     loads = plan.loads() if plan is not None and hasattr(plan, "loads") else None
     rec = {"layout": layout_name, "recompute": recompute, "chunk_case": chunk, "chunk_patches": vt.phase.chunk_patches,
+           "group": group, "held_gb": held,
            "estimate_gb": est.total / 1e9,
            "estimate_vision_gb": {k: v / 1e9 for k, v in est.rows.items() if "vision" in k or "ViT" in k
                                   or "visual" in k},
@@ -178,6 +186,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
     rec["vit_s_per_rank"] = [g["vit_s"] for g in gathered]
     rec["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
     rec["plan_loads"] = [str(x) for x in loads] if loads is not None else None
+    tr.close()
     del tr, vt
     return rec
 
@@ -190,8 +199,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--recompute", type=int, default=1, help="parallel.vit.recompute for both layouts")
-    ap.add_argument("--cases", default="", help="layout:recompute list, e.g. spread:1,spread:0 (default: "
-                                                 "spread and replicated at --recompute)")
+    ap.add_argument("--cases", default="", help="layout:recompute[:chunk[:group]] list, e.g. spread:1,spread:0 "
+                                                 "(default: spread and replicated at --recompute)")
     ap.add_argument("--tp", type=int, default=2, help="parallel.tp: the GPUs that share one LM sequence")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", required=True)
@@ -212,22 +221,28 @@ def main() -> None:
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "layers": args.layers, "seq": args.seq, "microbatches": args.microbatches,
                        "frames_per_step": frames, "patches_per_step": patches}, "runs": []}
-    cases = ([(c.split(":")[0], c.split(":")[1] == "1", int(c.split(":")[2]) if c.count(":") > 1 else None)
-              for c in args.cases.split(",")] if args.cases
-             else [("spread", bool(args.recompute), None), ("replicated", bool(args.recompute), None)])
-    for name, rc, chunk in cases:
+    def case(c: str):
+        f = c.split(":")
+        return (f[0], f[1] == "1", int(f[2]) if len(f) > 2 and f[2] != "" else None, int(f[3]) if len(f) > 3 else 0)
+
+    cases = ([case(c) for c in args.cases.split(",")] if args.cases
+             else [("spread", bool(args.recompute), None, 0), ("replicated", bool(args.recompute), None, 0)])
+    for name, rc, chunk, group in cases:
         try:
-            results["runs"].append(run_case(name, args, batches, rc, chunk))
+            results["runs"].append(run_case(name, args, batches, rc, chunk, group))
         except Exception as e:  # keep the other case
-            results["runs"].append({"layout": name, "recompute": rc, "chunk_case": chunk,
+            results["runs"].append({"layout": name, "recompute": rc, "chunk_case": chunk, "group": group,
                                     "error": f"{type(e).__name__}: {e}"[:400]})
+        if int(os.environ.get("RANK", "0")) == 0:  # what is done so far survives a run stopped by its time limit
+            Path(args.out).write_text(json.dumps(results, indent=1))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if dist.is_initialized():
             dist.barrier()
     if int(os.environ.get("RANK", "0")) == 0:
-        runs = {r["layout"]: r for r in results["runs"] if "error" not in r and r["chunk_case"] is None}
+        runs = {r["layout"]: r for r in results["runs"]
+                if "error" not in r and r["chunk_case"] is None and not r["group"]}
         if {"spread", "replicated"} <= set(runs):
             results["step_speedup_spread_vs_replicated"] = runs["replicated"]["step_s"] / runs["spread"]["step_s"]
             results["vit_speedup_spread_vs_replicated"] = (max(runs["replicated"]["vit_s_per_rank"])

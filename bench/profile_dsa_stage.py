@@ -94,6 +94,7 @@ def profile_step(cfg, layout, warmup: int, capture: bool) -> dict:
     if capture:
         handle.remove()
         res["captured"] = {n: list(t.shape) for n, t in cap.items()}
+    tr.close()
     del tr
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -56,6 +56,7 @@ def run(out: str, run_root: str, spec: str) -> None:
             params += [(f"vision.{n}", p) for n, p in trainer.vision.model.named_parameters()]
         digests[name] = {n: [float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
                          for n, p in params}
+        trainer.close()
         del trainer
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests}))
