@@ -137,67 +137,68 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
         torch.cuda.reset_peak_memory_stats()
     held = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
     tr = Trainer(cfg, layout)
-    vt = tr.vision
-    if chunk is not None:
-        vt.phase.chunk_patches = chunk or 1 << 62  # 0: one call over the whole step's frames
-    est = estimate(inputs_from_config(cfg, layout))
-    vit_times, peaks = [], {}  # ViT seconds per step (all its rounds); GB peak per phase of the step
+    try:  # a case that fails (out of memory) is closed too, so the next case starts clean
+        vt = tr.vision
+        if chunk is not None:
+            vt.phase.chunk_patches = chunk or 1 << 62  # 0: one call over the whole step's frames
+        est = estimate(inputs_from_config(cfg, layout))
+        vit_times, peaks = [], {}  # ViT seconds per step (all its rounds); GB peak per phase of the step
 
-    def mark(phase: str) -> None:
-        """The peak since the last mark belongs to `phase`; the phases partition the run, so their maximum
-        is the run's peak."""
-        if torch.cuda.is_available():
-            peaks[phase] = max(peaks.get(phase, 0.0), torch.cuda.max_memory_allocated() / 1e9)
-            torch.cuda.reset_peak_memory_stats()
+        def mark(phase: str) -> None:
+            """The peak since the last mark belongs to `phase`; the phases partition the run, so their maximum
+            is the run's peak."""
+            if torch.cuda.is_available():
+                peaks[phase] = max(peaks.get(phase, 0.0), torch.cuda.max_memory_allocated() / 1e9)
+                torch.cuda.reset_peak_memory_stats()
 
-    def timed(fn, before: str, after: str, clock: bool):
-        def call(*a, **k):
+        def timed(fn, before: str, after: str, clock: bool):
+            def call(*a, **k):
+                _sync()
+                mark(before)
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                _sync()
+                if clock:
+                    vit_times[-1] += time.perf_counter() - t0
+                mark(after)
+                return out
+            return call
+
+        # a step: rounds of (ViT forward, the LM's schedule, ViT backward), then the ViT's and the LM's optimizers
+        vt.forward = timed(vt.forward, "other", "vit forward", True)
+        vt.backward = timed(vt.backward, "LM schedule (forward + backward)", "vit backward", True)
+        vt.step = timed(vt.step, "other", "vit optimizer step", False)
+        tr.optimizer.step = timed(tr.optimizer.step, "other", "LM optimizer step", False)
+        for m in tr.model:
+            m.train()
+        steps, losses = [], []
+        for i in range(args.steps + args.warmup):
             _sync()
-            mark(before)
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            _sync()
-            if clock:
-                vit_times[-1] += time.perf_counter() - t0
-            mark(after)
-            return out
-        return call
-
-    # a step: rounds of (ViT forward, the LM's schedule, ViT backward), then the ViT's and the LM's optimizers
-    vt.forward = timed(vt.forward, "other", "vit forward", True)
-    vt.backward = timed(vt.backward, "LM schedule (forward + backward)", "vit backward", True)
-    vt.step = timed(vt.step, "other", "vit optimizer step", False)
-    tr.optimizer.step = timed(tr.optimizer.step, "other", "LM optimizer step", False)
-    for m in tr.model:
-        m.train()
-    steps, losses = [], []
-    for i in range(args.steps + args.warmup):
-        _sync()
-        vit_times.append(0.0)
-        s = tr.train_step()
-        mark("other")
-        losses.append(s.loss)
-        if i >= args.warmup:
-            steps.append(s.seconds)
-    vit = statistics.median(vit_times[args.warmup:])
-    plan = vt.phase.last_plan
-    loads = plan.loads() if plan is not None and hasattr(plan, "loads") else None
-    rec = {"layout": layout_name, "recompute": recompute, "chunk_case": chunk, "chunk_patches": vt.phase.chunk_patches,
-           "group": group, "held_gb": held,
-           "estimate_gb": est.total / 1e9,
-           "estimate_vision_gb": {k: v / 1e9 for k, v in est.rows.items() if "vision" in k or "ViT" in k
-                                  or "visual" in k},
-           "step_s": statistics.median(steps), "vit_s": vit,
-           "imbalance": plan.imbalance() if plan is not None and hasattr(plan, "imbalance") else 1.0,
-           "peak_gb": max(peaks.values(), default=0.0), "phase_peak_gb": peaks,
-           "loss": s.loss, "losses": losses}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"vit_s": vit, "peak_gb": rec["peak_gb"]})
-    rec["vit_s_per_rank"] = [g["vit_s"] for g in gathered]
-    rec["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
-    rec["plan_loads"] = [str(x) for x in loads] if loads is not None else None
-    tr.close()
-    del tr, vt
+            vit_times.append(0.0)
+            s = tr.train_step()
+            mark("other")
+            losses.append(s.loss)
+            if i >= args.warmup:
+                steps.append(s.seconds)
+        vit = statistics.median(vit_times[args.warmup:])
+        plan = vt.phase.last_plan
+        loads = plan.loads() if plan is not None and hasattr(plan, "loads") else None
+        rec = {"layout": layout_name, "recompute": recompute, "chunk_case": chunk, "chunk_patches": vt.phase.chunk_patches,
+               "group": group, "held_gb": held,
+               "estimate_gb": est.total / 1e9,
+               "estimate_vision_gb": {k: v / 1e9 for k, v in est.rows.items() if "vision" in k or "ViT" in k
+                                      or "visual" in k},
+               "step_s": statistics.median(steps), "vit_s": vit,
+               "imbalance": plan.imbalance() if plan is not None and hasattr(plan, "imbalance") else 1.0,
+               "peak_gb": max(peaks.values(), default=0.0), "phase_peak_gb": peaks,
+               "loss": s.loss, "losses": losses}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"vit_s": vit, "peak_gb": rec["peak_gb"]})
+        rec["vit_s_per_rank"] = [g["vit_s"] for g in gathered]
+        rec["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
+        rec["plan_loads"] = [str(x) for x in loads] if loads is not None else None
+    finally:
+        tr.close()
     return rec
 
 

@@ -163,6 +163,21 @@ def code_version() -> str:
         return "unknown"
 
 
+def _drop_stale_graphs(chunks) -> None:
+    """Detaches what modules keep of their last forward with its autograd graph attached: megatron-core's MoE
+    token dispatcher keeps the last micro-batch's routing probabilities. After a schedule's backwards that graph
+    only holds on to what its AccumulateGrad nodes own: every parameter's node (with DDP's hooks, which close over
+    the DDP module: a cycle through C++ that keeps a dropped trainer alive) and the leaves the micro-batch read,
+    such as its visual embeddings and their gradients."""
+    for m in chunks:
+        for mod in m.modules():
+            for owner in [mod, *(v for v in vars(mod).values()
+                                 if hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module))]:
+                for k, v in list(vars(owner).items()):
+                    if torch.is_tensor(v) and v.grad_fn is not None:
+                        setattr(owner, k, v.detach())
+
+
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = ""):
         self.cfg, self.layout = cfg, layout
@@ -526,9 +541,12 @@ class Trainer:
                 else:
                     iters = self.streams
                 losses += run_schedule(iters, n)
+                _drop_stale_graphs(self.model)
                 if self.vision is not None:
                     self.vision.backward()  # this round's frames; the ViT's gradients accumulate until its step
-                mbs = iters = None
+                # this round's embeddings and their gradients (a GiB per 16 sequences of 32K tokens per rank) are
+                # not needed any more: not through the optimizer steps, nor the next round's ViT forward
+                mbs = iters = embeds = None
         finally:
             self.tconfig.finalize_model_grads_func = finalize
         if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
@@ -577,19 +595,11 @@ class Trainer:
     def close(self) -> None:
         """Let the model, its gradients and optimizer state be freed once the caller drops the trainer.
 
-        megatron-core's MoE token dispatcher keeps the last micro-batch's routing probabilities with their
-        autograd graph, which reaches back through the model to each parameter's AccumulateGrad node; DDP's
-        gradient hooks on those nodes close over the DDP module. The garbage collector cannot follow the
-        graph's C++ edges, so a dropped trainer stayed alive with every tensor it owned (about 35 GB at the
-        ViT benchmark's 2-layer 30B-width slice). Detaching what a module kept of its last forward breaks
-        the cycle (tests/dist/test_trainer_close.py)."""
-        for m in self.model:
-            for mod in m.modules():
-                for owner in [mod, *(v for v in vars(mod).values()
-                                     if hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module))]:
-                    for k, v in list(vars(owner).items()):
-                        if torch.is_tensor(v) and v.grad_fn is not None:
-                            setattr(owner, k, v.detach())
+        megatron-core's DDP hooks its gradients on each parameter's AccumulateGrad node, closing over the DDP
+        module; a graph that outlives its step (`_drop_stale_graphs`) reaches those nodes, and the garbage
+        collector cannot follow the graph's C++ edges. A dropped trainer therefore stayed alive with every tensor
+        it owned (about 35 GB at the ViT benchmark's 2-layer 30B-width slice); tests/dist/test_trainer_lifetimes.py."""
+        _drop_stale_graphs(self.model)
 
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
         t = self.cfg.train
