@@ -29,9 +29,11 @@ A fourth field sets parallel.vit.group (the vision phase in rounds of that many 
         --cases spread:1:32768:0,spread:1:32768:4,spread:1:32768:1 --out $OUT/vit_group.json
 
 Each case also records parallel/memory.py's predicted peak (`estimate_gb`, 10^9 bytes like the measurement,
-which takes every token as visual) and its vision rows. Cases after the first start from what the previous
-ones left: `Trainer.close()` frees a finished case's model (before it did, about 35 GB per case at 2 layers
-stayed alive), and `held_gb` records what is still allocated when a case starts.
+which takes every token as visual) and its vision rows. A finished case's model is freed (the trainer drops the
+stale autograd graphs that kept about 35 GB per case at 2 layers alive before; `Trainer.close()` does it for a
+failed case), and `held_gb` records what is still allocated when a case starts. `phase_peak_gb`: the peak of each
+phase of the step (ViT forward, LM schedule, ViT backward, the two optimizers, the rest), each since the phase
+before ended.
 """
 
 from __future__ import annotations
