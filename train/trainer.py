@@ -172,8 +172,9 @@ def _drop_stale_graphs(chunks) -> None:
     seen = set()  # objects shared by every layer (the transformer config, process groups) are read once
     for m in chunks:
         for mod in m.modules():
+            # the module and the plain objects it holds (not its submodules, nor its parameter / hook dicts)
             for owner in [mod, *(v for v in vars(mod).values()
-                                 if hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module))]:
+                                 if hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, dict)))]:
                 if id(owner) in seen:
                     continue
                 seen.add(id(owner))
