@@ -48,7 +48,30 @@ def apply_lr(optimizer, step: int, cfg: TrainConfig) -> float:
     return lr_at(step, cfg)
 
 
+def check_param_dtypes(model_chunks, *, bf16: bool, distributed: bool) -> None:
+    """A bf16 model under megatron-core 0.16.1's distributed optimizer must hold no trainable fp32 parameter.
+
+    Such a parameter gets a grad buffer of its own dtype, and the optimizer's checkpoint code then fails: in a
+    parameter group shared with bf16 parameters it pairs parameters with each other's main copies and Adam state
+    (model order vs the inner optimizer's fp32-first order; the save stops on a shape assertion, or swaps states
+    silently where the shapes agree), and a data-parallel shard that holds none of the small fp32 buffer stops
+    it with "empty bucket encountered". Both surfaced only at the first checkpoint of a GPU run, so this stops
+    the run at start instead. Keep the weight in the model's dtype and compute in fp32 where it matters (the
+    DSA indexer's key LayerNorm does: models/attention/dsa.py); the optimizer keeps fp32 master weights anyway.
+    """
+    if not (bf16 and distributed):
+        return
+    bad = [f"{name} ({p.dtype}, shape {list(p.shape)})" for chunk in model_chunks for name, p in chunk.named_parameters()
+           if p.requires_grad and p.dtype == torch.float32]
+    if bad:
+        raise ValueError(f"trainable fp32 parameters in a bf16 model: {', '.join(bad[:4])}"
+                         f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; megatron-core 0.16.1's distributed "
+                         "optimizer cannot checkpoint them (train/optim.check_param_dtypes): store them in bf16 "
+                         "and compute in fp32 in the forward")
+
+
 def build_optimizer(model_chunks, cfg: TrainConfig, *, bf16: bool, distributed: bool, pg_collection):
+    check_param_dtypes(model_chunks, bf16=bf16, distributed=distributed)
     opt_cfg = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,

@@ -53,6 +53,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
@@ -94,14 +95,18 @@ class DSAIndexer(MegatronModule):
         self.wq = torch.nn.Linear(h, heads * dim, bias=False, dtype=config.params_dtype)
         self.wk = torch.nn.Linear(h, dim, bias=False, dtype=config.params_dtype)
         self.ww = torch.nn.Linear(h, heads, bias=False, dtype=config.params_dtype)
-        self.k_norm = torch.nn.LayerNorm(dim, bias=False, dtype=torch.float32)
+        # computed in fp32 (forward); the weight is stored in the model's dtype like every other parameter, its fp32
+        # master copy kept by the optimizer: megatron-core 0.16.1's distributed optimizer cannot checkpoint an fp32
+        # parameter in a bf16 model (train/optim.check_param_dtypes)
+        self.k_norm = torch.nn.LayerNorm(dim, bias=False, dtype=config.params_dtype)
         for p in self.parameters():  # replicated over TP; gradients summed over TP (see module docstring)
             p.sequence_parallel = config.tensor_model_parallel_size > 1
 
     def forward(self, hidden_bsh: torch.Tensor, freqs_bs1f: torch.Tensor):
         b, s, _ = hidden_bsh.shape
         q = self.wq(hidden_bsh).view(b, s, self.heads, self.dim)
-        k = self.k_norm(self.wk(hidden_bsh).float()).to(hidden_bsh.dtype)
+        k = F.layer_norm(self.wk(hidden_bsh).float(), (self.dim,), self.k_norm.weight.float(), None,
+                         self.k_norm.eps).to(hidden_bsh.dtype)
         w = self.ww(hidden_bsh) * (self.heads ** -0.5 * self.dim ** -0.5)
         q = _rotate(q, freqs_bs1f)
         k = _rotate(k, freqs_bs1f[:, :, 0])

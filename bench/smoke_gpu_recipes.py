@@ -1,0 +1,112 @@
+"""The tiny recipes through the launcher on a GPU: what a user runs first on a GPU machine.
+
+Each case is `torchrun --nproc_per_node N launch/pretrain.py recipe=... parallel=single ...` in its own run
+directory, one after the other, as a user would chain them (a dense run, its resume, the DSA and KSA stages
+from its checkpoint). On a GPU this exercises what the CPU suite cannot: NCCL, bf16, the compiled Triton
+kernels (DSA, KSA) inside the model on the recipes' own small shapes, the video loader's decode feeding
+CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's memory check.
+
+    python bench/smoke_gpu_recipes.py --out $OUT/smoke.json            # one GPU
+    python bench/smoke_gpu_recipes.py --only keye_tiny,keye_tiny_resume --out /tmp/smoke.json
+
+Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
+resume line, and the log's last lines when a case fails. The JSON is rewritten after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cases(root: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, recipe, overrides); later cases start from earlier cases' run directories."""
+    run = lambda name: f"run_dir={root / name}"  # noqa: E731
+    single = ["parallel=single", "train.wandb.enabled=false"]
+    return [
+        ("keye_tiny", "keye_tiny", single + [run("keye_tiny"), "train.stop_after=20"]),
+        ("keye_tiny_vl_dsa_warmup", "keye_tiny_vl_dsa_warmup",
+         single + [run("dsa_warmup"), f"train.checkpoint.init_from={root / 'keye_tiny'}"]),
+        ("keye_tiny_vl_dsa_sparse", "keye_tiny_vl_dsa_sparse",
+         single + [run("dsa_sparse"), f"train.checkpoint.init_from={root / 'dsa_warmup'}", "train.stop_after=10"]),
+        ("keye_tiny_vl_dsa_sparse_resume", "keye_tiny_vl_dsa_sparse",
+         single + [run("dsa_sparse"), f"train.checkpoint.init_from={root / 'dsa_warmup'}"]),
+        ("keye_tiny_vl_ksa", "keye_tiny_vl_ksa", single + [run("ksa")]),
+        ("keye_tiny_vl_ksa_distill", "keye_tiny_vl_ksa_distill",
+         single + [run("ksa_distill"), f"train.checkpoint.init_from={root / 'keye_tiny'}"]),
+        ("keye_tiny_resume", "keye_tiny", single + [run("keye_tiny")]),
+        ("keye_tiny_lm", "keye_tiny_lm", single + [run("keye_tiny_lm")]),
+    ]
+
+
+def summarise(run_dir: Path) -> dict:
+    out: dict = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            out["first"] = {k: rows[0].get(k) for k in ("step", "loss")}
+            out["last"] = {k: rows[-1].get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s",
+                                                        "data_samples_failed")}
+            out["rows"] = len(rows)
+    log = run_dir / "logs" / "rank0.log"
+    if log.exists():
+        text = log.read_text(errors="replace").splitlines()
+        out["resumed"] = [line for line in text if "resumed from" in line or "initialised" in line][-3:]
+        out["log_tail"] = text[-12:]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--root", default="/tmp/keye_smoke", help="where the cases' run directories go")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    only = {c for c in args.only.split(",") if c}
+    result: dict = {"device": None, "cases": []}
+    try:
+        import torch
+        result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        result["torch"] = torch.__version__
+    except Exception as e:  # the cases still run and say what failed
+        result["device"] = f"torch import failed: {e}"
+    for name, recipe, overrides in cases(root):
+        if only and name not in only:
+            continue
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "launch/pretrain.py",
+               f"recipe={recipe}", *overrides]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
+                                  env=dict(os.environ))
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired as e:
+            rc, tail = "timeout", ((e.stdout or b"")[-2000:] + (e.stderr or b"")[-2000:]).decode(errors="replace") \
+                if isinstance(e.stdout, bytes) else str(e)
+        case = {"name": name, "cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+        run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
+        case.update(summarise(run_dir))
+        if rc != 0:
+            case["output_tail"] = tail
+        result["cases"].append(case)
+        print(json.dumps({k: case.get(k) for k in ("name", "rc", "wall_s", "first", "last")}), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    bad = [c["name"] for c in result["cases"] if c["rc"] != 0]
+    print("failed:", bad if bad else "none")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
