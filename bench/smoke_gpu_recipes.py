@@ -8,6 +8,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
 
     python bench/smoke_gpu_recipes.py --out $OUT/smoke.json            # one GPU
     python bench/smoke_gpu_recipes.py --only keye_tiny,keye_tiny_resume --out /tmp/smoke.json
+    python bench/smoke_gpu_recipes.py --set 30b --out $OUT/smoke30b.json   # the 30B recipes, 2 LM layers
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
 resume line, and the log's last lines when a case fails. The JSON is rewritten after every case.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +28,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cases(root: Path) -> list[tuple[str, str, list[str]]]:
+def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, list[str]]]:
     """(name, recipe, overrides); later cases start from earlier cases' run directories."""
     run = lambda name: f"run_dir={root / name}"  # noqa: E731
     single = ["parallel=single", "train.wandb.enabled=false"]
+    if which == "30b":
+        # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; no
+        # checkpoints (the tiny set covers them; a 2-layer slice's is ~26 GB)
+        cut = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
+                        "train.steps=3", "train.global_batch_size=2", "train.warmup_steps=1",
+                        "train.checkpoint.enabled=false", "train.log_interval=1"]
+        return [
+            ("keye_30b_a3b", "keye_30b_a3b", cut + [run("30b")]),
+            ("keye_30b_a3b_dsa_sparse_32k", "keye_30b_a3b_dsa_sparse",
+             cut + [run("30b_dsa"), f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768",
+                    "train.seq_length=32768", "data.video.max_video_tokens=24576", "parallel.vit.group=1"]),
+            ("keye_30b_a3b_ksa_stage2", "keye_30b_a3b_ksa_stage2", cut + [run("30b_ksa")]),
+        ]
     return [
         ("keye_tiny", "keye_tiny", single + [run("keye_tiny"), "train.stop_after=20"]),
         ("keye_tiny_vl_dsa_warmup", "keye_tiny_vl_dsa_warmup",
@@ -71,6 +86,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    ap.add_argument("--set", default="tiny", choices=("tiny", "30b"),
+                    help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +99,14 @@ def main() -> None:
         result["torch"] = torch.__version__
     except Exception as e:  # the cases still run and say what failed
         result["device"] = f"torch import failed: {e}"
-    for name, recipe, overrides in cases(root):
+    shards = ""
+    if args.set == "30b":  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
+        shards = str(root / "videos")
+        subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", shards, "--n", "32", "--shards",
+                        "--workers", "8"], cwd=REPO, check=True, capture_output=True)
+        if not Path(shards, "long_shards").exists():
+            shutil.copytree(Path(shards, "shards"), Path(shards, "long_shards"))
+    for name, recipe, overrides in cases(root, args.set, shards):
         if only and name not in only:
             continue
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "launch/pretrain.py",
