@@ -9,6 +9,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --out $OUT/smoke.json            # one GPU
     python bench/smoke_gpu_recipes.py --only keye_tiny,keye_tiny_resume --out /tmp/smoke.json
     python bench/smoke_gpu_recipes.py --set 30b --out $OUT/smoke30b.json   # the 30B recipes, 2 LM layers
+    python bench/smoke_gpu_recipes.py --set formats --out $OUT/smoke_formats.json
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
 resume line, and the log's last lines when a case fails. The JSON is rewritten after every case.
@@ -32,6 +33,16 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, list[str]
     """(name, recipe, overrides); later cases start from earlier cases' run directories."""
     run = lambda name: f"run_dir={root / name}"  # noqa: E731
     single = ["parallel=single", "train.wandb.enabled=false"]
+    if which == "formats":
+        # the other checkpoint settings on the attention variants: per-parameter optimizer state written from a
+        # forked writer, stopped at step 10 and resumed
+        fmt = single + ["train.checkpoint.optimizer_format=fully_reshardable", "train.checkpoint.async_save=true"]
+        return [
+            ("dsa_sparse_fully_reshardable_async", "keye_tiny_vl_dsa_sparse", fmt + [run("fmt_dsa"), "train.stop_after=10"]),
+            ("dsa_sparse_fully_reshardable_async_resume", "keye_tiny_vl_dsa_sparse", fmt + [run("fmt_dsa")]),
+            ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", fmt + [run("fmt_ksa"), "train.stop_after=10"]),
+            ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", fmt + [run("fmt_ksa")]),
+        ]
     if which == "30b":
         # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; no
         # checkpoints (the tiny set covers them; a 2-layer slice's is ~26 GB)
@@ -86,8 +97,9 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    ap.add_argument("--set", default="tiny", choices=("tiny", "30b"),
-                    help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards")
+    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats"),
+                    help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards; "
+                         "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
