@@ -8,6 +8,9 @@ never saw it. So:
 - `train.optim.check_param_dtypes` stops such a model before its first step, naming the parameter;
 - the indexer stores its LayerNorm weight in the model's dtype and still normalises in fp32. The reference for
   its key is torch's LayerNorm in float64 over the same projection, with the stored weight.
+What megatron-core did with such a parameter was read in its source and seen in an ad-hoc run on one CPU rank
+(a bf16 model with an fp32 8-element LayerNorm weight beside bf16 norms of 32 and 8 elements in the no-decay
+group): the 8-element bf16 norm was paired with the fp32 weight's main copy, same shape, no error.
 """
 from __future__ import annotations
 
@@ -54,8 +57,10 @@ def test_indexer_parameters_follow_the_model_dtype():
     check_param_dtypes([idx], bf16=True, distributed=True)
 
 
-def test_indexer_key_norm_runs_in_fp32():
-    """The key of a bf16 indexer: its projection normalised with the stored weight, rounded once to bf16."""
+def test_indexer_key_is_its_normalised_projection():
+    """The key of a bf16 indexer: its projection normalised (in fp32) with the stored bf16 weight, rounded once to
+    bf16. (torch's CPU LayerNorm also normalises a bf16 input in fp32, so this checks the values, not the dtype the
+    forward normalises in.)"""
     idx = _indexer(torch.bfloat16)
     with torch.no_grad():
         idx.k_norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
