@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,13 +125,26 @@ def main() -> None:
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "launch/pretrain.py",
                f"recipe={recipe}", *overrides]
         t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
-                                  env=dict(os.environ))
-            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
-        except subprocess.TimeoutExpired as e:
-            rc, tail = "timeout", ((e.stdout or b"")[-2000:] + (e.stderr or b"")[-2000:]).decode(errors="replace") \
-                if isinstance(e.stdout, bytes) else str(e)
+            out, _ = proc.communicate(timeout=args.timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            # torchrun's workers run in sessions of their own: SIGTERM to torchrun stops them (the trainer
+            # checkpoints at its step boundary and exits); only if that hangs is torchrun killed, and then the
+            # orphaned workers may still hold the output pipe, so reading it has a deadline too
+            proc.send_signal(signal.SIGTERM)
+            rc = "timeout"
+            try:
+                out, _ = proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    out, _ = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    out = "(no output: the workers outlived torchrun)"
+        tail = (out or "")[-4000:]
         case = {"name": name, "cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
         run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
         case.update(summarise(run_dir))
