@@ -41,10 +41,9 @@ from train.noise import silence_known_warnings  # noqa: E402
 silence_known_warnings()
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from train.config import register_configs  # noqa: E402
-from train.launch import validate  # noqa: E402
+from train.launch import compose_config, validate  # noqa: E402
 
 
 def _sync():
@@ -219,8 +218,7 @@ def main() -> None:
                  f"train.seq_length={seq}", "train.global_batch_size=1", "train.micro_batch_size=1",
                  "train.steps=100000", "train.warmup_steps=1", "train.wandb.enabled=false",
                  "train.checkpoint.async_save=true", f"run_dir={work / 'run'}"]
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        cfg, layout = validate(compose("config", overrides=overrides))
+    cfg, layout = validate(compose_config(overrides))
     from train.trainer import Trainer
 
     tr = Trainer(cfg, layout)

@@ -69,12 +69,11 @@ def worker(args) -> None:
     silence_known_warnings()
     import torch
     import torch.distributed as dist
-    from hydra import compose, initialize_config_dir
 
     from parallel.groups import teardown
     from parallel.memory import estimate, inputs_from_config
     from train.config import register_configs
-    from train.launch import validate
+    from train.launch import compose_config, validate
 
     register_configs()
     rec: dict = {"variant": args.variant, "seq": args.seq}
@@ -82,9 +81,7 @@ def worker(args) -> None:
     if report_offload:
         rec["offload"] = args.offload
     with tempfile.TemporaryDirectory() as run_dir:
-        with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-            dcfg = compose("config", overrides=_overrides(args, args.variant, args.seq, run_dir, args.offload))
-        cfg, layout = validate(dcfg)
+        cfg, layout = validate(compose_config(_overrides(args, args.variant, args.seq, run_dir, args.offload)))
         m = inputs_from_config(cfg, layout)
         rec["model_seq"] = m.model_seq
         est = estimate(m)

@@ -37,10 +37,9 @@ from train.noise import silence_known_warnings  # noqa: E402
 silence_known_warnings()
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from train.config import register_configs  # noqa: E402
-from train.launch import validate  # noqa: E402
+from train.launch import compose_config, validate  # noqa: E402
 
 PEAK_TFLOPS = 775.0
 
@@ -77,8 +76,7 @@ def print_runs(runs: list[dict], label: str, header: str, row) -> None:
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        return validate(compose("config", overrides=overrides))
+    return validate(compose_config(overrides))
 
 
 class Pregenerated:

@@ -56,10 +56,9 @@ silence_known_warnings()
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from train.config import register_configs  # noqa: E402
-from train.launch import validate  # noqa: E402
+from train.launch import compose_config, validate  # noqa: E402
 
 
 def _sync():
@@ -130,8 +129,7 @@ def run_case(layout_name: str, args, batches, recompute: bool, chunk: int | None
     if not args.smoke:
         overrides += ["model.vision.enabled=true", "data.kind=video", "data.video.vocab_size=512",
                       f"model.lm.max_position_embeddings={max(args.seq, 262144)}"]
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        cfg, layout = validate(compose("config", overrides=overrides))
+    cfg, layout = validate(compose_config(overrides))
     Trainer._video_stream = lambda self, cfg, r, n: Fixed(batches)  # the pre-built batch, no loader
     gc.collect()
     if torch.cuda.is_available():

@@ -13,28 +13,23 @@ from parallel.memory import estimate, inputs_from_config  # noqa: E402
 
 def main(argv: list[str]) -> None:
     """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
     from parallel.layout import ParallelLayout
     from train.config import register_configs, to_config
+    from train.launch import compose_config
 
     world = [a for a in argv if a.startswith("world_size=")]
     overrides = [a for a in argv if not a.startswith("world_size=")]
     register_configs()
-    repo = Path(__file__).resolve().parent.parent
-    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
-        try:
-            cfg = to_config(compose("config", overrides=overrides))
-        except UnsetPathError as e:
-            # the estimate reads no data setting: a recipe whose video paths are left for the user to fill
-            # (the long-context stages) is estimated with the project's own text data instead
-            if any(a.startswith("data=") for a in overrides):
-                raise
-            print(f"(the recipe leaves {' and '.join(e.settings)} to set; the estimate reads no data setting, "
-                  f"so it uses data=synthetic_tokens)")
-            cfg = to_config(compose("config", overrides=overrides + ["data=synthetic_tokens"]))
+    try:
+        cfg = to_config(compose_config(overrides))
+    except UnsetPathError as e:
+        # the estimate reads no data setting: a recipe whose video paths are left for the user to fill
+        # (the long-context stages) is estimated with the project's own text data instead
+        if any(a.startswith("data=") for a in overrides):
+            raise
+        print(f"(the recipe leaves {' and '.join(e.settings)} to set; the estimate reads no data setting, "
+              f"so it uses data=synthetic_tokens)")
+        cfg = to_config(compose_config(overrides + ["data=synthetic_tokens"]))
     p = cfg.parallel
     world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
-from train.config import Config, to_config
+from train.config import Config, register_configs, to_config
 
 
 def setup_logging(run_dir: str, rank: int) -> None:
@@ -57,6 +58,19 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
         raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def compose_config(overrides) -> DictConfig:
+    """The config `launch/pretrain.py` sees for these command-line overrides (Hydra over recipes/config.yaml), for
+    code that builds a run without the launcher: launch/memory.py, the benchmarks, the tests."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES), version_base=None):
+        return compose("config", overrides=list(overrides))
 
 
 def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:

@@ -29,9 +29,7 @@ silence_known_warnings()
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 DOCS = [45, 38, 37, 3]  # text tokens per document: 123; odd, so documents straddle CP chunk boundaries
 
 
@@ -65,14 +63,12 @@ def run_one(recipe: str, cp: int, pad_to: int,
     from parallel.context.batch import split_batch_for_cp
     from parallel.groups import build_process_groups, seed_all
     from parallel.layout import ParallelLayout
-    from train.config import register_configs, to_config
+    from train.config import to_config
+    from train.launch import compose_config
     from train.trainer import packed_params
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        dcfg = compose("config", overrides=[f"recipe={recipe}", "parallel=single", f"parallel.cp={cp}"]
-                       + ([f"parallel.cp_split={split}"] if split else []))
-    cfg = to_config(dcfg)
+    cfg = to_config(compose_config([f"recipe={recipe}", "parallel=single", f"parallel.cp={cp}"]
+                                   + ([f"parallel.cp_split={split}"] if split else [])))
     lm = cfg.model.lm
     layout = ParallelLayout.build(cfg.parallel, world_size=dist.get_world_size(), lm=lm)
     pgs = build_process_groups(layout)

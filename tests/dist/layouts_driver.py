@@ -21,12 +21,9 @@ from train.noise import silence_known_warnings  # noqa: E402
 
 silence_known_warnings()
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from train.config import register_configs  # noqa: E402
-from train.launch import validate  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from train.launch import compose_config, validate  # noqa: E402
 
 
 def run(out: str, run_root: str, spec: str) -> None:
@@ -41,9 +38,7 @@ def run(out: str, run_root: str, spec: str) -> None:
         # run_dir=<name> shares a run directory between entries (resume / reshard); default: own directory
         ov = [o for o in overrides.split() if not o.startswith("run_dir=")]
         shared = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("run_dir=")]
-        with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-            dcfg = compose("config", overrides=ov + [f"run_dir={run_root / (shared[-1] if shared else name)}"])
-        cfg, layout = validate(dcfg)
+        cfg, layout = validate(compose_config(ov + [f"run_dir={run_root / (shared[-1] if shared else name)}"]))
         from train.trainer import Trainer
 
         trainer = Trainer(cfg, layout)

@@ -65,19 +65,14 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
 
 # ------------------------------------------------------------------------------------------ driver
 def _train_one_step(init_from: Path, run_dir: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from train.config import register_configs
-    from train.launch import validate
+    from train.launch import compose_config, validate
     from train.trainer import Trainer
 
-    register_configs()
     overrides = ["recipe=keye_tiny_lm", *TINY_MODEL, f"parallel.tp={LAYOUT['tp']}", f"parallel.ep={LAYOUT['ep']}",
                  "train.steps=2", "train.stop_after=1", "train.warmup_steps=1", "train.global_batch_size=2",
                  "train.micro_batch_size=1", "train.seq_length=32", "train.wandb.enabled=false",
                  f"train.checkpoint.init_from={init_from}", f"run_dir={run_dir}"]
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        cfg, layout = validate(compose("config", overrides=overrides))
+    cfg, layout = validate(compose_config(overrides))
     trainer = Trainer(cfg, layout)
     history = trainer.train()
     del trainer

@@ -22,20 +22,15 @@ import pytest
 
 from tests.launch_util import QUIET, run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _lifetimes(overrides: list[str], *, drop_graphs: bool, close: bool) -> dict:
     """Trains two steps and reports how many of each step's visual embedding tensors were alive when the LM's
     optimizer stepped, then drops the trainer (closing it first or not) and reports what is still alive.
     drop_graphs=False: the steps leave their stale graphs in place (as a step that raised would)."""
-    from hydra import compose, initialize_config_dir
-
     import train.trainer as trainer_module
-    from train.launch import validate
+    from train.launch import compose_config, validate
 
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        cfg, layout = validate(compose("config", overrides=overrides))
+    cfg, layout = validate(compose_config(overrides))
     tr = trainer_module.Trainer(cfg, layout)
     refs, embeds_alive = [], []
     orig = {"forward": tr.vision.forward, "step": tr.optimizer.step}  # cleared before the trainer is dropped

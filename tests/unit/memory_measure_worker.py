@@ -33,21 +33,16 @@ silence_known_warnings()
 
 def main(seq: int, recipe: str = "keye_tiny_lm", trainable: str = "all") -> None:
     import torch
-    from hydra import compose, initialize_config_dir
-
     from models.init import init_layout_invariant
     from models.lm import build_lm, transformer_config
     from parallel.groups import build_process_groups, init_distributed, seed_all, teardown
     from parallel.layout import ParallelLayout
-    from train.config import register_configs, to_config
+    from train.config import to_config
+    from train.launch import compose_config
 
     init_distributed()
-    register_configs()
-    repo = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
-        cfg = to_config(compose("config", overrides=[f"recipe={recipe}", "parallel=single",
-                                                     f"train.seq_length={seq}", "train.micro_batch_size=1",
-                                                     "train.global_batch_size=1"]))
+    cfg = to_config(compose_config([f"recipe={recipe}", "parallel=single", f"train.seq_length={seq}",
+                                    "train.micro_batch_size=1", "train.global_batch_size=1"]))
     lm = cfg.model.lm
     layout = ParallelLayout.build(cfg.parallel, world_size=1, lm=lm)
     pgs = build_process_groups(layout)

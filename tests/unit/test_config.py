@@ -7,19 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from train.config import Config, register_configs, to_config
-from train.launch import validate
+from train.config import Config, to_config
+from train.launch import compose_config, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _compose(*overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _validate(*overrides, world_size=2):

@@ -131,18 +131,12 @@ def test_measured_saved_activations_of_the_tiny_model_on_cpu():
     dispatcher index maps) and, at this tiny width, those are a few percent; a missing or double-counted
     tensor of a layer (q, k, v, the fc1 output, a norm copy) is >= 10 % of it.
     Not checkable here: KSA (its CPU backend is the mask reference, which keeps L x L) and bf16 sizes."""
-    from pathlib import Path
+    from train.config import to_config
+    from train.launch import compose_config
 
-    from hydra import compose, initialize_config_dir
-
-    from train.config import register_configs, to_config
-
-    repo = Path(__file__).resolve().parents[2]
     seq = 2048
     measured = _measure(seq)
-    register_configs()
-    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
-        cfg = to_config(compose("config", overrides=["recipe=keye_tiny_lm", "parallel=single"]))
+    cfg = to_config(compose_config(["recipe=keye_tiny_lm", "parallel=single"]))
     m = MemoryInputs(lm=cfg.model.lm, seq_length=seq, bf16=False)
     attn, _ = _attention(m, "dense", recompute_core=False)
     moe, _ = _moe(m)
@@ -187,15 +181,10 @@ def _measure(seq: int, *args: str) -> dict:
 
 
 def _recipe_inputs(recipe: str, seq: int, **kw) -> MemoryInputs:
-    from pathlib import Path
+    from train.config import to_config
+    from train.launch import compose_config
 
-    from hydra import compose, initialize_config_dir
-
-    from train.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "recipes"), version_base=None):
-        cfg = to_config(compose("config", overrides=[f"recipe={recipe}", "parallel=single"]))
+    cfg = to_config(compose_config([f"recipe={recipe}", "parallel=single"]))
     return MemoryInputs(lm=cfg.model.lm, seq_length=seq, bf16=False, trainable=cfg.train.trainable, **kw)
 
 

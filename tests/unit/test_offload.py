@@ -201,17 +201,10 @@ def test_wrong_offload_settings_name_the_key():
 
 
 def test_wrong_offload_value_stops_the_recipe(monkeypatch):
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from train.config import register_configs
-    from train.launch import validate
+    from train.launch import compose_config, validate
 
     def check(*overrides):
-        register_configs()
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "recipes"), version_base=None):
-            return validate(compose("config", overrides=["recipe=keye_tiny_lm", *overrides]))
+        return validate(compose_config(["recipe=keye_tiny_lm", *overrides]))
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="parallel.offload must be one of"):
@@ -223,20 +216,14 @@ def test_wrong_offload_value_stops_the_recipe(monkeypatch):
 @pytest.mark.parametrize("recompute", ["full", "none"])
 def test_estimator_predicts_less_memory_with_offload_for_256k(recompute):
     from dataclasses import replace
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
 
     from parallel.layout import ParallelLayout
     from parallel.memory import estimate, inputs_from_config
-    from train.config import register_configs, to_config
+    from train.config import to_config
+    from train.launch import compose_config
 
-    register_configs()
-    repo = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(repo / "recipes"), version_base=None):
-        cfg = to_config(compose("config", overrides=["recipe=keye_30b_a3b_ctx_256k", "model.vision.enabled=false",
-                                                     "data=synthetic_tokens",
-                                                     f"parallel.recompute={recompute}"]))
+    cfg = to_config(compose_config(["recipe=keye_30b_a3b_ctx_256k", "model.vision.enabled=false",
+                                    "data=synthetic_tokens", f"parallel.recompute={recompute}"]))
     layout = ParallelLayout.build(cfg.parallel, world_size=8, lm=cfg.model.lm)
     m = inputs_from_config(cfg, layout)
     base = estimate(m)
