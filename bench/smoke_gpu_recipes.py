@@ -10,6 +10,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --only keye_tiny,keye_tiny_resume --out /tmp/smoke.json
     python bench/smoke_gpu_recipes.py --set 30b --out $OUT/smoke30b.json   # the 30B recipes, 2 LM layers
     python bench/smoke_gpu_recipes.py --set formats --out $OUT/smoke_formats.json
+    python bench/smoke_gpu_recipes.py --set lm --out $OUT/smoke_lm.json        # the LM-only tiny DSA / KSA stages
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
 resume line, and the log's last lines when a case fails. The JSON is rewritten after every case.
@@ -34,6 +35,17 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, list[str]
     """(name, recipe, overrides); later cases start from earlier cases' run directories."""
     run = lambda name: f"run_dir={root / name}"  # noqa: E731
     single = ["parallel=single", "train.wandb.enabled=false"]
+    if which == "lm":
+        # the language-model-only tiny stages, from keye_tiny_lm as the recipes' comments chain them
+        lm = f"train.checkpoint.init_from={root / 'lm'}"
+        return [
+            ("keye_tiny_lm", "keye_tiny_lm", single + [run("lm")]),
+            ("keye_tiny_dsa_warmup", "keye_tiny_dsa_warmup", single + [run("lm_dsa_warmup"), lm]),
+            ("keye_tiny_dsa_sparse", "keye_tiny_dsa_sparse",
+             single + [run("lm_dsa_sparse"), f"train.checkpoint.init_from={root / 'lm_dsa_warmup'}"]),
+            ("keye_tiny_ksa_distill", "keye_tiny_ksa_distill", single + [run("lm_ksa_distill"), lm]),
+            ("keye_tiny_ksa", "keye_tiny_ksa", single + [run("lm_ksa")]),
+        ]
     if which == "formats":
         # the other checkpoint settings on the attention variants: per-parameter optimizer state written from a
         # forked writer, stopped at step 10 and resumed
@@ -98,9 +110,10 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats"),
+    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm"),
                     help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards; "
-                         "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed")
+                         "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed; "
+                         "lm: the language-model-only tiny DSA / KSA stages")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
