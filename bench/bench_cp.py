@@ -130,6 +130,8 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------------- orchestrator
 def run_case(args, variant: str, seq: int, offload: str = "none") -> dict:
+    from launch.supervise import run_torchrun
+
     record = Path(tempfile.mkdtemp()) / "rec.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--worker",
            "--variant", variant, "--seq", str(seq), "--record", str(record), "--layers", str(args.layers),
@@ -142,7 +144,7 @@ def run_case(args, variant: str, seq: int, offload: str = "none") -> dict:
         env["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = run_torchrun(cmd, cwd=REPO, env=env, timeout=args.timeout)
         oom_records = sorted(record.parent.glob(record.name + ".rank*"))
         if record.exists():
             rec = json.loads(record.read_text())

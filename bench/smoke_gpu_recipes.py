@@ -13,48 +13,48 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set lm --out $OUT/smoke_lm.json        # the LM-only tiny DSA / KSA stages
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
-resume line, and the log's last lines when a case fails. The JSON is rewritten after every case.
+resume or init lines, and the output's tail when a case fails. The JSON is rewritten after every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.supervise import run_torchrun  # noqa: E402
 
 
-def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, list[str]]]:
-    """(name, recipe, overrides); later cases start from earlier cases' run directories."""
-    run = lambda name: f"run_dir={root / name}"  # noqa: E731
+def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
+    """(case name, recipe, run directory name under root, overrides); later cases start from earlier cases' run
+    directories (`init`), and a case that reuses one resumes it."""
+    init = lambda name: f"train.checkpoint.init_from={root / name}"  # noqa: E731
     single = ["parallel=single", "train.wandb.enabled=false"]
     if which == "lm":
         # the language-model-only tiny stages, from keye_tiny_lm as the recipes' comments chain them
-        lm = f"train.checkpoint.init_from={root / 'lm'}"
         return [
-            ("keye_tiny_lm", "keye_tiny_lm", single + [run("lm")]),
-            ("keye_tiny_dsa_warmup", "keye_tiny_dsa_warmup", single + [run("lm_dsa_warmup"), lm]),
-            ("keye_tiny_dsa_sparse", "keye_tiny_dsa_sparse",
-             single + [run("lm_dsa_sparse"), f"train.checkpoint.init_from={root / 'lm_dsa_warmup'}"]),
-            ("keye_tiny_ksa_distill", "keye_tiny_ksa_distill", single + [run("lm_ksa_distill"), lm]),
-            ("keye_tiny_ksa", "keye_tiny_ksa", single + [run("lm_ksa")]),
+            ("keye_tiny_lm", "keye_tiny_lm", "lm", single),
+            ("keye_tiny_dsa_warmup", "keye_tiny_dsa_warmup", "lm_dsa_warmup", single + [init("lm")]),
+            ("keye_tiny_dsa_sparse", "keye_tiny_dsa_sparse", "lm_dsa_sparse", single + [init("lm_dsa_warmup")]),
+            ("keye_tiny_ksa_distill", "keye_tiny_ksa_distill", "lm_ksa_distill", single + [init("lm")]),
+            ("keye_tiny_ksa", "keye_tiny_ksa", "lm_ksa", single),
         ]
     if which == "formats":
         # the other checkpoint settings on the attention variants: per-parameter optimizer state written from a
         # forked writer, stopped at step 10 and resumed
         fmt = single + ["train.checkpoint.optimizer_format=fully_reshardable", "train.checkpoint.async_save=true"]
         return [
-            ("dsa_sparse_fully_reshardable_async", "keye_tiny_vl_dsa_sparse", fmt + [run("fmt_dsa"), "train.stop_after=10"]),
-            ("dsa_sparse_fully_reshardable_async_resume", "keye_tiny_vl_dsa_sparse", fmt + [run("fmt_dsa")]),
-            ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", fmt + [run("fmt_ksa"), "train.stop_after=10"]),
-            ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", fmt + [run("fmt_ksa")]),
+            ("dsa_sparse_fully_reshardable_async", "keye_tiny_vl_dsa_sparse", "fmt_dsa", fmt + ["train.stop_after=10"]),
+            ("dsa_sparse_fully_reshardable_async_resume", "keye_tiny_vl_dsa_sparse", "fmt_dsa", fmt),
+            ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", "fmt_ksa", fmt + ["train.stop_after=10"]),
+            ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", "fmt_ksa", fmt),
         ]
     if which == "30b":
         # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; no
@@ -63,25 +63,22 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, list[str]
                         "train.steps=3", "train.global_batch_size=2", "train.warmup_steps=1",
                         "train.checkpoint.enabled=false", "train.log_interval=1"]
         return [
-            ("keye_30b_a3b", "keye_30b_a3b", cut + [run("30b")]),
-            ("keye_30b_a3b_dsa_sparse_32k", "keye_30b_a3b_dsa_sparse",
-             cut + [run("30b_dsa"), f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768",
+            ("keye_30b_a3b", "keye_30b_a3b", "30b", cut),
+            ("keye_30b_a3b_dsa_sparse_32k", "keye_30b_a3b_dsa_sparse", "30b_dsa",
+             cut + [f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768",
                     "train.seq_length=32768", "data.video.max_video_tokens=24576", "parallel.vit.group=1"]),
-            ("keye_30b_a3b_ksa_stage2", "keye_30b_a3b_ksa_stage2", cut + [run("30b_ksa")]),
+            ("keye_30b_a3b_ksa_stage2", "keye_30b_a3b_ksa_stage2", "30b_ksa", cut),
         ]
     return [
-        ("keye_tiny", "keye_tiny", single + [run("keye_tiny"), "train.stop_after=20"]),
-        ("keye_tiny_vl_dsa_warmup", "keye_tiny_vl_dsa_warmup",
-         single + [run("dsa_warmup"), f"train.checkpoint.init_from={root / 'keye_tiny'}"]),
-        ("keye_tiny_vl_dsa_sparse", "keye_tiny_vl_dsa_sparse",
-         single + [run("dsa_sparse"), f"train.checkpoint.init_from={root / 'dsa_warmup'}", "train.stop_after=10"]),
-        ("keye_tiny_vl_dsa_sparse_resume", "keye_tiny_vl_dsa_sparse",
-         single + [run("dsa_sparse"), f"train.checkpoint.init_from={root / 'dsa_warmup'}"]),
-        ("keye_tiny_vl_ksa", "keye_tiny_vl_ksa", single + [run("ksa")]),
-        ("keye_tiny_vl_ksa_distill", "keye_tiny_vl_ksa_distill",
-         single + [run("ksa_distill"), f"train.checkpoint.init_from={root / 'keye_tiny'}"]),
-        ("keye_tiny_resume", "keye_tiny", single + [run("keye_tiny")]),
-        ("keye_tiny_lm", "keye_tiny_lm", single + [run("keye_tiny_lm")]),
+        ("keye_tiny", "keye_tiny", "keye_tiny", single + ["train.stop_after=20"]),
+        ("keye_tiny_vl_dsa_warmup", "keye_tiny_vl_dsa_warmup", "dsa_warmup", single + [init("keye_tiny")]),
+        ("keye_tiny_vl_dsa_sparse", "keye_tiny_vl_dsa_sparse", "dsa_sparse",
+         single + [init("dsa_warmup"), "train.stop_after=10"]),
+        ("keye_tiny_vl_dsa_sparse_resume", "keye_tiny_vl_dsa_sparse", "dsa_sparse", single + [init("dsa_warmup")]),
+        ("keye_tiny_vl_ksa", "keye_tiny_vl_ksa", "ksa", single),
+        ("keye_tiny_vl_ksa_distill", "keye_tiny_vl_ksa_distill", "ksa_distill", single + [init("keye_tiny")]),
+        ("keye_tiny_resume", "keye_tiny", "keye_tiny", single),
+        ("keye_tiny_lm", "keye_tiny_lm", "keye_tiny_lm", single),
     ]
 
 
@@ -98,7 +95,7 @@ def summarise(run_dir: Path) -> dict:
     log = run_dir / "logs" / "rank0.log"
     if log.exists():
         text = log.read_text(errors="replace").splitlines()
-        out["resumed"] = [line for line in text if "resumed from" in line or "initialised" in line][-3:]
+        out["started_from"] = [line for line in text if "resumed from" in line or "initialised" in line][-3:]
         out["log_tail"] = text[-12:]
     return out
 
@@ -118,13 +115,10 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     only = {c for c in args.only.split(",") if c}
-    result: dict = {"device": None, "cases": []}
-    try:
-        import torch
-        result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        result["torch"] = torch.__version__
-    except Exception as e:  # the cases still run and say what failed
-        result["device"] = f"torch import failed: {e}"
+    import torch
+
+    result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__, "cases": []}
     shards = ""
     if args.set == "30b":  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
         shards = str(root / "videos")
@@ -132,37 +126,22 @@ def main() -> None:
                         "--workers", "8"], cwd=REPO, check=True, capture_output=True)
         if not Path(shards, "long_shards").exists():
             shutil.copytree(Path(shards, "shards"), Path(shards, "long_shards"))
-    for name, recipe, overrides in cases(root, args.set, shards):
+    for name, recipe, run_name, overrides in cases(root, args.set, shards):
         if only and name not in only:
             continue
+        run_dir = root / run_name
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "launch/pretrain.py",
-               f"recipe={recipe}", *overrides]
+               f"recipe={recipe}", *overrides, f"run_dir={run_dir}"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
         try:
-            out, _ = proc.communicate(timeout=args.timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            # torchrun's workers run in sessions of their own: SIGTERM to torchrun stops them (the trainer
-            # checkpoints at its step boundary and exits); only if that hangs is torchrun killed, and then the
-            # orphaned workers may still hold the output pipe, so reading it has a deadline too
-            proc.send_signal(signal.SIGTERM)
-            rc = "timeout"
-            try:
-                out, _ = proc.communicate(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                try:
-                    out, _ = proc.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    out = "(no output: the workers outlived torchrun)"
-        tail = (out or "")[-4000:]
+            proc = run_torchrun(cmd, cwd=REPO, timeout=args.timeout)
+            rc, out = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:  # its workers stopped too (launch/supervise.py)
+            rc, out = "timeout", (e.output or "") + (e.stderr or "")
         case = {"name": name, "cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
-        run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
         case.update(summarise(run_dir))
         if rc != 0:
-            case["output_tail"] = tail
+            case["output_tail"] = out[-4000:]
         result["cases"].append(case)
         print(json.dumps({k: case.get(k) for k in ("name", "rc", "wall_s", "first", "last")}), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

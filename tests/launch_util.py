@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.supervise import run_torchrun
+
 REPO = Path(__file__).resolve().parent.parent
 # Runs in tests are short: no wandb, short warmup, and no checkpoints unless a test asks for them.
 QUIET = ["train.wandb.enabled=false", "train.warmup_steps=1", "train.log_interval=1"]
@@ -19,7 +21,7 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, *, timeout: in
            str(REPO / "launch" / "pretrain.py"), *QUIET, *overrides, f"run_dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_torchrun(cmd, cwd=REPO, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

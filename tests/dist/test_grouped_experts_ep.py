@@ -14,7 +14,6 @@ differ in summation order and in the fused activation only (see tests/unit/test_
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,10 +33,12 @@ E, H, FFN, TOPK, SEQ, BATCH = 4, 32, 16, 2, 12, 2
 # --------------------------------------------------------------------------------------------- pytest
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    from launch.supervise import run_torchrun
+
     out = tmp_path_factory.mktemp("grouped_ep") / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_torchrun(cmd, cwd=REPO, env=env, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
