@@ -11,6 +11,9 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set 30b --out $OUT/smoke30b.json   # the 30B recipes, 2 LM layers
     python bench/smoke_gpu_recipes.py --set formats --out $OUT/smoke_formats.json
     python bench/smoke_gpu_recipes.py --set lm --out $OUT/smoke_lm.json        # the LM-only tiny DSA / KSA stages
+    python bench/smoke_gpu_recipes.py --set stages_tiny --out $OUT/st_tiny.json   # alignment, KSA from scratch
+    python bench/smoke_gpu_recipes.py --set stages_30b --out $OUT/st_30b.json     # 30B stages from a checkpoint
+    python bench/smoke_gpu_recipes.py --set resume_30b --out $OUT/rs_30b.json     # a 30B-width stop and resume
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
 resume or init lines, and the output's tail when a case fails. The JSON is rewritten after every case.
@@ -56,17 +59,48 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", "fmt_ksa", fmt + ["train.stop_after=10"]),
             ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", "fmt_ksa", fmt),
         ]
+    # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards
+    cut = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
+                    "train.steps=3", "train.global_batch_size=2", "train.warmup_steps=1",
+                    "train.checkpoint.enabled=false", "train.log_interval=1"]
+    at_32k = [f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768", "train.seq_length=32768",
+              "data.video.max_video_tokens=24576", "parallel.vit.group=1"]
+    if which == "stages_tiny":
+        # the tiny stages the other sets leave out: projector alignment (ViT and LM frozen, so it starts from a
+        # checkpoint that holds them) and the LM-only KSA model from scratch
+        return [
+            ("keye_tiny", "keye_tiny", "st_keye_tiny", single + ["train.stop_after=20"]),
+            ("keye_tiny_align", "keye_tiny_align", "st_align", single + [init("st_keye_tiny")]),
+            ("keye_tiny_ksa", "keye_tiny_ksa", "st_lm_ksa", single),
+        ]
+    if which == "stages_30b":
+        # the 30B stages that start from a checkpoint (frozen ViT, or the dense model to convert): a run of
+        # keye_30b_a3b (2 steps) writes the 2-layer slice's checkpoint (~32 GB with its optimizer state), then each stage
+        # starts from it (model weights only) and trains 2 steps without writing one of its own
+        save = [o for o in cut if o not in ("train.checkpoint.enabled=false", "train.steps=3")] + ["train.steps=2"]
+        two = [o for o in cut if o != "train.steps=3"] + ["train.steps=2", init("st_30b")]
+        return [
+            ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "st_30b", save),
+            ("keye_30b_a3b_align", "keye_30b_a3b_align", "st_30b_align", two),
+            ("keye_30b_a3b_dsa_warmup_32k", "keye_30b_a3b_dsa_warmup", "st_30b_dsa_warmup", two + at_32k),
+            ("keye_30b_a3b_ksa_stage1", "keye_30b_a3b_ksa_stage1", "st_30b_ksa1", two),
+            ("keye_30b_a3b_ksa_stage3", "keye_30b_a3b_ksa_stage3", "st_30b_ksa3", two + at_32k),
+        ]
+    if which == "resume_30b":
+        # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
+        # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
+        # the rerun writes no checkpoint of its own (resuming does not need train.checkpoint.enabled, and two
+        # checkpoints of the slice would not fit the lent machine's 64 GB disk)
+        stop = [o for o in cut if o != "train.checkpoint.enabled=false"] + ["train.stop_after=2"]
+        return [("keye_30b_a3b_3_steps", "keye_30b_a3b", "rs_30b_straight", cut),
+                ("keye_30b_a3b_stop_after_2", "keye_30b_a3b", "rs_30b", stop),
+                ("keye_30b_a3b_resume", "keye_30b_a3b", "rs_30b", cut)]
     if which == "30b":
-        # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; no
-        # checkpoints (the tiny set covers them; a 2-layer slice's is ~26 GB)
-        cut = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
-                        "train.steps=3", "train.global_batch_size=2", "train.warmup_steps=1",
-                        "train.checkpoint.enabled=false", "train.log_interval=1"]
+        # no checkpoints here (the tiny set covers them; stages_30b writes one)
         return [
             ("keye_30b_a3b", "keye_30b_a3b", "30b", cut),
             ("keye_30b_a3b_dsa_sparse_32k", "keye_30b_a3b_dsa_sparse", "30b_dsa",
-             cut + [f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768",
-                    "train.seq_length=32768", "data.video.max_video_tokens=24576", "parallel.vit.group=1"]),
+             cut + at_32k),
             ("keye_30b_a3b_ksa_stage2", "keye_30b_a3b_ksa_stage2", "30b_ksa", cut),
         ]
     return [
@@ -92,6 +126,7 @@ def summarise(run_dir: Path) -> dict:
             out["last"] = {k: rows[-1].get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s",
                                                         "data_samples_failed")}
             out["rows"] = len(rows)
+            out["losses"] = {r["step"]: r.get("loss") for r in rows}
     log = run_dir / "logs" / "rank0.log"
     if log.exists():
         text = log.read_text(errors="replace").splitlines()
@@ -107,10 +142,12 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm"),
+    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm", "stages_tiny", "stages_30b", "resume_30b"),
                     help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards; "
                          "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed; "
-                         "lm: the language-model-only tiny DSA / KSA stages")
+                         "lm: the language-model-only tiny DSA / KSA stages; stages_tiny / stages_30b: the stages "
+                         "the other sets leave out (alignment, KSA from scratch; the 30B stages from a checkpoint); resume_30b: "
+                         "3 steps of the 30B slice straight, and stopped after step 2 and resumed")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,7 +157,7 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "torch": torch.__version__, "cases": []}
     shards = ""
-    if args.set == "30b":  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
+    if args.set in ("30b", "stages_30b", "resume_30b"):  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
         shards = str(root / "videos")
         subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", shards, "--n", "32", "--shards",
                         "--workers", "8"], cwd=REPO, check=True, capture_output=True)

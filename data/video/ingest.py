@@ -241,22 +241,26 @@ def ingest(opts: IngestOptions) -> dict:
         writer, cur_videos = None, []
 
     try:
-        pending = set()
-        it = iter(todo)
+        # Results are written in the listing's order, whatever order the workers finish in, so the same videos
+        # always make the same shards (and a run on them sees the same samples in the same order). Finished
+        # results wait in `ready` for the ones before them; they count against the in-flight bound.
+        pending: dict = {}  # future -> its position in todo
+        ready: dict[int, dict] = {}
+        submitted = emitted = 0
         max_inflight = 4 * opts.workers
-        exhausted = False
         while True:
-            while not exhausted and len(pending) < max_inflight:
-                rel = next(it, None)
-                if rel is None:
-                    exhausted = True
-                    break
-                pending.add(pool.ex.submit(_job, pool, opts, root, rel, tmp))
-            if not pending:
+            while submitted < len(todo) and len(pending) + len(ready) < max_inflight:
+                pending[pool.ex.submit(_job, pool, opts, root, todo[submitted], tmp)] = submitted
+                submitted += 1
+            if not pending and not ready:
                 break
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in sorted(finished, key=lambda f: f.result()["rel"]):
-                r = fut.result()
+            if emitted not in ready:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    ready[pending.pop(fut)] = fut.result()
+            while emitted in ready:
+                r = ready.pop(emitted)
+                emitted += 1
                 stats["bytes_in"] += r["bytes_in"]
                 if not r["ok"]:
                     reasons[r["reason"]] += 1

@@ -101,6 +101,40 @@ def test_synthetic_videos_are_reproducible(tmp_path):
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
+def test_ingest_writes_the_listing_order_whatever_order_workers_finish(tmp_path, monkeypatch):
+    """The same videos make the same shards: samples are written in the listing's (sorted) order even when the
+    workers finish in another. The jobs are slowed so that they finish in reverse order (the first video last);
+    the control is a one-worker ingest. Before, results were written as they finished, so two ingests of the
+    same videos gave different shards and a training run on them different batches."""
+    import time
+    from data.video import ingest as ingest_mod
+
+    vids, ann = make_synthetic_videos(tmp_path, 6, seed=5, max_seconds=2.0)
+    names = sorted(p.name for p in vids.iterdir())
+    job = ingest_mod._job
+    finished: list[str] = []
+
+    def slowed(pool, opts, root, rel, tmp):
+        time.sleep(0.4 * (len(names) - names.index(rel)))  # the first in the listing finishes last
+        r = job(pool, opts, root, rel, tmp)
+        finished.append(rel)
+        return r
+
+    def shards(out: Path, workers: int) -> list[list[str]]:
+        ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(out), shard_size_mb=0.015,
+                             workers=workers, progress=False))
+        return [json.loads(line)["videos"] for line in (out / "ingest_manifest.jsonl").read_text().splitlines()]
+
+    one = shards(tmp_path / "one", 1)
+    monkeypatch.setattr(ingest_mod, "_job", slowed)
+    many = shards(tmp_path / "many", 6)
+    assert finished[0] != names[0] and finished[-1] == names[0]  # the workers did finish out of order
+    assert [v for s in one for v in s] == names
+    assert many == one
+    keys = lambda out: [r.key for r in load_catalog(str(out))]  # noqa: E731
+    assert keys(tmp_path / "many") == keys(tmp_path / "one")
+
+
 def test_ingest_resumes_after_interruption(tmp_path):
     vids, ann = make_synthetic_videos(tmp_path, 6, seed=5, max_seconds=2.0)
     out = tmp_path / "out"
