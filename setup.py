@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "einops",
     "tqdm",
     "safetensors",
+    "tokenizers>=0.21,<1",  # data.video.tokenizer=<a Hugging Face tokenizer directory>; 0.23 tested
 ]
 # transformers: the reference implementation HF-interop tests compare logits against
 DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "transformers==5.24.0"]

@@ -163,8 +163,26 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
               "model_lm": asdict(lm), **vision_common}
     path = ckpt.save_checkpoint(out_dir, 0, chunks, _NoOptimizer(), common, keep_last=1, dp_cp_group=pgs.dp_cp,
                                 extra=extra)
-    log.info("wrote %s (use it with train.checkpoint.init_from=%s)", path, out_dir)
+    tokenizer = copy_tokenizer(hf_dir, out_dir) if dist.get_rank() == 0 else []
+    log.info("wrote %s (use it with train.checkpoint.init_from=%s%s)", path, out_dir,
+             f" data.video.tokenizer={out_dir}" if tokenizer else "")
     return {"checkpoint": path, "verify": result}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer(hf_dir: str, out_dir: str) -> list[str]:
+    """The Hugging Face directory's tokenizer files, copied beside the imported checkpoint: the run that starts
+    from it tokenizes with them (data.video.tokenizer=OUT_DIR), and the launcher refuses byte ids there."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if Path(hf_dir, name).is_file():
+            shutil.copyfile(Path(hf_dir, name), Path(out_dir, name))
+            copied.append(name)
+    return copied
 
 
 def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: str | None = None,

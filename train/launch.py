@@ -60,6 +60,25 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
 
 
+def check_tokenizer(cfg: Config) -> None:
+    """The video documents' tokenizer fits the model and the weights it starts from (ValueError naming the
+    setting): a Hugging Face tokenizer loads, holds Qwen-VL's special tokens and fits data.video.vocab_size;
+    and a run that starts from weights with a tokenizer of their own (init_from holds a tokenizer.json) does not
+    tokenize with the byte tokenizer, whose ids mean nothing to those weights."""
+    from data.video.tokenizer import build_tokenizer
+
+    if cfg.data.kind != "video":
+        return
+    v, source = cfg.data.video, cfg.train.checkpoint.init_from
+    if v.tokenizer != "bytes":
+        build_tokenizer(v)
+    elif source and Path(source, "tokenizer.json").is_file():
+        raise ValueError(f"train.checkpoint.init_from={source!r} holds the tokenizer its weights were trained with "
+                         f"(tokenizer.json: a Hugging Face checkpoint, or a run launch/convert.py imported from one), "
+                         f"but data.video.tokenizer=bytes: byte ids are not its text ids. "
+                         f"Set data.video.tokenizer={source}")
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -86,6 +105,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)
+    check_tokenizer(cfg)
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")

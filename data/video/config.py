@@ -10,6 +10,8 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .tokenizer import hf_tokenizer_file
+
 # Enumerated options are plain `str` fields (OmegaConf structured configs reject typing.Literal);
 # the allowed values are listed here and checked in __post_init__.
 DECODE_BACKENDS = ("decord", "pyav", "torchcodec")
@@ -115,6 +117,8 @@ class VideoDataConfig:
 
     # ---- tokenizer ----------------------------------------------------------------------------
     tokenizer: str = "bytes"
+    """"bytes" (ids 0..255 and specials at special_token_offset), or the directory of a Hugging Face tokenizer
+    (its tokenizer.json; e.g. the Qwen3-30B-A3B checkpoint the LM starts from), with Qwen-VL's special tokens."""
     vocab_size: int = 512
     special_token_offset: int = 256
     """Special ids are offset, offset+1, ... (pad, bos, eos, vision_start, vision_end, image_pad,
@@ -197,10 +201,10 @@ class VideoDataConfig:
         if self.batch_timeout_s < 0:
             bad("batch_timeout_s", "must be >= 0 (0 = no timeout)")
         if self.tokenizer not in TOKENIZERS:
-            bad("tokenizer", "only 'bytes' is built in; pass a tokenizer object to the loader instead")
+            hf_tokenizer_file(self.tokenizer)  # a Hugging Face tokenizer directory, or a ValueError naming it
         if self.special_token_offset < 256:
             bad("special_token_offset", "must be >= 256 (ids 0..255 are the bytes)")
-        if self.vocab_size < self.special_token_offset + 8:
+        if self.tokenizer == "bytes" and self.vocab_size < self.special_token_offset + 8:
             bad("vocab_size", f"must be >= special_token_offset + 8 = {self.special_token_offset + 8}")
         # the smallest sample (min_frames frames at min tokens each, no text) must fit a sequence
         smallest = self.min_frames * (self.min_frame_tokens + 12) + 2

@@ -391,10 +391,11 @@ class VideoPackedLoader:
         if cfg.batch_timeout_s > 0 and cfg.num_workers == 0:
             warnings.warn("VideoDataConfig.batch_timeout_s is ignored with num_workers=0 "
                           "(sample_timeout_s still guards each decode)")
-        log.info("video loader: rank %d/%d, decode backend %s (%s), %d workers, seq_len %d",
-                 dp_rank, dp_world, cfg.decode_backend, cfg.decode_isolation, cfg.num_workers, cfg.seq_len)
-        self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
         self.tokenizer = tokenizer or build_tokenizer(cfg)
+        log.info("video loader: rank %d/%d, decode backend %s (%s), %d workers, seq_len %d, tokenizer %r",
+                 dp_rank, dp_world, cfg.decode_backend, cfg.decode_isolation, cfg.num_workers, cfg.seq_len,
+                 self.tokenizer)
+        self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
         specs = cfg.sources()                      # [(name, shard spec, config field, weight)]
         given = [catalog, long_catalog]
         cats = [given[i] if given[i] is not None else load_catalog(spec, field=fld)

@@ -5,8 +5,8 @@ P = ViT patches in a pack, V = merged visual tokens in a pack (= P / merge**2).
 
 One sample (a video + its annotation) becomes one *document*:
 
-    <bos>
-    for each frame k:  "<12.5s>" (text bytes)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
+    <bos>                                         (when the tokenizer has one; Qwen's has none)
+    for each frame k:  "<12.5s>" (text)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
     annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." (see docs/data.md)
     <eos>
 
@@ -201,9 +201,10 @@ def plan_document(*, uid: int, key: str, video: dict, annotation: dict, cfg: Vid
     """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError)."""
     n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9))) + 2)
-    text_cap = min(cfg.max_text_tokens, cfg.seq_len - 2 - ts_budget - n_min * cfg.min_frame_tokens)
+    ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
+    text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
     text_ids, text_loss = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
-    fixed = 2 + len(text_ids)
+    fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):
         if cap < cfg.min_frame_tokens:
@@ -256,7 +257,8 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
         i += k
         p += k
 
-    text([tokenizer.bos_id])
+    if tokenizer.bos_id is not None:
+        text([tokenizer.bos_id])
     anchor = None
     for k in range(n):
         text(doc.ts_ids[k])

@@ -216,6 +216,31 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
     return vdir, ann
 
 
+def make_synthetic_hf_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400) -> Path:
+    """A small byte-level BPE tokenizer in Hugging Face's format (out_dir/tokenizer.json), trained with the
+    `tokenizers` library on the synthetic annotations' text, with Qwen-VL's special tokens added after the
+    vocabulary as Qwen's tokenizers hold them. For trying `data.video.tokenizer=<dir>` on the tiny recipes
+    (whose vocabulary has 512 ids) without a real checkpoint's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
+    truth = {"duration": 3.5, "n_frames": 42, "width": 96, "height": 64, "counter_bits": 6}
+    ann = annotation_for("clip.mp4", truth)
+    corpus = [ann["caption"], *(e["text"] for e in ann["events"]), ann["qa"][0]["question"],
+              "Caption: Events: Q: A: Describe the video.", *(f"<{t / 2:.1f}s>" for t in range(200))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.add_special_tokens(sorted(set(QWEN_VL_SPECIAL_TOKENS.values()) | {"<|im_start|>", "<|im_end|>"}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
 def make_synthetic_shards(out_dir: str | os.PathLike, n_videos: int, seed: int = 0, *,
                           shard_size_mb: float = 0.05, workers: int = 2, proxy: bool = False,
                           **video_kwargs) -> Path:

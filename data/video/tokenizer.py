@@ -1,12 +1,18 @@
-"""Text tokenizer interface and the built-in deterministic byte-level tokenizer.
+"""Text tokenizer interface, the built-in deterministic byte-level tokenizer, and a Hugging Face one.
 
-No tokenizer is downloaded in this project: `ByteTokenizer` maps UTF-8 bytes to ids 0..255 and puts
-the special tokens at `special_token_offset + i`, so it fits any vocabulary of at least
-offset + 8 ids (512 by default). A real tokenizer can be dropped in by implementing `Tokenizer`
-(`encode`, `decode` and the special-id attributes) and passing it to `VideoPackedLoader`.
+`ByteTokenizer` maps UTF-8 bytes to ids 0..255 and puts the special tokens at `special_token_offset + i`,
+so it fits any vocabulary of at least offset + 8 ids (512 by default): the tiny recipes and synthetic data.
+
+`HFTokenizer` reads a Hugging Face tokenizer directory (its `tokenizer.json`, e.g. the Qwen3-30B-A3B
+checkpoint's own directory) with the `tokenizers` library, and takes the document's special tokens from
+Qwen-VL's names (`QWEN_VL_SPECIAL_TOKENS`): the ids a model started from Qwen3 / Keye-VL weights was trained
+with. Nothing is downloaded. Any other tokenizer can be dropped in by implementing `Tokenizer` (`encode`,
+`decode` and the special-id attributes) and passing it to `VideoPackedLoader`.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 SPECIAL_TOKENS = (
@@ -20,7 +26,7 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     pad_id: int
-    bos_id: int
+    bos_id: int | None  # None: documents start without one (Qwen's pretraining text has no BOS)
     eos_id: int
     vision_start_id: int
     vision_end_id: int
@@ -70,8 +76,63 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, special_token_offset={self.special_token_offset})"
 
 
+# The document's special tokens in a Hugging Face tokenizer, by Qwen-VL's names (Qwen2.5 / Qwen3 tokenizers hold
+# them: <|endoftext|> 151643, <|vision_start|> 151652, <|vision_end|> 151653, <|image_pad|> 151655,
+# <|video_pad|> 151656). A document ends with <|endoftext|>, as Qwen's pretraining text does, and padding uses the
+# same id (it is never a label: padding is a segment of its own with a zero loss mask). No BOS.
+QWEN_VL_SPECIAL_TOKENS = {
+    "eos": "<|endoftext|>", "pad": "<|endoftext|>", "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>",
+}
+
+
+def hf_tokenizer_file(path: str | os.PathLike) -> Path:
+    """`path`'s tokenizer.json (path: a Hugging Face model or tokenizer directory, or the file itself); raises
+    ValueError naming the path when there is none."""
+    p = Path(path).expanduser()
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file() or f.name != "tokenizer.json":
+        why = "no such directory" if not p.exists() else "holds no tokenizer.json (a fast Hugging Face tokenizer)"
+        raise ValueError(f"data.video.tokenizer = {str(path)!r}: {why}; give 'bytes' or the directory of a "
+                         f"Hugging Face tokenizer, e.g. the Qwen3-30B-A3B checkpoint's")
+    return f
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json) with Qwen-VL's special tokens. encode never adds
+    special tokens; decode keeps them."""
+
+    def __init__(self, path: str | os.PathLike, special_tokens: dict[str, str] | None = None) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        self.path = hf_tokenizer_file(path)
+        self._tok = _HF.from_file(str(self.path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = None
+        for name, token in (special_tokens or QWEN_VL_SPECIAL_TOKENS).items():
+            i = self._tok.token_to_id(token)
+            if i is None:
+                raise ValueError(f"data.video.tokenizer: {self.path} has no {token!r} token, which the video "
+                                 f"documents use as {name} (Qwen-VL's special tokens: "
+                                 f"{sorted(set(QWEN_VL_SPECIAL_TOKENS.values()))})")
+            setattr(self, f"{name}_id", i)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
 def build_tokenizer(cfg) -> Tokenizer:
-    """The tokenizer a `VideoDataConfig` names."""
+    """The tokenizer a `VideoDataConfig` names: "bytes", or a Hugging Face tokenizer directory."""
     if cfg.tokenizer == "bytes":
         return ByteTokenizer(vocab_size=cfg.vocab_size, special_token_offset=cfg.special_token_offset)
-    raise ValueError(f"VideoDataConfig.tokenizer = {cfg.tokenizer!r}: unknown tokenizer")
+    tok = HFTokenizer(cfg.tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"data.video.tokenizer = {cfg.tokenizer!r} has {tok.vocab_size} ids, more than "
+                         f"data.video.vocab_size = {cfg.vocab_size} (the model's embedding rows must cover them)")
+    return tok

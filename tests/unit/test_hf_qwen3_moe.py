@@ -251,6 +251,28 @@ def test_import_save_export_round_trip_is_exact(hf, pgs, tmp_path):
     assert asdict(q.lm_config_from_hf(json.loads((tmp_path / "back" / "config.json").read_text()))) == asdict(hf["lm"])
 
 
+def test_import_carries_the_tokenizer_and_the_launcher_holds_runs_to_it(hf, pgs, tmp_path):
+    """A Hugging Face directory's tokenizer travels with its import, so the run that starts from the import
+    tokenizes its video documents with it, and the launcher refuses byte ids there (train.launch.check_tokenizer)."""
+    import shutil
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+    from train.launch import compose_config, validate
+
+    convert = _convert_module()
+    src = tmp_path / "hf"
+    shutil.copytree(hf["single"], src)
+    make_synthetic_hf_tokenizer(src)
+    convert.import_hf(str(src), str(tmp_path / "ours"), lm=hf["lm"])
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    start = ["recipe=keye_tiny", "parallel=single", f"train.checkpoint.init_from={tmp_path / 'ours'}"]
+    with pytest.raises(ValueError, match=f"Set data.video.tokenizer={tmp_path / 'ours'}"):
+        validate(compose_config(start))
+    validate(compose_config(start + [f"data.video.tokenizer={tmp_path / 'ours'}"]))
+    convert.import_hf(str(hf["single"]), str(tmp_path / "plain"), lm=hf["lm"])  # no tokenizer: nothing copied
+    assert not (tmp_path / "plain" / "tokenizer.json").exists()
+
+
 def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
     """tie_word_embeddings: no lm_head in the files; the output layer is the embedding."""
     from models.hf.tiny import save_tiny_qwen3_moe

@@ -1,0 +1,120 @@
+"""data.video.tokenizer=<a Hugging Face tokenizer directory>: the documents a model started from Qwen3 / Keye-VL
+weights needs. References: transformers' own fast tokenizer on the same file (the ids), and the byte tokenizer's
+documents (the layout: the same text, frames and supervision, spelled with other ids)."""
+import json
+
+import pytest
+
+from data.video.config import VideoDataConfig
+from data.video.loader import VideoPackedLoader
+from data.video.packing import build_document, plan_document
+from data.video.shards import load_catalog
+from data.video.synthetic import make_synthetic_hf_tokenizer
+from data.video.tokenizer import QWEN_VL_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+
+from .conftest import small_cfg
+
+TEXTS = ["Caption: A synthetic clip of 42 frames (3.5 s, 96x64) with a frame counter at the top.\n",
+         "<12.5s>", "Q: How many frames does the clip have?\nA: ", "猫 — ünïcode, never seen in training"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_synthetic_hf_tokenizer(tmp_path_factory.mktemp("hf_tok"))
+
+
+def test_ids_equal_transformers(tok_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    ours, ref = HFTokenizer(tok_dir), PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    assert isinstance(ours, Tokenizer) and ours.bos_id is None and ours.vocab_size == len(ref)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == text
+    for name, token in QWEN_VL_SPECIAL_TOKENS.items():
+        assert getattr(ours, f"{name}_id") == ref.convert_tokens_to_ids(token), name
+    assert ours.pad_id == ours.eos_id  # Qwen pads with <|endoftext|>
+
+
+def test_documents_have_the_byte_layout(shard_dir, tok_dir):
+    """Every synthetic sample's document, built with each tokenizer: the same frames and positions of visual
+    tokens relative to the text, the same text, the same supervised text; only the ids differ, and the HF
+    document has no <bos>."""
+    hf, by = HFTokenizer(tok_dir), ByteTokenizer()
+    # room for every sample's whole text in bytes (no cut), and the frame budget binds neither plan
+    cfg = small_cfg(shard_dir, seq_len=4096, max_text_tokens=2048)
+    rename = {f"<|{n}|>": f"<{n}>" for n in ("vision_start", "vision_end", "video_pad")}
+    rename["<|endoftext|>"] = "<eos>"
+    catalog = load_catalog(str(shard_dir))
+    assert len(catalog) >= 8
+    for uid, r in enumerate(catalog):
+        docs = {}
+        for name, tok in (("hf", hf), ("bytes", by)):
+            plan = plan_document(uid=uid, key=r.key, video=r.video, annotation=r.annotation, cfg=cfg, tokenizer=tok,
+                                 seed=0, epoch=0)
+            docs[name] = (plan, build_document(plan, None, cfg, tok))
+        (p_hf, d_hf), (p_by, d_by) = docs["hf"], docs["bytes"]
+        assert p_hf.frames.timestamps == p_by.frames.timestamps and p_hf.frames.visual_tokens > 0
+        assert d_hf.tokens[-1] == hf.eos_id and d_hf.tokens[0] != hf.eos_id
+        text_hf = hf.decode(d_hf.tokens.tolist())
+        for a, b in rename.items():
+            text_hf = text_hf.replace(a, b)
+        assert "<bos>" + text_hf == by.decode(d_by.tokens.tolist()), r.key
+        sup_hf = d_hf.labels[d_hf.loss_mask > 0]
+        sup_by = d_by.labels[d_by.loss_mask > 0]
+        assert hf.decode(sup_hf.tolist()).replace("<|endoftext|>", "<eos>") == by.decode(sup_by.tolist())
+        assert (d_hf.tokens == hf.video_pad_id).sum() == (d_by.tokens == by.video_pad_id).sum()
+
+
+def test_loader_packs_with_hf_ids(shard_dir, tok_dir, tmp_path):
+    hf = HFTokenizer(tok_dir)
+    loader = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=3)
+    assert isinstance(loader.tokenizer, HFTokenizer)
+    n = 0
+    for pack in loader:
+        assert int(pack.tokens.max()) < hf.vocab_size and int(pack.tokens.min()) >= 0
+        vis = int((pack.tokens == hf.video_pad_id).sum())
+        assert vis * 4 == pack.pixel_values.shape[0]  # merged 2x2: 4 patches per visual token
+        assert int((pack.tokens == hf.vision_start_id).sum()) == int((pack.tokens == hf.vision_end_id).sum()) > 0
+        sup = pack.labels[pack.loss_mask > 0]
+        assert "Caption:" not in hf.decode(sup.tolist()) and "frames" in hf.decode(sup.tolist())
+        n += 1
+        if n == 3:
+            break
+    assert n == 3
+
+
+def test_bad_tokenizers_are_named(tok_dir, tmp_path):
+    with pytest.raises(ValueError, match="no such directory") as e:
+        VideoDataConfig(tokenizer=str(tmp_path / "nope"))
+    assert "nope" in str(e.value)
+    with pytest.raises(ValueError, match="holds no tokenizer.json"):
+        VideoDataConfig(tokenizer=str(tmp_path))
+    # a tokenizer without Qwen-VL's vision tokens
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|video_pad|>"]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"no '<\|video_pad\|>' token"):
+        build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "plain")))
+    # more ids than the embedding rows the data config promises
+    with pytest.raises(ValueError, match=r"has 40\d ids, more than data.video.vocab_size = 300"):
+        build_tokenizer(VideoDataConfig(tokenizer=str(tok_dir), vocab_size=300))
+
+
+def test_launch_refuses_bytes_with_a_hugging_face_start(tok_dir, tmp_path):
+    """A run whose LM starts from a Hugging Face checkpoint that has a tokenizer must not feed it byte ids."""
+    from train.launch import compose_config, validate
+
+    hf = tmp_path / "qwen"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+    base = ["recipe=keye_tiny", "parallel=single", f"train.checkpoint.init_from={hf}"]
+    with pytest.raises(ValueError, match="data.video.tokenizer=bytes") as e:
+        validate(compose_config(base))
+    assert f"data.video.tokenizer={hf}" in str(e.value)
+    cfg, _ = validate(compose_config(base + [f"data.video.tokenizer={hf}"]))
+    assert cfg.data.video.tokenizer == str(hf)
+    validate(compose_config(["recipe=keye_tiny", "parallel=single"]))  # no HF start: bytes stay fine
