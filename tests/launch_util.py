@@ -37,10 +37,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900,
-                digests: bool = False) -> dict[str, dict[int, float]]:
+                digests: bool = False, evals: bool = False) -> dict[str, dict[int, float]]:
     """Trains each named layout (a list of overrides) in one job of `nproc` ranks forked from the warm
     process of `run_ranks`; returns name -> {step: loss} (and, with digests=True, also name ->
-    {parameter: [sum, abs sum]} of rank 0 after training). `{root}` in an override is replaced by the
+    {parameter: [sum, abs sum]} of rank 0 after training; with evals=True instead name -> train.eval's
+    results, [{"step", "val_loss", ...}]). `{root}` in an override is replaced by the
     job's run root (to point one entry at another's run). The same job runs under torchrun with
     `torchrun --standalone --nproc_per_node N tests/dist/layouts_driver.py OUT RUN_ROOT SPEC`."""
     out = tmp / "layouts.json"
@@ -49,6 +50,8 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
               timeout=timeout)
     data = json.loads(out.read_text())
     losses = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
+    if evals:
+        return losses, data["evals"]
     return (losses, data["digests"]) if digests else losses
 
 

@@ -81,6 +81,25 @@ class DistillConfig:
                 raise ValueError(f"train.distill.{name} must be >= 0, got {getattr(self, name)}")
 
 
+@dataclass
+class EvalConfig:
+    """A held-out loss during training: at the start of a fresh run, every `interval` steps and after the last
+    step, the model runs forward
+    only, without gradients, over `batches` global batches of held-out data, drawn from the start of that data
+    each time (so every evaluation scores the same sequences). Held-out data: data.video.eval_shards for video
+    data (a run on its own synthetic videos makes a second, smaller synthetic set), and for synthetic text the
+    same generator under another seed. Logged as val_loss (and val_indexer_kl with DSA) on the console, in
+    <run_dir>/eval.jsonl and to wandb."""
+    interval: int = 0  # steps between evaluations; 0: never
+    batches: int = 1  # global batches (train.global_batch_size sequences each) per evaluation
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"train.eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
+        if self.batches < 1:
+            raise ValueError(f"train.eval.batches must be >= 1, got {self.batches}")
+
+
 TRAINABLE = ("all", "summary", "indexer", "projector")
 INDEXER_BACKWARD = ("local", "model")
 MEMORY_CHECKS = ("error", "warn", "off")
@@ -117,6 +136,7 @@ class TrainConfig:
     # memory: "error" stops a run predicted not to fit (naming layouts that would), "warn" only logs it, "off" skips it
     memory_check: str = "error"
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

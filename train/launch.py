@@ -106,6 +106,11 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)
     check_tokenizer(cfg)
+    v = cfg.data.video
+    if cfg.train.eval.interval and cfg.data.kind == "video" and v.shards and not v.eval_shards:
+        raise ValueError(f"train.eval.interval={cfg.train.eval.interval} needs held-out data: set "
+                         f"data.video.eval_shards=DIR (shards not in data.video.shards={v.shards!r}), or "
+                         f"train.eval.interval=0")
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")

@@ -88,6 +88,13 @@ class Meter:
         if self.wandb is not None:
             self.wandb.log(self.rates(s), step=s.step)
 
+    def log_eval(self, step: int, values: dict, sequences: int) -> None:
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "val_seconds")
+        log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s", step, self.total_steps, shown, sequences,
+                 values.get("val_seconds", 0.0))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items()}, step=step)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

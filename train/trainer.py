@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -289,6 +289,7 @@ class Trainer:
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
+        self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
         self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
         if t.checkpoint.enabled:
             restart_checkpoint_helpers()
@@ -322,13 +323,23 @@ class Trainer:
         self._resume()
 
     # ----------------------------------------------------------------------------------------------
-    def _video_stream(self, cfg, dp_rank: int, dp_size: int):
-        from dataclasses import replace
-
+    def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False):
+        """This rank's packed video micro-batches: the training data, or (held_out) train.eval's data from its
+        start: data.video.eval_shards, one source, its own quarantine file; a run on its own synthetic videos
+        makes a second, smaller synthetic set under another seed."""
         from data.video_stream import VideoBatchStream, ensure_synthetic_shards
 
         v = cfg.data.video
-        if not v.shards:
+        if held_out:
+            shards = v.eval_shards
+            if not shards:  # validate() allows this only for a run on its own synthetic videos
+                shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
+                                                     max(4, cfg.data.synthetic_videos // 4), cfg.data.seed + 1,
+                                                     rank=self.rank))
+            stem = Path(v.quarantine_path or "quarantine.jsonl")
+            v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="",
+                        quarantine_path=f"{stem.stem}_eval{stem.suffix}")
+        elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
                                              cfg.data.seed, rank=self.rank)
             v = replace(v, shards=str(shards))
@@ -336,9 +347,27 @@ class Trainer:
             stem = Path(v.quarantine_path)
             v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
         t = cfg.train
-        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.data.seed)
+        stream = VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                  global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                  seed=cfg.data.seed)
+        if held_out:
+            trained = {r.shard for c in self.streams[0].loader.catalogs for r in c}
+            shared = sorted(trained & {r.shard for r in stream.loader.catalog})
+            if shared:
+                raise ValueError(f"data.video.eval_shards = {v.shards!r}: {len(shared)} shard file(s) are also "
+                                 f"training data ({shared[0]}, ...): held-out data must not be trained on")
+        return stream
+
+    def _eval_streams(self) -> list:
+        """train.eval's data, from its start (a fresh stream per evaluation): one per model chunk, as training."""
+        cfg, t = self.cfg, self.cfg.train
+        dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
+        if cfg.data.kind == "video":
+            return [self._video_stream(cfg, dp_rank, dp_size, held_out=True)]
+        held_out = replace(cfg.data, seed=cfg.data.seed + 1)  # the same generator, other sequences
+        return [SyntheticTokenStream(held_out, vocab_size=cfg.model.lm.vocab_size, seq_length=t.seq_length,
+                                     micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                                     dp_rank=dp_rank, dp_size=dp_size) for _ in self.model]
 
     def _common_state(self) -> dict:
         l = self.layout
@@ -510,22 +539,8 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp, vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
-        extra = {}
         vit_flops = 0.0
-        if self.layout.pp > 1:
-            extra["p2p_communicator"] = self.p2p
-
-        def run_schedule(iters, n: int) -> list:
-            return fwd_bwd(forward_step_func=functools.partial(_forward_step, self.step_inputs),
-                           data_iterator=iters if len(self.model) > 1 else iters[0],
-                           model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
-                           seq_length=self.model_seq_length, micro_batch_size=t.micro_batch_size,
-                           forward_only=self.indexer_step, pg_collection=self.pgs, **extra)
-
-        rounds = [self.num_microbatches]
-        if self.vision is not None and self.cfg.parallel.vit.group:
-            rounds = [self.cfg.parallel.vit.group] * (self.num_microbatches // self.cfg.parallel.vit.group)
+        rounds = self._rounds()
         # several rounds: the LM's gradients accumulate over them and are reduced once, after the last, with the
         # step's loss-token count, as one schedule over every micro-batch would (finalize_model_grads)
         finalize = self.tconfig.finalize_model_grads_func
@@ -535,23 +550,20 @@ class Trainer:
         try:
             for n in rounds:
                 if self.cfg.data.kind == "video":
-                    mbs = [next(self.streams[0]) for _ in range(n)]
+                    mbs = self._video_round(self.streams[0], n)
                     if self.vision is not None:
-                        embeds = self.vision.forward(mbs, self.device)
-                        mbs = [{**mb, "visual_embeds": embeds[i] if embeds is not None else None}
-                               for i, mb in enumerate(mbs)]
                         loss_mask_sum += float(sum(mb["loss_mask"].sum() for mb in mbs))
                         vit_cost += self.vision.step_flops(mbs)
                     iters = [iter(mbs) for _ in self.model]
                 else:
                     iters = self.streams
-                losses += run_schedule(iters, n)
+                losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step)
                 _drop_stale_graphs(self.model)
                 if self.vision is not None:
                     self.vision.backward()  # this round's frames; the ViT's gradients accumulate until its step
                 # this round's embeddings and their gradients (4 GiB per GPU in the 30B DSA sparse recipe's rounds
                 # of 16) are not needed any more: not through the optimizer steps, nor the next round's ViT forward
-                mbs = iters = embeds = None
+                mbs = iters = None
         finally:
             self.tconfig.finalize_model_grads_func = finalize
         if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
@@ -576,6 +588,64 @@ class Trainer:
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
+
+    def _rounds(self) -> list[int]:
+        """Micro-batches per round of a step: all at once, or parallel.vit.group at a time (the vision phase runs
+        per round)."""
+        g = self.cfg.parallel.vit.group if self.vision is not None else 0
+        return [g] * (self.num_microbatches // g) if g else [self.num_microbatches]
+
+    def _video_round(self, stream, n: int) -> list[dict]:
+        """A round's n micro-batches, with the vision tower's embeddings of their frames on the LM-input ranks."""
+        mbs = [next(stream) for _ in range(n)]
+        if self.vision is None:
+            return mbs
+        embeds = self.vision.forward(mbs, self.device)
+        return [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
+
+    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool) -> list:
+        """megatron's schedule over n micro-batches (each model chunk drawing from its iterator); returns the
+        last stage's loss dicts."""
+        fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp,
+                                            vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
+        extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
+        return fwd_bwd(forward_step_func=functools.partial(_forward_step, inputs),
+                       data_iterator=iters if len(self.model) > 1 else iters[0],
+                       model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
+                       seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+                       forward_only=forward_only, pg_collection=self.pgs, **extra)
+
+    def evaluate(self) -> dict:
+        """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
+        global batches from the start of that data; the LM loss only (no distillation teacher). Collective.
+        Returns val_loss (per supervised token, as the training loss), val_indexer_kl with DSA layers, and the
+        seconds it took."""
+        timer = Timer()
+        timer.start()
+        streams = self._eval_streams()
+        inputs = replace(self.step_inputs, distill=None)
+        losses: list = []
+        for m in self.model:
+            m.eval()
+        try:
+            with torch.no_grad():
+                for _ in range(self.cfg.train.eval.batches):
+                    for n in self._rounds():
+                        if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
+                            mbs = self._video_round(streams[0], n)
+                            iters = [iter(mbs) for _ in self.model]
+                        else:
+                            iters = streams
+                        losses += self._schedule(iters, n, inputs, forward_only=True)
+        finally:
+            for m in self.model:
+                m.train()
+        loss, parts = self._reduce_loss(losses)
+        out = {"val_loss": loss}
+        if "indexer_kl" in parts:
+            out["val_indexer_kl"] = parts["indexer_kl"]
+        out["val_seconds"] = timer.stop()
+        return out
 
     def train(self) -> list[StepStats]:
         t = self.cfg.train
@@ -606,8 +676,19 @@ class Trainer:
         it owned (about 35 GB at the ViT benchmark's 2-layer 30B-width slice); tests/dist/test_trainer_lifetimes.py."""
         _drop_stale_graphs(self.model)
 
+    def _eval_and_log(self) -> None:
+        t = self.cfg.train
+        ev = self.evaluate()
+        self.eval_history.append({"step": self.step, **ev})
+        if self.rank == 0:
+            with open(Path(self.run_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **ev}) + "\n")
+            self.meter.log_eval(self.step, ev, t.eval.batches * t.global_batch_size)
+
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
         t = self.cfg.train
+        if t.eval.interval and self.step == 0:  # a fresh run: the held-out loss of the weights it starts from
+            self._eval_and_log()
         while self.step < t.steps:
             stats = self.train_step()
             self._finish_saves(blocking=False)
@@ -617,6 +698,8 @@ class Trainer:
                     f.write(json.dumps({"step": stats.step, **self.meter.rates(stats)}) + "\n")
                 if stats.step % t.log_interval == 0 or stats.step == t.steps or stats.step == start + 1:
                     self.meter.log(stats)
+            if t.eval.interval and (self.step % t.eval.interval == 0 or self.step == t.steps):
+                self._eval_and_log()
             reason = stops.requested(self.device)
             if reason:
                 log.info("stop requested (%s): saving a checkpoint at step %d; rerun or requeue the same command "

@@ -42,6 +42,9 @@ class VideoDataConfig:
     long_shards: str = ""
     """The long source of a long:short mixture (the long-context curriculum's long videos), in the same
     forms as `shards`; "" = one source. Its shard files must not also be in `shards`."""
+    eval_shards: str = ""
+    """Held-out shards for train.eval (the same forms as `shards`; their files must not be in `shards` or
+    `long_shards`). "" with train.eval on: only a run on its own synthetic videos, which makes a held-out set."""
     long_fraction: float = 0.0
     """Share of packed sequences filled from `long_shards`, in [0, 1]; the rest come from `shards`
     (long:short 1:3 = 0.25). The ratio counts packed sequences: each sequence is filled from ONE
@@ -147,6 +150,9 @@ class VideoDataConfig:
                                  "DIR) or long_fraction=0")
         if self.long_shards.strip() and self.long_shards.strip() == self.shards.strip() != REQUIRED:
             bad("long_shards", "names the same shards as `shards`: the long and short sources must differ")
+        for other in ("shards", "long_shards"):
+            if self.eval_shards.strip() and self.eval_shards.strip() == getattr(self, other).strip():
+                bad("eval_shards", f"names the same shards as `{other}`: held-out data must not be trained on")
         if self.long_shards.strip() and self.long_fraction == 0:
             warnings.warn(f"VideoDataConfig.long_shards = {self.long_shards!r} is ignored: long_fraction = 0, so "
                           f"no packed sequence is drawn from it")

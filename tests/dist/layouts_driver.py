@@ -31,7 +31,7 @@ def run(out: str, run_root: str, spec: str) -> None:
     the losses and parameter digests to `out`."""
     run_root = Path(run_root)
     register_configs()
-    results, digests = {}, {}
+    results, digests, evals = {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
@@ -44,6 +44,7 @@ def run(out: str, run_root: str, spec: str) -> None:
         trainer = Trainer(cfg, layout)
         history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
+        evals[name] = trainer.eval_history  # train.eval's results, when the entry turns it on
         # rank 0's parameter values after training, summarised per tensor (to check what a stage froze); the
         # vision tower's (ViT and projector) under "vision."
         params = list(trainer.model[0].module.named_parameters())
@@ -54,7 +55,7 @@ def run(out: str, run_root: str, spec: str) -> None:
         trainer.close()
         del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps({"losses": results, "digests": digests}))
+        Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals}))
     from parallel.groups import teardown
 
     teardown()

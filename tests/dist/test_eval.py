@@ -1,0 +1,136 @@
+"""train.eval: the held-out loss during training.
+
+References:
+- the training loss itself: the held-out loss at step 0 equals the step-1 training loss of a run whose training
+  data IS that held-out data (the same weights, the same sequences; one path runs forward only without
+  gradients, the other trains), for synthetic text and for video through the vision tower;
+- a single process: at TP2, PP2 (interleaved too), EP2, DP2 and CP2 the held-out losses equal the single
+  process's;
+- a run without evaluation: evaluating changes nothing in training (the same losses, bit for bit).
+
+Tolerances: relative 2e-5, as in test_layout_parity.py (layouts differ only in the order of fp32 reductions,
+measured <= 3e-6 there, amplified by Adam's early sign-like updates at the later steps). At step 0 against the
+training loss: relative 1e-6; the two paths run the same fp32 operations except that the video path's ViT
+encodes the frames in chunks without gradients (parallel/vit_layout.encode_chunked) where training encodes
+them in one call, which reorders no reduction over the batch of frames, but a matmul's blocking may differ.
+"""
+
+import pytest
+
+from tests.launch_util import run_layouts
+
+pytestmark = pytest.mark.slow
+
+LM = ["recipe=keye_tiny_lm", "train.steps=3", "train.checkpoint.enabled=false", "train.global_batch_size=8",
+      "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
+EVAL = ["train.eval.interval=2", "train.eval.batches=2"]
+VL = ["recipe=keye_tiny", "parallel=single", "train.steps=2", "train.global_batch_size=2",
+      "train.checkpoint.enabled=false", "data.synthetic_videos=12"]
+RTOL = 2e-5
+
+
+def _by_step(evals: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["val_loss"] for e in evals}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from data.video_stream import ensure_synthetic_shards
+
+    videos = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 12, 1234, rank=0)
+    held_out = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out"), 4, 99, rank=0)
+    vl = VL + [f"data.video.shards={videos}"]
+    one_losses, one = run_layouts(1, {
+        "lm": LM + EVAL,
+        "lm_no_eval": LM,
+        "lm_one_batch": LM + ["train.eval.interval=3"],  # one held-out batch: what one training step sees
+        # trains on the held-out text: the synthetic generator under data.seed + 1 (the recipe's seed is 1234)
+        "lm_on_held_out": LM + ["data.seed=1235"],
+        "vl": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}"],
+        "vl_no_eval": vl,
+        "vl_on_held_out": VL + [f"data.video.shards={held_out}"],
+        # a run on its own synthetic videos makes its own held-out set
+        "vl_own_videos": VL + ["train.eval.interval=2"],
+        "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
+                       "parallel=single", "train.eval.interval=2"],
+        "ksa_distill": ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.checkpoint.enabled=false",
+                        "parallel=single", "train.eval.interval=2"],
+    }, tmp_path_factory.mktemp("one"), evals=True)
+    two_losses, two = run_layouts(2, {
+        "tp2": LM + EVAL + ["parallel.tp=2"],
+        "pp2": LM + EVAL + ["parallel.pp=2"],
+        "pp2_vpp2": LM + EVAL + ["parallel.pp=2", "parallel.vpp=2"],
+        "ep2": LM + EVAL + ["parallel.ep=2"],
+        "dp2": LM + EVAL,
+        "vl_cp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.cp=2",
+                        "parallel.vit.layout=spread"],
+        "vl_pp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.pp=2",
+                        "parallel.vit.layout=spread"],
+    }, tmp_path_factory.mktemp("two"), evals=True)
+    return {**one_losses, **two_losses}, {**one, **two}
+
+
+def test_evaluations_at_start_interval_and_end(runs):
+    _, evals = runs
+    assert sorted(_by_step(evals["lm"])) == [0, 2, 3]
+    assert sorted(_by_step(evals["vl"])) == [0, 1, 2]
+    assert evals["lm_no_eval"] == [] and evals["vl_no_eval"] == []
+    for e in evals["lm"] + evals["vl"]:
+        assert e["val_loss"] > 0 and e["val_seconds"] > 0
+    lm = _by_step(evals["lm"])
+    assert lm[0] != lm[2] != lm[3]  # the same sequences each time, scored by the weights of that step
+
+
+def test_held_out_loss_is_the_training_loss_on_that_data(runs):
+    losses, evals = runs
+    for run, reference in (("lm_one_batch", "lm_on_held_out"), ("vl", "vl_on_held_out")):
+        got, want = _by_step(evals[run])[0], losses[reference][1]
+        assert abs(got - want) <= 1e-6 * abs(want), (run, got, want)
+    # and not the training data's: the held-out sequences are others
+    assert abs(_by_step(evals["lm"])[0] - runs[0]["lm"][1]) > 1e-3
+
+
+def test_evaluating_changes_no_training_step(runs):
+    losses, _ = runs
+    assert losses["lm"] == losses["lm_no_eval"]
+    assert losses["vl"] == losses["vl_no_eval"]
+
+
+@pytest.mark.parametrize("name", ["tp2", "pp2", "pp2_vpp2", "ep2", "dp2"])
+def test_layouts_give_the_single_process_held_out_loss(runs, name):
+    _, evals = runs
+    ref, got = _by_step(evals["lm"]), _by_step(evals[name])
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= RTOL * abs(ref[step]), (name, step, got[step], ref[step])
+
+
+@pytest.mark.parametrize("name", ["vl_cp2", "vl_pp2"])
+def test_video_layouts_give_the_single_process_held_out_loss(runs, name):
+    _, evals = runs
+    ref, got = _by_step(evals["vl"]), _by_step(evals[name])
+    assert sorted(got) == sorted(ref) == [0, 1, 2]
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= RTOL * abs(ref[step]), (name, step, got[step], ref[step])
+
+
+def test_attention_variants_evaluate(runs):
+    _, evals = runs
+    dsa = evals["dsa_sparse"]
+    assert [e["step"] for e in dsa] == [0, 2] and all(e["val_indexer_kl"] >= 0 for e in dsa)
+    ksa = evals["ksa_distill"]  # the LM loss only: the distillation teacher does not run in evaluation
+    assert [e["step"] for e in ksa] == [0, 2] and set(ksa[0]) == {"step", "val_loss", "val_seconds"}
+    assert [e["step"] for e in evals["vl_own_videos"]] == [0, 2]
+
+
+def test_config_refuses_evaluation_without_held_out_data(tmp_path):
+    from train.launch import compose_config, validate
+
+    with pytest.raises(ValueError, match="needs held-out data: set data.video.eval_shards"):
+        validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
+                                 "train.eval.interval=5"]))
+    with pytest.raises(ValueError, match="eval_shards.*names the same shards as `shards`"):
+        validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
+                                 f"data.video.eval_shards={tmp_path}", "train.eval.interval=5"]))
+    with pytest.raises(ValueError, match="train.eval.batches must be >= 1"):
+        validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=0"]))
