@@ -14,6 +14,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set stages_tiny --out $OUT/st_tiny.json   # alignment, KSA from scratch
     python bench/smoke_gpu_recipes.py --set stages_30b --out $OUT/st_30b.json     # 30B stages from a checkpoint
     python bench/smoke_gpu_recipes.py --set resume_30b --out $OUT/rs_30b.json     # a 30B-width stop and resume
+    python bench/smoke_gpu_recipes.py --set eval --out $OUT/eval.json             # train.eval, an HF tokenizer
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
 resume or init lines, and the output's tail when a case fails. The JSON is rewritten after every case.
@@ -86,6 +87,15 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_30b_a3b_ksa_stage1", "keye_30b_a3b_ksa_stage1", "st_30b_ksa1", two),
             ("keye_30b_a3b_ksa_stage3", "keye_30b_a3b_ksa_stage3", "st_30b_ksa3", two + at_32k),
         ]
+    if which == "eval":
+        # the held-out loss (train.eval) in bf16 with the compiled kernels, and video documents tokenized with a
+        # Hugging Face tokenizer (the small one data/video/synthetic.py trains, written under root/tokenizer)
+        ev = single + ["train.steps=20", "train.eval.interval=10"]
+        return [
+            ("keye_tiny_eval_hf_tokenizer", "keye_tiny", "ev_tiny", ev + [f"data.video.tokenizer={root / 'tokenizer'}"]),
+            ("keye_tiny_vl_dsa_sparse_eval", "keye_tiny_vl_dsa_sparse", "ev_dsa", ev),
+            ("keye_tiny_vl_ksa_eval", "keye_tiny_vl_ksa", "ev_ksa", ev),
+        ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
@@ -127,6 +137,9 @@ def summarise(run_dir: Path) -> dict:
                                                         "data_samples_failed")}
             out["rows"] = len(rows)
             out["losses"] = {r["step"]: r.get("loss") for r in rows}
+    evals = run_dir / "eval.jsonl"
+    if evals.exists():
+        out["evals"] = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()]
     log = run_dir / "logs" / "rank0.log"
     if log.exists():
         text = log.read_text(errors="replace").splitlines()
@@ -142,12 +155,13 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm", "stages_tiny", "stages_30b", "resume_30b"),
+    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm", "stages_tiny", "stages_30b", "resume_30b", "eval"),
                     help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards; "
                          "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed; "
                          "lm: the language-model-only tiny DSA / KSA stages; stages_tiny / stages_30b: the stages "
                          "the other sets leave out (alignment, KSA from scratch; the 30B stages from a checkpoint); resume_30b: "
-                         "3 steps of the 30B slice straight, and stopped after step 2 and resumed")
+                         "3 steps of the 30B slice straight, and stopped after step 2 and resumed; eval: train.eval and a "
+                         "Hugging Face tokenizer on the tiny recipes")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +171,9 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "torch": torch.__version__, "cases": []}
     shards = ""
+    if args.set == "eval":
+        from data.video.synthetic import make_synthetic_hf_tokenizer
+        make_synthetic_hf_tokenizer(root / "tokenizer")
     if args.set in ("30b", "stages_30b", "resume_30b"):  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
         shards = str(root / "videos")
         subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", shards, "--n", "32", "--shards",
