@@ -112,6 +112,10 @@ class VideoBatchStream:
             out[f"data_{name}_token_share"] = c["token_share"]
         return out
 
+    def close(self) -> None:
+        """Stops the loader's workers now (the trainer's held-out streams are dropped after each evaluation)."""
+        self.loader.close()
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 

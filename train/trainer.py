@@ -359,7 +359,8 @@ class Trainer:
         return stream
 
     def _eval_streams(self) -> list:
-        """train.eval's data, from its start (a fresh stream per evaluation): one per model chunk, as training."""
+        """train.eval's data, from its start (a fresh stream per evaluation), as training draws it: one video stream,
+        or one synthetic text stream per model chunk."""
         cfg, t = self.cfg, self.cfg.train
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         if cfg.data.kind == "video":
@@ -640,6 +641,8 @@ class Trainer:
         finally:
             for m in self.model:
                 m.train()
+            for stream in streams:  # the held-out loader's workers, not left to the garbage collector
+                getattr(stream, "close", lambda: None)()
         loss, parts = self._reduce_loss(losses)
         out = {"val_loss": loss}
         if "indexer_kl" in parts:

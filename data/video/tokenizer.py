@@ -109,12 +109,13 @@ class HFTokenizer:
         self._tok = _HF.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = None
-        for name, token in (special_tokens or QWEN_VL_SPECIAL_TOKENS).items():
+        names = special_tokens or QWEN_VL_SPECIAL_TOKENS
+        for name, token in names.items():
             i = self._tok.token_to_id(token)
             if i is None:
                 raise ValueError(f"data.video.tokenizer: {self.path} has no {token!r} token, which the video "
-                                 f"documents use as {name} (Qwen-VL's special tokens: "
-                                 f"{sorted(set(QWEN_VL_SPECIAL_TOKENS.values()))})")
+                                 f"documents use as {name} (the special tokens they need: "
+                                 f"{sorted(set(names.values()))})")
             setattr(self, f"{name}_id", i)
 
     def encode(self, text: str) -> list[int]:
