@@ -42,7 +42,6 @@ silence_known_warnings()
 
 import torch  # noqa: E402
 
-from train.config import register_configs  # noqa: E402
 from train.launch import compose_config, validate  # noqa: E402
 
 
@@ -209,7 +208,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
     recipe = "keye_tiny_lm" if args.smoke else "keye_30b_a3b_lm"
     seq = 128 if args.smoke else args.seq
     work = Path(args.work)

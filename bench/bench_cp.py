@@ -72,10 +72,8 @@ def worker(args) -> None:
 
     from parallel.groups import teardown
     from parallel.memory import estimate, inputs_from_config
-    from train.config import register_configs
     from train.launch import compose_config, validate
 
-    register_configs()
     rec: dict = {"variant": args.variant, "seq": args.seq}
     report_offload = args.offload != "none" or args.report_offload
     if report_offload:

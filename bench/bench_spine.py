@@ -38,7 +38,6 @@ silence_known_warnings()
 
 import torch  # noqa: E402
 
-from train.config import register_configs  # noqa: E402
 from train.launch import compose_config, validate  # noqa: E402
 
 PEAK_TFLOPS = 775.0
@@ -275,7 +274,6 @@ def run_slice_child(args, recipe: str, label: dict, extra: list[str], prepare=No
 
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
     results = {"env": {"torch": torch.__version__, "layers": args.layers,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
     tag = "_".join(str(v) for v in label.values())
@@ -306,7 +304,6 @@ def main() -> None:
         return run_cases(args)
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
     from models.config import lm_flops_per_token
 
     recipe = "keye_tiny_lm" if args.smoke else "keye_30b_a3b_lm"

@@ -57,7 +57,6 @@ silence_known_warnings()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from train.config import register_configs  # noqa: E402
 from train.launch import compose_config, validate  # noqa: E402
 
 
@@ -217,7 +216,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
     if args.smoke:
         args.seq, args.layers = 512, 2
         per_frame, patch, merge = [4, 9, 16], 14, 2

@@ -122,11 +122,8 @@ def main() -> None:
         return
     import torch
 
-    from train.config import register_configs
-
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
-    register_configs()
     results = {"env": {"torch": torch.__version__, "layers": args.layers,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}, "runs": []}
     recipe, lm_slice = dsa_slice("sparse", args.smoke)

@@ -36,6 +36,19 @@ sys.path.insert(0, str(REPO))
 from launch.supervise import run_torchrun  # noqa: E402
 
 
+SETS = {
+    "tiny": "the CPU recipes chained",
+    "30b": "the 30B recipes cut to 2 LM layers on synthetic shards",
+    "formats": "DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed",
+    "lm": "the language-model-only tiny DSA / KSA stages",
+    "stages_tiny": "the tiny stages the other sets leave out (alignment, KSA from scratch)",
+    "stages_30b": "the 30B stages that start from a checkpoint",
+    "resume_30b": "3 steps of the 30B slice straight, and stopped after step 2 and resumed",
+    "eval": "train.eval and a Hugging Face tokenizer on the tiny recipes",
+}
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b")  # the sets whose cases read root/videos
+
+
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
     """(case name, recipe, run directory name under root, overrides); later cases start from earlier cases' run
     directories (`init`), and a case that reuses one resumes it."""
@@ -60,10 +73,12 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", "fmt_ksa", fmt + ["train.stop_after=10"]),
             ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", "fmt_ksa", fmt),
         ]
-    # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards
-    cut = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
-                    "train.steps=3", "train.global_batch_size=2", "train.warmup_steps=1",
-                    "train.checkpoint.enabled=false", "train.log_interval=1"]
+    # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; `cut` runs 3
+    # steps without checkpoints
+    slice_30b = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
+                          "train.global_batch_size=2", "train.warmup_steps=1", "train.log_interval=1"]
+    no_ckpt = "train.checkpoint.enabled=false"
+    cut = slice_30b + ["train.steps=3", no_ckpt]
     at_32k = [f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768", "train.seq_length=32768",
               "data.video.max_video_tokens=24576", "parallel.vit.group=1"]
     if which == "stages_tiny":
@@ -78,8 +93,8 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
         # the 30B stages that start from a checkpoint (frozen ViT, or the dense model to convert): a run of
         # keye_30b_a3b (2 steps) writes the 2-layer slice's checkpoint (~32 GB with its optimizer state), then each stage
         # starts from it (model weights only) and trains 2 steps without writing one of its own
-        save = [o for o in cut if o not in ("train.checkpoint.enabled=false", "train.steps=3")] + ["train.steps=2"]
-        two = [o for o in cut if o != "train.steps=3"] + ["train.steps=2", init("st_30b")]
+        save = slice_30b + ["train.steps=2"]
+        two = slice_30b + ["train.steps=2", no_ckpt, init("st_30b")]
         return [
             ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "st_30b", save),
             ("keye_30b_a3b_align", "keye_30b_a3b_align", "st_30b_align", two),
@@ -101,7 +116,7 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
         # the rerun writes no checkpoint of its own (resuming does not need train.checkpoint.enabled, and two
         # checkpoints of the slice would not fit the lent machine's 64 GB disk)
-        stop = [o for o in cut if o != "train.checkpoint.enabled=false"] + ["train.stop_after=2"]
+        stop = slice_30b + ["train.steps=3", "train.stop_after=2"]
         return [("keye_30b_a3b_3_steps", "keye_30b_a3b", "rs_30b_straight", cut),
                 ("keye_30b_a3b_stop_after_2", "keye_30b_a3b", "rs_30b", stop),
                 ("keye_30b_a3b_resume", "keye_30b_a3b", "rs_30b", cut)]
@@ -155,13 +170,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
-    ap.add_argument("--set", default="tiny", choices=("tiny", "30b", "formats", "lm", "stages_tiny", "stages_30b", "resume_30b", "eval"),
-                    help="tiny: the CPU recipes chained; 30b: the 30B recipes cut to 2 LM layers on synthetic shards; "
-                         "formats: DSA / KSA with fully_reshardable optimizer state and async saves, stopped and resumed; "
-                         "lm: the language-model-only tiny DSA / KSA stages; stages_tiny / stages_30b: the stages "
-                         "the other sets leave out (alignment, KSA from scratch; the 30B stages from a checkpoint); resume_30b: "
-                         "3 steps of the 30B slice straight, and stopped after step 2 and resumed; eval: train.eval and a "
-                         "Hugging Face tokenizer on the tiny recipes")
+    ap.add_argument("--set", default="tiny", choices=tuple(SETS),
+                    help="; ".join(f"{name}: {what}" for name, what in SETS.items()))
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -174,7 +184,7 @@ def main() -> None:
     if args.set == "eval":
         from data.video.synthetic import make_synthetic_hf_tokenizer
         make_synthetic_hf_tokenizer(root / "tokenizer")
-    if args.set in ("30b", "stages_30b", "resume_30b"):  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
+    if args.set in SETS_ON_30B_VIDEOS:  # synthetic videos ingested twice: the DSA stage wants a long source apart from the short
         shards = str(root / "videos")
         subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", shards, "--n", "32", "--shards",
                         "--workers", "8"], cwd=REPO, check=True, capture_output=True)

@@ -14,12 +14,11 @@ from parallel.memory import estimate, inputs_from_config  # noqa: E402
 def main(argv: list[str]) -> None:
     """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
     from parallel.layout import ParallelLayout
-    from train.config import register_configs, to_config
+    from train.config import to_config
     from train.launch import compose_config
 
     world = [a for a in argv if a.startswith("world_size=")]
     overrides = [a for a in argv if not a.startswith("world_size=")]
-    register_configs()
     try:
         cfg = to_config(compose_config(overrides))
     except UnsetPathError as e:

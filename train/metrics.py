@@ -93,7 +93,7 @@ class Meter:
         log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s", step, self.total_steps, shown, sequences,
                  values.get("val_seconds", 0.0))
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in values.items()}, step=step)
+            self.wandb.log(values, step=step)
 
     def finish(self) -> None:
         if self.wandb is not None:

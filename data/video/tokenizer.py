@@ -102,20 +102,19 @@ class HFTokenizer:
     """A Hugging Face fast tokenizer (tokenizer.json) with Qwen-VL's special tokens. encode never adds
     special tokens; decode keeps them."""
 
-    def __init__(self, path: str | os.PathLike, special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as _HF
 
         self.path = hf_tokenizer_file(path)
         self._tok = _HF.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = None
-        names = special_tokens or QWEN_VL_SPECIAL_TOKENS
-        for name, token in names.items():
+        for name, token in QWEN_VL_SPECIAL_TOKENS.items():
             i = self._tok.token_to_id(token)
             if i is None:
                 raise ValueError(f"data.video.tokenizer: {self.path} has no {token!r} token, which the video "
                                  f"documents use as {name} (the special tokens they need: "
-                                 f"{sorted(set(names.values()))})")
+                                 f"{sorted(set(QWEN_VL_SPECIAL_TOKENS.values()))})")
             setattr(self, f"{name}_id", i)
 
     def encode(self, text: str) -> list[int]:

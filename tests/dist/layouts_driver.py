@@ -22,7 +22,6 @@ from train.noise import silence_known_warnings  # noqa: E402
 silence_known_warnings()
 
 
-from train.config import register_configs  # noqa: E402
 from train.launch import compose_config, validate  # noqa: E402
 
 
@@ -30,7 +29,6 @@ def run(out: str, run_root: str, spec: str) -> None:
     """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
     the losses and parameter digests to `out`."""
     run_root = Path(run_root)
-    register_configs()
     results, digests, evals = {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))

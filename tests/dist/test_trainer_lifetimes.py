@@ -68,9 +68,6 @@ def _lifetimes(overrides: list[str], *, drop_graphs: bool, close: bool) -> dict:
 
 
 def worker(out: str, run_root: str, shards: str) -> None:
-    from train.config import register_configs
-
-    register_configs()
     # the embedded default's model (ViT + projector + MoE LM) on one rank, 2 micro-batches per step
     base = ["recipe=keye_tiny", "parallel=single", "train.steps=2", "train.global_batch_size=2",
             "train.checkpoint.enabled=false", f"data.video.shards={shards}", *QUIET]
