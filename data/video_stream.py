@@ -106,7 +106,7 @@ class VideoBatchStream:
         samples skipped as unreadable, and with a mixture each source's realized share of the packed
         sequences and of the real tokens (the long:short ratio the curriculum asked for, as served)."""
         st = self.loader.stats
-        out = {"data_samples_failed": float(st.get("samples_failed", 0))}
+        out = {"data_samples_failed": int(st.get("samples_failed", 0))}
         for name, c in st.get("sources", {}).items():
             out[f"data_{name}_seq_share"] = c["pack_share"]
             out[f"data_{name}_token_share"] = c["token_share"]

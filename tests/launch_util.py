@@ -44,15 +44,23 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
     results, [{"step", "val_loss", ...}]). `{root}` in an override is replaced by the
     job's run root (to point one entry at another's run). The same job runs under torchrun with
     `torchrun --standalone --nproc_per_node N tests/dist/layouts_driver.py OUT RUN_ROOT SPEC`."""
+    data = run_layouts_all(nproc, layouts, tmp, timeout=timeout)
+    if evals:
+        return data["losses"], data["evals"]
+    return (data["losses"], data["digests"]) if digests else data["losses"]
+
+
+def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900) -> dict:
+    """As run_layouts; returns everything the job recorded: "losses" (name -> {step: loss}), "extras" (name ->
+    {step: the step's further metrics}), "digests" and "evals"."""
     out = tmp / "layouts.json"
     spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
     run_ranks(nproc, "tests.dist.layouts_driver:run", (str(out), str(tmp / "runs"), spec), tmp / "logs",
               timeout=timeout)
     data = json.loads(out.read_text())
-    losses = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
-    if evals:
-        return losses, data["evals"]
-    return (losses, data["digests"]) if digests else losses
+    data["losses"] = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
+    data["extras"] = {name: {int(k): v for k, v in steps.items()} for name, steps in data["extras"].items()}
+    return data
 
 
 # ------------------------------------------------------------------------------------ forked rank jobs

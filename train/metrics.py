@@ -68,7 +68,7 @@ class Meter:
         r = self.rates(s)
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         mem = f" | mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
-        extra = "".join(f" | {k} {v:.4f}" for k, v in s.extra.items())
+        extra = "".join(f" | {k} {v}" if isinstance(v, int) else f" | {k} {v:.4f}" for k, v in s.extra.items())
         return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f}{extra} | grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
                 f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
                 f"{s.seconds:.2f} s/step{mem}")

@@ -38,6 +38,7 @@ from train.config import Config, DistillConfig
 from train.distill import distill_losses
 from train.faults import maybe_fail
 from train.metrics import Meter, StepStats, Timer, device_peak_tflops
+from train.moe_stats import RouterStats
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 
@@ -228,6 +229,9 @@ class Trainer:
         # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
         self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
                            if layout.offload == "activations" and not self.indexer_step else [])
+        # the experts' share of each step's tokens and the balancing loss (train/moe_stats.py): forward hooks only
+        self.router_stats = RouterStats(chunks, num_layers=lm.num_layers, num_experts=lm.num_experts,
+                                        dp_size=self.pgs.dp.size(), device=self.device)
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
         if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
             self._init_weights_from(chunks, t.checkpoint.init_from)
@@ -581,6 +585,7 @@ class Trainer:
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
         loss, extra = self._reduce_loss(losses)
+        extra.update(self.router_stats.step_metrics(self.num_microbatches))
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
         if self.cfg.data.kind == "video":  # this rank's loader (rank 0's is what gets logged)
@@ -678,6 +683,7 @@ class Trainer:
         collector cannot follow the graph's C++ edges. A dropped trainer therefore stayed alive with every tensor
         it owned (about 35 GB at the ViT benchmark's 2-layer 30B-width slice); tests/dist/test_trainer_lifetimes.py."""
         _drop_stale_graphs(self.model)
+        self.router_stats.remove()
 
     def _eval_and_log(self) -> None:
         t = self.cfg.train

@@ -27,9 +27,9 @@ from train.launch import compose_config, validate  # noqa: E402
 
 def run(out: str, run_root: str, spec: str) -> None:
     """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
-    the losses and parameter digests to `out`."""
+    the losses, each step's further metrics, parameter digests and held-out results to `out`."""
     run_root = Path(run_root)
-    results, digests, evals = {}, {}, {}
+    results, digests, evals, extras = {}, {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
@@ -42,6 +42,7 @@ def run(out: str, run_root: str, spec: str) -> None:
         trainer = Trainer(cfg, layout)
         history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
+        extras[name] = {s.step: s.extra for s in history}  # the step's further metrics (router statistics, ...)
         evals[name] = trainer.eval_history  # train.eval's results, when the entry turns it on
         # rank 0's parameter values after training, summarised per tensor (to check what a stage froze); the
         # vision tower's (ViT and projector) under "vision."
@@ -53,7 +54,8 @@ def run(out: str, run_root: str, spec: str) -> None:
         trainer.close()
         del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals}))
+        Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals,
+                                            "extras": extras}))
     from parallel.groups import teardown
 
     teardown()

@@ -1,4 +1,5 @@
-"""The same seed gives the same loss curve at TP1/EP1/PP1 and at TP2, EP2, PP2 and interleaved PP2.
+"""The same seed gives the same loss curve at TP1/EP1/PP1 and at TP2, EP2, PP2, interleaved PP2, CP2 and DP2,
+and the same router statistics (train/moe_stats.py) each step.
 
 Tolerance: relative 2e-5 on each of 3 steps' losses. The layouts differ only in the order of fp32
 reductions (TP all-reduce and sequence-parallel gathers, DP / expert-DP reduce-scatter of gradients,
@@ -6,11 +7,16 @@ the per-stage split of the loss): measured 2e-8 at step 1 and at most 3e-6 by st
 early sign-like updates have amplified last-bit differences. The two layout bugs these tests found in
 megatron-core 0.16.1 (expert gradients left partial at TP2/ETP1; the load-balancing loss halved under
 sequence parallelism) moved the step-2 loss by 7e-4 and 7e-5 relative.
+
+Router statistics: the expert counts behind `moe_load_max` / `moe_idle_experts` are summed over every rank
+and must be equal (the layouts route every token alike: their router logits agree to ~1e-7 relative and
+this seed has no top-k tie that close); the balancing loss is an fp32 sum of partial losses over TP x CP
+ranks and an average over DP ranks, measured within 1.5e-8 relative of the single process, held to 1e-6.
 """
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +30,33 @@ LAYOUTS = {
     "ep2_allgather": ["parallel.ep=2", "parallel.moe_dispatcher=allgather"],
     "pp2": ["parallel.pp=2"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "cp2": ["parallel.cp=2"],
+    "dp2": [],
 }
 
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    ref = run_layouts(1, {"single": COMMON}, tmp_path_factory.mktemp("single"))["single"]
-    two = run_layouts(2, {name: COMMON + ov for name, ov in LAYOUTS.items()}, tmp_path_factory.mktemp("two"))
+    ref = run_layouts_all(1, {"single": COMMON}, tmp_path_factory.mktemp("single"))
+    two = run_layouts_all(2, {name: COMMON + ov for name, ov in LAYOUTS.items()}, tmp_path_factory.mktemp("two"))
     return ref, two
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(curves, name):
     reference, runs = curves
-    got = runs[name]
+    got = runs["losses"][name]
     assert sorted(got) == [1, 2, 3]
-    for step, ref in reference.items():
+    for step, ref in reference["losses"]["single"].items():
         assert abs(got[step] - ref) <= RTOL * abs(ref), f"{name} step {step}: loss {got[step]!r} vs {ref!r} (single process)"
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_router_statistics_match_single_process(curves, name):
+    reference, runs = curves
+    for step, ref in reference["extras"]["single"].items():
+        got = runs["extras"][name][step]
+        for key in ("moe_load_max", "moe_load_max_layer", "moe_idle_experts"):
+            assert got[key] == ref[key], f"{name} step {step}: {key} {got[key]!r} vs {ref[key]!r} (single process)"
+        assert got["moe_lb_loss"] == pytest.approx(ref["moe_lb_loss"], rel=1e-6), (name, step)
+        assert ref["moe_load_max"] > 1.0 and 0.9 < ref["moe_lb_loss"] < 2.0  # a real imbalance, a sane loss

@@ -1,0 +1,88 @@
+"""The routers' health per training step: how evenly the experts were used, and the load-balancing loss.
+
+A mixture-of-experts run can look fine in its loss while its routers collapse onto a few experts (the
+others then learn nothing); these numbers show it the step it starts. Three scalars go into each step's
+metrics (console, metrics.jsonl, wandb):
+
+- `moe_load_max`: over the MoE layers, the largest (tokens of the busiest expert / mean tokens per expert)
+  in the step, counted over the whole global batch (every data-, context-, sequence-parallel rank's tokens
+  and every micro-batch). 1.0 is a perfect balance; top-k of E experts all sent to the same k experts
+  gives E / k. `moe_load_max_layer` is the layer it was found in (0-based).
+- `moe_idle_experts`: (layer, expert) pairs that received no token in the step.
+- `moe_lb_loss`: megatron-core's load-balancing (switch) loss divided by its coefficient, averaged over
+  the MoE layers and the step's micro-batches (1.0 at a perfect balance, from the router's own soft
+  probabilities; only while `model.lm.moe_aux_loss_coeff` > 0).
+
+The expert counts come from a forward hook on each megatron `TopKRouter` (its routing map summed over
+tokens), kept on the device until the step's end. A router forward is counted when it runs in training
+mode with gradients enabled, the rule by which megatron logs its balancing loss: under full recompute a
+layer's first forward runs without gradients and its rerun inside the backward is counted (the same
+routing), and a KSA distillation teacher's pass (the same model, without gradients) and evaluation
+(routers in eval mode) are not. Megatron's process-wide loss tracker is read and zeroed here every step
+(it otherwise sums over the whole run).
+
+Reduction: the counts and losses of all ranks are summed in one all-reduce over the world. Each token is
+routed on exactly one rank of a pipeline stage's tensor x context x data-parallel ranks (sequence
+parallelism is always on with TP > 1 for MoE), and a layer lives on one stage, so the sum of the counts is
+the global count. The balancing loss of a tensor x context rank is its share of its data-parallel
+replica's loss (megatron sums it over that group), so the world sum is divided by the data-parallel size
+and by the micro-batch count.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+LB_LOSS = "load_balancing_loss"  # megatron's tracker name for the switch loss (aux_loss / coeff)
+
+
+class RouterStats:
+    """Collects per-expert token counts from the routers of `chunks` (a model's chunks) over a step."""
+
+    def __init__(self, chunks, *, num_layers: int, num_experts: int, dp_size: int, device: torch.device):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.num_layers, self.num_experts, self.dp_size = num_layers, num_experts, dp_size
+        self.device = device
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
+        self.routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
+        self.handles = [r.register_forward_hook(self._count) for r in self.routers]
+
+    def _count(self, router, _inputs, output) -> None:
+        if not (router.training and torch.is_grad_enabled()) or router.layer_number is None:
+            return
+        routing_map = output[1]  # [tokens, experts] bool
+        self.counts[router.layer_number - 1] += routing_map.sum(dim=0)
+
+    def step_metrics(self, num_microbatches: int) -> dict:
+        """The step's scalars (above), then both accumulators zeroed. Collective over the world: every rank
+        calls it once per step (a rank without routers contributes zeros)."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        tracked = get_moe_layer_wise_logging_tracker().get(LB_LOSS)
+        lb = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        if tracked is not None:
+            values = tracked["values"].detach().to(self.device, torch.float64)
+            lb[:min(len(values), self.num_layers)] = values[:self.num_layers]
+        flat = torch.cat([self.counts.to(torch.float64).flatten(), lb])  # counts exact in fp64 up to 2^53
+        dist.all_reduce(flat)
+        clear_aux_losses_tracker()
+        self.counts.zero_()
+        counts = flat[:self.num_layers * self.num_experts].view(self.num_layers, self.num_experts)
+        lb = flat[self.num_layers * self.num_experts:]
+        routed = counts.sum(dim=1) > 0  # the MoE layers (a step that routed nothing reports nothing)
+        if not bool(routed.any()):
+            return {}
+        ratio = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-30)
+        ratio = torch.where(routed, ratio, torch.zeros_like(ratio))
+        worst = int(ratio.argmax())
+        out = {"moe_load_max": float(ratio[worst]), "moe_load_max_layer": worst,
+               "moe_idle_experts": int((counts[routed] == 0).sum())}
+        if bool((lb != 0).any()):  # balancing loss on (coefficient > 0) and tracked on some rank
+            out["moe_lb_loss"] = float(lb[routed].sum() / routed.sum() / (self.dp_size * max(num_microbatches, 1)))
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
