@@ -142,6 +142,12 @@ def find_latest_verified(run_dir) -> CheckpointRef | None:
         skipped.append(ref.path.name)
 
 
+def saved_config(ref: CheckpointRef) -> dict | None:
+    """The resolved config (train.config.Config as a dict) the run that wrote `ref` had; None for checkpoints
+    written before checkpoints recorded it. Reads the common state only; needs no process group."""
+    return dist_checkpointing.load_common_state_dict(str(ref.path))["common"].get("config")
+
+
 def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:
     """Newest complete checkpoint of a run directory whose files exist with their recorded sizes."""
     root = checkpoint_root(run_dir)

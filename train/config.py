@@ -188,6 +188,26 @@ class Config:
         return self.run_dir or f"runs/{self.recipe_name}"
 
 
+# model settings a resumed run may change: how the same function is computed or trained, not what it computes
+# (everything else under model.* must equal the checkpoint's; train/launch.check_resume)
+MODEL_KEYS_FREE_ON_RESUME = ("name", "lm.experts_impl", "lm.loss_chunk_tokens", "lm.init_std", "lm.moe_aux_loss_coeff",
+                             "lm.moe_router_dtype", "lm.max_position_embeddings", "lm.ksa.backend", "lm.dsa.backend",
+                             "lm.dsa.loss_weight", "vision.init_std")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf that differs between two nested config dicts (a key on
+    one side only compares against "<absent>")."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 

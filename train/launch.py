@@ -79,6 +79,34 @@ def check_tokenizer(cfg: Config) -> None:
                          f"Set data.video.tokenizer={source}")
 
 
+def check_resume(cfg: Config) -> None:
+    """A run directory holding a checkpoint is resumed (train.checkpoint.resume): the model configured must be the
+    one that checkpoint holds. ValueError naming each model setting that differs, before any process group exists;
+    the settings that do not change what the model computes (train.config.MODEL_KEYS_FREE_ON_RESUME) may differ,
+    and the trainer logs every other change (train, data, parallel) when it resumes. Checkpoints written before
+    they recorded their config are not checked."""
+    from dataclasses import asdict
+
+    from train import checkpoint as ckpt
+    from train.config import MODEL_KEYS_FREE_ON_RESUME, config_changes
+
+    if not cfg.train.checkpoint.resume:
+        return
+    ref = ckpt.find_latest(cfg.resolved_run_dir())
+    saved = ckpt.saved_config(ref) if ref is not None else None
+    if saved is None or "model" not in saved:
+        return
+    changed = [c for c in config_changes(saved["model"], asdict(cfg.model)) if c[0] not in MODEL_KEYS_FREE_ON_RESUME]
+    if changed:
+        raise ValueError(
+            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of another model, and "
+            f"a run directory with a checkpoint is resumed: "
+            + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in changed)
+            + ". Resume it with its own model settings, or give this model another run_dir "
+              f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
+              "stage recipes do)")
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -106,6 +134,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)
     check_tokenizer(cfg)
+    check_resume(cfg)
     v = cfg.data.video
     if cfg.train.eval.interval and cfg.data.kind == "video" and v.shards and not v.eval_shards:
         raise ValueError(f"train.eval.interval={cfg.train.eval.interval} needs held-out data: set "

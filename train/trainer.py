@@ -34,7 +34,7 @@ from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
-from train.config import Config, DistillConfig
+from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
 from train.faults import maybe_fail
 from train.metrics import Meter, StepStats, Timer, device_peak_tflops
@@ -379,7 +379,7 @@ class Trainer:
         return {"step": self.step, "data": self.streams[0].state_dict(),
                 "layout": {"tp": l.tp, "pp": l.pp, "vpp": l.vpp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "dp": l.dp,
                            "world_size": l.world_size},
-                "recipe": self.cfg.recipe_name, "seed": self.cfg.seed,
+                "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0}
 
     def _resume(self) -> None:
@@ -405,6 +405,11 @@ class Trainer:
             s.load_state_dict(common["data"])
         log.info("resumed from %s at step %d%s", ref.path, self.step,
                  "" if same_layout else f" (resharded from layout {saved['layout']}; RNG state not restored)")
+        if "config" in saved and self.rank == 0:  # the model's own settings were checked by the launcher
+            changed = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
+            if changed:
+                log.info("settings changed since that checkpoint was written: %s",
+                         "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
 
     def _init_weights_from(self, chunks, source: str) -> None:
         """Model weights from another run's newest checkpoint, or from a Hugging Face Qwen3-MoE directory

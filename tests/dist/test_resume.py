@@ -9,11 +9,14 @@
 Killed runs (a rank dying mid-step, a rank dying between writing its shards and the commit, a torn
 or corrupted checkpoint, SIGTERM) resume from the newest complete checkpoint and reproduce the
 uninterrupted curve exactly: tests/dist/test_faults.py, where the kill points are deterministic.
+- A changed model stops before the resume: the step-2 checkpoint records its config, and validating a command
+  for that run directory with another model size names the settings that differ (no process group built);
+  settings that only change how the model is computed (the loss's chunking) may change.
 """
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import QUIET, run_layouts
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +26,12 @@ TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def runs(root):
     return run_layouts(2, {
         "full": COMMON + TP2EP2,
         # fully_reshardable: the optimizer state in model space, so the TP1/EP1 resume below can load it
@@ -32,7 +40,7 @@ def runs(tmp_path_factory):
         # reshard: resume the TP2/EP2 step-2 checkpoint at TP1/EP1 (dp 2), one step, writing nothing
         "reshard_tp1ep1": COMMON + ["train.stop_after=1", "train.checkpoint.enabled=false", "run_dir=s"],
         "resumed": COMMON + TP2EP2 + ["run_dir=s"],
-    }, tmp_path_factory.mktemp("resume"))
+    }, root)
 
 
 def test_resume_is_bit_identical(runs):
@@ -48,3 +56,16 @@ def test_reshard_on_resume_gives_the_same_loss(runs):
     assert sorted(runs["reshard_tp1ep1"]) == [3]
     ref = runs["full"][3]
     assert abs(runs["reshard_tp1ep1"][3] - ref) <= 2e-5 * ref
+
+
+def test_a_changed_model_stops_before_the_resume(runs, root):
+    from train.launch import compose_config, validate
+
+    same = QUIET + COMMON + [f"run_dir={root / 'runs' / 's'}"]
+    with pytest.raises(ValueError, match=r"holds a checkpoint \(step 5.*model\.lm\.hidden_size is 128 there, 96 here; "
+                                         r"model\.lm\.moe_topk is 2 there, 1 here\. Resume it with its own model"):
+        validate(compose_config(same + ["model.lm.hidden_size=96", "model.lm.moe_topk=1"]))
+    with pytest.raises(ValueError, match=r"model\.lm\.dsa\.stage is 'sparse' there, 'dense_warmup' here"):
+        validate(compose_config(same + ["model.lm.dsa.stage=dense_warmup"]))
+    validate(compose_config(same + ["model.lm.loss_chunk_tokens=0"]))  # the same function, computed in one piece
+    validate(compose_config(same + ["model.lm.hidden_size=96", "train.checkpoint.resume=false"]))  # not resumed
