@@ -144,8 +144,13 @@ def find_latest_verified(run_dir) -> CheckpointRef | None:
 
 def saved_config(ref: CheckpointRef) -> dict | None:
     """The resolved config (train.config.Config as a dict) the run that wrote `ref` had; None for checkpoints
-    written before checkpoints recorded it. Reads the common state only; needs no process group."""
-    return dist_checkpointing.load_common_state_dict(str(ref.path))["common"].get("config")
+    written before checkpoints recorded it, or whose common state cannot be read (the resume then names the
+    problem, or takes an older checkpoint). Reads the common state only; needs no process group."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ref.path))["common"].get("config")
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: judged where the checkpoint is loaded
+        log.warning("checkpoint %s: its recorded config could not be read (%s)", ref.path, e)
+        return None
 
 
 def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:

@@ -107,6 +107,34 @@ def check_resume(cfg: Config) -> None:
               "stage recipes do)")
 
 
+def check_paths(cfg: Config) -> None:
+    """The data and weights a run reads are there (ValueError naming the setting). The launcher checks this before
+    any process group exists: a missing path would otherwise stop the run only once its model is built, minutes
+    into a 30B job. Not part of `validate`, which also judges configs whose paths live on another machine
+    (launch/memory.py, the recipe tests). `init_from` / `vision_init_from` are checked only for a fresh run: a run
+    directory holding a checkpoint resumes from it and reads neither."""
+    from data.video.shards import resolve_shards
+    from models.hf import is_hf_checkpoint
+    from train import checkpoint as ckpt
+
+    if cfg.data.kind == "video":
+        for name in ("shards", "long_shards", "eval_shards"):
+            spec = getattr(cfg.data.video, name)
+            if spec and not resolve_shards(spec):
+                raise ValueError(f"data.video.{name}={spec!r}: no .tar shards there (a directory of shards, a glob, or "
+                                 f"a comma-separated list of either; launch/ingest.py writes them)")
+    c = cfg.train.checkpoint
+    if c.resume and ckpt.find_latest(cfg.resolved_run_dir()) is not None:
+        return
+    for name in ("init_from", "vision_init_from"):
+        source = getattr(c, name)
+        if source and not (is_hf_checkpoint(source) or ckpt.find_latest(source) is not None):
+            raise ValueError(f"train.checkpoint.{name}={source!r} is neither a Hugging Face checkpoint (config.json "
+                             f"with *.safetensors) nor a run directory with a complete checkpoint "
+                             f"(checkpoints/step_<N>/COMPLETE.json)"
+                             + ("" if Path(source).exists() else ": there is no such path"))
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -192,6 +220,7 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
 def run(dcfg: DictConfig) -> None:
     try:
         cfg, layout = validate(dcfg)
+        check_paths(cfg)
         warning = None
         if cfg.train.memory_check != "off" and torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -104,10 +104,49 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     assert needle in str(e.value)
 
 
+def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
+    """train.launch.check_paths (the launcher runs it after validate): shards that are not there and weights that
+    are neither a Hugging Face checkpoint nor a run with a complete checkpoint name their setting; a run directory
+    that holds a checkpoint resumes and reads no init_from, so that is not checked then."""
+    from train.launch import check_paths
+
+    def cfg(*overrides, world_size=2):
+        return _validate("recipe=keye_tiny", f"run_dir={tmp_path / 'run'}", *overrides, world_size=world_size)[0]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("shards", "long_shards", "eval_shards"):
+        extra = ["data.video.long_fraction=0.5"] if name == "long_shards" else []
+        with pytest.raises(ValueError, match=rf"^data\.video\.{name}='{empty}': no \.tar shards there"):
+            check_paths(cfg(f"data.video.{name}={empty}", *extra))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"")
+    check_paths(cfg(f"data.video.shards={tmp_path / 'shards'}"))
+    for name in ("init_from", "vision_init_from"):
+        with pytest.raises(ValueError, match=rf"train\.checkpoint\.{name}='/nowhere' is neither a Hugging Face "
+                                             r"checkpoint .* nor a run directory .*: there is no such path"):
+            check_paths(cfg(f"train.checkpoint.{name}=/nowhere"))
+        with pytest.raises(ValueError, match=rf"train\.checkpoint\.{name}='{empty}' is neither.*COMPLETE\.json\)$"):
+            check_paths(cfg(f"train.checkpoint.{name}={empty}"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    check_paths(cfg(f"train.checkpoint.init_from={hf}"))
+    done = tmp_path / "run" / "checkpoints" / "step_000004"  # a complete checkpoint (no files listed)
+    done.mkdir(parents=True)
+    (done / "COMPLETE.json").write_text('{"step": 4, "files": {}}')
+    check_paths(cfg(f"train.checkpoint.init_from={tmp_path / 'run'}"))  # another run's checkpoint as the source
+    check_paths(cfg("train.checkpoint.init_from=/nowhere"))  # this run resumes: init_from is not read
+    with pytest.raises(ValueError, match="init_from='/nowhere'"):
+        check_paths(cfg("train.checkpoint.init_from=/nowhere", "train.checkpoint.resume=false"))
+
+
 @pytest.mark.parametrize("override,world,needle", [
     ("train.lrr=1", 1, "lrr"),
     ("train.lr=fast", 1, "train.lr"),
     ("parallel.ep=3", 3, "parallel.ep (3) must divide model.lm.num_experts (8)"),
+    ("train.checkpoint.init_from=/nowhere", 2, "train.checkpoint.init_from='/nowhere' is neither"),
 ])
 def test_launcher_exits_before_building_anything(tmp_path, override, world, needle):
     run_dir = tmp_path / "run"
