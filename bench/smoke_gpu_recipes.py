@@ -16,8 +16,8 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set resume_30b --out $OUT/rs_30b.json     # a 30B-width stop and resume
     python bench/smoke_gpu_recipes.py --set eval --out $OUT/eval.json             # train.eval, an HF tokenizer
 
-Per case: the exit status, wall seconds, the first and last logged step with its loss, tokens/s, the
-resume or init lines, and the output's tail when a case fails. The JSON is rewritten after every case.
+Per case: the exit status, wall seconds, the first and last logged step with its loss and router statistics,
+tokens/s, the resume or init lines (with the settings a resume changed), and the output's tail when a case fails. The JSON is rewritten after every case.
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ def summarise(run_dir: Path) -> dict:
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
-            out["first"] = {k: rows[0].get(k) for k in ("step", "loss")}
+            router = ("moe_load_max", "moe_load_max_layer", "moe_idle_experts", "moe_lb_loss")
+            out["first"] = {k: rows[0].get(k) for k in ("step", "loss") + router}
             out["last"] = {k: rows[-1].get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s",
-                                                        "data_samples_failed")}
+                                                        "data_samples_failed") + router}
             out["rows"] = len(rows)
             out["losses"] = {r["step"]: r.get("loss") for r in rows}
     evals = run_dir / "eval.jsonl"
@@ -158,7 +159,8 @@ def summarise(run_dir: Path) -> dict:
     log = run_dir / "logs" / "rank0.log"
     if log.exists():
         text = log.read_text(errors="replace").splitlines()
-        out["started_from"] = [line for line in text if "resumed from" in line or "initialised" in line][-3:]
+        out["started_from"] = [line for line in text if "resumed from" in line or "initialised" in line
+                               or "settings changed since" in line][-4:]
         out["log_tail"] = text[-12:]
     return out
 
