@@ -190,6 +190,32 @@ def init_one_process_megatron(seed: int):
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def tiny_lm_pair(seed: int, num_layers: int):
+    """Generator for a module fixture: in a one-process megatron world, the tiny MoE LM (fp32, CPU) built twice
+    with identical weights, without and with full recompute; yields (LMConfig, {"none": model, "full": model}).
+    Clears megatron's process-wide MoE aux-loss tracker around it: the tracker keeps one slot per layer of the
+    first model that logged into it, and another test's model in this process may have had fewer layers."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from models.config import LMConfig, ModelParallelSizes
+    from models.lm import build_lm, transformer_config
+
+    pgs = init_one_process_megatron(seed)
+    get_moe_layer_wise_logging_tracker().clear()
+    lm = LMConfig(num_layers=num_layers, loss_chunk_tokens=0)
+    models = {}
+    for recompute in ("none", "full"):
+        cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True,
+                                 recompute=None if recompute == "none" else recompute)
+        models[recompute] = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1).train()
+    models["full"].load_state_dict(models["none"].state_dict())
+    try:
+        yield lm, models
+    finally:
+        get_moe_layer_wise_logging_tracker().clear()
+        destroy_one_process_megatron()
+
+
 def destroy_one_process_megatron() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state

@@ -13,7 +13,7 @@ layout's step statistics equal the single process's).
 import pytest
 import torch
 
-from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
+from tests.launch_util import tiny_lm_pair
 
 SEED = 7
 S, B, MICRO, LAYERS = 32, 2, 2, 3
@@ -22,24 +22,7 @@ S, B, MICRO, LAYERS = 32, 2, 2, 3
 @pytest.fixture(scope="module")
 def tiny():
     """(lm config, {recompute: model}) with identical weights."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-
-    from models.config import LMConfig, ModelParallelSizes
-    from models.lm import build_lm, transformer_config
-
-    pgs = init_one_process_megatron(SEED)
-    get_moe_layer_wise_logging_tracker().clear()  # another test's model may have had other layer counts
-    lm = LMConfig(num_layers=LAYERS, loss_chunk_tokens=0)
-    models = {}
-    for recompute in ("none", "full"):
-        cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True,
-                                 recompute=None if recompute == "none" else recompute)
-        models[recompute] = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1).train()
-    models["full"].load_state_dict(models["none"].state_dict())
-    clear_aux_losses_tracker()
-    yield lm, models
-    get_moe_layer_wise_logging_tracker().clear()
-    destroy_one_process_megatron()
+    yield from tiny_lm_pair(SEED, LAYERS)
 
 
 def _batches(lm):

@@ -25,7 +25,7 @@ with parallel.pp=2 (recompute full) and with parallel.cp=2 (keye_tiny_ksa, recom
 import pytest
 import torch
 
-from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
+from tests.launch_util import tiny_lm_pair
 
 SEED = 5
 S, B = 32, 2
@@ -35,25 +35,7 @@ LAYERS = 3
 @pytest.fixture(scope="module")
 def tiny():
     """(lm config, {recompute: model}) with identical weights."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    from models.config import LMConfig, ModelParallelSizes
-    from models.lm import build_lm, transformer_config
-
-    pgs = init_one_process_megatron(SEED)
-    # megatron's process-wide MoE aux-loss tracker keeps one slot per layer of the first model that
-    # logged into it; another test's model in this process may have had fewer layers
-    get_moe_layer_wise_logging_tracker().clear()
-    lm = LMConfig(num_layers=LAYERS, loss_chunk_tokens=0)
-    models = {}
-    for recompute in ("none", "full"):
-        cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True,
-                                 recompute=None if recompute == "none" else recompute)
-        models[recompute] = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1).train()
-    models["full"].load_state_dict(models["none"].state_dict())
-    yield lm, models
-    get_moe_layer_wise_logging_tracker().clear()
-    destroy_one_process_megatron()
+    yield from tiny_lm_pair(SEED, LAYERS)
 
 
 def _step(lm, model, *, poison: bool = False):
