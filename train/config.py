@@ -30,7 +30,8 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a newer one commits)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     async_save: bool = False  # write shards in a forked writer while training continues
-    resume: bool = True  # continue from the newest complete checkpoint in the run directory
+    resume: bool = True  # continue from the newest complete checkpoint in the run directory; false: refuse a
+    # directory that holds one (train/launch.check_resume)
     init_from: str = ""  # a checkpoint directory (or a Hugging Face Qwen3-MoE directory) to start from
     # The vision tower's source when it is not init_from's (a Keye-VL Hugging Face directory, or a run or import
     # holding vision.* tensors), e.g. Keye-VL-1.5's ViT beside a Qwen3-30B-A3B language model. A fresh run whose

@@ -80,20 +80,26 @@ def check_tokenizer(cfg: Config) -> None:
 
 
 def check_resume(cfg: Config) -> None:
-    """A run directory holding a checkpoint is resumed (train.checkpoint.resume): the model configured must be the
-    one that checkpoint holds. ValueError naming each model setting that differs, before any process group exists;
-    the settings that do not change what the model computes (train.config.MODEL_KEYS_FREE_ON_RESUME) may differ,
-    and the trainer logs every other change (train, data, parallel) when it resumes. Checkpoints written before
-    they recorded their config are not checked."""
+    """A run directory holding a complete checkpoint is resumed: the model configured must be the one that
+    checkpoint holds. ValueError naming each model setting that differs, before any process group exists; the
+    settings that do not change what the model computes (train.config.MODEL_KEYS_FREE_ON_RESUME) may differ, and
+    the trainer logs every other change (train, data, parallel) when it resumes. Checkpoints written before they
+    recorded their config are not checked. With train.checkpoint.resume=false such a directory is refused: a fresh
+    run would write its checkpoints among the old ones, and a later resume could take either run's."""
     from dataclasses import asdict
 
     from train import checkpoint as ckpt
     from train.config import MODEL_KEYS_FREE_ON_RESUME, config_changes
 
-    if not cfg.train.checkpoint.resume:
-        return
     ref = ckpt.find_latest(cfg.resolved_run_dir())
-    saved = ckpt.saved_config(ref) if ref is not None else None
+    if ref is None:
+        return
+    if not cfg.train.checkpoint.resume:
+        raise ValueError(f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) and "
+                         f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
+                         f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
+                         f"those weights), or remove {ref.path.parent}")
+    saved = ckpt.saved_config(ref)
     if saved is None or "model" not in saved:
         return
     changed = [c for c in config_changes(saved["model"], asdict(cfg.model)) if c[0] not in MODEL_KEYS_FREE_ON_RESUME]
@@ -124,7 +130,7 @@ def check_paths(cfg: Config) -> None:
                 raise ValueError(f"data.video.{name}={spec!r}: no .tar shards there (a directory of shards, a glob, or "
                                  f"a comma-separated list of either; launch/ingest.py writes them)")
     c = cfg.train.checkpoint
-    if c.resume and ckpt.find_latest(cfg.resolved_run_dir()) is not None:
+    if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
         return
     for name in ("init_from", "vision_init_from"):
         source = getattr(c, name)

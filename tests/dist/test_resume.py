@@ -11,7 +11,8 @@ or corrupted checkpoint, SIGTERM) resume from the newest complete checkpoint and
 uninterrupted curve exactly: tests/dist/test_faults.py, where the kill points are deterministic.
 - A changed model stops before the resume: the step-2 checkpoint records its config, and validating a command
   for that run directory with another model size names the settings that differ (no process group built);
-  settings that only change how the model is computed (the loss's chunking) may change.
+  settings that only change how the model is computed (the loss's chunking) may change. With
+  train.checkpoint.resume=false that directory is refused (a fresh run would write among its checkpoints).
 """
 
 import pytest
@@ -68,4 +69,6 @@ def test_a_changed_model_stops_before_the_resume(runs, root):
     with pytest.raises(ValueError, match=r"model\.lm\.dsa\.stage is 'sparse' there, 'dense_warmup' here"):
         validate(compose_config(same + ["model.lm.dsa.stage=dense_warmup"]))
     validate(compose_config(same + ["model.lm.loss_chunk_tokens=0"]))  # the same function, computed in one piece
-    validate(compose_config(same + ["model.lm.hidden_size=96", "train.checkpoint.resume=false"]))  # not resumed
+    with pytest.raises(ValueError, match=r"holds a checkpoint \(step 5.*and train\.checkpoint\.resume=false: a fresh "
+                                         r"run would write its checkpoints among that run's"):
+        validate(compose_config(same + ["train.checkpoint.resume=false"]))

@@ -138,8 +138,6 @@ def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
     (done / "COMPLETE.json").write_text('{"step": 4, "files": {}}')
     check_paths(cfg(f"train.checkpoint.init_from={tmp_path / 'run'}"))  # another run's checkpoint as the source
     check_paths(cfg("train.checkpoint.init_from=/nowhere"))  # this run resumes: init_from is not read
-    with pytest.raises(ValueError, match="init_from='/nowhere'"):
-        check_paths(cfg("train.checkpoint.init_from=/nowhere", "train.checkpoint.resume=false"))
 
 
 @pytest.mark.parametrize("override,world,needle", [
