@@ -73,6 +73,7 @@ class VideoBatchStream:
         self.num_microbatches = global_batch_size // dp_size
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed)
         self._it = None
+        self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index
 
     def __iter__(self):
@@ -81,7 +82,9 @@ class VideoBatchStream:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = iter(self.loader)
+        t0 = time.perf_counter()
         s = next(self._it)
+        self._wait += time.perf_counter() - t0
         labels = s.labels.clone()
         labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
         return {
@@ -102,11 +105,15 @@ class VideoBatchStream:
         return self.loader.stats
 
     def step_metrics(self) -> dict:
-        """Scalars for the training log and wandb, from this rank's loader since the run began:
-        samples skipped as unreadable, and with a mixture each source's realized share of the packed
-        sequences and of the real tokens (the long:short ratio the curriculum asked for, as served)."""
+        """Scalars for the training log and wandb, from this rank's loader: the seconds the training loop waited
+        for data since the last call (the trainer calls it once per step), and since the run began the samples
+        skipped as unreadable and, with a mixture, each source's realized share of the packed sequences and of
+        the real tokens (the long:short ratio the curriculum asked for, as served)."""
         st = self.loader.stats
-        out = {"data_samples_failed": int(st.get("samples_failed", 0))}
+        # the time this rank's training loop waited for its packed sequences since the last call (once per step):
+        # ~0 while the loader's workers keep ahead, the step's input-bound share when they do not
+        wait, self._wait = self._wait, 0.0
+        out = {"data_wait_s": wait, "data_samples_failed": int(st.get("samples_failed", 0))}
         for name, c in st.get("sources", {}).items():
             out[f"data_{name}_seq_share"] = c["pack_share"]
             out[f"data_{name}_token_share"] = c["token_share"]

@@ -10,6 +10,7 @@ decoding (`no_decode`); the exact-resume and degenerate-fraction tests decode fo
 import glob
 import math
 import pickle
+import time
 from collections import Counter
 from contextlib import nullcontext
 
@@ -233,3 +234,22 @@ def test_bad_long_source_and_mismatched_states_fail_at_once(shard_dir, long_dir,
         alone.load_state_dict(mixed.state_dict())
     with pytest.raises(ValueError, match="long_shards was added"):
         mixed.load_state_dict(alone.state_dict())
+
+
+def test_the_stream_reports_how_long_the_training_loop_waited_for_data(shard_dir, tmp_path, no_decode):
+    """data_wait_s: the seconds spent in next() since the last step_metrics() (the trainer logs it each step)."""
+    cfg = small_cfg(shard_dir, tmp_path, decode_isolation="inline")
+    s = VideoBatchStream(cfg, seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1,
+                         seed=6)
+    next(s)
+    assert s.step_metrics()["data_wait_s"] > 0.0
+
+    def slow(it):  # a loader whose every batch takes 50 ms longer to arrive
+        for x in it:
+            time.sleep(0.05)
+            yield x
+
+    s._it = slow(s._it)
+    next(s), next(s)
+    assert s.step_metrics()["data_wait_s"] >= 0.1
+    assert s.step_metrics()["data_wait_s"] == 0.0  # nothing drawn since the last step
