@@ -101,6 +101,24 @@ class EvalConfig:
             raise ValueError(f"train.eval.batches must be >= 1, got {self.batches}")
 
 
+@dataclass
+class ProfileConfig:
+    """torch.profiler over `steps` training steps from step `start` (the step numbers the log prints), on the
+    ranks listed (train/profiling.py). Off while steps = 0."""
+    start: int = 3  # the first profiled step: after the first steps' compiles and allocator growth
+    steps: int = 0  # how many steps; 0: no profiling
+    ranks: list[int] = field(default_factory=lambda: [0])
+    memory: bool = False  # also record tensor allocations (profile_memory; slower, larger trace)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"train.profile.steps must be >= 0 (0: off), got {self.steps}")
+        if self.start < 1:
+            raise ValueError(f"train.profile.start must be >= 1 (steps count from 1), got {self.start}")
+        if any(r < 0 for r in self.ranks):
+            raise ValueError(f"train.profile.ranks must be rank numbers >= 0, got {list(self.ranks)}")
+
+
 TRAINABLE = ("all", "summary", "indexer", "projector")
 INDEXER_BACKWARD = ("local", "model")
 MEMORY_CHECKS = ("error", "warn", "off")
@@ -138,6 +156,7 @@ class TrainConfig:
     memory_check: str = "error"
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -41,6 +41,7 @@ from train.metrics import Meter, StepStats, Timer, device_peak_tflops
 from train.moe_stats import RouterStats
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
+from train.profiling import StepProfiler
 
 log = logging.getLogger("train")
 
@@ -670,9 +671,11 @@ class Trainer:
         for m in self.model:
             m.train()
         stops = StopRequests(self.run_dir)
+        self.profiler = StepProfiler(t.profile, self.run_dir, self.rank)
         try:
             self._loop(history, start, stops)
         finally:
+            self.profiler.finish()
             stops.restore()
             self._finish_saves(blocking=True)
             ckpt.CHECKSUMS.wait()
@@ -704,7 +707,9 @@ class Trainer:
         if t.eval.interval and self.step == 0:  # a fresh run: the held-out loss of the weights it starts from
             self._eval_and_log()
         while self.step < t.steps:
+            self.profiler.before_step(self.step + 1)
             stats = self.train_step()
+            self.profiler.after_step(stats.step)
             self._finish_saves(blocking=False)
             history.append(stats)
             if self.rank == 0:

@@ -95,6 +95,8 @@ def test_wrong_type_names_the_key():
     (["model.lm.attention=sliding"], 2, "model.lm.attention variant 'sliding'"),
     (["train.distill.enabled=true"], 2, "train.distill.enabled needs KSA layers"),
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
+    (["train.profile.steps=-1"], 2, "train.profile.steps must be >= 0 (0: off), got -1"),
+    (["train.profile.start=0"], 2, "train.profile.start must be >= 1 (steps count from 1), got 0"),
     (["train.checkpoint.vision_init_from=/ckpt/keye_vl"], 2, "train.checkpoint.vision_init_from='/ckpt/keye_vl' fills "
                                                              "the vision tower, which this model does not have"),
 ])

@@ -1,0 +1,42 @@
+"""train.profile: the steps asked for are recorded on the ranks asked for, and written where the run writes.
+
+Two ranks (DP 2 on the tiny LM). Rank 1 only, steps 2-3 of 4: its trace (gzipped Chrome JSON) holds the
+matmuls of the model's step and the profiler's own step markers, its table names the operators; rank 0 writes
+nothing. A window past the run's last step is cut there and still written (steps 3-3 of 3).
+"""
+
+import gzip
+import json
+
+import pytest
+
+from tests.launch_util import run_layouts
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["recipe=keye_tiny_lm", "train.checkpoint.enabled=false", "train.global_batch_size=8",
+          "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("profile")
+    run_layouts(2, {
+        "window": COMMON + ["train.steps=4", "train.profile.start=2", "train.profile.steps=2", "train.profile.ranks=[1]"],
+        "cut": COMMON + ["train.steps=3", "train.profile.start=3", "train.profile.steps=5"],
+    }, tmp)
+    return tmp / "runs"
+
+
+def test_the_window_is_recorded_on_the_ranks_asked_for(runs):
+    out = runs / "window" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["steps2-3.rank1.json.gz", "steps2-3.rank1.txt"]
+    events = json.loads(gzip.decompress((out / "steps2-3.rank1.json.gz").read_bytes()))["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "aten::mm" in names, "the model's matmuls are in the trace"
+    assert "Self CPU" in (out / "steps2-3.rank1.txt").read_text() and "aten::mm" in (out / "steps2-3.rank1.txt").read_text()
+
+
+def test_a_window_past_the_last_step_is_cut_and_written(runs):
+    out = runs / "cut" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["steps3-3.rank0.json.gz", "steps3-3.rank0.txt"]
