@@ -8,7 +8,8 @@ operators, and CUDA kernels on a GPU. Afterwards the rank writes into `<run_dir>
 - `steps<A>-<B>.rank<R>.json.gz`: the Chrome / Perfetto trace (open it in https://ui.perfetto.dev);
 - `steps<A>-<B>.rank<R>.txt`: the operators by total device time (CPU time on a CPU run), the top 40.
 
-The profiled steps run slower (the log's step time and throughput include the profiler's cost). A run that
+The window also holds what the trainer does between those steps (an evaluation, a checkpoint save). The
+profiled steps run slower (the log's step time and throughput include the profiler's cost). A run that
 stops inside the window (a stop request, the last step) writes what it recorded. A resumed run past `start`
 records nothing.
 """
