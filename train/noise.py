@@ -13,6 +13,7 @@ _KNOWN = (
     "full scope is deprecated",
     "`load_state_dict` is deprecated",
     "The .grad attribute of a Tensor that is not a leaf Tensor",
+    "Warning: Profiler clears events at the end of each cycle",  # train.profile records one window, one cycle
 )
 
 
