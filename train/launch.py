@@ -114,7 +114,8 @@ def check_resume(cfg: Config) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    """The data and weights a run reads are there (ValueError naming the setting). The launcher checks this before
+    """The data and weights a run reads are there, and the held-out shards are not training shards (ValueError naming
+    the setting). The launcher checks this before
     any process group exists: a missing path would otherwise stop the run only once its model is built, minutes
     into a 30B job. Not part of `validate`, which also judges configs whose paths live on another machine
     (launch/memory.py, the recipe tests). `init_from` / `vision_init_from` are checked only for a fresh run: a run
@@ -124,11 +125,17 @@ def check_paths(cfg: Config) -> None:
     from train import checkpoint as ckpt
 
     if cfg.data.kind == "video":
+        files = {}
         for name in ("shards", "long_shards", "eval_shards"):
             spec = getattr(cfg.data.video, name)
-            if spec and not resolve_shards(spec):
+            files[name] = set(resolve_shards(spec)) if spec else set()
+            if spec and not files[name]:
                 raise ValueError(f"data.video.{name}={spec!r}: no .tar shards there (a directory of shards, a glob, or "
                                  f"a comma-separated list of either; launch/ingest.py writes them)")
+        shared = sorted(files["eval_shards"] & (files["shards"] | files["long_shards"]))
+        if shared:
+            raise ValueError(f"data.video.eval_shards={cfg.data.video.eval_shards!r}: {len(shared)} shard file(s) are "
+                             f"also training data ({shared[0]}, ...): held-out data must not be trained on")
     c = cfg.train.checkpoint
     if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
         return

@@ -66,6 +66,7 @@ class RouterStats:
             lb[:min(len(values), self.num_layers)] = values[:self.num_layers]
         flat = torch.cat([self.counts.to(torch.float64).flatten(), lb])  # counts exact in fp64 up to 2^53
         dist.all_reduce(flat)
+        flat = flat.cpu()  # one device-to-host copy; the scalars below are read on the host
         clear_aux_losses_tracker()
         self.counts.zero_()
         counts = flat[:self.num_layers * self.num_experts].view(self.num_layers, self.num_experts)

@@ -283,11 +283,7 @@ class Trainer:
             # every model chunk iterates the same list.
             self.streams = [self._video_stream(cfg, dp_rank, dp_size)]
         else:
-            make_stream = functools.partial(SyntheticTokenStream, cfg.data, vocab_size=lm.vocab_size,
-                                            seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                            global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-            # One stream per model chunk: the interleaved schedule pulls each chunk's micro-batches separately.
-            self.streams = [make_stream() for _ in self.model]
+            self.streams = self._text_streams(cfg.data)
         self.num_microbatches = self.streams[0].num_microbatches
 
         pc = lm_param_count(lm)
@@ -352,28 +348,26 @@ class Trainer:
             stem = Path(v.quarantine_path)
             v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
         t = cfg.train
-        stream = VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                  global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                  seed=cfg.data.seed)
-        if held_out:
-            trained = {r.shard for c in self.streams[0].loader.catalogs for r in c}
-            shared = sorted(trained & {r.shard for r in stream.loader.catalog})
-            if shared:
-                raise ValueError(f"data.video.eval_shards = {v.shards!r}: {len(shared)} shard file(s) are also "
-                                 f"training data ({shared[0]}, ...): held-out data must not be trained on")
-        return stream
+        # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
+        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                seed=cfg.data.seed)
+
+    def _text_streams(self, data) -> list:
+        """This rank's synthetic text micro-batches from `data` (a DataConfig), one stream per model chunk: the
+        interleaved schedule pulls each chunk's micro-batches separately."""
+        t = self.cfg.train
+        return [SyntheticTokenStream(data, vocab_size=self.cfg.model.lm.vocab_size, seq_length=t.seq_length,
+                                     micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                                     dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
 
     def _eval_streams(self) -> list:
         """train.eval's data, from its start (a fresh stream per evaluation), as training draws it: one video stream,
         or one synthetic text stream per model chunk."""
-        cfg, t = self.cfg, self.cfg.train
-        dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
+        cfg = self.cfg
         if cfg.data.kind == "video":
-            return [self._video_stream(cfg, dp_rank, dp_size, held_out=True)]
-        held_out = replace(cfg.data, seed=cfg.data.seed + 1)  # the same generator, other sequences
-        return [SyntheticTokenStream(held_out, vocab_size=cfg.model.lm.vocab_size, seq_length=t.seq_length,
-                                     micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                                     dp_rank=dp_rank, dp_size=dp_size) for _ in self.model]
+            return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True)]
+        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))  # the same generator, other sequences
 
     def _common_state(self) -> dict:
         l = self.layout
