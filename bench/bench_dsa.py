@@ -5,11 +5,14 @@
 
 1. bf16 correctness against kernels/dsa/naive.py (float64) at L = 2K (tolerances below).
 2. Per length L, B = 1, 32 query / 4 KV heads, head dim 128, indexer 16 x 64, top-k 2048, bf16:
-   DSA forward (top-k selection + union plan + sparse attention + sparse-stage indexer KL loss) and
-   forward+backward, dense SDPA flash forward and forward+backward, peak memory of each, every DSA
-   piece alone, the sparse-attention kernels' achieved TFLOP/s and GB/s against 775 TFLOP/s
-   and 4.2 TB/s, and the prefill cost (top-k + plan + attention forward without the indexer loss,
-   as inference runs it, against the dense forward; both without autograd).
+   DSA forward and forward+backward (top-k selection + union plan + sparse attention + sparse-stage
+   indexer KL loss, as the model's layer runs it: the KL's target summed in the attention backward,
+   kernels/dsa/fused.py, so the forward holds no loss), dense SDPA flash forward and forward+backward,
+   peak memory of each, every DSA piece alone, the sparse-attention kernels' achieved TFLOP/s and GB/s
+   against 775 TFLOP/s and 4.2 TB/s, and the prefill cost (top-k + plan + attention forward without the
+   indexer loss, as inference runs it, against the dense forward; both without autograd). In the same
+   run, "split": the loss with a forward of its own (indexer_loss.py, what the layer ran before), the
+   baseline of the fused backward.
 3. The same dense timings for the project's dense attention (models/sdpa.py, as the trainer calls it: SDPA's
    default backend choice; cuDNN on the H200 with torch 2.11, named in the JSON from a profile), which is what a
    DSA layer replaces in training. The issue's named baseline is SDPA flash; both are in every run.
@@ -42,6 +45,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from kernels.dsa import (build_sparse_plan, default_block_q, dsa_topk,  # noqa: E402
                          indexer_kl_loss, naive, sparse_gqa_attention)
+from kernels.dsa.fused import SparseAttentionKLFn, attention_kl_bwd  # noqa: E402
 from kernels.dsa.indexer_loss import indexer_kl_bwd, indexer_kl_fwd  # noqa: E402
 from kernels.dsa.sparse_attn import sparse_attn_bwd, sparse_attn_fwd  # noqa: E402
 from models.sdpa import sdpa  # noqa: E402
@@ -105,13 +109,24 @@ def make_inputs(L, data="smooth", seed=42, device="cuda"):
     return out
 
 
-def dsa_forward(x, block_q):
+def dsa_forward_split(x, block_q):
+    """The loss with a forward of its own (the baseline of the fused backward)."""
     idx = dsa_topk(x["q_idx"], x["w"], x["k_idx"], TOPK)
     plan = build_sparse_plan(idx, block_q)
     o, lse = sparse_gqa_attention(x["q"], x["k"], x["v"], idx, return_lse=True, plan=plan)
     loss = indexer_kl_loss(x["q"], x["k"], x["q_idx"], x["w"], x["k_idx"], stage="sparse",
                            idx=idx, lse=lse, plan=plan)
     return o, loss
+
+
+def dsa_forward(x, block_q):
+    """As the model's layer runs the sparse stage (dsa_attention(kl_in_backward=1)): the KL rides on o."""
+    idx = dsa_topk(x["q_idx"], x["w"], x["k_idx"], TOPK)
+    plan = build_sparse_plan(idx, block_q)
+    kl = torch.full((), float("nan"), device=x["q"].device)
+    o = SparseAttentionKLFn.apply(*(x[n] for n in ("q", "k", "v", "q_idx", "w", "k_idx")), plan, D ** -0.5,
+                                  1.0, kl)
+    return o, kl
 
 
 def dsa_prefill(x, block_q):
@@ -128,10 +143,15 @@ def dense_prefill(x):
         return dense_forward(x)
 
 
-def dsa_fwd_bwd(x, block_q):
-    o, loss = dsa_forward(x, block_q)
+def dsa_fwd_bwd_split(x, block_q):
+    o, loss = dsa_forward_split(x, block_q)
     return torch.autograd.grad([o, loss], [x[n] for n in ("q", "k", "v", "q_idx", "w", "k_idx")],
                                [x["do"], torch.ones_like(loss)])
+
+
+def dsa_fwd_bwd(x, block_q):
+    o, kl = dsa_forward(x, block_q)
+    return torch.autograd.grad(o, [x[n] for n in ("q", "k", "v", "q_idx", "w", "k_idx")], x["do"])
 
 
 def _sdpa(q, k, v):
@@ -228,9 +248,15 @@ def check_correctness(L=2048):
     gl_r = torch.autograd.grad(loss_r, [i64[n] for n in inames])
     errs["loss"] = rel(loss_r.reshape(1), loss.reshape(1))
     errs.update({f"d{n}": rel(a, b) for n, a, b in zip(inames, gl_r, gl)})
+    # the fused backward (the layer's path): all six gradients and the KL it fills, against the same references
+    o_f, kl_f = dsa_forward(x, default_block_q(HQ, HKV))
+    g_f = torch.autograd.grad(o_f, [x[n] for n in names + inames], x["do"])
+    errs["loss_fused"] = rel(loss_r.reshape(1), kl_f.reshape(1))
+    errs.update({f"d{n}_fused": rel(a, b) for n, a, b in zip(names + inames, g_r + gl_r, g_f)})
     res["rel_rmse"] = errs
     res["tolerance"] = TOL
-    res["pass"] = res["topk_valid"] and all(errs[n] <= TOL[n] for n in TOL)
+    res["pass"] = res["topk_valid"] and all(errs[n] <= TOL[n] for n in TOL) and all(
+        errs[f"{n}_fused"] <= TOL[n] for n in TOL if n not in ("o", "lse"))
     return res
 
 
@@ -266,6 +292,12 @@ def bench_size(L, quick, block_q):
     r["prefill_cost_ratio"] = r["dsa_prefill_ms"] / r["dense_prefill_ms"]
     r["dsa_peak_bytes"], r["dsa_extra_bytes"] = peak_mem(lambda: dsa_fwd_bwd(x, block_q))
     r["speedup_fwd_bwd"] = r["dense_fwd_bwd_ms"] / r["dsa_fwd_bwd_ms"]
+    # the baseline of the fused backward, the same run: the loss with a forward of its own
+    r["split_fwd_ms"] = timed(lambda: dsa_forward_split(x, block_q), quick)
+    r["split_fwd_bwd_ms"] = timed(lambda: dsa_fwd_bwd_split(x, block_q), quick)
+    r["split_peak_bytes"], _ = peak_mem(lambda: dsa_fwd_bwd_split(x, block_q))
+    r["split_over_fused_fwd_bwd"] = r["split_fwd_bwd_ms"] / r["dsa_fwd_bwd_ms"]
+    r["speedup_fwd_bwd_split"] = r["dense_fwd_bwd_ms"] / r["split_fwd_bwd_ms"]
     # the trainer's dense attention (module docstring, 3.)
     r["trainer_dense_kernels"] = sdpa_kernel_names(x)
     r["trainer_dense_fwd_ms"] = timed(lambda: trainer_dense_forward(x), quick)
@@ -296,6 +328,11 @@ def bench_size(L, quick, block_q):
                                            keep_psum=True),
         "loss_bwd": lambda: indexer_kl_bwd(qi, w, ki, q, k, lse, plan, scale,
                                            lse_i, z, gscale, psum=psum),
+        # the fused backward: attention backward + the KL's target, then the KL's kernels (fused.py)
+        "attn_kl_bwd": lambda: attention_kl_bwd(q, k, v, o, do, lse, qi, w, ki, plan, scale, gscale),
+        # its fp32 P in 1 GiB chunks instead of 256 MiB (fewer launches, 0.75 GiB more transient)
+        "attn_kl_bwd_1g": lambda: attention_kl_bwd(q, k, v, o, do, lse, qi, w, ki, plan, scale, gscale,
+                                                   chunk_bytes=1 << 30),
     }
     r["pieces_ms"] = {name: timed(fn, quick) for name, fn in pieces.items()}
     c = attention_counts(plan, L)
@@ -366,6 +403,13 @@ def print_table(res):
             print(f"iid inputs, L={r['L']}: DSA fwd+bwd {r['dsa_fwd_bwd_ms']:.2f} ms vs dense "
                   f"{r['dense_fwd_bwd_ms']:.2f} ms (the trainer's {r['trainer_dense_fwd_bwd_ms']:.2f}), "
                   f"union/block {r['mean_union_per_block']:.0f}")
+    for r in (r for r in res["sizes"] if "error" not in r):
+        p = r["pieces_ms"]
+        print(f"fused backward L={r['L']}: DSA f+b {r['dsa_fwd_bwd_ms']:.2f} ms against the split loss's "
+              f"{r['split_fwd_bwd_ms']:.2f} ms ({r['split_over_fused_fwd_bwd']:.3f}x; dense over split "
+              f"{r['speedup_fwd_bwd_split']:.2f}x); peak {r['dsa_peak_bytes'] / gib:.2f} vs "
+              f"{r['split_peak_bytes'] / gib:.2f} GiB; attention+KL backward {p['attn_kl_bwd']:.1f} ms against "
+              f"attB + lossF + lossB {p['attn_bwd'] + p['loss_fwd'] + p['loss_bwd']:.1f} ms")
     print("times in ms (median); GiB = peak allocated during one forward+backward (inputs "
           "included); TF/s counts useful flops (selected pairs); ceilings 775 TF/s, 4200 GB/s")
 

@@ -202,7 +202,8 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
 def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                   w: torch.Tensor, k_idx: torch.Tensor, *, topk: int = 2048,
                   scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                  block_q: int | None = None, backend: Backend = "triton", with_loss: bool = True):
+                  block_q: int | None = None, backend: Backend = "triton", with_loss: bool = True,
+                  kl_in_backward: float | None = None):
     """Sparse-stage DSA in one call: select, attend, and the sparse indexer KL loss.
 
     Returns (o, kl_loss, idx). o has gradients into q, k, v; kl_loss into q_idx, w, k_idx (the
@@ -210,24 +211,42 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     stage uses dense attention plus indexer_kl_loss(stage="dense") instead. with_loss=False skips the
     loss (kl_loss is None): for a forward whose loss would be thrown away, such as the first pass of a
     full activation recompute.
+
+    kl_in_backward=weight: the loss rides on o instead. o's backward gives the indexer the gradient
+    of weight * kl_loss (whatever gradient reaches o) and computes the loss's target from the
+    probabilities it recomputes anyway (fused.py: no loss forward, nothing of the loss kept); kl_loss
+    is then a detached 0-dim fp32 tensor, NaN until that backward fills it.
     """
     # cu_seqlens is checked once, and the same host copy gives the plan's longest document
     longest = _check_topk_args(q_idx, w, k_idx, topk, cu_seqlens, backend)
     idx = _select(q_idx, w, k_idx, topk, cu_seqlens, backend, {})
-    if backend == "naive":
-        o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, backend=backend)
-        loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse,
-                               scale=scale, backend=backend) if with_loss else None
-        return o, loss, idx
-    # one union plan for both kernels when their block sizes agree (they do at Keye's shapes): the
-    # plan costs ~11 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
-    from .indexer_loss import loss_block_q
-    plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]),
-                             max_doc_len=longest)
-    o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan)
+    plan = bq = None
+    if backend == "triton":
+        # one union plan for both kernels when their block sizes agree (they do at Keye's shapes): the
+        # plan costs ~11 ms at 128K tokens on an H200 and 8 bytes per union entry kept for backward
+        from .indexer_loss import loss_block_q
+        plan = build_sparse_plan(idx, block_q or default_block_q(q.shape[2], k.shape[2]),
+                                 max_doc_len=longest)
+        bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
+        if with_loss and kl_in_backward is not None and bq == plan.block_q:
+            from .fused import SparseAttentionKLFn
+            _check_attention(q, k, v)
+            check_same_device(q, k, v, q_idx)
+            if q_idx.shape[:2] != q.shape[:2]:
+                raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
+            kl = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
+            o = SparseAttentionKLFn.apply(q, k, v, q_idx, w, k_idx, plan,
+                                          q.shape[-1] ** -0.5 if scale is None else float(scale),
+                                          float(kl_in_backward), kl)
+            return o, kl, idx
+    o, lse = sparse_gqa_attention(q, k, v, idx, scale=scale, return_lse=True, plan=plan, backend=backend)
     if not with_loss:
         return o, None, idx
-    bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
     loss = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="sparse", idx=idx, lse=lse, scale=scale,
-                           plan=plan if bq == plan.block_q else None, block_q=bq)
-    return o, loss, idx
+                           plan=plan if plan is not None and bq == plan.block_q else None, block_q=bq,
+                           backend=backend)
+    if kl_in_backward is None:
+        return o, loss, idx
+    # the reference backend, or block sizes that differ: the same contract through a loss attached to o
+    from .fused import AttachLossFn
+    return AttachLossFn.apply(o, loss, float(kl_in_backward)), loss.detach(), idx

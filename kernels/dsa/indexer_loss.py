@@ -226,16 +226,17 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
     tl.store(z_ptr + row, z_safe, mask=tvalid)
 
 
-@triton.jit(do_not_specialize=["T", "NBT"])
+@triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx,
-                               T, NBT, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+                               T, NBT, PID0, U0, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
                                DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
                                BS: tl.constexpr, LOAD_P: tl.constexpr, DOT_PREC: tl.constexpr):
-    """LOAD_P: read the forward's head-summed P [U, BQ] instead of recomputing it."""
-    pid = tl.program_id(0)
+    """LOAD_P: read the head-summed P (the forward's, or the attention backward's fp32 chunk:
+    entry u at row u - U0) instead of recomputing it. Program p handles block PID0 + p."""
+    pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
     t, tvalid, lo, hi = _block_bounds(offsets, pid, t0, T, BQ)
@@ -252,7 +253,7 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
         if LOAD_P:
             uu = u0 + tl.arange(0, BS)
-            psum = tl.load(psum_ptr + uu.to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
+            psum = tl.load(psum_ptr + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
                            mask=member, other=0.0).to(tl.float32)
         else:
             psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
@@ -320,6 +321,24 @@ def psum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
+def psum_chunks(plan: SparsePlan, chunk_bytes: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Chunks (b0, b1, u0, u1) of the plan's blocks [b0, b1), entries [u0, u1), whose fp32 head-summed
+    P fits `chunk_bytes`, cut where the entry count crosses multiples of the budget (a block has at
+    most BQ * K entries, so a chunk needs at most budget + that), and the widest chunk's entries.
+    One host sync for the cut points."""
+    bq, nb, offs = plan.block_q, plan.num_blocks, plan.offsets_N1
+    n_u = plan.pos_U.numel()
+    budget = max(1, chunk_bytes // (4 * bq))
+    cuts = [0, nb]
+    if n_u > budget:
+        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
+        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
+    cuts = sorted(set(cuts))
+    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
+    chunks = [(b0, b1, u0, u1) for b0, b1, u0, u1 in zip(cuts[:-1], cuts[1:], bounds[:-1], bounds[1:])]
+    return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
+
+
 def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, kl=None, lse_i=None,
                    z=None, keep_psum: bool = False, split: bool | None = None,
                    chunk_bytes: int | None = None):
@@ -349,22 +368,10 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
                                                BS=cfg["BS_fwd"],
                                                num_warps=cfg["warps"], **kl_meta)
         return kl, lse_i, z, psum
-    # chunks of blocks holding at most `chunk_bytes` of fp32 P, cut where the entry count crosses
-    # multiples of the budget (a block has at most BQ * K entries, so a chunk's buffer needs at
-    # most budget + that); one host sync for the cut points
-    bq, nb, offs = plan.block_q, B * nbt, plan.offsets_N1
-    n_u = plan.pos_U.numel()
-    budget = max(1, (chunk_bytes or cfg["chunk_bytes"]) // (4 * bq))
-    cuts = [0, nb]
-    if n_u > budget:
-        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
-        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
-    cuts = sorted(set(cuts))
-    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
-    width = max(b - a for a, b in zip(bounds[:-1], bounds[1:])) if len(bounds) > 1 else 0
-    buf = torch.empty(max(1, width) * bq, dtype=torch.float32, device=q.device)
+    chunks, width = psum_chunks(plan, chunk_bytes or cfg["chunk_bytes"])
+    buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
     pm = {n: meta[n] for n in ("HQ", "HKV", "G", "GP", "D", "DP", "BQ")}
-    for (b0, b1), u0 in zip(zip(cuts[:-1], cuts[1:]), bounds[:-1]):
+    for b0, b1, u0, _ in chunks:
         for g in range(meta["HKV"]):
             indexer_loss_fwd_kernel_psum[(b1 - b0,)](
                 q, k, lse, plan.offsets_N1, plan.pos_U, plan.bits_U, buf, T, nbt, g, b0, u0,
@@ -396,7 +403,7 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, l
     load_p = psum is not None
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
         q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
-        dq_idx, dw, dk32, T, nbt, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
+        dq_idx, dw, dk32, T, nbt, 0, 0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
         LOAD_P=load_p, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)

@@ -80,12 +80,17 @@ def sparse_attn_fwd_kernel_union(q, k, v, o, lse, offsets, upos, ubits, T, NBT, 
     tl.store(lse + lse_off, lse_r, mask=rvalid)
 
 
-@triton.jit(do_not_specialize=["T", "NBT"])
-def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, T, NBT,
-                                 scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                                 GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                                 BQ: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
+@triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
+def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, psum, T, NBT,
+                                 PID0, U0, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                                 DP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+                                 PSUM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program (p, g) handles block PID0 + p, KV group g. PSUM: also add the group's probabilities,
+    summed over its query heads, into psum [U - U0, BQ] (fp32, entry u at row u - U0; zeroed by the
+    caller): the sparse indexer KL's target, taken from the P this kernel recomputes anyway
+    (kernels/dsa/fused.py)."""
+    pid = PID0 + tl.program_id(0)
     g = tl.program_id(1)
     bb = pid // NBT
     BM: tl.constexpr = BQ * GP
@@ -127,6 +132,10 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
         dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
         tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
         tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+        if PSUM:
+            pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)
+            tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
+                          mask=um[None, :], sem="relaxed")
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
 
@@ -191,26 +200,39 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
                     dq: torch.Tensor | None = None):
     """(dq, dk, dv). dk / dv accumulate in fp32 buffers (keys nobody selected stay 0)."""
     q, k, v, o, do, lse = (x.contiguous() for x in (q, k, v, o, do, lse))
+    dq = torch.empty_like(q) if dq is None else dq
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq, dk32, dv32,
+                           blocks: tuple[int, int] | None = None, psum: torch.Tensor | None = None,
+                           u0: int = 0) -> None:
+    """The backward of the plan's blocks [b0, b1) (all when None): writes their rows of dq and adds into
+    the fp32 dk32 / dv32; with `psum`, also adds each group's head-summed P of entry u, token i at
+    psum[(u - u0) * BQ + i]. Inputs contiguous."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
     GP, DP = pow2(G), pow2(D, 16)
     BQ = plan.block_q
+    b0, b1 = blocks if blocks is not None else (0, plan.num_blocks)
+    if b1 <= b0:
+        return
     # the key range a query reaches (the longest packed document; without it, every key row: under
     # context parallelism the query rows are a subset of the keys) decides the register cap
     cfg = _config(q.device, BQ * GP, D, q.element_size(), plan.max_doc_len or k.shape[1])
-    dq = torch.empty_like(q) if dq is None else dq
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     # grid (blocks, groups): concurrent programs are adjacent blocks of one group, whose dk / dv
     # atomics hit the same keys at about the same time (the KV groups of a block adjacent instead,
     # as in the forward: 280 vs 222 ms at 128K, 45.6 vs 40.7 at 32K on an H200, the same run)
-    sparse_attn_bwd_kernel_union[(plan.num_blocks, HKV)](
-        q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U, T,
-        plan.num_blocks_t, scale, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ,
-        BS=cfg["BS_bwd"], DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"],
-        num_stages=cfg["stages_bwd"], **maxnreg(cfg["maxnreg_bwd"]))
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    sparse_attn_bwd_kernel_union[(b1 - b0, HKV)](
+        q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U,
+        dk32 if psum is None else psum, T, plan.num_blocks_t, b0, u0, scale, HQ=HQ, HKV=HKV, G=G,
+        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None,
+        DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"], num_stages=cfg["stages_bwd"],
+        **maxnreg(cfg["maxnreg_bwd"]))
 
 
 class SparseGQAAttentionFn(torch.autograd.Function):

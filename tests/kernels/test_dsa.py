@@ -621,6 +621,60 @@ def test_indexer_loss_api_and_composition():
         assert_close(f"dsa_attention {name}", a, b, TOL_GRAD)
 
 
+KL_IN_BACKWARD_CASES = [
+    # B, T, Hq, Hkv, D, HI, DI, topk, cu_seqlens bounds, chunk budget (bytes of fp32 P; small: many chunks)
+    pytest.param(2, 63, 4, 2, 32, 4, 16, 8, None, None, id="T63-B2"),
+    pytest.param(1, 111, 6, 2, 16, 2, 16, 16, (0, 40, 41, 111), 1024, id="T111-G3-packed-chunks"),
+    pytest.param(1, 63, 4, 4, 16, 2, 16, 1, None, None, id="topk1"),
+    pytest.param(1, 40, 4, 2, 16, 2, 16, 64, None, 512, id="topk-larger-than-T-chunks"),
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,HI,DI,topk,cu,chunk_bytes", KL_IN_BACKWARD_CASES)
+def test_dsa_attention_kl_in_backward(B, T, Hq, Hkv, D, HI, DI, topk, cu, chunk_bytes, monkeypatch):
+    """kl_in_backward (kernels/dsa/fused.py): the attention backward sums its recomputed probabilities into
+    the KL's target, chunk by chunk of blocks, and the KL kernels train the indexer from it. Against the
+    float64 reference: o, the KL (NaN until the backward fills it) and all six gradients of
+    o . dout + weight * KL, with the weight applied whatever gradient reaches o."""
+    from kernels.dsa import indexer_loss
+    if chunk_bytes is not None:
+        monkeypatch.setattr(indexer_loss, "LOSS_CHUNK_BYTES", chunk_bytes)
+    cu = None if cu is None else _cu(*cu)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    qi, w, ki = qi.round(), w.round(), ki.round()  # integer-valued indexer: exact selection on both backends
+    v = torch.randn_like(k)
+    dout = torch.randn(B, T, Hq, D, device=DEV)
+    weight = 0.7
+    res = {}
+    for backend in ("triton", "naive"):
+        xs = [x.detach().clone().double() if backend == "naive" else x.detach().clone()
+              for x in (q, k, v, qi, w, ki)]
+        xs = [x.requires_grad_() for x in xs]
+        o, kl, idx = dsa_attention(*xs, topk=topk, cu_seqlens=cu, backend=backend, kl_in_backward=weight)
+        if backend == "triton":
+            assert kl.dim() == 0 and torch.isnan(kl), "the KL exists only after the backward"
+        g = torch.autograd.grad(o, xs, dout.to(o.dtype))
+        res[backend] = (o.detach(), kl.detach(), idx, g)
+    (o, kl, idx, g), (o_r, kl_r, idx_r, g_r) = res["triton"], res["naive"]
+    assert torch.equal(idx, idx_r)
+    _check_idx_valid(idx, topk, cu)
+    assert_close("o", o_r, o, TOL_OUT)
+    # one selected key per token (topk 1): every KL term cancels to 0 in float64, fp32 leaves ~1e-7
+    assert abs(float(kl) - float(kl_r)) <= TOL_OUT * max(abs(float(kl_r)), 1.0), (float(kl), float(kl_r))
+    for name, a, b in zip(("dq", "dk", "dv", "dq_idx", "dw", "dk_idx"), g_r, g):
+        if a.abs().max() < 1e-12:  # topk 1: softmax over one key is constant (dq, dk and the indexer's: 0)
+            assert torch.isfinite(b).all() and b.abs().max() < 1e-5, f"{name}: {b.abs().max()}"
+        else:
+            assert_close(f"kl_in_backward {name}", a, b, TOL_GRAD)
+    # the same through the split kernels (a loss forward, then its own backward): the same gradients
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, qi, w, ki)]
+    o2, kl2, _ = dsa_attention(*xs, topk=topk, cu_seqlens=cu)
+    g2 = torch.autograd.grad((o2 * dout).sum() + weight * kl2, xs)
+    assert abs(float(kl2.detach()) - float(kl)) <= 1e-6 * max(abs(float(kl2)), 1.0)
+    for name, a, b in zip(("dq", "dk", "dv", "dq_idx", "dw", "dk_idx"), g2, g):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"split vs kl_in_backward {name}"
+
+
 def test_dsa_attention_reads_packed_bounds_once(monkeypatch):
     """With packed documents, dsa_attention copies cu_seqlens to the host once (a GPU sync per
     layer): validate_cu_seqlens returns the longest document, which the plan's launch setting
@@ -715,6 +769,52 @@ def test_gpu_bf16():
         assert_close(f"{stage} loss bf16", ref.detach().reshape(1), loss.detach().reshape(1), 1e-2)
         assert_close(f"{stage} dq_idx bf16", torch.autograd.grad(ref, qi_r)[0],
                      torch.autograd.grad(loss, qi_r)[0], 3e-2)  # bf16 dI operands
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="bf16 kernels are checked on a CUDA GPU only "
+                           "(the interpreter's bf16 arithmetic is wrong)")
+def test_gpu_bf16_kl_in_backward():
+    """The fused backward (kernels/dsa/fused.py) at Keye's head shapes in bf16, against the float64 reference
+    and against the split path (a loss forward of its own), two chunks of fp32 P."""
+    from kernels.dsa import indexer_loss
+    B, T, Hq, Hkv, D, HI, DI, topk = 1, 1500, 32, 4, 128, 16, 64, 256
+    bf = torch.bfloat16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    xs = [torch.randn(*s, device=DEV, generator=g).to(bf) for s in
+          ((B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, HI, DI))]
+    xs.insert(4, (torch.randn(B, T, HI, device=DEV, generator=g) * (HI * DI) ** -0.5).to(bf))
+    xs.append(torch.randn(B, T, DI, device=DEV, generator=g).to(bf))
+    do = torch.randn(B, T, Hq, D, device=DEV, generator=g).to(bf)
+    names = ("dq", "dk", "dv", "dq_idx", "dw", "dk_idx")
+    old = indexer_loss.LOSS_CHUNK_BYTES
+    indexer_loss.LOSS_CHUNK_BYTES = 1 << 20  # ~1.6 MB of fp32 P at this size: two chunks
+    try:
+        a = [x.clone().requires_grad_() for x in xs]
+        o, kl, idx = dsa_attention(*a, topk=topk, kl_in_backward=0.5)
+        ga = torch.autograd.grad(o, a, do)
+    finally:
+        indexer_loss.LOSS_CHUNK_BYTES = old
+    b = [x.clone().requires_grad_() for x in xs]
+    o2, kl2, idx2 = dsa_attention(*b, topk=topk)
+    gb = torch.autograd.grad((o2 * do).sum() + 0.5 * kl2, b)
+    assert torch.equal(idx, idx2) and torch.equal(o, o2)
+    # the split path caches P in bf16 (8 bits), the fused one sums it in fp32: the KL and the indexer's gradients
+    # differ by that rounding; dq is computed identically, dk / dv by fp32 atomics in another order
+    assert abs(float(kl) - float(kl2)) <= 1e-2 * abs(float(kl2)), (float(kl), float(kl2))
+    for name, x, y in zip(names, gb, ga):
+        # dk / dv: bf16 roundings of fp32 sums that differ in their last bits (a few elements one bf16 ulp apart)
+        tol = 2e-3 if name in ("dq", "dk", "dv") else 1e-2
+        assert_close(f"fused vs split {name}", x.float(), y.float(), tol)
+    r = [x.detach().double().requires_grad_() for x in xs]
+    o_r, lse_r = naive.sparse_gqa_attention(r[0], r[1], r[2], idx)
+    kl_r = naive.indexer_kl_loss(r[0].detach(), r[1].detach(), r[3], r[4], r[5], "sparse", idx_BTK=idx,
+                                 lse_BTH=lse_r.detach())
+    gr = torch.autograd.grad((o_r * do.double()).sum() + 0.5 * kl_r, r)
+    assert abs(float(kl) - float(kl_r)) <= 1e-2 * abs(float(kl_r))
+    for name, x, y in zip(names, gr, ga):
+        assert_close(f"fused vs float64 {name}", x, y, 2e-2 if name in ("dq", "dk", "dv") else 3e-2)  # test_gpu_bf16's
 
 
 @pytest.mark.gpu

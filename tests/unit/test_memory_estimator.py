@@ -94,16 +94,17 @@ def test_recompute_orders_activation_memory():
     assert totals["full"] < totals["selective"] < totals["none"]
 
 
-def test_dsa_sparse_counts_the_kernels_plan_cached_p_and_backward_buffers():
+def test_dsa_sparse_counts_the_kernels_plan_and_backward_buffers():
     # fp32 (b = 4), t = 64 tokens, G = 2 query heads per KV group -> block_q 16 (kernels/dsa/plan.py);
-    # sparse minus warm-up: indices 64*4*4 = 1024 B kept, plus the union plan and the cached P,
-    # 64*4 entries * DSA_UNION_SHARE * (8 + 16*4) B; transient: fp32 dK, dV 2*64*32*4 and a candidate chunk
+    # sparse minus warm-up: indices 64*4*4 = 1024 B kept, plus the union plan, 64*4 entries * DSA_UNION_SHARE * 8 B
+    # (on one rank the KL's target is summed in the attention backward: no cached P, kernels/dsa/fused.py);
+    # transient: fp32 dK, dV 2*64*32*4 and a candidate chunk
     x = dict(index_heads=2, index_dim=8, topk=4)
     sparse = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="sparse", **x)), seq_length=64, bf16=False)
     dense = MemoryInputs(lm=lm(attention="dsa", dsa=DSAConfig(stage="dense_warmup", **x)), seq_length=64, bf16=False)
     (ks, ts), (kd, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
     # the warm-up keeps its KL's gradients (the size of q_idx, w, k_idx: 64 * (2*8 + 2 + 8) * 4 B) instead
-    assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * (8 + 16 * 4) - 64 * (2 * 8 + 2 + 8) * 4
+    assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * 8 - 64 * (2 * 8 + 2 + 8) * 4
     # the forward's largest stage transient: at 64 tokens the top-k chunk (the plan's is 256 MiB + ~1.5 KB);
     # the warm-up's: its KL's fp32 d (64 x 64), dk_idx (64 x 8) and lse_I partials (one segment)
     dense_kl = 64 * 64 * 4 + 64 * 8 * 4 + 64 * 4
