@@ -39,11 +39,14 @@ class ContextParallelOps(Protocol):
     def dsa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_idx: torch.Tensor,
             w: torch.Tensor, k_idx: torch.Tensor, *, cp_group, topk: int, stage: str, scale: float,
             cu_seqlens: torch.Tensor | None, backend: str, dense_cp_comm: str, kl_grad: float | None = None,
-            with_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+            with_kl: bool = True, kl_in_backward: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """DSA ("sparse" | "dense" stage) -> (out [n, b, Hq, D], mean indexer KL over the local tokens).
         kl_grad: the caller's d(total)/d(KL) when it back-propagates the KL in its forward; an implementation may
         back-propagate it itself and return the KL detached (the caller then has nothing left to do).
-        with_kl=False: the caller will not use the KL (None is returned); every rank of the group passes the same."""
+        with_kl=False: the caller will not use the KL (None is returned); every rank of the group passes the same.
+        kl_in_backward: the caller's d(total)/d(KL) for a KL it would attach to the output; an implementation may
+        deliver that gradient in the output's backward itself and return the KL detached, filled by that backward
+        (the caller attaches only a KL that still requires grad)."""
 
     def ksa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group, chunk: int,
             window: int, num_summary: int, cu_seqlens: torch.Tensor | None, scale: float | None,

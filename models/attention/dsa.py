@@ -21,8 +21,8 @@ indexer loss never reaches the model.
 
 How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
   "attach"  the KL rides on the attention output's gradient (AttachLoss), so it arrives during the
-            model's backward, under any pipeline schedule. The default. In the sparse stage on one rank
-            the attention's own backward delivers it (`kl_in_attention_backward`, kernels/dsa/fused.py):
+            model's backward, under any pipeline schedule. The default. In the sparse stage (one rank, or
+            context parallelism's Triton path) the attention's own backward delivers it (`kl_in_attention_backward`, kernels/dsa/fused.py):
             it sums the probabilities it recomputes into the KL's target, so the loss has no forward of
             its own and keeps nothing until the backward; `last_kl` then holds its value once the
             backward has run (the trainer reads it after the step).
@@ -174,8 +174,8 @@ class DSACoreAttention(MegatronModule):
         # no KL in a training forward without autograd (forward); False computes it anyway, the baseline that
         # bench/bench_dsa_stage.py measures this against
         self.skip_kl_without_grad = True
-        # sparse stage, single rank: the KL's target from the attention backward (dsa_attention(kl_in_backward));
-        # False runs the loss forward apart (bench/bench_dsa_stage.py's baseline)
+        # sparse stage: the KL's target from the attention backward (dsa_attention(kl_in_backward), and under CP
+        # cp_ops.dsa's); False runs the loss forward apart (bench/bench_dsa_stage.py's baseline)
         self.kl_in_attention_backward = True
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -193,20 +193,22 @@ class DSACoreAttention(MegatronModule):
         # with or without parallel.offload): its KL could train nothing and the recompute computes it again with its
         # graph, so it is skipped (bench/RESULTS.md: the loss forward, 45-60 ms per layer and step at 128K).
         with_kl = not (self.skip_kl_without_grad and self.training and not torch.is_grad_enabled())
+        # sparse stage with autograd: the KL rides on the attention's backward, which also computes its target
+        # (kernels/dsa/fused.py); its value is there after the backward
+        in_bwd = (self.stage == "sparse" and self.kl_in_attention_backward and with_kl and not now and self.training
+                  and torch.is_grad_enabled())
         if self.cp_group is not None:  # s = this rank's tokens; cu = global boundaries
             out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
-                                      kl_grad=self._kl_grad(b, s) if now else None, with_kl=with_kl)
+                                      kl_grad=self._kl_grad(b, s) if now else None, with_kl=with_kl,
+                                      kl_in_backward=self._kl_grad(b, s) if in_bwd else None)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
-            # selection, attention and KL sharing one union plan; with autograd the KL rides on the attention's
-            # backward, which also computes its target (kernels/dsa/fused.py): its value is there after the backward
-            attach = (self.kl_in_attention_backward and with_kl and not now and self.training
-                      and torch.is_grad_enabled())
+            # selection, attention and KL sharing one union plan
             out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
                                        topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend,
-                                       with_loss=with_kl, kl_in_backward=self._kl_grad(b, s) if attach else None)
+                                       with_loss=with_kl, kl_in_backward=self._kl_grad(b, s) if in_bwd else None)
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
                                    max_seqlen=longest).transpose(1, 2)

@@ -230,8 +230,10 @@ def _dense_kl_triton(q_RHD, k_THD, q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, sc
 
 
 def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale: float,
-                   span: int | None = None, with_kl: bool = True):
+                   span: int | None = None, with_kl: bool = True, kl_in_backward: float | None = None):
     """Sparse attention + sparse KL for local rows: the kernels index keys by idx only (B = 1).
+    kl_in_backward: the KL rides on the output with this weight and its target comes from the attention
+    backward (kernels/dsa/fused.py); the KL is returned detached and filled by that backward.
 
     span: the widest key range a local row reaches (its position minus its document start, plus
     one; None: sparse_attn_bwd takes the key rows' count). The attention backward's launch settings depend on it
@@ -246,10 +248,16 @@ def _sparse_triton(q_RHD, k_THD, v_THD, q_idx_RHD, w_RH, k_idx_TD, idx_RK, scale
     n_keys = k_THD.shape[0]
     plan = build_sparse_plan(idx, default_block_q(Hq, Hkv), n_keys=n_keys, max_doc_len=span)
     q, k, v = q_RHD[None].contiguous(), k_THD[None].contiguous(), v_THD[None].contiguous()
+    bq = loss_block_q(Hq, Hkv, HI)
+    if with_kl and kl_in_backward is not None and bq == plan.block_q:
+        from kernels.dsa.fused import SparseAttentionKLFn
+        kl = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
+        o = SparseAttentionKLFn.apply(q, k, v, q_idx_RHD[None], w_RH[None], k_idx_TD[None], plan, scale,
+                                      float(kl_in_backward), kl)
+        return o[0], kl
     o, lse = SparseGQAAttentionFn.apply(q, k, v, plan, scale)
     if not with_kl:
         return o[0], None
-    bq = loss_block_q(Hq, Hkv, HI)
     lplan = plan if bq == plan.block_q else build_sparse_plan(idx, bq, n_keys=n_keys,
                                                               max_doc_len=plan.max_doc_len)
     kl = IndexerKLLossFn.apply(q_idx_RHD[None], w_RH[None], k_idx_TD[None], q.detach(), k.detach(),
@@ -304,7 +312,7 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
                      backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
                      split: CPSplit = "sequence", kl_grad: float | None = None,
-                     with_kl: bool = True) -> DSACPOutput:
+                     with_kl: bool = True, kl_in_backward: float | None = None) -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
@@ -317,6 +325,10 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kl_grad, for the caller's own backward.
     with_kl=False: no KL (kl None) and none of the gathers only it needs; every rank of the group must pass the
     same (the callers derive it from the grad mode, the same on every rank of a step).
+    kl_in_backward: the caller's d(total)/d(KL) for a KL that rides on the output (the sparse stage with
+    autograd). The sparse stage's Triton path then trains the indexer in the output's backward, which also
+    computes the KL's target (kernels/dsa/fused.py), and returns the KL detached, filled by that backward;
+    every other path returns it with its graph, for the caller to attach.
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -354,6 +366,7 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale) if with_kl else None
     else:
         span = int((pos - start).max()) + 1  # one host sync, like the top-k's
-        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span, with_kl)
+        o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span, with_kl,
+                                 kl_in_backward if torch.is_grad_enabled() else None)
     out = o_R.view(b, n, Hq, D).transpose(0, 1)
     return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))

@@ -338,10 +338,11 @@ def test_dsa_triton_topk_on_query_subset():
     assert torch.equal(ref, got)
 
 
-@pytest.mark.parametrize("stage", ["sparse", "dense", "dense_now"])
+@pytest.mark.parametrize("stage", ["sparse", "sparse_in_backward", "dense", "dense_now"])
 def test_dsa_triton_kernels_on_query_subset(stage):
     """dense_now: the dense KL back-propagated at once (the warm-up's local backward: two passes over
-    the keys), against the reference's autograd."""
+    the keys), against the reference's autograd. sparse_in_backward: the KL rides on the output, its target
+    summed in the attention backward over the gathered keys (kernels/dsa/fused.py), its value filled there."""
     from parallel.context.dsa import _dense_kl_triton, _kl_ref, _sparse_attn_ref, _sparse_triton, _topk_ref
     T, pos, start = _subset_inputs(torch.float32, integer=False)
     idx = _topk_ref(T[3][pos], T[4][pos], T[5], pos, start, 16)
@@ -351,14 +352,19 @@ def test_dsa_triton_kernels_on_query_subset(stage):
     def run(impl):
         X = [t.clone().requires_grad_(True) for t in T]
         q, k, v, qi, w, ki = X
-        if stage == "sparse":
+        if stage.startswith("sparse"):
             if impl == "ref":
                 o, lse = _sparse_attn_ref(q[pos], k, v, idx, scale)
                 kl = _kl_ref("sparse", q[pos].detach(), k.detach(), qi[pos], w[pos], ki, pos, start, idx,
                              lse.detach(), scale)
+                loss = (o * dout).sum() + kl
+            elif stage == "sparse_in_backward":
+                o, kl = _sparse_triton(q[pos], k, v, qi[pos], w[pos], ki, idx, scale, kl_in_backward=1.0)
+                assert not kl.requires_grad and torch.isnan(kl)  # filled by the backward below
+                loss = (o * dout).sum()
             else:
                 o, kl = _sparse_triton(q[pos], k, v, qi[pos], w[pos], ki, idx, scale)
-            loss = (o * dout).sum() + kl
+                loss = (o * dout).sum() + kl
         else:
             if impl == "ref":
                 kl = _kl_ref("dense", q[pos].detach(), k.detach(), qi[pos], w[pos], ki, pos, start, None, None, scale)
