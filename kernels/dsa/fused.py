@@ -36,8 +36,7 @@ from .sparse_attn import sparse_attn_bwd_blocks, sparse_attn_fwd
 
 
 def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, scale: float,
-                     gscale: torch.Tensor, chunk_bytes: int | None = None, psum_mode: int = 1,
-                     psum_dot: bool = False):
+                     gscale: torch.Tensor, chunk_bytes: int | None = None):
     """(dq, dk, dv, dq_idx, dw, dk_idx, kl) for the attention's output gradient `do` and d loss / d KL_t =
     gscale (a 1-element fp32 tensor); kl [B*T] fp32 is each token's KL over its selected keys. The plan's
     block size must be the loss kernels' (`indexer_loss.loss_block_q`). Inputs contiguous."""
@@ -50,28 +49,25 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
     dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
     dki32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
-    ng = k.shape[2] if psum_mode == 2 else 1  # slices of P: one per KV group, or one summed by atomics
-    chunks, width = psum_chunks(plan, (chunk_bytes or cfg["chunk_bytes"]) // ng)
-    gstride = max(1, width) * plan.block_q
-    buf = torch.empty(ng * gstride, dtype=torch.float32, device=q.device)
+    chunks, width = psum_chunks(plan, chunk_bytes or cfg["chunk_bytes"])
+    buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
     prec = dot_precision(q_idx.dtype)
     for b0, b1, u0, u1 in chunks:
         if b1 <= b0:
             continue
-        part = buf if ng > 1 else buf[: (u1 - u0) * plan.block_q]
-        if ng == 1:
-            part.zero_()
+        part = buf[: (u1 - u0) * plan.block_q]
+        part.zero_()
         sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32, blocks=(b0, b1), psum=part,
-                               u0=u0, psum_mode=psum_mode, psum_dot=psum_dot, gstride=gstride if ng > 1 else 0)
+                               u0=u0)
         # the KL kernels read P from `part`: q, k, lse fill pointer slots their PSUM_IN / LOAD_P code never reads
         indexer_loss_fwd_kernel_kl[(b1 - b0,)](
-            q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, kl, part, T, nbt, b0, u0, gstride,
-            scale * LOG2E, **meta, BS=cfg["BS_kl"], STORE_P=False, PSUM_IN=True, DOT_PREC=prec, NG=ng,
-            num_warps=cfg["warps_kl"], num_stages=cfg["stages_split"])
+            q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, kl, part, T, nbt, b0, u0, scale * LOG2E,
+            **meta, BS=cfg["BS_kl"], STORE_P=False, PSUM_IN=True, DOT_PREC=prec, num_warps=cfg["warps_kl"],
+            num_stages=cfg["stages_split"])
         indexer_loss_bwd_kernel_kl[(b1 - b0,)](
             q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, part, gscale, dq_idx, dw, dki32, T, nbt, b0,
-            u0, gstride, scale * LOG2E, **meta, BS=cfg["BS_bwd_p"], LOAD_P=True, DOT_PREC=prec, NG=ng,
-            num_warps=cfg["warps"], num_stages=cfg["stages_bwd_p"])
+            u0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p"], LOAD_P=True, DOT_PREC=prec, num_warps=cfg["warps"],
+            num_stages=cfg["stages_bwd_p"])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype), dq_idx, dw, dki32.to(k_idx.dtype), kl
 
 

@@ -179,13 +179,13 @@ def indexer_loss_fwd_kernel_psum(q, k, lse, offsets, upos, ubits, psum_ptr, T, N
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                kl_ptr, lse_i_ptr, z_ptr, psum_ptr, psum_in, T, NBT, PID0, U0,
-                               GSTRIDE, scale_log2,
+                               scale_log2,
                                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                                HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
                                DIP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
                                STORE_P: tl.constexpr, PSUM_IN: tl.constexpr,
-                               DOT_PREC: tl.constexpr, NG: tl.constexpr = 1):
+                               DOT_PREC: tl.constexpr):
     """STORE_P: also write the head-summed P of every (union entry, token) to psum_ptr [U, BQ],
     so that the backward reads it instead of recomputing 4 QK^T per tile.
     PSUM_IN: read that P, fp32, from psum_in [U, BQ] (written by
@@ -205,11 +205,10 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         pos, um, member = _key_tile(upos, ubits, u0, hi, t, tvalid, BS)
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
         uu = u0 + tl.arange(0, BS)
-        if PSUM_IN:  # NG slices GSTRIDE apart (one per KV group, fused.py), summed in group order
-            pin = psum_in + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None]
-            psum = tl.load(pin, mask=member, other=0.0)
-            for gi in tl.static_range(1, NG):
-                psum += tl.load(pin + gi * GSTRIDE, mask=member, other=0.0)
+        if PSUM_IN:
+            psum = tl.load(psum_in + (uu - U0).to(tl.int64)[None, :] * BQ
+                           + tl.arange(0, BQ)[:, None],
+                           mask=member, other=0.0)
         else:
             psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
                               BQ, BS, DOT_PREC)
@@ -230,12 +229,11 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx,
-                               T, NBT, PID0, U0, GSTRIDE, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
+                               T, NBT, PID0, U0, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
                                DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
-                               BS: tl.constexpr, LOAD_P: tl.constexpr, DOT_PREC: tl.constexpr,
-                               NG: tl.constexpr = 1):
+                               BS: tl.constexpr, LOAD_P: tl.constexpr, DOT_PREC: tl.constexpr):
     """LOAD_P: read the head-summed P (the forward's, or the attention backward's fp32 chunk:
     entry u at row u - U0) instead of recomputing it. Program p handles block PID0 + p."""
     pid = PID0 + tl.program_id(0)
@@ -255,10 +253,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         u, ki, score = _index_tile(qi, wv, k_idx, bb, T, pos, um, DI, DIP, BQ, HIP, DOT_PREC)
         if LOAD_P:
             uu = u0 + tl.arange(0, BS)
-            pin = psum_ptr + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None]
-            psum = tl.load(pin, mask=member, other=0.0).to(tl.float32)
-            for gi in tl.static_range(1, NG):  # as in the forward's PSUM_IN
-                psum += tl.load(pin + gi * GSTRIDE, mask=member, other=0.0).to(tl.float32)
+            psum = tl.load(psum_ptr + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
+                           mask=member, other=0.0).to(tl.float32)
         else:
             psum = _psum_tile(q, k, lse, bb, T, t0, pos, um, scale_log2, HQ, HKV, G, GP, D, DP,
                               BQ, BS, DOT_PREC)
@@ -364,11 +360,11 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
                         device=q.device) if keep_psum else None)
     split = cfg["split_fwd"] if split is None else split
     kl_args = (q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if keep_psum else kl)
-    kl_meta = dict(meta, STORE_P=keep_psum, PSUM_IN=split, NG=1,
+    kl_meta = dict(meta, STORE_P=keep_psum, PSUM_IN=split,
                    DOT_PREC=dot_precision(q_idx.dtype),
                    num_stages=cfg["stages_split" if split else "stages"])
     if not split:
-        indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, 0, scale * LOG2E,
+        indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, scale * LOG2E,
                                                BS=cfg["BS_fwd"],
                                                num_warps=cfg["warps"], **kl_meta)
         return kl, lse_i, z, psum
@@ -382,7 +378,7 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
                 scale * LOG2E, **pm, BS=cfg["BS_psum"], FIRST=g == 0,
                 DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_psum"],
                 num_stages=cfg["stages_split"])
-        indexer_loss_fwd_kernel_kl[(b1 - b0,)](*kl_args, buf, T, nbt, b0, u0, 0, scale * LOG2E,
+        indexer_loss_fwd_kernel_kl[(b1 - b0,)](*kl_args, buf, T, nbt, b0, u0, scale * LOG2E,
                                               BS=cfg["BS_kl"], num_warps=cfg["warps_kl"],
                                               **kl_meta)
     return kl, lse_i, z, psum
@@ -407,8 +403,8 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, l
     load_p = psum is not None
     indexer_loss_bwd_kernel_kl[(B * nbt,)](
         q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
-        dq_idx, dw, dk32, T, nbt, 0, 0, 0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
-        LOAD_P=load_p, NG=1, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
+        dq_idx, dw, dk32, T, nbt, 0, 0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
+        LOAD_P=load_p, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
     return dq_idx, dw, dk32.to(k_idx.dtype)
 

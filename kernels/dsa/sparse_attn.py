@@ -82,16 +82,14 @@ def sparse_attn_fwd_kernel_union(q, k, v, o, lse, offsets, upos, ubits, T, NBT, 
 
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, psum, T, NBT,
-                                 PID0, U0, GSTRIDE, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                                 PID0, U0, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                  DP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                                 PSUM: tl.constexpr, PSUM_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Program (p, g) handles block PID0 + p, KV group g. PSUM: also write the group's probabilities,
-    summed over its query heads, for entry u, token i at psum[g * GSTRIDE + (u - U0) * BQ + i] (fp32):
-    the sparse indexer KL's target, taken from the P this kernel recomputes anyway (kernels/dsa/fused.py).
-    PSUM = 1 adds them with atomics (GSTRIDE 0: one buffer for all groups, zeroed by the caller), PSUM = 2
-    stores each group's into its own slice. PSUM_DOT: the head sum as a [BS, BM] x [BM, 16] product with
-    a token indicator (bf16 P for bf16 inputs), else a reshape-sum."""
+                                 PSUM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program (p, g) handles block PID0 + p, KV group g. PSUM: also add the group's probabilities,
+    summed over its query heads, into psum [U - U0, BQ] (fp32, entry u at row u - U0; zeroed by the
+    caller): the sparse indexer KL's target, taken from the P this kernel recomputes anyway
+    (kernels/dsa/fused.py)."""
     pid = PID0 + tl.program_id(0)
     g = tl.program_id(1)
     bb = pid // NBT
@@ -134,21 +132,10 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
         dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
         tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
         tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
-        if PSUM > 0:
-            if PSUM_DOT:
-                cols = tl.arange(0, 16)
-                ind = ((r // GP)[:, None] == cols[None, :]).to(qt.dtype)
-                pg = tl.dot(tl.trans(p.to(qt.dtype)), ind, input_precision=DOT_PREC)  # [BS, 16]
-                pptr = psum + g * GSTRIDE + (uu - U0).to(tl.int64)[:, None] * BQ + cols[None, :]
-                pmask = um[:, None] & (cols < BQ)[None, :]
-            else:
-                pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)  # [BQ, BS]
-                pptr = psum + g * GSTRIDE + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None]
-                pmask = um[None, :]
-            if PSUM == 1:
-                tl.atomic_add(pptr, pg, mask=pmask, sem="relaxed")
-            else:
-                tl.store(pptr, pg, mask=pmask)
+        if PSUM:
+            pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)
+            tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
+                          mask=um[None, :], sem="relaxed")
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
 
@@ -222,7 +209,7 @@ def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
 
 def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq, dk32, dv32,
                            blocks: tuple[int, int] | None = None, psum: torch.Tensor | None = None,
-                           u0: int = 0, psum_mode: int = 1, psum_dot: bool = False, gstride: int = 0) -> None:
+                           u0: int = 0) -> None:
     """The backward of the plan's blocks [b0, b1) (all when None): writes their rows of dq and adds into
     the fp32 dk32 / dv32; with `psum`, also adds each group's head-summed P of entry u, token i at
     psum[(u - u0) * BQ + i]. Inputs contiguous."""
@@ -242,8 +229,8 @@ def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, 
     # as in the forward: 280 vs 222 ms at 128K, 45.6 vs 40.7 at 32K on an H200, the same run)
     sparse_attn_bwd_kernel_union[(b1 - b0, HKV)](
         q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U,
-        dk32 if psum is None else psum, T, plan.num_blocks_t, b0, u0, gstride, scale, HQ=HQ, HKV=HKV, G=G,
-        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=0 if psum is None else psum_mode, PSUM_DOT=psum_dot,
+        dk32 if psum is None else psum, T, plan.num_blocks_t, b0, u0, scale, HQ=HQ, HKV=HKV, G=G,
+        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None,
         DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"], num_stages=cfg["stages_bwd"],
         **maxnreg(cfg["maxnreg_bwd"]))
 
