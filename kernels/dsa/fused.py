@@ -97,8 +97,9 @@ class SparseAttentionKLFn(torch.autograd.Function):
 
 
 class AttachLossFn(torch.autograd.Function):
-    """Returns o unchanged; its backward also gives `loss` the gradient `weight` (the contract of
-    SparseAttentionKLFn for a loss computed apart: the reference backend, or block sizes that differ)."""
+    """Returns o unchanged; its backward also gives `loss` the gradient `weight`, whatever gradient reaches o
+    (the contract of SparseAttentionKLFn for a loss computed apart: the reference backend, block sizes that
+    differ, and the model's DSA layer for its other KLs)."""
 
     @staticmethod
     def forward(ctx, o, loss, weight: float):

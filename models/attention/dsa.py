@@ -20,7 +20,7 @@ In both stages the indexer's input is detached, so the LM loss never reaches the
 indexer loss never reaches the model.
 
 How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
-  "attach"  the KL rides on the attention output's gradient (AttachLoss), so it arrives during the
+  "attach"  the KL rides on the attention output's gradient (AttachLossFn), so it arrives during the
             model's backward, under any pipeline schedule. The default. In the sparse stage (one rank, or
             context parallelism's Triton path) the attention's own backward delivers it (`kl_in_attention_backward`, kernels/dsa/fused.py):
             it sums the probabilities it recomputes into the KL's target, so the loss has no forward of
@@ -63,24 +63,11 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.dsa import dsa_attention, indexer_kl_loss, indexer_kl_loss_backward_now
+from kernels.dsa.fused import AttachLossFn
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 from models.attention.dense import causal_attention, longest_document
 
 STAGES = ("dense_warmup", "sparse")
-
-
-class AttachLoss(torch.autograd.Function):
-    """Returns x unchanged; in backward, adds d(loss)/d(...) = 1 so `loss` trains whatever produced it."""
-
-    @staticmethod
-    def forward(ctx, x, loss):
-        ctx.save_for_backward(loss)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (loss,) = ctx.saved_tensors
-        return grad, torch.ones_like(loss)
 
 
 def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -223,11 +210,10 @@ class DSACoreAttention(MegatronModule):
         if kl is None:  # last_kl keeps the value of the last pass that computed it
             return out.transpose(0, 1).reshape(s, b, nq * d)
         if self.training and torch.is_grad_enabled() and kl.requires_grad:
-            weighted = kl * self._kl_grad(b, s)
             if self.kl_backward == "local":
-                weighted.backward()
+                (kl * self._kl_grad(b, s)).backward()
             else:
-                out = AttachLoss.apply(out, weighted)
+                out = AttachLossFn.apply(out, kl, self._kl_grad(b, s))
         self.last_kl = kl.detach()
         return out.transpose(0, 1).reshape(s, b, nq * d)
 

@@ -54,7 +54,7 @@ def _run_core(core, x, packed):
     q, k, v = (t[n].transpose(0, 1) for n in ("q", "k", "v"))  # megatron's [s, b, h, d]
     out = core(q, k, v, None, packed_seq_params=packed)
     out = out.view(S, 1, HQ, D).transpose(0, 1)
-    (out * x["dout"]).sum().backward()  # AttachLoss adds KL * b * s (loss_weight 1, tp 1)
+    (out * x["dout"]).sum().backward()  # the attached KL's gradient is b * s (loss_weight 1, tp 1)
     return out.detach(), core.last_kl, {n: p.grad for n, p in t.items()}
 
 
