@@ -233,15 +233,13 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
         ind += t * x.index_heads * b + t * x.index_dim * (b + 8)  # w, k_idx (+ fp32 LayerNorm)
         ind += (S * x.index_dim * b if cp > 1 else 0)  # gathered index keys
         if x.stage == "sparse":
-            from kernels.dsa.plan import default_block_q
             ind += t * x.topk * 4  # selected indices, int32
             ind += (S * 2 * hkv * b if cp > 1 else 0)  # all-gathered K, V
-            # the union plan (position + token bits, int32 each) that the kernels keep for backward, and under
-            # CP the KL's cached head-summed P (block_q tokens per entry; on one rank the attention backward
-            # computes it: kernels/dsa/fused.py); entries = t * topk * DSA_UNION_SHARE
-            bq = default_block_q(Hq * tp, Hkv * tp)
+            # the union plan (position + token bits, int32 each) that the kernels keep for backward;
+            # entries = t * topk * DSA_UNION_SHARE. The KL keeps nothing: its target comes from the attention
+            # backward (kernels/dsa/fused.py, on one rank and under CP), into the loss chunk counted below
             plan = t * x.topk * DSA_UNION_SHARE * 8
-            ind += plan + (t * x.topk * DSA_UNION_SHARE * bq * b if cp > 1 else 0)
+            ind += plan
             # the backward's fp32 dK / dV (every key the rank's queries can select) and the largest
             # transient of the forward's stages (top-k candidates, plan building, loss chunk)
             stage = max(TOPK_CHUNK_BYTES, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
