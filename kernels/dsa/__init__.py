@@ -151,12 +151,17 @@ def _check_loss_args(q, k, q_idx, w, k_idx, stage: str, cu_seqlens, backend: str
     _check_backend(backend)
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
-    _check_attention(q, k)
-    _check_indexer(q_idx, w, k_idx)
+    _check_loss_shapes(q, k, None, q_idx, w, k_idx)
     B, T, Hq, D = q.shape
-    if q_idx.shape[:2] != (B, T):
-        raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
     return B, T, Hq, D, validate_cu_seqlens(cu_seqlens, B, T)
+
+
+def _check_loss_shapes(q, k, v, q_idx, w, k_idx) -> None:
+    """The attention and indexer tensors fit each other (v may be None)."""
+    _check_attention(q, k, v)
+    _check_indexer(q_idx, w, k_idx)
+    if q_idx.shape[:2] != q.shape[:2]:
+        raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
 
 
 def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: torch.Tensor,
@@ -230,10 +235,8 @@ def dsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
         bq = block_q or loss_block_q(q.shape[2], k.shape[2], q_idx.shape[2])
         if with_loss and kl_in_backward is not None and bq == plan.block_q:
             from .fused import SparseAttentionKLFn
-            _check_attention(q, k, v)
+            _check_loss_shapes(q, k, v, q_idx, w, k_idx)  # cu_seqlens was read once above
             check_same_device(q, k, v, q_idx)
-            if q_idx.shape[:2] != q.shape[:2]:
-                raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
             kl = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
             o = SparseAttentionKLFn.apply(q, k, v, q_idx, w, k_idx, plan,
                                           q.shape[-1] ** -0.5 if scale is None else float(scale),

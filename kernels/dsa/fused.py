@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import LOG2E, dot_precision
-from .indexer_loss import (LOSS_CHUNK_BYTES, _config as _loss_config, _launch_meta, _plan_args,
-                           indexer_loss_bwd_kernel_kl, indexer_loss_fwd_kernel_kl, psum_chunks)
+from .indexer_loss import LOSS_CHUNK_BYTES, kl_bwd_blocks, kl_fwd_from_p, psum_chunks
 from .plan import SparsePlan
 from .sparse_attn import sparse_attn_bwd_blocks, sparse_attn_fwd
 
@@ -40,8 +38,7 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     """(dq, dk, dv, dq_idx, dw, dk_idx, kl) for the attention's output gradient `do` and d loss / d KL_t =
     gscale (a 1-element fp32 tensor); kl [B*T] fp32 is each token's KL over its selected keys. The plan's
     block size must be the loss kernels' (`indexer_loss.loss_block_q`). Inputs contiguous."""
-    meta, B, T, nbt = _launch_meta(q.shape, k.shape, q_idx, plan)
-    cfg = _loss_config(q.device)
+    B, T = q.shape[:2]
     dq = torch.empty_like(q)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -49,9 +46,8 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
     dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
     dki32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
-    chunks, width = psum_chunks(plan, chunk_bytes or cfg["chunk_bytes"])
+    chunks, width = psum_chunks(plan, chunk_bytes or LOSS_CHUNK_BYTES)
     buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
-    prec = dot_precision(q_idx.dtype)
     for b0, b1, u0, u1 in chunks:
         if b1 <= b0:
             continue
@@ -59,15 +55,9 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
         part.zero_()
         sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32, blocks=(b0, b1), psum=part,
                                u0=u0)
-        # the KL kernels read P from `part`: q, k, lse fill pointer slots their PSUM_IN / LOAD_P code never reads
-        indexer_loss_fwd_kernel_kl[(b1 - b0,)](
-            q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, kl, part, T, nbt, b0, u0, scale * LOG2E,
-            **meta, BS=cfg["BS_kl"], STORE_P=False, PSUM_IN=True, DOT_PREC=prec, num_warps=cfg["warps_kl"],
-            num_stages=cfg["stages_split"])
-        indexer_loss_bwd_kernel_kl[(b1 - b0,)](
-            q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, part, gscale, dq_idx, dw, dki32, T, nbt, b0,
-            u0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p"], LOAD_P=True, DOT_PREC=prec, num_warps=cfg["warps"],
-            num_stages=cfg["stages_bwd_p"])
+        kl_fwd_from_p(q_idx, w, k_idx, q.shape, k.shape, plan, scale, part, (b0, b1), u0, kl, lse_i, z)
+        kl_bwd_blocks(q_idx, w, k_idx, q.shape, k.shape, plan, scale, lse_i, z, gscale, dq_idx, dw, dki32, psum=part,
+                      blocks=(b0, b1), u0=u0)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype), dq_idx, dw, dki32.to(k_idx.dtype), kl
 
 

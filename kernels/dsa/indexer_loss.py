@@ -359,14 +359,11 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
     psum = (torch.empty(plan.pos_U.numel() * plan.block_q, dtype=psum_dtype(q.dtype),
                         device=q.device) if keep_psum else None)
     split = cfg["split_fwd"] if split is None else split
-    kl_args = (q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if keep_psum else kl)
-    kl_meta = dict(meta, STORE_P=keep_psum, PSUM_IN=split,
-                   DOT_PREC=dot_precision(q_idx.dtype),
-                   num_stages=cfg["stages_split" if split else "stages"])
-    if not split:
-        indexer_loss_fwd_kernel_kl[(B * nbt,)](*kl_args, kl, T, nbt, 0, 0, scale * LOG2E,
-                                               BS=cfg["BS_fwd"],
-                                               num_warps=cfg["warps"], **kl_meta)
+    if not split:  # one kernel computes P tile by tile
+        indexer_loss_fwd_kernel_kl[(B * nbt,)](
+            q, k, lse, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, psum if keep_psum else kl, kl, T, nbt, 0, 0,
+            scale * LOG2E, **meta, BS=cfg["BS_fwd"], STORE_P=keep_psum, PSUM_IN=False,
+            DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
         return kl, lse_i, z, psum
     chunks, width = psum_chunks(plan, chunk_bytes or cfg["chunk_bytes"])
     buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
@@ -378,10 +375,23 @@ def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, k
                 scale * LOG2E, **pm, BS=cfg["BS_psum"], FIRST=g == 0,
                 DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_psum"],
                 num_stages=cfg["stages_split"])
-        indexer_loss_fwd_kernel_kl[(b1 - b0,)](*kl_args, buf, T, nbt, b0, u0, scale * LOG2E,
-                                              BS=cfg["BS_kl"], num_warps=cfg["warps_kl"],
-                                              **kl_meta)
+        kl_fwd_from_p(q_idx, w, k_idx, q.shape, k.shape, plan, scale, buf, (b0, b1), u0, kl, lse_i, z, keep=psum)
     return kl, lse_i, z, psum
+
+
+def kl_fwd_from_p(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: float, p_chunk, blocks, u0: int,
+                  kl, lse_i, z, keep=None) -> None:
+    """The KL forward kernel over the plan's blocks [b0, b1) with the head-summed P read from `p_chunk` (fp32,
+    entry u at row u - u0): writes their tokens' KL, lse_I and Z; `keep`: also copies that P into the whole
+    cached buffer (psum_dtype, entry u at row u). Shared by the split forward and kernels/dsa/fused.py."""
+    meta, B, T, nbt = _launch_meta(q_shape, k_shape, q_idx, plan)
+    cfg = _config(q_idx.device)
+    b0, b1 = blocks
+    # q, k, lse: pointer slots the PSUM_IN kernel never reads
+    indexer_loss_fwd_kernel_kl[(b1 - b0,)](
+        z, z, z, q_idx, w, k_idx, *_plan_args(plan), kl, lse_i, z, kl if keep is None else keep, p_chunk, T, nbt,
+        b0, u0, scale * LOG2E, **meta, BS=cfg["BS_kl"], STORE_P=keep is not None, PSUM_IN=True,
+        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_kl"], num_stages=cfg["stages_split"])
 
 
 def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, lse_i, z, gscale,
@@ -390,23 +400,32 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, l
     indexer_kl_fwd(keep_psum=True)) replaces the recomputation of P from q, k and lse; q and k
     may then be shapes (torch.Size) instead of tensors, and lse None."""
     q_idx, w, k_idx = (x.contiguous() for x in (q_idx, w, k_idx))
-    meta, B, T, nbt = _launch_meta(q.shape if torch.is_tensor(q) else q,
-                                   k.shape if torch.is_tensor(k) else k, q_idx, plan)
+    shapes = tuple(x.shape if torch.is_tensor(x) else x for x in (q, k))
     if psum is None:
         q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
-    else:  # unused by the LOAD_P kernel: any tensor fills the pointer slots
-        q = k = lse = z
-    cfg = _config(q.device)
     dq_idx = torch.empty_like(q_idx) if dq_idx is None else dq_idx
     dw = torch.empty_like(w) if dw is None else dw
     dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, dk32, psum=psum,
+                  qkl=None if psum is not None else (q, k, lse))
+    return dq_idx, dw, dk32.to(k_idx.dtype)
+
+
+def kl_bwd_blocks(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: float, lse_i, z, gscale, dq_idx, dw,
+                  dk32, psum=None, qkl=None, blocks=None, u0: int = 0) -> None:
+    """The KL backward kernel over the plan's blocks [b0, b1) (all when None): writes their rows of dq_idx and dw
+    and adds into the fp32 dk32, with P read from `psum` (entry u at row u - u0) or, without it, recomputed from
+    qkl = (q, k, lse). Shared by indexer_kl_bwd and kernels/dsa/fused.py."""
+    meta, B, T, nbt = _launch_meta(q_shape, k_shape, q_idx, plan)
+    cfg = _config(q_idx.device)
+    b0, b1 = blocks if blocks is not None else (0, B * nbt)
     load_p = psum is not None
-    indexer_loss_bwd_kernel_kl[(B * nbt,)](
+    q, k, lse = (z, z, z) if load_p else qkl  # unused by the LOAD_P kernel: any tensor fills the pointer slots
+    indexer_loss_bwd_kernel_kl[(b1 - b0,)](
         q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
-        dq_idx, dw, dk32, T, nbt, 0, 0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
+        dq_idx, dw, dk32, T, nbt, b0, u0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
         LOAD_P=load_p, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
         num_stages=cfg["stages_bwd_p" if load_p else "stages"])
-    return dq_idx, dw, dk32.to(k_idx.dtype)
 
 
 class IndexerKLLossFn(torch.autograd.Function):
