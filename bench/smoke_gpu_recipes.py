@@ -150,7 +150,7 @@ def summarise(run_dir: Path) -> dict:
             router = ("moe_load_max", "moe_load_max_layer", "moe_idle_experts", "moe_lb_loss")
             out["first"] = {k: rows[0].get(k) for k in ("step", "loss") + router}
             out["last"] = {k: rows[-1].get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s",
-                                                        "data_wait_s", "data_samples_failed") + router}
+                                                        "data_wait_s", "data_wait_rank", "data_samples_failed") + router}
             out["rows"] = len(rows)
             out["losses"] = {r["step"]: r.get("loss") for r in rows}
     evals = run_dir / "eval.jsonl"

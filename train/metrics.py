@@ -127,3 +127,30 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - self.t0
+
+
+def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device) -> dict:
+    """A step's loader metrics (VideoBatchStream.step_metrics of this rank) over the whole job, in one all-reduce.
+    Collective over the world: every rank calls it once per step.
+
+    - `data_wait_s`: the longest wait of any rank (the step's collectives wait for the slowest loader), and
+      `data_wait_rank`, the rank it was (the lowest of equal ones): a stalling node shows by its rank.
+    - `data_samples_failed`: the samples skipped as unreadable since the run began, summed over this rank's
+      data-parallel group. Each replica reads its own part of the data, and a replica's tensor, context and
+      pipeline ranks read the same part, so the sum over one group counts each failure once.
+    The mixture's shares stay this rank's (a replica's shares estimate the job's)."""
+    import torch.distributed as dist
+
+    out = {k: v for k, v in local.items() if k not in ("data_wait_s", "data_samples_failed")}
+    if not dist.is_initialized() or "data_wait_s" not in local:
+        return dict(local)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    table = torch.zeros(world, 2, dtype=torch.float64, device=device)
+    table[rank, 0] = float(local["data_wait_s"])
+    table[rank, 1] = float(local.get("data_samples_failed", 0))
+    dist.all_reduce(table)
+    table = table.cpu()
+    wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
+    failed = int(table[dist.get_process_group_ranks(dp_group), 1].sum())
+    return {"data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank, **out,
+            "data_samples_failed": failed}

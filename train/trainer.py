@@ -37,7 +37,7 @@ from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
 from train.faults import maybe_fail
-from train.metrics import Meter, StepStats, Timer, device_peak_tflops
+from train.metrics import Meter, StepStats, Timer, data_metrics_over_ranks, device_peak_tflops
 from train.moe_stats import RouterStats
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
@@ -588,8 +588,9 @@ class Trainer:
         extra.update(self.router_stats.step_metrics(self.num_microbatches))
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
-        if self.cfg.data.kind == "video":  # this rank's loader (rank 0's is what gets logged)
-            extra.update(self.streams[0].step_metrics())
+        if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
+            extra.update(data_metrics_over_ranks(self.streams[0].step_metrics(), dp_group=self.pgs.dp,
+                                                 device=self.device))
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,

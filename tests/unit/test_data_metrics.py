@@ -1,0 +1,53 @@
+"""The loader metrics a step logs, over the ranks (train/metrics.data_metrics_over_ranks), against the plain
+max / sum of what each rank passed in. Four gloo processes stand in for a job with two data-parallel groups
+(ranks {0, 2} and {1, 3}, as with context parallelism 2): the wait is the longest of any rank, named by its
+rank (the lowest of equal ones), and the failures are summed within the caller's data-parallel group only."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.launch_util import free_port
+from train.metrics import data_metrics_over_ranks
+
+WAIT = [0.1, 0.7, 0.7, 0.2]          # ranks 1 and 2 wait equally long: rank 1 is named
+FAILED = [1, 2, 5, 7]
+GROUPS = [[0, 2], [1, 3]]
+
+
+def _worker(rank, world, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        groups = [dist.new_group(g) for g in GROUPS]
+        mine = groups[rank % 2]
+        local = {"data_wait_s": WAIT[rank], "data_samples_failed": FAILED[rank], "data_long_seq_share": 0.5 + rank}
+        got = data_metrics_over_ranks(local, dp_group=mine, device=torch.device("cpu"))
+        out[rank] = got
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wait_is_the_slowest_rank_and_failures_sum_over_the_replicas():
+    world = len(WAIT)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+        got = dict(out)
+    for rank in range(world):
+        group = GROUPS[rank % 2]
+        assert got[rank]["data_wait_s"] == max(WAIT)
+        assert got[rank]["data_wait_rank"] == WAIT.index(max(WAIT)) == 1
+        assert got[rank]["data_samples_failed"] == sum(FAILED[r] for r in group)
+        assert got[rank]["data_long_seq_share"] == 0.5 + rank  # shares stay the rank's own
+
+
+def test_without_a_process_group_the_rank_metrics_pass_through():
+    assert not dist.is_initialized()
+    local = {"data_wait_s": 0.25, "data_samples_failed": 3}
+    assert data_metrics_over_ranks(local, dp_group=None, device=torch.device("cpu")) == local
+
+
+if __name__ == "__main__":
+    sys.exit(test_wait_is_the_slowest_rank_and_failures_sum_over_the_replicas())
