@@ -129,28 +129,38 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device) -> dict:
+def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device, sources: dict | None = None) -> dict:
     """A step's loader metrics (VideoBatchStream.step_metrics of this rank) over the whole job, in one all-reduce.
-    Collective over the world: every rank calls it once per step.
+    Collective over the world: every rank calls it once per step, with the same mixture sources.
 
     - `data_wait_s`: the longest wait of any rank (the step's collectives wait for the slowest loader), and
       `data_wait_rank`, the rank it was (the lowest of equal ones): a stalling node shows by its rank.
     - `data_samples_failed`: the samples skipped as unreadable since the run began, summed over this rank's
       data-parallel group. Each replica reads its own part of the data, and a replica's tensor, context and
       pipeline ranks read the same part, so the sum over one group counts each failure once.
-    The mixture's shares stay this rank's (a replica's shares estimate the job's)."""
+    - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
+      `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
+      same group: the long:short ratio the whole job was served."""
     import torch.distributed as dist
 
-    out = {k: v for k, v in local.items() if k not in ("data_wait_s", "data_samples_failed")}
     if not dist.is_initialized() or "data_wait_s" not in local:
         return dict(local)
+    names = sorted(sources or {})
     world, rank = dist.get_world_size(), dist.get_rank()
-    table = torch.zeros(world, 2, dtype=torch.float64, device=device)
+    table = torch.zeros(world, 2 + 2 * len(names), dtype=torch.float64, device=device)  # exact below 2^53
     table[rank, 0] = float(local["data_wait_s"])
     table[rank, 1] = float(local.get("data_samples_failed", 0))
+    for i, name in enumerate(names):
+        table[rank, 2 + 2 * i] = float(sources[name]["packs"])
+        table[rank, 3 + 2 * i] = float(sources[name]["tokens"])
     dist.all_reduce(table)
     table = table.cpu()
     wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
-    failed = int(table[dist.get_process_group_ranks(dp_group), 1].sum())
-    return {"data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank, **out,
-            "data_samples_failed": failed}
+    replicas = table[dist.get_process_group_ranks(dp_group)].sum(dim=0)
+    out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,
+           "data_samples_failed": int(replicas[1])}
+    packs, tokens = replicas[2::2], replicas[3::2]
+    for i, name in enumerate(names):
+        out[f"data_{name}_seq_share"] = float(packs[i] / packs.sum().clamp_min(1))
+        out[f"data_{name}_token_share"] = float(tokens[i] / tokens.sum().clamp_min(1))
+    return out

@@ -589,8 +589,9 @@ class Trainer:
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
         if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
-            extra.update(data_metrics_over_ranks(self.streams[0].step_metrics(), dp_group=self.pgs.dp,
-                                                 device=self.device))
+            stream = self.streams[0]
+            extra.update(data_metrics_over_ranks(stream.step_metrics(), sources=stream.stats.get("sources"),
+                                                 dp_group=self.pgs.dp, device=self.device))
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,

@@ -1,9 +1,8 @@
 """The loader metrics a step logs, over the ranks (train/metrics.data_metrics_over_ranks), against the plain
 max / sum of what each rank passed in. Four gloo processes stand in for a job with two data-parallel groups
 (ranks {0, 2} and {1, 3}, as with context parallelism 2): the wait is the longest of any rank, named by its
-rank (the lowest of equal ones), and the failures are summed within the caller's data-parallel group only."""
-
-import sys
+rank (the lowest of equal ones); the failures, and a mixture's packs and tokens per source from which the shares
+are taken, are summed within the caller's data-parallel group only."""
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,8 @@ from train.metrics import data_metrics_over_ranks
 WAIT = [0.1, 0.7, 0.7, 0.2]          # ranks 1 and 2 wait equally long: rank 1 is named
 FAILED = [1, 2, 5, 7]
 GROUPS = [[0, 2], [1, 3]]
+PACKS = {"long": [1, 3, 0, 2], "short": [3, 1, 4, 6]}       # per rank, since the run began
+TOKENS = {"long": [900, 2700, 0, 1800], "short": [300, 100, 4000, 600]}
 
 
 def _worker(rank, world, port, out):
@@ -23,13 +24,14 @@ def _worker(rank, world, port, out):
         groups = [dist.new_group(g) for g in GROUPS]
         mine = groups[rank % 2]
         local = {"data_wait_s": WAIT[rank], "data_samples_failed": FAILED[rank], "data_long_seq_share": 0.5 + rank}
-        got = data_metrics_over_ranks(local, dp_group=mine, device=torch.device("cpu"))
+        sources = {n: {"packs": PACKS[n][rank], "tokens": TOKENS[n][rank], "samples": 99} for n in PACKS}
+        got = data_metrics_over_ranks(local, dp_group=mine, device=torch.device("cpu"), sources=sources)
         out[rank] = got
     finally:
         dist.destroy_process_group()
 
 
-def test_wait_is_the_slowest_rank_and_failures_sum_over_the_replicas():
+def test_wait_is_the_slowest_rank_failures_and_shares_over_the_replicas():
     world = len(WAIT)
     with mp.Manager() as manager:
         out = manager.dict()
@@ -40,7 +42,11 @@ def test_wait_is_the_slowest_rank_and_failures_sum_over_the_replicas():
         assert got[rank]["data_wait_s"] == max(WAIT)
         assert got[rank]["data_wait_rank"] == WAIT.index(max(WAIT)) == 1
         assert got[rank]["data_samples_failed"] == sum(FAILED[r] for r in group)
-        assert got[rank]["data_long_seq_share"] == 0.5 + rank  # shares stay the rank's own
+        for n in PACKS:
+            packs = {m: sum(PACKS[m][r] for r in group) for m in PACKS}
+            tokens = {m: sum(TOKENS[m][r] for r in group) for m in TOKENS}
+            assert got[rank][f"data_{n}_seq_share"] == packs[n] / sum(packs.values())
+            assert got[rank][f"data_{n}_token_share"] == tokens[n] / sum(tokens.values())
 
 
 def test_without_a_process_group_the_rank_metrics_pass_through():
@@ -48,6 +54,3 @@ def test_without_a_process_group_the_rank_metrics_pass_through():
     local = {"data_wait_s": 0.25, "data_samples_failed": 3}
     assert data_metrics_over_ranks(local, dp_group=None, device=torch.device("cpu")) == local
 
-
-if __name__ == "__main__":
-    sys.exit(test_wait_is_the_slowest_rank_and_failures_sum_over_the_replicas())
