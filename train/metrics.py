@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger("train")
 
@@ -141,9 +142,7 @@ def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device, sour
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or "data_wait_s" not in local:
+    if not dist.is_initialized():
         return dict(local)
     names = sorted(sources or {})
     world, rank = dist.get_world_size(), dist.get_rank()

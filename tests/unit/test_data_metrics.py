@@ -53,4 +53,3 @@ def test_without_a_process_group_the_rank_metrics_pass_through():
     assert not dist.is_initialized()
     local = {"data_wait_s": 0.25, "data_samples_failed": 3}
     assert data_metrics_over_ranks(local, dp_group=None, device=torch.device("cpu")) == local
-
