@@ -1,6 +1,6 @@
 """GPU probe: what fp8 index scores would give DSA's top-k selection and prefill (not a shipped path).
 
-    python bench/probe_fp8_index.py --out $OUT/fp8_index.json     # L = 32K and 128K, about 3 minutes
+    python bench/probe_fp8_index.py --out $OUT/fp8_index.json     # L = 32K and 128K, 37 s on an H200
 
 DeepSeek's lightning indexer scores in FP8; ours scores bf16 index queries and keys. This measures, on
 bench_dsa.py's smooth inputs, what the fp8 design would change, in one run against the shipped bf16 path:
