@@ -625,13 +625,14 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
-        global batches from the start of that data; the LM loss only (no distillation teacher). Collective.
-        Returns val_loss (per supervised token, as the training loss), val_indexer_kl with DSA layers, and the
-        seconds it took."""
+        global batches from the start of that data. Collective. Returns val_loss (the LM loss per supervised
+        token, as the training loss), val_indexer_kl with DSA layers, in KSA distillation val_kl and
+        val_attn_mse (the teacher runs too: the stage's own objective on held-out data, as the step logs kl
+        and attn_mse), and the seconds it took."""
         timer = Timer()
         timer.start()
         streams = self._eval_streams()
-        inputs = replace(self.step_inputs, distill=None)
+        inputs = self.step_inputs
         losses: list = []
         for m in self.model:
             m.eval()
@@ -652,6 +653,8 @@ class Trainer:
                 getattr(stream, "close", lambda: None)()
         loss, parts = self._reduce_loss(losses)
         out = {"val_loss": loss}
+        if inputs.distill is not None:
+            out["val_kl"], out["val_attn_mse"] = parts["kl"], parts["attn_mse"]
         if "indexer_kl" in parts:
             out["val_indexer_kl"] = parts["indexer_kl"]
         out["val_seconds"] = timer.stop()

@@ -3,7 +3,8 @@
 References:
 - the training loss itself: the held-out loss at step 0 equals the step-1 training loss of a run whose training
   data IS that held-out data (the same weights, the same sequences; one path runs forward only without
-  gradients, the other trains), for synthetic text and for video through the vision tower;
+  gradients, the other trains), for synthetic text and for video through the vision tower, and in KSA
+  distillation also the logit KL and attention MSE against the teacher;
 - a single process: at TP2, PP2 (interleaved too), EP2, DP2 and CP2 the held-out losses equal the single
   process's;
 - a run without evaluation: evaluating changes nothing in training (the same losses, bit for bit).
@@ -19,7 +20,7 @@ import math
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import run_layouts, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,8 @@ LM = ["recipe=keye_tiny_lm", "train.steps=3", "train.checkpoint.enabled=false", 
 EVAL = ["train.eval.interval=2", "train.eval.batches=2"]
 VL = ["recipe=keye_tiny", "parallel=single", "train.steps=2", "train.global_batch_size=2",
       "train.checkpoint.enabled=false", "data.synthetic_videos=12"]
+KSA = ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.checkpoint.enabled=false", "parallel=single",
+       "train.global_batch_size=4", "train.micro_batch_size=2"]  # held-out: one global batch (the default)
 RTOL = 2e-5
 
 
@@ -42,7 +45,7 @@ def runs(tmp_path_factory):
     videos = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 12, 1234, rank=0)
     held_out = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out"), 4, 99, rank=0)
     vl = VL + [f"data.video.shards={videos}"]
-    one_losses, one = run_layouts(1, {
+    one_job = run_layouts_all(1, {
         "lm": LM + EVAL,
         "lm_no_eval": LM,
         "lm_one_batch": LM + ["train.eval.interval=3"],  # one held-out batch: what one training step sees
@@ -55,9 +58,10 @@ def runs(tmp_path_factory):
         "vl_own_videos": VL + ["train.eval.interval=2"],
         "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
                        "parallel=single", "train.eval.interval=2"],
-        "ksa_distill": ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.checkpoint.enabled=false",
-                        "parallel=single", "train.eval.interval=2"],
-    }, tmp_path_factory.mktemp("one"), evals=True)
+        "ksa_distill": KSA + ["train.eval.interval=2"],
+        "ksa_distill_on_held_out": KSA + ["data.seed=1235"],  # trains on what ksa_distill evaluates
+    }, tmp_path_factory.mktemp("one"))
+    one_losses, one, extras = one_job["losses"], one_job["evals"], one_job["extras"]
     two_losses, two = run_layouts(2, {
         "tp2": LM + EVAL + ["parallel.tp=2"],
         "pp2": LM + EVAL + ["parallel.pp=2"],
@@ -69,11 +73,11 @@ def runs(tmp_path_factory):
         "vl_pp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.pp=2",
                         "parallel.vit.layout=spread"],
     }, tmp_path_factory.mktemp("two"), evals=True)
-    return {**one_losses, **two_losses}, {**one, **two}
+    return {**one_losses, **two_losses}, {**one, **two}, extras
 
 
 def test_evaluations_at_start_interval_and_end(runs):
-    _, evals = runs
+    _, evals, _ = runs
     assert sorted(_by_step(evals["lm"])) == [0, 2, 3]
     assert sorted(_by_step(evals["vl"])) == [0, 1, 2]
     assert evals["lm_no_eval"] == [] and evals["vl_no_eval"] == []
@@ -84,7 +88,7 @@ def test_evaluations_at_start_interval_and_end(runs):
 
 
 def test_held_out_loss_is_the_training_loss_on_that_data(runs):
-    losses, evals = runs
+    losses, evals, _ = runs
     for run, reference in (("lm_one_batch", "lm_on_held_out"), ("vl", "vl_on_held_out")):
         got, want = _by_step(evals[run])[0], losses[reference][1]
         assert abs(got - want) <= 1e-6 * abs(want), (run, got, want)
@@ -93,14 +97,14 @@ def test_held_out_loss_is_the_training_loss_on_that_data(runs):
 
 
 def test_evaluating_changes_no_training_step(runs):
-    losses, _ = runs
+    losses, _, _ = runs
     assert losses["lm"] == losses["lm_no_eval"]
     assert losses["vl"] == losses["vl_no_eval"]
 
 
 @pytest.mark.parametrize("name", ["tp2", "pp2", "pp2_vpp2", "ep2", "dp2"])
 def test_layouts_give_the_single_process_held_out_loss(runs, name):
-    _, evals = runs
+    _, evals, _ = runs
     ref, got = _by_step(evals["lm"]), _by_step(evals[name])
     assert sorted(got) == sorted(ref)
     for step in ref:
@@ -109,7 +113,7 @@ def test_layouts_give_the_single_process_held_out_loss(runs, name):
 
 @pytest.mark.parametrize("name", ["vl_cp2", "vl_pp2"])
 def test_video_layouts_give_the_single_process_held_out_loss(runs, name):
-    _, evals = runs
+    _, evals, _ = runs
     ref, got = _by_step(evals["vl"]), _by_step(evals[name])
     assert sorted(got) == sorted(ref) == [0, 1, 2]
     for step in ref:
@@ -117,14 +121,29 @@ def test_video_layouts_give_the_single_process_held_out_loss(runs, name):
 
 
 def test_attention_variants_evaluate(runs):
-    _, evals = runs
+    _, evals, _ = runs
     dsa = evals["dsa_sparse"]
     # the DSA layers report their indexer KL on the held-out data too (a KL: finite and >= 0)
     assert [e["step"] for e in dsa] == [0, 2]
     assert all("val_indexer_kl" in e and math.isfinite(e["val_indexer_kl"]) and e["val_indexer_kl"] >= 0 for e in dsa)
-    ksa = evals["ksa_distill"]  # the LM loss only: the distillation teacher does not run in evaluation
-    assert [e["step"] for e in ksa] == [0, 2] and set(ksa[0]) == {"step", "val_loss", "val_seconds"}
+    ksa = evals["ksa_distill"]  # the teacher runs in evaluation too: the stage's own terms on held-out data
+    assert [e["step"] for e in ksa] == [0, 2]
+    assert set(ksa[0]) == {"step", "val_loss", "val_kl", "val_attn_mse", "val_seconds"}
     assert [e["step"] for e in evals["vl_own_videos"]] == [0, 2]
+
+
+def test_distillation_terms_held_out_are_the_training_terms_on_that_data(runs):
+    """KSA distillation at step 0: the held-out LM loss, logit KL and attention MSE equal the first training step's
+    on the same sequences (the same weights; forward only against forward + backward), and the terms are not
+    zero (the summary tokens change the student's attention; a KL and an MSE >= 0)."""
+    losses, evals, extras = runs
+    held_out, trained = evals["ksa_distill"][0], extras["ksa_distill_on_held_out"][1]
+    assert abs(held_out["val_loss"] - losses["ksa_distill_on_held_out"][1]) <= 1e-6 * losses["ksa_distill_on_held_out"][1]
+    for name in ("kl", "attn_mse"):
+        got, want = held_out[f"val_{name}"], trained[name]
+        assert want > 0 and abs(got - want) <= 1e-6 * want, (name, got, want)
+    # and not the training data's
+    assert abs(held_out["val_kl"] - extras["ksa_distill"][1]["kl"]) > 1e-6 * held_out["val_kl"]
 
 
 def test_config_refuses_evaluation_without_held_out_data(tmp_path):
