@@ -110,6 +110,8 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_tiny_eval_hf_tokenizer", "keye_tiny", "ev_tiny", ev + [f"data.video.tokenizer={root / 'tokenizer'}"]),
             ("keye_tiny_vl_dsa_sparse_eval", "keye_tiny_vl_dsa_sparse", "ev_dsa", ev),
             ("keye_tiny_vl_ksa_eval", "keye_tiny_vl_ksa", "ev_ksa", ev),
+            # the distillation stage evaluates its own terms: the dense teacher runs in evaluation too
+            ("keye_tiny_vl_ksa_distill_eval", "keye_tiny_vl_ksa_distill", "ev_ksa_distill", ev),
         ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
