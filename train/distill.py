@@ -71,15 +71,15 @@ def target_logprob(logp: torch.Tensor, labels: torch.Tensor, group) -> torch.Ten
 def capture_attention_outputs(model: torch.nn.Module):
     """Collects every KSA layer's attention output ([s, b, h], SP-sharded under sequence parallelism).
 
-    An output without autograd history is copied: in eval mode megatron's bias-dropout-add adds the residual into
-    it in place (fused_bias_dropout: `inplace` when not training and nothing requires grad), so evaluation's
+    In eval mode an output without autograd history is copied: megatron's bias-dropout-add then adds the residual
+    into it in place (fused_bias_dropout: `inplace` when not training and nothing requires grad), so evaluation's
     attention MSE compared each layer's output plus its residual (2.6x the training value at step 0 in
-    tests/dist/test_eval.py). In training the student's outputs carry grad and are kept as they are."""
+    tests/dist/test_eval.py). In training mode nothing is added in place and no output is copied."""
     outputs: list[torch.Tensor] = []
 
     def keep(mod, args, out):
         a = out[0]
-        outputs.append(a if a.requires_grad else a.clone())
+        outputs.append(a if mod.training or a.requires_grad else a.clone())
 
     hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, KSASelfAttention)]
     try:
