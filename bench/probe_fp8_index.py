@@ -9,8 +9,8 @@ bench_dsa.py's smooth inputs, what the fp8 design would change, in one run again
   model's index keys come out of a LayerNorm, so one scale serves every token), index queries in float8_e4m3fn
   with a power-of-two scale per (token, head) folded into that head's weight w (scores are sum_j w_j
   relu(q_j . k) and the scales are positive, so relu(s q8 . k8) = s relu(q8 . k8)). The scores are then the
-  bf16 design's up to the one global key scale, which changes no order, so the shipped kernels run on the fp8
-  tensors unchanged (Triton's dot takes e4m3 operands on sm_90);
+  fp8 design's up to the one global key scale, which changes no order, so the shipped kernels (`dsa_topk`, and
+  bench_dsa.py's `dsa_prefill`) run on the fp8 tensors unchanged (Triton's dot takes e4m3 operands on sm_90);
 - time: the whole top-k (scores, threshold, compaction, selection) with bf16 and with fp8 inputs, and the
   prefill (top-k + union plan + sparse attention forward, no autograd) with each, against SDPA flash's
   forward (bench_dsa.py's prefill rows);
@@ -29,9 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_dsa import TOPK, dense_prefill, make_inputs, timed  # noqa: E402
-from kernels.dsa import build_sparse_plan, default_block_q, sparse_gqa_attention  # noqa: E402
-from kernels.dsa.topk import dsa_topk_triton  # noqa: E402
+from bench.bench_dsa import HKV, HQ, TOPK, dense_prefill, dsa_prefill, make_inputs, timed  # noqa: E402
+from kernels.dsa import default_block_q, dsa_topk  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -58,31 +57,23 @@ def kept_share(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Ten
     return torch.cat(out)
 
 
-def prefill(q, k, v, q_idx, w, k_idx, block_q):
-    with torch.no_grad():
-        idx = dsa_topk_triton(q_idx, w, k_idx, TOPK)
-        return sparse_gqa_attention(q, k, v, idx, plan=build_sparse_plan(idx, block_q))
-
-
 def probe(L: int) -> dict:
     x = make_inputs(L)
-    f8 = to_fp8(x)
-    bf = dict(q_idx=x["q_idx"].detach(), w=x["w"].detach(), k_idx=x["k_idx"].detach())
-    qkv = [x[n].detach() for n in ("q", "k", "v")]
-    block_q = default_block_q(qkv[0].shape[2], qkv[1].shape[2])
+    x8 = {**x, **to_fp8(x)}  # the same attention inputs, the fp8 indexer's
+    block_q = default_block_q(HQ, HKV)
     res = {"L": L}
     stats_bf, stats_f8 = {}, {}
-    idx_bf = dsa_topk_triton(bf["q_idx"], bf["w"], bf["k_idx"], TOPK, stats=stats_bf)
-    idx_f8 = dsa_topk_triton(f8["q_idx"], f8["w"], f8["k_idx"], TOPK, stats=stats_f8)
+    idx_bf = dsa_topk(x["q_idx"], x["w"], x["k_idx"], TOPK, stats=stats_bf)
+    idx_f8 = dsa_topk(x8["q_idx"], x8["w"], x8["k_idx"], TOPK, stats=stats_f8)
     rows = slice(TOPK, L)  # rows t >= TOPK have more than TOPK eligible keys; earlier rows take them all
     kept = kept_share(idx_bf[0, rows], idx_f8[0, rows])
     res["selection"] = dict(rows=L - TOPK, kept_mean=float(kept.mean()), kept_p01=float(kept.quantile(0.01)),
                             kept_min=float(kept.min()), fallback_rows_bf16=stats_bf.get("fallback_rows"),
                             fallback_rows_fp8=stats_f8.get("fallback_rows"))
-    res["topk_ms"] = dict(bf16=timed(lambda: dsa_topk_triton(bf["q_idx"], bf["w"], bf["k_idx"], TOPK), quick=True),
-                          fp8=timed(lambda: dsa_topk_triton(f8["q_idx"], f8["w"], f8["k_idx"], TOPK), quick=True))
-    res["prefill_ms"] = dict(bf16=timed(lambda: prefill(*qkv, bf["q_idx"], bf["w"], bf["k_idx"], block_q), quick=True),
-                             fp8=timed(lambda: prefill(*qkv, f8["q_idx"], f8["w"], f8["k_idx"], block_q), quick=True),
+    res["topk_ms"] = dict(bf16=timed(lambda: dsa_topk(x["q_idx"], x["w"], x["k_idx"], TOPK), quick=True),
+                          fp8=timed(lambda: dsa_topk(x8["q_idx"], x8["w"], x8["k_idx"], TOPK), quick=True))
+    res["prefill_ms"] = dict(bf16=timed(lambda: dsa_prefill(x, block_q), quick=True),  # bench_dsa.py's prefill
+                             fp8=timed(lambda: dsa_prefill(x8, block_q), quick=True),
                              dense_flash=timed(lambda: dense_prefill(x), quick=True))
     p = res["prefill_ms"]
     res["prefill_over_dense"] = dict(bf16=p["bf16"] / p["dense_flash"], fp8=p["fp8"] / p["dense_flash"])
