@@ -130,9 +130,37 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device, sources: dict | None = None) -> dict:
-    """A step's loader metrics (VideoBatchStream.step_metrics of this rank) over the whole job, in one all-reduce.
-    Collective over the world: every rank calls it once per step, with the same mixture sources.
+def sum_over_world(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Vectors of a step's metrics (the loss, the routers' counts, the loaders' table) summed over the world in one
+    float64 all-reduce (exact for counts below 2^53) and copied to the host once: a step waits on one collective
+    and one device-to-host copy, not on one of each per kind of metric. Collective over the world: every rank
+    passes vectors of the same sizes in the same order. Without a process group each vector is its own sum."""
+    sizes = [p.numel() for p in parts]
+    flat = torch.cat([p.to(device, torch.float64).flatten() for p in parts])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+    return list(flat.cpu().split(sizes))
+
+
+def data_metrics_table(local: dict, *, device: torch.device, sources: dict | None = None) -> torch.Tensor:
+    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (2 + 2 x sources)] vector
+    whose other rows are zero: summed over the world it holds every rank's row."""
+    names = sorted(sources or {})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    table = torch.zeros(world, 2 + 2 * len(names), dtype=torch.float64)
+    table[rank, 0] = float(local["data_wait_s"])
+    table[rank, 1] = float(local.get("data_samples_failed", 0))
+    for i, name in enumerate(names):
+        table[rank, 2 + 2 * i] = float(sources[name]["packs"])
+        table[rank, 3 + 2 * i] = float(sources[name]["tokens"])
+    return table.flatten().to(device)
+
+
+def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sources: dict | None = None) -> dict:
+    """A step's loader metrics over the whole job from the world's sum of data_metrics_table (this rank's
+    VideoBatchStream.step_metrics in `local`; every rank passes its table once per step, with the same mixture
+    sources):
 
     - `data_wait_s`: the longest wait of any rank (the step's collectives wait for the slowest loader), and
       `data_wait_rank`, the rank it was (the lowest of equal ones): a stalling node shows by its rank.
@@ -141,19 +169,12 @@ def data_metrics_over_ranks(local: dict, *, dp_group, device: torch.device, sour
       pipeline ranks read the same part, so the sum over one group counts each failure once.
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
-      same group: the long:short ratio the whole job was served."""
+      same group: the long:short ratio the whole job was served.
+    Without a process group, `local` as it is."""
     if not dist.is_initialized():
         return dict(local)
     names = sorted(sources or {})
-    world, rank = dist.get_world_size(), dist.get_rank()
-    table = torch.zeros(world, 2 + 2 * len(names), dtype=torch.float64, device=device)  # exact below 2^53
-    table[rank, 0] = float(local["data_wait_s"])
-    table[rank, 1] = float(local.get("data_samples_failed", 0))
-    for i, name in enumerate(names):
-        table[rank, 2 + 2 * i] = float(sources[name]["packs"])
-        table[rank, 3 + 2 * i] = float(sources[name]["tokens"])
-    dist.all_reduce(table)
-    table = table.cpu()
+    table = table.view(dist.get_world_size(), 2 + 2 * len(names))
     wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
     replicas = table[dist.get_process_group_ranks(dp_group)].sum(dim=0)
     out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,

@@ -21,7 +21,8 @@ routing), and a KSA distillation teacher's pass (the same model, without gradien
 (routers in eval mode) are not. Megatron's process-wide loss tracker is read and zeroed here every step
 (it otherwise sums over the whole run).
 
-Reduction: the counts and losses of all ranks are summed in one all-reduce over the world. Each token is
+Reduction: the counts and losses of all ranks are summed over the world, in the one all-reduce that also sums
+the step's loss and loader metrics (train/metrics.sum_over_world). Each token is
 routed on exactly one rank of a pipeline stage's tensor x context x data-parallel ranks (sequence
 parallelism is always on with TP > 1 for MoE), and a layer lives on one stage, so the sum of the counts is
 the global count. The balancing loss of a tensor x context rank is its share of its data-parallel
@@ -31,7 +32,6 @@ and by the micro-batch count.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 LB_LOSS = "load_balancing_loss"  # megatron's tracker name for the switch loss (aux_loss / coeff)
 
@@ -54,9 +54,10 @@ class RouterStats:
         routing_map = output[1]  # [tokens, experts] bool
         self.counts[router.layer_number - 1] += routing_map.sum(dim=0)
 
-    def step_metrics(self, num_microbatches: int) -> dict:
-        """The step's scalars (above), then both accumulators zeroed. Collective over the world: every rank
-        calls it once per step (a rank without routers contributes zeros)."""
+    def step_vector(self) -> torch.Tensor:
+        """This rank's counts and tracked balancing losses of the step, [layers x experts + layers] in float64 on the
+        device (counts exact up to 2^53), to be summed over the world (train/metrics.sum_over_world); both
+        accumulators are zeroed. Every rank contributes one per step (a rank without routers, zeros)."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
         tracked = get_moe_layer_wise_logging_tracker().get(LB_LOSS)
@@ -64,11 +65,13 @@ class RouterStats:
         if tracked is not None:
             values = tracked["values"].detach().to(self.device, torch.float64)
             lb[:min(len(values), self.num_layers)] = values[:self.num_layers]
-        flat = torch.cat([self.counts.to(torch.float64).flatten(), lb])  # counts exact in fp64 up to 2^53
-        dist.all_reduce(flat)
-        flat = flat.cpu()  # one device-to-host copy; the scalars below are read on the host
+        flat = torch.cat([self.counts.to(torch.float64).flatten(), lb])
         clear_aux_losses_tracker()
         self.counts.zero_()
+        return flat
+
+    def metrics_from(self, flat: torch.Tensor, num_microbatches: int) -> dict:
+        """The step's scalars (above) from the world's sum of step_vector (on the host)."""
         counts = flat[:self.num_layers * self.num_experts].view(self.num_layers, self.num_experts)
         lb = flat[self.num_layers * self.num_experts:]
         routed = counts.sum(dim=1) > 0  # the MoE layers (a step that routed nothing reports nothing)

@@ -37,7 +37,8 @@ from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
 from train.faults import maybe_fail
-from train.metrics import Meter, StepStats, Timer, data_metrics_over_ranks, device_peak_tflops
+from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
+                           sum_over_world)
 from train.moe_stats import RouterStats
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
@@ -516,25 +517,37 @@ class Trainer:
         # summed on the device: no host sync per micro-batch
         return torch.stack([d["lm_loss"][1].to(self.device) for d in losses]).sum().to(torch.int)
 
-    def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
-        """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms)."""
-        total = torch.zeros(4, dtype=torch.float64, device=self.device)
+    def _loss_vector(self, losses: list[dict]) -> torch.Tensor:
+        """This rank's share of the step's loss sums, on the device, to be summed over the world (_loss_from):
+        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]."""
+        total = torch.zeros(6, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
             for d in losses:
                 total[:2] += d["lm_loss"].to(self.device)
                 if "distill" in d:
-                    total[2:] += d["distill"].to(self.device)
-        # DSA indexer KL of the last micro-batch, averaged over this rank's DSA layers, then over ranks
+                    total[2:4] += d["distill"].to(self.device)
+        # DSA indexer KL of the last micro-batch, averaged over this rank's DSA layers, then over ranks (summed on
+        # the device: no host wait per layer)
         kls = [m.last_kl for chunk in self.model for m in chunk.modules() if getattr(m, "last_kl", None) is not None]
-        kl = torch.tensor([float(sum(kls)), float(len(kls))], dtype=torch.float64, device=self.device)
-        total = torch.cat([total, kl])
-        dist.all_reduce(total)
+        if kls:
+            total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
+            total[5] = len(kls)
+        return total
+
+    def _loss_from(self, total: torch.Tensor) -> tuple[float, dict]:
+        """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms, the DSA
+        indexer KL) from the world's sum of _loss_vector."""
         n = total[1].clamp_min(1)
-        extra = {"kl": (total[2] / n).item(), "attn_mse": (total[3] / n).item()} if self.step_inputs.distill else {}
+        extra = {"kl": float(total[2] / n), "attn_mse": float(total[3] / n)} if self.step_inputs.distill else {}
         if total[5] > 0:
-            extra["indexer_kl"] = (total[4] / total[5]).item()
-        return (total[0] / n).item(), extra
+            extra["indexer_kl"] = float(total[4] / total[5])
+        return float(total[0] / n), extra
+
+    def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
+        """_loss_vector summed over the world on its own, then _loss_from. Collective."""
+        (total,) = sum_over_world([self._loss_vector(losses)], self.device)
+        return self._loss_from(total)
 
     def train_step(self) -> StepStats:
         t = self.cfg.train
@@ -584,14 +597,19 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
-        loss, extra = self._reduce_loss(losses)
-        extra.update(self.router_stats.step_metrics(self.num_microbatches))
-        if self.vision is not None:
-            extra["vit_grad"] = vit_norm
+        # the step's loss, router statistics and (video) every rank's loader metrics: one all-reduce, one host copy
+        parts = [self._loss_vector(losses), self.router_stats.step_vector()]
         if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
             stream = self.streams[0]
-            extra.update(data_metrics_over_ranks(stream.step_metrics(), sources=stream.stats.get("sources"),
-                                                 dp_group=self.pgs.dp, device=self.device))
+            data_local, sources = stream.step_metrics(), stream.stats.get("sources")
+            parts.append(data_metrics_table(data_local, device=self.device, sources=sources))
+        sums = sum_over_world(parts, self.device)
+        loss, extra = self._loss_from(sums[0])
+        extra.update(self.router_stats.metrics_from(sums[1], self.num_microbatches))
+        if self.vision is not None:
+            extra["vit_grad"] = vit_norm
+        if self.cfg.data.kind == "video":
+            extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,

@@ -1,4 +1,5 @@
-"""The loader metrics a step logs, over the ranks (train/metrics.data_metrics_over_ranks), against the plain
+"""The loader metrics a step logs, over the ranks (train/metrics.data_metrics_table, summed over the world by
+sum_over_world beside another step metric, then data_metrics_from_table, as the trainer does), against the plain
 max / sum of what each rank passed in. Four gloo processes stand in for a job with two data-parallel groups
 (ranks {0, 2} and {1, 3}, as with context parallelism 2): the wait is the longest of any rank, named by its
 rank (the lowest of equal ones); the failures, and a mixture's packs and tokens per source from which the shares
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.launch_util import free_port
-from train.metrics import data_metrics_over_ranks
+from train.metrics import data_metrics_from_table, data_metrics_table, sum_over_world
 
 WAIT = [0.1, 0.7, 0.7, 0.2]          # ranks 1 and 2 wait equally long: rank 1 is named
 FAILED = [1, 2, 5, 7]
@@ -25,8 +26,12 @@ def _worker(rank, world, port, out):
         mine = groups[rank % 2]
         local = {"data_wait_s": WAIT[rank], "data_samples_failed": FAILED[rank], "data_long_seq_share": 0.5 + rank}
         sources = {n: {"packs": PACKS[n][rank], "tokens": TOKENS[n][rank], "samples": 99} for n in PACKS}
-        got = data_metrics_over_ranks(local, dp_group=mine, device=torch.device("cpu"), sources=sources)
-        out[rank] = got
+        cpu = torch.device("cpu")
+        # another step metric summed in the same all-reduce, before the table: its slice is its own world sum
+        other = torch.tensor([float(rank), 1.0, 2.0 ** 40 + rank], dtype=torch.float64)  # exact in float64
+        summed, table = sum_over_world([other, data_metrics_table(local, device=cpu, sources=sources)], cpu)
+        assert summed.tolist() == [sum(range(world)), world, world * 2.0 ** 40 + sum(range(world))]
+        out[rank] = data_metrics_from_table(local, table, dp_group=mine, sources=sources)
     finally:
         dist.destroy_process_group()
 
@@ -52,4 +57,5 @@ def test_wait_is_the_slowest_rank_failures_and_shares_over_the_replicas():
 def test_without_a_process_group_the_rank_metrics_pass_through():
     assert not dist.is_initialized()
     local = {"data_wait_s": 0.25, "data_samples_failed": 3}
-    assert data_metrics_over_ranks(local, dp_group=None, device=torch.device("cpu")) == local
+    table = data_metrics_table(local, device=torch.device("cpu"))
+    assert data_metrics_from_table(local, table, dp_group=None) == local
