@@ -186,6 +186,23 @@ def _drop_stale_graphs(chunks) -> None:
                         setattr(owner, k, v.detach())
 
 
+def record_config(run_dir: str, resolved_yaml: str, step: int) -> None:
+    """<run_dir>/config.yaml: the resolved config of the launch now running. A launch that resumes with other
+    settings keeps the one before it, which ran the steps up to `step`, as config_history/until_step_<step>.yaml
+    (-2, -3, ... when several launches stopped at the same step), so every setting a run's steps ran under stays
+    on disk beside the checkpoints, which record their own."""
+    path = Path(run_dir, "config.yaml")
+    if path.is_file() and path.read_text() != resolved_yaml:
+        history = Path(run_dir, "config_history")
+        history.mkdir(exist_ok=True)
+        keep, n = history / f"until_step_{step:06d}.yaml", 1
+        while keep.exists():
+            n += 1
+            keep = history / f"until_step_{step:06d}-{n}.yaml"
+        path.replace(keep)
+    path.write_text(resolved_yaml)
+
+
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = ""):
         self.cfg, self.layout = cfg, layout
@@ -319,10 +336,10 @@ class Trainer:
                          "pinned host memory" if torch.cuda.is_available() else "separate CPU tensors (CPU run)")
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
-            if resolved_config_yaml:
-                Path(self.run_dir, "config.yaml").write_text(resolved_config_yaml)
             Path(self.run_dir, "code_version.txt").write_text(code_version() + "\n")
         self._resume()
+        if self.rank == 0 and resolved_config_yaml:
+            record_config(self.run_dir, resolved_config_yaml, self.step)
 
     # ----------------------------------------------------------------------------------------------
     def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False):

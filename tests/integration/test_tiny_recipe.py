@@ -1,11 +1,13 @@
 """The README's main job: `torchrun --nproc_per_node 2 launch/pretrain.py recipe=keye_tiny` trains the
 tiny multimodal model (ViT + projector + MoE LM) end to end on synthetic videos the run makes itself,
 the loss falls, sharded checkpoints are committed, and a stopped run resumes bit-identically
-(model, ViT, both optimizers, RNG and the video loader's position). Shortened to 10 steps."""
+(model, ViT, both optimizers, RNG and the video loader's position), keeping the stopped launch's config.
+Shortened to 10 steps."""
 
 import json
 
 import pytest
+import yaml
 
 from tests.launch_util import losses, run_pretrain
 
@@ -37,3 +39,9 @@ def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
     run_pretrain(2, COMMON + shared, resumed)
     assert "resumed from" in (resumed / "logs" / "rank0.log").read_text()
     assert losses(resumed) == losses(full), "a stopped and resumed multimodal run must repeat the curve exactly"
+    # the stopped launch's config is kept beside the resumed one's, which differs from it in stop_after only
+    before = yaml.safe_load((resumed / "config_history" / "until_step_000005.yaml").read_text())
+    now = yaml.safe_load((resumed / "config.yaml").read_text())
+    assert before["train"]["stop_after"] == 5 and now["train"]["stop_after"] != 5
+    assert {**before, "train": {**before["train"], "stop_after": now["train"]["stop_after"]}} == now
+    assert not (full / "config_history").exists()  # one launch, nothing to keep
