@@ -336,7 +336,9 @@ class Trainer:
                          "pinned host memory" if torch.cuda.is_available() else "separate CPU tensors (CPU run)")
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
-            Path(self.run_dir, "code_version.txt").write_text(code_version() + "\n")
+            version = code_version()  # this launch's; the log keeps every launch's, the file the latest
+            log.info("code version %s", version)
+            Path(self.run_dir, "code_version.txt").write_text(version + "\n")
         self._resume()
         if self.rank == 0 and resolved_config_yaml:
             record_config(self.run_dir, resolved_config_yaml, self.step)

@@ -45,3 +45,4 @@ def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
     assert before["train"]["stop_after"] == 5 and now["train"]["stop_after"] != 5
     assert {**before, "train": {**before["train"], "stop_after": now["train"]["stop_after"]}} == now
     assert not (full / "config_history").exists()  # one launch, nothing to keep
+    assert (resumed / "logs" / "rank0.log").read_text().count("code version") == 2  # each launch's, in the log
