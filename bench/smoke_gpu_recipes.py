@@ -45,8 +45,9 @@ SETS = {
     "stages_30b": "the 30B stages that start from a checkpoint",
     "resume_30b": "3 steps of the 30B slice straight, and stopped after step 2 and resumed",
     "eval": "train.eval and a Hugging Face tokenizer on the tiny recipes",
+    "eval_30b": "train.eval in the 30B KSA stages 1 (the teacher runs too) and 2, from a 2-layer dense checkpoint",
 }
-SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b")  # the sets whose cases read root/videos
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b")  # the sets whose cases read root/videos
 
 
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
@@ -112,6 +113,16 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_tiny_vl_ksa_eval", "keye_tiny_vl_ksa", "ev_ksa", ev),
             # the distillation stage evaluates its own terms: the dense teacher runs in evaluation too
             ("keye_tiny_vl_ksa_distill_eval", "keye_tiny_vl_ksa_distill", "ev_ksa_distill", ev),
+        ]
+    if which == "eval_30b":
+        # what evaluation costs in KSA distillation at full width, where the dense teacher runs beside the student,
+        # against stage 2's evaluation (no teacher) from the same checkpoint, on held-out videos of another seed
+        ev = slice_30b + ["train.steps=2", no_ckpt, init("ev_30b"), "train.eval.interval=1",
+                          f"data.video.eval_shards={shards}/eval/shards"]
+        return [
+            ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "ev_30b", slice_30b + ["train.steps=2"]),
+            ("keye_30b_a3b_ksa_stage1_eval", "keye_30b_a3b_ksa_stage1", "ev_30b_ksa1", ev),
+            ("keye_30b_a3b_ksa_stage2_eval", "keye_30b_a3b_ksa_stage2", "ev_30b_ksa2", ev),
         ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
@@ -194,6 +205,9 @@ def main() -> None:
                         "--workers", "8"], cwd=REPO, check=True, capture_output=True)
         if not Path(shards, "long_shards").exists():
             shutil.copytree(Path(shards, "shards"), Path(shards, "long_shards"))
+        if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
+            subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
+                            "8", "--seed", "1", "--shards", "--workers", "8"], cwd=REPO, check=True, capture_output=True)
     for name, recipe, run_name, overrides in cases(root, args.set, shards):
         if only and name not in only:
             continue
