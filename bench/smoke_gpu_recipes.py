@@ -80,6 +80,10 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
                           "train.global_batch_size=2", "train.warmup_steps=1", "train.log_interval=1"]
     no_ckpt = "train.checkpoint.enabled=false"
     cut = slice_30b + ["train.steps=3", no_ckpt]
+    # a run of keye_30b_a3b (2 steps) writes the 2-layer slice's checkpoint (~32 GB with its optimizer state); the
+    # stages of stages_30b and eval_30b start from it (model weights only) and train 2 steps without one of their own
+    checkpoint_30b = ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "st_30b", slice_30b + ["train.steps=2"])
+    two = slice_30b + ["train.steps=2", no_ckpt, init("st_30b")]
     at_32k = [f"data.video.long_shards={shards}/long_shards", "data.video.seq_len=32768", "train.seq_length=32768",
               "data.video.max_video_tokens=24576", "parallel.vit.group=1"]
     if which == "stages_tiny":
@@ -91,13 +95,9 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_tiny_ksa", "keye_tiny_ksa", "st_lm_ksa", single),
         ]
     if which == "stages_30b":
-        # the 30B stages that start from a checkpoint (frozen ViT, or the dense model to convert): a run of
-        # keye_30b_a3b (2 steps) writes the 2-layer slice's checkpoint (~32 GB with its optimizer state), then each stage
-        # starts from it (model weights only) and trains 2 steps without writing one of its own
-        save = slice_30b + ["train.steps=2"]
-        two = slice_30b + ["train.steps=2", no_ckpt, init("st_30b")]
+        # the 30B stages that start from a checkpoint (frozen ViT, or the dense model to convert)
         return [
-            ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "st_30b", save),
+            checkpoint_30b,
             ("keye_30b_a3b_align", "keye_30b_a3b_align", "st_30b_align", two),
             ("keye_30b_a3b_dsa_warmup_32k", "keye_30b_a3b_dsa_warmup", "st_30b_dsa_warmup", two + at_32k),
             ("keye_30b_a3b_ksa_stage1", "keye_30b_a3b_ksa_stage1", "st_30b_ksa1", two),
@@ -117,10 +117,9 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
     if which == "eval_30b":
         # what evaluation costs in KSA distillation at full width, where the dense teacher runs beside the student,
         # against stage 2's evaluation (no teacher) from the same checkpoint, on held-out videos of another seed
-        ev = slice_30b + ["train.steps=2", no_ckpt, init("ev_30b"), "train.eval.interval=1",
-                          f"data.video.eval_shards={shards}/eval/shards"]
+        ev = two + ["train.eval.interval=1", f"data.video.eval_shards={shards}/eval/shards"]
         return [
-            ("keye_30b_a3b_checkpoint", "keye_30b_a3b", "ev_30b", slice_30b + ["train.steps=2"]),
+            checkpoint_30b,
             ("keye_30b_a3b_ksa_stage1_eval", "keye_30b_a3b_ksa_stage1", "ev_30b_ksa1", ev),
             ("keye_30b_a3b_ksa_stage2_eval", "keye_30b_a3b_ksa_stage2", "ev_30b_ksa2", ev),
         ]
