@@ -32,9 +32,11 @@ class DataConfig:
     branching: int = 4
     copy_prob: float = 0.5
     # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
-    # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos, once, then reused)
+    # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos, once, then reused), with
+    # data.synthetic_texts text-only samples among them (docs/data.md "Text-only samples")
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
     synthetic_videos: int = 24
+    synthetic_texts: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -43,6 +45,10 @@ class DataConfig:
             raise ValueError(f"data.branching must be >= 1, got {self.branching}")
         if not 0.0 <= self.copy_prob <= 1.0:
             raise ValueError(f"data.copy_prob must be in [0, 1], got {self.copy_prob}")
+        if self.synthetic_videos < 1:
+            raise ValueError(f"data.synthetic_videos must be >= 1, got {self.synthetic_videos}")
+        if self.synthetic_texts < 0:
+            raise ValueError(f"data.synthetic_texts must be >= 0, got {self.synthetic_texts}")
         if self.kind == "video":
             unset = {}  # setting -> what to set it to
             if self.video.shards == REQUIRED:

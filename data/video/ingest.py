@@ -3,6 +3,10 @@
     python launch/ingest.py --videos DIR --annotations FILE.jsonl --out DIR --shard-size-mb 1024 \
         [--proxy] [--workers N]
 
+An annotation record with no `video` field and some text (`text`, or `qa` pairs) is a text-only sample:
+it is stored as its `<key>.json` alone (key `text-<sha1 of the record>`), spread evenly among the videos
+in the shards, so that a run mixes text-only documents with the videos (docs/data.md "Text-only samples").
+
 Every video is decoded end to end in a guarded child process (`isolation.GuardedWorker`, one per
 worker thread), so a decoder segfault or hang costs that one file. What training relies on is
 measured and written into `<key>.json` beside the video in the shard (see `probe.py`); with
@@ -17,6 +21,7 @@ shard files that no completed line accounts for (an interrupted shard), and cont
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -41,7 +46,7 @@ SUMMARY = "dataset.json"
 
 @dataclass
 class IngestOptions:
-    videos: str
+    videos: str | None
     out: str
     annotations: str | None = None
     shard_size_mb: float = 1024.0
@@ -60,7 +65,9 @@ class IngestOptions:
     tmp_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if not os.path.isdir(self.videos):
+        if self.videos is None and self.annotations is None:
+            raise ValueError("IngestOptions: give videos (a folder), annotations (a JSONL file), or both")
+        if self.videos is not None and not os.path.isdir(self.videos):
             raise ValueError(f"IngestOptions.videos = {self.videos!r}: not a directory")
         if self.annotations is not None and not os.path.isfile(self.annotations):
             raise ValueError(f"IngestOptions.annotations = {self.annotations!r}: no such file")
@@ -86,11 +93,25 @@ def list_videos(root: str, extensions=VIDEO_EXTS) -> list[str]:
     return sorted(out)
 
 
-def read_annotations(path: str | None) -> tuple[dict[str, dict], list[str]]:
-    """JSONL -> {relative video path: record}; returns also a list of problems found."""
+def text_sample_id(record: dict) -> str:
+    """The key of a text-only record: a digest of its content (stable when lines move in the file)."""
+    payload = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return "text-" + hashlib.sha1(payload).hexdigest()[:16]
+
+
+def _has_text(r: dict) -> bool:
+    t = r.get("text")
+    return (isinstance(t, str) and bool(t.strip())) or (isinstance(r.get("qa"), list) and bool(r["qa"]))
+
+
+def read_annotations(path: str | None) -> tuple[dict[str, dict], list[tuple[str, dict, int]], list[str]]:
+    """JSONL -> ({relative video path: record}, [(key, record, line) of text-only records], problems).
+    A record with no `video` field is a text-only sample when it has text (`text` or `qa`)."""
     if path is None:
-        return {}, []
+        return {}, [], []
     recs: dict[str, dict] = {}
+    texts: list[tuple[str, dict, int]] = []
+    text_line: dict[str, int] = {}
     problems: list[str] = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -102,16 +123,37 @@ def read_annotations(path: str | None) -> tuple[dict[str, dict], list[str]]:
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{n}: not JSON ({e})")
                 continue
-            v = r.get("video") if isinstance(r, dict) else None
+            if not isinstance(r, dict):
+                problems.append(f"{path}:{n}: not a JSON object")
+                continue
+            v = r.get("video")
+            if v is None and _has_text(r):
+                tid = text_sample_id(r)
+                if tid in text_line:
+                    problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
+                    continue
+                text_line[tid] = n
+                texts.append((tid, r, n))
+                continue
             if not isinstance(v, str):
-                problems.append(f"{path}:{n}: no string field 'video'")
+                problems.append(f"{path}:{n}: no string field 'video', and no text for a text-only sample "
+                                f"(a non-empty 'text' or 'qa')" if v is None else
+                                f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
                 continue
             rel = os.path.normpath(v)
             if rel in recs:
                 problems.append(f"{path}:{n}: second record for {rel!r} ignored")
                 continue
             recs[rel] = r
-    return recs, problems
+    return recs, texts, problems
+
+
+def interleave(a: list, b: list) -> list:
+    """`a` and `b` merged with each spread evenly over the result, each in its own order (item i of a list
+    of n sits at fraction (i + 0.5) / n; ties go to `a`)."""
+    ka = [((i + 0.5) / len(a), 0, i) for i in range(len(a))]
+    kb = [((j + 0.5) / len(b), 1, j) for j in range(len(b))]
+    return [(a if s == 0 else b)[i] for _, s, i in sorted(ka + kb)]
 
 
 class _Pool:
@@ -195,15 +237,15 @@ def ingest(opts: IngestOptions) -> dict:
                 and os.path.exists(index_path(out / s["shard"]))}
     shards_done = [s for s in shards_done if s["shard"] in complete]
     _cleanup_incomplete(out, complete)
-    done = {v for s in shards_done for v in s["videos"]}
+    done = {v for s in shards_done for v in s["videos"] + s.get("texts", [])}
     rejected_before = read_jsonl(rejects_path)
     if not opts.retry_rejects:
         done |= {r["video"] for r in rejected_before}
     next_index = 1 + max([int(s["shard"][6:12]) for s in shards_done], default=-1)
 
-    root = os.path.abspath(opts.videos)
-    videos = list_videos(root, opts.extensions)
-    ann, problems = read_annotations(opts.annotations)
+    root = os.path.abspath(opts.videos) if opts.videos is not None else None
+    videos = list_videos(root, opts.extensions) if root is not None else []
+    ann, texts, problems = read_annotations(opts.annotations)
     for p in problems:
         print(f"[ingest] warning: {p}", file=sys.stderr)
     missing = sorted(set(ann) - set(videos))
@@ -212,7 +254,10 @@ def ingest(opts: IngestOptions) -> dict:
             _append_jsonl(rejects_path, {"video": rel, "reason": "missing_file",
                                          "detail": "listed in annotations, not found under --videos"})
             done.add(rel)
-    todo = [v for v in videos if v not in done]
+    text_of = {tid: (r, n) for tid, r, n in texts}
+    # ("video", relative path) or ("text", key); the text-only samples spread evenly among the videos
+    todo = interleave([("video", v) for v in videos if v not in done],
+                      [("text", tid) for tid, _, _ in texts if tid not in done])
 
     tmp = tempfile.mkdtemp(prefix="keye-ingest-", dir=opts.tmp_dir)
     pool = _Pool(opts.workers)
@@ -220,25 +265,33 @@ def ingest(opts: IngestOptions) -> dict:
     stats = Counter()
     writer: ShardWriter | None = None
     cur_videos: list[str] = []
+    cur_texts: list[str] = []
     target = int(opts.shard_size_mb * (1 << 20))
     bar = None
     if opts.progress:
         try:
             from tqdm import tqdm
-            bar = tqdm(total=len(todo), unit="video", desc="ingest", dynamic_ncols=True)
+            bar = tqdm(total=len(todo), unit="sample", desc="ingest", dynamic_ncols=True)
         except Exception:
             bar = None
 
     def close_shard() -> None:
-        nonlocal writer, cur_videos
+        nonlocal writer, cur_videos, cur_texts
         if writer is None:
             return
         path, entries = writer.close()
-        rec = {"shard": os.path.basename(path), "videos": cur_videos, "num_samples": len(entries),
-               "bytes": os.path.getsize(path)}
+        rec = {"shard": os.path.basename(path), "videos": cur_videos, "texts": cur_texts,
+               "num_samples": len(entries), "bytes": os.path.getsize(path)}
         _append_jsonl(manifest_path, rec)
         shards_done.append(rec)
-        writer, cur_videos = None, []
+        writer, cur_videos, cur_texts = None, [], []
+
+    def writer_now() -> ShardWriter:
+        nonlocal writer, next_index
+        if writer is None:
+            writer = ShardWriter(out, next_index)
+            next_index += 1
+        return writer
 
     try:
         # Results are written in the listing's order, whatever order the workers finish in, so the same videos
@@ -250,7 +303,11 @@ def ingest(opts: IngestOptions) -> dict:
         max_inflight = 4 * opts.workers
         while True:
             while submitted < len(todo) and len(pending) + len(ready) < max_inflight:
-                pending[pool.ex.submit(_job, pool, opts, root, todo[submitted], tmp)] = submitted
+                kind, name = todo[submitted]
+                if kind == "text":                   # nothing to inspect: ready at once, in its place
+                    ready[submitted] = {"text": name}
+                else:
+                    pending[pool.ex.submit(_job, pool, opts, root, name, tmp)] = submitted
                 submitted += 1
             if not pending and not ready:
                 break
@@ -261,6 +318,20 @@ def ingest(opts: IngestOptions) -> dict:
             while emitted in ready:
                 r = ready.pop(emitted)
                 emitted += 1
+                if "text" in r:
+                    tid = r["text"]
+                    rec, line = text_of[tid]
+                    writer_now().add_text_sample(tid, {
+                        "schema": SCHEMA, "key": tid, "kind": "text", "video": None, "annotation": rec,
+                        "source": {"annotations": os.path.basename(opts.annotations), "line": line}})
+                    cur_texts.append(tid)
+                    stats["text_accepted"] += 1
+                    stats["text_chars"] += len(rec.get("text") or "")
+                    if writer.size >= target:
+                        close_shard()
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 stats["bytes_in"] += r["bytes_in"]
                 if not r["ok"]:
                     reasons[r["reason"]] += 1
@@ -277,10 +348,7 @@ def ingest(opts: IngestOptions) -> dict:
                               "source": res["source"], "annotation": annotation,
                               "proxy": ({"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
                                          "keyframe_s": opts.proxy_keyframe_s} if opts.proxy else None)}
-                    if writer is None:
-                        writer = ShardWriter(out, next_index)
-                        next_index += 1
-                    writer.add_sample(r["key"], stored, ext, record)
+                    writer_now().add_sample(r["key"], stored, ext, record)
                     cur_videos.append(rel)
                     stats["accepted"] += 1
                     stats["bytes_stored"] += res["video"]["bytes"]
@@ -314,7 +382,9 @@ def ingest(opts: IngestOptions) -> dict:
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "this_run": {"processed": len(todo), "accepted": stats["accepted"],
                      "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
-                     "skipped_already_done": len(videos) - len(todo), "unannotated": stats["unannotated"],
+                     "skipped_already_done": len(videos) + len(texts) - len(todo),
+                     "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
+                     "text_chars": stats["text_chars"],
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
                      "frames": stats["frames"], "seconds_of_video": round(stats["seconds_of_video"], 3),
                      "seconds": round(elapsed, 3),
@@ -328,8 +398,9 @@ def ingest(opts: IngestOptions) -> dict:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Verify videos and write webdataset shards with metadata.")
-    p.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
-    p.add_argument("--annotations", default=None, help="JSONL: one record per video, see docs/data.md")
+    p.add_argument("--videos", default=None, help="folder of videos (searched recursively)")
+    p.add_argument("--annotations", default=None,
+                   help="JSONL: one record per video, or per text-only sample (no 'video'), see docs/data.md")
     p.add_argument("--out", required=True, help="output folder for shards, index, rejects")
     p.add_argument("--shard-size-mb", type=float, default=1024.0)
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
@@ -358,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = ingest(opts)
     r = s["this_run"]
-    print(f"ingest: {r['accepted']} accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
+    print(f"ingest: {r['accepted']} videos accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
+          f"{r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     return 0

@@ -59,7 +59,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -128,6 +128,7 @@ class EpochPlan:
     order: np.ndarray                    # uids in training order (planned-out samples included)
     packs: list[list[int]]               # uids per pack, pack order = stream order
     rejects: dict[int, tuple[str, str]]  # uid -> (reason, detail) for samples that cannot be planned
+    truncated: dict[int, int] = field(default_factory=dict)  # uid -> text tokens cut (text-only samples)
 
 
 class Planner:
@@ -164,15 +165,20 @@ class Planner:
         if p is None:
             order = epoch_order(self.shard_of, seed=self.seed, epoch=e, shuffle=self.cfg.shuffle,
                                 buffer=self.cfg.shuffle_buffer)
-            kept, lengths, rejects = [], [], {}
+            kept, lengths, rejects, truncated = [], [], {}, {}
             for uid in order.tolist():
                 try:
-                    lengths.append(self.doc(uid, e).length)
-                    kept.append(uid)
+                    d = self.doc(uid, e)
                 except PlanError as err:
                     rejects[uid] = (err.reason, err.detail)
+                    continue
+                lengths.append(d.length)
+                kept.append(uid)
+                if d.truncated:
+                    truncated[uid] = d.truncated
             bins = pack_greedy(lengths, self.cfg.seq_len, self.cfg.pack_lookahead)
-            p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects)
+            p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects,
+                          truncated=truncated)
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p
@@ -318,12 +324,16 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     p, m = cfg.patch_size, cfg.merge_size
     uids = planner.epoch(epoch).packs[index]
     plans = [planner.doc(uid, epoch) for uid in uids]
-    rows = [d.frames.num_frames * (d.frames.height // p) * (d.frames.width // p) for d in plans]
+    rows = [d.patch_rows(p) for d in plans]
     pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
     pv = pixels.numpy()
     docs, keys, failures, off = [], [], [], 0
     for uid, doc, n in zip(uids, plans, rows):
         rec = planner.catalog[uid]
+        if doc.frames is None:                   # a text-only sample: nothing to read or decode
+            docs.append(build_document(doc, None, cfg, tok))
+            keys.append(doc.key)
+            continue
         try:
             frames = source.frames(rec, doc)
             patchify(frames, p, m, out=pv[off:off + n], layout="chw")
@@ -501,6 +511,13 @@ class VideoPackedLoader:
                                       "detail": detail, "stage": "plan", "epoch": pack.epoch,
                                       "rank": self.dp_rank, **tag})
                     self._reasons[reason] += 1
+                cut = planner.epoch(pack.epoch).truncated
+                if cut:
+                    self._stats["text_tokens_cut"] += sum(cut.values())
+                    log.warning("video loader: epoch %d%s: %d text-only sample(s) longer than a sequence "
+                                "(seq_len %d) were cut to fit, %d tokens cut in all (first: %s)", pack.epoch,
+                                f" of source {pack.source}" if self.mixed else "", len(cut), self.cfg.seq_len,
+                                sum(cut.values()), planner.key(min(cut)))
         failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
         if self.mixed:
             c = self._by_source[pack.source]
@@ -514,6 +531,7 @@ class VideoPackedLoader:
                          self.cfg.long_fraction, "; ".join(
                              f"{k} {v['pack_share']:.1%} of sequences, {v['token_share']:.1%} of tokens, "
                              f"{v['samples']} samples" for k, v in self.source_stats().items()))
+        self._stats["samples_text"] += pack.text_docs
         for key in pack.planned_keys:
             f = failed.get(key)
             if f is None:

@@ -7,8 +7,11 @@ One sample (a video + its annotation) becomes one *document*:
 
     <bos>                                         (when the tokenizer has one; Qwen's has none)
     for each frame k:  "<12.5s>" (text)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
-    annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." (see docs/data.md)
+    annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." / text (docs/data.md)
     <eos>
+
+A text-only sample (an annotation record with no video) is the same without frames: <bos>? text <eos>,
+cut to one sequence (`plan_text_document`).
 
 Labels are shifted inside the packer: labels[i] = tokens[i+1] where token i+1 is supervised (caption,
 event and answer text, and <eos> when the document has any supervised text), else
@@ -65,6 +68,7 @@ class PackedSample:
     failures: list[dict] = field(default_factory=list)     # samples planned here that failed to load
     planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
     source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source
+    text_docs: int = 0            # text-only documents among the num_docs (no frames)
 
     @property
     def seq_len(self) -> int:
@@ -167,6 +171,9 @@ def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
         if q is None or a is None:
             continue
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
+    text = annotation.get("text")
+    if isinstance(text, str) and text:
+        segs.append((text, True))              # free text (a text-only sample's document), supervised whole
     return segs
 
 
@@ -175,35 +182,62 @@ class DocPlan:
     """A planned document: everything but the pixels."""
     uid: int
     key: str                       # "shard.tar/key"
-    frames: FramePlan
+    frames: FramePlan | None       # None: a text-only sample (no frames)
     ts_ids: list[list[int]]        # timestamp tokens per frame
     text_ids: list[int]
     text_loss: list[bool]
     length: int
+    truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence)
+
+    @property
+    def num_frames(self) -> int:
+        return 0 if self.frames is None else self.frames.num_frames
+
+    def patch_rows(self, patch_size: int) -> int:
+        """ViT patches of this document's frames (rows of the pack's pixel_values)."""
+        fp = self.frames
+        return 0 if fp is None else fp.num_frames * (fp.height // patch_size) * (fp.width // patch_size)
 
 
-def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool]]:
+def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool], int]:
+    """Token ids and supervision of `segs`, cut at `cap` tokens; also how many tokens were cut."""
     ids: list[int] = []
     loss: list[bool] = []
+    cut = 0
     for text, sup in segs:
         t = tokenizer.encode(text)
-        room = cap - len(ids)
-        if room <= 0:
-            break
+        room = max(0, cap - len(ids))
+        cut += max(0, len(t) - room)
         t = t[:room]
         ids += t
         loss += [sup] * len(t)
-    return ids, loss
+    return ids, loss, cut
 
 
-def plan_document(*, uid: int, key: str, video: dict, annotation: dict, cfg: VideoDataConfig,
+def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataConfig,
+                       tokenizer: Tokenizer) -> DocPlan:
+    """A text-only sample: <bos>? text <eos>, cut to one sequence (a document is never split across
+    sequences; the tokens cut are counted in `DocPlan.truncated`). `max_text_tokens` (the cap on a
+    video's annotation) does not apply: the text is the whole document."""
+    ends = 1 + (tokenizer.bos_id is not None)
+    ids, loss, cut = _encode_text(annotation_segments(annotation), tokenizer, cfg.seq_len - ends)
+    if not any(loss):
+        raise PlanError("no_text", "a text-only sample with no supervised text ('text' or a 'qa' answer)")
+    return DocPlan(uid=uid, key=key, frames=None, ts_ids=[], text_ids=ids, text_loss=loss,
+                   length=ends + len(ids), truncated=cut)
+
+
+def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
                   tokenizer: Tokenizer, seed: int, epoch: int) -> DocPlan:
-    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError)."""
+    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `video` None:
+    a text-only sample (`plan_text_document`)."""
+    if video is None:
+        return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer)
     n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
-    text_ids, text_loss = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
+    text_ids, text_loss, _ = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):
@@ -232,19 +266,25 @@ class DocArrays:
 
 def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig,
                    tokenizer: Tokenizer) -> DocArrays:
-    """Token ids, labels, loss mask, 3D positions (and patches, if `frames` is given) of one document."""
+    """Token ids, labels, loss mask, 3D positions (and patches, if `frames` is given) of one document
+    (a text-only document has no frames: `frames` None, an empty grid)."""
     fp = doc.frames
-    n = fp.num_frames
-    assert frames is None or frames.shape == (n, fp.height, fp.width, 3), (frames.shape, fp)
-    rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
+    n = doc.num_frames
+    if fp is None:
+        assert frames is None, "a text-only document has no frames"
+        rows = cols = 1
+    else:
+        assert frames is None or frames.shape == (n, fp.height, fp.width, 3), (frames.shape, fp)
+        rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
     per = rows * cols
     L = doc.length
     tok = np.empty(L, np.int64)
     sup = np.zeros(L, bool)
     pos = np.empty((3, L), np.int64)
     rr, cc = np.divmod(np.arange(per, dtype=np.int64), cols)
-    slot = max(len(t) + 2 + max(rows, cols) for t in doc.ts_ids)
-    rate = slot / fp.interval_s
+    if n:
+        slot = max(len(t) + 2 + max(rows, cols) for t in doc.ts_ids)
+        rate = slot / fp.interval_s
     i = 0
     p = 0
 
@@ -287,10 +327,13 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
     labels[:-1][nxt] = tok[1:][nxt]
     loss_mask = np.zeros(L, np.float32)
     loss_mask[:-1][nxt] = 1.0
-    pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
+    if n == 0:
+        pixels = np.zeros((0, 3 * cfg.patch_size ** 2), np.uint8)
+    else:
+        pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
     grid = np.tile(np.array([[1, rows * cfg.merge_size, cols * cfg.merge_size]], np.int64), (n, 1))
     return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
-                     grid=grid, timestamps=np.asarray(fp.timestamps, np.float32))
+                     grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32))
 
 
 def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, tokenizer: Tokenizer, *,
@@ -336,7 +379,7 @@ def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, 
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), pixel_values=pixel_values,
         grid_thw=torch.from_numpy(grid), visual_pos=torch.from_numpy(visual_pos),
         frame_timestamps=torch.from_numpy(ts), frame_doc=torch.tensor(frame_doc, dtype=torch.int32),
-        num_docs=len(docs), num_pad=pad, sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
+        num_docs=len(docs), num_pad=pad, text_docs=sum(int(d.grid.shape[0] == 0) for d in docs), sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
         failures=list(failures), planned_keys=list(planned_keys))
 
 

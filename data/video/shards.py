@@ -1,7 +1,9 @@
 """Shard files: writing webdataset-style tars with a byte-offset index, and reading them back.
 
 A shard `shard-000012.tar` is a plain (webdataset-compatible) tar: for each sample `<key>.json`
-(metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). Beside it,
+(metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). A text-only sample (an
+annotation record with no video, docs/data.md "Text-only samples") is its `<key>.json` alone, with
+`"kind": "text"` and `"video": null`. Beside it,
 `shard-000012.idx.json` lists every sample with the byte offsets of its members and the verified
 metadata, so the loader can plan a whole epoch and seek straight to any sample without scanning
 tars. Shards without an index (written by other tools in the same layout) are scanned once.
@@ -18,7 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = "keye-video-meta/1"
+SCHEMA = "keye-video-meta/2"   # /2: text-only samples (no video member) may appear; /1 shards read as before
 VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv")
 
 
@@ -80,6 +82,17 @@ class ShardWriter:
         self.entries.append(entry)
         return entry
 
+    def add_text_sample(self, key: str, record: dict) -> dict:
+        """A text-only sample: its `<key>.json` member alone (`record["video"]` is None)."""
+        assert record.get("kind") == "text" and record.get("video") is None, record
+        payload = json.dumps(record, sort_keys=True).encode("utf-8")
+        j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
+        entry = {"key": key, "kind": "text", "json_offset": j_off, "json_size": j_size, "video_member": None,
+                 "video_offset": -1, "video_size": 0, "source_path": None, "video": None,
+                 "annotation": record.get("annotation", {})}
+        self.entries.append(entry)
+        return entry
+
     def close(self) -> tuple[str, list[dict]]:
         self.tar.close()
         os.replace(self.tmp, self.path)
@@ -115,8 +128,12 @@ class SampleRecord:
     video_offset: int
     video_size: int
     video_ext: str
-    video: dict              # verified metadata of the stored video
+    video: dict | None       # verified metadata of the stored video; None for a text-only sample
     annotation: dict
+
+    @property
+    def is_text(self) -> bool:
+        return self.video is None
 
 
 def resolve_shards(spec: str) -> list[str]:
@@ -134,7 +151,8 @@ def resolve_shards(spec: str) -> list[str]:
 
 
 def scan_shard(tar_path: str) -> dict:
-    """Build an index for a tar without one (members `<key>.json` + `<key>.<video ext>`)."""
+    """Build an index for a tar without one (members `<key>.json` + `<key>.<video ext>`, or a text-only
+    sample's `<key>.json` alone)."""
     by_key: dict[str, dict] = {}
     order: list[str] = []
     with tarfile.open(tar_path, "r") as tar:
@@ -157,7 +175,12 @@ def scan_shard(tar_path: str) -> dict:
     for key in order:
         d = by_key[key]
         rec = d.get("record") or {}
-        if "video_offset" not in d or "video" not in rec:
+        if rec.get("kind") == "text" and rec.get("video") is None and "video_offset" not in d:
+            samples.append({"key": key, "kind": "text", "video_member": None, "video_offset": -1,
+                            "video_size": 0, "video": None, "annotation": rec.get("annotation", {}),
+                            "source_path": None})
+            continue
+        if "video_offset" not in d or not isinstance(rec.get("video"), dict):
             continue            # no verified metadata: not ingested by our tool; skipped
         samples.append({"key": key, "video_member": d["video_member"], "video_offset": d["video_offset"],
                         "video_size": d["video_size"], "video": rec["video"],
@@ -182,7 +205,7 @@ def load_catalog(spec: str, *, field: str = "shards") -> list[SampleRecord]:
     for tar_path in shards:
         idx = load_shard_index(tar_path)
         for s in idx["samples"]:
-            ext = s["video_member"].rsplit(".", 1)[-1]
+            ext = s["video_member"].rsplit(".", 1)[-1] if s.get("video_member") else ""
             out.append(SampleRecord(uid=len(out), shard=tar_path, key=s["key"],
                                     video_offset=int(s["video_offset"]), video_size=int(s["video_size"]),
                                     video_ext=ext, video=s["video"], annotation=s.get("annotation") or {}))

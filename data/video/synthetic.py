@@ -190,11 +190,26 @@ def annotation_for(rel_path: str, truth: dict) -> dict:
     }
 
 
+def text_record(i: int, seed: int = 0) -> dict:
+    """A text-only annotation record (no video) whose content follows from (seed, i): a counting
+    passage (`text`), every third one a question with its answer (`qa`) instead."""
+    rng = np.random.default_rng([seed, 7919, i])
+    a, b = (int(x) for x in rng.integers(1, 50, 2))
+    if i % 3 == 2:
+        return {"prompt": "Answer with a number.", "qa": [{"question": f"What is {a} plus {b}?",
+                                                          "answer": str(a + b)}]}
+    start = int(rng.integers(0, 90))
+    return {"text": f"Note {i}: {a} plus {b} makes {a + b}. Counting on from {start}: "
+                    + ", ".join(str(start + k) for k in range(int(rng.integers(4, 12)))) + "."}
+
+
 def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int = 0, *,
                           min_seconds: float = 1.5, max_seconds: float = 4.0,
                           sizes=((64, 48), (96, 64), (128, 96), (160, 120), (80, 112)),
-                          fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264") -> tuple[Path, Path]:
-    """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl."""
+                          fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264",
+                          n_text: int = 0) -> tuple[Path, Path]:
+    """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl (with `n_text`
+    text-only records after the videos' records: `text_record`)."""
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +224,7 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         rel = f"clip_{i:05d}.mp4"
         truth = write_video(vdir / rel, spec)
         records.append(annotation_for(rel, truth))
+    records += [text_record(i, seed) for i in range(n_text)]
     ann = out / "annotations.jsonl"
     with open(ann, "w") as f:
         for r in records:

@@ -195,7 +195,8 @@ def test_cli(tmp_path):
                         str(tmp_path / "o"), "--shard-size-mb", "1", "--workers", "1", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "1 accepted, 1 rejected" in r.stdout
+    assert "1 videos accepted, 1 rejected" in r.stdout
+    assert "0 text-only samples" in r.stdout
     r = subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "videos" in r.stderr

@@ -92,3 +92,38 @@ def test_projector_alignment_trains_only_the_projector(curves):
     d = runs["_digests"]
     moved = {n for n in d["align"] if d["align"][n] != d["align_lr0"][n]}
     assert moved and all(n.startswith("vision.") and not n.startswith("vision.vit.") for n in moved), moved
+
+
+# Text-only samples among the videos (docs/data.md "Text-only samples"): packs with frames and packs with
+# none, so that in some step no rank encodes a frame (its ViT gradient is exactly 0) and in another one does;
+# the layouts must still agree with one process, the same tolerance as above.
+TEXT_LAYOUTS = {"tp2_spread": ["parallel.tp=2", "parallel.vit.layout=spread"],
+                "tp2_replicated": ["parallel.tp=2", "parallel.vit.layout=replicated"],
+                "cp2_spread": ["parallel.cp=2", "parallel.vit.layout=spread"],
+                "pp2_spread": ["parallel.pp=2", "parallel.vit.layout=spread"]}
+
+
+@pytest.fixture(scope="module")
+def text_curves(tmp_path_factory):
+    from data.video_stream import ensure_synthetic_shards
+    from tests.launch_util import run_layouts_all
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("text"), 2, 1234, rank=0, n_text=30)
+    common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
+    one = run_layouts_all(1, {"single": common, "ksa_single": ksa}, tmp_path_factory.mktemp("text_one"))
+    two = run_layouts_all(2, {**{k: common + v for k, v in TEXT_LAYOUTS.items()},
+                              "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"]},
+                          tmp_path_factory.mktemp("text_two"))
+    return one, two
+
+
+def test_text_only_packs_in_every_vit_layout(text_curves):
+    one, two = text_curves
+    single, extras = one["losses"]["single"], one["extras"]["single"]
+    vit = [extras[s]["vit_grad"] for s in (1, 2, 3)]
+    assert min(vit) == 0.0 and max(vit) > 0.0, vit   # a step without any frame and one with frames
+    assert single[3] < single[1], single
+    for name in TEXT_LAYOUTS:
+        assert _close(two["losses"][name], single), (name, two["losses"][name], single)
+    # KSA inserts its summary slots per document, text-only documents included, also into each CP rank's chunks
+    assert _close(two["losses"]["ksa_cp2"], one["losses"]["ksa_single"]), (two["losses"]["ksa_cp2"],
+                                                                          one["losses"]["ksa_single"])

@@ -1,0 +1,188 @@
+"""Text-only samples in the video data path: an annotation record with no video is ingested as a
+`<key>.json`-only sample, planned and packed as a document with no frames beside the videos, and
+resumed exactly. The references are independent of the code under test: the tokenizer applied to the
+record's own text, the burned-in frame counters of the synthetic videos, and an uninterrupted loader."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data.video.config import VideoDataConfig
+from data.video.ingest import IngestOptions, ingest, interleave, read_annotations, text_sample_id
+from data.video.loader import VideoPackedLoader
+from data.video.packing import build_document, plan_document
+from data.video.sampling import PlanError
+from data.video.shards import index_path, load_catalog
+from data.video.synthetic import make_synthetic_videos, read_counter, text_record
+from data.video.packing import unpatchify
+from data.video.tokenizer import ByteTokenizer
+
+from .conftest import read_jsonl, small_cfg
+from .test_loader import signature, take
+
+N_VIDEOS, N_TEXT = 6, 14
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """6 synthetic videos + 14 text-only records, ingested into small shards."""
+    out = tmp_path_factory.mktemp("mixed")
+    vids, ann = make_synthetic_videos(out, N_VIDEOS, seed=3, max_seconds=2.5, n_text=N_TEXT)
+    summary = ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(out / "shards"),
+                                   shard_size_mb=0.03, workers=2, progress=False))
+    return out, summary
+
+
+def test_interleave_spreads_evenly_and_keeps_order():
+    a, b = list("abcdef"), [1, 2, 3]
+    m = interleave(a, b)
+    assert [x for x in m if isinstance(x, str)] == a and [x for x in m if isinstance(x, int)] == b
+    assert m == ["a", 1, "b", "c", 2, "d", "e", 3, "f"]
+    assert interleave([], b) == b and interleave(a, []) == a
+
+
+def test_read_annotations_sorts_records(tmp_path):
+    p = tmp_path / "a.jsonl"
+    recs = [{"video": "x.mp4", "caption": "c"}, {"text": "plain text"}, {"qa": [{"q": "1+1?", "a": "2"}]},
+            {"text": "plain text"}, {"caption": "a caption but no video"}, {"video": 3}, [1, 2], {"text": "  "}]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    videos, texts, problems = read_annotations(str(p))
+    assert list(videos) == ["x.mp4"]
+    assert [(t[0], t[2]) for t in texts] == [(text_sample_id(recs[1]), 2), (text_sample_id(recs[2]), 3)]
+    assert texts[0][0].startswith("text-") and len(texts[0][0]) == 21
+    assert len(problems) == 5, problems
+    assert "line 2" in problems[0] and ":4:" in problems[0]                  # the duplicate names its first line
+    assert ":5: no string field 'video', and no text" in problems[1]         # neither a video nor a text sample
+    assert ":6: field 'video' is int" in problems[2] and ":7: not a JSON object" in problems[3]
+    assert ":8: no string field 'video'" in problems[4]                       # blank text is no text
+
+
+def test_ingest_stores_text_samples_among_videos(mixed):
+    out, summary = mixed
+    r = summary["this_run"]
+    assert r["accepted"] == N_VIDEOS and r["text_samples"] == N_TEXT and r["rejected"] == 0
+    cat = load_catalog(str(out / "shards"))
+    kinds = ["t" if c.is_text else "v" for c in cat]
+    assert kinds.count("t") == N_TEXT and kinds.count("v") == N_VIDEOS
+    # spread among the videos (interleave): no run of more than ceil(14/6)+1 text samples in catalog order
+    assert max(len(run) for run in "".join(kinds).split("v")) <= 4, kinds
+    want = {text_sample_id(text_record(i, 3)): text_record(i, 3) for i in range(N_TEXT)}
+    for c in cat:
+        if c.is_text:
+            assert c.annotation == want[c.key] and c.video_size == 0 and c.video_ext == ""
+    manifest = read_jsonl(out / "shards" / "ingest_manifest.jsonl")
+    assert sorted(t for s in manifest for t in s["texts"]) == sorted(want)
+    # a shard's text sample is its json member alone, readable without our index (scan fallback)
+    shard = cat[0].shard
+    idx = json.load(open(index_path(shard)))
+    os.rename(index_path(shard), index_path(shard) + ".moved")
+    try:
+        scanned = [c for c in load_catalog(shard)]
+    finally:
+        os.rename(index_path(shard) + ".moved", index_path(shard))
+    assert [(c.key, c.is_text, c.annotation) for c in scanned] == \
+        [(s["key"], s["video"] is None, s["annotation"]) for s in idx["samples"]]
+
+
+def test_ingest_rerun_adds_only_new_text(mixed, tmp_path):
+    out, _ = mixed
+    ann = out / "annotations.jsonl"
+    again = ingest(IngestOptions(videos=str(out / "videos"), annotations=str(ann), out=str(out / "shards"),
+                                 shard_size_mb=0.03, workers=1, progress=False))
+    assert again["this_run"]["processed"] == 0
+    assert again["this_run"]["skipped_already_done"] == N_VIDEOS + N_TEXT
+    # text alone (no videos folder) into a new set; a later line appended is the only new sample
+    only = tmp_path / "only.jsonl"
+    only.write_text("".join(json.dumps(text_record(i, 9)) + "\n" for i in range(3)))
+    s1 = ingest(IngestOptions(videos=None, annotations=str(only), out=str(tmp_path / "s"), progress=False))
+    with open(only, "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    s2 = ingest(IngestOptions(videos=None, annotations=str(only), out=str(tmp_path / "s"), progress=False))
+    assert (s1["this_run"]["text_samples"], s2["this_run"]["text_samples"], s2["num_samples"]) == (3, 1, 4)
+    with pytest.raises(ValueError, match="give videos"):
+        IngestOptions(videos=None, annotations=None, out=str(tmp_path / "x"))
+
+
+CFG = VideoDataConfig(seq_len=256, max_text_tokens=16, min_frames=2, min_frame_tokens=4, min_video_tokens=16)
+TOK = ByteTokenizer()
+
+
+def test_text_document_against_the_tokenizer():
+    rec = {"prompt": "Answer.", "qa": [{"question": "2+2?", "answer": "4"}], "text": "Then five."}
+    d = plan_document(uid=0, key="s/t", video=None, annotation=rec, cfg=CFG, tokenizer=TOK, seed=0, epoch=0)
+    a = build_document(d, None, CFG, TOK)
+    unsup = TOK.encode("Answer.\n") + TOK.encode("Q: 2+2?\nA: ")
+    sup = TOK.encode("4\n") + TOK.encode("Then five.")
+    want = [TOK.bos_id] + unsup + sup + [TOK.eos_id]
+    assert a.tokens.tolist() == want and d.length == len(want)
+    assert d.truncated == 0 and d.frames is None and d.num_frames == 0   # max_text_tokens (16) does not cut it
+    # every supervised token and the <eos> are predicted; the prompt and question are not
+    n0 = 1 + len(unsup)
+    assert a.loss_mask.tolist() == [0.0] * (n0 - 1) + [1.0] * (len(sup) + 1) + [0.0]
+    assert a.labels[n0 - 1:-1].tolist() == want[n0:]
+    assert (a.pos == np.arange(len(want))[None]).all()                  # text positions: (p, p, p)
+    assert a.grid.shape == (0, 3) and a.pixels.shape == (0, 3 * 14 * 14) and a.timestamps.shape == (0,)
+
+
+def test_text_document_cut_to_a_sequence_and_empty_text_rejected():
+    long = {"text": "x" * 1000}
+    d = plan_document(uid=0, key="s/t", video=None, annotation=long, cfg=CFG, tokenizer=TOK, seed=0, epoch=0)
+    assert d.length == CFG.seq_len and d.truncated == 1000 - (CFG.seq_len - 2)
+    with pytest.raises(PlanError, match="no_text"):
+        plan_document(uid=0, key="s/t", video=None, annotation={"prompt": "only a prompt"}, cfg=CFG,
+                      tokenizer=TOK, seed=0, epoch=0)
+
+
+def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
+    out, _ = mixed
+    cfg = small_cfg(out / "shards", tmp_path, seq_len=512, num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=4)
+    packs = list(loader)
+    cat = {f"{os.path.basename(c.shard)}/{c.key}": c for c in loader.catalog}
+    seen_text = seen_mixed = 0
+    for p in packs:
+        p.validate(cfg, loader.tokenizer)
+        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
+        f = 0
+        text_here = 0
+        for d, key in enumerate(p.sample_keys):
+            rec = cat[key]
+            doc = loader.planner.doc(rec.uid, p.epoch)
+            seg = p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist()
+            if rec.is_text:
+                text_here += 1
+                assert not (p.frame_doc == d).any()
+                body = (rec.annotation.get("text") or "")
+                assert TOK.decode(seg).endswith(body + "<eos>")            # the record's own text
+                continue
+            assert (p.frame_doc == d).sum() == doc.num_frames
+            bits = int(rec.annotation["counter_bits"])
+            assert [read_counter(frames[f + i], bits) for i in range(doc.num_frames)] == list(doc.frames.indices)
+            f += doc.num_frames
+        assert f == len(frames) and p.text_docs == text_here
+        seen_text += text_here
+        seen_mixed += 0 < text_here < p.num_docs
+    assert seen_text == N_TEXT and seen_mixed >= 1 and loader.stats["samples_text"] == N_TEXT
+    assert sorted(k for p in packs for k in p.sample_keys) == sorted(cat)   # nothing lost
+    # exact resume across the text-only samples
+    cfg2 = small_cfg(out / "shards", tmp_path, seq_len=512)
+    ref = [signature(p) for p in take(VideoPackedLoader(cfg2, seed=4), 6)]
+    a = VideoPackedLoader(cfg2, seed=4)
+    first = [signature(p) for p in take(a, 2)]
+    b = VideoPackedLoader(cfg2, seed=4)
+    b.load_state_dict(a.state_dict())
+    assert first + [signature(p) for p in take(b, 4)] == ref
+
+
+def test_truncation_is_counted_and_logged(tmp_path, caplog):
+    ann = tmp_path / "t.jsonl"
+    ann.write_text(json.dumps({"text": "y" * 700}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    ingest(IngestOptions(videos=None, annotations=str(ann), out=str(tmp_path / "s"), progress=False))
+    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=300, num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=0)
+    with caplog.at_level("WARNING"):
+        packs = list(loader)
+    assert sum(p.text_docs for p in packs) == 2
+    assert loader.stats["text_tokens_cut"] == 700 - (300 - 2)
+    assert "1 text-only sample(s) longer than a sequence" in caplog.text
