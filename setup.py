@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "safetensors",
     "tokenizers>=0.21,<1",  # data.video.tokenizer=<a Hugging Face tokenizer directory>; 0.23 tested
+    "pillow>=10,<14",  # image samples (data/video/images.py); 13.0 tested
 ]
 # transformers: the reference implementation HF-interop tests compare logits against
 DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "transformers==5.24.0"]

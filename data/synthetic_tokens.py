@@ -33,10 +33,12 @@ class DataConfig:
     copy_prob: float = 0.5
     # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
     # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos, once, then reused), with
-    # data.synthetic_texts text-only samples among them (docs/data.md "Text-only samples")
+    # data.synthetic_images images and data.synthetic_texts text-only samples among them (docs/data.md
+    # "Image samples", "Text-only samples")
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
     synthetic_videos: int = 24
     synthetic_texts: int = 0
+    synthetic_images: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -49,6 +51,8 @@ class DataConfig:
             raise ValueError(f"data.synthetic_videos must be >= 1, got {self.synthetic_videos}")
         if self.synthetic_texts < 0:
             raise ValueError(f"data.synthetic_texts must be >= 0, got {self.synthetic_texts}")
+        if self.synthetic_images < 0:
+            raise ValueError(f"data.synthetic_images must be >= 0, got {self.synthetic_images}")
         if self.kind == "video":
             unset = {}  # setting -> what to set it to
             if self.video.shards == REQUIRED:

@@ -362,7 +362,8 @@ class Trainer:
                         quarantine_path=f"{stem.stem}_eval{stem.suffix}")
         elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
-                                             cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts)
+                                             cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,
+                                             n_images=cfg.data.synthetic_images)
             v = replace(v, shards=str(shards))
         if v.quarantine_path and not os.path.isabs(v.quarantine_path):
             stem = Path(v.quarantine_path)

@@ -88,6 +88,14 @@ class VideoDataConfig:
     merge_size: int = 2
     max_aspect_ratio: float = 200.0
 
+    # ---- image samples (docs/data.md "Image samples") -------------------------------------------
+    min_image_tokens: int = 4
+    """Merged (LM) tokens of an image, lower bound (Qwen2-VL's min_pixels = 4 x 28 x 28)."""
+    max_image_tokens: int = 1280
+    """Merged (LM) tokens of an image, upper bound (Qwen2.5-VL's default max_pixels = 1280 x 28 x 28); an
+    image is resized, aspect kept, to sides that are multiples of 28 with its token count in
+    [min_image_tokens, max_image_tokens] (its native size when that already fits)."""
+
     # ---- ordering -----------------------------------------------------------------------------
     shuffle: bool = True
     shuffle_buffer: int = 1000
@@ -186,6 +194,10 @@ class VideoDataConfig:
             bad("merge_size", "must be >= 1")
         if self.max_aspect_ratio < 1:
             bad("max_aspect_ratio", "must be >= 1")
+        if self.min_image_tokens < 1:
+            bad("min_image_tokens", "must be >= 1")
+        if self.max_image_tokens < self.min_image_tokens:
+            bad("max_image_tokens", f"must be >= min_image_tokens ({self.min_image_tokens})")
         if self.shuffle_buffer < 0:
             bad("shuffle_buffer", "must be >= 0")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):

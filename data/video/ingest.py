@@ -3,6 +3,8 @@
     python launch/ingest.py --videos DIR --annotations FILE.jsonl --out DIR --shard-size-mb 1024 \
         [--proxy] [--workers N]
 
+An annotation record with an `image` field (a path relative to --videos) is an image sample: decoded whole
+in the guarded child once (Pillow), stored as is beside its `<key>.json` (docs/data.md "Image samples").
 An annotation record with no `video` field and some text (`text`, or `qa` pairs) is a text-only sample:
 it is stored as its `<key>.json` alone (key `text-<sha1 of the record>`), spread evenly among the videos
 in the shards, so that a run mixes text-only documents with the videos (docs/data.md "Text-only samples").
@@ -104,15 +106,22 @@ def _has_text(r: dict) -> bool:
     return (isinstance(t, str) and bool(t.strip())) or (isinstance(r.get("qa"), list) and bool(r["qa"]))
 
 
-def read_annotations(path: str | None) -> tuple[dict[str, dict], list[tuple[str, dict, int]], list[str]]:
-    """JSONL -> ({relative video path: record}, [(key, record, line) of text-only records], problems).
-    A record with no `video` field is a text-only sample when it has text (`text` or `qa`)."""
+@dataclass
+class Annotations:
+    videos: dict[str, dict] = field(default_factory=dict)   # relative video path -> record
+    images: dict[str, dict] = field(default_factory=dict)   # relative image path -> record
+    texts: list[tuple[str, dict, int]] = field(default_factory=list)  # (key, record, line) of text-only records
+    problems: list[str] = field(default_factory=list)
+
+
+def read_annotations(path: str | None) -> Annotations:
+    """JSONL -> records by kind, and the problems found. A record names its `video` or its `image` (a path
+    relative to --videos); one with neither is a text-only sample when it has text (`text` or `qa`)."""
+    out = Annotations()
     if path is None:
-        return {}, [], []
-    recs: dict[str, dict] = {}
-    texts: list[tuple[str, dict, int]] = []
+        return out
     text_line: dict[str, int] = {}
-    problems: list[str] = []
+    problems = out.problems
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
@@ -126,26 +135,30 @@ def read_annotations(path: str | None) -> tuple[dict[str, dict], list[tuple[str,
             if not isinstance(r, dict):
                 problems.append(f"{path}:{n}: not a JSON object")
                 continue
-            v = r.get("video")
-            if v is None and _has_text(r):
+            v, im = r.get("video"), r.get("image")
+            if v is not None and im is not None:
+                problems.append(f"{path}:{n}: both 'video' and 'image': one sample is one or the other")
+                continue
+            if v is None and im is None and _has_text(r):
                 tid = text_sample_id(r)
                 if tid in text_line:
                     problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
                     continue
                 text_line[tid] = n
-                texts.append((tid, r, n))
+                out.texts.append((tid, r, n))
                 continue
-            if not isinstance(v, str):
-                problems.append(f"{path}:{n}: no string field 'video', and no text for a text-only sample "
-                                f"(a non-empty 'text' or 'qa')" if v is None else
-                                f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
+            field_name, value, table = ("image", im, out.images) if im is not None else ("video", v, out.videos)
+            if not isinstance(value, str):
+                problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
+                                f"sample (a non-empty 'text' or 'qa')" if value is None else
+                                f"{path}:{n}: field {field_name!r} is {type(value).__name__}, not a string")
                 continue
-            rel = os.path.normpath(v)
-            if rel in recs:
+            rel = os.path.normpath(value)
+            if rel in out.videos or rel in out.images:
                 problems.append(f"{path}:{n}: second record for {rel!r} ignored")
                 continue
-            recs[rel] = r
-    return recs, texts, problems
+            table[rel] = r
+    return out
 
 
 def interleave(a: list, b: list) -> list:
@@ -201,6 +214,20 @@ def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dic
             "seconds": time.monotonic() - t0}
 
 
+def _image_job(pool: _Pool, opts: IngestOptions, root: str, rel: str) -> dict:
+    """Decode an image whole in the guarded child (a crash or hang costs that file) and return its metadata."""
+    path = os.path.join(root, rel)
+    key = make_key(rel)
+    t0 = time.monotonic()
+    try:
+        res = pool.worker().call("inspect_image", timeout_s=opts.timeout_s, path=path)
+    except WorkerFailure as e:
+        return {"kind": "image", "rel": rel, "key": key, "ok": False, "reason": e.reason, "detail": e.detail[:500],
+                "bytes_in": _size(path), "seconds": time.monotonic() - t0}
+    return {"kind": "image", "rel": rel, "key": key, "ok": True, "result": res, "bytes_in": _size(path),
+            "seconds": time.monotonic() - t0}
+
+
 def _size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -237,16 +264,17 @@ def ingest(opts: IngestOptions) -> dict:
                 and os.path.exists(index_path(out / s["shard"]))}
     shards_done = [s for s in shards_done if s["shard"] in complete]
     _cleanup_incomplete(out, complete)
-    done = {v for s in shards_done for v in s["videos"] + s.get("texts", [])}
+    done = {v for s in shards_done for v in s["videos"] + s.get("images", []) + s.get("texts", [])}
     rejected_before = read_jsonl(rejects_path)
     if not opts.retry_rejects:
-        done |= {r["video"] for r in rejected_before}
+        done |= {r.get("video") or r.get("image") for r in rejected_before}
     next_index = 1 + max([int(s["shard"][6:12]) for s in shards_done], default=-1)
 
     root = os.path.abspath(opts.videos) if opts.videos is not None else None
     videos = list_videos(root, opts.extensions) if root is not None else []
-    ann, texts, problems = read_annotations(opts.annotations)
-    for p in problems:
+    annotations = read_annotations(opts.annotations)
+    ann, texts = annotations.videos, annotations.texts
+    for p in annotations.problems:
         print(f"[ingest] warning: {p}", file=sys.stderr)
     missing = sorted(set(ann) - set(videos))
     for rel in missing:
@@ -254,9 +282,20 @@ def ingest(opts: IngestOptions) -> dict:
             _append_jsonl(rejects_path, {"video": rel, "reason": "missing_file",
                                          "detail": "listed in annotations, not found under --videos"})
             done.add(rel)
+    images = sorted(annotations.images)
+    missing_images = 0
+    for rel in images:
+        if rel not in done and (root is None or not os.path.isfile(os.path.join(root, rel))):
+            _append_jsonl(rejects_path, {"image": rel, "reason": "missing_file",
+                                         "detail": "listed in annotations, not found under --videos"
+                                         if root is not None else "listed in annotations; no --videos folder given"})
+            done.add(rel)
+            missing_images += 1
     text_of = {tid: (r, n) for tid, r, n in texts}
-    # ("video", relative path) or ("text", key); the text-only samples spread evenly among the videos
-    todo = interleave([("video", v) for v in videos if v not in done],
+    # ("video" | "image", relative path) or ("text", key): images spread evenly among the videos, then the
+    # text-only samples among both, so that the shards (and the shuffle) mix the kinds
+    todo = interleave(interleave([("video", v) for v in videos if v not in done],
+                                 [("image", v) for v in images if v not in done]),
                       [("text", tid) for tid, _, _ in texts if tid not in done])
 
     tmp = tempfile.mkdtemp(prefix="keye-ingest-", dir=opts.tmp_dir)
@@ -265,6 +304,7 @@ def ingest(opts: IngestOptions) -> dict:
     stats = Counter()
     writer: ShardWriter | None = None
     cur_videos: list[str] = []
+    cur_images: list[str] = []
     cur_texts: list[str] = []
     target = int(opts.shard_size_mb * (1 << 20))
     bar = None
@@ -276,15 +316,15 @@ def ingest(opts: IngestOptions) -> dict:
             bar = None
 
     def close_shard() -> None:
-        nonlocal writer, cur_videos, cur_texts
+        nonlocal writer, cur_videos, cur_images, cur_texts
         if writer is None:
             return
         path, entries = writer.close()
-        rec = {"shard": os.path.basename(path), "videos": cur_videos, "texts": cur_texts,
+        rec = {"shard": os.path.basename(path), "videos": cur_videos, "images": cur_images, "texts": cur_texts,
                "num_samples": len(entries), "bytes": os.path.getsize(path)}
         _append_jsonl(manifest_path, rec)
         shards_done.append(rec)
-        writer, cur_videos, cur_texts = None, [], []
+        writer, cur_videos, cur_images, cur_texts = None, [], [], []
 
     def writer_now() -> ShardWriter:
         nonlocal writer, next_index
@@ -306,6 +346,8 @@ def ingest(opts: IngestOptions) -> dict:
                 kind, name = todo[submitted]
                 if kind == "text":                   # nothing to inspect: ready at once, in its place
                     ready[submitted] = {"text": name}
+                elif kind == "image":
+                    pending[pool.ex.submit(_image_job, pool, opts, root, name)] = submitted
                 else:
                     pending[pool.ex.submit(_job, pool, opts, root, name, tmp)] = submitted
                 submitted += 1
@@ -333,6 +375,24 @@ def ingest(opts: IngestOptions) -> dict:
                         bar.update(1)
                     continue
                 stats["bytes_in"] += r["bytes_in"]
+                if r.get("kind") == "image":
+                    rel = r["rel"]
+                    if not r["ok"]:
+                        reasons[r["reason"]] += 1
+                        _append_jsonl(rejects_path, {"image": rel, "reason": r["reason"], "detail": r["detail"]})
+                    else:
+                        meta = r["result"]
+                        writer_now().add_image_sample(r["key"], os.path.join(root, rel), rel.rsplit(".", 1)[-1].lower(), {
+                            "schema": SCHEMA, "key": r["key"], "kind": "image", "source_path": rel, "video": None,
+                            "image": meta, "annotation": annotations.images[rel]})
+                        cur_images.append(rel)
+                        stats["image_accepted"] += 1
+                        stats["bytes_stored"] += meta["bytes"]
+                        if writer.size >= target:
+                            close_shard()
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 if not r["ok"]:
                     reasons[r["reason"]] += 1
                     _append_jsonl(rejects_path, {"video": r["rel"], "reason": r["reason"], "detail": r["detail"]})
@@ -382,8 +442,9 @@ def ingest(opts: IngestOptions) -> dict:
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "this_run": {"processed": len(todo), "accepted": stats["accepted"],
                      "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
-                     "skipped_already_done": len(videos) + len(texts) - len(todo),
+                     "skipped_already_done": len(videos) + len(images) + len(texts) - len(todo) - missing_images,
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
+                     "image_samples": stats["image_accepted"],
                      "text_chars": stats["text_chars"],
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
                      "frames": stats["frames"], "seconds_of_video": round(stats["seconds_of_video"], 3),
@@ -430,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     s = ingest(opts)
     r = s["this_run"]
     print(f"ingest: {r['accepted']} videos accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
-          f"{r['text_samples']} text-only samples, "
+          f"{r['image_samples']} images, {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     return 0

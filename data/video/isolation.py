@@ -199,6 +199,12 @@ def _op_inspect(path: str, proxy: dict | None = None, proxy_path: str | None = N
     return inspect_video(path, proxy=spec, proxy_path=proxy_path, threads=threads, check_decord=check_decord)
 
 
+def _op_inspect_image(path: str) -> dict:
+    from .images import inspect_image
+
+    return inspect_image(path)
+
+
 def _fault_injection(path: str) -> None:
     """Test hook: KEYE_DECODE_FAULT="crash:<substring>" or "hang:<substring>" makes the decode of a
     file whose original name contains <substring> segfault or hang, like a broken decoder would."""
@@ -231,7 +237,7 @@ def _op_hang(seconds: float = 3600.0) -> None:   # for tests: a stuck decoder
     time.sleep(seconds)
 
 
-_OPS = {"inspect": _op_inspect, "decode": _op_decode, "ping": lambda: os.getpid(),
+_OPS = {"inspect": _op_inspect, "inspect_image": _op_inspect_image, "decode": _op_decode, "ping": lambda: os.getpid(),
         "_crash": _op_crash, "_hang": _op_hang}
 
 
@@ -240,6 +246,7 @@ def _child_main() -> None:
     os.dup2(2, 1)                      # stray prints go to the log, not the protocol
     proto_in = sys.stdin.fileno()
     from .backends import DecodeError
+    from .images import ImageError
     from .probe import ProbeError
 
     while True:
@@ -249,7 +256,7 @@ def _child_main() -> None:
         op, kwargs = msg
         try:
             result = ("ok", _OPS[op](**kwargs))
-        except (DecodeError, ProbeError) as e:
+        except (DecodeError, ProbeError, ImageError) as e:
             result = ("err", (e.reason, e.detail))
         except Exception as e:         # anything else: report it, keep serving
             result = ("err", ("exception", f"{type(e).__name__}: {str(e)[:500]}"))

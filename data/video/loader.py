@@ -71,7 +71,8 @@ from .isolation import GuardedWorker, WorkerFailure
 from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify,
                       plan_document)
 from .sampling import PlanError
-from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
+from .images import ImageError, decode_image
+from .shards import SampleRecord, catalog_fingerprint, load_catalog, read_member, spill_member
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -81,6 +82,7 @@ _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "m
                 "min_frame_tokens", "max_frame_tokens", "video_tokens_per_second", "min_video_tokens",
                 "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
                 "shuffle", "shuffle_buffer", "tokenizer", "vocab_size", "special_token_offset")
+_IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
 
 
 class SampleFailure(Exception):
@@ -150,7 +152,7 @@ class Planner:
             try:
                 d = plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
                                   annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer,
-                                  seed=self.seed, epoch=epoch)
+                                  seed=self.seed, epoch=epoch, image=r.image)
             except PlanError as e:
                 d = e
             except (KeyError, TypeError, ValueError) as e:
@@ -245,6 +247,15 @@ class FrameSource:
     def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
         """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
         fp = doc.frames
+        if rec.is_image:      # Pillow in this worker (ingest decoded the whole file once in a guarded child)
+            try:
+                data = read_member(rec.shard, rec.video_offset, rec.video_size)
+            except OSError as e:
+                raise SampleFailure("read_error", str(e)[:300]) from None
+            try:
+                return decode_image(data, fp.height, fp.width, what=rec.key)
+            except ImageError as e:
+                raise SampleFailure(e.reason, e.detail) from None
         self._n += 1
         stem = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
         video = f"{stem}.{rec.video_ext}"
@@ -417,6 +428,7 @@ class VideoPackedLoader:
                                  f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")
         self.source_names = [name for name, *_ in specs]
         self.catalogs = cats
+        self.has_images = any(r.is_image for cat in cats for r in cat)
         self.planners = [Planner(c, cfg, self.tokenizer, self.seed) for c in cats]
         self.catalog, self.planner = cats[0], self.planners[0]
         fps = [catalog_fingerprint(c) for c in cats]
@@ -532,6 +544,7 @@ class VideoPackedLoader:
                              f"{k} {v['pack_share']:.1%} of sequences, {v['token_share']:.1%} of tokens, "
                              f"{v['samples']} samples" for k, v in self.source_stats().items()))
         self._stats["samples_text"] += pack.text_docs
+        self._stats["samples_image"] += pack.image_docs
         for key in pack.planned_keys:
             f = failed.get(key)
             if f is None:
@@ -573,7 +586,9 @@ class VideoPackedLoader:
     # ---- state --------------------------------------------------------------------------------
     def _plan_config(self) -> dict:
         c = asdict(self.cfg)
-        return {k: c[k] for k in _PLAN_FIELDS}
+        # the image fields only where there are images: a run without them keeps the fingerprint (and so
+        # the resumable state) it had before image samples existed
+        return {k: c[k] for k in _PLAN_FIELDS + (_IMAGE_PLAN_FIELDS if self.has_images else ())}
 
     def plan_fingerprint(self) -> str:
         blob = json.dumps({"catalog": self.catalog_fp, "seed": self.seed, "cfg": self._plan_config(),

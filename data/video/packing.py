@@ -11,7 +11,9 @@ One sample (a video + its annotation) becomes one *document*:
     <eos>
 
 A text-only sample (an annotation record with no video) is the same without frames: <bos>? text <eos>,
-cut to one sequence (`plan_text_document`).
+cut to one sequence (`plan_text_document`). An image sample is one frame with no timestamp text and
+`<image_pad>` placeholders: <bos>? <vision_start> <image_pad> x (rows*cols) <vision_end> text <eos>
+(`plan_image_document`); its merged tokens take 3D positions as a video frame's do.
 
 Labels are shifted inside the packer: labels[i] = tokens[i+1] where token i+1 is supervised (caption,
 event and answer text, and <eos> when the document has any supervised text), else
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from .config import VideoDataConfig
-from .sampling import FramePlan, PlanError, plan_frames, timestamp_text
+from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
 
 
@@ -50,7 +52,7 @@ from .tokenizer import Tokenizer
 class PackedSample:
     """One packed sequence of S tokens and the frames whose merged tokens sit in it."""
 
-    tokens: torch.Tensor          # [S] int64, text ids with video_pad_id where a visual token goes
+    tokens: torch.Tensor          # [S] int64, text ids with video_pad_id / image_pad_id where a visual token goes
     labels: torch.Tensor          # [S] int64, next-token targets, label_ignore_index where unsupervised
     loss_mask: torch.Tensor       # [S] float32, 1.0 where labels count
     position_ids: torch.Tensor    # [3, S] int64, (time, height, width) M-RoPE positions
@@ -69,6 +71,7 @@ class PackedSample:
     planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
     source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source
     text_docs: int = 0            # text-only documents among the num_docs (no frames)
+    image_docs: int = 0           # image documents among the num_docs (one frame each)
 
     @property
     def seq_len(self) -> int:
@@ -99,7 +102,7 @@ class PackedSample:
         assert int(self.cu_seqlens[0]) == 0 and int(self.cu_seqlens[-1]) == S
         assert bool((self.cu_seqlens[1:] > self.cu_seqlens[:-1]).all())
         assert S <= cfg.seq_len
-        is_vis = self.tokens == tokenizer.video_pad_id
+        is_vis = (self.tokens == tokenizer.video_pad_id) | (self.tokens == tokenizer.image_pad_id)
         assert torch.equal(torch.nonzero(is_vis).flatten(), self.visual_pos)
         m2 = cfg.merge_size ** 2
         assert self.pixel_values.shape[0] == int(self.grid_thw.prod(-1).sum())
@@ -188,6 +191,7 @@ class DocPlan:
     text_loss: list[bool]
     length: int
     truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence)
+    is_image: bool = False         # an image sample: one frame, <image_pad> placeholders, no timestamp
 
     @property
     def num_frames(self) -> int:
@@ -227,10 +231,26 @@ def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataCo
                    length=ends + len(ids), truncated=cut)
 
 
+def plan_image_document(*, uid: int, key: str, image: dict, annotation: dict, cfg: VideoDataConfig,
+                        tokenizer: Tokenizer) -> DocPlan:
+    """An image sample: its annotation text cut as a video's (`max_text_tokens`, leaving room for
+    `min_image_tokens`), then the image's size from what the sequence leaves (`sampling.plan_image`)."""
+    ends = 1 + (tokenizer.bos_id is not None)
+    text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - 2 - cfg.min_image_tokens)
+    text_ids, text_loss, _ = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
+    fixed = ends + 2 + len(text_ids)
+    fp = plan_image(image, cfg, token_cap=cfg.seq_len - fixed)
+    return DocPlan(uid=uid, key=key, frames=fp, ts_ids=[[]], text_ids=text_ids, text_loss=text_loss,
+                   length=fixed + fp.visual_tokens, is_image=True)
+
+
 def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
-                  tokenizer: Tokenizer, seed: int, epoch: int) -> DocPlan:
-    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `video` None:
-    a text-only sample (`plan_text_document`)."""
+                  tokenizer: Tokenizer, seed: int, epoch: int, image: dict | None = None) -> DocPlan:
+    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `image` given:
+    an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`)."""
+    if image is not None:
+        return plan_image_document(uid=uid, key=key, image=image, annotation=annotation, cfg=cfg,
+                                   tokenizer=tokenizer)
     if video is None:
         return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer)
     n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
@@ -262,6 +282,7 @@ class DocArrays:
     pixels: np.ndarray | None  # [n*gh*gw, 3*p*p] uint8 (None when written straight into the pack)
     grid: np.ndarray          # [n, 3]
     timestamps: np.ndarray    # [n] float32
+    is_image: bool = False
 
 
 def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig,
@@ -307,7 +328,7 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
         if anchor is None:
             anchor = p - int(round(fp.timestamps[0] * rate))
         t = max(p, anchor + int(round(ts * rate)))
-        tok[i:i + per] = tokenizer.video_pad_id
+        tok[i:i + per] = tokenizer.image_pad_id if doc.is_image else tokenizer.video_pad_id
         pos[0, i:i + per] = t
         pos[1, i:i + per] = t + rr
         pos[2, i:i + per] = t + cc
@@ -333,7 +354,8 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
         pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
     grid = np.tile(np.array([[1, rows * cfg.merge_size, cols * cfg.merge_size]], np.int64), (n, 1))
     return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
-                     grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32))
+                     grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32),
+                     is_image=doc.is_image)
 
 
 def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, tokenizer: Tokenizer, *,
@@ -372,14 +394,15 @@ def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, 
                                         else np.zeros((0, p2), np.uint8))
     grid = np.concatenate([d.grid for d in docs]) if docs else np.zeros((0, 3), np.int64)
     ts = np.concatenate([d.timestamps for d in docs]) if docs else np.zeros(0, np.float32)
-    visual_pos = np.nonzero(tokens == tokenizer.video_pad_id)[0].astype(np.int64)
+    visual_pos = np.nonzero((tokens == tokenizer.video_pad_id) | (tokens == tokenizer.image_pad_id))[0].astype(np.int64)
     return PackedSample(
         tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
         loss_mask=torch.from_numpy(loss_mask), position_ids=torch.from_numpy(pos),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), pixel_values=pixel_values,
         grid_thw=torch.from_numpy(grid), visual_pos=torch.from_numpy(visual_pos),
         frame_timestamps=torch.from_numpy(ts), frame_doc=torch.tensor(frame_doc, dtype=torch.int32),
-        num_docs=len(docs), num_pad=pad, text_docs=sum(int(d.grid.shape[0] == 0) for d in docs), sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
+        num_docs=len(docs), num_pad=pad, text_docs=sum(int(d.grid.shape[0] == 0) for d in docs),
+        image_docs=sum(int(d.is_image) for d in docs), sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
         failures=list(failures), planned_keys=list(planned_keys))
 
 

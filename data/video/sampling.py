@@ -161,6 +161,23 @@ def plan_frames(video: dict, cfg: VideoDataConfig, *, seed: int = 0, epoch: int 
                      height=h, width=w, tokens_per_frame=tpf, interval_s=float(interval), budget=budget)
 
 
+def plan_image(image: dict, cfg: VideoDataConfig, *, token_cap: int | None = None) -> FramePlan:
+    """The plan of an image sample: one frame at its displayed size snapped to multiples of 28 with
+    [min_image_tokens, max_image_tokens] merged tokens (its native size when that fits), fewer when
+    `token_cap` (what the sequence leaves after the text) is smaller. `image` is the verified metadata."""
+    cap = cfg.max_image_tokens if token_cap is None else min(cfg.max_image_tokens, int(token_cap))
+    if cap < cfg.min_image_tokens:
+        raise PlanError("does_not_fit", f"room for {cap} image tokens < min_image_tokens {cfg.min_image_tokens}")
+    factor = cfg.frame_factor
+    h, w = snap_frame_size(int(image["height"]), int(image["width"]), factor=factor,
+                           min_tokens=cfg.min_image_tokens, max_tokens=cap, max_aspect_ratio=cfg.max_aspect_ratio)
+    tokens = (h // factor) * (w // factor)
+    if token_cap is not None and tokens > token_cap:        # an aspect ratio the range cannot hold
+        raise PlanError("does_not_fit", f"{image['width']}x{image['height']} needs {tokens} tokens, room for {cap}")
+    return FramePlan(indices=(0,), timestamps=(0.0,), height=h, width=w, tokens_per_frame=tokens,
+                     interval_s=1.0, budget=cap)
+
+
 def timestamp_text(t: float) -> str:
     """The text timestamp that precedes a frame, e.g. '<12.5s>'."""
     return f"<{t:.1f}s>"

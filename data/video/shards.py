@@ -3,7 +3,9 @@
 A shard `shard-000012.tar` is a plain (webdataset-compatible) tar: for each sample `<key>.json`
 (metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). A text-only sample (an
 annotation record with no video, docs/data.md "Text-only samples") is its `<key>.json` alone, with
-`"kind": "text"` and `"video": null`. Beside it,
+`"kind": "text"` and `"video": null`; an image sample is `<key>.json` + `<key>.<image ext>`, with
+`"kind": "image"`, `"video": null` and the verified metadata under `"image"` (the index keeps the image
+member's offset and size in the `video_*` fields: they name the sample's media member). Beside it,
 `shard-000012.idx.json` lists every sample with the byte offsets of its members and the verified
 metadata, so the loader can plan a whole epoch and seek straight to any sample without scanning
 tars. Shards without an index (written by other tools in the same layout) are scanned once.
@@ -20,7 +22,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = "keye-video-meta/2"   # /2: text-only samples (no video member) may appear; /1 shards read as before
+from .images import IMAGE_EXTS
+
+SCHEMA = "keye-video-meta/2"   # /2: text-only and image samples may appear; /1 shards read as before
 VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv")
 
 
@@ -82,6 +86,20 @@ class ShardWriter:
         self.entries.append(entry)
         return entry
 
+    def add_image_sample(self, key: str, image_path: str, image_ext: str, record: dict) -> dict:
+        """An image sample: `<key>.json` then the image file as stored (`record["image"]` its metadata)."""
+        assert record.get("kind") == "image" and record.get("video") is None and record.get("image"), record
+        payload = json.dumps(record, sort_keys=True).encode("utf-8")
+        j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
+        with open(image_path, "rb") as f:
+            m_off, m_size = self._add(f"{key}.{image_ext}", os.path.getsize(image_path), f)
+        entry = {"key": key, "kind": "image", "json_offset": j_off, "json_size": j_size,
+                 "video_member": f"{key}.{image_ext}", "video_offset": m_off, "video_size": m_size,
+                 "source_path": record.get("source_path"), "video": None, "image": record["image"],
+                 "annotation": record.get("annotation", {})}
+        self.entries.append(entry)
+        return entry
+
     def add_text_sample(self, key: str, record: dict) -> dict:
         """A text-only sample: its `<key>.json` member alone (`record["video"]` is None)."""
         assert record.get("kind") == "text" and record.get("video") is None, record
@@ -128,12 +146,21 @@ class SampleRecord:
     video_offset: int
     video_size: int
     video_ext: str
-    video: dict | None       # verified metadata of the stored video; None for a text-only sample
+    video: dict | None       # verified metadata of the stored video; None for a text-only or image sample
     annotation: dict
+    image: dict | None = None  # verified metadata of the stored image (an image sample)
 
     @property
     def is_text(self) -> bool:
-        return self.video is None
+        return self.video is None and self.image is None
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.image is not None else "text" if self.video is None else "video"
 
 
 def resolve_shards(spec: str) -> list[str]:
@@ -167,7 +194,7 @@ def scan_shard(tar_path: str) -> dict:
                 order.append(key)
             if ext == "json":
                 d["record"] = json.loads(tar.extractfile(m).read())
-            elif ext in VIDEO_EXTS:
+            elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
                 d["video_member"] = m.name
                 d["video_offset"] = m.offset_data
                 d["video_size"] = m.size
@@ -175,6 +202,12 @@ def scan_shard(tar_path: str) -> dict:
     for key in order:
         d = by_key[key]
         rec = d.get("record") or {}
+        if rec.get("kind") == "image" and isinstance(rec.get("image"), dict) and "video_offset" in d:
+            samples.append({"key": key, "kind": "image", "video_member": d["video_member"],
+                            "video_offset": d["video_offset"], "video_size": d["video_size"], "video": None,
+                            "image": rec["image"], "annotation": rec.get("annotation", {}),
+                            "source_path": rec.get("source_path")})
+            continue
         if rec.get("kind") == "text" and rec.get("video") is None and "video_offset" not in d:
             samples.append({"key": key, "kind": "text", "video_member": None, "video_offset": -1,
                             "video_size": 0, "video": None, "annotation": rec.get("annotation", {}),
@@ -208,7 +241,8 @@ def load_catalog(spec: str, *, field: str = "shards") -> list[SampleRecord]:
             ext = s["video_member"].rsplit(".", 1)[-1] if s.get("video_member") else ""
             out.append(SampleRecord(uid=len(out), shard=tar_path, key=s["key"],
                                     video_offset=int(s["video_offset"]), video_size=int(s["video_size"]),
-                                    video_ext=ext, video=s["video"], annotation=s.get("annotation") or {}))
+                                    video_ext=ext, video=s["video"], annotation=s.get("annotation") or {},
+                                    image=s.get("image")))
     return out
 
 

@@ -190,6 +190,42 @@ def annotation_for(rel_path: str, truth: dict) -> dict:
     }
 
 
+IMAGE_SIZES = ((120, 90), (200, 140), (64, 160), (300, 220))   # (width, height) as displayed
+IMAGE_BITS = 10
+
+
+def image_number(i: int, seed: int = 0) -> int:
+    """The number burned into synthetic image i's counter band (distinct per image of one seed)."""
+    return (seed * 37 + 101 + 7 * i) % (1 << IMAGE_BITS)
+
+
+def write_image(path: str | os.PathLike, i: int, seed: int = 0) -> dict:
+    """Synthetic image i: `draw_frame` of its number at one of IMAGE_SIZES. Every third is a PNG with an
+    alpha channel, every third + 1 a JPEG stored rotated with EXIF orientation 6 (a viewer turns it upright,
+    as a phone photo is), the rest plain PNG. Returns its annotation record (relative to `path`'s folder)."""
+    from PIL import Image
+
+    w, h = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+    n = image_number(i, seed)
+    arr = draw_frame(n, h, w, bits=IMAGE_BITS, seed=seed + i)
+    path = Path(path)
+    kind = i % 3
+    if kind == 1:
+        path = path.with_suffix(".jpg")
+        exif = Image.Exif()
+        exif[0x0112] = 6                       # display = stored turned 90 degrees clockwise
+        Image.fromarray(np.ascontiguousarray(np.rot90(arr, 1))).save(path, quality=95, exif=exif)
+    else:
+        path = path.with_suffix(".png")
+        img = Image.fromarray(arr)
+        if kind == 2:
+            img.putalpha(200)
+        img.save(path)
+    return {"image": path.name, "caption": f"A synthetic picture numbered {n} ({w}x{h}).",
+            "qa": [{"question": "Which number does the picture show?", "answer": str(n)}],
+            "counter_bits": IMAGE_BITS, "image_number": n}
+
+
 def text_record(i: int, seed: int = 0) -> dict:
     """A text-only annotation record (no video) whose content follows from (seed, i): a counting
     passage (`text`), every third one a question with its answer (`qa`) instead."""
@@ -207,9 +243,10 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
                           min_seconds: float = 1.5, max_seconds: float = 4.0,
                           sizes=((64, 48), (96, 64), (128, 96), (160, 120), (80, 112)),
                           fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264",
-                          n_text: int = 0) -> tuple[Path, Path]:
-    """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl (with `n_text`
-    text-only records after the videos' records: `text_record`)."""
+                          n_text: int = 0, n_images: int = 0) -> tuple[Path, Path]:
+    """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl, with `n_images`
+    images beside them (`write_image`) and `n_text` text-only records (`text_record`) after the videos'
+    records."""
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +261,7 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         rel = f"clip_{i:05d}.mp4"
         truth = write_video(vdir / rel, spec)
         records.append(annotation_for(rel, truth))
+    records += [write_image(vdir / f"img_{i:05d}", i, seed) for i in range(n_images)]
     records += [text_record(i, seed) for i in range(n_text)]
     ann = out / "annotations.jsonl"
     with open(ann, "w") as f:

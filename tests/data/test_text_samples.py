@@ -47,15 +47,16 @@ def test_read_annotations_sorts_records(tmp_path):
     recs = [{"video": "x.mp4", "caption": "c"}, {"text": "plain text"}, {"qa": [{"q": "1+1?", "a": "2"}]},
             {"text": "plain text"}, {"caption": "a caption but no video"}, {"video": 3}, [1, 2], {"text": "  "}]
     p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    videos, texts, problems = read_annotations(str(p))
-    assert list(videos) == ["x.mp4"]
+    a = read_annotations(str(p))
+    videos, texts, problems = a.videos, a.texts, a.problems
+    assert list(videos) == ["x.mp4"] and not a.images
     assert [(t[0], t[2]) for t in texts] == [(text_sample_id(recs[1]), 2), (text_sample_id(recs[2]), 3)]
     assert texts[0][0].startswith("text-") and len(texts[0][0]) == 21
     assert len(problems) == 5, problems
     assert "line 2" in problems[0] and ":4:" in problems[0]                  # the duplicate names its first line
-    assert ":5: no string field 'video', and no text" in problems[1]         # neither a video nor a text sample
+    assert ":5: no string field 'video' or 'image', and no text" in problems[1]         # neither a video nor a text sample
     assert ":6: field 'video' is int" in problems[2] and ":7: not a JSON object" in problems[3]
-    assert ":8: no string field 'video'" in problems[4]                       # blank text is no text
+    assert ":8: no string field 'video' or 'image'" in problems[4]                       # blank text is no text
 
 
 def test_ingest_stores_text_samples_among_videos(mixed):

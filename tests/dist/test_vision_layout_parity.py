@@ -96,7 +96,8 @@ def test_projector_alignment_trains_only_the_projector(curves):
 
 # Text-only samples among the videos (docs/data.md "Text-only samples"): packs with frames and packs with
 # none, so that in some step no rank encodes a frame (its ViT gradient is exactly 0) and in another one does;
-# the layouts must still agree with one process, the same tolerance as above.
+# and image samples (docs/data.md "Image samples"). The layouts must still agree with one process, the same
+# tolerance as above.
 TEXT_LAYOUTS = {"tp2_spread": ["parallel.tp=2", "parallel.vit.layout=spread"],
                 "tp2_replicated": ["parallel.tp=2", "parallel.vit.layout=replicated"],
                 "cp2_spread": ["parallel.cp=2", "parallel.vit.layout=spread"],
@@ -108,10 +109,16 @@ def text_curves(tmp_path_factory):
     from data.video_stream import ensure_synthetic_shards
     from tests.launch_util import run_layouts_all
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("text"), 2, 1234, rank=0, n_text=30)
+    # image samples (one frame each, <image_pad> placeholders) with a few videos and texts: step 1 holds images
+    # and texts only, steps 2-3 images beside videos
+    images = ensure_synthetic_shards(tmp_path_factory.mktemp("img"), 2, 1234, rank=0, n_text=4, n_images=10)
     common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
-    one = run_layouts_all(1, {"single": common, "ksa_single": ksa}, tmp_path_factory.mktemp("text_one"))
+    img = COMMON + [f"data.video.shards={images}"]
+    one = run_layouts_all(1, {"single": common, "ksa_single": ksa, "img_single": img},
+                          tmp_path_factory.mktemp("text_one"))
     two = run_layouts_all(2, {**{k: common + v for k, v in TEXT_LAYOUTS.items()},
-                              "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"]},
+                              "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"],
+                              **{f"img_{k}": img + TEXT_LAYOUTS[k] for k in ("tp2_spread", "cp2_spread", "pp2_spread")}},
                           tmp_path_factory.mktemp("text_two"))
     return one, two
 
@@ -127,3 +134,11 @@ def test_text_only_packs_in_every_vit_layout(text_curves):
     # KSA inserts its summary slots per document, text-only documents included, also into each CP rank's chunks
     assert _close(two["losses"]["ksa_cp2"], one["losses"]["ksa_single"]), (two["losses"]["ksa_cp2"],
                                                                           one["losses"]["ksa_single"])
+
+
+def test_image_samples_in_vit_layouts(text_curves):
+    one, two = text_curves
+    single = one["losses"]["img_single"]
+    assert single[3] < single[1] and all(one["extras"]["img_single"][s]["vit_grad"] > 0 for s in (1, 2, 3)), single
+    for name in ("img_tp2_spread", "img_cp2_spread", "img_pp2_spread"):
+        assert _close(two["losses"][name], single), (name, two["losses"][name], single)

@@ -1,0 +1,75 @@
+"""Image samples: verification at ingest and decoding at load time (Pillow).
+
+An image is one frame: planned like a video frame (`sampling.plan_image`), encoded by the same ViT
+(temporal patch 1), with `<image_pad>` placeholders instead of `<video_pad>` and no timestamp text.
+
+`inspect_image(path)` runs in ingest's guarded child process (isolation.py, op "inspect_image"): it
+decodes the whole file, applies the EXIF orientation and returns what planning needs, the size as
+displayed. `decode_image(data, height, width)` runs in the loader's worker: bytes of the stored member
+-> uint8 [1, 3, height, width] (planar, what `packing.patchify(layout="chw")` takes), resized with
+bicubic filtering from the displayed orientation.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+MAX_PIXELS = 1 << 28
+"""Images above this many pixels (~268M, e.g. 16K x 16K) are rejected as `too_large` rather than decoded."""
+
+
+class ImageError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _open(src, what: str):
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        img = Image.open(src)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ImageError("too_large", f"{what}: {w}x{h} pixels, over {MAX_PIXELS}")
+        fmt = img.format
+        img.load()                                 # the whole file: a truncated one fails here
+        oriented = ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"{what}: {e}") from None
+    except Exception as e:                         # PIL raises OSError, SyntaxError, ValueError, ...
+        raise ImageError("decode_error", f"{what}: {type(e).__name__}: {str(e)[:300]}") from None
+    return img, oriented, fmt
+
+
+def inspect_image(path: str) -> dict:
+    """Metadata of an image file, verified by decoding it whole. Raises ImageError."""
+    if not os.path.isfile(path):
+        raise ImageError("missing_file", path)
+    img, oriented, fmt = _open(path, os.path.basename(path))
+    w, h = oriented.size
+    if w < 1 or h < 1:
+        raise ImageError("bad_dimensions", f"{w}x{h}")
+    return {"kind": "image", "width": int(w), "height": int(h), "format": fmt, "mode": img.mode,
+            "stored_width": int(img.size[0]), "stored_height": int(img.size[1]),
+            "exif_orientation": int(img.getexif().get(0x0112, 1) or 1),
+            "bytes": os.path.getsize(path)}
+
+
+def decode_image(data: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
+    """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
+    (alpha dropped, palette and grey expanded), resized with bicubic filtering. Raises ImageError."""
+    from PIL import Image
+
+    _, img, _ = _open(io.BytesIO(data), what)
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BICUBIC)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)[None])
