@@ -46,8 +46,9 @@ SETS = {
     "resume_30b": "3 steps of the 30B slice straight, and stopped after step 2 and resumed",
     "eval": "train.eval and a Hugging Face tokenizer on the tiny recipes",
     "eval_30b": "train.eval in the 30B KSA stages 1 (the teacher runs too) and 2, from a 2-layer dense checkpoint",
+    "mixed": "videos with image and text-only samples: the tiny recipes (stopped, resumed) and the 30B slice",
 }
-SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b")  # the sets whose cases read root/videos
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed")  # the sets whose cases read root/videos
 
 
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
@@ -123,6 +124,18 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_30b_a3b_ksa_stage1_eval", "keye_30b_a3b_ksa_stage1", "ev_30b_ksa1", ev),
             ("keye_30b_a3b_ksa_stage2_eval", "keye_30b_a3b_ksa_stage2", "ev_30b_ksa2", ev),
         ]
+    if which == "mixed":
+        # image and text-only samples among the videos (docs/data.md): the tiny recipe makes its own (12 of each
+        # beside 24 videos), stopped at step 10 and resumed, and KSA on them; the 30B slice (the so400m ViT at
+        # full width) on 32 videos + 16 images + 16 texts, with the images at their native sizes (up to 1280 tokens)
+        mix = single + ["data.synthetic_images=12", "data.synthetic_texts=12"]
+        return [
+            ("keye_tiny_mixed", "keye_tiny", "mx_tiny", mix + ["train.stop_after=10"]),
+            ("keye_tiny_mixed_resume", "keye_tiny", "mx_tiny", mix),
+            ("keye_tiny_vl_ksa_mixed", "keye_tiny_vl_ksa", "mx_ksa", mix),
+            ("keye_30b_a3b_mixed", "keye_30b_a3b", "mx_30b",
+             [o.replace(f"{shards}/shards", f"{shards}/mixed/shards") for o in cut]),
+        ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
@@ -165,6 +178,8 @@ def summarise(run_dir: Path) -> dict:
                                                         "data_wait_s", "data_wait_rank", "data_samples_failed") + router}
             out["rows"] = len(rows)
             out["losses"] = {r["step"]: r.get("loss") for r in rows}
+            if any("vit_grad" in r for r in rows):  # 0 in a step whose packs hold no frame (text-only samples)
+                out["vit_grad"] = {r["step"]: r.get("vit_grad") for r in rows}
     evals = run_dir / "eval.jsonl"
     if evals.exists():
         out["evals"] = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()]
@@ -204,6 +219,10 @@ def main() -> None:
                         "--workers", "8"], cwd=REPO, check=True, capture_output=True)
         if not Path(shards, "long_shards").exists():
             shutil.copytree(Path(shards, "shards"), Path(shards, "long_shards"))
+        if args.set == "mixed":  # videos, images and text-only samples in shards of their own
+            subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "mixed")),
+                            "--n", "32", "--images", "16", "--text", "16", "--shards", "--workers", "8"], cwd=REPO,
+                           check=True, capture_output=True)
         if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
                             "8", "--seed", "1", "--shards", "--workers", "8"], cwd=REPO, check=True, capture_output=True)
