@@ -119,6 +119,9 @@ class VideoBatchStream:
         # ~0 while the loader's workers keep ahead, the step's input-bound share when they do not
         wait, self._wait = self._wait, 0.0
         out = {"data_wait_s": wait, "data_samples_failed": int(st.get("samples_failed", 0))}
+        for kind in ("image", "text"):   # only once this rank has served any (a video-only run's log is unchanged)
+            if st.get(f"samples_{kind}"):
+                out[f"data_samples_{kind}"] = int(st[f"samples_{kind}"])
         for name, c in st.get("sources", {}).items():
             out[f"data_{name}_seq_share"] = c["pack_share"]
             out[f"data_{name}_token_share"] = c["token_share"]

@@ -142,18 +142,23 @@ def sum_over_world(parts: list[torch.Tensor], device: torch.device) -> list[torc
     return list(flat.cpu().split(sizes))
 
 
+_DATA_COLS = 4  # wait, failed, image samples, text-only samples; then packs and tokens per mixture source
+
+
 def data_metrics_table(local: dict, *, device: torch.device, sources: dict | None = None) -> torch.Tensor:
-    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (2 + 2 x sources)] vector
+    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (4 + 2 x sources)] vector
     whose other rows are zero: summed over the world it holds every rank's row."""
     names = sorted(sources or {})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    table = torch.zeros(world, 2 + 2 * len(names), dtype=torch.float64)
+    table = torch.zeros(world, _DATA_COLS + 2 * len(names), dtype=torch.float64)
     table[rank, 0] = float(local["data_wait_s"])
     table[rank, 1] = float(local.get("data_samples_failed", 0))
+    table[rank, 2] = float(local.get("data_samples_image", 0))
+    table[rank, 3] = float(local.get("data_samples_text", 0))
     for i, name in enumerate(names):
-        table[rank, 2 + 2 * i] = float(sources[name]["packs"])
-        table[rank, 3 + 2 * i] = float(sources[name]["tokens"])
+        table[rank, _DATA_COLS + 2 * i] = float(sources[name]["packs"])
+        table[rank, _DATA_COLS + 1 + 2 * i] = float(sources[name]["tokens"])
     return table.flatten().to(device)
 
 
@@ -167,6 +172,8 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     - `data_samples_failed`: the samples skipped as unreadable since the run began, summed over this rank's
       data-parallel group. Each replica reads its own part of the data, and a replica's tensor, context and
       pipeline ranks read the same part, so the sum over one group counts each failure once.
+    - `data_samples_image`, `data_samples_text`: the image and text-only samples trained on since the run began,
+      summed the same way; present once the job has served any (a video-only run's log is unchanged).
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
@@ -174,12 +181,17 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     if not dist.is_initialized():
         return dict(local)
     names = sorted(sources or {})
-    table = table.view(dist.get_world_size(), 2 + 2 * len(names))
+    table = table.view(dist.get_world_size(), _DATA_COLS + 2 * len(names))
     wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
     replicas = table[dist.get_process_group_ranks(dp_group)].sum(dim=0)
     out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,
            "data_samples_failed": int(replicas[1])}
-    packs, tokens = replicas[2::2], replicas[3::2]
+    world = table.sum(dim=0)
+    for col, key in ((2, "data_samples_image"), (3, "data_samples_text")):
+        out.pop(key, None)
+        if world[col] > 0:  # the same decision on every rank: from the world's sum
+            out[key] = int(replicas[col])
+    packs, tokens = replicas[_DATA_COLS::2], replicas[_DATA_COLS + 1::2]
     for i, name in enumerate(names):
         out[f"data_{name}_seq_share"] = float(packs[i] / packs.sum().clamp_min(1))
         out[f"data_{name}_token_share"] = float(tokens[i] / tokens.sum().clamp_min(1))

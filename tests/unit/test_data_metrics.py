@@ -3,7 +3,8 @@ sum_over_world beside another step metric, then data_metrics_from_table, as the 
 max / sum of what each rank passed in. Four gloo processes stand in for a job with two data-parallel groups
 (ranks {0, 2} and {1, 3}, as with context parallelism 2): the wait is the longest of any rank, named by its
 rank (the lowest of equal ones); the failures, and a mixture's packs and tokens per source from which the shares
-are taken, are summed within the caller's data-parallel group only."""
+are taken, and the image / text-only samples served, are summed within the caller's data-parallel group only
+(the image / text keys appear on every rank once any rank has served such a sample)."""
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ from train.metrics import data_metrics_from_table, data_metrics_table, sum_over_
 
 WAIT = [0.1, 0.7, 0.7, 0.2]          # ranks 1 and 2 wait equally long: rank 1 is named
 FAILED = [1, 2, 5, 7]
+IMAGES = [0, 4, 0, 0]                # only rank 1 has served images: every rank reports them, group sums
+TEXTS = [0, 0, 0, 0]                 # none anywhere: no rank reports the key
 GROUPS = [[0, 2], [1, 3]]
 PACKS = {"long": [1, 3, 0, 2], "short": [3, 1, 4, 6]}       # per rank, since the run began
 TOKENS = {"long": [900, 2700, 0, 1800], "short": [300, 100, 4000, 600]}
@@ -25,6 +28,8 @@ def _worker(rank, world, port, out):
         groups = [dist.new_group(g) for g in GROUPS]
         mine = groups[rank % 2]
         local = {"data_wait_s": WAIT[rank], "data_samples_failed": FAILED[rank], "data_long_seq_share": 0.5 + rank}
+        if IMAGES[rank]:
+            local["data_samples_image"] = IMAGES[rank]
         sources = {n: {"packs": PACKS[n][rank], "tokens": TOKENS[n][rank], "samples": 99} for n in PACKS}
         cpu = torch.device("cpu")
         # another step metric summed in the same all-reduce, before the table: its slice is its own world sum
@@ -47,6 +52,8 @@ def test_wait_is_the_slowest_rank_failures_and_shares_over_the_replicas():
         assert got[rank]["data_wait_s"] == max(WAIT)
         assert got[rank]["data_wait_rank"] == WAIT.index(max(WAIT)) == 1
         assert got[rank]["data_samples_failed"] == sum(FAILED[r] for r in group)
+        assert got[rank]["data_samples_image"] == sum(IMAGES[r] for r in group)     # 0 in group {0, 2}
+        assert "data_samples_text" not in got[rank]
         for n in PACKS:
             packs = {m: sum(PACKS[m][r] for r in group) for m in PACKS}
             tokens = {m: sum(TOKENS[m][r] for r in group) for m in TOKENS}
