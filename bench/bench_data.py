@@ -9,7 +9,10 @@ Measures, in one run, on synthetic data the script makes itself:
 2. loader samples/s with 2 DataLoader workers on synthetic shards;
 3. time to resume at 90% of an epoch (vs a fresh start, and vs replaying to that point);
 4. ingest throughput (videos/s, GB/s) on small videos and on the long one;
-5. the per-sample cost of decoding in a guarded child process instead of inline.
+5. the per-sample cost of decoding in a guarded child process instead of inline;
+6. image samples: our decode (shard member -> Pillow, EXIF orientation, RGB, bicubic resize to the plan,
+   planar) vs raw Pillow decoding and resizing the same bytes to the same size, per CPU core, on 1080p
+   JPEGs planned at max_image_tokens (1280), and the loader's images/s with 2 workers.
 """
 from __future__ import annotations
 
@@ -217,6 +220,66 @@ def bench_loader(shards: Path, workers: int, tmp: Path) -> dict:
             "tokens_per_s": tokens / total, "frames_per_s": frames / total}
 
 
+def bench_images(work: Path, n: int, repeats: int, workers: int) -> dict:
+    """1080p JPEGs (synthetic pictures with a noise texture, so that they compress like photos, ~0.5 MB each):
+    our decode against raw Pillow on the same bytes at the planned size, then the loader over their shards."""
+    import io
+    from PIL import Image
+
+    from data.video.images import decode_image
+    from data.video.sampling import plan_image
+    from data.video.synthetic import draw_frame
+
+    idir = work / "images"
+    idir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ann = work / "images.jsonl"
+    with open(ann, "w") as f:
+        for i in range(n):
+            arr = draw_frame(300 + i, 1080, 1920, bits=10, seed=i).astype(np.int16)
+            arr = np.clip(arr + rng.integers(-24, 25, arr.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(idir / f"photo_{i:03d}.jpg", quality=90)
+            f.write(json.dumps({"image": f"photo_{i:03d}.jpg", "caption": f"picture {i}"}) + "\n")
+    shards = work / "image_shards"
+    if not (shards / "dataset.json").exists():
+        ingest(IngestOptions(videos=str(idir), annotations=str(ann), out=str(shards), workers=workers,
+                             shard_size_mb=64, progress=False))
+    cfg = VideoDataConfig(shards=str(shards), seq_len=16384, num_workers=workers, quarantine_path="", num_epochs=1)
+    cat = load_catalog(str(shards))
+    fp = plan_image(cat[0].image, cfg)
+    blobs = [(idir / f"photo_{i:03d}.jpg").read_bytes() for i in range(n)]
+
+    def raw():
+        with Meter() as m:
+            for b in blobs:
+                img = Image.open(io.BytesIO(b)).convert("RGB").resize((fp.width, fp.height), Image.BICUBIC)
+                np.asarray(img)
+        return {"cpu_s": m.cpu, "wall_s": m.wall}
+
+    def ours():
+        with Meter() as m:
+            for b in blobs:
+                decode_image(b, fp.height, fp.width)
+        return {"cpu_s": m.cpu, "wall_s": m.wall}
+
+    r, o = best_of(raw, repeats), best_of(ours, repeats)
+    counters = [read_counter(decode_image(b, fp.height, fp.width)[0].transpose(1, 2, 0), 10) == 300 + i
+                for i, b in enumerate(blobs)]
+    loader = VideoPackedLoader(cfg, seed=0)
+    t0 = time.perf_counter()
+    first, images = None, 0
+    for p in loader:
+        first = first if first is not None else time.perf_counter() - t0
+        images += p.image_docs
+    total = time.perf_counter() - t0
+    return {"n": n, "source": "1920x1080 JPEG q90", "planned": f"{fp.width}x{fp.height}",
+            "tokens_per_image": fp.tokens_per_frame, "mean_bytes": int(np.mean([len(b) for b in blobs])),
+            "raw_images_per_cpu_s": n / r["cpu_s"], "ours_images_per_cpu_s": n / o["cpu_s"],
+            "ratio_per_core": r["cpu_s"] / o["cpu_s"], "counters_ok": f"{sum(counters)}/{n}",
+            "loader_workers": workers, "loader_images": images, "loader_images_per_s": images / total,
+            "loader_first_batch_s": first}
+
+
 def bench_resume(shards: Path) -> dict:
     cfg = VideoDataConfig(shards=str(shards), seq_len=16384, num_workers=2, quarantine_path="")
     a = VideoPackedLoader(cfg, seed=0)
@@ -299,7 +362,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--parts", default="ingest,decode,backends,loader,resume,isolation",
+    ap.add_argument("--parts", default="ingest,decode,backends,loader,resume,isolation,images",
                     help="comma-separated subset to run")
     a = ap.parse_args(argv)
     import tempfile
@@ -333,6 +396,8 @@ def main(argv=None) -> int:
         res["resume"] = bench_resume(work / "small_shards")
     if "isolation" in parts:
         res["isolation"] = bench_isolation(work / "small_shards")
+    if "images" in parts:
+        res["images"] = bench_images(work, 24, a.repeats, a.workers)
     res["total_seconds"] = time.perf_counter() - t_all
 
     # ---- table ----
@@ -367,6 +432,14 @@ def main(argv=None) -> int:
                      f"inline {iso['inline']['cpu_ms_per_sample']:.1f}, guarded "
                      f"{iso['process']['cpu_ms_per_sample']:.1f} CPU-ms per small sample "
                      f"(wall {iso['overhead_ms_per_sample']:+.1f} ms)"))
+    im = res.get("images")
+    if im:
+        rows += [("images: raw Pillow", f"{im['raw_images_per_cpu_s']:.1f} images/CPU-s",
+                  f"{im['n']} {im['source']} ({im['mean_bytes'] / 1e6:.2f} MB) -> {im['planned']}, {im['tokens_per_image']} tokens"),
+                 ("images: our decode", f"{im['ours_images_per_cpu_s']:.1f} images/CPU-s",
+                  f"ratio per core {im['ratio_per_core']:.2f}; counters ok {im['counters_ok']}"),
+                 (f"images: loader, {im['loader_workers']} workers", f"{im['loader_images_per_s']:.1f} images/s",
+                  f"first batch {im['loader_first_batch_s']:.2f} s")]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"\n{'measurement':<{w0}}  {'result':<{w1}}  notes")
