@@ -246,7 +246,7 @@ def bench_images(work: Path, n: int, repeats: int, workers: int) -> dict:
                              shard_size_mb=64, progress=False))
     cfg = VideoDataConfig(shards=str(shards), seq_len=16384, num_workers=workers, quarantine_path="", num_epochs=1)
     cat = load_catalog(str(shards))
-    fp = plan_image(cat[0].image, cfg)
+    fp = plan_image(cat[0].images[0], cfg)
     blobs = [(idir / f"photo_{i:03d}.jpg").read_bytes() for i in range(n)]
 
     def raw():

@@ -1,6 +1,6 @@
 """Write small synthetic videos (burned-in frame counters) + annotations, and optionally shards.
 
-    python launch/make_synthetic_videos.py --out DIR --n 32 [--seed 0] [--text 16] [--images 8] [--shards] [--shard-size-mb 1]
+    python launch/make_synthetic_videos.py --out DIR --n 32 [--seed 0] [--text 16] [--images 8] [--image-sets 2] [--shards] [--shard-size-mb 1]
 """
 import argparse
 import os
@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", type=int, default=0, help="number of text-only records (no video) to add")
     p.add_argument("--images", type=int, default=0, help="number of images (with counters) to add")
+    p.add_argument("--image-sets", type=int, default=0,
+                   help="number of interleaved records of 2-3 images (at <image> markers of their text) to add")
     p.add_argument("--min-seconds", type=float, default=1.5)
     p.add_argument("--max-seconds", type=float, default=4.0)
     p.add_argument("--shards", action="store_true", help="also ingest them into OUT/shards")
@@ -26,15 +28,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--n must be >= 1")
-    if a.text < 0 or a.images < 0:
-        p.error("--text and --images must be >= 0")
+    if min(a.text, a.images, a.image_sets) < 0:
+        p.error("--text, --images and --image-sets must be >= 0")
     if a.shards:
         d = make_synthetic_shards(a.out, a.n, a.seed, shard_size_mb=a.shard_size_mb, workers=a.workers,
-                                  min_seconds=a.min_seconds, max_seconds=a.max_seconds, n_text=a.text, n_images=a.images)
-        print(f"wrote {a.n} videos, {a.images} images, {a.text} text-only records and shards under {d}")
+                                  min_seconds=a.min_seconds, max_seconds=a.max_seconds, n_text=a.text, n_images=a.images, n_image_sets=a.image_sets)
+        print(f"wrote {a.n} videos, {a.images} images, {a.image_sets} image sets, {a.text} text-only records and shards under {d}")
     else:
         v, ann = make_synthetic_videos(a.out, a.n, a.seed, min_seconds=a.min_seconds, max_seconds=a.max_seconds,
-                                       n_text=a.text, n_images=a.images)
+                                       n_text=a.text, n_images=a.images, n_image_sets=a.image_sets)
         print(f"wrote {a.n} videos and {a.images} images under {v} and annotations {ann} ({a.text} text-only "
               f"records)")
     return 0

@@ -17,6 +17,8 @@ import os
 import numpy as np
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_MARKER = "<image>"
+"""Where an image of a sample with several goes in its text (interleaved image-text documents)."""
 MAX_PIXELS = 1 << 28
 """Images above this many pixels (~268M, e.g. 16K x 16K) are rejected as `too_large` rather than decoded."""
 

@@ -3,8 +3,9 @@
     python launch/ingest.py --videos DIR --annotations FILE.jsonl --out DIR --shard-size-mb 1024 \
         [--proxy] [--workers N]
 
-An annotation record with an `image` field (a path relative to --videos) is an image sample: decoded whole
-in the guarded child once (Pillow), stored as is beside its `<key>.json` (docs/data.md "Image samples").
+An annotation record with an `image` field (a path relative to --videos), or `images` (several, placed at
+the "<image>" markers of its text), is an image sample: each file decoded whole in the guarded child once
+(Pillow), stored as is beside its `<key>.json` (docs/data.md "Image samples").
 An annotation record with no `video` field and some text (`text`, or `qa` pairs) is a text-only sample:
 it is stored as its `<key>.json` alone (key `text-<sha1 of the record>`), spread evenly among the videos
 in the shards, so that a run mixes text-only documents with the videos (docs/data.md "Text-only samples").
@@ -109,14 +110,18 @@ def _has_text(r: dict) -> bool:
 @dataclass
 class Annotations:
     videos: dict[str, dict] = field(default_factory=dict)   # relative video path -> record
-    images: dict[str, dict] = field(default_factory=dict)   # relative image path -> record
+    images: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)
+    """image sample id (its one relative path, or its paths joined by '+') -> (record, relative paths)"""
     texts: list[tuple[str, dict, int]] = field(default_factory=list)  # (key, record, line) of text-only records
     problems: list[str] = field(default_factory=list)
 
 
 def read_annotations(path: str | None) -> Annotations:
-    """JSONL -> records by kind, and the problems found. A record names its `video` or its `image` (a path
-    relative to --videos); one with neither is a text-only sample when it has text (`text` or `qa`)."""
+    """JSONL -> records by kind, and the problems found. A record names its `video`, its `image` or its
+    `images` (paths relative to --videos; several images are placed at the "<image>" markers of its text, one
+    per image, or first when it has none); one with none of them is a text-only sample when it has text."""
+    from .packing import image_marker_count
+
     out = Annotations()
     if path is None:
         return out
@@ -135,11 +140,38 @@ def read_annotations(path: str | None) -> Annotations:
             if not isinstance(r, dict):
                 problems.append(f"{path}:{n}: not a JSON object")
                 continue
-            v, im = r.get("video"), r.get("image")
-            if v is not None and im is not None:
-                problems.append(f"{path}:{n}: both 'video' and 'image': one sample is one or the other")
+            v, im, ims = r.get("video"), r.get("image"), r.get("images")
+            named = [k for k, x in (("video", v), ("image", im), ("images", ims)) if x is not None]
+            if len(named) > 1:
+                problems.append(f"{path}:{n}: {' and '.join(repr(k) for k in named)}: a sample is a video, an "
+                                f"image or a list of images")
                 continue
-            if v is None and im is None and _has_text(r):
+            if ims is not None:
+                if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
+                    problems.append(f"{path}:{n}: field 'images' must be a non-empty list of paths")
+                    continue
+                im = ims
+            if im is not None and not isinstance(im, list):
+                if not isinstance(im, str):
+                    problems.append(f"{path}:{n}: field 'image' is {type(im).__name__}, not a string")
+                    continue
+                im = [im]
+            if im is not None:
+                rels = [os.path.normpath(x) for x in im]
+                marks = image_marker_count(r)
+                if len(set(rels)) != len(rels):
+                    problems.append(f"{path}:{n}: an image is listed twice in {rels}")
+                elif marks and marks != len(rels):
+                    problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
+                                    f"(one per image, or none to place the images first)")
+                else:
+                    sid = "+".join(rels)
+                    if sid in out.images or sid in out.videos:
+                        problems.append(f"{path}:{n}: second record for {sid!r} ignored")
+                    else:
+                        out.images[sid] = (r, rels)
+                continue
+            if v is None and _has_text(r):
                 tid = text_sample_id(r)
                 if tid in text_line:
                     problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
@@ -147,17 +179,16 @@ def read_annotations(path: str | None) -> Annotations:
                 text_line[tid] = n
                 out.texts.append((tid, r, n))
                 continue
-            field_name, value, table = ("image", im, out.images) if im is not None else ("video", v, out.videos)
-            if not isinstance(value, str):
+            if not isinstance(v, str):
                 problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
-                                f"sample (a non-empty 'text' or 'qa')" if value is None else
-                                f"{path}:{n}: field {field_name!r} is {type(value).__name__}, not a string")
+                                f"sample (a non-empty 'text' or 'qa')" if v is None else
+                                f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
                 continue
-            rel = os.path.normpath(value)
+            rel = os.path.normpath(v)
             if rel in out.videos or rel in out.images:
                 problems.append(f"{path}:{n}: second record for {rel!r} ignored")
                 continue
-            table[rel] = r
+            out.videos[rel] = r
     return out
 
 
@@ -214,17 +245,22 @@ def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dic
             "seconds": time.monotonic() - t0}
 
 
-def _image_job(pool: _Pool, opts: IngestOptions, root: str, rel: str) -> dict:
-    """Decode an image whole in the guarded child (a crash or hang costs that file) and return its metadata."""
-    path = os.path.join(root, rel)
-    key = make_key(rel)
+def _image_job(pool: _Pool, opts: IngestOptions, root: str, sid: str, rels: list[str]) -> dict:
+    """Decode each image of a sample whole in the guarded child (a crash or hang costs that sample) and
+    return their metadata; the first that fails rejects the sample, named in the detail."""
+    key = make_key(sid)
     t0 = time.monotonic()
-    try:
-        res = pool.worker().call("inspect_image", timeout_s=opts.timeout_s, path=path)
-    except WorkerFailure as e:
-        return {"kind": "image", "rel": rel, "key": key, "ok": False, "reason": e.reason, "detail": e.detail[:500],
-                "bytes_in": _size(path), "seconds": time.monotonic() - t0}
-    return {"kind": "image", "rel": rel, "key": key, "ok": True, "result": res, "bytes_in": _size(path),
+    metas, size = [], 0
+    for rel in rels:
+        path = os.path.join(root, rel)
+        size += _size(path)
+        try:
+            metas.append(pool.worker().call("inspect_image", timeout_s=opts.timeout_s, path=path))
+        except WorkerFailure as e:
+            detail = e.detail if len(rels) == 1 else f"{rel}: {e.detail}"
+            return {"kind": "image", "rel": sid, "key": key, "ok": False, "reason": e.reason, "detail": detail[:500],
+                    "bytes_in": size, "seconds": time.monotonic() - t0}
+    return {"kind": "image", "rel": sid, "key": key, "ok": True, "result": metas, "bytes_in": size,
             "seconds": time.monotonic() - t0}
 
 
@@ -284,12 +320,14 @@ def ingest(opts: IngestOptions) -> dict:
             done.add(rel)
     images = sorted(annotations.images)
     missing_images = 0
-    for rel in images:
-        if rel not in done and (root is None or not os.path.isfile(os.path.join(root, rel))):
-            _append_jsonl(rejects_path, {"image": rel, "reason": "missing_file",
-                                         "detail": "listed in annotations, not found under --videos"
+    for sid in images:
+        lost = [rel for rel in annotations.images[sid][1]
+                if root is None or not os.path.isfile(os.path.join(root, rel))]
+        if sid not in done and lost:
+            _append_jsonl(rejects_path, {"image": sid, "reason": "missing_file",
+                                         "detail": f"{lost[0]}: listed in annotations, not found under --videos"
                                          if root is not None else "listed in annotations; no --videos folder given"})
-            done.add(rel)
+            done.add(sid)
             missing_images += 1
     text_of = {tid: (r, n) for tid, r, n in texts}
     # ("video" | "image", relative path) or ("text", key): images spread evenly among the videos, then the
@@ -347,7 +385,7 @@ def ingest(opts: IngestOptions) -> dict:
                 if kind == "text":                   # nothing to inspect: ready at once, in its place
                     ready[submitted] = {"text": name}
                 elif kind == "image":
-                    pending[pool.ex.submit(_image_job, pool, opts, root, name)] = submitted
+                    pending[pool.ex.submit(_image_job, pool, opts, root, name, annotations.images[name][1])] = submitted
                 else:
                     pending[pool.ex.submit(_job, pool, opts, root, name, tmp)] = submitted
                 submitted += 1
@@ -376,18 +414,19 @@ def ingest(opts: IngestOptions) -> dict:
                     continue
                 stats["bytes_in"] += r["bytes_in"]
                 if r.get("kind") == "image":
-                    rel = r["rel"]
+                    sid = r["rel"]
                     if not r["ok"]:
                         reasons[r["reason"]] += 1
-                        _append_jsonl(rejects_path, {"image": rel, "reason": r["reason"], "detail": r["detail"]})
+                        _append_jsonl(rejects_path, {"image": sid, "reason": r["reason"], "detail": r["detail"]})
                     else:
-                        meta = r["result"]
-                        writer_now().add_image_sample(r["key"], os.path.join(root, rel), rel.rsplit(".", 1)[-1].lower(), {
-                            "schema": SCHEMA, "key": r["key"], "kind": "image", "source_path": rel, "video": None,
-                            "image": meta, "annotation": annotations.images[rel]})
-                        cur_images.append(rel)
+                        rec, rels = annotations.images[sid]
+                        writer_now().add_image_sample(r["key"], [os.path.join(root, x) for x in rels], {
+                            "schema": SCHEMA, "key": r["key"], "kind": "image", "source_path": sid, "video": None,
+                            "images": r["result"], "annotation": rec})
+                        cur_images.append(sid)
                         stats["image_accepted"] += 1
-                        stats["bytes_stored"] += meta["bytes"]
+                        stats["image_files"] += len(rels)
+                        stats["bytes_stored"] += sum(m["bytes"] for m in r["result"])
                         if writer.size >= target:
                             close_shard()
                     if bar is not None:
@@ -444,7 +483,7 @@ def ingest(opts: IngestOptions) -> dict:
                      "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
                      "skipped_already_done": len(videos) + len(images) + len(texts) - len(todo) - missing_images,
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
-                     "image_samples": stats["image_accepted"],
+                     "image_samples": stats["image_accepted"], "image_files": stats["image_files"],
                      "text_chars": stats["text_chars"],
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
                      "frames": stats["frames"], "seconds_of_video": round(stats["seconds_of_video"], 3),

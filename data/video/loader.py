@@ -152,7 +152,7 @@ class Planner:
             try:
                 d = plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
                                   annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer,
-                                  seed=self.seed, epoch=epoch, image=r.image)
+                                  seed=self.seed, epoch=epoch, images=r.images)
             except PlanError as e:
                 d = e
             except (KeyError, TypeError, ValueError) as e:
@@ -244,18 +244,24 @@ class FrameSource:
             self.guard.close()
             self.guard = None
 
-    def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
-        """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
-        fp = doc.frames
-        if rec.is_image:      # Pillow in this worker (ingest decoded the whole file once in a guarded child)
+    def images(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
+        """uint8 [1, 3, H, W] (planar) of each planned image of an image sample, or SampleFailure. Pillow in
+        this worker: ingest decoded every file whole once, in a guarded child."""
+        out = []
+        for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
             try:
-                data = read_member(rec.shard, rec.video_offset, rec.video_size)
+                data = read_member(rec.shard, offset, size)
             except OSError as e:
                 raise SampleFailure("read_error", str(e)[:300]) from None
             try:
-                return decode_image(data, fp.height, fp.width, what=rec.key)
+                out.append(decode_image(data, fp.height, fp.width, what=f"{rec.key} image {i}"))
             except ImageError as e:
                 raise SampleFailure(e.reason, e.detail) from None
+        return out
+
+    def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
+        """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
+        fp = doc.frames
         self._n += 1
         stem = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
         video = f"{stem}.{rec.video_ext}"
@@ -341,14 +347,21 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     docs, keys, failures, off = [], [], [], 0
     for uid, doc, n in zip(uids, plans, rows):
         rec = planner.catalog[uid]
-        if doc.frames is None:                   # a text-only sample: nothing to read or decode
+        if doc.kind == "text":                   # a text-only sample: nothing to read or decode
             docs.append(build_document(doc, None, cfg, tok))
             keys.append(doc.key)
             continue
         try:
-            frames = source.frames(rec, doc)
-            patchify(frames, p, m, out=pv[off:off + n], layout="chw")
-            del frames
+            if doc.is_image:                     # each image into its own rows, in document order
+                at = off
+                for arr, fp in zip(source.images(rec, doc), doc.images):
+                    k = (fp.height // p) * (fp.width // p)
+                    patchify(arr, p, m, out=pv[at:at + k], layout="chw")
+                    at += k
+            else:
+                frames = source.frames(rec, doc)
+                patchify(frames, p, m, out=pv[off:off + n], layout="chw")
+                del frames
         except SampleFailure as e:
             failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
                              "detail": e.detail[:500]})

@@ -11,9 +11,10 @@ One sample (a video + its annotation) becomes one *document*:
     <eos>
 
 A text-only sample (an annotation record with no video) is the same without frames: <bos>? text <eos>,
-cut to one sequence (`plan_text_document`). An image sample is one frame with no timestamp text and
-`<image_pad>` placeholders: <bos>? <vision_start> <image_pad> x (rows*cols) <vision_end> text <eos>
-(`plan_image_document`); its merged tokens take 3D positions as a video frame's do.
+cut to one sequence (`plan_text_document`). An image sample holds one image or several, each one frame
+with no timestamp text and `<image_pad>` placeholders, placed where the text's "<image>" markers are (else
+first): <bos>? text_0 <vision_start> <image_pad> x (rows*cols) <vision_end> text_1 ... <eos>
+(`plan_image_document`); an image's merged tokens take 3D positions as a video frame's do.
 
 Labels are shifted inside the packer: labels[i] = tokens[i+1] where token i+1 is supervised (caption,
 event and answer text, and <eos> when the document has any supervised text), else
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from .config import VideoDataConfig
+from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
 
@@ -185,22 +187,31 @@ class DocPlan:
     """A planned document: everything but the pixels."""
     uid: int
     key: str                       # "shard.tar/key"
-    frames: FramePlan | None       # None: a text-only sample (no frames)
+    frames: FramePlan | None       # a video's frames; None for a text-only or an image sample
     ts_ids: list[list[int]]        # timestamp tokens per frame
-    text_ids: list[int]
+    text_ids: list[int]            # all of the document's text (an image sample's: its chunks joined)
     text_loss: list[bool]
     length: int
     truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence)
-    is_image: bool = False         # an image sample: one frame, <image_pad> placeholders, no timestamp
+    images: tuple[FramePlan, ...] = ()   # an image sample's images (one frame each), in document order
+    chunks: tuple = ()             # an image sample's text: (ids, loss) before image 0, between, after the last
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.images)
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.images else "text" if self.frames is None else "video"
 
     @property
     def num_frames(self) -> int:
-        return 0 if self.frames is None else self.frames.num_frames
+        return len(self.images) if self.images else 0 if self.frames is None else self.frames.num_frames
 
     def patch_rows(self, patch_size: int) -> int:
         """ViT patches of this document's frames (rows of the pack's pixel_values)."""
-        fp = self.frames
-        return 0 if fp is None else fp.num_frames * (fp.height // patch_size) * (fp.width // patch_size)
+        plans = self.images or ((self.frames,) if self.frames is not None else ())
+        return sum(fp.num_frames * (fp.height // patch_size) * (fp.width // patch_size) for fp in plans)
 
 
 def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool], int]:
@@ -231,25 +242,54 @@ def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataCo
                    length=ends + len(ids), truncated=cut)
 
 
-def plan_image_document(*, uid: int, key: str, image: dict, annotation: dict, cfg: VideoDataConfig,
+def split_at_image_markers(segs: list[tuple[str, bool]]) -> list[list[tuple[str, bool]]]:
+    """The (text, supervised) segments split at every IMAGE_MARKER: k markers give k + 1 chunks (some empty)."""
+    chunks: list[list[tuple[str, bool]]] = [[]]
+    for text, sup in segs:
+        for j, part in enumerate(text.split(IMAGE_MARKER)):
+            if j:
+                chunks.append([])
+            if part:
+                chunks[-1].append((part, sup))
+    return chunks
+
+
+def image_marker_count(annotation: dict) -> int:
+    return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation))
+
+
+def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: dict, cfg: VideoDataConfig,
                         tokenizer: Tokenizer) -> DocPlan:
-    """An image sample: its annotation text cut as a video's (`max_text_tokens`, leaving room for
-    `min_image_tokens`), then the image's size from what the sequence leaves (`sampling.plan_image`)."""
+    """An image sample of one image or several. Where its text holds IMAGE_MARKER ("<image>"), one per image,
+    image i takes the place of marker i (interleaved image-text); without markers the images come first. The
+    text is cut as a video's annotation (`max_text_tokens`, leaving room for `min_image_tokens` per image),
+    then each image's size comes from an even share of what the sequence leaves (`sampling.plan_image`)."""
+    n = len(images)
     ends = 1 + (tokenizer.bos_id is not None)
-    text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - 2 - cfg.min_image_tokens)
-    text_ids, text_loss, _ = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
-    fixed = ends + 2 + len(text_ids)
-    fp = plan_image(image, cfg, token_cap=cfg.seq_len - fixed)
-    return DocPlan(uid=uid, key=key, frames=fp, ts_ids=[[]], text_ids=text_ids, text_loss=text_loss,
-                   length=fixed + fp.visual_tokens, is_image=True)
+    chunks = split_at_image_markers(annotation_segments(annotation))
+    if len(chunks) == 1:
+        chunks = [[] for _ in range(n)] + chunks
+    elif len(chunks) != n + 1:
+        raise PlanError("bad_metadata", f"{n} image(s) but {len(chunks) - 1} {IMAGE_MARKER!r} markers in the text")
+    text_cap = max(0, min(cfg.max_text_tokens, cfg.seq_len - ends - n * (2 + cfg.min_image_tokens)))
+    enc, used = [], 0
+    for ch in chunks:
+        ids, loss, _ = _encode_text(ch, tokenizer, text_cap - used)
+        enc.append((ids, loss))
+        used += len(ids)
+    fixed = ends + 2 * n + used
+    plans = tuple(plan_image(im, cfg, token_cap=(cfg.seq_len - fixed) // n) for im in images)
+    return DocPlan(uid=uid, key=key, frames=None, ts_ids=[], text_ids=[t for ids, _ in enc for t in ids],
+                   text_loss=[b for _, loss in enc for b in loss],
+                   length=fixed + sum(fp.visual_tokens for fp in plans), images=plans, chunks=tuple(enc))
 
 
 def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
-                  tokenizer: Tokenizer, seed: int, epoch: int, image: dict | None = None) -> DocPlan:
-    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `image` given:
+                  tokenizer: Tokenizer, seed: int, epoch: int, images: list[dict] | None = None) -> DocPlan:
+    """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `images` given:
     an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`)."""
-    if image is not None:
-        return plan_image_document(uid=uid, key=key, image=image, annotation=annotation, cfg=cfg,
+    if images:
+        return plan_image_document(uid=uid, key=key, images=images, annotation=annotation, cfg=cfg,
                                    tokenizer=tokenizer)
     if video is None:
         return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer)
@@ -285,10 +325,72 @@ class DocArrays:
     is_image: bool = False
 
 
-def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig,
+def _labels(tok: np.ndarray, sup: np.ndarray, cfg: VideoDataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """labels[i] = tok[i + 1] where token i + 1 is supervised, and the loss mask that selects them."""
+    labels = np.full(tok.shape[0], cfg.label_ignore_index, np.int64)
+    nxt = sup[1:]
+    labels[:-1][nxt] = tok[1:][nxt]
+    loss_mask = np.zeros(tok.shape[0], np.float32)
+    loss_mask[:-1][nxt] = 1.0
+    return labels, loss_mask
+
+
+def _build_image_document(doc: DocPlan, images: list[np.ndarray] | None, cfg: VideoDataConfig,
+                          tokenizer: Tokenizer) -> DocArrays:
+    """<bos>? chunk_0 (<vision_start> <image_pad> x (rows*cols) <vision_end> chunk_i+1) per image <eos>; an
+    image's merged tokens take t = p, h = p + row, w = p + col, then p += max(rows, cols), as a video frame's."""
+    L = doc.length
+    tok = np.empty(L, np.int64)
+    sup = np.zeros(L, bool)
+    pos = np.empty((3, L), np.int64)
+    i = p = 0
+
+    def text(ids, loss=False):
+        nonlocal i, p
+        k = len(ids)
+        tok[i:i + k] = ids
+        sup[i:i + k] = loss
+        pos[:, i:i + k] = np.arange(p, p + k, dtype=np.int64)[None]
+        i += k
+        p += k
+
+    if tokenizer.bos_id is not None:
+        text([tokenizer.bos_id])
+    grid = []
+    for k, fp in enumerate(doc.images):
+        text(*doc.chunks[k])
+        text([tokenizer.vision_start_id])
+        rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
+        rr, cc = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
+        tok[i:i + rows * cols] = tokenizer.image_pad_id
+        pos[0, i:i + rows * cols] = p
+        pos[1, i:i + rows * cols] = p + rr
+        pos[2, i:i + rows * cols] = p + cc
+        i += rows * cols
+        p += max(rows, cols)
+        text([tokenizer.vision_end_id])
+        grid.append([1, rows * cfg.merge_size, cols * cfg.merge_size])
+    text(*doc.chunks[-1])
+    text([tokenizer.eos_id], loss=any(doc.text_loss))
+    assert i == L, (i, L)
+    labels, loss_mask = _labels(tok, sup, cfg)
+    if images is None:
+        pixels = None
+    else:
+        assert [a.shape for a in images] == [(1, fp.height, fp.width, 3) for fp in doc.images], [a.shape for a in images]
+        pixels = np.concatenate([patchify(a, cfg.patch_size, cfg.merge_size) for a in images])
+    return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
+                     grid=np.array(grid, np.int64).reshape(-1, 3), timestamps=np.zeros(len(doc.images), np.float32),
+                     is_image=True)
+
+
+def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, cfg: VideoDataConfig,
                    tokenizer: Tokenizer) -> DocArrays:
     """Token ids, labels, loss mask, 3D positions (and patches, if `frames` is given) of one document
-    (a text-only document has no frames: `frames` None, an empty grid)."""
+    (a text-only document has no frames: `frames` None, an empty grid; an image document's `frames` is a
+    list of [1, H, W, 3] arrays, one per image)."""
+    if doc.is_image:
+        return _build_image_document(doc, frames, cfg, tokenizer)
     fp = doc.frames
     n = doc.num_frames
     if fp is None:
@@ -328,7 +430,7 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
         if anchor is None:
             anchor = p - int(round(fp.timestamps[0] * rate))
         t = max(p, anchor + int(round(ts * rate)))
-        tok[i:i + per] = tokenizer.image_pad_id if doc.is_image else tokenizer.video_pad_id
+        tok[i:i + per] = tokenizer.video_pad_id
         pos[0, i:i + per] = t
         pos[1, i:i + per] = t + rr
         pos[2, i:i + per] = t + cc
@@ -343,19 +445,14 @@ def build_document(doc: DocPlan, frames: np.ndarray | None, cfg: VideoDataConfig
         p += len(doc.text_ids)
     text([tokenizer.eos_id], loss=any(doc.text_loss))
     assert i == L, (i, L)
-    labels = np.full(L, cfg.label_ignore_index, np.int64)
-    nxt = sup[1:]
-    labels[:-1][nxt] = tok[1:][nxt]
-    loss_mask = np.zeros(L, np.float32)
-    loss_mask[:-1][nxt] = 1.0
+    labels, loss_mask = _labels(tok, sup, cfg)
     if n == 0:
         pixels = np.zeros((0, 3 * cfg.patch_size ** 2), np.uint8)
     else:
         pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
     grid = np.tile(np.array([[1, rows * cfg.merge_size, cols * cfg.merge_size]], np.int64), (n, 1))
     return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
-                     grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32),
-                     is_image=doc.is_image)
+                     grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32))
 
 
 def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, tokenizer: Tokenizer, *,

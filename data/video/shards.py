@@ -3,9 +3,9 @@
 A shard `shard-000012.tar` is a plain (webdataset-compatible) tar: for each sample `<key>.json`
 (metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). A text-only sample (an
 annotation record with no video, docs/data.md "Text-only samples") is its `<key>.json` alone, with
-`"kind": "text"` and `"video": null`; an image sample is `<key>.json` + `<key>.<image ext>`, with
-`"kind": "image"`, `"video": null` and the verified metadata under `"image"` (the index keeps the image
-member's offset and size in the `video_*` fields: they name the sample's media member). Beside it,
+`"kind": "text"` and `"video": null`; an image sample is `<key>.json` + `<key>.<image ext>` (one image) or
+`<key>.<i>.<image ext>` for i = 0, 1, ... (several, in the order its text uses them), with `"kind": "image"`,
+`"video": null` and the verified metadata of each under `"images"`. Beside it,
 `shard-000012.idx.json` lists every sample with the byte offsets of its members and the verified
 metadata, so the loader can plan a whole epoch and seek straight to any sample without scanning
 tars. Shards without an index (written by other tools in the same layout) are scanned once.
@@ -86,16 +86,23 @@ class ShardWriter:
         self.entries.append(entry)
         return entry
 
-    def add_image_sample(self, key: str, image_path: str, image_ext: str, record: dict) -> dict:
-        """An image sample: `<key>.json` then the image file as stored (`record["image"]` its metadata)."""
-        assert record.get("kind") == "image" and record.get("video") is None and record.get("image"), record
+    def add_image_sample(self, key: str, image_paths: list[str], record: dict) -> dict:
+        """An image sample: `<key>.json`, then each image file as stored: `<key>.<ext>` when there is one,
+        `<key>.<i>.<ext>` when there are several (`record["images"]`: their metadata, in the same order)."""
+        assert record.get("kind") == "image" and record.get("video") is None, record
+        assert len(record.get("images") or ()) == len(image_paths) >= 1, record
         payload = json.dumps(record, sort_keys=True).encode("utf-8")
         j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
-        with open(image_path, "rb") as f:
-            m_off, m_size = self._add(f"{key}.{image_ext}", os.path.getsize(image_path), f)
-        entry = {"key": key, "kind": "image", "json_offset": j_off, "json_size": j_size,
-                 "video_member": f"{key}.{image_ext}", "video_offset": m_off, "video_size": m_size,
-                 "source_path": record.get("source_path"), "video": None, "image": record["image"],
+        members = []
+        for i, path in enumerate(image_paths):
+            ext = path.rsplit(".", 1)[-1].lower()
+            name = f"{key}.{ext}" if len(image_paths) == 1 else f"{key}.{i}.{ext}"
+            with open(path, "rb") as f:
+                off, size = self._add(name, os.path.getsize(path), f)
+            members.append({"member": name, "offset": off, "size": size})
+        entry = {"key": key, "kind": "image", "json_offset": j_off, "json_size": j_size, "video_member": None,
+                 "video_offset": -1, "video_size": 0, "image_members": members,
+                 "source_path": record.get("source_path"), "video": None, "images": record["images"],
                  "annotation": record.get("annotation", {})}
         self.entries.append(entry)
         return entry
@@ -148,19 +155,20 @@ class SampleRecord:
     video_ext: str
     video: dict | None       # verified metadata of the stored video; None for a text-only or image sample
     annotation: dict
-    image: dict | None = None  # verified metadata of the stored image (an image sample)
+    images: list[dict] | None = None                    # an image sample: each image's verified metadata
+    image_members: list[tuple[int, int]] | None = None  # ... and its member's (byte offset, size) in the tar
 
     @property
     def is_text(self) -> bool:
-        return self.video is None and self.image is None
+        return self.video is None and self.images is None
 
     @property
     def is_image(self) -> bool:
-        return self.image is not None
+        return self.images is not None
 
     @property
     def kind(self) -> str:
-        return "image" if self.image is not None else "text" if self.video is None else "video"
+        return "image" if self.images is not None else "text" if self.video is None else "video"
 
 
 def resolve_shards(spec: str) -> list[str]:
@@ -192,9 +200,13 @@ def scan_shard(tar_path: str) -> dict:
             d = by_key.setdefault(key, {})
             if key not in order:
                 order.append(key)
+            img = re.fullmatch(r"(?:(\d+)\.)?([a-z]+)", ext)
             if ext == "json":
                 d["record"] = json.loads(tar.extractfile(m).read())
-            elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
+            elif img and img.group(2) in IMAGE_EXTS:      # <key>.<ext> or <key>.<i>.<ext>
+                d.setdefault("images", {})[int(img.group(1) or 0)] = {"member": m.name, "offset": m.offset_data,
+                                                                      "size": m.size}
+            elif ext in VIDEO_EXTS:
                 d["video_member"] = m.name
                 d["video_offset"] = m.offset_data
                 d["video_size"] = m.size
@@ -202,10 +214,13 @@ def scan_shard(tar_path: str) -> dict:
     for key in order:
         d = by_key[key]
         rec = d.get("record") or {}
-        if rec.get("kind") == "image" and isinstance(rec.get("image"), dict) and "video_offset" in d:
-            samples.append({"key": key, "kind": "image", "video_member": d["video_member"],
-                            "video_offset": d["video_offset"], "video_size": d["video_size"], "video": None,
-                            "image": rec["image"], "annotation": rec.get("annotation", {}),
+        if rec.get("kind") == "image" and isinstance(rec.get("images"), list):
+            got = d.get("images", {})
+            if sorted(got) != list(range(len(rec["images"]))):
+                continue        # an image member missing: not a sample our tool wrote whole; skipped
+            samples.append({"key": key, "kind": "image", "video_member": None, "video_offset": -1, "video_size": 0,
+                            "image_members": [got[i] for i in range(len(got))], "video": None,
+                            "images": rec["images"], "annotation": rec.get("annotation", {}),
                             "source_path": rec.get("source_path")})
             continue
         if rec.get("kind") == "text" and rec.get("video") is None and "video_offset" not in d:
@@ -242,7 +257,9 @@ def load_catalog(spec: str, *, field: str = "shards") -> list[SampleRecord]:
             out.append(SampleRecord(uid=len(out), shard=tar_path, key=s["key"],
                                     video_offset=int(s["video_offset"]), video_size=int(s["video_size"]),
                                     video_ext=ext, video=s["video"], annotation=s.get("annotation") or {},
-                                    image=s.get("image")))
+                                    images=s.get("images"),
+                                    image_members=[(int(m["offset"]), int(m["size"])) for m in s["image_members"]]
+                                    if s.get("image_members") else None))
     return out
 
 

@@ -226,6 +226,21 @@ def write_image(path: str | os.PathLike, i: int, seed: int = 0) -> dict:
             "counter_bits": IMAGE_BITS, "image_number": n}
 
 
+def image_set_record(folder: str | os.PathLike, j: int, seed: int = 0) -> dict:
+    """Interleaved image-text record j: 2 or 3 synthetic images (numbers of their own, `write_image` of index
+    1000 + 3j + k) placed at "<image>" markers of its text, every other one in its QA question instead."""
+    n = 2 + j % 2
+    recs = [write_image(Path(folder) / f"set_{j:05d}_{k}", 1000 + 3 * j + k, seed) for k in range(n)]
+    nums = [r["image_number"] for r in recs]
+    out = {"images": [r["image"] for r in recs], "counter_bits": IMAGE_BITS, "image_numbers": nums}
+    if j % 2 == 0:
+        out["text"] = " ".join(f"Picture {k + 1}: <image> shows {x}." for k, x in enumerate(nums))
+    else:
+        out["prompt"] = "Look at " + ", ".join("<image>" for _ in nums) + "."
+        out["qa"] = [{"question": "Which number is the largest?", "answer": str(max(nums))}]
+    return out
+
+
 def text_record(i: int, seed: int = 0) -> dict:
     """A text-only annotation record (no video) whose content follows from (seed, i): a counting
     passage (`text`), every third one a question with its answer (`qa`) instead."""
@@ -243,10 +258,10 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
                           min_seconds: float = 1.5, max_seconds: float = 4.0,
                           sizes=((64, 48), (96, 64), (128, 96), (160, 120), (80, 112)),
                           fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264",
-                          n_text: int = 0, n_images: int = 0) -> tuple[Path, Path]:
+                          n_text: int = 0, n_images: int = 0, n_image_sets: int = 0) -> tuple[Path, Path]:
     """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl, with `n_images`
-    images beside them (`write_image`) and `n_text` text-only records (`text_record`) after the videos'
-    records."""
+    images beside them (`write_image`), `n_image_sets` interleaved records of 2-3 images (`image_set_record`)
+    and `n_text` text-only records (`text_record`) after the videos' records."""
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +277,7 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         truth = write_video(vdir / rel, spec)
         records.append(annotation_for(rel, truth))
     records += [write_image(vdir / f"img_{i:05d}", i, seed) for i in range(n_images)]
+    records += [image_set_record(vdir, j, seed) for j in range(n_image_sets)]
     records += [text_record(i, seed) for i in range(n_text)]
     ann = out / "annotations.jsonl"
     with open(ann, "w") as f:

@@ -1,6 +1,7 @@
-"""Image samples in the video data path: an annotation record with an `image` is verified at ingest (bad
-files rejected with a reason), planned as one frame of [min_image_tokens, max_image_tokens] merged tokens,
-laid out with <image_pad> placeholders, decoded upright (EXIF orientation) and resumed exactly.
+"""Image samples in the video data path: an annotation record with an `image` (or several `images`, placed at
+the "<image>" markers of its text) is verified at ingest (bad files rejected with a reason), planned as one frame
+of [min_image_tokens, max_image_tokens] merged tokens per image, laid out with <image_pad> placeholders, decoded
+upright (EXIF orientation) and resumed exactly.
 References independent of the code under test: the number burned into each synthetic image (read back
 from the decoded pixels), the tokenizer on the record's own text, and positions computed here by hand."""
 import json
@@ -22,21 +23,24 @@ from data.video.tokenizer import ByteTokenizer
 from .conftest import read_jsonl, small_cfg
 from .test_loader import signature, take
 
-N_VIDEOS, N_IMAGES, N_TEXT = 3, 9, 3
+N_VIDEOS, N_IMAGES, N_SETS, N_TEXT = 3, 9, 4, 3
 
 
 @pytest.fixture(scope="module")
 def with_images(tmp_path_factory):
-    """3 videos, 9 images (PNG, PNG with alpha, JPEG with EXIF orientation 6), 3 text-only records and 3 bad
-    image records, ingested into small shards."""
+    """3 videos, 9 images (PNG, PNG with alpha, JPEG with EXIF orientation 6), 4 interleaved records of 2-3
+    images, 3 text-only records and 4 bad image records, ingested into small shards."""
     out = tmp_path_factory.mktemp("images")
-    vids, ann = make_synthetic_videos(out, N_VIDEOS, seed=2, max_seconds=2.5, n_images=N_IMAGES, n_text=N_TEXT)
+    vids, ann = make_synthetic_videos(out, N_VIDEOS, seed=2, max_seconds=2.5, n_images=N_IMAGES, n_text=N_TEXT,
+                                      n_image_sets=N_SETS)
     good = (vids / "img_00000.png").read_bytes()
     (vids / "bad_truncated.png").write_bytes(good[:len(good) // 2])
     (vids / "bad_not_an_image.jpg").write_bytes(b"this is text, not a JPEG\n" * 20)
     with open(ann, "a") as f:
         for name in ("bad_truncated.png", "bad_not_an_image.jpg", "bad_missing.png"):
             f.write(json.dumps({"image": name, "caption": "broken"}) + "\n")
+        # a set whose second image does not decode: the whole record is rejected, naming that image
+        f.write(json.dumps({"images": ["img_00000.png", "bad_truncated.png"], "text": "a <image> b <image>"}) + "\n")
     summary = ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(out / "shards"),
                                    shard_size_mb=0.03, workers=2, progress=False))
     return out, summary
@@ -45,44 +49,55 @@ def with_images(tmp_path_factory):
 def test_ingest_keeps_good_images_and_rejects_bad_ones(with_images):
     out, summary = with_images
     r = summary["this_run"]
-    assert (r["accepted"], r["image_samples"], r["text_samples"]) == (N_VIDEOS, N_IMAGES, N_TEXT)
-    rejects = {x["image"]: x["reason"] for x in read_jsonl(out / "shards" / "rejects.jsonl")}
-    assert rejects == {"bad_truncated.png": "decode_error", "bad_not_an_image.jpg": "decode_error",
-                       "bad_missing.png": "missing_file"}
+    assert (r["accepted"], r["image_samples"], r["text_samples"]) == (N_VIDEOS, N_IMAGES + N_SETS, N_TEXT)
+    assert r["image_files"] == N_IMAGES + sum(2 + j % 2 for j in range(N_SETS))
+    rejects = {x["image"]: (x["reason"], x["detail"]) for x in read_jsonl(out / "shards" / "rejects.jsonl")}
+    assert {k: v[0] for k, v in rejects.items()} == {
+        "bad_truncated.png": "decode_error", "bad_not_an_image.jpg": "decode_error", "bad_missing.png": "missing_file",
+        "img_00000.png+bad_truncated.png": "decode_error"}
+    assert rejects["img_00000.png+bad_truncated.png"][1].startswith("bad_truncated.png: ")
     cat = load_catalog(str(out / "shards"))
-    assert sorted(c.kind for c in cat) == sorted(["video"] * N_VIDEOS + ["image"] * N_IMAGES + ["text"] * N_TEXT)
+    assert sorted(c.kind for c in cat) == sorted(["video"] * N_VIDEOS + ["image"] * (N_IMAGES + N_SETS)
+                                                 + ["text"] * N_TEXT)
     for c in cat:
-        if c.is_image:
-            ann = c.annotation
+        if c.is_image and "image" in c.annotation:
+            ann, meta = c.annotation, c.images[0]
             rotated = ann["image"].endswith(".jpg")
-            assert c.image["exif_orientation"] == (6 if rotated else 1)
+            assert meta["exif_orientation"] == (6 if rotated else 1)
             # the size as displayed: the synthetic image's drawn size, whatever orientation it is stored in
-            assert f"({c.image['width']}x{c.image['height']})" in ann["caption"]
-            stored = (c.image["stored_width"], c.image["stored_height"])
-            assert stored == ((c.image["height"], c.image["width"]) if rotated else (c.image["width"], c.image["height"]))
+            assert f"({meta['width']}x{meta['height']})" in ann["caption"]
+            stored = (meta["stored_width"], meta["stored_height"])
+            assert stored == ((meta["height"], meta["width"]) if rotated else (meta["width"], meta["height"]))
+        elif c.is_image:
+            assert len(c.images) == len(c.image_members) == len(c.annotation["images"]) in (2, 3)
     again = ingest(IngestOptions(videos=str(out / "videos"), annotations=str(out / "annotations.jsonl"),
                                  out=str(out / "shards"), shard_size_mb=0.03, workers=1, progress=False))
     assert again["this_run"]["processed"] == 0                          # rerun: all done or rejected before
-    # without our index the shard is scanned and gives the same samples
-    shard = cat[0].shard
+    # without our index the shard (one holding a set: members <key>.<i>.<ext>) is scanned, same samples
+    shard = next(c.shard for c in cat if c.is_image and len(c.images) > 1)
     os.rename(index_path(shard), index_path(shard) + ".moved")
     try:
         scanned = load_catalog(shard)
     finally:
         os.rename(index_path(shard) + ".moved", index_path(shard))
-    assert [(c.key, c.kind, c.image, c.video_offset) for c in scanned] == \
-        [(c.key, c.kind, c.image, c.video_offset) for c in cat if c.shard == shard]
+    assert [(c.key, c.kind, c.images, c.image_members) for c in scanned] == \
+        [(c.key, c.kind, c.images, c.image_members) for c in cat if c.shard == shard]
 
 
 def test_image_records_in_annotations(tmp_path):
     p = tmp_path / "a.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in [{"image": "a.png"}, {"image": "a.png"}, {"image": 5},
-                                                  {"image": "b.png", "video": "b.mp4"}]) + "\n")
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "a.png"}, {"image": "a.png"}, {"image": 5}, {"image": "b.png", "video": "b.mp4"},
+        {"images": ["a.png", "c.png"], "text": "x <image> y <image>"}, {"images": ["c.png", "d.png"], "text": "<image>"},
+        {"images": ["e.png", "e.png"]}, {"images": []}, {"images": ["f.png", "g.png"], "caption": "no markers"}]) + "\n")
     a = read_annotations(str(p))
-    assert list(a.images) == ["a.png"] and not a.videos and not a.texts
+    assert list(a.images) == ["a.png", "a.png+c.png", "f.png+g.png"] and not a.videos and not a.texts
+    assert a.images["a.png+c.png"][1] == ["a.png", "c.png"]
     assert [x.split(": ", 1)[1] for x in a.problems] == [
         "second record for 'a.png' ignored", "field 'image' is int, not a string",
-        "both 'video' and 'image': one sample is one or the other"]
+        "'video' and 'image': a sample is a video, an image or a list of images",
+        "2 image(s) but 1 '<image>' markers in the text (one per image, or none to place the images first)",
+        "an image is listed twice in ['e.png', 'e.png']", "field 'images' must be a non-empty list of paths"]
 
 
 def test_inspect_and_decode(tmp_path):
@@ -117,7 +132,7 @@ def test_plan_image_sizes():
 
 def test_image_document_layout_against_hand_computed_positions():
     ann = {"caption": "a square", "qa": [{"question": "n?", "answer": "7"}]}
-    d = plan_document(uid=0, key="s/i", video=None, image={"width": 140, "height": 84}, annotation=ann, cfg=CFG,
+    d = plan_document(uid=0, key="s/i", video=None, images=[{"width": 140, "height": 84}], annotation=ann, cfg=CFG,
                       tokenizer=TOK, seed=0, epoch=0)
     a = build_document(d, None, CFG, TOK)
     rows, cols = 3, 5
@@ -136,6 +151,31 @@ def test_image_document_layout_against_hand_computed_positions():
     assert (a.loss_mask[want.index(TOK.image_pad_id) - 1:after] == 0).all()   # no loss on or into the image
 
 
+def test_interleaved_images_take_the_places_of_their_markers():
+    ims = [{"width": 56, "height": 56}, {"width": 112, "height": 28}]    # 2 x 2 and 1 x 4 merged tokens
+    ann = {"text": "A<image>B<image>C"}
+    d = plan_document(uid=0, key="s/i", video=None, images=ims, annotation=ann, cfg=CFG, tokenizer=TOK, seed=0, epoch=0)
+    a = build_document(d, None, CFG, TOK)
+    vs, ve, ip = TOK.vision_start_id, TOK.vision_end_id, TOK.image_pad_id
+    A, B, C = (TOK.encode(x) for x in "ABC")
+    want = [TOK.bos_id] + A + [vs] + [ip] * 4 + [ve] + B + [vs] + [ip] * 4 + [ve] + C + [TOK.eos_id]
+    assert a.tokens.tolist() == want and d.num_frames == 2
+    # positions: A at 1; image 0 (2x2) t = 3, rows / cols 3-4; <vision_end> at 3 + 2 = 5; B 6; <vision_start> 7;
+    # image 1 (1x4) t = 8, cols 8-11; <vision_end> at 8 + 4 = 12; C 13; <eos> 14
+    assert a.pos[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 5, 6, 7, 8, 8, 8, 8, 12, 13, 14]
+    assert a.pos[1].tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8, 8, 8, 8, 12, 13, 14]
+    assert a.pos[2].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert a.grid.tolist() == [[1, 4, 4], [1, 2, 8]]
+    # the supervised text A, B, C and the <eos> are predicted (from the token before each); no image token is
+    assert [int(x) for x in np.nonzero(a.loss_mask)[0]] == [0, 7, 14, 15]
+    none = plan_document(uid=0, key="s/i", video=None, images=ims, annotation={"text": "D"}, cfg=CFG,
+                         tokenizer=TOK, seed=0, epoch=0)                   # no markers: the images first
+    assert build_document(none, None, CFG, TOK).tokens.tolist()[:3] == [TOK.bos_id, vs, ip]
+    with pytest.raises(PlanError, match="markers"):
+        plan_document(uid=0, key="s/i", video=None, images=ims, annotation={"text": "one <image> only"}, cfg=CFG,
+                      tokenizer=TOK, seed=0, epoch=0)
+
+
 def test_loader_decodes_images_upright_and_resumes_exactly(with_images, tmp_path):
     out, _ = with_images
     cfg = small_cfg(out / "shards", tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24)
@@ -152,14 +192,20 @@ def test_loader_decodes_images_upright_and_resumes_exactly(with_images, tmp_path
             doc = loader.planner.doc(rec.uid, p.epoch)
             if rec.is_image:
                 n_img += 1
-                assert doc.frames.tokens_per_frame <= 24
-                assert read_counter(frames[f], 10) == rec.annotation["image_number"], key
+                want = rec.annotation.get("image_numbers") or [rec.annotation["image_number"]]
+                assert [read_counter(frames[f + k], 10) for k in range(doc.num_frames)] == want, key
+                assert all(fp.tokens_per_frame <= 24 for fp in doc.images)
                 seg = p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])]
-                assert int((seg == loader.tokenizer.image_pad_id).sum()) == doc.frames.tokens_per_frame
+                assert int((seg == loader.tokenizer.image_pad_id).sum()) == sum(fp.tokens_per_frame for fp in doc.images)
+                assert int((seg == loader.tokenizer.vision_start_id).sum()) == len(want)
                 assert not bool((seg == loader.tokenizer.video_pad_id).any())
+                if "text" in rec.annotation and len(want) > 1:     # interleaved: each number after its picture
+                    t = loader.tokenizer.decode(seg.tolist())
+                    for k, x in enumerate(want):
+                        assert f"Picture {k + 1}: <vision_start>" in t and f"<vision_end> shows {x}." in t
             f += doc.num_frames
         assert f == len(frames)
-    assert n_img == N_IMAGES == loader.stats["samples_image"]
+    assert n_img == N_IMAGES + N_SETS == loader.stats["samples_image"]
     assert sorted(k for p in packs for k in p.sample_keys) == sorted(cat)
     # the plan's fingerprint names the image fields (they change the plan), exact resume over images
     assert "max_image_tokens" in loader.state_dict()["plan_config"]

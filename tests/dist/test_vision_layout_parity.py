@@ -109,8 +109,8 @@ def text_curves(tmp_path_factory):
     from data.video_stream import ensure_synthetic_shards
     from tests.launch_util import run_layouts_all
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("text"), 2, 1234, rank=0, n_text=30)
-    # image samples (one frame each, <image_pad> placeholders) with a few videos and texts: step 1 holds images
-    # and texts only, steps 2-3 images beside videos
+    # image samples (one frame per image, <image_pad> placeholders) with a few videos and texts: single images
+    # in every step, and interleaved records of 2 and 3 images (at their text's <image> markers) in steps 1 and 2
     images = ensure_synthetic_shards(tmp_path_factory.mktemp("img"), 2, 1234, rank=0, n_text=4, n_images=10)
     common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
     img = COMMON + [f"data.video.shards={images}"]
