@@ -125,9 +125,10 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_30b_a3b_ksa_stage2_eval", "keye_30b_a3b_ksa_stage2", "ev_30b_ksa2", ev),
         ]
     if which == "mixed":
-        # image and text-only samples among the videos (docs/data.md): the tiny recipe makes its own (12 of each
-        # beside 24 videos), stopped at step 10 and resumed, and KSA on them; the 30B slice (the so400m ViT at
-        # full width) on 32 videos + 16 images + 16 texts, with the images at their native sizes (up to 1280 tokens)
+        # image and text-only samples among the videos (docs/data.md): the tiny recipe makes its own (12 images, 3
+        # interleaved records of 2-3 images and 12 texts beside 24 videos), stopped at step 10 and resumed, and KSA
+        # on them; the 30B slice (the so400m ViT at full width) on 32 videos + 16 images + 4 image sets + 16 texts,
+        # the images at their native sizes (up to 1280 tokens)
         mix = single + ["data.synthetic_images=12", "data.synthetic_texts=12"]
         return [
             ("keye_tiny_mixed", "keye_tiny", "mx_tiny", mix + ["train.stop_after=10"]),
@@ -221,7 +222,8 @@ def main() -> None:
             shutil.copytree(Path(shards, "shards"), Path(shards, "long_shards"))
         if args.set == "mixed":  # videos, images and text-only samples in shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "mixed")),
-                            "--n", "32", "--images", "16", "--text", "16", "--shards", "--workers", "8"], cwd=REPO,
+                            "--n", "32", "--images", "16", "--image-sets", "4", "--text", "16", "--shards", "--workers", "8"],
+                           cwd=REPO,
                            check=True, capture_output=True)
         if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
