@@ -225,3 +225,27 @@ def test_fingerprint_without_images_has_no_image_fields(shard_dir, tmp_path):
     # a video-only run keeps the loader state it saved before image samples existed
     loader = VideoPackedLoader(small_cfg(shard_dir, tmp_path), seed=1)
     assert not any("image" in k for k in loader.state_dict()["plan_config"])
+
+
+def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path):
+    """A stored image whose bytes go bad after ingest (a disk, a copy): that sample is left out of its pack and
+    quarantined with the reason; every other sample of the epoch still arrives."""
+    import shutil
+
+    out, _ = with_images
+    shards = tmp_path / "shards"
+    shutil.copytree(out / "shards", shards)
+    cat = load_catalog(str(shards))
+    victim = next(c for c in cat if c.is_image and len(c.images) > 1)      # a set: its second image
+    offset, size = victim.image_members[1]
+    with open(victim.shard, "r+b") as f:
+        f.seek(offset + 16)
+        f.write(b"\0" * (size - 16))
+    cfg = small_cfg(shards, tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24)
+    loader = VideoPackedLoader(cfg, seed=6)
+    got = sorted(k for p in loader for k in p.sample_keys)
+    name = f"{os.path.basename(victim.shard)}/{victim.key}"
+    assert got == sorted(f"{os.path.basename(c.shard)}/{c.key}" for c in cat if c.key != victim.key)
+    q = read_jsonl(cfg.quarantine_path)
+    assert [(f"{r['shard']}/{r['key']}", r["reason"], r["stage"]) for r in q] == [(name, "decode_error", "decode")]
+    assert "image 1" in q[0]["detail"]
