@@ -10,9 +10,10 @@ Measures, in one run, on synthetic data the script makes itself:
 3. time to resume at 90% of an epoch (vs a fresh start, and vs replaying to that point);
 4. ingest throughput (videos/s, GB/s) on small videos and on the long one;
 5. the per-sample cost of decoding in a guarded child process instead of inline;
-6. image samples: our decode (shard member -> Pillow, EXIF orientation, RGB, bicubic resize to the plan,
-   planar) vs raw Pillow decoding and resizing the same bytes to the same size, per CPU core, on 1080p
-   JPEGs planned at max_image_tokens (1280), and the loader's images/s with 2 workers.
+6. image samples: our decode (shard member -> Pillow, a reduced DCT scale for a JPEG at least twice the
+   plan, EXIF orientation, RGB, bicubic resize to the plan, planar) vs raw Pillow decoding and resizing the
+   same bytes to the same size, per CPU core, on 1080p and 12 MP (4032x3024, a phone's photo) JPEGs planned
+   at max_image_tokens (1280), and the loader's images/s with 2 workers.
 """
 from __future__ import annotations
 
@@ -220,9 +221,10 @@ def bench_loader(shards: Path, workers: int, tmp: Path) -> dict:
             "tokens_per_s": tokens / total, "frames_per_s": frames / total}
 
 
-def bench_images(work: Path, n: int, repeats: int, workers: int) -> dict:
-    """1080p JPEGs (synthetic pictures with a noise texture, so that they compress like photos, ~0.5 MB each):
-    our decode against raw Pillow on the same bytes at the planned size, then the loader over their shards."""
+def bench_images(work: Path, n: int, repeats: int, workers: int, size: tuple[int, int] = (1920, 1080)) -> dict:
+    """JPEGs of `size` (synthetic pictures with a noise texture, so that they weigh as photos do): our decode
+    against raw Pillow (open, RGB, bicubic resize, array) on the same bytes at the planned size, then the
+    loader over their shards."""
     import io
     from PIL import Image
 
@@ -230,17 +232,18 @@ def bench_images(work: Path, n: int, repeats: int, workers: int) -> dict:
     from data.video.sampling import plan_image
     from data.video.synthetic import draw_frame
 
-    idir = work / "images"
+    W, H = size
+    idir = work / f"images_{W}x{H}"
     idir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    ann = work / "images.jsonl"
+    ann = work / f"images_{W}x{H}.jsonl"
     with open(ann, "w") as f:
         for i in range(n):
-            arr = draw_frame(300 + i, 1080, 1920, bits=10, seed=i).astype(np.int16)
+            arr = draw_frame(300 + i, H, W, bits=10, seed=i).astype(np.int16)
             arr = np.clip(arr + rng.integers(-24, 25, arr.shape), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(idir / f"photo_{i:03d}.jpg", quality=90)
             f.write(json.dumps({"image": f"photo_{i:03d}.jpg", "caption": f"picture {i}"}) + "\n")
-    shards = work / "image_shards"
+    shards = work / f"image_shards_{W}x{H}"
     if not (shards / "dataset.json").exists():
         ingest(IngestOptions(videos=str(idir), annotations=str(ann), out=str(shards), workers=workers,
                              shard_size_mb=64, progress=False))
@@ -272,7 +275,7 @@ def bench_images(work: Path, n: int, repeats: int, workers: int) -> dict:
         first = first if first is not None else time.perf_counter() - t0
         images += p.image_docs
     total = time.perf_counter() - t0
-    return {"n": n, "source": "1920x1080 JPEG q90", "planned": f"{fp.width}x{fp.height}",
+    return {"n": n, "source": f"{W}x{H} JPEG q90", "planned": f"{fp.width}x{fp.height}",
             "tokens_per_image": fp.tokens_per_frame, "mean_bytes": int(np.mean([len(b) for b in blobs])),
             "raw_images_per_cpu_s": n / r["cpu_s"], "ours_images_per_cpu_s": n / o["cpu_s"],
             "ratio_per_core": r["cpu_s"] / o["cpu_s"], "counters_ok": f"{sum(counters)}/{n}",
@@ -397,7 +400,7 @@ def main(argv=None) -> int:
     if "isolation" in parts:
         res["isolation"] = bench_isolation(work / "small_shards")
     if "images" in parts:
-        res["images"] = bench_images(work, 24, a.repeats, a.workers)
+        res["images"] = [bench_images(work, 24, a.repeats, a.workers, size) for size in ((1920, 1080), (4032, 3024))]
     res["total_seconds"] = time.perf_counter() - t_all
 
     # ---- table ----
@@ -432,13 +435,12 @@ def main(argv=None) -> int:
                      f"inline {iso['inline']['cpu_ms_per_sample']:.1f}, guarded "
                      f"{iso['process']['cpu_ms_per_sample']:.1f} CPU-ms per small sample "
                      f"(wall {iso['overhead_ms_per_sample']:+.1f} ms)"))
-    im = res.get("images")
-    if im:
-        rows += [("images: raw Pillow", f"{im['raw_images_per_cpu_s']:.1f} images/CPU-s",
+    for im in res.get("images", []):
+        rows += [(f"images {im['source'].split()[0]}: raw Pillow", f"{im['raw_images_per_cpu_s']:.1f} images/CPU-s",
                   f"{im['n']} {im['source']} ({im['mean_bytes'] / 1e6:.2f} MB) -> {im['planned']}, {im['tokens_per_image']} tokens"),
-                 ("images: our decode", f"{im['ours_images_per_cpu_s']:.1f} images/CPU-s",
+                 (f"images {im['source'].split()[0]}: our decode", f"{im['ours_images_per_cpu_s']:.1f} images/CPU-s",
                   f"ratio per core {im['ratio_per_core']:.2f}; counters ok {im['counters_ok']}"),
-                 (f"images: loader, {im['loader_workers']} workers", f"{im['loader_images_per_s']:.1f} images/s",
+                 (f"images {im['source'].split()[0]}: loader, {im['loader_workers']} workers", f"{im['loader_images_per_s']:.1f} images/s",
                   f"first batch {im['loader_first_batch_s']:.2f} s")]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

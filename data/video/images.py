@@ -7,7 +7,8 @@ An image is one frame: planned like a video frame (`sampling.plan_image`), encod
 decodes the whole file, applies the EXIF orientation and returns what planning needs, the size as
 displayed. `decode_image(data, height, width)` runs in the loader's worker: bytes of the stored member
 -> uint8 [1, 3, height, width] (planar, what `packing.patchify(layout="chw")` takes), resized with
-bicubic filtering from the displayed orientation.
+bicubic filtering from the displayed orientation; a JPEG much larger than that is decoded at a reduced DCT
+scale first (Pillow's draft mode), as most photos are.
 """
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ class ImageError(Exception):
         self.detail = detail
 
 
-def _open(src, what: str):
+# EXIF orientations that turn the picture a quarter: the stored width is the displayed height
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _open(src, what: str, draft: tuple[int, int] | None = None):
+    """(image as stored, image as displayed, format). `draft` (the displayed width, height wanted): a JPEG is
+    decoded at the smallest of its DCT scales (1/1, 1/2, 1/4, 1/8) that is still at least that size, which
+    skips most of the decoding of a large photo that is resized down anyway."""
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -40,6 +48,11 @@ def _open(src, what: str):
         if w * h > MAX_PIXELS:
             raise ImageError("too_large", f"{what}: {w}x{h} pixels, over {MAX_PIXELS}")
         fmt = img.format
+        if draft is not None and fmt == "JPEG":
+            dw, dh = draft
+            if int(img.getexif().get(0x0112, 1) or 1) in _QUARTER_TURNS:
+                dw, dh = dh, dw
+            img.draft("RGB", (dw, dh))
         img.load()                                 # the whole file: a truncated one fails here
         oriented = ImageOps.exif_transpose(img)
     except ImageError:
@@ -65,12 +78,14 @@ def inspect_image(path: str) -> dict:
             "bytes": os.path.getsize(path)}
 
 
-def decode_image(data: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
+def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
-    (alpha dropped, palette and grey expanded), resized with bicubic filtering. Raises ImageError."""
+    (alpha dropped, palette and grey expanded), resized with bicubic filtering. A JPEG at least twice the
+    size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`: in full).
+    Raises ImageError."""
     from PIL import Image
 
-    _, img, _ = _open(io.BytesIO(data), what)
+    _, img, _ = _open(io.BytesIO(data), what, draft=(width, height) if draft else None)
     img = img.convert("RGB")
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)
