@@ -325,55 +325,65 @@ class DocArrays:
     is_image: bool = False
 
 
-def _labels(tok: np.ndarray, sup: np.ndarray, cfg: VideoDataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """labels[i] = tok[i + 1] where token i + 1 is supervised, and the loss mask that selects them."""
-    labels = np.full(tok.shape[0], cfg.label_ignore_index, np.int64)
-    nxt = sup[1:]
-    labels[:-1][nxt] = tok[1:][nxt]
-    loss_mask = np.zeros(tok.shape[0], np.float32)
-    loss_mask[:-1][nxt] = 1.0
-    return labels, loss_mask
+class _DocWriter:
+    """Fills one document's token ids, supervision and 3D positions left to right; `p` is the next free
+    position (see the module docstring)."""
+
+    def __init__(self, length: int) -> None:
+        self.tok = np.empty(length, np.int64)
+        self.sup = np.zeros(length, bool)
+        self.pos = np.empty((3, length), np.int64)
+        self.i = self.p = 0
+
+    def text(self, ids, loss=False) -> None:
+        """Text tokens at (p, p, p), p + 1, ...; `loss`: one bool for all, or one per token."""
+        i, k = self.i, len(ids)
+        self.tok[i:i + k] = ids
+        self.sup[i:i + k] = loss
+        self.pos[:, i:i + k] = np.arange(self.p, self.p + k, dtype=np.int64)[None]
+        self.i += k
+        self.p += k
+
+    def visual(self, pad_id: int, t: int, rows: int, cols: int) -> None:
+        """A frame's merged tokens (row-major) at (t, t + row, t + col); then p = t + max(rows, cols)."""
+        i, k = self.i, rows * cols
+        rr, cc = np.divmod(np.arange(k, dtype=np.int64), cols)
+        self.tok[i:i + k] = pad_id
+        self.pos[0, i:i + k] = t
+        self.pos[1, i:i + k] = t + rr
+        self.pos[2, i:i + k] = t + cc
+        self.i += k
+        self.p = t + max(rows, cols)
+
+    def finish(self, cfg: VideoDataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, labels, loss mask, positions): labels[i] = tokens[i + 1] where token i + 1 is supervised."""
+        assert self.i == self.tok.shape[0], (self.i, self.tok.shape[0])
+        labels = np.full(self.i, cfg.label_ignore_index, np.int64)
+        nxt = self.sup[1:]
+        labels[:-1][nxt] = self.tok[1:][nxt]
+        loss_mask = np.zeros(self.i, np.float32)
+        loss_mask[:-1][nxt] = 1.0
+        return self.tok, labels, loss_mask, self.pos
 
 
 def _build_image_document(doc: DocPlan, images: list[np.ndarray] | None, cfg: VideoDataConfig,
                           tokenizer: Tokenizer) -> DocArrays:
     """<bos>? chunk_0 (<vision_start> <image_pad> x (rows*cols) <vision_end> chunk_i+1) per image <eos>; an
     image's merged tokens take t = p, h = p + row, w = p + col, then p += max(rows, cols), as a video frame's."""
-    L = doc.length
-    tok = np.empty(L, np.int64)
-    sup = np.zeros(L, bool)
-    pos = np.empty((3, L), np.int64)
-    i = p = 0
-
-    def text(ids, loss=False):
-        nonlocal i, p
-        k = len(ids)
-        tok[i:i + k] = ids
-        sup[i:i + k] = loss
-        pos[:, i:i + k] = np.arange(p, p + k, dtype=np.int64)[None]
-        i += k
-        p += k
-
+    w = _DocWriter(doc.length)
     if tokenizer.bos_id is not None:
-        text([tokenizer.bos_id])
+        w.text([tokenizer.bos_id])
     grid = []
     for k, fp in enumerate(doc.images):
-        text(*doc.chunks[k])
-        text([tokenizer.vision_start_id])
+        w.text(*doc.chunks[k])
+        w.text([tokenizer.vision_start_id])
         rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
-        rr, cc = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
-        tok[i:i + rows * cols] = tokenizer.image_pad_id
-        pos[0, i:i + rows * cols] = p
-        pos[1, i:i + rows * cols] = p + rr
-        pos[2, i:i + rows * cols] = p + cc
-        i += rows * cols
-        p += max(rows, cols)
-        text([tokenizer.vision_end_id])
+        w.visual(tokenizer.image_pad_id, w.p, rows, cols)
+        w.text([tokenizer.vision_end_id])
         grid.append([1, rows * cfg.merge_size, cols * cfg.merge_size])
-    text(*doc.chunks[-1])
-    text([tokenizer.eos_id], loss=any(doc.text_loss))
-    assert i == L, (i, L)
-    labels, loss_mask = _labels(tok, sup, cfg)
+    w.text(*doc.chunks[-1])
+    w.text([tokenizer.eos_id], loss=any(doc.text_loss))
+    tok, labels, loss_mask, pos = w.finish(cfg)
     if images is None:
         pixels = None
     else:
@@ -399,53 +409,23 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
     else:
         assert frames is None or frames.shape == (n, fp.height, fp.width, 3), (frames.shape, fp)
         rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
-    per = rows * cols
-    L = doc.length
-    tok = np.empty(L, np.int64)
-    sup = np.zeros(L, bool)
-    pos = np.empty((3, L), np.int64)
-    rr, cc = np.divmod(np.arange(per, dtype=np.int64), cols)
     if n:
         slot = max(len(t) + 2 + max(rows, cols) for t in doc.ts_ids)
         rate = slot / fp.interval_s
-    i = 0
-    p = 0
-
-    def text(ids, loss=False):
-        nonlocal i, p
-        k = len(ids)
-        tok[i:i + k] = ids
-        sup[i:i + k] = loss
-        pos[:, i:i + k] = np.arange(p, p + k, dtype=np.int64)[None]
-        i += k
-        p += k
-
+    w = _DocWriter(doc.length)
     if tokenizer.bos_id is not None:
-        text([tokenizer.bos_id])
+        w.text([tokenizer.bos_id])
     anchor = None
     for k in range(n):
-        text(doc.ts_ids[k])
-        text([tokenizer.vision_start_id])
-        ts = fp.timestamps[k]
+        w.text(doc.ts_ids[k])
+        w.text([tokenizer.vision_start_id])
         if anchor is None:
-            anchor = p - int(round(fp.timestamps[0] * rate))
-        t = max(p, anchor + int(round(ts * rate)))
-        tok[i:i + per] = tokenizer.video_pad_id
-        pos[0, i:i + per] = t
-        pos[1, i:i + per] = t + rr
-        pos[2, i:i + per] = t + cc
-        i += per
-        p = t + max(rows, cols)
-        text([tokenizer.vision_end_id])
-    if doc.text_ids:
-        tok[i:i + len(doc.text_ids)] = doc.text_ids
-        sup[i:i + len(doc.text_ids)] = doc.text_loss
-        pos[:, i:i + len(doc.text_ids)] = np.arange(p, p + len(doc.text_ids), dtype=np.int64)[None]
-        i += len(doc.text_ids)
-        p += len(doc.text_ids)
-    text([tokenizer.eos_id], loss=any(doc.text_loss))
-    assert i == L, (i, L)
-    labels, loss_mask = _labels(tok, sup, cfg)
+            anchor = w.p - int(round(fp.timestamps[0] * rate))
+        w.visual(tokenizer.video_pad_id, max(w.p, anchor + int(round(fp.timestamps[k] * rate))), rows, cols)
+        w.text([tokenizer.vision_end_id])
+    w.text(doc.text_ids, doc.text_loss)
+    w.text([tokenizer.eos_id], loss=any(doc.text_loss))
+    tok, labels, loss_mask, pos = w.finish(cfg)
     if n == 0:
         pixels = np.zeros((0, 3 * cfg.patch_size ** 2), np.uint8)
     else:

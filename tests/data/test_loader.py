@@ -26,6 +26,16 @@ def take(loader, n):
     return [next(loader) for _ in range(n)]
 
 
+def assert_resumes_exactly(cfg, seed: int, before: int, after: int) -> None:
+    """`before` packs, a new loader from the state, `after` more: the same packs as one loader straight through."""
+    ref = [signature(p) for p in take(VideoPackedLoader(cfg, seed=seed), before + after)]
+    a = VideoPackedLoader(cfg, seed=seed)
+    first = [signature(p) for p in take(a, before)]
+    b = VideoPackedLoader(cfg, seed=seed)
+    b.load_state_dict(a.state_dict())
+    assert first + [signature(p) for p in take(b, after)] == ref
+
+
 def epoch_keys(planner, e):
     return sorted(planner.key(u) for pk in planner.epoch(e).packs for u in pk)
 

@@ -19,7 +19,7 @@ from data.video.packing import unpatchify
 from data.video.tokenizer import ByteTokenizer
 
 from .conftest import read_jsonl, small_cfg
-from .test_loader import signature, take
+from .test_loader import assert_resumes_exactly
 
 N_VIDEOS, N_TEXT = 6, 14
 
@@ -167,13 +167,7 @@ def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
     assert seen_text == N_TEXT and seen_mixed >= 1 and loader.stats["samples_text"] == N_TEXT
     assert sorted(k for p in packs for k in p.sample_keys) == sorted(cat)   # nothing lost
     # exact resume across the text-only samples
-    cfg2 = small_cfg(out / "shards", tmp_path, seq_len=512)
-    ref = [signature(p) for p in take(VideoPackedLoader(cfg2, seed=4), 6)]
-    a = VideoPackedLoader(cfg2, seed=4)
-    first = [signature(p) for p in take(a, 2)]
-    b = VideoPackedLoader(cfg2, seed=4)
-    b.load_state_dict(a.state_dict())
-    assert first + [signature(p) for p in take(b, 4)] == ref
+    assert_resumes_exactly(small_cfg(out / "shards", tmp_path, seq_len=512), 4, 2, 4)
 
 
 def test_truncation_is_counted_and_logged(tmp_path, caplog):
