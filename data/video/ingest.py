@@ -38,6 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .annotations import image_marker_count
 from .isolation import GuardedWorker, WorkerFailure
 from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
                      write_json_atomic)
@@ -120,8 +121,6 @@ def read_annotations(path: str | None) -> Annotations:
     """JSONL -> records by kind, and the problems found. A record names its `video`, its `image` or its
     `images` (paths relative to --videos; several images are placed at the "<image>" markers of its text, one
     per image, or first when it has none); one with none of them is a text-only sample when it has text."""
-    from .packing import image_marker_count
-
     out = Annotations()
     if path is None:
         return out
