@@ -277,3 +277,27 @@ def test_jpeg_draft_decode_matches_the_full_decode(tmp_path, rotated):
     d = np.abs(fast.astype(np.int16) - full.astype(np.int16))
     assert d.mean() < 1.5 and np.percentile(d, 99) <= 4, (d.mean(), np.percentile(d, 99))
     assert not np.array_equal(fast, full)          # the reduced scale really was used
+
+
+def test_webdataset_reads_every_kind_of_sample(with_images):
+    """The webdataset library (the independent reader) groups our members into the samples our catalog lists:
+    a video's json + mp4, an image's json + jpg/png, a set's json + 0.<ext>, 1.<ext>..., a text's json alone."""
+    import webdataset as wds
+
+    out, _ = with_images
+    cat = load_catalog(str(out / "shards"))
+    urls = sorted({c.shard for c in cat})
+    got = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        got[s["__key__"]] = sorted(k for k in s if not k.startswith("__"))
+    want = {}
+    for c in cat:
+        if c.kind == "text":
+            want[c.key] = ["json"]
+        elif c.kind == "video":
+            want[c.key] = sorted(["json", c.video_ext])
+        elif len(c.images) == 1:
+            want[c.key] = sorted(["json", c.annotation["image"].rsplit(".", 1)[1]])
+        else:
+            want[c.key] = sorted(["json"] + [f"{i}.{p.rsplit('.', 1)[1]}" for i, p in enumerate(c.annotation["images"])])
+    assert got == want
