@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     s = ingest(opts)
     r = s["this_run"]
     print(f"ingest: {r['accepted']} videos accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
-          f"{r['image_samples']} images, {r['text_samples']} text-only samples, "
+          f"{r['image_samples']} image samples ({r['image_files']} files), {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     return 0
