@@ -487,7 +487,8 @@ def ingest(opts: IngestOptions) -> dict:
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
                      "frames": stats["frames"], "seconds_of_video": round(stats["seconds_of_video"], 3),
                      "seconds": round(elapsed, 3),
-                     "videos_per_s": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
+                     "videos_per_s": round(sum(k == "video" for k, _ in todo) / elapsed, 3) if elapsed > 0 else None,
+                     "samples_per_s": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
                      "gb_per_s": round(stats["bytes_in"] / elapsed / 1e9, 6) if elapsed > 0 else None},
         "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
     }
