@@ -205,6 +205,23 @@ def _op_inspect_image(path: str) -> dict:
     return inspect_image(path)
 
 
+def _op_decode_image(shard: str, offset: int, size: int, height: int, width: int, out_path: str,
+                     what: str = "image") -> tuple[int, int, int, int]:
+    """An image member of a shard -> its planned pixels, written raw to `out_path` (images.decode_image)."""
+    from .images import ImageError, decode_image
+    from .shards import read_member
+
+    _fault_injection(what)
+    try:
+        data = read_member(shard, offset, size)
+    except OSError as e:
+        raise ImageError("read_error", str(e)[:300]) from None
+    arr = decode_image(data, height, width, what=what)
+    with open(out_path, "wb") as f:
+        f.write(memoryview(arr).cast("B"))
+    return tuple(arr.shape)
+
+
 def _fault_injection(path: str) -> None:
     """Test hook: KEYE_DECODE_FAULT="crash:<substring>" or "hang:<substring>" makes the decode of a
     file whose original name contains <substring> segfault or hang, like a broken decoder would."""
@@ -237,7 +254,8 @@ def _op_hang(seconds: float = 3600.0) -> None:   # for tests: a stuck decoder
     time.sleep(seconds)
 
 
-_OPS = {"inspect": _op_inspect, "inspect_image": _op_inspect_image, "decode": _op_decode, "ping": lambda: os.getpid(),
+_OPS = {"inspect": _op_inspect, "inspect_image": _op_inspect_image, "decode": _op_decode,
+        "decode_image": _op_decode_image, "ping": lambda: os.getpid(),
         "_crash": _op_crash, "_hang": _op_hang}
 
 

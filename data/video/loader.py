@@ -245,16 +245,38 @@ class FrameSource:
             self.guard = None
 
     def images(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
-        """uint8 [1, 3, H, W] (planar) of each planned image of an image sample, or SampleFailure. Pillow in
-        this worker: ingest decoded every file whole once, in a guarded child."""
+        """uint8 [1, 3, H, W] (planar) of each planned image of an image sample, or SampleFailure. Decoded
+        (Pillow) in the guarded child with decode_isolation "process", as a video is: a crash or hang costs
+        this sample; "inline": in this worker."""
         out = []
         for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
+            what = f"{rec.key} image {i}"
+            if self.cfg.decode_isolation == "process":
+                if self.guard is None:
+                    self.guard = GuardedWorker(name="decode", log_dir=self.spill_dir)
+                self._n += 1
+                raw = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}.rgb")
+                try:
+                    shape = self.guard.call("decode_image", timeout_s=self.cfg.sample_timeout_s, shard=rec.shard,
+                                            offset=offset, size=size, height=fp.height, width=fp.width,
+                                            out_path=raw, what=what)
+                    if os.path.getsize(raw) != int(np.prod(shape)):
+                        raise SampleFailure("short_decode", f"{what}: {os.path.getsize(raw)} bytes, expected {shape}")
+                    out.append(np.memmap(raw, dtype=np.uint8, mode="r", shape=tuple(shape)))  # valid after unlink
+                except WorkerFailure as e:
+                    raise SampleFailure(e.reason, e.detail) from None
+                finally:
+                    try:
+                        os.unlink(raw)
+                    except OSError:
+                        pass
+                continue
             try:
                 data = read_member(rec.shard, offset, size)
             except OSError as e:
                 raise SampleFailure("read_error", str(e)[:300]) from None
             try:
-                out.append(decode_image(data, fp.height, fp.width, what=f"{rec.key} image {i}"))
+                out.append(decode_image(data, fp.height, fp.width, what=what))
             except ImageError as e:
                 raise SampleFailure(e.reason, e.detail) from None
         return out

@@ -224,7 +224,8 @@ def test_fingerprint_without_images_has_no_image_fields(shard_dir, tmp_path):
     assert not any("image" in k for k in loader.state_dict()["plan_config"])
 
 
-def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path):
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path, isolation):
     """A stored image whose bytes go bad after ingest (a disk, a copy): that sample is left out of its pack and
     quarantined with the reason; every other sample of the epoch still arrives."""
     import shutil
@@ -238,7 +239,7 @@ def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path):
     with open(victim.shard, "r+b") as f:
         f.seek(offset + 16)
         f.write(b"\0" * (size - 16))
-    cfg = small_cfg(shards, tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24)
+    cfg = small_cfg(shards, tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24, decode_isolation=isolation)
     loader = VideoPackedLoader(cfg, seed=6)
     got = sorted(k for p in loader for k in p.sample_keys)
     name = f"{os.path.basename(victim.shard)}/{victim.key}"
@@ -301,3 +302,21 @@ def test_webdataset_reads_every_kind_of_sample(with_images):
         else:
             want[c.key] = sorted(["json"] + [f"{i}.{p.rsplit('.', 1)[1]}" for i, p in enumerate(c.annotation["images"])])
     assert got == want
+
+
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_image_decoder_crash_or_hang_costs_one_sample(with_images, tmp_path, monkeypatch, fault):
+    """With decode_isolation "process" images decode in the guarded child, as videos do: a decoder that
+    segfaults or hangs on one image costs that sample (quarantined: crashed / timeout), not the run."""
+    out, _ = with_images
+    cat = load_catalog(str(out / "shards"))
+    victim = next(c for c in cat if c.is_image and len(c.images) == 1)
+    monkeypatch.setenv("KEYE_DECODE_FAULT", f"{fault}:{victim.key} image 0")
+    cfg = small_cfg(out / "shards", tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24, num_workers=1,
+                    decode_isolation="process", sample_timeout_s=3.0)
+    loader = VideoPackedLoader(cfg, seed=6)
+    got = sorted(k for p in loader for k in p.sample_keys)
+    loader.close()
+    assert got == sorted(f"{os.path.basename(c.shard)}/{c.key}" for c in cat if c.key != victim.key)
+    q = read_jsonl(cfg.quarantine_path)
+    assert [(r["key"], r["reason"]) for r in q] == [(victim.key, "crashed" if fault == "crash" else "timeout")]
