@@ -90,3 +90,15 @@ def decode_image(data: bytes, height: int, width: int, what: str = "image", *, d
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)[None])
+
+
+def decode_member(shard: str, offset: int, size: int, height: int, width: int, what: str = "image") -> np.ndarray:
+    """`decode_image` of a tar member read by its byte offset (the loader's worker, or the guarded child).
+    Raises ImageError ("read_error" when the bytes cannot be read)."""
+    from .shards import read_member
+
+    try:
+        data = read_member(shard, offset, size)
+    except OSError as e:
+        raise ImageError("read_error", f"{what}: {str(e)[:300]}") from None
+    return decode_image(data, height, width, what=what)

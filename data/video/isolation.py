@@ -207,16 +207,11 @@ def _op_inspect_image(path: str) -> dict:
 
 def _op_decode_image(shard: str, offset: int, size: int, height: int, width: int, out_path: str,
                      what: str = "image") -> tuple[int, int, int, int]:
-    """An image member of a shard -> its planned pixels, written raw to `out_path` (images.decode_image)."""
-    from .images import ImageError, decode_image
-    from .shards import read_member
+    """An image member of a shard -> its planned pixels, written raw to `out_path` (images.decode_member)."""
+    from .images import decode_member
 
     _fault_injection(what)
-    try:
-        data = read_member(shard, offset, size)
-    except OSError as e:
-        raise ImageError("read_error", str(e)[:300]) from None
-    arr = decode_image(data, height, width, what=what)
+    arr = decode_member(shard, offset, size, height, width, what=what)
     with open(out_path, "wb") as f:
         f.write(memoryview(arr).cast("B"))
     return tuple(arr.shape)

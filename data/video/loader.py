@@ -71,8 +71,8 @@ from .isolation import GuardedWorker, WorkerFailure
 from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify,
                       plan_document)
 from .sampling import PlanError
-from .images import ImageError, decode_image
-from .shards import SampleRecord, catalog_fingerprint, load_catalog, read_member, spill_member
+from .images import ImageError, decode_member
+from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -244,39 +244,41 @@ class FrameSource:
             self.guard.close()
             self.guard = None
 
+    def _guarded(self, op: str, out_path: str, **kwargs) -> np.ndarray:
+        """Run decode op `op` in this worker's guarded child (started on first use); it writes the pixels raw
+        to `out_path` and returns their shape. A crash, hang or error becomes SampleFailure."""
+        if self.guard is None:
+            self.guard = GuardedWorker(name="decode", log_dir=self.spill_dir)
+        try:
+            shape = self.guard.call(op, timeout_s=self.cfg.sample_timeout_s, out_path=out_path, **kwargs)
+        except WorkerFailure as e:
+            raise SampleFailure(e.reason, e.detail) from None
+        size = os.path.getsize(out_path)
+        if size != int(np.prod(shape)):
+            raise SampleFailure("short_decode", f"frame file has {size} bytes, expected {shape}")
+        return np.memmap(out_path, dtype=np.uint8, mode="r", shape=tuple(shape))   # valid after unlink
+
+    def _stem(self, rec: SampleRecord) -> str:
+        self._n += 1
+        return os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
+
     def images(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
         """uint8 [1, 3, H, W] (planar) of each planned image of an image sample, or SampleFailure. Decoded
         (Pillow) in the guarded child with decode_isolation "process", as a video is: a crash or hang costs
         this sample; "inline": in this worker."""
         out = []
         for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
-            what = f"{rec.key} image {i}"
+            req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width,
+                       what=f"{rec.key} image {i}")
             if self.cfg.decode_isolation == "process":
-                if self.guard is None:
-                    self.guard = GuardedWorker(name="decode", log_dir=self.spill_dir)
-                self._n += 1
-                raw = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}.rgb")
+                raw = self._stem(rec) + ".rgb"
                 try:
-                    shape = self.guard.call("decode_image", timeout_s=self.cfg.sample_timeout_s, shard=rec.shard,
-                                            offset=offset, size=size, height=fp.height, width=fp.width,
-                                            out_path=raw, what=what)
-                    if os.path.getsize(raw) != int(np.prod(shape)):
-                        raise SampleFailure("short_decode", f"{what}: {os.path.getsize(raw)} bytes, expected {shape}")
-                    out.append(np.memmap(raw, dtype=np.uint8, mode="r", shape=tuple(shape)))  # valid after unlink
-                except WorkerFailure as e:
-                    raise SampleFailure(e.reason, e.detail) from None
+                    out.append(self._guarded("decode_image", raw, **req))
                 finally:
-                    try:
-                        os.unlink(raw)
-                    except OSError:
-                        pass
+                    _unlink(raw)
                 continue
             try:
-                data = read_member(rec.shard, offset, size)
-            except OSError as e:
-                raise SampleFailure("read_error", str(e)[:300]) from None
-            try:
-                out.append(decode_image(data, fp.height, fp.width, what=what))
+                out.append(decode_member(**req))
             except ImageError as e:
                 raise SampleFailure(e.reason, e.detail) from None
         return out
@@ -284,8 +286,7 @@ class FrameSource:
     def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
         """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
         fp = doc.frames
-        self._n += 1
-        stem = os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
+        stem = self._stem(rec)
         video = f"{stem}.{rec.video_ext}"
         raw = f"{stem}.rgb"
         req = dict(path=video, indices=list(fp.indices), height=fp.height, width=fp.width, meta=rec.video,
@@ -296,25 +297,12 @@ class FrameSource:
             except OSError as e:
                 raise SampleFailure("read_error", str(e)[:300]) from None
             if self.cfg.decode_isolation == "process":
-                if self.guard is None:
-                    self.guard = GuardedWorker(name="decode", log_dir=self.spill_dir)
-                try:
-                    shape = self.guard.call("decode", timeout_s=self.cfg.sample_timeout_s,
-                                            backend=self.cfg.decode_backend, out_path=raw, fault_tag=rec.key, **req)
-                except WorkerFailure as e:
-                    raise SampleFailure(e.reason, e.detail) from None
-                size = os.path.getsize(raw)
-                if size != int(np.prod(shape)):
-                    raise SampleFailure("short_decode", f"frame file has {size} bytes, expected {shape}")
-                arr = np.memmap(raw, dtype=np.uint8, mode="r", shape=tuple(shape))   # valid after unlink
+                arr = self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key, **req)
             else:
                 arr = self._inline(req)
         finally:
-            for p in (video, raw):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+            _unlink(video)
+            _unlink(raw)
         if arr.shape != (fp.num_frames, 3, fp.height, fp.width):
             raise SampleFailure("short_decode", f"got {arr.shape}, planned {(fp.num_frames, 3, fp.height, fp.width)}")
         return arr
@@ -339,6 +327,13 @@ class FrameSource:
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _alloc_uint8(rows: int, cols: int, *, shared: bool) -> torch.Tensor:
