@@ -56,6 +56,11 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
     directories (`init`), and a case that reuses one resumes it."""
     init = lambda name: f"train.checkpoint.init_from={root / name}"  # noqa: E731
     single = ["parallel=single", "train.wandb.enabled=false"]
+
+    def stopped_and_resumed(name: str, recipe: str, run: str, overrides: list[str], at: int = 10) -> list[tuple]:
+        """The run stopped after step `at`, then the same command resuming it in the same run directory."""
+        return [(name, recipe, run, overrides + [f"train.stop_after={at}"]), (f"{name}_resume", recipe, run, overrides)]
+
     if which == "lm":
         # the language-model-only tiny stages, from keye_tiny_lm as the recipes' comments chain them
         return [
@@ -69,16 +74,15 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
         # the other checkpoint settings on the attention variants: per-parameter optimizer state written from a
         # forked writer, stopped at step 10 and resumed
         fmt = single + ["train.checkpoint.optimizer_format=fully_reshardable", "train.checkpoint.async_save=true"]
-        return [
-            ("dsa_sparse_fully_reshardable_async", "keye_tiny_vl_dsa_sparse", "fmt_dsa", fmt + ["train.stop_after=10"]),
-            ("dsa_sparse_fully_reshardable_async_resume", "keye_tiny_vl_dsa_sparse", "fmt_dsa", fmt),
-            ("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", "fmt_ksa", fmt + ["train.stop_after=10"]),
-            ("ksa_fully_reshardable_async_resume", "keye_tiny_vl_ksa", "fmt_ksa", fmt),
-        ]
+        return (stopped_and_resumed("dsa_sparse_fully_reshardable_async", "keye_tiny_vl_dsa_sparse", "fmt_dsa", fmt)
+                + stopped_and_resumed("ksa_fully_reshardable_async", "keye_tiny_vl_ksa", "fmt_ksa", fmt))
     # the 30B recipes at full width, cut to 2 LM layers (the ViT whole), on synthetic video shards; `cut` runs 3
     # steps without checkpoints
-    slice_30b = single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={shards}/shards",
-                          "train.global_batch_size=2", "train.warmup_steps=1", "train.log_interval=1"]
+    def slice_on(data: str) -> list[str]:
+        return single + ["parallel.vit.recompute=true", "model.lm.num_layers=2", f"data.video.shards={data}",
+                         "train.global_batch_size=2", "train.warmup_steps=1", "train.log_interval=1"]
+
+    slice_30b = slice_on(f"{shards}/shards")
     no_ckpt = "train.checkpoint.enabled=false"
     cut = slice_30b + ["train.steps=3", no_ckpt]
     # a run of keye_30b_a3b (2 steps) writes the 2-layer slice's checkpoint (~32 GB with its optimizer state); the
@@ -130,12 +134,9 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
         # on them; the 30B slice (the so400m ViT at full width) on 32 videos + 16 images + 4 image sets + 16 texts,
         # the images at their native sizes (up to 1280 tokens)
         mix = single + ["data.synthetic_images=12", "data.synthetic_texts=12"]
-        return [
-            ("keye_tiny_mixed", "keye_tiny", "mx_tiny", mix + ["train.stop_after=10"]),
-            ("keye_tiny_mixed_resume", "keye_tiny", "mx_tiny", mix),
+        return stopped_and_resumed("keye_tiny_mixed", "keye_tiny", "mx_tiny", mix) + [
             ("keye_tiny_vl_ksa_mixed", "keye_tiny_vl_ksa", "mx_ksa", mix),
-            ("keye_30b_a3b_mixed", "keye_30b_a3b", "mx_30b",
-             [o.replace(f"{shards}/shards", f"{shards}/mixed/shards") for o in cut]),
+            ("keye_30b_a3b_mixed", "keye_30b_a3b", "mx_30b", slice_on(f"{shards}/mixed/shards") + ["train.steps=3", no_ckpt]),
         ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
