@@ -154,8 +154,9 @@ def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
             if rec.is_text:
                 text_here += 1
                 assert not (p.frame_doc == d).any()
-                body = (rec.annotation.get("text") or "")
-                assert TOK.decode(seg).endswith(body + "<eos>")            # the record's own text
+                a = rec.annotation                                         # the record's own text (or answer)
+                body = a["text"] if "text" in a else f"A: {a['qa'][0]['answer']}\n"
+                assert TOK.decode(seg).endswith(body + "<eos>"), (TOK.decode(seg), a)
                 continue
             assert (p.frame_doc == d).sum() == doc.num_frames
             bits = int(rec.annotation["counter_bits"])
