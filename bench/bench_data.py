@@ -18,6 +18,7 @@ Measures, in one run, on synthetic data the script makes itself:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -268,19 +269,24 @@ def bench_images(work: Path, n: int, repeats: int, workers: int, size: tuple[int
     r, o = best_of(raw, repeats), best_of(ours, repeats)
     counters = [read_counter(decode_image(b, fp.height, fp.width)[0].transpose(1, 2, 0), 10) == 300 + i
                 for i, b in enumerate(blobs)]
-    loader = VideoPackedLoader(cfg, seed=0)
-    t0 = time.perf_counter()
-    first, images = None, 0
-    for p in loader:
-        first = first if first is not None else time.perf_counter() - t0
-        images += p.image_docs
-    total = time.perf_counter() - t0
+    def through_loader(isolation: str) -> dict:
+        loader = VideoPackedLoader(dataclasses.replace(cfg, decode_isolation=isolation), seed=0)
+        t0 = time.perf_counter()
+        first, images = None, 0
+        for p in loader:
+            first = first if first is not None else time.perf_counter() - t0
+            images += p.image_docs
+        return {"images": images, "images_per_s": images / (time.perf_counter() - t0), "first_batch_s": first}
+
+    guarded, inline = through_loader("process"), through_loader("inline")   # the default, and the cost of its guard
     return {"n": n, "source": f"{W}x{H} JPEG q90", "planned": f"{fp.width}x{fp.height}",
             "tokens_per_image": fp.tokens_per_frame, "mean_bytes": int(np.mean([len(b) for b in blobs])),
             "raw_images_per_cpu_s": n / r["cpu_s"], "ours_images_per_cpu_s": n / o["cpu_s"],
             "ratio_per_core": r["cpu_s"] / o["cpu_s"], "counters_ok": f"{sum(counters)}/{n}",
-            "loader_workers": workers, "loader_images": images, "loader_images_per_s": images / total,
-            "loader_first_batch_s": first}
+            "loader_workers": workers, "loader_images": guarded["images"],
+            "loader_images_per_s": guarded["images_per_s"], "loader_first_batch_s": guarded["first_batch_s"],
+            "loader_inline_images_per_s": inline["images_per_s"],
+            "guard_ratio": guarded["images_per_s"] / inline["images_per_s"]}
 
 
 def bench_resume(shards: Path) -> dict:
@@ -441,7 +447,8 @@ def main(argv=None) -> int:
                  (f"images {im['source'].split()[0]}: our decode", f"{im['ours_images_per_cpu_s']:.1f} images/CPU-s",
                   f"ratio per core {im['ratio_per_core']:.2f}; counters ok {im['counters_ok']}"),
                  (f"images {im['source'].split()[0]}: loader, {im['loader_workers']} workers", f"{im['loader_images_per_s']:.1f} images/s",
-                  f"first batch {im['loader_first_batch_s']:.2f} s")]
+                  f"guarded child; first batch {im['loader_first_batch_s']:.2f} s; decoding in the worker "
+                  f"{im['loader_inline_images_per_s']:.1f} images/s (ratio {im['guard_ratio']:.2f})")]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"\n{'measurement':<{w0}}  {'result':<{w1}}  notes")
