@@ -34,11 +34,13 @@ class DataConfig:
     # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
     # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos, once, then reused), with
     # data.synthetic_images images and data.synthetic_texts text-only samples among them (docs/data.md
-    # "Image samples", "Text-only samples")
+    # "Image samples", "Text-only samples"), and videos of data.synthetic_scenes still scenes each ("Slow and
+    # fast frames": set data.video.fast_frame_ratio to encode the repeated frames small)
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
     synthetic_videos: int = 24
     synthetic_texts: int = 0
     synthetic_images: int = 0
+    synthetic_scenes: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -53,6 +55,8 @@ class DataConfig:
             raise ValueError(f"data.synthetic_texts must be >= 0, got {self.synthetic_texts}")
         if self.synthetic_images < 0:
             raise ValueError(f"data.synthetic_images must be >= 0, got {self.synthetic_images}")
+        if self.synthetic_scenes < 0:
+            raise ValueError(f"data.synthetic_scenes must be >= 0, got {self.synthetic_scenes}")
         if self.kind == "video":
             unset = {}  # setting -> what to set it to
             if self.video.shards == REQUIRED:

@@ -37,24 +37,28 @@ READY = "READY"
 
 
 def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: int, *, rank: int,
-                            timeout_s: float = 1800.0, n_text: int = 0, n_images: int = 0) -> Path:
+                            timeout_s: float = 1800.0, n_text: int = 0, n_images: int = 0, scenes: int = 0) -> Path:
     """Shard directory of `n_videos` synthetic videos under `directory`, made by rank 0 if missing. With
     `n_images` images (and a quarter as many interleaved records of 2-3 images) and `n_text` text-only samples
-    among them, in a directory of their own (`<directory>_text<n>_images<m>`, each part only when non-zero)."""
+    among them, and videos of `scenes` still scenes each (slow and fast frames), in a directory of their own
+    (`<directory>_text<n>_images<m>_scenes<k>`, each part only when non-zero)."""
     from data.video.synthetic import make_synthetic_shards
 
-    d = Path(f"{directory}{f'_text{n_text}' if n_text else ''}{f'_images{n_images}' if n_images else ''}")
+    d = Path(f"{directory}{f'_text{n_text}' if n_text else ''}{f'_images{n_images}' if n_images else ''}"
+             f"{f'_scenes{scenes}' if scenes else ''}")
     marker = d / READY
     if rank == 0 and not marker.exists():
-        extra = [f"{n} {what}" for n, what in ((n_images, "images"), (n_text, "text-only samples")) if n]
+        extra = [f"{n} {what}" for n, what in ((n_images, "images"), (n_text, "text-only samples"),
+                                               (scenes, "still scenes per video")) if n]
         log.info("making %d synthetic videos%s and their shards in %s (once)", n_videos,
                  "".join(f", {x}" for x in extra), d)
         d.mkdir(parents=True, exist_ok=True)
         # one ingest worker: shards list the videos in a fixed order, so the same seed gives the same data
         # (up to the encoder's rare run-to-run differences, data/video/synthetic.py write_video)
         make_synthetic_shards(d, n_videos=n_videos, seed=seed, shard_size_mb=0.05, workers=1, n_text=n_text,
-                              n_images=n_images, n_image_sets=n_images // 4)
-        marker.write_text(f"{n_videos} videos, {n_images} images, {n_text} text-only samples, seed {seed}\n")
+                              n_images=n_images, n_image_sets=n_images // 4, scenes=scenes)
+        marker.write_text(f"{n_videos} videos ({scenes} scenes each), {n_images} images, {n_text} text-only samples, "
+                          f"seed {seed}\n")
     deadline = time.time() + timeout_s
     while not marker.exists():
         if time.time() > deadline:

@@ -363,7 +363,7 @@ class Trainer:
         elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
                                              cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,
-                                             n_images=cfg.data.synthetic_images)
+                                             n_images=cfg.data.synthetic_images, scenes=cfg.data.synthetic_scenes)
             v = replace(v, shards=str(shards))
         if v.quarantine_path and not os.path.isabs(v.quarantine_path):
             stem = Path(v.quarantine_path)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .annotations import image_marker_count
 from .isolation import GuardedWorker, WorkerFailure
+from .scenes import SceneSpec
 from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
                      write_json_atomic)
 
@@ -63,6 +64,10 @@ class IngestOptions:
     """Per-file deadline for probing (+ transcoding); a file over it is rejected as 'timeout'."""
     threads_per_file: int = 1
     check_decord: bool = True
+    scene_fps: float = 4.0
+    """Frames per second examined for scene changes (slow/fast frame encoding, `scenes.py`); 0 = none found."""
+    scene_similarity: float = 0.95
+    """A frame is a scene change when less than this share of its thumbnail cells match the reference's."""
     retry_rejects: bool = False
     progress: bool = True
     extensions: tuple[str, ...] = VIDEO_EXTS
@@ -85,6 +90,13 @@ class IngestOptions:
             raise ValueError(f"IngestOptions.proxy_fps = {self.proxy_fps}: must be in (0, 60]")
         if self.proxy_short_side < 28:
             raise ValueError(f"IngestOptions.proxy_short_side = {self.proxy_short_side}: must be >= 28")
+        if self.scene_fps < 0:
+            raise ValueError(f"IngestOptions.scene_fps = {self.scene_fps}: must be >= 0 (0 = no scene changes)")
+        if not 0 < self.scene_similarity <= 1:
+            raise ValueError(f"IngestOptions.scene_similarity = {self.scene_similarity}: must be in (0, 1]")
+
+    def scene_spec(self) -> SceneSpec | None:
+        return SceneSpec(fps=self.scene_fps, similarity=self.scene_similarity) if self.scene_fps else None
 
 
 def list_videos(root: str, extensions=VIDEO_EXTS) -> list[str]:
@@ -226,7 +238,9 @@ class _Pool:
 def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dict:
     path = os.path.join(root, rel)
     key = make_key(rel)
-    kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord}
+    spec = opts.scene_spec()
+    kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord,
+              "scenes": asdict(spec) if spec is not None else None}
     proxy_path = None
     if opts.proxy:
         proxy_path = os.path.join(tmp, key + ".mp4")
@@ -511,6 +525,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per-file deadline")
     p.add_argument("--retry-rejects", action="store_true", help="try files rejected by an earlier run again")
     p.add_argument("--no-decord-check", action="store_true", help="skip the decord seek-accuracy check")
+    p.add_argument("--scene-fps", type=float, default=4.0,
+                   help="frames per second examined for scene changes, which slow/fast frame encoding needs (0: none)")
+    p.add_argument("--scene-similarity", type=float, default=0.95,
+                   help="a frame with less than this share of thumbnail cells like the reference's is a scene change")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -523,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                              proxy_fps=a.proxy_fps, proxy_short_side=a.proxy_short_side,
                              proxy_keyframe_s=a.proxy_keyframe_s, timeout_s=a.timeout_s,
                              retry_rejects=a.retry_rejects, check_decord=not a.no_decord_check,
+                             scene_fps=a.scene_fps, scene_similarity=a.scene_similarity,
                              progress=not a.no_progress)
     except ValueError as e:
         print(f"ingest: {e}", file=sys.stderr)

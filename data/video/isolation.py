@@ -192,11 +192,12 @@ class GuardedWorker:
 # ---------------------------------------------------------------------------------------------
 
 def _op_inspect(path: str, proxy: dict | None = None, proxy_path: str | None = None,
-                threads: int = 1, check_decord: bool = True) -> dict:
-    from .probe import ProxySpec, inspect_video
+                threads: int = 1, check_decord: bool = True, scenes: dict | None = None) -> dict:
+    from .probe import ProxySpec, SceneSpec, inspect_video
 
     spec = ProxySpec(**proxy) if proxy else None
-    return inspect_video(path, proxy=spec, proxy_path=proxy_path, threads=threads, check_decord=check_decord)
+    return inspect_video(path, proxy=spec, proxy_path=proxy_path, threads=threads, check_decord=check_decord,
+                         scenes=SceneSpec(**scenes) if scenes else None)
 
 
 def _op_inspect_image(path: str) -> dict:

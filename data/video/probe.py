@@ -18,6 +18,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from .scenes import SceneDetector, SceneSpec
 from .timeline import encode_runs
 
 THUMB = 8            # side of the grey thumbnails used to check decord's seeking
@@ -128,10 +129,11 @@ class _ProxyWriter:
 
 def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | None = None,
                 threads: int = 1, keep_thumbs: bool = False,
-                truncation_tolerance: float = 0.05) -> dict:
+                truncation_tolerance: float = 0.05, scenes: SceneSpec | None = None) -> dict:
     """Decode every frame of `path`; return the verified metadata dict (see docs/data.md).
 
-    With `proxy`, also writes the training proxy to `proxy_path` in the same pass.
+    With `proxy`, also writes the training proxy to `proxy_path` in the same pass. With `scenes`, also
+    finds the scene changes slow/fast frame encoding needs (`scenes.py`), as `meta["scene_changes"]`.
     Raises ProbeError(reason, detail) for files training must not see.
     """
     import av
@@ -159,6 +161,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
         header_duration = float(st.duration * tb) if st.duration else (
             container.duration / 1e6 if container.duration else None)
 
+        detector = SceneDetector(scenes, header_rate) if scenes is not None else None
         pts: list[int | None] = []
         keys: list[int] = []
         thumbs: list[np.ndarray] = []
@@ -186,6 +189,8 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
                 pts.append(fr.pts)
                 if fr.duration:
                     last_duration = int(fr.duration)
+                if detector is not None:
+                    detector.add(len(pts) - 1, fr)
                 if keep_thumbs:
                     thumbs.append(fr.to_ndarray(width=THUMB, height=THUMB, format="gray").astype(np.float32))
                 if writer is not None and fr.pts is not None:
@@ -246,6 +251,8 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
             "keyframe_interval_s": {"mean": float(np.mean(gaps)), "max": float(np.max(gaps))},
             "bytes": size,
         }
+        if detector is not None:
+            meta["scene_changes"] = detector.result()
         if writer is not None:
             writer.close(duration)
         if keep_thumbs:
@@ -293,17 +300,18 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: 
 
 
 def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | None = None,
-                  threads: int = 1, check_decord: bool = True) -> dict:
+                  threads: int = 1, check_decord: bool = True, scenes: SceneSpec | None = None) -> dict:
     """Ingest's per-file job. Returns {"video": meta of the file to store, "source": meta of the
-    original when a proxy was written (else None), "stored_path": ...}. Raises ProbeError."""
+    original when a proxy was written (else None), "stored_path": ...}. Raises ProbeError. The scene
+    changes (`scenes`) are found in the stored file: its frames are the ones training samples."""
     if proxy is None:
-        meta = probe_video(path, threads=threads, keep_thumbs=check_decord)
+        meta = probe_video(path, threads=threads, keep_thumbs=check_decord, scenes=scenes)
         source = None
         stored = path
     else:
         source = probe_video(path, proxy=proxy, proxy_path=proxy_path, threads=threads)
         try:
-            meta = probe_video(proxy_path, threads=threads, keep_thumbs=check_decord)
+            meta = probe_video(proxy_path, threads=threads, keep_thumbs=check_decord, scenes=scenes)
         except ProbeError as e:
             raise ProbeError("proxy_failed", str(e)) from None
         stored = proxy_path

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .images import IMAGE_EXTS
 
-SCHEMA = "keye-video-meta/2"   # /2: text-only and image samples may appear; /1 shards read as before
+SCHEMA = "keye-video-meta/3"   # /3: a video may carry scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 and /2 shards read as before
 VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 COUNTER_BAND = 1.0 / 6.0      # fraction of the (displayed) height used by the counter band
+SYNTHETIC_SCENE_SIMILARITY = 0.8   # ingest's scene similarity for these clips (make_synthetic_shards says why)
 WHITE, BLACK = 235, 16
 
 
@@ -40,10 +41,18 @@ def _background(height: int, width: int) -> np.ndarray:
     return img
 
 
-def draw_frame(index: int, height: int, width: int, *, bits: int, seed: int = 0) -> np.ndarray:
-    """One RGB uint8 frame (display orientation): moving shapes + the binary counter band."""
+def draw_frame(index: int, height: int, width: int, *, bits: int, seed: int = 0, scene: tuple[int, int] | None = None
+               ) -> np.ndarray:
+    """One RGB uint8 frame (display orientation): moving shapes + the binary counter band. `scene` = (j, first
+    frame of scene j): the picture is frozen at the scene's first frame, its green raised by 30 * (j % 3) so
+    that consecutive scenes differ everywhere; only the counter moves (`VideoSpec.scenes`)."""
+    counter = index
+    if scene is not None:
+        index = scene[1]
     rng_phase = (seed * 2654435761) % 997
     img = _background(height, width).copy()
+    if scene is not None:
+        img[..., 1] += np.uint8(30 * (scene[0] % 3))
     xg = (np.arange(width) * 255) // max(1, width - 1)
     img[..., 0] = (((xg + index * 3 + rng_phase) % 256) // 2 + 40).astype(np.uint8)[None, :]
     band = max(2, int(round(height * COUNTER_BAND)))
@@ -62,7 +71,7 @@ def draw_frame(index: int, height: int, width: int, *, bits: int, seed: int = 0)
     # the counter band
     img[:band] = BLACK
     for b in range(bits):
-        if (index >> (bits - 1 - b)) & 1:
+        if (counter >> (bits - 1 - b)) & 1:
             xa = int(round(b * width / bits))
             xb = int(round((b + 1) * width / bits))
             img[:band, xa:xb] = WHITE
@@ -100,6 +109,11 @@ class VideoSpec:
     crf: int = 18
     seed: int = 0
     encoder_threads: int = 1   # 0: the codec's choice (not reproducible under load, see write_video)
+    scenes: int = 0            # > 0: that many still scenes of equal length (only the counter moves in one)
+
+    def scene_starts(self) -> list[int]:
+        """First frame of each still scene (empty when the picture moves on every frame)."""
+        return sorted({j * self.n_frames // self.scenes for j in range(self.scenes)}) if self.scenes else []
 
 
 def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
@@ -144,8 +158,11 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
             stream.set_display_rotation(rot)
         times: list[float] = []
         t_ms = 0
+        starts = spec.scene_starts()
         for i in range(spec.n_frames):
-            disp = draw_frame(i, spec.height, spec.width, bits=bits, seed=spec.seed)
+            j = int(np.searchsorted(starts, i, side="right")) - 1
+            disp = draw_frame(i, spec.height, spec.width, bits=bits, seed=spec.seed,
+                              scene=(j, starts[j]) if starts else None)
             stored = np.ascontiguousarray(np.rot90(disp, k=-(rot // 90))) if rot else disp
             frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
             if spec.vfr:
@@ -164,7 +181,7 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
     finally:
         container.close()
     return {"path": path, "n_frames": spec.n_frames, "width": spec.width, "height": spec.height,
-            "fps": spec.fps, "times": times, "counter_bits": bits, "rotation": rot,
+            "fps": spec.fps, "times": times, "counter_bits": bits, "rotation": rot, "scene_starts": spec.scene_starts(),
             "duration": (t_ms / 1000.0) if spec.vfr else spec.n_frames / float(rate)}
 
 
@@ -258,10 +275,12 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
                           min_seconds: float = 1.5, max_seconds: float = 4.0,
                           sizes=((64, 48), (96, 64), (128, 96), (160, 120), (80, 112)),
                           fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264",
-                          n_text: int = 0, n_images: int = 0, n_image_sets: int = 0) -> tuple[Path, Path]:
+                          n_text: int = 0, n_images: int = 0, n_image_sets: int = 0,
+                          scenes: int = 0) -> tuple[Path, Path]:
     """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl, with `n_images`
     images beside them (`write_image`), `n_image_sets` interleaved records of 2-3 images (`image_set_record`)
-    and `n_text` text-only records (`text_record`) after the videos' records."""
+    and `n_text` text-only records (`text_record`) after the videos' records. `scenes` > 0: each video is that
+    many still scenes (`VideoSpec.scenes`: slow and fast frames to plan), capped at one per 4 frames."""
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +290,9 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         w, h = sizes[int(rng.integers(len(sizes)))]
         fps = float(fps_choices[int(rng.integers(len(fps_choices)))])
         seconds = float(rng.uniform(min_seconds, max_seconds))
-        spec = VideoSpec(n_frames=max(2, int(round(seconds * fps))), width=w, height=h, fps=fps,
-                         codec=codec, seed=seed * 100003 + i)
+        n_frames = max(2, int(round(seconds * fps)))
+        spec = VideoSpec(n_frames=n_frames, width=w, height=h, fps=fps, codec=codec, seed=seed * 100003 + i,
+                         scenes=min(scenes, n_frames // 4))
         rel = f"clip_{i:05d}.mp4"
         truth = write_video(vdir / rel, spec)
         records.append(annotation_for(rel, truth))
@@ -320,8 +340,12 @@ def make_synthetic_shards(out_dir: str | os.PathLike, n_videos: int, seed: int =
     out = Path(out_dir)
     vdir, ann = make_synthetic_videos(out, n_videos, seed, **video_kwargs)
     shard_dir = out / "shards"
+    # scene similarity 0.8, not the real-video default 0.95: the counter band (the top sixth of the picture,
+    # `COUNTER_BAND`) changes on every frame and covers up to 3 of a 16-cell thumbnail's 16 rows (18.75% of the
+    # cells), so at 0.95 the counter alone would make every examined frame a scene change
     ingest(IngestOptions(videos=str(vdir), annotations=str(ann), out=str(shard_dir),
-                         shard_size_mb=shard_size_mb, workers=workers, proxy=proxy, progress=False))
+                         shard_size_mb=shard_size_mb, workers=workers, proxy=proxy, progress=False,
+                         scene_similarity=SYNTHETIC_SCENE_SIMILARITY))
     return shard_dir
 
 
