@@ -81,6 +81,10 @@ class VideoDataConfig:
     min_video_tokens: int = 1024
     max_video_tokens: int = 184_320
     """... between these bounds (184,320 = 180 Ki tokens, Keye-VL-2.0's ~184K)."""
+    fast_frame_ratio: float = 0.0
+    """Slow/fast frame encoding (Keye-VL-1.5; docs/data.md "Slow and fast frames"): > 0 gives a sampled frame
+    that barely differs from the last slow one (the scene changes ingest found) this fraction of a slow frame's
+    tokens, so the budget buys more or larger slow frames; Keye-VL-1.5 uses 0.3. 0 = every frame slow."""
     frame_jitter: float = 0.0
     """0 = frames at interval mid-points; >0 = uniform jitter of this fraction of the interval,
     seeded by (seed, epoch, sample key)."""
@@ -186,6 +190,8 @@ class VideoDataConfig:
             bad("min_video_tokens", f"must be >= min_frame_tokens ({self.min_frame_tokens})")
         if self.max_video_tokens < self.min_video_tokens:
             bad("max_video_tokens", f"must be >= min_video_tokens ({self.min_video_tokens})")
+        if not 0.0 <= self.fast_frame_ratio < 1.0:
+            bad("fast_frame_ratio", "must be in [0, 1) (0 = every frame slow; Keye-VL-1.5 uses 0.3)")
         if not 0.0 <= self.frame_jitter <= 1.0:
             bad("frame_jitter", "must be in [0, 1]")
         if self.patch_size < 1:

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
-from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify,
+from .packing import (DocPlan, PackedSample, assemble_pack, build_document, frame_runs, pack_greedy, patchify,
                       plan_document)
 from .sampling import PlanError
 from .images import ImageError, decode_member
@@ -377,7 +377,11 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
                     at += k
             else:
                 frames = source.frames(rec, doc)
-                patchify(frames, p, m, out=pv[off:off + n], layout="chw")
+                at = off
+                for run in frame_runs(frames, doc.frames) if doc.frames.num_fast else [frames]:
+                    k = run.shape[0] * (run.shape[2] // p) * (run.shape[3] // p)
+                    patchify(run, p, m, out=pv[at:at + k], layout="chw")
+                    at += k
                 del frames
         except SampleFailure as e:
             failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
@@ -459,6 +463,15 @@ class VideoPackedLoader:
         self.source_names = [name for name, *_ in specs]
         self.catalogs = cats
         self.has_images = any(r.is_image for cat in cats for r in cat)
+        if cfg.fast_frame_ratio > 0 and dp_rank == 0:
+            videos = [r for cat in cats for r in cat if r.video is not None]
+            blind = [r for r in videos if "scene_changes" not in r.video]
+            if blind:
+                log.warning("video loader: fast_frame_ratio %s, but %d of %d videos have no scene changes in their "
+                            "shard index (first: %s/%s; ingested before slow/fast frames existed, or with --scene-fps "
+                            "0): every frame of those is slow. Ingest them again to encode their repeated frames "
+                            "small.", cfg.fast_frame_ratio, len(blind), len(videos),
+                            os.path.basename(blind[0].shard), blind[0].key)
         self.planners = [Planner(c, cfg, self.tokenizer, self.seed) for c in cats]
         self.catalog, self.planner = cats[0], self.planners[0]
         fps = [catalog_fingerprint(c) for c in cats]
@@ -618,7 +631,11 @@ class VideoPackedLoader:
         c = asdict(self.cfg)
         # the image fields only where there are images: a run without them keeps the fingerprint (and so
         # the resumable state) it had before image samples existed
-        return {k: c[k] for k in _PLAN_FIELDS + (_IMAGE_PLAN_FIELDS if self.has_images else ())}
+        # and slow/fast frames only when on, for the same reason
+        out = {k: c[k] for k in _PLAN_FIELDS + (_IMAGE_PLAN_FIELDS if self.has_images else ())}
+        if self.cfg.fast_frame_ratio > 0:
+            out["fast_frame_ratio"] = self.cfg.fast_frame_ratio
+        return out
 
     def plan_fingerprint(self) -> str:
         blob = json.dumps({"catalog": self.catalog_fp, "seed": self.seed, "cfg": self._plan_config(),
@@ -691,8 +708,9 @@ class VideoPackedLoader:
         consumed = int(state["consumed"]) * int(state["dp_world"])
         walker = self.stream          # the stream the saved position was consumed under
         if state["plan_fingerprint"] != self.plan_fingerprint():
-            changed = {k: (state["plan_config"].get(k), v) for k, v in self._plan_config().items()
-                       if state["plan_config"].get(k) != v}
+            now, saved = self._plan_config(), state["plan_config"]
+            changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved))   # a field on one side
+                       if saved.get(k) != now.get(k)}                                         # only: (x, None)
             msg = (f"loader state does not match this data/config: catalog "
                    f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}"
                    f"{self._describe_sources(state)}")

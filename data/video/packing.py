@@ -7,6 +7,7 @@ One sample (a video + its annotation) becomes one *document*:
 
     <bos>                                         (when the tokenizer has one; Qwen's has none)
     for each frame k:  "<12.5s>" (text)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
+                       (a fast frame: "<12.5s fast>" and its own, smaller rows x cols; sampling.py item 5)
     annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." / text (docs/data.md)
     <eos>
 
@@ -114,6 +115,37 @@ class PackedSample:
         assert bool((self.loss_mask[is_vis] == 0).all())
 
 
+def resize_planar(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [k, 3, H, W] -> uint8 [k, 3, height, width] by area averaging (each output pixel the mean of the
+    input pixels it covers, so shrinking does not alias): how a fast frame is made from the decoded slow-size
+    frame."""
+    x = torch.from_numpy(np.array(frames, dtype=np.float32))       # a copy: decoded frames may be read-only
+    y = torch.nn.functional.interpolate(x, size=(height, width), mode="area")
+    return y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def frame_runs(frames: np.ndarray | None, fp: FramePlan, layout: str = "chw") -> list[np.ndarray]:
+    """A video's decoded frames (all at the slow size; [n, 3, H, W] for layout "chw", [n, H, W, 3] for "hwc")
+    as runs of consecutive slow or fast frames in frame order, each fast run downscaled to the fast size: what
+    the patches are made of. `frames` None: empty arrays of the runs' shapes (for shape checks)."""
+    runs, k0 = [], 0
+    for k in range(1, fp.num_frames + 1):
+        if k < fp.num_frames and fp.is_fast(k) == fp.is_fast(k0):
+            continue
+        h, w = fp.size(k0)
+        if frames is None:
+            shape = (k - k0, 3, h, w) if layout == "chw" else (k - k0, h, w, 3)
+            runs.append(np.empty(shape, np.uint8))
+        elif not fp.is_fast(k0):
+            runs.append(frames[k0:k])
+        elif layout == "chw":
+            runs.append(resize_planar(frames[k0:k], h, w))
+        else:
+            runs.append(resize_planar(frames[k0:k].transpose(0, 3, 1, 2), h, w).transpose(0, 2, 3, 1))
+        k0 = k
+    return runs
+
+
 def patchify(frames: np.ndarray, patch: int, merge: int, out: np.ndarray | None = None,
              layout: str = "hwc") -> np.ndarray:
     """uint8 frames -> [n * (H/patch) * (W/patch), C * patch * patch], ordered frame, merge row,
@@ -180,7 +212,7 @@ class DocPlan:
     def patch_rows(self, patch_size: int) -> int:
         """ViT patches of this document's frames (rows of the pack's pixel_values)."""
         plans = self.images or ((self.frames,) if self.frames is not None else ())
-        return sum(fp.num_frames * (fp.height // patch_size) * (fp.width // patch_size) for fp in plans)
+        return sum(fp.patches(patch_size) for fp in plans)
 
 
 def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool], int]:
@@ -247,7 +279,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     if video is None:
         return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer)
     n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
-    ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9))) + 2)
+    ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
     text_ids, text_loss, _ = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
@@ -257,7 +289,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
         if cap < cfg.min_frame_tokens:
             break
         fp = plan_frames(video, cfg, seed=seed, epoch=epoch, key=key, token_cap=cap)
-        ts_ids = [tokenizer.encode(timestamp_text(t)) for t in fp.timestamps]
+        ts_ids = [tokenizer.encode(timestamp_text(t, fp.is_fast(k))) for k, t in enumerate(fp.timestamps)]
         length = fixed + fp.visual_tokens + sum(len(t) + 2 for t in ts_ids)
         if length <= cfg.seq_len:
             return DocPlan(uid=uid, key=key, frames=fp, ts_ids=ts_ids, text_ids=text_ids,
@@ -351,19 +383,23 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
                    tokenizer: Tokenizer) -> DocArrays:
     """Token ids, labels, loss mask, 3D positions (and patches, if `frames` is given) of one document
     (a text-only document has no frames: `frames` None, an empty grid; an image document's `frames` is a
-    list of [1, H, W, 3] arrays, one per image)."""
+    list of [1, H, W, 3] arrays, one per image; a video's is one [n, H, W, 3] array, or with fast frames
+    its `frame_runs`)."""
     if doc.is_image:
         return _build_image_document(doc, frames, cfg, tokenizer)
     fp = doc.frames
     n = doc.num_frames
     if fp is None:
         assert frames is None, "a text-only document has no frames"
-        rows = cols = 1
+        grids = []
     else:
-        assert frames is None or frames.shape == (n, fp.height, fp.width, 3), (frames.shape, fp)
-        rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
+        grids = [fp.grid(cfg.patch_size, cfg.merge_size, k) for k in range(n)]
+        if frames is not None:
+            got = [a.shape for a in frames] if fp.num_fast else [frames.shape]
+            want = [r.shape for r in frame_runs(None, fp, "hwc")] if fp.num_fast else [(n, fp.height, fp.width, 3)]
+            assert got == want, (got, want)
     if n:
-        slot = max(len(t) + 2 + max(rows, cols) for t in doc.ts_ids)
+        slot = max(len(t) + 2 + max(g) for t, g in zip(doc.ts_ids, grids))
         rate = slot / fp.interval_s
     w = _DocWriter(doc.length)
     if tokenizer.bos_id is not None:
@@ -374,16 +410,21 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
         w.text([tokenizer.vision_start_id])
         if anchor is None:
             anchor = w.p - int(round(fp.timestamps[0] * rate))
-        w.visual(tokenizer.video_pad_id, max(w.p, anchor + int(round(fp.timestamps[k] * rate))), rows, cols)
+        w.visual(tokenizer.video_pad_id, max(w.p, anchor + int(round(fp.timestamps[k] * rate))), *grids[k])
         w.text([tokenizer.vision_end_id])
     w.text(doc.text_ids, doc.text_loss)
     w.text([tokenizer.eos_id], loss=any(doc.text_loss))
     tok, labels, loss_mask, pos = w.finish(cfg)
     if n == 0:
         pixels = np.zeros((0, 3 * cfg.patch_size ** 2), np.uint8)
+    elif frames is None:
+        pixels = None
+    elif fp.num_fast:
+        pixels = np.concatenate([patchify(a, cfg.patch_size, cfg.merge_size) for a in frames])   # its frame_runs
     else:
-        pixels = None if frames is None else patchify(frames, cfg.patch_size, cfg.merge_size)
-    grid = np.tile(np.array([[1, rows * cfg.merge_size, cols * cfg.merge_size]], np.int64), (n, 1))
+        pixels = patchify(frames, cfg.patch_size, cfg.merge_size)
+    m = cfg.merge_size
+    grid = np.array([[1, r * m, c * m] for r, c in grids], np.int64).reshape(-1, 3)
     return DocArrays(tokens=tok, labels=labels, loss_mask=loss_mask, pos=pos, pixels=pixels,
                      grid=grid, timestamps=np.asarray(fp.timestamps if n else (), np.float32))
 

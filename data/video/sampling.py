@@ -15,6 +15,12 @@
 4. Timestamps: n evenly spaced targets at interval mid-points, (k + 0.5) * duration / n (optionally
    jittered by a seeded fraction of the interval); each picks the frame on screen at that time from
    the verified pts, and the frame's own time is what the text timestamp "<12.5s>" shows.
+5. Slow and fast frames (`fast_frame_ratio` > 0, Keye-VL-1.5): a sampled frame with no scene change (found
+   at ingest, `scenes.py`) since the frame sampled before it is *fast*: it gets at most `fast_frame_ratio` of a
+   slow frame's tokens (its own size, aspect kept; "<12.5s fast>" precedes it). The frame count is then lowered only while even the
+   smallest slow and fast frames overrun the budget, so a still video keeps more of its frames; the slow size
+   is the largest whose frames fit. Without scene data every frame is slow and the plan is exactly the plan
+   without fast frames.
 
 Token counts are therefore known from metadata alone, so packing is planned before decoding.
 """
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import VideoDataConfig
+from .scenes import fast_frames
 from .timeline import FrameTimeline
 
 
@@ -46,19 +53,42 @@ class FramePlan:
     tokens_per_frame: int           # merged (LM) tokens per frame = (height/28) * (width/28)
     interval_s: float               # nominal spacing of the sampled frames
     budget: int                     # visual-token budget the plan was made for
+    fast: tuple[bool, ...] = ()     # per frame, True = a fast frame (slow/fast encoding); () = every frame slow
+    fast_height: int = 0            # a fast frame's size and merged tokens (0 when there is none)
+    fast_width: int = 0
+    fast_tokens_per_frame: int = 0
 
     @property
     def num_frames(self) -> int:
         return len(self.indices)
 
     @property
-    def visual_tokens(self) -> int:
-        return self.num_frames * self.tokens_per_frame
+    def num_fast(self) -> int:
+        return sum(self.fast)
 
-    def grid(self, patch_size: int, merge_size: int) -> tuple[int, int]:
-        """(rows, cols) of merged tokens per frame."""
+    @property
+    def visual_tokens(self) -> int:
+        nf = self.num_fast
+        return (self.num_frames - nf) * self.tokens_per_frame + nf * self.fast_tokens_per_frame
+
+    def is_fast(self, k: int) -> bool:
+        return bool(self.fast) and self.fast[k]
+
+    def size(self, k: int) -> tuple[int, int]:
+        """(height, width) of frame k."""
+        return (self.fast_height, self.fast_width) if self.is_fast(k) else (self.height, self.width)
+
+    def patches(self, patch_size: int) -> int:
+        """ViT patches of all the frames."""
+        nf, p = self.num_fast, patch_size
+        return ((self.num_frames - nf) * (self.height // p) * (self.width // p)
+                + nf * (self.fast_height // p) * (self.fast_width // p))
+
+    def grid(self, patch_size: int, merge_size: int, k: int = 0) -> tuple[int, int]:
+        """(rows, cols) of merged tokens of frame k (every frame's, without fast frames)."""
         f = patch_size * merge_size
-        return self.height // f, self.width // f
+        h, w = self.size(k)
+        return h // f, w // f
 
 
 def video_token_budget(duration_s: float, cfg: VideoDataConfig) -> int:
@@ -133,32 +163,80 @@ def plan_frames(video: dict, cfg: VideoDataConfig, *, seed: int = 0, epoch: int 
     n = int(round(duration * cfg.sample_fps))
     n = max(cfg.min_frames, min(cfg.max_frames, n))
     n = max(1, min(n, n_avail))
-    if budget < n * cfg.min_frame_tokens:
-        n = budget // cfg.min_frame_tokens
+    ratio = cfg.fast_frame_ratio
+    changes = video.get("scene_changes") if ratio > 0 else None
+
+    def frames_for(n: int) -> tuple[float, np.ndarray, np.ndarray]:
+        """(interval, frame indices, fast flags) of n evenly spaced (optionally jittered) targets."""
+        interval = duration / n
+        offsets = np.full(n, 0.5)
+        if cfg.frame_jitter > 0:
+            rng = sample_rng(seed, epoch, key, "frames")
+            offsets = offsets + cfg.frame_jitter * (rng.random(n) - 0.5)
+        idx = np.unique(tl.index_at((np.arange(n) + offsets) * interval))
+        return interval, idx, fast_frames(idx, changes)
+
+    def does_not_fit(per_frame: int) -> PlanError:
+        return PlanError("does_not_fit", f"budget {budget} < {min(cfg.min_frames, n_avail)} frames x "
+                                         f"{per_frame} tokens")
+
+    interval, idx, fast = frames_for(n)
+    nf = int(fast.sum())
+    fast_min = max(1, int(ratio * cfg.min_frame_tokens))
+    while (least := (n - nf) * cfg.min_frame_tokens + nf * fast_min) > budget:
+        n = min(n - 1, n * budget // least)    # fewer frames (without fast frames: budget // min_frame_tokens)
         if n < min(cfg.min_frames, n_avail):
-            raise PlanError("does_not_fit", f"budget {budget} < {min(cfg.min_frames, n_avail)} frames x "
-                                            f"{cfg.min_frame_tokens} tokens")
-    per_frame = max(cfg.min_frame_tokens, min(cfg.max_frame_tokens, budget // n))
-    h, w = snap_frame_size(int(video["height"]), int(video["width"]), factor=factor,
-                           min_tokens=cfg.min_frame_tokens, max_tokens=per_frame,
-                           max_aspect_ratio=cfg.max_aspect_ratio)
-    tpf = (h // factor) * (w // factor)
-    if n * tpf > budget:                       # the snapped size overshot the per-frame share
-        n = budget // tpf
-        if n < min(cfg.min_frames, n_avail):
-            raise PlanError("does_not_fit", f"budget {budget} < {min(cfg.min_frames, n_avail)} frames x "
-                                            f"{tpf} tokens")
-    # frame times
-    interval = duration / n
-    offsets = np.full(n, 0.5)
-    if cfg.frame_jitter > 0:
-        rng = sample_rng(seed, epoch, key, "frames")
-        offsets = offsets + cfg.frame_jitter * (rng.random(n) - 0.5)
-    targets = (np.arange(n) + offsets) * interval
-    idx = np.unique(tl.index_at(targets))
+            raise does_not_fit(cfg.min_frame_tokens)
+        interval, idx, fast = frames_for(n)
+        nf = int(fast.sum())
+
+    def sizes(max_tokens: int) -> tuple[int, int, int, int, int, int]:
+        """(h, w, tokens) of a slow frame of at most `max_tokens` and of its fast frame (0s without scene data)."""
+        h, w = snap_frame_size(int(video["height"]), int(video["width"]), factor=factor,
+                               min_tokens=cfg.min_frame_tokens, max_tokens=max_tokens,
+                               max_aspect_ratio=cfg.max_aspect_ratio)
+        tpf = (h // factor) * (w // factor)
+        if changes is None:
+            return h, w, tpf, 0, 0, 0
+        fh, fw = snap_frame_size(int(video["height"]), int(video["width"]), factor=factor, min_tokens=1,
+                                 max_tokens=max(1, int(ratio * tpf)), max_aspect_ratio=cfg.max_aspect_ratio)
+        return h, w, tpf, fh, fw, (fh // factor) * (fw // factor)
+
+    # a slow frame's share: the budget over the frames, a fast one counting `ratio` of a slow one
+    per_frame = max(cfg.min_frame_tokens, min(cfg.max_frame_tokens, int(budget // (n - nf + ratio * nf))))
+    h, w, tpf, fh, fw, ftpf = sizes(per_frame)
+    if nf:
+        # snapping to the grid moves both sizes off their shares (a small fast frame by as much as half), so
+        # search the largest slow frame whose frames fit (Keye-VL-1.5 searches the slow size the same way);
+        # fewer frames only when none does
+        lo, hi = cfg.min_frame_tokens - 1, cfg.max_frame_tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            cand = sizes(mid)
+            if cand[5] < cand[2] and (n - nf) * cand[2] + nf * cand[5] <= budget:
+                (h, w, tpf, fh, fw, ftpf), lo = cand, mid
+            else:
+                hi = mid - 1
+        if ftpf >= tpf:                        # an aspect ratio no smaller grid keeps: every frame slow
+            changes, fast, nf = None, np.zeros_like(fast), 0
+            h, w, tpf, fh, fw, ftpf = sizes(per_frame)
+    total = (n - nf) * tpf + nf * ftpf
+    if total > budget:                         # the snapped sizes overshot the shares: fewer frames
+        n_fit = n * budget // total            # (without fast frames: budget // tpf)
+        while n_fit >= 1:
+            interval, idx, fast = frames_for(n_fit)
+            nf = int(fast.sum())
+            if (n_fit - nf) * tpf + nf * ftpf <= budget:
+                break
+            n_fit -= 1
+        if n_fit < min(cfg.min_frames, n_avail):
+            raise does_not_fit(tpf)
     times = tl.times()[idx]
+    extra = {}
+    if nf:
+        extra = dict(fast=tuple(bool(f) for f in fast), fast_height=fh, fast_width=fw, fast_tokens_per_frame=ftpf)
     return FramePlan(indices=tuple(int(i) for i in idx), timestamps=tuple(float(t) for t in times),
-                     height=h, width=w, tokens_per_frame=tpf, interval_s=float(interval), budget=budget)
+                     height=h, width=w, tokens_per_frame=tpf, interval_s=float(interval), budget=budget, **extra)
 
 
 def plan_image(image: dict, cfg: VideoDataConfig, *, token_cap: int | None = None) -> FramePlan:
@@ -178,6 +256,6 @@ def plan_image(image: dict, cfg: VideoDataConfig, *, token_cap: int | None = Non
                      interval_s=1.0, budget=cap)
 
 
-def timestamp_text(t: float) -> str:
-    """The text timestamp that precedes a frame, e.g. '<12.5s>'."""
-    return f"<{t:.1f}s>"
+def timestamp_text(t: float, fast: bool = False) -> str:
+    """The text timestamp that precedes a frame, e.g. '<12.5s>'; a fast frame's says so: '<12.5s fast>'."""
+    return f"<{t:.1f}s fast>" if fast else f"<{t:.1f}s>"

@@ -110,10 +110,13 @@ def text_curves(tmp_path_factory):
     from tests.launch_util import run_layouts_all
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("text"), 2, 1234, rank=0, n_text=30)
     # image samples (one frame per image, <image_pad> placeholders) with a few videos and texts: single images
-    # in every step, and interleaved records of 2 and 3 images (at their text's <image> markers) in steps 1 and 2
-    images = ensure_synthetic_shards(tmp_path_factory.mktemp("img"), 2, 1234, rank=0, n_text=4, n_images=10)
+    # in every step, and interleaved records of 2 and 3 images (at their text's <image> markers) in steps 1 and 2;
+    # the videos are still scenes encoded with slow and fast frames (docs/data.md "Slow and fast frames"), so a
+    # video's frames have two sizes in the ViT's per-frame grid
+    images = ensure_synthetic_shards(tmp_path_factory.mktemp("img"), 2, 1234, rank=0, n_text=4, n_images=10,
+                                     scenes=3)
     common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
-    img = COMMON + [f"data.video.shards={images}"]
+    img = COMMON + [f"data.video.shards={images}", "data.video.fast_frame_ratio=0.3"]
     one = run_layouts_all(1, {"single": common, "ksa_single": ksa, "img_single": img},
                           tmp_path_factory.mktemp("text_one"))
     two = run_layouts_all(2, {**{k: common + v for k, v in TEXT_LAYOUTS.items()},

@@ -1,0 +1,240 @@
+"""Slow and fast frames (Keye-VL-1.5's slow/fast video encoding; docs/data.md "Slow and fast frames").
+
+Ingest finds the scene changes of each video; the planner makes a sampled frame *fast* (a fraction of a slow
+frame's tokens) when no change lies between it and the frame sampled before it; the loader decodes every frame
+at the slow size and shrinks the fast ones.
+References independent of the code under test: the still scenes written into the synthetic clips (their first
+frames are the ground truth of the changes), a plain loop over the sampled frames for the slow/fast rule, the
+number burned into every frame (read back from the decoded pixels at its own size), the planner with slow/fast
+off (what a video without scene data must plan exactly), and one loader read straight through (resume).
+"""
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from data.video.config import VideoDataConfig
+from data.video.ingest import IngestOptions, ingest, main as ingest_main
+from data.video.loader import VideoPackedLoader
+from data.video.packing import frame_runs, resize_planar, unpatchify
+from data.video.probe import probe_video
+from data.video.sampling import PlanError, plan_frames
+from data.video.scenes import SceneSpec, fast_frames
+from data.video.shards import load_catalog
+from data.video.synthetic import (SYNTHETIC_SCENE_SIMILARITY, VideoSpec, make_synthetic_shards,
+                                  make_synthetic_videos, read_counter, write_video)
+from data.video.timeline import encode_runs
+
+from .conftest import small_cfg
+from .test_loader import assert_resumes_exactly, take
+
+
+@pytest.mark.parametrize("n_frames,scenes", [(48, 4), (50, 3), (61, 5)])
+def test_ingest_finds_the_still_scenes(tmp_path, n_frames, scenes):
+    """Every scene cut is found on the first examined frame at or after it, and nothing else is: the counter
+    band moving on every frame stays under the synthetic clips' similarity."""
+    truth = write_video(tmp_path / "v.mp4", VideoSpec(n_frames=n_frames, fps=12.0, scenes=scenes, width=128, height=96))
+    sc = probe_video(str(tmp_path / "v.mp4"), scenes=SceneSpec(similarity=SYNTHETIC_SCENE_SIMILARITY))["scene_changes"]
+    stride = round(12.0 / 4.0)
+    want = [-(-s // stride) * stride for s in truth["scene_starts"][1:]]      # first examined frame >= the cut
+    assert sc["stride"] == stride and sc["examined"] == -(-n_frames // stride)
+    assert np.array_equal(np.concatenate([np.arange(a, a + b * c, b) if c > 1 else [a] for a, b, c in sc["runs"]]),
+                          want) and sc["count"] == len(want), (sc, want)
+
+
+def test_a_moving_picture_changes_at_real_video_similarity(tmp_path):
+    # the plain synthetic clip moves on every frame: at Keye's 95% the examined frames keep changing
+    write_video(tmp_path / "m.mp4", VideoSpec(n_frames=48, fps=12.0, width=128, height=96))
+    sc = probe_video(str(tmp_path / "m.mp4"), scenes=SceneSpec())["scene_changes"]
+    assert sc["similarity"] == 0.95 and sc["count"] >= sc["examined"] // 2, sc
+    assert "scene_changes" not in probe_video(str(tmp_path / "m.mp4"))
+
+
+def test_fast_frame_rule_against_a_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_avail = int(rng.integers(2, 400))
+        changes = np.unique(rng.integers(1, n_avail, size=int(rng.integers(0, 30))))
+        idx = np.unique(rng.integers(0, n_avail, size=int(rng.integers(1, 40))))
+        want = [k > 0 and not any(idx[k - 1] < c <= idx[k] for c in changes) for k in range(len(idx))]
+        got = fast_frames(idx, {"runs": encode_runs(changes.tolist())})
+        assert got.tolist() == want
+        assert not fast_frames(idx, None).any()       # no scene data: every frame slow
+
+
+def _meta(n_frames: int, fps: float, height: int, width: int, changes=None) -> dict:
+    m = {"pts_runs": encode_runs(range(n_frames)), "time_base": [1000, int(round(fps * 1000))], "end_pts": n_frames,
+         "height": height, "width": width, "num_frames": n_frames}
+    if changes is not None:
+        m["scene_changes"] = {"runs": encode_runs(sorted(changes))}
+    return m
+
+
+def _random_case(rng):
+    fps = float(rng.choice([8.0, 25.0, 30.0]))
+    n = int(rng.integers(2, 3000))
+    meta = _meta(n, fps, int(rng.integers(40, 1500)), int(rng.integers(40, 1500)),
+                 changes=np.unique(rng.integers(1, n, size=int(rng.integers(0, max(1, n // 10))))).tolist()
+                 if n > 1 else [])
+    cfg = dict(shards="x", min_frames=int(rng.integers(1, 6)), max_frames=int(rng.integers(8, 600)),
+               min_frame_tokens=int(rng.integers(4, 80)), max_frame_tokens=int(rng.integers(80, 400)),
+               video_tokens_per_second=float(rng.integers(10, 300)), min_video_tokens=1024,
+               frame_jitter=float(rng.choice([0.0, 0.4])))
+    cap = int(rng.integers(200, 40000)) if rng.random() < 0.5 else None
+    return meta, cfg, cap
+
+
+def _plan(meta, cfg, cap):
+    try:
+        return plan_frames(meta, VideoDataConfig(**cfg), seed=3, epoch=1, key="k", token_cap=cap)
+    except PlanError as e:
+        return (e.reason, e.detail)
+
+
+def test_without_scene_data_the_plan_is_the_plan_without_fast_frames():
+    """fast_frame_ratio > 0 on a video whose index has no scene changes (older shards) plans exactly what
+    fast_frame_ratio 0 plans, and scene data with the ratio at 0 changes nothing either."""
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        meta, cfg, cap = _random_case(rng)
+        off = _plan(meta, cfg, cap)
+        blind = {k: v for k, v in meta.items() if k != "scene_changes"}
+        assert _plan(blind, {**cfg, "fast_frame_ratio": 0.3}, cap) == off
+        assert _plan(blind, cfg, cap) == off
+
+
+def test_slow_fast_plans_keep_the_budget_and_never_sample_fewer_frames():
+    rng = np.random.default_rng(2)
+    ratios = []
+    for _ in range(400):
+        meta, cfg, cap = _random_case(rng)
+        off = _plan(meta, cfg, cap)
+        fp = _plan(meta, {**cfg, "fast_frame_ratio": 0.3}, cap)
+        if isinstance(fp, tuple):                     # what does not fit with fast frames did not fit without
+            assert isinstance(off, tuple) and fp[0] == off[0] == "does_not_fit", (fp, off)
+            continue
+        assert fp.visual_tokens <= fp.budget, fp
+        assert isinstance(off, tuple) or fp.num_frames >= off.num_frames, (fp, off)
+        changes = set(meta["scene_changes"]["runs"] and np.concatenate(
+            [a + b * np.arange(c) for a, b, c in meta["scene_changes"]["runs"]]).tolist())
+        for k in range(fp.num_frames):               # the rule, on the plan's own frames
+            moved = k == 0 or any(fp.indices[k - 1] < c <= fp.indices[k] for c in changes)
+            assert fp.is_fast(k) == (not moved), (k, fp)
+        if fp.num_fast:
+            assert fp.fast_tokens_per_frame < fp.tokens_per_frame
+            ratios.append(fp.fast_tokens_per_frame / fp.tokens_per_frame)
+    # a fast frame gets at most 0.3 of a slow one's tokens unless no grid that small keeps the picture's aspect
+    # ratio within 10% (snap_frame_size then takes the smallest that does: a tall or wide video's small frames)
+    assert len(ratios) > 100 and np.mean(np.array(ratios) <= 0.3) > 0.8, (len(ratios), sorted(ratios)[-20:])
+
+
+def test_a_long_still_video_gets_all_its_frames_where_slow_frames_alone_could_not():
+    """An hour at 2 fps asks for 7,200 frames; Keye's 184K-token budget holds at most 2,880 frames at 64 tokens
+    (2,792 of 66 tokens, the nearest 16:9 grid). With a scene change every 20 s, 180 frames are slow and the
+    other 7,020 fast, so every asked-for frame fits."""
+    cfg = dict(shards="x", max_frames=8192, min_frame_tokens=64, max_frame_tokens=256)
+    meta = _meta(108_000, 30.0, 1080, 1920, changes=list(range(600, 108_000, 600)))
+    off = plan_frames(meta, VideoDataConfig(**cfg))
+    on = plan_frames(meta, VideoDataConfig(**cfg, fast_frame_ratio=0.3))
+    assert off.budget == on.budget == 184_320
+    assert off.num_frames == 184_320 // 66 and off.tokens_per_frame == 66 and not off.num_fast
+    assert on.num_frames == 7200 and on.num_frames - on.num_fast == 180, (on.num_frames, on.num_fast)
+    assert on.visual_tokens <= 184_320 and on.fast_tokens_per_frame <= 0.3 * on.tokens_per_frame
+    assert on.tokens_per_frame > off.tokens_per_frame      # and the slow frames are larger
+
+
+def test_resize_planar_is_an_area_average_when_halving():
+    x = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 12)).astype(np.uint8)
+    want = x.reshape(2, 3, 4, 2, 6, 2).astype(np.float64).mean(axis=(3, 5))
+    assert np.abs(resize_planar(x, 4, 6).astype(np.float64) - want).max() <= 0.5 + 1e-9   # rounding only
+
+
+@pytest.fixture(scope="module")
+def scene_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    return make_synthetic_shards(out, 6, seed=3, scenes=3, min_seconds=3.0, max_seconds=4.0, shard_size_mb=0.08)
+
+
+def _cfg(shards, tmp_path, **kw):
+    return small_cfg(shards, tmp_path, seq_len=2048, min_frame_tokens=8, max_frame_tokens=64, max_frames=16,
+                     video_tokens_per_second=48.0, **kw)
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_loader_packs_slow_and_fast_frames_frame_accurate(scene_shards, tmp_path, isolation):
+    cfg = _cfg(scene_shards, tmp_path, fast_frame_ratio=0.3, num_epochs=1, decode_isolation=isolation)
+    loader = VideoPackedLoader(cfg, seed=1)
+    cat = {f"{os.path.basename(c.shard)}/{c.key}": c for c in loader.catalog}
+    n_fast = n_frames = 0
+    for p in loader:
+        p.validate(cfg, loader.tokenizer)
+        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
+        f = 0
+        for d, key in enumerate(p.sample_keys):
+            rec = cat[key]
+            fp = loader.planner.doc(rec.uid, p.epoch).frames
+            bits = int(rec.annotation["counter_bits"])
+            mine = frames[f:f + fp.num_frames]
+            assert [read_counter(a, bits) for a in mine] == list(fp.indices), key      # frame i really is frame i
+            assert [a.shape[:2] for a in mine] == [fp.size(k) for k in range(fp.num_frames)], key
+            seg = loader.tokenizer.decode(p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist())
+            assert seg.count(" fast><vision_start>") == fp.num_fast, key                # a fast frame says so
+            assert seg.count("<video_pad>") == fp.visual_tokens
+            n_fast += fp.num_fast
+            n_frames += fp.num_frames
+            f += fp.num_frames
+        assert f == len(frames)
+    assert 0 < n_fast < n_frames and loader.stats["samples_ok"] == 6, (n_fast, n_frames)
+
+
+def test_slow_fast_resumes_exactly_and_names_its_setting(scene_shards, tmp_path):
+    cfg = _cfg(scene_shards, tmp_path, fast_frame_ratio=0.3)
+    assert_resumes_exactly(cfg, 4, 2, 3)
+    a = VideoPackedLoader(cfg, seed=4)
+    take(a, 1)
+    assert a.state_dict()["plan_config"]["fast_frame_ratio"] == 0.3
+    # off, the setting stays out of the fingerprint (a run keeps the state it saved before slow/fast existed)
+    off = VideoPackedLoader(_cfg(scene_shards, tmp_path), seed=4)
+    assert "fast_frame_ratio" not in off.state_dict()["plan_config"]
+    with pytest.raises(ValueError, match="fast_frame_ratio"):
+        off.load_state_dict(a.state_dict())
+
+
+def test_frame_runs_shrink_only_the_fast_frames(scene_shards, tmp_path):
+    loader = VideoPackedLoader(_cfg(scene_shards, tmp_path, fast_frame_ratio=0.3), seed=1)
+    fp = next(d.frames for u in range(len(loader.catalog)) if (d := loader.planner.doc(u, 0)).frames.num_fast)
+    x = np.random.default_rng(0).integers(0, 256, size=(fp.num_frames, 3, fp.height, fp.width)).astype(np.uint8)
+    runs = frame_runs(x, fp)
+    assert sum(r.shape[0] for r in runs) == fp.num_frames
+    k = 0
+    for r in runs:
+        for a in r:
+            if fp.is_fast(k):
+                assert a.shape[1:] == (fp.fast_height, fp.fast_width)
+                assert np.array_equal(a, resize_planar(x[k:k + 1], fp.fast_height, fp.fast_width)[0])
+            else:
+                assert np.array_equal(a, x[k])
+            k += 1
+
+
+def test_shards_without_scene_data_warn_and_plan_every_frame_slow(tmp_path, caplog):
+    vids, ann = make_synthetic_videos(tmp_path, 2, seed=5, scenes=3, min_seconds=3.0, max_seconds=3.5)
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "shards"), workers=1,
+                         progress=False, scene_fps=0))
+    assert all("scene_changes" not in r.video for r in load_catalog(str(tmp_path / "shards")))
+    with caplog.at_level(logging.WARNING, logger="data.video.loader"):
+        loader = VideoPackedLoader(_cfg(tmp_path / "shards", tmp_path, fast_frame_ratio=0.3), seed=1)
+    assert "2 of 2 videos have no scene changes" in caplog.text and "Ingest them again" in caplog.text
+    assert not any(loader.planner.doc(u, 0).frames.num_fast for u in range(2))
+
+
+def test_bad_slow_fast_settings_stop_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(ValueError, match="fast_frame_ratio"):
+        VideoDataConfig(shards="x", fast_frame_ratio=1.0)
+    with pytest.raises(ValueError, match="scene_similarity = 1.5"):
+        IngestOptions(videos=str(tmp_path), out=str(tmp_path / "o"), scene_similarity=1.5)
+    with pytest.raises(ValueError, match="scene_fps = -1"):
+        IngestOptions(videos=str(tmp_path), out=str(tmp_path / "o"), scene_fps=-1)
+    assert ingest_main(["--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--scene-similarity", "0"]) == 2
+    assert "scene_similarity = 0.0" in capsys.readouterr().err
