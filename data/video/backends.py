@@ -14,6 +14,7 @@ raise `DecodeError` — the number of frames actually decoded is checked, never 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,10 +40,59 @@ class DecodeRequest:
     meta: dict = field(default_factory=dict)   # the verified "video" metadata from ingest
     threads: int = 1
     layout: str = "hwc"           # "hwc": [k, H, W, 3]; "chw": [k, 3, H, W] (planar, cheaper to patchify)
+    fast: list[bool] | None = None
+    """Slow and fast frames: per index, True = this frame at (fast_height, fast_width). Any True: the result is
+    one flat uint8 array of the frames in index order, each at its own size (`frame_views` reads it)."""
+    fast_height: int = 0
+    fast_width: int = 0
+
+
+def frame_sizes(req: DecodeRequest) -> list[tuple[int, int]]:
+    """(height, width) of each requested frame."""
+    if not req.fast or not any(req.fast):
+        return [(req.height, req.width)] * len(req.indices)
+    return [(req.fast_height, req.fast_width) if f else (req.height, req.width) for f in req.fast]
+
+
+def frame_views(buf: np.ndarray, sizes: list[tuple[int, int]], layout: str) -> list[np.ndarray]:
+    """Views of each frame ([3, h, w] for "chw", [h, w, 3] for "hwc") in a flat buffer of frames of their own
+    sizes, in order."""
+    views, off = [], 0
+    for h, w in sizes:
+        n = 3 * h * w
+        views.append(buf[off:off + n].reshape((3, h, w) if layout == "chw" else (h, w, 3)))
+        off += n
+    return views
+
+
+def _shrink_fast(req: DecodeRequest, full: np.ndarray) -> np.ndarray:
+    """Frames decoded at the slow size [k, ...] -> the flat buffer of a request with fast frames, each fast
+    frame area-averaged (Pillow's box filter) to its size: for the backends that decode at one size only."""
+    from PIL import Image
+
+    sizes = frame_sizes(req)
+    buf = np.empty(sum(3 * h * w for h, w in sizes), np.uint8)
+    for j, (v, (h, w)) in enumerate(zip(frame_views(buf, sizes, req.layout), sizes)):
+        if (h, w) == (req.height, req.width):
+            v[...] = full[j]
+            continue
+        planes = full[j] if req.layout == "chw" else full[j].transpose(2, 0, 1)
+        small = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((w, h), Image.BOX))
+                          for c in planes])
+        v[...] = small if req.layout == "chw" else small.transpose(1, 2, 0)
+    return buf
 
 
 def _check(req: DecodeRequest, arr: np.ndarray, backend: str, layout: str = "hwc") -> np.ndarray:
-    """Count and shape check; converts to the requested layout (backends return `layout`)."""
+    """Count and shape check; converts to the requested layout (backends return `layout`). A request with fast
+    frames: `arr` is its flat buffer (from decode_pyav) or [k, ...] at the slow size (shrunk here)."""
+    if req.fast and any(req.fast):
+        if arr.ndim == 4:
+            return _shrink_fast(req, _check(dataclasses.replace(req, fast=None), arr, backend, layout))
+        want_n = sum(3 * h * w for h, w in frame_sizes(req))
+        if arr.shape != (want_n,) or arr.dtype != np.uint8:
+            raise DecodeError("bad_shape", f"{backend} returned {arr.shape} {arr.dtype}, expected ({want_n},) uint8")
+        return arr
     if layout != req.layout and arr.ndim == 4:
         arr = arr.transpose(0, 3, 1, 2) if req.layout == "chw" else arr.transpose(0, 2, 3, 1)
     want = ((len(req.indices), req.height, req.width, 3) if req.layout == "hwc"
@@ -66,6 +116,8 @@ def _validate(req: DecodeRequest) -> None:
     n = req.meta.get("num_frames")
     if n is not None and req.indices[-1] >= n:
         raise DecodeError("bad_request", f"frame {req.indices[-1]} >= verified count {n}")
+    if req.fast is not None and len(req.fast) != len(req.indices):
+        raise DecodeError("bad_request", f"{len(req.fast)} fast flags for {len(req.indices)} frames")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,12 +153,19 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
     except Exception:
         pass
     rot = int(req.meta.get("rotation", 0)) % 360
-    dec_w, dec_h = (req.height, req.width) if rot in (90, 270) else (req.width, req.height)
     k = len(req.indices)
     planar = req.layout == "chw"
-    out = np.empty((k, 3, req.height, req.width) if planar else (k, req.height, req.width, 3), np.uint8)
+    sizes = frame_sizes(req)
+    if len(set(sizes)) == 1:
+        out = np.empty((k, 3, req.height, req.width) if planar else (k, req.height, req.width, 3), np.uint8)
+        views = out                     # out[j] is frame j's view
+    else:                               # slow and fast frames: each scaled by swscale straight to its size
+        out = np.empty(sum(3 * h * w for h, w in sizes), np.uint8)
+        views = frame_views(out, sizes, req.layout)
 
-    def convert(fr) -> np.ndarray:
+    def convert(fr, j: int) -> np.ndarray:
+        h, w = sizes[j]
+        dec_w, dec_h = (h, w) if rot in (90, 270) else (w, h)
         if not planar:
             a = fr.to_ndarray(width=dec_w, height=dec_h, format="rgb24")
             return np.rot90(a, k=rot // 90) if rot else a
@@ -131,7 +190,7 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
         if req.meta.get("pts_runs") and not req.meta.get("pts_synthesized"):
             pts = decode_runs(req.meta["pts_runs"])
         if pts is None or pts.shape[0] < 2:
-            _pyav_sequential(container, st, req.indices, out, convert)
+            _pyav_sequential(container, st, req.indices, views, convert)
             return _check(req, out, "pyav", req.layout)
         keys = decode_runs(req.meta.get("keyframe_runs") or [[0, 0, 1]])
 
@@ -160,7 +219,7 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
                         continue
                     cur = i
                     if i == t:
-                        out[j] = convert(fr)
+                        views[j][...] = convert(fr, j)
                         found = True
                         break
                     if i > t:
@@ -179,13 +238,13 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
     return _check(req, out, "pyav", req.layout)
 
 
-def _pyav_sequential(container, st, indices, out, convert) -> None:
+def _pyav_sequential(container, st, indices, views, convert) -> None:
     want = {t: j for j, t in enumerate(indices)}
     got = 0
     for i, fr in enumerate(container.decode(st)):
         j = want.get(i)
         if j is not None:
-            out[j] = convert(fr)
+            views[j][...] = convert(fr, j)
             got += 1
             if got == len(indices):
                 return

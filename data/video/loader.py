@@ -68,8 +68,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
-from .packing import (DocPlan, PackedSample, assemble_pack, build_document, frame_runs, pack_greedy, patchify,
-                      plan_document)
+from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify, plan_document,
+                      split_runs)
 from .sampling import PlanError
 from .images import ImageError, decode_member
 from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
@@ -283,14 +283,18 @@ class FrameSource:
                 raise SampleFailure(e.reason, e.detail) from None
         return out
 
-    def frames(self, rec: SampleRecord, doc: DocPlan) -> np.ndarray:
-        """uint8 [n, 3, H, W] (planar) of the planned frames, or SampleFailure."""
+    def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
+        """The planned frames, uint8 planar, as runs of frames of one size: [n, 3, H, W] alone, or with slow and
+        fast frames each run [m, 3, h, w] (`FramePlan.runs`; the decoder scales each frame to its own size).
+        Or SampleFailure."""
         fp = doc.frames
         stem = self._stem(rec)
         video = f"{stem}.{rec.video_ext}"
         raw = f"{stem}.rgb"
         req = dict(path=video, indices=list(fp.indices), height=fp.height, width=fp.width, meta=rec.video,
                    threads=self.cfg.decode_threads, layout="chw")
+        if fp.num_fast:
+            req.update(fast=list(fp.fast), fast_height=fp.fast_height, fast_width=fp.fast_width)
         try:
             try:
                 spill_member(rec.shard, rec.video_offset, rec.video_size, video)
@@ -303,9 +307,10 @@ class FrameSource:
         finally:
             _unlink(video)
             _unlink(raw)
-        if arr.shape != (fp.num_frames, 3, fp.height, fp.width):
-            raise SampleFailure("short_decode", f"got {arr.shape}, planned {(fp.num_frames, 3, fp.height, fp.width)}")
-        return arr
+        want = (fp.patches(1) * 3,) if fp.num_fast else (fp.num_frames, 3, fp.height, fp.width)
+        if arr.shape != want:
+            raise SampleFailure("short_decode", f"got {arr.shape}, planned {want}")
+        return split_runs(arr, fp) if fp.num_fast else [arr]
 
     def _inline(self, req: dict) -> np.ndarray:
         use_alarm = threading.current_thread() is threading.main_thread()
@@ -376,13 +381,13 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
                     patchify(arr, p, m, out=pv[at:at + k], layout="chw")
                     at += k
             else:
-                frames = source.frames(rec, doc)
                 at = off
-                for run in frame_runs(frames, doc.frames) if doc.frames.num_fast else [frames]:
+                runs = source.frames(rec, doc)           # frames of one size each
+                for run in runs:
                     k = run.shape[0] * (run.shape[2] // p) * (run.shape[3] // p)
                     patchify(run, p, m, out=pv[at:at + k], layout="chw")
                     at += k
-                del frames
+                del runs
         except SampleFailure as e:
             failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
                              "detail": e.detail[:500]})

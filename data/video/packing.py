@@ -125,25 +125,33 @@ def resize_planar(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def frame_runs(frames: np.ndarray | None, fp: FramePlan, layout: str = "chw") -> list[np.ndarray]:
-    """A video's decoded frames (all at the slow size; [n, 3, H, W] for layout "chw", [n, H, W, 3] for "hwc")
-    as runs of consecutive slow or fast frames in frame order, each fast run downscaled to the fast size: what
-    the patches are made of. `frames` None: empty arrays of the runs' shapes (for shape checks)."""
-    runs, k0 = [], 0
-    for k in range(1, fp.num_frames + 1):
-        if k < fp.num_frames and fp.is_fast(k) == fp.is_fast(k0):
-            continue
-        h, w = fp.size(k0)
+    """A video's frames decoded at the slow size ([n, 3, H, W] for layout "chw", [n, H, W, 3] for "hwc") as the
+    runs of consecutive slow or fast frames (`FramePlan.runs`), each fast run area-averaged to the fast size:
+    what the patches are made of when one has the frames at one size (the loader's decoder scales each frame to
+    its own size instead, `split_runs`). `frames` None: empty arrays of the runs' shapes (for shape checks)."""
+    out = []
+    for k0, k, h, w in fp.runs():
         if frames is None:
-            shape = (k - k0, 3, h, w) if layout == "chw" else (k - k0, h, w, 3)
-            runs.append(np.empty(shape, np.uint8))
-        elif not fp.is_fast(k0):
-            runs.append(frames[k0:k])
+            out.append(np.empty((k - k0, 3, h, w) if layout == "chw" else (k - k0, h, w, 3), np.uint8))
+        elif (h, w) == (fp.height, fp.width):
+            out.append(frames[k0:k])
         elif layout == "chw":
-            runs.append(resize_planar(frames[k0:k], h, w))
+            out.append(resize_planar(frames[k0:k], h, w))
         else:
-            runs.append(resize_planar(frames[k0:k].transpose(0, 3, 1, 2), h, w).transpose(0, 2, 3, 1))
-        k0 = k
-    return runs
+            out.append(resize_planar(frames[k0:k].transpose(0, 3, 1, 2), h, w).transpose(0, 2, 3, 1))
+    return out
+
+
+def split_runs(buf: np.ndarray, fp: FramePlan) -> list[np.ndarray]:
+    """A flat uint8 buffer of planar frames, each at its own size in frame order (what the decoder returns for
+    slow and fast frames) -> views [m, 3, h, w] of its runs (`FramePlan.runs`)."""
+    out, off = [], 0
+    for k0, k, h, w in fp.runs():
+        n = (k - k0) * 3 * h * w
+        out.append(buf[off:off + n].reshape(k - k0, 3, h, w))
+        off += n
+    assert off == buf.shape[0], (off, buf.shape)
+    return out
 
 
 def patchify(frames: np.ndarray, patch: int, merge: int, out: np.ndarray | None = None,

@@ -78,6 +78,15 @@ class FramePlan:
         """(height, width) of frame k."""
         return (self.fast_height, self.fast_width) if self.is_fast(k) else (self.height, self.width)
 
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """(first, end, height, width) of each run of consecutive frames of one size, in frame order."""
+        out, k0 = [], 0
+        for k in range(1, self.num_frames + 1):
+            if k == self.num_frames or self.is_fast(k) != self.is_fast(k0):
+                out.append((k0, k, *self.size(k0)))
+                k0 = k
+        return out
+
     def patches(self, patch_size: int) -> int:
         """ViT patches of all the frames."""
         nf, p = self.num_fast, patch_size

@@ -38,8 +38,8 @@ def no_decode(monkeypatch):
     """Blank frames of the planned size instead of decoding."""
     import data.video.loader as L
 
-    monkeypatch.setattr(L.FrameSource, "frames", lambda self, rec, doc: np.zeros(
-        (doc.frames.num_frames, 3, doc.frames.height, doc.frames.width), np.uint8))
+    monkeypatch.setattr(L.FrameSource, "frames", lambda self, rec, doc: [
+        np.zeros((k - k0, 3, h, w), np.uint8) for k0, k, h, w in doc.frames.runs()])
 
 
 def mix_cfg(shard_dir, long_dir, tmp_path=None, fraction=0.25, **kw):
