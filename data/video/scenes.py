@@ -6,10 +6,10 @@ patch by patch, to the last slow frame. Our planner fixes every token count from
 any pixel is decoded (sampling.py), so the similarity cannot wait for the training-time decode. Ingest,
 which decodes every frame anyway, finds it instead:
 
-- it examines the frames on a grid of at most `SceneSpec.fps` frames per second of video (every
-  `stride`-th decoded frame, from the header's frame rate);
-- an examined frame becomes a grey `cells` x `cells` thumbnail of area means (each cell the mean grey
-  level of 1/cells^2 of the picture, so a cell stands for a block of patches, not one pixel);
+- it examines the frames on a grid of at most `SceneSpec.fps` frames per second of video (a frame whose
+  time is at least 1 / fps after the last examined one's);
+- an examined frame becomes a grey `cells` x `cells` thumbnail (each cell the mean grey level of 1/cells^2 of
+  the picture, over 8 x 8 pixels spread across it, so a cell stands for a block of patches, not one pixel);
 - a cell is unchanged when its mean moved by at most `tolerance` grey levels (of 255) from the reference's;
 - the first frame is the reference; an examined frame whose share of unchanged cells falls below
   `similarity` is a *change*: its index is recorded and it becomes the reference.
@@ -56,22 +56,55 @@ class SceneSpec:
             raise ValueError(f"SceneSpec.similarity = {self.similarity}: must be in (0, 1]")
 
 
+# pixel formats whose first plane is 8-bit luma at the full size
+_LUMA8 = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p",
+                    "yuv411p", "yuv410p", "nv12", "nv21", "gray"})
+SAMPLES = 8         # luma samples per cell side: a cell's mean over 8 x 8 evenly spread pixels
+
+
+def thumbnail(frame, cells: int) -> np.ndarray:
+    """uint8 [cells, cells]: the mean grey level of each cell of a PyAV VideoFrame. From the luma plane itself
+    when the format has an 8-bit one (a mean over SAMPLES x SAMPLES pixels spread evenly over the cell: ~0.1 ms
+    a frame, where converting the frame costs ~0.5 ms at 360p), else by swscale's area filter."""
+    if frame.format.name not in _LUMA8:
+        return frame.to_ndarray(width=cells, height=cells, format="gray", interpolation="AREA")
+    p = frame.planes[0]
+    h, w = frame.height, frame.width
+    y = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:h, :w]
+    n = cells * SAMPLES
+    ys = ((np.arange(n) + 0.5) * h / n).astype(np.intp)
+    xs = ((np.arange(n) + 0.5) * w / n).astype(np.intp)
+    sub = y.take(ys, axis=0).take(xs, axis=1).reshape(cells, SAMPLES, cells, SAMPLES)
+    m = sub.mean(axis=(1, 3), dtype=np.float32)
+    if not (frame.format.name.startswith("yuvj") or frame.color_range == 2):   # limited range: 16..235 -> 0..255,
+        m = (m - 16.0) * (255.0 / 219.0)                                      # the grey levels swscale gives
+    return np.clip(m, 0, 255).round().astype(np.uint8)
+
+
 class SceneDetector:
     """Feed every decoded frame in presentation order (`add`); `result()` is the index entry."""
 
     def __init__(self, spec: SceneSpec, frame_rate: float | None) -> None:
         self.spec = spec
-        self.stride = max(1, int(round((frame_rate or 25.0) / spec.fps)))
+        self.period = 1.0 / spec.fps
+        self.rate = frame_rate if frame_rate and frame_rate > 0 else 25.0   # for frames without a time
         self.changes: list[int] = []
         self.examined = 0
         self._ref: np.ndarray | None = None
+        self._next = -np.inf
+        self._last_t = -np.inf
 
     def add(self, index: int, frame) -> None:
-        """`frame`: a PyAV VideoFrame (only every `stride`-th is converted)."""
-        if index % self.stride:
-            return
-        c = self.spec.cells
-        self.observe(index, frame.to_ndarray(width=c, height=c, format="gray", interpolation="AREA"))
+        """`frame`: a PyAV VideoFrame. It is examined when its time has reached the next tick of the grid (a
+        tick `period` after the last examined frame's time; by its index and the frame rate when it has no time;
+        at once when time went backwards, as broken timestamps do), so a header's bogus rate cannot thin it."""
+        t = frame.time
+        if t is None:
+            t = index / self.rate
+        if t >= self._next or t < self._last_t:
+            self._next = t + 0.999 * self.period
+            self.observe(index, thumbnail(frame, self.spec.cells))
+        self._last_t = t
 
     def observe(self, index: int, thumb: np.ndarray) -> None:
         """One examined frame's grey thumbnail [cells, cells] uint8."""
@@ -86,8 +119,8 @@ class SceneDetector:
             self._ref = t
 
     def result(self) -> dict:
-        return {"runs": encode_runs(self.changes), "count": len(self.changes), "stride": self.stride,
-                "examined": self.examined, **asdict(self.spec)}
+        return {"runs": encode_runs(self.changes), "count": len(self.changes), "examined": self.examined,
+                **asdict(self.spec)}
 
 
 def fast_frames(indices, scene_changes: dict | None) -> np.ndarray:
