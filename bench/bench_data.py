@@ -13,7 +13,10 @@ Measures, in one run, on synthetic data the script makes itself:
 6. image samples: our decode (shard member -> Pillow, a reduced DCT scale for a JPEG at least twice the
    plan, EXIF orientation, RGB, bicubic resize to the plan, planar) vs raw Pillow decoding and resizing the
    same bytes to the same size, per CPU core, on 1080p and 12 MP (4032x3024, a phone's photo) JPEGs planned
-   at max_image_tokens (1280), and the loader's images/s with 2 workers.
+   at max_image_tokens (1280), and the loader's images/s with 2 workers;
+7. slow and fast frames (`--parts scenes`): ingest's scene-change search (what it adds to the full decode,
+   with and without it on the same files in the same run), and what fast_frame_ratio 0.3 changes in the plan
+   and the loader's cost per sample on a 720p video of still scenes, against the same video at ratio 0.
 """
 from __future__ import annotations
 
@@ -334,6 +337,57 @@ def bench_ingest(videos: Path, ann: Path | None, out: Path, workers: int, proxy:
             "video_seconds_per_wall_s": r["seconds_of_video"] / r["seconds"]}
 
 
+def bench_scenes(work: Path, long_dir: Path, repeats: int) -> dict:
+    """Scene-change search at ingest (CPU per file with and without it, alternated, best of `repeats`) and slow
+    and fast frames on a 720p video of 8 still scenes (48 s, 24 fps): plan and loader cost at ratio 0 and 0.3."""
+    from data.video.probe import probe_video
+    from data.video.scenes import SceneSpec
+    from data.video.synthetic import SYNTHETIC_SCENE_SIMILARITY
+
+    vdir = work / "scene_videos"
+    path = vdir / "scenes_720p.mp4"
+    if not path.exists():
+        vdir.mkdir(parents=True, exist_ok=True)
+        print("[bench] writing a 48 s 1280x720 24 fps video of 8 still scenes ...", flush=True)
+        write_video(path, VideoSpec(n_frames=48 * 24, width=1280, height=720, fps=24, gop=48, crf=23, seed=2, scenes=8))
+        (vdir / "ann.jsonl").write_text(json.dumps({"video": path.name, "caption": "eight still scenes"}) + "\n")
+    out: dict = {"probe": []}
+    for name, f in (("180 s 640x360 (moving)", long_dir / "long_360p.mp4"), ("48 s 1280x720 (8 still scenes)", path)):
+        cpu = {"without": [], "with": []}
+        for _ in range(repeats):                    # alternate, so that both share the machine's noise
+            for k, spec in (("without", None), ("with", SceneSpec(similarity=SYNTHETIC_SCENE_SIMILARITY))):
+                with Meter() as m:
+                    meta = probe_video(str(f), scenes=spec)
+                cpu[k].append(m.cpu)
+        sc = meta["scene_changes"]
+        out["probe"].append({"video": name, "frames": meta["num_frames"], "examined": sc["examined"],
+                             "changes": sc["count"], "cpu_s_without": min(cpu["without"]),
+                             "cpu_s_with": min(cpu["with"]), "ratio": min(cpu["with"]) / min(cpu["without"])})
+    shards = work / "scene_shards"
+    if not (shards / "dataset.json").exists():
+        ingest(IngestOptions(videos=str(vdir), annotations=str(vdir / "ann.jsonl"), out=str(shards), workers=1,
+                             progress=False, scene_similarity=SYNTHETIC_SCENE_SIMILARITY))
+    out["loader"] = []
+    for ratio in (0.0, 0.3):
+        cfg = VideoDataConfig(shards=str(shards), seq_len=32768, num_workers=0, quarantine_path="",
+                              fast_frame_ratio=ratio)
+        L = VideoPackedLoader(cfg, seed=0)
+        fp = L.planner.doc(0, 0).frames
+        next(L)                                     # warm: imports, the guarded child
+        runs = []
+        for _ in range(repeats):
+            with Meter() as m:
+                p = next(L)
+            runs.append(m.cpu)
+        L.close()
+        out["loader"].append({"fast_frame_ratio": ratio, "frames": fp.num_frames, "fast": fp.num_fast,
+                              "slow_size": f"{fp.width}x{fp.height}", "slow_tokens": fp.tokens_per_frame,
+                              "fast_size": f"{fp.fast_width}x{fp.fast_height}", "fast_tokens": fp.fast_tokens_per_frame,
+                              "visual_tokens": fp.visual_tokens, "budget": fp.budget,
+                              "patches": int(p.pixel_values.shape[0]), "cpu_s_per_sample": min(runs)})
+    return out
+
+
 def bench_isolation(shards: Path, rounds: int = 2) -> dict:
     """Steady-state cost per sample of decoding in the guarded child vs inline (child already up)."""
     loaders = {}
@@ -371,7 +425,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--parts", default="ingest,decode,backends,loader,resume,isolation,images",
+    ap.add_argument("--parts", default="ingest,decode,backends,loader,resume,isolation,images,scenes",
                     help="comma-separated subset to run")
     a = ap.parse_args(argv)
     import tempfile
@@ -407,6 +461,8 @@ def main(argv=None) -> int:
         res["isolation"] = bench_isolation(work / "small_shards")
     if "images" in parts:
         res["images"] = [bench_images(work, 24, a.repeats, a.workers, size) for size in ((1920, 1080), (4032, 3024))]
+    if "scenes" in parts:
+        res["scenes"] = bench_scenes(work, long_dir, a.repeats)
     res["total_seconds"] = time.perf_counter() - t_all
 
     # ---- table ----
@@ -449,6 +505,17 @@ def main(argv=None) -> int:
                  (f"images {im['source'].split()[0]}: loader, {im['loader_workers']} workers", f"{im['loader_images_per_s']:.1f} images/s",
                   f"guarded child; first batch {im['loader_first_batch_s']:.2f} s; decoding in the worker "
                   f"{im['loader_inline_images_per_s']:.1f} images/s (ratio {im['guard_ratio']:.2f})")]
+    sc = res.get("scenes")
+    if sc:
+        for pr in sc["probe"]:
+            rows.append((f"ingest probe, scene search, {pr['video']}", f"{pr['ratio']:.3f}x CPU",
+                         f"{pr['cpu_s_with']:.2f} vs {pr['cpu_s_without']:.2f} CPU-s, {pr['frames']} frames, "
+                         f"{pr['examined']} examined, {pr['changes']} changes"))
+        for lo in sc["loader"]:
+            rows.append((f"slow/fast, 720p still scenes, ratio {lo['fast_frame_ratio']}",
+                         f"{lo['cpu_s_per_sample']:.2f} CPU-s/sample",
+                         f"{lo['frames']} frames ({lo['fast']} fast), slow {lo['slow_size']} {lo['slow_tokens']} tok, "
+                         f"fast {lo['fast_size']} {lo['fast_tokens']} tok; {lo['visual_tokens']} of {lo['budget']} tokens"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"\n{'measurement':<{w0}}  {'result':<{w1}}  notes")

@@ -15,6 +15,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set stages_30b --out $OUT/st_30b.json     # 30B stages from a checkpoint
     python bench/smoke_gpu_recipes.py --set resume_30b --out $OUT/rs_30b.json     # a 30B-width stop and resume
     python bench/smoke_gpu_recipes.py --set eval --out $OUT/eval.json             # train.eval, an HF tokenizer
+    python bench/smoke_gpu_recipes.py --set scenes --out $OUT/scenes.json         # slow and fast frames
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss and router statistics,
 tokens/s, the resume or init lines (with the settings a resume changed), and the output's tail when a case fails. The JSON is rewritten after every case.
@@ -47,8 +48,9 @@ SETS = {
     "eval": "train.eval and a Hugging Face tokenizer on the tiny recipes",
     "eval_30b": "train.eval in the 30B KSA stages 1 (the teacher runs too) and 2, from a 2-layer dense checkpoint",
     "mixed": "videos with image and text-only samples: the tiny recipes (stopped, resumed) and the 30B slice",
+    "scenes": "videos of still scenes in slow and fast frames: the tiny recipe (stopped, resumed) and the 30B slice",
 }
-SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed")  # the sets whose cases read root/videos
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes")  # the sets whose cases read root/videos
 
 
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
@@ -138,6 +140,16 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_tiny_vl_ksa_mixed", "keye_tiny_vl_ksa", "mx_ksa", mix),
             ("keye_30b_a3b_mixed", "keye_30b_a3b", "mx_30b", slice_on(f"{shards}/mixed/shards") + ["train.steps=3", no_ckpt]),
         ]
+    if which == "scenes":
+        # slow and fast frames (docs/data.md): the tiny recipe on its own videos of 3 still scenes at ratio 0.3,
+        # stopped at step 10 and resumed; the 30B slice (whose data config has ratio 0.3) on 32 videos of 4 scenes,
+        # and the same slice at ratio 0 on the same shards, every frame slow
+        sf = single + ["data.synthetic_scenes=3", "data.video.fast_frame_ratio=0.3"]
+        on = slice_on(f"{shards}/scenes/shards") + ["train.steps=3", no_ckpt]
+        return stopped_and_resumed("keye_tiny_slow_fast", "keye_tiny", "sf_tiny", sf) + [
+            ("keye_30b_a3b_slow_fast", "keye_30b_a3b", "sf_30b", on),
+            ("keye_30b_a3b_all_slow", "keye_30b_a3b", "sf_30b_slow", on + ["data.video.fast_frame_ratio=0"]),
+        ]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
@@ -226,6 +238,10 @@ def main() -> None:
                             "--n", "32", "--images", "16", "--image-sets", "4", "--text", "16", "--shards", "--workers", "8"],
                            cwd=REPO,
                            check=True, capture_output=True)
+        if args.set == "scenes":  # videos of still scenes, for slow and fast frames
+            subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "scenes")),
+                            "--n", "32", "--scenes", "4", "--shards", "--workers", "8"], cwd=REPO, check=True,
+                           capture_output=True)
         if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
                             "8", "--seed", "1", "--shards", "--workers", "8"], cwd=REPO, check=True, capture_output=True)

@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=0, help="number of images (with counters) to add")
     p.add_argument("--image-sets", type=int, default=0,
                    help="number of interleaved records of 2-3 images (at <image> markers of their text) to add")
+    p.add_argument("--scenes", type=int, default=0,
+                   help="make each video this many still scenes (only the counter moves in one): slow and fast frames")
     p.add_argument("--min-seconds", type=float, default=1.5)
     p.add_argument("--max-seconds", type=float, default=4.0)
     p.add_argument("--shards", action="store_true", help="also ingest them into OUT/shards")
@@ -28,15 +30,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--n must be >= 1")
-    if min(a.text, a.images, a.image_sets) < 0:
-        p.error("--text, --images and --image-sets must be >= 0")
+    if min(a.text, a.images, a.image_sets, a.scenes) < 0:
+        p.error("--text, --images, --image-sets and --scenes must be >= 0")
     if a.shards:
         d = make_synthetic_shards(a.out, a.n, a.seed, shard_size_mb=a.shard_size_mb, workers=a.workers,
-                                  min_seconds=a.min_seconds, max_seconds=a.max_seconds, n_text=a.text, n_images=a.images, n_image_sets=a.image_sets)
+                                  min_seconds=a.min_seconds, max_seconds=a.max_seconds, n_text=a.text, n_images=a.images,
+                                  n_image_sets=a.image_sets, scenes=a.scenes)
         print(f"wrote {a.n} videos, {a.images} images, {a.image_sets} image sets, {a.text} text-only records and shards under {d}")
     else:
         v, ann = make_synthetic_videos(a.out, a.n, a.seed, min_seconds=a.min_seconds, max_seconds=a.max_seconds,
-                                       n_text=a.text, n_images=a.images, n_image_sets=a.image_sets)
+                                       n_text=a.text, n_images=a.images, n_image_sets=a.image_sets, scenes=a.scenes)
         print(f"wrote {a.n} videos and {a.images} images under {v} and annotations {ann} ({a.text} text-only "
               f"records)")
     return 0
