@@ -17,6 +17,7 @@ from .tokenizer import hf_tokenizer_file
 DECODE_BACKENDS = ("decord", "pyav", "torchcodec")
 DECODE_ISOLATIONS = ("process", "inline")
 TOKENIZERS = ("bytes",)
+TEXT_OVERFLOWS = ("continue", "cut")
 
 REQUIRED = "REQUIRED"
 """The value a recipe gives a path the user must set (`shards: REQUIRED`): `DataConfig` refuses it when the
@@ -67,6 +68,9 @@ class VideoDataConfig:
     """Open bins of the best-fit packer; 1 = plain greedy in sample order."""
     max_text_tokens: int = 4096
     """Annotation text per sample is cut (at a segment boundary when possible) to this many tokens."""
+    text_overflow: str = "continue"
+    """A text-only sample longer than a sequence: "continue" = cut into pieces of a sequence each, every piece
+    trained (docs/data.md "Text-only samples"); "cut" = keep its first sequence's worth, count what was cut."""
 
     # ---- frame sampling (Keye/Qwen style) -------------------------------------------------------
     sample_fps: float = 2.0
@@ -174,6 +178,8 @@ class VideoDataConfig:
             bad("pack_lookahead", "must be >= 1")
         if self.max_text_tokens < 0:
             bad("max_text_tokens", "must be >= 0")
+        if self.text_overflow not in TEXT_OVERFLOWS:
+            bad("text_overflow", f"must be one of {TEXT_OVERFLOWS}")
         if not (math.isfinite(self.sample_fps) and self.sample_fps > 0):
             bad("sample_fps", "must be > 0")
         if self.min_frames < 1:

@@ -68,8 +68,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
-from .packing import (DocPlan, PackedSample, assemble_pack, build_document, pack_greedy, patchify, plan_document,
-                      split_runs)
+from .packing import (DocPlan, PackedSample, assemble_pack, build_document, encode_text_document, pack_greedy,
+                      patchify, plan_document, split_runs)
 from .sampling import PlanError
 from .images import ImageError, decode_member
 from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
@@ -128,9 +128,10 @@ def epoch_order(shard_of: np.ndarray, *, seed: int, epoch: int, shuffle: bool, b
 class EpochPlan:
     epoch: int
     order: np.ndarray                    # uids in training order (planned-out samples included)
-    packs: list[list[int]]               # uids per pack, pack order = stream order
+    packs: list[list[int]]               # items per pack, pack order = stream order (Planner.uid_of)
     rejects: dict[int, tuple[str, str]]  # uid -> (reason, detail) for samples that cannot be planned
     truncated: dict[int, int] = field(default_factory=dict)  # uid -> text tokens cut (text-only samples)
+    pieces: dict[int, int] = field(default_factory=dict)     # uid -> pieces of a text continued over sequences
 
 
 class Planner:
@@ -143,16 +144,30 @@ class Planner:
         self.shard_of = np.array([sid[r.shard] for r in catalog], dtype=np.int64)
         self._docs: dict[tuple[int, int], DocPlan | PlanError] = {}
         self._epochs: dict[int, EpochPlan] = {}
+        self._text: tuple[int, tuple[list[int], list[bool]]] | None = None
 
-    def doc(self, uid: int, epoch: int) -> DocPlan:
-        k = (uid, epoch if self.cfg.frame_jitter > 0 else 0)
+    def uid_of(self, item: int) -> int:
+        """The catalog uid of a planned item: a sample's uid, or for piece p > 0 of a text-only sample longer
+        than a sequence (text_overflow "continue") uid + p * len(catalog)."""
+        return item % len(self.catalog)
+
+    def _encoded(self, uid: int) -> tuple[list[int], list[bool]]:
+        """A text-only sample's tokens, kept for its next pieces (planned one after another)."""
+        if self._text is None or self._text[0] != uid:
+            self._text = (uid, encode_text_document(self.catalog[uid].annotation, self.tokenizer))
+        return self._text[1]
+
+    def doc(self, item: int, epoch: int) -> DocPlan:
+        k = (item, epoch if self.cfg.frame_jitter > 0 else 0)
         d = self._docs.get(k)
         if d is None:
+            piece, uid = divmod(item, len(self.catalog))
             r = self.catalog[uid]
             try:
                 d = plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
                                   annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer,
-                                  seed=self.seed, epoch=epoch, images=r.images)
+                                  seed=self.seed, epoch=epoch, images=r.images, piece=piece,
+                                  encoded=self._encoded(uid) if r.is_text else None)
             except PlanError as e:
                 d = e
             except (KeyError, TypeError, ValueError) as e:
@@ -167,7 +182,7 @@ class Planner:
         if p is None:
             order = epoch_order(self.shard_of, seed=self.seed, epoch=e, shuffle=self.cfg.shuffle,
                                 buffer=self.cfg.shuffle_buffer)
-            kept, lengths, rejects, truncated = [], [], {}, {}
+            kept, lengths, rejects, truncated, pieces = [], [], {}, {}, {}
             for uid in order.tolist():
                 try:
                     d = self.doc(uid, e)
@@ -178,9 +193,15 @@ class Planner:
                 kept.append(uid)
                 if d.truncated:
                     truncated[uid] = d.truncated
+                if d.pieces > 1:
+                    pieces[uid] = d.pieces
+                for p in range(1, d.pieces):      # the rest of a long text, right after its first piece
+                    item = uid + p * len(self.catalog)
+                    lengths.append(self.doc(item, e).length)
+                    kept.append(item)
             bins = pack_greedy(lengths, self.cfg.seq_len, self.cfg.pack_lookahead)
             p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects,
-                          truncated=truncated)
+                          truncated=truncated, pieces=pieces)
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p
@@ -191,9 +212,10 @@ class Planner:
     def num_packs(self, e: int) -> int:
         return len(self.epoch(e).packs)
 
-    def key(self, uid: int) -> str:
+    def key(self, item: int) -> str:
+        piece, uid = divmod(item, len(self.catalog))
         r = self.catalog[uid]
-        return f"{os.path.basename(r.shard)}/{r.key}"
+        return f"{os.path.basename(r.shard)}/{r.key}" + (f"#{piece}" if piece else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,14 +383,14 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     the pack, already in ViT patch order."""
     cfg, tok = planner.cfg, planner.tokenizer
     p, m = cfg.patch_size, cfg.merge_size
-    uids = planner.epoch(epoch).packs[index]
-    plans = [planner.doc(uid, epoch) for uid in uids]
+    items = planner.epoch(epoch).packs[index]
+    plans = [planner.doc(item, epoch) for item in items]
     rows = [d.patch_rows(p) for d in plans]
     pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
     pv = pixels.numpy()
     docs, keys, failures, off = [], [], [], 0
-    for uid, doc, n in zip(uids, plans, rows):
-        rec = planner.catalog[uid]
+    for doc, n in zip(plans, rows):
+        rec = planner.catalog[doc.uid]
         if doc.kind == "text":                   # a text-only sample: nothing to read or decode
             docs.append(build_document(doc, None, cfg, tok))
             keys.append(doc.key)
@@ -468,6 +490,7 @@ class VideoPackedLoader:
         self.source_names = [name for name, *_ in specs]
         self.catalogs = cats
         self.has_images = any(r.is_image for cat in cats for r in cat)
+        self.has_text = any(r.is_text for cat in cats for r in cat)
         if cfg.fast_frame_ratio > 0 and dp_rank == 0:
             videos = [r for cat in cats for r in cat if r.video is not None]
             blind = [r for r in videos if "scene_changes" not in r.video]
@@ -571,11 +594,19 @@ class VideoPackedLoader:
                                       "detail": detail, "stage": "plan", "epoch": pack.epoch,
                                       "rank": self.dp_rank, **tag})
                     self._reasons[reason] += 1
+                cont = planner.epoch(pack.epoch).pieces
+                if cont:
+                    self._stats["text_pieces"] += sum(cont.values())
+                    log.info("video loader: epoch %d%s: %d text-only sample(s) longer than a sequence (seq_len %d) "
+                             "continue over %d sequences (text_overflow continue)", pack.epoch,
+                             f" of source {pack.source}" if self.mixed else "", len(cont), self.cfg.seq_len,
+                             sum(cont.values()))
                 cut = planner.epoch(pack.epoch).truncated
                 if cut:
                     self._stats["text_tokens_cut"] += sum(cut.values())
                     log.warning("video loader: epoch %d%s: %d text-only sample(s) longer than a sequence "
-                                "(seq_len %d) were cut to fit, %d tokens cut in all (first: %s)", pack.epoch,
+                                "(seq_len %d) were cut to fit, %d tokens cut in all (first: %s; text_overflow cut: 'continue' "
+                                "trains every piece)", pack.epoch,
                                 f" of source {pack.source}" if self.mixed else "", len(cut), self.cfg.seq_len,
                                 sum(cut.values()), planner.key(min(cut)))
         failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
@@ -636,8 +667,11 @@ class VideoPackedLoader:
         c = asdict(self.cfg)
         # the image fields only where there are images: a run without them keeps the fingerprint (and so
         # the resumable state) it had before image samples existed
-        # and slow/fast frames only when on, for the same reason
+        # and slow/fast frames only when on, how a long text is planned only where there are texts, for the
+        # same reason
         out = {k: c[k] for k in _PLAN_FIELDS + (_IMAGE_PLAN_FIELDS if self.has_images else ())}
+        if self.has_text:
+            out["text_overflow"] = self.cfg.text_overflow
         if self.cfg.fast_frame_ratio > 0:
             out["fast_frame_ratio"] = self.cfg.fast_frame_ratio
         return out
@@ -659,13 +693,13 @@ class VideoPackedLoader:
             out = {"epoch": e, "pack": j, "packs_in_epoch": len(ep.packs)}
             if self.mixed:
                 out.update({"source": self.source_names[it.source], "mixed_index": it.key})
-            uids = ep.packs[j]
-            if uids:
-                r = planner.catalog[uids[0]]
+            items = ep.packs[j]
+            if items:
+                r = planner.catalog[planner.uid_of(items[0])]
                 same = [x.uid for x in planner.catalog if x.shard == r.shard]
-                out.update({"order_index": int(np.nonzero(ep.order == uids[0])[0][0]),
+                out.update({"order_index": int(np.nonzero(ep.order == r.uid)[0][0]),
                             "shard": os.path.basename(r.shard), "in_shard_index": same.index(r.uid),
-                            "keys": [planner.key(u) for u in uids]})
+                            "keys": [planner.key(u) for u in items]})
         return out
 
     def state_dict(self) -> dict:

@@ -201,7 +201,9 @@ class DocPlan:
     text_ids: list[int]            # all of the document's text (an image sample's: its chunks joined)
     text_loss: list[bool]
     length: int
-    truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence)
+    truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence, "cut")
+    piece: int = 0                 # a text-only document longer than a sequence ("continue"): this piece's index
+    pieces: int = 1                # ... of this many, each planned, packed and trained as a document of its own
     images: tuple[FramePlan, ...] = ()   # an image sample's images (one frame each), in document order
     chunks: tuple = ()             # an image sample's text: (ids, loss) before image 0, between, after the last
 
@@ -238,17 +240,40 @@ def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[
     return ids, loss, cut
 
 
+def encode_text_document(annotation: dict, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """All of a text-only sample's token ids and their supervision, uncut."""
+    ids, loss, _ = _encode_text(annotation_segments(annotation), tokenizer, 1 << 62)
+    return ids, loss
+
+
 def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataConfig,
-                       tokenizer: Tokenizer) -> DocPlan:
-    """A text-only sample: <bos>? text <eos>, cut to one sequence (a document is never split across
-    sequences; the tokens cut are counted in `DocPlan.truncated`). `max_text_tokens` (the cap on a
-    video's annotation) does not apply: the text is the whole document."""
+                       tokenizer: Tokenizer, piece: int = 0,
+                       encoded: tuple[list[int], list[bool]] | None = None) -> DocPlan:
+    """A text-only sample: <bos>? text <eos>. `max_text_tokens` (the cap on a video's annotation) does not apply:
+    the text is the whole document. One longer than a sequence (room for C = seq_len - 2 text tokens, one without
+    <bos>) is, by `text_overflow`:
+    - "continue": cut into pieces of C tokens, piece `piece` of them planned here: <bos> only on the first, <eos>
+      only on the last, each a document of its own (a sequence never holds two of one text);
+    - "cut": cut to its first C tokens (counted in `DocPlan.truncated`).
+    `encoded`: the sample's `encode_text_document`, when the caller has it (the planner does, for the pieces)."""
     ends = 1 + (tokenizer.bos_id is not None)
-    ids, loss, cut = _encode_text(annotation_segments(annotation), tokenizer, cfg.seq_len - ends)
+    ids, loss = encoded if encoded is not None else encode_text_document(annotation, tokenizer)
     if not any(loss):
         raise PlanError("no_text", "a text-only sample with no supervised text ('text' or a 'qa' answer)")
-    return DocPlan(uid=uid, key=key, frames=None, ts_ids=[], text_ids=ids, text_loss=loss,
-                   length=ends + len(ids), truncated=cut)
+    room = cfg.seq_len - ends
+    if len(ids) <= room or cfg.text_overflow == "cut":
+        if piece:
+            raise ValueError(f"{key}: piece {piece} of a text planned in one piece")
+        return DocPlan(uid=uid, key=key, frames=None, ts_ids=[], text_ids=ids[:room], text_loss=loss[:room],
+                       length=ends + min(len(ids), room), truncated=max(0, len(ids) - room))
+    pieces = -(-len(ids) // room)
+    if not 0 <= piece < pieces:
+        raise ValueError(f"{key}: piece {piece} of a text in {pieces} pieces")
+    a, b = piece * room, min(len(ids), (piece + 1) * room)
+    first, last = piece == 0, piece == pieces - 1
+    return DocPlan(uid=uid, key=key if first else f"{key}#{piece}", frames=None, ts_ids=[], text_ids=ids[a:b],
+                   text_loss=loss[a:b], length=(b - a) + (first and tokenizer.bos_id is not None) + last,
+                   piece=piece, pieces=pieces)
 
 
 def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: dict, cfg: VideoDataConfig,
@@ -278,14 +303,17 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
 
 
 def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
-                  tokenizer: Tokenizer, seed: int, epoch: int, images: list[dict] | None = None) -> DocPlan:
+                  tokenizer: Tokenizer, seed: int, epoch: int, images: list[dict] | None = None, piece: int = 0,
+                  encoded: tuple[list[int], list[bool]] | None = None) -> DocPlan:
     """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `images` given:
-    an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`)."""
+    an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`, which
+    takes `piece` and `encoded`)."""
     if images:
         return plan_image_document(uid=uid, key=key, images=images, annotation=annotation, cfg=cfg,
                                    tokenizer=tokenizer)
     if video is None:
-        return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer)
+        return plan_text_document(uid=uid, key=key, annotation=annotation, cfg=cfg, tokenizer=tokenizer,
+                                  piece=piece, encoded=encoded)
     n_min = min(cfg.min_frames, int(video.get("num_frames", cfg.min_frames)))
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
@@ -410,7 +438,7 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
         slot = max(len(t) + 2 + max(g) for t, g in zip(doc.ts_ids, grids))
         rate = slot / fp.interval_s
     w = _DocWriter(doc.length)
-    if tokenizer.bos_id is not None:
+    if tokenizer.bos_id is not None and doc.piece == 0:
         w.text([tokenizer.bos_id])
     anchor = None
     for k in range(n):
@@ -421,7 +449,8 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
         w.visual(tokenizer.video_pad_id, max(w.p, anchor + int(round(fp.timestamps[k] * rate))), *grids[k])
         w.text([tokenizer.vision_end_id])
     w.text(doc.text_ids, doc.text_loss)
-    w.text([tokenizer.eos_id], loss=any(doc.text_loss))
+    if doc.piece == doc.pieces - 1:          # a text's last piece (every other document is its own last)
+        w.text([tokenizer.eos_id], loss=any(doc.text_loss) or doc.pieces > 1)
     tok, labels, loss_mask, pos = w.finish(cfg)
     if n == 0:
         pixels = np.zeros((0, 3 * cfg.patch_size ** 2), np.uint8)

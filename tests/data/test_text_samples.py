@@ -2,6 +2,7 @@
 `<key>.json`-only sample, planned and packed as a document with no frames beside the videos, and
 resumed exactly. The references are independent of the code under test: the tokenizer applied to the
 record's own text, the burned-in frame counters of the synthetic videos, and an uninterrupted loader."""
+import dataclasses
 import json
 import os
 
@@ -128,8 +129,9 @@ def test_text_document_against_the_tokenizer():
 
 def test_text_document_cut_to_a_sequence_and_empty_text_rejected():
     long = {"text": "x" * 1000}
-    d = plan_document(uid=0, key="s/t", video=None, annotation=long, cfg=CFG, tokenizer=TOK, seed=0, epoch=0)
-    assert d.length == CFG.seq_len and d.truncated == 1000 - (CFG.seq_len - 2)
+    cut = dataclasses.replace(CFG, text_overflow="cut")
+    d = plan_document(uid=0, key="s/t", video=None, annotation=long, cfg=cut, tokenizer=TOK, seed=0, epoch=0)
+    assert d.length == CFG.seq_len and d.truncated == 1000 - (CFG.seq_len - 2) and d.pieces == 1
     with pytest.raises(PlanError, match="no_text"):
         plan_document(uid=0, key="s/t", video=None, annotation={"prompt": "only a prompt"}, cfg=CFG,
                       tokenizer=TOK, seed=0, epoch=0)
@@ -171,11 +173,59 @@ def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
     assert_resumes_exactly(small_cfg(out / "shards", tmp_path, seq_len=512), 4, 2, 4)
 
 
+def test_text_document_continued_in_pieces():
+    """A text longer than a sequence (room for C = seq_len - 2 text tokens) becomes ceil(n / C) documents: <bos>
+    and the first C tokens, then C more each, the last ending in <eos>; together exactly the text, in order."""
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    d0 = plan_document(uid=0, key="s/t", video=None, annotation={"text": text}, cfg=CFG, tokenizer=TOK, seed=0,
+                       epoch=0)
+    C = CFG.seq_len - 2
+    assert d0.pieces == -(-1000 // C) == 4 and d0.truncated == 0
+    docs = [d0] + [plan_document(uid=0, key="s/t", video=None, annotation={"text": text}, cfg=CFG, tokenizer=TOK,
+                                 seed=0, epoch=0, piece=p) for p in range(1, 4)]
+    assert [d.key for d in docs] == ["s/t", "s/t#1", "s/t#2", "s/t#3"]
+    built = [build_document(d, None, CFG, TOK) for d in docs]
+    assert all(b.tokens.shape[0] == d.length <= CFG.seq_len for b, d in zip(built, docs))
+    whole = "".join(TOK.decode(b.tokens.tolist()) for b in built)
+    assert whole == "<bos>" + text + "<eos>"                       # nothing lost, nothing repeated
+    assert [d.length for d in docs] == [CFG.seq_len - 1, C, C, 1000 - 3 * C + 1]
+    # every text token is a label but the first of each continuing piece (nothing before it predicts it); <eos> too
+    assert sum(int(b.loss_mask.sum()) for b in built) == 1000 - 3 + 1
+    with pytest.raises(ValueError, match="piece 4 of a text in 4 pieces"):
+        plan_document(uid=0, key="s/t", video=None, annotation={"text": text}, cfg=CFG, tokenizer=TOK, seed=0,
+                      epoch=0, piece=4)
+
+
+def test_long_texts_are_trained_whole_and_resume_exactly(tmp_path):
+    """Through the loader: every piece of every long text arrives once in an epoch, and a stop inside a text's
+    pieces resumes exactly."""
+    ann = tmp_path / "t.jsonl"
+    texts = [f"{i}:" + "".join(chr(ord("a") + (i + k) % 26) for k in range(n))
+             for i, n in enumerate((700, 40, 1500, 296, 297, 90))]
+    ann.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ingest(IngestOptions(videos=None, annotations=str(ann), out=str(tmp_path / "s"), progress=False))
+    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=300, num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=0)
+    got: dict[str, dict[int, str]] = {}
+    for p in loader:
+        p.validate(cfg, loader.tokenizer)
+        for d, key in enumerate(p.sample_keys):
+            base, _, piece = key.partition("#")
+            seg = p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist()
+            got.setdefault(base, {})[int(piece or 0)] = TOK.decode(seg)
+    whole = sorted("".join(v[k] for k in sorted(v)) for v in got.values())
+    assert whole == sorted("<bos>" + t + "<eos>" for t in texts)
+    assert sorted(len(v) for v in got.values()) == [1, 1, 1, 2, 3, 6]   # 298 (with its "3:") + 2 fits one; 299 does not
+    assert loader.stats.get("text_tokens_cut", 0) == 0 and loader.stats["text_pieces"] == 2 + 3 + 6
+    assert loader.state_dict()["plan_config"]["text_overflow"] == "continue"
+    assert_resumes_exactly(small_cfg(tmp_path / "s", tmp_path, seq_len=300), 0, 3, 6)
+
+
 def test_truncation_is_counted_and_logged(tmp_path, caplog):
     ann = tmp_path / "t.jsonl"
     ann.write_text(json.dumps({"text": "y" * 700}) + "\n" + json.dumps({"text": "short"}) + "\n")
     ingest(IngestOptions(videos=None, annotations=str(ann), out=str(tmp_path / "s"), progress=False))
-    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=300, num_epochs=1)
+    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=300, num_epochs=1, text_overflow="cut")
     loader = VideoPackedLoader(cfg, seed=0)
     with caplog.at_level("WARNING"):
         packs = list(loader)
