@@ -49,8 +49,11 @@ class DataConfig:
             raise ValueError(f"data.branching must be >= 1, got {self.branching}")
         if not 0.0 <= self.copy_prob <= 1.0:
             raise ValueError(f"data.copy_prob must be in [0, 1], got {self.copy_prob}")
-        if self.synthetic_videos < 1:
-            raise ValueError(f"data.synthetic_videos must be >= 1, got {self.synthetic_videos}")
+        if self.synthetic_videos < 0:
+            raise ValueError(f"data.synthetic_videos must be >= 0, got {self.synthetic_videos}")
+        if self.synthetic_videos + self.synthetic_texts + self.synthetic_images == 0:
+            raise ValueError("data.synthetic_videos, data.synthetic_texts and data.synthetic_images are all 0: the "
+                             "synthetic data would be empty")
         if self.synthetic_texts < 0:
             raise ValueError(f"data.synthetic_texts must be >= 0, got {self.synthetic_texts}")
         if self.synthetic_images < 0:

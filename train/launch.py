@@ -41,16 +41,25 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     if t.checkpoint.vision_init_from and not v.enabled:
         raise ValueError(f"train.checkpoint.vision_init_from={t.checkpoint.vision_init_from!r} fills the vision "
                          "tower, which this model does not have: set model.vision.enabled=true or leave it empty")
+    if d.kind == "video":
+        if t.micro_batch_size != 1:
+            raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
+                             f"got {t.micro_batch_size}")
+        if d.video.vocab_size > cfg.model.lm.vocab_size:
+            raise ValueError(f"data.video.vocab_size ({d.video.vocab_size}) exceeds model.lm.vocab_size "
+                             f"({cfg.model.lm.vocab_size})")
     if not v.enabled:
+        # a language model alone reads the packed loader's text-only samples (docs/data.md "A language model
+        # on text"); frames would reach it as placeholder tokens, so synthetic data must be text only (real
+        # shards are checked in check_paths)
+        if d.kind == "video" and not d.video.shards and (d.synthetic_videos or d.synthetic_images):
+            raise ValueError(f"model.vision.enabled=false (a language model alone) cannot see the synthetic videos "
+                             f"and images (data.synthetic_videos={d.synthetic_videos}, data.synthetic_images="
+                             f"{d.synthetic_images}): set both to 0 and data.synthetic_texts > 0, or use a "
+                             f"multimodal model")
         return
     if d.kind != "video":
         raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}")
-    if t.micro_batch_size != 1:
-        raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
-                         f"got {t.micro_batch_size}")
-    if d.video.vocab_size > cfg.model.lm.vocab_size:
-        raise ValueError(f"data.video.vocab_size ({d.video.vocab_size}) exceeds model.lm.vocab_size "
-                         f"({cfg.model.lm.vocab_size})")
     group, per_step = cfg.parallel.vit.group, t.global_batch_size // (t.micro_batch_size * layout.dp)
     if group and per_step % group:
         raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel rank "
@@ -136,6 +145,8 @@ def check_paths(cfg: Config) -> None:
         if shared:
             raise ValueError(f"data.video.eval_shards={cfg.data.video.eval_shards!r}: {len(shared)} shard file(s) are "
                              f"also training data ({shared[0]}, ...): held-out data must not be trained on")
+        if not cfg.model.vision.enabled:
+            check_text_only(cfg)
     c = cfg.train.checkpoint
     if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
         return
@@ -146,6 +157,25 @@ def check_paths(cfg: Config) -> None:
                              f"with *.safetensors) nor a run directory with a complete checkpoint "
                              f"(checkpoints/step_<N>/COMPLETE.json)"
                              + ("" if Path(source).exists() else ": there is no such path"))
+
+
+def check_text_only(cfg: Config) -> None:
+    """A language model alone (model.vision.enabled=false) on the packed loader's data: every shard holds
+    text-only samples only (ValueError naming the first video or image sample and how many there are). Reads the
+    shard indexes, as the loader will."""
+    from data.video.shards import load_catalog
+
+    for name in ("shards", "long_shards", "eval_shards"):
+        spec = getattr(cfg.data.video, name)
+        if not spec:
+            continue
+        seen = [r for r in load_catalog(spec, field=name) if not r.is_text]
+        if seen:
+            kinds = {k: sum(r.kind == k for r in seen) for k in ("video", "image")}
+            raise ValueError(f"data.video.{name}={spec!r} holds {kinds['video']} video and {kinds['image']} image "
+                             f"sample(s) (first: {Path(seen[0].shard).name}/{seen[0].key}), but model.vision.enabled="
+                             f"false: a language model alone trains on text-only samples (docs/data.md \"A language "
+                             f"model on text\"). Give shards of text only, or a multimodal model")
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

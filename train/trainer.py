@@ -354,9 +354,11 @@ class Trainer:
         if held_out:
             shards = v.eval_shards
             if not shards:  # validate() allows this only for a run on its own synthetic videos
+                d = cfg.data      # videos as the training data's; text only for a language model alone
                 shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
-                                                     max(4, cfg.data.synthetic_videos // 4), cfg.data.seed + 1,
-                                                     rank=self.rank))
+                                                     max(4, d.synthetic_videos // 4) if d.synthetic_videos else 0,
+                                                     d.seed + 1, rank=self.rank,
+                                                     n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4)))
             stem = Path(v.quarantine_path or "quarantine.jsonl")
             v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="",
                         quarantine_path=f"{stem.stem}_eval{stem.suffix}")

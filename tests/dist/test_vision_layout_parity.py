@@ -117,13 +117,27 @@ def text_curves(tmp_path_factory):
                                      scenes=3)
     common, ksa = (c + [f"data.video.shards={shards}"] for c in (COMMON, KSA))
     img = COMMON + [f"data.video.shards={images}", "data.video.fast_frame_ratio=0.3"]
-    one = run_layouts_all(1, {"single": common, "ksa_single": ksa, "img_single": img},
+    # the language model alone on text-only shards (docs/data.md "A language model on text"), some texts longer
+    # than its 64-token sequences (continued in pieces)
+    texts = ensure_synthetic_shards(tmp_path_factory.mktemp("lm_text"), 0, 1234, rank=0, n_text=60)
+    lm = ["recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1"] + COMMON[1:] + [
+        f"data.video.shards={texts}", "train.seq_length=64"]
+    one = run_layouts_all(1, {"single": common, "ksa_single": ksa, "img_single": img, "lm_text_single": lm},
                           tmp_path_factory.mktemp("text_one"))
     two = run_layouts_all(2, {**{k: common + v for k, v in TEXT_LAYOUTS.items()},
                               "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"],
-                              **{f"img_{k}": img + TEXT_LAYOUTS[k] for k in ("tp2_spread", "cp2_spread", "pp2_spread")}},
+                              **{f"img_{k}": img + TEXT_LAYOUTS[k] for k in ("tp2_spread", "cp2_spread", "pp2_spread")},
+                              "lm_text_tp2": lm + ["parallel.tp=2"], "lm_text_pp2": lm + ["parallel.pp=2"]},
                           tmp_path_factory.mktemp("text_two"))
     return one, two
+
+
+def test_language_model_alone_on_text_shards_in_every_layout(text_curves):
+    one, two = text_curves
+    single = one["losses"]["lm_text_single"]
+    assert single[3] < single[1], single
+    for name in ("lm_text_tp2", "lm_text_pp2"):
+        assert _close(two["losses"][name], single), (name, two["losses"][name], single)
 
 
 def test_text_only_packs_in_every_vit_layout(text_curves):

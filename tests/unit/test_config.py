@@ -71,6 +71,40 @@ def test_vision_needs_video_data():
         _validate("recipe=keye_tiny", "parallel.vit.layout=everywhere")
 
 
+def test_a_language_model_alone_on_the_packed_loader_takes_text_only(tmp_path):
+    """model.vision.enabled=false with data.kind=video: one sequence per micro-batch, text-only synthetic data, and
+    shards that hold text-only samples only (a video's frames would reach the LM as placeholder tokens)."""
+    from data.video.ingest import IngestOptions, ingest
+    from data.video.synthetic import make_synthetic_videos
+    from train.launch import check_paths
+
+    cfg, _ = _validate("recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1")
+    assert cfg.data.kind == "video" and cfg.data.synthetic_texts > 0 and not cfg.model.vision.enabled
+    with pytest.raises(ValueError, match="train.micro_batch_size must be 1, got 4"):
+        _validate("recipe=keye_tiny_lm", "data=text_tiny")
+    with pytest.raises(ValueError, match=r"cannot see the synthetic videos and images \(data.synthetic_videos=24"):
+        _validate("recipe=keye_tiny_lm", "data=video_tiny", "train.micro_batch_size=1")
+    with pytest.raises(ValueError, match="are all 0: the synthetic data would be empty"):
+        _validate("recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1", "data.synthetic_texts=0")
+    vids, ann = make_synthetic_videos(tmp_path / "mixed", 1, n_text=3, max_seconds=2.0)
+    ingest(IngestOptions(videos=None, annotations=str(_text_only(ann, tmp_path)), out=str(tmp_path / "text"),
+                         progress=False))
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "mixed"), progress=False,
+                         workers=1))
+    lm = ("recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1", f"run_dir={tmp_path / 'run'}")
+    check_paths(_validate(*lm, f"data.video.shards={tmp_path / 'text'}")[0])
+    with pytest.raises(ValueError, match=r"data.video.shards=.* holds 1 video and 0 image sample\(s\) \(first: "
+                                         r"shard-000000.tar/clip_00000-.*model.vision.enabled=false"):
+        check_paths(_validate(*lm, f"data.video.shards={tmp_path / 'mixed'}")[0])
+
+
+def _text_only(ann, tmp_path):
+    import json
+    out = tmp_path / "texts.jsonl"
+    out.write_text("".join(line + "\n" for line in ann.read_text().splitlines() if "video" not in json.loads(line)))
+    return out
+
+
 def test_unknown_key_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
         _compose("recipe=keye_tiny_lm", "train.lrr=1e-4")
