@@ -6,9 +6,64 @@ from __future__ import annotations
 
 from .images import IMAGE_MARKER
 
+VIDEO_MARKER = "<video>"
+# a turn's speaker in the ShareGPT / LLaVA form ("from") or the OpenAI one ("role") -> how it is rendered
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "system": "system"}
+
+
+def conversation_turns(annotation: dict) -> list[tuple[str, str]] | str | None:
+    """(role, text) of each turn of a record's `conversations` (ShareGPT / LLaVA-Video: {"from": "human" | "gpt" |
+    "system", "value": str}) or `messages` (OpenAI: {"role": "user" | "assistant" | "system", "content": str or
+    a list of parts {"type": "text", "text": ...} / {"type": "image"} / {"type": "video"}, which become the
+    "<image>" / "<video>" markers}). None when the record has neither; a string saying what is wrong with them."""
+    conv, msgs = annotation.get("conversations"), annotation.get("messages")
+    if conv is None and msgs is None:
+        return None
+    if conv is not None and msgs is not None:
+        return "both 'conversations' and 'messages': give one"
+    name, turns, who, what = ("conversations", conv, "from", "value") if conv is not None else \
+        ("messages", msgs, "role", "content")
+    if not isinstance(turns, list) or not turns:
+        return f"'{name}' must be a non-empty list of turns"
+    out = []
+    for i, t in enumerate(turns):
+        role = ROLES.get(t.get(who)) if isinstance(t, dict) else None
+        if role is None:
+            return (f"'{name}'[{i}]: not a turn {{{who!r}: one of {sorted(ROLES)}, {what!r}: ...}}" if not
+                    isinstance(t, dict) else f"'{name}'[{i}]: {who} {t.get(who)!r} is not one of {sorted(ROLES)}")
+        body = t.get(what)
+        if isinstance(body, list):                 # OpenAI content parts
+            parts = []
+            for part in body:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif kind in ("image", "image_url", "video"):
+                    parts.append(VIDEO_MARKER if kind == "video" else IMAGE_MARKER)
+                else:
+                    return f"'{name}'[{i}]: a content part {part!r} is not text, image or video"
+            body = "".join(parts)
+        if not isinstance(body, str):
+            return f"'{name}'[{i}]: {what} is {type(body).__name__}, not text"
+        out.append((role, body))
+    if not any(role == "assistant" for role, _ in out):
+        return f"'{name}' has no assistant turn: nothing to train on"
+    return out
+
+
+def has_text(annotation: dict) -> bool:
+    """Whether a record holds text to train on by itself (a text-only sample): a non-empty `text`, `qa` pairs, or
+    a well-formed conversation."""
+    t = annotation.get("text")
+    return ((isinstance(t, str) and bool(t.strip())) or (isinstance(annotation.get("qa"), list) and bool(annotation["qa"]))
+            or isinstance(conversation_turns(annotation), list))
+
 
 def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
-    """(text, supervised) segments of an annotation record, in a fixed order."""
+    """(text, supervised) segments of an annotation record, in a fixed order: prompt, caption, events, QA pairs,
+    the conversation ("User: ...", then "Assistant: " and the answer, which alone is supervised; a system turn
+    as it is), then free text."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -33,6 +88,13 @@ def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
         if q is None or a is None:
             continue
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
+    turns = conversation_turns(annotation)
+    for role, body in turns if isinstance(turns, list) else ():
+        body = body.rstrip("\n") + "\n"
+        if role == "assistant":
+            segs += [("Assistant: ", False), (body, True)]
+        else:
+            segs.append((body if role == "system" else f"User: {body}", False))
     text = annotation.get("text")
     if isinstance(text, str) and text:
         segs.append((text, True))              # free text (a text-only sample's document), supervised whole
@@ -49,6 +111,19 @@ def split_at_image_markers(segs: list[tuple[str, bool]]) -> list[list[tuple[str,
             if part:
                 chunks[-1].append((part, sup))
     return chunks
+
+
+def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The segments of a video's record without its visual placeholders ("<video>", and "<image>", which
+    LLaVA-Video's conversations use for the video): a video's frames precede its text. A marker's own line goes
+    with it."""
+    out = []
+    for text, sup in segs:
+        for m in (VIDEO_MARKER, IMAGE_MARKER):
+            text = text.replace(m + "\n", "").replace(m, "")
+        if text:
+            out.append((text, sup))
+    return out
 
 
 def image_marker_count(annotation: dict) -> int:

@@ -38,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .annotations import image_marker_count
+from .annotations import conversation_turns, has_text, image_marker_count
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
 from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
@@ -115,9 +115,6 @@ def text_sample_id(record: dict) -> str:
     return "text-" + hashlib.sha1(payload).hexdigest()[:16]
 
 
-def _has_text(r: dict) -> bool:
-    t = r.get("text")
-    return (isinstance(t, str) and bool(t.strip())) or (isinstance(r.get("qa"), list) and bool(r["qa"]))
 
 
 @dataclass
@@ -157,6 +154,10 @@ def read_annotations(path: str | None) -> Annotations:
                 problems.append(f"{path}:{n}: {' and '.join(repr(k) for k in named)}: a sample is a video, an "
                                 f"image or a list of images")
                 continue
+            turns = conversation_turns(r)
+            if isinstance(turns, str):
+                problems.append(f"{path}:{n}: {turns}")
+                continue
             if ims is not None:
                 if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
                     problems.append(f"{path}:{n}: field 'images' must be a non-empty list of paths")
@@ -182,7 +183,7 @@ def read_annotations(path: str | None) -> Annotations:
                     else:
                         out.images[sid] = (r, rels)
                 continue
-            if v is None and _has_text(r):
+            if v is None and has_text(r):
                 tid = text_sample_id(r)
                 if tid in text_line:
                     problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
@@ -192,7 +193,7 @@ def read_annotations(path: str | None) -> Annotations:
                 continue
             if not isinstance(v, str):
                 problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
-                                f"sample (a non-empty 'text' or 'qa')" if v is None else
+                                f"sample (a non-empty 'text', 'qa', 'conversations' or 'messages')" if v is None else
                                 f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
                 continue
             rel = os.path.normpath(v)

@@ -8,7 +8,8 @@ One sample (a video + its annotation) becomes one *document*:
     <bos>                                         (when the tokenizer has one; Qwen's has none)
     for each frame k:  "<12.5s>" (text)  <vision_start>  <video_pad> x (rows*cols)  <vision_end>
                        (a fast frame: "<12.5s fast>" and its own, smaller rows x cols; sampling.py item 5)
-    annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." / text (docs/data.md)
+    annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." / "User: ... Assistant: ..." /
+                     text (docs/data.md), without "<video>" / "<image>" placeholders
     <eos>
 
 A text-only sample (an annotation record with no video) is the same without frames: <bos>? text <eos>,
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from .config import VideoDataConfig
-from .annotations import annotation_segments, split_at_image_markers  # noqa: F401 (annotation_segments re-exported)
+from .annotations import annotation_segments, split_at_image_markers, without_markers  # noqa: F401 (annotation_segments re-exported)
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -318,7 +319,8 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
-    text_ids, text_loss, _ = _encode_text(annotation_segments(annotation), tokenizer, max(0, text_cap))
+    text_ids, text_loss, _ = _encode_text(without_markers(annotation_segments(annotation)), tokenizer,
+                                          max(0, text_cap))
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):

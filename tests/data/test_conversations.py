@@ -1,0 +1,97 @@
+"""Conversation records (docs/data.md "Conversations"): ShareGPT / LLaVA-Video `conversations` and OpenAI-style
+`messages`, on videos, images and text alone. References independent of the code under test: the documents
+written out here by hand from each record, read back through the byte tokenizer; the burned-in numbers of the
+synthetic images at the places of their markers."""
+import json
+
+import pytest
+
+from data.video.annotations import annotation_segments, conversation_turns
+from data.video.ingest import IngestOptions, ingest, read_annotations
+from data.video.loader import VideoPackedLoader
+from data.video.packing import unpatchify
+from data.video.synthetic import make_synthetic_videos, read_counter, write_image
+
+from .conftest import small_cfg
+
+LLAVA = {"conversations": [{"from": "human", "value": "<image>\nWhat does the square do?"},
+                           {"from": "gpt", "value": "It moves right."},
+                           {"from": "human", "value": "And the disc?"},
+                           {"from": "gpt", "value": "It follows a wave."}]}
+OPENAI = {"messages": [{"role": "system", "content": "You see two pictures."},
+                       {"role": "user", "content": [{"type": "text", "text": "First: "}, {"type": "image"},
+                                                    {"type": "text", "text": " second: "}, {"type": "image"},
+                                                    {"type": "text", "text": " Which numbers?"}]},
+                       {"role": "assistant", "content": "Both shown."}]}
+
+
+def test_turns_render_as_user_and_assistant_lines_with_only_answers_supervised():
+    assert annotation_segments(LLAVA) == [
+        ("User: <image>\nWhat does the square do?\n", False), ("Assistant: ", False), ("It moves right.\n", True),
+        ("User: And the disc?\n", False), ("Assistant: ", False), ("It follows a wave.\n", True)]
+    assert annotation_segments(OPENAI) == [
+        ("You see two pictures.\n", False), ("User: First: <image> second: <image> Which numbers?\n", False),
+        ("Assistant: ", False), ("Both shown.\n", True)]
+
+
+@pytest.mark.parametrize("record,problem", [
+    ({"conversations": [], "video": "a.mp4"}, "'conversations' must be a non-empty list of turns"),
+    ({"conversations": [{"from": "bot", "value": "hi"}]}, "from 'bot' is not one of"),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}, "value is int, not text"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' has no assistant turn: nothing to train on"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "audio"}]}]}, "is not text, image or video"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "conversations": [{"from": "gpt", "value": "y"}]},
+     "both 'conversations' and 'messages'"),
+])
+def test_malformed_conversations_are_reported_by_line(tmp_path, record, problem):
+    assert problem in conversation_turns(record)
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps(record) + "\n")
+    got = read_annotations(str(ann))
+    assert not (got.videos or got.images or got.texts) and len(got.problems) == 1
+    assert got.problems[0].startswith(f"{ann}:1: ") and problem in got.problems[0]
+
+
+@pytest.fixture(scope="module")
+def conv_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv")
+    vids, ann = make_synthetic_videos(out, 1, seed=4, max_seconds=2.0)
+    records = [dict(json.loads(ann.read_text().splitlines()[0]), **LLAVA)]
+    records[0] = {k: v for k, v in records[0].items() if k not in ("caption", "events", "qa")}
+    a, b = write_image(vids / "a", 7), write_image(vids / "b", 8)
+    records.append({"images": [a["image"], b["image"]], **OPENAI, "numbers": [a["image_number"], b["image_number"]]})
+    records.append({"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]})
+    ann.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(out / "shards"), progress=False, workers=1))
+    return out / "shards", records
+
+
+def test_conversations_train_on_videos_images_and_text_alone(conv_shards, tmp_path):
+    shards, records = conv_shards
+    cfg = small_cfg(shards, tmp_path, seq_len=1024, num_epochs=1, max_image_tokens=24)
+    loader = VideoPackedLoader(cfg, seed=0)
+    kinds = {}
+    for p in loader:
+        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
+        f = 0
+        for d, key in enumerate(p.sample_keys):
+            rec = next(r for r in loader.catalog if key.endswith("/" + r.key))
+            doc = loader.planner.doc(rec.uid, p.epoch)
+            text = loader.tokenizer.decode(p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist())
+            kinds[rec.kind] = text
+            a, b = int(p.cu_seqlens[d]), int(p.cu_seqlens[d + 1])
+            supervised = loader.tokenizer.decode(p.labels[a:b][p.loss_mask[a:b] > 0].tolist())
+            answers = {"video": "It moves right.\nIt follows a wave.\n", "image": "Both shown.\n", "text": "Hi.\n"}
+            assert supervised == answers[rec.kind] + "<eos>", (rec.kind, supervised)     # the answers alone
+            if rec.kind == "image":
+                assert [read_counter(frames[f + k], 10) for k in range(2)] == records[1]["numbers"]
+            f += doc.num_frames
+    video = kinds["video"]
+    assert video.endswith("<vision_end>User: What does the square do?\nAssistant: It moves right.\n"
+                          "User: And the disc?\nAssistant: It follows a wave.\n<eos>"), video   # placeholder gone
+    assert "<image>" not in video
+    image = kinds["image"]
+    assert image.startswith("<bos>You see two pictures.\nUser: First: <vision_start><image_pad>") and image.endswith(
+        "<vision_end> Which numbers?\nAssistant: Both shown.\n<eos>"), image
+    assert image.count("<vision_start>") == 2 and "<vision_end> second: <vision_start>" in image
+    assert kinds["text"] == "<bos>User: Say hi.\nAssistant: Hi.\n<eos>"
