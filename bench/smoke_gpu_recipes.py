@@ -16,6 +16,7 @@ CUDA tensors, checkpoints of CUDA tensors and their resume, and the launcher's m
     python bench/smoke_gpu_recipes.py --set resume_30b --out $OUT/rs_30b.json     # a 30B-width stop and resume
     python bench/smoke_gpu_recipes.py --set eval --out $OUT/eval.json             # train.eval, an HF tokenizer
     python bench/smoke_gpu_recipes.py --set scenes --out $OUT/scenes.json         # slow and fast frames
+    python bench/smoke_gpu_recipes.py --set text --out $OUT/text.json             # the LM alone on text shards
 
 Per case: the exit status, wall seconds, the first and last logged step with its loss and router statistics,
 tokens/s, the resume or init lines (with the settings a resume changed), and the output's tail when a case fails. The JSON is rewritten after every case.
@@ -49,8 +50,9 @@ SETS = {
     "eval_30b": "train.eval in the 30B KSA stages 1 (the teacher runs too) and 2, from a 2-layer dense checkpoint",
     "mixed": "videos with image and text-only samples: the tiny recipes (stopped, resumed) and the 30B slice",
     "scenes": "videos of still scenes in slow and fast frames: the tiny recipe (stopped, resumed) and the 30B slice",
+    "text": "the language model alone on text-only shards: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers",
 }
-SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes")  # the sets whose cases read root/videos
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes", "text")  # the sets whose cases read root/videos
 
 
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
@@ -150,6 +152,16 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
             ("keye_30b_a3b_slow_fast", "keye_30b_a3b", "sf_30b", on),
             ("keye_30b_a3b_all_slow", "keye_30b_a3b", "sf_30b_slow", on + ["data.video.fast_frame_ratio=0"]),
         ]
+    if which == "text":
+        # the language model alone on the packed loader's text-only samples (docs/data.md "A language model on
+        # text"): the tiny LM on its own 400 synthetic texts, stopped at step 10 and resumed; the 30B LM (2 layers,
+        # 128 experts each) on 2,000 synthetic texts ingested as shards, at the recipe's 8K sequences
+        tx = single + ["data=text_tiny", "train.micro_batch_size=1"]
+        lm_30b = single + ["model.lm.num_layers=2", "data=text", f"data.video.shards={shards}/texts/shards",
+                           "train.micro_batch_size=1", "train.global_batch_size=2", "train.warmup_steps=1",
+                           "train.log_interval=1", "train.steps=3", no_ckpt]
+        return stopped_and_resumed("keye_tiny_lm_text", "keye_tiny_lm", "tx_tiny", tx) + [
+            ("keye_30b_a3b_lm_text", "keye_30b_a3b_lm", "tx_30b", lm_30b)]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
@@ -242,6 +254,9 @@ def main() -> None:
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "scenes")),
                             "--n", "32", "--scenes", "4", "--shards", "--workers", "8"], cwd=REPO, check=True,
                            capture_output=True)
+        if args.set == "text":  # text-only samples, no video
+            subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "texts")),
+                            "--n", "0", "--text", "2000", "--shards"], cwd=REPO, check=True, capture_output=True)
         if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
                             "8", "--seed", "1", "--shards", "--workers", "8"], cwd=REPO, check=True, capture_output=True)

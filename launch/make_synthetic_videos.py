@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size-mb", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    if a.n < 1:
-        p.error("--n must be >= 1")
+    if a.n < 0 or a.n + a.text + a.images + a.image_sets == 0:
+        p.error("--n must be >= 0, and --n, --text, --images, --image-sets not all 0")
     if min(a.text, a.images, a.image_sets, a.scenes) < 0:
         p.error("--text, --images, --image-sets and --scenes must be >= 0")
     if a.shards:
