@@ -9,10 +9,10 @@ import pytest
 from data.video.annotations import annotation_segments, conversation_turns
 from data.video.ingest import IngestOptions, ingest, read_annotations
 from data.video.loader import VideoPackedLoader
-from data.video.packing import unpatchify
 from data.video.synthetic import make_synthetic_videos, read_counter, write_image
 
 from .conftest import small_cfg
+from .test_loader import documents
 
 LLAVA = {"conversations": [{"from": "human", "value": "<image>\nWhat does the square do?"},
                            {"from": "gpt", "value": "It moves right."},
@@ -71,21 +71,14 @@ def test_conversations_train_on_videos_images_and_text_alone(conv_shards, tmp_pa
     cfg = small_cfg(shards, tmp_path, seq_len=1024, num_epochs=1, max_image_tokens=24)
     loader = VideoPackedLoader(cfg, seed=0)
     kinds = {}
-    for p in loader:
-        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
-        f = 0
-        for d, key in enumerate(p.sample_keys):
-            rec = next(r for r in loader.catalog if key.endswith("/" + r.key))
-            doc = loader.planner.doc(rec.uid, p.epoch)
-            text = loader.tokenizer.decode(p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist())
-            kinds[rec.kind] = text
-            a, b = int(p.cu_seqlens[d]), int(p.cu_seqlens[d + 1])
-            supervised = loader.tokenizer.decode(p.labels[a:b][p.loss_mask[a:b] > 0].tolist())
-            answers = {"video": "It moves right.\nIt follows a wave.\n", "image": "Both shown.\n", "text": "Hi.\n"}
-            assert supervised == answers[rec.kind] + "<eos>", (rec.kind, supervised)     # the answers alone
-            if rec.kind == "image":
-                assert [read_counter(frames[f + k], 10) for k in range(2)] == records[1]["numbers"]
-            f += doc.num_frames
+    answers = {"video": "It moves right.\nIt follows a wave.\n", "image": "Both shown.\n", "text": "Hi.\n"}
+    for p, d, rec, doc, frames, text in documents(loader):
+        kinds[rec.kind] = text
+        a, b = int(p.cu_seqlens[d]), int(p.cu_seqlens[d + 1])
+        supervised = loader.tokenizer.decode(p.labels[a:b][p.loss_mask[a:b] > 0].tolist())
+        assert supervised == answers[rec.kind] + "<eos>", (rec.kind, supervised)     # the answers alone
+        if rec.kind == "image":
+            assert [read_counter(frames[k], 10) for k in range(2)] == records[1]["numbers"]
     video = kinds["video"]
     assert video.endswith("<vision_end>User: What does the square do?\nAssistant: It moves right.\n"
                           "User: And the disc?\nAssistant: It follows a wave.\n<eos>"), video   # placeholder gone

@@ -36,6 +36,24 @@ def assert_resumes_exactly(cfg, seed: int, before: int, after: int) -> None:
     assert first + [signature(p) for p in take(b, after)] == ref
 
 
+def documents(loader):
+    """Every document of every pack `loader` yields, each pack validated first: (pack, the document's index in it,
+    its catalog record, its DocPlan, its frames unpatchified [H, W, 3] each, its text as the tokenizer reads it)."""
+    cat = {f"{c.shard.rsplit('/', 1)[1]}/{c.key}": c for c in loader.catalog}
+    cfg = loader.cfg
+    for p in loader:
+        p.validate(cfg, loader.tokenizer)
+        frames = unpatchify(p.pixel_values, p.grid_thw, cfg.patch_size, cfg.merge_size)
+        f = 0
+        for d, key in enumerate(p.sample_keys):
+            rec = cat[key]
+            doc = loader.planner.doc(rec.uid, p.epoch)
+            text = loader.tokenizer.decode(p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist())
+            yield p, d, rec, doc, frames[f:f + doc.num_frames], text
+            f += doc.num_frames
+        assert f == len(frames)
+
+
 def epoch_keys(planner, e):
     return sorted(planner.key(u) for pk in planner.epoch(e).packs for u in pk)
 

@@ -10,7 +10,6 @@ off (what a video without scene data must plan exactly), and one loader read str
 """
 import dataclasses
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from data.video.config import VideoDataConfig
 from data.video.ingest import IngestOptions, ingest, main as ingest_main
 from data.video.loader import VideoPackedLoader
-from data.video.packing import build_document, frame_runs, patchify, resize_planar, unpatchify
+from data.video.packing import build_document, frame_runs, patchify, resize_planar
 from data.video.backends import DecodeRequest, decode_frames, frame_sizes, frame_views
 from data.video.probe import inspect_video, probe_video
 from data.video.sampling import PlanError, plan_frames
@@ -29,7 +28,7 @@ from data.video.synthetic import (SYNTHETIC_SCENE_SIMILARITY, VideoSpec, make_sy
 from data.video.timeline import encode_runs
 
 from .conftest import small_cfg
-from .test_loader import assert_resumes_exactly, take
+from .test_loader import assert_resumes_exactly, documents, take
 
 
 @pytest.mark.parametrize("n_frames,scenes", [(48, 4), (50, 3), (61, 5)])
@@ -209,26 +208,16 @@ def _cfg(shards, tmp_path, **kw):
 def test_loader_packs_slow_and_fast_frames_frame_accurate(scene_shards, tmp_path, isolation):
     cfg = _cfg(scene_shards, tmp_path, fast_frame_ratio=0.3, num_epochs=1, decode_isolation=isolation)
     loader = VideoPackedLoader(cfg, seed=1)
-    cat = {f"{os.path.basename(c.shard)}/{c.key}": c for c in loader.catalog}
     n_fast = n_frames = 0
-    for p in loader:
-        p.validate(cfg, loader.tokenizer)
-        frames = unpatchify(p.pixel_values, p.grid_thw, 14, 2)
-        f = 0
-        for d, key in enumerate(p.sample_keys):
-            rec = cat[key]
-            fp = loader.planner.doc(rec.uid, p.epoch).frames
-            bits = int(rec.annotation["counter_bits"])
-            mine = frames[f:f + fp.num_frames]
-            assert [read_counter(a, bits) for a in mine] == list(fp.indices), key      # frame i really is frame i
-            assert [a.shape[:2] for a in mine] == [fp.size(k) for k in range(fp.num_frames)], key
-            seg = loader.tokenizer.decode(p.tokens[int(p.cu_seqlens[d]):int(p.cu_seqlens[d + 1])].tolist())
-            assert seg.count(" fast><vision_start>") == fp.num_fast, key                # a fast frame says so
-            assert seg.count("<video_pad>") == fp.visual_tokens
-            n_fast += fp.num_fast
-            n_frames += fp.num_frames
-            f += fp.num_frames
-        assert f == len(frames)
+    for p, d, rec, doc, mine, seg in documents(loader):
+        fp = doc.frames
+        bits = int(rec.annotation["counter_bits"])
+        assert [read_counter(a, bits) for a in mine] == list(fp.indices), rec.key      # frame i really is frame i
+        assert [a.shape[:2] for a in mine] == [fp.size(k) for k in range(fp.num_frames)], rec.key
+        assert seg.count(" fast><vision_start>") == fp.num_fast, rec.key                # a fast frame says so
+        assert seg.count("<video_pad>") == fp.visual_tokens
+        n_fast += fp.num_fast
+        n_frames += fp.num_frames
     assert 0 < n_fast < n_frames and loader.stats["samples_ok"] == 6, (n_fast, n_frames)
 
 
