@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+from .shards import read_member
 IMAGE_MARKER = "<image>"
 """Where an image of a sample with several goes in its text (interleaved image-text documents)."""
 MAX_PIXELS = 1 << 28
@@ -95,8 +95,6 @@ def decode_image(data: bytes, height: int, width: int, what: str = "image", *, d
 def decode_member(shard: str, offset: int, size: int, height: int, width: int, what: str = "image") -> np.ndarray:
     """`decode_image` of a tar member read by its byte offset (the loader's worker, or the guarded child).
     Raises ImageError ("read_error" when the bytes cannot be read)."""
-    from .shards import read_member
-
     try:
         data = read_member(shard, offset, size)
     except OSError as e:

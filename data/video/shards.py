@@ -22,10 +22,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import IMAGE_EXTS
 
 SCHEMA = "keye-video-meta/3"   # /3: a video may carry scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 and /2 shards read as before
 VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 def shard_name(index: int) -> str:
