@@ -76,8 +76,9 @@ def thumbnail(frame, cells: int) -> np.ndarray:
     xs = ((np.arange(n) + 0.5) * w / n).astype(np.intp)
     sub = y.take(ys, axis=0).take(xs, axis=1).reshape(cells, SAMPLES, cells, SAMPLES)
     m = sub.mean(axis=(1, 3), dtype=np.float32)
-    if not (frame.format.name.startswith("yuvj") or frame.color_range == 2):   # limited range: 16..235 -> 0..255,
-        m = (m - 16.0) * (255.0 / 219.0)                                      # the grey levels swscale gives
+    full = frame.format.name.startswith("yuvj") or frame.format.name == "gray" or frame.color_range == 2
+    if not full:                               # limited range: 16..235 -> 0..255, the grey levels swscale gives
+        m = (m - 16.0) * (255.0 / 219.0)
     return np.clip(m, 0, 255).round().astype(np.uint8)
 
 
