@@ -60,10 +60,23 @@ def has_text(annotation: dict) -> bool:
             or isinstance(conversation_turns(annotation), list))
 
 
-def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
+def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]]:
+    """One conversation turn as (text, supervised) segments: only an assistant's answer (and its end) trains."""
+    if template == "qwen":                   # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
+        if role == "assistant":
+            return [("<|im_start|>assistant\n", False), (f"{body}<|im_end|>", True), ("\n", False)]
+        return [(f"<|im_start|>{role}\n{body}<|im_end|>\n", False)]
+    body = body.rstrip("\n") + "\n"
+    if role == "assistant":
+        return [("Assistant: ", False), (body, True)]
+    return [(body if role == "system" else f"User: {body}", False)]
+
+
+def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple[str, bool]]:
     """(text, supervised) segments of an annotation record, in a fixed order: prompt, caption, events, QA pairs,
-    the conversation ("User: ...", then "Assistant: " and the answer, which alone is supervised; a system turn
-    as it is), then free text."""
+    the conversation, then free text. A conversation's turns are written by `template`: "plain" = "User: ...",
+    then "Assistant: " and the answer (a system turn as it is); "qwen" = Qwen's chat template, each turn
+    "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised)."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -90,11 +103,7 @@ def annotation_segments(annotation: dict) -> list[tuple[str, bool]]:
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
     turns = conversation_turns(annotation)
     for role, body in turns if isinstance(turns, list) else ():
-        body = body.rstrip("\n") + "\n"
-        if role == "assistant":
-            segs += [("Assistant: ", False), (body, True)]
-        else:
-            segs.append((body if role == "system" else f"User: {body}", False))
+        segs += _turn_segments(role, body, template)
     text = annotation.get("text")
     if isinstance(text, str) and text:
         segs.append((text, True))              # free text (a text-only sample's document), supervised whole

@@ -18,6 +18,7 @@ DECODE_BACKENDS = ("decord", "pyav", "torchcodec")
 DECODE_ISOLATIONS = ("process", "inline")
 TOKENIZERS = ("bytes",)
 TEXT_OVERFLOWS = ("continue", "cut")
+CHAT_TEMPLATES = ("plain", "qwen")      # data/video/annotations.py writes them
 
 REQUIRED = "REQUIRED"
 """The value a recipe gives a path the user must set (`shards: REQUIRED`): `DataConfig` refuses it when the
@@ -68,6 +69,10 @@ class VideoDataConfig:
     """Open bins of the best-fit packer; 1 = plain greedy in sample order."""
     max_text_tokens: int = 4096
     """Annotation text per sample is cut (at a segment boundary when possible) to this many tokens."""
+    chat_template: str = "plain"
+    """How a record's conversation turns are written (docs/data.md "Conversations"): "plain" = "User: ..." /
+    "Assistant: ..." lines; "qwen" = Qwen's chat template (<|im_start|>role ... <|im_end|>), for a run that starts
+    from Qwen3 / Keye-VL weights with their tokenizer (data.video.tokenizer), which holds those tokens."""
     text_overflow: str = "continue"
     """A text-only sample longer than a sequence: "continue" = cut into pieces of a sequence each, every piece
     trained (docs/data.md "Text-only samples"); "cut" = keep its first sequence's worth, count what was cut."""
@@ -178,6 +183,8 @@ class VideoDataConfig:
             bad("pack_lookahead", "must be >= 1")
         if self.max_text_tokens < 0:
             bad("max_text_tokens", "must be >= 0")
+        if self.chat_template not in CHAT_TEMPLATES:
+            bad("chat_template", f"must be one of {CHAT_TEMPLATES}")
         if self.text_overflow not in TEXT_OVERFLOWS:
             bad("text_overflow", f"must be one of {TEXT_OVERFLOWS}")
         if not (math.isfinite(self.sample_fps) and self.sample_fps > 0):

@@ -154,7 +154,8 @@ class Planner:
     def _encoded(self, uid: int) -> tuple[list[int], list[bool]]:
         """A text-only sample's tokens, kept for its next pieces (planned one after another)."""
         if self._text is None or self._text[0] != uid:
-            self._text = (uid, encode_text_document(self.catalog[uid].annotation, self.tokenizer))
+            self._text = (uid, encode_text_document(self.catalog[uid].annotation, self.tokenizer,
+                                                    self.cfg.chat_template))
         return self._text[1]
 
     def doc(self, item: int, epoch: int) -> DocPlan:
@@ -667,13 +668,15 @@ class VideoPackedLoader:
         c = asdict(self.cfg)
         # the image fields only where there are images: a run without them keeps the fingerprint (and so
         # the resumable state) it had before image samples existed
-        # and slow/fast frames only when on, how a long text is planned only where there are texts, for the
-        # same reason
+        # and slow/fast frames and a chat template only when on, how a long text is planned only where there
+        # are texts, for the same reason
         out = {k: c[k] for k in _PLAN_FIELDS + (_IMAGE_PLAN_FIELDS if self.has_images else ())}
         if self.has_text:
             out["text_overflow"] = self.cfg.text_overflow
         if self.cfg.fast_frame_ratio > 0:
             out["fast_frame_ratio"] = self.cfg.fast_frame_ratio
+        if self.cfg.chat_template != "plain":
+            out["chat_template"] = self.cfg.chat_template
         return out
 
     def plan_fingerprint(self) -> str:

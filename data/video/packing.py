@@ -241,9 +241,10 @@ def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[
     return ids, loss, cut
 
 
-def encode_text_document(annotation: dict, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
-    """All of a text-only sample's token ids and their supervision, uncut."""
-    ids, loss, _ = _encode_text(annotation_segments(annotation), tokenizer, 1 << 62)
+def encode_text_document(annotation: dict, tokenizer: Tokenizer, template: str = "plain"
+                         ) -> tuple[list[int], list[bool]]:
+    """All of a text-only sample's token ids and their supervision, uncut (`template`: its conversation's)."""
+    ids, loss, _ = _encode_text(annotation_segments(annotation, template), tokenizer, 1 << 62)
     return ids, loss
 
 
@@ -258,7 +259,7 @@ def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataCo
     - "cut": cut to its first C tokens (counted in `DocPlan.truncated`).
     `encoded`: the sample's `encode_text_document`, when the caller has it (the planner does, for the pieces)."""
     ends = 1 + (tokenizer.bos_id is not None)
-    ids, loss = encoded if encoded is not None else encode_text_document(annotation, tokenizer)
+    ids, loss = encoded if encoded is not None else encode_text_document(annotation, tokenizer, cfg.chat_template)
     if not any(loss):
         raise PlanError("no_text", "a text-only sample with no supervised text ('text' or a 'qa' answer)")
     room = cfg.seq_len - ends
@@ -285,7 +286,7 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
     then each image's size comes from an even share of what the sequence leaves (`sampling.plan_image`)."""
     n = len(images)
     ends = 1 + (tokenizer.bos_id is not None)
-    chunks = split_at_image_markers(annotation_segments(annotation))
+    chunks = split_at_image_markers(annotation_segments(annotation, cfg.chat_template))
     if len(chunks) == 1:
         chunks = [[] for _ in range(n)] + chunks
     elif len(chunks) != n + 1:
@@ -319,7 +320,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
-    text_ids, text_loss, _ = _encode_text(without_markers(annotation_segments(annotation)), tokenizer,
+    text_ids, text_loss, _ = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)), tokenizer,
                                           max(0, text_cap))
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed

@@ -86,6 +86,9 @@ QWEN_VL_SPECIAL_TOKENS = {
 }
 
 
+QWEN_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")     # what chat_template "qwen" writes around each turn
+
+
 def hf_tokenizer_file(path: str | os.PathLike) -> Path:
     """`path`'s tokenizer.json (path: a Hugging Face model or tokenizer directory, or the file itself); raises
     ValueError naming the path when there is none."""
@@ -132,6 +135,11 @@ def build_tokenizer(cfg) -> Tokenizer:
     if cfg.tokenizer == "bytes":
         return ByteTokenizer(vocab_size=cfg.vocab_size, special_token_offset=cfg.special_token_offset)
     tok = HFTokenizer(cfg.tokenizer)
+    if getattr(cfg, "chat_template", "plain") == "qwen":
+        missing = [t for t in QWEN_CHAT_TOKENS if tok._tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"data.video.chat_template=qwen writes {QWEN_CHAT_TOKENS}, but data.video.tokenizer = "
+                             f"{cfg.tokenizer!r} has no {missing[0]!r}: give a Qwen tokenizer, or chat_template=plain")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"data.video.tokenizer = {cfg.tokenizer!r} has {tok.vocab_size} ids, more than "
                          f"data.video.vocab_size = {cfg.vocab_size} (the model's embedding rows must cover them)")

@@ -118,3 +118,34 @@ def test_launch_refuses_bytes_with_a_hugging_face_start(tok_dir, tmp_path):
     cfg, _ = validate(compose_config(base + [f"data.video.tokenizer={hf}"]))
     assert cfg.data.video.tokenizer == str(hf)
     validate(compose_config(["recipe=keye_tiny", "parallel=single"]))  # no HF start: bytes stay fine
+
+
+def test_qwen_chat_template_equals_transformers_rendering(tok_dir, tmp_path):
+    """chat_template=qwen writes a conversation as transformers renders it with Qwen's turn layout (the template is
+    written out here: <|im_start|>role, newline, content, <|im_end|>, newline), the same ids; only the answers and
+    their <|im_end|> are supervised."""
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    messages = [{"role": "system", "content": "Answer with a number."},
+                {"role": "user", "content": "How many frames does the clip have?"},
+                {"role": "assistant", "content": "42"},
+                {"role": "user", "content": "And seconds?"},
+                {"role": "assistant", "content": "3.5"}]
+    layout = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    want = ref.apply_chat_template(messages, chat_template=layout, tokenize=True, return_dict=False)
+    cfg = VideoDataConfig(seq_len=512, tokenizer=str(tok_dir), chat_template="qwen")
+    tok = build_tokenizer(cfg)
+    doc = plan_document(uid=0, key="s/t", video=None, annotation={"messages": messages}, cfg=cfg, tokenizer=tok,
+                        seed=0, epoch=0)
+    assert doc.text_ids == list(want)
+    assert tok.decode([i for i, s in zip(doc.text_ids, doc.text_loss) if s]) == "42<|im_end|>3.5<|im_end|>"
+    # a tokenizer without Qwen's chat tokens cannot write this template
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_start|>"]
+    (tmp_path / "no_chat").mkdir()
+    (tmp_path / "no_chat" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"chat_template=qwen writes .* has no '<\|im_start\|>'"):
+        build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_chat"), chat_template="qwen"))
+    with pytest.raises(ValueError, match="chat_template"):
+        VideoDataConfig(chat_template="llama")
