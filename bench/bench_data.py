@@ -352,7 +352,7 @@ def bench_scenes(work: Path, long_dir: Path, repeats: int) -> dict:
         write_video(path, VideoSpec(n_frames=48 * 24, width=1280, height=720, fps=24, gop=48, crf=23, seed=2, scenes=8))
         (vdir / "ann.jsonl").write_text(json.dumps({"video": path.name, "caption": "eight still scenes"}) + "\n")
     out: dict = {"probe": []}
-    for name, f in (("180 s 640x360 (moving)", long_dir / "long_360p.mp4"), ("48 s 1280x720 (8 still scenes)", path)):
+    for name, f in (("640x360, moving", long_dir / "long_360p.mp4"), ("1280x720, 8 still scenes", path)):
         cpu = {"without": [], "with": []}
         for _ in range(repeats):                    # alternate, so that both share the machine's noise
             for k, spec in (("without", None), ("with", SceneSpec(similarity=SYNTHETIC_SCENE_SIMILARITY))):
@@ -360,6 +360,7 @@ def bench_scenes(work: Path, long_dir: Path, repeats: int) -> dict:
                     meta = probe_video(str(f), scenes=spec)
                 cpu[k].append(m.cpu)
         sc = meta["scene_changes"]
+        name = f"{meta['duration_s']:.0f} s {name}"
         out["probe"].append({"video": name, "frames": meta["num_frames"], "examined": sc["examined"],
                              "changes": sc["count"], "cpu_s_without": min(cpu["without"]),
                              "cpu_s_with": min(cpu["with"]), "ratio": min(cpu["with"]) / min(cpu["without"])})
