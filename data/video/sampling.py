@@ -26,6 +26,7 @@ Token counts are therefore known from metadata alone, so packing is planned befo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def video_token_budget(duration_s: float, cfg: VideoDataConfig) -> int:
     return int(min(cfg.max_video_tokens, max(cfg.min_video_tokens, b)))
 
 
+@functools.lru_cache(maxsize=1 << 16)    # pure; videos share a few sizes, and slow/fast plans search over it
 def snap_frame_size(height: int, width: int, *, factor: int, min_tokens: int, max_tokens: int,
                     max_aspect_ratio: float = 200.0) -> tuple[int, int]:
     """Resize (height, width) to sides that are multiples of `factor`, keeping the aspect ratio.
