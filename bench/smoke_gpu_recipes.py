@@ -155,7 +155,7 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
     if which == "text":
         # the language model alone on the packed loader's text-only samples (docs/data.md "A language model on
         # text"): the tiny LM on its own 400 synthetic texts, stopped at step 10 and resumed; the 30B LM (2 layers,
-        # 128 experts each) on 2,000 synthetic texts ingested as shards, at the recipe's 8K sequences
+        # 128 experts each) on 2,000 synthetic text records ingested as shards (repeats dropped), at the recipe's 8K sequences
         tx = single + ["data=text_tiny", "train.micro_batch_size=1"]
         lm_30b = single + ["model.lm.num_layers=2", "data=text", f"data.video.shards={shards}/texts/shards",
                            "train.micro_batch_size=1", "train.global_batch_size=2", "train.warmup_steps=1",
