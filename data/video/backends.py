@@ -65,20 +65,32 @@ def frame_views(buf: np.ndarray, sizes: list[tuple[int, int]], layout: str) -> l
     return views
 
 
+def shrink_planar(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [k, 3, H, W] -> uint8 [k, 3, height, width] by area averaging: output pixel (i, j) is the mean of
+    input rows floor(i H / height) .. ceil((i + 1) H / height) and the columns likewise (torch's "area" mode, from
+    an integral image), so shrinking does not alias. How a fast frame is made from a slow-size one."""
+    k, c, H, W = frames.shape
+    s = np.zeros((k, c, H + 1, W + 1), np.float64)
+    s[:, :, 1:, 1:] = frames.astype(np.float64).cumsum(2).cumsum(3)
+    i, j = np.arange(height), np.arange(width)
+    r0, r1 = (i * H) // height, -((-(i + 1) * H) // height)
+    c0, c1 = (j * W) // width, -((-(j + 1) * W) // width)
+    box = (s[:, :, r1][:, :, :, c1] - s[:, :, r0][:, :, :, c1] - s[:, :, r1][:, :, :, c0] + s[:, :, r0][:, :, :, c0])
+    mean = box / ((r1 - r0)[:, None] * (c1 - c0)[None, :])
+    return np.clip(np.rint(mean), 0, 255).astype(np.uint8)
+
+
 def _shrink_fast(req: DecodeRequest, full: np.ndarray) -> np.ndarray:
     """Frames decoded at the slow size [k, ...] -> the flat buffer of a request with fast frames, each fast
-    frame area-averaged (Pillow's box filter) to its size: for the backends that decode at one size only."""
-    from PIL import Image
-
+    frame shrunk to its size (`shrink_planar`): for the backends that decode at one size only."""
     sizes = frame_sizes(req)
     buf = np.empty(sum(3 * h * w for h, w in sizes), np.uint8)
     for j, (v, (h, w)) in enumerate(zip(frame_views(buf, sizes, req.layout), sizes)):
         if (h, w) == (req.height, req.width):
             v[...] = full[j]
             continue
-        planes = full[j] if req.layout == "chw" else full[j].transpose(2, 0, 1)
-        small = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((w, h), Image.BOX))
-                          for c in planes])
+        planar = full[j:j + 1] if req.layout == "chw" else full[j:j + 1].transpose(0, 3, 1, 2)
+        small = shrink_planar(planar, h, w)[0]
         v[...] = small if req.layout == "chw" else small.transpose(1, 2, 0)
     return buf
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backends import shrink_planar
 from .config import VideoDataConfig
 from .annotations import annotation_segments, split_at_image_markers, without_markers  # noqa: F401 (annotation_segments re-exported)
 from .images import IMAGE_MARKER
@@ -116,18 +117,10 @@ class PackedSample:
         assert bool((self.loss_mask[is_vis] == 0).all())
 
 
-def resize_planar(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [k, 3, H, W] -> uint8 [k, 3, height, width] by area averaging (each output pixel the mean of the
-    input pixels it covers, so shrinking does not alias): how a fast frame is made from the decoded slow-size
-    frame."""
-    x = torch.from_numpy(np.array(frames, dtype=np.float32))       # a copy: decoded frames may be read-only
-    y = torch.nn.functional.interpolate(x, size=(height, width), mode="area")
-    return y.round_().clamp_(0, 255).to(torch.uint8).numpy()
-
-
 def frame_runs(frames: np.ndarray | None, fp: FramePlan, layout: str = "chw") -> list[np.ndarray]:
     """A video's frames decoded at the slow size ([n, 3, H, W] for layout "chw", [n, H, W, 3] for "hwc") as the
-    runs of consecutive slow or fast frames (`FramePlan.runs`), each fast run area-averaged to the fast size:
+    runs of consecutive slow or fast frames (`FramePlan.runs`), each fast run shrunk to the fast size as the
+    one-size decoders shrink it (`backends.shrink_planar`):
     what the patches are made of when one has the frames at one size (the loader's decoder scales each frame to
     its own size instead, `split_runs`). `frames` None: empty arrays of the runs' shapes (for shape checks)."""
     out = []
@@ -137,9 +130,9 @@ def frame_runs(frames: np.ndarray | None, fp: FramePlan, layout: str = "chw") ->
         elif (h, w) == (fp.height, fp.width):
             out.append(frames[k0:k])
         elif layout == "chw":
-            out.append(resize_planar(frames[k0:k], h, w))
+            out.append(shrink_planar(frames[k0:k], h, w))
         else:
-            out.append(resize_planar(frames[k0:k].transpose(0, 3, 1, 2), h, w).transpose(0, 2, 3, 1))
+            out.append(shrink_planar(frames[k0:k].transpose(0, 3, 1, 2), h, w).transpose(0, 2, 3, 1))
     return out
 
 

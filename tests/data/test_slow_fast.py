@@ -17,8 +17,8 @@ import pytest
 from data.video.config import VideoDataConfig
 from data.video.ingest import IngestOptions, ingest, main as ingest_main
 from data.video.loader import VideoPackedLoader
-from data.video.packing import build_document, frame_runs, patchify, resize_planar
-from data.video.backends import DecodeRequest, decode_frames, frame_sizes, frame_views
+from data.video.packing import build_document, frame_runs, patchify
+from data.video.backends import DecodeRequest, decode_frames, frame_sizes, frame_views, shrink_planar
 from data.video.probe import inspect_video, probe_video
 from data.video.sampling import PlanError, plan_frames
 from data.video.scenes import SceneSpec, fast_frames
@@ -173,9 +173,9 @@ def test_decoders_scale_each_frame_to_its_own_size(tmp_path, backend, layout):
     assert [f.shape[:2] for f in hwc] == [(84, 140) if f else (168, 308) for f in fast]
     assert [read_counter(f, truth["counter_bits"]) for f in hwc] == idx          # frame i really is frame i
     # the slow frames are exactly what a request without fast frames decodes; PyAV's fast frames exactly what it
-    # decodes at the fast size (swscale from the source straight to each size); decord's are shrunk (box filter)
-    # from the slow size, so only close to PyAV's at that size: a mean absolute difference under 2% of the range
-    # (measured 1.2 and 1.8 grey levels: two filters, two roundings; a wrong frame differs by far more)
+    # decodes at the fast size (swscale from the source straight to each size); decord's are shrunk (area mean,
+    # shrink_planar) from the slow size, so only close to PyAV's at that size: a mean absolute difference under 2%
+    # of the range (measured 1.1 and 2.0 grey levels: two filters, two roundings; a wrong frame differs by far more)
     slow = decode_frames(backend, dataclasses.replace(req, indices=[t for t, f in zip(idx, fast) if not f], fast=None))
     assert all(np.array_equal(a, b) for a, b in zip([f for f, q in zip(frames, fast) if not q], slow))
     small = decode_frames("pyav", dataclasses.replace(req, indices=[t for t, f in zip(idx, fast) if f], fast=None,
@@ -187,10 +187,10 @@ def test_decoders_scale_each_frame_to_its_own_size(tmp_path, backend, layout):
         assert np.abs(got - small).mean() < 0.02 * 255, np.abs(got - small).mean()
 
 
-def test_resize_planar_is_an_area_average_when_halving():
+def test_shrink_planar_is_an_area_average_when_halving():
     x = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 12)).astype(np.uint8)
     want = x.reshape(2, 3, 4, 2, 6, 2).astype(np.float64).mean(axis=(3, 5))
-    assert np.abs(resize_planar(x, 4, 6).astype(np.float64) - want).max() <= 0.5 + 1e-9   # rounding only
+    assert np.abs(shrink_planar(x, 4, 6).astype(np.float64) - want).max() <= 0.5 + 1e-9   # rounding only
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_frame_runs_shrink_only_the_fast_frames(scene_shards, tmp_path):
         for a in r:
             if fp.is_fast(k):
                 assert a.shape[1:] == (fp.fast_height, fp.fast_width)
-                assert np.array_equal(a, resize_planar(x[k:k + 1], fp.fast_height, fp.fast_width)[0])
+                assert np.array_equal(a, shrink_planar(x[k:k + 1], fp.fast_height, fp.fast_width)[0])
             else:
                 assert np.array_equal(a, x[k])
             k += 1
