@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.token_files import TokenFilesConfig
 from data.video.config import REQUIRED, UnsetPathError, VideoDataConfig
 
-DATA_KINDS = ("synthetic_tokens", "video")
+DATA_KINDS = ("synthetic_tokens", "video", "tokens")
 
 
 @dataclass
 class DataConfig:
-    """`data`: synthetic_tokens (a text stream made here) or video (packed video + text samples from
-    tar shards written by launch/ingest.py, see docs/data.md)."""
+    """`data`: synthetic_tokens (a text stream made here), video (packed video + text samples from tar shards
+    written by launch/ingest.py, see docs/data.md) or tokens (pre-tokenized text in megatron's indexed datasets, for
+    a language model alone: data/token_files.py)."""
 
     kind: str = "synthetic_tokens"
     seed: int = 1234
@@ -37,6 +39,7 @@ class DataConfig:
     # "Image samples", "Text-only samples"), and videos of data.synthetic_scenes still scenes each ("Slow and
     # fast frames": set data.video.fast_frame_ratio to encode the repeated frames small)
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
+    tokens: TokenFilesConfig = field(default_factory=TokenFilesConfig)
     synthetic_videos: int = 24
     synthetic_texts: int = 0
     synthetic_images: int = 0
@@ -60,6 +63,11 @@ class DataConfig:
             raise ValueError(f"data.synthetic_images must be >= 0, got {self.synthetic_images}")
         if self.synthetic_scenes < 0:
             raise ValueError(f"data.synthetic_scenes must be >= 0, got {self.synthetic_scenes}")
+        if self.kind == "tokens" and self.tokens.paths.strip() == REQUIRED:
+            raise UnsetPathError("data.tokens.paths is required: the indexed datasets of token ids that "
+                                 "launch/tokenize_text.py writes (e.g. data.tokens.paths=/data/tok/web, a prefix, a "
+                                 "directory or a comma-separated list); an empty value trains on synthetic documents",
+                                 ("data.tokens.paths",))
         if self.kind == "video":
             unset = {}  # setting -> what to set it to
             if self.video.shards == REQUIRED:

@@ -59,7 +59,9 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
                              f"multimodal model")
         return
     if d.kind != "video":
-        raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}")
+        raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}"
+                         + (" (token files are text for a language model alone: model.vision.enabled=false)"
+                            if d.kind == "tokens" else ""))
     group, per_step = cfg.parallel.vit.group, t.global_batch_size // (t.micro_batch_size * layout.dp)
     if group and per_step % group:
         raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel rank "
@@ -67,6 +69,41 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
         raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
+
+
+def check_token_files(cfg: Config) -> None:
+    """data.kind=tokens fits the model and the batch (ValueError naming the setting)."""
+    d, t = cfg.data, cfg.train
+    if d.kind != "tokens":
+        return
+    if d.tokens.document_bounds and t.micro_batch_size != 1:
+        raise ValueError(f"data.tokens.document_bounds=true packs one row per micro-batch: train.micro_batch_size must "
+                         f"be 1, got {t.micro_batch_size} (or data.tokens.document_bounds=false, Megatron's rows: "
+                         f"attention across the documents of a row)")
+    if t.eval.interval and d.tokens.paths and not d.tokens.eval_paths:
+        raise ValueError(f"train.eval.interval={t.eval.interval} needs held-out data: set data.tokens.eval_paths=PREFIX "
+                         f"(token files not in data.tokens.paths={d.tokens.paths!r}), or train.eval.interval=0")
+
+
+def check_token_paths(cfg: Config) -> None:
+    """The token files of data.kind=tokens exist, were tokenized for a vocabulary the model holds (their sidecar's
+    vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
+    from data.token_files import resolve_prefixes, sidecar
+
+    tk, vocab = cfg.data.tokens, cfg.model.lm.vocab_size
+    found = {}
+    for name in ("paths", "eval_paths"):
+        spec = getattr(tk, name)
+        found[name] = [p for g in resolve_prefixes(spec, field_name=f"data.tokens.{name}") for p in g] if spec else []
+        for prefix in found[name]:
+            meta = sidecar(prefix)
+            if meta is not None and meta["vocab_size"] > vocab:
+                raise ValueError(f"data.tokens.{name}: {prefix} was tokenized with {meta.get('tokenizer', '?')} "
+                                 f"(vocab_size {meta['vocab_size']}), larger than model.lm.vocab_size ({vocab})")
+    shared = sorted({os.path.realpath(p) for p in found["paths"]} & {os.path.realpath(p) for p in found["eval_paths"]})
+    if shared:
+        raise ValueError(f"data.tokens.eval_paths={tk.eval_paths!r}: {shared[0]} is also training data: held-out data "
+                         f"must not be trained on")
 
 
 def check_tokenizer(cfg: Config) -> None:
@@ -147,6 +184,8 @@ def check_paths(cfg: Config) -> None:
                              f"also training data ({shared[0]}, ...): held-out data must not be trained on")
         if not cfg.model.vision.enabled:
             check_text_only(cfg)
+    if cfg.data.kind == "tokens":
+        check_token_paths(cfg)
     c = cfg.train.checkpoint
     if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
         return
@@ -204,6 +243,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     check_multimodal(cfg, layout)
+    check_token_files(cfg)
     check_tokenizer(cfg)
     check_resume(cfg)
     v = cfg.data.video

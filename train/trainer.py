@@ -376,10 +376,27 @@ class Trainer:
                                 global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                 seed=cfg.data.seed)
 
-    def _text_streams(self, data) -> list:
-        """This rank's synthetic text micro-batches from `data` (a DataConfig), one stream per model chunk: the
-        interleaved schedule pulls each chunk's micro-batches separately."""
+    def _text_streams(self, data, *, held_out: bool = False) -> list:
+        """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
+        training paths, or with held_out train.eval's), one stream per model chunk: the interleaved schedule pulls
+        each chunk's micro-batches separately."""
         t = self.cfg.train
+        if data.kind == "tokens":
+            from data.token_files import TokenCorpus, TokenFileStream, ensure_synthetic_token_files
+
+            tk = data.tokens
+            paths = tk.eval_paths if held_out else tk.paths
+            if not paths:  # validate() allows an empty eval_paths only with synthetic training data
+                paths = ensure_synthetic_token_files(Path(self.run_dir) / "synthetic_tokens",
+                                                     max(64, tk.synthetic_documents // 4) if held_out else
+                                                     tk.synthetic_documents, data.seed + int(held_out), rank=self.rank,
+                                                     vocab_size=min(512, self.cfg.model.lm.vocab_size))
+            corpus = TokenCorpus(paths, weights=None if held_out else tk.weights, seq_length=t.seq_length,
+                                 seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
+                                 field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths")
+            return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
+                                    global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
+                                    dp_size=self.pgs.dp.size()) for _ in self.model]
         return [SyntheticTokenStream(data, vocab_size=self.cfg.model.lm.vocab_size, seq_length=t.seq_length,
                                      micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                      dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
@@ -390,6 +407,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.data.kind == "video":
             return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True)]
+        if cfg.data.kind == "tokens":
+            return self._text_streams(cfg.data, held_out=True)
         return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))  # the same generator, other sequences
 
     def _common_state(self) -> dict:

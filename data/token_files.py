@@ -1,0 +1,465 @@
+"""Pre-tokenized text corpora for a language model: megatron-core's indexed datasets (`PREFIX.bin` + `PREFIX.idx`).
+
+The packed video loader (`data=text`) holds every text-only sample in every process's memory and tokenizes it at
+plan time: right for a mixing corpus of millions of short documents, not for a pretraining corpus of billions of
+tokens. This is the stream for that corpus:
+
+- **Files:** megatron's indexed-dataset format, read through memory maps (megatron-core's `IndexedDataset`): an
+  index of sequence lengths and byte offsets, and the token ids back to back. `launch/tokenize_text.py` writes
+  them from JSONL (`write_token_files`), with the tokenizer's `<eos>` after each document and a sidecar
+  `PREFIX.json` naming the tokenizer; files from Megatron-LM's `tools/preprocess_data.py` read as they are. Each
+  sequence of the index is one document (as Megatron's GPT dataset takes them).
+- **Samples of one source** (`TokenSource`): epoch e visits the documents in a seeded permutation; their tokens,
+  concatenated in that order, are cut into samples of seq_length + 1 tokens overlapping by one (sample k covers
+  tokens [kS, (k+1)S]), the epoch's tail shorter than a sample is dropped, and the samples of an epoch are taken in
+  a second seeded permutation (so a long document's samples do not fill one global batch). Every token of every
+  document is in the epoch but the tail's.
+- **Blend** (`data.tokens.weights`, one weight per path): each path is a source with its own epochs; global sample
+  i goes to the source whose cumulative-weight interval holds frac((i + 1) x golden ratio) (a Weyl sequence: every
+  window of samples holds each source in proportion to its weight, within a sample or two), and is that source's
+  next sample. Without weights the paths are one source: one pool of documents, each token once per epoch.
+- **Position and resume:** a sample is a pure function of (seed, global index), so the position is one integer, as
+  in the synthetic stream: step k consumes global samples [kG, (k+1)G) and data-parallel rank r of R takes the
+  slice [kG + rG/R, kG + (r+1)G/R). A resume continues exactly, under another data-parallel size too.
+- **Document bounds** (`data.tokens.document_bounds`, default on, micro-batch size 1): the row carries `cu_seqlens`,
+  positions restart at each document, attention stays within it, and the label that would predict a document's
+  first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions
+  0..S-1, attention across the documents of a row), any micro-batch size.
+
+Memory per source: 12-16 bytes per document (an epoch's order and cumulative ends) and 4-8 per sample of an epoch.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+FORMAT = "keye-token-files/1"      # the sidecar PREFIX.json that launch/tokenize_text.py writes
+GOLDEN = 0x9E3779B9                # round(2^32 / golden ratio): the blend's Weyl step, odd
+BLEND_CHECKPOINT = 1 << 16         # the blend keeps each source's count at every multiple of this many samples
+
+
+@dataclass
+class TokenFilesConfig:
+    """`data.tokens` (data.kind=tokens): megatron indexed datasets of token ids for a language model alone."""
+
+    # comma-separated prefixes (PREFIX.bin + PREFIX.idx), directories (every *.idx in them) or globs of either;
+    # empty: the run makes `synthetic_documents` synthetic text documents itself (CPU demo, tests)
+    paths: str = ""
+    # one blending weight per path (in the order `paths` names them, a directory or glob counting as one source);
+    # empty: the paths form one pool of documents
+    weights: list[float] = field(default_factory=list)
+    # held-out prefixes for train.eval (same syntax); empty with synthetic data: a synthetic set under another seed
+    eval_paths: str = ""
+    document_bounds: bool = True
+    shuffle: bool = True
+    synthetic_documents: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.weights:
+            w = [float(x) for x in self.weights]
+            n = len(split_paths(self.paths))
+            if len(w) != n:
+                raise ValueError(f"data.tokens.weights has {len(w)} weight(s) for {n} path(s) in data.tokens.paths="
+                                 f"{self.paths!r}: give one weight per path, or none for one pool")
+            if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"data.tokens.weights={w}: each must be >= 0 and finite, and their sum > 0")
+        if self.synthetic_documents < 1:
+            raise ValueError(f"data.tokens.synthetic_documents must be >= 1, got {self.synthetic_documents}")
+
+
+def split_paths(spec: str) -> list[str]:
+    return [p.strip() for p in str(spec or "").split(",") if p.strip()]
+
+
+def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> list[list[str]]:
+    """The dataset prefixes `spec` names, one list per comma-separated part (a directory or glob may name several):
+    ValueError naming the part that names none, or a prefix whose .bin or .idx is missing."""
+    out = []
+    for part in split_paths(spec):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            found = sorted(str(x)[:-4] for x in p.glob("*.idx"))
+        elif any(c in part for c in "*?["):
+            found = sorted({x[:-4] if x.endswith((".idx", ".bin")) else x for x in glob.glob(str(p))})
+        else:
+            found = [str(p)[:-4] if str(p).endswith((".idx", ".bin")) else str(p)]
+        if not found:
+            raise ValueError(f"{field_name}={spec!r}: {part!r} names no indexed dataset (PREFIX.bin + PREFIX.idx, "
+                             f"written by launch/tokenize_text.py)")
+        for prefix in found:
+            missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+            if missing:
+                raise ValueError(f"{field_name}={spec!r}: {prefix}{missing[0]} does not exist (an indexed dataset is "
+                                 f"PREFIX.bin + PREFIX.idx, written by launch/tokenize_text.py)")
+        out.append(found)
+    return out
+
+
+def sidecar(prefix: str) -> dict | None:
+    """The PREFIX.json that launch/tokenize_text.py wrote beside a dataset (None for files written elsewhere)."""
+    p = Path(prefix + ".json")
+    if not p.is_file():
+        return None
+    meta = json.loads(p.read_text())
+    return meta if meta.get("format") == FORMAT else None
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike, *, vocab_size: int,
+                      meta: dict | None = None) -> dict:
+    """Writes `documents` (lists of token ids, each written as one sequence) as megatron's PREFIX.bin + PREFIX.idx
+    with the narrowest dtype that holds `vocab_size` ids, and PREFIX.json (the sidecar: counts plus `meta`). The
+    files appear under their names only once complete (written beside them, then renamed; the .idx last, so a
+    prefix whose .idx exists is whole). Returns the sidecar."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    dtype = DType.optimal_dtype(vocab_size)
+    tmp_bin, tmp_idx = prefix + ".bin.partial", prefix + ".idx.partial"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    n_docs = n_tokens = longest = 0
+    for ids in documents:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size == 0:
+            continue
+        if int(arr.min()) < 0 or int(arr.max()) >= vocab_size:
+            raise ValueError(f"{prefix}: document {n_docs} holds id {int(arr.max())}, outside the vocabulary "
+                             f"(0..{vocab_size - 1})")
+        builder.add_document(arr, [arr.size])
+        n_docs, n_tokens, longest = n_docs + 1, n_tokens + arr.size, max(longest, int(arr.size))
+    builder.finalize(tmp_idx)
+    info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name, "documents": n_docs,
+            "tokens": n_tokens, "longest_document": longest, **(meta or {})}
+    Path(prefix + ".json.partial").write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp_bin, prefix + ".bin")
+    os.replace(prefix + ".json.partial", prefix + ".json")
+    os.replace(tmp_idx, prefix + ".idx")
+    return info
+
+
+def read_jsonl_texts(inputs: Iterable[str | os.PathLike], key: str = "text",
+                     skipped: list | None = None) -> Iterator[str]:
+    """The `key` strings of JSONL files (.jsonl or .jsonl.gz), line by line. A line that is not a JSON object with a
+    non-empty string under `key` is left out and recorded in `skipped` as {"file", "line", "reason"}."""
+    import gzip
+
+    for path in inputs:
+        path = str(path)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+            line_no = 0
+            while True:
+                line_no += 1
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    reason = f"not UTF-8 ({e.reason} at byte {e.start}); the rest of the file is unread"
+                    if skipped is not None:
+                        skipped.append({"file": path, "line": line_no, "reason": reason})
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    reason = f"not JSON ({e.msg}, column {e.colno})"
+                else:
+                    value = rec.get(key) if isinstance(rec, dict) else None
+                    if isinstance(value, str) and value:
+                        yield value
+                        continue
+                    reason = ("not a JSON object" if not isinstance(rec, dict) else
+                              f"no {key!r} field" if key not in rec else
+                              f"{key!r} is empty" if value == "" else f"{key!r} is a {type(value).__name__}, not a string")
+                if skipped is not None:
+                    skipped.append({"file": path, "line": line_no, "reason": reason})
+
+
+def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, key: str = "text",
+                   append_eos: bool = True, batch: int = 1000) -> dict:
+    """Tokenizes the `key` text of each line of `inputs` (JSONL) into one indexed dataset at `prefix`, one document
+    per line with `<eos>` after it; lines without usable text are left out, listed in PREFIX.skipped.jsonl
+    (file, line, reason) and counted in the sidecar. Returns the sidecar."""
+    prefix = str(prefix)
+    skipped: list[dict] = []
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    tail = [tokenizer.eos_id] if append_eos else []
+
+    def documents():
+        texts = []
+        for text in read_jsonl_texts(inputs, key, skipped):
+            texts.append(text)
+            if len(texts) == batch:
+                yield from texts_to_ids(texts)
+                texts = []
+        yield from texts_to_ids(texts)
+
+    def texts_to_ids(texts):
+        ids = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
+        for x in ids:
+            yield list(x) + tail
+
+    info = write_token_files(documents(), prefix, vocab_size=tokenizer.vocab_size, meta={
+        "tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
+        "inputs": [str(p) for p in inputs]})
+    with open(prefix + ".skipped.jsonl", "w") as f:
+        for s in skipped:
+            f.write(json.dumps(s) + "\n")
+    info["skipped_lines"] = len(skipped)
+    Path(prefix + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def synthetic_documents(n: int, seed: int) -> Iterator[str]:
+    """`n` text documents from (seed, i): one to eight of the synthetic counting passages
+    (data/video/synthetic.text_record) joined, 80 to 1,000 bytes, so that documents both share rows and run over
+    several."""
+    from data.video.synthetic import text_record
+
+    for i in range(n):
+        k = 1 + int(np.random.default_rng([seed, 104729, i]).integers(0, 8))
+        parts = []
+        for j in range(k):
+            r = text_record(i * 8 + j, seed)
+            parts.append(r["text"] if "text" in r else f"{r['prompt']} {r['qa'][0]['question']} {r['qa'][0]['answer']}")
+        yield " ".join(parts)
+
+
+def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int, seed: int, *, rank: int,
+                                 vocab_size: int, timeout_s: float = 600.0) -> str:
+    """The prefix of `n_documents` synthetic documents tokenized with the byte tokenizer (`<eos>` after each),
+    written under `directory` by rank 0 once; the other ranks wait for the .idx (written last)."""
+    import time
+
+    from data.video.tokenizer import ByteTokenizer
+
+    prefix = str(Path(directory) / f"synthetic_{n_documents}_seed{seed}")
+    if rank == 0 and not os.path.isfile(prefix + ".idx"):
+        tok = ByteTokenizer(vocab_size=vocab_size)
+        write_token_files((tok.encode(t) + [tok.eos_id] for t in synthetic_documents(n_documents, seed)), prefix,
+                          vocab_size=vocab_size, meta={"tokenizer": repr(tok), "eos_id": tok.eos_id,
+                                                       "source": f"synthetic, seed {seed}"})
+    deadline = time.time() + timeout_s
+    while not os.path.isfile(prefix + ".idx"):
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank}: synthetic token files {prefix} not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return prefix
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+class TokenSource:
+    """The documents of one or more datasets as one pool, cut into samples of `seq_length` + 1 tokens (the module
+    docstring): `sample(j)` -> (tokens int64 [S + 1], starts: the positions in it where a document begins, 0
+    included when one begins there)."""
+
+    def __init__(self, prefixes: list[str], *, seq_length: int, seed: int, source_id: int, shuffle: bool = True,
+                 vocab_size: int | None = None):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefixes, self.S, self.seed, self.source_id, self.shuffle = list(prefixes), seq_length, seed, source_id, shuffle
+        self.vocab_size = vocab_size
+        self.datasets = [IndexedDataset(p, mmap=True) for p in self.prefixes]
+        lengths = [np.asarray(ds.sequence_lengths, dtype=np.int64) for ds in self.datasets]
+        self.base = np.cumsum([0] + [len(x) for x in lengths])       # first document of each dataset
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        self.tokens = int(self.lengths.sum())
+        self.per_epoch = (self.tokens - 1) // seq_length if self.tokens > seq_length else 0
+        if self.per_epoch < 1:
+            raise ValueError(f"{', '.join(self.prefixes)}: {self.tokens} tokens in {len(self.lengths)} documents, "
+                             f"fewer than one sample of train.seq_length + 1 = {seq_length + 1}")
+        self._epochs: dict[int, tuple] = {}
+        self._idx = np.int32 if len(self.lengths) < 2**31 else np.int64
+
+    def _epoch(self, e: int):
+        got = self._epochs.get(e)
+        if got is None:
+            n = len(self.lengths)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, 7717, self.source_id, e])
+                order = rng.permutation(n).astype(self._idx)
+                samples = rng.permutation(self.per_epoch).astype(np.int64)
+            else:
+                order, samples = np.arange(n, dtype=self._idx), np.arange(self.per_epoch, dtype=np.int64)
+            ends = np.cumsum(self.lengths[order])
+            if len(self._epochs) >= 2:            # the stream moves forward: the current epoch and the next
+                self._epochs.pop(min(self._epochs))
+            got = self._epochs[e] = (order, ends, samples)
+        return got
+
+    def _read(self, doc: int, offset: int, count: int) -> np.ndarray:
+        f = int(np.searchsorted(self.base, doc, side="right")) - 1
+        return self.datasets[f].get(doc - int(self.base[f]), offset=offset, length=count)
+
+    def sample(self, j: int) -> tuple[np.ndarray, list[int], list[int]]:
+        """Sample j of this source: (tokens [S + 1] int64, starts, documents: the pool index of each document piece
+        in the sample, in order)."""
+        e, k = divmod(int(j), self.per_epoch)
+        order, ends, samples = self._epoch(e)
+        g = int(samples[k]) * self.S                     # the sample's first token in the epoch's concatenation
+        p = int(np.searchsorted(ends, g, side="right"))  # the document holding it, by position in the order
+        need, out, starts, docs, at = self.S + 1, [], [], [], 0
+        while need:
+            doc = int(order[p])
+            begin = int(ends[p]) - int(self.lengths[doc])
+            offset = g + at - begin
+            if offset == 0:
+                starts.append(at)
+            take = min(need, int(self.lengths[doc]) - offset)
+            out.append(self._read(doc, offset, take))
+            docs.append(doc)
+            need, at, p = need - take, at + take, p + 1
+        if self.vocab_size is not None:
+            for doc, piece in zip(docs, out):
+                if piece.size and int(piece.max()) >= self.vocab_size:
+                    f = int(np.searchsorted(self.base, doc, side="right")) - 1
+                    raise ValueError(f"{self.prefixes[f]}: document {doc - int(self.base[f])} holds token id "
+                                     f"{int(piece.max())}, outside model.lm.vocab_size ({self.vocab_size}): the files "
+                                     f"were tokenized for another vocabulary")
+        tokens = np.concatenate(out).astype(np.int64)
+        return tokens, starts, docs
+
+
+class Blend:
+    """Which source each global sample comes from, and its index there (the module docstring's Weyl sequence)."""
+
+    def __init__(self, weights: list[float]):
+        w = np.asarray(weights, dtype=np.float64)
+        w = w / w.sum()
+        self.n = len(w)
+        self.thresholds = np.minimum(np.round(np.cumsum(w) * 2**32), 2**32).astype(np.uint64)
+        self.thresholds[-1] = 2**32
+        self._counts = [np.zeros(self.n, dtype=np.int64)]   # counts before sample q * BLEND_CHECKPOINT
+
+    def sources(self, start: int, count: int) -> np.ndarray:
+        i = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+        u = (i * np.uint64(GOLDEN)) & np.uint64(0xFFFFFFFF)
+        return np.searchsorted(self.thresholds, u, side="right").astype(np.int64)
+
+    def locate(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index within the source) of global samples start .. start + count - 1."""
+        q = start // BLEND_CHECKPOINT
+        while len(self._counts) <= q:
+            c = len(self._counts) - 1
+            self._counts.append(self._counts[c] + np.bincount(self.sources(c * BLEND_CHECKPOINT, BLEND_CHECKPOINT),
+                                                              minlength=self.n))
+        first = q * BLEND_CHECKPOINT
+        src = self.sources(first, start - first + count)
+        before = self._counts[q].copy()
+        local = np.empty(len(src), dtype=np.int64)
+        for s in range(self.n):   # the running count of each source over the window
+            hit = src == s
+            local[hit] = before[s] + np.arange(int(hit.sum()))
+        return src[start - first:], local[start - first:]
+
+
+class TokenCorpus:
+    """The sources of `data.tokens` and their blend: `sample(i)` for a global sample index."""
+
+    def __init__(self, paths: str, *, weights: list | None = None, seq_length: int, seed: int, shuffle: bool = True,
+                 vocab_size: int | None = None, field_name: str = "data.tokens.paths"):
+        groups = resolve_prefixes(paths, field_name=field_name)
+        if weights:
+            kept = [(i, g, float(w)) for i, (g, w) in enumerate(zip(groups, weights)) if float(w) > 0]
+            self.sources = [TokenSource(g, seq_length=seq_length, seed=seed, source_id=i, shuffle=shuffle,
+                                        vocab_size=vocab_size) for i, g, _ in kept]   # a source's seed: its place in paths
+            self.blend = Blend([w for _, _, w in kept]) if len(kept) > 1 else None
+        else:
+            self.sources = [TokenSource([p for g in groups for p in g], seq_length=seq_length, seed=seed, source_id=0,
+                                        shuffle=shuffle, vocab_size=vocab_size)]
+            self.blend = None
+
+    def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray, list[int]]]:
+        """Global samples start .. start + count - 1 as (source, tokens, starts)."""
+        if self.blend is None:
+            return [(0, *self.sources[0].sample(j)[:2]) for j in range(start, start + count)]
+        src, local = self.blend.locate(start, count)
+        return [(int(s), *self.sources[int(s)].sample(int(j))[:2]) for s, j in zip(src, local)]
+
+
+def row_tensors(tokens: np.ndarray, starts: list[int], *, document_bounds: bool) -> dict[str, torch.Tensor]:
+    """One sample's training row: tokens / labels / loss_mask / position_ids [S], and with document bounds
+    cu_seqlens: positions restart at each document and the label of a document's last position (the next
+    document's first token, which nothing before it predicts) has no loss."""
+    t = torch.from_numpy(tokens)
+    S = t.numel() - 1
+    out = {"tokens": t[:-1].clone(), "labels": t[1:].clone(), "loss_mask": torch.ones(S, dtype=torch.float32)}
+    if not document_bounds:
+        out["position_ids"] = torch.arange(S)
+        return out
+    for s in starts:   # position s - 1 ends a document: its label is the next one's first token
+        if 0 < s <= S:
+            out["loss_mask"][s - 1] = 0.0
+    bounds = sorted({0, *(s for s in starts if 0 < s < S), S})   # a start at S begins a document of the next row
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    seg = torch.repeat_interleave(torch.arange(len(bounds) - 1), cu[1:] - cu[:-1])
+    out["position_ids"] = torch.arange(S) - cu[:-1].long()[seg]
+    out["cu_seqlens"] = cu
+    return out
+
+
+class TokenFileStream:
+    """Micro-batches of one data-parallel rank from a `TokenCorpus`, in the trainer's token-stream interface (that of
+    data/synthetic_tokens.SyntheticTokenStream): tokens / labels / position_ids [mbs, S] int64, loss_mask [mbs, S]
+    float32, and with document bounds (micro-batch size 1) cu_seqlens [D + 1] int32."""
+
+    def __init__(self, corpus: TokenCorpus, *, document_bounds: bool, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        per_rank = global_batch_size // dp_size
+        if global_batch_size % dp_size or per_rank % micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({global_batch_size}) must be a multiple of data-parallel size "
+                             f"({dp_size}) x train.micro_batch_size ({micro_batch_size})")
+        if document_bounds and micro_batch_size != 1:
+            raise ValueError(f"data.tokens.document_bounds=true packs one row per micro-batch: train.micro_batch_size "
+                             f"must be 1, got {micro_batch_size} (or data.tokens.document_bounds=false: attention "
+                             f"across the documents of a row)")
+        self.corpus, self.document_bounds = corpus, document_bounds
+        self.mbs, self.gbs, self.dp_rank, self.dp_size = micro_batch_size, global_batch_size, dp_rank, dp_size
+        self.num_microbatches = per_rank // micro_batch_size
+        self.consumed_samples = 0
+        self._micro = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._micro == self.num_microbatches:
+            self.consumed_samples += self.gbs
+            self._micro = 0
+        start = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size) + self._micro * self.mbs
+        self._micro += 1
+        rows = [row_tensors(tokens, starts, document_bounds=self.document_bounds)
+                for _, tokens, starts in self.corpus.samples(start, self.mbs)]
+        if self.document_bounds:
+            r = rows[0]
+            return {"tokens": r["tokens"][None], "labels": r["labels"][None], "loss_mask": r["loss_mask"][None],
+                    "position_ids": r["position_ids"][None], "cu_seqlens": r["cu_seqlens"]}
+        return {k: torch.stack([r[k] for r in rows]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+    def state_dict(self) -> dict:
+        if self._micro not in (0, self.num_microbatches):
+            raise RuntimeError("data state taken in the middle of a step")
+        done = self.consumed_samples + (self.gbs if self._micro == self.num_microbatches else 0)
+        return {"kind": "tokens", "consumed_samples": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "tokens":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a token-file stream "
+                             f"(data.kind=tokens)")
+        if state["consumed_samples"] % self.gbs:
+            raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
+                             f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
+        self.consumed_samples, self._micro = int(state["consumed_samples"]), 0

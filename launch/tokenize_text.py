@@ -1,0 +1,70 @@
+"""Tokenize JSONL text into a megatron indexed dataset (PREFIX.bin + PREFIX.idx + PREFIX.json) for data.kind=tokens.
+
+    python launch/tokenize_text.py --input a.jsonl [b.jsonl.gz ...] --out /data/tok/web --tokenizer QWEN3_DIR
+    python launch/tokenize_text.py --synthetic 2000 --out /tmp/tok/synthetic     # the synthetic documents, bytes
+
+One document per line (its `--key` string, default "text"), the tokenizer's <eos> after each. Lines without usable
+text are left out and listed, with file, line and reason, in PREFIX.skipped.jsonl; the count is printed and kept in
+PREFIX.json. Train on the result with `data=tokens data.tokens.paths=/data/tok/web` (docs/data.md "Token files").
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.noise import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()   # megatron-core's notes on TransformerEngine / apex: nothing here uses them
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", nargs="*", default=[], help="JSONL files (.jsonl or .jsonl.gz), one document per line")
+    p.add_argument("--synthetic", type=int, default=0, help="instead of --input: this many synthetic documents")
+    p.add_argument("--seed", type=int, default=0, help="the synthetic documents' seed")
+    p.add_argument("--out", required=True, help="the output prefix: writes OUT.bin, OUT.idx, OUT.json")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="'bytes', or a Hugging Face tokenizer directory (the checkpoint the model starts from)")
+    p.add_argument("--vocab-size", type=int, default=512, help="the byte tokenizer's vocabulary (ids and specials)")
+    p.add_argument("--key", default="text", help="the JSON field that holds a line's text")
+    p.add_argument("--no-eos", action="store_true", help="do not append <eos> after each document")
+    a = p.parse_args(argv)
+    if bool(a.input) == bool(a.synthetic):
+        p.error("give --input FILES or --synthetic N (one of them)")
+    missing = [f for f in a.input if not os.path.isfile(f)]
+    if missing:
+        p.error(f"--input {missing[0]}: no such file")
+    if os.path.exists(a.out + ".idx"):
+        p.error(f"--out {a.out}: {a.out}.idx exists; give another prefix or remove it")
+
+    from data.token_files import synthetic_documents, tokenize_jsonl, write_token_files
+    from data.video.tokenizer import ByteTokenizer, HFTokenizer
+
+    try:
+        tok = ByteTokenizer(vocab_size=a.vocab_size) if a.tokenizer == "bytes" else HFTokenizer(a.tokenizer)
+    except ValueError as e:
+        p.error(str(e).replace("data.video.tokenizer", "--tokenizer"))
+    t0 = time.perf_counter()
+    if a.synthetic:
+        tail = [] if a.no_eos else [tok.eos_id]
+        info = write_token_files((tok.encode(t) + tail for t in synthetic_documents(a.synthetic, a.seed)), a.out,
+                                 vocab_size=tok.vocab_size, meta={"tokenizer": repr(tok), "eos_id": tail[0] if tail else None,
+                                                                  "source": f"synthetic, seed {a.seed}"})
+    else:
+        try:
+            info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos)
+        except OSError as e:
+            print(f"tokenize_text: {e}", file=sys.stderr)
+            return 1
+    dt = time.perf_counter() - t0
+    print(f"wrote {a.out}.bin/.idx: {info['documents']} documents, {info['tokens']} tokens ({info['dtype']}), "
+          f"{info['tokens'] / max(dt, 1e-9):,.0f} tokens/s")
+    if info.get("skipped_lines"):
+        print(f"left out {info['skipped_lines']} line(s) without usable text: {a.out}.skipped.jsonl", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
