@@ -97,8 +97,10 @@ def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> lis
         for prefix in found:
             missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
             if missing:
-                raise ValueError(f"{field_name}={spec!r}: {prefix}{missing[0]} does not exist (an indexed dataset is "
-                                 f"PREFIX.bin + PREFIX.idx, written by launch/tokenize_text.py)")
+                what = f"{prefix}{missing[0]} does not exist" if len(missing) == 1 else \
+                    f"{prefix}.bin and {prefix}.idx do not exist"
+                raise ValueError(f"{field_name}={spec!r}: {what} (an indexed dataset is PREFIX.bin + PREFIX.idx, "
+                                 f"written by launch/tokenize_text.py)")
         out.append(found)
     return out
 
@@ -156,19 +158,14 @@ def read_jsonl_texts(inputs: Iterable[str | os.PathLike], key: str = "text",
     for path in inputs:
         path = str(path)
         opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            line_no = 0
-            while True:
-                line_no += 1
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    reason = f"not UTF-8 ({e.reason} at byte {e.start}); the rest of the file is unread"
                     if skipped is not None:
-                        skipped.append({"file": path, "line": line_no, "reason": reason})
-                    break
-                if not line:
-                    break
+                        skipped.append({"file": path, "line": line_no, "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
+                    continue
                 if not line.strip():
                     continue
                 try:

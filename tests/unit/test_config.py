@@ -98,6 +98,38 @@ def test_a_language_model_alone_on_the_packed_loader_takes_text_only(tmp_path):
         check_paths(_validate(*lm, f"data.video.shards={tmp_path / 'mixed'}")[0])
 
 
+def test_token_files_settings_and_paths_are_checked(tmp_path):
+    """data.kind=tokens: paths required by the real-data recipe, one row per micro-batch with document bounds, a
+    language model alone, held-out files for train.eval, files that exist, fit the model's vocabulary and are not
+    also held out."""
+    from data.token_files import write_token_files
+    from train.launch import check_paths
+
+    cfg, _ = _validate("recipe=keye_tiny_lm", "data=tokens_tiny", "train.micro_batch_size=1")
+    assert cfg.data.kind == "tokens" and cfg.data.tokens.paths == "" and cfg.data.tokens.document_bounds
+    with pytest.raises(ValueError, match="data.tokens.paths is required"):
+        _validate("recipe=keye_tiny_lm", "data=tokens", "train.micro_batch_size=1")
+    with pytest.raises(ValueError, match="train.micro_batch_size must be 1, got 4 .*document_bounds=false"):
+        _validate("recipe=keye_tiny_lm", "data=tokens_tiny")
+    assert _validate("recipe=keye_tiny_lm", "data=tokens_tiny", "data.tokens.document_bounds=false")[0].train.micro_batch_size == 4
+    with pytest.raises(ValueError, match=r"needs video data .*token files are text for a language model alone"):
+        _validate("recipe=keye_tiny", "data=tokens_tiny")
+    for name, vocab in (("a", 512), ("b", 512), ("wide", 151936)):
+        write_token_files([[1, 2, 3, 4, 5]], tmp_path / name, vocab_size=vocab, meta={"tokenizer": f"T{vocab}"})
+    lm = ("recipe=keye_tiny_lm", "data=tokens", "train.micro_batch_size=1", f"run_dir={tmp_path / 'run'}",
+          f"data.tokens.paths={tmp_path / 'a'}")
+    with pytest.raises(ValueError, match="train.eval.interval=5 needs held-out data: set data.tokens.eval_paths"):
+        _validate(*lm, "train.eval.interval=5")
+    check_paths(_validate(*lm, f"data.tokens.eval_paths={tmp_path / 'b'}")[0])
+    with pytest.raises(ValueError, match=r"data.tokens.eval_paths=.*a is also training data"):
+        check_paths(_validate(*lm, f"data.tokens.eval_paths={tmp_path / 'a.idx'}")[0])
+    with pytest.raises(ValueError, match=r"data.tokens.paths: .*wide was tokenized with T151936 \(vocab_size 151936\), "
+                                         r"larger than model.lm.vocab_size \(512\)"):
+        check_paths(_validate(*lm[:-1], f"data.tokens.paths='{tmp_path / 'a'},{tmp_path / 'wide'}'")[0])
+    with pytest.raises(ValueError, match=r"data.tokens.paths=.*missing.bin and .*missing.idx do not exist"):
+        check_paths(_validate(*lm[:-1], f"data.tokens.paths={tmp_path / 'missing'}")[0])
+
+
 def _text_only(ann, tmp_path):
     import json
     out = tmp_path / "texts.jsonl"

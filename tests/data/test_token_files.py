@@ -1,0 +1,213 @@
+"""Token files (data.kind=tokens, data/token_files.py): pre-tokenized text in megatron's indexed datasets.
+
+References: the tokenizer itself and `json` on the same lines (what tokenize_jsonl writes), megatron-core's
+IndexedDataset reading the files back, plain concatenation and slicing of the documents (the samples), a
+sequential loop over the Weyl rule (the blend), and a loop over each row's positions (document bounds).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.token_files import (BLEND_CHECKPOINT, Blend, TokenCorpus, TokenFilesConfig, TokenFileStream, TokenSource,
+                              resolve_prefixes, row_tensors, sidecar, synthetic_documents, tokenize_jsonl,
+                              write_token_files)
+from data.video.tokenizer import ByteTokenizer, HFTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _docs(n, seed, lo=1, hi=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 300, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two datasets of random documents (1 to 39 tokens, some shorter than anything, some over a row)."""
+    d = tmp_path_factory.mktemp("tok")
+    a, b = _docs(57, 1), _docs(31, 2, 1, 90)
+    write_token_files(a, d / "a", vocab_size=512)
+    write_token_files(b, d / "b", vocab_size=512)
+    return d, a, b
+
+
+def test_tokenize_jsonl_writes_each_line_and_lists_the_bad_ones(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    lines = ['{"text": "first document"}', '{"text": ""}', 'not json', '[1, 2]', '{"body": "x"}',
+             '{"text": 5}', '', '{"text": "ünïcode 猫", "meta": 1}', '{"text": "last"}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "in2.jsonl").write_bytes(b'{"text": "other file"}\n{"text": "bad \xff byte"}\n{"text": "after it"}\n')
+    info = tokenize_jsonl([str(tmp_path / "in.jsonl"), str(tmp_path / "in2.jsonl")], tmp_path / "out", TOK, batch=2)
+    good = [json.loads(x)["text"] for x in ('{"text": "first document"}', '{"text": "ünïcode 猫", "meta": 1}',
+                                            '{"text": "last"}', '{"text": "other file"}', '{"text": "after it"}')]
+    ds = IndexedDataset(str(tmp_path / "out"))
+    assert len(ds) == 5 and [ds[i].tolist() for i in range(5)] == [TOK.encode(t) + [TOK.eos_id] for t in good]
+    skipped = [json.loads(x) for x in (tmp_path / "out.skipped.jsonl").read_text().splitlines()]
+    assert [(s["file"].endswith("in.jsonl"), s["line"]) for s in skipped] == [(True, 2), (True, 3), (True, 4), (True, 5),
+                                                                              (True, 6), (False, 2)]
+    assert [s["reason"].split(" (")[0] for s in skipped] == ["'text' is empty", "not JSON", "not a JSON object",
+                                                            "no 'text' field", "'text' is a int, not a string",
+                                                            "not UTF-8"]
+    meta = sidecar(str(tmp_path / "out"))
+    assert meta == info and meta["documents"] == 5 and meta["skipped_lines"] == 6 and meta["dtype"] == "uint16"
+    assert meta["tokens"] == sum(len(TOK.encode(t)) + 1 for t in good)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_hf_tokenizer_batches_as_it_encodes(tmp_path):
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+
+    tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
+    texts = list(synthetic_documents(20, 0)) + ["猫 — ünïcode"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def _concat(docs, order):
+    return np.concatenate([np.asarray(docs[i], dtype=np.int64) for i in order])
+
+
+def test_samples_are_slices_of_the_concatenated_documents(files):
+    d, a, b = files
+    S = 16
+    src = TokenSource([str(d / "a"), str(d / "b")], seq_length=S, seed=5, source_id=0, shuffle=False)
+    docs = a + b
+    flat = _concat(docs, range(len(docs)))
+    assert src.tokens == flat.size and src.per_epoch == (flat.size - 1) // S
+    bounds = set(np.cumsum([0] + [len(x) for x in docs]).tolist())
+    for e in range(2):
+        for k in range(src.per_epoch):
+            tokens, starts, _ = src.sample(e * src.per_epoch + k)
+            assert tokens.tolist() == flat[k * S:(k + 1) * S + 1].tolist()
+            assert starts == [p - k * S for p in range(k * S, (k + 1) * S + 1) if p in bounds]
+
+
+def test_shuffled_epochs_cover_every_document_once(files):
+    d, a, b = files
+    S = 16
+    src = TokenSource([str(d / "a"), str(d / "b")], seq_length=S, seed=5, source_id=0)
+    docs = a + b
+    seen = []
+    for e in range(3):
+        order, _, samples = src._epoch(e)
+        assert sorted(order.tolist()) == list(range(len(docs))) and sorted(samples.tolist()) == list(range(src.per_epoch))
+        flat = _concat(docs, order)   # the epoch's concatenation, cut as above, taken in the sample permutation
+        got = [src.sample(e * src.per_epoch + k) for k in range(src.per_epoch)]
+        for (tokens, _, _), k in zip(got, samples):
+            assert tokens.tolist() == flat[k * S:k * S + S + 1].tolist()
+        covered = sorted({doc for _, _, pieces in got for doc in pieces})
+        tail = (flat.size - 1) % S   # the epoch's tail shorter than a sample is dropped: the last few documents
+        assert len(covered) >= len(docs) - tail, (len(covered), tail)
+        seen.append(order.tolist())
+    assert seen[0] != seen[1] != seen[2]
+    again = TokenSource([str(d / "a"), str(d / "b")], seq_length=S, seed=5, source_id=0)
+    assert all(again.sample(j)[0].tolist() == src.sample(j)[0].tolist() for j in (0, 7, 60, 200))
+    other = TokenSource([str(d / "a"), str(d / "b")], seq_length=S, seed=6, source_id=0)
+    assert other._epoch(0)[0].tolist() != seen[0]
+
+
+def test_row_tensors_follow_the_documents():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        S = int(rng.integers(1, 40))
+        tokens = rng.integers(0, 500, S + 1)
+        starts = sorted(set(rng.integers(0, S + 1, int(rng.integers(0, 6))).tolist()))
+        r = row_tensors(tokens, starts, document_bounds=True)
+        assert r["tokens"].tolist() == tokens[:-1].tolist() and r["labels"].tolist() == tokens[1:].tolist()
+        pos, mask, doc_start = [], [], 0
+        for p in range(S):   # the reference: walk the row
+            if p in starts:
+                doc_start = p
+            pos.append(p - doc_start)
+            mask.append(0.0 if (p + 1) in starts else 1.0)
+        assert r["position_ids"].tolist() == pos and r["loss_mask"].tolist() == mask
+        assert r["cu_seqlens"].tolist() == sorted({0, S, *(s for s in starts if 0 < s < S)})
+        plain = row_tensors(tokens, starts, document_bounds=False)
+        assert "cu_seqlens" not in plain and plain["loss_mask"].sum() == S and plain["position_ids"].tolist() == list(range(S))
+
+
+def test_blend_follows_its_weights_and_locates_any_sample():
+    w = [0.5, 0.3, 0.2]
+    blend = Blend(w)
+    n = 2 * BLEND_CHECKPOINT + 1234
+    src = blend.sources(0, n)
+    for start in range(0, n - 1000, 9973):   # every window of 1,000 samples holds each source within 2 of its share
+        counts = np.bincount(src[start:start + 1000], minlength=3)
+        assert np.all(np.abs(counts - 1000 * np.array(w)) <= 2), (start, counts)
+    local, seen = np.zeros(n, np.int64), [0, 0, 0]   # the reference: a sequential count per source
+    for i, s in enumerate(src.tolist()):
+        local[i], seen[s] = seen[s], seen[s] + 1
+    fresh = Blend(w)
+    for start, count in ((n - 50, 50), (0, 10), (BLEND_CHECKPOINT - 3, 7), (BLEND_CHECKPOINT + 5, 100)):
+        s, j = fresh.locate(start, count)
+        assert s.tolist() == src[start:start + count].tolist() and j.tolist() == local[start:start + count].tolist()
+    assert Blend([1.0, 0.0]).sources(0, 1000).tolist() == [0] * 1000
+
+
+def test_blended_corpus_draws_each_source_in_its_own_order(files):
+    d, a, b = files
+    S = 8
+    corpus = TokenCorpus(f"{d / 'a'},{d / 'b'}", weights=[3, 1], seq_length=S, seed=9)
+    alone = [TokenSource([str(d / p)], seq_length=S, seed=9, source_id=i) for i, p in enumerate("ab")]
+    got = corpus.samples(0, 400)
+    assert abs(sum(s == 0 for s, _, _ in got) - 300) <= 2
+    nxt = [0, 0]
+    for s, tokens, _ in got:   # each source's samples in its own order (its epochs wrap on their own)
+        assert tokens.tolist() == alone[s].sample(nxt[s])[0].tolist()
+        nxt[s] += 1
+
+
+def test_stream_slices_steps_over_ranks_and_resumes(files):
+    d, _, _ = files
+    corpus = TokenCorpus(str(d), seq_length=16, seed=3)   # a directory: both datasets, one pool
+
+    def draw(stream, steps):
+        return [[next(stream) for _ in range(stream.num_microbatches)] for _ in range(steps)]
+
+    kw = dict(document_bounds=True, micro_batch_size=1, global_batch_size=4)
+    one = draw(TokenFileStream(corpus, dp_rank=0, dp_size=1, **kw), 5)
+    ranks = [draw(TokenFileStream(corpus, dp_rank=r, dp_size=2, **kw), 5) for r in range(2)]
+    for step in range(5):
+        for i, mb in enumerate(ranks[0][step] + ranks[1][step]):
+            assert all(torch.equal(mb[k], one[step][i][k]) for k in mb), (step, i)
+    s = TokenFileStream(corpus, dp_rank=1, dp_size=2, **kw)
+    draw(s, 3)
+    state = s.state_dict()
+    assert state == {"kind": "tokens", "consumed_samples": 12}
+    for dp in (1, 2, 4):   # another data-parallel size continues the same global samples
+        t = TokenFileStream(corpus, dp_rank=0, dp_size=dp, **kw)
+        t.load_state_dict(state)
+        assert torch.equal(next(t)["tokens"], one[3][0]["tokens"])
+    with pytest.raises(ValueError, match="synthetic_tokens"):
+        s.load_state_dict({"kind": "synthetic_tokens", "consumed_samples": 4})
+    plain = TokenFileStream(corpus, document_bounds=False, micro_batch_size=2, global_batch_size=4, dp_rank=0, dp_size=1)
+    mb = next(plain)
+    assert mb["tokens"].shape == (2, 16) and "cu_seqlens" not in mb
+    assert torch.equal(mb["tokens"][1], one[0][1]["tokens"][0])
+
+
+def test_bad_settings_and_files_are_named(files, tmp_path):
+    d, _, _ = files
+    with pytest.raises(ValueError, match=r"nope.*names no indexed dataset"):
+        resolve_prefixes(f"{d / 'a'},{tmp_path / 'nope'}/*")
+    (tmp_path / "half.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"half\.idx does not exist"):
+        resolve_prefixes(str(tmp_path / "half"))
+    assert resolve_prefixes(f"{d / 'a.idx'}, {d}") == [[str(d / "a")], [str(d / "a"), str(d / "b")]]
+    with pytest.raises(ValueError, match=r"2 weight\(s\) for 1 path"):
+        TokenFilesConfig(paths=str(d / "a"), weights=[1, 2])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        TokenFilesConfig(paths=f"{d / 'a'},{d / 'b'}", weights=[1, -1])
+    with pytest.raises(ValueError, match=r"fewer than one sample of train.seq_length \+ 1 = 100001"):
+        TokenSource([str(d / "a")], seq_length=100000, seed=0, source_id=0)
+    big = TokenSource([str(d / "a")], seq_length=16, seed=0, source_id=0, vocab_size=100)
+    with pytest.raises(ValueError, match=r"a: document \d+ holds token id \d+, outside model.lm.vocab_size \(100\)"):
+        for j in range(big.per_epoch):
+            big.sample(j)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        write_token_files([[1, 2, 600]], tmp_path / "over", vocab_size=512)
+    with pytest.raises(ValueError, match="train.micro_batch_size must be 1"):
+        TokenFileStream(TokenCorpus(str(d / "a"), seq_length=8, seed=0), document_bounds=True, micro_batch_size=2,
+                        global_batch_size=4, dp_rank=0, dp_size=1)

@@ -1,0 +1,83 @@
+"""The language model alone on token files (data.kind=tokens, data/token_files.py) through the trainer.
+
+References: one process (every layout's loss curve, as in test_layout_parity.py: relative 2e-5 per step, the fp32
+reduction order of TP / CP / PP / DP), and the uninterrupted run (a stop and resume repeats it bit for bit: the
+stream's position is one integer).
+"""
+import math
+
+import pytest
+
+from tests.launch_util import run_layouts, run_layouts_all
+
+pytestmark = pytest.mark.slow
+
+RTOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from data.token_files import ensure_synthetic_token_files
+
+    d = tmp_path_factory.mktemp("tokens")
+    train = ensure_synthetic_token_files(d, 300, 11, rank=0, vocab_size=512)
+    held = ensure_synthetic_token_files(d, 40, 12, rank=0, vocab_size=512)
+    # 64-token rows over documents of 80-1,000 bytes: rows hold one to several documents, and documents run over rows
+    common = ["recipe=keye_tiny_lm", "data=tokens", f"data.tokens.paths={train}", "train.micro_batch_size=1",
+              "train.seq_length=64", "train.global_batch_size=4", "train.steps=4", "parallel=single",
+              "train.checkpoint.enabled=false"]
+    ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
+    one = run_layouts_all(1, {
+        "single": common + [f"data.tokens.eval_paths={held}", "train.eval.interval=2", "train.eval.batches=1"],
+        "stopped": common + ckpt + ["train.stop_after=2", "run_dir=s"],
+        "resumed": common + ckpt + ["run_dir=s"],
+        # Megatron's rows: attention across the documents of a row, two rows per micro-batch
+        "plain": common + ["data.tokens.document_bounds=false", "train.micro_batch_size=2"],
+    }, tmp_path_factory.mktemp("one"))
+    two, evals = run_layouts(2, {
+        "tp2": common + ["parallel.tp=2", f"data.tokens.eval_paths={held}", "train.eval.interval=2",
+                         "train.eval.batches=1"],
+        "cp2": common + ["parallel.cp=2"],
+        "pp2": common + ["parallel.pp=2"],
+        "dp2": common,
+    }, tmp_path_factory.mktemp("two"), evals=True)
+    return one, two, evals
+
+
+def _close(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= RTOL * abs(b[s]) for s in a)
+
+
+def test_the_loss_falls(runs):
+    one, _, _ = runs
+    for name in ("single", "plain"):
+        curve = one["losses"][name]
+        assert all(math.isfinite(v) for v in curve.values()) and curve[4] < curve[1], (name, curve)
+    # the same samples, read with attention across documents and the boundary labels trained: another curve
+    assert one["losses"]["plain"][1] != one["losses"]["single"][1]
+
+
+def test_every_layout_matches_one_process(runs):
+    one, two, _ = runs
+    single = one["losses"]["single"]
+    for name in ("tp2", "cp2", "pp2", "dp2"):
+        assert _close(two[name], single), (name, two[name], single)
+
+
+def test_a_stopped_run_resumes_bit_identically(runs):
+    one, _, _ = runs
+    assert sorted(one["losses"]["stopped"]) == [1, 2] and sorted(one["losses"]["resumed"]) == [3, 4]
+    full = one["losses"]["single"]
+    for step in (1, 2):
+        assert one["losses"]["stopped"][step] == full[step]
+    for step in (3, 4):
+        assert one["losses"]["resumed"][step] == full[step], step
+
+
+def test_held_out_token_files_are_scored(runs):
+    one, _, evals = runs
+    ref, tp2 = one["evals"]["single"], evals["tp2"]
+    assert [e["step"] for e in ref] == [0, 2, 4] == [e["step"] for e in tp2]
+    for a, b in zip(ref, tp2):
+        assert math.isfinite(a["val_loss"]) and abs(a["val_loss"] - b["val_loss"]) <= RTOL * a["val_loss"]
+    assert ref[-1]["val_loss"] < ref[0]["val_loss"]
