@@ -51,6 +51,7 @@ SETS = {
     "mixed": "videos with image and text-only samples: the tiny recipes (stopped, resumed) and the 30B slice",
     "scenes": "videos of still scenes in slow and fast frames: the tiny recipe (stopped, resumed) and the 30B slice",
     "text": "the language model alone on text-only shards: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers",
+    "tokens": "the language model alone on token files: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers",
 }
 SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes", "text")  # the sets whose cases read root/videos
 
@@ -162,6 +163,15 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
                            "train.log_interval=1", "train.steps=3", no_ckpt]
         return stopped_and_resumed("keye_tiny_lm_text", "keye_tiny_lm", "tx_tiny", tx) + [
             ("keye_30b_a3b_lm_text", "keye_30b_a3b_lm", "tx_30b", lm_30b)]
+    if which == "tokens":
+        # the language model alone on token files (docs/data.md "Token files"), which each run makes from 2,000
+        # synthetic documents (byte tokenizer): the tiny LM stopped at step 10 and resumed; the 30B LM (2 layers,
+        # 128 experts each) at the recipe's 8K rows
+        tk = single + ["data=tokens_tiny", "train.micro_batch_size=1"]
+        lm_30b = tk + ["model.lm.num_layers=2", "train.global_batch_size=2", "train.warmup_steps=1",
+                       "train.log_interval=1", "train.steps=3", no_ckpt]
+        return stopped_and_resumed("keye_tiny_lm_tokens", "keye_tiny_lm", "tk_tiny", tk) + [
+            ("keye_30b_a3b_lm_tokens", "keye_30b_a3b_lm", "tk_30b", lm_30b)]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
