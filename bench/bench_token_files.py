@@ -8,8 +8,10 @@ its resident memory is its own):
   (JSONL -> tar shards with their index), wall seconds;
 - start: from nothing to the first training row (the token corpus: map the index, order the first epoch; the
   packed loader: read the shard indexes, tokenize and plan every text, pack the epoch), seconds;
-- memory: the process's peak resident set after the first row minus before the reader was built (the packed
-  loader's workers each hold another copy of the catalog; here it runs with num_workers=0, so this is one copy);
+- memory: the process's private resident memory (RssAnon) after the rows minus before the reader was built (the
+  packed loader's workers each hold another copy of its catalog; here it runs with num_workers=0, so this is one
+  copy); also the peak (VmHWM minus the start) and the token files' mapped pages (RssFile: page cache, shared by the
+  node's processes and reclaimable);
 - rows: the next `--rows` rows of `--seq` tokens, rows per second (one data-parallel rank, micro-batch 1).
 Ratios are packed / tokens in the same run.
 """
@@ -27,11 +29,15 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _rss_kb(field: str = "VmHWM") -> int:
+def _status_mb() -> dict:
+    """This process's resident memory (MB): VmRSS, VmHWM (its peak), RssAnon (private) and RssFile (mapped file pages:
+    the page cache of the memory-mapped token files, shared by every process of the node and reclaimable)."""
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+        key = line.split(":")[0]
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(line.split()[1]) / 1024
+    return out
 
 
 def child(kind: str, source: str, seq: int, rows: int) -> dict:
@@ -42,7 +48,7 @@ def child(kind: str, source: str, seq: int, rows: int) -> dict:
     # both readers' modules before the baseline, whichever is measured: the difference is the reader's data alone
     for module in ("torch", "megatron.core.datasets.indexed_dataset", "data.token_files", "data.video.loader"):
         importlib.import_module(module)
-    base = _rss_kb("VmRSS")
+    base = _status_mb()
     t0 = time.perf_counter()
     if kind == "tokens":
         from data.token_files import TokenCorpus, TokenFileStream
@@ -65,8 +71,10 @@ def child(kind: str, source: str, seq: int, rows: int) -> dict:
     for _ in range(rows):
         tokens += ntok(next(it))
     dt = time.perf_counter() - t1
+    end = _status_mb()
     return {"start_s": start_s, "rows_per_s": rows / dt, "tokens_per_s": tokens / dt,
-            "memory_mb": (_rss_kb("VmHWM") - base) / 1024}
+            "memory_mb": end["RssAnon"] - base["RssAnon"], "file_pages_mb": end["RssFile"] - base["RssFile"],
+            "peak_mb": end["VmHWM"] - base["VmRSS"]}
 
 
 def main(argv=None) -> int:

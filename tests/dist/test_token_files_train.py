@@ -33,6 +33,9 @@ def runs(tmp_path_factory):
         "resumed": common + ckpt + ["run_dir=s"],
         # Megatron's rows: attention across the documents of a row, two rows per micro-batch
         "plain": common + ["data.tokens.document_bounds=false", "train.micro_batch_size=2"],
+        # the attention variants' language-model stages: KSA's summaries per document of the row, DSA's selection
+        "ksa": ["recipe=keye_tiny_ksa"] + common[1:],
+        "dsa": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + common[1:],
     }, tmp_path_factory.mktemp("one"))
     two, evals = run_layouts(2, {
         "tp2": common + ["parallel.tp=2", f"data.tokens.eval_paths={held}", "train.eval.interval=2",
@@ -50,7 +53,7 @@ def _close(a: dict, b: dict) -> bool:
 
 def test_the_loss_falls(runs):
     one, _, _ = runs
-    for name in ("single", "plain"):
+    for name in ("single", "plain", "ksa", "dsa"):
         curve = one["losses"][name]
         assert all(math.isfinite(v) for v in curve.values()) and curve[4] < curve[1], (name, curve)
     # the same samples, read with attention across documents and the boundary labels trained: another curve
