@@ -460,3 +460,88 @@ class TokenFileStream:
             raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
                              f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
+
+
+# ---- token files in the packed video loader's mixture ---------------------------------------------------------
+
+class _TokenEpoch:
+    """What the packed loader reads of a planner's epoch (loader.EpochPlan), for a token source: nothing rejected,
+    continued or cut, and `packs[j]` without catalog items."""
+    rejects: dict = {}
+    pieces: dict = {}
+    truncated: dict = {}
+
+    def __init__(self, n: int):
+        self.packs = _NoItems(n)
+
+
+class _NoItems:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j: int) -> list:
+        return []
+
+
+class TokenPacks:
+    """Token files as one source of the packed video loader's mixture (`data.video.text_tokens`): pack j of epoch e
+    is row j of the source's epoch e (TokenSource), as a `PackedSample` of text alone: `seq_len` tokens, labels the
+    next tokens (none across a document boundary), positions restarting at each document (all three M-RoPE rows
+    equal, as for text), `cu_seqlens` at the documents, no frames. It stands where the loader has a `Planner`
+    (`num_packs`, `epoch`, `catalog`, `cfg`, `tokenizer`)."""
+
+    catalog: tuple = ()
+
+    def __init__(self, spec: str, cfg, tokenizer, seed: int):
+        self.cfg, self.tokenizer, self.spec = cfg, tokenizer, spec
+        prefixes = self.check_tokenizer(spec, tokenizer)
+        self.source = TokenSource(prefixes, seq_length=cfg.seq_len, seed=seed, source_id=0,
+                                  vocab_size=tokenizer.vocab_size)
+        self.names = [os.path.basename(p) for p in prefixes]
+        # what the loader's fingerprint holds of this source: the files, their sizes and the reading settings
+        self.fingerprint = json.dumps({"prefixes": self.names, "documents": len(self.source.lengths),
+                                       "tokens": self.source.tokens, "seq_len": cfg.seq_len})
+
+    @staticmethod
+    def check_tokenizer(spec: str, tokenizer) -> list[str]:
+        """The prefixes `spec` names, each tokenized with `tokenizer` as far as its sidecar says (the same vocabulary
+        size and <eos>: the files' ids must mean what the video documents' ids mean); ValueError naming the file."""
+        prefixes = [p for g in resolve_prefixes(spec, field_name="data.video.text_tokens") for p in g]
+        for prefix in prefixes:
+            meta = sidecar(prefix)
+            if meta is not None and (meta["vocab_size"] != tokenizer.vocab_size or
+                                     meta.get("eos_id") not in (None, tokenizer.eos_id)):
+                raise ValueError(f"data.video.text_tokens: {prefix} was tokenized with {meta.get('tokenizer')} (vocab_size "
+                                 f"{meta['vocab_size']}, eos {meta.get('eos_id')}), the video documents with "
+                                 f"{tokenizer!r} (vocab_size {tokenizer.vocab_size}, eos {tokenizer.eos_id}): "
+                                 f"tokenize them with data.video.tokenizer")
+        return prefixes
+
+    def num_packs(self, e: int) -> int:
+        return self.source.per_epoch
+
+    def epoch(self, e: int) -> _TokenEpoch:
+        return _TokenEpoch(self.source.per_epoch)
+
+    def build(self, epoch: int, index: int):
+        from data.video.packing import PackedSample
+
+        tokens, starts, docs = self.source.sample(epoch * self.source.per_epoch + index)
+        r = row_tensors(tokens, starts, document_bounds=True)
+        S = int(r["tokens"].numel())
+        labels = r["labels"].clone()
+        labels[r["loss_mask"] == 0] = self.cfg.label_ignore_index
+        f = np.searchsorted(self.source.base, np.asarray(docs), side="right") - 1
+        keys = [f"{self.names[int(i)]}#{d - int(self.source.base[int(i)])}" for i, d in zip(f, docs)]
+        n = int(r["cu_seqlens"].numel()) - 1
+        p2 = 3 * self.cfg.patch_size ** 2
+        return PackedSample(
+            tokens=r["tokens"], labels=labels, loss_mask=r["loss_mask"],
+            position_ids=r["position_ids"][None].expand(3, S).contiguous(), cu_seqlens=r["cu_seqlens"],
+            pixel_values=torch.zeros(0, p2, dtype=torch.uint8), grid_thw=torch.zeros(0, 3, dtype=torch.int64),
+            visual_pos=torch.zeros(0, dtype=torch.int64), frame_timestamps=torch.zeros(0, dtype=torch.float32),
+            frame_doc=torch.zeros(0, dtype=torch.int32), num_docs=n, num_pad=0, text_docs=n,
+            sample_keys=keys[:n], epoch=epoch, pack_index=index, planned_keys=keys[:n])

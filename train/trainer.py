@@ -360,8 +360,8 @@ class Trainer:
                                                      d.seed + 1, rank=self.rank,
                                                      n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4)))
             stem = Path(v.quarantine_path or "quarantine.jsonl")
-            v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="",
-                        quarantine_path=f"{stem.stem}_eval{stem.suffix}")
+            v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="", text_tokens="",
+                        text_tokens_fraction=0.0, quarantine_path=f"{stem.stem}_eval{stem.suffix}")
         elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
                                              cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,

@@ -59,6 +59,14 @@ class VideoDataConfig:
     would be on their own (0 and 1 reproduce the one-source streams exactly), keeps long videos from
     being packed around with short clips, and needs no RNG state to resume. The realized shares of
     sequences and of real tokens are in `VideoPackedLoader.stats["sources"]` (and logged)."""
+    text_tokens: str = ""
+    """Token files (megatron indexed datasets from launch/tokenize_text.py, data/token_files.py: prefixes,
+    directories or globs, comma-separated) mixed in as packs of text alone: a pretraining-scale text corpus beside
+    the videos, memory-mapped where text-only samples in shards are held in memory. Tokenized with this config's
+    tokenizer (their sidecar is checked). "" = none."""
+    text_tokens_fraction: float = 0.0
+    """Share of packed sequences filled from `text_tokens`, in [0, 1); the rest are split between `shards` and
+    `long_shards` by `long_fraction`. Drawn like the long:short mixture, so a resume is exact."""
 
     # ---- sequence packing -------------------------------------------------------------------
     seq_len: int = 8192
@@ -174,6 +182,17 @@ class VideoDataConfig:
         for other in ("shards", "long_shards"):
             if self.eval_shards.strip() and self.eval_shards.strip() == getattr(self, other).strip():
                 bad("eval_shards", f"names the same shards as `{other}`: held-out data must not be trained on")
+        if not isinstance(self.text_tokens, str):
+            bad("text_tokens", "must be a string (token-file prefixes, directories or globs, comma-separated)")
+        if isinstance(self.text_tokens_fraction, bool) or not (math.isfinite(self.text_tokens_fraction)
+                                                               and 0.0 <= self.text_tokens_fraction < 1.0):
+            bad("text_tokens_fraction", "must be a number in [0, 1) (the share of packed sequences from text_tokens)")
+        if self.text_tokens_fraction > 0 and not self.text_tokens.strip():
+            bad("text_tokens_fraction", "is > 0 but there are no token files: set text_tokens "
+                                        "(data.video.text_tokens=PREFIX) or text_tokens_fraction=0")
+        if self.text_tokens.strip() and self.text_tokens_fraction == 0:
+            warnings.warn(f"VideoDataConfig.text_tokens = {self.text_tokens!r} is ignored: text_tokens_fraction = 0, "
+                          f"so no packed sequence is drawn from it")
         if self.long_shards.strip() and self.long_fraction == 0:
             warnings.warn(f"VideoDataConfig.long_shards = {self.long_shards!r} is ignored: long_fraction = 0, so "
                           f"no packed sequence is drawn from it")
@@ -250,12 +269,19 @@ class VideoDataConfig:
                            f"min_frames x (min_frame_tokens + ~12 text/marker tokens) + 2)")
 
     def sources(self) -> list[tuple[str, str, str, float]]:
-        """(name, shard spec, config field, share of packed sequences) of each data source: one
-        ("short", shards) without `long_shards`, else ("short", shards) and ("long", long_shards)."""
+        """(name, spec, config field, share of packed sequences) of each data source: one ("short", shards)
+        without `long_shards`, else ("short", shards) and ("long", long_shards); then ("tokens", text_tokens) with
+        `text_tokens_fraction` > 0, the shards' shares scaled to the rest."""
         if not self.long_shards.strip():
-            return [("short", self.shards, "shards", 1.0)]
-        f = float(self.long_fraction)
-        return [("short", self.shards, "shards", 1.0 - f), ("long", self.long_shards, "long_shards", f)]
+            out = [("short", self.shards, "shards", 1.0)]
+        else:
+            f = float(self.long_fraction)
+            out = [("short", self.shards, "shards", 1.0 - f), ("long", self.long_shards, "long_shards", f)]
+        t = float(self.text_tokens_fraction)
+        if t > 0:
+            out = [(n, spec, fld, w * (1.0 - t)) for n, spec, fld, w in out] + [("tokens", self.text_tokens,
+                                                                                 "text_tokens", t)]
+        return out
 
     @property
     def frame_factor(self) -> int:

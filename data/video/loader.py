@@ -65,6 +65,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.token_files import TokenPacks
+
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -382,6 +384,8 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     The patches of all planned frames go straight into one preallocated tensor (a failed sample's
     slot is closed up), so a frame is copied once after decoding: from the decoder's output into
     the pack, already in ViT patch order."""
+    if isinstance(planner, TokenPacks):          # a row of token files (data.video.text_tokens): text alone
+        return planner.build(epoch, index)
     cfg, tok = planner.cfg, planner.tokenizer
     p, m = cfg.patch_size, cfg.merge_size
     items = planner.epoch(epoch).packs[index]
@@ -481,7 +485,8 @@ class VideoPackedLoader:
         self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
         specs = cfg.sources()                      # [(name, shard spec, config field, weight)]
         given = [catalog, long_catalog]
-        cats = [given[i] if given[i] is not None else load_catalog(spec, field=fld)
+        # token files (text_tokens) are a source without a catalog: data/token_files.TokenPacks stands for its planner
+        cats = [[] if fld == "text_tokens" else given[i] if given[i] is not None else load_catalog(spec, field=fld)
                 for i, (_, spec, fld, _) in enumerate(specs)]
         if len(cats) > 1:
             shared = sorted({r.shard for r in cats[0]} & {r.shard for r in cats[1]})
@@ -501,9 +506,11 @@ class VideoPackedLoader:
                             "0): every frame of those is slow. Ingest them again to encode their repeated frames "
                             "small.", cfg.fast_frame_ratio, len(blind), len(videos),
                             os.path.basename(blind[0].shard), blind[0].key)
-        self.planners = [Planner(c, cfg, self.tokenizer, self.seed) for c in cats]
+        self.planners = [TokenPacks(spec, cfg, self.tokenizer, self.seed) if fld == "text_tokens"
+                         else Planner(c, cfg, self.tokenizer, self.seed) for c, (_, spec, fld, _) in zip(cats, specs)]
         self.catalog, self.planner = cats[0], self.planners[0]
-        fps = [catalog_fingerprint(c) for c in cats]
+        fps = [hashlib.sha1(p.fingerprint.encode()).hexdigest()[:16] if isinstance(p, TokenPacks)
+               else catalog_fingerprint(c) for c, p in zip(cats, self.planners)]
         self.catalog_fp = fps[0] if len(cats) == 1 else hashlib.sha1(
             "|".join(f"{n}:{fp}" for n, fp in zip(self.source_names, fps)).encode()).hexdigest()[:16]
         streams = [SourceStream(p, cfg.num_epochs) for p in self.planners]
@@ -512,8 +519,10 @@ class VideoPackedLoader:
         self.mixed = len(streams) > 1
         if self.mixed:
             log.info("video loader: mixture of %s", ", ".join(
-                f"{n} ({len(c)} samples from {spec!r}, {w:.1%} of packed sequences)"
-                for (n, spec, _, w), c in zip(specs, cats)))
+                f"{n} ({len(c)} samples from {spec!r}, {w:.1%} of packed sequences)" if not isinstance(p, TokenPacks)
+                else f"{n} ({len(p.source.lengths)} documents, {p.source.tokens} tokens in token files {spec!r}, "
+                     f"{w:.1%} of packed sequences)"
+                for (n, spec, _, w), c, p in zip(specs, cats, self.planners)))
         self._base = self.stream.start()
         self._skip: frozenset = frozenset()
         self._consumed = 0
@@ -619,8 +628,9 @@ class VideoPackedLoader:
             c["visual_tokens"] += int(pack.visual_pos.numel())
             n = self._stats["packs"]
             if self.dp_rank == 0 and (n in (1, 10, 100) or n % 1000 == 0):
-                log.info("video data mix on this rank after %d packed sequences (long_fraction %s): %s", n,
-                         self.cfg.long_fraction, "; ".join(
+                log.info("video data mix on this rank after %d packed sequences (long_fraction %s, "
+                         "text_tokens_fraction %s): %s", n, self.cfg.long_fraction, self.cfg.text_tokens_fraction,
+                         "; ".join(
                              f"{k} {v['pack_share']:.1%} of sequences, {v['token_share']:.1%} of tokens, "
                              f"{v['samples']} samples" for k, v in self.source_stats().items()))
         self._stats["samples_text"] += pack.text_docs
@@ -734,9 +744,12 @@ class VideoPackedLoader:
         now = self.source_names if self.mixed else None
         if saved == now:
             return ""
-        one = "one source (data.video.shards)"
-        return (f"; sources (saved, now): ({saved or one}, {now or one}) — data.video.long_shards was "
-                f"{'added' if now else 'removed'}")
+        one = ["short"]   # one source: data.video.shards
+        gone, new = sorted(set(saved or one) - set(now or one)), sorted(set(now or one) - set(saved or one))
+        what = {"long": "data.video.long_shards", "tokens": "data.video.text_tokens", "short": "data.video.shards"}
+        return (f"; sources (saved, now): ({saved or one}, {now or one})"
+                + "".join(f" — {what.get(n, n)} was added" for n in new)
+                + "".join(f" — {what.get(n, n)} was removed" for n in gone))
 
     def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
         """Continue from `state` (saved by any rank of a lockstep run, with any dp_world).

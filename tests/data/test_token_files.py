@@ -211,3 +211,78 @@ def test_bad_settings_and_files_are_named(files, tmp_path):
     with pytest.raises(ValueError, match="train.micro_batch_size must be 1"):
         TokenFileStream(TokenCorpus(str(d / "a"), seq_length=8, seed=0), document_bounds=True, micro_batch_size=2,
                         global_batch_size=4, dp_rank=0, dp_size=1)
+
+
+# ---- token files in the packed video loader's mixture (data.video.text_tokens) -----------------------------
+
+@pytest.fixture(scope="module")
+def text_tokens(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vl_tok")
+    tok = ByteTokenizer()
+    write_token_files((tok.encode(t) + [tok.eos_id] for t in synthetic_documents(300, 4)), d / "web", vocab_size=512,
+                      meta={"tokenizer": repr(tok), "eos_id": tok.eos_id})
+    return str(d / "web")
+
+
+def _mixed_cfg(shard_dir, text_tokens, tmp_path, **kw):
+    from .conftest import small_cfg
+    kw.setdefault("decode_isolation", "inline")
+    kw.setdefault("text_tokens_fraction", 0.3)
+    return small_cfg(shard_dir, tmp_path, text_tokens=text_tokens, **kw)
+
+
+def test_token_rows_mix_into_the_video_packs(shard_dir, text_tokens, tmp_path):
+    """A share of the packs are rows of the token files, in the token source's own order (TokenSource read alone
+    is the reference), as text-only packs: the row's tokens, the next token as label except across a document
+    boundary, positions restarting per document on all three M-RoPE rows, no frames; the other packs are the
+    videos' packs as the videos alone would give them; a resume mid-stream is exact."""
+    from data.video.loader import VideoPackedLoader
+
+    from .test_loader import signature, take
+
+    cfg = _mixed_cfg(shard_dir, text_tokens, tmp_path, num_workers=2)
+    packs = take(VideoPackedLoader(cfg, seed=3), 24)
+    rows = [p for p in packs if p.source == "tokens"]
+    assert 4 <= len(rows) <= 11 and {p.source for p in packs} == {"short", "tokens"}
+    alone = TokenSource([text_tokens], seq_length=cfg.seq_len, seed=3, source_id=0)
+    for j, p in enumerate(rows):
+        tokens, starts, _ = alone.sample(j)
+        ref = row_tensors(tokens, starts, document_bounds=True)
+        assert (p.epoch * alone.per_epoch + p.pack_index) == j
+        assert torch.equal(p.tokens, ref["tokens"]) and torch.equal(p.cu_seqlens, ref["cu_seqlens"])
+        assert torch.equal(p.loss_mask, ref["loss_mask"])
+        assert torch.equal(p.labels[p.loss_mask > 0], torch.from_numpy(tokens[1:])[p.loss_mask > 0])
+        assert bool((p.labels[p.loss_mask == 0] == cfg.label_ignore_index).all())
+        assert torch.equal(p.position_ids, ref["position_ids"].expand(3, -1))
+        assert p.pixel_values.shape[0] == 0 and p.grid_thw.shape[0] == 0 and p.text_docs == p.num_docs >= 1
+        assert all(k.startswith("web#") for k in p.sample_keys)
+    videos = [signature(p) for p in packs if p.source == "short"]
+    alone_videos = VideoPackedLoader(_mixed_cfg(shard_dir, "", tmp_path, text_tokens_fraction=0.0), seed=3)
+    assert videos == [signature(p) for p in take(alone_videos, len(videos))]
+    a = VideoPackedLoader(cfg, seed=3)
+    first = [signature(p) for p in take(a, 10)]
+    state = a.state_dict()
+    a.close()
+    b = VideoPackedLoader(cfg, seed=3)
+    b.load_state_dict(state)
+    assert first + [signature(p) for p in take(b, 14)] == [signature(p) for p in packs]
+    assert b.stats["sources"]["tokens"]["packs"] == len(rows)
+    b.close()
+
+
+def test_token_rows_in_a_mixture_are_checked(shard_dir, text_tokens, tmp_path):
+    from data.video.loader import VideoPackedLoader
+
+    with pytest.raises(ValueError, match="text_tokens_fraction.*no token files"):
+        _mixed_cfg(shard_dir, "", tmp_path)
+    with pytest.raises(ValueError, match=r"text_tokens_fraction.*\[0, 1\)"):
+        _mixed_cfg(shard_dir, text_tokens, tmp_path, text_tokens_fraction=1.0)
+    wide = tmp_path / "wide"
+    write_token_files([[1, 2, 3] * 400], wide, vocab_size=151936, meta={"tokenizer": "Qwen", "eos_id": 151643})
+    with pytest.raises(ValueError, match=r"text_tokens: .*wide was tokenized with Qwen \(vocab_size 151936, eos "
+                                         r"151643\), the video documents with ByteTokenizer"):
+        VideoPackedLoader(_mixed_cfg(shard_dir, str(wide), tmp_path), seed=0)
+    one = VideoPackedLoader(_mixed_cfg(shard_dir, "", tmp_path, text_tokens_fraction=0.0), seed=0)
+    state = one.state_dict()
+    with pytest.raises(ValueError, match="data.video.text_tokens was added"):
+        VideoPackedLoader(_mixed_cfg(shard_dir, text_tokens, tmp_path), seed=0).load_state_dict(state)

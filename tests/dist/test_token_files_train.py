@@ -84,3 +84,35 @@ def test_held_out_token_files_are_scored(runs):
     for a, b in zip(ref, tp2):
         assert math.isfinite(a["val_loss"]) and abs(a["val_loss"] - b["val_loss"]) <= RTOL * a["val_loss"]
     assert ref[-1]["val_loss"] < ref[0]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def vl_runs(tmp_path_factory):
+    """The multimodal tiny model on synthetic videos with token-file rows as 0.4 of its packs
+    (data.video.text_tokens): one process straight, stopped and resumed; TP2 and PP2."""
+    from data.token_files import ensure_synthetic_token_files
+    from data.video_stream import ensure_synthetic_shards
+
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    text = ensure_synthetic_token_files(tmp_path_factory.mktemp("vl_tokens"), 300, 13, rank=0, vocab_size=512)
+    common = ["recipe=keye_tiny", "parallel=single", f"data.video.shards={shards}", f"data.video.text_tokens={text}",
+              "data.video.text_tokens_fraction=0.4", "train.steps=4", "train.global_batch_size=2",
+              "train.checkpoint.enabled=false"]
+    ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
+    one = run_layouts_all(1, {"single": common, "stopped": common + ckpt + ["train.stop_after=2", "run_dir=s"],
+                              "resumed": common + ckpt + ["run_dir=s"]}, tmp_path_factory.mktemp("vl_one"))
+    two = run_layouts_all(2, {"tp2": common + ["parallel.tp=2"], "pp2": common + ["parallel.pp=2"]},
+                          tmp_path_factory.mktemp("vl_two"))
+    return one, two
+
+
+def test_token_rows_beside_videos_train_in_every_layout_and_resume(vl_runs):
+    one, two = vl_runs
+    single = one["losses"]["single"]
+    assert single[4] < single[1], single
+    for name in ("tp2", "pp2"):
+        assert _close(two["losses"][name], single), (name, two["losses"][name], single)
+    assert one["losses"]["stopped"] == {s: single[s] for s in (1, 2)}
+    assert one["losses"]["resumed"] == {s: single[s] for s in (3, 4)}
+    # the steps' text-only documents: the token rows' documents among the videos' (the loader's counters)
+    assert sum(one["extras"]["single"][s].get("data_samples_text", 0) for s in single) > 0
