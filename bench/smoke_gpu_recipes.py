@@ -51,9 +51,10 @@ SETS = {
     "mixed": "videos with image and text-only samples: the tiny recipes (stopped, resumed) and the 30B slice",
     "scenes": "videos of still scenes in slow and fast frames: the tiny recipe (stopped, resumed) and the 30B slice",
     "text": "the language model alone on text-only shards: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers",
-    "tokens": "the language model alone on token files: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers",
+    "tokens": "token files: the tiny LM (stopped, resumed) and the 30B LM cut to 2 layers on them alone; the tiny "
+              "recipe (stopped, resumed) and the 30B slice with their rows among the video packs",
 }
-SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes", "text")  # the sets whose cases read root/videos
+SETS_ON_30B_VIDEOS = ("30b", "stages_30b", "resume_30b", "eval_30b", "mixed", "scenes", "text", "tokens")  # the sets whose cases read root/videos
 
 
 def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list[str]]]:
@@ -170,8 +171,15 @@ def cases(root: Path, which: str, shards: str) -> list[tuple[str, str, str, list
         tk = single + ["data=tokens_tiny", "train.micro_batch_size=1"]
         lm_30b = tk + ["model.lm.num_layers=2", "train.global_batch_size=2", "train.warmup_steps=1",
                        "train.log_interval=1", "train.steps=3", no_ckpt]
+        # then token-file rows as 0.3 of the packs beside videos (data.video.text_tokens; docs/data.md "Mixture"):
+        # the tiny recipe on its own videos, stopped at step 10 and resumed, and the 30B slice on 32 videos; the
+        # files carry each recipe's tokenizer (bytes with 512 / 151,936 ids)
+        rows = lambda vocab: [f"data.video.text_tokens={shards}/tokens{vocab}/web",  # noqa: E731
+                              "data.video.text_tokens_fraction=0.3"]
         return stopped_and_resumed("keye_tiny_lm_tokens", "keye_tiny_lm", "tk_tiny", tk) + [
-            ("keye_30b_a3b_lm_tokens", "keye_30b_a3b_lm", "tk_30b", lm_30b)]
+            ("keye_30b_a3b_lm_tokens", "keye_30b_a3b_lm", "tk_30b", lm_30b)] + stopped_and_resumed(
+            "keye_tiny_token_rows", "keye_tiny", "tk_vl_tiny", single + rows(512)) + [
+            ("keye_30b_a3b_token_rows", "keye_30b_a3b", "tk_vl_30b", cut + rows(151936))]
     if which == "resume_30b":
         # a resume at full width: 3 steps straight, then the same 3 steps stopped after step 2 (checkpoint of the
         # model, the distributed optimizer's state and the loaders', ~32 GB) and rerun, which must resume at step 2;
@@ -267,6 +275,12 @@ def main() -> None:
         if args.set == "text":  # text-only samples, no video
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "texts")),
                             "--n", "0", "--text", "2000", "--shards"], cwd=REPO, check=True, capture_output=True)
+        if args.set == "tokens":  # token files of 2,000 synthetic documents for each recipe's tokenizer
+            for vocab in (512, 151936):
+                if not Path(shards, f"tokens{vocab}", "web.idx").exists():
+                    subprocess.run([sys.executable, "launch/tokenize_text.py", "--synthetic", "2000", "--vocab-size",
+                                    str(vocab), "--out", str(Path(shards, f"tokens{vocab}", "web"))], cwd=REPO,
+                                   check=True, capture_output=True)
         if args.set == "eval_30b":  # held-out videos: another seed, shards of their own
             subprocess.run([sys.executable, "launch/make_synthetic_videos.py", "--out", str(Path(shards, "eval")), "--n",
                             "8", "--seed", "1", "--shards", "--workers", "8"], cwd=REPO, check=True, capture_output=True)

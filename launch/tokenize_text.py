@@ -46,6 +46,8 @@ def main(argv=None) -> int:
         tok = ByteTokenizer(vocab_size=a.vocab_size) if a.tokenizer == "bytes" else HFTokenizer(a.tokenizer)
     except ValueError as e:
         p.error(str(e).replace("data.video.tokenizer", "--tokenizer"))
+    import importlib
+    importlib.import_module("megatron.core.datasets.indexed_dataset")   # its import (seconds) is not the tokenizer's
     t0 = time.perf_counter()
     if a.synthetic:
         tail = [] if a.no_eos else [tok.eos_id]
