@@ -26,7 +26,8 @@ tokens. This is the stream for that corpus:
   first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions
   0..S-1, attention across the documents of a row), any micro-batch size.
 
-Memory per source: 12-16 bytes per document (an epoch's order and cumulative ends) and 4-8 per sample of an epoch.
+Memory per source: 20 bytes per document (the lengths, an epoch's order and cumulative ends; 32 while two epochs
+are held at an epoch's end) and 8 per row of an epoch.
 """
 from __future__ import annotations
 
