@@ -286,3 +286,22 @@ def test_token_rows_in_a_mixture_are_checked(shard_dir, text_tokens, tmp_path):
     state = one.state_dict()
     with pytest.raises(ValueError, match="data.video.text_tokens was added"):
         VideoPackedLoader(_mixed_cfg(shard_dir, text_tokens, tmp_path), seed=0).load_state_dict(state)
+
+
+def test_tokenize_text_command(tmp_path, capsys):
+    """launch/tokenize_text.py: writes the files, says what it left out, and refuses to overwrite or to guess."""
+    from launch.tokenize_text import main
+
+    (tmp_path / "in.jsonl").write_text('{"text": "one"}\n{"txt": "two"}\n{"text": "three"}\n')
+    out = str(tmp_path / "tok" / "in")
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--out", out]) == 0
+    assert "2 documents" in capsys.readouterr().out and sidecar(out)["skipped_lines"] == 1
+    for argv, needle in ((["--input", str(tmp_path / "in.jsonl"), "--out", out], "in.idx exists"),
+                         (["--input", str(tmp_path / "nope.jsonl"), "--out", out + "2"], "nope.jsonl: no such file"),
+                         (["--out", out + "3"], "give --input FILES or --synthetic N"),
+                         (["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tmp_path), "--out", out + "4"],
+                          "--tokenizer = .*holds no tokenizer.json")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert __import__("re").search(needle, capsys.readouterr().err), (argv, needle)
+    assert main(["--synthetic", "30", "--out", out + "5"]) == 0 and sidecar(out + "5")["documents"] == 30
