@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.sample_position import GlobalSamplePosition
 from data.token_files import TokenFilesConfig
 from data.video.config import REQUIRED, UnsetPathError, VideoDataConfig
 
@@ -116,34 +117,22 @@ class SyntheticTokenSource:
         return toks
 
 
-class SyntheticTokenStream:
-    """Micro-batches of one data-parallel rank; `state_dict()` holds the global position.
+class SyntheticTokenStream(GlobalSamplePosition):
+    """Micro-batches of one data-parallel rank; `state_dict()` holds the global position (data/sample_position.py).
 
     Each yielded micro-batch: tokens/labels/position_ids [mbs, s] int64, loss_mask [mbs, s] float32.
     """
 
+    kind, what = "synthetic_tokens", "a synthetic_tokens stream"
+
     def __init__(self, cfg: DataConfig, *, vocab_size: int, seq_length: int, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int, dp_size: int):
-        per_rank = global_batch_size // dp_size
-        if global_batch_size % dp_size or per_rank % micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size ({global_batch_size}) must be a multiple of data-parallel size "
-                f"({dp_size}) x train.micro_batch_size ({micro_batch_size})")
+        super().__init__(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, dp_rank=dp_rank,
+                         dp_size=dp_size)
         self.source = SyntheticTokenSource(cfg, vocab_size=vocab_size, seq_length=seq_length)
-        self.mbs, self.gbs, self.dp_rank, self.dp_size = micro_batch_size, global_batch_size, dp_rank, dp_size
-        self.num_microbatches = per_rank // micro_batch_size
-        self.consumed_samples = 0  # global samples of completed steps
-        self._micro = 0  # micro-batches already handed out in the current step
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._micro == self.num_microbatches:
-            self.consumed_samples += self.gbs
-            self._micro = 0
-        start = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size) + self._micro * self.mbs
-        self._micro += 1
+        start = self.next_start()
         seqs = torch.stack([self.source.sample(i) for i in range(start, start + self.mbs)])
         s = seqs.shape[1] - 1
         return {
@@ -152,18 +141,3 @@ class SyntheticTokenStream:
             "loss_mask": torch.ones(seqs.shape[0], s, dtype=torch.float32),
             "position_ids": torch.arange(s).unsqueeze(0).expand(seqs.shape[0], -1).contiguous(),
         }
-
-    def state_dict(self) -> dict:
-        """Position after the last completed step (call between steps)."""
-        done = self.consumed_samples + (self.gbs if self._micro == self.num_microbatches else 0)
-        if self._micro not in (0, self.num_microbatches):
-            raise RuntimeError("data state taken in the middle of a step")
-        return {"kind": "synthetic_tokens", "consumed_samples": done}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "synthetic_tokens":
-            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a synthetic_tokens stream")
-        if state["consumed_samples"] % self.gbs:
-            raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
-                             f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
-        self.consumed_samples, self._micro = int(state["consumed_samples"]), 0

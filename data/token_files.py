@@ -42,6 +42,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from data.sample_position import GlobalSamplePosition
+
 FORMAT = "keye-token-files/1"      # the sidecar PREFIX.json that launch/tokenize_text.py writes
 GOLDEN = 0x9E3779B9                # round(2^32 / golden ratio): the blend's Weyl step, odd
 BLEND_CHECKPOINT = 1 << 16         # the blend keeps each source's count at every multiple of this many samples
@@ -409,58 +411,32 @@ def row_tensors(tokens: np.ndarray, starts: list[int], *, document_bounds: bool)
     return out
 
 
-class TokenFileStream:
+class TokenFileStream(GlobalSamplePosition):
     """Micro-batches of one data-parallel rank from a `TokenCorpus`, in the trainer's token-stream interface (that of
-    data/synthetic_tokens.SyntheticTokenStream): tokens / labels / position_ids [mbs, S] int64, loss_mask [mbs, S]
-    float32, and with document bounds (micro-batch size 1) cu_seqlens [D + 1] int32."""
+    data/synthetic_tokens.SyntheticTokenStream; the position: data/sample_position.py): tokens / labels /
+    position_ids [mbs, S] int64, loss_mask [mbs, S] float32, and with document bounds (micro-batch size 1)
+    cu_seqlens [D + 1] int32."""
+
+    kind, what = "tokens", "a token-file stream (data.kind=tokens)"
 
     def __init__(self, corpus: TokenCorpus, *, document_bounds: bool, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int, dp_size: int):
-        per_rank = global_batch_size // dp_size
-        if global_batch_size % dp_size or per_rank % micro_batch_size:
-            raise ValueError(f"train.global_batch_size ({global_batch_size}) must be a multiple of data-parallel size "
-                             f"({dp_size}) x train.micro_batch_size ({micro_batch_size})")
+        super().__init__(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, dp_rank=dp_rank,
+                         dp_size=dp_size)
         if document_bounds and micro_batch_size != 1:
             raise ValueError(f"data.tokens.document_bounds=true packs one row per micro-batch: train.micro_batch_size "
                              f"must be 1, got {micro_batch_size} (or data.tokens.document_bounds=false: attention "
                              f"across the documents of a row)")
         self.corpus, self.document_bounds = corpus, document_bounds
-        self.mbs, self.gbs, self.dp_rank, self.dp_size = micro_batch_size, global_batch_size, dp_rank, dp_size
-        self.num_microbatches = per_rank // micro_batch_size
-        self.consumed_samples = 0
-        self._micro = 0
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._micro == self.num_microbatches:
-            self.consumed_samples += self.gbs
-            self._micro = 0
-        start = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size) + self._micro * self.mbs
-        self._micro += 1
         rows = [row_tensors(tokens, starts, document_bounds=self.document_bounds)
-                for _, tokens, starts in self.corpus.samples(start, self.mbs)]
+                for _, tokens, starts in self.corpus.samples(self.next_start(), self.mbs)]
         if self.document_bounds:
             r = rows[0]
             return {"tokens": r["tokens"][None], "labels": r["labels"][None], "loss_mask": r["loss_mask"][None],
                     "position_ids": r["position_ids"][None], "cu_seqlens": r["cu_seqlens"]}
         return {k: torch.stack([r[k] for r in rows]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-
-    def state_dict(self) -> dict:
-        if self._micro not in (0, self.num_microbatches):
-            raise RuntimeError("data state taken in the middle of a step")
-        done = self.consumed_samples + (self.gbs if self._micro == self.num_microbatches else 0)
-        return {"kind": "tokens", "consumed_samples": done}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "tokens":
-            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a token-file stream "
-                             f"(data.kind=tokens)")
-        if state["consumed_samples"] % self.gbs:
-            raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
-                             f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
-        self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
 
 
 # ---- token files in the packed video loader's mixture ---------------------------------------------------------

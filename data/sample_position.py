@@ -1,0 +1,53 @@
+"""The position of a stream of samples that are pure functions of their global index (the synthetic token stream,
+token files): one integer, `consumed_samples`.
+
+Step k consumes global samples [k G, (k + 1) G) for the global batch size G; data-parallel rank r of R takes the
+contiguous slice [k G + r G / R, k G + (r + 1) G / R), micro-batch by micro-batch. A resume is exact, and under
+another data-parallel size neither repeats nor skips a sample.
+"""
+from __future__ import annotations
+
+
+class GlobalSamplePosition:
+    """Where one data-parallel rank's next micro-batch starts; a subclass names its state's `kind` and makes the
+    micro-batch from `next_start()`."""
+
+    kind = ""
+    what = ""      # the stream, as an error message names it
+
+    def __init__(self, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int):
+        per_rank = global_batch_size // dp_size
+        if global_batch_size % dp_size or per_rank % micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({global_batch_size}) must be a multiple of data-parallel size "
+                             f"({dp_size}) x train.micro_batch_size ({micro_batch_size})")
+        self.mbs, self.gbs, self.dp_rank, self.dp_size = micro_batch_size, global_batch_size, dp_rank, dp_size
+        self.num_microbatches = per_rank // micro_batch_size
+        self.consumed_samples = 0  # global samples of completed steps
+        self._micro = 0            # micro-batches already handed out in the current step
+
+    def __iter__(self):
+        return self
+
+    def next_start(self) -> int:
+        """The global index of the next micro-batch's first sample (advancing the position by one micro-batch)."""
+        if self._micro == self.num_microbatches:
+            self.consumed_samples += self.gbs
+            self._micro = 0
+        start = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size) + self._micro * self.mbs
+        self._micro += 1
+        return start
+
+    def state_dict(self) -> dict:
+        """Position after the last completed step (call between steps)."""
+        if self._micro not in (0, self.num_microbatches):
+            raise RuntimeError("data state taken in the middle of a step")
+        done = self.consumed_samples + (self.gbs if self._micro == self.num_microbatches else 0)
+        return {"kind": self.kind, "consumed_samples": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume {self.what}")
+        if state["consumed_samples"] % self.gbs:
+            raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
+                             f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
+        self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
