@@ -5,7 +5,8 @@
 Both read the same N synthetic documents (JSONL, ~0.9 KB each, byte tokenizer). Measured, each reader in a fresh process (so that
 its resident memory is its own):
 - preparation: launch/tokenize_text.py's tokenize_jsonl (JSONL -> PREFIX.bin/.idx) against launch/ingest.py
-  (JSONL -> tar shards with their index), wall seconds;
+  (JSONL -> tar shards with their index), wall seconds; and tokenize_jsonl with a byte-level BPE of the tokenizers
+  library (a small one trained on the synthetic captions: the library's rate here, not Qwen's vocabulary's);
 - start: from nothing to the first training row (the token corpus: map the index, order the first epoch; the
   packed loader: read the shard indexes, tokenize and plan every text, pack the epoch), seconds;
 - memory: the process's private resident memory (RssAnon) after the rows minus before the reader was built (the
@@ -112,6 +113,15 @@ def main(argv=None) -> int:
     info = tokenize_jsonl([str(jsonl)], work / "tok" / "docs", ByteTokenizer())
     out["prepare_tokens_s"] = time.perf_counter() - t0
     out["corpus_tokens"] = info["tokens"]
+    # the same text through a byte-level BPE (the tokenizers library, as a Qwen tokenizer is run): a small one
+    # trained on the synthetic captions, so this is the library's rate on these 2 cores, not Qwen's vocabulary's
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+    from data.video.tokenizer import HFTokenizer
+    bpe = HFTokenizer(make_synthetic_hf_tokenizer(work / "bpe"))
+    t0 = time.perf_counter()
+    info = tokenize_jsonl([str(jsonl)], work / "tok_bpe" / "docs", bpe)
+    out["prepare_bpe"] = {"seconds": time.perf_counter() - t0, "tokens": info["tokens"],
+                          "mb_per_s": out["jsonl_mb"] / (time.perf_counter() - t0)}
     t0 = time.perf_counter()
     ingest(IngestOptions(videos=None, annotations=str(jsonl), out=str(work / "shards"), progress=False, workers=1))
     out["prepare_packed_s"] = time.perf_counter() - t0
