@@ -60,8 +60,8 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         return
     if d.kind != "video":
         raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}"
-                         + (" (token files are text for a language model alone: model.vision.enabled=false)"
-                            if d.kind == "tokens" else ""))
+                         + (" (data.kind=tokens feeds a language model alone; a multimodal run mixes token files into "
+                            "its video packs with data.video.text_tokens)" if d.kind == "tokens" else ""))
     group, per_step = cfg.parallel.vit.group, t.global_batch_size // (t.micro_batch_size * layout.dp)
     if group and per_step % group:
         raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel rank "

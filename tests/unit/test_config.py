@@ -112,7 +112,7 @@ def test_token_files_settings_and_paths_are_checked(tmp_path):
     with pytest.raises(ValueError, match="train.micro_batch_size must be 1, got 4 .*document_bounds=false"):
         _validate("recipe=keye_tiny_lm", "data=tokens_tiny")
     assert _validate("recipe=keye_tiny_lm", "data=tokens_tiny", "data.tokens.document_bounds=false")[0].train.micro_batch_size == 4
-    with pytest.raises(ValueError, match=r"needs video data .*token files are text for a language model alone"):
+    with pytest.raises(ValueError, match=r"needs video data .*data.kind=tokens feeds a language model alone; .*data.video.text_tokens"):
         _validate("recipe=keye_tiny", "data=tokens_tiny")
     for name, vocab in (("a", 512), ("b", 512), ("wide", 151936)):
         write_token_files([[1, 2, 3, 4, 5]], tmp_path / name, vocab_size=vocab, meta={"tokenizer": f"T{vocab}"})
