@@ -126,6 +126,11 @@ class VideoBatchStream:
         for kind in ("image", "text"):   # only once this rank has served any (a video-only run's log is unchanged)
             if st.get(f"samples_{kind}"):
                 out[f"data_samples_{kind}"] = int(st[f"samples_{kind}"])
+        # slow and fast frames, and texts continued over several sequences: likewise only once served
+        for key, stat in (("data_frames_video", "frames_video"), ("data_frames_fast", "frames_fast"),
+                          ("data_texts_continued", "samples_text_continued")):
+            if st.get(stat):
+                out[key] = int(st[stat])
         for name, c in st.get("sources", {}).items():
             out[f"data_{name}_seq_share"] = c["pack_share"]
             out[f"data_{name}_token_share"] = c["token_share"]

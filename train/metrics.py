@@ -142,11 +142,13 @@ def sum_over_world(parts: list[torch.Tensor], device: torch.device) -> list[torc
     return list(flat.cpu().split(sizes))
 
 
-_DATA_COLS = 4  # wait, failed, image samples, text-only samples; then packs and tokens per mixture source
+# wait, failed, image samples, text-only samples, video frames, fast frames, continued text pieces; then packs and
+# tokens per mixture source
+_DATA_COLS = 7
 
 
 def data_metrics_table(local: dict, *, device: torch.device, sources: dict | None = None) -> torch.Tensor:
-    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (4 + 2 x sources)] vector
+    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (7 + 2 x sources)] vector
     whose other rows are zero: summed over the world it holds every rank's row."""
     names = sorted(sources or {})
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -156,6 +158,9 @@ def data_metrics_table(local: dict, *, device: torch.device, sources: dict | Non
     table[rank, 1] = float(local.get("data_samples_failed", 0))
     table[rank, 2] = float(local.get("data_samples_image", 0))
     table[rank, 3] = float(local.get("data_samples_text", 0))
+    table[rank, 4] = float(local.get("data_frames_video", 0))
+    table[rank, 5] = float(local.get("data_frames_fast", 0))
+    table[rank, 6] = float(local.get("data_texts_continued", 0))
     for i, name in enumerate(names):
         table[rank, _DATA_COLS + 2 * i] = float(sources[name]["packs"])
         table[rank, _DATA_COLS + 1 + 2 * i] = float(sources[name]["tokens"])
@@ -174,12 +179,19 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
       pipeline ranks read the same part, so the sum over one group counts each failure once.
     - `data_samples_image`, `data_samples_text`: the image and text-only samples trained on since the run began,
       summed the same way; present once the job has served any (a video-only run's log is unchanged).
+    - `data_fast_frame_share`: of the video frames trained on since the run began, the share encoded as fast
+      frames (slow and fast frames), over the same group; present once the job has served a fast frame.
+    - `data_texts_continued`: text-only documents that continued a text longer than a sequence (its pieces after
+      the first) since the run began, summed the same way; present once the job has served one.
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
-    Without a process group, `local` as it is."""
+    Without a process group, `local` as it is (the fast frames as their share)."""
     if not dist.is_initialized():
-        return dict(local)
+        out = {k: v for k, v in local.items() if k not in ("data_frames_video", "data_frames_fast")}
+        if local.get("data_frames_fast"):
+            out["data_fast_frame_share"] = local["data_frames_fast"] / max(local.get("data_frames_video", 0), 1)
+        return out
     names = sorted(sources or {})
     table = table.view(dist.get_world_size(), _DATA_COLS + 2 * len(names))
     wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
@@ -187,10 +199,14 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,
            "data_samples_failed": int(replicas[1])}
     world = table.sum(dim=0)
-    for col, key in ((2, "data_samples_image"), (3, "data_samples_text")):
+    for col, key in ((2, "data_samples_image"), (3, "data_samples_text"), (6, "data_texts_continued")):
         out.pop(key, None)
         if world[col] > 0:  # the same decision on every rank: from the world's sum
             out[key] = int(replicas[col])
+    out.pop("data_frames_video", None)
+    out.pop("data_frames_fast", None)
+    if world[5] > 0:
+        out["data_fast_frame_share"] = float(replicas[5] / replicas[4].clamp_min(1))
     packs, tokens = replicas[_DATA_COLS::2], replicas[_DATA_COLS + 1::2]
     for i, name in enumerate(names):
         out[f"data_{name}_seq_share"] = float(packs[i] / packs.sum().clamp_min(1))

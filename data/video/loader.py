@@ -394,11 +394,13 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
     pv = pixels.numpy()
     docs, keys, failures, off = [], [], [], 0
+    counts = {"video_frames": 0, "fast_frames": 0, "text_continued": 0}   # of the documents packed (the log's)
     for doc, n in zip(plans, rows):
         rec = planner.catalog[doc.uid]
         if doc.kind == "text":                   # a text-only sample: nothing to read or decode
             docs.append(build_document(doc, None, cfg, tok))
             keys.append(doc.key)
+            counts["text_continued"] += int(doc.piece > 0)
             continue
         try:
             if doc.is_image:                     # each image into its own rows, in document order
@@ -422,8 +424,14 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
         docs.append(build_document(doc, None, cfg, tok))
         keys.append(doc.key)
         off += n
-    return assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
+        if doc.frames is not None:
+            counts["video_frames"] += doc.frames.num_frames
+            counts["fast_frames"] += doc.frames.num_fast
+    pack = assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
                          planned_keys=[d.key for d in plans], pixel_values=pixels[:off])
+    for k, v in counts.items():
+        setattr(pack, k, v)
+    return pack
 
 
 class _PackDataset(IterableDataset):
@@ -635,6 +643,9 @@ class VideoPackedLoader:
                              f"{v['samples']} samples" for k, v in self.source_stats().items()))
         self._stats["samples_text"] += pack.text_docs
         self._stats["samples_image"] += pack.image_docs
+        self._stats["frames_video"] += pack.video_frames
+        self._stats["frames_fast"] += pack.fast_frames
+        self._stats["samples_text_continued"] += pack.text_continued
         for key in pack.planned_keys:
             f = failed.get(key)
             if f is None:

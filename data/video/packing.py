@@ -78,6 +78,9 @@ class PackedSample:
     source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source
     text_docs: int = 0            # text-only documents among the num_docs (no frames)
     image_docs: int = 0           # image documents among the num_docs (one frame each)
+    video_frames: int = 0         # frames of the video documents (set by loader.build_pack)
+    fast_frames: int = 0          # ... of them fast (slow and fast frames: a fraction of a slow frame's tokens)
+    text_continued: int = 0       # text-only documents that continue a longer text (its pieces after the first)
 
     @property
     def seq_len(self) -> int:

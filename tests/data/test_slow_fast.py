@@ -219,6 +219,8 @@ def test_loader_packs_slow_and_fast_frames_frame_accurate(scene_shards, tmp_path
         n_fast += fp.num_fast
         n_frames += fp.num_frames
     assert 0 < n_fast < n_frames and loader.stats["samples_ok"] == 6, (n_fast, n_frames)
+    # what the training log's data_fast_frame_share counts: the frames the documents carried, by their markers
+    assert (loader.stats["frames_fast"], loader.stats["frames_video"]) == (n_fast, n_frames)
 
 
 def test_slow_fast_resumes_exactly_and_names_its_setting(scene_shards, tmp_path):

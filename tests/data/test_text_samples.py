@@ -217,6 +217,8 @@ def test_long_texts_are_trained_whole_and_resume_exactly(tmp_path):
     assert whole == sorted("<bos>" + t + "<eos>" for t in texts)
     assert sorted(len(v) for v in got.values()) == [1, 1, 1, 2, 3, 6]   # 298 (with its "3:") + 2 fits one; 299 does not
     assert loader.stats.get("text_tokens_cut", 0) == 0 and loader.stats["text_pieces"] == 2 + 3 + 6
+    # the training log's data_texts_continued: the pieces after each text's first, as the keys above counted them
+    assert loader.stats["samples_text_continued"] == sum(len(v) - 1 for v in got.values()) == 1 + 2 + 5
     assert loader.state_dict()["plan_config"]["text_overflow"] == "continue"
     assert_resumes_exactly(small_cfg(tmp_path / "s", tmp_path, seq_len=300), 0, 3, 6)
 
