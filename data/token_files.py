@@ -32,12 +32,13 @@ are held at an epoch's end) and 8 per row of an epoch.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -120,11 +121,12 @@ def sidecar(prefix: str) -> dict | None:
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike, *, vocab_size: int,
-                      meta: dict | None = None) -> dict:
+                      meta: dict | Callable[[], dict] | None = None) -> dict:
     """Writes `documents` (lists of token ids, each written as one sequence) as megatron's PREFIX.bin + PREFIX.idx
-    with the narrowest dtype that holds `vocab_size` ids, and PREFIX.json (the sidecar: counts plus `meta`). The
-    files appear under their names only once complete (written beside them, then renamed; the .idx last, so a
-    prefix whose .idx exists is whole). Returns the sidecar."""
+    with the narrowest dtype that holds `vocab_size` ids, and PREFIX.json (the sidecar: counts plus `meta`, or what
+    `meta()` returns once every document is written). The files appear under their names only once complete
+    (written beside them, then renamed; the .idx last, so a prefix whose .idx exists is whole). Returns the
+    sidecar."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -144,7 +146,7 @@ def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike,
         n_docs, n_tokens, longest = n_docs + 1, n_tokens + arr.size, max(longest, int(arr.size))
     builder.finalize(tmp_idx)
     info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name, "documents": n_docs,
-            "tokens": n_tokens, "longest_document": longest, **(meta or {})}
+            "tokens": n_tokens, "longest_document": longest, **((meta() if callable(meta) else meta) or {})}
     Path(prefix + ".json.partial").write_text(json.dumps(info, indent=1) + "\n")
     os.replace(tmp_bin, prefix + ".bin")
     os.replace(prefix + ".json.partial", prefix + ".json")
@@ -211,15 +213,14 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
         for x in ids:
             yield list(x) + tail
 
-    info = write_token_files(documents(), prefix, vocab_size=tokenizer.vocab_size, meta={
-        "tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
-        "inputs": [str(p) for p in inputs]})
-    with open(prefix + ".skipped.jsonl", "w") as f:
-        for s in skipped:
-            f.write(json.dumps(s) + "\n")
-    info["skipped_lines"] = len(skipped)
-    Path(prefix + ".json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    def meta() -> dict:   # once every line is read: the lines left out are known, and listed before the .idx
+        with open(prefix + ".skipped.jsonl", "w") as f:
+            for s in skipped:
+                f.write(json.dumps(s) + "\n")
+        return {"tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
+                "inputs": [str(p) for p in inputs], "skipped_lines": len(skipped)}
+
+    return write_token_files(documents(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
 
 
 def synthetic_documents(n: int, seed: int) -> Iterator[str]:
@@ -237,6 +238,17 @@ def synthetic_documents(n: int, seed: int) -> Iterator[str]:
         yield " ".join(parts)
 
 
+def write_synthetic_token_files(prefix: str | os.PathLike, n_documents: int, seed: int, tokenizer, *,
+                                append_eos: bool = True) -> dict:
+    """`n_documents` synthetic documents (synthetic_documents) tokenized with `tokenizer` at `prefix`, `<eos>` after
+    each unless `append_eos` is false; returns the sidecar."""
+    tail = [tokenizer.eos_id] if append_eos else []
+    return write_token_files((tokenizer.encode(t) + tail for t in synthetic_documents(n_documents, seed)), prefix,
+                             vocab_size=tokenizer.vocab_size, meta={"tokenizer": repr(tokenizer),
+                                                                    "eos_id": tail[0] if tail else None,
+                                                                    "source": f"synthetic, seed {seed}"})
+
+
 def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int, seed: int, *, rank: int,
                                  vocab_size: int, timeout_s: float = 600.0) -> str:
     """The prefix of `n_documents` synthetic documents tokenized with the byte tokenizer (`<eos>` after each),
@@ -247,10 +259,7 @@ def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int,
 
     prefix = str(Path(directory) / f"synthetic_{n_documents}_seed{seed}")
     if rank == 0 and not os.path.isfile(prefix + ".idx"):
-        tok = ByteTokenizer(vocab_size=vocab_size)
-        write_token_files((tok.encode(t) + [tok.eos_id] for t in synthetic_documents(n_documents, seed)), prefix,
-                          vocab_size=vocab_size, meta={"tokenizer": repr(tok), "eos_id": tok.eos_id,
-                                                       "source": f"synthetic, seed {seed}"})
+        write_synthetic_token_files(prefix, n_documents, seed, ByteTokenizer(vocab_size=vocab_size))
     deadline = time.time() + timeout_s
     while not os.path.isfile(prefix + ".idx"):
         if time.time() > deadline:
@@ -473,14 +482,20 @@ class TokenPacks:
     catalog: tuple = ()
 
     def __init__(self, spec: str, cfg, tokenizer, seed: int):
-        self.cfg, self.tokenizer, self.spec = cfg, tokenizer, spec
+        self.cfg, self.tokenizer = cfg, tokenizer
         prefixes = self.check_tokenizer(spec, tokenizer)
         self.source = TokenSource(prefixes, seq_length=cfg.seq_len, seed=seed, source_id=0,
                                   vocab_size=tokenizer.vocab_size)
         self.names = [os.path.basename(p) for p in prefixes]
-        # what the loader's fingerprint holds of this source: the files, their sizes and the reading settings
-        self.fingerprint = json.dumps({"prefixes": self.names, "documents": len(self.source.lengths),
-                                       "tokens": self.source.tokens, "seq_len": cfg.seq_len})
+        # what the loader's state fingerprint holds of this source (as loader.Planner.fingerprint of a catalog): the
+        # files, their sizes and the row length
+        blob = json.dumps({"prefixes": self.names, "documents": len(self.source.lengths),
+                           "tokens": self.source.tokens, "seq_len": cfg.seq_len})
+        self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """What the loader's mixture line says of this source."""
+        return f"{len(self.source.lengths)} documents, {self.source.tokens} tokens in token files"
 
     @staticmethod
     def check_tokenizer(spec: str, tokenizer) -> list[str]:

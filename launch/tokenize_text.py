@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if os.path.exists(a.out + ".idx"):
         p.error(f"--out {a.out}: {a.out}.idx exists; give another prefix or remove it")
 
-    from data.token_files import synthetic_documents, tokenize_jsonl, write_token_files
+    from data.token_files import tokenize_jsonl, write_synthetic_token_files
     from data.video.tokenizer import ByteTokenizer, HFTokenizer
 
     try:
@@ -50,10 +50,7 @@ def main(argv=None) -> int:
     importlib.import_module("megatron.core.datasets.indexed_dataset")   # its import (seconds) is not the tokenizer's
     t0 = time.perf_counter()
     if a.synthetic:
-        tail = [] if a.no_eos else [tok.eos_id]
-        info = write_token_files((tok.encode(t) + tail for t in synthetic_documents(a.synthetic, a.seed)), a.out,
-                                 vocab_size=tok.vocab_size, meta={"tokenizer": repr(tok), "eos_id": tail[0] if tail else None,
-                                                                  "source": f"synthetic, seed {a.seed}"})
+        info = write_synthetic_token_files(a.out, a.synthetic, a.seed, tok, append_eos=not a.no_eos)
     else:
         try:
             info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos)

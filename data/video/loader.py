@@ -148,6 +148,15 @@ class Planner:
         self._epochs: dict[int, EpochPlan] = {}
         self._text: tuple[int, tuple[list[int], list[bool]]] | None = None
 
+    @property
+    def fingerprint(self) -> str:
+        """What the loader's state fingerprint holds of this source: its catalog's."""
+        return catalog_fingerprint(self.catalog)
+
+    def summary(self) -> str:
+        """What the loader's mixture line says of this source."""
+        return f"{len(self.catalog)} samples"
+
     def uid_of(self, item: int) -> int:
         """The catalog uid of a planned item: a sample's uid, or for piece p > 0 of a text-only sample longer
         than a sequence (text_overflow "continue") uid + p * len(catalog)."""
@@ -517,8 +526,7 @@ class VideoPackedLoader:
         self.planners = [TokenPacks(spec, cfg, self.tokenizer, self.seed) if fld == "text_tokens"
                          else Planner(c, cfg, self.tokenizer, self.seed) for c, (_, spec, fld, _) in zip(cats, specs)]
         self.catalog, self.planner = cats[0], self.planners[0]
-        fps = [hashlib.sha1(p.fingerprint.encode()).hexdigest()[:16] if isinstance(p, TokenPacks)
-               else catalog_fingerprint(c) for c, p in zip(cats, self.planners)]
+        fps = [p.fingerprint for p in self.planners]
         self.catalog_fp = fps[0] if len(cats) == 1 else hashlib.sha1(
             "|".join(f"{n}:{fp}" for n, fp in zip(self.source_names, fps)).encode()).hexdigest()[:16]
         streams = [SourceStream(p, cfg.num_epochs) for p in self.planners]
@@ -527,10 +535,8 @@ class VideoPackedLoader:
         self.mixed = len(streams) > 1
         if self.mixed:
             log.info("video loader: mixture of %s", ", ".join(
-                f"{n} ({len(c)} samples from {spec!r}, {w:.1%} of packed sequences)" if not isinstance(p, TokenPacks)
-                else f"{n} ({len(p.source.lengths)} documents, {p.source.tokens} tokens in token files {spec!r}, "
-                     f"{w:.1%} of packed sequences)"
-                for (n, spec, _, w), c, p in zip(specs, cats, self.planners)))
+                f"{n} ({p.summary()} from {spec!r}, {w:.1%} of packed sequences)"
+                for (n, spec, _, w), p in zip(specs, self.planners)))
         self._base = self.stream.start()
         self._skip: frozenset = frozenset()
         self._consumed = 0
