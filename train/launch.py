@@ -86,18 +86,11 @@ def check_token_files(cfg: Config) -> None:
 
 
 def check_token_paths(cfg: Config) -> None:
-    """The token files of data.kind=tokens (or mixed into video packs: data.video.text_tokens) exist, were tokenized
-    for a vocabulary the model holds (their sidecar's vocab_size, when launch/tokenize_text.py wrote one; beside
-    video documents, the video documents' tokenizer), and the held-out files are not training files."""
+    """The token files of data.kind=tokens exist, were tokenized for a vocabulary the model holds (their sidecar's
+    vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
     from data.token_files import resolve_prefixes, sidecar
 
     vocab = cfg.model.lm.vocab_size
-    if cfg.data.kind == "video":   # rows of text among the video packs: their ids must be the documents' ids
-        from data.token_files import TokenPacks
-        from data.video.tokenizer import build_tokenizer
-
-        TokenPacks.check_tokenizer(cfg.data.video.text_tokens, build_tokenizer(cfg.data.video))
-        return
     tk = cfg.data.tokens
     found = {}
     for name in ("paths", "eval_paths"):
@@ -192,8 +185,11 @@ def check_paths(cfg: Config) -> None:
                              f"also training data ({shared[0]}, ...): held-out data must not be trained on")
         if not cfg.model.vision.enabled:
             check_text_only(cfg)
-        if cfg.data.video.text_tokens_fraction > 0:
-            check_token_paths(cfg)
+        if cfg.data.video.text_tokens_fraction > 0:   # token rows among the video packs: the documents' ids
+            from data.token_files import TokenPacks
+            from data.video.tokenizer import build_tokenizer
+
+            TokenPacks.check_tokenizer(cfg.data.video.text_tokens, build_tokenizer(cfg.data.video))
     if cfg.data.kind == "tokens":
         check_token_paths(cfg)
     c = cfg.train.checkpoint
