@@ -26,14 +26,18 @@ tokens. This is the stream for that corpus:
   first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions
   0..S-1, attention across the documents of a row), any micro-batch size.
 
-Memory per source: 20 bytes per document (the lengths, an epoch's order and cumulative ends; 32 while two epochs
-are held at an epoch's end) and 8 per row of an epoch.
+Memory per source: an epoch's order of the documents and their cumulative ends (12 bytes per document) and its order
+of rows (8 per row); two epochs are held at an epoch's end. With `index_dir` (the trainer's default:
+`<run_dir>/token_index`) they are files, written once by the first process of the node that needs them and
+memory-mapped by every rank and worker: page cache, shared and reclaimable, instead of a copy in each process (at
+10^8 documents, 1.2 GB per copy). Without it, or where the directory cannot be written, each process holds its own.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -45,9 +49,12 @@ import torch
 
 from data.sample_position import GlobalSamplePosition
 
+log = logging.getLogger(__name__)
+
 FORMAT = "keye-token-files/1"      # the sidecar PREFIX.json that launch/tokenize_text.py writes
 GOLDEN = 0x9E3779B9                # round(2^32 / golden ratio): the blend's Weyl step, odd
 BLEND_CHECKPOINT = 1 << 16         # the blend keeps each source's count at every multiple of this many samples
+INDEX_FORMAT = "keye-token-index/1"   # the epoch orders kept in index_dir (TokenSource._cached)
 
 
 @dataclass
@@ -65,6 +72,10 @@ class TokenFilesConfig:
     document_bounds: bool = True
     shuffle: bool = True
     synthetic_documents: int = 2000
+    # where each epoch's order of documents and rows is kept as files that every rank and worker of a node maps
+    # (TokenSource._cached); empty: <run_dir>/token_index. Point it at a node-local disk on a shared filesystem
+    # without file locks (the orders are then held in each process's memory, and the log says so)
+    index_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.weights:
@@ -276,37 +287,101 @@ class TokenSource:
     included when one begins there)."""
 
     def __init__(self, prefixes: list[str], *, seq_length: int, seed: int, source_id: int, shuffle: bool = True,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, index_dir: str | os.PathLike | None = None):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefixes, self.S, self.seed, self.source_id, self.shuffle = list(prefixes), seq_length, seed, source_id, shuffle
         self.vocab_size = vocab_size
         self.datasets = [IndexedDataset(p, mmap=True) for p in self.prefixes]
-        lengths = [np.asarray(ds.sequence_lengths, dtype=np.int64) for ds in self.datasets]
-        self.base = np.cumsum([0] + [len(x) for x in lengths])       # first document of each dataset
-        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self.tokens = int(self.lengths.sum())
+        # the lengths stay in the .idx maps (megatron reads them zero-copy): nothing per document is held here
+        counts = [len(ds.sequence_lengths) for ds in self.datasets]
+        self.base = np.cumsum([0] + counts)                           # first document of each dataset
+        self.documents = int(self.base[-1])
+        self.tokens = sum(int(np.sum(ds.sequence_lengths, dtype=np.int64)) for ds in self.datasets)
         self.per_epoch = (self.tokens - 1) // seq_length if self.tokens > seq_length else 0
         if self.per_epoch < 1:
-            raise ValueError(f"{', '.join(self.prefixes)}: {self.tokens} tokens in {len(self.lengths)} documents, "
+            raise ValueError(f"{', '.join(self.prefixes)}: {self.tokens} tokens in {self.documents} documents, "
                              f"fewer than one sample of train.seq_length + 1 = {seq_length + 1}")
         self._epochs: dict[int, tuple] = {}
-        self._idx = np.int32 if len(self.lengths) < 2**31 else np.int64
+        self._idx = np.int32 if self.documents < 2**31 else np.int64
+        self.index_dir = Path(index_dir, self._index_key()) if index_dir else None
+        self.index_note = ""   # why the orders are held in memory though index_dir was given (the log says it once)
+
+    def _index_key(self) -> str:
+        """The directory name of this source's epoch orders: what they are a function of (the files, by path, size and
+        modification time, the row length, the seed, the source's place and the shuffle)."""
+        files = []
+        for prefix in self.prefixes:
+            for suffix in (".idx", ".bin"):
+                st = os.stat(prefix + suffix)
+                files.append([os.path.realpath(prefix + suffix), st.st_size, st.st_mtime_ns])
+        blob = json.dumps({"format": INDEX_FORMAT, "files": files, "seq_length": self.S, "seed": self.seed,
+                           "source_id": self.source_id, "shuffle": self.shuffle})
+        return f"{os.path.basename(self.prefixes[0])}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+
+    def _build(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch e's (order: the documents in the order visited, ends: the cumulative token count after each of them,
+        rows: the epoch's samples in the order taken)."""
+        lengths = np.concatenate([np.asarray(ds.sequence_lengths, dtype=np.int64) for ds in self.datasets])
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, 7717, self.source_id, e])
+            order = rng.permutation(self.documents).astype(self._idx)
+            rows = rng.permutation(self.per_epoch).astype(np.int64)
+        else:
+            order, rows = np.arange(self.documents, dtype=self._idx), np.arange(self.per_epoch, dtype=np.int64)
+        ends = np.cumsum(lengths[order])
+        return order, ends, rows
+
+    def _open(self, names: list[Path]):
+        """The epoch's arrays mapped from `names`, or None where one is missing or not what this source expects."""
+        shapes = [(self.documents,), (self.documents,), (self.per_epoch,)]
+        dtypes = [np.dtype(self._idx), np.dtype(np.int64), np.dtype(np.int64)]
+        try:
+            got = tuple(np.load(n, mmap_mode="r") for n in names)
+        except (OSError, ValueError):   # missing, or a torn or foreign file: rebuilt
+            return None
+        if any(a.shape != s or a.dtype != d for a, s, d in zip(got, shapes, dtypes)):
+            return None
+        return got
+
+    def _cached(self, e: int):
+        """Epoch e's arrays from index_dir: mapped where a process of the node (or an earlier run) wrote them; else
+        built under a file lock by the first process that needs them (the others wait, then map them) and written
+        beside their names and renamed, so a name that exists is whole. Where the directory cannot be written or
+        locked, they are built and held in this process's memory, as without index_dir."""
+        names = [self.index_dir / f"epoch{e}.{part}.npy" for part in ("order", "ends", "rows")]
+        got = self._open(names)
+        if got is not None:
+            return got
+        import fcntl
+        try:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.index_dir / f"epoch{e}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes, or the process dies
+                got = self._open(names)
+                if got is None:
+                    for name, a in zip(names, self._build(e)):
+                        tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
+                        with open(tmp, "wb") as f:
+                            np.save(f, a)
+                        os.replace(tmp, name)
+                    got = self._open(names)
+        except OSError as err:
+            got = None
+            if not self.index_note:
+                self.index_note = f"{self.index_dir}: {err}"
+                log.warning("token files %s: the epoch orders cannot be kept in %s (%s); each process holds its own "
+                            "(%d bytes per document)", ", ".join(self.prefixes), self.index_dir, err,
+                            np.dtype(self._idx).itemsize + 8)
+        return got if got is not None else self._build(e)
 
     def _epoch(self, e: int):
         got = self._epochs.get(e)
         if got is None:
-            n = len(self.lengths)
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, 7717, self.source_id, e])
-                order = rng.permutation(n).astype(self._idx)
-                samples = rng.permutation(self.per_epoch).astype(np.int64)
-            else:
-                order, samples = np.arange(n, dtype=self._idx), np.arange(self.per_epoch, dtype=np.int64)
-            ends = np.cumsum(self.lengths[order])
+            got = self._cached(e) if self.index_dir is not None else self._build(e)
             if len(self._epochs) >= 2:            # the stream moves forward: the current epoch and the next
                 self._epochs.pop(min(self._epochs))
-            got = self._epochs[e] = (order, ends, samples)
+            self._epochs[e] = got
         return got
 
     def _read(self, doc: int, offset: int, count: int) -> np.ndarray:
@@ -317,17 +392,17 @@ class TokenSource:
         """Sample j of this source: (tokens [S + 1] int64, starts, documents: the pool index of each document piece
         in the sample, in order)."""
         e, k = divmod(int(j), self.per_epoch)
-        order, ends, samples = self._epoch(e)
-        g = int(samples[k]) * self.S                     # the sample's first token in the epoch's concatenation
+        order, ends, rows = self._epoch(e)
+        g = int(rows[k]) * self.S                     # the sample's first token in the epoch's concatenation
         p = int(np.searchsorted(ends, g, side="right"))  # the document holding it, by position in the order
         need, out, starts, docs, at = self.S + 1, [], [], [], 0
         while need:
-            doc = int(order[p])
-            begin = int(ends[p]) - int(self.lengths[doc])
+            doc, end = int(order[p]), int(ends[p])
+            begin = int(ends[p - 1]) if p else 0
             offset = g + at - begin
             if offset == 0:
                 starts.append(at)
-            take = min(need, int(self.lengths[doc]) - offset)
+            take = min(need, end - begin - offset)
             out.append(self._read(doc, offset, take))
             docs.append(doc)
             need, at, p = need - take, at + take, p + 1
@@ -379,16 +454,16 @@ class TokenCorpus:
     """The sources of `data.tokens` and their blend: `sample(i)` for a global sample index."""
 
     def __init__(self, paths: str, *, weights: list | None = None, seq_length: int, seed: int, shuffle: bool = True,
-                 vocab_size: int | None = None, field_name: str = "data.tokens.paths"):
+                 vocab_size: int | None = None, field_name: str = "data.tokens.paths",
+                 index_dir: str | os.PathLike | None = None):
         groups = resolve_prefixes(paths, field_name=field_name)
+        common = dict(seq_length=seq_length, seed=seed, shuffle=shuffle, vocab_size=vocab_size, index_dir=index_dir)
         if weights:
             kept = [(i, g, float(w)) for i, (g, w) in enumerate(zip(groups, weights)) if float(w) > 0]
-            self.sources = [TokenSource(g, seq_length=seq_length, seed=seed, source_id=i, shuffle=shuffle,
-                                        vocab_size=vocab_size) for i, g, _ in kept]   # a source's seed: its place in paths
+            self.sources = [TokenSource(g, source_id=i, **common) for i, g, _ in kept]  # a source's seed: its place in paths
             self.blend = Blend([w for _, _, w in kept]) if len(kept) > 1 else None
         else:
-            self.sources = [TokenSource([p for g in groups for p in g], seq_length=seq_length, seed=seed, source_id=0,
-                                        shuffle=shuffle, vocab_size=vocab_size)]
+            self.sources = [TokenSource([p for g in groups for p in g], source_id=0, **common)]
             self.blend = None
 
     def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray, list[int]]]:
@@ -485,17 +560,17 @@ class TokenPacks:
         self.cfg, self.tokenizer = cfg, tokenizer
         prefixes = self.check_tokenizer(spec, tokenizer)
         self.source = TokenSource(prefixes, seq_length=cfg.seq_len, seed=seed, source_id=0,
-                                  vocab_size=tokenizer.vocab_size)
+                                  vocab_size=tokenizer.vocab_size, index_dir=cfg.text_tokens_index_dir or None)
         self.names = [os.path.basename(p) for p in prefixes]
         # what the loader's state fingerprint holds of this source (as loader.Planner.fingerprint of a catalog): the
         # files, their sizes and the row length
-        blob = json.dumps({"prefixes": self.names, "documents": len(self.source.lengths),
+        blob = json.dumps({"prefixes": self.names, "documents": self.source.documents,
                            "tokens": self.source.tokens, "seq_len": cfg.seq_len})
         self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def summary(self) -> str:
         """What the loader's mixture line says of this source."""
-        return f"{len(self.source.lengths)} documents, {self.source.tokens} tokens in token files"
+        return f"{self.source.documents} documents, {self.source.tokens} tokens in token files"
 
     @staticmethod
     def check_tokenizer(spec: str, tokenizer) -> list[str]:

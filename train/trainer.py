@@ -370,6 +370,8 @@ class Trainer:
         if v.quarantine_path and not os.path.isabs(v.quarantine_path):
             stem = Path(v.quarantine_path)
             v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
+        if v.text_tokens and not v.text_tokens_index_dir:
+            v = replace(v, text_tokens_index_dir=str(Path(self.run_dir) / "token_index"))
         t = cfg.train
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
         return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
@@ -393,7 +395,8 @@ class Trainer:
                                                      vocab_size=min(512, self.cfg.model.lm.vocab_size))
             corpus = TokenCorpus(paths, weights=None if held_out else tk.weights, seq_length=t.seq_length,
                                  seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
-                                 field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths")
+                                 field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths",
+                                 index_dir=tk.index_dir or Path(self.run_dir) / "token_index")
             return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
                                     global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
                                     dp_size=self.pgs.dp.size()) for _ in self.model]

@@ -67,6 +67,9 @@ class VideoDataConfig:
     text_tokens_fraction: float = 0.0
     """Share of packed sequences filled from `text_tokens`, in [0, 1); the rest are split between `shards` and
     `long_shards` by `long_fraction`. Drawn like the long:short mixture, so a resume is exact."""
+    text_tokens_index_dir: str = ""
+    """Where the token rows' epoch orders are kept as files that every rank and worker maps (data.tokens.index_dir
+    says more); the trainer sets <run_dir>/token_index when empty. "" outside the trainer: held in memory."""
 
     # ---- sequence packing -------------------------------------------------------------------
     seq_len: int = 8192

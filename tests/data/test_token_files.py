@@ -108,6 +108,104 @@ def test_shuffled_epochs_cover_every_document_once(files):
     assert other._epoch(0)[0].tolist() != seen[0]
 
 
+def _rows(src, js):
+    return [src.sample(j)[0].tolist() for j in js]
+
+
+def test_epoch_orders_kept_on_disk_are_the_ones_built_in_memory(files, tmp_path, monkeypatch):
+    d, a, b = files
+    prefixes, S = [str(d / "a"), str(d / "b")], 16
+    ref = TokenSource(prefixes, seq_length=S, seed=5, source_id=0)   # held in memory: the reference
+    js = list(range(3 * ref.per_epoch))
+    want = _rows(ref, js)
+    disk = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
+    assert _rows(disk, js) == want
+    (key,) = [p.name for p in tmp_path.iterdir()]
+    assert sorted(p.name for p in (tmp_path / key).glob("*.npy")) == sorted(
+        f"epoch{e}.{part}.npy" for e in range(3) for part in ("order", "ends", "rows"))
+    assert not list((tmp_path / key).glob("*.tmp"))
+    # another process of the node (a rank, a loader worker) maps them and builds nothing
+    monkeypatch.setattr(TokenSource, "_build", lambda self, e: pytest.fail(f"epoch {e} rebuilt"))
+    again = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
+    assert _rows(again, js[::-1]) == want[::-1]
+    assert all(isinstance(x, np.memmap) for x in again._epoch(2))
+    monkeypatch.undo()
+    # what the orders are a function of names their directory: another seed, row length or file gets its own
+    for kw in ({"seed": 6}, {"seq_length": 17}, {"shuffle": False}):
+        args = {"seq_length": S, "seed": 5, "shuffle": True} | kw
+        TokenSource(prefixes, source_id=0, index_dir=tmp_path, **args).sample(0)
+    b2 = tmp_path.parent / f"{tmp_path.name}_b2"
+    b2.mkdir()
+    write_token_files(b[:-1], b2 / "b", vocab_size=512)
+    TokenSource([prefixes[0], str(b2 / "b")], seq_length=S, seed=5, source_id=0, index_dir=tmp_path).sample(0)
+    assert len(list(tmp_path.iterdir())) == 5
+
+
+def test_torn_or_unwritable_epoch_orders_are_rebuilt_or_held_in_memory(files, tmp_path, caplog):
+    d, _, _ = files
+    prefixes, S = [str(d / "a"), str(d / "b")], 16
+    ref = TokenSource(prefixes, seq_length=S, seed=5, source_id=0)
+    js = list(range(2 * ref.per_epoch))
+    TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path).sample(0)
+    (key,) = tmp_path.iterdir()
+    rows = key / "epoch0.rows.npy"
+    for damage in (rows.read_bytes()[:-8], b"not an array", np.arange(3, dtype=np.int64)):
+        if isinstance(damage, bytes):
+            rows.write_bytes(damage)          # a torn or foreign file
+        else:
+            np.save(rows, damage)             # a whole array of the wrong length
+        src = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
+        assert _rows(src, js) == _rows(ref, js) and src.index_note == ""
+        assert np.load(rows).shape == (ref.per_epoch,)   # and written again whole
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")                   # the directory cannot be made: held in memory, said once
+    with caplog.at_level("WARNING", logger="data.token_files"):
+        src = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=blocker / "index")
+        assert _rows(src, js) == _rows(ref, js)
+    assert "a_file" in src.index_note and len([r for r in caplog.records if "epoch orders" in r.message]) == 1
+
+
+def _read_rows_in_a_process(prefixes, index_dir, js, out, build_log):
+    import os as _os
+    import time
+
+    from data import token_files
+
+    build = token_files.TokenSource._build
+
+    def logged(self, e):
+        with open(build_log, "a") as f:
+            f.write(f"{_os.getpid()} {e}\n")
+        time.sleep(0.5)   # a build long enough that the other processes ask for the epoch while it runs
+        return build(self, e)
+
+    token_files.TokenSource._build = logged
+    src = token_files.TokenSource(prefixes, seq_length=16, seed=5, source_id=0, index_dir=index_dir)
+    np.save(out, np.stack([src.sample(j)[0] for j in js]))
+
+
+def test_processes_of_a_node_build_each_epoch_once(files, tmp_path):
+    import multiprocessing as mp
+
+    d, _, _ = files
+    prefixes = [str(d / "a"), str(d / "b")]
+    ref = TokenSource(prefixes, seq_length=16, seed=5, source_id=0)
+    js = list(range(2 * ref.per_epoch))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_read_rows_in_a_process, args=(prefixes, tmp_path / "index", js,
+                                                               tmp_path / f"rows{i}.npy", tmp_path / "builds"))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    want = np.stack([ref.sample(j)[0] for j in js])
+    assert all(np.array_equal(np.load(tmp_path / f"rows{i}.npy"), want) for i in range(3))
+    built = [line.split()[1] for line in (tmp_path / "builds").read_text().splitlines()]
+    assert sorted(built) == ["0", "1"]        # one process built each epoch; the others waited and mapped it
+
+
 def test_row_tensors_follow_the_documents():
     rng = np.random.default_rng(0)
     for _ in range(200):
