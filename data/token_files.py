@@ -138,6 +138,17 @@ def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike,
     `meta()` returns once every document is written). The files appear under their names only once complete
     (written beside them, then renamed; the .idx last, so a prefix whose .idx exists is whole). Returns the
     sidecar."""
+    def runs():
+        for ids in documents:
+            arr = np.asarray(ids, dtype=np.int64)
+            yield arr, np.array([arr.size], dtype=np.int64)
+    return write_token_runs(runs(), prefix, vocab_size=vocab_size, meta=meta)
+
+
+def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str | os.PathLike, *, vocab_size: int,
+                     meta: dict | Callable[[], dict] | None = None) -> dict:
+    """`write_token_files` for documents that come in runs: (their tokens back to back, their lengths), one write
+    per run. Empty documents are left out."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -146,15 +157,19 @@ def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike,
     tmp_bin, tmp_idx = prefix + ".bin.partial", prefix + ".idx.partial"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     n_docs = n_tokens = longest = 0
-    for ids in documents:
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size == 0:
-            continue
-        if int(arr.min()) < 0 or int(arr.max()) >= vocab_size:
-            raise ValueError(f"{prefix}: document {n_docs} holds id {int(arr.max())}, outside the vocabulary "
-                             f"(0..{vocab_size - 1})")
-        builder.add_document(arr, [arr.size])
-        n_docs, n_tokens, longest = n_docs + 1, n_tokens + arr.size, max(longest, int(arr.size))
+    for tokens, lengths in runs:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if tokens.size:
+            bad = (tokens < 0) | (tokens >= vocab_size)
+            if bad.any():
+                at = int(np.argmax(bad))
+                doc = n_docs + int(np.count_nonzero(np.cumsum(lengths[lengths > 0]) <= at))
+                raise ValueError(f"{prefix}: document {doc} holds id {int(tokens[at])}, outside the vocabulary "
+                                 f"(0..{vocab_size - 1})")
+        kept = lengths[lengths > 0]
+        if kept.size:
+            builder.add_document(torch.from_numpy(np.ascontiguousarray(tokens)), kept.tolist())
+            n_docs, n_tokens, longest = n_docs + kept.size, n_tokens + int(kept.sum()), max(longest, int(kept.max()))
     builder.finalize(tmp_idx)
     info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name, "documents": n_docs,
             "tokens": n_tokens, "longest_document": longest, **((meta() if callable(meta) else meta) or {})}
@@ -165,64 +180,114 @@ def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike,
     return info
 
 
-def read_jsonl_texts(inputs: Iterable[str | os.PathLike], key: str = "text",
-                     skipped: list | None = None) -> Iterator[str]:
-    """The `key` strings of JSONL files (.jsonl or .jsonl.gz), line by line. A line that is not a JSON object with a
-    non-empty string under `key` is left out and recorded in `skipped` as {"file", "line", "reason"}."""
+def _line_text(raw: bytes, key: str) -> tuple[str | None, str]:
+    """A JSONL line's `key` string: (text, ""); a line left out: (None, why); a blank line: (None, "")."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, ""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg}, column {e.colno})"
+    value = rec.get(key) if isinstance(rec, dict) else None
+    if isinstance(value, str) and value:
+        return value, ""
+    return None, ("not a JSON object" if not isinstance(rec, dict) else
+                  f"no {key!r} field" if key not in rec else
+                  f"{key!r} is empty" if value == "" else f"{key!r} is a {type(value).__name__}, not a string")
+
+
+def _jsonl_chunks(inputs: Iterable[str | os.PathLike], lines: int) -> Iterator[tuple[str, int, list[bytes]]]:
+    """The lines of JSONL files (.jsonl or .jsonl.gz) as undecoded bytes, `lines` at a time: (file, the first's line
+    number, lines). Each line is decoded alone (`_line_text`), so a bad byte costs its own line only."""
     import gzip
 
     for path in inputs:
         path = str(path)
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    if skipped is not None:
-                        skipped.append({"file": path, "line": line_no, "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    reason = f"not JSON ({e.msg}, column {e.colno})"
-                else:
-                    value = rec.get(key) if isinstance(rec, dict) else None
-                    if isinstance(value, str) and value:
-                        yield value
-                        continue
-                    reason = ("not a JSON object" if not isinstance(rec, dict) else
-                              f"no {key!r} field" if key not in rec else
-                              f"{key!r} is empty" if value == "" else f"{key!r} is a {type(value).__name__}, not a string")
-                if skipped is not None:
-                    skipped.append({"file": path, "line": line_no, "reason": reason})
+            first, chunk = 1, []
+            for raw in f:
+                chunk.append(raw)
+                if len(chunk) == lines:
+                    yield path, first, chunk
+                    first, chunk = first + lines, []
+            if chunk:
+                yield path, first, chunk
+
+
+def _tokenize_chunk(chunk: tuple[str, int, list[bytes]], tokenizer, key: str,
+                    tail: list[int]) -> tuple[tuple[np.ndarray, np.ndarray], list[dict]]:
+    """One chunk of `_jsonl_chunks`: ((the usable lines' token ids back to back, `tail` after each, int32; their
+    lengths), the lines left out, as {"file", "line", "reason"})."""
+    path, first, lines = chunk
+    texts, skipped = [], []
+    for i, raw in enumerate(lines):
+        text, reason = _line_text(raw, key)
+        if text is not None:
+            texts.append(text)
+        elif reason:
+            skipped.append({"file": path, "line": first + i, "reason": reason})
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    ids = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
+    from itertools import chain
+
+    lengths = np.array([len(x) + len(tail) for x in ids], dtype=np.int64)
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, tail) for x in ids)), count=int(lengths.sum()),
+                       dtype=np.int32 if tokenizer.vocab_size < 2**31 else np.int64)
+    return (flat, lengths), skipped
+
+
+_WORKER: dict = {}   # a tokenize_jsonl worker process's tokenizer, key and tail (set once by _start_worker)
+
+
+def _start_worker(tokenizer, key: str, tail: list[int]) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one thread per worker: the processes are the parallelism
+    _WORKER.update(tokenizer=tokenizer, key=key, tail=tail)
+
+
+def _tokenize_in_worker(chunk):
+    return _tokenize_chunk(chunk, **_WORKER)
+
+
+def _tokenized_chunks(inputs, tokenizer, key: str, tail: list[int], lines: int,
+                      workers: int) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], list[dict]]]:
+    """`_tokenize_chunk` of each chunk of `inputs`, in their order: in this process, or over `workers` forked
+    processes with at most 2 x workers chunks in flight (the files are read no further ahead than that)."""
+    chunks = _jsonl_chunks(inputs, lines)
+    if workers <= 1:
+        yield from (_tokenize_chunk(c, tokenizer, key, tail) for c in chunks)
+        return
+    import multiprocessing as mp
+    from collections import deque
+
+    with mp.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(tokenizer, key, tail)) as pool:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_tokenize_in_worker, (c,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, key: str = "text",
-                   append_eos: bool = True, batch: int = 1000) -> dict:
+                   append_eos: bool = True, batch: int = 1000, workers: int = 1) -> dict:
     """Tokenizes the `key` text of each line of `inputs` (JSONL) into one indexed dataset at `prefix`, one document
-    per line with `<eos>` after it; lines without usable text are left out, listed in PREFIX.skipped.jsonl
-    (file, line, reason) and counted in the sidecar. Returns the sidecar."""
+    per line with `<eos>` after it, in the lines' order; `batch` lines at a time, over `workers` processes. Lines
+    without usable text are left out, listed in PREFIX.skipped.jsonl (file, line, reason) and counted in the
+    sidecar. Returns the sidecar."""
     prefix = str(prefix)
     skipped: list[dict] = []
-    encode_batch = getattr(tokenizer, "encode_batch", None)
     tail = [tokenizer.eos_id] if append_eos else []
 
-    def documents():
-        texts = []
-        for text in read_jsonl_texts(inputs, key, skipped):
-            texts.append(text)
-            if len(texts) == batch:
-                yield from texts_to_ids(texts)
-                texts = []
-        yield from texts_to_ids(texts)
-
-    def texts_to_ids(texts):
-        ids = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
-        for x in ids:
-            yield list(x) + tail
+    def runs():
+        for run, left_out in _tokenized_chunks(inputs, tokenizer, key, tail, batch, workers):
+            skipped.extend(left_out)
+            yield run
 
     def meta() -> dict:   # once every line is read: the lines left out are known, and listed before the .idx
         with open(prefix + ".skipped.jsonl", "w") as f:
@@ -231,7 +296,7 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
         return {"tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
                 "inputs": [str(p) for p in inputs], "skipped_lines": len(skipped)}
 
-    return write_token_files(documents(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
+    return write_token_runs(runs(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
 
 
 def synthetic_documents(n: int, seed: int) -> Iterator[str]:

@@ -1,11 +1,13 @@
 """Tokenize JSONL text into a megatron indexed dataset (PREFIX.bin + PREFIX.idx + PREFIX.json) for data.kind=tokens.
 
-    python launch/tokenize_text.py --input a.jsonl [b.jsonl.gz ...] --out /data/tok/web --tokenizer QWEN3_DIR
+    python launch/tokenize_text.py --input a.jsonl [b.jsonl.gz ...] --out /data/tok/web --tokenizer QWEN3_DIR [--workers N]
     python launch/tokenize_text.py --synthetic 2000 --out /tmp/tok/synthetic     # the synthetic documents, bytes
 
 One document per line (its `--key` string, default "text"), the tokenizer's <eos> after each. Lines without usable
 text are left out and listed, with file, line and reason, in PREFIX.skipped.jsonl; the count is printed and kept in
-PREFIX.json. Train on the result with `data=tokens data.tokens.paths=/data/tok/web` (docs/data.md "Token files").
+PREFIX.json. The lines are parsed and tokenized by `--workers` processes (default: every core this process may
+use), 1,000 at a time, and written in their order: the files are the same for any count. Train on the result with
+`data=tokens data.tokens.paths=/data/tok/web` (docs/data.md "Token files").
 """
 import argparse
 import os
@@ -30,7 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=512, help="the byte tokenizer's vocabulary (ids and specials)")
     p.add_argument("--key", default="text", help="the JSON field that holds a line's text")
     p.add_argument("--no-eos", action="store_true", help="do not append <eos> after each document")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes that parse and tokenize the lines (default: the cores this process may use); the "
+                        "documents are written in the lines' order whatever the count")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers must be >= 1, got {a.workers}")
     if bool(a.input) == bool(a.synthetic):
         p.error("give --input FILES or --synthetic N (one of them)")
     missing = [f for f in a.input if not os.path.isfile(f)]
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
         info = write_synthetic_token_files(a.out, a.synthetic, a.seed, tok, append_eos=not a.no_eos)
     else:
         try:
-            info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos)
+            info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos, workers=a.workers)
         except OSError as e:
             print(f"tokenize_text: {e}", file=sys.stderr)
             return 1

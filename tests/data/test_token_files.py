@@ -55,6 +55,36 @@ def test_tokenize_jsonl_writes_each_line_and_lists_the_bad_ones(tmp_path):
     assert meta == info and meta["documents"] == 5 and meta["skipped_lines"] == 6 and meta["dtype"] == "uint16"
     assert meta["tokens"] == sum(len(TOK.encode(t)) + 1 for t in good)
     assert not list(tmp_path.glob("*.partial"))
+    # over worker processes, in chunks that end mid-file and mid-bad-lines: the same files byte for byte
+    again = tokenize_jsonl([str(tmp_path / "in.jsonl"), str(tmp_path / "in2.jsonl")], tmp_path / "par", TOK, batch=2,
+                           workers=3)
+    assert again == info
+    for suffix in (".bin", ".idx", ".skipped.jsonl"):
+        assert (tmp_path / f"par{suffix}").read_bytes() == (tmp_path / f"out{suffix}").read_bytes(), suffix
+
+
+def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
+    """A Hugging Face tokenizer in forked workers, many chunks in flight: the documents in the lines' order, as one
+    process writes them."""
+    import gzip
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+
+    tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
+    texts = list(synthetic_documents(300, 3))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:170])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[170:]))
+    inputs = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.jsonl")]
+    one = tokenize_jsonl(inputs, tmp_path / "one", tok, batch=7)
+    two = tokenize_jsonl(inputs, tmp_path / "two", tok, batch=7, workers=2)
+    assert one == two and one["documents"] == 300
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes(), suffix
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    ds = IndexedDataset(str(tmp_path / "two"))
+    assert [ds[i].tolist() for i in (0, 169, 170, 299)] == [tok.encode(texts[i]) + [tok.eos_id]
+                                                             for i in (0, 169, 170, 299)]
 
 
 def test_hf_tokenizer_batches_as_it_encodes(tmp_path):
@@ -403,3 +433,5 @@ def test_tokenize_text_command(tmp_path, capsys):
             main(argv)
         assert __import__("re").search(needle, capsys.readouterr().err), (argv, needle)
     assert main(["--synthetic", "30", "--out", out + "5"]) == 0 and sidecar(out + "5")["documents"] == 30
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--out", out + "6", "--workers", "2"]) == 0
+    assert (tmp_path / "tok" / "in6.bin").read_bytes() == (tmp_path / "tok" / "in.bin").read_bytes()
