@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--key", default="text", help="the JSON field that holds a line's text")
     p.add_argument("--no-eos", action="store_true", help="do not append <eos> after each document")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="processes that parse and tokenize the lines (default: the cores this process may use); the "
-                        "documents are written in the lines' order whatever the count")
+                   help="processes that parse and tokenize the lines, one thread each (default: the cores this "
+                        "process may use; fewer leave a Hugging Face tokenizer slower than one process on its own "
+                        "threads); the documents are written in the lines' order whatever the count")
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers must be >= 1, got {a.workers}")
