@@ -7,16 +7,19 @@ from __future__ import annotations
 from .images import IMAGE_MARKER
 
 VIDEO_MARKER = "<video>"
+THINK_START, THINK_END = "<think>", "</think>"   # Qwen3's thinking block (chat_template=qwen3)
 # a turn's speaker in the ShareGPT / LLaVA form ("from") or the OpenAI one ("role") -> how it is rendered
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "system": "system"}
 
 
-def conversation_turns(annotation: dict) -> list[tuple[str, str]] | str | None:
-    """(role, text) of each turn of a record's `conversations` (ShareGPT / LLaVA-Video: {"from": "human" | "gpt" |
-    "system", "value": str}) or `messages` (OpenAI: {"role": "user" | "assistant" | "system", "content": str or
-    a list of parts {"type": "text", "text": ...} / {"type": "image"} / {"type": "video"}, which become the
-    "<image>" / "<video>" markers}). None when the record has neither; a string saying what is wrong with them."""
+def conversation_turns(annotation: dict) -> list[tuple[str, str, str | None]] | str | None:
+    """(role, text, reasoning) of each turn of a record's `conversations` (ShareGPT / LLaVA-Video: {"from":
+    "human" | "gpt" | "system", "value": str}) or `messages` (OpenAI: {"role": "user" | "assistant" | "system",
+    "content": str or a list of parts {"type": "text", "text": ...} / {"type": "image"} / {"type": "video"}, which
+    become the "<image>" / "<video>" markers}). `reasoning` is an assistant turn's `reasoning_content` string (the
+    field Qwen's and DeepSeek's APIs give the thinking in), else None. None when the record has neither; a string
+    saying what is wrong with them."""
     conv, msgs = annotation.get("conversations"), annotation.get("messages")
     if conv is None and msgs is None:
         return None
@@ -46,8 +49,12 @@ def conversation_turns(annotation: dict) -> list[tuple[str, str]] | str | None:
             body = "".join(parts)
         if not isinstance(body, str):
             return f"'{name}'[{i}]: {what} is {type(body).__name__}, not text"
-        out.append((role, body))
-    if not any(role == "assistant" for role, _ in out):
+        reasoning = t.get("reasoning_content")
+        if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+            return (f"'{name}'[{i}]: reasoning_content is {type(reasoning).__name__}, not text" if role == "assistant"
+                    else f"'{name}'[{i}]: reasoning_content in a {role} turn (only an assistant reasons)")
+        out.append((role, body, reasoning))
+    if not any(role == "assistant" for role, _, _ in out):
         return f"'{name}' has no assistant turn: nothing to train on"
     return out
 
@@ -62,7 +69,7 @@ def has_text(annotation: dict) -> bool:
 
 def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]]:
     """One conversation turn as (text, supervised) segments: only an assistant's answer (and its end) trains."""
-    if template == "qwen":                   # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
+    if template in ("qwen", "qwen3"):          # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
         if role == "assistant":
             return [("<|im_start|>assistant\n", False), (f"{body}<|im_end|>", True), ("\n", False)]
         return [(f"<|im_start|>{role}\n{body}<|im_end|>\n", False)]
@@ -72,11 +79,45 @@ def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]
     return [(body if role == "system" else f"User: {body}", False)]
 
 
+def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
+    """An assistant turn's (answer, thinking), as Qwen3's chat template takes them: `reasoning_content` when given,
+    else the text before the first "</think>" (after its "<think>"), the answer then being what follows the last
+    "</think>"; no "</think>": no thinking."""
+    if reasoning is not None:
+        return body, reasoning
+    if THINK_END not in body:
+        return body, ""
+    return body.split(THINK_END)[-1].lstrip("\n"), body.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+
+
+def conversation_segments(turns: list[tuple[str, str, str | None]], template: str) -> list[tuple[str, bool]]:
+    """A conversation's turns as (text, supervised) segments, by `template` (annotation_segments says which).
+    "qwen3" writes Qwen3's chat template: the assistant turns after the last user turn carry their thinking as
+    "<think>\n{thinking}\n</think>\n\n" before the answer, and the conversation's last turn an empty block when it
+    has none (Qwen3's non-thinking form); earlier assistant turns keep their answer alone, as Qwen3 shows a
+    conversation's history. The thinking trains with the answer."""
+    if template != "qwen3":
+        return [seg for role, body, _ in turns for seg in _turn_segments(role, body, template)]
+    last_user = max((i for i, (role, _, _) in enumerate(turns) if role == "user"), default=-1)
+    segs: list[tuple[str, bool]] = []
+    for i, (role, body, reasoning) in enumerate(turns):
+        if role != "assistant":
+            segs += _turn_segments(role, body, template)
+            continue
+        answer, thinking = split_thinking(body, reasoning)
+        if i > last_user and (i == len(turns) - 1 or thinking):
+            thinking, answer = thinking.strip("\n"), answer.lstrip("\n")
+            answer = f"{THINK_START}\n{thinking}\n{THINK_END}\n\n{answer}"
+        segs += _turn_segments(role, answer, template)
+    return segs
+
+
 def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple[str, bool]]:
     """(text, supervised) segments of an annotation record, in a fixed order: prompt, caption, events, QA pairs,
     the conversation, then free text. A conversation's turns are written by `template`: "plain" = "User: ...",
     then "Assistant: " and the answer (a system turn as it is); "qwen" = Qwen's chat template, each turn
-    "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised)."""
+    "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised); "qwen3" = that, with
+    Qwen3's thinking blocks (`conversation_segments`)."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -102,8 +143,8 @@ def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple
             continue
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
     turns = conversation_turns(annotation)
-    for role, body in turns if isinstance(turns, list) else ():
-        segs += _turn_segments(role, body, template)
+    if isinstance(turns, list):
+        segs += conversation_segments(turns, template)
     text = annotation.get("text")
     if isinstance(text, str) and text:
         segs.append((text, True))              # free text (a text-only sample's document), supervised whole

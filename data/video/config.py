@@ -18,7 +18,7 @@ DECODE_BACKENDS = ("decord", "pyav", "torchcodec")
 DECODE_ISOLATIONS = ("process", "inline")
 TOKENIZERS = ("bytes",)
 TEXT_OVERFLOWS = ("continue", "cut")
-CHAT_TEMPLATES = ("plain", "qwen")      # data/video/annotations.py writes them
+CHAT_TEMPLATES = ("plain", "qwen", "qwen3")      # data/video/annotations.py writes them
 
 REQUIRED = "REQUIRED"
 """The value a recipe gives a path the user must set (`shards: REQUIRED`): `DataConfig` refuses it when the
@@ -82,8 +82,10 @@ class VideoDataConfig:
     """Annotation text per sample is cut (at a segment boundary when possible) to this many tokens."""
     chat_template: str = "plain"
     """How a record's conversation turns are written (docs/data.md "Conversations"): "plain" = "User: ..." /
-    "Assistant: ..." lines; "qwen" = Qwen's chat template (<|im_start|>role ... <|im_end|>), for a run that starts
-    from Qwen3 / Keye-VL weights with their tokenizer (data.video.tokenizer), which holds those tokens."""
+    "Assistant: ..." lines; "qwen" = Qwen's chat template (<|im_start|>role ... <|im_end|>); "qwen3" = Qwen3's, which
+    adds its thinking blocks (<think> ... </think>, from an assistant turn's reasoning_content or its text), for a
+    run that starts from Qwen3 / Keye-VL-2.0 weights with their tokenizer (data.video.tokenizer), which holds those
+    tokens."""
     text_overflow: str = "continue"
     """A text-only sample longer than a sequence: "continue" = cut into pieces of a sequence each, every piece
     trained (docs/data.md "Text-only samples"); "cut" = keep its first sequence's worth, count what was cut."""

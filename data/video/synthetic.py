@@ -325,6 +325,7 @@ def make_synthetic_hf_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 40
                                   show_progress=False)
     tok.train_from_iterator(corpus * 4, trainer)
     tok.add_special_tokens(sorted(set(QWEN_VL_SPECIAL_TOKENS.values()) | {"<|im_start|>", "<|im_end|>"}))
+    tok.add_tokens(["<think>", "</think>"])   # Qwen3's thinking block: added, not special, as Qwen3's tokenizer has them
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

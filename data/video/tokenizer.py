@@ -87,6 +87,8 @@ QWEN_VL_SPECIAL_TOKENS = {
 
 
 QWEN_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")     # what chat_template "qwen" writes around each turn
+# the tokens each chat template writes, which the tokenizer must hold as single ids (Qwen3's adds its thinking block)
+CHAT_TOKENS = {"qwen": QWEN_CHAT_TOKENS, "qwen3": QWEN_CHAT_TOKENS + ("<think>", "</think>")}
 
 
 def hf_tokenizer_file(path: str | os.PathLike) -> Path:
@@ -139,11 +141,13 @@ def build_tokenizer(cfg) -> Tokenizer:
     if cfg.tokenizer == "bytes":
         return ByteTokenizer(vocab_size=cfg.vocab_size, special_token_offset=cfg.special_token_offset)
     tok = HFTokenizer(cfg.tokenizer)
-    if getattr(cfg, "chat_template", "plain") == "qwen":
-        missing = [t for t in QWEN_CHAT_TOKENS if tok._tok.token_to_id(t) is None]
+    template = getattr(cfg, "chat_template", "plain")
+    if template in CHAT_TOKENS:
+        missing = [t for t in CHAT_TOKENS[template] if tok._tok.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"data.video.chat_template=qwen writes {QWEN_CHAT_TOKENS}, but data.video.tokenizer = "
-                             f"{cfg.tokenizer!r} has no {missing[0]!r}: give a Qwen tokenizer, or chat_template=plain")
+            raise ValueError(f"data.video.chat_template={template} writes {CHAT_TOKENS[template]}, but "
+                             f"data.video.tokenizer = {cfg.tokenizer!r} has no {missing[0]!r}: give a "
+                             f"{'Qwen3' if template == 'qwen3' else 'Qwen'} tokenizer, or chat_template=plain")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"data.video.tokenizer = {cfg.tokenizer!r} has {tok.vocab_size} ids, more than "
                          f"data.video.vocab_size = {cfg.vocab_size} (the model's embedding rows must cover them)")

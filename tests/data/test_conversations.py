@@ -34,12 +34,47 @@ def test_turns_render_as_user_and_assistant_lines_with_only_answers_supervised()
         ("Assistant: ", False), ("Both shown.\n", True)]
 
 
+def test_qwen3_writes_its_thinking_blocks():
+    """chat_template=qwen3 against Qwen3's chat template, written out here by hand from its rules (its
+    tokenizer_config.json): a conversation's last assistant turn carries "<think>\n{thinking}\n</think>\n\n", empty
+    without thinking (what transformers renders for [user "Hi", assistant "Hello"]:
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello<|im_end|>\n"); assistant
+    turns before the last user turn lose theirs; the thinking comes from reasoning_content or from the text's own
+    <think> ... </think>."""
+    U = lambda text: (f"<|im_start|>user\n{text}<|im_end|>\n", False)  # noqa: E731
+    A = lambda text: [("<|im_start|>assistant\n", False), (f"{text}<|im_end|>", True), ("\n", False)]  # noqa: E731
+    assert annotation_segments(LLAVA, "qwen3") == [
+        U("<image>\nWhat does the square do?"), *A("It moves right."), U("And the disc?"),
+        *A("<think>\n\n</think>\n\nIt follows a wave.")]
+    reasoned = {"messages": [
+        {"role": "system", "content": "Count."},
+        {"role": "user", "content": "How many frames?"},
+        {"role": "assistant", "content": "42", "reasoning_content": "One per half second."},
+        {"role": "user", "content": "And seconds?"},
+        {"role": "assistant", "content": "\n21", "reasoning_content": "\n42 frames at 2 fps.\n"},
+        {"role": "assistant", "content": "Exactly."}]}
+    assert annotation_segments(reasoned, "qwen3") == [
+        ("<|im_start|>system\nCount.<|im_end|>\n", False), U("How many frames?"), *A("42"), U("And seconds?"),
+        *A("<think>\n42 frames at 2 fps.\n</think>\n\n21"), *A("<think>\n\n</think>\n\nExactly.")]
+    inline = {"conversations": [
+        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "<think>\nhidden\n</think>\n\nA1"},
+        {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "<think>why</think>A2"}]}
+    assert annotation_segments(inline, "qwen3") == [U("Q1"), *A("A1"), U("Q2"), *A("<think>\nwhy\n</think>\n\nA2")]
+    # the other templates write the text as it is and leave reasoning_content out, as before
+    assert annotation_segments(reasoned, "qwen")[3] == ("42<|im_end|>", True)
+    assert ("<think>why</think>A2\n", True) in annotation_segments(inline)
+
+
 @pytest.mark.parametrize("record,problem", [
     ({"conversations": [], "video": "a.mp4"}, "'conversations' must be a non-empty list of turns"),
     ({"conversations": [{"from": "bot", "value": "hi"}]}, "from 'bot' is not one of"),
     ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}, "value is int, not text"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' has no assistant turn: nothing to train on"),
     ({"messages": [{"role": "assistant", "content": [{"type": "audio"}]}]}, "is not text, image or video"),
+    ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": ["r"]}]},
+     "reasoning_content is list, not text"),
+    ({"messages": [{"role": "user", "content": "x", "reasoning_content": "r"}, {"role": "assistant", "content": "y"}]},
+     "reasoning_content in a user turn"),
     ({"messages": [{"role": "assistant", "content": "x"}], "conversations": [{"from": "gpt", "value": "y"}]},
      "both 'conversations' and 'messages'"),
 ])

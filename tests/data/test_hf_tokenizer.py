@@ -149,3 +149,28 @@ def test_qwen_chat_template_equals_transformers_rendering(tok_dir, tmp_path):
         build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_chat"), chat_template="qwen"))
     with pytest.raises(ValueError, match="chat_template"):
         VideoDataConfig(chat_template="llama")
+
+
+def test_qwen3_thinking_blocks_are_single_tokens_and_trained(tok_dir, tmp_path):
+    """chat_template=qwen3 with a tokenizer that holds <think> / </think> (Qwen3's does): the blocks are one id
+    each, the text decodes to Qwen3's layout (test_conversations.py checks the layout itself), and the thinking
+    trains with the answer; a tokenizer without them stops the launch."""
+    cfg = VideoDataConfig(seq_len=512, tokenizer=str(tok_dir), chat_template="qwen3")
+    tok = build_tokenizer(cfg)
+    messages = [{"role": "user", "content": "How many frames?"},
+                {"role": "assistant", "content": "42", "reasoning_content": "Two per second."}]
+    doc = plan_document(uid=0, key="s/t", video=None, annotation={"messages": messages}, cfg=cfg, tokenizer=tok,
+                        seed=0, epoch=0)
+    think = [tok._tok.token_to_id(t) for t in ("<think>", "</think>")]
+    assert None not in think and all(doc.text_ids.count(i) == 1 for i in think)
+    assert tok.decode(doc.text_ids) == ("<|im_start|>user\nHow many frames?<|im_end|>\n<|im_start|>assistant\n"
+                                        "<think>\nTwo per second.\n</think>\n\n42<|im_end|>\n")
+    assert tok.decode([i for i, s in zip(doc.text_ids, doc.text_loss) if s]) == (
+        "<think>\nTwo per second.\n</think>\n\n42<|im_end|>")
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "</think>"]
+    (tmp_path / "no_think").mkdir()
+    (tmp_path / "no_think" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"chat_template=qwen3 writes .* has no '</think>': give a Qwen3 tokenizer"):
+        build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen3"))
+    build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen"))
