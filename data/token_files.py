@@ -431,6 +431,7 @@ class TokenSource:
                             np.save(f, a)
                         os.replace(tmp, name)
                     got = self._open(names)
+                    self._prune(e)
         except OSError as err:
             got = None
             if not self.index_note:
@@ -439,6 +440,14 @@ class TokenSource:
                             "(%d bytes per document)", ", ".join(self.prefixes), self.index_dir, err,
                             np.dtype(self._idx).itemsize + 8)
         return got if got is not None else self._build(e)
+
+    def _prune(self, e: int) -> None:
+        """Epoch e's orders are written: those of epochs before e - 1 go (the stream moves forward; a process that
+        maps one keeps its pages until it lets go, and a process that needs one again rebuilds it)."""
+        for f in self.index_dir.glob("epoch*"):
+            k = f.name[5:].split(".", 1)[0]
+            if k.isdigit() and int(k) < e - 1:
+                f.unlink(missing_ok=True)
 
     def _epoch(self, e: int):
         got = self._epochs.get(e)

@@ -151,15 +151,18 @@ def test_epoch_orders_kept_on_disk_are_the_ones_built_in_memory(files, tmp_path,
     disk = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
     assert _rows(disk, js) == want
     (key,) = [p.name for p in tmp_path.iterdir()]
+    # the stream moves forward: writing epoch 2 let epoch 0's files go, epoch 1's stay for the ranks still in it
     assert sorted(p.name for p in (tmp_path / key).glob("*.npy")) == sorted(
-        f"epoch{e}.{part}.npy" for e in range(3) for part in ("order", "ends", "rows"))
+        f"epoch{e}.{part}.npy" for e in (1, 2) for part in ("order", "ends", "rows"))
     assert not list((tmp_path / key).glob("*.tmp"))
     # another process of the node (a rank, a loader worker) maps them and builds nothing
     monkeypatch.setattr(TokenSource, "_build", lambda self, e: pytest.fail(f"epoch {e} rebuilt"))
     again = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
-    assert _rows(again, js[::-1]) == want[::-1]
+    n = ref.per_epoch
+    assert _rows(again, js[:n - 1:-1]) == want[:n - 1:-1]          # epochs 2 and 1, backwards
     assert all(isinstance(x, np.memmap) for x in again._epoch(2))
     monkeypatch.undo()
+    assert _rows(again, js[:n]) == want[:n]                         # epoch 0 again: rebuilt, the same rows
     # what the orders are a function of names their directory: another seed, row length or file gets its own
     for kw in ({"seed": 6}, {"seq_length": 17}, {"shuffle": False}):
         args = {"seq_length": S, "seed": 5, "shuffle": True} | kw
