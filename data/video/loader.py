@@ -58,7 +58,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -137,16 +137,22 @@ class EpochPlan:
 
 
 class Planner:
-    """Plans documents and epochs; cached; identical in every process that builds one."""
+    """Plans documents and epochs; identical in every process that builds one. What an epoch's plan needs of each
+    document (its length, text cut, pieces; or why it cannot be planned) is kept per document: about 0.2 KB. The
+    whole plan (token ids, frames) is made again where a pack is built and kept only for the last few: the ids of
+    every document, kept, took ~15 KB per text sample in every rank and worker."""
+
+    RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
 
     def __init__(self, catalog: list[SampleRecord], cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int) -> None:
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
         shard_names = sorted({r.shard for r in catalog})
         sid = {s: i for i, s in enumerate(shard_names)}
         self.shard_of = np.array([sid[r.shard] for r in catalog], dtype=np.int64)
-        self._docs: dict[tuple[int, int], DocPlan | PlanError] = {}
+        self._docs: dict[tuple[int, int], tuple[int, int, int] | PlanError] = {}   # (length, truncated, pieces)
+        self._recent: OrderedDict[tuple[int, int], DocPlan | PlanError] = OrderedDict()
         self._epochs: dict[int, EpochPlan] = {}
-        self._text: tuple[int, tuple[list[int], list[bool]]] | None = None
+        self._texts: OrderedDict[int, tuple[list[int], list[bool]]] = OrderedDict()
 
     @property
     def fingerprint(self) -> str:
@@ -163,28 +169,49 @@ class Planner:
         return item % len(self.catalog)
 
     def _encoded(self, uid: int) -> tuple[list[int], list[bool]]:
-        """A text-only sample's tokens, kept for its next pieces (planned one after another)."""
-        if self._text is None or self._text[0] != uid:
-            self._text = (uid, encode_text_document(self.catalog[uid].annotation, self.tokenizer,
-                                                    self.cfg.chat_template))
-        return self._text[1]
+        """A text-only sample's tokens, kept for its next pieces (planned one after another, and built in
+        neighbouring packs): the last few texts."""
+        got = self._texts.get(uid)
+        if got is None:
+            got = self._texts[uid] = encode_text_document(self.catalog[uid].annotation, self.tokenizer,
+                                                          self.cfg.chat_template)
+            if len(self._texts) > 4:
+                self._texts.popitem(last=False)
+        return got
+
+    def _plan(self, item: int, epoch: int) -> DocPlan | PlanError:
+        piece, uid = divmod(item, len(self.catalog))
+        r = self.catalog[uid]
+        try:
+            return plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
+                                 annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer, seed=self.seed,
+                                 epoch=epoch, images=r.images, piece=piece,
+                                 encoded=self._encoded(uid) if r.is_text else None)
+        except PlanError as e:
+            return e
+        except (KeyError, TypeError, ValueError) as e:
+            return PlanError("bad_metadata", f"{type(e).__name__}: {e}")
 
     def doc(self, item: int, epoch: int) -> DocPlan:
+        """The whole plan of a document (PlanError where it has none): a pure function of (catalog, config, seed,
+        item, and the epoch where frames are jittered), so making it again gives the plan its epoch was packed by."""
+        k = (item, epoch if self.cfg.frame_jitter > 0 else 0)
+        d = self._recent.get(k)
+        if d is None:
+            d = self._recent[k] = self._plan(item, epoch)
+            if len(self._recent) > self.RECENT:
+                self._recent.popitem(last=False)
+        if isinstance(d, PlanError):
+            raise d
+        return d
+
+    def _sized(self, item: int, epoch: int) -> tuple[int, int, int]:
+        """(length, text tokens cut, pieces) of a document, kept (PlanError where it has no plan)."""
         k = (item, epoch if self.cfg.frame_jitter > 0 else 0)
         d = self._docs.get(k)
         if d is None:
-            piece, uid = divmod(item, len(self.catalog))
-            r = self.catalog[uid]
-            try:
-                d = plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
-                                  annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer,
-                                  seed=self.seed, epoch=epoch, images=r.images, piece=piece,
-                                  encoded=self._encoded(uid) if r.is_text else None)
-            except PlanError as e:
-                d = e
-            except (KeyError, TypeError, ValueError) as e:
-                d = PlanError("bad_metadata", f"{type(e).__name__}: {e}")
-            self._docs[k] = d
+            plan = self._plan(item, epoch)
+            d = self._docs[k] = plan if isinstance(plan, PlanError) else (plan.length, plan.truncated, plan.pieces)
         if isinstance(d, PlanError):
             raise d
         return d
@@ -197,19 +224,19 @@ class Planner:
             kept, lengths, rejects, truncated, pieces = [], [], {}, {}, {}
             for uid in order.tolist():
                 try:
-                    d = self.doc(uid, e)
+                    length, cut, n_pieces = self._sized(uid, e)
                 except PlanError as err:
                     rejects[uid] = (err.reason, err.detail)
                     continue
-                lengths.append(d.length)
+                lengths.append(length)
                 kept.append(uid)
-                if d.truncated:
-                    truncated[uid] = d.truncated
-                if d.pieces > 1:
-                    pieces[uid] = d.pieces
-                for p in range(1, d.pieces):      # the rest of a long text, right after its first piece
+                if cut:
+                    truncated[uid] = cut
+                if n_pieces > 1:
+                    pieces[uid] = n_pieces
+                for p in range(1, n_pieces):      # the rest of a long text, right after its first piece
                     item = uid + p * len(self.catalog)
-                    lengths.append(self.doc(item, e).length)
+                    lengths.append(self._sized(item, e)[0])
                     kept.append(item)
             bins = pack_greedy(lengths, self.cfg.seq_len, self.cfg.pack_lookahead)
             p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects,

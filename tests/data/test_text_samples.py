@@ -137,7 +137,17 @@ def test_text_document_cut_to_a_sequence_and_empty_text_rejected():
                       tokenizer=TOK, seed=0, epoch=0)
 
 
-def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
+@pytest.fixture(params=[64, 1], ids=["recent64", "recent1"])
+def recent(request, monkeypatch):
+    """The planner keeps each document's size, not its plan, and plans a pack's documents again where it builds
+    the pack, keeping the last Planner.RECENT whole plans: with 1, every document of every pack (and every piece of
+    a continued text) is planned again at build, and must give what its epoch was packed by."""
+    from data.video.loader import Planner
+    monkeypatch.setattr(Planner, "RECENT", request.param)
+    return request.param
+
+
+def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path, recent):
     out, _ = mixed
     cfg = small_cfg(out / "shards", tmp_path, seq_len=512, num_epochs=1)
     loader = VideoPackedLoader(cfg, seed=4)
@@ -168,6 +178,9 @@ def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path):
         seen_text += text_here
         seen_mixed += 0 < text_here < p.num_docs
     assert seen_text == N_TEXT and seen_mixed >= 1 and loader.stats["samples_text"] == N_TEXT
+    sizes = list(loader.planner._docs.values())   # what planning kept: (length, cut, pieces), no token ids
+    assert len(sizes) == N_VIDEOS + N_TEXT and all(isinstance(v, tuple) and len(v) == 3 for v in sizes)
+    assert len(loader.planner._recent) <= recent
     assert sorted(k for p in packs for k in p.sample_keys) == sorted(cat)   # nothing lost
     # exact resume across the text-only samples
     assert_resumes_exactly(small_cfg(out / "shards", tmp_path, seq_len=512), 4, 2, 4)
@@ -196,7 +209,7 @@ def test_text_document_continued_in_pieces():
                       epoch=0, piece=4)
 
 
-def test_long_texts_are_trained_whole_and_resume_exactly(tmp_path):
+def test_long_texts_are_trained_whole_and_resume_exactly(tmp_path, recent):
     """Through the loader: every piece of every long text arrives once in an epoch, and a stop inside a text's
     pieces resumes exactly."""
     ann = tmp_path / "t.jsonl"
