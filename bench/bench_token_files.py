@@ -41,6 +41,17 @@ def _status_mb() -> dict:
     return out
 
 
+def write_synthetic_jsonl(path: Path, docs: int) -> Path:
+    """`docs` JSONL lines, each three of data/token_files.synthetic_documents joined (~0.9 KB): the benches' text."""
+    from data.token_files import synthetic_documents
+
+    texts = list(synthetic_documents(docs * 3, seed=0))
+    with open(path, "w") as f:
+        for i in range(docs):
+            f.write(json.dumps({"text": " ".join(texts[3 * i:3 * i + 3])}) + "\n")
+    return path
+
+
 def child(kind: str, source: str, seq: int, rows: int) -> dict:
     import importlib
 
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))))
         return 0
 
-    from data.token_files import synthetic_documents, tokenize_jsonl
+    from data.token_files import tokenize_jsonl
     from data.video.ingest import IngestOptions, ingest
     from data.video.tokenizer import ByteTokenizer
     from train.noise import silence_known_warnings
@@ -99,11 +110,7 @@ def main(argv=None) -> int:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_tokens_"))
     work.mkdir(parents=True, exist_ok=True)
-    texts = list(synthetic_documents(a.docs * 3, seed=0))
-    jsonl = work / "docs.jsonl"
-    with open(jsonl, "w") as f:
-        for i in range(a.docs):
-            f.write(json.dumps({"text": " ".join(texts[3 * i:3 * i + 3])}) + "\n")
+    jsonl = write_synthetic_jsonl(work / "docs.jsonl", a.docs)
     out = {"docs": a.docs, "seq": a.seq, "rows": a.rows, "jsonl_mb": jsonl.stat().st_size / 2**20,
            "machine": f"{os.cpu_count()} cores"}
 

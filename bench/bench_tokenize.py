@@ -37,17 +37,14 @@ def main(argv=None) -> int:
     silence_known_warnings()
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (its import, seconds, is not the tokenizer's)
 
-    from data.token_files import synthetic_documents, tokenize_jsonl
+    from bench.bench_token_files import write_synthetic_jsonl
+    from data.token_files import tokenize_jsonl
     from data.video.synthetic import make_synthetic_hf_tokenizer
     from data.video.tokenizer import ByteTokenizer, HFTokenizer
 
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_tokenize_"))
     work.mkdir(parents=True, exist_ok=True)
-    texts = list(synthetic_documents(a.docs * 3, seed=0))
-    jsonl = work / "docs.jsonl"
-    with open(jsonl, "w") as f:
-        for i in range(a.docs):
-            f.write(json.dumps({"text": " ".join(texts[3 * i:3 * i + 3])}) + "\n")
+    jsonl = write_synthetic_jsonl(work / "docs.jsonl", a.docs)
     mb = jsonl.stat().st_size / 2**20
     out = {"docs": a.docs, "jsonl_mb": mb, "cores": cores, "tokenizers": {}}
     for name, tok in (("bytes", ByteTokenizer()), ("bpe", HFTokenizer(make_synthetic_hf_tokenizer(work / "bpe")))):

@@ -120,6 +120,14 @@ def test_launch_refuses_bytes_with_a_hugging_face_start(tok_dir, tmp_path):
     validate(compose_config(["recipe=keye_tiny", "parallel=single"]))  # no HF start: bytes stay fine
 
 
+def _without_token(tok_dir, out, token: str) -> None:
+    """A copy of the tokenizer at tok_dir in `out`, without the added token `token`."""
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != token]
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+
+
 def test_qwen_chat_template_equals_transformers_rendering(tok_dir, tmp_path):
     """chat_template=qwen writes a conversation as transformers renders it with Qwen's turn layout (the template is
     written out here: <|im_start|>role, newline, content, <|im_end|>, newline), the same ids; only the answers and
@@ -141,10 +149,7 @@ def test_qwen_chat_template_equals_transformers_rendering(tok_dir, tmp_path):
     assert doc.text_ids == list(want)
     assert tok.decode([i for i, s in zip(doc.text_ids, doc.text_loss) if s]) == "42<|im_end|>3.5<|im_end|>"
     # a tokenizer without Qwen's chat tokens cannot write this template
-    spec = json.loads((tok_dir / "tokenizer.json").read_text())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_start|>"]
-    (tmp_path / "no_chat").mkdir()
-    (tmp_path / "no_chat" / "tokenizer.json").write_text(json.dumps(spec))
+    _without_token(tok_dir, tmp_path / "no_chat", "<|im_start|>")
     with pytest.raises(ValueError, match=r"chat_template=qwen writes .* has no '<\|im_start\|>'"):
         build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_chat"), chat_template="qwen"))
     with pytest.raises(ValueError, match="chat_template"):
@@ -167,10 +172,7 @@ def test_qwen3_thinking_blocks_are_single_tokens_and_trained(tok_dir, tmp_path):
                                         "<think>\nTwo per second.\n</think>\n\n42<|im_end|>\n")
     assert tok.decode([i for i, s in zip(doc.text_ids, doc.text_loss) if s]) == (
         "<think>\nTwo per second.\n</think>\n\n42<|im_end|>")
-    spec = json.loads((tok_dir / "tokenizer.json").read_text())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "</think>"]
-    (tmp_path / "no_think").mkdir()
-    (tmp_path / "no_think" / "tokenizer.json").write_text(json.dumps(spec))
+    _without_token(tok_dir, tmp_path / "no_think", "</think>")
     with pytest.raises(ValueError, match=r"chat_template=qwen3 writes .* has no '</think>': give a Qwen3 tokenizer"):
         build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen3"))
     build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen"))
