@@ -87,8 +87,8 @@ def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
         return body, reasoning
     if THINK_END not in body:
         return body, ""
-    before, after = body.split(THINK_END)[0], body.split(THINK_END)[-1]
-    return after.lstrip("\n"), before.rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+    parts = body.split(THINK_END)
+    return parts[-1].lstrip("\n"), parts[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
 
 
 def conversation_segments(turns: list[tuple[str, str, str | None]], template: str) -> list[tuple[str, bool]]:

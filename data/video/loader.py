@@ -143,6 +143,7 @@ class Planner:
     every document, kept, took ~15 KB per text sample in every rank and worker."""
 
     RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
+    TEXTS = 4         # encoded texts kept for their next pieces
 
     def __init__(self, catalog: list[SampleRecord], cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int) -> None:
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
@@ -175,7 +176,7 @@ class Planner:
         if got is None:
             got = self._texts[uid] = encode_text_document(self.catalog[uid].annotation, self.tokenizer,
                                                           self.cfg.chat_template)
-            if len(self._texts) > 4:
+            if len(self._texts) > self.TEXTS:
                 self._texts.popitem(last=False)
         return got
 
@@ -192,10 +193,15 @@ class Planner:
         except (KeyError, TypeError, ValueError) as e:
             return PlanError("bad_metadata", f"{type(e).__name__}: {e}")
 
+    def _key(self, item: int, epoch: int) -> tuple[int, int]:
+        """What a document's plan is a function of beside the catalog, config and seed: the item, and the epoch
+        where frames are jittered."""
+        return item, epoch if self.cfg.frame_jitter > 0 else 0
+
     def doc(self, item: int, epoch: int) -> DocPlan:
-        """The whole plan of a document (PlanError where it has none): a pure function of (catalog, config, seed,
-        item, and the epoch where frames are jittered), so making it again gives the plan its epoch was packed by."""
-        k = (item, epoch if self.cfg.frame_jitter > 0 else 0)
+        """The whole plan of a document (PlanError where it has none): a pure function of `_key`, so making it again
+        gives the plan its epoch was packed by."""
+        k = self._key(item, epoch)
         d = self._recent.get(k)
         if d is None:
             d = self._recent[k] = self._plan(item, epoch)
@@ -207,7 +213,7 @@ class Planner:
 
     def _sized(self, item: int, epoch: int) -> tuple[int, int, int]:
         """(length, text tokens cut, pieces) of a document, kept (PlanError where it has no plan)."""
-        k = (item, epoch if self.cfg.frame_jitter > 0 else 0)
+        k = self._key(item, epoch)
         d = self._docs.get(k)
         if d is None:
             plan = self._plan(item, epoch)
