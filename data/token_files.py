@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from data.node_files import prune, shared_arrays
 from data.sample_position import GlobalSamplePosition
 
 log = logging.getLogger(__name__)
@@ -397,57 +398,26 @@ class TokenSource:
         ends = np.cumsum(lengths[order])
         return order, ends, rows
 
-    def _open(self, names: list[Path]):
-        """The epoch's arrays mapped from `names`, or None where one is missing or not what this source expects."""
+    def _check(self, got: tuple) -> bool:
         shapes = [(self.documents,), (self.documents,), (self.per_epoch,)]
         dtypes = [np.dtype(self._idx), np.dtype(np.int64), np.dtype(np.int64)]
-        try:
-            got = tuple(np.load(n, mmap_mode="r") for n in names)
-        except (OSError, ValueError):   # missing, or a torn or foreign file: rebuilt
-            return None
-        if any(a.shape != s or a.dtype != d for a, s, d in zip(got, shapes, dtypes)):
-            return None
-        return got
+        return all(a.shape == s and a.dtype == d for a, s, d in zip(got, shapes, dtypes))
 
     def _cached(self, e: int):
-        """Epoch e's arrays from index_dir: mapped where a process of the node (or an earlier run) wrote them; else
-        built under a file lock by the first process that needs them (the others wait, then map them) and written
-        beside their names and renamed, so a name that exists is whole. Where the directory cannot be written or
-        locked, they are built and held in this process's memory, as without index_dir."""
-        names = [self.index_dir / f"epoch{e}.{part}.npy" for part in ("order", "ends", "rows")]
-        got = self._open(names)
-        if got is not None:
-            return got
-        import fcntl
-        try:
-            self.index_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.index_dir / f"epoch{e}.lock", "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes, or the process dies
-                got = self._open(names)
-                if got is None:
-                    for name, a in zip(names, self._build(e)):
-                        tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
-                        with open(tmp, "wb") as f:
-                            np.save(f, a)
-                        os.replace(tmp, name)
-                    got = self._open(names)
-                    self._prune(e)
-        except OSError as err:
-            got = None
-            if not self.index_note:
-                self.index_note = f"{self.index_dir}: {err}"
-                log.warning("token files %s: the epoch orders cannot be kept in %s (%s); each process holds its own "
-                            "(%d bytes per document)", ", ".join(self.prefixes), self.index_dir, err,
-                            np.dtype(self._idx).itemsize + 8)
-        return got if got is not None else self._build(e)
-
-    def _prune(self, e: int) -> None:
-        """Epoch e's orders are written: those of epochs before e - 1 go (the stream moves forward; a process that
-        maps one keeps its pages until it lets go, and a process that needs one again rebuilds it)."""
-        for f in self.index_dir.glob("epoch*"):
-            k = f.name[5:].split(".", 1)[0]
-            if k.isdigit() and int(k) < e - 1:
-                f.unlink(missing_ok=True)
+        """Epoch e's arrays from index_dir (data/node_files.shared_arrays: mapped where a process of the node, or an
+        earlier run, wrote them, else built once under a file lock), and the files of epochs before e - 1 removed.
+        Where the directory cannot be written or locked, they are built and held in this process's memory, as
+        without index_dir."""
+        got, note = shared_arrays(self.index_dir, f"epoch{e}", ("order", "ends", "rows"), lambda: self._build(e),
+                                  self._check)
+        if note and not self.index_note:
+            self.index_note = note
+            log.warning("token files %s: the epoch orders cannot be kept in %s (%s); each process holds its own "
+                        "(%d bytes per document)", ", ".join(self.prefixes), self.index_dir, note,
+                        np.dtype(self._idx).itemsize + 8)
+        elif not note:
+            prune(self.index_dir, "epoch", e - 1)
+        return got
 
     def _epoch(self, e: int):
         got = self._epochs.get(e)

@@ -372,6 +372,8 @@ class Trainer:
             v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
         if v.text_tokens and not v.text_tokens_index_dir:
             v = replace(v, text_tokens_index_dir=str(Path(self.run_dir) / "token_index"))
+        if not v.index_dir:        # the catalogs and epoch plans, made once per node and mapped by its processes
+            v = replace(v, index_dir=str(Path(self.run_dir) / "data_index"))
         t = cfg.train
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
         return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,

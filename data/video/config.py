@@ -70,6 +70,11 @@ class VideoDataConfig:
     text_tokens_index_dir: str = ""
     """Where the token rows' epoch orders are kept as files that every rank and worker maps (data.tokens.index_dir
     says more); the trainer sets <run_dir>/token_index when empty. "" outside the trainer: held in memory."""
+    index_dir: str = ""
+    """Where the catalogs (every sample's record, columnar) and the epoch plans (each document's size, the packs) are
+    kept as files: read and planned by the first process of the node that needs them, mapped by every rank and
+    worker (docs/data.md "Catalog and plans on disk"). The trainer sets <run_dir>/data_index when empty; a node-local
+    disk is the fastest place. "" outside the trainer: each process holds and plans its own."""
 
     # ---- sequence packing -------------------------------------------------------------------
     seq_len: int = 8192

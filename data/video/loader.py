@@ -60,11 +60,13 @@ import time
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.node_files import array_json, json_array, prune, shared_arrays
 from data.token_files import TokenPacks
 
 from .backends import DecodeError, DecodeRequest, decode_frames
@@ -74,12 +76,13 @@ from .packing import (DocPlan, PackedSample, assemble_pack, build_document, enco
                       patchify, plan_document, split_runs)
 from .sampling import PlanError
 from .images import ImageError, decode_member
-from .shards import SampleRecord, catalog_fingerprint, load_catalog, spill_member
+from .shards import Catalog, SampleRecord, load_catalog, spill_member
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+PLAN_FORMAT = "keye-plan/1"      # the epoch plans' files under VideoDataConfig.index_dir (Planner)
 _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "min_frames", "max_frames",
                 "min_frame_tokens", "max_frame_tokens", "video_tokens_per_second", "min_video_tokens",
                 "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
@@ -130,27 +133,53 @@ def epoch_order(shard_of: np.ndarray, *, seed: int, epoch: int, shuffle: bool, b
 class EpochPlan:
     epoch: int
     order: np.ndarray                    # uids in training order (planned-out samples included)
-    packs: list[list[int]]               # items per pack, pack order = stream order (Planner.uid_of)
+    packs: "_Packs"                      # items per pack, pack order = stream order (Planner.uid_of)
     rejects: dict[int, tuple[str, str]]  # uid -> (reason, detail) for samples that cannot be planned
     truncated: dict[int, int] = field(default_factory=dict)  # uid -> text tokens cut (text-only samples)
     pieces: dict[int, int] = field(default_factory=dict)     # uid -> pieces of a text continued over sequences
 
 
+class _Packs:
+    """An epoch's packs as two arrays: the items of every pack back to back (`items`) and where each pack begins
+    (`bounds`, one more than the packs). `packs[j]` is pack j's items as a list."""
+
+    def __init__(self, items: np.ndarray, bounds: np.ndarray) -> None:
+        self.items, self.bounds = items, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, j: int) -> list[int]:
+        if not -len(self) <= j < len(self):
+            raise IndexError(f"pack {j} of {len(self)}")
+        j %= len(self)
+        return self.items[self.bounds[j]:self.bounds[j + 1]].tolist()
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
 class Planner:
     """Plans documents and epochs; identical in every process that builds one. What an epoch's plan needs of each
-    document (its length, text cut, pieces; or why it cannot be planned) is kept per document: about 0.35 KB. The
-    whole plan (token ids, frames) is made again where a pack is built and kept only for the last few: the ids of
-    every document, kept, took ~15 KB per text sample in every rank and worker."""
+    document is held as arrays over the catalog: its length, text cut and pieces (0 where it cannot be planned), and
+    the lengths of a continued text's later pieces; an epoch's packs are two arrays. With `plan_dir` (the loader's,
+    under VideoDataConfig.index_dir) these are files, made by the first process of the node that needs them and
+    mapped by the others (data/node_files.shared_arrays): one process tokenizes the texts and packs the epoch, not
+    every rank and worker. The whole plan of a document (token ids, frames) is made again where its pack is built and
+    kept only for the last few."""
 
     RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
     TEXTS = 4         # encoded texts kept for their next pieces
+    SIZES = ("length", "cut", "pieces", "extra_start", "extra_length", "rejects")
 
-    def __init__(self, catalog: list[SampleRecord], cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int) -> None:
+    def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
+                 plan_dir: str | os.PathLike | None = None, name: str = "shards") -> None:
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
-        shard_names = sorted({r.shard for r in catalog})
-        sid = {s: i for i, s in enumerate(shard_names)}
-        self.shard_of = np.array([sid[r.shard] for r in catalog], dtype=np.int64)
-        self._docs: dict[tuple[int, int], tuple[int, int, int] | PlanError] = {}   # (length, truncated, pieces)
+        self.shard_of = np.asarray(catalog.shard_of, dtype=np.int64)
+        self.plan_dir = Path(plan_dir) if plan_dir else None
+        self.name = name
+        self.index_note = ""     # why the plans are held in memory though plan_dir was given (logged once)
+        self._sizes: dict[int, tuple] = {}
         self._recent: OrderedDict[tuple[int, int], DocPlan | PlanError] = OrderedDict()
         self._epochs: dict[int, EpochPlan] = {}
         self._texts: OrderedDict[int, tuple[list[int], list[bool]]] = OrderedDict()
@@ -158,7 +187,7 @@ class Planner:
     @property
     def fingerprint(self) -> str:
         """What the loader's state fingerprint holds of this source: its catalog's."""
-        return catalog_fingerprint(self.catalog)
+        return self.catalog.fingerprint
 
     def summary(self) -> str:
         """What the loader's mixture line says of this source."""
@@ -196,7 +225,10 @@ class Planner:
     def _key(self, item: int, epoch: int) -> tuple[int, int]:
         """What a document's plan is a function of beside the catalog, config and seed: the item, and the epoch
         where frames are jittered."""
-        return item, epoch if self.cfg.frame_jitter > 0 else 0
+        return item, self._sizes_epoch(epoch)
+
+    def _sizes_epoch(self, epoch: int) -> int:
+        return epoch if self.cfg.frame_jitter > 0 else 0
 
     def doc(self, item: int, epoch: int) -> DocPlan:
         """The whole plan of a document (PlanError where it has none): a pure function of `_key`, so making it again
@@ -211,47 +243,94 @@ class Planner:
             raise d
         return d
 
-    def _sized(self, item: int, epoch: int) -> tuple[int, int, int]:
-        """(length, text tokens cut, pieces) of a document, kept (PlanError where it has no plan)."""
-        k = self._key(item, epoch)
-        d = self._docs.get(k)
-        if d is None:
-            plan = self._plan(item, epoch)
-            d = self._docs[k] = plan if isinstance(plan, PlanError) else (plan.length, plan.truncated, plan.pieces)
-        if isinstance(d, PlanError):
-            raise d
-        return d
+    def _build_sizes(self, epoch: int) -> tuple:
+        """Every document's (length, text cut, pieces: 0 where it cannot be planned), where the later pieces' lengths
+        of each continued text begin in `extra_length`, and the rejected documents' [uid, reason, detail] (JSON)."""
+        n = len(self.catalog)
+        length, cut = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        pieces, start = np.zeros(n, np.int32), np.zeros(n, np.int64)
+        extra, rejects = [], []
+        for uid in range(n):
+            plan = self._plan(uid, epoch)
+            if isinstance(plan, PlanError):
+                rejects.append([uid, plan.reason, plan.detail])
+                continue
+            length[uid], cut[uid], pieces[uid], start[uid] = plan.length, plan.truncated, plan.pieces, len(extra)
+            for p in range(1, plan.pieces):      # the rest of a long text
+                later = self._plan(uid + p * n, epoch)
+                if isinstance(later, PlanError):
+                    raise later
+                extra.append(later.length)
+        return length, cut, pieces, start, np.asarray(extra, np.int32), json_array(rejects)
+
+    def _check_sizes(self, got: tuple) -> bool:
+        n = (len(self.catalog),)
+        length, cut, pieces, start, extra, rejects = got
+        return (all(a.shape == n for a in (length, cut, pieces, start)) and extra.ndim == 1
+                and [a.dtype for a in got] == [np.dtype(t) for t in (np.int32, np.int32, np.int32, np.int64,
+                                                                     np.int32, np.uint8)])
+
+    def _shared(self, stem: str, parts, build, check) -> tuple:
+        got, note = shared_arrays(self.plan_dir, stem, parts, build, check)
+        if note and not self.index_note:
+            self.index_note = note
+            log.warning("video loader: data.video.%s: the epoch plans cannot be kept in %s (%s); each process plans "
+                        "its own", self.name, self.plan_dir, note)
+        return got
+
+    def sizes(self, epoch: int) -> tuple:
+        """The arrays of `_build_sizes` for `epoch` (the same for every epoch unless frames are jittered)."""
+        k = self._sizes_epoch(epoch)
+        got = self._sizes.get(k)
+        if got is None:
+            got = self._shared(f"sizes{k}", self.SIZES, lambda: self._build_sizes(k), self._check_sizes)
+            if self.cfg.frame_jitter > 0:          # per-epoch sizes of old epochs are dead
+                self._sizes = {e: v for e, v in self._sizes.items() if e >= k - 1}
+            self._sizes[k] = got
+        return got
+
+    def _build_packs(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch e's (order of the samples, the packs' items back to back, where each pack begins)."""
+        n = len(self.catalog)
+        order = epoch_order(self.shard_of, seed=self.seed, epoch=e, shuffle=self.cfg.shuffle,
+                            buffer=self.cfg.shuffle_buffer)
+        length, _, pieces, start, extra, _ = self.sizes(e)
+        kept = order[pieces[order] > 0]
+        count = pieces[kept].astype(np.int64)
+        uid = np.repeat(kept, count)                             # each kept sample, then its later pieces
+        piece = np.arange(len(uid), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        items = uid + piece * n
+        lengths = length[uid].astype(np.int64)
+        later = piece > 0
+        if later.any():
+            lengths[later] = extra[start[uid[later]] + piece[later] - 1]
+        bins = pack_greedy(lengths.tolist(), self.cfg.seq_len, self.cfg.pack_lookahead)
+        flat = items[np.concatenate(bins).astype(np.int64)] if bins else items[:0]
+        bounds = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
+        return order.astype(np.int64), flat.astype(np.int64), bounds
+
+    def _check_packs(self, got: tuple) -> bool:
+        order, items, bounds = got
+        return (order.shape == (len(self.catalog),) and items.ndim == 1 and bounds.ndim == 1 and len(bounds) >= 1
+                and all(a.dtype == np.int64 for a in got) and int(bounds[-1]) == len(items))
 
     def epoch(self, e: int) -> EpochPlan:
         p = self._epochs.get(e)
         if p is None:
-            order = epoch_order(self.shard_of, seed=self.seed, epoch=e, shuffle=self.cfg.shuffle,
-                                buffer=self.cfg.shuffle_buffer)
-            kept, lengths, rejects, truncated, pieces = [], [], {}, {}, {}
-            for uid in order.tolist():
-                try:
-                    length, cut, n_pieces = self._sized(uid, e)
-                except PlanError as err:
-                    rejects[uid] = (err.reason, err.detail)
-                    continue
-                lengths.append(length)
-                kept.append(uid)
-                if cut:
-                    truncated[uid] = cut
-                if n_pieces > 1:
-                    pieces[uid] = n_pieces
-                for p in range(1, n_pieces):      # the rest of a long text, right after its first piece
-                    item = uid + p * len(self.catalog)
-                    lengths.append(self._sized(item, e)[0])
-                    kept.append(item)
-            bins = pack_greedy(lengths, self.cfg.seq_len, self.cfg.pack_lookahead)
-            p = EpochPlan(epoch=e, order=order, packs=[[kept[i] for i in b] for b in bins], rejects=rejects,
-                          truncated=truncated, pieces=pieces)
+            order, items, bounds = self._shared(f"epoch{e}", ("order", "items", "bounds"),
+                                                lambda: self._build_packs(e), self._check_packs)
+            if self.plan_dir is not None and not self.index_note:
+                prune(self.plan_dir, "epoch", e - 2)
+                if self.cfg.frame_jitter > 0:
+                    prune(self.plan_dir, "sizes", e - 2)
+            _, cut, pieces, _, _, rejects = self.sizes(e)
+            p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds),
+                          rejects={int(u): (reason, detail) for u, reason, detail in array_json(rejects)},
+                          truncated={int(u): int(cut[u]) for u in np.flatnonzero((cut > 0) & (pieces > 0))},
+                          pieces={int(u): int(pieces[u]) for u in np.flatnonzero(pieces > 1)})
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p
-            if self.cfg.frame_jitter > 0:          # per-epoch doc plans of old epochs are dead
-                self._docs = {k: v for k, v in self._docs.items() if k[1] >= e - 1}
         return p
 
     def num_packs(self, e: int) -> int:
@@ -518,8 +597,8 @@ class VideoPackedLoader:
     """Iterator of `PackedSample` for one data-parallel rank, with exact `state_dict` resume."""
 
     def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
-                 tokenizer: Tokenizer | None = None, catalog: list[SampleRecord] | None = None,
-                 long_catalog: list[SampleRecord] | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, catalog: Catalog | list[SampleRecord] | None = None,
+                 long_catalog: Catalog | list[SampleRecord] | None = None) -> None:
         if not isinstance(dp_world, int) or dp_world < 1:
             raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
@@ -534,21 +613,22 @@ class VideoPackedLoader:
                  self.tokenizer)
         self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
         specs = cfg.sources()                      # [(name, shard spec, config field, weight)]
-        given = [catalog, long_catalog]
+        given = [Catalog.from_records(c) if isinstance(c, list) else c for c in (catalog, long_catalog)]
         # token files (text_tokens) are a source without a catalog: data/token_files.TokenPacks stands for its planner
-        cats = [[] if fld == "text_tokens" else given[i] if given[i] is not None else load_catalog(spec, field=fld)
+        cats = [None if fld == "text_tokens" else given[i] if given[i] is not None
+                else load_catalog(spec, field=fld, index_dir=cfg.index_dir or None)
                 for i, (_, spec, fld, _) in enumerate(specs)]
-        if len(cats) > 1:
-            shared = sorted({r.shard for r in cats[0]} & {r.shard for r in cats[1]})
+        if len(cats) > 1 and cats[0] is not None and cats[1] is not None:
+            shared = sorted(set(cats[0].shards) & set(cats[1].shards))
             if shared:
                 raise ValueError(f"VideoDataConfig.long_shards = {cfg.long_shards!r}: {len(shared)} shard file(s) are "
                                  f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")
         self.source_names = [name for name, *_ in specs]
-        self.catalogs = cats
-        self.has_images = any(r.is_image for cat in cats for r in cat)
-        self.has_text = any(r.is_text for cat in cats for r in cat)
+        self.catalogs = [c if c is not None else Catalog.from_records([]) for c in cats]
+        self.has_images = any(c.count("image") for c in self.catalogs)
+        self.has_text = any(c.count("text") for c in self.catalogs)
         if cfg.fast_frame_ratio > 0 and dp_rank == 0:
-            videos = [r for cat in cats for r in cat if r.video is not None]
+            videos = [cat[u] for cat in self.catalogs for u in cat.uids("video")]
             blind = [r for r in videos if "scene_changes" not in r.video]
             if blind:
                 log.warning("video loader: fast_frame_ratio %s, but %d of %d videos have no scene changes in their "
@@ -557,10 +637,11 @@ class VideoPackedLoader:
                             "small.", cfg.fast_frame_ratio, len(blind), len(videos),
                             os.path.basename(blind[0].shard), blind[0].key)
         self.planners = [TokenPacks(spec, cfg, self.tokenizer, self.seed) if fld == "text_tokens"
-                         else Planner(c, cfg, self.tokenizer, self.seed) for c, (_, spec, fld, _) in zip(cats, specs)]
-        self.catalog, self.planner = cats[0], self.planners[0]
+                         else Planner(c, cfg, self.tokenizer, self.seed, plan_dir=self._plan_dir(c), name=fld)
+                         for c, (_, spec, fld, _) in zip(self.catalogs, specs)]
+        self.catalog, self.planner = self.catalogs[0], self.planners[0]
         fps = [p.fingerprint for p in self.planners]
-        self.catalog_fp = fps[0] if len(cats) == 1 else hashlib.sha1(
+        self.catalog_fp = fps[0] if len(self.catalogs) == 1 else hashlib.sha1(
             "|".join(f"{n}:{fp}" for n, fp in zip(self.source_names, fps)).encode()).hexdigest()[:16]
         streams = [SourceStream(p, cfg.num_epochs) for p in self.planners]
         self.weights = [w for *_, w in specs]
@@ -739,6 +820,15 @@ class VideoPackedLoader:
             out["chat_template"] = self.cfg.chat_template
         return out
 
+    def _plan_dir(self, catalog: Catalog) -> Path | None:
+        """Where a source's epoch plans are kept under VideoDataConfig.index_dir: named by what they are a function of
+        (the catalog's contents, the planning fields, the seed, the tokenizer)."""
+        if not self.cfg.index_dir:
+            return None
+        blob = json.dumps({"format": PLAN_FORMAT, "catalog": catalog.key, "seed": self.seed,
+                           "cfg": self._plan_config(), "tokenizer": repr(self.tokenizer)}, sort_keys=True)
+        return Path(self.cfg.index_dir, f"plan-{hashlib.sha1(blob.encode()).hexdigest()[:16]}")
+
     def plan_fingerprint(self) -> str:
         blob = json.dumps({"catalog": self.catalog_fp, "seed": self.seed, "cfg": self._plan_config(),
                            "tokenizer": repr(self.tokenizer)}, sort_keys=True)
@@ -759,9 +849,9 @@ class VideoPackedLoader:
             items = ep.packs[j]
             if items:
                 r = planner.catalog[planner.uid_of(items[0])]
-                same = [x.uid for x in planner.catalog if x.shard == r.shard]
+                first = int(np.searchsorted(planner.shard_of, planner.shard_of[r.uid]))   # uids of a shard run on
                 out.update({"order_index": int(np.nonzero(ep.order == r.uid)[0][0]),
-                            "shard": os.path.basename(r.shard), "in_shard_index": same.index(r.uid),
+                            "shard": os.path.basename(r.shard), "in_shard_index": r.uid - first,
                             "keys": [planner.key(u) for u in items]})
         return out
 

@@ -16,11 +16,20 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from data.node_files import array_json, json_array, shared_arrays
+
+log = logging.getLogger(__name__)
 
 
 SCHEMA = "keye-video-meta/3"   # /3: a video may carry scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 and /2 shards read as before
@@ -244,30 +253,152 @@ def load_shard_index(tar_path: str) -> dict:
     return scan_shard(tar_path)
 
 
-def load_catalog(spec: str, *, field: str = "shards") -> list[SampleRecord]:
-    """Every sample of the shards named by `spec` (`field` names the config key in errors)."""
+CATALOG_FORMAT = "keye-catalog/1"     # the catalog's files in an index directory (Catalog, load_catalog)
+KINDS = ("video", "text", "image")      # Catalog.kind codes
+
+
+def _record_bytes(s: dict) -> bytes:
+    """What the catalog keeps of one shard-index sample: the fields of its SampleRecord, as compact JSON."""
+    ext = s["video_member"].rsplit(".", 1)[-1] if s.get("video_member") else ""
+    rec = {"key": s["key"], "video_offset": int(s["video_offset"]), "video_size": int(s["video_size"]),
+           "video_ext": ext, "video": s["video"], "annotation": s.get("annotation") or {}, "images": s.get("images"),
+           "image_members": [[int(m["offset"]), int(m["size"])] for m in s["image_members"]]
+           if s.get("image_members") else None}
+    return json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _kind_code(s: dict) -> int:
+    return KINDS.index("image" if s.get("images") is not None else "text" if s.get("video") is None else "video")
+
+
+class Catalog:
+    """Every sample of a set of shards, as a sequence of SampleRecord (uid = position), held in columns: each record's
+    fields as compact JSON bytes, back to back (`blob`), with their `offsets`, the shard of each (`shard_of`, into
+    `shards`) and its kind (`kind`, into KINDS). A record is decoded where it is read (the last few are kept).
+
+    A list of SampleRecord held every annotation, frame-time table and image list as Python objects: ~1.4 KB for a
+    short text sample, in every rank and every loader worker. Here a sample costs its JSON bytes plus 17 bytes, and
+    with an index directory (load_catalog) the columns are files that every process of the node maps: page cache,
+    shared and reclaimable, instead of a copy per process."""
+
+    KEEP = 64   # decoded records kept (a pack's documents are read again where it is built)
+
+    def __init__(self, shards: list[str], blob: np.ndarray, offsets: np.ndarray, shard_of: np.ndarray,
+                 kind: np.ndarray, fingerprint: str, key: str) -> None:
+        self.shards, self.blob, self.offsets, self.shard_of, self.kind = shards, blob, offsets, shard_of, kind
+        self.fingerprint = fingerprint   # of the sample names, in order (the loader's resume check)
+        self.key = key                   # of the contents: what a plan made from this catalog is a function of
+        self._decoded: OrderedDict[int, SampleRecord] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def __getitem__(self, uid):
+        """The record of `uid` (a slice: a list of them)."""
+        if isinstance(uid, slice):
+            return [self[i] for i in range(*uid.indices(len(self)))]
+        uid = int(uid)
+        if not 0 <= uid < len(self):
+            raise IndexError(f"catalog uid {uid} out of range [0, {len(self)})")
+        r = self._decoded.get(uid)
+        if r is None:
+            d = json.loads(self.blob[self.offsets[uid]:self.offsets[uid + 1]].tobytes())
+            r = self._decoded[uid] = SampleRecord(
+                uid=uid, shard=self.shards[self.shard_of[uid]], key=d["key"], video_offset=d["video_offset"],
+                video_size=d["video_size"], video_ext=d["video_ext"], video=d["video"], annotation=d["annotation"],
+                images=d["images"],
+                image_members=[tuple(m) for m in d["image_members"]] if d["image_members"] is not None else None)
+            if len(self._decoded) > self.KEEP:
+                self._decoded.popitem(last=False)
+        return r
+
+    def __iter__(self) -> Iterator[SampleRecord]:
+        return (self[i] for i in range(len(self)))
+
+    def count(self, kind: str) -> int:
+        return int(np.count_nonzero(self.kind == KINDS.index(kind)))
+
+    def uids(self, kind: str) -> np.ndarray:
+        return np.flatnonzero(self.kind == KINDS.index(kind))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (self.blob, self.offsets, self.shard_of, self.kind))
+
+    @classmethod
+    def from_records(cls, records: list[SampleRecord]) -> "Catalog":
+        """A catalog of records held elsewhere (tests, benchmarks), in their order; uids renumbered."""
+        shards = sorted({r.shard for r in records})
+        sid = {s: i for i, s in enumerate(shards)}
+        samples = [{"key": r.key, "video_offset": r.video_offset, "video_size": r.video_size,
+                    "video_member": f"{r.key}.{r.video_ext}" if r.video_ext else None, "video": r.video,
+                    "annotation": r.annotation, "images": r.images,
+                    "image_members": [{"offset": o, "size": n} for o, n in r.image_members]
+                    if r.image_members else None} for r in records]
+        blob, offsets, shard_of, kind, meta = _columns(shards, [(sid[r.shard], s) for r, s in zip(records, samples)])
+        return cls(shards, blob, offsets, shard_of, kind, meta["fingerprint"],
+                   hashlib.sha1(blob.tobytes() + json.dumps(shards).encode()).hexdigest()[:16])
+
+
+def _columns(shards: list[str], samples: Iterable[tuple[int, dict]]):
+    """(blob, offsets, shard_of, kind, meta) of (shard number, shard-index sample) pairs, in order."""
+    parts, ends, shard_of, kind = [], [0], [], []
+    names = hashlib.sha1()
+    for sid, s in samples:
+        b = _record_bytes(s)
+        parts.append(b)
+        ends.append(ends[-1] + len(b))
+        shard_of.append(sid)
+        kind.append(_kind_code(s))
+        names.update(f"{os.path.basename(shards[sid])}/{s['key']}\n".encode())
+    blob = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    meta = {"format": CATALOG_FORMAT, "shards": shards, "fingerprint": names.hexdigest()[:16]}
+    return (blob, np.asarray(ends, dtype=np.int64), np.asarray(shard_of, dtype=np.int32),
+            np.asarray(kind, dtype=np.uint8), meta)
+
+
+def _catalog_key(shards: list[str]) -> str:
+    """What the catalog of `shards` is a function of: each tar's and its index's path, size and modification time."""
+    files = []
+    for tar_path in shards:
+        for p in (tar_path, index_path(tar_path)):
+            if os.path.exists(p):
+                st = os.stat(p)
+                files.append([os.path.realpath(p), st.st_size, st.st_mtime_ns])
+    return hashlib.sha1(json.dumps({"format": CATALOG_FORMAT, "files": files}).encode()).hexdigest()[:16]
+
+
+def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLike | None = None) -> Catalog:
+    """Every sample of the shards named by `spec` (`field` names the config key in errors), as a Catalog. With
+    `index_dir`, its columns are files under `<index_dir>/catalog-<field>-<key>` (data/node_files.shared_arrays: read
+    from the shard indexes once per node, then mapped; where that directory cannot be written, held in memory with a
+    warning)."""
     shards = resolve_shards(spec)
     if not shards:
         raise ValueError(f"VideoDataConfig.{field} = {spec!r}: no .tar shards found")
-    out: list[SampleRecord] = []
-    for tar_path in shards:
-        idx = load_shard_index(tar_path)
-        for s in idx["samples"]:
-            ext = s["video_member"].rsplit(".", 1)[-1] if s.get("video_member") else ""
-            out.append(SampleRecord(uid=len(out), shard=tar_path, key=s["key"],
-                                    video_offset=int(s["video_offset"]), video_size=int(s["video_size"]),
-                                    video_ext=ext, video=s["video"], annotation=s.get("annotation") or {},
-                                    images=s.get("images"),
-                                    image_members=[(int(m["offset"]), int(m["size"])) for m in s["image_members"]]
-                                    if s.get("image_members") else None))
-    return out
+    key = _catalog_key(shards)
 
+    def build():
+        blob, offsets, shard_of, kind, meta = _columns(
+            shards, ((i, s) for i, tar_path in enumerate(shards) for s in load_shard_index(tar_path)["samples"]))
+        return blob, offsets, shard_of, kind, json_array(meta)
 
-def catalog_fingerprint(catalog: list[SampleRecord]) -> str:
-    h = hashlib.sha1()
-    for r in catalog:
-        h.update(f"{os.path.basename(r.shard)}/{r.key}\n".encode())
-    return h.hexdigest()[:16]
+    def check(got) -> bool:
+        blob, offsets, shard_of, kind, meta = got
+        m = array_json(meta)
+        return (m.get("format") == CATALOG_FORMAT and m.get("shards") == shards and blob.dtype == np.uint8
+                and offsets.dtype == np.int64 and shard_of.dtype == np.int32 and kind.dtype == np.uint8
+                and offsets.shape == (len(shard_of) + 1,) and kind.shape == shard_of.shape
+                and int(offsets[-1]) == blob.shape[0])
+
+    where = Path(index_dir, f"catalog-{field}-{key}") if index_dir else None
+    (blob, offsets, shard_of, kind, meta), note = shared_arrays(where, "catalog",
+                                                                ("blob", "offsets", "shard", "kind", "meta"), build,
+                                                                check)
+    if note:
+        log.warning("data.video.%s: the catalog cannot be kept in %s (%s); each process holds its own (%.1f MB)",
+                    field, where, note, (blob.nbytes + offsets.nbytes + shard_of.nbytes + kind.nbytes) / 2**20)
+    return Catalog(shards, blob, offsets, shard_of, kind, array_json(meta)["fingerprint"], key)
 
 
 def read_member(shard: str, offset: int, size: int) -> bytes:

@@ -178,8 +178,9 @@ def test_mixed_packs_frame_accurate_and_resume_exactly(mixed, tmp_path, recent):
         seen_text += text_here
         seen_mixed += 0 < text_here < p.num_docs
     assert seen_text == N_TEXT and seen_mixed >= 1 and loader.stats["samples_text"] == N_TEXT
-    sizes = list(loader.planner._docs.values())   # what planning kept: (length, cut, pieces), no token ids
-    assert len(sizes) == N_VIDEOS + N_TEXT and all(isinstance(v, tuple) and len(v) == 3 for v in sizes)
+    kept = loader.planner.sizes(0)   # what planning kept: arrays of sizes over the catalog, no token ids
+    assert all(isinstance(a, np.ndarray) for a in kept) and kept[0].shape == (N_VIDEOS + N_TEXT,)
+    assert sum(a.nbytes for a in kept) < 64 * (N_VIDEOS + N_TEXT)
     assert len(loader.planner._recent) <= recent
     assert sorted(k for p in packs for k in p.sample_keys) == sorted(cat)   # nothing lost
     # exact resume across the text-only samples

@@ -1,0 +1,85 @@
+"""Arrays that the processes of a node build once and all memory-map: the token files' epoch orders
+(data/token_files.TokenSource), the packed loader's catalog and epoch plans (data/video/catalog.py, loader.Planner).
+
+`shared_arrays(directory, stem, parts, build, check)` returns the arrays `<directory>/<stem>.<part>.npy`:
+- mapped read-only where they exist and `check` accepts them (a process of the node, or an earlier run, wrote them);
+- else built by the first process that needs them, under an `fcntl` lock on `<stem>.lock` (the others wait on the
+  lock, then map what it wrote). Each file is written beside its name and renamed, so a name that exists is whole; a
+  torn, short or foreign file fails `np.load` or `check` and is built again;
+- where the directory cannot be made, written or locked (a filesystem without `flock`), built in this process's memory;
+  the returned note says why (the caller logs it once).
+
+A directory's name must say what its arrays are a function of (the caller's key): nothing here checks that the files
+belong to the data they are opened for beyond their shapes and dtypes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _open(names: list[Path], check: Callable[[tuple], bool]):
+    try:
+        got = tuple(np.load(n, mmap_mode="r") for n in names)
+    except (OSError, ValueError, EOFError):   # missing, or a torn or foreign file: built again
+        return None
+    try:
+        return got if check(got) else None
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def shared_arrays(directory: Path | None, stem: str, parts: Sequence[str], build: Callable[[], tuple],
+                  check: Callable[[tuple], bool]) -> tuple[tuple, str]:
+    """(arrays, note): `parts`' arrays of `stem`, mapped from `directory` or built (module docstring). `build()` returns
+    them in `parts`' order; `check(arrays)` says whether arrays read back are what the caller expects (shapes,
+    dtypes). With `directory` None they are built in memory and the note is empty."""
+    if directory is None:
+        return tuple(build()), ""
+    directory = Path(directory)
+    names = [directory / f"{stem}.{part}.npy" for part in parts]
+    got = _open(names, check)
+    if got is not None:
+        return got, ""
+    import fcntl
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"{stem}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes, or the process dies
+            got = _open(names, check)
+            if got is None:
+                for name, a in zip(names, build()):
+                    tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
+                    with open(tmp, "wb") as f:
+                        np.save(f, np.asarray(a))
+                    os.replace(tmp, name)
+                got = _open(names, check)
+                if got is None:
+                    raise OSError(f"{names[0]}: written, but does not read back whole")
+    except OSError as err:
+        return tuple(build()), f"{directory}: {err}"
+    return got, ""
+
+
+def prune(directory: Path, prefix: str, keep_from: int) -> None:
+    """Remove `<prefix><k>.*` files of `directory` with k < keep_from (the epochs a forward-moving stream is past; a
+    process that maps one keeps its pages until it lets go, and one that needs it again builds it again)."""
+    for f in Path(directory).glob(f"{prefix}*"):
+        k = f.name[len(prefix):].split(".", 1)[0]
+        if k.isdigit() and int(k) < keep_from:
+            f.unlink(missing_ok=True)
+
+
+def json_array(obj) -> np.ndarray:
+    """A JSON-able object as a uint8 array (to keep beside arrays in `shared_arrays`)."""
+    import json
+    return np.frombuffer(json.dumps(obj, separators=(",", ":")).encode(), dtype=np.uint8)
+
+
+def array_json(a: np.ndarray):
+    """The object `json_array` stored."""
+    import json
+    return json.loads(np.asarray(a).tobytes())
