@@ -23,7 +23,8 @@ import numpy as np
 
 def _open(names: list[Path], check: Callable[[tuple], bool]):
     try:
-        got = tuple(np.load(n, mmap_mode="r") for n in names)
+        # plain arrays over the maps: np.memmap's indexing runs Python code on every access
+        got = tuple(np.load(n, mmap_mode="r").view(np.ndarray) for n in names)
     except (OSError, ValueError, EOFError):   # missing, or a torn or foreign file: built again
         return None
     try:
@@ -62,6 +63,16 @@ def shared_arrays(directory: Path | None, stem: str, parts: Sequence[str], build
     except OSError as err:
         return tuple(build()), f"{directory}: {err}"
     return got, ""
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether `a` reads a memory-mapped file (as `shared_arrays` returns them) rather than process memory."""
+    import mmap
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
 
 
 def prune(directory: Path, prefix: str, keep_from: int) -> None:

@@ -214,11 +214,12 @@ def check_text_only(cfg: Config) -> None:
         spec = getattr(cfg.data.video, name)
         if not spec:
             continue
-        seen = [r for r in load_catalog(spec, field=name) if not r.is_text]
-        if seen:
-            kinds = {k: sum(r.kind == k for r in seen) for k in ("video", "image")}
+        cat = load_catalog(spec, field=name)
+        kinds = {k: cat.count(k) for k in ("video", "image")}
+        if kinds["video"] or kinds["image"]:
+            first = cat[min(int(u[0]) for u in (cat.uids("video"), cat.uids("image")) if len(u))]
             raise ValueError(f"data.video.{name}={spec!r} holds {kinds['video']} video and {kinds['image']} image "
-                             f"sample(s) (first: {Path(seen[0].shard).name}/{seen[0].key}), but model.vision.enabled="
+                             f"sample(s) (first: {Path(first.shard).name}/{first.key}), but model.vision.enabled="
                              f"false: a language model alone trains on text-only samples (docs/data.md \"A language "
                              f"model on text\"). Give shards of text only, or a multimodal model")
 

@@ -8,7 +8,8 @@ RNG (so shard reads stay local, and the buffer's contents at any point are a fun
 position, not state to save). Every sample is planned from its metadata (frames, sizes, text), so
 its token count is known, and the ordered samples are packed (best-fit, `pack_lookahead` open
 bins) into that epoch's list of packs. Concatenating the epochs gives one global stream of packs
-`(epoch, pack)`.
+`(epoch, pack)`. With `index_dir` the catalog and these plans are files that the first process of the node
+makes and every rank and worker maps (`Planner`, `shards.Catalog`).
 
 Who gets what
 -------------
@@ -517,12 +518,12 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     docs, keys, failures, off = [], [], [], 0
     counts = {"video_frames": 0, "fast_frames": 0, "text_continued": 0}   # of the documents packed (the log's)
     for doc, n in zip(plans, rows):
-        rec = planner.catalog[doc.uid]
         if doc.kind == "text":                   # a text-only sample: nothing to read or decode
             docs.append(build_document(doc, None, cfg, tok))
             keys.append(doc.key)
             counts["text_continued"] += int(doc.piece > 0)
             continue
+        rec = planner.catalog[doc.uid]
         try:
             if doc.is_image:                     # each image into its own rows, in document order
                 at = off

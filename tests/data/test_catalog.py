@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 
+from data.node_files import is_mapped
 from data.video import loader as loader_mod
 from data.video import shards as shards_mod
 from data.video.ingest import IngestOptions, ingest
@@ -83,7 +84,7 @@ def test_catalog_files_are_mapped_rebuilt_when_torn_and_renamed_when_stale(kinds
     real = shards_mod._columns
     monkeypatch.setattr(shards_mod, "_columns", lambda *a: pytest.fail("the catalog was built again"))
     mapped = load_catalog(str(kinds), index_dir=tmp_path / "ix")
-    assert isinstance(mapped.blob, np.memmap) and [dataclasses.asdict(r) for r in mapped] == ref
+    assert is_mapped(mapped.blob) and [dataclasses.asdict(r) for r in mapped] == ref
     monkeypatch.setattr(shards_mod, "_columns", real)
     blob = where / "catalog.blob.npy"
     blob.write_bytes(blob.read_bytes()[:-7])                # torn: built again, the same
@@ -95,7 +96,7 @@ def test_catalog_files_are_mapped_rebuilt_when_torn_and_renamed_when_stale(kinds
     (tmp_path / "a_file").write_text("not a directory")
     with caplog.at_level(logging.WARNING):
         held = load_catalog(str(kinds), index_dir=tmp_path / "a_file" / "ix")
-    assert [dataclasses.asdict(r) for r in held] == ref and not isinstance(held.blob, np.memmap)
+    assert [dataclasses.asdict(r) for r in held] == ref and not is_mapped(held.blob)
     assert any("each process holds its own" in r.message and "a_file" in r.message for r in caplog.records)
 
 
@@ -137,7 +138,7 @@ def test_plans_on_disk_are_the_plans_made_by_hand(kinds, tmp_path, monkeypatch, 
             p = planner.epoch(e)
             assert ([list(x) for x in p.packs], p.rejects, p.truncated, p.pieces) == want
         assert want[1] and (want[2] if variant["text_overflow"] == "cut" else want[3])
-        assert all(isinstance(a, np.memmap) for a in disk.planner.sizes(e)[:5])
+        assert all(is_mapped(a) for a in disk.planner.sizes(e)[:5])
     # a loader that finds the plans on disk makes none, and yields the same packs
     monkeypatch.setattr(Planner, "_build_sizes", lambda *a: pytest.fail("sizes planned again"))
     monkeypatch.setattr(Planner, "_build_packs", lambda *a: pytest.fail("packs planned again"))

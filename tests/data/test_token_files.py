@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.node_files import is_mapped
 from data.token_files import (BLEND_CHECKPOINT, Blend, TokenCorpus, TokenFilesConfig, TokenFileStream, TokenSource,
                               resolve_prefixes, row_tensors, sidecar, synthetic_documents, tokenize_jsonl,
                               write_token_files)
@@ -160,7 +161,7 @@ def test_epoch_orders_kept_on_disk_are_the_ones_built_in_memory(files, tmp_path,
     again = TokenSource(prefixes, seq_length=S, seed=5, source_id=0, index_dir=tmp_path)
     n = ref.per_epoch
     assert _rows(again, js[:n - 1:-1]) == want[:n - 1:-1]          # epochs 2 and 1, backwards
-    assert all(isinstance(x, np.memmap) for x in again._epoch(2))
+    assert all(is_mapped(x) for x in again._epoch(2))
     monkeypatch.undo()
     assert _rows(again, js[:n]) == want[:n]                         # epoch 0 again: rebuilt, the same rows
     # what the orders are a function of names their directory: another seed, row length or file gets its own
