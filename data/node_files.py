@@ -9,6 +9,10 @@
 - where the directory cannot be made, written or locked (a filesystem without `flock`), built in this process's memory;
   the returned note says why (the caller logs it once).
 
+`shared_chunks(...)` does the same for arrays made of chunks that can be built apart (the packed loader's document
+sizes: tokenizing every text): the node's processes build the chunks side by side, each taking the chunks no other
+process has locked, then waiting for the rest; the first with all of them merges them.
+
 A directory's name must say what its arrays are a function of (the caller's key): nothing here checks that the files
 belong to the data they are opened for beyond their shapes and dtypes.
 """
@@ -33,6 +37,38 @@ def _open(names: list[Path], check: Callable[[tuple], bool]):
         return None
 
 
+def _write(names: list[Path], arrays) -> None:
+    for name, a in zip(names, arrays):
+        tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(a))
+        os.replace(tmp, name)
+
+
+def _locked(directory: Path, stem: str, parts: Sequence[str], build: Callable[[], tuple],
+            check: Callable[[tuple], bool], *, wait: bool = True):
+    """The arrays of `stem`: mapped, or built under its lock and mapped. With wait=False, None where another process
+    holds the lock (it is building them). OSError where the directory cannot be written or locked."""
+    import fcntl
+    names = [directory / f"{stem}.{part}.npy" for part in parts]
+    got = _open(names, check)
+    if got is not None:
+        return got
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{stem}.lock", "a+") as lock:
+        try:     # released when the file closes, or the process dies
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
+        got = _open(names, check)
+        if got is None:
+            _write(names, build())
+            got = _open(names, check)
+            if got is None:
+                raise OSError(f"{names[0]}: written, but does not read back whole")
+    return got
+
+
 def shared_arrays(directory: Path | None, stem: str, parts: Sequence[str], build: Callable[[], tuple],
                   check: Callable[[tuple], bool]) -> tuple[tuple, str]:
     """(arrays, note): `parts`' arrays of `stem`, mapped from `directory` or built (module docstring). `build()` returns
@@ -40,29 +76,39 @@ def shared_arrays(directory: Path | None, stem: str, parts: Sequence[str], build
     dtypes). With `directory` None they are built in memory and the note is empty."""
     if directory is None:
         return tuple(build()), ""
-    directory = Path(directory)
-    names = [directory / f"{stem}.{part}.npy" for part in parts]
-    got = _open(names, check)
-    if got is not None:
-        return got, ""
-    import fcntl
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"{stem}.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes, or the process dies
-            got = _open(names, check)
-            if got is None:
-                for name, a in zip(names, build()):
-                    tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
-                    with open(tmp, "wb") as f:
-                        np.save(f, np.asarray(a))
-                    os.replace(tmp, name)
-                got = _open(names, check)
-                if got is None:
-                    raise OSError(f"{names[0]}: written, but does not read back whole")
+        return _locked(Path(directory), stem, parts, build, check), ""
     except OSError as err:
         return tuple(build()), f"{directory}: {err}"
-    return got, ""
+
+
+def shared_chunks(directory: Path | None, stem: str, parts: Sequence[str], count: int,
+                  build: Callable[[int], tuple], check: Callable[[int, tuple], bool],
+                  merge: Callable[[list[tuple]], tuple], check_merged: Callable[[tuple], bool]) -> tuple[tuple, str]:
+    """(arrays, note) as `shared_arrays`, for arrays made of `count` chunks that can be built apart (`build(i)`, then
+    `merge` of all the chunks in order): the node's processes build the chunks side by side. Each takes, from a place
+    of its own, every chunk no other process is building (a lock tried without waiting), then waits for the chunks
+    the others build; the first with all of them merges them (`<stem>.part<i>.*` stay beside the merged files)."""
+    if directory is None:
+        return tuple(merge([build(i) for i in range(count)])), ""
+    directory = Path(directory)
+    try:
+        got = _open([directory / f"{stem}.{part}.npy" for part in parts], check_merged)
+        if got is not None:
+            return got, ""
+        chunks: dict[int, tuple] = {}
+        first = os.getpid() % count
+        order = [(first + k) % count for k in range(count)]
+        for wait in (False, True):
+            for i in order:
+                if i not in chunks:
+                    got = _locked(directory, f"{stem}.part{i}", parts, lambda: build(i),
+                                  lambda a: check(i, a), wait=wait)
+                    if got is not None:
+                        chunks[i] = got
+        return _locked(directory, stem, parts, lambda: merge([chunks[i] for i in range(count)]), check_merged), ""
+    except OSError as err:
+        return tuple(merge([build(i) for i in range(count)])), f"{directory}: {err}"
 
 
 def is_mapped(a: np.ndarray) -> bool:

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.node_files import array_json, json_array, prune, shared_arrays
+from data.node_files import array_json, json_array, prune, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
 from .backends import DecodeError, DecodeRequest, decode_frames
@@ -164,14 +164,15 @@ class Planner:
     """Plans documents and epochs; identical in every process that builds one. What an epoch's plan needs of each
     document is held as arrays over the catalog: its length, text cut and pieces (0 where it cannot be planned), and
     the lengths of a continued text's later pieces; an epoch's packs are two arrays. With `plan_dir` (the loader's,
-    under VideoDataConfig.index_dir) these are files, made by the first process of the node that needs them and
-    mapped by the others (data/node_files.shared_arrays): one process tokenizes the texts and packs the epoch, not
-    every rank and worker. The whole plan of a document (token ids, frames) is made again where its pack is built and
+    under VideoDataConfig.index_dir) these are files that every process of the node maps: the documents are planned
+    in chunks that the node's processes share out (data/node_files.shared_chunks), and one process packs the epoch,
+    instead of every rank and worker planning everything. The whole plan of a document (token ids, frames) is made again where its pack is built and
     kept only for the last few."""
 
     RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
     TEXTS = 4         # encoded texts kept for their next pieces
     SIZES = ("length", "cut", "pieces", "extra_start", "extra_length", "rejects")
+    CHUNK = 1 << 15   # documents planned per chunk (the unit the node's processes share out)
 
     def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
                  plan_dir: str | os.PathLike | None = None, name: str = "shards") -> None:
@@ -244,19 +245,20 @@ class Planner:
             raise d
         return d
 
-    def _build_sizes(self, epoch: int) -> tuple:
-        """Every document's (length, text cut, pieces: 0 where it cannot be planned), where the later pieces' lengths
-        of each continued text begin in `extra_length`, and the rejected documents' [uid, reason, detail] (JSON)."""
+    def _build_sizes(self, epoch: int, lo: int, hi: int) -> tuple:
+        """The documents lo..hi-1's (length, text cut, pieces: 0 where it cannot be planned), where the later pieces'
+        lengths of each continued text begin in `extra_length`, and the rejected documents' [uid, reason, detail]
+        (JSON)."""
         n = len(self.catalog)
-        length, cut = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        pieces, start = np.zeros(n, np.int32), np.zeros(n, np.int64)
+        length, cut = np.zeros(hi - lo, np.int32), np.zeros(hi - lo, np.int32)
+        pieces, start = np.zeros(hi - lo, np.int32), np.zeros(hi - lo, np.int64)
         extra, rejects = [], []
-        for uid in range(n):
-            plan = self._plan(uid, epoch)
+        for uid in range(lo, hi):
+            plan, i = self._plan(uid, epoch), uid - lo
             if isinstance(plan, PlanError):
                 rejects.append([uid, plan.reason, plan.detail])
                 continue
-            length[uid], cut[uid], pieces[uid], start[uid] = plan.length, plan.truncated, plan.pieces, len(extra)
+            length[i], cut[i], pieces[i], start[i] = plan.length, plan.truncated, plan.pieces, len(extra)
             for p in range(1, plan.pieces):      # the rest of a long text
                 later = self._plan(uid + p * n, epoch)
                 if isinstance(later, PlanError):
@@ -264,27 +266,43 @@ class Planner:
                 extra.append(later.length)
         return length, cut, pieces, start, np.asarray(extra, np.int32), json_array(rejects)
 
-    def _check_sizes(self, got: tuple) -> bool:
-        n = (len(self.catalog),)
+    @staticmethod
+    def _merge_sizes(chunks: list[tuple]) -> tuple:
+        """The chunks' sizes as one: `extra_start` moved by the later pieces of the chunks before."""
+        moved = np.cumsum([0] + [len(c[4]) for c in chunks[:-1]], dtype=np.int64)
+        cat = lambda k: np.concatenate([c[k] for c in chunks])  # noqa: E731
+        return (cat(0), cat(1), cat(2), np.concatenate([c[3] + m for c, m in zip(chunks, moved)]), cat(4),
+                json_array([r for c in chunks for r in array_json(c[5])]))
+
+    def _chunk(self, i: int) -> tuple[int, int]:
+        return i * self.CHUNK, min(len(self.catalog), (i + 1) * self.CHUNK)
+
+    def _check_sizes(self, got: tuple, n: int | None = None) -> bool:
+        n = (len(self.catalog) if n is None else n,)
         length, cut, pieces, start, extra, rejects = got
         return (all(a.shape == n for a in (length, cut, pieces, start)) and extra.ndim == 1
                 and [a.dtype for a in got] == [np.dtype(t) for t in (np.int32, np.int32, np.int32, np.int64,
                                                                      np.int32, np.uint8)])
 
-    def _shared(self, stem: str, parts, build, check) -> tuple:
-        got, note = shared_arrays(self.plan_dir, stem, parts, build, check)
+    def _note(self, note: str) -> None:
         if note and not self.index_note:
             self.index_note = note
             log.warning("video loader: data.video.%s: the epoch plans cannot be kept in %s (%s); each process plans "
                         "its own", self.name, self.plan_dir, note)
-        return got
 
     def sizes(self, epoch: int) -> tuple:
-        """The arrays of `_build_sizes` for `epoch` (the same for every epoch unless frames are jittered)."""
+        """The arrays of `_build_sizes` over the catalog for `epoch` (the same for every epoch unless frames are
+        jittered). Planned in chunks of CHUNK documents, which the node's processes plan side by side with
+        `plan_dir` (data/node_files.shared_chunks): tokenizing every text is most of the planning."""
         k = self._sizes_epoch(epoch)
         got = self._sizes.get(k)
         if got is None:
-            got = self._shared(f"sizes{k}", self.SIZES, lambda: self._build_sizes(k), self._check_sizes)
+            count = max(1, -(-len(self.catalog) // self.CHUNK))
+            got, note = shared_chunks(self.plan_dir, f"sizes{k}", self.SIZES, count,
+                                      lambda i: self._build_sizes(k, *self._chunk(i)),
+                                      lambda i, a: self._check_sizes(a, self._chunk(i)[1] - self._chunk(i)[0]),
+                                      self._merge_sizes, self._check_sizes)
+            self._note(note)
             if self.cfg.frame_jitter > 0:          # per-epoch sizes of old epochs are dead
                 self._sizes = {e: v for e, v in self._sizes.items() if e >= k - 1}
             self._sizes[k] = got
@@ -318,13 +336,15 @@ class Planner:
     def epoch(self, e: int) -> EpochPlan:
         p = self._epochs.get(e)
         if p is None:
-            order, items, bounds = self._shared(f"epoch{e}", ("order", "items", "bounds"),
-                                                lambda: self._build_packs(e), self._check_packs)
+            sizes = self.sizes(e)       # before the epoch's lock: the node's processes plan the documents together
+            (order, items, bounds), note = shared_arrays(self.plan_dir, f"epoch{e}", ("order", "items", "bounds"),
+                                                         lambda: self._build_packs(e), self._check_packs)
+            self._note(note)
             if self.plan_dir is not None and not self.index_note:
                 prune(self.plan_dir, "epoch", e - 2)
                 if self.cfg.frame_jitter > 0:
                     prune(self.plan_dir, "sizes", e - 2)
-            _, cut, pieces, _, _, rejects = self.sizes(e)
+            _, cut, pieces, _, _, rejects = sizes
             p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds),
                           rejects={int(u): (reason, detail) for u, reason, detail in array_json(rejects)},
                           truncated={int(u): int(cut[u]) for u in np.flatnonzero((cut > 0) & (pieces > 0))},

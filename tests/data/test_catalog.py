@@ -11,7 +11,6 @@ import json
 import logging
 import os
 
-import numpy as np
 import pytest
 
 from data.node_files import is_mapped
@@ -128,6 +127,7 @@ def _plans_by_hand(planner: Planner, e: int):
                                      dict(text_overflow="continue", frame_jitter=0.5)],
                          ids=["continue", "cut", "jitter"])
 def test_plans_on_disk_are_the_plans_made_by_hand(kinds, tmp_path, monkeypatch, variant):
+    monkeypatch.setattr(Planner, "CHUNK", 5)      # 18 samples in 4 chunks, planned apart and merged
     cfg = small_cfg(kinds, tmp_path, seq_len=256, max_text_tokens=256, **variant)
     held = VideoPackedLoader(cfg, seed=3)
     disk = VideoPackedLoader(dataclasses.replace(cfg, index_dir=str(tmp_path / "ix")), seed=3)
@@ -163,11 +163,11 @@ def _plan_in_a_process(cfg, epochs, out, build_log):
     def logged(name):
         real = getattr(Planner, name)
 
-        def run(self, e):
+        def run(self, e, *chunk):
             with open(build_log, "a") as f:
-                f.write(f"{os.getpid()} {name} {e}\n")
+                f.write(f"{os.getpid()} {name} {e} {chunk}\n")
             time.sleep(0.3)        # long enough that the other processes ask while it runs
-            return real(self, e)
+            return real(self, e, *chunk)
         return run
 
     for name in ("_build_sizes", "_build_packs"):
@@ -179,8 +179,12 @@ def _plan_in_a_process(cfg, epochs, out, build_log):
     open(out, "w").write(json.dumps(packs))
 
 
-def test_processes_of_a_node_plan_each_epoch_once(kinds, tmp_path):
+def test_processes_of_a_node_plan_each_epoch_once(kinds, tmp_path, monkeypatch):
+    """Three processes plan two epochs: the catalog is read once, each chunk of documents is planned once (by the
+    processes side by side), each epoch packed once; all three get the packs a process alone makes."""
     import multiprocessing as mp
+
+    monkeypatch.setattr(Planner, "CHUNK", 4)      # 18 samples: 5 chunks
 
     cfg = small_cfg(kinds, None, seq_len=256, text_overflow="continue", index_dir=str(tmp_path / "ix"))
     ctx = mp.get_context("fork")
@@ -194,5 +198,7 @@ def test_processes_of_a_node_plan_each_epoch_once(kinds, tmp_path):
     ref = VideoPackedLoader(dataclasses.replace(cfg, index_dir=""), seed=6).planner
     want = {str(e): [list(p) for p in ref.epoch(e).packs] for e in (0, 1)}
     assert all(json.loads((tmp_path / f"packs{i}.json").read_text()) == want for i in range(3))
-    built = sorted(line.split(maxsplit=1)[1] for line in (tmp_path / "builds").read_text().splitlines())
-    assert built == ["_build_packs 0", "_build_packs 1", "_build_sizes 0", "catalog 0"]   # each once, by one
+    lines = [line.split(maxsplit=1) for line in (tmp_path / "builds").read_text().splitlines()]
+    chunks = [f"_build_sizes 0 ({lo}, {min(lo + 4, 18)})" for lo in range(0, 18, 4)]
+    assert sorted(what for _, what in lines) == sorted(["_build_packs 0 ()", "_build_packs 1 ()", "catalog 0"] + chunks)
+    assert len({pid for pid, what in lines if what.startswith("_build_sizes")}) >= 2   # planned side by side
