@@ -17,8 +17,10 @@ import hashlib
 import io
 import json
 import logging
+import marshal
 import os
 import re
+import sys
 import tarfile
 from array import array
 from collections import OrderedDict
@@ -254,18 +256,21 @@ def load_shard_index(tar_path: str) -> dict:
     return scan_shard(tar_path)
 
 
-CATALOG_FORMAT = "keye-catalog/1"     # the catalog's files in an index directory (Catalog, load_catalog)
+# the catalog's files in an index directory (Catalog, load_catalog); a record is marshal's bytes, whose format may
+# change between Python versions: the version is part of the format
+CATALOG_FORMAT = f"keye-catalog/2-py{sys.version_info[0]}.{sys.version_info[1]}-marshal{marshal.version}"
 KINDS = ("video", "text", "image")      # Catalog.kind codes
 
 
 def _record_bytes(s: dict) -> bytes:
-    """What the catalog keeps of one shard-index sample: the fields of its SampleRecord, as compact JSON."""
+    """What the catalog keeps of one shard-index sample: the fields of its SampleRecord (marshal: 0.9 us to write and
+    1.6 us to read a short text's record here, against JSON's 9.6 and 4.7)."""
     ext = s["video_member"].rsplit(".", 1)[-1] if s.get("video_member") else ""
     rec = {"key": s["key"], "video_offset": int(s["video_offset"]), "video_size": int(s["video_size"]),
            "video_ext": ext, "video": s["video"], "annotation": s.get("annotation") or {}, "images": s.get("images"),
            "image_members": [[int(m["offset"]), int(m["size"])] for m in s["image_members"]]
            if s.get("image_members") else None}
-    return json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return marshal.dumps(rec)
 
 
 def _kind_code(s: dict) -> int:
@@ -274,11 +279,11 @@ def _kind_code(s: dict) -> int:
 
 class Catalog:
     """Every sample of a set of shards, as a sequence of SampleRecord (uid = position), held in columns: each record's
-    fields as compact JSON bytes, back to back (`blob`), with their `offsets`, the shard of each (`shard_of`, into
+    fields as bytes (marshal), back to back (`blob`), with their `offsets`, the shard of each (`shard_of`, into
     `shards`) and its kind (`kind`, into KINDS). A record is decoded where it is read (the last few are kept).
 
     A list of SampleRecord held every annotation, frame-time table and image list as Python objects: ~1.4 KB for a
-    short text sample, in every rank and every loader worker. Here a sample costs its JSON bytes plus 17 bytes, and
+    short text sample, in every rank and every loader worker. Here a sample costs its record's bytes plus 17 bytes, and
     with an index directory (load_catalog) the columns are files that every process of the node maps: page cache,
     shared and reclaimable, instead of a copy per process."""
 
@@ -303,7 +308,7 @@ class Catalog:
             raise IndexError(f"catalog uid {uid} out of range [0, {len(self)})")
         r = self._decoded.get(uid)
         if r is None:
-            d = json.loads(self.blob[self.offsets[uid]:self.offsets[uid + 1]].tobytes())
+            d = marshal.loads(self.blob[self.offsets[uid]:self.offsets[uid + 1]].tobytes())
             r = self._decoded[uid] = SampleRecord(
                 uid=uid, shard=self.shards[self.shard_of[uid]], key=d["key"], video_offset=d["video_offset"],
                 video_size=d["video_size"], video_ext=d["video_ext"], video=d["video"], annotation=d["annotation"],
