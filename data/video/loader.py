@@ -172,7 +172,7 @@ class Planner:
     RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
     TEXTS = 4         # encoded texts kept for their next pieces
     SIZES = ("length", "cut", "pieces", "extra_start", "extra_length", "rejects")
-    CHUNK = 1 << 15   # documents planned per chunk (the unit the node's processes share out)
+    CHUNK = 1 << 14   # documents planned per chunk (the unit the node's processes share out)
 
     def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
                  plan_dir: str | os.PathLike | None = None, name: str = "shards") -> None:
