@@ -200,13 +200,12 @@ class Planner:
         than a sequence (text_overflow "continue") uid + p * len(catalog)."""
         return item % len(self.catalog)
 
-    def _encoded(self, uid: int) -> tuple[list[int], list[bool]]:
+    def _encoded(self, r: SampleRecord) -> tuple[list[int], list[bool]]:
         """A text-only sample's tokens, kept for its next pieces (planned one after another, and built in
         neighbouring packs): the last few texts."""
-        got = self._texts.get(uid)
+        got = self._texts.get(r.uid)
         if got is None:
-            got = self._texts[uid] = encode_text_document(self.catalog[uid].annotation, self.tokenizer,
-                                                          self.cfg.chat_template)
+            got = self._texts[r.uid] = encode_text_document(r.annotation, self.tokenizer, self.cfg.chat_template)
             if len(self._texts) > self.TEXTS:
                 self._texts.popitem(last=False)
         return got
@@ -215,10 +214,10 @@ class Planner:
         piece, uid = divmod(item, len(self.catalog))
         r = self.catalog[uid]
         try:
-            return plan_document(uid=uid, key=f"{os.path.basename(r.shard)}/{r.key}", video=r.video,
+            return plan_document(uid=uid, key=f"{self.catalog.shard_name(uid)}/{r.key}", video=r.video,
                                  annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer, seed=self.seed,
                                  epoch=epoch, images=r.images, piece=piece,
-                                 encoded=self._encoded(uid) if r.is_text else None)
+                                 encoded=self._encoded(r) if r.is_text else None)
         except PlanError as e:
             return e
         except (KeyError, TypeError, ValueError) as e:

@@ -295,6 +295,7 @@ class Catalog:
         self.fingerprint = fingerprint   # of the sample names, in order (the loader's resume check)
         self.key = key                   # of the contents: what a plan made from this catalog is a function of
         self._decoded: OrderedDict[int, SampleRecord] = OrderedDict()
+        self._names = [os.path.basename(p) for p in shards]
 
     def __len__(self) -> int:
         return len(self.shard_of)
@@ -303,20 +304,26 @@ class Catalog:
         """The record of `uid` (a slice: a list of them)."""
         if isinstance(uid, slice):
             return [self[i] for i in range(*uid.indices(len(self)))]
+        r = self._decoded.get(uid)
+        if r is not None:
+            return r
         uid = int(uid)
         if not 0 <= uid < len(self):
             raise IndexError(f"catalog uid {uid} out of range [0, {len(self)})")
-        r = self._decoded.get(uid)
-        if r is None:
-            d = marshal.loads(self.blob[self.offsets[uid]:self.offsets[uid + 1]].tobytes())
-            r = self._decoded[uid] = SampleRecord(
-                uid=uid, shard=self.shards[self.shard_of[uid]], key=d["key"], video_offset=d["video_offset"],
-                video_size=d["video_size"], video_ext=d["video_ext"], video=d["video"], annotation=d["annotation"],
-                images=d["images"],
-                image_members=[tuple(m) for m in d["image_members"]] if d["image_members"] is not None else None)
-            if len(self._decoded) > self.KEEP:
-                self._decoded.popitem(last=False)
+        lo, hi = self.offsets[uid:uid + 2].tolist()
+        d = marshal.loads(self.blob[lo:hi].tobytes())
+        members = d["image_members"]
+        r = self._decoded[uid] = SampleRecord(
+            uid=uid, shard=self.shards[int(self.shard_of[uid])], key=d["key"], video_offset=d["video_offset"],
+            video_size=d["video_size"], video_ext=d["video_ext"], video=d["video"], annotation=d["annotation"],
+            images=d["images"], image_members=[tuple(m) for m in members] if members is not None else None)
+        if len(self._decoded) > self.KEEP:
+            self._decoded.popitem(last=False)
         return r
+
+    def shard_name(self, uid: int) -> str:
+        """The file name of `uid`'s shard (without reading its record)."""
+        return self._names[int(self.shard_of[uid])]
 
     def __iter__(self) -> Iterator[SampleRecord]:
         return (self[i] for i in range(len(self)))
