@@ -166,8 +166,8 @@ class Planner:
     the lengths of a continued text's later pieces; an epoch's packs are two arrays. With `plan_dir` (the loader's,
     under VideoDataConfig.index_dir) these are files that every process of the node maps: the documents are planned
     in chunks that the node's processes share out (data/node_files.shared_chunks), and one process packs the epoch,
-    instead of every rank and worker planning everything. The whole plan of a document (token ids, frames) is made again where its pack is built and
-    kept only for the last few."""
+    instead of every rank and worker planning everything. The whole plan of a document (token ids, frames) is made
+    again where its pack is built and kept only for the last few."""
 
     RECENT = 64       # whole document plans kept (a pack's documents, and the texts continued in the next packs)
     TEXTS = 4         # encoded texts kept for their next pieces
@@ -177,7 +177,7 @@ class Planner:
     def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
                  plan_dir: str | os.PathLike | None = None, name: str = "shards") -> None:
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
-        self.shard_of = np.asarray(catalog.shard_of, dtype=np.int64)
+        self.shard_of = catalog.shard_of      # int32, mapped with the catalog (no copy per process)
         self.plan_dir = Path(plan_dir) if plan_dir else None
         self.name = name
         self.index_note = ""     # why the plans are held in memory though plan_dir was given (logged once)
