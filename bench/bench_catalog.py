@@ -33,15 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status_mb() -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(line.split()[1]) / 1024
-    return out
+sys.path.insert(0, ROOT)
+from bench.bench_token_files import _status_mb  # noqa: E402  (stdlib only: the tree a child measures comes first)
 
 
 def child(tree: str, shards: str, index_dir: str, seq: int, rows: int) -> dict:
@@ -104,7 +97,6 @@ def main(argv=None) -> int:
         print(json.dumps(child(t, s, i, int(q), int(r))))
         return 0
 
-    sys.path.insert(0, ROOT)
     from bench.bench_token_files import write_synthetic_jsonl
     from data.video.ingest import IngestOptions, ingest
     from train.noise import silence_known_warnings
