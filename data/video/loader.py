@@ -60,7 +60,7 @@ import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +135,23 @@ class EpochPlan:
     epoch: int
     order: np.ndarray                    # uids in training order (planned-out samples included)
     packs: "_Packs"                      # items per pack, pack order = stream order (Planner.uid_of)
-    rejects: dict[int, tuple[str, str]]  # uid -> (reason, detail) for samples that cannot be planned
-    truncated: dict[int, int] = field(default_factory=dict)  # uid -> text tokens cut (text-only samples)
-    pieces: dict[int, int] = field(default_factory=dict)     # uid -> pieces of a text continued over sequences
+    sizes: tuple                         # Planner.sizes: the dicts below are made from it where they are asked for
+
+    @property
+    def rejects(self) -> dict[int, tuple[str, str]]:
+        """uid -> (reason, detail) for the samples that cannot be planned."""
+        return {int(u): (reason, detail) for u, reason, detail in array_json(self.sizes[5])}
+
+    @property
+    def truncated(self) -> dict[int, int]:
+        """uid -> text tokens cut (text-only samples longer than a sequence, text_overflow "cut")."""
+        _, cut, pieces = self.sizes[:3]
+        return {int(u): int(cut[u]) for u in np.flatnonzero((cut > 0) & (pieces > 0))}
+
+    @property
+    def pieces(self) -> dict[int, int]:
+        """uid -> pieces of a text continued over sequences (text_overflow "continue")."""
+        return {int(u): int(self.sizes[2][u]) for u in np.flatnonzero(self.sizes[2] > 1)}
 
 
 class _Packs:
@@ -343,11 +357,7 @@ class Planner:
                 prune(self.plan_dir, "epoch", e - 2)
                 if self.cfg.frame_jitter > 0:
                     prune(self.plan_dir, "sizes", e - 2)
-            _, cut, pieces, _, _, rejects = sizes
-            p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds),
-                          rejects={int(u): (reason, detail) for u, reason, detail in array_json(rejects)},
-                          truncated={int(u): int(cut[u]) for u in np.flatnonzero((cut > 0) & (pieces > 0))},
-                          pieces={int(u): int(pieces[u]) for u in np.flatnonzero(pieces > 1)})
+            p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds), sizes=sizes)
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p
