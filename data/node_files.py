@@ -1,5 +1,5 @@
 """Arrays that the processes of a node build once and all memory-map: the token files' epoch orders
-(data/token_files.TokenSource), the packed loader's catalog and epoch plans (data/video/catalog.py, loader.Planner).
+(data/token_files.TokenSource), the packed loader's catalog and epoch plans (data/video/shards.Catalog, loader.Planner).
 
 `shared_arrays(directory, stem, parts, build, check)` returns the arrays `<directory>/<stem>.<part>.npy`:
 - mapped read-only where they exist and `check` accepts them (a process of the node, or an earlier run, wrote them);

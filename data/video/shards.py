@@ -418,10 +418,11 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     (blob, offsets, shard_of, kind, meta), note = shared_arrays(where, "catalog",
                                                                 ("blob", "offsets", "shard", "kind", "meta"), build,
                                                                 check)
+    cat = Catalog(shards, blob, offsets, shard_of, kind, array_json(meta)["fingerprint"], key)
     if note:
         log.warning("data.video.%s: the catalog cannot be kept in %s (%s); each process holds its own (%.1f MB)",
-                    field, where, note, (blob.nbytes + offsets.nbytes + shard_of.nbytes + kind.nbytes) / 2**20)
-    return Catalog(shards, blob, offsets, shard_of, kind, array_json(meta)["fingerprint"], key)
+                    field, where, note, cat.nbytes / 2**20)
+    return cat
 
 
 def read_member(shard: str, offset: int, size: int) -> bytes:
