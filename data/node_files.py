@@ -111,16 +111,6 @@ def shared_chunks(directory: Path | None, stem: str, parts: Sequence[str], count
         return tuple(merge([build(i) for i in range(count)])), f"{directory}: {err}"
 
 
-def is_mapped(a: np.ndarray) -> bool:
-    """Whether `a` reads a memory-mapped file (as `shared_arrays` returns them) rather than process memory."""
-    import mmap
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False
-
-
 def prune(directory: Path, prefix: str, keep_from: int) -> None:
     """Remove `<prefix><k>.*` files of `directory` with k < keep_from (the epochs a forward-moving stream is past; a
     process that maps one keeps its pages until it lets go, and one that needs it again builds it again)."""

@@ -7,8 +7,10 @@ CPU-minutes on a 2-core machine.
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data.video.config import VideoDataConfig
@@ -53,3 +55,13 @@ def read_jsonl(path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether `a` reads a memory-mapped file (as data/node_files.shared_arrays returns them) rather than process
+    memory."""
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False

@@ -13,7 +13,6 @@ import os
 
 import pytest
 
-from data.node_files import is_mapped
 from data.video import loader as loader_mod
 from data.video import shards as shards_mod
 from data.video.ingest import IngestOptions, ingest
@@ -23,7 +22,7 @@ from data.video.sampling import PlanError
 from data.video.shards import Catalog, index_path, load_catalog, resolve_shards
 from data.video.synthetic import make_synthetic_videos, text_record
 
-from .conftest import small_cfg
+from .conftest import is_mapped, small_cfg
 from .test_loader import assert_resumes_exactly, signature, take
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.node_files import is_mapped
 from data.token_files import (BLEND_CHECKPOINT, Blend, TokenCorpus, TokenFilesConfig, TokenFileStream, TokenSource,
                               resolve_prefixes, row_tensors, sidecar, synthetic_documents, tokenize_jsonl,
                               write_token_files)
 from data.video.tokenizer import ByteTokenizer, HFTokenizer
+
+from .conftest import is_mapped
 
 TOK = ByteTokenizer()
 
