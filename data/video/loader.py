@@ -855,14 +855,17 @@ class VideoPackedLoader:
         (the catalog's contents, the planning fields, the seed, the tokenizer)."""
         if not self.cfg.index_dir:
             return None
-        blob = json.dumps({"format": PLAN_FORMAT, "catalog": catalog.key, "seed": self.seed,
-                           "cfg": self._plan_config(), "tokenizer": repr(self.tokenizer)}, sort_keys=True)
-        return Path(self.cfg.index_dir, f"plan-{hashlib.sha1(blob.encode()).hexdigest()[:16]}")
+        return Path(self.cfg.index_dir, f"plan-{self._plan_hash(format=PLAN_FORMAT, catalog=catalog.key)}")
 
-    def plan_fingerprint(self) -> str:
-        blob = json.dumps({"catalog": self.catalog_fp, "seed": self.seed, "cfg": self._plan_config(),
+    def _plan_hash(self, **catalog) -> str:
+        """A hash of what plans are a function of: the seed, the planning fields, the tokenizer, and `catalog` (the
+        resume check names the samples; the plans' directory the catalog's contents)."""
+        blob = json.dumps({**catalog, "seed": self.seed, "cfg": self._plan_config(),
                            "tokenizer": repr(self.tokenizer)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def plan_fingerprint(self) -> str:
+        return self._plan_hash(catalog=self.catalog_fp)
 
     def position(self) -> dict:
         """Where this rank's next pack is (for logs): epoch, pack, and its first sample's place (and, in
