@@ -111,6 +111,13 @@ def shared_chunks(directory: Path | None, stem: str, parts: Sequence[str], count
         return tuple(merge([build(i) for i in range(count)])), f"{directory}: {err}"
 
 
+def shaped(arrays: tuple, specs: Sequence[tuple[int | None, type]]) -> bool:
+    """Whether each array is one-dimensional with the spec's length (None: any) and dtype: what a `check` of
+    `shared_arrays` usually asks of what it reads back."""
+    return len(arrays) == len(specs) and all(
+        a.ndim == 1 and (n is None or a.shape[0] == n) and a.dtype == np.dtype(t) for a, (n, t) in zip(arrays, specs))
+
+
 def prune(directory: Path, prefix: str, keep_from: int) -> None:
     """Remove `<prefix><k>.*` files of `directory` with k < keep_from (the epochs a forward-moving stream is past; a
     process that maps one keeps its pages until it lets go, and one that needs it again builds it again)."""

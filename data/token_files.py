@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from data.node_files import prune, shared_arrays
+from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import GlobalSamplePosition
 
 log = logging.getLogger(__name__)
@@ -399,9 +399,7 @@ class TokenSource:
         return order, ends, rows
 
     def _check(self, got: tuple) -> bool:
-        shapes = [(self.documents,), (self.documents,), (self.per_epoch,)]
-        dtypes = [np.dtype(self._idx), np.dtype(np.int64), np.dtype(np.int64)]
-        return all(a.shape == s and a.dtype == d for a, s, d in zip(got, shapes, dtypes))
+        return shaped(got, [(self.documents, self._idx), (self.documents, np.int64), (self.per_epoch, np.int64)])
 
     def _cached(self, e: int):
         """Epoch e's arrays from index_dir (data/node_files.shared_arrays: mapped where a process of the node, or an

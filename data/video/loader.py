@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.node_files import array_json, json_array, prune, shared_arrays, shared_chunks
+from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
 from .backends import DecodeError, DecodeRequest, decode_frames
@@ -291,11 +291,9 @@ class Planner:
         return i * self.CHUNK, min(len(self.catalog), (i + 1) * self.CHUNK)
 
     def _check_sizes(self, got: tuple, n: int | None = None) -> bool:
-        n = (len(self.catalog) if n is None else n,)
-        length, cut, pieces, start, extra, rejects = got
-        return (all(a.shape == n for a in (length, cut, pieces, start)) and extra.ndim == 1
-                and [a.dtype for a in got] == [np.dtype(t) for t in (np.int32, np.int32, np.int32, np.int64,
-                                                                     np.int32, np.uint8)])
+        n = len(self.catalog) if n is None else n
+        return shaped(got, [(n, np.int32), (n, np.int32), (n, np.int32), (n, np.int64), (None, np.int32),
+                            (None, np.uint8)])
 
     def _note(self, note: str) -> None:
         if note and not self.index_note:
@@ -343,8 +341,8 @@ class Planner:
 
     def _check_packs(self, got: tuple) -> bool:
         order, items, bounds = got
-        return (order.shape == (len(self.catalog),) and items.ndim == 1 and bounds.ndim == 1 and len(bounds) >= 1
-                and all(a.dtype == np.int64 for a in got) and int(bounds[-1]) == len(items))
+        return (shaped(got, [(len(self.catalog), np.int64), (None, np.int64), (None, np.int64)]) and len(bounds) >= 1
+                and int(bounds[-1]) == len(items))
 
     def epoch(self, e: int) -> EpochPlan:
         p = self._epochs.get(e)

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.node_files import array_json, json_array, shared_arrays
+from data.node_files import array_json, json_array, shaped, shared_arrays
 
 log = logging.getLogger(__name__)
 
@@ -409,9 +409,9 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     def check(got) -> bool:
         blob, offsets, shard_of, kind, meta = got
         m = array_json(meta)
-        return (m.get("format") == CATALOG_FORMAT and m.get("shards") == shards and blob.dtype == np.uint8
-                and offsets.dtype == np.int64 and shard_of.dtype == np.int32 and kind.dtype == np.uint8
-                and offsets.shape == (len(shard_of) + 1,) and kind.shape == shard_of.shape
+        n = len(shard_of)
+        return (m.get("format") == CATALOG_FORMAT and m.get("shards") == shards
+                and shaped(got[:4], [(None, np.uint8), (n + 1, np.int64), (n, np.int32), (n, np.uint8)])
                 and int(offsets[-1]) == blob.shape[0])
 
     where = Path(index_dir, f"catalog-{field}-{key}") if index_dir else None
