@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
     "pillow>=10,<14",  # image samples (data/video/images.py); 13.0 tested
 ]
 # transformers: the reference implementation HF-interop tests compare logits against
-DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "transformers==5.24.0"]
+DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers==5.24.0"]
 
 setup(
     name="keye-train",

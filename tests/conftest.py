@@ -10,3 +10,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The multi-process and long files first (`slow` mark), the rest after, each group in collection order.
+
+    pytest.ini runs the suite in two pytest-xdist workers, one test file per unit (`--dist loadfile`: a file's
+    module fixtures, such as the layout-parity runs, are built once), handed out in this order as a worker comes
+    free. A file of a few minutes handed out last would leave the other core idle while it ran; the short files
+    at the end fill the gaps. The order of tests within a file is unchanged."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: False (slow files) first
