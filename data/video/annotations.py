@@ -4,27 +4,88 @@ Torch-free, so that ingest (which checks a record's image markers) and the guard
 """
 from __future__ import annotations
 
+import json
+from typing import NamedTuple
+
 from .images import IMAGE_MARKER
 
 VIDEO_MARKER = "<video>"
 THINK_START, THINK_END = "<think>", "</think>"   # Qwen3's thinking block (chat_template=qwen3)
-# a turn's speaker in the ShareGPT / LLaVA form ("from") or the OpenAI one ("role") -> how it is rendered
+# a turn's speaker in the ShareGPT / LLaVA form ("from") or the OpenAI one ("role") -> how it is rendered;
+# "function_call" (ShareGPT as LLaMA-Factory writes tool use) is an assistant turn whose value is the call(s)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system"}
+         "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
+# Qwen's tool layout (Qwen2.5's and Qwen3's chat templates): the tools' signatures in the system turn, each call
+# in the assistant's text, the results as a user turn of <tool_response> blocks
+TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+               "function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+               "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+               "<args-json-object>}\n</tool_call>")
+RESPONSE_START, RESPONSE_END = "<tool_response>", "</tool_response>"
 
 
-def conversation_turns(annotation: dict) -> list[tuple[str, str, str | None]] | str | None:
-    """(role, text, reasoning) of each turn of a record's `conversations` (ShareGPT / LLaVA-Video: {"from":
-    "human" | "gpt" | "system", "value": str}) or `messages` (OpenAI: {"role": "user" | "assistant" | "system",
-    "content": str or a list of parts {"type": "text", "text": ...} / {"type": "image"} / {"type": "video"}, which
-    become the "<image>" / "<video>" markers}). `reasoning` is an assistant turn's `reasoning_content` string (the
-    field Qwen's and DeepSeek's APIs give the thinking in), else None. None when the record has neither; a string
-    saying what is wrong with them."""
+class Turn(NamedTuple):
+    """One turn of a conversation: its role (user, assistant, system or tool), text, an assistant's thinking
+    (`reasoning_content`, else None) and its tool calls, each written as Qwen writes one:
+    '{"name": NAME, "arguments": ARGUMENTS}' (ARGUMENTS a JSON string as given, or the object as JSON)."""
+    role: str
+    text: str
+    reasoning: str | None = None
+    calls: tuple[str, ...] = ()
+
+
+def _json(value) -> str:
+    """JSON as Hugging Face chat templates' `tojson` writes it (non-ASCII kept, ", " and ": " separators)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _calls(value, where: str) -> tuple[str, ...] | str:
+    """An assistant's tool calls (OpenAI `tool_calls`: [{"type": "function", "function": {"name", "arguments"}}],
+    or the call objects themselves; one call alone) as written calls; a string saying what is wrong."""
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for c in calls:
+        f = c.get("function", c) if isinstance(c, dict) else None
+        name, args = (f.get("name"), f.get("arguments", {})) if isinstance(f, dict) else (None, None)
+        if not isinstance(name, str) or not name or not isinstance(args, (str, dict)):
+            return f"{where}: a tool call {c!r} is not {{'name': str, 'arguments': a JSON string or an object}}"
+        out.append(f'{{"name": "{name}", "arguments": {args if isinstance(args, str) else _json(args)}}}')
+    return tuple(out)
+
+
+def tool_signatures(annotation: dict) -> list | str:
+    """The record's `tools` (a list of function signatures, or that list as a JSON string, as ShareGPT data
+    carries it), [] without; a string saying what is wrong."""
+    tools = annotation.get("tools")
+    if tools is None or tools == "":
+        return []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            return f"'tools' is a string but not JSON ({e})"
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return "'tools' must be a list of function signatures (objects)"
+    return tools
+
+
+def conversation_turns(annotation: dict) -> list[Turn] | str | None:
+    """The Turns of a record's `conversations` (ShareGPT / LLaVA-Video: {"from": "human" | "gpt" | "system" |
+    "function_call" | "observation", "value": str}) or `messages` (OpenAI: {"role": "user" | "assistant" |
+    "system" | "tool", "content": str or a list of parts {"type": "text", "text": ...} / {"type": "image"} /
+    {"type": "video"}, which become the "<image>" / "<video>" markers}). `reasoning` is an assistant turn's
+    `reasoning_content` string (the field Qwen's and DeepSeek's APIs give the thinking in), else None; `calls` its
+    `tool_calls` (a "function_call" turn's value: the call as JSON). None when the record has neither; a string
+    saying what is wrong with them (or with the record's `tools`)."""
     conv, msgs = annotation.get("conversations"), annotation.get("messages")
     if conv is None and msgs is None:
         return None
     if conv is not None and msgs is not None:
         return "both 'conversations' and 'messages': give one"
+    tools = tool_signatures(annotation)
+    if isinstance(tools, str):
+        return tools
     name, turns, who, what = ("conversations", conv, "from", "value") if conv is not None else \
         ("messages", msgs, "role", "content")
     if not isinstance(turns, list) or not turns:
@@ -35,7 +96,20 @@ def conversation_turns(annotation: dict) -> list[tuple[str, str, str | None]] | 
         if role is None:
             return (f"'{name}'[{i}]: not a turn {{{who!r}: one of {sorted(ROLES)}, {what!r}: ...}}" if not
                     isinstance(t, dict) else f"'{name}'[{i}]: {who} {t.get(who)!r} is not one of {sorted(ROLES)}")
-        body = t.get(what)
+        body, calls = t.get(what), ()
+        if t.get(who) == "function_call":          # ShareGPT tool use: the value is the call(s), as JSON text
+            try:
+                calls = _calls(json.loads(body) if isinstance(body, str) else body, f"'{name}'[{i}]")
+            except json.JSONDecodeError as e:
+                calls = f"'{name}'[{i}]: a function_call's value is not JSON ({e})"
+            body = ""
+        elif t.get("tool_calls") is not None:
+            calls = _calls(t["tool_calls"], f"'{name}'[{i}]") if role == "assistant" else \
+                f"'{name}'[{i}]: tool_calls in a {role} turn (only an assistant calls tools)"
+            if body is None:                       # OpenAI: no content beside the calls
+                body = ""
+        if isinstance(calls, str):
+            return calls
         if isinstance(body, list):                 # OpenAI content parts
             parts = []
             for part in body:
@@ -53,8 +127,8 @@ def conversation_turns(annotation: dict) -> list[tuple[str, str, str | None]] | 
         if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
             return (f"'{name}'[{i}]: reasoning_content is {type(reasoning).__name__}, not text" if role == "assistant"
                     else f"'{name}'[{i}]: reasoning_content in a {role} turn (only an assistant reasons)")
-        out.append((role, body, reasoning))
-    if not any(role == "assistant" for role, _, _ in out):
+        out.append(Turn(role, body, reasoning, calls))
+    if not any(turn.role == "assistant" for turn in out):
         return f"'{name}' has no assistant turn: nothing to train on"
     return out
 
@@ -67,6 +141,15 @@ def has_text(annotation: dict) -> bool:
             or isinstance(conversation_turns(annotation), list))
 
 
+def _with_calls(answer: str, calls: tuple[str, ...], shown: str | None = None) -> str:
+    """An assistant's text (`shown`, by default `answer`) with its tool calls after it, as Qwen writes them: each
+    "<tool_call>\n{call}\n</tool_call>", on a line of its own after a non-empty answer."""
+    out = answer if shown is None else shown
+    for j, call in enumerate(calls):
+        out += ("\n" if j or answer else "") + f"<tool_call>\n{call}\n</tool_call>"
+    return out
+
+
 def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]]:
     """One conversation turn as (text, supervised) segments: only an assistant's answer (and its end) trains."""
     if template in ("qwen", "qwen3"):          # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
@@ -76,7 +159,7 @@ def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]
     body = body.rstrip("\n") + "\n"
     if role == "assistant":
         return [("Assistant: ", False), (body, True)]
-    return [(body if role == "system" else f"User: {body}", False)]
+    return [(body if role == "system" else f"{'Tool' if role == 'tool' else 'User'}: {body}", False)]
 
 
 def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
@@ -91,25 +174,60 @@ def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
     return parts[-1].lstrip("\n"), parts[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
 
 
-def conversation_segments(turns: list[tuple[str, str, str | None]], template: str) -> list[tuple[str, bool]]:
+def _tool_responses(turns: list[Turn], i: int) -> str:
+    """Qwen's tool turns from i on, as one user turn of <tool_response> blocks, one per consecutive tool turn."""
+    j = i
+    while j < len(turns) and turns[j].role == "tool":
+        j += 1
+    return ("<|im_start|>user" + "".join(f"\n{RESPONSE_START}\n{t.text}\n{RESPONSE_END}" for t in turns[i:j])
+            + "<|im_end|>\n")
+
+
+def conversation_segments(turns: list[Turn], template: str, tools: list | None = None) -> list[tuple[str, bool]]:
     """A conversation's turns as (text, supervised) segments, by `template` (annotation_segments says which).
-    "qwen3" writes Qwen3's chat template: the assistant turns after the last user turn carry their thinking as
-    "<think>\n{thinking}\n</think>\n\n" before the answer, and the conversation's last turn an empty block when it
-    has none (Qwen3's non-thinking form); earlier assistant turns keep their answer alone, as Qwen3 shows a
-    conversation's history. The thinking trains with the answer."""
-    if template != "qwen3":
-        return [seg for role, body, _ in turns for seg in _turn_segments(role, body, template)]
-    last_user = max((i for i, (role, _, _) in enumerate(turns) if role == "user"), default=-1)
-    segs: list[tuple[str, bool]] = []
-    for i, (role, body, reasoning) in enumerate(turns):
-        if role != "assistant":
-            segs += _turn_segments(role, body, template)
+    "qwen3" writes Qwen3's chat template: the assistant turns after the last user query (a user turn that is not
+    tool results) carry their thinking as "<think>\n{thinking}\n</think>\n\n" before the answer, and the
+    conversation's last turn an empty block when it has none (Qwen3's non-thinking form); earlier assistant turns
+    keep their answer alone, as Qwen3 shows a conversation's history. The thinking trains with the answer.
+    With `tools` (function signatures), "qwen" and "qwen3" open with Qwen's system turn listing them (a first
+    system turn's text before them); an assistant's tool calls follow its answer and train with it; tool turns are
+    written as a user turn of <tool_response> blocks, not trained. "plain" lists the tools on a "Tools:" line each,
+    writes the calls as Qwen does and a tool turn as "Tool: ..."."""
+    tools = tools or []
+    if template not in ("qwen", "qwen3"):
+        segs = [("Tools:\n" + "".join(_json(t) + "\n" for t in tools), False)] if tools else []
+        for t in turns:
+            body = t.text if t.role != "assistant" else _with_calls(t.text.rstrip("\n") if t.calls else t.text, t.calls)
+            segs += _turn_segments(t.role, body, template)
+        return segs
+    segs = []
+    if tools:
+        has_system = turns[0].role == "system"
+        system = turns[0].text + "\n\n" if has_system else ""
+        segs.append((f"<|im_start|>system\n{system}{TOOLS_INTRO}" + "".join("\n" + _json(t) for t in tools)
+                     + f"{TOOLS_OUTRO}<|im_end|>\n", False))
+        turns = turns[1:] if has_system else turns
+    queries = [i for i, t in enumerate(turns) if t.role == "user"
+               and not (t.text.startswith(RESPONSE_START) and t.text.endswith(RESPONSE_END))]
+    last_query = queries[-1] if queries else len(turns) - 1
+    for i, t in enumerate(turns):
+        if t.role == "tool":
+            if i == 0 or turns[i - 1].role != "tool":   # one segment for the group: tokenized as one text
+                segs.append((_tool_responses(turns, i), False))
             continue
-        answer, thinking = split_thinking(body, reasoning)
-        if i > last_user and (i == len(turns) - 1 or thinking):
-            thinking, answer = thinking.strip("\n"), answer.lstrip("\n")
-            answer = f"{THINK_START}\n{thinking}\n{THINK_END}\n\n{answer}"
-        segs += _turn_segments(role, answer, template)
+        if t.role != "assistant":
+            segs += _turn_segments(t.role, t.text, template)
+            continue
+        if template == "qwen":
+            segs += _turn_segments(t.role, _with_calls(t.text, t.calls), template)
+            continue
+        answer, thinking = split_thinking(t.text, t.reasoning)
+        if i > last_query and (i == len(turns) - 1 or thinking):
+            text = (f"{THINK_START}\n{thinking.strip(chr(10))}\n{THINK_END}\n\n"
+                    + _with_calls(answer, t.calls, shown=answer.lstrip("\n")))
+        else:
+            text = _with_calls(answer, t.calls)
+        segs += _turn_segments(t.role, text, template)
     return segs
 
 
@@ -145,7 +263,7 @@ def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
     turns = conversation_turns(annotation)
     if isinstance(turns, list):
-        segs += conversation_segments(turns, template)
+        segs += conversation_segments(turns, template, tool_signatures(annotation))
     text = annotation.get("text")
     if isinstance(text, str) and text:
         segs.append((text, True))              # free text (a text-only sample's document), supervised whole

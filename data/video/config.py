@@ -90,7 +90,8 @@ class VideoDataConfig:
     "Assistant: ..." lines; "qwen" = Qwen's chat template (<|im_start|>role ... <|im_end|>); "qwen3" = Qwen3's, which
     adds its thinking blocks (<think> ... </think>, from an assistant turn's reasoning_content or its text), for a
     run that starts from Qwen3 / Keye-VL-2.0 weights with their tokenizer (data.video.tokenizer), which holds those
-    tokens."""
+    tokens. Tool use (a record's `tools`, an assistant's calls, tool results) is written in Qwen's tool layout
+    under "qwen" and "qwen3"."""
     text_overflow: str = "continue"
     """A text-only sample longer than a sequence: "continue" = cut into pieces of a sequence each, every piece
     trained (docs/data.md "Text-only samples"); "cut" = keep its first sequence's worth, count what was cut."""

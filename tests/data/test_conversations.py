@@ -65,6 +65,53 @@ def test_qwen3_writes_its_thinking_blocks():
     assert ("<think>why</think>A2\n", True) in annotation_segments(inline)
 
 
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+# one agentic exchange in the OpenAI form and as LLaMA-Factory's ShareGPT writes it (tools as a JSON string, the
+# call as a "function_call" turn, the result as an "observation")
+TOOL_OPENAI = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3 °C."}]}
+TOOL_SHAREGPT = {"tools": json.dumps([WEATHER]), "conversations": [
+    {"from": "human", "value": "Weather in Oslo?"},
+    {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+    {"from": "observation", "value": "3"}, {"from": "gpt", "value": "3 °C."}]}
+
+
+def test_tool_use_in_both_forms_and_each_template(tmp_path):
+    """Tool use (docs/data.md "Conversations"): written out by hand from Qwen's tool layout (Qwen2.5's and Qwen3's
+    templates; test_hf_tokenizer.py checks the ids against transformers rendering Qwen3's rules): the tools in a
+    system turn, each call as <tool_call> JSON in the assistant's trained text, the results as an untrained user
+    turn of <tool_response> blocks. The ShareGPT form gives the same segments as the OpenAI form, and ingest
+    takes both as text-only samples."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    tools = ('<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+             'You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n'
+             '{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}\n'
+             '</tools>\n\nFor each function call, return a json object with function name and arguments within '
+             '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+             '<args-json-object>}\n</tool_call><|im_end|>\n')
+    U = lambda text: (f"<|im_start|>user\n{text}<|im_end|>\n", False)  # noqa: E731
+    A = lambda text: [("<|im_start|>assistant\n", False), (f"{text}<|im_end|>", True), ("\n", False)]  # noqa: E731
+    result = ("<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n", False)
+    as_object = {**TOOL_SHAREGPT, "conversations": [dict(t, value=json.loads(t["value"])) if t["from"] == "function_call"
+                                                     else t for t in TOOL_SHAREGPT["conversations"]]}
+    for record in (TOOL_OPENAI, TOOL_SHAREGPT, as_object):
+        assert annotation_segments(record, "qwen3") == [
+            (tools, False), U("Weather in Oslo?"), *A(call), result, *A("<think>\n\n</think>\n\n3 °C.")]
+        assert annotation_segments(record, "qwen") == [(tools, False), U("Weather in Oslo?"), *A(call), result,
+                                                       *A("3 °C.")]
+        assert annotation_segments(record) == [
+            ('Tools:\n{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": '
+             '"string"}}}}\n', False), ("User: Weather in Oslo?\n", False), ("Assistant: ", False),
+            (call + "\n", True), ("Tool: 3\n", False), ("Assistant: ", False), ("3 °C.\n", True)]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps(TOOL_OPENAI) + "\n" + json.dumps(TOOL_SHAREGPT) + "\n")
+    got = read_annotations(str(ann))
+    assert len(got.texts) == 2 and not got.problems
+
+
 @pytest.mark.parametrize("record,problem", [
     ({"conversations": [], "video": "a.mp4"}, "'conversations' must be a non-empty list of turns"),
     ({"conversations": [{"from": "bot", "value": "hi"}]}, "from 'bot' is not one of"),
@@ -77,6 +124,18 @@ def test_qwen3_writes_its_thinking_blocks():
      "reasoning_content in a user turn"),
     ({"messages": [{"role": "assistant", "content": "x"}], "conversations": [{"from": "gpt", "value": "y"}]},
      "both 'conversations' and 'messages'"),
+    ({**TOOL_OPENAI, "tools": "[{"}, "'tools' is a string but not JSON"),
+    ({**TOOL_OPENAI, "tools": {"name": "f"}}, "'tools' must be a list of function signatures"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}, {"role": "assistant", "content": "y"}]},
+     "tool_calls in a user turn"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+     "is not {'name': str, 'arguments': a JSON string or an object}"),
+    ({"conversations": [{"from": "function_call", "value": "get_weather(Oslo)"}, {"from": "gpt", "value": "y"}]},
+     "a function_call's value is not JSON"),
+    ({"conversations": [{"from": "function_call", "value": 7}, {"from": "gpt", "value": "y"}]},
+     "a tool call 7 is not {'name': str"),
+    ({"messages": [{"role": "tool", "content": None}, {"role": "assistant", "content": "y"}]},
+     "content is NoneType, not text"),
 ])
 def test_malformed_conversations_are_reported_by_line(tmp_path, record, problem):
     assert problem in conversation_turns(record)

@@ -176,3 +176,73 @@ def test_qwen3_thinking_blocks_are_single_tokens_and_trained(tok_dir, tmp_path):
     with pytest.raises(ValueError, match=r"chat_template=qwen3 writes .* has no '</think>': give a Qwen3 tokenizer"):
         build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen3"))
     build_tokenizer(VideoDataConfig(tokenizer=str(tmp_path / "no_think"), chat_template="qwen"))
+
+
+# Qwen3's chat template's rules for tools, thinking and tool results (its tokenizer_config.json), written out here
+# as a Jinja template for transformers to render: the reference for chat_template=qwen3 with tool use
+QWEN3_TOOL_RULES = """
+{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if ns.multi_step_tool and message.role == 'user' and not (message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}
+{%- for message in messages %}{%- set content = message.content if message.content is string else '' %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}{%- set reasoning = '' %}
+{%- if message.reasoning_content is string %}{%- set reasoning = message.reasoning_content %}
+{%- elif '</think>' in content %}{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}
+{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) %}{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{%- for tool_call in message.tool_calls or [] %}{%- if (loop.first and content) or not loop.first %}{{- '\\n' }}{%- endif %}
+{%- set call = tool_call.function if tool_call.function else tool_call %}{{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+{%- if call.arguments is string %}{{- call.arguments }}{%- else %}{{- call.arguments | tojson }}{%- endif %}{{- '}\\n</tool_call>' }}{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}{%- endfor %}"""
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city, in °C",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("case", ["tools", "no_system", "no_tools"])
+def test_qwen3_tool_use_equals_transformers_rendering(tok_dir, case):
+    """chat_template=qwen3 on an agentic conversation (tools, a thinking turn of two calls, their results, an
+    answer, then a second query answered after one more call) gives the ids transformers gives rendering Qwen3's
+    rules above, and only the assistant turns (their thinking, calls and <|im_end|>) are supervised."""
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris and Rome?"},
+                {"role": "assistant", "content": None, "reasoning_content": "Two cities: two calls.",
+                 "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                                {"type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Rome"}'}}]},
+                {"role": "tool", "content": "18"}, {"role": "tool", "content": "24"},
+                {"role": "assistant", "content": "<think>\nBoth known.\n</think>\n\nParis 18 °C, Rome 24 °C."},
+                {"role": "user", "content": "And Oslo?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+                {"role": "tool", "content": "3"},
+                {"role": "assistant", "content": "3 °C."}]
+    tools = [WEATHER]
+    if case == "no_system":
+        messages = messages[1:]
+    if case == "no_tools":
+        tools = None
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    want = ref.apply_chat_template([{k: v for k, v in m.items() if v is not None} for m in messages], tools=tools,
+                                   chat_template=QWEN3_TOOL_RULES, tokenize=True, return_dict=False)
+    cfg = VideoDataConfig(seq_len=2048, tokenizer=str(tok_dir), chat_template="qwen3")
+    tok = build_tokenizer(cfg)
+    annotation = {"messages": messages, **({"tools": tools} if tools else {})}
+    doc = plan_document(uid=0, key="s/t", video=None, annotation=annotation, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
+    assert doc.text_ids == list(want), (tok.decode(doc.text_ids), ref.decode(want))
+    trained = tok.decode([i for i, s in zip(doc.text_ids, doc.text_loss) if s])
+    assert trained.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n')
+    assert trained.endswith("<think>\n\n</think>\n\n3 °C.<|im_end|>") and "<tool_response>" not in trained
+    assert "Be brief." not in trained and "Two cities" not in trained  # that thinking precedes the last query
