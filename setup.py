@@ -24,8 +24,9 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21,<1",  # data.video.tokenizer=<a Hugging Face tokenizer directory>; 0.23 tested
     "pillow>=10,<14",  # image samples (data/video/images.py); 13.0 tested
 ]
-# transformers: the reference implementation HF-interop tests compare logits against
-DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers==5.24.0"]
+# transformers: the reference implementation HF-interop tests compare logits against; pytest-xdist >= 3.8 for
+# --no-loadscope-reorder (pytest.ini)
+DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "transformers==5.24.0"]
 
 setup(
     name="keye-train",
