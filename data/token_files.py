@@ -68,7 +68,8 @@ class TokenFilesConfig:
     # one blending weight per path (in the order `paths` names them, a directory or glob counting as one source);
     # empty: the paths form one pool of documents
     weights: list[float] = field(default_factory=list)
-    # held-out prefixes for train.eval (same syntax); empty with synthetic data: a synthetic set under another seed
+    # held-out prefixes for train.eval (same syntax), one pool, or several sets each scored on its own:
+    # "NAME=PATH,NAME=PATH" (data/held_out.py); empty with synthetic data: a synthetic set under another seed
     eval_paths: str = ""
     document_bounds: bool = True
     shuffle: bool = True

@@ -88,9 +88,12 @@ class EvalConfig:
     step, the model runs forward
     only, without gradients, over `batches` global batches of held-out data, drawn from the start of that data
     each time (so every evaluation scores the same sequences). Held-out data: data.video.eval_shards for video
-    data (a run on its own synthetic videos makes a second, smaller synthetic set), and for synthetic text the
-    same generator under another seed. Logged as val_loss (and val_indexer_kl with DSA; val_kl and val_attn_mse
-    in KSA distillation, whose teacher then runs too) on the console, in <run_dir>/eval.jsonl and to wandb."""
+    data (a run on its own synthetic videos makes a second, smaller synthetic set), data.tokens.eval_paths for
+    token files, and for synthetic text the same generator under another seed. Logged as val_loss (and
+    val_indexer_kl with DSA; val_kl and val_attn_mse in KSA distillation, whose teacher then runs too) on the
+    console, in <run_dir>/eval.jsonl and to wandb. eval_shards / eval_paths may name several sets
+    ("NAME=PATH,NAME=PATH", data/held_out.py): each is scored on its own, `batches` global batches each, and logged
+    as val_loss/NAME (and so on) beside the values over all of them."""
     interval: int = 0  # steps between evaluations; 0: never
     batches: int = 1  # global batches (train.global_batch_size sequences each) per evaluation
 

@@ -88,6 +88,7 @@ def check_token_files(cfg: Config) -> None:
 def check_token_paths(cfg: Config) -> None:
     """The token files of data.kind=tokens exist, were tokenized for a vocabulary the model holds (their sidecar's
     vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
+    from data.held_out import held_out_paths
     from data.token_files import resolve_prefixes, sidecar
 
     vocab = cfg.model.lm.vocab_size
@@ -95,6 +96,8 @@ def check_token_paths(cfg: Config) -> None:
     found = {}
     for name in ("paths", "eval_paths"):
         spec = getattr(tk, name)
+        if name == "eval_paths":     # its sets' names off (ValueError for a half-named list)
+            spec = held_out_paths(spec, field_name="data.tokens.eval_paths")
         found[name] = [p for g in resolve_prefixes(spec, field_name=f"data.tokens.{name}") for p in g] if spec else []
         for prefix in found[name]:
             meta = sidecar(prefix)
@@ -167,6 +170,7 @@ def check_paths(cfg: Config) -> None:
     into a 30B job. Not part of `validate`, which also judges configs whose paths live on another machine
     (launch/memory.py, the recipe tests). `init_from` / `vision_init_from` are checked only for a fresh run: a run
     directory holding a checkpoint resumes from it and reads neither."""
+    from data.held_out import held_out_sets
     from data.video.shards import resolve_shards
     from models.hf import is_hf_checkpoint
     from train import checkpoint as ckpt
@@ -175,10 +179,16 @@ def check_paths(cfg: Config) -> None:
         files = {}
         for name in ("shards", "long_shards", "eval_shards"):
             spec = getattr(cfg.data.video, name)
-            files[name] = set(resolve_shards(spec)) if spec else set()
-            if spec and not files[name]:
-                raise ValueError(f"data.video.{name}={spec!r}: no .tar shards there (a directory of shards, a glob, or "
-                                 f"a comma-separated list of either; launch/ingest.py writes them)")
+            # each held-out set on its own (ValueError for a half-named list)
+            sets = held_out_sets(spec, field_name="data.video.eval_shards") if name == "eval_shards" else [("", spec)]
+            files[name] = set()
+            for set_name, paths in sets:
+                found = set(resolve_shards(paths)) if paths else set()
+                if paths and not found:
+                    what = f" (held-out set {set_name!r}: {paths!r})" if set_name else ""
+                    raise ValueError(f"data.video.{name}={spec!r}{what}: no .tar shards there (a directory of shards, a "
+                                     f"glob, or a comma-separated list of either; launch/ingest.py writes them)")
+                files[name] |= found
         shared = sorted(files["eval_shards"] & (files["shards"] | files["long_shards"]))
         if shared:
             raise ValueError(f"data.video.eval_shards={cfg.data.video.eval_shards!r}: {len(shared)} shard file(s) are "
@@ -208,10 +218,13 @@ def check_text_only(cfg: Config) -> None:
     """A language model alone (model.vision.enabled=false) on the packed loader's data: every shard holds
     text-only samples only (ValueError naming the first video or image sample and how many there are). Reads the
     shard indexes, as the loader will."""
+    from data.held_out import held_out_paths
     from data.video.shards import load_catalog
 
     for name in ("shards", "long_shards", "eval_shards"):
         spec = getattr(cfg.data.video, name)
+        if name == "eval_shards":
+            spec = held_out_paths(spec, field_name="data.video.eval_shards")
         if not spec:
             continue
         cat = load_catalog(spec, field=name)

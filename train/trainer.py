@@ -16,6 +16,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -344,15 +345,16 @@ class Trainer:
             record_config(self.run_dir, resolved_config_yaml, self.step)
 
     # ----------------------------------------------------------------------------------------------
-    def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False):
+    def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False, shards: str = "",
+                      set_name: str = ""):
         """This rank's packed video micro-batches: the training data, or (held_out) train.eval's data from its
-        start: data.video.eval_shards, one source, its own quarantine file; a run on its own synthetic videos
-        makes a second, smaller synthetic set under another seed."""
+        start: `shards` (one held-out set of data.video.eval_shards, `set_name` when the sets are named), one
+        source, its own quarantine file; a run on its own synthetic videos makes a second, smaller synthetic set
+        under another seed."""
         from data.video_stream import VideoBatchStream, ensure_synthetic_shards
 
         v = cfg.data.video
         if held_out:
-            shards = v.eval_shards
             if not shards:  # validate() allows this only for a run on its own synthetic videos
                 d = cfg.data      # videos as the training data's; text only for a language model alone
                 shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
@@ -360,8 +362,9 @@ class Trainer:
                                                      d.seed + 1, rank=self.rank,
                                                      n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4)))
             stem = Path(v.quarantine_path or "quarantine.jsonl")
+            suffix = f"_eval_{set_name}" if set_name else "_eval"
             v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="", text_tokens="",
-                        text_tokens_fraction=0.0, quarantine_path=f"{stem.stem}_eval{stem.suffix}")
+                        text_tokens_fraction=0.0, quarantine_path=f"{stem.stem}{suffix}{stem.suffix}")
         elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
                                              cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,
@@ -380,16 +383,16 @@ class Trainer:
                                 global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                 seed=cfg.data.seed)
 
-    def _text_streams(self, data, *, held_out: bool = False) -> list:
+    def _text_streams(self, data, *, held_out: bool = False, paths: str = "") -> list:
         """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
-        training paths, or with held_out train.eval's), one stream per model chunk: the interleaved schedule pulls
-        each chunk's micro-batches separately."""
+        training paths, or with held_out `paths`, one held-out set of train.eval's), one stream per model chunk:
+        the interleaved schedule pulls each chunk's micro-batches separately."""
         t = self.cfg.train
         if data.kind == "tokens":
             from data.token_files import TokenCorpus, TokenFileStream, ensure_synthetic_token_files
 
             tk = data.tokens
-            paths = tk.eval_paths if held_out else tk.paths
+            paths = paths if held_out else tk.paths
             if not paths:  # validate() allows an empty eval_paths only with synthetic training data
                 paths = ensure_synthetic_token_files(Path(self.run_dir) / "synthetic_tokens",
                                                      max(64, tk.synthetic_documents // 4) if held_out else
@@ -406,15 +409,23 @@ class Trainer:
                                      micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                      dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
 
-    def _eval_streams(self) -> list:
-        """train.eval's data, from its start (a fresh stream per evaluation), as training draws it: one video stream,
-        or one synthetic text stream per model chunk."""
+    def _eval_sets(self) -> list[tuple[str, Callable[[], list]]]:
+        """train.eval's held-out sets: (name, a function that makes the set's streams from the start of its data, as
+        training draws it: one video stream, or one text stream per model chunk). One set, named "", unless
+        data.video.eval_shards or data.tokens.eval_paths names several (data/held_out.py); synthetic text: the
+        same generator, other sequences."""
+        from data.held_out import held_out_sets
+
         cfg = self.cfg
         if cfg.data.kind == "video":
-            return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True)]
+            dp = self.pgs.dp
+            return [(name, lambda paths=paths, name=name: [self._video_stream(
+                        cfg, dp.rank(), dp.size(), held_out=True, shards=paths, set_name=name)])
+                    for name, paths in held_out_sets(cfg.data.video.eval_shards, field_name="data.video.eval_shards")]
         if cfg.data.kind == "tokens":
-            return self._text_streams(cfg.data, held_out=True)
-        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))  # the same generator, other sequences
+            return [(name, lambda paths=paths: self._text_streams(cfg.data, held_out=True, paths=paths))
+                    for name, paths in held_out_sets(cfg.data.tokens.eval_paths, field_name="data.tokens.eval_paths")]
+        return [("", lambda: self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1)))]
 
     def _common_state(self) -> dict:
         l = self.layout
@@ -689,39 +700,54 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
-        global batches from the start of that data. Collective. Returns val_loss (the LM loss per supervised
-        token, as the training loss), val_indexer_kl with DSA layers, in KSA distillation val_kl and
-        val_attn_mse (the teacher runs too: the stage's own objective on held-out data, as the step logs kl
-        and attn_mse), and the seconds it took."""
+        global batches from the start of each held-out set. Collective. Returns val_loss (the LM loss per
+        supervised token, as the training loss), val_indexer_kl with DSA layers (of each set's last micro-batch,
+        averaged), in KSA distillation val_kl and val_attn_mse (the teacher runs too: the stage's own objective on
+        held-out data, as the step logs kl and attn_mse), and the seconds it took. With named sets, each value
+        also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""
         timer = Timer()
         timer.start()
-        streams = self._eval_streams()
         inputs = self.step_inputs
-        losses: list = []
+        sets = self._eval_sets()
+        vectors = []
         for m in self.model:
             m.eval()
         try:
             with torch.no_grad():
-                for _ in range(self.cfg.train.eval.batches):
-                    for n in self._rounds():
-                        if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
-                            mbs = self._video_round(streams[0], n)
-                            iters = [iter(mbs) for _ in self.model]
-                        else:
-                            iters = streams
-                        losses += self._schedule(iters, n, inputs, forward_only=True)
+                for _, make_streams in sets:     # one set's loader at a time
+                    streams, losses = make_streams(), []
+                    try:
+                        for _ in range(self.cfg.train.eval.batches):
+                            for n in self._rounds():
+                                if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
+                                    mbs = self._video_round(streams[0], n)
+                                    iters = [iter(mbs) for _ in self.model]
+                                else:
+                                    iters = streams
+                                losses += self._schedule(iters, n, inputs, forward_only=True)
+                    finally:
+                        for stream in streams:  # the held-out loader's workers, not left to the garbage collector
+                            getattr(stream, "close", lambda: None)()
+                    vectors.append(self._loss_vector(losses))
         finally:
             for m in self.model:
                 m.train()
-            for stream in streams:  # the held-out loader's workers, not left to the garbage collector
-                getattr(stream, "close", lambda: None)()
-        loss, parts = self._reduce_loss(losses)
+        totals = sum_over_world(vectors, self.device)     # every set's sums in one collective
+        out = self._eval_values(torch.stack(totals).sum(0))
+        if sets[0][0]:
+            for (name, _), total in zip(sets, totals):
+                out.update({f"{k}/{name}": v for k, v in self._eval_values(total).items()})
+        out["val_seconds"] = timer.stop()
+        return out
+
+    def _eval_values(self, total: torch.Tensor) -> dict:
+        """evaluate's values from a world's sum of _loss_vector."""
+        loss, parts = self._loss_from(total)
         out = {"val_loss": loss}
-        if inputs.distill is not None:
+        if self.step_inputs.distill is not None:
             out["val_kl"], out["val_attn_mse"] = parts["kl"], parts["attn_mse"]
         if "indexer_kl" in parts:
             out["val_indexer_kl"] = parts["indexer_kl"]
-        out["val_seconds"] = timer.stop()
         return out
 
     def train(self) -> list[StepStats]:

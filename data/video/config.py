@@ -46,7 +46,8 @@ class VideoDataConfig:
     forms as `shards`; "" = one source. Its shard files must not also be in `shards`."""
     eval_shards: str = ""
     """Held-out shards for train.eval (the same forms as `shards`; their files must not be in `shards` or
-    `long_shards`). "" with train.eval on: only a run on its own synthetic videos, which makes a held-out set."""
+    `long_shards`), one pool, or several sets each scored on its own: "NAME=PATH,NAME=PATH" (data/held_out.py).
+    "" with train.eval on: only a run on its own synthetic videos, which makes a held-out set."""
     long_fraction: float = 0.0
     """Share of packed sequences filled from `long_shards`, in [0, 1]; the rest come from `shards`
     (long:short 1:3 = 0.25). The ratio counts packed sequences: each sequence is filled from ONE

@@ -44,6 +44,7 @@ def runs(tmp_path_factory):
 
     videos = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 12, 1234, rank=0)
     held_out = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out"), 4, 99, rank=0)
+    held_out2 = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out2"), 4, 98, rank=0)
     vl = VL + [f"data.video.shards={videos}"]
     one_job = run_layouts_all(1, {
         "lm": LM + EVAL,
@@ -54,6 +55,9 @@ def runs(tmp_path_factory):
         "vl": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}"],
         "vl_no_eval": vl,
         "vl_on_held_out": VL + [f"data.video.shards={held_out}"],
+        # two named held-out sets, each scored on its own: "clips" is vl's set, "more" what vl_on_more trains on
+        "vl_sets": vl + ["train.eval.interval=2", f"data.video.eval_shards='clips={held_out},more={held_out2}'"],
+        "vl_on_more": VL + [f"data.video.shards={held_out2}"],
         # a run on its own synthetic videos makes its own held-out set
         "vl_own_videos": VL + ["train.eval.interval=2"],
         "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
@@ -94,6 +98,21 @@ def test_held_out_loss_is_the_training_loss_on_that_data(runs):
         assert abs(got - want) <= 1e-6 * abs(want), (run, got, want)
     # and not the training data's: the held-out sequences are others
     assert abs(_by_step(evals["lm"])[0] - runs[0]["lm"][1]) > 1e-3
+
+
+def test_named_held_out_video_sets_are_scored_each_as_alone(runs):
+    """data.video.eval_shards='clips=A,more=B': val_loss/clips equals vl's val_loss on A alone at the same steps,
+    bit for bit (the same weights, the same packs of A); val_loss/more at step 0 is the first training step's loss
+    of a run on B (1e-6, as above); val_loss is over both sets' tokens, between the two."""
+    losses, evals, _ = runs
+    sets, alone = evals["vl_sets"], _by_step(evals["vl"])
+    assert [e["step"] for e in sets] == [0, 2] and losses["vl_sets"] == losses["vl"]
+    for e in sets:
+        assert e["val_loss/clips"] == alone[e["step"]], (e, alone)
+        assert min(e["val_loss/clips"], e["val_loss/more"]) < e["val_loss"] < max(e["val_loss/clips"],
+                                                                                e["val_loss/more"])
+    want = losses["vl_on_more"][1]
+    assert abs(sets[0]["val_loss/more"] - want) <= 1e-6 * abs(want), (sets[0], want)
 
 
 def test_evaluating_changes_no_training_step(runs):

@@ -22,6 +22,7 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokens")
     train = ensure_synthetic_token_files(d, 300, 11, rank=0, vocab_size=512)
     held = ensure_synthetic_token_files(d, 40, 12, rank=0, vocab_size=512)
+    held2 = ensure_synthetic_token_files(d, 40, 14, rank=0, vocab_size=512)
     # 64-token rows over documents of 80-1,000 bytes: rows hold one to several documents, and documents run over rows
     common = ["recipe=keye_tiny_lm", "data=tokens", f"data.tokens.paths={train}", "train.micro_batch_size=1",
               "train.seq_length=64", "train.global_batch_size=4", "train.steps=4", "parallel=single",
@@ -29,6 +30,10 @@ def runs(tmp_path_factory):
     ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
     one = run_layouts_all(1, {
         "single": common + [f"data.tokens.eval_paths={held}", "train.eval.interval=2", "train.eval.batches=1"],
+        # two named held-out sets, each scored on its own; the second alone as its reference
+        "sets": common + [f"data.tokens.eval_paths='first={held},second={held2}'", "train.eval.interval=2",
+                          "train.eval.batches=1"],
+        "second": common + [f"data.tokens.eval_paths={held2}", "train.eval.interval=2", "train.eval.batches=1"],
         "stopped": common + ckpt + ["train.stop_after=2", "run_dir=s"],
         "resumed": common + ckpt + ["run_dir=s"],
         # Megatron's rows: attention across the documents of a row, two rows per micro-batch
@@ -84,6 +89,21 @@ def test_held_out_token_files_are_scored(runs):
     for a, b in zip(ref, tp2):
         assert math.isfinite(a["val_loss"]) and abs(a["val_loss"] - b["val_loss"]) <= RTOL * a["val_loss"]
     assert ref[-1]["val_loss"] < ref[0]["val_loss"]
+
+
+def test_named_held_out_sets_are_scored_each_as_alone(runs):
+    """data.tokens.eval_paths='first=A,second=B': val_loss/first equals a run's val_loss on A alone and
+    val_loss/second one on B alone, bit for bit (the same weights: evaluating changes no training, test_eval.py;
+    the same rows of each set); val_loss is over both sets' tokens, so it lies between them."""
+    one, _, _ = runs
+    sets, first, second = (one["evals"][name] for name in ("sets", "single", "second"))
+    assert [e["step"] for e in sets] == [0, 2, 4] == [e["step"] for e in first] == [e["step"] for e in second]
+    assert one["losses"]["sets"] == one["losses"]["single"]
+    for s, a, b in zip(sets, first, second):
+        assert s["val_loss/first"] == a["val_loss"] and s["val_loss/second"] == b["val_loss"], (s, a, b)
+        assert a["val_loss"] != b["val_loss"]
+        assert min(a["val_loss"], b["val_loss"]) < s["val_loss"] < max(a["val_loss"], b["val_loss"])
+    assert "val_loss/first" not in first[0]     # one pool: the plain keys alone
 
 
 @pytest.fixture(scope="module")

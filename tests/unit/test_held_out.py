@@ -1,0 +1,68 @@
+"""Named held-out sets (data/held_out.py): how `data.tokens.eval_paths` and `data.video.eval_shards` are split into
+sets, and the launcher's checks of each set before a run starts. The sets' scores through the trainer are tested in
+tests/dist/test_token_files_train.py and tests/dist/test_eval.py (each set against a run on it alone)."""
+import pytest
+
+from data.held_out import held_out_paths, held_out_sets
+
+
+@pytest.mark.parametrize("spec, sets", [
+    ("", [("", "")]),
+    ("/data/val", [("", "/data/val")]),
+    ("/a, /b", [("", "/a,/b")]),                                   # one pool, as before names existed
+    ("web=/data/web, code=/data/code", [("web", "/data/web"), ("code", "/data/code")]),
+    ("a=/x,b=/z,a=/y", [("a", "/x,/y"), ("b", "/z")]),            # a name twice: one set, in the order first named
+    ("/data/date=2024/val", [("", "/data/date=2024/val")]),        # a '=' after a '/' is part of a path
+    ("./date=2024,/b", [("", "./date=2024,/b")]),
+    ("v1.2_x-y=/p", [("v1.2_x-y", "/p")]),
+])
+def test_sets_of_a_spec(spec, sets):
+    assert held_out_sets(spec, field_name="f") == sets
+    assert held_out_paths(spec, field_name="f") == ",".join(p for _, p in sets if p)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("web=/a,/b", r"^f='web=/a,/b': '/b' has no name but other parts have one: name every held-out set"),
+    ("/b,web=/a", r"'/b' has no name"),
+    ("web=", r"^f='web=': held-out set 'web' names no path \(NAME=PATH\)"),
+])
+def test_a_half_named_spec_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        held_out_sets(spec, field_name="f")
+
+
+def test_the_launcher_checks_each_named_set(tmp_path, monkeypatch):
+    """check_paths: a named video set without shards names the set; a named set that holds training shards, or
+    training token files, is refused as training data; a half-named list stops the launch; named sets that are
+    there pass."""
+    from data.token_files import write_token_files
+    from train.launch import check_paths, compose_config, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def cfg(*overrides):
+        return validate(compose_config([f"run_dir={tmp_path / 'run'}", "parallel=single", *overrides]))[0]
+
+    for d in ("train", "val1", "val2", "empty"):
+        (tmp_path / d).mkdir()
+    for d in ("train", "val1", "val2"):
+        (tmp_path / d / "shard-000000.tar").write_bytes(b"")
+    video = ("recipe=keye_tiny", f"data.video.shards={tmp_path / 'train'}")
+    check_paths(cfg(*video, f"data.video.eval_shards='a={tmp_path / 'val1'},b={tmp_path / 'val2'}'"))
+    with pytest.raises(ValueError, match=r"^data\.video\.eval_shards='a=.*' \(held-out set 'b': '.*empty'\): no \.tar "
+                                         r"shards there"):
+        check_paths(cfg(*video, f"data.video.eval_shards='a={tmp_path / 'val1'},b={tmp_path / 'empty'}'"))
+    with pytest.raises(ValueError, match=r"data\.video\.eval_shards=.*: 1 shard file\(s\) are also training data"):
+        check_paths(cfg(*video, f"data.video.eval_shards='a={tmp_path / 'val1'},b={tmp_path / 'train'}'"))
+    with pytest.raises(ValueError, match=r"has no name but other parts have one"):
+        check_paths(cfg(*video, f"data.video.eval_shards='a={tmp_path / 'val1'},{tmp_path / 'val2'}'"))
+
+    for name in ("a", "b", "c"):
+        write_token_files([[1, 2, 3, 4, 5]], tmp_path / name, vocab_size=512)
+    lm = ("recipe=keye_tiny_lm", "data=tokens", "train.micro_batch_size=1", f"data.tokens.paths={tmp_path / 'a'}")
+    check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'c'}'"))
+    with pytest.raises(ValueError, match=r"data\.tokens\.eval_paths=.*a is also training data"):
+        check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'a'}'"))
+    with pytest.raises(ValueError, match=r"data\.tokens\.eval_paths=.*'.*missing' names no indexed dataset|"
+                                         r"missing\.bin and .*missing\.idx do not exist"):
+        check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'missing'}'"))
