@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from data.token_files import split_paths
+
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
@@ -17,9 +19,7 @@ def held_out_sets(spec: str, *, field_name: str) -> list[tuple[str, str]]:
     or a name has no path."""
     sets: dict[str, list[str]] = {}
     unnamed: list[str] = []
-    for part in (p.strip() for p in str(spec or "").split(",")):
-        if not part:
-            continue
+    for part in split_paths(spec):
         name, eq, path = part.partition("=")
         if eq and _NAME.fullmatch(name.strip()):
             if not path.strip():

@@ -16,7 +16,6 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -409,23 +408,28 @@ class Trainer:
                                      micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                      dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
 
-    def _eval_sets(self) -> list[tuple[str, Callable[[], list]]]:
-        """train.eval's held-out sets: (name, a function that makes the set's streams from the start of its data, as
-        training draws it: one video stream, or one text stream per model chunk). One set, named "", unless
-        data.video.eval_shards or data.tokens.eval_paths names several (data/held_out.py); synthetic text: the
-        same generator, other sequences."""
+    def _eval_sets(self) -> list[tuple[str, str]]:
+        """train.eval's held-out sets as (name, paths): one set named "" unless data.video.eval_shards or
+        data.tokens.eval_paths names several (data/held_out.py). Synthetic text: [("", "")]."""
         from data.held_out import held_out_sets
 
+        kind = self.cfg.data.kind
+        if kind == "video":
+            return held_out_sets(self.cfg.data.video.eval_shards, field_name="data.video.eval_shards")
+        if kind == "tokens":
+            return held_out_sets(self.cfg.data.tokens.eval_paths, field_name="data.tokens.eval_paths")
+        return [("", "")]
+
+    def _eval_streams(self, name: str, paths: str) -> list:
+        """One held-out set's data from its start (fresh streams per evaluation), as training draws it: one video
+        stream, or one text stream per model chunk; synthetic text: the same generator, other sequences."""
         cfg = self.cfg
         if cfg.data.kind == "video":
-            dp = self.pgs.dp
-            return [(name, lambda paths=paths, name=name: [self._video_stream(
-                        cfg, dp.rank(), dp.size(), held_out=True, shards=paths, set_name=name)])
-                    for name, paths in held_out_sets(cfg.data.video.eval_shards, field_name="data.video.eval_shards")]
+            return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True, shards=paths,
+                                       set_name=name)]
         if cfg.data.kind == "tokens":
-            return [(name, lambda paths=paths: self._text_streams(cfg.data, held_out=True, paths=paths))
-                    for name, paths in held_out_sets(cfg.data.tokens.eval_paths, field_name="data.tokens.eval_paths")]
-        return [("", lambda: self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1)))]
+            return self._text_streams(cfg.data, held_out=True, paths=paths)
+        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))
 
     def _common_state(self) -> dict:
         l = self.layout
@@ -714,8 +718,8 @@ class Trainer:
             m.eval()
         try:
             with torch.no_grad():
-                for _, make_streams in sets:     # one set's loader at a time
-                    streams, losses = make_streams(), []
+                for name, paths in sets:     # one set's loader at a time
+                    streams, losses = self._eval_streams(name, paths), []
                     try:
                         for _ in range(self.cfg.train.eval.batches):
                             for n in self._rounds():
