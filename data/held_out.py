@@ -1,5 +1,5 @@
 """Held-out sets for train.eval. `data.tokens.eval_paths` and `data.video.eval_shards` name one pool of held-out
-data ("/data/val"), or several sets by name ("web=/data/val/web,code=/data/val/code"), each scored on its own.
+data ("/data/val"), or several sets by name ("web=/data/val/web,code=/data/val/code"), each scored on its own. `train.eval.set_batches` may give a named set its own number of global batches.
 
 A comma-separated part is named when the text before its first '=' is a name: a letter, then letters, digits,
 '_', '.' or '-' (so "/data/date=2024/x" stays a path; write "./date=2024" for a relative one). Parts with the same
@@ -38,3 +38,48 @@ def held_out_sets(spec: str, *, field_name: str) -> list[tuple[str, str]]:
 def held_out_paths(spec: str, *, field_name: str) -> str:
     """Every held-out path of `spec`, comma-joined, without the sets' names."""
     return ",".join(paths for _, paths in held_out_sets(spec, field_name=field_name) if paths)
+
+
+def held_out_spec(data) -> tuple[str, str]:
+    """(the held-out spec, its setting's name) of a data config (train/config.DataConfig): data.video.eval_shards
+    for video data, data.tokens.eval_paths for token files; ("", "") for synthetic text (no paths)."""
+    if data.kind == "video":
+        return data.video.eval_shards, "data.video.eval_shards"
+    if data.kind == "tokens":
+        return data.tokens.eval_paths, "data.tokens.eval_paths"
+    return "", ""
+
+
+def parse_set_batches(spec: str) -> dict[str, int]:
+    """train.eval.set_batches ("code=4,web=1") -> {set name: global batches}. ValueError naming the setting and
+    the part that is not NAME=N with N >= 1, or a set named twice."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part and not spec.strip():
+            continue
+        name, eq, count = (x.strip() for x in part.partition("="))
+        if not (eq and _NAME.fullmatch(name) and count.isdigit() and int(count) >= 1):
+            raise ValueError(f"train.eval.set_batches={spec!r}: {part!r} is not NAME=N (a held-out set's name and "
+                             f"its number of global batches, >= 1)")
+        if name in out:
+            raise ValueError(f"train.eval.set_batches={spec!r}: set {name!r} is given twice")
+        out[name] = int(count)
+    return out
+
+
+def eval_plan(data, batches: int, set_batches: str) -> list[tuple[str, str, int]]:
+    """(name, paths, global batches) per held-out set of a run: the count train.eval.set_batches gives a set by
+    name, `batches` for the others. ValueError naming train.eval.set_batches when it names a set the held-out spec
+    does not."""
+    spec, field_name = held_out_spec(data)
+    sets = held_out_sets(spec, field_name=field_name) if field_name else [("", "")]
+    names = [name for name, _ in sets if name]
+    counts = parse_set_batches(set_batches)
+    unknown = [name for name in counts if name not in names]
+    if unknown:
+        where = (f"{field_name}={spec!r} names the sets {', '.join(names)}" if names else
+                 f"{field_name}={spec!r} names no set (one pool)" if field_name else
+                 "synthetic text has one held-out set, without a name")
+        raise ValueError(f"train.eval.set_batches names {', '.join(map(repr, unknown))}, not a held-out set of this "
+                         f"run: {where}")
+    return [(name, paths, counts.get(name, batches)) for name, paths in sets]

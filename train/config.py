@@ -92,16 +92,22 @@ class EvalConfig:
     token files, and for synthetic text the same generator under another seed. Logged as val_loss (and
     val_indexer_kl with DSA; val_kl and val_attn_mse in KSA distillation, whose teacher then runs too) on the
     console, in <run_dir>/eval.jsonl and to wandb. eval_shards / eval_paths may name several sets
-    ("NAME=PATH,NAME=PATH", data/held_out.py): each is scored on its own, `batches` global batches each, and logged
-    as val_loss/NAME (and so on) beside the values over all of them."""
+    ("NAME=PATH,NAME=PATH", data/held_out.py): each is scored on its own, `batches` global batches each unless
+    `set_batches` gives it its own count, and logged as val_loss/NAME (and so on) beside the values over all of
+    them (each set's tokens counting as many times as it has)."""
     interval: int = 0  # steps between evaluations; 0: never
-    batches: int = 1  # global batches (train.global_batch_size sequences each) per evaluation
+    batches: int = 1  # global batches (train.global_batch_size sequences each) per evaluation, per held-out set
+    # per named held-out set, its own number of global batches instead of `batches`: "code=4,web=1"
+    set_batches: str = ""
 
     def __post_init__(self) -> None:
         if self.interval < 0:
             raise ValueError(f"train.eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
         if self.batches < 1:
             raise ValueError(f"train.eval.batches must be >= 1, got {self.batches}")
+        from data.held_out import parse_set_batches
+
+        parse_set_batches(self.set_batches)  # ValueError naming the setting and the part
 
 
 @dataclass

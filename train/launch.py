@@ -266,6 +266,9 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     check_token_files(cfg)
     check_tokenizer(cfg)
     check_resume(cfg)
+    from data.held_out import eval_plan
+
+    eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)  # set_batches names held-out sets
     v = cfg.data.video
     if cfg.train.eval.interval and cfg.data.kind == "video" and v.shards and not v.eval_shards:
         raise ValueError(f"train.eval.interval={cfg.train.eval.interval} needs held-out data: set "

@@ -89,10 +89,11 @@ class Meter:
         if self.wandb is not None:
             self.wandb.log(self.rates(s), step=s.step)
 
-    def log_eval(self, step: int, values: dict, sequences: int) -> None:
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "val_seconds")
-        log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s", step, self.total_steps, shown, sequences,
-                 values.get("val_seconds", 0.0))
+    def log_eval(self, step: int, values: dict) -> None:
+        """One evaluation's line: its values, then how many held-out sequences (val_sequences) it took how long."""
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("val_seconds", "val_sequences"))
+        log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s", step, self.total_steps, shown,
+                 values.get("val_sequences", 0), values.get("val_seconds", 0.0))
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 

@@ -408,17 +408,14 @@ class Trainer:
                                      micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                      dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
 
-    def _eval_sets(self) -> list[tuple[str, str]]:
-        """train.eval's held-out sets as (name, paths): one set named "" unless data.video.eval_shards or
-        data.tokens.eval_paths names several (data/held_out.py). Synthetic text: [("", "")]."""
-        from data.held_out import held_out_sets
+    def _eval_sets(self) -> list[tuple[str, str, int]]:
+        """train.eval's held-out sets as (name, paths, global batches): one set named "" unless
+        data.video.eval_shards or data.tokens.eval_paths names several (data/held_out.py), each with
+        train.eval.batches unless train.eval.set_batches gives it its own count. Synthetic text: [("", "", n)]."""
+        from data.held_out import eval_plan
 
-        kind = self.cfg.data.kind
-        if kind == "video":
-            return held_out_sets(self.cfg.data.video.eval_shards, field_name="data.video.eval_shards")
-        if kind == "tokens":
-            return held_out_sets(self.cfg.data.tokens.eval_paths, field_name="data.tokens.eval_paths")
-        return [("", "")]
+        e = self.cfg.train.eval
+        return eval_plan(self.cfg.data, e.batches, e.set_batches)
 
     def _eval_streams(self, name: str, paths: str) -> list:
         """One held-out set's data from its start (fresh streams per evaluation), as training draws it: one video
@@ -704,10 +701,12 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
-        global batches from the start of each held-out set. Collective. Returns val_loss (the LM loss per
+        global batches (or the set's train.eval.set_batches) from the start of each held-out set. Collective.
+        Returns val_loss (the LM loss per
         supervised token, as the training loss), val_indexer_kl with DSA layers (of each set's last micro-batch,
         averaged), in KSA distillation val_kl and val_attn_mse (the teacher runs too: the stage's own objective on
-        held-out data, as the step logs kl and attn_mse), and the seconds it took. With named sets, each value
+        held-out data, as the step logs kl and attn_mse), the seconds it took (val_seconds) and the held-out
+        sequences it scored over all sets (val_sequences). With named sets, each value
         also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""
         timer = Timer()
         timer.start()
@@ -718,10 +717,10 @@ class Trainer:
             m.eval()
         try:
             with torch.no_grad():
-                for name, paths in sets:     # one set's loader at a time
+                for name, paths, batches in sets:     # one set's loader at a time
                     streams, losses = self._eval_streams(name, paths), []
                     try:
-                        for _ in range(self.cfg.train.eval.batches):
+                        for _ in range(batches):
                             for n in self._rounds():
                                 if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
                                     mbs = self._video_round(streams[0], n)
@@ -739,9 +738,10 @@ class Trainer:
         totals = sum_over_world(vectors, self.device)     # every set's sums in one collective
         out = self._eval_values(torch.stack(totals).sum(0))
         if sets[0][0]:
-            for (name, _), total in zip(sets, totals):
+            for (name, _, _), total in zip(sets, totals):
                 out.update({f"{k}/{name}": v for k, v in self._eval_values(total).items()})
         out["val_seconds"] = timer.stop()
+        out["val_sequences"] = sum(batches for _, _, batches in sets) * self.cfg.train.global_batch_size
         return out
 
     def _eval_values(self, total: torch.Tensor) -> dict:
@@ -787,13 +787,12 @@ class Trainer:
         self.router_stats.remove()
 
     def _eval_and_log(self) -> None:
-        t = self.cfg.train
         ev = self.evaluate()
         self.eval_history.append({"step": self.step, **ev})
         if self.rank == 0:
             with open(Path(self.run_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.step, **ev}) + "\n")
-            self.meter.log_eval(self.step, ev, t.eval.batches * t.global_batch_size)
+            self.meter.log_eval(self.step, ev)
 
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
         t = self.cfg.train

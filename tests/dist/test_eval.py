@@ -147,7 +147,7 @@ def test_attention_variants_evaluate(runs):
     assert all("val_indexer_kl" in e and math.isfinite(e["val_indexer_kl"]) and e["val_indexer_kl"] >= 0 for e in dsa)
     ksa = evals["ksa_distill"]  # the teacher runs in evaluation too: the stage's own terms on held-out data
     assert [e["step"] for e in ksa] == [0, 2]
-    assert set(ksa[0]) == {"step", "val_loss", "val_kl", "val_attn_mse", "val_seconds"}
+    assert set(ksa[0]) == {"step", "val_loss", "val_kl", "val_attn_mse", "val_seconds", "val_sequences"}
     assert [e["step"] for e in evals["vl_own_videos"]] == [0, 2]
 
 

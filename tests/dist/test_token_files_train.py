@@ -30,10 +30,11 @@ def runs(tmp_path_factory):
     ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
     one = run_layouts_all(1, {
         "single": common + [f"data.tokens.eval_paths={held}", "train.eval.interval=2", "train.eval.batches=1"],
-        # two named held-out sets, each scored on its own; the second alone as its reference
+        # two named held-out sets, each scored on its own, the second over 3 global batches (its own count);
+        # the second alone as its reference
         "sets": common + [f"data.tokens.eval_paths='first={held},second={held2}'", "train.eval.interval=2",
-                          "train.eval.batches=1"],
-        "second": common + [f"data.tokens.eval_paths={held2}", "train.eval.interval=2", "train.eval.batches=1"],
+                          "train.eval.batches=1", "train.eval.set_batches='second=3'"],
+        "second": common + [f"data.tokens.eval_paths={held2}", "train.eval.interval=2", "train.eval.batches=3"],
         "stopped": common + ckpt + ["train.stop_after=2", "run_dir=s"],
         "resumed": common + ckpt + ["run_dir=s"],
         # Megatron's rows: attention across the documents of a row, two rows per micro-batch
@@ -92,9 +93,10 @@ def test_held_out_token_files_are_scored(runs):
 
 
 def test_named_held_out_sets_are_scored_each_as_alone(runs):
-    """data.tokens.eval_paths='first=A,second=B': val_loss/first equals a run's val_loss on A alone and
-    val_loss/second one on B alone, bit for bit (the same weights: evaluating changes no training, test_eval.py;
-    the same rows of each set); val_loss is over both sets' tokens, so it lies between them."""
+    """data.tokens.eval_paths='first=A,second=B' with train.eval.set_batches='second=3': val_loss/first equals a
+    run's val_loss on A alone (1 global batch) and val_loss/second one on B alone over train.eval.batches=3, bit for
+    bit (the same weights: evaluating changes no training, test_eval.py; the same rows of each set); val_loss is
+    over both sets' tokens, so it lies between them; val_sequences counts both sets' rows."""
     one, _, _ = runs
     sets, first, second = (one["evals"][name] for name in ("sets", "single", "second"))
     assert [e["step"] for e in sets] == [0, 2, 4] == [e["step"] for e in first] == [e["step"] for e in second]
@@ -104,6 +106,8 @@ def test_named_held_out_sets_are_scored_each_as_alone(runs):
         assert a["val_loss"] != b["val_loss"]
         assert min(a["val_loss"], b["val_loss"]) < s["val_loss"] < max(a["val_loss"], b["val_loss"])
     assert "val_loss/first" not in first[0]     # one pool: the plain keys alone
+    # global batch 4: 1 + 3 batches, 1 batch and 3 batches
+    assert (sets[0]["val_sequences"], first[0]["val_sequences"], second[0]["val_sequences"]) == (16, 4, 12)
 
 
 @pytest.fixture(scope="module")

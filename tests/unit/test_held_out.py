@@ -65,3 +65,37 @@ def test_the_launcher_checks_each_named_set(tmp_path, monkeypatch):
         check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'a'}'"))
     with pytest.raises(ValueError, match=r"^data\.tokens\.eval_paths=.*: .*missing\.bin and .*missing\.idx do not exist"):
         check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'missing'}'"))
+
+
+def test_set_batches_give_a_named_set_its_own_count(tmp_path, monkeypatch):
+    """train.eval.set_batches: a named set's own number of global batches, the others train.eval.batches; a name
+    that is not a held-out set of the run (a typo, one unnamed pool, synthetic text) or a count below 1 stops the
+    run before it starts, naming the setting and the sets there are."""
+    from data.held_out import eval_plan
+    from train.launch import compose_config, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def plan(*overrides):
+        cfg = validate(compose_config([f"run_dir={tmp_path / 'run'}", "parallel=single", *overrides]))[0]
+        return eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)
+
+    video = ("recipe=keye_tiny", "data.video.eval_shards='clips=/v/a,qa=/v/b,long=/v/c'", "train.eval.batches=2")
+    assert plan(*video, "train.eval.set_batches='qa=5'") == [("clips", "/v/a", 2), ("qa", "/v/b", 5), ("long", "/v/c", 2)]
+    assert plan(*video, "train.eval.set_batches='long=1, clips=3'") == [("clips", "/v/a", 3), ("qa", "/v/b", 2),
+                                                                        ("long", "/v/c", 1)]
+    with pytest.raises(ValueError, match=r"^train\.eval\.set_batches names 'q', not a held-out set of this run: "
+                                         r"data\.video\.eval_shards='clips=/v/a,qa=/v/b,long=/v/c' names the sets "
+                                         r"clips, qa, long$"):
+        plan(*video, "train.eval.set_batches='q=5'")
+    with pytest.raises(ValueError, match=r"set_batches names 'qa', .*data\.video\.eval_shards='/v/a' names no set"):
+        plan("recipe=keye_tiny", "data.video.eval_shards=/v/a", "train.eval.set_batches='qa=5'")
+    with pytest.raises(ValueError, match=r"set_batches names 'qa', .*synthetic text has one held-out set"):
+        plan("recipe=keye_tiny_lm", "train.eval.set_batches='qa=5'")
+    for bad in ("qa=0", "qa", "qa=x", "=3", "qa=2,"):
+        with pytest.raises(ValueError, match=rf"^train\.eval\.set_batches='{bad}': '.*' is not NAME=N \(a held-out "
+                                             rf"set's name and its number of global batches, >= 1\)$"):
+            plan(*video, f"train.eval.set_batches='{bad}'")
+    with pytest.raises(ValueError, match=r"^train\.eval\.set_batches='qa=1,qa=2': set 'qa' is given twice$"):
+        plan(*video, "train.eval.set_batches='qa=1,qa=2'")
+    assert plan("recipe=keye_tiny_lm", "train.eval.batches=3") == [("", "", 3)]
