@@ -28,7 +28,7 @@ from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
-from models.attention.dsa import use_local_kl_backward
+from models.attention.dsa import record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
@@ -244,6 +244,7 @@ class Trainer:
         init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
         if self.indexer_step:
             use_local_kl_backward(chunks)
+        self.dsa_layers = record_kls(chunks)  # each micro-batch's indexer KL, for the step's mean (_loss_vector)
         # parallel.offload=activations: what decoder layers save for backward lives in host memory (with
         # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
         self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
@@ -585,9 +586,9 @@ class Trainer:
                 total[:2] += d["lm_loss"].to(self.device)
                 if "distill" in d:
                     total[2:4] += d["distill"].to(self.device)
-        # DSA indexer KL of the last micro-batch, averaged over this rank's DSA layers, then over ranks (summed on
-        # the device: no host wait per layer)
-        kls = [m.last_kl for chunk in self.model for m in chunk.modules() if getattr(m, "last_kl", None) is not None]
+        # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
+        # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
+        kls = [kl for m in self.dsa_layers for kl in m.take_kls()]
         if kls:
             total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
             total[5] = len(kls)
@@ -703,8 +704,8 @@ class Trainer:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
         global batches (or the set's train.eval.set_batches) from the start of each held-out set. Collective.
         Returns val_loss (the LM loss per
-        supervised token, as the training loss), val_indexer_kl with DSA layers (of each set's last micro-batch,
-        averaged), in KSA distillation val_kl and val_attn_mse (the teacher runs too: the stage's own objective on
+        supervised token, as the training loss), val_indexer_kl with DSA layers (the mean over each layer's
+        micro-batches), in KSA distillation val_kl and val_attn_mse (the teacher runs too: the stage's own objective on
         held-out data, as the step logs kl and attn_mse), the seconds it took (val_seconds) and the held-out
         sequences it scored over all sets (val_sequences). With named sets, each value
         also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""

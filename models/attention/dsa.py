@@ -164,6 +164,12 @@ class DSACoreAttention(MegatronModule):
         # sparse stage: the KL's target from the attention backward (dsa_attention(kl_in_backward), and under CP
         # cp_ops.dsa's); False runs the loss forward apart (bench/bench_dsa_stage.py's baseline)
         self.kl_in_attention_backward = True
+        # with record_kls (the trainer sets it), every KL this layer computes is kept until its reader takes them
+        # (take_kls): one per micro-batch, so a step or an evaluation reports their mean, not the last micro-batch's.
+        # A sparse stage's KL is filled in by the backward, so the values are read after it. Off by default, so a
+        # caller that never takes them (a benchmark, inference) does not collect them.
+        self.record_kls = False
+        self.kls: list[torch.Tensor] = []
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -215,12 +221,28 @@ class DSACoreAttention(MegatronModule):
             else:
                 out = AttachLossFn.apply(out, kl, self._kl_grad(b, s))
         self.last_kl = kl.detach()
+        if self.record_kls:
+            self.kls.append(self.last_kl)
         return out.transpose(0, 1).reshape(s, b, nq * d)
+
+    def take_kls(self) -> list[torch.Tensor]:
+        """The KLs computed since the last call (a value per forward that computed one), and forget them."""
+        kls, self.kls = self.kls, []
+        return kls
 
     def _kl_grad(self, b: int, s: int) -> float:
         """d(total)/d(KL): per-token loss convention, the trainer divides every gradient by the global token
         count; each TP rank's KL uses its own heads (module docstring)."""
         return self.loss_weight * b * s / self.tp
+
+
+def record_kls(modules) -> list:
+    """Makes every DSA core attention under `modules` (model chunks) keep each KL it computes until take_kls;
+    returns those layers."""
+    cores = [m for chunk in modules for m in chunk.modules() if isinstance(m, DSACoreAttention)]
+    for m in cores:
+        m.record_kls = True
+    return cores
 
 
 def use_local_kl_backward(modules) -> int:

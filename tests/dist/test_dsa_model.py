@@ -4,7 +4,7 @@ everything and its loss falls, and TP2 equals one process."""
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import run_layouts, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +13,7 @@ COMMON = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_le
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_layouts(1, {
+    job = run_layouts_all(1, {
         "dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"],
         "warmup": COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false",
                             "train.checkpoint.init_from={root}/dense"],
@@ -22,11 +22,17 @@ def runs(tmp_path_factory):
                                   "train.checkpoint.init_from={root}/dense", "train.indexer_backward=model"],
         "sparse": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=8", "train.lr=3e-3", "train.min_lr=3e-4",
                             "train.checkpoint.enabled=false"],
-    }, tmp_path_factory.mktemp("dsa"), digests=True)
+        # each step's 8 sequences as one micro-batch instead of 4: the indexer KL of all of them at once
+        "warmup_one_mb": COMMON + ["recipe=keye_tiny_dsa_warmup", "train.steps=2", "train.checkpoint.enabled=false",
+                                   "train.checkpoint.init_from={root}/dense", "train.micro_batch_size=8"],
+        "sparse_one_mb": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.lr=3e-3",
+                                   "train.min_lr=3e-4", "train.checkpoint.enabled=false", "train.micro_batch_size=8"],
+    }, tmp_path_factory.mktemp("dsa"))
+    return job["losses"], job["digests"], job["extras"]
 
 
 def test_warmup_trains_only_the_indexers(runs):
-    _, digests = runs
+    _, digests, _ = runs
     dense, warm = digests["dense"], digests["warmup"]
     indexer = [n for n in warm if ".indexer." in n]
     assert indexer and all(n not in dense for n in indexer)
@@ -39,7 +45,7 @@ def test_warmup_indexer_only_step_equals_the_backward_through_the_model(runs):
     runs the frozen model forward only) trains the indexers exactly as the KL's gradient carried back through
     the frozen model does: 4 micro-batches per step, so the per-token scaling of the gradients is checked
     too. The same KL backward on the same inputs, added in the same micro-batch order: equal bit for bit."""
-    losses, digests = runs
+    losses, digests, _ = runs
     assert losses["warmup"] == losses["warmup_model"]
     local, model = digests["warmup"], digests["warmup_model"]
     assert local.keys() == model.keys()
@@ -106,15 +112,27 @@ def test_multimodal_stages_hand_over_from_dense_to_warmup_to_sparse(tmp_path_fac
 
 
 def test_sparse_stage_trains(runs):
-    losses, _ = runs
+    losses, _, _ = runs
     curve = losses["sparse"]
     assert curve[8] < curve[1] - 0.3, curve
 
 
 def test_sparse_tp2_matches_single_process(runs, tmp_path):
-    losses, _ = runs
+    losses, _, _ = runs
     tp2 = run_layouts(2, {"tp2": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=8", "train.lr=3e-3",
                                            "train.min_lr=3e-4", "train.checkpoint.enabled=false",
                                            "parallel.tp=2"]}, tmp_path)["tp2"]
     for step in (1, 2, 3):  # fp32 reduction order only, see test_layout_parity.py
         assert abs(tp2[step] - losses["sparse"][step]) <= 2e-5 * losses["sparse"][step]
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_the_step_reports_the_indexer_kl_of_all_its_micro_batches(runs, stage):
+    """A step's indexer_kl is the mean of its micro-batches' KLs (each a per-token mean over the same number of
+    tokens), so 4 micro-batches of 2 sequences report what one micro-batch of the 8 does at step 1 (the same
+    weights). Relative 1e-5: the same fp32 KL per token, summed in another order (one mean of 1,024 tokens against
+    a mean of four means of 256). The warm-up's KL comes from each layer's forward, the sparse stage's from the
+    attention's backward (kernels/dsa/fused.py). The last micro-batch's KL alone differs from it by far more."""
+    _, _, extras = runs
+    four, one = extras[stage][1]["indexer_kl"], extras[f"{stage}_one_mb"][1]["indexer_kl"]
+    assert four > 0 and abs(four - one) <= 1e-5 * one, (four, one)
