@@ -1,5 +1,6 @@
 """Held-out sets for train.eval. `data.tokens.eval_paths` and `data.video.eval_shards` name one pool of held-out
-data ("/data/val"), or several sets by name ("web=/data/val/web,code=/data/val/code"), each scored on its own. `train.eval.set_batches` may give a named set its own number of global batches.
+data ("/data/val"), or several sets by name ("web=/data/val/web,code=/data/val/code"), each scored on its own;
+`train.eval.set_batches` ("code=4") may give a named set its own number of global batches.
 
 A comma-separated part is named when the text before its first '=' is a name: a letter, then letters, digits,
 '_', '.' or '-' (so "/data/date=2024/x" stays a path; write "./date=2024" for a relative one). Parts with the same

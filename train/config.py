@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from data.held_out import parse_set_batches
 from data.synthetic_tokens import DataConfig
 from models.config import ModelConfig
 from parallel.layout import ParallelConfig
@@ -105,8 +106,6 @@ class EvalConfig:
             raise ValueError(f"train.eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
         if self.batches < 1:
             raise ValueError(f"train.eval.batches must be >= 1, got {self.batches}")
-        from data.held_out import parse_set_batches
-
         parse_set_batches(self.set_batches)  # ValueError naming the setting and the part
 
 

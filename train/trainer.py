@@ -703,12 +703,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
         global batches (or the set's train.eval.set_batches) from the start of each held-out set. Collective.
-        Returns val_loss (the LM loss per
-        supervised token, as the training loss), val_indexer_kl with DSA layers (the mean over each layer's
-        micro-batches), in KSA distillation val_kl and val_attn_mse (the teacher runs too: the stage's own objective on
-        held-out data, as the step logs kl and attn_mse), the seconds it took (val_seconds) and the held-out
-        sequences it scored over all sets (val_sequences). With named sets, each value
-        also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""
+        Returns val_loss (the LM loss per supervised token, as the training loss), val_indexer_kl with DSA layers
+        (the mean over the layers' micro-batches), in KSA distillation val_kl and val_attn_mse (the teacher runs
+        too: the stage's own objective on held-out data, as the step logs kl and attn_mse), the seconds it took
+        (val_seconds) and the held-out sequences it scored over all sets (val_sequences). With named sets, each
+        value also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""
         timer = Timer()
         timer.start()
         inputs = self.step_inputs
