@@ -55,9 +55,9 @@ def parse_set_batches(spec: str) -> dict[str, int]:
     """train.eval.set_batches ("code=4,web=1") -> {set name: global batches}. ValueError naming the setting and
     the part that is not NAME=N with N >= 1, or a set named twice."""
     out: dict[str, int] = {}
+    if not spec.strip():
+        return out
     for part in (p.strip() for p in spec.split(",")):
-        if not part and not spec.strip():
-            continue
         name, eq, count = (x.strip() for x in part.partition("="))
         if not (eq and _NAME.fullmatch(name) and count.isdigit() and int(count) >= 1):
             raise ValueError(f"train.eval.set_batches={spec!r}: {part!r} is not NAME=N (a held-out set's name and "
