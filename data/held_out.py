@@ -1,6 +1,7 @@
 """Held-out sets for train.eval. `data.tokens.eval_paths` and `data.video.eval_shards` name one pool of held-out
 data ("/data/val"), or several sets by name ("web=/data/val/web,code=/data/val/code"), each scored on its own;
-`train.eval.set_batches` ("code=4") may give a named set its own number of global batches.
+`train.eval.set_batches` ("code=4") may give a named set its own number of global batches, or "all": the whole set,
+once (`WHOLE`).
 
 A comma-separated part is named when the text before its first '=' is a name: a letter, then letters, digits,
 '_', '.' or '-' (so "/data/date=2024/x" stays a path; write "./date=2024" for a relative one). Parts with the same
@@ -12,6 +13,9 @@ import re
 from data.token_files import split_paths
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+# a held-out set's count of global batches meaning "the whole set, once": every sequence of its first epoch, the
+# last global batch filled with sequences that count for nothing (train.eval.batches=0, or set_batches NAME=all)
+WHOLE = 0
 
 
 def held_out_sets(spec: str, *, field_name: str) -> list[tuple[str, str]]:
@@ -52,26 +56,27 @@ def held_out_spec(data) -> tuple[str, str]:
 
 
 def parse_set_batches(spec: str) -> dict[str, int]:
-    """train.eval.set_batches ("code=4,web=1") -> {set name: global batches}. ValueError naming the setting and
-    the part that is not NAME=N with N >= 1, or a set named twice."""
+    """train.eval.set_batches ("code=4,web=all") -> {set name: global batches, WHOLE for "all"}. ValueError naming
+    the setting and the part that is not NAME=N with N >= 1 or NAME=all, or a set named twice."""
     out: dict[str, int] = {}
     if not spec.strip():
         return out
     for part in (p.strip() for p in spec.split(",")):
         name, eq, count = (x.strip() for x in part.partition("="))
-        if not (eq and _NAME.fullmatch(name) and count.isdigit() and int(count) >= 1):
-            raise ValueError(f"train.eval.set_batches={spec!r}: {part!r} is not NAME=N (a held-out set's name and "
-                             f"its number of global batches, >= 1)")
+        if not (eq and _NAME.fullmatch(name) and (count == "all" or count.isdigit() and int(count) >= 1)):
+            raise ValueError(f"train.eval.set_batches={spec!r}: {part!r} is not NAME=N or NAME=all (a held-out set's "
+                             f"name and its number of global batches, >= 1, or all: the whole set once)")
         if name in out:
             raise ValueError(f"train.eval.set_batches={spec!r}: set {name!r} is given twice")
-        out[name] = int(count)
+        out[name] = WHOLE if count == "all" else int(count)
     return out
 
 
 def eval_plan(data, batches: int, set_batches: str) -> list[tuple[str, str, int]]:
     """(name, paths, global batches) per held-out set of a run: the count train.eval.set_batches gives a set by
-    name, `batches` for the others. ValueError naming train.eval.set_batches when it names a set the held-out spec
-    does not."""
+    name, `batches` for the others; WHOLE (0) for a set scored whole, once. ValueError naming
+    train.eval.set_batches when it names a set the held-out spec does not, and naming the setting that asks for a
+    whole set when the held-out data is synthetic text (a generator without an end)."""
     spec, field_name = held_out_spec(data)
     sets = held_out_sets(spec, field_name=field_name) if field_name else [("", "")]
     names = [name for name, _ in sets if name]
@@ -83,4 +88,9 @@ def eval_plan(data, batches: int, set_batches: str) -> list[tuple[str, str, int]
                  "synthetic text has one held-out set, without a name")
         raise ValueError(f"train.eval.set_batches names {', '.join(map(repr, unknown))}, not a held-out set of this "
                          f"run: {where}")
-    return [(name, paths, counts.get(name, batches)) for name, paths in sets]
+    plan = [(name, paths, counts.get(name, batches)) for name, paths in sets]
+    if not field_name and any(n == WHOLE for *_, n in plan):
+        raise ValueError("train.eval.batches=0 asks for the whole held-out set, once, but synthetic text (data.kind="
+                         f"{data.kind}) is a generator without an end: give a number of global batches (>= 1), or "
+                         "held-out files (data=tokens with data.tokens.eval_paths)")
+    return plan

@@ -547,18 +547,35 @@ class TokenFileStream(GlobalSamplePosition):
     kind, what = "tokens", "a token-file stream (data.kind=tokens)"
 
     def __init__(self, corpus: TokenCorpus, *, document_bounds: bool, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int):
+                 dp_rank: int, dp_size: int, one_epoch: bool = False):
+        """one_epoch (a held-out set scored whole, once): rows after the first epoch's come with a zero loss mask,
+        and `padding` records, per micro-batch handed out, whether all its rows are such filler."""
         super().__init__(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, dp_rank=dp_rank,
                          dp_size=dp_size)
         if document_bounds and micro_batch_size != 1:
             raise ValueError(f"data.tokens.document_bounds=true packs one row per micro-batch: train.micro_batch_size "
                              f"must be 1, got {micro_batch_size} (or data.tokens.document_bounds=false: attention "
                              f"across the documents of a row)")
-        self.corpus, self.document_bounds = corpus, document_bounds
+        if one_epoch and corpus.blend is not None:
+            raise ValueError("a blend of token sources (data.tokens.weights) has no one first epoch to score whole")
+        self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
+        self.padding: list[bool] = []
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Rows in an epoch of the (unblended) corpus: the whole set, once."""
+        return self.corpus.sources[0].per_epoch
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        start = self.next_start()
         rows = [row_tensors(tokens, starts, document_bounds=self.document_bounds)
-                for _, tokens, starts in self.corpus.samples(self.next_start(), self.mbs)]
+                for _, tokens, starts in self.corpus.samples(start, self.mbs)]
+        if self.one_epoch:
+            end = self.samples_per_epoch
+            for j, r in enumerate(rows, start):
+                if j >= end:
+                    r["loss_mask"].zero_()
+            self.padding.append(start >= end)
         if self.document_bounds:
             r = rows[0]
             return {"tokens": r["tokens"][None], "labels": r["labels"][None], "loss_mask": r["loss_mask"][None],

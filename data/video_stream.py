@@ -69,7 +69,9 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
 
 class VideoBatchStream:
     def __init__(self, cfg: VideoDataConfig, *, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int):
+                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False):
+        """one_epoch (a held-out set scored whole, once): packs after the first epoch's come with a zero loss mask,
+        and `padding` records, per micro-batch handed out, whether it is such filler."""
         if micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {micro_batch_size}")
@@ -84,6 +86,16 @@ class VideoBatchStream:
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index
+        self.one_epoch = one_epoch
+        if one_epoch and self.loader.mixed:
+            raise ValueError("a mixture of video sources (data.video.long_shards, text_tokens) has no one first epoch "
+                             "to score whole")
+        self.padding: list[bool] = []
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Packed sequences in the first epoch of the (one) source: the whole set, once."""
+        return self.loader.planner.num_packs(0)
 
     def __iter__(self):
         return self
@@ -96,10 +108,15 @@ class VideoBatchStream:
         self._wait += time.perf_counter() - t0
         labels = s.labels.clone()
         labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
+        mask = s.loss_mask.float().view(1, -1)
+        if self.one_epoch:
+            self.padding.append(s.epoch > 0)
+            if s.epoch > 0:
+                mask = torch.zeros_like(mask)
         return {
             "tokens": s.tokens.view(1, -1),
             "labels": labels.view(1, -1),
-            "loss_mask": s.loss_mask.float().view(1, -1),
+            "loss_mask": mask,
             "position_ids": s.position_ids.view(3, 1, -1),
             "cu_seqlens": s.cu_seqlens.to(torch.int32),
             "pixel_values": s.pixel_values,

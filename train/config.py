@@ -95,17 +95,22 @@ class EvalConfig:
     console, in <run_dir>/eval.jsonl and to wandb. eval_shards / eval_paths may name several sets
     ("NAME=PATH,NAME=PATH", data/held_out.py): each is scored on its own, `batches` global batches each unless
     `set_batches` gives it its own count, and logged as val_loss/NAME (and so on) beside the values over all of
-    them (each set's tokens counting as many times as it has)."""
+    them (each set's tokens counting as many times as it has). `batches` = 0 (or "NAME=all") scores a set whole,
+    once: every sequence of its first epoch (a video set's packs; a token set's rows, the epoch's tail shorter than
+    a row left out as in training), its last global batch filled up with further sequences whose tokens count for
+    nothing; not for synthetic text, which has no end."""
     interval: int = 0  # steps between evaluations; 0: never
-    batches: int = 1  # global batches (train.global_batch_size sequences each) per evaluation, per held-out set
-    # per named held-out set, its own number of global batches instead of `batches`: "code=4,web=1"
+    # global batches (train.global_batch_size sequences each) per evaluation, per held-out set; 0: each set whole, once
+    batches: int = 1
+    # per named held-out set, its own number of global batches instead of `batches`, or all (whole): "code=4,web=all"
     set_batches: str = ""
 
     def __post_init__(self) -> None:
         if self.interval < 0:
             raise ValueError(f"train.eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
-        if self.batches < 1:
-            raise ValueError(f"train.eval.batches must be >= 1, got {self.batches}")
+        if self.batches < 0:
+            raise ValueError(f"train.eval.batches must be >= 1, or 0 for each held-out set whole, once; got "
+                             f"{self.batches}")
         parse_set_batches(self.set_batches)  # ValueError naming the setting and the part
 
 

@@ -24,6 +24,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from data.held_out import WHOLE, eval_plan
 from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
@@ -244,7 +245,9 @@ class Trainer:
         init_layout_invariant(chunks, seed=cfg.seed, std=lm.init_std, num_layers=lm.num_layers)
         if self.indexer_step:
             use_local_kl_backward(chunks)
-        self.dsa_layers = record_kls(chunks)  # each micro-batch's indexer KL, for the step's mean (_loss_vector)
+        # each micro-batch's indexer KL, for the step's mean (_loss_vector), per model chunk
+        self.dsa_by_chunk = [record_kls([c]) for c in chunks]
+        self.dsa_layers = [m for layers in self.dsa_by_chunk for m in layers]
         # parallel.offload=activations: what decoder layers save for backward lives in host memory (with
         # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
         self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
@@ -309,6 +312,7 @@ class Trainer:
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
+        self._whole_logged: set[tuple[str, str]] = set()   # held-out sets scored whole whose size was logged
         self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
         self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
         if t.checkpoint.enabled:
@@ -346,11 +350,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False, shards: str = "",
-                      set_name: str = ""):
+                      set_name: str = "", one_epoch: bool = False):
         """This rank's packed video micro-batches: the training data, or (held_out) train.eval's data from its
         start: `shards` (one held-out set of data.video.eval_shards, `set_name` when the sets are named), one
-        source, its own quarantine file; a run on its own synthetic videos makes a second, smaller synthetic set
-        under another seed."""
+        source without an end, its own quarantine file; a run on its own synthetic videos makes a second, smaller
+        synthetic set under another seed. one_epoch: the set scored whole (VideoBatchStream)."""
         from data.video_stream import VideoBatchStream, ensure_synthetic_shards
 
         v = cfg.data.video
@@ -364,7 +368,8 @@ class Trainer:
             stem = Path(v.quarantine_path or "quarantine.jsonl")
             suffix = f"_eval_{set_name}" if set_name else "_eval"
             v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="", text_tokens="",
-                        text_tokens_fraction=0.0, quarantine_path=f"{stem.stem}{suffix}{stem.suffix}")
+                        text_tokens_fraction=0.0, num_epochs=None,
+                        quarantine_path=f"{stem.stem}{suffix}{stem.suffix}")
         elif not v.shards:
             shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
                                              cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,
@@ -381,12 +386,13 @@ class Trainer:
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
         return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                                 global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.data.seed)
+                                seed=cfg.data.seed, one_epoch=one_epoch)
 
-    def _text_streams(self, data, *, held_out: bool = False, paths: str = "") -> list:
+    def _text_streams(self, data, *, held_out: bool = False, paths: str = "", one_epoch: bool = False) -> list:
         """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
-        training paths, or with held_out `paths`, one held-out set of train.eval's), one stream per model chunk:
-        the interleaved schedule pulls each chunk's micro-batches separately."""
+        training paths, or with held_out `paths`, one held-out set of train.eval's; one_epoch: scored whole,
+        TokenFileStream), one stream per model chunk: the interleaved schedule pulls each chunk's micro-batches
+        separately."""
         t = self.cfg.train
         if data.kind == "tokens":
             from data.token_files import TokenCorpus, TokenFileStream, ensure_synthetic_token_files
@@ -404,7 +410,7 @@ class Trainer:
                                  index_dir=tk.index_dir or Path(self.run_dir) / "token_index")
             return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
                                     global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
-                                    dp_size=self.pgs.dp.size()) for _ in self.model]
+                                    dp_size=self.pgs.dp.size(), one_epoch=one_epoch) for _ in self.model]
         return [SyntheticTokenStream(data, vocab_size=self.cfg.model.lm.vocab_size, seq_length=t.seq_length,
                                      micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                      dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
@@ -412,22 +418,22 @@ class Trainer:
     def _eval_sets(self) -> list[tuple[str, str, int]]:
         """train.eval's held-out sets as (name, paths, global batches): one set named "" unless
         data.video.eval_shards or data.tokens.eval_paths names several (data/held_out.py), each with
-        train.eval.batches unless train.eval.set_batches gives it its own count. Synthetic text: [("", "", n)]."""
-        from data.held_out import eval_plan
-
+        train.eval.batches unless train.eval.set_batches gives it its own count (WHOLE: the set whole, once).
+        Synthetic text: [("", "", n)]."""
         e = self.cfg.train.eval
         return eval_plan(self.cfg.data, e.batches, e.set_batches)
 
-    def _eval_streams(self, name: str, paths: str) -> list:
+    def _eval_streams(self, name: str, paths: str, whole: bool) -> list:
         """One held-out set's data from its start (fresh streams per evaluation), as training draws it: one video
-        stream, or one text stream per model chunk; synthetic text: the same generator, other sequences."""
+        stream, or one text stream per model chunk; synthetic text: the same generator, other sequences. whole: the
+        streams fill the set's last global batch with sequences that count for nothing (their `padding`)."""
         cfg = self.cfg
         if cfg.data.kind == "video":
             return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True, shards=paths,
-                                       set_name=name)]
+                                       set_name=name, one_epoch=whole)]
         if cfg.data.kind == "tokens":
-            return self._text_streams(cfg.data, held_out=True, paths=paths)
-        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))
+            return self._text_streams(cfg.data, held_out=True, paths=paths, one_epoch=whole)
+        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))  # eval_plan: never whole
 
     def _common_state(self) -> dict:
         l = self.layout
@@ -576,9 +582,11 @@ class Trainer:
         # summed on the device: no host sync per micro-batch
         return torch.stack([d["lm_loss"][1].to(self.device) for d in losses]).sum().to(torch.int)
 
-    def _loss_vector(self, losses: list[dict]) -> torch.Tensor:
+    def _loss_vector(self, losses: list[dict], padding: list[list[bool]] | None = None) -> torch.Tensor:
         """This rank's share of the step's loss sums, on the device, to be summed over the world (_loss_from):
-        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]."""
+        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]. padding (an evaluation
+        of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
+        out (their loss tokens are masked already)."""
         total = torch.zeros(6, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
@@ -588,7 +596,16 @@ class Trainer:
                     total[2:4] += d["distill"].to(self.device)
         # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
         # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
-        kls = [kl for m in self.dsa_layers for kl in m.take_kls()]
+        kls = []
+        for chunk, layers in enumerate(self.dsa_by_chunk):
+            for m in layers:
+                got = m.take_kls()
+                if padding is not None:   # one KL per forward, in the order the chunk drew its micro-batches
+                    if len(got) != len(padding[chunk]):
+                        raise RuntimeError(f"a DSA layer computed {len(got)} indexer KLs over {len(padding[chunk])} "
+                                           f"held-out micro-batches")
+                    got = [kl for kl, pad in zip(got, padding[chunk]) if not pad]
+                kls += got
         if kls:
             total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
             total[5] = len(kls)
@@ -702,7 +719,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches
-        global batches (or the set's train.eval.set_batches) from the start of each held-out set. Collective.
+        global batches (or the set's train.eval.set_batches) from the start of each held-out set, or a set whole,
+        once (WHOLE: its first epoch's sequences, the last global batch filled up with others that count for
+        nothing). Collective.
         Returns val_loss (the LM loss per supervised token, as the training loss), val_indexer_kl with DSA layers
         (the mean over the layers' micro-batches), in KSA distillation val_kl and val_attn_mse (the teacher runs
         too: the stage's own objective on held-out data, as the step logs kl and attn_mse), the seconds it took
@@ -712,14 +731,20 @@ class Trainer:
         timer.start()
         inputs = self.step_inputs
         sets = self._eval_sets()
-        vectors = []
+        vectors, sequences = [], 0
         for m in self.model:
             m.eval()
         try:
             with torch.no_grad():
                 for name, paths, batches in sets:     # one set's loader at a time
-                    streams, losses = self._eval_streams(name, paths), []
+                    whole = batches == WHOLE
+                    streams, losses = self._eval_streams(name, paths, whole), []
                     try:
+                        if whole:
+                            batches = self._whole_batches(name, paths, streams[0].samples_per_epoch)
+                            sequences += streams[0].samples_per_epoch
+                        else:
+                            sequences += batches * self.cfg.train.global_batch_size
                         for _ in range(batches):
                             for n in self._rounds():
                                 if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
@@ -731,7 +756,11 @@ class Trainer:
                     finally:
                         for stream in streams:  # the held-out loader's workers, not left to the garbage collector
                             getattr(stream, "close", lambda: None)()
-                    vectors.append(self._loss_vector(losses))
+                    padding = None
+                    if whole:  # per model chunk; with video every chunk drew the one stream's micro-batches
+                        padding = ([streams[0].padding] * len(self.model) if self.cfg.data.kind == "video" else
+                                   [s.padding for s in streams])
+                    vectors.append(self._loss_vector(losses, padding))
         finally:
             for m in self.model:
                 m.train()
@@ -741,8 +770,22 @@ class Trainer:
             for (name, _, _), total in zip(sets, totals):
                 out.update({f"{k}/{name}": v for k, v in self._eval_values(total).items()})
         out["val_seconds"] = timer.stop()
-        out["val_sequences"] = sum(batches for _, _, batches in sets) * self.cfg.train.global_batch_size
+        out["val_sequences"] = sequences
         return out
+
+    def _whole_batches(self, name: str, paths: str, samples: int) -> int:
+        """Global batches that score a held-out set of `samples` sequences whole, once (the last one filled up);
+        ValueError naming the set when it has none."""
+        gbs = self.cfg.train.global_batch_size
+        what = f"held-out set {name!r} ({paths})" if name else f"the held-out set ({paths or 'synthetic'})"
+        if samples < 1:
+            raise ValueError(f"{what} has no sequence to score whole (train.eval.batches=0 / set_batches NAME=all)")
+        batches = -(-samples // gbs)
+        if self.rank == 0 and (name, paths) not in self._whole_logged:
+            self._whole_logged.add((name, paths))
+            log.info("evaluation: %s scored whole: %d sequences in %d global batch(es), the last filled up with %d "
+                     "that count for nothing", what, samples, batches, batches * gbs - samples)
+        return batches
 
     def _eval_values(self, total: torch.Tensor) -> dict:
         """evaluate's values from a world's sum of _loss_vector."""

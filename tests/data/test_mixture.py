@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import pytest
+import torch
 
 from data.video.loader import VideoPackedLoader, merge_rank_states
 from data.video.streams import SourceStream
@@ -161,6 +162,37 @@ def test_resume_mixture_with_other_dp_world_and_merged_states(shard_dir, long_di
     assert m["data_long_seq_share"] == src["long"]["packs"] / 6
     assert m["data_short_seq_share"] + m["data_long_seq_share"] == pytest.approx(1.0)
     assert m["data_long_token_share"] == src["long"]["token_share"] and m["data_samples_failed"] == 0.0
+
+
+def test_a_held_out_set_scored_whole_fills_its_last_batch_with_packs_that_count_for_nothing(shard_dir, long_dir,
+                                                                                             no_decode):
+    """one_epoch (train.eval.batches=0): the first epoch's packs come once each with their loss mask, as the plain
+    stream gives them, over ranks; the packs of the next epoch that fill the last global batch have a zero mask and
+    are marked in `padding`. A mixture has no one first epoch."""
+    cfg = small_cfg(shard_dir, decode_isolation="inline")
+    kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, seed=6)
+    plain = VideoBatchStream(cfg, global_batch_size=1, dp_rank=0, dp_size=1, **kw)
+    packs = plain.samples_per_epoch
+    assert packs == plain.loader.planner.num_packs(0) and packs > 2
+    gbs = 2 if packs % 2 else 4 if packs % 4 else 3     # the last global batch is filled up
+    assert packs % gbs
+    batches = -(-packs // gbs)
+    ref = [next(plain) for _ in range(batches * gbs)]
+    ranks = [VideoBatchStream(cfg, global_batch_size=gbs, dp_rank=r, dp_size=gbs, one_epoch=True, **kw)
+             for r in range(gbs)]
+    for step in range(batches):
+        for r, s in enumerate(ranks):
+            j = step * gbs + r
+            mb = next(s)
+            assert torch.equal(mb["tokens"], ref[j]["tokens"])
+            if j < packs:
+                assert torch.equal(mb["loss_mask"], ref[j]["loss_mask"]) and mb["loss_mask"].any()
+            else:
+                assert not mb["loss_mask"].any()
+    assert [s.padding[step] for step in range(batches) for s in ranks] == [j >= packs for j in range(batches * gbs)]
+    with pytest.raises(ValueError, match="a mixture of video sources"):
+        VideoBatchStream(mix_cfg(shard_dir, long_dir), global_batch_size=1, dp_rank=0, dp_size=1, one_epoch=True,
+                         **kw)
 
 
 def test_changing_long_fraction_on_resume_continues_each_source(shard_dir, long_dir, tmp_path, no_decode):

@@ -321,6 +321,50 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     assert torch.equal(mb["tokens"][1], one[0][1]["tokens"][0])
 
 
+def test_a_held_out_set_scored_whole_fills_its_last_batch_with_rows_that_count_for_nothing(files):
+    """one_epoch (train.eval.batches=0): over ranks, the first epoch's rows come once each with their loss mask, as
+    the plain stream gives them; the rows after them that fill the last global batch have a zero mask, and
+    `padding` says which micro-batches are only such rows. A blend has no one first epoch."""
+    d, _, _ = files
+    corpus = TokenCorpus(str(d), seq_length=16, seed=3)
+    rows = corpus.sources[0].per_epoch
+    gbs = 4
+    assert rows % gbs, rows          # the last global batch is filled up
+    batches = -(-rows // gbs)
+    plain = TokenFileStream(corpus, document_bounds=True, micro_batch_size=1, global_batch_size=gbs, dp_rank=0,
+                            dp_size=1)
+    ref = [next(plain) for _ in range(batches * gbs)]   # global rows 0 .. batches * gbs - 1 in order
+    ranks = [TokenFileStream(corpus, document_bounds=True, micro_batch_size=1, global_batch_size=gbs, dp_rank=r,
+                             dp_size=2, one_epoch=True) for r in range(2)]
+    assert [s.samples_per_epoch for s in ranks] == [rows, rows]
+    scored = []
+    for step in range(batches):
+        for r, s in enumerate(ranks):
+            for i in range(s.num_microbatches):
+                j = step * gbs + r * 2 + i           # the row's global index
+                mb = next(s)
+                assert torch.equal(mb["tokens"], ref[j]["tokens"])
+                if j < rows:
+                    assert torch.equal(mb["loss_mask"], ref[j]["loss_mask"]) and mb["loss_mask"].any()
+                    scored.append(j)
+                else:
+                    assert not mb["loss_mask"].any()
+    assert scored == sorted(scored) and sorted(scored) == list(range(rows))
+    flags = [f for step in range(batches) for r in range(2) for f in ranks[r].padding[step * 2:step * 2 + 2]]
+    assert flags == [j >= rows for j in range(batches * gbs)]
+    # two rows per micro-batch: one holding the last real row and a filler is not padding; its filler is masked
+    two = TokenFileStream(corpus, document_bounds=False, micro_batch_size=2, global_batch_size=gbs, dp_rank=0,
+                          dp_size=1, one_epoch=True)
+    mbs = [next(two) for _ in range(batches * 2)]
+    masks = torch.cat([mb["loss_mask"] for mb in mbs])
+    assert masks[:rows].all() and not masks[rows:].any()
+    assert two.padding == [2 * k >= rows for k in range(batches * 2)]
+    with pytest.raises(ValueError, match="a blend of token sources"):
+        TokenFileStream(TokenCorpus(f"{d / 'a'},{d / 'b'}", weights=[1, 1], seq_length=16, seed=3),
+                        document_bounds=True, micro_batch_size=1, global_batch_size=gbs, dp_rank=0, dp_size=1,
+                        one_epoch=True)
+
+
 def test_bad_settings_and_files_are_named(files, tmp_path):
     d, _, _ = files
     with pytest.raises(ValueError, match=r"nope.*names no indexed dataset"):

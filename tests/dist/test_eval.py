@@ -46,6 +46,11 @@ def runs(tmp_path_factory):
     held_out = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out"), 4, 99, rank=0)
     held_out2 = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out2"), 4, 98, rank=0)
     vl = VL + [f"data.video.shards={videos}"]
+    # held_out scored whole (train.eval.batches=0) in global batches that do not divide its packs, against a run
+    # that trains one step on all of them
+    packs = _packs_in_first_epoch(held_out, tmp_path_factory.mktemp("plan"))
+    gbs = next(g for g in (3, 2, 4, 5) if packs % g)
+    vl_no_gbs = [o for o in VL if not o.startswith("train.global_batch_size")]
     one_job = run_layouts_all(1, {
         "lm": LM + EVAL,
         "lm_no_eval": LM,
@@ -58,6 +63,9 @@ def runs(tmp_path_factory):
         # two named held-out sets, each scored on its own: "clips" is vl's set, "more" what vl_on_more trains on
         "vl_sets": vl + ["train.eval.interval=2", f"data.video.eval_shards='clips={held_out},more={held_out2}'"],
         "vl_on_more": VL + [f"data.video.shards={held_out2}"],
+        "vl_whole": vl_no_gbs + [f"train.global_batch_size={gbs}", f"data.video.shards={videos}",
+                                 "train.eval.interval=2", f"data.video.eval_shards={held_out}", "train.eval.batches=0"],
+        "vl_whole_ref": vl_no_gbs + [f"train.global_batch_size={packs}", f"data.video.shards={held_out}"],
         # a run on its own synthetic videos makes its own held-out set
         "vl_own_videos": VL + ["train.eval.interval=2"],
         "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
@@ -77,7 +85,21 @@ def runs(tmp_path_factory):
         "vl_pp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.pp=2",
                         "parallel.vit.layout=spread"],
     }, tmp_path_factory.mktemp("two"), evals=True)
-    return {**one_losses, **two_losses}, {**one, **two}, extras
+    return {**one_losses, **two_losses}, {**one, **two}, {**extras, "packs": packs, "whole_gbs": gbs}
+
+
+def _packs_in_first_epoch(shards, tmp) -> int:
+    """The packed sequences of the first epoch of `shards` as the tiny recipe packs them (its data config and
+    sequence length)."""
+    from dataclasses import replace
+
+    from data.video.loader import VideoPackedLoader
+    from train.launch import compose_config, validate
+
+    cfg = validate(compose_config(["recipe=keye_tiny", "parallel=single", f"run_dir={tmp}",
+                                   f"data.video.shards={shards}"]))[0]
+    v = replace(cfg.data.video, seq_len=cfg.train.seq_length, index_dir="", quarantine_path="")
+    return VideoPackedLoader(v, seed=cfg.data.seed).planner.num_packs(0)
 
 
 def test_evaluations_at_start_interval_and_end(runs):
@@ -113,6 +135,19 @@ def test_named_held_out_video_sets_are_scored_each_as_alone(runs):
                                                                                 e["val_loss/more"])
     want = losses["vl_on_more"][1]
     assert abs(sets[0]["val_loss/more"] - want) <= 1e-6 * abs(want), (sets[0], want)
+
+
+def test_a_held_out_video_set_is_scored_whole_once(runs):
+    """train.eval.batches=0 on video: every pack of the set's first epoch once, in global batches that do not divide
+    them (the last filled up with packs of the next epoch that count for nothing). At step 0 val_loss is the first
+    training step's loss of a run whose one global batch is all of those packs (1e-6, as above)."""
+    losses, evals, extras = runs
+    packs, gbs = extras["packs"], extras["whole_gbs"]
+    assert packs % gbs
+    whole = evals["vl_whole"]
+    assert [e["step"] for e in whole] == [0, 2] and all(e["val_sequences"] == packs for e in whole)
+    want = losses["vl_whole_ref"][1]
+    assert abs(whole[0]["val_loss"] - want) <= 1e-6 * abs(want), (whole[0], want)
 
 
 def test_evaluating_changes_no_training_step(runs):
@@ -174,5 +209,5 @@ def test_config_refuses_evaluation_without_held_out_data(tmp_path):
     with pytest.raises(ValueError, match="eval_shards.*names the same shards as `shards`"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
                                  f"data.video.eval_shards={tmp_path}", "train.eval.interval=5"]))
-    with pytest.raises(ValueError, match="train.eval.batches must be >= 1"):
-        validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=0"]))
+    with pytest.raises(ValueError, match=r"train.eval.batches must be >= 1, or 0 for each held-out set whole"):
+        validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=-1"]))

@@ -13,21 +13,30 @@ from tests.launch_util import run_layouts, run_layouts_all
 pytestmark = pytest.mark.slow
 
 RTOL = 2e-5
+SMALL_ROWS = 14   # 64-token rows in the 4 synthetic documents of seed 18 (checked in the fixture)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from data.token_files import ensure_synthetic_token_files
+    from data.token_files import TokenCorpus, ensure_synthetic_token_files
 
     d = tmp_path_factory.mktemp("tokens")
     train = ensure_synthetic_token_files(d, 300, 11, rank=0, vocab_size=512)
     held = ensure_synthetic_token_files(d, 40, 12, rank=0, vocab_size=512)
     held2 = ensure_synthetic_token_files(d, 40, 14, rank=0, vocab_size=512)
+    small = ensure_synthetic_token_files(d, 4, 18, rank=0, vocab_size=512)
+    assert TokenCorpus(small, seq_length=64, seed=0).sources[0].per_epoch == SMALL_ROWS
     # 64-token rows over documents of 80-1,000 bytes: rows hold one to several documents, and documents run over rows
     common = ["recipe=keye_tiny_lm", "data=tokens", f"data.tokens.paths={train}", "train.micro_batch_size=1",
               "train.seq_length=64", "train.global_batch_size=4", "train.steps=4", "parallel=single",
               "train.checkpoint.enabled=false"]
     ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
+    whole = [f"data.tokens.eval_paths={small}", "train.eval.interval=2", "train.eval.batches=0"]
+    # the reference for a set scored whole: at step 0 (the same initial weights) one row per global batch, as many
+    # batches as the set has rows, none of them filler
+    one_row = [o for o in common if not o.startswith(("train.global_batch_size", "train.steps"))] + [
+        "train.global_batch_size=1", "train.steps=2", f"data.tokens.eval_paths={small}", "train.eval.interval=2",
+        f"train.eval.batches={SMALL_ROWS}"]
     one = run_layouts_all(1, {
         "single": common + [f"data.tokens.eval_paths={held}", "train.eval.interval=2", "train.eval.batches=1"],
         # two named held-out sets, each scored on its own, the second over 3 global batches (its own count);
@@ -42,6 +51,11 @@ def runs(tmp_path_factory):
         # the attention variants' language-model stages: KSA's summaries per document of the row, DSA's selection
         "ksa": ["recipe=keye_tiny_ksa"] + common[1:],
         "dsa": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + common[1:],
+        # the small set whole, once: 14 rows in 4 global batches of 4, the last filled up with 2 rows of the next epoch
+        "whole": common + whole,
+        "one_row": one_row,
+        "dsa_whole": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + common[1:] + whole,
+        "dsa_one_row": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + one_row[1:],
     }, tmp_path_factory.mktemp("one"))
     two, evals = run_layouts(2, {
         "tp2": common + ["parallel.tp=2", f"data.tokens.eval_paths={held}", "train.eval.interval=2",
@@ -49,6 +63,7 @@ def runs(tmp_path_factory):
         "cp2": common + ["parallel.cp=2"],
         "pp2": common + ["parallel.pp=2"],
         "dp2": common,
+        "dp2_whole": common + whole,
     }, tmp_path_factory.mktemp("two"), evals=True)
     return one, two, evals
 
@@ -108,6 +123,25 @@ def test_named_held_out_sets_are_scored_each_as_alone(runs):
     assert "val_loss/first" not in first[0]     # one pool: the plain keys alone
     # global batch 4: 1 + 3 batches, 1 batch and 3 batches
     assert (sets[0]["val_sequences"], first[0]["val_sequences"], second[0]["val_sequences"]) == (16, 4, 12)
+
+
+def test_a_held_out_set_is_scored_whole_once(runs):
+    """train.eval.batches=0: the small set's 14 rows, once each, in 4 global batches of 4 whose last 2 rows (the
+    next epoch's) count for nothing, in their loss and in the DSA indexer KL. At step 0 (the same initial weights)
+    val_loss and val_indexer_kl equal those of a run that scores the 14 rows one per global batch, no filler, bit
+    for bit: each row is its own micro-batch in both, and the fp64 sums add the same values in the same order
+    (and zeros). At DP2 the evaluations match the single process's within RTOL (the training's reduction order).
+    Scoring 4 whole batches instead would take 2 more rows and give other values."""
+    one, _, evals = runs
+    whole, ref = one["evals"]["whole"][0], one["evals"]["one_row"][0]
+    assert whole["step"] == ref["step"] == 0
+    assert whole["val_loss"] == ref["val_loss"] and whole["val_sequences"] == ref["val_sequences"] == SMALL_ROWS
+    dsa, dsa_ref = one["evals"]["dsa_whole"][0], one["evals"]["dsa_one_row"][0]
+    assert (dsa["val_loss"], dsa["val_indexer_kl"]) == (dsa_ref["val_loss"], dsa_ref["val_indexer_kl"])
+    assert dsa["val_sequences"] == SMALL_ROWS
+    assert [e["step"] for e in one["evals"]["whole"]] == [0, 2, 4] == [e["step"] for e in evals["dp2_whole"]]
+    for a, b in zip(one["evals"]["whole"], evals["dp2_whole"]):
+        assert abs(a["val_loss"] - b["val_loss"]) <= RTOL * a["val_loss"] and b["val_sequences"] == SMALL_ROWS
 
 
 @pytest.fixture(scope="module")

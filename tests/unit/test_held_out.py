@@ -92,10 +92,37 @@ def test_set_batches_give_a_named_set_its_own_count(tmp_path, monkeypatch):
         plan("recipe=keye_tiny", "data.video.eval_shards=/v/a", "train.eval.set_batches='qa=5'")
     with pytest.raises(ValueError, match=r"set_batches names 'qa', .*synthetic text has one held-out set"):
         plan("recipe=keye_tiny_lm", "train.eval.set_batches='qa=5'")
-    for bad in ("qa=0", "qa", "qa=x", "=3", "qa=2,"):
-        with pytest.raises(ValueError, match=rf"^train\.eval\.set_batches='{bad}': '.*' is not NAME=N \(a held-out "
-                                             rf"set's name and its number of global batches, >= 1\)$"):
+    for bad in ("qa=0", "qa", "qa=x", "=3", "qa=2,", "qa=All"):
+        with pytest.raises(ValueError, match=rf"^train\.eval\.set_batches='{bad}': '.*' is not NAME=N or NAME=all "
+                                             rf"\(a held-out set's name and its number of global batches, >= 1, or "
+                                             rf"all: the whole set once\)$"):
             plan(*video, f"train.eval.set_batches='{bad}'")
     with pytest.raises(ValueError, match=r"^train\.eval\.set_batches='qa=1,qa=2': set 'qa' is given twice$"):
         plan(*video, "train.eval.set_batches='qa=1,qa=2'")
     assert plan("recipe=keye_tiny_lm", "train.eval.batches=3") == [("", "", 3)]
+
+
+def test_a_set_is_scored_whole_by_batches_0_or_all(tmp_path, monkeypatch):
+    """train.eval.batches=0, or set_batches NAME=all: the set whole, once (WHOLE); for synthetic text, a generator
+    without an end, the run stops before it starts, naming the setting; a negative count stops it too."""
+    from data.held_out import WHOLE, eval_plan
+    from train.launch import compose_config, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def plan(*overrides):
+        cfg = validate(compose_config([f"run_dir={tmp_path / 'run'}", "parallel=single", *overrides]))[0]
+        return eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)
+
+    video = ("recipe=keye_tiny", "data.video.eval_shards='clips=/v/a,qa=/v/b'")
+    assert WHOLE == 0
+    assert plan(*video, "train.eval.set_batches='qa=all'") == [("clips", "/v/a", 1), ("qa", "/v/b", WHOLE)]
+    assert plan(*video, "train.eval.batches=0", "train.eval.set_batches='clips=2'") == [("clips", "/v/a", 2),
+                                                                                        ("qa", "/v/b", WHOLE)]
+    assert plan("recipe=keye_tiny", "train.eval.batches=0") == [("", "", WHOLE)]  # its own synthetic held-out videos
+    with pytest.raises(ValueError, match=r"^train\.eval\.batches=0 asks for the whole held-out set, once, but "
+                                         r"synthetic text \(data\.kind=synthetic_tokens\) is a generator without an end"):
+        plan("recipe=keye_tiny_lm", "train.eval.batches=0")
+    with pytest.raises(ValueError, match=r"train\.eval\.batches must be >= 1, or 0 for each held-out set whole, "
+                                         r"once; got -1"):
+        plan("recipe=keye_tiny_lm", "train.eval.batches=-1")
