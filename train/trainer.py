@@ -126,6 +126,17 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     return output, functools.partial(_loss_func, mask)
 
 
+def _without_filler(kls: list, padding: list[bool] | None) -> list:
+    """A DSA layer's indexer KLs without those of filler micro-batches (an evaluation of a whole held-out set):
+    `padding` has one flag per micro-batch, in the order its model chunk drew them, as the layer computed one KL per
+    forward; None keeps them all."""
+    if padding is None:
+        return kls
+    if len(kls) != len(padding):
+        raise RuntimeError(f"a DSA layer computed {len(kls)} indexer KLs over {len(padding)} held-out micro-batches")
+    return [kl for kl, pad in zip(kls, padding) if not pad]
+
+
 def pad_packed_row(tokens, labels, mask, pos, cu_seqlens, length: int):
     """Pads a packed row (batch 1) to `length` tokens with one more document of padding (token 0, no
     loss): packed KSA rows have a summary count that depends on their documents, while the pipeline
@@ -247,7 +258,6 @@ class Trainer:
             use_local_kl_backward(chunks)
         # each micro-batch's indexer KL, for the step's mean (_loss_vector), per model chunk
         self.dsa_by_chunk = [record_kls([c]) for c in chunks]
-        self.dsa_layers = [m for layers in self.dsa_by_chunk for m in layers]
         # parallel.offload=activations: what decoder layers save for backward lives in host memory (with
         # recompute=full: each layer's input hidden state); hooks only, the values are unchanged
         self.offloaders = (attach_activation_offload(chunks, num_layers=layout.offload_layers)
@@ -596,16 +606,9 @@ class Trainer:
                     total[2:4] += d["distill"].to(self.device)
         # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
         # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
-        kls = []
-        for chunk, layers in enumerate(self.dsa_by_chunk):
-            for m in layers:
-                got = m.take_kls()
-                if padding is not None:   # one KL per forward, in the order the chunk drew its micro-batches
-                    if len(got) != len(padding[chunk]):
-                        raise RuntimeError(f"a DSA layer computed {len(got)} indexer KLs over {len(padding[chunk])} "
-                                           f"held-out micro-batches")
-                    got = [kl for kl, pad in zip(got, padding[chunk]) if not pad]
-                kls += got
+        flags = padding or [None] * len(self.dsa_by_chunk)
+        kls = [kl for layers, pad in zip(self.dsa_by_chunk, flags) for m in layers
+               for kl in _without_filler(m.take_kls(), pad)]
         if kls:
             total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
             total[5] = len(kls)
@@ -741,8 +744,9 @@ class Trainer:
                     streams, losses = self._eval_streams(name, paths, whole), []
                     try:
                         if whole:
-                            batches = self._whole_batches(name, paths, streams[0].samples_per_epoch)
-                            sequences += streams[0].samples_per_epoch
+                            samples = streams[0].samples_per_epoch
+                            batches = self._whole_batches(name, paths, samples)
+                            sequences += samples
                         else:
                             sequences += batches * self.cfg.train.global_batch_size
                         for _ in range(batches):
