@@ -42,7 +42,7 @@ def ksa_attention_spec(cfg, layer_index: int, *, cp_ops: ContextParallelOps | No
     return ModuleSpec(
         module=KSASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, "chunk": k.chunk, "num_summary": k.num_summary,
-                "cp_ops": cp_ops},
+                "cp_ops": cp_ops, "summary_place": variant_place(cfg, layer_index)},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
             core_attention=ModuleSpec(module=KSACoreAttention,
@@ -56,11 +56,22 @@ def ksa_attention_spec(cfg, layer_index: int, *, cp_ops: ContextParallelOps | No
     )
 
 
+def variant_place(cfg, layer_index: int) -> tuple[int, int] | None:
+    """(this layer's index among the layers of its attention variant, their count) when only some layers have it
+    (model.lm.attention_per_layer), else None. A variant's own parameters (DSA's indexer, KSA's summary QKV) are
+    checkpointed stacked along one layer axis that every index must fill, so they are stacked over those layers
+    alone (models/attention/dsa.py DSAIndexer, ksa.py KSASelfAttention)."""
+    kinds = cfg.layer_attention()
+    layers = [i for i, kind in enumerate(kinds) if kind == kinds[layer_index]]
+    return None if len(layers) == len(kinds) else (layers.index(layer_index), len(layers))
+
+
 def dsa_attention_spec(cfg, layer_index: int, *, cp_ops: ContextParallelOps | None = None) -> ModuleSpec:
     d = cfg.dsa
     return ModuleSpec(
         module=DSASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal, "index_heads": d.index_heads, "index_dim": d.index_dim},
+        params={"attn_mask_type": AttnMaskType.causal, "index_heads": d.index_heads, "index_dim": d.index_dim,
+                "indexer_place": variant_place(cfg, layer_index)},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
             core_attention=ModuleSpec(module=DSACoreAttention,

@@ -79,10 +79,15 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class DSAIndexer(MegatronModule):
-    def __init__(self, config, *, heads: int, dim: int):
+    """`place`: (this layer's index among the model's DSA layers, their count) when only some layers have DSA
+    (model.lm.attention_per_layer). Checkpoints stack a per-layer tensor along one layer axis that every index must
+    fill, so the indexers' tensors are stacked over the DSA layers alone (sharded_state_dict); None (every layer has
+    one) keeps megatron's (layer, number of layers)."""
+
+    def __init__(self, config, *, heads: int, dim: int, place: tuple[int, int] | None = None):
         super().__init__(config=config)
         h = config.hidden_size
-        self.heads, self.dim = heads, dim
+        self.heads, self.dim, self.place = heads, dim, place
         self.wq = torch.nn.Linear(h, heads * dim, bias=False, dtype=config.params_dtype)
         self.wk = torch.nn.Linear(h, dim, bias=False, dtype=config.params_dtype)
         self.ww = torch.nn.Linear(h, heads, bias=False, dtype=config.params_dtype)
@@ -92,6 +97,12 @@ class DSAIndexer(MegatronModule):
         self.k_norm = torch.nn.LayerNorm(dim, bias=False, dtype=config.params_dtype)
         for p in self.parameters():  # replicated over TP; gradients summed over TP (see module docstring)
             p.sequence_parallel = config.tensor_model_parallel_size > 1
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        if self.place is not None and sharded_offsets:  # (0, layer, num_layers) first: TransformerBlock's layer axis
+            (axis, _, _), *rest = sharded_offsets
+            sharded_offsets = ((axis, *self.place), *rest)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def forward(self, hidden_bsh: torch.Tensor, freqs_bs1f: torch.Tensor):
         b, s, _ = hidden_bsh.shape
@@ -106,13 +117,14 @@ class DSAIndexer(MegatronModule):
 
 class DSASelfAttention(SelfAttention):
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=None, cp_comm_type=None,
-                 pg_collection=None, index_heads: int = 16, index_dim: int = 64, **unused):
+                 pg_collection=None, index_heads: int = 16, index_dim: int = 64,
+                 indexer_place: tuple[int, int] | None = None, **unused):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if index_dim * 2 > config.kv_channels:
             raise ValueError(f"model.lm.dsa.index_dim ({index_dim}) must be at most half the head dim "
                              f"({config.kv_channels}): its RoPE uses every other rotary pair")
-        self.indexer = DSAIndexer(config, heads=index_heads, dim=index_dim)
+        self.indexer = DSAIndexer(config, heads=index_heads, dim=index_dim, place=indexer_place)
         if self.checkpoint_core_attention:
             # megatron's selective recompute re-runs the core attention in backward, after forward() has
             # cleared the indexer output it reads; DSA's core attention is therefore never checkpointed

@@ -63,7 +63,7 @@ class _MergedQKV(torch.nn.Module):
 class KSASelfAttention(SelfAttention):
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=None, cp_comm_type=None,
                  pg_collection=None, chunk: int = 8, num_summary: int = 1, cp_ops: ContextParallelOps | None = None,
-                 **unused):
+                 summary_place: tuple[int, int] | None = None, **unused):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.chunk, self.num_summary = chunk, num_summary
@@ -74,6 +74,19 @@ class KSASelfAttention(SelfAttention):
         self.teacher = False
         self._mask = None
         self.cp_group, self.cp_ops = cp_ops_for(config, self.pg_collection, cp_ops)
+        # (this layer's index among the KSA layers, their count) when only some layers are KSA
+        # (models/attention variant_place): the summary QKV is checkpointed stacked over those layers alone
+        self.summary_place = summary_place
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.summary_place is not None and sharded_offsets:  # (0, layer, num_layers) first: the layer axis
+            (axis, _, _), *rest = sharded_offsets
+            sub = f"{prefix}linear_qkv_summary."
+            for k in [k for k in sd if k.startswith(sub)]:
+                del sd[k]
+            sd.update(self.linear_qkv_summary.sharded_state_dict(sub, ((axis, *self.summary_place), *rest), metadata))
+        return sd
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         if self.teacher or self._mask is None:
