@@ -212,6 +212,23 @@ def check_paths(cfg: Config) -> None:
                              f"with *.safetensors) nor a run directory with a complete checkpoint "
                              f"(checkpoints/step_<N>/COMPLETE.json)"
                              + ("" if Path(source).exists() else ": there is no such path"))
+    if c.init_from and is_hf_checkpoint(c.init_from):
+        check_hf_model(c.init_from, cfg.model.lm)
+
+
+def check_hf_model(source: str, lm) -> None:
+    """The language model of the Hugging Face directory `source` (train.checkpoint.init_from) is model.lm: its
+    sizes, and its DSA indexers (models/hf/qwen3_moe.py check_hf_config). The trainer checks it again when it
+    loads; here a wrong recipe stops the launch before any process group or model exists."""
+    import json
+
+    from models.hf import KeyeLMView, check_hf_config, is_multimodal
+
+    config = json.loads(Path(source, "config.json").read_text())
+    try:
+        check_hf_config(KeyeLMView(source).config if is_multimodal(config) else config, lm)
+    except ValueError as e:
+        raise ValueError(f"train.checkpoint.init_from={source!r}: {e}") from None
 
 
 def check_text_only(cfg: Config) -> None:

@@ -55,9 +55,19 @@ LAYER_KEYS = {
     "decoder.layers.pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "decoder.layers.mlp.router.weight": "mlp.gate.weight",
 }
+# A DSA layer's indexer (models/attention/dsa.py DSAIndexer) under model.layers.{l}. Named after DeepSeek-V3.2's
+# indexer where the tensor means the same: wk (the shared index key), k_norm (its LayerNorm; ours has no bias) and
+# weights_proj (the per-head weights w); `wq` reads the hidden state (DeepSeek's wq_b reads its query LoRA).
+INDEXER_KEYS = {
+    "decoder.layers.self_attention.indexer.wq.weight": "self_attn.indexer.wq.weight",
+    "decoder.layers.self_attention.indexer.wk.weight": "self_attn.indexer.wk.weight",
+    "decoder.layers.self_attention.indexer.k_norm.weight": "self_attn.indexer.k_norm.weight",
+    "decoder.layers.self_attention.indexer.ww.weight": "self_attn.indexer.weights_proj.weight",
+}
 GLOBAL_KEYS = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
 # number of prepended (layer, expert) axes of each megatron key
-PREPEND = {EMBED: 0, OUTPUT: 0, FINAL_NORM: 0, QKV: 1, FC1: 2, FC2: 2, **{k: 1 for k in LAYER_KEYS}}
+PREPEND = {EMBED: 0, OUTPUT: 0, FINAL_NORM: 0, QKV: 1, FC1: 2, FC2: 2, **{k: 1 for k in LAYER_KEYS},
+           **{k: 1 for k in INDEXER_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,12 @@ def megatron_to_hf(key: str, index: tuple[int, ...], lm: LMConfig) -> list[Segme
         name = GLOBAL_KEYS[key]
         return [Segment(name, 0, _hf_shapes_global(lm)[name][0])]
     l = index[0]
+    if key in INDEXER_KEYS:  # stacked over the DSA layers alone (models/attention/dsa.py DSAIndexer.place)
+        layers = dsa_layers(lm)
+        if not 0 <= l < len(layers):
+            raise ValueError(f"{key}[{l}]: model.lm has {len(layers)} DSA layer(s) {layers}")
+        name = _layer(layers[l]) + INDEXER_KEYS[key]
+        return [Segment(name, 0, _hf_layer_shapes(lm, layers[l])[name][0])]
     if key in LAYER_KEYS:
         name = _layer(l) + LAYER_KEYS[key]
         return [Segment(name, 0, _hf_layer_shapes(lm, l)[name][0])]
@@ -127,6 +143,10 @@ def _hf_layer_shapes(lm: LMConfig, l: int) -> dict[str, tuple[int, ...]]:
         p + "post_attention_layernorm.weight": (h,),
         p + "mlp.gate.weight": (lm.num_experts, h),
     }
+    if lm.layer_attention()[l] == "dsa":
+        hi, di = lm.dsa.index_heads, lm.dsa.index_dim
+        shapes = {"wq": (hi * di, h), "wk": (di, h), "k_norm": (di,), "weights_proj": (hi, h)}
+        out.update({f"{p}self_attn.indexer.{n}.weight": s for n, s in shapes.items()})
     for e in range(lm.num_experts):
         out[f"{p}mlp.experts.{e}.gate_proj.weight"] = (f, h)
         out[f"{p}mlp.experts.{e}.up_proj.weight"] = (f, h)
@@ -164,6 +184,8 @@ def units(lm: LMConfig) -> list[Unit]:
     for l in range(lm.num_layers):
         out += [unit("decoder.layers.input_layernorm.weight", l), unit(QKV, l)]
         out += [unit(k, l) for k in list(LAYER_KEYS)[1:]]
+        if l in dsa_layers(lm):
+            out += [unit(k, dsa_layers(lm).index(l)) for k in INDEXER_KEYS]
         for e in range(lm.num_experts):
             out += [unit(FC1, l, e), unit(FC2, l, e)]
     out.append(unit(FINAL_NORM))
@@ -245,9 +267,59 @@ def check_hf_config(cfg: dict, lm: LMConfig) -> None:
         if not same:
             raise ValueError(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match "
                              f"model.lm.{lm_name}={lm_v!r}")
+    check_hf_dsa(cfg, lm)
     if cfg.get("max_position_embeddings", lm.max_position_embeddings) != lm.max_position_embeddings:
         log.warning("HF config max_position_embeddings=%s, model.lm.max_position_embeddings=%s (weights do not "
                     "depend on it)", cfg["max_position_embeddings"], lm.max_position_embeddings)
+
+
+# ------------------------------------------------------------------------------------------ DSA
+# config.json fields of a model with DSA layers: DeepSeek-V3.2's names for the indexer's shape and top-k, and the
+# layers that have one (DeepSeek's every layer; ours may be some, model.lm.attention_per_layer)
+DSA_FIELDS = ("index_n_heads", "index_head_dim", "index_topk", "dsa_layers")
+
+
+def dsa_layers(lm: LMConfig) -> list[int]:
+    return [l for l, kind in enumerate(lm.layer_attention()) if kind == "dsa"]
+
+
+def hf_dsa_fields(lm: LMConfig) -> dict:
+    """The DSA fields of config.json for `lm` (none for a model without DSA layers)."""
+    if not dsa_layers(lm):
+        return {}
+    return {"index_n_heads": lm.dsa.index_heads, "index_head_dim": lm.dsa.index_dim, "index_topk": lm.dsa.topk,
+            "dsa_layers": dsa_layers(lm)}
+
+
+def check_hf_dsa(cfg: dict, lm: LMConfig) -> None:
+    """ValueError when the HF config's DSA indexers (DSA_FIELDS) and model.lm's differ in which layers have one
+    or in their shape. A different top-k only warns: it shapes no weight (a model trained at one top-k can be run
+    or trained on at another)."""
+    ours, theirs = dsa_layers(lm), cfg.get("dsa_layers")
+    if theirs is None and any(f in cfg for f in DSA_FIELDS):
+        raise ValueError(f"HF config has DSA fields ({', '.join(f for f in DSA_FIELDS if f in cfg)}) but no "
+                         "'dsa_layers' (the layers with an indexer)")
+    theirs = list(theirs or [])
+    if theirs != ours:
+        if not ours:
+            raise ValueError(f"HF config dsa_layers={theirs}: the checkpoint has DSA indexers, model.lm has none "
+                             "(attention=dense): use a DSA model (model.lm.attention=dsa, e.g. the keye_30b_a3b_dsa "
+                             "preset: model=keye_30b_a3b_dsa, or convert's --model keye_30b_a3b_dsa)")
+        if not theirs:
+            raise ValueError(f"model.lm has DSA on layers {ours} but the HF config has no indexer (no dsa_layers): a "
+                             "plain Qwen3-MoE checkpoint. Import it into the dense model, then start the DSA warm-up "
+                             "from that with train.checkpoint.init_from (the indexers keep their init; docs/hf.md)")
+        raise ValueError(f"HF config dsa_layers={theirs} does not match the DSA layers of model.lm {ours} "
+                         "(model.lm.attention_per_layer)")
+    if not ours:
+        return
+    for hf_name, lm_name in (("index_n_heads", "index_heads"), ("index_head_dim", "index_dim")):
+        if cfg.get(hf_name) != getattr(lm.dsa, lm_name):
+            raise ValueError(f"HF config {hf_name}={cfg.get(hf_name)!r} does not match model.lm.dsa.{lm_name}="
+                             f"{getattr(lm.dsa, lm_name)!r}")
+    if cfg.get("index_topk", lm.dsa.topk) != lm.dsa.topk:
+        log.warning("HF config index_topk=%s, model.lm.dsa.topk=%s: the model selects %s keys per query (no weight "
+                    "depends on it)", cfg["index_topk"], lm.dsa.topk, lm.dsa.topk)
 
 
 def default_mrope_section(head_dim: int) -> list[int]:
@@ -268,6 +340,17 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
     values["max_position_embeddings"] = int(cfg.get("max_position_embeddings", base.max_position_embeddings))
     if sum(base.mrope_section) * 2 != values["head_dim"]:
         values["mrope_section"] = default_mrope_section(values["head_dim"])
+    layers = cfg.get("dsa_layers")
+    if layers:  # the checkpoint's DSA indexers: the layers that have one, their shape and top-k
+        n = values["num_layers"]
+        if any(not 0 <= l < n for l in layers):
+            raise ValueError(f"HF config dsa_layers={layers}: layers of a {n}-layer model are 0..{n - 1}")
+        values["dsa"] = replace(base.dsa, index_heads=int(cfg["index_n_heads"]), index_dim=int(cfg["index_head_dim"]),
+                                topk=int(cfg.get("index_topk", base.dsa.topk)))
+        kinds = ["dsa" if l in layers else "dense" for l in range(n)]
+        values["attention"], values["attention_per_layer"] = ("dsa", []) if len(set(kinds)) == 1 else ("dense", kinds)
+    elif "dsa" in base.layer_attention():  # a plain Qwen3-MoE config: dense attention
+        values["attention"], values["attention_per_layer"] = "dense", []
     return replace(base, **values)
 
 
@@ -282,10 +365,13 @@ def _from_hf(v, lm_name: str):
 
 
 def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x)."""
-    if lm.layer_attention() != ["dense"] * lm.num_layers:
+    """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x). With DSA layers it
+    also holds their indexers' fields (hf_dsa_fields): transformers' Qwen3-MoE ignores them and the indexer tensors
+    and runs dense attention, which is the DSA model's own computation wherever every query's causal prefix fits
+    in its top-k."""
+    if "ksa" in lm.layer_attention():
         raise ValueError(f"model.lm attention {sorted(set(lm.layer_attention()))}: a Qwen3-MoE HF checkpoint "
-                         "holds dense attention only")
+                         "holds dense or DSA attention, not KSA (its summary tokens change the sequence)")
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -318,6 +404,7 @@ def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> di
         "initializer_range": lm.init_std,
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        **hf_dsa_fields(lm),
     }
 
 
@@ -490,18 +577,26 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
 
     hf_cfg = hf_config_from_lm(lm, dtype=dtype or torch.float32)
     meta = model_keys_in_checkpoint(checkpoint_dir)
-    unknown = [k for k in meta if k not in PREPEND or (k == OUTPUT and not lm.untie_embeddings)]
-    if unknown:
-        raise ValueError(f"checkpoint {checkpoint_dir}: tensors with no Qwen3-MoE HF counterpart: {_listing(unknown)}")
     plan = units(lm)
+    # every stored tensor must have a place in the export of model.lm: a DSA checkpoint exported with a dense
+    # model.lm would otherwise lose its indexers without a word
+    unknown = [k for k in meta if k not in {u.key for u in plan}]
+    if unknown:
+        kinds = sorted(set(lm.layer_attention()))
+        raise ValueError(f"checkpoint {checkpoint_dir}: tensors with no counterpart in the Qwen3-MoE HF checkpoint of "
+                         f"model.lm (attention {kinds}): {_listing(unknown)}"
+                         + (": the checkpoint has DSA indexers; give the model it was trained with (e.g. --model "
+                            "keye_30b_a3b_dsa)" if any(k in INDEXER_KEYS for k in unknown) else ""))
     shapes = hf_tensor_shapes(lm)
     assert {seg.name for u in plan for seg in u.segments} == set(shapes), "the unit table misses HF tensors"
     absent = {u.key for u in plan} - set(meta)
     if absent:
         raise ValueError(f"checkpoint {checkpoint_dir}: model tensors missing: {_listing(absent)}")
-    sizes = (lm.num_layers, lm.num_experts)  # of the prepended (layer, expert) axes
+    def axes(u: Unit) -> tuple[int, ...]:  # sizes of the prepended (layer, expert) axes; an indexer's: DSA layers
+        return (len(dsa_layers(lm)),) if u.key in INDEXER_KEYS else (lm.num_layers, lm.num_experts)[:len(u.index)]
+
     for u in plan:
-        want = (*sizes[:len(u.index)], sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
+        want = (*axes(u), sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
         if tuple(meta[u.key].global_shape) != want:
             raise ValueError(f"checkpoint tensor {u.key} has shape {list(meta[u.key].global_shape)}, "
                              f"model.lm gives {list(want)}")
@@ -517,7 +612,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         sd = {}
         for i, u in enumerate(shard):
             local = (sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
-            offsets = [(axis, idx, sizes[axis]) for axis, idx in enumerate(u.index)]
+            offsets = [(axis, idx, axes(u)[axis]) for axis, idx in enumerate(u.index)]
             # the layer / expert axes as ordinary axes of size 1: torch's sharded-tensor path that a request
             # with prepended axes takes cannot load a subset of a tensor in a single process
             sd[f"u{i}"] = ShardedTensor.from_rank_offsets(

@@ -40,3 +40,41 @@ def save_tiny_qwen3_moe(path: str | os.PathLike, *, seed: int = 0, max_shard_siz
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     return cfg
+
+
+@torch.no_grad()
+def add_tiny_dsa_indexers(path: str | os.PathLike, layers: list[int], *, heads: int = 4, dim: int = 8,
+                          topk: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Makes a checkpoint from save_tiny_qwen3_moe read as the HF export of a DSA model: random indexers on
+    `layers` (the names of models/hf/qwen3_moe.py INDEXER_KEYS; LayerNorm weights 1 + noise) in a file of their own
+    (added to the index, one is written for a single-file checkpoint), and the config's DSA fields. Returns them."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from models.hf.checkpoint_io import INDEX, SINGLE
+
+    p = Path(path)
+    config = json.loads((p / "config.json").read_text())
+    h = config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    added = {}
+    for l in layers:
+        pre = f"model.layers.{l}.self_attn.indexer."
+        added[pre + "wq.weight"] = 0.3 * torch.randn(heads * dim, h, generator=g)
+        added[pre + "wk.weight"] = 0.3 * torch.randn(dim, h, generator=g)
+        added[pre + "k_norm.weight"] = 1.0 + 0.3 * torch.randn(dim, generator=g)
+        added[pre + "weights_proj.weight"] = 0.3 * torch.randn(heads, h, generator=g)
+    if not (p / INDEX).is_file():  # one file: it becomes the first of two, under an index
+        weights = load_file(p / SINGLE)
+        (p / SINGLE).unlink()
+        save_file(weights, str(p / "model-main.safetensors"), metadata={"format": "pt"})
+        (p / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {n: "model-main.safetensors" for n in weights}}))
+    save_file(added, str(p / "model-dsa.safetensors"), metadata={"format": "pt"})
+    index = json.loads((p / INDEX).read_text())
+    index["weight_map"].update({n: "model-dsa.safetensors" for n in added})
+    (p / INDEX).write_text(json.dumps(index, indent=2))
+    config.update(index_n_heads=heads, index_head_dim=dim, index_topk=topk, dsa_layers=list(layers))
+    (p / "config.json").write_text(json.dumps(config, indent=2))
+    return added

@@ -8,9 +8,12 @@ ranks with tests/launch_util.run_ranks, the same job runs under torchrun with th
     3. that checkpoint is exported to HF safetensors (bounded files + index);
     4. the export is re-imported at TP2/EP2 and every parameter compared, exactly, with the trained
        checkpoint loaded by train.checkpoint; the trained model's logits are checked against transformers
-       running the export.
+       running the export;
+    5. the same for a DSA model (DSA on layer 1 of 2, top-16 of 32-token rows): a run starts from the HF
+       directory of a DSA model (the tiny checkpoint plus indexers), trains a step, and its export carries the
+       trained indexers; transformers checks the rest of it at 16 tokens, where DSA attends to every key.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR
+    torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR DSA_HF_DIR
 """
 
 import json
@@ -27,6 +30,9 @@ TINY_MODEL = ["model.lm.num_layers=2", "model.lm.hidden_size=64", "model.lm.num_
               "model.lm.num_query_groups=2", "model.lm.head_dim=16", "model.lm.vocab_size=512",
               "model.lm.num_experts=8", "model.lm.moe_topk=2", "model.lm.moe_ffn_hidden_size=32"]
 EXPORT_SHARD_BYTES = 50_000
+DSA_TOPK = 16
+DSA_MODEL = ["model.lm.attention_per_layer=[dense,dsa]", "model.lm.dsa.index_heads=4", "model.lm.dsa.index_dim=8",
+             f"model.lm.dsa.topk={DSA_TOPK}"]
 
 
 @pytest.mark.slow
@@ -37,10 +43,16 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     from models.hf.checkpoint_io import HFCheckpoint
     from models.hf.tiny import save_tiny_qwen3_moe
 
-    hf_dir, work, out = tmp_path / "hf", tmp_path / "work", tmp_path / "out.json"
+    import shutil
+
+    from models.hf.tiny import add_tiny_dsa_indexers
+
+    hf_dir, work, out, dsa_dir = tmp_path / "hf", tmp_path / "work", tmp_path / "out.json", tmp_path / "dsa_hf"
     save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
-    run_ranks(2, "tests.dist.test_hf_roundtrip:main", (str(out), str(hf_dir), str(work)), tmp_path / "logs",
-              timeout=600)
+    shutil.copytree(hf_dir, dsa_dir)
+    add_tiny_dsa_indexers(dsa_dir, [1], topk=DSA_TOPK)
+    run_ranks(2, "tests.dist.test_hf_roundtrip:main", (str(out), str(hf_dir), str(work), str(dsa_dir)),
+              tmp_path / "logs", timeout=600)
     res = json.loads(out.read_text())
     print("\nTP2/EP2:", json.dumps(res, indent=1))
 
@@ -62,13 +74,28 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     assert step < 0.01, f"the trained weights moved {step} from the HF ones: training did not start from them"
     assert len(res["export"]["files"]) > 1 and (work / "exported" / "model.safetensors.index.json").is_file()
 
+    # DSA: the run started from the DSA directory (its indexers included) and its export holds them trained
+    dsa = res["dsa"]
+    assert len(dsa["losses"]) == 1 and 5.0 < dsa["losses"]["1"] < 8.0
+    assert dsa["config_round_trip"] and dsa["reimport_mismatches"] == []
+    assert dsa["reimport_tensors"] == res["reimport_tensors"] + 4
+    assert dsa["export_verify"]["ok"], dsa["export_verify"]
+    src, exported = HFCheckpoint(dsa_dir), HFCheckpoint(work / "dsa_exported")
+    assert sorted(exported.names()) == sorted(src.names())
+    indexer = [n for n in src.names() if ".indexer." in n]
+    assert len(indexer) == 4 and all(n.startswith("model.layers.1.") for n in indexer)
+    assert json.loads((work / "dsa_exported" / "config.json").read_text())["dsa_layers"] == [1]
+    for n in indexer:  # trained by the indexer KL, from the directory's values
+        moved = (src.read(n) - exported.read(n)).abs().max().item()
+        assert 0 < moved < 0.01, (n, moved)
+
 
 # ------------------------------------------------------------------------------------------ driver
-def _train_one_step(init_from: Path, run_dir: Path) -> dict:
+def _train_one_step(init_from: Path, run_dir: Path, model: list[str] = ()) -> dict:
     from train.launch import compose_config, validate
     from train.trainer import Trainer
 
-    overrides = ["recipe=keye_tiny_lm", *TINY_MODEL, f"parallel.tp={LAYOUT['tp']}", f"parallel.ep={LAYOUT['ep']}",
+    overrides = ["recipe=keye_tiny_lm", *TINY_MODEL, *model, f"parallel.tp={LAYOUT['tp']}", f"parallel.ep={LAYOUT['ep']}",
                  "train.steps=2", "train.stop_after=1", "train.warmup_steps=1", "train.global_batch_size=2",
                  "train.micro_batch_size=1", "train.seq_length=32", "train.wandb.enabled=false",
                  f"train.checkpoint.init_from={init_from}", f"run_dir={run_dir}"]
@@ -79,19 +106,39 @@ def _train_one_step(init_from: Path, run_dir: Path) -> dict:
     return {s.step: s.loss for s in history}
 
 
-def main(out: str, hf_dir: str, work: str) -> None:
+def _reimport(convert, lm, exported: Path, run: Path, res: dict, *, verify_seq: int = 32) -> None:
+    """The export re-imported at LAYOUT against the run's checkpoint, parameter by parameter (exactly), and the
+    checkpoint's logits against transformers running the export."""
+    import torch
+    import torch.distributed as dist
+
+    from models.hf.qwen3_moe import load_hf_into
+    from train import checkpoint as ckpt
+
+    chunks, _, _ = convert.build_model(lm, **LAYOUT)
+    load_hf_into(chunks, exported, lm=lm)
+    reimported = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    chunks, pgs, _ = convert.build_model(lm, **LAYOUT)
+    missing = ckpt.load_model_weights(ckpt.find_latest(run), chunks, dp_cp_group=pgs.dp_cp)
+    assert not missing, missing
+    bad = [f"rank{dist.get_rank()}:{n}" for n, p in chunks[0].named_parameters() if not torch.equal(p, reimported[n])]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, bad)
+    res["reimport_mismatches"] = sum(gathered, [])
+    res["reimport_tensors"] = len(reimported)
+    res["export_verify"] = convert.verify_chunks(chunks, str(exported), pgs=pgs, seq=verify_seq)
+
+
+def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "launch"))
     from train.noise import silence_known_warnings
 
     silence_known_warnings()
-    import torch
     import torch.distributed as dist
 
     import convert  # launch/convert.py
-    from models.hf.qwen3_moe import load_hf_into
     from parallel.groups import teardown
-    from train import checkpoint as ckpt
 
     out, hf_dir, work = Path(out), Path(hf_dir), Path(work)
     lm = convert.model_config(None, [], hf_dir=str(hf_dir))
@@ -100,26 +147,23 @@ def main(out: str, hf_dir: str, work: str) -> None:
     res["losses"] = _train_one_step(work / "imported", work / "run")
     res["losses_direct"] = _train_one_step(hf_dir, work / "run_direct")  # init_from names the HF directory
     res["export"] = convert.export(str(work / "run"), str(work / "exported"), lm=lm, max_shard_bytes=EXPORT_SHARD_BYTES)
+    _reimport(convert, lm, work / "exported", work / "run", res)
 
-    chunks, _, _ = convert.build_model(lm, **LAYOUT)
-    load_hf_into(chunks, work / "exported", lm=lm)
-    reimported = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
-    chunks, pgs, _ = convert.build_model(lm, **LAYOUT)
-    missing = ckpt.load_model_weights(ckpt.find_latest(work / "run"), chunks, dp_cp_group=pgs.dp_cp)
-    assert not missing, missing
-    bad = [f"rank{dist.get_rank()}:{n}" for n, p in chunks[0].named_parameters() if not torch.equal(p, reimported[n])]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, bad)
-    res["reimport_mismatches"] = sum(gathered, [])
-    res["reimport_tensors"] = len(reimported)
-    res["export_verify"] = convert.verify_chunks(chunks, str(work / "exported"), pgs=pgs)
+    # DSA: init_from names the DSA directory; model.lm from its config.json (the DSA fields included)
+    dsa = res["dsa"] = {}
+    lm_dsa = convert.model_config(None, [], hf_dir=dsa_dir)
+    dsa["losses"] = _train_one_step(Path(dsa_dir), work / "dsa_run", DSA_MODEL)
+    dsa["export"] = convert.export(str(work / "dsa_run"), str(work / "dsa_exported"), lm=lm_dsa,
+                                   max_shard_bytes=EXPORT_SHARD_BYTES)
+    dsa["config_round_trip"] = convert.model_config(None, [], hf_dir=str(work / "dsa_exported")) == lm_dsa
+    _reimport(convert, lm_dsa, work / "dsa_exported", work / "dsa_run", dsa, verify_seq=DSA_TOPK)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(res, default=str))
     teardown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
 
 
 @pytest.mark.slow

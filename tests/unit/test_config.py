@@ -174,7 +174,8 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
 
 def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
     """train.launch.check_paths (the launcher runs it after validate): shards that are not there and weights that
-    are neither a Hugging Face checkpoint nor a run with a complete checkpoint name their setting; a run directory
+    are neither a Hugging Face checkpoint nor a run with a complete checkpoint name their setting, and so does a
+    Hugging Face directory of another language model; a run directory
     that holds a checkpoint resumes and reads no init_from, so that is not checked then."""
     from train.launch import check_paths
 
@@ -200,11 +201,20 @@ def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
             check_paths(cfg(f"train.checkpoint.{name}=/nowhere"))
         with pytest.raises(ValueError, match=rf"train\.checkpoint\.{name}='{empty}' is neither.*COMPLETE\.json\)$"):
             check_paths(cfg(f"train.checkpoint.{name}={empty}"))
+    # a Hugging Face directory's language model must be model.lm (its sizes, its DSA indexers): its config.json is
+    # read, the weights are not opened here
+    import json
+
+    from models.hf.qwen3_moe import hf_config_from_lm
+
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text(json.dumps(hf_config_from_lm(cfg().model.lm)))
     (hf / "model.safetensors").write_bytes(b"")
     check_paths(cfg(f"train.checkpoint.init_from={hf}"))
+    with pytest.raises(ValueError, match=rf"^train\.checkpoint\.init_from='{hf}': HF config hidden_size=.* does not "
+                                         r"match model\.lm\.hidden_size="):
+        check_paths(cfg(f"train.checkpoint.init_from={hf}", "model.lm.hidden_size=256"))
     done = tmp_path / "run" / "checkpoints" / "step_000004"  # a complete checkpoint (no files listed)
     done.mkdir(parents=True)
     (done / "COMPLETE.json").write_text('{"step": 4, "files": {}}')

@@ -291,3 +291,113 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
     src, back = HFCheckpoint(tmp_path / "tied"), HFCheckpoint(tmp_path / "back")
     assert sorted(back.names()) == sorted(src.names())
     assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
+
+
+# ------------------------------------------------------------------------------------------ DSA
+def _dsa_lm(lm, layers, *, topk=32):
+    from models.config import DSAConfig
+
+    kinds = ["dsa" if l in layers else "dense" for l in range(lm.num_layers)]
+    one = len(set(kinds)) == 1
+    return replace(lm, attention=kinds[0] if one else "dense", attention_per_layer=[] if one else kinds,
+                   dsa=DSAConfig(index_heads=4, index_dim=8, topk=topk))
+
+
+def _with_indexers(src: Path, dst: Path, layers) -> Path:
+    """A copy of the tiny checkpoint with random DSA indexers (4 heads x 8 dims, top-32) on `layers`."""
+    from models.hf.tiny import add_tiny_dsa_indexers
+
+    shutil.copytree(src, dst)
+    add_tiny_dsa_indexers(dst, layers, topk=32)
+    return dst
+
+
+def test_dsa_config_and_tensor_names(hf, caplog):
+    """A DSA model's config.json carries its indexers (DeepSeek-V3.2's field names + the layers that have one) and
+    maps back to the same model.lm; its tensors are the Qwen3-MoE ones plus an indexer per DSA layer; every
+    disagreement between the HF config and model.lm about the indexers stops the import, naming both sides."""
+    for layers in ([0, 1], [1]):
+        lm = _dsa_lm(hf["lm"], layers)
+        cfg = q.hf_config_from_lm(lm)
+        assert (cfg["index_n_heads"], cfg["index_head_dim"], cfg["index_topk"], cfg["dsa_layers"]) == (4, 8, 32, layers)
+        assert q.lm_config_from_hf(cfg) == lm
+        q.check_hf_config(cfg, lm)
+        indexer = {n: s for n, s in q.hf_tensor_shapes(lm).items() if ".indexer." in n}
+        assert indexer == {f"model.layers.{l}.self_attn.indexer.{n}.weight": s for l in layers for n, s in
+                           (("wq", (32, 64)), ("wk", (8, 64)), ("k_norm", (8,)), ("weights_proj", (4, 64)))}
+        assert set(q.hf_tensor_shapes(lm)) - set(indexer) == set(q.hf_tensor_shapes(hf["lm"]))
+    lm, cfg = _dsa_lm(hf["lm"], [1]), q.hf_config_from_lm(_dsa_lm(hf["lm"], [1]))
+    assert "index_n_heads" not in q.hf_config_from_lm(hf["lm"])
+    with pytest.raises(ValueError, match=r"dsa_layers=\[1\]: the checkpoint has DSA indexers, model.lm has none"):
+        q.check_hf_config(cfg, hf["lm"])
+    with pytest.raises(ValueError, match=r"DSA on layers \[1\] but the HF config has no indexer.*plain Qwen3-MoE"):
+        q.check_hf_config(hf["config"], lm)
+    with pytest.raises(ValueError, match=r"dsa_layers=\[0\] does not match the DSA layers of model.lm \[1\]"):
+        q.check_hf_config({**cfg, "dsa_layers": [0]}, lm)
+    with pytest.raises(ValueError, match=r"index_n_heads=8 does not match model.lm.dsa.index_heads=4"):
+        q.check_hf_config({**cfg, "index_n_heads": 8}, lm)
+    with pytest.raises(ValueError, match=r"no 'dsa_layers'"):
+        q.check_hf_config({k: v for k, v in cfg.items() if k != "dsa_layers"}, lm)
+    with pytest.raises(ValueError, match=r"dsa_layers=\[2\]: layers of a 2-layer model are 0..1"):
+        q.lm_config_from_hf({**cfg, "dsa_layers": [2]})
+    q.check_hf_config({**cfg, "index_topk": 64}, lm)  # shapes no weight: a warning
+    assert "index_topk=64, model.lm.dsa.topk=32" in caplog.text
+    with pytest.raises(ValueError, match="not KSA"):
+        q.hf_config_from_lm(replace(hf["lm"], attention="ksa"))
+
+
+@pytest.mark.parametrize("layers", [[0, 1], [1]])
+def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
+    """A DSA checkpoint in the HF layout -> our checkpoint -> HF: every tensor bit-identical, indexers included.
+    The independent reference: transformers' Qwen3-MoE on the same files ignores the indexers and attends densely,
+    which is what the DSA model computes while every query's causal prefix fits in its top-k (32 here, the 32
+    tokens of the fixed input): our DSA model's logits from the files must match it. Past the top-k the indexers
+    choose the keys, so there the logits differ from dense attention, and the model re-imported from the export
+    gives exactly those of the model imported from the original."""
+    from models.hf.verify import model_logits
+
+    src = _with_indexers(hf["single"], tmp_path / "dsa_hf", layers)
+    lm = q.lm_config_from_hf(json.loads((src / "config.json").read_text()))
+    assert lm.layer_attention() == ["dsa" if l in layers else "dense" for l in range(2)] and lm.dsa.topk == 32
+    model = _build(lm, pgs).eval()
+    q.load_hf_into([model], src, lm=lm)
+    result = compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), hf["ref"])
+    assert result["ok"] and result["argmax_agree"] == 1.0, result
+
+    convert = _convert_module()
+    convert.import_hf(str(src), str(tmp_path / "ours"), lm=lm)
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))   # model.lm: the one the import recorded
+    a, b = HFCheckpoint(src), HFCheckpoint(tmp_path / "back")
+    assert sorted(b.names()) == sorted(a.names()) and sum(".indexer." in n for n in a.names()) == 4 * len(layers)
+    for n in a.names():
+        assert torch.equal(b.read(n), a.read(n)), n
+    back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back_cfg["dsa_layers"] == layers and q.lm_config_from_hf(back_cfg) == lm
+    assert compare_logits(reference_logits(tmp_path / "back", hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
+
+    long_ids = fixed_input_ids(lm.vocab_size, seq=96, seed=3)   # 96 tokens, top-32: the indexers select
+    again = _build(lm, pgs).eval()
+    q.load_hf_into([again], tmp_path / "back", lm=lm)
+    ours = model_logits(model, long_ids, tp_group=pgs.tp)
+    assert torch.equal(model_logits(again, long_ids, tp_group=pgs.tp), ours)
+    assert not compare_logits(ours, reference_logits(src, long_ids))["ok"]  # sparse, not dense, past the top-k
+
+    # exporting the DSA checkpoint as a dense model would drop the indexers: refused, naming them
+    with pytest.raises(ValueError, match=r"indexer.*the checkpoint has DSA indexers; give the model it was trained"):
+        convert.export(str(tmp_path / "ours"), str(tmp_path / "dense"), lm=hf["lm"])
+    # and the dense model does not take the DSA files: a launch naming them in init_from stops before it starts
+    with pytest.raises(ValueError, match="the checkpoint has DSA indexers, model.lm has none"):
+        q.load_hf_into([_build(hf["lm"], pgs)], src, lm=hf["lm"])
+    from train.launch import check_paths, compose_config, validate
+
+    tiny = [f"model.lm.{k}={v}" for k, v in (("num_layers", 2), ("hidden_size", 64), ("num_attention_heads", 4),
+                                            ("num_query_groups", 2), ("head_dim", 16), ("num_experts", 8),
+                                            ("moe_ffn_hidden_size", 32), ("moe_topk", 2))]
+    start = ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={src}", *tiny,
+             f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"train\.checkpoint\.init_from=.*the checkpoint has DSA indexers, model\.lm "
+                                         r"has none .*model=keye_30b_a3b_dsa"):
+        check_paths(validate(compose_config(start))[0])
+    kinds = ",".join("dsa" if l in layers else "dense" for l in range(2))
+    check_paths(validate(compose_config(start + [f"model.lm.attention_per_layer=[{kinds}]", "model.lm.dsa.index_heads=4",
+                                                 "model.lm.dsa.index_dim=8", "model.lm.dsa.topk=32"]))[0])
