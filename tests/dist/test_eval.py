@@ -63,8 +63,11 @@ def runs(tmp_path_factory):
         # two named held-out sets, each scored on its own: "clips" is vl's set, "more" what vl_on_more trains on
         "vl_sets": vl + ["train.eval.interval=2", f"data.video.eval_shards='clips={held_out},more={held_out2}'"],
         "vl_on_more": VL + [f"data.video.shards={held_out2}"],
+        # with one epoch of training data: the held-out stream does not inherit it (its filler packs are the set's
+        # next epoch; inherited, the evaluation stopped with StopIteration)
         "vl_whole": vl_no_gbs + [f"train.global_batch_size={gbs}", f"data.video.shards={videos}",
-                                 "train.eval.interval=2", f"data.video.eval_shards={held_out}", "train.eval.batches=0"],
+                                 "train.eval.interval=2", f"data.video.eval_shards={held_out}", "train.eval.batches=0",
+                                 "data.video.num_epochs=1"],
         "vl_whole_ref": vl_no_gbs + [f"train.global_batch_size={packs}", f"data.video.shards={held_out}"],
         # a run on its own synthetic videos makes its own held-out set
         "vl_own_videos": VL + ["train.eval.interval=2"],
