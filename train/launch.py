@@ -218,15 +218,16 @@ def check_paths(cfg: Config) -> None:
 
 def check_hf_model(source: str, lm) -> None:
     """The language model of the Hugging Face directory `source` (train.checkpoint.init_from) is model.lm: its
-    sizes, and its DSA indexers (models/hf/qwen3_moe.py check_hf_config). The trainer checks it again when it
-    loads; here a wrong recipe stops the launch before any process group or model exists."""
+    sizes, and its DSA indexers if it has any (models/hf/qwen3_moe.py check_hf_config; a plain directory starts a
+    DSA model, whose indexers keep their init). The trainer checks it again when it loads; here a wrong recipe
+    stops the launch before any process group or model exists."""
     import json
 
     from models.hf import KeyeLMView, check_hf_config, is_multimodal
 
     config = json.loads(Path(source, "config.json").read_text())
     try:
-        check_hf_config(KeyeLMView(source).config if is_multimodal(config) else config, lm)
+        check_hf_config(KeyeLMView(source).config if is_multimodal(config) else config, lm, plain_ok=True)
     except ValueError as e:
         raise ValueError(f"train.checkpoint.init_from={source!r}: {e}") from None
 

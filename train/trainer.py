@@ -492,9 +492,16 @@ class Trainer:
             from models.hf import KeyeLMView, is_multimodal
 
             multimodal = is_multimodal(json.loads(Path(source, "config.json").read_text()))
-            stats = load_hf_into(chunks, KeyeLMView(source) if multimodal else source, lm=self.cfg.model.lm)
-            log.info("initialised model weights from the Hugging Face checkpoint %s (fresh optimizer, step 0): %s",
-                     source, stats)
+            # a plain Qwen3-MoE directory starts a DSA or KSA model too: the variant's own parameters keep their init
+            stats = load_hf_into(chunks, KeyeLMView(source) if multimodal else source, lm=self.cfg.model.lm,
+                                 keep_init=True)
+            kept = stats.pop("kept")
+            copied = any("linear_qkv_summary" in k for k in kept)
+            if copied:
+                copy_text_qkv_to_summary(chunks)
+            log.info("initialised model weights from the Hugging Face checkpoint %s (fresh optimizer, step 0): %s%s%s",
+                     source, stats, f"; not in that checkpoint, kept at init: {kept}" if kept else "",
+                     " (the summary QKV as a copy of the text QKV)" if copied else "")
             return
         src = ckpt.find_latest(source)
         if src is None:

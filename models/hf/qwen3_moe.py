@@ -257,8 +257,9 @@ def check_hf_architecture(cfg: dict) -> None:
     _hf_rope_theta(cfg)
 
 
-def check_hf_config(cfg: dict, lm: LMConfig) -> None:
-    """ValueError naming the first field where the HF config and model.lm disagree."""
+def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
+    """ValueError naming the first field where the HF config and model.lm disagree. plain_ok: a plain Qwen3-MoE
+    config (no DSA indexers) is accepted for a model with DSA layers (load_hf_into's keep_init)."""
     check_hf_architecture(cfg)
     for hf_name, (lm_name, conv) in CONFIG_FIELDS.items():
         hf_v = conv(_hf_value(cfg, hf_name))
@@ -267,7 +268,7 @@ def check_hf_config(cfg: dict, lm: LMConfig) -> None:
         if not same:
             raise ValueError(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match "
                              f"model.lm.{lm_name}={lm_v!r}")
-    check_hf_dsa(cfg, lm)
+    check_hf_dsa(cfg, lm, plain_ok=plain_ok)
     if cfg.get("max_position_embeddings", lm.max_position_embeddings) != lm.max_position_embeddings:
         log.warning("HF config max_position_embeddings=%s, model.lm.max_position_embeddings=%s (weights do not "
                     "depend on it)", cfg["max_position_embeddings"], lm.max_position_embeddings)
@@ -291,15 +292,18 @@ def hf_dsa_fields(lm: LMConfig) -> dict:
             "dsa_layers": dsa_layers(lm)}
 
 
-def check_hf_dsa(cfg: dict, lm: LMConfig) -> None:
+def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
     """ValueError when the HF config's DSA indexers (DSA_FIELDS) and model.lm's differ in which layers have one
     or in their shape. A different top-k only warns: it shapes no weight (a model trained at one top-k can be run
-    or trained on at another)."""
+    or trained on at another). plain_ok: a config without indexers is accepted for a DSA model (the indexers
+    keep their init)."""
     ours, theirs = dsa_layers(lm), cfg.get("dsa_layers")
     if theirs is None and any(f in cfg for f in DSA_FIELDS):
         raise ValueError(f"HF config has DSA fields ({', '.join(f for f in DSA_FIELDS if f in cfg)}) but no "
                          "'dsa_layers' (the layers with an indexer)")
     theirs = list(theirs or [])
+    if plain_ok and not theirs:
+        return
     if theirs != ours:
         if not ours:
             raise ValueError(f"HF config dsa_layers={theirs}: the checkpoint has DSA indexers, model.lm has none "
@@ -307,8 +311,8 @@ def check_hf_dsa(cfg: dict, lm: LMConfig) -> None:
                              "preset: model=keye_30b_a3b_dsa, or convert's --model keye_30b_a3b_dsa)")
         if not theirs:
             raise ValueError(f"model.lm has DSA on layers {ours} but the HF config has no indexer (no dsa_layers): a "
-                             "plain Qwen3-MoE checkpoint. Import it into the dense model, then start the DSA warm-up "
-                             "from that with train.checkpoint.init_from (the indexers keep their init; docs/hf.md)")
+                             "plain Qwen3-MoE checkpoint. Start the DSA warm-up from it with train.checkpoint.init_from "
+                             "(the indexers keep their init), or import it into the dense model (docs/hf.md)")
         raise ValueError(f"HF config dsa_layers={theirs} does not match the DSA layers of model.lm {ours} "
                          "(model.lm.attention_per_layer)")
     if not ours:
@@ -462,8 +466,12 @@ def _read_block(ckpt: HFCheckpoint, segments, offsets, shape, reads: set) -> tor
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
+# the model's own parameters of an attention variant: DSA's indexers, KSA's summary embedding and summary QKV
+VARIANT_KEYS = (*INDEXER_KEYS, "summary_embedding", "decoder.layers.self_attention.linear_qkv_summary.weight")
+
+
 @torch.no_grad()
-def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group=None) -> dict:
+def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group=None, keep_init: bool = False) -> dict:
     """Fills every parameter of the (unwrapped or DDP-wrapped) model chunks from a Qwen3-MoE HF checkpoint.
 
     Collective when torch.distributed is initialised: all ranks of `group` (default: all ranks) call it,
@@ -471,14 +479,21 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
     parameters hold. Raises ValueError on a config mismatch (naming the field), on an HF tensor the model
     has no place for or a missing one (naming them), and RuntimeError on a model tensor with no HF source.
     Returns counts: {"tensors": model tensors written, "elements": elements written, "hf_slices": reads}.
+    keep_init: a plain Qwen3-MoE directory may fill a DSA or KSA model. Its attention variant's own parameters
+    (VARIANT_KEYS: the indexers, the summary embedding and QKV), which such a directory lacks, keep their values,
+    and their keys are returned under "kept". Indexers the directory has are read as without it.
     `hf_dir` may also be an open checkpoint (an HFCheckpoint, or a view with its interface such as
     models.hf.keye_vision.KeyeLMView: the language model of a multimodal checkpoint under Qwen3 names).
     """
     ckpt = hf_dir if hasattr(hf_dir, "read") and hasattr(hf_dir, "names") else HFCheckpoint(hf_dir)
-    check_hf_config(ckpt.config, lm)
-    check_hf_tensors(ckpt, lm)
+    check_hf_config(ckpt.config, lm, plain_ok=keep_init)
+    # the model the directory holds: a plain one is read as model.lm with dense attention, the rest kept
+    plain = keep_init and not ckpt.config.get("dsa_layers")
+    src_lm = replace(lm, attention="dense", attention_per_layer=[]) if plain else lm
+    check_hf_tensors(ckpt, src_lm)
     reads: set = set()
     unmapped: set[str] = set()
+    kept: set[str] = set()
     written = elements = 0
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
@@ -486,9 +501,13 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
         for sh in _iter_sharded_tensors(module.sharded_state_dict()):
             if sh.flattened_range is not None:
                 raise ValueError(f"{sh.key}: flattened shards cannot be loaded here")
+            if keep_init and sh.key in VARIANT_KEYS and (plain or sh.key not in INDEXER_KEYS):
+                kept.add(sh.key)
+                covered.add(sh.data.untyped_storage().data_ptr())
+                continue
             pre = sh.prepend_axis_num
             index = tuple(sh.global_offset[:pre])
-            segments = megatron_to_hf(sh.key, index, lm)
+            segments = megatron_to_hf(sh.key, index, src_lm)
             if segments is None:
                 unmapped.add(sh.key)
                 continue
@@ -504,8 +523,9 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
             elements += sh.data.numel()
         unmapped |= {n for n, p in module.named_parameters() if p.untyped_storage().data_ptr() not in covered}
     # one verdict for all ranks (a parameter only one pipeline stage holds must not leave the others waiting)
-    _check_coverage(reads, hf_tensor_shapes(lm), group, where=str(ckpt.path), unfilled=unmapped)
-    return {"tensors": written, "elements": elements, "hf_slices": len(reads)}
+    _check_coverage(reads, hf_tensor_shapes(src_lm), group, where=str(ckpt.path), unfilled=unmapped)
+    out = {"tensors": written, "elements": elements, "hf_slices": len(reads)}
+    return {**out, "kept": sorted(kept)} if keep_init else out
 
 
 def _check_coverage(reads: set, shapes: dict, group, *, where: str, unfilled: set = frozenset()) -> None:

@@ -11,7 +11,8 @@ ranks with tests/launch_util.run_ranks, the same job runs under torchrun with th
        running the export;
     5. the same for a DSA model (DSA on layer 1 of 2, top-16 of 32-token rows): a run starts from the HF
        directory of a DSA model (the tiny checkpoint plus indexers), trains a step, and its export carries the
-       trained indexers; transformers checks the rest of it at 16 tokens, where DSA attends to every key.
+       trained indexers; transformers checks the rest of it at 16 tokens, where DSA attends to every key. The DSA
+       warm-up starts from the plain directory (indexers at their init) with the dense run's first loss.
 
     torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR DSA_HF_DIR
 """
@@ -88,6 +89,9 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     for n in indexer:  # trained by the indexer KL, from the directory's values
         moved = (src.read(n) - exported.read(n)).abs().max().item()
         assert 0 < moved < 0.01, (n, moved)
+    # the warm-up started from the plain Qwen3-MoE directory (its indexers at init): dense attention and the same
+    # weights, so its first step's LM loss is the dense run's from that directory
+    assert dsa["warmup_losses"] == res["losses_direct"], (dsa["warmup_losses"], res["losses_direct"])
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -157,6 +161,9 @@ def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
                                    max_shard_bytes=EXPORT_SHARD_BYTES)
     dsa["config_round_trip"] = convert.model_config(None, [], hf_dir=str(work / "dsa_exported")) == lm_dsa
     _reimport(convert, lm_dsa, work / "dsa_exported", work / "dsa_run", dsa, verify_seq=DSA_TOPK)
+    # the DSA warm-up straight from the plain directory: the indexers keep their init, the attention stays dense
+    dsa["warmup_losses"] = _train_one_step(hf_dir, work / "warmup_run",
+                                           DSA_MODEL + ["model.lm.dsa.stage=dense_warmup", "train.trainable=indexer"])
     if dist.get_rank() == 0:
         out.write_text(json.dumps(res, default=str))
     teardown()

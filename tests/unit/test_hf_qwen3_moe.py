@@ -294,6 +294,12 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DSA
+# model.lm overrides of a recipe for the tiny checkpoint's language model (models/hf/tiny.py TINY)
+TINY_LM = [f"model.lm.{k}={v}" for k, v in (("num_layers", 2), ("hidden_size", 64), ("num_attention_heads", 4),
+                                           ("num_query_groups", 2), ("head_dim", 16), ("num_experts", 8),
+                                           ("moe_ffn_hidden_size", 32), ("moe_topk", 2))]
+
+
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
 
@@ -332,6 +338,7 @@ def test_dsa_config_and_tensor_names(hf, caplog):
         q.check_hf_config(cfg, hf["lm"])
     with pytest.raises(ValueError, match=r"DSA on layers \[1\] but the HF config has no indexer.*plain Qwen3-MoE"):
         q.check_hf_config(hf["config"], lm)
+    q.check_hf_config(hf["config"], lm, plain_ok=True)   # load_hf_into(keep_init=True): the indexers keep their init
     with pytest.raises(ValueError, match=r"dsa_layers=\[0\] does not match the DSA layers of model.lm \[1\]"):
         q.check_hf_config({**cfg, "dsa_layers": [0]}, lm)
     with pytest.raises(ValueError, match=r"index_n_heads=8 does not match model.lm.dsa.index_heads=4"):
@@ -390,10 +397,7 @@ def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
         q.load_hf_into([_build(hf["lm"], pgs)], src, lm=hf["lm"])
     from train.launch import check_paths, compose_config, validate
 
-    tiny = [f"model.lm.{k}={v}" for k, v in (("num_layers", 2), ("hidden_size", 64), ("num_attention_heads", 4),
-                                            ("num_query_groups", 2), ("head_dim", 16), ("num_experts", 8),
-                                            ("moe_ffn_hidden_size", 32), ("moe_topk", 2))]
-    start = ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={src}", *tiny,
+    start = ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={src}", *TINY_LM,
              f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"train\.checkpoint\.init_from=.*the checkpoint has DSA indexers, model\.lm "
                                          r"has none .*model=keye_30b_a3b_dsa"):
@@ -401,3 +405,42 @@ def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
     kinds = ",".join("dsa" if l in layers else "dense" for l in range(2))
     check_paths(validate(compose_config(start + [f"model.lm.attention_per_layer=[{kinds}]", "model.lm.dsa.index_heads=4",
                                                  "model.lm.dsa.index_dim=8", "model.lm.dsa.topk=32"]))[0])
+
+
+@pytest.mark.parametrize("variant", ["dsa", "ksa"])
+def test_a_plain_directory_starts_a_dsa_or_ksa_model(hf, pgs, tmp_path, variant):
+    """keep_init (the trainer's init_from): a plain Qwen3-MoE directory fills every parameter a DSA model (DSA on layer
+    1 of 2) or a KSA model shares with the dense one, exactly as it fills the dense model, and leaves the variant's
+    own parameters as they were, naming them. The DSA model then gives transformers' logits (32 tokens, top-32).
+    Without keep_init (convert import) both are refused, as before."""
+    from models.hf.verify import model_logits
+
+    lm = _dsa_lm(hf["lm"], [1]) if variant == "dsa" else replace(hf["lm"], attention="ksa")
+    dense, model = _build(hf["lm"], pgs), _build(lm, pgs).eval()
+    q.load_hf_into([dense], hf["single"], lm=hf["lm"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = q.load_hf_into([model], hf["sharded"], lm=lm, keep_init=True)
+    own = {"dsa": ["decoder.layers.self_attention.indexer.k_norm.weight",
+                   "decoder.layers.self_attention.indexer.wk.weight", "decoder.layers.self_attention.indexer.wq.weight",
+                   "decoder.layers.self_attention.indexer.ww.weight"],
+           "ksa": ["decoder.layers.self_attention.linear_qkv_summary.weight", "summary_embedding"]}[variant]
+    assert stats["kept"] == own
+    shared = dict(dense.named_parameters())
+    for n, p in model.named_parameters():
+        if n in shared:
+            assert torch.equal(p, shared[n]), n
+        else:  # the variant's own: untouched
+            assert {"dsa": ".indexer.", "ksa": "summary"}[variant] in n and torch.equal(p, before[n]), n
+    assert len(shared) < len(dict(model.named_parameters()))
+    if variant == "dsa":
+        result = compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), hf["ref"])
+        assert result["ok"] and result["argmax_agree"] == 1.0, result
+        # and the launcher lets a DSA warm-up name the plain directory in init_from
+        from train.launch import check_paths, compose_config, validate
+
+        check_paths(validate(compose_config(
+            ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={hf['single']}",
+             f"run_dir={tmp_path / 'run'}", "model.lm.attention_per_layer=[dense,dsa]", "model.lm.dsa.index_heads=4",
+             "model.lm.dsa.index_dim=8", "model.lm.dsa.stage=dense_warmup", "train.trainable=indexer", *TINY_LM]))[0])
+    with pytest.raises((ValueError, RuntimeError), match="plain Qwen3-MoE|summary"):
+        q.load_hf_into([_build(lm, pgs)], hf["single"], lm=lm)
