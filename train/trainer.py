@@ -496,21 +496,23 @@ class Trainer:
             stats = load_hf_into(chunks, KeyeLMView(source) if multimodal else source, lm=self.cfg.model.lm,
                                  keep_init=True)
             kept = stats.pop("kept")
-            copied = any("linear_qkv_summary" in k for k in kept)
-            if copied:
-                copy_text_qkv_to_summary(chunks)
-            log.info("initialised model weights from the Hugging Face checkpoint %s (fresh optimizer, step 0): %s%s%s",
-                     source, stats, f"; not in that checkpoint, kept at init: {kept}" if kept else "",
-                     " (the summary QKV as a copy of the text QKV)" if copied else "")
-            return
-        src = ckpt.find_latest(source)
-        if src is None:
-            raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
-        missing = ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)
-        if any("linear_qkv_summary" in k for k in missing):
+            what = f"the Hugging Face checkpoint {source}: {stats}"
+        else:
+            src = ckpt.find_latest(source)
+            if src is None:
+                raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
+            kept = sorted(set(ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)))
+            what = str(src.path)
+        copied = any("linear_qkv_summary" in k for k in kept)
+        if copied:
             copy_text_qkv_to_summary(chunks)
-        log.info("initialised model weights from %s (fresh optimizer, step 0)%s", src.path,
-                 f"; not in that checkpoint, kept at init: {sorted(set(missing))}" if missing else "")
+        log.info("initialised model weights from %s (fresh optimizer, step 0)%s%s", what,
+                 f"; not in that checkpoint, kept at init: {kept}" if kept else "",
+                 " (the summary QKV as a copy of the text QKV)" if copied else "")
+        if self.cfg.model.lm.dsa.stage == "sparse" and any(".indexer." in k for k in kept):
+            log.warning("model.lm.dsa.stage=sparse starts with DSA indexers at their init (%s has none): they select "
+                        "the top-k keys at random until the KL trains them. DeepSeek-V3.2 and Keye-VL-2.0 run the dense "
+                        "warm-up first (recipe keye_30b_a3b_dsa_warmup, then init_from its run)", source)
 
     def _init_vision_from(self, source: str, setting: str) -> list[str]:
         """The vision tower's weights from a Keye-VL HF directory or from one of our checkpoints that holds
