@@ -61,6 +61,7 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
     """model.lm from --model (+ --set), else the HF config, else a run directory's config.yaml."""
     from omegaconf import OmegaConf
 
+    from models.hf.keye_vision import lm_hf_config
     from models.hf.qwen3_moe import lm_config_from_hf
 
     base = OmegaConf.structured(LMConfig)
@@ -71,19 +72,10 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
         merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))
         return OmegaConf.to_object(merged)
     if hf_dir:
-        return _lm_from_dict(asdict(lm_config_from_hf(_lm_hf_config(hf_dir))), overrides)
+        return _lm_from_dict(asdict(lm_config_from_hf(lm_hf_config(hf_dir))), overrides)
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         return model_config(str(run_dir / "config.yaml"), overrides)
     raise ValueError("no model config: pass --model (a recipes/model preset or a YAML file)")
-
-
-def _lm_hf_config(hf_dir: str) -> dict:
-    """config.json of the language model: the file itself, or for a multimodal Keye-VL directory the LM
-    part as models.hf.keye_vision.KeyeLMView presents it (Qwen3-MoE fields, no vision_config)."""
-    from models.hf.keye_vision import KeyeLMView, is_multimodal
-
-    config = json.loads(Path(hf_dir, "config.json").read_text())
-    return KeyeLMView(hf_dir).config if is_multimodal(config) else config
 
 
 def resolve_checkpoint(path: str | Path):
@@ -138,7 +130,7 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     Returns {"checkpoint": that path, "verify": the logit comparison or None}."""
     import torch.distributed as dist
 
-    from models.hf.keye_vision import KeyeLMView, is_multimodal
+    from models.hf.keye_vision import is_multimodal, lm_checkpoint
     from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
 
@@ -146,8 +138,8 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     if multimodal and verify:
         raise ValueError("--verify compares logits with transformers' Qwen3-MoE, which cannot load a multimodal "
                          "Keye-VL directory: import without --verify")
-    source = KeyeLMView(hf_dir) if multimodal else hf_dir
-    check_hf_config(_lm_hf_config(hf_dir), lm)  # before building anything
+    source = lm_checkpoint(hf_dir)
+    check_hf_config(source.config, lm)  # before building anything
     torch_dtype = _hf_dtype(hf_dir) if dtype == "auto" else DTYPES[dtype]
     chunks, pgs, layout = build_model(lm, tp=tp, pp=pp, ep=ep, etp=etp, dtype=torch_dtype)
     stats = load_hf_into(chunks, source, lm=lm)
@@ -354,12 +346,12 @@ def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep
     """Builds our model (fp32) from the HF weights or from `checkpoint`, and compares logits with transformers.
     With DSA layers, transformers runs the Qwen3-MoE model (dense attention, the indexers unused): the two agree
     only where every query's causal prefix fits in the top-k, so `seq` must be at most model.lm.dsa.topk."""
-    from models.hf.qwen3_moe import check_hf_config, dsa_layers, load_hf_into
+    from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
 
-    if dsa_layers(lm) and seq > lm.dsa.topk:
+    if lm.layers_with("dsa") and seq > lm.dsa.topk:
         raise ValueError(f"--seq {seq} > model.lm.dsa.topk {lm.dsa.topk}: transformers' Qwen3-MoE attends to every "
-                         f"key, the DSA layers {dsa_layers(lm)} to the top {lm.dsa.topk}; they agree only up to "
+                         f"key, the DSA layers {lm.layers_with('dsa')} to the top {lm.dsa.topk}; they agree only up to "
                          f"{lm.dsa.topk} tokens")
 
     chunks, pgs, _ = build_model(lm, tp=tp, ep=ep, etp=etp, dtype=torch.float32)

@@ -138,6 +138,10 @@ class LMConfig:
     def layer_attention(self) -> list[str]:
         return list(self.attention_per_layer) or [self.attention] * self.num_layers
 
+    def layers_with(self, variant: str) -> list[int]:
+        """The layers whose attention is `variant`."""
+        return [l for l, kind in enumerate(self.layer_attention()) if kind == variant]
+
     @property
     def uses_ksa(self) -> bool:
         return "ksa" in self.layer_attention()

@@ -221,13 +221,10 @@ def check_hf_model(source: str, lm) -> None:
     sizes, and its DSA indexers if it has any (models/hf/qwen3_moe.py check_hf_config; a plain directory starts a
     DSA model, whose indexers keep their init). The trainer checks it again when it loads; here a wrong recipe
     stops the launch before any process group or model exists."""
-    import json
+    from models.hf import check_hf_config, lm_hf_config
 
-    from models.hf import KeyeLMView, check_hf_config, is_multimodal
-
-    config = json.loads(Path(source, "config.json").read_text())
     try:
-        check_hf_config(KeyeLMView(source).config if is_multimodal(config) else config, lm, plain_ok=True)
+        check_hf_config(lm_hf_config(source), lm, plain_ok=True)
     except ValueError as e:
         raise ValueError(f"train.checkpoint.init_from={source!r}: {e}") from None
 

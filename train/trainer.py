@@ -489,12 +489,10 @@ class Trainer:
         from models.hf import is_hf_checkpoint, load_hf_into
 
         if is_hf_checkpoint(source):
-            from models.hf import KeyeLMView, is_multimodal
+            from models.hf import lm_checkpoint
 
-            multimodal = is_multimodal(json.loads(Path(source, "config.json").read_text()))
             # a plain Qwen3-MoE directory starts a DSA or KSA model too: the variant's own parameters keep their init
-            stats = load_hf_into(chunks, KeyeLMView(source) if multimodal else source, lm=self.cfg.model.lm,
-                                 keep_init=True)
+            stats = load_hf_into(chunks, lm_checkpoint(source), lm=self.cfg.model.lm, keep_init=True)
             kept = stats.pop("kept")
             what = f"the Hugging Face checkpoint {source}: {stats}"
         else:

@@ -20,6 +20,7 @@ from models.attention.cp import ContextParallelOps
 from models.attention.dense import SDPACoreAttention
 from models.attention.dsa import DSACoreAttention, DSASelfAttention
 from models.attention.ksa import KSACoreAttention, KSASelfAttention
+from models.attention.layer_axis import variant_place
 from models.norm import RMSNorm
 
 
@@ -54,16 +55,6 @@ def ksa_attention_spec(cfg, layer_index: int, *, cp_ops: ContextParallelOps | No
             k_layernorm=RMSNorm,
         ),
     )
-
-
-def variant_place(cfg, layer_index: int) -> tuple[int, int] | None:
-    """(this layer's index among the layers of its attention variant, their count) when only some layers have it
-    (model.lm.attention_per_layer), else None. A variant's own parameters (DSA's indexer, KSA's summary QKV) are
-    checkpointed stacked along one layer axis that every index must fill, so they are stacked over those layers
-    alone (models/attention/dsa.py DSAIndexer, ksa.py KSASelfAttention)."""
-    kinds = cfg.layer_attention()
-    layers = [i for i, kind in enumerate(kinds) if kind == kinds[layer_index]]
-    return None if len(layers) == len(kinds) else (layers.index(layer_index), len(layers))
 
 
 def dsa_attention_spec(cfg, layer_index: int, *, cp_ops: ContextParallelOps | None = None) -> ModuleSpec:

@@ -66,6 +66,7 @@ from kernels.dsa import dsa_attention, indexer_kl_loss, indexer_kl_loss_backward
 from kernels.dsa.fused import AttachLossFn
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 from models.attention.dense import causal_attention, longest_document
+from models.attention.layer_axis import on_variant_axis
 
 STAGES = ("dense_warmup", "sparse")
 
@@ -79,10 +80,8 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class DSAIndexer(MegatronModule):
-    """`place`: (this layer's index among the model's DSA layers, their count) when only some layers have DSA
-    (model.lm.attention_per_layer). Checkpoints stack a per-layer tensor along one layer axis that every index must
-    fill, so the indexers' tensors are stacked over the DSA layers alone (sharded_state_dict); None (every layer has
-    one) keeps megatron's (layer, number of layers)."""
+    """`place`: this layer's place on its checkpoint tensors' layer axis when only some layers have DSA
+    (models/attention/layer_axis.py); None keeps megatron's."""
 
     def __init__(self, config, *, heads: int, dim: int, place: tuple[int, int] | None = None):
         super().__init__(config=config)
@@ -99,10 +98,7 @@ class DSAIndexer(MegatronModule):
             p.sequence_parallel = config.tensor_model_parallel_size > 1
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        if self.place is not None and sharded_offsets:  # (0, layer, num_layers) first: TransformerBlock's layer axis
-            (axis, _, _), *rest = sharded_offsets
-            sharded_offsets = ((axis, *self.place), *rest)
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return super().sharded_state_dict(prefix, on_variant_axis(sharded_offsets, self.place), metadata)
 
     def forward(self, hidden_bsh: torch.Tensor, freqs_bs1f: torch.Tensor):
         b, s, _ = hidden_bsh.shape

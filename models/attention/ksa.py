@@ -33,6 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from kernels.ksa import ksa_attention
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
 from models.attention.dense import causal_attention
+from models.attention.layer_axis import on_variant_axis
 
 
 def summary_mask(num_tokens: int, batch: int, *, chunk: int, num_summary: int,
@@ -74,18 +75,18 @@ class KSASelfAttention(SelfAttention):
         self.teacher = False
         self._mask = None
         self.cp_group, self.cp_ops = cp_ops_for(config, self.pg_collection, cp_ops)
-        # (this layer's index among the KSA layers, their count) when only some layers are KSA
-        # (models/attention variant_place): the summary QKV is checkpointed stacked over those layers alone
+        # the summary QKV's place on its checkpoint tensors' layer axis when only some layers are KSA
+        # (models/attention/layer_axis.py); None keeps megatron's
         self.summary_place = summary_place
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.summary_place is not None and sharded_offsets:  # (0, layer, num_layers) first: the layer axis
-            (axis, _, _), *rest = sharded_offsets
+        if self.summary_place is not None:
             sub = f"{prefix}linear_qkv_summary."
             for k in [k for k in sd if k.startswith(sub)]:
                 del sd[k]
-            sd.update(self.linear_qkv_summary.sharded_state_dict(sub, ((axis, *self.summary_place), *rest), metadata))
+            sd.update(self.linear_qkv_summary.sharded_state_dict(
+                sub, on_variant_axis(sharded_offsets, self.summary_place), metadata))
         return sd
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):

@@ -85,6 +85,21 @@ def is_multimodal(config: dict) -> bool:
     return isinstance(config.get("vision_config"), dict)
 
 
+def lm_hf_config(hf_dir: str | os.PathLike) -> dict:
+    """config.json of a Hugging Face directory's language model: the file itself, or for a multimodal Keye-VL
+    directory the LM part as KeyeLMView presents it (Qwen3-MoE fields, no vision_config). Opens no weights of a
+    plain directory."""
+    config = json.loads(Path(hf_dir, "config.json").read_text())
+    return KeyeLMView(hf_dir).config if is_multimodal(config) else config
+
+
+def lm_checkpoint(hf_dir: str | os.PathLike):
+    """The language model of a Hugging Face directory, read as a Qwen3-MoE checkpoint (`names`, `read`, `config`,
+    ...): the directory itself, or for a multimodal Keye-VL one its KeyeLMView."""
+    config = json.loads(Path(hf_dir, "config.json").read_text())
+    return KeyeLMView(hf_dir) if is_multimodal(config) else HFCheckpoint(hf_dir)
+
+
 class KeyeLMView:
     """The language model of a Keye-VL checkpoint presented as a Qwen3-MoE checkpoint, so that the
     existing mapping (`qwen3_moe.load_hf_into`, `check_hf_config`) reads it unchanged: tensor names

@@ -97,8 +97,8 @@ def megatron_to_hf(key: str, index: tuple[int, ...], lm: LMConfig) -> list[Segme
         name = GLOBAL_KEYS[key]
         return [Segment(name, 0, _hf_shapes_global(lm)[name][0])]
     l = index[0]
-    if key in INDEXER_KEYS:  # stacked over the DSA layers alone (models/attention/dsa.py DSAIndexer.place)
-        layers = dsa_layers(lm)
+    if key in INDEXER_KEYS:  # stacked over the DSA layers alone (models/attention/layer_axis.py)
+        layers = lm.layers_with("dsa")
         if not 0 <= l < len(layers):
             raise ValueError(f"{key}[{l}]: model.lm has {len(layers)} DSA layer(s) {layers}")
         name = _layer(layers[l]) + INDEXER_KEYS[key]
@@ -181,11 +181,12 @@ def units(lm: LMConfig) -> list[Unit]:
         return Unit(key, tuple(index), tuple(megatron_to_hf(key, tuple(index), lm)))
 
     out = [unit(EMBED)]
+    dsa = lm.layers_with("dsa")
     for l in range(lm.num_layers):
         out += [unit("decoder.layers.input_layernorm.weight", l), unit(QKV, l)]
         out += [unit(k, l) for k in list(LAYER_KEYS)[1:]]
-        if l in dsa_layers(lm):
-            out += [unit(k, dsa_layers(lm).index(l)) for k in INDEXER_KEYS]
+        if l in dsa:  # an indexer's index counts the DSA layers (models/attention/layer_axis.py)
+            out += [unit(k, dsa.index(l)) for k in INDEXER_KEYS]
         for e in range(lm.num_experts):
             out += [unit(FC1, l, e), unit(FC2, l, e)]
     out.append(unit(FINAL_NORM))
@@ -280,16 +281,12 @@ def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
 DSA_FIELDS = ("index_n_heads", "index_head_dim", "index_topk", "dsa_layers")
 
 
-def dsa_layers(lm: LMConfig) -> list[int]:
-    return [l for l, kind in enumerate(lm.layer_attention()) if kind == "dsa"]
-
-
 def hf_dsa_fields(lm: LMConfig) -> dict:
     """The DSA fields of config.json for `lm` (none for a model without DSA layers)."""
-    if not dsa_layers(lm):
+    if not lm.layers_with("dsa"):
         return {}
     return {"index_n_heads": lm.dsa.index_heads, "index_head_dim": lm.dsa.index_dim, "index_topk": lm.dsa.topk,
-            "dsa_layers": dsa_layers(lm)}
+            "dsa_layers": lm.layers_with("dsa")}
 
 
 def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
@@ -297,7 +294,7 @@ def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
     or in their shape. A different top-k only warns: it shapes no weight (a model trained at one top-k can be run
     or trained on at another). plain_ok: a config without indexers is accepted for a DSA model (the indexers
     keep their init)."""
-    ours, theirs = dsa_layers(lm), cfg.get("dsa_layers")
+    ours, theirs = lm.layers_with("dsa"), cfg.get("dsa_layers")
     if theirs is None and any(f in cfg for f in DSA_FIELDS):
         raise ValueError(f"HF config has DSA fields ({', '.join(f for f in DSA_FIELDS if f in cfg)}) but no "
                          "'dsa_layers' (the layers with an indexer)")
@@ -353,8 +350,6 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
                                 topk=int(cfg.get("index_topk", base.dsa.topk)))
         kinds = ["dsa" if l in layers else "dense" for l in range(n)]
         values["attention"], values["attention_per_layer"] = ("dsa", []) if len(set(kinds)) == 1 else ("dense", kinds)
-    elif "dsa" in base.layer_attention():  # a plain Qwen3-MoE config: dense attention
-        values["attention"], values["attention_per_layer"] = "dense", []
     return replace(base, **values)
 
 
@@ -600,7 +595,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     plan = units(lm)
     # every stored tensor must have a place in the export of model.lm: a DSA checkpoint exported with a dense
     # model.lm would otherwise lose its indexers without a word
-    unknown = [k for k in meta if k not in {u.key for u in plan}]
+    planned = {u.key for u in plan}
+    unknown = [k for k in meta if k not in planned]
     if unknown:
         kinds = sorted(set(lm.layer_attention()))
         raise ValueError(f"checkpoint {checkpoint_dir}: tensors with no counterpart in the Qwen3-MoE HF checkpoint of "
@@ -609,11 +605,13 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
                             "keye_30b_a3b_dsa)" if any(k in INDEXER_KEYS for k in unknown) else ""))
     shapes = hf_tensor_shapes(lm)
     assert {seg.name for u in plan for seg in u.segments} == set(shapes), "the unit table misses HF tensors"
-    absent = {u.key for u in plan} - set(meta)
+    absent = planned - set(meta)
     if absent:
         raise ValueError(f"checkpoint {checkpoint_dir}: model tensors missing: {_listing(absent)}")
+    indexer_axis = (len(lm.layers_with("dsa")),)
+
     def axes(u: Unit) -> tuple[int, ...]:  # sizes of the prepended (layer, expert) axes; an indexer's: DSA layers
-        return (len(dsa_layers(lm)),) if u.key in INDEXER_KEYS else (lm.num_layers, lm.num_experts)[:len(u.index)]
+        return indexer_axis if u.key in INDEXER_KEYS else (lm.num_layers, lm.num_experts)[:len(u.index)]
 
     for u in plan:
         want = (*axes(u), sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])

@@ -20,6 +20,7 @@ from models.config import LMConfig  # noqa: E402
 from models.hf import qwen3_moe as q  # noqa: E402
 from models.hf.checkpoint_io import HFCheckpoint  # noqa: E402
 from models.hf.verify import compare_logits, fixed_input_ids, reference_logits  # noqa: E402
+from tests.dist.test_hf_roundtrip import TINY_MODEL  # noqa: E402  (a recipe's model.lm for the tiny checkpoint)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,12 +295,6 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DSA
-# model.lm overrides of a recipe for the tiny checkpoint's language model (models/hf/tiny.py TINY)
-TINY_LM = [f"model.lm.{k}={v}" for k, v in (("num_layers", 2), ("hidden_size", 64), ("num_attention_heads", 4),
-                                           ("num_query_groups", 2), ("head_dim", 16), ("num_experts", 8),
-                                           ("moe_ffn_hidden_size", 32), ("moe_topk", 2))]
-
-
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
 
@@ -397,7 +392,7 @@ def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
         q.load_hf_into([_build(hf["lm"], pgs)], src, lm=hf["lm"])
     from train.launch import check_paths, compose_config, validate
 
-    start = ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={src}", *TINY_LM,
+    start = ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={src}", *TINY_MODEL,
              f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"train\.checkpoint\.init_from=.*the checkpoint has DSA indexers, model\.lm "
                                          r"has none .*model=keye_30b_a3b_dsa"):
@@ -441,6 +436,6 @@ def test_a_plain_directory_starts_a_dsa_or_ksa_model(hf, pgs, tmp_path, variant)
         check_paths(validate(compose_config(
             ["recipe=keye_tiny_lm", "parallel=single", f"train.checkpoint.init_from={hf['single']}",
              f"run_dir={tmp_path / 'run'}", "model.lm.attention_per_layer=[dense,dsa]", "model.lm.dsa.index_heads=4",
-             "model.lm.dsa.index_dim=8", "model.lm.dsa.stage=dense_warmup", "train.trainable=indexer", *TINY_LM]))[0])
+             "model.lm.dsa.index_dim=8", "model.lm.dsa.stage=dense_warmup", "train.trainable=indexer", *TINY_MODEL]))[0])
     with pytest.raises((ValueError, RuntimeError), match="plain Qwen3-MoE|summary"):
         q.load_hf_into([_build(lm, pgs)], hf["single"], lm=lm)
