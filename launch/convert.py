@@ -21,8 +21,9 @@
 
 A DSA model (a `*_dsa` preset, or a run trained with one) exports and imports with its indexers
 (`self_attn.indexer.*`, and `index_n_heads` / `index_head_dim` / `index_topk` / `dsa_layers` in config.json;
-docs/hf.md "DSA models"); transformers reads that directory as the dense Qwen3-MoE model, so `verify` compares at
-most top-k tokens. A KSA model is refused.
+docs/hf.md "DSA models"). The export also writes transformers' code for it (modeling_qwen3_moe_dsa.py, named in
+config.json's auto_map): `AutoModelForCausalLM.from_pretrained(HF_OUT, trust_remote_code=True)` runs the indexers,
+and `verify` compares against that at any length. A KSA model is refused.
 
 The model config comes from --model (a recipes/model preset name or a YAML file with an `lm:` node, plus
 --set lm.FIELD=VALUE overrides), else from the HF config.json (import, verify) or, for export, from the
@@ -344,15 +345,10 @@ def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, se
 
 def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep=1, etp=1, batch=2, seq=32) -> dict:
     """Builds our model (fp32) from the HF weights or from `checkpoint`, and compares logits with transformers.
-    With DSA layers, transformers runs the Qwen3-MoE model (dense attention, the indexers unused): the two agree
-    only where every query's causal prefix fits in the top-k, so `seq` must be at most model.lm.dsa.topk."""
+    With DSA layers, transformers runs the directory's DSA code (models/hf/modeling_qwen3_moe_dsa.py, which the
+    export writes), so the indexers select the keys on both sides at any `seq`."""
     from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
-
-    if lm.layers_with("dsa") and seq > lm.dsa.topk:
-        raise ValueError(f"--seq {seq} > model.lm.dsa.topk {lm.dsa.topk}: transformers' Qwen3-MoE attends to every "
-                         f"key, the DSA layers {lm.layers_with('dsa')} to the top {lm.dsa.topk}; they agree only up to "
-                         f"{lm.dsa.topk} tokens")
 
     chunks, pgs, _ = build_model(lm, tp=tp, ep=ep, etp=etp, dtype=torch.float32)
     if checkpoint:

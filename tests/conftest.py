@@ -4,12 +4,16 @@ TRITON_INTERPRET must be set before any module that defines a `@triton.jit` kern
 because triton decides between compiled and interpreted functions at decoration time.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# transformers copies a directory's own modeling code (a DSA export's, trust_remote_code) into this cache; read when
+# transformers is imported, so set here, before any test imports it: a folder of the run, not the user's home
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
 
 
 def pytest_collection_modifyitems(session, config, items):

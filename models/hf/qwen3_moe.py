@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -289,6 +290,19 @@ def hf_dsa_fields(lm: LMConfig) -> dict:
             "dsa_layers": lm.layers_with("dsa")}
 
 
+# transformers' code for a DSA model (models/hf/modeling_qwen3_moe_dsa.py): written beside config.json, which names it
+# in `auto_map`, so AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) runs the indexers
+DSA_MODELING_FILE = Path(__file__).with_name("modeling_qwen3_moe_dsa.py")
+DSA_AUTO_MAP = {"AutoModelForCausalLM": f"{DSA_MODELING_FILE.stem}.Qwen3MoeDSAForCausalLM"}
+
+
+def write_dsa_modeling(out_dir: str | os.PathLike) -> Path:
+    """Copies DSA_MODELING_FILE into `out_dir` (the HF directory of a DSA model); returns its path there."""
+    dst = Path(out_dir, DSA_MODELING_FILE.name)
+    shutil.copyfile(DSA_MODELING_FILE, dst)
+    return dst
+
+
 def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
     """ValueError when the HF config's DSA indexers (DSA_FIELDS) and model.lm's differ in which layers have one
     or in their shape. A different top-k only warns: it shapes no weight (a model trained at one top-k can be run
@@ -365,9 +379,10 @@ def _from_hf(v, lm_name: str):
 
 def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x). With DSA layers it
-    also holds their indexers' fields (hf_dsa_fields): transformers' Qwen3-MoE ignores them and the indexer tensors
-    and runs dense attention, which is the DSA model's own computation wherever every query's causal prefix fits
-    in its top-k."""
+    also holds their indexers' fields (hf_dsa_fields) and an `auto_map` naming DSA_MODELING_FILE: with
+    trust_remote_code transformers runs the DSA model; without, its Qwen3-MoE ignores the fields and the indexer
+    tensors and runs dense attention, which is the DSA model's own computation wherever every query's causal prefix
+    fits in its top-k."""
     if "ksa" in lm.layer_attention():
         raise ValueError(f"model.lm attention {sorted(set(lm.layer_attention()))}: a Qwen3-MoE HF checkpoint "
                          "holds dense or DSA attention, not KSA (its summary tokens change the sequence)")
@@ -404,6 +419,7 @@ def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> di
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
         **hf_dsa_fields(lm),
+        **({"auto_map": DSA_AUTO_MAP} if lm.layers_with("dsa") else {}),
     }
 
 
@@ -657,6 +673,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if writer is not None:
         writer.finish()
         Path(out_dir, "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        if "auto_map" in hf_cfg:
+            write_dsa_modeling(out_dir)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     files = [HFShardWriter.shard_name(i, len(shards)) for i in range(len(shards))]

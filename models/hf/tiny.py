@@ -47,13 +47,15 @@ def add_tiny_dsa_indexers(path: str | os.PathLike, layers: list[int], *, heads: 
                           topk: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
     """Makes a checkpoint from save_tiny_qwen3_moe read as the HF export of a DSA model: random indexers on
     `layers` (the names of models/hf/qwen3_moe.py INDEXER_KEYS; LayerNorm weights 1 + noise) in a file of their own
-    (added to the index, one is written for a single-file checkpoint), and the config's DSA fields. Returns them."""
+    (added to the index, one is written for a single-file checkpoint), the config's DSA fields and transformers' DSA
+    code (models/hf/modeling_qwen3_moe_dsa.py, named in the config's auto_map). Returns the indexers."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
     from models.hf.checkpoint_io import INDEX, SINGLE
+    from models.hf.qwen3_moe import DSA_AUTO_MAP, write_dsa_modeling
 
     p = Path(path)
     config = json.loads((p / "config.json").read_text())
@@ -75,6 +77,8 @@ def add_tiny_dsa_indexers(path: str | os.PathLike, layers: list[int], *, heads: 
     index = json.loads((p / INDEX).read_text())
     index["weight_map"].update({n: "model-dsa.safetensors" for n in added})
     (p / INDEX).write_text(json.dumps(index, indent=2))
-    config.update(index_n_heads=heads, index_head_dim=dim, index_topk=topk, dsa_layers=list(layers))
+    config.update(index_n_heads=heads, index_head_dim=dim, index_topk=topk, dsa_layers=list(layers),
+                  auto_map=DSA_AUTO_MAP)
     (p / "config.json").write_text(json.dumps(config, indent=2))
+    write_dsa_modeling(p)
     return added

@@ -27,11 +27,22 @@ def fixed_input_ids(vocab_size: int, *, batch: int = 2, seq: int = 32, seed: int
 
 
 @torch.no_grad()
-def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tensor:
-    """transformers' Qwen3MoeForCausalLM on the checkpoint, fp32, eager attention: [b, s, V]."""
+def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
+    """transformers on the checkpoint, fp32, eager attention: [b, s, V]. A DSA model's directory (config.json with
+    `dsa_layers`) runs through its own code (models/hf/modeling_qwen3_moe_dsa.py, trust_remote_code), so its
+    indexers select the keys; `dense=True` reads it as transformers' dense Qwen3MoeForCausalLM instead (the
+    indexers unused)."""
+    import json
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    dsa = bool(json.loads(Path(hf_dir, "config.json").read_text()).get("dsa_layers")) and not dense
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+                                                 trust_remote_code=dsa)
+    if dsa and not any(hasattr(layer.self_attn, "indexer") for layer in model.model.layers):
+        raise ValueError(f"{hf_dir}: config.json names DSA layers but transformers built no DSA attention (no "
+                         "auto_map to modeling_qwen3_moe_dsa.py: export it again with launch/convert.py export)")
     model.eval()
     return model(input_ids=input_ids, use_cache=False).logits.float()
 

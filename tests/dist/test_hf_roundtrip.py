@@ -11,8 +11,10 @@ ranks with tests/launch_util.run_ranks, the same job runs under torchrun with th
        running the export;
     5. the same for a DSA model (DSA on layer 1 of 2, top-16 of 32-token rows): a run starts from the HF
        directory of a DSA model (the tiny checkpoint plus indexers), trains a step, and its export carries the
-       trained indexers; transformers checks the rest of it at 16 tokens, where DSA attends to every key. The DSA
-       warm-up starts from the plain directory (indexers at their init) with the dense run's first loss.
+       trained indexers; transformers runs the export through its DSA code (trust_remote_code) and gives the
+       trained model's logits at 32 tokens, where the indexers select (the dense reading of the same files does
+       not). The DSA warm-up starts from the plain directory (indexers at their init) with the dense run's first
+       loss.
 
     torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR DSA_HF_DIR
 """
@@ -80,7 +82,8 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     assert len(dsa["losses"]) == 1 and 5.0 < dsa["losses"]["1"] < 8.0
     assert dsa["config_round_trip"] and dsa["reimport_mismatches"] == []
     assert dsa["reimport_tensors"] == res["reimport_tensors"] + 4
-    assert dsa["export_verify"]["ok"], dsa["export_verify"]
+    assert dsa["export_verify"]["ok"], dsa["export_verify"]   # transformers' DSA code on the export, 32 tokens
+    assert not dsa["dense_reading"]["ok"], dsa["dense_reading"]
     src, exported = HFCheckpoint(dsa_dir), HFCheckpoint(work / "dsa_exported")
     assert sorted(exported.names()) == sorted(src.names())
     indexer = [n for n in src.names() if ".indexer." in n]
@@ -110,7 +113,7 @@ def _train_one_step(init_from: Path, run_dir: Path, model: list[str] = ()) -> di
     return {s.step: s.loss for s in history}
 
 
-def _reimport(convert, lm, exported: Path, run: Path, res: dict, *, verify_seq: int = 32) -> None:
+def _reimport(convert, lm, exported: Path, run: Path, res: dict) -> None:
     """The export re-imported at LAYOUT against the run's checkpoint, parameter by parameter (exactly), and the
     checkpoint's logits against transformers running the export."""
     import torch
@@ -130,7 +133,7 @@ def _reimport(convert, lm, exported: Path, run: Path, res: dict, *, verify_seq: 
     dist.all_gather_object(gathered, bad)
     res["reimport_mismatches"] = sum(gathered, [])
     res["reimport_tensors"] = len(reimported)
-    res["export_verify"] = convert.verify_chunks(chunks, str(exported), pgs=pgs, seq=verify_seq)
+    res["export_verify"] = convert.verify_chunks(chunks, str(exported), pgs=pgs, seq=32)
 
 
 def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
@@ -160,7 +163,13 @@ def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
     dsa["export"] = convert.export(str(work / "dsa_run"), str(work / "dsa_exported"), lm=lm_dsa,
                                    max_shard_bytes=EXPORT_SHARD_BYTES)
     dsa["config_round_trip"] = convert.model_config(None, [], hf_dir=str(work / "dsa_exported")) == lm_dsa
-    _reimport(convert, lm_dsa, work / "dsa_exported", work / "dsa_run", dsa, verify_seq=DSA_TOPK)
+    _reimport(convert, lm_dsa, work / "dsa_exported", work / "dsa_run", dsa)
+    if dist.get_rank() == 0:  # at verify's 32 tokens the indexers select: the dense reading of the export differs
+        from models.hf.verify import compare_logits, fixed_input_ids, reference_logits
+
+        ids = fixed_input_ids(lm_dsa.vocab_size, seq=32)
+        dsa["dense_reading"] = compare_logits(reference_logits(work / "dsa_exported", ids, dense=True),
+                                              reference_logits(work / "dsa_exported", ids))
     # the DSA warm-up straight from the plain directory: the indexers keep their init, the attention stays dense
     dsa["warmup_losses"] = _train_one_step(hf_dir, work / "warmup_run",
                                            DSA_MODEL + ["model.lm.dsa.stage=dense_warmup", "train.trainable=indexer"])

@@ -242,6 +242,7 @@ def test_import_save_export_round_trip_is_exact(hf, pgs, tmp_path):
         size = sum(back.read(n).numel() * 4 for n in names)
         assert size <= limit or len(names) == 1, (f, size)
     assert compare_logits(reference_logits(tmp_path / "back", hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
+    assert not (tmp_path / "back" / q.DSA_MODELING_FILE.name).exists()  # a dense model: no code of its own
     # a re-import of the export fills the model with exactly the same values
     a, b = _build(hf["lm"], pgs), _build(hf["lm"], pgs)
     q.load_hf_into([a], hf["single"], lm=hf["lm"])
@@ -351,11 +352,12 @@ def test_dsa_config_and_tensor_names(hf, caplog):
 @pytest.mark.parametrize("layers", [[0, 1], [1]])
 def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
     """A DSA checkpoint in the HF layout -> our checkpoint -> HF: every tensor bit-identical, indexers included.
-    The independent reference: transformers' Qwen3-MoE on the same files ignores the indexers and attends densely,
-    which is what the DSA model computes while every query's causal prefix fits in its top-k (32 here, the 32
-    tokens of the fixed input): our DSA model's logits from the files must match it. Past the top-k the indexers
-    choose the keys, so there the logits differ from dense attention, and the model re-imported from the export
-    gives exactly those of the model imported from the original."""
+    The independent references: transformers' own Qwen3-MoE on the same files ignores the indexers and attends
+    densely, which is what the DSA model computes while every query's causal prefix fits in its top-k (32 here, the
+    32 tokens of the fixed input): our DSA model's logits from the files must match it. Past the top-k the indexers
+    choose the keys: there the directory's DSA code for transformers (trust_remote_code, written by the export)
+    gives our model's logits, the dense reading does not, and the model re-imported from the export gives exactly
+    those of the model imported from the original."""
     from models.hf.verify import model_logits
 
     src = _with_indexers(hf["single"], tmp_path / "dsa_hf", layers)
@@ -375,14 +377,18 @@ def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
         assert torch.equal(b.read(n), a.read(n)), n
     back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back_cfg["dsa_layers"] == layers and q.lm_config_from_hf(back_cfg) == lm
-    assert compare_logits(reference_logits(tmp_path / "back", hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
+    assert compare_logits(reference_logits(tmp_path / "back", hf["ids"], dense=True), hf["ref"])["max_abs_diff"] == 0.0
+    assert (tmp_path / "back" / "modeling_qwen3_moe_dsa.py").read_bytes() == q.DSA_MODELING_FILE.read_bytes()
+    assert back_cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_qwen3_moe_dsa.Qwen3MoeDSAForCausalLM"}
 
     long_ids = fixed_input_ids(lm.vocab_size, seq=96, seed=3)   # 96 tokens, top-32: the indexers select
     again = _build(lm, pgs).eval()
     q.load_hf_into([again], tmp_path / "back", lm=lm)
     ours = model_logits(model, long_ids, tp_group=pgs.tp)
     assert torch.equal(model_logits(again, long_ids, tp_group=pgs.tp), ours)
-    assert not compare_logits(ours, reference_logits(src, long_ids))["ok"]  # sparse, not dense, past the top-k
+    result = compare_logits(ours, reference_logits(tmp_path / "back", long_ids))  # transformers running DSA
+    assert result["ok"] and result["argmax_agree"] == 1.0, result
+    assert not compare_logits(ours, reference_logits(src, long_ids, dense=True))["ok"]  # sparse, not dense
 
     # exporting the DSA checkpoint as a dense model would drop the indexers: refused, naming them
     with pytest.raises(ValueError, match=r"indexer.*the checkpoint has DSA indexers; give the model it was trained"):

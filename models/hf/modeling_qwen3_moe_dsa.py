@@ -1,0 +1,182 @@
+"""Qwen3-MoE with DeepSeek Sparse Attention (DSA, adapted to grouped-query attention) on some or all of its layers,
+for Hugging Face transformers.
+
+`launch/convert.py export` writes this file beside the config.json of a model with DSA layers and names it in the
+config's `auto_map`, so
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+runs the trained indexers: every query attends to the top-`index_topk` keys its layer's indexer selects, as in
+training. Without `trust_remote_code` transformers reads the same directory as the dense Qwen3-MoE model (the
+indexer tensors unused), which agrees with it only while every query's causal prefix fits in the top-k.
+
+The file stands alone (torch and transformers only): transformers copies this one file into its module cache.
+Written against transformers 5.24 (its Qwen3-MoE classes and its cache's indexer-key layer).
+
+The computation, per DSA layer (the trainer's models/attention/dsa.py; kernels/dsa/naive.py is its reference):
+    q_idx = W_q h                  [b, s, HI, DI]   half-split RoPE
+    k_idx = LayerNorm(W_k h)       [b, s, DI]       fp32 norm, no bias; half-split RoPE
+    w     = W_w h * HI^-0.5 DI^-0.5                 [b, s, HI]
+    I[t, s] = sum_j w[t, j] relu(q_idx[t, j] . k_idx[s])   over the keys query t may see (causal, unpadded, and
+              the attention mask's own limits, e.g. packed documents)
+    the top-`index_topk` keys by I (larger first; equal scores: the smaller position first), one set per token,
+    shared by every query head; each head's softmax runs over its token's selected keys.
+The index RoPE uses every other rotary frequency of the main attention (the first index_head_dim / 2 of the even
+pairs): with head dim 128 and index dim 64, theta^(-2i/64), plain half-split RoPE at the index width.
+
+Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index scores [b, chunk, HI, keys] and the gathered keys and
+values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. It is a reference implementation in
+plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
+Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
+reorder them for beam search).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeAttention,
+    Qwen3MoeForCausalLM,
+    apply_rotary_pos_emb,
+)
+
+# Elements of the largest per-chunk temporary (fp32): 2^26 = 256 MiB.
+QUERY_CHUNK_ELEMENTS = 1 << 26
+
+
+def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D], cos/sin broadcastable to [..., D/2]: half-split RoPE, computed in fp32."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos.float(), sin.float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Qwen3MoeDSAIndexer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.head_dim = int(config.index_n_heads), int(config.index_head_dim)
+        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, bias=False)  # eps 1e-5, as the trainer's
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """hidden [b, s, H]; cos/sin [b, s, head_dim] of the main attention. Returns q [b, s, HI, DI], weights
+        [b, s, HI] (fp32) and keys [b, s, DI]."""
+        b, s, _ = hidden_states.shape
+        half = cos.shape[-1] // 2
+        cos_i = cos[..., :half][..., ::2][..., : self.head_dim // 2]  # every other frequency
+        sin_i = sin[..., :half][..., ::2][..., : self.head_dim // 2]
+        q = self.wq(hidden_states).view(b, s, self.n_heads, self.head_dim)
+        k = F.layer_norm(self.wk(hidden_states).float(), (self.head_dim,), self.k_norm.weight.float(), None,
+                         self.k_norm.eps).to(hidden_states.dtype)
+        w = self.weights_proj(hidden_states).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        q = _rotate_half_split(q, cos_i.unsqueeze(2), sin_i.unsqueeze(2))
+        k = _rotate_half_split(k, cos_i, sin_i)
+        return q, w, k
+
+
+def allowed_keys(attention_mask, b: int, s: int, kv: int, i0: int, i1: int, device) -> torch.Tensor:
+    """[b, i1 - i0, kv] bool: the keys queries i0..i1-1 of the s newest (of kv tokens) may see: causal, and within
+    the attention mask transformers gives the layer, if any."""
+    past = kv - s
+    rows = past + torch.arange(i0, i1, device=device)
+    causal = torch.arange(kv, device=device).view(1, 1, kv) <= rows.view(1, -1, 1)
+    if attention_mask is None:
+        return causal.expand(b, -1, kv)
+    m = attention_mask
+    if m.dim() == 2:  # [b, kv] padding mask (flash-attention implementations)
+        allowed = m[:, None, -kv:].bool()
+    else:  # [b | 1, 1 | heads, s, >= kv], bool (True = may attend) or additive (0 = may attend)
+        m = m[:, 0, m.shape[2] - s + i0: m.shape[2] - s + i1, :kv]
+        allowed = m if m.dtype == torch.bool else m == 0
+    return (causal & allowed).expand(b, -1, kv)
+
+
+def select_keys(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, allowed: torch.Tensor, topk: int):
+    """The indexer's choice for queries q_idx [b, c, HI, DI] (weights w [b, c, HI]) over keys k_idx [b, kv, DI]
+    that `allowed` [b, c, kv] lets them see: (positions [b, c, topk], valid [b, c, topk]). Larger score first, equal
+    scores in position order; a query with fewer than `topk` allowed keys gets them all, the rest not valid."""
+    u = torch.einsum("bchd,bkd->bchk", q_idx.float(), k_idx.float())
+    scores = (F.relu(u) * w.float().unsqueeze(-1)).sum(dim=2)
+    scores = torch.where(scores == 0, torch.zeros_like(scores), scores).masked_fill(~allowed, float("-inf"))
+    # a stable sort keeps equal scores in position order (-0.0 made +0.0 above, so it ties with it)
+    sel = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    return sel, torch.gather(allowed, -1, sel)
+
+
+class Qwen3MoeDSAAttention(Qwen3MoeAttention):
+    """Qwen3-MoE attention (same projections, q/k RMS norms and RoPE) whose queries see only the keys the indexer
+    selects. `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.indexer = Qwen3MoeDSAIndexer(config)
+        self.index_topk = int(config.index_topk)
+        self.query_chunk: int | None = None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        b, s, _ = hidden_states.shape
+        shape = (b, s, -1, self.head_dim)
+        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)  # [b, hq, s, d]
+        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)  # [b, hkv, s, d]
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q_idx, w_idx, k_idx = self.indexer(hidden_states, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            k_idx = cache.update_indexer(k_idx, self.layer_idx)
+        out = self._sparse_attention(q, k, v, q_idx, w_idx, k_idx, attention_mask)
+        return self.o_proj(out.reshape(b, s, -1)), None
+
+    def _sparse_attention(self, q, k, v, q_idx, w_idx, k_idx, attention_mask):
+        """q [b, hq, s, d], k/v [b, hkv, kv, d], the index inputs, the layer's attention mask -> [b, s, hq, d]."""
+        b, hq, s, d = q.shape
+        hkv, kv = k.shape[1], k.shape[2]
+        g = hq // hkv
+        topk = min(self.index_topk, kv)
+        # the largest temporaries per query: index scores per head, gathered keys and values, attention logits
+        per_query = max(self.indexer.n_heads * kv, 2 * topk * hkv * d, hq * topk, 2 * kv)
+        chunk = self.query_chunk or max(1, min(s, QUERY_CHUNK_ELEMENTS // (b * per_query)))
+        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv, hkv, d]
+        rows = torch.arange(b, device=q.device).view(b, 1, 1)
+        out = q.new_empty(b, s, hq, d)
+        for i0 in range(0, s, chunk):
+            i1 = min(s, i0 + chunk)
+            allowed = allowed_keys(attention_mask, b, s, kv, i0, i1, q.device)  # [b, c, kv]
+            sel, valid = select_keys(q_idx[:, i0:i1], w_idx[:, i0:i1], k_idx, allowed, topk)
+            kg, vg = k_t[rows, sel], v_t[rows, sel]  # [b, c, K, hkv, d]
+            qc = q[:, :, i0:i1].transpose(1, 2).reshape(b, i1 - i0, hkv, g, d)
+            logits = torch.einsum("bcgnd,bckgd->bcgnk", qc.float(), kg.float()) * self.scaling
+            invalid = ~valid[:, :, None, None, :]
+            # a query with no key to see (a padding token's) gets zeros, not the NaN of an empty softmax
+            p = torch.softmax(logits.masked_fill(invalid, float("-inf")), dim=-1).masked_fill(invalid, 0.0)
+            o = torch.einsum("bcgnk,bckgd->bcgnd", p, vg.float().masked_fill(invalid.transpose(2, 4), 0.0))
+            out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
+        return out
+
+
+class Qwen3MoeDSAForCausalLM(Qwen3MoeForCausalLM):
+    """Qwen3-MoE whose layers in `config.dsa_layers` use DSA attention (with their indexers' weights under
+    model.layers.{l}.self_attn.indexer.{wq,wk,k_norm,weights_proj})."""
+
+    def __init__(self, config):
+        layers = [int(l) for l in (getattr(config, "dsa_layers", None) or [])]
+        if not layers:
+            raise ValueError("config.dsa_layers names no layer: this is a dense Qwen3-MoE checkpoint "
+                             "(load it with Qwen3MoeForCausalLM)")
+        bad = [l for l in layers if not 0 <= l < config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"config.dsa_layers={layers}: layers {bad} are not in 0..{config.num_hidden_layers - 1}")
+        # the cache keeps the index keys of these layers (transformers' indexed-attention cache layers)
+        config.layer_types = ["indexed_attention" if l in layers else "full_attention"
+                              for l in range(config.num_hidden_layers)]
+        super().__init__(config)
+        for l in layers:
+            self.model.layers[l].self_attn = Qwen3MoeDSAAttention(config, l)

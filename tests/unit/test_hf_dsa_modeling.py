@@ -1,0 +1,124 @@
+"""transformers' code for a DSA model (models/hf/modeling_qwen3_moe_dsa.py, written beside a DSA export).
+
+Its logits against our model are checked in test_hf_qwen3_moe.py (test_dsa_import_export_round_trip) and, at TP2/EP2
+on a trained export, in tests/dist/test_hf_roundtrip.py. Here: its selection against kernels/dsa/naive.py, and what
+inference needs beyond one forward (the cache of index keys in generation, padded batches, query chunks).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kernels.dsa import naive
+from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, select_keys
+from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
+
+TOPK = 8  # of sequences of 20-40 tokens: the indexers select
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """The tiny checkpoint with indexers on both layers, top-8."""
+    from models.hf.tiny import add_tiny_dsa_indexers, save_tiny_qwen3_moe
+
+    d = tmp_path_factory.mktemp("dsa") / "hf"
+    save_tiny_qwen3_moe(d)
+    add_tiny_dsa_indexers(d, [0, 1], topk=TOPK)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=True).eval()
+    # transformers runs its own copy of the file (its module cache): the class by name
+    assert [type(layer.self_attn).__name__ for layer in m.model.layers] == [Qwen3MoeDSAAttention.__name__] * 2
+    return m
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """verify.py's logit tolerance (fp32: the same arithmetic in another order, a few ulp of the logits' size)."""
+    return (a - b).abs().max().item() <= LOGIT_ATOL + LOGIT_RTOL * b.abs().max().item()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_selection_is_the_reference_selection_ties_included(packed):
+    """select_keys picks the set kernels/dsa/naive.topk_indices picks: integer-valued index inputs make many equal
+    scores (ties go to the smaller position), and ReLU makes many zeros (-0.0 and +0.0 equal); with packed
+    documents the mask keeps each query in its document; a query with fewer eligible keys than top-k gets them all."""
+    g = torch.Generator().manual_seed(0)
+    b, t, hi, di, k = 2, 37, 3, 4, 6
+    q = torch.randint(-2, 3, (b, t, hi, di), generator=g).float()
+    w = torch.randint(0, 3, (b, t, hi), generator=g).float()
+    kk = torch.randint(-2, 3, (b, t, di), generator=g).float()
+    cu = torch.tensor([0, 5, 19, 37]) if packed else None
+    allowed = naive.eligible_mask(b, t, cu, "cpu")
+    sel, valid = select_keys(q, w, kk, allowed, k)
+    ref = naive.topk_indices(q, w, kk, k, cu_seqlens=cu)
+    ours = torch.where(valid, sel, torch.full_like(sel, t + 1)).sort(dim=-1).values
+    ours = torch.where(ours == t + 1, torch.full_like(ours, -1), ours)
+    assert torch.equal(ours.int(), ref)
+    scores = naive.index_scores(q, w, kk)
+    assert (scores.round() == scores).all() and len(scores.unique()) < 50  # of 2738: ties to break
+
+
+def test_generation_with_the_cache_gives_the_full_forward(model):
+    """Each DSA layer's index keys live in transformers' cache (its indexed-attention layers): a prefill of 20
+    tokens, then one token at a time, gives at every step the logits of one forward over the whole sequence; and
+    generate() picks the same tokens with and without the cache."""
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    full = model(input_ids=ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits]
+    for i in range(20, 32):
+        steps.append(model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+    assert cache.layers[0].indexer_keys.shape == (2, 32, model.config.index_head_dim)
+    assert _close(torch.cat(steps, dim=1), full)
+    with torch.no_grad():
+        cached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=True)
+        uncached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_padded_batch_rows_are_the_rows_alone(model):
+    """A left-padded row of a batch (attention_mask 0 on its padding) gives the logits of the same tokens run alone:
+    the indexers never select a padding key. Chunking the queries (3 per chunk) changes nothing."""
+    g = torch.Generator().manual_seed(2)
+    long, short = torch.randint(0, model.config.vocab_size, (1, 30), generator=g), \
+        torch.randint(0, model.config.vocab_size, (1, 21), generator=g)
+    pad = 30 - 21
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :pad] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert _close(batch[:1], model(input_ids=long, use_cache=False).logits)
+    assert _close(batch[1:, pad:], model(input_ids=short, use_cache=False).logits)
+    for layer in model.model.layers:
+        layer.self_attn.query_chunk = 3
+    try:
+        chunked = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.query_chunk = None
+    assert _close(chunked, batch)
+
+
+def test_a_config_without_dsa_layers_is_refused(hf_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAForCausalLM
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    for layers, match in (([], "names no layer"), ([2], r"layers \[2\] are not in 0..1")):
+        d = tmp_path / f"c{len(layers)}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**cfg, "dsa_layers": layers}))
+        with pytest.raises(ValueError, match=match):
+            Qwen3MoeDSAForCausalLM(AutoConfig.from_pretrained(str(d)))
+    shutil.rmtree(tmp_path)
