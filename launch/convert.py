@@ -23,7 +23,8 @@ A DSA model (a `*_dsa` preset, or a run trained with one) exports and imports wi
 (`self_attn.indexer.*`, and `index_n_heads` / `index_head_dim` / `index_topk` / `dsa_layers` in config.json;
 docs/hf.md "DSA models"). The export also writes transformers' code for it (modeling_qwen3_moe_dsa.py, named in
 config.json's auto_map): `AutoModelForCausalLM.from_pretrained(HF_OUT, trust_remote_code=True)` runs the indexers,
-and `verify` compares against that at any length. A KSA model is refused.
+and `verify` compares against that at any length. A KSA model exports and imports the same way, with its
+summary projections and embeddings and its own code (modeling_qwen3_moe_ksa.py; docs/hf.md "KSA models").
 
 The model config comes from --model (a recipes/model preset name or a YAML file with an `lm:` node, plus
 --set lm.FIELD=VALUE overrides), else from the HF config.json (import, verify) or, for export, from the

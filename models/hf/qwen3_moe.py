@@ -65,10 +65,18 @@ INDEXER_KEYS = {
     "decoder.layers.self_attention.indexer.k_norm.weight": "self_attn.indexer.k_norm.weight",
     "decoder.layers.self_attention.indexer.ww.weight": "self_attn.indexer.weights_proj.weight",
 }
-GLOBAL_KEYS = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
+# A KSA layer's summary-token projection (models/attention/ksa.py linear_qkv_summary): laid out as the text QKV, so it
+# splits into model.layers.{l}.self_attn.summary_{q,k,v}_proj as linear_qkv does into {q,k,v}_proj; and the model's
+# summary-token embeddings (models/lm.py KeyeLM.summary_embedding, [S, h]).
+SUMMARY_QKV = "decoder.layers.self_attention.linear_qkv_summary.weight"
+SUMMARY_EMBED = "summary_embedding"
+GLOBAL_KEYS = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight",
+               SUMMARY_EMBED: "model.summary_embed.weight"}
+# a variant's own per-layer tensors are stacked over that variant's layers alone (models/attention/layer_axis.py)
+VARIANT_LAYER_KEYS = {**{k: "dsa" for k in INDEXER_KEYS}, SUMMARY_QKV: "ksa"}
 # number of prepended (layer, expert) axes of each megatron key
-PREPEND = {EMBED: 0, OUTPUT: 0, FINAL_NORM: 0, QKV: 1, FC1: 2, FC2: 2, **{k: 1 for k in LAYER_KEYS},
-           **{k: 1 for k in INDEXER_KEYS}}
+PREPEND = {EMBED: 0, OUTPUT: 0, FINAL_NORM: 0, SUMMARY_EMBED: 0, QKV: 1, SUMMARY_QKV: 1, FC1: 2, FC2: 2,
+           **{k: 1 for k in LAYER_KEYS}, **{k: 1 for k in INDEXER_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -91,30 +99,26 @@ def megatron_to_hf(key: str, index: tuple[int, ...], lm: LMConfig) -> list[Segme
         return None
     if len(index) != PREPEND[key]:
         raise ValueError(f"{key}: expected {PREPEND[key]} prepended axes (layer/expert), got index {index}")
-    d, ng = lm.head_dim, lm.num_query_groups
     if key == OUTPUT and not lm.untie_embeddings:
         key = EMBED  # a tied output layer on a last pipeline stage is the embedding
     if key in GLOBAL_KEYS:
         name = GLOBAL_KEYS[key]
         return [Segment(name, 0, _hf_shapes_global(lm)[name][0])]
     l = index[0]
-    if key in INDEXER_KEYS:  # stacked over the DSA layers alone (models/attention/layer_axis.py)
-        layers = lm.layers_with("dsa")
+    if key in VARIANT_LAYER_KEYS:  # stacked over the variant's layers alone (models/attention/layer_axis.py)
+        variant = VARIANT_LAYER_KEYS[key]
+        layers = lm.layers_with(variant)
         if not 0 <= l < len(layers):
-            raise ValueError(f"{key}[{l}]: model.lm has {len(layers)} DSA layer(s) {layers}")
+            raise ValueError(f"{key}[{l}]: model.lm has {len(layers)} {variant.upper()} layer(s) {layers}")
+        if key == SUMMARY_QKV:
+            return _qkv_segments(lm, layers[l], "summary_")
         name = _layer(layers[l]) + INDEXER_KEYS[key]
         return [Segment(name, 0, _hf_layer_shapes(lm, layers[l])[name][0])]
     if key in LAYER_KEYS:
         name = _layer(l) + LAYER_KEYS[key]
         return [Segment(name, 0, _hf_layer_shapes(lm, l)[name][0])]
     if key == QKV:
-        qpg = lm.num_attention_heads // ng
-        p = _layer(l) + "self_attn."
-        segs = []
-        for g in range(ng):
-            segs += [Segment(p + "q_proj.weight", g * qpg * d, qpg * d), Segment(p + "k_proj.weight", g * d, d),
-                     Segment(p + "v_proj.weight", g * d, d)]
-        return segs
+        return _qkv_segments(lm, l)
     e, f = index[1], lm.moe_ffn_hidden_size
     p = f"{_layer(l)}mlp.experts.{e}."
     if key == FC1:
@@ -122,8 +126,22 @@ def megatron_to_hf(key: str, index: tuple[int, ...], lm: LMConfig) -> list[Segme
     return [Segment(p + "down_proj.weight", 0, lm.hidden_size)]  # FC2
 
 
+def _qkv_segments(lm: LMConfig, l: int, prefix: str = "") -> list[Segment]:
+    """megatron's fused QKV rows (per query group: its query heads, its key, its value) as HF q/k/v_proj rows."""
+    d, ng = lm.head_dim, lm.num_query_groups
+    qpg = lm.num_attention_heads // ng
+    p = f"{_layer(l)}self_attn.{prefix}"
+    segs = []
+    for g in range(ng):
+        segs += [Segment(p + "q_proj.weight", g * qpg * d, qpg * d), Segment(p + "k_proj.weight", g * d, d),
+                 Segment(p + "v_proj.weight", g * d, d)]
+    return segs
+
+
 def _hf_shapes_global(lm: LMConfig) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (lm.vocab_size, lm.hidden_size), "model.norm.weight": (lm.hidden_size,)}
+    if lm.uses_ksa:
+        out["model.summary_embed.weight"] = (lm.ksa.num_summary, lm.hidden_size)
     if lm.untie_embeddings:
         out["lm_head.weight"] = (lm.vocab_size, lm.hidden_size)
     return out
@@ -148,6 +166,9 @@ def _hf_layer_shapes(lm: LMConfig, l: int) -> dict[str, tuple[int, ...]]:
         hi, di = lm.dsa.index_heads, lm.dsa.index_dim
         shapes = {"wq": (hi * di, h), "wk": (di, h), "k_norm": (di,), "weights_proj": (hi, h)}
         out.update({f"{p}self_attn.indexer.{n}.weight": s for n, s in shapes.items()})
+    if lm.layer_attention()[l] == "ksa":
+        out.update({p + "self_attn.summary_q_proj.weight": (q, h), p + "self_attn.summary_k_proj.weight": (kv, h),
+                    p + "self_attn.summary_v_proj.weight": (kv, h)})
     for e in range(lm.num_experts):
         out[f"{p}mlp.experts.{e}.gate_proj.weight"] = (f, h)
         out[f"{p}mlp.experts.{e}.up_proj.weight"] = (f, h)
@@ -159,6 +180,8 @@ def hf_tensor_shapes(lm: LMConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen3-MoE HF checkpoint of this model holds, with its shape, in file order."""
     g = _hf_shapes_global(lm)
     out = {"model.embed_tokens.weight": g["model.embed_tokens.weight"]}
+    if "model.summary_embed.weight" in g:
+        out["model.summary_embed.weight"] = g["model.summary_embed.weight"]
     for l in range(lm.num_layers):
         out.update(_hf_layer_shapes(lm, l))
     out["model.norm.weight"] = g["model.norm.weight"]
@@ -182,11 +205,15 @@ def units(lm: LMConfig) -> list[Unit]:
         return Unit(key, tuple(index), tuple(megatron_to_hf(key, tuple(index), lm)))
 
     out = [unit(EMBED)]
-    dsa = lm.layers_with("dsa")
+    if lm.uses_ksa:
+        out.append(unit(SUMMARY_EMBED))
+    dsa, ksa = lm.layers_with("dsa"), lm.layers_with("ksa")
     for l in range(lm.num_layers):
         out += [unit("decoder.layers.input_layernorm.weight", l), unit(QKV, l)]
+        if l in ksa:  # a variant's own tensors count that variant's layers (models/attention/layer_axis.py)
+            out.append(unit(SUMMARY_QKV, ksa.index(l)))
         out += [unit(k, l) for k in list(LAYER_KEYS)[1:]]
-        if l in dsa:  # an indexer's index counts the DSA layers (models/attention/layer_axis.py)
+        if l in dsa:
             out += [unit(k, dsa.index(l)) for k in INDEXER_KEYS]
         for e in range(lm.num_experts):
             out += [unit(FC1, l, e), unit(FC2, l, e)]
@@ -261,7 +288,7 @@ def check_hf_architecture(cfg: dict) -> None:
 
 def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
     """ValueError naming the first field where the HF config and model.lm disagree. plain_ok: a plain Qwen3-MoE
-    config (no DSA indexers) is accepted for a model with DSA layers (load_hf_into's keep_init)."""
+    config (no DSA indexers, no KSA) is accepted for a model with DSA or KSA layers (load_hf_into's keep_init)."""
     check_hf_architecture(cfg)
     for hf_name, (lm_name, conv) in CONFIG_FIELDS.items():
         hf_v = conv(_hf_value(cfg, hf_name))
@@ -271,6 +298,7 @@ def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
             raise ValueError(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match "
                              f"model.lm.{lm_name}={lm_v!r}")
     check_hf_dsa(cfg, lm, plain_ok=plain_ok)
+    check_hf_ksa(cfg, lm, plain_ok=plain_ok)
     if cfg.get("max_position_embeddings", lm.max_position_embeddings) != lm.max_position_embeddings:
         log.warning("HF config max_position_embeddings=%s, model.lm.max_position_embeddings=%s (weights do not "
                     "depend on it)", cfg["max_position_embeddings"], lm.max_position_embeddings)
@@ -290,17 +318,89 @@ def hf_dsa_fields(lm: LMConfig) -> dict:
             "dsa_layers": lm.layers_with("dsa")}
 
 
-# transformers' code for a DSA model (models/hf/modeling_qwen3_moe_dsa.py): written beside config.json, which names it
-# in `auto_map`, so AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) runs the indexers
-DSA_MODELING_FILE = Path(__file__).with_name("modeling_qwen3_moe_dsa.py")
-DSA_AUTO_MAP = {"AutoModelForCausalLM": f"{DSA_MODELING_FILE.stem}.Qwen3MoeDSAForCausalLM"}
+# transformers' code for a model with DSA or KSA layers (models/hf/modeling_qwen3_moe_{dsa,ksa}.py): written beside
+# config.json, which names it in `auto_map`, so AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+# runs the model as trained
+MODELING = {"dsa": (Path(__file__).with_name("modeling_qwen3_moe_dsa.py"), "Qwen3MoeDSAForCausalLM"),
+            "ksa": (Path(__file__).with_name("modeling_qwen3_moe_ksa.py"), "Qwen3MoeKSAForCausalLM")}
 
 
-def write_dsa_modeling(out_dir: str | os.PathLike) -> Path:
-    """Copies DSA_MODELING_FILE into `out_dir` (the HF directory of a DSA model); returns its path there."""
-    dst = Path(out_dir, DSA_MODELING_FILE.name)
-    shutil.copyfile(DSA_MODELING_FILE, dst)
+def auto_map(variant: str) -> dict:
+    """config.json's `auto_map` for a model with `variant` layers."""
+    path, cls = MODELING[variant]
+    return {"AutoModelForCausalLM": f"{path.stem}.{cls}"}
+
+
+def write_modeling(out_dir: str | os.PathLike, variant: str) -> Path:
+    """Copies the `variant`'s modeling file into `out_dir` (the HF directory of such a model); returns its path there."""
+    src = MODELING[variant][0]
+    dst = Path(out_dir, src.name)
+    shutil.copyfile(src, dst)
     return dst
+
+
+def _variant(lm: LMConfig) -> str | None:
+    """The attention variant (dsa or ksa) an HF directory of `lm` carries code for; None for a dense model."""
+    variants = sorted({v for v in lm.layer_attention() if v != "dense"})
+    if len(variants) > 1:
+        raise ValueError(f"model.lm has layers of {' and '.join(variants)}: a Qwen3-MoE HF checkpoint holds one "
+                         "attention variant beside dense layers")
+    return variants[0] if variants else None
+
+
+# ------------------------------------------------------------------------------------------ KSA
+# config.json fields of a model with KSA layers: the layers, the chunk C, the summaries per chunk S and the windows
+# (layer l uses ksa_windows[l % len(ksa_windows)] chunks: models/config.py KSAConfig)
+KSA_FIELDS = ("ksa_layers", "ksa_chunk", "ksa_num_summary", "ksa_windows")
+
+
+def hf_ksa_fields(lm: LMConfig) -> dict:
+    """The KSA fields of config.json for `lm` (none for a model without KSA layers)."""
+    if not lm.uses_ksa:
+        return {}
+    return {"ksa_layers": lm.layers_with("ksa"), "ksa_chunk": lm.ksa.chunk, "ksa_num_summary": lm.ksa.num_summary,
+            "ksa_windows": list(lm.ksa.windows)}
+
+
+def _check_variant_layers(cfg: dict, lm: LMConfig, variant: str, fields: tuple[str, ...], *, plain_ok: bool,
+                          what: str, use: str, start: str) -> bool:
+    """ValueError when the HF config's `{variant}_layers` and model.lm's layers of `variant` differ (`what` the
+    checkpoint holds of it, `use` how to get a model with it, `start` how to start one from a plain directory).
+    Returns whether both have such layers, so their other fields are to be compared."""
+    up = variant.upper()
+    ours, theirs = lm.layers_with(variant), cfg.get(f"{variant}_layers")
+    if theirs is None and any(f in cfg for f in fields):
+        raise ValueError(f"HF config has {up} fields ({', '.join(f for f in fields if f in cfg)}) but no "
+                         f"'{variant}_layers' (the layers with {up})")
+    theirs = list(theirs or [])
+    if plain_ok and not theirs:
+        return False
+    if theirs != ours:
+        if not ours:
+            raise ValueError(f"HF config {variant}_layers={theirs}: the checkpoint has {what}, model.lm has none "
+                             f"(attention=dense): {use}")
+        if not theirs:
+            raise ValueError(f"model.lm has {up} on layers {ours} but the HF config has none (no {variant}_layers): a "
+                             f"plain Qwen3-MoE checkpoint. {start}, or import it into the dense model (docs/hf.md)")
+        raise ValueError(f"HF config {variant}_layers={theirs} does not match the {up} layers of model.lm {ours} "
+                         "(model.lm.attention_per_layer)")
+    return bool(ours)
+
+
+def check_hf_ksa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
+    """ValueError when the HF config's KSA (KSA_FIELDS) and model.lm's differ: which layers, the chunk, the summaries
+    per chunk or the windows (each changes what the model computes). plain_ok: a config without KSA is accepted for
+    a KSA model (its summary parameters keep their init)."""
+    if not _check_variant_layers(
+            cfg, lm, "ksa", KSA_FIELDS, plain_ok=plain_ok, what="KSA layers",
+            use="use a KSA model (model.lm.attention=ksa, e.g. the keye_30b_a3b_ksa preset)",
+            start="Start the KSA conversion from it with train.checkpoint.init_from (the summary parameters keep "
+                  "their init)"):
+        return
+    for hf_name, lm_name in (("ksa_chunk", "chunk"), ("ksa_num_summary", "num_summary"), ("ksa_windows", "windows")):
+        if cfg.get(hf_name) != getattr(lm.ksa, lm_name):
+            raise ValueError(f"HF config {hf_name}={cfg.get(hf_name)!r} does not match model.lm.ksa.{lm_name}="
+                             f"{getattr(lm.ksa, lm_name)!r}")
 
 
 def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
@@ -308,25 +408,11 @@ def check_hf_dsa(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
     or in their shape. A different top-k only warns: it shapes no weight (a model trained at one top-k can be run
     or trained on at another). plain_ok: a config without indexers is accepted for a DSA model (the indexers
     keep their init)."""
-    ours, theirs = lm.layers_with("dsa"), cfg.get("dsa_layers")
-    if theirs is None and any(f in cfg for f in DSA_FIELDS):
-        raise ValueError(f"HF config has DSA fields ({', '.join(f for f in DSA_FIELDS if f in cfg)}) but no "
-                         "'dsa_layers' (the layers with an indexer)")
-    theirs = list(theirs or [])
-    if plain_ok and not theirs:
-        return
-    if theirs != ours:
-        if not ours:
-            raise ValueError(f"HF config dsa_layers={theirs}: the checkpoint has DSA indexers, model.lm has none "
-                             "(attention=dense): use a DSA model (model.lm.attention=dsa, e.g. the keye_30b_a3b_dsa "
-                             "preset: model=keye_30b_a3b_dsa, or convert's --model keye_30b_a3b_dsa)")
-        if not theirs:
-            raise ValueError(f"model.lm has DSA on layers {ours} but the HF config has no indexer (no dsa_layers): a "
-                             "plain Qwen3-MoE checkpoint. Start the DSA warm-up from it with train.checkpoint.init_from "
-                             "(the indexers keep their init), or import it into the dense model (docs/hf.md)")
-        raise ValueError(f"HF config dsa_layers={theirs} does not match the DSA layers of model.lm {ours} "
-                         "(model.lm.attention_per_layer)")
-    if not ours:
+    if not _check_variant_layers(
+            cfg, lm, "dsa", DSA_FIELDS, plain_ok=plain_ok, what="DSA indexers",
+            use="use a DSA model (model.lm.attention=dsa, e.g. the keye_30b_a3b_dsa preset: model=keye_30b_a3b_dsa, "
+                "or convert's --model keye_30b_a3b_dsa)",
+            start="Start the DSA warm-up from it with train.checkpoint.init_from (the indexers keep their init)"):
         return
     for hf_name, lm_name in (("index_n_heads", "index_heads"), ("index_head_dim", "index_dim")):
         if cfg.get(hf_name) != getattr(lm.dsa, lm_name):
@@ -355,15 +441,24 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
     values["max_position_embeddings"] = int(cfg.get("max_position_embeddings", base.max_position_embeddings))
     if sum(base.mrope_section) * 2 != values["head_dim"]:
         values["mrope_section"] = default_mrope_section(values["head_dim"])
-    layers = cfg.get("dsa_layers")
-    if layers:  # the checkpoint's DSA indexers: the layers that have one, their shape and top-k
-        n = values["num_layers"]
+    n = values["num_layers"]
+    kinds = ["dense"] * n
+    for variant in ("dsa", "ksa"):
+        layers = cfg.get(f"{variant}_layers")
+        if not layers:
+            continue
         if any(not 0 <= l < n for l in layers):
-            raise ValueError(f"HF config dsa_layers={layers}: layers of a {n}-layer model are 0..{n - 1}")
-        values["dsa"] = replace(base.dsa, index_heads=int(cfg["index_n_heads"]), index_dim=int(cfg["index_head_dim"]),
-                                topk=int(cfg.get("index_topk", base.dsa.topk)))
-        kinds = ["dsa" if l in layers else "dense" for l in range(n)]
-        values["attention"], values["attention_per_layer"] = ("dsa", []) if len(set(kinds)) == 1 else ("dense", kinds)
+            raise ValueError(f"HF config {variant}_layers={layers}: layers of a {n}-layer model are 0..{n - 1}")
+        if variant == "dsa":  # the checkpoint's DSA indexers: their shape and top-k
+            values["dsa"] = replace(base.dsa, index_heads=int(cfg["index_n_heads"]),
+                                    index_dim=int(cfg["index_head_dim"]), topk=int(cfg.get("index_topk", base.dsa.topk)))
+        else:  # its KSA layout and windows
+            values["ksa"] = replace(base.ksa, chunk=int(cfg["ksa_chunk"]), num_summary=int(cfg["ksa_num_summary"]),
+                                    windows=[int(w) for w in cfg["ksa_windows"]])
+        for l in layers:
+            kinds[l] = variant
+    if set(kinds) != {"dense"}:
+        values["attention"], values["attention_per_layer"] = (kinds[0], []) if len(set(kinds)) == 1 else ("dense", kinds)
     return replace(base, **values)
 
 
@@ -378,14 +473,12 @@ def _from_hf(v, lm_name: str):
 
 
 def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x). With DSA layers it
-    also holds their indexers' fields (hf_dsa_fields) and an `auto_map` naming DSA_MODELING_FILE: with
-    trust_remote_code transformers runs the DSA model; without, its Qwen3-MoE ignores the fields and the indexer
-    tensors and runs dense attention, which is the DSA model's own computation wherever every query's causal prefix
-    fits in its top-k."""
-    if "ksa" in lm.layer_attention():
-        raise ValueError(f"model.lm attention {sorted(set(lm.layer_attention()))}: a Qwen3-MoE HF checkpoint "
-                         "holds dense or DSA attention, not KSA (its summary tokens change the sequence)")
+    """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x). With DSA or KSA
+    layers it also holds their fields (hf_dsa_fields, hf_ksa_fields) and an `auto_map` naming the variant's modeling
+    file (MODELING): with trust_remote_code transformers runs that model. Without it, transformers' Qwen3-MoE reads a
+    DSA directory as the dense model (ignoring the indexers: the DSA model's own computation wherever every query's
+    causal prefix fits in its top-k); a KSA directory it cannot read (the summary tensors)."""
+    variant = _variant(lm)
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -419,7 +512,8 @@ def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> di
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
         **hf_dsa_fields(lm),
-        **({"auto_map": DSA_AUTO_MAP} if lm.layers_with("dsa") else {}),
+        **hf_ksa_fields(lm),
+        **({"auto_map": auto_map(variant)} if variant else {}),
     }
 
 
@@ -478,7 +572,7 @@ def _read_block(ckpt: HFCheckpoint, segments, offsets, shape, reads: set) -> tor
 
 
 # the model's own parameters of an attention variant: DSA's indexers, KSA's summary embedding and summary QKV
-VARIANT_KEYS = (*INDEXER_KEYS, "summary_embedding", "decoder.layers.self_attention.linear_qkv_summary.weight")
+VARIANT_KEYS = {**{k: "dsa" for k in INDEXER_KEYS}, SUMMARY_EMBED: "ksa", SUMMARY_QKV: "ksa"}
 
 
 @torch.no_grad()
@@ -492,15 +586,20 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
     Returns counts: {"tensors": model tensors written, "elements": elements written, "hf_slices": reads}.
     keep_init: a plain Qwen3-MoE directory may fill a DSA or KSA model. Its attention variant's own parameters
     (VARIANT_KEYS: the indexers, the summary embedding and QKV), which such a directory lacks, keep their values,
-    and their keys are returned under "kept". Indexers the directory has are read as without it.
+    and their keys are returned under "kept". A variant the directory has is read as without keep_init.
     `hf_dir` may also be an open checkpoint (an HFCheckpoint, or a view with its interface such as
     models.hf.keye_vision.KeyeLMView: the language model of a multimodal checkpoint under Qwen3 names).
     """
     ckpt = hf_dir if hasattr(hf_dir, "read") and hasattr(hf_dir, "names") else HFCheckpoint(hf_dir)
     check_hf_config(ckpt.config, lm, plain_ok=keep_init)
-    # the model the directory holds: a plain one is read as model.lm with dense attention, the rest kept
-    plain = keep_init and not ckpt.config.get("dsa_layers")
-    src_lm = replace(lm, attention="dense", attention_per_layer=[]) if plain else lm
+    # the model the directory holds: model.lm with dense attention on the layers of a variant it lacks (keep_init),
+    # whose own parameters are kept
+    absent = {v for v in ("dsa", "ksa") if keep_init and lm.layers_with(v) and not ckpt.config.get(f"{v}_layers")}
+    src_lm = lm
+    if absent:
+        kinds = ["dense" if kind in absent else kind for kind in lm.layer_attention()]
+        src_lm = replace(lm, attention=kinds[0] if len(set(kinds)) == 1 else "dense",
+                         attention_per_layer=[] if len(set(kinds)) == 1 else kinds)
     check_hf_tensors(ckpt, src_lm)
     reads: set = set()
     unmapped: set[str] = set()
@@ -512,7 +611,7 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
         for sh in _iter_sharded_tensors(module.sharded_state_dict()):
             if sh.flattened_range is not None:
                 raise ValueError(f"{sh.key}: flattened shards cannot be loaded here")
-            if keep_init and sh.key in VARIANT_KEYS and (plain or sh.key not in INDEXER_KEYS):
+            if VARIANT_KEYS.get(sh.key) in absent:
                 kept.add(sh.key)
                 covered.add(sh.data.untyped_storage().data_ptr())
                 continue
@@ -617,17 +716,18 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         kinds = sorted(set(lm.layer_attention()))
         raise ValueError(f"checkpoint {checkpoint_dir}: tensors with no counterpart in the Qwen3-MoE HF checkpoint of "
                          f"model.lm (attention {kinds}): {_listing(unknown)}"
-                         + (": the checkpoint has DSA indexers; give the model it was trained with (e.g. --model "
-                            "keye_30b_a3b_dsa)" if any(k in INDEXER_KEYS for k in unknown) else ""))
+                         + "".join(f": the checkpoint has {hint}; give the model it was trained with (e.g. --model "
+                                   f"keye_30b_a3b_{v})" for v, hint in (("dsa", "DSA indexers"), ("ksa", "KSA layers"))
+                                   if any(VARIANT_KEYS.get(k) == v for k in unknown)))
     shapes = hf_tensor_shapes(lm)
     assert {seg.name for u in plan for seg in u.segments} == set(shapes), "the unit table misses HF tensors"
     absent = planned - set(meta)
     if absent:
         raise ValueError(f"checkpoint {checkpoint_dir}: model tensors missing: {_listing(absent)}")
-    indexer_axis = (len(lm.layers_with("dsa")),)
-
-    def axes(u: Unit) -> tuple[int, ...]:  # sizes of the prepended (layer, expert) axes; an indexer's: DSA layers
-        return indexer_axis if u.key in INDEXER_KEYS else (lm.num_layers, lm.num_experts)[:len(u.index)]
+    def axes(u: Unit) -> tuple[int, ...]:  # sizes of the prepended (layer, expert) axes; a variant's own: its layers
+        if u.key in VARIANT_LAYER_KEYS:
+            return (len(lm.layers_with(VARIANT_LAYER_KEYS[u.key])),)
+        return (lm.num_layers, lm.num_experts)[:len(u.index)]
 
     for u in plan:
         want = (*axes(u), sum(s.rows for s in u.segments), *shapes[u.segments[0].name][1:])
@@ -673,8 +773,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if writer is not None:
         writer.finish()
         Path(out_dir, "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        if "auto_map" in hf_cfg:
-            write_dsa_modeling(out_dir)
+        if _variant(lm):
+            write_modeling(out_dir, _variant(lm))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     files = [HFShardWriter.shard_name(i, len(shards)) for i in range(len(shards))]

@@ -28,21 +28,23 @@ def fixed_input_ids(vocab_size: int, *, batch: int = 2, seq: int = 32, seed: int
 
 @torch.no_grad()
 def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
-    """transformers on the checkpoint, fp32, eager attention: [b, s, V]. A DSA model's directory (config.json with
-    `dsa_layers`) runs through its own code (models/hf/modeling_qwen3_moe_dsa.py, trust_remote_code), so its
-    indexers select the keys; `dense=True` reads it as transformers' dense Qwen3MoeForCausalLM instead (the
-    indexers unused)."""
+    """transformers on the checkpoint, fp32, eager attention: [b, s, V]. A DSA or KSA model's directory (config.json
+    with `dsa_layers` or `ksa_layers`) runs through its own code (models/hf/modeling_qwen3_moe_{dsa,ksa}.py,
+    trust_remote_code): the indexers select the keys, the summary tokens go in. `dense=True` reads a DSA directory
+    as transformers' dense Qwen3MoeForCausalLM instead (the indexers unused)."""
     import json
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
-    dsa = bool(json.loads(Path(hf_dir, "config.json").read_text()).get("dsa_layers")) and not dense
+    config = json.loads(Path(hf_dir, "config.json").read_text())
+    own = bool(config.get("dsa_layers") or config.get("ksa_layers")) and not dense  # the directory's own code
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
-                                                 trust_remote_code=dsa)
-    if dsa and not any(hasattr(layer.self_attn, "indexer") for layer in model.model.layers):
-        raise ValueError(f"{hf_dir}: config.json names DSA layers but transformers built no DSA attention (no "
-                         "auto_map to modeling_qwen3_moe_dsa.py: export it again with launch/convert.py export)")
+                                                 trust_remote_code=own)
+    if own and type(model).__name__ == "Qwen3MoeForCausalLM":
+        raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers but transformers built its plain Qwen3-MoE "
+                         "model (no auto_map to the directory's modeling file: export it again with "
+                         "launch/convert.py export)")
     model.eval()
     return model(input_ids=input_ids, use_cache=False).logits.float()
 
@@ -56,9 +58,20 @@ def model_logits(model, input_ids: torch.Tensor, *, tp_group) -> torch.Tensor:
     device = next(module.parameters()).device
     ids = input_ids.to(device)
     b, s = ids.shape
+    pos = torch.arange(s, device=device).expand(3, b, s)
+    text_index = None
+    if getattr(module, "num_summary", 0):  # KSA: the summary slots go in as in training (train/trainer.py)
+        from models.attention.ksa import KSASelfAttention
+        from models.ksa_tokens import insert_summary_slots
+
+        chunk = next(m.chunk for m in module.modules() if isinstance(m, KSASelfAttention))
+        sb = insert_summary_slots(ids, chunk=chunk, num_summary=module.num_summary, summary_token_id=module.vocab_size)
+        sb.input_ids[..., sb.layout.summary_index] = module.vocab_size + sb.layout.summary_slot
+        ids, text_index = sb.input_ids, sb.layout.text_index
+        s = ids.shape[1]
+        pos = sb.position_ids.expand(3, b, s)
     if s % tp_group.size():
         raise ValueError(f"sequence length {s} must be divisible by tp ({tp_group.size()}) (sequence parallel)")
-    pos = torch.arange(s, device=device).expand(3, b, s)
     was_training = module.training
     module.eval()
     try:
@@ -71,6 +84,8 @@ def model_logits(model, input_ids: torch.Tensor, *, tp_group) -> torch.Tensor:
         parts = [torch.empty_like(logits) for _ in range(tp_group.size())]
         dist.all_gather(parts, logits.contiguous(), group=tp_group)
         logits = torch.cat(parts, dim=-1)
+    if text_index is not None:  # the text tokens' logits, aligned with input_ids
+        logits = logits[:, text_index]
     return logits.float().cpu()
 
 

@@ -14,9 +14,11 @@ ranks with tests/launch_util.run_ranks, the same job runs under torchrun with th
        trained indexers; transformers runs the export through its DSA code (trust_remote_code) and gives the
        trained model's logits at 32 tokens, where the indexers select (the dense reading of the same files does
        not). The DSA warm-up starts from the plain directory (indexers at their init) with the dense run's first
-       loss.
+       loss;
+    6. a KSA directory (KSA on layer 1 of 2: the tiny checkpoint plus summary projections and embeddings) imports at
+       TP2/EP2 with the logits of transformers running its KSA code, and exports back bit-identically.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR DSA_HF_DIR
+    torchrun --standalone --nproc_per_node 2 tests/dist/test_hf_roundtrip.py OUT.json HF_DIR WORK_DIR DSA_HF_DIR KSA_HF_DIR
 """
 
 import json
@@ -48,13 +50,16 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
 
     import shutil
 
-    from models.hf.tiny import add_tiny_dsa_indexers
+    from models.hf.tiny import add_tiny_dsa_indexers, add_tiny_ksa
 
     hf_dir, work, out, dsa_dir = tmp_path / "hf", tmp_path / "work", tmp_path / "out.json", tmp_path / "dsa_hf"
+    ksa_dir = tmp_path / "ksa_hf"
     save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
     shutil.copytree(hf_dir, dsa_dir)
     add_tiny_dsa_indexers(dsa_dir, [1], topk=DSA_TOPK)
-    run_ranks(2, "tests.dist.test_hf_roundtrip:main", (str(out), str(hf_dir), str(work), str(dsa_dir)),
+    shutil.copytree(hf_dir, ksa_dir)
+    add_tiny_ksa(ksa_dir, [1], chunk=4, num_summary=2, windows=[1, 2])
+    run_ranks(2, "tests.dist.test_hf_roundtrip:main", (str(out), str(hf_dir), str(work), str(dsa_dir), str(ksa_dir)),
               tmp_path / "logs", timeout=600)
     res = json.loads(out.read_text())
     print("\nTP2/EP2:", json.dumps(res, indent=1))
@@ -96,6 +101,15 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     # weights, so its first step's LM loss is the dense run's from that directory
     assert dsa["warmup_losses"] == res["losses_direct"], (dsa["warmup_losses"], res["losses_direct"])
 
+    # KSA: imported at TP2/EP2 (the summary projections split over TP as the text QKV), the logits of transformers
+    # running the directory's KSA code (32 tokens: 8 chunks of 4, 2 summaries each), exported back exactly
+    ksa = res["ksa"]
+    assert ksa["import_verify"]["ok"] and ksa["import_verify"]["argmax_agree"] == 1.0, ksa["import_verify"]
+    src, exported = HFCheckpoint(ksa_dir), HFCheckpoint(work / "ksa_exported")
+    assert sorted(exported.names()) == sorted(src.names()) and sum("summary" in n for n in src.names()) == 4
+    for n in src.names():
+        assert torch.equal(exported.read(n), src.read(n)), n
+
 
 # ------------------------------------------------------------------------------------------ driver
 def _train_one_step(init_from: Path, run_dir: Path, model: list[str] = ()) -> dict:
@@ -136,7 +150,7 @@ def _reimport(convert, lm, exported: Path, run: Path, res: dict) -> None:
     res["export_verify"] = convert.verify_chunks(chunks, str(exported), pgs=pgs, seq=32)
 
 
-def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
+def main(out: str, hf_dir: str, work: str, dsa_dir: str, ksa_dir: str) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "launch"))
     from train.noise import silence_known_warnings
@@ -173,13 +187,21 @@ def main(out: str, hf_dir: str, work: str, dsa_dir: str) -> None:
     # the DSA warm-up straight from the plain directory: the indexers keep their init, the attention stays dense
     dsa["warmup_losses"] = _train_one_step(hf_dir, work / "warmup_run",
                                            DSA_MODEL + ["model.lm.dsa.stage=dense_warmup", "train.trainable=indexer"])
+
+    # KSA: model.lm from the directory's config.json (its KSA fields)
+    ksa = res["ksa"] = {}
+    lm_ksa = convert.model_config(None, [], hf_dir=ksa_dir)
+    ksa["import_verify"] = convert.import_hf(ksa_dir, str(work / "ksa_imported"), lm=lm_ksa, verify=True,
+                                             **LAYOUT)["verify"]
+    ksa["export"] = convert.export(str(work / "ksa_imported"), str(work / "ksa_exported"), lm=lm_ksa,
+                                   max_shard_bytes=EXPORT_SHARD_BYTES)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(res, default=str))
     teardown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
 
 
 @pytest.mark.slow

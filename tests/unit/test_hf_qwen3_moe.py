@@ -5,6 +5,7 @@ against transformers' logits, loud failures on extra / missing / unmapped tensor
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -138,7 +139,13 @@ def test_qkv_rows_interleave_per_query_group():
     fc1 = q.megatron_to_hf(q.FC1, (0, 5), lm)
     assert [s.name for s in fc1] == ["model.layers.0.mlp.experts.5.gate_proj.weight",
                                      "model.layers.0.mlp.experts.5.up_proj.weight"]
-    assert q.megatron_to_hf("decoder.layers.self_attention.linear_qkv_summary.weight", (0,), lm) is None
+    # a KSA layer's summary projection splits the same way, into summary_{q,k,v}_proj; its index counts KSA layers
+    ksa = replace(lm, num_layers=3, attention_per_layer=["dense", "ksa", "ksa"])
+    summary = q.megatron_to_hf(q.SUMMARY_QKV, (0,), ksa)
+    assert [(s.name, s.start, s.rows) for s in summary] == [
+        (s.name.replace(p, p + "summary_"), s.start, s.rows) for s in segs]
+    with pytest.raises(ValueError, match=r"model.lm has 0 KSA layer\(s\) \[\]"):
+        q.megatron_to_hf(q.SUMMARY_QKV, (0,), lm)
 
 
 # ------------------------------------------------------------------------------------------ import
@@ -209,10 +216,12 @@ def test_wrong_shape_is_named(hf, pgs, tmp_path):
         q.load_hf_into([_build(hf["lm"], pgs)], path, lm=hf["lm"])
 
 
-def test_model_parameters_without_hf_source_are_named(hf, pgs):
-    lm = replace(hf["lm"], attention="ksa")  # summary embedding and summary QKV projections: not in Qwen3
-    with pytest.raises(RuntimeError, match=r"linear_qkv_summary.*summary_embedding|summary_embedding"):
-        q.load_hf_into([_build(lm, pgs)], hf["single"], lm=lm)
+def test_model_parameters_without_hf_source_are_named(hf, pgs, monkeypatch):
+    real = q.megatron_to_hf  # a mapping that forgot the router: the parameter is named, not left at its init
+    monkeypatch.setattr(q, "megatron_to_hf",
+                        lambda key, index, lm: None if key.endswith("router.weight") else real(key, index, lm))
+    with pytest.raises(RuntimeError, match=r"model parameters with no tensor in the HF checkpoint .*router\.weight"):
+        q.load_hf_into([_build(hf["lm"], pgs)], hf["single"], lm=hf["lm"])
 
 
 def test_coverage_check_names_unread_and_partly_read_tensors():
@@ -242,7 +251,7 @@ def test_import_save_export_round_trip_is_exact(hf, pgs, tmp_path):
         size = sum(back.read(n).numel() * 4 for n in names)
         assert size <= limit or len(names) == 1, (f, size)
     assert compare_logits(reference_logits(tmp_path / "back", hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
-    assert not (tmp_path / "back" / q.DSA_MODELING_FILE.name).exists()  # a dense model: no code of its own
+    assert not (tmp_path / "back" / q.MODELING["dsa"][0].name).exists()  # a dense model: no code of its own
     # a re-import of the export fills the model with exactly the same values
     a, b = _build(hf["lm"], pgs), _build(hf["lm"], pgs)
     q.load_hf_into([a], hf["single"], lm=hf["lm"])
@@ -332,7 +341,7 @@ def test_dsa_config_and_tensor_names(hf, caplog):
     assert "index_n_heads" not in q.hf_config_from_lm(hf["lm"])
     with pytest.raises(ValueError, match=r"dsa_layers=\[1\]: the checkpoint has DSA indexers, model.lm has none"):
         q.check_hf_config(cfg, hf["lm"])
-    with pytest.raises(ValueError, match=r"DSA on layers \[1\] but the HF config has no indexer.*plain Qwen3-MoE"):
+    with pytest.raises(ValueError, match=r"DSA on layers \[1\] but the HF config has none.*plain Qwen3-MoE"):
         q.check_hf_config(hf["config"], lm)
     q.check_hf_config(hf["config"], lm, plain_ok=True)   # load_hf_into(keep_init=True): the indexers keep their init
     with pytest.raises(ValueError, match=r"dsa_layers=\[0\] does not match the DSA layers of model.lm \[1\]"):
@@ -345,8 +354,8 @@ def test_dsa_config_and_tensor_names(hf, caplog):
         q.lm_config_from_hf({**cfg, "dsa_layers": [2]})
     q.check_hf_config({**cfg, "index_topk": 64}, lm)  # shapes no weight: a warning
     assert "index_topk=64, model.lm.dsa.topk=32" in caplog.text
-    with pytest.raises(ValueError, match="not KSA"):
-        q.hf_config_from_lm(replace(hf["lm"], attention="ksa"))
+    with pytest.raises(ValueError, match="layers of dsa and ksa: a Qwen3-MoE HF checkpoint holds one attention"):
+        q.hf_config_from_lm(replace(lm, attention_per_layer=["dsa", "ksa"]))
 
 
 @pytest.mark.parametrize("layers", [[0, 1], [1]])
@@ -378,7 +387,7 @@ def test_dsa_import_export_round_trip(hf, pgs, tmp_path, layers):
     back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back_cfg["dsa_layers"] == layers and q.lm_config_from_hf(back_cfg) == lm
     assert compare_logits(reference_logits(tmp_path / "back", hf["ids"], dense=True), hf["ref"])["max_abs_diff"] == 0.0
-    assert (tmp_path / "back" / "modeling_qwen3_moe_dsa.py").read_bytes() == q.DSA_MODELING_FILE.read_bytes()
+    assert (tmp_path / "back" / "modeling_qwen3_moe_dsa.py").read_bytes() == q.MODELING["dsa"][0].read_bytes()
     assert back_cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_qwen3_moe_dsa.Qwen3MoeDSAForCausalLM"}
 
     long_ids = fixed_input_ids(lm.vocab_size, seq=96, seed=3)   # 96 tokens, top-32: the indexers select
@@ -445,3 +454,97 @@ def test_a_plain_directory_starts_a_dsa_or_ksa_model(hf, pgs, tmp_path, variant)
              "model.lm.dsa.index_dim=8", "model.lm.dsa.stage=dense_warmup", "train.trainable=indexer", *TINY_MODEL]))[0])
     with pytest.raises((ValueError, RuntimeError), match="plain Qwen3-MoE|summary"):
         q.load_hf_into([_build(lm, pgs)], hf["single"], lm=lm)
+
+
+# ------------------------------------------------------------------------------------------ KSA
+KSA = dict(chunk=4, num_summary=2, windows=[1, 2])  # 40-50 token inputs: 10-12 chunks, windows of 1 and 2 chunks
+
+
+def _ksa_lm(lm, layers):
+    from models.config import KSAConfig
+
+    kinds = ["ksa" if l in layers else "dense" for l in range(lm.num_layers)]
+    one = len(set(kinds)) == 1
+    return replace(lm, attention=kinds[0] if one else "dense", attention_per_layer=[] if one else kinds,
+                   ksa=KSAConfig(**KSA))
+
+
+def _with_ksa(src: Path, dst: Path, layers) -> Path:
+    """A copy of the tiny checkpoint as a KSA export (KSA on `layers`, models/hf/tiny.py add_tiny_ksa)."""
+    from models.hf.tiny import add_tiny_ksa
+
+    shutil.copytree(src, dst)
+    add_tiny_ksa(dst, layers, **KSA)
+    return dst
+
+
+def test_ksa_config_and_tensor_names(hf):
+    """A KSA model's config.json carries its layout (the KSA layers, chunk, summaries per chunk, windows) and maps back
+    to the same model.lm; its tensors are the Qwen3-MoE ones plus summary q/k/v projections per KSA layer and the
+    summary embeddings; every disagreement with model.lm stops the import, naming both sides."""
+    for layers in ([0, 1], [1]):
+        lm = _ksa_lm(hf["lm"], layers)
+        cfg = q.hf_config_from_lm(lm)
+        assert (cfg["ksa_layers"], cfg["ksa_chunk"], cfg["ksa_num_summary"], cfg["ksa_windows"]) == (layers, 4, 2, [1, 2])
+        assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_qwen3_moe_ksa.Qwen3MoeKSAForCausalLM"}
+        assert q.lm_config_from_hf(cfg) == lm
+        q.check_hf_config(cfg, lm)
+        own = {n: s for n, s in q.hf_tensor_shapes(lm).items() if "summary" in n}
+        assert own == {"model.summary_embed.weight": (2, 64),
+                       **{f"model.layers.{l}.self_attn.summary_{n}_proj.weight": s for l in layers
+                          for n, s in (("q", (64, 64)), ("k", (32, 64)), ("v", (32, 64)))}}
+        assert set(q.hf_tensor_shapes(lm)) - set(own) == set(q.hf_tensor_shapes(hf["lm"]))
+    lm, cfg = _ksa_lm(hf["lm"], [1]), q.hf_config_from_lm(_ksa_lm(hf["lm"], [1]))
+    with pytest.raises(ValueError, match=r"ksa_layers=\[1\]: the checkpoint has KSA layers, model.lm has none"):
+        q.check_hf_config(cfg, hf["lm"])
+    with pytest.raises(ValueError, match=r"KSA on layers \[1\] but the HF config has none.*plain Qwen3-MoE"):
+        q.check_hf_config(hf["config"], lm)
+    q.check_hf_config(hf["config"], lm, plain_ok=True)  # load_hf_into(keep_init=True): the summary parameters stay
+    with pytest.raises(ValueError, match=r"ksa_layers=\[0\] does not match the KSA layers of model.lm \[1\]"):
+        q.check_hf_config({**cfg, "ksa_layers": [0]}, lm)
+    for field, value, lm_field in (("ksa_chunk", 8, "chunk"), ("ksa_num_summary", 1, "num_summary"),
+                                   ("ksa_windows", [1], "windows")):
+        with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} does not match model.lm.ksa.{lm_field}=")):
+            q.check_hf_config({**cfg, field: value}, lm)
+    with pytest.raises(ValueError, match=r"no 'ksa_layers'"):
+        q.check_hf_config({k: v for k, v in cfg.items() if k != "ksa_layers"}, lm)
+
+
+@pytest.mark.parametrize("layers", [[0, 1], [1]])
+def test_ksa_import_export_round_trip(hf, pgs, tmp_path, layers):
+    """A KSA checkpoint in the HF layout -> our checkpoint -> HF: every tensor bit-identical, the summary projections
+    and embeddings included, with transformers' KSA code beside it. The independent reference: transformers running
+    that code (trust_remote_code) gives our KSA model's text logits (the summary tokens inserted by each side: 50
+    tokens, 12 complete chunks of 4, 2 summaries each), for KSA on every layer and beside a dense layer."""
+    from models.hf.verify import model_logits
+
+    src = _with_ksa(hf["single"], tmp_path / "ksa_hf", layers)
+    lm = q.lm_config_from_hf(json.loads((src / "config.json").read_text()))
+    assert lm.layer_attention() == ["ksa" if l in layers else "dense" for l in range(2)] and lm.ksa.windows == [1, 2]
+    model = _build(lm, pgs).eval()
+    q.load_hf_into([model], src, lm=lm)
+    ids = fixed_input_ids(lm.vocab_size, seq=50, seed=3)
+    ours = model_logits(model, ids, tp_group=pgs.tp)
+    assert ours.shape == (2, 50, lm.vocab_size)
+    result = compare_logits(ours, reference_logits(src, ids))
+    assert result["ok"] and result["argmax_agree"] == 1.0, result
+    assert not compare_logits(ours, reference_logits(hf["single"], ids))["ok"]  # the summaries change the logits
+
+    convert = _convert_module()
+    convert.import_hf(str(src), str(tmp_path / "ours"), lm=lm)
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    a, b = HFCheckpoint(src), HFCheckpoint(tmp_path / "back")
+    assert sorted(b.names()) == sorted(a.names()) and sum("summary" in n for n in a.names()) == 1 + 3 * len(layers)
+    for n in a.names():
+        assert torch.equal(b.read(n), a.read(n)), n
+    back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert q.lm_config_from_hf(back_cfg) == lm
+    assert (tmp_path / "back" / q.MODELING["ksa"][0].name).read_bytes() == q.MODELING["ksa"][0].read_bytes()
+    again = _build(lm, pgs).eval()
+    q.load_hf_into([again], tmp_path / "back", lm=lm)
+    assert torch.equal(model_logits(again, ids, tp_group=pgs.tp), ours)
+    # a dense model.lm refuses the KSA checkpoint both ways, naming the summary tensors or the KSA layers
+    with pytest.raises(ValueError, match=r"no counterpart.*summary.*the checkpoint has KSA layers; give the model"):
+        convert.export(str(tmp_path / "ours"), str(tmp_path / "dense"), lm=hf["lm"])
+    with pytest.raises(ValueError, match="the checkpoint has KSA layers, model.lm has none"):
+        q.load_hf_into([_build(hf["lm"], pgs)], src, lm=hf["lm"])

@@ -1,0 +1,179 @@
+"""Qwen3-MoE with Kwai Summary Attention (KSA) on some or all of its layers, for Hugging Face transformers.
+
+`launch/convert.py export` writes this file beside the config.json of a model with KSA layers and names it in the
+config's `auto_map`, so
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+runs the model as it was trained: summary tokens inserted into the sequence, each KSA layer attending by its rule.
+transformers' own Qwen3-MoE cannot read such a directory (the summary tensors and the changed sequence).
+
+The file stands alone (torch and transformers only): transformers copies this one file into its module cache.
+Written against transformers 5.24 (its Qwen3-MoE classes).
+
+The computation (the trainer's models/ksa_tokens.py, models/attention/ksa.py; kernels/ksa/naive.py is its reference):
+  * the text of a row is cut into chunks of C = `ksa_chunk` tokens; after every complete chunk come S =
+    `ksa_num_summary` summary tokens, embedded from `model.summary_embed` (row j for the chunk's j-th summary);
+    a summary token takes the position of its chunk's last text token;
+  * every layer runs on that interleaved sequence. A KSA layer projects summary tokens with its own
+    `summary_{q,k,v}_proj` (the q/k norms are shared) and attends by the KSA rule with its window W =
+    ksa_windows[layer % len(ksa_windows)]: a summary query of chunk c sees chunk c's text and summaries
+    (causally); a text query of chunk c sees the text of chunks c-W..c (its own causally) and the summaries of the
+    chunks before c-W. A dense layer of the same model attends causally over the whole interleaved sequence;
+  * the logits are those of the text tokens: [batch, text tokens, vocab], aligned with input_ids.
+Rows are single documents without padding (an attention mask with zeros is refused). There is no cache: every call
+runs the whole sequence, so generate() recomputes it at each new token (use_cache is off). Queries run in chunks
+(QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a reference implementation in
+plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeAttention,
+    Qwen3MoeForCausalLM,
+    apply_rotary_pos_emb,
+)
+
+# Elements of the largest per-chunk temporary (fp32 attention logits): 2^26 = 256 MiB.
+QUERY_CHUNK_ELEMENTS = 1 << 26
+
+
+def summary_layout(num_text: int, chunk: int, num_summary: int, device=None) -> dict[str, torch.Tensor]:
+    """Where text and summary tokens go in the interleaved sequence of one document of `num_text` text tokens:
+    text_index [T], summary_index [N], slot [N] (0..S-1), source [N] (the text index of the chunk's last token)."""
+    full = num_text // chunk
+    i = torch.arange(num_text, device=device)
+    c = torch.arange(full, device=device).repeat_interleave(num_summary)
+    slot = torch.arange(num_summary, device=device).repeat(full)
+    return {"text_index": i + (i // chunk) * num_summary, "summary_index": c * (chunk + num_summary) + chunk + slot,
+            "slot": slot, "source": c * chunk + chunk - 1}
+
+
+def ksa_mask(rows: torch.Tensor, total: int, *, chunk: int, num_summary: int, window: int) -> torch.Tensor:
+    """[len(rows), total] bool: which keys the queries at interleaved positions `rows` may see (the KSA rule)."""
+    period = chunk + num_summary
+    q, k = rows.view(-1, 1), torch.arange(total, device=rows.device).view(1, -1)
+    cq, ck = q // period, k // period
+    q_sum, k_sum = (q % period) >= chunk, (k % period) >= chunk
+    summary_query = q_sum & (ck == cq)
+    text_query = ~q_sum & ((~k_sum & (ck >= cq - window)) | (k_sum & (ck < cq - window)))
+    return (k <= q) & (summary_query | text_query)
+
+
+class Qwen3MoeKSAAttention(Qwen3MoeAttention):
+    """Qwen3-MoE attention with a second q/k/v projection for summary tokens, attending by the KSA rule.
+    `summary_mask` ([T'] bool, True at summary tokens) is set by Qwen3MoeKSAForCausalLM around each forward;
+    `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h, d = config.hidden_size, self.head_dim
+        bias = config.attention_bias
+        self.summary_q_proj = nn.Linear(h, config.num_attention_heads * d, bias=bias)
+        self.summary_k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
+        self.summary_v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
+        self.chunk, self.num_summary = int(config.ksa_chunk), int(config.ksa_num_summary)
+        windows = list(config.ksa_windows)
+        self.window = int(windows[layer_idx % len(windows)])
+        self.summary_mask: torch.Tensor | None = None
+        self.query_chunk: int | None = None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, **kwargs):
+        if self.summary_mask is None:
+            raise RuntimeError("a KSA layer runs inside Qwen3MoeKSAForCausalLM (it sets where the summary tokens are)")
+        b, t, _ = hidden_states.shape
+        summary = self.summary_mask.view(1, t, 1)
+
+        def project(text, summ):  # each token's row from its own projection
+            return torch.where(summary, summ(hidden_states), text(hidden_states)).view(b, t, -1, self.head_dim)
+
+        q = self.q_norm(project(self.q_proj, self.summary_q_proj)).transpose(1, 2)  # [b, hq, t, d]
+        k = self.k_norm(project(self.k_proj, self.summary_k_proj)).transpose(1, 2)  # [b, hkv, t, d]
+        v = project(self.v_proj, self.summary_v_proj).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+        g = hq // hkv
+        chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * t)))
+        kf, vf = k.float(), v.float()
+        out = q.new_empty(b, t, hq, d)
+        for i0 in range(0, t, chunk):
+            i1 = min(t, i0 + chunk)
+            qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
+            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scaling
+            mask = ksa_mask(torch.arange(i0, i1, device=q.device), t, chunk=self.chunk,
+                            num_summary=self.num_summary, window=self.window)
+            p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # every query sees itself
+            o = torch.einsum("bhgqk,bhkd->bqhgd", p, vf)
+            out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
+        return self.o_proj(out.reshape(b, t, -1)), None
+
+
+class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
+    """Qwen3-MoE whose layers in `config.ksa_layers` use KSA (their summary projections under
+    model.layers.{l}.self_attn.summary_{q,k,v}_proj), with the summary embeddings under model.summary_embed."""
+
+    def __init__(self, config):
+        layers = [int(l) for l in (getattr(config, "ksa_layers", None) or [])]
+        if not layers:
+            raise ValueError("config.ksa_layers names no layer: this is not a KSA checkpoint")
+        bad = [l for l in layers if not 0 <= l < config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"config.ksa_layers={layers}: layers {bad} are not in 0..{config.num_hidden_layers - 1}")
+        config.use_cache = False  # no cache: each call runs the whole interleaved sequence (module docstring)
+        super().__init__(config)
+        self.model.summary_embed = nn.Embedding(int(config.ksa_num_summary), config.hidden_size)
+        self.ksa_layers = layers
+        for l in layers:
+            self.model.layers[l].self_attn = Qwen3MoeKSAAttention(config, l)
+        self.generation_config.use_cache = False
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate() without a cache (a directory's generation_config.json may ask for one)."""
+        kwargs.setdefault("use_cache", False)
+        return super().generate(*args, **kwargs)
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
+        if use_cache or (cache is not None and cache.get_seq_length() > 0):
+            raise ValueError("a KSA model runs without a cache (every call runs the whole sequence): use_cache=False")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("a KSA model takes rows without padding (attention_mask all ones): run such rows apart")
+        b, t = input_ids.shape
+        dev = input_ids.device
+        cfg = self.config
+        lay = summary_layout(t, int(cfg.ksa_chunk), int(cfg.ksa_num_summary), dev)
+        total = t + lay["slot"].numel()
+        text = self.model.embed_tokens(input_ids)
+        hidden = text.new_zeros(b, total, text.shape[-1])
+        hidden[:, lay["text_index"]] = text
+        hidden[:, lay["summary_index"]] = self.model.summary_embed.weight[lay["slot"]].to(text.dtype)
+        pos = position_ids if position_ids is not None else torch.arange(t, device=dev).expand(b, t)
+        new_pos = pos.new_zeros(b, total)
+        new_pos[:, lay["text_index"]] = pos
+        new_pos[:, lay["summary_index"]] = pos[:, lay["source"]]
+        is_summary = torch.zeros(total, dtype=torch.bool, device=dev)
+        is_summary[lay["summary_index"]] = True
+        attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
+        for m in attn:
+            m.summary_mask = is_summary
+        try:
+            # an explicit mask: without one transformers reads a position that repeats (a summary's) as the start of
+            # another packed sequence and splits a dense layer's causal mask there
+            out = self.model(inputs_embeds=hidden, position_ids=new_pos, use_cache=False,
+                             attention_mask=torch.ones(b, total, dtype=torch.long, device=dev))
+        finally:
+            for m in attn:
+                m.summary_mask = None
+        logits = self.lm_head(out.last_hidden_state[:, lay["text_index"]])
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
