@@ -11,7 +11,8 @@ training. Without `trust_remote_code` transformers reads the same directory as t
 indexer tensors unused), which agrees with it only while every query's causal prefix fits in the top-k.
 
 The file stands alone (torch and transformers only): transformers copies this one file into its module cache.
-Written against transformers 5.24 (its Qwen3-MoE classes and its cache's indexer-key layer).
+Written against transformers 5.24 (its Qwen3-MoE classes and its cache's indexer-key layer); also runs on 5.17,
+whose cache has no indexer-key layer (see _cached_index_keys).
 
 The computation, per DSA layer (the trainer's models/attention/dsa.py; kernels/dsa/naive.py is its reference):
     q_idx = W_q h                  [b, s, HI, DI]   half-split RoPE
@@ -28,7 +29,8 @@ Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index scores [b, chunk, HI, 
 values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. It is a reference implementation in
 plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
-reorder them for beam search).
+reorder them for beam search); on a transformers without them, beside the cache (greedy and sampled generation;
+beam search there would not reorder them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import cache_utils
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
     Qwen3MoeForCausalLM,
@@ -44,6 +47,21 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 
 # Elements of the largest per-chunk temporary (fp32): 2^26 = 256 MiB.
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# transformers' cache layer for index keys (5.24 has it; older versions do not)
+INDEXED_CACHE = "indexed_attention" in getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+
+
+def _cached_index_keys(cache, layer_idx: int, k_idx: torch.Tensor) -> torch.Tensor:
+    """This layer's index keys so far, `k_idx` [b, s, DI] appended: in the cache's indexed-attention layer, or,
+    where the cache has none, in a dict beside it (per cache object, so a new generation starts empty)."""
+    layer = cache.layers[layer_idx] if hasattr(cache, "layers") and layer_idx < len(cache.layers) else None
+    if hasattr(layer, "update_indexer"):
+        return cache.update_indexer(k_idx, layer_idx)
+    store = cache.__dict__.setdefault("dsa_index_keys", {})
+    if layer_idx in store:
+        k_idx = torch.cat([store[layer_idx], k_idx], dim=1)
+    store[layer_idx] = k_idx
+    return k_idx
 
 
 def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -131,7 +149,7 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         q_idx, w_idx, k_idx = self.indexer(hidden_states, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-            k_idx = cache.update_indexer(k_idx, self.layer_idx)
+            k_idx = _cached_index_keys(cache, self.layer_idx, k_idx)
         out = self._sparse_attention(q, k, v, q_idx, w_idx, k_idx, attention_mask)
         return self.o_proj(out.reshape(b, s, -1)), None
 
@@ -174,9 +192,9 @@ class Qwen3MoeDSAForCausalLM(Qwen3MoeForCausalLM):
         bad = [l for l in layers if not 0 <= l < config.num_hidden_layers]
         if bad:
             raise ValueError(f"config.dsa_layers={layers}: layers {bad} are not in 0..{config.num_hidden_layers - 1}")
-        # the cache keeps the index keys of these layers (transformers' indexed-attention cache layers)
-        config.layer_types = ["indexed_attention" if l in layers else "full_attention"
-                              for l in range(config.num_hidden_layers)]
+        if INDEXED_CACHE:  # the cache keeps the index keys of these layers (transformers' indexed-attention layers)
+            config.layer_types = ["indexed_attention" if l in layers else "full_attention"
+                                  for l in range(config.num_hidden_layers)]
         super().__init__(config)
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeDSAAttention(config, l)

@@ -66,19 +66,24 @@ def test_selection_is_the_reference_selection_ties_included(packed):
 
 
 def test_generation_with_the_cache_gives_the_full_forward(model):
-    """Each DSA layer's index keys live in transformers' cache (its indexed-attention layers): a prefill of 20
-    tokens, then one token at a time, gives at every step the logits of one forward over the whole sequence; and
-    generate() picks the same tokens with and without the cache."""
+    """Each DSA layer's index keys live in transformers' cache (its indexed-attention layers, or beside a cache
+    without them): a prefill of 20 tokens, then one token at a time, gives at every step the logits of one forward
+    over the whole sequence; and generate() picks the same tokens with and without the cache."""
     from transformers.cache_utils import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     full = model(input_ids=ids, use_cache=False).logits
-    cache = DynamicCache(config=model.config)
-    steps = [model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits]
-    for i in range(20, 32):
-        steps.append(model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits)
-    assert cache.layers[0].indexer_keys.shape == (2, 32, model.config.index_head_dim)
-    assert _close(torch.cat(steps, dim=1), full)
+    # the model's cache (index keys in its indexed-attention layers), and one without such layers, as a cache built
+    # without the config or an older transformers (5.17) makes: the index keys then live beside it
+    for cache in (DynamicCache(config=model.config), DynamicCache()):
+        steps = [model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits]
+        for i in range(20, 32):
+            steps.append(model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+        keys = getattr(cache.layers[0], "indexer_keys", None)
+        keys = cache.dsa_index_keys[0] if keys is None else keys
+        assert keys.shape == (2, 32, model.config.index_head_dim)
+        assert _close(torch.cat(steps, dim=1), full)
+    assert not hasattr(DynamicCache(config=model.config), "dsa_index_keys")
     with torch.no_grad():
         cached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=True)
         uncached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=False)
