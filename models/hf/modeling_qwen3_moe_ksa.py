@@ -21,8 +21,9 @@ The computation (the trainer's models/ksa_tokens.py, models/attention/ksa.py; ke
     (causally); a text query of chunk c sees the text of chunks c-W..c (its own causally) and the summaries of the
     chunks before c-W. A dense layer of the same model attends causally over the whole interleaved sequence;
   * the logits are those of the text tokens: [batch, text tokens, vocab], aligned with input_ids.
-Rows are single documents without padding (an attention mask with zeros is refused). There is no cache: every call
-runs the whole sequence, so generate() recomputes it at each new token (use_cache is off). Queries run in chunks
+Each row is one document. A padded batch (left or right padding in attention_mask) runs row by row, each row's
+tokens alone. There is no cache: every call runs the whole sequence, so generate() recomputes it at each new token
+(use_cache is off). Queries run in chunks
 (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a reference implementation in
 plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
@@ -147,7 +148,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         if use_cache or (cache is not None and cache.get_seq_length() > 0):
             raise ValueError("a KSA model runs without a cache (every call runs the whole sequence): use_cache=False")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("a KSA model takes rows without padding (attention_mask all ones): run such rows apart")
+            return self._padded_rows(input_ids, attention_mask.bool(), position_ids, labels)
         b, t = input_ids.shape
         dev = input_ids.device
         cfg = self.config
@@ -177,3 +178,22 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         logits = self.lm_head(out.last_hidden_state[:, lay["text_index"]])
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _padded_rows(self, input_ids, mask, position_ids, labels) -> CausalLMOutputWithPast:
+        """A batch with padding: each row's tokens (one contiguous run, left or right padded) run alone, as a
+        document of their own (its chunks, and so its summaries, start at its first token); padding gets zero
+        logits. Positions: the given ones of those tokens, else 0, 1, 2, ..."""
+        if labels is not None:
+            raise ValueError("a KSA model computes no loss over padded rows: pass labels with unpadded rows")
+        rows = []
+        for r in range(input_ids.shape[0]):
+            where = mask[r].nonzero().flatten()
+            if where.numel() == 0 or where[-1] - where[0] + 1 != where.numel():
+                raise ValueError(f"row {r} of attention_mask is not one run of tokens (left or right padding only)")
+            keep = slice(int(where[0]), int(where[-1]) + 1)
+            pos = None if position_ids is None else position_ids[r:r + 1, keep]
+            rows.append((keep, self(input_ids=input_ids[r:r + 1, keep], position_ids=pos).logits[0]))
+        logits = rows[0][1].new_zeros(*input_ids.shape, rows[0][1].shape[-1])
+        for r, (keep, row) in enumerate(rows):
+            logits[r, keep] = row
+        return CausalLMOutputWithPast(logits=logits)

@@ -56,7 +56,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @torch.no_grad()
 def test_generation_runs_the_whole_sequence_each_step(model):
     """No cache: generate() gives the tokens of a greedy loop over whole-sequence forwards (each new token may
-    complete a chunk, whose summaries then go in); asking for a cache, or padding, is refused with the reason."""
+    complete a chunk, whose summaries then go in); asking for a cache is refused with the reason."""
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=9, do_sample=False)
     loop = ids
@@ -65,9 +65,27 @@ def test_generation_runs_the_whole_sequence_each_step(model):
     assert torch.equal(out, loop)
     with pytest.raises(ValueError, match="without a cache"):
         model(input_ids=ids, use_cache=True)
+
+
+@torch.no_grad()
+def test_padded_rows_run_as_alone(model):
+    """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
+    and generate() continues each row as it continues that row alone. A mask that is not one run of tokens per row
+    is refused."""
+    g = torch.Generator().manual_seed(3)
+    long, short = (torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in (17, 10))
+    pad = 17 - 10
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
     mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="without padding"):
+    mask[1, :pad] = 0
+    batch = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(batch[1, :pad], torch.zeros_like(batch[1, :pad]))
+    assert _close(batch[1:, pad:], model(input_ids=short).logits) and _close(batch[:1], model(input_ids=long).logits)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out[1, pad:], model.generate(short, max_new_tokens=6, do_sample=False)[0])
+    assert torch.equal(out[:1], model.generate(long, max_new_tokens=6, do_sample=False))
+    mask[0, 3] = 0
+    with pytest.raises(ValueError, match="row 0 of attention_mask is not one run of tokens"):
         model(input_ids=ids, attention_mask=mask)
 
 
