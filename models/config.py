@@ -6,7 +6,7 @@ parameter/FLOP counts derived from it without allocating anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
 EXPERT_IMPLS = ("sequential", "auto", "torch_grouped_mm", "triton", "loop")
@@ -141,6 +141,12 @@ class LMConfig:
     def layers_with(self, variant: str) -> list[int]:
         """The layers whose attention is `variant`."""
         return [l for l, kind in enumerate(self.layer_attention()) if kind == variant]
+
+    def with_layer_attention(self, kinds: list[str]) -> LMConfig:
+        """This config with layer l's attention kinds[l]: one `attention` when every layer has the same, else
+        `attention_per_layer`."""
+        one = len(set(kinds)) == 1
+        return replace(self, attention=kinds[0] if one else "dense", attention_per_layer=[] if one else list(kinds))
 
     @property
     def uses_ksa(self) -> bool:

@@ -135,12 +135,15 @@ def insert_summary_slots(
     input_ids: torch.Tensor, *, chunk: int, num_summary: int = 1, cu_seqlens: torch.Tensor | None = None,
     labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None, summary_token_id: int = 0, ignore_index: int = -100,
+    slot_ids_from: int | None = None,
 ) -> SummaryBatch:
     """Insert S summary slots after every complete chunk of C text tokens of every document.
 
     input_ids/labels/loss_mask: [T] or [B, T] (with cu_seqlens: [T] or [1, T]); position_ids: [..., T]
     (None: document-local 0, 1, 2, ...); cu_seqlens: [docs+1] text boundaries. A missing loss_mask
     counts as all ones. Returns the interleaved tensors, the remapped cu_seqlens and the layout.
+    slot_ids_from: summary slot j gets id slot_ids_from + j instead of `summary_token_id` (the model's
+    convention, models/lm.py KeyeLM: the vocabulary size, so the ids name the summary embedding rows).
     """
     if input_ids.ndim not in (1, 2):
         raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(input_ids.shape)}")
@@ -160,10 +163,13 @@ def insert_summary_slots(
         position_ids = (torch.arange(T, device=cu.device) - cu[doc]).expand_as(input_ids)
     if loss_mask is None:
         loss_mask = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    ids = _scatter_last(input_ids, layout, summary_token_id)
+    if slot_ids_from is not None:
+        ids[..., layout.summary_index] = slot_ids_from + layout.summary_slot
     new_pos = _scatter_last(position_ids, layout, 0)
     new_pos[..., layout.summary_index] = position_ids[..., layout.summary_source]
     return SummaryBatch(
-        input_ids=_scatter_last(input_ids, layout, summary_token_id),
+        input_ids=ids,
         labels=None if labels is None else _scatter_last(labels, layout, ignore_index),
         loss_mask=_scatter_last(loss_mask, layout, 0),
         position_ids=new_pos,

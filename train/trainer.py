@@ -91,9 +91,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     if inputs.ksa_chunk:
         cu = batch["cu_seqlens"].reshape(-1) if "cu_seqlens" in batch else None
         sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
-                                  loss_mask=mask, position_ids=pos, summary_token_id=inputs.vocab_size,
-                                  ignore_index=0, cu_seqlens=cu)
-        sb.input_ids[..., sb.layout.summary_index] = inputs.vocab_size + sb.layout.summary_slot
+                                  loss_mask=mask, position_ids=pos, slot_ids_from=inputs.vocab_size, ignore_index=0,
+                                  cu_seqlens=cu)
         if inputs.distill is not None:  # the dense teacher reads the row as it came: its documents, its frames
             teacher_kwargs = {} if cu is None else {"packed_seq_params": packed_params(cu)}
             if raw.get("visual_embeds") is not None:

@@ -442,7 +442,7 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
     if sum(base.mrope_section) * 2 != values["head_dim"]:
         values["mrope_section"] = default_mrope_section(values["head_dim"])
     n = values["num_layers"]
-    kinds = ["dense"] * n
+    kinds = ["dense"] * n  # each layer's attention, from the variants' layer lists
     for variant in ("dsa", "ksa"):
         layers = cfg.get(f"{variant}_layers")
         if not layers:
@@ -457,9 +457,8 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
                                     windows=[int(w) for w in cfg["ksa_windows"]])
         for l in layers:
             kinds[l] = variant
-    if set(kinds) != {"dense"}:
-        values["attention"], values["attention_per_layer"] = (kinds[0], []) if len(set(kinds)) == 1 else ("dense", kinds)
-    return replace(base, **values)
+    out = replace(base, **values)
+    return out.with_layer_attention(kinds) if set(kinds) != {"dense"} else out
 
 
 def _from_hf(v, lm_name: str):
@@ -595,11 +594,8 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
     # the model the directory holds: model.lm with dense attention on the layers of a variant it lacks (keep_init),
     # whose own parameters are kept
     absent = {v for v in ("dsa", "ksa") if keep_init and lm.layers_with(v) and not ckpt.config.get(f"{v}_layers")}
-    src_lm = lm
-    if absent:
-        kinds = ["dense" if kind in absent else kind for kind in lm.layer_attention()]
-        src_lm = replace(lm, attention=kinds[0] if len(set(kinds)) == 1 else "dense",
-                         attention_per_layer=[] if len(set(kinds)) == 1 else kinds)
+    src_lm = lm.with_layer_attention(["dense" if kind in absent else kind for kind in lm.layer_attention()]) \
+        if absent else lm
     check_hf_tensors(ckpt, src_lm)
     reads: set = set()
     unmapped: set[str] = set()
@@ -773,8 +769,9 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     if writer is not None:
         writer.finish()
         Path(out_dir, "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        if _variant(lm):
-            write_modeling(out_dir, _variant(lm))
+        variant = _variant(lm)  # the code that config.json's auto_map names
+        if variant:
+            write_modeling(out_dir, variant)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     files = [HFShardWriter.shard_name(i, len(shards)) for i in range(len(shards))]

@@ -65,8 +65,7 @@ def model_logits(model, input_ids: torch.Tensor, *, tp_group) -> torch.Tensor:
         from models.ksa_tokens import insert_summary_slots
 
         chunk = next(m.chunk for m in module.modules() if isinstance(m, KSASelfAttention))
-        sb = insert_summary_slots(ids, chunk=chunk, num_summary=module.num_summary, summary_token_id=module.vocab_size)
-        sb.input_ids[..., sb.layout.summary_index] = module.vocab_size + sb.layout.summary_slot
+        sb = insert_summary_slots(ids, chunk=chunk, num_summary=module.num_summary, slot_ids_from=module.vocab_size)
         ids, text_index = sb.input_ids, sb.layout.text_index
         s = ids.shape[1]
         pos = sb.position_ids.expand(3, b, s)

@@ -47,9 +47,8 @@ def packed_batch(lm, device):
     pos = torch.stack([pos, pos // 2, pos // 3])  # distinct t/h/w rows: exercises every mrope section
     if lm.uses_ksa:
         sb = insert_summary_slots(tokens, chunk=lm.ksa.chunk, num_summary=lm.ksa.num_summary, cu_seqlens=cu,
-                                  labels=labels, loss_mask=mask, position_ids=pos, summary_token_id=lm.vocab_size,
+                                  labels=labels, loss_mask=mask, position_ids=pos, slot_ids_from=lm.vocab_size,
                                   ignore_index=0)
-        sb.input_ids[..., sb.layout.summary_index] = lm.vocab_size + sb.layout.summary_slot
         tokens, labels, mask, pos, cu = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids, sb.cu_seqlens
     return [t.to(device) for t in (tokens.reshape(1, -1), labels.reshape(1, -1), mask.reshape(1, -1), pos)], \
         cu.to(device=device, dtype=torch.int32)

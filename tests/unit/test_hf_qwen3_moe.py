@@ -308,10 +308,8 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
 
-    kinds = ["dsa" if l in layers else "dense" for l in range(lm.num_layers)]
-    one = len(set(kinds)) == 1
-    return replace(lm, attention=kinds[0] if one else "dense", attention_per_layer=[] if one else kinds,
-                   dsa=DSAConfig(index_heads=4, index_dim=8, topk=topk))
+    return replace(lm, dsa=DSAConfig(index_heads=4, index_dim=8, topk=topk)).with_layer_attention(
+        ["dsa" if l in layers else "dense" for l in range(lm.num_layers)])
 
 
 def _with_indexers(src: Path, dst: Path, layers) -> Path:
@@ -463,10 +461,8 @@ KSA = dict(chunk=4, num_summary=2, windows=[1, 2])  # 40-50 token inputs: 10-12 
 def _ksa_lm(lm, layers):
     from models.config import KSAConfig
 
-    kinds = ["ksa" if l in layers else "dense" for l in range(lm.num_layers)]
-    one = len(set(kinds)) == 1
-    return replace(lm, attention=kinds[0] if one else "dense", attention_per_layer=[] if one else kinds,
-                   ksa=KSAConfig(**KSA))
+    return replace(lm, ksa=KSAConfig(**KSA)).with_layer_attention(
+        ["ksa" if l in layers else "dense" for l in range(lm.num_layers)])
 
 
 def _with_ksa(src: Path, dst: Path, layers) -> Path:

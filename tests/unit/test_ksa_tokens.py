@@ -68,6 +68,10 @@ def test_multimodal_positions_and_defaults():
     assert torch.equal(remove_summary_slots(batch.position_ids, lay), mrope)
     assert batch.labels is None and batch.cu_seqlens is None
     assert batch.loss_mask[:, lay.summary_index].eq(0).all() and batch.loss_mask[:, lay.text_index].eq(1).all()
+    # the model's summary ids (slot_ids_from): vocabulary size + slot, the text ids unchanged
+    named = insert_summary_slots(ids, chunk=C, num_summary=S, slot_ids_from=100)
+    assert named.input_ids[:, lay.summary_index].tolist() == [[100, 101] * (T // C)] * B
+    assert torch.equal(remove_summary_slots(named.input_ids, lay), ids)
     # default positions: document-local 0..n-1 for text, summaries repeat the last text position
     packed = insert_summary_slots(ids[0], chunk=C, cu_seqlens=torch.tensor([0, 10, 23]))
     assert packed.position_ids.tolist() == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7, 8, 9,
