@@ -1,7 +1,9 @@
 """transformers running our DSA and KSA exports through their own code (models/hf/modeling_qwen3_moe_{dsa,ksa}.py)
 on the GPU, beside our model from the same run's checkpoint (Triton kernels; in fp32 also the naive backend): logits
 on 2 x 512 tokens in bf16 and in fp32 (each side loaded in that dtype), a 32K-token prefill in bf16 (time, peak
-memory), and generation (DSA with its cache against without; KSA without a cache). One JSON line per model.
+memory), and generation with the cache against without it: the same tokens after a short prompt, and the time of
+GEN_NEW tokens after a GEN_PROMPT-token prompt (bf16, batch 1; the baseline is generation without the cache, which
+is how a KSA export generated before it had one). One JSON line per model.
 Run by bench/hf_code_gpu.sh after it trains and exports the tiny DSA and KSA recipes:
     python3 bench/hf_code_gpu.py LABEL     (LABEL names the transformers in use in the output)"""
 import json
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 label = sys.argv[1]
 CUDA = torch.cuda.is_available()
 DEV, DTYPE, LONG = ("cuda", torch.bfloat16, 32768) if CUDA else ("cpu", torch.float32, 512)  # CPU: a dry run
+GEN_PROMPT, GEN_NEW = (8192, 32) if CUDA else (256, 8)
 
 
 def ours(v, ids, dtype, backend=None):
@@ -77,13 +80,27 @@ for v in ("dsa", "ksa"):
         del out
         prompt = ids[:, :100].to(DEV)
         with torch.no_grad():
-            if v == "dsa":
-                a = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True)
-                b = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
-                rec["generate_cache_vs_none_same_tokens"] = (a == b).float().mean().item()
-            else:
-                a = m.generate(prompt, max_new_tokens=12, do_sample=False)
-            rec["generated"] = list(a.shape)
+            a = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True)
+            b = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
+        rec["generate_cache_vs_none_same_tokens"] = (a[:, 100:] == b[:, 100:]).float().mean().item()
+        rec["generated"] = list(a.shape)
+
+        def timed_generate(use_cache):
+            if CUDA:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = m.generate(long_ids[:, :GEN_PROMPT], max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                                 do_sample=False, use_cache=use_cache)
+            if CUDA:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, out[:, GEN_PROMPT:]
+
+        timed_generate(True)  # warm-up (kernels, allocator)
+        (with_s, with_tok), (none_s, none_tok) = timed_generate(True), timed_generate(False)
+        rec.update(gen_prompt=GEN_PROMPT, gen_new=GEN_NEW, gen_cache_s=round(with_s, 3), gen_no_cache_s=round(none_s, 3),
+                   gen_speedup=round(none_s / with_s, 2),
+                   gen_same_tokens=(with_tok == none_tok).float().mean().item())
     except Exception:  # recorded, the other model still runs
         import traceback
 

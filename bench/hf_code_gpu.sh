@@ -13,9 +13,9 @@ for v in dsa ksa; do
   timeout 120 python3 launch/convert.py export /tmp/a_$v /tmp/hf_$v > $OUT/export_$v.log 2>&1
   echo "export_$v rc $?" >> $OUT/rc.txt
 done
-timeout 150 python3 bench/hf_code_gpu.py image >> $OUT/hf.jsonl 2> $OUT/hf_image.err
+timeout 240 python3 bench/hf_code_gpu.py image >> $OUT/hf.jsonl 2> $OUT/hf_image.err
 echo "hf image rc $?" >> $OUT/rc.txt
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_hf .device/whl_hf/*.whl > /dev/null 2>&1
-PYTHONPATH=/tmp/site_hf:$PYTHONPATH timeout 150 python3 bench/hf_code_gpu.py pinned >> $OUT/hf.jsonl 2> $OUT/hf_pinned.err
+PYTHONPATH=/tmp/site_hf:$PYTHONPATH timeout 240 python3 bench/hf_code_gpu.py pinned >> $OUT/hf.jsonl 2> $OUT/hf_pinned.err
 echo "hf pinned rc $?" >> $OUT/rc.txt
 nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt

@@ -21,14 +21,19 @@ The computation (the trainer's models/ksa_tokens.py, models/attention/ksa.py; ke
     (causally); a text query of chunk c sees the text of chunks c-W..c (its own causally) and the summaries of the
     chunks before c-W. A dense layer of the same model attends causally over the whole interleaved sequence;
   * the logits are those of the text tokens: [batch, text tokens, vocab], aligned with input_ids.
-Each row is one document. A padded batch (left or right padding in attention_mask) runs row by row, each row's
-tokens alone. There is no cache: every call runs the whole sequence, so generate() recomputes it at each new token
-(use_cache is off). Queries run in chunks
-(QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a reference implementation in
+Each row is one document. With a cache (transformers' DynamicCache, as generate() makes), the cache holds the
+interleaved sequence's keys and values: a call with the next text tokens appends them, and after a token that
+completes a chunk its S summary tokens in the same call, so generation runs one new token per step (1 + S rows
+where a chunk completes). The cache's length fixes how many text tokens it holds (every chunk's summaries follow it
+at once). A padded batch (left or right padding in attention_mask) runs row by row, each row's tokens alone and
+without a cache (its rows' summaries fall at different places); generate() turns the cache off for it. Queries run
+in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a reference implementation in
 plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -36,22 +41,39 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
     Qwen3MoeForCausalLM,
+    Qwen3MoeModel,
     apply_rotary_pos_emb,
 )
 
 # Elements of the largest per-chunk temporary (fp32 attention logits): 2^26 = 256 MiB.
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# The cache's keyword and output field: `cache` from transformers 5.2x, `past_key_values` before (5.17).
+CACHE_KEY = "cache" if "cache" in inspect.signature(Qwen3MoeModel.forward).parameters else "past_key_values"
 
 
-def summary_layout(num_text: int, chunk: int, num_summary: int, device=None) -> dict[str, torch.Tensor]:
-    """Where text and summary tokens go in the interleaved sequence of one document of `num_text` text tokens:
-    text_index [T], summary_index [N], slot [N] (0..S-1), source [N] (the text index of the chunk's last token)."""
-    full = num_text // chunk
-    i = torch.arange(num_text, device=device)
-    c = torch.arange(full, device=device).repeat_interleave(num_summary)
-    slot = torch.arange(num_summary, device=device).repeat(full)
-    return {"text_index": i + (i // chunk) * num_summary, "summary_index": c * (chunk + num_summary) + chunk + slot,
-            "slot": slot, "source": c * chunk + chunk - 1}
+def summary_layout(num_text: int, chunk: int, num_summary: int, device=None, start: int = 0) -> dict[str, torch.Tensor]:
+    """Where text and summary tokens go in the interleaved sequence of one document, for its `num_text` text tokens
+    from text index `start` on (the summaries of the chunks they complete follow them): text_index [T],
+    summary_index [N], slot [N] (0..S-1), source [N] (the chunk's last text token, among the T). Indices count from
+    the interleaved position of text token `start` (0 for a whole document)."""
+    first, end = start // chunk, (start + num_text) // chunk  # the chunks these tokens complete: first..end-1
+    origin = start + first * num_summary
+    i = torch.arange(start, start + num_text, device=device)
+    c = torch.arange(first, end, device=device).repeat_interleave(num_summary)
+    slot = torch.arange(num_summary, device=device).repeat(end - first)
+    return {"text_index": i + (i // chunk) * num_summary - origin,
+            "summary_index": c * (chunk + num_summary) + chunk + slot - origin,
+            "slot": slot, "source": c * chunk + chunk - 1 - start}
+
+
+def cached_text_tokens(cached: int, chunk: int, num_summary: int) -> int:
+    """The text tokens of an interleaved sequence of `cached` tokens that ends after a text token or a chunk's last
+    summary (as every call leaves a cache)."""
+    period = chunk + num_summary
+    if cached % period >= chunk:
+        raise ValueError(f"the cache holds {cached} tokens, which ends among a chunk's summaries "
+                         f"(chunks of {chunk} + {num_summary} summaries): it was not filled by this model")
+    return cached - num_summary * (cached // period)
 
 
 def ksa_mask(rows: torch.Tensor, total: int, *, chunk: int, num_summary: int, window: int) -> torch.Tensor:
@@ -67,7 +89,8 @@ def ksa_mask(rows: torch.Tensor, total: int, *, chunk: int, num_summary: int, wi
 
 class Qwen3MoeKSAAttention(Qwen3MoeAttention):
     """Qwen3-MoE attention with a second q/k/v projection for summary tokens, attending by the KSA rule.
-    `summary_mask` ([T'] bool, True at summary tokens) is set by Qwen3MoeKSAForCausalLM around each forward;
+    `summary_mask` ([T'] bool, True at the call's summary tokens) is set by Qwen3MoeKSAForCausalLM around each
+    forward; with a cache, the call's tokens follow the cached ones;
     `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
 
     def __init__(self, config, layer_idx: int):
@@ -84,7 +107,8 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         self.query_chunk: int | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, **kwargs):
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
         if self.summary_mask is None:
             raise RuntimeError("a KSA layer runs inside Qwen3MoeKSAForCausalLM (it sets where the summary tokens are)")
         b, t, _ = hidden_states.shape
@@ -97,16 +121,20 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         k = self.k_norm(project(self.k_proj, self.summary_k_proj)).transpose(1, 2)  # [b, hkv, t, d]
         v = project(self.v_proj, self.summary_v_proj).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        hq, hkv, d, total = q.shape[1], k.shape[1], q.shape[3], k.shape[2]
         g = hq // hkv
-        chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * t)))
+        chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * total)))
         kf, vf = k.float(), v.float()
         out = q.new_empty(b, t, hq, d)
         for i0 in range(0, t, chunk):
             i1 = min(t, i0 + chunk)
             qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
             logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scaling
-            mask = ksa_mask(torch.arange(i0, i1, device=q.device), t, chunk=self.chunk,
+            mask = ksa_mask(torch.arange(past + i0, past + i1, device=q.device), total, chunk=self.chunk,
                             num_summary=self.num_summary, window=self.window)
             p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # every query sees itself
             o = torch.einsum("bhgqk,bhkd->bqhgd", p, vf)
@@ -125,40 +153,47 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         bad = [l for l in layers if not 0 <= l < config.num_hidden_layers]
         if bad:
             raise ValueError(f"config.ksa_layers={layers}: layers {bad} are not in 0..{config.num_hidden_layers - 1}")
-        config.use_cache = False  # no cache: each call runs the whole interleaved sequence (module docstring)
         super().__init__(config)
         self.model.summary_embed = nn.Embedding(int(config.ksa_num_summary), config.hidden_size)
         self.ksa_layers = layers
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeKSAAttention(config, l)
-        self.generation_config.use_cache = False
 
     def generate(self, *args, **kwargs):
-        """transformers' generate() without a cache (a directory's generation_config.json may ask for one)."""
-        kwargs.setdefault("use_cache", False)
+        """transformers' generate(); a padded batch runs without a cache (its rows run alone, module docstring)."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            kwargs.setdefault("use_cache", False)
         return super().generate(*args, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """The logits of the text tokens `input_ids` [b, t]: a whole document, or with a cache the tokens that
+        follow those it holds. Positions: `position_ids`, else the tokens' text indices."""
         cache = cache if cache is not None else past_key_values
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
-        if use_cache or (cache is not None and cache.get_seq_length() > 0):
-            raise ValueError("a KSA model runs without a cache (every call runs the whole sequence): use_cache=False")
+        cfg = self.config
+        chunk, num_summary = int(cfg.ksa_chunk), int(cfg.ksa_num_summary)
+        cached = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and not bool(attention_mask.bool().all()):
+            if use_cache or cached:
+                raise ValueError("a padded batch runs without a cache (each row alone, its summaries at its own "
+                                 "places): pass use_cache=False, or rows without padding")
             return self._padded_rows(input_ids, attention_mask.bool(), position_ids, labels)
+        use_cache = cfg.use_cache if use_cache is None else use_cache
         b, t = input_ids.shape
         dev = input_ids.device
-        cfg = self.config
-        lay = summary_layout(t, int(cfg.ksa_chunk), int(cfg.ksa_num_summary), dev)
+        start = cached_text_tokens(cached, chunk, num_summary)
+        lay = summary_layout(t, chunk, num_summary, dev, start=start)
         total = t + lay["slot"].numel()
         text = self.model.embed_tokens(input_ids)
         hidden = text.new_zeros(b, total, text.shape[-1])
         hidden[:, lay["text_index"]] = text
         hidden[:, lay["summary_index"]] = self.model.summary_embed.weight[lay["slot"]].to(text.dtype)
-        pos = position_ids if position_ids is not None else torch.arange(t, device=dev).expand(b, t)
+        pos = position_ids if position_ids is not None else torch.arange(start, start + t, device=dev).expand(b, t)
         new_pos = pos.new_zeros(b, total)
         new_pos[:, lay["text_index"]] = pos
         new_pos[:, lay["summary_index"]] = pos[:, lay["source"]]
@@ -170,14 +205,16 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         try:
             # an explicit mask: without one transformers reads a position that repeats (a summary's) as the start of
             # another packed sequence and splits a dense layer's causal mask there
-            out = self.model(inputs_embeds=hidden, position_ids=new_pos, use_cache=False,
-                             attention_mask=torch.ones(b, total, dtype=torch.long, device=dev))
+            out = self.model(inputs_embeds=hidden, position_ids=new_pos, use_cache=use_cache,
+                             attention_mask=torch.ones(b, cached + total, dtype=torch.long, device=dev),
+                             **{CACHE_KEY: cache})
         finally:
             for m in attn:
                 m.summary_mask = None
         logits = self.lm_head(out.last_hidden_state[:, lay["text_index"]])
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 
     def _padded_rows(self, input_ids, mask, position_ids, labels) -> CausalLMOutputWithPast:
         """A batch with padding: each row's tokens (one contiguous run, left or right padded) run alone, as a

@@ -2,14 +2,15 @@
 
 Its logits against our model are checked in test_hf_qwen3_moe.py (test_ksa_import_export_round_trip) and at TP2/EP2
 in tests/dist/test_hf_roundtrip.py. Here: its summary layout and mask against models/ksa_tokens.py and
-kernels/ksa/naive.py (the trainer's), and what inference needs beyond one forward.
+kernels/ksa/naive.py (the trainer's), and what inference needs beyond one forward: a cache that gives the whole
+forward's logits a few tokens at a time, generation with it, padded batches.
 """
 
 import pytest
 import torch
 
 from kernels.ksa import naive
-from models.hf.modeling_qwen3_moe_ksa import Qwen3MoeKSAAttention, ksa_mask, summary_layout
+from models.hf.modeling_qwen3_moe_ksa import Qwen3MoeKSAAttention, cached_text_tokens, ksa_mask, summary_layout
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 from models.ksa_tokens import build_summary_layout
 
@@ -23,6 +24,17 @@ def test_layout_and_mask_are_the_trainers(chunk, num_summary):
         ours, ref = summary_layout(t, chunk, num_summary), build_summary_layout(t, chunk=chunk, num_summary=num_summary)
         assert torch.equal(ours["text_index"], ref.text_index) and torch.equal(ours["summary_index"], ref.summary_index)
         assert torch.equal(ours["slot"], ref.summary_slot) and torch.equal(ours["source"], ref.summary_source)
+        # the layout of tokens start..t-1 that follow a cache of the first `start`: the whole one's tail, shifted by
+        # the interleaved length of those `start` (which the cache's length gives back)
+        for start in range(t + 1):
+            part = summary_layout(t - start, chunk, num_summary, start=start)
+            origin = start + (start // chunk) * num_summary
+            done = (start // chunk) * num_summary  # summaries already in the cache
+            assert cached_text_tokens(origin, chunk, num_summary) == start
+            assert torch.equal(part["text_index"] + origin, ours["text_index"][start:])
+            assert torch.equal(part["summary_index"] + origin, ours["summary_index"][done:])
+            assert torch.equal(part["slot"], ours["slot"][done:])
+            assert torch.equal(part["source"] + start, ours["source"][done:])
     total = ref.num_total
     for window in range(4):
         want = naive.ksa_mask(total, chunk=chunk, window=window, num_summary=num_summary)
@@ -53,25 +65,54 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() <= LOGIT_ATOL + LOGIT_RTOL * b.abs().max().item()
 
 
+def _cache_of(out):
+    """The cache a forward returns (`cache` from transformers 5.2x, `past_key_values` before)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 @torch.no_grad()
-def test_generation_runs_the_whole_sequence_each_step(model):
-    """No cache: generate() gives the tokens of a greedy loop over whole-sequence forwards (each new token may
-    complete a chunk, whose summaries then go in); asking for a cache is refused with the reason."""
+def test_cache_gives_the_whole_forwards_logits(model):
+    """A prompt of any length (none, inside a chunk, a chunk's end) into the cache, then the rest 1 or 2 tokens a call
+    (so calls end inside chunks and at their ends, and some complete a chunk with their first token): the text
+    logits of the whole sequence run at once, and a cache holding the whole interleaved sequence. A cache length
+    that ends among a chunk's summaries is refused."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    full = model(input_ids=ids, use_cache=False).logits
+    for prompt in (0, 1, 3, 4, 7, 8, 13):
+        out = model(input_ids=ids[:, :prompt], use_cache=True) if prompt else None
+        cache, parts, i = (_cache_of(out), [out.logits], prompt) if prompt else (None, [], 0)
+        while i < ids.shape[1]:
+            n = 1 if i % 3 else 2
+            out = model(input_ids=ids[:, i:i + n], cache=cache, use_cache=True)
+            cache, i = _cache_of(out), i + n
+            parts.append(out.logits)
+        assert _close(torch.cat(parts, dim=1), full), prompt
+        assert cache.get_seq_length() == 30 + (30 // 4) * 2
+    with pytest.raises(ValueError, match="ends among a chunk's summaries"):
+        cached_text_tokens(5, 4, 2)
+
+
+@torch.no_grad()
+def test_generation_with_and_without_cache(model):
+    """generate() with its cache gives the tokens of a greedy loop over whole-sequence forwards (each new token may
+    complete a chunk, whose summaries then go in), and of generate() without a cache, greedy and in beam search
+    (which reorders the cache)."""
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=9, do_sample=False)
     loop = ids
     for _ in range(9):
-        loop = torch.cat([loop, model(input_ids=loop).logits[:, -1:].argmax(-1)], dim=1)
+        loop = torch.cat([loop, model(input_ids=loop, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, loop)
-    with pytest.raises(ValueError, match="without a cache"):
-        model(input_ids=ids, use_cache=True)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=9, do_sample=False, use_cache=False))
+    beams = dict(max_new_tokens=8, do_sample=False, num_beams=3)
+    assert torch.equal(model.generate(ids, **beams), model.generate(ids, **beams, use_cache=False))
 
 
 @torch.no_grad()
 def test_padded_rows_run_as_alone(model):
     """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
-    and generate() continues each row as it continues that row alone. A mask that is not one run of tokens per row
-    is refused."""
+    and generate() (without a cache for it) continues each row as it continues that row alone. Asking for a cache
+    with padding, or a mask that is not one run of tokens per row, is refused."""
     g = torch.Generator().manual_seed(3)
     long, short = (torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in (17, 10))
     pad = 17 - 10
@@ -84,6 +125,8 @@ def test_padded_rows_run_as_alone(model):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(out[1, pad:], model.generate(short, max_new_tokens=6, do_sample=False)[0])
     assert torch.equal(out[:1], model.generate(long, max_new_tokens=6, do_sample=False))
+    with pytest.raises(ValueError, match="padded batch runs without a cache"):
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
     mask[0, 3] = 0
     with pytest.raises(ValueError, match="row 0 of attention_mask is not one run of tokens"):
         model(input_ids=ids, attention_mask=mask)
