@@ -29,8 +29,8 @@ Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index scores [b, chunk, HI, 
 values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. It is a reference implementation in
 plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
-reorder them for beam search); on a transformers without them, beside the cache (greedy and sampled generation;
-beam search there would not reorder them).
+reorder them for beam search); on a transformers without them (or a cache built without the config), beside the
+cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them.
 """
 
 from __future__ import annotations
@@ -51,16 +51,22 @@ QUERY_CHUNK_ELEMENTS = 1 << 26
 INDEXED_CACHE = "indexed_attention" in getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
 
 
-def _cached_index_keys(cache, layer_idx: int, k_idx: torch.Tensor) -> torch.Tensor:
+def _cached_index_keys(cache, layer_idx: int, k_idx: torch.Tensor, total: int) -> torch.Tensor:
     """This layer's index keys so far, `k_idx` [b, s, DI] appended: in the cache's indexed-attention layer, or,
-    where the cache has none, in a dict beside it (per cache object, so a new generation starts empty)."""
+    where the cache has none, in a dict beside it (per cache object, so a new generation starts empty). `total`:
+    the layer's cached keys after this call's; the dict keeps the first total - s of its own before appending, so
+    it follows the cache when that is cropped (assisted decoding). Beam search reorders it through the model's
+    _reorder_cache."""
     layer = cache.layers[layer_idx] if hasattr(cache, "layers") and layer_idx < len(cache.layers) else None
     if hasattr(layer, "update_indexer"):
         return cache.update_indexer(k_idx, layer_idx)
     store = cache.__dict__.setdefault("dsa_index_keys", {})
-    if layer_idx in store:
-        k_idx = torch.cat([store[layer_idx], k_idx], dim=1)
-    store[layer_idx] = k_idx
+    past = total - k_idx.shape[1]
+    kept = store[layer_idx][:, :past] if layer_idx in store else k_idx[:, :0]
+    if kept.shape[1] != past:
+        raise ValueError(f"layer {layer_idx}: the cache holds {past} keys but {kept.shape[1]} index keys (it was "
+                         "filled by another model): start from an empty cache")
+    store[layer_idx] = k_idx = torch.cat([kept, k_idx], dim=1)
     return k_idx
 
 
@@ -149,7 +155,7 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         q_idx, w_idx, k_idx = self.indexer(hidden_states, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-            k_idx = _cached_index_keys(cache, self.layer_idx, k_idx)
+            k_idx = _cached_index_keys(cache, self.layer_idx, k_idx, k.shape[2])
         out = self._sparse_attention(q, k, v, q_idx, w_idx, k_idx, attention_mask)
         return self.o_proj(out.reshape(b, s, -1)), None
 
@@ -198,3 +204,12 @@ class Qwen3MoeDSAForCausalLM(Qwen3MoeForCausalLM):
         super().__init__(config)
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeDSAAttention(config, l)
+
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
+        """Beam search's reordering of the cache (transformers calls this where a model defines it): the cache's own
+        layers, and the index keys kept beside a cache that has no indexed-attention layers."""
+        cache.reorder_cache(beam_idx)
+        store = getattr(cache, "dsa_index_keys", {})
+        for l, keys in store.items():
+            store[l] = keys.index_select(0, beam_idx.to(keys.device))
+        return cache

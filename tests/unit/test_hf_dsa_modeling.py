@@ -5,17 +5,21 @@ on a trained export, in tests/dist/test_hf_roundtrip.py. Here: its selection aga
 inference needs beyond one forward (the cache of index keys in generation, padded batches, query chunks).
 """
 
+import inspect
 import json
 import shutil
 
 import pytest
 import torch
+from transformers import Qwen3MoeForCausalLM
 
 from kernels.dsa import naive
-from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, select_keys
+from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, _cached_index_keys, select_keys
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 
 TOPK = 8  # of sequences of 20-40 tokens: the indexers select
+# the keyword that passes a cache: `cache` from transformers 5.2x (the pinned 5.24), `past_key_values` before (5.17)
+CACHE = "cache" if "cache" in inspect.signature(Qwen3MoeForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +80,9 @@ def test_generation_with_the_cache_gives_the_full_forward(model):
     # the model's cache (index keys in its indexed-attention layers), and one without such layers, as a cache built
     # without the config or an older transformers (5.17) makes: the index keys then live beside it
     for cache in (DynamicCache(config=model.config), DynamicCache()):
-        steps = [model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits]
+        steps = [model(input_ids=ids[:, :20], **{CACHE: cache}, use_cache=True).logits]
         for i in range(20, 32):
-            steps.append(model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+            steps.append(model(input_ids=ids[:, i:i + 1], **{CACHE: cache}, use_cache=True).logits)
         keys = getattr(cache.layers[0], "indexer_keys", None)
         keys = cache.dsa_index_keys[0] if keys is None else keys
         assert keys.shape == (2, 32, model.config.index_head_dim)
@@ -88,6 +92,31 @@ def test_generation_with_the_cache_gives_the_full_forward(model):
         cached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=True)
         uncached = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_beam_search_and_a_cropped_cache_keep_the_index_keys_in_step(model):
+    """With either cache (the model's; one without indexed-attention layers, whose index keys live beside it): beam
+    search (which reorders the cache every step) picks the tokens it picks without a cache, and a cache cropped by
+    two tokens (as assisted decoding does) continues with the whole forward's logits. A cache whose keys and index
+    keys disagree is refused."""
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    beams = dict(max_new_tokens=10, do_sample=False, num_beams=3)
+    want = model.generate(ids[:, :20], use_cache=False, **beams)
+    full = model(input_ids=ids, use_cache=False).logits
+    for make in (lambda: DynamicCache(config=model.config), DynamicCache):
+        assert torch.equal(model.generate(ids[:, :20], **beams, **{CACHE: make()}), want)
+        cache = make()
+        model(input_ids=ids[:, :15], **{CACHE: cache}, use_cache=True)
+        model(input_ids=ids[:, 15:18], **{CACHE: cache}, use_cache=True)
+        cache.crop(-2)
+        assert _close(model(input_ids=ids[:, 16:], **{CACHE: cache}, use_cache=True).logits, full[:, 16:])
+    cache = DynamicCache()
+    cache.dsa_index_keys = {0: torch.zeros(2, 3, model.config.index_head_dim)}
+    with pytest.raises(ValueError, match="layer 0: the cache holds 9 keys but 3 index keys"):
+        _cached_index_keys(cache, 0, torch.zeros(2, 1, model.config.index_head_dim), 10)
 
 
 def test_padded_batch_rows_are_the_rows_alone(model):
