@@ -2,8 +2,8 @@
 on the GPU, beside our model from the same run's checkpoint (Triton kernels; in fp32 also the naive backend): logits
 on 2 x 512 tokens in bf16 and in fp32 (each side loaded in that dtype), a 32K-token prefill in bf16 (time, peak
 memory), and generation with the cache against without it: the same tokens after a short prompt, and the time of
-GEN_NEW tokens after a GEN_PROMPT-token prompt (bf16, batch 1; the baseline is generation without the cache, which
-is how a KSA export generated before it had one). One JSON line per model.
+GEN_NEW tokens after a GEN_PROMPT-token prompt (bf16; batch 1, and a batch of 4 left-padded prompts; the baseline
+is generation without the cache, which is how a KSA export generated before it had one). One JSON line per model.
 Run by bench/hf_code_gpu.sh after it trains and exports the tiny DSA and KSA recipes:
     python3 bench/hf_code_gpu.py LABEL     (LABEL names the transformers in use in the output)"""
 import json
@@ -85,22 +85,32 @@ for v in ("dsa", "ksa"):
         rec["generate_cache_vs_none_same_tokens"] = (a[:, 100:] == b[:, 100:]).float().mean().item()
         rec["generated"] = list(a.shape)
 
-        def timed_generate(use_cache):
+        def timed_generate(prompt, mask, use_cache):
             if CUDA:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = m.generate(long_ids[:, :GEN_PROMPT], max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                out = m.generate(prompt, attention_mask=mask, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
                                  do_sample=False, use_cache=use_cache)
             if CUDA:
                 torch.cuda.synchronize()
-            return time.perf_counter() - t0, out[:, GEN_PROMPT:]
+            return time.perf_counter() - t0, out[:, prompt.shape[1]:]
 
-        timed_generate(True)  # warm-up (kernels, allocator)
-        (with_s, with_tok), (none_s, none_tok) = timed_generate(True), timed_generate(False)
-        rec.update(gen_prompt=GEN_PROMPT, gen_new=GEN_NEW, gen_cache_s=round(with_s, 3), gen_no_cache_s=round(none_s, 3),
-                   gen_speedup=round(none_s / with_s, 2),
-                   gen_same_tokens=(with_tok == none_tok).float().mean().item())
+        # one row; then a batch of 4 left-padded rows (GEN_PROMPT, 3/4, 1/2 and 1/4 of it): KSA runs a padded
+        # batch's rows one by one, each with its own cache
+        one = long_ids[:, :GEN_PROMPT]
+        lengths = [GEN_PROMPT * k // 4 for k in (4, 3, 2, 1)]
+        padded = torch.zeros(4, GEN_PROMPT, dtype=torch.long, device=DEV)
+        pmask = torch.zeros_like(padded)
+        for r, n in enumerate(lengths):
+            padded[r, GEN_PROMPT - n:] = long_ids[0, :n]
+            pmask[r, GEN_PROMPT - n:] = 1
+        for name, prompt, mask in (("gen", one, None), ("gen_padded4", padded, pmask)):
+            timed_generate(prompt, mask, True)  # warm-up (kernels, allocator)
+            (with_s, with_tok), (none_s, none_tok) = timed_generate(prompt, mask, True), timed_generate(prompt, mask, False)
+            rec[name] = dict(prompt=list(prompt.shape), new=GEN_NEW, cache_s=round(with_s, 3),
+                             no_cache_s=round(none_s, 3), speedup=round(none_s / with_s, 2),
+                             same_tokens=(with_tok == none_tok).float().mean().item())
     except Exception:  # recorded, the other model still runs
         import traceback
 

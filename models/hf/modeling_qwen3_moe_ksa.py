@@ -25,18 +25,22 @@ Each row is one document. With a cache (transformers' DynamicCache, as generate(
 interleaved sequence's keys and values: a call with the next text tokens appends them, and after a token that
 completes a chunk its S summary tokens in the same call, so generation runs one new token per step (1 + S rows
 where a chunk completes). The cache's length fixes how many text tokens it holds (every chunk's summaries follow it
-at once). A padded batch (left or right padding in attention_mask) runs row by row, each row's tokens alone and
-without a cache (its rows' summaries fall at different places); generate() turns the cache off for it. Queries run
-in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a reference implementation in
+at once). A padded batch (left or right padding in attention_mask) runs row by row, each row's tokens alone (its
+chunks, and so its summaries, start at its first token); with a cache, each row keeps its own beside the batch's
+(the rows' summaries fall at different places), so batched generate() from left-padded prompts also runs one new
+token per row and step. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long
+contexts. It is a reference implementation in
 plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
@@ -159,12 +163,19 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeKSAAttention(config, l)
 
-    def generate(self, *args, **kwargs):
-        """transformers' generate(); a padded batch runs without a cache (its rows run alone, module docstring)."""
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.bool().all()):
-            kwargs.setdefault("use_cache", False)
-        return super().generate(*args, **kwargs)
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
+        """Beam search's reordering of the cache (transformers calls this where a model defines it): the batch's
+        cache, or the rows' caches of a padded batch (a row two beams continue is copied)."""
+        rows = getattr(cache, "ksa_rows", None)
+        if rows is None:
+            cache.reorder_cache(beam_idx)
+            return cache
+        taken, out = set(), []
+        for i in beam_idx.tolist():
+            out.append(copy.deepcopy(rows[i]) if i in taken else rows[i])
+            taken.add(i)
+        cache.ksa_rows = out
+        return cache
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
@@ -177,13 +188,15 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
         cfg = self.config
         chunk, num_summary = int(cfg.ksa_chunk), int(cfg.ksa_num_summary)
-        cached = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            if use_cache or cached:
-                raise ValueError("a padded batch runs without a cache (each row alone, its summaries at its own "
-                                 "places): pass use_cache=False, or rows without padding")
-            return self._padded_rows(input_ids, attention_mask.bool(), position_ids, labels)
         use_cache = cfg.use_cache if use_cache is None else use_cache
+        cached = cache.get_seq_length() if cache is not None else 0
+        if (attention_mask is not None and not bool(attention_mask.bool().all())) or hasattr(cache, "ksa_rows"):
+            if cached:
+                raise ValueError("this cache holds a batch without padding: a padded batch starts from an empty cache "
+                                 "(each of its rows keeps its own)")
+            if use_cache and cache is None:
+                cache = DynamicCache(config=cfg)
+            return self._padded_rows(input_ids, attention_mask, position_ids, labels, cache if use_cache else None)
         b, t = input_ids.shape
         dev = input_ids.device
         start = cached_text_tokens(cached, chunk, num_summary)
@@ -216,21 +229,37 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 
-    def _padded_rows(self, input_ids, mask, position_ids, labels) -> CausalLMOutputWithPast:
+    def _padded_rows(self, input_ids, attention_mask, position_ids, labels, cache) -> CausalLMOutputWithPast:
         """A batch with padding: each row's tokens (one contiguous run, left or right padded) run alone, as a
         document of their own (its chunks, and so its summaries, start at its first token); padding gets zero
-        logits. Positions: the given ones of those tokens, else 0, 1, 2, ..."""
+        logits. Positions: the given ones of those tokens, else their places in the row's document. With a cache,
+        row r's own is `cache.ksa_rows[r]` and the call's tokens follow it (left padding: a row's new tokens start
+        right after its cached ones); `attention_mask` may span the cached tokens too, as generate() passes it."""
         if labels is not None:
             raise ValueError("a KSA model computes no loss over padded rows: pass labels with unpadded rows")
+        b, t = input_ids.shape
+        new = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -t:].bool()
+        row_caches = None
+        if cache is not None:
+            row_caches = cache.__dict__.setdefault("ksa_rows", [None] * b)
+            if len(row_caches) != b:
+                raise ValueError(f"the cache holds {len(row_caches)} rows and the batch has {b}")
         rows = []
-        for r in range(input_ids.shape[0]):
-            where = mask[r].nonzero().flatten()
+        for r in range(b):
+            where = new[r].nonzero().flatten()
             if where.numel() == 0 or where[-1] - where[0] + 1 != where.numel():
                 raise ValueError(f"row {r} of attention_mask is not one run of tokens (left or right padding only)")
+            if row_caches is not None and row_caches[r] is not None and int(where[0]) != 0:
+                raise ValueError(f"row {r}: padding between its cached tokens and its new ones (with a cache, pad "
+                                 "on the left only)")
             keep = slice(int(where[0]), int(where[-1]) + 1)
             pos = None if position_ids is None else position_ids[r:r + 1, keep]
-            rows.append((keep, self(input_ids=input_ids[r:r + 1, keep], position_ids=pos).logits[0]))
-        logits = rows[0][1].new_zeros(*input_ids.shape, rows[0][1].shape[-1])
+            out = self(input_ids=input_ids[r:r + 1, keep], position_ids=pos, use_cache=row_caches is not None,
+                       cache=None if row_caches is None else row_caches[r])
+            if row_caches is not None:
+                row_caches[r] = getattr(out, CACHE_KEY)
+            rows.append((keep, out.logits[0]))
+        logits = rows[0][1].new_zeros(b, t, rows[0][1].shape[-1])
         for r, (keep, row) in enumerate(rows):
             logits[r, keep] = row
-        return CausalLMOutputWithPast(logits=logits)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KEY: cache})

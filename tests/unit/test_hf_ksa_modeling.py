@@ -6,13 +6,20 @@ kernels/ksa/naive.py (the trainer's), and what inference needs beyond one forwar
 forward's logits a few tokens at a time, generation with it, padded batches.
 """
 
+import inspect
+
 import pytest
 import torch
+from transformers import Qwen3MoeForCausalLM
 
 from kernels.ksa import naive
 from models.hf.modeling_qwen3_moe_ksa import Qwen3MoeKSAAttention, cached_text_tokens, ksa_mask, summary_layout
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 from models.ksa_tokens import build_summary_layout
+
+# the keyword (and output field) of a cache: `cache` from transformers 5.2x (the pinned 5.24), `past_key_values`
+# before (5.17)
+CACHE = "cache" if "cache" in inspect.signature(Qwen3MoeForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.mark.parametrize("chunk, num_summary", [(1, 1), (4, 2), (5, 1)])
@@ -67,7 +74,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _cache_of(out):
     """The cache a forward returns (`cache` from transformers 5.2x, `past_key_values` before)."""
-    return out.cache if hasattr(out, "cache") else out.past_key_values
+    return getattr(out, CACHE)
 
 
 @torch.no_grad()
@@ -83,7 +90,7 @@ def test_cache_gives_the_whole_forwards_logits(model):
         cache, parts, i = (_cache_of(out), [out.logits], prompt) if prompt else (None, [], 0)
         while i < ids.shape[1]:
             n = 1 if i % 3 else 2
-            out = model(input_ids=ids[:, i:i + n], cache=cache, use_cache=True)
+            out = model(input_ids=ids[:, i:i + n], **{CACHE: cache}, use_cache=True)
             cache, i = _cache_of(out), i + n
             parts.append(out.logits)
         assert _close(torch.cat(parts, dim=1), full), prompt
@@ -111,22 +118,40 @@ def test_generation_with_and_without_cache(model):
 @torch.no_grad()
 def test_padded_rows_run_as_alone(model):
     """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
-    and generate() (without a cache for it) continues each row as it continues that row alone. Asking for a cache
-    with padding, or a mask that is not one run of tokens per row, is refused."""
+    also a token at a time after a prompt in the cache (each row keeps its own); generate() continues each row as
+    it continues that row alone, with the cache as without it, greedy and in beam search. A mask that is not one
+    run of tokens per row, padding between a row's cached and new tokens, and a padded batch on a cache that holds
+    an unpadded one are refused."""
     g = torch.Generator().manual_seed(3)
     long, short = (torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in (17, 10))
     pad = 17 - 10
     ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
-    batch = model(input_ids=ids, attention_mask=mask).logits
+    batch = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert torch.equal(batch[1, :pad], torch.zeros_like(batch[1, :pad]))
-    assert _close(batch[1:, pad:], model(input_ids=short).logits) and _close(batch[:1], model(input_ids=long).logits)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(out[1, pad:], model.generate(short, max_new_tokens=6, do_sample=False)[0])
-    assert torch.equal(out[:1], model.generate(long, max_new_tokens=6, do_sample=False))
-    with pytest.raises(ValueError, match="padded batch runs without a cache"):
-        model(input_ids=ids, attention_mask=mask, use_cache=True)
+    alone = [model(input_ids=x, use_cache=False).logits for x in (long, short)]
+    assert _close(batch[1:, pad:], alone[1]) and _close(batch[:1], alone[0])
+    # the first 12 (long) and 5 (short) tokens into the cache, then the rest one at a time
+    out = model(input_ids=ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+    cache, steps = _cache_of(out), [out.logits[:, -1:]]
+    for i in range(12, 17):
+        out = model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], **{CACHE: cache}, use_cache=True)
+        steps.append(out.logits)
+    steps = torch.cat(steps, dim=1)
+    assert _close(steps[:1], alone[0][:, 11:]) and _close(steps[1:], alone[1][:, 4:])
+    for kw in (dict(max_new_tokens=6, do_sample=False), dict(max_new_tokens=6, do_sample=False, num_beams=3)):
+        out = model.generate(ids, attention_mask=mask, **kw)
+        assert torch.equal(out, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
+        assert torch.equal(out[1, pad:], model.generate(short, **kw)[0])
+        assert torch.equal(out[:1], model.generate(long, **kw))
+    right = torch.ones(2, 2, dtype=torch.long)
+    right[1, 0] = 0
+    with pytest.raises(ValueError, match="row 1: padding between its cached tokens and its new ones"):
+        model(input_ids=ids[:, :2], attention_mask=right, **{CACHE: cache}, use_cache=True)
+    unpadded = _cache_of(model(input_ids=long, use_cache=True))
+    with pytest.raises(ValueError, match="this cache holds a batch without padding"):
+        model(input_ids=ids, attention_mask=mask, **{CACHE: unpadded}, use_cache=True)
     mask[0, 3] = 0
     with pytest.raises(ValueError, match="row 0 of attention_mask is not one run of tokens"):
         model(input_ids=ids, attention_mask=mask)
