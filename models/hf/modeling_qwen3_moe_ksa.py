@@ -29,8 +29,8 @@ at once). A padded batch (left or right padding in attention_mask) runs row by r
 chunks, and so its summaries, start at its first token); with a cache, each row keeps its own beside the batch's
 (the rows' summaries fall at different places), so batched generate() from left-padded prompts also runs one new
 token per row and step. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long
-contexts. It is a reference implementation in
-plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
+contexts. It is a reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in
+kernels/ksa.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def test_cache_gives_the_whole_forwards_logits(model):
 @torch.no_grad()
 def test_generation_with_and_without_cache(model):
     """generate() with its cache gives the tokens of a greedy loop over whole-sequence forwards (each new token may
-    complete a chunk, whose summaries then go in), and of generate() without a cache, greedy and in beam search
-    (which reorders the cache)."""
+    complete a chunk, whose summaries then go in), and of generate() without a cache and with a chunked prefill,
+    greedy and in beam search (which reorders the cache)."""
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=9, do_sample=False)
     loop = ids
@@ -111,6 +111,8 @@ def test_generation_with_and_without_cache(model):
         loop = torch.cat([loop, model(input_ids=loop, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, loop)
     assert torch.equal(out, model.generate(ids, max_new_tokens=9, do_sample=False, use_cache=False))
+    # a prompt into the cache 5 tokens a call (transformers' chunked prefill): calls end inside chunks
+    assert torch.equal(out, model.generate(ids, max_new_tokens=9, do_sample=False, prefill_chunk_size=5))
     beams = dict(max_new_tokens=8, do_sample=False, num_beams=3)
     assert torch.equal(model.generate(ids, **beams), model.generate(ids, **beams, use_cache=False))
 
