@@ -407,6 +407,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true",
                    help="also fail on the tensors Keye's forward does not use (packing_position_embedding, head.*)")
 
+    s = sub.add_parser("code", help="write this version's transformers code (and auto_map) into the HF directory "
+                                    "of a DSA or KSA model, e.g. one exported by an older version")
+    s.add_argument("hf_dir")
+
     s = sub.add_parser("verify", help="our logits vs transformers' on a fixed input (fp32)")
     s.add_argument("hf_dir")
     s.add_argument("--checkpoint", help="load our weights from this checkpoint instead of the HF files")
@@ -424,6 +428,17 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    if args.cmd == "code":  # files only: no process group
+        from models.hf.qwen3_moe import MODELING, update_modeling
+
+        try:
+            variant, changed = update_modeling(args.hf_dir)
+        except ValueError as e:
+            print(f"convert code: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.hf_dir}: {'wrote' if changed else 'already has'} this version's {MODELING[variant][0].name} "
+              f"({variant.upper()}) and its auto_map")
+        return 0
     from parallel.groups import teardown
 
     try:

@@ -339,6 +339,48 @@ def write_modeling(out_dir: str | os.PathLike, variant: str) -> Path:
     return dst
 
 
+def modeling_variant(hf_config: dict, where: str = "config.json") -> str | None:
+    """The variant (dsa or ksa) whose code an HF directory with this config.json runs through; None for a dense
+    model. Both at once is refused (a directory carries one variant's code)."""
+    has = [v for v, key in (("dsa", "dsa_layers"), ("ksa", "ksa_layers")) if hf_config.get(key)]
+    if len(has) > 1:
+        raise ValueError(f"{where} names both dsa_layers and ksa_layers: no modeling file runs such a model")
+    return has[0] if has else None
+
+
+def modeling_is_current(hf_dir: str | os.PathLike) -> bool:
+    """Whether an HF directory of a DSA or KSA model carries this version's modeling file and names it in its
+    auto_map (a dense model's directory: always). An export written by an older version may carry older code."""
+    config = json.loads(Path(hf_dir, "config.json").read_text())
+    variant = modeling_variant(config, f"{hf_dir}/config.json")
+    if variant is None:
+        return True
+    src = MODELING[variant][0]
+    dst = Path(hf_dir, src.name)
+    return (dst.is_file() and dst.read_bytes() == src.read_bytes()
+            and all(config.get("auto_map", {}).get(k) == v for k, v in auto_map(variant).items()))
+
+
+def update_modeling(hf_dir: str | os.PathLike) -> tuple[str, bool]:
+    """Writes this version's modeling file into the HF directory of a DSA or KSA model (config.json's dsa_layers or
+    ksa_layers) and names it in config.json's auto_map (other auto_map entries kept), so an export written by an
+    older version (older code, or none) runs as this version's. Returns (variant, whether anything changed)."""
+    path = Path(hf_dir, "config.json")
+    if not path.is_file():
+        raise ValueError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    config = json.loads(path.read_text())
+    variant = modeling_variant(config, str(path))
+    if variant is None:
+        raise ValueError(f"{path} names no dsa_layers or ksa_layers: a dense model needs no modeling file "
+                         "(transformers' Qwen3-MoE runs it)")
+    if modeling_is_current(hf_dir):
+        return variant, False
+    write_modeling(hf_dir, variant)
+    config["auto_map"] = {**config.get("auto_map", {}), **auto_map(variant)}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return variant, True
+
+
 def _variant(lm: LMConfig) -> str | None:
     """The attention variant (dsa or ksa) an HF directory of `lm` carries code for; None for a dense model."""
     variants = sorted({v for v in lm.layer_attention() if v != "dense"})

@@ -37,14 +37,16 @@ def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dens
 
     from transformers import AutoModelForCausalLM
 
+    from models.hf.qwen3_moe import modeling_is_current, modeling_variant
+
     config = json.loads(Path(hf_dir, "config.json").read_text())
-    own = bool(config.get("dsa_layers") or config.get("ksa_layers")) and not dense  # the directory's own code
+    own = modeling_variant(config) is not None and not dense  # the directory's own code
+    if own and not modeling_is_current(hf_dir):
+        raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers, but the directory lacks this version's code "
+                         "for them or its auto_map (an older export?): `python launch/convert.py code "
+                         f"{hf_dir}` writes it")
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
                                                  trust_remote_code=own)
-    if own and type(model).__name__ == "Qwen3MoeForCausalLM":
-        raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers but transformers built its plain Qwen3-MoE "
-                         "model (no auto_map to the directory's modeling file: export it again with "
-                         "launch/convert.py export)")
     model.eval()
     return model(input_ids=input_ids, use_cache=False).logits.float()
 

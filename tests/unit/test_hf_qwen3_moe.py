@@ -544,3 +544,41 @@ def test_ksa_import_export_round_trip(hf, pgs, tmp_path, layers):
         convert.export(str(tmp_path / "ours"), str(tmp_path / "dense"), lm=hf["lm"])
     with pytest.raises(ValueError, match="the checkpoint has KSA layers, model.lm has none"):
         q.load_hf_into([_build(hf["lm"], pgs)], src, lm=hf["lm"])
+
+
+def test_an_older_export_gets_this_versions_code(hf, tmp_path, capsys):
+    """An export written by an older version (older modeling code, or none and no auto_map) is refused by verify's
+    reference with the command that mends it; `convert code DIR` writes this version's file and auto_map (keeping the
+    config's other auto_map entries), after which transformers runs the directory as a fresh export; a second call
+    changes nothing. A dense directory, or one naming both variants, is refused."""
+    convert = _convert_module()
+    for variant, make in (("ksa", _with_ksa), ("dsa", _with_indexers)):
+        d = make(hf["single"], tmp_path / variant, [1])
+        name = q.MODELING[variant][0].name
+        assert q.modeling_is_current(d) and q.update_modeling(d) == (variant, False)
+        fresh = reference_logits(d, hf["ids"])
+        cfg = json.loads((d / "config.json").read_text())
+        if variant == "ksa":  # older code
+            (d / name).write_text((d / name).read_text().replace("CACHE_KEY = ", "# an older version\nCACHE_KEY = "))
+            cfg["auto_map"]["AutoTokenizer"] = ["tokenizer_x.T", None]
+        else:  # written before the directories carried code: no file, no auto_map
+            (d / name).unlink()
+            del cfg["auto_map"]
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert not q.modeling_is_current(d)
+        with pytest.raises(ValueError, match=f"`python launch/convert.py code {d}` writes it"):
+            reference_logits(d, hf["ids"])
+        assert convert.main(["code", str(d)]) == 0
+        assert f"wrote this version's {name} ({variant.upper()})" in capsys.readouterr().out
+        assert (d / name).read_bytes() == q.MODELING[variant][0].read_bytes() and q.modeling_is_current(d)
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["auto_map"] == {**q.auto_map(variant), **({"AutoTokenizer": ["tokenizer_x.T", None]}
+                                                             if variant == "ksa" else {})}
+        assert torch.equal(reference_logits(d, hf["ids"]), fresh)
+        assert convert.main(["code", str(d)]) == 0 and "already has" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="names no dsa_layers or ksa_layers"):
+        q.update_modeling(hf["single"])
+    assert convert.main(["code", str(hf["single"])]) == 2
+    assert "convert code: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="names both dsa_layers and ksa_layers"):
+        q.modeling_variant({"dsa_layers": [0], "ksa_layers": [1]})
