@@ -180,9 +180,12 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
         """The logits of the text tokens `input_ids` [b, t]: a whole document, or with a cache the tokens that
-        follow those it holds. Positions: `position_ids`, else the tokens' text indices."""
+        follow those it holds. Positions: `position_ids`, else the tokens' text indices. `logits_to_keep`, as in
+        transformers' models: an int k > 0 keeps the logits of the last k tokens (generate() passes 1, so a long
+        prompt's prefill does not build [t, vocab] logits), 0 all of them, a 1-D tensor those at its indices."""
         cache = cache if cache is not None else past_key_values
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
@@ -196,7 +199,8 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
                                  "(each of its rows keeps its own)")
             if use_cache and cache is None:
                 cache = DynamicCache(config=cfg)
-            return self._padded_rows(input_ids, attention_mask, position_ids, labels, cache if use_cache else None)
+            return self._padded_rows(input_ids, attention_mask, position_ids, labels, cache if use_cache else None,
+                                     logits_to_keep)
         b, t = input_ids.shape
         dev = input_ids.device
         start = cached_text_tokens(cached, chunk, num_summary)
@@ -224,12 +228,14 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         finally:
             for m in attn:
                 m.summary_mask = None
-        logits = self.lm_head(out.last_hidden_state[:, lay["text_index"]])
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, lay["text_index"][kept]])
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 
-    def _padded_rows(self, input_ids, attention_mask, position_ids, labels, cache) -> CausalLMOutputWithPast:
+    def _padded_rows(self, input_ids, attention_mask, position_ids, labels, cache,
+                     logits_to_keep: int | torch.Tensor = 0) -> CausalLMOutputWithPast:
         """A batch with padding: each row's tokens (one contiguous run, left or right padded) run alone, as a
         document of their own (its chunks, and so its summaries, start at its first token); padding gets zero
         logits. Positions: the given ones of those tokens, else their places in the row's document. With a cache,
@@ -244,6 +250,9 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             row_caches = cache.__dict__.setdefault("ksa_rows", [None] * b)
             if len(row_caches) != b:
                 raise ValueError(f"the cache holds {len(row_caches)} rows and the batch has {b}")
+        # the batch positions whose logits are kept (forward's logits_to_keep); each row computes those of its tokens
+        kept = torch.arange(t, device=input_ids.device)
+        kept = kept[-logits_to_keep:] if isinstance(logits_to_keep, int) else kept[logits_to_keep.to(kept.device)]
         rows = []
         for r in range(b):
             where = new[r].nonzero().flatten()
@@ -254,12 +263,13 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
                                  "on the left only)")
             keep = slice(int(where[0]), int(where[-1]) + 1)
             pos = None if position_ids is None else position_ids[r:r + 1, keep]
+            mine = (kept >= keep.start) & (kept < keep.stop)
             out = self(input_ids=input_ids[r:r + 1, keep], position_ids=pos, use_cache=row_caches is not None,
-                       cache=None if row_caches is None else row_caches[r])
+                       cache=None if row_caches is None else row_caches[r], logits_to_keep=kept[mine] - keep.start)
             if row_caches is not None:
                 row_caches[r] = getattr(out, CACHE_KEY)
-            rows.append((keep, out.logits[0]))
-        logits = rows[0][1].new_zeros(b, t, rows[0][1].shape[-1])
-        for r, (keep, row) in enumerate(rows):
-            logits[r, keep] = row
+            rows.append((mine, out.logits[0]))
+        logits = rows[0][1].new_zeros(b, kept.numel(), rows[0][1].shape[-1])
+        for r, (mine, row) in enumerate(rows):
+            logits[r, mine] = row
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KEY: cache})

@@ -173,6 +173,39 @@ def test_query_chunks_and_rows_change_nothing(model):
         attn.query_chunk = None
 
 
+@torch.no_grad()
+def test_logits_to_keep(model):
+    """logits_to_keep (transformers' convention) keeps the logits of the last k tokens, or of the positions a tensor
+    names: the same values as the whole logits' columns, also in a left-padded batch (zeros at padding). generate()
+    asks for the last token's alone, so a prefill builds no [prompt, vocab] logits."""
+    import functools
+
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    for m in (None, mask):
+        whole = model(input_ids=ids, attention_mask=m, use_cache=False).logits
+        for keep, cols in ((1, [18]), (3, [16, 17, 18]), (40, list(range(19))), (torch.tensor([0, 5, 6, 12]), [0, 5, 6, 12])):
+            part = model(input_ids=ids, attention_mask=m, use_cache=False, logits_to_keep=keep).logits
+            assert part.shape == (2, len(cols), model.config.vocab_size)
+            assert _close(part, whole[:, cols]), (m is not None, keep)
+    seen = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("logits_to_keep"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    finally:
+        del model.forward
+    assert seen == [1, 1, 1]
+
+
 def test_a_config_without_ksa_layers_is_refused():
     from transformers import Qwen3MoeConfig
 
