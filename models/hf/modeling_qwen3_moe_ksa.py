@@ -80,6 +80,13 @@ def cached_text_tokens(cached: int, chunk: int, num_summary: int) -> int:
     return cached - num_summary * (cached // period)
 
 
+def kept_positions(t: int, logits_to_keep: int | torch.Tensor, device=None) -> torch.Tensor:
+    """The positions among t tokens whose logits a forward keeps, by transformers' `logits_to_keep` convention: an
+    int k > 0 the last k, 0 all, a 1-D tensor the positions it names."""
+    every = torch.arange(t, device=device)
+    return every[-logits_to_keep:] if isinstance(logits_to_keep, int) else every[logits_to_keep.to(every.device)]
+
+
 def ksa_mask(rows: torch.Tensor, total: int, *, chunk: int, num_summary: int, window: int) -> torch.Tensor:
     """[len(rows), total] bool: which keys the queries at interleaved positions `rows` may see (the KSA rule)."""
     period = chunk + num_summary
@@ -228,7 +235,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         finally:
             for m in attn:
                 m.summary_mask = None
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        kept = kept_positions(t, logits_to_keep, dev)
         logits = self.lm_head(out.last_hidden_state[:, lay["text_index"][kept]])
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits,
@@ -250,9 +257,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             row_caches = cache.__dict__.setdefault("ksa_rows", [None] * b)
             if len(row_caches) != b:
                 raise ValueError(f"the cache holds {len(row_caches)} rows and the batch has {b}")
-        # the batch positions whose logits are kept (forward's logits_to_keep); each row computes those of its tokens
-        kept = torch.arange(t, device=input_ids.device)
-        kept = kept[-logits_to_keep:] if isinstance(logits_to_keep, int) else kept[logits_to_keep.to(kept.device)]
+        kept = kept_positions(t, logits_to_keep, input_ids.device)  # each row computes those among its tokens
         rows = []
         for r in range(b):
             where = new[r].nonzero().flatten()

@@ -348,10 +348,12 @@ def modeling_variant(hf_config: dict, where: str = "config.json") -> str | None:
     return has[0] if has else None
 
 
-def modeling_is_current(hf_dir: str | os.PathLike) -> bool:
+def modeling_is_current(hf_dir: str | os.PathLike, config: dict | None = None) -> bool:
     """Whether an HF directory of a DSA or KSA model carries this version's modeling file and names it in its
-    auto_map (a dense model's directory: always). An export written by an older version may carry older code."""
-    config = json.loads(Path(hf_dir, "config.json").read_text())
+    auto_map (a dense model's directory: always). An export written by an older version may carry older code.
+    `config`: its config.json, if the caller has read it already."""
+    if config is None:
+        config = json.loads(Path(hf_dir, "config.json").read_text())
     variant = modeling_variant(config, f"{hf_dir}/config.json")
     if variant is None:
         return True
@@ -373,7 +375,7 @@ def update_modeling(hf_dir: str | os.PathLike) -> tuple[str, bool]:
     if variant is None:
         raise ValueError(f"{path} names no dsa_layers or ksa_layers: a dense model needs no modeling file "
                          "(transformers' Qwen3-MoE runs it)")
-    if modeling_is_current(hf_dir):
+    if modeling_is_current(hf_dir, config):
         return variant, False
     write_modeling(hf_dir, variant)
     config["auto_map"] = {**config.get("auto_map", {}), **auto_map(variant)}

@@ -41,7 +41,7 @@ def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dens
 
     config = json.loads(Path(hf_dir, "config.json").read_text())
     own = modeling_variant(config) is not None and not dense  # the directory's own code
-    if own and not modeling_is_current(hf_dir):
+    if own and not modeling_is_current(hf_dir, config):
         raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers, but the directory lacks this version's code "
                          "for them or its auto_map (an older export?): `python launch/convert.py code "
                          f"{hf_dir}` writes it")
