@@ -24,18 +24,17 @@ The computation (the trainer's models/ksa_tokens.py, models/attention/ksa.py; ke
 Each row is one document. With a cache (transformers' DynamicCache, as generate() makes), the cache holds the
 interleaved sequence's keys and values: a call with the next text tokens appends them, and after a token that
 completes a chunk its S summary tokens in the same call, so generation runs one new token per step (1 + S rows
-where a chunk completes). The cache's length fixes how many text tokens it holds (every chunk's summaries follow it
-at once). A padded batch (left or right padding in attention_mask) runs row by row, each row's tokens alone (its
-chunks, and so its summaries, start at its first token); with a cache, each row keeps its own beside the batch's
-(the rows' summaries fall at different places), so batched generate() from left-padded prompts also runs one new
-token per row and step. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long
-contexts. It is a reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in
-kernels/ksa.
+where a chunk completes). A padded batch (zeros in attention_mask: left padding, right padding, anywhere) runs as one
+batch: a row's document is its unmasked tokens in order, so its chunks, and so its summaries, start at its first
+token. The rows' interleaved sequences then differ in length, and each call's are left-aligned by holes: a hole is a
+column that no query of its row sees (it is masked like padding). `cache.ksa_own` [rows, cached columns] keeps each
+cached column's index in its row's interleaved sequence (-1 at a hole); a cache without it holds rows without holes.
+Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a
+reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -87,22 +86,27 @@ def kept_positions(t: int, logits_to_keep: int | torch.Tensor, device=None) -> t
     return every[-logits_to_keep:] if isinstance(logits_to_keep, int) else every[logits_to_keep.to(every.device)]
 
 
-def ksa_mask(rows: torch.Tensor, total: int, *, chunk: int, num_summary: int, window: int) -> torch.Tensor:
-    """[len(rows), total] bool: which keys the queries at interleaved positions `rows` may see (the KSA rule)."""
+def ksa_mask(rows: torch.Tensor, keys: int | torch.Tensor, *, chunk: int, num_summary: int,
+             window: int) -> torch.Tensor:
+    """[..., len(rows), len(keys)] bool: which keys the queries may see (the KSA rule). `rows` [..., q] and `keys`
+    [..., k] are indices in the interleaved sequence, -1 at a hole; `keys` an int n stands for 0..n-1. A hole key is
+    seen by no query; a hole query sees every key (its output is never read, and a row of -inf would make NaN)."""
     period = chunk + num_summary
-    q, k = rows.view(-1, 1), torch.arange(total, device=rows.device).view(1, -1)
+    if isinstance(keys, int):
+        keys = torch.arange(keys, device=rows.device)
+    q, k = rows.unsqueeze(-1), keys.unsqueeze(-2)
     cq, ck = q // period, k // period
     q_sum, k_sum = (q % period) >= chunk, (k % period) >= chunk
     summary_query = q_sum & (ck == cq)
     text_query = ~q_sum & ((~k_sum & (ck >= cq - window)) | (k_sum & (ck < cq - window)))
-    return (k <= q) & (summary_query | text_query)
+    return ((k >= 0) & (k <= q) & (summary_query | text_query)) | (q < 0)
 
 
 class Qwen3MoeKSAAttention(Qwen3MoeAttention):
     """Qwen3-MoE attention with a second q/k/v projection for summary tokens, attending by the KSA rule.
-    `summary_mask` ([T'] bool, True at the call's summary tokens) is set by Qwen3MoeKSAForCausalLM around each
-    forward; with a cache, the call's tokens follow the cached ones;
-    `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
+    `layout`, set by Qwen3MoeKSAForCausalLM around each forward: (summary [b, t] bool, True at the call's summary
+    tokens; rows [b, t] and keys [b, cached + t], each column's index in its row's interleaved sequence, -1 at a
+    hole); `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -114,16 +118,17 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         self.chunk, self.num_summary = int(config.ksa_chunk), int(config.ksa_num_summary)
         windows = list(config.ksa_windows)
         self.window = int(windows[layer_idx % len(windows)])
-        self.summary_mask: torch.Tensor | None = None
+        self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.query_chunk: int | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        if self.summary_mask is None:
+        if self.layout is None:
             raise RuntimeError("a KSA layer runs inside Qwen3MoeKSAForCausalLM (it sets where the summary tokens are)")
+        summary_at, rows, keys = self.layout
         b, t, _ = hidden_states.shape
-        summary = self.summary_mask.view(1, t, 1)
+        summary = summary_at.view(b, t, 1)
 
         def project(text, summ):  # each token's row from its own projection
             return torch.where(summary, summ(hidden_states), text(hidden_states)).view(b, t, -1, self.head_dim)
@@ -132,11 +137,11 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         k = self.k_norm(project(self.k_proj, self.summary_k_proj)).transpose(1, 2)  # [b, hkv, t, d]
         v = project(self.v_proj, self.summary_v_proj).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        past = 0
         if cache is not None:
-            past = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
         hq, hkv, d, total = q.shape[1], k.shape[1], q.shape[3], k.shape[2]
+        if keys.shape != (b, total):
+            raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds {total}")
         g = hq // hkv
         chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * total)))
         kf, vf = k.float(), v.float()
@@ -145,9 +150,8 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
             i1 = min(t, i0 + chunk)
             qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
             logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scaling
-            mask = ksa_mask(torch.arange(past + i0, past + i1, device=q.device), total, chunk=self.chunk,
-                            num_summary=self.num_summary, window=self.window)
-            p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # every query sees itself
+            mask = ksa_mask(rows[:, i0:i1], keys, chunk=self.chunk, num_summary=self.num_summary, window=self.window)
+            p = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)  # a query sees itself
             o = torch.einsum("bhgqk,bhkd->bqhgd", p, vf)
             out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
         return self.o_proj(out.reshape(b, t, -1)), None
@@ -171,110 +175,100 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             self.model.layers[l].self_attn = Qwen3MoeKSAAttention(config, l)
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
-        """Beam search's reordering of the cache (transformers calls this where a model defines it): the batch's
-        cache, or the rows' caches of a padded batch (a row two beams continue is copied)."""
-        rows = getattr(cache, "ksa_rows", None)
-        if rows is None:
-            cache.reorder_cache(beam_idx)
-            return cache
-        taken, out = set(), []
-        for i in beam_idx.tolist():
-            out.append(copy.deepcopy(rows[i]) if i in taken else rows[i])
-            taken.add(i)
-        cache.ksa_rows = out
+        """Beam search's reordering of the cache (transformers calls this where a model defines it): its keys and
+        values, and the rows' layouts of a padded batch."""
+        cache.reorder_cache(beam_idx)
+        own = getattr(cache, "ksa_own", None)
+        if own is not None:
+            cache.ksa_own = own[beam_idx.to(own.device)]
         return cache
+
+    @staticmethod
+    def _cached_layout(cache, b: int, device) -> torch.Tensor:
+        """[b, cached columns]: each cached column's index in its row's interleaved sequence, -1 at a hole."""
+        if cache is None:
+            return torch.zeros(b, 0, dtype=torch.long, device=device)
+        n = cache.get_seq_length()
+        own = getattr(cache, "ksa_own", None)
+        if own is None:  # a cache of rows without holes (filled without padding, or by an older version of this file)
+            return torch.arange(n, device=device).expand(b, n)
+        if own.shape[0] != b:
+            raise ValueError(f"the cache holds a batch of {own.shape[0]} row{'s' * (own.shape[0] != 1)} and this call "
+                             f"one of {b}")
+        if own.shape[1] < n:
+            raise ValueError(f"the cache holds {n} tokens and its layout {own.shape[1]}: it was changed by other code "
+                             "than this model's")
+        return own[:, :n].to(device)  # a cropped cache keeps its first n columns
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> CausalLMOutputWithPast:
-        """The logits of the text tokens `input_ids` [b, t]: a whole document, or with a cache the tokens that
-        follow those it holds. Positions: `position_ids`, else the tokens' text indices. `logits_to_keep`, as in
-        transformers' models: an int k > 0 keeps the logits of the last k tokens (generate() passes 1, so a long
-        prompt's prefill does not build [t, vocab] logits), 0 all of them, a 1-D tensor those at its indices."""
+        """The logits of the text tokens `input_ids` [b, t]: a whole document per row, or with a cache the tokens
+        that follow those it holds. `attention_mask` ([b, t], or [b, cached + t] as generate() passes it; its last
+        t columns are read) leaves padding out of the rows' documents; padding gets zero logits. Positions:
+        `position_ids`, else the tokens' places in their row's document. `logits_to_keep`, as in transformers'
+        models: an int k > 0 keeps the logits of the last k tokens (generate() passes 1, so a long prompt's prefill
+        does not build [t, vocab] logits), 0 all of them, a 1-D tensor those at its indices."""
         cache = cache if cache is not None else past_key_values
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
         cfg = self.config
         chunk, num_summary = int(cfg.ksa_chunk), int(cfg.ksa_num_summary)
         use_cache = cfg.use_cache if use_cache is None else use_cache
-        cached = cache.get_seq_length() if cache is not None else 0
-        if (attention_mask is not None and not bool(attention_mask.bool().all())) or hasattr(cache, "ksa_rows"):
-            if cached:
-                raise ValueError("this cache holds a batch without padding: a padded batch starts from an empty cache "
-                                 "(each of its rows keeps its own)")
-            if use_cache and cache is None:
-                cache = DynamicCache(config=cfg)
-            return self._padded_rows(input_ids, attention_mask, position_ids, labels, cache if use_cache else None,
-                                     logits_to_keep)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
         b, t = input_ids.shape
         dev = input_ids.device
-        start = cached_text_tokens(cached, chunk, num_summary)
-        lay = summary_layout(t, chunk, num_summary, dev, start=start)
-        total = t + lay["slot"].numel()
+        real = (torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None
+                else attention_mask[:, -t:].to(dev).bool())
+        past = self._cached_layout(cache, b, dev)
+        held = (past >= 0).sum(1).tolist()  # each row's interleaved tokens in the cache
+        # each row's new tokens (its unmasked ones) laid out after its cached ones
+        rows, real_host = [], real.cpu()  # one copy to the host, not one per row
+        for r in range(b):
+            where = real_host[r].nonzero().flatten().to(dev)
+            start = cached_text_tokens(held[r], chunk, num_summary)
+            lay = summary_layout(where.numel(), chunk, num_summary, dev, start=start)
+            rows.append((where, start, lay, where.numel() + lay["slot"].numel()))
+        width = max(n for *_, n in rows)  # the call's columns; a shorter row starts with holes
+        if width == 0:
+            raise ValueError("attention_mask leaves out every token of this call")
         text = self.model.embed_tokens(input_ids)
-        hidden = text.new_zeros(b, total, text.shape[-1])
-        hidden[:, lay["text_index"]] = text
-        hidden[:, lay["summary_index"]] = self.model.summary_embed.weight[lay["slot"]].to(text.dtype)
-        pos = position_ids if position_ids is not None else torch.arange(start, start + t, device=dev).expand(b, t)
-        new_pos = pos.new_zeros(b, total)
-        new_pos[:, lay["text_index"]] = pos
-        new_pos[:, lay["summary_index"]] = pos[:, lay["source"]]
-        is_summary = torch.zeros(total, dtype=torch.bool, device=dev)
-        is_summary[lay["summary_index"]] = True
+        hidden = text.new_zeros(b, width, text.shape[-1])
+        own = torch.full((b, width), -1, dtype=torch.long, device=dev)
+        pos = torch.zeros(b, width, dtype=torch.long, device=dev)
+        is_summary = torch.zeros(b, width, dtype=torch.bool, device=dev)
+        column = torch.zeros(b, t, dtype=torch.long, device=dev)  # where each of input_ids' tokens goes
+        for r, (where, start, lay, n) in enumerate(rows):
+            ti, si = lay["text_index"] + (width - n), lay["summary_index"] + (width - n)
+            hidden[r, ti] = text[r, where]
+            hidden[r, si] = self.model.summary_embed.weight[lay["slot"]].to(text.dtype)
+            own[r, width - n:] = torch.arange(held[r], held[r] + n, device=dev)
+            p = position_ids[r, -t:][where] if position_ids is not None else torch.arange(start, start + where.numel(),
+                                                                                         device=dev)
+            pos[r, ti], pos[r, si] = p, p[lay["source"]]
+            is_summary[r, si] = True
+            column[r, where] = ti
+        keys = torch.cat([past, own], dim=1)
         attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
         for m in attn:
-            m.summary_mask = is_summary
+            m.layout = (is_summary, own, keys)
         try:
-            # an explicit mask: without one transformers reads a position that repeats (a summary's) as the start of
-            # another packed sequence and splits a dense layer's causal mask there
-            out = self.model(inputs_embeds=hidden, position_ids=new_pos, use_cache=use_cache,
-                             attention_mask=torch.ones(b, cached + total, dtype=torch.long, device=dev),
-                             **{CACHE_KEY: cache})
+            # an explicit mask (holes out): without one transformers reads a position that repeats (a summary's) as
+            # the start of another packed sequence and splits a dense layer's causal mask there
+            out = self.model(inputs_embeds=hidden, position_ids=pos, use_cache=use_cache,
+                             attention_mask=(keys >= 0).long(), **{CACHE_KEY: cache})
         finally:
             for m in attn:
-                m.summary_mask = None
+                m.layout = None
+        if cache is not None:
+            cache.ksa_own = keys
         kept = kept_positions(t, logits_to_keep, dev)
-        logits = self.lm_head(out.last_hidden_state[:, lay["text_index"][kept]])
+        at = column[:, kept]
+        last = out.last_hidden_state.gather(1, at.unsqueeze(-1).expand(-1, -1, out.last_hidden_state.shape[-1]))
+        logits = self.lm_head(last).masked_fill(~real[:, kept].unsqueeze(-1), 0.0)
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
-
-    def _padded_rows(self, input_ids, attention_mask, position_ids, labels, cache,
-                     logits_to_keep: int | torch.Tensor = 0) -> CausalLMOutputWithPast:
-        """A batch with padding: each row's tokens (one contiguous run, left or right padded) run alone, as a
-        document of their own (its chunks, and so its summaries, start at its first token); padding gets zero
-        logits. Positions: the given ones of those tokens, else their places in the row's document. With a cache,
-        row r's own is `cache.ksa_rows[r]` and the call's tokens follow it (left padding: a row's new tokens start
-        right after its cached ones); `attention_mask` may span the cached tokens too, as generate() passes it."""
-        if labels is not None:
-            raise ValueError("a KSA model computes no loss over padded rows: pass labels with unpadded rows")
-        b, t = input_ids.shape
-        new = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -t:].bool()
-        row_caches = None
-        if cache is not None:
-            row_caches = cache.__dict__.setdefault("ksa_rows", [None] * b)
-            if len(row_caches) != b:
-                raise ValueError(f"the cache holds {len(row_caches)} rows and the batch has {b}")
-        kept = kept_positions(t, logits_to_keep, input_ids.device)  # each row computes those among its tokens
-        rows = []
-        for r in range(b):
-            where = new[r].nonzero().flatten()
-            if where.numel() == 0 or where[-1] - where[0] + 1 != where.numel():
-                raise ValueError(f"row {r} of attention_mask is not one run of tokens (left or right padding only)")
-            if row_caches is not None and row_caches[r] is not None and int(where[0]) != 0:
-                raise ValueError(f"row {r}: padding between its cached tokens and its new ones (with a cache, pad "
-                                 "on the left only)")
-            keep = slice(int(where[0]), int(where[-1]) + 1)
-            pos = None if position_ids is None else position_ids[r:r + 1, keep]
-            mine = (kept >= keep.start) & (kept < keep.stop)
-            out = self(input_ids=input_ids[r:r + 1, keep], position_ids=pos, use_cache=row_caches is not None,
-                       cache=None if row_caches is None else row_caches[r], logits_to_keep=kept[mine] - keep.start)
-            if row_caches is not None:
-                row_caches[r] = getattr(out, CACHE_KEY)
-            rows.append((mine, out.logits[0]))
-        logits = rows[0][1].new_zeros(b, kept.numel(), rows[0][1].shape[-1])
-        for r, (mine, row) in enumerate(rows):
-            logits[r, mine] = row
-        return CausalLMOutputWithPast(logits=logits, **{CACHE_KEY: cache})

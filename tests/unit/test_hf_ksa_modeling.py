@@ -120,10 +120,10 @@ def test_generation_with_and_without_cache(model):
 @torch.no_grad()
 def test_padded_rows_run_as_alone(model):
     """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
-    also a token at a time after a prompt in the cache (each row keeps its own); generate() continues each row as
-    it continues that row alone, with the cache as without it, greedy and in beam search. A mask that is not one
-    run of tokens per row, padding between a row's cached and new tokens, and a padded batch on a cache that holds
-    an unpadded one are refused."""
+    also a token at a time after a prompt in the cache, when the rows complete their chunks at different steps;
+    generate() continues each row as it continues that row alone, with the cache as without it, greedy and in beam
+    search. Right padding and a gap inside a row leave those tokens out of the row's document. A cache of another
+    row count is refused."""
     g = torch.Generator().manual_seed(3)
     long, short = (torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in (17, 10))
     pad = 17 - 10
@@ -142,21 +142,40 @@ def test_padded_rows_run_as_alone(model):
         steps.append(out.logits)
     steps = torch.cat(steps, dim=1)
     assert _close(steps[:1], alone[0][:, 11:]) and _close(steps[1:], alone[1][:, 4:])
+    # the rows' interleaved sequences run as one batch, left-aligned by holes: the cache has fewer columns than the
+    # rows' layouts one after another (each row's 17 or 10 tokens, 4 or 2 chunks of 2 summaries)
+    assert cache.get_seq_length() < (17 + 8) + (10 + 4)
+    assert (cache.ksa_own >= 0).sum(1).tolist() == [17 + 8, 10 + 4]
+    # rows reordered across the batch (beam search reorders within a prompt's beams, which share a layout): each
+    # row's layout follows its keys and values
+    model._reorder_cache(cache, torch.tensor([1, 0]))
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+    out = model(input_ids=nxt, **{CACHE: cache}, use_cache=True).logits
+    for r, doc in enumerate((short, long)):
+        assert _close(out[r], model(input_ids=torch.cat([doc, nxt[r:r + 1]], dim=1), use_cache=False).logits[0, -1:])
     for kw in (dict(max_new_tokens=6, do_sample=False), dict(max_new_tokens=6, do_sample=False, num_beams=3)):
         out = model.generate(ids, attention_mask=mask, **kw)
         assert torch.equal(out, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
         assert torch.equal(out[1, pad:], model.generate(short, **kw)[0])
         assert torch.equal(out[:1], model.generate(long, **kw))
-    right = torch.ones(2, 2, dtype=torch.long)
-    right[1, 0] = 0
-    with pytest.raises(ValueError, match="row 1: padding between its cached tokens and its new ones"):
-        model(input_ids=ids[:, :2], attention_mask=right, **{CACHE: cache}, use_cache=True)
+    # right padding, and a gap inside a row: a row's document is its unmasked tokens in order, also when more
+    # follow a cache that ends in padding
+    gap = torch.ones_like(ids)
+    gap[0, 3:5] = 0  # row 0: tokens 0-2 and 5-16
+    gap[1, 10:] = 0  # row 1: right padding after 10 tokens
+    first = model(input_ids=ids[:, :14], attention_mask=gap[:, :14], use_cache=True)
+    rest = model(input_ids=ids[:, 14:], attention_mask=gap, **{CACHE: _cache_of(first)}, use_cache=True)
+    got = torch.cat([first.logits, rest.logits], dim=1)
+    doc0 = torch.cat([ids[:1, :3], ids[:1, 5:]], dim=1)
+    assert _close(got[:1, gap[0].bool()], model(input_ids=doc0, use_cache=False).logits)
+    assert _close(got[1:, :10], model(input_ids=ids[1:, :10], use_cache=False).logits)
+    assert torch.equal(got[0, 3:5], torch.zeros_like(got[0, 3:5])) and torch.equal(got[1, 10:], torch.zeros_like(got[1, 10:]))
+    # a cache of another row count (as transformers' batch_repeat_interleave leaves it) is refused
     unpadded = _cache_of(model(input_ids=long, use_cache=True))
-    with pytest.raises(ValueError, match="this cache holds a batch without padding"):
-        model(input_ids=ids, attention_mask=mask, **{CACHE: unpadded}, use_cache=True)
-    mask[0, 3] = 0
-    with pytest.raises(ValueError, match="row 0 of attention_mask is not one run of tokens"):
-        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="the cache holds a batch of 1 row and this call one of 2"):
+        model(input_ids=ids[:, :1], **{CACHE: unpadded}, use_cache=True)
+    with pytest.raises(ValueError, match="leaves out every token of this call"):
+        model(input_ids=ids[:, :2], attention_mask=torch.zeros(2, 2, dtype=torch.long))
 
 
 @torch.no_grad()
