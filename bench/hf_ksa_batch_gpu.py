@@ -8,7 +8,8 @@ The model: 2 layers with the 30B's attention shapes (hidden 2048, 32 query / 4 K
 4 chunks), layer 1 dense, so both kinds of layer meet the holes. bf16 on a GPU. Per batch: GEN_NEW greedy tokens
 after prompts of GEN_PROMPT, 3/4, 1/2, 1/4 of it (repeated for 8 rows), left-padded; and one unpadded row. For
 each: the time of generate() (one warm-up before, then REPEAT timed calls, the least and the most), the peak memory
-above the weights, and whether both versions give the same tokens. On a CPU, a dry run at small sizes.
+above the weights, and whether both versions give the same tokens; then both in fp32 (fp32_check). On a CPU, a
+dry run at small sizes.
 
     python3 bench/hf_ksa_batch_gpu.py OLD_MODELING_FILE > $OUT/ksa_batch.jsonl
     (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show 273f03f:...`)"""
@@ -27,6 +28,7 @@ from models.hf.tiny import add_tiny_ksa, save_tiny_qwen3_moe  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 GEN_PROMPT, GEN_NEW, REPEAT = (8192, 32, 2) if CUDA else (96, 6, 1)
+FP32_PROMPT, FP32_NEW = (1024, 16) if CUDA else (48, 4)
 SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
              num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
              max_position_embeddings=GEN_PROMPT + 256)
@@ -96,6 +98,35 @@ def main():
         if CUDA:
             rec["peak_ratio_batched_over_row_by_row"] = round(rec["batched"]["peak_gib"] / rec["row_by_row"]["peak_gib"], 2)
         print(json.dumps(rec), flush=True)
+    del models
+    fp32_check(new_dir, old_dir)
+
+
+def fp32_check(new_dir: str, old_dir: str):
+    """Both versions in fp32 on 4 left-padded prompts of FP32_PROMPT, 3/4, 1/2, 1/4 of it: the logits of every
+    step of FP32_NEW greedy tokens (max difference) and the tokens. bf16 rounds a batch's products otherwise than
+    a row's, so greedy tokens may part there; in fp32 the two are the same computation."""
+    from transformers import AutoModelForCausalLM
+
+    global GEN_PROMPT
+    keep, GEN_PROMPT = GEN_PROMPT, FP32_PROMPT
+    try:
+        ids, mask = prompts(4)
+    finally:
+        GEN_PROMPT = keep
+    outs = {}
+    for name, d in (("batched", new_dir), ("row_by_row", old_dir)):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, trust_remote_code=True).to(DEV).eval()
+        with torch.no_grad():
+            outs[name] = m.generate(ids, attention_mask=mask, max_new_tokens=FP32_NEW, min_new_tokens=FP32_NEW,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+        del m
+    a, b = outs["batched"], outs["row_by_row"]
+    diff = max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits))
+    scale = max(y.abs().max().item() for y in b.logits)
+    print(json.dumps({"fp32_rows": 4, "prompt": FP32_PROMPT, "new": FP32_NEW, "real_tokens": mask.sum(1).tolist(),
+                      "same_tokens": (a.sequences == b.sequences).float().mean().item(),
+                      "logits_max_abs_diff": diff, "logits_max_abs": scale}), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
@@ -59,11 +60,16 @@ def summary_layout(num_text: int, chunk: int, num_summary: int, device=None, sta
     from text index `start` on (the summaries of the chunks they complete follow them): text_index [T],
     summary_index [N], slot [N] (0..S-1), source [N] (the chunk's last text token, among the T). Indices count from
     the interleaved position of text token `start` (0 for a whole document)."""
+    return {k: torch.from_numpy(v).to(device) for k, v in _layout(num_text, chunk, num_summary, start).items()}
+
+
+def _layout(num_text: int, chunk: int, num_summary: int, start: int = 0) -> dict[str, np.ndarray]:
+    """summary_layout's arrays in numpy (int64): a forward plans its layout on the host, a few microseconds an op."""
     first, end = start // chunk, (start + num_text) // chunk  # the chunks these tokens complete: first..end-1
     origin = start + first * num_summary
-    i = torch.arange(start, start + num_text, device=device)
-    c = torch.arange(first, end, device=device).repeat_interleave(num_summary)
-    slot = torch.arange(num_summary, device=device).repeat(end - first)
+    i = np.arange(start, start + num_text, dtype=np.int64)
+    c = np.repeat(np.arange(first, end, dtype=np.int64), num_summary)
+    slot = np.tile(np.arange(num_summary, dtype=np.int64), end - first)
     return {"text_index": i + (i // chunk) * num_summary - origin,
             "summary_index": c * (chunk + num_summary) + chunk + slot - origin,
             "slot": slot, "source": c * chunk + chunk - 1 - start}
@@ -176,29 +182,32 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
         """Beam search's reordering of the cache (transformers calls this where a model defines it): its keys and
-        values, and the rows' layouts of a padded batch."""
+        values, and the rows' layouts (`cache.ksa_own`, `cache.ksa_held`)."""
         cache.reorder_cache(beam_idx)
         own = getattr(cache, "ksa_own", None)
         if own is not None:
             cache.ksa_own = own[beam_idx.to(own.device)]
+            cache.ksa_held = [cache.ksa_held[i] for i in beam_idx.tolist()]
         return cache
 
     @staticmethod
-    def _cached_layout(cache, b: int, device) -> torch.Tensor:
-        """[b, cached columns]: each cached column's index in its row's interleaved sequence, -1 at a hole."""
-        if cache is None:
-            return torch.zeros(b, 0, dtype=torch.long, device=device)
-        n = cache.get_seq_length()
-        own = getattr(cache, "ksa_own", None)
+    def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, list[int]]:
+        """([b, cached columns] on the device: each cached column's index in its row's interleaved sequence, -1 at a
+        hole; each row's interleaved tokens in the cache)."""
+        n = 0 if cache is None else cache.get_seq_length()
+        own = None if cache is None else getattr(cache, "ksa_own", None)
         if own is None:  # a cache of rows without holes (filled without padding, or by an older version of this file)
-            return torch.arange(n, device=device).expand(b, n)
+            return torch.arange(n, device=device).expand(b, n), [n] * b
         if own.shape[0] != b:
             raise ValueError(f"the cache holds a batch of {own.shape[0]} row{'s' * (own.shape[0] != 1)} and this call "
                              f"one of {b}")
         if own.shape[1] < n:
             raise ValueError(f"the cache holds {n} tokens and its layout {own.shape[1]}: it was changed by other code "
                              "than this model's")
-        return own[:, :n].to(device)  # a cropped cache keeps its first n columns
+        if own.shape[1] > n:  # a cropped cache keeps its first n columns
+            own = own[:, :n]
+            return own, (own >= 0).sum(1).tolist()
+        return own, list(cache.ksa_held)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
@@ -215,46 +224,33 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("a KSA model takes input_ids (it inserts its summary tokens between their embeddings)")
         cfg = self.config
-        chunk, num_summary = int(cfg.ksa_chunk), int(cfg.ksa_num_summary)
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
         b, t = input_ids.shape
         dev = input_ids.device
-        real = (torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None
-                else attention_mask[:, -t:].to(dev).bool())
-        past = self._cached_layout(cache, b, dev)
-        held = (past >= 0).sum(1).tolist()  # each row's interleaved tokens in the cache
-        # each row's new tokens (its unmasked ones) laid out after its cached ones
-        rows, real_host = [], real.cpu()  # one copy to the host, not one per row
-        for r in range(b):
-            where = real_host[r].nonzero().flatten().to(dev)
-            start = cached_text_tokens(held[r], chunk, num_summary)
-            lay = summary_layout(where.numel(), chunk, num_summary, dev, start=start)
-            rows.append((where, start, lay, where.numel() + lay["slot"].numel()))
-        width = max(n for *_, n in rows)  # the call's columns; a shorter row starts with holes
-        if width == 0:
-            raise ValueError("attention_mask leaves out every token of this call")
-        text = self.model.embed_tokens(input_ids)
-        hidden = text.new_zeros(b, width, text.shape[-1])
-        own = torch.full((b, width), -1, dtype=torch.long, device=dev)
-        pos = torch.zeros(b, width, dtype=torch.long, device=dev)
-        is_summary = torch.zeros(b, width, dtype=torch.bool, device=dev)
-        column = torch.zeros(b, t, dtype=torch.long, device=dev)  # where each of input_ids' tokens goes
-        for r, (where, start, lay, n) in enumerate(rows):
-            ti, si = lay["text_index"] + (width - n), lay["summary_index"] + (width - n)
-            hidden[r, ti] = text[r, where]
-            hidden[r, si] = self.model.summary_embed.weight[lay["slot"]].to(text.dtype)
-            own[r, width - n:] = torch.arange(held[r], held[r] + n, device=dev)
-            p = position_ids[r, -t:][where] if position_ids is not None else torch.arange(start, start + where.numel(),
-                                                                                         device=dev)
-            pos[r, ti], pos[r, si] = p, p[lay["source"]]
-            is_summary[r, si] = True
-            column[r, where] = ti
+        # the call's mask and positions on the host, in one copy: the layout is planned there
+        host = [attention_mask[:, -t:].long()] if attention_mask is not None else []
+        host += [position_ids[:, -t:].long()] if position_ids is not None else []
+        host = torch.stack([x.to(dev) for x in host]).cpu().numpy() if host else None
+        real = host[0].astype(bool) if attention_mask is not None else np.ones((b, t), dtype=bool)
+        pos_given = host[-1] if position_ids is not None else None
+        past, held = self._cached_layout(cache, b, dev)
+        kept = kept_positions(t, logits_to_keep).numpy()
+        if past.shape[1] == 0 and b > 1 and not real.all():
+            return self._rows_alone(input_ids, real, pos_given, labels, cache, kept)
+        plan, column, held = self._plan(real, pos_given, held, t, kept)
+        sent = torch.from_numpy(np.concatenate([plan.ravel(), column.ravel()])).to(dev)  # one copy to the device
+        width = plan.shape[2]
+        src, pos, own, is_summary = sent[:4 * b * width].view(4, b, width)
+        at = sent[4 * b * width:].view(b, -1)
         keys = torch.cat([past, own], dim=1)
+        text = self.model.embed_tokens(input_ids)
+        table = torch.cat([text.flatten(0, 1), self.model.summary_embed.weight.to(text.dtype), text.new_zeros(1, text.shape[-1])])
+        hidden = table[src]  # text tokens, summary embeddings, zeros at holes
         attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
         for m in attn:
-            m.layout = (is_summary, own, keys)
+            m.layout = (is_summary.bool(), own, keys)
         try:
             # an explicit mask (holes out): without one transformers reads a position that repeats (a summary's) as
             # the start of another packed sequence and splits a dense layer's causal mask there
@@ -264,11 +260,88 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             for m in attn:
                 m.layout = None
         if cache is not None:
-            cache.ksa_own = keys
-        kept = kept_positions(t, logits_to_keep, dev)
-        at = column[:, kept]
-        last = out.last_hidden_state.gather(1, at.unsqueeze(-1).expand(-1, -1, out.last_hidden_state.shape[-1]))
-        logits = self.lm_head(last).masked_fill(~real[:, kept].unsqueeze(-1), 0.0)
+            cache.ksa_own, cache.ksa_held = keys, held
+        last = out.last_hidden_state.gather(1, at.clamp(min=0).unsqueeze(-1).expand(-1, -1, text.shape[-1]))
+        logits = self.lm_head(last).masked_fill((at < 0).unsqueeze(-1), 0.0)  # padding: zero logits
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
+
+    def _plan(self, real: np.ndarray, pos_given: np.ndarray | None, held: list[int], t: int, kept: np.ndarray):
+        """The call's layout, planned on the host: ([4, b, width]: each column's source row in [input tokens,
+        summary embeddings, a zero row], its position, its index in its row's interleaved sequence (-1 at a hole),
+        whether it is a summary; [b, kept]: the column of each kept input token, -1 at padding; each row's
+        interleaved tokens after the call). Each row's new tokens (its unmasked ones, in order) follow its cached
+        ones; the rows' new columns are left-aligned by holes."""
+        chunk, num_summary = int(self.config.ksa_chunk), int(self.config.ksa_num_summary)
+        b = real.shape[0]
+        rows = []
+        for r in range(b):
+            where = np.flatnonzero(real[r])
+            start = cached_text_tokens(held[r], chunk, num_summary)
+            lay = _layout(where.size, chunk, num_summary, start)
+            rows.append((where, start, lay, where.size + lay["slot"].size))
+        width = max(n for *_, n in rows)
+        if width == 0:
+            raise ValueError("attention_mask leaves out every token of this call")
+        plan = np.zeros((4, b, width), dtype=np.int64)
+        src, pos, own, is_summary = plan
+        src.fill(b * t + num_summary)  # the zero row
+        own.fill(-1)
+        column = np.full((b, t), -1, dtype=np.int64)
+        for r, (where, start, lay, n) in enumerate(rows):
+            ti, si = lay["text_index"] + (width - n), lay["summary_index"] + (width - n)
+            src[r, ti], src[r, si] = r * t + where, b * t + lay["slot"]
+            own[r, width - n:] = np.arange(held[r], held[r] + n)
+            p = pos_given[r][where] if pos_given is not None else np.arange(start, start + where.size)
+            pos[r, ti], pos[r, si] = p, p[lay["source"]]
+            is_summary[r, si] = 1
+            column[r, where] = ti
+        return plan, column[:, kept], [h + n for h, (*_, n) in zip(held, rows)]
+
+    def _rows_alone(self, input_ids, real, pos_given, labels, cache, kept) -> CausalLMOutputWithPast:
+        """A padded batch's first call (nothing cached): each row's tokens run alone, so its padding costs no
+        compute; with a cache, the rows' caches then go into the batch's one, left-aligned by holes, as a later
+        call lays out its rows."""
+        b, t = input_ids.shape
+        dev = input_ids.device
+        rows = []
+        for r in range(b):
+            where = np.flatnonzero(real[r])
+            if where.size == 0:  # a row of padding only: holes
+                rows.append((None, None, None))
+                continue
+            mine = real[r][kept]
+            own_cache = DynamicCache(config=self.config) if cache is not None else None
+            index = torch.from_numpy(where).to(dev)
+            out = self(input_ids=input_ids[r:r + 1, index], use_cache=cache is not None, cache=own_cache,
+                       position_ids=None if pos_given is None else torch.from_numpy(pos_given[r:r + 1, where]).to(dev),
+                       logits_to_keep=torch.from_numpy(np.cumsum(real[r]) - 1)[kept[mine]])
+            rows.append((mine, out.logits[0], own_cache))
+        if all(x is None for _, x, _ in rows):
+            raise ValueError("attention_mask leaves out every token of this call")
+        like = next(x for _, x, _ in rows if x is not None)
+        logits = like.new_zeros(b, kept.size, like.shape[-1])
+        for r, (mine, x, _) in enumerate(rows):
+            if x is not None:
+                logits[r, torch.from_numpy(mine).to(dev)] = x
+        if cache is not None:
+            sizes = [0 if c is None else c.get_seq_length() for *_, c in rows]
+            width = max(sizes)
+            for layer in range(self.config.num_hidden_layers):
+                batch = []
+                for kind in ("keys", "values"):
+                    some = next(getattr(c.layers[layer], kind) for *_, c in rows if c is not None)
+                    merged = some.new_zeros(b, some.shape[1], width, some.shape[3])
+                    for r, (*_, c) in enumerate(rows):
+                        if c is not None:
+                            merged[r, :, width - sizes[r]:] = getattr(c.layers[layer], kind)[0]
+                    batch.append(merged)
+                cache.update(*batch, layer)
+            own = torch.full((b, width), -1, dtype=torch.long)
+            for r, n in enumerate(sizes):
+                own[r, width - n:] = torch.arange(n)
+            cache.ksa_own, cache.ksa_held = own.to(dev), sizes
+        loss = (self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+                if labels is not None else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})

@@ -170,6 +170,14 @@ def test_padded_rows_run_as_alone(model):
     assert _close(got[:1, gap[0].bool()], model(input_ids=doc0, use_cache=False).logits)
     assert _close(got[1:, :10], model(input_ids=ids[1:, :10], use_cache=False).logits)
     assert torch.equal(got[0, 3:5], torch.zeros_like(got[0, 3:5])) and torch.equal(got[1, 10:], torch.zeros_like(got[1, 10:]))
+    # a row of padding only in the first call: holes, zero logits; its document starts with its first token
+    empty = torch.ones_like(ids[:, :8])
+    empty[1] = 0
+    first = model(input_ids=ids[:, :8], attention_mask=empty, use_cache=True)
+    assert torch.equal(first.logits[1], torch.zeros_like(first.logits[1]))
+    rest = model(input_ids=ids[:, 8:], attention_mask=torch.ones_like(ids), **{CACHE: _cache_of(first)}, use_cache=True)
+    assert _close(rest.logits[1:], model(input_ids=ids[1:, 8:], use_cache=False).logits)
+    assert _close(torch.cat([first.logits[:1], rest.logits[:1]], dim=1), alone[0])
     # a cache of another row count (as transformers' batch_repeat_interleave leaves it) is refused
     unpadded = _cache_of(model(input_ids=long, use_cache=True))
     with pytest.raises(ValueError, match="the cache holds a batch of 1 row and this call one of 2"):
