@@ -3,9 +3,10 @@
 holes), against the version before it (the baseline), which ran a padded batch's rows one after another, each
 with its own cache. Both load the same checkpoint, each from its own directory with its own code, in one process.
 
-The model: 2 layers with the 30B's attention shapes (hidden 2048, 32 query / 4 KV heads of 128), 8 experts of 768
-(top 2), Qwen3's vocabulary, random weights (models/hf/tiny.py); layer 0 KSA (chunks of 8, 1 summary, a window of
-4 chunks), layer 1 dense, so both kinds of layer meet the holes. bf16 on a GPU. Per batch: GEN_NEW greedy tokens
+Two models, random weights (models/hf/tiny.py), chunks of 8 and 1 summary: 2 layers with the 30B's attention shapes
+(hidden 2048, 32 query / 4 KV heads of 128), 8 experts of 768 (top 2), Qwen3's vocabulary, layer 0 KSA (a window of
+4 chunks) and layer 1 dense, so both kinds of layer meet the holes; and the tiny recipe's 4 KSA layers of width
+128, whose steps cost little, so that what a call costs beside its layers shows. bf16 on a GPU. Per batch: GEN_NEW greedy tokens
 after prompts of GEN_PROMPT, 3/4, 1/2, 1/4 of it (repeated for 8 rows), left-padded; and one unpadded row. For
 each: the time of generate() (one warm-up before, then REPEAT timed calls, the least and the most), the peak memory
 above the weights, and whether both versions give the same tokens; then both in fp32 (fp32_check). On a CPU, a
@@ -29,13 +30,19 @@ CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 GEN_PROMPT, GEN_NEW, REPEAT = (8192, 32, 2) if CUDA else (96, 6, 1)
 FP32_PROMPT, FP32_NEW = (1024, 16) if CUDA else (48, 4)
+# the 30B's attention shapes in 2 layers, KSA on layer 0 (windows of 4 chunks)
 SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
              num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
              max_position_embeddings=GEN_PROMPT + 256)
 if not CUDA:
     SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  moe_intermediate_size=32, vocab_size=512)
-
+# the tiny recipe's model (recipes/model/keye_tiny_ksa.yaml): 4 KSA layers of width 128, windows 4, 4, 4, 64; its
+# steps cost little, so what a call costs beside its layers shows
+TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                max_position_embeddings=GEN_PROMPT + 256)
+MODELS = {"attn30b_2layers": (SHAPE, [0], [4]), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
 
 def measured(fn):
     """(seconds, peak bytes above what was allocated before, result) of fn(); on the CPU, peak None."""
@@ -51,10 +58,10 @@ def measured(fn):
     return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) if CUDA else None, out
 
 
-def prompts(rows: int):
+def prompts(rows: int, vocab: int):
     """`rows` left-padded prompts of GEN_PROMPT, 3/4, 1/2 and 1/4 of it (repeated), and their mask."""
     g = torch.Generator().manual_seed(rows)
-    ids = torch.randint(0, SHAPE["vocab_size"], (rows, GEN_PROMPT), generator=g)
+    ids = torch.randint(0, vocab, (rows, GEN_PROMPT), generator=g)
     mask = torch.ones_like(ids)
     for r in range(rows):
         mask[r, :GEN_PROMPT - GEN_PROMPT * (4 - r % 4) // 4] = 0
@@ -67,39 +74,45 @@ def main():
 
     old_file = sys.argv[1]
     root = tempfile.mkdtemp()
-    new_dir, old_dir = os.path.join(root, "ksa_new"), os.path.join(root, "ksa_old")
-    save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **SHAPE)
-    add_tiny_ksa(new_dir, [0], chunk=8, num_summary=1, windows=[4])
-    shutil.copytree(new_dir, old_dir)
-    shutil.copy(old_file, os.path.join(old_dir, "modeling_qwen3_moe_ksa.py"))
-    models = {name: AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE, trust_remote_code=True).to(DEV).eval()
-              for name, d in (("batched", new_dir), ("row_by_row", old_dir))}
+    for shape_name, (shape, layers, windows) in MODELS.items():
+        new_dir, old_dir = os.path.join(root, shape_name, "ksa_new"), os.path.join(root, shape_name, "ksa_old")
+        save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **shape)
+        add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
+        shutil.copytree(new_dir, old_dir)
+        shutil.copy(old_file, os.path.join(old_dir, "modeling_qwen3_moe_ksa.py"))
+        models = {name: AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE, trust_remote_code=True).to(DEV).eval()
+                  for name, d in (("batched", new_dir), ("row_by_row", old_dir))}
+        for rows in (1, 4, 8):
+            timed(shape_name, shape["vocab_size"], models, rows)
+        del models
+        if shape is SHAPE:
+            fp32_check(new_dir, old_dir)
+
+
+def timed(shape_name: str, vocab: int, models: dict, rows: int):
     gib = 2.0 ** 30
-    for rows in (1, 4, 8):
-        ids, mask = prompts(rows)
-        rec = {"rows": rows, "prompt": GEN_PROMPT, "new": GEN_NEW, "real_tokens": mask.sum(1).tolist(),
-               "dtype": str(DTYPE), "device": torch.cuda.get_device_name() if CUDA else "cpu"}
-        kw = dict(attention_mask=mask if rows > 1 else None, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
-                  do_sample=False)
-        tokens = {}
-        for name, m in models.items():
-            measured(lambda: m.generate(ids, **kw))  # warm-up (allocator, kernels)
-            times, peaks = [], []
-            for _ in range(REPEAT):
-                s, peak, out = measured(lambda: m.generate(ids, **kw))
-                times.append(s)
-                peaks.append(peak)
-            tokens[name] = out[:, GEN_PROMPT:]
-            rec[name] = {"s_min": round(min(times), 3), "s_max": round(max(times), 3),
-                         "peak_gib": None if peaks[0] is None else round(max(peaks) / gib, 3)}
-            del out
-        rec["same_tokens"] = (tokens["batched"] == tokens["row_by_row"]).float().mean().item()
-        rec["speedup"] = round(rec["row_by_row"]["s_min"] / rec["batched"]["s_min"], 2)
-        if CUDA:
-            rec["peak_ratio_batched_over_row_by_row"] = round(rec["batched"]["peak_gib"] / rec["row_by_row"]["peak_gib"], 2)
-        print(json.dumps(rec), flush=True)
-    del models
-    fp32_check(new_dir, old_dir)
+    ids, mask = prompts(rows, vocab)
+    rec = {"model": shape_name, "rows": rows, "prompt": GEN_PROMPT, "new": GEN_NEW, "real_tokens": mask.sum(1).tolist(),
+           "dtype": str(DTYPE), "device": torch.cuda.get_device_name() if CUDA else "cpu"}
+    kw = dict(attention_mask=mask if rows > 1 else None, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+              do_sample=False)
+    tokens = {}
+    for name, m in models.items():
+        measured(lambda: m.generate(ids, **kw))  # warm-up (allocator, kernels)
+        times, peaks = [], []
+        for _ in range(REPEAT):
+            s, peak, out = measured(lambda: m.generate(ids, **kw))
+            times.append(s)
+            peaks.append(peak)
+        tokens[name] = out[:, GEN_PROMPT:]
+        rec[name] = {"s_min": round(min(times), 3), "s_max": round(max(times), 3),
+                     "peak_gib": None if peaks[0] is None else round(max(peaks) / gib, 3)}
+        del out
+    rec["same_tokens"] = (tokens["batched"] == tokens["row_by_row"]).float().mean().item()
+    rec["speedup"] = round(rec["row_by_row"]["s_min"] / rec["batched"]["s_min"], 2)
+    if CUDA:
+        rec["peak_ratio_batched_over_row_by_row"] = round(rec["batched"]["peak_gib"] / rec["row_by_row"]["peak_gib"], 2)
+    print(json.dumps(rec), flush=True)
 
 
 def fp32_check(new_dir: str, old_dir: str):
@@ -111,7 +124,7 @@ def fp32_check(new_dir: str, old_dir: str):
     global GEN_PROMPT
     keep, GEN_PROMPT = GEN_PROMPT, FP32_PROMPT
     try:
-        ids, mask = prompts(4)
+        ids, mask = prompts(4, SHAPE["vocab_size"])
     finally:
         GEN_PROMPT = keep
     outs = {}
