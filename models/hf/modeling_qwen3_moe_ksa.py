@@ -28,8 +28,10 @@ where a chunk completes). A padded batch (zeros in attention_mask: left padding,
 batch: a row's document is its unmasked tokens in order, so its chunks, and so its summaries, start at its first
 token. The rows' interleaved sequences then differ in length, and each call's are left-aligned by holes: a hole is a
 column that no query of its row sees (it is masked like padding). `cache.ksa_own` [rows, cached columns] keeps each
-cached column's index in its row's interleaved sequence (-1 at a hole); a cache without it holds rows without holes.
-Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a
+cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_held` each
+row's count of them; a cache without them holds rows without holes. A padded batch's first call (nothing cached)
+runs each row alone and merges their caches, so the prompts' padding costs no compute. Each call's layout is
+planned on the host (numpy) and sent to the device in one copy. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a
 reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
