@@ -202,7 +202,8 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             return torch.arange(n, device=device).expand(b, n), [n] * b
         if own.shape[0] != b:
             raise ValueError(f"the cache holds a batch of {own.shape[0]} row{'s' * (own.shape[0] != 1)} and this call "
-                             f"one of {b}")
+                             f"one of {b} (its rows' layouts do not follow batch_repeat_interleave or "
+                             "batch_select_indices): run the prompt for every row")
         if own.shape[1] < n:
             raise ValueError(f"the cache holds {n} tokens and its layout {own.shape[1]}: it was changed by other code "
                              "than this model's")

@@ -99,7 +99,7 @@ def test_beam_search_and_a_cropped_cache_keep_the_index_keys_in_step(model):
     """With either cache (the model's; one without indexed-attention layers, whose index keys live beside it): beam
     search (which reorders the cache every step) picks the tokens it picks without a cache, and a cache cropped by
     two tokens (as assisted decoding does) continues with the whole forward's logits. A cache whose keys and index
-    keys disagree is refused."""
+    keys disagree is refused, and so are index keys beside a cache whose rows were repeated."""
     from transformers.cache_utils import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
@@ -117,6 +117,21 @@ def test_beam_search_and_a_cropped_cache_keep_the_index_keys_in_step(model):
     cache.dsa_index_keys = {0: torch.zeros(2, 3, model.config.index_head_dim)}
     with pytest.raises(ValueError, match="layer 0: the cache holds 9 keys but 3 index keys"):
         _cached_index_keys(cache, 0, torch.zeros(2, 1, model.config.index_head_dim), 10)
+    # a prompt's cache repeated for two rows (batch_repeat_interleave, as a user may share one prefill): the model's
+    # cache, where its layers keep the index keys (transformers 5.2x), continues both rows; index keys beside a cache
+    # do not follow such an edit and are refused, naming the remedy
+    for make in (lambda: DynamicCache(config=model.config), DynamicCache):
+        cache = make()
+        model(input_ids=ids[:1, :15], **{CACHE: cache}, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        beside = not hasattr(cache.layers[0], "update_indexer")
+        if beside:
+            with pytest.raises(ValueError, match="layer 0: the index keys beside the cache hold a batch of 1 and this "
+                                                 "call one of 2"):
+                model(input_ids=ids[:1, 15:].expand(2, -1), **{CACHE: cache}, use_cache=True)
+        else:
+            out = model(input_ids=ids[:1, 15:].expand(2, -1), **{CACHE: cache}, use_cache=True).logits
+            assert _close(out, full[:1, 15:].expand(2, -1, -1))
 
 
 def test_padded_batch_rows_are_the_rows_alone(model):

@@ -180,6 +180,7 @@ def test_padded_rows_run_as_alone(model):
     assert _close(torch.cat([first.logits[:1], rest.logits[:1]], dim=1), alone[0])
     # a cache of another row count (as transformers' batch_repeat_interleave leaves it) is refused
     unpadded = _cache_of(model(input_ids=long, use_cache=True))
+    unpadded.batch_repeat_interleave(2)
     with pytest.raises(ValueError, match="the cache holds a batch of 1 row and this call one of 2"):
         model(input_ids=ids[:, :1], **{CACHE: unpadded}, use_cache=True)
     with pytest.raises(ValueError, match="leaves out every token of this call"):
