@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -55,6 +56,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 # Elements of the largest per-chunk temporary (the attention mask over a query chunk's rows and heads, and what
 # SDPA makes of it): 2^26.
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# SDPA's kernels for the KSA mask: not cuDNN's, which builds a plan for every new shape (generation: one a step)
+SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 # The cache's keyword and output field: `cache` from transformers 5.2x, `past_key_values` before (5.17).
 CACHE_KEY = "cache" if "cache" in inspect.signature(Qwen3MoeModel.forward).parameters else "past_key_values"
 
@@ -162,7 +165,8 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
             # a group's g query heads as g x n query rows of one KV head: each key and value is read once per group
             qg = q[:, :, i0:i1].reshape(b, hkv, g * n, d)
             mg = mask[:, None, None].expand(b, 1, g, n, total).reshape(b, 1, g * n, total)
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=self.scaling)  # a query sees itself
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=self.scaling)  # a query sees itself
             out[:, i0:i1] = o.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
         return self.o_proj(out.reshape(b, t, -1)), None
 
