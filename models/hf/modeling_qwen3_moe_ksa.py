@@ -41,9 +41,7 @@ import inspect
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -53,11 +51,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     apply_rotary_pos_emb,
 )
 
-# Elements of the largest per-chunk temporary (the attention mask over a query chunk's rows and heads, and what
-# SDPA makes of it): 2^26.
+# Elements of the largest per-chunk temporary (fp32 attention logits): 2^26 = 256 MiB.
 QUERY_CHUNK_ELEMENTS = 1 << 26
-# SDPA's kernels for the KSA mask: not cuDNN's, which builds a plan for every new shape (generation: one a step)
-SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 # The cache's keyword and output field: `cache` from transformers 5.2x, `past_key_values` before (5.17).
 CACHE_KEY = "cache" if "cache" in inspect.signature(Qwen3MoeModel.forward).parameters else "past_key_values"
 
@@ -157,17 +152,16 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
             raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds {total}")
         g = hq // hkv
         chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * total)))
+        kf, vf = k.float(), v.float()
         out = q.new_empty(b, t, hq, d)
         for i0 in range(0, t, chunk):
             i1 = min(t, i0 + chunk)
-            n = i1 - i0
+            qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
+            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scaling
             mask = ksa_mask(rows[:, i0:i1], keys, chunk=self.chunk, num_summary=self.num_summary, window=self.window)
-            # a group's g query heads as g x n query rows of one KV head: each key and value is read once per group
-            qg = q[:, :, i0:i1].reshape(b, hkv, g * n, d)
-            mg = mask[:, None, None].expand(b, 1, g, n, total).reshape(b, 1, g * n, total)
-            with sdpa_kernel(SDPA_BACKENDS):
-                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=self.scaling)  # a query sees itself
-            out[:, i0:i1] = o.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)
+            p = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)  # a query sees itself
+            o = torch.einsum("bhgqk,bhkd->bqhgd", p, vf)
+            out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
         return self.o_proj(out.reshape(b, t, -1)), None
 
 
