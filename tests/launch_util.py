@@ -144,12 +144,16 @@ def run_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: i
             if left <= 0:
                 failed = f"timed out after {timeout} s"
                 break
-            for sentinel in wait([p.sentinel for p in pending], timeout=left):
-                p = next(q for q in pending if q.sentinel == sentinel)
+            ready = wait([p.sentinel for p in pending], timeout=left)
+            done = sorted((p for p in pending if p.sentinel in ready), key=procs.index)
+            for p in done:
                 p.join()
                 pending.remove(p)
-                if p.exitcode != 0 and failed is None:
-                    failed = f"rank {procs.index(p)} exited with {p.exitcode}"
+            # every rank found failed at once is named: which of them failed first cannot be told (a rank whose
+            # peer died leaves its collective with an error of its own a moment later)
+            bad = [f"rank {procs.index(p)} exited with {p.exitcode}" for p in done if p.exitcode != 0]
+            if bad and failed is None:
+                failed = "; ".join(bad)
             if failed:
                 break
     finally:

@@ -27,10 +27,13 @@ def sum_ranks(out: str) -> None:
 def rank1_fails() -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
-    if dist.get_rank() == 1:
+    # rank 1 fails before it joins the world, so rank 0 stays blocked in the rendezvous (for its 30-minute timeout
+    # if nobody stopped it) and rank 1 alone fails; a failure after joining would make rank 0's collective fail a
+    # moment later too, and which of the two exited first could not be told
+    if os.environ["RANK"] == "1":
         raise ValueError("rank 1 broke on purpose")
-    dist.barrier()  # rank 0 would wait here for the gloo timeout (30 min) if nobody stopped it
+    dist.init_process_group("gloo")
+    dist.barrier()
 
 
 @pytest.mark.slow
