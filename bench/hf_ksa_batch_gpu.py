@@ -6,11 +6,11 @@ with its own cache. Both load the same checkpoint, each from its own directory w
 Two models, random weights (models/hf/tiny.py), chunks of 8 and 1 summary: 2 layers with the 30B's attention shapes
 (hidden 2048, 32 query / 4 KV heads of 128), 8 experts of 768 (top 2), Qwen3's vocabulary, layer 0 KSA (a window of
 4 chunks) and layer 1 dense, so both kinds of layer meet the holes; and the tiny recipe's 4 KSA layers of width
-128, whose steps cost little, so that what a call costs beside its layers shows. bf16 on a GPU. Per batch: GEN_NEW greedy tokens
-after prompts of GEN_PROMPT, 3/4, 1/2, 1/4 of it (repeated for 8 rows), left-padded; and one unpadded row. For
-each: the time of generate() (one warm-up before, then REPEAT timed calls, the least and the most), the peak memory
-above the weights, and whether both versions give the same tokens; then both in fp32 (fp32_check). On a CPU, a
-dry run at small sizes.
+128, whose steps cost little, so that what a call costs beside its layers shows. bf16 on a GPU. Per batch:
+GEN_NEW greedy tokens after prompts of GEN_PROMPT, 3/4, 1/2, 1/4 of it (repeated for 8 rows), left-padded; and one
+unpadded row. For each: the time of generate() (one warm-up before, then REPEAT timed calls, the least and the
+most), the peak memory above the weights, and whether both versions give the same tokens; then both in fp32
+(fp32_check). On a CPU, a dry run at small sizes.
 
     python3 bench/hf_ksa_batch_gpu.py OLD_MODELING_FILE > $OUT/ksa_batch.jsonl
     (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show 273f03f:...`)"""

@@ -31,8 +31,9 @@ column that no query of its row sees (it is masked like padding). `cache.ksa_own
 cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_held` each
 row's count of them; a cache without them holds rows without holes. A padded batch's first call (nothing cached)
 runs each row alone and merges their caches, so the prompts' padding costs no compute. Each call's layout is
-planned on the host (numpy) and sent to the device in one copy. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the attention logits stay bounded at long contexts. It is a
-reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/ksa.
+planned on the host (numpy) and sent to the device in one copy. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the
+attention logits stay bounded at long contexts. It is a reference implementation in plain PyTorch, not a fast
+kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
             k, v = cache.update(k, v, self.layer_idx)
         hq, hkv, d, total = q.shape[1], k.shape[1], q.shape[3], k.shape[2]
         if keys.shape != (b, total):
-            raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds {total}")
+            raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds "
+                               f"{total}")
         g = hq // hkv
         chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * total)))
         kf, vf = k.float(), v.float()
@@ -249,7 +251,8 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         at = sent[4 * b * width:].view(b, -1)
         keys = torch.cat([past, own], dim=1)
         text = self.model.embed_tokens(input_ids)
-        table = torch.cat([text.flatten(0, 1), self.model.summary_embed.weight.to(text.dtype), text.new_zeros(1, text.shape[-1])])
+        table = torch.cat([text.flatten(0, 1), self.model.summary_embed.weight.to(text.dtype),
+                           text.new_zeros(1, text.shape[-1])])
         hidden = table[src]  # text tokens, summary embeddings, zeros at holes
         attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
         for m in attn:
@@ -266,7 +269,8 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             cache.ksa_own, cache.ksa_held = keys, held
         last = out.last_hidden_state.gather(1, at.clamp(min=0).unsqueeze(-1).expand(-1, -1, text.shape[-1]))
         logits = self.lm_head(last).masked_fill((at < 0).unsqueeze(-1), 0.0)  # padding: zero logits
-        loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size) if labels is not None else None
+        loss = (self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
+                if labels is not None else None)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 

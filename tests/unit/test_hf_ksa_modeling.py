@@ -169,7 +169,8 @@ def test_padded_rows_run_as_alone(model):
     doc0 = torch.cat([ids[:1, :3], ids[:1, 5:]], dim=1)
     assert _close(got[:1, gap[0].bool()], model(input_ids=doc0, use_cache=False).logits)
     assert _close(got[1:, :10], model(input_ids=ids[1:, :10], use_cache=False).logits)
-    assert torch.equal(got[0, 3:5], torch.zeros_like(got[0, 3:5])) and torch.equal(got[1, 10:], torch.zeros_like(got[1, 10:]))
+    assert torch.equal(got[0, 3:5], torch.zeros_like(got[0, 3:5]))
+    assert torch.equal(got[1, 10:], torch.zeros_like(got[1, 10:]))
     # a row of padding only in the first call: holes, zero logits; its document starts with its first token
     empty = torch.ones_like(ids[:, :8])
     empty[1] = 0
