@@ -19,11 +19,11 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, ".")
+from bench.hf_logits_gpu import measured  # noqa: E402  (seconds and peak memory of a call)
 from models.hf.tiny import add_tiny_ksa, save_tiny_qwen3_moe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -44,27 +44,13 @@ TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attent
                 max_position_embeddings=GEN_PROMPT + 256)
 MODELS = {"attn30b_2layers": (SHAPE, [0], [4]), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
 
-def measured(fn):
-    """(seconds, peak bytes above what was allocated before, result) of fn(); on the CPU, peak None."""
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) if CUDA else None, out
-
-
-def prompts(rows: int, vocab: int):
-    """`rows` left-padded prompts of GEN_PROMPT, 3/4, 1/2 and 1/4 of it (repeated), and their mask."""
+def prompts(rows: int, vocab: int, length: int = GEN_PROMPT):
+    """`rows` left-padded prompts of `length`, 3/4, 1/2 and 1/4 of it (repeated), and their mask."""
     g = torch.Generator().manual_seed(rows)
-    ids = torch.randint(0, vocab, (rows, GEN_PROMPT), generator=g)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
     mask = torch.ones_like(ids)
     for r in range(rows):
-        mask[r, :GEN_PROMPT - GEN_PROMPT * (4 - r % 4) // 4] = 0
+        mask[r, :length - length * (4 - r % 4) // 4] = 0
     ids[mask == 0] = 0
     return ids.to(DEV), mask.to(DEV)
 
@@ -121,12 +107,7 @@ def fp32_check(new_dir: str, old_dir: str):
     a row's, so greedy tokens may part there; in fp32 the two are the same computation."""
     from transformers import AutoModelForCausalLM
 
-    global GEN_PROMPT
-    keep, GEN_PROMPT = GEN_PROMPT, FP32_PROMPT
-    try:
-        ids, mask = prompts(4, SHAPE["vocab_size"])
-    finally:
-        GEN_PROMPT = keep
+    ids, mask = prompts(4, SHAPE["vocab_size"], FP32_PROMPT)
     outs = {}
     for name, d in (("batched", new_dir), ("row_by_row", old_dir)):
         m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, trust_remote_code=True).to(DEV).eval()

@@ -66,10 +66,9 @@ def _cached_index_keys(cache, layer_idx: int, k_idx: torch.Tensor, total: int) -
     if kept.shape[0] != k_idx.shape[0]:
         raise ValueError(f"layer {layer_idx}: the index keys beside the cache hold a batch of {kept.shape[0]} and this "
                          f"call one of {k_idx.shape[0]} (the cache's rows were changed, e.g. by "
-                         "batch_repeat_interleave, "
-                         "which they do not follow): run the prompt for every row, or, with transformers 5.2x, build "
-                         "the cache with the model's config (DynamicCache(config=model.config)), whose indexer layers "
-                         "follow such edits")
+                         "batch_repeat_interleave, which they do not follow): run the prompt for every row, or, with "
+                         "transformers 5.2x, build the cache with the model's config "
+                         "(DynamicCache(config=model.config)), whose indexer layers follow such edits")
     if kept.shape[1] != past:
         raise ValueError(f"layer {layer_idx}: the cache holds {past} keys but {kept.shape[1]} index keys (it was "
                          "filled by another model): start from an empty cache")

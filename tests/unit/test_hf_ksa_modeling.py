@@ -134,8 +134,20 @@ def test_padded_rows_run_as_alone(model):
     assert torch.equal(batch[1, :pad], torch.zeros_like(batch[1, :pad]))
     alone = [model(input_ids=x, use_cache=False).logits for x in (long, short)]
     assert _close(batch[1:, pad:], alone[1]) and _close(batch[:1], alone[0])
-    # the first 12 (long) and 5 (short) tokens into the cache, then the rest one at a time
-    out = model(input_ids=ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+    # the first 12 (long) and 5 (short) tokens into the cache, then the rest one at a time. The prompt's call runs
+    # each row alone, so its padding is not computed: 12 tokens + 3 chunks' 2 summaries, and 5 + 1 chunk's 2
+    seen, inner = [], model.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+        return inner(*args, **kwargs)
+
+    model.model.forward = spy
+    try:
+        out = model(input_ids=ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+    finally:
+        del model.model.forward
+    assert seen == [(1, 18), (1, 7)]
     cache, steps = _cache_of(out), [out.logits[:, -1:]]
     for i in range(12, 17):
         out = model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], **{CACHE: cache}, use_cache=True)
