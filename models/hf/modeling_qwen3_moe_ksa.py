@@ -28,12 +28,15 @@ where a chunk completes). A padded batch (zeros in attention_mask: left padding,
 batch: a row's document is its unmasked tokens in order, so its chunks, and so its summaries, start at its first
 token. The rows' interleaved sequences then differ in length, and each call's are left-aligned by holes: a hole is a
 column that no query of its row sees (it is masked like padding). `cache.ksa_own` [rows, cached columns] keeps each
-cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_held` each
-row's count of them; a cache without them holds rows without holes. A padded batch's first call (nothing cached)
-runs each row alone and merges their caches, so the prompts' padding costs no compute. Each call's layout is
-planned on the host (numpy) and sent to the device in one copy. Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the
-attention logits stay bounded at long contexts. It is a reference implementation in plain PyTorch, not a fast
-kernel: the trainer's Triton kernels are in kernels/ksa.
+cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_own_host` the
+same on the host; a cache without them holds rows without holes. A padded batch's first call (nothing cached) runs
+each row alone and merges their caches, so the prompts' padding costs no compute. Each call's layout is planned on
+the host (numpy) and sent to the device in one copy.
+A KSA layer's queries run in blocks, and a block attends over the keys it may see alone (key_blocks): the summaries
+of the chunks before its window's, then its window's and its own columns; the mask picks each query's among those.
+So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key, and
+a block's fp32 logits stay within QUERY_CHUNK_ELEMENTS. It is a reference implementation in plain PyTorch, not a
+fast kernel: the trainer's Triton kernels are in kernels/ksa.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     apply_rotary_pos_emb,
 )
 
-# Elements of the largest per-chunk temporary (fp32 attention logits): 2^26 = 256 MiB.
+# Elements of the largest per-block temporary (fp32 attention logits): 2^26 = 256 MiB.
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# Queries of the units a call's queries are grouped from into blocks (key_blocks).
+BLOCK_UNIT = 64
 # The cache's keyword and output field: `cache` from transformers 5.2x, `past_key_values` before (5.17).
 CACHE_KEY = "cache" if "cache" in inspect.signature(Qwen3MoeModel.forward).parameters else "past_key_values"
 
@@ -111,11 +116,68 @@ def ksa_mask(rows: torch.Tensor, keys: int | torch.Tensor, *, chunk: int, num_su
     return ((k >= 0) & (k <= q) & (summary_query | text_query)) | (q < 0)
 
 
+def key_blocks(rows: np.ndarray, keys: np.ndarray, *, chunk: int, num_summary: int, window: int, heads: int,
+               block: int | None = None, elements: int = QUERY_CHUNK_ELEMENTS, unit: int = BLOCK_UNIT) -> dict:
+    """Which key columns each block of a call's queries may see, so a KSA layer attends over those alone (its far
+    context is the summaries, not every key). `rows` [b, t] and `keys` [b, cached + t] are the call's queries' and
+    all keys' indices in their row's interleaved sequence (-1 at a hole); a row's indices grow along its columns.
+
+    A block of queries [i0, i1) sees, per row r, (far) the first far[r] of the row's summary columns, those of the
+    chunks before the near range, and (near) the columns near[r]..end-1, end = cached + i1 (the column after the
+    block's last query). The near range starts at the first column of chunk c - window, c the least chunk of the
+    row's queries in the block; the KSA mask (ksa_mask) then picks each query's keys among those. The two parts do
+    not overlap (a key counted twice would weigh twice in the softmax) and together hold every key a query of the
+    block may see. Blocks are `block` queries each, or, with `block` None, as many as keep a block's logits within
+    `elements` (heads x queries x rows x columns), from units of `unit` queries.
+
+    Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64,
+    "summaries": [b, most summary columns of a row] (the rows' summary columns, in order; 0 past a row's count)}."""
+    b, t = rows.shape
+    past, period = keys.shape[1] - t, chunk + num_summary
+    unit = block or min(t, unit)
+    n = -(-t // unit)
+    none = 1 << 40  # a chunk past every query's: a row with no query in a block sees nothing there
+    cq = np.full((b, n * unit), none, dtype=np.int64)
+    cq[:, :t] = np.where(rows >= 0, rows // period, none)
+    first = cq.reshape(b, n, unit).min(-1)  # [b, n]: the least chunk of a row's queries in each unit
+    end = past + np.minimum(np.arange(1, n + 1) * unit, t)  # [n]
+    seen = np.maximum.accumulate(keys, axis=1) if keys.shape[1] else keys  # holes take the index before them
+    near = np.stack([np.searchsorted(seen[r], (first[r] - window) * period) for r in range(b)]).reshape(b, n)
+    near = np.minimum(near, end)  # a row with no query in the unit: an empty near range
+    is_summary = (keys >= 0) & (keys % period >= chunk)
+    before = np.concatenate([np.zeros((b, 1), dtype=np.int64), np.cumsum(is_summary, axis=1)], axis=1)
+    far = np.take_along_axis(before, near, axis=1)  # the row's summary columns before its near range
+    count = int(before[:, -1].max()) if b else 0
+    summaries = np.zeros((b, count), dtype=np.int64)
+    for r in range(b):
+        cols = np.flatnonzero(is_summary[r])
+        summaries[r, :cols.size] = cols
+    # units into blocks: a block's near start and far count per row are the least of its units'
+    blocks, near_b, far_b = [], [], []
+    j = 0
+    while j < n:
+        lo_near, lo_far, k = near[:, j], far[:, j], j + 1
+        while block is None and k < n:
+            grown_near, grown_far = np.minimum(lo_near, near[:, k]), np.minimum(lo_far, far[:, k])
+            width = int(grown_far.max()) + int((end[k] - grown_near).max())
+            if (min(t, (k + 1) * unit) - j * unit) * b * heads * width > elements:
+                break
+            lo_near, lo_far, k = grown_near, grown_far, k + 1
+        i0, i1 = j * unit, min(t, k * unit)
+        blocks.append((i0, i1, int(lo_far.max()), int((past + i1 - lo_near).max())))
+        near_b.append(lo_near)
+        far_b.append(lo_far)
+        j = k
+    return {"blocks": blocks, "near": np.stack(near_b, axis=1), "far": np.stack(far_b, axis=1),
+            "summaries": summaries}
+
+
 class Qwen3MoeKSAAttention(Qwen3MoeAttention):
     """Qwen3-MoE attention with a second q/k/v projection for summary tokens, attending by the KSA rule.
     `layout`, set by Qwen3MoeKSAForCausalLM around each forward: (summary [b, t] bool, True at the call's summary
     tokens; rows [b, t] and keys [b, cached + t], each column's index in its row's interleaved sequence, -1 at a
-    hole); `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
+    hole; blocks: {window: key_blocks' plan, its arrays on the device}). Each block of queries attends over the
+    key columns its plan gathers (its far summaries and its near range), not over every key."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -127,16 +189,16 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         self.chunk, self.num_summary = int(config.ksa_chunk), int(config.ksa_num_summary)
         windows = list(config.ksa_windows)
         self.window = int(windows[layer_idx % len(windows)])
-        self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.query_chunk: int | None = None
+        self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict] | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         if self.layout is None:
             raise RuntimeError("a KSA layer runs inside Qwen3MoeKSAForCausalLM (it sets where the summary tokens are)")
-        summary_at, rows, keys = self.layout
+        summary_at, rows, keys, blocks = self.layout
         b, t, _ = hidden_states.shape
+        dev = hidden_states.device
         summary = summary_at.view(b, t, 1)
 
         def project(text, summ):  # each token's row from its own projection
@@ -152,17 +214,23 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         if keys.shape != (b, total):
             raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds "
                                f"{total}")
-        g = hq // hkv
-        chunk = self.query_chunk or max(1, min(t, QUERY_CHUNK_ELEMENTS // (b * hq * total)))
-        kf, vf = k.float(), v.float()
+        g, past = hq // hkv, total - t
+        plan = blocks[self.window]
         out = q.new_empty(b, t, hq, d)
-        for i0 in range(0, t, chunk):
-            i1 = min(t, i0 + chunk)
+        for n, (i0, i1, far, near) in enumerate(plan["blocks"]):
+            # the block's key columns: its far summaries (the first `far` of each row's, fewer in some rows), then
+            # its near range (from each row's start to the column after the block's last query)
+            far_cols, near_cols = plan["summaries"][:, :far], plan["near"][:, n:n + 1] + torch.arange(near, device=dev)
+            seen = torch.cat([torch.arange(far, device=dev) < plan["far"][:, n:n + 1], near_cols < past + i1], dim=1)
+            cols = torch.cat([far_cols, near_cols.clamp(max=total - 1)], dim=1)  # [b, columns]
+            index = keys.gather(1, cols).masked_fill(~seen, -1)  # a column not in the row's set: a hole
+            at = cols[:, None, :, None].expand(-1, hkv, -1, d)
+            kc, vc = k.gather(2, at).float(), v.gather(2, at).float()
             qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
-            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf) * self.scaling
-            mask = ksa_mask(rows[:, i0:i1], keys, chunk=self.chunk, num_summary=self.num_summary, window=self.window)
+            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kc) * self.scaling
+            mask = ksa_mask(rows[:, i0:i1], index, chunk=self.chunk, num_summary=self.num_summary, window=self.window)
             p = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)  # a query sees itself
-            o = torch.einsum("bhgqk,bhkd->bqhgd", p, vf)
+            o = torch.einsum("bhgqk,bhkd->bqhgd", p, vc)
             out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
         return self.o_proj(out.reshape(b, t, -1)), None
 
@@ -181,27 +249,28 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         super().__init__(config)
         self.model.summary_embed = nn.Embedding(int(config.ksa_num_summary), config.hidden_size)
         self.ksa_layers = layers
+        self.query_block: int | None = None  # queries per block of a KSA layer (None: key_blocks sizes them)
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeKSAAttention(config, l)
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
         """Beam search's reordering of the cache (transformers calls this where a model defines it): its keys and
-        values, and the rows' layouts (`cache.ksa_own`, `cache.ksa_held`)."""
+        values, and the rows' layouts (`cache.ksa_own` and its host copy `cache.ksa_own_host`)."""
         cache.reorder_cache(beam_idx)
         own = getattr(cache, "ksa_own", None)
         if own is not None:
+            cache.ksa_own_host = self._cached_layout(cache, own.shape[0], own.device)[1][beam_idx.cpu().numpy()]
             cache.ksa_own = own[beam_idx.to(own.device)]
-            cache.ksa_held = [cache.ksa_held[i] for i in beam_idx.tolist()]
         return cache
 
     @staticmethod
-    def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, list[int]]:
-        """([b, cached columns] on the device: each cached column's index in its row's interleaved sequence, -1 at a
-        hole; each row's interleaved tokens in the cache)."""
+    def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, np.ndarray]:
+        """[b, cached columns], on the device and on the host: each cached column's index in its row's interleaved
+        sequence, -1 at a hole (a row's count of the others is its interleaved tokens in the cache)."""
         n = 0 if cache is None else cache.get_seq_length()
         own = None if cache is None else getattr(cache, "ksa_own", None)
         if own is None:  # a cache of rows without holes (filled without padding, or by an older version of this file)
-            return torch.arange(n, device=device).expand(b, n), [n] * b
+            return torch.arange(n, device=device).expand(b, n), np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
         if own.shape[0] != b:
             raise ValueError(f"the cache holds a batch of {own.shape[0]} row{'s' * (own.shape[0] != 1)} and this call "
                              f"one of {b} (its rows' layouts do not follow batch_repeat_interleave or "
@@ -209,10 +278,10 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         if own.shape[1] < n:
             raise ValueError(f"the cache holds {n} tokens and its layout {own.shape[1]}: it was changed by other code "
                              "than this model's")
-        if own.shape[1] > n:  # a cropped cache keeps its first n columns
-            own = own[:, :n]
-            return own, (own >= 0).sum(1).tolist()
-        return own, list(cache.ksa_held)
+        host = getattr(cache, "ksa_own_host", None)
+        if host is None or host.shape != own.shape:  # set by an older version of this file: one copy
+            host = cache.ksa_own_host = own.cpu().numpy()
+        return own[:, :n], host[:, :n]  # a cropped cache keeps its first n columns
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
@@ -240,23 +309,29 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         host = torch.stack([x.to(dev) for x in host]).cpu().numpy() if host else None
         real = host[0].astype(bool) if attention_mask is not None else np.ones((b, t), dtype=bool)
         pos_given = host[-1] if position_ids is not None else None
-        past, held = self._cached_layout(cache, b, dev)
+        past, past_host = self._cached_layout(cache, b, dev)
         kept = kept_positions(t, logits_to_keep).numpy()
         if past.shape[1] == 0 and b > 1 and not real.all():
             return self._rows_alone(input_ids, real, pos_given, labels, cache, kept)
-        plan, column, held = self._plan(real, pos_given, held, t, kept)
-        sent = torch.from_numpy(np.concatenate([plan.ravel(), column.ravel()])).to(dev)  # one copy to the device
-        width = plan.shape[2]
-        src, pos, own, is_summary = sent[:4 * b * width].view(4, b, width)
-        at = sent[4 * b * width:].view(b, -1)
+        plan, column = self._plan(real, pos_given, (past_host >= 0).sum(1), t, kept)
+        keys_host = np.concatenate([past_host, plan[2]], axis=1)
+        attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
+        blocks = {w: key_blocks(plan[2], keys_host, chunk=int(cfg.ksa_chunk), num_summary=int(cfg.ksa_num_summary),
+                                window=w, heads=cfg.num_attention_heads, block=self.query_block)
+                  for w in sorted({m.window for m in attn})}
+        arrays = [plan, column] + [x[k] for x in blocks.values() for k in ("near", "far", "summaries")]
+        sent = torch.from_numpy(np.concatenate([x.ravel() for x in arrays])).to(dev)  # one copy to the device
+        sent = [x.view(a.shape) for x, a in zip(sent.split([a.size for a in arrays]), arrays)]
+        (src, pos, own, is_summary), at = sent[0], sent[1]
+        for n, x in enumerate(blocks.values()):
+            x.update(near=sent[2 + 3 * n], far=sent[3 + 3 * n], summaries=sent[4 + 3 * n])
         keys = torch.cat([past, own], dim=1)
         text = self.model.embed_tokens(input_ids)
         table = torch.cat([text.flatten(0, 1), self.model.summary_embed.weight.to(text.dtype),
                            text.new_zeros(1, text.shape[-1])])
         hidden = table[src]  # text tokens, summary embeddings, zeros at holes
-        attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
         for m in attn:
-            m.layout = (is_summary.bool(), own, keys)
+            m.layout = (is_summary.bool(), own, keys, blocks)
         try:
             # an explicit mask (holes out): without one transformers reads a position that repeats (a summary's) as
             # the start of another packed sequence and splits a dense layer's causal mask there
@@ -266,7 +341,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             for m in attn:
                 m.layout = None
         if cache is not None:
-            cache.ksa_own, cache.ksa_held = keys, held
+            cache.ksa_own, cache.ksa_own_host = keys, keys_host
         last = out.last_hidden_state.gather(1, at.clamp(min=0).unsqueeze(-1).expand(-1, -1, text.shape[-1]))
         logits = self.lm_head(last).masked_fill((at < 0).unsqueeze(-1), 0.0)  # padding: zero logits
         loss = (self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
@@ -274,18 +349,18 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 
-    def _plan(self, real: np.ndarray, pos_given: np.ndarray | None, held: list[int], t: int, kept: np.ndarray):
+    def _plan(self, real: np.ndarray, pos_given: np.ndarray | None, held: np.ndarray, t: int, kept: np.ndarray):
         """The call's layout, planned on the host: ([4, b, width]: each column's source row in [input tokens,
         summary embeddings, a zero row], its position, its index in its row's interleaved sequence (-1 at a hole),
-        whether it is a summary; [b, kept]: the column of each kept input token, -1 at padding; each row's
-        interleaved tokens after the call). Each row's new tokens (its unmasked ones, in order) follow its cached
+        whether it is a summary; [b, kept]: the column of each kept input token, -1 at padding), `held` being each
+        row's interleaved tokens in the cache. Each row's new tokens (its unmasked ones, in order) follow its cached
         ones; the rows' new columns are left-aligned by holes."""
         chunk, num_summary = int(self.config.ksa_chunk), int(self.config.ksa_num_summary)
         b = real.shape[0]
         rows = []
         for r in range(b):
             where = np.flatnonzero(real[r])
-            start = cached_text_tokens(held[r], chunk, num_summary)
+            start = cached_text_tokens(int(held[r]), chunk, num_summary)
             lay = _layout(where.size, chunk, num_summary, start)
             rows.append((where, start, lay, where.size + lay["slot"].size))
         width = max(n for *_, n in rows)
@@ -299,12 +374,12 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         for r, (where, start, lay, n) in enumerate(rows):
             ti, si = lay["text_index"] + (width - n), lay["summary_index"] + (width - n)
             src[r, ti], src[r, si] = r * t + where, b * t + lay["slot"]
-            own[r, width - n:] = np.arange(held[r], held[r] + n)
+            own[r, width - n:] = np.arange(int(held[r]), int(held[r]) + n)
             p = pos_given[r][where] if pos_given is not None else np.arange(start, start + where.size)
             pos[r, ti], pos[r, si] = p, p[lay["source"]]
             is_summary[r, si] = 1
             column[r, where] = ti
-        return plan, column[:, kept], [h + n for h, (*_, n) in zip(held, rows)]
+        return plan, column[:, kept]
 
     def _rows_alone(self, input_ids, real, pos_given, labels, cache, kept) -> CausalLMOutputWithPast:
         """A padded batch's first call (nothing cached): each row's tokens run alone, so its padding costs no
@@ -348,7 +423,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             own = torch.full((b, width), -1, dtype=torch.long)
             for r, n in enumerate(sizes):
                 own[r, width - n:] = torch.arange(n)
-            cache.ksa_own, cache.ksa_held = own.to(dev), sizes
+            cache.ksa_own, cache.ksa_own_host = own.to(dev), own.numpy()
         loss = (self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
                 if labels is not None else None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})

@@ -13,7 +13,13 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 from kernels.ksa import naive
-from models.hf.modeling_qwen3_moe_ksa import Qwen3MoeKSAAttention, cached_text_tokens, ksa_mask, summary_layout
+from models.hf.modeling_qwen3_moe_ksa import (
+    Qwen3MoeKSAAttention,
+    cached_text_tokens,
+    key_blocks,
+    ksa_mask,
+    summary_layout,
+)
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 from models.ksa_tokens import build_summary_layout
 
@@ -48,6 +54,53 @@ def test_layout_and_mask_are_the_trainers(chunk, num_summary):
         rows = [ksa_mask(torch.arange(i, min(total, i + 3)), total, chunk=chunk, num_summary=num_summary,
                          window=window) for i in range(0, total, 3)]
         assert torch.equal(torch.cat(rows), want)
+
+
+@pytest.mark.parametrize("chunk, num_summary, window", [(4, 1, 2), (3, 2, 0), (5, 1, 7)])
+def test_key_blocks_hold_every_key_a_query_sees_once(chunk, num_summary, window):
+    """key_blocks against the mask over every key: for rows with holes anywhere (cached and new columns), each block
+    gathers every key its queries see (ksa_mask over all columns), no column twice, and, in a row without holes,
+    a near range no longer than the window's chunks and the block's queries: the far context is summaries alone.
+    Blocks sized by `elements` keep to it (unless a block is one unit)."""
+    import numpy as np
+
+    rng = np.random.default_rng(chunk * 10 + window)
+    period = chunk + num_summary
+    merged = 0  # blocks of several units
+    for trial in range(12):
+        b, total = int(rng.integers(1, 4)), int(rng.integers(1, 400))
+        t = int(rng.integers(1, total + 1))
+        hole = rng.random((b, total)) < (0.3 if trial % 3 else 0.0)
+        keys = np.where(hole, -1, np.cumsum(~hole, axis=1) - 1)  # a row's indices grow along its columns
+        rows = keys[:, total - t:]
+        block = None if trial % 2 else int(rng.integers(1, 40))
+        elements, unit = int(rng.integers(50, 20000)), int(rng.integers(1, 9))
+        plan = key_blocks(rows, keys, chunk=chunk, num_summary=num_summary, window=window, heads=2, block=block,
+                          elements=elements, unit=unit)
+        bounds = [blk[:2] for blk in plan["blocks"]]  # the blocks cover the queries in order
+        assert bounds[0][0] == 0 and bounds[-1][1] == t and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+        every = ksa_mask(torch.from_numpy(rows), torch.from_numpy(keys), chunk=chunk, num_summary=num_summary,
+                         window=window).numpy()  # [b, t, total]
+        for n, (i0, i1, far, near) in enumerate(plan["blocks"]):
+            if block is not None:
+                assert i1 - i0 == min(block, t - i0)
+            elif i1 - i0 > unit:  # a block of several units keeps to `elements`
+                assert (i1 - i0) * b * 2 * (far + near) <= elements
+                merged += 1
+            for r in range(b):
+                cols = [int(c) for c in plan["summaries"][r, :plan["far"][r, n]]]
+                start = int(plan["near"][r, n])
+                cols += [c for c in range(start, start + near) if c < total - t + i1]
+                assert len(set(cols)) == len(cols), (trial, n, r)
+                assert len(cols) <= far + near
+                gathered = np.zeros(total, dtype=bool)
+                gathered[cols] = True
+                for i in range(i0, i1):
+                    if rows[r, i] >= 0:
+                        assert not (every[r, i] & ~gathered).any(), (trial, n, r, i)
+                if not hole[r].any():  # the row's own near range
+                    assert total - t + i1 - start <= (window + 1) * period + (i1 - i0)
+    assert merged
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +255,23 @@ def test_padded_rows_run_as_alone(model):
 
 @torch.no_grad()
 def test_query_chunks_and_rows_change_nothing(model):
-    """Queries a few at a time give the logits of one pass; a row of a batch gives its logits alone."""
+    """Queries a few at a time give the logits of one pass, also in a padded batch after a cache; a row of a batch
+    gives its logits alone."""
     ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
     whole = model(input_ids=ids).logits
     assert _close(whole[1:], model(input_ids=ids[1:]).logits)
-    attn = model.model.layers[1].self_attn
-    attn.query_chunk = 5
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # the second row left-padded: holes in the cache and in the call
+    padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    model.query_block = 5
     try:
         assert _close(model(input_ids=ids).logits, whole)
+        # a prompt into the cache, then the rest in one call of several blocks, each with its far summaries
+        cache = _cache_of(model(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True))
+        rest = model(input_ids=ids[:, 11:], attention_mask=mask, use_cache=True, **{CACHE: cache}).logits
+        assert _close(rest, padded[:, 11:])
     finally:
-        attn.query_chunk = None
+        model.query_block = None
 
 
 @torch.no_grad()
@@ -227,7 +287,8 @@ def test_logits_to_keep(model):
     mask[1, :6] = 0
     for m in (None, mask):
         whole = model(input_ids=ids, attention_mask=m, use_cache=False).logits
-        for keep, cols in ((1, [18]), (3, [16, 17, 18]), (40, list(range(19))), (torch.tensor([0, 5, 6, 12]), [0, 5, 6, 12])):
+        named = [0, 5, 6, 12]
+        for keep, cols in ((1, [18]), (3, [16, 17, 18]), (40, list(range(19))), (torch.tensor(named), named)):
             part = model(input_ids=ids, attention_mask=m, use_cache=False, logits_to_keep=keep).logits
             assert part.shape == (2, len(cols), model.config.vocab_size)
             assert _close(part, whole[:, cols]), (m is not None, keep)

@@ -1,0 +1,126 @@
+"""A KSA export's prefill and generation through its transformers code (models/hf/modeling_qwen3_moe_ksa.py): this
+version, whose KSA layers attend per block of queries over the keys the block may see (key_blocks: the far
+summaries, the window and the block's own columns), against the version before it (the baseline: every query block
+over every key, masked), loaded from the same checkpoint in one process, each directory with its own code.
+
+Models (random weights, models/hf/tiny.py; chunks of 8, 1 summary, as the recipes): 2 layers with the 30B's
+attention shapes (hidden 2048, 32 query / 4 KV heads of 128, Qwen3's vocabulary), both KSA with the 30B recipe's
+two windows (128 and 1024 chunks; recipes/model/keye_30b_a3b_ksa.yaml has 3 of 128 to 1 of 1024); and the tiny
+recipe's 4 KSA layers of width 128 (windows 4, 4, 4, 64). One row, bf16:
+  * prefill with the cache and logits_to_keep=1 (as generate()'s): time (a warm-up, then REPEAT calls: least and
+    most) and peak memory above the weights, per prompt length; the baseline up to BASELINE_UPTO tokens (it takes
+    tens of seconds beyond), this version at every length;
+  * generate() of GEN_NEW greedy tokens after a GEN_PROMPT prompt, less generate() of one (the same prefill), per
+    token after the first; whether both give the same tokens;
+  * the last token's logits of both (max difference, same argmax), and in fp32 at FP32_PROMPT tokens every token's.
+On a CPU, a dry run at small sizes.
+
+    python3 bench/hf_ksa_prefill_gpu.py OLD_MODELING_FILE > $OUT/ksa_prefill.jsonl
+    (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show a76182f:...`)"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, ".")
+from bench.hf_logits_gpu import measured  # noqa: E402  (seconds and peak memory of a call)
+from models.hf.tiny import add_tiny_ksa, save_tiny_qwen3_moe  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+if CUDA:
+    LENGTHS, BASELINE_UPTO, REPEAT = (8192, 32768, 65536, 131072), 65536, 2
+    GEN_PROMPT, GEN_NEW, FP32_PROMPT = 32768, 32, 4096
+else:
+    LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
+    GEN_PROMPT, GEN_NEW, FP32_PROMPT = 256, 4, 300
+SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
+             num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
+             max_position_embeddings=max(LENGTHS) + 256)
+WINDOWS_30B = [128, 1024]
+if not CUDA:
+    SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 moe_intermediate_size=32, vocab_size=512)
+    WINDOWS_30B = [4, 16]
+TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                max_position_embeddings=max(LENGTHS) + 256)
+MODELS = {"attn30b_2layers": (SHAPE, [0, 1], WINDOWS_30B), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
+NEW, OLD = "key_blocks", "every_key"
+
+
+def load(d: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, trust_remote_code=True).to(DEV).eval()
+
+
+def timed(call) -> tuple[dict, object]:
+    """({least, most seconds; peak GiB}, the last result) of REPEAT calls after a warm-up."""
+    measured(call)
+    runs = [measured(call) for _ in range(REPEAT)]
+    return ({"s_min": round(min(r[0] for r in runs), 4), "s_max": round(max(r[0] for r in runs), 4),
+             "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}, runs[-1][2])
+
+
+def main():
+    old_file = sys.argv[1]
+    root = tempfile.mkdtemp()
+    device = torch.cuda.get_device_name() if CUDA else "cpu"
+    for shape_name, (shape, layers, windows) in MODELS.items():
+        dirs = {NEW: os.path.join(root, shape_name, "new"), OLD: os.path.join(root, shape_name, "old")}
+        save_tiny_qwen3_moe(dirs[NEW], dtype=DTYPE, **{**shape, "num_hidden_layers": len(layers)})
+        add_tiny_ksa(dirs[NEW], layers, chunk=8, num_summary=1, windows=windows)
+        shutil.copytree(dirs[NEW], dirs[OLD])
+        shutil.copy(old_file, os.path.join(dirs[OLD], "modeling_qwen3_moe_ksa.py"))
+        models = {name: load(d, DTYPE) for name, d in dirs.items()}
+        vocab = shape["vocab_size"]
+        for n in LENGTHS:
+            ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(DEV)
+            rec = {"model": shape_name, "windows": windows, "prompt": n, "dtype": str(DTYPE), "device": device}
+            last = {}
+            for name, m in models.items():
+                if name == OLD and n > BASELINE_UPTO:
+                    continue
+                call = lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()  # noqa: E731
+                rec[name], last[name] = timed(call)
+            if OLD in last:
+                rec["speedup"] = round(rec[OLD]["s_min"] / rec[NEW]["s_min"], 2)
+                if CUDA:
+                    rec["peak_ratio"] = round(rec[NEW]["peak_gib"] / rec[OLD]["peak_gib"], 3)
+                rec["last_logits_max_abs_diff"] = (last[NEW] - last[OLD]).abs().max().item()
+                rec["last_logits_max_abs"] = last[OLD].abs().max().item()
+                rec["same_argmax"] = bool(last[NEW].argmax() == last[OLD].argmax())
+            print(json.dumps(rec), flush=True)
+        # generation: GEN_NEW tokens less one token (the prefill and the first), per token after the first
+        ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(7)).to(DEV)
+        rec = {"model": shape_name, "windows": windows, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,
+               "dtype": str(DTYPE), "device": device}
+        tokens = {}
+        for name, m in models.items():
+            one, _ = timed(lambda: m.generate(ids, max_new_tokens=1, do_sample=False))  # noqa: B023
+            gen, out = timed(lambda: m.generate(ids, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,  # noqa: B023
+                                                do_sample=False))
+            tokens[name] = out[0, GEN_PROMPT:]
+            rec[name] = {"generate_s_min": gen["s_min"], "one_token_s_min": one["s_min"],
+                         "ms_per_new_token": round(1000 * (gen["s_min"] - one["s_min"]) / (GEN_NEW - 1), 2),
+                         "peak_gib": gen["peak_gib"]}
+        rec["per_token_speedup"] = round(rec[OLD]["ms_per_new_token"] / rec[NEW]["ms_per_new_token"], 2)
+        rec["same_tokens"] = bool(torch.equal(tokens[NEW], tokens[OLD]))
+        print(json.dumps(rec), flush=True)
+        del models
+        fp32 = {name: load(d, torch.float32) for name, d in dirs.items()}
+        ids = torch.randint(0, vocab, (1, FP32_PROMPT), generator=torch.Generator().manual_seed(1)).to(DEV)
+        with torch.no_grad():
+            logits = {name: m(input_ids=ids, use_cache=False).logits for name, m in fp32.items()}
+        print(json.dumps({"model": shape_name, "windows": windows, "fp32_prompt": FP32_PROMPT,
+                          "logits_max_abs_diff": (logits[NEW] - logits[OLD]).abs().max().item(),
+                          "logits_max_abs": logits[OLD].abs().max().item()}), flush=True)
+        del fp32, logits
+
+
+if __name__ == "__main__":
+    main()
