@@ -28,10 +28,10 @@ where a chunk completes). A padded batch (zeros in attention_mask: left padding,
 batch: a row's document is its unmasked tokens in order, so its chunks, and so its summaries, start at its first
 token. The rows' interleaved sequences then differ in length, and each call's are left-aligned by holes: a hole is a
 column that no query of its row sees (it is masked like padding). `cache.ksa_own` [rows, cached columns] keeps each
-cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_own_host` the
-same on the host; a cache without them holds rows without holes. A padded batch's first call (nothing cached) runs
-each row alone and merges their caches, so the prompts' padding costs no compute. Each call's layout is planned on
-the host (numpy) and sent to the device in one copy.
+cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_columns` (on
+the host) the column of each row's indices; a cache without them holds rows without holes. A padded batch's first
+call (nothing cached) runs each row alone and merges their caches, so the prompts' padding costs no compute. Each
+call's layout is planned on the host (numpy) and sent to the device in one copy.
 A KSA layer's queries run in blocks, and a block attends over the keys it may see alone (key_blocks): the summaries
 of the chunks before its window's, then its window's and its own columns; the mask picks each query's among those.
 So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key, and
@@ -116,60 +116,90 @@ def ksa_mask(rows: torch.Tensor, keys: int | torch.Tensor, *, chunk: int, num_su
     return ((k >= 0) & (k <= q) & (summary_query | text_query)) | (q < 0)
 
 
-def key_blocks(rows: np.ndarray, keys: np.ndarray, *, chunk: int, num_summary: int, window: int, heads: int,
-               block: int | None = None, elements: int = QUERY_CHUNK_ELEMENTS, unit: int = BLOCK_UNIT) -> dict:
+def key_blocks(rows: np.ndarray, columns: list[np.ndarray], total: int, *, chunk: int, num_summary: int, window: int,
+               heads: int, block: int | None = None, elements: int = QUERY_CHUNK_ELEMENTS,
+               unit: int = BLOCK_UNIT) -> dict:
     """Which key columns each block of a call's queries may see, so a KSA layer attends over those alone (its far
-    context is the summaries, not every key). `rows` [b, t] and `keys` [b, cached + t] are the call's queries' and
-    all keys' indices in their row's interleaved sequence (-1 at a hole); a row's indices grow along its columns.
+    context is the summaries, not every key). `rows` [b, t]: the call's queries' indices in their row's interleaved
+    sequence (-1 at a hole), in the last t of `total` columns; `columns[r]`: the column of each of row r's indices
+    0, 1, ... (a row's indices grow along its columns, holes between them).
 
-    A block of queries [i0, i1) sees, per row r, (far) the first far[r] of the row's summary columns, those of the
-    chunks before the near range, and (near) the columns near[r]..end-1, end = cached + i1 (the column after the
-    block's last query). The near range starts at the first column of chunk c - window, c the least chunk of the
-    row's queries in the block; the KSA mask (ksa_mask) then picks each query's keys among those. The two parts do
-    not overlap (a key counted twice would weigh twice in the softmax) and together hold every key a query of the
-    block may see. Blocks are `block` queries each, or, with `block` None, as many as keep a block's logits within
-    `elements` (heads x queries x rows x columns), from units of `unit` queries.
+    A block of queries [i0, i1) sees, per row r, (far) the row's first far[r] summaries, those of the chunks before
+    the near range, and (near) the columns near[r]..end-1, end = total - t + i1 (the column after the block's last
+    query). The near range starts at the first token of chunk c - window, c the least chunk of the row's queries in
+    the block; the KSA mask (ksa_mask) then picks each query's keys among those. The two parts do not overlap (a key
+    counted twice would weigh twice in the softmax) and together hold every key a query of the block may see: the
+    chunks before c - window are complete, with their summaries, in every row. Blocks are `block` queries each, or,
+    with `block` None, as many as keep a block's logits within `elements` (heads x queries x rows x columns), from
+    units of `unit` queries. The work is O(rows x (queries + summaries)): the cached columns are not scanned.
 
     Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64,
-    "summaries": [b, most summary columns of a row] (the rows' summary columns, in order; 0 past a row's count)}."""
+    "summaries": [b, the most far summaries of a block] (their columns, in order; 0 past a row's own)}."""
     b, t = rows.shape
-    past, period = keys.shape[1] - t, chunk + num_summary
+    past, period = total - t, chunk + num_summary
     unit = block or min(t, unit)
     n = -(-t // unit)
-    none = 1 << 40  # a chunk past every query's: a row with no query in a block sees nothing there
+    none = 1 << 40  # a chunk past every query's: a row with no query in a unit sees nothing there
     cq = np.full((b, n * unit), none, dtype=np.int64)
     cq[:, :t] = np.where(rows >= 0, rows // period, none)
     first = cq.reshape(b, n, unit).min(-1)  # [b, n]: the least chunk of a row's queries in each unit
     end = past + np.minimum(np.arange(1, n + 1) * unit, t)  # [n]
-    seen = np.maximum.accumulate(keys, axis=1) if keys.shape[1] else keys  # holes take the index before them
-    near = np.stack([np.searchsorted(seen[r], (first[r] - window) * period) for r in range(b)]).reshape(b, n)
-    near = np.minimum(near, end)  # a row with no query in the unit: an empty near range
-    is_summary = (keys >= 0) & (keys % period >= chunk)
-    before = np.concatenate([np.zeros((b, 1), dtype=np.int64), np.cumsum(is_summary, axis=1)], axis=1)
-    far = np.take_along_axis(before, near, axis=1)  # the row's summary columns before its near range
-    count = int(before[:, -1].max()) if b else 0
-    summaries = np.zeros((b, count), dtype=np.int64)
+    some = first < none
+    lead = np.where(some, np.maximum(first - window, 0), 0)  # the near range's first chunk
+    far = np.where(some, lead * num_summary, none)  # every chunk before it has its summaries
+    near = np.full((b, n), none, dtype=np.int64)  # `none`: a row with no query in the unit
     for r in range(b):
-        cols = np.flatnonzero(is_summary[r])
-        summaries[r, :cols.size] = cols
-    # units into blocks: a block's near start and far count per row are the least of its units'
+        near[r, some[r]] = columns[r][lead[r, some[r]] * period]
+
+    def widths(near_at, far_at, stop):  # a block's far and near widths: those of its rows with queries
+        some = near_at < none
+        return int(np.where(some, far_at, 0).max()), int(np.where(some, stop - near_at, 0).max())
+
+    # units into blocks: a block's near start and far count per row are the least of its units' (from the same
+    # unit, the row's first with a query: both grow with the units)
     blocks, near_b, far_b = [], [], []
     j = 0
     while j < n:
         lo_near, lo_far, k = near[:, j], far[:, j], j + 1
         while block is None and k < n:
             grown_near, grown_far = np.minimum(lo_near, near[:, k]), np.minimum(lo_far, far[:, k])
-            width = int(grown_far.max()) + int((end[k] - grown_near).max())
-            if (min(t, (k + 1) * unit) - j * unit) * b * heads * width > elements:
+            if (min(t, (k + 1) * unit) - j * unit) * b * heads * sum(widths(grown_near, grown_far, end[k])) > elements:
                 break
             lo_near, lo_far, k = grown_near, grown_far, k + 1
         i0, i1 = j * unit, min(t, k * unit)
-        blocks.append((i0, i1, int(lo_far.max()), int((past + i1 - lo_near).max())))
-        near_b.append(lo_near)
-        far_b.append(lo_far)
+        blocks.append((i0, i1, *widths(lo_near, lo_far, past + i1)))
+        near_b.append(np.minimum(lo_near, past + i1))  # a row with no query in the block: an empty near range
+        far_b.append(np.where(lo_near < none, lo_far, 0))
         j = k
+    most = max(f for _, _, f, _ in blocks)
+    index = np.arange(most, dtype=np.int64)
+    index = (index // num_summary) * period + chunk + index % num_summary  # the j-th summary's index in a row
+    summaries = np.zeros((b, most), dtype=np.int64)
+    for r in range(b):
+        mine = index[index < columns[r].size]
+        summaries[r, :mine.size] = columns[r][mine]
     return {"blocks": blocks, "near": np.stack(near_b, axis=1), "far": np.stack(far_b, axis=1),
             "summaries": summaries}
+
+
+def block_keys(plan: dict, n: int, rows: torch.Tensor, keys: torch.Tensor, **rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block n of a key_blocks plan (its arrays on the device), on the device: ([b, columns] the key columns it
+    gathers, [b, queries, columns] which of them each of its queries sees: ksa_mask by `rule`, a column not in the
+    row's set as a hole). `rows`, `keys`: the call's queries' and keys' indices. A one-block plan (a generation step)
+    keeps them for the layers that share it."""
+    if n in plan.setdefault("kept", {}):
+        return plan["kept"][n]
+    i0, i1, far, near = plan["blocks"][n]
+    dev, end = keys.device, keys.shape[1] - rows.shape[1] + i1  # the column after the block's last query
+    # its far summaries (the first `far` of each row's, fewer in some rows), then its near range (from each row's
+    # start to the column after the block's last query)
+    near_cols = plan["near"][:, n:n + 1] + torch.arange(near, device=dev)
+    seen = torch.cat([torch.arange(far, device=dev) < plan["far"][:, n:n + 1], near_cols < end], dim=1)
+    cols = torch.cat([plan["summaries"][:, :far], near_cols.clamp(max=keys.shape[1] - 1)], dim=1)
+    found = cols, ksa_mask(rows[:, i0:i1], keys.gather(1, cols).masked_fill(~seen, -1), **rule)
+    if len(plan["blocks"]) == 1:
+        plan["kept"][n] = found
+    return found
 
 
 class Qwen3MoeKSAAttention(Qwen3MoeAttention):
@@ -198,7 +228,6 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
             raise RuntimeError("a KSA layer runs inside Qwen3MoeKSAForCausalLM (it sets where the summary tokens are)")
         summary_at, rows, keys, blocks = self.layout
         b, t, _ = hidden_states.shape
-        dev = hidden_states.device
         summary = summary_at.view(b, t, 1)
 
         def project(text, summ):  # each token's row from its own projection
@@ -214,21 +243,15 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         if keys.shape != (b, total):
             raise RuntimeError(f"layer {self.layer_idx}: the layout names {keys.shape[1]} keys, the cache holds "
                                f"{total}")
-        g, past = hq // hkv, total - t
-        plan = blocks[self.window]
+        g, plan = hq // hkv, blocks[self.window]
         out = q.new_empty(b, t, hq, d)
-        for n, (i0, i1, far, near) in enumerate(plan["blocks"]):
-            # the block's key columns: its far summaries (the first `far` of each row's, fewer in some rows), then
-            # its near range (from each row's start to the column after the block's last query)
-            far_cols, near_cols = plan["summaries"][:, :far], plan["near"][:, n:n + 1] + torch.arange(near, device=dev)
-            seen = torch.cat([torch.arange(far, device=dev) < plan["far"][:, n:n + 1], near_cols < past + i1], dim=1)
-            cols = torch.cat([far_cols, near_cols.clamp(max=total - 1)], dim=1)  # [b, columns]
-            index = keys.gather(1, cols).masked_fill(~seen, -1)  # a column not in the row's set: a hole
+        for n, (i0, i1, _, _) in enumerate(plan["blocks"]):
+            cols, mask = block_keys(plan, n, rows, keys, chunk=self.chunk, num_summary=self.num_summary,
+                                    window=self.window)
             at = cols[:, None, :, None].expand(-1, hkv, -1, d)
             kc, vc = k.gather(2, at).float(), v.gather(2, at).float()
             qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
             logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kc) * self.scaling
-            mask = ksa_mask(rows[:, i0:i1], index, chunk=self.chunk, num_summary=self.num_summary, window=self.window)
             p = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)  # a query sees itself
             o = torch.einsum("bhgqk,bhkd->bqhgd", p, vc)
             out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
@@ -255,22 +278,23 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
         """Beam search's reordering of the cache (transformers calls this where a model defines it): its keys and
-        values, and the rows' layouts (`cache.ksa_own` and its host copy `cache.ksa_own_host`)."""
+        values, and the rows' layouts (`cache.ksa_own`, `cache.ksa_columns`)."""
         cache.reorder_cache(beam_idx)
         own = getattr(cache, "ksa_own", None)
         if own is not None:
-            cache.ksa_own_host = self._cached_layout(cache, own.shape[0], own.device)[1][beam_idx.cpu().numpy()]
+            columns = self._cached_layout(cache, own.shape[0], own.device)[1]
+            cache.ksa_columns = [columns[i] for i in beam_idx.tolist()]
             cache.ksa_own = own[beam_idx.to(own.device)]
         return cache
 
     @staticmethod
-    def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, np.ndarray]:
-        """[b, cached columns], on the device and on the host: each cached column's index in its row's interleaved
-        sequence, -1 at a hole (a row's count of the others is its interleaved tokens in the cache)."""
+    def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """([b, cached columns] on the device: each cached column's index in its row's interleaved sequence, -1 at a
+        hole; per row, on the host, the column of each of its indices, as many as its interleaved tokens cached)."""
         n = 0 if cache is None else cache.get_seq_length()
         own = None if cache is None else getattr(cache, "ksa_own", None)
         if own is None:  # a cache of rows without holes (filled without padding, or by an older version of this file)
-            return torch.arange(n, device=device).expand(b, n), np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
+            return torch.arange(n, device=device).expand(b, n), [np.arange(n, dtype=np.int64)] * b
         if own.shape[0] != b:
             raise ValueError(f"the cache holds a batch of {own.shape[0]} row{'s' * (own.shape[0] != 1)} and this call "
                              f"one of {b} (its rows' layouts do not follow batch_repeat_interleave or "
@@ -278,10 +302,12 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         if own.shape[1] < n:
             raise ValueError(f"the cache holds {n} tokens and its layout {own.shape[1]}: it was changed by other code "
                              "than this model's")
-        host = getattr(cache, "ksa_own_host", None)
-        if host is None or host.shape != own.shape:  # set by an older version of this file: one copy
-            host = cache.ksa_own_host = own.cpu().numpy()
-        return own[:, :n], host[:, :n]  # a cropped cache keeps its first n columns
+        columns = getattr(cache, "ksa_columns", None)
+        if columns is None:  # set by an older version of this file: one copy
+            columns = cache.ksa_columns = [np.flatnonzero(row >= 0) for row in own.cpu().numpy()]
+        if own.shape[1] > n:  # a cropped cache keeps its first n columns
+            own, columns = own[:, :n], [c[c < n] for c in columns]
+        return own, columns
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
@@ -309,15 +335,17 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         host = torch.stack([x.to(dev) for x in host]).cpu().numpy() if host else None
         real = host[0].astype(bool) if attention_mask is not None else np.ones((b, t), dtype=bool)
         pos_given = host[-1] if position_ids is not None else None
-        past, past_host = self._cached_layout(cache, b, dev)
+        past, columns = self._cached_layout(cache, b, dev)
         kept = kept_positions(t, logits_to_keep).numpy()
         if past.shape[1] == 0 and b > 1 and not real.all():
             return self._rows_alone(input_ids, real, pos_given, labels, cache, kept)
-        plan, column = self._plan(real, pos_given, (past_host >= 0).sum(1), t, kept)
-        keys_host = np.concatenate([past_host, plan[2]], axis=1)
+        plan, column = self._plan(real, pos_given, [c.size for c in columns], t, kept)
+        cached = past.shape[1]  # each row's new indices follow its cached ones, in its new columns
+        columns = [np.concatenate([c, cached + np.flatnonzero(new >= 0)]) for c, new in zip(columns, plan[2])]
         attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
-        blocks = {w: key_blocks(plan[2], keys_host, chunk=int(cfg.ksa_chunk), num_summary=int(cfg.ksa_num_summary),
-                                window=w, heads=cfg.num_attention_heads, block=self.query_block)
+        blocks = {w: key_blocks(plan[2], columns, cached + plan.shape[2], chunk=int(cfg.ksa_chunk),
+                                num_summary=int(cfg.ksa_num_summary), window=w, heads=cfg.num_attention_heads,
+                                block=self.query_block)
                   for w in sorted({m.window for m in attn})}
         arrays = [plan, column] + [x[k] for x in blocks.values() for k in ("near", "far", "summaries")]
         sent = torch.from_numpy(np.concatenate([x.ravel() for x in arrays])).to(dev)  # one copy to the device
@@ -341,7 +369,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             for m in attn:
                 m.layout = None
         if cache is not None:
-            cache.ksa_own, cache.ksa_own_host = keys, keys_host
+            cache.ksa_own, cache.ksa_columns = keys, columns
         last = out.last_hidden_state.gather(1, at.clamp(min=0).unsqueeze(-1).expand(-1, -1, text.shape[-1]))
         logits = self.lm_head(last).masked_fill((at < 0).unsqueeze(-1), 0.0)  # padding: zero logits
         loss = (self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
@@ -349,7 +377,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_KEY: getattr(out, CACHE_KEY) if use_cache else None})
 
-    def _plan(self, real: np.ndarray, pos_given: np.ndarray | None, held: np.ndarray, t: int, kept: np.ndarray):
+    def _plan(self, real: np.ndarray, pos_given: np.ndarray | None, held: list[int], t: int, kept: np.ndarray):
         """The call's layout, planned on the host: ([4, b, width]: each column's source row in [input tokens,
         summary embeddings, a zero row], its position, its index in its row's interleaved sequence (-1 at a hole),
         whether it is a summary; [b, kept]: the column of each kept input token, -1 at padding), `held` being each
@@ -360,7 +388,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         rows = []
         for r in range(b):
             where = np.flatnonzero(real[r])
-            start = cached_text_tokens(int(held[r]), chunk, num_summary)
+            start = cached_text_tokens(held[r], chunk, num_summary)
             lay = _layout(where.size, chunk, num_summary, start)
             rows.append((where, start, lay, where.size + lay["slot"].size))
         width = max(n for *_, n in rows)
@@ -374,7 +402,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         for r, (where, start, lay, n) in enumerate(rows):
             ti, si = lay["text_index"] + (width - n), lay["summary_index"] + (width - n)
             src[r, ti], src[r, si] = r * t + where, b * t + lay["slot"]
-            own[r, width - n:] = np.arange(int(held[r]), int(held[r]) + n)
+            own[r, width - n:] = np.arange(held[r], held[r] + n)
             p = pos_given[r][where] if pos_given is not None else np.arange(start, start + where.size)
             pos[r, ti], pos[r, si] = p, p[lay["source"]]
             is_summary[r, si] = 1
@@ -423,7 +451,7 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             own = torch.full((b, width), -1, dtype=torch.long)
             for r, n in enumerate(sizes):
                 own[r, width - n:] = torch.arange(n)
-            cache.ksa_own, cache.ksa_own_host = own.to(dev), own.numpy()
+            cache.ksa_own, cache.ksa_columns = own.to(dev), [width - n + np.arange(n) for n in sizes]
         loss = (self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
                 if labels is not None else None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})

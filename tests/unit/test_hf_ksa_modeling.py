@@ -75,8 +75,9 @@ def test_key_blocks_hold_every_key_a_query_sees_once(chunk, num_summary, window)
         rows = keys[:, total - t:]
         block = None if trial % 2 else int(rng.integers(1, 40))
         elements, unit = int(rng.integers(50, 20000)), int(rng.integers(1, 9))
-        plan = key_blocks(rows, keys, chunk=chunk, num_summary=num_summary, window=window, heads=2, block=block,
-                          elements=elements, unit=unit)
+        columns = [np.flatnonzero(row >= 0) for row in keys]  # the column of each of a row's indices
+        plan = key_blocks(rows, columns, total, chunk=chunk, num_summary=num_summary, window=window, heads=2,
+                          block=block, elements=elements, unit=unit)
         bounds = [blk[:2] for blk in plan["blocks"]]  # the blocks cover the queries in order
         assert bounds[0][0] == 0 and bounds[-1][1] == t and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
         every = ksa_mask(torch.from_numpy(rows), torch.from_numpy(keys), chunk=chunk, num_summary=num_summary,
