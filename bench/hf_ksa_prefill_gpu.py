@@ -3,10 +3,10 @@ version, whose KSA layers attend per block of queries over the keys the block ma
 summaries, the window and the block's own columns), against the version before it (the baseline: every query block
 over every key, masked), loaded from the same checkpoint in one process, each directory with its own code.
 
-Models (random weights, models/hf/tiny.py; chunks of 8, 1 summary, as the recipes): 2 layers with the 30B's
-attention shapes (hidden 2048, 32 query / 4 KV heads of 128, Qwen3's vocabulary), both KSA with the 30B recipe's
-two windows (128 and 1024 chunks; recipes/model/keye_30b_a3b_ksa.yaml has 3 of 128 to 1 of 1024); and the tiny
-recipe's 4 KSA layers of width 128 (windows 4, 4, 4, 64). One row, bf16:
+Models (random weights, models/hf/tiny.py; chunks of 8, 1 summary, as the recipes): 4 layers with the 30B's
+attention shapes (hidden 2048, 32 query / 4 KV heads of 128, Qwen3's vocabulary), all KSA with the 30B recipe's
+windows (128, 128, 128, 1024 chunks, recipes/model/keye_30b_a3b_ksa.yaml); and the tiny recipe's 4 KSA layers of
+width 128 (windows 4, 4, 4, 64). One row, bf16:
   * prefill with the cache and logits_to_keep=1 (as generate()'s): time (a warm-up, then REPEAT calls: least and
     most) and peak memory above the weights, per prompt length; the baseline up to BASELINE_UPTO tokens (it takes
     tens of seconds beyond), this version at every length;
@@ -40,15 +40,15 @@ else:
 SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
              num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
              max_position_embeddings=max(LENGTHS) + 256)
-WINDOWS_30B = [128, 1024]
+WINDOWS_30B = [128, 128, 128, 1024]
 if not CUDA:
     SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  moe_intermediate_size=32, vocab_size=512)
-    WINDOWS_30B = [4, 16]
+    WINDOWS_30B = [4, 4, 4, 16]
 TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                 head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                 max_position_embeddings=max(LENGTHS) + 256)
-MODELS = {"attn30b_2layers": (SHAPE, [0, 1], WINDOWS_30B), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
+MODELS = {"attn30b_4layers": (SHAPE, [0, 1, 2, 3], WINDOWS_30B), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
 NEW, OLD = "key_blocks", "every_key"
 
 
