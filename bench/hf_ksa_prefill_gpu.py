@@ -10,13 +10,15 @@ width 128 (windows 4, 4, 4, 64). One row, bf16:
   * prefill with the cache and logits_to_keep=1 (as generate()'s): time (a warm-up, then REPEAT calls: least and
     most) and peak memory above the weights, per prompt length; the baseline up to BASELINE_UPTO tokens (it takes
     tens of seconds beyond), this version at every length;
-  * generate() of GEN_NEW greedy tokens after a GEN_PROMPT prompt, less generate() of one (the same prefill), per
-    token after the first; whether both give the same tokens;
+  * generation after a GEN_PROMPT prompt in the cache (the prefill not timed): GEN_NEW greedy steps, a forward of
+    one token each with the cache, as generate()'s loop; time per step (least and most of REPEAT runs, each after
+    its own prefill) and whether both give the same tokens;
   * the last token's logits of both (max difference, same argmax), and in fp32 at FP32_PROMPT tokens every token's.
 On a CPU, a dry run at small sizes.
 
     python3 bench/hf_ksa_prefill_gpu.py OLD_MODELING_FILE > $OUT/ksa_prefill.jsonl
     (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show a76182f:...`)"""
+import functools
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 if CUDA:
     LENGTHS, BASELINE_UPTO, REPEAT = (8192, 32768, 65536, 131072), 65536, 2
-    GEN_PROMPT, GEN_NEW, FP32_PROMPT = 32768, 32, 4096
+    GEN_PROMPT, GEN_NEW, FP32_PROMPT = 32768, 64, 4096
 else:
     LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 256, 4, 300
@@ -66,6 +68,22 @@ def timed(call) -> tuple[dict, object]:
              "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}, runs[-1][2])
 
 
+def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
+    """GEN_NEW greedy steps from `token` [1, 1] with the cache; the tokens."""
+    out = [token]
+    for _ in range(GEN_NEW):
+        logits = model(input_ids=out[-1], use_cache=True, logits_to_keep=1, **{cache_key(model): cache}).logits
+        out.append(logits[:, -1:].argmax(-1))
+    return torch.cat(out, dim=1)
+
+
+def cache_key(model) -> str:
+    """The keyword of a cache in this transformers: `cache` from 5.2x, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
+
+
 def main():
     old_file = sys.argv[1]
     root = tempfile.mkdtemp()
@@ -95,20 +113,25 @@ def main():
                 rec["last_logits_max_abs"] = last[OLD].abs().max().item()
                 rec["same_argmax"] = bool(last[NEW].argmax() == last[OLD].argmax())
             print(json.dumps(rec), flush=True)
-        # generation: GEN_NEW tokens less one token (the prefill and the first), per token after the first
+        # generation: GEN_NEW greedy steps after a prompt in the cache, the steps alone timed
         ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(7)).to(DEV)
         rec = {"model": shape_name, "windows": windows, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,
                "dtype": str(DTYPE), "device": device}
         tokens = {}
         for name, m in models.items():
-            one, _ = timed(lambda: m.generate(ids, max_new_tokens=1, do_sample=False))  # noqa: B023
-            gen, out = timed(lambda: m.generate(ids, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,  # noqa: B023
-                                                do_sample=False))
-            tokens[name] = out[0, GEN_PROMPT:]
-            rec[name] = {"generate_s_min": gen["s_min"], "one_token_s_min": one["s_min"],
-                         "ms_per_new_token": round(1000 * (gen["s_min"] - one["s_min"]) / (GEN_NEW - 1), 2),
-                         "peak_gib": gen["peak_gib"]}
-        rec["per_token_speedup"] = round(rec[OLD]["ms_per_new_token"] / rec[NEW]["ms_per_new_token"], 2)
+            runs = []
+            for _ in range(REPEAT):
+                with torch.no_grad():
+                    out = m(input_ids=ids, use_cache=True, logits_to_keep=1)
+                cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+                first = out.logits[:, -1:].argmax(-1)
+                seconds, peak, tokens[name] = measured(functools.partial(steps, m, cache, first))
+                runs.append((seconds, peak))
+                del out, cache
+            rec[name] = {"ms_per_step_min": round(1000 * min(r[0] for r in runs) / GEN_NEW, 2),
+                         "ms_per_step_max": round(1000 * max(r[0] for r in runs) / GEN_NEW, 2),
+                         "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}
+        rec["per_step_speedup"] = round(rec[OLD]["ms_per_step_min"] / rec[NEW]["ms_per_step_min"], 2)
         rec["same_tokens"] = bool(torch.equal(tokens[NEW], tokens[OLD]))
         print(json.dumps(rec), flush=True)
         del models
