@@ -8,6 +8,7 @@ forward's logits a few tokens at a time, generation with it, padded batches.
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen3MoeForCausalLM
@@ -62,8 +63,6 @@ def test_key_blocks_hold_every_key_a_query_sees_once(chunk, num_summary, window)
     gathers every key its queries see (ksa_mask over all columns), no column twice, and, in a row without holes,
     a near range no longer than the window's chunks and the block's queries: the far context is summaries alone.
     Blocks sized by `elements` keep to it (unless a block is one unit)."""
-    import numpy as np
-
     rng = np.random.default_rng(chunk * 10 + window)
     period = chunk + num_summary
     merged = 0  # blocks of several units
