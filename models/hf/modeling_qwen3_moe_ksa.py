@@ -35,8 +35,9 @@ call's layout is planned on the host (numpy) and sent to the device in one copy.
 A KSA layer's queries run in blocks, and a block attends over the keys it may see alone (key_blocks): the summaries
 of the chunks before its window's, then its window's and its own columns; the mask picks each query's among those.
 So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key, and
-a block's fp32 logits stay within QUERY_CHUNK_ELEMENTS. It is a reference implementation in plain PyTorch, not a
-fast kernel: the trainer's Triton kernels are in kernels/ksa.
+a block's fp32 logits stay within QUERY_CHUNK_ELEMENTS (but for a block of BLOCK_UNIT queries, past about 200K
+tokens). It is a reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in
+kernels/ksa.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def key_blocks(rows: np.ndarray, columns: list[np.ndarray], total: int, *, chunk
     counted twice would weigh twice in the softmax) and together hold every key a query of the block may see: the
     chunks before c - window are complete, with their summaries, in every row. Blocks are `block` queries each, or,
     with `block` None, as many as keep a block's logits within `elements` (heads x queries x rows x columns), from
-    units of `unit` queries. The work is O(rows x (queries + summaries)): the cached columns are not scanned.
+    units of `unit` queries; one unit may exceed it (with 32 heads and a window of 1024 chunks, by 1.25x at 256K
+    tokens). The work is O(rows x (queries + summaries)): the cached columns are not scanned.
 
     Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64,
     "summaries": [b, the most far summaries of a block] (their columns, in order; 0 past a row's own)}."""
