@@ -6,6 +6,7 @@ kernels/ksa/naive.py (the trainer's), and what inference needs beyond one forwar
 forward's logits a few tokens at a time, generation with it, padded batches.
 """
 
+import copy
 import inspect
 
 import numpy as np
@@ -201,12 +202,29 @@ def test_padded_rows_run_as_alone(model):
     finally:
         del model.model.forward
     assert seen == [(1, 18), (1, 7)]
-    cache, steps = _cache_of(out), [out.logits[:, -1:]]
+    cache, steps, sizes = _cache_of(out), [out.logits[:, -1:]], []
     for i in range(12, 17):
+        sizes.append(cache.get_seq_length())
         out = model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], **{CACHE: cache}, use_cache=True)
         steps.append(out.logits)
     steps = torch.cat(steps, dim=1)
     assert _close(steps[:1], alone[0][:, 11:]) and _close(steps[1:], alone[1][:, 4:])
+    # a cache cropped back to where it was before token 14 (transformers' crop keeps the first columns; the rows'
+    # layouts follow), then the same tokens again: the same logits
+    cropped = copy.deepcopy(cache)
+    cropped.crop(sizes[2] - cropped.get_seq_length())  # a negative count: the columns to drop
+    for i in range(14, 17):
+        out = model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], **{CACHE: cropped}, use_cache=True)
+        assert _close(out.logits, steps[:, i - 11:i - 10]), i
+    assert cropped.get_seq_length() == cache.get_seq_length()
+    assert [c.tolist() for c in cropped.ksa_columns] == [c.tolist() for c in cache.ksa_columns]
+    # a crop inside a step where a row completed a chunk (its token, then its 2 summaries) leaves that row's
+    # sequence among its summaries: refused
+    wide = next(k for k, (a, b) in enumerate(zip(sizes, sizes[1:] + [cache.get_seq_length()])) if b - a == 3)
+    torn = copy.deepcopy(cache)
+    torn.crop(sizes[wide] + 2 - torn.get_seq_length())
+    with pytest.raises(ValueError, match="ends among a chunk's summaries"):
+        model(input_ids=ids[:, :1], attention_mask=mask[:, :1], **{CACHE: torn}, use_cache=True)
     # the rows' interleaved sequences run as one batch, left-aligned by holes: the cache has fewer columns than the
     # rows' layouts one after another (each row's 17 or 10 tokens, 4 or 2 chunks of 2 summaries)
     assert cache.get_seq_length() < (17 + 8) + (10 + 4)
