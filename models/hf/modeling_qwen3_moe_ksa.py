@@ -135,8 +135,8 @@ def key_blocks(rows: np.ndarray, columns: list[np.ndarray], total: int, *, chunk
     units of `unit` queries; one unit may exceed it (with 32 heads and a window of 1024 chunks, by 1.25x at 256K
     tokens). The work is O(rows x (queries + summaries)): the cached columns are not scanned.
 
-    Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64,
-    "summaries": [b, the most far summaries of a block] (their columns, in order; 0 past a row's own)}."""
+    Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64}; the far
+    summaries' columns are summary_columns', shared by every window's plan."""
     b, t = rows.shape
     past, period = total - t, chunk + num_summary
     unit = block or min(t, unit)
@@ -173,19 +173,24 @@ def key_blocks(rows: np.ndarray, columns: list[np.ndarray], total: int, *, chunk
         near_b.append(np.minimum(lo_near, past + i1))  # a row with no query in the block: an empty near range
         far_b.append(np.where(lo_near < none, lo_far, 0))
         j = k
-    most = max(f for _, _, f, _ in blocks)
-    index = np.arange(most, dtype=np.int64)
-    index = (index // num_summary) * period + chunk + index % num_summary  # the j-th summary's index in a row
-    summaries = np.zeros((b, most), dtype=np.int64)
-    for r in range(b):
-        mine = index[index < columns[r].size]
-        summaries[r, :mine.size] = columns[r][mine]
-    return {"blocks": blocks, "near": np.stack(near_b, axis=1), "far": np.stack(far_b, axis=1),
-            "summaries": summaries}
+    return {"blocks": blocks, "near": np.stack(near_b, axis=1), "far": np.stack(far_b, axis=1)}
+
+
+def summary_columns(columns: list[np.ndarray], count: int, *, chunk: int, num_summary: int) -> np.ndarray:
+    """[b, count]: the columns of each row's first `count` summaries, in order (0 past a row's own); `columns[r]`:
+    the column of each of row r's indices (key_blocks)."""
+    index = np.arange(count, dtype=np.int64)
+    index = (index // num_summary) * (chunk + num_summary) + chunk + index % num_summary  # the j-th's index
+    out = np.zeros((len(columns), count), dtype=np.int64)
+    for r, cols in enumerate(columns):
+        mine = index[index < cols.size]
+        out[r, :mine.size] = cols[mine]
+    return out
 
 
 def block_keys(plan: dict, n: int, rows: torch.Tensor, keys: torch.Tensor, **rule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block n of a key_blocks plan (its arrays on the device), on the device: ([b, columns] the key columns it
+    """Block n of a key_blocks plan (its arrays on the device, with "summaries": summary_columns' on the device),
+    on the device: ([b, columns] the key columns it
     gathers, [b, queries, columns] which of them each of its queries sees: ksa_mask by `rule`, a column not in the
     row's set as a hole). `rows`, `keys`: the call's queries' and keys' indices. A one-block plan (a generation step)
     keeps them for the layers that share it."""
@@ -349,12 +354,14 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
                                 num_summary=int(cfg.ksa_num_summary), window=w, heads=cfg.num_attention_heads,
                                 block=self.query_block)
                   for w in sorted({m.window for m in attn})}
-        arrays = [plan, column] + [x[k] for x in blocks.values() for k in ("near", "far", "summaries")]
+        most = max(f for x in blocks.values() for _, _, f, _ in x["blocks"])  # far summaries, for every window
+        summaries = summary_columns(columns, most, chunk=int(cfg.ksa_chunk), num_summary=int(cfg.ksa_num_summary))
+        arrays = [plan, column, summaries] + [x[k] for x in blocks.values() for k in ("near", "far")]
         sent = torch.from_numpy(np.concatenate([x.ravel() for x in arrays])).to(dev)  # one copy to the device
         sent = [x.view(a.shape) for x, a in zip(sent.split([a.size for a in arrays]), arrays)]
         (src, pos, own, is_summary), at = sent[0], sent[1]
         for n, x in enumerate(blocks.values()):
-            x.update(near=sent[2 + 3 * n], far=sent[3 + 3 * n], summaries=sent[4 + 3 * n])
+            x.update(near=sent[3 + 2 * n], far=sent[4 + 2 * n], summaries=sent[2])
         keys = torch.cat([past, own], dim=1)
         text = self.model.embed_tokens(input_ids)
         table = torch.cat([text.flatten(0, 1), self.model.summary_embed.weight.to(text.dtype),

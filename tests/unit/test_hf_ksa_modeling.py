@@ -20,6 +20,7 @@ from models.hf.modeling_qwen3_moe_ksa import (
     cached_text_tokens,
     key_blocks,
     ksa_mask,
+    summary_columns,
     summary_layout,
 )
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
@@ -78,6 +79,8 @@ def test_key_blocks_hold_every_key_a_query_sees_once(chunk, num_summary, window)
         columns = [np.flatnonzero(row >= 0) for row in keys]  # the column of each of a row's indices
         plan = key_blocks(rows, columns, total, chunk=chunk, num_summary=num_summary, window=window, heads=2,
                           block=block, elements=elements, unit=unit)
+        summaries = summary_columns(columns, max(blk[2] for blk in plan["blocks"]), chunk=chunk,
+                                    num_summary=num_summary)
         bounds = [blk[:2] for blk in plan["blocks"]]  # the blocks cover the queries in order
         assert bounds[0][0] == 0 and bounds[-1][1] == t and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
         every = ksa_mask(torch.from_numpy(rows), torch.from_numpy(keys), chunk=chunk, num_summary=num_summary,
@@ -89,7 +92,7 @@ def test_key_blocks_hold_every_key_a_query_sees_once(chunk, num_summary, window)
                 assert (i1 - i0) * b * 2 * (far + near) <= elements
                 merged += 1
             for r in range(b):
-                cols = [int(c) for c in plan["summaries"][r, :plan["far"][r, n]]]
+                cols = [int(c) for c in summaries[r, :plan["far"][r, n]]]
                 start = int(plan["near"][r, n])
                 cols += [c for c in range(start, start + near) if c < total - t + i1]
                 assert len(set(cols)) == len(cols), (trial, n, r)
