@@ -23,26 +23,50 @@ import tempfile
 import torch
 
 sys.path.insert(0, ".")
-from bench.hf_logits_gpu import measured  # noqa: E402  (seconds and peak memory of a call)
+from bench.hf_logits_gpu import repeated  # noqa: E402  (seconds and peak memory of calls)
 from models.hf.tiny import add_tiny_ksa, save_tiny_qwen3_moe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 GEN_PROMPT, GEN_NEW, REPEAT = (8192, 32, 2) if CUDA else (96, 6, 1)
 FP32_PROMPT, FP32_NEW = (1024, 16) if CUDA else (48, 4)
-# the 30B's attention shapes in 2 layers, KSA on layer 0 (windows of 4 chunks)
-SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
-             num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
-             max_position_embeddings=GEN_PROMPT + 256)
-if not CUDA:
-    SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 moe_intermediate_size=32, vocab_size=512)
-# the tiny recipe's model (recipes/model/keye_tiny_ksa.yaml): 4 KSA layers of width 128, windows 4, 4, 4, 64; its
-# steps cost little, so what a call costs beside its layers shows
-TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+
+
+def attn_30b(positions: int) -> dict:
+    """The 30B's attention shapes (32 query / 4 KV heads of 128, hidden 2048), 8 experts of 768 (top 2), Qwen3's
+    vocabulary, for `positions` tokens; on a CPU, small."""
+    shape = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
+                 num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
+                 max_position_embeddings=positions)
+    if not CUDA:
+        shape.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     moe_intermediate_size=32, vocab_size=512)
+    return shape
+
+
+def tiny_recipe(positions: int) -> dict:
+    """The tiny recipe's model (recipes/model/keye_tiny_ksa.yaml): 4 layers of width 128, for `positions` tokens;
+    its steps cost little, so what a call costs beside its layers shows."""
+    return dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                 head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                max_position_embeddings=GEN_PROMPT + 256)
-MODELS = {"attn30b_2layers": (SHAPE, [0], [4]), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
+                max_position_embeddings=positions)
+
+
+def two_exports(root: str, shape: dict, layers: list[int], windows: list[int], old_file: str) -> tuple[str, str]:
+    """A random KSA checkpoint (chunks of 8, 1 summary) with this version's code under root/new, and the same
+    checkpoint with `old_file` as its code under root/old."""
+    new_dir, old_dir = os.path.join(root, "new"), os.path.join(root, "old")
+    save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **shape)
+    add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
+    shutil.copytree(new_dir, old_dir)
+    shutil.copy(old_file, os.path.join(old_dir, "modeling_qwen3_moe_ksa.py"))
+    return new_dir, old_dir
+
+
+# the 30B's attention shapes in 2 layers, KSA on layer 0 (windows of 4 chunks); the tiny recipe's 4 KSA layers
+SHAPE = attn_30b(GEN_PROMPT + 256)
+MODELS = {"attn30b_2layers": (SHAPE, [0], [4]),
+          "tiny_recipe": (tiny_recipe(GEN_PROMPT + 256), [0, 1, 2, 3], [4, 4, 4, 64])}
 
 def prompts(rows: int, vocab: int, length: int = GEN_PROMPT):
     """`rows` left-padded prompts of `length`, 3/4, 1/2 and 1/4 of it (repeated), and their mask."""
@@ -61,11 +85,7 @@ def main():
     old_file = sys.argv[1]
     root = tempfile.mkdtemp()
     for shape_name, (shape, layers, windows) in MODELS.items():
-        new_dir, old_dir = os.path.join(root, shape_name, "ksa_new"), os.path.join(root, shape_name, "ksa_old")
-        save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **shape)
-        add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
-        shutil.copytree(new_dir, old_dir)
-        shutil.copy(old_file, os.path.join(old_dir, "modeling_qwen3_moe_ksa.py"))
+        new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, windows, old_file)
         models = {name: AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE, trust_remote_code=True).to(DEV).eval()
                   for name, d in (("batched", new_dir), ("row_by_row", old_dir))}
         for rows in (1, 4, 8):
@@ -76,7 +96,6 @@ def main():
 
 
 def timed(shape_name: str, vocab: int, models: dict, rows: int):
-    gib = 2.0 ** 30
     ids, mask = prompts(rows, vocab)
     rec = {"model": shape_name, "rows": rows, "prompt": GEN_PROMPT, "new": GEN_NEW, "real_tokens": mask.sum(1).tolist(),
            "dtype": str(DTYPE), "device": torch.cuda.get_device_name() if CUDA else "cpu"}
@@ -84,15 +103,8 @@ def timed(shape_name: str, vocab: int, models: dict, rows: int):
               do_sample=False)
     tokens = {}
     for name, m in models.items():
-        measured(lambda: m.generate(ids, **kw))  # warm-up (allocator, kernels)
-        times, peaks = [], []
-        for _ in range(REPEAT):
-            s, peak, out = measured(lambda: m.generate(ids, **kw))
-            times.append(s)
-            peaks.append(peak)
+        rec[name], out = repeated(lambda: m.generate(ids, **kw), REPEAT)  # noqa: B023
         tokens[name] = out[:, GEN_PROMPT:]
-        rec[name] = {"s_min": round(min(times), 3), "s_max": round(max(times), 3),
-                     "peak_gib": None if peaks[0] is None else round(max(peaks) / gib, 3)}
         del out
     rec["same_tokens"] = (tokens["batched"] == tokens["row_by_row"]).float().mean().item()
     rec["speedup"] = round(rec["row_by_row"]["s_min"] / rec["batched"]["s_min"], 2)

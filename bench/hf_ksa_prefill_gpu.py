@@ -21,15 +21,15 @@ On a CPU, a dry run at small sizes.
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, ".")
-from bench.hf_logits_gpu import measured  # noqa: E402  (seconds and peak memory of a call)
-from models.hf.tiny import add_tiny_ksa, save_tiny_qwen3_moe  # noqa: E402
+from bench.hf_ksa_batch_gpu import attn_30b, tiny_recipe, two_exports  # noqa: E402  (the models, two versions)
+from bench.hf_logits_gpu import measured, repeated  # noqa: E402  (seconds and peak memory of calls)
+from models.hf.modeling_qwen3_moe_ksa import CACHE_KEY  # noqa: E402  (the cache's keyword in this transformers)
 
 CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -39,18 +39,9 @@ if CUDA:
 else:
     LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 256, 4, 300
-SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
-             num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
-             max_position_embeddings=max(LENGTHS) + 256)
-WINDOWS_30B = [128, 128, 128, 1024]
-if not CUDA:
-    SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 moe_intermediate_size=32, vocab_size=512)
-    WINDOWS_30B = [4, 4, 4, 16]
-TINY_KSA = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                max_position_embeddings=max(LENGTHS) + 256)
-MODELS = {"attn30b_4layers": (SHAPE, [0, 1, 2, 3], WINDOWS_30B), "tiny_recipe": (TINY_KSA, [0, 1, 2, 3], [4, 4, 4, 64])}
+WINDOWS_30B = [128, 128, 128, 1024] if CUDA else [4, 4, 4, 16]
+MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], WINDOWS_30B),
+          "tiny_recipe": (tiny_recipe(max(LENGTHS) + 256), [0, 1, 2, 3], [4, 4, 4, 64])}
 NEW, OLD = "key_blocks", "every_key"
 
 
@@ -60,28 +51,13 @@ def load(d: str, dtype):
     return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, trust_remote_code=True).to(DEV).eval()
 
 
-def timed(call) -> tuple[dict, object]:
-    """({least, most seconds; peak GiB}, the last result) of REPEAT calls after a warm-up."""
-    measured(call)
-    runs = [measured(call) for _ in range(REPEAT)]
-    return ({"s_min": round(min(r[0] for r in runs), 4), "s_max": round(max(r[0] for r in runs), 4),
-             "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}, runs[-1][2])
-
-
 def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
     """GEN_NEW greedy steps from `token` [1, 1] with the cache; the tokens."""
     out = [token]
     for _ in range(GEN_NEW):
-        logits = model(input_ids=out[-1], use_cache=True, logits_to_keep=1, **{cache_key(model): cache}).logits
+        logits = model(input_ids=out[-1], use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache}).logits
         out.append(logits[:, -1:].argmax(-1))
     return torch.cat(out, dim=1)
-
-
-def cache_key(model) -> str:
-    """The keyword of a cache in this transformers: `cache` from 5.2x, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
 
 
 def main():
@@ -89,11 +65,9 @@ def main():
     root = tempfile.mkdtemp()
     device = torch.cuda.get_device_name() if CUDA else "cpu"
     for shape_name, (shape, layers, windows) in MODELS.items():
-        dirs = {NEW: os.path.join(root, shape_name, "new"), OLD: os.path.join(root, shape_name, "old")}
-        save_tiny_qwen3_moe(dirs[NEW], dtype=DTYPE, **{**shape, "num_hidden_layers": len(layers)})
-        add_tiny_ksa(dirs[NEW], layers, chunk=8, num_summary=1, windows=windows)
-        shutil.copytree(dirs[NEW], dirs[OLD])
-        shutil.copy(old_file, os.path.join(dirs[OLD], "modeling_qwen3_moe_ksa.py"))
+        dirs = dict(zip((NEW, OLD), two_exports(os.path.join(root, shape_name),
+                                                {**shape, "num_hidden_layers": len(layers)}, layers, windows,
+                                                old_file)))
         models = {name: load(d, DTYPE) for name, d in dirs.items()}
         vocab = shape["vocab_size"]
         for n in LENGTHS:
@@ -104,7 +78,7 @@ def main():
                 if name == OLD and n > BASELINE_UPTO:
                     continue
                 call = lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()  # noqa: E731
-                rec[name], last[name] = timed(call)
+                rec[name], last[name] = repeated(call, REPEAT)
             if OLD in last:
                 rec["speedup"] = round(rec[OLD]["s_min"] / rec[NEW]["s_min"], 2)
                 if CUDA:
