@@ -34,8 +34,10 @@ call (nothing cached) runs each row alone and merges their caches, so the prompt
 call's layout is planned on the host (numpy) and sent to the device in one copy.
 A KSA layer's queries run in blocks, and a block attends over the keys it may see alone (key_blocks): the summaries
 of the chunks before its window's, then its window's and its own columns; the mask picks each query's among those.
-So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key, and
-a block's fp32 logits stay within QUERY_CHUNK_ELEMENTS (but for a block of BLOCK_UNIT queries, past about 200K
+So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key. A
+block is one call of torch's scaled_dot_product_attention: a KV group's query heads run as the queries of one head
+(each gathered key and value serves them all), with the mask as an additive bias whose elements (the group's heads
+x queries x columns) stay within QUERY_CHUNK_ELEMENTS (but for a block of BLOCK_UNIT queries, past about a million
 tokens). It is a reference implementation in plain PyTorch, not a fast kernel: the trainer's Triton kernels are in
 kernels/ksa.
 """
@@ -46,7 +48,9 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -56,8 +60,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     apply_rotary_pos_emb,
 )
 
-# Elements of the largest per-block temporary (fp32 attention logits): 2^26 = 256 MiB.
+# Elements of the largest per-block temporary (the attention bias of a KV group's query heads): 2^26 (128 MiB bf16).
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# The scaled_dot_product_attention backends a block may use: not cuDNN's, which builds a graph for each new shape
+# (a block's columns change from block to block and from one generated token to the next).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Queries of the units a call's queries are grouped from into blocks (key_blocks).
 BLOCK_UNIT = 64
 # The cache's keyword and output field: `cache` from transformers 5.2x, `past_key_values` before (5.17).
@@ -131,9 +138,10 @@ def key_blocks(rows: np.ndarray, columns: list[np.ndarray], total: int, *, chunk
     the block; the KSA mask (ksa_mask) then picks each query's keys among those. The two parts do not overlap (a key
     counted twice would weigh twice in the softmax) and together hold every key a query of the block may see: the
     chunks before c - window are complete, with their summaries, in every row. Blocks are `block` queries each, or,
-    with `block` None, as many as keep a block's logits within `elements` (heads x queries x rows x columns), from
-    units of `unit` queries; one unit may exceed it (with 32 heads and a window of 1024 chunks, by 1.25x at 256K
-    tokens). The work is O(rows x (queries + summaries)): the cached columns are not scanned.
+    with `block` None, as many as keep a block's bias within `elements` (heads x queries x rows x columns, `heads`
+    a KV group's query heads), from units of `unit` queries; one unit may exceed it (with 8 heads, chunks of 8 with
+    1 summary and a window of 1024 chunks, past about a million tokens). The work is O(rows x (queries +
+    summaries)): the cached columns are not scanned.
 
     Returns {"blocks": [(i0, i1, far width, near width)], "near": [b, blocks], "far": [b, blocks] int64}; the far
     summaries' columns are summary_columns', shared by every window's plan."""
@@ -188,12 +196,13 @@ def summary_columns(columns: list[np.ndarray], count: int, *, chunk: int, num_su
     return out
 
 
-def block_keys(plan: dict, n: int, rows: torch.Tensor, keys: torch.Tensor, **rule) -> tuple[torch.Tensor, torch.Tensor]:
+def block_keys(plan: dict, n: int, rows: torch.Tensor, keys: torch.Tensor, *, group: int, dtype: torch.dtype,
+               **rule) -> tuple[torch.Tensor, torch.Tensor]:
     """Block n of a key_blocks plan (its arrays on the device, with "summaries": summary_columns' on the device),
-    on the device: ([b, columns] the key columns it
-    gathers, [b, queries, columns] which of them each of its queries sees: ksa_mask by `rule`, a column not in the
-    row's set as a hole). `rows`, `keys`: the call's queries' and keys' indices. A one-block plan (a generation step)
-    keeps them for the layers that share it."""
+    on the device: ([b, columns] the key columns it gathers, [b, 1, group x queries, columns] the attention bias of
+    a KV group's `group` query heads over them, each head's queries in turn: 0 where a query sees the column (ksa_mask
+    by `rule`), -inf elsewhere and at a column not in the row's set). `rows`, `keys`: the call's queries' and keys'
+    indices. A one-block plan (a generation step) keeps them for the layers that share it."""
     if n in plan.setdefault("kept", {}):
         return plan["kept"][n]
     i0, i1, far, near = plan["blocks"][n]
@@ -203,7 +212,10 @@ def block_keys(plan: dict, n: int, rows: torch.Tensor, keys: torch.Tensor, **rul
     near_cols = plan["near"][:, n:n + 1] + torch.arange(near, device=dev)
     seen = torch.cat([torch.arange(far, device=dev) < plan["far"][:, n:n + 1], near_cols < end], dim=1)
     cols = torch.cat([plan["summaries"][:, :far], near_cols.clamp(max=keys.shape[1] - 1)], dim=1)
-    found = cols, ksa_mask(rows[:, i0:i1], keys.gather(1, cols).masked_fill(~seen, -1), **rule)
+    mask = ksa_mask(rows[:, i0:i1], keys.gather(1, cols).masked_fill(~seen, -1), **rule)  # a query sees itself
+    bias = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, float("-inf"))
+    b, nq, width = mask.shape
+    found = cols, bias[:, None, None].expand(b, 1, group, nq, width).reshape(b, 1, group * nq, width)
     if len(plan["blocks"]) == 1:
         plan["kept"][n] = found
     return found
@@ -253,15 +265,15 @@ class Qwen3MoeKSAAttention(Qwen3MoeAttention):
         g, plan = hq // hkv, blocks[self.window]
         out = q.new_empty(b, t, hq, d)
         for n, (i0, i1, _, _) in enumerate(plan["blocks"]):
-            cols, mask = block_keys(plan, n, rows, keys, chunk=self.chunk, num_summary=self.num_summary,
-                                    window=self.window)
+            cols, bias = block_keys(plan, n, rows, keys, group=g, dtype=q.dtype, chunk=self.chunk,
+                                    num_summary=self.num_summary, window=self.window)
             at = cols[:, None, :, None].expand(-1, hkv, -1, d)
-            kc, vc = k.gather(2, at).float(), v.gather(2, at).float()
-            qc = q[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
-            logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kc) * self.scaling
-            p = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)  # a query sees itself
-            o = torch.einsum("bhgqk,bhkd->bqhgd", p, vc)
-            out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
+            # a KV group's g query heads as g x nq queries of one head: each gathered key and value serves them all
+            nq = i1 - i0
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(q[:, :, i0:i1].reshape(b, hkv, g * nq, d), k.gather(2, at),
+                                                   v.gather(2, at), attn_mask=bias, scale=self.scaling)
+            out[:, i0:i1] = o.view(b, hkv, g, nq, d).permute(0, 3, 1, 2, 4).reshape(b, nq, hq, d)
         return self.o_proj(out.reshape(b, t, -1)), None
 
 
@@ -350,8 +362,9 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         cached = past.shape[1]  # each row's new indices follow its cached ones, in its new columns
         columns = [np.concatenate([c, cached + np.flatnonzero(new >= 0)]) for c, new in zip(columns, plan[2])]
         attn = [self.model.layers[l].self_attn for l in self.ksa_layers]
+        group = cfg.num_attention_heads // cfg.num_key_value_heads  # a KV group's query heads: a block's bias
         blocks = {w: key_blocks(plan[2], columns, cached + plan.shape[2], chunk=int(cfg.ksa_chunk),
-                                num_summary=int(cfg.ksa_num_summary), window=w, heads=cfg.num_attention_heads,
+                                num_summary=int(cfg.ksa_num_summary), window=w, heads=group,
                                 block=self.query_block)
                   for w in sorted({m.window for m in attn})}
         most = max(f for x in blocks.values() for _, _, f, _ in x["blocks"])  # far summaries, for every window
