@@ -1,23 +1,26 @@
 """A KSA export's prefill and generation through its transformers code (models/hf/modeling_qwen3_moe_ksa.py): this
-version, whose KSA layers attend per block of queries over the keys the block may see (key_blocks: the far
-summaries, the window and the block's own columns), against the version before it (the baseline: every query block
-over every key, masked), loaded from the same checkpoint in one process, each directory with its own code.
+version against an earlier one (the baseline, OLD_MODELING_FILE), loaded from the same checkpoint in one process,
+each directory with its own code. Recorded comparisons (bench/RESULTS.md): key blocks (each block of queries over
+the keys it may see: far summaries, window, its own columns) against every query block over every key, masked; and
+each block as one scaled_dot_product_attention call against its fp32 logits, mask and softmax in PyTorch.
 
 Models (random weights, models/hf/tiny.py; chunks of 8, 1 summary, as the recipes): 4 layers with the 30B's
 attention shapes (hidden 2048, 32 query / 4 KV heads of 128, Qwen3's vocabulary), all KSA with the 30B recipe's
 windows (128, 128, 128, 1024 chunks, recipes/model/keye_30b_a3b_ksa.yaml); and the tiny recipe's 4 KSA layers of
 width 128 (windows 4, 4, 4, 64). One row, bf16:
   * prefill with the cache and logits_to_keep=1 (as generate()'s): time (a warm-up, then REPEAT calls: least and
-    most) and peak memory above the weights, per prompt length; the baseline up to BASELINE_UPTO tokens (it takes
-    tens of seconds beyond), this version at every length;
+    most) and peak memory above the weights, per prompt length; the baseline up to BASELINE_UPTO tokens (every key took
+    tens of seconds beyond 64K), this version at every length; on a GPU, the 8 kernels that take most of this
+    version's prefill at GEN_PROMPT tokens (a profile of one call);
   * generation after a GEN_PROMPT prompt in the cache (the prefill not timed): GEN_NEW greedy steps, a forward of
     one token each with the cache, as generate()'s loop; time per step (least and most of REPEAT runs, each after
     its own prefill) and whether both give the same tokens;
   * the last token's logits of both (max difference, same argmax), and in fp32 at FP32_PROMPT tokens every token's.
 On a CPU, a dry run at small sizes.
 
-    python3 bench/hf_ksa_prefill_gpu.py OLD_MODELING_FILE > $OUT/ksa_prefill.jsonl
-    (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show a76182f:...`)"""
+    python3 bench/hf_ksa_prefill_gpu.py OLD_MODELING_FILE [BASELINE_UPTO] > $OUT/ksa_prefill.jsonl
+    (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show a76182f:...`;
+    BASELINE_UPTO: the longest prompt the baseline runs, 65536 unless given)"""
 import functools
 import json
 import os
@@ -34,7 +37,7 @@ from models.hf.modeling_qwen3_moe_ksa import CACHE_KEY  # noqa: E402  (the cache
 CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 if CUDA:
-    LENGTHS, BASELINE_UPTO, REPEAT = (8192, 32768, 65536, 131072), 65536, 2
+    LENGTHS, BASELINE_UPTO, REPEAT = (8192, 32768, 65536, 131072), int(sys.argv[2]) if sys.argv[2:] else 65536, 2
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 32768, 64, 4096
 else:
     LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
@@ -42,7 +45,7 @@ else:
 WINDOWS_30B = [128, 128, 128, 1024] if CUDA else [4, 4, 4, 16]
 MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], WINDOWS_30B),
           "tiny_recipe": (tiny_recipe(max(LENGTHS) + 256), [0, 1, 2, 3], [4, 4, 4, 64])}
-NEW, OLD = "key_blocks", "every_key"
+NEW, OLD = "this", "baseline"
 
 
 def load(d: str, dtype):
@@ -58,6 +61,23 @@ def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=out[-1], use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache}).logits
         out.append(logits[:, -1:].argmax(-1))
     return torch.cat(out, dim=1)
+
+
+def top_kernels(model, ids: torch.Tensor, n: int = 8) -> dict:
+    """The GPU time of one prefill call and the n kernels that take most of it: [name, ms, launches]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        ms = {e.key: e.self_device_time_total / 1e3 for e in events}
+        top = sorted(events, key=lambda e: ms[e.key], reverse=True)[:n]
+        return {"gpu_ms": round(sum(ms.values()), 2),
+                "top": [[e.key[:100], round(ms[e.key], 2), e.count] for e in top]}
+    except Exception as e:  # the profile is an aside: the timings stand without it
+        return {"error": repr(e)}
 
 
 def main():
@@ -87,6 +107,10 @@ def main():
                 rec["last_logits_max_abs"] = last[OLD].abs().max().item()
                 rec["same_argmax"] = bool(last[NEW].argmax() == last[OLD].argmax())
             print(json.dumps(rec), flush=True)
+        if CUDA:
+            ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(3)).to(DEV)
+            print(json.dumps({"model": shape_name, "profile_prompt": GEN_PROMPT, "version": NEW,
+                              **top_kernels(models[NEW], ids)}), flush=True)
         # generation: GEN_NEW greedy steps after a prompt in the cache, the steps alone timed
         ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(7)).to(DEV)
         rec = {"model": shape_name, "windows": windows, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,

@@ -40,11 +40,12 @@ def measured(fn):
 
 
 def repeated(fn, times: int) -> tuple[dict, object]:
-    """({least and most seconds, most peak GiB above what was allocated before}, the last result) of `times` calls
-    of fn() after a warm-up (allocator, kernels); on the CPU, peak None."""
-    measured(fn)
+    """({least and most seconds, most peak GiB above what was allocated before, the warm-up's seconds}, the last
+    result) of `times` calls of fn() after a warm-up (allocator, kernels); on the CPU, peak None."""
+    first = measured(fn)[0]
     runs = [measured(fn) for _ in range(times)]
     return ({"s_min": round(min(r[0] for r in runs), 4), "s_max": round(max(r[0] for r in runs), 4),
+             "s_first": round(first, 4),
              "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}, runs[-1][2])
 
 
