@@ -25,9 +25,13 @@ The computation, per DSA layer (the trainer's models/attention/dsa.py; kernels/d
 The index RoPE uses every other rotary frequency of the main attention (the first index_head_dim / 2 of the even
 pairs): with head dim 128 and index dim 64, theta^(-2i/64), plain half-split RoPE at the index width.
 
-Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index scores [b, chunk, HI, keys] and the gathered keys and
-values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. It is a reference implementation in
-plain PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
+Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index products [b, chunk, HI, keys] and the gathered keys and
+values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. A chunk scores only the keys up to its
+last query (none after it is causal); bf16 index inputs multiply on a GPU's tensor cores into fp32 (index_products);
+the top-k runs over one int64 key per score and position, without a sort (top_positions); the attention is one
+scaled_dot_product_attention call per chunk, its queries as the batch and a KV group's query heads as one head's
+queries (in the model's dtype, as transformers' own attention). It is a reference implementation in plain PyTorch,
+not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
 reorder them for beam search); on a transformers without them (or a cache built without the config), beside the
 cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them.
@@ -38,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import cache_utils
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
@@ -45,8 +50,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     apply_rotary_pos_emb,
 )
 
-# Elements of the largest per-chunk temporary (fp32): 2^26 = 256 MiB.
+# Elements of the largest per-chunk temporary (the fp32 index products): 2^26 = 256 MiB.
 QUERY_CHUNK_ELEMENTS = 1 << 26
+# The scaled_dot_product_attention backends the attention may use: not cuDNN's, which builds a graph for each new
+# shape (the selected keys' count changes with a call's length until it reaches the top-k).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # transformers' cache layer for index keys (5.24 has it; older versions do not)
 INDEXED_CACHE = "indexed_attention" in getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
 
@@ -110,31 +118,61 @@ class Qwen3MoeDSAIndexer(nn.Module):
 
 
 def allowed_keys(attention_mask, b: int, s: int, kv: int, i0: int, i1: int, device) -> torch.Tensor:
-    """[b, i1 - i0, kv] bool: the keys queries i0..i1-1 of the s newest (of kv tokens) may see: causal, and within
-    the attention mask transformers gives the layer, if any."""
+    """[b, i1 - i0, kv - s + i1] bool: the keys queries i0..i1-1 of the s newest (of kv tokens) may see, among the
+    keys up to the last of them (causal, so none after it), and within the attention mask transformers gives the
+    layer, if any."""
     past = kv - s
+    upto = past + i1
     rows = past + torch.arange(i0, i1, device=device)
-    causal = torch.arange(kv, device=device).view(1, 1, kv) <= rows.view(1, -1, 1)
+    causal = torch.arange(upto, device=device).view(1, 1, upto) <= rows.view(1, -1, 1)
     if attention_mask is None:
-        return causal.expand(b, -1, kv)
+        return causal.expand(b, -1, upto)
     m = attention_mask
     if m.dim() == 2:  # [b, kv] padding mask (flash-attention implementations)
-        allowed = m[:, None, -kv:].bool()
+        allowed = m[:, None, m.shape[1] - kv:][..., :upto].bool()
     else:  # [b | 1, 1 | heads, s, >= kv], bool (True = may attend) or additive (0 = may attend)
-        m = m[:, 0, m.shape[2] - s + i0: m.shape[2] - s + i1, :kv]
+        m = m[:, 0, m.shape[2] - s + i0: m.shape[2] - s + i1, :upto]
         allowed = m if m.dtype == torch.bool else m == 0
-    return (causal & allowed).expand(b, -1, kv)
+    return (causal & allowed).expand(b, -1, upto)
+
+
+def index_products(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    """[b, c, HI, kv] fp32: q_idx [b, c, HI, DI] . k_idx [b, kv, DI] per index head. In fp32 from the inputs' values:
+    on a GPU, bf16 or fp16 inputs multiply on the tensor cores with an fp32 result (each product is exact in fp32,
+    as in the fp32 product of their values; the sums run in fp32, in another order)."""
+    b, c, hi, di = q_idx.shape
+    q2, k2 = q_idx.reshape(b, c * hi, di), k_idx.transpose(1, 2)
+    if q2.is_cuda and q2.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(q2, k2, out_dtype=torch.float32).view(b, c, hi, -1)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without bmm's out_dtype
+            pass
+    return torch.bmm(q2.float(), k2.float()).view(b, c, hi, -1)
+
+
+def top_positions(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., k]: the positions of the k largest of `scores` [..., n] that `allowed` lets in (the others rank below
+    them all), equal scores in position order (-0.0 equal to +0.0), in no particular order. Each score goes with its
+    position into one int64 key, unique, whose order is that rule's, so top-k needs no sort and no rule for ties."""
+    n = scores.shape[-1]
+    bits = (scores.float().masked_fill(~allowed, float("-inf")) + 0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # a float's order as an integer's
+    key = ordered * (1 << 32) + (0x7FFFFFFF - torch.arange(n, device=scores.device))  # then the smaller position
+    return torch.topk(key, k, dim=-1, sorted=False).indices
 
 
 def select_keys(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, allowed: torch.Tensor, topk: int):
-    """The indexer's choice for queries q_idx [b, c, HI, DI] (weights w [b, c, HI]) over keys k_idx [b, kv, DI]
-    that `allowed` [b, c, kv] lets them see: (positions [b, c, topk], valid [b, c, topk]). Larger score first, equal
-    scores in position order; a query with fewer than `topk` allowed keys gets them all, the rest not valid."""
-    u = torch.einsum("bchd,bkd->bchk", q_idx.float(), k_idx.float())
-    scores = (F.relu(u) * w.float().unsqueeze(-1)).sum(dim=2)
-    scores = torch.where(scores == 0, torch.zeros_like(scores), scores).masked_fill(~allowed, float("-inf"))
-    # a stable sort keeps equal scores in position order (-0.0 made +0.0 above, so it ties with it)
-    sel = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    """The indexer's choice for queries q_idx [b, c, HI, DI] (weights w [b, c, HI]) over the first n keys of k_idx
+    [b, kv, DI] that `allowed` [b, c, n] lets them see: (positions [b, c, min(topk, n)], valid, the same shape).
+    Larger score first, equal scores in position order (top_positions); a query with fewer allowed keys than that
+    gets them all, the rest not valid."""
+    b, c, hi, _ = q_idx.shape
+    n = allowed.shape[-1]
+    if n <= topk:  # every allowed key is chosen, whatever its score
+        return torch.arange(n, device=allowed.device).expand(b, c, n), allowed
+    u = index_products(q_idx, k_idx[:, :n]).relu_()  # [b, c, HI, n]
+    scores = torch.bmm(w.float().reshape(b * c, 1, hi), u.view(b * c, hi, n)).view(b, c, n)
+    sel = top_positions(scores, allowed, min(topk, n))
     return sel, torch.gather(allowed, -1, sel)
 
 
@@ -171,24 +209,29 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         hkv, kv = k.shape[1], k.shape[2]
         g = hq // hkv
         topk = min(self.index_topk, kv)
-        # the largest temporaries per query: index scores per head, gathered keys and values, attention logits
-        per_query = max(self.indexer.n_heads * kv, 2 * topk * hkv * d, hq * topk, 2 * kv)
+        # the largest temporaries per query: index products per head, gathered keys and values, the scores' keys
+        per_query = max(self.indexer.n_heads * kv, 2 * topk * hkv * d, 2 * kv)
         chunk = self.query_chunk or max(1, min(s, QUERY_CHUNK_ELEMENTS // (b * per_query)))
-        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv, hkv, d]
-        rows = torch.arange(b, device=q.device).view(b, 1, 1)
         out = q.new_empty(b, s, hq, d)
         for i0 in range(0, s, chunk):
             i1 = min(s, i0 + chunk)
-            allowed = allowed_keys(attention_mask, b, s, kv, i0, i1, q.device)  # [b, c, kv]
+            c = i1 - i0
+            allowed = allowed_keys(attention_mask, b, s, kv, i0, i1, q.device)  # [b, c, keys up to the last query]
             sel, valid = select_keys(q_idx[:, i0:i1], w_idx[:, i0:i1], k_idx, allowed, topk)
-            kg, vg = k_t[rows, sel], v_t[rows, sel]  # [b, c, K, hkv, d]
-            qc = q[:, :, i0:i1].transpose(1, 2).reshape(b, i1 - i0, hkv, g, d)
-            logits = torch.einsum("bcgnd,bckgd->bcgnk", qc.float(), kg.float()) * self.scaling
-            invalid = ~valid[:, :, None, None, :]
-            # a query with no key to see (a padding token's) gets zeros, not the NaN of an empty softmax
-            p = torch.softmax(logits.masked_fill(invalid, float("-inf")), dim=-1).masked_fill(invalid, 0.0)
-            o = torch.einsum("bcgnk,bckgd->bcgnd", p, vg.float().masked_fill(invalid.transpose(2, 4), 0.0))
-            out[:, i0:i1] = o.reshape(b, i1 - i0, hq, d).to(q.dtype)
+            n = sel.shape[-1]
+            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+            none = ~valid.any(-1, keepdim=True)  # a query with no key to see (a padding token's): zeros (torch's
+            # kernels give zeros or NaN, by version and backend)
+            qc = q[:, :, i0:i1].view(b, hkv, g, c, d).permute(0, 3, 1, 2, 4)  # [b, c, hkv, g, d]
+            for r in range(b):
+                # one attention per query over its own keys: the queries as the batch, a KV group's g query heads as
+                # g queries of one head, so each gathered key and value serves the group; the keys gathered as
+                # rows of the cache (index_select copies whole rows of head_dim)
+                kg, vg = (x[r].index_select(1, sel[r].flatten()).view(hkv, c, n, d).transpose(0, 1) for x in (k, v))
+                with sdpa_kernel(SDPA_BACKENDS):
+                    o = F.scaled_dot_product_attention(qc[r], kg, vg, attn_mask=bias[r].view(c, 1, 1, n),
+                                                       scale=self.scaling)  # [c, hkv, g, d]
+                out[r, i0:i1] = o.reshape(c, hq, d).masked_fill(none[r].unsqueeze(-1), 0.0)
         return out
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 from kernels.dsa import naive
-from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, _cached_index_keys, select_keys
+from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, _cached_index_keys, select_keys, top_positions
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 
 TOPK = 8  # of sequences of 20-40 tokens: the indexers select
@@ -67,6 +67,23 @@ def test_selection_is_the_reference_selection_ties_included(packed):
     assert torch.equal(ours.int(), ref)
     scores = naive.index_scores(q, w, kk)
     assert (scores.round() == scores).all() and len(scores.unique()) < 50  # of 2738: ties to break
+
+
+def test_top_positions_is_a_stable_sort_of_the_scores():
+    """top_positions' set against the first k of a stable descending sort (equal scores in position order), on
+    scores with many ties, both zeros (-0.0 equal to +0.0, as a sort compares them), negatives, and positions not
+    allowed (ranked below every allowed one; a row with fewer allowed than k gets them all first)."""
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(1, 1), (7, 3), (50, 50), (300, 17), (1000, 64)]:
+        scores = torch.randint(-3, 4, (4, 5, n), generator=g).float() * 0.5
+        scores[torch.rand(scores.shape, generator=g) < 0.2] = -0.0
+        allowed = torch.rand(scores.shape, generator=g) < 0.7
+        allowed[0, 0] = False  # a row with nothing allowed
+        allowed[0, 1] = torch.arange(n) < min(n, 2)  # fewer allowed than k
+        ours = top_positions(scores, allowed, k).sort(dim=-1).values
+        ranked = scores.masked_fill(~allowed, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+        assert torch.equal(ours, ranked[..., :k].sort(dim=-1).values), (n, k)
+        assert (scores == 0).any() and (torch.signbit(scores) & (scores == 0)).any()  # both zeros present
 
 
 def test_generation_with_the_cache_gives_the_full_forward(model):
