@@ -52,14 +52,19 @@ def tiny_recipe(positions: int) -> dict:
                 max_position_embeddings=positions)
 
 
-def two_exports(root: str, shape: dict, layers: list[int], windows: list[int], old_file: str) -> tuple[str, str]:
+def two_exports(root: str, shape: dict, layers: list[int], windows: list[int] | None, old_file: str, add=None,
+                code: str = "modeling_qwen3_moe_ksa.py") -> tuple[str, str]:
     """A random KSA checkpoint (chunks of 8, 1 summary) with this version's code under root/new, and the same
-    checkpoint with `old_file` as its code under root/old."""
+    checkpoint with `old_file` as its code under root/old. Another variant: add(directory, layers) writes its
+    tensors and code (e.g. models/hf/tiny.py's add_tiny_dsa_indexers), `code` names its modeling file."""
     new_dir, old_dir = os.path.join(root, "new"), os.path.join(root, "old")
     save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **shape)
-    add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
+    if add is None:
+        add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
+    else:
+        add(new_dir, layers)
     shutil.copytree(new_dir, old_dir)
-    shutil.copy(old_file, os.path.join(old_dir, "modeling_qwen3_moe_ksa.py"))
+    shutil.copy(old_file, os.path.join(old_dir, code))
     return new_dir, old_dir
 
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, ".")
 from bench.hf_ksa_batch_gpu import attn_30b, tiny_recipe, two_exports  # noqa: E402  (the models, two versions)
-from bench.hf_logits_gpu import measured, repeated  # noqa: E402  (seconds and peak memory of calls)
+from bench.hf_logits_gpu import measured, repeated, top_kernels  # noqa: E402  (seconds, peak memory, kernels)
 from models.hf.modeling_qwen3_moe_ksa import CACHE_KEY  # noqa: E402  (the cache's keyword in this transformers)
 
 CUDA = torch.cuda.is_available()
@@ -43,8 +43,8 @@ else:
     LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 256, 4, 300
 WINDOWS_30B = [128, 128, 128, 1024] if CUDA else [4, 4, 4, 16]
-MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], WINDOWS_30B),
-          "tiny_recipe": (tiny_recipe(max(LENGTHS) + 256), [0, 1, 2, 3], [4, 4, 4, 64])}
+MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], {"windows": WINDOWS_30B}),
+          "tiny_recipe": (tiny_recipe(max(LENGTHS) + 256), [0, 1, 2, 3], {"windows": [4, 4, 4, 64]})}
 NEW, OLD = "this", "baseline"
 
 
@@ -63,36 +63,23 @@ def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def top_kernels(model, ids: torch.Tensor, n: int = 8) -> dict:
-    """The GPU time of one prefill call and the n kernels that take most of it: [name, ms, launches]."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        ms = {e.key: e.self_device_time_total / 1e3 for e in events}
-        top = sorted(events, key=lambda e: ms[e.key], reverse=True)[:n]
-        return {"gpu_ms": round(sum(ms.values()), 2),
-                "top": [[e.key[:100], round(ms[e.key], 2), e.count] for e in top]}
-    except Exception as e:  # the profile is an aside: the timings stand without it
-        return {"error": repr(e)}
+def ksa_exports(root: str, shape: dict, layers: list[int], info: dict, old_file: str) -> tuple[str, str]:
+    return two_exports(root, shape, layers, info["windows"], old_file)
 
 
-def main():
-    old_file = sys.argv[1]
+def compare(models: dict, exports, old_file: str):
+    """This version against old_file's on each of `models` ({name: (shape, layers, info)}, info recorded in every
+    line), both from exports(root, shape, layers, info, old_file) -> (this version's directory, the baseline's)."""
     root = tempfile.mkdtemp()
     device = torch.cuda.get_device_name() if CUDA else "cpu"
-    for shape_name, (shape, layers, windows) in MODELS.items():
-        dirs = dict(zip((NEW, OLD), two_exports(os.path.join(root, shape_name),
-                                                {**shape, "num_hidden_layers": len(layers)}, layers, windows,
-                                                old_file)))
+    for shape_name, (shape, layers, info) in models.items():
+        dirs = dict(zip((NEW, OLD), exports(os.path.join(root, shape_name),
+                                            {**shape, "num_hidden_layers": len(layers)}, layers, info, old_file)))
         models = {name: load(d, DTYPE) for name, d in dirs.items()}
         vocab = shape["vocab_size"]
         for n in LENGTHS:
             ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(DEV)
-            rec = {"model": shape_name, "windows": windows, "prompt": n, "dtype": str(DTYPE), "device": device}
+            rec = {"model": shape_name, **info, "prompt": n, "dtype": str(DTYPE), "device": device}
             last = {}
             for name, m in models.items():
                 if name == OLD and n > BASELINE_UPTO:
@@ -113,7 +100,7 @@ def main():
                               **top_kernels(models[NEW], ids)}), flush=True)
         # generation: GEN_NEW greedy steps after a prompt in the cache, the steps alone timed
         ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(7)).to(DEV)
-        rec = {"model": shape_name, "windows": windows, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,
+        rec = {"model": shape_name, **info, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,
                "dtype": str(DTYPE), "device": device}
         tokens = {}
         for name, m in models.items():
@@ -137,11 +124,13 @@ def main():
         ids = torch.randint(0, vocab, (1, FP32_PROMPT), generator=torch.Generator().manual_seed(1)).to(DEV)
         with torch.no_grad():
             logits = {name: m(input_ids=ids, use_cache=False).logits for name, m in fp32.items()}
-        print(json.dumps({"model": shape_name, "windows": windows, "fp32_prompt": FP32_PROMPT,
+        print(json.dumps({"model": shape_name, **info, "fp32_prompt": FP32_PROMPT,
                           "logits_max_abs_diff": (logits[NEW] - logits[OLD]).abs().max().item(),
-                          "logits_max_abs": logits[OLD].abs().max().item()}), flush=True)
+                          "logits_max_abs": logits[OLD].abs().max().item(),
+                          "argmax_agree": (logits[NEW].argmax(-1) == logits[OLD].argmax(-1)).float().mean().item()}),
+              flush=True)
         del fp32, logits
 
 
 if __name__ == "__main__":
-    main()
+    compare(MODELS, ksa_exports, sys.argv[1])

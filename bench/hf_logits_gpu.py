@@ -49,6 +49,23 @@ def repeated(fn, times: int) -> tuple[dict, object]:
              "peak_gib": None if runs[0][1] is None else round(max(r[1] for r in runs) / 2.0 ** 30, 3)}, runs[-1][2])
 
 
+def top_kernels(model, ids: torch.Tensor, n: int = 8) -> dict:
+    """The GPU time of one prefill call and the n kernels that take most of it: [name, ms, launches]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        ms = {e.key: e.self_device_time_total / 1e3 for e in events}
+        top = sorted(events, key=lambda e: ms[e.key], reverse=True)[:n]
+        return {"gpu_ms": round(sum(ms.values()), 2),
+                "top": [[e.key[:100], round(ms[e.key], 2), e.count] for e in top]}
+    except Exception as e:  # the profile is an aside: the timings stand without it
+        return {"error": repr(e)}
+
+
 def main():
     from transformers import AutoModelForCausalLM
 
