@@ -29,9 +29,9 @@ Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index products [b, chunk, HI
 values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. A chunk scores only the keys up to its
 last query (none after it is causal); bf16 index inputs multiply on a GPU's tensor cores into fp32 (index_products);
 the top-k runs over one int64 key per score and position, without a sort (top_positions); the attention is one
-scaled_dot_product_attention call per chunk, its queries as the batch and a KV group's query heads as one head's
-queries (in the model's dtype, as transformers' own attention). It is a reference implementation in plain PyTorch,
-not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
+scaled_dot_product_attention call per chunk and row, its queries as the batch and a KV group's query heads as one
+head's queries (in the model's dtype, as transformers' own attention). It is a reference implementation in plain
+PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
 reorder them for beam search); on a transformers without them (or a cache built without the config), beside the
 cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them.
@@ -145,7 +145,7 @@ def index_products(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
     if q2.is_cuda and q2.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.bmm(q2, k2, out_dtype=torch.float32).view(b, c, hi, -1)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without bmm's out_dtype
+        except (TypeError, NotImplementedError):  # a torch without bmm's out_dtype (on this device)
             pass
     return torch.bmm(q2.float(), k2.float()).view(b, c, hi, -1)
 
