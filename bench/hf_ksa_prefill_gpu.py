@@ -75,13 +75,13 @@ def compare(models: dict, exports, old_file: str):
     for shape_name, (shape, layers, info) in models.items():
         dirs = dict(zip((NEW, OLD), exports(os.path.join(root, shape_name),
                                             {**shape, "num_hidden_layers": len(layers)}, layers, info, old_file)))
-        models = {name: load(d, DTYPE) for name, d in dirs.items()}
+        versions = {name: load(d, DTYPE) for name, d in dirs.items()}
         vocab = shape["vocab_size"]
         for n in LENGTHS:
             ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(DEV)
             rec = {"model": shape_name, **info, "prompt": n, "dtype": str(DTYPE), "device": device}
             last = {}
-            for name, m in models.items():
+            for name, m in versions.items():
                 if name == OLD and n > BASELINE_UPTO:
                     continue
                 call = lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()  # noqa: E731
@@ -97,13 +97,13 @@ def compare(models: dict, exports, old_file: str):
         if CUDA:
             ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(3)).to(DEV)
             print(json.dumps({"model": shape_name, "profile_prompt": GEN_PROMPT, "version": NEW,
-                              **top_kernels(models[NEW], ids)}), flush=True)
+                              **top_kernels(versions[NEW], ids)}), flush=True)
         # generation: GEN_NEW greedy steps after a prompt in the cache, the steps alone timed
         ids = torch.randint(0, vocab, (1, GEN_PROMPT), generator=torch.Generator().manual_seed(7)).to(DEV)
         rec = {"model": shape_name, **info, "gen_prompt": GEN_PROMPT, "gen_new": GEN_NEW,
                "dtype": str(DTYPE), "device": device}
         tokens = {}
-        for name, m in models.items():
+        for name, m in versions.items():
             runs = []
             for _ in range(REPEAT):
                 with torch.no_grad():
@@ -119,7 +119,7 @@ def compare(models: dict, exports, old_file: str):
         rec["per_step_speedup"] = round(rec[OLD]["ms_per_step_min"] / rec[NEW]["ms_per_step_min"], 2)
         rec["same_tokens"] = bool(torch.equal(tokens[NEW], tokens[OLD]))
         print(json.dumps(rec), flush=True)
-        del models
+        del versions
         fp32 = {name: load(d, torch.float32) for name, d in dirs.items()}
         ids = torch.randint(0, vocab, (1, FP32_PROMPT), generator=torch.Generator().manual_seed(1)).to(DEV)
         with torch.no_grad():
