@@ -28,8 +28,8 @@ MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], {"inde
 def dsa_exports(root: str, shape: dict, layers: list[int], info: dict, old_file: str) -> tuple[str, str]:
     heads, dim, topk = info["index"]
     add = functools.partial(add_tiny_dsa_indexers, heads=heads, dim=dim, topk=topk)
-    return two_exports(root, shape, layers, None, old_file, add=add, code="modeling_qwen3_moe_dsa.py")
+    return two_exports(root, shape, layers, old_file, add, code="modeling_qwen3_moe_dsa.py")
 
 
 if __name__ == "__main__":
-    compare(MODELS, dsa_exports, sys.argv[1])
+    compare(MODELS, dsa_exports, sys.argv[1:])

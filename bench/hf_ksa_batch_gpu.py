@@ -14,6 +14,7 @@ most), the peak memory above the weights, and whether both versions give the sam
 
     python3 bench/hf_ksa_batch_gpu.py OLD_MODELING_FILE > $OUT/ksa_batch.jsonl
     (OLD_MODELING_FILE: the baseline's models/hf/modeling_qwen3_moe_ksa.py, e.g. from `git show 273f03f:...`)"""
+import functools
 import json
 import os
 import shutil
@@ -52,17 +53,19 @@ def tiny_recipe(positions: int) -> dict:
                 max_position_embeddings=positions)
 
 
-def two_exports(root: str, shape: dict, layers: list[int], windows: list[int] | None, old_file: str, add=None,
+def ksa_writer(windows: list[int]):
+    """two_exports' `add` for KSA: chunks of 8 with 1 summary, as the recipes, and these windows."""
+    return functools.partial(add_tiny_ksa, chunk=8, num_summary=1, windows=windows)
+
+
+def two_exports(root: str, shape: dict, layers: list[int], old_file: str, add,
                 code: str = "modeling_qwen3_moe_ksa.py") -> tuple[str, str]:
-    """A random KSA checkpoint (chunks of 8, 1 summary) with this version's code under root/new, and the same
-    checkpoint with `old_file` as its code under root/old. Another variant: add(directory, layers) writes its
-    tensors and code (e.g. models/hf/tiny.py's add_tiny_dsa_indexers), `code` names its modeling file."""
+    """A random checkpoint with this version's code under root/new, and the same checkpoint with `old_file` as its
+    code under root/old: add(directory, layers) writes the variant's tensors and code (ksa_writer, or
+    models/hf/tiny.py's add_tiny_dsa_indexers), `code` names the modeling file it writes."""
     new_dir, old_dir = os.path.join(root, "new"), os.path.join(root, "old")
     save_tiny_qwen3_moe(new_dir, dtype=DTYPE, **shape)
-    if add is None:
-        add_tiny_ksa(new_dir, layers, chunk=8, num_summary=1, windows=windows)
-    else:
-        add(new_dir, layers)
+    add(new_dir, layers)
     shutil.copytree(new_dir, old_dir)
     shutil.copy(old_file, os.path.join(old_dir, code))
     return new_dir, old_dir
@@ -90,7 +93,7 @@ def main():
     old_file = sys.argv[1]
     root = tempfile.mkdtemp()
     for shape_name, (shape, layers, windows) in MODELS.items():
-        new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, windows, old_file)
+        new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, old_file, ksa_writer(windows))
         models = {name: AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE, trust_remote_code=True).to(DEV).eval()
                   for name, d in (("batched", new_dir), ("row_by_row", old_dir))}
         for rows in (1, 4, 8):

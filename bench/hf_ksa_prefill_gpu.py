@@ -30,17 +30,17 @@ import tempfile
 import torch
 
 sys.path.insert(0, ".")
-from bench.hf_ksa_batch_gpu import attn_30b, tiny_recipe, two_exports  # noqa: E402  (the models, two versions)
+from bench.hf_ksa_batch_gpu import attn_30b, ksa_writer, tiny_recipe, two_exports  # noqa: E402  (models, versions)
 from bench.hf_logits_gpu import measured, repeated, top_kernels  # noqa: E402  (seconds, peak memory, kernels)
 from models.hf.modeling_qwen3_moe_ksa import CACHE_KEY  # noqa: E402  (the cache's keyword in this transformers)
 
 CUDA = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 if CUDA:
-    LENGTHS, BASELINE_UPTO, REPEAT = (8192, 32768, 65536, 131072), int(sys.argv[2]) if sys.argv[2:] else 65536, 2
+    LENGTHS, REPEAT = (8192, 32768, 65536, 131072), 2
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 32768, 64, 4096
 else:
-    LENGTHS, BASELINE_UPTO, REPEAT = (256, 1024), 1024, 1
+    LENGTHS, REPEAT = (256, 1024), 1
     GEN_PROMPT, GEN_NEW, FP32_PROMPT = 256, 4, 300
 WINDOWS_30B = [128, 128, 128, 1024] if CUDA else [4, 4, 4, 16]
 MODELS = {"attn30b_4layers": (attn_30b(max(LENGTHS) + 256), [0, 1, 2, 3], {"windows": WINDOWS_30B}),
@@ -64,12 +64,15 @@ def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
 
 
 def ksa_exports(root: str, shape: dict, layers: list[int], info: dict, old_file: str) -> tuple[str, str]:
-    return two_exports(root, shape, layers, info["windows"], old_file)
+    return two_exports(root, shape, layers, old_file, ksa_writer(info["windows"]))
 
 
-def compare(models: dict, exports, old_file: str):
+def compare(models: dict, exports, argv: list[str]):
     """This version against old_file's on each of `models` ({name: (shape, layers, info)}, info recorded in every
-    line), both from exports(root, shape, layers, info, old_file) -> (this version's directory, the baseline's)."""
+    line), both from exports(root, shape, layers, info, old_file) -> (this version's directory, the baseline's).
+    argv: [OLD_MODELING_FILE, BASELINE_UPTO (optional; on a CPU the dry run's longest length)]."""
+    old_file = argv[0]
+    upto = int(argv[1]) if CUDA and argv[1:] else (65536 if CUDA else max(LENGTHS))
     root = tempfile.mkdtemp()
     device = torch.cuda.get_device_name() if CUDA else "cpu"
     for shape_name, (shape, layers, info) in models.items():
@@ -82,7 +85,7 @@ def compare(models: dict, exports, old_file: str):
             rec = {"model": shape_name, **info, "prompt": n, "dtype": str(DTYPE), "device": device}
             last = {}
             for name, m in versions.items():
-                if name == OLD and n > BASELINE_UPTO:
+                if name == OLD and n > upto:
                     continue
                 call = lambda: m(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].float()  # noqa: E731
                 rec[name], last[name] = repeated(call, REPEAT)
@@ -133,4 +136,4 @@ def compare(models: dict, exports, old_file: str):
 
 
 if __name__ == "__main__":
-    compare(MODELS, ksa_exports, sys.argv[1])
+    compare(MODELS, ksa_exports, sys.argv[1:])
