@@ -25,13 +25,18 @@ The computation, per DSA layer (the trainer's models/attention/dsa.py; kernels/d
 The index RoPE uses every other rotary frequency of the main attention (the first index_head_dim / 2 of the even
 pairs): with head dim 128 and index dim 64, theta^(-2i/64), plain half-split RoPE at the index width.
 
-Queries run in chunks (QUERY_CHUNK_ELEMENTS) so the index products [b, chunk, HI, keys] and the gathered keys and
-values [b, chunk, top-k, kv heads, head dim] stay bounded at long contexts. A chunk scores only the keys up to its
-last query (none after it is causal); bf16 index inputs multiply on a GPU's tensor cores into fp32 (index_products);
-the top-k runs over one int64 key per score and position, without a sort (top_positions); the attention is one
-scaled_dot_product_attention call per chunk and row, its queries as the batch and a KV group's query heads as one
-head's queries (in the model's dtype, as transformers' own attention). It is a reference implementation in plain
-PyTorch, not a fast kernel: the trainer's Triton kernels are in kernels/dsa.
+Queries run in chunks so their temporaries (the index products [b, chunk, HI, keys] above all) stay within
+QUERY_CHUNK_BYTES at long contexts. A chunk scores only the keys up to its last query (none after it is causal);
+bf16 index inputs multiply on a GPU's tensor cores into fp32 (index_products); the top-k runs over one int64 key per
+score and position, without a sort (top_positions). The attention is one scaled_dot_product_attention call per
+chunk (and row, when gathered), in the model's dtype as transformers' own attention, a KV group's query heads folded
+into the queries of one head so each key and value serves the group, cuDNN's backend left out. It takes one of two
+ways, by the call's keys (DENSE_KEYS_PER_TOPK):
+  * densely: over every key up to the chunk's last query, those a query did not select masked by a -inf bias. No
+    key is copied; the cost grows with the keys (torch's memory-efficient kernel on a GPU);
+  * gathered: over each query's selected keys and values, copied. The cost grows with the top-k.
+Both give each query's softmax over its selected keys. It is a reference implementation in plain PyTorch, not a
+fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
 reorder them for beam search); on a transformers without them (or a cache built without the config), beside the
 cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them.
@@ -50,8 +55,12 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     apply_rotary_pos_emb,
 )
 
-# Elements of the largest per-chunk temporary (the fp32 index products): 2^26 = 256 MiB.
-QUERY_CHUNK_ELEMENTS = 1 << 26
+# Bytes of a chunk's temporaries (its index products, scores, masks, and its attention bias or gathered keys): 1 GiB.
+QUERY_CHUNK_BYTES = 1 << 30
+# A call attends densely (the selection as a bias over every key up to a chunk's last query) while its keys are at
+# most this many times the top-k, over gathered keys beyond: on an H200, with the 30B's shapes, dense is 1.23x as
+# fast at 32 x (64K keys of a top 2,048), 0.94x at 48 x (bench/probe_dsa_attention.py, bench/RESULTS.md).
+DENSE_KEYS_PER_TOPK = 32
 # The scaled_dot_product_attention backends the attention may use: not cuDNN's, which builds a graph for each new
 # shape (the selected keys' count changes with a call's length until it reaches the top-k).
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -178,13 +187,15 @@ def select_keys(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, allow
 
 class Qwen3MoeDSAAttention(Qwen3MoeAttention):
     """Qwen3-MoE attention (same projections, q/k RMS norms and RoPE) whose queries see only the keys the indexer
-    selects. `query_chunk`: queries per chunk (None: from QUERY_CHUNK_ELEMENTS)."""
+    selects. `query_chunk`: queries per chunk (None: from QUERY_CHUNK_BYTES); `attend_densely`: True or False
+    for one way of attending (None: by DENSE_KEYS_PER_TOPK)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.indexer = Qwen3MoeDSAIndexer(config)
         self.index_topk = int(config.index_topk)
         self.query_chunk: int | None = None
+        self.attend_densely: bool | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
@@ -207,31 +218,73 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         """q [b, hq, s, d], k/v [b, hkv, kv, d], the index inputs, the layer's attention mask -> [b, s, hq, d]."""
         b, hq, s, d = q.shape
         hkv, kv = k.shape[1], k.shape[2]
-        g = hq // hkv
+        g, esz = hq // hkv, q.element_size()
         topk = min(self.index_topk, kv)
-        # the largest temporaries per query: index products per head, gathered keys and values, the scores' keys
-        per_query = max(self.indexer.n_heads * kv, 2 * topk * hkv * d, 2 * kv)
-        chunk = self.query_chunk or max(1, min(s, QUERY_CHUNK_ELEMENTS // (b * per_query)))
+        dense = self.attend_densely if self.attend_densely is not None else kv <= DENSE_KEYS_PER_TOPK * topk
+        # bytes per query of a chunk's temporaries, each part within half of QUERY_CHUNK_BYTES: the selection's (the
+        # fp32 index products per index head, the scores, the top-k's int64 keys, the allowed keys), then the
+        # attention's (dense: the bias, a KV group's g query heads and its unexpanded rows, the kept keys; gathered:
+        # each selected key and value, the bias, the positions)
+        select = (4 * self.indexer.n_heads + 25) * kv
+        attend = (esz * (g + 1) + 1) * kv if dense else (2 * hkv * d * esz + esz + 9) * topk
+        chunk = self.query_chunk or max(1, min(s, QUERY_CHUNK_BYTES // (2 * b * attend)))
+        sub = min(chunk, max(1, QUERY_CHUNK_BYTES // (2 * b * select)))
         out = q.new_empty(b, s, hq, d)
         for i0 in range(0, s, chunk):
             i1 = min(s, i0 + chunk)
-            c = i1 - i0
-            allowed = allowed_keys(attention_mask, b, s, kv, i0, i1, q.device)  # [b, c, keys up to the last query]
-            sel, valid = select_keys(q_idx[:, i0:i1], w_idx[:, i0:i1], k_idx, allowed, topk)
-            n = sel.shape[-1]
-            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
-            none = ~valid.any(-1, keepdim=True)  # a query with no key to see (a padding token's): zeros (torch's
-            # kernels give zeros or NaN, by version and backend)
-            qc = q[:, :, i0:i1].view(b, hkv, g, c, d).permute(0, 3, 1, 2, 4)  # [b, c, hkv, g, d]
-            for r in range(b):
-                # one attention per query over its own keys: the queries as the batch, a KV group's g query heads as
-                # g queries of one head, so each gathered key and value serves the group; the keys gathered as
-                # rows of the cache (index_select copies whole rows of head_dim)
-                kg, vg = (x[r].index_select(1, sel[r].flatten()).view(hkv, c, n, d).transpose(0, 1) for x in (k, v))
-                with sdpa_kernel(SDPA_BACKENDS):
-                    o = F.scaled_dot_product_attention(qc[r], kg, vg, attn_mask=bias[r].view(c, 1, 1, n),
-                                                       scale=self.scaling)  # [c, hkv, g, d]
-                out[r, i0:i1] = o.reshape(c, hq, d).masked_fill(none[r].unsqueeze(-1), 0.0)
+            n = kv - s + i1  # the keys up to the chunk's last query
+            picks = []  # the selection in pieces of `sub` queries, each over the keys up to its own last query
+            for j0 in range(i0, i1, sub):
+                j1 = min(i1, j0 + sub)
+                allowed = allowed_keys(attention_mask, b, s, kv, j0, j1, q.device)
+                sel, valid = select_keys(q_idx[:, j0:j1], w_idx[:, j0:j1], k_idx, allowed, topk)
+                short = min(topk, n) - sel.shape[-1]  # a piece with fewer keys than the top-k takes them all
+                picks.append((F.pad(sel, (0, short)), F.pad(valid, (0, short))) if short else (sel, valid))
+            sel, valid = (torch.cat(x, dim=1) if len(picks) > 1 else x[0] for x in zip(*picks))  # [b, c, <= topk]
+            none = ~valid.any(-1)  # [b, c] a query with no key to see (a padding token's): zeros (torch's kernels
+            # give zeros or NaN, by version and backend)
+            o = (self._attend_densely if dense else self._attend_gathered)(q[:, :, i0:i1], k, v, sel, valid, n)
+            out[:, i0:i1] = o.masked_fill(none[..., None, None], 0.0)
+        return out
+
+    def _attend_densely(self, q, k, v, sel, valid, n: int):
+        """Queries q [b, hq, c, d] over the first n keys (those up to their last), the keys not selected masked by a
+        -inf bias: one attention call, a KV group's g query heads folded into the queries of one head (so each key
+        and value serves the group). No key or value is copied; the cost is dense attention's over n keys.
+        -> [b, c, hq, d]"""
+        b, hq, c, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        # the selected keys kept; a position not valid (a piece's padding may repeat a selected one) goes to an extra
+        # column, cut off
+        keep = torch.zeros((b, c, n + 1), dtype=torch.bool, device=q.device).scatter_(
+            -1, sel.masked_fill(~valid, n), True)[..., :n]
+        # the bias's rows repeated for the g heads; its row length padded to 16 elements, as the memory-efficient
+        # kernel wants its rows aligned
+        bias = q.new_empty(b, g, c, -(-n // 16) * 16)
+        bias[..., :n] = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))[
+            :, None]
+        with sdpa_kernel(SDPA_BACKENDS):
+            o = F.scaled_dot_product_attention(q.reshape(b, hkv, g * c, d), k[:, :, :n], v[:, :, :n],
+                                               attn_mask=bias.view(b, 1, g * c, -1)[..., :n], scale=self.scaling)
+        return o.view(b, hkv, g, c, d).permute(0, 3, 1, 2, 4).reshape(b, c, hq, d)
+
+    def _attend_gathered(self, q, k, v, sel, valid, n: int):
+        """Queries q [b, hq, c, d] over their selected keys (of the first n), gathered: one attention call per row, the
+        queries as the batch and a KV group's g query heads as g queries of one head (so each gathered key and value
+        serves the group). The cost grows with the top-k, not with the keys. -> [b, c, hq, d]"""
+        b, hq, c, d = q.shape
+        hkv, m = k.shape[1], sel.shape[-1]
+        g = hq // hkv
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+        qc = q.reshape(b, hkv, g, c, d).permute(0, 3, 1, 2, 4)  # [b, c, hkv, g, d]
+        out = q.new_empty(b, c, hq, d)
+        for r in range(b):  # the keys gathered as rows of the cache (index_select copies whole rows of head_dim)
+            kg, vg = (x[r].index_select(1, sel[r].flatten()).view(hkv, c, m, d).transpose(0, 1) for x in (k, v))
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(qc[r], kg, vg, attn_mask=bias[r].view(c, 1, 1, m),
+                                                   scale=self.scaling)  # [c, hkv, g, d]
+            out[r] = o.reshape(c, hq, d)
         return out
 
 

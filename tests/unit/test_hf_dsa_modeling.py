@@ -8,6 +8,7 @@ inference needs beyond one forward (the cache of index keys in generation, padde
 import inspect
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -34,13 +35,27 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(hf_dir):
+def export(hf_dir):
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=True).eval()
     # transformers runs its own copy of the file (its module cache): the class by name
     assert [type(layer.self_attn).__name__ for layer in m.model.layers] == [Qwen3MoeDSAAttention.__name__] * 2
     return m
+
+
+def _attending(m, densely: bool | None):
+    for layer in m.model.layers:
+        layer.self_attn.attend_densely = densely
+
+
+@pytest.fixture(params=[True, False], ids=["dense", "gathered"])
+def model(export, request):
+    """The export, its layers attending one way: over every key with the selection as a bias, or over gathered keys
+    (by its rule, sequences this short attend densely)."""
+    _attending(export, request.param)
+    yield export
+    _attending(export, None)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -165,14 +180,57 @@ def test_padded_batch_rows_are_the_rows_alone(model):
     batch = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     assert _close(batch[:1], model(input_ids=long, use_cache=False).logits)
     assert _close(batch[1:, pad:], model(input_ids=short, use_cache=False).logits)
+    densely = model.model.layers[0].self_attn.attend_densely
     for layer in model.model.layers:
         layer.self_attn.query_chunk = 3
     try:
         chunked = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        _attending(model, not densely)  # the other way
+        other = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     finally:
+        _attending(model, densely)
         for layer in model.model.layers:
             layer.self_attn.query_chunk = None
     assert _close(chunked, batch)
+    assert _close(other, batch)
+    # chunks sized by the bytes allowed, small enough that a chunk's selection runs in pieces of 2 queries
+    code = sys.modules[type(model.model.layers[0].self_attn).__module__]  # transformers' copy of the file
+    allowed = code.QUERY_CHUNK_BYTES
+    code.QUERY_CHUNK_BYTES = 2 * 2 * (4 * model.config.index_n_heads + 24) * 30 * 2
+    try:
+        pieces = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    finally:
+        code.QUERY_CHUNK_BYTES = allowed
+    assert _close(pieces, batch)
+
+
+def test_a_call_attends_densely_up_to_its_keys_per_top_k(export):
+    """By the rule (attend_densely None), a call whose keys are at most DENSE_KEYS_PER_TOPK x the top-k attends over
+    every key, a longer one over gathered keys; a generation step after a long prompt gathers too."""
+    from transformers.cache_utils import DynamicCache
+
+    from models.hf.modeling_qwen3_moe_dsa import DENSE_KEYS_PER_TOPK
+
+    calls = []
+    for layer in export.model.layers:
+        for way in ("_attend_densely", "_attend_gathered"):
+            bound = getattr(layer.self_attn, way)
+            setattr(layer.self_attn, way, lambda *a, _f=bound, _w=way: calls.append(_w) or _f(*a))
+    try:
+        most = DENSE_KEYS_PER_TOPK * TOPK
+        for n, way in ((most, "_attend_densely"), (most + 1, "_attend_gathered")):
+            calls.clear()
+            export(input_ids=torch.zeros(1, n, dtype=torch.long), use_cache=False)
+            assert calls == [way] * 2
+        cache = DynamicCache(config=export.config)
+        export(input_ids=torch.zeros(1, most, dtype=torch.long), **{CACHE: cache}, use_cache=True)
+        calls.clear()
+        export(input_ids=torch.zeros(1, 1, dtype=torch.long), **{CACHE: cache}, use_cache=True)
+        assert calls == ["_attend_gathered"] * 2
+    finally:
+        for layer in export.model.layers:
+            for way in ("_attend_densely", "_attend_gathered"):
+                del layer.self_attn.__dict__[way]
 
 
 def test_a_config_without_dsa_layers_is_refused(hf_dir, tmp_path):
