@@ -196,7 +196,8 @@ def test_padded_batch_rows_are_the_rows_alone(model):
     # chunks sized by the bytes allowed, small enough that a chunk's selection runs in pieces of 2 queries
     code = sys.modules[type(model.model.layers[0].self_attn).__module__]  # transformers' copy of the file
     allowed = code.QUERY_CHUNK_BYTES
-    code.QUERY_CHUNK_BYTES = 2 * 2 * (4 * model.config.index_n_heads + 24) * 30 * 2
+    code.QUERY_CHUNK_BYTES = 2 * 2 * (4 * model.config.index_n_heads + 25) * 30 * 2  # 2 x (2 rows x 30 keys x the
+    # selection's bytes per key) x 2 queries
     try:
         pieces = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     finally:
@@ -209,15 +210,14 @@ def test_a_call_attends_densely_up_to_its_keys_per_top_k(export):
     every key, a longer one over gathered keys; a generation step after a long prompt gathers too."""
     from transformers.cache_utils import DynamicCache
 
-    from models.hf.modeling_qwen3_moe_dsa import DENSE_KEYS_PER_TOPK
-
+    code = sys.modules[type(export.model.layers[0].self_attn).__module__]  # transformers' copy of the file
     calls = []
     for layer in export.model.layers:
         for way in ("_attend_densely", "_attend_gathered"):
             bound = getattr(layer.self_attn, way)
             setattr(layer.self_attn, way, lambda *a, _f=bound, _w=way: calls.append(_w) or _f(*a))
     try:
-        most = DENSE_KEYS_PER_TOPK * TOPK
+        most = code.DENSE_KEYS_PER_TOPK * TOPK
         for n, way in ((most, "_attend_densely"), (most + 1, "_attend_gathered")):
             calls.clear()
             export(input_ids=torch.zeros(1, n, dtype=torch.long), use_cache=False)
