@@ -11,18 +11,18 @@ import importlib.util
 import json
 import sys
 import time
-import types
 
 import torch
+from transformers import Qwen3MoeConfig
 
 sys.path.insert(0, ".")
 from models.hf import modeling_qwen3_moe_dsa as new  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-# (prompt lengths, heads, KV heads, head dim, index heads, index dim, top-k): the 30B's on a GPU
-SHAPE = ((16384, 32768, 49152, 65536, 98304, 131072, 262144), 32, 4, 128, 16, 64, 2048) if CUDA else \
-    ((256, 512, 1024), 8, 2, 16, 4, 8, 32)
+# (prompt lengths, hidden size, heads, KV heads, head dim, index heads, index dim, top-k): the 30B's on a GPU
+SHAPE = ((16384, 32768, 49152, 65536, 98304, 131072, 262144), 2048, 32, 4, 128, 16, 64, 2048) if CUDA else \
+    ((256, 512, 1024), 64, 8, 2, 16, 4, 8, 32)
 OLD_UPTO = 65536
 
 
@@ -33,12 +33,13 @@ def load(path: str):
     return mod
 
 
-def layer(heads: int, topk: int, d: int, densely: bool | None):
-    """What `_sparse_attention` reads of its layer (and its two ways of attending, for this file's)."""
-    me = types.SimpleNamespace(indexer=types.SimpleNamespace(n_heads=heads), index_topk=topk, query_chunk=None,
-                               scaling=d ** -0.5, attend_densely=densely)
-    me._attend_densely = lambda *a: new.Qwen3MoeDSAAttention._attend_densely(me, *a)
-    me._attend_gathered = lambda *a: new.Qwen3MoeDSAAttention._attend_gathered(me, *a)
+def layer(code, hidden: int, hq: int, hkv: int, d: int, hi: int, di: int, topk: int, densely: bool | None):
+    """A DSA attention layer of `code` (this file or the baseline's) with these shapes, one way of attending forced
+    where it has them (None: its rule); only its `_sparse_attention` runs, its projections unused."""
+    config = Qwen3MoeConfig(hidden_size=hidden, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                            index_n_heads=hi, index_head_dim=di, index_topk=topk, num_hidden_layers=1)
+    me = code.Qwen3MoeDSAAttention(config, 0)
+    me.attend_densely = densely
     return me
 
 
@@ -62,7 +63,7 @@ def timed(fn, reps: int) -> tuple[float, float | None, torch.Tensor]:
 
 def main():
     old = load(sys.argv[1]) if len(sys.argv) > 1 else None
-    lengths, hq, hkv, d, hi, di, topk = SHAPE
+    lengths, hidden, hq, hkv, d, hi, di, topk = SHAPE
     dtype = torch.bfloat16 if CUDA else torch.float32
     g = torch.Generator(device=DEV).manual_seed(0)
     for n in lengths:
@@ -78,9 +79,9 @@ def main():
         if old is not None and n <= OLD_UPTO:
             ways.append(("baseline", old, None))
         for name, code, densely in ways:
-            me = layer(hi, topk, d, densely)
-            s, peak, out = timed(lambda: code.Qwen3MoeDSAAttention._sparse_attention(
-                me, q, k, v, q_idx, w_idx, k_idx, None), reps=1 if n > 100000 else 2)
+            me = layer(code, hidden, hq, hkv, d, hi, di, topk, densely)
+            s, peak, out = timed(lambda: me._sparse_attention(q, k, v, q_idx, w_idx, k_idx, None),
+                                 reps=1 if n > 100000 else 2)
             outs[name] = out
             rec[name] = {"s": round(s, 4), "peak_gib": None if peak is None else round(peak, 3)}
         rec["dense_speedup"] = round(rec["gathered"]["s"] / rec["dense"]["s"], 2)

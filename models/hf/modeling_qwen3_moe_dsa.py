@@ -243,7 +243,8 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
             sel, valid = (torch.cat(x, dim=1) if len(picks) > 1 else x[0] for x in zip(*picks))  # [b, c, <= topk]
             none = ~valid.any(-1)  # [b, c] a query with no key to see (a padding token's): zeros (torch's kernels
             # give zeros or NaN, by version and backend)
-            o = (self._attend_densely if dense else self._attend_gathered)(q[:, :, i0:i1], k, v, sel, valid, n)
+            qc = q[:, :, i0:i1]
+            o = self._attend_densely(qc, k, v, sel, valid, n) if dense else self._attend_gathered(qc, k, v, sel, valid)
             out[:, i0:i1] = o.masked_fill(none[..., None, None], 0.0)
         return out
 
@@ -269,10 +270,10 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
                                                attn_mask=bias.view(b, 1, g * c, -1)[..., :n], scale=self.scaling)
         return o.view(b, hkv, g, c, d).permute(0, 3, 1, 2, 4).reshape(b, c, hq, d)
 
-    def _attend_gathered(self, q, k, v, sel, valid, n: int):
-        """Queries q [b, hq, c, d] over their selected keys (of the first n), gathered: one attention call per row, the
-        queries as the batch and a KV group's g query heads as g queries of one head (so each gathered key and value
-        serves the group). The cost grows with the top-k, not with the keys. -> [b, c, hq, d]"""
+    def _attend_gathered(self, q, k, v, sel, valid):
+        """Queries q [b, hq, c, d] over their selected keys, gathered: one attention call per row, the queries as the
+        batch and a KV group's g query heads as g queries of one head (so each gathered key and value serves the
+        group). The cost grows with the top-k, not with the keys. -> [b, c, hq, d]"""
         b, hq, c, d = q.shape
         hkv, m = k.shape[1], sel.shape[-1]
         g = hq // hkv
