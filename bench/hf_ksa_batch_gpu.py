@@ -53,13 +53,16 @@ def tiny_recipe(positions: int) -> dict:
                 max_position_embeddings=positions)
 
 
+KSA_CODE = "modeling_qwen3_moe_ksa.py"  # the modeling file ksa_writer's directories carry
+
+
 def ksa_writer(windows: list[int]):
     """two_exports' `add` for KSA: chunks of 8 with 1 summary, as the recipes, and these windows."""
     return functools.partial(add_tiny_ksa, chunk=8, num_summary=1, windows=windows)
 
 
-def two_exports(root: str, shape: dict, layers: list[int], old_file: str, add,
-                code: str = "modeling_qwen3_moe_ksa.py") -> tuple[str, str]:
+def two_exports(root: str, shape: dict, layers: list[int], old_file: str, add, *,
+                code: str) -> tuple[str, str]:
     """A random checkpoint with this version's code under root/new, and the same checkpoint with `old_file` as its
     code under root/old: add(directory, layers) writes the variant's tensors and code (ksa_writer, or
     models/hf/tiny.py's add_tiny_dsa_indexers), `code` names the modeling file it writes."""
@@ -93,7 +96,8 @@ def main():
     old_file = sys.argv[1]
     root = tempfile.mkdtemp()
     for shape_name, (shape, layers, windows) in MODELS.items():
-        new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, old_file, ksa_writer(windows))
+        new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, old_file, ksa_writer(windows),
+                                       code=KSA_CODE)
         models = {name: AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE, trust_remote_code=True).to(DEV).eval()
                   for name, d in (("batched", new_dir), ("row_by_row", old_dir))}
         for rows in (1, 4, 8):

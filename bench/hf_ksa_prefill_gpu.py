@@ -30,7 +30,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, ".")
-from bench.hf_ksa_batch_gpu import attn_30b, ksa_writer, tiny_recipe, two_exports  # noqa: E402  (models, versions)
+from bench.hf_ksa_batch_gpu import KSA_CODE, attn_30b, ksa_writer, tiny_recipe, two_exports  # noqa: E402
 from bench.hf_logits_gpu import measured, repeated, top_kernels  # noqa: E402  (seconds, peak memory, kernels)
 from models.hf.modeling_qwen3_moe_ksa import CACHE_KEY  # noqa: E402  (the cache's keyword in this transformers)
 
@@ -64,7 +64,7 @@ def steps(model, cache, token: torch.Tensor) -> torch.Tensor:
 
 
 def ksa_exports(root: str, shape: dict, layers: list[int], info: dict, old_file: str) -> tuple[str, str]:
-    return two_exports(root, shape, layers, old_file, ksa_writer(info["windows"]))
+    return two_exports(root, shape, layers, old_file, ksa_writer(info["windows"]), code=KSA_CODE)
 
 
 def compare(models: dict, exports, argv: list[str]):

@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from bench.hf_ksa_batch_gpu import attn_30b, ksa_writer, two_exports  # noqa: E402
+from bench.hf_ksa_batch_gpu import KSA_CODE, attn_30b, ksa_writer, two_exports  # noqa: E402
 from bench.hf_ksa_prefill_gpu import GEN_NEW, load, steps  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
@@ -33,7 +33,7 @@ def main():
         sys.exit("probe_sdpa_cudnn: cuDNN's attention needs a CUDA GPU")
     this = "models/hf/modeling_qwen3_moe_ksa.py"
     new_dir, _ = two_exports(tempfile.mkdtemp(), {**attn_30b(131072 + 256), "num_hidden_layers": 4}, [0, 1, 2, 3],
-                             this, ksa_writer([128, 128, 128, 1024]))
+                             this, ksa_writer([128, 128, 128, 1024]), code=KSA_CODE)
     m = load(new_dir, torch.bfloat16)
     code = sys.modules[type(m.model.layers[0].self_attn).__module__]  # the directory's copy of the file
     every = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
