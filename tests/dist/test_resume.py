@@ -2,7 +2,10 @@
 
 - Stop after step 2, resume: steps 3..5 equal an uninterrupted run bit for bit (same layout, same seed,
   fp32 on CPU: the resumed run restores weights, fp32 master weights, Adam moments and per-parameter
-  step counts, the data position and the RNG states, so every operation repeats exactly).
+  step counts, the data position and the RNG states, so every operation repeats exactly). The same for a
+  model whose layers mix DSA (sparse stage: its indexer KL rides on the loss), KSA and dense attention, data
+  parallel over 2 ranks, so the distributed optimizer's state is sharded: the variants' own parameters are
+  stacked over their layers alone (models/attention variant_place) and their moments travel with them.
 - Reshard: the step-2 checkpoint written at TP2/EP2 is resumed at TP1/EP1 (and EP2 -> TP2): the next
   step's loss equals the TP2/EP2 continuation within 2e-5 relative (only fp32 reduction order differs
   between layouts, see test_layout_parity.py for the measured size of that).
@@ -24,6 +27,9 @@ pytestmark = pytest.mark.slow
 COMMON = ["recipe=keye_tiny_lm", "train.steps=5", "train.global_batch_size=8", "train.micro_batch_size=2",
           "train.seq_length=128", "parallel=single", "train.checkpoint.save_interval=2"]
 TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
+# the tiny LM's 4 layers: DSA (top 32 of the 128 tokens, so it selects), KSA (chunks of 8), dense, DSA
+MIXED = ["model.lm.attention_per_layer=[dsa,ksa,dense,dsa]", "model.lm.dsa.index_heads=4", "model.lm.dsa.index_dim=8",
+         "model.lm.dsa.topk=32", "model.lm.dsa.stage=sparse", "model.lm.ksa.chunk=8", "model.lm.ksa.windows=[4]"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,9 @@ def runs(root):
         # reshard: resume the TP2/EP2 step-2 checkpoint at TP1/EP1 (dp 2), one step, writing nothing
         "reshard_tp1ep1": COMMON + ["train.stop_after=1", "train.checkpoint.enabled=false", "run_dir=s"],
         "resumed": COMMON + TP2EP2 + ["run_dir=s"],
+        "mixed_full": COMMON + MIXED,
+        "mixed_stopped": COMMON + MIXED + ["train.stop_after=2", "run_dir=m"],
+        "mixed_resumed": COMMON + MIXED + ["run_dir=m"],
     }, root)
 
 
@@ -51,6 +60,15 @@ def test_resume_is_bit_identical(runs):
         assert runs["stopped"][step] == runs["full"][step]
     for step in (3, 4, 5):
         assert runs["resumed"][step] == runs["full"][step], f"step {step} differs after resume"
+
+
+def test_a_model_mixing_dsa_ksa_and_dense_layers_resumes_bit_identically(runs):
+    assert sorted(runs["mixed_stopped"]) == [1, 2] and sorted(runs["mixed_resumed"]) == [3, 4, 5]
+    assert runs["mixed_full"][1] != runs["full"][1]  # another model than the dense one's
+    for step in (1, 2):
+        assert runs["mixed_stopped"][step] == runs["mixed_full"][step]
+    for step in (3, 4, 5):
+        assert runs["mixed_resumed"][step] == runs["mixed_full"][step], f"step {step} differs after resume"
 
 
 def test_reshard_on_resume_gives_the_same_loss(runs):
