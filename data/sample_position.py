@@ -37,6 +37,11 @@ class GlobalSamplePosition:
         self._micro += 1
         return start
 
+    def describe_step(self) -> str:
+        """The samples this rank drew in the current step, for a message about the step."""
+        first = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size)
+        return f"{self.what}: global samples {first}..{first + self._micro * self.mbs - 1}"
+
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
         if self._micro not in (0, self.num_microbatches):

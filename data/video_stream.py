@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from data.video.loader import VideoPackedLoader
 log = logging.getLogger(__name__)
 
 READY = "READY"
+SHOWN_KEYS = 8  # of a pack's samples, named in a message about its step
 
 
 def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: int, *, rank: int,
@@ -91,6 +93,7 @@ class VideoBatchStream:
             raise ValueError("a mixture of video sources (data.video.long_shards, text_tokens) has no one first epoch "
                              "to score whole")
         self.padding: list[bool] = []
+        self._drawn: deque[str] = deque(maxlen=self.num_microbatches)  # the packs of the current step
 
     @property
     def samples_per_epoch(self) -> int:
@@ -106,6 +109,9 @@ class VideoBatchStream:
         t0 = time.perf_counter()
         s = next(self._it)
         self._wait += time.perf_counter() - t0
+        keys = ", ".join(s.sample_keys[:SHOWN_KEYS]) + (f", +{len(s.sample_keys) - SHOWN_KEYS} more"
+                                                       if len(s.sample_keys) > SHOWN_KEYS else "")
+        self._drawn.append(f"epoch {s.epoch} pack {s.pack_index}{' of ' + s.source if s.source else ''}: {keys}")
         labels = s.labels.clone()
         labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
         mask = s.loss_mask.float().view(1, -1)
@@ -123,6 +129,10 @@ class VideoBatchStream:
             "grid_thw": s.grid_thw,
             "visual_pos": s.visual_pos,
         }
+
+    def describe_step(self) -> str:
+        """The packs (their epoch, index and samples) this rank drew in the current step, for a message about it."""
+        return "video packs " + "; ".join(self._drawn)
 
     @property
     def stats(self) -> dict:

@@ -167,6 +167,10 @@ class TrainConfig:
     # before a GPU run starts, parallel/memory.py's predicted peak per rank, with its 10% margin, against the GPU's
     # memory: "error" stops a run predicted not to fit (naming layouts that would), "warn" only logs it, "off" skips it
     memory_check: str = "error"
+    # a step whose gradients hold a NaN or an Inf (anywhere in the world) never updates the weights: the run stops
+    # there, naming the step and its data, unless it has skipped fewer than this many such steps in a row (it then
+    # goes on to the next step's data, the skipped step counted in `skipped_steps`)
+    skip_nonfinite_steps: int = 0
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -179,6 +183,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_after < 0:
             raise ValueError(f"train.stop_after must be >= 0, got {self.stop_after}")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"train.skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:

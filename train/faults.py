@@ -3,6 +3,9 @@
     KEYE_FAULT="kill_in_save:step=4"          a rank dies (SIGKILL) after writing its shards of the
                                               step-4 checkpoint, before the commit
     KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
+    KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches)
+    KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
+                                              over ranks (the other ranks' stay finite)
 Several faults are separated by ';'. `rank` defaults to every rank, `step` to every step.
 The disk-full case needs no hook: run with the run directory on a small filesystem
 (tests/dist/test_faults.py mounts a tmpfs).
@@ -23,11 +26,14 @@ def _parse(spec: str) -> list[tuple[str, dict]]:
     return faults
 
 
+def requested(point: str, *, step: int, rank: int) -> bool:
+    """Whether KEYE_FAULT names `point` for this step and rank."""
+    spec = os.environ.get("KEYE_FAULT")
+    return bool(spec) and any(name == point and kv.get("step", step) == step and kv.get("rank", rank) == rank
+                              for name, kv in _parse(spec))
+
+
 def maybe_fail(point: str, *, step: int, rank: int) -> None:
     """Kills this process with SIGKILL if KEYE_FAULT names `point` for this step and rank."""
-    spec = os.environ.get("KEYE_FAULT")
-    if not spec:
-        return
-    for name, kv in _parse(spec):
-        if name == point and kv.get("step", step) == step and kv.get("rank", rank) == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+    if requested(point, step=step, rank=rank):
+        os.kill(os.getpid(), signal.SIGKILL)

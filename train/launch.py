@@ -353,7 +353,7 @@ def run(dcfg: DictConfig) -> None:
     setup_logging(cfg.resolved_run_dir(), rank)
     if warning and rank == 0:
         logging.getLogger("train").warning("memory: %s", warning)
-    from train.trainer import Trainer
+    from train.trainer import NonFiniteStepError, Trainer
 
     from train.checkpoint import CheckpointSaveError
 
@@ -364,5 +364,12 @@ def run(dcfg: DictConfig) -> None:
         logging.getLogger("train").error("checkpoint error: %s", e)
         print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except NonFiniteStepError as e:  # each rank logged its data in the step already
+        print(f"non-finite step: {e}", file=sys.stderr, flush=True)
+        sys.exit(4)
+    except BaseException as e:  # the rank's log says why it ended, beside the traceback on stderr
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            logging.getLogger("train").exception("the run failed")
+        raise
     finally:
         teardown()

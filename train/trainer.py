@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import subprocess
 from dataclasses import asdict, dataclass, replace
@@ -37,11 +38,12 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
-from train.faults import maybe_fail
+from train.faults import maybe_fail, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            sum_over_world)
 from train.moe_stats import RouterStats
-from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
+from train.optim import (apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, torch_optimizers,
+                         untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
 
@@ -58,6 +60,18 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _distill_loss_func(num_tokens: torch.Tensor, report: torch.Tensor, output: torch.Tensor):
     return output, num_tokens, {"lm_loss": report[:2], "distill": report[2:]}
+
+
+def _poisoned(forward_step):
+    """The forward step with a NaN loss (train/faults.py nan_in_step)."""
+    def step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+        return output * float("nan"), loss_func
+    return step
+
+
+class NonFiniteStepError(RuntimeError):
+    """A step's gradients held a NaN or an Inf and train.skip_nonfinite_steps allowed no more skips."""
 
 
 @dataclass(frozen=True)
@@ -287,9 +301,10 @@ class Trainer:
             source = getattr(t.checkpoint, setting)
             if source and ckpt.find_latest(self.run_dir) is None:
                 self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
+        # megatron's own NaN check (check_for_nan_in_grad) raises on the ranks whose local gradients hold one, before
+        # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=layout.distributed_optimizer,
-                                                check_for_nan_in_grad=True)
+                                                use_distributed_optimizer=layout.distributed_optimizer)
         self.model = [DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=c,
                                               disable_bucketing=i > 0, pg_collection=self.pgs)
                       for i, c in enumerate(chunks)]
@@ -321,6 +336,8 @@ class Trainer:
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
+        self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
+        self.skipped_steps = 0  # such steps skipped by this invocation
         self._whole_logged: set[tuple[str, str]] = set()   # held-out sets scored whole whose size was logged
         self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
         self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
@@ -566,6 +583,10 @@ class Trainer:
         queue = None if blocking else self.async_queue
         timer = Timer()
         timer.start()
+        if self.lm_trainable and not self._stepped():
+            # no optimizer step yet (the run's steps so far skipped as not finite): megatron's distributed optimizer
+            # cannot describe an empty state; AdamW's own first state (zero moments, step 0) is what it would make
+            ensure_adam_state(self.optimizer)
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
                                     self.optimizer if self.lm_trainable else None, self._common_state(),
                                     keep_last=c.keep_last, keep_every=c.keep_every, dp_cp_group=self.pgs.dp_cp,
@@ -672,16 +693,27 @@ class Trainer:
         if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
             finalize_model_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
+        if requested("nan_grad_in_step", step=self.step + 1, rank=self.rank):
+            self.model[0].buffers[0].grad_data.fill_(float("nan"))
+        vit_norm = 0.0
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
             # (and the ViT FLOPs of the step, for the throughput line)
             tok = torch.tensor([loss_mask_sum, vit_cost], dtype=torch.float64, device=self.device)
             dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
-            vit_norm = self.vision.step(lr, float(tok[0].item()))
+            vit_norm = self.vision.reduce_grads(float(tok[0].item()))
             vit_flops = float(tok[1].item())
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+        bad = self._nonfinite(vit_norm)
+        if bad:  # no update: the weights stay those of the last step
+            grad_norm = float("nan")
+            if self.vision is not None:
+                self.vision.discard()
+        else:
+            if self.vision is not None:
+                self.vision.update(lr)
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
         # the step's loss, router statistics and (video) every rank's loader metrics: one all-reduce, one host copy
         parts = [self._loss_vector(losses), self.router_stats.step_vector()]
         if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
@@ -696,9 +728,56 @@ class Trainer:
         if self.cfg.data.kind == "video":
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
+        if bad:
+            self._skip_or_stop(bad, loss)
+        else:
+            self.nonfinite_in_row = 0
+        if self.skipped_steps:
+            extra["skipped_steps"] = self.skipped_steps
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
+
+    def _stepped(self) -> bool:
+        """Whether every parameter of the LM's optimizer has Adam state (it has stepped, or was resumed)."""
+        return all(opt.state.get(p) for opt in torch_optimizers(self.optimizer) for g in opt.param_groups
+                   for p in g["params"])
+
+    def _nonfinite(self, vit_norm: float) -> list[str]:
+        """Which of the step's gradients hold a NaN or an Inf anywhere in the world (a norm that overflows counts):
+        [] or names among "the language model's" and "the vision tower's". Every rank returns the same. After the
+        reduction over data-parallel ranks, so a rank's own NaN has reached the others' shards too; one norm per
+        gradient buffer, one all-reduce over the world, one host copy."""
+        norms = [buf.grad_data.norm() for m in self.model for buf in (*m.buffers, *m.expert_parallel_buffers)]
+        flags = torch.zeros(2, device=self.device)
+        if norms:
+            flags[0] = (~torch.isfinite(torch.stack(norms))).any().float()
+        flags[1] = float(not math.isfinite(vit_norm))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        lm, vit = flags.tolist()
+        return ["the language model's"] * bool(lm) + ["the vision tower's"] * bool(vit)
+
+    def _skip_or_stop(self, bad: list[str], loss: float) -> None:
+        """A step whose gradients were not finite (and updated nothing): every rank logs the data it trained on in
+        the step; the run skips it while it has skipped fewer than train.skip_nonfinite_steps in a row, and stops
+        (NonFiniteStepError) otherwise."""
+        t = self.cfg.train
+        self.nonfinite_in_row += 1
+        what = f"step {self.step}: {' and '.join(bad)} gradients hold a NaN or an Inf (the step's loss {loss:.6g})"
+        data = "; ".join(s.describe_step() for s in self.streams)
+        if self.nonfinite_in_row <= t.skip_nonfinite_steps:
+            self.skipped_steps += 1
+            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
+                        "this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps, data)
+            return
+        log.error("%s; this rank's data in the step: %s", what, data)
+        latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
+        raise NonFiniteStepError(
+            f"{what}, so no weight was updated and the run stops. The last checkpoint is "
+            f"{latest.path if latest is not None else 'none'}: rerunning the same command resumes from it. "
+            f"Each rank's log (logs/rank<N>.log) names the data it trained on in the step; rank {self.rank}'s: "
+            f"{data}. train.skip_nonfinite_steps=N skips up to N such steps in a row"
+            + (f" ({self.nonfinite_in_row} in a row now)" if self.nonfinite_in_row > 1 else ""))
 
     def _rounds(self) -> list[int]:
         """Micro-batches per round of a step: all at once, or parallel.vit.group at a time (the vision phase runs
@@ -720,7 +799,10 @@ class Trainer:
         fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp,
                                             vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
         extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
-        return fwd_bwd(forward_step_func=functools.partial(_forward_step, inputs),
+        step_func = functools.partial(_forward_step, inputs)
+        if requested("nan_in_step", step=self.step + 1, rank=self.rank) and not forward_only:
+            step_func = _poisoned(step_func)
+        return fwd_bwd(forward_step_func=step_func,
                        data_iterator=iters if len(self.model) > 1 else iters[0],
                        model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
                        seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,

@@ -8,7 +8,8 @@ Per step (every rank), once, or once per round of parallel.vit.group micro-batch
     ... the LM schedule runs; its stage-0 forward writes embeds[i] over micro-batch i's placeholders ...
     backward()                           gradients back in one all_to_all -> ViT backward (accumulating)
 then, once per step:
-    step(lr, total_tokens)               one all_reduce over all ranks -> / tokens -> clip -> AdamW
+    reduce_grads(total_tokens)           one all_reduce over all ranks -> / tokens -> clip (-> its norm)
+    update(lr) or discard()              AdamW, or no update (a step whose gradients are not finite)
 
 Why its own optimizer: the ViT is replicated on every rank of every data-parallel replica and each
 rank back-propagates only the frames it encoded, so its gradient is one sum over the whole world,
@@ -137,22 +138,32 @@ class VisionTower:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             self.phase.backward()
 
-    def step(self, lr: float, total_tokens: float) -> float:
-        """Sums the ViT's gradients over the world, scales them by the step's loss tokens, clips and updates;
-        returns the ViT gradient norm (before clipping)."""
+    def reduce_grads(self, total_tokens: float) -> float:
+        """Sums the ViT's gradients over the world, scales them by the step's loss tokens and clips them; returns
+        their norm before clipping (the same on every rank; NaN or Inf when a gradient is). `update` or `discard`
+        follows."""
         if self.optimizer is None:
             return 0.0
         allreduce_vit_grads(self.model, None)  # every rank encoded different frames: sum over the world
         for p in self.params:
             if p.grad is not None:
                 p.grad.div_(max(total_tokens, 1.0))
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+
+    def update(self, lr: float) -> None:
+        """The AdamW step on the reduced gradients."""
+        if self.optimizer is None:
+            return
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.discard()
         self.steps += 1
-        return norm
+
+    def discard(self) -> None:
+        """Drops the step's gradients (a step skipped: no update)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     # -- checkpointing: replicated everywhere, written by rank 0 (replica_id 0), loaded by every rank
     def _ensure_state(self) -> None:

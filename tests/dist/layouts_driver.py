@@ -7,7 +7,8 @@ state is destroyed and rebuilt by `build_process_groups`; nothing else carries o
 
     torchrun --standalone --nproc_per_node 2 tests/dist/layouts_driver.py OUT.json RUN_ROOT 'name=override override;...'
 
-An entry with `run_dir=<dir>` uses RUN_ROOT/<dir>, so later entries can resume an earlier one's checkpoints.
+An entry with `run_dir=<dir>` uses RUN_ROOT/<dir>, so later entries can resume an earlier one's checkpoints; one with
+`KEYE_FAULT=<fault>` trains with that fault switched on (train/faults.py; one fault, as ';' separates entries).
 """
 
 import json
@@ -34,8 +35,12 @@ def run(out: str, run_root: str, spec: str) -> None:
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
         # run_dir=<name> shares a run directory between entries (resume / reshard); default: own directory
-        ov = [o for o in overrides.split() if not o.startswith("run_dir=")]
+        ov = [o for o in overrides.split() if not o.startswith(("run_dir=", "KEYE_FAULT="))]
         shared = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("run_dir=")]
+        fault = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("KEYE_FAULT=")]
+        os.environ.pop("KEYE_FAULT", None)
+        if fault:
+            os.environ["KEYE_FAULT"] = fault[-1]
         cfg, layout = validate(compose_config(ov + [f"run_dir={run_root / (shared[-1] if shared else name)}"]))
         from train.trainer import Trainer
 
@@ -53,6 +58,7 @@ def run(out: str, run_root: str, spec: str) -> None:
                          for n, p in params}
         trainer.close()
         del trainer
+        os.environ.pop("KEYE_FAULT", None)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals,
                                             "extras": extras}))

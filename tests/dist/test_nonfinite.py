@@ -1,0 +1,100 @@
+"""A step whose gradients hold a NaN or an Inf updates no weight (train/trainer.py _nonfinite, _skip_or_stop).
+
+The NaN comes from train/faults.py: KEYE_FAULT=nan_in_step:step=3:rank=1 makes rank 1's loss in step 3 NaN, so its
+gradients are NaN and, through the data-parallel reduction, every rank's shards; rank 0's own loss stays finite.
+KEYE_FAULT=nan_grad_in_step:step=3:rank=1 makes only rank 1's gradients NaN, after the reduction: the decision to
+skip is the world's, so rank 0, whose own gradients are finite, skips too.
+- Stop (the default, train.skip_nonfinite_steps=0): the launcher exits 4 with `non-finite step: step 3 ...`, naming
+  the step's loss and the last checkpoint (step 2); each rank's log names the samples it trained on in the step.
+  The rerun without the fault resumes from step 2 and gives an uninterrupted run's losses bit for bit (CPU fp32).
+- Skip (train.skip_nonfinite_steps=1): after step 3 every parameter, the language model's and the vision tower's,
+  equals its value after step 2 (a run stopped there: parameter sums compared exactly), the step counts in
+  `skipped_steps`, and the run goes on. Two such steps in a row with one allowed stop at the second.
+"""
+
+import math
+import os
+
+import pytest
+
+from tests.launch_util import losses, run_layouts, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+LM = ["recipe=keye_tiny_lm", "train.global_batch_size=16", "train.micro_batch_size=4", "train.seq_length=64",
+      "train.steps=5", "train.checkpoint.save_interval=1"]
+FAULT = "nan_in_step:step=3:rank=1"
+
+
+def _env(**extra):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **extra}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    run_pretrain(2, LM + ["train.checkpoint.enabled=false"], reference, env=_env())
+    run = tmp_path / "run"
+    out = run_pretrain(2, LM, run, env=_env(KEYE_FAULT=FAULT), check=False)
+    assert out.returncode != 0
+    assert ("non-finite step: step 3: the language model's gradients hold a NaN or an Inf (the step's loss nan), so no "
+            "weight was updated and the run stops. The last checkpoint is " + str(run / "checkpoints" / "step_000002")
+            ) in out.stderr, out.stderr[-3000:]
+    assert "exitcode  : 4" in out.stderr
+    # G = 16 over 2 data-parallel ranks: step 3 is global samples 32..47, rank 0 the first 8, rank 1 the next
+    for rank, (first, last) in enumerate(((32, 39), (40, 47))):
+        text = (run / "logs" / f"rank{rank}.log").read_text()
+        assert (f"step 3: the language model's gradients hold a NaN or an Inf (the step's loss nan); this rank's "
+                f"data in the step: a synthetic_tokens stream: global samples {first}..{last}") in text, text[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_000001", "step_000002"]
+    assert losses(run) == {s: v for s, v in losses(reference).items() if s <= 2}
+    run_pretrain(2, LM, run, env=_env())  # the same command without the fault
+    assert losses(run) == losses(reference)
+
+
+@pytest.fixture(scope="module")
+def skipped(tmp_path_factory):
+    from data.video_stream import ensure_synthetic_shards
+
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    vl = ["recipe=keye_tiny", "train.steps=5", "train.global_batch_size=4", "train.checkpoint.enabled=false",
+          "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    lm = [o for o in LM if "save_interval" not in o] + ["train.checkpoint.enabled=false"]
+    skip = [f"KEYE_FAULT={FAULT}", "train.skip_nonfinite_steps=1"]
+    layouts = {}
+    for name, common in (("lm", lm), ("vl", vl)):
+        layouts.update({f"{name}_before": common + ["train.stop_after=2"],
+                        f"{name}_skipped": common + skip + ["train.stop_after=3"],
+                        f"{name}_on": common + skip})
+    layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
+                                   "train.stop_after=3"]
+    return run_layouts(2, layouts, tmp_path_factory.mktemp("skip"), digests=True)
+
+
+def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
+    steps, digests = skipped
+    for name in ("lm", "vl"):
+        before, skip, on = (f"{name}_{x}" for x in ("before", "skipped", "on"))
+        assert sorted(steps[skip]) == [1, 2, 3] and math.isnan(steps[skip][3]), steps[skip]
+        assert {s: steps[skip][s] for s in (1, 2)} == steps[before]
+        assert digests[skip] == digests[before], name  # the LM's and (vl) the vision tower's parameters
+        assert name == "lm" or any(k.startswith("vision.") for k in digests[skip])
+        assert sorted(steps[on]) == [1, 2, 3, 4, 5] and all(math.isfinite(steps[on][s]) for s in (1, 2, 4, 5))
+        assert {s: steps[on][s] for s in (1, 2)} == steps[before]
+    # rank 0's gradients finite, rank 1's NaN: rank 0 skipped too (its parameters are those after step 2), and the
+    # step's loss is finite (the NaN came after the loss)
+    assert digests["lm_one_rank"] == digests["lm_before"]
+    assert math.isfinite(steps["lm_one_rank"][3]) and {s: steps["lm_one_rank"][s] for s in (1, 2)} == steps["lm_before"]
+
+
+def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_path):
+    out = run_pretrain(2, LM + ["train.skip_nonfinite_steps=1"], tmp_path / "run",
+                       env=_env(KEYE_FAULT="nan_in_step:rank=1"), check=False)
+    assert out.returncode != 0
+    assert "non-finite step: step 2: the language model's gradients hold a NaN or an Inf" in out.stderr
+    assert "skips up to N such steps in a row (2 in a row now)" in out.stderr
+    text = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert "step 1: the language model's gradients hold a NaN or an Inf (the step's loss nan): skipped, no weight " \
+           "updated (1 in a row of the 1 train.skip_nonfinite_steps allows)" in text
