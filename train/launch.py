@@ -16,7 +16,8 @@ from train.config import Config, register_configs, to_config
 
 
 def setup_logging(run_dir: str, rank: int) -> None:
-    """Rank 0 logs to the console; every rank logs to run_dir/logs/rank<N>.log."""
+    """Rank 0 logs to the console; every rank logs to run_dir/logs/rank<N>.log. A record logged with
+    extra={"file_only": True} (a traceback stderr shows already) goes to the file alone."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
@@ -28,6 +29,7 @@ def setup_logging(run_dir: str, rank: int) -> None:
     if rank == 0:
         sh = logging.StreamHandler(sys.stdout)
         sh.setFormatter(fmt)
+        sh.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(sh)
     for noisy in ("megatron", "torch.distributed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -369,7 +371,7 @@ def run(dcfg: DictConfig) -> None:
         sys.exit(4)
     except BaseException as e:  # the rank's log says why it ended, beside the traceback on stderr
         if not isinstance(e, (SystemExit, KeyboardInterrupt)):
-            logging.getLogger("train").exception("the run failed")
+            logging.getLogger("train").exception("the run failed", extra={"file_only": True})
         raise
     finally:
         teardown()
