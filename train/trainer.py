@@ -771,6 +771,7 @@ class Trainer:
                         "this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps, data)
             return
         log.error("%s; this rank's data in the step: %s", what, data)
+        self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
         raise NonFiniteStepError(
             f"{what}, so no weight was updated and the run stops. The last checkpoint is "
