@@ -337,7 +337,7 @@ class Trainer:
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
-        self.skipped_steps = 0  # such steps skipped by this invocation
+        self.skipped_steps = 0  # such steps the run skipped (both kept in its checkpoints)
         self._whole_logged: set[tuple[str, str]] = set()   # held-out sets scored whole whose size was logged
         self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
         self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
@@ -467,7 +467,8 @@ class Trainer:
                 "layout": {"tp": l.tp, "pp": l.pp, "vpp": l.vpp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "dp": l.dp,
                            "world_size": l.world_size},
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
-                "vision_steps": self.vision.steps if self.vision is not None else 0}
+                "vision_steps": self.vision.steps if self.vision is not None else 0,
+                "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps}}
 
     def _resume(self) -> None:
         c = self.cfg.train.checkpoint
@@ -488,6 +489,8 @@ class Trainer:
         if self.lm_trainable:
             untie_adam_steps(self.optimizer)
         self.step = int(common["step"])
+        nonfinite = common.get("nonfinite", {})  # absent from a checkpoint written before the check existed
+        self.nonfinite_in_row, self.skipped_steps = int(nonfinite.get("in_row", 0)), int(nonfinite.get("skipped", 0))
         for s in self.streams:
             s.load_state_dict(common["data"])
         log.info("resumed from %s at step %d%s", ref.path, self.step,

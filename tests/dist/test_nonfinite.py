@@ -9,7 +9,8 @@ skip is the world's, so rank 0, whose own gradients are finite, skips too.
   The rerun without the fault resumes from step 2 and gives an uninterrupted run's losses bit for bit (CPU fp32).
 - Skip (train.skip_nonfinite_steps=1): after step 3 every parameter, the language model's and the vision tower's,
   equals its value after step 2 (a run stopped there: parameter sums compared exactly), the step counts in
-  `skipped_steps`, and the run goes on. Two such steps in a row with one allowed stop at the second.
+  `skipped_steps` (kept in the checkpoint: a resumed run reports it), and the run goes on. Two such steps in a row
+  with one allowed stop at the second.
 """
 
 import math
@@ -17,7 +18,7 @@ import os
 
 import pytest
 
-from tests.launch_util import losses, run_layouts, run_pretrain
+from tests.launch_util import losses, run_layouts_all, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +71,16 @@ def skipped(tmp_path_factory):
                         f"{name}_on": common + skip})
     layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
-    return run_layouts(2, layouts, tmp_path_factory.mktemp("skip"), digests=True)
+    # the count of skipped steps travels with the checkpoint: a run that skipped step 3 stops after it, and the
+    # resumed run (no fault) reports it from its first step on
+    saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
+    layouts["lm_saved_skip"] = saved + skip + ["train.stop_after=3"]
+    layouts["lm_resumed_skip"] = saved
+    return run_layouts_all(2, layouts, tmp_path_factory.mktemp("skip"))
 
 
 def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
-    steps, digests = skipped
+    steps, digests = skipped["losses"], skipped["digests"]
     for name in ("lm", "vl"):
         before, skip, on = (f"{name}_{x}" for x in ("before", "skipped", "on"))
         assert sorted(steps[skip]) == [1, 2, 3] and math.isnan(steps[skip][3]), steps[skip]
@@ -87,6 +93,13 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
     # step's loss is finite (the NaN came after the loss)
     assert digests["lm_one_rank"] == digests["lm_before"]
     assert math.isfinite(steps["lm_one_rank"][3]) and {s: steps["lm_one_rank"][s] for s in (1, 2)} == steps["lm_before"]
+
+
+def test_the_skipped_count_resumes_with_the_run(skipped):
+    extras = skipped["extras"]
+    assert extras["lm_saved_skip"][3]["skipped_steps"] == 1 and "skipped_steps" not in extras["lm_saved_skip"][2]
+    assert sorted(extras["lm_resumed_skip"]) == [4, 5]
+    assert [extras["lm_resumed_skip"][s]["skipped_steps"] for s in (4, 5)] == [1, 1]
 
 
 def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_path):
