@@ -369,9 +369,8 @@ def run(dcfg: DictConfig) -> None:
     except NonFiniteStepError as e:  # each rank logged its data in the step already
         print(f"non-finite step: {e}", file=sys.stderr, flush=True)
         sys.exit(4)
-    except BaseException as e:  # the rank's log says why it ended, beside the traceback on stderr
-        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
-            logging.getLogger("train").exception("the run failed", extra={"file_only": True})
+    except Exception:  # the rank's log says why it ended, beside the traceback on stderr
+        logging.getLogger("train").exception("the run failed", extra={"file_only": True})
         raise
     finally:
         teardown()

@@ -42,8 +42,7 @@ from train.faults import maybe_fail, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            sum_over_world)
 from train.moe_stats import RouterStats
-from train.optim import (apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, torch_optimizers,
-                         untie_adam_steps)
+from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
 
@@ -586,9 +585,10 @@ class Trainer:
         queue = None if blocking else self.async_queue
         timer = Timer()
         timer.start()
-        if self.lm_trainable and not self._stepped():
-            # no optimizer step yet (the run's steps so far skipped as not finite): megatron's distributed optimizer
-            # cannot describe an empty state; AdamW's own first state (zero moments, step 0) is what it would make
+        if self.lm_trainable:
+            # a parameter without Adam state (no optimizer step yet: the run's steps so far skipped as not finite)
+            # gets AdamW's own first state (zero moments, step 0), as megatron's distributed optimizer cannot
+            # describe an empty one; a no-op once it has stepped
             ensure_adam_state(self.optimizer)
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
                                     self.optimizer if self.lm_trainable else None, self._common_state(),
@@ -740,11 +740,6 @@ class Trainer:
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
-
-    def _stepped(self) -> bool:
-        """Whether every parameter of the LM's optimizer has Adam state (it has stepped, or was resumed)."""
-        return all(opt.state.get(p) for opt in torch_optimizers(self.optimizer) for g in opt.param_groups
-                   for p in g["params"])
 
     def _nonfinite(self, vit_norm: float) -> list[str]:
         """Which of the step's gradients hold a NaN or an Inf anywhere in the world (a norm that overflows counts):
