@@ -3,7 +3,10 @@
     KEYE_FAULT="kill_in_save:step=4"          a rank dies (SIGKILL) after writing its shards of the
                                               step-4 checkpoint, before the commit
     KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
-    KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches)
+    KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches); in
+                                              the DSA warm-up (forward only) its indexers' inputs
+    KEYE_FAULT="nan_backward_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN before their reduction
+                                              over ranks, its loss finite (a backward that overflowed)
     KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
                                               over ranks (the other ranks' stay finite)
 Several faults are separated by ';'. `rank` defaults to every rank, `step` to every step.

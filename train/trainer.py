@@ -9,6 +9,7 @@ One step: set lr for the step -> forward/backward over the micro-batches (pipeli
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from data.synthetic_tokens import SyntheticTokenStream
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
-from models.attention.dsa import record_kls, use_local_kl_backward
+from models.attention.dsa import DSAIndexer, record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
@@ -67,6 +68,61 @@ def _poisoned(forward_step):
         output, loss_func = forward_step(data_iterator, model)
         return output * float("nan"), loss_func
     return step
+
+
+@contextlib.contextmanager
+def _poisoned_indexers(chunks):
+    """nan_in_step in the DSA warm-up, whose schedule runs forward only (each layer's indexer KL back-propagates in
+    its forward, so a NaN loss at the end would reach nothing): every DSA indexer's input is NaN, and so are the KLs
+    and the indexers' gradients."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0] * float("nan"), *args[1:]))
+             for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _ranks(ranks: list[int]) -> str:
+    """"rank 3", "ranks 0-3, 8": runs of consecutive ranks as ranges."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """A step's gradients that held a NaN or an Inf (_nonfinite; the same on every rank): which (among "the language
+    model's" and "the vision tower's"), and the ranks whose own losses, or own gradients before their reduction over
+    ranks, were already not finite: where it arose, since the reduction spreads it to every rank."""
+
+    grads: list[str]
+    loss_ranks: list[int]
+    grad_ranks: list[int]
+
+    def __bool__(self) -> bool:
+        return bool(self.grads)
+
+    @property
+    def origin(self) -> list[int]:
+        """The ranks whose data to look at: those with a loss that was not finite, else those whose gradients were
+        not (a backward's overflow). A forward's NaN reaches other ranks' gradients before the data-parallel
+        reduction too, through the experts' exchange (their backward sums every rank's tokens), TP and PP."""
+        return self.loss_ranks or self.grad_ranks
+
+    def where(self) -> str:
+        parts = ([f"the loss on {_ranks(self.loss_ranks)}"] * bool(self.loss_ranks)
+                 + [f"the gradients on {_ranks(self.grad_ranks)}"] * bool(self.grad_ranks))
+        if not parts:
+            return ("before their reduction over ranks, every rank's loss and gradients were finite: it arose in the "
+                    "reduction or after it")
+        return f"before their reduction over ranks, {' and '.join(parts)} were not finite"
 
 
 class NonFiniteStepError(RuntimeError):
@@ -301,14 +357,16 @@ class Trainer:
             if source and ckpt.find_latest(self.run_dir) is None:
                 self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
         # megatron's own NaN check (check_for_nan_in_grad) raises on the ranks whose local gradients hold one, before
-        # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite)
+        # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite), and
+        # notes each rank's own before the reduction (_finalize_grads)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=layout.distributed_optimizer)
         self.model = [DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=c,
                                               disable_bucketing=i > 0, pg_collection=self.pgs)
                       for i, c in enumerate(chunks)]
         self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.finalize_model_grads_func = self._finalize_grads
+        self._own_grads_finite = None  # this rank's LM gradients before their reduction (_finalize_grads)
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
         self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
                                          pg_collection=self.pgs)
@@ -663,6 +721,7 @@ class Trainer:
         timer = Timer()
         timer.start()
         lr = apply_lr(self.optimizer, self.step, t)
+        self._own_grads_finite = None
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -684,7 +743,8 @@ class Trainer:
                     iters = [iter(mbs) for _ in self.model]
                 else:
                     iters = self.streams
-                losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step)
+                losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step,
+                                         poison=requested("nan_in_step", step=self.step + 1, rank=self.rank))
                 _drop_stale_graphs(self.model)
                 if self.vision is not None:
                     self.vision.backward()  # this round's frames; the ViT's gradients accumulate until its step
@@ -694,19 +754,24 @@ class Trainer:
         finally:
             self.tconfig.finalize_model_grads_func = finalize
         if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
-            finalize_model_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
+            self._finalize_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if requested("nan_grad_in_step", step=self.step + 1, rank=self.rank):
             self.model[0].buffers[0].grad_data.fill_(float("nan"))
-        vit_norm = 0.0
+        vit_norm, own_grads_finite = 0.0, self._own_grads_finite
+        if own_grads_finite is None:  # a frozen LM (projector alignment): nothing to reduce
+            own_grads_finite = torch.tensor(True, device=self.device)
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
             # (and the ViT FLOPs of the step, for the throughput line)
             tok = torch.tensor([loss_mask_sum, vit_cost], dtype=torch.float64, device=self.device)
             dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
+            own_grads_finite = own_grads_finite & self.vision.own_grads_finite().to(self.device)
             vit_norm = self.vision.reduce_grads(float(tok[0].item()))
             vit_flops = float(tok[1].item())
-        bad = self._nonfinite(vit_norm)
+        loss_vector = self._loss_vector(losses)
+        bad = self._nonfinite(vit_norm, own_loss_finite=torch.isfinite(loss_vector[[0, 2, 3, 4]]).all(),
+                              own_grads_finite=own_grads_finite)
         if bad:  # no update: the weights stay those of the last step
             grad_norm = float("nan")
             if self.vision is not None:
@@ -718,7 +783,7 @@ class Trainer:
             if not ok:
                 raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
         # the step's loss, router statistics and (video) every rank's loader metrics: one all-reduce, one host copy
-        parts = [self._loss_vector(losses), self.router_stats.step_vector()]
+        parts = [loss_vector, self.router_stats.step_vector()]
         if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
             stream = self.streams[0]
             data_local, sources = stream.step_metrics(), stream.stats.get("sources")
@@ -732,7 +797,7 @@ class Trainer:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:
-            self._skip_or_stop(bad, loss)
+            self._skip_or_stop(bad, loss, extra)
         else:
             self.nonfinite_in_row = 0
         if self.skipped_steps:
@@ -741,41 +806,80 @@ class Trainer:
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
 
-    def _nonfinite(self, vit_norm: float) -> list[str]:
-        """Which of the step's gradients hold a NaN or an Inf anywhere in the world (a norm that overflows counts):
-        [] or names among "the language model's" and "the vision tower's". Every rank returns the same. After the
-        reduction over data-parallel ranks, so a rank's own NaN has reached the others' shards too; one norm per
-        gradient buffer, one all-reduce over the world, one host copy."""
-        norms = [buf.grad_data.norm() for m in self.model for buf in (*m.buffers, *m.expert_parallel_buffers)]
-        flags = torch.zeros(2, device=self.device)
+    def _grad_norms(self) -> list[torch.Tensor]:
+        """One norm per gradient buffer of the language model (device tensors)."""
+        return [buf.grad_data.norm() for m in self.model for buf in (*m.buffers, *m.expert_parallel_buffers)]
+
+    def _finalize_grads(self, *args, **kwargs):
+        """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting
+        whether this rank's own gradients are finite: a NaN reaches every rank's shards in the reduction, so only
+        this says where it arose (_nonfinite). One norm per buffer, kept on the device."""
+        if requested("nan_backward_in_step", step=self.step + 1, rank=self.rank):
+            self.model[0].buffers[0].grad_data.fill_(float("nan"))
+        norms = self._grad_norms()
+        self._own_grads_finite = (torch.isfinite(torch.stack(norms)).all() if norms
+                                  else torch.tensor(True, device=self.device))
+        return finalize_model_grads(*args, **kwargs)
+
+    def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
+                   own_grads_finite: torch.Tensor) -> NonFinite:
+        """Whether the step's gradients hold a NaN or an Inf anywhere in the world (a norm that overflows counts),
+        after the reduction over data-parallel ranks, and where it arose: the ranks whose own losses
+        (own_loss_finite) or own gradients before the reduction (own_grads_finite: the LM's, noted by
+        _finalize_grads, and the vision tower's) were not finite. Every rank returns the same: one norm per
+        gradient buffer, one all-reduce over the world of 2 + 2 x world flags, one host copy."""
+        world = dist.get_world_size()
+        flags = torch.zeros(2 + 2 * world, device=self.device)
+        norms = self._grad_norms()
         if norms:
             flags[0] = (~torch.isfinite(torch.stack(norms))).any().float()
         flags[1] = float(not math.isfinite(vit_norm))
+        flags[2 + self.rank] = (~own_loss_finite.to(self.device)).float()
+        flags[2 + world + self.rank] = (~own_grads_finite.to(self.device)).float()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        lm, vit = flags.tolist()
-        return ["the language model's"] * bool(lm) + ["the vision tower's"] * bool(vit)
+        f = flags.tolist()
+        return NonFinite(grads=["the language model's"] * bool(f[0]) + ["the vision tower's"] * bool(f[1]),
+                         loss_ranks=[r for r in range(world) if f[2 + r]],
+                         grad_ranks=[r for r in range(world) if f[2 + world + r]])
 
-    def _skip_or_stop(self, bad: list[str], loss: float) -> None:
-        """A step whose gradients were not finite (and updated nothing): every rank logs the data it trained on in
-        the step; the run skips it while it has skipped fewer than train.skip_nonfinite_steps in a row, and stops
-        (NonFiniteStepError) otherwise."""
+    def _skip_or_stop(self, bad: NonFinite, loss: float, extra: dict) -> None:
+        """A step whose gradients were not finite (and updated nothing): every rank logs where it arose and the data
+        it trained on in the step, and the data of the ranks where it arose (gathered: a collective on this path
+        alone, which every rank takes); the run skips the step while it has skipped fewer than
+        train.skip_nonfinite_steps in a row, and stops (NonFiniteStepError) otherwise."""
         t = self.cfg.train
         self.nonfinite_in_row += 1
-        what = f"step {self.step}: {' and '.join(bad)} gradients hold a NaN or an Inf (the step's loss {loss:.6g})"
+        kl = f", its indexer KL {extra['indexer_kl']:.6g}" if "indexer_kl" in extra else ""
+        what = (f"step {self.step}: {' and '.join(bad.grads)} gradients hold a NaN or an Inf "
+                f"(the step's loss {loss:.6g}{kl})")
         data = "; ".join(s.describe_step() for s in self.streams)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, data)
+        shown = bad.origin[:4]
+        more = f" (and {len(bad.origin) - len(shown)} more ranks': their logs name it)" if bad.origin[4:] else ""
+        origin = "".join(f"; rank {r}'s data in the step: {everyone[r]}" for r in shown) + more
+        others = "".join(f"; rank {r}'s data in the step: {everyone[r]}" for r in shown if r != self.rank) + more
         if self.nonfinite_in_row <= t.skip_nonfinite_steps:
             self.skipped_steps += 1
             log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
-                        "this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps, data)
+                        "%s%s; this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps,
+                        bad.where(), others, data)
             return
-        log.error("%s; this rank's data in the step: %s", what, data)
+        log.error("%s; %s%s; this rank's data in the step: %s", what, bad.where(), others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
+        where_data = (origin[2:] + "." if origin else
+                      "Each rank's log (logs/rank<N>.log) names the data it trained on in the step; "
+                      f"rank {self.rank}'s: {data}.")
+        if latest is not None:
+            resume = f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
+        elif t.checkpoint.enabled:
+            resume = "No checkpoint was written yet: rerunning the same command starts the run over."
+        else:
+            resume = "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
         raise NonFiniteStepError(
-            f"{what}, so no weight was updated and the run stops. The last checkpoint is "
-            f"{latest.path if latest is not None else 'none'}: rerunning the same command resumes from it. "
-            f"Each rank's log (logs/rank<N>.log) names the data it trained on in the step; rank {self.rank}'s: "
-            f"{data}. train.skip_nonfinite_steps=N skips up to N such steps in a row"
+            f"{what}, so no weight was updated and the run stops; {bad.where()}. {resume} "
+            f"{where_data[0].upper()}{where_data[1:]} train.skip_nonfinite_steps=N skips up to N such steps in a row"
             + (f" ({self.nonfinite_in_row} in a row now)" if self.nonfinite_in_row > 1 else ""))
 
     def _rounds(self) -> list[int]:
@@ -792,20 +896,23 @@ class Trainer:
         embeds = self.vision.forward(mbs, self.device)
         return [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
 
-    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool) -> list:
+    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool, poison: bool = False) -> list:
         """megatron's schedule over n micro-batches (each model chunk drawing from its iterator); returns the
-        last stage's loss dicts."""
+        last stage's loss dicts. poison (train/faults.py nan_in_step): the loss is NaN, or in the DSA warm-up's
+        forward-only step the indexers' inputs."""
         fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp,
                                             vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
         extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
         step_func = functools.partial(_forward_step, inputs)
-        if requested("nan_in_step", step=self.step + 1, rank=self.rank) and not forward_only:
+        if poison and not forward_only:
             step_func = _poisoned(step_func)
-        return fwd_bwd(forward_step_func=step_func,
-                       data_iterator=iters if len(self.model) > 1 else iters[0],
-                       model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
-                       seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-                       forward_only=forward_only, pg_collection=self.pgs, **extra)
+        poisoned = _poisoned_indexers([m.module for m in self.model]) if poison and forward_only else None
+        with poisoned or contextlib.nullcontext():
+            return fwd_bwd(forward_step_func=step_func,
+                           data_iterator=iters if len(self.model) > 1 else iters[0],
+                           model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
+                           seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+                           forward_only=forward_only, pg_collection=self.pgs, **extra)
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches

@@ -138,6 +138,14 @@ class VisionTower:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             self.phase.backward()
 
+    def own_grads_finite(self) -> torch.Tensor:
+        """Whether this rank's own ViT gradients (of its frames, before reduce_grads sums them over the world) are
+        all finite: a 0-dim bool tensor on their device (no host wait); True without trainable parameters."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.tensor(True)
+        return torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads]).sum())
+
     def reduce_grads(self, total_tokens: float) -> float:
         """Sums the ViT's gradients over the world, scales them by the step's loss tokens and clips them; returns
         their norm before clipping (the same on every rank; NaN or Inf when a gradient is). `update` or `discard`

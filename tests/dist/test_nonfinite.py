@@ -3,10 +3,14 @@
 The NaN comes from train/faults.py: KEYE_FAULT=nan_in_step:step=3:rank=1 makes rank 1's loss in step 3 NaN, so its
 gradients are NaN and, through the data-parallel reduction, every rank's shards; rank 0's own loss stays finite.
 KEYE_FAULT=nan_grad_in_step:step=3:rank=1 makes only rank 1's gradients NaN, after the reduction: the decision to
-skip is the world's, so rank 0, whose own gradients are finite, skips too.
+skip is the world's, so rank 0, whose own gradients are finite, skips too. nan_backward_in_step makes rank 1's own
+gradients NaN before the reduction, its loss finite (a backward that overflowed). In the DSA warm-up, whose step runs
+forward only, nan_in_step makes a rank's indexer inputs NaN.
 - Stop (the default, train.skip_nonfinite_steps=0): the launcher exits 4 with `non-finite step: step 3 ...`, naming
-  the step's loss and the last checkpoint (step 2); each rank's log names the samples it trained on in the step.
-  The rerun without the fault resumes from step 2 and gives an uninterrupted run's losses bit for bit (CPU fp32).
+  the step's loss, where it arose (the ranks whose own loss, or own gradients before the reduction, were not finite)
+  with those ranks' data in the step, and the last checkpoint (step 2); each rank's log names the samples it trained
+  on in the step. The rerun without the fault resumes from step 2 and gives an uninterrupted run's losses bit for bit
+  (CPU fp32).
 - Skip (train.skip_nonfinite_steps=1): after step 3 every parameter, the language model's and the vision tower's,
   equals its value after step 2 (a run stopped there: parameter sums compared exactly), the step counts in
   `skipped_steps` (kept in the checkpoint: a resumed run reports it), and the run goes on. Two such steps in a row
@@ -32,15 +36,23 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
     run = tmp_path / "run"
     out = run_pretrain(2, LM, run, env={"KEYE_FAULT": FAULT}, check=False)
     assert out.returncode != 0
+    # rank 0's own gradients are NaN before the data-parallel reduction too: the tiny LM's experts are spread over
+    # the 2 ranks (ep 2), and an expert's gradient sums every rank's tokens; its loss stays finite, so rank 1 is
+    # where it arose, and G = 16 over 2 data-parallel ranks makes rank 1's part of step 3 global samples 40..47
     assert ("non-finite step: step 3: the language model's gradients hold a NaN or an Inf (the step's loss nan), so no "
-            "weight was updated and the run stops. The last checkpoint is " + str(run / "checkpoints" / "step_000002")
-            ) in out.stderr, out.stderr[-3000:]
+            "weight was updated and the run stops; before their reduction over ranks, the loss on rank 1 and the "
+            "gradients on ranks 0-1 were not finite. The last checkpoint is " + str(run / "checkpoints" / "step_000002")
+            + ": rerunning the same command resumes from it. Rank 1's data in the step: a synthetic_tokens stream: "
+            "global samples 40..47. train.skip_nonfinite_steps=N") in out.stderr, out.stderr[-3000:]
     assert "exitcode  : 4" in out.stderr
-    # G = 16 over 2 data-parallel ranks: step 3 is global samples 32..47, rank 0 the first 8, rank 1 the next
     for rank, (first, last) in enumerate(((32, 39), (40, 47))):
         text = (run / "logs" / f"rank{rank}.log").read_text()
-        assert (f"step 3: the language model's gradients hold a NaN or an Inf (the step's loss nan); this rank's "
-                f"data in the step: a synthetic_tokens stream: global samples {first}..{last}") in text, text[-2000:]
+        assert ("step 3: the language model's gradients hold a NaN or an Inf (the step's loss nan); before their "
+                "reduction over ranks, the loss on rank 1 and the gradients on ranks 0-1 were not finite") in text
+        assert (f"; this rank's data in the step: a synthetic_tokens stream: global samples {first}..{last}"
+                in text), text[-2000:]
+    assert "rank 1's data in the step: a synthetic_tokens stream: global samples 40..47; this rank's data" in \
+        (run / "logs" / "rank0.log").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == \
         ["step_000001", "step_000002"]
     assert losses(run) == {s: v for s, v in losses(reference).items() if s <= 2}
@@ -64,12 +76,22 @@ def skipped(tmp_path_factory):
                         f"{name}_on": common + skip})
     layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
+    layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
+                                   "train.stop_after=3"]
+    # the DSA warm-up: only the indexers train, in a forward-only step (each layer's KL back-propagates in its
+    # forward); rank 1's indexer inputs are NaN in step 3
+    warmup = ["recipe=keye_tiny_dsa_warmup", "train.steps=5", "train.checkpoint.enabled=false"]
+    layouts["warmup_before"] = warmup + ["train.stop_after=2"]
+    layouts["warmup_skipped"] = warmup + skip + ["train.stop_after=3"]
     # the count of skipped steps travels with the checkpoint: a run that skipped step 3 stops after it, and the
     # resumed run (no fault) reports it from its first step on
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
     layouts["lm_saved_skip"] = saved + skip + ["train.stop_after=3"]
     layouts["lm_resumed_skip"] = saved
-    return run_layouts_all(2, layouts, tmp_path_factory.mktemp("skip"))
+    tmp = tmp_path_factory.mktemp("skip")
+    data = run_layouts_all(2, layouts, tmp)
+    data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
+    return data
 
 
 def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
@@ -86,6 +108,28 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
     # step's loss is finite (the NaN came after the loss)
     assert digests["lm_one_rank"] == digests["lm_before"]
     assert math.isfinite(steps["lm_one_rank"][3]) and {s: steps["lm_one_rank"][s] for s in (1, 2)} == steps["lm_before"]
+    assert ("(the step's loss %s): skipped, no weight updated (1 in a row of the 1 train.skip_nonfinite_steps allows); "
+            "before their reduction over ranks, every rank's loss and gradients were finite: it arose in the reduction "
+            "or after it; this rank's data in the step: a synthetic_tokens stream: global samples 32..39"
+            % f"{steps['lm_one_rank'][3]:.6g}") in skipped["logs"][0]
+
+
+def test_where_a_nan_arose_is_named_and_a_warmup_step_is_skipped(skipped):
+    steps, digests, logs = skipped["losses"], skipped["digests"], skipped["logs"]
+    # rank 1's own gradients NaN before the reduction, every loss finite: rank 0's log names rank 1 and its data
+    assert digests["lm_backward"] == digests["lm_before"] and math.isfinite(steps["lm_backward"][3])
+    assert ("before their reduction over ranks, the gradients on rank 1 were not finite; rank 1's data in the step: a "
+            "synthetic_tokens stream: global samples 40..47; this rank's data in the step: a synthetic_tokens stream: "
+            "global samples 32..39") in logs[0]
+    # the DSA warm-up: the indexers (the only parameters that train) keep their values after the skipped step 3;
+    # the step's LM loss is finite (the frozen model's), its indexer KL is not
+    assert digests["warmup_skipped"] == digests["warmup_before"]
+    assert {s: steps["warmup_skipped"][s] for s in (1, 2)} == steps["warmup_before"]
+    assert math.isfinite(steps["warmup_skipped"][3])
+    assert math.isnan(skipped["extras"]["warmup_skipped"][3]["indexer_kl"])
+    assert ("its indexer KL nan): skipped, no weight updated (1 in a row of the 1 train.skip_nonfinite_steps allows); "
+            "before their reduction over ranks, the loss on rank 1 and the gradients on rank 1 were not finite; "
+            "rank 1's data in the step: a synthetic_tokens stream: global samples 40..47; this rank's data") in logs[0]
 
 
 def test_the_skipped_count_resumes_with_the_run(skipped):
@@ -104,3 +148,4 @@ def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_pat
     text = (tmp_path / "run" / "logs" / "rank0.log").read_text()
     assert "step 1: the language model's gradients hold a NaN or an Inf (the step's loss nan): skipped, no weight " \
            "updated (1 in a row of the 1 train.skip_nonfinite_steps allows)" in text
+    assert "Rank 1's data in the step: a synthetic_tokens stream: global samples 24..31. train.skip" in out.stderr
