@@ -51,6 +51,7 @@ def build_process_groups(layout: ParallelLayout) -> ProcessGroupCollection:
     if dist.get_world_size() != layout.world_size:
         raise ValueError(f"layout was validated for world size {layout.world_size}, "
                          f"torch.distributed has {dist.get_world_size()}")
+    _destroy_subgroups()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
@@ -64,6 +65,18 @@ def build_process_groups(layout: ParallelLayout) -> ProcessGroupCollection:
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     log.info("parallel layout: %s", layout.describe())
     return pgs
+
+
+def _destroy_subgroups() -> None:
+    """Destroys every process group but the default one: an earlier layout's, when a process builds several
+    (the layouts driver, the benchmarks' cases). megatron's destroy_model_parallel only forgets its groups, which
+    torch.distributed keeps, each with its sockets, pipes and event descriptors: about 70 descriptors per layout on
+    gloo (tests/unit/test_process_groups.py), past 1,024 after some 15 layouts."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(c10d._world.pg_map):
+        if pg is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(pg)
 
 
 def rank_grid(layout: ParallelLayout) -> torch.Tensor:

@@ -14,6 +14,7 @@ attached to crash reports.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import select
@@ -51,8 +52,11 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
+            # poll, not select: select() refuses a descriptor numbered 1024 or more, which a process that holds
+            # many files, sockets or process groups gets
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(max(1, math.ceil(left * 1000))):
                 raise TimeoutError
         chunk = os.read(fd, min(n - got, 1 << 20))
         if not chunk:
