@@ -100,6 +100,9 @@ class EvalConfig:
     a row left out as in training), its last global batch filled up with further sequences whose tokens count for
     nothing; not for synthetic text, which has no end."""
     interval: int = 0  # steps between evaluations; 0: never
+    # evaluate once and train nothing: the weights of run_dir's newest checkpoint (no optimizer state read), else of
+    # train.checkpoint.init_from; logged at that checkpoint's step (0 for init_from); no checkpoint is written
+    only: bool = False
     # global batches (train.global_batch_size sequences each) per evaluation, per held-out set; 0: each set whole, once
     batches: int = 1
     # per named held-out set, its own number of global batches instead of `batches`, or all (whole): "code=4,web=all"

@@ -82,9 +82,10 @@ def check_token_files(cfg: Config) -> None:
         raise ValueError(f"data.tokens.document_bounds=true packs one row per micro-batch: train.micro_batch_size must "
                          f"be 1, got {t.micro_batch_size} (or data.tokens.document_bounds=false, Megatron's rows: "
                          f"attention across the documents of a row)")
-    if t.eval.interval and d.tokens.paths and not d.tokens.eval_paths:
-        raise ValueError(f"train.eval.interval={t.eval.interval} needs held-out data: set data.tokens.eval_paths=PREFIX "
-                         f"(token files not in data.tokens.paths={d.tokens.paths!r}), or train.eval.interval=0")
+    if evaluates(cfg) and d.tokens.paths and not d.tokens.eval_paths:
+        raise ValueError(f"{evaluates(cfg)} needs held-out data: set data.tokens.eval_paths=PREFIX (token files not in "
+                         f"data.tokens.paths={d.tokens.paths!r})" + (", or train.eval.interval=0" if t.eval.interval
+                                                                      else ""))
 
 
 def check_token_paths(cfg: Config) -> None:
@@ -131,6 +132,23 @@ def check_tokenizer(cfg: Config) -> None:
                          f"Set data.video.tokenizer={source}")
 
 
+def evaluates(cfg: Config) -> str:
+    """The setting that asks for held-out evaluation ("train.eval.only=true", "train.eval.interval=N"), or ""."""
+    e = cfg.train.eval
+    return "train.eval.only=true" if e.only else f"train.eval.interval={e.interval}" if e.interval else ""
+
+
+def check_eval_only(cfg: Config) -> None:
+    """train.eval.only scores existing weights: the run directory's newest checkpoint or train.checkpoint.init_from
+    (ValueError when there is neither)."""
+    from train import checkpoint as ckpt
+
+    if cfg.train.eval.only and not cfg.train.checkpoint.init_from and ckpt.find_latest(cfg.resolved_run_dir()) is None:
+        raise ValueError(f"train.eval.only=true scores existing weights, and run_dir={cfg.resolved_run_dir()} holds no "
+                         f"complete checkpoint: give the run_dir of a run that saved one, or "
+                         f"train.checkpoint.init_from=DIR (one of our run directories or a Hugging Face checkpoint)")
+
+
 def check_resume(cfg: Config) -> None:
     """A run directory holding a complete checkpoint is resumed: the model configured must be the one that
     checkpoint holds. ValueError naming each model setting that differs, before any process group exists; the
@@ -146,7 +164,7 @@ def check_resume(cfg: Config) -> None:
     ref = ckpt.find_latest(cfg.resolved_run_dir())
     if ref is None:
         return
-    if not cfg.train.checkpoint.resume:
+    if not cfg.train.checkpoint.resume and not cfg.train.eval.only:  # scoring it writes no checkpoint among them
         raise ValueError(f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) and "
                          f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
@@ -283,14 +301,15 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     check_token_files(cfg)
     check_tokenizer(cfg)
     check_resume(cfg)
+    check_eval_only(cfg)
     from data.held_out import eval_plan
 
     eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)  # set_batches names held-out sets
     v = cfg.data.video
-    if cfg.train.eval.interval and cfg.data.kind == "video" and v.shards and not v.eval_shards:
-        raise ValueError(f"train.eval.interval={cfg.train.eval.interval} needs held-out data: set "
-                         f"data.video.eval_shards=DIR (shards not in data.video.shards={v.shards!r}), or "
-                         f"train.eval.interval=0")
+    if evaluates(cfg) and cfg.data.kind == "video" and v.shards and not v.eval_shards:
+        raise ValueError(f"{evaluates(cfg)} needs held-out data: set data.video.eval_shards=DIR (shards not in "
+                         f"data.video.shards={v.shards!r})" + (", or train.eval.interval=0" if cfg.train.eval.interval
+                                                               else ""))
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")
@@ -361,7 +380,7 @@ def run(dcfg: DictConfig) -> None:
 
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg))
-        trainer.train()
+        trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
     except CheckpointSaveError as e:
         logging.getLogger("train").error("checkpoint error: %s", e)
         print(f"checkpoint error: {e}", file=sys.stderr, flush=True)

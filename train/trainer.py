@@ -125,6 +125,29 @@ class NonFinite:
         return f"before their reduction over ranks, {' and '.join(parts)} were not finite"
 
 
+def _grad_norms(model: list) -> list[torch.Tensor]:
+    """One norm per gradient buffer of the language model's DDP chunks (device tensors)."""
+    return [buf.grad_data.norm() for m in model for buf in (*m.buffers, *m.expert_parallel_buffers)]
+
+
+class GradsBeforeReduction:
+    """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting whether
+    this rank's own gradients are finite (`finite`: a 0-dim device tensor; None before the step's backward): a NaN
+    reaches every rank's shards in the reduction, so only this says where it arose (Trainer._nonfinite). One norm per
+    buffer, kept on the device. It holds neither the model nor the trainer: the transformer config that holds it
+    as finalize_model_grads_func may outlive a trainer, which must be freed with its model."""
+
+    def __init__(self, rank: int):
+        self.rank, self.step, self.finite = rank, 0, None
+
+    def __call__(self, model: list, *args, **kwargs):
+        if requested("nan_backward_in_step", step=self.step, rank=self.rank):
+            model[0].buffers[0].grad_data.fill_(float("nan"))
+        norms = _grad_norms(model)
+        self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None
+        return finalize_model_grads(model, *args, **kwargs)
+
+
 class NonFiniteStepError(RuntimeError):
     """A step's gradients held a NaN or an Inf and train.skip_nonfinite_steps allowed no more skips."""
 
@@ -334,8 +357,14 @@ class Trainer:
         self.router_stats = RouterStats(chunks, num_layers=lm.num_layers, num_experts=lm.num_experts,
                                         dp_size=self.pgs.dp.size(), device=self.device)
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
-        if t.checkpoint.init_from and ckpt.find_latest(self.run_dir) is None:
-            self._init_weights_from(chunks, t.checkpoint.init_from)
+        # train.eval.only scores existing weights: the run directory's newest checkpoint (its weights alone: no
+        # optimizer state is read), else train.checkpoint.init_from (the launcher refuses a run with neither)
+        self.eval_only = t.eval.only
+        own = ckpt.find_latest(self.run_dir)
+        weights_from = str(self.run_dir) if self.eval_only and own is not None else (
+            t.checkpoint.init_from if own is None else "")
+        if weights_from:
+            self._init_weights_from(chunks, weights_from)
         if t.trainable == "projector":  # alignment stage: ViT and LM frozen, only the projector trains
             frozen = sum(1 for c in chunks for p in c.parameters())
             for c in chunks:
@@ -354,19 +383,22 @@ class Trainer:
                                       train_projector=t.trainable in ("all", "projector"), bf16=self.bf16)
             setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
             source = getattr(t.checkpoint, setting)
-            if source and ckpt.find_latest(self.run_dir) is None:
+            if self.eval_only and own is not None:
+                self._check_frozen_vision_filled(self._init_vision_from(str(self.run_dir), "init_from"),
+                                                 f"run_dir={self.run_dir}")
+            elif source and own is None:
                 self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
         # megatron's own NaN check (check_for_nan_in_grad) raises on the ranks whose local gradients hold one, before
         # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite), and
-        # notes each rank's own before the reduction (_finalize_grads)
+        # notes each rank's own before the reduction (GradsBeforeReduction)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=layout.distributed_optimizer)
         self.model = [DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=c,
                                               disable_bucketing=i > 0, pg_collection=self.pgs)
                       for i, c in enumerate(chunks)]
         self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
-        self.tconfig.finalize_model_grads_func = self._finalize_grads
-        self._own_grads_finite = None  # this rank's LM gradients before their reduction (_finalize_grads)
+        self.own_grads = GradsBeforeReduction(self.rank)  # this rank's LM gradients before their reduction
+        self.tconfig.finalize_model_grads_func = self.own_grads
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
         self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
                                          pg_collection=self.pgs)
@@ -427,6 +459,13 @@ class Trainer:
             version = code_version()  # this launch's; the log keeps every launch's, the file the latest
             log.info("code version %s", version)
             Path(self.run_dir, "code_version.txt").write_text(version + "\n")
+        if self.eval_only:  # nothing trains: no optimizer state, data position or config history to restore
+            self.step = own.step if own is not None else 0
+            if self.rank == 0:
+                log.info("train.eval.only: scoring the weights of %s (step %d) on the held-out data; no step "
+                         "trains and nothing is saved", own.path if own is not None else t.checkpoint.init_from,
+                         self.step)
+            return
         self._resume()
         if self.rank == 0 and resolved_config_yaml:
             record_config(self.run_dir, resolved_config_yaml, self.step)
@@ -580,7 +619,8 @@ class Trainer:
         copied = any("linear_qkv_summary" in k for k in kept)
         if copied:
             copy_text_qkv_to_summary(chunks)
-        log.info("initialised model weights from %s (fresh optimizer, step 0)%s%s", what,
+        log.info("initialised model weights from %s%s%s%s", what,
+                 "" if self.eval_only else " (fresh optimizer, step 0)",
                  f"; not in that checkpoint, kept at init: {kept}" if kept else "",
                  " (the summary QKV as a copy of the text QKV)" if copied else "")
         if self.cfg.model.lm.dsa.stage == "sparse" and any(".indexer." in k for k in kept):
@@ -721,7 +761,7 @@ class Trainer:
         timer = Timer()
         timer.start()
         lr = apply_lr(self.optimizer, self.step, t)
-        self._own_grads_finite = None
+        self.own_grads.step, self.own_grads.finite = self.step + 1, None
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -754,12 +794,12 @@ class Trainer:
         finally:
             self.tconfig.finalize_model_grads_func = finalize
         if self.indexer_step or len(rounds) > 1:  # what the schedule does after a backward: DP / TP sums, / tokens
-            self._finalize_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
+            self.own_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if requested("nan_grad_in_step", step=self.step + 1, rank=self.rank):
             self.model[0].buffers[0].grad_data.fill_(float("nan"))
-        vit_norm, own_grads_finite = 0.0, self._own_grads_finite
-        if own_grads_finite is None:  # a frozen LM (projector alignment): nothing to reduce
+        vit_norm, own_grads_finite = 0.0, self.own_grads.finite
+        if own_grads_finite is None:  # a frozen LM (projector alignment): no gradient buffer
             own_grads_finite = torch.tensor(True, device=self.device)
         if self.vision is not None:
             # loss tokens of this replica's micro-batches, summed over replicas: megatron's per-token scale
@@ -806,31 +846,16 @@ class Trainer:
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
 
-    def _grad_norms(self) -> list[torch.Tensor]:
-        """One norm per gradient buffer of the language model (device tensors)."""
-        return [buf.grad_data.norm() for m in self.model for buf in (*m.buffers, *m.expert_parallel_buffers)]
-
-    def _finalize_grads(self, *args, **kwargs):
-        """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting
-        whether this rank's own gradients are finite: a NaN reaches every rank's shards in the reduction, so only
-        this says where it arose (_nonfinite). One norm per buffer, kept on the device."""
-        if requested("nan_backward_in_step", step=self.step + 1, rank=self.rank):
-            self.model[0].buffers[0].grad_data.fill_(float("nan"))
-        norms = self._grad_norms()
-        self._own_grads_finite = (torch.isfinite(torch.stack(norms)).all() if norms
-                                  else torch.tensor(True, device=self.device))
-        return finalize_model_grads(*args, **kwargs)
-
     def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
                    own_grads_finite: torch.Tensor) -> NonFinite:
         """Whether the step's gradients hold a NaN or an Inf anywhere in the world (a norm that overflows counts),
         after the reduction over data-parallel ranks, and where it arose: the ranks whose own losses
         (own_loss_finite) or own gradients before the reduction (own_grads_finite: the LM's, noted by
-        _finalize_grads, and the vision tower's) were not finite. Every rank returns the same: one norm per
+        GradsBeforeReduction, and the vision tower's) were not finite. Every rank returns the same: one norm per
         gradient buffer, one all-reduce over the world of 2 + 2 x world flags, one host copy."""
         world = dist.get_world_size()
         flags = torch.zeros(2 + 2 * world, device=self.device)
-        norms = self._grad_norms()
+        norms = _grad_norms(self.model)
         if norms:
             flags[0] = (~torch.isfinite(torch.stack(norms))).any().float()
         flags[1] = float(not math.isfinite(vit_norm))
@@ -1016,6 +1041,20 @@ class Trainer:
         if self.rank == 0:
             self.meter.finish()
         return history
+
+    def evaluate_only(self) -> dict:
+        """train.eval.only: one evaluation of the weights the trainer was built with (evaluate), logged at their
+        checkpoint's step as training logs it (console, <run_dir>/eval.jsonl, wandb). Collective."""
+        t = self.cfg.train
+        if self.rank == 0:
+            self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
+                                   run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
+        try:
+            self._eval_and_log()
+        finally:
+            if self.rank == 0:
+                self.meter.finish()
+        return self.eval_history[-1]
 
     def close(self) -> None:
         """Let the model, its gradients and optimizer state be freed once the caller drops the trainer.

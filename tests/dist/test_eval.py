@@ -16,6 +16,7 @@ encodes the frames in chunks without gradients (parallel/vit_layout.encode_chunk
 them in one call, which reorders no reduction over the batch of frames, but a matmul's blocking may differ.
 """
 
+import json
 import math
 
 import pytest
@@ -46,18 +47,25 @@ def runs(tmp_path_factory):
     held_out = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out"), 4, 99, rank=0)
     held_out2 = ensure_synthetic_shards(tmp_path_factory.mktemp("held_out2"), 4, 98, rank=0)
     vl = VL + [f"data.video.shards={videos}"]
+    saved_vl = [o for o in vl if o != "train.checkpoint.enabled=false"]  # its checkpoint at the last step
     # held_out scored whole (train.eval.batches=0) in global batches that do not divide its packs, against a run
     # that trains one step on all of them
     packs = _packs_in_first_epoch(held_out, tmp_path_factory.mktemp("plan"))
     gbs = next(g for g in (3, 2, 4, 5) if packs % g)
     vl_no_gbs = [o for o in VL if not o.startswith("train.global_batch_size")]
+    one = tmp_path_factory.mktemp("one")
     one_job = run_layouts_all(1, {
-        "lm": LM + EVAL,
+        "lm": [o for o in LM if o != "train.checkpoint.enabled=false"] + EVAL + ["run_dir=lm_ck"],
+        # its checkpoint's weights scored alone (train.eval.only), from its run directory and as another's init_from
+        "lm_eval_only": [o for o in LM if o != "train.checkpoint.enabled=false"] + [
+            "train.eval.only=true", "train.eval.batches=2", "run_dir=lm_ck"],
+        "lm_eval_init": LM + ["train.eval.only=true", "train.eval.batches=2", "train.checkpoint.init_from={root}/lm_ck"],
         "lm_no_eval": LM,
         "lm_one_batch": LM + ["train.eval.interval=3"],  # one held-out batch: what one training step sees
         # trains on the held-out text: the synthetic generator under data.seed + 1 (the recipe's seed is 1234)
         "lm_on_held_out": LM + ["data.seed=1235"],
-        "vl": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}"],
+        "vl": saved_vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
+        "vl_eval_only": saved_vl + ["train.eval.only=true", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
         "vl_no_eval": vl,
         "vl_on_held_out": VL + [f"data.video.shards={held_out}"],
         # two named held-out sets, each scored on its own: "clips" is vl's set, "more" what vl_on_more trains on
@@ -75,8 +83,8 @@ def runs(tmp_path_factory):
                        "parallel=single", "train.eval.interval=2"],
         "ksa_distill": KSA + ["train.eval.interval=2"],
         "ksa_distill_on_held_out": KSA + ["data.seed=1235"],  # trains on what ksa_distill evaluates
-    }, tmp_path_factory.mktemp("one"))
-    one_losses, one, extras = one_job["losses"], one_job["evals"], one_job["extras"]
+    }, one)
+    one_losses, one_evals, extras = one_job["losses"], one_job["evals"], one_job["extras"]
     two_losses, two = run_layouts(2, {
         "tp2": LM + EVAL + ["parallel.tp=2"],
         "pp2": LM + EVAL + ["parallel.pp=2"],
@@ -88,7 +96,8 @@ def runs(tmp_path_factory):
         "vl_pp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.pp=2",
                         "parallel.vit.layout=spread"],
     }, tmp_path_factory.mktemp("two"), evals=True)
-    return {**one_losses, **two_losses}, {**one, **two}, {**extras, "packs": packs, "whole_gbs": gbs}
+    return ({**one_losses, **two_losses}, {**one_evals, **two}, {**extras, "packs": packs, "whole_gbs": gbs,
+                                                                 "runs": one / "runs"})
 
 
 def _packs_in_first_epoch(shards, tmp) -> int:
@@ -114,6 +123,24 @@ def test_evaluations_at_start_interval_and_end(runs):
         assert e["val_loss"] > 0 and e["val_seconds"] > 0
     lm = _by_step(evals["lm"])
     assert lm[0] != lm[2] != lm[3]  # the same sequences each time, scored by the weights of that step
+
+
+def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
+    """train.eval.only: the newest checkpoint's weights, scored once, give the held-out values the run logged at
+    that step (the same process count, data and weights: equal), for the LM from its run directory and as another
+    run's init_from (logged at step 0), and for the multimodal model (its vision tower from the checkpoint too).
+    Nothing trains and nothing is written but the evaluation's line."""
+    losses, evals, extras = runs
+    for name, ref, step in (("lm_eval_only", "lm", 3), ("lm_eval_init", "lm", 0), ("vl_eval_only", "vl", 2)):
+        (got,) = evals[name]
+        want = next(e for e in evals[ref] if e["step"] == (3 if ref == "lm" else 2))
+        assert got["step"] == step and losses[name] == {}, name
+        assert {k: v for k, v in got.items() if k not in ("step", "val_seconds")} == \
+            {k: v for k, v in want.items() if k not in ("step", "val_seconds")}, name
+    for run, last, steps in (("lm_ck", "step_000003", [0, 2, 3, 3]), ("vl_ck", "step_000002", [0, 1, 2, 2])):
+        assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == [last]
+        lines = (extras["runs"] / run / "eval.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == steps
 
 
 def test_held_out_loss_is_the_training_loss_on_that_data(runs):
@@ -212,5 +239,13 @@ def test_config_refuses_evaluation_without_held_out_data(tmp_path):
     with pytest.raises(ValueError, match="eval_shards.*names the same shards as `shards`"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
                                  f"data.video.eval_shards={tmp_path}", "train.eval.interval=5"]))
+    with pytest.raises(ValueError, match=r"train.eval.only=true scores existing weights, and run_dir=.* holds no "
+                                         r"complete checkpoint"):
+        validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.only=true",
+                                 f"run_dir={tmp_path / 'fresh'}"]))
+    with pytest.raises(ValueError, match=r"train.eval.only=true needs held-out data: set data.video.eval_shards=DIR "
+                                         r"\(shards not in data.video.shards='[^']*'\)$"):
+        validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
+                                 "train.eval.only=true", f"train.checkpoint.init_from={tmp_path}"]))
     with pytest.raises(ValueError, match=r"train.eval.batches must be >= 1, or 0 for each held-out set whole"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=-1"]))
