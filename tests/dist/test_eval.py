@@ -91,6 +91,9 @@ def runs(tmp_path_factory):
         "pp2_vpp2": LM + EVAL + ["parallel.pp=2", "parallel.vpp=2"],
         "ep2": LM + EVAL + ["parallel.ep=2"],
         "dp2": LM + EVAL,
+        # the one-process run's checkpoint scored at TP 2 (its weights resharded as init_from's are)
+        "tp2_eval_only": LM + ["parallel.tp=2", "train.eval.only=true", "train.eval.batches=2",
+                               f"train.checkpoint.init_from={one / 'runs' / 'lm_ck'}"],
         "vl_cp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.cp=2",
                         "parallel.vit.layout=spread"],
         "vl_pp2": vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "parallel.pp=2",
@@ -137,6 +140,10 @@ def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
         assert got["step"] == step and losses[name] == {}, name
         assert {k: v for k, v in got.items() if k not in ("step", "val_seconds")} == \
             {k: v for k, v in want.items() if k not in ("step", "val_seconds")}, name
+    # at TP 2 the same weights, resharded: equal to the order of the fp32 reductions (RTOL, module docstring)
+    (tp2,) = evals["tp2_eval_only"]
+    want = _by_step(evals["lm"])[3]
+    assert tp2["step"] == 0 and abs(tp2["val_loss"] - want) <= RTOL * want, (tp2, want)
     for run, last, steps in (("lm_ck", "step_000003", [0, 2, 3, 3]), ("vl_ck", "step_000002", [0, 1, 2, 2])):
         assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == [last]
         lines = (extras["runs"] / run / "eval.jsonl").read_text().splitlines()
