@@ -32,6 +32,9 @@ class DataConfig:
 
     kind: str = "synthetic_tokens"
     seed: int = 1234
+    # synthetic text: the seed of its samples (-1: data.seed); its Markov chain is data.seed's alone. train.eval's
+    # held-out text is this seed + 1: other samples of the same chain, the distribution the run trains on
+    sample_seed: int = -1
     branching: int = 4
     copy_prob: float = 0.5
     # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
@@ -49,6 +52,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.sample_seed < -1:
+            raise ValueError(f"data.sample_seed must be >= 0, or -1 for data.seed; got {self.sample_seed}")
         if self.branching < 1:
             raise ValueError(f"data.branching must be >= 1, got {self.branching}")
         if not 0.0 <= self.copy_prob <= 1.0:
@@ -83,6 +88,11 @@ class DataConfig:
                 raise UnsetPathError("; and ".join(f"{k} is required: {v}" for k, v in unset.items()), tuple(unset))
 
 
+def samples_seed(cfg: DataConfig) -> int:
+    """The seed of the synthetic text's samples: data.sample_seed, or data.seed when that is -1."""
+    return cfg.sample_seed if cfg.sample_seed >= 0 else cfg.seed
+
+
 def _generator(seed: int, index: int) -> torch.Generator:
     # A distinct, reproducible stream per (seed, sample): mix with two large odd constants.
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + index * 0x85EBCA77 + 1) % (2**63 - 1))
@@ -94,6 +104,7 @@ class SyntheticTokenSource:
     def __init__(self, cfg: DataConfig, *, vocab_size: int, seq_length: int):
         self.cfg, self.vocab_size, self.seq_length = cfg, vocab_size, seq_length
         g = _generator(cfg.seed, -1)
+        self.sample_seed = samples_seed(cfg)
         self.successors = torch.randint(0, vocab_size, (vocab_size, cfg.branching), generator=g)
         probs = torch.tensor([0.5 ** i for i in range(cfg.branching)])
         self.cum_probs = (probs / probs.sum()).cumsum(0)
@@ -101,7 +112,7 @@ class SyntheticTokenSource:
 
     def sample(self, index: int) -> torch.Tensor:
         n = self.seq_length + 1
-        g = _generator(self.cfg.seed, index)
+        g = _generator(self.sample_seed, index)
         choice = torch.searchsorted(self.cum_probs, torch.rand(n, generator=g)).clamp_max(self.cfg.branching - 1)
         first = int(torch.randint(0, self.vocab_size, (1,), generator=g))
         succ, ch = self._successor_rows, choice.tolist()

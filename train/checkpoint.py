@@ -153,14 +153,44 @@ def saved_config(ref: CheckpointRef) -> dict | None:
         return None
 
 
-def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:
-    """Newest complete checkpoint of a run directory whose files exist with their recorded sizes."""
+def _candidates(run_dir: str | os.PathLike, exclude: list[str] = ()) -> list[tuple[int, Path]]:
+    """(step, path) of a run directory's checkpoint directories, newest first, complete or not."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
-        return None
-    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.name not in exclude),
-                        reverse=True)
-    for step, path in candidates:
+        return []
+    return sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.name not in exclude),
+                  reverse=True)
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointRef]:
+    """Every complete checkpoint of a run directory (files present with their recorded sizes), oldest first."""
+    return [CheckpointRef(path=path, step=step) for step, path in reversed(_candidates(run_dir)) if _verify(path)[0]]
+
+
+def eval_source(cfg) -> str | None:
+    """Where train.eval.only takes its weights (cfg: train.config.Config): run_dir when it holds a complete
+    checkpoint, else train.checkpoint.init_from (None when neither applies)."""
+    if find_latest(cfg.resolved_run_dir()) is not None:
+        return str(cfg.resolved_run_dir())
+    return cfg.train.checkpoint.init_from or None
+
+
+def eval_checkpoints(cfg) -> list[CheckpointRef]:
+    """The checkpoints train.eval.only scores, oldest first: train.eval.checkpoints' choice among eval_source's
+    complete ones ([] for a source that is no run directory of ours: a Hugging Face checkpoint)."""
+    from train.config import eval_checkpoint_steps
+
+    source = eval_source(cfg)
+    held = complete_checkpoints(source) if source else []
+    if cfg.train.eval.checkpoints == "":
+        return held[-1:]
+    steps = eval_checkpoint_steps(cfg.train.eval.checkpoints)
+    return held if steps is None else [r for r in held if r.step in steps]
+
+
+def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:
+    """Newest complete checkpoint of a run directory whose files exist with their recorded sizes."""
+    for step, path in _candidates(run_dir, exclude):
         ok, why = _verify(path)
         if ok:
             return CheckpointRef(path=path, step=step)

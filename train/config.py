@@ -83,6 +83,21 @@ class DistillConfig:
                 raise ValueError(f"train.distill.{name} must be >= 0, got {getattr(self, name)}")
 
 
+def eval_checkpoint_steps(spec: str) -> list[int] | None:
+    """train.eval.checkpoints as steps: None for "" (the newest) and "all" (every one), else the listed steps
+    (ValueError naming the setting)."""
+    if spec in ("", "all"):
+        return None
+    try:
+        steps = [int(s) for s in str(spec).split(",")]
+    except ValueError:
+        raise ValueError(f"train.eval.checkpoints={spec!r}: give \"\" (the newest), all, or steps such as "
+                         f"1000,2000") from None
+    if any(s < 0 for s in steps):
+        raise ValueError(f"train.eval.checkpoints={spec!r}: steps are >= 0")
+    return steps
+
+
 @dataclass
 class EvalConfig:
     """A held-out loss during training: at the start of a fresh run, every `interval` steps and after the last
@@ -90,7 +105,7 @@ class EvalConfig:
     only, without gradients, over `batches` global batches of held-out data, drawn from the start of that data
     each time (so every evaluation scores the same sequences). Held-out data: data.video.eval_shards for video
     data (a run on its own synthetic videos makes a second, smaller synthetic set), data.tokens.eval_paths for
-    token files, and for synthetic text the same generator under another seed. Logged as val_loss (and
+    token files, and for synthetic text other samples of the same chain (data.sample_seed + 1). Logged as val_loss (and
     val_indexer_kl with DSA; val_kl and val_attn_mse in KSA distillation, whose teacher then runs too) on the
     console, in <run_dir>/eval.jsonl and to wandb. eval_shards / eval_paths may name several sets
     ("NAME=PATH,NAME=PATH", data/held_out.py): each is scored on its own, `batches` global batches each unless
@@ -100,9 +115,13 @@ class EvalConfig:
     a row left out as in training), its last global batch filled up with further sequences whose tokens count for
     nothing; not for synthetic text, which has no end."""
     interval: int = 0  # steps between evaluations; 0: never
-    # evaluate once and train nothing: the weights of run_dir's newest checkpoint (no optimizer state read), else of
-    # train.checkpoint.init_from; logged at that checkpoint's step (0 for init_from); no checkpoint is written
+    # evaluate and train nothing: the weights of run_dir's checkpoints, or when it holds none, of
+    # train.checkpoint.init_from's (one of our run directories, or a Hugging Face checkpoint: step 0); each logged at
+    # its step; no optimizer state is read and no checkpoint written
     only: bool = False
+    # with only: which checkpoints of that directory: "" the newest, "all" every complete one (oldest first; e.g.
+    # the ones train.checkpoint.keep_every kept), or their steps: "1000,2000"
+    checkpoints: str = ""
     # global batches (train.global_batch_size sequences each) per evaluation, per held-out set; 0: each set whole, once
     batches: int = 1
     # per named held-out set, its own number of global batches instead of `batches`, or all (whole): "code=4,web=all"
@@ -115,6 +134,10 @@ class EvalConfig:
             raise ValueError(f"train.eval.batches must be >= 1, or 0 for each held-out set whole, once; got "
                              f"{self.batches}")
         parse_set_batches(self.set_batches)  # ValueError naming the setting and the part
+        eval_checkpoint_steps(self.checkpoints)
+        if self.checkpoints and not self.only:
+            raise ValueError(f"train.eval.checkpoints={self.checkpoints!r} names checkpoints to score with "
+                             f"train.eval.only=true; this run trains (train.eval.only=false)")
 
 
 @dataclass

@@ -139,14 +139,33 @@ def evaluates(cfg: Config) -> str:
 
 
 def check_eval_only(cfg: Config) -> None:
-    """train.eval.only scores existing weights: the run directory's newest checkpoint or train.checkpoint.init_from
-    (ValueError when there is neither)."""
+    """train.eval.only scores existing weights: run_dir's checkpoints, or train.checkpoint.init_from's when it
+    holds none; train.eval.checkpoints names ones that directory holds (ValueError naming what is missing)."""
+    from models.hf import is_hf_checkpoint
     from train import checkpoint as ckpt
+    from train.config import eval_checkpoint_steps
 
-    if cfg.train.eval.only and not cfg.train.checkpoint.init_from and ckpt.find_latest(cfg.resolved_run_dir()) is None:
+    e = cfg.train.eval
+    if not e.only:
+        return
+    source = ckpt.eval_source(cfg)
+    if source is None:
         raise ValueError(f"train.eval.only=true scores existing weights, and run_dir={cfg.resolved_run_dir()} holds no "
                          f"complete checkpoint: give the run_dir of a run that saved one, or "
                          f"train.checkpoint.init_from=DIR (one of our run directories or a Hugging Face checkpoint)")
+    if is_hf_checkpoint(source):
+        if e.checkpoints:
+            raise ValueError(f"train.eval.checkpoints={e.checkpoints!r} picks checkpoints of one of our run "
+                             f"directories; train.checkpoint.init_from={source!r} is a Hugging Face checkpoint")
+        return
+    held = ckpt.complete_checkpoints(source)
+    if not held:
+        raise ValueError(f"train.eval.only=true: train.checkpoint.init_from={source!r} holds no complete checkpoint")
+    missing = sorted(set(eval_checkpoint_steps(e.checkpoints) or []) - {r.step for r in held})
+    if missing:
+        raise ValueError(f"train.eval.checkpoints={e.checkpoints!r}: {source} holds no complete checkpoint of step "
+                         f"{', '.join(map(str, missing))}; its complete checkpoints are of steps "
+                         f"{', '.join(str(r.step) for r in held) or 'none'}")
 
 
 def check_resume(cfg: Config) -> None:

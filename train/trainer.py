@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from data.held_out import WHOLE, eval_plan
-from data.synthetic_tokens import SyntheticTokenStream
+from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
@@ -357,14 +357,11 @@ class Trainer:
         self.router_stats = RouterStats(chunks, num_layers=lm.num_layers, num_experts=lm.num_experts,
                                         dp_size=self.pgs.dp.size(), device=self.device)
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
-        # train.eval.only scores existing weights: the run directory's newest checkpoint (its weights alone: no
-        # optimizer state is read), else train.checkpoint.init_from (the launcher refuses a run with neither)
+        # train.eval.only loads each checkpoint it scores in evaluate_only
         self.eval_only = t.eval.only
         own = ckpt.find_latest(self.run_dir)
-        weights_from = str(self.run_dir) if self.eval_only and own is not None else (
-            t.checkpoint.init_from if own is None else "")
-        if weights_from:
-            self._init_weights_from(chunks, weights_from)
+        if t.checkpoint.init_from and own is None and not self.eval_only:
+            self._init_weights_from(chunks, t.checkpoint.init_from)
         if t.trainable == "projector":  # alignment stage: ViT and LM frozen, only the projector trains
             frozen = sum(1 for c in chunks for p in c.parameters())
             for c in chunks:
@@ -383,10 +380,7 @@ class Trainer:
                                       train_projector=t.trainable in ("all", "projector"), bf16=self.bf16)
             setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
             source = getattr(t.checkpoint, setting)
-            if self.eval_only and own is not None:
-                self._check_frozen_vision_filled(self._init_vision_from(str(self.run_dir), "init_from"),
-                                                 f"run_dir={self.run_dir}")
-            elif source and own is None:
+            if source and own is None and not self.eval_only:
                 self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
         # megatron's own NaN check (check_for_nan_in_grad) raises on the ranks whose local gradients hold one, before
         # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite), and
@@ -460,11 +454,6 @@ class Trainer:
             log.info("code version %s", version)
             Path(self.run_dir, "code_version.txt").write_text(version + "\n")
         if self.eval_only:  # nothing trains: no optimizer state, data position or config history to restore
-            self.step = own.step if own is not None else 0
-            if self.rank == 0:
-                log.info("train.eval.only: scoring the weights of %s (step %d) on the held-out data; no step "
-                         "trains and nothing is saved", own.path if own is not None else t.checkpoint.init_from,
-                         self.step)
             return
         self._resume()
         if self.rank == 0 and resolved_config_yaml:
@@ -555,7 +544,9 @@ class Trainer:
                                        set_name=name, one_epoch=whole)]
         if cfg.data.kind == "tokens":
             return self._text_streams(cfg.data, held_out=True, paths=paths, one_epoch=whole)
-        return self._text_streams(replace(cfg.data, seed=cfg.data.seed + 1))  # eval_plan: never whole
+        # other samples of the training text's Markov chain (data.seed + 1 was another chain: a distribution the run
+        # never trained on, whose loss rose as training went on); eval_plan: never whole
+        return self._text_streams(replace(cfg.data, sample_seed=samples_seed(cfg.data) + 1))
 
     def _common_state(self) -> dict:
         l = self.layout
@@ -597,10 +588,10 @@ class Trainer:
                 log.info("settings changed since that checkpoint was written: %s",
                          "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
 
-    def _init_weights_from(self, chunks, source: str) -> None:
-        """Model weights from another run's newest checkpoint, or from a Hugging Face Qwen3-MoE directory
-        (config.json + safetensors, read slice by slice for this rank's shards); parameters the source
-        lacks keep their init."""
+    def _init_weights_from(self, chunks, source: str, ref: ckpt.CheckpointRef | None = None) -> None:
+        """Model weights from another run's newest checkpoint (or `ref`, one of its checkpoints), or from a Hugging
+        Face Qwen3-MoE directory (config.json + safetensors, read slice by slice for this rank's shards);
+        parameters the source lacks keep their init."""
         from models.hf import is_hf_checkpoint, load_hf_into
 
         if is_hf_checkpoint(source):
@@ -611,7 +602,7 @@ class Trainer:
             kept = stats.pop("kept")
             what = f"the Hugging Face checkpoint {source}: {stats}"
         else:
-            src = ckpt.find_latest(source)
+            src = ref or ckpt.find_latest(source)
             if src is None:
                 raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
             kept = sorted(set(ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)))
@@ -628,7 +619,7 @@ class Trainer:
                         "the top-k keys at random until the KL trains them. DeepSeek-V3.2 and Keye-VL-2.0 run the dense "
                         "warm-up first (recipe keye_30b_a3b_dsa_warmup, then init_from its run)", source)
 
-    def _init_vision_from(self, source: str, setting: str) -> list[str]:
+    def _init_vision_from(self, source: str, setting: str, ref: ckpt.CheckpointRef | None = None) -> list[str]:
         """The vision tower's weights from a Keye-VL HF directory or from one of our checkpoints that holds
         `vision.*` tensors (`setting`: the train.checkpoint field that named it); returns the `vision.*` keys the
         source does not hold (all of them for a source without a vision tower), which keep their init."""
@@ -648,7 +639,7 @@ class Trainer:
                      "" if fits else f"; its projector maps to {theirs} dims, this language "
                      f"model has {ours}: the projector keeps its initialisation")
             return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
-        src = ckpt.find_latest(source)
+        src = ref or ckpt.find_latest(source)
         if src is None:
             raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
@@ -1042,19 +1033,33 @@ class Trainer:
             self.meter.finish()
         return history
 
-    def evaluate_only(self) -> dict:
-        """train.eval.only: one evaluation of the weights the trainer was built with (evaluate), logged at their
-        checkpoint's step as training logs it (console, <run_dir>/eval.jsonl, wandb). Collective."""
+    def evaluate_only(self) -> list[dict]:
+        """train.eval.only: each checkpoint train.eval.checkpoints picks (train/checkpoint.py eval_checkpoints),
+        oldest first, or a Hugging Face source once: its weights loaded (the language model's and the vision
+        tower's; no optimizer state), then evaluate, logged at its step as training logs an evaluation (console,
+        <run_dir>/eval.jsonl, wandb). Returns the evaluations. Collective."""
         t = self.cfg.train
+        source, refs = ckpt.eval_source(self.cfg), ckpt.eval_checkpoints(self.cfg)
+        chunks = [m.module for m in self.model]
+        self.meter.total_steps = refs[-1].step if refs else 0  # the eval line's "step/of": the newest scored
         if self.rank == 0:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
+            log.info("train.eval.only: scoring %s on the held-out data; no step trains and nothing is saved",
+                     f"{len(refs)} checkpoint(s) of {source} (steps {', '.join(str(r.step) for r in refs)})" if refs
+                     else f"the Hugging Face checkpoint {source} (logged at step 0)")
         try:
-            self._eval_and_log()
+            for ref in refs or [None]:
+                self._init_weights_from(chunks, source, ref)
+                if self.vision is not None:
+                    vision_source = source if ref is not None else (t.checkpoint.vision_init_from or source)
+                    self._init_vision_from(vision_source, "init_from", ref)
+                self.step = ref.step if ref is not None else 0
+                self._eval_and_log()
         finally:
             if self.rank == 0:
                 self.meter.finish()
-        return self.eval_history[-1]
+        return self.eval_history
 
     def close(self) -> None:
         """Let the model, its gradients and optimizer state be freed once the caller drops the trainer.

@@ -55,15 +55,19 @@ def runs(tmp_path_factory):
     vl_no_gbs = [o for o in VL if not o.startswith("train.global_batch_size")]
     one = tmp_path_factory.mktemp("one")
     one_job = run_layouts_all(1, {
-        "lm": [o for o in LM if o != "train.checkpoint.enabled=false"] + EVAL + ["run_dir=lm_ck"],
-        # its checkpoint's weights scored alone (train.eval.only), from its run directory and as another's init_from
+        # a checkpoint at every step (all kept)
+        "lm": [o for o in LM if o != "train.checkpoint.enabled=false"] + EVAL + [
+            "run_dir=lm_ck", "train.checkpoint.save_interval=1", "train.checkpoint.keep_last=3"],
+        # its checkpoints' weights scored alone (train.eval.only): the newest from its run directory, and every one
+        # as another run's init_from
         "lm_eval_only": [o for o in LM if o != "train.checkpoint.enabled=false"] + [
             "train.eval.only=true", "train.eval.batches=2", "run_dir=lm_ck"],
-        "lm_eval_init": LM + ["train.eval.only=true", "train.eval.batches=2", "train.checkpoint.init_from={root}/lm_ck"],
+        "lm_eval_init": LM + ["train.eval.only=true", "train.eval.batches=2", "train.checkpoint.init_from={root}/lm_ck",
+                              "train.eval.checkpoints=all"],
         "lm_no_eval": LM,
         "lm_one_batch": LM + ["train.eval.interval=3"],  # one held-out batch: what one training step sees
-        # trains on the held-out text: the synthetic generator under data.seed + 1 (the recipe's seed is 1234)
-        "lm_on_held_out": LM + ["data.seed=1235"],
+        # trains on the held-out text: the synthetic chain's samples under seed + 1 (the recipe's seed is 1234)
+        "lm_on_held_out": LM + ["data.sample_seed=1235"],
         "vl": saved_vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
         "vl_eval_only": saved_vl + ["train.eval.only=true", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
         "vl_no_eval": vl,
@@ -82,7 +86,7 @@ def runs(tmp_path_factory):
         "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
                        "parallel=single", "train.eval.interval=2"],
         "ksa_distill": KSA + ["train.eval.interval=2"],
-        "ksa_distill_on_held_out": KSA + ["data.seed=1235"],  # trains on what ksa_distill evaluates
+        "ksa_distill_on_held_out": KSA + ["data.sample_seed=1235"],  # trains on what ksa_distill evaluates
     }, one)
     one_losses, one_evals, extras = one_job["losses"], one_job["evals"], one_job["extras"]
     two_losses, two = run_layouts(2, {
@@ -134,20 +138,35 @@ def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
     run's init_from (logged at step 0), and for the multimodal model (its vision tower from the checkpoint too).
     Nothing trains and nothing is written but the evaluation's line."""
     losses, evals, extras = runs
-    for name, ref, step in (("lm_eval_only", "lm", 3), ("lm_eval_init", "lm", 0), ("vl_eval_only", "vl", 2)):
+
+    def values(e: dict) -> dict:
+        return {k: v for k, v in e.items() if k != "val_seconds"}
+
+    for name, ref, step in (("lm_eval_only", "lm", 3), ("vl_eval_only", "vl", 2)):
         (got,) = evals[name]
-        want = next(e for e in evals[ref] if e["step"] == (3 if ref == "lm" else 2))
-        assert got["step"] == step and losses[name] == {}, name
-        assert {k: v for k, v in got.items() if k not in ("step", "val_seconds")} == \
-            {k: v for k, v in want.items() if k not in ("step", "val_seconds")}, name
+        want = next(e for e in evals[ref] if e["step"] == step)
+        assert values(got) == values(want) and losses[name] == {}, name
+    # every checkpoint of another run directory, oldest first, each at its step
+    every = evals["lm_eval_init"]
+    assert [e["step"] for e in every] == [1, 2, 3] and losses["lm_eval_init"] == {}
+    assert [values(e) for e in every[1:]] == [values(e) for e in evals["lm"] if e["step"] in (2, 3)]
+    assert every[0]["val_loss"] not in {e["val_loss"] for e in evals["lm"]}  # step 1's weights: no run scored them
     # at TP 2 the same weights, resharded: equal to the order of the fp32 reductions (RTOL, module docstring)
     (tp2,) = evals["tp2_eval_only"]
     want = _by_step(evals["lm"])[3]
-    assert tp2["step"] == 0 and abs(tp2["val_loss"] - want) <= RTOL * want, (tp2, want)
-    for run, last, steps in (("lm_ck", "step_000003", [0, 2, 3, 3]), ("vl_ck", "step_000002", [0, 1, 2, 2])):
-        assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == [last]
+    assert tp2["step"] == 3 and abs(tp2["val_loss"] - want) <= RTOL * want, (tp2, want)
+    for run, kept, steps in (("lm_ck", [1, 2, 3], [0, 2, 3, 3]), ("vl_ck", [2], [0, 1, 2, 2])):
+        assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == \
+            [f"step_{s:06d}" for s in kept]
         lines = (extras["runs"] / run / "eval.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == steps
+    # a step the directory does not hold stops the run before it starts, naming the ones it holds
+    from train.launch import compose_config, validate
+
+    with pytest.raises(ValueError, match=r"train.eval.checkpoints='7,2': .*lm_ck holds no complete checkpoint of "
+                                         r"step 7; its complete checkpoints are of steps 1, 2, 3$"):
+        validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.only=true",
+                                 "train.eval.checkpoints='7,2'", f"run_dir={extras['runs'] / 'lm_ck'}"]))
 
 
 def test_held_out_loss_is_the_training_loss_on_that_data(runs):
@@ -254,5 +273,11 @@ def test_config_refuses_evaluation_without_held_out_data(tmp_path):
                                          r"\(shards not in data.video.shards='[^']*'\)$"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
                                  "train.eval.only=true", f"train.checkpoint.init_from={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"train.eval.checkpoints='all' names checkpoints to score with "
+                                         r"train.eval.only=true; this run trains"):
+        validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.checkpoints=all"]))
+    with pytest.raises(ValueError, match=r"train.eval.checkpoints='x2': give"):
+        validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.only=true",
+                                 "train.eval.checkpoints=x2"]))
     with pytest.raises(ValueError, match=r"train.eval.batches must be >= 1, or 0 for each held-out set whole"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=-1"]))

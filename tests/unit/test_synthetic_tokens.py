@@ -46,3 +46,25 @@ def test_text_is_learnable_not_uniform():
     toks = torch.cat([next(stream())["tokens"].flatten() for _ in range(4)])
     pairs = set(zip(toks[:-1].tolist(), toks[1:].tolist()))
     assert len(pairs) < 0.5 * len(toks)
+
+
+def test_held_out_samples_follow_the_training_chain():
+    """train.eval's held-out text (data.sample_seed + 1) is other samples of the chain the run trains on: every
+    transition outside a copied span is one of that chain's, and none of the samples is a training one. (Before,
+    the held-out text came from data.seed + 1, another chain: a held-out loss that rose as training went on.)"""
+    from dataclasses import replace
+
+    from data.synthetic_tokens import SyntheticTokenSource, samples_seed
+
+    train_cfg = DataConfig(copy_prob=0.0)
+    held_cfg = replace(train_cfg, sample_seed=samples_seed(train_cfg) + 1)
+    train, held = (SyntheticTokenSource(c, vocab_size=97, seq_length=64) for c in (train_cfg, held_cfg))
+    assert torch.equal(train.successors, held.successors)
+    allowed = {(a, b) for a, row in enumerate(train.successors.tolist()) for b in row}
+    samples = [held.sample(i) for i in range(8)]
+    for s in samples:
+        assert all((a, b) in allowed for a, b in zip(s[:-1].tolist(), s[1:].tolist()))
+    assert all(not torch.equal(s, train.sample(i)) for i, s in enumerate(samples))
+    # data.seed + 1, the old held-out text, is another chain: most of its transitions are not this one's
+    other = SyntheticTokenSource(replace(train_cfg, seed=train_cfg.seed + 1), vocab_size=97, seq_length=64).sample(0)
+    assert sum((a, b) in allowed for a, b in zip(other[:-1].tolist(), other[1:].tolist())) < 16
