@@ -320,7 +320,6 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     check_token_files(cfg)
     check_tokenizer(cfg)
     check_resume(cfg)
-    check_eval_only(cfg)
     from data.held_out import eval_plan
 
     eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)  # set_batches names held-out sets
@@ -329,6 +328,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
         raise ValueError(f"{evaluates(cfg)} needs held-out data: set data.video.eval_shards=DIR (shards not in "
                          f"data.video.shards={v.shards!r})" + (", or train.eval.interval=0" if cfg.train.eval.interval
                                                                else ""))
+    check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")

@@ -272,7 +272,12 @@ def test_config_refuses_evaluation_without_held_out_data(tmp_path):
     with pytest.raises(ValueError, match=r"train.eval.only=true needs held-out data: set data.video.eval_shards=DIR "
                                          r"\(shards not in data.video.shards='[^']*'\)$"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", f"data.video.shards={tmp_path}",
-                                 "train.eval.only=true", f"train.checkpoint.init_from={tmp_path}"]))
+                                 "train.eval.only=true", f"train.checkpoint.init_from={tmp_path}",
+                                 f"run_dir={tmp_path / 'fresh'}"]))
+    with pytest.raises(ValueError, match=r"train.eval.only=true: train.checkpoint.init_from='[^']*' holds no complete "
+                                         r"checkpoint$"):
+        validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.only=true",
+                                 f"train.checkpoint.init_from={tmp_path}", f"run_dir={tmp_path / 'fresh'}"]))
     with pytest.raises(ValueError, match=r"train.eval.checkpoints='all' names checkpoints to score with "
                                          r"train.eval.only=true; this run trains"):
         validate(compose_config(["recipe=keye_tiny_lm", "parallel=single", "train.eval.checkpoints=all"]))
