@@ -4,7 +4,8 @@ ranks with tests/launch_util.run_ranks, the same job runs under torchrun with th
     1. import a sharded Qwen3-MoE HF checkpoint at TP2/EP2 (each rank reads its slices) into our checkpoint
        format, with the logits checked against transformers;
     2. the project's Trainer starts from it (train.checkpoint.init_from) and trains one step, saving a checkpoint;
-       a second run with init_from naming the HF directory itself gives the same loss;
+       a second run with init_from naming the HF directory itself gives the same loss, and train.eval.only scores
+       the HF directory as it scores the import;
     3. that checkpoint is exported to HF safetensors (bounded files + index);
     4. the export is re-imported at TP2/EP2 and every parameter compared, exactly, with the trained
        checkpoint loaded by train.checkpoint; the trained model's logits are checked against transformers
@@ -69,6 +70,11 @@ def test_tp2_ep2_import_train_export_reimport(tmp_path):
     assert len(res["losses"]) == 1 and 5.0 < res["losses"]["1"] < 8.0  # about ln(512) = 6.24 on random tokens
     # training straight from the HF directory starts from the same weights as from the imported checkpoint
     assert res["losses_direct"] == res["losses"], (res["losses_direct"], res["losses"])
+    # train.eval.only: the HF directory, logged at step 0, scores as its import does (the same weights, exactly)
+    hf, imported = res["eval_hf"], res["eval_imported"]
+    assert hf["step"] == 0 and 5.0 < hf["val_loss"] < 8.0
+    assert {k: v for k, v in hf.items() if k not in ("val_seconds", "step")} == \
+        {k: v for k, v in imported.items() if k not in ("val_seconds", "step")}, (hf, imported)
     assert res["reimport_mismatches"] == [], res["reimport_mismatches"]
     assert res["reimport_tensors"] > 0
     assert res["export_verify"]["ok"], res["export_verify"]
@@ -127,6 +133,23 @@ def _train_one_step(init_from: Path, run_dir: Path, model: list[str] = ()) -> di
     return {s.step: s.loss for s in history}
 
 
+def _eval_only(init_from: Path, run_dir: Path) -> dict:
+    """train.eval.only on the weights of `init_from` (one of our run directories, or a Hugging Face directory)."""
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    overrides = ["recipe=keye_tiny_lm", *TINY_MODEL, f"parallel.tp={LAYOUT['tp']}", f"parallel.ep={LAYOUT['ep']}",
+                 "train.global_batch_size=2", "train.micro_batch_size=1", "train.seq_length=32",
+                 "train.wandb.enabled=false", "train.eval.only=true", "train.eval.batches=2",
+                 f"train.checkpoint.init_from={init_from}", f"run_dir={run_dir}"]
+    cfg, layout = validate(compose_config(overrides))
+    trainer = Trainer(cfg, layout)
+    (result,) = trainer.evaluate_only()
+    trainer.close()
+    del trainer
+    return result
+
+
 def _reimport(convert, lm, exported: Path, run: Path, res: dict) -> None:
     """The export re-imported at LAYOUT against the run's checkpoint, parameter by parameter (exactly), and the
     checkpoint's logits against transformers running the export."""
@@ -167,6 +190,9 @@ def main(out: str, hf_dir: str, work: str, dsa_dir: str, ksa_dir: str) -> None:
     res["import_verify"] = convert.import_hf(str(hf_dir), str(work / "imported"), lm=lm, verify=True, **LAYOUT)["verify"]
     res["losses"] = _train_one_step(work / "imported", work / "run")
     res["losses_direct"] = _train_one_step(hf_dir, work / "run_direct")  # init_from names the HF directory
+    # train.eval.only scores the HF directory itself (step 0) as its import (the import's step)
+    res["eval_hf"] = _eval_only(hf_dir, work / "eval_hf")
+    res["eval_imported"] = _eval_only(work / "imported", work / "eval_imported")
     res["export"] = convert.export(str(work / "run"), str(work / "exported"), lm=lm, max_shard_bytes=EXPORT_SHARD_BYTES)
     _reimport(convert, lm, work / "exported", work / "run", res)
 
