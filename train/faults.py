@@ -16,6 +16,7 @@ The disk-full case needs no hook: run with the run directory on a small filesyst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -40,3 +41,27 @@ def maybe_fail(point: str, *, step: int, rank: int) -> None:
     """Kills this process with SIGKILL if KEYE_FAULT names `point` for this step and rank."""
     if requested(point, step=step, rank=rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poisoned_loss(forward_step):
+    """The forward step with a NaN loss (nan_in_step)."""
+    def step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+        return output * float("nan"), loss_func
+    return step
+
+
+@contextlib.contextmanager
+def poisoned_indexers(chunks):
+    """nan_in_step in the DSA warm-up, whose schedule runs forward only (each layer's indexer KL back-propagates in
+    its forward, so a NaN loss at the end would reach nothing): every DSA indexer's input is NaN, and so are the KLs
+    and the indexers' gradients."""
+    from models.attention.dsa import DSAIndexer
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0] * float("nan"), *args[1:]))
+             for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

@@ -393,7 +393,8 @@ def run(dcfg: DictConfig) -> None:
     setup_logging(cfg.resolved_run_dir(), rank)
     if warning and rank == 0:
         logging.getLogger("train").warning("memory: %s", warning)
-    from train.trainer import NonFiniteStepError, Trainer
+    from train.nonfinite import NonFiniteStepError
+    from train.trainer import Trainer
 
     from train.checkpoint import CheckpointSaveError
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
@@ -31,7 +31,7 @@ from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
-from models.attention.dsa import DSAIndexer, record_kls, use_local_kl_backward
+from models.attention.dsa import record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
@@ -39,10 +39,11 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
-from train.faults import maybe_fail, requested
+from train.faults import maybe_fail, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            sum_over_world)
 from train.moe_stats import RouterStats
+from train.nonfinite import GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
@@ -60,96 +61,6 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _distill_loss_func(num_tokens: torch.Tensor, report: torch.Tensor, output: torch.Tensor):
     return output, num_tokens, {"lm_loss": report[:2], "distill": report[2:]}
-
-
-def _poisoned(forward_step):
-    """The forward step with a NaN loss (train/faults.py nan_in_step)."""
-    def step(data_iterator, model):
-        output, loss_func = forward_step(data_iterator, model)
-        return output * float("nan"), loss_func
-    return step
-
-
-@contextlib.contextmanager
-def _poisoned_indexers(chunks):
-    """nan_in_step in the DSA warm-up, whose schedule runs forward only (each layer's indexer KL back-propagates in
-    its forward, so a NaN loss at the end would reach nothing): every DSA indexer's input is NaN, and so are the KLs
-    and the indexers' gradients."""
-    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0] * float("nan"), *args[1:]))
-             for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _ranks(ranks: list[int]) -> str:
-    """"rank 3", "ranks 0-3, 8": runs of consecutive ranks as ranges."""
-    runs: list[list[int]] = []
-    for r in ranks:
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """A step's gradients that held a NaN or an Inf (_nonfinite; the same on every rank): which (among "the language
-    model's" and "the vision tower's"), and the ranks whose own losses, or own gradients before their reduction over
-    ranks, were already not finite: where it arose, since the reduction spreads it to every rank."""
-
-    grads: list[str]
-    loss_ranks: list[int]
-    grad_ranks: list[int]
-
-    def __bool__(self) -> bool:
-        return bool(self.grads)
-
-    @property
-    def origin(self) -> list[int]:
-        """The ranks whose data to look at: those with a loss that was not finite, else those whose gradients were
-        not (a backward's overflow). A forward's NaN reaches other ranks' gradients before the data-parallel
-        reduction too, through the experts' exchange (their backward sums every rank's tokens), TP and PP."""
-        return self.loss_ranks or self.grad_ranks
-
-    def where(self) -> str:
-        parts = ([f"the loss on {_ranks(self.loss_ranks)}"] * bool(self.loss_ranks)
-                 + [f"the gradients on {_ranks(self.grad_ranks)}"] * bool(self.grad_ranks))
-        if not parts:
-            return ("before their reduction over ranks, every rank's loss and gradients were finite: it arose in the "
-                    "reduction or after it")
-        return f"before their reduction over ranks, {' and '.join(parts)} were not finite"
-
-
-def _grad_norms(model: list) -> list[torch.Tensor]:
-    """One norm per gradient buffer of the language model's DDP chunks (device tensors)."""
-    return [buf.grad_data.norm() for m in model for buf in (*m.buffers, *m.expert_parallel_buffers)]
-
-
-class GradsBeforeReduction:
-    """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting whether
-    this rank's own gradients are finite (`finite`: a 0-dim device tensor; None before the step's backward): a NaN
-    reaches every rank's shards in the reduction, so only this says where it arose (Trainer._nonfinite). One norm per
-    buffer, kept on the device. It holds neither the model nor the trainer: the transformer config that holds it
-    as finalize_model_grads_func may outlive a trainer, which must be freed with its model."""
-
-    def __init__(self, rank: int):
-        self.rank, self.step, self.finite = rank, 0, None
-
-    def __call__(self, model: list, *args, **kwargs):
-        if requested("nan_backward_in_step", step=self.step, rank=self.rank):
-            model[0].buffers[0].grad_data.fill_(float("nan"))
-        norms = _grad_norms(model)
-        self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None
-        return finalize_model_grads(model, *args, **kwargs)
-
-
-class NonFiniteStepError(RuntimeError):
-    """A step's gradients held a NaN or an Inf and train.skip_nonfinite_steps allowed no more skips."""
 
 
 @dataclass(frozen=True)
@@ -846,7 +757,7 @@ class Trainer:
         gradient buffer, one all-reduce over the world of 2 + 2 x world flags, one host copy."""
         world = dist.get_world_size()
         flags = torch.zeros(2 + 2 * world, device=self.device)
-        norms = _grad_norms(self.model)
+        norms = grad_norms(self.model)
         if norms:
             flags[0] = (~torch.isfinite(torch.stack(norms))).any().float()
         flags[1] = float(not math.isfinite(vit_norm))
@@ -921,8 +832,8 @@ class Trainer:
         extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
         step_func = functools.partial(_forward_step, inputs)
         if poison and not forward_only:
-            step_func = _poisoned(step_func)
-        poisoned = _poisoned_indexers([m.module for m in self.model]) if poison and forward_only else None
+            step_func = poisoned_loss(step_func)
+        poisoned = poisoned_indexers([m.module for m in self.model]) if poison and forward_only else None
         with poisoned or contextlib.nullcontext():
             return fwd_bwd(forward_step_func=step_func,
                            data_iterator=iters if len(self.model) > 1 else iters[0],

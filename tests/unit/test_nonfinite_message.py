@@ -1,7 +1,7 @@
-"""The words of a non-finite step's message (train/trainer.py NonFinite, _ranks): which ranks it names and where
-it says the NaN arose. The whole path, through the launcher, is tests/dist/test_nonfinite.py."""
+"""The words of a non-finite step's message (train/nonfinite.py NonFinite, format_ranks): which ranks it names and
+where it says the NaN arose. The whole path, through the launcher, is tests/dist/test_nonfinite.py."""
 
-from train.trainer import NonFinite, _ranks
+from train.nonfinite import NonFinite, format_ranks as _ranks
 
 
 def test_ranks_are_written_as_runs():
