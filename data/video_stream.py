@@ -93,7 +93,7 @@ class VideoBatchStream:
             raise ValueError("a mixture of video sources (data.video.long_shards, text_tokens) has no one first epoch "
                              "to score whole")
         self.padding: list[bool] = []
-        self._drawn: deque[str] = deque(maxlen=self.num_microbatches)  # the packs of the current step
+        self._drawn: deque[tuple] = deque(maxlen=self.num_microbatches)  # the packs of the current step
 
     @property
     def samples_per_epoch(self) -> int:
@@ -109,9 +109,7 @@ class VideoBatchStream:
         t0 = time.perf_counter()
         s = next(self._it)
         self._wait += time.perf_counter() - t0
-        keys = ", ".join(s.sample_keys[:SHOWN_KEYS]) + (f", +{len(s.sample_keys) - SHOWN_KEYS} more"
-                                                       if len(s.sample_keys) > SHOWN_KEYS else "")
-        self._drawn.append(f"epoch {s.epoch} pack {s.pack_index}{' of ' + s.source if s.source else ''}: {keys}")
+        self._drawn.append((s.epoch, s.pack_index, s.source, s.sample_keys))  # worded only when a message asks
         labels = s.labels.clone()
         labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
         mask = s.loss_mask.float().view(1, -1)
@@ -132,7 +130,12 @@ class VideoBatchStream:
 
     def describe_step(self) -> str:
         """The packs (their epoch, index and samples) this rank drew in the current step, for a message about it."""
-        return "video packs " + "; ".join(self._drawn)
+        def pack(epoch, index, source, keys) -> str:
+            shown = ", ".join(keys[:SHOWN_KEYS]) + (f", +{len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS
+                                                     else "")
+            return f"epoch {epoch} pack {index}{' of ' + source if source else ''}: {shown}"
+
+        return "video packs " + "; ".join(pack(*p) for p in self._drawn)
 
     @property
     def stats(self) -> dict:

@@ -167,25 +167,38 @@ def complete_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointRef]:
     return [CheckpointRef(path=path, step=step) for step, path in reversed(_candidates(run_dir)) if _verify(path)[0]]
 
 
-def eval_source(cfg) -> str | None:
-    """Where train.eval.only takes its weights (cfg: train.config.Config): run_dir when it holds a complete
-    checkpoint, else train.checkpoint.init_from (None when neither applies)."""
-    if find_latest(cfg.resolved_run_dir()) is not None:
-        return str(cfg.resolved_run_dir())
-    return cfg.train.checkpoint.init_from or None
-
-
-def eval_checkpoints(cfg) -> list[CheckpointRef]:
-    """The checkpoints train.eval.only scores, oldest first: train.eval.checkpoints' choice among eval_source's
-    complete ones ([] for a source that is no run directory of ours: a Hugging Face checkpoint)."""
+def eval_checkpoints(cfg) -> tuple[str, list[CheckpointRef]]:
+    """What train.eval.only scores (cfg: train.config.Config): its source, run_dir when that holds a complete
+    checkpoint, else train.checkpoint.init_from; and train.eval.checkpoints' choice among the source's complete
+    checkpoints, oldest first ([] for a Hugging Face source, scored once). ValueError naming the setting when
+    there is no source, or no such checkpoint."""
+    from models.hf import is_hf_checkpoint
     from train.config import eval_checkpoint_steps
 
-    source = eval_source(cfg)
-    held = complete_checkpoints(source) if source else []
-    if cfg.train.eval.checkpoints == "":
-        return held[-1:]
-    steps = eval_checkpoint_steps(cfg.train.eval.checkpoints)
-    return held if steps is None else [r for r in held if r.step in steps]
+    e, run_dir = cfg.train.eval, cfg.resolved_run_dir()
+    held = complete_checkpoints(run_dir)
+    source = str(run_dir) if held else cfg.train.checkpoint.init_from
+    if not source:
+        raise ValueError(f"train.eval.only=true scores existing weights, and run_dir={run_dir} holds no complete "
+                         f"checkpoint: give the run_dir of a run that saved one, or train.checkpoint.init_from=DIR "
+                         f"(one of our run directories or a Hugging Face checkpoint)")
+    if not held and is_hf_checkpoint(source):
+        if e.checkpoints:
+            raise ValueError(f"train.eval.checkpoints={e.checkpoints!r} picks checkpoints of one of our run "
+                             f"directories; train.checkpoint.init_from={source!r} is a Hugging Face checkpoint")
+        return source, []
+    held = held or complete_checkpoints(source)
+    if not held:
+        raise ValueError(f"train.eval.only=true: train.checkpoint.init_from={source!r} holds no complete checkpoint")
+    steps = eval_checkpoint_steps(e.checkpoints)
+    missing = sorted(set(steps or []) - {r.step for r in held})
+    if missing:
+        raise ValueError(f"train.eval.checkpoints={e.checkpoints!r}: {source} holds no complete checkpoint of step "
+                         f"{', '.join(map(str, missing))}; its complete checkpoints are of steps "
+                         f"{', '.join(str(r.step) for r in held)}")
+    if e.checkpoints == "":
+        return source, held[-1:]
+    return source, held if steps is None else [r for r in held if r.step in steps]
 
 
 def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:

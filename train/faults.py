@@ -65,3 +65,8 @@ def poisoned_indexers(chunks):
     finally:
         for h in hooks:
             h.remove()
+
+
+def poison_gradients(model: list) -> None:
+    """nan_grad_in_step / nan_backward_in_step: the first gradient buffer of the first DDP chunk is NaN."""
+    model[0].buffers[0].grad_data.fill_(float("nan"))

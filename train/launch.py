@@ -83,9 +83,8 @@ def check_token_files(cfg: Config) -> None:
                          f"be 1, got {t.micro_batch_size} (or data.tokens.document_bounds=false, Megatron's rows: "
                          f"attention across the documents of a row)")
     if evaluates(cfg) and d.tokens.paths and not d.tokens.eval_paths:
-        raise ValueError(f"{evaluates(cfg)} needs held-out data: set data.tokens.eval_paths=PREFIX (token files not in "
-                         f"data.tokens.paths={d.tokens.paths!r})" + (", or train.eval.interval=0" if t.eval.interval
-                                                                      else ""))
+        raise held_out_missing(cfg, f"data.tokens.eval_paths=PREFIX (token files not in "
+                                    f"data.tokens.paths={d.tokens.paths!r})")
 
 
 def check_token_paths(cfg: Config) -> None:
@@ -138,34 +137,19 @@ def evaluates(cfg: Config) -> str:
     return "train.eval.only=true" if e.only else f"train.eval.interval={e.interval}" if e.interval else ""
 
 
+def held_out_missing(cfg: Config, what: str) -> ValueError:
+    """The error for an evaluation without held-out data: the setting that asked for it, and `what` to set."""
+    off = ", or train.eval.interval=0" if cfg.train.eval.interval else ""
+    return ValueError(f"{evaluates(cfg)} needs held-out data: set {what}{off}")
+
+
 def check_eval_only(cfg: Config) -> None:
     """train.eval.only scores existing weights: run_dir's checkpoints, or train.checkpoint.init_from's when it
     holds none; train.eval.checkpoints names ones that directory holds (ValueError naming what is missing)."""
-    from models.hf import is_hf_checkpoint
     from train import checkpoint as ckpt
-    from train.config import eval_checkpoint_steps
 
-    e = cfg.train.eval
-    if not e.only:
-        return
-    source = ckpt.eval_source(cfg)
-    if source is None:
-        raise ValueError(f"train.eval.only=true scores existing weights, and run_dir={cfg.resolved_run_dir()} holds no "
-                         f"complete checkpoint: give the run_dir of a run that saved one, or "
-                         f"train.checkpoint.init_from=DIR (one of our run directories or a Hugging Face checkpoint)")
-    if is_hf_checkpoint(source):
-        if e.checkpoints:
-            raise ValueError(f"train.eval.checkpoints={e.checkpoints!r} picks checkpoints of one of our run "
-                             f"directories; train.checkpoint.init_from={source!r} is a Hugging Face checkpoint")
-        return
-    held = ckpt.complete_checkpoints(source)
-    if not held:
-        raise ValueError(f"train.eval.only=true: train.checkpoint.init_from={source!r} holds no complete checkpoint")
-    missing = sorted(set(eval_checkpoint_steps(e.checkpoints) or []) - {r.step for r in held})
-    if missing:
-        raise ValueError(f"train.eval.checkpoints={e.checkpoints!r}: {source} holds no complete checkpoint of step "
-                         f"{', '.join(map(str, missing))}; its complete checkpoints are of steps "
-                         f"{', '.join(str(r.step) for r in held) or 'none'}")
+    if cfg.train.eval.only:
+        ckpt.eval_checkpoints(cfg)
 
 
 def check_resume(cfg: Config) -> None:
@@ -325,9 +309,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)  # set_batches names held-out sets
     v = cfg.data.video
     if evaluates(cfg) and cfg.data.kind == "video" and v.shards and not v.eval_shards:
-        raise ValueError(f"{evaluates(cfg)} needs held-out data: set data.video.eval_shards=DIR (shards not in "
-                         f"data.video.shards={v.shards!r})" + (", or train.eval.interval=0" if cfg.train.eval.interval
-                                                               else ""))
+        raise held_out_missing(cfg, f"data.video.eval_shards=DIR (shards not in data.video.shards={v.shards!r})")
     check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:

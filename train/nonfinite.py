@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.distributed import finalize_model_grads
 
-from train.faults import requested
+from train.faults import poison_gradients, requested
 
 
 def format_ranks(ranks: list[int]) -> str:
@@ -74,7 +74,7 @@ class GradsBeforeReduction:
 
     def __call__(self, model: list, *args, **kwargs):
         if requested("nan_backward_in_step", step=self.step, rank=self.rank):
-            model[0].buffers[0].grad_data.fill_(float("nan"))
+            poison_gradients(model)
         norms = grad_norms(model)
         self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None
         return finalize_model_grads(model, *args, **kwargs)

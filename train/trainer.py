@@ -39,7 +39,7 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
-from train.faults import maybe_fail, poisoned_indexers, poisoned_loss, requested
+from train.faults import maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            sum_over_world)
 from train.moe_stats import RouterStats
@@ -699,7 +699,7 @@ class Trainer:
             self.own_grads(self.model, self._loss_tokens(losses), pg_collection=self.pgs)
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if requested("nan_grad_in_step", step=self.step + 1, rank=self.rank):
-            self.model[0].buffers[0].grad_data.fill_(float("nan"))
+            poison_gradients(self.model)
         vit_norm, own_grads_finite = 0.0, self.own_grads.finite
         if own_grads_finite is None:  # a frozen LM (projector alignment): no gradient buffer
             own_grads_finite = torch.tensor(True, device=self.device)
@@ -782,10 +782,9 @@ class Trainer:
         data = "; ".join(s.describe_step() for s in self.streams)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, data)
-        shown = bad.origin[:4]
-        more = f" (and {len(bad.origin) - len(shown)} more ranks': their logs name it)" if bad.origin[4:] else ""
-        origin = "".join(f"; rank {r}'s data in the step: {everyone[r]}" for r in shown) + more
-        others = "".join(f"; rank {r}'s data in the step: {everyone[r]}" for r in shown if r != self.rank) + more
+        named = {r: f"rank {r}'s data in the step: {everyone[r]}" for r in bad.origin[:4]}
+        more = f" (and {len(bad.origin) - len(named)} more ranks': their logs name it)" if bad.origin[4:] else ""
+        others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
         if self.nonfinite_in_row <= t.skip_nonfinite_steps:
             self.skipped_steps += 1
             log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
@@ -795,8 +794,8 @@ class Trainer:
         log.error("%s; %s%s; this rank's data in the step: %s", what, bad.where(), others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
-        where_data = (origin[2:] + "." if origin else
-                      "Each rank's log (logs/rank<N>.log) names the data it trained on in the step; "
+        where_data = ("; ".join(named.values()) + more + "." if named else
+                      "each rank's log (logs/rank<N>.log) names the data it trained on in the step; "
                       f"rank {self.rank}'s: {data}.")
         if latest is not None:
             resume = f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
@@ -950,7 +949,7 @@ class Trainer:
         tower's; no optimizer state), then evaluate, logged at its step as training logs an evaluation (console,
         <run_dir>/eval.jsonl, wandb). Returns the evaluations. Collective."""
         t = self.cfg.train
-        source, refs = ckpt.eval_source(self.cfg), ckpt.eval_checkpoints(self.cfg)
+        source, refs = ckpt.eval_checkpoints(self.cfg)
         chunks = [m.module for m in self.model]
         self.meter.total_steps = refs[-1].step if refs else 0  # the eval line's "step/of": the newest scored
         if self.rank == 0:

@@ -45,9 +45,11 @@ def run(out: str, run_root: str, spec: str) -> None:
         from train.trainer import Trainer
 
         trainer = Trainer(cfg, layout)
-        history = [] if cfg.train.eval.only else trainer.train()
-        if cfg.train.eval.only:
+        if cfg.train.eval.only:  # scores checkpoints, trains nothing (its evaluations: trainer.eval_history)
             trainer.evaluate_only()
+            history = []
+        else:
+            history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
         extras[name] = {s.step: s.extra for s in history}  # the step's further metrics (router statistics, ...)
         evals[name] = trainer.eval_history  # train.eval's results, when the entry turns it on
