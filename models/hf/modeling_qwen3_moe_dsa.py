@@ -30,8 +30,9 @@ QUERY_CHUNK_BYTES at long contexts. A chunk scores only the keys up to its last 
 bf16 index inputs multiply on a GPU's tensor cores into fp32 (index_products); the top-k runs over one int64 key per
 score and position, without a sort (top_positions). The attention is one scaled_dot_product_attention call per
 chunk (and row, when gathered), in the model's dtype as transformers' own attention, a KV group's query heads folded
-into the queries of one head so each key and value serves the group, cuDNN's backend left out. It takes one of two
-ways, by the call's keys (DENSE_KEYS_PER_TOPK):
+into the queries of one head so each key and value serves the group, cuDNN's backend left out. A chunk takes one
+of two ways, by the keys its last query sees (DENSE_KEYS_PER_TOPK), so a long prompt's first queries attend densely
+and its later ones over gathered keys:
   * densely: over every key up to the chunk's last query, those a query did not select masked by a -inf bias. No
     key is copied; the cost grows with the keys (torch's memory-efficient kernel on a GPU);
   * gathered: over each query's selected keys and values, copied. The cost grows with the top-k.
@@ -43,6 +44,8 @@ cache, where beam search reorders them through the model's _reorder_cache and a 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +60,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 
 # Bytes of a chunk's temporaries (its index products, scores, masks, and its attention bias or gathered keys): 1 GiB.
 QUERY_CHUNK_BYTES = 1 << 30
-# A call attends densely (the selection as a bias over every key up to a chunk's last query) while its keys are at
-# most this many times the top-k, over gathered keys beyond: on an H200, with the 30B's shapes, dense is 1.23x as
-# fast at 32 x (64K keys of a top 2,048), 0.94x at 48 x (bench/probe_dsa_attention.py, bench/RESULTS.md).
-DENSE_KEYS_PER_TOPK = 32
+# A chunk attends densely (the selection as a bias over every key up to its last query) while the keys its last query
+# sees are at most this many times the top-k, over gathered keys beyond: on an H200, with the 30B's shapes, a query
+# costs the same both ways near 20 x (about 10 us at 42K keys of a top 2,048), and whole prefills were fastest, or
+# within 1% of it, at 16 x among 12, 16, 24 and 32 (bench/probe_dsa_attention.py, bench/RESULTS.md).
+DENSE_KEYS_PER_TOPK = 16
 # The scaled_dot_product_attention backends the attention may use: not cuDNN's, which builds a graph for each new
 # shape (the selected keys' count changes with a call's length until it reaches the top-k).
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -185,6 +189,13 @@ def select_keys(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, allow
     return sel, torch.gather(allowed, -1, sel)
 
 
+def dense_chunk(budget: int, seen: int) -> int:
+    """The most queries (at least 1) a dense chunk may hold when each takes one unit of `budget` per key it sees and
+    the chunk's first sees `seen` keys before its own: the c with c * (seen + c) <= budget, its last query's keys
+    (seen + c) bounding the chunk's."""
+    return max(1, (math.isqrt(seen * seen + 4 * budget) - seen) // 2)
+
+
 class Qwen3MoeDSAAttention(Qwen3MoeAttention):
     """Qwen3-MoE attention (same projections, q/k RMS norms and RoPE) whose queries see only the keys the indexer
     selects. `query_chunk`: queries per chunk (None: from QUERY_CHUNK_BYTES); `attend_densely`: True or False
@@ -220,19 +231,25 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         hkv, kv = k.shape[1], k.shape[2]
         g, esz = hq // hkv, q.element_size()
         topk = min(self.index_topk, kv)
-        dense = self.attend_densely if self.attend_densely is not None else kv <= DENSE_KEYS_PER_TOPK * topk
-        # bytes per query of a chunk's temporaries, each part within half of QUERY_CHUNK_BYTES: the selection's (the
-        # fp32 index products per index head, the scores, the top-k's int64 keys, the allowed keys), then the
-        # attention's (dense: the bias, a KV group's g query heads and its unexpanded rows, the kept keys; gathered:
-        # each selected key and value, the bias, the positions)
-        select = (4 * self.indexer.n_heads + 25) * kv
-        attend = (esz * (g + 1) + 1) * kv if dense else (2 * hkv * d * esz + esz + 9) * topk
-        chunk = self.query_chunk or max(1, min(s, QUERY_CHUNK_BYTES // (2 * b * attend)))
-        sub = min(chunk, max(1, QUERY_CHUNK_BYTES // (2 * b * select)))
+        # the queries [0, switch) attend densely: those that see at most DENSE_KEYS_PER_TOPK x the top-k keys (query i
+        # sees kv - s + i + 1), unless a way is forced
+        forced = self.attend_densely
+        switch = (s if forced else 0) if forced is not None else min(s, max(0, DENSE_KEYS_PER_TOPK * topk - kv + s))
+        # bytes of a chunk's temporaries, each part within half of QUERY_CHUNK_BYTES: the selection's per query and key
+        # (the fp32 index products per index head, the scores, the top-k's int64 keys, the allowed keys), the
+        # attention's per query and key when dense (the bias, a KV group's g query heads and its unexpanded rows, the
+        # kept keys), per query when gathered (each selected key and value, the bias, the positions)
+        half = QUERY_CHUNK_BYTES // (2 * b)
+        select, dense_attend = 4 * self.indexer.n_heads + 25, esz * (g + 1) + 1
+        gathered_chunk = max(1, half // ((2 * hkv * d * esz + esz + 9) * topk))
         out = q.new_empty(b, s, hq, d)
-        for i0 in range(0, s, chunk):
-            i1 = min(s, i0 + chunk)
+        i0 = 0
+        while i0 < s:
+            dense = i0 < switch
+            chunk = self.query_chunk or (dense_chunk(half // dense_attend, kv - s + i0) if dense else gathered_chunk)
+            i1 = min(switch if dense else s, i0 + chunk)
             n = kv - s + i1  # the keys up to the chunk's last query
+            sub = max(1, half // (select * n))
             picks = []  # the selection in pieces of `sub` queries, each over the keys up to its own last query
             for j0 in range(i0, i1, sub):
                 j1 = min(i1, j0 + sub)
@@ -246,6 +263,7 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
             qc = q[:, :, i0:i1]
             o = self._attend_densely(qc, k, v, sel, valid, n) if dense else self._attend_gathered(qc, k, v, sel, valid)
             out[:, i0:i1] = o.masked_fill(none[..., None, None], 0.0)
+            i0 = i1
         return out
 
     def _attend_densely(self, q, k, v, sel, valid, n: int):

@@ -15,7 +15,8 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 from kernels.dsa import naive
-from models.hf.modeling_qwen3_moe_dsa import Qwen3MoeDSAAttention, _cached_index_keys, select_keys, top_positions
+from models.hf.modeling_qwen3_moe_dsa import (Qwen3MoeDSAAttention, _cached_index_keys, dense_chunk, select_keys,
+                                              top_positions)
 from models.hf.verify import LOGIT_ATOL, LOGIT_RTOL
 
 TOPK = 8  # of sequences of 20-40 tokens: the indexers select
@@ -205,9 +206,10 @@ def test_padded_batch_rows_are_the_rows_alone(model):
     assert _close(pieces, batch)
 
 
-def test_a_call_attends_densely_up_to_its_keys_per_top_k(export):
-    """By the rule (attend_densely None), a call whose keys are at most DENSE_KEYS_PER_TOPK x the top-k attends over
-    every key, a longer one over gathered keys; a generation step after a long prompt gathers too."""
+def test_a_chunk_attends_densely_up_to_its_keys_per_top_k(export):
+    """By the rule (attend_densely None), a chunk whose last query sees at most DENSE_KEYS_PER_TOPK x the top-k keys
+    attends over every key, a chunk beyond over gathered keys: a call one token longer splits, its last query
+    gathered, with the logits of either way alone; a generation step after a long prompt gathers too."""
     from transformers.cache_utils import DynamicCache
 
     code = sys.modules[type(export.model.layers[0].self_attn).__module__]  # transformers' copy of the file
@@ -215,22 +217,40 @@ def test_a_call_attends_densely_up_to_its_keys_per_top_k(export):
     for layer in export.model.layers:
         for way in ("_attend_densely", "_attend_gathered"):
             bound = getattr(layer.self_attn, way)
-            setattr(layer.self_attn, way, lambda *a, _f=bound, _w=way: calls.append(_w) or _f(*a))
+            setattr(layer.self_attn, way, lambda q, *a, _f=bound, _w=way: calls.append((_w, q.shape[2])) or _f(q, *a))
     try:
         most = code.DENSE_KEYS_PER_TOPK * TOPK
-        for n, way in ((most, "_attend_densely"), (most + 1, "_attend_gathered")):
+        dense, gathered = "_attend_densely", "_attend_gathered"
+        ids = torch.randint(0, export.config.vocab_size, (1, most + 1), generator=torch.Generator().manual_seed(6))
+        for n, want in ((most, [(dense, most)]), (most + 1, [(dense, most), (gathered, 1)])):
             calls.clear()
-            export(input_ids=torch.zeros(1, n, dtype=torch.long), use_cache=False)
-            assert calls == [way] * 2
-        cache = DynamicCache(config=export.config)
-        export(input_ids=torch.zeros(1, most, dtype=torch.long), **{CACHE: cache}, use_cache=True)
-        calls.clear()
-        export(input_ids=torch.zeros(1, 1, dtype=torch.long), **{CACHE: cache}, use_cache=True)
-        assert calls == ["_attend_gathered"] * 2
+            split = export(input_ids=ids[:, :n], use_cache=False).logits
+            assert calls == want * 2
+        for densely in (True, False):
+            _attending(export, densely)
+            assert _close(split, export(input_ids=ids, use_cache=False).logits)
+        _attending(export, None)
+        for prompt, want in ((most - 1, dense), (most, gathered)):  # the step's query sees prompt + 1 keys
+            cache = DynamicCache(config=export.config)
+            export(input_ids=ids[:, :prompt], **{CACHE: cache}, use_cache=True)
+            calls.clear()
+            export(input_ids=ids[:, prompt:prompt + 1], **{CACHE: cache}, use_cache=True)
+            assert calls == [(want, 1)] * 2
     finally:
+        _attending(export, None)
         for layer in export.model.layers:
             for way in ("_attend_densely", "_attend_gathered"):
                 del layer.self_attn.__dict__[way]
+
+
+def test_a_dense_chunk_holds_the_most_queries_its_bytes_allow():
+    """dense_chunk(budget, seen): the largest c with c * (seen + c) <= budget (a query's bytes grow with the keys up to
+    the chunk's last one), at least 1; checked against a search over c."""
+    for budget in (0, 1, 2, 5, 99, 100, 10 ** 6, 2 ** 29):
+        for seen in (0, 1, 7, 1000, 131071):
+            c = dense_chunk(budget, seen)
+            most = max([0] + [x for x in range(1, 40000) if x * (seen + x) <= budget])
+            assert c == max(1, most), (budget, seen, c, most)
 
 
 def test_a_config_without_dsa_layers_is_refused(hf_dir, tmp_path):
