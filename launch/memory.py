@@ -38,6 +38,8 @@ def main(argv: list[str]) -> None:
           + (f"; offload {layout.offload} of "
              f"{'all but the last layer' if layout.offload_layers == -1 else f'{layout.offload_layers} layers'}"
              " per model chunk" if layout.offload != "none" else ""))
+    if m.trainable == "none":
+        print("train.eval.only=true: the model runs forward only, with no gradients or optimizer state")
     if m.indexer_step:
         print("train.trainable=indexer with indexer_backward=local: the step runs the frozen model forward only "
               "(recompute and offload unused), gradients and optimizer state for the indexers alone")

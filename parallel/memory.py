@@ -23,6 +23,8 @@ warm-up's indexer-only step (trainable=indexer, indexer_backward=local) runs the
 its activations are one working set, not every layer's kept tensors. A frozen model trained through its
 backward (trainable=indexer with indexer_backward=model, summary, projector) is counted as full training
 keeps it: an upper bound (a frozen layer saves less; bench/RESULTS.md measured 25-42% less).
+`train.eval.only` (trainable "none"): nothing trains, so no gradients or optimizer state, and the evaluation runs
+forward only, counted as the warm-up's step is.
 
 The vision tower (train/vision.py, parallel/vit_layout.py; `vision_bytes`): its fp32 weights on every rank,
 gradients and AdamW state of what trains, and what its phase holds while the language model's schedule runs,
@@ -72,7 +74,7 @@ class MemoryInputs:
     cp_comm: str = "a2a"
     offload: str = "none"  # none | activations (parallel/offload.py: what offloaded layers save goes to the host)
     offload_layers: int = -1  # per model chunk, from the first; -1 = all but the chunk's last layer
-    trainable: str = "all"  # train.trainable: the parameters with gradients and optimizer state
+    trainable: str = "all"  # train.trainable: the parameters with gradients and optimizer state; "none": eval only
     indexer_step: bool = False  # trainable=indexer with indexer_backward=local: the step runs forward only
     vision: object = None  # models.vision.VisionConfig of the model's vision tower, None without one
     vit_ranks: int = 1  # ranks that split one sequence's frames (parallel.vit.layout=spread: tp x cp x pp)
@@ -82,6 +84,11 @@ class MemoryInputs:
     @property
     def model_seq(self) -> int:
         return self.lm.model_seq_length(self.seq_length)
+
+    @property
+    def forward_only(self) -> bool:
+        """Nothing waits for a backward: the warm-up's indexer-only step, or train.eval.only."""
+        return self.indexer_step or self.trainable == "none"
 
 
 @dataclass
@@ -137,7 +144,7 @@ def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float
     """(dense, expert) elements of the parameters that train (models/lm.freeze_for_stage): all of them, only
     the DSA indexers (trainable=indexer), only the KSA summary embeddings and summary QKV projections
     (summary), or none of the language model's (projector: only the vision projector trains, and the ViT is
-    not counted here)."""
+    not counted here), or none at all (train.eval.only)."""
     if m.trainable == "all":
         return param_counts(m, first=first, last=last)
     lm = m.lm
@@ -153,7 +160,7 @@ def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float
         q, kv = lm.num_attention_heads * lm.head_dim, lm.num_query_groups * lm.head_dim
         return (variants.count("ksa") * h * (q + 2 * kv) / m.tp
                 + (lm.ksa.num_summary * h if first and lm.uses_ksa else 0)), 0.0
-    if m.trainable == "projector":
+    if m.trainable in ("projector", "none"):
         return 0.0, 0.0
     raise ValueError(f"unknown trainable set {m.trainable!r}")
 
@@ -291,7 +298,7 @@ def _loss(m: MemoryInputs) -> float:
     b = 2 if m.bf16 else 4
     t = m.micro_batch_size * m.model_seq / m.cp
     Vr = lm.vocab_size / m.tp
-    if m.indexer_step:  # one chunk's logits while their fp32 copy is made (exp and sum run in place)
+    if m.forward_only:  # one chunk's logits while their fp32 copy is made (exp and sum run in place)
         c = min(lm.loss_chunk_tokens, t) if lm.loss_chunk_tokens else t
         return c * Vr * (2 + 4) + t * 4 + t / m.tp * lm.hidden_size * b
     if lm.loss_chunk_tokens:
@@ -344,7 +351,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     the in-flight micro-batches, plus the transient buffers. Offload (parallel/offload.py) keeps on the
     device at most two offloaded layers' saved tensors at a time: one being copied out in forward, or in
     backward the layer being worked on plus the next one prefetched."""
-    if m.indexer_step:
+    if m.forward_only:
         return _forward_only_bytes(m, first=first, last=last)
     lm = m.lm
     b = 2 if m.bf16 else 4
@@ -384,12 +391,12 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
 
 
 def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
-    """The warm-up's indexer-only step (train/trainer.py, `indexer_step`): the frozen model runs forward only and
-    each DSA layer back-propagates its KL inside its forward, so no layer keeps anything for a later backward and
-    no micro-batch's activations wait for one (recompute and offload are off in this step). The peak is one
-    working set: a layer's attention block's tensors (what a training step would keep, here alive only until
-    the block ends) with its transient buffers, or its MoE block's, or on the last stage the output layer and
-    loss's, whichever is largest, on top of the residual stream (each is freed before the next begins)."""
+    """The warm-up's indexer-only step (train/trainer.py, `indexer_step`) and train.eval.only: the frozen model runs
+    forward only (in the warm-up each DSA layer back-propagates its KL inside its forward), so no layer keeps
+    anything for a later backward and no micro-batch's activations wait for one (recompute and offload have nothing
+    to do). The peak is one working set: a layer's attention block's tensors (what a training step would keep, here
+    alive only until the block ends) with its transient buffers, or its MoE block's, or on the last stage the output
+    layer and loss's, whichever is largest, on top of the residual stream (each is freed before the next begins)."""
     b = 2 if m.bf16 else 4
     t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
     mine, _ = _stage_layers(m, first=first)
@@ -468,7 +475,8 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         dp=layout.dp, edp=layout.edp, distributed_optimizer=layout.distributed_optimizer,
                         recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
                         offload=getattr(layout, "offload", "none"),
-                        offload_layers=getattr(layout, "offload_layers", -1), trainable=t.trainable,
+                        offload_layers=getattr(layout, "offload_layers", -1),
+                        trainable="none" if t.eval.only else t.trainable,
                         indexer_step=t.indexer_step,
                         vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
                         vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,

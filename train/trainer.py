@@ -273,7 +273,9 @@ class Trainer:
         own = ckpt.find_latest(self.run_dir)
         if t.checkpoint.init_from and own is None and not self.eval_only:
             self._init_weights_from(chunks, t.checkpoint.init_from)
-        if t.trainable == "projector":  # alignment stage: ViT and LM frozen, only the projector trains
+        if t.trainable == "projector" or self.eval_only:
+            # the alignment stage (ViT and LM frozen, only the projector trains), or train.eval.only: nothing
+            # trains, so DDP allocates no gradient buffer and the optimizer holds no state for the LM
             frozen = sum(1 for c in chunks for p in c.parameters())
             for c in chunks:
                 c.requires_grad_(False)
@@ -287,8 +289,10 @@ class Trainer:
 
             # the projector trains with the whole model and in the alignment stage; the KSA and DSA conversion
             # stages (trainable=summary / indexer) keep everything but their own parameters frozen
-            self.vision = VisionTower(cfg, layout, self.pgs, self.device, train_vit=t.trainable == "all",
-                                      train_projector=t.trainable in ("all", "projector"), bf16=self.bf16)
+            self.vision = VisionTower(cfg, layout, self.pgs, self.device,
+                                      train_vit=t.trainable == "all" and not self.eval_only,
+                                      train_projector=t.trainable in ("all", "projector") and not self.eval_only,
+                                      bf16=self.bf16)
             setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
             source = getattr(t.checkpoint, setting)
             if source and own is None and not self.eval_only:
@@ -346,7 +350,8 @@ class Trainer:
                      f"chunked cross-entropy ({lm.loss_chunk_tokens} tokens)" if lm.loss_chunk_tokens else "megatron's",
                      "distributed" if layout.distributed_optimizer else "replicated")
             if frozen:
-                log.info("train.trainable=%s: %d parameter tensors frozen", t.trainable, frozen)
+                log.info("%s: %d parameter tensors frozen", "train.eval.only=true" if self.eval_only
+                         else f"train.trainable={t.trainable}", frozen)
             if self.indexer_step:
                 log.info("train.indexer_backward=local: each DSA layer back-propagates its indexer KL in its forward; "
                          "the step runs the frozen model forward only%s",

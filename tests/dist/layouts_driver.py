@@ -30,7 +30,7 @@ def run(out: str, run_root: str, spec: str) -> None:
     """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
     the losses, each step's further metrics, parameter digests and held-out results to `out`."""
     run_root = Path(run_root)
-    results, digests, evals, extras = {}, {}, {}, {}
+    results, digests, evals, extras, held = {}, {}, {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
@@ -60,12 +60,22 @@ def run(out: str, run_root: str, spec: str) -> None:
             params += [(f"vision.{n}", p) for n, p in trainer.vision.model.named_parameters()]
         digests[name] = {n: [float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
                          for n, p in params}
+        # what the trainer holds for training on this rank: gradient buffer elements (the LM's DDP buffers) and the
+        # parameters its optimizers update (the LM's and the vision tower's)
+        from train.optim import torch_optimizers
+
+        held[name] = {"grad_elements": sum(b.grad_data.numel() for m in trainer.model
+                                           for b in (*m.buffers, *m.expert_parallel_buffers)),
+                      "optimizer_params": sum(p.numel() for o in torch_optimizers(trainer.optimizer) if o is not None
+                                              for g in o.param_groups for p in g["params"]),
+                      "vision_optimizer_params": sum(p.numel() for p in trainer.vision.params)
+                      if trainer.vision is not None else 0}
         trainer.close()
         del trainer
         os.environ.pop("KEYE_FAULT", None)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals,
-                                            "extras": extras}))
+                                            "extras": extras, "held": held}))
     from parallel.groups import teardown
 
     teardown()

@@ -104,7 +104,7 @@ def runs(tmp_path_factory):
                         "parallel.vit.layout=spread"],
     }, tmp_path_factory.mktemp("two"), evals=True)
     return ({**one_losses, **two_losses}, {**one_evals, **two}, {**extras, "packs": packs, "whole_gbs": gbs,
-                                                                 "runs": one / "runs"})
+                                                                 "runs": one / "runs", "held": one_job["held"]})
 
 
 def _packs_in_first_epoch(shards, tmp) -> int:
@@ -136,7 +136,8 @@ def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
     """train.eval.only: the newest checkpoint's weights, scored once, give the held-out values the run logged at
     that step (the same process count, data and weights: equal), for the LM from its run directory and as another
     run's init_from (logged at step 0), and for the multimodal model (its vision tower from the checkpoint too).
-    Nothing trains and nothing is written but the evaluation's line."""
+    Nothing trains, nothing is held for training (no gradient buffer or optimizer state), and nothing is written but
+    the evaluation's line."""
     losses, evals, extras = runs
 
     def values(e: dict) -> dict:
@@ -155,6 +156,12 @@ def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
     (tp2,) = evals["tp2_eval_only"]
     want = _by_step(evals["lm"])[3]
     assert tp2["step"] == 3 and abs(tp2["val_loss"] - want) <= RTOL * want, (tp2, want)
+    # nothing trains, so nothing is held for training: no gradient buffer, no parameter in an optimizer (the runs
+    # that trained the same models held both)
+    held = extras["held"]
+    for name in ("lm_eval_only", "lm_eval_init", "vl_eval_only"):
+        assert held[name] == {"grad_elements": 0, "optimizer_params": 0, "vision_optimizer_params": 0}, name
+    assert min(held["lm"]["grad_elements"], held["lm"]["optimizer_params"], held["vl"]["vision_optimizer_params"]) > 0
     for run, kept, steps in (("lm_ck", [1, 2, 3], [0, 2, 3, 3]), ("vl_ck", [2], [0, 1, 2, 2])):
         assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == \
             [f"step_{s:06d}" for s in kept]
