@@ -92,8 +92,10 @@ class Meter:
     def log_eval(self, step: int, values: dict) -> None:
         """One evaluation's line: its values, then how many held-out sequences (val_sequences) it took how long."""
         shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("val_seconds", "val_sequences"))
-        log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s", step, self.total_steps, shown,
-                 values.get("val_sequences", 0), values.get("val_seconds", 0.0))
+        # the process's peak so far, as a step's line gives it: in train.eval.only, the evaluation's own
+        mem = f" | mem {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if torch.cuda.is_available() else ""
+        log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s%s", step, self.total_steps, shown,
+                 values.get("val_sequences", 0), values.get("val_seconds", 0.0), mem)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
