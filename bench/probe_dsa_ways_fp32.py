@@ -5,7 +5,6 @@ selected keys differ, and the tokens whose router picks other experts; then the 
 
     python3 bench/probe_dsa_ways_fp32.py [N]        # N = 4096: about 10 s
 (bench/RESULTS.md, "A DSA export's chunks attend densely up to 16 x its top-k")"""
-import functools
 import os
 import sys
 import tempfile
@@ -32,7 +31,8 @@ def main(n: int) -> None:
     def recording(way):
         def select_keys(*a, **k):
             sel, valid = select(*a, **k)
-            seen.setdefault((way, "sel"), []).append(torch.where(valid, sel, -1).sort(-1).values.reshape(-1, sel.shape[-1]))
+            kept = torch.where(valid, sel, -1).sort(-1).values
+            seen.setdefault((way, "sel"), []).append(kept.reshape(-1, sel.shape[-1]))
             return sel, valid
         return select_keys
 
