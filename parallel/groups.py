@@ -9,6 +9,7 @@ megatron's global parallel state on its own.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 
@@ -77,6 +78,10 @@ def _destroy_subgroups() -> None:
     for pg in list(c10d._world.pg_map):
         if pg is not c10d.GroupMember.WORLD:
             dist.destroy_process_group(pg)
+    # A destroyed group's descriptors close when the group object is freed. A dropped trainer still holds its groups
+    # in reference cycles (its modules, hooks and config refer to each other), which only the cyclic collector frees:
+    # without this, measured, 65 more descriptors stayed open per trainer built in one process.
+    gc.collect()
 
 
 def rank_grid(layout: ParallelLayout) -> torch.Tensor:

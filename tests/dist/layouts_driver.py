@@ -30,7 +30,7 @@ def run(out: str, run_root: str, spec: str) -> None:
     """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
     the losses, each step's further metrics, parameter digests and held-out results to `out`."""
     run_root = Path(run_root)
-    results, digests, evals, extras, held = {}, {}, {}, {}, {}
+    results, digests, evals, extras, held, fds = {}, {}, {}, {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
@@ -72,10 +72,11 @@ def run(out: str, run_root: str, spec: str) -> None:
                       if trainer.vision is not None else 0}
         trainer.close()
         del trainer
+        fds[name] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1  # open after it
         os.environ.pop("KEYE_FAULT", None)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals,
-                                            "extras": extras, "held": held}))
+                                            "extras": extras, "held": held, "open_fds": fds}))
     from parallel.groups import teardown
 
     teardown()
