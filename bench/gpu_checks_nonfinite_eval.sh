@@ -5,7 +5,8 @@
 # allowed; the multimodal tiny recipe trains 4 steps and train.eval.only scores each of its checkpoints; one process
 # builds 3 trainers in turn (tests/dist/layouts_driver.py), each with its process groups, and reports what each held
 # for training and the descriptors open after each. Needs $OUT. bench/RESULTS.md "The NaN check and train.eval.only
-# on the GPU". A check, no speed claim.
+# on the GPU". A check, no speed claim. The multimodal cases make synthetic videos: PyAV must be installed (carried
+# as a wheel, as megatron-core is, on a machine without network).
 set -u
 P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false train.log_interval=1"
 KEYE_FAULT=nan_in_step:step=3:rank=0 timeout 120 $P recipe=keye_tiny_lm train.steps=5 train.warmup_steps=1 \
