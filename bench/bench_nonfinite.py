@@ -24,10 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel.layout import ParallelLayout  # noqa: E402
-from parallel.memory import inputs_from_config, trainable_counts  # noqa: E402
-from train.config import to_config  # noqa: E402
-from train.launch import compose_config  # noqa: E402
+from launch.memory import memory_inputs  # noqa: E402
+from parallel.memory import model_state_bytes, trainable_counts  # noqa: E402
 from train.nonfinite import grad_norms  # noqa: E402
 
 REPS = 5
@@ -36,14 +34,11 @@ HBM_BYTES_PER_S = 4.2e12  # the H200's ceiling (../shared/DESIGN.md)
 
 def counts(recipe: str) -> dict:
     """The recipe's per-rank trainable elements (dense, expert) and its optimizer shard's, as the memory estimate
-    counts them."""
-    cfg = to_config(compose_config([f"recipe={recipe}", "data=synthetic_tokens"]))
-    p = cfg.parallel
-    world = p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
-    layout = ParallelLayout.build(p, world_size=world, lm=cfg.model.lm)
-    m = inputs_from_config(cfg, layout)
+    counts them (launch/memory.py's inputs, on the fewest ranks the recipe's layout needs)."""
+    cfg, layout, m = memory_inputs([f"recipe={recipe}", "data=synthetic_tokens"])
     dense, expert = trainable_counts(m, first=True, last=True)
-    shard = dense / (m.dp * m.cp) + expert / m.edp if m.distributed_optimizer else dense + expert
+    # the optimizer row holds 12 bytes per element of the shard in bf16 training: fp32 master copy, Adam m and v
+    shard = model_state_bytes(m, first=True, last=True)["optimizer (master + Adam, sharded)"] / 12
     return {"recipe": recipe, "layout": layout.describe(), "dense": int(dense), "expert": int(expert),
             "shard": int(shard)}
 

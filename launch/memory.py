@@ -11,8 +11,9 @@ from data.video.config import UnsetPathError  # noqa: E402
 from parallel.memory import estimate, inputs_from_config  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
-    """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
+def memory_inputs(argv: list[str]):
+    """(Config, ParallelLayout, MemoryInputs) of `recipe=NAME [world_size=N] [hydra overrides]`: the layout on N
+    ranks, or on the fewest its sizes need (tp x cp x pp, more where the experts' ep x etp exceed tp x cp)."""
     from parallel.layout import ParallelLayout
     from train.config import to_config
     from train.launch import compose_config
@@ -32,7 +33,12 @@ def main(argv: list[str]) -> None:
     p = cfg.parallel
     world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
-    m = inputs_from_config(cfg, layout)
+    return cfg, layout, inputs_from_config(cfg, layout)
+
+
+def main(argv: list[str]) -> None:
+    """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
+    cfg, layout, m = memory_inputs(argv)
     est = estimate(m)
     print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}"
           + (f"; offload {layout.offload} of "

@@ -476,7 +476,7 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         recompute=layout.recompute, cp_comm=getattr(layout, "cp_comm", "a2a"),
                         offload=getattr(layout, "offload", "none"),
                         offload_layers=getattr(layout, "offload_layers", -1),
-                        trainable="none" if t.eval.only else t.trainable,
+                        trainable=t.trained,
                         indexer_step=t.indexer_step,
                         vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
                         vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,

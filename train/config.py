@@ -233,6 +233,12 @@ class TrainConfig:
                              f"train.micro_batch_size ({self.micro_batch_size})")
 
     @property
+    def trained(self) -> str:
+        """The parameters that train: train.trainable's set, or "none" with train.eval.only (nothing trains: no
+        gradient buffer or optimizer state; train/trainer.py freezes all, parallel/memory.py counts none)."""
+        return "none" if self.eval.only else self.trainable
+
+    @property
     def indexer_step(self) -> bool:
         """The DSA warm-up's indexer-only step: the model runs forward only, each DSA layer back-propagating its
         KL in its forward (train/trainer.py; parallel/memory.py counts its memory so)."""

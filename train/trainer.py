@@ -273,9 +273,9 @@ class Trainer:
         own = ckpt.find_latest(self.run_dir)
         if t.checkpoint.init_from and own is None and not self.eval_only:
             self._init_weights_from(chunks, t.checkpoint.init_from)
-        if t.trainable == "projector" or self.eval_only:
-            # the alignment stage (ViT and LM frozen, only the projector trains), or train.eval.only: nothing
-            # trains, so DDP allocates no gradient buffer and the optimizer holds no state for the LM
+        if t.trained in ("projector", "none"):
+            # the alignment stage (ViT and LM frozen, only the projector trains), or train.eval.only (nothing
+            # trains): DDP allocates no gradient buffer and the optimizer holds no state for the LM
             frozen = sum(1 for c in chunks for p in c.parameters())
             for c in chunks:
                 c.requires_grad_(False)
@@ -290,8 +290,7 @@ class Trainer:
             # the projector trains with the whole model and in the alignment stage; the KSA and DSA conversion
             # stages (trainable=summary / indexer) keep everything but their own parameters frozen
             self.vision = VisionTower(cfg, layout, self.pgs, self.device,
-                                      train_vit=t.trainable == "all" and not self.eval_only,
-                                      train_projector=t.trainable in ("all", "projector") and not self.eval_only,
+                                      train_vit=t.trained == "all", train_projector=t.trained in ("all", "projector"),
                                       bf16=self.bf16)
             setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
             source = getattr(t.checkpoint, setting)

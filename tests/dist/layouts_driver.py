@@ -24,6 +24,7 @@ silence_known_warnings()
 
 
 from train.launch import compose_config, validate  # noqa: E402
+from train.optim import torch_optimizers  # noqa: E402
 
 
 def run(out: str, run_root: str, spec: str) -> None:
@@ -62,8 +63,6 @@ def run(out: str, run_root: str, spec: str) -> None:
                          for n, p in params}
         # what the trainer holds for training on this rank: gradient buffer elements (the LM's DDP buffers) and the
         # parameters its optimizers update (the LM's and the vision tower's)
-        from train.optim import torch_optimizers
-
         held[name] = {"grad_elements": sum(b.grad_data.numel() for m in trainer.model
                                            for b in (*m.buffers, *m.expert_parallel_buffers)),
                       "optimizer_params": sum(p.numel() for o in torch_optimizers(trainer.optimizer) if o is not None

@@ -230,26 +230,23 @@ def test_eval_only_holds_no_training_state_and_lets_one_h200_score_the_30b():
     kept for backward (the trainer holds neither: tests/dist/test_eval.py). So the 30B recipe, which trains on 8
     H200s, is predicted at 70.1 GiB on one (with its vision tower), and the launcher's check lets that start; the
     same layout training is predicted at 548.6 GiB and stopped."""
-    from parallel.layout import ParallelLayout
-    from parallel.memory import GIB, inputs_from_config
-    from train.config import to_config
-    from train.launch import check_memory, compose_config
+    from launch.memory import memory_inputs
+    from parallel.memory import GIB
+    from train.launch import check_memory
 
     def on_one(*extra):
-        cfg = to_config(compose_config(["recipe=keye_30b_a3b", "data=synthetic_tokens", "parallel.ep=1", *extra]))
-        return cfg, ParallelLayout.build(cfg.parallel, world_size=1, lm=cfg.model.lm)
+        return memory_inputs(["recipe=keye_30b_a3b", "data=synthetic_tokens", "parallel.ep=1", "world_size=1", *extra])
 
     h200 = 139.8 * GIB  # the lent H200s' total_memory
-    cfg, layout = on_one("train.eval.only=true")
-    m = inputs_from_config(cfg, layout)
+    cfg, layout, m = on_one("train.eval.only=true")
     rows = estimate(m).rows
     assert m.trainable == "none" and m.forward_only
     assert rows["gradients (fp32 buffer)"] == rows["optimizer (master + Adam, sharded)"] == 0
     assert rows["kept for backward"] == 0 and "vision gradients + AdamW (fp32)" not in rows
     assert round(estimate(m).total / GIB, 1) == 70.1
     assert check_memory(cfg, layout, h200) is None
-    cfg, layout = on_one()
-    assert round(estimate(inputs_from_config(cfg, layout)).total / GIB, 1) == 548.6
+    cfg, layout, m = on_one()
+    assert round(estimate(m).total / GIB, 1) == 548.6
     with pytest.raises(ValueError, match="predicted peak memory per rank is 548.6 GiB"):
         check_memory(cfg, layout, h200)
 
