@@ -105,11 +105,11 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
         assert name == "lm" or any(k.startswith("vision.") for k in digests[skip])
         assert sorted(steps[on]) == [1, 2, 3, 4, 5] and all(math.isfinite(steps[on][s]) for s in (1, 2, 4, 5))
         assert {s: steps[on][s] for s in (1, 2)} == steps[before]
-    # rank 0's gradients finite, rank 1's NaN: rank 0 skipped too (its parameters are those after step 2), and the
-    # step's loss is finite (the NaN came after the loss)
     # the multimodal run names its packs: epoch, index and sample keys (shard/key)
     assert re.search(r"; this rank's data in the step: video packs epoch \d+ pack \d+: shard-\d+\.tar/\S+",
                      skipped["logs"][0]), skipped["logs"][0][-2000:]
+    # rank 0's gradients finite, rank 1's NaN: rank 0 skipped too (its parameters are those after step 2), and the
+    # step's loss is finite (the NaN came after the loss)
     assert digests["lm_one_rank"] == digests["lm_before"]
     assert math.isfinite(steps["lm_one_rank"][3]) and {s: steps["lm_one_rank"][s] for s in (1, 2)} == steps["lm_before"]
     assert ("(the step's loss %s): skipped, no weight updated (1 in a row of the 1 train.skip_nonfinite_steps allows); "
