@@ -15,15 +15,16 @@ from parallel.layout import ParallelLayout
 from train.config import Config, register_configs, to_config
 
 
-def setup_logging(run_dir: str, rank: int) -> None:
-    """Rank 0 logs to the console; every rank logs to run_dir/logs/rank<N>.log. A record logged with
-    extra={"file_only": True} (a traceback stderr shows already) goes to the file alone."""
+def setup_logging(run_dir: str, rank: int, *, eval_only: bool = False) -> None:
+    """Rank 0 logs to the console; every rank logs to run_dir/logs/rank<N>.log, or with eval_only
+    (train.eval.only, which may score a run directory while its training still runs) to logs/eval_rank<N>.log. A
+    record logged with extra={"file_only": True} (a traceback stderr shows already) goes to the file alone."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
+    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"{'eval_' if eval_only else ''}rank{rank}.log"))
     fh.setFormatter(fmt)
     root.addHandler(fh)
     if rank == 0:
@@ -372,7 +373,7 @@ def run(dcfg: DictConfig) -> None:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     rank = int(os.environ.get("RANK", "0"))
-    setup_logging(cfg.resolved_run_dir(), rank)
+    setup_logging(cfg.resolved_run_dir(), rank, eval_only=cfg.train.eval.only)
     if warning and rank == 0:
         logging.getLogger("train").warning("memory: %s", warning)
     from train.nonfinite import NonFiniteStepError

@@ -74,15 +74,26 @@ class Meter:
                 f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
                 f"{s.seconds:.2f} s/step{mem}")
 
-    def start_wandb(self, *, enabled: bool, mode: str, project: str, run_dir: str, name: str, config: dict) -> None:
+    def start_wandb(self, *, enabled: bool, mode: str, project: str, run_dir: str, name: str, config: dict,
+                    eval_only: bool = False) -> None:
+        """The run directory's wandb run, resumed under its stable id (wandb_id.txt), in a group of that id. With
+        eval_only (train.eval.only), a run of its own in that group instead: wandb ignores a value logged at a
+        step below the run's last, so checkpoints scored after the training logged later steps would be lost in
+        the training's run; and the training may still be writing to it."""
         if not enabled or os.environ.get("WANDB_MODE") == "disabled" or mode == "disabled":
             return
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         import wandb
 
-        self.wandb = wandb.init(project=project, name=name, dir=run_dir, mode=mode, config=config,
-                                resume="allow", id=_wandb_id(run_dir))
+        group = _wandb_id(run_dir)
+        if eval_only:
+            import uuid
+
+            kw = {"id": uuid.uuid4().hex[:12], "name": f"{name} eval", "job_type": "eval", "resume": "never"}
+        else:
+            kw = {"id": group, "name": name, "job_type": "train", "resume": "allow"}
+        self.wandb = wandb.init(project=project, dir=run_dir, mode=mode, config=config, group=group, **kw)
 
     def log(self, s: StepStats) -> None:
         log.info(self.line(s))

@@ -308,8 +308,9 @@ class Trainer:
         self.own_grads = GradsBeforeReduction(self.rank)  # this rank's LM gradients before their reduction
         self.tconfig.finalize_model_grads_func = self.own_grads
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
-        self.optimizer = build_optimizer(self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer,
-                                         pg_collection=self.pgs)
+        # train.eval.only steps nothing: no optimizer (megatron's would be an empty one, and warn that it is)
+        self.optimizer = None if self.eval_only else build_optimizer(
+            self.model, t, bf16=self.bf16, distributed=layout.distributed_optimizer, pg_collection=self.pgs)
 
         # KSA lengthens every sequence by its summary slots; packed rows are padded to this length
         self.model_seq_length = lm.model_seq_length(t.seq_length)
@@ -343,11 +344,12 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             log.info("model %s: %s parameters, %s active per token", cfg.model.name, _count(pc.total), _count(pc.active))
-            log.info("backends: %s; attention %s; experts %s; loss %s; optimizer: torch AdamW (%s)",
+            log.info("backends: %s; attention %s; experts %s; loss %s; optimizer: %s",
                      "NCCL" if torch.cuda.is_available() else "gloo (CPU mode)", "/".join(sorted(set(lm.layer_attention()))),
                      "megatron SequentialMLP" if lm.experts_impl == "sequential" else f"GroupedExperts({lm.experts_impl})",
                      f"chunked cross-entropy ({lm.loss_chunk_tokens} tokens)" if lm.loss_chunk_tokens else "megatron's",
-                     "distributed" if layout.distributed_optimizer else "replicated")
+                     "none (train.eval.only)" if self.optimizer is None
+                     else f"torch AdamW ({'distributed' if layout.distributed_optimizer else 'replicated'})")
             if frozen:
                 log.info("%s: %d parameter tensors frozen", "train.eval.only=true" if self.eval_only
                          else f"train.trainable={t.trainable}", frozen)
@@ -367,7 +369,8 @@ class Trainer:
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
             version = code_version()  # this launch's; the log keeps every launch's, the file the latest
             log.info("code version %s", version)
-            Path(self.run_dir, "code_version.txt").write_text(version + "\n")
+            if not self.eval_only:  # the file names the code that trained the run's latest steps
+                Path(self.run_dir, "code_version.txt").write_text(version + "\n")
         if self.eval_only:  # nothing trains: no optimizer state, data position or config history to restore
             return
         self._resume()
@@ -958,7 +961,8 @@ class Trainer:
         self.meter.total_steps = refs[-1].step if refs else 0  # the eval line's "step/of": the newest scored
         if self.rank == 0:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
-                                   run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
+                                   run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg),
+                                   eval_only=True)
             log.info("train.eval.only: scoring %s on the held-out data; no step trains and nothing is saved",
                      f"{len(refs)} checkpoint(s) of {source} (steps {', '.join(str(r.step) for r in refs)})" if refs
                      else f"the Hugging Face checkpoint {source} (logged at step 0)")

@@ -1,9 +1,59 @@
 """train/launch.py setup_logging: rank 0 logs to the console and every rank to <run_dir>/logs/rank<N>.log; a record
-marked file_only (the traceback of an error that ends a run, which stderr shows already) goes to the file alone."""
+marked file_only (the traceback of an error that ends a run, which stderr shows already) goes to the file alone.
+train.eval.only, which may score a run directory while its training still runs, logs beside the training's logs and
+wandb run, not into them (train/metrics.py Meter.start_wandb)."""
 
 import logging
 
+import pytest
+
 from train.launch import setup_logging
+from train.metrics import Meter
+
+
+def _log_in(run_dir, eval_only: bool, message: str) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging(str(run_dir), 0, eval_only=eval_only)
+        logging.getLogger("train").info(message)
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_an_eval_only_launch_logs_beside_the_training_logs(tmp_path):
+    _log_in(tmp_path, False, "a training step")
+    _log_in(tmp_path, True, "an evaluation")
+    _log_in(tmp_path, False, "the next training step")
+    train_log = (tmp_path / "logs" / "rank0.log").read_text()
+    eval_log = (tmp_path / "logs" / "eval_rank0.log").read_text()
+    assert "a training step" in train_log and "the next training step" in train_log
+    assert "an evaluation" not in train_log
+    assert "an evaluation" in eval_log and "training step" not in eval_log
+
+
+def test_an_eval_only_launch_logs_to_a_wandb_run_of_its_own_in_the_training_runs_group(tmp_path, monkeypatch):
+    # real wandb, offline (no network): wandb ignores values logged at a step below a resumed run's last, so the
+    # scores of a run's checkpoints logged into its own run after training would be dropped (online)
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = []
+    for eval_only in (False, True, False, True):
+        m = Meter(flops_per_token=1.0, world_size=1, peak_tflops=None, total_steps=4)
+        m.start_wandb(enabled=True, mode="offline", project="test", run_dir=str(tmp_path), name="tiny", config={},
+                      eval_only=eval_only)
+        m.log_eval(2 if eval_only else 4, {"val_loss": 1.0})
+        runs.append((m.wandb.id, m.wandb.group, m.wandb.job_type, m.wandb.name))
+        m.finish()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    train1, eval1, train2, eval2 = runs
+    assert train1 == train2 == (run_id, run_id, "train", "tiny")  # the training resumes its one run
+    assert eval1[1:] == eval2[1:] == (run_id, "eval", "tiny eval")  # each scoring launch in the training's group
+    assert len({run_id, eval1[0], eval2[0]}) == 3  # ... as a run of its own
 
 
 def test_a_file_only_record_reaches_the_rank_log_and_not_the_console(tmp_path, capsys):
