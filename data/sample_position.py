@@ -37,10 +37,15 @@ class GlobalSamplePosition:
         self._micro += 1
         return start
 
+    def step_samples(self) -> range:
+        """The global indices of the samples this rank drew in the current step."""
+        first = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size)
+        return range(first, first + self._micro * self.mbs)
+
     def describe_step(self) -> str:
         """The samples this rank drew in the current step, for a message about the step."""
-        first = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size)
-        return f"{self.what}: global samples {first}..{first + self._micro * self.mbs - 1}"
+        drawn = self.step_samples()
+        return f"{self.what}: global samples {drawn.start}..{drawn.stop - 1}"
 
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""

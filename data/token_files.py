@@ -56,6 +56,7 @@ FORMAT = "keye-token-files/1"      # the sidecar PREFIX.json that launch/tokeniz
 GOLDEN = 0x9E3779B9                # round(2^32 / golden ratio): the blend's Weyl step, odd
 BLEND_CHECKPOINT = 1 << 16         # the blend keeps each source's count at every multiple of this many samples
 INDEX_FORMAT = "keye-token-index/1"   # the epoch orders kept in index_dir (TokenSource._cached)
+SHOWN_DOCUMENTS = 32               # of a step's documents, named in a message about the step
 
 
 @dataclass
@@ -459,6 +460,11 @@ class TokenSource:
         tokens = np.concatenate(out).astype(np.int64)
         return tokens, starts, docs
 
+    def document_name(self, doc: int) -> tuple[str, int]:
+        """A pool index as (the file prefix holding it, its document number in that file)."""
+        f = int(np.searchsorted(self.base, doc, side="right")) - 1
+        return self.prefixes[f], doc - int(self.base[f])
+
 
 class Blend:
     """Which source each global sample comes from, and its index there (the module docstring's Weyl sequence)."""
@@ -516,6 +522,21 @@ class TokenCorpus:
         src, local = self.blend.locate(start, count)
         return [(int(s), *self.sources[int(s)].sample(int(j))[:2]) for s, j in zip(src, local)]
 
+    def documents(self, samples: range) -> list[tuple[str, int]]:
+        """The documents whose tokens global `samples` hold, in the samples' order, each once: (the file prefix,
+        the document's number in that file, as megatron's IndexedDataset counts them)."""
+        if self.blend is None:
+            where = [(0, j) for j in samples]
+        else:
+            src, local = self.blend.locate(samples.start, len(samples))
+            where = zip(src.tolist(), local.tolist())
+        out = {}
+        for s, j in where:
+            source = self.sources[s]
+            for doc in source.sample(j)[2]:
+                out.setdefault(source.document_name(doc), None)
+        return list(out)
+
 
 def row_tensors(tokens: np.ndarray, starts: list[int], *, document_bounds: bool) -> dict[str, torch.Tensor]:
     """One sample's training row: tokens / labels / loss_mask / position_ids [S], and with document bounds
@@ -560,6 +581,17 @@ class TokenFileStream(GlobalSamplePosition):
             raise ValueError("a blend of token sources (data.tokens.weights) has no one first epoch to score whole")
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
+
+    def describe_step(self) -> str:
+        """The samples this rank drew in the current step and the documents they hold (by file prefix and document
+        number; the first SHOWN_DOCUMENTS), for a message about the step."""
+        docs = self.corpus.documents(self.step_samples())
+        by_file: dict[str, list[int]] = {}
+        for prefix, n in docs[:SHOWN_DOCUMENTS]:
+            by_file.setdefault(prefix, []).append(n)
+        shown = "; ".join(f"{prefix}: {', '.join(map(str, ns))}" for prefix, ns in by_file.items())
+        more = f"; +{len(docs) - SHOWN_DOCUMENTS} more" if len(docs) > SHOWN_DOCUMENTS else ""
+        return f"{super().describe_step()}, documents {shown}{more}"
 
     @property
     def samples_per_epoch(self) -> int:

@@ -321,6 +321,49 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     assert torch.equal(mb["tokens"][1], one[0][1]["tokens"][0])
 
 
+def test_a_step_is_described_by_the_documents_its_rows_hold(tmp_path):
+    """describe_step (the message of a step whose gradients were not finite) names the step's global samples and
+    the documents they hold, by file and document number. Reference: each document's tokens are one id of its own,
+    so the ids in the rows drawn (tokens and each row's last label) name them, in the order they appear."""
+    rng = np.random.default_rng(5)
+    ids = {}   # token id -> (file prefix, document number)
+    for f, (first, n) in (("a", (1, 57)), ("b", (200, 31))):
+        docs = [[first + i] * int(rng.integers(1, 40)) for i in range(n)]
+        write_token_files(docs, tmp_path / f, vocab_size=512)
+        ids.update({first + i: (str(tmp_path / f), i) for i in range(n)})
+
+    def drawn(stream, micro):
+        seen = {}
+        for _ in range(micro):
+            mb = next(stream)
+            for row, labels in zip(mb["tokens"], mb["labels"]):
+                for t in row.tolist() + labels[-1:].tolist():
+                    seen.setdefault(ids[t], None)
+        return list(seen)
+
+    def listing(docs):
+        by_file = {}
+        for prefix, n in docs:
+            by_file.setdefault(prefix, []).append(str(n))
+        return "; ".join(f"{prefix}: {', '.join(ns)}" for prefix, ns in by_file.items())
+
+    kw = dict(seq_length=16, seed=3)
+    for corpus in (TokenCorpus(str(tmp_path), **kw),                                      # one pool
+                   TokenCorpus(f"{tmp_path / 'a'},{tmp_path / 'b'}", weights=[1, 1], **kw)):  # a blend
+        s = TokenFileStream(corpus, document_bounds=True, micro_batch_size=1, global_batch_size=8, dp_rank=1,
+                            dp_size=2)
+        drawn(s, 4)           # step 1
+        ref = drawn(s, 3)     # step 2, part way: its 3 samples so far (global 12..14)
+        assert s.describe_step() == (f"a token-file stream (data.kind=tokens): global samples 12..14, documents "
+                                     f"{listing(ref)}")
+        assert len(ref) >= 3
+    many = TokenFileStream(TokenCorpus(str(tmp_path / "a"), **kw), document_bounds=False, micro_batch_size=4,
+                           global_batch_size=32, dp_rank=0, dp_size=1)
+    ref = drawn(many, 8)
+    assert len(ref) > 32
+    assert many.describe_step().endswith(f"global samples 0..31, documents {listing(ref[:32])}; +{len(ref) - 32} more")
+
+
 def test_a_held_out_set_scored_whole_fills_its_last_batch_with_rows_that_count_for_nothing(files):
     """one_epoch (train.eval.batches=0): over ranks, the first epoch's rows come once each with their loss mask, as
     the plain stream gives them; the rows after them that fill the last global batch have a zero mask, and
