@@ -37,15 +37,17 @@ class GlobalSamplePosition:
         self._micro += 1
         return start
 
-    def step_samples(self) -> range:
-        """The global indices of the samples this rank drew in the current step."""
+    def step_samples(self, micro_batches: list[int] | None = None) -> list[int]:
+        """The global indices of the samples this rank drew in the current step, or in those of its micro-batches
+        (their indices in the step)."""
         first = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size)
-        return range(first, first + self._micro * self.mbs)
+        drawn = range(self._micro) if micro_batches is None else [i for i in micro_batches if i < self._micro]
+        return [first + i * self.mbs + k for i in drawn for k in range(self.mbs)]
 
-    def describe_step(self) -> str:
-        """The samples this rank drew in the current step, for a message about the step."""
-        drawn = self.step_samples()
-        return f"{self.what}: global samples {drawn.start}..{drawn.stop - 1}"
+    def describe_step(self, micro_batches: list[int] | None = None) -> str:
+        """The samples this rank drew in the current step (or in those of its micro-batches), for a message about
+        the step."""
+        return f"{self.what}: global samples {format_runs(self.step_samples(micro_batches))}"
 
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
@@ -61,3 +63,14 @@ class GlobalSamplePosition:
             raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
                              f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
+
+
+def format_runs(indices: list[int]) -> str:
+    """"40..47", "17, 21..22": runs of consecutive indices as ranges."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs) or "none"

@@ -522,14 +522,13 @@ class TokenCorpus:
         src, local = self.blend.locate(start, count)
         return [(int(s), *self.sources[int(s)].sample(int(j))[:2]) for s, j in zip(src, local)]
 
-    def documents(self, samples: range) -> list[tuple[str, int]]:
-        """The documents whose tokens global `samples` hold, in the samples' order, each once: (the file prefix,
+    def documents(self, samples: list[int]) -> list[tuple[str, int]]:
+        """The documents whose tokens the global `samples` hold, in the samples' order, each once: (the file prefix,
         the document's number in that file, as megatron's IndexedDataset counts them)."""
         if self.blend is None:
             where = [(0, j) for j in samples]
         else:
-            src, local = self.blend.locate(samples.start, len(samples))
-            where = zip(src.tolist(), local.tolist())
+            where = [(int(s[0]), int(j[0])) for s, j in (self.blend.locate(i, 1) for i in samples)]
         out = {}
         for s, j in where:
             source = self.sources[s]
@@ -582,16 +581,16 @@ class TokenFileStream(GlobalSamplePosition):
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
 
-    def describe_step(self) -> str:
-        """The samples this rank drew in the current step and the documents they hold (by file prefix and document
-        number; the first SHOWN_DOCUMENTS), for a message about the step."""
-        docs = self.corpus.documents(self.step_samples())
+    def describe_step(self, micro_batches: list[int] | None = None) -> str:
+        """The samples this rank drew in the current step (or in those of its micro-batches) and the documents they
+        hold (by file prefix and document number; the first SHOWN_DOCUMENTS), for a message about the step."""
+        docs = self.corpus.documents(self.step_samples(micro_batches))
         by_file: dict[str, list[int]] = {}
         for prefix, n in docs[:SHOWN_DOCUMENTS]:
             by_file.setdefault(prefix, []).append(n)
         shown = "; ".join(f"{prefix}: {', '.join(map(str, ns))}" for prefix, ns in by_file.items())
         more = f"; +{len(docs) - SHOWN_DOCUMENTS} more" if len(docs) > SHOWN_DOCUMENTS else ""
-        return f"{super().describe_step()}, documents {shown}{more}"
+        return f"{super().describe_step(micro_batches)}, documents {shown}{more}"
 
     @property
     def samples_per_epoch(self) -> int:

@@ -128,14 +128,18 @@ class VideoBatchStream:
             "visual_pos": s.visual_pos,
         }
 
-    def describe_step(self) -> str:
-        """The packs (their epoch, index and samples) this rank drew in the current step, for a message about it."""
+    def describe_step(self, micro_batches: list[int] | None = None) -> str:
+        """The packs (their epoch, index and samples) this rank drew in the current step (or those of its
+        micro-batches, by their indices in the step), for a message about it."""
         def pack(epoch, index, source, keys) -> str:
             shown = ", ".join(keys[:SHOWN_KEYS]) + (f", +{len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS
                                                      else "")
             return f"epoch {epoch} pack {index}{' of ' + source if source else ''}: {shown}"
 
-        return "video packs " + "; ".join(pack(*p) for p in self._drawn)
+        drawn = list(self._drawn)
+        if micro_batches is not None:
+            drawn = [drawn[i] for i in micro_batches if i < len(drawn)]
+        return "video packs " + "; ".join(pack(*p) for p in drawn)
 
     @property
     def stats(self) -> dict:

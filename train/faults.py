@@ -4,7 +4,8 @@
                                               step-4 checkpoint, before the commit
     KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
     KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches); in
-                                              the DSA warm-up (forward only) its indexers' inputs
+                                              the DSA warm-up (forward only) its indexers' inputs. `micro=K`: the
+                                              loss of the rank's micro-batch K of the step alone (0-based)
     KEYE_FAULT="nan_backward_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN before their reduction
                                               over ranks, its loss finite (a backward that overflowed)
     KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
@@ -32,9 +33,16 @@ def _parse(spec: str) -> list[tuple[str, dict]]:
 
 def requested(point: str, *, step: int, rank: int) -> bool:
     """Whether KEYE_FAULT names `point` for this step and rank."""
+    return fault_args(point, step=step, rank=rank) is not None
+
+
+def fault_args(point: str, *, step: int, rank: int) -> dict | None:
+    """The arguments of the fault KEYE_FAULT names at `point` for this step and rank, or None."""
     spec = os.environ.get("KEYE_FAULT")
-    return bool(spec) and any(name == point and kv.get("step", step) == step and kv.get("rank", rank) == rank
-                              for name, kv in _parse(spec))
+    for name, kv in _parse(spec) if spec else []:
+        if name == point and kv.get("step", step) == step and kv.get("rank", rank) == rank:
+            return kv
+    return None
 
 
 def maybe_fail(point: str, *, step: int, rank: int) -> None:
@@ -43,11 +51,17 @@ def maybe_fail(point: str, *, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poisoned_loss(forward_step):
-    """The forward step with a NaN loss (nan_in_step)."""
+def poisoned_loss(forward_step, micro_batch: int | None = None):
+    """The forward step with a NaN loss (nan_in_step): in every micro-batch, or in the one of that index among those
+    the step runs (counted per model chunk, each of which runs every micro-batch)."""
+    calls: dict[int, int] = {}
+
     def step(data_iterator, model):
         output, loss_func = forward_step(data_iterator, model)
-        return output * float("nan"), loss_func
+        i = calls[id(model)] = calls.get(id(model), -1) + 1
+        if micro_batch is None or i == micro_batch:
+            output = output * float("nan")
+        return output, loss_func
     return step
 
 

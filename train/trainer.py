@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from data.held_out import WHOLE, eval_plan
+from data.sample_position import format_runs
 from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
@@ -39,7 +40,7 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
-from train.faults import maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
+from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            sum_over_world)
 from train.moe_stats import RouterStats
@@ -126,6 +127,13 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask)
+
+
+def nonfinite_micro_batches(losses: list[dict]) -> list[int]:
+    """The step's micro-batches (their indices in it) whose loss terms were not finite, on a rank that holds the
+    losses (the last pipeline stage; [] elsewhere). A host copy per micro-batch: only a non-finite step asks."""
+    return [i for i, d in enumerate(losses)
+            if not all(bool(torch.isfinite(v).all()) for v in d.values() if torch.is_tensor(v))]
 
 
 def _without_filler(kls: list, padding: list[bool] | None) -> list:
@@ -681,7 +689,7 @@ class Trainer:
         finalize = self.tconfig.finalize_model_grads_func
         if len(rounds) > 1:
             self.tconfig.finalize_model_grads_func = None
-        losses, loss_mask_sum, vit_cost = [], 0.0, 0.0
+        losses, loss_mask_sum, vit_cost, done = [], 0.0, 0.0, 0
         try:
             for n in rounds:
                 if self.cfg.data.kind == "video":
@@ -693,7 +701,8 @@ class Trainer:
                 else:
                     iters = self.streams
                 losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step,
-                                         poison=requested("nan_in_step", step=self.step + 1, rank=self.rank))
+                                         poison=self._poison(done, n))
+                done += n
                 _drop_stale_graphs(self.model)
                 if self.vision is not None:
                     self.vision.backward()  # this round's frames; the ViT's gradients accumulate until its step
@@ -746,7 +755,7 @@ class Trainer:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:
-            self._skip_or_stop(bad, loss, extra)
+            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses))
         else:
             self.nonfinite_in_row = 0
         if self.skipped_steps:
@@ -776,17 +785,23 @@ class Trainer:
                          loss_ranks=[r for r in range(world) if f[2 + r]],
                          grad_ranks=[r for r in range(world) if f[2 + world + r]])
 
-    def _skip_or_stop(self, bad: NonFinite, loss: float, extra: dict) -> None:
+    def _skip_or_stop(self, bad: NonFinite, loss: float, extra: dict, micro: list[int]) -> None:
         """A step whose gradients were not finite (and updated nothing): every rank logs where it arose and the data
-        it trained on in the step, and the data of the ranks where it arose (gathered: a collective on this path
-        alone, which every rank takes); the run skips the step while it has skipped fewer than
-        train.skip_nonfinite_steps in a row, and stops (NonFiniteStepError) otherwise."""
+        it trained on in the step (of its micro-batches whose loss was not finite, `micro`, when only some were),
+        and the data of the ranks where it arose (gathered: a collective on this path alone, which every rank
+        takes); the run skips the step while it has skipped fewer than train.skip_nonfinite_steps in a row, and
+        stops (NonFiniteStepError) otherwise."""
         t = self.cfg.train
         self.nonfinite_in_row += 1
         kl = f", its indexer KL {extra['indexer_kl']:.6g}" if "indexer_kl" in extra else ""
         what = (f"step {self.step}: {' and '.join(bad.grads)} gradients hold a NaN or an Inf "
                 f"(the step's loss {loss:.6g}{kl})")
-        data = "; ".join(s.describe_step() for s in self.streams)
+        n = self.num_microbatches
+        if micro and len(micro) < n:   # the loss of some micro-batches alone was not finite: their data
+            data = (f"its micro-batch{'es' if len(micro) > 1 else ''} {format_runs(micro)} of {n}, whose loss was "
+                    f"not finite: " + "; ".join(s.describe_step(micro) for s in self.streams))
+        else:
+            data = "; ".join(s.describe_step() for s in self.streams)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, data)
         named = {r: f"rank {r}'s data in the step: {everyone[r]}" for r in bad.origin[:4]}
@@ -829,17 +844,27 @@ class Trainer:
         embeds = self.vision.forward(mbs, self.device)
         return [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
 
-    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool, poison: bool = False) -> list:
+    def _poison(self, done: int, n: int) -> tuple[int | None] | None:
+        """train/faults.py nan_in_step for a round of n micro-batches after `done` of the step: None (no fault),
+        (None,) (every micro-batch) or (i,) (the round's micro-batch i)."""
+        kv = fault_args("nan_in_step", step=self.step + 1, rank=self.rank)
+        if kv is None or "micro" not in kv:
+            return None if kv is None else (None,)
+        return (kv["micro"] - done,) if 0 <= kv["micro"] - done < n else None
+
+    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool,
+                  poison: tuple[int | None] | None = None) -> list:
         """megatron's schedule over n micro-batches (each model chunk drawing from its iterator); returns the
-        last stage's loss dicts. poison (train/faults.py nan_in_step): the loss is NaN, or in the DSA warm-up's
-        forward-only step the indexers' inputs."""
+        last stage's loss dicts. poison (train/faults.py nan_in_step, from _poison): the loss is NaN (of every
+        micro-batch, or of one), or in the DSA warm-up's forward-only step the indexers' inputs."""
         fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp,
                                             vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
         extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
         step_func = functools.partial(_forward_step, inputs)
-        if poison and not forward_only:
-            step_func = poisoned_loss(step_func)
-        poisoned = poisoned_indexers([m.module for m in self.model]) if poison and forward_only else None
+        if poison is not None and not forward_only:
+            step_func = poisoned_loss(step_func, poison[0])
+        poisoned = (poisoned_indexers([m.module for m in self.model]) if poison is not None and forward_only
+                    else None)
         with poisoned or contextlib.nullcontext():
             return fwd_bwd(forward_step_func=step_func,
                            data_iterator=iters if len(self.model) > 1 else iters[0],

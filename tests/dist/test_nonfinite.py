@@ -5,7 +5,8 @@ gradients are NaN and, through the data-parallel reduction, every rank's shards;
 KEYE_FAULT=nan_grad_in_step:step=3:rank=1 makes only rank 1's gradients NaN, after the reduction: the decision to
 skip is the world's, so rank 0, whose own gradients are finite, skips too. nan_backward_in_step makes rank 1's own
 gradients NaN before the reduction, its loss finite (a backward that overflowed). In the DSA warm-up, whose step runs
-forward only, nan_in_step makes a rank's indexer inputs NaN.
+forward only, nan_in_step makes a rank's indexer inputs NaN. With `micro=1` only the loss of the rank's second
+micro-batch is NaN: the messages name that micro-batch's data alone.
 - Stop (the default, train.skip_nonfinite_steps=0): the launcher exits 4 with `non-finite step: step 3 ...`, naming
   the step's loss, where it arose (the ranks whose own loss, or own gradients before the reduction, were not finite)
   with those ranks' data in the step, and the last checkpoint (step 2); each rank's log names the samples it trained
@@ -70,11 +71,13 @@ def skipped(tmp_path_factory):
           "data.synthetic_videos=8", f"data.video.shards={shards}"]
     lm = [o for o in LM if "save_interval" not in o] + ["train.checkpoint.enabled=false"]
     skip = [f"KEYE_FAULT={FAULT}", "train.skip_nonfinite_steps=1"]
+    # the loss of rank 1's second micro-batch of step 3 alone is NaN (2 per rank and step in either run)
+    skip_one = [f"KEYE_FAULT={FAULT}:micro=1", "train.skip_nonfinite_steps=1"]
     layouts = {}
     for name, common in (("lm", lm), ("vl", vl)):
         layouts.update({f"{name}_before": common + ["train.stop_after=2"],
-                        f"{name}_skipped": common + skip + ["train.stop_after=3"],
-                        f"{name}_on": common + skip})
+                        f"{name}_skipped": common + skip_one + ["train.stop_after=3"],
+                        f"{name}_on": common + skip_one})
     layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
     layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
@@ -105,9 +108,16 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
         assert name == "lm" or any(k.startswith("vision.") for k in digests[skip])
         assert sorted(steps[on]) == [1, 2, 3, 4, 5] and all(math.isfinite(steps[on][s]) for s in (1, 2, 4, 5))
         assert {s: steps[on][s] for s in (1, 2)} == steps[before]
-    # the multimodal run names its packs: epoch, index and sample keys (shard/key)
-    assert re.search(r"; this rank's data in the step: video packs epoch \d+ pack \d+: shard-\d+\.tar/\S+",
+    # the multimodal run names its packs: epoch, index and sample keys (shard/key); rank 1's second alone, the only
+    # one whose loss was not finite, and rank 0's two
+    pack = r"epoch \d+ pack \d+: shard-\d+\.tar/[^;]+"
+    assert re.search(rf"rank 1's data in the step: its micro-batch 1 of 2, whose loss was not finite: video packs "
+                     rf"{pack}; this rank's data in the step: video packs {pack}; {pack}\n",
                      skipped["logs"][0]), skipped["logs"][0][-2000:]
+    # the language model's: rank 1's samples 40..47 in micro-batches of 4, the second alone named
+    assert ("the loss on rank 1 and the gradients on ranks 0-1 were not finite; rank 1's data in the step: its "
+            "micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: global samples 44..47; this "
+            "rank's data in the step: a synthetic_tokens stream: global samples 32..39") in skipped["logs"][0]
     # rank 0's gradients finite, rank 1's NaN: rank 0 skipped too (its parameters are those after step 2), and the
     # step's loss is finite (the NaN came after the loss)
     assert digests["lm_one_rank"] == digests["lm_before"]
