@@ -955,6 +955,9 @@ class Trainer:
 
     def train(self) -> list[StepStats]:
         t = self.cfg.train
+        if self.eval_only:  # built without an optimizer; evaluate_only is its entry point
+            raise RuntimeError("a trainer built with train.eval.only=true scores checkpoints (evaluate_only) and "
+                               "cannot train")
         if self.rank == 0:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
