@@ -65,12 +65,12 @@ class GlobalSamplePosition:
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
 
 
-def format_runs(indices: list[int]) -> str:
-    """"40..47", "17, 21..22": runs of consecutive indices as ranges."""
+def format_runs(indices: list[int], *, sep: str = "..") -> str:
+    """"40..47", "17, 21..22": runs of consecutive indices as ranges (their ends joined by `sep`)."""
     runs: list[list[int]] = []
     for i in indices:
         if runs and i == runs[-1][1] + 1:
             runs[-1][1] = i
         else:
             runs.append([i, i])
-    return ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs) or "none"
+    return ", ".join(f"{a}" if a == b else f"{a}{sep}{b}" for a, b in runs) or "none"

@@ -13,19 +13,13 @@ from dataclasses import dataclass
 import torch
 from megatron.core.distributed import finalize_model_grads
 
+from data.sample_position import format_runs
 from train.faults import poison_gradients, requested
 
 
 def format_ranks(ranks: list[int]) -> str:
     """"rank 3", "ranks 0-3, 8": runs of consecutive ranks as ranges."""
-    runs: list[list[int]] = []
-    for r in ranks:
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+    return f"rank{'' if len(ranks) == 1 else 's'} {format_runs(ranks, sep='-')}"
 
 
 @dataclass(frozen=True)
