@@ -1021,8 +1021,8 @@ class Trainer:
         ev = self.evaluate()
         self.eval_history.append({"step": self.step, **ev})
         if self.rank == 0:
-            with open(Path(self.run_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **ev}) + "\n")
+            with open(Path(self.run_dir, "eval.jsonl"), "a") as f:  # eval-only's lines say so, beside training's
+                f.write(json.dumps({"step": self.step, **ev, **({"eval_only": True} if self.eval_only else {})}) + "\n")
             self.meter.log_eval(self.step, ev)
 
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:

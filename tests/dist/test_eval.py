@@ -176,8 +176,9 @@ def test_eval_only_scores_a_checkpoint_as_its_run_did(runs):
     for run, kept, steps in (("lm_ck", [1, 2, 3], [0, 2, 3, 3]), ("vl_ck", [2], [0, 1, 2, 2])):
         assert sorted(p.name for p in (extras["runs"] / run / "checkpoints").glob("step_*")) == \
             [f"step_{s:06d}" for s in kept]
-        lines = (extras["runs"] / run / "eval.jsonl").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in lines] == steps
+        lines = [json.loads(line) for line in (extras["runs"] / run / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in lines] == steps
+        assert [e.get("eval_only", False) for e in lines] == [False] * (len(steps) - 1) + [True]  # the last scored it
     # a step the directory does not hold stops the run before it starts, naming the ones it holds
     from train.launch import compose_config, validate
 
