@@ -28,7 +28,8 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, *, timeout: in
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl (the last record wins when a resumed run logged a step again)."""
+    """step -> loss from metrics.jsonl (a resumed run sets aside the records of the steps it trains again; were one
+    left, the last record would win)."""
     out: dict[int, float] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -116,6 +116,45 @@ class Meter:
             self.wandb = None
 
 
+def set_aside_redone(run_dir: str, step: int) -> list[str]:
+    """A launch that starts at `step` (the checkpoint it resumes, or 0) trains the steps after it again: the records
+    of those steps in run_dir's metrics.jsonl and eval.jsonl, logged by a launch that stopped before its next
+    checkpoint, move to metrics.superseded.jsonl / eval.superseded.jsonl, so each record file reads as one run
+    and nothing logged is lost (a launch at step 0 starts the run over: its evaluation at step 0 moves too). A
+    line that is not JSON (a write cut short by a kill) moves too; train.eval.only's lines stay (they score
+    checkpoints that exist). Appended there before the file is rewritten, so a crash in between leaves a record
+    twice, never nowhere. Returns a note per file changed."""
+    import json
+
+    notes = []
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+        keep, moved = [], []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                later = (rec["step"] > step or step == 0) and not rec.get("eval_only", False)
+            except (ValueError, KeyError, TypeError):
+                later = True
+            (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+        if not moved:
+            continue
+        aside = os.path.join(run_dir, name.replace(".jsonl", ".superseded.jsonl"))
+        with open(aside, "a") as f:
+            f.writelines(moved)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+        which = "of the run it starts over" if step == 0 else f"after step {step}"
+        notes.append(f"{name}: {len(moved)} record(s) {which}, which this launch trains again, moved to "
+                     f"{os.path.basename(aside)}")
+    return notes
+
+
 def _wandb_id(run_dir: str) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
     path = os.path.join(run_dir, "wandb_id.txt")

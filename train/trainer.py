@@ -42,7 +42,7 @@ from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
 from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
-                           sum_over_world)
+                           set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
@@ -382,6 +382,9 @@ class Trainer:
         if self.eval_only:  # nothing trains: no optimizer state, data position or config history to restore
             return
         self._resume()
+        if self.rank == 0:
+            for note in set_aside_redone(self.run_dir, self.step):
+                log.info("%s", note)
         if self.rank == 0 and resolved_config_yaml:
             record_config(self.run_dir, resolved_config_yaml, self.step)
 

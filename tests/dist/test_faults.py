@@ -10,6 +10,7 @@ reproduces an uninterrupted run's losses bit for bit (same layout, CPU fp32).
 - the disk filling up during a save (a small tmpfs): a clear error, and the rerun resumes.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -90,9 +91,19 @@ def test_rank_killed_mid_step_then_during_save(reference, tmp_path):
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     assert (ckpts / "step_000004.partial").is_dir() and not (ckpts / "step_000004").exists()
     assert (ckpts / "latest").read_text().strip() == "step_000002"
+    metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3, 4]    # the second run logged steps 3 and 4 before it died in step 4's save
     run_pretrain(2, OVERRIDES, run_dir)
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     assert losses(run_dir) == reference
+    # the third run trained steps 3 and 4 again: their first records are set aside, so metrics.jsonl reads as
+    # one run (train/metrics.py set_aside_redone)
+    metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == sorted(reference) and len(metrics) == len(reference)
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.superseded.jsonl").read_text().splitlines()] \
+        == [3, 4]
+    assert ("metrics.jsonl: 2 record(s) after step 2, which this launch trains again, moved to "
+            "metrics.superseded.jsonl") in (run_dir / "logs" / "rank0.log").read_text()
 
 
 def test_corrupted_shard_is_named_and_skipped(reference, tmp_path):

@@ -1,0 +1,38 @@
+"""train/metrics.py set_aside_redone: a launch that starts at step S (the checkpoint it resumes, or 0) trains the
+steps after S again, so the records a killed launch logged for them leave metrics.jsonl / eval.jsonl for
+*.superseded.jsonl, where they stay as they were written. Reference: the lines written, split by hand."""
+import json
+
+from train.metrics import set_aside_redone
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_the_records_of_steps_a_launch_trains_again_are_set_aside_whole(tmp_path):
+    metrics = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 7)]
+    evals = [json.dumps({"step": 0, "val_loss": 9.0}), json.dumps({"step": 4, "val_loss": 6.5}),
+             json.dumps({"step": 4, "val_loss": 6.5, "eval_only": True}), json.dumps({"step": 6, "val_loss": 6.0})]
+    cut = '{"step": 7, "lo'   # a write cut short by the kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + "\n" + cut)
+    (tmp_path / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    notes = set_aside_redone(str(tmp_path), 4)
+    assert _lines(tmp_path / "metrics.jsonl") == metrics[:4]
+    assert _lines(tmp_path / "metrics.superseded.jsonl") == metrics[4:] + [cut]
+    assert _lines(tmp_path / "eval.jsonl") == evals[:3]     # eval-only's line scored a checkpoint: it stays
+    assert _lines(tmp_path / "eval.superseded.jsonl") == evals[3:]
+    assert notes == ["metrics.jsonl: 3 record(s) after step 4, which this launch trains again, moved to "
+                     "metrics.superseded.jsonl",
+                     "eval.jsonl: 1 record(s) after step 4, which this launch trains again, moved to "
+                     "eval.superseded.jsonl"]
+    # the next launch that starts over (no checkpoint kept) sets the rest aside after them; a resume at the last
+    # record's step moves nothing
+    assert set_aside_redone(str(tmp_path), 4) == []
+    assert set_aside_redone(str(tmp_path), 0)[0] == ("metrics.jsonl: 4 record(s) of the run it starts over, which "
+                                                     "this launch trains again, moved to metrics.superseded.jsonl")
+    assert _lines(tmp_path / "metrics.jsonl") == []
+    assert _lines(tmp_path / "metrics.superseded.jsonl") == metrics[4:] + [cut] + metrics[:4]
+    assert _lines(tmp_path / "eval.jsonl") == [evals[2]]   # its step-0 evaluation is done again too
+    assert _lines(tmp_path / "eval.superseded.jsonl") == [evals[3], evals[0], evals[1]]
+    assert set_aside_redone(str(tmp_path / "nothing_here"), 3) == []
