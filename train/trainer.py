@@ -418,6 +418,10 @@ class Trainer:
         if v.quarantine_path and not os.path.isabs(v.quarantine_path):
             stem = Path(v.quarantine_path)
             v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
+        if any(g.rank() != 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp)):
+            # the tensor, context and pipeline ranks of a data-parallel replica read the same packs and meet the same
+            # bad samples: the replica's first rank records them, once
+            v = replace(v, quarantine_path="")
         if v.text_tokens and not v.text_tokens_index_dir:
             v = replace(v, text_tokens_index_dir=str(Path(self.run_dir) / "token_index"))
         if not v.index_dir:        # the catalogs and epoch plans, made once per node and mapped by its processes

@@ -621,6 +621,12 @@ def _check_backend(name: str) -> None:
 # the loader
 # ---------------------------------------------------------------------------------------------
 
+def _quarantine_identity(rec: dict) -> tuple:
+    """What makes a quarantine record the same sample met again: its shard, key and source, at the same stage, epoch
+    and pack, for the same reason (not its time, nor its detail, which may name a process's spill file)."""
+    return tuple(rec.get(k) for k in ("shard", "key", "source", "stage", "epoch", "pack", "reason"))
+
+
 class VideoPackedLoader:
     """Iterator of `PackedSample` for one data-parallel rank, with exact `state_dict` resume."""
 
@@ -690,6 +696,7 @@ class VideoPackedLoader:
         self._logged_plan_epochs: set[tuple[int, int]] = set()     # (source, epoch)
         qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
         self.quarantine_path = qp
+        self._quarantined: set[tuple] | None = None   # its records (_quarantine), read at the first write
 
     # ---- iteration ----------------------------------------------------------------------------
     def _stop(self) -> int | None:
@@ -738,8 +745,24 @@ class VideoPackedLoader:
 
     # ---- bad samples --------------------------------------------------------------------------
     def _quarantine(self, rec: dict) -> None:
+        """Appends a bad sample's record to quarantine_path, unless the file holds it already (the same sample at
+        the same stage, epoch and pack, whatever its time): a resumed run meets again the samples of the packs it
+        trains again and the plan's rejects of its epoch, and each evaluation of a held-out set the same ones."""
         if not self.quarantine_path:
             return
+        if self._quarantined is None:      # what earlier launches (and this one) recorded
+            self._quarantined = set()
+            if os.path.isfile(self.quarantine_path):
+                with open(self.quarantine_path) as f:
+                    for line in f:
+                        try:
+                            self._quarantined.add(_quarantine_identity(json.loads(line)))
+                        except ValueError:      # a line cut short by a kill
+                            continue
+        ident = _quarantine_identity(rec)
+        if ident in self._quarantined:
+            return
+        self._quarantined.add(ident)
         d = os.path.dirname(self.quarantine_path)
         if d:
             os.makedirs(d, exist_ok=True)

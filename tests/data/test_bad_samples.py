@@ -2,6 +2,7 @@
 video), a decoder that segfaults and one that hangs -> quarantined with a reason, never a crash;
 N consecutive failures abort with a message."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,28 @@ def test_broken_files_are_quarantined(shard_dir, tmp_path, backend, isolation):
     assert sum(st["failures_by_reason"].values()) == len(BAD)
     for p in packs:
         p.validate(cfg, loader.tokenizer)
+
+
+def test_a_bad_sample_met_again_is_recorded_once(shard_dir, tmp_path):
+    """A second loader over the same packs (a resumed run that trains them again, or the next evaluation of a
+    held-out set) meets the same bad samples: its quarantine file already holds them, so it records none again. The
+    count (stats) is the loader's own. A second epoch meets them again in other packs: recorded again."""
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=3, bad=BAD[:3])
+    cfg = small_cfg(d, tmp_path, shuffle=False, num_epochs=1, decode_isolation="process")
+    first = VideoPackedLoader(cfg, seed=0)
+    list(first)
+    once = read_jsonl(cfg.quarantine_path)
+    assert sorted(r["key"] for r in once) == sorted("bad_" + b.split(".")[0] for b in BAD[:3])
+    again = VideoPackedLoader(cfg, seed=0)
+    list(again)
+    assert read_jsonl(cfg.quarantine_path) == once and again.stats["samples_failed"] == 3
+    first.close(), again.close()
+    two = VideoPackedLoader(replace(cfg, num_epochs=2), seed=0)
+    list(two)
+    two.close()
+    recs = read_jsonl(cfg.quarantine_path)
+    assert recs[:3] == once and sorted((r["epoch"], r["key"]) for r in recs[3:]) == \
+        sorted((1, r["key"]) for r in once)
 
 
 def test_segfault_and_hang_cost_one_sample_each(shard_dir, tmp_path, monkeypatch):
