@@ -4,8 +4,8 @@
                                               step-4 checkpoint, before the commit
     KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
     KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches); in
-                                              the DSA warm-up (forward only) its indexers' inputs. `micro=K`: the
-                                              loss of the rank's micro-batch K of the step alone (0-based)
+                                              the DSA warm-up (forward only) its indexers' inputs. `micro=K`: in
+                                              the rank's micro-batch K of the step alone (0-based)
     KEYE_FAULT="nan_backward_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN before their reduction
                                               over ranks, its loss finite (a backward that overflowed)
     KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
@@ -66,14 +66,20 @@ def poisoned_loss(forward_step, micro_batch: int | None = None):
 
 
 @contextlib.contextmanager
-def poisoned_indexers(chunks):
+def poisoned_indexers(chunks, micro_batch: int | None = None):
     """nan_in_step in the DSA warm-up, whose schedule runs forward only (each layer's indexer KL back-propagates in
-    its forward, so a NaN loss at the end would reach nothing): every DSA indexer's input is NaN, and so are the KLs
-    and the indexers' gradients."""
+    its forward, so a NaN loss at the end would reach nothing): every DSA indexer's input is NaN, in every
+    micro-batch or in the one of that index (counted per indexer), and so are the KLs and the indexers'
+    gradients."""
     from models.attention.dsa import DSAIndexer
 
-    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0] * float("nan"), *args[1:]))
-             for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
+    calls: dict[int, int] = {}
+
+    def poison(mod, args):
+        i = calls[id(mod)] = calls.get(id(mod), -1) + 1
+        return (args[0] * float("nan"), *args[1:]) if micro_batch is None or i == micro_batch else None
+
+    hooks = [m.register_forward_pre_hook(poison) for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
     try:
         yield
     finally:

@@ -129,11 +129,14 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     return output, functools.partial(_loss_func, mask)
 
 
-def nonfinite_micro_batches(losses: list[dict]) -> list[int]:
-    """The step's micro-batches (their indices in it) whose loss terms were not finite, on a rank that holds the
-    losses (the last pipeline stage; [] elsewhere). A host copy per micro-batch: only a non-finite step asks."""
-    return [i for i, d in enumerate(losses)
-            if not all(bool(torch.isfinite(v).all()) for v in d.values() if torch.is_tensor(v))]
+def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tensor]]) -> list[int]:
+    """The step's micro-batches (their indices in it) whose loss terms were not finite on this rank: the losses
+    (the last pipeline stage holds them) and each of this rank's DSA layers' indexer KLs (one per micro-batch, in
+    order). A host copy per value: only a non-finite step asks."""
+    bad = {i for i, d in enumerate(losses)
+           if not all(bool(torch.isfinite(v).all()) for v in d.values() if torch.is_tensor(v))}
+    bad |= {i for kls in layer_kls for i, kl in enumerate(kls) if not bool(torch.isfinite(kl).all())}
+    return sorted(bad)
 
 
 def _without_filler(kls: list, padding: list[bool] | None) -> list:
@@ -644,11 +647,13 @@ class Trainer:
         # summed on the device: no host sync per micro-batch
         return torch.stack([d["lm_loss"][1].to(self.device) for d in losses]).sum().to(torch.int)
 
-    def _loss_vector(self, losses: list[dict], padding: list[list[bool]] | None = None) -> torch.Tensor:
+    def _loss_vector(self, losses: list[dict], padding: list[list[bool]] | None = None,
+                     layer_kls: list | None = None) -> torch.Tensor:
         """This rank's share of the step's loss sums, on the device, to be summed over the world (_loss_from):
         [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]. padding (an evaluation
         of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
-        out (their loss tokens are masked already)."""
+        out (their loss tokens are masked already). layer_kls: filled with each DSA layer's KLs, one per
+        micro-batch in order (nonfinite_micro_batches reads them)."""
         total = torch.zeros(6, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
@@ -659,8 +664,10 @@ class Trainer:
         # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
         # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
         flags = padding or [None] * len(self.dsa_by_chunk)
-        kls = [kl for layers, pad in zip(self.dsa_by_chunk, flags) for m in layers
-               for kl in _without_filler(m.take_kls(), pad)]
+        by_layer = [_without_filler(m.take_kls(), pad) for layers, pad in zip(self.dsa_by_chunk, flags) for m in layers]
+        if layer_kls is not None:
+            layer_kls.extend(by_layer)
+        kls = [kl for layer in by_layer for kl in layer]
         if kls:
             total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
             total[5] = len(kls)
@@ -734,7 +741,8 @@ class Trainer:
             own_grads_finite = own_grads_finite & self.vision.own_grads_finite().to(self.device)
             vit_norm = self.vision.reduce_grads(float(tok[0].item()))
             vit_flops = float(tok[1].item())
-        loss_vector = self._loss_vector(losses)
+        layer_kls: list[list[torch.Tensor]] = []
+        loss_vector = self._loss_vector(losses, layer_kls=layer_kls)
         bad = self._nonfinite(vit_norm, own_loss_finite=torch.isfinite(loss_vector[[0, 2, 3, 4]]).all(),
                               own_grads_finite=own_grads_finite)
         if bad:  # no update: the weights stay those of the last step
@@ -762,7 +770,7 @@ class Trainer:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:
-            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses))
+            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses, layer_kls))
         else:
             self.nonfinite_in_row = 0
         if self.skipped_steps:
@@ -870,8 +878,8 @@ class Trainer:
         step_func = functools.partial(_forward_step, inputs)
         if poison is not None and not forward_only:
             step_func = poisoned_loss(step_func, poison[0])
-        poisoned = (poisoned_indexers([m.module for m in self.model]) if poison is not None and forward_only
-                    else None)
+        poisoned = (poisoned_indexers([m.module for m in self.model], poison[0])
+                    if poison is not None and forward_only else None)
         with poisoned or contextlib.nullcontext():
             return fwd_bwd(forward_step_func=step_func,
                            data_iterator=iters if len(self.model) > 1 else iters[0],

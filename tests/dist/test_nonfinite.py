@@ -5,8 +5,8 @@ gradients are NaN and, through the data-parallel reduction, every rank's shards;
 KEYE_FAULT=nan_grad_in_step:step=3:rank=1 makes only rank 1's gradients NaN, after the reduction: the decision to
 skip is the world's, so rank 0, whose own gradients are finite, skips too. nan_backward_in_step makes rank 1's own
 gradients NaN before the reduction, its loss finite (a backward that overflowed). In the DSA warm-up, whose step runs
-forward only, nan_in_step makes a rank's indexer inputs NaN. With `micro=1` only the loss of the rank's second
-micro-batch is NaN: the messages name that micro-batch's data alone.
+forward only, nan_in_step makes a rank's indexer inputs NaN. With `micro=1` only the loss (the warm-up: the indexer
+KL) of the rank's second micro-batch is NaN: the messages name that micro-batch's data alone.
 - Stop (the default, train.skip_nonfinite_steps=0): the launcher exits 4 with `non-finite step: step 3 ...`, naming
   the step's loss, where it arose (the ranks whose own loss, or own gradients before the reduction, were not finite)
   with those ranks' data in the step, and the last checkpoint (step 2); each rank's log names the samples it trained
@@ -83,10 +83,10 @@ def skipped(tmp_path_factory):
     layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
     # the DSA warm-up: only the indexers train, in a forward-only step (each layer's KL back-propagates in its
-    # forward); rank 1's indexer inputs are NaN in step 3
+    # forward); rank 1's indexer inputs are NaN in step 3, in its second micro-batch
     warmup = ["recipe=keye_tiny_dsa_warmup", "train.steps=5", "train.checkpoint.enabled=false"]
     layouts["warmup_before"] = warmup + ["train.stop_after=2"]
-    layouts["warmup_skipped"] = warmup + skip + ["train.stop_after=3"]
+    layouts["warmup_skipped"] = warmup + skip_one + ["train.stop_after=3"]
     # the count of skipped steps travels with the checkpoint: a run that skipped step 3 stops after it, and the
     # resumed run (no fault) reports it from its first step on
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
@@ -141,9 +141,11 @@ def test_where_a_nan_arose_is_named_and_a_warmup_step_is_skipped(skipped):
     assert {s: steps["warmup_skipped"][s] for s in (1, 2)} == steps["warmup_before"]
     assert math.isfinite(steps["warmup_skipped"][3])
     assert math.isnan(skipped["extras"]["warmup_skipped"][3]["indexer_kl"])
+    # (the indexer KL of rank 1's second micro-batch alone: its data alone is named)
     assert ("its indexer KL nan): skipped, no weight updated (1 in a row of the 1 train.skip_nonfinite_steps allows); "
             "before their reduction over ranks, the loss on rank 1 and the gradients on rank 1 were not finite; "
-            "rank 1's data in the step: a synthetic_tokens stream: global samples 40..47; this rank's data") in logs[0]
+            "rank 1's data in the step: its micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: "
+            "global samples 44..47; this rank's data") in logs[0]
 
 
 def test_the_skipped_count_resumes_with_the_run(skipped):
