@@ -428,9 +428,14 @@ class TokenSource:
             self._epochs[e] = got
         return got
 
-    def _read(self, doc: int, offset: int, count: int) -> np.ndarray:
+    def _file_of(self, doc: int) -> tuple[int, int]:
+        """A pool index as (its dataset's place in the pool, its document number in that dataset)."""
         f = int(np.searchsorted(self.base, doc, side="right")) - 1
-        return self.datasets[f].get(doc - int(self.base[f]), offset=offset, length=count)
+        return f, doc - int(self.base[f])
+
+    def _read(self, doc: int, offset: int, count: int) -> np.ndarray:
+        f, n = self._file_of(doc)
+        return self.datasets[f].get(n, offset=offset, length=count)
 
     def sample(self, j: int) -> tuple[np.ndarray, list[int], list[int]]:
         """Sample j of this source: (tokens [S + 1] int64, starts, documents: the pool index of each document piece
@@ -453,8 +458,8 @@ class TokenSource:
         if self.vocab_size is not None:
             for doc, piece in zip(docs, out):
                 if piece.size and int(piece.max()) >= self.vocab_size:
-                    f = int(np.searchsorted(self.base, doc, side="right")) - 1
-                    raise ValueError(f"{self.prefixes[f]}: document {doc - int(self.base[f])} holds token id "
+                    prefix, n = self.document_name(doc)
+                    raise ValueError(f"{prefix}: document {n} holds token id "
                                      f"{int(piece.max())}, outside model.lm.vocab_size ({self.vocab_size}): the files "
                                      f"were tokenized for another vocabulary")
         tokens = np.concatenate(out).astype(np.int64)
@@ -462,8 +467,8 @@ class TokenSource:
 
     def document_name(self, doc: int) -> tuple[str, int]:
         """A pool index as (the file prefix holding it, its document number in that file)."""
-        f = int(np.searchsorted(self.base, doc, side="right")) - 1
-        return self.prefixes[f], doc - int(self.base[f])
+        f, n = self._file_of(doc)
+        return self.prefixes[f], n
 
 
 class Blend:
@@ -515,22 +520,22 @@ class TokenCorpus:
             self.sources = [TokenSource([p for g in groups for p in g], source_id=0, **common)]
             self.blend = None
 
+    def _where(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(source, index within the source) of global samples start .. start + count - 1."""
+        if self.blend is None:
+            return [(0, j) for j in range(start, start + count)]
+        src, local = self.blend.locate(start, count)
+        return list(zip(src.tolist(), local.tolist()))
+
     def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray, list[int]]]:
         """Global samples start .. start + count - 1 as (source, tokens, starts)."""
-        if self.blend is None:
-            return [(0, *self.sources[0].sample(j)[:2]) for j in range(start, start + count)]
-        src, local = self.blend.locate(start, count)
-        return [(int(s), *self.sources[int(s)].sample(int(j))[:2]) for s, j in zip(src, local)]
+        return [(s, *self.sources[s].sample(j)[:2]) for s, j in self._where(start, count)]
 
     def documents(self, samples: list[int]) -> list[tuple[str, int]]:
         """The documents whose tokens the global `samples` hold, in the samples' order, each once: (the file prefix,
         the document's number in that file, as megatron's IndexedDataset counts them)."""
-        if self.blend is None:
-            where = [(0, j) for j in samples]
-        else:
-            where = [(int(s[0]), int(j[0])) for s, j in (self.blend.locate(i, 1) for i in samples)]
         out = {}
-        for s, j in where:
+        for s, j in (w for i in samples for w in self._where(i, 1)):
             source = self.sources[s]
             for doc in source.sample(j)[2]:
                 out.setdefault(source.document_name(doc), None)

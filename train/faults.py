@@ -51,17 +51,25 @@ def maybe_fail(point: str, *, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _micro_batch_hits(micro_batch: int | None):
+    """Whether a call is in the poisoned micro-batch: every call, or each caller's call of that index (0-based;
+    a caller, a model chunk or a layer, runs once per micro-batch)."""
+    calls: dict[int, int] = {}
+
+    def hit(caller) -> bool:
+        i = calls[id(caller)] = calls.get(id(caller), -1) + 1
+        return micro_batch is None or i == micro_batch
+    return hit
+
+
 def poisoned_loss(forward_step, micro_batch: int | None = None):
     """The forward step with a NaN loss (nan_in_step): in every micro-batch, or in the one of that index among those
-    the step runs (counted per model chunk, each of which runs every micro-batch)."""
-    calls: dict[int, int] = {}
+    the schedule runs (counted per model chunk)."""
+    hit = _micro_batch_hits(micro_batch)
 
     def step(data_iterator, model):
         output, loss_func = forward_step(data_iterator, model)
-        i = calls[id(model)] = calls.get(id(model), -1) + 1
-        if micro_batch is None or i == micro_batch:
-            output = output * float("nan")
-        return output, loss_func
+        return (output * float("nan") if hit(model) else output), loss_func
     return step
 
 
@@ -73,11 +81,10 @@ def poisoned_indexers(chunks, micro_batch: int | None = None):
     gradients."""
     from models.attention.dsa import DSAIndexer
 
-    calls: dict[int, int] = {}
+    hit = _micro_batch_hits(micro_batch)
 
     def poison(mod, args):
-        i = calls[id(mod)] = calls.get(id(mod), -1) + 1
-        return (args[0] * float("nan"), *args[1:]) if micro_batch is None or i == micro_batch else None
+        return (args[0] * float("nan"), *args[1:]) if hit(mod) else None
 
     hooks = [m.register_forward_pre_hook(poison) for c in chunks for m in c.modules() if isinstance(m, DSAIndexer)]
     try:

@@ -10,6 +10,7 @@ measured on an H200 with torch 2.11); CPU runs report no MFU unless `train.peak_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -124,8 +125,6 @@ def set_aside_redone(run_dir: str, step: int) -> list[str]:
     line that is not JSON (a write cut short by a kill) moves too; train.eval.only's lines stay (they score
     checkpoints that exist). Appended there before the file is rewritten, so a crash in between leaves a record
     twice, never nowhere. Returns a note per file changed."""
-    import json
-
     notes = []
     for name in ("metrics.jsonl", "eval.jsonl"):
         path = os.path.join(run_dir, name)

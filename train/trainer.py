@@ -129,7 +129,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     return output, functools.partial(_loss_func, mask)
 
 
-def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tensor]]) -> list[int]:
+def _nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tensor]]) -> list[int]:
     """The step's micro-batches (their indices in it) whose loss terms were not finite on this rank: the losses
     (the last pipeline stage holds them) and each of this rank's DSA layers' indexer KLs (one per micro-batch, in
     order). A host copy per value: only a non-finite step asks."""
@@ -388,8 +388,8 @@ class Trainer:
         if self.rank == 0:
             for note in set_aside_redone(self.run_dir, self.step):
                 log.info("%s", note)
-        if self.rank == 0 and resolved_config_yaml:
-            record_config(self.run_dir, resolved_config_yaml, self.step)
+            if resolved_config_yaml:
+                record_config(self.run_dir, resolved_config_yaml, self.step)
 
     # ----------------------------------------------------------------------------------------------
     def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False, shards: str = "",
@@ -653,7 +653,7 @@ class Trainer:
         [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]. padding (an evaluation
         of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
         out (their loss tokens are masked already). layer_kls: filled with each DSA layer's KLs, one per
-        micro-batch in order (nonfinite_micro_batches reads them)."""
+        micro-batch in order (_nonfinite_micro_batches reads them)."""
         total = torch.zeros(6, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
@@ -704,6 +704,7 @@ class Trainer:
         if len(rounds) > 1:
             self.tconfig.finalize_model_grads_func = None
         losses, loss_mask_sum, vit_cost, done = [], 0.0, 0.0, 0
+        fault = fault_args("nan_in_step", step=self.step + 1, rank=self.rank)
         try:
             for n in rounds:
                 if self.cfg.data.kind == "video":
@@ -714,8 +715,8 @@ class Trainer:
                     iters = [iter(mbs) for _ in self.model]
                 else:
                     iters = self.streams
-                losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step,
-                                         poison=self._poison(done, n))
+                losses += self._schedule(iters, n, self.step_inputs, forward_only=self.indexer_step, poison=fault,
+                                         first=done)
                 done += n
                 _drop_stale_graphs(self.model)
                 if self.vision is not None:
@@ -770,7 +771,7 @@ class Trainer:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:
-            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses, layer_kls))
+            self._skip_or_stop(bad, loss, extra, _nonfinite_micro_batches(losses, layer_kls))
         else:
             self.nonfinite_in_row = 0
         if self.skipped_steps:
@@ -859,26 +860,20 @@ class Trainer:
         embeds = self.vision.forward(mbs, self.device)
         return [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
 
-    def _poison(self, done: int, n: int) -> tuple[int | None] | None:
-        """train/faults.py nan_in_step for a round of n micro-batches after `done` of the step: None (no fault),
-        (None,) (every micro-batch) or (i,) (the round's micro-batch i)."""
-        kv = fault_args("nan_in_step", step=self.step + 1, rank=self.rank)
-        if kv is None or "micro" not in kv:
-            return None if kv is None else (None,)
-        return (kv["micro"] - done,) if 0 <= kv["micro"] - done < n else None
-
-    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool,
-                  poison: tuple[int | None] | None = None) -> list:
-        """megatron's schedule over n micro-batches (each model chunk drawing from its iterator); returns the
-        last stage's loss dicts. poison (train/faults.py nan_in_step, from _poison): the loss is NaN (of every
-        micro-batch, or of one), or in the DSA warm-up's forward-only step the indexers' inputs."""
+    def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool, poison: dict | None = None,
+                  first: int = 0) -> list:
+        """megatron's schedule over n micro-batches (each model chunk drawing from its iterator), the step's `first`
+        ones run before them; returns the last stage's loss dicts. poison (train/faults.py nan_in_step's arguments):
+        the loss is NaN, or in the DSA warm-up's forward-only step the indexers' inputs; in every micro-batch, or
+        with `micro` in that one of the step's (none of these n when it is not among them)."""
         fwd_bwd = get_forward_backward_func(pp_size=self.layout.pp,
                                             vp_size=self.layout.vpp if self.layout.vpp > 1 else None)
         extra = {"p2p_communicator": self.p2p} if self.layout.pp > 1 else {}
         step_func = functools.partial(_forward_step, inputs)
+        micro = poison["micro"] - first if poison is not None and "micro" in poison else None
         if poison is not None and not forward_only:
-            step_func = poisoned_loss(step_func, poison[0])
-        poisoned = (poisoned_indexers([m.module for m in self.model], poison[0])
+            step_func = poisoned_loss(step_func, micro)
+        poisoned = (poisoned_indexers([m.module for m in self.model], micro)
                     if poison is not None and forward_only else None)
         with poisoned or contextlib.nullcontext():
             return fwd_bwd(forward_step_func=step_func,
@@ -1036,8 +1031,11 @@ class Trainer:
         ev = self.evaluate()
         self.eval_history.append({"step": self.step, **ev})
         if self.rank == 0:
-            with open(Path(self.run_dir, "eval.jsonl"), "a") as f:  # eval-only's lines say so, beside training's
-                f.write(json.dumps({"step": self.step, **ev, **({"eval_only": True} if self.eval_only else {})}) + "\n")
+            line = {"step": self.step, **ev}
+            if self.eval_only:  # its lines say so, beside the training's
+                line["eval_only"] = True
+            with open(Path(self.run_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
             self.meter.log_eval(self.step, ev)
 
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
