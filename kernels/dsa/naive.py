@@ -52,13 +52,24 @@ def topk_indices(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: torch
     `scores_BTT` overrides the scores (used to rank with exactly the numbers a kernel saw).
     """
     B, T = q_idx_BTHD.shape[:2]
-    dev = q_idx_BTHD.device
     scores = index_scores(q_idx_BTHD, w_BTH, k_idx_BTD) if scores_BTT is None else scores_BTT
+    return rank_topk(scores, eligible_mask(B, T, cu_seqlens, q_idx_BTHD.device), topk)
+
+
+def rank_topk(scores: torch.Tensor, elig: torch.Tensor, topk: int) -> torch.Tensor:
+    """The top-k ranking of scores [..., T] among the eligible keys (elig, same shape): larger score first, -0.0 as
+    +0.0, a NaN as -inf, ties to the smaller position; min(topk, eligible) positions ascending, then -1 to topk,
+    [..., topk] int32."""
+    T = scores.shape[-1]
     scores = torch.where(scores == 0, torch.zeros_like(scores), scores)  # -0.0 ranks as +0.0
-    elig = eligible_mask(B, T, cu_seqlens, dev)
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # NaN ranks as -inf
     scores = scores.masked_fill(~elig, float("-inf"))
-    # A stable descending sort keeps equal scores in ascending position order: the tie-break.
+    # A stable descending sort keeps equal scores in ascending position order: the tie-break. Then the eligible
+    # keys first (stable again): an eligible key scored -inf (or NaN) ranks after the others, not after the
+    # ineligible keys' -inf fill.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    late = (~torch.gather(elig, -1, order)).to(torch.int8)
+    order = torch.gather(order, -1, torch.sort(late, dim=-1, stable=True).indices)
     kk = min(topk, T)
     order = order[..., :kk]
     chosen_ok = torch.gather(elig, -1, order)
@@ -67,7 +78,7 @@ def topk_indices(q_idx_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_idx_BTD: torch
     order = torch.sort(order, dim=-1).values
     order = torch.where(order == big, torch.full_like(order, -1), order)
     if kk < topk:
-        order = torch.cat([order, order.new_full((B, T, topk - kk), -1)], dim=-1)
+        order = torch.cat([order, order.new_full((*order.shape[:-1], topk - kk), -1)], dim=-1)
     return order.to(torch.int32)
 
 

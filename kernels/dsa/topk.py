@@ -29,6 +29,12 @@ takes the threshold, and `topk_fwd_kernel_filter` recomputes the scores 16 rows 
 appends survivors as it goes, before the same select. Its 16-row tiles (the append's registers
 leave no room for more) run the scoring at about half the stored path's tensor-core rate.
 
+NaN: a NaN index score (a NaN in the indexer's inputs) ranks as -inf, as in naive.topk_indices: such a
+key is chosen last, ties in ascending position, so every row still selects min(K, eligible) keys of
+its own range. (A NaN compares false against any threshold, which left a row fewer candidates than
+K and its output unwritten: positions read from uninitialised memory.) The threshold samples leave
+NaN scores out, and the candidate test compares them as -inf (`_nan_low`: kept when tau = -inf).
+
 Flagged rows (rare: the sample estimate was off, or massive ties) are redone exactly: the filter
 runs again for their blocks with tau = -inf and room for the whole prefix, then
 `topk_fwd_kernel_select_long` streams the same bisection over the long list. The result is always
@@ -47,9 +53,16 @@ INT32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
+def _nan_low(x):
+    """A NaN score as -inf (NaN in the module docstring): kept by a threshold of -inf alone."""
+    return tl.where(x == x, x, float("-inf"))
+
+
+@triton.jit
 def _ordered_key(x):
-    """fp32 -> int32 whose signed order is the float order (callers map -0.0 to +0.0 first)."""
-    b = x.to(tl.int32, bitcast=True)
+    """fp32 -> int32 whose signed order is the float order (callers map -0.0 to +0.0 first); a NaN
+    ranks as -inf (see NaN in the module docstring)."""
+    b = _nan_low(x).to(tl.int32, bitcast=True)
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 
@@ -142,6 +155,7 @@ def _kth_largest_key(keys, kth):
 def _sample_tau(sc, valid, n, M, TARGET):
     """Per row of M sample scores sc [R, MP] (valid [R, MP]) of a row with n eligible keys (scalar
     or [R], int64): the sample order statistic expected to leave about TARGET of the n keys."""
+    valid = valid & (sc == sc)  # a NaN sample says nothing of the finite scores' spread
     keys = tl.where(valid, _ordered_key(sc), INT32_MIN)
     r_k = tl.minimum(tl.maximum((M * TARGET.to(tl.int64) + n - 1) // n, 1), M)
     kth = _kth_largest_key(keys, r_k.to(tl.int32))
@@ -245,7 +259,7 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         s, smask, score = _key_tile_scores(q_idx, w, k_idx, row, tvalid, bb, T, s0, hi, dd, dmask,
                                            HI, DI, DOT_PREC, True, DIP, BS)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
-        keep = elig & (score >= tau[:, None])
+        keep = elig & (_nan_low(score) >= tau[:, None])
         kc = keep.to(tl.int32)
         dest = cnt[:, None] + tl.cumsum(kc, axis=1) - 1
         smask2 = keep & (dest < CAP)
@@ -373,7 +387,7 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
                 sc_next = tl.load(base + sn, mask=sn < lim, other=0.0)
             else:
                 sc = tl.load(base + s, mask=s < W, other=0.0)
-            keep = (s >= start) & (s < end) & (sc >= tau)
+            keep = (s >= start) & (s < end) & (_nan_low(sc) >= tau)
             kc = keep.to(tl.int32)
             dest = cnt + tl.cumsum(kc, axis=0) - 1
             m2 = keep & (dest < CAP)

@@ -96,27 +96,16 @@ def gather_index_keys(x: torch.Tensor, cp_group: dist.ProcessGroup | None, *, di
 # ---------------------------------------------------------------------------- reference (query subsets)
 def _topk_ref(q_idx_RHD, w_RH, k_idx_TD, pos_R, start_R, topk: int, rows_per_chunk: int = 256) -> torch.Tensor:
     """[R, K] int32 for arbitrary query rows (global positions pos_R): the ranking of
-    kernels/dsa/naive.topk_indices (float64 scores, -0.0 == +0.0, larger score first, ties to the
-    smaller position; chosen positions ascending, then -1)."""
+    kernels/dsa/naive.topk_indices (float64 scores, naive.rank_topk)."""
     T = k_idx_TD.shape[0]
-    kk = min(topk, T)
     s = torch.arange(T, device=k_idx_TD.device)
-    big = torch.iinfo(torch.long).max
     out = []
     for r0 in range(0, pos_R.numel(), rows_per_chunk):
         sl = slice(r0, r0 + rows_per_chunk)
         scores = dsa_naive.index_scores(q_idx_RHD[None, sl], w_RH[None, sl], k_idx_TD[None])[0]  # [r, T] f64
-        scores = torch.where(scores == 0, torch.zeros_like(scores), scores)
         elig = (s[None] <= pos_R[sl, None]) & (s[None] >= start_R[sl, None])
-        order = torch.sort(scores.masked_fill(~elig, float("-inf")), dim=-1, descending=True, stable=True).indices
-        order = order[:, :kk]
-        order = torch.where(torch.gather(elig, -1, order), order, torch.full_like(order, big))
-        order = torch.sort(order, dim=-1).values
-        order = torch.where(order == big, torch.full_like(order, -1), order)
-        if kk < topk:
-            order = torch.cat([order, order.new_full((order.shape[0], topk - kk), -1)], dim=-1)
-        out.append(order)
-    return torch.cat(out).to(torch.int32)
+        out.append(dsa_naive.rank_topk(scores, elig, topk))
+    return torch.cat(out)
 
 
 def _sparse_attn_ref(q_RHD, k_THD, v_THD, idx_RK, scale: float):

@@ -206,6 +206,28 @@ def test_topk_all_ties_uses_exact_fallback(topk_mode):
     assert torch.equal(out, naive.topk_indices(q, w, k, topk))
 
 
+@pytest.mark.parametrize("cap,m", [(None, None), (16, 8)])   # the defaults; rows past the candidate room
+def test_topk_nan_scores_rank_last(topk_mode, cap, m):
+    """A NaN in the indexer's inputs (a NaN activation) makes index scores NaN: they rank as -inf (naive.rank_topk),
+    so every row still selects min(topk, eligible) keys of its own document, the NaN keys last in position order.
+    Before, a row with fewer than topk non-NaN scores was left unwritten (positions of uninitialised memory, beyond
+    the keys). Integer inputs: the other scores are exact, so the selection equals the reference's."""
+    B, T, topk = 1, 100, 4
+    cu = _cu(0, 9, 20, 31, 100)
+    q, w, k = _int_indexer(B, T, 2, 16, -4, 5, w_lo=1)
+    q[0, 24, 0, 0] = float("nan")      # every score of row 24 (document 2)
+    w[0, 27, 1] = float("nan")         # every score of row 27
+    k[0, [22, 40, 41, 45], 3] = float("nan")   # one key of document 2's and several of document 3's, for all rows
+    ref = naive.topk_indices(q, w, k, topk, cu)
+    out = dsa_topk(q, w, k, topk, cu_seqlens=cu, **({} if cap is None else {"cap": cap, "num_samples": m}))
+    _check_idx_valid(out, topk, cu)
+    assert torch.equal(out, ref), "selection differs from the reference"
+    assert out[0, 24].tolist() == [20, 21, 22, 23] and out[0, 27].tolist() == [20, 21, 22, 23]
+    # a NaN key never beats a scored one (row 23 has 4 eligible keys: it takes them all, key 22 too)
+    assert not (out[0, [25, 26, 28, 29, 30]] == 22).any() and not (out[0, 46:] == 40).any()
+    assert 22 in out[0, 23].tolist()
+
+
 def test_topk_continuous_scores_are_a_valid_topk(topk_mode):
     """Random fp32 inputs: near-ties may resolve differently from the fp64 reference, so check
     that every selected score beats every unselected eligible score up to fp32 rounding."""
