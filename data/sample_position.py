@@ -37,17 +37,21 @@ class GlobalSamplePosition:
         self._micro += 1
         return start
 
-    def step_samples(self, micro_batches: list[int] | None = None) -> list[int]:
+    def step_samples(self, micro_batches: list[int] | None = None, rows: dict[int, list[int]] | None = None
+                     ) -> list[int]:
         """The global indices of the samples this rank drew in the current step, or in those of its micro-batches
-        (their indices in the step)."""
+        (their indices in the step); `rows` narrows some of those micro-batches (by index) to some of their rows."""
         first = self.consumed_samples + self.dp_rank * (self.gbs // self.dp_size)
         drawn = range(self._micro) if micro_batches is None else [i for i in micro_batches if i < self._micro]
-        return [first + i * self.mbs + k for i in drawn for k in range(self.mbs)]
+        rows = rows or {}
+        return [first + i * self.mbs + k for i in drawn for k in range(self.mbs) if i not in rows or k in rows[i]]
 
-    def describe_step(self, micro_batches: list[int] | None = None) -> str:
-        """The samples this rank drew in the current step (or in those of its micro-batches), for a message about
-        the step."""
-        return f"{self.what}: global samples {format_runs(self.step_samples(micro_batches))}"
+    def describe_step(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> str:
+        """The samples this rank drew in the current step (or in those of its micro-batches; `parts`: of some of
+        those, by index, the rows whose tokens' loss was not finite alone), for a message about the step."""
+        named, drawn = self.step_samples(micro_batches, parts), self.step_samples(micro_batches)
+        narrowed = f" (the rows whose tokens' loss was not finite, of {format_runs(drawn)})" if named != drawn else ""
+        return f"{self.what}: global samples {format_runs(named)}{narrowed}"
 
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""

@@ -439,7 +439,7 @@ class TokenSource:
 
     def sample(self, j: int) -> tuple[np.ndarray, list[int], list[int]]:
         """Sample j of this source: (tokens [S + 1] int64, starts, documents: the pool index of each document piece
-        in the sample, in order)."""
+        in the sample, in order; with document bounds, piece d is the row's segment d, for d below their count)."""
         e, k = divmod(int(j), self.per_epoch)
         order, ends, rows = self._epoch(e)
         g = int(rows[k]) * self.S                     # the sample's first token in the epoch's concatenation
@@ -449,11 +449,11 @@ class TokenSource:
             doc, end = int(order[p]), int(ends[p])
             begin = int(ends[p - 1]) if p else 0
             offset = g + at - begin
-            if offset == 0:
-                starts.append(at)
             take = min(need, end - begin - offset)
-            out.append(self._read(doc, offset, take))
-            docs.append(doc)
+            if take:   # an empty document (megatron's files may hold them) is no piece: pieces are the row's segments
+                starts += [at] * (offset == 0)
+                out.append(self._read(doc, offset, take))
+                docs.append(doc)
             need, at, p = need - take, at + take, p + 1
         if self.vocab_size is not None:
             for doc, piece in zip(docs, out):
@@ -586,16 +586,28 @@ class TokenFileStream(GlobalSamplePosition):
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
 
-    def describe_step(self, micro_batches: list[int] | None = None) -> str:
+    def describe_step(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> str:
         """The samples this rank drew in the current step (or in those of its micro-batches) and the documents they
-        hold (by file prefix and document number; the first SHOWN_DOCUMENTS), for a message about the step."""
-        docs = self.corpus.documents(self.step_samples(micro_batches))
+        hold (by file prefix and document number; the first SHOWN_DOCUMENTS), for a message about the step.
+        `parts`: of some of those micro-batches (by index), the parts whose tokens' loss was not finite alone: with
+        document bounds (one row per micro-batch) the row's documents (its segments, in order), else rows."""
+        rows = None if self.document_bounds else parts
+        if self.document_bounds and parts:
+            docs = []
+            for i in micro_batches:
+                for j in self.step_samples([i]):
+                    held = self.corpus.documents([j])   # a part past them: a KSA row's padding, naming no document
+                    docs += [held[d] for d in parts.get(i, []) if d < len(held)] or held
+            docs = list(dict.fromkeys(docs))
+        else:
+            docs = self.corpus.documents(self.step_samples(micro_batches, rows))
         by_file: dict[str, list[int]] = {}
         for prefix, n in docs[:SHOWN_DOCUMENTS]:
             by_file.setdefault(prefix, []).append(n)
         shown = "; ".join(f"{prefix}: {', '.join(map(str, ns))}" for prefix, ns in by_file.items())
         more = f"; +{len(docs) - SHOWN_DOCUMENTS} more" if len(docs) > SHOWN_DOCUMENTS else ""
-        return f"{super().describe_step(micro_batches)}, documents {shown}{more}"
+        narrowed = " (those whose tokens' loss was not finite)" if self.document_bounds and parts else ""
+        return f"{super().describe_step(micro_batches, rows)}, documents {shown}{more}{narrowed}"
 
     @property
     def samples_per_epoch(self) -> int:

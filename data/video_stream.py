@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from data.sample_position import format_runs
 from data.video.config import VideoDataConfig
 from data.video.loader import VideoPackedLoader
 
@@ -128,18 +129,24 @@ class VideoBatchStream:
             "visual_pos": s.visual_pos,
         }
 
-    def describe_step(self, micro_batches: list[int] | None = None) -> str:
+    def describe_step(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> str:
         """The packs (their epoch, index and samples) this rank drew in the current step (or those of its
-        micro-batches, by their indices in the step), for a message about it."""
-        def pack(epoch, index, source, keys) -> str:
-            shown = ", ".join(keys[:SHOWN_KEYS]) + (f", +{len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS
-                                                     else "")
-            return f"epoch {epoch} pack {index}{' of ' + source if source else ''}: {shown}"
+        micro-batches, by their indices in the step; `parts`: of some of those, by index, the documents whose tokens'
+        loss was not finite alone), for a message about it."""
+        def pack(i, epoch, index, source, keys) -> str:
+            # a part past the pack's documents is its padding segment (or a KSA row's): it names no sample
+            docs = [d for d in (parts or {}).get(i, []) if d < len(keys)]
+            named = [keys[d] for d in docs] or keys
+            shown = ", ".join(named[:SHOWN_KEYS]) + (f", +{len(named) - SHOWN_KEYS} more" if len(named) > SHOWN_KEYS
+                                                      else "")
+            narrowed = (f" (its document{'s' if len(docs) > 1 else ''} {format_runs(docs)} of {len(keys)}, whose "
+                        "tokens' loss was not finite)" if docs else "")
+            return f"epoch {epoch} pack {index}{' of ' + source if source else ''}: {shown}{narrowed}"
 
-        drawn = list(self._drawn)
+        drawn = list(enumerate(self._drawn))
         if micro_batches is not None:
             drawn = [drawn[i] for i in micro_batches if i < len(drawn)]
-        return "video packs " + "; ".join(pack(*p) for p in drawn)
+        return "video packs " + "; ".join(pack(i, *p) for i, p in drawn)
 
     @property
     def stats(self) -> dict:

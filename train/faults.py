@@ -5,7 +5,9 @@
     KEYE_FAULT="kill_in_step:step=3:rank=1"   rank 1 dies (SIGKILL) in the middle of step 3
     KEYE_FAULT="nan_in_step:step=3:rank=1"    rank 1's loss in step 3 is NaN (so are the gradients it reaches); in
                                               the DSA warm-up (forward only) its indexers' inputs. `micro=K`: in
-                                              the rank's micro-batch K of the step alone (0-based)
+                                              the rank's micro-batch K of the step alone (0-based); `doc=J`: in
+                                              its document J alone (a packed row's; a row of a micro-batch of rows
+                                              without document bounds), on the last pipeline stage
     KEYE_FAULT="nan_backward_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN before their reduction
                                               over ranks, its loss finite (a backward that overflowed)
     KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
@@ -20,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+
+import torch
 
 
 def _parse(spec: str) -> list[tuple[str, dict]]:
@@ -62,14 +66,21 @@ def _micro_batch_hits(micro_batch: int | None):
     return hit
 
 
-def poisoned_loss(forward_step, micro_batch: int | None = None):
+def poisoned_loss(forward_step, micro_batch: int | None = None, part: int | None = None):
     """The forward step with a NaN loss (nan_in_step): in every micro-batch, or in the one of that index among those
-    the schedule runs (counted per model chunk)."""
+    the schedule runs (counted per model chunk); with `part` the loss of that part's tokens alone (a packed row's
+    document, or a row: train/nonfinite.py part_ids), where the stage's output is the loss per token (the last
+    pipeline stage's). A product, so that the gradients it reaches are NaN too."""
     hit = _micro_batch_hits(micro_batch)
 
     def step(data_iterator, model):
         output, loss_func = forward_step(data_iterator, model)
-        return (output * float("nan") if hit(model) else output), loss_func
+        if not hit(model):
+            return output, loss_func
+        parts = getattr(loss_func, "keywords", {}).get("parts")
+        if part is None or parts is None or parts.shape != output.shape:
+            return output * float("nan"), loss_func
+        return output * torch.where(parts == part, float("nan"), 1.0), loss_func
     return step
 
 

@@ -56,6 +56,47 @@ def grad_norms(model: list) -> list[torch.Tensor]:
     return [buf.grad_data.norm() for m in model for buf in (*m.buffers, *m.expert_parallel_buffers)]
 
 
+def part_ids(shape: torch.Size, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Which part of a micro-batch each of its tokens [b, S] belongs to (int64, on the device): in a packed row
+    (cu_seqlens, b = 1) its document, the index of the segment holding it (a padding segment counts as one), else
+    its row."""
+    b, s = shape
+    if cu_seqlens is None:
+        return torch.arange(b, device=device).view(b, 1).expand(b, s)
+    ends = cu_seqlens.reshape(-1)[1:].to(device=device, dtype=torch.int64)
+    return torch.searchsorted(ends, torch.arange(s, device=device), right=True).view(1, s)
+
+
+def nonfinite_parts(per_token_loss: torch.Tensor, parts: torch.Tensor, n_parts: int) -> torch.Tensor | None:
+    """[n_parts] float, 1 for each part (part_ids, as this rank holds its tokens) holding a token whose loss was
+    not finite, masked or not (a masked token's NaN makes the loss sum NaN too), else 0. On the device: no host
+    copy. None where the loss is not per token in the parts' layout."""
+    if per_token_loss.shape != parts.shape:
+        return None
+    bad = (~torch.isfinite(per_token_loss.detach())).reshape(-1).float()
+    return bad.new_zeros(n_parts).scatter_reduce(0, parts.reshape(-1), bad, "amax")
+
+
+def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tensor]]) -> dict[int, list[int] | None]:
+    """The step's micro-batches (their indices in it) whose loss terms were not finite on this rank: the losses
+    (the last pipeline stage holds them) and each of this rank's DSA layers' indexer KLs (one per micro-batch, in
+    order). Each maps to its parts (part_ids) whose tokens' loss was not finite, when some but not all were (the
+    loss's `nonfinite_parts`), else None: the whole micro-batch (an indexer KL is one mean over its tokens, and a
+    distillation loss is not per token). A host copy per value: only a non-finite step asks."""
+    bad: dict[int, list[int] | None] = {}
+    for i, d in enumerate(losses):
+        terms = [v for k, v in d.items() if torch.is_tensor(v) and k != "nonfinite_parts"]
+        if not all(bool(torch.isfinite(v).all()) for v in terms):
+            flags = d.get("nonfinite_parts")
+            some = [] if flags is None else [j for j, f in enumerate(flags.tolist()) if f]
+            bad[i] = some if 0 < len(some) < len(flags) else None
+    for kls in layer_kls:
+        for i, kl in enumerate(kls):
+            if i not in bad and not bool(torch.isfinite(kl).all()):
+                bad[i] = None
+    return dict(sorted(bad.items()))
+
+
 class GradsBeforeReduction:
     """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting whether
     this rank's own gradients are finite (`finite`: a 0-dim device tensor; None before the step's backward): a NaN

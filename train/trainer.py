@@ -44,7 +44,8 @@ from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_inde
 from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
                            set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
-from train.nonfinite import GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms
+from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
+                             nonfinite_parts, part_ids)
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
@@ -52,12 +53,19 @@ from train.profiling import StepProfiler
 log = logging.getLogger("train")
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Per-token loss sum and token count (megatron's calculate_per_token_loss convention)."""
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Tensor | None = None,
+               n_parts: int = 0):
+    """Per-token loss sum and token count (megatron's calculate_per_token_loss convention); with `parts` (part_ids
+    of the tokens, as this rank holds them) also which of the micro-batch's n_parts documents or rows held a token
+    whose loss was not finite (train/nonfinite.py: a non-finite step names them)."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output.float().reshape(-1) * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach().double(), mask.sum().double()])}
+    report = {"lm_loss": torch.stack([loss_sum.detach().double(), mask.sum().double()])}
+    flags = None if parts is None else nonfinite_parts(output, parts, n_parts)
+    if flags is not None:
+        report["nonfinite_parts"] = flags
+    return loss_sum, num_tokens, report
 
 
 def _distill_loss_func(num_tokens: torch.Tensor, report: torch.Tensor, output: torch.Tensor):
@@ -111,11 +119,14 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
         kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"])
+    cu = batch.get("cu_seqlens")
+    parts, n_parts = part_ids(tokens.shape, cu, tokens.device), tokens.shape[0] if cu is None else cu.numel() - 1
     if inputs.cp_group is not None:
-        from parallel.context.batch import split_batch_for_cp
+        from parallel.context.batch import cp_share, split_batch_for_cp
 
         tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group,
                                                                split=inputs.cp_split)
+        parts = cp_share(parts, kwargs, inputs.cp_group, split=inputs.cp_split)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
         # CP: the vision tower already placed this rank's share (in the model's, i.e. interleaved, sequence)
         where = raw["visual_local_pos"] if "visual_local_pos" in raw else visual_pos
@@ -126,17 +137,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
                                              sequence_parallel=inputs.sequence_parallel)
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
-    return output, functools.partial(_loss_func, mask)
-
-
-def _nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tensor]]) -> list[int]:
-    """The step's micro-batches (their indices in it) whose loss terms were not finite on this rank: the losses
-    (the last pipeline stage holds them) and each of this rank's DSA layers' indexer KLs (one per micro-batch, in
-    order). A host copy per value: only a non-finite step asks."""
-    bad = {i for i, d in enumerate(losses)
-           if not all(bool(torch.isfinite(v).all()) for v in d.values() if torch.is_tensor(v))}
-    bad |= {i for kls in layer_kls for i, kl in enumerate(kls) if not bool(torch.isfinite(kl).all())}
-    return sorted(bad)
+    return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts)
 
 
 def _without_filler(kls: list, padding: list[bool] | None) -> list:
@@ -653,7 +654,7 @@ class Trainer:
         [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]. padding (an evaluation
         of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
         out (their loss tokens are masked already). layer_kls: filled with each DSA layer's KLs, one per
-        micro-batch in order (_nonfinite_micro_batches reads them)."""
+        micro-batch in order (train/nonfinite.py nonfinite_micro_batches reads them)."""
         total = torch.zeros(6, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
@@ -771,7 +772,7 @@ class Trainer:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:
-            self._skip_or_stop(bad, loss, extra, _nonfinite_micro_batches(losses, layer_kls))
+            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses, layer_kls))
         else:
             self.nonfinite_in_row = 0
         if self.skipped_steps:
@@ -801,11 +802,11 @@ class Trainer:
                          loss_ranks=[r for r in range(world) if f[2 + r]],
                          grad_ranks=[r for r in range(world) if f[2 + world + r]])
 
-    def _skip_or_stop(self, bad: NonFinite, loss: float, extra: dict, micro: list[int]) -> None:
+    def _skip_or_stop(self, bad: NonFinite, loss: float, extra: dict, micro: dict[int, list[int] | None]) -> None:
         """A step whose gradients were not finite (and updated nothing): every rank logs where it arose and the data
-        it trained on in the step (of its micro-batches whose loss was not finite, `micro`, when only some were),
-        and the data of the ranks where it arose (gathered: a collective on this path alone, which every rank
-        takes); the run skips the step while it has skipped fewer than train.skip_nonfinite_steps in a row, and
+        it trained on in the step (of its micro-batches whose loss was not finite, `micro`, when only some were, and
+        of their documents or rows whose tokens' loss was not finite, where only some were), and the data of the
+        ranks where it arose (gathered: a collective on this path alone, which every rank takes); the run skips the step while it has skipped fewer than train.skip_nonfinite_steps in a row, and
         stops (NonFiniteStepError) otherwise."""
         t = self.cfg.train
         self.nonfinite_in_row += 1
@@ -813,9 +814,10 @@ class Trainer:
         what = (f"step {self.step}: {' and '.join(bad.grads)} gradients hold a NaN or an Inf "
                 f"(the step's loss {loss:.6g}{kl})")
         n = self.num_microbatches
-        if micro and len(micro) < n:   # the loss of some micro-batches alone was not finite: their data
-            data = (f"its micro-batch{'es' if len(micro) > 1 else ''} {format_runs(micro)} of {n}, whose loss was "
-                    f"not finite: " + "; ".join(s.describe_step(micro) for s in self.streams))
+        parts = {i: p for i, p in micro.items() if p is not None}
+        if micro and (len(micro) < n or parts):   # the loss of some micro-batches (or parts) alone was not finite
+            data = (f"its micro-batch{'es' if len(micro) > 1 else ''} {format_runs(list(micro))} of {n}, whose loss "
+                    f"was not finite: " + "; ".join(s.describe_step(list(micro), parts) for s in self.streams))
         else:
             data = "; ".join(s.describe_step() for s in self.streams)
         everyone = [None] * dist.get_world_size()
@@ -872,7 +874,7 @@ class Trainer:
         step_func = functools.partial(_forward_step, inputs)
         micro = poison["micro"] - first if poison is not None and "micro" in poison else None
         if poison is not None and not forward_only:
-            step_func = poisoned_loss(step_func, micro)
+            step_func = poisoned_loss(step_func, micro, poison.get("doc"))
         poisoned = (poisoned_indexers([m.module for m in self.model], micro)
                     if poison is not None and forward_only else None)
         with poisoned or contextlib.nullcontext():

@@ -33,7 +33,7 @@ from parallel.context.comm import group_size_rank
 from parallel.context.split import (CPSplit, check_cp_seq_len, cp_rank_concat_indices, rank_concat_to_natural,
                                     split_for_cp)
 
-__all__ = ["split_batch_for_cp", "rotary_positions_for_cp"]
+__all__ = ["split_batch_for_cp", "rotary_positions_for_cp", "cp_share"]
 
 
 def rotary_positions_for_cp(pos: torch.Tensor, cp_size: int, *, split: CPSplit,
@@ -83,3 +83,12 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
                                                                 cu_seqlens=cu)
                             for t in (tokens, labels, mask))
     return tokens, labels, mask, rotary_positions_for_cp(pos, cp, split=split, cu_seqlens=cu), kwargs
+
+
+def cp_share(x: torch.Tensor, kwargs: dict, cp_group: dist.ProcessGroup | None, *, split: CPSplit) -> torch.Tensor:
+    """This CP rank's share of another per-token tensor [b, S], in the layout split_batch_for_cp gives the tokens
+    (with the same kwargs: a packed row's GLOBAL cu_seqlens decide the "document" split)."""
+    cp, rank = group_size_rank(cp_group)
+    psp = kwargs.get("packed_seq_params")
+    return split_for_cp(x, dim=-1, cp_size=cp, cp_rank=rank, split=split,
+                        cu_seqlens=None if psp is None else psp.cu_seqlens_q)

@@ -241,6 +241,55 @@ def test_processes_of_a_node_build_each_epoch_once(files, tmp_path):
     assert sorted(built) == ["0", "1"]        # one process built each epoch; the others waited and mapped it
 
 
+def test_a_step_names_the_documents_whose_loss_was_not_finite(tmp_path):
+    """describe_step(micro_batches, parts): of a micro-batch, its parts whose tokens' loss was not finite alone (as
+    train/nonfinite.py part_ids counts them): with document bounds the row's documents (its segments), else its rows.
+    Reference: the ids of the tokens in those segments, or rows."""
+    ids = _documents_named_by_their_ids(tmp_path)
+    corpus = TokenCorpus(str(tmp_path), seq_length=16, seed=3)
+    s = TokenFileStream(corpus, document_bounds=True, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+    rows = [next(s) for _ in range(4)]
+    segments = [[ids[t] for t in dict.fromkeys(r["tokens"][0, a:b].tolist())]
+                for r in rows for a, b in zip(r["cu_seqlens"][:-1].tolist(), r["cu_seqlens"][1:].tolist())]
+    row = [len(r["cu_seqlens"]) - 1 for r in rows]
+    assert all(len(seg) == 1 for seg in segments) and max(row) >= 2   # a segment is one document
+    i = max(range(4), key=row.__getitem__)        # a micro-batch of several documents: its first and last
+    first = sum(row[:i])
+    named = [segments[first][0], segments[first + row[i] - 1][0]]
+    assert s.describe_step([i], {i: [0, row[i] - 1]}) == (
+        f"a token-file stream (data.kind=tokens): global samples {i}, documents {listing(named)} (those whose tokens' "
+        "loss was not finite)")
+    # a part past the row's documents (a KSA row's padding) names none: the row's documents, all
+    everything = s.describe_step([i])
+    assert s.describe_step([i], {i: [row[i]]}).startswith(everything)
+    # rows without document bounds: the rows named, and their documents
+    r = TokenFileStream(corpus, document_bounds=False, micro_batch_size=4, global_batch_size=8, dp_rank=0, dp_size=1)
+    mb = next(r)
+    held = [ids[t] for t in dict.fromkeys(mb["tokens"][2].tolist() + mb["labels"][2, -1:].tolist())]
+    assert r.describe_step([0], {0: [2]}) == (
+        f"a token-file stream (data.kind=tokens): global samples 2 (the rows whose tokens' loss was not finite, of "
+        f"0..3), documents {listing(held)}")
+
+
+def test_an_empty_document_is_no_segment(tmp_path):
+    """megatron's own files may hold empty documents (ours leave them out): a sample's pieces skip them, so that
+    piece d is still the row's segment d."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    docs = [[5] * 7, [], [6] * 3, [], [], [7] * 9, [8] * 2]
+    builder = IndexedDatasetBuilder(str(tmp_path / "e.bin"), dtype=DType.optimal_dtype(512))
+    for d in docs:
+        builder.add_document(torch.tensor(d, dtype=torch.int64), [len(d)])
+    builder.finalize(str(tmp_path / "e.idx"))
+    corpus = TokenCorpus(str(tmp_path / "e"), seq_length=20, seed=1)
+    tokens, starts, pieces = corpus.sources[0].sample(0)
+    row = row_tensors(tokens, starts, document_bounds=True)
+    cu = row["cu_seqlens"].tolist()
+    names = [corpus.sources[0].document_name(p)[1] for p in pieces]
+    assert all(docs[n] for n in names)   # no empty one
+    assert [docs[names[d]][0] for d in range(len(cu) - 1)] == [int(row["tokens"][a]) for a in cu[:-1]]
+
+
 def test_row_tensors_follow_the_documents():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -321,16 +370,29 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     assert torch.equal(mb["tokens"][1], one[0][1]["tokens"][0])
 
 
-def test_a_step_is_described_by_the_documents_its_rows_hold(tmp_path):
-    """describe_step (the message of a step whose gradients were not finite) names the step's global samples and
-    the documents they hold, by file and document number. Reference: each document's tokens are one id of its own,
-    so the ids in the rows drawn (tokens and each row's last label) name them, in the order they appear."""
+def _documents_named_by_their_ids(tmp_path) -> dict:
+    """Files a and b whose documents' tokens are one id of their own: token id -> (file prefix, document number)."""
     rng = np.random.default_rng(5)
-    ids = {}   # token id -> (file prefix, document number)
+    ids = {}
     for f, (first, n) in (("a", (1, 57)), ("b", (200, 31))):
         docs = [[first + i] * int(rng.integers(1, 40)) for i in range(n)]
         write_token_files(docs, tmp_path / f, vocab_size=512)
         ids.update({first + i: (str(tmp_path / f), i) for i in range(n)})
+    return ids
+
+
+def listing(docs):
+    by_file = {}
+    for prefix, n in docs:
+        by_file.setdefault(prefix, []).append(str(n))
+    return "; ".join(f"{prefix}: {', '.join(ns)}" for prefix, ns in by_file.items())
+
+
+def test_a_step_is_described_by_the_documents_its_rows_hold(tmp_path):
+    """describe_step (the message of a step whose gradients were not finite) names the step's global samples and
+    the documents they hold, by file and document number. Reference: each document's tokens are one id of its own,
+    so the ids in the rows drawn (tokens and each row's last label) name them, in the order they appear."""
+    ids = _documents_named_by_their_ids(tmp_path)
 
     def drawn(stream, micro):
         seen = {}
@@ -340,12 +402,6 @@ def test_a_step_is_described_by_the_documents_its_rows_hold(tmp_path):
                 for t in row.tolist() + labels[-1:].tolist():
                     seen.setdefault(ids[t], None)
         return list(seen)
-
-    def listing(docs):
-        by_file = {}
-        for prefix, n in docs:
-            by_file.setdefault(prefix, []).append(str(n))
-        return "; ".join(f"{prefix}: {', '.join(ns)}" for prefix, ns in by_file.items())
 
     kw = dict(seq_length=16, seed=3)
     for corpus in (TokenCorpus(str(tmp_path), **kw),                                      # one pool

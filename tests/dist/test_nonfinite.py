@@ -6,7 +6,8 @@ KEYE_FAULT=nan_grad_in_step:step=3:rank=1 makes only rank 1's gradients NaN, aft
 skip is the world's, so rank 0, whose own gradients are finite, skips too. nan_backward_in_step makes rank 1's own
 gradients NaN before the reduction, its loss finite (a backward that overflowed). In the DSA warm-up, whose step runs
 forward only, nan_in_step makes a rank's indexer inputs NaN. With `micro=1` only the loss (the warm-up: the indexer
-KL) of the rank's second micro-batch is NaN: the messages name that micro-batch's data alone.
+KL) of the rank's second micro-batch is NaN: the messages name that micro-batch's data alone; with `doc=J` too, that
+of one of its rows (the LM's) or documents (a pack's) alone.
 - Stop (the default, train.skip_nonfinite_steps=0): the launcher exits 4 with `non-finite step: step 3 ...`, naming
   the step's loss, where it arose (the ranks whose own loss, or own gradients before the reduction, were not finite)
   with those ranks' data in the step, and the last checkpoint (step 2); each rank's log names the samples it trained
@@ -66,18 +67,21 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
 def skipped(tmp_path_factory):
     from data.video_stream import ensure_synthetic_shards
 
-    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    # text-only samples among the videos: packs of several documents
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0, n_text=24)
     vl = ["recipe=keye_tiny", "train.steps=5", "train.global_batch_size=4", "train.checkpoint.enabled=false",
           "data.synthetic_videos=8", f"data.video.shards={shards}"]
     lm = [o for o in LM if "save_interval" not in o] + ["train.checkpoint.enabled=false"]
     skip = [f"KEYE_FAULT={FAULT}", "train.skip_nonfinite_steps=1"]
-    # the loss of rank 1's second micro-batch of step 3 alone is NaN (2 per rank and step in either run)
+    # the loss of rank 1's second micro-batch of step 3 alone is NaN (2 per rank and step in either run), of its
+    # third row (the LM's micro-batches of 4 rows), or of its first document (a pack)
     skip_one = [f"KEYE_FAULT={FAULT}:micro=1", "train.skip_nonfinite_steps=1"]
     layouts = {}
-    for name, common in (("lm", lm), ("vl", vl)):
+    for name, common, part in (("lm", lm, 2), ("vl", vl, 0)):
+        skip_part = [f"KEYE_FAULT={FAULT}:micro=1:doc={part}", "train.skip_nonfinite_steps=1"]
         layouts.update({f"{name}_before": common + ["train.stop_after=2"],
-                        f"{name}_skipped": common + skip_one + ["train.stop_after=3"],
-                        f"{name}_on": common + skip_one})
+                        f"{name}_skipped": common + skip_part + ["train.stop_after=3"],
+                        f"{name}_on": common + skip_part})
     layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
     layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
@@ -108,16 +112,20 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
         assert name == "lm" or any(k.startswith("vision.") for k in digests[skip])
         assert sorted(steps[on]) == [1, 2, 3, 4, 5] and all(math.isfinite(steps[on][s]) for s in (1, 2, 4, 5))
         assert {s: steps[on][s] for s in (1, 2)} == steps[before]
-    # the multimodal run names its packs: epoch, index and sample keys (shard/key); rank 1's second alone, the only
-    # one whose loss was not finite, and rank 0's two
+    # the multimodal run names its packs: epoch, index and sample keys (shard/key); of rank 1's second alone, the
+    # only one whose loss was not finite, its first document alone (of several: text-only samples among them), and
+    # rank 0's two whole
     pack = r"epoch \d+ pack \d+: shard-\d+\.tar/[^;]+"
+    one = (r"epoch \d+ pack \d+: shard-\d+\.tar/[^;,]+ \(its document 0 of ([2-9]|\d\d+), whose tokens' loss was "
+           r"not finite\)")
     assert re.search(rf"rank 1's data in the step: its micro-batch 1 of 2, whose loss was not finite: video packs "
-                     rf"{pack}; this rank's data in the step: video packs {pack}; {pack}\n",
+                     rf"{one}; this rank's data in the step: video packs {pack}; {pack}\n",
                      skipped["logs"][0]), skipped["logs"][0][-2000:]
-    # the language model's: rank 1's samples 40..47 in micro-batches of 4, the second alone named
+    # the language model's: rank 1's samples 40..47 in micro-batches of 4, of the second alone its third row
     assert ("the loss on rank 1 and the gradients on ranks 0-1 were not finite; rank 1's data in the step: its "
-            "micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: global samples 44..47; this "
-            "rank's data in the step: a synthetic_tokens stream: global samples 32..39") in skipped["logs"][0]
+            "micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: global samples 46 (the rows "
+            "whose tokens' loss was not finite, of 44..47); this rank's data in the step: a synthetic_tokens stream: "
+            "global samples 32..39") in skipped["logs"][0]
     # rank 0's gradients finite, rank 1's NaN: rank 0 skipped too (its parameters are those after step 2), and the
     # step's loss is finite (the NaN came after the loss)
     assert digests["lm_one_rank"] == digests["lm_before"]
