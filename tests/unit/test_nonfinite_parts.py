@@ -161,3 +161,47 @@ def test_a_nan_in_one_document_stays_in_its_tokens(megatron_world, attention, ba
     # experts' grouped matrices hold other tokens (the NaN tokens may route elsewhere), which may change the
     # summation order of a row
     torch.testing.assert_close(out["nan"][0, others], out["clean"][0, others], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "naive"])
+def test_a_nan_in_one_document_stays_in_its_tokens_with_ksa(megatron_world, backend):
+    """The same through KSA layers (summary slots after every 4 text tokens; windows of 2 chunks and a full one): a
+    NaN entering document 2 stays in its tokens and summaries with the Triton kernels (interpreted, fp32). The mask
+    reference (the CPU backend) multiplies it by masked zeros over the whole row, as DSA's: every document."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from models.config import KSAConfig, LMConfig, ModelParallelSizes
+    from models.ksa_tokens import insert_summary_slots
+    from models.lm import build_lm, transformer_config
+
+    get_moe_layer_wise_logging_tracker().clear()
+    lm = LMConfig(vocab_size=96, loss_chunk_tokens=0, attention="ksa",
+                  ksa=KSAConfig(chunk=4, num_summary=1, windows=[2, 8], backend=backend))
+    cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True)
+    model = build_lm(lm, cfg, pg_collection=megatron_world, pp_rank=0, pp_size=1).eval()
+    g = torch.Generator().manual_seed(5)
+    cu_text = torch.tensor([0, 9, 20, 31, 40], dtype=torch.int32)
+    tokens = torch.randint(0, lm.vocab_size, (1, 40), generator=g)
+    labels = torch.randint(0, lm.vocab_size, (1, 40), generator=g)
+    sb = insert_summary_slots(tokens, chunk=4, num_summary=1, cu_seqlens=cu_text, labels=labels,
+                              slot_ids_from=lm.vocab_size, ignore_index=0)
+    cu, n = sb.cu_seqlens.to(torch.int32), sb.input_ids.shape[-1]
+    pos = sb.position_ids.reshape(1, n).expand(3, 1, n)
+    where = sb.layout.text_index[[23, 24]]   # document 2's text tokens 23 and 24, in the interleaved row
+    embeds = torch.randn(2, lm.hidden_size, generator=g)
+    poisoned = embeds.clone()
+    poisoned[1, 5] = NAN
+    with torch.no_grad():
+        out = {name: model(sb.input_ids.reshape(1, n), pos, None, labels=sb.labels.reshape(1, n),
+                           packed_seq_params=packed_params(cu), visual=(e, where))
+               for name, e in (("clean", embeds), ("nan", poisoned))}
+    get_moe_layer_wise_logging_tracker().clear()
+    assert torch.isfinite(out["clean"]).all()
+    parts = part_ids(torch.Size([1, n]), cu, torch.device("cpu"))
+    flags = nonfinite_parts(out["nan"], parts, 4).tolist()
+    if backend == "naive":
+        assert flags == [1.0] * 4
+        return
+    assert flags == [0.0, 0.0, 1.0, 0.0]
+    others = parts[0] != 2
+    torch.testing.assert_close(out["nan"][0, others], out["clean"][0, others], rtol=1e-5, atol=1e-6)
