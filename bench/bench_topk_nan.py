@@ -99,14 +99,12 @@ def main() -> None:
         times = {"now": [], "before": []}
         for _ in range(3):   # alternating: the clock and the cache see both alike
             for name, mod in (("before", before), ("now", now)):
-                times[name].append(do_bench(lambda: mod.dsa_topk_triton(q, w, k, TOPK), warmup=3, rep=30))
+                times[name].append(do_bench(lambda m=mod: m.dsa_topk_triton(q, w, k, TOPK), warmup=3, rep=30))
         med = {n: sorted(v)[1] for n, v in times.items()}
         res["timing"][L] = {"ms": med, "runs_ms": times, "ratio_now_over_before": med["now"] / med["before"],
                             "same_selection": same}
         print(f"L={L}: top-k {med['now']:.2f} ms now, {med['before']:.2f} ms before "
               f"({med['now'] / med['before']:.3f}x); same selection {same}", flush=True)
-        del q, w, k
-        torch.cuda.empty_cache()
     print(json.dumps(res["correctness"]))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
