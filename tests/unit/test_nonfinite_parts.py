@@ -105,6 +105,26 @@ def test_a_stream_of_rows_names_the_rows():
 
 
 # ------------------------------------------------------------------------------ the model keeps documents apart
+def test_a_nan_in_one_frame_stays_in_its_tokens_through_the_vision_tower():
+    """The vision tower encodes each frame on its own (attention within a frame): a NaN in one frame's (normalised)
+    pixels reaches that frame's merged tokens alone, so the language model gets it in its document alone."""
+    from models.vision import VisionModel, tiny
+
+    torch.manual_seed(0)
+    model = VisionModel(tiny(24)).eval()
+    grid = torch.tensor([[1, 2, 2], [1, 4, 6], [1, 2, 2], [1, 4, 6]])   # frames of two sizes, as packs mix them
+    sizes = grid.prod(-1).tolist()
+    pixels = torch.randn(sum(sizes), 3 * 14 * 14)
+    poisoned = pixels.clone()
+    poisoned[sizes[0] + 5, 7] = NAN   # frame 1
+    with torch.no_grad():
+        clean, bad = model(pixels, grid), model(poisoned, grid)
+    frame = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes) // 4)   # merged tokens per frame
+    assert (~torch.isfinite(bad[frame == 1])).any() and torch.isfinite(bad[frame != 1]).all()
+    torch.testing.assert_close(bad[frame != 1], clean[frame != 1], rtol=0, atol=0)   # the same products
+
+
+
 @pytest.fixture(scope="module")
 def megatron_world():
     pgs = init_one_process_megatron(7)
