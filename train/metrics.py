@@ -119,14 +119,14 @@ class Meter:
 
 def set_aside_redone(run_dir: str, step: int) -> list[str]:
     """A launch that starts at `step` (the checkpoint it resumes, or 0) trains the steps after it again: the records
-    of those steps in run_dir's metrics.jsonl and eval.jsonl, logged by a launch that stopped before its next
-    checkpoint, move to metrics.superseded.jsonl / eval.superseded.jsonl, so each record file reads as one run
-    and nothing logged is lost (a launch at step 0 starts the run over: its evaluation at step 0 moves too). A
+    of those steps in run_dir's metrics.jsonl, eval.jsonl and nonfinite.jsonl (train/nonfinite.py), logged by a
+    launch that stopped before its next checkpoint, move to <name>.superseded.jsonl, so each record file reads as
+    one run and nothing logged is lost (a launch at step 0 starts the run over: its evaluation at step 0 moves too). A
     line that is not JSON (a write cut short by a kill) moves too; train.eval.only's lines stay (they score
     checkpoints that exist). Appended there before the file is rewritten, so a crash in between leaves a record
     twice, never nowhere. Returns a note per file changed."""
     notes = []
-    for name in ("metrics.jsonl", "eval.jsonl"):
+    for name in ("metrics.jsonl", "eval.jsonl", "nonfinite.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
             continue

@@ -8,6 +8,9 @@ one all-reduce carries those notes, so the message can name the ranks where it a
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,8 @@ from megatron.core.distributed import finalize_model_grads
 
 from data.sample_position import format_runs
 from train.faults import poison_gradients, requested
+
+log = logging.getLogger(__name__)
 
 
 def format_ranks(ranks: list[int]) -> str:
@@ -95,6 +100,25 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
             if i not in bad and not bool(torch.isfinite(kl).all()):
                 bad[i] = None
     return dict(sorted(bad.items()))
+
+
+NONFINITE_RECORDS = "nonfinite.jsonl"
+
+
+def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: list[str], action: str) -> None:
+    """Appends the run's record of a step whose gradients were not finite to <run_dir>/nonfinite.jsonl (rank 0; a
+    line per such step, what the message says, for a script to read): the step, what the run did ("skipped" or
+    "stopped"), the step's loss and its other metrics (`values`: a NaN is written as NaN, as in metrics.jsonl), the
+    gradients and the ranks where it arose, and the data of those ranks in the step (`data`: every rank's
+    description, as the message words it). A resumed launch moves the records of the steps it trains again to
+    nonfinite.superseded.jsonl (train/metrics.py set_aside_redone)."""
+    rec = {"step": step, "action": action, **values, "gradients": bad.grads, "loss_ranks": bad.loss_ranks,
+           "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in bad.origin}}
+    try:
+        with open(os.path.join(run_dir, NONFINITE_RECORDS), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:   # the message in the logs says it all; a full disk must not end a run that may skip
+        log.warning("could not record the non-finite step %d in %s: %s", step, NONFINITE_RECORDS, e)
 
 
 class GradsBeforeReduction:

@@ -45,7 +45,7 @@ from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, dat
                            set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
-                             nonfinite_parts, part_ids)
+                             nonfinite_parts, part_ids, record_nonfinite_step)
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
@@ -806,8 +806,9 @@ class Trainer:
         """A step whose gradients were not finite (and updated nothing): every rank logs where it arose and the data
         it trained on in the step (of its micro-batches whose loss was not finite, `micro`, when only some were, and
         of their documents or rows whose tokens' loss was not finite, where only some were), and the data of the
-        ranks where it arose (gathered: a collective on this path alone, which every rank takes); the run skips the step while it has skipped fewer than train.skip_nonfinite_steps in a row, and
-        stops (NonFiniteStepError) otherwise."""
+        ranks where it arose (gathered: a collective on this path alone, which every rank takes), and rank 0 records
+        the step in nonfinite.jsonl; the run skips the step while it has skipped fewer than
+        train.skip_nonfinite_steps in a row, and stops (NonFiniteStepError) otherwise."""
         t = self.cfg.train
         self.nonfinite_in_row += 1
         kl = f", its indexer KL {extra['indexer_kl']:.6g}" if "indexer_kl" in extra else ""
@@ -825,7 +826,11 @@ class Trainer:
         named = {r: f"rank {r}'s data in the step: {everyone[r]}" for r in bad.origin[:4]}
         more = f" (and {len(bad.origin) - len(named)} more ranks': their logs name it)" if bad.origin[4:] else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
-        if self.nonfinite_in_row <= t.skip_nonfinite_steps:
+        skip = self.nonfinite_in_row <= t.skip_nonfinite_steps
+        if self.rank == 0:
+            record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, everyone,
+                                  "skipped" if skip else "stopped")
+        if skip:
             self.skipped_steps += 1
             log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
                         "%s%s; this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps,

@@ -19,6 +19,7 @@ of one of its rows (the LM's) or documents (a pack's) alone.
   with one allowed stop at the second.
 """
 
+import json
 import math
 import re
 
@@ -59,8 +60,17 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == \
         ["step_000001", "step_000002"]
     assert losses(run) == {s: v for s, v in losses(reference).items() if s <= 2}
+    # the run's record of the step (nonfinite.jsonl): what the message says, for a script
+    (rec,) = [json.loads(line) for line in (run / "nonfinite.jsonl").read_text().splitlines()]
+    assert {k: rec[k] for k in ("step", "action", "gradients", "loss_ranks", "grad_ranks", "data")} == {
+        "step": 3, "action": "stopped", "gradients": ["the language model's"], "loss_ranks": [1],
+        "grad_ranks": [0, 1], "data": {"1": "a synthetic_tokens stream: global samples 40..47"}}
+    assert math.isnan(rec["loss"]) and "moe_load_max" in rec
     run_pretrain(2, LM, run)  # the same command without the fault
     assert losses(run) == losses(reference)
+    # it trained step 3 again: the record moved aside with the stopped launch's others
+    assert (run / "nonfinite.jsonl").read_text() == ""
+    assert json.loads((run / "nonfinite.superseded.jsonl").read_text())["step"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +109,7 @@ def skipped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("skip")
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
+    data["saved_records"] = [json.loads(x) for x in (tmp / "runs" / "ck" / "nonfinite.jsonl").read_text().splitlines()]
     return data
 
 
@@ -158,6 +169,8 @@ def test_where_a_nan_arose_is_named_and_a_warmup_step_is_skipped(skipped):
 
 def test_the_skipped_count_resumes_with_the_run(skipped):
     extras = skipped["extras"]
+    # the skipped step's record stays in the run's nonfinite.jsonl: the resumed launch starts after it
+    assert [(r["step"], r["action"], r["loss_ranks"]) for r in skipped["saved_records"]] == [(3, "skipped", [1])]
     assert extras["lm_saved_skip"][3]["skipped_steps"] == 1 and "skipped_steps" not in extras["lm_saved_skip"][2]
     assert sorted(extras["lm_resumed_skip"]) == [4, 5]
     assert [extras["lm_resumed_skip"][s]["skipped_steps"] for s in (4, 5)] == [1, 1]

@@ -1,6 +1,7 @@
 """train/metrics.py set_aside_redone: a launch that starts at step S (the checkpoint it resumes, or 0) trains the
-steps after S again, so the records a killed launch logged for them leave metrics.jsonl / eval.jsonl for
-*.superseded.jsonl, where they stay as they were written. Reference: the lines written, split by hand."""
+steps after S again, so the records a killed launch logged for them leave metrics.jsonl / eval.jsonl (and
+nonfinite.jsonl: tests/dist/test_nonfinite.py) for *.superseded.jsonl, where they stay as they were written.
+Reference: the lines written, split by hand."""
 import json
 
 from train.metrics import set_aside_redone
