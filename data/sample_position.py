@@ -53,6 +53,10 @@ class GlobalSamplePosition:
         narrowed = f" (the rows whose tokens' loss was not finite, of {format_runs(drawn)})" if named != drawn else ""
         return f"{self.what}: global samples {format_runs(named)}{narrowed}"
 
+    def step_record(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> dict:
+        """describe_step's data as fields (train/nonfinite.py's record): the stream's kind and its global samples."""
+        return {"stream": self.kind, "global_samples": self.step_samples(micro_batches, parts)}
+
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
         if self._micro not in (0, self.num_microbatches):

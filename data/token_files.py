@@ -586,21 +586,26 @@ class TokenFileStream(GlobalSamplePosition):
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
 
+    def _step_documents(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None
+                        ) -> tuple[dict[int, list[int]] | None, list[tuple[str, int]]]:
+        """(the rows `parts` narrows, the documents named) for describe_step and step_record: `parts` names, of some
+        micro-batches (by index), the parts whose tokens' loss was not finite alone: with document bounds (one row
+        per micro-batch) the row's documents (its segments, in order), else rows."""
+        if not (self.document_bounds and parts):
+            rows = None if self.document_bounds else parts
+            return rows, self.corpus.documents(self.step_samples(micro_batches, rows))
+        docs = []
+        for i in micro_batches:
+            for j in self.step_samples([i]):
+                held = self.corpus.documents([j])   # a part past them: a KSA row's padding, naming no document
+                docs += [held[d] for d in parts.get(i, []) if d < len(held)] or held
+        return None, list(dict.fromkeys(docs))
+
     def describe_step(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> str:
         """The samples this rank drew in the current step (or in those of its micro-batches) and the documents they
-        hold (by file prefix and document number; the first SHOWN_DOCUMENTS), for a message about the step.
-        `parts`: of some of those micro-batches (by index), the parts whose tokens' loss was not finite alone: with
-        document bounds (one row per micro-batch) the row's documents (its segments, in order), else rows."""
-        rows = None if self.document_bounds else parts
-        if self.document_bounds and parts:
-            docs = []
-            for i in micro_batches:
-                for j in self.step_samples([i]):
-                    held = self.corpus.documents([j])   # a part past them: a KSA row's padding, naming no document
-                    docs += [held[d] for d in parts.get(i, []) if d < len(held)] or held
-            docs = list(dict.fromkeys(docs))
-        else:
-            docs = self.corpus.documents(self.step_samples(micro_batches, rows))
+        hold (by file prefix and document number; the first SHOWN_DOCUMENTS), for a message about the step; `parts`
+        as in _step_documents."""
+        rows, docs = self._step_documents(micro_batches, parts)
         by_file: dict[str, list[int]] = {}
         for prefix, n in docs[:SHOWN_DOCUMENTS]:
             by_file.setdefault(prefix, []).append(n)
@@ -608,6 +613,12 @@ class TokenFileStream(GlobalSamplePosition):
         more = f"; +{len(docs) - SHOWN_DOCUMENTS} more" if len(docs) > SHOWN_DOCUMENTS else ""
         narrowed = " (those whose tokens' loss was not finite)" if self.document_bounds and parts else ""
         return f"{super().describe_step(micro_batches, rows)}, documents {shown}{more}{narrowed}"
+
+    def step_record(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> dict:
+        """describe_step's data as fields (train/nonfinite.py's record): its global samples and every document named,
+        [file prefix, document number]."""
+        rows, docs = self._step_documents(micro_batches, parts)
+        return {**super().step_record(micro_batches, rows), "documents": [list(d) for d in docs]}
 
     @property
     def samples_per_epoch(self) -> int:

@@ -129,13 +129,21 @@ class VideoBatchStream:
             "visual_pos": s.visual_pos,
         }
 
+    def _step_packs(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None) -> list[tuple]:
+        """The packs this rank drew in the current step (or those of its micro-batches, by their indices in the
+        step), each as (epoch, index, source, its sample keys, the documents `parts` names of it: some micro-batches'
+        (by index) documents whose tokens' loss was not finite, or [] for the whole pack)."""
+        drawn = list(enumerate(self._drawn))
+        if micro_batches is not None:
+            drawn = [drawn[i] for i in micro_batches if i < len(drawn)]
+        # a part past the pack's documents is its padding segment (or a KSA row's): it names no sample
+        return [(epoch, index, source, keys, [d for d in (parts or {}).get(i, []) if d < len(keys)])
+                for i, (epoch, index, source, keys) in drawn]
+
     def describe_step(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> str:
-        """The packs (their epoch, index and samples) this rank drew in the current step (or those of its
-        micro-batches, by their indices in the step; `parts`: of some of those, by index, the documents whose tokens'
-        loss was not finite alone), for a message about it."""
-        def pack(i, epoch, index, source, keys) -> str:
-            # a part past the pack's documents is its padding segment (or a KSA row's): it names no sample
-            docs = [d for d in (parts or {}).get(i, []) if d < len(keys)]
+        """The packs (their epoch, index and samples; of some, the documents `parts` names) this rank drew in the
+        current step, for a message about it (see _step_packs)."""
+        def pack(epoch, index, source, keys, docs) -> str:
             named = [keys[d] for d in docs] or keys
             shown = ", ".join(named[:SHOWN_KEYS]) + (f", +{len(named) - SHOWN_KEYS} more" if len(named) > SHOWN_KEYS
                                                       else "")
@@ -143,10 +151,14 @@ class VideoBatchStream:
                         "tokens' loss was not finite)" if docs else "")
             return f"epoch {epoch} pack {index}{' of ' + source if source else ''}: {shown}{narrowed}"
 
-        drawn = list(enumerate(self._drawn))
-        if micro_batches is not None:
-            drawn = [drawn[i] for i in micro_batches if i < len(drawn)]
-        return "video packs " + "; ".join(pack(i, *p) for i, p in drawn)
+        return "video packs " + "; ".join(pack(*p) for p in self._step_packs(micro_batches, parts))
+
+    def step_record(self, micro_batches: list[int] | None = None, parts: dict[int, list[int]] | None = None) -> dict:
+        """describe_step's data as fields (train/nonfinite.py's record): per pack its epoch, index, source and the
+        sample keys named (every one, or those of the documents `parts` names)."""
+        return {"stream": "video", "packs": [
+            {"epoch": epoch, "pack": index, "source": source, "samples": [keys[d] for d in docs] or list(keys)}
+            for epoch, index, source, keys, docs in self._step_packs(micro_batches, parts)]}
 
     @property
     def stats(self) -> dict:

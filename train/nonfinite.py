@@ -105,15 +105,18 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
 NONFINITE_RECORDS = "nonfinite.jsonl"
 
 
-def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: list[str], action: str) -> None:
+def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: list[str],
+                          samples: list[dict], action: str) -> None:
     """Appends the run's record of a step whose gradients were not finite to <run_dir>/nonfinite.jsonl (rank 0; a
     line per such step, what the message says, for a script to read): the step, what the run did ("skipped" or
     "stopped"), the step's loss and its other metrics (`values`: a NaN is written as NaN, as in metrics.jsonl), the
-    gradients and the ranks where it arose, and the data of those ranks in the step (`data`: every rank's
-    description, as the message words it). A resumed launch moves the records of the steps it trains again to
-    nonfinite.superseded.jsonl (train/metrics.py set_aside_redone)."""
+    gradients and the ranks where it arose, and the data of those ranks in the step: `data`, as the message words
+    it, and `samples`, as fields (the micro-batches named, or None for the whole step, and per stream its
+    step_record: global samples and documents, or packs and their sample keys). A resumed launch moves the records
+    of the steps it trains again to nonfinite.superseded.jsonl (train/metrics.py set_aside_redone)."""
     rec = {"step": step, "action": action, **values, "gradients": bad.grads, "loss_ranks": bad.loss_ranks,
-           "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in bad.origin}}
+           "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in bad.origin},
+           "samples": {str(r): samples[r] for r in bad.origin}}
     try:
         with open(os.path.join(run_dir, NONFINITE_RECORDS), "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -816,19 +816,23 @@ class Trainer:
                 f"(the step's loss {loss:.6g}{kl})")
         n = self.num_microbatches
         parts = {i: p for i, p in micro.items() if p is not None}
-        if micro and (len(micro) < n or parts):   # the loss of some micro-batches (or parts) alone was not finite
+        narrowed = bool(micro) and (len(micro) < n or bool(parts))   # some micro-batches (or parts) alone
+        which = (list(micro), parts) if narrowed else (None, None)
+        data = "; ".join(s.describe_step(*which) for s in self.streams)
+        if narrowed:
             data = (f"its micro-batch{'es' if len(micro) > 1 else ''} {format_runs(list(micro))} of {n}, whose loss "
-                    f"was not finite: " + "; ".join(s.describe_step(list(micro), parts) for s in self.streams))
-        else:
-            data = "; ".join(s.describe_step() for s in self.streams)
+                    f"was not finite: {data}")
+        record = {"micro_batches": which[0], "streams": [s.step_record(*which) for s in self.streams]}
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, data)
+        dist.all_gather_object(everyone, (data, record))
+        records = [r for _, r in everyone]
+        everyone = [text for text, _ in everyone]
         named = {r: f"rank {r}'s data in the step: {everyone[r]}" for r in bad.origin[:4]}
         more = f" (and {len(bad.origin) - len(named)} more ranks': their logs name it)" if bad.origin[4:] else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
         skip = self.nonfinite_in_row <= t.skip_nonfinite_steps
         if self.rank == 0:
-            record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, everyone,
+            record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, everyone, records,
                                   "skipped" if skip else "stopped")
         if skip:
             self.skipped_steps += 1

@@ -259,6 +259,8 @@ def test_a_step_names_the_documents_whose_loss_was_not_finite(tmp_path):
     assert s.describe_step([i], {i: [0, row[i] - 1]}) == (
         f"a token-file stream (data.kind=tokens): global samples {i}, documents {listing(named)} (those whose tokens' "
         "loss was not finite)")
+    assert s.step_record([i], {i: [0, row[i] - 1]}) == {"stream": "tokens", "global_samples": [i],
+                                                         "documents": [list(d) for d in named]}
     # a part past the row's documents (a KSA row's padding) names none: the row's documents, all
     everything = s.describe_step([i])
     assert s.describe_step([i], {i: [row[i]]}).startswith(everything)
@@ -269,6 +271,8 @@ def test_a_step_names_the_documents_whose_loss_was_not_finite(tmp_path):
     assert r.describe_step([0], {0: [2]}) == (
         f"a token-file stream (data.kind=tokens): global samples 2 (the rows whose tokens' loss was not finite, of "
         f"0..3), documents {listing(held)}")
+    assert r.step_record([0], {0: [2]}) == {"stream": "tokens", "global_samples": [2],
+                                            "documents": [list(d) for d in held]}
 
 
 def test_an_empty_document_is_no_segment(tmp_path):

@@ -65,6 +65,8 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
     assert {k: rec[k] for k in ("step", "action", "gradients", "loss_ranks", "grad_ranks", "data")} == {
         "step": 3, "action": "stopped", "gradients": ["the language model's"], "loss_ranks": [1],
         "grad_ranks": [0, 1], "data": {"1": "a synthetic_tokens stream: global samples 40..47"}}
+    assert rec["samples"] == {"1": {"micro_batches": None, "streams": [{"stream": "synthetic_tokens",
+                                                                        "global_samples": list(range(40, 48))}]}}
     assert math.isnan(rec["loss"]) and "moe_load_max" in rec
     run_pretrain(2, LM, run)  # the same command without the fault
     assert losses(run) == losses(reference)
@@ -109,7 +111,8 @@ def skipped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("skip")
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
-    data["saved_records"] = [json.loads(x) for x in (tmp / "runs" / "ck" / "nonfinite.jsonl").read_text().splitlines()]
+    data["records"] = {name: [json.loads(x) for x in (tmp / "runs" / name / "nonfinite.jsonl").read_text().splitlines()]
+                       for name in ("ck", "lm_skipped", "vl_skipped")}
     return data
 
 
@@ -132,6 +135,14 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
     assert re.search(rf"rank 1's data in the step: its micro-batch 1 of 2, whose loss was not finite: video packs "
                      rf"{one}; this rank's data in the step: video packs {pack}; {pack}\n",
                      skipped["logs"][0]), skipped["logs"][0][-2000:]
+    # the run's record holds the same as fields: the micro-batch, the pack and the one sample key named
+    (rec,) = skipped["records"]["vl_skipped"]
+    (pack,) = rec["samples"]["1"]["streams"][0]["packs"]
+    assert rec["samples"]["1"]["micro_batches"] == [1] and len(pack["samples"]) == 1
+    assert f"epoch {pack['epoch']} pack {pack['pack']}: {pack['samples'][0]} (its document 0 of" in rec["data"]["1"]
+    (rec,) = skipped["records"]["lm_skipped"]
+    assert rec["samples"]["1"] == {"micro_batches": [1], "streams": [{"stream": "synthetic_tokens",
+                                                                       "global_samples": [46]}]}
     # the language model's: rank 1's samples 40..47 in micro-batches of 4, of the second alone its third row
     assert ("the loss on rank 1 and the gradients on ranks 0-1 were not finite; rank 1's data in the step: its "
             "micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: global samples 46 (the rows "
@@ -170,7 +181,7 @@ def test_where_a_nan_arose_is_named_and_a_warmup_step_is_skipped(skipped):
 def test_the_skipped_count_resumes_with_the_run(skipped):
     extras = skipped["extras"]
     # the skipped step's record stays in the run's nonfinite.jsonl: the resumed launch starts after it
-    assert [(r["step"], r["action"], r["loss_ranks"]) for r in skipped["saved_records"]] == [(3, "skipped", [1])]
+    assert [(r["step"], r["action"], r["loss_ranks"]) for r in skipped["records"]["ck"]] == [(3, "skipped", [1])]
     assert extras["lm_saved_skip"][3]["skipped_steps"] == 1 and "skipped_steps" not in extras["lm_saved_skip"][2]
     assert sorted(extras["lm_resumed_skip"]) == [4, 5]
     assert [extras["lm_resumed_skip"][s]["skipped_steps"] for s in (4, 5)] == [1, 1]
