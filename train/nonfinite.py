@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,9 @@ def part_ids(shape: torch.Size, cu_seqlens: torch.Tensor | None, device: torch.d
     return torch.searchsorted(ends, torch.arange(s, device=device), right=True).view(1, s)
 
 
+PARTS_KEY = "nonfinite_parts"   # the loss report's entry that nonfinite_parts fills (train/trainer.py _loss_func)
+
+
 def nonfinite_parts(per_token_loss: torch.Tensor, parts: torch.Tensor, n_parts: int) -> torch.Tensor | None:
     """[n_parts] float, 1 for each part (part_ids, as this rank holds its tokens) holding a token whose loss was
     not finite, masked or not (a masked token's NaN makes the loss sum NaN too), else 0. On the device: no host
@@ -90,9 +94,9 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
     distillation loss is not per token). A host copy per value: only a non-finite step asks."""
     bad: dict[int, list[int] | None] = {}
     for i, d in enumerate(losses):
-        terms = [v for k, v in d.items() if torch.is_tensor(v) and k != "nonfinite_parts"]
+        terms = [v for k, v in d.items() if torch.is_tensor(v) and k != PARTS_KEY]
         if not all(bool(torch.isfinite(v).all()) for v in terms):
-            flags = d.get("nonfinite_parts")
+            flags = d.get(PARTS_KEY)
             some = [] if flags is None else [j for j, f in enumerate(flags.tolist()) if f]
             bad[i] = some if 0 < len(some) < len(flags) else None
     for kls in layer_kls:
@@ -105,8 +109,8 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
 NONFINITE_RECORDS = "nonfinite.jsonl"
 
 
-def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: list[str],
-                          samples: list[dict], action: str) -> None:
+def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: Sequence[str],
+                          samples: Sequence[dict], action: str) -> None:
     """Appends the run's record of a step whose gradients were not finite to <run_dir>/nonfinite.jsonl (rank 0; a
     line per such step, what the message says, for a script to read): the step, what the run did ("skipped" or
     "stopped"), the step's loss and its other metrics (`values`: a NaN is written as NaN, as in metrics.jsonl), the

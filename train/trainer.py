@@ -45,7 +45,7 @@ from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, dat
                            set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
-                             nonfinite_parts, part_ids, record_nonfinite_step)
+                             nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
@@ -64,7 +64,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Te
     report = {"lm_loss": torch.stack([loss_sum.detach().double(), mask.sum().double()])}
     flags = None if parts is None else nonfinite_parts(output, parts, n_parts)
     if flags is not None:
-        report["nonfinite_parts"] = flags
+        report[PARTS_KEY] = flags
     return loss_sum, num_tokens, report
 
 
@@ -823,16 +823,15 @@ class Trainer:
             data = (f"its micro-batch{'es' if len(micro) > 1 else ''} {format_runs(list(micro))} of {n}, whose loss "
                     f"was not finite: {data}")
         record = {"micro_batches": which[0], "streams": [s.step_record(*which) for s in self.streams]}
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (data, record))
-        records = [r for _, r in everyone]
-        everyone = [text for text, _ in everyone]
-        named = {r: f"rank {r}'s data in the step: {everyone[r]}" for r in bad.origin[:4]}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (data, record))
+        texts, records = zip(*gathered)
+        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in bad.origin[:4]}
         more = f" (and {len(bad.origin) - len(named)} more ranks': their logs name it)" if bad.origin[4:] else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
         skip = self.nonfinite_in_row <= t.skip_nonfinite_steps
         if self.rank == 0:
-            record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, everyone, records,
+            record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, texts, records,
                                   "skipped" if skip else "stopped")
         if skip:
             self.skipped_steps += 1

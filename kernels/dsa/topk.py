@@ -33,7 +33,7 @@ NaN: a NaN index score (a NaN in the indexer's inputs) ranks as -inf, as in naiv
 key is chosen last, ties in ascending position, so every row still selects min(K, eligible) keys of
 its own range. (A NaN compares false against any threshold, which left a row fewer candidates than
 K and its output unwritten: positions read from uninitialised memory.) The threshold samples leave
-NaN scores out, and the candidate test compares them as -inf (`_nan_low`: kept when tau = -inf).
+NaN scores out, and the candidate passes store them as -inf (`_nan_low`: kept when tau = -inf).
 
 Flagged rows (rare: the sample estimate was off, or massive ties) are redone exactly: the filter
 runs again for their blocks with tau = -inf and room for the whole prefix, then
@@ -54,15 +54,16 @@ INT32_MIN = tl.constexpr(-2147483648)
 
 @triton.jit
 def _nan_low(x):
-    """A NaN score as -inf (NaN in the module docstring): kept by a threshold of -inf alone."""
+    """A NaN score as -inf (NaN in the module docstring): kept by a threshold of -inf alone. Applied
+    where scores enter the candidate lists, so the lists (and the select kernels) never hold a NaN."""
     return tl.where(x == x, x, float("-inf"))
 
 
 @triton.jit
 def _ordered_key(x):
-    """fp32 -> int32 whose signed order is the float order (callers map -0.0 to +0.0 first); a NaN
-    ranks as -inf (see NaN in the module docstring)."""
-    b = _nan_low(x).to(tl.int32, bitcast=True)
+    """fp32 -> int32 whose signed order is the float order (callers map -0.0 to +0.0 and NaN to
+    -inf first: `_key_tile_scores`, `_nan_low`)."""
+    b = x.to(tl.int32, bitcast=True)
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 
@@ -259,7 +260,8 @@ def topk_fwd_kernel_filter(q_idx, w, k_idx, start_ptr, blk_ptr, tau_ptr, cnt_ptr
         s, smask, score = _key_tile_scores(q_idx, w, k_idx, row, tvalid, bb, T, s0, hi, dd, dmask,
                                            HI, DI, DOT_PREC, True, DIP, BS)
         elig = active[:, None] & (s[None, :] <= t[:, None]) & (s[None, :] >= start[:, None])
-        keep = elig & (_nan_low(score) >= tau[:, None])
+        score = _nan_low(score)
+        keep = elig & (score >= tau[:, None])
         kc = keep.to(tl.int32)
         dest = cnt[:, None] + tl.cumsum(kc, axis=1) - 1
         smask2 = keep & (dest < CAP)
@@ -387,7 +389,8 @@ def topk_fwd_kernel_compact(start_ptr, blk_ptr, buf_ptr, cnt_ptr, cand_s_ptr, ca
                 sc_next = tl.load(base + sn, mask=sn < lim, other=0.0)
             else:
                 sc = tl.load(base + s, mask=s < W, other=0.0)
-            keep = (s >= start) & (s < end) & (_nan_low(sc) >= tau)
+            sc = _nan_low(sc)
+            keep = (s >= start) & (s < end) & (sc >= tau)
             kc = keep.to(tl.int32)
             dest = cnt + tl.cumsum(kc, axis=0) - 1
             m2 = keep & (dest < CAP)

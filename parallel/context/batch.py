@@ -79,8 +79,7 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
         if int(cu[-1]) != seq_len:
             raise ValueError(f"cu_seqlens end at {int(cu[-1])}, the packed sequence has {seq_len} tokens: "
                              "cu_seqlens must be the GLOBAL boundaries of the whole sequence")
-    tokens, labels, mask = (None if t is None else split_for_cp(t, dim=-1, cp_size=cp, cp_rank=rank, split=split,
-                                                                cu_seqlens=cu)
+    tokens, labels, mask = (None if t is None else cp_share(t, kwargs, cp_group, split=split)
                             for t in (tokens, labels, mask))
     return tokens, labels, mask, rotary_positions_for_cp(pos, cp, split=split, cu_seqlens=cu), kwargs
 
