@@ -7,10 +7,10 @@ against the selection code before it, in the same run. One H200 (or H100).
 1. Correctness on the compiled kernels: integer-valued indexer inputs (exact fp32 scores) with NaNs in some query
    rows, weights and keys, at T = 4,096 in 3 documents: the selection equals naive.rank_topk's, both selection
    paths (stored, fused); every position lies in its row's document, none uninitialised.
-2. Timing, B = 1, index 16 x 64, top-k 2048, bf16 inputs as the model's indexer gives them (the smooth data of
-   bench/bench_dsa.py), L = 32K and 128K: dsa_topk now against the code before it (`--before`), alternating,
-   the median of triton.testing.do_bench's runs; the ratio is the change's cost (the candidate test and the order
-   key's NaN select, the samples' NaN mask). The kernels' source differs only there.
+2. Timing, B = 1, index 16 x 64, top-k 2048, bf16: bench/bench_dsa.py's smooth indexer inputs (its make_inputs),
+   L = 32K and 128K: dsa_topk now against the code before it (`--before`), alternating, the median of
+   triton.testing.do_bench's runs; the ratio is the change's cost (the candidate passes' NaN select, the samples'
+   NaN mask). The kernels' source differs only there.
 """
 from __future__ import annotations
 
@@ -27,11 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from triton.testing import do_bench  # noqa: E402
 
+from bench_dsa import TOPK, make_inputs  # noqa: E402
 from kernels.dsa import naive, topk as now  # noqa: E402
 from kernels.dsa.common import row_doc_start  # noqa: E402
-
-HI, DI, TOPK = 16, 64, 2048
-
 
 def load_before(path: str):
     """The top-k module before the change, as a module of the kernels.dsa package (its relative imports)."""
@@ -69,19 +67,6 @@ def correctness(dev, T: int = 4096, K: int = 64) -> dict:
     return out
 
 
-def inputs(L: int, dev, gen):
-    """bench/bench_dsa.py's smooth indexer inputs (moving averages of noise over 50 tokens), bf16."""
-    def smooth(*shape):
-        x = torch.randn(L + 49, *shape, device=dev, generator=gen)
-        c = torch.cumsum(x, 0)
-        return (c[49:] - torch.cat([torch.zeros_like(c[:1]), c[:-50]])) / 50 ** 0.5
-    qi = smooth(HI, DI)
-    ki = smooth(DI)
-    w = torch.randn(L, HI, device=dev, generator=gen) * (HI ** -0.5) * (DI ** -0.5)
-    bf = torch.bfloat16
-    return qi[None].to(bf), w[None].to(bf), ki[None].to(bf)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", required=True, help="kernels/dsa/topk.py before the change")
@@ -92,9 +77,9 @@ def main() -> None:
     before = load_before(args.before)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "correctness": correctness(dev), "timing": {}}
-    gen = torch.Generator(device=dev).manual_seed(1)
     for L in map(int, args.lengths.split(",")):
-        q, w, k = inputs(L, dev, gen)
+        x = make_inputs(L, device=dev)   # bench_dsa's smooth, RoPE'd indexer inputs
+        q, w, k = (x[n].detach() for n in ("q_idx", "w", "k_idx"))
         same = torch.equal(now.dsa_topk_triton(q, w, k, TOPK), before.dsa_topk_triton(q, w, k, TOPK))
         times = {"now": [], "before": []}
         for _ in range(3):   # alternating: the clock and the cache see both alike
