@@ -48,6 +48,9 @@ class DataConfig:
     synthetic_texts: int = 0
     synthetic_images: int = 0
     synthetic_scenes: int = 0
+    # samples to leave out of the training data: comma-separated files naming them (a run's nonfinite.jsonl, or
+    # sample keys one per line; data/exclude.py), for a run resumed past samples that made a step not finite
+    exclude: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -69,6 +72,9 @@ class DataConfig:
             raise ValueError(f"data.synthetic_images must be >= 0, got {self.synthetic_images}")
         if self.synthetic_scenes < 0:
             raise ValueError(f"data.synthetic_scenes must be >= 0, got {self.synthetic_scenes}")
+        if self.exclude.strip() and self.kind == "synthetic_tokens":
+            raise ValueError(f"data.exclude={self.exclude!r}: data.kind=synthetic_tokens draws its rows from a Markov "
+                             f"chain and names no samples to leave out (data.kind=tokens or video do)")
         if self.kind == "tokens" and self.tokens.paths.strip() == REQUIRED:
             raise UnsetPathError("data.tokens.paths is required: the indexed datasets of token ids that "
                                  "launch/tokenize_text.py writes (e.g. data.tokens.paths=/data/tok/web, a prefix, a "

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from data.exclude import ExcludeList, blank_documents
 from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import GlobalSamplePosition
 
@@ -374,6 +375,7 @@ class TokenSource:
         self._idx = np.int32 if self.documents < 2**31 else np.int64
         self.index_dir = Path(index_dir, self._index_key()) if index_dir else None
         self.index_note = ""   # why the orders are held in memory though index_dir was given (the log says it once)
+        self.left_out = np.zeros(0, dtype=np.int64)   # pool indices of documents data.exclude names (leave_out)
 
     def _index_key(self) -> str:
         """The directory name of this source's epoch orders: what they are a function of (the files, by path, size and
@@ -470,6 +472,22 @@ class TokenSource:
         f, n = self._file_of(doc)
         return self.prefixes[f], n
 
+    def leave_out(self, exclude: ExcludeList) -> set[str]:
+        """Leaves the documents `exclude` names out of this source's rows from now on (data/exclude.py: their tokens
+        become padding without loss, nothing moves); returns the documents named that this source does not hold."""
+        self.left_out = exclude.pool_indices(self.prefixes, self.base)
+        return set(exclude.unmatched_documents(self.prefixes, self.base))
+
+    def row(self, j: int, *, document_bounds: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Sample j as a training row (row_tensors), the documents left out blanked; the pool index of each of its
+        pieces (TokenSource.sample); and those of the pieces left out."""
+        tokens, starts, docs = self.sample(j)
+        blank = blank_documents(tokens, starts, docs, self.left_out)
+        r = row_tensors(tokens, starts, document_bounds=document_bounds)
+        if blank.any():      # no loss on a blanked token, nor on the label before it (a blanked token)
+            r["loss_mask"][torch.from_numpy(blank[:-1] | blank[1:])] = 0.0
+        return r, docs, ([d for d, h in zip(docs, np.isin(docs, self.left_out)) if h] if blank.any() else [])
+
 
 class Blend:
     """Which source each global sample comes from, and its index there (the module docstring's Weyl sequence)."""
@@ -531,6 +549,21 @@ class TokenCorpus:
         """Global samples start .. start + count - 1 as (source, tokens, starts)."""
         return [(s, *self.sources[s].sample(j)[:2]) for s, j in self._where(start, count)]
 
+    def leave_out(self, exclude: ExcludeList) -> list[str]:
+        """Leaves the token documents `exclude` names out of every source's rows (TokenSource.leave_out); returns
+        what it names that no source holds: documents, and keys that name no document (a video sample's)."""
+        missed = set.intersection(*[source.leave_out(exclude) for source in self.sources])
+        return sorted(missed | exclude.keys_not_documents())
+
+    def rows(self, start: int, count: int, *, document_bounds: bool) -> list[tuple[dict, list[tuple[str, int]]]]:
+        """Global samples start .. start + count - 1 as training rows (TokenSource.row), each with the documents left
+        out in it (file prefix, document number)."""
+        out = []
+        for s, j in self._where(start, count):
+            r, _, met = self.sources[s].row(j, document_bounds=document_bounds)
+            out.append((r, [self.sources[s].document_name(d) for d in met]))
+        return out
+
     def documents(self, samples: list[int]) -> list[tuple[str, int]]:
         """The documents whose tokens the global `samples` hold, in the samples' order, each once: (the file prefix,
         the document's number in that file, as megatron's IndexedDataset counts them)."""
@@ -585,6 +618,8 @@ class TokenFileStream(GlobalSamplePosition):
             raise ValueError("a blend of token sources (data.tokens.weights) has no one first epoch to score whole")
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
+        self.left_out_met = 0     # pieces of documents data.exclude names that this stream's rows held (blanked)
+        self._left_out_logged: set[tuple[str, int]] = set()
 
     def _step_documents(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None
                         ) -> tuple[dict[int, list[int]] | None, list[tuple[str, int]]]:
@@ -627,8 +662,15 @@ class TokenFileStream(GlobalSamplePosition):
 
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.next_start()
-        rows = [row_tensors(tokens, starts, document_bounds=self.document_bounds)
-                for _, tokens, starts in self.corpus.samples(start, self.mbs)]
+        rows = []
+        for j, (r, met) in enumerate(self.corpus.rows(start, self.mbs, document_bounds=self.document_bounds), start):
+            rows.append(r)
+            for prefix, n in met:
+                self.left_out_met += 1
+                if (prefix, n) not in self._left_out_logged:
+                    self._left_out_logged.add((prefix, n))
+                    log.info("data.exclude: %s document %d left out of global sample %d (its tokens are padding "
+                             "without loss)", prefix, n, j)
         if self.one_epoch:
             end = self.samples_per_epoch
             for j, r in enumerate(rows, start):
@@ -715,8 +757,7 @@ class TokenPacks:
     def build(self, epoch: int, index: int):
         from data.video.packing import PackedSample
 
-        tokens, starts, docs = self.source.sample(epoch * self.source.per_epoch + index)
-        r = row_tensors(tokens, starts, document_bounds=True)
+        r, docs, met = self.source.row(epoch * self.source.per_epoch + index, document_bounds=True)
         S = int(r["tokens"].numel())
         labels = r["labels"].clone()
         labels[r["loss_mask"] == 0] = self.cfg.label_ignore_index
@@ -730,4 +771,5 @@ class TokenPacks:
             pixel_values=torch.zeros(0, p2, dtype=torch.uint8), grid_thw=torch.zeros(0, 3, dtype=torch.int64),
             visual_pos=torch.zeros(0, dtype=torch.int64), frame_timestamps=torch.zeros(0, dtype=torch.float32),
             frame_doc=torch.zeros(0, dtype=torch.int32), num_docs=n, num_pad=0, text_docs=n,
-            sample_keys=keys[:n], epoch=epoch, pack_index=index, planned_keys=keys[:n])
+            sample_keys=keys[:n], epoch=epoch, pack_index=index, planned_keys=keys[:n],
+            excluded=list(dict.fromkeys(k for k, d in zip(keys[:n], docs) if d in met)))

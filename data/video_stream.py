@@ -72,9 +72,10 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
 
 class VideoBatchStream:
     def __init__(self, cfg: VideoDataConfig, *, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False):
+                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False, exclude=None):
         """one_epoch (a held-out set scored whole, once): packs after the first epoch's come with a zero loss mask,
-        and `padding` records, per micro-batch handed out, whether it is such filler."""
+        and `padding` records, per micro-batch handed out, whether it is such filler. exclude: the samples data.exclude
+        names (data/exclude.py ExcludeList), left out of the packs."""
         if micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {micro_batch_size}")
@@ -85,7 +86,7 @@ class VideoBatchStream:
             cfg = replace(cfg, seq_len=seq_length)  # the trainer's sequence length is the packing length
         self.cfg = cfg
         self.num_microbatches = global_batch_size // dp_size
-        self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed)
+        self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude)
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index
@@ -170,7 +171,8 @@ class VideoBatchStream:
         """Scalars for the training log and wandb, from this rank's loader: the seconds the training loop waited
         for data since the last call (the trainer calls it once per step), and since the run began the samples
         skipped as unreadable and, with a mixture, each source's realized share of the packed sequences and of
-        the real tokens (the long:short ratio the curriculum asked for, as served)."""
+        the real tokens (the long:short ratio the curriculum asked for, as served); the samples data.exclude named
+        that its packs left out, once there are any."""
         st = self.loader.stats
         # the time this rank's training loop waited for its packed sequences since the last call (once per step):
         # ~0 while the loader's workers keep ahead, the step's input-bound share when they do not
@@ -181,7 +183,8 @@ class VideoBatchStream:
                 out[f"data_samples_{kind}"] = int(st[f"samples_{kind}"])
         # slow and fast frames, and texts continued over several sequences: likewise only once served
         for key, stat in (("data_frames_video", "frames_video"), ("data_frames_fast", "frames_fast"),
-                          ("data_texts_continued", "samples_text_continued")):
+                          ("data_texts_continued", "samples_text_continued"),
+                          ("data_samples_excluded", "samples_excluded")):
             if st.get(stat):
                 out[key] = int(st[stat])
         for name, c in st.get("sources", {}).items():

@@ -226,6 +226,12 @@ def check_paths(cfg: Config) -> None:
             TokenPacks.check_tokenizer(cfg.data.video.text_tokens, build_tokenizer(cfg.data.video))
     if cfg.data.kind == "tokens":
         check_token_paths(cfg)
+    if cfg.data.exclude.strip():   # the files of samples to leave out are there and name samples
+        from data.exclude import read_exclude
+
+        if not read_exclude(cfg.data.exclude):
+            raise ValueError(f"data.exclude={cfg.data.exclude!r}: the files name no sample (a nonfinite.jsonl whose "
+                             f"records name whole steps of synthetic text, or an empty list)")
     c = cfg.train.checkpoint
     if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
         return

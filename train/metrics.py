@@ -194,13 +194,13 @@ def sum_over_world(parts: list[torch.Tensor], device: torch.device) -> list[torc
     return list(flat.cpu().split(sizes))
 
 
-# wait, failed, image samples, text-only samples, video frames, fast frames, continued text pieces; then packs and
-# tokens per mixture source
-_DATA_COLS = 7
+# wait, failed, image samples, text-only samples, video frames, fast frames, continued text pieces, samples left out
+# (data.exclude); then packs and tokens per mixture source
+_DATA_COLS = 8
 
 
 def data_metrics_table(local: dict, *, device: torch.device, sources: dict | None = None) -> torch.Tensor:
-    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (7 + 2 x sources)] vector
+    """This rank's row of the loaders' table (data_metrics_from_table), in a [world x (8 + 2 x sources)] vector
     whose other rows are zero: summed over the world it holds every rank's row."""
     names = sorted(sources or {})
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -213,6 +213,7 @@ def data_metrics_table(local: dict, *, device: torch.device, sources: dict | Non
     table[rank, 4] = float(local.get("data_frames_video", 0))
     table[rank, 5] = float(local.get("data_frames_fast", 0))
     table[rank, 6] = float(local.get("data_texts_continued", 0))
+    table[rank, 7] = float(local.get("data_samples_excluded", 0))
     for i, name in enumerate(names):
         table[rank, _DATA_COLS + 2 * i] = float(sources[name]["packs"])
         table[rank, _DATA_COLS + 1 + 2 * i] = float(sources[name]["tokens"])
@@ -235,6 +236,8 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
       frames (slow and fast frames), over the same group; present once the job has served a fast frame.
     - `data_texts_continued`: text-only documents that continued a text longer than a sequence (its pieces after
       the first) since the run began, summed the same way; present once the job has served one.
+    - `data_samples_excluded`: the samples data.exclude named that the job's packs left out since the run began,
+      summed the same way; present once the job has left one out.
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
@@ -251,7 +254,8 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,
            "data_samples_failed": int(replicas[1])}
     world = table.sum(dim=0)
-    for col, key in ((2, "data_samples_image"), (3, "data_samples_text"), (6, "data_texts_continued")):
+    for col, key in ((2, "data_samples_image"), (3, "data_samples_text"), (6, "data_texts_continued"),
+                     (7, "data_samples_excluded")):
         out.pop(key, None)
         if world[col] > 0:  # the same decision on every rank: from the world's sum
             out[key] = int(replicas[col])

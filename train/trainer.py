@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from data.held_out import WHOLE, eval_plan
+from data.exclude import read_exclude
 from data.sample_position import format_runs
 from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
@@ -45,7 +46,7 @@ from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, dat
                            set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
-                             nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
+                             nonfinite_parts, part_ids, NONFINITE_RECORDS, PARTS_KEY, record_nonfinite_step)
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
@@ -334,6 +335,9 @@ class Trainer:
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
+        # the samples data.exclude names, left out of the training data (not of held-out sets); eval-only trains none
+        self.exclude = read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not self.eval_only else None
+        self.excluded_unmatched: list[str] = []     # what it names that the training data does not hold
         if cfg.data.kind == "video":
             # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
             # every model chunk iterates the same list.
@@ -341,6 +345,12 @@ class Trainer:
         else:
             self.streams = self._text_streams(cfg.data)
         self.num_microbatches = self.streams[0].num_microbatches
+        if self.exclude and self.rank == 0:
+            log.info("data.exclude: %s, left out of the training data where met", self.exclude.describe())
+            if self.excluded_unmatched:
+                log.warning("data.exclude: %d of the samples named are in none of this run's training data, so "
+                            "nothing is left out for them (first: %s)", len(self.excluded_unmatched),
+                            ", ".join(self.excluded_unmatched[:5]))
 
         pc = lm_param_count(lm)
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
@@ -432,9 +442,12 @@ class Trainer:
             v = replace(v, index_dir=str(Path(self.run_dir) / "data_index"))
         t = cfg.train
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
-        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.data.seed, one_epoch=one_epoch)
+        stream = VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                  global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                  seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude)
+        if not held_out:
+            self.excluded_unmatched = stream.loader.unmatched
+        return stream
 
     def _text_streams(self, data, *, held_out: bool = False, paths: str = "", one_epoch: bool = False) -> list:
         """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
@@ -456,6 +469,8 @@ class Trainer:
                                  seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
                                  field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths",
                                  index_dir=tk.index_dir or Path(self.run_dir) / "token_index")
+            if self.exclude and not held_out:
+                self.excluded_unmatched = corpus.leave_out(self.exclude)
             return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
                                     global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
                                     dp_size=self.pgs.dp.size(), one_epoch=one_epoch) for _ in self.model]
@@ -851,9 +866,13 @@ class Trainer:
             resume = "No checkpoint was written yet: rerunning the same command starts the run over."
         else:
             resume = "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+        exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else   # rows of a Markov chain name no samples
+                   f"data.exclude={Path(self.run_dir) / NONFINITE_RECORDS} leaves the samples it names out of the "
+                   "data; ")
         raise NonFiniteStepError(
             f"{what}, so no weight was updated and the run stops; {bad.where()}. {resume} "
-            f"{where_data[0].upper()}{where_data[1:]} train.skip_nonfinite_steps=N skips up to N such steps in a row"
+            f"{where_data[0].upper()}{where_data[1:]} {exclude}train.skip_nonfinite_steps=N skips up to N such steps "
+            "in a row"
             + (f" ({self.nonfinite_in_row} in a row now)" if self.nonfinite_in_row > 1 else ""))
 
     def _rounds(self) -> list[int]:

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.exclude import ExcludeList
 from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
@@ -527,8 +528,10 @@ def _alloc_uint8(rows: int, cols: int, *, shared: bool) -> torch.Tensor:
     return torch.empty((rows, cols), dtype=torch.uint8)
 
 
-def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) -> PackedSample:
-    """Decode and assemble pack `index` of `epoch` (failed samples are left out and reported).
+def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
+               exclude: frozenset = frozenset()) -> PackedSample:
+    """Decode and assemble pack `index` of `epoch` (failed samples are left out and reported, as are, undecoded,
+    those whose keys `exclude` holds: data.exclude).
 
     The patches of all planned frames go straight into one preallocated tensor (a failed sample's
     slot is closed up), so a frame is copied once after decoding: from the decoder's output into
@@ -542,9 +545,12 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
     rows = [d.patch_rows(p) for d in plans]
     pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
     pv = pixels.numpy()
-    docs, keys, failures, off = [], [], [], 0
+    docs, keys, failures, excluded, off = [], [], [], [], 0
     counts = {"video_frames": 0, "fast_frames": 0, "text_continued": 0}   # of the documents packed (the log's)
     for doc, n in zip(plans, rows):
+        if doc.key in exclude:                   # closed up as a failed sample is; every piece of a long text
+            excluded.append(doc.key)
+            continue
         if doc.kind == "text":                   # a text-only sample: nothing to read or decode
             docs.append(build_document(doc, None, cfg, tok))
             keys.append(doc.key)
@@ -578,6 +584,7 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
             counts["fast_frames"] += doc.frames.num_fast
     pack = assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
                          planned_keys=[d.key for d in plans], pixel_values=pixels[:off])
+    pack.excluded = list(dict.fromkeys(excluded))
     for k, v in counts.items():
         setattr(pack, k, v)
     return pack
@@ -585,8 +592,8 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int) ->
 
 class _PackDataset(IterableDataset):
     def __init__(self, stream, planners: list[Planner], names: list[str], base, skip, rank: int, world: int,
-                 stop: int | None) -> None:
-        self.stream, self.planners, self.names = stream, planners, names
+                 stop: int | None, exclude: frozenset = frozenset()) -> None:
+        self.stream, self.planners, self.names, self.exclude = stream, planners, names, exclude
         self.base, self.skip = tuple(base), frozenset(skip)
         self.rank, self.world, self.stop = rank, world, stop
 
@@ -597,7 +604,7 @@ class _PackDataset(IterableDataset):
         try:
             for it in self.stream.iter(self.base, self.skip, start=self.rank + w * self.world,
                                        stride=k * self.world, stop=self.stop):
-                pack = build_pack(self.planners[it.source], source, it.epoch, it.pack)
+                pack = build_pack(self.planners[it.source], source, it.epoch, it.pack, self.exclude)
                 pack.source = self.names[it.source]
                 yield pack
         finally:
@@ -632,7 +639,9 @@ class VideoPackedLoader:
 
     def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
                  tokenizer: Tokenizer | None = None, catalog: Catalog | list[SampleRecord] | None = None,
-                 long_catalog: Catalog | list[SampleRecord] | None = None) -> None:
+                 long_catalog: Catalog | list[SampleRecord] | None = None, exclude: ExcludeList | None = None) -> None:
+        """exclude: the samples data.exclude names, left out of the packs where they were planned (data/exclude.py);
+        `unmatched` lists those that no source holds."""
         if not isinstance(dp_world, int) or dp_world < 1:
             raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
@@ -696,6 +705,10 @@ class VideoPackedLoader:
         self._logged_plan_epochs: set[tuple[int, int]] = set()     # (source, epoch)
         qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
         self.quarantine_path = qp
+        self.exclude_keys: frozenset = frozenset()
+        self.unmatched: list[str] = []
+        if exclude:
+            self._leave_out(exclude)
         self._quarantined: set[tuple] | None = None   # its records (_quarantine), read at the first write
 
     # ---- iteration ----------------------------------------------------------------------------
@@ -711,7 +724,7 @@ class VideoPackedLoader:
         base, skip = self.stream.advance(self._base, self._skip, done)
         stop = self._stop()
         ds = _PackDataset(self.stream, self.planners, self.source_names if self.mixed else [""], base, skip,
-                          self.dp_rank, self.dp_world, None if stop is None else max(0, stop - done))
+                          self.dp_rank, self.dp_world, None if stop is None else max(0, stop - done), self.exclude_keys)
         if self.cfg.num_workers == 0:
             return iter(ds)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
@@ -742,6 +755,21 @@ class VideoPackedLoader:
             self.close()
         except Exception:
             pass
+
+    # ---- samples left out ---------------------------------------------------------------------
+    def _leave_out(self, exclude: ExcludeList) -> None:
+        """Keys of the catalogs' samples are left out where a pack is built; token files' documents where their rows
+        are read (TokenSource.leave_out). A key whose shard no catalog holds, or a document no token file holds, is
+        unmatched."""
+        self.exclude_keys = exclude.keys
+        shards = {os.path.basename(p) for c in self.catalogs for p in c.shards}
+        docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}
+        missed = set(docs)
+        for planner in self.planners:
+            if isinstance(planner, TokenPacks):
+                missed &= planner.source.leave_out(exclude)
+        self.unmatched = sorted({k for k in exclude.keys if k.split("/", 1)[0] not in shards
+                                 and (k not in docs or k in missed)} | (missed - exclude.keys))
 
     # ---- bad samples --------------------------------------------------------------------------
     def _quarantine(self, rec: dict) -> None:
@@ -817,7 +845,14 @@ class VideoPackedLoader:
         self._stats["frames_video"] += pack.video_frames
         self._stats["frames_fast"] += pack.fast_frames
         self._stats["samples_text_continued"] += pack.text_continued
+        left_out = set(pack.excluded)
+        if left_out:
+            self._stats["samples_excluded"] += len(left_out)
+            log.info("data.exclude: %s left out of epoch %d pack %d%s", ", ".join(pack.excluded), pack.epoch,
+                     pack.pack_index, f" of {pack.source}" if self.mixed else "")
         for key in pack.planned_keys:
+            if key in left_out:
+                continue
             f = failed.get(key)
             if f is None:
                 self._consecutive = 0

@@ -75,6 +75,7 @@ class PackedSample:
     pack_index: int = 0           # position of this pack in its epoch's global pack list
     failures: list[dict] = field(default_factory=list)     # samples planned here that failed to load
     planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
+    excluded: list[str] = field(default_factory=list)  # samples planned here that data.exclude leaves out
     source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source
     text_docs: int = 0            # text-only documents among the num_docs (no frames)
     image_docs: int = 0           # image documents among the num_docs (one frame each)

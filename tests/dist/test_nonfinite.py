@@ -94,6 +94,11 @@ def skipped(tmp_path_factory):
         layouts.update({f"{name}_before": common + ["train.stop_after=2"],
                         f"{name}_skipped": common + skip_part + ["train.stop_after=3"],
                         f"{name}_on": common + skip_part})
+    # the samples the skipped step's record names (one sample key of rank 1's pack), left out of the same data:
+    # steps 1-2 as before, the pack of step 3 closed up without it, no fault (data/exclude.py)
+    tmp = tmp_path_factory.mktemp("skip")
+    layouts["vl_excluded"] = vl + [f"data.exclude={tmp / 'runs' / 'vl_skipped' / 'nonfinite.jsonl'}",
+                                   "train.stop_after=3"]
     layouts["lm_one_rank"] = lm + ["KEYE_FAULT=nan_grad_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
     layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
@@ -108,7 +113,6 @@ def skipped(tmp_path_factory):
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
     layouts["lm_saved_skip"] = saved + skip + ["train.stop_after=3"]
     layouts["lm_resumed_skip"] = saved
-    tmp = tmp_path_factory.mktemp("skip")
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
     data["records"] = {name: [json.loads(x) for x in (tmp / "runs" / name / "nonfinite.jsonl").read_text().splitlines()]
@@ -140,6 +144,14 @@ def test_a_skipped_step_leaves_every_parameter_as_it_was(skipped):
     (pack,) = rec["samples"]["1"]["streams"][0]["packs"]
     assert rec["samples"]["1"]["micro_batches"] == [1] and len(pack["samples"]) == 1
     assert f"epoch {pack['epoch']} pack {pack['pack']}: {pack['samples'][0]} (its document 0 of" in rec["data"]["1"]
+    # that sample (a video: one pack per epoch) left out of the same data (data.exclude=<the record's file>): out of
+    # its pack of epoch 0 and of the record's pack of epoch 1, in step 3 (its epoch 0 pack: step 1 here, whose
+    # loss then differs); the packs' contents: tests/data/test_exclude.py
+    assert pack["epoch"] == 1 and "clip_" in pack["samples"][0]
+    excluded = {s: skipped["extras"]["vl_excluded"][s].get("data_samples_excluded", 0) for s in (1, 2, 3)}
+    assert excluded == {1: 1, 2: 1, 3: 2}, excluded
+    assert steps["vl_excluded"][1] != steps["vl_before"][1]
+    assert all(math.isfinite(steps["vl_excluded"][s]) for s in (1, 2, 3))
     (rec,) = skipped["records"]["lm_skipped"]
     assert rec["samples"]["1"] == {"micro_batches": [1], "streams": [{"stream": "synthetic_tokens",
                                                                        "global_samples": [46]}]}
@@ -197,3 +209,27 @@ def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_pat
     assert "step 1: the language model's gradients hold a NaN or an Inf (the step's loss nan): skipped, no weight " \
            "updated (1 in a row of the 1 train.skip_nonfinite_steps allows)" in text
     assert "Rank 1's data in the step: a synthetic_tokens stream: global samples 24..31. train.skip" in out.stderr
+
+
+def test_a_run_stopped_by_a_document_resumes_without_it(tmp_path):
+    """Token files: the NaN of step 3 in the first document of rank 1's second row stops the run; the message offers the
+    run's record as data.exclude, and the same command with it resumes from step 2 and trains on with that document's
+    tokens left out of its row (data/exclude.py; the rows' contents: tests/data/test_exclude.py)."""
+    run = tmp_path / "run"
+    tok = ["recipe=keye_tiny_lm", "data=tokens_tiny", "train.micro_batch_size=1", "train.global_batch_size=4",
+           "train.seq_length=128", "train.steps=4", "train.checkpoint.save_interval=1"]
+    out = run_pretrain(2, tok, run, env={"KEYE_FAULT": FAULT + ":micro=1:doc=0"}, check=False)
+    assert "exitcode  : 4" in out.stderr, out.stderr[-3000:]
+    records = run / "nonfinite.jsonl"
+    assert f"data.exclude={records} leaves the samples it names out of the data; train.skip_nonfinite_steps=N" \
+        in out.stderr, out.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in records.read_text().splitlines()]
+    (stream,) = rec["samples"]["1"]["streams"]
+    assert rec["samples"]["1"]["micro_batches"] == [1] and stream["global_samples"] == [11]
+    ((prefix, number),) = stream["documents"]
+    run_pretrain(2, tok + [f"data.exclude={records}"], run)
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    log0, log1 = ((run / "logs" / f"rank{r}.log").read_text() for r in range(2))
+    assert f"data.exclude: 1 sample(s) named in {records}" in log0
+    # global sample 11: rank 1's second row of step 3 (G = 4 over 2 ranks: samples 8 + 2 x rank + micro)
+    assert f"data.exclude: {prefix} document {number} left out of global sample 11 " in log1, log1[-3000:]
