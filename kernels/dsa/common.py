@@ -1,10 +1,11 @@
-"""Small helpers shared by the DSA Triton wrappers: argument checks, document starts, sizes."""
+"""Small helpers shared by the DSA Triton wrappers: argument checks, document starts, sizes; a NaN-keeping ReLU."""
 from __future__ import annotations
 
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -63,3 +64,11 @@ def check_same_device(*tensors: torch.Tensor) -> None:
         if t.device != dev:
             raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
 
+
+@triton.jit
+def relu_nan(x):
+    """ReLU that keeps a NaN, as torch.relu (the references') does: tl.maximum's default drops it on the GPU (PTX
+    max.f32 of NaN and 0 is 0) while the interpreter's numpy keeps it, so an index score over a NaN input was
+    finite on the GPU and NaN in the reference and under the interpreter, and the top-k ranked it otherwise (found
+    by bench/bench_topk_nan.py on an H100; tests/kernels/test_dsa.py checks the compiled PTX)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, pow2
+from .common import LOG2E, dot_precision, interpreting, pow2, relu_nan
 from .plan import SparsePlan
 
 
@@ -56,7 +56,7 @@ def _index_tile(qi, wv, k_idx, bb, T, pos, um, DI: tl.constexpr, DIP: tl.constex
     ki = tl.load(k_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :],
                  mask=um[:, None] & (dd[None, :] < DI), other=0.0)
     u = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
-    ru = tl.maximum(u, 0.0) * wv[:, None]
+    ru = relu_nan(u) * wv[:, None]
     score = tl.sum(tl.reshape(ru, [BQ, HIP, ru.shape[1]]), axis=1)
     return u, ki, score
 
@@ -262,7 +262,7 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         d_i = tl.where(member, d_i, 0.0) * gscale
         d_rows = tl.reshape(tl.broadcast_to(d_i[:, None, :], [BQ, HIP, BS]), [BQ * HIP, BS])
         du = tl.where(u > 0.0, d_rows * wv[:, None], 0.0)
-        dwv += tl.sum(tl.maximum(u, 0.0) * d_rows, axis=1)
+        dwv += tl.sum(relu_nan(u) * d_rows, axis=1)
         dqi += tl.dot(du.to(ki.dtype), ki, input_precision=DOT_PREC)
         dki = tl.dot(tl.trans(du.to(qi.dtype)), qi, input_precision=DOT_PREC)
         tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,

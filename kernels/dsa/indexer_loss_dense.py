@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, pow2
+from .common import LOG2E, dot_precision, interpreting, pow2, relu_nan
 from .indexer_loss import _kl_sums, _load_indexer_rows, _lse_step
 
 
@@ -50,7 +50,7 @@ def _scores(q_idx, w, row, has, kt, dd, dmask, HI: tl.constexpr, DI: tl.constexp
                      mask=has[:, None] & dmask[None, :], other=0.0)
         wj = tl.load(w + row * HI + j, mask=has, other=0.0).to(tl.float32)
         u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
-        score += tl.maximum(u, 0.0) * wj[:, None]
+        score += relu_nan(u) * wj[:, None]
     return score
 
 
@@ -228,7 +228,7 @@ def dense_kl_kernel_dq(q_idx, w, k_idx, start_ptr, d_ptr, gscale_ptr, dq_idx, dw
         u = tl.dot(qi, tl.trans(kt), input_precision=DOT_PREC)
         d_rows = tl.reshape(tl.broadcast_to(dv[:, None, :], [BQ, HIP, BN]), [BQ * HIP, BN])
         du = tl.where(u > 0.0, d_rows * wv[:, None], 0.0)
-        dwv += tl.sum(tl.maximum(u, 0.0) * d_rows, axis=1)
+        dwv += tl.sum(relu_nan(u) * d_rows, axis=1)
         dqi += tl.dot(du.to(kt.dtype), kt, input_precision=DOT_PREC)
     gscale = tl.load(gscale_ptr)
     # only the chunk's rows: those past it belong to a later chunk or to rows without keys

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreting, pow2, row_doc_start
+from .common import dot_precision, interpreting, pow2, relu_nan, row_doc_start
 
 INT32_MIN = tl.constexpr(-2147483648)
 
@@ -112,7 +112,7 @@ def _index_scores(q_idx, w, row, tvalid, kt, dd, dmask, HI: tl.constexpr, DI: tl
                 qj = tl.load(q_ptr, mask=dmask[None, :], other=0.0)
             wj = tl.load(w + row * HI + j).to(tl.float32)
         u = tl.dot(qj, tl.trans(kt), input_precision=DOT_PREC)
-        score += tl.maximum(u, 0.0) * wj[:, None]
+        score += relu_nan(u) * wj[:, None]
     return score
 
 
