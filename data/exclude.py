@@ -159,17 +159,13 @@ def read_exclude(spec: str, *, field_name: str = "data.exclude") -> ExcludeList:
     return ExcludeList(keys=frozenset(keys), documents=docs, files=tuple(files))
 
 
-def blank_documents(tokens: np.ndarray, starts: list[int], docs: list[int], left_out: np.ndarray) -> np.ndarray:
-    """Sets the tokens of left-out documents in a row of token files to 0 and returns their mask, both [S + 1]:
-    `starts` and `docs` as data/token_files.TokenSource.sample gives them (the positions where a document begins;
-    the pool index of each piece, in order: the first piece begins at 0, each later one at a start), `left_out` the
-    pool indices to leave out, sorted."""
+def blank_pieces(tokens: np.ndarray, starts: list[int], hit: np.ndarray) -> np.ndarray:
+    """Sets the tokens of a row's left-out pieces to 0 and returns their mask, both [S + 1]: `starts` as
+    data/token_files.TokenSource.sample gives them (the positions where a document begins; the first piece begins at
+    0, each later one at a start), `hit` [pieces] whether each piece's document is left out."""
     out = np.zeros(tokens.shape[0], dtype=bool)
-    if len(left_out) == 0:
-        return out
-    at = [0] + [s for s in starts if s > 0]        # where each piece begins
-    hit = np.isin(np.asarray(docs, dtype=np.int64), left_out)
+    at = [0] + [s for s in starts if s > 0] + [tokens.shape[0]]        # where each piece begins, then the end
     for j in np.flatnonzero(hit):
-        out[at[j]:at[j + 1] if j + 1 < len(at) else tokens.shape[0]] = True
+        out[at[j]:at[j + 1]] = True
     tokens[out] = 0
     return out

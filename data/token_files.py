@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from data.exclude import ExcludeList, blank_documents
+from data.exclude import ExcludeList, blank_pieces
 from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import GlobalSamplePosition
 
@@ -478,15 +478,18 @@ class TokenSource:
         self.left_out = exclude.pool_indices(self.prefixes, self.base)
         return set(exclude.unmatched_documents(self.prefixes, self.base))
 
-    def row(self, j: int, *, document_bounds: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+    def row(self, j: int, *, document_bounds: bool) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
         """Sample j as a training row (row_tensors), the documents left out blanked; the pool index of each of its
         pieces (TokenSource.sample); and those of the pieces left out."""
         tokens, starts, docs = self.sample(j)
-        blank = blank_documents(tokens, starts, docs, self.left_out)
+        hit = np.isin(docs, self.left_out) if len(self.left_out) else None
+        if hit is None or not hit.any():
+            return row_tensors(tokens, starts, document_bounds=document_bounds), docs, []
+        blank = blank_pieces(tokens, starts, hit)
         r = row_tensors(tokens, starts, document_bounds=document_bounds)
-        if blank.any():      # no loss on a blanked token, nor on the label before it (a blanked token)
-            r["loss_mask"][torch.from_numpy(blank[:-1] | blank[1:])] = 0.0
-        return r, docs, ([d for d, h in zip(docs, np.isin(docs, self.left_out)) if h] if blank.any() else [])
+        # no loss on a blanked token, nor on the label before it (a blanked token)
+        r["loss_mask"][torch.from_numpy(blank[:-1] | blank[1:])] = 0.0
+        return r, docs, [d for d, h in zip(docs, hit) if h]
 
 
 class Blend:
@@ -527,7 +530,9 @@ class TokenCorpus:
 
     def __init__(self, paths: str, *, weights: list | None = None, seq_length: int, seed: int, shuffle: bool = True,
                  vocab_size: int | None = None, field_name: str = "data.tokens.paths",
-                 index_dir: str | os.PathLike | None = None):
+                 index_dir: str | os.PathLike | None = None, exclude: ExcludeList | None = None):
+        """exclude: the documents data.exclude names, left out of the rows (leave_out); `unmatched` lists what it
+        names that no source holds."""
         groups = resolve_prefixes(paths, field_name=field_name)
         common = dict(seq_length=seq_length, seed=seed, shuffle=shuffle, vocab_size=vocab_size, index_dir=index_dir)
         if weights:
@@ -537,6 +542,7 @@ class TokenCorpus:
         else:
             self.sources = [TokenSource([p for g in groups for p in g], source_id=0, **common)]
             self.blend = None
+        self.unmatched = self.leave_out(exclude) if exclude else []
 
     def _where(self, start: int, count: int) -> list[tuple[int, int]]:
         """(source, index within the source) of global samples start .. start + count - 1."""
@@ -654,6 +660,11 @@ class TokenFileStream(GlobalSamplePosition):
         [file prefix, document number]."""
         rows, docs = self._step_documents(micro_batches, parts)
         return {**super().step_record(micro_batches, rows), "documents": [list(d) for d in docs]}
+
+    @property
+    def unmatched_exclusions(self) -> list[str]:
+        """What data.exclude names that this stream's files do not hold (TokenCorpus.leave_out)."""
+        return self.corpus.unmatched
 
     @property
     def samples_per_epoch(self) -> int:

@@ -98,6 +98,11 @@ class VideoBatchStream:
         self._drawn: deque[tuple] = deque(maxlen=self.num_microbatches)  # the packs of the current step
 
     @property
+    def unmatched_exclusions(self) -> list[str]:
+        """What data.exclude names that this stream's sources do not hold (VideoPackedLoader._leave_out)."""
+        return self.loader.unmatched
+
+    @property
     def samples_per_epoch(self) -> int:
         """Packed sequences in the first epoch of the (one) source: the whole set, once."""
         return self.loader.planner.num_packs(0)

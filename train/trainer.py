@@ -337,7 +337,6 @@ class Trainer:
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         # the samples data.exclude names, left out of the training data (not of held-out sets); eval-only trains none
         self.exclude = read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not self.eval_only else None
-        self.excluded_unmatched: list[str] = []     # what it names that the training data does not hold
         if cfg.data.kind == "video":
             # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
             # every model chunk iterates the same list.
@@ -347,10 +346,10 @@ class Trainer:
         self.num_microbatches = self.streams[0].num_microbatches
         if self.exclude and self.rank == 0:
             log.info("data.exclude: %s, left out of the training data where met", self.exclude.describe())
-            if self.excluded_unmatched:
+            unmatched = self.streams[0].unmatched_exclusions
+            if unmatched:
                 log.warning("data.exclude: %d of the samples named are in none of this run's training data, so "
-                            "nothing is left out for them (first: %s)", len(self.excluded_unmatched),
-                            ", ".join(self.excluded_unmatched[:5]))
+                            "nothing is left out for them (first: %s)", len(unmatched), ", ".join(unmatched[:5]))
 
         pc = lm_param_count(lm)
         self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
@@ -442,12 +441,9 @@ class Trainer:
             v = replace(v, index_dir=str(Path(self.run_dir) / "data_index"))
         t = cfg.train
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
-        stream = VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                  global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                  seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude)
-        if not held_out:
-            self.excluded_unmatched = stream.loader.unmatched
-        return stream
+        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude)
 
     def _text_streams(self, data, *, held_out: bool = False, paths: str = "", one_epoch: bool = False) -> list:
         """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
@@ -468,9 +464,8 @@ class Trainer:
             corpus = TokenCorpus(paths, weights=None if held_out else tk.weights, seq_length=t.seq_length,
                                  seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
                                  field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths",
-                                 index_dir=tk.index_dir or Path(self.run_dir) / "token_index")
-            if self.exclude and not held_out:
-                self.excluded_unmatched = corpus.leave_out(self.exclude)
+                                 index_dir=tk.index_dir or Path(self.run_dir) / "token_index",
+                                 exclude=None if held_out else self.exclude)
             return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
                                     global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
                                     dp_size=self.pgs.dp.size(), one_epoch=one_epoch) for _ in self.model]

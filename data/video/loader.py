@@ -764,12 +764,13 @@ class VideoPackedLoader:
         self.exclude_keys = exclude.keys
         shards = {os.path.basename(p) for c in self.catalogs for p in c.shards}
         docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}
-        missed = set(docs)
+        missed = set(docs)                      # the token documents named that no token source holds
         for planner in self.planners:
             if isinstance(planner, TokenPacks):
                 missed &= planner.source.leave_out(exclude)
-        self.unmatched = sorted({k for k in exclude.keys if k.split("/", 1)[0] not in shards
-                                 and (k not in docs or k in missed)} | (missed - exclude.keys))
+        held = docs - missed
+        self.unmatched = sorted({k for k in exclude.keys if k.split("/", 1)[0] not in shards and k not in held}
+                                | (missed - exclude.keys))
 
     # ---- bad samples --------------------------------------------------------------------------
     def _quarantine(self, rec: dict) -> None:
