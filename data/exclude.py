@@ -34,6 +34,12 @@ import numpy as np
 _DOCUMENT = re.compile(r"^(.+)#(\d+)$")
 
 
+def superseded_path(path: str) -> str:
+    """Where a resumed launch moves the lines of a record file `<name>.jsonl` for the steps it trains again
+    (train/metrics.py set_aside_redone): `<name>.superseded.jsonl`, which the list of samples reads too."""
+    return path[:-len(".jsonl")] + ".superseded.jsonl"
+
+
 class ExcludeError(ValueError):
     """A file of data.exclude that cannot be read as a list of samples; the message names the file and line."""
 
@@ -65,7 +71,7 @@ class ExcludeList:
     def pool_indices(self, prefixes: list[str], base) -> np.ndarray:
         """The documents named of token files `prefixes`, as indices of their pool (the pool index of file f's first
         document is `base[f]`), sorted; numbers past a file's end are left out (see unmatched_documents)."""
-        out = [int(base[f]) + n for f, p in enumerate(prefixes) for n in sorted(self.documents_of(p))
+        out = [int(base[f]) + n for f, p in enumerate(prefixes) for n in self.documents_of(p)
                if int(base[f]) + n < int(base[f + 1])]
         return np.asarray(sorted(out), dtype=np.int64)
 
@@ -139,7 +145,7 @@ def read_exclude(spec: str, *, field_name: str = "data.exclude") -> ExcludeList:
                                f"a list of sample keys, one per line)")
     # a run's record file moves the records of the steps a resumed launch trains again to <name>.superseded.jsonl
     # (train/metrics.py set_aside_redone): the samples they name stay named, whichever launch reads the list
-    aside = [p[:-len(".jsonl")] + ".superseded.jsonl" for p in files if p.endswith(".jsonl")]
+    aside = [superseded_path(p) for p in files if p.endswith(".jsonl")]
     for path in files + [p for p in aside if os.path.isfile(p) and p not in files]:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):

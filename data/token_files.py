@@ -482,11 +482,11 @@ class TokenSource:
         """Sample j as a training row (row_tensors), the documents left out blanked; the pool index of each of its
         pieces (TokenSource.sample); and those of the pieces left out."""
         tokens, starts, docs = self.sample(j)
-        hit = np.isin(docs, self.left_out) if len(self.left_out) else None
-        if hit is None or not hit.any():
-            return row_tensors(tokens, starts, document_bounds=document_bounds), docs, []
-        blank = blank_pieces(tokens, starts, hit)
+        hit = np.isin(docs, self.left_out) if len(self.left_out) else None   # nothing left out: no work per row
+        blank = blank_pieces(tokens, starts, hit) if hit is not None and hit.any() else None
         r = row_tensors(tokens, starts, document_bounds=document_bounds)
+        if blank is None:
+            return r, docs, []
         # no loss on a blanked token, nor on the label before it (a blanked token)
         r["loss_mask"][torch.from_numpy(blank[:-1] | blank[1:])] = 0.0
         return r, docs, [d for d, h in zip(docs, hit) if h]

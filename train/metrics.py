@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from data.exclude import superseded_path
+
 log = logging.getLogger("train")
 
 MEASURED_PEAK_TFLOPS = {"H200": 775.0, "H100": 775.0}
@@ -117,6 +119,9 @@ class Meter:
             self.wandb = None
 
 
+NONFINITE_RECORDS = "nonfinite.jsonl"   # a line per non-finite step (train/nonfinite.py record_nonfinite_step)
+
+
 def set_aside_redone(run_dir: str, step: int) -> list[str]:
     """A launch that starts at `step` (the checkpoint it resumes, or 0) trains the steps after it again: the records
     of those steps in run_dir's metrics.jsonl, eval.jsonl and nonfinite.jsonl (train/nonfinite.py), logged by a
@@ -126,7 +131,7 @@ def set_aside_redone(run_dir: str, step: int) -> list[str]:
     checkpoints that exist). Appended there before the file is rewritten, so a crash in between leaves a record
     twice, never nowhere. Returns a note per file changed."""
     notes = []
-    for name in ("metrics.jsonl", "eval.jsonl", "nonfinite.jsonl"):
+    for name in ("metrics.jsonl", "eval.jsonl", NONFINITE_RECORDS):
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
             continue
@@ -142,7 +147,7 @@ def set_aside_redone(run_dir: str, step: int) -> list[str]:
             (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
         if not moved:
             continue
-        aside = os.path.join(run_dir, name.replace(".jsonl", ".superseded.jsonl"))
+        aside = superseded_path(path)
         with open(aside, "a") as f:
             f.writelines(moved)
         with open(path + ".tmp", "w") as f:

@@ -19,6 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 
 from data.sample_position import format_runs
 from train.faults import poison_gradients, requested
+from train.metrics import NONFINITE_RECORDS
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,6 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
             if i not in bad and not bool(torch.isfinite(kl).all()):
                 bad[i] = None
     return dict(sorted(bad.items()))
-
-
-NONFINITE_RECORDS = "nonfinite.jsonl"
 
 
 def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: Sequence[str],

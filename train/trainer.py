@@ -42,11 +42,11 @@ from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, config_changes
 from train.distill import distill_losses
 from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
-from train.metrics import (Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table, device_peak_tflops,
-                           set_aside_redone, sum_over_world)
+from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
+                           device_peak_tflops, set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
-                             nonfinite_parts, part_ids, NONFINITE_RECORDS, PARTS_KEY, record_nonfinite_step)
+                             nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
 from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler

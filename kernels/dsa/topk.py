@@ -29,8 +29,8 @@ takes the threshold, and `topk_fwd_kernel_filter` recomputes the scores 16 rows 
 appends survivors as it goes, before the same select. Its 16-row tiles (the append's registers
 leave no room for more) run the scoring at about half the stored path's tensor-core rate.
 
-NaN: a NaN index score (a NaN in the indexer's inputs) ranks as -inf, as in naive.topk_indices: such a
-key is chosen last, ties in ascending position, so every row still selects min(K, eligible) keys of
+NaN: a NaN index score (a NaN in the indexer's inputs; the scores' ReLU keeps it, common.relu_nan, as
+torch.relu does) ranks as -inf, as in naive.topk_indices: such a key is chosen last, ties in ascending position, so every row still selects min(K, eligible) keys of
 its own range. (A NaN compares false against any threshold, which left a row fewer candidates than
 K and its output unwritten: positions read from uninitialised memory.) The threshold samples leave
 NaN scores out, and the candidate passes store them as -inf (`_nan_low`: kept when tau = -inf).

@@ -224,4 +224,6 @@ def test_a_nan_in_one_document_stays_in_its_tokens_with_ksa(megatron_world, back
         return
     assert flags == [0.0, 0.0, 1.0, 0.0]
     others = parts[0] != 2
+    # fp32 on CPU, not exact for the reason of the dense and DSA case: the experts' grouped products hold other
+    # tokens when the NaN tokens route elsewhere
     torch.testing.assert_close(out["nan"][0, others], out["clean"][0, others], rtol=1e-5, atol=1e-6)
