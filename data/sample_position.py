@@ -57,6 +57,19 @@ class GlobalSamplePosition:
         """describe_step's data as fields (train/nonfinite.py's record): the stream's kind and its global samples."""
         return {"stream": self.kind, "global_samples": self.step_samples(micro_batches, parts)}
 
+    def step_metrics(self) -> dict | None:
+        """Scalars for the training log since the last call (VideoBatchStream.step_metrics'); None: none to give."""
+        return None
+
+    def counters(self) -> dict:
+        """This rank's own counts since the run began, which a checkpoint keeps per data-parallel rank
+        (VideoPackedLoader.counters); a position alone has none."""
+        return {}
+
+    def load_counters(self, saved: list[dict], rank: int | None) -> None:
+        """Takes this rank's counts from every data-parallel rank's `counters()` at the checkpoint
+        (VideoPackedLoader.load_counters)."""
+
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
         if self._micro not in (0, self.num_microbatches):

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -333,8 +334,6 @@ def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int,
                                  vocab_size: int, timeout_s: float = 600.0) -> str:
     """The prefix of `n_documents` synthetic documents tokenized with the byte tokenizer (`<eos>` after each),
     written under `directory` by rank 0 once; the other ranks wait for the .idx (written last)."""
-    import time
-
     from data.video.tokenizer import ByteTokenizer
 
     prefix = str(Path(directory) / f"synthetic_{n_documents}_seed{seed}")
@@ -626,6 +625,29 @@ class TokenFileStream(GlobalSamplePosition):
         self.padding: list[bool] = []
         self.left_out_met = 0     # pieces of documents data.exclude names that this stream's rows held (blanked)
         self._left_out_logged: set[tuple[str, int]] = set()
+        self._wait = 0.0          # seconds spent making micro-batches since the last step_metrics()
+
+    def step_metrics(self) -> dict:
+        """Scalars for the training log (those of VideoBatchStream.step_metrics that token rows have): the seconds
+        the training loop spent reading this rank's rows since the last call (the trainer calls it once per step;
+        the files are read where the loop asks, no worker reads ahead), and once there are any, the pieces of
+        documents data.exclude names that its rows held since the run began (a document over two rows counts
+        twice)."""
+        wait, self._wait = self._wait, 0.0
+        out = {"data_wait_s": wait}
+        if self.left_out_met:
+            out["data_samples_excluded"] = self.left_out_met
+        return out
+
+    def counters(self) -> dict:
+        return {"left_out_met": self.left_out_met}
+
+    def load_counters(self, saved: list[dict], rank: int | None) -> None:
+        """As VideoPackedLoader.load_counters: rank's own count, or with rank None the sum on data-parallel rank 0."""
+        if rank is not None:
+            self.left_out_met = int(saved[rank].get("left_out_met", 0))
+        else:
+            self.left_out_met = sum(int(c.get("left_out_met", 0)) for c in saved) if self.dp_rank == 0 else 0
 
     def _step_documents(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None
                         ) -> tuple[dict[int, list[int]] | None, list[tuple[str, int]]]:
@@ -672,6 +694,13 @@ class TokenFileStream(GlobalSamplePosition):
         return self.corpus.sources[0].per_epoch
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        began = time.perf_counter()
+        try:
+            return self._next()
+        finally:
+            self._wait += time.perf_counter() - began
+
+    def _next(self) -> dict[str, torch.Tensor]:
         start = self.next_start()
         rows = []
         for j, (r, met) in enumerate(self.corpus.rows(start, self.mbs, document_bounds=self.document_bounds), start):

@@ -207,3 +207,9 @@ class VideoBatchStream:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
         self._it = None
+
+    def counters(self) -> dict:
+        return self.loader.counters()
+
+    def load_counters(self, saved: list[dict], rank: int | None) -> None:
+        self.loader.load_counters(saved, rank)

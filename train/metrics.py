@@ -227,8 +227,8 @@ def data_metrics_table(local: dict, *, device: torch.device, sources: dict | Non
 
 def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sources: dict | None = None) -> dict:
     """A step's loader metrics over the whole job from the world's sum of data_metrics_table (this rank's
-    VideoBatchStream.step_metrics in `local`; every rank passes its table once per step, with the same mixture
-    sources):
+    VideoBatchStream or TokenFileStream step_metrics in `local`; every rank passes its table once per step, with
+    the same mixture sources):
 
     - `data_wait_s`: the longest wait of any rank (the step's collectives wait for the slowest loader), and
       `data_wait_rank`, the rank it was (the lowest of equal ones): a stalling node shows by its rank.
@@ -241,8 +241,10 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
       frames (slow and fast frames), over the same group; present once the job has served a fast frame.
     - `data_texts_continued`: text-only documents that continued a text longer than a sequence (its pieces after
       the first) since the run began, summed the same way; present once the job has served one.
-    - `data_samples_excluded`: the samples data.exclude named that the job's packs left out since the run began,
-      summed the same way; present once the job has left one out.
+    - `data_samples_excluded`: the samples data.exclude named that the job's packs left out since the run began
+      (token files: the left-out pieces their rows held), summed the same way; present once the job has left one
+      out.
+    `data_samples_failed` only where `local` has it (the video loader; token files fail no sample).
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
@@ -256,8 +258,9 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     table = table.view(dist.get_world_size(), _DATA_COLS + 2 * len(names))
     wait_rank = int(table[:, 0].argmax())  # first occurrence of the maximum
     replicas = table[dist.get_process_group_ranks(dp_group)].sum(dim=0)
-    out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank,
-           "data_samples_failed": int(replicas[1])}
+    out = {**local, "data_wait_s": float(table[wait_rank, 0]), "data_wait_rank": wait_rank}
+    if "data_samples_failed" in local:   # a loader that can fail a sample: the video loader (always given there)
+        out["data_samples_failed"] = int(replicas[1])
     world = table.sum(dim=0)
     for col, key in ((2, "data_samples_image"), (3, "data_samples_text"), (6, "data_texts_continued"),
                      (7, "data_samples_excluded")):

@@ -525,8 +525,14 @@ class Trainer:
         self.step = int(common["step"])
         nonfinite = common.get("nonfinite", {})  # absent from a checkpoint written before the check existed
         self.nonfinite_in_row, self.skipped_steps = int(nonfinite.get("in_row", 0)), int(nonfinite.get("skipped", 0))
+        # each data-parallel rank's own counts; at another data-parallel size their sums on its rank 0. A checkpoint
+        # from before they were kept gives every rank the saving rank's (those of its data state)
+        counters = common.get("data_counters")
+        dp_rank = self.pgs.dp.rank() if counters is not None and len(counters) == self.pgs.dp.size() else None
         for s in self.streams:
             s.load_state_dict(common["data"])
+            if counters is not None:
+                s.load_counters(counters, dp_rank)
         log.info("resumed from %s at step %d%s", ref.path, self.step,
                  "" if same_layout else f" (resharded from layout {saved['layout']}; RNG state not restored)")
         if "config" in saved and self.rank == 0:  # the model's own settings were checked by the launcher
@@ -626,14 +632,25 @@ class Trainer:
             # gets AdamW's own first state (zero moments, step 0), as megatron's distributed optimizer cannot
             # describe an empty one; a no-op once it has stepped
             ensure_adam_state(self.optimizer)
+        # the common state is the saving rank's: every data-parallel rank's own counts beside it (_data_counters)
+        common = {**self._common_state(), "data_counters": self._data_counters()}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
-                                    self.optimizer if self.lm_trainable else None, self._common_state(),
+                                    self.optimizer if self.lm_trainable else None, common,
                                     keep_last=c.keep_last, keep_every=c.keep_every, dp_cp_group=self.pgs.dp_cp,
                                     async_queue=queue, optimizer_format=c.optimizer_format,
                                     extra=self.vision.sharded_state() if self.vision is not None else None)
         self._inflight = (self.step, path)
         log.info("%s checkpoint %s (training blocked %.2f s)", "saved" if queue is None else "saving (async)", path,
                  timer.stop())
+
+    def _data_counters(self) -> list[dict]:
+        """Every data-parallel rank's own data counts since the run began (the stream's `counters()`: samples
+        served, failed, left out, ...), by data-parallel rank, for the checkpoint: the data position is the same on
+        every rank, these are not, and the metrics report their sums over the ranks. Collective over the
+        data-parallel group."""
+        out: list = [None] * self.pgs.dp.size()
+        dist.all_gather_object(out, self.streams[0].counters(), group=self.pgs.dp)
+        return out
 
     def _finish_saves(self, *, blocking: bool) -> None:
         """Commits async saves whose writers are done on every rank (all of them with blocking=True).
@@ -767,18 +784,21 @@ class Trainer:
             ok, grad_norm, _ = self.optimizer.step()
             if not ok:
                 raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
-        # the step's loss, router statistics and (video) every rank's loader metrics: one all-reduce, one host copy
+        # the step's loss, router statistics and every rank's loader metrics: one all-reduce, one host copy
         parts = [loss_vector, self.router_stats.step_vector()]
-        if self.cfg.data.kind == "video":  # every rank's loader: the slowest wait, the failures of all replicas
-            stream = self.streams[0]
-            data_local, sources = stream.step_metrics(), stream.stats.get("sources")
+        # every rank's loader (video, token files): the slowest wait, the failures of all replicas, ...
+        data_local = self.streams[0].step_metrics()
+        if data_local is not None:
+            for other in self.streams[1:]:   # the interleaved schedule's other chunks read their own token rows
+                data_local["data_wait_s"] += other.step_metrics()["data_wait_s"]
+            sources = self.streams[0].stats.get("sources") if self.cfg.data.kind == "video" else None
             parts.append(data_metrics_table(data_local, device=self.device, sources=sources))
         sums = sum_over_world(parts, self.device)
         loss, extra = self._loss_from(sums[0])
         extra.update(self.router_stats.metrics_from(sums[1], self.num_microbatches))
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
-        if self.cfg.data.kind == "video":
+        if data_local is not None:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
         if bad:

@@ -969,6 +969,37 @@ class VideoPackedLoader:
             out["source_stats"] = {n: dict(c) for n, c in self._by_source.items()}
         return out
 
+    def counters(self) -> dict:
+        """This rank's own counts since the run began (its samples, failures by reason and, in a mixture, each
+        source's packs, samples and tokens; the failures in a row), as JSON: what state_dict holds of one rank
+        only. A checkpoint keeps every data-parallel rank's (the trainer gathers them), so that a resume gives each
+        rank its own (load_counters) instead of the saving rank's."""
+        return {"stats": dict(self._stats), "failures_by_reason": dict(self._reasons),
+                "source_stats": {n: dict(c) for n, c in self._by_source.items()},
+                "consecutive_failures": self._consecutive}
+
+    def load_counters(self, saved: list[dict], rank: int | None) -> None:
+        """Takes this rank's counters from `saved`, every data-parallel rank's `counters()` when the checkpoint was
+        written (call after load_state_dict): the entry of data-parallel rank `rank`; with rank None (another
+        data-parallel size: no rank's part is this rank's) the sums of all of them, which the rank of index 0 takes
+        while the others start from zero, so the sums over the ranks that the metrics report stay those saved."""
+        stats, reasons, consecutive = Counter(), Counter(), 0
+        by_source = {n: Counter() for n in self._by_source}
+        if rank is not None:
+            mine = [saved[rank]]
+        else:
+            mine = saved if self.dp_rank == 0 else []
+        for c in mine:
+            stats.update(c.get("stats", {}))
+            reasons.update(c.get("failures_by_reason", {}))
+            for n, counts in c.get("source_stats", {}).items():
+                if n in by_source:   # a source removed since: its counts go with it (as load_state_dict's)
+                    by_source[n].update(counts)
+            consecutive = max(consecutive, int(c.get("consecutive_failures", 0)))
+        self._stats, self._reasons, self._consecutive = stats, reasons, consecutive
+        if self.mixed:
+            self._by_source = by_source
+
     def _describe_sources(self, state: dict) -> str:
         saved = state.get("mixture", {}).get("sources")
         now = self.source_names if self.mixed else None

@@ -104,8 +104,10 @@ def test_exact_resume_mid_epoch_two_workers(shard_dir, tmp_path):
     assert more == ref[k:k + 2]
 
 
-@pytest.mark.parametrize("w_before,w_after", [(2, 1), (1, 2), (2, 3)])
+@pytest.mark.parametrize("w_before,w_after", [(2, 2), (2, 1), (1, 2), (2, 3)])
 def test_resume_with_different_dp_world(shard_dir, tmp_path, w_before, w_after):
+    """Neither repeats nor skips a sample; each rank's own counts (counters, which the trainer's checkpoint keeps
+    per rank) come back to it at the same size, and their sums (what the metrics report) at another."""
     cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline")
     before = [VideoPackedLoader(cfg, dp_rank=r, dp_world=w_before, seed=9) for r in range(w_before)]
     planner = before[0].planner
@@ -118,9 +120,20 @@ def test_resume_with_different_dp_world(shard_dir, tmp_path, w_before, w_after):
             assert p.epoch == 0
             seen += p.planned_keys
     state = before[0].state_dict()                         # any rank's state describes the position
+    saved = [ld.counters() for ld in before]
     after = [VideoPackedLoader(cfg, dp_rank=r, dp_world=w_after, seed=9) for r in range(w_after)]
-    for ld in after:
+    for r, ld in enumerate(after):
         ld.load_state_dict(state)
+        ld.load_counters(saved, r if w_after == w_before else None)
+    counts = ("packs", "samples_ok")
+    if w_after == w_before:
+        assert [ld.stats for ld in after] == [ld.stats for ld in before]
+        assert before[0].stats["packs"] == before[1].stats["packs"] and \
+            before[0].stats["samples_ok"] != before[1].stats["samples_ok"], "the ranks' counts are not told apart"
+    else:
+        assert {k: sum(ld.stats.get(k, 0) for ld in after) for k in counts} == \
+            {k: sum(ld.stats[k] for ld in before) for k in counts}
+        assert all(not ld.stats.get("packs") for ld in after[1:])
     live = list(after)
     while live:
         for ld in list(live):

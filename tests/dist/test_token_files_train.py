@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.launch_util import run_layouts, run_layouts_all
+from tests.launch_util import run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -57,15 +57,27 @@ def runs(tmp_path_factory):
         "dsa_whole": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + common[1:] + whole,
         "dsa_one_row": ["recipe=keye_tiny_dsa_sparse", "train.checkpoint.init_from="] + one_row[1:],
     }, tmp_path_factory.mktemp("one"))
-    two, evals = run_layouts(2, {
+    # data.exclude: a document in rank 1's rows of step 1 (global samples 2, 3) alone, one in rank 0's of step 4
+    # (12, 13) alone, so that each rank's count of left-out pieces differs, before a stop after step 2 and after it
+    corpus, rows_of = TokenCorpus(train, seq_length=64, seed=1234), {}   # data=tokens' seed
+    for j in range(16):
+        for doc in corpus.documents([j]):
+            rows_of.setdefault(doc, set()).add(j)
+    left_out = [next(doc for doc, js in rows_of.items() if js <= rows) for rows in ({2, 3}, {12, 13})]
+    (d / "exclude.txt").write_text("".join(f"{prefix}#{n}\n" for prefix, n in left_out))
+    exclude = [f"data.exclude={d / 'exclude.txt'}"]
+    two = run_layouts_all(2, {
         "tp2": common + ["parallel.tp=2", f"data.tokens.eval_paths={held}", "train.eval.interval=2",
                          "train.eval.batches=1"],
         "cp2": common + ["parallel.cp=2"],
         "pp2": common + ["parallel.pp=2"],
         "dp2": common,
         "dp2_whole": common + whole,
-    }, tmp_path_factory.mktemp("two"), evals=True)
-    return one, two, evals
+        "dp2_excluded": common + exclude,
+        "dp2_excluded_stopped": common + exclude + ckpt + ["train.stop_after=2", "run_dir=ex"],
+        "dp2_excluded_resumed": common + exclude + ckpt + ["run_dir=ex"],
+    }, tmp_path_factory.mktemp("two"))
+    return one, two["losses"], two["evals"], two["extras"]
 
 
 def _close(a: dict, b: dict) -> bool:
@@ -73,7 +85,7 @@ def _close(a: dict, b: dict) -> bool:
 
 
 def test_the_loss_falls(runs):
-    one, _, _ = runs
+    one, _, _, _ = runs
     for name in ("single", "plain", "ksa", "dsa"):
         curve = one["losses"][name]
         assert all(math.isfinite(v) for v in curve.values()) and curve[4] < curve[1], (name, curve)
@@ -82,14 +94,14 @@ def test_the_loss_falls(runs):
 
 
 def test_every_layout_matches_one_process(runs):
-    one, two, _ = runs
+    one, two, _, _ = runs
     single = one["losses"]["single"]
     for name in ("tp2", "cp2", "pp2", "dp2"):
         assert _close(two[name], single), (name, two[name], single)
 
 
 def test_a_stopped_run_resumes_bit_identically(runs):
-    one, _, _ = runs
+    one, _, _, _ = runs
     assert sorted(one["losses"]["stopped"]) == [1, 2] and sorted(one["losses"]["resumed"]) == [3, 4]
     full = one["losses"]["single"]
     for step in (1, 2):
@@ -99,7 +111,7 @@ def test_a_stopped_run_resumes_bit_identically(runs):
 
 
 def test_held_out_token_files_are_scored(runs):
-    one, _, evals = runs
+    one, _, evals, _ = runs
     ref, tp2 = one["evals"]["single"], evals["tp2"]
     assert [e["step"] for e in ref] == [0, 2, 4] == [e["step"] for e in tp2]
     for a, b in zip(ref, tp2):
@@ -112,7 +124,7 @@ def test_named_held_out_sets_are_scored_each_as_alone(runs):
     run's val_loss on A alone (1 global batch) and val_loss/second one on B alone over train.eval.batches=3, bit for
     bit (the same weights: evaluating changes no training, test_eval.py; the same rows of each set); val_loss is
     over both sets' tokens, so it lies between them; val_sequences counts both sets' rows."""
-    one, _, _ = runs
+    one, _, _, _ = runs
     sets, first, second = (one["evals"][name] for name in ("sets", "single", "second"))
     assert [e["step"] for e in sets] == [0, 2, 4] == [e["step"] for e in first] == [e["step"] for e in second]
     assert one["losses"]["sets"] == one["losses"]["single"]
@@ -132,7 +144,7 @@ def test_a_held_out_set_is_scored_whole_once(runs):
     for bit: each row is its own micro-batch in both, and the fp64 sums add the same values in the same order
     (and zeros). At DP2 the evaluations match the single process's within RTOL (the training's reduction order).
     Scoring 4 whole batches instead would take 2 more rows and give other values."""
-    one, _, evals = runs
+    one, _, evals, _ = runs
     whole, ref = one["evals"]["whole"][0], one["evals"]["one_row"][0]
     assert whole["step"] == ref["step"] == 0
     assert whole["val_loss"] == ref["val_loss"] and whole["val_sequences"] == ref["val_sequences"] == SMALL_ROWS
@@ -142,6 +154,23 @@ def test_a_held_out_set_is_scored_whole_once(runs):
     assert [e["step"] for e in one["evals"]["whole"]] == [0, 2, 4] == [e["step"] for e in evals["dp2_whole"]]
     for a, b in zip(one["evals"]["whole"], evals["dp2_whole"]):
         assert abs(a["val_loss"] - b["val_loss"]) <= RTOL * a["val_loss"] and b["val_sequences"] == SMALL_ROWS
+
+
+def test_a_resumed_run_continues_each_ranks_data_counts(runs):
+    """The pieces of documents data.exclude names that the rows held, summed over the data-parallel ranks since the
+    run began (data_samples_excluded): a run stopped after step 2 and resumed logs the uninterrupted run's counts,
+    each rank continuing from its own (the checkpoint keeps them per rank; a copy of the saving rank's would give
+    rank 1's count to rank 0 too). The loader's wait is logged for token files as for videos."""
+    _, two, _, extras = runs
+    full, stopped, resumed = (extras[f"dp2_excluded{x}"] for x in ("", "_stopped", "_resumed"))
+    counts = {s: full[s].get("data_samples_excluded", 0) for s in (1, 2, 3, 4)}
+    assert counts[1] == counts[2] > 0 and counts[4] > counts[3], counts   # rank 1's in step 1, rank 0's in step 4
+    assert {s: stopped[s].get("data_samples_excluded", 0) for s in (1, 2)} == {s: counts[s] for s in (1, 2)}
+    assert {s: resumed[s].get("data_samples_excluded", 0) for s in (3, 4)} == {s: counts[s] for s in (3, 4)}
+    assert two["dp2_excluded_resumed"] == {s: two["dp2_excluded"][s] for s in (3, 4)}
+    assert two["dp2_excluded"][1] != two["dp2"][1]
+    assert all(full[s]["data_wait_s"] >= 0 and full[s]["data_wait_rank"] in (0, 1) for s in counts)
+    assert "data_samples_excluded" not in extras["dp2"][4] and "data_samples_failed" not in full[4]
 
 
 @pytest.fixture(scope="module")
