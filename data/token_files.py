@@ -473,16 +473,23 @@ class TokenSource:
 
     def leave_out(self, exclude: ExcludeList) -> set[str]:
         """Leaves the documents `exclude` names out of this source's rows from now on (data/exclude.py: their tokens
-        become padding without loss, nothing moves); returns the documents named that this source does not hold."""
+        become padding without loss; no other row changes); returns the documents named that this source does not
+        hold."""
         self.left_out = exclude.pool_indices(self.prefixes, self.base)
         return set(exclude.unmatched_documents(self.prefixes, self.base))
 
     def row(self, j: int, *, document_bounds: bool) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
-        """Sample j as a training row (row_tensors), the documents left out blanked; the pool index of each of its
-        pieces (TokenSource.sample); and those of the pieces left out."""
+        """Sample j as a training row (row_tensors), the documents left out blanked (in place with document bounds,
+        else moved to the row's end); the pool index of each of its pieces (TokenSource.sample); and those of the
+        pieces left out."""
         tokens, starts, docs = self.sample(j)
         hit = np.isin(docs, self.left_out) if len(self.left_out) else None   # nothing left out: no work per row
         blank = blank_pieces(tokens, starts, hit) if hit is not None and hit.any() else None
+        if blank is not None and not document_bounds:
+            # attention across the row's documents: its other pieces close up and the blanks go to its end, where
+            # no token attends them (with document bounds each piece is a segment of its own: it stays in place)
+            tokens = np.concatenate([tokens[~blank], tokens[blank]])
+            blank = np.sort(blank)
         r = row_tensors(tokens, starts, document_bounds=document_bounds)
         if blank is None:
             return r, docs, []

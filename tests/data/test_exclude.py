@@ -2,7 +2,8 @@
 
 References: for token files, rows read without the list, whose documents' tokens are one id of their own (so a
 token's id names its document): the left-out documents' ids become padding without loss, every other token, label,
-position and bound is the same. For video packs, the pack built without the list with the left-out document's
+position and bound is the same (without document bounds the row's other tokens close up first, the padding at its
+end). For video packs, the pack built without the list with the left-out document's
 segment cut out (its tokens, its frames' patches and grids): the documents of a pack are built apart and laid end to
 end, so the rest must be the same, padded at the end; every other pack is the same.
 """
@@ -60,11 +61,14 @@ def test_the_files_name_samples_as_the_messages_and_records_do(tmp_path):
             read_exclude(path)
 
 
-def _row_reference(plain: dict, gone: set[int]) -> dict:
+def _row_reference(plain: dict, gone: set[int], *, close_up: bool = False) -> dict:
     """The row `plain` with the tokens whose ids are in `gone` set to 0, and no loss on them or on a label among
-    them (the row's S + 1 tokens are its tokens and its last label)."""
+    them (the row's S + 1 tokens are its tokens and its last label); close_up: those tokens moved to the row's end
+    first, the others keeping their order."""
     full = torch.cat([plain["tokens"], plain["labels"][-1:]])
     blank = torch.isin(full, torch.tensor(sorted(gone)))
+    if close_up:
+        full, blank = torch.cat([full[~blank], full[blank]]), torch.sort(blank.int()).values.bool()
     full = torch.where(blank, torch.zeros_like(full), full)
     out = {**plain, "tokens": full[:-1], "labels": full[1:]}
     out["loss_mask"] = plain["loss_mask"] * ~(blank[:-1] | blank[1:])
@@ -72,7 +76,7 @@ def _row_reference(plain: dict, gone: set[int]) -> dict:
 
 
 @pytest.mark.parametrize("bounds", [True, False])
-def test_token_documents_named_become_padding_without_loss_and_nothing_moves(tmp_path, bounds):
+def test_token_documents_named_become_padding_without_loss_and_no_other_row_changes(tmp_path, bounds):
     ids = _documents_named_by_their_ids(tmp_path)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     named = {(a, 3), (a, 10), (b, 7), (b, 12)}
@@ -86,19 +90,23 @@ def test_token_documents_named_become_padding_without_loss_and_nothing_moves(tmp
                    for ex in (None, read_exclude(lst)))
     assert left.unmatched_exclusions == ["a#999", "c#1", "shard-000000.tar/clip"]
     assert plain.unmatched_exclusions == []
-    met = 0
+    met = moved = 0
     for _ in range(60):
         p, q = next(plain), next(left)
         assert p.keys() == q.keys()
         for r in range(mbs):
-            ref = _row_reference({k: v[r] for k, v in p.items() if k != "cu_seqlens"}, gone)
+            # without document bounds the row's documents attend each other: the left-out ones' blanks move to
+            # its end, where nothing attends them
+            ref = _row_reference({k: v[r] for k, v in p.items() if k != "cu_seqlens"}, gone, close_up=not bounds)
             for k in ref:
                 assert torch.equal(q[k][r], ref[k]), k
+            moved += not torch.equal(ref["tokens"], _row_reference({k: v[r] for k, v in p.items()}, gone)["tokens"])
             # the left-out pieces this row held: one per named document whose id is among its S + 1 tokens
             met += len(set(p["tokens"][r].tolist() + p["labels"][r, -1:].tolist()) & gone)
         if bounds:
             assert torch.equal(q["cu_seqlens"], p["cu_seqlens"])
     assert met >= 4 and left.left_out_met == met
+    assert (moved > 0) == (not bounds), moved   # some left-out piece had kept tokens after it in its row
 
 
 def test_token_rows_in_the_video_mixture_leave_their_named_documents_out(tmp_path):
