@@ -165,12 +165,17 @@ def index_products(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
 
 def top_positions(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """[..., k]: the positions of the k largest of `scores` [..., n] that `allowed` lets in (the others rank below
-    them all), equal scores in position order (-0.0 equal to +0.0), in no particular order. Each score goes with its
-    position into one int64 key, unique, whose order is that rule's, so top-k needs no sort and no rule for ties."""
+    them all, an allowed -inf too), equal scores in position order (-0.0 equal to +0.0, a NaN equal to -inf, as the
+    trainer's top-k ranks them), in no particular order. Each allowed score goes with its position into one int64
+    key, unique, whose order is that rule's, so top-k needs no sort and no rule for ties."""
     n = scores.shape[-1]
-    bits = (scores.float().masked_fill(~allowed, float("-inf")) + 0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0
+    s = scores.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    bits = (s + 0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # a float's order as an integer's
-    key = ordered * (1 << 32) + (0x7FFFFFFF - torch.arange(n, device=scores.device))  # then the smaller position
+    later = 0x7FFFFFFF - torch.arange(n, device=scores.device)  # then the smaller position
+    # a position not allowed ranks below every allowed key (-inf's is about -2^63 + 2^55), in position order too: it
+    # is chosen only to fill k
+    key = torch.where(allowed, ordered * (1 << 32) + later, torch.iinfo(torch.int64).min + later)
     return torch.topk(key, k, dim=-1, sorted=False).indices
 
 

@@ -102,6 +102,32 @@ def test_top_positions_is_a_stable_sort_of_the_scores():
         assert (scores == 0).any() and (torch.signbit(scores) & (scores == 0)).any()  # both zeros present
 
 
+def test_top_positions_ranks_nan_and_inf_as_the_trainer_does():
+    """Against the trainer's reference ranking (kernels/dsa/naive.rank_topk): a NaN score ranks as -inf (a key
+    whose index vector went NaN is chosen last, not first: NaN's bits read as an integer are the largest), +inf
+    first, and an allowed key scored -inf or NaN still before every position not allowed. The allowed positions
+    chosen are the reference's."""
+    from kernels.dsa.naive import rank_topk
+
+    g = torch.Generator().manual_seed(5)
+    for n, k in [(9, 4), (300, 17), (1000, 64)]:
+        scores = torch.randn(3, 6, n, generator=g)
+        special = torch.rand(scores.shape, generator=g)
+        scores[special < 0.1] = float("nan")
+        scores[(special >= 0.1) & (special < 0.15)] = float("-inf")
+        scores[(special >= 0.15) & (special < 0.17)] = float("inf")
+        scores[0, 2] = float("nan")                          # a row of NaN: position order
+        allowed = torch.rand(scores.shape, generator=g) < 0.6
+        allowed[0, 1] = torch.arange(n) < min(n, k - 1)      # fewer allowed than k: all of them
+        allowed[1, 1] = torch.arange(n) < k + 2              # a few more allowed than k, some of them NaN
+        scores[1, 1, : k + 2 : 2] = float("nan")
+        ours = top_positions(scores, allowed, k)
+        chosen = [sorted(p for p in row.tolist() if a[p]) for row, a in zip(ours.view(-1, k), allowed.view(-1, n))]
+        ref = rank_topk(scores, allowed, k).view(-1, k)
+        assert chosen == [[p for p in row.tolist() if p >= 0] for row in ref], (n, k)
+        assert scores.isnan().any() and (scores == float("-inf")).any()
+
+
 def test_generation_with_the_cache_gives_the_full_forward(model):
     """Each DSA layer's index keys live in transformers' cache (its indexed-attention layers, or beside a cache
     without them): a prefill of 20 tokens, then one token at a time, gives at every step the logits of one forward
