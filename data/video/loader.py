@@ -706,7 +706,7 @@ class VideoPackedLoader:
         qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
         self.quarantine_path = qp
         self.exclude_keys: frozenset = frozenset()
-        self.unmatched: list[str] = []
+        self._unmatched: list[str] | None = []    # None: the sample keys not yet looked up (unmatched)
         if exclude:
             self._leave_out(exclude)
         self._quarantined: set[tuple] | None = None   # its records (_quarantine), read at the first write
@@ -759,18 +759,36 @@ class VideoPackedLoader:
     # ---- samples left out ---------------------------------------------------------------------
     def _leave_out(self, exclude: ExcludeList) -> None:
         """Keys of the catalogs' samples are left out where a pack is built; token files' documents where their rows
-        are read (TokenSource.leave_out). A key whose shard no catalog holds, or a document no token file holds, is
-        unmatched."""
+        are read (TokenSource.leave_out); `unmatched` says which of them the data does not hold."""
         self.exclude_keys = exclude.keys
-        shards = {os.path.basename(p) for c in self.catalogs for p in c.shards}
         docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}
         missed = set(docs)                      # the token documents named that no token source holds
         for planner in self.planners:
             if isinstance(planner, TokenPacks):
                 missed &= planner.source.leave_out(exclude)
-        held = docs - missed
-        self.unmatched = sorted({k for k in exclude.keys if k.split("/", 1)[0] not in shards and k not in held}
-                                | (missed - exclude.keys))
+        self._docs_held, self._docs_missed = docs - missed, missed - exclude.keys
+        self._unmatched = None
+
+    @property
+    def unmatched(self) -> list[str]:
+        """What data.exclude names that this loader's sources do not hold: a sample key whose shard no catalog holds,
+        or whose shard holds no sample of that key (a typo after the shard's name), and a document no token file
+        holds. Looked up at the first call (the trainer's rank 0 asks once): each shard named is read once, its
+        records decoded (a shard's samples are a run of the catalog)."""
+        if self._unmatched is None:
+            named: dict[str, set[str]] = {}
+            for k in self.exclude_keys - self._docs_held:
+                shard, _, key = k.partition("/")
+                named.setdefault(shard, set()).add(key)
+            found = set()
+            for c in self.catalogs:
+                number = {os.path.basename(p): i for i, p in enumerate(c.shards)}
+                for shard, keys in named.items():
+                    if shard in number:
+                        lo, hi = np.searchsorted(c.shard_of, [number[shard], number[shard] + 1]).tolist()
+                        found |= {f"{shard}/{c[u].key}" for u in range(lo, hi)} & {f"{shard}/{k}" for k in keys}
+            self._unmatched = sorted((self.exclude_keys - self._docs_held - found) | self._docs_missed)
+        return self._unmatched
 
     # ---- bad samples --------------------------------------------------------------------------
     def _quarantine(self, rec: dict) -> None:

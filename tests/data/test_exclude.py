@@ -156,9 +156,10 @@ def test_a_video_pack_closes_up_a_named_sample_and_the_others_stay(shard_dir, tm
     assert many, [p.num_docs for p in packs]
     target = many[0]
     key = target.sample_keys[1]
-    lst = _write(tmp_path / "x.txt", [key, "shard-999999.tar/none", "web#3"])
+    typo = f"{key.split('/')[0]}/{key.split('/')[1][:-1]}"      # the key's shard, a sample it does not hold
+    lst = _write(tmp_path / "x.txt", [key, "shard-999999.tar/none", "web#3", typo])
     left = VideoPackedLoader(small_cfg(shard_dir, tmp_path, num_workers=1), seed=11, exclude=read_exclude(lst))
-    assert left.unmatched == ["shard-999999.tar/none", "web#3"]
+    assert left.unmatched == sorted(["shard-999999.tar/none", "web#3", typo])
     with caplog.at_level("INFO", logger="data.video.loader"):
         got = [next(left) for _ in range(6)]
     left.close()
