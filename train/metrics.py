@@ -244,11 +244,11 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     - `data_samples_excluded`: the samples data.exclude named that the job's packs left out since the run began
       (token files: the left-out pieces their rows held), summed the same way; present once the job has left one
       out.
-    `data_samples_failed` only where `local` has it (the video loader; token files fail no sample).
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
-    Without a process group, `local` as it is (the fast frames as their share)."""
+    `data_samples_failed` only where `local` has it (the video loader; token files fail no sample). Without a
+    process group, `local` as it is (the fast frames as their share)."""
     if not dist.is_initialized():
         out = {k: v for k, v in local.items() if k not in ("data_frames_video", "data_frames_fast")}
         if local.get("data_frames_fast"):
