@@ -1,11 +1,18 @@
 """Predicted peak memory per rank of a recipe + layout (parallel/memory.py), from the config alone.
 
     python launch/memory.py recipe=keye_30b_a3b_ctx_256k [world_size=16] [overrides ...]
+
+The overrides are pretrain.py's (Hydra's `key=value`); world_size defaults to the fewest ranks the layout needs.
+A wrong key, type or layout stops with pretrain.py's message (exit 2).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.noise import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
 
 from data.video.config import UnsetPathError  # noqa: E402
 from parallel.memory import estimate, inputs_from_config  # noqa: E402
@@ -31,6 +38,8 @@ def memory_inputs(argv: list[str]):
               f"so it uses data=synthetic_tokens)")
         cfg = to_config(compose_config(overrides + ["data=synthetic_tokens"]))
     p = cfg.parallel
+    if world and not world[-1].split("=", 1)[1].isdigit():
+        raise ValueError(f"world_size must be a positive integer, got {world[-1].split('=', 1)[1]!r}")
     world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
     return cfg, layout, inputs_from_config(cfg, layout)
@@ -38,7 +47,18 @@ def memory_inputs(argv: list[str]):
 
 def main(argv: list[str]) -> None:
     """`python launch/memory.py recipe=NAME [world_size=N] [hydra overrides]`."""
-    cfg, layout, m = memory_inputs(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    try:
+        cfg, layout, m = memory_inputs(argv)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
+        print(f"launch/memory.py: {e}{cause}", file=sys.stderr)
+        sys.exit(2)
     est = estimate(m)
     print(f"{cfg.recipe_name}: {layout.describe()}; recompute {layout.recompute}"
           + (f"; offload {layout.offload} of "
@@ -52,8 +72,6 @@ def main(argv: list[str]) -> None:
     print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
           f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
     print(est.table())
-
-
 
 
 if __name__ == "__main__":

@@ -319,3 +319,23 @@ def test_vit_saved_elements_per_patch_and_block_as_measured_on_cpu(sizes):
     cfg = dataclasses.replace(tiny(64), **sizes)
     # abs: the two totals are divided by the 140 patches, so their difference carries float rounding only
     assert saved_elements_per_patch(2) - saved_elements_per_patch(1) == pytest.approx(vit_saved_elements(cfg), abs=1e-6)
+
+
+def test_the_command_explains_itself_and_stops_on_bad_input(capsys):
+    """`python launch/memory.py --help` prints its usage; a misspelled key, a value of the wrong type, an impossible
+    layout or a world_size that is not a number ends it with pretrain.py's message and exit 2, not a traceback."""
+    from launch.memory import main
+
+    main(["--help"])
+    assert "world_size" in capsys.readouterr().out
+    bad = {"train.lrr=1": "Key 'lrr' not in 'TrainConfig'",
+           "train.lr=abc": "Value 'abc' of type 'str' could not be converted to Float",
+           "parallel.ep=3": "parallel.ep (3) must divide model.lm.num_experts (8)",
+           "world_size=x": "world_size must be a positive integer, got 'x'"}
+    for override, message in bad.items():
+        with pytest.raises(SystemExit) as stop:
+            main(["recipe=keye_tiny_lm", override])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("launch/memory.py: ") and message in err, (override, err)
+    main(["recipe=keye_tiny_lm"])
+    assert "predicted peak (allocated)" in capsys.readouterr().out
