@@ -1,7 +1,7 @@
 """The typed schema of a whole run, registered in Hydra's ConfigStore.
 
 Defaults here < YAML recipes under recipes/ < command-line overrides. Unknown keys and wrong types are
-rejected by Hydra against these dataclasses; value checks live in each dataclass's __post_init__
+rejected by Hydra against these dataclasses (a key added with `+` by `to_config`); value checks live in each dataclass's __post_init__
 (run when `to_config` converts the composed config) and raise ValueError naming the key.
 """
 
@@ -284,7 +284,26 @@ def register_configs() -> None:
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """Composed Hydra config -> typed Config (runs every __post_init__ check)."""
+    """Composed Hydra config -> typed Config (runs every __post_init__ check). A key the schema does not have stops
+    it too: Hydra refuses `train.lrr=1` itself, but takes `+train.lrr=1` (the form its own message suggests) and
+    OmegaConf then sets it on the dataclass as an attribute nothing reads."""
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config), type(obj)
+    added = _added_keys(obj)
+    if added:
+        raise ValueError(f"unknown config key{'s' if len(added) > 1 else ''} {', '.join(added)}: no setting of that "
+                         f"name exists (added with '+'); `--cfg job` prints every key")
     return obj
+
+
+def _added_keys(obj, path: str = "") -> list[str]:
+    """The keys set on the dataclass `obj` (and those it holds) that are none of its fields, dotted."""
+    from dataclasses import fields, is_dataclass
+
+    names = {f.name for f in fields(obj)}
+    out = [path + k for k in vars(obj) if k not in names]
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out += _added_keys(value, f"{path}{f.name}.")
+    return out

@@ -141,6 +141,9 @@ def test_unknown_key_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
         _compose("recipe=keye_tiny_lm", "train.lrr=1e-4")
     assert "lrr" in str(e.value.__cause__ or e.value)
+    # `+key=value`, the form Hydra's message suggests, gets past Hydra: the typed config refuses it
+    with pytest.raises(ValueError, match=r"unknown config keys foo, model\.lm\.xx, train\.lrr: no setting"):
+        to_config(_compose("recipe=keye_tiny_lm", "+train.lrr=1", "+foo=1", "+model.lm.xx=2"))
 
 
 def test_wrong_type_names_the_key():
