@@ -55,6 +55,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.seed < 0:   # numpy's generators (token files' and videos' epoch orders) take none below 0
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
         if self.sample_seed < -1:
             raise ValueError(f"data.sample_seed must be >= 0, or -1 for data.seed; got {self.sample_seed}")
         if self.branching < 1:

@@ -179,7 +179,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0   # the gradients' norm is scaled down to at most this (LM and vision tower); 0: not clipped
     precision: str = "auto"  # bf16 on GPU, fp32 on CPU
     log_interval: int = 1
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = the measured default for the device kind
@@ -215,6 +215,14 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):   # lr 0: nothing moves; grad_clip 0: no clip
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must be in [0, train.lr ({self.lr})]")
         if self.warmup_steps >= self.steps:

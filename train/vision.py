@@ -57,6 +57,14 @@ def vision_step_flops(model: VisionModel, micro_batches: list[dict]) -> float:
     return cost * (3.0 if any(p.requires_grad for p in model.vit.parameters()) else 1.0)
 
 
+def clip_grads(params: list[torch.nn.Parameter], grad_clip: float) -> float:
+    """Scales the gradients of `params` to a norm of at most `grad_clip` and returns their norm before; with
+    grad_clip 0 (train.grad_clip=0: no clipping, as megatron's optimizer reads it for the LM) leaves them as they
+    are. torch's clip_grad_norm_ with a max_norm of 0 would zero them, and AdamW's decoupled weight decay would then
+    shrink the tower's weights at every step."""
+    return float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+
+
 class VisionTower:
     def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool,
                  train_projector: bool = True):
@@ -156,7 +164,7 @@ class VisionTower:
         for p in self.params:
             if p.grad is not None:
                 p.grad.div_(max(total_tokens, 1.0))
-        return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        return clip_grads(self.params, self.grad_clip)
 
     def update(self, lr: float) -> None:
         """The AdamW step on the reduced gradients."""

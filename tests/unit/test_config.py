@@ -166,6 +166,12 @@ def test_wrong_type_names_the_key():
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
     (["train.profile.steps=-1"], 2, "train.profile.steps must be >= 0 (0: off), got -1"),
     (["train.profile.start=0"], 2, "train.profile.start must be >= 1 (steps count from 1), got 0"),
+    (["train.lr=-1"], 2, "train.lr must be >= 0, got -1.0"),
+    (["train.warmup_steps=-5"], 2, "train.warmup_steps must be >= 0, got -5"),
+    (["train.grad_clip=-1"], 2, "train.grad_clip must be >= 0, got -1.0"),
+    (["train.adam_beta2=1.0"], 2, "train.adam_beta2 must be in [0, 1), got 1.0"),
+    (["train.adam_eps=0"], 2, "train.adam_eps must be > 0, got 0.0"),
+    (["data.seed=-1"], 2, "data.seed must be >= 0, got -1"),
     (["train.checkpoint.vision_init_from=/ckpt/keye_vl"], 2, "train.checkpoint.vision_init_from='/ckpt/keye_vl' fills "
                                                              "the vision tower, which this model does not have"),
 ])

@@ -245,3 +245,21 @@ def test_step_flops_count_the_vit_in_the_throughput():
     meter = Meter(flops_per_token=1e6, world_size=2, peak_tflops=None, total_steps=1)
     s = StepStats(step=1, loss=0.0, grad_norm=0.0, lr=0.0, seconds=2.0, tokens=1000, flops=4e12)
     assert meter.rates(s)["tflops_per_device"] == pytest.approx((1e9 + 4e12) / 2.0 / 2 / 1e12)
+
+
+def test_the_towers_clip_scales_down_only_past_its_bound_and_zero_turns_it_off():
+    """train/vision.clip_grads against the norm computed here: gradients past train.grad_clip are scaled to it (as
+    torch's clip_grad_norm_), under it left alone, and with grad_clip 0 (no clipping, as megatron's optimizer reads
+    it for the LM) left alone too, not zeroed. The norm before clipping is returned each time."""
+    from train.vision import clip_grads
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    norm = float(torch.cat([x.flatten() for x in grads]).double().norm())   # about 4.6
+    for clip, scale in ((1.0, 1.0 / norm), (100.0, 1.0), (0.0, 1.0)):
+        params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+        for p, x in zip(params, grads):
+            p.grad = x.clone()
+        assert clip_grads(params, clip) == pytest.approx(norm, rel=1e-6)   # fp32 sums of 22 squares
+        for p, x in zip(params, grads):
+            torch.testing.assert_close(p.grad, x * scale, rtol=1e-5, atol=0)   # torch's 1e-6 in the divisor
