@@ -53,7 +53,7 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
 
 def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900) -> dict:
     """As run_layouts; returns everything the job recorded: "losses" (name -> {step: loss}), "extras" (name ->
-    {step: the step's further metrics}), "digests", "evals" and "held" (name -> what rank 0's trainer held for
+    {step: the step's further metrics}), "grad_norms" (likewise), "digests", "evals" and "held" (name -> what rank 0's trainer held for
     training: gradient buffer elements, the parameters its optimizers update)."""
     out = tmp / "layouts.json"
     spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
@@ -62,6 +62,7 @@ def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, tim
     data = json.loads(out.read_text())
     data["losses"] = {name: {int(k): v for k, v in steps.items()} for name, steps in data["losses"].items()}
     data["extras"] = {name: {int(k): v for k, v in steps.items()} for name, steps in data["extras"].items()}
+    data["grad_norms"] = {name: {int(k): v for k, v in steps.items()} for name, steps in data["grad_norms"].items()}
     return data
 
 

@@ -31,7 +31,7 @@ def run(out: str, run_root: str, spec: str) -> None:
     """Trains each `name=overrides` entry of `spec` (';'-separated) in turn on this rank; rank 0 writes
     the losses, each step's further metrics, parameter digests and held-out results to `out`."""
     run_root = Path(run_root)
-    results, digests, evals, extras, held, fds = {}, {}, {}, {}, {}, {}
+    results, digests, evals, extras, held, fds, norms = {}, {}, {}, {}, {}, {}, {}
     for item in spec.split(";"):
         item = item.replace("{root}", str(run_root))
         name, overrides = item.split("=", 1)
@@ -53,6 +53,7 @@ def run(out: str, run_root: str, spec: str) -> None:
             history = trainer.train()
         results[name] = {s.step: s.loss for s in history}
         extras[name] = {s.step: s.extra for s in history}  # the step's further metrics (router statistics, ...)
+        norms[name] = {s.step: s.grad_norm for s in history}  # the LM's gradient norm, as the log shows it
         evals[name] = trainer.eval_history  # train.eval's results, when the entry turns it on
         # rank 0's parameter values after training, summarised per tensor (to check what a stage froze); the
         # vision tower's (ViT and projector) under "vision."
@@ -75,7 +76,8 @@ def run(out: str, run_root: str, spec: str) -> None:
         os.environ.pop("KEYE_FAULT", None)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({"losses": results, "digests": digests, "evals": evals,
-                                            "extras": extras, "held": held, "open_fds": fds}))
+                                            "extras": extras, "held": held, "open_fds": fds,
+                                            "grad_norms": norms}))
     from parallel.groups import teardown
 
     teardown()
