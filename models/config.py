@@ -119,6 +119,11 @@ class LMConfig:
             raise ValueError(f"model.lm.experts_impl must be one of {EXPERT_IMPLS}, got {self.experts_impl!r}")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"model.lm.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        for name in ("rope_theta", "norm_eps", "init_std"):   # a normal of std <= 0 fails only when the model is built
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.lm.{name} must be > 0, got {getattr(self, name)}")
+        if self.moe_aux_loss_coeff < 0:   # a negative coefficient rewards routing every token to the same experts
+            raise ValueError(f"model.lm.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.moe_router_dtype not in ("fp32", "fp64"):
             raise ValueError(f"model.lm.moe_router_dtype must be fp32 or fp64, got {self.moe_router_dtype!r}")
         for v in [self.attention, *self.attention_per_layer]:
