@@ -307,6 +307,15 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
+    pr = cfg.train.profile
+    if pr.steps:   # a profile that would record nothing
+        absent = [r for r in pr.ranks if r >= layout.world_size]
+        if absent:
+            raise ValueError(f"train.profile.ranks {list(pr.ranks)}: rank{'s' if len(absent) > 1 else ''} "
+                             f"{', '.join(map(str, absent))} not among this run's {layout.world_size} ranks")
+        if pr.start > cfg.train.steps:
+            raise ValueError(f"train.profile.start ({pr.start}) is past the run's last step (train.steps="
+                             f"{cfg.train.steps}): nothing would be profiled")
     check_multimodal(cfg, layout)
     check_token_files(cfg)
     check_tokenizer(cfg)

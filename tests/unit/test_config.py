@@ -172,6 +172,10 @@ def test_wrong_type_names_the_key():
     (["train.adam_beta2=1.0"], 2, "train.adam_beta2 must be in [0, 1), got 1.0"),
     (["train.adam_eps=0"], 2, "train.adam_eps must be > 0, got 0.0"),
     (["data.seed=-1"], 2, "data.seed must be >= 0, got -1"),
+    (["train.profile.steps=2", "train.profile.ranks=[0,9]"], 2,
+     "train.profile.ranks [0, 9]: rank 9 not among this run's 2 ranks"),
+    (["train.profile.steps=2", "train.profile.start=999"], 2,
+     "train.profile.start (999) is past the run's last step (train.steps=60)"),
     (["model.lm.init_std=-1"], 2, "model.lm.init_std must be > 0, got -1.0"),
     (["model.lm.moe_aux_loss_coeff=-1"], 2, "model.lm.moe_aux_loss_coeff must be >= 0, got -1.0"),
     (["train.checkpoint.vision_init_from=/ckpt/keye_vl"], 2, "train.checkpoint.vision_init_from='/ckpt/keye_vl' fills "
