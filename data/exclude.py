@@ -21,7 +21,8 @@ Where a left-out sample was: in a video pack, its place is closed up as a failed
 its end); in a row of token files, its tokens are replaced by padding (id 0) and carry no loss: with document
 bounds in place, so that the row's other documents keep their segments, without them moved to the row's end (the
 other documents closed up), so that no document attends to them. Every other row stays as it was. Rows of the
-synthetic text stream name no samples: nothing to leave out. Held-out sets are scored whole, as they are: the list applies to the training data.
+synthetic text stream name no samples: nothing to leave out. Held-out sets are scored whole, as they are: the list
+applies to the training data.
 """
 from __future__ import annotations
 

@@ -53,8 +53,8 @@ def run_layouts(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout
 
 def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, timeout: int = 900) -> dict:
     """As run_layouts; returns everything the job recorded: "losses" (name -> {step: loss}), "extras" (name ->
-    {step: the step's further metrics}), "grad_norms" (likewise), "digests", "evals" and "held" (name -> what rank 0's trainer held for
-    training: gradient buffer elements, the parameters its optimizers update)."""
+    {step: the step's further metrics}), "grad_norms" (likewise), "digests", "evals" and "held" (name -> what rank
+    0's trainer held for training: gradient buffer elements, the parameters its optimizers update)."""
     out = tmp / "layouts.json"
     spec = ";".join(f"{name}={' '.join(QUIET + ov)}" for name, ov in layouts.items())
     run_ranks(nproc, "tests.dist.layouts_driver:run", (str(out), str(tmp / "runs"), spec), tmp / "logs",

@@ -1,8 +1,8 @@
 """The typed schema of a whole run, registered in Hydra's ConfigStore.
 
 Defaults here < YAML recipes under recipes/ < command-line overrides. Unknown keys and wrong types are
-rejected by Hydra against these dataclasses (a key added with `+` by `to_config`); value checks live in each dataclass's __post_init__
-(run when `to_config` converts the composed config) and raise ValueError naming the key.
+rejected by Hydra against these dataclasses (a key added with `+` by `to_config`); value checks live in each
+dataclass's __post_init__ (run when `to_config` converts the composed config) and raise ValueError naming the key.
 """
 
 from __future__ import annotations
