@@ -442,6 +442,8 @@ def main(argv=None) -> int:
     from parallel.groups import teardown
 
     try:
+        if args.cmd in ("import", "verify") and not Path(args.hf_dir, "config.json").is_file():
+            raise ValueError(f"{args.hf_dir}: no config.json (not a Hugging Face checkpoint directory)")
         if args.cmd == "import":
             lm = model_config(args.model, args.overrides, hf_dir=args.hf_dir)
             import_hf(args.hf_dir, args.out_dir, lm=lm, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,

@@ -582,3 +582,14 @@ def test_an_older_export_gets_this_versions_code(hf, tmp_path, capsys):
     assert "convert code: " in capsys.readouterr().err
     with pytest.raises(ValueError, match="names both dsa_layers and ksa_layers"):
         q.modeling_variant({"dsa_layers": [0], "ksa_layers": [1]})
+
+
+def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(tmp_path, capsys):
+    """`convert import` / `verify` of a directory without config.json stop with the directory named (exit 2), as
+    `import-vision` and `code` do, before any process group or output directory exists."""
+    convert = _convert_module()
+    for argv in (["import", str(tmp_path), str(tmp_path / "out")], ["verify", str(tmp_path)]):
+        assert convert.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"convert {argv[0]}: {tmp_path}: no config.json (not a Hugging Face checkpoint directory)" in err, err
+    assert not (tmp_path / "out").exists()
