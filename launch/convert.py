@@ -439,11 +439,13 @@ def main(argv=None) -> int:
         print(f"{args.hf_dir}: {'wrote' if changed else 'already has'} this version's {MODELING[variant][0].name} "
               f"({variant.upper()}) and its auto_map")
         return 0
+    if args.cmd in ("import", "verify") and not Path(args.hf_dir, "config.json").is_file():  # before any group
+        print(f"convert {args.cmd}: {args.hf_dir}: no config.json (not a Hugging Face checkpoint directory)",
+              file=sys.stderr)
+        return 2
     from parallel.groups import teardown
 
     try:
-        if args.cmd in ("import", "verify") and not Path(args.hf_dir, "config.json").is_file():
-            raise ValueError(f"{args.hf_dir}: no config.json (not a Hugging Face checkpoint directory)")
         if args.cmd == "import":
             lm = model_config(args.model, args.overrides, hf_dir=args.hf_dir)
             import_hf(args.hf_dir, args.out_dir, lm=lm, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
