@@ -66,9 +66,8 @@ class GlobalSamplePosition:
         (VideoPackedLoader.counters); a position alone has none."""
         return {}
 
-    def load_counters(self, saved: list[dict], rank: int | None) -> None:
-        """Takes this rank's counts from every data-parallel rank's `counters()` at the checkpoint
-        (VideoPackedLoader.load_counters)."""
+    def load_counters(self, entries: list[dict]) -> None:
+        """Sets this rank's counts to the sums of `entries`, the saved `counters()` it takes (counters_of_rank)."""
 
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
@@ -84,6 +83,16 @@ class GlobalSamplePosition:
             raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
                              f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
+
+
+def counters_of_rank(saved: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
+    """The entries of `saved` (every data-parallel rank's `counters()` when a checkpoint was written, by rank) that
+    data-parallel rank `dp_rank` of `dp_size` takes on resume: its own at the same size. At another size no saved
+    rank's part of the data is this rank's, so rank 0 takes them all and the others none: the sums over the ranks,
+    which the metrics report, stay those saved."""
+    if len(saved) == dp_size:
+        return [saved[dp_rank]]
+    return list(saved) if dp_rank == 0 else []
 
 
 def format_runs(indices: list[int], *, sep: str = "..") -> str:

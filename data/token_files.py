@@ -649,12 +649,8 @@ class TokenFileStream(GlobalSamplePosition):
     def counters(self) -> dict:
         return {"left_out_met": self.left_out_met}
 
-    def load_counters(self, saved: list[dict], rank: int | None) -> None:
-        """As VideoPackedLoader.load_counters: rank's own count, or with rank None the sum on data-parallel rank 0."""
-        if rank is not None:
-            self.left_out_met = int(saved[rank].get("left_out_met", 0))
-        else:
-            self.left_out_met = sum(int(c.get("left_out_met", 0)) for c in saved) if self.dp_rank == 0 else 0
+    def load_counters(self, entries: list[dict]) -> None:
+        self.left_out_met = sum(int(c.get("left_out_met", 0)) for c in entries)
 
     def _step_documents(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None
                         ) -> tuple[dict[int, list[int]] | None, list[tuple[str, int]]]:

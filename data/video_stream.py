@@ -211,5 +211,5 @@ class VideoBatchStream:
     def counters(self) -> dict:
         return self.loader.counters()
 
-    def load_counters(self, saved: list[dict], rank: int | None) -> None:
-        self.loader.load_counters(saved, rank)
+    def load_counters(self, entries: list[dict]) -> None:
+        self.loader.load_counters(entries)

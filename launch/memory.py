@@ -25,7 +25,9 @@ def memory_inputs(argv: list[str]):
     from train.config import to_config
     from train.launch import compose_config
 
-    world = [a for a in argv if a.startswith("world_size=")]
+    world = [a.split("=", 1)[1] for a in argv if a.startswith("world_size=")][-1:]
+    if world and not world[0].isdigit():
+        raise ValueError(f"world_size must be a positive integer, got {world[0]!r}")
     overrides = [a for a in argv if not a.startswith("world_size=")]
     try:
         cfg = to_config(compose_config(overrides))
@@ -38,9 +40,7 @@ def memory_inputs(argv: list[str]):
               f"so it uses data=synthetic_tokens)")
         cfg = to_config(compose_config(overrides + ["data=synthetic_tokens"]))
     p = cfg.parallel
-    if world and not world[-1].split("=", 1)[1].isdigit():
-        raise ValueError(f"world_size must be a positive integer, got {world[-1].split('=', 1)[1]!r}")
-    world_size = int(world[-1].split("=", 1)[1]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
+    world_size = int(world[0]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
     return cfg, layout, inputs_from_config(cfg, layout)
 

@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from data.held_out import WHOLE, eval_plan
 from data.exclude import read_exclude
-from data.sample_position import format_runs
+from data.sample_position import counters_of_rank, format_runs
 from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
@@ -528,11 +528,10 @@ class Trainer:
         # each data-parallel rank's own counts; at another data-parallel size their sums on its rank 0. A checkpoint
         # from before they were kept gives every rank the saving rank's (those of its data state)
         counters = common.get("data_counters")
-        dp_rank = self.pgs.dp.rank() if counters is not None and len(counters) == self.pgs.dp.size() else None
         for s in self.streams:
             s.load_state_dict(common["data"])
             if counters is not None:
-                s.load_counters(counters, dp_rank)
+                s.load_counters(counters_of_rank(counters, self.pgs.dp.rank(), self.pgs.dp.size()))
         log.info("resumed from %s at step %d%s", ref.path, self.step,
                  "" if same_layout else f" (resharded from layout {saved['layout']}; RNG state not restored)")
         if "config" in saved and self.rank == 0:  # the model's own settings were checked by the launcher

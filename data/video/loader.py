@@ -786,7 +786,7 @@ class VideoPackedLoader:
                 for shard, keys in named.items():
                     if shard in number:
                         lo, hi = np.searchsorted(c.shard_of, [number[shard], number[shard] + 1]).tolist()
-                        found |= {f"{shard}/{c[u].key}" for u in range(lo, hi)} & {f"{shard}/{k}" for k in keys}
+                        found |= {f"{shard}/{k}" for k in keys & {c[u].key for u in range(lo, hi)}}
             self._unmatched = sorted((self.exclude_keys - self._docs_held - found) | self._docs_missed)
         return self._unmatched
 
@@ -996,18 +996,12 @@ class VideoPackedLoader:
                 "source_stats": {n: dict(c) for n, c in self._by_source.items()},
                 "consecutive_failures": self._consecutive}
 
-    def load_counters(self, saved: list[dict], rank: int | None) -> None:
-        """Takes this rank's counters from `saved`, every data-parallel rank's `counters()` when the checkpoint was
-        written (call after load_state_dict): the entry of data-parallel rank `rank`; with rank None (another
-        data-parallel size: no rank's part is this rank's) the sums of all of them, which the rank of index 0 takes
-        while the others start from zero, so the sums over the ranks that the metrics report stay those saved."""
+    def load_counters(self, entries: list[dict]) -> None:
+        """Sets this rank's counters to the sums of `entries`, the saved `counters()` it takes (call after
+        load_state_dict; data/sample_position.counters_of_rank says which); the failures in a row: the most of any."""
         stats, reasons, consecutive = Counter(), Counter(), 0
         by_source = {n: Counter() for n in self._by_source}
-        if rank is not None:
-            mine = [saved[rank]]
-        else:
-            mine = saved if self.dp_rank == 0 else []
-        for c in mine:
+        for c in entries:
             stats.update(c.get("stats", {}))
             reasons.update(c.get("failures_by_reason", {}))
             for n, counts in c.get("source_stats", {}).items():

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from data.sample_position import counters_of_rank
 from data.video.loader import VideoPackedLoader, epoch_order, merge_rank_states
 from data.video.packing import unpatchify
 from data.video.synthetic import read_counter
@@ -124,7 +125,7 @@ def test_resume_with_different_dp_world(shard_dir, tmp_path, w_before, w_after):
     after = [VideoPackedLoader(cfg, dp_rank=r, dp_world=w_after, seed=9) for r in range(w_after)]
     for r, ld in enumerate(after):
         ld.load_state_dict(state)
-        ld.load_counters(saved, r if w_after == w_before else None)
+        ld.load_counters(counters_of_rank(saved, r, w_after))
     counts = ("packs", "samples_ok")
     if w_after == w_before:
         assert [ld.stats for ld in after] == [ld.stats for ld in before]
