@@ -35,7 +35,7 @@ HBM_BYTES_PER_S = 4.2e12  # the H200's ceiling (../shared/DESIGN.md)
 def counts(recipe: str) -> dict:
     """The recipe's per-rank trainable elements (dense, expert) and its optimizer shard's, as the memory estimate
     counts them (launch/memory.py's inputs, on the fewest ranks the recipe's layout needs)."""
-    cfg, layout, m = memory_inputs([f"recipe={recipe}", "data=synthetic_tokens"])
+    cfg, layout, m = memory_inputs([f"recipe={recipe}"])
     dense, expert = trainable_counts(m, first=True, last=True)
     # the optimizer row holds 12 bytes per element of the shard in bf16 training: fp32 master copy, Adam m and v
     shard = model_state_bytes(m, first=True, last=True)["optimizer (master + Adam, sharded)"] / 12

@@ -3,7 +3,8 @@
     python launch/memory.py recipe=keye_30b_a3b_ctx_256k [world_size=16] [overrides ...]
 
 The overrides are pretrain.py's (Hydra's `key=value`); world_size defaults to the fewest ranks the layout needs.
-A wrong key, type or layout stops with pretrain.py's message (exit 2).
+A wrong key, type or layout, or settings that do not fit together, stop with pretrain.py's message (exit 2); the
+files the run reads (data, checkpoints, tokenizer) are not checked, as they may live on another machine.
 """
 import os
 import sys
@@ -23,25 +24,32 @@ def memory_inputs(argv: list[str]):
     ranks, or on the fewest its sizes need (tp x cp x pp, more where the experts' ep x etp exceed tp x cp)."""
     from parallel.layout import ParallelLayout
     from train.config import to_config
-    from train.launch import compose_config
+    from train.launch import check_settings, compose_config, evaluates
 
     world = [a.split("=", 1)[1] for a in argv if a.startswith("world_size=")][-1:]
     if world and not world[0].isdigit():
         raise ValueError(f"world_size must be a positive integer, got {world[0]!r}")
     overrides = [a for a in argv if not a.startswith("world_size=")]
+    # the estimate reads no data file: the data paths a recipe leaves for the user to fill (the long-context
+    # stages), and the held-out data an evaluation needs, are judged and estimated with stand-in paths
+    unset = []
     try:
         cfg = to_config(compose_config(overrides))
     except UnsetPathError as e:
-        # the estimate reads no data setting: a recipe whose video paths are left for the user to fill
-        # (the long-context stages) is estimated with the project's own text data instead
-        if any(a.startswith("data=") for a in overrides):
-            raise
-        print(f"(the recipe leaves {' and '.join(e.settings)} to set; the estimate reads no data setting, "
-              f"so it uses data=synthetic_tokens)")
-        cfg = to_config(compose_config(overrides + ["data=synthetic_tokens"]))
+        unset = list(e.settings)
+        cfg = to_config(compose_config(overrides + [f"{name}=/set/at/launch/{name}" for name in unset]))
+    d = cfg.data
+    held_out = {"video": ("data.video.eval_shards", d.video.shards, d.video.eval_shards),
+                "tokens": ("data.tokens.eval_paths", d.tokens.paths, d.tokens.eval_paths)}.get(d.kind)
+    if evaluates(cfg) and held_out and held_out[1] and not held_out[2]:
+        unset.append(held_out[0])
+        cfg = to_config(compose_config(overrides + [f"{name}=/set/at/launch/{name}" for name in unset]))
+    if unset:
+        print(f"({' and '.join(unset)} left to set: the estimate reads no data file)")
     p = cfg.parallel
     world_size = int(world[0]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
+    check_settings(cfg, layout)   # pretrain.py's checks of the settings together (it also reads the run's files)
     return cfg, layout, inputs_from_config(cfg, layout)
 
 

@@ -299,6 +299,16 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     """Typed config and layout, or ValueError naming the bad setting. Builds no process group."""
     cfg = to_config(dcfg)
     layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env(), lm=cfg.model.lm)
+    check_settings(cfg, layout)
+    check_tokenizer(cfg)
+    check_resume(cfg)
+    check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
+    return cfg, layout
+
+
+def check_settings(cfg: Config, layout: ParallelLayout) -> None:
+    """The settings fit each other and the layout (ValueError naming them). Reads no file: launch/memory.py judges
+    a run that will start on another machine with these checks alone."""
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * layout.dp):
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
@@ -318,22 +328,18 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
                              f"{cfg.train.steps}): nothing would be profiled")
     check_multimodal(cfg, layout)
     check_token_files(cfg)
-    check_tokenizer(cfg)
-    check_resume(cfg)
     from data.held_out import eval_plan
 
     eval_plan(cfg.data, cfg.train.eval.batches, cfg.train.eval.set_batches)  # set_batches names held-out sets
     v = cfg.data.video
     if evaluates(cfg) and cfg.data.kind == "video" and v.shards and not v.eval_shards:
         raise held_out_missing(cfg, f"data.video.eval_shards=DIR (shards not in data.video.shards={v.shards!r})")
-    check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
-    return cfg, layout
 
 
 # layouts check_memory proposes when the configured one does not fit, cheapest in compute first

@@ -376,13 +376,14 @@ def test_every_30b_recipe_is_predicted_to_fit_an_h200(recipe):
 
 
 def test_memory_cli_prints_the_estimate_of_a_recipe_whose_data_paths_are_left_to_fill():
-    """launch/memory.py reads no data setting: a long-context recipe that leaves its video paths to the user is
-    estimated (with the project's text data, said so) instead of stopping on the paths; other errors still stop it."""
+    """launch/memory.py reads no data file: a long-context recipe that leaves its video paths to the user is
+    estimated (with stand-in paths, said so) instead of stopping on the paths; other errors still stop it."""
     out = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "uses data=synthetic_tokens" in out.stdout and "predicted peak (allocated)" in out.stdout
+    assert "(data.video.shards and data.video.long_shards left to set" in out.stdout
+    assert "predicted peak (allocated)" in out.stdout
     assert "cp 2" in out.stdout and "recompute full" in out.stdout
-    bad = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k", "data=video"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "long_shards" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k",
+                          "train.micro_batch_size=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "video data packs one sequence per micro-batch" in bad.stderr, bad.stderr[-2000:]

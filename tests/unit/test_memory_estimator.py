@@ -235,7 +235,7 @@ def test_eval_only_holds_no_training_state_and_lets_one_h200_score_the_30b():
     from train.launch import check_memory
 
     def on_one(*extra):
-        return memory_inputs(["recipe=keye_30b_a3b", "data=synthetic_tokens", "parallel.ep=1", "world_size=1", *extra])
+        return memory_inputs(["recipe=keye_30b_a3b", "parallel.ep=1", "world_size=1", *extra])
 
     h200 = 139.8 * GIB  # the lent H200s' total_memory
     cfg, layout, m = on_one("train.eval.only=true")
@@ -331,7 +331,12 @@ def test_the_command_explains_itself_and_stops_on_bad_input(capsys):
     bad = {"train.lrr=1": "Key 'lrr' not in 'TrainConfig'",
            "train.lr=abc": "Value 'abc' of type 'str' could not be converted to Float",
            "parallel.ep=3": "parallel.ep (3) must divide model.lm.num_experts (8)",
-           "world_size=x": "world_size must be a positive integer, got 'x'"}
+           "world_size=x": "world_size must be a positive integer, got 'x'",
+           # settings that do not fit together, as pretrain.py judges them before it reads any file
+           "data=video_tiny": "video data packs one sequence per micro-batch: train.micro_batch_size must be 1",
+           "model=keye_tiny_vl": "model.vision.enabled=true needs video data (data.kind=video), got data.kind=synthetic",
+           "train.global_batch_size=12": "train.global_batch_size (12) must be a multiple of "
+                                         "train.micro_batch_size (4) x data-parallel size (2)"}
     for override, message in bad.items():
         with pytest.raises(SystemExit) as stop:
             main(["recipe=keye_tiny_lm", override])
