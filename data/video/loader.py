@@ -357,6 +357,14 @@ class Planner:
                 if self.cfg.frame_jitter > 0:
                     prune(self.plan_dir, "sizes", e - 2)
             p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds), sizes=sizes)
+            if not len(p.packs):   # every sample rejected at plan time: every epoch would be empty, read forever
+                reasons = Counter(reason for reason, _ in p.rejects.values())
+                uid, (reason, detail) = min(p.rejects.items()) if p.rejects else (0, ("", ""))
+                raise RuntimeError(
+                    f"video loader: data.video.{self.name}: none of the {len(self.catalog)} samples can be planned "
+                    f"(epoch {e}), so there is nothing to train on; by reason: {dict(reasons)}; first: "
+                    f"{self.key(uid)}: {reason}: {detail[:200]}. Check the shards ({getattr(self.cfg, self.name)}) "
+                    f"against data.video.seq_len ({self.cfg.seq_len}) and the annotations (docs/data.md)")
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p

@@ -128,3 +128,23 @@ def test_stale_spill_files_of_dead_workers_are_removed(tmp_path):
         p.write_bytes(b"x")
     FrameSource(VideoDataConfig(spill_dir=str(tmp_path))).close()
     assert not dead.exists() and mine.exists() and other_host.exists()
+
+
+@pytest.mark.timeout(120)   # the old loader read empty epochs forever: a hang, not a failure
+def test_shards_whose_every_sample_cannot_be_planned_stop_with_the_reasons(tmp_path):
+    """Every sample rejected at plan time (here: text-only records with a question and no answer, which ingest
+    let through before it checked them) leaves every epoch empty. The loader says so, with the reasons, instead
+    of planning epoch after epoch without ever yielding a pack."""
+    (tmp_path / "s").mkdir()
+    w = ShardWriter(tmp_path / "s", 0)
+    for key, annotation in (("unanswered0", {"qa": [{"question": "only a question"}]}),
+                            ("unanswered1", {"qa": [{"q": "no answer either"}]})):
+        w.add_text_sample(key, {"kind": "text", "video": None, "annotation": annotation})
+    w.close()
+    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=64, shuffle=False)
+    loader = VideoPackedLoader(cfg, seed=0)
+    with pytest.raises(RuntimeError, match=r"data\.video\.shards: none of the 2 samples can be planned \(epoch 0\).*"
+                                           r"by reason: \{'no_text': 2\}; first: shard-000000\.tar/unanswered0: "
+                                           r"no_text: .*data\.video\.seq_len \(64\)"):
+        next(iter(loader))
+    loader.close()
