@@ -1,0 +1,92 @@
+"""launch/slurm/pretrain.sbatch run as sbatch runs it: a copy in a spool directory, from another working directory,
+with stand-ins for srun and scontrol on PATH (no SLURM here). It finds the repository from the submitted script,
+honours a MASTER_ADDR given to it, and after its early-warning signal touches STOP, waits for the job step, removes
+the file, requeues the job and exits with the step's status."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "launch" / "slurm" / "pretrain.sbatch"
+
+SRUN = """#!/usr/bin/env bash
+# records where and with what it ran; with FAKE_WAIT_STOP, runs until <run_dir>/STOP exists (the trainer's stop)
+run_dir=""
+for a in "$@"; do case "$a" in run_dir=*) run_dir="${a#run_dir=}" ;; esac; done
+printf '%s\\n' "cwd=$PWD" "master=$MASTER_ADDR" "node_sh=$( [[ -x launch/slurm/node.sh ]] && echo yes )" \\
+    "args=$*" > "$FAKE_RECORD"
+if [[ -n "${FAKE_WAIT_STOP:-}" ]]; then
+  for _ in $(seq 200); do [[ -e "$run_dir/STOP" ]] && exit 0; sleep 0.1; done
+  exit 99
+fi
+exit "${FAKE_RC:-0}"
+"""
+
+SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") printf 'node1\\nnode2\\n' ;;
+  "show job") printf 'JobId=%s JobName=keye-pretrain\\n   Command=%s recipe=keye_tiny_lm\\n' "$3" "$FAKE_SUBMITTED" ;;
+  *) echo "$*" >> "$FAKE_RECORD.scontrol" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    spool = tmp_path / "spool" / "job42"
+    spool.mkdir(parents=True)
+    shutil.copy(SCRIPT, spool / "slurm_script")
+    elsewhere = tmp_path / "submitted_from"
+    elsewhere.mkdir()
+    record = tmp_path / "record.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(elsewhere), "FAKE_RECORD": str(record),
+           "FAKE_SUBMITTED": str(SCRIPT)}
+    env.pop("MASTER_ADDR", None)
+
+    def start(*args, **extra_env):
+        return subprocess.Popen(["bash", str(spool / "slurm_script"), *args], cwd=elsewhere, env={**env, **extra_env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def recorded() -> dict:
+        return dict(line.split("=", 1) for line in record.read_text().splitlines())
+
+    return start, recorded, record
+
+
+def test_the_spool_copy_runs_the_job_step_from_the_repository(fake_slurm, tmp_path):
+    start, recorded, _ = fake_slurm
+    p = start("recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}", FAKE_RC="7")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 7, err                      # the job step's status
+    got = recorded()
+    assert got["cwd"] == str(REPO) and got["node_sh"] == "yes", got
+    assert got["master"] == "node1" and (tmp_path / "run").is_dir()
+    p = start("recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}", MASTER_ADDR="10.1.2.3")
+    p.communicate(timeout=60)
+    assert p.returncode == 0 and recorded()["master"] == "10.1.2.3"   # the README's override
+
+
+def test_the_early_warning_stops_the_step_requeues_and_exits_zero(fake_slurm, tmp_path):
+    start, recorded, record = fake_slurm
+    run_dir = tmp_path / "run"
+    p = start("recipe=keye_tiny_lm", f"run_dir={run_dir}", FAKE_WAIT_STOP="1")
+    deadline = time.time() + 30
+    while not record.exists() and time.time() < deadline:   # the job step has started
+        time.sleep(0.1)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert "asking the trainer to checkpoint and stop" in err and "requeueing job 42" in err, err
+    assert p.returncode == 0, err                      # the step ended well: not the interrupted wait's 138
+    assert (tmp_path / "record.txt.scontrol").read_text().split() == ["requeue", "42"]
+    assert not (run_dir / "STOP").exists()              # a requeued attempt does not stop at its first step
