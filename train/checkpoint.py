@@ -12,7 +12,9 @@ checksums its own files in a background thread (CRC32 per 64 MiB chunk, CHECKSUM
 checksum pass does not block training. Resuming takes the newest directory with COMPLETE.json whose
 files all exist with their sizes and match their recorded checksums (the ranks split the work); a
 corrupted file is named in the log and the next older checkpoint is used, so neither a crash mid-save
-nor a damaged shard wins. Retention: the newest `keep_last` plus every `keep_every`-th step.
+nor a damaged shard wins; where every committed checkpoint is damaged the run stops (find_resume_point) rather
+than start over. Retention: the checkpoint just saved, the newest `keep_last - 1` before it whose files verify,
+plus every `keep_every`-th step.
 
 What a checkpoint holds: the model chunks and the optimizer (fp32 master weights and Adam moments, in
 megatron's "fully_reshardable" form, so a checkpoint written at TP2/EP2 loads at
@@ -58,6 +60,12 @@ def _sharding_metadata(dp_cp_group, optimizer_format: str = "fully_reshardable")
 
 
 MODEL_PARALLEL_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp")
+
+
+def layout_record(layout) -> dict:
+    """What a checkpoint's common state records of the parallel layout (parallel.layout.ParallelLayout) it was
+    written at, and what check_resumable compares."""
+    return {k: getattr(layout, k) for k in (*MODEL_PARALLEL_KEYS, "dp", "world_size")}
 
 
 def check_resumable(saved_common: dict, layout: dict, where: Path) -> None:
@@ -127,30 +135,61 @@ def verify_checksums(ref: CheckpointRef) -> list[str]:
     return sorted(b for part in gathered for b in part)
 
 
-def find_latest_verified(run_dir) -> CheckpointRef | None:
+def find_latest_verified(run_dir, problems: list[str] | None = None) -> CheckpointRef | None:
     """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
-    corrupted one is reported (file named) and skipped for the next older one."""
+    corrupted one is reported (file named, and added to `problems`) and skipped for the next older one."""
     skipped: list[str] = []
     while True:
-        ref = find_latest(run_dir, exclude=skipped)
+        ref = find_latest(run_dir, exclude=skipped, problems=problems)
         if ref is None:
             return None
         bad = verify_checksums(ref)
         if not bad:
             return ref
-        log.error("checkpoint %s is corrupted, resuming from an older one instead: %s", ref.path, "; ".join(bad))
+        log.error("checkpoint %s is corrupted, looking for an older one: %s", ref.path, "; ".join(bad))
+        if problems is not None:
+            problems.append(f"{ref.path.name}: {'; '.join(bad)}")
         skipped.append(ref.path.name)
+
+
+class CheckpointLoadError(RuntimeError):
+    pass
+
+
+def find_resume_point(run_dir) -> CheckpointRef | None:
+    """Collective: the checkpoint a run directory resumes from (find_latest_verified); None for a fresh run,
+    including one whose only save was torn before its commit. CheckpointLoadError when the directory holds
+    committed checkpoints (COMPLETE.json written) and none of them verifies: starting afresh there would drop
+    the run's progress without a word (and its first save would replace the damaged files), so the run stops
+    and says what it found."""
+    problems: list[str] = []
+    ref = find_latest_verified(run_dir, problems)
+    if ref is not None:
+        return ref
+    if not any((path / COMPLETE).is_file() for _, path in _candidates(run_dir)):
+        return None
+    raise CheckpointLoadError(
+        f"every checkpoint in {checkpoint_root(run_dir)} is damaged, so there is none to resume from: "
+        f"{'; '.join(problems)}. Restore them from a copy, or move them out of that directory to start this run "
+        f"afresh (a run directory holding a checkpoint is resumed, never restarted silently)")
+
+
+def saved_common(ref: CheckpointRef) -> dict | None:
+    """The common state the run that wrote `ref` saved (its step, layout, optimizer format, resolved config, ...);
+    None where it cannot be read (the resume then names the problem, or takes an older checkpoint). Needs no
+    process group."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ref.path))["common"]
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: judged where the checkpoint is loaded
+        log.warning("checkpoint %s: its recorded state could not be read (%s)", ref.path, e)
+        return None
 
 
 def saved_config(ref: CheckpointRef) -> dict | None:
     """The resolved config (train.config.Config as a dict) the run that wrote `ref` had; None for checkpoints
-    written before checkpoints recorded it, or whose common state cannot be read (the resume then names the
-    problem, or takes an older checkpoint). Reads the common state only; needs no process group."""
-    try:
-        return dist_checkpointing.load_common_state_dict(str(ref.path))["common"].get("config")
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file: judged where the checkpoint is loaded
-        log.warning("checkpoint %s: its recorded config could not be read (%s)", ref.path, e)
-        return None
+    written before checkpoints recorded it, or whose common state cannot be read."""
+    common = saved_common(ref)
+    return None if common is None else common.get("config")
 
 
 def _candidates(run_dir: str | os.PathLike, exclude: list[str] = ()) -> list[tuple[int, Path]]:
@@ -201,13 +240,17 @@ def eval_checkpoints(cfg) -> tuple[str, list[CheckpointRef]]:
     return source, held if steps is None else [r for r in held if r.step in steps]
 
 
-def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = ()) -> CheckpointRef | None:
-    """Newest complete checkpoint of a run directory whose files exist with their recorded sizes."""
+def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = (),
+                problems: list[str] | None = None) -> CheckpointRef | None:
+    """Newest complete checkpoint of a run directory whose files exist with their recorded sizes; the ones
+    skipped are logged and, with their reasons, added to `problems`."""
     for step, path in _candidates(run_dir, exclude):
         ok, why = _verify(path)
         if ok:
             return CheckpointRef(path=path, step=step)
         log.warning("skipping checkpoint %s: %s", path, why)
+        if problems is not None:
+            problems.append(f"{path.name}: {why}")
     return None
 
 
@@ -422,19 +465,26 @@ def _commit(root: Path, partial: Path, final: Path, step: int, keep_last: int, k
         tmp = root / "latest.tmp"
         tmp.write_text(final.name + "\n")
         os.replace(tmp, root / "latest")
-        _prune(root, keep_last, keep_every)
+        _prune(root, keep_last, keep_every, committed=step)
         log.info("committed checkpoint %s (%d files, %.1f MB)", final, len(files),
                  sum(v["size"] for v in files.values()) / 1e6)
     dist.barrier()
     CHECKSUMS.start(final, rank, sorted(mine))
 
 
-def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Keeps the newest `keep_last` complete checkpoints plus every step that is a multiple of `keep_every`."""
-    complete = sorted((int(m.group(1)), p) for p in root.iterdir()
-                      if (m := _NAME.match(p.name)) and (p / COMPLETE).is_file())
-    for step, p in complete[:-keep_last]:
-        if keep_every and step % keep_every == 0:
+def _prune(root: Path, keep_last: int, keep_every: int = 0, *, committed: int) -> None:
+    """Keeps the checkpoint just committed (step `committed`) and the newest `keep_last - 1` complete ones before
+    it, plus every step that is a multiple of `keep_every`; removes the other older ones.
+
+    Only checkpoints whose files verify count as kept: a newer one that is torn or corrupted (the reason a run
+    resumed from an older one and now saves below it) is no checkpoint to resume from, and counting it deleted
+    the good ones, the one just saved among them. Checkpoints after `committed` are left as they are: the run
+    replaces each as it saves that step again."""
+    older = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))
+                    and int(m.group(1)) < committed and (p / COMPLETE).is_file()), reverse=True)
+    kept = [step for step, p in older if _verify(p)[0]][:max(keep_last - 1, 0)]
+    for step, p in older:
+        if step in kept or keep_every and step % keep_every == 0:
             continue
         shutil.rmtree(p, ignore_errors=True)
 

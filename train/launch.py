@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
 from train.config import Config, register_configs, to_config
+
+LAUNCHED = time.time()   # this process's start, near enough: a STOP file older than it is stale (train/preemption.py)
 
 
 def setup_logging(run_dir: str, rank: int, *, eval_only: bool = False) -> None:
@@ -153,9 +156,10 @@ def check_eval_only(cfg: Config) -> None:
         ckpt.eval_checkpoints(cfg)
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     """A run directory holding a complete checkpoint is resumed: the model configured must be the one that
-    checkpoint holds. ValueError naming each model setting that differs, before any process group exists; the
+    checkpoint holds, at a layout its optimizer state loads at (train/checkpoint.check_resumable). ValueError naming
+    each model setting that differs, before any process group exists; the
     settings that do not change what the model computes (train.config.MODEL_KEYS_FREE_ON_RESUME) may differ, and
     the trainer logs every other change (train, data, parallel) when it resumes. Checkpoints written before they
     recorded their config are not checked. With train.checkpoint.resume=false such a directory is refused: a fresh
@@ -173,10 +177,10 @@ def check_resume(cfg: Config) -> None:
                          f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
                          f"those weights), or remove {ref.path.parent}")
-    saved = ckpt.saved_config(ref)
-    if saved is None or "model" not in saved:
-        return
-    changed = [c for c in config_changes(saved["model"], asdict(cfg.model)) if c[0] not in MODEL_KEYS_FREE_ON_RESUME]
+    common = ckpt.saved_common(ref) or {}
+    saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
+    changed = [c for c in config_changes(saved["model"], asdict(cfg.model))
+               if c[0] not in MODEL_KEYS_FREE_ON_RESUME] if "model" in saved else []
     if changed:
         raise ValueError(
             f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of another model, and "
@@ -185,6 +189,8 @@ def check_resume(cfg: Config) -> None:
             + ". Resume it with its own model settings, or give this model another run_dir "
               f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
               "stage recipes do)")
+    if "layout" in common and not cfg.train.eval.only:  # a layout its optimizer state cannot load at, before the build
+        ckpt.check_resumable(common, ckpt.layout_record(layout), ref.path)
 
 
 def check_paths(cfg: Config) -> None:
@@ -246,6 +252,21 @@ def check_paths(cfg: Config) -> None:
         check_hf_model(c.init_from, cfg.model.lm)
 
 
+def check_run_dir(cfg: Config) -> None:
+    """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
+    logs there first, which failed with a traceback on every rank for a path that is a file or read-only."""
+    run_dir = Path(cfg.resolved_run_dir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={run_dir} is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"run_dir={run_dir}: cannot be made a directory ({e.strerror or e}"
+                         + (f": {e.filename}" if e.filename and str(e.filename) != str(run_dir) else "") + ")") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir={run_dir}: this process cannot write there (its logs, config and checkpoints)")
+
+
 def check_hf_model(source: str, lm) -> None:
     """The language model of the Hugging Face directory `source` (train.checkpoint.init_from) is model.lm: its
     sizes, and its DSA indexers if it has any (models/hf/qwen3_moe.py check_hf_config; a plain directory starts a
@@ -301,7 +322,7 @@ def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
     layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env(), lm=cfg.model.lm)
     check_settings(cfg, layout)
     check_tokenizer(cfg)
-    check_resume(cfg)
+    check_resume(cfg, layout)
     check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     return cfg, layout
 
@@ -385,6 +406,7 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
 def run(dcfg: DictConfig) -> None:
     try:
         cfg, layout = validate(dcfg)
+        check_run_dir(cfg)
         check_paths(cfg)
         warning = None
         if cfg.train.memory_check != "off" and torch.cuda.is_available():
@@ -400,12 +422,12 @@ def run(dcfg: DictConfig) -> None:
     from train.nonfinite import NonFiniteStepError
     from train.trainer import Trainer
 
-    from train.checkpoint import CheckpointSaveError
+    from train.checkpoint import CheckpointLoadError, CheckpointSaveError
 
     try:
-        trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg))
+        trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
         trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
-    except CheckpointSaveError as e:
+    except (CheckpointSaveError, CheckpointLoadError) as e:
         logging.getLogger("train").error("checkpoint error: %s", e)
         print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)

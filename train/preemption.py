@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,19 @@ class StopRequests:
         if flag.item() == 0:
             return None
         return self.signal_name or ("signal on another rank" if flag.item() == 1 else f"{self.stop_file} exists")
+
+    def drop_stale(self, launched: float) -> None:
+        """Removes a STOP file written before `launched` (this launch's start, time.time()): it asked an earlier
+        launch to stop, one that had ended by then (a SLURM warning that came after the trainer finished, a
+        crash), and would stop this one after its first step. Call on one rank before the first step."""
+        try:
+            made = self.stop_file.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if made < launched:
+            log.warning("%s was written before this launch began (%s): it asked an earlier launch to stop; removed",
+                        self.stop_file, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made)))
+            self.clear_stop_file()
 
     def clear_stop_file(self) -> None:
         try:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -231,7 +232,10 @@ def record_config(run_dir: str, resolved_yaml: str, step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = ""):
+    def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = "",
+                 launched: float | None = None):
+        """`launched`: when this launch began (time.time(); default now): a STOP file older than that is stale."""
+        self.launched = time.time() if launched is None else launched
         self.cfg, self.layout = cfg, layout
         self.run_dir = cfg.resolved_run_dir()
         self.device = init_distributed()
@@ -239,6 +243,9 @@ class Trainer:
         self.pgs = build_process_groups(layout)
         seed_all(cfg.seed, self.pgs)
         t, lm = cfg.train, cfg.model.lm
+        # the checkpoint this run resumes from, verified (sizes and checksums) before the model is built: a run
+        # directory whose every checkpoint is damaged stops here (CheckpointLoadError) instead of starting over
+        self.resume_ref = ckpt.find_resume_point(self.run_dir) if t.checkpoint.resume and not t.eval.only else None
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
@@ -283,8 +290,7 @@ class Trainer:
         # Before DDP and the optimizer exist: both take the parameters' values and trainability as they are.
         # train.eval.only loads each checkpoint it scores in evaluate_only
         self.eval_only = t.eval.only
-        own = ckpt.find_latest(self.run_dir)
-        if t.checkpoint.init_from and own is None and not self.eval_only:
+        if t.checkpoint.init_from and self.resume_ref is None and not self.eval_only:
             self._init_weights_from(chunks, t.checkpoint.init_from)
         if t.trained in ("projector", "none"):
             # the alignment stage (ViT and LM frozen, only the projector trains), or train.eval.only (nothing
@@ -307,7 +313,7 @@ class Trainer:
                                       bf16=self.bf16)
             setting = "vision_init_from" if t.checkpoint.vision_init_from else "init_from"
             source = getattr(t.checkpoint, setting)
-            if source and own is None and not self.eval_only:
+            if source and self.resume_ref is None and not self.eval_only:
                 self._check_frozen_vision_filled(self._init_vision_from(source, setting), f"{setting}={source!r}")
         # megatron's own NaN check (check_for_nan_in_grad) raises on the ranks whose local gradients hold one, before
         # the reduction, while the others wait in it; the trainer checks the whole world's instead (_nonfinite), and
@@ -498,15 +504,13 @@ class Trainer:
     def _common_state(self) -> dict:
         l = self.layout
         return {"step": self.step, "data": self.streams[0].state_dict(),
-                "layout": {"tp": l.tp, "pp": l.pp, "vpp": l.vpp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "dp": l.dp,
-                           "world_size": l.world_size},
+                "layout": ckpt.layout_record(l),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
                 "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps}}
 
     def _resume(self) -> None:
-        c = self.cfg.train.checkpoint
-        ref = ckpt.find_latest_verified(self.run_dir) if c.resume else None
+        ref = self.resume_ref
         if ref is None:
             return
         saved = self._saved_common(ref)
@@ -554,9 +558,10 @@ class Trainer:
             kept = stats.pop("kept")
             what = f"the Hugging Face checkpoint {source}: {stats}"
         else:
-            src = ref or ckpt.find_latest(source)
+            src = ref or ckpt.find_latest_verified(source)   # its newest checkpoint whose checksums agree
             if src is None:
-                raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint")
+                raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint whose files "
+                                 f"verify (the log names what is wrong with each)")
             kept = sorted(set(ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)))
             what = str(src.path)
         copied = any("linear_qkv_summary" in k for k in kept)
@@ -591,9 +596,10 @@ class Trainer:
                      "" if fits else f"; its projector maps to {theirs} dims, this language "
                      f"model has {ours}: the projector keeps its initialisation")
             return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
-        src = ref or ckpt.find_latest(source)
+        src = ref or ckpt.find_latest_verified(source)
         if src is None:
-            raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint")
+            raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files verify "
+                             f"(the log names what is wrong with each)")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
         missing = ckpt.load_extra_weights(src, sd)
         log.info("initialised the vision tower from %s%s", src.path,
@@ -1016,9 +1022,14 @@ class Trainer:
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
         history: list[StepStats] = []
         start = self.step
+        if start >= t.steps:   # a finished run launched again, or one whose train.steps was lowered below its step
+            log.info("nothing to train: the checkpoint resumed is at step %d, and train.steps is %d (raise "
+                     "train.steps to train on)", start, t.steps)
         for m in self.model:
             m.train()
         stops = StopRequests(self.run_dir)
+        if self.rank == 0:   # before the first step's collectives, so no rank reads a stale file
+            stops.drop_stale(self.launched)
         self.profiler = StepProfiler(t.profile, self.run_dir, self.rank)
         try:
             self._loop(history, start, stops)
@@ -1100,8 +1111,10 @@ class Trainer:
                 self._eval_and_log()
             reason = stops.requested(self.device)
             if reason:
-                log.info("stop requested (%s): saving a checkpoint at step %d; rerun or requeue the same command "
-                         "to resume", reason, self.step)
+                log.info("stop requested (%s): %s", reason,
+                         f"saving a checkpoint at step {self.step}; rerun or requeue the same command to resume"
+                         if t.checkpoint.enabled else f"stopping at step {self.step}, without a checkpoint "
+                         "(train.checkpoint.enabled=false): a rerun starts over")
                 if t.checkpoint.enabled:
                     restart_checkpoint_helpers()  # a signal may have killed the old one with the process group
                     self._save(blocking=True)

@@ -77,10 +77,11 @@ def test_reshard_on_resume_gives_the_same_loss(runs):
     assert abs(runs["reshard_tp1ep1"][3] - ref) <= 2e-5 * ref
 
 
-def test_a_changed_model_stops_before_the_resume(runs, root):
+def test_a_changed_model_stops_before_the_resume(runs, root, monkeypatch):
     from train.launch import compose_config, validate
 
-    same = QUIET + COMMON + [f"run_dir={root / 'runs' / 's'}"]
+    monkeypatch.setenv("WORLD_SIZE", "2")              # the layout the runs were launched at
+    same = QUIET + COMMON + TP2EP2 + [f"run_dir={root / 'runs' / 's'}"]
     with pytest.raises(ValueError, match=r"holds a checkpoint \(step 5.*model\.lm\.hidden_size is 128 there, 96 here; "
                                          r"model\.lm\.moe_topk is 2 there, 1 here\. Resume it with its own model"):
         validate(compose_config(same + ["model.lm.hidden_size=96", "model.lm.moe_topk=1"]))
@@ -90,3 +91,10 @@ def test_a_changed_model_stops_before_the_resume(runs, root):
     with pytest.raises(ValueError, match=r"holds a checkpoint \(step 5.*and train\.checkpoint\.resume=false: a fresh "
                                          r"run would write its checkpoints among that run's"):
         validate(compose_config(same + ["train.checkpoint.resume=false"]))
+    # a layout the checkpoint's optimizer state cannot be loaded at (dp_reshardable: only DP may change) stops here,
+    # before any process group or model; the trainer found it only after building the model
+    mixed = QUIET + COMMON + MIXED + [f"run_dir={root / 'runs' / 'm'}"]
+    with pytest.raises(ValueError, match=r"runs/m/checkpoints/step_000005 stores the optimizer as dp_reshardable at "
+                                         r"tp=1 .*this run changes tp 1->2.*optimizer_format=fully_reshardable"):
+        validate(compose_config(mixed + ["parallel.tp=2"]))
+    validate(compose_config(mixed))

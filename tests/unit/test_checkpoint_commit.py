@@ -1,6 +1,7 @@
 """Which checkpoint a resume picks: the newest complete and verified one, never a torn save."""
 
 import json
+import shutil
 
 from train.checkpoint import COMPLETE, find_latest
 
@@ -68,3 +69,60 @@ def test_dp_reshardable_refuses_a_model_parallel_change_with_a_way_out(tmp_path)
     with pytest.raises(ValueError, match=r"tp 2->1, ep 2->1.*optimizer_format=fully_reshardable"):
         check_resumable(saved, {**lay, "tp": 1, "ep": 1}, tmp_path)
     check_resumable({**saved, "optimizer_format": "fully_reshardable"}, {**lay, "tp": 1, "ep": 1}, tmp_path)
+
+
+def test_retention_counts_only_checkpoints_that_verify_and_keeps_the_one_just_saved(tmp_path):
+    """A run whose newest checkpoint (40) is torn resumes from 20 and saves 27 below it. The old rule counted 40
+    among the `keep_last` newest and deleted 27 (and 20) with keep_last=1, leaving nothing to resume from."""
+    from train.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    for keep_last, kept in ((1, [27]), (2, [20, 27])):
+        for step in (10, 20, 27, 40):
+            make(tmp_path, step, files={"__0_0.distcp": b"x" * 10} if step != 40 else None)
+        (root / "step_000040" / "__0_0.distcp").write_bytes(b"x" * 3)     # torn after its commit
+        make(tmp_path, 15, files={"__0_0.distcp": b"x" * 10})
+        (root / "step_000015" / "__0_0.distcp").unlink()                   # an older broken one goes too
+        _prune(root, keep_last, committed=27)
+        left = sorted(int(p.name[5:]) for p in root.iterdir())
+        assert left == kept + [40], (keep_last, left)                      # the newer one is not ours to judge
+        assert find_latest(tmp_path).step == 27
+        for p in root.iterdir():
+            shutil.rmtree(p)
+    for step in (4, 8, 12, 16):
+        make(tmp_path, step)
+    _prune(root, 1, keep_every=8, committed=16)
+    assert sorted(int(p.name[5:]) for p in root.iterdir()) == [8, 16]
+
+
+def test_a_run_directory_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(tmp_path):
+    """Torn saves alone (no COMPLETE.json) are a fresh run. Committed checkpoints that all fail their checks, by
+    size or (checksums recorded at save time) by CRC32, stop the run with each one's reason; the old trainer
+    started from random weights there, ignoring init_from, and its first save replaced the damaged files."""
+    import datetime
+
+    import pytest
+    import torch.distributed as dist
+
+    from train.checkpoint import CheckpointLoadError, chunk_crc32s, find_resume_point
+
+    make(tmp_path, 30, complete=False, suffix=".partial")
+    assert find_resume_point(tmp_path) is None
+    d20 = make(tmp_path, 20)
+    (d20 / "__0_0.distcp").write_bytes(b"x" * 3)
+    with pytest.raises(CheckpointLoadError, match=r"every checkpoint in .*checkpoints is damaged.*step_000020: file "
+                                                  r".*__0_0.distcp has 3 bytes, 10 were written"):
+        find_resume_point(tmp_path)
+    d10 = make(tmp_path, 10, files={"__0_0.distcp": b"y" * 10, ".metadata": b"m"})
+    records = {n: {"chunk_bytes": 4, "crc32": chunk_crc32s(d10 / n, 4)} for n in ("__0_0.distcp", ".metadata")}
+    (d10 / "CHECKSUMS.rank0.json").write_text(json.dumps({"files": records}))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        assert find_resume_point(tmp_path).step == 10                     # its checksums agree
+        (d10 / "__0_0.distcp").write_bytes(b"y" * 5 + b"z" + b"y" * 4)     # same size, one byte changed
+        with pytest.raises(CheckpointLoadError, match=r"step_000020: file .*; step_000010: .*__0_0.distcp: CRC32 "
+                                                      r"differs"):
+            find_resume_point(tmp_path)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,42 @@
+"""What a launch finds in its run directory before it trains: a run_dir it cannot write (stopped with a config error
+naming it, not a traceback per rank), and a STOP file an earlier launch left (removed, so the run does not stop
+after its first step; one written after the launch began still stops it)."""
+import logging
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from train.launch import check_run_dir
+from train.preemption import StopRequests
+
+
+def _cfg(path):
+    return SimpleNamespace(resolved_run_dir=lambda: str(path))
+
+
+def test_run_dir_must_be_a_directory_the_launch_can_make(tmp_path):
+    check_run_dir(_cfg(tmp_path / "new" / "run"))
+    assert (tmp_path / "new" / "run").is_dir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"run_dir=.*afile is a file, not a directory"):
+        check_run_dir(_cfg(tmp_path / "afile"))
+    with pytest.raises(ValueError, match=r"run_dir=.*afile/run: cannot be made a directory \(Not a directory"):
+        check_run_dir(_cfg(tmp_path / "afile" / "run"))
+
+
+def test_a_stop_file_from_before_the_launch_is_removed_and_a_new_one_kept(tmp_path, caplog):
+    stop = tmp_path / "STOP"
+    launched = time.time()
+    stop.touch()
+    os.utime(stop, (launched - 60, launched - 60))            # the last launch's
+    requests = StopRequests(str(tmp_path), signals=())
+    with caplog.at_level(logging.WARNING):
+        requests.drop_stale(launched)
+    assert not stop.exists() and "written before this launch began" in caplog.text
+    stop.touch()                                              # a user's, during the model build: honoured
+    requests.drop_stale(launched)
+    assert stop.exists()
+    stop.unlink()
+    requests.drop_stale(launched)                             # nothing to do without one
