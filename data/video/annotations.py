@@ -133,12 +133,53 @@ def conversation_turns(annotation: dict) -> list[Turn] | str | None:
     return out
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def field_problem(annotation: dict) -> str | None:
+    """What is wrong with the types of a record's text fields, naming the field; None when they are well formed:
+    `prompt`, `caption` and `text` strings; `events` a list of {"start": seconds, "end": seconds (optional),
+    "text": str}; `qa` a list of {"question" (or "q"): str, "answer" (or "a"): str}. A field that is absent or
+    null is fine. `annotation_segments` would drop a wrong-typed field (or a part of it) without a word, so ingest
+    reports the record instead (its conversation is checked by `conversation_turns`)."""
+    for name in ("prompt", "caption", "text"):
+        x = annotation.get(name)
+        if x is not None and not isinstance(x, str):
+            return f"field {name!r} is {type(x).__name__}, not a string"
+    events = annotation.get("events")
+    if events is not None:
+        if not isinstance(events, list):
+            return f"field 'events' is {type(events).__name__}, not a list of events"
+        for i, e in enumerate(events):
+            if not (isinstance(e, dict) and _number(e.get("start")) and _number(e.get("end", e.get("start")))
+                    and isinstance(e.get("text"), str)):
+                return (f"'events'[{i}] = {json.dumps(e, ensure_ascii=False)[:200]} is not "
+                        f"{{'start': seconds (a number), 'end': seconds (optional), 'text': str}}")
+    qa = annotation.get("qa")
+    if qa is not None:
+        if not isinstance(qa, list):
+            return f"field 'qa' is {type(qa).__name__}, not a list of {{'question': str, 'answer': str}}"
+        for i, item in enumerate(qa):
+            q = item.get("question", item.get("q")) if isinstance(item, dict) else None
+            a = item.get("answer", item.get("a")) if isinstance(item, dict) else None
+            if not (isinstance(q, str) and isinstance(a, str)):
+                return (f"'qa'[{i}] = {json.dumps(item, ensure_ascii=False)[:200]} is not "
+                        f"{{'question' (or 'q'): str, 'answer' (or 'a'): str}}")
+    return None
+
+
 def has_text(annotation: dict) -> bool:
-    """Whether a record holds text to train on by itself (a text-only sample): a non-empty `text`, `qa` pairs, or
-    a well-formed conversation."""
-    t = annotation.get("text")
-    return ((isinstance(t, str) and bool(t.strip())) or (isinstance(annotation.get("qa"), list) and bool(annotation["qa"]))
-            or isinstance(conversation_turns(annotation), list))
+    """Whether a record holds text to train on by itself (a text-only sample): a `text`, `qa`, `conversations` or
+    `messages` field, and some supervised text in its segments that is not blank: the planner's rule (a text-only
+    sample without supervised tokens is its `no_text` reject), so that ingest stores no text-only sample the
+    planner would reject."""
+    if all(annotation.get(k) is None for k in ("text", "qa", "conversations", "messages")):
+        return False
+    try:
+        return any(sup and text.strip() for text, sup in annotation_segments(annotation))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
 
 
 def _with_calls(answer: str, calls: tuple[str, ...], shown: str | None = None) -> str:

@@ -38,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .annotations import conversation_turns, has_text, image_marker_count
+from .annotations import conversation_turns, field_problem, has_text, image_marker_count
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
 from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
@@ -124,6 +124,9 @@ class Annotations:
     """image sample id (its one relative path, or its paths joined by '+') -> (record, relative paths)"""
     texts: list[tuple[str, dict, int]] = field(default_factory=list)  # (key, record, line) of text-only records
     problems: list[str] = field(default_factory=list)
+    bad_videos: dict[str, str] = field(default_factory=dict)
+    """relative video path -> what is wrong with its record ("file:line: ..."), for a video with no well-formed
+    record but a malformed one: rejected as 'bad_annotation' rather than ingested without its text"""
 
 
 def read_annotations(path: str | None) -> Annotations:
@@ -134,6 +137,7 @@ def read_annotations(path: str | None) -> Annotations:
     if path is None:
         return out
     text_line: dict[str, int] = {}
+    bad: dict[str, str] = {}
     problems = out.problems
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -155,8 +159,11 @@ def read_annotations(path: str | None) -> Annotations:
                                 f"image or a list of images")
                 continue
             turns = conversation_turns(r)
-            if isinstance(turns, str):
-                problems.append(f"{path}:{n}: {turns}")
+            wrong = turns if isinstance(turns, str) else field_problem(r)
+            if wrong is not None:
+                problems.append(f"{path}:{n}: {wrong}; record left out")
+                if isinstance(v, str):          # its video is rejected, not ingested without its text
+                    bad.setdefault(os.path.normpath(v), f"{path}:{n}: {wrong}")
                 continue
             if ims is not None:
                 if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
@@ -193,7 +200,8 @@ def read_annotations(path: str | None) -> Annotations:
                 continue
             if not isinstance(v, str):
                 problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
-                                f"sample (a non-empty 'text', 'qa', 'conversations' or 'messages')" if v is None else
+                                f"sample (a non-empty 'text', a 'qa' answer, or an assistant turn in 'conversations' "
+                                f"or 'messages')" if v is None else
                                 f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
                 continue
             rel = os.path.normpath(v)
@@ -201,6 +209,7 @@ def read_annotations(path: str | None) -> Annotations:
                 problems.append(f"{path}:{n}: second record for {rel!r} ignored")
                 continue
             out.videos[rel] = r
+    out.bad_videos = {rel: why for rel, why in bad.items() if rel not in out.videos}
     return out
 
 
@@ -326,7 +335,16 @@ def ingest(opts: IngestOptions) -> dict:
     ann, texts = annotations.videos, annotations.texts
     for p in annotations.problems:
         print(f"[ingest] warning: {p}", file=sys.stderr)
-    missing = sorted(set(ann) - set(videos))
+    listed = set(videos)
+    reasons: Counter = Counter()
+    bad_listed = 0      # videos under --videos rejected for their record: listed, but neither done nor to do
+    for rel, why in sorted(annotations.bad_videos.items()):
+        if rel not in done:
+            _append_jsonl(rejects_path, {"video": rel, "reason": "bad_annotation", "detail": why[:500]})
+            done.add(rel)
+            reasons["bad_annotation"] += 1
+            bad_listed += rel in listed
+    missing = sorted(set(ann) - listed)
     for rel in missing:
         if rel not in done:
             _append_jsonl(rejects_path, {"video": rel, "reason": "missing_file",
@@ -352,7 +370,6 @@ def ingest(opts: IngestOptions) -> dict:
 
     tmp = tempfile.mkdtemp(prefix="keye-ingest-", dir=opts.tmp_dir)
     pool = _Pool(opts.workers)
-    reasons: Counter = Counter()
     stats = Counter()
     writer: ShardWriter | None = None
     cur_videos: list[str] = []
@@ -495,7 +512,8 @@ def ingest(opts: IngestOptions) -> dict:
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "this_run": {"processed": len(todo), "accepted": stats["accepted"],
                      "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
-                     "skipped_already_done": len(videos) + len(images) + len(texts) - len(todo) - missing_images,
+                     "skipped_already_done": (len(videos) + len(images) + len(texts) - len(todo)
+                                              - missing_images - bad_listed),
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
                      "image_samples": stats["image_accepted"], "image_files": stats["image_files"],
                      "text_chars": stats["text_chars"],

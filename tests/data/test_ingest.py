@@ -201,3 +201,70 @@ def test_cli(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "videos" in r.stderr
     shutil.rmtree(tmp_path / "o")
+
+
+@pytest.mark.parametrize("record,problem", [
+    ({"text": 5, "qa": [{"q": "2+3?", "a": "5"}]}, "field 'text' is int, not a string"),
+    ({"video": "a.mp4", "qa": {"question": "What tool?", "answer": "a screwdriver"}}, "field 'qa' is dict, not a list"),
+    ({"video": "a.mp4", "caption": ["A person", "assembles a shelf"]}, "field 'caption' is list, not a string"),
+    ({"video": "a.mp4", "prompt": 3}, "field 'prompt' is int, not a string"),
+    ({"video": "a.mp4", "events": [{"start": "00:00:12", "end": "00:00:30", "text": "unpacks"}]},
+     "'events'[0] = {\"start\": \"00:00:12\""),
+    ({"video": "a.mp4", "events": [{"start": 1, "end": 2}]}, "'events'[0] = {\"start\": 1, \"end\": 2} is not"),
+    ({"video": "a.mp4", "events": {"start": 1, "end": 2, "text": "one event"}}, "field 'events' is dict, not a list"),
+    ({"video": "a.mp4", "events": 5}, "field 'events' is int, not a list"),
+    ({"video": "a.mp4", "qa": [{"question": "What tool?", "answer": None}]}, "'qa'[0] = {\"question\": \"What tool?\""),
+    ({"qa": [{"question": "only a question"}]}, "'qa'[0] = {\"question\": \"only a question\"} is not"),
+    ({"images": ["a.png"], "qa": [{"q": "x?", "a": 4}]}, "'qa'[0] = {\"q\": \"x?\", \"a\": 4} is not"),
+])
+def test_wrong_typed_annotation_fields_are_reported_by_file_line_and_field(tmp_path, record, problem):
+    """Each of these records used to be stored with the wrong-typed field (or part of it) silently dropped from its
+    text, or (text 5) crashed the ingest; the text segments of the record are the reference for what was lost."""
+    from data.video.ingest import read_annotations
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    got = read_annotations(str(ann))
+    assert len(got.problems) == 1 and got.problems[0].startswith(f"{ann}:2: ") and problem in got.problems[0], \
+        got.problems
+    assert not got.videos and not got.images and [n for _, _, n in got.texts] == [1]
+    assert list(got.bad_videos) == (["a.mp4"] if "video" in record else [])
+
+
+def test_text_only_records_without_an_answer_are_not_stored(tmp_path):
+    """The planner rejects a text-only sample without supervised text (`no_text`); ingest uses the same rule, so
+    such records are reported at ingest and not stored."""
+    from data.video.annotations import has_text
+    from data.video.ingest import read_annotations
+    recs = [{"qa": [{"q": "a question", "a": ""}]}, {"text": "   ", "prompt": "p"},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+            {"qa": [{"q": "2+2?", "a": "4"}]}]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = read_annotations(str(ann))
+    assert [n for _, _, n in got.texts] == [4] and [has_text(r) for r in recs] == [False, False, False, True]
+    assert [p.split(": ", 1)[0] for p in got.problems] == [f"{ann}:{n}" for n in (1, 2, 3)]
+    assert all("no text for a text-only sample" in p for p in got.problems)
+
+
+def test_a_video_whose_record_is_malformed_is_rejected_not_ingested_bare(tmp_path):
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
+    write_video(vids / "b.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=2))
+    write_video(vids / "c.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=3))
+    recs = [{"video": "a.mp4", "caption": "fine"},
+            {"video": "b.mp4", "conversations": [{"from": "Human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+            {"video": "c.mp4", "qa": [{"question": "What?", "answer": None}]},
+            {"text": 5, "qa": [{"q": "2+3?", "a": "5"}]}, {"text": "a text-only sample"}]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = ingest(IngestOptions(videos=str(vids), annotations=str(tmp_path / "ann.jsonl"), out=str(tmp_path / "o"),
+                                   workers=1, progress=False))
+    rejects = {r["video"]: r for r in read_jsonl(tmp_path / "o" / "rejects.jsonl")}
+    assert sorted(rejects) == ["b.mp4", "c.mp4"] and {r["reason"] for r in rejects.values()} == {"bad_annotation"}
+    assert rejects["b.mp4"]["detail"].startswith(f"{tmp_path / 'ann.jsonl'}:2: 'conversations'[0]: from 'Human'")
+    assert rejects["c.mp4"]["detail"].startswith(f"{tmp_path / 'ann.jsonl'}:3: 'qa'[0]")
+    cat = load_catalog(str(tmp_path / "o"))
+    assert sorted((c.key.startswith("text-"), c.annotation.get("video"), c.annotation.get("text")) for c in cat) == [
+        (False, "a.mp4", None), (True, None, "a text-only sample")]
+    r = summary["this_run"]
+    assert (r["accepted"], r["rejected"], r["text_samples"], r["skipped_already_done"]) == (1, 2, 1, 0)
