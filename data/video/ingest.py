@@ -129,8 +129,70 @@ class Annotations:
     record but a malformed one: rejected as 'bad_annotation' rather than ingested without its text"""
 
 
+class AnnotationsError(ValueError):
+    """An annotation file that cannot be read as records at all (a JSON array that is not valid JSON)."""
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _array_records(path: str, raw: bytes) -> list[tuple[int, object]]:
+    """(line, item) of each item of a file holding one JSON array of records (LLaVA's .json files), the line being
+    where the item starts; AnnotationsError naming the file and line where it is not valid UTF-8 JSON."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise AnnotationsError(f"{path}:{line}: a JSON array of records, but not UTF-8 ({e})") from None
+    dec = json.JSONDecoder()
+    out, line, at = [], 1, 0
+    try:
+        i = _SPACE.match(text, text.index("[") + 1).end()
+        while i < len(text) and text[i] != "]":
+            line += text.count("\n", at, i)
+            at = i
+            item, i = dec.raw_decode(text, i)
+            out.append((line, item))
+            i = _SPACE.match(text, i).end()
+            if i < len(text) and text[i] == ",":
+                i = _SPACE.match(text, i + 1).end()
+            elif i >= len(text) or text[i] != "]":
+                raise json.JSONDecodeError("expected ',' or ']' after an item", text, i)
+        end = _SPACE.match(text, i + 1).end() if i < len(text) else i
+        if i >= len(text) or end < len(text):
+            raise json.JSONDecodeError("expected the array's ']' and nothing after it", text, end)
+    except json.JSONDecodeError as e:
+        raise AnnotationsError(f"{path}:{e.lineno}: a JSON array of records (the file starts with '[') but not valid "
+                               f"JSON: {e.msg} (column {e.colno})") from None
+    return out
+
+
+def _records(path: str, problems: list[str]):
+    """(line, parsed JSON) of each record of an annotation file: JSONL (one JSON value a line; a line that is not
+    UTF-8 or not JSON is a problem naming it), or a file holding one JSON array of records (its first character
+    '['; AnnotationsError where it is not valid JSON). A UTF-8 byte order mark is skipped."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip()
+        f.seek(0)
+        if head[:1] == b"[":
+            yield from _array_records(path, f.read())
+            return
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{n}: not UTF-8 ({e}); record left out")
+                continue
+            if not line:
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: not JSON ({e})")
+
+
 def read_annotations(path: str | None) -> Annotations:
-    """JSONL -> records by kind, and the problems found. A record names its `video`, its `image` or its
+    """JSONL (or one JSON array of records) -> records by kind, and the problems found. A record names its `video`, its `image` or its
     `images` (paths relative to --videos; several images are placed at the "<image>" markers of its text, one
     per image, or first when it has none); one with none of them is a text-only sample when it has text."""
     out = Annotations()
@@ -139,76 +201,67 @@ def read_annotations(path: str | None) -> Annotations:
     text_line: dict[str, int] = {}
     bad: dict[str, str] = {}
     problems = out.problems
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    for n, r in _records(path, problems):
+        if not isinstance(r, dict):
+            problems.append(f"{path}:{n}: not a JSON object")
+            continue
+        v, im, ims = r.get("video"), r.get("image"), r.get("images")
+        named = [k for k, x in (("video", v), ("image", im), ("images", ims)) if x is not None]
+        if len(named) > 1:
+            problems.append(f"{path}:{n}: {' and '.join(repr(k) for k in named)}: a sample is a video, an "
+                            f"image or a list of images")
+            continue
+        turns = conversation_turns(r)
+        wrong = turns if isinstance(turns, str) else field_problem(r)
+        if wrong is not None:
+            problems.append(f"{path}:{n}: {wrong}; record left out")
+            if isinstance(v, str):          # its video is rejected, not ingested without its text
+                bad.setdefault(os.path.normpath(v), f"{path}:{n}: {wrong}")
+            continue
+        if ims is not None:
+            if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
+                problems.append(f"{path}:{n}: field 'images' must be a non-empty list of paths")
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: not JSON ({e})")
+            im = ims
+        if im is not None and not isinstance(im, list):
+            if not isinstance(im, str):
+                problems.append(f"{path}:{n}: field 'image' is {type(im).__name__}, not a string")
                 continue
-            if not isinstance(r, dict):
-                problems.append(f"{path}:{n}: not a JSON object")
-                continue
-            v, im, ims = r.get("video"), r.get("image"), r.get("images")
-            named = [k for k, x in (("video", v), ("image", im), ("images", ims)) if x is not None]
-            if len(named) > 1:
-                problems.append(f"{path}:{n}: {' and '.join(repr(k) for k in named)}: a sample is a video, an "
-                                f"image or a list of images")
-                continue
-            turns = conversation_turns(r)
-            wrong = turns if isinstance(turns, str) else field_problem(r)
-            if wrong is not None:
-                problems.append(f"{path}:{n}: {wrong}; record left out")
-                if isinstance(v, str):          # its video is rejected, not ingested without its text
-                    bad.setdefault(os.path.normpath(v), f"{path}:{n}: {wrong}")
-                continue
-            if ims is not None:
-                if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
-                    problems.append(f"{path}:{n}: field 'images' must be a non-empty list of paths")
-                    continue
-                im = ims
-            if im is not None and not isinstance(im, list):
-                if not isinstance(im, str):
-                    problems.append(f"{path}:{n}: field 'image' is {type(im).__name__}, not a string")
-                    continue
-                im = [im]
-            if im is not None:
-                rels = [os.path.normpath(x) for x in im]
-                marks = image_marker_count(r)
-                if len(set(rels)) != len(rels):
-                    problems.append(f"{path}:{n}: an image is listed twice in {rels}")
-                elif marks and marks != len(rels):
-                    problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
-                                    f"(one per image, or none to place the images first)")
+            im = [im]
+        if im is not None:
+            rels = [os.path.normpath(x) for x in im]
+            marks = image_marker_count(r)
+            if len(set(rels)) != len(rels):
+                problems.append(f"{path}:{n}: an image is listed twice in {rels}")
+            elif marks and marks != len(rels):
+                problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
+                                f"(one per image, or none to place the images first)")
+            else:
+                sid = "+".join(rels)
+                if sid in out.images or sid in out.videos:
+                    problems.append(f"{path}:{n}: second record for {sid!r} ignored")
                 else:
-                    sid = "+".join(rels)
-                    if sid in out.images or sid in out.videos:
-                        problems.append(f"{path}:{n}: second record for {sid!r} ignored")
-                    else:
-                        out.images[sid] = (r, rels)
+                    out.images[sid] = (r, rels)
+            continue
+        if v is None and has_text(r):
+            tid = text_sample_id(r)
+            if tid in text_line:
+                problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
                 continue
-            if v is None and has_text(r):
-                tid = text_sample_id(r)
-                if tid in text_line:
-                    problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")
-                    continue
-                text_line[tid] = n
-                out.texts.append((tid, r, n))
-                continue
-            if not isinstance(v, str):
-                problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
-                                f"sample (a non-empty 'text', a 'qa' answer, or an assistant turn in 'conversations' "
-                                f"or 'messages')" if v is None else
-                                f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
-                continue
-            rel = os.path.normpath(v)
-            if rel in out.videos or rel in out.images:
-                problems.append(f"{path}:{n}: second record for {rel!r} ignored")
-                continue
-            out.videos[rel] = r
+            text_line[tid] = n
+            out.texts.append((tid, r, n))
+            continue
+        if not isinstance(v, str):
+            problems.append(f"{path}:{n}: no string field 'video' or 'image', and no text for a text-only "
+                            f"sample (a non-empty 'text', a 'qa' answer, or an assistant turn in 'conversations' "
+                            f"or 'messages')" if v is None else
+                            f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
+            continue
+        rel = os.path.normpath(v)
+        if rel in out.videos or rel in out.images:
+            problems.append(f"{path}:{n}: second record for {rel!r} ignored")
+            continue
+        out.videos[rel] = r
     out.bad_videos = {rel: why for rel, why in bad.items() if rel not in out.videos}
     return out
 
@@ -533,7 +586,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Verify videos and write webdataset shards with metadata.")
     p.add_argument("--videos", default=None, help="folder of videos (searched recursively)")
     p.add_argument("--annotations", default=None,
-                   help="JSONL: one record per video, or per text-only sample (no 'video'), see docs/data.md")
+                   help="JSONL: one record per video, or per text-only sample (no 'video'), or a JSON array of such "
+                        "records, see docs/data.md")
     p.add_argument("--out", required=True, help="output folder for shards, index, rejects")
     p.add_argument("--shard-size-mb", type=float, default=1024.0)
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
@@ -565,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
-    s = ingest(opts)
+    try:
+        s = ingest(opts)
+    except AnnotationsError as e:
+        print(f"ingest: {e}", file=sys.stderr)
+        return 2
     r = s["this_run"]
     print(f"ingest: {r['accepted']} videos accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
           f"{r['image_samples']} image samples ({r['image_files']} files), {r['text_samples']} text-only samples, "

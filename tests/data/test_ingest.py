@@ -268,3 +268,31 @@ def test_a_video_whose_record_is_malformed_is_rejected_not_ingested_bare(tmp_pat
         (False, "a.mp4", None), (True, None, "a text-only sample")]
     r = summary["this_run"]
     assert (r["accepted"], r["rejected"], r["text_samples"], r["skipped_already_done"]) == (1, 2, 1, 0)
+
+
+def test_annotations_as_a_json_array_with_a_bom_or_a_line_not_utf8(tmp_path):
+    """A LLaVA-style .json (one array of records) used to give a 'not JSON' warning per line and the videos stored
+    bare; a UTF-8 BOM dropped the first record; a latin-1 line aborted the ingest naming neither file nor line."""
+    from data.video.ingest import AnnotationsError, read_annotations
+    recs = [{"video": "a.mp4", "caption": "cap a"}, {"text": "un café"}, [1], {"video": "b.mp4", "caption": "cap b"}]
+    arr = tmp_path / "arr.json"                 # item k on line k + 2: the lines the problems must name
+    arr.write_text("\ufeff [\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]\n",
+                   encoding="utf-8")
+    got = read_annotations(str(arr))
+    assert got.videos == {"a.mp4": recs[0], "b.mp4": recs[3]} and [(r, n) for _, r, n in got.texts] == [(recs[1], 3)]
+    assert got.problems == [f"{arr}:4: not a JSON object"]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([recs[0], recs[1]], indent=2))
+    got = read_annotations(str(pretty))
+    assert list(got.videos) == ["a.mp4"] and [n for _, _, n in got.texts] == [6] and not got.problems
+    for text, line in (("[\n" + json.dumps(recs[0]) + "\n" + json.dumps(recs[1]) + "\n]", 3),   # a comma missing
+                       ("[" + json.dumps(recs[0]) + ",\n", 2), ("[1]\n[2]\n", 2)):
+        arr.write_text(text)
+        with pytest.raises(AnnotationsError, match=f"^{arr}:{line}: a JSON array of records .*but not valid JSON"):
+            read_annotations(str(arr))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs[0]).encode() + b"\n" + '{"text": "un café"}\n'.encode("latin-1")
+                      + json.dumps(recs[3]).encode() + b"\n")
+    got = read_annotations(str(jsonl))
+    assert list(got.videos) == ["a.mp4", "b.mp4"] and not got.texts and len(got.problems) == 1
+    assert got.problems[0].startswith(f"{jsonl}:2: not UTF-8")
