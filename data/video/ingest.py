@@ -124,6 +124,8 @@ class Annotations:
     """image sample id (its one relative path, or its paths joined by '+') -> (record, relative paths)"""
     texts: list[tuple[str, dict, int]] = field(default_factory=list)  # (key, record, line) of text-only records
     problems: list[str] = field(default_factory=list)
+    extra_records: int = 0
+    """records for a video or image set that already had one: reported and ignored (a sample keeps its first)"""
     bad_videos: dict[str, str] = field(default_factory=dict)
     """relative video path -> what is wrong with its record ("file:line: ..."), for a video with no well-formed
     record but a malformed one: rejected as 'bad_annotation' rather than ingested without its text"""
@@ -239,7 +241,8 @@ def read_annotations(path: str | None) -> Annotations:
             else:
                 sid = "+".join(rels)
                 if sid in out.images or sid in out.videos:
-                    problems.append(f"{path}:{n}: second record for {sid!r} ignored")
+                    problems.append(f"{path}:{n}: second record for {sid!r} ignored (a sample keeps its first)")
+                    out.extra_records += 1
                 else:
                     out.images[sid] = (r, rels)
             continue
@@ -259,7 +262,9 @@ def read_annotations(path: str | None) -> Annotations:
             continue
         rel = os.path.normpath(v)
         if rel in out.videos or rel in out.images:
-            problems.append(f"{path}:{n}: second record for {rel!r} ignored")
+            problems.append(f"{path}:{n}: second record for {rel!r} ignored (a sample keeps its first; put several "
+                            f"conversations of one video in one record as consecutive turns)")
+            out.extra_records += 1
             continue
         out.videos[rel] = r
     out.bad_videos = {rel: why for rel, why in bad.items() if rel not in out.videos}
@@ -568,6 +573,8 @@ def ingest(opts: IngestOptions) -> dict:
                      "skipped_already_done": (len(videos) + len(images) + len(texts) - len(todo)
                                               - missing_images - bad_listed),
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
+                     "annotation_problems": len(annotations.problems),
+                     "records_ignored_extra": annotations.extra_records,
                      "image_samples": stats["image_accepted"], "image_files": stats["image_files"],
                      "text_chars": stats["text_chars"],
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
@@ -629,4 +636,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['image_samples']} image samples ({r['image_files']} files), {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
+    if r["annotation_problems"]:
+        print(f"ingest: {r['annotation_problems']} annotation problems, warned above (their records left out): "
+              f"{r['records_ignored_extra']} of them more records for a video or image set that had one "
+              f"(a sample keeps its first record)")
     return 0

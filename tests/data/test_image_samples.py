@@ -94,7 +94,7 @@ def test_image_records_in_annotations(tmp_path):
     assert list(a.images) == ["a.png", "a.png+c.png", "f.png+g.png"] and not a.videos and not a.texts
     assert a.images["a.png+c.png"][1] == ["a.png", "c.png"]
     assert [x.split(": ", 1)[1] for x in a.problems] == [
-        "second record for 'a.png' ignored", "field 'image' is int, not a string",
+        "second record for 'a.png' ignored (a sample keeps its first)", "field 'image' is int, not a string",
         "'video' and 'image': a sample is a video, an image or a list of images",
         "2 image(s) but 1 '<image>' markers in the text (one per image, or none to place the images first)",
         "an image is listed twice in ['e.png', 'e.png']", "field 'images' must be a non-empty list of paths"]

@@ -296,3 +296,25 @@ def test_annotations_as_a_json_array_with_a_bom_or_a_line_not_utf8(tmp_path):
     got = read_annotations(str(jsonl))
     assert list(got.videos) == ["a.mp4", "b.mp4"] and not got.texts and len(got.problems) == 1
     assert got.problems[0].startswith(f"{jsonl}:2: not UTF-8")
+
+
+def test_several_records_for_one_video_keep_the_first_and_are_counted(tmp_path, capsys):
+    """A sample keeps its first record (docs/data.md): the others were dropped with a warning that scrolls past, and
+    the summary said nothing; it now counts them."""
+    from data.video.ingest import main
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    recs = [{"video": "a.mp4", "conversations": conv}, {"video": "a.mp4", "caption": "second"},
+            {"video": "./a.mp4", "caption": "third"}, "not a record"]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["--videos", str(vids), "--annotations", str(tmp_path / "ann.jsonl"), "--out", str(tmp_path / "o"),
+                 "--workers", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert ("ingest: 3 annotation problems, warned above (their records left out): 2 of them more records for a video "
+            "or image set that had one") in out
+    assert f"{tmp_path / 'ann.jsonl'}:2: second record for 'a.mp4' ignored" in err and ":3: second record" in err
+    s = json.loads((tmp_path / "o" / "dataset.json").read_text())["this_run"]
+    assert (s["annotation_problems"], s["records_ignored_extra"], s["accepted"]) == (3, 2, 1)
+    assert [c.annotation for c in load_catalog(str(tmp_path / "o"))] == [recs[0]]
