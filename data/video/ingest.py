@@ -403,11 +403,20 @@ def ingest(opts: IngestOptions) -> dict:
             reasons["bad_annotation"] += 1
             bad_listed += rel in listed
     missing = sorted(set(ann) - listed)
+    supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
     for rel in missing:
         if rel not in done:
-            _append_jsonl(rejects_path, {"video": rel, "reason": "missing_file",
-                                         "detail": "listed in annotations, not found under --videos"})
+            if root is not None and os.path.isfile(os.path.join(root, rel)):
+                reason = "unsupported_extension"
+                detail = (f"listed in annotations and found under --videos, but its extension "
+                          f"{os.path.splitext(rel)[1] or '(none)'!r} is not one ingest reads ({supported})")
+            else:
+                reason = "missing_file"
+                detail = ("listed in annotations, not found under --videos" if root is not None
+                          else "listed in annotations; no --videos folder given")
+            _append_jsonl(rejects_path, {"video": rel, "reason": reason, "detail": detail})
             done.add(rel)
+            reasons[reason] += 1
     images = sorted(annotations.images)
     missing_images = 0
     for sid in images:
@@ -419,6 +428,7 @@ def ingest(opts: IngestOptions) -> dict:
                                          if root is not None else "listed in annotations; no --videos folder given"})
             done.add(sid)
             missing_images += 1
+            reasons["missing_file"] += 1
     text_of = {tid: (r, n) for tid, r, n in texts}
     # ("video" | "image", relative path) or ("text", key): images spread evenly among the videos, then the
     # text-only samples among both, so that the shards (and the shuffle) mix the kinds
@@ -637,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     if r["annotation_problems"]:
-        print(f"ingest: {r['annotation_problems']} annotation problems, warned above (their records left out): "
-              f"{r['records_ignored_extra']} of them more records for a video or image set that had one "
-              f"(a sample keeps its first record)")
+        extra = r["records_ignored_extra"]
+        print(f"ingest: {r['annotation_problems']} annotation problems, warned above (their records left out)"
+              + (f": {extra} of them more records for a video or image set that had one (a sample keeps its first "
+                 f"record)" if extra else ""))
     return 0

@@ -318,3 +318,26 @@ def test_several_records_for_one_video_keep_the_first_and_are_counted(tmp_path, 
     s = json.loads((tmp_path / "o" / "dataset.json").read_text())["this_run"]
     assert (s["annotation_problems"], s["records_ignored_extra"], s["accepted"]) == (3, 2, 1)
     assert [c.annotation for c in load_catalog(str(tmp_path / "o"))] == [recs[0]]
+
+
+def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_counted(tmp_path):
+    """A .3gp the annotations name was rejected as 'missing_file: not found under --videos' although it is there;
+    and the run's summary left the missing files out of its rejected count (the reference: rejects.jsonl)."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
+    shutil.copy(vids / "a.mp4", vids / "clip.3gp")
+    recs = [{"video": "clip.3gp", "caption": "c"}, {"video": "ghost.mp4", "caption": "g"},
+            {"image": "ghost.png", "caption": "g"}, {"video": "a.mp4", "caption": "a"}]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = ingest(IngestOptions(videos=str(vids), annotations=str(tmp_path / "ann.jsonl"), out=str(tmp_path / "o"),
+                                   workers=1, progress=False))
+    rejects = read_jsonl(tmp_path / "o" / "rejects.jsonl")
+    by = {r.get("video") or r.get("image"): r for r in rejects}
+    assert {k: r["reason"] for k, r in by.items()} == {
+        "clip.3gp": "unsupported_extension", "ghost.mp4": "missing_file", "ghost.png": "missing_file"}
+    assert "'.3gp' is not one ingest reads (mp4 mkv webm mov avi m4v ts" in by["clip.3gp"]["detail"]
+    r = summary["this_run"]
+    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 3 and r["accepted"] == 1
+    assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2}
+    assert r["skipped_already_done"] == 0
