@@ -66,6 +66,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+def image_member_ext(path: str, fmt: str | None) -> str:
+    """The extension of an image's tar member: its file name's (lower case) when it is one of IMAGE_EXTS, else the
+    one of its decoded format (Pillow's, e.g. "PNG") when that is, else the file name's when it is letters and
+    digits, else "img". Only the basename counts: a dot in a folder's name is no extension."""
+    ext = os.path.splitext(os.path.basename(path))[1][1:].lower()
+    if ext in IMAGE_EXTS:
+        return ext
+    by_format = {"jpeg": "jpg"}.get((fmt or "").lower(), (fmt or "").lower())
+    if by_format in IMAGE_EXTS:
+        return by_format
+    return ext if re.fullmatch(r"[a-z0-9]+", ext) else "img"
+
+
 class ShardWriter:
     """Writes one shard to `<name>.tmp`; `close()` renames it and writes its index."""
 
@@ -107,7 +120,7 @@ class ShardWriter:
         j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
         members = []
         for i, path in enumerate(image_paths):
-            ext = path.rsplit(".", 1)[-1].lower()
+            ext = image_member_ext(path, record["images"][i].get("format"))
             name = f"{key}.{ext}" if len(image_paths) == 1 else f"{key}.{i}.{ext}"
             with open(path, "rb") as f:
                 off, size = self._add(name, os.path.getsize(path), f)

@@ -320,3 +320,34 @@ def test_image_decoder_crash_or_hang_costs_one_sample(with_images, tmp_path, mon
     assert got == sorted(f"{os.path.basename(c.shard)}/{c.key}" for c in cat if c.key != victim.key)
     q = read_jsonl(cfg.quarantine_path)
     assert [(r["key"], r["reason"]) for r in q] == [(victim.key, "crashed" if fault == "crash" else "timeout")]
+
+
+def test_image_member_names_take_the_basename_extension_or_the_format(tmp_path):
+    """An image file without an extension in a dotted folder ('v1.2/photo') was stored as member '<key>.2/photo'
+    (the path's text after its last dot), which no reader groups with its json; the tar itself is the reference."""
+    import tarfile
+
+    from data.video.shards import scan_shard
+    (tmp_path / "v1.2").mkdir()
+    write_image(tmp_path / "v1.2" / "photo", 0)                   # image 0: a plain PNG, here without an extension
+    os.rename(tmp_path / "v1.2" / "photo.png", tmp_path / "v1.2" / "photo")
+    write_image(tmp_path / "v1.2" / "shot", 1)                    # image 1: a JPEG, renamed upper case
+    os.rename(tmp_path / "v1.2" / "shot.jpg", tmp_path / "v1.2" / "SHOT.JPG")
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps({"image": "v1.2/photo", "caption": "c"}) + "\n"
+                   + json.dumps({"images": ["v1.2/SHOT.JPG", "v1.2/photo"], "caption": "two"}) + "\n")
+    summary = ingest(IngestOptions(videos=str(tmp_path), annotations=str(ann), out=str(tmp_path / "o"), workers=1,
+                                   progress=False))
+    assert summary["this_run"]["image_samples"] == 2 and summary["num_rejected"] == 0
+    shard = str(tmp_path / "o" / "shard-000000.tar")
+    with tarfile.open(shard) as t:
+        names = {m.name: t.extractfile(m).read() for m in t if m.isfile()}
+    photo = (tmp_path / "v1.2" / "photo").read_bytes()
+    keys = sorted({n.split(".", 1)[0] for n in names})
+    assert all("/" not in n for n in names) and len(keys) == 2
+    one, two = sorted(keys, key=lambda k: "photo" not in k or "SHOT" in k)
+    assert names[f"{one}.png"] == photo
+    assert names[f"{two}.0.jpg"] == (tmp_path / "v1.2" / "SHOT.JPG").read_bytes() and names[f"{two}.1.png"] == photo
+    assert len(names) == 5
+    assert sorted((s["key"], len(s["image_members"])) for s in scan_shard(shard)["samples"]) == sorted(
+        [(one, 1), (two, 2)])
