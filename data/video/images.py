@@ -80,12 +80,16 @@ def inspect_image(path: str) -> dict:
 
 def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
-    (alpha dropped, palette and grey expanded), resized with bicubic filtering. A JPEG at least twice the
+    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits), resized with bicubic filtering. A JPEG at least twice the
     size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`: in full).
     Raises ImageError."""
     from PIL import Image
 
     _, img, _ = _open(io.BytesIO(data), what, draft=(width, height) if draft else None)
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grey (a 16-bit PNG opens as "I;16", or "I" with older Pillow): convert() would clip every value
+        # over 255 to white instead of scaling, so keep the high byte of each sample
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
     img = img.convert("RGB")
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)

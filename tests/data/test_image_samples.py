@@ -351,3 +351,19 @@ def test_image_member_names_take_the_basename_extension_or_the_format(tmp_path):
     assert len(names) == 5
     assert sorted((s["key"], len(s["image_members"])) for s in scan_shard(shard)["samples"]) == sorted(
         [(one, 1), (two, 2)])
+
+
+def test_a_16_bit_png_decodes_as_its_ramp_not_white(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit grey PNG's values over 255 instead of scaling them: a ramp from black
+    to white decoded almost all white. The reference is the ramp computed here, scaled by 255 / 65535."""
+    from PIL import Image
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (8, 1))     # [8, 256], black to white
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")                                   # stored as 16 bits
+    meta = inspect_image(str(path))
+    got = decode_image(path.read_bytes(), meta["height"], meta["width"], draft=False)
+    want = np.round(ramp.astype(np.float64) * 255 / 65535)
+    assert got.shape == (1, 3, 8, 256) and (got[0] == got[0, :1]).all()           # grey: three equal channels
+    # 1 level: the decoder keeps the high byte (v >> 8), which is at most 1 below the rounded v * 255 / 65535
+    assert np.abs(got[0, 0].astype(np.float64) - want).max() <= 1
