@@ -187,17 +187,33 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
         a = np.stack((pl[2], pl[0], pl[1]))
         return np.rot90(a, k=rot // 90, axes=(1, 2)) if rot else a
 
+    def open_stream():
+        c = av.open(req.path)
+        if not c.streams.video:
+            c.close()
+            raise DecodeError("no_video_stream")
+        s = c.streams.video[0]
+        s.codec_context.thread_count = req.threads
+        if req.threads > 1:
+            s.thread_type = "AUTO"
+        return c, s
+
     try:
-        container = av.open(req.path)
+        container, st = open_stream()
+    except DecodeError:
+        raise
     except Exception as e:
         raise DecodeError("open_failed", f"pyav: {str(e)[:300]}") from None
+
+    def from_start():
+        """Frames from the true start of the stream: the file opened again and decoded without a seek (in MPEG-TS a
+        seek to the first frame's pts lands on the next keyframe, past the first GOP)."""
+        nonlocal container, st
+        container.close()
+        container, st = open_stream()
+        return container.decode(st)
+
     try:
-        if not container.streams.video:
-            raise DecodeError("no_video_stream")
-        st = container.streams.video[0]
-        st.codec_context.thread_count = req.threads
-        if req.threads > 1:
-            st.thread_type = "AUTO"
         pts = None
         if req.meta.get("pts_runs") and not req.meta.get("pts_synthesized"):
             pts = decode_runs(req.meta["pts_runs"])
@@ -214,14 +230,17 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
 
         frames = None
         cur = -1
+        seek_ok = True                           # False once a seek missed its frame: decode on without seeking
         for j, t in enumerate(req.indices):
             found = False
             for attempt in range(2):
                 kpos = int(np.searchsorted(keys, t, side="right")) - 1
                 kf = int(keys[kpos]) if kpos >= 0 else 0
-                if attempt == 1:
-                    kf = 0                       # fall back: from the very first frame
-                if frames is None or kf > cur or t <= cur or attempt == 1:
+                if attempt == 1 or not seek_ok:
+                    if attempt == 1 or frames is None or t <= cur:
+                        frames = from_start()    # fall back: from the true start of the stream
+                        cur = -1
+                elif frames is None or kf > cur or t <= cur:
                     container.seek(int(pts[kf]), stream=st, backward=True, any_frame=False)
                     frames = container.decode(st)
                     cur = -1
@@ -239,6 +258,7 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
                 if found:
                     break
                 frames = None
+                seek_ok = False                  # e.g. landed past frame t (MPEG-TS: on the next keyframe)
             if not found:
                 raise DecodeError("missing_frame", f"pyav could not decode frame {t} (have {j} of {k})")
     except DecodeError:
