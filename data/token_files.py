@@ -125,6 +125,17 @@ def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> lis
     return out
 
 
+def empty_prefix(prefix: str) -> str | None:
+    """What is wrong with a token-file prefix that holds no token (its .bin empty, e.g. tokenized from no document:
+    megatron then fails with 'cannot mmap an empty file', naming none), else None."""
+    try:
+        empty = os.path.getsize(prefix + ".bin") == 0
+    except OSError:
+        return None                   # a missing file is reported by whoever opens it, naming it
+    return (f"{prefix}.bin is empty: no token in this prefix (was it tokenized from no document, e.g. with the wrong "
+            f"--key?)") if empty else None
+
+
 def sidecar(prefix: str) -> dict | None:
     """The PREFIX.json that launch/tokenize_text.py wrote beside a dataset (None for files written elsewhere)."""
     p = Path(prefix + ".json")
@@ -360,6 +371,9 @@ class TokenSource:
 
         self.prefixes, self.S, self.seed, self.source_id, self.shuffle = list(prefixes), seq_length, seed, source_id, shuffle
         self.vocab_size = vocab_size
+        for p in self.prefixes:
+            if (why := empty_prefix(p)) is not None:
+                raise ValueError(why)
         self.datasets = [IndexedDataset(p, mmap=True) for p in self.prefixes]
         # the lengths stay in the .idx maps (megatron reads them zero-copy): nothing per document is held here
         counts = [len(ds.sequence_lengths) for ds in self.datasets]

@@ -66,6 +66,14 @@ def main(argv=None) -> int:
             print(f"tokenize_text: {e}", file=sys.stderr)
             return 1
     dt = time.perf_counter() - t0
+    if info["documents"] == 0:
+        for ext in (".bin", ".idx", ".json"):
+            if os.path.exists(a.out + ext):
+                os.unlink(a.out + ext)
+        where = f" (the lines left out and why: {a.out}.skipped.jsonl)" if info.get("skipped_lines") else ""
+        print(f"tokenize_text: no document written to {a.out}: no line of {', '.join(a.input or ['--synthetic'])} "
+              f"has text under --key {a.key!r}{where}; the empty {a.out}.bin/.idx removed", file=sys.stderr)
+        return 1
     print(f"wrote {a.out}.bin/.idx: {info['documents']} documents, {info['tokens']} tokens ({info['dtype']}), "
           f"{info['tokens'] / max(dt, 1e-9):,.0f} tokens/s")
     if info.get("skipped_lines"):

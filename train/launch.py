@@ -92,10 +92,10 @@ def check_token_files(cfg: Config) -> None:
 
 
 def check_token_paths(cfg: Config) -> None:
-    """The token files of data.kind=tokens exist, were tokenized for a vocabulary the model holds (their sidecar's
-    vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
+    """The token files of data.kind=tokens exist, hold tokens, were tokenized for a vocabulary the model holds (their
+    sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
     from data.held_out import held_out_paths
-    from data.token_files import resolve_prefixes, sidecar
+    from data.token_files import empty_prefix, resolve_prefixes, sidecar
 
     vocab = cfg.model.lm.vocab_size
     tk = cfg.data.tokens
@@ -106,6 +106,8 @@ def check_token_paths(cfg: Config) -> None:
             spec = held_out_paths(spec, field_name="data.tokens.eval_paths")
         found[name] = [p for g in resolve_prefixes(spec, field_name=f"data.tokens.{name}") for p in g] if spec else []
         for prefix in found[name]:
+            if (why := empty_prefix(prefix)) is not None:
+                raise ValueError(f"data.tokens.{name}: {why}")
             meta = sidecar(prefix)
             if meta is not None and meta["vocab_size"] > vocab:
                 raise ValueError(f"data.tokens.{name}: {prefix} was tokenized with {meta.get('tokenizer', '?')} "

@@ -5,6 +5,7 @@ IndexedDataset reading the files back, plain concatenation and slicing of the do
 sequential loop over the Weyl rule (the blend), and a loop over each row's positions (document bounds).
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -587,3 +588,28 @@ def test_tokenize_text_command(tmp_path, capsys):
     assert main(["--synthetic", "30", "--out", out + "5"]) == 0 and sidecar(out + "5")["documents"] == 30
     assert main(["--input", str(tmp_path / "in.jsonl"), "--out", out + "6", "--workers", "2"]) == 0
     assert (tmp_path / "tok" / "in6.bin").read_bytes() == (tmp_path / "tok" / "in.bin").read_bytes()
+
+
+def test_no_document_written_is_an_error_and_an_empty_prefix_is_named(tmp_path, capsys):
+    """tokenize_text.py with a --key no line has exited 0 leaving an empty .bin, which a run later met as megatron's
+    'cannot mmap an empty file', naming no prefix."""
+    from types import SimpleNamespace
+
+    from launch.tokenize_text import main
+    from train.launch import check_token_paths
+
+    (tmp_path / "in.jsonl").write_text('{"content": "one"}\n{"content": "two"}\n')
+    out = str(tmp_path / "tok" / "in")
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"no document written to {out}" in err and "--key 'text'" in err and "in.skipped.jsonl" in err
+    assert not any(os.path.exists(out + ext) for ext in (".bin", ".idx", ".json"))
+    # such a prefix (an empty .bin, as the command wrote it before) is named by the reader and the launch check
+    tokenize_jsonl([str(tmp_path / "in.jsonl")], out, ByteTokenizer())
+    assert os.path.getsize(out + ".bin") == 0
+    with pytest.raises(ValueError, match=rf"{out}\.bin is empty: no token in this prefix"):
+        TokenSource([out], seq_length=8, seed=0, source_id=0)
+    cfg = SimpleNamespace(model=SimpleNamespace(lm=SimpleNamespace(vocab_size=512)),
+                          data=SimpleNamespace(tokens=SimpleNamespace(paths=out, eval_paths="")))
+    with pytest.raises(ValueError, match=rf"data\.tokens\.paths: {out}\.bin is empty"):
+        check_token_paths(cfg)
