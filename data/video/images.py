@@ -80,8 +80,9 @@ def inspect_image(path: str) -> dict:
 
 def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
-    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits), resized with bicubic filtering. A JPEG at least twice the
-    size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`: in full).
+    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits), resized with bicubic filtering. A JPEG
+    at least twice the size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`:
+    in full).
     Raises ImageError."""
     from PIL import Image
 

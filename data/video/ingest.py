@@ -194,9 +194,10 @@ def _records(path: str, problems: list[str]):
 
 
 def read_annotations(path: str | None) -> Annotations:
-    """JSONL (or one JSON array of records) -> records by kind, and the problems found. A record names its `video`, its `image` or its
-    `images` (paths relative to --videos; several images are placed at the "<image>" markers of its text, one
-    per image, or first when it has none); one with none of them is a text-only sample when it has text."""
+    """JSONL (or one JSON array of records) -> records by kind, and the problems found. A record names its `video`,
+    its `image` or its `images` (paths relative to --videos; several images are placed at the "<image>" markers of
+    its text, one per image, or first when it has none); one with none of them is a text-only sample when it has
+    text."""
     out = Annotations()
     if path is None:
         return out

@@ -291,8 +291,8 @@ def test_annotations_as_a_json_array_with_a_bom_or_a_line_not_utf8(tmp_path):
         with pytest.raises(AnnotationsError, match=f"^{arr}:{line}: a JSON array of records .*but not valid JSON"):
             read_annotations(str(arr))
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs[0]).encode() + b"\n" + '{"text": "un café"}\n'.encode("latin-1")
-                      + json.dumps(recs[3]).encode() + b"\n")
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs[0]).encode() + b"\n"
+                      + '{"text": "un café"}\n'.encode("latin-1") + json.dumps(recs[3]).encode() + b"\n")
     got = read_annotations(str(jsonl))
     assert list(got.videos) == ["a.mp4", "b.mp4"] and not got.texts and len(got.problems) == 1
     assert got.problems[0].startswith(f"{jsonl}:2: not UTF-8")
