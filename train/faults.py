@@ -26,13 +26,35 @@ import signal
 import torch
 
 
+FAULTS = ("kill_in_save", "kill_in_step", "nan_in_step", "nan_backward_in_step", "nan_grad_in_step")
+ARGUMENTS = ("step", "rank", "micro", "doc")
+
+
 def _parse(spec: str) -> list[tuple[str, dict]]:
+    """[(fault, {argument: int})] of a KEYE_FAULT value; ValueError naming the part that is not a fault of FAULTS
+    with `:name=integer` arguments of ARGUMENTS (a misspelled drill would otherwise pass without its fault)."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         name, *args = item.split(":")
-        kv = dict(a.split("=", 1) for a in args)
-        faults.append((name, {k: int(v) for k, v in kv.items()}))
+        kv = {}
+        for a in args:
+            k, eq, v = a.partition("=")
+            if not (eq and k in ARGUMENTS and v.strip().lstrip("-").isdigit()):
+                raise ValueError(f"KEYE_FAULT={spec!r}: {a!r} in {item!r} is not NAME=INTEGER with NAME one of "
+                                 f"{', '.join(ARGUMENTS)}")
+            kv[k] = int(v)
+        if name not in FAULTS:
+            raise ValueError(f"KEYE_FAULT={spec!r}: {name!r} is not a fault; the faults are {', '.join(FAULTS)} "
+                             f"(train/faults.py)")
+        faults.append((name, kv))
     return faults
+
+
+def check_env() -> None:
+    """ValueError naming KEYE_FAULT when it is set and not a list of faults: the launcher checks it before a run."""
+    spec = os.environ.get("KEYE_FAULT")
+    if spec:
+        _parse(spec)
 
 
 def requested(point: str, *, step: int, rank: int) -> bool:

@@ -407,6 +407,9 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
 
 def run(dcfg: DictConfig) -> None:
     try:
+        from train.faults import check_env
+
+        check_env()   # a fault drill's KEYE_FAULT
         cfg, layout = validate(dcfg)
         check_run_dir(cfg)
         check_paths(cfg)

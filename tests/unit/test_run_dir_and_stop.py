@@ -40,3 +40,21 @@ def test_a_stop_file_from_before_the_launch_is_removed_and_a_new_one_kept(tmp_pa
     assert stop.exists()
     stop.unlink()
     requests.drop_stale(launched)                             # nothing to do without one
+
+
+def test_a_fault_drill_with_a_misspelled_fault_stops_before_the_run(monkeypatch):
+    """KEYE_FAULT names what the drill breaks: a fault name not in the list, or an argument that is not
+    NAME=INTEGER, stops the launch naming the part (a misspelled drill used to run clean and 'pass')."""
+    from train.faults import _parse, check_env
+
+    assert _parse("kill_in_step:step=3:rank=1; nan_in_step:micro=1:doc=0") == [
+        ("kill_in_step", {"step": 3, "rank": 1}), ("nan_in_step", {"micro": 1, "doc": 0})]
+    for spec, message in (("kill_in_steps:step=3", r"'kill_in_steps' is not a fault; the faults are kill_in_save"),
+                          ("kill_in_step:step3", r"'step3' in 'kill_in_step:step3' is not NAME=INTEGER"),
+                          ("kill_in_step:stp=3", r"'stp=3' .* is not NAME=INTEGER with NAME one of step, rank"),
+                          ("nan_in_step:rank=one", r"'rank=one' .* is not NAME=INTEGER")):
+        monkeypatch.setenv("KEYE_FAULT", spec)
+        with pytest.raises(ValueError, match=r"KEYE_FAULT=.*" + message):
+            check_env()
+    monkeypatch.delenv("KEYE_FAULT")
+    check_env()
