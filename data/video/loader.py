@@ -47,6 +47,7 @@ the run raises only after `max_consecutive_failures` failures in a row.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -420,6 +421,7 @@ class FrameSource:
         d = cfg.spill_dir
         self.spill_dir = d if d and os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
         self._n = 0
+        self._spill_full_noted = False
         _remove_stale_spills(self.spill_dir)
 
     def close(self) -> None:
@@ -482,7 +484,24 @@ class FrameSource:
             try:
                 spill_member(rec.shard, rec.video_offset, rec.video_size, video)
             except OSError as e:
-                raise SampleFailure("read_error", str(e)[:300]) from None
+                if e.errno != errno.ENOSPC or self.spill_dir == tempfile.gettempdir():
+                    raise SampleFailure("read_error", str(e)[:300]) from None
+                # the spill directory (a tmpfs: a container's /dev/shm is often 64 MB) cannot hold this video:
+                # it goes to the temporary directory's disk instead, said once
+                _unlink(video)
+                if not self._spill_full_noted:
+                    self._spill_full_noted = True
+                    log.warning("video loader: data.video.spill_dir=%s has no room for %s/%s (%.1f MB): videos that "
+                                "do not fit there are written to %s", self.spill_dir, os.path.basename(rec.shard),
+                                rec.key, rec.video_size / 1e6, tempfile.gettempdir())
+                video = os.path.join(tempfile.gettempdir(), os.path.basename(video))
+                raw = os.path.join(tempfile.gettempdir(), os.path.basename(raw))
+                req["path"] = video
+                try:
+                    spill_member(rec.shard, rec.video_offset, rec.video_size, video)
+                except OSError as e2:
+                    raise SampleFailure("read_error", f"{str(e2)[:200]} (spilling the video to {tempfile.gettempdir()}, "
+                                                      f"after data.video.spill_dir={self.spill_dir} had no room)") from None
             if self.cfg.decode_isolation == "process":
                 arr = self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key, **req)
             else:

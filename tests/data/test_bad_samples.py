@@ -148,3 +148,38 @@ def test_shards_whose_every_sample_cannot_be_planned_stop_with_the_reasons(tmp_p
                                            r"no_text: .*data\.video\.seq_len \(64\)"):
         next(iter(loader))
     loader.close()
+
+
+def test_a_video_the_spill_directory_has_no_room_for_is_spilled_to_the_temp_dir(shard_dir, tmp_path, monkeypatch,
+                                                                                caplog):
+    """A tmpfs spill directory too small for a video (a container's 64 MB /dev/shm) failed every such video as
+    read_error 'No space left on device', naming neither the directory nor the cure. The video now goes to the
+    temporary directory's disk, with one warning; the samples are the ones a roomy spill directory gives."""
+    import errno
+    import logging
+
+    from data.video import loader as loader_module
+
+    small = tmp_path / "shm"
+    small.mkdir()
+    real = loader_module.spill_member
+    calls = []
+
+    def full(shard, offset, size, path):
+        calls.append(path)
+        if str(path).startswith(str(small)):
+            with open(path, "wb") as f:
+                f.write(b"x")                                      # a partial file, as a full tmpfs leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(shard, offset, size, path)
+
+    cfg = small_cfg(shard_dir, tmp_path, shuffle=False, num_epochs=1, decode_isolation="inline")
+    want = [(p.sample_keys, p.pixel_values.sum().item()) for p in VideoPackedLoader(cfg, seed=0)]
+    monkeypatch.setattr(loader_module, "spill_member", full)
+    cfg = replace(cfg, spill_dir=str(small), quarantine_path=str(tmp_path / "q2.jsonl"))
+    with caplog.at_level(logging.WARNING):
+        loader = VideoPackedLoader(cfg, seed=0)
+        got = [(p.sample_keys, p.pixel_values.sum().item()) for p in loader]
+    assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
+    assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
+    assert any(not str(c).startswith(str(small)) for c in calls) and not list(small.iterdir())
