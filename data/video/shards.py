@@ -225,16 +225,16 @@ def scan_shard(tar_path: str) -> dict:
             d = by_key.setdefault(key, {})
             if key not in order:
                 order.append(key)
-            img = re.fullmatch(r"(?:(\d+)\.)?([a-z]+)", ext)
+            img = re.fullmatch(r"(?:(\d+)\.)?([a-z0-9]+)", ext)
             if ext == "json":
                 d["record"] = json.loads(tar.extractfile(m).read())
-            elif img and img.group(2) in IMAGE_EXTS:      # <key>.<ext> or <key>.<i>.<ext>
-                d.setdefault("images", {})[int(img.group(1) or 0)] = {"member": m.name, "offset": m.offset_data,
-                                                                      "size": m.size}
             elif ext in VIDEO_EXTS:
                 d["video_member"] = m.name
                 d["video_offset"] = m.offset_data
                 d["video_size"] = m.size
+            elif img:   # <key>.<ext> or <key>.<i>.<ext>: an image of an image sample (any format Pillow read at ingest)
+                d.setdefault("images", {})[int(img.group(1) or 0)] = {"member": m.name, "offset": m.offset_data,
+                                                                      "size": m.size}
     samples = []
     for key in order:
         d = by_key[key]

@@ -367,3 +367,27 @@ def test_a_16_bit_png_decodes_as_its_ramp_not_white(tmp_path):
     assert got.shape == (1, 3, 8, 256) and (got[0] == got[0, :1]).all()           # grey: three equal channels
     # 1 level: the decoder keeps the high byte (v >> 8), which is at most 1 below the rounded v * 255 / 65535
     assert np.abs(got[0, 0].astype(np.float64) - want).max() <= 1
+
+
+def test_a_shard_without_its_index_lists_images_of_any_format_ingest_read(tmp_path):
+    """scan_shard (a tar whose index is lost) listed image members by five extensions only, so a GIF or TIFF image
+    sample, which ingest stores under its own extension, was dropped from the rebuilt index; the index ingest wrote
+    is the reference."""
+    from PIL import Image
+
+    from data.video.shards import index_path, scan_shard
+    for name, fmt in (("anim.gif", "GIF"), ("scan.tif", "TIFF")):
+        Image.new("RGB", (40, 30), (200, 40, 10)).save(tmp_path / name, format=fmt)
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps({"image": "anim.gif", "caption": "g"}) + "\n"
+                   + json.dumps({"image": "scan.tif", "caption": "t"}) + "\n")
+    summary = ingest(IngestOptions(videos=str(tmp_path), annotations=str(ann), out=str(tmp_path / "o"), workers=1,
+                                   progress=False))
+    assert summary["this_run"]["image_samples"] == 2 and summary["num_rejected"] == 0
+    shard = str(tmp_path / "o" / "shard-000000.tar")
+    with open(index_path(shard)) as f:
+        indexed = json.load(f)["samples"]
+    scanned = scan_shard(shard)["samples"]
+    assert sorted((s["key"], s["image_members"][0]["member"]) for s in scanned) == sorted(
+        (s["key"], s["image_members"][0]["member"]) for s in indexed)
+    assert sorted(s["image_members"][0]["member"].rsplit(".", 1)[1] for s in scanned) == ["gif", "tif"]
