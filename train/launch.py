@@ -256,17 +256,17 @@ def check_paths(cfg: Config) -> None:
 
 def check_run_dir(cfg: Config) -> None:
     """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
-    logs there first, which failed with a traceback on every rank for a path that is a file or read-only."""
-    run_dir = Path(cfg.resolved_run_dir())
+    logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Writes
+    nothing: a config that is not valid leaves no directory behind."""
+    run_dir = Path(cfg.resolved_run_dir()).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={run_dir} is a file, not a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"run_dir={run_dir}: cannot be made a directory ({e.strerror or e}"
-                         + (f": {e.filename}" if e.filename and str(e.filename) != str(run_dir) else "") + ")") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"run_dir={run_dir}: this process cannot write there (its logs, config and checkpoints)")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"run_dir={run_dir}: cannot be made a directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir={run_dir}: this process cannot write {'there' if existing == run_dir else existing} "
+                         f"(the run's logs, config and checkpoints go there)")
 
 
 def check_hf_model(source: str, lm) -> None:

@@ -18,12 +18,12 @@ def _cfg(path):
 
 def test_run_dir_must_be_a_directory_the_launch_can_make(tmp_path):
     check_run_dir(_cfg(tmp_path / "new" / "run"))
-    assert (tmp_path / "new" / "run").is_dir()
+    assert not (tmp_path / "new").exists()                   # judged, not made: an invalid launch writes nothing
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"run_dir=.*afile is a file, not a directory"):
         check_run_dir(_cfg(tmp_path / "afile"))
-    with pytest.raises(ValueError, match=r"run_dir=.*afile/run: cannot be made a directory \(Not a directory"):
-        check_run_dir(_cfg(tmp_path / "afile" / "run"))
+    with pytest.raises(ValueError, match=r"run_dir=.*afile/run/sub: cannot be made a directory \(.*afile is a file"):
+        check_run_dir(_cfg(tmp_path / "afile" / "run" / "sub"))
 
 
 def test_a_stop_file_from_before_the_launch_is_removed_and_a_new_one_kept(tmp_path, caplog):
