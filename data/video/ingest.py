@@ -9,6 +9,8 @@ the "<image>" markers of its text), is an image sample: each file decoded whole 
 An annotation record with no `video` field and some text (`text`, or `qa` pairs) is a text-only sample:
 it is stored as its `<key>.json` alone (key `text-<sha1 of the record>`), spread evenly among the videos
 in the shards, so that a run mixes text-only documents with the videos (docs/data.md "Text-only samples").
+A video with several records (several conversations: LLaVA-Video's instruction data) makes a sample of each: the
+first is keyed as the video, record i (in file order) `<key>-r<i>`; their `<key>.json` share the one stored video.
 
 Every video is decoded end to end in a guarded child process (`isolation.GuardedWorker`, one per
 worker thread), so a decoder segfault or hang costs that one file. What training relies on is
@@ -41,7 +43,7 @@ from pathlib import Path
 from .annotations import conversation_turns, field_problem, has_text, image_marker_count
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
-from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl,
+from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl, record_key,
                      write_json_atomic)
 
 MANIFEST = "ingest_manifest.jsonl"
@@ -119,13 +121,16 @@ def text_sample_id(record: dict) -> str:
 
 @dataclass
 class Annotations:
-    videos: dict[str, dict] = field(default_factory=dict)   # relative video path -> record
+    videos: dict[str, dict] = field(default_factory=dict)   # relative video path -> its first record
+    more: dict[str, list[dict]] = field(default_factory=dict)
+    """relative video path -> its further records, in file order: a sample each, sharing the video's stored bytes"""
     images: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)
     """image sample id (its one relative path, or its paths joined by '+') -> (record, relative paths)"""
     texts: list[tuple[str, dict, int]] = field(default_factory=list)  # (key, record, line) of text-only records
     problems: list[str] = field(default_factory=list)
     extra_records: int = 0
-    """records for a video or image set that already had one: reported and ignored (a sample keeps its first)"""
+    """records reported and ignored because their sample had one: the same record again for a video, a further
+    record for an image set (an image sample keeps its first), a record for a video that an image record named"""
     bad_videos: dict[str, str] = field(default_factory=dict)
     """relative video path -> what is wrong with its record ("file:line: ..."), for a video with no well-formed
     record but a malformed one: rejected as 'bad_annotation' rather than ingested without its text"""
@@ -202,6 +207,7 @@ def read_annotations(path: str | None) -> Annotations:
     if path is None:
         return out
     text_line: dict[str, int] = {}
+    video_line: dict[str, dict[str, int]] = {}       # relative video path -> {its records' content: line}
     bad: dict[str, str] = {}
     problems = out.problems
     for n, r in _records(path, problems):
@@ -262,12 +268,21 @@ def read_annotations(path: str | None) -> Annotations:
                             f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
             continue
         rel = os.path.normpath(v)
-        if rel in out.videos or rel in out.images:
-            problems.append(f"{path}:{n}: second record for {rel!r} ignored (a sample keeps its first; put several "
-                            f"conversations of one video in one record as consecutive turns)")
+        if rel in out.images:
+            problems.append(f"{path}:{n}: record for {rel!r} ignored (an image record named it first)")
             out.extra_records += 1
             continue
-        out.videos[rel] = r
+        seen = video_line.setdefault(rel, {})
+        content = json.dumps(dict(r, video=rel), sort_keys=True, ensure_ascii=False)
+        if content in seen:
+            problems.append(f"{path}:{n}: the same record for {rel!r} as line {seen[content]}, ignored")
+            out.extra_records += 1
+            continue
+        seen[content] = n
+        if rel in out.videos:       # a further conversation of the video: a sample of its own, sharing the video
+            out.more.setdefault(rel, []).append(r)
+        else:
+            out.videos[rel] = r
     out.bad_videos = {rel: why for rel, why in bad.items() if rel not in out.videos}
     return out
 
@@ -547,7 +562,13 @@ def ingest(opts: IngestOptions) -> dict:
                               "source": res["source"], "annotation": annotation,
                               "proxy": ({"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
                                          "keyframe_s": opts.proxy_keyframe_s} if opts.proxy else None)}
-                    writer_now().add_sample(r["key"], stored, ext, record)
+                    member = writer_now().add_sample(r["key"], stored, ext, record)["video_member"]
+                    # the video's further records: a sample each in this shard, sharing its stored bytes (the
+                    # manifest's done-list is per video, so a resumed run writes them with their video or not at all)
+                    for i, more in enumerate(annotations.more.get(rel, ()), 1):
+                        key = record_key(rel, i)
+                        writer.add_shared_sample(key, member, dict(record, key=key, annotation=more))
+                        stats["extra_record_samples"] += 1
                     cur_videos.append(rel)
                     stats["accepted"] += 1
                     stats["bytes_stored"] += res["video"]["bytes"]
@@ -586,6 +607,7 @@ def ingest(opts: IngestOptions) -> dict:
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
                      "annotation_problems": len(annotations.problems),
                      "records_ignored_extra": annotations.extra_records,
+                     "extra_record_samples": stats["extra_record_samples"],
                      "image_samples": stats["image_accepted"], "image_files": stats["image_files"],
                      "text_chars": stats["text_chars"],
                      "bytes_in": stats["bytes_in"], "bytes_stored": stats["bytes_stored"],
@@ -604,8 +626,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Verify videos and write webdataset shards with metadata.")
     p.add_argument("--videos", default=None, help="folder of videos (searched recursively)")
     p.add_argument("--annotations", default=None,
-                   help="JSONL: one record per video, or per text-only sample (no 'video'), or a JSON array of such "
-                        "records, see docs/data.md")
+                   help="JSONL: records of videos (a sample per record; several for one video share its bytes), "
+                        "images, or text-only samples (no 'video'), or a JSON array of such records, see docs/data.md")
     p.add_argument("--out", required=True, help="output folder for shards, index, rejects")
     p.add_argument("--shard-size-mb", type=float, default=1024.0)
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
@@ -643,13 +665,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
     r = s["this_run"]
-    print(f"ingest: {r['accepted']} videos accepted, {r['rejected']} rejected {r['rejected_by_reason']}, "
+    more = (f" (+{r['extra_record_samples']} samples of their further annotation records)"
+            if r["extra_record_samples"] else "")
+    print(f"ingest: {r['accepted']} videos accepted{more}, {r['rejected']} rejected {r['rejected_by_reason']}, "
           f"{r['image_samples']} image samples ({r['image_files']} files), {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     if r["annotation_problems"]:
         extra = r["records_ignored_extra"]
         print(f"ingest: {r['annotation_problems']} annotation problems, warned above (their records left out)"
-              + (f": {extra} of them more records for a video or image set that had one (a sample keeps its first "
-                 f"record)" if extra else ""))
+              + (f": {extra} of them records their sample had already (the same record again for a video, or a "
+                 f"further record for an image set, which keeps its first)" if extra else ""))
     return 0

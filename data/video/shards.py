@@ -1,7 +1,9 @@
 """Shard files: writing webdataset-style tars with a byte-offset index, and reading them back.
 
 A shard `shard-000012.tar` is a plain (webdataset-compatible) tar: for each sample `<key>.json`
-(metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). A text-only sample (an
+(metadata + annotation) then `<key>.<ext>` (the video, stored uncompressed). A further sample of the same video
+(another annotation record for it, docs/data.md "Annotation JSONL schema") is its `<key>.json` alone, after the
+video's members in the same tar, naming the member it shares under `"video_member"`. A text-only sample (an
 annotation record with no video, docs/data.md "Text-only samples") is its `<key>.json` alone, with
 `"kind": "text"` and `"video": null`; an image sample is `<key>.json` + `<key>.<image ext>` (one image) or
 `<key>.<i>.<image ext>` for i = 0, 1, ... (several, in the order its text uses them), with `"kind": "image"`,
@@ -57,6 +59,13 @@ def make_key(rel_path: str) -> str:
     return f"{clean}-{digest}"
 
 
+def record_key(rel_path: str, i: int) -> str:
+    """The key of the sample of record `i` (1, 2, ... in file order; 0 is the first record, keyed `make_key`) of a
+    video with several annotation records: `<make_key>-r<i>`. Unique: a make_key ends in 8 hex digits, never in
+    `-r<i>`, and a text-only key is `text-<hex>`."""
+    return make_key(rel_path) if i == 0 else f"{make_key(rel_path)}-r{i}"
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.size = size
@@ -108,6 +117,24 @@ class ShardWriter:
                  "video_member": f"{key}.{video_ext}", "video_offset": v_off, "video_size": v_size,
                  "source_path": record.get("source_path"), "video": record["video"],
                  "annotation": record.get("annotation", {})}
+        self.entries.append(entry)
+        return entry
+
+    def add_shared_sample(self, key: str, video_member: str, record: dict) -> dict:
+        """A further sample of a video written in this shard (`add_sample`): its `<key>.json` alone, whose index entry
+        points at the same member, offset and size as the video's first sample, with the same verified `video`
+        metadata. The json names the member (`"video_member"`), so that `scan_shard` can resolve it."""
+        owner = next((e for e in self.entries if e.get("video_member") == video_member and e["video_offset"] >= 0),
+                     None)
+        if owner is None:
+            raise ValueError(f"{self.tmp}: no video member {video_member!r} in this shard for sample {key!r}")
+        rec = dict(record, key=key, video_member=video_member, video=owner["video"])
+        payload = json.dumps(rec, sort_keys=True).encode("utf-8")
+        j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
+        entry = {"key": key, "json_offset": j_off, "json_size": j_size, "video_member": video_member,
+                 "video_offset": owner["video_offset"], "video_size": owner["video_size"],
+                 "source_path": rec.get("source_path"), "video": owner["video"],
+                 "annotation": rec.get("annotation", {})}
         self.entries.append(entry)
         return entry
 
@@ -212,9 +239,11 @@ def resolve_shards(spec: str) -> list[str]:
 
 def scan_shard(tar_path: str) -> dict:
     """Build an index for a tar without one (members `<key>.json` + `<key>.<video ext>`, or a text-only
-    sample's `<key>.json` alone)."""
+    sample's `<key>.json` alone, or a further sample of a video: its `<key>.json` naming the `video_member` it
+    shares)."""
     by_key: dict[str, dict] = {}
     order: list[str] = []
+    videos: dict[str, tuple[int, int]] = {}      # video member name -> (offset, size)
     with tarfile.open(tar_path, "r") as tar:
         for m in tar:
             if not m.isfile():
@@ -232,6 +261,7 @@ def scan_shard(tar_path: str) -> dict:
                 d["video_member"] = m.name
                 d["video_offset"] = m.offset_data
                 d["video_size"] = m.size
+                videos[m.name] = (m.offset_data, m.size)
             elif img:   # <key>.<ext> or <key>.<i>.<ext>: an image of an image sample (any format Pillow read at ingest)
                 d.setdefault("images", {})[int(img.group(1) or 0)] = {"member": m.name, "offset": m.offset_data,
                                                                       "size": m.size}
@@ -253,8 +283,11 @@ def scan_shard(tar_path: str) -> dict:
                             "video_size": 0, "video": None, "annotation": rec.get("annotation", {}),
                             "source_path": None})
             continue
+        shared = rec.get("video_member")
+        if "video_offset" not in d and isinstance(shared, str) and shared in videos:
+            d.update(video_member=shared, video_offset=videos[shared][0], video_size=videos[shared][1])
         if "video_offset" not in d or not isinstance(rec.get("video"), dict):
-            continue            # no verified metadata: not ingested by our tool; skipped
+            continue            # no verified metadata (or the video it shares is not here): skipped
         samples.append({"key": key, "video_member": d["video_member"], "video_offset": d["video_offset"],
                         "video_size": d["video_size"], "video": rec["video"],
                         "annotation": rec.get("annotation", {}), "source_path": rec.get("source_path")})

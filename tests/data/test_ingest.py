@@ -298,26 +298,122 @@ def test_annotations_as_a_json_array_with_a_bom_or_a_line_not_utf8(tmp_path):
     assert got.problems[0].startswith(f"{jsonl}:2: not UTF-8")
 
 
-def test_several_records_for_one_video_keep_the_first_and_are_counted(tmp_path, capsys):
-    """A sample keeps its first record (docs/data.md): the others were dropped with a warning that scrolls past, and
-    the summary said nothing; it now counts them."""
+def test_several_records_for_one_video_make_a_sample_each_and_repeats_are_counted(tmp_path, capsys):
+    """A video's further records used to be dropped with a warning (a sample kept its first); each is now a sample of
+    its own. A record that repeats one exactly is reported and counted, as are the further records of an image set
+    (an image sample keeps its first)."""
     from data.video.ingest import main
+    from data.video.shards import make_key
     vids = tmp_path / "v"
     vids.mkdir()
     write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
+    shutil.copy(vids / "a.mp4", vids / "b.png")            # never decoded: its second record is left out first
     conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
     recs = [{"video": "a.mp4", "conversations": conv}, {"video": "a.mp4", "caption": "second"},
-            {"video": "./a.mp4", "caption": "third"}, "not a record"]
+            {"video": "./a.mp4", "caption": "third"}, "not a record", {"video": "./a.mp4", "conversations": conv},
+            {"image": "b.png", "caption": "x"}, {"image": "b.png", "caption": "y"}]
     (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert main(["--videos", str(vids), "--annotations", str(tmp_path / "ann.jsonl"), "--out", str(tmp_path / "o"),
                  "--workers", "1", "--no-progress"]) == 0
     out, err = capsys.readouterr()
-    assert ("ingest: 3 annotation problems, warned above (their records left out): 2 of them more records for a video "
-            "or image set that had one") in out
-    assert f"{tmp_path / 'ann.jsonl'}:2: second record for 'a.mp4' ignored" in err and ":3: second record" in err
+    assert "ingest: 1 videos accepted (+2 samples of their further annotation records)" in out
+    assert ("ingest: 3 annotation problems, warned above (their records left out): 2 of them records their sample "
+            "had already") in out
+    assert f"{tmp_path / 'ann.jsonl'}:5: the same record for 'a.mp4' as line 1, ignored" in err
+    assert ":7: second record for 'b.png' ignored" in err
     s = json.loads((tmp_path / "o" / "dataset.json").read_text())["this_run"]
-    assert (s["annotation_problems"], s["records_ignored_extra"], s["accepted"]) == (3, 2, 1)
-    assert [c.annotation for c in load_catalog(str(tmp_path / "o"))] == [recs[0]]
+    assert (s["annotation_problems"], s["records_ignored_extra"], s["extra_record_samples"], s["accepted"]) == \
+        (3, 2, 2, 1)
+    got = {c.key: c.annotation for c in load_catalog(str(tmp_path / "o")) if c.kind == "video"}
+    k = make_key("a.mp4")
+    assert got == {k: recs[0], f"{k}-r1": recs[1], f"{k}-r2": recs[2]}
+
+
+def _multi_record_videos(root: Path) -> tuple[Path, Path, list[dict], dict]:
+    """Two videos: b.mp4 with three records (different QA) and one exact repeat of its first, a.mp4 with one record;
+    (videos, annotations, records, each video's ground truth)."""
+    vids = root / "v"
+    vids.mkdir()
+    truth = {"a.mp4": write_video(vids / "a.mp4", VideoSpec(n_frames=24, width=64, height=48, fps=12, seed=1)),
+             "b.mp4": write_video(vids / "b.mp4", VideoSpec(n_frames=30, width=80, height=64, fps=10, seed=2))}
+    qa = lambda q, a: {"qa": [{"question": q, "answer": a}], "counter_bits": truth["b.mp4"]["counter_bits"]}  # noqa
+    recs = [{"video": "b.mp4", **qa("What moves?", "A square.")},
+            {"video": "a.mp4", "caption": "one record", "counter_bits": truth["a.mp4"]["counter_bits"]},
+            {"video": "b.mp4", **qa("What colour is it?", "Blue.")},
+            {"video": "b.mp4", **qa("What moves?", "A square.")},             # the first again: reported, ignored
+            {"video": "b.mp4", **qa("How long is it?", "Three seconds.")}]
+    ann = root / "ann.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return vids, ann, recs, truth
+
+
+def test_a_video_with_several_records_is_stored_once_and_read_by_each_sample(tmp_path):
+    """Each record of a video is a sample (keys `<key>`, `<key>-r1`, `<key>-r2` in file order) whose index entry points
+    at the one stored copy of the video; the tar itself (read with tarfile) is the reference for what is stored, the
+    source file for the bytes, and scan_shard of the tar without its index gives the same samples."""
+    from data.video.shards import index_path, make_key, scan_shard
+    vids, ann, recs, _ = _multi_record_videos(tmp_path)
+    out = tmp_path / "o"
+    s = ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(out), workers=1, progress=False))
+    cat = list(load_catalog(str(out)))
+    kb = make_key("b.mp4")
+    assert [c.key for c in cat] == [make_key("a.mp4"), kb, kb + "-r1", kb + "-r2"]
+    assert [c.annotation for c in cat] == [recs[1], recs[0], recs[2], recs[4]]
+    r = s["this_run"]
+    assert (s["num_samples"], r["accepted"], r["extra_record_samples"], r["records_ignored_extra"]) == (4, 2, 2, 1)
+    source = {n: (vids / n).read_bytes() for n in ("a.mp4", "b.mp4")}
+    for c in cat:
+        assert read_member(c.shard, c.video_offset, c.video_size) == source[c.annotation["video"]], c.key
+        assert c.video == cat[1 if c.key.startswith(kb) else 0].video and c.video_ext == "mp4"
+    (shard,) = {c.shard for c in cat}
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    assert sorted(members) == sorted([f"{make_key('a.mp4')}.json", f"{make_key('a.mp4')}.mp4", f"{kb}.json",
+                                      f"{kb}.mp4", f"{kb}-r1.json", f"{kb}-r2.json"])
+    assert [n for n, b in members.items() if b == source["b.mp4"]] == [f"{kb}.mp4"]      # the video's bytes once
+    for i in (1, 2):
+        rec = json.loads(members[f"{kb}-r{i}.json"])
+        assert rec["key"] == f"{kb}-r{i}" and rec["video_member"] == f"{kb}.mp4" and rec["source_path"] == "b.mp4"
+        assert rec["annotation"] == recs[2 * i] and rec["video"] == cat[1].video
+    fields = ("key", "video_member", "video_offset", "video_size", "video", "annotation", "source_path")
+    written = [{f: e[f] for f in fields} for e in json.loads(Path(index_path(shard)).read_text())["samples"]]
+    os.rename(index_path(shard), str(tmp_path / "idx.json"))
+    assert [{f: e[f] for f in fields} for e in scan_shard(shard)["samples"]] == written
+    rescanned = list(load_catalog(str(out)))
+    assert [(c.key, c.video_offset, c.video_size, c.annotation) for c in rescanned] == \
+        [(c.key, c.video_offset, c.video_size, c.annotation) for c in cat]
+
+
+def test_an_ingest_interrupted_among_a_videos_records_resumes_writing_each_once(tmp_path, monkeypatch):
+    """The done-list is per video: a run stopped after b.mp4's first sample but before its further ones left no
+    completed shard for it, so the rerun writes the video and all its records, each once."""
+    from data.video.shards import ShardWriter
+    vids, ann, _, _ = _multi_record_videos(tmp_path)
+    opts = dict(videos=str(vids), annotations=str(ann), shard_size_mb=0.001, workers=1, progress=False)
+    ingest(IngestOptions(out=str(tmp_path / "ref"), **opts))
+    ref = [c.key for c in load_catalog(str(tmp_path / "ref"))]
+    assert len(ref) == len(set(ref)) == 4
+    shared = ShardWriter.add_shared_sample
+    calls = []
+
+    def stop_at_the_second(self, *a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return shared(self, *a, **k)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(ShardWriter, "add_shared_sample", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(IngestOptions(out=str(out), **opts))
+    monkeypatch.setattr(ShardWriter, "add_shared_sample", shared)
+    assert [c.key for c in load_catalog(str(out))] == ref[:1]           # a.mp4's shard completed, b.mp4's not
+    s = ingest(IngestOptions(out=str(out), **opts))
+    assert (s["this_run"]["processed"], s["this_run"]["skipped_already_done"]) == (1, 1)
+    assert s["this_run"]["extra_record_samples"] == 2 and s["num_samples"] == 4
+    assert [c.key for c in load_catalog(str(out))] == ref
+    s = ingest(IngestOptions(out=str(out), **opts))                     # nothing left: nothing written again
+    assert s["this_run"]["processed"] == 0 and s["num_samples"] == 4 and len(s["shards"]) == 2
 
 
 def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_counted(tmp_path):
