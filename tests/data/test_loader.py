@@ -211,3 +211,43 @@ def test_missing_backend_fails_at_construction(shard_dir, tmp_path):
         pytest.skip("torchcodec is installed here")
     with pytest.raises(ValueError, match="decode_backend"):
         VideoPackedLoader(small_cfg(shard_dir, tmp_path, decode_backend="torchcodec"), seed=0)
+
+
+def test_the_samples_of_a_video_with_several_records_each_decode_its_frames(tmp_path):
+    """Ingest stores a video with three records once, as three samples whose index entries share its bytes: the loader
+    plans all three (and the one-record video) and decodes each one's planned frames, the frame counters burned into
+    the synthetic video being the reference; data.exclude leaves out one of them by its own key, not its video."""
+    import json
+
+    from data.exclude import ExcludeList
+    from data.video.ingest import IngestOptions, ingest
+    from data.video.shards import make_key
+    from data.video.synthetic import VideoSpec, write_video
+
+    vids = tmp_path / "v"
+    vids.mkdir()
+    bits = {n: write_video(vids / n, VideoSpec(n_frames=36, width=96, height=64, fps=12, seed=s))["counter_bits"]
+            for n, s in (("a.mp4", 1), ("b.mp4", 2))}
+    recs = [{"video": "b.mp4", "qa": [{"question": q, "answer": a}]}
+            for q, a in (("What moves?", "A square."), ("What colour is it?", "Blue."), ("How long?", "Three s."))]
+    recs.insert(1, {"video": "a.mp4", "caption": "one record"})
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ingest(IngestOptions(videos=str(vids), annotations=str(tmp_path / "ann.jsonl"), out=str(tmp_path / "o"),
+                         workers=1, progress=False))
+    kb = make_key("b.mp4")
+    cfg = small_cfg(tmp_path / "o", tmp_path, num_epochs=1, shuffle_buffer=1)
+    loader = VideoPackedLoader(cfg, seed=3)
+    assert len(loader.catalog) == 4
+    got = {}
+    for p, d, rec, doc, frames, text in documents(loader):
+        assert [read_counter(f, bits[rec.annotation["video"]]) for f in frames] == list(doc.frames.indices), rec.key
+        got[rec.key] = (text, len(frames))
+    assert sorted(got) == sorted([make_key("a.mp4"), kb, f"{kb}-r1", f"{kb}-r2"])
+    assert not loader.stats.get("samples_failed")
+    for key, r in zip((kb, f"{kb}-r1", f"{kb}-r2"), (recs[0], recs[2], recs[3])):
+        assert r["qa"][0]["answer"] in got[key][0] and got[key][1] >= 2, key     # its own text, its video's frames
+    left_out = f"shard-000000.tar/{kb}-r1"
+    loader = VideoPackedLoader(cfg, seed=3, exclude=ExcludeList(keys=frozenset({left_out})))
+    packs = list(loader)
+    assert [k for p in packs for k in p.excluded] == [left_out]
+    assert sorted(k.split("/")[1] for p in packs for k in p.sample_keys) == sorted([make_key("a.mp4"), kb, f"{kb}-r2"])
