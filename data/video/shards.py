@@ -124,8 +124,8 @@ class ShardWriter:
         """A further sample of a video written in this shard (`add_sample`): its `<key>.json` alone, whose index entry
         points at the same member, offset and size as the video's first sample, with the same verified `video`
         metadata. The json names the member (`"video_member"`), so that `scan_shard` can resolve it."""
-        owner = next((e for e in self.entries if e.get("video_member") == video_member and e["video_offset"] >= 0),
-                     None)
+        # the video's first sample (or one sharing it: the same fields); written last, its further records follow it
+        owner = next((e for e in reversed(self.entries) if e.get("video_member") == video_member), None)
         if owner is None:
             raise ValueError(f"{self.tmp}: no video member {video_member!r} in this shard for sample {key!r}")
         rec = dict(record, key=key, video_member=video_member, video=owner["video"])
