@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,60 @@ def find_latest_verified(run_dir, problems: list[str] | None = None) -> Checkpoi
 
 class CheckpointLoadError(RuntimeError):
     pass
+
+
+class RunDirInUse(RuntimeError):
+    pass
+
+
+_HELD: dict[str, object] = {}     # run directory (real path) -> the open lock file this process holds on it
+
+
+def lock_run_dir(run_dir) -> None:
+    """Holds `<run_dir>/.lock` (flock) for the rest of this process: a second launch that would train in the same run
+    directory at the same time (its checkpoints, metrics and logs interleaved with this one's) stops with
+    RunDirInUse naming the holder. Called on one rank. The lock goes with the process, however it ends; a process
+    that builds several trainers on one directory holds it once. Where the filesystem has no flock the launch goes
+    on, with a warning."""
+    import fcntl
+    import socket
+
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path = Path(run_dir) / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirInUse(f"run_dir={run_dir} is in use by a launch that is still running ({holder}, holding "
+                          f"{path}): two runs in one directory would write their checkpoints and logs among each "
+                          f"other's. Wait for it to end, stop it (touch {Path(run_dir) / 'STOP'}), or give this launch "
+                          f"another run_dir") from None
+    except OSError as e:
+        f.close()
+        log.warning("run_dir=%s: no lock against a second launch in it (%s: %s)", run_dir, path, e)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def remove_torn_saves(run_dir) -> list[str]:
+    """Removes the `step_<N>.partial` directories of saves that never committed (a launch killed or out of disk
+    while saving): no load reads them, and a full disk stayed full of them. Called on one rank as a launch starts,
+    holding the run directory's lock, before any save of its own. Returns their names."""
+    root = checkpoint_root(run_dir)
+    torn = sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith(".partial")) if root.is_dir() else []
+    for p in torn:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in torn]
 
 
 def find_resume_point(run_dir) -> CheckpointRef | None:

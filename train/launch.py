@@ -427,11 +427,15 @@ def run(dcfg: DictConfig) -> None:
     from train.nonfinite import NonFiniteStepError
     from train.trainer import Trainer
 
-    from train.checkpoint import CheckpointLoadError, CheckpointSaveError
+    from train.checkpoint import CheckpointLoadError, CheckpointSaveError, RunDirInUse
 
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
         trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
+    except RunDirInUse as e:   # before this launch wrote anything there but its log lines
+        logging.getLogger("train").error("run_dir error: %s", e)
+        print(f"run_dir error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except (CheckpointSaveError, CheckpointLoadError) as e:
         logging.getLogger("train").error("checkpoint error: %s", e)
         print(f"checkpoint error: {e}", file=sys.stderr, flush=True)

@@ -243,9 +243,23 @@ class Trainer:
         self.pgs = build_process_groups(layout)
         seed_all(cfg.seed, self.pgs)
         t, lm = cfg.train, cfg.model.lm
+        if not t.eval.only:   # one training launch per run directory: rank 0 holds the lock, every rank stops if busy
+            busy = [""]
+            if self.rank == 0:
+                try:
+                    ckpt.lock_run_dir(self.run_dir)
+                except ckpt.RunDirInUse as e:
+                    busy = [str(e)]
+            dist.broadcast_object_list(busy, src=0)   # the ranks agree, so none waits in a collective for rank 0
+            if busy[0]:
+                raise ckpt.RunDirInUse(busy[0])
         # the checkpoint this run resumes from, verified (sizes and checksums) before the model is built: a run
         # directory whose every checkpoint is damaged stops here (CheckpointLoadError) instead of starting over
         self.resume_ref = ckpt.find_resume_point(self.run_dir) if t.checkpoint.resume and not t.eval.only else None
+        if self.rank == 0 and not t.eval.only:
+            torn = ckpt.remove_torn_saves(self.run_dir)
+            if torn:
+                log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 from train.checkpoint import COMPLETE, find_latest
 
@@ -126,3 +127,36 @@ def test_a_run_directory_whose_every_checkpoint_is_damaged_stops_instead_of_star
             find_resume_point(tmp_path)
     finally:
         dist.destroy_process_group()
+
+
+def test_one_training_launch_per_run_directory_and_torn_saves_go(tmp_path):
+    """A second launch in a run directory while one trains there would write its checkpoints and logs among the
+    first's; it stops naming the holder (here: another process holds the lock). The process that holds it may build
+    trainers there again. A launch removes the torn saves (`.partial`) of the ones before it, and nothing else."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from train.checkpoint import RunDirInUse, lock_run_dir, remove_torn_saves
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+                               "from train.checkpoint import lock_run_dir; lock_run_dir(sys.argv[2]); print('held', "
+                               "flush=True); sys.stdin.read()", str(Path(__file__).resolve().parents[2]), str(run)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=rf"run_dir={run} is in use by a launch that is still running \(pid "
+                                              rf"{holder.pid} on .*give this launch another run_dir"):
+            lock_run_dir(run)
+    finally:
+        holder.communicate("", timeout=60)                 # it ends: the lock goes with it
+    lock_run_dir(run)
+    lock_run_dir(run)                                      # this process again: allowed
+    make(tmp_path / "run", 4)
+    make(tmp_path / "run", 6, complete=False, suffix=".partial")
+    make(tmp_path / "run", 2, complete=False, suffix=".partial")
+    assert remove_torn_saves(run) == ["step_000002.partial", "step_000006.partial"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
+    assert remove_torn_saves(tmp_path / "fresh") == []
