@@ -32,18 +32,22 @@ def memory_inputs(argv: list[str]):
     overrides = [a for a in argv if not a.startswith("world_size=")]
     # the estimate reads no data file: the data paths a recipe leaves for the user to fill (the long-context
     # stages), and the held-out data an evaluation needs, are judged and estimated with stand-in paths
-    unset = []
+    unset: list[str] = []
+
+    def composed():
+        return to_config(compose_config(overrides + [f"{name}=/set/at/launch/{name}" for name in unset]))
+
     try:
-        cfg = to_config(compose_config(overrides))
+        cfg = composed()
     except UnsetPathError as e:
         unset = list(e.settings)
-        cfg = to_config(compose_config(overrides + [f"{name}=/set/at/launch/{name}" for name in unset]))
+        cfg = composed()
     d = cfg.data
     held_out = {"video": ("data.video.eval_shards", d.video.shards, d.video.eval_shards),
                 "tokens": ("data.tokens.eval_paths", d.tokens.paths, d.tokens.eval_paths)}.get(d.kind)
     if evaluates(cfg) and held_out and held_out[1] and not held_out[2]:
         unset.append(held_out[0])
-        cfg = to_config(compose_config(overrides + [f"{name}=/set/at/launch/{name}" for name in unset]))
+        cfg = composed()
     if unset:
         print(f"({' and '.join(unset)} left to set: the estimate reads no data file)")
     p = cfg.parallel

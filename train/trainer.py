@@ -243,23 +243,7 @@ class Trainer:
         self.pgs = build_process_groups(layout)
         seed_all(cfg.seed, self.pgs)
         t, lm = cfg.train, cfg.model.lm
-        if not t.eval.only:   # one training launch per run directory: rank 0 holds the lock, every rank stops if busy
-            busy = [""]
-            if self.rank == 0:
-                try:
-                    ckpt.lock_run_dir(self.run_dir)
-                except ckpt.RunDirInUse as e:
-                    busy = [str(e)]
-            dist.broadcast_object_list(busy, src=0)   # the ranks agree, so none waits in a collective for rank 0
-            if busy[0]:
-                raise ckpt.RunDirInUse(busy[0])
-        # the checkpoint this run resumes from, verified (sizes and checksums) before the model is built: a run
-        # directory whose every checkpoint is damaged stops here (CheckpointLoadError) instead of starting over
-        self.resume_ref = ckpt.find_resume_point(self.run_dir) if t.checkpoint.resume and not t.eval.only else None
-        if self.rank == 0 and not t.eval.only:
-            torn = ckpt.remove_torn_saves(self.run_dir)
-            if torn:
-                log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
+        self.resume_ref = None if t.eval.only else self._claim_run_dir()
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
@@ -515,10 +499,31 @@ class Trainer:
         # never trained on, whose loss rose as training went on); eval_plan: never whole
         return self._text_streams(replace(cfg.data, sample_seed=samples_seed(cfg.data) + 1))
 
+    def _claim_run_dir(self) -> ckpt.CheckpointRef | None:
+        """Collective, before the model is built, for a training launch: rank 0 takes the run directory's lock (every
+        rank raises RunDirInUse if another launch holds it: the ranks agree through one broadcast, so none waits in a
+        collective for a rank that stopped); the checkpoint to resume from, verified (sizes and checksums), or None
+        (a run directory whose every checkpoint is damaged raises CheckpointLoadError instead of starting over); then
+        rank 0 removes the torn saves of the launches before."""
+        busy = [""]
+        if self.rank == 0:
+            try:
+                ckpt.lock_run_dir(self.run_dir)
+            except ckpt.RunDirInUse as e:
+                busy = [str(e)]
+        dist.broadcast_object_list(busy, src=0)
+        if busy[0]:
+            raise ckpt.RunDirInUse(busy[0])
+        ref = ckpt.find_resume_point(self.run_dir) if self.cfg.train.checkpoint.resume else None
+        if self.rank == 0:
+            torn = ckpt.remove_torn_saves(self.run_dir)
+            if torn:
+                log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
+        return ref
+
     def _common_state(self) -> dict:
-        l = self.layout
         return {"step": self.step, "data": self.streams[0].state_dict(),
-                "layout": ckpt.layout_record(l),
+                "layout": ckpt.layout_record(self.layout),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
                 "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps}}

@@ -111,12 +111,15 @@ def list_videos(root: str, extensions=VIDEO_EXTS) -> list[str]:
     return sorted(out)
 
 
-def text_sample_id(record: dict) -> str:
-    """The key of a text-only record: a digest of its content (stable when lines move in the file)."""
+def record_digest(record: dict) -> str:
+    """A digest of a record's content (stable when lines move in the file): equal records, equal digests."""
     payload = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return "text-" + hashlib.sha1(payload).hexdigest()[:16]
+    return hashlib.sha1(payload).hexdigest()[:16]
 
 
+def text_sample_id(record: dict) -> str:
+    """The key of a text-only record: its content's digest."""
+    return "text-" + record_digest(record)
 
 
 @dataclass
@@ -207,7 +210,7 @@ def read_annotations(path: str | None) -> Annotations:
     if path is None:
         return out
     text_line: dict[str, int] = {}
-    video_line: dict[str, dict[str, int]] = {}       # relative video path -> {its records' content: line}
+    video_line: dict[str, dict[str, int]] = {}       # relative video path -> {its records' digests: line}
     bad: dict[str, str] = {}
     problems = out.problems
     for n, r in _records(path, problems):
@@ -273,7 +276,7 @@ def read_annotations(path: str | None) -> Annotations:
             out.extra_records += 1
             continue
         seen = video_line.setdefault(rel, {})
-        content = json.dumps(dict(r, video=rel), sort_keys=True, ensure_ascii=False)
+        content = record_digest(dict(r, video=rel))
         if content in seen:
             problems.append(f"{path}:{n}: the same record for {rel!r} as line {seen[content]}, ignored")
             out.extra_records += 1
@@ -411,12 +414,17 @@ def ingest(opts: IngestOptions) -> dict:
         print(f"[ingest] warning: {p}", file=sys.stderr)
     listed = set(videos)
     reasons: Counter = Counter()
+
+    def reject(kind: str, sid: str, reason: str, detail: str) -> None:
+        """Records a rejected video or image sample (`kind`) in rejects.jsonl and in this run's counts."""
+        _append_jsonl(rejects_path, {kind: sid, "reason": reason, "detail": detail})
+        reasons[reason] += 1
+
     bad_listed = 0      # videos under --videos rejected for their record: listed, but neither done nor to do
     for rel, why in sorted(annotations.bad_videos.items()):
         if rel not in done:
-            _append_jsonl(rejects_path, {"video": rel, "reason": "bad_annotation", "detail": why[:500]})
+            reject("video", rel, "bad_annotation", why[:500])
             done.add(rel)
-            reasons["bad_annotation"] += 1
             bad_listed += rel in listed
     missing = sorted(set(ann) - listed)
     supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
@@ -430,21 +438,18 @@ def ingest(opts: IngestOptions) -> dict:
                 reason = "missing_file"
                 detail = ("listed in annotations, not found under --videos" if root is not None
                           else "listed in annotations; no --videos folder given")
-            _append_jsonl(rejects_path, {"video": rel, "reason": reason, "detail": detail})
+            reject("video", rel, reason, detail)
             done.add(rel)
-            reasons[reason] += 1
     images = sorted(annotations.images)
     missing_images = 0
     for sid in images:
         lost = [rel for rel in annotations.images[sid][1]
                 if root is None or not os.path.isfile(os.path.join(root, rel))]
         if sid not in done and lost:
-            _append_jsonl(rejects_path, {"image": sid, "reason": "missing_file",
-                                         "detail": f"{lost[0]}: listed in annotations, not found under --videos"
-                                         if root is not None else "listed in annotations; no --videos folder given"})
+            reject("image", sid, "missing_file", f"{lost[0]}: listed in annotations, not found under --videos"
+                   if root is not None else "listed in annotations; no --videos folder given")
             done.add(sid)
             missing_images += 1
-            reasons["missing_file"] += 1
     text_of = {tid: (r, n) for tid, r, n in texts}
     # ("video" | "image", relative path) or ("text", key): images spread evenly among the videos, then the
     # text-only samples among both, so that the shards (and the shuffle) mix the kinds
@@ -531,8 +536,7 @@ def ingest(opts: IngestOptions) -> dict:
                 if r.get("kind") == "image":
                     sid = r["rel"]
                     if not r["ok"]:
-                        reasons[r["reason"]] += 1
-                        _append_jsonl(rejects_path, {"image": sid, "reason": r["reason"], "detail": r["detail"]})
+                        reject("image", sid, r["reason"], r["detail"])
                     else:
                         rec, rels = annotations.images[sid]
                         writer_now().add_image_sample(r["key"], [os.path.join(root, x) for x in rels], {
@@ -548,8 +552,7 @@ def ingest(opts: IngestOptions) -> dict:
                         bar.update(1)
                     continue
                 if not r["ok"]:
-                    reasons[r["reason"]] += 1
-                    _append_jsonl(rejects_path, {"video": r["rel"], "reason": r["reason"], "detail": r["detail"]})
+                    reject("video", r["rel"], r["reason"], r["detail"])
                 else:
                     res = r["result"]
                     rel = r["rel"]
