@@ -12,7 +12,8 @@ checksums its own files in a background thread (CRC32 per 64 MiB chunk, CHECKSUM
 checksum pass does not block training. Resuming takes the newest directory with COMPLETE.json whose
 files all exist with their sizes and match their recorded checksums (the ranks split the work); a
 corrupted file is named in the log and the next older checkpoint is used, so neither a crash mid-save
-nor a damaged shard wins; where every committed checkpoint is damaged the run stops (find_resume_point) rather
+nor a damaged shard wins (one without checksum records that fails to load is dropped the same way, by the
+trainer's resume); where every committed checkpoint is damaged the run stops (find_resume_point) rather
 than start over. Retention: the checkpoint just saved, the newest `keep_last - 1` before it whose files verify,
 plus every `keep_every`-th step.
 
@@ -136,10 +137,11 @@ def verify_checksums(ref: CheckpointRef) -> list[str]:
     return sorted(b for part in gathered for b in part)
 
 
-def find_latest_verified(run_dir, problems: list[str] | None = None) -> CheckpointRef | None:
+def find_latest_verified(run_dir, problems: list[str] | None = None, *, exclude: list[str] = ()) -> CheckpointRef | None:
     """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
-    corrupted one is reported (file named, and added to `problems`) and skipped for the next older one."""
-    skipped: list[str] = []
+    corrupted one is reported (file named, and added to `problems`) and skipped for the next older one.
+    `exclude`: names of checkpoint directories not to consider (ones that failed to load)."""
+    skipped: list[str] = list(exclude)
     while True:
         ref = find_latest(run_dir, exclude=skipped, problems=problems)
         if ref is None:
@@ -223,10 +225,36 @@ def find_resume_point(run_dir) -> CheckpointRef | None:
         return ref
     if not any((path / COMPLETE).is_file() for _, path in _candidates(run_dir)):
         return None
-    raise CheckpointLoadError(
+    raise damaged_everywhere(run_dir, problems)
+
+
+def damaged_everywhere(run_dir, problems: list[str]) -> CheckpointLoadError:
+    return CheckpointLoadError(
         f"every checkpoint in {checkpoint_root(run_dir)} is damaged, so there is none to resume from: "
         f"{'; '.join(problems)}. Restore them from a copy, or move them out of that directory to start this run "
         f"afresh (a run directory holding a checkpoint is resumed, never restarted silently)")
+
+
+def load_failure(e: BaseException | None) -> str:
+    """One line per distinct cause of a failed load (a CheckpointException carries every rank's traceback: only
+    their last lines are kept); "" for None."""
+    if e is None:
+        return ""
+    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+    lines = []
+    for exc in causes:
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        line = f"{type(exc).__name__}: {text}"
+        if line not in lines:
+            lines.append(line)
+    return " | ".join(lines)
+
+
+def agree_on_failure(failure: str) -> str:
+    """Collective: the ranks' load failures, joined (the same text on every rank); "" when every rank loaded."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, failure)
+    return " | ".join(dict.fromkeys(f for f in gathered if f))
 
 
 def saved_common(ref: CheckpointRef) -> dict | None:

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data.held_out import WHOLE, eval_plan
 from data.exclude import read_exclude
@@ -532,15 +533,40 @@ class Trainer:
         ref = self.resume_ref
         if ref is None:
             return
-        saved = self._saved_common(ref)
-        same_layout = saved["layout"] == self._common_state()["layout"]
-        ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)
         if self.lm_trainable:
             ensure_adam_state(self.optimizer)
             patch_step_restore(self.optimizer)
-        common = ckpt.load_checkpoint(ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
-                                      load_optimizer=self.lm_trainable,
-                                      extra=self.vision.sharded_state() if self.vision is not None else None)
+        tried: list[str] = []
+        problems: list[str] = []
+        while True:
+            # A shard damaged while its checksum records were missing (the run ended before its save's background
+            # checksum pass) passes the checks of find_resume_point and fails here. Every rank learns of a failure on
+            # any rank, and they take the next older verified checkpoint together; its load writes every tensor (and
+            # optimizer entry) the failed one may have written in part.
+            failure, saved, common = None, None, None
+            try:
+                saved = self._saved_common(ref)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
+                failure = e
+            if saved is not None:
+                same_layout = saved["layout"] == self._common_state()["layout"]
+                ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)  # a config error, not damage
+                try:
+                    common = ckpt.load_checkpoint(
+                        ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
+                        load_optimizer=self.lm_trainable,
+                        extra=self.vision.sharded_state() if self.vision is not None else None)
+                except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
+                    failure = e
+            why = ckpt.agree_on_failure(ckpt.load_failure(failure))
+            if not why:
+                break
+            log.error("checkpoint %s could not be loaded, looking for an older one: %s", ref.path, why)
+            problems.append(f"{ref.path.name}: could not be loaded: {why}")
+            tried.append(ref.path.name)
+            ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
+            if ref is None:
+                raise ckpt.damaged_everywhere(self.run_dir, problems)
         if self.vision is not None:
             self.vision.restore_steps(int(common.get("vision_steps", 0)))
         if self.lm_trainable:

@@ -7,6 +7,8 @@ reproduces an uninterrupted run's losses bit for bit (same layout, CPU fp32).
   being written: the previous checkpoint stays the newest, and the third run resumes from it;
 - a corrupted shard (same size, other bytes): detected by its checksum, named in the log, and the
   run resumes from the older checkpoint;
+- a shard damaged in a checkpoint whose checksums were never recorded: its load fails on every rank, and
+  the run resumes from the older checkpoint;
 - the disk filling up during a save (a small tmpfs): a clear error, and the rerun resumes.
 """
 
@@ -116,6 +118,27 @@ def test_corrupted_shard_is_named_and_skipped(reference, tmp_path):
     run_pretrain(2, OVERRIDES, run_dir)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "step_000004 is corrupted" in log and shard.name in log
+    assert "resumed from" in log and "step_000002 at step 2" in log
+    assert losses(run_dir) == reference
+
+
+def test_a_shard_damaged_before_its_checksums_were_recorded_fails_its_load_and_the_older_checkpoint_is_used(
+        reference, tmp_path):
+    """The run ended before its save's background checksum pass wrote CHECKSUMS.rank<r>.json, and then a shard was
+    damaged: only the load can tell. Every rank drops that checkpoint together and resumes from the older one."""
+    run_dir = tmp_path / "run"
+    run_pretrain(2, OVERRIDES + ["train.steps=6", "train.stop_after=4"], run_dir)
+    newest = run_dir / "checkpoints" / "step_000004"
+    for record in newest.glob("CHECKSUMS.rank*.json"):
+        record.unlink()
+    shard = sorted(newest.glob("__1_*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # same size, serialisation headers zeroed: a torch.load error
+    shard.write_bytes(bytes(data))
+    run_pretrain(2, OVERRIDES, run_dir)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "step_000004: no checksum recorded" in log
+    assert "step_000004 could not be loaded, looking for an older one" in log
     assert "resumed from" in log and "step_000002 at step 2" in log
     assert losses(run_dir) == reference
 
