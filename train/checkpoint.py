@@ -324,14 +324,16 @@ def eval_checkpoints(cfg) -> tuple[str, list[CheckpointRef]]:
 
 
 def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = (),
-                problems: list[str] | None = None) -> CheckpointRef | None:
+                problems: list[str] | None = None, quiet: bool = False) -> CheckpointRef | None:
     """Newest complete checkpoint of a run directory whose files exist with their recorded sizes; the ones
-    skipped are logged and, with their reasons, added to `problems`."""
+    skipped are logged (unless `quiet`: the launcher's checks, which the trainer's resume repeats in the logs)
+    and, with their reasons, added to `problems`."""
     for step, path in _candidates(run_dir, exclude):
         ok, why = _verify(path)
         if ok:
             return CheckpointRef(path=path, step=step)
-        log.warning("skipping checkpoint %s: %s", path, why)
+        if not quiet:
+            log.warning("skipping checkpoint %s: %s", path, why)
         if problems is not None:
             problems.append(f"{path.name}: {why}")
     return None

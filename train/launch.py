@@ -171,7 +171,7 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     from train import checkpoint as ckpt
     from train.config import MODEL_KEYS_FREE_ON_RESUME, config_changes
 
-    ref = ckpt.find_latest(cfg.resolved_run_dir())
+    ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
     if ref is None:
         return
     if not cfg.train.checkpoint.resume and not cfg.train.eval.only:  # scoring it writes no checkpoint among them
@@ -241,11 +241,11 @@ def check_paths(cfg: Config) -> None:
             raise ValueError(f"data.exclude={cfg.data.exclude!r}: the files name no sample (a nonfinite.jsonl whose "
                              f"records name whole steps of synthetic text, or an empty list)")
     c = cfg.train.checkpoint
-    if ckpt.find_latest(cfg.resolved_run_dir()) is not None:  # resumed (check_resume refused resume=false)
+    if ckpt.find_latest(cfg.resolved_run_dir(), quiet=True) is not None:  # resumed (check_resume refused resume=false)
         return
     for name in ("init_from", "vision_init_from"):
         source = getattr(c, name)
-        if source and not (is_hf_checkpoint(source) or ckpt.find_latest(source) is not None):
+        if source and not (is_hf_checkpoint(source) or ckpt.find_latest(source, quiet=True) is not None):
             raise ValueError(f"train.checkpoint.{name}={source!r} is neither a Hugging Face checkpoint (config.json "
                              f"with *.safetensors) nor a run directory with a complete checkpoint "
                              f"(checkpoints/step_<N>/COMPLETE.json)"
