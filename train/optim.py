@@ -11,6 +11,7 @@ The schedule is a pure function of the step, so its only state is the step count
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,6 +88,29 @@ def build_optimizer(model_chunks, cfg: TrainConfig, *, bf16: bool, distributed: 
         decoupled_weight_decay=True,
     )
     return get_megatron_optimizer(opt_cfg, model_chunks, pg_collection=pg_collection, use_gloo_process_groups=False)
+
+
+# the parameter groups' hyper-parameters that build_optimizer sets from the config (train.lr, train.min_lr,
+# train.adam_beta1/2, train.adam_eps); lr and weight_decay are set for every step by apply_lr
+CONFIGURED_GROUP_KEYS = ("max_lr", "min_lr", "betas", "eps")
+
+
+@contextlib.contextmanager
+def keep_configured_hyperparameters(optimizer):
+    """Around loading a checkpoint's optimizer state: the parameter groups keep the hyper-parameters this launch
+    configured (CONFIGURED_GROUP_KEYS) instead of the checkpoint's. megatron-core 0.16.1's loaders hand torch
+    every group as the checkpoint stored it, so a resume with another train.lr, min_lr, adam_beta1/2 or adam_eps
+    went on with the old values while the log (and the vision tower's optimizer) used the new ones. The groups'
+    optimizer state (a fully_reshardable checkpoint's `step`) stays the checkpoint's."""
+    def groups():
+        return [g for opt in torch_optimizers(optimizer) for g in opt.param_groups]
+
+    configured = [{k: g[k] for k in CONFIGURED_GROUP_KEYS if k in g} for g in groups()]
+    yield
+    loaded = groups()
+    assert len(loaded) == len(configured), (len(loaded), len(configured))
+    for group, values in zip(loaded, configured):
+        group.update(values)
 
 
 def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:

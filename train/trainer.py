@@ -49,7 +49,8 @@ from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metr
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
                              nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
-from train.optim import apply_lr, build_optimizer, ensure_adam_state, patch_step_restore, untie_adam_steps
+from train.optim import (apply_lr, build_optimizer, ensure_adam_state, keep_configured_hyperparameters,
+                         patch_step_restore, untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
 
@@ -536,37 +537,9 @@ class Trainer:
         if self.lm_trainable:
             ensure_adam_state(self.optimizer)
             patch_step_restore(self.optimizer)
-        tried: list[str] = []
-        problems: list[str] = []
-        while True:
-            # A shard damaged while its checksum records were missing (the run ended before its save's background
-            # checksum pass) passes the checks of find_resume_point and fails here. Every rank learns of a failure on
-            # any rank, and they take the next older verified checkpoint together; its load writes every tensor (and
-            # optimizer entry) the failed one may have written in part.
-            failure, saved, common = None, None, None
-            try:
-                saved = self._saved_common(ref)
-            except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
-                failure = e
-            if saved is not None:
-                same_layout = saved["layout"] == self._common_state()["layout"]
-                ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)  # a config error, not damage
-                try:
-                    common = ckpt.load_checkpoint(
-                        ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
-                        load_optimizer=self.lm_trainable,
-                        extra=self.vision.sharded_state() if self.vision is not None else None)
-                except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
-                    failure = e
-            why = ckpt.agree_on_failure(ckpt.load_failure(failure))
-            if not why:
-                break
-            log.error("checkpoint %s could not be loaded, looking for an older one: %s", ref.path, why)
-            problems.append(f"{ref.path.name}: could not be loaded: {why}")
-            tried.append(ref.path.name)
-            ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
-            if ref is None:
-                raise ckpt.damaged_everywhere(self.run_dir, problems)
+        # the optimizer's moments and step come from the checkpoint, its hyper-parameters from this launch's config
+        with keep_configured_hyperparameters(self.optimizer):
+            ref, saved, same_layout, common = self._load_resume_point(ref)
         if self.vision is not None:
             self.vision.restore_steps(int(common.get("vision_steps", 0)))
         if self.lm_trainable:
@@ -588,6 +561,41 @@ class Trainer:
             if changed:
                 log.info("settings changed since that checkpoint was written: %s",
                          "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+
+    def _load_resume_point(self, ref: ckpt.CheckpointRef):
+        """Collective: loads `ref` (model, optimizer, RNG, the vision tower's state); returns the checkpoint loaded,
+        its common state as saved, whether it was saved at this layout, and the common state loaded. A shard damaged
+        while its checksum records were missing (the run ended before its save's background checksum pass) passes
+        the checks of find_resume_point and fails here: every rank learns of a failure on any rank, and they take
+        the next older verified checkpoint together (its load writes every tensor and optimizer entry the failed one
+        may have written in part); CheckpointLoadError when none is left."""
+        tried: list[str] = []
+        problems: list[str] = []
+        while True:
+            failure, saved, common, same_layout = None, None, None, False
+            try:
+                saved = self._saved_common(ref)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
+                failure = e
+            if saved is not None:
+                same_layout = saved["layout"] == self._common_state()["layout"]
+                ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)  # a config error, not damage
+                try:
+                    common = ckpt.load_checkpoint(
+                        ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
+                        load_optimizer=self.lm_trainable,
+                        extra=self.vision.sharded_state() if self.vision is not None else None)
+                except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
+                    failure = e
+            why = ckpt.agree_on_failure(ckpt.load_failure(failure))
+            if not why:
+                return ref, saved, same_layout, common
+            log.error("checkpoint %s could not be loaded, looking for an older one: %s", ref.path, why)
+            problems.append(f"{ref.path.name}: could not be loaded: {why}")
+            tried.append(ref.path.name)
+            ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
+            if ref is None:
+                raise ckpt.damaged_everywhere(self.run_dir, problems)
 
     def _init_weights_from(self, chunks, source: str, ref: ckpt.CheckpointRef | None = None) -> None:
         """Model weights from another run's newest checkpoint (or `ref`, one of its checkpoints), or from a Hugging

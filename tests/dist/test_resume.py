@@ -98,3 +98,59 @@ def test_a_changed_model_stops_before_the_resume(runs, root, monkeypatch):
                                          r"tp=1 .*this run changes tp 1->2.*optimizer_format=fully_reshardable"):
         validate(compose_config(mixed + ["parallel.tp=2"]))
     validate(compose_config(mixed))
+
+
+# ---------------------------------------------------------------------------- other hyper-parameters on resume
+# A resume with another train.lr, min_lr, adam_beta2 or adam_eps (logged as a changed setting) must train with them:
+# megatron-core's loader handed the optimizer the checkpoint's parameter groups, so the LM went on at the old peak
+# and floor of the schedule (and the old betas and eps) while the log showed the new learning rate.
+HYPER = ["train.lr_schedule=cosine", "train.warmup_steps=1", "train.steps=6"]
+CHANGED = {"lr": 1.0e-3, "min_lr": 2.0e-4, "adam_beta2": 0.99, "adam_eps": 1.0e-6}
+
+
+def resumed_hyperparameters(out: str, overrides: str) -> None:
+    """Resumes the run directory in `overrides` with CHANGED and writes, from rank 0, every LM parameter group's
+    lr (as apply_lr sets it for the next step), betas and eps, and the lr the step logs."""
+    import json
+
+    from parallel.groups import teardown
+    from train.launch import compose_config, validate
+    from train.optim import apply_lr, torch_optimizers
+    from train.trainer import Trainer
+
+    cfg, layout = validate(compose_config(overrides.split() + [f"train.{k}={v}" for k, v in CHANGED.items()]))
+    tr = Trainer(cfg, layout)
+    logged = apply_lr(tr.optimizer, tr.step, cfg.train)
+    groups = [{"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "wd_mult": g.get("wd_mult", 1.0)}
+              for opt in torch_optimizers(tr.optimizer) for g in opt.param_groups]
+    if tr.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"step": tr.step, "logged": logged, "groups": groups}, f)
+    tr.close()
+    teardown()
+
+
+@pytest.mark.parametrize("optimizer_format", ["dp_reshardable", "fully_reshardable"])
+def test_a_resume_trains_with_the_learning_rate_and_adam_settings_it_is_given(tmp_path, optimizer_format):
+    import json
+    import math
+
+    from tests.launch_util import run_ranks
+
+    first = (COMMON + HYPER + ["parallel.ep=2", "train.stop_after=2", "run_dir=lr",
+                               f"train.checkpoint.optimizer_format={optimizer_format}"])
+    run_layouts(2, {"first": first}, tmp_path)      # dp 2: the distributed optimizer's sharded state
+    out = tmp_path / "groups.json"
+    overrides = QUIET + [o for o in first if not o.startswith(("run_dir", "train.stop_after"))]
+    run_ranks(2, "tests.dist.test_resume:resumed_hyperparameters",
+              (str(out), " ".join(overrides + [f"run_dir={tmp_path / 'runs' / 'lr'}"])), tmp_path / "logs")
+    got = json.loads(out.read_text())
+    assert got["step"] == 2
+    # the cosine schedule of optim.py's docstring at 0-based step 2, warm-up 1 of 6 steps, with the new bounds
+    lo, hi = CHANGED["min_lr"], CHANGED["lr"]
+    want = lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * (2 - 1) / (6 - 1)))
+    assert got["logged"] == pytest.approx(want, rel=1e-12)   # float64 arithmetic in another order
+    assert got["groups"]
+    for g in got["groups"]:
+        assert g["lr"] == pytest.approx(want, rel=1e-12), g
+        assert g["betas"] == [0.9, CHANGED["adam_beta2"]] and g["eps"] == CHANGED["adam_eps"], g
