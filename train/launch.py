@@ -250,8 +250,59 @@ def check_paths(cfg: Config) -> None:
                              f"with *.safetensors) nor a run directory with a complete checkpoint "
                              f"(checkpoints/step_<N>/COMPLETE.json)"
                              + ("" if Path(source).exists() else ": there is no such path"))
+        if source and not is_hf_checkpoint(source):
+            check_source_model(cfg, name, source)
     if c.init_from and is_hf_checkpoint(c.init_from):
         check_hf_model(c.init_from, cfg.model.lm)
+
+
+# the model settings that fix the shapes of the tensors a run directory's checkpoint hands to another run through
+# train.checkpoint.init_from (the language model's; the DSA indexers' where both models have DSA layers) or
+# vision_init_from (the vision tower's, where both have one). Everything else may differ: a dense model starts a
+# DSA or KSA one, a language model a multimodal one (their own parameters keep their init).
+SOURCE_SHAPE_KEYS = {
+    "lm": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "vocab_size",
+           "num_experts", "moe_ffn_hidden_size"),
+    "lm.dsa": ("index_heads", "index_dim"),
+    "vision": ("depth", "hidden", "heads", "mlp", "patch", "merge", "pos_grid"),
+}
+
+
+def check_source_model(cfg: Config, name: str, source: str) -> None:
+    """The run directory `source` (train.checkpoint.<name>) holds a model whose tensors fit this one: the settings of
+    SOURCE_SHAPE_KEYS its newest checkpoint recorded equal this run's (ValueError naming each that differs). Loading
+    a checkpoint of another size otherwise stopped every rank with megatron's shape-mismatch traceback once the
+    model was built. Checkpoints written before they recorded their config are not checked."""
+    from dataclasses import asdict
+
+    from train import checkpoint as ckpt
+
+    ref = ckpt.find_latest(source)
+    saved = ((ckpt.saved_common(ref) or {}).get("config") or {}).get("model") if ref is not None else None
+    if not saved:
+        return
+    ours = asdict(cfg.model)
+
+    def uses(model: dict, variant: str) -> bool:
+        lm = model.get("lm", {})
+        return variant in (lm.get("attention_per_layer") or [lm.get("attention")])
+
+    parts = [] if name == "vision_init_from" else ["lm"] + ["lm.dsa"] * (uses(saved, "dsa") and uses(ours, "dsa"))
+    # the vision tower comes from vision_init_from when it is set, else from init_from when that holds one
+    if ((name == "vision_init_from" or not cfg.train.checkpoint.vision_init_from)
+            and saved.get("vision", {}).get("enabled") and ours["vision"]["enabled"]):
+        parts.append("vision")
+    differ = []
+    for part in parts:
+        theirs, mine = saved, ours
+        for k in part.split("."):
+            theirs, mine = theirs.get(k, {}), mine[k]
+        differ += [f"model.{part}.{k} is {theirs[k]!r} there, {mine[k]!r} here" for k in SOURCE_SHAPE_KEYS[part]
+                   if k in theirs and theirs[k] != mine[k]]
+    if differ:
+        raise ValueError(f"train.checkpoint.{name}={source!r} holds a checkpoint (step {ref.step}, {ref.path}) of a "
+                         f"model of other sizes: {'; '.join(differ)}. Its weights do not fit this model: give it the "
+                         f"source's sizes, or a source of this model's")
 
 
 def check_run_dir(cfg: Config) -> None:

@@ -387,3 +387,47 @@ def test_memory_cli_prints_the_estimate_of_a_recipe_whose_data_paths_are_left_to
     bad = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k",
                           "train.micro_batch_size=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "video data packs one sequence per micro-batch" in bad.stderr, bad.stderr[-2000:]
+
+
+def _run_dir_of(tmp_path: Path, name: str, *overrides) -> Path:
+    """A run directory whose one checkpoint records the resolved config of `overrides` as training saves it (its
+    common state's "config"; no tensors, which the launcher's checks do not read)."""
+    import json
+
+    import torch
+
+    cfg, _ = _validate(*overrides)
+    step = tmp_path / name / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                    "common_backend": "torch", "common_backend_version": 1}))
+    torch.save({"common": {"step": 2, "config": dataclasses.asdict(cfg)}}, step / "common.pt")
+    (step / "COMPLETE.json").write_text(json.dumps({"step": 2, "files": {}}))
+    return tmp_path / name
+
+
+def test_init_from_a_model_of_other_sizes_stops_before_the_build(tmp_path):
+    """A run directory given as train.checkpoint.init_from (a distillation's teacher, a stage's start) or
+    vision_init_from holds a model of other sizes: the launcher names the settings that differ, where loading it
+    stopped every rank with megatron's shape-mismatch traceback once the model was built. A dense model starting a
+    KSA or DSA one, or a language model a multimodal one, is not such a mismatch."""
+    from train.launch import check_paths
+
+    lm = _run_dir_of(tmp_path, "lm", "recipe=keye_tiny_lm")
+    vl = _run_dir_of(tmp_path, "vl", "recipe=keye_tiny")
+    distill = ["recipe=keye_tiny_ksa_distill", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={lm}"]
+    check_paths(_validate(*distill)[0])                                   # dense -> KSA, same sizes
+    with pytest.raises(ValueError, match=r"train\.checkpoint\.init_from='.*/lm' holds a checkpoint \(step 2, .*\) of "
+                                         r"a model of other sizes: model\.lm\.num_layers is 4 there, 3 here; "
+                                         r"model\.lm\.hidden_size is 128 there, 96 here"):
+        check_paths(_validate(*distill, "model.lm.hidden_size=96", "model.lm.num_layers=3")[0])
+    vl_distill = ["recipe=keye_tiny_vl_ksa_distill", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={vl}"]
+    check_paths(_validate(*vl_distill)[0])
+    with pytest.raises(ValueError, match=r"model\.vision\.hidden is \d+ there, 48 here"):
+        check_paths(_validate(*vl_distill, "model.vision.hidden=48")[0])
+    # the vision tower from vision_init_from: its sizes are judged against that source, not init_from's
+    with pytest.raises(ValueError, match=r"train\.checkpoint\.vision_init_from='.*/vl' .*model\.vision\.depth is \d+ "
+                                         r"there, 1 here"):
+        check_paths(_validate(*vl_distill, f"train.checkpoint.vision_init_from={vl}", "model.vision.depth=1")[0])
+    # a language model's run starts a multimodal one: no vision tower there to compare
+    check_paths(_validate("recipe=keye_tiny", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={lm}")[0])
