@@ -65,6 +65,23 @@ def clip_grads(params: list[torch.nn.Parameter], grad_clip: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
 
 
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether train.weight_decay applies to a parameter: megatron-core's rule for the language model's (its
+    optimizer gives biases and every 1-D parameter, the norms' weights among them, no weight decay)."""
+    return not (name.endswith(".bias") or param.dim() == 1)
+
+
+def build_vision_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
+    """AdamW over the vision tower's trainable parameters (`t`: the TrainConfig), train.weight_decay on the
+    weight matrices and none on biases and norms (decays), as the language model's optimizer does; decaying the
+    LayerNorm weights pulled the tower's normalisation gains towards zero at every step."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": t.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_eps)
+
+
 class VisionTower:
     def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool,
                  train_projector: bool = True):
@@ -84,8 +101,7 @@ class VisionTower:
             if id(p) not in vit:
                 p.requires_grad_(train_projector)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay) if self.params else None
+        self.optimizer = build_vision_optimizer(self.model, t) if self.params else None
         self.grad_clip = t.grad_clip
         lm = cfg.model.lm  # KSA: (chunk, summaries per chunk, the model's row length), for the visual positions
         self.ksa = (lm.ksa.chunk, lm.ksa.num_summary, lm.model_seq_length(t.seq_length)) if lm.uses_ksa else None

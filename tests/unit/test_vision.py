@@ -263,3 +263,32 @@ def test_the_towers_clip_scales_down_only_past_its_bound_and_zero_turns_it_off()
         assert clip_grads(params, clip) == pytest.approx(norm, rel=1e-6)   # fp32 sums of 22 squares
         for p, x in zip(params, grads):
             torch.testing.assert_close(p.grad, x * scale, rtol=1e-5, atol=0)   # torch's 1e-6 in the divisor
+
+
+def test_the_vision_optimizer_decays_weight_matrices_and_not_norms_or_biases():
+    """train.weight_decay on the vision tower as megatron-core's optimizer applies it to the language model: the
+    weight matrices (and the learned position table) decay, biases and the LayerNorms' weights do not. With zero
+    gradients AdamW's update is exactly its decoupled decay, w <- w * (1 - lr * wd), and nothing for the others.
+    Tolerance: one fp32 multiply (relative 1e-7)."""
+    from train.config import TrainConfig
+    from train.vision import build_vision_optimizer
+
+    torch.manual_seed(0)
+    m = VisionModel(tiny(LM))
+    with torch.no_grad():   # LayerNorm weights start at 1, biases at 0: make every value one decay would move
+        for p in m.parameters():
+            p.add_(torch.rand_like(p) + 0.5)
+    t = TrainConfig(lr=1e-2, min_lr=0.0, weight_decay=0.5)
+    opt = build_vision_optimizer(m, t)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    norms_and_biases = [n for n, p in m.named_parameters() if n.endswith(".bias") or ".norm" in n or "_norm" in n]
+    assert any("norm" in n and n.endswith(".weight") for n in norms_and_biases)
+    for n, p in m.named_parameters():
+        if n in norms_and_biases:
+            assert torch.equal(p, before[n]), f"{n} decayed"
+        else:
+            assert p.dim() >= 2, n
+            torch.testing.assert_close(p, before[n] * (1 - t.lr * t.weight_decay), rtol=1e-7, atol=0, msg=n)
