@@ -380,6 +380,14 @@ class Trainer:
             if frozen:
                 log.info("%s: %d parameter tensors frozen", "train.eval.only=true" if self.eval_only
                          else f"train.trainable={t.trainable}", frozen)
+            if frozen and not self.eval_only and self.resume_ref is None and not t.checkpoint.init_from:
+                # a stage that trains a few parameters on top of a model it starts at random (a forgotten init_from)
+                log.warning("train.trainable=%s keeps %d of the language model's parameter tensors frozen, and this "
+                            "fresh run has no train.checkpoint.init_from: they stay at their random initialisation "
+                            "for the whole run%s. The stage recipes start from a trained model: "
+                            "train.checkpoint.init_from=<its run directory or Hugging Face checkpoint>", t.trainable,
+                            frozen, " (and the distillation's teacher is that random model)" if t.distill.enabled
+                            else "")
             if self.indexer_step:
                 log.info("train.indexer_backward=local: each DSA layer back-propagates its indexer KL in its forward; "
                          "the step runs the frozen model forward only%s",

@@ -80,3 +80,51 @@ def test_distillation_of_the_multimodal_model_per_packed_document(tmp_path_facto
     assert any(n.startswith("vision.") for n in dense)
     assert all(distilled[n] == v for n, v in dense.items()), [n for n in dense if distilled[n] != dense[n]]
     assert any(distilled[n] != d["full_windows"][n] for n in distilled if "summary" in n)
+
+
+def stage_warnings(out: str, run_root: str) -> None:
+    """Builds the trainer of keye_tiny_ksa_distill without and with train.checkpoint.init_from (a dense run it
+    trains first) and writes the warnings rank 0 logged for each."""
+    import logging
+
+    from parallel.groups import teardown
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    logging.getLogger("train").addHandler(Keep())
+    base = COMMON + ["train.wandb.enabled=false", "train.warmup_steps=1"]
+    dense = Trainer(*validate(compose_config(base + ["recipe=keye_tiny_lm", "train.steps=2",
+                                                     f"run_dir={run_root}/dense"])))
+    dense.train()
+    dense.close()
+    res = {}
+    for name, extra in (("random", []), ("init_from", [f"train.checkpoint.init_from={run_root}/dense"])):
+        seen.clear()
+        Trainer(*validate(compose_config(base + ["recipe=keye_tiny_ksa_distill", "train.steps=2",
+                                                 f"run_dir={run_root}/{name}"] + extra))).close()
+        res[name] = list(seen)
+    with open(out, "w") as f:
+        json.dump(res, f)
+    teardown()
+
+
+def test_a_stage_started_without_init_from_warns_that_its_frozen_model_is_random(tmp_path):
+    """Distillation (train.trainable=summary) with no train.checkpoint.init_from trains the summary parameters
+    against a teacher that is the random model it starts with: a forgotten init_from. The run is allowed (the tiny
+    recipes and tests run so), but the log says so; started from a trained run it does not."""
+    from tests.launch_util import run_ranks
+
+    out = tmp_path / "warnings.json"
+    run_ranks(1, "tests.dist.test_ksa_model:stage_warnings", (str(out), str(tmp_path / "runs")), tmp_path / "logs",
+              timeout=600)
+    got = json.loads(out.read_text())
+    assert any("train.trainable=summary keeps" in w and "no train.checkpoint.init_from" in w
+               and "the distillation's teacher is that random model" in w for w in got["random"]), got
+    assert not any("train.trainable" in w for w in got["init_from"]), got
