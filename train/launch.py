@@ -277,7 +277,7 @@ def check_source_model(cfg: Config, name: str, source: str) -> None:
 
     from train import checkpoint as ckpt
 
-    ref = ckpt.find_latest(source)
+    ref = ckpt.find_latest(source, quiet=True)
     saved = ((ckpt.saved_common(ref) or {}).get("config") or {}).get("model") if ref is not None else None
     if not saved:
         return
