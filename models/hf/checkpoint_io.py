@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -87,6 +88,30 @@ class HFCheckpoint:
         """The tensor `name`, or only `tensor[index]` (basic slices), read from disk without the rest."""
         sl = self._open(self.file_of[name]).get_slice(name)
         return sl[:] if index is None else sl[index]
+
+
+# the files a save of weights owns in its directory: config.json, the index, the weight files (ours or
+# save_pretrained's, the language model's and the vision tower's) and those left by a write that was cut off
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5}|-vision(-\d{5}-of-\d{5})?)?(\.safetensors|\.safetensors\.tmp|\.tmp)$")
+
+
+def remove_earlier_save(out_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> list[str]:
+    """Removes from `out_dir` the config.json and the weight files of an earlier save (and the files named in
+    `also`), before new weights are written there; other files (a tokenizer, a README) stay. Returns their names.
+
+    Left in place, an earlier save's files mix with the new ones: a single model.safetensors beside new shards is
+    what transformers loads (it looks for that name first) while the new index names the shards, and shards the
+    new save does not overwrite stay listed nowhere or under the old index. config.json goes first, and the new
+    one is written last, so a directory a save left half-written holds no config.json and loads nowhere."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    first = [out / "config.json"] if (out / "config.json").is_file() else []
+    rest = sorted(p for p in out.iterdir() if p.is_file() and (
+        _WEIGHT_FILE.match(p.name) or p.name in (INDEX, INDEX + ".tmp", *also)))
+    for p in first + rest:
+        p.unlink()
+    return [p.name for p in first + rest]
 
 
 class HFShardWriter:

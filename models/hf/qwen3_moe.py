@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from models.config import LMConfig
-from models.hf.checkpoint_io import HFCheckpoint, HFShardWriter
+from models.hf.checkpoint_io import HFCheckpoint, HFShardWriter, remove_earlier_save
 
 log = logging.getLogger(__name__)
 
@@ -780,6 +780,10 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     nbytes = {n: math.prod(s) * elem for n, s in shapes.items()}
     shards = _plan_shards(plan, nbytes, max_shard_bytes)
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if rank0:  # an earlier export's files would mix with these (remove_earlier_save says how)
+        removed = remove_earlier_save(out_dir, also=tuple(path.name for path, _ in MODELING.values()))
+        if removed:
+            log.warning("%s held an earlier save: removed its %s before writing", out_dir, ", ".join(removed))
     writer = HFShardWriter(out_dir, len(shards)) if rank0 else None
     produced: set[str] = set()
     for shard in shards:

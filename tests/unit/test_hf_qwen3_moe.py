@@ -304,6 +304,43 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
     assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
 
 
+def test_export_over_an_earlier_save_replaces_its_weight_files(hf, pgs, tmp_path, monkeypatch):
+    """An export into a directory that holds another model's weights (save_pretrained's, or an earlier export at
+    another shard size): what transformers and our importer read there is the new export. Left in place, an earlier
+    single model.safetensors is what transformers loads beside new shards, and an earlier index is what we read
+    beside a new single file. Other files stay; an export cut off part-way leaves no config.json behind."""
+    from models.hf.checkpoint_io import HFShardWriter, is_hf_checkpoint
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    convert = _convert_module()
+    convert.import_hf(str(hf["single"]), str(tmp_path / "ours"), lm=hf["lm"])
+    src = HFCheckpoint(hf["single"])
+    for earlier, ours in (({}, {"max_shard_bytes": 40_000}), ({"max_shard_size": "50KB"}, {})):
+        out = tmp_path / f"out{len(ours)}"
+        save_tiny_qwen3_moe(out, seed=1, **earlier)  # another model's weights
+        (out / "tokenizer.json").write_text("{}")
+        convert.export(str(tmp_path / "ours"), str(out), **ours)
+        back = HFCheckpoint(out)
+        assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
+        assert (out / "model.safetensors").is_file() != (out / "model.safetensors.index.json").is_file()
+        assert (out / "tokenizer.json").is_file()
+        # transformers reads the same weights: the source's logits, bit for bit (the same fp32 values, same code)
+        assert compare_logits(reference_logits(out, hf["ids"]), hf["ref"])["max_abs_diff"] == 0.0
+    real = HFShardWriter.add_shard
+    calls = []
+
+    def cut_off(self, tensors):  # the export dies while writing its second file
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, tensors)
+
+    monkeypatch.setattr(HFShardWriter, "add_shard", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        convert.export(str(tmp_path / "ours"), str(tmp_path / "out1"), max_shard_bytes=40_000)
+    assert not is_hf_checkpoint(tmp_path / "out1") and not (tmp_path / "out1" / "config.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ DSA
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
