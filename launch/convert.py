@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 launch/convert.py import HF_DIR OUT_DIR --model keye_30b_a3b --ep 8
     torchrun --nproc_per_node 8 launch/pretrain.py recipe=keye_30b_a3b train.checkpoint.init_from=OUT_DIR
 
-    # one of our checkpoints (a run directory: its newest checkpoint, or a step_* directory) -> HF
+    # one of our checkpoints (a run directory: its newest checkpoint whose files verify, or a step_* directory) -> HF
     python launch/convert.py export RUN_OR_STEP_DIR HF_OUT [--model keye_30b_a3b] [--max-shard-size 5GB] [--dtype bf16]
 
     # logits of our model (from the HF weights, or from one of our checkpoints) against transformers
@@ -81,15 +81,25 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
 
 
 def resolve_checkpoint(path: str | Path):
-    """(step directory, run directory) of a run directory's newest checkpoint or of a step_* directory."""
+    """(step directory, run directory) of a run directory's newest checkpoint whose files verify (sizes and the
+    CRC32s recorded at save time, as a resume checks them), or of a step_* directory, which must verify.
+    Collective (the ranks split the checksums)."""
     from train import checkpoint as ckpt
 
     p = Path(path)
     if (p / ckpt.COMPLETE).is_file():
+        ok, why = ckpt._verify(p)
+        bad = ckpt.verify_checksums(ckpt.CheckpointRef(p, 0)) if ok else [why]
+        if bad:
+            raise ValueError(f"checkpoint {p} is damaged: {'; '.join(bad)}")
         return p, p.parent.parent
-    ref = ckpt.find_latest(p)
+    problems: list[str] = []
+    ref = ckpt.find_latest_verified(p, problems)
     if ref is None:
-        raise ValueError(f"{p} holds no complete checkpoint")
+        raise ValueError(f"{p} holds no complete checkpoint whose files verify"
+                         + (f": {'; '.join(problems)}" if problems else ""))
+    if problems:
+        log.warning("%s: using %s; newer ones are damaged: %s", p, ref.path.name, "; ".join(problems))
     return ref.path, p
 
 

@@ -341,6 +341,35 @@ def test_export_over_an_earlier_save_replaces_its_weight_files(hf, pgs, tmp_path
     assert not is_hf_checkpoint(tmp_path / "out1") and not (tmp_path / "out1" / "config.json").exists()
 
 
+def test_export_takes_a_checkpoint_whose_files_verify(hf, pgs, tmp_path):
+    """Export (and verify --checkpoint) check a checkpoint's files against the CRC32s recorded at save time, as a
+    resume does: a run directory whose newest checkpoint has a damaged shard exports the next older one, a damaged
+    step directory named on its own is refused naming the file, and a run directory with no sound one too. Read
+    as it was, a flipped byte in a shard went into the export as a wrong weight (1e37 for a flip in an exponent)."""
+    from train import checkpoint as ckpt
+
+    convert = _convert_module()
+    run = tmp_path / "run"
+    convert.import_hf(str(hf["single"]), str(run), lm=hf["lm"])
+    ckpt.CHECKSUMS.wait()  # the save's background checksum records
+    good, newer = run / "checkpoints" / "step_000000", run / "checkpoints" / "step_000005"
+    shutil.copytree(good, newer)  # a newer checkpoint, then damaged on disk (same size, other bytes)
+    shard = max(newer.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    for off in range(len(data) // 10, len(data) - 64, len(data) // 10):
+        data[off: off + 64] = bytes(b ^ 0x40 for b in data[off: off + 64])
+    shard.write_bytes(bytes(data))
+    convert.export(str(run), str(tmp_path / "back"))
+    src, back = HFCheckpoint(hf["single"]), HFCheckpoint(tmp_path / "back")
+    assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
+    with pytest.raises(ValueError, match=rf"checkpoint {newer} is damaged: {shard}: CRC32 differs"):
+        convert.export(str(newer), str(tmp_path / "bad"))
+    shutil.rmtree(good)
+    with pytest.raises(ValueError, match=rf"{run} holds no complete checkpoint whose files verify: step_000005: "):
+        convert.export(str(run), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------------ DSA
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
