@@ -146,6 +146,12 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
 
+    # an import is step 0: beside a run's later checkpoints, init_from and a resume would take those instead
+    later = [path.name for step, path in ckpt._candidates(out_dir) if step > 0]
+    if later:
+        raise ValueError(f"{out_dir} holds checkpoints of a run ({', '.join(later[:3])}): an import there writes "
+                         f"step 0, and train.checkpoint.init_from={out_dir} would take {later[0]} instead. Import "
+                         "into a new directory")
     multimodal = is_multimodal(json.loads(Path(hf_dir, "config.json").read_text()))
     if multimodal and verify:
         raise ValueError("--verify compares logits with transformers' Qwen3-MoE, which cannot load a multimodal "

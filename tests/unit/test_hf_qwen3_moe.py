@@ -370,6 +370,28 @@ def test_export_takes_a_checkpoint_whose_files_verify(hf, pgs, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_import_refuses_a_run_directory_holding_later_checkpoints(hf, pgs, tmp_path):
+    """An import writes step 0. Into a run directory that holds a later checkpoint, the run that names it in
+    train.checkpoint.init_from (as the import's own message says) would take that checkpoint, not the import:
+    refused, naming it, and nothing is written. An earlier import there is replaced."""
+    from models.hf.tiny import save_tiny_qwen3_moe
+    from train import checkpoint as ckpt
+
+    convert = _convert_module()
+    out = tmp_path / "ours"
+    save_tiny_qwen3_moe(tmp_path / "other", seed=1)
+    convert.import_hf(str(tmp_path / "other"), str(out), lm=hf["lm"])
+    convert.import_hf(str(hf["single"]), str(out), lm=hf["lm"])  # a second import replaces the first
+    convert.export(str(out), str(tmp_path / "back"))
+    src, back = HFCheckpoint(hf["single"]), HFCheckpoint(tmp_path / "back")
+    assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
+    run = tmp_path / "run"  # a run's directory: a checkpoint of step 8
+    shutil.copytree(out / "checkpoints" / "step_000000", run / "checkpoints" / "step_000008")
+    with pytest.raises(ValueError, match=r"holds checkpoints of a run \(step_000008\): an import there writes step 0"):
+        convert.import_hf(str(hf["single"]), str(run), lm=hf["lm"])
+    assert [r.step for r in ckpt.complete_checkpoints(run)] == [8]
+
+
 # ------------------------------------------------------------------------------------------ DSA
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
