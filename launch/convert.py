@@ -374,6 +374,13 @@ def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep
         missing = ckpt.load_model_weights(ckpt.CheckpointRef(step_dir, 0), chunks, dp_cp_group=pgs.dp_cp)
         if missing:
             raise RuntimeError(f"{step_dir} lacks model tensors: {sorted(set(missing))[:8]}")
+        stored = _hf_dtype(hf_dir)
+        if stored != torch.float32:  # an export with --dtype bf16: compare the same weights, not their rounding
+            log.info("the weights in %s are %s: the checkpoint's are rounded to it for the comparison", hf_dir, stored)
+            with torch.no_grad():
+                for chunk in chunks:
+                    for p in chunk.parameters():
+                        p.copy_(p.to(stored))
     else:
         load_hf_into(chunks, hf_dir, lm=lm)
     return verify_chunks(chunks, hf_dir, pgs=pgs, batch=batch, seq=seq)
