@@ -142,6 +142,7 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     Returns {"checkpoint": that path, "verify": the logit comparison or None}."""
     import torch.distributed as dist
 
+    from models.hf.checkpoint_io import read_json
     from models.hf.keye_vision import is_multimodal, lm_checkpoint
     from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
@@ -152,7 +153,7 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
         raise ValueError(f"{out_dir} holds checkpoints of a run ({', '.join(later[:3])}): an import there writes "
                          f"step 0, and train.checkpoint.init_from={out_dir} would take {later[0]} instead. Import "
                          "into a new directory")
-    multimodal = is_multimodal(json.loads(Path(hf_dir, "config.json").read_text()))
+    multimodal = is_multimodal(read_json(Path(hf_dir, "config.json")))
     if multimodal and verify:
         raise ValueError("--verify compares logits with transformers' Qwen3-MoE, which cannot load a multimodal "
                          "Keye-VL directory: import without --verify")

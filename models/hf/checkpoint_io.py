@@ -28,6 +28,18 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and ((p / INDEX).is_file() or (p / SINGLE).is_file())
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object file of a Hugging Face directory (config.json, the index); ValueError naming the file when it
+    is no such file (a hand edit that broke it, a download cut short)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 class HFCheckpoint:
     """A Hugging Face checkpoint directory, read lazily (one slice of one tensor at a time)."""
 
@@ -38,10 +50,12 @@ class HFCheckpoint:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise FileNotFoundError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
-        self.config: dict = json.loads(cfg.read_text())
+        self.config: dict = read_json(cfg)
         index = self.path / INDEX
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map (tensor name -> file)")
         elif (self.path / SINGLE).is_file():
             weight_map = None
         else:
@@ -71,7 +85,13 @@ class HFCheckpoint:
 
     def _open(self, fname: str):
         if fname not in self._handles:
-            self._handles[fname] = self._safe_open(str(self.path / fname), framework="pt", device="cpu")
+            from safetensors import SafetensorError
+
+            try:
+                self._handles[fname] = self._safe_open(str(self.path / fname), framework="pt", device="cpu")
+            except SafetensorError as e:  # a file cut short (a download or copy that stopped) or not safetensors
+                raise ValueError(f"{self.path / fname} is not a readable safetensors file ({e}): copy it again") \
+                    from None
         return self._handles[fname]
 
     def names(self) -> list[str]:

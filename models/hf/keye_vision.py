@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from models.hf.checkpoint_io import INDEX, SINGLE, HFCheckpoint
+from models.hf.checkpoint_io import INDEX, SINGLE, HFCheckpoint, read_json
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ def lm_hf_config(hf_dir: str | os.PathLike) -> dict:
     """config.json of a Hugging Face directory's language model: the file itself, or for a multimodal Keye-VL
     directory the LM part as KeyeLMView presents it (Qwen3-MoE fields, no vision_config). Opens no weights of a
     plain directory."""
-    config = json.loads(Path(hf_dir, "config.json").read_text())
+    config = read_json(Path(hf_dir, "config.json"))
     return KeyeLMView(hf_dir).config if is_multimodal(config) else config
 
 
 def lm_checkpoint(hf_dir: str | os.PathLike):
     """The language model of a Hugging Face directory, read as a Qwen3-MoE checkpoint (`names`, `read`, `config`,
     ...): the directory itself, or for a multimodal Keye-VL one its KeyeLMView."""
-    config = json.loads(Path(hf_dir, "config.json").read_text())
+    config = read_json(Path(hf_dir, "config.json"))
     return KeyeLMView(hf_dir) if is_multimodal(config) else HFCheckpoint(hf_dir)
 
 

@@ -216,6 +216,30 @@ def test_wrong_shape_is_named(hf, pgs, tmp_path):
         q.load_hf_into([_build(hf["lm"], pgs)], path, lm=hf["lm"])
 
 
+def test_damaged_files_of_a_directory_are_named(hf, pgs, tmp_path):
+    """A shard cut short (a download or copy that stopped), a config.json or index that is not JSON (a hand edit),
+    an index without its weight_map: a ValueError naming the file, which the CLI prints and the trainer's init_from
+    reports, not a safetensors or JSON traceback."""
+    cases = {
+        "cut_short": lambda d: os.truncate(d / "model-00002-of-00005.safetensors",
+                                           (d / "model-00002-of-00005.safetensors").stat().st_size // 2),
+        "config": lambda d: (d / "config.json").write_text('{"model_type": "qwen3_moe",\n'),
+        "index": lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+    }
+    sharded = tmp_path / "sharded"
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    save_tiny_qwen3_moe(sharded, max_shard_size="200KB")
+    expect = {"cut_short": r"model-00002-of-00005\.safetensors is not a readable safetensors file",
+              "config": r"config\.json is not valid JSON", "index": r"model\.safetensors\.index\.json has no weight_map"}
+    for name, damage in cases.items():
+        d = tmp_path / name
+        shutil.copytree(sharded, d)
+        damage(d)
+        with pytest.raises(ValueError, match=rf"{d}/{expect[name]}"):
+            q.load_hf_into([_build(hf["lm"], pgs)], d, lm=hf["lm"])
+
+
 def test_model_parameters_without_hf_source_are_named(hf, pgs, monkeypatch):
     real = q.megatron_to_hf  # a mapping that forgot the router: the parameter is named, not left at its init
     monkeypatch.setattr(q, "megatron_to_hf",
