@@ -467,6 +467,10 @@ def main(argv=None) -> int:
         print(f"convert {args.cmd}: {args.hf_dir}: no config.json (not a Hugging Face checkpoint directory)",
               file=sys.stderr)
         return 2
+    out = getattr(args, "out_dir", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():  # before any group or file is made
+        print(f"convert {args.cmd}: {out} is a file, not a directory to write the output into", file=sys.stderr)
+        return 2
     from parallel.groups import teardown
 
     try:
@@ -486,7 +490,7 @@ def main(argv=None) -> int:
             print(json.dumps(result))
             if not result["ok"]:
                 return 1
-    except (ValueError, FileNotFoundError) as e:  # a config / checkpoint mismatch: the message names it
+    except (ValueError, OSError) as e:  # a config / checkpoint mismatch, a path: the message names it
         print(f"convert {args.cmd}: {e}", file=sys.stderr)
         return 2
     finally:

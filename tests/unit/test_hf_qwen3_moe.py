@@ -709,7 +709,7 @@ def test_an_older_export_gets_this_versions_code(hf, tmp_path, capsys):
         q.modeling_variant({"dsa_layers": [0], "ksa_layers": [1]})
 
 
-def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(tmp_path, capsys):
+def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(hf, tmp_path, capsys):
     """`convert import` / `verify` of a directory without config.json stop with the directory named (exit 2), as
     `import-vision` and `code` do, before any process group or output directory exists."""
     convert = _convert_module()
@@ -718,3 +718,7 @@ def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(tmp_path, c
         err = capsys.readouterr().err
         assert f"convert {argv[0]}: {tmp_path}: no config.json (not a Hugging Face checkpoint directory)" in err, err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("")  # an output path that is a file: named, before anything is built
+    for argv in (["import", str(hf["single"]), str(tmp_path / "afile")], ["export", str(tmp_path), str(tmp_path / "afile")]):
+        assert convert.main(argv) == 2
+        assert f"convert {argv[0]}: {tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
