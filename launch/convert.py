@@ -160,7 +160,9 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     source = lm_checkpoint(hf_dir)
     check_hf_config(source.config, lm)  # before building anything
     torch_dtype = _hf_dtype(hf_dir) if dtype == "auto" else DTYPES[dtype]
-    chunks, pgs, layout = build_model(lm, tp=tp, pp=pp, ep=ep, etp=etp, dtype=torch_dtype)
+    # --verify compares in fp32 (models/hf/verify.py's tolerance is for summation order); the weights are cast to
+    # torch_dtype after it, for the save
+    chunks, pgs, layout = build_model(lm, tp=tp, pp=pp, ep=ep, etp=etp, dtype=torch.float32 if verify else torch_dtype)
     stats = load_hf_into(chunks, source, lm=lm)
     log.info("loaded %s into %s (%s): %d tensors, %d elements on rank %d", hf_dir, layout.describe(), torch_dtype,
              stats["tensors"], stats["elements"], dist.get_rank())
@@ -172,6 +174,8 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
         result = verify_chunks(chunks, hf_dir, pgs=pgs)
         if not result["ok"]:
             raise RuntimeError(f"logits differ from transformers beyond the tolerance: {result}")
+        for chunk in chunks:
+            chunk.to(torch_dtype)
     common = {"step": 0, "recipe": "hf_import",
               "source": {"hf_dir": str(Path(hf_dir).resolve()), "format": "keye_vl" if multimodal else "qwen3_moe"},
               "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "etp": layout.etp,

@@ -429,6 +429,23 @@ def test_verify_a_bf16_export_against_its_fp32_checkpoint(hf, pgs, tmp_path):
     assert result["ok"], result
 
 
+def test_import_verify_of_bf16_files(hf, pgs, tmp_path):
+    """`import --verify` of a bf16 directory (as Qwen3 releases are, and the docs' first command imports one): the
+    comparison runs our model in fp32 on the files' weights, as transformers runs them, so the fp32 tolerance holds;
+    the checkpoint keeps the files' bf16, and exports back bit-identically. Computed in bf16, our logits were 0.086
+    from transformers' fp32 ones here (tolerance 1.9e-4): the import stopped with a traceback and wrote nothing."""
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    save_tiny_qwen3_moe(tmp_path / "bf16", dtype=torch.bfloat16)
+    convert = _convert_module()
+    result = convert.import_hf(str(tmp_path / "bf16"), str(tmp_path / "ours"), lm=hf["lm"], verify=True)
+    assert result["verify"]["ok"], result["verify"]
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    src, back = HFCheckpoint(tmp_path / "bf16"), HFCheckpoint(tmp_path / "back")
+    assert back.dtype("model.embed_tokens.weight") == "BF16"
+    assert sorted(back.names()) == sorted(src.names()) and all(torch.equal(back.read(n), src.read(n)) for n in src.names())
+
+
 # ------------------------------------------------------------------------------------------ DSA
 def _dsa_lm(lm, layers, *, topk=32):
     from models.config import DSAConfig
