@@ -69,6 +69,10 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
     base = OmegaConf.structured(LMConfig)
     if model:
         path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "recipes" / "model" / f"{model}.yaml"
+        if not path.is_file():
+            presets = sorted(p.stem for p in (REPO / "recipes" / "model").glob("*.yaml"))
+            raise ValueError(f"--model {model}: no such {'file' if path.name == model else 'model preset'} ({path}); "
+                             f"the presets: {', '.join(presets)} (recipes/model/), or a YAML file")
         raw = OmegaConf.load(path)
         node = raw.model.lm if "model" in raw else raw.lm
         merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))

@@ -739,3 +739,7 @@ def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(hf, tmp_pat
     for argv in (["import", str(hf["single"]), str(tmp_path / "afile")], ["export", str(tmp_path), str(tmp_path / "afile")]):
         assert convert.main(argv) == 2
         assert f"convert {argv[0]}: {tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
+    # a --model that names no preset: the presets listed (it was "[Errno 2] No such file or directory: ...yaml")
+    assert convert.main(["verify", str(hf["single"]), "--model", "keye_tiny_lm"]) == 2
+    err = capsys.readouterr().err
+    assert "--model keye_tiny_lm: no such model preset" in err and "keye_tiny_dsa" in err, err
