@@ -64,6 +64,9 @@ class DSAConfig:
             raise ValueError(f"model.lm.dsa.backend must be one of {DSA_BACKENDS}, got {self.backend!r}")
         if self.loss_weight < 0:
             raise ValueError(f"model.lm.dsa.loss_weight must be >= 0, got {self.loss_weight}")
+        if self.index_dim % 2:   # half-split RoPE rotates the first half of every index vector against the second
+            raise ValueError(f"model.lm.dsa.index_dim must be even (the indexer's RoPE pairs its two halves), "
+                             f"got {self.index_dim}")
 
 
 @dataclass

@@ -117,9 +117,9 @@ class DSASelfAttention(SelfAttention):
                  indexer_place: tuple[int, int] | None = None, **unused):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
-        if index_dim * 2 > config.kv_channels:
-            raise ValueError(f"model.lm.dsa.index_dim ({index_dim}) must be at most half the head dim "
-                             f"({config.kv_channels}): its RoPE uses every other rotary pair")
+        if index_dim * 2 > config.kv_channels or index_dim % 2:
+            raise ValueError(f"model.lm.dsa.index_dim ({index_dim}) must be even and at most half the head dim "
+                             f"({config.kv_channels}): its RoPE uses every other rotary pair, on its two halves")
         self.indexer = DSAIndexer(config, heads=index_heads, dim=index_dim, place=indexer_place)
         if self.checkpoint_core_attention:
             # megatron's selective recompute re-runs the core attention in backward, after forward() has

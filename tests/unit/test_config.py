@@ -164,6 +164,8 @@ def test_wrong_type_names_the_key():
     (["model.lm.attention=sliding"], 2, "model.lm.attention variant 'sliding'"),
     (["train.distill.enabled=true"], 2, "train.distill.enabled needs KSA layers"),
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
+    # an odd index dimension built the model and failed in its first forward, in the indexer's RoPE
+    (["model.lm.attention=dsa", "model.lm.dsa.index_dim=7"], 2, "model.lm.dsa.index_dim must be even"),
     (["train.profile.steps=-1"], 2, "train.profile.steps must be >= 0 (0: off), got -1"),
     (["train.profile.start=0"], 2, "train.profile.start must be >= 1 (steps count from 1), got 0"),
     (["train.lr=-1"], 2, "train.lr must be >= 0, got -1.0"),
