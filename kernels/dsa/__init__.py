@@ -41,6 +41,17 @@ def _check_indexer(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor) ->
         raise ValueError(f"w must be {(B, T, HI)} and k_idx {(B, T, DI)}, got "
                          f"{tuple(w.shape)} and {tuple(k_idx.shape)}")
     check_same_device(q_idx, w, k_idx)
+    # the kernels take q_idx . k_idx as one dot product, which needs one floating dtype
+    _check_float("q_idx", q_idx, "w", w, "k_idx", k_idx)
+    if q_idx.dtype != k_idx.dtype:
+        raise ValueError(f"q_idx and k_idx must have one dtype, got {q_idx.dtype} and {k_idx.dtype}")
+
+
+def _check_float(*named) -> None:
+    """named: name, tensor, name, tensor, ...; each tensor must be floating point."""
+    for name, t in zip(named[::2], named[1::2]):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
@@ -54,6 +65,11 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = 
                          "(same B, T, D; Hq a multiple of Hkv)")
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    # the kernels take q . k as one dot product and p . v as another: one floating dtype for all three
+    _check_float("q", q, "k", k, *(("v", v) if v is not None else ()))
+    if q.dtype != k.dtype or (v is not None and v.dtype != k.dtype):
+        raise ValueError(f"q, k{', v' if v is not None else ''} must have one dtype, got {q.dtype}, {k.dtype}"
+                         + (f", {v.dtype}" if v is not None else ""))
 
 
 def dsa_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk: int, *,
@@ -162,6 +178,7 @@ def _check_loss_shapes(q, k, v, q_idx, w, k_idx) -> None:
     _check_indexer(q_idx, w, k_idx)
     if q_idx.shape[:2] != q.shape[:2]:
         raise ValueError(f"indexer tensors {tuple(q_idx.shape)} do not match q {tuple(q.shape)}")
+    check_same_device(q, k, q_idx)
 
 
 def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: torch.Tensor,
@@ -182,6 +199,12 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, w: to
     B, T, Hq, D, longest = _check_loss_args(q, k, q_idx, w, k_idx, stage, cu_seqlens, backend)
     if stage == "sparse" and idx is None:
         raise ValueError("stage='sparse' needs idx (the selected keys)")
+    # the kernels read idx and lse by row and head without their shapes: a wrong one would be read out of place
+    if idx is not None and (idx.dim() != 3 or tuple(idx.shape[:2]) != (B, T) or idx.shape[2] < 1):
+        raise ValueError(f"idx {tuple(idx.shape)} must be [B={B}, T={T}, topk]")
+    if lse is not None and tuple(lse.shape) != (B, T, Hq):
+        raise ValueError(f"lse {tuple(lse.shape)} must be [B={B}, T={T}, Hq={Hq}]")
+    check_same_device(q, *(t for t in (idx, lse) if t is not None))
     scale = D ** -0.5 if scale is None else float(scale)
     q, k = q.detach(), k.detach()
     lse = None if lse is None else lse.detach().float()

@@ -748,6 +748,35 @@ def test_argument_errors():
         indexer_kl_loss(qa, qa, q, w, k, stage="warmup")
 
 
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_inputs_that_do_not_fit_are_named(backend):
+    """Inputs a caller can get wrong stop with a ValueError naming them, on both backends. Before: q and k of two
+    dtypes (or q_idx and k_idx) ran into an AssertionError inside a Triton kernel; an idx or lse of the wrong shape
+    gave indexer_kl_loss a silent number on the Triton backend (read out of place) and on the reference a
+    broadcast (lse) or a size mismatch naming no input (idx)."""
+    B, T, Hq, Hkv, D, HI, DI = 1, 16, 4, 2, 16, 2, 8
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    v = torch.randn_like(k)
+    idx = naive.topk_indices(qi, w, ki, 4)
+    f64 = torch.float64
+    with pytest.raises(ValueError, match="q, k, v must have one dtype"):
+        sparse_gqa_attention(q, k.to(f64), v, idx, backend=backend)
+    with pytest.raises(ValueError, match="q_idx and k_idx must have one dtype"):
+        dsa_topk(qi, w, ki.to(f64), 4, backend=backend)
+    with pytest.raises(ValueError, match="q_idx must be a floating-point tensor"):
+        dsa_topk(qi.long(), w, ki.long(), 4, backend=backend)
+    with pytest.raises(ValueError, match="q, k must have one dtype"):
+        indexer_kl_loss(q, k.to(f64), qi, w, ki, stage="dense", backend=backend)
+    with pytest.raises(ValueError, match=r"idx \(1, 8, 4\) must be \[B=1, T=16, topk\]"):
+        indexer_kl_loss(q, k, qi, w, ki, stage="sparse", idx=idx[:, :8], backend=backend)
+    with pytest.raises(ValueError, match=r"lse \(1, 16, 1\) must be \[B=1, T=16, Hq=4\]"):
+        indexer_kl_loss(q, k, qi, w, ki, stage="sparse", idx=idx, lse=torch.zeros(B, T, 1, device=DEV),
+                        backend=backend)
+    # inputs that fit still give the reference's numbers (fp32 against float64: TOL_OUT's reason)
+    assert_close("kl", naive.indexer_kl_loss(q, k, qi, w, ki, "sparse", idx_BTK=idx),
+                 indexer_kl_loss(q, k, qi, w, ki, stage="sparse", idx=idx, backend=backend), TOL_OUT)
+
+
 # ----------------------------------------------------------------------------- GPU, bf16
 
 @pytest.mark.gpu
