@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -389,6 +390,7 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
+    check_attention_stage(cfg)
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")
     pr = cfg.train.profile
@@ -414,6 +416,22 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
+
+
+def check_attention_stage(cfg: Config) -> None:
+    """A stage that trains one attention variant's own parameters (train.trainable=indexer / summary) needs layers of
+    that variant somewhere in the model (ValueError): a pipeline stage may hold none of them, so this is decided here,
+    for the whole model, and not by the ranks that build it. A DSA warm-up stage on a model without DSA layers is
+    ignored, with a warning."""
+    kinds = set(cfg.model.lm.layer_attention())
+    for trainable, variant in (("indexer", "dsa"), ("summary", "ksa")):
+        if cfg.train.trained == trainable and variant not in kinds:
+            raise ValueError(f"train.trainable={trainable} trains the {variant.upper()} layers' own parameters, but "
+                             f"model.lm has no {variant.upper()} layer (its attention: {', '.join(sorted(kinds))}); "
+                             f"set model.lm.attention={variant} (or model.lm.attention_per_layer)")
+    if cfg.model.lm.dsa.stage == "dense_warmup" and "dsa" not in kinds:
+        warnings.warn("model.lm.dsa.stage=dense_warmup is ignored: model.lm has no DSA layer "
+                      f"(its attention: {', '.join(sorted(kinds))})")
 
 
 # layouts check_memory proposes when the configured one does not fit, cheapest in compute first

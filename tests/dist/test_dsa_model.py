@@ -75,6 +75,22 @@ def test_warmup_indexer_only_step_on_two_ranks(tmp_path):
         assert [n for n in local if ".indexer." in n] and local == model, par
 
 
+def test_a_pipeline_stage_without_the_trained_variant_is_frozen_whole(tmp_path):
+    """train.trainable=indexer (summary) on a model whose DSA (KSA) layers all sit on the first pipeline stage: the
+    second stage holds none of those parameters and runs frozen, as the same model does in one process. Before, that
+    stage stopped with 'this model (stage) has no such parameters' while the first waited for it forever. The
+    indexers (summary projections) train as in one process, bit for bit (rank 0's digests: the first stage's)."""
+    cases = {"dsa": ["recipe=keye_tiny_dsa_warmup", "model.lm.attention_per_layer=[dsa,dsa,dense,dense]"],
+             "ksa": ["recipe=keye_tiny_ksa", "train.trainable=summary", "model.lm.attention_per_layer=[ksa,ksa,dense,dense]"]}
+    ov = COMMON + ["train.steps=2", "train.checkpoint.enabled=false"]
+    one = run_layouts_all(1, {k: ov + c for k, c in cases.items()}, tmp_path / "one", timeout=300)
+    two = run_layouts_all(2, {k: ov + c + ["parallel.pp=2"] for k, c in cases.items()}, tmp_path / "two", timeout=300)
+    for k, marker in (("dsa", ".indexer."), ("ksa", "summary")):
+        assert sorted(two["losses"][k]) == [1, 2] and two["losses"][k] == one["losses"][k], k
+        trained = {n: v for n, v in two["digests"][k].items() if marker in n}
+        assert trained and all(one["digests"][k][n] == v for n, v in trained.items()), k
+
+
 def test_multimodal_stages_hand_over_from_dense_to_warmup_to_sparse(tmp_path_factory):
     """The 30B DSA stages' CPU mirrors (keye_tiny_vl_dsa_{warmup,sparse}: ViT + projector + LM with DSA layers,
     packed synthetic videos), each started as its recipe says, from the stage before:

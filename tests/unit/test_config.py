@@ -163,6 +163,12 @@ def test_wrong_type_names_the_key():
     (["train.lr_schedule=step"], 2, "train.lr_schedule must be one of"),
     (["model.lm.attention=sliding"], 2, "model.lm.attention variant 'sliding'"),
     (["train.distill.enabled=true"], 2, "train.distill.enabled needs KSA layers"),
+    # a stage of a variant the model lacks: refused before any process group (it was refused by each rank building
+    # the model, and under pipeline parallelism by a stage that held none of them alone, the others waiting for it)
+    (["train.trainable=indexer"], 2, "train.trainable=indexer trains the DSA layers' own parameters, but model.lm has "
+                                     "no DSA layer (its attention: dense)"),
+    (["train.trainable=summary"], 2, "train.trainable=summary trains the KSA layers' own parameters, but model.lm has "
+                                     "no KSA layer (its attention: dense)"),
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
     # an odd index dimension built the model and failed in its first forward, in the indexer's RoPE
     (["model.lm.attention=dsa", "model.lm.dsa.index_dim=7"], 2, "model.lm.dsa.index_dim must be even"),
@@ -187,6 +193,11 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     with pytest.raises(ValueError) as e:
         _validate("recipe=keye_tiny_lm", *overrides, world_size=world)
     assert needle in str(e.value)
+
+
+def test_a_dsa_warmup_stage_on_a_model_without_dsa_is_named_as_ignored():
+    with pytest.warns(UserWarning, match="model.lm.dsa.stage=dense_warmup is ignored: model.lm has no DSA layer"):
+        _validate("recipe=keye_tiny_lm", "model.lm.dsa.stage=dense_warmup")
 
 
 def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
