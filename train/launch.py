@@ -413,6 +413,11 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
     layout.check_seq_length(cfg.train.seq_length, cfg.model.lm)
     if cfg.train.distill.enabled and layout.cp > 1:
         raise ValueError(f"train.distill needs parallel.cp=1 (got {layout.cp}): the teacher pass is not split")
+    ksa = cfg.model.lm.ksa
+    if cfg.model.lm.uses_ksa and ksa.chunk > cfg.train.seq_length:
+        raise ValueError(f"model.lm.ksa.chunk ({ksa.chunk}) exceeds train.seq_length ({cfg.train.seq_length}): no chunk "
+                         "of a sequence would complete, so no summary token would exist and the KSA layers would be "
+                         "plain causal attention, their summary parameters never used")
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")

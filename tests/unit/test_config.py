@@ -195,6 +195,14 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     assert needle in str(e.value)
 
 
+def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
+    """No chunk completes, so no summary exists: the KSA model was plain causal attention, its summary parameters
+    (all that the distillation stage trains) never used."""
+    with pytest.raises(ValueError, match=r"model.lm.ksa.chunk \(512\) exceeds train.seq_length \(256\)"):
+        _validate("recipe=keye_tiny_ksa_distill", "model.lm.ksa.chunk=512")
+    _validate("recipe=keye_tiny_ksa_distill", "model.lm.ksa.chunk=256")  # one chunk per sequence: one summary
+
+
 def test_a_dsa_warmup_stage_on_a_model_without_dsa_is_named_as_ignored():
     with pytest.warns(UserWarning, match="model.lm.dsa.stage=dense_warmup is ignored: model.lm has no DSA layer"):
         _validate("recipe=keye_tiny_lm", "model.lm.dsa.stage=dense_warmup")
