@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from . import naive
-from .common import check_same_device, row_doc_start, validate_cu_seqlens
+from .common import check_same_device, check_triton_device, row_doc_start, validate_cu_seqlens
 from .plan import SparsePlan, build_sparse_plan, default_block_q
 
 Backend = Literal["triton", "naive"]
@@ -27,9 +27,12 @@ __all__ = ["dsa_topk", "sparse_gqa_attention", "indexer_kl_loss", "indexer_kl_lo
            "dsa_attention", "build_sparse_plan", "SparsePlan", "default_block_q", "naive"]
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, x: torch.Tensor | None = None) -> None:
+    """backend is known and, for "triton", runs on x's device."""
     if backend not in ("triton", "naive"):
         raise ValueError(f"backend must be 'triton' or 'naive', got {backend!r}")
+    if backend == "triton" and x is not None:
+        check_triton_device(x)
 
 
 def _check_indexer(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor) -> None:
@@ -88,7 +91,7 @@ def dsa_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk: in
 
 def _check_topk_args(q_idx, w, k_idx, topk: int, cu_seqlens, backend: str) -> int:
     """dsa_topk's checks; returns the longest document (validate_cu_seqlens)."""
-    _check_backend(backend)
+    _check_backend(backend, q_idx)
     _check_indexer(q_idx, w, k_idx)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
@@ -117,7 +120,7 @@ def sparse_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     (a launch setting); the documents themselves are already encoded in idx.
     `plan` (from build_sparse_plan(idx, block_q)) can be shared with indexer_kl_loss.
     """
-    _check_backend(backend)
+    _check_backend(backend, q)
     _check_attention(q, k, v)
     check_same_device(q, k, v, idx)
     B, T, Hq, D = q.shape
@@ -164,7 +167,7 @@ def indexer_kl_loss_backward_now(q: torch.Tensor, k: torch.Tensor, q_idx: torch.
 
 def _check_loss_args(q, k, q_idx, w, k_idx, stage: str, cu_seqlens, backend: str):
     """indexer_kl_loss's checks; returns B, T, Hq, D and the longest document (validate_cu_seqlens)."""
-    _check_backend(backend)
+    _check_backend(backend, q)
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
     _check_loss_shapes(q, k, None, q_idx, w, k_idx)

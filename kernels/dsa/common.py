@@ -72,3 +72,11 @@ def relu_nan(x):
     finite on the GPU and NaN in the reference and under the interpreter, and the top-k ranked it otherwise (found
     by bench/bench_topk_nan.py on an H100; tests/kernels/test_dsa.py checks the compiled PTX)."""
     return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+def check_triton_device(x: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or on any device under Triton's interpreter: TRITON_INTERPRET=1 when
+    this module was imported, which is when triton.jit decides (relu_nan above is then an interpreted function)."""
+    if x.device.type != "cuda" and type(relu_nan).__name__ != "InterpretedFunction":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {x.device} (or TRITON_INTERPRET=1 set before "
+                         "kernels.dsa is imported); on CPU use backend='naive'")

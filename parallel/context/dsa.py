@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.dsa import naive as dsa_naive
+from kernels.dsa.common import check_triton_device
 from parallel.context.attention import CPComm, dense_cp_attention
 from parallel.context.comm import all_gather_seq, group_size_rank
 from parallel.context.split import CPSplit, cp_global_indices, rank_concat_to_natural
@@ -261,6 +262,8 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         return "triton" if x.is_cuda else "naive"
     if backend not in ("naive", "triton"):
         raise ValueError(f"backend must be 'auto', 'naive' or 'triton', got {backend!r}")
+    if backend == "triton":
+        check_triton_device(x)
     return backend
 
 

@@ -777,6 +777,40 @@ def test_inputs_that_do_not_fit_are_named(backend):
                  indexer_kl_loss(q, k, qi, w, ki, stage="sparse", idx=idx, backend=backend), TOL_OUT)
 
 
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_named():
+    """backend='triton' (a model's model.lm.dsa.backend=triton on a CPU machine) with kernels compiled for a GPU:
+    each public function, and the context-parallel one, says what to use instead. Before, the first kernel launch
+    stopped with Triton's 'RuntimeError: 0 active drivers ([]). There should only be one.' Run in a fresh process:
+    whether the kernels are interpreted is fixed when they are imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = """
+import torch
+from kernels.dsa import dsa_attention, dsa_topk, indexer_kl_loss, sparse_gqa_attention
+from parallel.context.dsa import cp_topk_indices
+q, k, qi, w, ki = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 1, 8), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2), \
+    torch.randn(1, 8, 4)
+idx = dsa_topk(qi, w, ki, 4, backend="naive")
+calls = [lambda: dsa_topk(qi, w, ki, 4), lambda: sparse_gqa_attention(q, k, k, idx),
+         lambda: indexer_kl_loss(q, k, qi, w, ki, stage="dense"), lambda: dsa_attention(q, k, k, qi, w, ki, topk=4),
+         lambda: cp_topk_indices(qi, w, ki, topk=4, cp_group=None, backend="triton")]
+for call in calls:
+    try:
+        call()
+        print("no error")
+    except ValueError as e:
+        print("ValueError", e)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    lines = out.stdout.splitlines()
+    assert len(lines) == 5, out.stdout + out.stderr
+    assert all(line.startswith("ValueError backend='triton' needs CUDA tensors, got cpu") and "backend='naive'" in line
+               for line in lines), out.stdout
+
+
 # ----------------------------------------------------------------------------- GPU, bf16
 
 @pytest.mark.gpu
