@@ -58,6 +58,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------ config
+def model_file(model: str) -> Path:
+    """The YAML file --model names: a recipes/model preset by name, or a path ending in .yaml (ValueError listing the
+    presets when there is none)."""
+    path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "recipes" / "model" / f"{model}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in (REPO / "recipes" / "model").glob("*.yaml"))
+        raise ValueError(f"--model {model}: no such {'file' if path.name == model else 'model preset'} ({path}); "
+                         f"the presets: {', '.join(presets)} (recipes/model/), or a YAML file")
+    return path
+
+
 def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None = None,
                  run_dir: Path | None = None) -> LMConfig:
     """model.lm from --model (+ --set), else the HF config, else a run directory's config.yaml."""
@@ -68,12 +79,7 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
 
     base = OmegaConf.structured(LMConfig)
     if model:
-        path = Path(model) if model.endswith((".yaml", ".yml")) else REPO / "recipes" / "model" / f"{model}.yaml"
-        if not path.is_file():
-            presets = sorted(p.stem for p in (REPO / "recipes" / "model").glob("*.yaml"))
-            raise ValueError(f"--model {model}: no such {'file' if path.name == model else 'model preset'} ({path}); "
-                             f"the presets: {', '.join(presets)} (recipes/model/), or a YAML file")
-        raw = OmegaConf.load(path)
+        raw = OmegaConf.load(model_file(model))
         node = raw.model.lm if "model" in raw else raw.lm
         merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))
         return OmegaConf.to_object(merged)
@@ -478,6 +484,12 @@ def main(argv=None) -> int:
     out = getattr(args, "out_dir", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before any group or file is made
         print(f"convert {args.cmd}: {out} is a file, not a directory to write the output into", file=sys.stderr)
+        return 2
+    try:
+        if getattr(args, "model", None):  # before any process group is made, as the paths above
+            model_file(args.model)
+    except ValueError as e:
+        print(f"convert {args.cmd}: {e}", file=sys.stderr)
         return 2
     from parallel.groups import teardown
 
