@@ -628,6 +628,12 @@ def load_model_weights(ref: CheckpointRef, model_chunks, *, dp_cp_group) -> list
     return missing
 
 
+def saved_shapes(ref: CheckpointRef) -> dict[str, tuple]:
+    """The global shape of every tensor `ref` holds, by checkpoint key (its metadata only; no process group)."""
+    return {k: tuple(getattr(v, "global_shape", ())) for k, v in
+            dist_checkpointing.load_tensors_metadata(str(ref.path)).items()}
+
+
 def load_extra_weights(ref: CheckpointRef, sharded: dict) -> list[str]:
     """Collective. Loads the ShardedTensors of `sharded` (e.g. the vision tower's) that `ref` holds into their
     tensors in place; returns the keys it does not hold (those keep their values)."""

@@ -662,9 +662,20 @@ class Trainer:
             raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files verify "
                              f"(the log names what is wrong with each)")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
-        missing = ckpt.load_extra_weights(src, sd)
-        log.info("initialised the vision tower from %s%s", src.path,
-                 f"; not in that checkpoint, kept at init: {len(missing)} tensors" if missing else "")
+        # as from a Hugging Face directory: a projector that maps to another language model's width is not ours to
+        # take (its shapes would stop every rank in the load); the ViT's own sizes were checked at launch
+        shapes = ckpt.saved_shapes(src)
+        projector = sorted(k for k in sd if k.startswith("vision.projector."))
+        other = projector if any(sd[k].key in shapes and shapes[sd[k].key] != tuple(sd[k].global_shape)
+                                 for k in projector) else []
+        for k in other:   # the whole projector: its first layers were trained to feed that other width
+            del sd[k]
+        missing = ckpt.load_extra_weights(src, sd) + other
+        log.info("initialised the vision tower from %s%s%s", src.path,
+                 f"; its projector maps to another language model's width ({self.vision.model.cfg.lm_hidden} here), "
+                 "so the projector keeps its initialisation" if other else "",
+                 f"; not in that checkpoint, kept at init: {len(missing) - len(other)} tensors"
+                 if len(missing) > len(other) else "")
         return missing
 
     def _check_frozen_vision_filled(self, missing: list[str], named: str) -> None:

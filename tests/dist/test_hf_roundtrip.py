@@ -299,3 +299,31 @@ def test_align_stage_takes_its_vit_from_a_second_checkpoint(tmp_path):
                                              r"tower's tensors .*train\.trainable=projector keeps them frozen.*"
                                              r"vision_init_from"):
         run_layouts(1, {"no_vit": align}, tmp_path / "runs_no_vit")
+
+
+@pytest.mark.slow
+def test_vision_init_from_a_run_of_another_language_model_width_keeps_the_projector_at_init(tmp_path):
+    """vision_init_from naming one of our run directories whose language model is of another width (the ViT of a
+    small model's run for a wider one): the ViT is that run's, and the projector, whose output is the language
+    model's width, keeps its init, as from a Hugging Face directory. It stopped every rank with megatron's
+    'Global shape mismatch ... vision.projector.fc2.weight' once the model was built."""
+    from data.video_stream import ensure_synthetic_shards
+    from tests.launch_util import run_layouts
+
+    shards = ensure_synthetic_shards(tmp_path / "videos", 8, 1234, rank=0)
+    base = ["recipe=keye_tiny", "parallel=single", "train.steps=1", "train.warmup_steps=0",
+            "train.global_batch_size=2", "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    _, d = run_layouts(1, {"src": base + ["run_dir=src", "train.checkpoint.save_interval=1"],
+                           # lr 0: its weights after the step are the ones it started from
+                           "wide": base + ["run_dir=wide", "model.lm.hidden_size=96", "train.lr=0", "train.min_lr=0",
+                                           "train.checkpoint.enabled=false",
+                                           "train.checkpoint.vision_init_from={root}/src"]},
+                       tmp_path, digests=True)
+    fresh = ["run_dir=fresh", "model.lm.hidden_size=96", "train.lr=0", "train.min_lr=0", "train.checkpoint.enabled=false"]
+    _, f = run_layouts(1, {"fresh": base + fresh}, tmp_path / "fresh", digests=True)
+    vit = [n for n in d["src"] if n.startswith("vision.vit.")]
+    projector = [n for n in d["wide"] if n.startswith("vision.projector.")]
+    assert vit and all(d["wide"][n] == d["src"][n] for n in vit)   # the same tensors: their digests exactly
+    assert any(f["fresh"][n] != d["src"][n] for n in vit)
+    # the projector as the same seed initialises it without vision_init_from
+    assert projector and all(d["wide"][n] == f["fresh"][n] for n in projector)
