@@ -379,6 +379,28 @@ def _append_jsonl(path: str, rec: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _compact_rejects(rejects_path: str, shards_done: list[dict]) -> list[dict]:
+    """The files rejected now: one line per file, its latest reject, none for a file a shard holds since. A run with
+    `--retry-rejects` appends the retried files' new rejects after their old ones; without this the old lines stay,
+    and the totals count a file rejected again twice, and one accepted on retry as rejected still."""
+    lines = read_jsonl(rejects_path)
+    stored = {v for s in shards_done for v in s["videos"] + s.get("images", [])}
+    latest: dict = {}
+    for r in lines:
+        kind = "video" if "video" in r else "image"
+        latest.pop((kind, r.get(kind)), None)          # the latest reject goes last, as it was written
+        latest[(kind, r.get(kind))] = r
+    current = [r for (_, sid), r in latest.items() if sid not in stored]
+    if current != lines:
+        tmp = rejects_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in current)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, rejects_path)
+    return current
+
+
 def _cleanup_incomplete(out: Path, complete: set[str]) -> None:
     for p in out.glob("shard-*"):
         name = p.name
@@ -596,7 +618,7 @@ def ingest(opts: IngestOptions) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
     elapsed = time.monotonic() - t_start
-    all_rejects = read_jsonl(rejects_path)
+    all_rejects = _compact_rejects(rejects_path, shards_done)
     summary = {
         "schema": SCHEMA,
         "shards": [s["shard"] for s in sorted(shards_done, key=lambda s: s["shard"])],

@@ -437,3 +437,25 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     assert r["rejected"] == len(rejects) == summary["num_rejected"] == 3 and r["accepted"] == 1
     assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2}
     assert r["skipped_already_done"] == 0
+
+
+def test_retry_rejects_leaves_one_line_per_file_still_rejected(tmp_path):
+    """`--retry-rejects` appended the retried files' rejects after their old lines: a file rejected again was
+    counted twice in dataset.json, and a video accepted once its record was fixed stayed in rejects.jsonl and in
+    `num_rejected`. The reference: the files that are rejected now, one line each."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
+    (vids / "b.mp4").write_bytes(b"")
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text(json.dumps({"video": "a.mp4", "caption": 5}) + "\n")
+    opts = dict(videos=str(vids), annotations=str(ann), out=str(tmp_path / "o"), workers=1, progress=False)
+    first = ingest(IngestOptions(**opts))
+    assert first["rejects_by_reason"] == {"bad_annotation": 1, "empty_file": 1}
+    ann.write_text(json.dumps({"video": "a.mp4", "caption": "fixed"}) + "\n")
+    summary = ingest(IngestOptions(**opts, retry_rejects=True))
+    assert summary["this_run"]["accepted"] == 1 and summary["this_run"]["rejected"] == 1
+    rejects = read_jsonl(tmp_path / "o" / "rejects.jsonl")
+    assert [(r["video"], r["reason"]) for r in rejects] == [("b.mp4", "empty_file")]
+    assert summary["num_rejected"] == 1 and summary["rejects_by_reason"] == {"empty_file": 1}
+    assert summary["num_samples"] == 1
