@@ -173,19 +173,27 @@ def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str 
     tmp_bin, tmp_idx = prefix + ".bin.partial", prefix + ".idx.partial"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     n_docs = n_tokens = longest = 0
-    for tokens, lengths in runs:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if tokens.size:
-            bad = (tokens < 0) | (tokens >= vocab_size)
-            if bad.any():
-                at = int(np.argmax(bad))
-                doc = n_docs + int(np.count_nonzero(np.cumsum(lengths[lengths > 0]) <= at))
-                raise ValueError(f"{prefix}: document {doc} holds id {int(tokens[at])}, outside the vocabulary "
-                                 f"(0..{vocab_size - 1})")
-        kept = lengths[lengths > 0]
-        if kept.size:
-            builder.add_document(torch.from_numpy(np.ascontiguousarray(tokens)), kept.tolist())
-            n_docs, n_tokens, longest = n_docs + kept.size, n_tokens + int(kept.sum()), max(longest, int(kept.max()))
+    try:
+        for tokens, lengths in runs:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if tokens.size:
+                bad = (tokens < 0) | (tokens >= vocab_size)
+                if bad.any():
+                    at = int(np.argmax(bad))
+                    doc = n_docs + int(np.count_nonzero(np.cumsum(lengths[lengths > 0]) <= at))
+                    raise ValueError(f"{prefix}: document {doc} holds id {int(tokens[at])}, outside the vocabulary "
+                                     f"(0..{vocab_size - 1})")
+            kept = lengths[lengths > 0]
+            if kept.size:
+                builder.add_document(torch.from_numpy(np.ascontiguousarray(tokens)), kept.tolist())
+                n_docs, n_tokens = n_docs + kept.size, n_tokens + int(kept.sum())
+                longest = max(longest, int(kept.max()))
+    except BaseException:               # a failed write leaves nothing behind, not even its partial files
+        builder.data_file.close()
+        for p in (tmp_bin, tmp_idx):
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
     builder.finalize(tmp_idx)
     info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name, "documents": n_docs,
             "tokens": n_tokens, "longest_document": longest, **((meta() if callable(meta) else meta) or {})}
@@ -220,17 +228,22 @@ def _jsonl_chunks(inputs: Iterable[str | os.PathLike], lines: int) -> Iterator[t
     """The lines of JSONL files (.jsonl or .jsonl.gz) as undecoded bytes, `lines` at a time: (file, the first's line
     number, lines). Each line is decoded alone (`_line_text`), so a bad byte costs its own line only."""
     import gzip
+    import zlib
 
     for path in inputs:
         path = str(path)
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
             first, chunk = 1, []
-            for raw in f:
-                chunk.append(raw)
-                if len(chunk) == lines:
-                    yield path, first, chunk
-                    first, chunk = first + lines, []
+            try:
+                for raw in f:
+                    chunk.append(raw)
+                    if len(chunk) == lines:
+                        yield path, first, chunk
+                        first, chunk = first + lines, []
+            except (OSError, EOFError, zlib.error) as e:   # a truncated or foreign .gz: the rest cannot be read
+                raise OSError(f"{path}: unreadable after line {first - 1 + len(chunk)} "
+                              f"({type(e).__name__}: {e})") from e
             if chunk:
                 yield path, first, chunk
 

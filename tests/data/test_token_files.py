@@ -590,6 +590,25 @@ def test_tokenize_text_command(tmp_path, capsys):
     assert (tmp_path / "tok" / "in6.bin").read_bytes() == (tmp_path / "tok" / "in.bin").read_bytes()
 
 
+def test_a_truncated_or_foreign_gz_input_is_named_not_a_traceback(tmp_path, capsys):
+    """tokenize_text.py given a .jsonl.gz cut short ended in gzip's EOFError traceback, naming no file (and left
+    PREFIX.bin.partial behind); a .gz that is not gzip said 'Not a gzipped file', naming none either."""
+    import gzip
+
+    from launch.tokenize_text import main
+
+    whole = gzip.compress("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    for name, why in (("cut.jsonl.gz", "EOFError"), ("plain.jsonl.gz", "BadGzipFile")):
+        for workers in ("1", "2"):
+            out = str(tmp_path / "tok" / f"{name}{workers}")
+            assert main(["--input", str(tmp_path / name), "--out", out, "--workers", workers]) == 1
+            err = capsys.readouterr().err
+            assert f"{tmp_path / name}: unreadable after line " in err and why in err, err
+            assert not list((tmp_path / "tok").glob("*")), "no file, not even a partial one, is left"
+
+
 def test_no_document_written_is_an_error_and_an_empty_prefix_is_named(tmp_path, capsys):
     """tokenize_text.py with a --key no line has exited 0 leaving an empty .bin, which a run later met as megatron's
     'cannot mmap an empty file', naming no prefix."""
