@@ -149,12 +149,16 @@ def read_exclude(spec: str, *, field_name: str = "data.exclude") -> ExcludeList:
     # (train/metrics.py set_aside_redone): the samples they name stay named, whichever launch reads the list
     aside = [superseded_path(p) for p in files if p.endswith(".jsonl")]
     for path in files + [p for p in aside if os.path.isfile(p) and p not in files]:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                line = line.strip()
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                where = f"{field_name}: {path} line {i}"
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise ExcludeError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); the samples to leave "
+                                       f"out are sample keys or JSON lines") from None
                 if not line or line.startswith("//"):
                     continue
-                where = f"{field_name}: {path} line {i}"
                 if line.startswith("{"):
                     try:
                         rec = json.loads(line)

@@ -61,6 +61,16 @@ def test_the_files_name_samples_as_the_messages_and_records_do(tmp_path):
             read_exclude(path)
 
 
+def test_a_line_not_utf8_is_named_with_its_file_and_line(tmp_path):
+    """A list with a byte that is not UTF-8 stopped the launch with Python's bare "'utf-8' codec can't decode byte
+    0xff in position 19", naming neither the file nor the line (docs/data.md: a line that is not a sample stops it,
+    naming the file and line)."""
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"shard-000000.tar/clip_00000-aa\n\xff\xfe\n")
+    with pytest.raises(ExcludeError, match=rf"data.exclude: {path} line 2: not UTF-8 \(invalid start byte at byte 0\)"):
+        read_exclude(str(path))
+
+
 def _row_reference(plain: dict, gone: set[int], *, close_up: bool = False) -> dict:
     """The row `plain` with the tokens whose ids are in `gone` set to 0, and no loss on them or on a label among
     them (the row's S + 1 tokens are its tokens and its last label); close_up: those tokens moved to the row's end
