@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -308,17 +310,21 @@ def check_source_model(cfg: Config, name: str, source: str) -> None:
 
 def check_run_dir(cfg: Config) -> None:
     """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
-    logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Writes
-    nothing: a config that is not valid leaves no directory behind."""
+    logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Leaves
+    nothing (a probe directory is made and removed): a config that is not valid leaves no directory behind."""
     run_dir = Path(cfg.resolved_run_dir()).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={run_dir} is a file, not a directory")
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"run_dir={run_dir}: cannot be made a directory ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    # tried, not judged by os.access: that answers yes to root for any directory (a root-squashed NFS mount, /proc),
+    # where the launch's first write failed with a traceback on every rank
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
+    except OSError as e:
         raise ValueError(f"run_dir={run_dir}: this process cannot write {'there' if existing == run_dir else existing} "
-                         f"(the run's logs, config and checkpoints go there)")
+                         f"({e.strerror}; the run's logs, config and checkpoints go there)") from None
 
 
 def check_hf_model(source: str, lm) -> None:

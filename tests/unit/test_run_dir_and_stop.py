@@ -58,3 +58,14 @@ def test_a_fault_drill_with_a_misspelled_fault_stops_before_the_run(monkeypatch)
             check_env()
     monkeypatch.delenv("KEYE_FAULT")
     check_env()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a directory nobody can make one in")
+def test_a_run_dir_that_cannot_be_made_is_a_config_error_even_for_root(tmp_path):
+    """os.access answers yes to root for any directory, so a root launch (a container's) under /proc or a
+    root-squashed NFS mount passed the check and failed at its first write with a traceback on every rank: the check
+    tries a write instead."""
+    with pytest.raises(ValueError, match=r"run_dir=/proc/keye_run/sub: this process cannot write /proc \("):
+        check_run_dir(_cfg("/proc/keye_run/sub"))
+    check_run_dir(_cfg(tmp_path / "run"))
+    assert list(tmp_path.iterdir()) == []                     # the probe is removed
