@@ -27,7 +27,7 @@ def memory_inputs(argv: list[str]):
     from train.launch import check_settings, compose_config, evaluates
 
     world = [a.split("=", 1)[1] for a in argv if a.startswith("world_size=")][-1:]
-    if world and not world[0].isdigit():
+    if world and (not world[0].isdigit() or int(world[0]) < 1):
         raise ValueError(f"world_size must be a positive integer, got {world[0]!r}")
     overrides = [a for a in argv if not a.startswith("world_size=")]
     # the estimate reads no data file: the data paths a recipe leaves for the user to fill (the long-context

@@ -332,6 +332,7 @@ def test_the_command_explains_itself_and_stops_on_bad_input(capsys):
            "train.lr=abc": "Value 'abc' of type 'str' could not be converted to Float",
            "parallel.ep=3": "parallel.ep (3) must divide model.lm.num_experts (8)",
            "world_size=x": "world_size must be a positive integer, got 'x'",
+           "world_size=0": "world_size must be a positive integer, got '0'",   # was judged as a layout of dp 0
            # settings that do not fit together, as pretrain.py judges them before it reads any file
            "data=video_tiny": "video data packs one sequence per micro-batch: train.micro_batch_size must be 1",
            "model=keye_tiny_vl": "model.vision.enabled=true needs video data (data.kind=video), got data.kind=synthetic",
