@@ -24,6 +24,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
+class SettingsError(ValueError):
+    """A setting found wrong once the run's process groups exist, where the launcher's checks before them cannot
+    look (what an init_from checkpoint holds, the device): train/launch.py stops it as a config error, exit 2."""
+
+
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # false: never write checkpoints (benchmarks, parity tests)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
-from train.config import Config, register_configs, to_config
+from train.config import Config, SettingsError, register_configs, to_config
 
 LAUNCHED = time.time()   # this process's start, near enough: a STOP file older than it is stale (train/preemption.py)
 
@@ -512,6 +512,10 @@ def run(dcfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
         trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
+    except SettingsError as e:   # found once the process groups exist (what init_from holds): on every rank
+        logging.getLogger("train").error("config error: %s", e)
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except RunDirInUse as e:   # before this launch wrote anything there but its log lines
         logging.getLogger("train").error("run_dir error: %s", e)
         print(f"run_dir error: {e}", file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
-from train.config import Config, DistillConfig, config_changes
+from train.config import Config, DistillConfig, SettingsError, config_changes
 from train.distill import distill_losses
 from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
@@ -248,7 +248,7 @@ class Trainer:
         self.resume_ref = None if t.eval.only else self._claim_run_dir()
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
-            raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
+            raise SettingsError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
 
         # train.trainable=indexer (the DSA warm-up): only the indexers train, and their one loss, each DSA layer's
         # KL, never reaches the rest of the model (models/attention/dsa.py). With indexer_backward=local each
@@ -621,7 +621,7 @@ class Trainer:
         else:
             src = ref or ckpt.find_latest_verified(source)   # its newest checkpoint whose checksums agree
             if src is None:
-                raise ValueError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint whose files "
+                raise SettingsError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint whose files "
                                  f"verify (the log names what is wrong with each)")
             kept = sorted(set(ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)))
             what = str(src.path)
@@ -659,7 +659,7 @@ class Trainer:
             return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
         src = ref or ckpt.find_latest_verified(source)
         if src is None:
-            raise ValueError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files verify "
+            raise SettingsError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files verify "
                              f"(the log names what is wrong with each)")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
         # as from a Hugging Face directory: a projector that maps to another language model's width is not ours to
@@ -686,7 +686,7 @@ class Trainer:
         unfilled = [f"vision.{n}" for n, p in self.vision.model.named_parameters()
                     if not p.requires_grad and f"vision.{n}" in missing]
         if unfilled:
-            raise ValueError(
+            raise SettingsError(
                 f"train.checkpoint.{named} holds no weights for {len(unfilled)} of the vision tower's tensors (e.g. "
                 f"{unfilled[0]}), and train.trainable={self.cfg.train.trainable} keeps them frozen: they would stay "
                 "at their random initialisation. Set train.checkpoint.vision_init_from to a Keye-VL Hugging Face "

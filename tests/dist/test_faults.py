@@ -162,3 +162,16 @@ def test_disk_full_during_save(reference, tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True)
     run_pretrain(2, OVERRIDES, moved)
     assert losses(moved) == reference
+
+
+def test_a_stage_whose_init_from_cannot_fill_its_frozen_vision_tower_stops_with_a_config_error(tmp_path):
+    """What init_from holds is known only once the process groups exist (the trainer reads it): a multimodal stage
+    started from a language model's run, its ViT frozen, stops with `config error: ...` naming init_from (exit 2), as
+    the launcher's own checks do, not with a ValueError traceback on every rank."""
+    one = ["parallel.ep=1", "train.steps=2", "train.warmup_steps=1"]
+    run_pretrain(1, OVERRIDES[:-3] + one, tmp_path / "lm")
+    proc = run_pretrain(1, ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={tmp_path / 'lm'}"] + one,
+                        tmp_path / "vl", check=False)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
+    assert "config error: train.checkpoint.init_from=" in proc.stderr and "holds no weights for" in proc.stderr
+    assert "ValueError" not in proc.stderr, proc.stderr[-4000:]
