@@ -621,8 +621,8 @@ class Trainer:
         else:
             src = ref or ckpt.find_latest_verified(source)   # its newest checkpoint whose checksums agree
             if src is None:
-                raise SettingsError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint whose files "
-                                 f"verify (the log names what is wrong with each)")
+                raise SettingsError(f"train.checkpoint.init_from={source!r} holds no complete checkpoint whose "
+                                    f"files verify (the log names what is wrong with each)")
             kept = sorted(set(ckpt.load_model_weights(src, chunks, dp_cp_group=self.pgs.dp_cp)))
             what = str(src.path)
         copied = any("linear_qkv_summary" in k for k in kept)
@@ -659,8 +659,8 @@ class Trainer:
             return [] if fits else [k for k in keys if k.startswith("vision.projector.")]
         src = ref or ckpt.find_latest_verified(source)
         if src is None:
-            raise SettingsError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files verify "
-                             f"(the log names what is wrong with each)")
+            raise SettingsError(f"train.checkpoint.{setting}={source!r} holds no complete checkpoint whose files "
+                                f"verify (the log names what is wrong with each)")
         sd = {k: v for k, v in self.vision.sharded_state().items() if k.startswith("vision.")}
         # as from a Hugging Face directory: a projector that maps to another language model's width is not ours to
         # take (its shapes would stop every rank in the load); the ViT's own sizes were checked at launch
