@@ -98,8 +98,7 @@ def resolve_checkpoint(path: str | Path):
 
     p = Path(path)
     if (p / ckpt.COMPLETE).is_file():
-        ok, why = ckpt._verify(p)
-        bad = ckpt.verify_checksums(ckpt.CheckpointRef(p, 0)) if ok else [why]
+        bad = ckpt.verify_checkpoint(p)
         if bad:
             raise ValueError(f"checkpoint {p} is damaged: {'; '.join(bad)}")
         return p, p.parent.parent
@@ -158,7 +157,7 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     from train import checkpoint as ckpt
 
     # an import is step 0: beside a run's later checkpoints, init_from and a resume would take those instead
-    later = [path.name for step, path in ckpt._candidates(out_dir) if step > 0]
+    later = [ref.path.name for ref in reversed(ckpt.complete_checkpoints(out_dir)) if ref.step > 0]
     if later:
         raise ValueError(f"{out_dir} holds checkpoints of a run ({', '.join(later[:3])}): an import there writes "
                          f"step 0, and train.checkpoint.init_from={out_dir} would take {later[0]} instead. Import "

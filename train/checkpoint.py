@@ -137,6 +137,13 @@ def verify_checksums(ref: CheckpointRef) -> list[str]:
     return sorted(b for part in gathered for b in part)
 
 
+def verify_checkpoint(path: Path) -> list[str]:
+    """Collective: what is wrong with one checkpoint directory (its files' sizes, then their recorded CRC32s, as a
+    resume checks them); [] when it verifies."""
+    ok, why = _verify(path)
+    return verify_checksums(CheckpointRef(path=path, step=0)) if ok else [why]
+
+
 def find_latest_verified(run_dir, problems: list[str] | None = None, *, exclude: list[str] = ()) -> CheckpointRef | None:
     """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
     corrupted one is reported (file named, and added to `problems`) and skipped for the next older one.
