@@ -22,6 +22,11 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+# A file's mtime comes from the kernel's coarse clock, up to a tick behind time.time(), and some filesystems keep
+# whole seconds (or two): a STOP touched just after the launch began can read as older than it. A STOP an earlier
+# launch left is minutes older (its trainer had ended, then this one was started and built its model).
+STALE_SLACK_S = 2.0
+
 STOP_FILE = "STOP"
 
 
@@ -47,14 +52,15 @@ class StopRequests:
         return self.signal_name or ("signal on another rank" if flag.item() == 1 else f"{self.stop_file} exists")
 
     def drop_stale(self, launched: float) -> None:
-        """Removes a STOP file written before `launched` (this launch's start, time.time()): it asked an earlier
-        launch to stop, one that had ended by then (a SLURM warning that came after the trainer finished, a
-        crash), and would stop this one after its first step. Call on one rank before the first step."""
+        """Removes a STOP file written before `launched` (this launch's start, time.time()), by more than
+        STALE_SLACK_S: it asked an earlier launch to stop, one that had ended by then (a SLURM warning that came after
+        the trainer finished, a crash), and would stop this one after its first step. Call on one rank before the
+        first step."""
         try:
             made = self.stop_file.stat().st_mtime
         except FileNotFoundError:
             return
-        if made < launched:
+        if made < launched - STALE_SLACK_S:
             log.warning("%s was written before this launch began (%s): it asked an earlier launch to stop; removed",
                         self.stop_file, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made)))
             self.clear_stop_file()
