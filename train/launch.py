@@ -248,13 +248,15 @@ def check_paths(cfg: Config) -> None:
         return
     for name in ("init_from", "vision_init_from"):
         source = getattr(c, name)
-        if source and not (is_hf_checkpoint(source) or ckpt.find_latest(source, quiet=True) is not None):
+        if not source or is_hf_checkpoint(source):
+            continue
+        ref = ckpt.find_latest(source, quiet=True)
+        if ref is None:
             raise ValueError(f"train.checkpoint.{name}={source!r} is neither a Hugging Face checkpoint (config.json "
                              f"with *.safetensors) nor a run directory with a complete checkpoint "
                              f"(checkpoints/step_<N>/COMPLETE.json)"
                              + ("" if Path(source).exists() else ": there is no such path"))
-        if source and not is_hf_checkpoint(source):
-            check_source_model(cfg, name, source)
+        check_source_model(cfg, name, source, ref)
     if c.init_from and is_hf_checkpoint(c.init_from):
         check_hf_model(c.init_from, cfg.model.lm)
 
@@ -271,17 +273,17 @@ SOURCE_SHAPE_KEYS = {
 }
 
 
-def check_source_model(cfg: Config, name: str, source: str) -> None:
+def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
     """The run directory `source` (train.checkpoint.<name>) holds a model whose tensors fit this one: the settings of
     SOURCE_SHAPE_KEYS its newest checkpoint recorded equal this run's (ValueError naming each that differs). Loading
     a checkpoint of another size otherwise stopped every rank with megatron's shape-mismatch traceback once the
-    model was built. Checkpoints written before they recorded their config are not checked."""
+    model was built. Checkpoints written before they recorded their config are not checked. `ref`: that run
+    directory's newest complete checkpoint (check_paths found it)."""
     from dataclasses import asdict
 
     from train import checkpoint as ckpt
 
-    ref = ckpt.find_latest(source, quiet=True)
-    saved = ((ckpt.saved_common(ref) or {}).get("config") or {}).get("model") if ref is not None else None
+    saved = ((ckpt.saved_common(ref) or {}).get("config") or {}).get("model")
     if not saved:
         return
     ours = asdict(cfg.model)

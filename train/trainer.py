@@ -579,6 +579,7 @@ class Trainer:
         may have written in part); CheckpointLoadError when none is left."""
         tried: list[str] = []
         problems: list[str] = []
+        layout = ckpt.layout_record(self.layout)   # what _common_state records (not its data state and config)
         while True:
             failure, saved, common, same_layout = None, None, None, False
             try:
@@ -586,8 +587,8 @@ class Trainer:
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
                 failure = e
             if saved is not None:
-                same_layout = saved["layout"] == self._common_state()["layout"]
-                ckpt.check_resumable(saved, self._common_state()["layout"], ref.path)  # a config error, not damage
+                same_layout = saved["layout"] == layout
+                ckpt.check_resumable(saved, layout, ref.path)  # a config error, not damage
                 try:
                     common = ckpt.load_checkpoint(
                         ref, self.model, self.optimizer, dp_cp_group=self.pgs.dp_cp, load_rng=same_layout,
