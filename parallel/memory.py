@@ -310,12 +310,16 @@ def _loss(m: MemoryInputs) -> float:
 
 def in_flight_microbatches(m: MemoryInputs) -> float:
     """Micro-batches whose activations the first pipeline stage holds at once (1F1B: pp; interleaved:
-    pp * (1 + (pp - 1) / (pp * vpp)) layer-sets, Korthikanti et al. 2022), never more than exist."""
+    pp * (1 + (pp - 1) / (pp * vpp)) layer-sets, Korthikanti et al. 2022), never more than one run of the schedule
+    holds: a step's micro-batches, or with the vision tower in rounds (parallel.vit.group) a round's. With as many
+    micro-batches as pipeline ranks the interleaved schedule runs every forward before the first backward: pp
+    layer-sets, not the formula's (megatron's get_pp_rank_microbatches)."""
     if m.pp == 1:
         return 1.0
+    per_run = float(m.vit_group if m.vision is not None and m.vit_group else m.num_microbatches)
     if m.vpp == 1:
-        return float(min(m.pp, m.num_microbatches))
-    return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), float(m.num_microbatches * m.vpp) / m.vpp * m.pp)
+        return min(float(m.pp), per_run)
+    return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), per_run)
 
 
 def _stage_layers(m: MemoryInputs, *, first: bool) -> tuple[list[str], list[str]]:

@@ -124,6 +124,35 @@ def test_pipeline_first_stage_holds_pp_microbatches():
     assert first["attention dense x2"] == 2 * last["attention dense x2"]
 
 
+@pytest.mark.parametrize("pp,vpp", [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)])
+def test_in_flight_microbatches_are_the_forwards_megatron_runs_before_the_first_backward(pp, vpp):
+    """The first stage's activations: the forwards megatron's schedule runs there before its first backward (its own
+    arithmetic, get_pp_rank_microbatches on pipeline rank 0: the warm-up forwards and the first 1F1B one, at most all
+    of them), a forward of one of the vpp model chunks being 1/vpp of the stage's layers. With as many micro-batches
+    per run of the schedule as pipeline ranks the interleaved schedule runs them all before a backward (pp, where the
+    estimate said pp + (pp - 1) / vpp); with the vision tower in rounds of parallel.vit.group a run is one round."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+    from models.vision import tiny
+    from parallel.memory import in_flight_microbatches
+
+    p2p = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: pp, rank=lambda: 0),
+                          virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+
+    def megatron(n):
+        total, _, warmup, _ = get_pp_rank_microbatches(n, vpp, pp, p2p_communicator=p2p)
+        return min(warmup + 1, total) / vpp
+
+    for n in (pp, 2 * pp, 3 * pp, 8 * pp):
+        assert in_flight_microbatches(MemoryInputs(lm=lm(num_layers=8), seq_length=64, pp=pp, vpp=vpp,
+                                                   num_microbatches=n)) == megatron(n), n
+    group = pp if vpp > 1 else 1   # the interleaved schedule takes a multiple of pp (train/launch.py checks it)
+    rounds = MemoryInputs(lm=lm(num_layers=8), seq_length=64, pp=pp, vpp=vpp, num_microbatches=8 * pp,
+                          vision=tiny(64), vit_group=group)
+    assert in_flight_microbatches(rounds) == megatron(group)
+
+
 def test_measured_saved_activations_of_the_tiny_model_on_cpu():
     """Per-layer bytes autograd keeps for backward (measured with saved-tensor hooks, fp32, seq 2048) against
     the estimate: attention block (input norm + dense attention) and MoE block (norm + router + grouped
