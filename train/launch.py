@@ -411,6 +411,7 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
             raise ValueError(f"train.profile.start ({pr.start}) is past the run's last step (train.steps="
                              f"{cfg.train.steps}): nothing would be profiled")
     check_multimodal(cfg, layout)
+    check_interleaved_schedule(cfg, layout)
     check_token_files(cfg)
     from data.held_out import eval_plan
 
@@ -429,6 +430,25 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
+
+
+def check_interleaved_schedule(cfg: Config, layout: ParallelLayout) -> None:
+    """megatron's interleaved pipeline schedule (parallel.vpp > 1) takes the micro-batches of each of its runs in
+    groups of parallel.pp per model chunk, so a run must hold a multiple of pp: a step's micro-batches per data-parallel
+    rank, or with the vision tower in rounds a round's (parallel.vit.group). ValueError naming them: megatron raised
+    at the first step, once the model was built."""
+    if layout.vpp == 1:
+        return
+    t = cfg.train
+    per_step = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    group = cfg.parallel.vit.group if cfg.model.vision.enabled else 0
+    if (group or per_step) % layout.pp:
+        what = (f"parallel.vit.group ({group}), the micro-batches of each round of a step," if group else
+                f"the micro-batches per step and data-parallel rank ({per_step} = train.global_batch_size / "
+                f"(train.micro_batch_size x {layout.dp}))")
+        raise ValueError(f"parallel.vpp ({layout.vpp}) runs megatron's interleaved pipeline schedule, which takes "
+                         f"micro-batches in groups of parallel.pp ({layout.pp}): {what} must be a multiple of "
+                         f"{layout.pp}")
 
 
 def check_attention_stage(cfg: Config) -> None:

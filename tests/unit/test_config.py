@@ -195,6 +195,24 @@ def test_impossible_settings_fail_with_the_numbers(overrides, world, needle):
     assert needle in str(e.value)
 
 
+def test_an_interleaved_pipeline_needs_a_multiple_of_pp_micro_batches_per_run_of_its_schedule():
+    """megatron's interleaved schedule takes micro-batches in groups of pp per model chunk and raised at the first step,
+    the model built, for a step of fewer (or a round of parallel.vit.group): `ValueError: The number of contiguous
+    micro-batches in a virtual pipeline stageshould range in [PP=2 , M=1]` on every rank."""
+    interleaved = ("parallel.pp=2", "parallel.vpp=2", "parallel.ep=1")
+    _validate("recipe=keye_tiny_lm", *interleaved, "train.global_batch_size=8")   # 2 micro-batches of 4 per step
+    with pytest.raises(ValueError) as e:
+        _validate("recipe=keye_tiny_lm", *interleaved, "train.global_batch_size=4")
+    assert str(e.value) == ("parallel.vpp (2) runs megatron's interleaved pipeline schedule, which takes micro-batches "
+                            "in groups of parallel.pp (2): the micro-batches per step and data-parallel rank (1 = "
+                            "train.global_batch_size / (train.micro_batch_size x 1)) must be a multiple of 2")
+    # the multimodal model's 4 ranks: dp 2, 2 micro-batches per step, run in rounds of parallel.vit.group
+    _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", world_size=4)
+    with pytest.raises(ValueError, match=r"parallel.vit.group \(1\), the micro-batches of each round of a step, must be "
+                                         r"a multiple of 2"):
+        _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", "parallel.vit.group=1", world_size=4)
+
+
 def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
     """No chunk completes, so no summary exists: the KSA model was plain causal attention, its summary parameters
     (all that the distillation stage trains) never used."""
