@@ -6,6 +6,7 @@ The overrides are pretrain.py's (Hydra's `key=value`); world_size defaults to th
 A wrong key, type or layout, or settings that do not fit together, stop with pretrain.py's message (exit 2); the
 files the run reads (data, checkpoints, tokenizer) are not checked, as they may live on another machine.
 """
+import math
 import os
 import sys
 
@@ -19,9 +20,19 @@ from data.video.config import UnsetPathError  # noqa: E402
 from parallel.memory import estimate, inputs_from_config  # noqa: E402
 
 
+def fewest_ranks(p) -> int:
+    """The fewest ranks the layout `p` (ParallelConfig) runs on: a multiple of tp x cp x pp (the attention side) and
+    of etp x ep x pp (the experts'), with ep x etp at most tp x cp x dp (parallel/layout.py)."""
+    model, step = p.tp * p.cp * p.pp, math.lcm(p.tp * p.cp * p.pp, p.etp * p.ep * p.pp)
+    world = step
+    while p.ep * p.etp > p.tp * p.cp * (world // model):
+        world += step
+    return world
+
+
 def memory_inputs(argv: list[str]):
     """(Config, ParallelLayout, MemoryInputs) of `recipe=NAME [world_size=N] [hydra overrides]`: the layout on N
-    ranks, or on the fewest its sizes need (tp x cp x pp, more where the experts' ep x etp exceed tp x cp)."""
+    ranks, or on the fewest its sizes need (fewest_ranks)."""
     from parallel.layout import ParallelLayout
     from train.config import to_config
     from train.launch import check_settings, compose_config, evaluates
@@ -51,7 +62,7 @@ def memory_inputs(argv: list[str]):
     if unset:
         print(f"({' and '.join(unset)} left to set: the estimate reads no data file)")
     p = cfg.parallel
-    world_size = int(world[0]) if world else p.tp * p.cp * p.pp * max(1, p.ep * p.etp // (p.tp * p.cp))
+    world_size = int(world[0]) if world else fewest_ranks(p)
     layout = ParallelLayout.build(p, world_size=world_size, lm=cfg.model.lm)
     check_settings(cfg, layout)   # pretrain.py's checks of the settings together (it also reads the run's files)
     return cfg, layout, inputs_from_config(cfg, layout)

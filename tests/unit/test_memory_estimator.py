@@ -374,3 +374,29 @@ def test_the_command_explains_itself_and_stops_on_bad_input(capsys):
         assert stop.value.code == 2 and err.startswith("launch/memory.py: ") and message in err, (override, err)
     main(["recipe=keye_tiny_lm"])
     assert "predicted peak (allocated)" in capsys.readouterr().out
+
+
+def test_the_command_takes_the_fewest_ranks_the_layout_runs_on():
+    """Without world_size the estimate is of the smallest world ParallelLayout.build accepts (found here by trying
+    each size in turn): tp 1 x cp 3 with ep 8 runs on 24 ranks, where the command took 6 and stopped with `world
+    size (6) must be divisible by parallel.etp * parallel.ep * parallel.pp (1 * 8 * 1 = 8)`."""
+    import itertools
+
+    from launch.memory import fewest_ranks
+    from parallel.layout import ParallelConfig, ParallelLayout
+
+    model = lm(num_layers=12, num_attention_heads=12, num_query_groups=6, num_experts=24, vocab_size=6 * 512,
+               moe_ffn_hidden_size=24)
+
+    def smallest(p):
+        for world in itertools.count(1):
+            try:
+                ParallelLayout.build(p, world_size=world, lm=model)
+                return world
+            except ValueError as e:
+                assert "world size" in str(e) or "must not exceed" in str(e), e   # only the world is wrong
+
+    for tp, cp, pp, ep, etp in itertools.product((1, 2, 3), (1, 2, 3), (1, 2), (1, 2, 3, 4, 8), (1, 2)):
+        p = ParallelConfig(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, cp_comm="allgather")
+        assert fewest_ranks(p) == smallest(p), (tp, cp, pp, ep, etp)
+
