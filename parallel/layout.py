@@ -148,6 +148,7 @@ class ParallelLayout:
                 f"({pp} * {vpp} = {pp * vpp})")
         if cp > 1:
             check_context_parallel(cp, cfg.cp_comm, lm, tp=tp)
+        warn_unused_cp_settings(cfg, lm)
         sp = tp > 1
         if tp > 1 and not cfg.sequence_parallel:
             warnings.warn("parallel.sequence_parallel=false is ignored: MoE layers with tp > 1 need "
@@ -207,3 +208,21 @@ def check_context_parallel(cp: int, cp_comm: str, lm: LMConfig, *, tp: int) -> N
         raise ValueError(f"parallel.cp ({cp}) and the KV heads per TP rank (model.lm.num_query_groups "
                          f"{lm.num_query_groups} / tp {tp} = {hkv}) must divide one another: {why} sends whole GQA "
                          "groups to each CP rank" + ("" if "ksa" in variants else "; or use parallel.cp_comm=allgather"))
+
+
+def warn_unused_cp_settings(cfg: ParallelConfig, lm: LMConfig) -> None:
+    """A warning for a context-parallel setting given a value other than its default that nothing reads: any of them
+    at parallel.cp=1, and parallel.cp_comm where no layer takes it (only dense layers and the DSA dense warm-up do:
+    KSA layers always run Ulysses, DSA sparse layers all-gather K/V)."""
+    changed = [f"parallel.{k}={getattr(cfg, k)}" for k, default in (("cp_comm", CP_COMM[0]), ("cp_split", CP_SPLITS[0]))
+               if getattr(cfg, k) != default]
+    if cfg.cp == 1 and changed:
+        warnings.warn(f"{' and '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored: parallel.cp=1 splits "
+                      "no sequence")
+        return
+    variants = set(lm.layer_attention())
+    takes_comm = "dense" in variants or ("dsa" in variants and lm.dsa.stage == "dense_warmup")
+    if cfg.cp > 1 and cfg.cp_comm != CP_COMM[0] and not takes_comm:
+        warnings.warn(f"parallel.cp_comm={cfg.cp_comm} is ignored: model.lm has no layer that takes it (its attention: "
+                      f"{', '.join(sorted(variants))}; KSA layers always run Ulysses, DSA sparse layers all-gather "
+                      "K and V)")

@@ -213,6 +213,29 @@ def test_an_interleaved_pipeline_needs_a_multiple_of_pp_micro_batches_per_run_of
         _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", "parallel.vit.group=1", world_size=4)
 
 
+@pytest.mark.parametrize("overrides,warning", [
+    (["recipe=keye_tiny_lm", "parallel.cp_comm=allgather"], "parallel.cp_comm=allgather is ignored: parallel.cp=1"),
+    (["recipe=keye_tiny_lm", "parallel.cp_split=sequence"], "parallel.cp_split=sequence is ignored: parallel.cp=1"),
+    # KSA layers run Ulysses whatever cp_comm says, DSA sparse layers all-gather K and V (models/attention/{ksa,dsa}.py)
+    (["recipe=keye_tiny_ksa", "parallel.cp=2", "parallel.cp_comm=allgather"],
+     "parallel.cp_comm=allgather is ignored: model.lm has no layer that takes it (its attention: ksa"),
+    (["recipe=keye_tiny_dsa_sparse", "parallel.cp=2", "parallel.cp_comm=allgather"],
+     "parallel.cp_comm=allgather is ignored: model.lm has no layer that takes it (its attention: dsa"),
+    # read: dense layers and the DSA dense warm-up take it, and the defaults say nothing
+    (["recipe=keye_tiny_lm", "parallel.cp=2", "parallel.cp_comm=allgather", "parallel.cp_split=sequence"], None),
+    (["recipe=keye_tiny_dsa_warmup", "parallel.cp=2", "parallel.cp_comm=allgather"], None),
+    (["recipe=keye_tiny_ksa", "parallel.cp=2"], None),
+])
+def test_a_context_parallel_setting_nothing_reads_is_named_as_ignored(overrides, warning):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _validate(*overrides)
+    ignored = [str(w.message) for w in seen if "ignored" in str(w.message)]
+    assert len(ignored) == (warning is not None) and all(warning in w for w in ignored), ignored
+
+
 def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
     """No chunk completes, so no summary exists: the KSA model was plain causal attention, its summary parameters
     (all that the distillation stage trains) never used."""

@@ -397,6 +397,6 @@ def test_the_command_takes_the_fewest_ranks_the_layout_runs_on():
                 assert "world size" in str(e) or "must not exceed" in str(e), e   # only the world is wrong
 
     for tp, cp, pp, ep, etp in itertools.product((1, 2, 3), (1, 2, 3), (1, 2), (1, 2, 3, 4, 8), (1, 2)):
-        p = ParallelConfig(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, cp_comm="allgather")
+        p = ParallelConfig(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, cp_comm="allgather" if cp > 1 else "a2a")
         assert fewest_ranks(p) == smallest(p), (tp, cp, pp, ep, etp)
 
