@@ -208,8 +208,8 @@ def test_an_interleaved_pipeline_needs_a_multiple_of_pp_micro_batches_per_run_of
                             "train.global_batch_size / (train.micro_batch_size x 1)) must be a multiple of 2")
     # the multimodal model's 4 ranks: dp 2, 2 micro-batches per step, run in rounds of parallel.vit.group
     _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", world_size=4)
-    with pytest.raises(ValueError, match=r"parallel.vit.group \(1\), the micro-batches of each round of a step, must be "
-                                         r"a multiple of 2"):
+    with pytest.raises(ValueError, match=r"parallel.vit.group \(1\), the micro-batches of each round of a step, "
+                                         r"must be a multiple of 2"):
         _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", "parallel.vit.group=1", world_size=4)
 
 
