@@ -51,6 +51,11 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         raise ValueError(f"train.checkpoint.vision_init_from={t.checkpoint.vision_init_from!r} fills the vision "
                          "tower, which this model does not have: set model.vision.enabled=true or leave it empty")
     if d.kind == "video":
+        # the packs are train.seq_length tokens (data/video_stream.py replaces data.video.seq_len with it): a length
+        # they cannot be made at stopped the run in its data loader, after the process groups and the model
+        if (why := d.video.seq_len_error(t.seq_length)) is not None:
+            raise ValueError(f"train.seq_length ({t.seq_length}) is the length of the video data's packs, and it "
+                             f"{why}")
         if t.micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {t.micro_batch_size}")

@@ -209,7 +209,7 @@ class VideoDataConfig:
             warnings.warn(f"VideoDataConfig.long_shards = {self.long_shards!r} is ignored: long_fraction = 0, so "
                           f"no packed sequence is drawn from it")
         if not 16 <= self.seq_len <= 1 << 20:
-            bad("seq_len", "must be in [16, 1048576]")
+            bad("seq_len", self.seq_len_error(self.seq_len))
         if self.pack_lookahead < 1:
             bad("pack_lookahead", "must be >= 1")
         if self.max_text_tokens < 0:
@@ -274,11 +274,20 @@ class VideoDataConfig:
             bad("special_token_offset", "must be >= 256 (ids 0..255 are the bytes)")
         if self.tokenizer == "bytes" and self.vocab_size < self.special_token_offset + 8:
             bad("vocab_size", f"must be >= special_token_offset + 8 = {self.special_token_offset + 8}")
+        if (why := self.seq_len_error(self.seq_len)) is not None:
+            bad("seq_len", why)
+
+    def seq_len_error(self, seq_len: int) -> str | None:
+        """Why packs of `seq_len` tokens cannot be made with these settings, or None. The trainer packs to
+        train.seq_length, whatever `seq_len` says (data/video_stream.py), so the launcher asks this of that too."""
+        if not 16 <= seq_len <= 1 << 20:
+            return "must be in [16, 1048576]"
         # the smallest sample (min_frames frames at min tokens each, no text) must fit a sequence
         smallest = self.min_frames * (self.min_frame_tokens + 12) + 2
-        if smallest > self.seq_len:
-            bad("seq_len", f"cannot hold even the smallest video sample ({smallest} tokens = "
-                           f"min_frames x (min_frame_tokens + ~12 text/marker tokens) + 2)")
+        if smallest > seq_len:
+            return (f"cannot hold even the smallest video sample ({smallest} tokens = "
+                    f"min_frames x (min_frame_tokens + ~12 text/marker tokens) + 2)")
+        return None
 
     def sources(self) -> list[tuple[str, str, str, float]]:
         """(name, spec, config field, share of packed sequences) of each data source: one ("short", shards)

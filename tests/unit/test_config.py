@@ -244,6 +244,21 @@ def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
     _validate("recipe=keye_tiny_ksa_distill", "model.lm.ksa.chunk=256")  # one chunk per sequence: one summary
 
 
+def test_a_sequence_too_short_for_the_video_packs_is_refused():
+    """The trainer packs video data to train.seq_length (data.video.seq_len is replaced by it): a length that cannot
+    hold the smallest video sample passed the launch and stopped the run in its data loader, after the process groups
+    and the model were built, naming data.video.seq_len. keye_tiny's smallest: 2 frames x (4 + 12) + 2 = 34 tokens."""
+    with pytest.raises(ValueError, match=r"^train\.seq_length \(32\) is the length of the video data's packs, and it "
+                                         r"cannot hold even the smallest video sample \(34 tokens"):
+        _validate("recipe=keye_tiny", "train.seq_length=32")
+    with pytest.raises(ValueError, match=r"^train\.seq_length \(8\) .* must be in \[16, 1048576\]"):
+        _validate("recipe=keye_tiny", "train.seq_length=8")
+    _validate("recipe=keye_tiny", "train.seq_length=34")   # the smallest sample fits exactly
+    # a language model alone on the packed loader's text: the same packs
+    with pytest.raises(ValueError, match=r"^train\.seq_length \(20\) is the length of the video data's packs"):
+        _validate("recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1", "train.seq_length=20")
+
+
 def test_a_dsa_warmup_stage_on_a_model_without_dsa_is_named_as_ignored():
     with pytest.warns(UserWarning, match="model.lm.dsa.stage=dense_warmup is ignored: model.lm has no DSA layer"):
         _validate("recipe=keye_tiny_lm", "model.lm.dsa.stage=dense_warmup")
