@@ -170,6 +170,8 @@ def test_wrong_type_names_the_key():
     (["train.trainable=summary"], 2, "train.trainable=summary trains the KSA layers' own parameters, but model.lm has "
                                      "no KSA layer (its attention: dense)"),
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
+    # a negative count summing right built the model and failed in its first forward (RoPE's channel split)
+    (["model.lm.mrope_section=[5,-1,4]"], 2, "model.lm.mrope_section [5, -1, 4] must hold counts >= 0"),
     # an odd index dimension built the model and failed in its first forward, in the indexer's RoPE
     (["model.lm.attention=dsa", "model.lm.dsa.index_dim=7"], 2, "model.lm.dsa.index_dim must be even"),
     (["train.profile.steps=-1"], 2, "train.profile.steps must be >= 0 (0: off), got -1"),
