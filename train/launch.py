@@ -315,6 +315,21 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
                          f"source's sizes, or a source of this model's")
 
 
+def check_kernels(cfg: Config, *, cuda: bool) -> None:
+    """The Triton kernels a setting asks for can run on this machine (ValueError naming the setting): without CUDA only
+    under TRITON_INTERPRET=1, the interpreter the kernel tests use. They failed in the model's first forward, on every
+    rank, after the process groups and the model were built ("0 active drivers" for the experts)."""
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    lm = cfg.model.lm
+    asked = ["model.lm.experts_impl=triton"] if lm.experts_impl == "triton" else []
+    asked += [f"model.lm.{v}.backend=triton" for v in ("ksa", "dsa")
+              if getattr(lm, v).backend == "triton" and v in lm.layer_attention()]
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: Triton kernels need a CUDA GPU and this machine has none; auto takes the "
+                         f"PyTorch path on CPU (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, slowly)")
+
+
 def check_run_dir(cfg: Config) -> None:
     """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
     logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Leaves
@@ -518,6 +533,7 @@ def run(dcfg: DictConfig) -> None:
 
         check_env()   # a fault drill's KEYE_FAULT
         cfg, layout = validate(dcfg)
+        check_kernels(cfg, cuda=torch.cuda.is_available())
         check_run_dir(cfg)
         check_paths(cfg)
         warning = None
