@@ -6,6 +6,7 @@ parameter/FLOP counts derived from it without allocating anything.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
@@ -246,7 +247,7 @@ class VisionModelConfig:
     patch: int = 14
     merge: int = 2
     pos_grid: int = 27
-    init_std: float = 0.02
+    init_std: float = 0.02   # read by nothing: the tower keeps torch's default init (__post_init__ warns when set)
 
     def build(self, lm_hidden: int):
         """The models.vision.VisionConfig of these sizes, projecting to `lm_hidden` (validates)."""
@@ -258,6 +259,10 @@ class VisionModelConfig:
     def __post_init__(self) -> None:
         if self.enabled:
             self.build(lm_hidden=1)  # raises naming the field on a bad size
+            if self.init_std != VisionModelConfig.init_std:
+                warnings.warn(f"model.vision.init_std={self.init_std} is ignored: the vision tower starts from torch's "
+                              f"default initialisation of its layers (its position table: normal, std 0.02), or from "
+                              f"the weights train.checkpoint.init_from / vision_init_from hold")
 
 
 @dataclass

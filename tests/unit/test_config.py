@@ -267,6 +267,20 @@ def test_a_dsa_warmup_stage_on_a_model_without_dsa_is_named_as_ignored():
         _validate("recipe=keye_tiny_lm", "model.lm.dsa.stage=dense_warmup")
 
 
+def test_a_vision_init_std_is_named_as_ignored():
+    """model.vision.init_std is read by nothing (the tower keeps torch's default init): a value set was silently
+    ignored. The default warns of nothing, nor a model without the tower."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"^model\.vision\.init_std=0\.5 is ignored: the vision tower starts from"):
+        _validate("recipe=keye_tiny", "model.vision.init_std=0.5")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _validate("recipe=keye_tiny")
+        _validate("recipe=keye_tiny_lm", "model.vision.init_std=0.5")
+    assert not [w for w in seen if "init_std" in str(w.message)]
+
+
 def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
     """train.launch.check_paths (the launcher runs it after validate): shards that are not there and weights that
     are neither a Hugging Face checkpoint nor a run with a complete checkpoint name their setting, and so does a
