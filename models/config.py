@@ -6,6 +6,7 @@ parameter/FLOP counts derived from it without allocating anything.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -56,6 +57,8 @@ class DSAConfig:
     backend: str = "auto"  # triton on GPU, the reference on CPU
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.loss_weight):   # nan passed the sign check below: a NaN loss from the first step
+            raise ValueError(f"model.lm.dsa.loss_weight must be a finite number, got {self.loss_weight}")
         for name in ("index_heads", "index_dim", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.lm.dsa.{name} must be >= 1, got {getattr(self, name)}")
@@ -123,6 +126,11 @@ class LMConfig:
             raise ValueError(f"model.lm.experts_impl must be one of {EXPERT_IMPLS}, got {self.experts_impl!r}")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"model.lm.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        for name in ("rope_theta", "norm_eps", "init_std", "moe_aux_loss_coeff"):
+            # nan passed the sign checks below and inf the positive ones: moe_aux_loss_coeff=nan trained without any
+            # load balancing (megatron applies the loss for a coefficient > 0), init_std=inf made every weight inf
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"model.lm.{name} must be a finite number, got {getattr(self, name)}")
         for name in ("rope_theta", "norm_eps", "init_std"):   # a normal of std <= 0 fails only when the model is built
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.lm.{name} must be > 0, got {getattr(self, name)}")

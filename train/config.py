@@ -7,6 +7,7 @@ dataclass's __post_init__ (run when `to_config` converts the composed config) an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -84,8 +85,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         for name in ("lm_weight", "kl_weight", "attn_weight", "attn_clamp"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.distill.{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:   # nan passed a sign check: a NaN loss from the first step
+                raise ValueError(f"train.distill.{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 def eval_checkpoint_steps(spec: str) -> list[int] | None:
@@ -220,9 +221,16 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "peak_tflops"):
+            # nan passed the sign checks below and inf the others: weight_decay=nan stopped every rank in the optimizer's
+            # constructor, after the build; adam_eps=inf moved no weight, lr=inf made them inf (grad_clip=inf: no clipping)
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):   # lr 0: nothing moves; grad_clip 0: no clip
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.peak_tflops < 0:   # metrics.device_peak_tflops took a negative one as 0, the device's measured peak
+            raise ValueError(f"train.peak_tflops must be >= 0 (0: the device's measured peak), got {self.peak_tflops}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -179,6 +179,8 @@ class VideoDataConfig:
                 bad(f.name, "must be an int")
             if f.type in ("float",) and not isinstance(v, (int, float)):
                 bad(f.name, "must be a number")
+            if f.type in ("float",) and math.isnan(v):   # passes every comparison below: nan > 0 and nan < 0 are False
+                bad(f.name, "must be a number, not nan")
         if not isinstance(self.shards, str):
             bad("shards", "must be a string (dir, glob, or comma-separated list)")
         if not isinstance(self.long_shards, str):

@@ -189,6 +189,20 @@ def test_wrong_type_names_the_key():
      "train.profile.start (999) is past the run's last step (train.steps=60)"),
     (["model.lm.init_std=-1"], 2, "model.lm.init_std must be > 0, got -1.0"),
     (["model.lm.moe_aux_loss_coeff=-1"], 2, "model.lm.moe_aux_loss_coeff must be >= 0, got -1.0"),
+    # nan passes a sign check (nan < 0 is False) and inf a positive one: moe_aux_loss_coeff=nan trained without load
+    # balancing, weight_decay=nan stopped every rank in the optimizer's constructor after the build, init_std=inf made
+    # every weight inf; a negative peak_tflops was taken as 0 (the device's measured peak)
+    (["model.lm.moe_aux_loss_coeff=nan"], 2, "model.lm.moe_aux_loss_coeff must be a finite number, got nan"),
+    (["model.lm.init_std=inf"], 2, "model.lm.init_std must be a finite number, got inf"),
+    (["model.lm.attention=dsa", "model.lm.dsa.loss_weight=nan"], 2,
+     "model.lm.dsa.loss_weight must be a finite number, got nan"),
+    (["train.weight_decay=nan"], 2, "train.weight_decay must be a finite number, got nan"),
+    (["train.adam_eps=inf"], 2, "train.adam_eps must be a finite number, got inf"),
+    (["train.grad_clip=nan"], 2, "train.grad_clip must be >= 0, got nan"),
+    (["train.peak_tflops=-1"], 2, "train.peak_tflops must be >= 0 (0: the device's measured peak), got -1.0"),
+    (["train.distill.kl_weight=nan"], 2, "train.distill.kl_weight must be a finite number >= 0, got nan"),
+    (["data.video.video_tokens_per_second=nan"], 2,
+     "VideoDataConfig.video_tokens_per_second = nan: must be a number, not nan"),
     (["train.checkpoint.vision_init_from=/ckpt/keye_vl"], 2, "train.checkpoint.vision_init_from='/ckpt/keye_vl' fills "
                                                              "the vision tower, which this model does not have"),
 ])
