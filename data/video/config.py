@@ -272,6 +272,8 @@ class VideoDataConfig:
             bad("batch_timeout_s", "must be >= 0 (0 = no timeout)")
         if self.tokenizer not in TOKENIZERS:
             hf_tokenizer_file(self.tokenizer)  # a Hugging Face tokenizer directory, or a ValueError naming it
+        if self.label_ignore_index >= 0:   # data/video_stream.py sets such labels to 0 and keeps them in the loss
+            bad("label_ignore_index", "must be < 0: ids >= 0 are tokens, whose targets would be trained as token 0")
         if self.special_token_offset < 256:
             bad("special_token_offset", "must be >= 256 (ids 0..255 are the bytes)")
         if self.tokenizer == "bytes" and self.vocab_size < self.special_token_offset + 8:

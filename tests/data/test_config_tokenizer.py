@@ -12,6 +12,8 @@ from data.video.tokenizer import SPECIAL_TOKENS, ByteTokenizer, Tokenizer, build
     ("num_workers", -1), ("max_consecutive_failures", 0), ("sample_timeout_s", 0.0),
     ("vocab_size", 100), ("special_token_offset", 10), ("frame_jitter", 2.0), ("num_epochs", 0),
     ("pack_lookahead", 0), ("seq_len", "8192"),
+    # a token id: the supervised targets equal to it were trained as token 0 (the batch maps it to 0, the mask kept)
+    ("label_ignore_index", 10),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError) as e:
