@@ -14,6 +14,7 @@ from data.video.tokenizer import SPECIAL_TOKENS, ByteTokenizer, Tokenizer, build
     ("pack_lookahead", 0), ("seq_len", "8192"),
     # a token id: the supervised targets equal to it were trained as token 0 (the batch maps it to 0, the mask kept)
     ("label_ignore_index", 10),
+    ("max_text_tokens", 0),   # every video's text cut away: no supervised token, loss 0
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError) as e:
