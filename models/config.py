@@ -144,7 +144,7 @@ class LMConfig:
         if "dsa" in self.layer_attention() and self.dsa.index_dim * 2 > self.head_dim:
             raise ValueError(f"model.lm.dsa.index_dim ({self.dsa.index_dim}) must be at most head_dim / 2 "
                              f"({self.head_dim // 2})")
-        if min(self.mrope_section, default=0) < 0:   # megatron's RoPE splits its channels by these counts, in the forward
+        if min(self.mrope_section, default=0) < 0:   # megatron's RoPE splits its channels by these, in the forward
             raise ValueError(f"model.lm.mrope_section {self.mrope_section} must hold counts >= 0 (rotary channel pairs "
                              f"of the time, height and width rows)")
         if sum(self.mrope_section) * 2 != self.head_dim:

@@ -222,8 +222,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps", "peak_tflops"):
-            # nan passed the sign checks below and inf the others: weight_decay=nan stopped every rank in the optimizer's
-            # constructor, after the build; adam_eps=inf moved no weight, lr=inf made them inf (grad_clip=inf: no clipping)
+            # nan passed the sign checks below and inf the others: weight_decay=nan stopped every rank in the
+            # optimizer's constructor, after the build; adam_eps=inf moved no weight, lr=inf made them inf
+            # (grad_clip=inf: no clipping)
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):   # lr 0: nothing moves; grad_clip 0: no clip

@@ -326,8 +326,9 @@ def check_kernels(cfg: Config, *, cuda: bool) -> None:
     asked += [f"model.lm.{v}.backend=triton" for v in ("ksa", "dsa")
               if getattr(lm, v).backend == "triton" and v in lm.layer_attention()]
     if asked:
-        raise ValueError(f"{', '.join(asked)}: Triton kernels need a CUDA GPU and this machine has none; auto takes the "
-                         f"PyTorch path on CPU (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, slowly)")
+        raise ValueError(f"{', '.join(asked)}: Triton kernels need a CUDA GPU and this machine has none; auto takes "
+                         f"the PyTorch path on CPU (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, "
+                         f"slowly)")
 
 
 def check_run_dir(cfg: Config) -> None:

@@ -214,8 +214,9 @@ class VideoDataConfig:
             bad("seq_len", self.seq_len_error(self.seq_len))
         if self.pack_lookahead < 1:
             bad("pack_lookahead", "must be >= 1")
-        if self.max_text_tokens < 1:   # 0 trained recipe=keye_tiny at loss 0.0000: the text is nearly all a video's loss
-            bad("max_text_tokens", "must be >= 1: a video or image sample's text is nearly all of its loss, and 0 cuts it all")
+        if self.max_text_tokens < 1:   # 0 trained recipe=keye_tiny at loss 0.0000
+            bad("max_text_tokens", "must be >= 1: a video or image sample's text is nearly all of its loss, and 0 cuts "
+                                   "it all")
         if self.chat_template not in CHAT_TEMPLATES:
             bad("chat_template", f"must be one of {CHAT_TEMPLATES}")
         if self.text_overflow not in TEXT_OVERFLOWS:
