@@ -1171,7 +1171,17 @@ class Trainer:
             self._eval_and_log()
         while self.step < t.steps:
             self.profiler.before_step(self.step + 1)
-            stats = self.train_step()
+            try:
+                stats = self.train_step()
+            except StopIteration:   # a data stream ends only after data.video.num_epochs epochs (every rank at once)
+                epochs = self.cfg.data.video.num_epochs if self.cfg.data.kind == "video" else None
+                if epochs is None:
+                    raise
+                raise SettingsError(f"data.video.num_epochs={epochs}: the training data ended in step {self.step + 1} "
+                                    f"of train.steps={t.steps}, its {epochs} epoch(s) holding fewer global batches "
+                                    f"than the run's steps (no weight was updated in that step). Leave "
+                                    f"data.video.num_epochs unset (epochs without end), or train at most "
+                                    f"train.steps={self.step}") from None
             self.profiler.after_step(stats.step)
             self._finish_saves(blocking=False)
             history.append(stats)
