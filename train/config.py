@@ -8,6 +8,7 @@ dataclass's __post_init__ (run when `to_config` converts the composed config) an
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -57,6 +58,11 @@ class CheckpointConfig:
             raise ValueError(f"train.checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if self.keep_every < 0:
             raise ValueError(f"train.checkpoint.keep_every must be >= 0, got {self.keep_every}")
+        if self.enabled and self.keep_every % self.save_interval:   # only written steps can be kept
+            lcm = math.lcm(self.keep_every, self.save_interval)
+            warnings.warn(f"train.checkpoint.keep_every={self.keep_every} is not a multiple of train.checkpoint."
+                          f"save_interval={self.save_interval}: checkpoints are written every {self.save_interval} "
+                          f"steps, so those kept are the ones at multiples of {lcm}")
         if self.optimizer_format not in OPTIMIZER_FORMATS:
             raise ValueError(f"train.checkpoint.optimizer_format must be one of {OPTIMIZER_FORMATS}, "
                              f"got {self.optimizer_format!r}")

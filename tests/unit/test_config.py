@@ -281,6 +281,20 @@ def test_a_dsa_warmup_stage_on_a_model_without_dsa_is_named_as_ignored():
         _validate("recipe=keye_tiny_lm", "model.lm.dsa.stage=dense_warmup")
 
 
+def test_a_keep_every_that_misses_the_saves_is_named():
+    """Only written checkpoints can be kept: keep_every=75 with a save every 50 steps kept those at 150, 300, ...
+    without a word. A multiple of save_interval warns of nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"^train\.checkpoint\.keep_every=75 is not a multiple of train\.checkpoint\."
+                                         r"save_interval=50: .* kept are the ones at multiples of 150$"):
+        _validate("recipe=keye_tiny_lm", "train.checkpoint.save_interval=50", "train.checkpoint.keep_every=75")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _validate("recipe=keye_tiny_lm", "train.checkpoint.save_interval=50", "train.checkpoint.keep_every=100")
+    assert not [w for w in seen if "keep_every" in str(w.message)]
+
+
 def test_a_vision_init_std_is_named_as_ignored():
     """model.vision.init_std is read by nothing (the tower keeps torch's default init): a value set was silently
     ignored. The default warns of nothing, nor a model without the tower."""
