@@ -315,11 +315,16 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
                          f"source's sizes, or a source of this model's")
 
 
-def check_kernels(cfg: Config, *, cuda: bool) -> None:
-    """The Triton kernels a setting asks for can run on this machine (ValueError naming the setting): without CUDA only
-    under TRITON_INTERPRET=1, the interpreter the kernel tests use. They failed in the model's first forward, on every
-    rank, after the process groups and the model were built ("0 active drivers" for the experts)."""
-    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
+def check_device(cfg: Config, *, cuda: bool) -> None:
+    """What the settings ask of the device this machine has (ValueError naming the setting). bf16 needs a GPU: the
+    trainer refused it once its process groups existed. The Triton kernels need one too, or TRITON_INTERPRET=1, the
+    interpreter the kernel tests use: they failed in the model's first forward, on every rank, after the process
+    groups and the model were built ("0 active drivers" for the experts)."""
+    if cuda:
+        return
+    if cfg.train.precision == "bf16":
+        raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return
     lm = cfg.model.lm
     asked = ["model.lm.experts_impl=triton"] if lm.experts_impl == "triton" else []
@@ -534,7 +539,7 @@ def run(dcfg: DictConfig) -> None:
 
         check_env()   # a fault drill's KEYE_FAULT
         cfg, layout = validate(dcfg)
-        check_kernels(cfg, cuda=torch.cuda.is_available())
+        check_device(cfg, cuda=torch.cuda.is_available())
         check_run_dir(cfg)
         check_paths(cfg)
         warning = None

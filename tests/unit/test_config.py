@@ -377,30 +377,37 @@ def test_launcher_exits_before_building_anything(tmp_path, override, world, need
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run on a GPU: nothing to refuse there")
-def test_triton_kernels_on_a_machine_without_cuda_are_refused_before_the_build(tmp_path, monkeypatch):
+def test_settings_this_machine_cannot_run_are_refused_before_the_build(tmp_path, monkeypatch):
     """model.lm.experts_impl=triton (or a KSA / DSA backend=triton) on a CPU-only machine built the process groups and
     the model and failed in the first forward on every rank ("0 active drivers" for the experts); the launcher exits
-    2 before, naming the setting. Under TRITON_INTERPRET=1 (the kernel tests' interpreter) they run."""
+    2 before, naming the setting. Under TRITON_INTERPRET=1 (the kernel tests' interpreter) they run. Likewise
+    train.precision=bf16 on CPU."""
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm", "parallel.ep=1",
-                           "model.lm.experts_impl=triton", "train.steps=2", "train.warmup_steps=0",
-                           "train.wandb.enabled=false", f"run_dir={run_dir}"],
-                          capture_output=True, text=True, timeout=300, env={**env, "WORLD_SIZE": "1"}, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "config error: model.lm.experts_impl=triton: Triton kernels need a CUDA GPU" in proc.stderr
-    assert not run_dir.exists()
-    from train.launch import check_kernels
+    # bf16 was refused by the trainer, once the process groups existed and the run directory held its logs
+    for setting, needle in (("model.lm.experts_impl=triton", "model.lm.experts_impl=triton: Triton kernels need a "
+                                                             "CUDA GPU"),
+                            ("train.precision=bf16", "train.precision=bf16 needs a GPU")):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm",
+                               "parallel.ep=1", setting, "train.steps=2", "train.warmup_steps=0",
+                               "train.wandb.enabled=false", f"run_dir={run_dir}"],
+                              capture_output=True, text=True, timeout=300, env={**env, "WORLD_SIZE": "1"}, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"config error: {needle}" in proc.stderr
+        assert not run_dir.exists()
+    from train.launch import check_device
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for recipe, setting in (("keye_tiny_ksa", "model.lm.ksa.backend=triton"),
                             ("keye_tiny_dsa_sparse", "model.lm.dsa.backend=triton")):
         with pytest.raises(ValueError, match=rf"^{setting}: Triton kernels need a CUDA GPU"):
-            check_kernels(_validate(f"recipe={recipe}", setting)[0], cuda=False)
-        check_kernels(_validate(f"recipe={recipe}", setting)[0], cuda=True)
-    check_kernels(_validate("recipe=keye_tiny_lm", "model.lm.dsa.backend=triton")[0], cuda=False)  # no DSA layer
+            check_device(_validate(f"recipe={recipe}", setting)[0], cuda=False)
+        check_device(_validate(f"recipe={recipe}", setting)[0], cuda=True)
+    check_device(_validate("recipe=keye_tiny_lm", "model.lm.dsa.backend=triton")[0], cuda=False)  # no DSA layer
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    check_kernels(_validate("recipe=keye_tiny_lm", "model.lm.experts_impl=triton")[0], cuda=False)
+    check_device(_validate("recipe=keye_tiny_lm", "model.lm.experts_impl=triton")[0], cuda=False)
+    with pytest.raises(ValueError, match=r"^train\.precision=bf16 needs a GPU"):
+        check_device(_validate("recipe=keye_tiny_lm", "train.precision=bf16")[0], cuda=False)
 
 
 @pytest.mark.parametrize("stage,cp,seq,long_fraction", [("8k", 1, 8192, 0.0), ("32k", 2, 32768, 0.25),
