@@ -187,6 +187,8 @@ def test_wrong_type_names_the_key():
      "train.profile.ranks [0, 9]: rank 9 not among this run's 2 ranks"),
     (["train.profile.steps=2", "train.profile.start=999"], 2,
      "train.profile.start (999) is past the run's last step (train.steps=60)"),
+    (["train.profile.steps=2", "train.profile.ranks=[]"], 2,   # profiled nothing, without a word
+     "train.profile.ranks is empty, so train.profile.steps=2 would profile nothing"),
     (["model.lm.init_std=-1"], 2, "model.lm.init_std must be > 0, got -1.0"),
     (["model.lm.moe_aux_loss_coeff=-1"], 2, "model.lm.moe_aux_loss_coeff must be >= 0, got -1.0"),
     # nan passes a sign check (nan < 0 is False) and inf a positive one: moe_aux_loss_coeff=nan trained without load
