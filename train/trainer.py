@@ -1180,8 +1180,8 @@ class Trainer:
                 raise SettingsError(f"data.video.num_epochs={epochs}: the training data ended in step {self.step + 1} "
                                     f"of train.steps={t.steps}, its {epochs} epoch(s) holding fewer global batches "
                                     f"than the run's steps (no weight was updated in that step). Leave "
-                                    f"data.video.num_epochs unset (epochs without end), or train at most "
-                                    f"train.steps={self.step}") from None
+                                    f"data.video.num_epochs unset (epochs without end)"
+                                    + (f", or train at most train.steps={self.step}" if self.step else "")) from None
             self.profiler.after_step(stats.step)
             self._finish_saves(blocking=False)
             history.append(stats)
