@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from launch.supervise import run_torchrun
+from train.metrics import read_record
 
 REPO = Path(__file__).resolve().parent.parent
 # Runs in tests are short: no wandb, short warmup, and no checkpoints unless a test asks for them.
@@ -32,7 +33,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     left, the last record would win)."""
     out: dict[int, float] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+        rec = read_record(line)   # a skipped step's loss: NaN again
         out[rec["step"]] = rec["loss"]
     return out
 

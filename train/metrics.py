@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,52 @@ class Meter:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+NONFINITE_FIELD = "nonfinite"   # a record's field naming its values that were NaN or infinite (json_record)
+
+
+def json_record(rec: dict) -> str:
+    """One line of a run's record files (metrics.jsonl, eval.jsonl, nonfinite.jsonl), strict JSON: a value that is
+    NaN or infinite (a skipped step's loss and grad_norm) is written as null, and the field "nonfinite" names each
+    such value and what it was ({"loss": "nan", "grad_norm": "inf"}; a nested value by its keys joined with dots),
+    so a parser that rejects NaN reads every line and nothing is lost (read_record gives the floats back). Python's
+    json writes a bare NaN, which JSON has no word for."""
+    which: dict[str, str] = {}
+
+    def clean(v, path):
+        if isinstance(v, float) and not math.isfinite(v):
+            which[path] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{path}.{i}") for i, x in enumerate(v)]
+        return v
+
+    out = clean(rec, "")
+    if which:
+        out[NONFINITE_FIELD] = which
+    return json.dumps(out, allow_nan=False)
+
+
+def read_record(line: str) -> dict:
+    """A line json_record wrote, with its non-finite values as floats again (NaN, inf, -inf) and without the field
+    that names them (an older line's bare NaN reads as NaN too)."""
+    rec = json.loads(line)
+    for path, kind in rec.pop(NONFINITE_FIELD, {}).items():
+        if path in rec:   # a top-level value (its name may hold a dot)
+            rec[path] = float(kind)
+            continue
+        *outer, last = path.split(".")
+        node = rec
+        for k in outer:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        if isinstance(node, list):
+            node[int(last)] = float(kind)
+        else:
+            node[last] = float(kind)
+    return rec
 
 
 NONFINITE_RECORDS = "nonfinite.jsonl"   # a line per non-finite step (train/nonfinite.py record_nonfinite_step)

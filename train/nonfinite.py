@@ -8,7 +8,6 @@ one all-reduce carries those notes, so the message can name the ranks where it a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from megatron.core.distributed import finalize_model_grads
 
 from data.sample_position import format_runs
 from train.faults import poison_gradients, requested
-from train.metrics import NONFINITE_RECORDS
+from train.metrics import NONFINITE_RECORDS, json_record
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +110,18 @@ def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict,
                           samples: Sequence[dict], action: str) -> None:
     """Appends the run's record of a step whose gradients were not finite to <run_dir>/nonfinite.jsonl (rank 0; a
     line per such step, what the message says, for a script to read): the step, what the run did ("skipped" or
-    "stopped"), the step's loss and its other metrics (`values`: a NaN is written as NaN, as in metrics.jsonl), the
-    gradients and the ranks where it arose, and the data of those ranks in the step: `data`, as the message words
-    it, and `samples`, as fields (the micro-batches named, or None for the whole step, and per stream its
-    step_record: global samples and documents, or packs and their sample keys). A resumed launch moves the records
-    of the steps it trains again to nonfinite.superseded.jsonl (train/metrics.py set_aside_redone)."""
+    "stopped"), the step's loss and its other metrics (`values`: a NaN as null, named in the field "nonfinite", as
+    in metrics.jsonl: train/metrics.py json_record), the gradients and the ranks where it arose, and the data of
+    those ranks in the step: `data`, as the message words it, and `samples`, as fields (the micro-batches named, or
+    None for the whole step, and per stream its step_record: global samples and documents, or packs and their sample
+    keys). A resumed launch moves the records of the steps it trains again to nonfinite.superseded.jsonl
+    (train/metrics.py set_aside_redone)."""
     rec = {"step": step, "action": action, **values, "gradients": bad.grads, "loss_ranks": bad.loss_ranks,
            "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in bad.origin},
            "samples": {str(r): samples[r] for r in bad.origin}}
     try:
         with open(os.path.join(run_dir, NONFINITE_RECORDS), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json_record(rec) + "\n")
     except OSError as e:   # the message in the logs says it all; a full disk must not end a run that may skip
         log.warning("could not record the non-finite step %d in %s: %s", step, NONFINITE_RECORDS, e)
 

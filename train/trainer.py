@@ -45,7 +45,7 @@ from train.config import Config, DistillConfig, SettingsError, config_changes
 from train.distill import distill_losses
 from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
 from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
-                           device_peak_tflops, set_aside_redone, sum_over_world)
+                           device_peak_tflops, json_record, set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
                              nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
@@ -1162,7 +1162,7 @@ class Trainer:
             if self.eval_only:  # its lines say so, beside the training's
                 line["eval_only"] = True
             with open(Path(self.run_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
+                f.write(json_record(line) + "\n")
             self.meter.log_eval(self.step, ev)
 
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
@@ -1187,7 +1187,7 @@ class Trainer:
             history.append(stats)
             if self.rank == 0:
                 with open(Path(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": stats.step, **self.meter.rates(stats)}) + "\n")
+                    f.write(json_record({"step": stats.step, **self.meter.rates(stats)}) + "\n")
                 if stats.step % t.log_interval == 0 or stats.step == t.steps or stats.step == start + 1:
                     self.meter.log(stats)
             if t.eval.interval and (self.step % t.eval.interval == 0 or self.step == t.steps):

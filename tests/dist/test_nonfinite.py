@@ -67,7 +67,8 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
         "grad_ranks": [0, 1], "data": {"1": "a synthetic_tokens stream: global samples 40..47"}}
     assert rec["samples"] == {"1": {"micro_batches": None, "streams": [{"stream": "synthetic_tokens",
                                                                         "global_samples": list(range(40, 48))}]}}
-    assert math.isnan(rec["loss"]) and "moe_load_max" in rec
+    # strict JSON: the NaN loss is null, named in "nonfinite" (train/metrics.py json_record), as in metrics.jsonl
+    assert rec["loss"] is None and rec["nonfinite"] == {"loss": "nan"} and "moe_load_max" in rec
     run_pretrain(2, LM, run)  # the same command without the fault
     assert losses(run) == losses(reference)
     # it trained step 3 again: the record moved aside with the stopped launch's others
@@ -209,6 +210,31 @@ def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_pat
     assert "step 1: the language model's gradients hold a NaN or an Inf (the step's loss nan): skipped, no weight " \
            "updated (1 in a row of the 1 train.skip_nonfinite_steps allows)" in text
     assert "Rank 1's data in the step: a synthetic_tokens stream: global samples 24..31. train.skip" in out.stderr
+
+
+def _strict(text: str) -> list[dict]:
+    """The lines of a record file as a strict JSON parser reads them (JSON has no NaN or Infinity)."""
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def test_a_skipped_steps_records_are_strict_json(tmp_path):
+    """A skipped step's loss and grad_norm are NaN: metrics.jsonl and nonfinite.jsonl write them as null and name
+    them in "nonfinite" (train/metrics.py json_record), so a parser without Python's NaN extension reads every line;
+    read_record (the tests' losses()) gives the NaN back, and the other steps' values are those written."""
+    run = tmp_path / "run"
+    run_pretrain(2, LM + ["train.skip_nonfinite_steps=1", "train.checkpoint.enabled=false"], run,
+                 env={"KEYE_FAULT": FAULT})
+    metrics = _strict((run / "metrics.jsonl").read_text())
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[2]["loss"] is None and metrics[2]["grad_norm"] is None
+    assert metrics[2]["nonfinite"] == {"loss": "nan", "grad_norm": "nan"} and metrics[2]["skipped_steps"] == 1
+    assert all("nonfinite" not in m and math.isfinite(m["loss"]) for i, m in enumerate(metrics) if i != 2)
+    (rec,) = _strict((run / "nonfinite.jsonl").read_text())
+    assert (rec["step"], rec["action"], rec["loss"], rec["nonfinite"]) == (3, "skipped", None, {"loss": "nan"})
+    got = losses(run)
+    assert math.isnan(got.pop(3)) and got == {m["step"]: m["loss"] for m in metrics if m["step"] != 3}
 
 
 def test_a_run_stopped_by_a_document_resumes_without_it(tmp_path):
