@@ -10,8 +10,8 @@ operators, and CUDA kernels on a GPU. Afterwards the rank writes into `<run_dir>
 
 The window also holds what the trainer does between those steps (an evaluation, a checkpoint save). The
 profiled steps run slower (the log's step time and throughput include the profiler's cost). A run that
-stops inside the window (a stop request, the last step) writes what it recorded. A resumed run past `start`
-records nothing.
+stops inside the window (a stop request, the last step) writes what it recorded. A launch that resumes past
+`start` records nothing and says so in a warning at its start, naming the `start` that would record its steps.
 """
 from __future__ import annotations
 
@@ -24,10 +24,19 @@ log = logging.getLogger("train")
 
 
 class StepProfiler:
-    def __init__(self, cfg, run_dir: str, rank: int):
+    def __init__(self, cfg, run_dir: str, rank: int, first_step: int = 1, last_step: int | None = None):
+        """`first_step` .. `last_step`: the steps this launch trains (a resumed launch: from its checkpoint's step
+        + 1; to train.steps)."""
         self.cfg, self.rank = cfg, rank
         self.dir = Path(run_dir) / "profile"
         self.on = cfg.steps > 0 and rank in cfg.ranks
+        if cfg.steps > 0 and first_step > cfg.start:
+            # the profiled ranks' logs, and the console; a launch with no step to train says so itself
+            if (self.on or rank == 0) and (last_step is None or first_step <= last_step):
+                log.warning("train.profile: this launch starts at step %d (resumed), past train.profile.start=%d, so "
+                            "it records no profile; train.profile.start=%d (or a later step up to train.steps) "
+                            "records steps of this launch", first_step, cfg.start, first_step)
+            self.on = False
         self.prof = None
         self.first = self.last = 0
 

@@ -1103,7 +1103,7 @@ class Trainer:
         stops = StopRequests(self.run_dir)
         if self.rank == 0:   # before the first step's collectives, so no rank reads a stale file
             stops.drop_stale(self.launched)
-        self.profiler = StepProfiler(t.profile, self.run_dir, self.rank)
+        self.profiler = StepProfiler(t.profile, self.run_dir, self.rank, first_step=start + 1, last_step=t.steps)
         try:
             self._loop(history, start, stops)
         finally:
