@@ -13,8 +13,8 @@ checksum pass does not block training. Resuming takes the newest directory with 
 files all exist with their sizes and match their recorded checksums (the ranks split the work); a
 corrupted file is named in the log and the next older checkpoint is used, so neither a crash mid-save
 nor a damaged shard wins (one without checksum records that fails to load is dropped the same way, by the
-trainer's resume); where every committed checkpoint is damaged the run stops (find_resume_point) rather
-than start over. Retention: the checkpoint just saved, the newest `keep_last - 1` before it whose files verify,
+trainer's resume); where every committed checkpoint is damaged (find_resume_point), or fails to load (the
+trainer's resume: not called damage, damaged_everywhere), the run stops rather than start over. Retention: the checkpoint just saved, the newest `keep_last - 1` before it whose files verify,
 plus every `keep_every`-th step.
 
 What a checkpoint holds: the model chunks and the optimizer (fp32 master weights and Adam moments, in
@@ -235,11 +235,25 @@ def find_resume_point(run_dir) -> CheckpointRef | None:
     raise damaged_everywhere(run_dir, problems)
 
 
-def damaged_everywhere(run_dir, problems: list[str]) -> CheckpointLoadError:
+def damaged_everywhere(run_dir, problems: list[str], unloaded: list[str] = ()) -> CheckpointLoadError:
+    """The error of a run directory none of whose committed checkpoints can be resumed: `problems`, what was found
+    of each; `unloaded`, the names of those whose files passed their checks and whose load failed (the trainer's
+    resume). Such a failure is not known to be damage (a setting of this launch the checkpoint was not written
+    for, the memory, the software), so the error says damage only where the checks found it."""
+    root = checkpoint_root(run_dir)
+    keep = "(a run directory holding a checkpoint is resumed, never restarted silently)"
+    if not unloaded:
+        return CheckpointLoadError(
+            f"every checkpoint in {root} is damaged, so there is none to resume from: {'; '.join(problems)}. Restore "
+            f"them from a copy, or move them out of that directory to start this run afresh {keep}")
+    which = "its" if len(unloaded) == 1 else "their"
     return CheckpointLoadError(
-        f"every checkpoint in {checkpoint_root(run_dir)} is damaged, so there is none to resume from: "
-        f"{'; '.join(problems)}. Restore them from a copy, or move them out of that directory to start this run "
-        f"afresh (a run directory holding a checkpoint is resumed, never restarted silently)")
+        f"no checkpoint in {root} could be resumed from: {'; '.join(problems)}. {', '.join(unloaded)} passed the "
+        f"checks of {which} files (sizes, and checksums where recorded) and failed to load: damage from before "
+        f"{which} checksums were recorded, or a cause outside the files, such as a setting of this launch that the "
+        f"checkpoint was not written for, as the error says. The checkpoints are left as they are: remove that "
+        f"cause and rerun; only a damaged checkpoint is to be restored from a copy or moved out of the directory "
+        f"{keep}")
 
 
 def load_failure(e: BaseException | None) -> str:

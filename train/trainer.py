@@ -576,7 +576,8 @@ class Trainer:
         while its checksum records were missing (the run ended before its save's background checksum pass) passes
         the checks of find_resume_point and fails here: every rank learns of a failure on any rank, and they take
         the next older verified checkpoint together (its load writes every tensor and optimizer entry the failed one
-        may have written in part); CheckpointLoadError when none is left."""
+        may have written in part); CheckpointLoadError when none is left, naming each one's error (a failed load is
+        not called damage: a setting of this launch may not fit the checkpoint)."""
         tried: list[str] = []
         problems: list[str] = []
         layout = ckpt.layout_record(self.layout)   # what _common_state records (not its data state and config)
@@ -604,7 +605,7 @@ class Trainer:
             tried.append(ref.path.name)
             ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
             if ref is None:
-                raise ckpt.damaged_everywhere(self.run_dir, problems)
+                raise ckpt.damaged_everywhere(self.run_dir, problems, unloaded=tried)
 
     def _init_weights_from(self, chunks, source: str, ref: ckpt.CheckpointRef | None = None) -> None:
         """Model weights from another run's newest checkpoint (or `ref`, one of its checkpoints), or from a Hugging
