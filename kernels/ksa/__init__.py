@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .attention import KSAKernelConfig, default_config, ksa_attention_triton
+from .attention import KSAKernelConfig, check_inputs, default_config, ksa_attention_triton
 from .flex import ksa_attention_flex, ksa_flex_block_mask, ksa_flex_mask_mod
 from .naive import ksa_attention_naive, ksa_mask, ksa_mask_from_info, ksa_token_info
 
@@ -37,25 +37,8 @@ def ksa_attention(
     allowed and means "all text, no summaries"); cu_seqlens: [docs+1] interleaved document
     boundaries for packed input (batch must be 1), documents never see each other.
     """
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B,T,Hq,D] and k, v [B,T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, T, Hq, D = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, tokens or head dim")
-    if Hq % k.shape[2]:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[2]})")
-    if chunk < 1 or num_summary < 1:
-        raise ValueError(f"chunk ({chunk}) and num_summary ({num_summary}) must be >= 1")
-    if window < 0:
-        raise ValueError(f"window must be >= 0 chunks, got {window}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"packed input (cu_seqlens) needs batch 1, got {B}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_inputs(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu_seqlens)
+    T = q.shape[1]
     kw = dict(chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu_seqlens, scale=scale)
     if backend == "triton":
         if cu_seqlens is not None and not cu_seqlens.is_cuda:

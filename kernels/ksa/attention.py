@@ -776,6 +776,41 @@ class _KSAFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int, window: int, num_summary: int,
+                 cu_seqlens: torch.Tensor | None) -> None:
+    """ValueError naming the input a caller got wrong (kernels.ksa.ksa_attention on every backend, and
+    ksa_attention_triton): shapes, dtypes and devices, chunk, window, num_summary and cu_seqlens' form (its
+    boundaries are checked by ksa_token_info, off the GPU)."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B,T,Hq,D] and k, v [B,T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, T, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, tokens or head dim")
+    if Hq % k.shape[2]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[2]})")
+    if chunk < 1 or num_summary < 1:
+        raise ValueError(f"chunk ({chunk}) and num_summary ({num_summary}) must be >= 1")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 chunks, got {window}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"packed input (cu_seqlens) needs batch 1, got {B}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        # boundaries are token positions: a float one would be cut to an integer without a word
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    # the kernels take q . k as one dot product and p . v as another: one floating dtype for all three
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
 def ksa_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int, window: int, num_summary: int = 1,
     cu_seqlens: torch.Tensor | None = None, scale: float | None = None, config: KSAKernelConfig | None = None,
@@ -783,8 +818,10 @@ def ksa_attention_triton(
     """KSA with the Triton kernels: q [B, T, Hq, D], k/v [B, T, Hkv, D] interleaved -> [B, T, Hq, D].
 
     `cu_seqlens` (int32/int64 [docs+1], interleaved boundaries, last entry == T; needs B == 1) packs
-    documents; without it every batch row is one document. Not checked on the GPU (no host sync).
+    documents; without it every batch row is one document. Its boundaries are not checked on the GPU (no host sync);
+    the inputs' shapes, dtypes and devices are (check_inputs).
     """
+    check_inputs(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu_seqlens)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if not q.is_cuda and not _INTERPRET:

@@ -203,6 +203,36 @@ def test_argument_errors():
         ksa_attention(q[:1], k[:1], v[:1], chunk=4, window=1, cu_seqlens=torch.tensor([0, 4, 9]))
 
 
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_inputs_that_do_not_fit_are_named(backend):
+    """Inputs a caller can get wrong stop with a ValueError naming them, on ksa_attention's backends and on
+    ksa_attention_triton itself. Before: integer q, k, v ran into an InterpreterError inside a Triton kernel
+    ('Unsupported lhs dtype int64'; a compile error on a GPU) and the reference returned integers; ksa_attention_triton
+    took q and k of two dtypes into the kernel ('Both operands must be same dtype') and a float cu_seqlens was cut
+    to integers without a word."""
+    from kernels.ksa import ksa_attention_triton
+
+    T, kw = 23, dict(chunk=4, window=1)
+    q, k, v, _ = _inputs(1, T, 4, 2, 16, device=DEVICE)
+    calls = {"ksa_attention": lambda *a, **x: ksa_attention(*a, backend=backend, **x)}
+    if backend == "triton":
+        calls["ksa_attention_triton"] = ksa_attention_triton
+    for name, f in calls.items():
+        with pytest.raises(ValueError, match="q must be a floating-point tensor, got torch.int64"):
+            f(q.long(), k.long(), v.long(), **kw)
+        with pytest.raises(ValueError, match="v must be a floating-point tensor, got torch.int32"):
+            f(q, k, v.int(), **kw)
+        with pytest.raises(ValueError, match="q, k, v must have one dtype, got torch.float32, torch.float64"):
+            f(q, k.double(), v, **kw)
+        with pytest.raises(ValueError, match="cu_seqlens must be an integer tensor, got torch.float32"):
+            f(q, k, v, cu_seqlens=torch.tensor([0.0, 9.5, T]), **kw)
+        with pytest.raises(ValueError, match=r"expected q \[B,T,Hq,D\]"):
+            f(q[0], k[0], v[0], **kw)
+    # inputs that fit still give the reference's numbers (fp32 on both sides: TOL_FP32's reason)
+    assert_close("o", ksa_attention(q, k, v, backend="naive", **kw), ksa_attention(q, k, v, backend=backend, **kw),
+                 TOL_FP32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton numerics need a CUDA GPU (interpreter bf16 is wrong)")
 def test_triton_bf16_gpu():
