@@ -8,6 +8,8 @@
 
     # one of our checkpoints (a run directory: its newest checkpoint whose files verify, or a step_* directory) -> HF
     python launch/convert.py export RUN_OR_STEP_DIR HF_OUT [--model keye_30b_a3b] [--max-shard-size 5GB] [--dtype bf16]
+    # (HF_OUT new, or an earlier export's; a directory holding other weights, such as the HF checkpoint a run was
+    # imported from, is refused unless --overwrite: the export removes config.json and weight files first)
 
     # logits of our model (from the HF weights, or from one of our checkpoints) against transformers
     python launch/convert.py verify HF_DIR [--checkpoint RUN_OR_STEP_DIR] [--tp 2 --ep 2 under torchrun]
@@ -214,16 +216,71 @@ def copy_tokenizer(hf_dir: str, out_dir: str) -> list[str]:
     return copied
 
 
+EXPORT_RECORD = "keye_export.json"   # an export's record of the weight files it wrote (check_export_dir)
+
+
+def _weight_files(out_dir: str | os.PathLike) -> list[Path]:
+    """The weight files and index of an HF directory that an export there replaces (config.json aside)."""
+    from models.hf.checkpoint_io import earlier_save_files
+
+    return [p for p in earlier_save_files(out_dir) if p.name != "config.json"]
+
+
+def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """ValueError when an export into `out_dir` would delete weights that no earlier export into it wrote: an export
+    removes the directory's config.json and weight files first (models/hf/checkpoint_io.py remove_earlier_save), and
+    there they may be a Hugging Face checkpoint's own, such as the one a run was imported from. An earlier export's
+    are known by its record (EXPORT_RECORD: each weight file's size and modification time as it left them; an
+    export cut off part-way is recorded as such, and its files are its own); a directory without one, whose
+    config.json or weight files are then someone else's, or a weight file changed since, is refused unless
+    `overwrite`. Reads files only (every rank alike, before any process group)."""
+    out = Path(out_dir)
+    if overwrite or not out.is_dir():
+        return
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        record = None
+    if record is not None and not record.get("complete", False):
+        return   # an export of ours that did not finish: every weight file there is its own
+    written = record.get("files", {}) if record is not None else {}
+    foreign = [p.name for p in _weight_files(out)
+               if written.get(p.name) != [p.stat().st_size, p.stat().st_mtime_ns]]
+    if record is None and (out / "config.json").is_file():
+        foreign.insert(0, "config.json")
+    if foreign:
+        why = (f"changed since the export that {EXPORT_RECORD} records" if record is not None
+               else f"no {EXPORT_RECORD} there: a Hugging Face checkpoint's own, such as one a run was imported from?")
+        raise ValueError(
+            f"{out} holds {', '.join(foreign)}, which no earlier export into it wrote ({why}); an export removes a "
+            f"directory's config.json and weight files before writing its own, so it would delete them. Give another "
+            f"output directory, or --overwrite to replace them")
+
+
+def _record_export(out_dir: str | os.PathLike, checkpoint: Path, *, complete: bool) -> None:
+    """Writes EXPORT_RECORD: before the export writes (complete=False), and after, with each weight file's size and
+    modification time (check_export_dir)."""
+    rec: dict = {"checkpoint": str(checkpoint), "complete": complete}
+    if complete:
+        rec["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _weight_files(out_dir)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(out_dir, EXPORT_RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    os.replace(tmp, Path(out_dir, EXPORT_RECORD))
+
+
 def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: str | None = None,
            overrides: list[str] = (), max_shard_bytes: int = 5 * 2**30, dtype: str | None = None,
-           vision: str | None = None) -> dict:
+           vision: str | None = None, overwrite: bool = False) -> dict:
     """One of our checkpoints -> HF layout (collective under torchrun; rank 0 writes). `vision`: a torch
-    file from import-vision whose tower and projector are added (visual.* / mlp_AR.*, one index)."""
+    file from import-vision whose tower and projector are added (visual.* / mlp_AR.*, one index). Refuses (ValueError)
+    to replace weights in `out_dir` that no earlier export wrote, unless `overwrite` (check_export_dir)."""
     from megatron.core import dist_checkpointing
 
     from models.hf.qwen3_moe import export_hf
     from parallel.groups import init_distributed
 
+    check_export_dir(out_dir, overwrite=overwrite)
     init_distributed()
     step_dir, run_dir = resolve_checkpoint(checkpoint)
     if lm is None:
@@ -232,12 +289,15 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
             lm = _lm_from_dict(common["model_lm"], overrides)
         else:
             lm = model_config(model, list(overrides), run_dir=run_dir)
+    import torch.distributed as dist
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if rank0:   # the files this export writes are its own from here on, even if it is cut off
+        _record_export(out_dir, step_dir, complete=False)
     result = export_hf(step_dir, out_dir, lm=lm, max_shard_bytes=max_shard_bytes,
                        dtype=DTYPES[dtype] if dtype else None)
     log.info("exported %s -> %s: %d tensors, %.1f MB in %d file(s)", step_dir, out_dir, result["tensors"],
              result["bytes"] / 1e6, len(result["files"]))
-    import torch.distributed as dist
-
     common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})
     stored = vision_from_checkpoint(step_dir, common, run_dir, lm)
     if vision and stored is not None:
@@ -253,6 +313,8 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
             log.info("added the vision tower of %s: %d tensors in %s", vision or step_dir, vis["tensors"], vis["files"])
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+    if rank0:
+        _record_export(out_dir, step_dir, complete=True)
     return result
 
 
@@ -437,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="e.g. 5GB, 500MB (default 5GiB)")
     s.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast (default: as stored)")
     s.add_argument("--vision", help="torch file from import-vision: add its tower + projector (Keye-VL names)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the config.json and weight files of OUT even where no earlier export wrote them "
+                        "(a Hugging Face checkpoint's own); without it such a directory is refused")
 
     s = sub.add_parser("import-vision", help="Keye-VL HF checkpoint's vision tower + projector -> torch file")
     s.add_argument("hf_dir")
@@ -487,6 +552,8 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "model", None):  # before any process group is made, as the paths above
             model_file(args.model)
+        if args.cmd == "export":   # weights the export would delete: before any group or file is made
+            check_export_dir(args.out_dir, overwrite=args.overwrite)
     except ValueError as e:
         print(f"convert {args.cmd}: {e}", file=sys.stderr)
         return 2
@@ -499,7 +566,8 @@ def main(argv=None) -> int:
                       dtype=args.dtype, verify=args.verify)
         elif args.cmd == "export":
             export(args.checkpoint, args.out_dir, model=args.model, overrides=args.overrides,
-                   max_shard_bytes=args.max_shard_size, dtype=args.dtype, vision=args.vision)
+                   max_shard_bytes=args.max_shard_size, dtype=args.dtype, vision=args.vision,
+                   overwrite=args.overwrite)
         elif args.cmd == "import-vision":
             import_vision(args.hf_dir, args.out_path, strict=args.strict)
         else:

@@ -123,15 +123,21 @@ def remove_earlier_save(out_dir: str | os.PathLike, also: tuple[str, ...] = ()) 
     what transformers loads (it looks for that name first) while the new index names the shards, and shards the
     new save does not overwrite stay listed nowhere or under the old index. config.json goes first, and the new
     one is written last, so a directory a save left half-written holds no config.json and loads nowhere."""
+    files = earlier_save_files(out_dir, also)
+    for p in files:
+        p.unlink()
+    return [p.name for p in files]
+
+
+def earlier_save_files(out_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> list[Path]:
+    """The files of `out_dir` that remove_earlier_save removes, config.json first: config.json, the weight files
+    (model*.safetensors, model-vision*.safetensors, their .tmp), the index and the files named in `also`."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
     first = [out / "config.json"] if (out / "config.json").is_file() else []
-    rest = sorted(p for p in out.iterdir() if p.is_file() and (
+    return first + sorted(p for p in out.iterdir() if p.is_file() and (
         _WEIGHT_FILE.match(p.name) or p.name in (INDEX, INDEX + ".tmp", *also)))
-    for p in first + rest:
-        p.unlink()
-    return [p.name for p in first + rest]
 
 
 class HFShardWriter:

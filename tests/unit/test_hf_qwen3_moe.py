@@ -329,8 +329,8 @@ def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
 
 
 def test_export_over_an_earlier_save_replaces_its_weight_files(hf, pgs, tmp_path, monkeypatch):
-    """An export into a directory that holds another model's weights (save_pretrained's, or an earlier export at
-    another shard size): what transformers and our importer read there is the new export. Left in place, an earlier
+    """An export with --overwrite into a directory that holds another model's weights (save_pretrained's, at one file
+    or in shards): what transformers and our importer read there is the new export. Left in place, an earlier
     single model.safetensors is what transformers loads beside new shards, and an earlier index is what we read
     beside a new single file. Other files stay; an export cut off part-way leaves no config.json behind."""
     from models.hf.checkpoint_io import HFShardWriter, is_hf_checkpoint
@@ -343,7 +343,7 @@ def test_export_over_an_earlier_save_replaces_its_weight_files(hf, pgs, tmp_path
         out = tmp_path / f"out{len(ours)}"
         save_tiny_qwen3_moe(out, seed=1, **earlier)  # another model's weights
         (out / "tokenizer.json").write_text("{}")
-        convert.export(str(tmp_path / "ours"), str(out), **ours)
+        convert.export(str(tmp_path / "ours"), str(out), overwrite=True, **ours)
         back = HFCheckpoint(out)
         assert all(torch.equal(back.read(n), src.read(n)) for n in src.names())
         assert (out / "model.safetensors").is_file() != (out / "model.safetensors.index.json").is_file()
@@ -363,6 +363,57 @@ def test_export_over_an_earlier_save_replaces_its_weight_files(hf, pgs, tmp_path
     with pytest.raises(KeyboardInterrupt):
         convert.export(str(tmp_path / "ours"), str(tmp_path / "out1"), max_shard_bytes=40_000)
     assert not is_hf_checkpoint(tmp_path / "out1") and not (tmp_path / "out1" / "config.json").exists()
+
+
+def test_export_refuses_to_delete_weights_no_earlier_export_wrote(hf, pgs, tmp_path, monkeypatch, capsys):
+    """An export removes its output directory's config.json and weight files first. Into the Hugging Face directory a
+    run was imported from (or any directory whose weights no export there wrote) it is refused, exit 2 before any
+    process group, naming the files, and they stay byte for byte; --overwrite replaces them. An earlier export's
+    files (its keye_export.json says so) are replaced without it, also when that export was cut off part-way, but
+    not once a weight file was written again by someone else. Before, every such directory was emptied silently."""
+    from models.hf.checkpoint_io import HFShardWriter
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    convert = _convert_module()
+    convert.import_hf(str(hf["single"]), str(tmp_path / "ours"), lm=hf["lm"])
+    origin = tmp_path / "origin"   # the HF directory the run came from
+    save_tiny_qwen3_moe(origin, seed=1)
+    before = {p.name: p.read_bytes() for p in origin.iterdir()}
+    assert convert.main(["export", str(tmp_path / "ours"), str(origin)]) == 2
+    err = capsys.readouterr().err
+    assert (f"convert export: {origin} holds config.json, model.safetensors, which no earlier export into it wrote "
+            "(no keye_export.json there") in err and "or --overwrite to replace them" in err, err
+    with pytest.raises(ValueError, match="holds config.json, model.safetensors, which no earlier export"):
+        convert.export(str(tmp_path / "ours"), str(origin))
+    assert {p.name: p.read_bytes() for p in origin.iterdir()} == before
+    src = HFCheckpoint(hf["single"])
+    convert.export(str(tmp_path / "ours"), str(origin), overwrite=True)
+    assert all(torch.equal(HFCheckpoint(origin).read(n), src.read(n)) for n in src.names())
+    # our own export's directory: exported again (another shard size) without --overwrite
+    out = tmp_path / "out"
+    convert.export(str(tmp_path / "ours"), str(out))
+    convert.export(str(tmp_path / "ours"), str(out), max_shard_bytes=40_000)
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
+    # cut off while writing its second file: the rerun replaces what it left
+    real, calls = HFShardWriter.add_shard, []
+
+    def cut_off(self, tensors):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(HFShardWriter, "add_shard", cut_off)
+        with pytest.raises(KeyboardInterrupt):
+            convert.export(str(tmp_path / "ours"), str(out), max_shard_bytes=30_000)
+    convert.export(str(tmp_path / "ours"), str(out))
+    assert all(torch.equal(HFCheckpoint(out).read(n), src.read(n)) for n in src.names())
+    # a weight file written there since by something else (its size or time differs from the record): refused
+    save_tiny_qwen3_moe(out, seed=2)
+    with pytest.raises(ValueError, match=r"holds model.safetensors, which no earlier export into it wrote \(changed "
+                                          r"since the export that keye_export.json records\)"):
+        convert.export(str(tmp_path / "ours"), str(out))
 
 
 def test_export_takes_a_checkpoint_whose_files_verify(hf, pgs, tmp_path):
