@@ -14,8 +14,8 @@ files all exist with their sizes and match their recorded checksums (the ranks s
 corrupted file is named in the log and the next older checkpoint is used, so neither a crash mid-save
 nor a damaged shard wins (one without checksum records that fails to load is dropped the same way, by the
 trainer's resume); where every committed checkpoint is damaged (find_resume_point), or fails to load (the
-trainer's resume: not called damage, damaged_everywhere), the run stops rather than start over. Retention: the checkpoint just saved, the newest `keep_last - 1` before it whose files verify,
-plus every `keep_every`-th step.
+trainer's resume: not called damage, damaged_everywhere), the run stops rather than start over. Retention: the
+checkpoint just saved, the newest `keep_last - 1` before it whose files verify, plus every `keep_every`-th step.
 
 What a checkpoint holds: the model chunks and the optimizer (fp32 master weights and Adam moments, in
 megatron's "fully_reshardable" form, so a checkpoint written at TP2/EP2 loads at
@@ -235,11 +235,13 @@ def find_resume_point(run_dir) -> CheckpointRef | None:
     raise damaged_everywhere(run_dir, problems)
 
 
-def damaged_everywhere(run_dir, problems: list[str], unloaded: list[str] = ()) -> CheckpointLoadError:
+def damaged_everywhere(run_dir, problems: list[str], unloaded: list[str] = (),
+                       changed: str = "") -> CheckpointLoadError:
     """The error of a run directory none of whose committed checkpoints can be resumed: `problems`, what was found
     of each; `unloaded`, the names of those whose files passed their checks and whose load failed (the trainer's
-    resume). Such a failure is not known to be damage (a setting of this launch the checkpoint was not written
-    for, the memory, the software), so the error says damage only where the checks found it."""
+    resume), and `changed`, the settings this launch changed since the newest of them. Such a failure is not known
+    to be damage (a setting of this launch the checkpoint was not written for, the memory, the software), so the
+    error says damage only where the checks found it."""
     root = checkpoint_root(run_dir)
     keep = "(a run directory holding a checkpoint is resumed, never restarted silently)"
     if not unloaded:
@@ -247,13 +249,14 @@ def damaged_everywhere(run_dir, problems: list[str], unloaded: list[str] = ()) -
             f"every checkpoint in {root} is damaged, so there is none to resume from: {'; '.join(problems)}. Restore "
             f"them from a copy, or move them out of that directory to start this run afresh {keep}")
     which = "its" if len(unloaded) == 1 else "their"
+    changed = f" ({changed})" if changed else ""
     return CheckpointLoadError(
         f"no checkpoint in {root} could be resumed from: {'; '.join(problems)}. {', '.join(unloaded)} passed the "
         f"checks of {which} files (sizes, and checksums where recorded) and failed to load: damage from before "
         f"{which} checksums were recorded, or a cause outside the files, such as a setting of this launch that the "
-        f"checkpoint was not written for, as the error says. The checkpoints are left as they are: remove that "
-        f"cause and rerun; only a damaged checkpoint is to be restored from a copy or moved out of the directory "
-        f"{keep}")
+        f"checkpoint was not written for{changed}, as the error says. The checkpoints are left as they are: remove "
+        f"that cause and rerun; only a damaged checkpoint is to be restored from a copy or moved out of the "
+        f"directory {keep}")
 
 
 def load_failure(e: BaseException | None) -> str:

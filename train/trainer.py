@@ -580,6 +580,7 @@ class Trainer:
         not called damage: a setting of this launch may not fit the checkpoint)."""
         tried: list[str] = []
         problems: list[str] = []
+        changed = ""   # the settings this launch changed since the newest checkpoint that failed to load
         layout = ckpt.layout_record(self.layout)   # what _common_state records (not its data state and config)
         while True:
             failure, saved, common, same_layout = None, None, None, False
@@ -602,10 +603,14 @@ class Trainer:
                 return ref, saved, same_layout, common
             log.error("checkpoint %s could not be loaded, looking for an older one: %s", ref.path, why)
             problems.append(f"{ref.path.name}: could not be loaded: {why}")
+            if not tried and saved is not None and "config" in saved:
+                diff = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
+                changed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff)
+                changed = f"settings changed since {ref.path.name}: {changed}" if diff else ""
             tried.append(ref.path.name)
             ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
             if ref is None:
-                raise ckpt.damaged_everywhere(self.run_dir, problems, unloaded=tried)
+                raise ckpt.damaged_everywhere(self.run_dir, problems, unloaded=tried, changed=changed)
 
     def _init_weights_from(self, chunks, source: str, ref: ckpt.CheckpointRef | None = None) -> None:
         """Model weights from another run's newest checkpoint (or `ref`, one of its checkpoints), or from a Hugging

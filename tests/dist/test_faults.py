@@ -146,8 +146,9 @@ def test_a_shard_damaged_before_its_checksums_were_recorded_fails_its_load_and_t
 def test_checkpoints_that_verify_and_fail_to_load_are_not_called_damaged(tmp_path):
     """Every checkpoint's files verify, and each load fails for a cause outside them: a launch asking to train the
     whole model (train.trainable=all) in a run directory whose DSA warm-up saved an optimizer of its indexers alone.
-    The run stops (exit 3) naming each checkpoint's error, and does not call them damaged (whose advice, to move them
-    out and start afresh, would drop sound checkpoints); they stay as they were."""
+    The run stops (exit 3) naming each checkpoint's error and the settings changed since the newest, and does not call
+    them damaged (whose advice, to move them out and start afresh, would drop sound checkpoints); they stay as they
+    were."""
     run_dir = tmp_path / "run"
     warmup = ["recipe=keye_tiny_dsa_warmup", "train.steps=4", "train.checkpoint.save_interval=1"]
     run_pretrain(2, warmup + ["train.stop_after=2"], run_dir)
@@ -160,6 +161,9 @@ def test_checkpoints_that_verify_and_fail_to_load_are_not_called_damaged(tmp_pat
     assert "; step_000001: could not be loaded: KeyError: " in line
     assert ("step_000002, step_000001 passed the checks of their files (sizes, and checksums where recorded) and "
             "failed to load") in line
+    # the settings this launch changed since the newest of them, the cause among them
+    assert "the checkpoint was not written for (settings changed since step_000002: " in line
+    assert "train.trainable 'indexer' -> 'all'" in line
     assert "damaged" not in line.split(". step_000002, step_000001 passed")[0] and "is damaged" not in line
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
