@@ -82,6 +82,8 @@ class IngestOptions:
             raise ValueError(f"IngestOptions.videos = {self.videos!r}: not a directory")
         if self.annotations is not None and not os.path.isfile(self.annotations):
             raise ValueError(f"IngestOptions.annotations = {self.annotations!r}: no such file")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"IngestOptions.out = {self.out!r}: exists and is not a directory")
         if self.shard_size_mb <= 0:
             raise ValueError(f"IngestOptions.shard_size_mb = {self.shard_size_mb}: must be > 0")
         if self.workers < 1:
@@ -141,6 +143,10 @@ class Annotations:
 
 class AnnotationsError(ValueError):
     """An annotation file that cannot be read as records at all (a JSON array that is not valid JSON)."""
+
+
+class NothingToIngest(ValueError):
+    """Neither --videos nor --annotations names a single sample (an empty folder, a folder of other files)."""
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -412,6 +418,18 @@ def _cleanup_incomplete(out: Path, complete: set[str]) -> None:
 def ingest(opts: IngestOptions) -> dict:
     """Run (or resume) an ingest; returns the summary also written to `<out>/dataset.json`."""
     t_start = time.monotonic()
+    root = os.path.abspath(opts.videos) if opts.videos is not None else None
+    videos = list_videos(root, opts.extensions) if root is not None else []
+    annotations = read_annotations(opts.annotations)
+    for p in annotations.problems:
+        print(f"[ingest] warning: {p}", file=sys.stderr)
+    if not (videos or annotations.videos or annotations.images or annotations.texts or annotations.bad_videos):
+        supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
+        where = (f"no video file under --videos {opts.videos} (searched recursively for {supported})"
+                 if root is not None else "")
+        if opts.annotations is not None:
+            where += (" and " if where else "") + f"no usable record in --annotations {opts.annotations}"
+        raise NothingToIngest(f"nothing to ingest: {where}; nothing written to {opts.out}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path, rejects_path = str(out / MANIFEST), str(out / REJECTS)
@@ -428,12 +446,7 @@ def ingest(opts: IngestOptions) -> dict:
         done |= {r.get("video") or r.get("image") for r in rejected_before}
     next_index = 1 + max([int(s["shard"][6:12]) for s in shards_done], default=-1)
 
-    root = os.path.abspath(opts.videos) if opts.videos is not None else None
-    videos = list_videos(root, opts.extensions) if root is not None else []
-    annotations = read_annotations(opts.annotations)
     ann, texts = annotations.videos, annotations.texts
-    for p in annotations.problems:
-        print(f"[ingest] warning: {p}", file=sys.stderr)
     listed = set(videos)
     reasons: Counter = Counter()
 
@@ -686,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         s = ingest(opts)
-    except AnnotationsError as e:
+    except (AnnotationsError, NothingToIngest) as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
     r = s["this_run"]

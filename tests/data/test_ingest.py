@@ -203,6 +203,38 @@ def test_cli(tmp_path):
     shutil.rmtree(tmp_path / "o")
 
 
+def test_cli_refuses_an_empty_input_and_a_file_as_output(tmp_path):
+    """An empty --videos folder (or one holding no video file) used to end with exit 0 and a dataset.json of 0
+    shards, and an --out that is a file with FileExistsError's traceback; each is a clear error (exit 2) now, and
+    nothing is written."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), *map(str, args), "--no-progress"],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not a video")
+    r = cli("--videos", empty, "--out", tmp_path / "o")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"ingest: nothing to ingest: no video file under --videos {empty} (searched recursively for mp4" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+    (tmp_path / "ann.jsonl").write_text(json.dumps({"text": 5}) + "\n")    # its one record malformed
+    r = cli("--videos", empty, "--annotations", tmp_path / "ann.jsonl", "--out", tmp_path / "o")
+    assert r.returncode == 2 and f"and no usable record in --annotations {tmp_path / 'ann.jsonl'}" in r.stderr
+    assert "field 'text' is int, not a string" in r.stderr and not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("")
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=4, width=32, height=32, fps=4, seed=1))
+    r = cli("--videos", vids, "--out", tmp_path / "afile")
+    assert r.returncode == 2 and f"ingest: IngestOptions.out = '{tmp_path / 'afile'}': exists and is not a directory" \
+        in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("record,problem", [
     ({"text": 5, "qa": [{"q": "2+3?", "a": "5"}]}, "field 'text' is int, not a string"),
     ({"video": "a.mp4", "qa": {"question": "What tool?", "answer": "a screwdriver"}}, "field 'qa' is dict, not a list"),
