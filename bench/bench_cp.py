@@ -193,6 +193,11 @@ def main() -> None:
         return
     if args.offload_layers < -1:
         p.error(f"--offload-layers must be -1 or >= 0, got {args.offload_layers}")
+    if not args.smoke:
+        import torch
+        if torch.cuda.device_count() < 2:
+            raise SystemExit(f"bench_cp.py needs 2 CUDA GPUs and {torch.cuda.device_count()} are visible here; "
+                             "--smoke checks the script on the CPU")
     modes = ["none", "activations"] if args.offload == "both" else [args.offload]
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([256, 512] if args.smoke else [131072, 262144])
     max_seq = args.max_seq or (512 if args.smoke else 1 << 20)

@@ -42,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="dsa_short.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_dsa_short.py needs a CUDA GPU and none is visible here")
     from megatron.core.packed_seq_params import PackedSeqParams
     mdsa, core = make_core()
     real_longest = mdsa.longest_document

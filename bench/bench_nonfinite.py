@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1, help="divide every size by this (a CPU check of the script)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if not cuda and a.scale == 1:
+        raise SystemExit("bench_nonfinite.py at full size needs a CUDA GPU (about 60 GiB) and none is visible here; "
+                         "--scale 16384 checks the script on the CPU")
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     c = counts(a.recipe)

@@ -55,6 +55,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="packed_attention.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_packed_attention.py needs a CUDA GPU and none is visible here")
     from torch.nn.attention import varlen
     sig = str(inspect.signature(varlen.varlen_attn))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "varlen_signature": sig,

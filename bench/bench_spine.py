@@ -230,7 +230,11 @@ def record_case(results: dict, rec: dict, fn, out: str) -> None:
 def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
     """Every (value, seq) case of a step benchmark in its own process (run_child): `script --child flag value
     --seqs seq` with the run's layers, steps, warm-up and smoke flag; returns the merged runs (error records
-    labelled {key: value, "seq": seq, "layers": ...})."""
+    labelled {key: value, "seq": seq, "layers": ...}). Without a GPU only --smoke runs: every full-size case would
+    fail in its child (bf16 needs a GPU), after minutes."""
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit(f"{Path(script).name} needs a CUDA GPU and none is visible here; --smoke checks the script "
+                         "on the CPU")
     merged = {"env": {}, "runs": []}
     for seq in ([256] if args.smoke else args.seqs):
         for v in values:

@@ -330,6 +330,8 @@ def main():
     ap.add_argument("--L", type=int, default=131072)
     ap.add_argument("--out", default="probe.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_dsa.py needs a CUDA GPU and none is visible here")
     L = args.L
     x = make_inputs(L)
     qi, w, ki = (x[n].detach() for n in ("q_idx", "w", "k_idx"))

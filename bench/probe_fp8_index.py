@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_fp8_index.py needs a CUDA GPU and none is visible here")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for L in (int(s) for s in args.sizes.split(",")):
         try:

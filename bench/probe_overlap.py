@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_overlap.py needs a CUDA GPU and none is visible here")
     res = []
     lo, hi = torch.cuda.Stream.priority_range()
     streams = {"low": torch.cuda.Stream(priority=lo), "high": torch.cuda.Stream(priority=hi)}

@@ -198,6 +198,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated pieces to sweep")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_dsa.py needs a CUDA GPU and none is visible here")
     t0 = time.time()
     only = set(filter(None, args.only.split(",")))
     want = (lambda p: not only or p in only)

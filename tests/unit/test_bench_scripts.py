@@ -1,0 +1,54 @@
+"""The benchmark scripts as a user runs them on a machine without a GPU: each GPU-only one stops at once and says
+so (not a CUDA traceback from deep inside, not minutes of cases recorded as errors, not a run that prints errors and
+exits 0), and the ones whose command line is positional answer --help with their docstring instead of reading
+'--help' as a file name or a label."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow    # a Python with torch (and megatron-core for some) started per script: minutes
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (script, its arguments): each command as bench/RESULTS.md or the script's docstring gives it
+GPU_ONLY = [
+    ("bench_checkpoint.py", ["--out", "{tmp}/o.json"]),
+    ("bench_cp.py", ["--out", "{tmp}/o.json"]),
+    ("bench_dsa_short.py", ["--out", "{tmp}/o.json"]),
+    ("bench_dsa_stage.py", ["--out", "{tmp}/o.json"]),
+    ("bench_dsa_warmup.py", ["--out", "{tmp}/o.json"]),
+    ("bench_nonfinite.py", []),
+    ("bench_packed_attention.py", ["--out", "{tmp}/o.json"]),
+    ("bench_spine.py", ["--out", "{tmp}/o.json"]),
+    ("bench_vit_layout.py", ["--out", "{tmp}/o.json"]),
+    ("probe_dsa.py", ["--out", "{tmp}/o.json"]),
+    ("probe_fp8_index.py", ["--out", "{tmp}/o.json"]),
+    ("probe_overlap.py", ["--out", "{tmp}/o.json"]),
+    ("probe_sdpa_grad_layout.py", []),
+    ("profile_dsa_stage.py", ["--out", "{tmp}/o.json"]),
+    ("sweep_dsa.py", ["--out", "{tmp}/o.json"]),
+]
+
+
+def _run(script: str, args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *(a.format(tmp=tmp_path) for a in args)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
+@pytest.mark.parametrize("script,args", GPU_ONLY, ids=[s for s, _ in GPU_ONLY])
+def test_a_gpu_benchmark_says_it_needs_a_gpu(script, args, tmp_path):
+    # 120 s: a script that starts its cases instead takes minutes (bench_cp.py ~25 s per case, each an error)
+    r = _run(script, args, tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and err, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert err[-1].startswith(script) and "CUDA GPU" in err[-1] and "none is visible here" in err[-1] \
+        or err[-1] == f"{script} needs 2 CUDA GPUs and 0 are visible here; --smoke checks the script on the CPU", err[-3:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not list(tmp_path.iterdir())            # nothing written: no JSON of errors
