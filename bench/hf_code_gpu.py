@@ -19,7 +19,11 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-label = sys.argv[1]
+from bench.cli import parser  # noqa: E402
+
+_ap = parser(__doc__)
+_ap.add_argument("label", help="names the transformers in use in the output")
+label = _ap.parse_args().label
 CUDA = torch.cuda.is_available()
 DEV, DTYPE, LONG = ("cuda", torch.bfloat16, 32768) if CUDA else ("cpu", torch.float32, 512)  # CPU: a dry run
 GEN_PROMPT, GEN_NEW = (8192, 32) if CUDA else (256, 8)

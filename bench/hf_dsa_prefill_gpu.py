@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, ".")
 from bench.hf_ksa_batch_gpu import attn_30b, tiny_recipe, two_exports  # noqa: E402  (the models, two versions)
-from bench.hf_ksa_prefill_gpu import CUDA, LENGTHS, compare  # noqa: E402  (the comparison)
+from bench.hf_ksa_prefill_gpu import CUDA, LENGTHS, command_line, compare  # noqa: E402  (the comparison)
 from models.hf.tiny import add_tiny_dsa_indexers  # noqa: E402
 
 INDEX_30B = (16, 64, 2048) if CUDA else (4, 8, 32)  # index heads, index head dim, top-k
@@ -32,4 +32,4 @@ def dsa_exports(root: str, shape: dict, layers: list[int], info: dict, old_file:
 
 
 if __name__ == "__main__":
-    compare(MODELS, dsa_exports, sys.argv[1:])
+    compare(MODELS, dsa_exports, command_line(__doc__))

@@ -93,7 +93,10 @@ def prompts(rows: int, vocab: int, length: int = GEN_PROMPT):
 def main():
     from transformers import AutoModelForCausalLM
 
-    old_file = sys.argv[1]
+    from bench.cli import existing_file, parser
+    ap = parser(__doc__)
+    ap.add_argument("old_modeling_file", type=existing_file, help="the baseline's modeling_qwen3_moe_ksa.py")
+    old_file = ap.parse_args().old_modeling_file
     root = tempfile.mkdtemp()
     for shape_name, (shape, layers, windows) in MODELS.items():
         new_dir, old_dir = two_exports(os.path.join(root, shape_name), shape, layers, old_file, ksa_writer(windows),

@@ -135,5 +135,15 @@ def compare(models: dict, exports, argv: list[str]):
         del fp32, logits
 
 
+def command_line(doc: str) -> list[str]:
+    """[OLD_MODELING_FILE, BASELINE_UPTO if given], as compare() takes them; --help prints `doc`."""
+    from bench.cli import existing_file, parser
+    ap = parser(doc)
+    ap.add_argument("old_modeling_file", type=existing_file, help="the baseline's modeling file")
+    ap.add_argument("baseline_upto", type=int, nargs="?", help="the longest prompt the baseline runs (65536)")
+    a = ap.parse_args()
+    return [a.old_modeling_file] + ([str(a.baseline_upto)] if a.baseline_upto is not None else [])
+
+
 if __name__ == "__main__":
-    compare(MODELS, ksa_exports, sys.argv[1:])
+    compare(MODELS, ksa_exports, command_line(__doc__))

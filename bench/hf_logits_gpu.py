@@ -69,6 +69,8 @@ def top_kernels(model, ids: torch.Tensor, n: int = 8) -> dict:
 def main():
     from transformers import AutoModelForCausalLM
 
+    from bench.cli import parser
+    parser(__doc__).parse_args()
     d = os.path.join(tempfile.mkdtemp(), "ksa_hf")
     save_tiny_qwen3_moe(d, vocab_size=VOCAB, max_position_embeddings=max(LENGTHS) + 64)
     add_tiny_ksa(d, [0, 1], chunk=8, num_summary=1, windows=[4, 64])

@@ -99,8 +99,13 @@ def inputs(n: int, hq: int, hkv: int, d: int, hi: int, di: int, dtype):
 
 
 def main():
-    old = load(sys.argv[1])
-    per_topk = [int(x) for x in sys.argv[2:]] or [new.DENSE_KEYS_PER_TOPK]
+    from bench.cli import existing_file, parser
+    ap = parser(__doc__)
+    ap.add_argument("baseline_modeling_file", type=existing_file, help="the baseline's modeling_qwen3_moe_dsa.py")
+    ap.add_argument("per_topk", type=int, nargs="*", help=f"values of DENSE_KEYS_PER_TOPK ({new.DENSE_KEYS_PER_TOPK})")
+    args = ap.parse_args()
+    old = load(args.baseline_modeling_file)
+    per_topk = args.per_topk or [new.DENSE_KEYS_PER_TOPK]
     default = new.DENSE_KEYS_PER_TOPK
     lengths, hidden, hq, hkv, d, hi, di, topk = SHAPE
     dtype = torch.bfloat16 if CUDA else torch.float32

@@ -75,7 +75,10 @@ def against(old, g) -> dict:
 
 
 def main():
-    spec = importlib.util.spec_from_file_location("old_dsa", sys.argv[1])
+    from bench.cli import existing_file, parser
+    ap = parser(__doc__)
+    ap.add_argument("old_modeling_file", type=existing_file, help="the earlier modeling_qwen3_moe_dsa.py")
+    spec = importlib.util.spec_from_file_location("old_dsa", ap.parse_args().old_modeling_file)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
     g = torch.Generator(device=DEV).manual_seed(0)

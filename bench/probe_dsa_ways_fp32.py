@@ -68,4 +68,7 @@ def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if sys.argv[1:] else 4096)
+    from bench.cli import parser
+    ap = parser(__doc__)
+    ap.add_argument("n", type=int, nargs="?", default=4096, help="tokens (4096)")
+    main(ap.parse_args().n)

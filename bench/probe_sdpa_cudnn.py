@@ -29,6 +29,8 @@ def timed(fn):
 
 
 def main():
+    from bench.cli import parser
+    parser(__doc__).parse_args()
     if not torch.cuda.is_available():
         sys.exit("probe_sdpa_cudnn: cuDNN's attention needs a CUDA GPU")
     this = "models/hf/modeling_qwen3_moe_ksa.py"

@@ -7,6 +7,7 @@ heads, n, 128], bf16, causal, GQA) runs two backwards: the output gradient first
 long, then contiguous (or the other order). Prints dq's relative RMSE against float64 for each. On the H200
 with torch 2.11 the second backward was wrong on the default (cuDNN) backend and right on flash
 (bench/RESULTS.md); models/sdpa.py is the project's guard."""
+import argparse
 import sys
 
 import torch
@@ -36,6 +37,7 @@ def case(backend, first, second, n=2048, hq=32, hkv=4, d=128):
     return out
 
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 if not torch.cuda.is_available():
     sys.exit("probe_sdpa_grad_layout.py needs a CUDA GPU and none is visible here")
 for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),

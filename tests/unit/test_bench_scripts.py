@@ -2,6 +2,7 @@
 so (not a CUDA traceback from deep inside, not minutes of cases recorded as errors, not a run that prints errors and
 exits 0), and the ones whose command line is positional answer --help with their docstring instead of reading
 '--help' as a file name or a label."""
+import ast
 import os
 import subprocess
 import sys
@@ -52,3 +53,28 @@ def test_a_gpu_benchmark_says_it_needs_a_gpu(script, args, tmp_path):
         or err[-1] == f"{script} needs 2 CUDA GPUs and 0 are visible here; --smoke checks the script on the CPU", err[-3:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not list(tmp_path.iterdir())            # nothing written: no JSON of errors
+
+
+POSITIONAL = ["hf_code_gpu.py", "hf_dsa_prefill_gpu.py", "hf_ksa_batch_gpu.py", "hf_ksa_prefill_gpu.py", "hf_logits_gpu.py",
+              "probe_dsa_attention.py", "probe_dsa_selection.py", "probe_dsa_ways_fp32.py", "probe_sdpa_cudnn.py",
+              "probe_sdpa_grad_layout.py"]
+TAKES_A_BASELINE = ["hf_dsa_prefill_gpu.py", "hf_ksa_batch_gpu.py", "hf_ksa_prefill_gpu.py", "probe_dsa_attention.py",
+                    "probe_dsa_selection.py"]
+
+
+@pytest.mark.parametrize("script", POSITIONAL)
+def test_help_prints_the_docstring(script, tmp_path):
+    """Before, `--help` was read as the baseline file (FileNotFoundError), as the label (hf_code_gpu.py ran its whole
+    dry run under the label '--help') or as N (ValueError), or ignored (the run started)."""
+    first = ast.get_docstring(ast.parse((REPO / "bench" / script).read_text())).splitlines()[0]
+    r = _run(script, ["--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: " + script), (r.stdout[-2000:], r.stderr[-2000:])
+    assert first in r.stdout and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", TAKES_A_BASELINE)
+def test_a_missing_baseline_file_is_named(script, tmp_path):
+    r = _run(script, [str(tmp_path / "nope.py")], tmp_path)
+    assert r.returncode == 2 and f"'{tmp_path / 'nope.py'}': no such file" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
