@@ -4,7 +4,8 @@ On a request every rank finishes its current step, the ranks agree (one all-redu
 checkpoint is written and training returns, so a requeued or rerun job resumes from exactly there.
 - SIGTERM: what torchrun forwards to its workers when it is terminated (scancel, preemption); torchrun
   kills workers that have not exited 30 s later, so this path suits jobs whose save takes less.
-- SIGUSR1: SLURM's early warning (`sbatch --signal=USR1@<seconds>` delivered to the tasks).
+- SIGUSR1: SLURM's early warning (`sbatch --signal=USR1@<seconds>` delivered to the tasks). torchrun forwards it
+  only when told to (`--signals-to-handle`, which launch/slurm/node.sh sets); by default it dies of it.
 - STOP file: launch/slurm/pretrain.sbatch traps its own early-warning signal and touches
   <run_dir>/STOP; the workers see it at the next step boundary, with no grace limit.
 """

@@ -17,6 +17,12 @@ MASTER_PORT="${MASTER_PORT:-29400}"
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
+# torchrun forwards these signals to its workers; SIGUSR1 (SLURM's early warning, `--signal=USR1@<seconds>` delivered
+# to the tasks) is not among its defaults and would kill torchrun itself, leaving the workers to be killed with the
+# job step before they checkpoint. PET_SIGNALS_TO_HANDLE is its --signals-to-handle, which then sets
+# TORCHELASTIC_SIGNALS_TO_HANDLE (what its process context reads) over any value given.
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE"
 # NVLink multicast stays off (it can take a shared host's GPUs out of service).
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 mkdir -p "${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}"

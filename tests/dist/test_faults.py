@@ -78,6 +78,54 @@ def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     assert losses(run_dir) == reference
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_sigusr1_to_the_node_script_stops_the_workers_with_a_checkpoint(tmp_path):
+    """SLURM's early warning delivered to the tasks (`--signal=USR1@<seconds>`, train/preemption.py) reaches the
+    torchrun that launch/slurm/node.sh starts. torchrun's own default for SIGUSR1 is to die: its workers then trained
+    on, orphaned, and the job step would kill them before any checkpoint. node.sh has torchrun forward it, so the
+    workers stop at the step boundary with a checkpoint and end, as on SIGTERM."""
+    run_dir = tmp_path / "run"
+    env = _env(SLURM_JOB_ID="4343", SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPUS_PER_NODE="2",
+               RUN_LOG_DIR=str(tmp_path / "logs"))
+    env.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    steps = 400   # far more than run before the signal lands: a run that ignored it would still be training
+    agent = subprocess.Popen([str(REPO / "launch" / "slurm" / "node.sh"), *QUIET, *OVERRIDES, f"train.steps={steps}",
+                              f"run_dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        _wait_for(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", [agent])
+        workers = _children(agent.pid)
+        assert len(workers) == 2, workers
+        agent.send_signal(signal.SIGUSR1)     # node.sh exec'd torchrun: this is the agent
+        agent.wait(timeout=120)
+        deadline = time.time() + 60
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [w for w in workers if Path(f"/proc/{w}").exists()]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for w in workers:        # an orphaned worker (the fault this checks) is this test's to end
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, f"workers {left} still running after torchrun ended"
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "stop requested (SIGUSR1" in log, log[-2000:]
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < steps and (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "COMPLETE.json").exists()
+
+
 def test_rank_killed_mid_step_then_during_save(reference, tmp_path):
     """One run dir, two crashes: rank 1 dies inside step 3 (checkpoint 2 is the newest), the rerun resumes
     and rank 1 dies between writing its step-4 shards and the commit (a torn step_000004.partial, latest
