@@ -32,6 +32,12 @@ def main(argv=None) -> int:
         p.error("--n must be >= 0, and --n, --text, --images, --image-sets not all 0")
     if min(a.text, a.images, a.image_sets, a.scenes) < 0:
         p.error("--text, --images, --image-sets and --scenes must be >= 0")
+    if not 0 < a.min_seconds <= a.max_seconds:
+        p.error(f"--min-seconds ({a.min_seconds}) must be > 0 and at most --max-seconds ({a.max_seconds})")
+    if a.shards and (a.workers < 1 or a.shard_size_mb <= 0):
+        p.error(f"--workers ({a.workers}) must be >= 1 and --shard-size-mb ({a.shard_size_mb}) > 0")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out}: exists and is not a directory")
     if a.shards:
         d = make_synthetic_shards(a.out, a.n, a.seed, shard_size_mb=a.shard_size_mb, workers=a.workers,
                                   min_seconds=a.min_seconds, max_seconds=a.max_seconds, n_text=a.text, n_images=a.images,
