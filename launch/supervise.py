@@ -4,7 +4,8 @@ torchrun starts each worker in a session of its own (torch.distributed.elastic's
 torchrun alone, as `subprocess.run(..., timeout=...)` does, orphans its workers: they keep their CPU cores or
 their GPU memory for as long as they run, and the next test or benchmark case competes with them. Past the
 deadline this sends SIGTERM to torchrun, which stops its workers (a training run checkpoints at its step boundary
-and exits); only if that has not ended it after `grace` seconds is torchrun's process group killed.
+and exits); only if that has not ended it after `grace` seconds is torchrun's process group killed. The same happens
+when the caller is interrupted (Ctrl-C): torchrun, in a session of its own, does not get the terminal's SIGINT.
 """
 
 from __future__ import annotations
@@ -22,14 +23,28 @@ def run_torchrun(cmd: list[str], *, timeout: float, grace: float = 90.0, **popen
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            try:  # a worker that outlived torchrun still holds the pipes
-                out, err = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                out, err = "", "(no output: torchrun's workers outlived it)"
+        out, err = _stop(proc, grace)
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    except BaseException:
+        # Ctrl-C (KeyboardInterrupt) or another error in the caller: torchrun runs in a session of its own, so the
+        # terminal's SIGINT never reached it, and it and its workers would run on after the caller is gone
+        try:
+            _stop(proc, grace)
+        except BaseException:  # a second Ctrl-C while it stops: no more waiting
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> tuple[str, str]:
+    """SIGTERM to torchrun, which stops its workers; its process group killed if it has not ended `grace` s later.
+    Returns what was read of its output."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:  # a worker that outlived torchrun still holds the pipes
+            return proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "", "(no output: torchrun's workers outlived it)"

@@ -6,15 +6,17 @@ tests after a timed-out one, on a GPU their memory.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from launch.supervise import run_torchrun
 
-pytestmark = pytest.mark.slow  # starts torchrun twice, 20 s each
+pytestmark = pytest.mark.slow  # starts torchrun three times, 20 s each
 
 WORKER = """import os, sys, time
 open(sys.argv[1], "w").write(str(os.getpid()))
@@ -64,3 +66,39 @@ def test_control_subprocess_run_leaves_the_worker_running(tmp_path):
     finally:
         if _alive(pid):
             os.kill(pid, 9)
+
+
+DRIVER = """import sys
+from launch.supervise import run_torchrun
+run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", sys.argv[1],
+              sys.argv[2]], timeout=300, grace=30)
+"""
+
+
+def test_ctrl_c_in_the_caller_stops_torchrun_and_its_workers(tmp_path):
+    """torchrun runs in a session of its own, so a Ctrl-C meant for the caller (a test run, a benchmark) never reached
+    it: before, torchrun and its workers ran on after the caller had gone."""
+    script, pid_file, driver = tmp_path / "worker.py", tmp_path / "pid", tmp_path / "driver.py"
+    script.write_text(WORKER)
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    # SIGINT as a terminal's Ctrl-C delivers it to the caller (its default disposition, not an inherited 'ignore')
+    proc = subprocess.Popen([sys.executable, str(driver), str(script), str(pid_file)], env=env,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60   # torchrun's start and the worker's, each importing torch
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    torchrun = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "KeyboardInterrupt" in err, err[-2000:]     # the caller still sees its interrupt
+        assert _gone_within(worker, 10), "the worker outlived the Ctrl-C of run_torchrun's caller"
+        assert not any(_alive(p) for p in torchrun), "torchrun outlived the Ctrl-C of run_torchrun's caller"
+    finally:
+        for pid in [worker, *torchrun]:   # what the fault leaves running is this test's to end
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
