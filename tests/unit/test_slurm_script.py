@@ -90,3 +90,25 @@ def test_the_early_warning_stops_the_step_requeues_and_exits_zero(fake_slurm, tm
     assert p.returncode == 0, err                      # the step ended well: not the interrupted wait's 138
     assert (tmp_path / "record.txt.scontrol").read_text().split() == ["requeue", "42"]
     assert not (run_dir / "STOP").exists()              # a requeued attempt does not stop at its first step
+
+
+def test_without_a_recipe_the_job_trains_the_recipe_its_run_directory_names(fake_slurm):
+    """The script names the run directory after keye_30b_a3b when no recipe= is given, but passed no recipe on:
+    launch/pretrain.py then trained its own default (recipes/config.yaml) under runs/keye_30b_a3b-<job id>."""
+    default = next(line.split(":")[1].strip() for line in (REPO / "recipes" / "config.yaml").read_text().splitlines()
+                   if line.strip().startswith("- recipe:"))
+    assert default != "keye_30b_a3b"          # else the test could not tell
+    start, recorded, _ = fake_slurm
+    made = REPO / "runs" / "keye_30b_a3b-9042"
+    assert not made.exists()
+    try:
+        p = start(SLURM_JOB_ID="9042")
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        got = recorded()["args"].split()         # srun's own flags, node.sh, then what node.sh hands to pretrain.py
+        assert got[got.index("launch/slurm/node.sh") + 1:] == ["recipe=keye_30b_a3b", "run_dir=runs/keye_30b_a3b-9042"]
+    finally:
+        if made.is_dir():
+            made.rmdir()
+            if not any((REPO / "runs").iterdir()):
+                (REPO / "runs").rmdir()
