@@ -149,6 +149,37 @@ class NothingToIngest(ValueError):
     """Neither --videos nor --annotations names a single sample (an empty folder, a folder of other files)."""
 
 
+class SettingsDiffer(ValueError):
+    """An --out that an earlier ingest wrote with other settings for what a stored sample is (proxy, scene search)."""
+
+
+def _shaping_settings(options: dict) -> dict:
+    """The settings that decide what a stored sample holds, among an ingest's options (dataset.json's `options`):
+    the proxy's (when there is one) and the scene search's (when it runs)."""
+    keys = ["proxy", "scene_fps"]
+    if options.get("proxy"):
+        keys += ["proxy_fps", "proxy_short_side", "proxy_keyframe_s"]
+    if options.get("scene_fps"):
+        keys += ["scene_similarity"]
+    return {k: options.get(k) for k in keys}
+
+
+def check_same_settings(out: Path, opts: IngestOptions) -> None:
+    """SettingsDiffer when `out` holds an ingest (its dataset.json) made with other settings for what a sample holds:
+    a rerun resumes, it skips every sample already stored, so those would keep the earlier settings while dataset.json
+    recorded the new ones (and the samples still to do would be stored the new way)."""
+    try:
+        before = json.loads((out / SUMMARY).read_text()).get("options", {})
+    except FileNotFoundError:
+        return
+    old, new = _shaping_settings(before), _shaping_settings(asdict(opts))
+    if old != new:
+        flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} there, {new.get(k)} here"
+                          for k in sorted(set(old) & set(new)) if old[k] != new[k])
+        raise SettingsDiffer(f"{out} holds an ingest made with other settings ({flags}); a rerun resumes it, keeping "
+                             f"the samples already stored as they are: give the same settings, or another --out")
+
+
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -431,6 +462,7 @@ def ingest(opts: IngestOptions) -> dict:
             where += (" and " if where else "") + f"no usable record in --annotations {opts.annotations}"
         raise NothingToIngest(f"nothing to ingest: {where}; nothing written to {opts.out}")
     out = Path(opts.out)
+    check_same_settings(out, opts)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path, rejects_path = str(out / MANIFEST), str(out / REJECTS)
 
@@ -699,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         s = ingest(opts)
-    except (AnnotationsError, NothingToIngest) as e:
+    except (AnnotationsError, NothingToIngest, SettingsDiffer) as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
     r = s["this_run"]

@@ -491,3 +491,32 @@ def test_retry_rejects_leaves_one_line_per_file_still_rejected(tmp_path):
     assert [(r["video"], r["reason"]) for r in rejects] == [("b.mp4", "empty_file")]
     assert summary["num_rejected"] == 1 and summary["rejects_by_reason"] == {"empty_file": 1}
     assert summary["num_samples"] == 1
+
+
+def test_a_rerun_with_other_settings_for_the_stored_samples_is_refused(tmp_path):
+    """A rerun over an earlier ingest resumes it: every sample already stored is skipped. With another --proxy or scene
+    search it used to end with exit 0, nothing re-ingested, and dataset.json recording the new settings for shards made
+    with the old ones; it stops now, naming the settings, and leaves the output as it was."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=8, width=64, height=48, fps=8, seed=1))
+    out = tmp_path / "o"
+    ingest(IngestOptions(videos=str(vids), out=str(out), workers=1, progress=False, scene_similarity=0.8))
+    before = (out / "dataset.json").read_text()
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(vids), "--out",
+                               str(out), "--workers", "1", "--no-progress", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    r = cli("--scene-similarity", "0.95")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert (f"ingest: {out} holds an ingest made with other settings (--scene-similarity 0.8 there, 0.95 here); a "
+            "rerun resumes it") in r.stderr, r.stderr
+    r = cli("--scene-similarity", "0.8", "--proxy")
+    assert r.returncode == 2 and "(--proxy False there, True here)" in r.stderr, r.stderr
+    assert (out / "dataset.json").read_text() == before
+    r = cli("--scene-similarity", "0.8", "--retry-rejects")    # the same settings for what is stored: it resumes
+    assert r.returncode == 0 and "1 already done" in r.stdout, r.stderr
