@@ -199,6 +199,17 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
             + ". Resume it with its own model settings, or give this model another run_dir "
               f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
               "stage recipes do)")
+    trained = (saved.get("train") or {}).get("trainable")
+    if trained is not None and trained != cfg.train.trainable and not cfg.train.eval.only:
+        # its optimizer state holds the parameters that stage trained: megatron's load failed after the build, on
+        # every rank (KeyError naming an optimizer entry for indexer -> all), or would start the others' moments at 0
+        raise ValueError(
+            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of a stage with "
+            f"train.trainable={trained}, and this launch has train.trainable={cfg.train.trainable}: a checkpoint's "
+            f"optimizer state holds the parameters its stage trained, so a run directory is resumed with its own "
+            f"train.trainable. Start the next stage in another run_dir with "
+            f"train.checkpoint.init_from={cfg.resolved_run_dir()} (as the stage recipes do), or resume this one with "
+            f"train.trainable={trained}")
     if "layout" in common and not cfg.train.eval.only:  # a layout its optimizer state cannot load at, before the build
         ckpt.check_resumable(common, ckpt.layout_record(layout), ref.path)
 

@@ -98,6 +98,12 @@ def test_a_changed_model_stops_before_the_resume(runs, root, monkeypatch):
                                          r"tp=1 .*this run changes tp 1->2.*optimizer_format=fully_reshardable"):
         validate(compose_config(mixed + ["parallel.tp=2"]))
     validate(compose_config(mixed))
+    # a checkpoint's optimizer state holds the parameters its stage trained: another train.trainable failed in
+    # megatron's load after the build (KeyError naming an optimizer entry); scoring its weights trains nothing
+    with pytest.raises(ValueError, match=r"runs/m/checkpoints/step_000005\) of a stage with train\.trainable=all, and "
+                                         r"this launch has train\.trainable=indexer: .*init_from=.*runs/m"):
+        validate(compose_config(mixed + ["train.trainable=indexer"]))
+    validate(compose_config(mixed + ["train.trainable=indexer", "train.eval.only=true"]))
 
 
 # ---------------------------------------------------------------------------- other hyper-parameters on resume
