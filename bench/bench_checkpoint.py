@@ -207,7 +207,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench_checkpoint.py needs a CUDA GPU and none is visible here; --smoke checks the script on the CPU")
+        raise SystemExit("bench_checkpoint.py needs a CUDA GPU and none is visible here; "
+                         "--smoke checks the script on the CPU")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
     recipe = "keye_tiny_lm" if args.smoke else "keye_30b_a3b_lm"

@@ -216,7 +216,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench_vit_layout.py needs a CUDA GPU and none is visible here; --smoke checks the script on the CPU")
+        raise SystemExit("bench_vit_layout.py needs a CUDA GPU and none is visible here; "
+                         "--smoke checks the script on the CPU")
     os.environ["WANDB_MODE"] = "disabled"
     if args.smoke:
         args.seq, args.layers = 512, 2

@@ -11,8 +11,6 @@
 # Needs $OUT. A check, no speed claim. Not run on a GPU yet (no machine was lent when it was written: bench/RESULTS.md,
 # "The DSA table again, at eb8f014"); its shell logic was checked with `bash -n` only.
 set -u
-command -v python > /dev/null || { mkdir -p /tmp/pyshim && ln -sf "$(command -v python3)" /tmp/pyshim/python \
-  && export PATH=/tmp/pyshim:$PATH; }
 P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false"
 P="$P train.log_interval=1 train.warmup_steps=1"
 rm -rf /tmp/g_nf /tmp/g_dsa /tmp/g_tri /tmp/g_usr1 /tmp/g_end
@@ -26,7 +24,8 @@ def strict(x):
 for name in ("metrics.jsonl", "nonfinite.jsonl"):
     lines = open(f"/tmp/g_nf/{name}").read().splitlines()
     recs = [json.loads(s, parse_constant=strict) for s in lines]
-    print(name, len(recs), "lines, strict JSON; nonfinite fields:", [r.get("nonfinite") for r in recs if "nonfinite" in r])
+    print(name, len(recs), "lines, strict JSON; nonfinite fields:",
+          [r.get("nonfinite") for r in recs if "nonfinite" in r])
 EOF
 timeout 150 $P recipe=keye_tiny_lm train.steps=3 model.lm.experts_impl=triton run_dir=/tmp/g_tri > $OUT/g_tri.log 2>&1
 echo "experts_impl=triton rc $?" >> $OUT/g_rc.txt

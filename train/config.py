@@ -169,8 +169,8 @@ class ProfileConfig:
         if any(r < 0 for r in self.ranks):
             raise ValueError(f"train.profile.ranks must be rank numbers >= 0, got {list(self.ranks)}")
         if self.steps and not self.ranks:   # train/profiling.py profiles the ranks listed: none, without a word
-            raise ValueError(f"train.profile.ranks is empty, so train.profile.steps={self.steps} would profile nothing: "
-                             f"list the ranks to profile (e.g. [0])")
+            raise ValueError(f"train.profile.ranks is empty, so train.profile.steps={self.steps} would profile "
+                             f"nothing: list the ranks to profile (e.g. [0])")
 
 
 TRAINABLE = ("all", "summary", "indexer", "projector")

@@ -15,7 +15,7 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
 fi
 MASTER_PORT="${MASTER_PORT:-29400}"
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+  GPUS_PER_NODE="$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
 # torchrun forwards these signals to its workers; SIGUSR1 (SLURM's early warning, `--signal=USR1@<seconds>` delivered
 # to the tasks) is not among its defaults and would kill torchrun itself, leaving the workers to be killed with the
@@ -26,7 +26,7 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE"
 # NVLink multicast stays off (it can take a shared host's GPUs out of service).
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 mkdir -p "${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}"
-exec python -m torch.distributed.run \
+exec python3 -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
   --log_dir="${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}/torchrun-node$SLURM_NODEID" \

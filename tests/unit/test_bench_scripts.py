@@ -50,14 +50,15 @@ def test_a_gpu_benchmark_says_it_needs_a_gpu(script, args, tmp_path):
     err = r.stderr.strip().splitlines()
     assert r.returncode != 0 and err, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert err[-1].startswith(script) and "CUDA GPU" in err[-1] and "none is visible here" in err[-1] \
-        or err[-1] == f"{script} needs 2 CUDA GPUs and 0 are visible here; --smoke checks the script on the CPU", err[-3:]
+        or err[-1] == f"{script} needs 2 CUDA GPUs and 0 are visible here; --smoke checks the script on the CPU", \
+        err[-3:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not list(tmp_path.iterdir())            # nothing written: no JSON of errors
 
 
-POSITIONAL = ["hf_code_gpu.py", "hf_dsa_prefill_gpu.py", "hf_ksa_batch_gpu.py", "hf_ksa_prefill_gpu.py", "hf_logits_gpu.py",
-              "probe_dsa_attention.py", "probe_dsa_selection.py", "probe_dsa_ways_fp32.py", "probe_sdpa_cudnn.py",
-              "probe_sdpa_grad_layout.py"]
+POSITIONAL = ["hf_code_gpu.py", "hf_dsa_prefill_gpu.py", "hf_ksa_batch_gpu.py", "hf_ksa_prefill_gpu.py",
+              "hf_logits_gpu.py", "probe_dsa_attention.py", "probe_dsa_selection.py", "probe_dsa_ways_fp32.py",
+              "probe_sdpa_cudnn.py", "probe_sdpa_grad_layout.py"]
 TAKES_A_BASELINE = ["hf_dsa_prefill_gpu.py", "hf_ksa_batch_gpu.py", "hf_ksa_prefill_gpu.py", "probe_dsa_attention.py",
                     "probe_dsa_selection.py"]
 
