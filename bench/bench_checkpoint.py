@@ -35,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.cli import SMOKE, require_gpus  # noqa: E402
 
 from train.noise import silence_known_warnings  # noqa: E402
 
@@ -206,9 +207,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny recipe on CPU: checks the script, not speed")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench_checkpoint.py needs a CUDA GPU and none is visible here; "
-                         "--smoke checks the script on the CPU")
+    if not args.smoke:
+        require_gpus(__file__, hint=SMOKE)
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ["WANDB_MODE"] = "disabled"
     recipe = "keye_tiny_lm" if args.smoke else "keye_30b_a3b_lm"

@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.cli import SMOKE, require_gpus  # noqa: E402
 
 VARIANTS = {  # name -> (GPU overrides, smoke overrides)
     "dense": (["recipe=keye_tiny_lm", "model=keye_30b_a3b"], ["recipe=keye_tiny_lm"]),
@@ -194,10 +195,7 @@ def main() -> None:
     if args.offload_layers < -1:
         p.error(f"--offload-layers must be -1 or >= 0, got {args.offload_layers}")
     if not args.smoke:
-        import torch
-        if torch.cuda.device_count() < 2:
-            raise SystemExit(f"bench_cp.py needs 2 CUDA GPUs and {torch.cuda.device_count()} are visible here; "
-                             "--smoke checks the script on the CPU")
+        require_gpus(__file__, gpus=2, hint=SMOKE)
     modes = ["none", "activations"] if args.offload == "both" else [args.offload]
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([256, 512] if args.smoke else [131072, 262144])
     max_seq = args.max_seq or (512 if args.smoke else 1 << 20)

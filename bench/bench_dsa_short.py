@@ -22,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from bench.bench_dsa import HKV, HQ, TOPK, D, make_inputs, peak_mem, rel, timed  # noqa: E402
 
@@ -42,8 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="dsa_short.json")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_dsa_short.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     from megatron.core.packed_seq_params import PackedSeqParams
     mdsa, core = make_core()
     real_longest = mdsa.longest_document

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from launch.memory import memory_inputs  # noqa: E402
 from parallel.memory import model_state_bytes, trainable_counts  # noqa: E402
@@ -60,10 +61,9 @@ def main() -> None:
     ap.add_argument("--recipe", default="keye_30b_a3b")
     ap.add_argument("--scale", type=int, default=1, help="divide every size by this (a CPU check of the script)")
     a = ap.parse_args()
+    if a.scale == 1:
+        require_gpus(__file__, hint="at full size it holds about 60 GiB; --scale 16384 checks the script on the CPU")
     cuda = torch.cuda.is_available()
-    if not cuda and a.scale == 1:
-        raise SystemExit("bench_nonfinite.py at full size needs a CUDA GPU (about 60 GiB) and none is visible here; "
-                         "--scale 16384 checks the script on the CPU")
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     c = counts(a.recipe)

@@ -23,6 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from triton.testing import do_bench  # noqa: E402
 
@@ -55,8 +56,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="packed_attention.json")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_packed_attention.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     from torch.nn.attention import varlen
     sig = str(inspect.signature(varlen.varlen_attn))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "varlen_signature": sig,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.cli import SMOKE, require_gpus  # noqa: E402
 
 from train.noise import silence_known_warnings  # noqa: E402
 
@@ -232,9 +233,8 @@ def run_grid(script: str, args, flag: str, key: str, values: list[str]) -> dict:
     --seqs seq` with the run's layers, steps, warm-up and smoke flag; returns the merged runs (error records
     labelled {key: value, "seq": seq, "layers": ...}). Without a GPU only --smoke runs: every full-size case would
     fail in its child (bf16 needs a GPU), after minutes."""
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit(f"{Path(script).name} needs a CUDA GPU and none is visible here; --smoke checks the script "
-                         "on the CPU")
+    if not args.smoke:
+        require_gpus(script, hint=SMOKE)
     merged = {"env": {}, "runs": []}
     for seq in ([256] if args.smoke else args.seqs):
         for v in values:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.cli import SMOKE, require_gpus  # noqa: E402
 
 from train.noise import silence_known_warnings  # noqa: E402
 
@@ -215,9 +216,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench_vit_layout.py needs a CUDA GPU and none is visible here; "
-                         "--smoke checks the script on the CPU")
+    if not args.smoke:
+        require_gpus(__file__, hint=SMOKE)
     os.environ["WANDB_MODE"] = "disabled"
     if args.smoke:
         args.seq, args.layers = 512, 2

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from bench.bench_dsa import TOPK, D, make_inputs, timed  # noqa: E402
 from kernels.dsa import sparse_attn as sa  # noqa: E402
@@ -330,8 +331,7 @@ def main():
     ap.add_argument("--L", type=int, default=131072)
     ap.add_argument("--out", default="probe.json")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_dsa.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     L = args.L
     x = make_inputs(L)
     qi, w, ki = (x[n].detach() for n in ("q_idx", "w", "k_idx"))

@@ -28,6 +28,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from bench.bench_dsa import HKV, HQ, TOPK, dense_prefill, dsa_prefill, make_inputs, timed  # noqa: E402
 from kernels.dsa import default_block_q, dsa_topk  # noqa: E402
@@ -86,8 +87,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_fp8_index.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for L in (int(s) for s in args.sizes.split(",")):
         try:

@@ -18,6 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from bench.bench_dsa import (D, TOPK, dsa_fwd_bwd, make_inputs, peak_mem,  # noqa: E402
                              timed)
@@ -49,8 +50,7 @@ def main():
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("probe_overlap.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     res = []
     lo, hi = torch.cuda.Stream.priority_range()
     streams = {"low": torch.cuda.Stream(priority=lo), "high": torch.cuda.Stream(priority=hi)}

@@ -7,7 +7,7 @@ heads, n, 128], bf16, causal, GQA) runs two backwards: the output gradient first
 long, then contiguous (or the other order). Prints dq's relative RMSE against float64 for each. On the H200
 with torch 2.11 the second backward was wrong on the default (cuDNN) backend and right on flash
 (bench/RESULTS.md); models/sdpa.py is the project's guard."""
-import argparse
+import os
 import sys
 
 import torch
@@ -37,9 +37,11 @@ def case(backend, first, second, n=2048, hq=32, hkv=4, d=128):
     return out
 
 
-argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-if not torch.cuda.is_available():
-    sys.exit("probe_sdpa_grad_layout.py needs a CUDA GPU and none is visible here")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import parser, require_gpus  # noqa: E402
+
+parser(__doc__).parse_args()
+require_gpus(__file__)
 for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                       ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
     for first, second in (("strided", "contiguous"), ("contiguous", "strided")):

@@ -34,6 +34,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.cli import require_gpus  # noqa: E402
 
 from bench.bench_dsa import TOPK, D, make_inputs, rel, timed  # noqa: E402
 from kernels.dsa import indexer_loss as il  # noqa: E402
@@ -198,8 +199,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated pieces to sweep")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sweep_dsa.py needs a CUDA GPU and none is visible here")
+    require_gpus(__file__)
     t0 = time.time()
     only = set(filter(None, args.only.split(",")))
     want = (lambda p: not only or p in only)

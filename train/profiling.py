@@ -24,7 +24,7 @@ log = logging.getLogger("train")
 
 
 class StepProfiler:
-    def __init__(self, cfg, run_dir: str, rank: int, first_step: int = 1, last_step: int | None = None):
+    def __init__(self, cfg, run_dir: str, rank: int, *, first_step: int, last_step: int):
         """`first_step` .. `last_step`: the steps this launch trains (a resumed launch: from its checkpoint's step
         + 1; to train.steps)."""
         self.cfg, self.rank = cfg, rank
@@ -32,7 +32,7 @@ class StepProfiler:
         self.on = cfg.steps > 0 and rank in cfg.ranks
         if cfg.steps > 0 and first_step > cfg.start:
             # the profiled ranks' logs, and the console; a launch with no step to train says so itself
-            if (self.on or rank == 0) and (last_step is None or first_step <= last_step):
+            if (self.on or rank == 0) and first_step <= last_step:
                 log.warning("train.profile: this launch starts at step %d (resumed), past train.profile.start=%d, so "
                             "it records no profile; train.profile.start=%d (or a later step up to train.steps) "
                             "records steps of this launch", first_step, cfg.start, first_step)

@@ -565,10 +565,15 @@ class Trainer:
         log.info("resumed from %s at step %d%s", ref.path, self.step,
                  "" if same_layout else f" (resharded from layout {saved['layout']}; RNG state not restored)")
         if "config" in saved and self.rank == 0:  # the model's own settings were checked by the launcher
-            changed = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
+            changed = self._changed_since(saved)
             if changed:
-                log.info("settings changed since that checkpoint was written: %s",
-                         "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+                log.info("settings changed since that checkpoint was written: %s", changed)
+
+    def _changed_since(self, saved: dict) -> str:
+        """The settings of this launch that differ from the config the checkpoint's common state `saved` recorded,
+        "key old -> new; ..." (run_dir aside: the same run may be reached by another path); "" when none."""
+        changed = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
+        return "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
 
     def _load_resume_point(self, ref: ckpt.CheckpointRef):
         """Collective: loads `ref` (model, optimizer, RNG, the vision tower's state); returns the checkpoint loaded,
@@ -603,10 +608,8 @@ class Trainer:
                 return ref, saved, same_layout, common
             log.error("checkpoint %s could not be loaded, looking for an older one: %s", ref.path, why)
             problems.append(f"{ref.path.name}: could not be loaded: {why}")
-            if not tried and saved is not None and "config" in saved:
-                diff = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
-                changed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff)
-                changed = f"settings changed since {ref.path.name}: {changed}" if diff else ""
+            if not tried and saved is not None and "config" in saved and (diff := self._changed_since(saved)):
+                changed = f"settings changed since {ref.path.name}: {diff}"
             tried.append(ref.path.name)
             ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
             if ref is None:

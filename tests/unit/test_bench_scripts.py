@@ -16,23 +16,12 @@ pytestmark = pytest.mark.slow    # a Python with torch (and megatron-core for so
 REPO = Path(__file__).resolve().parents[2]
 
 # (script, its arguments): each command as bench/RESULTS.md or the script's docstring gives it
-GPU_ONLY = [
-    ("bench_checkpoint.py", ["--out", "{tmp}/o.json"]),
-    ("bench_cp.py", ["--out", "{tmp}/o.json"]),
-    ("bench_dsa_short.py", ["--out", "{tmp}/o.json"]),
-    ("bench_dsa_stage.py", ["--out", "{tmp}/o.json"]),
-    ("bench_dsa_warmup.py", ["--out", "{tmp}/o.json"]),
-    ("bench_nonfinite.py", []),
-    ("bench_packed_attention.py", ["--out", "{tmp}/o.json"]),
-    ("bench_spine.py", ["--out", "{tmp}/o.json"]),
-    ("bench_vit_layout.py", ["--out", "{tmp}/o.json"]),
-    ("probe_dsa.py", ["--out", "{tmp}/o.json"]),
-    ("probe_fp8_index.py", ["--out", "{tmp}/o.json"]),
-    ("probe_overlap.py", ["--out", "{tmp}/o.json"]),
-    ("probe_sdpa_grad_layout.py", []),
-    ("profile_dsa_stage.py", ["--out", "{tmp}/o.json"]),
-    ("sweep_dsa.py", ["--out", "{tmp}/o.json"]),
-]
+OUT = ["--out", "{tmp}/o.json"]
+GPU_ONLY = [(s, OUT) for s in ("bench_checkpoint.py", "bench_cp.py", "bench_dsa_short.py", "bench_dsa_stage.py",
+                               "bench_dsa_warmup.py", "bench_packed_attention.py", "bench_spine.py",
+                               "bench_vit_layout.py", "probe_dsa.py", "probe_fp8_index.py", "probe_overlap.py",
+                               "profile_dsa_stage.py", "sweep_dsa.py")]
+GPU_ONLY += [("bench_nonfinite.py", []), ("probe_sdpa_grad_layout.py", [])]
 
 
 def _run(script: str, args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:
