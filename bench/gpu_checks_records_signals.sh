@@ -8,8 +8,9 @@
 #   with a checkpoint (torchrun's own default for SIGUSR1 is to die, leaving the worker training);
 # - a resume with another train.trainable is a config error (exit 2) before any process group;
 # - video data that ends before train.steps (data.video.num_epochs=1) ends in a config error naming it (exit 2).
-# Needs $OUT. A check, no speed claim. Not run on a GPU yet (no machine was lent when it was written: bench/RESULTS.md,
-# "The DSA table again, at eb8f014"); its shell logic was checked with `bash -n` only.
+# Needs $OUT. A check, no speed claim. Run on one H100 at aa2dee9's tree (bench/RESULTS.md, "The record files, the
+# device check and SIGUSR1 through node.sh, on the GPU"). torchrun itself exits 1 whenever a rank fails; the rank's
+# exit code (2 for a config error) is in its log's "exitcode" line, which the last greps print.
 set -u
 P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false"
 P="$P train.log_interval=1 train.warmup_steps=1"
@@ -33,7 +34,7 @@ timeout 150 $P recipe=keye_tiny_dsa_warmup train.steps=3 run_dir=/tmp/g_dsa > $O
 echo "dsa warm-up rc $?" >> $OUT/g_rc.txt
 timeout 150 $P recipe=keye_tiny_dsa_warmup train.steps=3 run_dir=/tmp/g_dsa train.trainable=all \
   > $OUT/g_trainable.log 2>&1
-echo "resume with another trainable rc $? (2 wanted)" >> $OUT/g_rc.txt
+echo "resume with another trainable rc $? (1 from torchrun, the rank's exit 2 wanted)" >> $OUT/g_rc.txt
 # node.sh as a one-node SLURM task, SIGUSR1 to it (its exec'd torchrun) once step 2's checkpoint is committed
 env -u PET_SIGNALS_TO_HANDLE -u TORCHELASTIC_SIGNALS_TO_HANDLE SLURM_JOB_ID=77 SLURM_NNODES=1 SLURM_NODEID=0 \
   SLURM_JOB_NODELIST=localhost MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 GPUS_PER_NODE=1 RUN_LOG_DIR=/tmp/g_usr1/logs \
@@ -44,7 +45,7 @@ for _ in $(seq 300); do [ -e /tmp/g_usr1/checkpoints/step_000002/COMPLETE.json ]
 workers=$(pgrep -P $agent | tr '\n' ' ')
 kill -USR1 $agent
 timeout 120 tail --pid=$agent -f /dev/null
-wait $agent; echo "node.sh after SIGUSR1 rc $?" >> $OUT/g_rc.txt
+wait $agent; echo "node.sh after SIGUSR1 rc $? (torchrun raises SignalException: 1)" >> $OUT/g_rc.txt
 sleep 5
 for w in $workers; do [ -e /proc/$w ] && echo "worker $w still running" >> $OUT/g_rc.txt && kill -9 $w; done
 grep -h "stop requested\|checkpoint saved\|saved checkpoint" /tmp/g_usr1/logs/rank0.log 2>/dev/null | tail -2 \
