@@ -1,6 +1,7 @@
 """Config errors stop the run before any process group is built, naming the offending key."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -474,6 +475,32 @@ def test_ksa_stage_recipes_convert_the_multimodal_model_on_its_video_data():
     assert stages[2].data.video.long_fraction == ctx_32k.data.video.long_fraction
     with pytest.raises(ValueError, match=r"data\.video\.shards is required"):
         _validate("recipe=keye_30b_a3b_ksa_stage1", world_size=8)
+
+
+# Qwen3-30B-A3B's config.json as published on the Hugging Face hub (the fields check_hf_config reads)
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False, "decoder_sparse_step": 1,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
+    "max_position_embeddings": 40960, "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936}
+
+
+@pytest.mark.parametrize("recipe", ["keye_30b_a3b_align", "keye_30b_a3b_ctx_8k", "keye_30b_a3b", "keye_30b_a3b_lm"])
+def test_the_recipes_that_start_from_qwen3_30b_a3b_take_its_published_config(tmp_path, recipe):
+    """The stages a user starts from the published language model (`train.checkpoint.init_from=<its directory>`,
+    README "From Hugging Face"; the projector alignment freezes it) are that model: its RoPE base 1e6 included,
+    which the recipes had at 1e7, so the launch stopped on `HF config rope_theta=1000000.0 does not match
+    model.lm.rope_theta=10000000.0`. `launch/convert.py import ... --model keye_30b_a3b` checks the preset alone."""
+    from launch.convert import model_config
+    from models.hf.qwen3_moe import check_hf_config
+    from train.launch import check_hf_model
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    cfg = to_config(_compose(f"recipe={recipe}", "data.video.shards=/data/shards"))
+    check_hf_model(str(tmp_path), cfg.model.lm)
+    check_hf_config(QWEN3_30B_A3B, model_config("keye_30b_a3b", []))   # what `convert.py import --model` checks
 
 
 def test_a_recipe_whose_video_paths_are_unset_names_them_first():
