@@ -81,8 +81,19 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
 
     base = OmegaConf.structured(LMConfig)
     if model:
-        raw = OmegaConf.load(model_file(model))
-        node = raw.model.lm if "model" in raw else raw.lm
+        path = model_file(model)
+        if path.resolve().parent == (REPO / "recipes" / "model").resolve():
+            # a preset: composed as a launch composes it, through its defaults list (keye_30b_a3b_dsa is
+            # keye_30b_a3b plus its attention; read alone, its `lm` node left every other size at the schema's
+            # tiny default)
+            from train.launch import compose_config
+
+            node = compose_config([f"model={path.stem}"]).model.lm
+        else:
+            raw = OmegaConf.load(path)
+            if "model" not in raw and "lm" not in raw:
+                raise ValueError(f"--model {model}: the file has no `lm:` node (nor `model.lm`)")
+            node = raw.model.lm if "model" in raw else raw.lm
         merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))
         return OmegaConf.to_object(merged)
     if hf_dir:

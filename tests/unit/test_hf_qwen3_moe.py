@@ -794,3 +794,36 @@ def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(hf, tmp_pat
     assert convert.main(["verify", str(hf["single"]), "--model", "keye_tiny_lm"]) == 2
     err = capsys.readouterr().err
     assert "--model keye_tiny_lm: no such model preset" in err and "keye_tiny_dsa" in err, err
+
+
+@pytest.mark.parametrize("preset,base,variant", [
+    ("keye_30b_a3b_dsa", "keye_30b_a3b", "dsa"), ("keye_30b_a3b_ksa", "keye_30b_a3b", "ksa"),
+    ("keye_vl_30b_a3b", "keye_30b_a3b", "dense"), ("keye_vl_30b_a3b_dsa", "keye_30b_a3b", "dsa"),
+    ("keye_vl_30b_a3b_ksa", "keye_30b_a3b", "ksa"), ("keye_tiny_dsa", "keye_tiny", "dsa"),
+    ("keye_tiny_vl_ksa", "keye_tiny", "ksa")])
+def test_convert_model_preset_takes_the_presets_it_builds_on(preset, base, variant):
+    """`convert.py import|export|verify --model keye_30b_a3b_dsa` is keye_30b_a3b's language model with DSA
+    attention: the preset names keye_30b_a3b in its defaults list. Read alone, its `lm` node left every other size
+    at the schema's tiny default: `--model keye_30b_a3b_ksa` was a 2-layer, 64-wide model ('HF config
+    num_hidden_layers=48 does not match model.lm.num_layers=2'), keye_30b_a3b_dsa stopped on 'index_dim (64) must
+    be at most head_dim / 2 (8)' and keye_vl_30b_a3b on omegaconf's 'Missing key lm'. Reference: the base preset's
+    own YAML (it has no defaults list) and the variant's settings as the preset files write them."""
+    from omegaconf import OmegaConf
+
+    convert = _convert_module()
+
+    def plain(name):   # the file alone, merged into the schema
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig),
+                                                   OmegaConf.load(REPO / "recipes/model" / f"{name}.yaml").lm))
+
+    got, ref = convert.model_config(preset, []), plain(base)
+    assert got.attention == variant
+    assert replace(got, attention=ref.attention, dsa=ref.dsa, ksa=ref.ksa) == ref
+    if variant == "dense":
+        assert (got.dsa, got.ksa) == (ref.dsa, ref.ksa)
+    else:   # the variant's settings as its own preset (keye_30b_a3b_dsa, ...) writes them; the other variant's default
+        own = OmegaConf.to_container(OmegaConf.load(REPO / "recipes/model" / f"{base}_{variant}.yaml").lm[variant])
+        assert {k: getattr(getattr(got, variant), k) for k in own} == own
+        other = "ksa" if variant == "dsa" else "dsa"
+        assert getattr(got, other) == getattr(ref, other)
+    assert convert.model_config(preset, ["lm.num_layers=3"]).num_layers == 3   # --set still applies on top
