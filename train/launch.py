@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -324,6 +325,19 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
         raise ValueError(f"train.checkpoint.{name}={source!r} holds a checkpoint (step {ref.step}, {ref.path}) of a "
                          f"model of other sizes: {'; '.join(differ)}. Its weights do not fit this model: give it the "
                          f"source's sizes, or a source of this model's")
+    # a stage that keeps the language model frozen (projector alignment, the DSA warm-up, KSA distillation) must read
+    # positions as the source learned them: at another RoPE base its frozen layers (and the attention the indexers or
+    # summaries learn from) see every position moved. A stage that trains the whole model may move to a new base, as
+    # the 64K curriculum stage does; a Hugging Face source is checked in check_hf_model
+    theta = saved.get("lm", {}).get("rope_theta")
+    ours_theta = cfg.model.lm.rope_theta
+    if (name == "init_from" and cfg.train.trained not in ("all", "none") and theta is not None
+            and not math.isclose(float(theta), ours_theta, rel_tol=1e-9)):
+        raise ValueError(f"train.checkpoint.init_from={source!r} holds a model trained at model.lm.rope_theta="
+                         f"{float(theta):g}, and train.trainable={cfg.train.trainable} keeps its language model frozen "
+                         f"at model.lm.rope_theta={ours_theta:g} here: the frozen layers would read every position at "
+                         f"another RoPE base than they learned. Give model.lm.rope_theta={float(theta):g}, or train "
+                         f"the whole model (train.trainable=all) to move it to a new base")
 
 
 def check_device(cfg: Config, *, cuda: bool) -> None:

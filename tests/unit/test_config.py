@@ -591,6 +591,24 @@ def _run_dir_of(tmp_path: Path, name: str, *overrides) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.parametrize("stage", ["keye_tiny_vl_dsa_warmup", "keye_tiny_vl_ksa_distill", "keye_tiny_align"])
+def test_a_frozen_language_model_keeps_the_rope_base_of_its_source(tmp_path, stage):
+    """A stage that keeps the language model frozen (trainable indexer, summary, projector) started from a run at
+    another RoPE base: its frozen layers would read every position moved (the tiny warm-up's first loss 1.85 against
+    the source's 1.15), and it ran without a word. Now a config error naming both bases. A stage that trains the
+    whole model may move to a new base (the 64K curriculum stage does), and the same base passes."""
+    from train.launch import check_paths
+
+    source = _run_dir_of(tmp_path, "dense", "recipe=keye_tiny")          # rope_theta 1e7, the tiny preset's
+    start = [f"recipe={stage}", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={source}"]
+    check_paths(_validate(*start)[0])
+    with pytest.raises(ValueError, match=r"init_from='.*/dense' holds a model trained at model\.lm\.rope_theta=1e\+07, "
+                                         r"and train\.trainable=\w+ keeps its language model frozen at "
+                                         r"model\.lm\.rope_theta=1e\+06 here"):
+        check_paths(_validate(*start, "model.lm.rope_theta=1e6")[0])
+    check_paths(_validate(*start, "model.lm.rope_theta=1e6", "train.trainable=all", "train.distill.enabled=false")[0])
+
+
 def test_init_from_a_model_of_other_sizes_stops_before_the_build(tmp_path):
     """A run directory given as train.checkpoint.init_from (a distillation's teacher, a stage's start) or
     vision_init_from holds a model of other sizes: the launcher names the settings that differ, where loading it
