@@ -136,6 +136,18 @@ def empty_prefix(prefix: str) -> str | None:
             f"--key?)") if empty else None
 
 
+def count_tokens(prefixes: list[str]) -> tuple[int, int]:
+    """(tokens, documents) that the datasets `prefixes` hold together, read from their .idx files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = documents = 0
+    for p in prefixes:
+        ds = IndexedDataset(p, mmap=True)   # kept while its lengths are read: they are a view of its map
+        tokens += int(np.sum(ds.sequence_lengths, dtype=np.int64))
+        documents += len(ds.sequence_lengths)
+    return tokens, documents
+
+
 def sidecar(prefix: str) -> dict | None:
     """The PREFIX.json that launch/tokenize_text.py wrote beside a dataset (None for files written elsewhere)."""
     p = Path(prefix + ".json")

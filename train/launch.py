@@ -103,8 +103,8 @@ def check_token_files(cfg: Config) -> None:
 def check_token_paths(cfg: Config) -> None:
     """The token files of data.kind=tokens exist, hold tokens, were tokenized for a vocabulary the model holds (their
     sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
-    from data.held_out import held_out_paths
-    from data.token_files import empty_prefix, resolve_prefixes, sidecar
+    from data.held_out import held_out_paths, held_out_sets
+    from data.token_files import count_tokens, empty_prefix, resolve_prefixes, sidecar
 
     vocab = cfg.model.lm.vocab_size
     tk = cfg.data.tokens
@@ -125,6 +125,23 @@ def check_token_paths(cfg: Config) -> None:
     if shared:
         raise ValueError(f"data.tokens.eval_paths={tk.eval_paths!r}: {shared[0]} is also training data: held-out data "
                          f"must not be trained on")
+    # each pool of files the loader reads as one source must fill a row (train.seq_length + 1 tokens): a held-out
+    # set too short for one stopped a run only at its first evaluation, with a traceback naming no setting
+    groups = resolve_prefixes(tk.paths, field_name="data.tokens.paths") if tk.paths else []
+    weights = list(tk.weights or [])
+    pools = ([("data.tokens.paths", tk.paths, "", g) for g, w in zip(groups, weights) if float(w) > 0] if weights else
+             [("data.tokens.paths", tk.paths, "", [p for g in groups for p in g])] if groups else [])
+    if tk.eval_paths:
+        pools += [("data.tokens.eval_paths", tk.eval_paths, set_name,
+                   [p for g in resolve_prefixes(paths, field_name="data.tokens.eval_paths") for p in g])
+                  for set_name, paths in held_out_sets(tk.eval_paths, field_name="data.tokens.eval_paths")]
+    need = cfg.train.seq_length + 1
+    for field_name, spec, set_name, prefixes in pools:
+        tokens, documents = count_tokens(prefixes)
+        if tokens < need:
+            what = f"held-out set {set_name!r} ({', '.join(prefixes)})" if set_name else ", ".join(prefixes)
+            raise ValueError(f"{field_name}={spec!r}: {what} holds {tokens} tokens in {documents} documents, fewer "
+                             f"than one row of train.seq_length + 1 = {need} tokens")
 
 
 def check_tokenizer(cfg: Config) -> None:

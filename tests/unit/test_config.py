@@ -117,7 +117,8 @@ def test_token_files_settings_and_paths_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"needs video data .*data.kind=tokens feeds a language model alone; .*data.video.text_tokens"):
         _validate("recipe=keye_tiny", "data=tokens_tiny")
     for name, vocab in (("a", 512), ("b", 512), ("wide", 151936)):
-        write_token_files([[1, 2, 3, 4, 5]], tmp_path / name, vocab_size=vocab, meta={"tokenizer": f"T{vocab}"})
+        # one row of the recipe's train.seq_length + 1 = 257 tokens each
+        write_token_files([list(range(1, 258))], tmp_path / name, vocab_size=vocab, meta={"tokenizer": f"T{vocab}"})
     lm = ("recipe=keye_tiny_lm", "data=tokens", "train.micro_batch_size=1", f"run_dir={tmp_path / 'run'}",
           f"data.tokens.paths={tmp_path / 'a'}")
     with pytest.raises(ValueError, match="train.eval.interval=5 needs held-out data: set data.tokens.eval_paths"):

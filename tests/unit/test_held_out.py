@@ -57,14 +57,54 @@ def test_the_launcher_checks_each_named_set(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"has no name but other parts have one"):
         check_paths(cfg(*video, f"data.video.eval_shards='a={tmp_path / 'val1'},{tmp_path / 'val2'}'"))
 
-    for name in ("a", "b", "c"):
-        write_token_files([[1, 2, 3, 4, 5]], tmp_path / name, vocab_size=512)
+    for name in ("a", "b", "c"):   # one row of the tiny recipe's train.seq_length + 1 = 257 tokens each
+        write_token_files([list(range(1, 258))], tmp_path / name, vocab_size=512)
     lm = ("recipe=keye_tiny_lm", "data=tokens", "train.micro_batch_size=1", f"data.tokens.paths={tmp_path / 'a'}")
     check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'c'}'"))
     with pytest.raises(ValueError, match=r"data\.tokens\.eval_paths=.*a is also training data"):
         check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'a'}'"))
     with pytest.raises(ValueError, match=r"^data\.tokens\.eval_paths=.*: .*missing\.bin and .*missing\.idx do not exist"):
         check_paths(cfg(*lm, f"data.tokens.eval_paths='b={tmp_path / 'b'},c={tmp_path / 'missing'}'"))
+
+
+def test_token_files_too_short_for_one_row_stop_the_launch(tmp_path, monkeypatch):
+    """A held-out set of token files (or a training source) that holds fewer than train.seq_length + 1 tokens has no
+    row: the launcher names the setting, the set and the counts before any process group exists. Before, the run
+    built its model, trained up to its first evaluation (train.eval.interval steps after a resume) and stopped there
+    with a traceback naming only the file. One token more than a row's worth passes."""
+    from data.token_files import write_token_files
+    from train.launch import check_paths, compose_config, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def cfg(*overrides):
+        return validate(compose_config([f"run_dir={tmp_path / 'run'}", "parallel=single", "recipe=keye_tiny_lm",
+                                        "data=tokens", "train.micro_batch_size=1", "train.seq_length=128",
+                                        "train.eval.interval=5", *overrides]))[0]
+
+    # a row is train.seq_length + 1 = 129 tokens: "row" holds one (two documents), "short" one token fewer
+    write_token_files([list(range(1, 101)), list(range(1, 30))], tmp_path / "row", vocab_size=512)
+    for name in ("short", "short2"):
+        write_token_files([list(range(1, 101)), list(range(1, 29))], tmp_path / name, vocab_size=512)
+    write_token_files([list(range(1, 301))], tmp_path / "train", vocab_size=512)
+    train = f"data.tokens.paths={tmp_path / 'train'}"
+    check_paths(cfg(train, f"data.tokens.eval_paths={tmp_path / 'row'}"))
+    with pytest.raises(ValueError, match=r"^data\.tokens\.eval_paths='.*short': .*short holds 128 tokens in 2 "
+                                         r"documents, fewer than one row of train\.seq_length \+ 1 = 129 tokens$"):
+        check_paths(cfg(train, f"data.tokens.eval_paths={tmp_path / 'short'}"))
+    with pytest.raises(ValueError, match=r"^data\.tokens\.eval_paths='a=.*': held-out set 'b' \(.*short\) holds 128 "
+                                         r"tokens in 2 documents, fewer than one row"):
+        check_paths(cfg(train, f"data.tokens.eval_paths='a={tmp_path / 'row'},b={tmp_path / 'short'}'"))
+    # the files of a set are one pool: two short ones together fill a row
+    check_paths(cfg(train, f"data.tokens.eval_paths='a={tmp_path / 'short'},a={tmp_path / 'short2'}'"))
+    # training paths: one pool without weights, each weighted path its own source (a weight of 0 reads nothing)
+    check_paths(cfg(f"data.tokens.paths='{tmp_path / 'short'},{tmp_path / 'row'}'",
+                    f"data.tokens.eval_paths={tmp_path / 'train'}"))
+    with pytest.raises(ValueError, match=r"^data\.tokens\.paths='.*': .*short holds 128 tokens in 2 documents"):
+        check_paths(cfg(f"data.tokens.paths='{tmp_path / 'short'},{tmp_path / 'row'}'", "data.tokens.weights=[1,1]",
+                        f"data.tokens.eval_paths={tmp_path / 'train'}"))
+    check_paths(cfg(f"data.tokens.paths='{tmp_path / 'short'},{tmp_path / 'row'}'", "data.tokens.weights=[0,1]",
+                    f"data.tokens.eval_paths={tmp_path / 'train'}"))
 
 
 def test_set_batches_give_a_named_set_its_own_count(tmp_path, monkeypatch):
