@@ -340,41 +340,56 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
     return write_token_runs(runs(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
 
 
-def synthetic_documents(n: int, seed: int) -> Iterator[str]:
+def synthetic_documents(n: int, seed: int, *, held_out_from: tuple[int, int] | None = None) -> Iterator[str]:
     """`n` text documents from (seed, i): one to eight of the synthetic counting passages
     (data/video/synthetic.text_record) joined, 80 to 1,000 bytes, so that documents both share rows and run over
-    several."""
+    several. held_out_from=(seed, count) of a training set's documents: those equal to one of them are skipped
+    (the next i taken), so that a held-out set holds no training document (a lone question of two seeds coincides
+    now and then: one of the tiny recipe's 500 held-out documents was also trained on)."""
     from data.video.synthetic import text_record
 
-    for i in range(n):
+    def document(i: int, seed: int) -> str:
         k = 1 + int(np.random.default_rng([seed, 104729, i]).integers(0, 8))
         parts = []
         for j in range(k):
             r = text_record(i * 8 + j, seed)
             parts.append(r["text"] if "text" in r else f"{r['prompt']} {r['qa'][0]['question']} {r['qa'][0]['answer']}")
-        yield " ".join(parts)
+        return " ".join(parts)
+
+    avoid = {document(i, held_out_from[0]) for i in range(held_out_from[1])} if held_out_from else set()
+    i = made = 0
+    while made < n:
+        doc = document(i, seed)
+        i += 1
+        if doc not in avoid:
+            made += 1
+            yield doc
 
 
 def write_synthetic_token_files(prefix: str | os.PathLike, n_documents: int, seed: int, tokenizer, *,
-                                append_eos: bool = True) -> dict:
-    """`n_documents` synthetic documents (synthetic_documents) tokenized with `tokenizer` at `prefix`, `<eos>` after
-    each unless `append_eos` is false; returns the sidecar."""
+                                append_eos: bool = True, held_out_from: tuple[int, int] | None = None) -> dict:
+    """`n_documents` synthetic documents (synthetic_documents; held_out_from: none of that training set's)
+    tokenized with `tokenizer` at `prefix`, `<eos>` after each unless `append_eos` is false; returns the sidecar."""
     tail = [tokenizer.eos_id] if append_eos else []
-    return write_token_files((tokenizer.encode(t) + tail for t in synthetic_documents(n_documents, seed)), prefix,
+    docs = synthetic_documents(n_documents, seed, held_out_from=held_out_from)
+    return write_token_files((tokenizer.encode(t) + tail for t in docs), prefix,
                              vocab_size=tokenizer.vocab_size, meta={"tokenizer": repr(tokenizer),
                                                                     "eos_id": tail[0] if tail else None,
                                                                     "source": f"synthetic, seed {seed}"})
 
 
 def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int, seed: int, *, rank: int,
-                                 vocab_size: int, timeout_s: float = 600.0) -> str:
+                                 vocab_size: int, timeout_s: float = 600.0,
+                                 held_out_from: tuple[int, int] | None = None) -> str:
     """The prefix of `n_documents` synthetic documents tokenized with the byte tokenizer (`<eos>` after each),
-    written under `directory` by rank 0 once; the other ranks wait for the .idx (written last)."""
+    written under `directory` by rank 0 once; the other ranks wait for the .idx (written last). held_out_from:
+    (seed, count) of the training documents that a held-out set's leaves out."""
     from data.video.tokenizer import ByteTokenizer
 
     prefix = str(Path(directory) / f"synthetic_{n_documents}_seed{seed}")
     if rank == 0 and not os.path.isfile(prefix + ".idx"):
-        write_synthetic_token_files(prefix, n_documents, seed, ByteTokenizer(vocab_size=vocab_size))
+        write_synthetic_token_files(prefix, n_documents, seed, ByteTokenizer(vocab_size=vocab_size),
+                                    held_out_from=held_out_from)
     deadline = time.time() + timeout_s
     while not os.path.isfile(prefix + ".idx"):
         if time.time() > deadline:

@@ -40,10 +40,12 @@ SHOWN_KEYS = 8  # of a pack's samples, named in a message about its step
 
 
 def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: int, *, rank: int,
-                            timeout_s: float = 1800.0, n_text: int = 0, n_images: int = 0, scenes: int = 0) -> Path:
+                            timeout_s: float = 1800.0, n_text: int = 0, n_images: int = 0, scenes: int = 0,
+                            text_held_out_from: tuple[int, int] | None = None) -> Path:
     """Shard directory of `n_videos` synthetic videos under `directory`, made by rank 0 if missing. With
     `n_images` images (and a quarter as many interleaved records of 2-3 images) and `n_text` text-only samples
-    among them, and videos of `scenes` still scenes each (slow and fast frames), in a directory of their own
+    among them (a held-out set's: none of those of the training set text_held_out_from=(seed, count) names), and
+    videos of `scenes` still scenes each (slow and fast frames), in a directory of their own
     (`<directory>_text<n>_images<m>_scenes<k>`, each part only when non-zero)."""
     from data.video.synthetic import make_synthetic_shards
 
@@ -59,7 +61,8 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
         # one ingest worker: shards list the videos in a fixed order, so the same seed gives the same data
         # (up to the encoder's rare run-to-run differences, data/video/synthetic.py write_video)
         make_synthetic_shards(d, n_videos=n_videos, seed=seed, shard_size_mb=0.05, workers=1, n_text=n_text,
-                              n_images=n_images, n_image_sets=n_images // 4, scenes=scenes)
+                              n_images=n_images, n_image_sets=n_images // 4, scenes=scenes,
+                              text_held_out_from=text_held_out_from)
         marker.write_text(f"{n_videos} videos ({scenes} scenes each), {n_images} images, {n_text} text-only samples, "
                           f"seed {seed}\n")
     deadline = time.time() + timeout_s

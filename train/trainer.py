@@ -431,7 +431,8 @@ class Trainer:
                 shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
                                                      max(4, d.synthetic_videos // 4) if d.synthetic_videos else 0,
                                                      d.seed + 1, rank=self.rank,
-                                                     n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4)))
+                                                     n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4),
+                                                     text_held_out_from=(d.seed, d.synthetic_texts)))
             stem = Path(v.quarantine_path or "quarantine.jsonl")
             suffix = f"_eval_{set_name}" if set_name else "_eval"
             v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="", text_tokens="",
@@ -474,7 +475,9 @@ class Trainer:
                 paths = ensure_synthetic_token_files(Path(self.run_dir) / "synthetic_tokens",
                                                      max(64, tk.synthetic_documents // 4) if held_out else
                                                      tk.synthetic_documents, data.seed + int(held_out), rank=self.rank,
-                                                     vocab_size=min(512, self.cfg.model.lm.vocab_size))
+                                                     vocab_size=min(512, self.cfg.model.lm.vocab_size),
+                                                     held_out_from=(data.seed, tk.synthetic_documents) if held_out
+                                                     else None)
             corpus = TokenCorpus(paths, weights=None if held_out else tk.weights, seq_length=t.seq_length,
                                  seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
                                  field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths",

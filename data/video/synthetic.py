@@ -271,15 +271,35 @@ def text_record(i: int, seed: int = 0) -> dict:
                     + ", ".join(str(start + k) for k in range(int(rng.integers(4, 12)))) + "."}
 
 
+def text_records(n: int, seed: int = 0, *, held_out_from: tuple[int, int] | None = None) -> list[dict]:
+    """`n` text-only records: text_record(i, seed) for i = 0, 1, ...; with held_out_from=(seed, count) of a
+    training set's records, those equal to one of them or to one taken before are skipped (the next i taken), so
+    that a held-out set holds `n` samples, none a training sample (the questions of two seeds coincide now and
+    then: one in 100 held-out records of the tiny text recipe's was also trained on, and ingest drops a repeat)."""
+    avoid = ({json.dumps(text_record(i, held_out_from[0]), sort_keys=True) for i in range(held_out_from[1])}
+             if held_out_from else set())
+    out, i = [], 0
+    while len(out) < n:
+        r = text_record(i, seed)
+        i += 1
+        key = json.dumps(r, sort_keys=True)
+        if key not in avoid:
+            out.append(r)
+            if held_out_from:
+                avoid.add(key)
+    return out
+
+
 def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int = 0, *,
                           min_seconds: float = 1.5, max_seconds: float = 4.0,
                           sizes=((64, 48), (96, 64), (128, 96), (160, 120), (80, 112)),
                           fps_choices=(8.0, 10.0, 12.0, 15.0), codec: str = "libx264",
                           n_text: int = 0, n_images: int = 0, n_image_sets: int = 0,
-                          scenes: int = 0) -> tuple[Path, Path]:
+                          scenes: int = 0, text_held_out_from: tuple[int, int] | None = None) -> tuple[Path, Path]:
     """Write `n_videos` small videos under out_dir/videos and out_dir/annotations.jsonl, with `n_images`
     images beside them (`write_image`), `n_image_sets` interleaved records of 2-3 images (`image_set_record`)
-    and `n_text` text-only records (`text_record`) after the videos' records. `scenes` > 0: each video is that
+    and `n_text` text-only records (`text_records`; none equal to one of the training set's that
+    text_held_out_from=(seed, count) names) after the videos' records. `scenes` > 0: each video is that
     many still scenes (`VideoSpec.scenes`: slow and fast frames to plan), capped at one per 4 frames."""
     out = Path(out_dir)
     vdir = out / "videos"
@@ -298,7 +318,7 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         records.append(annotation_for(rel, truth))
     records += [write_image(vdir / f"img_{i:05d}", i, seed) for i in range(n_images)]
     records += [image_set_record(vdir, j, seed) for j in range(n_image_sets)]
-    records += [text_record(i, seed) for i in range(n_text)]
+    records += text_records(n_text, seed, held_out_from=text_held_out_from)
     ann = out / "annotations.jsonl"
     with open(ann, "w") as f:
         for r in records:

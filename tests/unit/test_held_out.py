@@ -166,3 +166,50 @@ def test_a_set_is_scored_whole_by_batches_0_or_all(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"train\.eval\.batches must be >= 1, or 0 for each held-out set whole, "
                                          r"once; got -1"):
         plan("recipe=keye_tiny_lm", "train.eval.batches=-1")
+
+
+def _texts_in_shards(shard_dir) -> dict[str, str]:
+    """The text-only samples a shard directory holds, read back from its tar members: content -> sample key."""
+    import json
+    import tarfile
+
+    out = {}
+    for tar in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.load(tf.extractfile(m))
+                    if rec["kind"] == "text":
+                        a = rec["annotation"]
+                        out[json.dumps({k: a.get(k) for k in ("prompt", "qa", "text")}, sort_keys=True)] = rec["key"]
+    return out
+
+
+def test_synthetic_held_out_sets_hold_no_training_sample(tmp_path):
+    """The held-out sets a run makes for itself, as the trainer makes them for the tiny recipes (train/trainer.py:
+    data=text_tiny's 100 text-only samples under seed + 1 beside its 400 under the seed, data=tokens_tiny's 500
+    documents beside its 2,000), read back from what was written (the shards' tar members; the token files through
+    megatron's reader): no sample or document is on both sides, and each set has its size. Before, one text-only
+    sample ("What is 39 plus 7?") and one token document ("What is 21 plus 47?") were in both: the questions of two
+    seeds coincide now and then."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.token_files import ensure_synthetic_token_files
+    from data.video_stream import ensure_synthetic_shards
+
+    seed = 1234   # text_tiny's and tokens_tiny's data.seed
+    train = _texts_in_shards(ensure_synthetic_shards(tmp_path / "train", 0, seed, rank=0, n_text=400))
+    held = _texts_in_shards(ensure_synthetic_shards(tmp_path / "held", 0, seed + 1, rank=0, n_text=100,
+                                                    text_held_out_from=(seed, 400)))
+    # ingest drops a record equal to one before it in the same file: 3 of the training set's 400 repeat one
+    assert len(train) == 397 and len(held) == 100
+    assert not set(train) & set(held), [train[k] for k in set(train) & set(held)]
+
+    def documents(prefix) -> set[bytes]:
+        ds = IndexedDataset(prefix, mmap=True)
+        return {ds[i].tobytes() for i in range(len(ds))}
+
+    train_docs = documents(ensure_synthetic_token_files(tmp_path / "tok", 2000, seed, rank=0, vocab_size=512))
+    held_docs = documents(ensure_synthetic_token_files(tmp_path / "tok", 500, seed + 1, rank=0, vocab_size=512,
+                                                       held_out_from=(seed, 2000)))
+    assert len(held_docs) == 500 and not train_docs & held_docs
