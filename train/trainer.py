@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from torch.distributed.checkpoint.api import CheckpointException
 
-from data.held_out import WHOLE, eval_plan
+from data.held_out import WHOLE, eval_plan, parse_set_batches
 from data.exclude import read_exclude
 from data.sample_position import counters_of_rank, format_runs
 from data.synthetic_tokens import SyntheticTokenStream, samples_seed
@@ -364,6 +364,7 @@ class Trainer:
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
         self.skipped_steps = 0  # such steps the run skipped (both kept in its checkpoints)
         self._whole_logged: set[tuple[str, str]] = set()   # held-out sets scored whole whose size was logged
+        self._repeats_checked: set[tuple[str, str]] = set()  # held-out sets checked for fewer sequences than scored
         self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
         self.async_queue = AsyncCallsQueue() if t.checkpoint.async_save else None
         if t.checkpoint.enabled:
@@ -1045,6 +1046,7 @@ class Trainer:
                             sequences += samples
                         else:
                             sequences += batches * self.cfg.train.global_batch_size
+                            self._warn_repeats(name, paths, streams[0], batches)
                         for _ in range(batches):
                             for n in self._rounds():
                                 if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
@@ -1086,6 +1088,24 @@ class Trainer:
             log.info("evaluation: %s scored whole: %d sequences in %d global batch(es), the last filled up with %d "
                      "that count for nothing", what, samples, batches, batches * gbs - samples)
         return batches
+
+    def _warn_repeats(self, name: str, paths: str, stream, batches: int) -> None:
+        """A warning, once per held-out set of files (token files, shards), when it holds fewer sequences than each
+        evaluation scores (`batches` global batches): its streams go on into further epochs, so some sequences
+        count more than once in val_loss, and the log's count of held-out sequences is more than the set holds."""
+        if (name, paths) in self._repeats_checked or self.cfg.data.kind not in ("video", "tokens"):
+            return
+        self._repeats_checked.add((name, paths))
+        gbs = self.cfg.train.global_batch_size
+        samples = stream.samples_per_epoch
+        if self.rank == 0 and samples < batches * gbs:
+            what = f"held-out set {name!r} ({paths})" if name else f"the held-out set ({paths or 'synthetic'})"
+            given = (f"train.eval.set_batches {name}={batches}" if name and name in parse_set_batches(
+                self.cfg.train.eval.set_batches) else f"train.eval.batches={batches}")
+            log.warning("evaluation: %s holds %d sequences, fewer than the %d each evaluation scores (%s x "
+                        "train.global_batch_size=%d): some are scored more than once each time, weighing more in "
+                        "val_loss. Score it whole, once, with %s", what, samples, batches * gbs, given, gbs,
+                        f"train.eval.set_batches={name}=all" if name else "train.eval.batches=0")
 
     def _eval_values(self, total: torch.Tensor) -> dict:
         """evaluate's values from a world's sum of _loss_vector."""

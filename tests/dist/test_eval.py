@@ -305,3 +305,39 @@ def test_config_refuses_evaluation_without_held_out_data(tmp_path):
                                  "train.eval.checkpoints=x2"]))
     with pytest.raises(ValueError, match=r"train.eval.batches must be >= 1, or 0 for each held-out set whole"):
         validate(compose_config(["recipe=keye_tiny", "parallel=single", "train.eval.batches=-1"]))
+
+
+def test_a_held_out_set_smaller_than_an_evaluation_is_named_in_a_warning(tmp_path):
+    """Held-out token files holding fewer rows than an evaluation scores (train.eval.batches x
+    train.global_batch_size) are scored on into their next epochs, so some rows count more than once in val_loss;
+    rank 0 warns once, naming the set, its rows (the reader's own count: TokenCorpus) and the count scored. Before,
+    nothing said so, and the log's "16 held-out sequences" read as 16 rows of a 3-row set. A named set given its
+    count by train.eval.set_batches is named with it; a set that holds enough rows is not warned about."""
+    from data.token_files import TokenCorpus, ensure_synthetic_token_files
+
+    d = tmp_path / "tokens"
+    train = ensure_synthetic_token_files(d, 300, 11, rank=0, vocab_size=512)
+    small = ensure_synthetic_token_files(d, 4, 18, rank=0, vocab_size=512)   # 14 rows of 64 tokens
+    big = ensure_synthetic_token_files(d, 40, 12, rank=0, vocab_size=512)
+    rows = TokenCorpus(small, seq_length=64, seed=0).sources[0].per_epoch
+    assert TokenCorpus(big, seq_length=64, seed=0).sources[0].per_epoch >= 16 > rows
+    common = ["recipe=keye_tiny_lm", "data=tokens", f"data.tokens.paths={train}", "train.micro_batch_size=1",
+              "train.seq_length=64", "train.global_batch_size=4", "train.steps=2", "parallel=single",
+              "train.checkpoint.enabled=false", "train.eval.interval=1"]
+    out = run_layouts_all(1, {
+        "pool": common + [f"data.tokens.eval_paths={small}", "train.eval.batches=4"],    # 16 of 14 rows
+        "sets": common + [f"data.tokens.eval_paths='small={small},big={big}'", "train.eval.batches=4",
+                          f"train.eval.set_batches='small={-(-rows // 4) - 1}'"],   # 12 of the 14 rows: enough
+        "named": common + [f"data.tokens.eval_paths='small={small},big={big}'", "train.eval.set_batches='small=5'"],
+    }, tmp_path)
+    assert [e["step"] for e in out["evals"]["pool"]] == [0, 1, 2]
+
+    # the job's rank-0 output, the three runs in turn: "pool" warns once though it evaluates three times, "sets"
+    # not at all
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    pool, named = [line for line in text.splitlines() if "fewer than the" in line]
+    assert (f"the held-out set ({small}) holds {rows} sequences, fewer than the 16 each evaluation scores "
+            f"(train.eval.batches=4 x train.global_batch_size=4)") in pool and "train.eval.batches=0" in pool, pool
+    assert (f"held-out set 'small' ({small}) holds {rows} sequences, fewer than the 20 each evaluation scores "
+            f"(train.eval.set_batches small=5 x train.global_batch_size=4)") in named, named
+    assert "train.eval.set_batches=small=all" in named
