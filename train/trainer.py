@@ -1154,6 +1154,7 @@ class Trainer:
         <run_dir>/eval.jsonl, wandb). Returns the evaluations. Collective."""
         t = self.cfg.train
         source, refs = ckpt.eval_checkpoints(self.cfg)
+        refs = self._verified(source, refs)
         chunks = [m.module for m in self.model]
         self.meter.total_steps = refs[-1].step if refs else 0  # the eval line's "step/of": the newest scored
         if self.rank == 0:
@@ -1175,6 +1176,32 @@ class Trainer:
             if self.rank == 0:
                 self.meter.finish()
         return self.eval_history
+
+    def _verified(self, source: str, refs: list[ckpt.CheckpointRef]) -> list[ckpt.CheckpointRef]:
+        """train.eval.only's checkpoints whose files match the checksums their save recorded (eval_checkpoints
+        checked only that they are complete): a corrupted one is named in the log and not scored, and the newest
+        (train.eval.checkpoints="") gives way to the next older one that verifies, as a resume's does. A Hugging
+        Face source ([]) has no checksums. CheckpointLoadError when none is left. Collective."""
+        if not refs:
+            return refs
+        problems: list[str] = []
+        if not self.cfg.train.eval.checkpoints:
+            newest = ckpt.find_latest_verified(source, problems)
+            kept = [newest] if newest is not None else []
+        else:
+            kept = []
+            for ref in refs:
+                bad = ckpt.verify_checksums(ref)
+                if bad:
+                    log.error("checkpoint %s is corrupted and is not scored: %s", ref.path, "; ".join(bad))
+                    problems.append(f"{ref.path.name}: {'; '.join(bad)}")
+                else:
+                    kept.append(ref)
+        if not kept:
+            raise ckpt.CheckpointLoadError(
+                f"train.eval.only: no checkpoint of {source} to score: {'; '.join(problems)}. Restore the damaged "
+                f"files from a copy")
+        return kept
 
     def close(self) -> None:
         """Let the model, its gradients and optimizer state be freed once the caller drops the trainer.

@@ -341,3 +341,45 @@ def test_a_held_out_set_smaller_than_an_evaluation_is_named_in_a_warning(tmp_pat
     assert (f"held-out set 'small' ({small}) holds {rows} sequences, fewer than the 20 each evaluation scores "
             f"(train.eval.set_batches small=5 x train.global_batch_size=4)") in named, named
     assert "train.eval.set_batches=small=all" in named
+
+
+def test_eval_only_scores_no_corrupted_checkpoint(tmp_path):
+    """train.eval.only checks a checkpoint's files against the checksums its save recorded, as a resume does:
+    with the newest checkpoint's shards damaged in place (sizes unchanged), the newest that verifies is scored
+    instead, at its step, and its values are those the run logged there (the same weights and data: equal);
+    train.eval.checkpoints=all scores the others and not the damaged one; with every one damaged the launch
+    stops with CheckpointLoadError naming the files. Before, the damaged checkpoint was loaded and scored
+    without a word (val_loss nan, or a wrong number when fewer bytes were hit)."""
+    from train.checkpoint import CheckpointLoadError
+
+    lm = [o for o in LM if o != "train.checkpoint.enabled=false"]
+    trained = run_layouts_all(1, {"train": lm + EVAL + ["run_dir=ck", "train.checkpoint.save_interval=1",
+                                                        "train.checkpoint.keep_last=3"]}, tmp_path / "one")
+    ckpts = tmp_path / "one" / "runs" / "ck" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000001", "step_000002", "step_000003"]
+
+    def damage(step: int) -> None:
+        for shard in (ckpts / f"step_{step:06d}").glob("*.distcp"):
+            with open(shard, "r+b") as f:
+                f.seek(shard.stat().st_size // 2)
+                f.write(b"\x7f" * 64)
+
+    damage(3)
+    every = ["train.eval.only=true", "train.eval.batches=2",
+             f"train.checkpoint.init_from={tmp_path / 'one' / 'runs' / 'ck'}"]
+    scored = run_layouts_all(1, {"newest": LM + every, "all": LM + every + ["train.eval.checkpoints=all"]},
+                             tmp_path / "two")
+
+    def values(e: dict) -> dict:
+        return {k: v for k, v in e.items() if k != "val_seconds"}
+
+    at_2 = next(e for e in trained["evals"]["train"] if e["step"] == 2)
+    (newest,) = scored["evals"]["newest"]
+    assert values(newest) == values(at_2)
+    assert [e["step"] for e in scored["evals"]["all"]] == [1, 2] and values(scored["evals"]["all"][1]) == values(at_2)
+    damage(1)
+    damage(2)
+    with pytest.raises(AssertionError):
+        run_layouts_all(1, {"none": LM + every}, tmp_path / "three")
+    log = (tmp_path / "three" / "logs" / "rank0.log").read_text()
+    assert CheckpointLoadError.__name__ in log and "no checkpoint of" in log and "CRC32 differs" in log, log[-2000:]
