@@ -106,10 +106,15 @@ def sequence_group(layout: ParallelLayout, pgs: ProcessGroupCollection):
     return mine
 
 
-def teardown() -> None:
+def teardown(*, barrier: bool = True) -> None:
+    """Destroys the process groups. `barrier=False` after this rank failed: the other ranks may be inside a
+    collective this rank left (an error raised mid-step on one rank, such as a DataLoader worker's death), so a
+    barrier would wait for them until the process group's timeout (30 minutes) with nothing on stderr. Without it
+    the rank exits at once and torchrun stops the others."""
     if dist.is_initialized():
         # A barrier before destroying the group: without it some ranks aborted at exit.
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 

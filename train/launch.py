@@ -600,6 +600,7 @@ def run(dcfg: DictConfig) -> None:
 
     from train.checkpoint import CheckpointLoadError, CheckpointSaveError, RunDirInUse
 
+    failed = False   # an error this rank alone may have met: no barrier at the teardown (parallel/groups.py)
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
         trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
@@ -619,7 +620,8 @@ def run(dcfg: DictConfig) -> None:
         print(f"non-finite step: {e}", file=sys.stderr, flush=True)
         sys.exit(4)
     except Exception:  # the rank's log says why it ended, beside the traceback on stderr
+        failed = True
         logging.getLogger("train").exception("the run failed", extra={"file_only": True})
         raise
     finally:
-        teardown()
+        teardown(barrier=not failed)
