@@ -600,6 +600,14 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
                     at += k
                 del runs
         except SampleFailure as e:
+            if e.reason == "read_error" and not os.path.exists(rec.shard):
+                # not this sample's fault: no sample of the shard can be read any more. Left out one by one, the
+                # run would train on packs of padding until max_consecutive_failures, its checkpoints of those
+                # steps displacing the good ones
+                raise RuntimeError(
+                    f"video loader: shard {rec.shard} is gone ({e.detail[:200]}), reading {rec.key} of epoch {epoch} "
+                    f"pack {index}: the data directory was moved or deleted while the run read it. Put it back "
+                    f"and rerun the same command to resume from the last checkpoint") from None
             failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
                              "detail": e.detail[:500]})
             continue

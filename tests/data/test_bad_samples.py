@@ -108,6 +108,30 @@ def test_consecutive_failures_abort_with_message(shard_dir, tmp_path):
     assert "bad_" in msg and str(d) in msg
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_deleted_mid_run_stop_the_loader_naming_the_shard(shard_dir, tmp_path, workers):
+    """The data directory removed while the loader reads it: no sample is to blame, so none is quarantined, and the
+    loader stops at the first pack it cannot read instead of yielding packs of padding until
+    max_consecutive_failures (100 by default: tens of training steps on nothing, whose checkpoints displaced the
+    good ones). Packs a worker had built before the removal may still come (prefetch_factor 2 per worker)."""
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(shard_dir, d)
+    cfg = small_cfg(d, tmp_path, shuffle=False, num_workers=workers, decode_isolation="process")
+    loader = VideoPackedLoader(cfg, seed=0)
+    first = next(loader)
+    assert first.sample_keys and not first.failures
+    shutil.rmtree(d)
+    with pytest.raises(RuntimeError) as e:
+        for _ in range(2 * 2 + 1):     # the packs prefetched by the worker, then the first built after the removal
+            next(loader)
+    loader.close()
+    msg = str(e.value)
+    assert f"shard {d}/shard-" in msg and "is gone" in msg and "moved or deleted" in msg, msg
+    assert "consecutive" not in msg and read_jsonl(cfg.quarantine_path) == []
+
+
 def test_a_few_failures_among_good_samples_do_not_abort(shard_dir, tmp_path):
     d = _broken_shards(shard_dir, tmp_path / "s", n_good=4, bad=BAD[:3])
     cfg = small_cfg(d, tmp_path, shuffle=True, shuffle_buffer=8, max_consecutive_failures=4,
