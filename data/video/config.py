@@ -267,10 +267,10 @@ class VideoDataConfig:
             bad("prefetch_factor", "must be >= 1")
         if self.max_consecutive_failures < 1:
             bad("max_consecutive_failures", "must be >= 1")
-        if self.sample_timeout_s <= 0:
-            bad("sample_timeout_s", "must be > 0")
-        if self.batch_timeout_s < 0:
-            bad("batch_timeout_s", "must be >= 0 (0 = no timeout)")
+        if not (math.isfinite(self.sample_timeout_s) and self.sample_timeout_s > 0):
+            bad("sample_timeout_s", "must be a finite number of seconds > 0 (the watchdog of a hung decoder)")
+        if not (math.isfinite(self.batch_timeout_s) and self.batch_timeout_s >= 0):
+            bad("batch_timeout_s", "must be a finite number of seconds >= 0 (0 = no timeout)")
         if self.tokenizer not in TOKENIZERS:
             hf_tokenizer_file(self.tokenizer)  # a Hugging Face tokenizer directory, or a ValueError naming it
         if self.label_ignore_index >= 0:   # data/video_stream.py sets such labels to 0 and keeps them in the loss

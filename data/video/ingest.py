@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -88,8 +89,8 @@ class IngestOptions:
             raise ValueError(f"IngestOptions.shard_size_mb = {self.shard_size_mb}: must be > 0")
         if self.workers < 1:
             raise ValueError(f"IngestOptions.workers = {self.workers}: must be >= 1")
-        if self.timeout_s <= 0:
-            raise ValueError(f"IngestOptions.timeout_s = {self.timeout_s}: must be > 0")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"IngestOptions.timeout_s = {self.timeout_s}: must be a finite number of seconds > 0")
         if not 0 < self.proxy_fps <= 60:
             raise ValueError(f"IngestOptions.proxy_fps = {self.proxy_fps}: must be in (0, 60]")
         if self.proxy_short_side < 28:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 _HEADER = struct.Struct("<Q")
+_POLL_MAX_MS = 2 ** 31 - 1   # the most one poll() takes (a C int of milliseconds, ~24.8 days); longer waits poll again
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -49,15 +50,16 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     chunks, got = [], 0
     while got < n:
         if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
             # poll, not select: select() refuses a descriptor numbered 1024 or more, which a process that holds
             # many files, sockets or process groups gets
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            if not poller.poll(max(1, math.ceil(left * 1000))):
-                raise TimeoutError
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                if poller.poll(min(_POLL_MAX_MS, max(1, math.ceil(left * 1000)))):
+                    break
         chunk = os.read(fd, min(n - got, 1 << 20))
         if not chunk:
             return None          # EOF: the other side is gone

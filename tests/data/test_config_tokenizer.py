@@ -10,6 +10,8 @@ from data.video.tokenizer import SPECIAL_TOKENS, ByteTokenizer, Tokenizer, build
     ("max_frame_tokens", 10), ("sample_fps", 0.0), ("sample_fps", float("nan")),
     ("max_video_tokens", 100), ("decode_backend", "opencv"), ("decode_isolation", "thread"),
     ("num_workers", -1), ("max_consecutive_failures", 0), ("sample_timeout_s", 0.0),
+    # not finite: the decode child's wait raised OverflowError in the DataLoader worker at the first sample
+    ("sample_timeout_s", float("inf")), ("batch_timeout_s", float("inf")),
     ("vocab_size", 100), ("special_token_offset", 10), ("frame_jitter", 2.0), ("num_epochs", 0),
     ("pack_lookahead", 0), ("seq_len", "8192"),
     # a token id: the supervised targets equal to it were trained as token 0 (the batch maps it to 0, the mask kept)

@@ -233,6 +233,11 @@ def test_cli_refuses_an_empty_input_and_a_file_as_output(tmp_path):
     assert r.returncode == 2 and f"ingest: IngestOptions.out = '{tmp_path / 'afile'}': exists and is not a directory" \
         in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    # an endless deadline: OverflowError's traceback at the first file (the guarded child's wait cannot be infinite)
+    r = cli("--videos", vids, "--out", tmp_path / "o", "--timeout-s", "inf")
+    assert r.returncode == 2 and "ingest: IngestOptions.timeout_s = inf: must be a finite number of seconds > 0" \
+        in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("record,problem", [

@@ -63,3 +63,24 @@ def test_a_guarded_call_and_its_timeout_past_1024(high_descriptors):
         assert e.value.reason == "timeout" and worker.proc is None
     finally:
         worker.close()
+
+
+def test_a_deadline_past_one_poll_is_waited_in_several(monkeypatch):
+    """A sample_timeout_s over 2^31 ms (~24.8 days; 1e7 s, say) was passed to one poll(), which refused it
+    (OverflowError: timeout is too large) at every guarded call, so the first sample broke the DataLoader worker.
+    The wait is now polls of at most _POLL_MAX_MS, to the deadline: the call answers, and a hang still ends at its
+    deadline (shown with polls made short here, so that the deadline spans several)."""
+    import data.video.isolation as iso
+
+    worker = GuardedWorker(name="long")
+    try:
+        assert worker.call("ping", timeout_s=1e7) == worker.proc.pid
+        monkeypatch.setattr(iso, "_POLL_MAX_MS", 50)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailure) as e:
+            worker.call("_hang", timeout_s=0.5, seconds=60)
+        took = time.monotonic() - t0
+        assert e.value.reason == "timeout" and worker.proc is None
+        assert 0.5 <= took < 10, took    # at the deadline: not at the first short poll, nor the hang's 60 s
+    finally:
+        worker.close()
