@@ -14,6 +14,7 @@ attached to crash reports.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import pickle
@@ -28,6 +29,9 @@ from pathlib import Path
 
 _HEADER = struct.Struct("<Q")
 _POLL_MAX_MS = 2 ** 31 - 1   # the most one poll() takes (a C int of milliseconds, ~24.8 days); longer waits poll again
+START_TIMEOUT_S = 120.0
+"""How long a fresh child may take to start (python, numpy, the decoders' imports) before its first job's own deadline
+begins: a job's timeout_s is the job's alone."""
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -163,6 +167,14 @@ class GuardedWorker:
             if self.proc is not None:
                 self._kill()
             self._start()
+            # the child's start (about 0.5 s here, seconds on a loaded node) is not the job's: charged to its
+            # deadline, the file after a timeout or crash failed too whenever timeout_s was short, and the next,
+            # each in a fresh child (ingest rejected every later file of a worker as `timeout`)
+            self._call("_ready", START_TIMEOUT_S, {}, what="the child's start")
+        return self._call(op, timeout_s, kwargs)
+
+    def _call(self, op: str, timeout_s: float | None, kwargs: dict, what: str = ""):
+        what = what or op
         if self._log is not None:
             self._log.truncate(0)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -172,7 +184,7 @@ class GuardedWorker:
         except TimeoutError:
             self._kill()
             self.num_failures += 1
-            raise WorkerFailure("timeout", f"{op} took longer than {timeout_s:.0f} s; child killed") from None
+            raise WorkerFailure("timeout", f"{what} took longer than {timeout_s:g} s; child killed") from None
         except (BrokenPipeError, OSError):
             reply = None
         if reply is None:
@@ -185,7 +197,7 @@ class GuardedWorker:
                     sig = signal.Signals(-code).name
                 except ValueError:
                     sig = f"signal {-code}"
-            raise WorkerFailure("crashed", f"{op}: child exited ({sig or code}); log: {self._log_tail()}")
+            raise WorkerFailure("crashed", f"{what}: child exited ({sig or code}); log: {self._log_tail()}")
         status, payload = reply
         if status == "ok":
             return payload
@@ -248,6 +260,17 @@ def _op_decode(backend: str, out_path: str, fault_tag: str = "", **req) -> tuple
     return tuple(arr.shape)
 
 
+def _op_ready() -> int:
+    """The first call of a fresh child, before its first job: the decoders' imports made (the first job's deadline
+    is that job's), its pid back."""
+    for mod in ("av", "PIL.Image"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:          # a backend not installed: its jobs say so
+            pass
+    return os.getpid()
+
+
 def _op_crash() -> None:          # for tests: what a decoder segfault looks like
     os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -257,7 +280,7 @@ def _op_hang(seconds: float = 3600.0) -> None:   # for tests: a stuck decoder
 
 
 _OPS = {"inspect": _op_inspect, "inspect_image": _op_inspect_image, "decode": _op_decode,
-        "decode_image": _op_decode_image, "ping": lambda: os.getpid(),
+        "decode_image": _op_decode_image, "ping": lambda: os.getpid(), "_ready": _op_ready,
         "_crash": _op_crash, "_hang": _op_hang}
 
 

@@ -110,3 +110,29 @@ def test_mpeg_ts_with_b_frames_decodes_the_frames_asked_for(tmp_path):
     for idx in ([0, 3, 7, 11], [3, 13, 26, 40, 47], [12, 24, 36], list(range(0, 48, 5))):
         frames = decode_frames("pyav", DecodeRequest(path=path, indices=idx, height=64, width=96, meta=m))
         assert [read_counter(f, truth["counter_bits"]) for f in frames] == idx
+
+
+def test_a_fresh_childs_start_is_not_charged_to_the_job_after_a_timeout(videos, tmp_path, monkeypatch):
+    """After a hang is killed (or a crash), the next job runs in a fresh child. Its start (python, numpy, the
+    decoders' imports: about 0.5 s here, seconds on a loaded node) was charged to that job's deadline, so with a
+    short timeout every later job failed as `timeout` too, each in another fresh child: an ingest at --timeout-s 0.4
+    rejected every file after its first slow one, 3-12 ms files among them. The start is made slow here (a
+    sitecustomize that sleeps 1 s, on the child's PYTHONPATH), longer than the jobs' deadline."""
+    path, truth, m = videos["h264_bframes_cfr"]
+    slow = tmp_path / "slow_start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(1.0)\n")
+    monkeypatch.setenv("PYTHONPATH", str(slow))
+    w = GuardedWorker(log_dir=str(tmp_path))
+    try:
+        assert w.call("ping", timeout_s=0.5) == w.proc.pid             # the start's second is not the ping's
+        with pytest.raises(WorkerFailure) as e:
+            w.call("_hang", timeout_s=0.5, seconds=60)
+        assert e.value.reason == "timeout" and e.value.detail == "_hang took longer than 0.5 s; child killed"
+        shape = w.call("decode", timeout_s=0.5, backend="pyav", out_path=str(tmp_path / "f.rgb"),
+                       path=path, indices=[3, 4], height=56, width=84, meta=m)
+        arr = np.fromfile(tmp_path / "f.rgb", np.uint8).reshape(shape)
+        assert [read_counter(f, truth["counter_bits"]) for f in arr] == [3, 4]
+        assert w.num_starts == 2 and w.num_failures == 1
+    finally:
+        w.close()
