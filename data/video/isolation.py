@@ -29,6 +29,7 @@ from pathlib import Path
 
 _HEADER = struct.Struct("<Q")
 _POLL_MAX_MS = 2 ** 31 - 1   # the most one poll() takes (a C int of milliseconds, ~24.8 days); longer waits poll again
+_PARENT_ENV = "KEYE_GUARD_PARENT_PID"   # the process that starts a child, for its _die_with_parent
 START_TIMEOUT_S = 120.0
 """How long a fresh child may take to start (python, numpy, the decoders' imports) before its first job's own deadline
 begins: a job's timeout_s is the job's alone."""
@@ -98,6 +99,7 @@ class GuardedWorker:
     def _start(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[_PARENT_ENV] = str(os.getpid())
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, "1")
         if self._log is None:
@@ -284,7 +286,27 @@ _OPS = {"inspect": _op_inspect, "inspect_image": _op_inspect_image, "decode": _o
         "_crash": _op_crash, "_hang": _op_hang}
 
 
+def _die_with_parent() -> None:
+    """Ends this child with the thread that started it (Linux's PR_SET_PDEATHSIG; elsewhere nothing is done): a
+    DataLoader worker killed outright (SIGKILL, the OOM killer), or a rank with it, while its child decoded a file
+    that hangs left the child running, orphaned, until that decode ended (never, for a decoder stuck in a loop).
+    The thread that starts a child is the one that calls it: a loader worker's main thread, or an ingest thread
+    (thread-local children, ended with their threads)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:     # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    parent = os.environ.get(_PARENT_ENV, "")
+    if parent.isdigit() and os.getppid() != int(parent):   # the parent died before the signal was asked for
+        os._exit(1)
+
+
 def _child_main() -> None:
+    _die_with_parent()
     proto_out = os.dup(1)
     os.dup2(2, 1)                      # stray prints go to the log, not the protocol
     proto_in = sys.stdin.fileno()

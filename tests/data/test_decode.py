@@ -136,3 +136,42 @@ def test_a_fresh_childs_start_is_not_charged_to_the_job_after_a_timeout(videos, 
         assert w.num_starts == 2 and w.num_failures == 1
     finally:
         w.close()
+
+
+def test_a_child_ends_with_the_process_that_started_it(tmp_path):
+    """A DataLoader worker killed outright (SIGKILL; a launch's rank 1 worker, in tests/dist/test_data_workers.py's
+    way) while its guarded child decoded a file that hangs: the child stayed, orphaned, until its decode ended
+    (3600 s for KEYE_DECODE_FAULT=hang). It now dies with its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = ("import sys\n"
+              "from data.video.isolation import GuardedWorker\n"
+              "w = GuardedWorker()\n"
+              "print(w.call('ping', timeout_s=60), flush=True)\n"
+              "w.call('_hang', timeout_s=600, seconds=60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(0.5)                       # the hang has begun
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while Path(f"/proc/{child}").exists() and time.time() < deadline:
+            if Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break                         # dead, waiting for init to reap it
+            time.sleep(0.1)
+        alive = Path(f"/proc/{child}").exists() and \
+            Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    if alive:
+        os.kill(child, signal.SIGKILL)        # this test's own orphan
+    assert not alive, f"the guarded child {child} outlived its parent by 10 s"
