@@ -773,7 +773,22 @@ class VideoPackedLoader:
     def __next__(self) -> PackedSample:
         if self._it is None:
             self._it = self._make_iter()
-        pack = next(self._it)
+        try:
+            pack = next(self._it)
+        except RuntimeError as e:
+            # torch's own words name neither the setting nor the pack ("DataLoader timed out after 3.0 seconds")
+            if not (self.cfg.batch_timeout_s > 0 and str(e).startswith("DataLoader timed out")):
+                raise
+            self.close()
+            at = self.position()
+            keys = at.get("keys", [])
+            raise RuntimeError(
+                f"video loader: rank {self.dp_rank}: no packed sequence from its DataLoader workers within "
+                f"data.video.batch_timeout_s = {self.cfg.batch_timeout_s:g} s; the one awaited: epoch {at['epoch']} "
+                f"pack {at['pack']}{' of ' + at['source'] if 'source' in at else ''} (its samples: "
+                f"{', '.join(keys[:8])}{f', +{len(keys) - 8} more' if len(keys) > 8 else ''}). Each sample's decode may take up to "
+                f"data.video.sample_timeout_s = {self.cfg.sample_timeout_s:g} s before it is left out: set "
+                f"batch_timeout_s above a pack's decode time, or 0 to wait for the workers") from e
         self._consumed += 1
         self._account(pack)
         return pack

@@ -96,6 +96,25 @@ def test_segfault_and_hang_cost_one_sample_each(shard_dir, tmp_path, monkeypatch
         loader.close()
 
 
+def test_the_batch_timeout_names_the_setting_and_the_pack(shard_dir, tmp_path, monkeypatch):
+    """data.video.batch_timeout_s shorter than a hung sample's decode: the error was torch's "DataLoader timed out
+    after 1.0 seconds", which names neither the setting nor the pack the rank waited for."""
+    d = _broken_shards(shard_dir, tmp_path / "s", n_good=1, bad=[], extra_good_tags=["hangme"])
+    cfg = small_cfg(d, tmp_path, shuffle=False, num_workers=1, sample_timeout_s=30.0, batch_timeout_s=1.0,
+                    decode_isolation="process")
+    monkeypatch.setenv("KEYE_DECODE_FAULT", "hang:hangme")
+    loader = VideoPackedLoader(cfg, seed=0)
+    want = loader.position()
+    assert any(k.endswith("/hangme") for k in want["keys"]), want
+    with pytest.raises(RuntimeError) as e:
+        next(loader)
+    loader.close()
+    msg = str(e.value)
+    assert msg.startswith("video loader: rank 0: no packed sequence from its DataLoader workers within "
+                          "data.video.batch_timeout_s = 1 s; the one awaited: epoch 0 pack 0 ("), msg
+    assert "shard-000000.tar/hangme" in msg and "data.video.sample_timeout_s = 30 s" in msg, msg
+
+
 def test_consecutive_failures_abort_with_message(shard_dir, tmp_path):
     d = _broken_shards(shard_dir, tmp_path / "s", n_good=0, bad=BAD[:4])
     cfg = small_cfg(d, tmp_path, shuffle=False, max_consecutive_failures=3, decode_isolation="inline")
