@@ -141,6 +141,8 @@ def decode_decord(req: DecodeRequest) -> np.ndarray:
     try:
         vr = decord.VideoReader(req.path, ctx=decord.cpu(0), width=req.width, height=req.height,
                                 num_threads=req.threads)
+    except MemoryError:          # not the file's fault: the child's (isolation.py, out_of_memory)
+        raise
     except Exception as e:      # decord raises its own DECORDError (a RuntimeError subclass)
         raise DecodeError("open_failed", f"decord: {str(e)[-300:]}") from None
     n = len(vr)
@@ -148,6 +150,8 @@ def decode_decord(req: DecodeRequest) -> np.ndarray:
         raise DecodeError("short_video", f"decord sees {n} frames, frame {req.indices[-1]} requested")
     try:
         arr = vr.get_batch(req.indices).asnumpy()
+    except MemoryError:          # not the file's fault: the child's (isolation.py, out_of_memory)
+        raise
     except Exception as e:
         raise DecodeError("decode_error", f"decord: {str(e)[-300:]}") from None
     finally:
@@ -201,6 +205,8 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
     try:
         container, st = open_stream()
     except DecodeError:
+        raise
+    except MemoryError:          # not the file's fault: the child's (isolation.py, out_of_memory)
         raise
     except Exception as e:
         raise DecodeError("open_failed", f"pyav: {str(e)[:300]}") from None
@@ -306,6 +312,8 @@ def decode_torchcodec(req: DecodeRequest) -> np.ndarray:
             raise DecodeError("short_video", f"torchcodec sees {n} frames")
         data = dec.get_frames_at(indices=list(req.indices)).data          # [k, h, w, 3] uint8
     except DecodeError:
+        raise
+    except MemoryError:          # not the file's fault: the child's (isolation.py, out_of_memory)
         raise
     except Exception as e:
         raise DecodeError("decode_error", f"torchcodec: {str(e)[:300]}") from None

@@ -55,7 +55,7 @@ def _open(src, what: str, draft: tuple[int, int] | None = None):
             img.draft("RGB", (dw, dh))
         img.load()                                 # the whole file: a truncated one fails here
         oriented = ImageOps.exif_transpose(img)
-    except ImageError:
+    except (ImageError, MemoryError):           # a MemoryError is not the file's: isolation.py's out_of_memory
         raise
     except Image.DecompressionBombError as e:
         raise ImageError("too_large", f"{what}: {e}") from None

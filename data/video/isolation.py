@@ -323,6 +323,8 @@ def _child_main() -> None:
             result = ("ok", _OPS[op](**kwargs))
         except (DecodeError, ProbeError, ImageError) as e:
             result = ("err", (e.reason, e.detail))
+        except MemoryError as e:       # the job needed more memory than this child could have: not the file's fault
+            result = ("err", ("out_of_memory", f"{op}: MemoryError {str(e)[:200]}".strip()))
         except Exception as e:         # anything else: report it, keep serving
             result = ("err", ("exception", f"{type(e).__name__}: {str(e)[:500]}"))
         _write_msg(proto_out, result)

@@ -466,6 +466,8 @@ class FrameSource:
                 out.append(decode_member(**req))
             except ImageError as e:
                 raise SampleFailure(e.reason, e.detail) from None
+            except MemoryError as e:     # not the file's fault (as the guarded child reports it)
+                raise SampleFailure("out_of_memory", f"{req['what']}: MemoryError {str(e)[:200]}".strip()) from None
         return out
 
     def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
@@ -528,6 +530,8 @@ class FrameSource:
             return decode_frames(self.cfg.decode_backend, DecodeRequest(**req))
         except DecodeError as e:
             raise SampleFailure(e.reason, e.detail) from None
+        except MemoryError as e:         # not the file's fault (as the guarded child reports it)
+            raise SampleFailure("out_of_memory", f"decode: MemoryError {str(e)[:200]}".strip()) from None
         except TimeoutError:
             raise SampleFailure("timeout", f"decode took longer than {self.cfg.sample_timeout_s} s") from None
         finally:

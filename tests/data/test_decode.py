@@ -175,3 +175,34 @@ def test_a_child_ends_with_the_process_that_started_it(tmp_path):
     if alive:
         os.kill(child, signal.SIGKILL)        # this test's own orphan
     assert not alive, f"the guarded child {child} outlived its parent by 10 s"
+
+
+def test_a_decode_out_of_memory_is_not_called_a_broken_file(tmp_path):
+    """A 2^28-pixel image (16384 x 16384, the most ingest accepts) decoded in a child short of memory (its address
+    space capped at what it holds plus 100 MB, with prlimit; the decode needs 256 MB): Pillow's MemoryError was
+    reported as the file's `decode_error`, so ingest recorded a good image as broken and its reruns skipped it. It is
+    `out_of_memory` now, the file not blamed, and the child serves on."""
+    import resource
+    from pathlib import Path
+
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    a = np.zeros((1 << 14, 1 << 14), np.uint8)
+    a[::97] = 255
+    Image.fromarray(a).save(big, compress_level=1)
+    del a
+    w = GuardedWorker(log_dir=str(tmp_path))
+    try:
+        assert w.call("inspect_image", timeout_s=120, path=str(big))["width"] == 1 << 14   # with memory: accepted
+        pid = w.call("ping", timeout_s=30)
+        status = Path(f"/proc/{pid}/status").read_text()
+        held = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmSize:"))) << 10
+        resource.prlimit(pid, resource.RLIMIT_AS, (held + (100 << 20), resource.RLIM_INFINITY))
+        with pytest.raises(WorkerFailure) as e:
+            w.call("inspect_image", timeout_s=120, path=str(big))
+        assert e.value.reason == "out_of_memory" and e.value.detail.startswith("inspect_image: MemoryError"), \
+            (e.value.reason, e.value.detail)
+        assert w.call("ping", timeout_s=30) == pid      # the same child serves on
+    finally:
+        w.close()
