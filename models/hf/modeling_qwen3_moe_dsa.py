@@ -40,7 +40,8 @@ Both give each query's softmax over its selected keys. It is a reference impleme
 fast kernel: the trainer's Triton kernels are in kernels/dsa.
 Generation keeps each DSA layer's index keys in transformers' cache (its `indexed_attention` layers, which also
 reorder them for beam search); on a transformers without them (or a cache built without the config), beside the
-cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them.
+cache, where beam search reorders them through the model's _reorder_cache and a cropped cache crops them. A static
+cache (preallocated) returns its whole buffer: a layer reads the keys it holds so far, its first ones.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import cache_utils
+from transformers import cache_utils, masking_utils
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeAttention,
     Qwen3MoeForCausalLM,
@@ -226,7 +227,10 @@ class Qwen3MoeDSAAttention(Qwen3MoeAttention):
         q_idx, w_idx, k_idx = self.indexer(hidden_states, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-            k_idx = _cached_index_keys(cache, self.layer_idx, k_idx, k.shape[2])
+            # the keys cached so far: a static cache returns its whole buffer, of which they are the first
+            filled = int(cache.get_seq_length(self.layer_idx))
+            k, v = k[:, :, :filled], v[:, :, :filled]
+            k_idx = _cached_index_keys(cache, self.layer_idx, k_idx, filled)[:, :filled]
         out = self._sparse_attention(q, k, v, q_idx, w_idx, k_idx, attention_mask)
         return self.o_proj(out.reshape(b, s, -1)), None
 
@@ -330,6 +334,13 @@ class Qwen3MoeDSAForCausalLM(Qwen3MoeForCausalLM):
         super().__init__(config)
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeDSAAttention(config, l)
+
+    def create_masks_for_generate(self, *args, **kwargs):
+        """generate()'s mask for a cache it compiles for (a static one): transformers' masks, one per layer type of
+        the config, of which the DSA layers' (a causal mask, never skipped) serves every layer, as Qwen3-MoE's model
+        takes one mask."""
+        masks = masking_utils.create_masks_for_generate(*args, **kwargs)
+        return masks.get("indexed_attention", masks.get("full_attention")) if isinstance(masks, dict) else masks
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
         """Beam search's reordering of the cache (transformers calls this where a model defines it): the cache's own

@@ -193,6 +193,29 @@ def test_beam_search_and_a_cropped_cache_keep_the_index_keys_in_step(model):
             assert _close(out, full[:1, 15:].expand(2, -1, -1))
 
 
+@torch.no_grad()
+def test_generation_with_a_static_cache_gives_the_full_forward(model):
+    """generate(cache_implementation="static"), the preallocated cache torch.compile wants: its layers return their
+    whole buffer (the rows not yet filled too) and generate() builds one mask per layer type of the config. From a
+    left-padded batch of two prompts longer than the top-k, every token is the argmax of a forward over its prefix
+    without a cache, and each row's tokens are those generated from its prompt alone."""
+    g = torch.Generator().manual_seed(7)
+    long, short = torch.randint(1, model.config.vocab_size, (1, 30), generator=g), \
+        torch.randint(1, model.config.vocab_size, (1, 12), generator=g)
+    pad = 30 - 12
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :pad] = 0
+    new = 8
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                         cache_implementation="static")
+    assert out.shape == (2, 30 + new)
+    for row, prompt in ((0, long), (1, short)):
+        alone = torch.cat([prompt, out[row:row + 1, 30:]], dim=1)
+        for i in range(prompt.shape[1], alone.shape[1]):  # each token: the uncached forward's argmax at its prefix
+            assert model(input_ids=alone[:, :i], use_cache=False).logits[0, -1].argmax().item() == alone[0, i].item()
+
+
 def test_padded_batch_rows_are_the_rows_alone(model):
     """A left-padded row of a batch (attention_mask 0 on its padding) gives the logits of the same tokens run alone:
     the indexers never select a padding key. Chunking the queries (3 per chunk) changes nothing."""
