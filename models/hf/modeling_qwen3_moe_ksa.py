@@ -346,6 +346,11 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(f"a KSA model's cache grows by the summary tokens it inserts between the text's, and "
+                             f"this one ({type(cache).__name__}) is preallocated (as generate()'s "
+                             "cache_implementation='static' makes one, sized for the text): use a DynamicCache, "
+                             "generate()'s default")
         b, t = input_ids.shape
         dev = input_ids.device
         # the call's mask and positions on the host, in one copy: the layout is planned there

@@ -175,6 +175,22 @@ def test_generation_with_and_without_cache(model):
 
 
 @torch.no_grad()
+def test_a_preallocated_cache_is_refused_naming_the_remedy(model):
+    """A static cache (generate()'s cache_implementation="static", or one passed in) is preallocated, for the text
+    tokens alone in generate(), while the interleaved sequence grows by the summaries: refused with a ValueError
+    naming the cache and the remedy, before any of it is written, not a shape error from inside a layer."""
+    from transformers.cache_utils import StaticCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"this one \(StaticCache\) is preallocated .* use a DynamicCache"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with pytest.raises(ValueError, match=r"this one \(StaticCache\) is preallocated"):
+        model(input_ids=ids, **{CACHE: cache}, use_cache=True)
+    assert cache.get_seq_length() == 0
+
+
+@torch.no_grad()
 def test_padded_rows_run_as_alone(model):
     """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
     also a token at a time after a prompt in the cache, when the rows complete their chunks at different steps;
