@@ -565,6 +565,16 @@ def main(argv=None) -> int:
             model_file(args.model)
         if args.cmd == "export":   # weights the export would delete: before any group or file is made
             check_export_dir(args.out_dir, overwrite=args.overwrite)
+        if args.cmd == "verify" or getattr(args, "verify", False):  # the reference's code: rank 0 alone runs it, so
+            # a refusal there would leave the other ranks waiting for its logits
+            from models.hf.verify import check_modeling_current
+
+            try:
+                config = json.loads(Path(args.hf_dir, "config.json").read_text())
+            except ValueError:  # not JSON: the reading below names the file
+                config = None
+            if isinstance(config, dict):
+                check_modeling_current(args.hf_dir, config)
     except ValueError as e:
         print(f"convert {args.cmd}: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,17 @@ def fixed_input_ids(vocab_size: int, *, batch: int = 2, seq: int = 32, seed: int
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
 
 
+def check_modeling_current(hf_dir: str | os.PathLike, config: dict | None = None) -> None:
+    """ValueError unless a DSA or KSA model's directory carries this version's code for it and its auto_map (the code
+    transformers runs as the reference); a dense model's directory passes. `config`: its config.json, if read."""
+    from models.hf.qwen3_moe import modeling_is_current
+
+    if not modeling_is_current(hf_dir, config):
+        raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers, but the directory lacks this version's code "
+                         "for them or its auto_map (an older export?): `python launch/convert.py code "
+                         f"{hf_dir}` writes it")
+
+
 @torch.no_grad()
 def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
     """transformers on the checkpoint, fp32, eager attention: [b, s, V]. A DSA or KSA model's directory (config.json
@@ -37,14 +48,12 @@ def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dens
 
     from transformers import AutoModelForCausalLM
 
-    from models.hf.qwen3_moe import modeling_is_current, modeling_variant
+    from models.hf.qwen3_moe import modeling_variant
 
     config = json.loads(Path(hf_dir, "config.json").read_text())
     own = modeling_variant(config) is not None and not dense  # the directory's own code
-    if own and not modeling_is_current(hf_dir, config):
-        raise ValueError(f"{hf_dir}: config.json names DSA or KSA layers, but the directory lacks this version's code "
-                         "for them or its auto_map (an older export?): `python launch/convert.py code "
-                         f"{hf_dir}` writes it")
+    if own:
+        check_modeling_current(hf_dir, config)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
                                                  trust_remote_code=own)
     model.eval()

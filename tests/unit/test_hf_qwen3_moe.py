@@ -777,6 +777,29 @@ def test_an_older_export_gets_this_versions_code(hf, tmp_path, capsys):
         q.modeling_variant({"dsa_layers": [0], "ksa_layers": [1]})
 
 
+def test_verify_refuses_an_older_export_before_any_process_group(hf, tmp_path, capsys, monkeypatch):
+    """`convert verify` (and `import --verify`) of a DSA or KSA export that carries older code stop with the command
+    that mends it (exit 2) before the model or any process group is built: rank 0 alone runs transformers' reference,
+    so under torchrun the refusal from there left the other ranks waiting for its logits until killed."""
+    convert = _convert_module()
+
+    def built(*a, **k):
+        raise AssertionError("the model was built (and its process groups made) before the directory was checked")
+
+    monkeypatch.setattr(convert, "build_model", built)
+    for variant, make in (("ksa", _with_ksa), ("dsa", _with_indexers)):
+        d = make(hf["single"], tmp_path / variant, [1])
+        name = q.MODELING[variant][0].name
+        (d / name).write_text((d / name).read_text() + "# an older version\n")
+        for argv in (["verify", str(d)], ["import", str(d), str(tmp_path / f"{variant}_out"), "--verify"]):
+            assert convert.main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"convert {argv[0]}: {d}: config.json names DSA or KSA layers, but the directory lacks this " \
+                   f"version's code for them or its auto_map (an older export?): `python launch/convert.py code {d}` " \
+                   "writes it" in err, err
+        assert not (tmp_path / f"{variant}_out").exists()
+
+
 def test_import_and_verify_name_a_directory_that_holds_no_checkpoint(hf, tmp_path, capsys):
     """`convert import` / `verify` of a directory without config.json stop with the directory named (exit 2), as
     `import-vision` and `code` do, before any process group or output directory exists."""
