@@ -31,7 +31,8 @@ column that no query of its row sees (it is masked like padding). `cache.ksa_own
 cached column's index in its row's interleaved sequence (-1 at a hole), on the device, and `cache.ksa_columns` (on
 the host) the column of each row's indices; a cache without them holds rows without holes. A padded batch's first
 call (nothing cached) runs each row alone and merges their caches, so the prompts' padding costs no compute. Each
-call's layout is planned on the host (numpy) and sent to the device in one copy.
+call's layout is planned on the host (numpy) and sent to the device in one copy. Assisted decoding crops the cache by
+the text tokens it rejects: while it runs, the cache's crop counts text tokens (their summaries go with them).
 A KSA layer's queries run in blocks, and a block attends over the keys it may see alone (key_blocks): the summaries
 of the chunks before its window's, then its window's and its own columns; the mask picks each query's among those.
 So a query's cost grows with the summaries (one chunk's S in C + S tokens) and the window, not with every key. A
@@ -305,6 +306,35 @@ class Qwen3MoeKSAForCausalLM(Qwen3MoeForCausalLM):
             cache.ksa_columns = [columns[i] for i in beam_idx.tolist()]
             cache.ksa_own = own[beam_idx.to(own.device)]
         return cache
+
+    def _assisted_decoding(self, input_ids, *args, **model_kwargs):
+        """transformers' assisted decoding (prompt lookup, an assistant model) crops the cache by the candidate tokens
+        it rejects, counted in text tokens, while the cache holds the interleaved sequence: meanwhile the cache's crop
+        counts text tokens, and the summaries of the chunks that the rejected tokens completed go with them."""
+        cache = model_kwargs.get(CACHE_KEY)
+        if not isinstance(cache, DynamicCache):
+            return super()._assisted_decoding(input_ids, *args, **model_kwargs)
+        crop = type(cache).crop
+        cache.crop = lambda max_length: crop(cache, self._text_crop(cache, max_length))
+        try:
+            return super()._assisted_decoding(input_ids, *args, **model_kwargs)
+        finally:
+            del cache.crop
+
+    def _text_crop(self, cache, max_length: int) -> int:
+        """The columns' crop (<= 0: minus the cached columns to drop) for a crop counted in text tokens (max_length
+        <= 0 drops -max_length from the end, as transformers 5.2x crops; > 0 keeps that many): the cache keeps the
+        text tokens kept and the summaries of the chunks they complete. One row (as assisted decoding runs)."""
+        own = getattr(cache, "ksa_own", None)
+        if own is not None and own.shape[0] != 1:
+            raise ValueError(f"a crop counted in text tokens takes a cache of one row, and this one holds "
+                             f"{own.shape[0]}")
+        chunk, num_summary = int(self.config.ksa_chunk), int(self.config.ksa_num_summary)
+        columns = self._cached_layout(cache, 1, None if own is None else own.device)[1][0]
+        text = cached_text_tokens(columns.size, chunk, num_summary)
+        keep = max(0, text + max_length) if max_length <= 0 else min(max_length, text)
+        seq = keep + (keep // chunk) * num_summary  # its interleaved tokens
+        return (int(columns[seq - 1]) + 1 if seq else 0) - cache.get_seq_length()
 
     @staticmethod
     def _cached_layout(cache, b: int, device) -> tuple[torch.Tensor, list[np.ndarray]]:

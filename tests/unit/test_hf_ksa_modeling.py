@@ -191,6 +191,24 @@ def test_a_preallocated_cache_is_refused_naming_the_remedy(model):
 
 
 @torch.no_grad()
+def test_assisted_decoding_drops_the_rejected_tokens_summaries(model, monkeypatch):
+    """Prompt lookup (transformers' assisted decoding) proposes the tokens that followed the prompt's last n-gram
+    before, runs them in one call and crops the cache by those it rejects, counted in text tokens, while the cache
+    holds their chunks' summaries too: it gives the tokens of generate() without a cache. The prompt repeats an
+    earlier greedy run, so candidates are accepted and rejected, and crops drop columns."""
+    from transformers.cache_utils import DynamicCache
+
+    g = torch.Generator().manual_seed(5)
+    start = torch.randint(0, model.config.vocab_size, (1, 6), generator=g)
+    ids = torch.cat([model.generate(start, max_new_tokens=30, do_sample=False), start], dim=1)
+    want = model.generate(ids, max_new_tokens=24, do_sample=False, use_cache=False)
+    crops, crop = [], DynamicCache.crop
+    monkeypatch.setattr(DynamicCache, "crop", lambda self, n: crops.append(n) or crop(self, n))
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=5), want)
+    assert any(n < 0 for n in crops), crops
+
+
+@torch.no_grad()
 def test_padded_rows_run_as_alone(model):
     """A left-padded batch: each row gives the logits of its tokens run alone (its chunks start at its first token),
     also a token at a time after a prompt in the cache, when the rows complete their chunks at different steps;
