@@ -19,9 +19,10 @@ measured and written into `<key>.json` beside the video in the shard (see `probe
 H.264) and the original's metadata is kept under "source". Files that fail go to `rejects.jsonl`
 with a reason; ingest never stops on one file.
 
-Resumable: `ingest_manifest.jsonl` gets one line per *completed* shard (written after the tar and
-its index are in place) and `rejects.jsonl` one line per rejected file. A rerun skips both, deletes
-shard files that no completed line accounts for (an interrupted shard), and continues numbering.
+Resumable: `ingest_settings.json` records the options before anything else is written, `ingest_manifest.jsonl`
+gets one line per *completed* shard (written after the tar and its index are in place) and `rejects.jsonl` one
+line per rejected file. A rerun skips both, deletes shard files that no completed line accounts for (an interrupted
+shard), and continues numbering. An --out that holds other files and none of these is refused.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read
 MANIFEST = "ingest_manifest.jsonl"
 REJECTS = "rejects.jsonl"
 SUMMARY = "dataset.json"
+SETTINGS = "ingest_settings.json"
+RECORDS = (SETTINGS, MANIFEST, REJECTS, SUMMARY)    # an --out holding one of them is an ingest's
 
 
 @dataclass
@@ -85,6 +88,13 @@ class IngestOptions:
             raise ValueError(f"IngestOptions.annotations = {self.annotations!r}: no such file")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"IngestOptions.out = {self.out!r}: exists and is not a directory")
+        held = sorted(os.listdir(self.out)) if os.path.isdir(self.out) else []
+        if held and not any(name.removesuffix(".tmp") in RECORDS for name in held):
+            # a resume deletes the shard-* files no manifest line accounts for, and numbers its own from 0
+            raise ValueError(f"IngestOptions.out = {self.out!r}: holds {len(held)} files or folders (e.g. "
+                             f"{', '.join(held[:3])}) and none of an ingest's records ({', '.join(RECORDS)}): an "
+                             "ingest there would delete its shard-* files and write its own among the rest. Give a "
+                             "new or empty folder, or the --out of an earlier ingest to resume it")
         if self.shard_size_mb <= 0:
             raise ValueError(f"IngestOptions.shard_size_mb = {self.shard_size_mb}: must be > 0")
         if self.workers < 1:
@@ -165,13 +175,23 @@ def _shaping_settings(options: dict) -> dict:
     return {k: options.get(k) for k in keys}
 
 
+def _options(opts: IngestOptions) -> dict:
+    """An ingest's options as its records keep them (dataset.json's and ingest_settings.json's `options`)."""
+    return {k: v for k, v in asdict(opts).items() if k not in ("progress",)}
+
+
 def check_same_settings(out: Path, opts: IngestOptions) -> None:
-    """SettingsDiffer when `out` holds an ingest (its dataset.json) made with other settings for what a sample holds:
-    a rerun resumes, it skips every sample already stored, so those would keep the earlier settings while dataset.json
+    """SettingsDiffer when `out` holds an ingest (its ingest_settings.json, written before its first shard, or the
+    dataset.json of one made before that file existed) made with other settings for what a sample holds: a rerun
+    resumes, it skips every sample already stored, so those would keep the earlier settings while dataset.json
     recorded the new ones (and the samples still to do would be stored the new way)."""
-    try:
-        before = json.loads((out / SUMMARY).read_text()).get("options", {})
-    except FileNotFoundError:
+    for name in (SETTINGS, SUMMARY):
+        try:
+            before = json.loads((out / name).read_text()).get("options", {})
+            break
+        except FileNotFoundError:
+            continue
+    else:
         return
     old, new = _shaping_settings(before), _shaping_settings(asdict(opts))
     if old != new:
@@ -465,6 +485,8 @@ def ingest(opts: IngestOptions) -> dict:
     out = Path(opts.out)
     check_same_settings(out, opts)
     out.mkdir(parents=True, exist_ok=True)
+    # before any shard or reject: what a rerun checks its settings against, should this one be cut off
+    write_json_atomic(out / SETTINGS, {"schema": SCHEMA, "options": _options(opts)})
     manifest_path, rejects_path = str(out / MANIFEST), str(out / REJECTS)
 
     # ---- what is already done ----
@@ -687,7 +709,7 @@ def ingest(opts: IngestOptions) -> dict:
                      "videos_per_s": round(sum(k == "video" for k, _ in todo) / elapsed, 3) if elapsed > 0 else None,
                      "samples_per_s": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
                      "gb_per_s": round(stats["bytes_in"] / elapsed / 1e9, 6) if elapsed > 0 else None},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
+        "options": _options(opts),
     }
     write_json_atomic(out / SUMMARY, summary)
     return summary

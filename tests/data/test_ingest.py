@@ -525,3 +525,60 @@ def test_a_rerun_with_other_settings_for_the_stored_samples_is_refused(tmp_path)
     assert (out / "dataset.json").read_text() == before
     r = cli("--scene-similarity", "0.8", "--retry-rejects")    # the same settings for what is stored: it resumes
     assert r.returncode == 0 and "1 already done" in r.stdout, r.stderr
+
+
+def _ingest_cli(vids: Path, out: Path, *args) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(vids), "--out", str(out),
+                           "--workers", "1", "--no-progress", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(root)), timeout=120)
+
+
+def test_an_out_folder_that_holds_no_ingest_is_refused(tmp_path):
+    """An --out holding other files and none of an ingest's records: a resume deletes the shard-* files no manifest
+    line accounts for, so a folder of someone's own shards lost them (and got ours, numbered from 0, among the rest).
+    It stops now, naming the folder, and leaves it as it was; an empty folder is still written."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    write_video(vids / "a.mp4", VideoSpec(n_frames=8, width=64, height=48, fps=8, seed=1))
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"their shard")
+    (out / "notes.txt").write_text("their notes")
+    r = _ingest_cli(vids, out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert (f"ingest: IngestOptions.out = {str(out)!r}: holds 2 files or folders (e.g. notes.txt, shard-000000.tar) "
+            "and none of an ingest's records") in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-000000.tar"]
+    assert (out / "shard-000000.tar").read_bytes() == b"their shard"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _ingest_cli(vids, empty)
+    assert r.returncode == 0 and "1 videos accepted" in r.stdout, r.stderr
+
+
+def test_an_ingest_cut_off_before_its_summary_keeps_its_settings_for_the_rerun(tmp_path, monkeypatch):
+    """An ingest stopped after its first shard, before dataset.json: the rerun's settings check read dataset.json
+    alone, so a rerun with --proxy resumed it (exit 0), the first shard's samples stored without a proxy and the rest
+    with one. The settings are recorded before the first shard now, and the rerun stops naming them."""
+    from data.video import ingest as ingest_mod
+
+    vids, _ = make_synthetic_videos(tmp_path, 3, seed=5, max_seconds=2.0)
+    out = tmp_path / "out"
+    append = ingest_mod._append_jsonl
+
+    def cut_after_first_shard(path, rec):
+        append(path, rec)
+        if path.endswith(ingest_mod.MANIFEST):
+            raise KeyboardInterrupt   # the process stopped here (a kill, a lost node)
+
+    monkeypatch.setattr(ingest_mod, "_append_jsonl", cut_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(IngestOptions(videos=str(vids), out=str(out), shard_size_mb=0.001, workers=1, progress=False))
+    assert len((out / "ingest_manifest.jsonl").read_text().splitlines()) == 1 and not (out / "dataset.json").exists()
+    r = _ingest_cli(vids, out, "--shard-size-mb", "0.001", "--proxy")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"ingest: {out} holds an ingest made with other settings (--proxy False there, True here)" in r.stderr
+    assert len((out / "ingest_manifest.jsonl").read_text().splitlines()) == 1
+    r = _ingest_cli(vids, out, "--shard-size-mb", "0.001")     # the same settings: it resumes
+    assert r.returncode == 0 and "2 videos accepted" in r.stdout and "1 already done" in r.stdout, r.stderr
