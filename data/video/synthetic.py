@@ -12,6 +12,7 @@ ingest and decode paths must survive.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 COUNTER_BAND = 1.0 / 6.0      # fraction of the (displayed) height used by the counter band
+log = logging.getLogger(__name__)
+
 SYNTHETIC_SCENE_SIMILARITY = 0.8   # ingest's scene similarity for these clips (make_synthetic_shards says why)
 WHITE, BLACK = 235, 16
 
@@ -305,7 +308,7 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    records = []
+    records, capped = [], []
     for i in range(n_videos):
         w, h = sizes[int(rng.integers(len(sizes)))]
         fps = float(fps_choices[int(rng.integers(len(fps_choices)))])
@@ -314,8 +317,16 @@ def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int =
         spec = VideoSpec(n_frames=n_frames, width=w, height=h, fps=fps, codec=codec, seed=seed * 100003 + i,
                          scenes=min(scenes, n_frames // 4))
         rel = f"clip_{i:05d}.mp4"
+        if spec.scenes < scenes:
+            capped.append((rel, n_frames, spec.scenes))
         truth = write_video(vdir / rel, spec)
         records.append(annotation_for(rel, truth))
+    if capped:
+        rel, frames, got = capped[0]
+        log.warning("synthetic videos: %d still scenes asked (--scenes, data.synthetic_scenes), but a scene takes at "
+                    "least 4 frames: %d of %d clips are too short and have fewer (%s: %d frames, %d scenes%s); clips "
+                    "of at least %d frames (min_seconds, --min-seconds) hold them all", scenes, len(capped), n_videos,
+                    rel, frames, got, f"; fewest {min(c[2] for c in capped)}" if len(capped) > 1 else "", 4 * scenes)
     records += [write_image(vdir / f"img_{i:05d}", i, seed) for i in range(n_images)]
     records += [image_set_record(vdir, j, seed) for j in range(n_image_sets)]
     records += text_records(n_text, seed, held_out_from=text_held_out_from)

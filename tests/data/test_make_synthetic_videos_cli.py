@@ -39,3 +39,28 @@ def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "f"), "--n", "1"])
     assert e.value.code == 2 and f"--out {tmp_path / 'f'}: exists and is not a directory" in capsys.readouterr().err
+
+
+def test_more_scenes_than_a_clip_holds_are_named(tmp_path, caplog):
+    """A still scene takes at least 4 frames, so a clip of n frames holds n // 4 scenes: --scenes above that was
+    capped without a word. The warning names how many clips got fewer, the first one's frames and scenes, and the
+    length that holds them all; the frame counts are the decoded clips'."""
+    K = 5
+    with caplog.at_level("WARNING", logger="data.video.synthetic"):
+        assert main(["--out", str(tmp_path / "s"), "--n", "4", "--scenes", str(K), "--min-seconds", "1",
+                     "--max-seconds", "1.5"]) == 0
+    frames = {}
+    for p in sorted((tmp_path / "s" / "videos").iterdir()):
+        with av.open(str(p)) as c:
+            frames[p.name] = sum(1 for _ in c.decode(c.streams.video[0]))
+    short = [(name, n) for name, n in frames.items() if n < 4 * K]
+    assert short, frames   # 1-1.5 s at 8-15 fps: 8 to 23 frames, 20 needed for 5 scenes
+    first, n = short[0]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert (f"{K} still scenes asked (--scenes, data.synthetic_scenes), but a scene takes at least 4 frames: "
+            f"{len(short)} of 4 clips are too short and have fewer ({first}: {n} frames, {n // 4} scenes") in warned[0]
+    assert f"clips of at least {4 * K} frames" in warned[0]
+    caplog.clear()
+    assert main(["--out", str(tmp_path / "t"), "--n", "2", "--scenes", "2", "--min-seconds", "1"]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]   # 8+ frames hold 2 scenes: nothing to say
