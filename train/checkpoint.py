@@ -363,7 +363,7 @@ def find_latest(run_dir: str | os.PathLike, *, exclude: list[str] = (),
     return None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     import random
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -373,7 +373,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     import random
 
     random.setstate(state["python"])
@@ -399,7 +399,7 @@ def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer:
         model_sd.update(sd[key])
     if with_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
-    sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    sd["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
     return sd
 
 
@@ -616,7 +616,7 @@ def load_checkpoint(ref: CheckpointRef, model_chunks, optimizer, *, dp_cp_group,
     if load_optimizer:
         optimizer.load_state_dict(state["optimizer"])
     if load_rng:
-        _set_rng_state(state["rng_state"])
+        set_rng_state(state["rng_state"])
     for k, target in targets.items():
         target.copy_(state["extra"][k])
     return state["common"]

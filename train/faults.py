@@ -12,6 +12,7 @@
                                               over ranks, its loss finite (a backward that overflowed)
     KEYE_FAULT="nan_grad_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are NaN after their reduction
                                               over ranks (the other ranks' stay finite)
+    KEYE_FAULT="data_end_in_step:step=3:rank=1"  rank 1's video data ends in step 3 (the other ranks' goes on)
 Several faults are separated by ';'. `rank` defaults to every rank, `step` to every step.
 The disk-full case needs no hook: run with the run directory on a small filesystem
 (tests/dist/test_faults.py mounts a tmpfs).
@@ -26,7 +27,8 @@ import signal
 import torch
 
 
-FAULTS = ("kill_in_save", "kill_in_step", "nan_in_step", "nan_backward_in_step", "nan_grad_in_step")
+FAULTS = ("kill_in_save", "kill_in_step", "nan_in_step", "nan_backward_in_step", "nan_grad_in_step",
+          "data_end_in_step")
 ARGUMENTS = ("step", "rank", "micro", "doc")
 
 
@@ -55,6 +57,12 @@ def check_env() -> None:
     spec = os.environ.get("KEYE_FAULT")
     if spec:
         _parse(spec)
+
+
+def planned(point: str) -> bool:
+    """Whether KEYE_FAULT names `point` at all (for any step or rank)."""
+    spec = os.environ.get("KEYE_FAULT")
+    return any(name == point for name, _ in (_parse(spec) if spec else []))
 
 
 def requested(point: str, *, step: int, rank: int) -> bool:

@@ -43,7 +43,8 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
 from train.distill import distill_losses
-from train.faults import fault_args, maybe_fail, poison_gradients, poisoned_indexers, poisoned_loss, requested
+from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
+                          requested)
 from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
                            device_peak_tflops, json_record, set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
@@ -233,6 +234,14 @@ def record_config(run_dir: str, resolved_yaml: str, step: int) -> None:
     path.write_text(resolved_yaml)
 
 
+class DataEnded(Exception):
+    """The training data of `ranks` ended in a step (every rank raises it together: Trainer._video_round)."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"the training data of rank(s) {format_runs(ranks)} ended")
+        self.ranks = ranks
+
+
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = "",
                  launched: float | None = None):
@@ -350,6 +359,10 @@ class Trainer:
         else:
             self.streams = self._text_streams(cfg.data)
         self.num_microbatches = self.streams[0].num_microbatches
+        # video data with data.video.num_epochs set ends: every round's ranks then agree whether any rank's ended
+        # (_video_round), and each step starts with what a checkpoint of the step before it holds (_loop)
+        self.data_can_end = cfg.data.kind == "video" and (cfg.data.video.num_epochs is not None
+                                                          or planned("data_end_in_step"))
         if self.exclude and self.rank == 0:
             log.info("data.exclude: %s, left out of the training data where met", self.exclude.describe())
             unmatched = self.streams[0].unmatched_exclusions
@@ -535,8 +548,8 @@ class Trainer:
                 log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
         return ref
 
-    def _common_state(self) -> dict:
-        return {"step": self.step, "data": self.streams[0].state_dict(),
+    def _common_state(self, data: dict | None = None) -> dict:
+        return {"step": self.step, "data": data if data is not None else self.streams[0].state_dict(),
                 "layout": ckpt.layout_record(self.layout),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
@@ -712,7 +725,9 @@ class Trainer:
 
         return dcp.load_common_state_dict(str(ref.path))["common"]
 
-    def _save(self, *, blocking: bool = False) -> None:
+    def _save(self, *, blocking: bool = False, data: tuple[dict, dict] | None = None) -> None:
+        """A checkpoint of the current step; `data`: the stream's state_dict() and counters() to record instead of
+        its own (those it had when the step began, once a step drew data and ended)."""
         c = self.cfg.train.checkpoint
         self._finish_saves(blocking=True)  # one save in flight at a time
         queue = None if blocking else self.async_queue
@@ -724,7 +739,7 @@ class Trainer:
             # describe an empty one; a no-op once it has stepped
             ensure_adam_state(self.optimizer)
         # the common state is the saving rank's: every data-parallel rank's own counts beside it (_data_counters)
-        common = {**self._common_state(), "data_counters": self._data_counters()}
+        common = {**self._common_state(data and data[0]), "data_counters": self._data_counters(data and data[1])}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model,
                                     self.optimizer if self.lm_trainable else None, common,
                                     keep_last=c.keep_last, keep_every=c.keep_every, dp_cp_group=self.pgs.dp_cp,
@@ -734,13 +749,13 @@ class Trainer:
         log.info("%s checkpoint %s (training blocked %.2f s)", "saved" if queue is None else "saving (async)", path,
                  timer.stop())
 
-    def _data_counters(self) -> list[dict]:
+    def _data_counters(self, own: dict | None = None) -> list[dict]:
         """Every data-parallel rank's own data counts since the run began (the stream's `counters()`: samples
         served, failed, left out, ...), by data-parallel rank, for the checkpoint: the data position is the same on
         every rank, these are not, and the metrics report their sums over the ranks. Collective over the
         data-parallel group."""
         out: list = [None] * self.pgs.dp.size()
-        dist.all_gather_object(out, self.streams[0].counters(), group=self.pgs.dp)
+        dist.all_gather_object(out, own if own is not None else self.streams[0].counters(), group=self.pgs.dp)
         return out
 
     def _finish_saves(self, *, blocking: bool) -> None:
@@ -988,8 +1003,23 @@ class Trainer:
         return [g] * (self.num_microbatches // g) if g else [self.num_microbatches]
 
     def _video_round(self, stream, n: int) -> list[dict]:
-        """A round's n micro-batches, with the vision tower's embeddings of their frames on the LM-input ranks."""
-        mbs = [next(stream) for _ in range(n)]
+        """A round's n micro-batches, with the vision tower's embeddings of their frames on the LM-input ranks.
+        DataEnded on every rank when any rank's data ended (data that can end: the ranks agree before the round's
+        first collective, which a rank without data would never reach)."""
+        ended = requested("data_end_in_step", step=self.step + 1, rank=self.rank)
+        try:
+            mbs = [] if ended else [next(stream) for _ in range(n)]
+        except StopIteration:
+            ended = True
+        if self.data_can_end:
+            flags = torch.zeros(dist.get_world_size(), device=self.device)
+            flags[self.rank] = float(ended)
+            dist.all_reduce(flags)
+            ranks = [r for r, f in enumerate(flags.tolist()) if f]
+            if ranks:
+                raise DataEnded(ranks)
+        elif ended:
+            raise StopIteration
         if self.vision is None:
             return mbs
         embeds = self.vision.forward(mbs, self.device)
@@ -1224,23 +1254,48 @@ class Trainer:
                 f.write(json_record(line) + "\n")
             self.meter.log_eval(self.step, ev)
 
+    def _data_ended(self, ranks: list[int], saved: int, began: tuple[dict, dict, dict]) -> None:
+        """The training data ended in step self.step + 1 (on `ranks`; every rank is here): with checkpoints on, the
+        steps trained since the last checkpoint (of step `saved`) are saved first, with the data position, counts and
+        RNG state the step began with (`began`: it may have drawn some of its data, and trained nothing); then
+        SettingsError, naming the setting, the step and the checkpoint. Collective."""
+        t = self.cfg.train
+        epochs = self.cfg.data.video.num_epochs
+        where = "" if len(ranks) == dist.get_world_size() else \
+            f" (on rank{'s' if len(ranks) > 1 else ''} {format_runs(ranks)}; the other ranks' had data left)"
+        kept = ""
+        if t.checkpoint.enabled and self.step > saved:
+            self._finish_saves(blocking=True)   # an asynchronous save of an earlier step commits first
+            state, counters, rng = began
+            ckpt.set_rng_state(rng)
+            self._save(blocking=True, data=(state, counters))
+            kept = f"; the steps trained are saved: checkpoint {self._inflight[1]} (step {self.step})"
+        elif t.checkpoint.enabled and self.step:
+            self._finish_saves(blocking=True)
+            latest = ckpt.find_latest(self.run_dir)
+            kept = f"; the steps trained are in checkpoint {latest.path if latest is not None else '?'}"
+        elif self.step:
+            kept = "; checkpoints are off (train.checkpoint.enabled=false): the steps trained are not saved"
+        raise SettingsError(f"data.video.num_epochs={epochs}: the training data ended in step {self.step + 1} "
+                            f"of train.steps={t.steps}{where}, its {epochs} epoch(s) holding fewer global batches "
+                            f"than the run's steps (no weight was updated in that step){kept}. Leave "
+                            f"data.video.num_epochs unset (epochs without end)"
+                            + (f", or train at most train.steps={self.step}" if self.step else "")) from None
+
     def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
         t = self.cfg.train
         if t.eval.interval and self.step == 0:  # a fresh run: the held-out loss of the weights it starts from
             self._eval_and_log()
+        saved = start if self.resume_ref is not None else 0   # the last step a checkpoint holds
         while self.step < t.steps:
             self.profiler.before_step(self.step + 1)
+            # what a checkpoint of the last step records, should this step's data end after some of it was drawn
+            began = (self.streams[0].state_dict(), self.streams[0].counters(), ckpt.rng_state()) \
+                if self.data_can_end else None
             try:
                 stats = self.train_step()
-            except StopIteration:   # a data stream ends only after data.video.num_epochs epochs (every rank at once)
-                epochs = self.cfg.data.video.num_epochs if self.cfg.data.kind == "video" else None
-                if epochs is None:
-                    raise
-                raise SettingsError(f"data.video.num_epochs={epochs}: the training data ended in step {self.step + 1} "
-                                    f"of train.steps={t.steps}, its {epochs} epoch(s) holding fewer global batches "
-                                    f"than the run's steps (no weight was updated in that step). Leave "
-                                    f"data.video.num_epochs unset (epochs without end)"
-                                    + (f", or train at most train.steps={self.step}" if self.step else "")) from None
+            except DataEnded as e:
+                self._data_ended(e.ranks, saved, began)
             self.profiler.after_step(stats.step)
             self._finish_saves(blocking=False)
             history.append(stats)
@@ -1260,12 +1315,14 @@ class Trainer:
                 if t.checkpoint.enabled:
                     restart_checkpoint_helpers()  # a signal may have killed the old one with the process group
                     self._save(blocking=True)
+                    saved = self.step
                 if self.rank == 0:
                     stops.clear_stop_file()
                 break
             stopping = t.stop_after and self.step - start >= t.stop_after
             if t.checkpoint.enabled and (self.step % t.checkpoint.save_interval == 0 or self.step == t.steps or stopping):
                 self._save(blocking=self.step == t.steps or bool(stopping))
+                saved = self.step
             if stopping:
                 log.info("stopping after %d steps of this run (train.stop_after); rerun the same command to resume",
                          t.stop_after)
