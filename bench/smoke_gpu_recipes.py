@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cli import require_gpus  # noqa: E402
 from launch.supervise import run_torchrun  # noqa: E402
 
 
@@ -246,6 +247,8 @@ def main() -> None:
     ap.add_argument("--set", default="tiny", choices=tuple(SETS),
                     help="; ".join(f"{name}: {what}" for name, what in SETS.items()))
     args = ap.parse_args()
+    # on the CPU the tiny recipes ran for minutes each, recorded as a GPU's results
+    require_gpus(__file__, gpus=args.nproc, hint="on the CPU the tests run the recipes (tests/integration)")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     only = {c for c in args.only.split(",") if c}
