@@ -589,7 +589,10 @@ def run(dcfg: DictConfig) -> None:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             warning = check_memory(cfg, layout, torch.cuda.get_device_properties(local).total_memory)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        # every rank checks the same config against the same files and device: the first on each node says it (each
+        # rank said it, eight times over on an 8-GPU node), and every rank exits
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(cfg.resolved_run_dir(), rank, eval_only=cfg.train.eval.only)
