@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from kernels.dsa.indexer_loss import LOSS_CHUNK_BYTES
 from kernels.dsa.indexer_loss_dense import GPU_CHUNK_BYTES, GPU_KEY_SEGMENT, lse_i_segments
 from kernels.dsa.plan import PLAN_CHUNK_BYTES
-from kernels.dsa.topk import TOPK_CHUNK_BYTES
+from kernels.dsa.topk import topk_transient_bytes
 from models.config import LMConfig
 
 GIB = 1024 ** 3
@@ -196,10 +196,11 @@ def _norm(elems: float, b: int) -> float:
 # the larger is used so the estimate does not fall short for less local selections.
 DSA_UNION_SHARE = 0.75
 # transient buffers of the DSA forward's stages, one stage at a time: the top-k selector's score slab and
-# candidate lists (kernels/dsa/topk.py, 1 GiB per chunk of query blocks); the union plan's padded slots and
+# candidate lists (kernels/dsa/topk.py topk_transient_bytes: what it allocates for the shape, its chunks of query
+# blocks at most 1 GiB); the union plan's padded slots and
 # bitmaps (kernels/dsa/plan.py, 256 MiB per chunk) plus, while its packed chunks are joined, a second copy of
 # the plan; the indexer loss's fp32 head-summed P (kernels/dsa/indexer_loss.py, 256 MiB per chunk)
-# (TOPK_CHUNK_BYTES, PLAN_CHUNK_BYTES, LOSS_CHUNK_BYTES: imported from the kernels). The dense (warm-up) stage's
+# (PLAN_CHUNK_BYTES, LOSS_CHUNK_BYTES: imported from the kernels). The dense (warm-up) stage's
 # KL and its gradients in one pass (kernels/dsa/indexer_loss_dense.py): the fp32 d = softmax(I) - P / Z of one
 # chunk of rows (at most GPU_CHUNK_BYTES), the fp32 dk_idx, and lse_I's partial sums per key segment
 # (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)
@@ -249,7 +250,10 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             ind += plan
             # the backward's fp32 dK / dV (every key the rank's queries can select) and the largest
             # transient of the forward's stages (top-k candidates, plan building, loss chunk)
-            stage = max(TOPK_CHUNK_BYTES, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
+            # the selector's rows: every token of the micro-batch, or under CP the rank's t against all S keys
+            selector = topk_transient_bytes(m.micro_batch_size, m.model_seq, x.topk,
+                                            rows=int(t) if cp > 1 else None)
+            stage = max(selector, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
             transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
         else:
             rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions

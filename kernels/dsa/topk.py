@@ -584,15 +584,40 @@ def _config(device: torch.device) -> dict:
     # 6.9 at 32K (whole rows 7.9-8.0). Rejected in that run: compact tiles of 4,096 keys (82.8 /
     # 9.1 ms); score lines only as long as each chunk's longest row, so that chunks of early rows
     # hold more rows in the same bytes (-0.9 ms at 128K, +0.2 at 32K; with SUB = 2,048 69.8 / 7.2).
-    return dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=4, warps_sample=4,
-                stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=1024,
-                warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1,
-                select_sub=1024, prefetch=1)
+    return dict(_GPU_CONFIG)
+
+
+_GPU_CONFIG = dict(BT=16, BS=64, SB=128, R=1, warps_filter=2, warps_select=4, warps_sample=4,
+                   stages_filter=2, mode="stored", RS=64, BN=128, KS=2048, BC=1024,
+                   warps_score=8, stages_score=3, store=2, warps_compact=4, asm_stores=1,
+                   select_sub=1024, prefetch=1)
 
 
 # transient bytes per chunk of query blocks: the stored path's score slab plus candidate lists
 # (the fused path's candidate lists); parallel/memory.py counts the same
 TOPK_CHUNK_BYTES = 1 << 30
+
+
+def topk_transient_bytes(B: int, T: int, topk: int, *, rows: int | None = None,
+                         chunk_bytes: int = TOPK_CHUNK_BYTES, cfg: dict | None = None) -> int:
+    """Bytes dsa_topk_triton allocates beside its [B, T, topk] output while it runs, at the default cap and
+    samples: the rows' document starts, the query blocks' list, the fallback flags and one chunk's buffers (stored
+    path: the fp32 score slab, rows + 1 lines of T keys rounded up to 16, and the candidate lists; fused path: the
+    candidate lists, tau and the sample scratch), a chunk being as many query blocks as chunk_bytes holds, at most
+    all of them. `rows`: the query rows selected when not all B * T are (a context-parallel rank's). `cfg`: the tile
+    settings (_config), the GPU's by default. The exact fallback's rows, when any, are not counted (its buffers are
+    chunked the same)."""
+    cfg = _GPU_CONFIG if cfg is None else cfg
+    cap, BT = default_cap(topk), cfg["BT"]
+    nb = B * triton.cdiv(T, BT) if rows is None else triton.cdiv(rows, BT)
+    if cfg["mode"] == "stored":
+        n = max(1, min(nb, chunk_bytes // (BT * (T * 4 + cap * 8)))) * BT
+        chunk = (n + 1) * (-(-T // 16) * 16) * 4
+    else:
+        n = max(1, min(nb, chunk_bytes // (BT * cap * 8))) * BT
+        chunk = n * 4 + n * pow2(min(2048, cap // 2)) * 4   # tau, scratch
+    # starts, blocks, fail flags; the chunk; candidate scores, positions and counts
+    return 2 * B * T * 4 + nb * 4 + chunk + n * cap * 8 + n * 4
 
 
 def default_cap(topk: int) -> int:

@@ -193,6 +193,40 @@ def test_topk_stored_in_chunks(B, T, cu, monkeypatch):
     assert torch.equal(out, ref), "selection differs from the reference"
 
 
+@pytest.mark.parametrize("B,T,topk,chunk_bytes", [(1, 70, 8, None), (2, 40, 4, None), (1, 96, 8, 1)],
+                         ids=["B1", "B2", "one-block-chunks"])
+def test_topk_transient_bytes_is_what_the_kernel_allocates(B, T, topk, chunk_bytes, topk_mode, monkeypatch):
+    """topk_transient_bytes (what parallel/memory.py charges a DSA layer's top-k) against the bytes of every tensor
+    dsa_topk_triton and its helpers allocate beside the output, counted as they are made: before, the estimate
+    charged the 1 GiB chunk bound whatever the shape (1.04 GiB for the tiny DSA model)."""
+    from kernels.dsa import topk as tk
+    from kernels.dsa.topk import TOPK_CHUNK_BYTES, dsa_topk_triton, topk_transient_bytes
+
+    made = []
+    here = {os.path.abspath(tk.__file__), os.path.abspath(inspect.getfile(row_doc_start))}
+
+    def counted(fn):
+        def make(*a, **k):
+            t = fn(*a, **k)
+            caller = inspect.stack()[1]
+            if os.path.abspath(caller.filename) in here and caller.function != "_exact_fallback":
+                made.append(t.numel() * t.element_size())
+            return t
+        return make
+
+    for name in ("empty", "zeros", "arange"):
+        monkeypatch.setattr(torch, name, counted(getattr(torch, name)))
+    q, w, k = _int_indexer(B, T, 2, 16, -64, 65, w_lo=1)
+    budget = TOPK_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    out = dsa_topk_triton(q, w, k, topk, chunk_bytes=budget)   # the exact fallback's rows, if any: not counted
+    monkeypatch.undo()
+    out_bytes = out.numel() * out.element_size()
+    assert made.count(out_bytes) >= 1
+    want = topk_transient_bytes(B, T, topk, chunk_bytes=budget, cfg=tk._config(torch.device(DEV)) | {
+        "mode": topk_mode})
+    assert sum(made) - out_bytes == want, (made, want)
+
+
 def test_topk_all_ties_uses_exact_fallback(topk_mode):
     """All scores equal: every long row overflows its candidate list and is redone exactly;
     the answer is the first topk positions of the document."""

@@ -105,11 +105,29 @@ def test_dsa_sparse_counts_the_kernels_plan_and_backward_buffers():
     (ks, ts), (kd, td) = (_attention(m, "dsa", recompute_core=False) for m in (sparse, dense))
     # the warm-up keeps its KL's gradients (the size of q_idx, w, k_idx: 64 * (2*8 + 2 + 8) * 4 B) instead
     assert ks - kd == 64 * 4 * 4 + 64 * 4 * DSA_UNION_SHARE * 8 - 64 * (2 * 8 + 2 + 8) * 4
-    # the forward's largest stage transient: at 64 tokens the top-k chunk (the plan's is 256 MiB + ~1.5 KB);
+    # the forward's largest stage transient: at 64 tokens the plan's chunk bound, 256 MiB + ~1.5 KB (the top-k's
+    # buffers are what it allocates for the shape, 33,808 B: test_topk_transient_bytes_at_the_tiny_shape);
     # the warm-up's: its KL's fp32 d (64 x 64), dk_idx (64 x 8) and lse_I partials (one segment)
     dense_kl = 64 * 64 * 4 + 64 * 8 * 4 + 64 * 4
-    assert ts - td == (2 * 64 * 32 * 4 + max(DSA_TOPK_CHUNK_BYTES, DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8)
-                       - dense_kl)
+    assert ts - td == 2 * 64 * 32 * 4 + DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8 - dense_kl
+
+
+def test_topk_transient_bytes_at_the_tiny_shape():
+    """The top-k selector's buffers on the GPU (stored scores, 16-row query blocks) at 64 tokens and top-4, worked by
+    hand: cap = next_pow2(4 * 4) at least 32 = 32 candidate slots; the 4 query blocks fit one chunk, 64 rows; the
+    score slab 65 lines of 64 keys fp32 = 16,640 B; candidate scores and positions 64 x 32 x 8 = 16,384 B; counts
+    256 B; the rows' document starts and fallback flags 2 x 64 x 4 = 512 B; the block list 16 B: 33,808 B. The
+    estimate charged the 1 GiB chunk bound instead (1.04 GiB for recipe=keye_tiny_dsa_sparse)."""
+    from kernels.dsa.topk import topk_transient_bytes
+
+    assert topk_transient_bytes(1, 64, 4) == 16640 + 16384 + 256 + 512 + 16
+    # at 128K tokens and top-2048 the chunk bound holds: a chunk of 1 GiB // (16 x (128K x 4 + 8192 x 8)) = 113
+    # blocks of 16 rows, its slab (1809 lines) and candidate lists, beside the starts, flags and 8,192 blocks
+    t, cap = 131072, 8192
+    rows = 113 * 16
+    assert topk_transient_bytes(1, t, 2048) == ((rows + 1) * t * 4 + rows * cap * 8 + rows * 4 + 2 * t * 4
+                                                + (t // 16) * 4)
+    assert topk_transient_bytes(1, t, 2048) <= DSA_TOPK_CHUNK_BYTES + 2 * t * 4 + (t // 16) * 4 + t * 4
 
 
 def test_ksa_counts_summary_tokens():
