@@ -204,6 +204,15 @@ def check_same_settings(out: Path, opts: IngestOptions) -> None:
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
+class _NotJSONNumber(ValueError):
+    """NaN, Infinity or -Infinity in an annotation file: Python's json reads them, JSON has no such numbers, and a
+    record holding one was stored as read, making the shards' <key>.json and index files that other readers refuse."""
+
+
+def _no_constant(name: str):
+    raise _NotJSONNumber(f"{name} is not a JSON number: write null, or leave the field out")
+
+
 def _array_records(path: str, raw: bytes) -> list[tuple[int, object]]:
     """(line, item) of each item of a file holding one JSON array of records (LLaVA's .json files), the line being
     where the item starts; AnnotationsError naming the file and line where it is not valid UTF-8 JSON."""
@@ -212,7 +221,7 @@ def _array_records(path: str, raw: bytes) -> list[tuple[int, object]]:
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise AnnotationsError(f"{path}:{line}: a JSON array of records, but not UTF-8 ({e})") from None
-    dec = json.JSONDecoder()
+    dec = json.JSONDecoder(parse_constant=_no_constant)
     out, line, at = [], 1, 0
     try:
         i = _SPACE.match(text, text.index("[") + 1).end()
@@ -232,6 +241,9 @@ def _array_records(path: str, raw: bytes) -> list[tuple[int, object]]:
     except json.JSONDecodeError as e:
         raise AnnotationsError(f"{path}:{e.lineno}: a JSON array of records (the file starts with '[') but not valid "
                                f"JSON: {e.msg} (column {e.colno})") from None
+    except _NotJSONNumber as e:
+        raise AnnotationsError(f"{path}:{line}: a JSON array of records (the file starts with '['), its item from this "
+                               f"line not valid JSON: {e}") from None
     return out
 
 
@@ -254,9 +266,11 @@ def _records(path: str, problems: list[str]):
             if not line:
                 continue
             try:
-                yield n, json.loads(line)
+                yield n, json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{n}: not JSON ({e})")
+            except _NotJSONNumber as e:
+                problems.append(f"{path}:{n}: not JSON ({e}); record left out")
 
 
 def read_annotations(path: str | None) -> Annotations:

@@ -582,3 +582,39 @@ def test_an_ingest_cut_off_before_its_summary_keeps_its_settings_for_the_rerun(t
     assert len((out / "ingest_manifest.jsonl").read_text().splitlines()) == 1
     r = _ingest_cli(vids, out, "--shard-size-mb", "0.001")     # the same settings: it resumes
     assert r.returncode == 0 and "2 videos accepted" in r.stdout and "1 already done" in r.stdout, r.stderr
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} in a record")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_or_infinity_in_an_annotation_is_named_and_not_stored(tmp_path):
+    """Python's json reads NaN and Infinity, which JSON has not: a record holding one (a score a dataframe export wrote
+    as NaN, an event ending at Infinity) was stored as read, so the shard's <key>.json and its index were not JSON for
+    other readers. Such a JSONL line is a problem naming the file and line, its record left out (its video ingested
+    unannotated, as for any line that is not JSON); in a JSON array file it stops the ingest, naming the line."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        write_video(vids / name, VideoSpec(n_frames=8, width=64, height=48, fps=8, seed=1))
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text(json.dumps({"video": "a.mp4", "caption": "a clip"}) + "\n"
+                   + '{"video": "b.mp4", "caption": "b clip", "score": NaN, "events": [{"start": 0, "end": Infinity, '
+                     '"text": "x"}]}\n')
+    r = _ingest_cli(vids, tmp_path / "o", "--annotations", str(ann))
+    assert r.returncode == 0, r.stderr
+    assert (f"{ann}:2: not JSON (NaN is not a JSON number: write null, or leave the field out); record left out"
+            in r.stderr), r.stderr
+    out = tmp_path / "o"
+    stored = [_strict(p.read_text()) for p in out.glob("*.idx.json")]
+    with tarfile.open(next(out.glob("shard-*.tar"))) as tar:
+        records = [_strict(tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert sorted(r["annotation"].get("caption", "-") for r in records) == ["-", "a clip"], records
+    assert stored
+    arr = tmp_path / "ann.json"
+    arr.write_text('[\n {"video": "a.mp4", "caption": "a"},\n {"video": "b.mp4", "caption": "b", "end": -Infinity}\n]\n')
+    r = _ingest_cli(vids, tmp_path / "o2", "--annotations", str(arr))
+    assert r.returncode == 2 and (f"ingest: {arr}:3: a JSON array of records (the file starts with '['), its item "
+                                  "from this line not valid JSON: -Infinity is not a JSON number") in r.stderr, r.stderr
