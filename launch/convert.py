@@ -37,6 +37,7 @@ each rank reads only its own slices of the safetensors files. Exit code 1 when v
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -237,11 +238,42 @@ def _weight_files(out_dir: str | os.PathLike) -> list[Path]:
     return [p for p in earlier_save_files(out_dir) if p.name != "config.json"]
 
 
+_SAMPLE_BYTES = 1 << 20
+
+
+def _file_mark(p: Path) -> list:
+    """What an export record keeps of a weight file: its size, modification time (ns) and the SHA-256 of its first and
+    last MiB. Size and time alone passed a same-size rewrite within one tick of a coarse clock (a filesystem keeping
+    seconds), or a copy that kept its source's time, as the export's own; the files of one model have the same sizes
+    whatever their weights, and its first MiB holds the header and the first tensor's values, its last the last
+    tensor's. 2 MiB read per file: hashing whole files would read every weight again at each export."""
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(_SAMPLE_BYTES))
+        if st.st_size > _SAMPLE_BYTES:
+            f.seek(max(_SAMPLE_BYTES, st.st_size - _SAMPLE_BYTES))
+            h.update(f.read())
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()]
+
+
+def _same_file(recorded, p: Path) -> bool:
+    """Whether weight file `p` is as an export record left it (`recorded`: _file_mark's list; an older record's
+    [size, time] is compared on those alone)."""
+    if not isinstance(recorded, list) or len(recorded) not in (2, 3):
+        return False
+    st = p.stat()
+    if recorded[:2] != [st.st_size, st.st_mtime_ns]:
+        return False
+    return len(recorded) == 2 or recorded == _file_mark(p)
+
+
 def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
     """ValueError when an export into `out_dir` would delete weights that no earlier export into it wrote: an export
     removes the directory's config.json and weight files first (models/hf/checkpoint_io.py remove_earlier_save), and
     there they may be a Hugging Face checkpoint's own, such as the one a run was imported from. An earlier export's
-    are known by its record (EXPORT_RECORD: each weight file's size and modification time as it left them; an
+    are known by its record (EXPORT_RECORD: each weight file's size, modification time and a hash of its first and
+    last MiB as it left them, _file_mark; an
     export cut off part-way is recorded as such, and its files are its own); a directory without one, whose
     config.json or weight files are then someone else's, or a weight file changed since, is refused unless
     `overwrite`. Reads files only (every rank alike, before any process group)."""
@@ -255,8 +287,7 @@ def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     if record is not None and not record.get("complete", False):
         return   # an export of ours that did not finish: every weight file there is its own
     written = record.get("files", {}) if record is not None else {}
-    foreign = [p.name for p in _weight_files(out)
-               if written.get(p.name) != [p.stat().st_size, p.stat().st_mtime_ns]]
+    foreign = [p.name for p in _weight_files(out) if not _same_file(written.get(p.name), p)]
     if record is None and (out / "config.json").is_file():
         foreign.insert(0, "config.json")
     if foreign:
@@ -269,11 +300,11 @@ def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
 
 
 def _record_export(out_dir: str | os.PathLike, checkpoint: Path, *, complete: bool) -> None:
-    """Writes EXPORT_RECORD: before the export writes (complete=False), and after, with each weight file's size and
-    modification time (check_export_dir)."""
+    """Writes EXPORT_RECORD: before the export writes (complete=False), and after, with each weight file's size,
+    modification time and sampled hash (_file_mark; check_export_dir)."""
     rec: dict = {"checkpoint": str(checkpoint), "complete": complete}
     if complete:
-        rec["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _weight_files(out_dir)}
+        rec["files"] = {p.name: _file_mark(p) for p in _weight_files(out_dir)}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(out_dir, EXPORT_RECORD + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")

@@ -416,6 +416,40 @@ def test_export_refuses_to_delete_weights_no_earlier_export_wrote(hf, pgs, tmp_p
         convert.export(str(tmp_path / "ours"), str(out))
 
 
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_an_export_record_tells_a_same_size_rewrite_in_the_same_tick(tmp_path, where):
+    """keye_export.json compared each weight file's size and modification time: a rewrite of the same size within
+    one tick of a coarse clock (here the time set back to the recorded one, as such a clock, or a copy keeping its
+    source's time, leaves it) passed as the export's own, and the next export deleted it. The record's hash of the
+    file's first and last MiB tells it; the export's own files, untouched, still pass, and so do those an older
+    record lists by size and time alone."""
+    import json
+    import os
+
+    convert = _convert_module()
+    out = tmp_path / "out"
+    out.mkdir()
+    weights = out / "model-00001-of-00001.safetensors"
+    size = 3 * (1 << 20) + 123   # a first MiB, a middle and a last MiB
+    weights.write_bytes(os.urandom(size))
+    (out / "config.json").write_text("{}")
+    convert._record_export(out, tmp_path / "ckpt", complete=True)
+    convert.check_export_dir(out)                                   # the export's own: passes
+    recorded = weights.stat().st_mtime_ns
+    data = bytearray(weights.read_bytes())
+    at = 10 if where == "start" else size - 10
+    data[at] ^= 0xFF                                                # other weights, the same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(recorded, recorded))                      # ... written in the same tick
+    with pytest.raises(ValueError, match=r"holds model-00001-of-00001.safetensors, which no earlier export into it "
+                                         r"wrote \(changed since the export that keye_export.json records\)"):
+        convert.check_export_dir(out)
+    record = json.loads((out / "keye_export.json").read_text())     # an older record: size and time alone
+    record["files"] = {name: mark[:2] for name, mark in record["files"].items()}
+    (out / "keye_export.json").write_text(json.dumps(record))
+    convert.check_export_dir(out)
+
+
 def test_export_takes_a_checkpoint_whose_files_verify(hf, pgs, tmp_path):
     """Export (and verify --checkpoint) check a checkpoint's files against the CRC32s recorded at save time, as a
     resume does: a run directory whose newest checkpoint has a damaged shard exports the next older one, a damaged
