@@ -89,12 +89,14 @@ class IngestOptions:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"IngestOptions.out = {self.out!r}: exists and is not a directory")
         held = sorted(os.listdir(self.out)) if os.path.isdir(self.out) else []
-        if held and not any(name.removesuffix(".tmp") in RECORDS for name in held):
-            # a resume deletes the shard-* files no manifest line accounts for, and numbers its own from 0
-            raise ValueError(f"IngestOptions.out = {self.out!r}: holds {len(held)} files or folders (e.g. "
-                             f"{', '.join(held[:3])}) and none of an ingest's records ({', '.join(RECORDS)}): an "
-                             "ingest there would delete its shard-* files and write its own among the rest. Give a "
-                             "new or empty folder, or the --out of an earlier ingest to resume it")
+        shards = [name for name in held if name.startswith("shard-")]
+        if shards and not any(name.removesuffix(".tmp") in RECORDS for name in held):
+            # a resume deletes the shard-* files no manifest line accounts for, and numbers its own from 0; other
+            # files (the source videos, notes) are left where they are
+            raise ValueError(f"IngestOptions.out = {self.out!r}: holds {len(shards)} shard-* file(s) (e.g. "
+                             f"{', '.join(shards[:3])}) and none of an ingest's records ({', '.join(RECORDS)}): an "
+                             "ingest there would delete them and write its own shards in their place. Give a new "
+                             "folder, one without shard-* files, or the --out of an earlier ingest to resume it")
         if self.shard_size_mb <= 0:
             raise ValueError(f"IngestOptions.shard_size_mb = {self.shard_size_mb}: must be > 0")
         if self.workers < 1:

@@ -535,9 +535,10 @@ def _ingest_cli(vids: Path, out: Path, *args) -> subprocess.CompletedProcess:
 
 
 def test_an_out_folder_that_holds_no_ingest_is_refused(tmp_path):
-    """An --out holding other files and none of an ingest's records: a resume deletes the shard-* files no manifest
+    """An --out holding shard-* files and none of an ingest's records: a resume deletes the shard-* files no manifest
     line accounts for, so a folder of someone's own shards lost them (and got ours, numbered from 0, among the rest).
-    It stops now, naming the folder, and leaves it as it was; an empty folder is still written."""
+    It stops now, naming the folder, and leaves it as it was; an empty folder, or one holding other files alone, is
+    still written."""
     vids = tmp_path / "v"
     vids.mkdir()
     write_video(vids / "a.mp4", VideoSpec(n_frames=8, width=64, height=48, fps=8, seed=1))
@@ -547,7 +548,7 @@ def test_an_out_folder_that_holds_no_ingest_is_refused(tmp_path):
     (out / "notes.txt").write_text("their notes")
     r = _ingest_cli(vids, out)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert (f"ingest: IngestOptions.out = {str(out)!r}: holds 2 files or folders (e.g. notes.txt, shard-000000.tar) "
+    assert (f"ingest: IngestOptions.out = {str(out)!r}: holds 1 shard-* file(s) (e.g. shard-000000.tar) "
             "and none of an ingest's records") in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-000000.tar"]
     assert (out / "shard-000000.tar").read_bytes() == b"their shard"
@@ -555,6 +556,11 @@ def test_an_out_folder_that_holds_no_ingest_is_refused(tmp_path):
     empty.mkdir()
     r = _ingest_cli(vids, empty)
     assert r.returncode == 0 and "1 videos accepted" in r.stdout, r.stderr
+    # a folder of other files and no shards (the source videos' own folder, say) is written among them, kept
+    (out / "shard-000000.tar").unlink()
+    r = _ingest_cli(vids, out)
+    assert r.returncode == 0 and "1 videos accepted" in r.stdout, r.stderr
+    assert (out / "notes.txt").read_text() == "their notes"
 
 
 def test_an_ingest_cut_off_before_its_summary_keeps_its_settings_for_the_rerun(tmp_path, monkeypatch):
