@@ -790,8 +790,8 @@ class VideoPackedLoader:
                 f"video loader: rank {self.dp_rank}: no packed sequence from its DataLoader workers within "
                 f"data.video.batch_timeout_s = {self.cfg.batch_timeout_s:g} s; the one awaited: epoch {at['epoch']} "
                 f"pack {at['pack']}{' of ' + at['source'] if 'source' in at else ''} (its samples: "
-                f"{', '.join(keys[:8])}{f', +{len(keys) - 8} more' if len(keys) > 8 else ''}). Each sample's decode may take up to "
-                f"data.video.sample_timeout_s = {self.cfg.sample_timeout_s:g} s before it is left out: set "
+                f"{', '.join(keys[:8])}{f', +{len(keys) - 8} more' if len(keys) > 8 else ''}). Each sample's "
+                f"decode may take up to data.video.sample_timeout_s = {self.cfg.sample_timeout_s:g} s before it is left out: set "
                 f"batch_timeout_s above a pack's decode time, or 0 to wait for the workers") from e
         self._consumed += 1
         self._account(pack)

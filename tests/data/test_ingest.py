@@ -620,7 +620,8 @@ def test_nan_or_infinity_in_an_annotation_is_named_and_not_stored(tmp_path):
     assert sorted(r["annotation"].get("caption", "-") for r in records) == ["-", "a clip"], records
     assert stored
     arr = tmp_path / "ann.json"
-    arr.write_text('[\n {"video": "a.mp4", "caption": "a"},\n {"video": "b.mp4", "caption": "b", "end": -Infinity}\n]\n')
+    arr.write_text('[\n {"video": "a.mp4", "caption": "a"},\n'
+                   ' {"video": "b.mp4", "caption": "b", "end": -Infinity}\n]\n')
     r = _ingest_cli(vids, tmp_path / "o2", "--annotations", str(arr))
     assert r.returncode == 2 and (f"ingest: {arr}:3: a JSON array of records (the file starts with '['), its item "
                                   "from this line not valid JSON: -Infinity is not a JSON number") in r.stderr, r.stderr

@@ -193,19 +193,26 @@ def test_beam_search_and_a_cropped_cache_keep_the_index_keys_in_step(model):
             assert _close(out, full[:1, 15:].expand(2, -1, -1))
 
 
+def _left_padded_pair(model, *, seed: int, short_len: int, low: int):
+    """Two random prompts, of 30 tokens and of short_len, and their batch: the short one left-padded with 0s, the
+    attention mask 0 on its padding. (long, short, ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    long = torch.randint(low, model.config.vocab_size, (1, 30), generator=g)
+    short = torch.randint(low, model.config.vocab_size, (1, short_len), generator=g)
+    pad = 30 - short_len
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :pad] = 0
+    return long, short, ids, mask
+
+
 @torch.no_grad()
 def test_generation_with_a_static_cache_gives_the_full_forward(model):
     """generate(cache_implementation="static"), the preallocated cache torch.compile wants: its layers return their
     whole buffer (the rows not yet filled too) and generate() builds one mask per layer type of the config. From a
     left-padded batch of two prompts longer than the top-k, every token is the argmax of a forward over its prefix
     without a cache, and each row's tokens are those generated from its prompt alone."""
-    g = torch.Generator().manual_seed(7)
-    long, short = torch.randint(1, model.config.vocab_size, (1, 30), generator=g), \
-        torch.randint(1, model.config.vocab_size, (1, 12), generator=g)
-    pad = 30 - 12
-    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
-    mask = torch.ones(2, 30, dtype=torch.long)
-    mask[1, :pad] = 0
+    long, short, ids, mask = _left_padded_pair(model, seed=7, short_len=12, low=1)   # 0 is the padding token here
     new = 8
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
                          cache_implementation="static")
@@ -219,13 +226,8 @@ def test_generation_with_a_static_cache_gives_the_full_forward(model):
 def test_padded_batch_rows_are_the_rows_alone(model):
     """A left-padded row of a batch (attention_mask 0 on its padding) gives the logits of the same tokens run alone:
     the indexers never select a padding key. Chunking the queries (3 per chunk) changes nothing."""
-    g = torch.Generator().manual_seed(2)
-    long, short = torch.randint(0, model.config.vocab_size, (1, 30), generator=g), \
-        torch.randint(0, model.config.vocab_size, (1, 21), generator=g)
+    long, short, ids, mask = _left_padded_pair(model, seed=2, short_len=21, low=0)
     pad = 30 - 21
-    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
-    mask = torch.ones(2, 30, dtype=torch.long)
-    mask[1, :pad] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     assert _close(batch[:1], model(input_ids=long, use_cache=False).logits)
