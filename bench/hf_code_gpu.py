@@ -1,7 +1,8 @@
 """transformers running our DSA and KSA exports through their own code (models/hf/modeling_qwen3_moe_{dsa,ksa}.py)
 on the GPU, beside our model from the same run's checkpoint (Triton kernels; in fp32 also the naive backend): logits
 on 2 x 512 tokens in bf16 and in fp32 (each side loaded in that dtype), a 32K-token prefill in bf16 (time, peak
-memory), and generation with the cache against without it: the same tokens after a short prompt, and the time of
+memory), and generation with the cache against without it: the same tokens after a short prompt (also with a
+static cache, which a KSA export refuses, and with assisted decoding's prompt lookup), and the time of
 GEN_NEW tokens after a GEN_PROMPT-token prompt (bf16; batch 1, and a batch of 4 left-padded prompts; the baseline
 is generation without the cache, which is how a KSA export generated before it had one). One JSON line per model.
 Run by bench/hf_code_gpu.sh after it trains and exports the tiny DSA and KSA recipes:
@@ -88,6 +89,18 @@ for v in ("dsa", "ksa"):
             b = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
         rec["generate_cache_vs_none_same_tokens"] = (a[:, 100:] == b[:, 100:]).float().mean().item()
         rec["generated"] = list(a.shape)
+        # the other caches generate() builds: a preallocated one (cache_implementation="static": DSA runs it, KSA
+        # refuses it naming the remedy) and assisted decoding's, cropped after each rejected guess
+        try:
+            with torch.no_grad():
+                c = m.generate(prompt, max_new_tokens=24, do_sample=False, cache_implementation="static")
+            rec["static_vs_none_same_tokens"] = (c[:, 100:] == b[:, 100:]).float().mean().item()
+        except ValueError as e:
+            rec["static_refused"] = str(e)[:300]
+        with torch.no_grad():
+            d = torch.cat([m.generate(prompt[r:r + 1], max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=5)
+                           for r in range(prompt.shape[0])])   # assisted decoding takes one row at a time
+        rec["assisted_vs_none_same_tokens"] = (d[:, 100:] == b[:, 100:]).float().mean().item()
 
         def timed_generate(prompt, mask, use_cache):
             if CUDA:
