@@ -346,7 +346,7 @@ def synthetic_documents(n: int, seed: int, *, held_out_from: tuple[int, int] | N
     several. held_out_from=(seed, count) of a training set's documents: those equal to one of them are skipped
     (the next i taken), so that a held-out set holds no training document (a lone question of two seeds coincides
     now and then: one of the tiny recipe's 500 held-out documents was also trained on)."""
-    from data.video.synthetic import text_record
+    from data.video.synthetic import apart_from, text_record
 
     def document(i: int, seed: int) -> str:
         k = 1 + int(np.random.default_rng([seed, 104729, i]).integers(0, 8))
@@ -356,14 +356,7 @@ def synthetic_documents(n: int, seed: int, *, held_out_from: tuple[int, int] | N
             parts.append(r["text"] if "text" in r else f"{r['prompt']} {r['qa'][0]['question']} {r['qa'][0]['answer']}")
         return " ".join(parts)
 
-    avoid = {document(i, held_out_from[0]) for i in range(held_out_from[1])} if held_out_from else set()
-    i = made = 0
-    while made < n:
-        doc = document(i, seed)
-        i += 1
-        if doc not in avoid:
-            made += 1
-            yield doc
+    yield from apart_from(document, n, seed, held_out_from)
 
 
 def write_synthetic_token_files(prefix: str | os.PathLike, n_documents: int, seed: int, tokenizer, *,

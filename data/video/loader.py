@@ -412,6 +412,12 @@ def _remove_stale_spills(spill_dir: str) -> None:
             pass
 
 
+def _out_of_memory(what: str, e: MemoryError) -> SampleFailure:
+    """An inline decode that ran out of memory: not the file's fault, so its own reason (as the guarded child
+    reports it, data/video/isolation.py)."""
+    return SampleFailure("out_of_memory", f"{what}: MemoryError {str(e)[:200]}".strip())
+
+
 class FrameSource:
     """Reads a sample's video member, spills it to tmpfs, decodes the planned frames (guarded)."""
 
@@ -466,8 +472,8 @@ class FrameSource:
                 out.append(decode_member(**req))
             except ImageError as e:
                 raise SampleFailure(e.reason, e.detail) from None
-            except MemoryError as e:     # not the file's fault (as the guarded child reports it)
-                raise SampleFailure("out_of_memory", f"{req['what']}: MemoryError {str(e)[:200]}".strip()) from None
+            except MemoryError as e:
+                raise _out_of_memory(req['what'], e) from None
         return out
 
     def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
@@ -530,8 +536,8 @@ class FrameSource:
             return decode_frames(self.cfg.decode_backend, DecodeRequest(**req))
         except DecodeError as e:
             raise SampleFailure(e.reason, e.detail) from None
-        except MemoryError as e:         # not the file's fault (as the guarded child reports it)
-            raise SampleFailure("out_of_memory", f"decode: MemoryError {str(e)[:200]}".strip()) from None
+        except MemoryError as e:
+            raise _out_of_memory("decode", e) from None
         except TimeoutError:
             raise SampleFailure("timeout", f"decode took longer than {self.cfg.sample_timeout_s} s") from None
         finally:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from fractions import Fraction
@@ -274,23 +275,33 @@ def text_record(i: int, seed: int = 0) -> dict:
                     + ", ".join(str(start + k) for k in range(int(rng.integers(4, 12)))) + "."}
 
 
+def apart_from(make, n: int, seed: int, held_out_from: tuple[int, int] | None, *, key=lambda item: item,
+               unique: bool = False) -> Iterator:
+    """`n` items make(i, seed) for i = 0, 1, ..., skipping (the next i taken) those whose key(item) equals that of
+    one of a training set's items, make(i, s) for i < count with held_out_from=(s, count), and with `unique` also
+    those equal to one taken before: a held-out set that shares nothing with its training set (the synthetic
+    questions of two seeds coincide now and then)."""
+    avoid = {key(make(i, held_out_from[0])) for i in range(held_out_from[1])} if held_out_from else set()
+    i = made = 0
+    while made < n:
+        item = make(i, seed)
+        i += 1
+        k = key(item)
+        if k in avoid:
+            continue
+        if unique and held_out_from:
+            avoid.add(k)
+        made += 1
+        yield item
+
+
 def text_records(n: int, seed: int = 0, *, held_out_from: tuple[int, int] | None = None) -> list[dict]:
     """`n` text-only records: text_record(i, seed) for i = 0, 1, ...; with held_out_from=(seed, count) of a
-    training set's records, those equal to one of them or to one taken before are skipped (the next i taken), so
-    that a held-out set holds `n` samples, none a training sample (the questions of two seeds coincide now and
-    then: one in 100 held-out records of the tiny text recipe's was also trained on, and ingest drops a repeat)."""
-    avoid = ({json.dumps(text_record(i, held_out_from[0]), sort_keys=True) for i in range(held_out_from[1])}
-             if held_out_from else set())
-    out, i = [], 0
-    while len(out) < n:
-        r = text_record(i, seed)
-        i += 1
-        key = json.dumps(r, sort_keys=True)
-        if key not in avoid:
-            out.append(r)
-            if held_out_from:
-                avoid.add(key)
-    return out
+    training set's records, those equal to one of them or to one taken before are skipped (apart_from), so
+    that a held-out set holds `n` samples, none a training sample (one in 100 held-out records of the tiny text
+    recipe's was also trained on, and ingest drops a repeat)."""
+    return list(apart_from(text_record, n, seed, held_out_from, key=lambda r: json.dumps(r, sort_keys=True),
+                           unique=True))
 
 
 def make_synthetic_videos(out_dir: str | os.PathLike, n_videos: int, seed: int = 0, *,
