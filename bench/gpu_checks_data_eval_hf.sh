@@ -9,7 +9,7 @@
 # - the memory estimate of keye_tiny_dsa_sparse (launch/memory.py, the top-k buffer now charged by its shape)
 #   against the peak the GPU run's metrics.jsonl records.
 # The Hugging Face side (static-cache and assisted generation of the exports) is bench/hf_code_gpu.sh's.
-# Written at f5c4a4d's tree; not run on a GPU yet where this line stands (bench/RESULTS.md says when it ran).
+# Written at f5c4a4d's tree; ran on an H100 at 062b0ea's (bench/RESULTS.md).
 # Needs $OUT. A check, no speed claim. torchrun exits 1 whenever a rank fails; a rank's own exit code is in its
 # log's "exitcode" line. bench/RESULTS.md "Data that ends, eval-only over a corrupted checkpoint, the exports'
 # caches, on the GPU".

@@ -164,6 +164,11 @@ def index_products(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q2.float(), k2.float()).view(b, c, hi, -1)
 
 
+# Run eagerly inside a compiled forward (generate() compiles the model's forward on a GPU whenever its cache is
+# preallocated: cache_implementation="static"): inductor's Triton code for the keys below typed their int64 constant
+# as int32 and failed to build ("Scalar -9223372034707292161 is out of range for type int32", torch 2.11, Triton
+# 3.6, H100); the rest of the forward still compiles.
+@torch.compiler.disable
 def top_positions(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """[..., k]: the positions of the k largest of `scores` [..., n] that `allowed` lets in (the others rank below
     them all, an allowed -inf too), equal scores in position order (-0.0 equal to +0.0, a NaN equal to -inf, as the
