@@ -515,6 +515,17 @@ def _from_hf(v, lm_name: str):
     return int(v)
 
 
+def hf_router_aux_loss_coef(lm: LMConfig) -> float:
+    """transformers' `router_aux_loss_coef` that balances the experts as strongly as `model.lm.moe_aux_loss_coeff`
+    did in training. Megatron adds coeff x E sum_e f_e P_e for every layer (f_e: the expert's share of the layer's
+    k x T routed slots, P_e: its mean probability; 1.0 at a perfect balance); transformers adds
+    coef x E sum_e F_e P_e once, with F_e and P_e pooled over all L layers' tokens and F_e the expert's slots per
+    token (k times a share: k at a perfect balance). Where the layers route alike the two are equal, in value and
+    in gradient, for coef = coeff x L / k; where they differ they are different functions of the routing and this
+    factor matches their scale."""
+    return lm.moe_aux_loss_coeff * lm.num_layers / lm.moe_topk
+
+
 def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for a Qwen3-MoE checkpoint of `lm` (readable by transformers 4.51+ and 5.x). With DSA or KSA
     layers it also holds their fields (hf_dsa_fields, hf_ksa_fields) and an `auto_map` naming the variant's modeling
@@ -549,7 +560,7 @@ def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> di
         "num_experts_per_tok": lm.moe_topk,
         "moe_intermediate_size": lm.moe_ffn_hidden_size,
         "norm_topk_prob": lm.moe_norm_topk_prob,
-        "router_aux_loss_coef": lm.moe_aux_loss_coeff,
+        "router_aux_loss_coef": hf_router_aux_loss_coef(lm),
         "output_router_logits": False,
         "initializer_range": lm.init_std,
         "use_cache": True,

@@ -128,6 +128,39 @@ def test_unsupported_architectures_are_refused(hf, field, value):
         q.check_hf_config({**hf["config"], field: value}, hf["lm"])
 
 
+@pytest.mark.parametrize("layers,topk", [(4, 2), (48, 8)])  # keye_tiny's and keye_30b_a3b's routing
+def test_exported_balancing_coefficient_acts_as_the_training_one(layers, topk):
+    """transformers' load-balancing loss with the exported router_aux_loss_coef against the loss the routers trained
+    with: megatron's switch loss per layer, coeff * E / (k T^2) * sum_e count_e * sum_t softmax_te (written out here,
+    the formula tests/unit/test_moe_stats.py holds the routers to), summed over the layers. With every layer given
+    the same router logits the two are the same function of them: value and gradient must agree, to 1e-6 relative
+    (the gradient as a relative RMSE; transformers sums the probabilities and counts in fp32 whatever the
+    logits' dtype: measured <= 7e-8). The coefficient copied as it was (0.001) made transformers' loss k / L
+    of the training one (1/2 for the tiny model, 1/6 for the 30B)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    E, T = 16, 37
+    lm = LMConfig(num_layers=layers, num_experts=E, moe_topk=topk, moe_aux_loss_coeff=1e-3)
+    coef = q.hf_config_from_lm(lm)["router_aux_loss_coef"]
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(T, E, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    logits = [base] * layers
+
+    def megatron_layer(x):
+        p = x.softmax(-1)
+        counts = torch.bincount(p.topk(topk, dim=-1).indices.flatten(), minlength=E).to(p.dtype)
+        return lm.moe_aux_loss_coeff * E / (topk * T * T) * (counts * p.sum(0)).sum()
+
+    ours = sum(megatron_layer(x) for x in logits)
+    (d_ours,) = torch.autograd.grad(ours, base)
+    hf = coef * load_balancing_loss_func(tuple(logits), E, topk)
+    (d_hf,) = torch.autograd.grad(hf, base)
+    assert float(hf) == pytest.approx(float(ours), rel=1e-6)
+    from tests.kernels.helpers import assert_close
+
+    assert_close("d_router_logits", d_ours, d_hf, 1e-6)
+
+
 def test_qkv_rows_interleave_per_query_group():
     lm = LMConfig(num_attention_heads=4, num_query_groups=2, head_dim=16, hidden_size=64)
     segs = q.megatron_to_hf(q.QKV, (1,), lm)
