@@ -6,7 +6,9 @@ tests/unit/test_chunked_ce.py.
 The peak is the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above its
 resident size before the call: every byte the CPU allocator handed out and touched, transient buffers
 included. The fixed mmap threshold makes glibc map every large tensor on its own and unmap it when freed, so
-freed memory does not stay resident and a later allocation is not served from it. Each figure is a slope:
+freed memory does not stay resident and a later allocation is not served from it; transparent huge pages are
+switched off for the process (prctl PR_SET_THP_DISABLE), so resident sizes count 4 KiB pages, not tensors rounded
+up to 2 MiB. Each figure is a slope:
 the peak at two sizes, its difference divided by the difference in logit elements, so everything that does
 not grow with the logits (the weights, their gradients, the fp32 dW accumulator, hidden states) cancels.
 
@@ -15,6 +17,7 @@ not grow with the logits (the weights, their gradients, the fp32 dW accumulator,
 - `megatron_bf16`: the logits of all tokens (one matmul) and megatron's vocab_parallel_cross_entropy, 1024 and
   2048 tokens (bytes per element of the [tokens, V] logits).
 """
+import ctypes
 import json
 import os
 import sys
@@ -82,6 +85,7 @@ def main() -> None:
     from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
 
     torch.set_num_threads(1)
+    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE (a no-op where the kernel lacks it)
     out = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         small, large = _min_peak(dtype, N, 512), _min_peak(dtype, N, 1024)
