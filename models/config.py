@@ -227,19 +227,70 @@ def lm_param_count(cfg: LMConfig) -> ParamCount:
     )
 
 
-def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward) of the language model.
+def causal_pairs(num_tokens: int, limit: int | None = None) -> int:
+    """(query, key) pairs of causal attention over `num_tokens` tokens, each query attending itself and the tokens
+    before it, at most `limit` of them (DSA's top-k): sum over t < num_tokens of min(t + 1, limit)."""
+    if limit is None or limit >= num_tokens:
+        return num_tokens * (num_tokens + 1) // 2
+    return limit * (limit + 1) // 2 + limit * (num_tokens - limit)
 
-    Counted: every matmul of the active parameters (2 FLOPs per multiply-add; the input embedding is a
-    lookup and is not counted), plus attention scores and values: 2 * 2 * seq * q_dim per layer,
-    halved for causal masking. Each attention variant can report its own attention term; this is the
-    dense one.
+
+def ksa_pairs(seq_len: int, *, chunk: int, num_summary: int, window: int) -> int:
+    """(query, key) pairs a KSA layer attends over one document of `seq_len` text tokens with its summary slots
+    (kernels/ksa/naive.py ksa_mask's rule): a text query of chunk c sees its own chunk's text causally, the text of
+    chunks c - window .. c - 1 and the summaries of the chunks before those; a summary query sees its chunk's text
+    and the summaries of its chunk up to itself. The last, incomplete chunk has no summary."""
+    C, S, W = chunk, num_summary, window
+    n, r = divmod(seq_len, C)
+    # over the complete chunks c < n: sum of min(c, W) (text chunks in the window), sum of max(0, c - W) (older
+    # chunks, seen through their summaries)
+    in_window = n * (n - 1) // 2 if n <= W else W * (W - 1) // 2 + W * (n - W)
+    older = max(0, n - 1 - W) * max(0, n - W) // 2
+    text = n * C * (C + 1) // 2 + C * C * in_window + C * S * older
+    summary = n * (S * C + S * (S + 1) // 2)
+    tail = r * (r + 1) // 2 + r * C * min(n, W) + r * S * max(0, n - W)
+    return text + summary + tail
+
+
+def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True, backward: bool = True) -> float:
+    """Training FLOPs per text token (forward + backward = 3x forward; forward alone with backward=False: the DSA
+    warm-up's step with train.trainable=indexer and local indexer backward) of a row of `seq_len` text tokens.
+
+    Counted, 2 FLOPs per multiply-add, for every token the row holds (with KSA its summary slots too,
+    LMConfig.model_seq_length): every matmul of the active parameters (the attention projections, the router, the
+    top-k experts, the output layer; a token goes through one QKV projection, a KSA summary slot through the summary
+    one; the input embedding and the summary embeddings are lookups and norms' weights are no matmul), plus each
+    layer's attention scores and values, 2 * 2 * q_dim per (query, key) pair it attends: dense causal attention
+    every pair s <= t (causal_pairs; the whole square with causal=False), DSA's sparse stage the top-k keys of each
+    query, KSA the pairs of its mask (ksa_pairs). A DSA layer adds its indexer's scores, 2 * index_heads *
+    index_dim per pair: forward over every causal pair (it selects among them), backward (2x) over the pairs its
+    KL covers (the selected ones in the sparse stage, all in the warm-up). The row is counted as one document (the
+    most attention a packed row can do) and recomputation is not counted (the MFU convention).
     """
     pc = lm_param_count(cfg)
-    matmul_params = pc.active - pc.embedding - cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) - cfg.hidden_size
-    q_dim = cfg.num_attention_heads * cfg.head_dim
-    attn = 2 * 2 * seq_len * q_dim * cfg.num_layers * (0.5 if causal else 1.0)
-    return 3.0 * (2.0 * matmul_params + attn)
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    kinds = cfg.layer_attention()
+    ksa_layers, dsa_layers = kinds.count("ksa"), kinds.count("dsa")
+    summary = ksa_layers * h * (q_dim + 2 * kv_dim) + (cfg.ksa.num_summary * h if ksa_layers else 0)
+    matmul_params = (pc.active - pc.embedding - L * (2 * h + 2 * d) - h   # norms' weights
+                     - summary - dsa_layers * cfg.dsa.index_dim)   # one QKV per token; the indexers' key norms
+    tokens = cfg.model_seq_length(seq_len)
+    pairs = index_fwd = index_bwd = 0
+    for layer, kind in enumerate(kinds):
+        if kind == "ksa":
+            pairs += ksa_pairs(seq_len, chunk=cfg.ksa.chunk, num_summary=cfg.ksa.num_summary,
+                               window=cfg.ksa.window(layer))
+        elif kind == "dsa":
+            sparse = cfg.dsa.stage == "sparse"
+            pairs += causal_pairs(tokens, cfg.dsa.topk if sparse else None)
+            index_fwd += causal_pairs(tokens)
+            index_bwd += causal_pairs(tokens, cfg.dsa.topk if sparse else None)
+        else:
+            pairs += causal_pairs(tokens) if causal else tokens * tokens
+    index = 2 * cfg.dsa.index_heads * cfg.dsa.index_dim
+    forward = 2.0 * matmul_params * tokens + 2 * 2 * q_dim * pairs   # the indexers' input is detached: apart
+    return ((3.0 * forward if backward else forward) + index * (index_fwd + 2 * index_bwd)) / seq_len
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Throughput / MFU accounting, the console progress line and wandb (rank 0 only).
 
 FLOPs are counted analytically (models.config.lm_flops_per_token): 6 x active matmul parameters per
-token (forward + backward; the input embedding lookup excluded) plus causal attention, 6 * 2 * s * q_dim
-per layer per token halved for causality; a multimodal step adds its vision tower's FLOPs (frames encoded,
-train/vision.py step_flops). MFU = achieved FLOP/s per device / the device's peak. The
+token (forward + backward; the input embedding lookup excluded) plus attention, 6 * 2 * q_dim per (query,
+key) pair each layer attends: every causal pair for dense attention, the top-k keys of each query (and the
+indexer's scores) for DSA, the pairs of its mask (and the summary slots' tokens) for KSA; a multimodal step
+adds its vision tower's FLOPs (frames encoded, train/vision.py step_flops). MFU = achieved FLOP/s per device / the device's peak. The
 default peak is the measured bf16 dense matmul rate of the device kind (H100/H200: 775 TFLOP/s,
 measured on an H200 with torch 2.11); CPU runs report no MFU unless `train.peak_tflops` is set.
 """

@@ -371,7 +371,9 @@ class Trainer:
                             "nothing is left out for them (first: %s)", len(unmatched), ", ".join(unmatched[:5]))
 
         pc = lm_param_count(lm)
-        self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length), world_size=layout.world_size,
+        # a step of the DSA warm-up's local indexer backward runs the frozen model forward only
+        self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length, backward=not self.indexer_step),
+                           world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
