@@ -100,10 +100,13 @@ class Meter:
             kw = {"id": group, "name": name, "job_type": "train", "resume": "allow"}
         self.wandb = wandb.init(project=project, dir=run_dir, mode=mode, config=config, group=group, **kw)
 
-    def log(self, s: StepStats) -> None:
-        log.info(self.line(s))
+    def log(self, s: StepStats, rates: dict, *, console: bool) -> None:
+        """A step's values (`rates`: rates(s), as metrics.jsonl records them) to wandb, every step; with console, its
+        progress line too (every train.log_interval steps)."""
+        if console:
+            log.info(self.line(s))
         if self.wandb is not None:
-            self.wandb.log(self.rates(s), step=s.step)
+            self.wandb.log(rates, step=s.step)
 
     def log_eval(self, step: int, values: dict) -> None:
         """One evaluation's line: its values, then how many held-out sequences (val_sequences) it took how long."""

@@ -1302,10 +1302,12 @@ class Trainer:
             self._finish_saves(blocking=False)
             history.append(stats)
             if self.rank == 0:
+                rates = self.meter.rates(stats)
                 with open(Path(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json_record({"step": stats.step, **self.meter.rates(stats)}) + "\n")
-                if stats.step % t.log_interval == 0 or stats.step == t.steps or stats.step == start + 1:
-                    self.meter.log(stats)
+                    f.write(json_record({"step": stats.step, **rates}) + "\n")
+                # wandb gets every step's values, as metrics.jsonl does; the console a line per log_interval
+                self.meter.log(stats, rates, console=stats.step % t.log_interval == 0 or stats.step == t.steps
+                               or stats.step == start + 1)
             if t.eval.interval and (self.step % t.eval.interval == 0 or self.step == t.steps):
                 self._eval_and_log()
             reason = stops.requested(self.device)
