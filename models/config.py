@@ -252,29 +252,41 @@ def ksa_pairs(seq_len: int, *, chunk: int, num_summary: int, window: int) -> int
     return text + summary + tail
 
 
-def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True, backward: bool = True) -> float:
-    """Training FLOPs per text token (forward + backward = 3x forward; forward alone with backward=False: the DSA
-    warm-up's step with train.trainable=indexer and local indexer backward) of a row of `seq_len` text tokens.
+def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True, backward: bool = True,
+                       trainable: str = "all", teacher: bool = False) -> float:
+    """Training FLOPs per text token of a row of `seq_len` text tokens, 2 FLOPs per multiply-add, for every token
+    the row holds (with KSA its summary slots too, LMConfig.model_seq_length):
 
-    Counted, 2 FLOPs per multiply-add, for every token the row holds (with KSA its summary slots too,
-    LMConfig.model_seq_length): every matmul of the active parameters (the attention projections, the router, the
-    top-k experts, the output layer; a token goes through one QKV projection, a KSA summary slot through the summary
-    one; the input embedding and the summary embeddings are lookups and norms' weights are no matmul), plus each
-    layer's attention scores and values, 2 * 2 * q_dim per (query, key) pair it attends: dense causal attention
-    every pair s <= t (causal_pairs; the whole square with causal=False), DSA's sparse stage the top-k keys of each
-    query, KSA the pairs of its mask (ksa_pairs). A DSA layer adds its indexer's scores, 2 * index_heads *
-    index_dim per pair: forward over every causal pair (it selects among them), backward (2x) over the pairs its
-    KL covers (the selected ones in the sparse stage, all in the warm-up). The row is counted as one document (the
-    most attention a packed row can do) and recomputation is not counted (the MFU convention).
+    - forward: every matmul of the active parameters (the attention projections, the router, the top-k experts, the
+      output layer; a token goes through one QKV projection, a KSA summary slot through the summary one; the input
+      embedding and the summary embeddings are lookups and norms' weights are no matmul), plus each layer's
+      attention scores and values, 2 * 2 * q_dim per (query, key) pair it attends: dense causal attention every
+      pair s <= t (causal_pairs; the whole square with causal=False), DSA's sparse stage the top-k keys of each
+      query, KSA the pairs of its mask (ksa_pairs);
+    - backward (unless backward=False: the DSA warm-up's step with train.trainable=indexer and the local indexer
+      backward runs the frozen model forward only): the inputs' gradients (as much as the forward's matmuls, twice
+      its attention) and the weights' gradients of what trains (`trainable`, train.trainable: all of it, or only
+      the summary projections' on the summary slots; a frozen model computes no weight gradient);
+    - a DSA layer's indexer: its projections and its scores, 2 * index_heads * index_dim per pair, forward over
+      every causal pair (it selects among them); where the indexers train (trainable all or indexer), the weight
+      gradients of their projections (their input is detached: no input gradient) and the scores' backward (2x)
+      over the pairs the KL covers (the selected ones in the sparse stage, all in the warm-up);
+    - teacher (KSA distillation): the dense teacher's forward over the row's text.
+
+    6 x the active parameters and 3 x the attention when everything trains. The row is counted as one document
+    (the most attention a packed row can do) and recomputation is not counted (the MFU convention).
     """
     pc = lm_param_count(cfg)
     h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
     q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_query_groups * d
     kinds = cfg.layer_attention()
     ksa_layers, dsa_layers = kinds.count("ksa"), kinds.count("dsa")
-    summary = ksa_layers * h * (q_dim + 2 * kv_dim) + (cfg.ksa.num_summary * h if ksa_layers else 0)
-    matmul_params = (pc.active - pc.embedding - L * (2 * h + 2 * d) - h   # norms' weights
-                     - summary - dsa_layers * cfg.dsa.index_dim)   # one QKV per token; the indexers' key norms
+    qkv = h * (q_dim + 2 * kv_dim)
+    ix = cfg.dsa
+    indexer = dsa_layers * h * (ix.index_heads * ix.index_dim + ix.index_dim + ix.index_heads)  # its projections
+    summary = ksa_layers * qkv + (cfg.ksa.num_summary * h if ksa_layers else 0)
+    # per token: one QKV projection, no norm weight, no indexer
+    main = pc.active - pc.embedding - L * (2 * h + 2 * d) - h - summary - indexer - dsa_layers * ix.index_dim
     tokens = cfg.model_seq_length(seq_len)
     pairs = index_fwd = index_bwd = 0
     for layer, kind in enumerate(kinds):
@@ -282,15 +294,26 @@ def lm_flops_per_token(cfg: LMConfig, seq_len: int, *, causal: bool = True, back
             pairs += ksa_pairs(seq_len, chunk=cfg.ksa.chunk, num_summary=cfg.ksa.num_summary,
                                window=cfg.ksa.window(layer))
         elif kind == "dsa":
-            sparse = cfg.dsa.stage == "sparse"
-            pairs += causal_pairs(tokens, cfg.dsa.topk if sparse else None)
+            sparse = ix.stage == "sparse"
+            pairs += causal_pairs(tokens, ix.topk if sparse else None)
             index_fwd += causal_pairs(tokens)
-            index_bwd += causal_pairs(tokens, cfg.dsa.topk if sparse else None)
+            index_bwd += causal_pairs(tokens, ix.topk if sparse else None)
         else:
             pairs += causal_pairs(tokens) if causal else tokens * tokens
-    index = 2 * cfg.dsa.index_heads * cfg.dsa.index_dim
-    forward = 2.0 * matmul_params * tokens + 2 * 2 * q_dim * pairs   # the indexers' input is detached: apart
-    return ((3.0 * forward if backward else forward) + index * (index_fwd + 2 * index_bwd)) / seq_len
+    score = 2 * ix.index_heads * ix.index_dim   # one pair's indexer score
+    forward = 2.0 * main * tokens + 4 * q_dim * pairs + 2 * indexer * tokens + score * index_fwd
+    total = forward
+    if backward:
+        total += 2.0 * main * tokens + 2 * 4 * q_dim * pairs   # the inputs' gradients
+        if trainable == "all":
+            total += 2.0 * main * tokens
+        elif trainable == "summary":
+            total += 2.0 * ksa_layers * qkv * (tokens - seq_len)
+    if trainable in ("all", "indexer"):
+        total += 2 * indexer * tokens + 2 * score * index_bwd
+    if teacher:
+        total += 2.0 * main * seq_len + 4 * q_dim * L * causal_pairs(seq_len)
+    return total / seq_len
 
 
 @dataclass

@@ -3,8 +3,10 @@
 FLOPs are counted analytically (models.config.lm_flops_per_token): 6 x active matmul parameters per
 token (forward + backward; the input embedding lookup excluded) plus attention, 6 * 2 * q_dim per (query,
 key) pair each layer attends: every causal pair for dense attention, the top-k keys of each query (and the
-indexer's scores) for DSA, the pairs of its mask (and the summary slots' tokens) for KSA; a multimodal step
-adds its vision tower's FLOPs (frames encoded, train/vision.py step_flops). MFU = achieved FLOP/s per device / the device's peak. The
+indexer's scores) for DSA, the pairs of its mask (and the summary slots' tokens) for KSA; a stage that trains
+part of the model (train.trainable) computes no weight gradient for the rest, and the DSA warm-up's step with
+the local indexer backward runs the model forward only; a multimodal step adds its vision tower's FLOPs
+(frames encoded, train/vision.py step_flops). MFU = achieved FLOP/s per device / the device's peak. The
 default peak is the measured bf16 dense matmul rate of the device kind (H100/H200: 775 TFLOP/s,
 measured on an H200 with torch 2.11); CPU runs report no MFU unless `train.peak_tflops` is set.
 """

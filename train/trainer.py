@@ -371,9 +371,11 @@ class Trainer:
                             "nothing is left out for them (first: %s)", len(unmatched), ", ".join(unmatched[:5]))
 
         pc = lm_param_count(lm)
-        # a step of the DSA warm-up's local indexer backward runs the frozen model forward only
-        self.meter = Meter(flops_per_token=lm_flops_per_token(lm, t.seq_length, backward=not self.indexer_step),
-                           world_size=layout.world_size,
+        # a step of the DSA warm-up's local indexer backward runs the frozen model forward only; a stage that
+        # trains part of the model computes no weight gradient for the rest
+        flops = lm_flops_per_token(lm, t.seq_length, backward=not self.indexer_step, trainable=t.trainable,
+                                   teacher=t.distill.enabled)
+        self.meter = Meter(flops_per_token=flops, world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)

@@ -60,12 +60,14 @@ def test_wandb_gets_every_step_of_metrics_jsonl_and_the_warmup_counts_its_forwar
                 assert row[key] == pytest.approx(value, rel=1e-12), (rec["step"], key)  # JSON's float round trip
 
     # keye_tiny_dsa at 256 tokens, forward only: hidden 128, 4 layers, 8 x 16 query / 2 x 16 KV heads, 8 experts
-    # top-2 of width 64, vocab 512; the indexer (4 heads x 8) projects every token and scores every causal pair
-    # forward, and its KL's backward covers every causal pair (the warm-up's attention is dense): 2 x forward
+    # top-2 of width 64, vocab 512; the indexer (4 heads x 8) projects every token (forward and its weights'
+    # gradients) and scores every causal pair forward, and its KL's backward covers every causal pair (the
+    # warm-up's attention is dense): 2 x forward
     h, layers, q, kv, seq, world = 128, 4, 8 * 16, 2 * 16, 256, 2
-    matmuls = layers * (h * (q + 2 * kv) + q * h + h * 8 + 2 * 3 * h * 64 + h * (4 * 8 + 8 + 4)) + 512 * h
+    matmuls = layers * (h * (q + 2 * kv) + q * h + h * 8 + 2 * 3 * h * 64) + 512 * h
+    indexer = layers * h * (4 * 8 + 8 + 4)
     pairs = seq * (seq + 1) // 2
-    want = 2 * matmuls + 4 * q * layers * pairs / seq + 2 * 4 * 8 * layers * 3 * pairs / seq
+    want = 2 * matmuls + 2 * 2 * indexer + 4 * q * layers * pairs / seq + 2 * 4 * 8 * layers * 3 * pairs / seq
     for rec in records:
         got = rec["tflops_per_device"] * 1e12 * world / rec["tokens_per_s"]
         assert got == pytest.approx(want, rel=1e-9), rec["step"]   # the log's floats divided back
