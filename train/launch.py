@@ -378,6 +378,19 @@ def check_device(cfg: Config, *, cuda: bool) -> None:
                          f"slowly)")
 
 
+def check_wandb(cfg: Config) -> None:
+    """wandb, which the run logs to unless told not to, is installed (ValueError naming the setting). Without it, rank
+    0 stopped on `import wandb` once the model was built, the other ranks waiting for it in their first step."""
+    import importlib.util
+
+    from train.metrics import wandb_used
+
+    w = cfg.train.wandb
+    if wandb_used(w.enabled, w.mode) and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"train.wandb.enabled=true (train.wandb.mode={w.mode}) logs to wandb, which is not installed "
+                         f"here: pip install wandb, or train.wandb.enabled=false to train without it")
+
+
 def check_run_dir(cfg: Config) -> None:
     """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
     logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Leaves
@@ -582,6 +595,7 @@ def run(dcfg: DictConfig) -> None:
         check_env()   # a fault drill's KEYE_FAULT
         cfg, layout = validate(dcfg)
         check_device(cfg, cuda=torch.cuda.is_available())
+        check_wandb(cfg)
         check_run_dir(cfg)
         check_paths(cfg)
         warning = None

@@ -53,6 +53,12 @@ class StepStats:
     flops: float = 0.0  # model FLOPs of the step beyond the LM's per-token count (the vision tower's)
 
 
+def wandb_used(enabled: bool, mode: str) -> bool:
+    """Whether a run logs to wandb (train.wandb.enabled, train.wandb.mode, and WANDB_MODE=disabled in the
+    environment)."""
+    return enabled and mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled"
+
+
 class Meter:
     def __init__(self, *, flops_per_token: float, world_size: int, peak_tflops: float | None, total_steps: int):
         self.flops_per_token = flops_per_token
@@ -87,7 +93,7 @@ class Meter:
         eval_only (train.eval.only), a run of its own in that group instead: wandb ignores a value logged at a
         step below the run's last, so checkpoints scored after the training logged later steps would be lost in
         the training's run; and the training may still be writing to it."""
-        if not enabled or os.environ.get("WANDB_MODE") == "disabled" or mode == "disabled":
+        if not wandb_used(enabled, mode):
             return
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"

@@ -380,6 +380,36 @@ def test_launcher_exits_before_building_anything(tmp_path, override, world, need
     assert "process group" not in (proc.stderr + proc.stdout).lower()
 
 
+def test_wandb_missing_is_a_config_error_before_the_build(tmp_path, monkeypatch):
+    """wandb logs every run unless train.wandb.enabled=false; where it is not installed, rank 0 stopped on `import wandb`
+    with a traceback once the process groups and the model were built (the other ranks waiting in their first step).
+    The launcher exits 2 first, naming the setting. A sitecustomize hides the installed wandb, as Python does a
+    package it cannot find."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WORLD_SIZE="1", PYTHONPATH=os.pathsep.join([str(hide), str(REPO), env.get("PYTHONPATH", "")]))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm", "parallel.ep=1",
+                           "train.wandb.mode=offline", f"run_dir={run_dir}"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("config error: train.wandb.enabled=true (train.wandb.mode=offline) logs to wandb, which is not installed "
+            "here: pip install wandb, or train.wandb.enabled=false") in proc.stderr
+    assert not run_dir.exists()
+    from train.launch import check_wandb
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    check_wandb(_validate("recipe=keye_tiny_lm", "train.wandb.enabled=false")[0])   # turned off: not needed
+    check_wandb(_validate("recipe=keye_tiny_lm", "train.wandb.mode=disabled")[0])
+    with pytest.raises(ValueError, match=r"^train\.wandb\.enabled=true \(train\.wandb\.mode=auto\)"):
+        check_wandb(_validate("recipe=keye_tiny_lm")[0])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    check_wandb(_validate("recipe=keye_tiny_lm")[0])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run on a GPU: nothing to refuse there")
 def test_settings_this_machine_cannot_run_are_refused_before_the_build(tmp_path, monkeypatch):
     """model.lm.experts_impl=triton (or a KSA / DSA backend=triton) on a CPU-only machine built the process groups and
