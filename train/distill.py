@@ -19,7 +19,8 @@ the global count): the per-micro-batch attention term is multiplied by the micro
 Logits are vocab-parallel under TP; the softmaxes reduce over the TP group with megatron's
 reduce_from_tensor_model_parallel_region (all-reduce forward, identity backward: every TP rank computes
 the same loss, so its backward must not sum the ranks' gradients again). Needs pipeline size 1
-(teacher and student hidden states must live on the same rank).
+(teacher and student hidden states must live on the same rank), and train.trainable=summary: the teacher is the
+model's own weights, so only the summary parameters (which the teacher pass never reads) may train.
 """
 
 from __future__ import annotations

@@ -479,6 +479,13 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
+    # the teacher is the model's own weights in teacher mode (train/distill.py): any of them that trained would move
+    # the teacher with the student, which ran without a word and distilled towards a target it was itself moving
+    if cfg.train.distill.enabled and cfg.train.trainable != "summary":
+        raise ValueError(f"train.distill.enabled needs train.trainable=summary (got {cfg.train.trainable}): the "
+                         f"teacher is this model's own weights with dense attention, so training more than the summary "
+                         f"parameters would train the teacher too and it would no longer be the dense model the run "
+                         f"starts from. Stage 2 trains everything without distillation (train.distill.enabled=false)")
     check_attention_stage(cfg)
     if cfg.train.distill.enabled and layout.pp > 1:
         raise ValueError(f"train.distill needs parallel.pp=1 (got {layout.pp}): teacher and student run on one rank")

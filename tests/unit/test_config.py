@@ -665,3 +665,17 @@ def test_init_from_a_model_of_other_sizes_stops_before_the_build(tmp_path):
         check_paths(_validate(*vl_distill, f"train.checkpoint.vision_init_from={vl}", "model.vision.depth=1")[0])
     # a language model's run starts a multimodal one: no vision tower there to compare
     check_paths(_validate("recipe=keye_tiny", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={lm}")[0])
+
+
+def test_distillation_trains_only_the_summary_parameters_so_its_teacher_stays_the_dense_model(tmp_path):
+    """The distillation's teacher is the model's own weights with dense attention (train/distill.py). With
+    train.trainable=all (or projector) those weights trained with the student, so the teacher moved away from the
+    dense model the run started from, and the stage ran without a word; now a config error before any process group."""
+    stage = ["recipe=keye_tiny_vl_ksa_distill", f"run_dir={tmp_path / 'new'}"]
+    _validate(*stage)
+    for trainable in ("all", "projector"):
+        with pytest.raises(ValueError, match=rf"train\.distill\.enabled needs train\.trainable=summary \(got "
+                                             rf"{trainable}\): the teacher is this model's own weights"):
+            _validate(*stage, f"train.trainable={trainable}")
+    _validate(*stage, "train.trainable=all", "train.distill.enabled=false")  # stage 2
+
