@@ -317,7 +317,8 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
 
     from train import checkpoint as ckpt
 
-    saved = ((ckpt.saved_common(ref) or {}).get("config") or {}).get("model")
+    recorded = (ckpt.saved_common(ref) or {}).get("config") or {}
+    saved = recorded.get("model")
     if not saved:
         return
     ours = asdict(cfg.model)
@@ -355,6 +356,18 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
                          f"at model.lm.rope_theta={ours_theta:g} here: the frozen layers would read every position at "
                          f"another RoPE base than they learned. Give model.lm.rope_theta={float(theta):g}, or train "
                          f"the whole model (train.trainable=all) to move it to a new base")
+    # a distillation's teacher is the source's weights with dense attention: the dense model only where the source
+    # trained none of them under KSA attention (a stage-1 run, train.trainable=summary). From a KSA run that trained
+    # them (keye_tiny_ksa, a stage-2 run) the teacher was that KSA model read densely, and the stage ran without a word
+    there = recorded.get("train") or {}
+    if (name == "init_from" and cfg.train.distill.enabled and uses(saved, "ksa")
+            and there.get("trainable", "summary") != "summary"):
+        started = (there.get("checkpoint") or {}).get("init_from")
+        raise ValueError(f"train.checkpoint.init_from={source!r} holds a KSA model (step {ref.step}, {ref.path}) whose "
+                         f"run trained train.trainable={there['trainable']} with KSA attention: the distillation's "
+                         f"teacher, those weights with dense attention, would not be a dense model. Distil from a "
+                         f"dense run" + (f" (that run started from {started!r})" if started else "")
+                         + ", or from a stage-1 run (train.trainable=summary), which keeps its source's dense weights")
 
 
 def check_device(cfg: Config, *, cuda: bool) -> None:

@@ -679,3 +679,23 @@ def test_distillation_trains_only_the_summary_parameters_so_its_teacher_stays_th
             _validate(*stage, f"train.trainable={trainable}")
     _validate(*stage, "train.trainable=all", "train.distill.enabled=false")  # stage 2
 
+
+def test_a_distillation_from_a_ksa_run_that_trained_its_weights_is_refused(tmp_path):
+    """init_from a KSA run whose language model trained under KSA attention (keye_tiny_ksa, a stage-2 run): the
+    teacher would be that KSA model read with dense attention, not a dense model, and the stage ran without a word.
+    A stage-1 run (only its summary parameters trained: its dense weights are its source's) and a dense run pass."""
+    from train.launch import check_paths
+
+    ksa = _run_dir_of(tmp_path, "ksa", "recipe=keye_tiny_ksa", "train.checkpoint.init_from=/data/dense_lm")
+    stage1 = _run_dir_of(tmp_path, "stage1", "recipe=keye_tiny_ksa_distill")
+    dense = _run_dir_of(tmp_path, "dense", "recipe=keye_tiny_lm")
+    distill = ["recipe=keye_tiny_ksa_distill", f"run_dir={tmp_path / 'new'}"]
+    with pytest.raises(ValueError, match=r"train\.checkpoint\.init_from='.*/ksa' holds a KSA model \(step 2, .*\) "
+                                         r"whose run trained train\.trainable=all with KSA attention: the "
+                                         r"distillation's teacher.*would not be a dense model\. Distil from a dense "
+                                         r"run \(that run started from '/data/dense_lm'\)"):
+        check_paths(_validate(*distill, f"train.checkpoint.init_from={ksa}")[0])
+    for source in (stage1, dense):
+        check_paths(_validate(*distill, f"train.checkpoint.init_from={source}")[0])
+    # the same KSA run starts a stage that does not distil (stage 2 from it)
+    check_paths(_validate("recipe=keye_tiny_ksa", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={ksa}")[0])
