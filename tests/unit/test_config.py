@@ -699,3 +699,29 @@ def test_a_distillation_from_a_ksa_run_that_trained_its_weights_is_refused(tmp_p
         check_paths(_validate(*distill, f"train.checkpoint.init_from={source}")[0])
     # the same KSA run starts a stage that does not distil (stage 2 from it)
     check_paths(_validate("recipe=keye_tiny_ksa", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={ksa}")[0])
+
+
+def test_recipe_comments_chain_the_commands_they_give():
+    """A recipe whose header comment gives the commands of a chain (the dense model, then this stage) names, in each
+    init_from=runs/<dir>, the run directory an earlier command of that comment makes; without an earlier command,
+    that of a recipe. keye_tiny_ksa_distill's made the multimodal keye_tiny and then read runs/keye_tiny_lm, which
+    those commands never make: a user following it stopped at a config error (no such path)."""
+    import re
+
+    bad = []
+    for path in sorted((REPO / "recipes" / "recipe").glob("*.yaml")):
+        head = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            head.append(line[1:])
+        made = []
+        for command in "\n".join(head).replace("\\\n", " ").splitlines():
+            if "launch/pretrain.py" not in command:
+                continue
+            for source in re.findall(r"init_from=(runs/\S+)", command):
+                if (source not in made) if made else not (REPO / "recipes" / "recipe" / f"{source[5:]}.yaml").exists():
+                    bad.append(f"{path.name}: init_from={source}, its commands make {made or 'none'}")
+            run_dir, recipe = re.search(r"\brun_dir=(\S+)", command), re.search(r"recipe=(\S+)", command).group(1)
+            made.append(run_dir.group(1) if run_dir else f"runs/{recipe}")
+    assert not bad, bad
