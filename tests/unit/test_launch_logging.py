@@ -79,3 +79,36 @@ def test_a_file_only_record_reaches_the_rank_log_and_not_the_console(tmp_path, c
     assert "on both" in console and "on both" in text
     assert "the run failed" not in console and "boom" not in console
     assert "[rank0] train: the run failed" in text and "KeyError: 'boom'" in text
+
+
+def test_a_distillation_s_small_terms_are_readable_on_the_step_and_eval_lines():
+    """The tiny KSA distillation's attention MSE is ~4e-5 (its metrics.jsonl): the step line and the eval line showed
+    it, and any value under 5e-5, as 0.0000. A value under 0.001 now reads back to its own to 4 significant digits
+    (rel 1e-3: .3e rounding); values from 0.001 up keep their 4 decimals."""
+    import re
+
+    from train.metrics import StepStats
+
+    terms = {"kl": 0.005456669954583049, "attn_mse": 4.050733423355268e-05}
+    m = Meter(flops_per_token=1.0, world_size=1, peak_tflops=None, total_steps=30)
+    line = m.line(StepStats(step=1, loss=1.5424, grad_norm=0.5, lr=2e-4, seconds=1.0, tokens=1024, extra=terms))
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    metrics_log, keep = logging.getLogger("train"), Keep()
+    metrics_log.addHandler(keep)
+    level = metrics_log.level
+    metrics_log.setLevel(logging.INFO)
+    try:
+        m.log_eval(0, {"val_loss": 1.4604, **{f"val_{k}": v for k, v in terms.items()}, "val_seconds": 1.1,
+                       "val_sequences": 16})
+    finally:
+        metrics_log.removeHandler(keep)
+        metrics_log.setLevel(level)
+    for text, prefix in ((line, ""), (lines[0], "val_")):
+        got = re.search(rf"\| {prefix}attn_mse (\S+) \|", text)
+        assert got and float(got.group(1)) == pytest.approx(terms["attn_mse"], rel=1e-3), text
+        assert f"| {prefix}kl 0.0055 |" in text, text
