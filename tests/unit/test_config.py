@@ -698,7 +698,8 @@ def test_a_distillation_from_a_ksa_run_that_trained_its_weights_is_refused(tmp_p
     for source in (stage1, dense):
         check_paths(_validate(*distill, f"train.checkpoint.init_from={source}")[0])
     # the same KSA run starts a stage that does not distil (stage 2 from it)
-    check_paths(_validate("recipe=keye_tiny_ksa", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={ksa}")[0])
+    check_paths(_validate("recipe=keye_tiny_ksa", f"run_dir={tmp_path / 'new'}",
+                          f"train.checkpoint.init_from={ksa}")[0])
 
 
 def test_recipe_comments_chain_the_commands_they_give():
