@@ -15,7 +15,9 @@ whose error exceeds it contributes a constant (no gradient) until the error fall
 are averaged (not summed), so the weight means the same at any depth.
 
 Losses follow megatron's per-token convention (sum over tokens + token count; the trainer divides by
-the global count): the per-micro-batch attention term is multiplied by the micro-batch's token count.
+the global count): the per-micro-batch attention term is multiplied by the micro-batch's token count. That term is
+attached to each KSA layer's output in the layer's forward (AttentionMatch), so that it reaches the parameters under
+full recomputation too; the loss the step returns holds the LM and KL terms.
 Logits are vocab-parallel under TP; the per-token sums over the vocabulary reduce over the TP group with megatron's
 reduce_from_tensor_model_parallel_region (all-reduce forward, identity backward: every TP rank computes
 the same loss, so its backward must not sum the ranks' gradients again), except the softmax's normaliser, which every
@@ -34,6 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from models.attention.ksa import KSASelfAttention, ksa_teacher_mode
 from train.config import DistillConfig
@@ -76,58 +79,97 @@ def target_logprob(logp: torch.Tensor, labels: torch.Tensor, group) -> torch.Ten
     return picked
 
 
-@contextlib.contextmanager
-def capture_attention_outputs(model: torch.nn.Module):
-    """Collects every KSA layer's attention output ([s, b, h], SP-sharded under sequence parallelism).
+class AttentionMatch:
+    """The attention-output term, computed in each KSA layer's forward and attached to its output there.
 
-    In eval mode an output without autograd history is copied: megatron's bias-dropout-add then adds the residual
-    into it in place (fused_bias_dropout: `inplace` when not training and nothing requires grad), so evaluation's
-    attention MSE compared each layer's output plus its residual (2.6x the training value at step 0 in
-    tests/dist/test_eval.py). In training mode nothing is added in place and no output is copied."""
-    outputs: list[torch.Tensor] = []
+    A forward hook on every KSA layer: in the teacher pass it keeps the layer's output (gathered over the sequence
+    under sequence parallelism); in the student pass it takes the layer's clamped MSE against it at the text
+    positions and attaches weight * tokens / layers times it to the output with megatron's MoEAuxLossAutoScaler (the
+    gradient the schedule's backward gives the main loss, scaled as that loss is). The hooks stay armed for the
+    student until the next teacher pass, so that under parallel.recompute=full the layers' rerun inside the backward
+    attaches the term: the first forward runs without gradients there, and a term summed into the loss from it
+    reached no parameter (the tiny recipe's first gradient norm 0.4989 against 0.5016 without recomputation).
+    Each layer's value is taken from its first forward in the pass.
 
-    def keep(mod, args, out):
+    In eval mode an output without autograd history is copied in the teacher pass: megatron's bias-dropout-add then
+    adds the residual into it in place (fused_bias_dropout: `inplace` when not training and nothing requires grad),
+    so evaluation's attention MSE compared each layer's output plus its residual (2.6x the training value at step 0
+    in tests/dist/test_eval.py). The student's value is taken in the hook, before that add."""
+
+    def __init__(self, chunks, *, tp_group, sequence_parallel: bool):
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.layers = [m for c in chunks for m in c.modules() if isinstance(m, KSASelfAttention)]
+        self.mode = None  # "teacher", "student" or None
+        self.teacher_out: dict = {}   # layer -> the teacher pass's output [s, b, h]
+        self.values: dict = {}        # layer -> the student pass's clamped MSE (no gradient)
+        self.text_index = None
+        self.scale = 0.0
+        self.clamp = 0.0
+        for m in self.layers:
+            m.register_forward_hook(self._hook)
+
+    def _whole(self, a: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            # every TP rank computes the same loss from the gathered sequence: the backward takes this rank's slice
+            # of the gradient (no reduce-scatter, which would count it tp times)
+            return gather_from_sequence_parallel_region(a, tensor_parallel_output_grad=False, group=self.tp_group)
+        return a
+
+    def _hook(self, mod, args, out):
         a = out[0]
-        outputs.append(a if mod.training or a.requires_grad else a.clone())
+        if self.mode == "teacher":
+            self.teacher_out[mod] = self._whole(a if mod.training or a.requires_grad else a.clone())
+            return None
+        if self.mode != "student" or mod not in self.teacher_out:
+            return None
+        a_s = self._whole(a).index_select(0, self.text_index)
+        mse = torch.clamp((a_s.float() - self.teacher_out[mod].float()).pow(2).mean(), 0.0, self.clamp)
+        self.values.setdefault(mod, mse.detach())
+        if not a.requires_grad:
+            return None
+        return (MoEAuxLossAutoScaler.apply(a, mse * self.scale), *out[1:])
 
-    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, KSASelfAttention)]
-    try:
-        yield outputs
-    finally:
-        for h in hooks:
-            h.remove()
+    @contextlib.contextmanager
+    def teacher(self):
+        """The teacher pass: keeps each layer's output; disarms the student's hooks of the micro-batch before."""
+        self.mode, self.teacher_out, self.values = "teacher", {}, {}
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    def arm_student(self, text_index: torch.Tensor, *, weight_per_layer: torch.Tensor, clamp: float) -> None:
+        """From now until the next teacher pass, each layer's forward attaches weight_per_layer x its clamped MSE."""
+        self.mode, self.text_index, self.scale, self.clamp = "student", text_index, weight_per_layer, clamp
+
+    def mean(self, like: torch.Tensor) -> torch.Tensor:
+        """The student pass's MSE, the mean over the layers (no gradient)."""
+        vals = [self.values[m] for m in self.layers if m in self.values]
+        return torch.stack(vals).mean() if vals else like.new_zeros(())
 
 
 def distill_losses(model, batch: dict, teacher: tuple, student: tuple, text_index: torch.Tensor, cfg: DistillConfig,
-                   *, tp_group, sequence_parallel: bool):
+                   match: AttentionMatch, *, tp_group):
     """Returns (loss_sum over text tokens, number of text tokens, report dict). `teacher` and `student` are the
     model's (tokens, position_ids, keyword arguments) for the text row and for the row with summary slots (packed
     documents' bounds, the visual embeddings and their positions in each); `text_index` maps the text row's
-    positions into the student's; labels and loss mask are the text row's (`batch`)."""
-    with torch.no_grad(), ksa_teacher_mode(model), capture_attention_outputs(model) as attn_t:
+    positions into the student's; labels and loss mask are the text row's (`batch`). The attention term's gradient
+    reaches the model through `match` (attached in the layers); loss_sum holds the LM and KL terms."""
+    with torch.no_grad(), ksa_teacher_mode(model), match.teacher():
         logits_t = model(teacher[0], teacher[1], None, **teacher[2])
-    with capture_attention_outputs(model) as attn_s:
-        logits_s = model(student[0], student[1], None, **student[2])
+    mask = batch["loss_mask"].float()
+    n_tokens = mask.sum()
+    match.arm_student(text_index, weight_per_layer=cfg.attn_weight * n_tokens.detach() / max(len(match.teacher_out), 1),
+                      clamp=cfg.attn_clamp)
+    logits_s = model(student[0], student[1], None, **student[2])
     logits_s = logits_s.index_select(1, text_index)  # [b, s_text, V/tp]
     logp_s = vocab_parallel_log_softmax(logits_s, tp_group)
     logp_t = vocab_parallel_log_softmax(logits_t, tp_group)
-    mask = batch["loss_mask"].float()
     ce = -target_logprob(logp_s, batch["labels"], tp_group)
     kl = _vocab_sum(logp_t.exp() * (logp_t - logp_s), tp_group)
-    n_tokens = mask.sum()
     per_token = cfg.lm_weight * ce + cfg.kl_weight * kl
     loss_sum = (per_token * mask).sum()
-    mses = []
-    for a_s, a_t in zip(attn_s, attn_t):
-        if sequence_parallel:
-            # every TP rank computes the same loss from the gathered sequence: the backward takes this
-            # rank's slice of the gradient (no reduce-scatter, which would count it tp times)
-            a_s = gather_from_sequence_parallel_region(a_s, tensor_parallel_output_grad=False, group=tp_group)
-            a_t = gather_from_sequence_parallel_region(a_t, tensor_parallel_output_grad=False, group=tp_group)
-        a_s = a_s.index_select(0, text_index)
-        mses.append(torch.clamp((a_s.float() - a_t.float()).pow(2).mean(), 0.0, cfg.attn_clamp))
-    attn = torch.stack(mses).mean() if mses else loss_sum.new_zeros(())
-    loss_sum = loss_sum + cfg.attn_weight * attn * n_tokens
+    attn = match.mean(loss_sum)
     report = torch.stack([(ce * mask).sum().detach().double(), n_tokens.detach().double(),
                           (kl * mask).sum().detach().double(), attn.detach().double() * n_tokens.detach().double()])
     return loss_sum, n_tokens.to(torch.int), report

@@ -42,7 +42,7 @@ from parallel.layout import ParallelLayout
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
-from train.distill import distill_losses
+from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested)
 from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
@@ -87,6 +87,7 @@ class StepInputs:
     ksa_summary: int = 1
     model_seq: int = 0  # tokens per row the model sees (text + KSA summaries); packed KSA rows are padded to it
     distill: DistillConfig | None = None
+    attention_match: object = None  # with distill: train/distill.AttentionMatch, the KSA layers' attention term
     tp_group: object = None
     sequence_parallel: bool = False
     cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
@@ -138,8 +139,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
     if teacher is not None:  # KSA conversion stage 1: the student is the row as the model trains on it
         loss_sum, n, report = distill_losses(model, batch, teacher, (tokens, pos, kwargs), sb.layout.text_index,
-                                             inputs.distill, tp_group=inputs.tp_group,
-                                             sequence_parallel=inputs.sequence_parallel)
+                                             inputs.distill, inputs.attention_match, tp_group=inputs.tp_group)
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
     return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts)
@@ -346,6 +346,8 @@ class Trainer:
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
             ksa_summary=lm.ksa.num_summary, model_seq=self.model_seq_length,
             distill=t.distill if t.distill.enabled else None,
+            attention_match=AttentionMatch([m.module for m in self.model], tp_group=self.pgs.tp,
+                                           sequence_parallel=layout.sequence_parallel) if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
 
