@@ -51,6 +51,7 @@ import torch
 from data.exclude import ExcludeList, blank_pieces
 from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import GlobalSamplePosition
+from data.video.annotations import unpaired_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ def _line_text(raw: bytes, key: str) -> tuple[str | None, str]:
         return None, f"not JSON ({e.msg}, column {e.colno})"
     value = rec.get(key) if isinstance(rec, dict) else None
     if isinstance(value, str) and value:
+        if (bad := unpaired_surrogate(value, repr(key))) is not None:   # a tokenizer would fail on it, ending the run
+            return None, bad
         return value, ""
     return None, ("not a JSON object" if not isinstance(rec, dict) else
                   f"no {key!r} field" if key not in rec else

@@ -137,12 +137,38 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def unpaired_surrogate(value, where: str = "") -> str | None:
+    """Where a JSON value holds a string with an unpaired UTF-16 surrogate (a JSON escape such as "\\ud83d" without
+    its pair, as cut web text holds: Python's json reads it, but no UTF-8 text, tokenizer or shard holds it), said
+    as the field and character; None when it holds none."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError as e:
+            return (f"{where or 'the text'} holds an unpaired surrogate {value[e.start]!r} at character {e.start} "
+                    f"(half of a UTF-16 pair, which UTF-8 text cannot hold)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and (found := unpaired_surrogate(k, f"{where} key" if where else "a key")) is not None:
+            return found
+        found = unpaired_surrogate(v, f"{where}[{k!r}]" if where else repr(k))
+        if found is not None:
+            return found
+    return None
+
+
 def field_problem(annotation: dict) -> str | None:
     """What is wrong with the types of a record's text fields, naming the field; None when they are well formed:
     `prompt`, `caption` and `text` strings; `events` a list of {"start": seconds, "end": seconds (optional),
-    "text": str}; `qa` a list of {"question" (or "q"): str, "answer" (or "a"): str}. A field that is absent or
-    null is fine. `annotation_segments` would drop a wrong-typed field (or a part of it) without a word, so ingest
-    reports the record instead (its conversation is checked by `conversation_turns`)."""
+    "text": str}; `qa` a list of {"question" (or "q"): str, "answer" (or "a"): str}; and no string of the record
+    holding an unpaired surrogate (`unpaired_surrogate`). A field that is absent or null is fine.
+    `annotation_segments` would drop a wrong-typed field (or a part of it) without a word, so ingest reports the
+    record instead (its conversation is checked by `conversation_turns`)."""
+    if (bad := unpaired_surrogate(annotation)) is not None:
+        return bad
     for name in ("prompt", "caption", "text"):
         x = annotation.get(name)
         if x is not None and not isinstance(x, str):

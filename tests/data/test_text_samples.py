@@ -60,6 +60,24 @@ def test_read_annotations_sorts_records(tmp_path):
     assert ":8: no string field 'video' or 'image'" in problems[4]                       # blank text is no text
 
 
+def test_a_record_holding_an_unpaired_surrogate_is_reported_not_fatal(tmp_path):
+    """Cut web text holds JSON escapes of half a UTF-16 pair ("\\ud83d" without its pair): json reads them, but no
+    UTF-8 text holds one, and ingest stopped with a UnicodeEncodeError naming no line. Such a record is reported by
+    line and field, and its video rejected rather than ingested without its text; the other records go on."""
+    p = tmp_path / "a.jsonl"
+    recs = [{"text": "fine text"}, {"text": "cut emoji \ud83d here"},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok \udc00"}]},
+            {"video": "v.mp4", "caption": "a \ud800 b"}, {"text": "after them"}]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")      # json.dumps writes the lone halves as escapes
+    assert "\\ud83d" in p.read_text()
+    a = read_annotations(str(p))
+    assert [t[2] for t in a.texts] == [1, 5] and not a.videos
+    assert len(a.problems) == 3, a.problems
+    assert a.problems[0].startswith(f"{p}:2: 'text' holds an unpaired surrogate '\\ud83d' at character 10")
+    assert a.problems[1].startswith(f"{p}:3: 'conversations'[1]['value'] holds an unpaired surrogate '\\udc00'")
+    assert a.problems[2].startswith(f"{p}:4: 'caption' holds") and "v.mp4" in a.bad_videos
+
+
 def test_ingest_stores_text_samples_among_videos(mixed):
     out, summary = mixed
     r = summary["this_run"]

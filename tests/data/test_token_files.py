@@ -66,6 +66,26 @@ def test_tokenize_jsonl_writes_each_line_and_lists_the_bad_ones(tmp_path):
         assert (tmp_path / f"par{suffix}").read_bytes() == (tmp_path / f"out{suffix}").read_bytes(), suffix
 
 
+def test_a_text_holding_an_unpaired_surrogate_is_a_line_left_out(tmp_path):
+    """A JSON escape of half a UTF-16 pair ("\\ud800", as cut web text holds) reads as a str that no tokenizer can
+    encode: the whole run stopped with a UnicodeEncodeError (the byte tokenizer) or a TypeError (a Hugging Face one)
+    naming no line. The line is left out and listed, as a line that is not UTF-8 is; the others are written."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+
+    (tmp_path / "in.jsonl").write_text('{"text": "good"}\n{"text": "bad \\ud800 half"}\n{"text": "after"}\n')
+    for name, tok in (("bytes", TOK), ("hf", HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf")))):
+        for workers in (1, 2):
+            out = tmp_path / f"{name}{workers}"
+            info = tokenize_jsonl([str(tmp_path / "in.jsonl")], out, tok, workers=workers)
+            ds = IndexedDataset(str(out))
+            assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eos_id] for t in ("good", "after")]
+            skipped = [json.loads(x) for x in (tmp_path / f"{name}{workers}.skipped.jsonl").read_text().splitlines()]
+            assert info["skipped_lines"] == 1 and [s["line"] for s in skipped] == [2]
+            assert skipped[0]["reason"].startswith("'text' holds an unpaired surrogate '\\ud800' at character 4")
+
+
 def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
     """A Hugging Face tokenizer in forked workers, many chunks in flight: the documents in the lines' order, as one
     process writes them."""
