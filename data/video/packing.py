@@ -223,8 +223,29 @@ class DocPlan:
         return sum(fp.patches(patch_size) for fp in plans)
 
 
-def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[bool], int]:
-    """Token ids and supervision of `segs`, cut at `cap` tokens; also how many tokens were cut."""
+def _encode_joined(segs, tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of `segs`' texts joined into one string, each supervised when any character of its span is (a token
+    that spans a segment boundary, e.g. "\n\n\n" over "<|im_start|>assistant\n" and an answer starting "\n\n",
+    holds answer text: transformers' assistant mask marks it so too)."""
+    text = "".join(t for t, _ in segs)
+    sup = np.zeros(len(text) + 1, np.int64)          # sup[c]: supervised characters before character c
+    at = 0
+    for t, s in segs:
+        if s:
+            sup[at + 1:at + len(t) + 1] = 1
+        at += len(t)
+    sup = np.cumsum(sup)
+    ids, spans = tokenizer.encode_offsets(text)
+    return list(ids), [bool(sup[min(max(b, a + 1), len(text))] > sup[a]) for a, b in spans]
+
+
+def _encode_text(segs, tokenizer: Tokenizer, cap: int, joined: bool = False) -> tuple[list[int], list[bool], int]:
+    """Token ids and supervision of `segs`, cut at `cap` tokens; also how many tokens were cut. `joined` (a Qwen chat
+    template's document, with a tokenizer that gives offsets): the texts are tokenized as one string, as transformers
+    tokenizes a rendered template, instead of each alone (`_encode_joined`)."""
+    if joined and hasattr(tokenizer, "encode_offsets"):
+        ids, loss = _encode_joined(segs, tokenizer)
+        return ids[:max(0, cap)], loss[:max(0, cap)], max(0, len(ids) - max(0, cap))
     ids: list[int] = []
     loss: list[bool] = []
     cut = 0
@@ -238,10 +259,16 @@ def _encode_text(segs, tokenizer: Tokenizer, cap: int) -> tuple[list[int], list[
     return ids, loss, cut
 
 
+def joined(template: str) -> bool:
+    """Whether a document's text under chat template `template` is tokenized as one string (`_encode_text`): under
+    Qwen's templates, whose ids are to equal transformers' apply_chat_template; "plain" tokenizes each segment alone."""
+    return template in ("qwen", "qwen3")
+
+
 def encode_text_document(annotation: dict, tokenizer: Tokenizer, template: str = "plain"
                          ) -> tuple[list[int], list[bool]]:
     """All of a text-only sample's token ids and their supervision, uncut (`template`: its conversation's)."""
-    ids, loss, _ = _encode_text(annotation_segments(annotation, template), tokenizer, 1 << 62)
+    ids, loss, _ = _encode_text(annotation_segments(annotation, template), tokenizer, 1 << 62, joined(template))
     return ids, loss
 
 
@@ -291,7 +318,7 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
     text_cap = max(0, min(cfg.max_text_tokens, cfg.seq_len - ends - n * (2 + cfg.min_image_tokens)))
     enc, used = [], 0
     for ch in chunks:
-        ids, loss, _ = _encode_text(ch, tokenizer, text_cap - used)
+        ids, loss, _ = _encode_text(ch, tokenizer, text_cap - used, joined(cfg.chat_template))
         enc.append((ids, loss))
         used += len(ids)
     fixed = ends + 2 * n + used
@@ -318,7 +345,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
     text_ids, text_loss, _ = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)), tokenizer,
-                                          max(0, text_cap))
+                                          max(0, text_cap), joined(cfg.chat_template))
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):

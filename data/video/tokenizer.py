@@ -125,6 +125,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode, with each token's span of `text` (start, end) in characters."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode of each text, on the tokenizers library's threads (launch/tokenize_text.py)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

@@ -246,3 +246,80 @@ def test_qwen3_tool_use_equals_transformers_rendering(tok_dir, case):
     assert trained.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n')
     assert trained.endswith("<think>\n\n</think>\n\n3 °C.<|im_end|>") and "<tool_response>" not in trained
     assert "Be brief." not in trained and "Two cities" not in trained  # that thinking precedes the last query
+
+
+# Qwen3's chat template's rules without tools (its tokenizer_config.json), with transformers' {% generation %} marks
+# around what an assistant turn writes after "<|im_start|>assistant\n" up to its <|im_end|>: the reference for both
+# the ids and the supervised tokens (transformers' assistant mask)
+QWEN3_RULES_MARKED = """
+{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(found=false, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}{%- set ns.last_query_index = index %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}{%- set content = message.content %}{%- set reasoning = '' %}
+{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}
+{{- '<|im_start|>assistant\\n' }}{% generation %}
+{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) %}{{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+{%- else %}{{- content }}{%- endif %}{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}
+{%- endif %}{%- endfor %}"""
+
+# Qwen2's pre-tokenizer pattern (Qwen2.5's and Qwen3's tokenizer.json): a run of whitespace ending in a newline is one
+# piece, so "assistant\n" followed by an answer opening with "\n\n" tokenizes as "assistant", "\n\n\n"
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def qwen_like_tok_dir(tmp_path_factory):
+    """A small byte-level BPE with Qwen's pre-tokenizer (the regex split, then bytes) and special tokens, trained on
+    text with runs of newlines, so that merges such as "\\n\\n" exist as in Qwen's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Hello there.\n\nHow are you?\n\n", "The answer is 42.\n\n Sure thing!", "assistant\nuser\nsystem\n",
+              "Let me think.\n\nOK", "  indented\n\n\n  code"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(sorted(set(QWEN_VL_SPECIAL_TOKENS.values()) | {"<|im_start|>", "<|im_end|>"}))
+    tok.add_tokens(["<think>", "</think>"])
+    out = tmp_path_factory.mktemp("qwen_like")
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.mark.parametrize("template", ["qwen3", "qwen"])
+def test_answers_opening_with_newlines_equal_transformers_ids_and_assistant_mask(qwen_like_tok_dir, template):
+    """An answer that opens with newlines ("\\n\\nHello", as ShareGPT data has them) joins the "\\n" after
+    "<|im_start|>assistant" in one token when the rendered template is tokenized whole, as transformers does: the
+    turns tokenized one segment at a time gave "\\n", "\\n\\n" where transformers gives "\\n\\n\\n". The ids equal
+    transformers' on Qwen's template, and the supervised tokens its assistant mask (a token holding answer text is
+    supervised), under "qwen3" and "qwen" (whose layout is Qwen3's without thinking blocks: no turn after the last
+    query but the last, which is written as a history turn by removing the block transformers writes)."""
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "\n\nHello there."},
+                {"role": "user", "content": "\nHow are you?"},
+                {"role": "assistant", "content": "  \n\nFine.\n\n"},
+                {"role": "assistant", "content": "<think>\nThink.\n</think>\n\n\nOK"}]
+    if template == "qwen":        # Qwen2.5's layout: every turn as is (no thinking block): the history rule for all
+        messages = messages[:-1]
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(qwen_like_tok_dir / "tokenizer.json"))
+    rules = QWEN3_RULES_MARKED if template == "qwen3" else QWEN3_RULES_MARKED.replace("loop.index0 > ns", "false and ns")
+    want = ref.apply_chat_template(messages, chat_template=rules, tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    cfg = VideoDataConfig(seq_len=512, tokenizer=str(qwen_like_tok_dir), chat_template=template)
+    tok = build_tokenizer(cfg)
+    assert "\n\n\n" in [tok.decode([i]) for i in want["input_ids"]]   # the case: a token over the turn's opening
+    doc = plan_document(uid=0, key="s/t", video=None, annotation={"messages": messages}, cfg=cfg, tokenizer=tok,
+                        seed=0, epoch=0)
+    assert doc.text_ids == list(want["input_ids"]), ([tok.decode([i]) for i in doc.text_ids],
+                                                     [tok.decode([i]) for i in want["input_ids"]])
+    assert doc.text_loss == [bool(m) for m in want["assistant_masks"]]
