@@ -146,7 +146,8 @@ class EpochPlan:
 
     @property
     def truncated(self) -> dict[int, int]:
-        """uid -> text tokens cut (text-only samples longer than a sequence, text_overflow "cut")."""
+        """uid -> text tokens cut (text-only samples longer than a sequence, text_overflow "cut"; a video's or an image
+        sample's text longer than max_text_tokens or the room its frames leave)."""
         _, cut, pieces = self.sizes[:3]
         return {int(u): int(cut[u]) for u in np.flatnonzero((cut > 0) & (pieces > 0))}
 
@@ -900,11 +901,20 @@ class VideoPackedLoader:
                 cut = planner.epoch(pack.epoch).truncated
                 if cut:
                     self._stats["text_tokens_cut"] += sum(cut.values())
+                    texts = {u: c for u, c in cut.items() if planner.catalog[u].is_text}
+                    annotations = {u: c for u, c in cut.items() if u not in texts}
+                if cut and texts:
                     log.warning("video loader: epoch %d%s: %d text-only sample(s) longer than a sequence "
                                 "(seq_len %d) were cut to fit, %d tokens cut in all (first: %s; text_overflow cut: 'continue' "
                                 "trains every piece)", pack.epoch,
-                                f" of source {pack.source}" if self.mixed else "", len(cut), self.cfg.seq_len,
-                                sum(cut.values()), planner.key(min(cut)))
+                                f" of source {pack.source}" if self.mixed else "", len(texts), self.cfg.seq_len,
+                                sum(texts.values()), planner.key(min(texts)))
+                if cut and annotations:     # a video's or an image sample's text: its tail (later turns) is not trained
+                    log.warning("video loader: epoch %d%s: the text of %d video or image sample(s) was cut to fit, %d "
+                                "tokens cut in all (first: %s; data.video.max_text_tokens %d, or the room the sequence "
+                                "leaves beside the fewest frames or smallest images)", pack.epoch,
+                                f" of source {pack.source}" if self.mixed else "", len(annotations),
+                                sum(annotations.values()), planner.key(min(annotations)), self.cfg.max_text_tokens)
         failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
         if self.mixed:
             c = self._by_source[pack.source]

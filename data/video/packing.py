@@ -199,7 +199,8 @@ class DocPlan:
     text_ids: list[int]            # all of the document's text (an image sample's: its chunks joined)
     text_loss: list[bool]
     length: int
-    truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence, "cut")
+    truncated: int = 0             # text tokens cut to fit (a text-only document longer than a sequence, "cut"; a
+                                   # video's or an image sample's text over max_text_tokens or the room it leaves)
     piece: int = 0                 # a text-only document longer than a sequence ("continue"): this piece's index
     pieces: int = 1                # ... of this many, each planned, packed and trained as a document of its own
     images: tuple[FramePlan, ...] = ()   # an image sample's images (one frame each), in document order
@@ -316,16 +317,17 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
     elif len(chunks) != n + 1:
         raise PlanError("bad_metadata", f"{n} image(s) but {len(chunks) - 1} {IMAGE_MARKER!r} markers in the text")
     text_cap = max(0, min(cfg.max_text_tokens, cfg.seq_len - ends - n * (2 + cfg.min_image_tokens)))
-    enc, used = [], 0
+    enc, used, cut = [], 0, 0
     for ch in chunks:
-        ids, loss, _ = _encode_text(ch, tokenizer, text_cap - used, joined(cfg.chat_template))
+        ids, loss, c = _encode_text(ch, tokenizer, text_cap - used, joined(cfg.chat_template))
         enc.append((ids, loss))
-        used += len(ids)
+        used, cut = used + len(ids), cut + c
     fixed = ends + 2 * n + used
     plans = tuple(plan_image(im, cfg, token_cap=(cfg.seq_len - fixed) // n) for im in images)
     return DocPlan(uid=uid, key=key, frames=None, ts_ids=[], text_ids=[t for ids, _ in enc for t in ids],
                    text_loss=[b for _, loss in enc for b in loss],
-                   length=fixed + sum(fp.visual_tokens for fp in plans), images=plans, chunks=tuple(enc))
+                   length=fixed + sum(fp.visual_tokens for fp in plans), images=plans, chunks=tuple(enc),
+                   truncated=cut)
 
 
 def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
@@ -344,8 +346,8 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
-    text_ids, text_loss, _ = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)), tokenizer,
-                                          max(0, text_cap), joined(cfg.chat_template))
+    text_ids, text_loss, cut = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)),
+                                            tokenizer, max(0, text_cap), joined(cfg.chat_template))
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):
@@ -356,7 +358,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
         length = fixed + fp.visual_tokens + sum(len(t) + 2 for t in ts_ids)
         if length <= cfg.seq_len:
             return DocPlan(uid=uid, key=key, frames=fp, ts_ids=ts_ids, text_ids=text_ids,
-                           text_loss=text_loss, length=length)
+                           text_loss=text_loss, length=length, truncated=cut)
         cap -= max(1, length - cfg.seq_len)
     raise PlanError("does_not_fit", f"cannot fit seq_len {cfg.seq_len}")
 

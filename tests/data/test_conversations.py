@@ -182,3 +182,27 @@ def test_conversations_train_on_videos_images_and_text_alone(conv_shards, tmp_pa
         "<vision_end> Which numbers?\nAssistant: Both shown.\n<eos>"), image
     assert image.count("<vision_start>") == 2 and "<vision_end> second: <vision_start>" in image
     assert kinds["text"] == "<bos>User: Say hi.\nAssistant: Hi.\n<eos>"
+
+
+def test_a_conversation_cut_to_max_text_tokens_is_counted_and_logged(tmp_path, caplog):
+    """A video's or an image sample's conversation longer than max_text_tokens is cut, as docs/data.md says, but the
+    cut was neither counted nor logged (a text-only sample's is): an SFT set whose later turns never trained looked
+    whole. The byte tokenizer makes the count a worked number: "User: Q?\\n" (9 bytes) + "Assistant: " (11) + 600
+    "A"s + "\\n" = 621 tokens, of which max_text_tokens = 256 stay, 365 cut, for the video and for the image."""
+    vids, ann = make_synthetic_videos(tmp_path, 1, seed=4, max_seconds=2.0)
+    video = json.loads(ann.read_text().splitlines()[0])["video"]
+    conv = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A" * 600}]}
+    image = write_image(vids / "a", 7)["image"]
+    short = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
+    ann.write_text("".join(json.dumps(r) + "\n" for r in ({"video": video, **conv}, {"image": image, **conv}, short)))
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "shards"), progress=False,
+                         workers=1))
+    cfg = small_cfg(tmp_path / "shards", tmp_path, seq_len=1024, num_epochs=1, max_image_tokens=24)
+    assert cfg.max_text_tokens == 256
+    loader = VideoPackedLoader(cfg, seed=0)
+    with caplog.at_level("WARNING"):
+        docs = {rec.kind: text for _, _, rec, _, _, text in documents(loader)}
+    assert docs["video"].endswith("<vision_end>User: Q?\nAssistant: " + "A" * (256 - 20) + "<eos>")   # the cut itself
+    assert loader.stats["text_tokens_cut"] == 2 * 365
+    assert "the text of 2 video or image sample(s) was cut to fit, 730 tokens cut in all" in caplog.text
+    assert "text-only sample(s)" not in caplog.text          # the short conversation alone is whole
