@@ -260,6 +260,19 @@ def _encode_text(segs, tokenizer: Tokenizer, cap: int, joined: bool = False) -> 
     return ids, loss, cut
 
 
+def check_no_placeholder(ids: list[int], tokenizer: Tokenizer) -> None:
+    """PlanError ("placeholder_in_text") where a sample's text ids hold the tokenizer's image or video placeholder (a
+    text that spells "<|image_pad|>", which a Hugging Face tokenizer reads as that token): the pack's visual positions
+    are its placeholder tokens, so that text would take a visual token's place, one more position than the ViT's
+    embeddings fill, and stop the training step."""
+    for name in ("image_pad", "video_pad"):
+        i = getattr(tokenizer, f"{name}_id")
+        if i in ids:
+            raise PlanError("placeholder_in_text", f"its text holds {tokenizer.decode([i])!r} (the {name} token, "
+                                                   f"which only the loader writes, one per visual token) at text token "
+                                                   f"{ids.index(i)}")
+
+
 def joined(template: str) -> bool:
     """Whether a document's text under chat template `template` is tokenized as one string (`_encode_text`): under
     Qwen's templates, whose ids are to equal transformers' apply_chat_template; "plain" tokenizes each segment alone."""
@@ -285,6 +298,7 @@ def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataCo
     `encoded`: the sample's `encode_text_document`, when the caller has it (the planner does, for the pieces)."""
     ends = 1 + (tokenizer.bos_id is not None)
     ids, loss = encoded if encoded is not None else encode_text_document(annotation, tokenizer, cfg.chat_template)
+    check_no_placeholder(ids, tokenizer)
     if not any(loss):
         raise PlanError("no_text", "a text-only sample with no supervised text ('text' or a 'qa' answer)")
     room = cfg.seq_len - ends
@@ -320,6 +334,7 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
     enc, used, cut = [], 0, 0
     for ch in chunks:
         ids, loss, c = _encode_text(ch, tokenizer, text_cap - used, joined(cfg.chat_template))
+        check_no_placeholder(ids, tokenizer)
         enc.append((ids, loss))
         used, cut = used + len(ids), cut + c
     fixed = ends + 2 * n + used
@@ -348,6 +363,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
     text_ids, text_loss, cut = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)),
                                             tokenizer, max(0, text_cap), joined(cfg.chat_template))
+    check_no_placeholder(text_ids, tokenizer)
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
     for _ in range(12):

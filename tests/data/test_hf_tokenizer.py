@@ -323,3 +323,32 @@ def test_answers_opening_with_newlines_equal_transformers_ids_and_assistant_mask
     assert doc.text_ids == list(want["input_ids"]), ([tok.decode([i]) for i in doc.text_ids],
                                                      [tok.decode([i]) for i in want["input_ids"]])
     assert doc.text_loss == [bool(m) for m in want["assistant_masks"]]
+
+
+def test_a_text_spelling_a_placeholder_token_is_quarantined_not_a_visual_token(tok_dir, tmp_path):
+    """A text that spells "<|image_pad|>" or "<|video_pad|>" (a web page about Qwen-VL's prompts) is read by a Hugging
+    Face tokenizer as that token, and the pack's visual positions are its placeholder tokens: the pack held one more
+    visual position than the ViT's merged tokens (73 against 72 here), which stops the training step. Such a sample
+    is a plan reject, quarantined with its reason; every pack's visual positions equal its frames' merged tokens
+    (pixel rows / 4, the ViT's count), and the other texts train."""
+    from data.video.ingest import IngestOptions, ingest
+    from data.video.synthetic import make_synthetic_videos
+
+    vids, ann = make_synthetic_videos(tmp_path, 2, seed=4, max_seconds=2.0)
+    spelled = [{"text": "Qwen-VL writes <|vision_start|><|image_pad|><|vision_end|> for an image."},
+               {"qa": [{"q": "Which token marks a video frame?", "a": "<|video_pad|>, once per merged token."}]}]
+    ann.write_text(ann.read_text() + "".join(json.dumps(r) + "\n" for r in spelled + [{"text": "A plain text."}]))
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "shards"), progress=False,
+                         workers=1))
+    cfg = small_cfg(tmp_path / "shards", tmp_path, tokenizer=str(tok_dir), num_epochs=1, seq_len=2048)
+    loader = VideoPackedLoader(cfg, seed=0)
+    texts = 0
+    for pack in loader:
+        assert len(pack.visual_pos) * 4 == pack.pixel_values.shape[0]
+        pack.validate(cfg, loader.tokenizer)
+        texts += pack.text_docs
+    assert texts == 1 and loader.stats["samples_ok"] == 3          # the two videos and the plain text
+    rejects = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejects) == ["placeholder_in_text"] * 2
+    assert {r["detail"].split(" (")[0] for r in rejects} == {"its text holds '<|image_pad|>'",
+                                                             "its text holds '<|video_pad|>'"}
