@@ -92,7 +92,8 @@ def conversation_turns(annotation: dict) -> list[Turn] | str | None:
         return f"'{name}' must be a non-empty list of turns"
     out = []
     for i, t in enumerate(turns):
-        role = ROLES.get(t.get(who)) if isinstance(t, dict) else None
+        speaker = t.get(who) if isinstance(t, dict) else None
+        role = ROLES.get(speaker) if isinstance(speaker, str) else None   # a list or an object names no speaker
         if role is None:
             return (f"'{name}'[{i}]: not a turn {{{who!r}: one of {sorted(ROLES)}, {what!r}: ...}}" if not
                     isinstance(t, dict) else f"'{name}'[{i}]: {who} {t.get(who)!r} is not one of {sorted(ROLES)}")

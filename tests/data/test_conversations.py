@@ -136,6 +136,12 @@ def test_tool_use_in_both_forms_and_each_template(tmp_path):
      "a tool call 7 is not {'name': str"),
     ({"messages": [{"role": "tool", "content": None}, {"role": "assistant", "content": "y"}]},
      "content is NoneType, not text"),
+    # a speaker that is a list or an object, or none: ingest stopped with "unhashable type" naming no line
+    ({"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "'messages'[0]: role ['user'] is not one of"),
+    ({"conversations": [{"from": {"name": "human"}, "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "'conversations'[0]: from {'name': 'human'} is not one of"),
+    ({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}, "'messages'[0]: role None is not one of"),
 ])
 def test_malformed_conversations_are_reported_by_line(tmp_path, record, problem):
     assert problem in conversation_turns(record)
