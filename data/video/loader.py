@@ -85,7 +85,7 @@ from .tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-PLAN_FORMAT = "keye-plan/1"      # the epoch plans' files under VideoDataConfig.index_dir (Planner)
+PLAN_FORMAT = "keye-plan/2"      # the epoch plans' files under VideoDataConfig.index_dir (Planner)
 _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "min_frames", "max_frames",
                 "min_frame_tokens", "max_frame_tokens", "video_tokens_per_second", "min_video_tokens",
                 "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
