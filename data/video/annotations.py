@@ -365,3 +365,4 @@ def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 
 def image_marker_count(annotation: dict) -> int:
     return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation))
+

@@ -42,7 +42,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .annotations import conversation_turns, field_problem, has_text, image_marker_count
+from .annotations import VIDEO_MARKER, conversation_turns, field_problem, has_text, image_marker_count
+from .images import IMAGE_MARKER
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
 from .shards import (SCHEMA, VIDEO_EXTS, ShardWriter, index_path, make_key, read_jsonl, record_key,
@@ -322,6 +323,9 @@ def read_annotations(path: str | None) -> Annotations:
             elif marks and marks != len(rels):
                 problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
                                 f"(one per image, or none to place the images first)")
+            elif any(VIDEO_MARKER in t.text for t in turns or ()):   # kept as a string: no video shown there
+                problems.append(f"{path}:{n}: a '<video>' marker (or video part) in the conversation of an image "
+                                f"sample (its record names images, no video)")
             else:
                 sid = "+".join(rels)
                 if sid in out.images or sid in out.videos:
@@ -331,6 +335,14 @@ def read_annotations(path: str | None) -> Annotations:
                     out.images[sid] = (r, rels)
             continue
         if v is None and has_text(r):
+            # a conversation's markers (LLaVA's "<image>", OpenAI's image and video parts) in a text-only sample
+            # would stay strings: answers trained on pictures never shown (a free 'text' may spell them as text)
+            marks = [f"{c} {m!r}" for m in (IMAGE_MARKER, VIDEO_MARKER)
+                     if (c := sum(t.text.count(m) for t in turns or ()))]
+            if marks:
+                problems.append(f"{path}:{n}: {' and '.join(marks)} marker(s) or part(s) in the conversation, but no "
+                                f"'image', 'images' or 'video' field: name the file they stand for, or remove them")
+                continue
             tid = text_sample_id(r)
             if tid in text_line:
                 problems.append(f"{path}:{n}: the same text-only record as line {text_line[tid]}, ignored")

@@ -212,3 +212,25 @@ def test_a_conversation_cut_to_max_text_tokens_is_counted_and_logged(tmp_path, c
     assert loader.stats["text_tokens_cut"] == 2 * 365
     assert "the text of 2 video or image sample(s) was cut to fit, 730 tokens cut in all" in caplog.text
     assert "text-only sample(s)" not in caplog.text          # the short conversation alone is whole
+
+
+def test_a_conversation_marking_pictures_it_does_not_have_is_reported(tmp_path):
+    """LLaVA's data whose record lost its image field, or an OpenAI image part without an image: a text-only sample
+    kept the marker as the string "<image>" and trained its answer on a picture never shown ("User: <image>What is
+    shown?\\nAssistant: A cat."); a video part in an image sample's conversation stayed the string "<video>". Such
+    records are reported by line and left out; a free 'text' that spells "<video>" (an HTML page) is still text."""
+    recs = [{"conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A dog."}]},
+            {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+                          {"role": "assistant", "content": "A cat."}]},
+            {"image": "a.png", "messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                          "text": "What?"}]},
+                                            {"role": "assistant", "content": "x"}]},
+            {"text": "Embed it with <video> and </video> tags."}, LLAVA]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = read_annotations(str(ann))
+    assert [t[2] for t in got.texts] == [4] and not got.images and len(got.problems) == 4, got.problems
+    assert got.problems[0].startswith(f"{ann}:1: 1 '<image>' marker(s) or part(s) in the conversation, but no 'image'")
+    assert got.problems[1].startswith(f"{ann}:2: 1 '<image>' marker(s)")
+    assert got.problems[2].startswith(f"{ann}:3: a '<video>' marker (or video part) in the conversation of an image")
+    assert got.problems[3].startswith(f"{ann}:5: 1 '<image>' marker(s)")   # LLaVA's video data needs its video field
