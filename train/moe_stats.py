@@ -11,7 +11,8 @@ metrics (console, metrics.jsonl, wandb):
 - `moe_idle_experts`: (layer, expert) pairs that received no token in the step.
 - `moe_lb_loss`: megatron-core's load-balancing (switch) loss divided by its coefficient, averaged over
   the MoE layers and the step's micro-batches (1.0 at a perfect balance, from the router's own soft
-  probabilities; only while `model.lm.moe_aux_loss_coeff` > 0).
+  probabilities; only while `model.lm.moe_aux_loss_coeff` > 0). A plain mean: the gradient weighs each
+  micro-batch's loss by its LM-loss tokens instead (parallel/megatron_compat.py fix 2).
 
 The expert counts come from a forward hook on each megatron `TopKRouter` (its routing map summed over
 tokens), kept on the device until the step's end. A router forward is counted when it runs in training

@@ -39,6 +39,7 @@ from models.attention.dsa import record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
+from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_in_backward
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
@@ -125,6 +126,11 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
         kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"])
+    # the micro-batch's LM-loss tokens over its whole sequence (before a CP split): its routers weigh their balancing
+    # loss by them, so that model.lm.moe_aux_loss_coeff acts at its strength against the mean LM loss whatever share
+    # of the tokens carries loss (none: no balancing gradient from this micro-batch; parallel/megatron_compat.py fix 2)
+    loss_tokens = mask.sum().to(torch.int64)
+    set_balancing_tokens(loss_tokens)
     cu = batch.get("cu_seqlens")
     parts, n_parts = part_ids(tokens.shape, cu, tokens.device), tokens.shape[0] if cu is None else cu.numel() - 1
     if inputs.cp_group is not None:
@@ -140,8 +146,10 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     if teacher is not None:  # KSA conversion stage 1: the student is the row as the model trains on it
         loss_sum, n, report = distill_losses(model, batch, teacher, (tokens, pos, kwargs), sb.layout.text_index,
                                              inputs.distill, inputs.attention_match, tp_group=inputs.tp_group)
+        set_balancing_tokens_in_backward(loss_sum, loss_tokens)
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
+    set_balancing_tokens_in_backward(output, loss_tokens)  # recompute: the routers run again in the backward
     return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts)
 
 
@@ -1047,11 +1055,14 @@ class Trainer:
         poisoned = (poisoned_indexers([m.module for m in self.model], micro)
                     if poison is not None and forward_only else None)
         with poisoned or contextlib.nullcontext():
-            return fwd_bwd(forward_step_func=step_func,
-                           data_iterator=iters if len(self.model) > 1 else iters[0],
-                           model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
-                           seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-                           forward_only=forward_only, pg_collection=self.pgs, **extra)
+            try:
+                return fwd_bwd(forward_step_func=step_func,
+                               data_iterator=iters if len(self.model) > 1 else iters[0],
+                               model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n,
+                               seq_length=self.model_seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+                               forward_only=forward_only, pg_collection=self.pgs, **extra)
+            finally:
+                set_balancing_tokens(None)  # no micro-batch of a step runs now
 
     def evaluate(self) -> dict:
         """train.eval: the loss on held-out data, forward only and without gradients, over train.eval.batches

@@ -6,7 +6,9 @@ SwiGLU experts (every `model.lm.experts_impl`), and the load-balancing loss's gr
 The reference objective is sum(y * dy) + coeff * T * switch, with switch = E / (k T^2) * sum_e count_e *
 sum_t softmax_te (the Switch / megatron formula, 1.0 at a perfect balance): the trainer's per-token loss
 (megatron's calculate_per_token_loss) divides every gradient by the step's loss tokens, so the router multiplies its
-balancing loss by the micro-batch's T tokens for it to act with weight coeff.
+balancing loss by the micro-batch's loss tokens for it to act with weight coeff: a layer run on its own, outside the
+trainer's step, takes its T routed tokens for them (parallel/megatron_compat.py fix 2; the trainer's weighting is
+checked in tests/dist/test_balancing_strength.py).
 
 Tolerance: relative RMSE 1e-5 per tensor. The layer runs in fp32 and the reference in float64 on the same values:
 fp32 rounding only (measured <= 4e-7). The router weights are drawn large enough (std 0.3) that no token has two

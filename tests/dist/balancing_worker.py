@@ -1,0 +1,134 @@
+"""The routers' gradients of one training step's forward and backward, on a batch where a known share of the tokens
+carries the LM loss, for tests/dist/test_balancing_strength.py.
+
+    run(OUT, RUN_ROOT, SPEC): SPEC is 'name=overrides;...' as in layouts_driver.py; an override `mask=partial` gives
+    each micro-batch its own share of loss tokens (below), `mask=all` keeps every token's loss (text rows).
+
+Each entry builds the trainer (train/trainer.py) from its overrides, draws one step's micro-batches from its data, sets
+their loss mask, and runs the trainer's schedule over them (forward, backward, finalize: the data-parallel sum and the
+division by the step's loss tokens). Rank 0 writes, per entry: each MoE layer's router weight gradient (global layer
+number -> values; gathered from every pipeline stage), each micro-batch's loss tokens, and on a one-process entry
+without recompute the reference gradient written out here in plain torch from the same weights and micro-batches:
+
+    J = ( sum_mb sum_t mask_t * ce_t  +  coeff * sum_mb n_mb * sum_layers switch_(layer, mb) ) / sum_mb n_mb
+
+n_mb the micro-batch's loss tokens, switch = E / (k T^2) * sum_e count_e * sum_t softmax(x W^T)_te over its T routed
+tokens (the Switch / megatron formula, counts not differentiated), i.e. the mean LM loss plus coeff x the
+loss-token-weighted mean of the micro-batches' switch losses, as transformers' Qwen3-MoE adds coeff x its balancing loss
+to the mean LM loss. The model's own balancing loss is off (coefficient 0) while the reference runs.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def partial_mask(batch: dict) -> dict:
+    """The micro-batch with its own share of loss tokens, decided by its tokens alone (so every layout masks the same
+    micro-batch alike): none when its first token is a multiple of 3, else row r keeps the loss of every
+    (1 + (its first token mod 4))-th position."""
+    tokens = batch["tokens"]
+    mask = torch.zeros(tokens.shape, dtype=torch.float32)
+    if int(tokens[0, 0]) % 3:
+        pos = torch.arange(tokens.shape[1])
+        for r in range(tokens.shape[0]):
+            mask[r] = (pos % (1 + int(tokens[r, 0]) % 4) == 0).float()
+    return {**batch, "loss_mask": mask}
+
+
+def _routers(chunks) -> list:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
+
+
+def reference_grads(module, mbs: list[dict], coeff: float) -> tuple[dict, dict]:
+    """dJ/dW of every router weight of a one-process model (J above; float64 sums of the fp32 forward), and the same
+    of the mean LM loss alone (J at coeff 0); each {layer number: gradient}."""
+    routers = _routers([module])
+    switch: list[torch.Tensor] = []
+
+    def hook(router, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        probs = (x.float() @ router.weight.float().t()).softmax(dim=-1)  # [T, E]
+        E, k, T = probs.shape[1], router.topk, probs.shape[0]
+        counts = torch.bincount(probs.detach().topk(k, dim=-1).indices.flatten(), minlength=E)
+        switch.append(E / (k * T * T) * (counts.double() * probs.double().sum(dim=0)).sum())
+
+    saved = [r.config.moe_aux_loss_coeff for r in routers]
+    handles = [r.register_forward_pre_hook(hook) for r in routers]
+    try:
+        for r in routers:
+            r.config.moe_aux_loss_coeff = 0.0
+        lm_sum = balancing = torch.zeros((), dtype=torch.float64)
+        n_all = 0.0
+        for mb in mbs:
+            switch.clear()
+            pos = mb["position_ids"].unsqueeze(0).expand(3, -1, -1)
+            per_token = module(mb["tokens"], pos, None, labels=mb["labels"])  # [b, s]
+            n = float(mb["loss_mask"].sum())
+            lm_sum = lm_sum + (per_token.double() * mb["loss_mask"].double()).sum()
+            balancing = balancing + coeff * n * torch.stack(switch).sum()
+            n_all += n
+        weights = [r.weight for r in routers]
+        grads = torch.autograd.grad((lm_sum + balancing) / n_all, weights, retain_graph=True)
+        lm_grads = torch.autograd.grad(lm_sum / n_all, weights)
+    finally:
+        for h in handles:
+            h.remove()
+        for r, c in zip(routers, saved):
+            r.config.moe_aux_loss_coeff = c
+    return ({r.layer_number: g.detach().float() for r, g in zip(routers, grads)},
+            {r.layer_number: g.detach().float() for r, g in zip(routers, lm_grads)})
+
+
+def run(out: str, run_root: str, spec: str) -> None:
+    import torch.distributed as dist
+
+    from train.launch import compose_config, validate
+    from train.noise import silence_known_warnings
+
+    silence_known_warnings()
+    results = {}
+    for item in spec.split(";"):
+        name, overrides = item.split("=", 1)
+        ov = [o for o in overrides.split() if not o.startswith("mask=")]
+        mode = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("mask=")][-1]
+        cfg, layout = validate(compose_config(ov + [f"run_dir={Path(run_root) / name}"]))
+        from train.trainer import Trainer
+
+        trainer = Trainer(cfg, layout)
+        n = trainer.num_microbatches
+        drawn = [[next(s) for _ in range(n)] for s in trainer.streams]  # every model chunk's micro-batches
+        if mode == "partial":
+            drawn = [[partial_mask(mb) for mb in chunk] for chunk in drawn]
+        for m in trainer.model:
+            m.zero_grad_buffer()
+        trainer._schedule([iter(chunk) for chunk in drawn], n, trainer.step_inputs, forward_only=False)
+        chunks = [m.module for m in trainer.model]
+        own = {r.layer_number: r.weight.main_grad.detach().float().clone() for r in _routers(chunks)}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {k: v.tolist() for k, v in own.items()})
+        tokens = [None] * dist.get_world_size()
+        dist.all_gather_object(tokens, [float(mb["loss_mask"].sum()) for mb in drawn[0]])
+        entry = {"grads": {}, "loss_tokens": tokens}
+        for g in gathered:
+            for k, v in g.items():
+                entry["grads"].setdefault(str(k), v)
+        if dist.get_world_size() == 1 and cfg.parallel.recompute == "none":  # (recompute: no graph to the routers)
+            ref, ref_lm = reference_grads(chunks[0], drawn[0], cfg.model.lm.moe_aux_loss_coeff)
+            entry["reference"] = {str(k): v.tolist() for k, v in ref.items()}
+            entry["reference_lm"] = {str(k): v.tolist() for k, v in ref_lm.items()}
+        results[name] = entry
+        trainer.close()
+        del trainer
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(results))
+    from parallel.groups import teardown
+
+    teardown()
