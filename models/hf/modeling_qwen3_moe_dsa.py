@@ -164,10 +164,10 @@ def index_products(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q2.float(), k2.float()).view(b, c, hi, -1)
 
 
-# Run eagerly inside a compiled forward (generate() compiles the model's forward on a GPU whenever its cache is
-# preallocated: cache_implementation="static"): inductor's Triton code for the keys below typed their int64 constant
-# as int32 and failed to build ("Scalar -9223372034707292161 is out of range for type int32", torch 2.11, Triton
-# 3.6, H100); the rest of the forward still compiles.
+# Run eagerly inside a compiled forward (a model its user compiles; generate() no longer compiles this one:
+# Qwen3MoeDSAForCausalLM._valid_auto_compile_criteria): inductor's Triton code for the keys below typed their int64
+# constant as int32 and failed to build ("Scalar -9223372034707292161 is out of range for type int32", torch 2.11,
+# Triton 3.6, H100).
 @torch.compiler.disable
 def top_positions(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """[..., k]: the positions of the k largest of `scores` [..., n] that `allowed` lets in (the others rank below
@@ -339,6 +339,15 @@ class Qwen3MoeDSAForCausalLM(Qwen3MoeForCausalLM):
         super().__init__(config)
         for l in layers:
             self.model.layers[l].self_attn = Qwen3MoeDSAAttention(config, l)
+
+    def _valid_auto_compile_criteria(self, *args, **kwargs) -> bool:
+        """generate() runs this model's forward as it is, never compiled for it: transformers compiles the forward
+        (CUDA graphs) on a GPU whenever the cache is preallocated (cache_implementation="static"), and compiled, the
+        index keys kept from one step to the next came out wrong on an H100 (torch 2.11): with transformers 5.17 an
+        error ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", in
+        _cached_index_keys), with 5.24 other tokens than generation without a cache (a third alike); run as it is,
+        the static cache gave those tokens exactly on both. A model compiled by its user meets the same limits."""
+        return False
 
     def create_masks_for_generate(self, *args, **kwargs):
         """generate()'s mask for a cache it compiles for (a static one): transformers' masks, one per layer type of

@@ -223,6 +223,27 @@ def test_generation_with_a_static_cache_gives_the_full_forward(model):
             assert model(input_ids=alone[:, :i], use_cache=False).logits[0, -1].argmax().item() == alone[0, i].item()
 
 
+@torch.no_grad()
+def test_generation_with_a_static_cache_is_not_compiled(export, monkeypatch):
+    """generate() compiles a model's forward for a preallocated cache (on a GPU; here on the CPU too, as its
+    compile_config may ask), and compiled, the index keys kept between steps came out wrong on the GPU
+    (bench/RESULTS.md): the DSA export runs its forward as it is. On the model as transformers builds it, asking for
+    the compiled forward fails the test; the tokens are the uncached generation's."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("generate() compiled the DSA export's forward")
+
+    monkeypatch.setattr(export, "get_compiled_call", compiled)
+    config = CompileConfig()
+    config._compile_all_devices = True   # the rule's device test passes on the CPU, as on a GPU
+    ids = torch.randint(1, export.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(11))
+    out = export.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static",
+                          compile_config=config)
+    plain = export.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(out, plain)
+
+
 def test_padded_batch_rows_are_the_rows_alone(model):
     """A left-padded row of a batch (attention_mask 0 on its padding) gives the logits of the same tokens run alone:
     the indexers never select a padding key. Chunking the queries (3 per chunk) changes nothing."""
