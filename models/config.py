@@ -144,6 +144,12 @@ class LMConfig:
         if "dsa" in self.layer_attention() and self.dsa.index_dim * 2 > self.head_dim:
             raise ValueError(f"model.lm.dsa.index_dim ({self.dsa.index_dim}) must be at most head_dim / 2 "
                              f"({self.head_dim // 2})")
+        if len(self.mrope_section) != 3:
+            # megatron's RoPE takes its channel chunks from the rows in turn (chunk i from row i % 3) over both
+            # rotate-half halves: with 2 or 4 counts a pair's two channels took different rows (time and width), a
+            # turn by no one angle, and the run trained without a word
+            raise ValueError(f"model.lm.mrope_section {list(self.mrope_section)} must hold 3 counts (rotary channel "
+                             f"pairs of the time, height and width rows), got {len(self.mrope_section)}")
         if min(self.mrope_section, default=0) < 0:   # megatron's RoPE splits its channels by these, in the forward
             raise ValueError(f"model.lm.mrope_section {self.mrope_section} must hold counts >= 0 (rotary channel pairs "
                              f"of the time, height and width rows)")

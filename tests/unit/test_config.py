@@ -173,6 +173,9 @@ def test_wrong_type_names_the_key():
     (["train.trainable=summary"], 2, "train.trainable=summary trains the KSA layers' own parameters, but model.lm has "
                                      "no KSA layer (its attention: dense)"),
     (["model.lm.mrope_section=[2,3,4]"], 2, "model.lm.mrope_section [2, 3, 4] must sum to head_dim / 2 (8)"),
+    # two counts summing right trained without a word: megatron's RoPE took a rotary pair's channels from two rows
+    (["model.lm.mrope_section=[4,4]"], 2, "model.lm.mrope_section [4, 4] must hold 3 counts (rotary channel pairs of "
+                                          "the time, height and width rows), got 2"),
     # a negative count summing right built the model and failed in its first forward (RoPE's channel split)
     (["model.lm.mrope_section=[5,-1,4]"], 2, "model.lm.mrope_section [5, -1, 4] must hold counts >= 0"),
     # an odd index dimension built the model and failed in its first forward, in the indexer's RoPE
