@@ -128,6 +128,51 @@ def test_patch_embed_is_conv2d():
     assert _rel(ref, m.vit.patch_embed(patches)) <= TOL
 
 
+def test_vit_is_transformers_siglip_with_its_2d_rope_turned_off(monkeypatch):
+    """SigLIP's published architecture, as transformers' SiglipVisionModel runs it (Conv2d patches, learned positions,
+    pre-LN blocks with separate q/k/v, tanh-GELU MLP, post LayerNorm), with the weights copied into ours: at the
+    position table's own grid (no resize: transformers resizes bicubic, Keye's tower bilinear) and with our 2D RoPE
+    made the identity (cos 1, sin 0; Keye adds it to SigLIP, checked in test_hf_keye_vision.py), the two give the same
+    last hidden state, ours in merge-group order. Tolerance: TOL, float64 (the same math in another order)."""
+    transformers = pytest.importorskip("transformers")
+    import models.vision.vit as vit
+
+    cfg = tiny(LM)
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=cfg.hidden, intermediate_size=cfg.mlp, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads, image_size=cfg.pos_grid * cfg.patch, patch_size=cfg.patch,
+        layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():          # off the default init: LayerNorm 1/0 and zero biases hide bugs
+            p.normal_(std=0.1)
+    e = hf.embeddings
+    sd = {"patch_embed.weight": e.patch_embedding.weight.reshape(cfg.hidden, -1),
+          "patch_embed.bias": e.patch_embedding.bias, "pos_embed": e.position_embedding.weight,
+          "post_norm.weight": hf.post_layernorm.weight, "post_norm.bias": hf.post_layernorm.bias}
+    for i, layer in enumerate(hf.encoder.layers):
+        a, b = layer.self_attn, f"blocks.{i}."
+        sd.update({b + "norm1.weight": layer.layer_norm1.weight, b + "norm1.bias": layer.layer_norm1.bias,
+                   b + "norm2.weight": layer.layer_norm2.weight, b + "norm2.bias": layer.layer_norm2.bias,
+                   b + "attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                   b + "attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                   b + "attn.proj.weight": a.out_proj.weight, b + "attn.proj.bias": a.out_proj.bias,
+                   b + "mlp.fc1.weight": layer.mlp.fc1.weight, b + "mlp.fc1.bias": layer.mlp.fc1.bias,
+                   b + "mlp.fc2.weight": layer.mlp.fc2.weight, b + "mlp.fc2.bias": layer.mlp.fc2.bias})
+    m = VisionModel(cfg).double()
+    m.vit.load_state_dict({k: v.detach().clone() for k, v in sd.items()})
+    G, p, M = cfg.pos_grid, cfg.patch, cfg.merge
+    img = torch.randn(2, 3, G * p, G * p, dtype=torch.float64)
+    with torch.no_grad():
+        ref = hf(pixel_values=img).last_hidden_state[:, merge_order_index(G, G, M)]     # [2, G*G, h]
+    # [2, C, G/M, M, p, G/M, M, p] -> (frame, merge row, merge col, row in group, col in group, C, ph, pw)
+    pv = img.view(2, 3, G // M, M, p, G // M, M, p).permute(0, 2, 5, 3, 6, 1, 4, 7).reshape(-1, 3 * p * p)
+    monkeypatch.setattr(vit, "rope_2d", lambda rows, cols, d, theta, dtype: (
+        torch.ones(rows.numel(), d, dtype=dtype), torch.zeros(rows.numel(), d, dtype=dtype)))
+    got = m.vit(pv, torch.tensor([[1, G, G]] * 2)).view(2, G * G, -1)
+    assert _rel(ref, got) <= TOL
+
+
 def test_position_interpolation_at_native_grid_is_the_table():
     table = torch.randn(36, 8, dtype=torch.float64)
     assert interpolate_pos_embed(table, 6, 6, 6) is table
