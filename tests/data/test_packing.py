@@ -6,6 +6,8 @@ import torch
 from data.video.config import VideoDataConfig
 from data.video.packing import (annotation_segments, assemble_pack, build_document, pack_greedy,
                                 patchify, plan_document, unpatchify)
+from data.video.sampling import PlanError
+from data.video.timeline import encode_runs
 from data.video.tokenizer import ByteTokenizer
 
 from .test_sampling import meta
@@ -182,3 +184,89 @@ def test_packed_two_videos_and_text_3d_positions_follow_the_rule():
     # each document starts from 0, as if alone in its sequence
     assert all(got[:, cu[k]].tolist() == [0, 0, 0] for k in range(p.num_docs))
     assert np.array_equal(got[:, cu[1]:cu[2]], arrays[1].pos)
+
+
+def _rule_positions(tokens: list[int], doc, cfg: VideoDataConfig) -> np.ndarray:
+    """[3, L] positions of one document from the rule as docs/data.md states it ("3D position rule"), token by
+    token: a token that is not a visual placeholder takes (p, p, p), p += 1; frame k's merged tokens (rows x cols,
+    row-major) take (t, t + row, t + col), then p = t + max(rows, cols), where t = p for an image and for a video
+    t = max(p, A + round(ts_k * R)), R = slot / interval, slot = max over its frames of (timestamp tokens + 2 +
+    max(rows, cols)), A = p - round(ts_0 * R) at its first frame."""
+    if doc.images:
+        grids, ts = [fp.grid(cfg.patch_size, cfg.merge_size) for fp in doc.images], None
+    elif doc.frames is not None:
+        fp = doc.frames
+        grids, ts = [fp.grid(cfg.patch_size, cfg.merge_size, k) for k in range(fp.num_frames)], fp.timestamps
+        R = max(len(doc.ts_ids[k]) + 2 + max(grids[k]) for k in range(fp.num_frames)) / fp.interval_s
+    else:
+        grids, ts = [], None
+    out = np.zeros((3, len(tokens)), np.int64)
+    p = i = k = 0
+    A = None
+    while i < len(tokens):
+        if tokens[i] not in (TOK.video_pad_id, TOK.image_pad_id):
+            out[:, i] = p
+            p, i = p + 1, i + 1
+            continue
+        rows, cols = grids[k]
+        if ts is None:
+            t = p
+        else:
+            A = p - round(ts[0] * R) if A is None else A
+            t = max(p, A + round(ts[k] * R))
+        for j in range(rows * cols):
+            out[:, i + j] = (t, t + j // cols, t + j % cols)
+        i, p, k = i + rows * cols, t + max(rows, cols), k + 1
+    assert k == len(grids)
+    return out
+
+
+def test_3d_positions_follow_the_documented_rule_written_out():
+    """Every token's (time, height, width) position against `_rule_positions`, over randomly drawn samples: videos of
+    constant and variable frame rate, sampled at 0.5-4 fps with and without jitter, with slow and fast frames (two
+    frame sizes in one video), text after the frames; image samples of 1-3 images at their <image> markers; text-only
+    samples; packed several to a sequence with its padding. The temporal index is computed from the timestamps here,
+    not read back from the code's output."""
+    rng = np.random.default_rng(7)
+    checked = {"video": 0, "fast": 0, "image": 0, "text": 0}
+    arrays, plans = [], []
+    while min(checked.values()) < 8 or sum(checked.values()) < 120:
+        kind = rng.choice(["video", "video", "image", "text"])
+        cfg = VideoDataConfig(seq_len=4096, min_frames=int(rng.integers(1, 4)), max_frames=int(rng.integers(8, 64)),
+                              min_frame_tokens=int(rng.integers(4, 16)), max_frame_tokens=int(rng.integers(16, 96)),
+                              video_tokens_per_second=float(rng.integers(20, 200)), min_video_tokens=64,
+                              max_text_tokens=200, frame_jitter=float(rng.choice([0.0, 0.4])),
+                              fast_frame_ratio=float(rng.choice([0.0, 0.3])),
+                              sample_fps=float(rng.choice([0.5, 1.0, 2.0, 4.0])))
+        ann = {"caption": "x" * int(rng.integers(1, 40)), "qa": [{"question": "q?", "answer": "a"}]}
+        try:
+            if kind == "video":
+                n, fps = int(rng.integers(2, 300)), float(rng.choice([8.0, 25.0, 30.0]))
+                pts = np.cumsum(rng.integers(1, 4, n)) if rng.random() < 0.3 else None   # variable frame rate
+                m = meta(n / fps, fps=fps, width=int(rng.integers(40, 900)), height=int(rng.integers(40, 900)),
+                         tb=int(fps * 4), pts=None if pts is None else pts.tolist())
+                m["scene_changes"] = {"runs": encode_runs(np.unique(rng.integers(1, m["num_frames"], 3)).tolist())}
+                d = plan_document(uid=0, key="s/v", video=m, annotation=ann, cfg=cfg, tokenizer=TOK, seed=1, epoch=0)
+            elif kind == "image":
+                k = int(rng.integers(1, 4))
+                d = plan_document(uid=0, key="s/i", video=None, annotation={"caption": " <image> ".join("t" * (k + 1))},
+                                  images=[{"width": int(rng.integers(28, 500)), "height": int(rng.integers(28, 500))}
+                                          for _ in range(k)], cfg=cfg, tokenizer=TOK, seed=1, epoch=0)
+            else:
+                d = plan_document(uid=0, key="s/t", video=None, annotation=ann, cfg=cfg, tokenizer=TOK, seed=1, epoch=0)
+        except PlanError:
+            continue
+        a = build_document(d, None, cfg, TOK)
+        assert np.array_equal(a.pos, _rule_positions(a.tokens.tolist(), d, cfg)), (kind, d)
+        checked["fast" if d.frames is not None and d.frames.num_fast else kind] += 1
+        if len(a.tokens) <= 600 and sum(len(x.tokens) for x in arrays) + len(a.tokens) <= CFG.seq_len:
+            arrays.append(a)
+            plans.append(d)
+    # packed: each document from 0 as when alone, the padding segment 0, 1, 2, ...
+    p = assemble_pack(arrays, [d.key for d in plans], CFG, TOK, epoch=0, pack_index=0, failures=[],
+                      planned_keys=[d.key for d in plans], pixel_values=torch.zeros(0, 588, dtype=torch.uint8))
+    cu = p.cu_seqlens.tolist()
+    assert len(arrays) > 3 and p.num_pad > 0
+    for k, a in enumerate(arrays):
+        assert np.array_equal(p.position_ids[:, cu[k]:cu[k + 1]].numpy(), a.pos)
+    assert np.array_equal(p.position_ids[:, cu[-2]:].numpy(), np.tile(np.arange(p.num_pad), (3, 1)))
