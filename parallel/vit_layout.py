@@ -437,7 +437,13 @@ class VisionPhase:
 
     # -- helpers
     def _device_dtype(self):
+        """The parameters' device, and the dtype of the rows the group exchanges: the model's output dtype, under
+        autocast (the trainer's bf16 on a GPU) autocast's, not the parameters'. Every rank must send and receive in
+        one dtype, and a rank that encodes no frame (a step with fewer frames than ranks) has no output to take it
+        from, nor a non-consumer leaves to take its gradients' from."""
         p = next(self.model.parameters())
+        if torch.is_autocast_enabled(p.device.type):
+            return p.device, torch.get_autocast_dtype(p.device.type)
         return p.device, p.dtype
 
     def _log_plan(self, plan: VisionPlan) -> None:
@@ -495,18 +501,20 @@ class VisionPhase:
         trainable = _trainable(self.model) and torch.is_grad_enabled()
         mine = layouts.get(self.rank)
         n_target = 0 if mine is None else mine.tokens.numel()
+        dtype = self._device_dtype()[1]            # one dtype on every rank, in both directions
         if trainable and not self.recompute:
             pv, grid, local = self._encode_local(pvs, grids, plan)
+            local = local.to(dtype)
             if not local.requires_grad:            # no frames here: a leaf so the exchange node exists
                 local = local.detach().requires_grad_()
             out = ExchangeRows.apply(local, fwd, bwd, n_target, self.group)
-            self._state = dict(out=out, bwd=bwd, local=None, pv=None, grid=None)
+            self._state = dict(out=out, bwd=bwd, local=None, pv=None, grid=None, dtype=dtype)
         else:
             with torch.no_grad():
                 pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True)
-                out = exchange_forward(local, fwd, n_target, self.group)
+                out = exchange_forward(local.to(dtype), fwd, n_target, self.group)
             if trainable:
-                self._state = dict(out=None, bwd=bwd, local=local.shape[0], pv=pv, grid=grid)
+                self._state = dict(out=None, bwd=bwd, local=local.shape[0], pv=pv, grid=grid, dtype=dtype)
         self.steps += 1
         if mine is None:
             if self._state is not None:
@@ -525,11 +533,11 @@ class VisionPhase:
         st, self._state = self._state, None
         if st is None:
             return
-        device, dtype = self._device_dtype()
+        device, dtype = self._device_dtype()[0], st["dtype"]
         H = self.model.cfg.lm_hidden
         leaves = st["leaves"]
         g = (torch.cat([p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves])
-             if leaves else torch.zeros(0, H, device=device, dtype=dtype))
+             if leaves else torch.zeros(0, H, device=device, dtype=dtype)).to(dtype)
         if st["out"] is not None:                 # graph kept: the exchange node's backward communicates
             torch.autograd.backward(st["out"], g)
             return
