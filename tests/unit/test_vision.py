@@ -337,3 +337,36 @@ def test_the_vision_optimizer_decays_weight_matrices_and_not_norms_or_biases():
         else:
             assert p.dim() >= 2, n
             torch.testing.assert_close(p, before[n] * (1 - t.lr * t.weight_decay), rtol=1e-7, atol=0, msg=n)
+
+
+def test_a_frozen_vit_stays_bit_identical_and_holds_no_optimizer_state():
+    """The projector alignment stage (train.trainable=projector) through the trainer's VisionTower in one process:
+    three steps of forward, backward, reduction and AdamW update leave every ViT tensor bit-identical to its copy
+    taken before them, move every projector tensor, and the optimizer (and the checkpoint's vision_optimizer.*
+    entries) hold the projector's parameters alone."""
+    from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
+    from tests.unit.test_config import _validate
+    from train.vision import VisionTower
+
+    pgs = init_one_process_megatron(3)
+    try:
+        cfg, layout = _validate("recipe=keye_tiny", "parallel=single", "train.trainable=projector", world_size=1)
+        tower = VisionTower(cfg, layout, pgs, torch.device("cpu"), train_vit=False, train_projector=True, bf16=False)
+        vit0 = {n: p.detach().clone() for n, p in tower.model.vit.named_parameters()}
+        proj0 = {n: p.detach().clone() for n, p in tower.model.projector.named_parameters()}
+        for step in range(3):
+            pixels, grid = _pixels([(4, 6), (2, 2)], seed=step)
+            mb = dict(pixel_values=pixels, grid_thw=grid, tokens=torch.zeros(1, 16, dtype=torch.long),
+                      visual_pos=torch.arange(7))
+            (e,) = tower.forward([mb], torch.device("cpu"))
+            e.pow(2).sum().backward()
+            tower.backward()
+            tower.reduce_grads(10.0)
+            tower.update(1e-2)
+        assert all(torch.equal(vit0[n], p) and p.grad is None for n, p in tower.model.vit.named_parameters())
+        assert all(not torch.equal(proj0[n], p) for n, p in tower.model.projector.named_parameters())
+        assert {id(p) for p in tower.optimizer.state} == {id(p) for p in tower.model.projector.parameters()}
+        saved = {k.rsplit(".", 1)[0] for k in tower.sharded_state() if k.startswith("vision_optimizer.")}
+        assert saved == {f"vision_optimizer.projector.{n}" for n, _ in tower.model.projector.named_parameters()}
+    finally:
+        destroy_one_process_megatron()
