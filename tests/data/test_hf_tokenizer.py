@@ -4,6 +4,7 @@ documents (the layout: the same text, frames and supervision, spelled with other
 import json
 
 import pytest
+import torch
 
 from data.video.config import VideoDataConfig
 from data.video.loader import VideoPackedLoader
@@ -352,3 +353,34 @@ def test_a_text_spelling_a_placeholder_token_is_quarantined_not_a_visual_token(t
     assert sorted(r["reason"] for r in rejects) == ["placeholder_in_text"] * 2
     assert {r["detail"].split(" (")[0] for r in rejects} == {"its text holds '<|image_pad|>'",
                                                              "its text holds '<|video_pad|>'"}
+
+
+@pytest.mark.parametrize("kind", ["video", "image", "text"])
+@pytest.mark.parametrize("token", ["<|video_pad|>", "<|image_pad|>"])
+def test_a_visual_placeholder_in_the_text_is_a_plan_reject(tok_dir, kind, token):
+    """A Hugging Face tokenizer encodes the literal "<|video_pad|>" in a caption as the video_pad id: such a document
+    would put a visual token's place where no frame is, so the pack holds more places than its frames have merged
+    tokens (the training step stopped on '66 visual embeddings for 67 visual positions'). It is a plan reject,
+    `placeholder_in_text`, naming the token, for a video's, an image sample's and a text-only sample's text alike; the
+    same text with the byte tokenizer (whose ids for it are bytes) plans, and its pack has one place per merged token,
+    counted from the frames' grids."""
+    from data.video.packing import assemble_pack
+    from data.video.sampling import PlanError
+
+    from .test_sampling import meta
+
+    cfg = VideoDataConfig(seq_len=2048, min_frames=2, min_frame_tokens=4, max_frame_tokens=16, min_video_tokens=16,
+                          video_tokens_per_second=24.0, max_text_tokens=300, vocab_size=1000)
+    ann = {"caption": f"a clip {token} of a red square", "qa": [{"question": "color?", "answer": "red"}]}
+    kw = {"video": meta(2.0, fps=12.0, width=96, height=64, tb=12288) if kind == "video" else None,
+          "images": [{"width": 56, "height": 56}] if kind == "image" else None}
+    with pytest.raises(PlanError, match=r"its text holds '<\|" + token[2:-2] + r"\|>'") as e:
+        plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=HFTokenizer(tok_dir), seed=0, epoch=0, **kw)
+    assert e.value.reason == "placeholder_in_text"
+    by = ByteTokenizer()
+    d = plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=by, seed=0, epoch=0, **kw)
+    a = build_document(d, None, cfg, by)
+    p = assemble_pack([a], [d.key], cfg, by, epoch=0, pack_index=0, failures=[], planned_keys=[d.key],
+                      pixel_values=torch.zeros(int(a.grid.prod(-1).sum()), 3 * 14 * 14, dtype=torch.uint8))
+    merged = int(a.grid.prod(-1).sum()) // cfg.merge_size ** 2
+    assert p.visual_pos.numel() == merged and (merged > 0) == (kind != "text")
