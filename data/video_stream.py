@@ -75,10 +75,11 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
 
 class VideoBatchStream:
     def __init__(self, cfg: VideoDataConfig, *, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False, exclude=None):
+                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False, exclude=None, held_out: str = ""):
         """one_epoch (a held-out set scored whole, once): packs after the first epoch's come with a zero loss mask,
         and `padding` records, per micro-batch handed out, whether it is such filler. exclude: the samples data.exclude
-        names (data/exclude.py ExcludeList), left out of the packs."""
+        names (data/exclude.py ExcludeList), left out of the packs. held_out: the setting that named cfg.shards, a
+        held-out set (VideoPackedLoader)."""
         if micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {micro_batch_size}")
@@ -89,7 +90,8 @@ class VideoBatchStream:
             cfg = replace(cfg, seq_len=seq_length)  # the trainer's sequence length is the packing length
         self.cfg = cfg
         self.num_microbatches = global_batch_size // dp_size
-        self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude)
+        self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
+                                        held_out=held_out)
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index

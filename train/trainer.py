@@ -369,6 +369,8 @@ class Trainer:
         else:
             self.streams = self._text_streams(cfg.data)
         self.num_microbatches = self.streams[0].num_microbatches
+        if cfg.data.kind == "video" and (t.eval.interval or self.eval_only):
+            self._check_held_out_videos()
         # video data with data.video.num_epochs set ends: every round's ranks then agree whether any rank's ended
         # (_video_round), and each step starts with what a checkpoint of the step before it holds (_loop)
         self.data_can_end = cfg.data.kind == "video" and (cfg.data.video.num_epochs is not None
@@ -453,7 +455,10 @@ class Trainer:
         from data.video_stream import VideoBatchStream, ensure_synthetic_shards
 
         v = cfg.data.video
+        setting = ""    # what names a held-out set in the loader's errors
         if held_out:
+            setting = ("data.video.eval_shards" + (f" (set {set_name!r})" if set_name else "") if shards else
+                       "the run's own synthetic held-out videos")
             if not shards:  # validate() allows this only for a run on its own synthetic videos
                 d = cfg.data      # videos as the training data's; text only for a language model alone
                 shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
@@ -486,7 +491,25 @@ class Trainer:
         # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
         return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                                 global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude)
+                                seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude,
+                                held_out=setting)
+
+    def _check_held_out_videos(self) -> None:
+        """Plans the first epoch of each held-out video set at start-up (the plans are kept in the index directory
+        for the evaluations): a set none of whose samples can be planned stops the launch as a config error naming
+        data.video.eval_shards, instead of failing at the first evaluation, which in a resumed run came only after
+        train.eval.interval steps."""
+        from data.video.loader import NothingPlanned
+
+        for name, paths, _ in self._eval_sets():
+            stream = self._video_stream(self.cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True,
+                                        shards=paths, set_name=name)
+            try:
+                stream.samples_per_epoch
+            except NothingPlanned as e:
+                raise SettingsError(str(e)) from None
+            finally:
+                stream.close()
 
     def _text_streams(self, data, *, held_out: bool = False, paths: str = "", one_epoch: bool = False) -> list:
         """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the

@@ -93,6 +93,11 @@ _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "m
 _IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
 
 
+class NothingPlanned(RuntimeError):
+    """Every sample of a source is rejected at plan time: its every epoch is empty. Names the setting of the source
+    (data.video.shards, or the held-out set's), the reasons and the first sample."""
+
+
 class SampleFailure(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -192,11 +197,15 @@ class Planner:
     CHUNK = 1 << 14   # documents planned per chunk (the unit the node's processes share out)
 
     def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
-                 plan_dir: str | os.PathLike | None = None, name: str = "shards") -> None:
+                 plan_dir: str | os.PathLike | None = None, name: str = "shards", held_out: str = "") -> None:
+        """held_out: the setting that names this source when it is a held-out set (its shards are in cfg's
+        `shards`, but the user gave them as, e.g., data.video.eval_shards): what its errors name."""
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
         self.shard_of = catalog.shard_of      # int32, mapped with the catalog (no copy per process)
         self.plan_dir = Path(plan_dir) if plan_dir else None
         self.name = name
+        self.setting = held_out or f"data.video.{name}"
+        self.held_out = bool(held_out)
         self.index_note = ""     # why the plans are held in memory though plan_dir was given (logged once)
         self._sizes: dict[int, tuple] = {}
         self._recent: OrderedDict[tuple[int, int], DocPlan | PlanError] = OrderedDict()
@@ -301,8 +310,8 @@ class Planner:
     def _note(self, note: str) -> None:
         if note and not self.index_note:
             self.index_note = note
-            log.warning("video loader: data.video.%s: the epoch plans cannot be kept in %s (%s); each process plans "
-                        "its own", self.name, self.plan_dir, note)
+            log.warning("video loader: %s: the epoch plans cannot be kept in %s (%s); each process plans "
+                        "its own", self.setting, self.plan_dir, note)
 
     def sizes(self, epoch: int) -> tuple:
         """The arrays of `_build_sizes` over the catalog for `epoch` (the same for every epoch unless frames are
@@ -362,9 +371,9 @@ class Planner:
             if not len(p.packs):   # every sample rejected at plan time: every epoch would be empty, read forever
                 reasons = Counter(reason for reason, _ in p.rejects.values())
                 uid, (reason, detail) = min(p.rejects.items()) if p.rejects else (0, ("", ""))
-                raise RuntimeError(
-                    f"video loader: data.video.{self.name}: none of the {len(self.catalog)} samples can be planned "
-                    f"(epoch {e}), so there is nothing to train on; by reason: {dict(reasons)}; first: "
+                raise NothingPlanned(
+                    f"video loader: {self.setting}: none of the {len(self.catalog)} samples can be planned "
+                    f"(epoch {e}), so there is nothing to {'score' if self.held_out else 'train on'}; by reason: {dict(reasons)}; first: "
                     f"{self.key(uid)}: {reason}: {detail[:200]}. Check the shards ({getattr(self.cfg, self.name)}) "
                     f"against data.video.seq_len ({self.cfg.seq_len}) and the annotations (docs/data.md)")
             if len(self._epochs) >= 3:
@@ -685,9 +694,11 @@ class VideoPackedLoader:
 
     def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
                  tokenizer: Tokenizer | None = None, catalog: Catalog | list[SampleRecord] | None = None,
-                 long_catalog: Catalog | list[SampleRecord] | None = None, exclude: ExcludeList | None = None) -> None:
+                 long_catalog: Catalog | list[SampleRecord] | None = None, exclude: ExcludeList | None = None,
+                 held_out: str = "") -> None:
         """exclude: the samples data.exclude names, left out of the packs where they were planned (data/exclude.py);
-        `unmatched` lists those that no source holds."""
+        `unmatched` lists those that no source holds. held_out: the setting that named `cfg.shards` when they are a
+        held-out set (data.video.eval_shards), for the planner's errors to name it."""
         if not isinstance(dp_world, int) or dp_world < 1:
             raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
@@ -726,7 +737,8 @@ class VideoPackedLoader:
                             "small.", cfg.fast_frame_ratio, len(blind), len(videos),
                             os.path.basename(blind[0].shard), blind[0].key)
         self.planners = [TokenPacks(spec, cfg, self.tokenizer, self.seed) if fld == "text_tokens"
-                         else Planner(c, cfg, self.tokenizer, self.seed, plan_dir=self._plan_dir(c), name=fld)
+                         else Planner(c, cfg, self.tokenizer, self.seed, plan_dir=self._plan_dir(c), name=fld,
+                                      held_out=held_out if fld == "shards" else "")
                          for c, (_, spec, fld, _) in zip(self.catalogs, specs)]
         self.catalog, self.planner = self.catalogs[0], self.planners[0]
         fps = [p.fingerprint for p in self.planners]
