@@ -347,14 +347,16 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
     if vision or stored is not None:
         from models.hf.keye_vision import add_vision_to_hf_dir, export_keye_vision
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        def add_vision() -> dict:
             vm = load_vision_file(vision) if vision else stored
             vis = add_vision_to_hf_dir(out_dir, export_keye_vision(vm, dtype=DTYPES[dtype] if dtype else None),
                                        vm.cfg, max_shard_bytes=max_shard_bytes)
-            result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
             log.info("added the vision tower of %s: %d tensors in %s", vision or step_dir, vis["tensors"], vis["files"])
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            return vis
+
+        vis = _on_rank0(add_vision, f"adding the vision tower of {vision or step_dir} to {out_dir}")
+        if rank0:
+            result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
     if rank0:
         _record_export(out_dir, step_dir, complete=True)
     return result
@@ -460,22 +462,50 @@ def _lm_from_dict(d: dict, overrides=()) -> LMConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), d, dots))
 
 
-def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, seed: int = 0) -> dict:
-    """Collective: our logits vs transformers' (computed on rank 0) on a fixed input; same verdict on all ranks."""
+class PeerFailed(RuntimeError):
+    """Rank 0 failed in work it does alone (transformers' reference logits, the vision tower's files): the other
+    ranks, which wait for its outcome, stop too, naming its error."""
+
+
+def _on_rank0(fn, what: str):
+    """fn() on rank 0 alone (every rank when no process group exists), its result given to every rank. Collective.
+    A failure there is raised on rank 0 as it is and on the others as PeerFailed naming it: before, they waited for
+    rank 0's result until the process group's timeout, while rank 0 waited for them in the teardown's barrier."""
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box, failure = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - any error: the other ranks must hear of it
+            failure, box[0] = e, ("failed", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    status, value = box[0]
+    if status != "ok":
+        raise PeerFailed(f"rank 0 failed {what}: {value}")
+    return value
+
+
+def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, seed: int = 0) -> dict:
+    """Collective: our logits vs transformers' (computed on rank 0) on a fixed input; same verdict on all ranks
+    (PeerFailed on the others when rank 0 cannot compute transformers' logits)."""
     from models.hf.verify import compare_logits, fixed_input_ids, model_logits, reference_logits
 
     vocab = json.loads(Path(hf_dir, "config.json").read_text())["vocab_size"]
     ids = fixed_input_ids(vocab, batch=batch, seq=seq, seed=seed)
     ours = model_logits(chunks[0], ids, tp_group=pgs.tp)
-    result = [None]
-    if dist.get_rank() == 0:
-        result[0] = compare_logits(ours, reference_logits(hf_dir, ids))
+
+    def compare() -> dict:
+        result = compare_logits(ours, reference_logits(hf_dir, ids))
         log.info("logits vs transformers: max |diff| %.3g (tolerance %.3g, max |logit| %.3g), argmax agreement %.3f",
-                 result[0]["max_abs_diff"], result[0]["tolerance"], result[0]["max_abs_ref"], result[0]["argmax_agree"])
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+                 result["max_abs_diff"], result["tolerance"], result["max_abs_ref"], result["argmax_agree"])
+        return result
+
+    return _on_rank0(compare, f"computing transformers' reference logits of {hf_dir}")
 
 
 def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep=1, etp=1, batch=2, seq=32) -> dict:
@@ -611,6 +641,7 @@ def main(argv=None) -> int:
         return 2
     from parallel.groups import teardown
 
+    failed = False   # an error this rank alone met: no barrier at the teardown (the others may be in a collective)
     try:
         if args.cmd == "import":
             lm = model_config(args.model, args.overrides, hf_dir=args.hf_dir)
@@ -629,11 +660,15 @@ def main(argv=None) -> int:
             print(json.dumps(result))
             if not result["ok"]:
                 return 1
-    except (ValueError, OSError) as e:  # a config / checkpoint mismatch, a path: the message names it
+    except (ValueError, OSError, PeerFailed) as e:  # a config / checkpoint mismatch, a path, rank 0's failure
+        failed = isinstance(e, PeerFailed)
         print(f"convert {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        failed = True
+        raise
     finally:
-        teardown()
+        teardown(barrier=not failed)
     return 0
 
 

@@ -327,3 +327,32 @@ def test_vision_init_from_a_run_of_another_language_model_width_keeps_the_projec
     assert any(d["fresh"][n] != d["src"][n] for n in vit)
     # the projector as the same seed initialises it without vision_init_from
     assert projector and all(d["wide"][n] == d["fresh"][n] for n in projector)
+
+
+@pytest.mark.slow
+def test_verify_under_torchrun_stops_every_rank_when_rank_0_cannot_run_transformers(tmp_path):
+    """`launch/convert.py verify` under torchrun: rank 0 alone computes transformers' logits. With transformers not
+    importable there (as on a node without it; a sitecustomize blocks the import on rank 0 only), rank 0 failed
+    and waited in the teardown's barrier while rank 1 waited for its logits: the command hung until the process
+    group's timeout, printing nothing. Rank 1 now stops naming rank 0's error, and the command ends."""
+    import os
+    import subprocess
+
+    from launch.supervise import run_torchrun
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    hf_dir, block = tmp_path / "hf", tmp_path / "block"
+    save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
+    block.mkdir()
+    (block / "sitecustomize.py").write_text('import os, sys\nif os.environ.get("RANK") == "0":\n'
+                                            '    sys.modules["transformers"] = None\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{block}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "convert.py"), "verify", str(hf_dir), "--tp", "2"]
+    try:
+        proc = run_torchrun(cmd, cwd=REPO, env=env, timeout=120, grace=10)  # it ends in ~25 s
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"convert verify hung after rank 0 failed: {(e.stderr or '')[-2000:]}")
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert (f"convert verify: rank 0 failed computing transformers' reference logits of {hf_dir}: "
+            "ModuleNotFoundError: import of transformers halted") in proc.stderr, proc.stderr[-3000:]
