@@ -532,11 +532,13 @@ def ingest(opts: IngestOptions) -> dict:
     ann, texts = annotations.videos, annotations.texts
     listed = set(videos)
     reasons: Counter = Counter()
+    reasons_of: dict[str, Counter] = {"video": Counter(), "image": Counter()}   # the same, per kind of sample
 
     def reject(kind: str, sid: str, reason: str, detail: str) -> None:
         """Records a rejected video or image sample (`kind`) in rejects.jsonl and in this run's counts."""
         _append_jsonl(rejects_path, {kind: sid, "reason": reason, "detail": detail})
         reasons[reason] += 1
+        reasons_of[kind][reason] += 1
 
     bad_listed = 0      # videos under --videos rejected for their record: listed, but neither done nor to do
     for rel, why in sorted(annotations.bad_videos.items()):
@@ -723,6 +725,10 @@ def ingest(opts: IngestOptions) -> dict:
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "this_run": {"processed": len(todo), "accepted": stats["accepted"],
                      "rejected": sum(reasons.values()), "rejected_by_reason": dict(reasons),
+                     "videos_rejected": sum(reasons_of["video"].values()),
+                     "videos_rejected_by_reason": dict(reasons_of["video"]),
+                     "images_rejected": sum(reasons_of["image"].values()),
+                     "images_rejected_by_reason": dict(reasons_of["image"]),
                      "skipped_already_done": (len(videos) + len(images) + len(texts) - len(todo)
                                               - missing_images - bad_listed),
                      "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
@@ -788,8 +794,11 @@ def main(argv: list[str] | None = None) -> int:
     r = s["this_run"]
     more = (f" (+{r['extra_record_samples']} samples of their further annotation records)"
             if r["extra_record_samples"] else "")
-    print(f"ingest: {r['accepted']} videos accepted{more}, {r['rejected']} rejected {r['rejected_by_reason']}, "
-          f"{r['image_samples']} image samples ({r['image_files']} files), {r['text_samples']} text-only samples, "
+    images_rejected = (f", {r['images_rejected']} rejected {r['images_rejected_by_reason']}" if r["images_rejected"]
+                       else "")
+    print(f"ingest: {r['accepted']} videos accepted{more}, {r['videos_rejected']} rejected "
+          f"{r['videos_rejected_by_reason']}, {r['image_samples']} image samples ({r['image_files']} files)"
+          f"{images_rejected}, {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
     if r["annotation_problems"]:

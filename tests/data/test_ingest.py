@@ -1,7 +1,9 @@
 """Ingest: every bad file type is rejected with a reason or accepted with correct metadata; the
 shards are readable with the index; an interrupted ingest resumes; proxies are frame-correct."""
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +203,32 @@ def test_cli(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "videos" in r.stderr
     shutil.rmtree(tmp_path / "o")
+
+
+def test_cli_counts_rejected_images_apart_from_videos(tmp_path):
+    """The summary line counted every reject under "videos accepted, N rejected", images too: a run whose only
+    rejects were two images read "1 videos accepted, 2 rejected". Each kind now has its own count (here one broken
+    video, one undecodable image, one image not found), and dataset.json keeps the total beside them."""
+    vids, ann = make_synthetic_videos(tmp_path, 1, seed=2, max_seconds=2.5, n_images=1)
+    (vids / "broken.mp4").write_bytes(b"")
+    (vids / "bad.png").write_bytes(b"not a png\n" * 10)
+    with open(ann, "a") as f:
+        f.write(json.dumps({"image": "bad.png", "caption": "broken"}) + "\n")
+        f.write(json.dumps({"image": "gone.png", "caption": "missing"}) + "\n")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "launch" / "ingest.py"), "--videos", str(vids), "--annotations",
+                        str(ann), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rejects = read_jsonl(tmp_path / "o" / "rejects.jsonl")
+    by_kind = {kind: {x["reason"] for x in rejects if kind in x} for kind in ("video", "image")}
+    assert by_kind == {"video": {"empty_file"}, "image": {"decode_error", "missing_file"}}, rejects
+    line = re.fullmatch(r"ingest: 1 videos accepted, 1 rejected \{'empty_file': 1\}, 1 image samples \(1 files\), "
+                        r"2 rejected (\{.*\}), 0 text-only samples, .*", r.stdout.strip())
+    assert line and ast.literal_eval(line[1]) == {"decode_error": 1, "missing_file": 1}, r.stdout
+    run = json.loads((tmp_path / "o" / "dataset.json").read_text())["this_run"]
+    assert (run["rejected"], run["videos_rejected"], run["images_rejected"]) == (3, 1, 2)
+    assert run["rejected_by_reason"] == {"empty_file": 1, "decode_error": 1, "missing_file": 1}
 
 
 def test_cli_refuses_an_empty_input_and_a_file_as_output(tmp_path):
