@@ -660,5 +660,10 @@ def run(dcfg: DictConfig) -> None:
         failed = True
         logging.getLogger("train").exception("the run failed", extra={"file_only": True})
         raise
+    except KeyboardInterrupt:  # SIGINT (Ctrl-C), which may have reached this rank alone, mid-step: the others may be
+        failed = True          # in a collective it left, where the teardown's barrier would wait with them for ever
+        logging.getLogger("train").error("interrupted (SIGINT): the run stops without a checkpoint (SIGTERM, "
+                                         "SIGUSR1 or a STOP file stop it with one)")
+        raise
     finally:
         teardown(barrier=not failed)

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,3 +256,35 @@ def test_a_stage_whose_init_from_cannot_fill_its_frozen_vision_tower_stops_with_
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
     assert "config error: train.checkpoint.init_from=" in proc.stderr and "holds no weights for" in proc.stderr
     assert "ValueError" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_sigint_to_one_rank_ends_the_run_instead_of_hanging(tmp_path):
+    """SIGINT (Ctrl-C) reaching one rank mid-training: that rank left its step while the other waited in the step's
+    collective, and the teardown's barrier then waited on that rank for ever (the process group's timeout, 30
+    minutes): neither rank ended, and torchrun with them. An interrupted rank now skips the barrier, as a failed one
+    does, so it ends, the other's collective fails, and torchrun ends the run; the rank's log says it was interrupted."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "pretrain.py"), *QUIET, *OVERRIDES, "train.steps=2000",
+           "train.checkpoint.enabled=false", f"run_dir={run_dir}"]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 3:
+            assert agent.poll() is None, "training exited early"
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        rank1 = [w for w in _children(agent.pid)
+                 if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{w}/environ").read_bytes()]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGINT)
+        try:
+            agent.wait(timeout=90)      # it ends in seconds; a hang lasts the process group's timeout
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not end within 90 s of SIGINT to rank 1")
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode != 0
+    assert "interrupted (SIGINT): the run stops without a checkpoint" in (run_dir / "logs" / "rank1.log").read_text()
