@@ -85,9 +85,15 @@ class ExcludeList:
                 held[name] = max(held.get(name, 0), int(base[f + 1]) - int(base[f]))
         return [f"{name}#{n}" for name, ns in self.documents.items() for n in sorted(ns) if n >= held.get(name, 0)]
 
-    def describe(self) -> str:
-        return (f"{len(self)} sample(s) named in {', '.join(self.files)} ({len(self.keys)} sample key(s), "
-                f"{sum(len(v) for v in self.documents.values())} token-file document(s))")
+    def describe(self, *, token_documents: bool) -> str:
+        """The start-up line's count: each entry once, under what it names in a run that reads token files'
+        documents (`token_documents`: data.kind=tokens, or a video mixture's text_tokens) or not. A key
+        `<file>#<n>` is a token-file document in the first (the streams read it as one) and a sample key in the
+        second, where only the packed loader's keys match it."""
+        named = {f"{f}#{n}" for f, ns in self.documents.items() for n in ns}
+        documents = len(named) if token_documents else len(named - self.keys)
+        return (f"{len(self)} sample(s) named in {', '.join(self.files)} ({len(self) - documents} sample key(s), "
+                f"{documents} token-file document(s))")
 
 
 def _add_document(docs: dict, name, n, where: str) -> None:

@@ -376,7 +376,11 @@ class Trainer:
         self.data_can_end = cfg.data.kind == "video" and (cfg.data.video.num_epochs is not None
                                                           or planned("data_end_in_step"))
         if self.exclude and self.rank == 0:
-            log.info("data.exclude: %s, left out of the training data where met", self.exclude.describe())
+            v = cfg.data.video
+            token_documents = cfg.data.kind == "tokens" or (cfg.data.kind == "video" and bool(v.text_tokens)
+                                                             and v.text_tokens_fraction > 0)
+            log.info("data.exclude: %s, left out of the training data where met",
+                     self.exclude.describe(token_documents=token_documents))
             unmatched = self.streams[0].unmatched_exclusions
             if unmatched:
                 log.warning("data.exclude: %d of the samples named are in none of this run's training data, so "

@@ -61,6 +61,21 @@ def test_the_files_name_samples_as_the_messages_and_records_do(tmp_path):
             read_exclude(path)
 
 
+def test_the_start_up_line_counts_each_entry_once_under_what_it_names(tmp_path):
+    """The launch's line `data.exclude: N sample(s) named in ... (K sample key(s), D token-file document(s))`
+    counted a key `<file>#<n>` twice, as a key and as a document: 3 entries read "(2 sample key(s), 3 token-file
+    document(s))". Each entry counts once: a `<file>#<n>` key as a document where the run reads token files, as a
+    sample key where only the packed loader's keys can match it; a {"document": ...} line is a document, a
+    `shard/key` line a sample key, either way. Worked counts: 4 entries, two of them `<file>#<n>` keys."""
+    f = _write(tmp_path / "list.txt", ["web#3", "/data/tok/web#5", "shard-000002.tar/clip_00001-aa",
+                                       '{"document": ["other", 3]}'])
+    ex = read_exclude(f)
+    assert ex.describe(token_documents=True) == (
+        f"4 sample(s) named in {f} (1 sample key(s), 3 token-file document(s))")
+    assert ex.describe(token_documents=False) == (
+        f"4 sample(s) named in {f} (3 sample key(s), 1 token-file document(s))")
+
+
 def test_a_line_not_utf8_is_named_with_its_file_and_line(tmp_path):
     """A list with a byte that is not UTF-8 stopped the launch with Python's bare "'utf-8' codec can't decode byte
     0xff in position 19", naming neither the file nor the line (docs/data.md: a line that is not a sample stops it,
