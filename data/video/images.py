@@ -64,11 +64,24 @@ def _open(src, what: str, draft: tuple[int, int] | None = None):
     return img, oriented, fmt
 
 
+def _check_integer_range(img, what: str) -> None:
+    """A 32-bit integer image (Pillow mode "I") is read as 16-bit grey (what older Pillow opens a 16-bit PNG as):
+    ImageError `unsupported_mode` when its values leave 0..65535, which that reading clipped to white (a depth map
+    or scan of 20 bits decoded 93% white): such values have no one 8-bit reading to train on."""
+    if img.mode != "I":
+        return
+    lo, hi = img.getextrema()
+    if lo < 0 or hi > 65535:
+        raise ImageError("unsupported_mode", f"{what}: 32-bit integer samples (Pillow mode I) from {lo} to {hi}, "
+                                             f"beyond 16 bits: store the image with 8 or 16 bits per sample")
+
+
 def inspect_image(path: str) -> dict:
     """Metadata of an image file, verified by decoding it whole. Raises ImageError."""
     if not os.path.isfile(path):
         raise ImageError("missing_file", path)
     img, oriented, fmt = _open(path, os.path.basename(path))
+    _check_integer_range(oriented, os.path.basename(path))
     w, h = oriented.size
     if w < 1 or h < 1:
         raise ImageError("bad_dimensions", f"{w}x{h}")
@@ -80,13 +93,15 @@ def inspect_image(path: str) -> dict:
 
 def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
-    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits), resized with bicubic filtering. A JPEG
+    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits; 32-bit integer grey as 16-bit when its
+    values fit, else ImageError `unsupported_mode`), resized with bicubic filtering. A JPEG
     at least twice the size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`:
     in full).
     Raises ImageError."""
     from PIL import Image
 
     _, img, _ = _open(io.BytesIO(data), what, draft=(width, height) if draft else None)
+    _check_integer_range(img, what)       # an image stored before ingest checked it
     if img.mode == "I" or img.mode.startswith("I;16"):
         # 16-bit grey (a 16-bit PNG opens as "I;16", or "I" with older Pillow): convert() would clip every value
         # over 255 to white instead of scaling, so keep the high byte of each sample

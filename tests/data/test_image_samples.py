@@ -369,6 +369,29 @@ def test_a_16_bit_png_decodes_as_its_ramp_not_white(tmp_path):
     assert np.abs(got[0, 0].astype(np.float64) - want).max() <= 1
 
 
+def test_a_32_bit_integer_image_beyond_16_bits_is_rejected_not_clipped(tmp_path):
+    """A 32-bit integer image (Pillow mode I, here a TIFF ramp of 20 bits) was read as 16-bit grey, its values
+    clipped to 65535: the ramp decoded 93% white. Ingest now rejects it as `unsupported_mode`, naming its range, and
+    the decoder refuses it too (a shard written before); one whose values fit 16 bits still decodes as 16-bit grey
+    (the reference: the ramp scaled by 255 / 65535 here)."""
+    from PIL import Image
+    wide = np.tile(np.linspace(0, 921300, 256).round().astype(np.int32), (8, 1))
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    for read in (lambda: inspect_image(str(tmp_path / "wide.tif")),
+                 lambda: decode_image((tmp_path / "wide.tif").read_bytes(), 8, 256, "wide.tif")):
+        with pytest.raises(ImageError, match=r"wide.tif: 32-bit integer samples \(Pillow mode I\) from 0 to 921300, "
+                                             r"beyond 16 bits") as e:
+            read()
+        assert e.value.reason == "unsupported_mode"
+    fits = np.tile(np.linspace(0, 65535, 256).round().astype(np.int32), (8, 1))
+    Image.fromarray(fits).save(tmp_path / "fits.tif")
+    meta = inspect_image(str(tmp_path / "fits.tif"))
+    got = decode_image((tmp_path / "fits.tif").read_bytes(), meta["height"], meta["width"])
+    # 1 level: the high byte (v >> 8) is at most 1 below the rounded v * 255 / 65535
+    assert np.abs(got[0, 0].astype(np.float64) - np.round(fits * 255 / 65535)).max() <= 1
+
+
 def test_a_shard_without_its_index_lists_images_of_any_format_ingest_read(tmp_path):
     """scan_shard (a tar whose index is lost) listed image members by five extensions only, so a GIF or TIFF image
     sample, which ingest stores under its own extension, was dropped from the rebuilt index; the index ingest wrote
