@@ -374,14 +374,20 @@ def check_device(cfg: Config, *, cuda: bool) -> None:
     """What the settings ask of the device this machine has (ValueError naming the setting). bf16 needs a GPU: the
     trainer refused it once its process groups existed. The Triton kernels need one too, or TRITON_INTERPRET=1, the
     interpreter the kernel tests use: they failed in the model's first forward, on every rank, after the process
-    groups and the model were built ("0 active drivers" for the experts)."""
+    groups and the model were built ("0 active drivers" for the experts). KSA's FlexAttention backend trains on a GPU
+    only (torch has no backward of it on the CPU)."""
     if cuda:
         return
     if cfg.train.precision == "bf16":
         raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
+    lm = cfg.model.lm
+    if lm.ksa.backend == "flex" and "ksa" in lm.layer_attention() and not cfg.train.eval.only:
+        # torch raised NotImplementedError in the first step's backward, on every rank, after the model was built
+        raise ValueError("model.lm.ksa.backend=flex: FlexAttention has no backward on the CPU, so it cannot train on "
+                         "this machine (no CUDA GPU); auto (the mask reference on the CPU) or naive trains here, and "
+                         "flex scores a checkpoint here with train.eval.only=true")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
-    lm = cfg.model.lm
     asked = ["model.lm.experts_impl=triton"] if lm.experts_impl == "triton" else []
     asked += [f"model.lm.{v}.backend=triton" for v in ("ksa", "dsa")
               if getattr(lm, v).backend == "triton" and v in lm.layer_attention()]

@@ -441,6 +441,17 @@ def test_settings_this_machine_cannot_run_are_refused_before_the_build(tmp_path,
             check_device(_validate(f"recipe={recipe}", setting)[0], cuda=False)
         check_device(_validate(f"recipe={recipe}", setting)[0], cuda=True)
     check_device(_validate("recipe=keye_tiny_lm", "model.lm.dsa.backend=triton")[0], cuda=False)  # no DSA layer
+    # FlexAttention has no backward on the CPU: the first step raised torch's NotImplementedError, after the model was
+    # built; it trains on a GPU, and forward alone (train.eval.only) runs on the CPU
+    with pytest.raises(ValueError, match=r"^model\.lm\.ksa\.backend=flex: FlexAttention has no backward on the CPU"):
+        check_device(_validate("recipe=keye_tiny_ksa", "model.lm.ksa.backend=flex")[0], cuda=False)
+    check_device(_validate("recipe=keye_tiny_ksa", "model.lm.ksa.backend=flex")[0], cuda=True)
+    from train.config import to_config
+    from train.launch import compose_config
+
+    scoring = ["recipe=keye_tiny_ksa", "model.lm.ksa.backend=flex", "train.eval.only=true"]  # validate: a checkpoint
+    check_device(to_config(compose_config(scoring)), cuda=False)
+    check_device(_validate("recipe=keye_tiny_lm", "model.lm.ksa.backend=flex")[0], cuda=False)  # no KSA layer
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     check_device(_validate("recipe=keye_tiny_lm", "model.lm.experts_impl=triton")[0], cuda=False)
     with pytest.raises(ValueError, match=r"^train\.precision=bf16 needs a GPU"):
