@@ -418,3 +418,106 @@ def test_the_command_takes_the_fewest_ranks_the_layout_runs_on():
         p = ParallelConfig(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, cp_comm="allgather" if cp > 1 else "a2a")
         assert fewest_ranks(p) == smallest(p), (tp, cp, pp, ep, etp)
 
+
+
+# Every memory figure the recipes' comments (and README) quote from launch/memory.py, with the command that gives it:
+# (file, the phrase with {} where the figure stands, the command's arguments, what of the estimate it quotes, decimals).
+# The comments of keye_30b_a3b_align and _ctx_8k once said 75 GiB where the estimate said 79.9, and the ViT without
+# recompute "~1 TB" where it is 1214 GiB: an estimator change must bring its quoted figures along.
+_LM_ALONE = ("world_size=8", "model.vision.enabled=false", "data=synthetic_tokens")
+_QUOTED = [
+    ("recipes/recipe/keye_30b_a3b_align.yaml", "predicted at {} GiB per", ("recipe=keye_30b_a3b_align",), "total", 1),
+    ("recipes/recipe/keye_30b_a3b_align.yaml", "({} with the 10% margin", ("recipe=keye_30b_a3b_align",), "margin", 0),
+    ("recipes/recipe/keye_30b_a3b_ctx_8k.yaml", "predicted at {} GiB per", ("recipe=keye_30b_a3b_ctx_8k",), "total", 1),
+    ("recipes/recipe/keye_30b_a3b_ctx_8k.yaml", "({} with the 10% margin", ("recipe=keye_30b_a3b_ctx_8k",), "margin",
+     0),
+    ("recipes/recipe/keye_30b_a3b_dsa_sparse.yaml", "predicted {}\n# GiB per GPU", ("recipe=keye_30b_a3b_dsa_sparse",),
+     "total", 1),
+    ("recipes/recipe/keye_30b_a3b_dsa_sparse.yaml", "hands each GPU {} GiB of embeddings",
+     ("recipe=keye_30b_a3b_dsa_sparse",), "visual embeddings for the LM + gradients/16", 2),
+    ("recipes/recipe/keye_30b_a3b_dsa_sparse.yaml", "all 240 at once would take {} GiB",
+     ("recipe=keye_30b_a3b_dsa_sparse", "parallel.vit.group=0"), "total", 0),
+    ("recipes/recipe/keye_30b_a3b_dsa_warmup.yaml", "predicted {} GiB per GPU", ("recipe=keye_30b_a3b_dsa_warmup",),
+     "total", 1),
+    ("recipes/recipe/keye_30b_a3b_ksa_stage3.yaml", "stage3: {} GiB per GPU", ("recipe=keye_30b_a3b_ksa_stage3",),
+     "total", 1),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "selective: {} GiB;",
+     ("recipe=keye_30b_a3b_ctx_32k", *_LM_ALONE, "parallel.recompute=selective"), "total", 0),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "full: {} GiB).", ("recipe=keye_30b_a3b_ctx_32k", *_LM_ALONE), "total", 0),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "saving of 2.8 of {} GiB per GPU at 32K",
+     ("recipe=keye_30b_a3b_ctx_32k", *_LM_ALONE), "total", 0),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "saving of {} of 85", ("recipe=keye_30b_a3b_ctx_32k", *_LM_ALONE),
+     "offload", 1),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "2.8 of {} with the vision", ("recipe=keye_30b_a3b_ctx_32k",), "total", 1),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "and {} of 139 GiB at 256K",
+     ("recipe=keye_30b_a3b_ctx_256k", "parallel=node8_cp2_ep8", *_LM_ALONE), "offload", 1),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "22.5 of {} GiB at 256K",
+     ("recipe=keye_30b_a3b_ctx_256k", "parallel=node8_cp2_ep8", *_LM_ALONE), "total", 0),
+    ("recipes/parallel/node8_cp2_ep8.yaml", "({} with it)", ("recipe=keye_30b_a3b_ctx_256k", "parallel=node8_cp2_ep8"),
+     "total", 1),
+    ("recipes/parallel/node8_cp4_ep8.yaml", "saving of {} of 85 GiB per GPU at 64K",
+     ("recipe=keye_30b_a3b_ctx_64k", *_LM_ALONE), "offload", 1),
+    ("recipes/parallel/node8_cp4_ep8.yaml", "2.8 of {} GiB per GPU at 64K", ("recipe=keye_30b_a3b_ctx_64k", *_LM_ALONE),
+     "total", 0),
+    ("recipes/parallel/node8_cp4_ep8.yaml", "2.8 of {} with the vision", ("recipe=keye_30b_a3b_ctx_64k",), "total", 1),
+    ("recipes/parallel/node8_cp8_ep8.yaml", "saving of {} of 93 GiB per GPU at 256K",
+     ("recipe=keye_30b_a3b_ctx_256k", *_LM_ALONE), "offload", 1),
+    ("recipes/parallel/node8_cp8_ep8.yaml", "5.6 of {} GiB per GPU at 256K",
+     ("recipe=keye_30b_a3b_ctx_256k", *_LM_ALONE), "total", 0),
+    ("recipes/parallel/node8_cp8_ep8.yaml", "5.6 of {} with the vision", ("recipe=keye_30b_a3b_ctx_256k",), "total", 1),
+    ("recipes/parallel/node8_ep8.yaml", "model state ({} GiB", ("recipe=keye_30b_a3b_lm",), "model state", 1),
+    ("recipes/parallel/node8_ep8.yaml", "activations (about {} GiB per GPU",
+     ("recipe=keye_30b_a3b_lm", "parallel.recompute=selective"), "kept activations", 0),
+    ("recipes/parallel/node8_ep8.yaml", "predicted at\n# {} GiB per GPU",
+     ("recipe=keye_30b_a3b_lm", "parallel.recompute=selective"), "total", 0),
+    ("recipes/parallel/node8_ep8.yaml", "`; {} with the vision tower",
+     ("recipe=keye_30b_a3b", "parallel.recompute=selective"), "total", 1),
+    ("recipes/parallel/node8_ep8.yaml", "recompute {} GiB (", ("recipe=keye_30b_a3b_lm",), "total", 0),
+    ("recipes/parallel/node8_ep8.yaml", "({} with the vision tower)", ("recipe=keye_30b_a3b",), "total", 1),
+    *[(f"recipes/parallel/{f}.yaml", "~{} TiB per GPU", ("recipe=keye_30b_a3b", "parallel.vit.recompute=false"),
+       "TiB", 1) for f in ("node8_ep8", "node8_cp2_ep8", "node8_cp4_ep8", "node8_cp8_ep8")],
+    ("README.md", "keep ~{} TiB of ViT activations", ("recipe=keye_30b_a3b", "parallel.vit.recompute=false"), "TiB", 1),
+    ("README.md", "predicted at {} GiB, where its training needs 8",
+     ("recipe=keye_30b_a3b", "train.eval.only=true", "world_size=1", "parallel.ep=1"), "total", 1),
+    ("README.md", "`parallel=node8_ep8`: {} GiB per H200", ("recipe=keye_30b_a3b",), "total", 0),
+    ("README.md", "predicted for `keye_30b_a3b`, {}\nwith selective",
+     ("recipe=keye_30b_a3b", "parallel.recompute=selective"), "total", 1),
+    ("README.md", "`keye_30b_a3b_ctx_8k`: {}\nGiB with selective", ("recipe=keye_30b_a3b_ctx_8k",), "total", 1),
+]
+
+
+def test_the_memory_figures_recipes_quote_are_launch_memory_py_s():
+    """Each figure above, as the file words it, against launch/memory.py's estimate for its command (the predicted
+    peak, the 10% margin over it, a row, or the saving of parallel.offload=activations), rounded as quoted."""
+    import importlib.util
+    from pathlib import Path
+
+    from parallel.memory import estimate
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("launch_memory", root / "launch" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    gib = 2 ** 30
+    cache = {}
+
+    def peak(args) -> tuple[float, dict]:
+        if args not in cache:
+            est = estimate(memory.memory_inputs(list(args))[2])
+            cache[args] = (est.total / gib, {k: v / gib for k, v in est.rows.items()})
+        return cache[args]
+
+    wrong = []
+    for path, phrase, args, what, decimals in _QUOTED:
+        total, rows = peak(args)
+        value = {"total": total, "margin": total * 1.1, "TiB": total / 1024,
+                 "model state": sum(rows[k] for k in rows if k.startswith(("parameters", "gradients", "optimizer"))),
+                 "kept activations": sum(rows[k] for k in rows if k.startswith(("attention", "MoE"))),
+                 "offload": total - peak(args + ("parallel.offload=activations",))[0]}.get(what)
+        if value is None:
+            name, _, per = what.partition("/")
+            value = rows[name] / int(per or 1)
+        quoted = phrase.format(f"{value:.{decimals}f}")
+        if quoted not in (root / path).read_text():
+            wrong.append(f"{path}: expected {quoted!r} (python launch/memory.py {' '.join(args)})")
+    assert not wrong, "\n".join(wrong)
