@@ -614,6 +614,48 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
     return msg
 
 
+ERROR_KEY = "keye/stop_message/rank0"   # rank 0's message in the process group's store (print_stop_message)
+
+
+def _default_store():
+    """The process group's key-value store (torchrun's agent store), or None without one."""
+    import torch.distributed as dist
+
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a torch without it: every rank prints its own message
+        return None
+
+
+def print_stop_message(message: str, *, rank: int, store=None, log_file: str = "", wait_s: float = 5.0) -> None:
+    """Prints the error (`message`, e.g. "config error: ...") that ends this rank once the process groups exist.
+    Every rank meets most of them alike (data that ended, a setting found in a checkpoint), and each printed the
+    same paragraph (eight times over on an 8-GPU node): rank 0 prints it and leaves it in `store`; another rank
+    whose message is rank 0's prints a one-line pointer, one whose message differs (or that hears nothing from rank 0
+    within wait_s seconds: rank 0 did not stop so) prints its own."""
+    if rank == 0 or store is None:
+        print(message, file=sys.stderr, flush=True)
+        if rank == 0 and store is not None:
+            try:
+                store.set(ERROR_KEY, message)
+            except Exception:  # noqa: BLE001 - the others then print their own
+                pass
+        return
+    from datetime import timedelta
+
+    try:
+        store.wait([ERROR_KEY], timedelta(seconds=wait_s))
+        first = store.get(ERROR_KEY).decode()
+    except Exception:  # noqa: BLE001 - no message from rank 0 in time, or no store left
+        first = None
+    if first != message:
+        print(message, file=sys.stderr, flush=True)
+        return
+    prefix = message.split(":", 1)[0]
+    print(f"{prefix} on rank {rank}: the same as rank 0's, printed once by rank 0" +
+          (f" (and in {log_file})" if log_file else ""), file=sys.stderr, flush=True)
+
+
 def run(dcfg: DictConfig) -> None:
     try:
         from train.faults import check_env
@@ -644,23 +686,28 @@ def run(dcfg: DictConfig) -> None:
     from train.checkpoint import CheckpointLoadError, CheckpointSaveError, RunDirInUse
 
     failed = False   # an error this rank alone may have met: no barrier at the teardown (parallel/groups.py)
+    log_file = os.path.join(cfg.resolved_run_dir(), "logs", f"{'eval_' if cfg.train.eval.only else ''}rank{rank}.log")
+
+    def stop(message: str, *, logged: bool = True) -> None:  # stderr has it once where the ranks' messages agree
+        print_stop_message(message, rank=rank, store=_default_store(), log_file=log_file if logged else "")
+
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
         trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
     except SettingsError as e:   # found once the process groups exist (what init_from holds): on every rank
         logging.getLogger("train").error("config error: %s", e)
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        stop(f"config error: {e}")
         sys.exit(2)
     except RunDirInUse as e:   # before this launch wrote anything there but its log lines
         logging.getLogger("train").error("run_dir error: %s", e)
-        print(f"run_dir error: {e}", file=sys.stderr, flush=True)
+        stop(f"run_dir error: {e}")
         sys.exit(2)
     except (CheckpointSaveError, CheckpointLoadError) as e:
         logging.getLogger("train").error("checkpoint error: %s", e)
-        print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        stop(f"checkpoint error: {e}")
         sys.exit(3)
     except NonFiniteStepError as e:  # each rank logged its data in the step already
-        print(f"non-finite step: {e}", file=sys.stderr, flush=True)
+        stop(f"non-finite step: {e}", logged=False)
         sys.exit(4)
     except Exception:  # the rank's log says why it ended, beside the traceback on stderr
         failed = True

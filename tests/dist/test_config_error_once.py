@@ -19,3 +19,29 @@ def test_a_resume_layout_error_is_printed_once(tmp_path):
     assert len(errors) == 1, errors
     assert "stores the optimizer as dp_reshardable at tp=1 pp=1 vpp=1 ep=2" in errors[0], errors
     assert "this run changes ep 2->1" in errors[0], errors
+
+
+def test_an_error_found_after_the_process_groups_exist_is_printed_once(tmp_path):
+    """Errors the ranks meet alike once the process groups exist (here a held-out video set with nothing to plan, found
+    by every rank as it starts) were printed by every rank, the same paragraph once per rank. Rank 0 prints it; rank 1,
+    whose message is the same, prints a one-line pointer naming its log, which keeps the message."""
+    from data.video.shards import ShardWriter
+    from data.video_stream import ensure_synthetic_shards
+
+    videos = ensure_synthetic_shards(tmp_path / "videos", 8, 1234, rank=0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    w = ShardWriter(bad, 0)
+    w.add_text_sample("unanswered", {"kind": "text", "video": None, "annotation": {"qa": [{"question": "no answer"}]}})
+    w.close()
+    run_dir = tmp_path / "run"
+    proc = run_pretrain(2, ["recipe=keye_tiny", "train.steps=2", "train.checkpoint.enabled=false",
+                            f"data.video.shards={videos}", f"data.video.eval_shards={bad}", "train.eval.interval=1"],
+                        run_dir, check=False, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error")]
+    message = "config error: video loader: data.video.eval_shards: none of the 1 samples can be planned"
+    assert len(errors) == 2 and errors[0].startswith(message), errors
+    assert errors[1] == (f"config error on rank 1: the same as rank 0's, printed once by rank 0 (and in "
+                         f"{run_dir / 'logs' / 'rank1.log'})"), errors
+    assert message.removeprefix("config error: ") in (run_dir / "logs" / "rank1.log").read_text()

@@ -112,3 +112,23 @@ def test_a_distillation_s_small_terms_are_readable_on_the_step_and_eval_lines():
         got = re.search(rf"\| {prefix}attn_mse (\S+) \|", text)
         assert got and float(got.group(1)) == pytest.approx(terms["attn_mse"], rel=1e-3), text
         assert f"| {prefix}kl 0.0055 |" in text, text
+
+
+def test_a_stop_message_is_printed_once_where_the_ranks_agree(capsys):
+    """print_stop_message with the process group's store (here an in-process HashStore): rank 0 prints its message
+    and leaves it there; a rank with the same message prints a pointer, one with another message prints its own, and
+    without rank 0's message (rank 0 did not stop so) after the wait a rank prints its own too."""
+    import torch.distributed as dist
+
+    from train.launch import print_stop_message
+
+    store = dist.HashStore()
+    print_stop_message("config error: the data ended", rank=0, store=store)
+    print_stop_message("config error: the data ended", rank=1, store=store, log_file="run/logs/rank1.log")
+    print_stop_message("checkpoint error: disk full on rank 2", rank=2, store=store)
+    print_stop_message("config error: the data ended", rank=3, store=dist.HashStore(), wait_s=0.1)
+    assert capsys.readouterr().err.splitlines() == [
+        "config error: the data ended",
+        "config error on rank 1: the same as rank 0's, printed once by rank 0 (and in run/logs/rank1.log)",
+        "checkpoint error: disk full on rank 2",
+        "config error: the data ended"]
