@@ -373,9 +373,10 @@ class Planner:
                 uid, (reason, detail) = min(p.rejects.items()) if p.rejects else (0, ("", ""))
                 raise NothingPlanned(
                     f"video loader: {self.setting}: none of the {len(self.catalog)} samples can be planned "
-                    f"(epoch {e}), so there is nothing to {'score' if self.held_out else 'train on'}; by reason: {dict(reasons)}; first: "
-                    f"{self.key(uid)}: {reason}: {detail[:200]}. Check the shards ({getattr(self.cfg, self.name)}) "
-                    f"against data.video.seq_len ({self.cfg.seq_len}) and the annotations (docs/data.md)")
+                    f"(epoch {e}), so there is nothing to {'score' if self.held_out else 'train on'}; by reason: "
+                    f"{dict(reasons)}; first: {self.key(uid)}: {reason}: {detail[:200]}. Check the shards "
+                    f"({getattr(self.cfg, self.name)}) against data.video.seq_len ({self.cfg.seq_len}) and the "
+                    f"annotations (docs/data.md)")
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             self._epochs[e] = p

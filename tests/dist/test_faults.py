@@ -262,7 +262,8 @@ def test_sigint_to_one_rank_ends_the_run_instead_of_hanging(tmp_path):
     """SIGINT (Ctrl-C) reaching one rank mid-training: that rank left its step while the other waited in the step's
     collective, and the teardown's barrier then waited on that rank for ever (the process group's timeout, 30
     minutes): neither rank ended, and torchrun with them. An interrupted rank now skips the barrier, as a failed one
-    does, so it ends, the other's collective fails, and torchrun ends the run; the rank's log says it was interrupted."""
+    does, so it ends, the other's collective fails, and torchrun ends the run; the rank's log says it was
+    interrupted."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "launch" / "pretrain.py"), *QUIET, *OVERRIDES, "train.steps=2000",
