@@ -356,3 +356,31 @@ def test_verify_under_torchrun_stops_every_rank_when_rank_0_cannot_run_transform
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert (f"convert verify: rank 0 failed computing transformers' reference logits of {hf_dir}: "
             "ModuleNotFoundError: import of transformers halted") in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_export_under_torchrun_ends_when_rank_0_cannot_write_a_file(tmp_path):
+    """`launch/convert.py export` under torchrun: every rank loads each file's tensors (a collective), rank 0 writes
+    it. When rank 0's write failed (here a directory stands where its third file's temporary goes), rank 0 waited in
+    the teardown's barrier while rank 1 waited in the next file's load: the command hung. Rank 0 now leaves without
+    the barrier, naming its error, and the command ends."""
+    import os
+    import subprocess
+
+    from launch.supervise import run_torchrun
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    hf_dir, ours, out = tmp_path / "hf", tmp_path / "ours", tmp_path / "out"
+    save_tiny_qwen3_moe(hf_dir, max_shard_size="50KB")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(REPO / "launch" / "convert.py"), "import", str(hf_dir), str(ours)], env=env,
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    (out / "model-00003-of-00013.tmp").mkdir(parents=True)   # 13 files of at most 50 KB: the export's plan
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "convert.py"), "export", str(ours), str(out), "--max-shard-size", "50KB"]
+    try:
+        proc = run_torchrun(cmd, cwd=REPO, env=env, timeout=120, grace=10)  # it ends in ~15 s
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"convert export hung after rank 0 failed to write: {(e.stderr or '')[-2000:]}")
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "Is a directory" in proc.stderr, proc.stderr[-3000:]
