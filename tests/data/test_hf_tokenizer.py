@@ -313,7 +313,8 @@ def test_answers_opening_with_newlines_equal_transformers_ids_and_assistant_mask
     if template == "qwen":        # Qwen2.5's layout: every turn as is (no thinking block): the history rule for all
         messages = messages[:-1]
     ref = PreTrainedTokenizerFast(tokenizer_file=str(qwen_like_tok_dir / "tokenizer.json"))
-    rules = QWEN3_RULES_MARKED if template == "qwen3" else QWEN3_RULES_MARKED.replace("loop.index0 > ns", "false and ns")
+    rules = (QWEN3_RULES_MARKED if template == "qwen3"
+             else QWEN3_RULES_MARKED.replace("loop.index0 > ns", "false and ns"))
     want = ref.apply_chat_template(messages, chat_template=rules, tokenize=True, return_dict=True,
                                    return_assistant_tokens_mask=True)
     cfg = VideoDataConfig(seq_len=512, tokenizer=str(qwen_like_tok_dir), chat_template=template)

@@ -43,9 +43,9 @@ GRIDS = [[(2, 2), (8, 8), (2, 2), (4, 6), (2, 2), (6, 4)],
          [(10, 10), (2, 4), (2, 4), (4, 2), (6, 6)]]
 FEW = [[(4, 4)], [(2, 6)]]           # fewer frames than ranks: some ranks encode nothing
 ONE = [[(4, 4)]]                     # one frame in the step: every other rank encodes nothing
-# bf16 autocast (the trainer's tower on a GPU; the CPU's autocast casts alike), float32 weights: bf16 keeps 8 significant
-# bits (eps 3.9e-3) and the layouts round in other places (GEMMs over other row counts, gradients summed over ranks),
-# so relative RMSE 3e-2; rows of another dtype read as this one are off by orders of magnitude (or inf)
+# bf16 autocast (the trainer's tower on a GPU; the CPU's autocast casts alike), float32 weights: bf16 keeps 8
+# significant bits (eps 3.9e-3) and the layouts round in other places (GEMMs over other row counts, gradients summed
+# over ranks), so relative RMSE 3e-2; rows of another dtype read as this one are off by orders of magnitude (or inf)
 BF16_TOL = 3e-2
 
 # name -> (world sizes, options)

@@ -29,7 +29,7 @@ from train.noise import silence_known_warnings  # noqa: E402
 
 silence_known_warnings()
 
-V, H, N = 16384, 64, 4096
+V, H, N = 8192, 64, 4096
 
 
 def _resident() -> tuple[int, int]:

@@ -384,10 +384,10 @@ def test_launcher_exits_before_building_anything(tmp_path, override, world, need
 
 
 def test_wandb_missing_is_a_config_error_before_the_build(tmp_path, monkeypatch):
-    """wandb logs every run unless train.wandb.enabled=false; where it is not installed, rank 0 stopped on `import wandb`
-    with a traceback once the process groups and the model were built (the other ranks waiting in their first step).
-    The launcher exits 2 first, naming the setting. A sitecustomize hides the installed wandb, as Python does a
-    package it cannot find."""
+    """wandb logs every run unless train.wandb.enabled=false; where it is not installed, rank 0 stopped on
+    `import wandb` with a traceback once the process groups and the model were built (the other ranks waiting in
+    their first step). The launcher exits 2 first, naming the setting. A sitecustomize hides the installed wandb, as
+    Python does a package it cannot find."""
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")

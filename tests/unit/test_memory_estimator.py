@@ -419,7 +419,6 @@ def test_the_command_takes_the_fewest_ranks_the_layout_runs_on():
         assert fewest_ranks(p) == smallest(p), (tp, cp, pp, ep, etp)
 
 
-
 # Every memory figure the recipes' comments (and README) quote from launch/memory.py, with the command that gives it:
 # (file, the phrase with {} where the figure stands, the command's arguments, what of the estimate it quotes, decimals).
 # The comments of keye_30b_a3b_align and _ctx_8k once said 75 GiB where the estimate said 79.9, and the ViT without
