@@ -38,6 +38,21 @@ def reference(tmp_path_factory):
     return losses(d)
 
 
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+    """A run of OVERRIDES stopped after step 4 (`train.stop_after`: checkpoints at steps 2 and 4): the three tests that
+    damage its checkpoints each take a copy, and a stage's init_from reads it (one launch for the four)."""
+    d = tmp_path_factory.mktemp("stopped_at_4") / "run"
+    run_pretrain(2, OVERRIDES + ["train.stop_after=4"], d)
+    return d
+
+
+def _copy_run(src: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    return run_dir
+
+
 def _env(**extra):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **extra}
     env.pop("TRITON_INTERPRET", None)
@@ -157,9 +172,8 @@ def test_rank_killed_mid_step_then_during_save(reference, tmp_path):
             "metrics.superseded.jsonl") in (run_dir / "logs" / "rank0.log").read_text()
 
 
-def test_corrupted_shard_is_named_and_skipped(reference, tmp_path):
-    run_dir = tmp_path / "run"
-    run_pretrain(2, OVERRIDES + ["train.steps=6", "train.stop_after=4"], run_dir)
+def test_corrupted_shard_is_named_and_skipped(reference, stopped_at_4, tmp_path):
+    run_dir = _copy_run(stopped_at_4, tmp_path)
     shard = sorted((run_dir / "checkpoints" / "step_000004").glob("__1_*.distcp"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
@@ -172,11 +186,10 @@ def test_corrupted_shard_is_named_and_skipped(reference, tmp_path):
 
 
 def test_a_shard_damaged_before_its_checksums_were_recorded_fails_its_load_and_the_older_checkpoint_is_used(
-        reference, tmp_path):
+        reference, stopped_at_4, tmp_path):
     """The run ended before its save's background checksum pass wrote CHECKSUMS.rank<r>.json, and then a shard was
     damaged: only the load can tell. Every rank drops that checkpoint together and resumes from the older one."""
-    run_dir = tmp_path / "run"
-    run_pretrain(2, OVERRIDES + ["train.steps=6", "train.stop_after=4"], run_dir)
+    run_dir = _copy_run(stopped_at_4, tmp_path)
     newest = run_dir / "checkpoints" / "step_000004"
     for record in newest.glob("CHECKSUMS.rank*.json"):
         record.unlink()
@@ -192,14 +205,13 @@ def test_a_shard_damaged_before_its_checksums_were_recorded_fails_its_load_and_t
     assert losses(run_dir) == reference
 
 
-def test_checkpoints_that_verify_and_fail_to_load_are_not_called_damaged(tmp_path):
+def test_checkpoints_that_verify_and_fail_to_load_are_not_called_damaged(stopped_at_4, tmp_path):
     """Every checkpoint's files pass their checks (no checksum records: the run ended before its saves' background
     checksum passes), and each load fails. Damage is not established (a load can fail for a cause outside the files:
     a setting of this launch, the software), so the run stops (exit 3) naming each checkpoint's error and the
     settings changed since the newest, and does not call them damaged (whose advice, to move them out and start
     afresh, would drop checkpoints that may be sound); they stay as they were."""
-    run_dir = tmp_path / "run"
-    run_pretrain(2, OVERRIDES + ["train.stop_after=4"], run_dir)
+    run_dir = _copy_run(stopped_at_4, tmp_path)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert [p for p in before if p.startswith("step_")] == ["step_000002", "step_000004"], before
     for step in ("step_000002", "step_000004"):
@@ -245,13 +257,14 @@ def test_disk_full_during_save(reference, tmp_path):
     assert losses(moved) == reference
 
 
-def test_a_stage_whose_init_from_cannot_fill_its_frozen_vision_tower_stops_with_a_config_error(tmp_path):
+def test_a_stage_whose_init_from_cannot_fill_its_frozen_vision_tower_stops_with_a_config_error(stopped_at_4,
+                                                                                                  tmp_path):
     """What init_from holds is known only once the process groups exist (the trainer reads it): a multimodal stage
-    started from a language model's run, its ViT frozen, stops with `config error: ...` naming init_from (exit 2), as
-    the launcher's own checks do, not with a ValueError traceback on every rank."""
+    started from a language model's run (a 2-rank one, resharded as init_from does), its ViT frozen, stops with
+    `config error: ...` naming init_from (exit 2), as the launcher's own checks do, not with a ValueError traceback
+    on every rank."""
     one = ["parallel.ep=1", "train.steps=2", "train.warmup_steps=1"]
-    run_pretrain(1, OVERRIDES[:-3] + one, tmp_path / "lm")
-    proc = run_pretrain(1, ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={tmp_path / 'lm'}"] + one,
+    proc = run_pretrain(1, ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={stopped_at_4}"] + one,
                         tmp_path / "vl", check=False)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
     assert "config error: train.checkpoint.init_from=" in proc.stderr and "holds no weights for" in proc.stderr

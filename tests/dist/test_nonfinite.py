@@ -34,9 +34,8 @@ LM = ["recipe=keye_tiny_lm", "train.global_batch_size=16", "train.micro_batch_si
 FAULT = "nan_in_step:step=3:rank=1"
 
 
-def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_path):
-    reference = tmp_path / "reference"
-    run_pretrain(2, LM + ["train.checkpoint.enabled=false"], reference)
+def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(skipped, tmp_path):
+    reference = skipped["losses"]["lm_reference"]   # the same settings without the fault (forked ranks)
     run = tmp_path / "run"
     out = run_pretrain(2, LM, run, env={"KEYE_FAULT": FAULT}, check=False)
     assert out.returncode != 0
@@ -59,7 +58,8 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
         (run / "logs" / "rank0.log").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == \
         ["step_000001", "step_000002"]
-    assert losses(run) == {s: v for s, v in losses(reference).items() if s <= 2}
+    assert sorted(reference) == [1, 2, 3, 4, 5]
+    assert losses(run) == {s: v for s, v in reference.items() if s <= 2}
     # the run's record of the step (nonfinite.jsonl): what the message says, for a script
     (rec,) = [json.loads(line) for line in (run / "nonfinite.jsonl").read_text().splitlines()]
     assert {k: rec[k] for k in ("step", "action", "gradients", "loss_ranks", "grad_ranks", "data")} == {
@@ -70,7 +70,7 @@ def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(tmp_pa
     # strict JSON: the NaN loss is null, named in "nonfinite" (train/metrics.py json_record), as in metrics.jsonl
     assert rec["loss"] is None and rec["nonfinite"] == {"loss": "nan"} and "moe_load_max" in rec
     run_pretrain(2, LM, run)  # the same command without the fault
-    assert losses(run) == losses(reference)
+    assert losses(run) == reference
     # it trained step 3 again: the record moved aside with the stopped launch's others
     assert (run / "nonfinite.jsonl").read_text() == ""
     assert json.loads((run / "nonfinite.superseded.jsonl").read_text())["step"] == 3
@@ -114,10 +114,15 @@ def skipped(tmp_path_factory):
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
     layouts["lm_saved_skip"] = saved + skip + ["train.stop_after=3"]
     layouts["lm_resumed_skip"] = saved
+    # the whole-loss fault skipped, the run going on to its last step (its records read as strict JSON)
+    layouts["lm_strict"] = LM + skip + ["train.checkpoint.enabled=false"]
+    # the stopping test's reference: its settings without the fault
+    layouts["lm_reference"] = LM + ["train.checkpoint.enabled=false"]
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
     data["records"] = {name: [json.loads(x) for x in (tmp / "runs" / name / "nonfinite.jsonl").read_text().splitlines()]
                        for name in ("ck", "lm_skipped", "vl_skipped")}
+    data["runs"] = tmp / "runs"
     return data
 
 
@@ -219,13 +224,11 @@ def _strict(text: str) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
 
 
-def test_a_skipped_steps_records_are_strict_json(tmp_path):
+def test_a_skipped_steps_records_are_strict_json(skipped):
     """A skipped step's loss and grad_norm are NaN: metrics.jsonl and nonfinite.jsonl write them as null and name
     them in "nonfinite" (train/metrics.py json_record), so a parser without Python's NaN extension reads every line;
     read_record (the tests' losses()) gives the NaN back, and the other steps' values are those written."""
-    run = tmp_path / "run"
-    run_pretrain(2, LM + ["train.skip_nonfinite_steps=1", "train.checkpoint.enabled=false"], run,
-                 env={"KEYE_FAULT": FAULT})
+    run = skipped["runs"] / "lm_strict"
     metrics = _strict((run / "metrics.jsonl").read_text())
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert metrics[2]["loss"] is None and metrics[2]["grad_norm"] is None
