@@ -128,6 +128,18 @@ def run_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: i
     """Runs `module:function(*args)` on `nproc` ranks forked from the warm fork server (a gloo world on
     127.0.0.1). Like torchrun, the first rank to fail stops the others; raises AssertionError with the
     failing ranks' log tails (logs in log_dir/rank<N>.log), or on timeout."""
+    failed, _, logs = _fork_ranks(nproc, target, args, log_dir, timeout=timeout, grace=0)
+    if failed:
+        tails = "\n".join(f"--- rank {r} ({logs[r]}):\n{Path(logs[r]).read_text()[-6000:]}"
+                          for r in range(nproc) if Path(logs[r]).exists())
+        raise AssertionError(f"{target} on {nproc} ranks: {failed}\n{tails}")
+
+
+def _fork_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: int,
+                grace: float) -> tuple[str | None, list[int | None], list[str]]:
+    """run_ranks' work: returns (what failed or None, each rank's exit code, each rank's output file). After the
+    first failure the others get `grace` seconds to end on their own (the errors every rank meets alike, each rank
+    exiting with its own message), then are killed."""
     import time
     from multiprocessing.connection import wait
 
@@ -146,7 +158,7 @@ def run_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: i
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                failed = f"timed out after {timeout} s"
+                failed = failed or f"timed out after {timeout} s"
                 break
             ready = wait([p.sentinel for p in pending], timeout=left)
             done = sorted((p for p in pending if p.sentinel in ready), key=procs.index)
@@ -158,17 +170,47 @@ def run_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout: i
             bad = [f"rank {procs.index(p)} exited with {p.exitcode}" for p in done if p.exitcode != 0]
             if bad and failed is None:
                 failed = "; ".join(bad)
-            if failed:
+                deadline = min(deadline, time.monotonic() + grace)
+            if failed and not grace:
                 break
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
             p.join()
-    if failed:
-        tails = "\n".join(f"--- rank {r} ({logs[r]}):\n{Path(logs[r]).read_text()[-6000:]}"
-                          for r in range(nproc) if Path(logs[r]).exists())
-        raise AssertionError(f"{target} on {nproc} ranks: {failed}\n{tails}")
+    return failed, [p.exitcode for p in procs], logs
+
+
+def _launch_main(overrides: list[str], env: dict) -> None:
+    """What launch/pretrain.py does on a rank, on the forked rank: the config composed from the command line's
+    overrides (Hydra's compose, as the entry point's) and train.launch.run, whose sys.exit(N) is the rank's exit
+    code."""
+    os.environ.update(env)
+    from train.launch import compose_config, run
+
+    run(compose_config(overrides))
+
+
+def run_launch(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int = 600, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """As run_pretrain, with the ranks forked from the warm fork server instead of started by torchrun: a launch
+    costs its training, not ~20 CPU-seconds of imports. For tests of what the trainer does and says (a stop's
+    message and exit code, the run directory it leaves, the rerun); how torchrun carries signals and failures is
+    run_pretrain's (tests/dist/test_faults.py). Returns returncode (0, or the exit code of the lowest rank that failed),
+    stdout '' and stderr (each rank's output, rank 0's first)."""
+    target_env = {"WANDB_MODE": "disabled", **(env or {})}
+    log_dir = Path(f"{run_dir}.ranks")
+    failed, codes, logs = _fork_ranks(nproc, "tests.launch_util:_launch_main",
+                                      ([*QUIET, *overrides, f"run_dir={run_dir}"], target_env), log_dir,
+                                      timeout=timeout, grace=30)
+    code = next((c for c in codes if c), 0)
+    if failed and failed.startswith("timed out"):
+        code = code or -9
+    err = "".join(Path(f).read_text() if Path(f).exists() else "" for f in logs)
+    proc = subprocess.CompletedProcess(["run_launch", str(nproc), *overrides], code, "", err)
+    if check and code != 0:
+        raise AssertionError(f"run failed ({code}; {failed}): {overrides}\n{err[-8000:]}")
+    return proc
 
 
 def free_port() -> int:

@@ -392,7 +392,7 @@ def test_a_held_out_video_set_with_nothing_to_plan_stops_the_launch(tmp_path):
     start-up and stops with a config error (exit 2) naming data.video.eval_shards and the set, before a step."""
     from data.video.shards import ShardWriter
     from data.video_stream import ensure_synthetic_shards
-    from tests.launch_util import run_pretrain
+    from tests.launch_util import run_launch
 
     videos = ensure_synthetic_shards(tmp_path / "videos", 12, 1234, rank=0)
     bad = tmp_path / "bad"
@@ -405,9 +405,9 @@ def test_a_held_out_video_set_with_nothing_to_plan_stops_the_launch(tmp_path):
         f"data.video.shards={videos}"]
     run_dir = tmp_path / "run"
     # one launch: its only evaluation would come after its last step (old code: both steps trained, then the error)
-    proc = run_pretrain(1, vl + ["train.steps=2", "train.eval.interval=10", f"data.video.eval_shards='qa={bad}'"],
-                        run_dir, check=False)
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
+    proc = run_launch(1, vl + ["train.steps=2", "train.eval.interval=10", f"data.video.eval_shards='qa={bad}'"],
+                      run_dir, check=False)
+    assert proc.returncode == 2, proc.stderr[-4000:]
     assert ("config error: video loader: data.video.eval_shards (set 'qa'): none of the 2 samples can be planned "
             "(epoch 0), so there is nothing to score; by reason: {'no_text': 2}") in proc.stderr, proc.stderr[-4000:]
     assert f"Check the shards ({bad})" in proc.stderr

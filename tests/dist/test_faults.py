@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_util import QUIET, REPO, free_port, losses, run_pretrain
+from tests.launch_util import QUIET, REPO, free_port, losses, run_layouts, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,10 @@ OVERRIDES = ["recipe=keye_tiny_lm", "train.global_batch_size=8", "train.micro_ba
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reference")
-    run_pretrain(2, OVERRIDES + ["train.checkpoint.enabled=false"], d)
-    return losses(d)
+    """The uninterrupted run's losses (its ranks forked: tests/launch_util.run_layouts; the same losses as under
+    torchrun, bit for bit, which test_nonfinite.py's stop-and-resume test also holds to)."""
+    return run_layouts(2, {"reference": OVERRIDES + ["train.checkpoint.enabled=false"]},
+                       tmp_path_factory.mktemp("reference"))["reference"]
 
 
 @pytest.fixture(scope="module")

@@ -237,13 +237,13 @@ def test_multimodal_run_starts_from_a_keye_vl_checkpoint(tmp_path):
     multimodal recipe, then it trains."""
     pytest.importorskip("transformers", reason="HF interop tests need transformers (setup.py dev extra)")
     from models.hf.keye_vision import save_tiny_keye_vl
-    from tests.launch_util import losses, run_pretrain
+    from tests.launch_util import losses, run_launch
 
     hf_dir = tmp_path / "keye_vl"
     save_tiny_keye_vl(hf_dir)
     run = tmp_path / "run"
-    run_pretrain(2, ["recipe=keye_tiny", *TINY_MODEL, "train.steps=2", "train.warmup_steps=1",
-                     "train.checkpoint.save_interval=2", f"train.checkpoint.init_from={hf_dir}"], run)
+    run_launch(2, ["recipe=keye_tiny", *TINY_MODEL, "train.steps=2", "train.warmup_steps=1",
+                   "train.checkpoint.save_interval=2", f"train.checkpoint.init_from={hf_dir}"], run)
     log = (run / "logs" / "rank0.log").read_text()
     assert "initialised model weights from the Hugging Face checkpoint" in log
     assert "initialised the vision tower from the Hugging Face checkpoint" in log
