@@ -192,14 +192,15 @@ def _launch_main(overrides: list[str], env: dict) -> None:
 
 
 def run_launch(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int = 600, check: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+               env: dict | None = None, output_dir: Path | None = None) -> subprocess.CompletedProcess:
     """As run_pretrain, with the ranks forked from the warm fork server instead of started by torchrun: a launch
     costs its training, not ~20 CPU-seconds of imports. For tests of what the trainer does and says (a stop's
     message and exit code, the run directory it leaves, the rerun); how torchrun carries signals and failures is
     run_pretrain's (tests/dist/test_faults.py). Returns returncode (0, or the exit code of the lowest rank that failed),
-    stdout '' and stderr (each rank's output, rank 0's first)."""
+    stdout '' and stderr (each rank's output, rank 0's first; the ranks' files in output_dir, by default
+    `<run_dir>.ranks` beside the run directory)."""
     target_env = {"WANDB_MODE": "disabled", **(env or {})}
-    log_dir = Path(f"{run_dir}.ranks")
+    log_dir = Path(output_dir or f"{run_dir}.ranks")
     failed, codes, logs = _fork_ranks(nproc, "tests.launch_util:_launch_main",
                                       ([*QUIET, *overrides, f"run_dir={run_dir}"], target_env), log_dir,
                                       timeout=timeout, grace=30)

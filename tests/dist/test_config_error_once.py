@@ -4,14 +4,14 @@ for every rank of the launch (eight times over on an 8-GPU node). Every rank sti
 
 import pytest
 
-from tests.launch_util import run_pretrain
+from tests.launch_util import run_launch, run_pretrain
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_resume_layout_error_is_printed_once(tmp_path):
     run_dir = tmp_path / "run"
-    run_pretrain(2, ["recipe=keye_tiny_lm", "train.steps=2"], run_dir, timeout=300)   # a checkpoint at EP2
+    run_launch(2, ["recipe=keye_tiny_lm", "train.steps=2"], run_dir, timeout=300)   # a checkpoint at EP2 (forked)
     proc = run_pretrain(2, ["recipe=keye_tiny_lm", "train.steps=3", "parallel.ep=1"], run_dir, check=False,
                         timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]

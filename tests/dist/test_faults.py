@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_util import QUIET, REPO, free_port, losses, run_layouts, run_pretrain
+from tests.launch_util import QUIET, REPO, free_port, losses, run_launch, run_layouts, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def stopped_at_4(tmp_path_factory):
     """A run of OVERRIDES stopped after step 4 (`train.stop_after`: checkpoints at steps 2 and 4): the three tests that
     damage its checkpoints each take a copy, and a stage's init_from reads it (one launch for the four)."""
     d = tmp_path_factory.mktemp("stopped_at_4") / "run"
-    run_pretrain(2, OVERRIDES + ["train.stop_after=4"], d)
+    run_launch(2, OVERRIDES + ["train.stop_after=4"], d)
     return d
 
 
@@ -91,7 +91,7 @@ def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     assert "stop requested (SIGTERM" in log, log[-2000:]
     stopped_at = max(losses(run_dir))
     assert stopped_at < 6 and (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "COMPLETE.json").exists()
-    run_pretrain(2, OVERRIDES, run_dir)
+    run_launch(2, OVERRIDES, run_dir)   # the rerun (its ranks forked: what it restores is the trainer's)
     assert losses(run_dir) == reference
 
 
@@ -160,7 +160,7 @@ def test_rank_killed_mid_step_then_during_save(reference, tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_000002"
     metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [1, 2, 3, 4]    # the second run logged steps 3 and 4 before it died in step 4's save
-    run_pretrain(2, OVERRIDES, run_dir)
+    run_launch(2, OVERRIDES, run_dir)
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     assert losses(run_dir) == reference
     # the third run trained steps 3 and 4 again: their first records are set aside, so metrics.jsonl reads as
@@ -179,7 +179,7 @@ def test_corrupted_shard_is_named_and_skipped(reference, stopped_at_4, tmp_path)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))
-    run_pretrain(2, OVERRIDES, run_dir)
+    run_launch(2, OVERRIDES, run_dir)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "step_000004 is corrupted" in log and shard.name in log
     assert "resumed from" in log and "step_000002 at step 2" in log
@@ -198,7 +198,7 @@ def test_a_shard_damaged_before_its_checksums_were_recorded_fails_its_load_and_t
     data = bytearray(shard.read_bytes())
     data[: len(data) // 2] = bytes(len(data) // 2)  # same size, serialisation headers zeroed: a torch.load error
     shard.write_bytes(bytes(data))
-    run_pretrain(2, OVERRIDES, run_dir)
+    run_launch(2, OVERRIDES, run_dir)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "step_000004: no checksum recorded" in log
     assert "step_000004 could not be loaded, looking for an older one" in log
@@ -222,8 +222,8 @@ def test_checkpoints_that_verify_and_fail_to_load_are_not_called_damaged(stopped
         data = bytearray(shard.read_bytes())
         data[: len(data) // 2] = bytes(len(data) // 2)  # same size, serialisation headers zeroed: a torch.load error
         shard.write_bytes(bytes(data))
-    proc = run_pretrain(2, OVERRIDES + ["train.lr=1e-3"], run_dir, check=False)
-    assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+    proc = run_launch(2, OVERRIDES + ["train.lr=1e-3"], run_dir, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]     # train/launch.py's exit code of a checkpoint error
     (line,) = {x for x in proc.stderr.splitlines() if x.startswith("checkpoint error:")}
     assert line.startswith(f"checkpoint error: no checkpoint in {run_dir / 'checkpoints'} could be resumed from: "
                            "step_000004: could not be loaded: "), line
@@ -245,7 +245,8 @@ def test_disk_full_during_save(reference, tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root); the disk-full case is not exercised")
     try:
         run_dir = mnt / "run"
-        proc = run_pretrain(2, OVERRIDES + ["train.checkpoint.keep_last=2"], run_dir, check=False)
+        proc = run_launch(2, OVERRIDES + ["train.checkpoint.keep_last=2"], run_dir, check=False,
+                          output_dir=tmp_path / "ranks")   # the ranks' output off the full disk
         assert proc.returncode != 0
         out = proc.stdout + proc.stderr
         assert "MB free on the disk holding" in out and "newest complete one is still used on resume" in out, out[-4000:]
@@ -254,7 +255,7 @@ def test_disk_full_during_save(reference, tmp_path):
         shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("*.partial"))
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
-    run_pretrain(2, OVERRIDES, moved)
+    run_launch(2, OVERRIDES, moved)
     assert losses(moved) == reference
 
 
@@ -265,9 +266,9 @@ def test_a_stage_whose_init_from_cannot_fill_its_frozen_vision_tower_stops_with_
     `config error: ...` naming init_from (exit 2), as the launcher's own checks do, not with a ValueError traceback
     on every rank."""
     one = ["parallel.ep=1", "train.steps=2", "train.warmup_steps=1"]
-    proc = run_pretrain(1, ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={stopped_at_4}"] + one,
-                        tmp_path / "vl", check=False)
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-4000:]
+    proc = run_launch(1, ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={stopped_at_4}"] + one,
+                      tmp_path / "vl", check=False)
+    assert proc.returncode == 2, proc.stderr[-4000:]
     assert "config error: train.checkpoint.init_from=" in proc.stderr and "holds no weights for" in proc.stderr
     assert "ValueError" not in proc.stderr, proc.stderr[-4000:]
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from tests.launch_util import losses, run_pretrain
+from tests.launch_util import losses, run_launch, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +32,13 @@ def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
 
     # The resumed run reads the full run's shards. Encoding the synthetic videos again is not bit-identical
     # on every run (one full-suite run wrote 323,858 instead of 324,040 bytes of video, and its step-1 loss
-    # differed by 4e-6; data/video/synthetic.py), and what this test checks is resumption, not the encoder.
+    # differed by 4e-6; data/video/synthetic.py), and what this test checks is resumption, not the encoder. The
+    # stopped and the resumed launch fork their ranks (tests/launch_util.run_launch: the same trainer, without
+    # torchrun's ~20 CPU-seconds of imports per launch); the curve they must repeat is the torchrun launch's.
     resumed = tmp_path / "resumed"
     shared = [f"data.video.shards={full / 'synthetic_videos' / 'shards'}"]
-    run_pretrain(2, COMMON + shared + ["train.stop_after=5"], resumed)
-    run_pretrain(2, COMMON + shared, resumed)
+    run_launch(2, COMMON + shared + ["train.stop_after=5"], resumed)
+    run_launch(2, COMMON + shared, resumed)
     assert "resumed from" in (resumed / "logs" / "rank0.log").read_text()
     assert losses(resumed) == losses(full), "a stopped and resumed multimodal run must repeat the curve exactly"
     # the stopped launch's config is kept beside the resumed one's, which differs from it in stop_after only
