@@ -67,7 +67,14 @@ def _open(src, what: str, draft: tuple[int, int] | None = None):
 def _check_integer_range(img, what: str) -> None:
     """A 32-bit integer image (Pillow mode "I") is read as 16-bit grey (what older Pillow opens a 16-bit PNG as):
     ImageError `unsupported_mode` when its values leave 0..65535, which that reading clipped to white (a depth map
-    or scan of 20 bits decoded 93% white): such values have no one 8-bit reading to train on."""
+    or scan of 20 bits decoded 93% white): such values have no one 8-bit reading to train on. Nor have 32-bit float
+    samples (Pillow mode "F", a float TIFF): 0..1 by one convention, 0..255 or any range by others; convert("RGB")
+    clipped them to 0..255 and dropped their fractions, so an image of 0..1 decoded black. ImageError
+    `unsupported_mode` for those too."""
+    if img.mode == "F":
+        lo, hi = img.getextrema()
+        raise ImageError("unsupported_mode", f"{what}: 32-bit float samples (Pillow mode F) from {lo:.6g} to {hi:.6g}: "
+                                             f"store the image with 8 or 16 bits per sample")
     if img.mode != "I":
         return
     lo, hi = img.getextrema()
@@ -94,7 +101,7 @@ def inspect_image(path: str) -> dict:
 def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
     (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits; 32-bit integer grey as 16-bit when its
-    values fit, else ImageError `unsupported_mode`), resized with bicubic filtering. A JPEG
+    values fit, else ImageError `unsupported_mode`, as for 32-bit float samples), resized with bicubic filtering. A JPEG
     at least twice the size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`:
     in full).
     Raises ImageError."""

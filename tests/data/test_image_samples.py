@@ -392,6 +392,22 @@ def test_a_32_bit_integer_image_beyond_16_bits_is_rejected_not_clipped(tmp_path)
     assert np.abs(got[0, 0].astype(np.float64) - np.round(fits * 255 / 65535)).max() <= 1
 
 
+def test_a_32_bit_float_image_is_rejected_not_read_black(tmp_path):
+    """A float TIFF (Pillow mode F) of values 0..1 was accepted at ingest and decoded black: convert("RGB") clips
+    float samples to 0..255 and drops their fractions. Float samples have no one 8-bit reading (0..1 by one
+    convention, 0..255 by another), so ingest rejects the file as `unsupported_mode`, naming it and its range, and
+    the decoder refuses one stored before. The reference: the values written here."""
+    from PIL import Image
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (8, 1))
+    Image.fromarray(ramp, "F").save(tmp_path / "depth.tif")
+    assert Image.open(tmp_path / "depth.tif").mode == "F"
+    for read in (lambda: inspect_image(str(tmp_path / "depth.tif")),
+                 lambda: decode_image((tmp_path / "depth.tif").read_bytes(), 8, 64, "depth.tif")):
+        with pytest.raises(ImageError, match=r"depth.tif: 32-bit float samples \(Pillow mode F\) from 0 to 1: ") as e:
+            read()
+        assert e.value.reason == "unsupported_mode"
+
+
 def test_a_shard_without_its_index_lists_images_of_any_format_ingest_read(tmp_path):
     """scan_shard (a tar whose index is lost) listed image members by five extensions only, so a GIF or TIFF image
     sample, which ingest stores under its own extension, was dropped from the rebuilt index; the index ingest wrote
