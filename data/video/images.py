@@ -100,10 +100,10 @@ def inspect_image(path: str) -> dict:
 
 def decode_image(data: bytes, height: int, width: int, what: str = "image", *, draft: bool = True) -> np.ndarray:
     """uint8 [1, 3, height, width] of the image in `data`, as displayed (EXIF orientation applied), RGB
-    (alpha dropped, palette and grey expanded, 16-bit grey scaled to 8 bits; 32-bit integer grey as 16-bit when its
-    values fit, else ImageError `unsupported_mode`, as for 32-bit float samples), resized with bicubic filtering. A JPEG
-    at least twice the size in both sides is first decoded at a reduced DCT scale (`_open`'s draft; `draft=False`:
-    in full).
+    (transparent parts composited onto white, palette and grey expanded, 16-bit grey scaled to 8 bits; 32-bit integer
+    grey as 16-bit when its values fit, else ImageError `unsupported_mode`, as for 32-bit float samples), resized with
+    bicubic filtering. A JPEG at least twice the size in both sides is first decoded at a reduced DCT scale (`_open`'s
+    draft; `draft=False`: in full).
     Raises ImageError."""
     from PIL import Image
 
@@ -113,10 +113,23 @@ def decode_image(data: bytes, height: int, width: int, what: str = "image", *, d
         # 16-bit grey (a 16-bit PNG opens as "I;16", or "I" with older Pillow): convert() would clip every value
         # over 255 to white instead of scaling, so keep the high byte of each sample
         img = Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
-    img = img.convert("RGB")
+    img = _to_rgb(img)
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)[None])
+
+
+def _to_rgb(img):
+    """`img` as RGB, what it shows composited onto white where it is transparent (an alpha band: RGBA, LA, a palette
+    with alpha; or a transparent colour: a PNG's or GIF's tRNS), as transformers' image processors (convert_to_rgb)
+    and Qwen-VL's and vLLM's loaders give a model at inference. convert("RGB") dropped the alpha and kept whatever
+    colour lay under it: a dark logo on a transparent background, stored over black, decoded all black."""
+    from PIL import Image
+
+    if not any(b in ("A", "a") for b in img.getbands()) and "transparency" not in img.info:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def decode_member(shard: str, offset: int, size: int, height: int, width: int, what: str = "image") -> np.ndarray:

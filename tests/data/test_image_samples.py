@@ -408,6 +408,79 @@ def test_a_32_bit_float_image_is_rejected_not_read_black(tmp_path):
         assert e.value.reason == "unsupported_mode"
 
 
+def _png16(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG of `arr` ([H, W, channels] uint16) written here byte by byte (Pillow writes none with alpha)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_transparent_images_decode_onto_white_as_inference_processors_show_them(tmp_path):
+    """convert("RGB") dropped the alpha and kept the colour stored under it: a black logo on a transparent background
+    stored over black decoded all black, and a palette's transparent entry showed its colour. Transparency is now
+    composited onto white, as transformers' convert_to_rgb and Qwen-VL's and vLLM's loaders give a model at
+    inference: RGBA, grey + alpha (8 and 16 bits), a palette with alpha, a palette's and an RGB PNG's transparent
+    colour (tRNS), and a transparent PNG with an EXIF orientation. The reference: colour * a + 255 * (1 - a), a =
+    alpha / 255, computed here; 1 level for Pillow's integer blend against this float rounding."""
+    from PIL import Image
+    rng = np.random.default_rng(42)
+    h, w = 6, 10
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha[0] = 0                                                           # fully transparent, fully opaque rows
+    alpha[1] = 255
+
+    def over_white(color, a):
+        a = a[..., None].astype(np.float64) / 255
+        return np.round(color * a + 255 * (1 - a))
+
+    pal = rng.integers(0, 256, (8, 3), dtype=np.uint8)
+    pal_alpha = np.array([0, 255, 128, 40, 200, 255, 7, 99], np.uint8)
+    index = rng.integers(0, 8, (h, w), dtype=np.uint8)
+    palette_rgba = Image.fromarray(index, "P")
+    palette_rgba.putpalette(np.concatenate([pal, pal_alpha[:, None]], 1).tobytes(), "RGBA")
+    palette = Image.fromarray(index, "P")
+    palette.putpalette(pal.tobytes())
+    key = np.where(index == 3, 255, 0).astype(np.uint8)                    # where the transparent entry / colour is
+    rgb_keyed = rgb.copy()
+    rgb_keyed[index == 3] = (1, 2, 3)
+    logo = np.zeros((h, w, 4), np.uint8)
+    logo[2:4, 3:7, 3] = 255                                                # black shape, transparent black around
+    g16 = rng.integers(0, 65536, (h, w, 2), dtype=np.uint16)
+    cases = {  # name: (file bytes or image + save options, reference [h, w, 3] as displayed)
+        "rgba.png": ((Image.fromarray(np.dstack([rgb, alpha])), {}), over_white(rgb, alpha)),
+        "logo.png": ((Image.fromarray(logo), {}), over_white(logo[..., :3], logo[..., 3])),
+        "la.png": ((Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"), {}),
+                   over_white(np.repeat(rgb[..., :1], 3, 2), alpha)),
+        "pa.png": ((palette_rgba, {}), over_white(pal[index], pal_alpha[index])),
+        "p_trns.png": ((palette, {"transparency": 3}), over_white(pal[index], 255 - key)),
+        "p_trns.gif": ((palette, {"transparency": 3}), over_white(pal[index], 255 - key)),
+        "rgb_trns.png": ((Image.fromarray(rgb_keyed), {"transparency": (1, 2, 3)}), over_white(rgb_keyed, 255 - key)),
+        "la16.png": (_png16(g16, 4), over_white(np.repeat((g16[..., :1] >> 8).astype(np.uint8), 3, 2),
+                                                (g16[..., 1] >> 8).astype(np.uint8))),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                       # shown turned 90 degrees clockwise
+    cases["rgba_exif6.png"] = ((Image.fromarray(np.dstack([rgb, alpha])), {"exif": exif}),
+                               np.rot90(over_white(rgb, alpha), -1))
+    for name, (src, want) in cases.items():
+        path = tmp_path / name
+        if isinstance(src, bytes):
+            path.write_bytes(src)
+        else:
+            src[0].save(path, **src[1])
+        meta = inspect_image(str(path))
+        got = decode_image(path.read_bytes(), meta["height"], meta["width"], name)
+        assert got.shape == (1, 3) + want.shape[:2], name
+        assert np.abs(got[0].transpose(1, 2, 0).astype(np.float64) - want).max() <= 1, name
+
+
 def test_a_shard_without_its_index_lists_images_of_any_format_ingest_read(tmp_path):
     """scan_shard (a tar whose index is lost) listed image members by five extensions only, so a GIF or TIFF image
     sample, which ingest stores under its own extension, was dropped from the rebuilt index; the index ingest wrote
