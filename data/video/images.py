@@ -87,6 +87,8 @@ def inspect_image(path: str) -> dict:
     """Metadata of an image file, verified by decoding it whole. Raises ImageError."""
     if not os.path.isfile(path):
         raise ImageError("missing_file", path)
+    if os.path.getsize(path) == 0:      # as a video's: Pillow's "cannot identify image file" would not say why
+        raise ImageError("empty_file", f"{os.path.basename(path)}: 0 bytes")
     img, oriented, fmt = _open(path, os.path.basename(path))
     _check_integer_range(oriented, os.path.basename(path))
     w, h = oriented.size

@@ -408,6 +408,14 @@ def test_a_32_bit_float_image_is_rejected_not_read_black(tmp_path):
         assert e.value.reason == "unsupported_mode"
 
 
+def test_an_empty_image_file_is_rejected_as_empty(tmp_path):
+    """A 0-byte image was rejected as decode_error "cannot identify image file", which does not say what is wrong with
+    it; it is `empty_file` now, as a video of 0 bytes is, naming the file."""
+    (tmp_path / "blank.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"^empty_file: blank.jpg: 0 bytes$"):
+        inspect_image(str(tmp_path / "blank.jpg"))
+
+
 def _png16(arr: np.ndarray, color_type: int) -> bytes:
     """A 16-bit PNG of `arr` ([H, W, channels] uint16) written here byte by byte (Pillow writes none with alpha)."""
     import struct
