@@ -408,6 +408,25 @@ def test_a_32_bit_float_image_is_rejected_not_read_black(tmp_path):
         assert e.value.reason == "unsupported_mode"
 
 
+def test_an_animation_or_multi_page_file_is_its_first_frame(tmp_path):
+    """An animated GIF or PNG, or a multi-page TIFF, given as an image is its first frame (the one a still viewer
+    shows, and what transformers' load_image gives a model), at that frame's size, for ingest's metadata and the
+    decode alike. The reference: the colour and size of the first frame written here (a TIFF's later pages larger;
+    an animation's frames share its canvas)."""
+    from PIL import Image
+    colours = ((200, 30, 10), (0, 255, 0), (0, 0, 255))
+    for name, opts in (("anim.gif", {"duration": 100, "loop": 0}), ("anim.png", {"duration": 100}), ("pages.tif", {})):
+        grow = 30 * name.endswith(".tif")
+        frames = [Image.new("RGB", (50 + grow * k, 40 + grow * k), c) for k, c in enumerate(colours)]
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], **opts)
+        assert Image.open(tmp_path / name).n_frames == 3
+        meta = inspect_image(str(tmp_path / name))
+        assert (meta["width"], meta["height"]) == (50, 40), name
+        got = decode_image((tmp_path / name).read_bytes(), 40, 50, name)
+        # GIF's palette holds the colour exactly; 0 levels for all three
+        assert (got[0].reshape(3, -1).T == (200, 30, 10)).all(), name
+
+
 def test_an_empty_image_file_is_rejected_as_empty(tmp_path):
     """A 0-byte image was rejected as decode_error "cannot identify image file", which does not say what is wrong with
     it; it is `empty_file` now, as a video of 0 bytes is, naming the file."""
