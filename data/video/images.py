@@ -125,12 +125,16 @@ def _to_rgb(img):
     """`img` as RGB, what it shows composited onto white where it is transparent (an alpha band: RGBA, LA, a palette
     with alpha; or a transparent colour: a PNG's or GIF's tRNS), as transformers' image processors (convert_to_rgb)
     and Qwen-VL's and vLLM's loaders give a model at inference. convert("RGB") dropped the alpha and kept whatever
-    colour lay under it: a dark logo on a transparent background, stored over black, decoded all black."""
+    colour lay under it: a dark logo on a transparent background, stored over black, decoded all black. An alpha of 0
+    everywhere is no transparency but a writer's unused fourth byte (32-bit BMPs with an alpha mask): it is dropped,
+    as viewers do, rather than leave a white picture."""
     from PIL import Image
 
     if not any(b in ("A", "a") for b in img.getbands()) and "transparency" not in img.info:
         return img.convert("RGB")
     rgba = img.convert("RGBA")
+    if rgba.getextrema()[3][1] == 0:
+        return img.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 

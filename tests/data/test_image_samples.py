@@ -454,7 +454,10 @@ def test_transparent_images_decode_onto_white_as_inference_processors_show_them(
     composited onto white, as transformers' convert_to_rgb and Qwen-VL's and vLLM's loaders give a model at
     inference: RGBA, grey + alpha (8 and 16 bits), a palette with alpha, a palette's and an RGB PNG's transparent
     colour (tRNS), and a transparent PNG with an EXIF orientation. The reference: colour * a + 255 * (1 - a), a =
-    alpha / 255, computed here; 1 level for Pillow's integer blend against this float rounding."""
+    alpha / 255, computed here; 1 level for Pillow's integer blend against this float rounding. An alpha of 0
+    everywhere (a 32-bit BMP's unused byte) is dropped, not made a white picture."""
+    import struct
+
     from PIL import Image
     rng = np.random.default_rng(42)
     h, w = 6, 10
@@ -496,12 +499,20 @@ def test_transparent_images_decode_onto_white_as_inference_processors_show_them(
     exif[0x0112] = 6                                                       # shown turned 90 degrees clockwise
     cases["rgba_exif6.png"] = ((Image.fromarray(np.dstack([rgb, alpha])), {"exif": exif}),
                                np.rot90(over_white(rgb, alpha), -1))
+    # a 32-bit BMP (56-byte header, alpha mask) whose alpha bytes are all 0: an unused byte, not an invisible picture
+    bgra = np.dstack([rgb[..., ::-1], np.zeros((h, w), np.uint8)])[::-1].tobytes()    # bottom-up rows, BGRA
+    dib = struct.pack("<IiiHHIIiiII", 56, w, h, 1, 32, 3, len(bgra), 2835, 2835, 0, 0) + struct.pack(
+        "<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000)
+    cases["zero_alpha.bmp"] = (b"BM" + struct.pack("<IHHI", 14 + len(dib) + len(bgra), 0, 0, 14 + len(dib)) + dib
+                               + bgra, rgb.astype(np.float64))
     for name, (src, want) in cases.items():
         path = tmp_path / name
         if isinstance(src, bytes):
             path.write_bytes(src)
         else:
             src[0].save(path, **src[1])
+        opened = Image.open(path)
+        assert "A" in opened.getbands() or "transparency" in opened.info, name     # each file holds transparency
         meta = inspect_image(str(path))
         got = decode_image(path.read_bytes(), meta["height"], meta["width"], name)
         assert got.shape == (1, 3) + want.shape[:2], name
