@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_util import run_pretrain
+from tests.launch_util import run_launch
 from train.metrics import read_record
 
 pytestmark = pytest.mark.slow
@@ -45,9 +45,10 @@ def test_wandb_gets_every_step_of_metrics_jsonl_and_the_warmup_counts_its_forwar
     pytest.importorskip("wandb")
     run = tmp_path / "run"
     # the DSA warm-up's step (train.trainable=indexer, indexer_backward=local): the frozen model runs forward only
-    run_pretrain(2, ["recipe=keye_tiny_dsa_warmup", "train.steps=5", "train.log_interval=3",
-                     "train.wandb.enabled=true", "train.wandb.mode=offline"], run,
-                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    # (its ranks forked: tests/launch_util.run_launch; wandb starts in each rank's launch as under torchrun)
+    run_launch(2, ["recipe=keye_tiny_dsa_warmup", "train.steps=5", "train.log_interval=3",
+                   "train.wandb.enabled=true", "train.wandb.mode=offline"], run,
+               env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     records = [read_record(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     rows = {row["_step"]: row for row in wandb_history(run)}
