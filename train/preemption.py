@@ -81,13 +81,18 @@ class StopRequests:
 
 
 def _die_with_parent() -> None:
-    """Runs in the helper process: Linux sends it SIGTERM when the process that started it dies."""
+    """Runs in the helper process: Linux sends it SIGKILL when the process that started it dies. Tied so, it ignores
+    the stop signals (StopRequests'), which torchrun delivers to the worker's whole process group: an asynchronous
+    save in flight at a stop reports its shards through it, and the stop's own save needs it too."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        tied = ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL) == 0  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        tied = False
+    if tied:  # untied, the signal is what ends it with the run
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def restart_checkpoint_helpers() -> None:
@@ -95,9 +100,10 @@ def restart_checkpoint_helpers() -> None:
 
     megatron starts that Manager lazily with no tie to its parent. Two failures follow: torchrun
     delivers SIGTERM to a worker's whole process group, killing the Manager, and the final save on
-    that signal fails with BrokenPipeError; and a rank killed outright leaves its Manager running as
-    an orphan (holding the job's output pipes). The Manager started here dies with the training
-    process (PR_SET_PDEATHSIG), and one started after a stop signal is not hit by that signal.
+    that signal fails with BrokenPipeError, as does an asynchronous save then in flight (its shards written, its
+    report lost: the stop ended in a checkpoint error, without the stop's checkpoint); and a rank killed outright
+    leaves its Manager running as an orphan (holding the job's output pipes). The Manager started here dies with
+    the training process (PR_SET_PDEATHSIG) and ignores the stop signals.
     """
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
