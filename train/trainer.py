@@ -1240,16 +1240,64 @@ class Trainer:
                      else f"the Hugging Face checkpoint {source} (logged at step 0)")
         try:
             for ref in refs or [None]:
-                self._init_weights_from(chunks, source, ref)
-                if self.vision is not None:
-                    vision_source = source if ref is not None else (t.checkpoint.vision_init_from or source)
-                    self._init_vision_from(vision_source, "init_from", ref)
+                if ref is None:
+                    self._init_weights_from(chunks, source)
+                    if self.vision is not None:
+                        self._init_vision_from(t.checkpoint.vision_init_from or source, "init_from")
+                else:
+                    ref = self._load_for_eval(chunks, source, ref)
+                    if ref is None:
+                        continue
                 self.step = ref.step if ref is not None else 0
                 self._eval_and_log()
         finally:
             if self.rank == 0:
                 self.meter.finish()
+        if refs and not self.eval_history:
+            raise ckpt.CheckpointLoadError(
+                f"train.eval.only: every checkpoint of {source} chosen to score (steps "
+                f"{', '.join(str(r.step) for r in refs)}) was removed before it could be read (the log names each)")
         return self.eval_history
+
+    def _gone(self, ref: ckpt.CheckpointRef) -> bool:
+        """Collective: whether `ref` is no longer a committed checkpoint on some rank (its directory removed)."""
+        gone = torch.tensor([0.0 if (ref.path / ckpt.COMPLETE).is_file() else 1.0], device=self.device)
+        dist.all_reduce(gone, op=dist.ReduceOp.MAX)
+        return bool(gone.item())
+
+    def _load_for_eval(self, chunks, source: str, ref: ckpt.CheckpointRef) -> ckpt.CheckpointRef | None:
+        """Collective, train.eval.only: loads the weights of `ref`, one of the checkpoints of the run directory
+        `source` listed when the scoring began; returns the checkpoint loaded, or None when it is not to be scored.
+        A run that trains there meanwhile removes its older checkpoints (train.checkpoint.keep_last): one removed
+        before or while it is read is named in a warning and not scored (the newest, train.eval.checkpoints="",
+        gives way to the newest then in that directory), where its load failed with a traceback on every rank and
+        nothing after it was scored. Any other load failure is a CheckpointLoadError naming the checkpoint."""
+        newest = not self.cfg.train.eval.checkpoints
+        while True:
+            why = ""
+            if not self._gone(ref):
+                failure = None
+                try:
+                    self._init_weights_from(chunks, source, ref)
+                    if self.vision is not None:
+                        self._init_vision_from(source, "init_from", ref)
+                except SettingsError:   # the settings' fault, the same on every rank: a config error
+                    raise
+                except (Exception, CheckpointException) as e:  # noqa: BLE001 - judged just below, on every rank
+                    failure = e
+                why = ckpt.agree_on_failure(ckpt.load_failure(failure))
+                if not why:
+                    return ref
+                if not self._gone(ref):
+                    raise ckpt.CheckpointLoadError(f"train.eval.only: checkpoint {ref.path} could not be loaded: {why}")
+            log.warning("checkpoint %s was removed before it could be scored (a run training in %s keeps only its "
+                        "newest checkpoints, train.checkpoint.keep_last): not scored%s", ref.path, source,
+                        f" ({why})" if why else "")
+            if not newest:
+                return None
+            ref = ckpt.find_latest_verified(source)
+            if ref is None:
+                return None
 
     def _verified(self, source: str, refs: list[ckpt.CheckpointRef]) -> list[ckpt.CheckpointRef]:
         """train.eval.only's checkpoints whose files match the checksums their save recorded (eval_checkpoints
@@ -1265,6 +1313,9 @@ class Trainer:
         else:
             kept = []
             for ref in refs:
+                if self._gone(ref):  # _load_for_eval names it
+                    kept.append(ref)
+                    continue
                 bad = ckpt.verify_checksums(ref)
                 if bad:
                     log.error("checkpoint %s is corrupted and is not scored: %s", ref.path, "; ".join(bad))

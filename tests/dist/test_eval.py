@@ -343,18 +343,30 @@ def test_a_held_out_set_smaller_than_an_evaluation_is_named_in_a_warning(tmp_pat
     assert "train.eval.set_batches=small=all" in named
 
 
-def test_eval_only_scores_no_corrupted_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A run of LM with held-out evaluations and a checkpoint at each of its 3 steps (all kept): its job's results and
+    its run directory, which each test copies before changing it."""
+    d = tmp_path_factory.mktemp("three")
+    lm = [o for o in LM if o != "train.checkpoint.enabled=false"]
+    trained = run_layouts_all(1, {"train": lm + EVAL + ["run_dir=ck", "train.checkpoint.save_interval=1",
+                                                        "train.checkpoint.keep_last=3"]}, d)
+    return trained, d / "runs" / "ck"
+
+
+def test_eval_only_scores_no_corrupted_checkpoint(three_checkpoints, tmp_path):
     """train.eval.only checks a checkpoint's files against the checksums its save recorded, as a resume does:
     with the newest checkpoint's shards damaged in place (sizes unchanged), the newest that verifies is scored
     instead, at its step, and its values are those the run logged there (the same weights and data: equal);
     train.eval.checkpoints=all scores the others and not the damaged one; with every one damaged the launch
     stops with CheckpointLoadError naming the files. Before, the damaged checkpoint was loaded and scored
     without a word (val_loss nan, or a wrong number when fewer bytes were hit)."""
+    import shutil
+
     from train.checkpoint import CheckpointLoadError
 
-    lm = [o for o in LM if o != "train.checkpoint.enabled=false"]
-    trained = run_layouts_all(1, {"train": lm + EVAL + ["run_dir=ck", "train.checkpoint.save_interval=1",
-                                                        "train.checkpoint.keep_last=3"]}, tmp_path / "one")
+    trained, source = three_checkpoints
+    shutil.copytree(source, tmp_path / "one" / "runs" / "ck")
     ckpts = tmp_path / "one" / "runs" / "ck" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000001", "step_000002", "step_000003"]
 
@@ -383,6 +395,68 @@ def test_eval_only_scores_no_corrupted_checkpoint(tmp_path):
         run_layouts_all(1, {"none": LM + every}, tmp_path / "three")
     log = (tmp_path / "three" / "logs" / "rank0.log").read_text()
     assert CheckpointLoadError.__name__ in log and "no checkpoint of" in log and "CRC32 differs" in log, log[-2000:]
+
+
+def scored_while_pruned(out: str, overrides: str) -> None:
+    """train.eval.only over `overrides`, the oldest checkpoint it lists removed right after the listing (on rank 0), as
+    keep_last removes it in a run training in that directory meanwhile; rank 0 writes the evaluations to `out`."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from parallel.groups import teardown
+    from train import checkpoint as ckpt
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    listed = ckpt.eval_checkpoints
+
+    def listing_then_pruned(cfg):
+        source, refs = listed(cfg)
+        if dist.get_rank() == 0:
+            shutil.rmtree(refs[0].path)
+        dist.barrier()
+        return source, refs
+
+    cfg, layout = validate(compose_config(overrides.split()))
+    tr = Trainer(cfg, layout)
+    ckpt.eval_checkpoints = listing_then_pruned
+    try:
+        evals = tr.evaluate_only()
+    finally:
+        ckpt.eval_checkpoints = listed
+    if tr.rank == 0:
+        with open(out, "w") as f:
+            json.dump(evals, f)
+    tr.close()
+    teardown()
+
+
+def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed(three_checkpoints, tmp_path):
+    """train.eval.only may score a run directory while that run trains there, and that run's keep_last removes its
+    older checkpoints meanwhile. A checkpoint listed for train.eval.checkpoints=all and removed before it was read
+    stopped the scoring with a traceback on every rank (FileNotFoundError of its COMPLETE.json, or megatron's
+    CheckpointingException that its directory does not exist, by when it went), nothing after it scored; it is named in a warning and the others are scored, each with the values the
+    run logged at its step (the same weights and data: equal)."""
+    import shutil
+
+    from tests.launch_util import QUIET, run_ranks
+
+    trained, source = three_checkpoints
+    run_dir = tmp_path / "ck"
+    shutil.copytree(source, run_dir)
+    out = tmp_path / "evals.json"
+    overrides = QUIET + LM + ["train.eval.only=true", "train.eval.batches=2", "train.eval.checkpoints=all",
+                              f"run_dir={run_dir}"]
+    run_ranks(1, "tests.dist.test_eval:scored_while_pruned", (str(out), " ".join(overrides)), tmp_path / "logs")
+    got = json.loads(out.read_text())
+    logged = {e["step"]: e for e in trained["evals"]["train"]}
+    assert [e["step"] for e in got] == [2, 3]
+    for e in got:
+        assert {k: v for k, v in e.items() if k != "val_seconds"} == \
+            {k: v for k, v in logged[e["step"]].items() if k != "val_seconds"}
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step_000001'} was removed before it could be scored" in log, log
 
 
 def test_a_held_out_video_set_with_nothing_to_plan_stops_the_launch(tmp_path):
