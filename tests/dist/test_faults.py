@@ -73,8 +73,9 @@ def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     made, its shards staged or being written by a forked writer; the commit follows the next step). torchrun sends
     the signal to each worker's whole process group, which killed the process megatron's writer reports through:
     the save in flight and the stop's own failed ('checkpoint error: ... Broken pipe', no checkpoint of the stop).
-    Now both commit, and the resume from the stop's checkpoint reproduces the uninterrupted (synchronously saving)
-    run bit for bit."""
+    Now both commit. The resume is made to take the asynchronous one (the stop's own, written synchronously as
+    test_resume.py's are, is moved out of the directory): it reproduces the uninterrupted (synchronously saving) run
+    bit for bit."""
     run_dir = tmp_path / "run"
     overrides = OVERRIDES + ["train.checkpoint.async_save=true", "train.checkpoint.save_interval=1"]
     port = free_port()
@@ -98,11 +99,13 @@ def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "stop requested (SIGTERM" in log and "checkpoint error" not in log, log[-2000:]
     stopped_at = max(losses(run_dir))
-    assert 3 <= stopped_at < 6
+    assert 3 < stopped_at < 6   # step 3's save commits after step 4 trained, where the stop is seen
     for step in (3, stopped_at):
         assert (run_dir / "checkpoints" / f"step_{step:06d}" / "COMPLETE.json").exists(), step
+    for step in range(4, stopped_at + 1):
+        shutil.move(run_dir / "checkpoints" / f"step_{step:06d}", tmp_path / f"step_{step:06d}")
     run_launch(2, overrides, run_dir)   # the rerun (its ranks forked: what it restores is the trainer's)
-    assert f"step_{stopped_at:06d} at step {stopped_at}" in (run_dir / "logs" / "rank0.log").read_text()
+    assert "step_000003 at step 3" in (run_dir / "logs" / "rank0.log").read_text()
     assert losses(run_dir) == reference
 
 
