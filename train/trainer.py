@@ -813,6 +813,20 @@ class Trainer:
             raise ckpt.CheckpointSaveError(
                 ckpt.save_failure_message(step, final.with_name(final.name + ".partial"), e)) from e
 
+    def _abandon_saves(self) -> None:
+        """Ends the writer of an asynchronous save in flight without its commit, and says so. For a rank interrupted
+        (SIGINT), which may be alone, mid-step: the commit is collective, and it waited there for the other ranks,
+        which were in a collective of the step it left, until the process group's timeout (the run hung where it
+        was to end at once). The save's `.partial` directory stays uncommitted; the next launch removes it."""
+        if self.async_queue is None or not self.async_queue.get_num_unfinalized_calls():
+            return
+        for call in self.async_queue.async_calls:
+            call.async_caller.close(abort=True)
+        self.async_queue.async_calls.clear()
+        step, final = self._inflight
+        log.warning("the asynchronous save of step %d was in flight: not committed (%s.partial); a rerun resumes "
+                    "from the checkpoint before it", step, final)
+
     # ----------------------------------------------------------------------------------------------
     def _loss_tokens(self, losses: list[dict]) -> torch.Tensor:
         """This rank's loss-token count over the step's micro-batches (megatron's total_num_tokens; only the
@@ -1210,12 +1224,19 @@ class Trainer:
         if self.rank == 0:   # before the first step's collectives, so no rank reads a stale file
             stops.drop_stale(self.launched)
         self.profiler = StepProfiler(t.profile, self.run_dir, self.rank, first_step=start + 1, last_step=t.steps)
+        interrupted = False
         try:
             self._loop(history, start, stops)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             self.profiler.finish()
             stops.restore()
-            self._finish_saves(blocking=True)
+            if interrupted:
+                self._abandon_saves()
+            else:
+                self._finish_saves(blocking=True)
             ckpt.CHECKSUMS.wait()
         if self.rank == 0:
             self.meter.finish()
