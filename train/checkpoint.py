@@ -461,6 +461,10 @@ def save_failure_message(step: int, partial: Path, e: BaseException) -> str:
     first = str(e).strip().splitlines()
     causes = sorted({line.strip() for line in str(e).splitlines() if "Error" in line and ":" in line})
     why = "; ".join(causes) if causes else (first[0] if first else type(e).__name__)
+    if isinstance(e, CheckpointException) and not e.failures:
+        # megatron's asynchronous save gathers every rank's write errors on rank 0 and raises them there; the other
+        # ranks learn only that it failed ("CheckpointException ranks:dict_keys([])")
+        why = "the shards' write failed; its errors, every rank's, are reported by rank 0"
     return (f"saving step {step} to {partial} failed ({why}; {free}). The checkpoint is not committed; the "
             f"newest complete one is still used on resume. Free space (or fix the cause) and rerun to resume.")
 

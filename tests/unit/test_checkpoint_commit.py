@@ -160,3 +160,20 @@ def test_one_training_launch_per_run_directory_and_torn_saves_go(tmp_path):
     assert remove_torn_saves(run) == ["step_000002.partial", "step_000006.partial"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
     assert remove_torn_saves(tmp_path / "fresh") == []
+
+
+def test_a_save_failure_reported_on_rank_0_alone_is_worded_as_such_on_the_others(tmp_path):
+    """An asynchronous save whose write fails raises on every rank, its errors on rank 0 alone (megatron's finalize
+    gathers them there); another rank's message read 'failed (CheckpointException ranks:dict_keys([]); ...', which
+    says nothing. It now points at rank 0's; rank 0's still names the errors."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from train.checkpoint import save_failure_message
+
+    partial = tmp_path / "checkpoints" / "step_000004.partial"
+    partial.parent.mkdir()
+    other = save_failure_message(4, partial, CheckpointException("write", {}))
+    assert "dict_keys" not in other and "its errors, every rank's, are reported by rank 0" in other, other
+    error = OSError(28, "No space left on device")
+    rank0 = save_failure_message(4, partial, CheckpointException("write", {1: (error, [])}))
+    assert "No space left on device" in rank0 and "reported by rank 0" not in rank0, rank0
