@@ -436,8 +436,9 @@ def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed
     """train.eval.only may score a run directory while that run trains there, and that run's keep_last removes its
     older checkpoints meanwhile. A checkpoint listed for train.eval.checkpoints=all and removed before it was read
     stopped the scoring with a traceback on every rank (FileNotFoundError of its COMPLETE.json, or megatron's
-    CheckpointingException that its directory does not exist, by when it went), nothing after it scored; it is named in a warning and the others are scored, each with the values the
-    run logged at its step (the same weights and data: equal)."""
+    CheckpointingException that its directory does not exist, by when it went), nothing after it scored; it is
+    named in a warning and the others are scored, each with the values the run logged at its step (the same
+    weights and data: equal)."""
     import shutil
 
     from tests.launch_util import QUIET, run_ranks
