@@ -814,10 +814,11 @@ class Trainer:
                 ckpt.save_failure_message(step, final.with_name(final.name + ".partial"), e)) from e
 
     def _abandon_saves(self) -> None:
-        """Ends the writer of an asynchronous save in flight without its commit, and says so. For a rank interrupted
-        (SIGINT), which may be alone, mid-step: the commit is collective, and it waited there for the other ranks,
-        which were in a collective of the step it left, until the process group's timeout (the run hung where it
-        was to end at once). The save's `.partial` directory stays uncommitted; the next launch removes it."""
+        """Ends the writer of an asynchronous save in flight without its commit, and says so. For a rank that leaves
+        the run on an error it may have met alone, mid-step (SIGINT, or an exception of its own): the commit is
+        collective, and it waited there for the other ranks, which were in a collective of the step it left, until
+        the process group's timeout (the run hung where it was to end at once). The save's `.partial` directory stays
+        uncommitted; the next launch removes it."""
         if self.async_queue is None or not self.async_queue.get_num_unfinalized_calls():
             return
         for call in self.async_queue.async_calls:
@@ -1224,16 +1225,18 @@ class Trainer:
         if self.rank == 0:   # before the first step's collectives, so no rank reads a stale file
             stops.drop_stale(self.launched)
         self.profiler = StepProfiler(t.profile, self.run_dir, self.rank, first_step=start + 1, last_step=t.steps)
-        interrupted = False
+        alone = False   # an error this rank may have met alone (train/launch.py: its teardown skips the barrier)
         try:
             self._loop(history, start, stops)
-        except KeyboardInterrupt:
-            interrupted = True
+        except (SettingsError, ckpt.CheckpointSaveError, ckpt.CheckpointLoadError, NonFiniteStepError):
+            raise    # met by every rank alike: an asynchronous save in flight is committed (data that ended keeps it)
+        except BaseException:   # SIGINT reaching this rank, or an error of its own (a bug, memory, a peer gone)
+            alone = True
             raise
         finally:
             self.profiler.finish()
             stops.restore()
-            if interrupted:
+            if alone:
                 self._abandon_saves()
             else:
                 self._finish_saves(blocking=True)

@@ -320,9 +320,10 @@ def test_sigint_to_one_rank_ends_the_run_instead_of_hanging(tmp_path):
     assert "interrupted (SIGINT): the run stops without a checkpoint" in (run_dir / "logs" / "rank1.log").read_text()
 
 
-def interrupted_with_a_save_in_flight(overrides: str) -> None:
-    """Trains `overrides` (asynchronous saves every step); rank 0 meets a KeyboardInterrupt (SIGINT reaching it alone)
-    as step 4 begins, the step-3 save in flight, while rank 1 goes into step 4's collectives."""
+def interrupted_with_a_save_in_flight(overrides: str, error: str) -> None:
+    """Trains `overrides` (asynchronous saves every step); rank 0 meets `error` (KeyboardInterrupt: SIGINT reaching it
+    alone; RuntimeError: a fault of its own) as step 4 begins, the step-3 save in flight, while rank 1 goes into step
+    4's collectives."""
     from train.launch import compose_config, validate
     from train.trainer import Trainer
 
@@ -332,20 +333,23 @@ def interrupted_with_a_save_in_flight(overrides: str) -> None:
 
     def interrupt_rank0():
         if tr.rank == 0 and tr.step == 3:
-            raise KeyboardInterrupt
+            raise {"KeyboardInterrupt": KeyboardInterrupt, "RuntimeError": RuntimeError}[error]("rank 0 alone")
         return step()
 
     tr.train_step = interrupt_rank0
     tr.train()
 
 
-def test_sigint_on_one_rank_with_an_asynchronous_save_in_flight_ends_that_rank_at_once(tmp_path):
+@pytest.mark.parametrize("error", ["KeyboardInterrupt", "RuntimeError"])
+def test_a_rank_leaving_alone_with_an_asynchronous_save_in_flight_ends_at_once(tmp_path, error):
     """SIGINT ends the run without a checkpoint, also when it reaches one rank alone, which does not wait for the
-    others (README, Stopping). With an asynchronous save in flight that rank waited in its commit, a collective, for
-    ranks that were in the step's collectives, until the process group's timeout: the run hung (torchrun, SIGINT to
-    rank 0's pid: no exit in 5 minutes). Now that rank ends the save's writer, names the save as not committed, and
-    ends; the other rank is then stopped as torchrun does. Forked ranks (tests/launch_util.run_ranks), which stop the
-    others when one fails; its timeout bounds the old hang."""
+    others (README, Stopping); an exception of one rank's own ends it likewise. With an asynchronous save in flight
+    that rank waited in its commit, a collective, for ranks that were in the step's collectives, until the process
+    group's timeout: the run hung (torchrun, SIGINT to rank 0's pid: no exit in 5 minutes). Now that rank ends the
+    save's writer, names the save as not committed, and ends; the other rank is then stopped as torchrun does.
+    Forked ranks (tests/launch_util.run_ranks), which stop the others when one fails; its timeout bounds the old
+    hang. Errors every rank meets alike (data that ends, a non-finite step, a checkpoint or config error) still
+    commit the save in flight."""
     from tests.launch_util import run_ranks
 
     run_dir = tmp_path / "run"
@@ -353,13 +357,13 @@ def test_sigint_on_one_rank_with_an_asynchronous_save_in_flight_ends_that_rank_a
                                      f"run_dir={run_dir}"]
     began = time.monotonic()
     with pytest.raises(AssertionError) as failed:
-        run_ranks(2, "tests.dist.test_faults:interrupted_with_a_save_in_flight", (" ".join(overrides),),
+        run_ranks(2, "tests.dist.test_faults:interrupted_with_a_save_in_flight", (" ".join(overrides), error),
                   tmp_path / "logs", timeout=120)
     assert "rank 0 exited with 1" in str(failed.value), str(failed.value)[-3000:]
     assert time.monotonic() - began < 100
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert (f"the asynchronous save of step 3 was in flight: not committed "
             f"({run_dir / 'checkpoints' / 'step_000003'}.partial)") in log, log[-3000:]
-    assert "KeyboardInterrupt" in log
+    assert error in log
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "step_000002" / "COMPLETE.json").is_file() and not (ckpts / "step_000003").exists()
