@@ -206,9 +206,7 @@ def run_launch(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int 
     failed, codes, logs = _fork_ranks(nproc, "tests.launch_util:_launch_main",
                                       ([*QUIET, *overrides, f"run_dir={run_dir}"], target_env), log_dir,
                                       timeout=timeout, grace=30)
-    code = next((c for c in codes if c), 0)
-    if failed and failed.startswith("timed out"):
-        code = code or -9
+    code = next((c for c in codes if c), 0)   # a rank killed at the timeout: -9
     err = "".join(Path(f).read_text() if Path(f).exists() else "" for f in logs)
     proc = subprocess.CompletedProcess(["run_launch", str(nproc), *overrides], code, "", err)
     if check and code != 0:

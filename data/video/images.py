@@ -134,7 +134,7 @@ def _to_rgb(img):
         return img.convert("RGB")
     rgba = img.convert("RGBA")
     if rgba.getextrema()[3][1] == 0:
-        return img.convert("RGB")
+        return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 

@@ -23,7 +23,7 @@ def _trained(run_dir) -> list[int]:
 def test_training_data_that_ends_before_the_last_step_is_named(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_launch(2, ["recipe=keye_tiny", "data.video.num_epochs=1", "train.steps=40",
-                            "train.checkpoint.enabled=false"], run_dir, check=False, timeout=600)
+                          "train.checkpoint.enabled=false"], run_dir, check=False, timeout=600)
     out = proc.stdout + proc.stderr
     # the steps trained before the data ended, as metrics.jsonl recorded them: the error names the next one
     trained = _trained(run_dir)
@@ -40,7 +40,7 @@ def test_training_data_that_ends_saves_the_steps_trained(tmp_path):
     steps trained would be lost."""
     run_dir = tmp_path / "run"
     proc = run_launch(2, ["recipe=keye_tiny", "data.video.num_epochs=1", "train.steps=40",
-                            "train.checkpoint.save_interval=20"], run_dir, check=False, timeout=600)
+                          "train.checkpoint.save_interval=20"], run_dir, check=False, timeout=600)
     out = proc.stdout + proc.stderr
     trained = _trained(run_dir)
     n = len(trained)
@@ -60,7 +60,7 @@ def test_ranks_whose_data_ends_in_different_steps_stop_together(tmp_path):
     not that after the packs it drew for step 3."""
     run_dir = tmp_path / "run"
     proc = run_launch(2, ["recipe=keye_tiny", "data.video.num_epochs=1", "train.steps=40"], run_dir,
-                        check=False, timeout=300, env={"KEYE_FAULT": "data_end_in_step:step=3:rank=1"})
+                      check=False, timeout=300, env={"KEYE_FAULT": "data_end_in_step:step=3:rank=1"})
     out = proc.stdout + proc.stderr
     assert _trained(run_dir) == [1, 2], out[-4000:]
     assert proc.returncode == 2, out[-4000:]

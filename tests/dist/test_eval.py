@@ -463,8 +463,9 @@ def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed
 def test_a_held_out_video_set_with_nothing_to_plan_stops_the_launch(tmp_path):
     """A held-out video set none of whose samples can be planned (texts without an answer) failed at the run's first
     evaluation, after the training steps before it (a resumed run's: those to the next train.eval.interval), with a
-    RuntimeError naming data.video.shards (the path shown was the held-out one). The launch now plans the held-out sets at
-    start-up and stops with a config error (exit 2) naming data.video.eval_shards and the set, before a step."""
+    RuntimeError naming data.video.shards (the path shown was the held-out one). The launch now plans the held-out
+    sets at start-up and stops with a config error (exit 2) naming data.video.eval_shards and the set, before a
+    step."""
     from data.video.shards import ShardWriter
     from data.video_stream import ensure_synthetic_shards
     from tests.launch_util import run_launch

@@ -206,7 +206,7 @@ def test_the_skipped_count_resumes_with_the_run(skipped):
 
 def test_two_nan_steps_in_a_row_with_one_skip_allowed_stop_at_the_second(tmp_path):
     out = run_launch(2, LM + ["train.skip_nonfinite_steps=1"], tmp_path / "run",
-                       env={"KEYE_FAULT": "nan_in_step:rank=1"}, check=False)
+                     env={"KEYE_FAULT": "nan_in_step:rank=1"}, check=False)
     assert out.returncode == 4, out.stderr[-3000:]
     assert "non-finite step: step 2: the language model's gradients hold a NaN or an Inf" in out.stderr
     assert "skips up to N such steps in a row (2 in a row now)" in out.stderr
