@@ -7,7 +7,8 @@
   lock, then map what it wrote). Each file is written beside its name and renamed, so a name that exists is whole; a
   torn, short or foreign file fails `np.load` or `check` and is built again;
 - where the directory cannot be made, written or locked (a filesystem without `flock`), built in this process's memory;
-  the returned note says why (the caller logs it once).
+  the returned note says why (the caller logs it once). Files another process prunes between their writing and
+  their reading back are used as built, from memory, without a note.
 
 `shared_chunks(...)` does the same for arrays made of chunks that can be built apart (the packed loader's document
 sizes: tokenizing every text): the node's processes build the chunks side by side, each taking the chunks no other
@@ -62,9 +63,15 @@ def _locked(directory: Path, stem: str, parts: Sequence[str], build: Callable[[]
             return None
         got = _open(names, check)
         if got is None:
-            _write(names, build())
+            built = tuple(build())
+            _write(names, built)
             got = _open(names, check)
             if got is None:
+                if not all(n.exists() for n in names):
+                    # removed since it was written: a process further on pruned it (`prune`; on data of a few
+                    # packs an epoch one rank's prefetch runs epochs ahead of another's). What was built is
+                    # whole: used from memory, as a process would rebuild it
+                    return built
                 raise OSError(f"{names[0]}: written, but does not read back whole")
     return got
 

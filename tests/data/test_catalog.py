@@ -158,6 +158,32 @@ def test_loader_with_plans_on_disk_resumes_exactly(kinds, tmp_path):
     assert kept == [3, 4, 5]      # an epoch's files go when the third epoch after it is planned
 
 
+def test_a_plan_pruned_by_a_process_further_on_as_it_is_written_is_used_without_a_warning(kinds, tmp_path, monkeypatch,
+                                                                                         caplog):
+    """On data of a few packs an epoch one rank's prefetch runs epochs ahead of another's, and its prune
+    (data/node_files.prune) can remove a plan the other has just written before that one reads it back. The arrays
+    it built are whole: it uses them, says nothing, and goes on keeping its plans on disk."""
+    from data import node_files
+
+    cfg = small_cfg(kinds, tmp_path, seq_len=512, index_dir=str(tmp_path / "ix"))
+    ahead, behind = (VideoPackedLoader(cfg, seed=4).planner for _ in range(2))
+    real, ran = node_files._write, []
+
+    def written_then_pruned(names, arrays):      # the other process plans epoch 4 (removing epochs 0-1) just then
+        real(names, arrays)
+        if names[0].name.startswith("epoch1.") and not ran:
+            ran.append(ahead.epoch(4))
+    monkeypatch.setattr(node_files, "_write", written_then_pruned)
+    with caplog.at_level(logging.WARNING):
+        got = behind.epoch(1)
+    assert ran and not (behind.plan_dir / "epoch1.items.npy").exists()
+    ref = VideoPackedLoader(small_cfg(kinds, tmp_path, seq_len=512), seed=4).planner.epoch(1)
+    assert [list(p) for p in got.packs] == [list(p) for p in ref.packs] and (got.order == ref.order).all()
+    assert not behind.index_note and "cannot be kept" not in caplog.text
+    behind.epoch(2)
+    assert is_mapped(behind.epoch(2).order)        # the next epoch's plan is mapped from disk again
+
+
 def _plan_in_a_process(cfg, epochs, out, build_log):
     import time
 
