@@ -1273,6 +1273,8 @@ class Trainer:
                     if ref is None:
                         continue
                 self.step = ref.step if ref is not None else 0
+                # a newer checkpoint taken in place of a removed newest is the newest scored
+                self.meter.total_steps = max(self.meter.total_steps, self.step)
                 self._eval_and_log()
         finally:
             if self.rank == 0:

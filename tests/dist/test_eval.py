@@ -18,6 +18,8 @@ them in one call, which reorders no reduction over the batch of frames, but a ma
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
@@ -397,9 +399,12 @@ def test_eval_only_scores_no_corrupted_checkpoint(three_checkpoints, tmp_path):
     assert CheckpointLoadError.__name__ in log and "no checkpoint of" in log and "CRC32 differs" in log, log[-2000:]
 
 
-def scored_while_pruned(out: str, overrides: str) -> None:
+def scored_while_pruned(out: str, overrides: str, which: str = "oldest") -> None:
     """train.eval.only over `overrides`, the oldest checkpoint it lists removed right after the listing (on rank 0), as
-    keep_last removes it in a run training in that directory meanwhile; rank 0 writes the evaluations to `out`."""
+    keep_last removes it in a run training in that directory meanwhile; rank 0 writes the evaluations to `out`.
+    which="newest": the listing and its verification are made with the newest checkpoint moved aside, which then
+    comes back as the one listed goes (the run saved a newer one and its keep_last removed the older)."""
+    import logging
     import shutil
 
     import torch.distributed as dist
@@ -418,9 +423,28 @@ def scored_while_pruned(out: str, overrides: str) -> None:
         dist.barrier()
         return source, refs
 
+    def newest_aside(cfg):
+        newest = sorted(Path(cfg.run_dir, "checkpoints").glob("step_*"))[-1]
+        if dist.get_rank() == 0:
+            newest.rename(newest.with_name("aside"))
+        dist.barrier()
+        return listed(cfg)
+
+    def verified_then_newer(source, refs):
+        refs = verified(source, refs)
+        if dist.get_rank() == 0:
+            shutil.rmtree(refs[-1].path)
+            aside = refs[-1].path.with_name("aside")
+            aside.rename(aside.with_name(f"step_{refs[-1].step + 1:06d}"))
+        dist.barrier()
+        return refs
+
+    logging.basicConfig(level=logging.INFO)      # the eval line, an info line, in the rank's log
     cfg, layout = validate(compose_config(overrides.split()))
     tr = Trainer(cfg, layout)
-    ckpt.eval_checkpoints = listing_then_pruned
+    ckpt.eval_checkpoints = listing_then_pruned if which == "oldest" else newest_aside
+    if which == "newest":
+        verified, tr._verified = tr._verified, verified_then_newer
     try:
         evals = tr.evaluate_only()
     finally:
@@ -458,6 +482,31 @@ def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed
             {k: v for k, v in logged[e["step"]].items() if k != "val_seconds"}
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert f"checkpoint {run_dir / 'checkpoints' / 'step_000001'} was removed before it could be scored" in log, log
+
+
+def test_eval_only_that_gives_way_to_a_newer_checkpoint_logs_its_step_of_the_newest(three_checkpoints, tmp_path):
+    """train.eval.only of the newest checkpoint (train.eval.checkpoints="") whose listed newest (step 2) the training
+    run's keep_last removes once it saves a newer one (step 3): step 3 is scored, with the values the run logged
+    there, and its eval line reads 3/3, where it read 3/2 (the newest listed at the start stood for the total)."""
+    import shutil
+
+    from tests.launch_util import QUIET, run_ranks
+
+    trained, source = three_checkpoints
+    run_dir = tmp_path / "ck"
+    shutil.copytree(source, run_dir)
+    out = tmp_path / "evals.json"
+    overrides = QUIET + LM + ["train.eval.only=true", "train.eval.batches=2", "train.eval.checkpoints=",
+                              f"run_dir={run_dir}"]
+    run_ranks(1, "tests.dist.test_eval:scored_while_pruned", (str(out), " ".join(overrides), "newest"),
+              tmp_path / "logs")
+    got = json.loads(out.read_text())
+    logged = {e["step"]: e for e in trained["evals"]["train"]}
+    assert [e["step"] for e in got] == [3]
+    assert {k: v for k, v in got[0].items() if k != "val_seconds"} == \
+        {k: v for k, v in logged[3].items() if k != "val_seconds"}
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert re.search(r"eval +3/3 \|", log), log
 
 
 def test_a_held_out_video_set_with_nothing_to_plan_stops_the_launch(tmp_path):
