@@ -79,8 +79,8 @@ def _check_integer_range(img, what: str) -> None:
         return
     lo, hi = img.getextrema()
     if lo < 0 or hi > 65535:
-        raise ImageError("unsupported_mode", f"{what}: 32-bit integer samples (Pillow mode I) from {lo} to {hi}, "
-                                             f"beyond 16 bits: store the image with 8 or 16 bits per sample")
+        raise ImageError("unsupported_mode", f"{what}: integer samples (Pillow mode I) from {lo} to {hi}, outside "
+                                             f"0..65535: store the image with 8 or 16 bits per sample")
 
 
 def inspect_image(path: str) -> dict:
@@ -114,7 +114,11 @@ def decode_image(data: bytes, height: int, width: int, what: str = "image", *, d
     if img.mode == "I" or img.mode.startswith("I;16"):
         # 16-bit grey (a 16-bit PNG opens as "I;16", or "I" with older Pillow): convert() would clip every value
         # over 255 to white instead of scaling, so keep the high byte of each sample
-        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
+        samples = np.asarray(img)
+        key = img.info.get("transparency")
+        img = Image.fromarray((np.clip(samples, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
+        if isinstance(key, int):    # a 16-bit grey PNG's transparent value (tRNS), kept as an alpha band
+            img = Image.merge("LA", (img, Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8))))
     img = _to_rgb(img)
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)

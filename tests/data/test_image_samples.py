@@ -380,10 +380,14 @@ def test_a_32_bit_integer_image_beyond_16_bits_is_rejected_not_clipped(tmp_path)
     assert Image.open(tmp_path / "wide.tif").mode == "I"
     for read in (lambda: inspect_image(str(tmp_path / "wide.tif")),
                  lambda: decode_image((tmp_path / "wide.tif").read_bytes(), 8, 256, "wide.tif")):
-        with pytest.raises(ImageError, match=r"wide.tif: 32-bit integer samples \(Pillow mode I\) from 0 to 921300, "
-                                             r"beyond 16 bits") as e:
+        with pytest.raises(ImageError, match=r"wide.tif: integer samples \(Pillow mode I\) from 0 to 921300, "
+                                             r"outside 0..65535") as e:
             read()
         assert e.value.reason == "unsupported_mode"
+    # a signed 16-bit TIFF opens as mode I too: its message names its range, not 32 bits it does not have
+    Image.fromarray(np.array([[-5, 300]], np.int16)).save(tmp_path / "signed.tif")
+    with pytest.raises(ImageError, match=r"signed.tif: integer samples \(Pillow mode I\) from -5 to 300, outside "):
+        inspect_image(str(tmp_path / "signed.tif"))
     fits = np.tile(np.linspace(0, 65535, 256).round().astype(np.int32), (8, 1))
     Image.fromarray(fits).save(tmp_path / "fits.tif")
     meta = inspect_image(str(tmp_path / "fits.tif"))
@@ -452,8 +456,8 @@ def test_transparent_images_decode_onto_white_as_inference_processors_show_them(
     """convert("RGB") dropped the alpha and kept the colour stored under it: a black logo on a transparent background
     stored over black decoded all black, and a palette's transparent entry showed its colour. Transparency is now
     composited onto white, as transformers' convert_to_rgb and Qwen-VL's and vLLM's loaders give a model at
-    inference: RGBA, grey + alpha (8 and 16 bits), a palette with alpha, a palette's and an RGB PNG's transparent
-    colour (tRNS), and a transparent PNG with an EXIF orientation. The reference: colour * a + 255 * (1 - a), a =
+    inference: RGBA, grey + alpha (8 and 16 bits), a palette with alpha, a palette's, an RGB PNG's and a 16-bit
+    grey PNG's transparent colour (tRNS), and a transparent PNG with an EXIF orientation. The reference: colour * a + 255 * (1 - a), a =
     alpha / 255, computed here; 1 level for Pillow's integer blend against this float rounding. An alpha of 0
     everywhere (a 32-bit BMP's unused byte) is dropped, not made a white picture."""
     import struct
@@ -495,6 +499,10 @@ def test_transparent_images_decode_onto_white_as_inference_processors_show_them(
         "la16.png": (_png16(g16, 4), over_white(np.repeat((g16[..., :1] >> 8).astype(np.uint8), 3, 2),
                                                 (g16[..., 1] >> 8).astype(np.uint8))),
     }
+    grey16 = g16[..., 0].copy()
+    grey16[index == 3] = 1000                                              # a 16-bit grey PNG's transparent value
+    cases["grey16_trns.png"] = ((Image.fromarray(grey16), {"transparency": 1000}),
+                                over_white(np.repeat((grey16[..., None] >> 8).astype(np.uint8), 3, 2), 255 - key))
     exif = Image.Exif()
     exif[0x0112] = 6                                                       # shown turned 90 degrees clockwise
     cases["rgba_exif6.png"] = ((Image.fromarray(np.dstack([rgb, alpha])), {"exif": exif}),
