@@ -118,6 +118,32 @@ def _check(req: DecodeRequest, arr: np.ndarray, backend: str, layout: str = "hwc
     return np.ascontiguousarray(arr)
 
 
+def video_stream(container, index: int | None = None):
+    """The video stream of an open PyAV container that ingest measures and training decodes: stream `index` (the one
+    ingest chose, `meta["stream_index"]`) when given, else FFmpeg's best video stream (`av_find_best_stream`, the one
+    decord, torchcodec and the ffmpeg CLI read) unless that is an attached picture (cover art: one still image stored
+    as a video stream), then the first video stream that is not one. None when the file has no video stream, or
+    attached pictures only (an audio file with its cover)."""
+    if index is not None:
+        st = container.streams[index] if 0 <= index < len(container.streams) else None
+        return st if st is not None and st.type == "video" else None
+    videos = [s for s in container.streams.video if not is_attached_picture(s)]
+    if not videos:
+        return None
+    try:
+        best = container.streams.best("video")
+    except Exception:
+        best = None
+    return best if best is not None and not is_attached_picture(best) else videos[0]
+
+
+def is_attached_picture(stream) -> bool:
+    import av
+
+    flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 1024)
+    return bool(int(stream.disposition) & int(flag))
+
+
 def _validate(req: DecodeRequest) -> None:
     if req.layout not in ("hwc", "chw"):
         raise ValueError(f"DecodeRequest.layout = {req.layout!r}: must be 'hwc' or 'chw'")
@@ -193,10 +219,12 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
 
     def open_stream():
         c = av.open(req.path)
-        if not c.streams.video:
+        # the stream ingest measured; shards written before it was recorded measured the first video stream
+        index = req.meta.get("stream_index")
+        s = video_stream(c, index) if index is not None else (c.streams.video[0] if c.streams.video else None)
+        if s is None:
             c.close()
-            raise DecodeError("no_video_stream")
-        s = c.streams.video[0]
+            raise DecodeError("no_video_stream", "" if index is None else f"stream {index} is not a video stream")
         s.codec_context.thread_count = req.threads
         if req.threads > 1:
             s.thread_type = "AUTO"
@@ -305,8 +333,8 @@ def decode_torchcodec(req: DecodeRequest) -> np.ndarray:
     except Exception as e:
         raise DecodeError("backend_unavailable", f"torchcodec: {e}") from None
     try:
-        dec = VideoDecoder(req.path, seek_mode="exact", num_ffmpeg_threads=req.threads,
-                           dimension_order="NHWC")
+        dec = VideoDecoder(req.path, stream_index=req.meta.get("stream_index"), seek_mode="exact",
+                           num_ffmpeg_threads=req.threads, dimension_order="NHWC")
         n = dec.metadata.num_frames
         if n is not None and req.indices[-1] >= n:
             raise DecodeError("short_video", f"torchcodec sees {n} frames")

@@ -6,8 +6,11 @@ keyframe positions, the displayed size (after the rotation matrix), fps and dura
 and whether decord's seeking returns the frame it was asked for on this very file (it does not on
 some MPEG-4 Part 2 files with B-frames; such files are then decoded with PyAV at training time).
 
-A file is rejected (`ProbeError(reason, detail)`) when it cannot be opened, has no video stream,
-raises a decode error, has corrupt frames, decodes to no frames, decodes clearly fewer frames than
+The stream measured is FFmpeg's best video stream (the one decord, torchcodec and the ffmpeg CLI read), never an
+attached picture (cover art); its index is recorded for the decoders.
+
+A file is rejected (`ProbeError(reason, detail)`) when it cannot be opened, has no video stream (attached pictures
+alone are none), raises a decode error, has corrupt frames, decodes to no frames, decodes clearly fewer frames than
 its header promises (truncated), or changes resolution mid-stream.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from .backends import is_attached_picture, video_stream
 from .scenes import SceneDetector, SceneSpec
 from .timeline import encode_runs
 
@@ -148,11 +152,16 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
         raise ProbeError("open_failed", str(e)[:300]) from None
     writer = _ProxyWriter(proxy_path, proxy) if proxy is not None else None
     try:
-        videos = container.streams.video
-        if not videos:
+        st = video_stream(container)
+        if st is None:
             kinds = [s.type for s in container.streams]
-            raise ProbeError("no_video_stream", f"streams: {kinds}")
-        st = videos[0]
+            pictures = sum(map(is_attached_picture, container.streams.video))
+            raise ProbeError("no_video_stream", f"streams: {kinds}" + (
+                f" ({pictures} attached picture(s): cover art, a still image, not a video)" if pictures else ""))
+        try:
+            best = container.streams.best("video")
+        except Exception:
+            best = None
         st.thread_type = "AUTO" if threads > 1 else "SLICE"
         st.codec_context.thread_count = threads
         tb = st.time_base or Fraction(1, 90000)
@@ -230,6 +239,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
         dw, dh = _display_size(width, height, rotation)
         meta = {
             "codec": st.codec_context.name,
+            "stream_index": st.index,
             "container": container.format.name,
             "pix_fmt": pix_fmt,
             "coded_width": width, "coded_height": height, "rotation": rotation,
@@ -257,6 +267,8 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
             writer.close(duration)
         if keep_thumbs:
             meta["_thumbs"] = np.stack(thumbs)
+        if best is None or best.index != st.index:
+            meta["_decord_reads_another_stream"] = True     # FFmpeg's best stream is a cover picture
         return meta
     except BaseException:
         if writer is not None:
@@ -310,13 +322,16 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
         stored = path
     else:
         source = probe_video(path, proxy=proxy, proxy_path=proxy_path, threads=threads)
+        source.pop("_decord_reads_another_stream", None)      # the proxy is what training decodes
         try:
             meta = probe_video(proxy_path, threads=threads, keep_thumbs=check_decord, scenes=scenes)
         except ProbeError as e:
             raise ProbeError("proxy_failed", str(e)) from None
         stored = proxy_path
     thumbs = meta.pop("_thumbs", None)
-    if check_decord and thumbs is not None:
+    if meta.pop("_decord_reads_another_stream", False):
+        meta["decord_seek_ok"] = False      # decord reads FFmpeg's best stream, not this one: PyAV decodes the file
+    elif check_decord and thumbs is not None:
         meta["decord_seek_ok"] = check_decord_seeking(stored, thumbs, meta["rotation"])
     else:
         meta["decord_seek_ok"] = None
