@@ -280,14 +280,14 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
 
 def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: int = 0) -> bool | None:
     """Ask decord for a few frames (sorted, one fresh reader, as training does) and check each is
-    the frame PyAV decoded at that index. None when decord is not importable or fails to open."""
+    the frame PyAV decoded at that index. None when decord is not importable; False when it cannot open or
+    read the file (AV1: decord's FFmpeg has no decoder for it), so that the decord backend decodes such a
+    file, which PyAV has just decoded whole, with PyAV."""
     try:
         import decord
     except Exception:
         return None
     n = thumbs.shape[0]
-    if n <= 2:
-        return True
     rng = np.random.default_rng(seed + n)
     idx = sorted({n - 1, n // 2, *rng.integers(0, n, SEEK_CHECKS - 2).tolist()})
     try:
@@ -298,8 +298,10 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: 
             return False
         got = vr.get_batch(idx).asnumpy().astype(np.float32).mean(-1)      # [k, 32, 32]
         got = got.reshape(len(idx), THUMB, 4, THUMB, 4).mean(axis=(2, 4))  # [k, 8, 8]
+    except MemoryError:          # not the file's fault: the child's (isolation.py, out_of_memory)
+        raise
     except Exception:
-        return None
+        return False
     ref = thumbs
     if rotation:
         ref = np.rot90(thumbs, k=rotation // 90, axes=(1, 2))

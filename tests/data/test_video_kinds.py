@@ -80,3 +80,24 @@ def test_the_stream_measured_and_decoded_is_ffmpegs_best_and_never_a_cover_pictu
     with pytest.raises(ProbeError) as e:
         inspect_video(music)
     assert e.value.reason == "no_video_stream" and "attached picture" in e.value.detail
+
+
+@pytest.mark.parametrize("n", [20, 1])
+def test_a_file_decord_cannot_open_is_decoded_with_pyav_by_the_decord_backend(tmp_path, n):
+    """decord's FFmpeg has no AV1 decoder: ingest accepted AV1 files (PyAV decodes them) with decord_seek_ok None,
+    and the decord backend then failed every one of them in training (quarantined as open_failed). A file decord
+    cannot open or read is marked decord_seek_ok false at ingest (also one of 1 or 2 frames, which the check skipped),
+    so the decord backend decodes it with PyAV."""
+    codec = next((c for c in ("libsvtav1", "libaom-av1", "librav1e") if c in av.codecs_available), None)
+    if codec is None:
+        pytest.skip("this PyAV build has no AV1 encoder")
+    path = str(tmp_path / "clip.mkv")
+    with av.open(path, "w") as c:
+        _mux(c, [_add_video(c, codec, n, 64, 64)])
+    m = inspect_video(path)["video"]
+    assert m["codec"] in ("libdav1d", "av1") and m["num_frames"] == n
+    assert m["decord_seek_ok"] is False
+    ref = _reference(path, m["stream_index"])
+    idx = sorted({0, n - 1})
+    got = decode_frames("decord", DecodeRequest(path=path, indices=idx, height=64, width=64, meta=m))
+    assert np.array_equal(got, np.stack([ref[i] for i in idx]))        # PyAV decoded them: the same pixels
