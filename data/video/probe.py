@@ -11,7 +11,7 @@ attached picture (cover art); its index is recorded for the decoders.
 
 A file is rejected (`ProbeError(reason, detail)`) when it cannot be opened, has no video stream (attached pictures
 alone are none), raises a decode error, has corrupt frames, decodes to no frames, decodes clearly fewer frames than
-its header promises (truncated), or changes resolution mid-stream.
+its header promises and spans clearly less than its duration (truncated), or changes resolution mid-stream.
 """
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def _quiet_av() -> None:
         av.logging.set_level(av.logging.PANIC)
     except Exception:
         pass
+
+
+def _span_s(pts: list, last_duration: int | None, tb: Fraction) -> float:
+    """Seconds the decoded frames span by their pts: first to last, plus the last one's duration (else the mean
+    interval); 0.0 without two pts."""
+    known = [p for p in pts if p is not None]
+    if len(known) < 2:
+        return 0.0
+    lo, hi = min(known), max(known)
+    return float((hi - lo + (last_duration or (hi - lo) / (len(known) - 1))) * tb)
 
 
 def _display_size(w: int, h: int, rotation: int) -> tuple[int, int]:
@@ -211,8 +221,13 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
             raise ProbeError("no_frames", f"decoded 0 frames (header says {header_frames})")
         if corrupt:
             raise ProbeError("corrupt_frames", f"{corrupt} of {n} decoded frames flagged corrupt")
-        if header_frames and n < header_frames * (1 - truncation_tolerance) - 1:
-            raise ProbeError("truncated", f"decoded {n} frames, header says {header_frames}")
+        if header_frames and n < header_frames * (1 - truncation_tolerance) - 1 and not (
+                header_duration and _span_s(pts, last_duration, tb) >= header_duration * (1 - truncation_tolerance)):
+            # the header counts every sample of the track; an edit list (a clip cut without re-encoding starts at
+            # the keyframe before the cut) leaves samples that are never shown, which its duration does not count:
+            # a file whose frames span that duration is whole
+            raise ProbeError("truncated", f"decoded {n} frames spanning {_span_s(pts, last_duration, tb):.3f} s, "
+                                          f"header says {header_frames} frames, {header_duration} s")
         if size_changes:
             raise ProbeError("resolution_change", f"{size_changes} frames differ from {first[:2]}")
         width, height, rotation, pix_fmt = first

@@ -101,3 +101,47 @@ def test_a_file_decord_cannot_open_is_decoded_with_pyav_by_the_decord_backend(tm
     idx = sorted({0, n - 1})
     got = decode_frames("decord", DecodeRequest(path=path, indices=idx, height=64, width=64, meta=m))
     assert np.array_equal(got, np.stack([ref[i] for i in idx]))        # PyAV decoded them: the same pixels
+
+
+def test_a_clip_cut_without_reencoding_is_not_called_truncated(tmp_path):
+    """A clip cut from a longer video without re-encoding (`ffmpeg -ss 4 -c copy`) keeps the samples from the
+    keyframe before the cut, and an MP4 edit list hides them: the track header counts 120 frames, 80 are shown.
+    Ingest rejected such clips as 'truncated' (80 < 95% of 120), though every frame shown decodes. A file is now
+    truncated only when its frames also fall short of the header's duration, which the edit list sets; one whose
+    data ends early still is."""
+    src = str(tmp_path / "source.mkv")
+    with av.open(src, "w") as c:
+        s, _ = _add_video(c, "libx264", 120, 64, 48, rate=25)
+        s.options = {"g": "100", "keyint_min": "100", "sc_threshold": "0", "bf": "0"}
+        _mux(c, [(s, 120)])
+    cut = str(tmp_path / "cut.mp4")
+    with av.open(src) as ic, av.open(cut, "w") as oc:
+        ist = ic.streams.video[0]
+        ost = oc.add_stream_from_template(ist)
+        shift = int(40 / (ist.average_rate * ist.time_base))        # the cut at frame 40 becomes time 0
+        for pkt in ic.demux(ist):
+            if pkt.dts is None:
+                continue
+            pkt.pts, pkt.dts, pkt.stream = pkt.pts - shift, pkt.dts - shift, ost
+            oc.mux(pkt)
+    with av.open(cut) as c:
+        assert c.streams.video[0].frames == 120            # the header counts the hidden lead-in
+    m = inspect_video(cut)["video"]
+    assert (m["num_frames"], m["header_frames"]) == (80, 120)
+    assert m["duration_s"] == pytest.approx(80 / 25)        # exact: 80 frames of 40 ms
+    ref = _reference(src, 0)
+    idx = [0, 1, 59, 60, 79]                                # around the keyframe at source frame 100
+    got = decode_frames("pyav", DecodeRequest(path=cut, indices=idx, height=48, width=64, meta=m))
+    assert np.array_equal(got, np.stack([ref[i + 40] for i in idx]))   # the same bitstream, the same pixels
+
+    whole = str(tmp_path / "whole.mp4")
+    with av.open(whole, "w", options={"movflags": "faststart"}) as c:       # the header first, as web video is
+        s, _ = _add_video(c, "libx264", 120, 64, 48, rate=25)
+        _mux(c, [(s, 120)])
+    with av.open(whole) as c:
+        end = [pkt.pos for pkt in c.demux(video=0) if pkt.dts is not None][60]     # where frame 60's data starts
+    short = tmp_path / "short.mp4"
+    short.write_bytes(open(whole, "rb").read()[:end])                            # frames 60.. lost
+    with pytest.raises(ProbeError) as e:
+        inspect_video(str(short))
+    assert e.value.reason == "truncated"
