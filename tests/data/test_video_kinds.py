@@ -145,3 +145,40 @@ def test_a_clip_cut_without_reencoding_is_not_called_truncated(tmp_path):
     with pytest.raises(ProbeError) as e:
         inspect_video(str(short))
     assert e.value.reason == "truncated"
+
+
+@pytest.mark.parametrize("colorspace,color_range", [(1, 1), (1, 2), (5, 1), (5, 2)])    # BT.709 / BT.601, limited / full
+def test_rgb_follows_the_matrix_and_range_the_stream_declares(tmp_path, colorspace, color_range):
+    """Colour bars stored as YUV 4:4:4 (lossless FFV1) with each YUV matrix and range, and the stream saying which:
+    every backend and layout gives back the RGB that was encoded. Read with the other matrix, these bars move by up
+    to 22 to 39 levels, with the other range by up to 20; the bound allows the YUV rounding of 8 bits (1 level seen).
+    Also the anamorphic case of docs/data.md: a 4:3 sample aspect ratio leaves the stored grid as it is."""
+    from fractions import Fraction
+
+    bars = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 150, 50), (20, 20, 20), (235, 235, 235), (255, 255, 255),
+            (0, 0, 0)]
+    img = np.zeros((16, 64, 3), np.uint8)
+    for i, rgb in enumerate(bars):
+        img[:, 8 * i:8 * i + 8] = rgb
+    path = str(tmp_path / "bars.mkv")
+    with av.open(path, "w") as c:
+        s = c.add_stream("ffv1", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 16, "yuv444p"
+        s.codec_context.colorspace, s.codec_context.color_range = colorspace, color_range
+        s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+                format="yuv444p", dst_colorspace=colorspace, dst_color_range=color_range)
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    m = inspect_video(path)["video"]
+    assert (m["width"], m["height"]) == (64, 16)
+    for backend in ("pyav", "decord"):
+        for layout in ("hwc", "chw"):
+            got = decode_frames(backend, DecodeRequest(path=path, indices=[0, 2], height=16, width=64, meta=m,
+                                                       layout=layout))
+            got = got.transpose(0, 2, 3, 1) if layout == "chw" else got
+            assert np.abs(got.astype(int) - img).max() <= 2, (backend, layout)
