@@ -278,6 +278,19 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
         }
         if detector is not None:
             meta["scene_changes"] = detector.result()
+        if writer is not None and synthesized:
+            # the proxy was written by the pts, which were not the frames' times (H.264 with B-frames in AVI gives
+            # them out of order): write it again by the frames' count, frame i at i / rate, as training reads them
+            writer.abort()
+            writer = _ProxyWriter(proxy_path, proxy)
+            with av.open(path, metadata_errors="ignore") as again:
+                s2 = again.streams[st.index]
+                s2.thread_type = "AUTO" if threads > 1 else "SLICE"
+                s2.codec_context.thread_count = threads
+                for i, fr in enumerate(again.decode(s2)):
+                    if i >= n:
+                        break
+                    writer.add(float(arr[i] * tb), fr, rotation)
         if writer is not None:
             writer.close(duration)
         if keep_thumbs:

@@ -182,3 +182,26 @@ def test_rgb_follows_the_matrix_and_range_the_stream_declares(tmp_path, colorspa
                                                        layout=layout))
             got = got.transpose(0, 2, 3, 1) if layout == "chw" else got
             assert np.abs(got.astype(int) - img).max() <= 2, (backend, layout)
+
+
+def test_the_proxy_of_a_file_whose_pts_are_not_its_times_shows_the_frames_by_count(tmp_path):
+    """AVI keeps no presentation times: H.264 with B-frames in it decodes, in order, to frames whose pts run 1, 2, 3,
+    6, 5, 7, 4, ... Ingest then addresses the frames by count (pts_synthesized, frame i at i / rate), but the --proxy
+    was written by those pts: proxy frame 2 (1.0 s) showed source frame 24, not 25, and frame 3 showed 36, not 37.
+    The proxy is now written again by count when the pts are found unusable."""
+    from data.video.probe import ProxySpec
+
+    path = str(tmp_path / "bframes.avi")
+    with av.open(path, "w") as c:
+        s, _ = _add_video(c, "libx264", 40, 64, 48, rate=25)
+        s.options = {"bf": "3", "g": "12"}
+        _mux(c, [(s, 40)])
+    proxy = str(tmp_path / "proxy.mp4")
+    r = inspect_video(path, proxy=ProxySpec(), proxy_path=proxy)
+    assert r["source"]["pts_synthesized"] and r["video"]["num_frames"] == 4
+    src = np.stack(_reference(path, 0)).astype(int)                    # presentation order, by count
+    shown = [int(k * 0.5 * 25) for k in range(4)]                     # the source frame on screen at k / 2 s
+    # the proxy is H.264 at its default quality (about 8 levels a pixel from its source frame here), adjacent
+    # source frames differ by about 24: the nearest source frame is the one the proxy frame was made from
+    nearest = [int(np.abs(src - f.astype(int)).mean(axis=(1, 2, 3)).argmin()) for f in _reference(proxy, 0)]
+    assert nearest == shown
