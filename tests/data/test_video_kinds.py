@@ -147,7 +147,7 @@ def test_a_clip_cut_without_reencoding_is_not_called_truncated(tmp_path):
     assert e.value.reason == "truncated"
 
 
-@pytest.mark.parametrize("colorspace,color_range", [(1, 1), (1, 2), (5, 1), (5, 2)])    # BT.709 / BT.601, limited / full
+@pytest.mark.parametrize("colorspace,color_range", [(1, 1), (1, 2), (5, 1), (5, 2)])   # BT.709 / BT.601, limited / full
 def test_rgb_follows_the_matrix_and_range_the_stream_declares(tmp_path, colorspace, color_range):
     """Colour bars stored as YUV 4:4:4 (lossless FFV1) with each YUV matrix and range, and the stream saying which:
     every backend and layout gives back the RGB that was encoded. Read with the other matrix, these bars move by up
