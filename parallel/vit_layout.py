@@ -395,9 +395,12 @@ def frame_chunks(grid: torch.Tensor, chunk_patches: int) -> list[tuple[int, int,
 
 
 def encode_chunked(model, pv: torch.Tensor, grid: torch.Tensor, chunk_patches: int) -> torch.Tensor:
-    """model(pv, grid) as the concatenation of its chunks' outputs (rows in frame order, as the whole call)."""
-    parts = [model(pv[p0:p1], grid[f0:f1]) for f0, f1, p0, p1 in frame_chunks(grid, chunk_patches)]
-    return torch.cat(parts) if len(parts) != 1 else parts[0]
+    """model(pv, grid) as the concatenation of its chunks' outputs (rows in frame order, as the whole call). One chunk,
+    or none (a step of text-only packs: no frame), is the whole call, which gives the model's own empty output."""
+    chunks = frame_chunks(grid, chunk_patches)
+    if len(chunks) <= 1:
+        return model(pv, grid)
+    return torch.cat([model(pv[p0:p1], grid[f0:f1]) for f0, f1, p0, p1 in chunks])
 
 
 def backward_chunked(model, pv: torch.Tensor, grid: torch.Tensor, grad: torch.Tensor, chunk_patches: int) -> None:

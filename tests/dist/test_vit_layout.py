@@ -43,6 +43,7 @@ GRIDS = [[(2, 2), (8, 8), (2, 2), (4, 6), (2, 2), (6, 4)],
          [(10, 10), (2, 4), (2, 4), (4, 2), (6, 6)]]
 FEW = [[(4, 4)], [(2, 6)]]           # fewer frames than ranks: some ranks encode nothing
 ONE = [[(4, 4)]]                     # one frame in the step: every other rank encodes nothing
+NONE = [[], []]                      # text-only packs: no frame in the step at all
 # bf16 autocast (the trainer's tower on a GPU; the CPU's autocast casts alike), float32 weights: bf16 keeps 8
 # significant bits (eps 3.9e-3) and the layouts round in other places (GEMMs over other row counts, gradients summed
 # over ranks), so relative RMSE 3e-2; rows of another dtype read as this one are off by orders of magnitude (or inf)
@@ -72,6 +73,13 @@ CASES = {
                                                recompute=True, chunk_patches=20)),
     "replicated_partial_chunked": ({4}, dict(consumers=[1, 3], needs="random", grad_mode="partial",
                                              layout="replicated", recompute=True, chunk_patches=20)),
+    # a step of text-only packs: the replicated layout's chunked encode (recompute; a frozen tower or held-out
+    # scoring without grad) had no chunk to concatenate and raised
+    "replicated_no_frames_recompute": ({2}, dict(consumers="all", needs="all", grad_mode="replicated",
+                                                 layout="replicated", recompute=True, none=True)),
+    "replicated_no_frames_frozen": ({2}, dict(consumers="all", needs="all", grad_mode="replicated",
+                                              layout="replicated", freeze="all", none=True)),
+    "no_frames_recompute": ({2}, dict(consumers=[0], needs="all", grad_mode="replicated", recompute=True, none=True)),
     # under autocast the rows exchanged are bf16: a rank that encodes no frame made its (empty) rows in the weights'
     # float32 and received bf16 rows as half as many float32 values; a non-consumer received bf16 gradients so
     # (recompute) and the ViT's gradients came out inf. Last: on a mismatch gloo aborts the job
@@ -99,7 +107,7 @@ def _microbatches(grids) -> list[dict]:
     g = torch.Generator().manual_seed(3)
     out = []
     for frames in grids:
-        grid = torch.tensor([[1, r, c] for r, c in frames], dtype=torch.long)
+        grid = torch.tensor([[1, r, c] for r, c in frames], dtype=torch.long).reshape(-1, 3)
         P = int(grid.prod(-1).sum())
         out.append(dict(pixel_values=torch.randint(0, 256, (P, 3 * 14 * 14), generator=g, dtype=torch.uint8),
                         grid_thw=grid))
@@ -148,7 +156,9 @@ def _token_loss(e, w):
     return (w * e).sum() + 0.25 * (e * e).sum()
 
 
-def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+def _rel(ref: torch.Tensor | None, got: torch.Tensor) -> float:
+    if ref is None:                    # a parameter the reference's loss does not reach (no frame): its gradient is 0
+        ref = torch.zeros_like(got)
     if ref.shape != got.shape:
         return float("inf")
     ref, got = ref.detach().double(), got.detach().double()
@@ -161,7 +171,7 @@ def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------- worker
 def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
     consumers = list(range(W)) if opt["consumers"] == "all" else opt["consumers"]
-    grids = FEW if opt.get("few") else ONE if opt.get("one") else GRIDS
+    grids = FEW if opt.get("few") else ONE if opt.get("one") else NONE if opt.get("none") else GRIDS
     mbs = _microbatches(grids)
     V = [int(mb["grid_thw"].prod(-1).sum()) // 4 for mb in mbs]
     needs = _needs(opt["needs"], consumers, W, V)
