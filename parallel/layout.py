@@ -47,6 +47,9 @@ class ViTParallelConfig:
             raise ValueError(f"parallel.vit.layout must be one of {VIT_LAYOUTS}, got {self.layout!r}")
         if self.balance not in VIT_BALANCE:
             raise ValueError(f"parallel.vit.balance must be one of {VIT_BALANCE}, got {self.balance!r}")
+        if self.layout == "replicated" and self.balance != VIT_BALANCE[0]:
+            warnings.warn(f"parallel.vit.balance={self.balance} is ignored: parallel.vit.layout=replicated splits no "
+                          f"frames (every LM-input rank encodes all of them)")
 
 
 @dataclass

@@ -260,6 +260,23 @@ def test_a_context_parallel_setting_nothing_reads_is_named_as_ignored(overrides,
     assert len(ignored) == (warning is not None) and all(warning in w for w in ignored), ignored
 
 
+@pytest.mark.parametrize("overrides,warning", [
+    # frames are balanced over ranks only where they are spread: the replicated layout encodes all on each LM-input rank
+    (["parallel.vit.layout=replicated", "parallel.vit.balance=round_robin"],
+     "parallel.vit.balance=round_robin is ignored: parallel.vit.layout=replicated"),
+    (["parallel.vit.balance=round_robin"], None),
+    (["parallel.vit.layout=replicated"], None),
+])
+def test_a_vit_balance_the_replicated_layout_does_not_read_is_named_as_ignored(overrides, warning):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _validate("recipe=keye_tiny", *overrides)
+    ignored = [str(w.message) for w in seen if "ignored" in str(w.message)]
+    assert len(ignored) == (warning is not None) and all(warning in w for w in ignored), ignored
+
+
 def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
     """No chunk completes, so no summary exists: the KSA model was plain causal attention, its summary parameters
     (all that the distillation stage trains) never used."""
