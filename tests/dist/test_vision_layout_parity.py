@@ -37,6 +37,7 @@ def curves(tmp_path_factory):
     # parallel.vit.group=1: each step's 2 micro-batches in two rounds of ViT forward, LM forward + backward, ViT
     # backward, the LM's gradients reduced once after both (against the same step in one round)
     grouped = ["parallel.vit.group=1"]
+    saved = [o for o in common if o != "train.checkpoint.enabled=false"] + ["run_dir=vit_resume"]
     one = run_layouts(1, {"single": common, "ksa_single": ksa, "single_grouped": common + grouped},
                       tmp_path_factory.mktemp("one"))
     single = one["single"]
@@ -55,6 +56,11 @@ def curves(tmp_path_factory):
         "ksa_pp2": ksa + ["parallel.pp=2", "parallel.vit.layout=spread"],
         "pp2_grouped": common + ["parallel.pp=2", "parallel.vit.layout=spread"] + grouped,
         "tp2_grouped_recompute": common + ["parallel.tp=2", "parallel.vit.recompute=true"] + grouped,
+        # a checkpoint of the spread layout resumed in the replicated one, recomputing, in rounds: the tower's weights
+        # and AdamW moments are the same tensors whatever the layout (train/vision.py sharded_state)
+        "vit_stopped": saved + ["parallel.tp=2", "train.stop_after=2", "train.checkpoint.save_interval=2"],
+        "vit_resumed_replicated": saved + ["parallel.tp=2", "parallel.vit.layout=replicated",
+                                           "parallel.vit.recompute=true"] + grouped,
     }, tmp_path_factory.mktemp("two"), digests=True)
     two["_digests"] = digests
     two["ksa_single"] = one["ksa_single"]
@@ -77,6 +83,13 @@ def test_vision_with_ksa_matches_single_process(curves, name):
     _, runs = curves
     assert _close(runs[name], runs["ksa_single"]), (name, runs[name], runs["ksa_single"])
     assert runs["ksa_single"][3] < runs["ksa_single"][1], runs["ksa_single"]
+
+
+def test_resume_in_another_vit_layout_continues_the_curve(curves):
+    single, runs = curves
+    assert sorted(runs["vit_stopped"]) == [1, 2] and sorted(runs["vit_resumed_replicated"]) == [3], runs
+    assert _close({**runs["vit_stopped"], **runs["vit_resumed_replicated"]}, single), (runs["vit_stopped"],
+                                                                                     runs["vit_resumed_replicated"])
 
 
 def test_loss_moves(curves):
