@@ -1,6 +1,6 @@
 """The multimodal model's loss curve does not depend on where the ViT runs.
 
-The ViT's frames are spread over every rank that shares an LM sequence (TP x PP of one data-parallel
+The ViT's frames are spread over every rank that shares an LM sequence (TP x CP x PP of one data-parallel
 replica, parallel.vit.layout=spread) and the merged embeddings exchanged to the LM-input ranks; or every
 LM-input rank encodes all frames itself (replicated, the usual layout); or one process does everything.
 Same seed, the same synthetic videos (made once here and read by every run), 3 steps of the tiny recipe (ViT + projector +
