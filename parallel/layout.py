@@ -68,6 +68,7 @@ class ParallelConfig:
     # back (parallel/offload.py); with recompute=full that is only each layer's input hidden state
     offload: str = "none"
     offload_layers: int = -1  # layers per model chunk (from the first) that offload; -1 = all but the last
+    # (check_offload_layers: a value that offloads no layer is an error)
     cp_comm: str = "a2a"  # dense attention under CP: "a2a" (Ulysses all-to-all) or "allgather" (K/V gathered)
     # tokens per CP rank: "document" = chunks r and 2cp-1-r of EVERY packed document (balanced causal work
     # for any pack), "sequence" = chunks r and 2cp-1-r of the whole sequence (balanced for one document only)
@@ -149,6 +150,8 @@ class ParallelLayout:
             raise ValueError(
                 f"model.lm.num_layers ({lm.num_layers}) must be divisible by parallel.pp * parallel.vpp "
                 f"({pp} * {vpp} = {pp * vpp})")
+        if cfg.offload == "activations":
+            check_offload_layers(cfg, lm)
         if cp > 1:
             check_context_parallel(cp, cfg.cp_comm, lm, tp=tp)
         warn_unused_cp_settings(cfg, lm)
@@ -185,6 +188,26 @@ class ParallelLayout:
                 f"x edp {self.edp} x pp {self.pp}; sequence parallel {'on' if self.sequence_parallel else 'off'}, "
                 f"dispatcher {self.moe_dispatcher}"
                 f"{f'; context parallel comm {self.cp_comm}, split {self.cp_split}' if self.cp > 1 else ''}")
+
+
+def check_offload_layers(cfg: ParallelConfig, lm: LMConfig) -> None:
+    """parallel.offload_layers against the layers of one model chunk (model.lm.num_layers / (pp * vpp)), whose first
+    offload_layers layers offload (parallel/offload.py). ValueError where parallel.offload=activations would offload
+    no layer (offload_layers=0, or -1 with one layer per chunk: -1 keeps each chunk's last layer); a warning where
+    offload_layers is more than a chunk has (it counts per chunk, not over the model: every layer offloads)."""
+    per_chunk = lm.num_layers // (cfg.pp * cfg.vpp)
+    chunk = f"model.lm.num_layers {lm.num_layers} / (parallel.pp {cfg.pp} * parallel.vpp {cfg.vpp})"
+    if cfg.offload_layers == 0:
+        raise ValueError("parallel.offload_layers=0 offloads no layer, so parallel.offload=activations would do "
+                         "nothing: use parallel.offload=none, or offload_layers >= 1 (layers per model chunk, from "
+                         "the first) or -1 (all but each chunk's last)")
+    if cfg.offload_layers == -1 and per_chunk == 1:
+        raise ValueError(f"parallel.offload=activations with parallel.offload_layers=-1 (all but each model chunk's "
+                         f"last layer) offloads no layer: a model chunk has 1 layer ({chunk}); set "
+                         "parallel.offload_layers=1 to offload it, or parallel.offload=none")
+    if cfg.offload_layers > per_chunk:
+        warnings.warn(f"parallel.offload_layers={cfg.offload_layers} is more than the {per_chunk} layers of a model "
+                      f"chunk ({chunk}): it counts per chunk, so every layer offloads, each chunk's last one too")
 
 
 def check_context_parallel(cp: int, cp_comm: str, lm: LMConfig, *, tp: int) -> None:

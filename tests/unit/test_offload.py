@@ -22,6 +22,8 @@ and likewise recompute=selective; recompute=none with keye_tiny_dsa_sparse and k
 with parallel.pp=2 (recompute full) and with parallel.cp=2 (keye_tiny_ksa, recompute full).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -193,6 +195,47 @@ def test_wrong_offload_value_stops_the_recipe(monkeypatch):
         check("parallel.offload=gpu")
     _, layout = check("parallel.offload=activations", "parallel.offload_layers=2")
     assert (layout.offload, layout.offload_layers) == ("activations", 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.offload_layers=0"], r"parallel.offload_layers=0 offloads no layer"),
+    # 4 layers over pp 2 x vpp 2: one layer per model chunk, which -1 (all but the chunk's last) keeps
+    (["parallel.pp=2", "parallel.vpp=2"],
+     r"parallel.offload=activations with parallel.offload_layers=-1 .* offloads no layer: a model chunk has 1 layer "
+     r"\(model.lm.num_layers 4 / \(parallel.pp 2 \* parallel.vpp 2\)\); set parallel.offload_layers=1"),
+])
+def test_offload_that_would_offload_nothing_stops_the_launch(monkeypatch, capsys, overrides, message):
+    """parallel.offload=activations with a layer count that offloads no layer ran a whole training without offload
+    (its log: 'the first 0 of each model chunk's 4 layers ...'): the launch stops before any process group, exit 2."""
+    import train.launch
+    from train.launch import compose_config, run
+
+    def past_validation(*args, **kwargs):  # a launch that got past validate() would go on to train: fail here
+        raise AssertionError("the config passed validation")
+
+    monkeypatch.setattr(train.launch, "check_device", past_validation)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run(compose_config(["recipe=keye_tiny_lm", "parallel.offload=activations", *overrides]))
+    assert stop.value.code == 2
+    assert re.search("config error: " + message, capsys.readouterr().err)
+
+
+def test_offload_layers_past_a_chunk_warn_and_offload_every_layer():
+    """offload_layers counts per model chunk: more than a chunk has is a warning (every layer offloads), and the
+    hooks then offload each chunk's last layer too; offload_layers=1 at one layer per chunk is accepted."""
+    from parallel.layout import ParallelConfig, ParallelLayout
+    from train.config import to_config
+    from train.launch import compose_config
+
+    lm = to_config(compose_config(["recipe=keye_tiny_lm"])).model.lm
+    cfg = ParallelConfig(offload="activations", offload_layers=6)
+    with pytest.warns(UserWarning, match=r"offload_layers=6 is more than the 4 layers of a model chunk"):
+        ParallelLayout.build(cfg, world_size=1, lm=lm)
+    layout = ParallelLayout.build(ParallelConfig(pp=2, vpp=2, offload="activations", offload_layers=1), world_size=2,
+                                  lm=lm)
+    assert layout.offload_layers == 1
 
 
 @pytest.mark.parametrize("recompute", ["full", "none"])
