@@ -22,6 +22,9 @@ What stays on the device: parameters (and views of them), tensors on another dev
 layer receives besides its hidden state (the rotary table, masks, packed-sequence bounds: one copy serves
 all layers), broadcast views, whatever is saved outside the layers (embedding, final norm, loss), and the
 layers past `num_layers` (default: each chunk's last layer, whose tensors backward needs first).
+A saved tensor changed in place after it was saved is an error, as without offload: autograd skips its own
+version check for tensors that went through saved-tensor hooks, so `unpack` makes it while the offloaded device
+tensor still exists (a change through a `.detach()` alias that outlives it goes unseen).
 Limits: on a pipeline stage other than the first, the schedule itself keeps the received input tensor
 (the first layer's input) for its gradient, so offloading that one copies without freeing anything; the
 host copies of all in-flight micro-batches are held at once (`python launch/memory.py` reports them).
@@ -81,23 +84,37 @@ def _empty(size, stride, dtype, device, *, pin_memory: bool = False) -> torch.Te
     return torch.empty_strided(size, stride, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
+def _check_version(t: torch.Tensor | None, saved: int, group) -> None:
+    """Autograd's own check, which it skips for a tensor that went through saved-tensor hooks: a saved tensor
+    changed in place after it was saved (t: the tensor, or None once nothing holds it any more) is an error, as
+    without the hooks, not a backward that silently reads the value from before the change."""
+    if t is not None and t._version != saved:
+        where = "outside the decoder layers" if group is None else f"in decoder layer {group.index} of its model chunk"
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                           f"{saved} instead (saved {where}; parallel.offload=activations checks it as autograd "
+                           "does without offload)")
+
+
 class _Kept:
     """A saved tensor left where it is (the detached tensor: holding the original would make a reference
-    cycle through its grad_fn)."""
+    cycle through its grad_fn; it shares the original's version counter)."""
 
-    __slots__ = ("group", "tensor")
+    __slots__ = ("group", "tensor", "version")
 
     def __init__(self, group, tensor: torch.Tensor):
-        self.group, self.tensor = group, tensor
+        self.group, self.tensor, self.version = group, tensor, tensor._version
 
 
 class _Stored:
     """A saved tensor copied to host memory; `host` lives until autograd drops this handle."""
 
-    __slots__ = ("group", "host", "device", "size", "stride", "dtype", "copied", "__weakref__")
+    __slots__ = ("group", "host", "device", "size", "stride", "dtype", "copied", "source", "version", "__weakref__")
 
     def __init__(self, group, t: torch.Tensor, d2h: torch.cuda.Stream | None):
         self.group, self.device, self.dtype = group, t.device, t.dtype
+        # the device tensor, weakly (its memory is what offload frees), and its version, for _check_version
+        self.source, self.version = weakref.ref(t), t._version
         self.size = t.size()
         self.stride = _dense_stride(t)
         cuda = t.is_cuda
@@ -307,10 +324,13 @@ class ActivationOffload:
     def _unpack(h) -> torch.Tensor:
         g = h.group
         if g is None:
+            _check_version(h.tensor, h.version, None)
             return h.tensor
         g.pass_.enter_backward(g.index)
         if isinstance(h, _Kept):
+            _check_version(h.tensor, h.version, g)
             return h.tensor
+        _check_version(h.source(), h.version, g)
         return g.take(h)
 
     # ----------------------------------------------------------------------------------------------

@@ -153,6 +153,45 @@ def test_offloaded_layer_inputs_are_freed_after_the_forward(tiny):
         off.remove()
 
 
+@pytest.mark.parametrize("recompute", ["full", "none"])
+@pytest.mark.parametrize("layer, offloaded", [(1, True), (LAYERS - 1, False)])
+def test_a_saved_tensor_changed_in_place_is_an_error_as_without_offload(tiny, recompute, layer, offloaded):
+    """A layer's input hidden state (saved by its norm, or by its checkpoint under full recompute) multiplied in
+    place after the forward: autograd's version check stops the backward without offload, and skips that check
+    for tensors that went through saved-tensor hooks. With offload the backward read the copy from before the
+    change and ran on. Checked for an offloaded layer and for the last one, whose tensors stay (num_layers=-1)."""
+    from parallel.offload import attach_activation_offload
+
+    lm, models = tiny
+    model = models[recompute]
+
+    def backward_after_changing_input():
+        inputs = []
+        hook = model.decoder.layers[layer].register_forward_pre_hook(
+            lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+        tokens = torch.zeros(B, S, dtype=torch.long)
+        try:
+            loss = model(tokens, torch.arange(S).expand(3, B, S), None, labels=tokens).sum()
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            inputs[0].mul_(2)
+        loss.backward()
+
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the reference: no offload
+        backward_after_changing_input()
+    (off,) = attach_activation_offload([model], num_layers=LAYERS if offloaded else -1)
+    try:
+        with pytest.raises(RuntimeError, match=r"modified by an inplace operation: .* is at version 1; expected "
+                                               rf"version 0 instead \(saved in decoder layer {layer} "):
+            backward_after_changing_input()
+        assert off.layers_to_offload > layer if offloaded else off.layers_to_offload == layer
+    finally:
+        off.remove()
+        model.zero_grad(set_to_none=True)
+
+
 def test_hooks_only_act_inside_the_layers_and_detach(tiny):
     """Outside a training forward (no_grad, eval) nothing is packed; remove() restores the plain model."""
     from parallel.offload import attach_activation_offload
