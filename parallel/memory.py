@@ -348,7 +348,10 @@ def _layer_kept(m: MemoryInputs, variant: str) -> float:
 
 
 def offloaded_host_bytes(m: MemoryInputs, *, first: bool) -> float:
-    """Host memory the offloaded layers' saved tensors take (every in-flight micro-batch's)."""
+    """Host memory the offloaded layers' saved tensors take (every in-flight micro-batch's); none in a forward-only
+    step, which saves nothing for a backward (the trainer attaches no offload to the indexer step)."""
+    if m.forward_only:
+        return 0.0
     _, offloaded = _stage_layers(m, first=first)
     scale = in_flight_microbatches(m) if first else 1.0
     return scale * sum(_layer_kept(m, v) for v in offloaded)

@@ -299,3 +299,21 @@ def test_estimator_predicts_less_memory_with_offload_for_256k(recompute):
         layer_input = 262144 / 8 * lm.hidden_size * 2
         assert base.total - off.total == pytest.approx((lm.num_layers - 1 - 2) * layer_input)
         assert off.host == pytest.approx((lm.num_layers - 1) * layer_input)
+
+
+@pytest.mark.parametrize("overrides", [["recipe=keye_30b_a3b_dsa_warmup"],
+                                       ["recipe=keye_30b_a3b_lm", "train.eval.only=true"]])
+def test_estimator_counts_no_offloaded_memory_in_a_forward_only_step(overrides):
+    """The DSA warm-up's indexer step and train.eval.only run the model forward only: nothing is saved for a
+    backward, so offload moves nothing (the trainer attaches none to the indexer step; eval runs under no_grad).
+    The estimate's header said 'recompute and offload unused' while its table reported 5.88 GiB of host memory
+    for offloaded activations (the warm-up recipe); it now reports the same as without offload."""
+    from dataclasses import replace
+
+    from launch.memory import memory_inputs
+    from parallel.memory import estimate
+
+    _, _, m = memory_inputs([*overrides, "parallel.offload=activations"])
+    assert m.forward_only and m.offload == "activations"
+    off, base = estimate(m), estimate(replace(m, offload="none"))
+    assert off.host == 0 and off.rows == base.rows
