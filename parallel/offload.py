@@ -15,13 +15,17 @@ What this offloads depends on parallel.recompute:
   * full (megatron's uniform recompute, one layer per checkpoint): a layer's forward runs under no_grad
     and its checkpoint saves only its inputs, so the only per-layer tensor is the layer's input hidden
     state [s, b, h] (DeepSpeed ALST's offload of checkpointed activations). Device activation memory then
-    no longer grows with the number of layers.
+    grows with the number of layers only by what the MoE token dispatcher keeps (below).
   * none / selective: everything the layer saves (attention, MoE, norms) moves, as torch's `save_on_cpu`
     would do, layer by layer and with prefetch.
 What stays on the device: parameters (and views of them), tensors on another device, the tensors every
 layer receives besides its hidden state (the rotary table, masks, packed-sequence bounds: one copy serves
 all layers), broadcast views, whatever is saved outside the layers (embedding, final norm, loss), and the
-layers past `num_layers` (default: each chunk's last layer, whose tensors backward needs first).
+layers past `num_layers` (default: each chunk's last layer, whose tensors backward needs first). Nor does
+offload reach what modules hold as attributes rather than save: megatron's MoE token dispatcher keeps, in
+every layer, the last micro-batch's routing probabilities (fp32), routing map (bool) and permutation indices
+(int64), t x (5 E + 8 k) bytes for t tokens (704 bytes a token at 30B-A3B sizes, against 4096 for a bf16
+layer input), with any recompute; so with full recompute device memory still grows by that much per layer.
 A saved tensor changed in place after it was saved is an error, as without offload: autograd skips its own
 version check for tensors that went through saved-tensor hooks, so `unpack` makes it while the offloaded device
 tensor still exists (a change through a `.detach()` alias that outlives it goes unseen).
