@@ -17,7 +17,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from data.held_out import WHOLE, eval_plan, parse_set_batches
 from data.exclude import read_exclude
 from data.sample_position import counters_of_rank, format_runs
-from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
@@ -43,6 +42,7 @@ from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
+from train.data_streams import eval_streams, text_streams, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested)
@@ -453,50 +453,12 @@ class Trainer:
     def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False, shards: str = "",
                       set_name: str = "", one_epoch: bool = False):
         """This rank's packed video micro-batches: the training data, or (held_out) train.eval's data from its
-        start: `shards` (one held-out set of data.video.eval_shards, `set_name` when the sets are named), one
-        source without an end, its own quarantine file; a run on its own synthetic videos makes a second, smaller
-        synthetic set under another seed. one_epoch: the set scored whole (VideoBatchStream)."""
-        from data.video_stream import VideoBatchStream, ensure_synthetic_shards
-
-        v = cfg.data.video
-        setting = ""    # what names a held-out set in the loader's errors
-        if held_out:
-            setting = ("data.video.eval_shards" + (f" (set {set_name!r})" if set_name else "") if shards else
-                       "the run's own synthetic held-out videos")
-            if not shards:  # validate() allows this only for a run on its own synthetic videos
-                d = cfg.data      # videos as the training data's; text only for a language model alone
-                shards = str(ensure_synthetic_shards(Path(self.run_dir) / "synthetic_eval_videos",
-                                                     max(4, d.synthetic_videos // 4) if d.synthetic_videos else 0,
-                                                     d.seed + 1, rank=self.rank,
-                                                     n_text=0 if d.synthetic_videos else max(4, d.synthetic_texts // 4),
-                                                     text_held_out_from=(d.seed, d.synthetic_texts)))
-            stem = Path(v.quarantine_path or "quarantine.jsonl")
-            suffix = f"_eval_{set_name}" if set_name else "_eval"
-            v = replace(v, shards=shards, long_shards="", long_fraction=0.0, eval_shards="", text_tokens="",
-                        text_tokens_fraction=0.0, num_epochs=None,
-                        quarantine_path=f"{stem.stem}{suffix}{stem.suffix}")
-        elif not v.shards:
-            shards = ensure_synthetic_shards(Path(self.run_dir) / "synthetic_videos", cfg.data.synthetic_videos,
-                                             cfg.data.seed, rank=self.rank, n_text=cfg.data.synthetic_texts,
-                                             n_images=cfg.data.synthetic_images, scenes=cfg.data.synthetic_scenes)
-            v = replace(v, shards=str(shards))
-        if v.quarantine_path and not os.path.isabs(v.quarantine_path):
-            stem = Path(v.quarantine_path)
-            v = replace(v, quarantine_path=str(Path(self.run_dir) / f"{stem.stem}.rank{{rank}}{stem.suffix}"))
-        if any(g.rank() != 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp)):
-            # the tensor, context and pipeline ranks of a data-parallel replica read the same packs and meet the same
-            # bad samples: the replica's first rank records them, once
-            v = replace(v, quarantine_path="")
-        if v.text_tokens and not v.text_tokens_index_dir:
-            v = replace(v, text_tokens_index_dir=str(Path(self.run_dir) / "token_index"))
-        if not v.index_dir:        # the catalogs and epoch plans, made once per node and mapped by its processes
-            v = replace(v, index_dir=str(Path(self.run_dir) / "data_index"))
-        t = cfg.train
-        # held-out shard files that are also training files stop the launcher (train/launch.check_paths)
-        return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                                global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else self.exclude,
-                                held_out=setting)
+        start (train/data_streams.video_stream). The first rank of each data-parallel replica records its bad
+        samples."""
+        replica_first = all(g.rank() == 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp))
+        return video_stream(cfg, run_dir=self.run_dir, rank=self.rank, dp_rank=dp_rank, dp_size=dp_size,
+                            records_bad_samples=replica_first, exclude=self.exclude, held_out=held_out, shards=shards,
+                            set_name=set_name, one_epoch=one_epoch)
 
     def _check_held_out_videos(self) -> None:
         """Plans the first epoch of each held-out video set at start-up (the plans are kept in the index directory
@@ -516,34 +478,11 @@ class Trainer:
                 stream.close()
 
     def _text_streams(self, data, *, held_out: bool = False, paths: str = "", one_epoch: bool = False) -> list:
-        """This rank's text micro-batches from `data` (a DataConfig): synthetic, or token files (data.kind=tokens; the
-        training paths, or with held_out `paths`, one held-out set of train.eval's; one_epoch: scored whole,
-        TokenFileStream), one stream per model chunk: the interleaved schedule pulls each chunk's micro-batches
-        separately."""
-        t = self.cfg.train
-        if data.kind == "tokens":
-            from data.token_files import TokenCorpus, TokenFileStream, ensure_synthetic_token_files
-
-            tk = data.tokens
-            paths = paths if held_out else tk.paths
-            if not paths:  # validate() allows an empty eval_paths only with synthetic training data
-                paths = ensure_synthetic_token_files(Path(self.run_dir) / "synthetic_tokens",
-                                                     max(64, tk.synthetic_documents // 4) if held_out else
-                                                     tk.synthetic_documents, data.seed + int(held_out), rank=self.rank,
-                                                     vocab_size=min(512, self.cfg.model.lm.vocab_size),
-                                                     held_out_from=(data.seed, tk.synthetic_documents) if held_out
-                                                     else None)
-            corpus = TokenCorpus(paths, weights=None if held_out else tk.weights, seq_length=t.seq_length,
-                                 seed=data.seed, shuffle=tk.shuffle, vocab_size=self.cfg.model.lm.vocab_size,
-                                 field_name="data.tokens.eval_paths" if held_out else "data.tokens.paths",
-                                 index_dir=tk.index_dir or Path(self.run_dir) / "token_index",
-                                 exclude=None if held_out else self.exclude)
-            return [TokenFileStream(corpus, document_bounds=tk.document_bounds, micro_batch_size=t.micro_batch_size,
-                                    global_batch_size=t.global_batch_size, dp_rank=self.pgs.dp.rank(),
-                                    dp_size=self.pgs.dp.size(), one_epoch=one_epoch) for _ in self.model]
-        return [SyntheticTokenStream(data, vocab_size=self.cfg.model.lm.vocab_size, seq_length=t.seq_length,
-                                     micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                                     dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size()) for _ in self.model]
+        """This rank's text micro-batches from `data` (a DataConfig), one stream per model chunk
+        (train/data_streams.text_streams)."""
+        return text_streams(self.cfg, data, run_dir=self.run_dir, rank=self.rank, dp_rank=self.pgs.dp.rank(),
+                            dp_size=self.pgs.dp.size(), chunks=len(self.model), exclude=self.exclude,
+                            held_out=held_out, paths=paths, one_epoch=one_epoch)
 
     def _eval_sets(self) -> list[tuple[str, str, int]]:
         """train.eval's held-out sets as (name, paths, global batches): one set named "" unless
@@ -554,18 +493,11 @@ class Trainer:
         return eval_plan(self.cfg.data, e.batches, e.set_batches)
 
     def _eval_streams(self, name: str, paths: str, whole: bool) -> list:
-        """One held-out set's data from its start (fresh streams per evaluation), as training draws it: one video
-        stream, or one text stream per model chunk; synthetic text: the same generator, other sequences. whole: the
-        streams fill the set's last global batch with sequences that count for nothing (their `padding`)."""
-        cfg = self.cfg
-        if cfg.data.kind == "video":
-            return [self._video_stream(cfg, self.pgs.dp.rank(), self.pgs.dp.size(), held_out=True, shards=paths,
-                                       set_name=name, one_epoch=whole)]
-        if cfg.data.kind == "tokens":
-            return self._text_streams(cfg.data, held_out=True, paths=paths, one_epoch=whole)
-        # other samples of the training text's Markov chain (data.seed + 1 was another chain: a distribution the run
-        # never trained on, whose loss rose as training went on); eval_plan: never whole
-        return self._text_streams(replace(cfg.data, sample_seed=samples_seed(cfg.data) + 1))
+        """One held-out set's data from its start, fresh streams per evaluation (train/data_streams.eval_streams)."""
+        replica_first = all(g.rank() == 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp))
+        return eval_streams(self.cfg, name, paths, whole, run_dir=self.run_dir, rank=self.rank,
+                            dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size(), chunks=len(self.model),
+                            records_bad_samples=replica_first)
 
     def _claim_run_dir(self) -> ckpt.CheckpointRef | None:
         """Collective, before the model is built, for a training launch: rank 0 takes the run directory's lock (every
