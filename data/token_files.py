@@ -516,6 +516,24 @@ class TokenSource:
         tokens = np.concatenate(out).astype(np.int64)
         return tokens, starts, docs
 
+    def pieces(self, j: int) -> list[tuple[int, int, int, int]]:
+        """Sample j's document pieces in order, as `sample` cuts them: (pool index, the piece's first token's offset
+        in its document, its tokens in the sample, the document's length). A piece whose offset is not 0, or that
+        ends before its document does, is a cut: the document goes on in another sample."""
+        e, k = divmod(int(j), self.per_epoch)
+        order, ends, rows = self._epoch(e)
+        g = int(rows[k]) * self.S
+        p = int(np.searchsorted(ends, g, side="right"))
+        need, at, out = self.S + 1, 0, []
+        while need:
+            begin, end = (int(ends[p - 1]) if p else 0), int(ends[p])
+            offset = g + at - begin
+            take = min(need, end - begin - offset)
+            if take:
+                out.append((int(order[p]), offset, take, end - begin))
+            need, at, p = need - take, at + take, p + 1
+        return out
+
     def document_name(self, doc: int) -> tuple[str, int]:
         """A pool index as (the file prefix holding it, its document number in that file)."""
         f, n = self._file_of(doc)
@@ -625,6 +643,15 @@ class TokenCorpus:
             r, _, met = self.sources[s].row(j, document_bounds=document_bounds)
             out.append((r, [self.sources[s].document_name(d) for d in met]))
         return out
+
+    def pieces(self, i: int) -> list[tuple[str, int, int, int, int, bool]]:
+        """Global sample i's document pieces in order (TokenSource.pieces): (file prefix, document number in that
+        file, first token's offset in the document, tokens in the sample, the document's length, whether data.exclude
+        leaves the document out: its tokens are padding in the row, TokenSource.row)."""
+        (s, j), = self._where(i, 1)
+        source = self.sources[s]
+        left_out = set(source.left_out.tolist())
+        return [(*source.document_name(d), offset, n, length, d in left_out) for d, offset, n, length in source.pieces(j)]
 
     def documents(self, samples: list[int]) -> list[tuple[str, int]]:
         """The documents whose tokens the global `samples` hold, in the samples' order, each once: (the file prefix,
