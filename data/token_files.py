@@ -651,7 +651,8 @@ class TokenCorpus:
         (s, j), = self._where(i, 1)
         source = self.sources[s]
         left_out = set(source.left_out.tolist())
-        return [(*source.document_name(d), offset, n, length, d in left_out) for d, offset, n, length in source.pieces(j)]
+        return [(*source.document_name(d), offset, n, length, d in left_out)
+                for d, offset, n, length in source.pieces(j)]
 
     def documents(self, samples: list[int]) -> list[tuple[str, int]]:
         """The documents whose tokens the global `samples` hold, in the samples' order, each once: (the file prefix,

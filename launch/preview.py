@@ -380,7 +380,8 @@ def token_file_tokenizer(stream, override: str, cfg):
     if override == "ids":
         return None, "none, --tokenizer ids"
     if override == "bytes":
-        t = ByteTokenizer(vocab_size=cfg.data.video.vocab_size, special_token_offset=cfg.data.video.special_token_offset)
+        v = cfg.data.video
+        t = ByteTokenizer(vocab_size=v.vocab_size, special_token_offset=v.special_token_offset)
         return t, repr(t)
     if override:
         try:
