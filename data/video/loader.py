@@ -684,6 +684,14 @@ def _check_backend(name: str) -> None:
 # the loader
 # ---------------------------------------------------------------------------------------------
 
+def _newest_epochs(logged: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of (source, epoch) pairs, each source's newest epoch alone."""
+    newest: dict[int, int] = {}
+    for src, e in logged:
+        newest[src] = max(e, newest.get(src, e))
+    return set(newest.items())
+
+
 def _quarantine_identity(rec: dict) -> tuple:
     """What makes a quarantine record the same sample met again: its shard, key and source, at the same stage, epoch
     and pack, for the same reason (not its time, nor its detail, which may name a process's spill file)."""
@@ -895,7 +903,9 @@ class VideoPackedLoader:
         src = self.source_names.index(pack.source) if self.mixed else 0
         tag = {"source": pack.source} if self.mixed else {}
         if (src, pack.epoch) not in self._logged_plan_epochs:
-            self._logged_plan_epochs.add((src, pack.epoch))
+            # a source's packs come epoch after epoch: its earlier epochs are not met again. Kept, they grew this set
+            # and every checkpoint's loader state by an entry per epoch, without end
+            self._logged_plan_epochs = _newest_epochs(self._logged_plan_epochs | {(src, pack.epoch)})
             if self.dp_rank == 0:
                 planner = self.planners[src]
                 for uid, (reason, detail) in sorted(planner.epoch(pack.epoch).rejects.items()):
@@ -1159,8 +1169,8 @@ class VideoPackedLoader:
         self._consecutive = int(state.get("consecutive_failures", 0))
         self._stats = Counter(state.get("stats", {}))
         self._reasons = Counter(state.get("failures_by_reason", {}))
-        self._logged_plan_epochs = {(x[0], x[1]) if isinstance(x, (list, tuple)) else (0, int(x))
-                                    for x in state.get("logged_plan_epochs", [])}
+        self._logged_plan_epochs = _newest_epochs({(x[0], x[1]) if isinstance(x, (list, tuple)) else (0, int(x))
+                                                   for x in state.get("logged_plan_epochs", [])})
         if self.mixed:
             saved = state.get("source_stats", {})
             self._by_source = {n: Counter(saved.get(n, {})) for n in self.source_names}

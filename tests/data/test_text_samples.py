@@ -266,3 +266,31 @@ def test_truncation_is_counted_and_logged(tmp_path, caplog):
     assert sum(p.text_docs for p in packs) == 2
     assert loader.stats["text_tokens_cut"] == 700 - (300 - 2)
     assert "1 text-only sample(s) longer than a sequence" in caplog.text
+
+
+def test_the_epochs_logged_stay_few_over_many_epochs(tmp_path):
+    """The loader notes the epochs whose plan it has logged (a long text's pieces counted, the plan's rejects
+    quarantined) once per epoch; it kept every one, so over a long run on small data the set and every checkpoint's
+    loader state grew by an entry per epoch. Only each source's newest is kept: after 40 epochs as after 2, and the
+    count they feed is still added once per epoch, also across a resume in the middle of an epoch."""
+    ann = tmp_path / "t.jsonl"
+    ann.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a" * 400, "b" * 100, "c" * 120)))
+    ingest(IngestOptions(videos=None, annotations=str(ann), out=str(tmp_path / "s"), progress=False))
+    cfg = small_cfg(tmp_path / "s", tmp_path, seq_len=300)
+    loader = VideoPackedLoader(cfg, seed=0)
+    per_epoch = loader.planner.num_packs(0)
+    assert loader.planner.epoch(0).pieces == {0: 2}         # the 400-character text: two pieces an epoch
+    logged = {}
+    for n in range(40 * per_epoch):
+        p = next(loader)
+        if n + 1 in (2 * per_epoch, 40 * per_epoch):
+            logged[p.epoch] = loader.state_dict()["logged_plan_epochs"]
+    assert logged == {1: [1], 39: [39]}, logged      # it was [0, 1] and [0, 1, ..., 39]
+    assert loader.stats["text_pieces"] == 2 * 40
+    # a resume one pack into epoch 40: that epoch is not counted again, the next one is
+    next(loader)
+    again = VideoPackedLoader(cfg, seed=0)
+    again.load_state_dict(loader.state_dict())
+    for _ in range(2 * per_epoch - 1):
+        next(again)
+    assert again.stats["text_pieces"] == 2 * 42 and len(again.state_dict()["logged_plan_epochs"]) == 1
