@@ -693,7 +693,7 @@ def run(dcfg: DictConfig) -> None:
 
     try:
         trainer = Trainer(cfg, layout, resolved_config_yaml=OmegaConf.to_yaml(dcfg), launched=LAUNCHED)
-        trainer.evaluate_only() if cfg.train.eval.only else trainer.train()
+        trainer.evaluate_only() if cfg.train.eval.only else trainer.train(keep_history=False)
     except SettingsError as e:   # found once the process groups exist (what init_from holds): on every rank
         logging.getLogger("train").error("config error: %s", e)
         stop(f"config error: {e}")

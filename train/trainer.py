@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1138,7 +1139,10 @@ class Trainer:
             out["val_indexer_kl"] = parts["indexer_kl"]
         return out
 
-    def train(self) -> list[StepStats]:
+    def train(self, *, keep_history: bool = True) -> list[StepStats]:
+        """Trains to train.steps (or a stop); returns every step's StepStats, or with keep_history=False (the
+        launcher's, which reads none: metrics.jsonl holds them) the last step's alone. Kept, they grew the memory of
+        every rank by about 1 kB a step (the step's metrics) for as long as the run went on."""
         t = self.cfg.train
         if self.eval_only:  # built without an optimizer; evaluate_only is its entry point
             raise RuntimeError("a trainer built with train.eval.only=true scores checkpoints (evaluate_only) and "
@@ -1146,7 +1150,7 @@ class Trainer:
         if self.rank == 0:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
-        history: list[StepStats] = []
+        history: list[StepStats] | deque[StepStats] = [] if keep_history else deque(maxlen=1)
         start = self.step
         if start >= t.steps:   # a finished run launched again, or one whose train.steps was lowered below its step
             log.info("nothing to train: the checkpoint resumed is at step %d, and train.steps is %d (raise "
@@ -1175,7 +1179,7 @@ class Trainer:
             ckpt.CHECKSUMS.wait()
         if self.rank == 0:
             self.meter.finish()
-        return history
+        return list(history)
 
     def evaluate_only(self) -> list[dict]:
         """train.eval.only: each checkpoint train.eval.checkpoints picks (train/checkpoint.py eval_checkpoints),
@@ -1335,7 +1339,7 @@ class Trainer:
                             f"data.video.num_epochs unset (epochs without end)"
                             + (f", or train at most train.steps={self.step}" if self.step else "")) from None
 
-    def _loop(self, history: list[StepStats], start: int, stops: StopRequests) -> None:
+    def _loop(self, history: list[StepStats] | deque[StepStats], start: int, stops: StopRequests) -> None:
         t = self.cfg.train
         if t.eval.interval and self.step == 0:  # a fresh run: the held-out loss of the weights it starts from
             self._eval_and_log()
