@@ -18,6 +18,14 @@ by a parity test in tests/dist. Applied once by `parallel.groups.init_distribute
    gradient. Without a count set (a model run outside the trainer's step) the multiplier is the full sequence's
    routed tokens: local tokens x TP (when sequence parallel) x CP. The logged balancing loss is the unweighted
    switch loss either way.
+3. The MoE token dispatchers keep the routing probabilities of their layer's last forward as an attribute (alltoall:
+   `probs`, allgather: `local_probs`), read only for their dtype before the combine, until the layer's next forward
+   replaces them. Under full recompute the last forward is the one run again in backward, whose probabilities hang on
+   a graph that reaches the recomputed layer's detached input: its AccumulateGrad node keeps that input (the saved
+   [s, b, h] checkpoint input, which would be freed once the layer's backward ends) and its [s, b, h] gradient
+   alive, two [s, b, h] tensors per MoE layer from its backward until its forward in the next step (at 64K tokens,
+   hidden 2048, bf16: 0.5 GiB per layer, growing through the backward). Each dispatcher now drops them when its
+   combine ends; the values computed are unchanged (tests/unit/test_recompute_memory.py).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ def apply_megatron_fixes() -> None:
         return
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -75,4 +84,18 @@ def apply_megatron_fixes() -> None:
                         reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
     TopKRouter.attach_and_log_load_balancing_loss = attach
+
+    for dispatcher, held in ((MoEAlltoAllTokenDispatcher, "probs"), (MoEAllGatherTokenDispatcher, "local_probs")):
+        dispatcher.combine_postprocess = _dropping(dispatcher.combine_postprocess, held)
     _APPLIED = True
+
+
+def _dropping(combine_postprocess, held: str):
+    """`combine_postprocess` (a dispatcher's last step of a forward) that then drops the dispatcher's attribute
+    `held`, the routing probabilities with their graph (fix 3)."""
+    @functools.wraps(combine_postprocess)
+    def wrapped(self, *args, **kwargs):
+        out = combine_postprocess(self, *args, **kwargs)
+        setattr(self, held, None)
+        return out
+    return wrapped

@@ -23,9 +23,10 @@ layer receives besides its hidden state (the rotary table, masks, packed-sequenc
 all layers), broadcast views, whatever is saved outside the layers (embedding, final norm, loss), and the
 layers past `num_layers` (default: each chunk's last layer, whose tensors backward needs first). Nor does
 offload reach what modules hold as attributes rather than save: megatron's MoE token dispatcher keeps, in
-every layer, the last micro-batch's routing probabilities (fp32), routing map (bool) and permutation indices
-(int64), t x (5 E + 8 k) bytes for t tokens (704 bytes a token at 30B-A3B sizes, against 4096 for a bf16
-layer input), with any recompute; so with full recompute device memory still grows by that much per layer.
+every layer, the last micro-batch's routing map (bool) and permutation indices (int64; its routing probabilities
+it drops when its combine ends, parallel/megatron_compat.py fix 3), t x (E + 8 k) bytes for t tokens (192 bytes a
+token at 30B-A3B sizes, against 4096 for a bf16 layer input), with any recompute; so with full recompute device
+memory still grows by that much per layer.
 A saved tensor changed in place after it was saved is an error, as without offload: autograd skips its own
 version check for tensors that went through saved-tensor hooks, so `unpack` makes it while the offloaded device
 tensor still exists (a change through a `.detach()` alias that outlives it goes unseen).

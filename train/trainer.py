@@ -208,7 +208,8 @@ def code_version() -> str:
 
 def _drop_stale_graphs(chunks) -> None:
     """Detaches what modules keep of their last forward with its autograd graph attached: megatron-core's MoE
-    token dispatcher keeps the last micro-batch's routing probabilities. After a schedule's backwards that graph
+    token dispatcher keeps the last micro-batch's routing probabilities (with parallel/megatron_compat.py fix 3
+    only when that forward stopped between its dispatch and its combine). After a schedule's backwards that graph
     only holds on to what its AccumulateGrad nodes own: every parameter's node (with DDP's hooks, which close over
     the DDP module: a cycle through C++ that keeps a dropped trainer alive) and the leaves the micro-batch read,
     such as its visual embeddings and their gradients."""

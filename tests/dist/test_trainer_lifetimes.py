@@ -1,10 +1,12 @@
 """How long a trainer keeps what it allocates.
 
 megatron-core's MoE token dispatcher keeps the last micro-batch's routing probabilities with their autograd
-graph. After the backward that graph still holds each AccumulateGrad node it reaches: every parameter's (DDP's
-gradient hooks on them close over the DDP module, a cycle through C++ that the garbage collector cannot see) and
-the leaves the micro-batch read, such as its visual embeddings and their gradients. The trainer detaches such
-graphs after each round's schedule and in `Trainer.close()` (train/trainer.py `_drop_stale_graphs`).
+graph: megatron's own until the layer's next forward, with parallel/megatron_compat.py fix 3 until its combine ends
+(so still after a step that raised between the two). After the backward that graph still holds each AccumulateGrad
+node it reaches: every parameter's (DDP's gradient hooks on them close over the DDP module, a cycle through C++ that
+the garbage collector cannot see) and the leaves the micro-batch read, such as its visual embeddings and their
+gradients. The trainer detaches such graphs after each round's schedule and in `Trainer.close()` (train/trainer.py
+`_drop_stale_graphs`); the control runs megatron's own dispatchers without it.
 
 - A dropped trainer frees its model. Several trainings in one process (the parity tests' layouts driver, the
   benchmarks' cases) otherwise kept every earlier trainer's parameters, gradients and optimizer state: about
@@ -26,7 +28,11 @@ from tests.launch_util import QUIET, run_ranks
 def _lifetimes(overrides: list[str], *, drop_graphs: bool, close: bool) -> dict:
     """Trains two steps and reports how many of each step's visual embedding tensors were alive when the LM's
     optimizer stepped, then drops the trainer (closing it first or not) and reports what is still alive.
-    drop_graphs=False: the steps leave their stale graphs in place (as a step that raised would)."""
+    drop_graphs=False: the steps leave their stale graphs in place (as a step that raised would: its dispatchers
+    keep their probabilities when the forward stops between dispatch and combine; here megatron's own dispatchers,
+    which keep them after every forward, without parallel/megatron_compat.py fix 3)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
     import train.trainer as trainer_module
     from train.launch import compose_config, validate
 
@@ -50,13 +56,19 @@ def _lifetimes(overrides: list[str], *, drop_graphs: bool, close: bool) -> dict:
         chunk.train()
     del chunk  # the loop variable would keep the last DDP module alive
     drop = trainer_module._drop_stale_graphs
-    if not drop_graphs:
+    dispatchers = [token_dispatcher.MoEAlltoAllTokenDispatcher, token_dispatcher.MoEAllGatherTokenDispatcher]
+    combine = [d.combine_postprocess for d in dispatchers]
+    if not drop_graphs:  # and megatron's own dispatchers (fix 3 undone), which keep their graphs too
         trainer_module._drop_stale_graphs = lambda chunks: None
+        for d, c in zip(dispatchers, combine):
+            d.combine_postprocess = c.__wrapped__
     try:
         for _ in range(2):
             tr.train_step()
     finally:
         trainer_module._drop_stale_graphs = drop
+        for d, c in zip(dispatchers, combine):
+            d.combine_postprocess = c
     alive = {"lm_param": weakref.ref(next(tr.model[0].module.parameters())), "ddp": weakref.ref(tr.model[0]),
              "vision_param": weakref.ref(next(tr.vision.model.parameters()))}
     if close:
