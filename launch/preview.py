@@ -59,11 +59,11 @@ def preview_config(overrides: list[str], dp_size: int | None):
     from launch.memory import fewest_ranks
     from parallel.layout import ParallelLayout
     from train.config import to_config
-    from train.launch import (check_paths, check_resume, check_run_dir, check_settings, check_tokenizer,
-                              compose_config)
+    from train.launch import check_paths, check_run_dir, compose_config, validate
 
     try:
-        cfg = to_config(compose_config(overrides))
+        dcfg = compose_config(overrides)
+        cfg = to_config(dcfg)
     except (HydraException, OmegaConfBaseException) as e:
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
         raise ValueError(f"{e}{cause}") from None
@@ -71,15 +71,13 @@ def preview_config(overrides: list[str], dp_size: int | None):
     model = p.tp * p.cp * p.pp
     dp = dp_size if dp_size is not None else fewest_ranks(p) // model
     try:
-        layout = ParallelLayout.build(p, world_size=dp * model, lm=cfg.model.lm)
+        ParallelLayout.build(p, world_size=dp * model, lm=cfg.model.lm)
     except ValueError as e:
         if dp_size is None:
             raise
         raise ValueError(f"--dp-size {dp_size} (world {dp * model} = dp {dp} x tp {p.tp} x cp {p.cp} x pp "
                          f"{p.pp}): {e}") from None
-    check_settings(cfg, layout)
-    check_tokenizer(cfg)
-    check_resume(cfg, layout)
+    cfg, layout = validate(dcfg, world_size=dp * model)   # the launcher's checks, on this many ranks
     check_paths(cfg)
     if makes_synthetic_data(cfg):
         check_run_dir(cfg)

@@ -478,10 +478,12 @@ def compose_config(overrides) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def validate(dcfg: DictConfig) -> tuple[Config, ParallelLayout]:
-    """Typed config and layout, or ValueError naming the bad setting. Builds no process group."""
+def validate(dcfg: DictConfig, world_size: int | None = None) -> tuple[Config, ParallelLayout]:
+    """Typed config and layout on `world_size` ranks (None: torchrun's WORLD_SIZE), or ValueError naming the bad
+    setting. Builds no process group."""
     cfg = to_config(dcfg)
-    layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env(), lm=cfg.model.lm)
+    layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env() if world_size is None else world_size,
+                                  lm=cfg.model.lm)
     check_settings(cfg, layout)
     check_tokenizer(cfg)
     check_resume(cfg, layout)
