@@ -54,14 +54,19 @@ def models():
 def _live_bytes(skip: set) -> int:
     """Bytes of the distinct storages of the live tensors Python holds objects of (what only autograd's C++ side
     keeps is not counted; the detached inputs and their gradients are Python objects), less those in `skip`
-    (parameters and their gradients). Tensors of earlier tests are counted alike at every layer."""
+    (parameters and their gradients). Tensors of earlier tests are counted alike at every layer; those without data
+    (a fake or meta tensor an earlier compiled test left in the same process) are not counted."""
     gc.collect()
     seen, total = set(), 0
     for o in gc.get_objects():
         if isinstance(o, torch.Tensor):
-            st = o.untyped_storage()
-            if st.data_ptr() not in seen and st.data_ptr() not in skip:
-                seen.add(st.data_ptr())
+            try:
+                st = o.untyped_storage()
+                ptr = st.data_ptr()
+            except (RuntimeError, NotImplementedError):   # no data to hold: "Cannot access data pointer of Tensor"
+                continue
+            if ptr not in seen and ptr not in skip:
+                seen.add(ptr)
                 total += st.nbytes()
     return total
 
