@@ -456,6 +456,28 @@ def scored_while_pruned(out: str, overrides: str, which: str = "oldest") -> None
     teardown()
 
 
+def _scored_while_pruned(three_checkpoints, tmp_path, checkpoints: str, which: str):
+    """scored_while_pruned on one forked rank over a copy of `three_checkpoints`' run, train.eval.checkpoints=
+    `checkpoints`: (the evaluations, the run's logged ones by step, rank 0's log, the copy's run directory)."""
+    import shutil
+
+    from tests.launch_util import QUIET, run_ranks
+
+    trained, source = three_checkpoints
+    run_dir = tmp_path / "ck"
+    shutil.copytree(source, run_dir)
+    out = tmp_path / "evals.json"
+    overrides = QUIET + LM + ["train.eval.only=true", "train.eval.batches=2", f"train.eval.checkpoints={checkpoints}",
+                              f"run_dir={run_dir}"]
+    run_ranks(1, "tests.dist.test_eval:scored_while_pruned", (str(out), " ".join(overrides), which), tmp_path / "logs")
+    logged = {e["step"]: e for e in trained["evals"]["train"]}
+    return json.loads(out.read_text()), logged, (tmp_path / "logs" / "rank0.log").read_text(), run_dir
+
+
+def _without_time(e: dict) -> dict:
+    return {k: v for k, v in e.items() if k != "val_seconds"}
+
+
 def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed(three_checkpoints, tmp_path):
     """train.eval.only may score a run directory while that run trains there, and that run's keep_last removes its
     older checkpoints meanwhile. A checkpoint listed for train.eval.checkpoints=all and removed before it was read
@@ -463,24 +485,10 @@ def test_eval_only_of_a_run_that_trains_skips_a_checkpoint_its_retention_removed
     CheckpointingException that its directory does not exist, by when it went), nothing after it scored; it is
     named in a warning and the others are scored, each with the values the run logged at its step (the same
     weights and data: equal)."""
-    import shutil
-
-    from tests.launch_util import QUIET, run_ranks
-
-    trained, source = three_checkpoints
-    run_dir = tmp_path / "ck"
-    shutil.copytree(source, run_dir)
-    out = tmp_path / "evals.json"
-    overrides = QUIET + LM + ["train.eval.only=true", "train.eval.batches=2", "train.eval.checkpoints=all",
-                              f"run_dir={run_dir}"]
-    run_ranks(1, "tests.dist.test_eval:scored_while_pruned", (str(out), " ".join(overrides)), tmp_path / "logs")
-    got = json.loads(out.read_text())
-    logged = {e["step"]: e for e in trained["evals"]["train"]}
+    got, logged, log, run_dir = _scored_while_pruned(three_checkpoints, tmp_path, "all", "oldest")
     assert [e["step"] for e in got] == [2, 3]
     for e in got:
-        assert {k: v for k, v in e.items() if k != "val_seconds"} == \
-            {k: v for k, v in logged[e["step"]].items() if k != "val_seconds"}
-    log = (tmp_path / "logs" / "rank0.log").read_text()
+        assert _without_time(e) == _without_time(logged[e["step"]])
     assert f"checkpoint {run_dir / 'checkpoints' / 'step_000001'} was removed before it could be scored" in log, log
 
 
@@ -488,24 +496,9 @@ def test_eval_only_that_gives_way_to_a_newer_checkpoint_logs_its_step_of_the_new
     """train.eval.only of the newest checkpoint (train.eval.checkpoints="") whose listed newest (step 2) the training
     run's keep_last removes once it saves a newer one (step 3): step 3 is scored, with the values the run logged
     there, and its eval line reads 3/3, where it read 3/2 (the newest listed at the start stood for the total)."""
-    import shutil
-
-    from tests.launch_util import QUIET, run_ranks
-
-    trained, source = three_checkpoints
-    run_dir = tmp_path / "ck"
-    shutil.copytree(source, run_dir)
-    out = tmp_path / "evals.json"
-    overrides = QUIET + LM + ["train.eval.only=true", "train.eval.batches=2", "train.eval.checkpoints=",
-                              f"run_dir={run_dir}"]
-    run_ranks(1, "tests.dist.test_eval:scored_while_pruned", (str(out), " ".join(overrides), "newest"),
-              tmp_path / "logs")
-    got = json.loads(out.read_text())
-    logged = {e["step"]: e for e in trained["evals"]["train"]}
+    got, logged, log, _ = _scored_while_pruned(three_checkpoints, tmp_path, "", "newest")
     assert [e["step"] for e in got] == [3]
-    assert {k: v for k, v in got[0].items() if k != "val_seconds"} == \
-        {k: v for k, v in logged[3].items() if k != "val_seconds"}
-    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert _without_time(got[0]) == _without_time(logged[3])
     assert re.search(r"eval +3/3 \|", log), log
 
 
