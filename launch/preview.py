@@ -126,16 +126,14 @@ def held_out_set(cfg, split: str) -> tuple[str, str, int] | None:
 def make_stream(cfg, layout, *, dp_rank: int, split: tuple[str, str, int] | None):
     """Data-parallel rank dp_rank's stream (train/data_streams.py, as the trainer builds it), of the training data
     or of the held-out set `split`; for a language model's rows, the first model chunk's."""
-    from data.exclude import read_exclude
     from data.held_out import WHOLE
-    from train.data_streams import eval_streams, text_streams, video_stream
+    from train.data_streams import eval_streams, text_streams, training_exclude, video_stream
 
     common = dict(run_dir=cfg.resolved_run_dir(), rank=0, dp_rank=dp_rank, dp_size=layout.dp)
     if split is not None:
         name, paths, batches = split
         return eval_streams(cfg, name, paths, batches == WHOLE, records_bad_samples=False, **common)[0]
-    t = cfg.train
-    exclude = read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not t.eval.only else None
+    exclude = training_exclude(cfg)
     if cfg.data.kind == "video":
         return video_stream(cfg, records_bad_samples=False, exclude=exclude, **common)
     return text_streams(cfg, cfg.data, exclude=exclude, **common)[0]

@@ -13,6 +13,14 @@ from pathlib import Path
 from data.synthetic_tokens import SyntheticTokenStream, samples_seed
 
 
+def training_exclude(cfg):
+    """data.exclude's samples (data/exclude.read_exclude), left out of the training data, not of held-out sets;
+    None without the setting, and for train.eval.only, which trains none."""
+    from data.exclude import read_exclude
+
+    return read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not cfg.train.eval.only else None
+
+
 def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int,
                  records_bad_samples: bool = True, exclude=None, held_out: bool = False, shards: str = "",
                  set_name: str = "", one_epoch: bool = False):

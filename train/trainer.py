@@ -30,7 +30,6 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data.held_out import WHOLE, eval_plan, parse_set_batches
-from data.exclude import read_exclude
 from data.sample_position import counters_of_rank, format_runs
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
@@ -43,7 +42,7 @@ from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
-from train.data_streams import eval_streams, text_streams, video_stream
+from train.data_streams import eval_streams, text_streams, training_exclude, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested)
@@ -362,8 +361,7 @@ class Trainer:
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
-        # the samples data.exclude names, left out of the training data (not of held-out sets); eval-only trains none
-        self.exclude = read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not self.eval_only else None
+        self.exclude = training_exclude(cfg)   # data.exclude's samples; none for held-out sets or eval-only
         if cfg.data.kind == "video":
             # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
             # every model chunk iterates the same list.
@@ -457,9 +455,8 @@ class Trainer:
         """This rank's packed video micro-batches: the training data, or (held_out) train.eval's data from its
         start (train/data_streams.video_stream). The first rank of each data-parallel replica records its bad
         samples."""
-        replica_first = all(g.rank() == 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp))
         return video_stream(cfg, run_dir=self.run_dir, rank=self.rank, dp_rank=dp_rank, dp_size=dp_size,
-                            records_bad_samples=replica_first, exclude=self.exclude, held_out=held_out, shards=shards,
+                            records_bad_samples=self._replica_first(), exclude=self.exclude, held_out=held_out, shards=shards,
                             set_name=set_name, one_epoch=one_epoch)
 
     def _check_held_out_videos(self) -> None:
@@ -496,10 +493,14 @@ class Trainer:
 
     def _eval_streams(self, name: str, paths: str, whole: bool) -> list:
         """One held-out set's data from its start, fresh streams per evaluation (train/data_streams.eval_streams)."""
-        replica_first = all(g.rank() == 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp))
         return eval_streams(self.cfg, name, paths, whole, run_dir=self.run_dir, rank=self.rank,
                             dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size(), chunks=len(self.model),
-                            records_bad_samples=replica_first)
+                            records_bad_samples=self._replica_first())
+
+    def _replica_first(self) -> bool:
+        """Whether this rank is its data-parallel replica's first: its tensor, context and pipeline ranks read the
+        same packs and meet the same bad samples, which the first records, once."""
+        return all(g.rank() == 0 for g in (self.pgs.tp, self.pgs.cp, self.pgs.pp))
 
     def _claim_run_dir(self) -> ckpt.CheckpointRef | None:
         """Collective, before the model is built, for a training launch: rank 0 takes the run directory's lock (every
