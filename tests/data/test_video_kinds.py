@@ -181,6 +181,8 @@ def test_rgb_follows_the_matrix_and_range_the_stream_declares(tmp_path, colorspa
             got = decode_frames(backend, DecodeRequest(path=path, indices=[0, 2], height=16, width=64, meta=m,
                                                        layout=layout))
             got = got.transpose(0, 2, 3, 1) if layout == "chw" else got
+            # 2 levels: YUV -> RGB rounds twice (encode, decode) on flat bars (1 seen); the wrong matrix moves 22-39,
+            # the wrong range up to 20
             assert np.abs(got.astype(int) - img).max() <= 2, (backend, layout)
 
 
