@@ -299,12 +299,14 @@ def conversation_segments(turns: list[Turn], template: str, tools: list | None =
     return segs
 
 
-def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple[str, bool]]:
+def annotation_segments(annotation: dict, template: str = "plain", *, lead_marker: bool = False
+                        ) -> list[tuple[str, bool]]:
     """(text, supervised) segments of an annotation record, in a fixed order: prompt, caption, events, QA pairs,
     the conversation, then free text. A conversation's turns are written by `template`: "plain" = "User: ...",
     then "Assistant: " and the answer (a system turn as it is); "qwen" = Qwen's chat template, each turn
     "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised); "qwen3" = that, with
-    Qwen3's thinking blocks (`conversation_segments`)."""
+    Qwen3's thinking blocks (`conversation_segments`). `lead_marker`: the first user turn's text opens with
+    VIDEO_MARKER (`video_segments`)."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -331,6 +333,10 @@ def annotation_segments(annotation: dict, template: str = "plain") -> list[tuple
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
     turns = conversation_turns(annotation)
     if isinstance(turns, list):
+        if lead_marker:
+            first = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+            if first is not None:
+                turns[first] = turns[first]._replace(text=VIDEO_MARKER + turns[first].text)
         segs += conversation_segments(turns, template, tool_signatures(annotation))
     text = annotation.get("text")
     if isinstance(text, str) and text:
@@ -352,8 +358,8 @@ def split_at_image_markers(segs: list[tuple[str, bool]]) -> list[list[tuple[str,
 
 def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The segments of a video's record without its visual placeholders ("<video>", and "<image>", which
-    LLaVA-Video's conversations use for the video): a video's frames precede its text. A marker's own line goes
-    with it."""
+    LLaVA-Video's conversations use for the video): where the frames precede the text ("plain", `video_segments`).
+    A marker's own line goes with it."""
     out = []
     for text, sup in segs:
         for m in (VIDEO_MARKER, IMAGE_MARKER):
@@ -361,6 +367,32 @@ def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
         if text:
             out.append((text, sup))
     return out
+
+
+def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """A video record's (text, supervised) segments before its frames and after them.
+
+    Under Qwen's templates ("qwen", "qwen3") the frames stand where the text's first "<video>" or "<image>" marker
+    does (LLaVA-Video marks the video with "<image>"), as Qwen2-VL's, Qwen2.5-VL's and Keye-VL's chat templates and
+    processors put a video's `<|vision_start|>...<|vision_end|>` inside the user turn at its marker or content part;
+    the marker's line break stays, as those tools replace the marker alone (the image path does so too). Without a
+    marker they stand at the start of the first user turn's text (where those templates write a video part that
+    opens the content); with no user turn either, before all text. A later marker is dropped with its line (one
+    video: one place). "plain" keeps the frames before all text and drops every marker with its line
+    (`without_markers`): no model's chat template, and the layout of every run made before."""
+    segs = annotation_segments(annotation, template)
+    if template not in ("qwen", "qwen3"):
+        return [], without_markers(segs)
+    if not any(m in t for t, _ in segs for m in (VIDEO_MARKER, IMAGE_MARKER)):
+        segs = annotation_segments(annotation, template, lead_marker=True)
+    for i, (text, sup) in enumerate(segs):
+        found = [(text.find(m), m) for m in (VIDEO_MARKER, IMAGE_MARKER) if m in text]
+        if found:
+            at, marker = min(found)
+            rest = text[at + len(marker):]
+            return (segs[:i] + ([(text[:at], sup)] if at else []),
+                    without_markers(([(rest, sup)] if rest else []) + segs[i + 1:]))
+    return [], segs
 
 
 def image_marker_count(annotation: dict) -> int:

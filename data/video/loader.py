@@ -91,6 +91,9 @@ _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "m
                 "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
                 "shuffle", "shuffle_buffer", "tokenizer", "vocab_size", "special_token_offset")
 _IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
+# under a Qwen chat template a video's frames stand at its marker in the conversation (annotations.video_segments);
+# a state or plan from before, whose frames came before all text, has no "video_frames" field and is not taken
+VIDEO_FRAMES = "at_marker"
 
 
 class NothingPlanned(RuntimeError):
@@ -736,6 +739,7 @@ class VideoPackedLoader:
         self.catalogs = [c if c is not None else Catalog.from_records([]) for c in cats]
         self.has_images = any(c.count("image") for c in self.catalogs)
         self.has_text = any(c.count("text") for c in self.catalogs)
+        self.has_videos = any(c.count("video") for c in self.catalogs)
         if cfg.fast_frame_ratio > 0 and dp_rank == 0:
             videos = [cat[u] for cat in self.catalogs for u in cat.uids("video")]
             blind = [r for r in videos if "scene_changes" not in r.video]
@@ -1016,6 +1020,8 @@ class VideoPackedLoader:
             out["fast_frame_ratio"] = self.cfg.fast_frame_ratio
         if self.cfg.chat_template != "plain":
             out["chat_template"] = self.cfg.chat_template
+            if self.has_videos:    # where a video's frames stand: at its marker in the text (before: before the text)
+                out["video_frames"] = VIDEO_FRAMES
         return out
 
     def _plan_dir(self, catalog: Catalog) -> Path | None:
@@ -1135,6 +1141,12 @@ class VideoPackedLoader:
             msg = (f"loader state does not match this data/config: catalog "
                    f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}"
                    f"{self._describe_sources(state)}")
+            if changed.get("video_frames") == (None, VIDEO_FRAMES) and "chat_template" not in changed:
+                msg += (f" (under chat_template={self.cfg.chat_template!r} a video's frames now stand where its marker "
+                        f"is in the conversation, inside the user turn, where they stood before all of its text when "
+                        f"this state was saved: its packs hold other lengths and cannot be continued exactly; to go "
+                        f"on, start another run directory from this run's weights with "
+                        f"train.checkpoint.init_from=<this run's directory>)")
             if strict:
                 raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")

@@ -11,6 +11,8 @@ One sample (a video + its annotation) becomes one *document*:
     annotation text: prompt / "Caption: ..." / "Events:" lines / "Q: ... A: ..." / "User: ... Assistant: ..." /
                      text (docs/data.md), without "<video>" / "<image>" placeholders
     <eos>
+(under chat_template "qwen" / "qwen3" the frames stand inside the text: at the conversation's marker, or at the
+start of its first user turn, as Keye-VL's and Qwen2.5-VL's templates write a video; `annotations.video_segments`)
 
 A text-only sample (an annotation record with no video) is the same without frames: <bos>? text <eos>,
 cut to one sequence (`plan_text_document`). An image sample holds one image or several, each one frame
@@ -44,7 +46,7 @@ import torch
 
 from .backends import shrink_planar
 from .config import VideoDataConfig
-from .annotations import annotation_segments, split_at_image_markers, without_markers  # noqa: F401 (annotation_segments re-exported)
+from .annotations import annotation_segments, split_at_image_markers, video_segments  # noqa: F401 (re-exported)
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -204,7 +206,8 @@ class DocPlan:
     piece: int = 0                 # a text-only document longer than a sequence ("continue"): this piece's index
     pieces: int = 1                # ... of this many, each planned, packed and trained as a document of its own
     images: tuple[FramePlan, ...] = ()   # an image sample's images (one frame each), in document order
-    chunks: tuple = ()             # an image sample's text: (ids, loss) before image 0, between, after the last
+    chunks: tuple = ()             # an image sample's text: (ids, loss) before image 0, between, after the last; a
+                                   # video's whose frames stand inside its text: before them, after them
 
     @property
     def is_image(self) -> bool:
@@ -361,8 +364,13 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
-    text_ids, text_loss, cut = _encode_text(without_markers(annotation_segments(annotation, cfg.chat_template)),
-                                            tokenizer, max(0, text_cap), joined(cfg.chat_template))
+    before, after = video_segments(annotation, cfg.chat_template)   # the text before the frames, and after them
+    text_ids, text_loss, cut, chunks = [], [], 0, []
+    for segs in ([before] if before else []) + [after]:
+        ids, loss, c = _encode_text(segs, tokenizer, max(0, text_cap) - len(text_ids), joined(cfg.chat_template))
+        text_ids, text_loss, cut = text_ids + ids, text_loss + loss, cut + c
+        chunks.append((ids, loss))
+    chunks = tuple(chunks) if before else ()
     check_no_placeholder(text_ids, tokenizer)
     fixed = ends + len(text_ids)
     cap = cfg.seq_len - fixed
@@ -374,7 +382,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
         length = fixed + fp.visual_tokens + sum(len(t) + 2 for t in ts_ids)
         if length <= cfg.seq_len:
             return DocPlan(uid=uid, key=key, frames=fp, ts_ids=ts_ids, text_ids=text_ids,
-                           text_loss=text_loss, length=length, truncated=cut)
+                           text_loss=text_loss, length=length, truncated=cut, chunks=chunks)
         cap -= max(1, length - cfg.seq_len)
     raise PlanError("does_not_fit", f"cannot fit seq_len {cfg.seq_len}")
 
@@ -485,6 +493,8 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
     w = _DocWriter(doc.length)
     if tokenizer.bos_id is not None and doc.piece == 0:
         w.text([tokenizer.bos_id])
+    if doc.chunks:                           # a video's text before its frames (`annotations.video_segments`)
+        w.text(*doc.chunks[0])
     anchor = None
     for k in range(n):
         w.text(doc.ts_ids[k])
@@ -493,7 +503,7 @@ def build_document(doc: DocPlan, frames: np.ndarray | list[np.ndarray] | None, c
             anchor = w.p - int(round(fp.timestamps[0] * rate))
         w.visual(tokenizer.video_pad_id, max(w.p, anchor + int(round(fp.timestamps[k] * rate))), *grids[k])
         w.text([tokenizer.vision_end_id])
-    w.text(doc.text_ids, doc.text_loss)
+    w.text(*(doc.chunks[-1] if doc.chunks else (doc.text_ids, doc.text_loss)))
     if doc.piece == doc.pieces - 1:          # a text's last piece (every other document is its own last)
         w.text([tokenizer.eos_id], loss=any(doc.text_loss) or doc.pieces > 1)
     tok, labels, loss_mask, pos = w.finish(cfg)

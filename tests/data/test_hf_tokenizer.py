@@ -385,3 +385,133 @@ def test_a_visual_placeholder_in_the_text_is_a_plan_reject(tok_dir, kind, token)
                       pixel_values=torch.zeros(int(a.grid.prod(-1).sum()), 3 * 14 * 14, dtype=torch.uint8))
     merged = int(a.grid.prod(-1).sum()) // cfg.merge_size ** 2
     assert p.visual_pos.numel() == merged and (merged > 0) == (kind != "text")
+
+
+# Keye-VL's and Qwen2.5-VL's chat templates write a video content part as "<|vision_start|><|video_pad|><|vision_end|>"
+# where it stands in the user turn (their processors then widen <|video_pad|> to the video's tokens); written out here
+# with Qwen3's rules above as the reference for where a video's frames go under chat_template=qwen / qwen3
+VIDEO_PART = "<|vision_start|><|video_pad|><|vision_end|>"
+QWEN3_VL_RULES_MARKED = QWEN3_RULES_MARKED.replace(
+    "'\\n' + message.content + '<|im_end|>\\n' }}",
+    "'\\n' }}{%- if message.content is string %}{{- message.content }}{%- else %}{%- for part in message.content %}"
+    "{%- if part.type == 'video' %}{{- '" + VIDEO_PART + "' }}{%- elif part.type == 'text' %}{{- part.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}", 1)
+
+
+def _naive_video_positions(n_before: int, ts_lens: list[int], grids: list[tuple[int, int]], times: list[float],
+                           interval_s: float, n_after: int) -> list[tuple[int, int, int]]:
+    """3D positions as packing.py's docstring states them, written out: text (p, p, p); frame k's merged tokens at
+    t = max(p, A + round(ts_k * R)), (t, t + row, t + col), then p = t + max(rows, cols)."""
+    out, p = [], 0
+    R = max(n + 2 + max(g) for n, g in zip(ts_lens, grids)) / interval_s
+    anchor = None
+    for k, (n, (rows, cols)) in enumerate(zip(ts_lens, grids)):
+        if k == 0:
+            out += [(i, i, i) for i in range(n_before)]
+            p = n_before
+        out += [(p + i,) * 3 for i in range(n + 1)]          # the timestamp and <|vision_start|>
+        p += n + 1
+        if anchor is None:
+            anchor = p - round(times[0] * R)
+        t = max(p, anchor + round(times[k] * R))
+        out += [(t, t + r, t + c) for r in range(rows) for c in range(cols)]
+        p = t + max(rows, cols)
+        out.append((p, p, p))                                  # <|vision_end|>
+        p += 1
+    return out + [(p + i,) * 3 for i in range(n_after)]
+
+
+@pytest.mark.parametrize("form", ["part", "llava", "no_marker"])
+@pytest.mark.parametrize("template", ["qwen", "qwen3"])
+def test_a_videos_frames_stand_in_the_user_turn_as_keye_and_qwen_vl_write_them(tok_dir, template, form):
+    """Under chat_template qwen / qwen3 a video's frames stand where Keye-VL's and Qwen2.5-VL's chat templates put the
+    video: at its content part ("part"), at the "<image>" marker LLaVA-Video's conversations hold ("llava": the
+    marker replaced, its line break kept, as ms-swift and LLaMA-Factory replace it), or without a marker at the start
+    of the first user turn, as those templates write a video part that opens the content. They stood before the whole
+    conversation ("<0.0s><|vision_start|>...<|im_start|>system"), a layout the model never sees at inference. The
+    reference is transformers rendering the conversation with the video part, its 3 placeholder ids replaced by the
+    frames' span (each frame's timestamp, <|vision_start|>, its merged tokens, <|vision_end|>; slow and fast frames);
+    the supervised tokens are its assistant mask and <eos>, the 3D positions those the packing rules give."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data.video.sampling import timestamp_text
+    from data.video.timeline import encode_runs
+
+    from .test_sampling import meta
+
+    question = "What does the square do?"
+    video_first = [{"type": "video"}, {"type": "text", "text": ("\n" if form == "llava" else "") + question}]
+    parts = {"part": [{"type": "text", "text": "Watch: "}, {"type": "video"}, {"type": "text", "text": " " + question}],
+             "llava": video_first, "no_marker": video_first}[form]
+    ref_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts},
+                {"role": "assistant", "content": "It moves right."}, {"role": "user", "content": "And the disc?"},
+                {"role": "assistant", "content": "<think>\nIt waves.\n</think>\n\nIt follows a wave."}]
+    if form == "part":
+        annotation = {"messages": ref_msgs}
+    else:
+        first = ("<image>\n" if form == "llava" else "") + question
+        annotation = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": first},
+                                        {"from": "gpt", "value": "It moves right."},
+                                        {"from": "human", "value": "And the disc?"},
+                                        {"from": "gpt", "value": ref_msgs[-1]["content"]}]}
+    rules = QWEN3_VL_RULES_MARKED if template == "qwen3" else QWEN3_VL_RULES_MARKED.replace("loop.index0 > ns",
+                                                                                            "false and ns")
+    if template == "qwen":        # Qwen2.5's layout writes the answer as it is, its <think> text included
+        rules = rules.replace("{%- if '</think>' in content %}", "{%- if false %}")
+    assert QWEN3_VL_RULES_MARKED != QWEN3_RULES_MARKED and "if false %}" in rules or template == "qwen3"
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    want = ref.apply_chat_template(ref_msgs, chat_template=rules, tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    ids, mask = list(want["input_ids"]), [bool(m) for m in want["assistant_masks"]]
+    tok = HFTokenizer(tok_dir)
+    part = [tok.vision_start_id, tok.video_pad_id, tok.vision_end_id]
+    j = next(i for i in range(len(ids)) if ids[i:i + 3] == part)
+    assert ref.decode(ids[:j]).endswith("<|im_start|>user\n" + ("Watch: " if form == "part" else ""))
+
+    video = meta(2.0, fps=12.0, width=96, height=64, tb=12288)
+    video["scene_changes"] = {"runs": encode_runs([0, 12])}      # frames after a scene change are slow, others fast
+    cfg = VideoDataConfig(seq_len=2048, tokenizer=str(tok_dir), chat_template=template, min_frames=2, max_frames=8,
+                          min_frame_tokens=4, max_frame_tokens=16, min_video_tokens=16, video_tokens_per_second=24.0,
+                          max_text_tokens=300, fast_frame_ratio=0.3)
+    plan = plan_document(uid=0, key="s/0", video=video, annotation=annotation, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
+    fp = plan.frames
+    assert fp.num_fast and fp.num_fast < fp.num_frames           # both kinds of frames in the span
+    grids = [fp.grid(cfg.patch_size, cfg.merge_size, k) for k in range(fp.num_frames)]
+    ts = [tok.encode(timestamp_text(t, fp.is_fast(k))) for k, t in enumerate(fp.timestamps)]
+    span = [i for k, (r, c) in enumerate(grids) for i in ts[k] + [tok.vision_start_id] + [tok.video_pad_id] * (r * c)
+            + [tok.vision_end_id]]
+    want_tokens = ids[:j] + span + ids[j + 3:] + [tok.eos_id]
+    want_sup = mask[:j] + [False] * len(span) + mask[j + 3:] + [True]
+    doc = build_document(plan, None, cfg, tok)
+    assert doc.tokens.tolist() == want_tokens, (tok.decode(doc.tokens.tolist()), tok.decode(want_tokens))
+    want_labels = [t if s else cfg.label_ignore_index for t, s in zip(want_tokens[1:], want_sup[1:])] + [-100]
+    assert doc.labels.tolist() == want_labels
+    assert doc.loss_mask.tolist() == [float(s) for s in want_sup[1:]] + [0.0]
+    pos = _naive_video_positions(j, [len(t) for t in ts], grids, list(fp.timestamps), fp.interval_s,
+                                 len(ids) - j - 3 + 1)
+    assert [tuple(x) for x in doc.pos.T.tolist()] == pos
+    assert plan.length == len(want_tokens)
+
+
+def test_a_state_saved_with_frames_before_the_conversation_is_refused_by_name(shard_dir, tok_dir, tmp_path):
+    """A run under chat_template qwen / qwen3 whose data holds videos plans other document lengths since a video's
+    frames stand in its conversation, so its packs differ from those a state saved before names: resuming it
+    mid-epoch was taken as the same plan (and went on with packs that are not the saved epoch's). The plan fingerprint
+    now holds where the frames stand: such a state is refused, naming what changed and how to go on; a run with
+    chat_template plain (its layout unchanged) and a state saved now are taken."""
+    cfg = small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), chat_template="qwen")
+    loader = VideoPackedLoader(cfg, seed=0)
+    now = loader.state_dict()
+    before = {k: v for k, v in now["plan_config"].items() if k != "video_frames"}
+    loader._plan_config = lambda: dict(before)          # the state as the loader wrote it before the change
+    saved_before = loader.state_dict()
+    del loader._plan_config
+    with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'video_frames': \(None, 'at_marker'\)\}"
+                       ) as e:
+        loader.load_state_dict(saved_before)
+    assert "a video's frames now stand where its marker is" in str(e.value)
+    assert "train.checkpoint.init_from" in str(e.value)
+    loader.load_state_dict(now)
+    assert now["plan_config"]["video_frames"] == "at_marker"
+    plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
+    assert "video_frames" not in plain.state_dict()["plan_config"]
