@@ -395,6 +395,13 @@ def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, boo
     return [], segs
 
 
+def frames_moved(annotation: dict, template: str) -> bool:
+    """Whether `video_segments` writes a video record's document otherwise than the frames before all of its text
+    with every marker dropped (the layout of every template before the frames stood at their marker)."""
+    before, after = video_segments(annotation, template)
+    return bool(before) or after != without_markers(annotation_segments(annotation, template))
+
+
 def image_marker_count(annotation: dict) -> int:
     return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation))
 

@@ -72,6 +72,7 @@ from data.exclude import ExcludeList
 from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
+from .annotations import frames_moved
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -1031,12 +1032,27 @@ class VideoPackedLoader:
             return None
         return Path(self.cfg.index_dir, f"plan-{self._plan_hash(format=PLAN_FORMAT, catalog=catalog.key)}")
 
-    def _plan_hash(self, **catalog) -> str:
-        """A hash of what plans are a function of: the seed, the planning fields, the tokenizer, and `catalog` (the
-        resume check names the samples; the plans' directory the catalog's contents)."""
-        blob = json.dumps({**catalog, "seed": self.seed, "cfg": self._plan_config(),
-                           "tokenizer": repr(self.tokenizer)}, sort_keys=True)
+    def _plan_hash(self, plan_config: dict | None = None, **catalog) -> str:
+        """A hash of what plans are a function of: the seed, the planning fields (`plan_config`, by default this
+        loader's), the tokenizer, and `catalog` (the resume check names the samples; the plans' directory the
+        catalog's contents)."""
+        blob = json.dumps({**catalog, "seed": self.seed, "cfg": self._plan_config() if plan_config is None
+                           else plan_config, "tokenizer": repr(self.tokenizer)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def _same_plan_before_frames_moved(self, state: dict) -> bool:
+        """Whether `state` was saved for this data and config before a video's frames stood at its marker
+        (`video_frames`), and no video of the data is written otherwise now (none has a marker or a user turn in its
+        text: captions, QA pairs): its plans are this loader's, and it continues exactly. Reads every video's record
+        (on this path only)."""
+        now = self._plan_config()
+        if now.get("video_frames") != VIDEO_FRAMES or "video_frames" in state.get("plan_config", {}):
+            return False
+        before = {k: v for k, v in now.items() if k != "video_frames"}
+        if state["plan_fingerprint"] != self._plan_hash(before, catalog=self.catalog_fp):
+            return False
+        return not any(frames_moved(cat[u].annotation, self.cfg.chat_template)
+                       for cat in self.catalogs for u in cat.uids("video"))
 
     def plan_fingerprint(self) -> str:
         return self._plan_hash(catalog=self.catalog_fp)
@@ -1134,6 +1150,8 @@ class VideoPackedLoader:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
         consumed = int(state["consumed"]) * int(state["dp_world"])
         walker = self.stream          # the stream the saved position was consumed under
+        if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before_frames_moved(state):
+            state = {**state, "plan_fingerprint": self.plan_fingerprint(), "plan_config": self._plan_config()}
         if state["plan_fingerprint"] != self.plan_fingerprint():
             now, saved = self._plan_config(), state["plan_config"]
             changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved))   # a field on one side
@@ -1144,9 +1162,9 @@ class VideoPackedLoader:
             if changed.get("video_frames") == (None, VIDEO_FRAMES) and "chat_template" not in changed:
                 msg += (f" (under chat_template={self.cfg.chat_template!r} a video's frames now stand where its marker "
                         f"is in the conversation, inside the user turn, where they stood before all of its text when "
-                        f"this state was saved: its packs hold other lengths and cannot be continued exactly; to go "
-                        f"on, start another run directory from this run's weights with "
-                        f"train.checkpoint.init_from=<this run's directory>)")
+                        f"this state was saved: the videos with a marker or a user turn hold other lengths, and the "
+                        f"packs cannot be continued exactly; to go on, start another run directory from this run's "
+                        f"weights with train.checkpoint.init_from=<this run's directory>)")
             if strict:
                 raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")

@@ -493,19 +493,36 @@ def test_a_videos_frames_stand_in_the_user_turn_as_keye_and_qwen_vl_write_them(t
     assert plan.length == len(want_tokens)
 
 
-def test_a_state_saved_with_frames_before_the_conversation_is_refused_by_name(shard_dir, tok_dir, tmp_path):
-    """A run under chat_template qwen / qwen3 whose data holds videos plans other document lengths since a video's
-    frames stand in its conversation, so its packs differ from those a state saved before names: resuming it
-    mid-epoch was taken as the same plan (and went on with packs that are not the saved epoch's). The plan fingerprint
-    now holds where the frames stand: such a state is refused, naming what changed and how to go on; a run with
-    chat_template plain (its layout unchanged) and a state saved now are taken."""
+def _state_as_saved_before(loader) -> dict:
+    """The loader's state as a loader from before a video's frames stood at its marker wrote it: the planning fields
+    without `video_frames`, and their fingerprint."""
+    before = {k: v for k, v in loader.state_dict()["plan_config"].items() if k != "video_frames"}
+    loader._plan_config = lambda: dict(before)
+    try:
+        return loader.state_dict()
+    finally:
+        del loader._plan_config
+
+
+def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continued_exactly(shard_dir, tok_dir,
+                                                                                           tmp_path):
+    """Under chat_template qwen / qwen3 a video whose text has a marker or a user turn has another document length
+    since its frames stand in the conversation, so its packs differ from those a state saved before names: resuming
+    such a run mid-epoch was taken as the same plan (and went on with packs that are not the saved epoch's). The plan
+    fingerprint now holds where the frames stand (`video_frames`): such a state is refused, naming what changed and
+    how to go on. Where no video's document changed (captions and QA pairs, the synthetic shards) the state saved
+    before continues exactly: the next pack's keys and tokens equal those after the same state saved now."""
+    import dataclasses
+
+    from data.video.shards import load_catalog
+
     cfg = small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), chat_template="qwen")
-    loader = VideoPackedLoader(cfg, seed=0)
-    now = loader.state_dict()
-    before = {k: v for k, v in now["plan_config"].items() if k != "video_frames"}
-    loader._plan_config = lambda: dict(before)          # the state as the loader wrote it before the change
-    saved_before = loader.state_dict()
-    del loader._plan_config
+    records = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(records) if r.kind == "video")
+    records[k] = dataclasses.replace(records[k], annotation={"conversations": [
+        {"from": "human", "value": "<image>\nWhat does the square do?"}, {"from": "gpt", "value": "It moves."}]})
+    loader = VideoPackedLoader(cfg, seed=0, catalog=records)
+    now, saved_before = loader.state_dict(), _state_as_saved_before(loader)
     with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'video_frames': \(None, 'at_marker'\)\}"
                        ) as e:
         loader.load_state_dict(saved_before)
@@ -513,5 +530,19 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_by_name(sh
     assert "train.checkpoint.init_from" in str(e.value)
     loader.load_state_dict(now)
     assert now["plan_config"]["video_frames"] == "at_marker"
+
+    first = VideoPackedLoader(cfg, seed=0)                # captions and QA pairs only: no document moved
+    next(first)
+    now, saved_before = first.state_dict(), _state_as_saved_before(first)
+    first.close()
+    assert saved_before["plan_fingerprint"] != now["plan_fingerprint"]
+    packs = []
+    for state in (now, saved_before):
+        resumed = VideoPackedLoader(cfg, seed=0)
+        resumed.load_state_dict(state)
+        packs.append(next(resumed))
+        assert resumed.state_dict()["plan_fingerprint"] == now["plan_fingerprint"]
+        resumed.close()
+    assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
     plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
-    assert "video_frames" not in plain.state_dict()["plan_config"]
+    assert "video_frames" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
