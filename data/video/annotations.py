@@ -299,14 +299,13 @@ def conversation_segments(turns: list[Turn], template: str, tools: list | None =
     return segs
 
 
-def annotation_segments(annotation: dict, template: str = "plain", *, lead_marker: bool = False
-                        ) -> list[tuple[str, bool]]:
+def annotation_segments(annotation: dict, template: str = "plain", *, lead: str = "") -> list[tuple[str, bool]]:
     """(text, supervised) segments of an annotation record, in a fixed order: prompt, caption, events, QA pairs,
     the conversation, then free text. A conversation's turns are written by `template`: "plain" = "User: ...",
     then "Assistant: " and the answer (a system turn as it is); "qwen" = Qwen's chat template, each turn
     "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised); "qwen3" = that, with
-    Qwen3's thinking blocks (`conversation_segments`). `lead_marker`: the first user turn's text opens with
-    VIDEO_MARKER (`video_segments`)."""
+    Qwen3's thinking blocks (`conversation_segments`). `lead`: what the first user turn's text opens with (markers:
+    `video_segments`, `image_chunks`)."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
@@ -333,10 +332,9 @@ def annotation_segments(annotation: dict, template: str = "plain", *, lead_marke
         segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
     turns = conversation_turns(annotation)
     if isinstance(turns, list):
-        if lead_marker:
-            first = next((i for i, t in enumerate(turns) if t.role == "user"), None)
-            if first is not None:
-                turns[first] = turns[first]._replace(text=VIDEO_MARKER + turns[first].text)
+        first = next((i for i, t in enumerate(turns) if t.role == "user"), None) if lead else None
+        if first is not None:
+            turns[first] = turns[first]._replace(text=lead + turns[first].text)
         segs += conversation_segments(turns, template, tool_signatures(annotation))
     text = annotation.get("text")
     if isinstance(text, str) and text:
@@ -384,7 +382,7 @@ def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, boo
     if template not in ("qwen", "qwen3"):
         return [], without_markers(segs)
     if not any(m in t for t, _ in segs for m in (VIDEO_MARKER, IMAGE_MARKER)):
-        segs = annotation_segments(annotation, template, lead_marker=True)
+        segs = annotation_segments(annotation, template, lead=VIDEO_MARKER)
     for i, (text, sup) in enumerate(segs):
         found = [(text.find(m), m) for m in (VIDEO_MARKER, IMAGE_MARKER) if m in text]
         if found:
@@ -395,11 +393,28 @@ def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, boo
     return [], segs
 
 
-def frames_moved(annotation: dict, template: str) -> bool:
-    """Whether `video_segments` writes a video record's document otherwise than the frames before all of its text
-    with every marker dropped (the layout of every template before the frames stood at their marker)."""
+def image_chunks(annotation: dict, template: str, n: int) -> list[list[tuple[str, bool]]]:
+    """An image sample's (text, supervised) segments before its first image, between its images and after the last
+    (k markers: k + 1 chunks; the planner checks k = n). Image i stands where the text's i-th "<image>" marker does.
+    Without a marker, under Qwen's templates ("qwen", "qwen3") the n images stand at the start of the first user
+    turn's text, as Qwen2-VL's and Keye-VL's templates write image parts that open the content (and ms-swift adds
+    the markers of a record that has none); with no user turn, or under "plain", before all text."""
+    chunks = split_at_image_markers(annotation_segments(annotation, template))
+    if len(chunks) == 1 and template in ("qwen", "qwen3"):
+        chunks = split_at_image_markers(annotation_segments(annotation, template, lead=IMAGE_MARKER * n))
+    return [[] for _ in range(n)] + chunks if len(chunks) == 1 else chunks
+
+
+def vision_moved(annotation: dict, template: str, n_images: int = 0) -> bool:
+    """Whether a video record's (`n_images` 0) or an image sample's document is written otherwise than before its
+    frames or images stood in the user turn: a video's frames before all of its text with every marker dropped, an
+    image sample's images at its markers, else before all text."""
+    segs = annotation_segments(annotation, template)
+    if n_images:
+        chunks = split_at_image_markers(segs)
+        return image_chunks(annotation, template, n_images) != (chunks if len(chunks) > 1 else [[]] * n_images + chunks)
     before, after = video_segments(annotation, template)
-    return bool(before) or after != without_markers(annotation_segments(annotation, template))
+    return bool(before) or after != without_markers(segs)
 
 
 def image_marker_count(annotation: dict) -> int:

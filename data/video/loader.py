@@ -72,7 +72,7 @@ from data.exclude import ExcludeList
 from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
-from .annotations import frames_moved
+from .annotations import vision_moved
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -92,9 +92,10 @@ _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "m
                 "max_video_tokens", "frame_jitter", "patch_size", "merge_size", "max_aspect_ratio",
                 "shuffle", "shuffle_buffer", "tokenizer", "vocab_size", "special_token_offset")
 _IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
-# under a Qwen chat template a video's frames stand at its marker in the conversation (annotations.video_segments);
-# a state or plan from before, whose frames came before all text, has no "video_frames" field and is not taken
-VIDEO_FRAMES = "at_marker"
+# under a Qwen chat template a video's frames, and an image sample's images without markers, stand in the user turn
+# (annotations.video_segments, image_chunks); a state from before, whose frames and such images came before all text,
+# has no "vision_at" field: taken only where no document moved (VideoPackedLoader._same_plan_before_vision_moved)
+VISION_AT = "marker"
 
 
 class NothingPlanned(RuntimeError):
@@ -1021,8 +1022,8 @@ class VideoPackedLoader:
             out["fast_frame_ratio"] = self.cfg.fast_frame_ratio
         if self.cfg.chat_template != "plain":
             out["chat_template"] = self.cfg.chat_template
-            if self.has_videos:    # where a video's frames stand: at its marker in the text (before: before the text)
-                out["video_frames"] = VIDEO_FRAMES
+            if self.has_videos or self.has_images:    # frames and images stand at their marker or in the user turn
+                out["vision_at"] = VISION_AT
         return out
 
     def _plan_dir(self, catalog: Catalog) -> Path | None:
@@ -1040,19 +1041,20 @@ class VideoPackedLoader:
                            else plan_config, "tokenizer": repr(self.tokenizer)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
-    def _same_plan_before_frames_moved(self, state: dict) -> bool:
-        """Whether `state` was saved for this data and config before a video's frames stood at its marker
-        (`video_frames`), and no video of the data is written otherwise now (none has a marker or a user turn in its
-        text: captions, QA pairs): its plans are this loader's, and it continues exactly. Reads every video's record
-        (on this path only)."""
+    def _same_plan_before_vision_moved(self, state: dict) -> bool:
+        """Whether `state` was saved for this data and config before a video's frames stood at its marker (`vision_at`),
+        and no document of the data is written otherwise now (no video has a marker or a user turn in its text:
+        captions, QA pairs; no image sample without markers has a user turn): its plans are this loader's, and it
+        continues exactly. Reads every video's and image sample's record (on this path only)."""
         now = self._plan_config()
-        if now.get("video_frames") != VIDEO_FRAMES or "video_frames" in state.get("plan_config", {}):
+        if now.get("vision_at") != VISION_AT or "vision_at" in state.get("plan_config", {}):
             return False
-        before = {k: v for k, v in now.items() if k != "video_frames"}
+        before = {k: v for k, v in now.items() if k != "vision_at"}
         if state["plan_fingerprint"] != self._plan_hash(before, catalog=self.catalog_fp):
             return False
-        return not any(frames_moved(cat[u].annotation, self.cfg.chat_template)
-                       for cat in self.catalogs for u in cat.uids("video"))
+        t = self.cfg.chat_template
+        return not any(vision_moved(r.annotation, t, len(r.images or ())) for cat in self.catalogs
+                       for kind in ("video", "image") for r in map(cat.__getitem__, cat.uids(kind)))
 
     def plan_fingerprint(self) -> str:
         return self._plan_hash(catalog=self.catalog_fp)
@@ -1150,7 +1152,7 @@ class VideoPackedLoader:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
         consumed = int(state["consumed"]) * int(state["dp_world"])
         walker = self.stream          # the stream the saved position was consumed under
-        if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before_frames_moved(state):
+        if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before_vision_moved(state):
             state = {**state, "plan_fingerprint": self.plan_fingerprint(), "plan_config": self._plan_config()}
         if state["plan_fingerprint"] != self.plan_fingerprint():
             now, saved = self._plan_config(), state["plan_config"]
@@ -1159,12 +1161,13 @@ class VideoPackedLoader:
             msg = (f"loader state does not match this data/config: catalog "
                    f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}"
                    f"{self._describe_sources(state)}")
-            if changed.get("video_frames") == (None, VIDEO_FRAMES) and "chat_template" not in changed:
+            if changed.get("vision_at") == (None, VISION_AT) and "chat_template" not in changed:
                 msg += (f" (under chat_template={self.cfg.chat_template!r} a video's frames now stand where its marker "
-                        f"is in the conversation, inside the user turn, where they stood before all of its text when "
-                        f"this state was saved: the videos with a marker or a user turn hold other lengths, and the "
-                        f"packs cannot be continued exactly; to go on, start another run directory from this run's "
-                        f"weights with train.checkpoint.init_from=<this run's directory>)")
+                        f"is in the conversation, inside the user turn, and an image sample's images without markers "
+                        f"at the start of its first user turn, where they stood before all of its text when this "
+                        f"state was saved: those documents hold other lengths, and the packs cannot be continued "
+                        f"exactly; to go on, start another run directory from this run's weights with "
+                        f"train.checkpoint.init_from=<this run's directory>)")
             if strict:
                 raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")

@@ -46,7 +46,7 @@ import torch
 
 from .backends import shrink_planar
 from .config import VideoDataConfig
-from .annotations import annotation_segments, split_at_image_markers, video_segments  # noqa: F401 (re-exported)
+from .annotations import annotation_segments, image_chunks, video_segments  # noqa: F401 (re-exported)
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -323,15 +323,14 @@ def plan_text_document(*, uid: int, key: str, annotation: dict, cfg: VideoDataCo
 def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: dict, cfg: VideoDataConfig,
                         tokenizer: Tokenizer) -> DocPlan:
     """An image sample of one image or several. Where its text holds IMAGE_MARKER ("<image>"), one per image,
-    image i takes the place of marker i (interleaved image-text); without markers the images come first. The
+    image i takes the place of marker i (interleaved image-text); without markers the images come first (under
+    "qwen" / "qwen3": first in the first user turn, `annotations.image_chunks`). The
     text is cut as a video's annotation (`max_text_tokens`, leaving room for `min_image_tokens` per image),
     then each image's size comes from an even share of what the sequence leaves (`sampling.plan_image`)."""
     n = len(images)
     ends = 1 + (tokenizer.bos_id is not None)
-    chunks = split_at_image_markers(annotation_segments(annotation, cfg.chat_template))
-    if len(chunks) == 1:
-        chunks = [[] for _ in range(n)] + chunks
-    elif len(chunks) != n + 1:
+    chunks = image_chunks(annotation, cfg.chat_template, n)
+    if len(chunks) != n + 1:
         raise PlanError("bad_metadata", f"{n} image(s) but {len(chunks) - 1} {IMAGE_MARKER!r} markers in the text")
     text_cap = max(0, min(cfg.max_text_tokens, cfg.seq_len - ends - n * (2 + cfg.min_image_tokens)))
     enc, used, cut = [], 0, 0

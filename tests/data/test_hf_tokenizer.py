@@ -388,13 +388,16 @@ def test_a_visual_placeholder_in_the_text_is_a_plan_reject(tok_dir, kind, token)
 
 
 # Keye-VL's and Qwen2.5-VL's chat templates write a video content part as "<|vision_start|><|video_pad|><|vision_end|>"
-# where it stands in the user turn (their processors then widen <|video_pad|> to the video's tokens); written out here
-# with Qwen3's rules above as the reference for where a video's frames go under chat_template=qwen / qwen3
+# where it stands in the user turn (their processors then widen <|video_pad|> to the video's tokens), an image part
+# likewise with <|image_pad|>; written out here with Qwen3's rules above as the reference for where a video's frames
+# and an image sample's images go under chat_template=qwen / qwen3
 VIDEO_PART = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN3_VL_RULES_MARKED = QWEN3_RULES_MARKED.replace(
     "'\\n' + message.content + '<|im_end|>\\n' }}",
     "'\\n' }}{%- if message.content is string %}{{- message.content }}{%- else %}{%- for part in message.content %}"
-    "{%- if part.type == 'video' %}{{- '" + VIDEO_PART + "' }}{%- elif part.type == 'text' %}{{- part.text }}"
+    "{%- if part.type == 'video' %}{{- '" + VIDEO_PART + "' }}{%- elif part.type == 'image' %}{{- '" + IMAGE_PART
+    + "' }}{%- elif part.type == 'text' %}{{- part.text }}"
     "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}", 1)
 
 
@@ -495,8 +498,8 @@ def test_a_videos_frames_stand_in_the_user_turn_as_keye_and_qwen_vl_write_them(t
 
 def _state_as_saved_before(loader) -> dict:
     """The loader's state as a loader from before a video's frames stood at its marker wrote it: the planning fields
-    without `video_frames`, and their fingerprint."""
-    before = {k: v for k, v in loader.state_dict()["plan_config"].items() if k != "video_frames"}
+    without `vision_at`, and their fingerprint."""
+    before = {k: v for k, v in loader.state_dict()["plan_config"].items() if k != "vision_at"}
     loader._plan_config = lambda: dict(before)
     try:
         return loader.state_dict()
@@ -506,30 +509,36 @@ def _state_as_saved_before(loader) -> dict:
 
 def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continued_exactly(shard_dir, tok_dir,
                                                                                            tmp_path):
-    """Under chat_template qwen / qwen3 a video whose text has a marker or a user turn has another document length
-    since its frames stand in the conversation, so its packs differ from those a state saved before names: resuming
-    such a run mid-epoch was taken as the same plan (and went on with packs that are not the saved epoch's). The plan
-    fingerprint now holds where the frames stand (`video_frames`): such a state is refused, naming what changed and
-    how to go on. Where no video's document changed (captions and QA pairs, the synthetic shards) the state saved
-    before continues exactly: the next pack's keys and tokens equal those after the same state saved now."""
+    """Under chat_template qwen / qwen3 a video whose text has a marker or a user turn, and an image sample without
+    markers that has a user turn, have other document lengths since their frames and images stand in the user turn,
+    so their packs differ from those a state saved before names: resuming such a run mid-epoch was taken as the same
+    plan (and went on with packs that are not the saved epoch's). The plan fingerprint now holds where they stand
+    (`vision_at`): such a state is refused, naming what changed and how to go on. Where no document changed
+    (captions and QA pairs, the synthetic shards) the state saved before continues exactly: the next pack's keys and
+    tokens equal those after the same state saved now."""
     import dataclasses
 
     from data.video.shards import load_catalog
 
-    cfg = small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), chat_template="qwen")
-    records = list(load_catalog(str(shard_dir)))
-    k = next(i for i, r in enumerate(records) if r.kind == "video")
-    records[k] = dataclasses.replace(records[k], annotation={"conversations": [
-        {"from": "human", "value": "<image>\nWhat does the square do?"}, {"from": "gpt", "value": "It moves."}]})
-    loader = VideoPackedLoader(cfg, seed=0, catalog=records)
-    now, saved_before = loader.state_dict(), _state_as_saved_before(loader)
-    with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'video_frames': \(None, 'at_marker'\)\}"
-                       ) as e:
-        loader.load_state_dict(saved_before)
-    assert "a video's frames now stand where its marker is" in str(e.value)
-    assert "train.checkpoint.init_from" in str(e.value)
-    loader.load_state_dict(now)
-    assert now["plan_config"]["video_frames"] == "at_marker"
+    cfg = small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), chat_template="qwen", decode_isolation="inline")
+    catalog = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(catalog) if r.kind == "video")
+    for kind, value in (("video", "<image>\nWhat does the square do?"), ("image", "What is shown?")):
+        records = list(catalog)
+        records[k] = dataclasses.replace(records[k], annotation={"conversations": [
+            {"from": "human", "value": value}, {"from": "gpt", "value": "A square."}]})
+        if kind == "image":       # an image sample without markers: its image moved into the user turn
+            records[k] = dataclasses.replace(records[k], video=None, video_ext="", images=[{"width": 56, "height": 56}])
+        loader = VideoPackedLoader(cfg, seed=0, catalog=records)
+        assert loader.catalog.count("image") == (kind == "image")
+        now, saved_before = loader.state_dict(), _state_as_saved_before(loader)
+        with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'vision_at': \(None, 'marker'\)\}"
+                           ) as e:
+            loader.load_state_dict(saved_before)
+        assert "a video's frames now stand where its marker is" in str(e.value)
+        assert "train.checkpoint.init_from" in str(e.value)
+        loader.load_state_dict(now)
+        assert now["plan_config"]["vision_at"] == "marker"
 
     first = VideoPackedLoader(cfg, seed=0)                # captions and QA pairs only: no document moved
     next(first)
@@ -545,4 +554,57 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continu
         resumed.close()
     assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
     plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
-    assert "video_frames" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
+    assert "vision_at" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
+
+
+@pytest.mark.parametrize("template", ["qwen", "qwen3"])
+def test_images_without_markers_open_the_first_user_turn(tok_dir, template):
+    """An image sample whose conversation has no "<image>" marker: under chat_template qwen / qwen3 its images stand at
+    the start of the first user turn, as Qwen2-VL's and Keye-VL's templates write image parts that open the content
+    (ms-swift adds the markers so); they stood before the whole conversation ("<|vision_start|><|image_pad|>...
+    <|vision_end|><|im_start|>system"). Reference: transformers rendering the conversation with two image parts
+    before the question, each part's 3 placeholder ids replaced by the image's merged tokens; the supervised tokens
+    its assistant mask and <eos>, the positions an image's (t = p, h = p + row, w = p + col, then p + max(rows,
+    cols))."""
+    from transformers import PreTrainedTokenizerFast
+
+    question, answer = "Which is larger?", "<think>\nCompare.\n</think>\n\nThe first."
+    ref_msgs = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer}]
+    annotation = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": question},
+                                    {"from": "gpt", "value": answer}]}
+    rules = QWEN3_VL_RULES_MARKED if template == "qwen3" else QWEN3_VL_RULES_MARKED.replace(
+        "loop.index0 > ns", "false and ns").replace("{%- if '</think>' in content %}", "{%- if false %}")
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    want = ref.apply_chat_template(ref_msgs, chat_template=rules, tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    ids, mask = list(want["input_ids"]), [bool(m) for m in want["assistant_masks"]]
+    tok = HFTokenizer(tok_dir)
+    cfg = VideoDataConfig(seq_len=1024, tokenizer=str(tok_dir), chat_template=template, max_image_tokens=6)
+    images = [{"width": 84, "height": 56}, {"width": 56, "height": 56}]
+    plan = plan_document(uid=0, key="s/0", video=None, images=images, annotation=annotation, cfg=cfg, tokenizer=tok,
+                         seed=0, epoch=0)
+    tokens, sup, pos, p, i = [], [], [], 0, 0
+    for fp in plan.images:        # each image part of the reference, in order, becomes its merged tokens
+        j = next(q for q in range(i, len(ids)) if ids[q:q + 3] == [tok.vision_start_id, tok.image_pad_id,
+                                                                     tok.vision_end_id])
+        rows, cols = fp.grid(cfg.patch_size, cfg.merge_size)
+        pos += [(q,) * 3 for q in range(p, p + j - i + 1)]          # the text before it and <|vision_start|>
+        p += j - i + 1
+        pos += [(p, p + r, p + c) for r in range(rows) for c in range(cols)]
+        p += max(rows, cols)
+        pos.append((p,) * 3)                                           # <|vision_end|>
+        p += 1
+        tokens += ids[i:j] + [tok.vision_start_id] + [tok.image_pad_id] * (rows * cols) + [tok.vision_end_id]
+        sup += mask[i:j] + [False] * (rows * cols + 2)
+        i = j + 3
+    tokens += ids[i:] + [tok.eos_id]
+    sup += mask[i:] + [True]
+    pos += [(q,) * 3 for q in range(p, p + len(ids) - i + 1)]
+    assert ref.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + IMAGE_PART * 2)
+    doc = build_document(plan, None, cfg, tok)
+    assert doc.tokens.tolist() == tokens, (tok.decode(doc.tokens.tolist()), tok.decode(tokens))
+    assert doc.labels.tolist() == [t if s else -100 for t, s in zip(tokens[1:], sup[1:])] + [-100]
+    assert [tuple(x) for x in doc.pos.T.tolist()] == pos
+    assert plan.length == len(tokens)
