@@ -187,6 +187,10 @@ class TrainConfig:
     seq_length: int = 256
     lr: float = 3.0e-4
     min_lr: float = 3.0e-5
+    # the vision tower's own peak learning rates, on train.lr's schedule (warm-up and shape), each part's floor at the
+    # same share of its peak as train.min_lr of train.lr (train/optim.part_lr_bounds); null: train.lr and min_lr
+    vision_lr: float | None = None  # the ViT (model.vision's SigLIP blocks)
+    projector_lr: float | None = None  # the 2x2 patch-merger projector that feeds the LM
     lr_schedule: str = "cosine"
     warmup_steps: int = 10
     wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying at the end
@@ -241,6 +245,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.peak_tflops < 0:   # metrics.device_peak_tflops took a negative one as 0, the device's measured peak
             raise ValueError(f"train.peak_tflops must be >= 0 (0: the device's measured peak), got {self.peak_tflops}")
+        for name in ("vision_lr", "projector_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"train.{name} must be a finite number >= 0 (or null: train.lr), got {value}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -6,7 +6,9 @@ The schedule is a pure function of the step, so its only state is the step count
     linear:   min + (max - min) * (1 - r)
     wsd:      max until the last `wsd_decay_fraction` of the steps, then linear down to min
     constant: max
-`step` is the 0-based index of the optimizer step about to be taken.
+`step` is the 0-based index of the optimizer step about to be taken. Every parameter group follows it between its
+own bounds (`max_lr`, `min_lr`): the LM's are train.lr and train.min_lr; the vision tower's ViT and projector groups
+take train.vision_lr / train.projector_lr as their peak when set (part_lr_bounds).
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def lr_at(step: int, cfg: TrainConfig, *, max_lr: float | None = None, min_lr: f
     if step < decay_start:
         return hi
     return lo + (hi - lo) * max(0.0, 1.0 - (step - decay_start) / decay_steps)
+
+
+def part_lr_bounds(cfg: TrainConfig, peak: float | None) -> tuple[float, float]:
+    """(max_lr, min_lr) of a part whose own peak lr is `peak` (train.vision_lr or train.projector_lr): None gives
+    train.lr and train.min_lr; a peak of its own decays to the same share of it as train.min_lr is of train.lr (0
+    with train.lr 0), so each part's schedule has the LM's shape scaled by its peak, as a schedule that multiplies
+    every group's initial lr by one factor gives (ms-swift's vit_lr / aligner_lr, LLaVA's mm_projector_lr)."""
+    if peak is None:
+        return cfg.lr, cfg.min_lr
+    return peak, peak * cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
 
 def apply_lr(optimizer, step: int, cfg: TrainConfig) -> float:

@@ -877,7 +877,7 @@ class Trainer:
                 self.vision.discard()
         else:
             if self.vision is not None:
-                self.vision.update(lr)
+                self.vision.update(self.step)   # each part's lr at this step (train.vision_lr, projector_lr)
             ok, grad_norm, _ = self.optimizer.step()
             if not ok:
                 raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
@@ -895,6 +895,7 @@ class Trainer:
         extra.update(self.router_stats.metrics_from(sums[1], self.num_microbatches))
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
+            extra.update(self.vision.lrs(self.step))   # the parts with an lr of their own, beside the LM's
         if data_local is not None:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1

@@ -9,7 +9,8 @@ Per step (every rank), once, or once per round of parallel.vit.group micro-batch
     backward()                           gradients back in one all_to_all -> ViT backward (accumulating)
 then, once per step:
     reduce_grads(total_tokens)           one all_reduce over all ranks -> / tokens -> clip (-> its norm)
-    update(lr) or discard()              AdamW, or no update (a step whose gradients are not finite)
+    update(step) or discard()            AdamW at the step's lr of each part, or no update (a step whose
+                                         gradients are not finite)
 
 Why its own optimizer: the ViT is replicated on every rank of every data-parallel replica and each
 rank back-propagates only the frames it encoded, so its gradient is one sum over the whole world,
@@ -31,6 +32,7 @@ from models.ksa_tokens import build_summary_layout, pad_cu_seqlens
 from parallel.groups import sequence_group
 from parallel.layout import ParallelLayout
 from parallel.vit_layout import allreduce_vit_grads, build_vision_phase
+from train.optim import apply_lr, lr_at, part_lr_bounds
 
 log = logging.getLogger("train")
 
@@ -74,10 +76,18 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
 def build_vision_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
     """AdamW over the vision tower's trainable parameters (`t`: the TrainConfig), train.weight_decay on the
     weight matrices and none on biases and norms (decays), as the language model's optimizer does; decaying the
-    LayerNorm weights pulled the tower's normalisation gains towards zero at every step."""
+    LayerNorm weights pulled the tower's normalisation gains towards zero at every step. One group per part (the
+    ViT, `model.vit`, and the projector: everything else) and decay, each with its part's lr bounds (max_lr, min_lr:
+    train.vision_lr / train.projector_lr, train/optim.part_lr_bounds) that train/optim.apply_lr follows per step."""
+    vit = {id(p) for p in model.vit.parameters()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": t.weight_decay},
-              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    groups = []
+    for part, peak in (("vit", t.vision_lr), ("projector", t.projector_lr)):
+        hi, lo = part_lr_bounds(t, peak)
+        for wd_mult in (1.0, 0.0):
+            params = [p for n, p in named if (id(p) in vit) == (part == "vit") and decays(n, p) == bool(wd_mult)]
+            groups.append({"params": params, "part": part, "max_lr": hi, "min_lr": lo, "lr": hi, "wd_mult": wd_mult,
+                           "weight_decay": t.weight_decay * wd_mult})
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_eps)
 
@@ -102,6 +112,7 @@ class VisionTower:
                 p.requires_grad_(train_projector)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_vision_optimizer(self.model, t) if self.params else None
+        self.train_cfg = t
         self.grad_clip = t.grad_clip
         lm = cfg.model.lm  # KSA: (chunk, summaries per chunk, the model's row length), for the visual positions
         self.ksa = (lm.ksa.chunk, lm.ksa.num_summary, lm.model_seq_length(t.seq_length)) if lm.uses_ksa else None
@@ -182,12 +193,20 @@ class VisionTower:
                 p.grad.div_(max(total_tokens, 1.0))
         return clip_grads(self.params, self.grad_clip)
 
-    def update(self, lr: float) -> None:
-        """The AdamW step on the reduced gradients."""
+    def lrs(self, step: int) -> dict[str, float]:
+        """The lr of each trained part at 0-based `step` whose peak is its own (train.vision_lr, train.projector_lr
+        set): {"vision_lr": ..., "projector_lr": ...}, logged beside the LM's lr (a part without one has train.lr's)."""
+        t = self.train_cfg
+        own = {"vit": ("vision_lr", t.vision_lr), "projector": ("projector_lr", t.projector_lr)}
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        return {own[g["part"]][0]: lr_at(step, t, max_lr=g["max_lr"], min_lr=g["min_lr"])
+                for g in groups if own[g["part"]][1] is not None}
+
+    def update(self, step: int) -> None:
+        """The AdamW step on the reduced gradients, at 0-based `step`'s lr of each part (train/optim.apply_lr)."""
         if self.optimizer is None:
             return
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        apply_lr(self.optimizer, step, self.train_cfg)
         self.optimizer.step()
         self.discard()
         self.steps += 1

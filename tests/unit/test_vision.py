@@ -362,7 +362,7 @@ def test_a_frozen_vit_stays_bit_identical_and_holds_no_optimizer_state():
             e.pow(2).sum().backward()
             tower.backward()
             tower.reduce_grads(10.0)
-            tower.update(1e-2)
+            tower.update(step)
         assert all(torch.equal(vit0[n], p) and p.grad is None for n, p in tower.model.vit.named_parameters())
         assert all(not torch.equal(proj0[n], p) for n, p in tower.model.projector.named_parameters())
         assert {id(p) for p in tower.optimizer.state} == {id(p) for p in tower.model.projector.parameters()}
