@@ -46,6 +46,14 @@ def setup_logging(run_dir: str, rank: int, *, eval_only: bool = False) -> None:
 def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
     """The vision tower and video data fit together and with the layout (ValueError naming the setting)."""
     v, d, t = cfg.model.vision, cfg.data, cfg.train
+    # a part's own lr where that part does not train: a warning, not an error (nothing trains wrongly; one train
+    # group's values may serve a stage that freezes the part, or a language model alone)
+    for name, part, trains in (("vision_lr", "the ViT", t.trained == "all"),
+                               ("projector_lr", "the projector", t.trained in ("all", "projector"))):
+        if getattr(t, name) is not None and t.trained != "none" and not (v.enabled and trains):
+            warnings.warn(f"train.{name}={getattr(t, name)} is not used: "
+                          + (f"{part} is frozen (train.trainable={t.trainable})" if v.enabled else
+                             "this model has no vision tower (model.vision.enabled=false)"))
     if t.trainable == "projector" and not v.enabled:
         raise ValueError("train.trainable=projector trains the vision projector: set model.vision.enabled=true")
     if t.checkpoint.vision_init_from and not v.enabled:

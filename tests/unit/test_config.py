@@ -208,6 +208,10 @@ def test_wrong_type_names_the_key():
     (["train.grad_clip=nan"], 2, "train.grad_clip must be >= 0, got nan"),
     (["train.peak_tflops=-1"], 2, "train.peak_tflops must be >= 0 (0: the device's measured peak), got -1.0"),
     (["train.distill.kl_weight=nan"], 2, "train.distill.kl_weight must be a finite number >= 0, got nan"),
+    (["train.vision_lr=nan"], 2, "train.vision_lr must be a finite number >= 0 (or null: train.lr), got nan"),
+    (["train.vision_lr=inf"], 2, "train.vision_lr must be a finite number >= 0 (or null: train.lr), got inf"),
+    (["train.projector_lr=-1e-4"], 2,
+     "train.projector_lr must be a finite number >= 0 (or null: train.lr), got -0.0001"),
     (["data.video.video_tokens_per_second=nan"], 2,
      "VideoDataConfig.video_tokens_per_second = nan: must be a number, not nan"),
     (["train.checkpoint.vision_init_from=/ckpt/keye_vl"], 2, "train.checkpoint.vision_init_from='/ckpt/keye_vl' fills "
@@ -275,6 +279,28 @@ def test_a_vit_balance_the_replicated_layout_does_not_read_is_named_as_ignored(o
         _validate("recipe=keye_tiny", *overrides)
     ignored = [str(w.message) for w in seen if "ignored" in str(w.message)]
     assert len(ignored) == (warning is not None) and all(warning in w for w in ignored), ignored
+
+
+@pytest.mark.parametrize("overrides,warning", [
+    # the alignment stage freezes the ViT; the KSA / DSA conversion stages freeze the whole tower; a language model
+    # alone has none: the part's own lr is named as unused, and the run goes on (nothing trains at a wrong lr)
+    (["recipe=keye_tiny_align", "train.vision_lr=1e-4"],
+     "train.vision_lr=0.0001 is not used: the ViT is frozen (train.trainable=projector)"),
+    (["recipe=keye_tiny_vl_ksa_distill", "train.projector_lr=1e-4"],
+     "train.projector_lr=0.0001 is not used: the projector is frozen (train.trainable=summary)"),
+    (["recipe=keye_tiny_lm", "train.vision_lr=1e-4"],
+     "train.vision_lr=0.0001 is not used: this model has no vision tower (model.vision.enabled=false)"),
+    (["recipe=keye_tiny_align", "train.projector_lr=1e-4"], None),
+    (["recipe=keye_tiny", "train.vision_lr=1e-4", "train.projector_lr=2e-4"], None),
+])
+def test_a_parts_lr_where_that_part_does_not_train_is_named_as_unused(overrides, warning):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _validate(*overrides)
+    unused = [str(w.message) for w in seen if "is not used" in str(w.message)]
+    assert unused == ([warning] if warning else []), unused
 
 
 def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
