@@ -305,15 +305,18 @@ MODEL_KEYS_FREE_ON_RESUME = ("name", "lm.experts_impl", "lm.loss_chunk_tokens", 
                              "lm.dsa.loss_weight", "vision.init_std")
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+def config_changes(old: dict, new: dict, prefix: str = "", *,
+                   defaults: dict | None = None) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) for every leaf that differs between two nested config dicts (a key on
-    one side only compares against "<absent>")."""
+    one side only compares against "<absent>"). With `defaults` (asdict(Config())): a key `old` lacks whose new
+    value is its default is no change (a config written before the setting existed ran as its default does)."""
     out = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        d = defaults.get(k, "<absent>") if isinstance(defaults, dict) else "<absent>"
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
+            out += config_changes(a, b, f"{prefix}{k}.", defaults=d if isinstance(d, dict) else None)
+        elif a != b and not (a == "<absent>" and b == d):
             out.append((f"{prefix}{k}", a, b))
     return out
 

@@ -564,8 +564,10 @@ class Trainer:
 
     def _changed_since(self, saved: dict) -> str:
         """The settings of this launch that differ from the config the checkpoint's common state `saved` recorded,
-        "key old -> new; ..." (run_dir aside: the same run may be reached by another path); "" when none."""
-        changed = [c for c in config_changes(saved["config"], asdict(self.cfg)) if c[0] != "run_dir"]
+        "key old -> new; ..." (run_dir aside: the same run may be reached by another path); "" when none. A setting
+        added to the schema since the checkpoint and left at its default is none."""
+        changed = [c for c in config_changes(saved["config"], asdict(self.cfg), defaults=asdict(Config()))
+                   if c[0] != "run_dir"]
         return "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
 
     def _load_resume_point(self, ref: ckpt.CheckpointRef):

@@ -149,3 +149,25 @@ def test_a_resume_with_another_vision_lr_takes_it_from_its_next_step():
         assert not torch.equal(dict(tower.model.named_parameters())[name].detach(), ref.detach())
     finally:
         destroy_one_process_megatron()
+
+
+def test_a_checkpoint_from_before_the_part_lrs_resumes_without_naming_them_changed():
+    """A checkpoint's recorded config from before train.vision_lr / projector_lr existed lacks them: the resume's
+    "settings changed" line named both ("train.projector_lr '<absent>' -> None; train.vision_lr '<absent>' -> None")
+    though the run trains as before. Left at null they are no change; set, they are one, as is any other change."""
+    from types import SimpleNamespace
+
+    from tests.unit.test_config import _validate
+    from train.trainer import Trainer
+
+    old = dataclasses.asdict(_validate("recipe=keye_tiny")[0])   # keye_tiny's train.lr: 3e-3
+    for k in ("vision_lr", "projector_lr"):
+        del old["train"][k]
+
+    def changed(*overrides: str) -> str:
+        cfg, _ = _validate("recipe=keye_tiny", *overrides)
+        return Trainer._changed_since(SimpleNamespace(cfg=cfg), {"config": old})
+
+    assert changed() == ""
+    assert changed("train.vision_lr=1e-4") == "train.vision_lr '<absent>' -> 0.0001"
+    assert changed("train.lr=1e-3") == "train.lr 0.003 -> 0.001"
