@@ -203,7 +203,7 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     from dataclasses import asdict
 
     from train import checkpoint as ckpt
-    from train.config import MODEL_KEYS_FREE_ON_RESUME, config_changes
+    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
 
     ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
     if ref is None:
@@ -215,7 +215,9 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
                          f"those weights), or remove {ref.path.parent}")
     common = ckpt.saved_common(ref) or {}
     saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
-    changed = [c for c in config_changes(saved["model"], asdict(cfg.model))
+    # a setting added to the schema since the checkpoint, at its default here, is the model it trained (the
+    # trainer's resume log reads the same rule)
+    changed = [c for c in config_changes(saved["model"], asdict(cfg.model), defaults=asdict(Config())["model"])
                if c[0] not in MODEL_KEYS_FREE_ON_RESUME] if "model" in saved else []
     if changed:
         raise ValueError(

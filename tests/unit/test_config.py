@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from train.config import Config, to_config
+from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, to_config
 from train.launch import compose_config, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -677,6 +677,25 @@ def _run_dir_of(tmp_path: Path, name: str, *overrides) -> Path:
     torch.save({"common": {"step": 2, "config": dataclasses.asdict(cfg)}}, step / "common.pt")
     (step / "COMPLETE.json").write_text(json.dumps({"step": 2, "files": {}}))
     return tmp_path / name
+
+
+def test_a_checkpoint_from_before_a_model_setting_existed_resumes_where_it_is_at_its_default(tmp_path):
+    """A checkpoint written before a model setting joined the schema records no value for it: a resume that leaves
+    it at its default is the model that checkpoint trained. The launcher's model check stopped it (`model.lm.X is
+    '<absent>' there, ... here`) while the trainer's log of changed settings already read the rule; a value other
+    than the default still stops it, naming the setting."""
+    run = _run_dir_of(tmp_path, "old", "recipe=keye_tiny_lm")
+    common = run / "checkpoints" / "step_000002" / "common.pt"
+    saved = torch.load(common, weights_only=False)
+    default = dataclasses.asdict(Config())["model"]["lm"]
+    lm = saved["common"]["config"]["model"]["lm"]
+    key = "norm_eps"                          # at its default in the tiny LM recipe, and not free on resume
+    assert lm[key] == default[key] and f"lm.{key}" not in MODEL_KEYS_FREE_ON_RESUME
+    del lm[key]
+    torch.save(saved, common)
+    _validate("recipe=keye_tiny_lm", f"run_dir={run}")
+    with pytest.raises(ValueError, match=rf"model\.lm\.{key} is '<absent>' there, 0\.001 here"):
+        _validate("recipe=keye_tiny_lm", f"run_dir={run}", f"model.lm.{key}=1e-3")
 
 
 @pytest.mark.parametrize("stage", ["keye_tiny_vl_dsa_warmup", "keye_tiny_vl_ksa_distill", "keye_tiny_align"])
