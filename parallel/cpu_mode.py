@@ -16,6 +16,10 @@ What is redirected, and why (each one was needed: turning it off breaks a known 
   gradient clipping branch on those strings).
 - gloo's `all_to_all_single` rejects split sizes given as tensors (the alltoall dispatcher passes
   them so): they are converted to lists.
+- gloo's `all_gather` rejects output tensors of different sizes ("ProcessGroupGloo::allgather: invalid tensor
+  size"), which the alltoall dispatcher gathers over the expert-TP group whenever parallel.ep > 1 and
+  parallel.etp > 1 (each expert-TP rank holds another number of tokens for its experts): they are gathered
+  padded to the largest and cut back.
 """
 
 from __future__ import annotations
@@ -129,6 +133,38 @@ def _all_to_all_single_lists(orig):
     return wrapper
 
 
+def _all_gather_uneven(orig):
+    """dist.all_gather that also takes output tensors of different first-dimension sizes (megatron's
+    `_gather_along_first_dim` with output_split_sizes): each rank's tensor is padded with zeros to the largest,
+    gathered, and each output gets its rows. Every rank knows every size (the split sizes are the same
+    everywhere), so no extra collective is needed. Equal sizes go to gloo unchanged."""
+    @functools.wraps(orig)
+    def wrapper(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if len(shapes) <= 1 or any(s[1:] != tuple(tensor.shape[1:]) for s in shapes):
+            return orig(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(s[0] for s in shapes)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        orig(gathered, padded, group=group)
+        for out, got in zip(tensor_list, gathered):
+            out.copy_(got[:out.shape[0]])
+        return _DoneWork() if async_op else None
+
+    return wrapper
+
+
+class _DoneWork:
+    """The handle of a collective that has already finished (the padded all_gather runs synchronously)."""
+
+    def wait(self, *a, **k):
+        return True
+
+    def is_completed(self):
+        return True
+
+
 def enable_cpu_mode() -> bool:
     """Installs the redirections; returns True if CPU mode is (now) active, False on a CUDA machine."""
     global _ENABLED, _MODE
@@ -173,6 +209,7 @@ def enable_cpu_mode() -> bool:
     )
 
     dist.all_to_all_single = _all_to_all_single_lists(dist.all_to_all_single)
+    dist.all_gather = _all_gather_uneven(dist.all_gather)
 
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
