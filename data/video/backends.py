@@ -8,13 +8,18 @@ raise `DecodeError` — the number of frames actually decoded is checked, never 
 - pyav (default; measured faster than decord here): seeks to the keyframe before each wanted frame
   using the verified pts/keyframe tables from the ingest metadata and identifies decoded frames by
   pts (frame-accurate on VFR and B-frames).
-- decord: `VideoReader(width=, height=)` scales inside the decoder and applies rotation;
-  files whose decord seeking was found wrong at ingest (`decord_seek_ok: false`) go to PyAV.
-- torchcodec (optional, 0.13 with CPU torch): exact-seek mode, frames asked by index.
+- decord: `VideoReader(width=, height=)` scales inside the decoder and applies rotation (a mirror in the display
+  matrix is applied here, `decord_mirror_axis`); files whose decord seeking was found wrong at ingest
+  (`decord_seek_ok: false`) go to PyAV.
+- torchcodec (optional, 0.13 with CPU torch): exact-seek mode, frames asked by index; mirrored files go to PyAV.
+
+Every backend shows the frames as the ffmpeg CLI does: turned and mirrored by the stream's display matrix
+(`display_transform`: `rotation`, `hflip` in the metadata).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,6 +123,59 @@ def _check(req: DecodeRequest, arr: np.ndarray, backend: str, layout: str = "hwc
     return np.ascontiguousarray(arr)
 
 
+def display_transform(matrix) -> tuple[int, bool]:
+    """(rotation, hflip) of a stream's display matrix (FFmpeg's 9 int32 of `AV_FRAME_DATA_DISPLAYMATRIX`, or None):
+    the picture is shown turned `rotation` degrees counter-clockwise, then mirrored left-right when `hflip`. The
+    cases are the ffmpeg CLI's autorotate (fftools: `transpose` clock / cclock / cclock_flip / clock_flip, `hflip`,
+    `vflip` chosen from the matrix's angle and signs), written as a turn and a mirror; any of the 8 turns and flips of
+    a picture is one of them. Another angle than a quarter turn is returned as it is, with hflip False (ffmpeg turns
+    the picture by it; ingest rejects it as unsupported_rotation). A singular matrix, as ffmpeg, does nothing."""
+    if matrix is None:
+        return 0, False
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    s0, s1 = math.hypot(a, c), math.hypot(b, d)
+    if s0 == 0.0 or s1 == 0.0:
+        return 0, False
+    theta = round(math.degrees(math.atan2(b / s1, a / s0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:             # transpose=cclock_flip (the transpose) when matrix[3] > 0, else clock
+        return (270, True) if c > 0 else (270, False)
+    if abs(theta - 270) < 1:            # transpose=clock_flip when matrix[3] < 0, else cclock
+        return (90, True) if c < 0 else (90, False)
+    if abs(theta - 180) < 1 or abs(theta) < 1:
+        h, v = abs(theta - 180) < 1 and a < 0, d < 0        # hflip (180 only) and vflip filters
+        return (180 if v else 0), h != v
+    return int(theta) % 360, False
+
+
+def frame_display_matrix(frame) -> list[int] | None:
+    """The display matrix a decoded PyAV frame carries (its stream's), or None."""
+    import av
+
+    for sd in frame.side_data:
+        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            return np.frombuffer(bytes(sd), np.int32)[:9].tolist()
+    return None
+
+
+def orient(a: np.ndarray, rotation: int, hflip: bool, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Pictures as displayed: `a`'s (row, column) `axes` turned `rotation` degrees counter-clockwise, then mirrored
+    left-right when `hflip` (`display_transform`). A view."""
+    if rotation % 360:
+        a = np.rot90(a, k=(rotation % 360) // 90, axes=axes)
+    return np.flip(a, axis=axes[1]) if hflip else a
+
+
+def decord_mirror_axis(rotation: int, hflip: bool) -> int | None:
+    """decord turns a picture by the display matrix's angle (`av_display_rotation_get`) and mirrors nothing: for a
+    mirrored matrix its frames are the displayed ones mirrored once more, top-bottom (-3 of [k, h, w, 3]) when the
+    display turn is 0 or 180 degrees (that angle reads 180 degrees off), left-right (-2) when it is 90 or 270; None
+    when the matrix mirrors nothing. Checked against PyAV on each file at ingest (`check_decord_seeking`)."""
+    if not hflip:
+        return None
+    return -3 if rotation % 180 == 0 else -2
+
+
 def video_stream(container, index: int | None = None):
     """The video stream of an open PyAV container that ingest measures and training decodes: stream `index` (the one
     ingest chose, `meta["stream_index"]`) when given, else FFmpeg's best video stream (`av_find_best_stream`, the one
@@ -182,6 +240,9 @@ def decode_decord(req: DecodeRequest) -> np.ndarray:
         raise DecodeError("decode_error", f"decord: {str(e)[-300:]}") from None
     finally:
         del vr
+    axis = decord_mirror_axis(int(req.meta.get("rotation", 0)), bool(req.meta.get("hflip", False)))
+    if axis is not None:
+        arr = np.flip(arr, axis=axis)
     return _check(req, arr, "decord")
 
 
@@ -195,6 +256,7 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
     except Exception:
         pass
     rot = int(req.meta.get("rotation", 0)) % 360
+    hflip = bool(req.meta.get("hflip", False))
     k = len(req.indices)
     planar = req.layout == "chw"
     sizes = frame_sizes(req)
@@ -209,13 +271,12 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
         h, w = sizes[j]
         dec_w, dec_h = (h, w) if rot in (90, 270) else (w, h)
         if not planar:
-            a = fr.to_ndarray(width=dec_w, height=dec_h, format="rgb24")
-            return np.rot90(a, k=rot // 90) if rot else a
+            return orient(fr.to_ndarray(width=dec_w, height=dec_h, format="rgb24"), rot, hflip)
         # planar RGB straight from swscale ("gbrp": planes G, B, R), rows padded to line_size
         g = fr.reformat(width=dec_w, height=dec_h, format="gbrp")
         pl = [np.frombuffer(p, np.uint8).reshape(dec_h, p.line_size)[:, :dec_w] for p in g.planes]
         a = np.stack((pl[2], pl[0], pl[1]))
-        return np.rot90(a, k=rot // 90, axes=(1, 2)) if rot else a
+        return orient(a, rot, hflip, axes=(1, 2))
 
     def open_stream():
         c = av.open(req.path)
@@ -327,6 +388,10 @@ def torchcodec_available() -> bool:
 
 
 def decode_torchcodec(req: DecodeRequest) -> np.ndarray:
+    if req.meta.get("hflip"):
+        # a mirroring display matrix: whether torchcodec 0.13 applies the mirror was not checked (it needs Debian's
+        # FFmpeg libraries, absent where this was written); PyAV applies it
+        return decode_pyav(req)
     try:
         import torch
         from torchcodec.decoders import VideoDecoder

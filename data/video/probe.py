@@ -2,7 +2,8 @@
 
 This is what ingest runs, in a guarded child process, for every file. Headers lie, so everything
 the training path relies on is measured: the real number of decodable frames and their pts, the
-keyframe positions, the displayed size (after the rotation matrix), fps and duration from the pts,
+keyframe positions, the displayed size and orientation (the display matrix's turn and mirror, as the ffmpeg CLI
+applies them), fps and duration from the pts,
 and whether decord's seeking returns the frame it was asked for on this very file (it does not on
 some MPEG-4 Part 2 files with B-frames; such files are then decoded with PyAV at training time).
 
@@ -21,7 +22,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from .backends import is_attached_picture, video_stream
+from .backends import decord_mirror_axis, display_transform, frame_display_matrix, is_attached_picture, orient, \
+    video_stream
 from .scenes import SceneDetector, SceneSpec
 from .timeline import encode_runs
 
@@ -76,14 +78,14 @@ class _ProxyWriter:
         self.k = 0                       # next proxy frame index
         self.prev = None                 # (time, VideoFrame) last source frame seen
 
-    def _open(self, frame, rotation: int) -> None:
+    def _open(self, frame, rotation: int, hflip: bool) -> None:
         import av
 
         dw, dh = _display_size(frame.width, frame.height, rotation)
         scale = min(1.0, self.spec.short_side / max(1, min(dw, dh)))
         self.out_w = max(2, int(dw * scale) // 2 * 2)
         self.out_h = max(2, int(dh * scale) // 2 * 2)
-        self.rotation = rotation
+        self.rotation, self.hflip = rotation, hflip
         # decode size in stored orientation
         self.dec_w, self.dec_h = _display_size(self.out_w, self.out_h, rotation)
         self.container = av.open(self.dst, "w", options={"movflags": "faststart"})
@@ -102,8 +104,7 @@ class _ProxyWriter:
         import av
 
         arr = frame.to_ndarray(width=self.dec_w, height=self.dec_h, format="rgb24")
-        if self.rotation:
-            arr = np.ascontiguousarray(np.rot90(arr, k=self.rotation // 90))
+        arr = np.ascontiguousarray(orient(arr, self.rotation, self.hflip))
         out = av.VideoFrame.from_ndarray(arr, format="rgb24")
         out.pts = self.k
         out.time_base = 1 / self.rate
@@ -111,9 +112,9 @@ class _ProxyWriter:
             self.container.mux(p)
         self.k += 1
 
-    def add(self, t: float, frame, rotation: int) -> None:
+    def add(self, t: float, frame, rotation: int, hflip: bool = False) -> None:
         if self.container is None:
-            self._open(frame, rotation)
+            self._open(frame, rotation, hflip)
         if self.prev is not None:
             # proxy frames whose time falls before this frame show the previous source frame
             while self.k / self.spec.fps < t - 1e-9:
@@ -197,8 +198,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
                 break
             for fr in frames:
                 if first is None:
-                    first = (fr.width, fr.height, int(getattr(fr, "rotation", 0) or 0) % 360,
-                             fr.format.name)
+                    first = (fr.width, fr.height, *display_transform(frame_display_matrix(fr)), fr.format.name)
                 elif (fr.width, fr.height) != first[:2]:
                     size_changes += 1
                 if fr.is_corrupt:
@@ -213,7 +213,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
                 if keep_thumbs:
                     thumbs.append(fr.to_ndarray(width=THUMB, height=THUMB, format="gray").astype(np.float32))
                 if writer is not None and fr.pts is not None:
-                    writer.add(float((fr.pts - (pts[0] or 0)) * tb), fr, first[2])
+                    writer.add(float((fr.pts - (pts[0] or 0)) * tb), fr, first[2], first[3])
         n = len(pts)
         if error is not None:
             raise ProbeError("decode_error", error)
@@ -230,7 +230,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
                                           f"header says {header_frames} frames, {header_duration} s")
         if size_changes:
             raise ProbeError("resolution_change", f"{size_changes} frames differ from {first[:2]}")
-        width, height, rotation, pix_fmt = first
+        width, height, rotation, hflip, pix_fmt = first
         if rotation % 90:
             raise ProbeError("unsupported_rotation", f"{rotation} degrees")
 
@@ -257,7 +257,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
             "stream_index": st.index,
             "container": container.format.name,
             "pix_fmt": pix_fmt,
-            "coded_width": width, "coded_height": height, "rotation": rotation,
+            "coded_width": width, "coded_height": height, "rotation": rotation, "hflip": hflip,
             "width": dw, "height": dh,
             "num_frames": n,
             "header_frames": header_frames,
@@ -290,7 +290,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
                 for i, fr in enumerate(again.decode(s2)):
                     if i >= n:
                         break
-                    writer.add(float(arr[i] * tb), fr, rotation)
+                    writer.add(float(arr[i] * tb), fr, rotation, hflip)
         if writer is not None:
             writer.close(duration)
         if keep_thumbs:
@@ -306,7 +306,8 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
         container.close()
 
 
-def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: int = 0) -> bool | None:
+def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, hflip: bool = False,
+                         seed: int = 0) -> bool | None:
     """Ask decord for a few frames (sorted, one fresh reader, as training does) and check each is
     the frame PyAV decoded at that index. None when decord is not importable; False when it cannot open or
     read the file (AV1: decord's FFmpeg has no decoder for it), so that the decord backend decodes such a
@@ -330,9 +331,10 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, seed: 
         raise
     except Exception:
         return False
-    ref = thumbs
-    if rotation:
-        ref = np.rot90(thumbs, k=rotation // 90, axes=(1, 2))
+    ref = orient(thumbs, rotation, hflip, axes=(1, 2))           # as displayed, from PyAV's frames
+    axis = decord_mirror_axis(rotation, hflip)
+    if axis is not None:                                          # as the decord backend shows them ([k, h, w])
+        got = np.flip(got, axis=axis + 1)
     for j, i in enumerate(idx):
         lo, hi = max(0, i - 4), min(n, i + 5)
         err = ((ref[lo:hi] - got[j][None]) ** 2).mean(axis=(1, 2))
@@ -362,7 +364,7 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
     if meta.pop("_decord_reads_another_stream", False):
         meta["decord_seek_ok"] = False      # decord reads FFmpeg's best stream, not this one: PyAV decodes the file
     elif check_decord and thumbs is not None:
-        meta["decord_seek_ok"] = check_decord_seeking(stored, thumbs, meta["rotation"])
+        meta["decord_seek_ok"] = check_decord_seeking(stored, thumbs, meta["rotation"], hflip=meta["hflip"])
     else:
         meta["decord_seek_ok"] = None
     return {"video": meta, "source": source, "stored_path": stored}

@@ -207,3 +207,56 @@ def test_the_proxy_of_a_file_whose_pts_are_not_its_times_shows_the_frames_by_cou
     # source frames differ by about 24: the nearest source frame is the one the proxy frame was made from
     nearest = [int(np.abs(src - f.astype(int)).mean(axis=(1, 2, 3)).argmin()) for f in _reference(proxy, 0)]
     assert nearest == shown
+
+
+@pytest.mark.parametrize("rotation,hflip,vflip", [(0, True, False), (0, False, True), (90, True, False),
+                                                  (270, False, True)])
+def test_a_mirror_flip_in_the_display_matrix_is_applied_as_the_ffmpeg_cli_does(tmp_path, rotation, hflip, vflip):
+    """A phone's selfie video (or `ffmpeg -display_hflip`) stores a display matrix that mirrors the picture, possibly
+    after turning it. Frames were turned by the matrix's rotation angle alone: a selfie mirrored left-right came out
+    upside down (its matrix reads as a 180-degree turn), a transposed one mirrored. The pictures are stored so that
+    the matrix PyAV writes (rotate counter-clockwise, then mirror) shows them upright, as the ffmpeg CLI's autorotate
+    shows them; every backend and ingest's size give back those pictures."""
+    pics = [np.ascontiguousarray(a) for a in _pictures(4, 96, 64)]                  # upright, 64 x 96
+    path = str(tmp_path / "selfie.mp4")
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        stored = []
+        for a in pics:                          # undo the display transform: mirror, then turn back
+            a = a[::-1] if vflip else a
+            a = a[:, ::-1] if hflip else a
+            stored.append(np.ascontiguousarray(np.rot90(a, k=-(rotation // 90))))
+        s.height, s.width = stored[0].shape[:2]
+        s.pix_fmt, s.options = "yuv444p", {"qp": "0"}                              # lossless but for RGB -> YUV
+        s.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
+        for i, a in enumerate(stored):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    m = inspect_video(path)["video"]
+    assert (m["width"], m["height"]) == (96, 64)
+    assert m["decord_seek_ok"] is True          # the decord backend decodes it itself (mirrored there), not PyAV
+    idx = [0, 3]
+    want = np.stack([pics[i] for i in idx]).astype(int)
+    for backend in ("pyav", "decord"):
+        for layout in ("hwc", "chw"):
+            got = decode_frames(backend, DecodeRequest(path=path, indices=idx, height=64, width=96, meta=m,
+                                                       layout=layout))
+            got = got.transpose(0, 2, 3, 1) if layout == "chw" else got
+            # 3 levels: RGB -> YUV 4:4:4 -> RGB rounding of a lossless encode (1-2 seen); a wrong orientation of
+            # these noise blocks is off by about 85 levels on average
+            err = np.abs(got.astype(int) - want).mean()
+            assert err < 3, (backend, layout, err)
+
+    from data.video.probe import ProxySpec
+
+    proxy = str(tmp_path / "proxy.mp4")
+    r = inspect_video(path, proxy=ProxySpec(), proxy_path=proxy)
+    v = r["video"]
+    assert (v["width"], v["height"], v["rotation"], v["hflip"]) == (96, 64, 0, False)      # written upright
+    # the proxy is H.264 at its default quality (10 levels a pixel on this noise); a wrong orientation is off by ~85
+    perr = np.abs(_reference(proxy, 0)[0].astype(int) - pics[0]).mean()
+    assert perr < 15, perr
