@@ -54,6 +54,9 @@ REJECTS = "rejects.jsonl"
 SUMMARY = "dataset.json"
 SETTINGS = "ingest_settings.json"
 RECORDS = (SETTINGS, MANIFEST, REJECTS, SUMMARY)    # an --out holding one of them is an ingest's
+LISTED_EXTS = VIDEO_EXTS + ("gif", "webp")
+"""What ingest takes as videos: the containers stored as they are, and animated GIF and WebP, stored as the MP4 they
+are converted to (animated.py; a still one is rejected as `still_image`)."""
 
 
 @dataclass
@@ -77,7 +80,7 @@ class IngestOptions:
     """A frame is a scene change when less than this share of its thumbnail cells match the reference's."""
     retry_rejects: bool = False
     progress: bool = True
-    extensions: tuple[str, ...] = VIDEO_EXTS
+    extensions: tuple[str, ...] = LISTED_EXTS
     tmp_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class IngestOptions:
         return SceneSpec(fps=self.scene_fps, similarity=self.scene_similarity) if self.scene_fps else None
 
 
-def list_videos(root: str, extensions=VIDEO_EXTS) -> list[str]:
+def list_videos(root: str, extensions=LISTED_EXTS) -> list[str]:
     exts = {e.lower().lstrip(".") for e in extensions}
     out = []
     for dirpath, _, files in os.walk(root):
@@ -415,6 +418,7 @@ def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dic
     kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord,
               "scenes": asdict(spec) if spec is not None else None}
     proxy_path = None
+    kwargs["convert_path"] = os.path.join(tmp, key + ".converted.mp4")     # an animated GIF or WebP: converted
     if opts.proxy:
         proxy_path = os.path.join(tmp, key + ".mp4")
         kwargs.update(proxy={"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
@@ -423,8 +427,9 @@ def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dic
     try:
         res = pool.worker().call("inspect", timeout_s=opts.timeout_s, **kwargs)
     except WorkerFailure as e:
-        if proxy_path and os.path.exists(proxy_path):
-            os.unlink(proxy_path)
+        for p in (proxy_path, kwargs["convert_path"]):      # a crash or timeout may leave them
+            if p and os.path.exists(p):
+                os.unlink(p)
         return {"rel": rel, "key": key, "ok": False, "reason": e.reason, "detail": e.detail[:500],
                 "bytes_in": _size(path), "seconds": time.monotonic() - t0}
     return {"rel": rel, "key": key, "ok": True, "result": res, "bytes_in": _size(path),
@@ -501,6 +506,9 @@ def ingest(opts: IngestOptions) -> dict:
     root = os.path.abspath(opts.videos) if opts.videos is not None else None
     videos = list_videos(root, opts.extensions) if root is not None else []
     annotations = read_annotations(opts.annotations)
+    # a GIF or WebP that an image record names is that image, not also a video of the listing
+    image_files = {rel for _, rels in annotations.images.values() for rel in rels}
+    videos = [v for v in videos if v not in image_files]
     for p in annotations.problems:
         print(f"[ingest] warning: {p}", file=sys.stderr)
     if not (videos or annotations.videos or annotations.images or annotations.texts or annotations.bad_videos):
@@ -680,7 +688,8 @@ def ingest(opts: IngestOptions) -> dict:
                     if rel not in ann:
                         stats["unannotated"] += 1
                     stored = res["stored_path"]
-                    ext = "mp4" if opts.proxy else rel.rsplit(".", 1)[-1].lower()
+                    converted = bool(res["video"].get("converted_from"))     # an animated GIF or WebP
+                    ext = "mp4" if opts.proxy or converted else rel.rsplit(".", 1)[-1].lower()
                     record = {"schema": SCHEMA, "key": r["key"], "source_path": rel, "video": res["video"],
                               "source": res["source"], "annotation": annotation,
                               "proxy": ({"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
@@ -697,7 +706,7 @@ def ingest(opts: IngestOptions) -> dict:
                     stats["bytes_stored"] += res["video"]["bytes"]
                     stats["frames"] += res["video"]["num_frames"]
                     stats["seconds_of_video"] += res["video"]["duration_s"]
-                    if opts.proxy:
+                    if opts.proxy or converted:
                         os.unlink(stored)
                     if writer.size >= target:
                         close_shard()

@@ -212,12 +212,13 @@ class GuardedWorker:
 # ---------------------------------------------------------------------------------------------
 
 def _op_inspect(path: str, proxy: dict | None = None, proxy_path: str | None = None,
-                threads: int = 1, check_decord: bool = True, scenes: dict | None = None) -> dict:
+                threads: int = 1, check_decord: bool = True, scenes: dict | None = None,
+                convert_path: str | None = None) -> dict:
     from .probe import ProxySpec, SceneSpec, inspect_video
 
     spec = ProxySpec(**proxy) if proxy else None
     return inspect_video(path, proxy=spec, proxy_path=proxy_path, threads=threads, check_decord=check_decord,
-                         scenes=SceneSpec(**scenes) if scenes else None)
+                         scenes=SceneSpec(**scenes) if scenes else None, convert_path=convert_path)
 
 
 def _op_inspect_image(path: str) -> dict:

@@ -17,6 +17,7 @@ its header promises and spans clearly less than its duration (truncated), or cha
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -344,10 +345,39 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, hflip:
 
 
 def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | None = None,
-                  threads: int = 1, check_decord: bool = True, scenes: SceneSpec | None = None) -> dict:
+                  threads: int = 1, check_decord: bool = True, scenes: SceneSpec | None = None,
+                  convert_path: str | None = None) -> dict:
     """Ingest's per-file job. Returns {"video": meta of the file to store, "source": meta of the
     original when a proxy was written (else None), "stored_path": ...}. Raises ProbeError. The scene
-    changes (`scenes`) are found in the stored file: its frames are the ones training samples."""
+    changes (`scenes`) are found in the stored file: its frames are the ones training samples.
+
+    An animated GIF or WebP is first converted to an MP4 at `convert_path` (`animated.py`; by default a file in the
+    temporary folder that the caller then owns), which is then what is measured and stored (or proxied), with
+    `meta["converted_from"]` = {"format", "num_frames", "duration_ms", "loop"} of the original."""
+    from .animated import animated_kind, convert_animated
+
+    converted = None
+    if animated_kind(path) is not None:
+        if convert_path is None:
+            fd, convert_path = tempfile.mkstemp(suffix=".mp4", prefix="keye-animated-")
+            os.close(fd)
+        converted = convert_animated(path, convert_path)
+        path = convert_path
+    try:
+        r = _inspect(path, proxy, proxy_path, threads, check_decord, scenes)
+    except BaseException:
+        if converted is not None and os.path.exists(path):
+            os.unlink(path)
+        raise
+    if converted is not None:
+        r["video"]["converted_from"] = converted
+        if proxy is not None:
+            os.unlink(path)                 # the proxy made from it is stored
+    return r
+
+
+def _inspect(path: str, proxy: ProxySpec | None, proxy_path: str | None, threads: int, check_decord: bool,
+             scenes: SceneSpec | None) -> dict:
     if proxy is None:
         meta = probe_video(path, threads=threads, keep_thumbs=check_decord, scenes=scenes)
         source = None
