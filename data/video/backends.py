@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .timeline import decode_runs
+from .timeline import decode_runs, frame_pts
 
 BACKENDS = ("decord", "pyav", "torchcodec")
 
@@ -310,8 +310,8 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
 
     try:
         pts = None
-        if req.meta.get("pts_runs") and not req.meta.get("pts_synthesized"):
-            pts = decode_runs(req.meta["pts_runs"])
+        if not req.meta.get("pts_synthesized"):
+            pts = frame_pts(req.meta)
         if pts is None or pts.shape[0] < 2:
             _pyav_sequential(container, st, req.indices, views, convert)
             return _check(req, out, "pyav", req.layout)

@@ -26,7 +26,7 @@ import numpy as np
 from .backends import decord_mirror_axis, display_transform, frame_display_matrix, is_attached_picture, orient, \
     video_stream
 from .scenes import SceneDetector, SceneSpec
-from .timeline import encode_runs
+from .timeline import encode_pts, encode_runs
 
 THUMB = 8            # side of the grey thumbnails used to check decord's seeking
 SEEK_CHECKS = 12     # frames asked from decord at ingest
@@ -268,7 +268,7 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
             "duration_s": duration,
             "start_s": float(arr[0] * tb),
             "time_base": [tb.numerator, tb.denominator],
-            "pts_runs": encode_runs(arr.tolist()),
+            **encode_pts(arr),
             "end_pts": end_pts,
             "pts_synthesized": synthesized,
             "vfr": vfr,
