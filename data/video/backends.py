@@ -139,9 +139,9 @@ def display_transform(matrix) -> tuple[int, bool]:
     theta = round(math.degrees(math.atan2(b / s1, a / s0)))
     theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
     if abs(theta - 90) < 1:             # transpose=cclock_flip (the transpose) when matrix[3] > 0, else clock
-        return (270, True) if c > 0 else (270, False)
+        return 270, c > 0
     if abs(theta - 270) < 1:            # transpose=clock_flip when matrix[3] < 0, else cclock
-        return (90, True) if c < 0 else (90, False)
+        return 90, c < 0
     if abs(theta - 180) < 1 or abs(theta) < 1:
         h, v = abs(theta - 180) < 1 and a < 0, d < 0        # hflip (180 only) and vflip filters
         return (180 if v else 0), h != v

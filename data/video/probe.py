@@ -310,7 +310,8 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
 def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, hflip: bool = False,
                          seed: int = 0) -> bool | None:
     """Ask decord for a few frames (sorted, one fresh reader, as training does) and check each is
-    the frame PyAV decoded at that index. None when decord is not importable; False when it cannot open or
+    the frame PyAV decoded at that index, in the orientation the display matrix gives (`rotation`, `hflip`; the
+    decord backend's mirror applied). None when decord is not importable; False when it cannot open or
     read the file (AV1: decord's FFmpeg has no decoder for it), so that the decord backend decodes such a
     file, which PyAV has just decoded whole, with PyAV."""
     try:
@@ -341,6 +342,12 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, hflip:
         err = ((ref[lo:hi] - got[j][None]) ** 2).mean(axis=(1, 2))
         if err[i - lo] > 1.5 * err.min() + 4.0:    # another frame fits clearly better
             return False
+    # and in the orientation shown: the same frames mirrored or turned upside down must not fit clearly better (the
+    # frame test above cannot tell, every neighbour being as wrongly oriented)
+    want = ref[idx]
+    fit = ((want - got) ** 2).mean()
+    if any(((want - np.flip(got, axis=ax)) ** 2).mean() * 1.5 + 4.0 < fit for ax in (1, 2, (1, 2))):
+        return False
     return True
 
 
