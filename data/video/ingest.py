@@ -689,7 +689,12 @@ def ingest(opts: IngestOptions) -> dict:
                         stats["unannotated"] += 1
                     stored = res["stored_path"]
                     converted = bool(res["video"].get("converted_from"))     # an animated GIF or WebP
-                    ext = "mp4" if opts.proxy or converted else rel.rsplit(".", 1)[-1].lower()
+                    ext = rel.rsplit(".", 1)[-1].lower()
+                    if opts.proxy or converted or ext not in VIDEO_EXTS:
+                        # a '.gif' that holds an MP4 (as web sites serve them) is stored under a video's extension,
+                        # which a shard's index rebuilt from the tar (scan_shard) recognises
+                        ext = "mkv" if "matroska" in res["video"]["container"] and not (opts.proxy or converted) \
+                            else "mp4"
                     record = {"schema": SCHEMA, "key": r["key"], "source_path": rel, "video": res["video"],
                               "source": res["source"], "annotation": annotation,
                               "proxy": ({"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,

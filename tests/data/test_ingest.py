@@ -488,7 +488,7 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     sample stored as the MP4 it is converted to (tests/data/test_video_kinds.py checks its frames). A still WebP of
     the folder (a thumbnail) is rejected as 'still_image', and an animated WebP that an image record names is that
     image only, not also a video of the listing."""
-    from data.video.shards import make_key
+    from data.video.shards import make_key, scan_shard
 
     from .test_video_kinds import _animation
 
@@ -499,6 +499,7 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     _animation(str(vids / "anim.gif"), "gif", [100, 200, 100])
     _animation(str(vids / "thumb.webp"), "webp", [100])
     _animation(str(vids / "pic.webp"), "webp", [100, 100])
+    shutil.copy(vids / "a.mp4", vids / "gifv.gif")                   # an MP4 named .gif, as web sites serve them
     recs = [{"video": "clip.3gp", "caption": "c"}, {"video": "ghost.mp4", "caption": "g"},
             {"image": "ghost.png", "caption": "g"}, {"video": "a.mp4", "caption": "a"},
             {"video": "anim.gif", "caption": "a gif"}, {"image": "pic.webp", "caption": "its first frame"}]
@@ -512,14 +513,17 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
         "thumb.webp": "still_image"}
     assert "'.3gp' is not one ingest reads (mp4 mkv webm mov avi m4v ts" in by["clip.3gp"]["detail"]
     r = summary["this_run"]
-    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 4 and r["accepted"] == 2
+    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 4 and r["accepted"] == 3
     assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2, "still_image": 1}
     assert r["skipped_already_done"] == 0
-    members = set()
+    members, scanned = set(), set()
     for shard in sorted((tmp_path / "o").glob("*.tar")):
         with tarfile.open(shard) as t:
             members |= set(t.getnames())
+        scanned |= {s["key"] for s in scan_shard(str(shard))["samples"]}     # an index rebuilt from the tar alone
     assert make_key("anim.gif") + ".mp4" in members and make_key("pic.webp") + ".webp" in members
+    assert make_key("gifv.gif") + ".mp4" in members
+    assert scanned == {make_key(x) for x in ("a.mp4", "anim.gif", "gifv.gif", "pic.webp")}
 
 
 def test_retry_rejects_leaves_one_line_per_file_still_rejected(tmp_path):
