@@ -342,11 +342,14 @@ def check_decord_seeking(path: str, thumbs: np.ndarray, rotation: int, *, hflip:
         err = ((ref[lo:hi] - got[j][None]) ** 2).mean(axis=(1, 2))
         if err[i - lo] > 1.5 * err.min() + 4.0:    # another frame fits clearly better
             return False
-    # and in the orientation shown: the same frames mirrored or turned upside down must not fit clearly better (the
-    # frame test above cannot tell, every neighbour being as wrongly oriented)
+    # and in the orientation shown: the same frames turned or mirrored (the thumbnails are square) must not fit
+    # clearly better; the frame test above cannot tell, every neighbour being as wrongly oriented (decord turns MP4
+    # and MOV by their display matrix, but not Matroska or WebM)
     want = ref[idx]
     fit = ((want - got) ** 2).mean()
-    if any(((want - np.flip(got, axis=ax)) ** 2).mean() * 1.5 + 4.0 < fit for ax in (1, 2, (1, 2))):
+    others = [np.rot90(got, k=k, axes=(1, 2)) for k in (1, 2, 3)]
+    others += [np.flip(a, axis=2) for a in [got] + others]
+    if any(((want - a) ** 2).mean() * 1.5 + 4.0 < fit for a in others):
         return False
     return True
 
