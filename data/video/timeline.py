@@ -6,7 +6,8 @@ variable-frame-rate one costs one run per change of step. A phone's variable-fra
 every frame (a clock's jitter: an hour at 30 fps in 1/90000 s made 54,000 runs, 1 MB of JSON in the shard index),
 so the pts are stored packed instead when that is smaller (`encode_pts`: `pts_packed`, the first pts and the
 differences as little-endian int64, zlib, base64: 249 KB there; 10 KB instead of 582 KB for 29.97 fps in
-milliseconds; 26 KB instead of 160 KB for 1/600 s steps of 20 with one in ten 19, 21 or 40), exactly.
+milliseconds; 26 KB instead of 160 KB for 1/600 s steps of 20 with one in ten 19, 21 or 40), exactly, and read in
+4 ms instead of the 183 ms `decode_runs` took on the hour's runs (the PyAV backend reads them for every request).
 `frame_pts` reads either. `FrameTimeline` answers "time of frame i"
 and "frame shown at time t" from the verified (decoded) pts list, never from the container header.
 """
