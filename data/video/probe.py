@@ -403,6 +403,10 @@ def _inspect(path: str, proxy: ProxySpec | None, proxy_path: str | None, threads
     thumbs = meta.pop("_thumbs", None)
     if meta.pop("_decord_reads_another_stream", False):
         meta["decord_seek_ok"] = False      # decord reads FFmpeg's best stream, not this one: PyAV decodes the file
+    elif meta["container"] == "mpeg":
+        # an MPEG program stream (.mpg, .vob): decord gave a wrong frame among 4 asked in 20 of 20 reads of 60-frame
+        # MPEG-1 and MPEG-2 files, and in 1 to 12 of 20 reads of 12-frame ones, which the check below passed
+        meta["decord_seek_ok"] = False
     elif check_decord and thumbs is not None:
         meta["decord_seek_ok"] = check_decord_seeking(stored, thumbs, meta["rotation"], hflip=meta["hflip"])
     else:

@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 
 SCHEMA = "keye-video-meta/3"   # /3: a video may carry scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 and /2 shards read as before
-VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv")
+VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv", "3gp", "3g2", "mts", "m2ts", "wmv",
+              "asf", "vob", "mxf")
+"""Containers stored as they are: also older phones' 3GP, camcorders' AVCHD (.mts/.m2ts: MPEG-TS), Windows Media,
+DVD VOB (MPEG-PS) and broadcast MXF, which PyAV and decord read as they do the others"""
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 

@@ -482,8 +482,10 @@ def test_an_ingest_interrupted_among_a_videos_records_resumes_writing_each_once(
 
 
 def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_counted(tmp_path):
-    """A .3gp the annotations name was rejected as 'missing_file: not found under --videos' although it is there;
-    and the run's summary left the missing files out of its rejected count (the reference: rejects.jsonl).
+    """A file of an extension ingest does not read (a partial download, '.part') that the annotations name was
+    rejected as 'missing_file: not found under --videos' although it is there; and the run's summary left the
+    missing files out of its rejected count (the reference: rejects.jsonl). An older phone's .3gp was such a file
+    too ('unsupported_extension'); it is a video like the MP4 it is.
     Also the GIF and WebP cases: an animated GIF that a record names was 'unsupported_extension'; it is now a video
     sample stored as the MP4 it is converted to (tests/data/test_video_kinds.py checks its frames). A still WebP of
     the folder (a thumbnail) is rejected as 'still_image', and an animated WebP that an image record names is that
@@ -496,11 +498,13 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     vids.mkdir()
     write_video(vids / "a.mp4", VideoSpec(n_frames=12, width=64, height=48, fps=12, seed=1))
     shutil.copy(vids / "a.mp4", vids / "clip.3gp")
+    shutil.copy(vids / "a.mp4", vids / "clip.mp4.part")
     _animation(str(vids / "anim.gif"), "gif", [100, 200, 100])
     _animation(str(vids / "thumb.webp"), "webp", [100])
     _animation(str(vids / "pic.webp"), "webp", [100, 100])
     shutil.copy(vids / "a.mp4", vids / "gifv.gif")                   # an MP4 named .gif, as web sites serve them
-    recs = [{"video": "clip.3gp", "caption": "c"}, {"video": "ghost.mp4", "caption": "g"},
+    recs = [{"video": "clip.mp4.part", "caption": "c"}, {"video": "ghost.mp4", "caption": "g"},
+            {"video": "clip.3gp", "caption": "an old phone's"},
             {"image": "ghost.png", "caption": "g"}, {"video": "a.mp4", "caption": "a"},
             {"video": "anim.gif", "caption": "a gif"}, {"image": "pic.webp", "caption": "its first frame"}]
     (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -509,11 +513,11 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     rejects = read_jsonl(tmp_path / "o" / "rejects.jsonl")
     by = {r.get("video") or r.get("image"): r for r in rejects}
     assert {k: r["reason"] for k, r in by.items()} == {
-        "clip.3gp": "unsupported_extension", "ghost.mp4": "missing_file", "ghost.png": "missing_file",
+        "clip.mp4.part": "unsupported_extension", "ghost.mp4": "missing_file", "ghost.png": "missing_file",
         "thumb.webp": "still_image"}
-    assert "'.3gp' is not one ingest reads (mp4 mkv webm mov avi m4v ts" in by["clip.3gp"]["detail"]
+    assert "'.part' is not one ingest reads (mp4 mkv webm mov avi m4v ts" in by["clip.mp4.part"]["detail"]
     r = summary["this_run"]
-    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 4 and r["accepted"] == 3
+    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 4 and r["accepted"] == 4
     assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2, "still_image": 1}
     assert r["skipped_already_done"] == 0
     members, scanned = set(), set()
@@ -522,8 +526,8 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
             members |= set(t.getnames())
         scanned |= {s["key"] for s in scan_shard(str(shard))["samples"]}     # an index rebuilt from the tar alone
     assert make_key("anim.gif") + ".mp4" in members and make_key("pic.webp") + ".webp" in members
-    assert make_key("gifv.gif") + ".mp4" in members
-    assert scanned == {make_key(x) for x in ("a.mp4", "anim.gif", "gifv.gif", "pic.webp")}
+    assert make_key("gifv.gif") + ".mp4" in members and make_key("clip.3gp") + ".3gp" in members
+    assert scanned == {make_key(x) for x in ("a.mp4", "anim.gif", "gifv.gif", "pic.webp", "clip.3gp")}
 
 
 def test_retry_rejects_leaves_one_line_per_file_still_rejected(tmp_path):
