@@ -3,7 +3,8 @@ all read.
 
 None of the decoders reads them as they are: decord cannot open a GIF ("Failed to measure duration/frame-count"),
 the FFmpeg of PyAV 18 and of decord has no decoder for animated WebP ("image data not found"), and FFmpeg's GIF
-decoder gives transparent pixels with whatever colour lies under them. Pillow decodes both (disposal, palettes,
+decoder paints a frame disposed to the background with the file's background colour, opaque, where browsers and
+Pillow leave it transparent (up to 126 levels off in a test GIF). Pillow decodes both (disposal, palettes,
 transparency), so ingest (`probe.inspect_video`, in its guarded child) writes each frame as Pillow shows it,
 composited onto white (as `images.py` does for a still image, and as transformers' image processors do), into an
 H.264 4:4:4 MP4 coded losslessly (qp 0: only the RGB -> YUV rounding, a level or two), at the GIF's or WebP's own
