@@ -367,17 +367,18 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
     from .animated import animated_kind, convert_animated
 
     converted = None
-    if animated_kind(path) is not None:
-        if convert_path is None:
-            fd, convert_path = tempfile.mkstemp(suffix=".mp4", prefix="keye-animated-")
-            os.close(fd)
-        converted = convert_animated(path, convert_path)
-        path = convert_path
+    animated = animated_kind(path) is not None
+    if animated and convert_path is None:
+        fd, convert_path = tempfile.mkstemp(suffix=".mp4", prefix="keye-animated-")
+        os.close(fd)
     try:
+        if animated:
+            converted = convert_animated(path, convert_path)
+            path = convert_path
         r = _inspect(path, proxy, proxy_path, threads, check_decord, scenes)
     except BaseException:
-        if converted is not None and os.path.exists(path):
-            os.unlink(path)
+        if animated and os.path.exists(convert_path):
+            os.unlink(convert_path)
         raise
     if converted is not None:
         r["video"]["converted_from"] = converted

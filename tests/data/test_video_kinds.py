@@ -1,5 +1,7 @@
 """Videos of the kinds users have, through ingest's probe and the decoders: several streams, cover art, codecs and
 pixel formats, timing. Each is checked against PyAV decoding the same file directly (or the frames encoded)."""
+import os
+
 import av
 import numpy as np
 import pytest
@@ -330,6 +332,12 @@ def test_animated_gif_and_webp_are_videos_at_their_own_frame_times(tmp_path, fmt
         inspect_video(still, convert_path=str(tmp_path / "still.mp4"))
     assert e.value.reason == "still_image" and "'image' field" in e.value.detail
     assert not (tmp_path / "still.mp4").exists()
+    import tempfile
+
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(ProbeError):
+        inspect_video(still)                    # its default file in the temporary folder is removed too
+    assert not {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("keye-animated-")}
 
 
 def test_a_phones_jittery_variable_frame_rate_is_stored_compactly_and_exactly(tmp_path):
