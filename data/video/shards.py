@@ -37,7 +37,10 @@ from data.node_files import array_json, json_array, shaped, shared_arrays
 log = logging.getLogger(__name__)
 
 
-SCHEMA = "keye-video-meta/3"   # /3: a video may carry scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 and /2 shards read as before
+SCHEMA = "keye-video-meta/4"
+"""/4: a video's pts may be `pts_packed` instead of `pts_runs` (timeline.frame_pts reads both), and it carries `hflip`
+(a mirroring display matrix) and, converted from an animated GIF or WebP, `converted_from`; /3: a video may carry
+scene_changes (slow/fast frames); /2: text-only and image samples may appear; /1 to /3 shards read as before"""
 VIDEO_EXTS = ("mp4", "mkv", "webm", "mov", "avi", "m4v", "ts", "mpg", "mpeg", "flv", "3gp", "3g2", "mts", "m2ts", "wmv",
               "asf", "vob", "mxf")
 """Containers stored as they are: also older phones' 3GP, camcorders' AVCHD (.mts/.m2ts: MPEG-TS), Windows Media,
