@@ -65,6 +65,8 @@ def convert_animated(path: str, dst: str) -> dict:
         raise ProbeError("too_large", f"{name}: {e}") from None
     except Exception as e:
         raise ProbeError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
+    if w * h > MAX_PIXELS:
+        raise ProbeError("too_large", f"{name}: {w}x{h} pixels, over {MAX_PIXELS}")
     if n < 2:
         raise ProbeError("still_image", f"{name}: a {fmt} of one frame is a still image, not a video: name it in a "
                                         f"record's 'image' field to train on it as an image")
