@@ -48,7 +48,6 @@ def frame_ms(duration) -> int:
 def convert_animated(path: str, dst: str) -> dict:
     """Write the animation in `path` to `dst` (MP4, see the module docstring); returns {"format", "num_frames",
     "duration_ms", "loop"}. Raises ProbeError: `still_image` (one frame), `too_large`, `decode_error`."""
-    import av
     from PIL import Image
 
     from .images import MAX_PIXELS
@@ -58,11 +57,25 @@ def convert_animated(path: str, dst: str) -> dict:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ProbeError("too_large", f"{name}: {e}") from None
+    except Exception as e:
+        raise ProbeError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
+    with img:
+        return _convert(img, name, dst)
+
+
+def _convert(img, name: str, dst: str) -> dict:
+    import av
+    from PIL import Image
+
+    from .images import MAX_PIXELS
+    from .probe import ProbeError
+
+    try:
         fmt = img.format
         n = int(getattr(img, "n_frames", 1))
         w, h = img.size
-    except Image.DecompressionBombError as e:
-        raise ProbeError("too_large", f"{name}: {e}") from None
     except Exception as e:
         raise ProbeError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
     if w * h > MAX_PIXELS:

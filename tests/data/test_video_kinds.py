@@ -290,16 +290,17 @@ def _pillow_frames(path: str) -> list[np.ndarray]:
     """Every frame as Pillow shows it, composited onto white by the alpha formula."""
     from PIL import Image
 
-    img, out = Image.open(path), []
-    for i in range(img.n_frames):
-        img.seek(i)
-        a = np.asarray(img.convert("RGBA")).astype(np.float64)
-        out.append(a[..., :3] * a[..., 3:] / 255 + 255 * (1 - a[..., 3:] / 255))
+    out = []
+    with Image.open(path) as img:
+        for i in range(img.n_frames):
+            img.seek(i)
+            a = np.asarray(img.convert("RGBA")).astype(np.float64)
+            out.append(a[..., :3] * a[..., 3:] / 255 + 255 * (1 - a[..., 3:] / 255))
     return out
 
 
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
-def test_animated_gif_and_webp_are_videos_at_their_own_frame_times(tmp_path, fmt):
+def test_animated_gif_and_webp_are_videos_at_their_own_frame_times(tmp_path, fmt, monkeypatch):
     """TGIF-style data sets and web clips are animated GIFs and WebPs. Ingest did not take them (decord cannot open a
     GIF, the FFmpeg of PyAV and decord has no animated-WebP decoder: 'image data not found'). They are converted at
     ingest: every frame as Pillow shows it on white, at the file's own frame times (a 0 ms frame lasts 100 ms, as in
@@ -338,6 +339,16 @@ def test_animated_gif_and_webp_are_videos_at_their_own_frame_times(tmp_path, fmt
     with pytest.raises(ProbeError):
         inspect_video(still)                    # its default file in the temporary folder is removed too
     assert not {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("keye-animated-")}
+
+    from PIL import Image
+
+    import data.video.images
+
+    monkeypatch.setattr(data.video.images, "MAX_PIXELS", 50 * 34 - 1)      # a frame over the images' limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # Pillow's own, set from it: restored
+    with pytest.raises(ProbeError) as e, pytest.warns(Image.DecompressionBombWarning):
+        inspect_video(path, convert_path=str(tmp_path / "large.mp4"))
+    assert e.value.reason == "too_large" and "50x34" in e.value.detail
 
 
 def test_a_phones_jittery_variable_frame_rate_is_stored_compactly_and_exactly(tmp_path):
