@@ -62,6 +62,9 @@ def _sharding_metadata(dp_cp_group, optimizer_format: str = "fully_reshardable")
 
 
 MODEL_PARALLEL_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp")
+# what a dp_reshardable optimizer state cannot change: its flat buffers are the shards of one rank's parameters over
+# megatron's dp_cp group, and CP ranks hold the same parameters, so cp moves ranks between DP and CP like a DP change
+DP_RESHARDABLE_FIXED = ("tp", "pp", "vpp", "ep", "etp")
 
 
 def layout_record(layout) -> dict:
@@ -72,16 +75,17 @@ def layout_record(layout) -> dict:
 
 def check_resumable(saved_common: dict, layout: dict, where: Path) -> None:
     """Raises ValueError when a checkpoint's optimizer state cannot be loaded at `layout`: the
-    dp_reshardable format follows the distributed optimizer's buffers, so only DP may change."""
+    dp_reshardable format follows the distributed optimizer's buffers, sharded over DP x CP, so only DP and CP
+    may change (DP_RESHARDABLE_FIXED)."""
     fmt = saved_common.get("optimizer_format", "fully_reshardable")
     saved = saved_common["layout"]
-    changed = {k: (saved.get(k), layout.get(k)) for k in MODEL_PARALLEL_KEYS if saved.get(k) != layout.get(k)}
+    changed = {k: (saved.get(k), layout.get(k)) for k in DP_RESHARDABLE_FIXED if saved.get(k) != layout.get(k)}
     if fmt == "dp_reshardable" and changed:
-        was = " ".join(f"{k}={saved.get(k)}" for k in MODEL_PARALLEL_KEYS)
+        was = " ".join(f"{k}={saved.get(k)}" for k in DP_RESHARDABLE_FIXED)
         raise ValueError(
             f"checkpoint {where} stores the optimizer as dp_reshardable at {was}; this run changes "
             + ", ".join(f"{k} {a}->{b}" for k, (a, b) in changed.items())
-            + ". That format reshards over data parallelism only. Resume once at the saved layout with "
+            + ". That format reshards over data and context parallelism only. Resume once at the saved layout with "
               "train.checkpoint.optimizer_format=fully_reshardable train.stop_after=1 (it writes a checkpoint "
               "any layout loads), then start the new layout.")
 

@@ -46,7 +46,7 @@ class CheckpointConfig:
     # frozen ViT or projector neither source fills stops: it would stay at its random initialisation.
     vision_init_from: str = ""
     # How the distributed optimizer's state is stored. "dp_reshardable": each rank writes its own flat
-    # shards, no gather, no host copies in the training process (fast; resumable at another DP size only).
+    # shards, no gather, no host copies in the training process (fast; resumable at another DP or CP size only).
     # "fully_reshardable": gathered into per-parameter tensors (any TP/PP/EP change on resume; the gather
     # and host copies block the save: 55 s for a 2-layer Keye-30B slice on an H200, bench_checkpoint.py).
     optimizer_format: str = "dp_reshardable"

@@ -72,6 +72,25 @@ def test_dp_reshardable_refuses_a_model_parallel_change_with_a_way_out(tmp_path)
     check_resumable({**saved, "optimizer_format": "fully_reshardable"}, {**lay, "tp": 1, "ep": 1}, tmp_path)
 
 
+def test_dp_reshardable_resumes_at_another_context_parallel_size(tmp_path):
+    """The distributed optimizer shards its flat buffers over DP x CP (megatron's dp_cp group) and CP ranks hold the
+    same parameters, so a dp_reshardable state loads at another cp as at another dp. The check refused it ("this run
+    changes cp 2->1"): a CP2 long-context run resumed at CP1 needed a conversion launch first. By hand, the tiny LM
+    (text_tiny, constant lr) stopped at step 4 at CP2 and resumed at CP1, and the other way round, trained steps 5-8
+    within 3e-8 relative of an uninterrupted CP1 run (tests/dist/test_resume.py resumes one at CP2)."""
+    import pytest
+
+    from train.checkpoint import check_resumable
+
+    lay = {"tp": 2, "pp": 1, "vpp": 1, "ep": 2, "etp": 1, "cp": 2, "dp": 1, "world_size": 4}
+    saved = {"layout": lay, "optimizer_format": "dp_reshardable"}
+    check_resumable(saved, {**lay, "cp": 1, "dp": 2}, tmp_path)   # the same world, its CP ranks now DP ranks
+    check_resumable(saved, {**lay, "cp": 1, "world_size": 2}, tmp_path)
+    check_resumable(saved, {**lay, "cp": 4, "world_size": 8}, tmp_path)
+    with pytest.raises(ValueError, match=r"at tp=2 pp=1 vpp=1 ep=2 etp=1; this run changes tp 2->1\. "):
+        check_resumable(saved, {**lay, "tp": 1, "cp": 4}, tmp_path)   # cp is not named among the changes
+
+
 def test_retention_counts_only_checkpoints_that_verify_and_keeps_the_one_just_saved(tmp_path):
     """A run whose newest checkpoint (40) is torn resumes from 20 and saves 27 below it. The old rule counted 40
     among the `keep_last` newest and deleted 27 (and 20) with keep_last=1, leaving nothing to resume from."""
