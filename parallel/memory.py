@@ -206,6 +206,14 @@ DSA_UNION_SHARE = 0.75
 # (GPU_KEY_SEGMENT keys, at most 64 segments: lse_i_segments)
 
 
+def cp_topk_rows_bytes(seq: int, dsa, elem_bytes: int) -> float:
+    """What a context-parallel rank's top-k (parallel/context/dsa._topk_triton) allocates beside the selector's own
+    buffers (topk_transient_bytes): it scatters the rank's queries to their global rows, so its output
+    ([rows, topk] int32) and its copies of q_idx, w and the index keys span the rows up to the rank's last position,
+    the whole sequence `seq` on every rank of the document split, whatever cp (parallel/context/README.md section 3)."""
+    return seq * (dsa.topk * 4 + (dsa.index_heads * dsa.index_dim + dsa.index_heads + dsa.index_dim) * elem_bytes)
+
+
 def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[float, float]:
     """(kept for backward, transient during the layer's forward) bytes of one attention block."""
     lm, tp, cp = m.lm, m.tp, m.cp
@@ -253,6 +261,8 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             # the selector's rows: every token of the micro-batch, or under CP the rank's t against all S keys
             selector = topk_transient_bytes(m.micro_batch_size, m.model_seq, x.topk,
                                             rows=int(t) if cp > 1 else None)
+            if cp > 1:  # its [S, topk] output and the query copies at their global rows, alive with the selector's
+                selector += cp_topk_rows_bytes(S, x, b)
             stage = max(selector, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
             transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
         else:

@@ -130,6 +130,46 @@ def test_topk_transient_bytes_at_the_tiny_shape():
     assert topk_transient_bytes(1, t, 2048) <= DSA_TOPK_CHUNK_BYTES + 2 * t * 4 + (t // 16) * 4 + t * 4
 
 
+def test_context_parallel_top_k_counts_its_buffers_at_global_rows(monkeypatch):
+    """A CP rank's top-k (parallel/context/dsa._topk_triton) scatters its queries to their global rows, so its output
+    and query copies span the whole sequence whatever cp. The estimate counted the selector for the rank's rows
+    alone: on an H100 at 128K tokens, cp 4 (rank 0, document split, top-2048, 16 x 64 index heads, bf16) the top-k
+    peaked at 2.249 GiB where 1.245 GiB was counted (cp 2: 2.249 against 1.495); now 2.515 and 2.765 (upper bounds:
+    the selector's chunks are counted at their bound). Reference: the tensors the wrapper hands the kernel, read
+    from the call (the kernel stubbed: its own buffers are topk_transient_bytes', tested above)."""
+    import torch
+
+    import kernels.dsa.topk as topk_mod
+    from parallel.context.dsa import _topk_triton
+    from parallel.context.split import cp_global_indices
+    from parallel.memory import cp_topk_rows_bytes
+
+    S, cp, K, HI, DI = 256, 2, 8, 2, 8
+    seen = {}
+
+    def stub(q_idx, w, k_idx, start, blocks, rows, topk, cap, samples, out, chunk_bytes):
+        seen.update(q_idx=q_idx, w=w, k_idx=k_idx, out=out)  # start and blocks: topk_transient_bytes counts them
+
+    monkeypatch.setattr(topk_mod, "topk_blocks", stub)
+    cu = [0, 100, 250, 256]  # the document split: rank 0 holds a piece of the last document (its row 255)
+    pos = cp_global_indices(S, cp, 0, split="document", cu_seqlens=cu)
+    t = pos.numel()
+    _topk_triton(torch.zeros(t, HI, DI, dtype=torch.bfloat16), torch.zeros(t, HI, dtype=torch.bfloat16),
+                 torch.zeros(S, DI, dtype=torch.bfloat16), pos, torch.zeros_like(pos), K)
+    measured = sum(x.numel() * x.element_size() for x in seen.values())
+    assert measured == cp_topk_rows_bytes(S, DSAConfig(index_heads=HI, index_dim=DI, topk=K), 2)
+    # in the layer's transient at 128K (top-2048, bf16), where the top-k is the forward's largest stage: above the
+    # rank's rows' share by the sequence-length buffers (1 GiB output + 256 MiB q_idx + 4 MiB w + 16 MiB keys)
+    x = DSAConfig(stage="sparse", index_heads=16, index_dim=64, topk=2048)
+    m = MemoryInputs(lm=lm(attention="dsa", dsa=x, head_dim=128, mrope_section=[16, 24, 24]), seq_length=131072, cp=4)
+    t4, b = 131072 // 4, 2
+    _, tr = _attention(m, "dsa", recompute_core=False)
+    hq, hkv = 4 * 128, 2 * 128  # lm(): 4 query / 2 KV heads, here of 128 dims
+    selector = topk_mod.topk_transient_bytes(1, 131072, 2048, rows=t4) + cp_topk_rows_bytes(131072, x, b)
+    assert cp_topk_rows_bytes(131072, x, b) == 131072 * (2048 * 4 + (16 * 64 + 16 + 64) * 2)
+    assert tr == 2 * t4 * (hq + 2 * hkv) * b + 2 * 131072 * hkv * 4 + selector
+
+
 def test_ksa_counts_summary_tokens():
     m = MemoryInputs(lm=lm(attention="ksa", ksa=KSAConfig(chunk=8, num_summary=1, windows=[4])), seq_length=64)
     assert m.model_seq == 72
