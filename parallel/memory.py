@@ -10,7 +10,9 @@ are counted as host memory (printed below the total) and two layers' worth stay 
 in flight. It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
 the code in this repository as it is: what each module saves for backward is counted from the modules
 (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
-models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below.
+models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below; besides what autograd
+saves, megatron's alltoall token dispatcher holds every MoE layer's last routing map and permutation indices as
+attributes, with any recompute or offload (`dispatcher_bytes`: 192 bytes a token a layer at 30B-A3B sizes).
 
 Legend: L layers, h hidden, d head dim, Hq / Hkv query / KV heads, E experts, k top-k, F expert FFN,
 V vocabulary, S model sequence length (text + KSA summaries), C KSA chunk, mbs micro-batch size.
@@ -293,6 +295,7 @@ def _moe(m: MemoryInputs) -> tuple[float, float]:
     T_e = t_sp * k * m.etp
     kept = _norm(t_sp * h, b)  # pre-MLP norm (its output feeds the router and the dispatcher)
     kept += t_sp * E * (4 + 4 + 1)  # fp32 router logits, scores, routing map
+    kept += t_sp * k * 8 * 2 + T_e * 8  # int64: the router's top-k indices (saved twice), the permutation's
     kept += T_e * h * b  # permuted expert input (fc1's saved input)
     kept += T_e * 2 * F / m.etp * b  # fc1 output (gate, up): SwiGLU's saved input
     if lm.experts_impl == "sequential":  # megatron's SequentialMLP: every intermediate is kept
@@ -302,6 +305,17 @@ def _moe(m: MemoryInputs) -> tuple[float, float]:
         kept += T_e * 4
     transient = 3 * T_e * h * b  # permute output, all-to-all receive buffer, combine buffer
     return kept, transient
+
+
+def dispatcher_bytes(m: MemoryInputs, *, offloaded: bool) -> float:
+    """What megatron's alltoall token dispatcher holds as attributes in one MoE layer, besides what autograd saves
+    (parallel/offload.py's docstring): the last forward's routing map (bool [t_sp, E], not saved: autograd saves its
+    transposed copy) and its permutation indices (int64, t_sp x k), which autograd saves too unless the layer ran
+    under full recompute (its saved copy is then the recompute's) or offload moved the saved copy to the host. One
+    micro-batch's per layer, whatever the in-flight micro-batches, from the layer's forward until its next one."""
+    t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
+    E, k = m.lm.num_experts, m.lm.moe_topk
+    return t_sp * (E + (8 * k if offloaded or m.recompute == "full" else 0))
 
 
 def _loss(m: MemoryInputs) -> float:
@@ -401,6 +415,8 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     if offloaded:
         rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
             min(2, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
+    rows["MoE dispatchers' routing maps + indices (every layer)"] = (
+        len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True))
     if m.recompute == "full":  # one layer's activations re-materialised during its backward
         rows["one recomputed layer"] = max(per_layer_full)
     if first:
@@ -427,7 +443,10 @@ def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str
         sets["output layer + loss"] = _loss(m)
     name = max(sets, key=sets.get)
     rows = {"kept for backward": 0.0, "residual stream": t_sp * m.lm.hidden_size * b,
-            f"largest working set, forward only ({name})": sets[name]}
+            f"largest working set, forward only ({name})": sets[name],
+            # nothing saves the permutation indices in a forward without autograd: every layer's stay as attributes
+            "MoE dispatchers' routing maps + indices (every layer)": (
+                sum(map(len, _stage_layers(m, first=first))) * dispatcher_bytes(m, offloaded=True))}
     if first:
         rows["rotary"] = m.model_seq * m.lm.head_dim * 4
     return rows

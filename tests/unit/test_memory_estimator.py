@@ -67,13 +67,14 @@ def test_dense_attention_activations_by_hand():
 
 
 def test_moe_activations_by_hand():
-    # fp32, t_sp = 8, k = 2 -> T_e = 16; norm 8*64*12 = 6144; router 8*4*9 = 288; expert in 16*64*4 = 4096;
-    # fc1 out 16*64*4 = 4096; grouped experts (the default): + probs 16*4 = 64 -> 14688;
-    # megatron's SequentialMLP also keeps swiglu 16*32*4 = 2048 and expert out + probs 16*(256+4) = 4160 -> 20832
+    # fp32, t_sp = 8, k = 2 -> T_e = 16; norm 8*64*12 = 6144; router 8*4*9 = 288; int64 indices: top-k twice
+    # 8*2*8*2 = 256 and the permutation's 16*8 = 128; expert in 16*64*4 = 4096; fc1 out 16*64*4 = 4096;
+    # grouped experts (the default): + probs 16*4 = 64 -> 15072;
+    # megatron's SequentialMLP also keeps swiglu 16*32*4 = 2048 and expert out + probs 16*(256+4) = 4160 -> 21216
     kept, transient = _moe(MemoryInputs(lm=lm(), seq_length=8, bf16=False))
-    assert kept == 14688 and transient == 3 * 16 * 64 * 4
+    assert kept == 15072 and transient == 3 * 16 * 64 * 4
     kept_seq, _ = _moe(MemoryInputs(lm=lm(experts_impl="sequential"), seq_length=8, bf16=False))
-    assert kept_seq == 20832
+    assert kept_seq == 21216
 
 
 def test_context_parallel_divides_activations_and_adds_ulysses_buffers():
