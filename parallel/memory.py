@@ -7,7 +7,7 @@ distributed optimizer's fp32 master copy + Adam moments sharded over DP x CP for
 for expert weights), activations kept for backward per layer type, the loss, and one layer's transient
 buffers; with `parallel.offload=activations` (parallel/offload.py) the offloaded layers' saved tensors
 are counted as host memory (printed below the total) and two layers' worth stay on the device as copies
-in flight. It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
+in flight (offload's LAYERS_IN_FLIGHT: a layer's forward waits for older copies beyond it). It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
 the code in this repository as it is: what each module saves for backward is counted from the modules
 (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
 models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below; besides what autograd
@@ -50,6 +50,7 @@ from kernels.dsa.indexer_loss_dense import GPU_CHUNK_BYTES, GPU_KEY_SEGMENT, lse
 from kernels.dsa.plan import PLAN_CHUNK_BYTES
 from kernels.dsa.topk import topk_transient_bytes
 from models.config import LMConfig
+from parallel.offload import LAYERS_IN_FLIGHT
 
 GIB = 1024 ** 3
 
@@ -384,8 +385,9 @@ def offloaded_host_bytes(m: MemoryInputs, *, first: bool) -> float:
 def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
     """Kept activations per layer type (of the layers that stay on the device when offloading), scaled by
     the in-flight micro-batches, plus the transient buffers. Offload (parallel/offload.py) keeps on the
-    device at most two offloaded layers' saved tensors at a time: one being copied out in forward, or in
-    backward the layer being worked on plus the next one prefetched."""
+    device at most LAYERS_IN_FLIGHT (2) offloaded layers' saved tensors at a time: in forward the layer running and
+    the previous one being copied out (a layer waits for older copies beyond that), in backward the layer being worked
+    on plus the next one prefetched."""
     if m.forward_only:
         return _forward_only_bytes(m, first=first, last=last)
     lm = m.lm
@@ -414,7 +416,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
         rows[k] *= scale
     if offloaded:
         rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
-            min(2, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
+            min(LAYERS_IN_FLIGHT, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
     rows["MoE dispatchers' routing maps + indices (every layer)"] = (
         len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True))
     if m.recompute == "full":  # one layer's activations re-materialised during its backward

@@ -8,8 +8,11 @@ for backward goes through `pack`, which copies it into a separate host tensor (p
 stream, with the source's strides) and drops the device reference; `unpack` copies it back. Tensors are
 grouped per layer; when backward first touches layer i, the host->device copies of the next offloaded
 layer below (i-1) are issued on a second side stream (prefetch), and layer i+1's reloaded tensors are
-released. On the device, at any time, there are at most the layer being worked on, the prefetched one and
-the copies still leaving.
+released. On the device, at any time, there are at most two offloaded layers' saved tensors (LAYERS_IN_FLIGHT):
+in forward the layer running and the one before it, whose copies to the host may still run (the device tensors
+are held until their copy is known done; a layer that starts while an older layer's copies still run waits on the
+host for them, so a GPU that computes faster than the copies drain cannot pile up more), in backward the layer
+being worked on and the prefetched one.
 
 What this offloads depends on parallel.recompute:
   * full (megatron's uniform recompute, one layer per checkpoint): a layer's forward runs under no_grad
@@ -48,12 +51,17 @@ a value: a step with and without it gives bitwise-identical losses and gradients
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import weakref
 from collections.abc import Iterable
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+
+# offloaded layers whose saved tensors are on the device at once: in forward the layer running and the previous one,
+# whose device->host copies may still run; in backward the layer worked on and the one prefetched (parallel/memory.py)
+LAYERS_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass
@@ -66,6 +74,7 @@ class OffloadStats:
     unpacked: int = 0  # tensors handed back to autograd from offloaded layers
     fetched: int = 0  # host -> device copies issued
     prefetched: int = 0  # of those, issued ahead of the layer's backward
+    copy_waits: int = 0  # times a layer's forward waited on the host for an older layer's copies (LAYERS_IN_FLIGHT)
 
 
 def _dense_stride(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -116,24 +125,17 @@ class _Stored:
 
     __slots__ = ("group", "host", "device", "size", "stride", "dtype", "copied", "source", "version", "__weakref__")
 
-    def __init__(self, group, t: torch.Tensor, d2h: torch.cuda.Stream | None):
+    def __init__(self, group, t: torch.Tensor):
         self.group, self.device, self.dtype = group, t.device, t.dtype
         # the device tensor, weakly (its memory is what offload frees), and its version, for _check_version
         self.source, self.version = weakref.ref(t), t._version
         self.size = t.size()
         self.stride = _dense_stride(t)
-        cuda = t.is_cuda
-        self.host = _empty(self.size, self.stride, t.dtype, torch.device("cpu"), pin_memory=cuda)
-        self.copied = None  # CUDA event: the device->host copy is done
-        if cuda:
-            d2h.wait_stream(torch.cuda.current_stream(t.device))  # t is complete on the compute stream
-            with torch.cuda.stream(d2h):
-                self.host.copy_(t, non_blocking=True)
-                self.copied = torch.cuda.Event()
-                self.copied.record(d2h)
-            t.record_stream(d2h)  # the allocator must not reuse t's memory before the copy has read it
-        else:
-            self.host.copy_(t)
+        self.host = _empty(self.size, self.stride, t.dtype, torch.device("cpu"), pin_memory=t.is_cuda)
+        self.copied = group.owner._copy_out(self.host, t)  # CUDA event: the device->host copy is done (None: done)
+        if self.copied is not None:  # t's memory must not be reused before the copy has read it: held till then
+            group.leaving.append(t)
+            group.last_copy = self.copied
 
     def fetch(self, h2d: torch.cuda.Stream | None) -> tuple[torch.Tensor, object]:
         """Issues the host->device copy; returns (device tensor, CUDA event marking it ready or None)."""
@@ -163,6 +165,8 @@ class _Group:
         # id(handle) -> (reloaded tensor, its CUDA event); keyed by id, not by the handle: a handle points at
         # its group, and a cycle would keep the reloaded tensors alive until Python's cycle collector runs
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}
+        self.leaving: list[torch.Tensor] = []  # forward only: device tensors whose copy to the host may still run
+        self.last_copy = None  # the event of the last of those copies (one stream: it marks them all done)
 
     def pack(self, t: torch.Tensor):
         st = self.owner.stats
@@ -173,7 +177,7 @@ class _Group:
         hit = self.by_tensor.get(key)
         if hit is not None and hit[0]() is t:
             return hit[1]
-        h = _Stored(self, t, self.owner._d2h)
+        h = _Stored(self, t)
         self.by_tensor[key] = (weakref.ref(t), h)
         self.stored.append(weakref.ref(h))
         st.offloaded += 1
@@ -225,21 +229,28 @@ class _Pass:
         index = len(self.groups)
         for t in shared:
             self.shared[id(t)] = t
-        if self.current is not None:
-            self.current.by_tensor.clear()
+        self.close_layer()
         self.current = _Group(self.owner, self, index, offload=index < self.owner.layers_to_offload)
         self.groups.append(weakref.ref(self.current))
 
-    def end_forward(self) -> None:
+    def close_layer(self) -> None:
+        """The current layer's forward is over: its copies join those in flight, of which the oldest are waited for
+        beyond LAYERS_IN_FLIGHT - 1 (the next layer's own tensors make the last)."""
         if self.current is not None:
             self.current.by_tensor.clear()
+            self.owner._copies_started(self.current)
         self.current = None
+
+    def end_forward(self) -> None:
+        self.close_layer()
         self.shared.clear()
 
     def enter_backward(self, index: int) -> None:
         """Backward reached layer `index`: release the layers above, prefetch the next offloaded one below."""
         if self.backward_at == index:
             return
+        if self.backward_at is None:  # the forward's copies are done by now: their device tensors go
+            self.owner._wait_for_copies(0)
         self.backward_at = index
         for ref in self.groups[index + 1:]:
             g = ref()
@@ -273,6 +284,8 @@ class ActivationOffload:
         cuda = self.device.type == "cuda"
         self._d2h = torch.cuda.Stream(self.device) if cuda else None
         self._h2d = torch.cuda.Stream(self.device) if cuda else None
+        # (event, device tensors) of the layers whose copies to the host may still run, oldest first
+        self._leaving: collections.deque[tuple[object, list[torch.Tensor]]] = collections.deque()
         self._active: _Pass | None = None
         self._hooks: saved_tensors_hooks | None = None
         self._handles = [block.register_forward_pre_hook(self._block_start),
@@ -314,9 +327,36 @@ class ActivationOffload:
 
     def _outside_layers(self, module, args):
         if self._active is not None:
-            if self._active.current is not None:
-                self._active.current.by_tensor.clear()
-            self._active.current = None
+            self._active.close_layer()
+
+    # ------------------------------------------------------------------------------- device->host copies
+    def _copy_out(self, host: torch.Tensor, t: torch.Tensor):
+        """Copies `t` into `host`: on a side stream for a CUDA tensor, returning the event that marks the copy done;
+        synchronously otherwise (None)."""
+        if not t.is_cuda:
+            host.copy_(t)
+            return None
+        self._d2h.wait_stream(torch.cuda.current_stream(t.device))  # t is complete on the compute stream
+        with torch.cuda.stream(self._d2h):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._d2h)
+        return done
+
+    def _copies_started(self, group: _Group) -> None:
+        if group.leaving:
+            self._leaving.append((group.last_copy, group.leaving))
+            group.leaving, group.last_copy = [], None
+        self._wait_for_copies(LAYERS_IN_FLIGHT - 1)
+
+    def _wait_for_copies(self, layers: int) -> None:
+        """Drops the device tensors of the layers whose copies are done, waiting (on the host) for the oldest
+        until at most `layers` layers' copies remain in flight."""
+        while self._leaving and (len(self._leaving) > layers or self._leaving[0][0].query()):
+            done, _ = self._leaving.popleft()
+            if not done.query():
+                done.synchronize()
+                self.stats.copy_waits += 1
 
     # ---------------------------------------------------------------------------- saved-tensor hooks
     def _pack(self, t: torch.Tensor):

@@ -153,6 +153,69 @@ def test_offloaded_layer_inputs_are_freed_after_the_forward(tiny):
         off.remove()
 
 
+def test_copies_in_flight_are_capped(tiny, clean, monkeypatch):
+    """On a GPU the copies to the host run on a side stream and each layer's device tensors live until its copy is
+    done; a GPU that computes layers faster than the copies drain would pile them up. Here the copies are made to
+    look slow (their events done only when waited for): at each layer's start at most LAYERS_IN_FLIGHT - 1 earlier
+    layers' saved tensors are still on the device (the starting layer's own make the last), the forward waits for
+    the oldest layer first, and the backward starts by letting the rest go. Values unchanged (bitwise)."""
+    import gc
+    import weakref
+
+    from parallel.offload import LAYERS_IN_FLIGHT, attach_activation_offload
+
+    lm, models = tiny
+    model = models["full"]
+    (off,) = attach_activation_offload([model], num_layers=LAYERS)
+    layer = [-1]
+    sources: dict[int, list] = {}  # layer -> weak references to its device tensors being copied
+    waited = []
+
+    class SlowCopy:  # a CUDA event whose copy finishes only when the host waits for it
+        def __init__(self, index):
+            self.index, self.done = index, False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+            waited.append(self.index)
+
+    def copy_out(host, t):
+        host.copy_(t)
+        sources.setdefault(layer[0], []).append(weakref.ref(t))
+        return SlowCopy(layer[0])
+
+    def on_device():  # layer 0's input, the embedding's output, is held outside the layers too: not counted
+        gc.collect()
+        return [i for i, refs in sorted(sources.items()) if i and any(r() is not None for r in refs)]
+
+    seen = []  # (layer, earlier layers with tensors on the device) at each layer's start, after offload's hook
+
+    def start(i):
+        seen.append((i, on_device()))
+        layer[0] = i
+
+    monkeypatch.setattr(off, "_copy_out", copy_out)
+    mods = [*model.decoder.layers, model.decoder.final_layernorm]  # the final norm's start ends the layers' forward
+    hooks = [m.register_forward_pre_hook(lambda *_, i=i: start(i)) for i, m in enumerate(mods)]
+    try:
+        got = _step(lm, model)
+    finally:
+        for h in hooks:
+            h.remove()
+        off.remove()
+    assert sorted(sources) == list(range(LAYERS))  # every layer offloaded its checkpointed input
+    forward = seen[:LAYERS + 1]  # then the backward's recomputed forwards, which offload leaves alone
+    assert [i for i, _ in forward] == list(range(LAYERS + 1))
+    assert all(len(held) <= LAYERS_IN_FLIGHT - 1 for _, held in forward), forward
+    assert forward[-1][1] == [LAYERS - 1], forward  # the oldest went first
+    assert waited == list(range(LAYERS)) and off.stats.copy_waits == LAYERS
+    assert on_device() == []
+    _same(clean["full"], got)
+
+
 @pytest.mark.parametrize("recompute", ["full", "none"])
 @pytest.mark.parametrize("layer, offloaded", [(1, True), (LAYERS - 1, False)])
 def test_a_saved_tensor_changed_in_place_is_an_error_as_without_offload(tiny, recompute, layer, offloaded):
