@@ -7,7 +7,9 @@ distributed optimizer's fp32 master copy + Adam moments sharded over DP x CP for
 for expert weights), activations kept for backward per layer type, the loss, and one layer's transient
 buffers; with `parallel.offload=activations` (parallel/offload.py) the offloaded layers' saved tensors
 are counted as host memory (printed below the total) and two layers' worth stay on the device as copies
-in flight (offload's LAYERS_IN_FLIGHT: a layer's forward waits for older copies beyond it). It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
+in flight (offload's LAYERS_IN_FLIGHT: a layer's forward waits for older copies beyond it); where the optimizer
+step holds more than the forward and backward (short sequences), its peak is the estimate's (a row says by how
+much). It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
 the code in this repository as it is: what each module saves for backward is counted from the modules
 (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
 models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below; besides what autograd
@@ -185,6 +187,33 @@ def model_state_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, 
         "gradients (fp32 buffer)": (t_dense + t_expert) * 4,
         "optimizer (master + Adam, sharded)": t_dense * opt / shard_dense + t_expert * opt / shard_expert,
     }
+
+
+def optimizer_step_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
+    """Temporaries of the optimizer step: megatron's optimizer without apex / TransformerEngine is torch's AdamW, whose
+    multi-tensor (foreach) update on CUDA computes sqrt(v) of all of a parameter group's tensors at once into new fp32
+    tensors, freed before the next group: 4 B per element of the largest group's shard on the rank. Dense and expert
+    parameters are separate groups (separate optimizers with expert parallelism); the dense group is taken whole
+    (its no-weight-decay part, the norms, is small). Gradient clipping's temporaries come before, one tensor at a
+    time, and are smaller."""
+    t_dense, t_expert = trainable_counts(m, first=first, last=last)
+    shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
+    shard_expert = m.edp if m.distributed_optimizer else 1
+    return 4 * max(t_dense / shard_dense, t_expert / shard_expert)
+
+
+def step_phase_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
+    """What a rank holds during its optimizer step: the model state, what the MoE dispatchers keep (every layer's last
+    routing map and indices: they outlive the backward), the vision tower's weights and training state, and the
+    step's temporaries. The activations are gone by then."""
+    if m.trainable == "none":
+        return 0.0
+    mine, offloaded = _stage_layers(m, first=first)
+    kept = (sum(model_state_bytes(m, first=first, last=last).values())
+            + len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True))
+    vision = vision_bytes(m, first=first)
+    kept += sum(v for k, v in vision.items() if k.startswith(("vision tower weights", "vision gradients")))
+    return kept + optimizer_step_bytes(m, first=first, last=last)
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -497,6 +526,10 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
         first, last = stage == 0, stage == m.pp - 1
         rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last),
                 **vision_bytes(m, first=first)}
+        # the optimizer step's peak, where it is above the forward and backward's (short sequences, few layers)
+        over = step_phase_bytes(m, first=first, last=last) - sum(rows.values())
+        if over > 0:
+            rows["AdamW step's temporaries, above the forward and backward's peak"] = over
         est = MemoryEstimate(rows=rows, stage=stage, host=offloaded_host_bytes(m, first=first))
         if best is None or est.total > best.total:
             best = est
