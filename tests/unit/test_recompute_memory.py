@@ -155,20 +155,21 @@ def test_forward_keeps_per_layer_what_the_estimate_counts(models, dispatcher):
     MoE token dispatcher holds as attributes until the layer's next forward: the routing map (bool, E per token) and
     the permutation indices (int64, 8 k per token). Measured as the growth of the live storages from one layer's
     start to the next in the forward (autograd's saved tensors kept as Python objects by identity hooks), against
-    parallel/memory.py's per-layer terms for full recompute."""
+    parallel/memory.py's per-layer terms for full recompute: the growth from the first layer's start to the final
+    norm's, per layer."""
     from parallel.memory import MemoryInputs, dispatcher_bytes
 
     lm, model = models[dispatcher]
-    for layer in model.decoder.layers:  # the last backward's attributes: replaced in the forward, not added
-        d = layer.mlp.token_dispatcher
-        d.routing_map = d.reversed_local_input_permutation_mapping = d.local_map = None
+    for layer in model.decoder.layers:  # an earlier backward's attributes (with megatron's own combine, in the test
+        d = layer.mlp.token_dispatcher     # above, its probabilities too): replaced in the forward, not added
+        d.routing_map = d.reversed_local_input_permutation_mapping = d.local_map = d.probs = d.local_probs = None
     g = torch.Generator().manual_seed(SEED)
     tokens = torch.randint(0, lm.vocab_size, (B, S), generator=g)
     pos = torch.arange(S).expand(3, B, S)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     live = []
-    mods = [*model.decoder.layers, model.decoder.final_layernorm]
+    mods = [model.decoder.layers[0], model.decoder.final_layernorm]
     hooks = [mod.register_forward_pre_hook(lambda *_: live.append(_live_bytes(params, rng_states=False)))
              for mod in mods]
     try:
@@ -180,7 +181,7 @@ def test_forward_keeps_per_layer_what_the_estimate_counts(models, dispatcher):
     del loss
     m = MemoryInputs(lm=lm, seq_length=S, micro_batch_size=B, bf16=False, recompute="full")
     per_layer = S * B * lm.hidden_size * 4 + dispatcher_bytes(m, offloaded=False)
-    grown = [b - a for a, b in zip(live, live[1:])]
+    grown = (live[1] - live[0]) / LAYERS
     # 2 %: besides these, a layer leaves only a few scalars and per-expert counts (under 100 bytes); the dispatcher's
     # attributes are 7 % of the layer's 17.7 KB here (E = 4, k = 2, h = 64), so an estimate without them fails
-    assert all(abs(g / per_layer - 1) <= 0.02 for g in grown), (grown, per_layer)
+    assert abs(grown / per_layer - 1) <= 0.02, (grown, per_layer)
