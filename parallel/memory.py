@@ -195,11 +195,12 @@ def optimizer_step_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
     tensors, freed before the next group: 4 B per element of the largest group's shard on the rank. Dense and expert
     parameters are separate groups (separate optimizers with expert parallelism); the dense group is taken whole
     (its no-weight-decay part, the norms, is small). Gradient clipping's temporaries come before, one tensor at a
-    time, and are smaller."""
+    time, and are smaller. The vision tower's own AdamW (train/vision.py, the same foreach update, unsharded) steps
+    before the language model's, its temporaries freed first: the larger of the two counts."""
     t_dense, t_expert = trainable_counts(m, first=first, last=last)
     shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
     shard_expert = m.edp if m.distributed_optimizer else 1
-    return 4 * max(t_dense / shard_dense, t_expert / shard_expert)
+    return 4 * max(t_dense / shard_dense, t_expert / shard_expert, _vision_trainable(m))
 
 
 def step_phase_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
@@ -493,6 +494,17 @@ def vit_saved_elements(v) -> int:
     return 11 * v.hidden + 2 * v.mlp + v.heads + 4
 
 
+def _vision_trainable(m: MemoryInputs) -> float:
+    """Elements of the vision tower's parameters that train: all of them (trainable=all), the projector's (projector),
+    or none."""
+    v = m.vision
+    if v is None:
+        return 0.0
+    n_proj = v.projector_params()
+    return ((v.num_params() - n_proj if m.trainable == "all" else 0)
+            + (n_proj if m.trainable in ("all", "projector") else 0))
+
+
 def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
     """The vision tower's rows (module docstring). `first`: the LM-input stage, which holds the embeddings."""
     v = m.vision
@@ -500,8 +512,8 @@ def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
         return {}
     train_vit = m.trainable == "all"
     train_proj = m.trainable in ("all", "projector")
-    n_all, n_proj = v.num_params(), v.projector_params()
-    n_train = (n_all - n_proj if train_vit else 0) + (n_proj if train_proj else 0)
+    n_all = v.num_params()
+    n_train = _vision_trainable(m)
     seqs = (m.vit_group or m.num_microbatches) * m.micro_batch_size  # the sequences of one vision phase
     patches = seqs * m.seq_length * v.merge_tokens / m.vit_ranks  # this rank's share of the frames
     rows = {"vision tower weights (fp32, on every rank)": 4.0 * n_all}

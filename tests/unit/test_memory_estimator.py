@@ -372,6 +372,15 @@ def test_vision_tower_rows_by_hand():
                                        vit_recompute=True, vit_group=1), first=True)
     assert rounds["visual embeddings for the LM + gradients"] == 256 / 2 * 64 * 2 * 2
     assert rounds["vision frames kept for the recompute (uint8 pixels)"] == patches / 3 * 588
+    # the tower's own AdamW steps apart from the LM's (train/vision.py): the larger one's sqrt(v) is the step's
+    from dataclasses import replace
+
+    from parallel.memory import optimizer_step_bytes
+    big = MemoryInputs(lm=lm(num_layers=1), seq_length=256, vision=tiny(256))
+    assert tiny(256).num_params() > sum(trainable_counts(big, first=True, last=True))
+    assert optimizer_step_bytes(big, first=True, last=True) == 4 * tiny(256).num_params()
+    assert optimizer_step_bytes(replace(big, trainable="projector"), first=True, last=True) == (
+        4 * tiny(256).projector_params())
 
 
 @pytest.mark.parametrize("sizes", [{}, {"hidden": 128}, {"mlp": 256}, {"heads": 8}])
