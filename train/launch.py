@@ -327,8 +327,16 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
 
     from train import checkpoint as ckpt
 
-    recorded = (ckpt.saved_common(ref) or {}).get("config") or {}
+    common = ckpt.saved_common(ref) or {}
+    recorded = common.get("config") or {}
     saved = recorded.get("model")
+    if not saved and "model_lm" in common:
+        # a checkpoint `launch/convert.py import` wrote records no run config, only its model.lm (and the vision
+        # tower's VisionConfig, whose size fields are named as model.vision's): a run of other sizes stopped every
+        # rank with megatron's "Global shape mismatch" once the model was built
+        saved = {"lm": common["model_lm"]}
+        if common.get("model_vision"):
+            saved["vision"] = {**common["model_vision"], "enabled": True}
     if not saved:
         return
     ours = asdict(cfg.model)

@@ -743,6 +743,35 @@ def test_init_from_a_model_of_other_sizes_stops_before_the_build(tmp_path):
     check_paths(_validate("recipe=keye_tiny", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={lm}")[0])
 
 
+def test_init_from_an_import_of_other_sizes_stops_before_the_build(tmp_path):
+    """`launch/convert.py import` records the model in its checkpoint's common state as model_lm / model_vision (no
+    run config): a run from it with the recipe's sizes (keye_tiny's LM is 128 wide, the tiny Keye-VL import's 64)
+    stopped every rank with megatron's 'Global shape mismatch for loaded (torch.Size([2, 64])) and expected
+    ((4, 128)) tensor for key decoder.layers.input_layernorm.weight' once the model was built. Now the launcher
+    names the settings that differ; the import's own sizes pass."""
+    from train.launch import check_paths
+
+    tiny = ["model.lm.num_layers=2", "model.lm.hidden_size=64", "model.lm.num_attention_heads=4",
+            "model.lm.head_dim=16", "model.lm.moe_ffn_hidden_size=32"]
+    src, _ = _validate("recipe=keye_tiny", *tiny)
+    step = tmp_path / "import" / "checkpoints" / "step_000000"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                    "common_backend": "torch", "common_backend_version": 1}))
+    vision = {k: v for k, v in dataclasses.asdict(src.model.vision).items() if k != "enabled"}
+    torch.save({"common": {"step": 0, "recipe": "hf_import", "model_lm": dataclasses.asdict(src.model.lm),
+                           "model_vision": vision}}, step / "common.pt")
+    (step / "COMPLETE.json").write_text(json.dumps({"step": 0, "files": {}}))
+    run = ["recipe=keye_tiny", f"run_dir={tmp_path / 'new'}", f"train.checkpoint.init_from={tmp_path / 'import'}"]
+    check_paths(_validate(*run, *tiny)[0])
+    with pytest.raises(ValueError, match=r"init_from='.*/import' holds a checkpoint \(step 0, .*\) of a model of "
+                                         r"other sizes: model\.lm\.num_layers is 2 there, 4 here; "
+                                         r"model\.lm\.hidden_size is 64 there, 128 here"):
+        check_paths(_validate(*run)[0])
+    with pytest.raises(ValueError, match=r"model\.vision\.depth is 2 there, 1 here"):
+        check_paths(_validate(*run, *tiny, "model.vision.depth=1")[0])
+
+
 def test_distillation_trains_only_the_summary_parameters_so_its_teacher_stays_the_dense_model(tmp_path):
     """The distillation's teacher is the model's own weights with dense attention (train/distill.py). With
     train.trainable=all (or projector) those weights trained with the student, so the teacher moved away from the
