@@ -359,7 +359,35 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
             result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
     if rank0:
         _record_export(out_dir, step_dir, complete=True)
+        export_tokenizer(common, run_dir, out_dir)
     return result
+
+
+def trained_tokenizer(common: dict, run_dir: Path | None) -> Path | None:
+    """The Hugging Face tokenizer directory a checkpoint's text was tokenized with: its run's
+    data.video.tokenizer when that names a directory (an import's, or the HF checkpoint's own), else the run
+    directory itself when it holds a tokenizer.json (an import's checkpoint). None for byte ids (synthetic data)."""
+    name = (((common.get("config") or {}).get("data") or {}).get("video") or {}).get("tokenizer")
+    if name and name != "bytes" and Path(name, "tokenizer.json").is_file():
+        return Path(name)
+    if run_dir is not None and Path(run_dir, "tokenizer.json").is_file():
+        return Path(run_dir)
+    if name and name != "bytes":
+        log.warning("the run tokenized with data.video.tokenizer=%s, which holds no tokenizer.json (now): copy the "
+                    "tokenizer files into the export yourself", name)
+    return None
+
+
+def export_tokenizer(common: dict, run_dir: Path | None, out_dir: str) -> list[str]:
+    """Copies the tokenizer the checkpoint was trained with (trained_tokenizer) into the export, as the import copied
+    it beside the checkpoint: an export without one could not be tokenized as it was trained (AutoTokenizer on it
+    failed)."""
+    source = trained_tokenizer(common, run_dir)
+    if source is None:
+        return []
+    copied = copy_tokenizer(str(source), out_dir)
+    log.info("copied the tokenizer the run trained with (%s): %s", source, ", ".join(copied))
+    return copied
 
 
 def _vision_extra(hf_dir: str, lm: LMConfig) -> tuple[dict, dict]:

@@ -339,6 +339,15 @@ def test_import_carries_the_tokenizer_and_the_launcher_holds_runs_to_it(hf, pgs,
     validate(compose_config(start + [f"data.video.tokenizer={tmp_path / 'ours'}"]))
     convert.import_hf(str(hf["single"]), str(tmp_path / "plain"), lm=hf["lm"])  # no tokenizer: nothing copied
     assert not (tmp_path / "plain" / "tokenizer.json").exists()
+    # and back: the export carries the tokenizer the weights were trained with (it held none, so the HF directory a
+    # user shipped could not be tokenized): an import's own, or a run's data.video.tokenizer
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    run = {"config": {"data": {"video": {"tokenizer": str(src)}}}}
+    assert convert.trained_tokenizer(run, tmp_path / "run") == src
+    assert convert.trained_tokenizer({"config": {"data": {"video": {"tokenizer": "bytes"}}}}, tmp_path / "run") is None
+    convert.export(str(tmp_path / "plain"), str(tmp_path / "back_plain"))
+    assert not (tmp_path / "back_plain" / "tokenizer.json").exists()
 
 
 def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
