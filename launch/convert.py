@@ -177,9 +177,6 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
                          f"step 0, and train.checkpoint.init_from={out_dir} would take {later[0]} instead. Import "
                          "into a new directory")
     multimodal = is_multimodal(read_json(Path(hf_dir, "config.json")))
-    if multimodal and verify:
-        raise ValueError("--verify compares logits with transformers' Qwen3-MoE, which cannot load a multimodal "
-                         "Keye-VL directory: import without --verify")
     source = lm_checkpoint(hf_dir)
     check_hf_config(source.config, lm)  # before building anything
     torch_dtype = _hf_dtype(hf_dir) if dtype == "auto" else DTYPES[dtype]
@@ -540,12 +537,13 @@ def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep
     """Builds our model (fp32) from the HF weights or from `checkpoint`, and compares logits with transformers.
     With DSA layers, transformers runs the directory's DSA code (models/hf/modeling_qwen3_moe_dsa.py, which the
     export writes), so the indexers select the keys on both sides at any `seq`."""
+    from models.hf.keye_vision import lm_checkpoint, lm_hf_config
     from models.hf.qwen3_moe import check_hf_config, load_hf_into
     from train import checkpoint as ckpt
 
     chunks, pgs, _ = build_model(lm, tp=tp, ep=ep, etp=etp, dtype=torch.float32)
     if checkpoint:
-        check_hf_config(json.loads(Path(hf_dir, "config.json").read_text()), lm)
+        check_hf_config(lm_hf_config(hf_dir), lm)
         step_dir, _ = resolve_checkpoint(checkpoint)
         missing = ckpt.load_model_weights(ckpt.CheckpointRef(step_dir, 0), chunks, dp_cp_group=pgs.dp_cp)
         if missing:
@@ -558,7 +556,7 @@ def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep
                     for p in chunk.parameters():
                         p.copy_(p.to(stored))
     else:
-        load_hf_into(chunks, hf_dir, lm=lm)
+        load_hf_into(chunks, lm_checkpoint(hf_dir), lm=lm)   # a Keye-VL directory: its language model
     return verify_chunks(chunks, hf_dir, pgs=pgs, batch=batch, seq=seq)
 
 

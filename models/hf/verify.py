@@ -50,12 +50,25 @@ def reference_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor, *, dens
 
     from models.hf.qwen3_moe import modeling_variant
 
+    from models.hf.keye_vision import TRANSFORMERS, KeyeLMView, is_multimodal
+
     config = json.loads(Path(hf_dir, "config.json").read_text())
     own = modeling_variant(config) is not None and not dense  # the directory's own code
     if own:
         check_modeling_current(hf_dir, config)
+    kwargs = {}
+    if is_multimodal(config) and not own:
+        # a Keye-VL directory: its language model as transformers' Qwen3-MoE (the vision tensors unused), the LM
+        # config KeyeLMView lifts, and in the transformers layout its `model.language_model.` names read as `model.`
+        # (without that mapping transformers left every LM weight at a random init, with a warning only)
+        from transformers import Qwen3MoeConfig
+
+        view = KeyeLMView(hf_dir)
+        kwargs["config"] = Qwen3MoeConfig.from_dict(dict(view.config))
+        if view.layout is TRANSFORMERS:
+            kwargs["key_mapping"] = {"^" + TRANSFORMERS.lm.replace(".", r"\."): "model."}
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
-                                                 trust_remote_code=own)
+                                                 trust_remote_code=own, **kwargs)
     model.eval()
     return model(input_ids=input_ids, use_cache=False).logits.float()
 
