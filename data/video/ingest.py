@@ -588,6 +588,7 @@ def ingest(opts: IngestOptions) -> dict:
     tmp = tempfile.mkdtemp(prefix="keye-ingest-", dir=opts.tmp_dir)
     pool = _Pool(opts.workers)
     stats = Counter()
+    unannotated: list[str] = []    # videos --annotations names no record of (the first few, for the summary)
     writer: ShardWriter | None = None
     cur_videos: list[str] = []
     cur_images: list[str] = []
@@ -687,6 +688,8 @@ def ingest(opts: IngestOptions) -> dict:
                     annotation = ann.get(rel, {"video": rel})
                     if rel not in ann:
                         stats["unannotated"] += 1
+                        if len(unannotated) < 3:
+                            unannotated.append(rel)
                     stored = res["stored_path"]
                     converted = bool(res["video"].get("converted_from"))     # an animated GIF or WebP
                     ext = rel.rsplit(".", 1)[-1].lower()
@@ -745,7 +748,8 @@ def ingest(opts: IngestOptions) -> dict:
                      "images_rejected_by_reason": dict(reasons_of["image"]),
                      "skipped_already_done": (len(videos) + len(images) + len(texts) - len(todo)
                                               - missing_images - bad_listed),
-                     "unannotated": stats["unannotated"], "text_samples": stats["text_accepted"],
+                     "unannotated": stats["unannotated"], "unannotated_first": sorted(unannotated),
+                     "text_samples": stats["text_accepted"],
                      "annotation_problems": len(annotations.problems),
                      "records_ignored_extra": annotations.extra_records,
                      "extra_record_samples": stats["extra_record_samples"],
@@ -815,6 +819,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{images_rejected}, {r['text_samples']} text-only samples, "
           f"{r['skipped_already_done']} already done; {s['num_samples']} samples in {len(s['shards'])} "
           f"shards under {opts.out}; {r['videos_per_s']} videos/s, {r['gb_per_s']} GB/s")
+    if r["unannotated"] and opts.annotations is not None:
+        # a held-out set's videos left in the same folder trained as videos without text, without a word
+        print(f"ingest: {r['unannotated']} of the videos under {opts.videos} have no record in {opts.annotations} "
+              f"(e.g. {', '.join(r['unannotated_first'])}): they are samples without text, on which nothing is "
+              f"supervised; keep videos that are not to be trained on (a held-out set) out of --videos")
     if r["annotation_problems"]:
         extra = r["records_ignored_extra"]
         print(f"ingest: {r['annotation_problems']} annotation problems, warned above (their records left out)"

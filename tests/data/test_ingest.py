@@ -363,6 +363,26 @@ def test_annotations_as_a_json_array_with_a_bom_or_a_line_not_utf8(tmp_path):
     assert got.problems[0].startswith(f"{jsonl}:2: not UTF-8")
 
 
+def test_videos_without_a_record_are_named_in_the_summary(tmp_path, capsys):
+    """A user holding videos out (a held-out set) by leaving them out of --annotations, in the same --videos folder:
+    they were ingested as samples without text and the summary said only '2 videos accepted'. It now names them."""
+    from data.video.ingest import main
+    vids = tmp_path / "v"
+    vids.mkdir()
+    for name, seed in (("train.mp4", 1), ("held_out.mp4", 2)):
+        write_video(vids / name, VideoSpec(n_frames=8, width=64, height=48, fps=8, seed=seed))
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    (tmp_path / "ann.jsonl").write_text(json.dumps({"video": "train.mp4", "conversations": conv}) + "\n")
+    assert main(["--videos", str(vids), "--annotations", str(tmp_path / "ann.jsonl"), "--out", str(tmp_path / "o"),
+                 "--workers", "1", "--no-progress", "--scene-fps", "0", "--no-decord-check"]) == 0
+    out = capsys.readouterr().out
+    assert "ingest: 2 videos accepted" in out
+    assert (f"ingest: 1 of the videos under {vids} have no record in {tmp_path / 'ann.jsonl'} (e.g. held_out.mp4): "
+            f"they are samples without text") in out
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["this_run"]["unannotated_first"] == \
+        ["held_out.mp4"]
+
+
 def test_several_records_for_one_video_make_a_sample_each_and_repeats_are_counted(tmp_path, capsys):
     """A video's further records used to be dropped with a warning (a sample kept its first); each is now a sample of
     its own. A record that repeats one exactly is reported and counted, as are the further records of an image set
