@@ -209,12 +209,16 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
     return {"checkpoint": path, "verify": result}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# generation_config.json travels with them: it holds the ids generate() stops at (Qwen3's <|im_end|> and
+# <|endoftext|>), which config.json as export writes it does not; an export without it generated past every answer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "generation_config.json")
 
 
 def copy_tokenizer(hf_dir: str, out_dir: str) -> list[str]:
-    """The Hugging Face directory's tokenizer files, copied beside the imported checkpoint: the run that starts
-    from it tokenizes with them (data.video.tokenizer=OUT_DIR), and the launcher refuses byte ids there."""
+    """The Hugging Face directory's tokenizer files (and generation_config.json), copied beside the imported
+    checkpoint: the run that starts from it tokenizes with them (data.video.tokenizer=OUT_DIR), and the launcher
+    refuses byte ids there; export copies them on into the HF directory it writes."""
     import shutil
 
     copied = []

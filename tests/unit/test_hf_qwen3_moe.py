@@ -331,6 +331,9 @@ def test_import_carries_the_tokenizer_and_the_launcher_holds_runs_to_it(hf, pgs,
     src = tmp_path / "hf"
     shutil.copytree(hf["single"], src)
     make_synthetic_hf_tokenizer(src)
+    # Qwen3's generation config: the ids generate() stops at (config.json as export writes it holds none)
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 403, "eos_token_id": [406, 400],
+                                                            "pad_token_id": 400, "temperature": 0.6}))
     convert.import_hf(str(src), str(tmp_path / "ours"), lm=hf["lm"])
     assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     start = ["recipe=keye_tiny", "parallel=single", f"train.checkpoint.init_from={tmp_path / 'ours'}"]
@@ -342,7 +345,10 @@ def test_import_carries_the_tokenizer_and_the_launcher_holds_runs_to_it(hf, pgs,
     # and back: the export carries the tokenizer the weights were trained with (it held none, so the HF directory a
     # user shipped could not be tokenized): an import's own, or a run's data.video.tokenizer
     convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
-    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), name
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == [406, 400]
     run = {"config": {"data": {"video": {"tokenizer": str(src)}}}}
     assert convert.trained_tokenizer(run, tmp_path / "run") == src
     assert convert.trained_tokenizer({"config": {"data": {"video": {"tokenizer": "bytes"}}}}, tmp_path / "run") is None
