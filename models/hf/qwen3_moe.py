@@ -287,16 +287,19 @@ def check_hf_architecture(cfg: dict) -> None:
 
 
 def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
-    """ValueError naming the first field where the HF config and model.lm disagree. plain_ok: a plain Qwen3-MoE
-    config (no DSA indexers, no KSA) is accepted for a model with DSA or KSA layers (load_hf_into's keep_init)."""
+    """ValueError naming every field where the HF config and model.lm disagree (the first alone made a user of
+    another model's sizes relaunch once per field). plain_ok: a plain Qwen3-MoE config (no DSA indexers, no KSA)
+    is accepted for a model with DSA or KSA layers (load_hf_into's keep_init)."""
     check_hf_architecture(cfg)
+    differ = []
     for hf_name, (lm_name, conv) in CONFIG_FIELDS.items():
         hf_v = conv(_hf_value(cfg, hf_name))
         lm_v = getattr(lm, lm_name)
         same = math.isclose(hf_v, lm_v, rel_tol=1e-9) if isinstance(lm_v, float) else hf_v == lm_v
         if not same:
-            raise ValueError(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match "
-                             f"model.lm.{lm_name}={lm_v!r}")
+            differ.append(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match model.lm.{lm_name}={lm_v!r}")
+    if differ:
+        raise ValueError("; ".join(differ))
     check_hf_dsa(cfg, lm, plain_ok=plain_ok)
     check_hf_ksa(cfg, lm, plain_ok=plain_ok)
     if cfg.get("max_position_embeddings", lm.max_position_embeddings) != lm.max_position_embeddings:

@@ -120,6 +120,18 @@ def test_config_mismatch_names_the_field(hf, hf_field, value, lm_field):
         q.check_hf_config(bad, hf["lm"])
 
 
+def test_config_mismatch_names_every_field(hf):
+    """A model of other sizes than the HF directory's (keye_tiny's LM against the tiny checkpoint) was refused on its
+    first field alone ('HF config num_hidden_layers=2 does not match model.lm.num_layers=4'): a user relaunched
+    once per field. Every field that differs is named, in one message."""
+    lm = replace(hf["lm"], num_layers=4, hidden_size=128, num_attention_heads=8)
+    with pytest.raises(ValueError, match=r"^HF config num_hidden_layers=2 does not match model\.lm\.num_layers=4; "
+                                         r"HF config hidden_size=64 does not match model\.lm\.hidden_size=128; "
+                                         r"HF config num_attention_heads=4 does not match "
+                                         r"model\.lm\.num_attention_heads=8$"):
+        q.check_hf_config(hf["config"], lm)
+
+
 @pytest.mark.parametrize("field, value", [("attention_bias", True), ("mlp_only_layers", [1]), ("hidden_act", "gelu"),
                                           ("model_type", "keye_vl"), ("decoder_sparse_step", 2),
                                           ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e7})])
