@@ -39,6 +39,15 @@ def animated_kind(path: str) -> str | None:
     return None
 
 
+class AnimatedError(Exception):
+    """A file this module cannot convert, by ingest's reject reason (`still_image`, `too_large`, `decode_error`);
+    `probe.inspect_video` reports it as a ProbeError of that reason (this module imports nothing of probe's)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 def frame_ms(duration) -> int:
     """A frame's display time in ms from the duration the file gives (None, 0 or up to 10 ms: 100 ms)."""
     d = int(round(float(duration or 0)))
@@ -47,20 +56,19 @@ def frame_ms(duration) -> int:
 
 def convert_animated(path: str, dst: str) -> dict:
     """Write the animation in `path` to `dst` (MP4, see the module docstring); returns {"format", "num_frames",
-    "duration_ms", "loop"}. Raises ProbeError: `still_image` (one frame), `too_large`, `decode_error`."""
+    "duration_ms", "loop"}. Raises AnimatedError: `still_image` (one frame), `too_large`, `decode_error`."""
     from PIL import Image
 
     from .images import MAX_PIXELS
-    from .probe import ProbeError
 
     name = os.path.basename(path)
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         img = Image.open(path)
     except Image.DecompressionBombError as e:
-        raise ProbeError("too_large", f"{name}: {e}") from None
+        raise AnimatedError("too_large", f"{name}: {e}") from None
     except Exception as e:
-        raise ProbeError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
+        raise AnimatedError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
     with img:
         return _convert(img, name, dst)
 
@@ -70,19 +78,18 @@ def _convert(img, name: str, dst: str) -> dict:
     from PIL import Image
 
     from .images import MAX_PIXELS
-    from .probe import ProbeError
 
     try:
         fmt = img.format
         n = int(getattr(img, "n_frames", 1))
         w, h = img.size
     except Exception as e:
-        raise ProbeError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
+        raise AnimatedError("decode_error", f"{name}: {type(e).__name__}: {str(e)[:300]}") from None
     if w * h > MAX_PIXELS:
-        raise ProbeError("too_large", f"{name}: {w}x{h} pixels, over {MAX_PIXELS}")
+        raise AnimatedError("too_large", f"{name}: {w}x{h} pixels, over {MAX_PIXELS}")
     if n < 2:
-        raise ProbeError("still_image", f"{name}: a {fmt} of one frame is a still image, not a video: name it in a "
-                                        f"record's 'image' field to train on it as an image")
+        raise AnimatedError("still_image", f"{name}: a {fmt} of one frame is a still image, not a video: name it in "
+                                           f"a record's 'image' field to train on it as an image")
     white = Image.new("RGBA", (w, h), BACKGROUND + (255,))
     container = av.open(dst, "w")
     try:
@@ -104,8 +111,8 @@ def _convert(img, name: str, dst: str) -> dict:
                 img.load()
                 rgb = Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
             except Exception as e:
-                raise ProbeError("decode_error", f"{name}: frame {i} of {n}: {type(e).__name__}: "
-                                                 f"{str(e)[:300]}") from None
+                raise AnimatedError("decode_error", f"{name}: frame {i} of {n}: {type(e).__name__}: "
+                                                    f"{str(e)[:300]}") from None
             d = frame_ms(img.info.get("duration"))
             fr = av.VideoFrame.from_ndarray(np.asarray(rgb, dtype=np.uint8), format="rgb24")
             fr.pts, fr.time_base = t, Fraction(1, 1000)

@@ -364,7 +364,7 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
     An animated GIF or WebP is first converted to an MP4 at `convert_path` (`animated.py`; by default a file in the
     temporary folder that the caller then owns), which is then what is measured and stored (or proxied), with
     `meta["converted_from"]` = {"format", "num_frames", "duration_ms", "loop"} of the original."""
-    from .animated import animated_kind, convert_animated
+    from .animated import AnimatedError, animated_kind, convert_animated
 
     converted = None
     animated = animated_kind(path) is not None
@@ -373,7 +373,10 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
         os.close(fd)
     try:
         if animated:
-            converted = convert_animated(path, convert_path)
+            try:
+                converted = convert_animated(path, convert_path)
+            except AnimatedError as e:
+                raise ProbeError(e.reason, e.detail) from None
             path = convert_path
         r = _inspect(path, proxy, proxy_path, threads, check_decord, scenes)
     except BaseException:
