@@ -30,13 +30,18 @@ def _add_video(c, codec: str, n: int, w: int, h: int, pix: str = "yuv420p", rate
 
 def _mux(c, streams) -> None:
     for s, n in streams:
-        for i, a in enumerate(_pictures(n, s.width, s.height, seed=s.index)):
-            f = av.VideoFrame.from_ndarray(a, format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
+        _encode(c, s, _pictures(n, s.width, s.height, seed=s.index))
+
+
+def _encode(c, s, pics) -> None:
+    """Each of `pics` (RGB arrays) as frame i of stream `s`, then the encoder's flush, muxed into `c`."""
+    for i, a in enumerate(pics):
+        f = av.VideoFrame.from_ndarray(a, format="rgb24")
+        f.pts = i
+        for p in s.encode(f):
             c.mux(p)
+    for p in s.encode():
+        c.mux(p)
 
 
 def _reference(path: str, index: int) -> list[np.ndarray]:
@@ -224,13 +229,7 @@ def _oriented_video(path: str, pics: list[np.ndarray], rotation: int, hflip: boo
         s.height, s.width = stored[0].shape[:2]
         s.pix_fmt, s.options = "yuv444p", {"qp": "0"}                              # lossless but for RGB -> YUV
         s.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
-        for i, a in enumerate(stored):
-            f = av.VideoFrame.from_ndarray(a, format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        _encode(c, s, stored)
 
 
 @pytest.mark.parametrize("rotation,hflip,vflip", [(0, True, False), (0, False, True), (90, True, False),
