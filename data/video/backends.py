@@ -249,6 +249,7 @@ def decode_decord(req: DecodeRequest) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 def decode_pyav(req: DecodeRequest) -> np.ndarray:
     import av
+    from av.video.reformatter import VideoReformatter
 
     try:
         import av.logging
@@ -267,13 +268,18 @@ def decode_pyav(req: DecodeRequest) -> np.ndarray:
         out = np.empty(sum(3 * h * w for h, w in sizes), np.uint8)
         views = frame_views(out, sizes, req.layout)
 
+    # one swscale context for the whole request: `frame.reformat` makes a new one for every frame, whose filter set-up
+    # cost more than the scaling itself (720p -> 616x336: 2.0 vs 1.2 ms a frame); the context sets itself up again
+    # where the size changes (slow and fast frames), and the pixels are the same
+    scaler = VideoReformatter()
+
     def convert(fr, j: int) -> np.ndarray:
         h, w = sizes[j]
         dec_w, dec_h = (h, w) if rot in (90, 270) else (w, h)
         if not planar:
-            return orient(fr.to_ndarray(width=dec_w, height=dec_h, format="rgb24"), rot, hflip)
+            return orient(scaler.reformat(fr, width=dec_w, height=dec_h, format="rgb24").to_ndarray(), rot, hflip)
         # planar RGB straight from swscale ("gbrp": planes G, B, R), rows padded to line_size
-        g = fr.reformat(width=dec_w, height=dec_h, format="gbrp")
+        g = scaler.reformat(fr, width=dec_w, height=dec_h, format="gbrp")
         pl = [np.frombuffer(p, np.uint8).reshape(dec_h, p.line_size)[:, :dec_w] for p in g.planes]
         a = np.stack((pl[2], pl[0], pl[1]))
         return orient(a, rot, hflip, axes=(1, 2))

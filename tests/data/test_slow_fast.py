@@ -279,3 +279,33 @@ def test_bad_slow_fast_settings_stop_before_anything_runs(tmp_path, capsys):
         IngestOptions(videos=str(tmp_path), out=str(tmp_path / "o"), scene_fps=-1)
     assert ingest_main(["--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--scene-similarity", "0"]) == 2
     assert "scene_similarity = 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_pyav_frames_are_those_of_a_fresh_scaler_for_every_frame(tmp_path, rotation):
+    """decode_pyav scales every frame of a request with one swscale context (cheaper than a new one per frame, as
+    `frame.reformat` makes): its pixels, slow and fast sizes alternating, in both layouts, must be exactly those of a
+    plain PyAV loop over the whole stream that scales each wanted frame with a context of its own."""
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "v.mp4")
+    write_video(path, VideoSpec(n_frames=48, fps=12.0, width=320, height=180, rotation=rotation, scenes=4))
+    meta = inspect_video(path)["video"]
+    idx, fast = [2, 9, 10, 21, 27, 33, 40, 47], [False, True, True, False, True, False, True, False]
+    H, W, fH, fW = 168, 308, 84, 140                 # display sizes; a 90-degree video is decoded at (W, H)
+    ref = {"chw": [], "hwc": []}
+    with av.open(path) as c:
+        for i, fr in enumerate(c.decode(c.streams.video[0])):
+            if i in idx:
+                oh, ow = (fH, fW) if fast[idx.index(i)] else (H, W)
+                dh, dw = (ow, oh) if rotation else (oh, ow)
+                g = fr.reformat(width=dw, height=dh, format="gbrp")
+                pl = [np.frombuffer(p, np.uint8).reshape(dh, p.line_size)[:, :dw] for p in g.planes]
+                ref["chw"].append(np.rot90(np.stack((pl[2], pl[0], pl[1])), k=rotation // 90, axes=(1, 2)))
+                ref["hwc"].append(np.rot90(fr.to_ndarray(width=dw, height=dh, format="rgb24"), k=rotation // 90))
+    assert meta["rotation"] == rotation and len(ref["chw"]) == len(idx) and (meta["width"], meta["height"]) == (320, 180)
+    for layout in ("chw", "hwc"):
+        req = DecodeRequest(path=path, indices=idx, height=H, width=W, meta=meta, layout=layout, fast=fast,
+                            fast_height=fH, fast_width=fW)
+        got = frame_views(decode_frames("pyav", req), frame_sizes(req), layout)
+        assert [g.shape for g in got] == [r.shape for r in ref[layout]]
+        assert all(np.array_equal(g, r) for g, r in zip(got, ref[layout])), layout
