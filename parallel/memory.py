@@ -209,9 +209,7 @@ def step_phase_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
     step's temporaries. The activations are gone by then."""
     if m.trainable == "none":
         return 0.0
-    mine, offloaded = _stage_layers(m, first=first)
-    kept = (sum(model_state_bytes(m, first=first, last=last).values())
-            + len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True))
+    kept = sum(model_state_bytes(m, first=first, last=last).values()) + dispatchers_kept_bytes(m, first=first)
     vision = vision_bytes(m, first=first)
     kept += sum(v for k, v in vision.items() if k.startswith(("vision tower weights", "vision gradients")))
     return kept + optimizer_step_bytes(m, first=first, last=last)
@@ -349,6 +347,13 @@ def dispatcher_bytes(m: MemoryInputs, *, offloaded: bool) -> float:
     return t_sp * (E + (8 * k if offloaded or m.recompute == "full" else 0))
 
 
+def dispatchers_kept_bytes(m: MemoryInputs, *, first: bool) -> float:
+    """`dispatcher_bytes` of every MoE layer of the stage, from its forward to its next one: the layers that keep their
+    saved tensors on the device, and the offloaded ones (whose saved permutation indices went to the host)."""
+    mine, offloaded = _stage_layers(m, first=first)
+    return len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True)
+
+
 def _loss(m: MemoryInputs) -> float:
     """The output layer + cross-entropy on the last stage (see models/moe/chunked_ce.py). The fp32 dW
     accumulator exists only when the output layer trains; in the forward-only indexer step a chunk holds its
@@ -447,8 +452,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     if offloaded:
         rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
             min(LAYERS_IN_FLIGHT, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
-    rows["MoE dispatchers' routing maps + indices (every layer)"] = (
-        len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True))
+    rows["MoE dispatchers' routing maps + indices (every layer)"] = dispatchers_kept_bytes(m, first=first)
     if m.recompute == "full":  # one layer's activations re-materialised during its backward
         rows["one recomputed layer"] = max(per_layer_full)
     if first:
