@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launch.supervise import run_torchrun
@@ -142,7 +143,6 @@ def _fork_ranks(nproc: int, target: str, args: tuple, log_dir: Path, *, timeout:
     """run_ranks' work: returns (what failed or None, each rank's exit code, each rank's output file). After the
     first failure the others get `grace` seconds to end on their own (the errors every rank meets alike, each rank
     exiting with its own message), then are killed."""
-    import time
     from multiprocessing.connection import wait
 
     ctx = _fork_context()
@@ -215,9 +215,27 @@ def run_launch(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int 
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a one-process or spawned gloo rendezvous)."""
+    """A TCP port free on 127.0.0.1 now, for a rendezvous that binds it a few seconds later (a spawned gloo world,
+    a torchrun agent's c10d store). Drawn below the kernel's ephemeral range: a port from bind(0) lies inside it, and
+    any outgoing connection of another test (the gloo meshes of the suite's other process) may take it as its local
+    port before the rendezvous binds it; a torchrun agent that then cannot host its store connects to that port as a
+    client, finds no store and exits."""
+    import random
     import socket
 
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(64):
+        port = draw.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -60,10 +60,11 @@ def _env(**extra):
     return env
 
 
-def _wait_for(path: Path, procs, timeout=600, poll=0.2):
+def _wait_for(path: Path, procs, timeout=600, poll=0.2, outputs=()):
     deadline = time.time() + timeout
     while not path.exists():
-        assert all(p.poll() is None for p in procs), "training exited early"
+        assert all(p.poll() is None for p in procs), "training exited early:\n" + "\n".join(
+            Path(o).read_text()[-3000:] for o in outputs if Path(o).exists())
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(poll)
 
@@ -83,11 +84,13 @@ def test_two_node_slurm_job_sigterm_then_resume(reference, tmp_path):
     for node in (0, 1):
         env = _env(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_NODEID=str(node), SLURM_JOB_NODELIST="localhost",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUS_PER_NODE="1", RUN_LOG_DIR=str(tmp_path / "logs"))
-        agents.append(subprocess.Popen([str(REPO / "launch" / "slurm" / "node.sh"), *QUIET, *overrides,
-                                        f"run_dir={run_dir}"],
-                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with open(tmp_path / f"node{node}.out", "wb") as f:
+            agents.append(subprocess.Popen([str(REPO / "launch" / "slurm" / "node.sh"), *QUIET, *overrides,
+                                            f"run_dir={run_dir}"], cwd=REPO, env=env, stdout=f,
+                                           stderr=subprocess.STDOUT))
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000003.partial", agents, poll=0.02)
+        _wait_for(run_dir / "checkpoints" / "step_000003.partial", agents, poll=0.02,
+                  outputs=[tmp_path / "node0.out", tmp_path / "node1.out"])
         for a in agents:
             a.send_signal(signal.SIGTERM)  # torchrun forwards it to its worker
         for a in agents:
@@ -128,12 +131,14 @@ def test_sigusr1_to_the_node_script_stops_the_workers_with_a_checkpoint(tmp_path
     env.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
     env.pop("PET_SIGNALS_TO_HANDLE", None)
     steps = 400   # far more than run before the signal lands: a run that ignored it would still be training
-    agent = subprocess.Popen([str(REPO / "launch" / "slurm" / "node.sh"), *QUIET, *OVERRIDES, f"train.steps={steps}",
-                              f"run_dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    out = tmp_path / "node.out"
+    with open(out, "wb") as f:
+        agent = subprocess.Popen([str(REPO / "launch" / "slurm" / "node.sh"), *QUIET, *OVERRIDES,
+                                  f"train.steps={steps}", f"run_dir={run_dir}"], cwd=REPO, env=env, stdout=f,
+                                 stderr=subprocess.STDOUT)
     workers: list[int] = []
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", [agent])
+        _wait_for(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", [agent], outputs=[out])
         workers = _children(agent.pid)
         assert len(workers) == 2, workers
         agent.send_signal(signal.SIGUSR1)     # node.sh exec'd torchrun: this is the agent
