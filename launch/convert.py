@@ -347,11 +347,12 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
         raise ValueError(f"{step_dir} already holds a vision tower: leave out --vision {vision}")
     if vision or stored is not None:
         from models.hf.keye_vision import add_vision_to_hf_dir, export_keye_vision
+        from models.hf.qwen3_moe import hf_mrope_fields
 
         def add_vision() -> dict:
             vm = load_vision_file(vision) if vision else stored
             vis = add_vision_to_hf_dir(out_dir, export_keye_vision(vm, dtype=DTYPES[dtype] if dtype else None),
-                                       vm.cfg, max_shard_bytes=max_shard_bytes)
+                                       vm.cfg, max_shard_bytes=max_shard_bytes, lm_fields=hf_mrope_fields(lm))
             log.info("added the vision tower of %s: %d tensors in %s", vision or step_dir, vis["tensors"], vis["files"])
             return vis
 

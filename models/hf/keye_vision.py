@@ -441,11 +441,14 @@ VISION_FILE = "model-vision.safetensors"
 
 
 def add_vision_to_hf_dir(out_dir: str | os.PathLike, vision_tensors: dict[str, torch.Tensor], vision_cfg, *,
-                         max_shard_bytes: int = 5 * 2**30, image_size: int | None = None) -> dict:
+                         max_shard_bytes: int = 5 * 2**30, image_size: int | None = None,
+                         lm_fields: dict | None = None) -> dict:
     """Adds the vision tensors to an HF directory that already holds a language model (written by
     export_hf or save_pretrained): they go to `model-vision*.safetensors` files of at most
     `max_shard_bytes`, one `model.safetensors.index.json` then lists every tensor (LM and vision), and
-    config.json gains `vision_config`. The LM files are not rewritten. Returns {"files", "tensors"}."""
+    config.json gains `vision_config` and `lm_fields`, the top-level fields a multimodal model's config adds
+    (the LM's 3D rotary split: qwen3_moe.hf_mrope_fields). The LM files are not rewritten. Returns {"files",
+    "tensors"}."""
     out = Path(out_dir)
     weight_map = _read_index_or_single(out)
     clash = set(weight_map) & set(vision_tensors)
@@ -487,6 +490,7 @@ def add_vision_to_hf_dir(out_dir: str | os.PathLike, vision_tensors: dict[str, t
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
     config["vision_config"] = hf_vision_config(vision_cfg, image_size=image_size)
+    config.update(lm_fields or {})
     cfg_path.write_text(json.dumps(config, indent=2) + "\n")
     return {"files": files, "tensors": len(vision_tensors)}
 
@@ -498,13 +502,14 @@ def export_keye_vl(checkpoint_dir: str | os.PathLike, vision_model, out_dir: str
                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> dict:
     """A combined export: the language model of one of our checkpoints through `export_hf` (Qwen3-MoE
     names under `model.` / `lm_head.`), then `vision_model`'s tower and projector under `visual.` /
-    `mlp_AR.`, one index over all files, config.json = the Qwen3-MoE config + `vision_config`."""
-    from models.hf.qwen3_moe import export_hf
+    `mlp_AR.`, one index over all files, config.json = the Qwen3-MoE config + `vision_config` and the LM's 3D
+    rotary split (`rope_scaling.mrope_section`)."""
+    from models.hf.qwen3_moe import export_hf, hf_mrope_fields
 
     result = export_hf(checkpoint_dir, out_dir, lm=lm, max_shard_bytes=max_shard_bytes, dtype=dtype)
     module = getattr(vision_model, "module", vision_model)
     vis = add_vision_to_hf_dir(out_dir, export_keye_vision(module, dtype=dtype), module.cfg,
-                               max_shard_bytes=max_shard_bytes)
+                               max_shard_bytes=max_shard_bytes, lm_fields=hf_mrope_fields(lm))
     return {"files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
 
 

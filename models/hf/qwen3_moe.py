@@ -229,9 +229,36 @@ def _hf_rope_theta(cfg: dict) -> float:
     scaling = cfg.get("rope_scaling") or {}
     for where, d in (("rope_parameters", rp), ("rope_scaling", scaling)):
         kind = d.get("rope_type", d.get("type", "default"))
-        if kind not in ("default", None):
+        if kind not in ("default", "mrope", None):   # "mrope": Qwen2-VL's first configs, plain RoPE with a 3D split
             raise ValueError(f"HF config {where}.rope_type={kind!r}: only plain RoPE (default) is supported")
     return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def hf_mrope_section(cfg: dict) -> list[int] | None:
+    """The 3D rotary split (time, height, width channel pairs) an HF config holds: `rope_scaling.mrope_section`, as
+    Keye-VL's and Qwen2.5-VL's configs write it (transformers reads rope_scaling first), else transformers 5's
+    `rope_parameters.mrope_section`; None without one. ValueError naming the field when it is not 3 counts."""
+    for where in ("rope_scaling", "rope_parameters"):
+        d = cfg.get(where)
+        section = d.get("mrope_section") if isinstance(d, dict) else None
+        if section is None:
+            continue
+        if not (isinstance(section, list) and len(section) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)):
+            raise ValueError(f"HF config {where}.mrope_section={section!r}: expected 3 counts >= 0 (rotary channel "
+                             "pairs of the time, height and width rows)")
+        return list(section)
+    return None
+
+
+def hf_mrope_fields(lm: LMConfig) -> dict:
+    """config.json's 3D rotary split of `lm` for a multimodal export, laid out as Keye-VL's and Qwen2.5-VL's configs
+    hold it (`rope_scaling`: {"mrope_section", "rope_type": "default", "type": "default"}, which transformers reads
+    first) and in transformers 5's `rope_parameters` beside it. A text-only export leaves it out: its model never saw
+    3D positions (text takes three equal rows: plain RoPE), and transformers' Qwen3-MoE would log the unknown key."""
+    section = [int(x) for x in lm.mrope_section]
+    return {"rope_scaling": {"rope_type": "default", "type": "default", "mrope_section": section},
+            "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta, "mrope_section": section}}
 
 
 def _hf_value(cfg: dict, name: str):
@@ -298,6 +325,10 @@ def check_hf_config(cfg: dict, lm: LMConfig, *, plain_ok: bool = False) -> None:
         same = math.isclose(hf_v, lm_v, rel_tol=1e-9) if isinstance(lm_v, float) else hf_v == lm_v
         if not same:
             differ.append(f"HF config {hf_name}={_hf_value(cfg, hf_name)!r} does not match model.lm.{lm_name}={lm_v!r}")
+    section = hf_mrope_section(cfg)   # a multimodal directory's 3D split: how its frames' positions turn
+    if section is not None and section != list(lm.mrope_section):
+        differ.append(f"HF config mrope_section={section!r} does not match model.lm.mrope_section="
+                      f"{list(lm.mrope_section)!r}")
     if differ:
         raise ValueError("; ".join(differ))
     check_hf_dsa(cfg, lm, plain_ok=plain_ok)
@@ -486,7 +517,13 @@ def lm_config_from_hf(cfg: dict, base: LMConfig | None = None) -> LMConfig:
     base = base or LMConfig()
     values = {lm_name: _from_hf(_hf_value(cfg, hf_name), lm_name) for hf_name, (lm_name, _) in CONFIG_FIELDS.items()}
     values["max_position_embeddings"] = int(cfg.get("max_position_embeddings", base.max_position_embeddings))
-    if sum(base.mrope_section) * 2 != values["head_dim"]:
+    section = hf_mrope_section(cfg)
+    if section is not None:
+        if sum(section) * 2 != values["head_dim"]:
+            raise ValueError(f"HF config mrope_section={section!r} sums to {sum(section)}, not head_dim / 2 = "
+                             f"{values['head_dim'] // 2}")
+        values["mrope_section"] = section
+    elif sum(base.mrope_section) * 2 != values["head_dim"]:
         values["mrope_section"] = default_mrope_section(values["head_dim"])
     n = values["num_layers"]
     kinds = ["dense"] * n  # each layer's attention, from the variants' layer lists

@@ -389,3 +389,31 @@ def test_text_only_import_plus_vision_file_export(hf, pgs, tmp_path):
     step_dir, _ = convert.resolve_checkpoint(tmp_path / "ours")  # the Python API route gives the same files
     api = kv.export_keye_vl(step_dir, m, tmp_path / "api", lm=lm_config_from_hf(config), max_shard_bytes=100_000)
     _assert_same_as_source(src, tmp_path / "api", api["files"])
+
+
+def test_export_writes_the_3d_rotary_split_and_import_reads_it(hf, pgs, tmp_path):
+    """A multimodal export's config.json held no 3D rotary split ("rope_scaling": null): a model trained with another
+    split than its head_dim's default came back from `import` with the default, and Keye-VL's or Qwen2.5-VL's code
+    would turn its frames' positions by theirs. The export writes it as Keye-VL's released configs do
+    (`rope_scaling`: {"mrope_section", "rope_type": "default", "type": "default"}); the references are transformers'
+    own config classes: Qwen2.5-VL's text config reads that split, Qwen3-MoE's keeps the run's rope_theta. `import`
+    reads it back, and a model.lm with another split is refused, naming both."""
+    from transformers import AutoConfig, Qwen2_5_VLConfig
+
+    from models.hf.qwen3_moe import check_hf_config
+
+    convert = _convert_module()
+    lm = replace(convert.model_config(None, [], hf_dir=str(hf["keye"])), mrope_section=[4, 2, 2])
+    assert lm.head_dim == 16   # whose default split is [2, 3, 3]
+    convert.import_hf(str(hf["keye"]), str(tmp_path / "ours"), lm=lm)
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "default", "type": "default", "mrope_section": [4, 2, 2]}
+    text = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "vision_config")}
+    assert Qwen2_5_VLConfig(**text).text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    assert AutoConfig.from_pretrained(tmp_path / "back").rope_parameters["rope_theta"] == lm.rope_theta
+    back = convert.model_config(None, [], hf_dir=str(tmp_path / "back"))
+    assert back.mrope_section == [4, 2, 2] and back == lm
+    with pytest.raises(ValueError, match=r"HF config mrope_section=\[4, 2, 2\] does not match "
+                                         r"model\.lm\.mrope_section=\[2, 3, 3\]"):
+        check_hf_config(kv.lm_hf_config(tmp_path / "back"), replace(lm, mrope_section=[2, 3, 3]))

@@ -101,6 +101,33 @@ def test_hf_config_maps_to_lm_config_and_back(hf):
     assert q.default_mrope_section(128) == [16, 24, 24]
 
 
+def test_a_keye_vl_config_gives_its_3d_rotary_split():
+    """The 3D rotary split as the public configs hold it: Keye-VL-1.5's and Qwen2.5-VL's `rope_scaling`
+    {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"} with a top-level rope_theta, transformers
+    5's `rope_parameters`, and Qwen2-VL's first configs ({"type": "mrope", ...}, which were refused as scaled RoPE).
+    Import took none of them (model.lm kept its preset's split, unchecked); it reads each, and refuses a split that
+    does not fill head_dim / 2 or is not 3 counts, naming the field."""
+    from omegaconf import OmegaConf
+
+    lm = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig),
+                                             OmegaConf.load(REPO / "recipes" / "model" / "keye_30b_a3b.yaml").lm))
+    base = {k: v for k, v in q.hf_config_from_lm(lm).items() if k not in ("rope_scaling", "rope_parameters")}
+    keye = {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}   # Keye-VL-1.5-8B's
+    for rope in ({"rope_scaling": {**keye, "mrope_section": [8, 28, 28]}, "rope_theta": 1.0e6},
+                 {"rope_parameters": {"rope_type": "default", "rope_theta": 1.0e6, "mrope_section": [8, 28, 28]}},
+                 {"rope_scaling": {"type": "mrope", "mrope_section": [8, 28, 28]}, "rope_theta": 1.0e6}):
+        got = q.lm_config_from_hf({**base, **rope}, base=lm)
+        assert (got.mrope_section, got.rope_theta) == ([8, 28, 28], 1.0e6), rope
+    q.check_hf_config({**base, "rope_scaling": keye, "rope_theta": lm.rope_theta}, lm)   # the preset's own split
+    with pytest.raises(ValueError, match=r"HF config mrope_section=\[8, 28, 28\] does not match model\.lm\."
+                                         r"mrope_section=\[16, 24, 24\]"):
+        q.check_hf_config({**base, "rope_scaling": {**keye, "mrope_section": [8, 28, 28]}}, lm)
+    with pytest.raises(ValueError, match=r"mrope_section=\[16, 24, 16\] sums to 56, not head_dim / 2 = 64"):
+        q.lm_config_from_hf({**base, "rope_scaling": {**keye, "mrope_section": [16, 24, 16]}})
+    with pytest.raises(ValueError, match=r"HF config rope_parameters\.mrope_section=\[64\]: expected 3 counts"):
+        q.lm_config_from_hf({**base, "rope_parameters": {"rope_type": "default", "mrope_section": [64]}})
+
+
 @pytest.mark.parametrize("hf_field, value, lm_field", [
     ("hidden_size", 128, "hidden_size"),
     ("num_key_value_heads", 4, "num_query_groups"),
