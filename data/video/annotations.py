@@ -375,8 +375,8 @@ def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, boo
     processors put a video's `<|vision_start|>...<|vision_end|>` inside the user turn at its marker or content part;
     the marker's line break stays, as those tools replace the marker alone (the image path does so too). Without a
     marker they stand at the start of the first user turn's text (where those templates write a video part that
-    opens the content); with no user turn either, before all text. A later marker is dropped with its line (one
-    video: one place). "plain" keeps the frames before all text and drops every marker with its line
+    opens the content); with no user turn either, before all text. A record with a second marker is refused
+    (`video_marker_problem`). "plain" keeps the frames before all text and drops the marker with its line
     (`without_markers`): no model's chat template, and the layout of every run made before."""
     segs = annotation_segments(annotation, template)
     if template not in ("qwen", "qwen3"):
@@ -419,4 +419,19 @@ def vision_moved(annotation: dict, template: str, n_images: int = 0) -> bool:
 
 def image_marker_count(annotation: dict) -> int:
     return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation))
+
+
+def video_marker_problem(annotation: dict) -> str | None:
+    """What is wrong with a video record's visual markers, said with their counts: its text names one video, so it
+    holds one "<video>" or "<image>" marker (LLaVA-Video marks the video with "<image>"; a content part of type video
+    or image counts as one) where the frames stand, or none (they stand first); None when it does. More would stand
+    for videos or images the record does not name: the frames took the first, the others were dropped without a
+    word, and the answers trained on what was never shown (transformers' Qwen2-VL processor and model fail on such a
+    prompt too)."""
+    counts = {m: sum(t.count(m) for t, _ in annotation_segments(annotation)) for m in (VIDEO_MARKER, IMAGE_MARKER)}
+    if sum(counts.values()) <= 1:
+        return None
+    found = " and ".join(f"{c} {m!r}" for m, c in counts.items() if c)
+    return (f"1 video but {found} markers in the text (one where the video stands, or none to place it first; the "
+            f"others stand for videos or images the record does not name)")
 

@@ -42,7 +42,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .annotations import VIDEO_MARKER, conversation_turns, field_problem, has_text, image_marker_count
+from .annotations import (VIDEO_MARKER, conversation_turns, field_problem, has_text, image_marker_count,
+                          video_marker_problem)
 from .images import IMAGE_MARKER
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
@@ -303,6 +304,8 @@ def read_annotations(path: str | None) -> Annotations:
             continue
         turns = conversation_turns(r)
         wrong = turns if isinstance(turns, str) else field_problem(r)
+        if wrong is None and isinstance(v, str):
+            wrong = video_marker_problem(r)
         if wrong is not None:
             problems.append(f"{path}:{n}: {wrong}; record left out")
             if isinstance(v, str):          # its video is rejected, not ingested without its text

@@ -46,7 +46,7 @@ import torch
 
 from .backends import shrink_planar
 from .config import VideoDataConfig
-from .annotations import annotation_segments, image_chunks, video_segments  # noqa: F401 (re-exported)
+from .annotations import annotation_segments, image_chunks, video_marker_problem, video_segments  # noqa: F401
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -363,6 +363,9 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     ts_budget = n_min * (len(tokenizer.encode(timestamp_text(99999.9, fast=cfg.fast_frame_ratio > 0))) + 2)
     ends = 1 + (tokenizer.bos_id is not None)  # <bos> (if the tokenizer has one) and <eos>
     text_cap = min(cfg.max_text_tokens, cfg.seq_len - ends - ts_budget - n_min * cfg.min_frame_tokens)
+    marked = video_marker_problem(annotation)   # shards written before ingest checked it
+    if marked is not None:
+        raise PlanError("bad_metadata", marked)
     before, after = video_segments(annotation, cfg.chat_template)   # the text before the frames, and after them
     text_ids, text_loss, cut, chunks = [], [], 0, []
     for segs in ([before] if before else []) + [after]:

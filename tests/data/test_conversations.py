@@ -234,3 +234,50 @@ def test_a_conversation_marking_pictures_it_does_not_have_is_reported(tmp_path):
     assert got.problems[1].startswith(f"{ann}:2: 1 '<image>' marker(s)")
     assert got.problems[2].startswith(f"{ann}:3: a '<video>' marker (or video part) in the conversation of an image")
     assert got.problems[3].startswith(f"{ann}:5: 1 '<image>' marker(s)")   # LLaVA's video data needs its video field
+
+
+@pytest.mark.parametrize("template", ["plain", "qwen"])
+def test_a_video_record_marking_more_than_its_video_is_refused(tmp_path, template):
+    """A video record names one video; a text with two markers ("<video>" twice, or LLaVA-Video's "<image>" beside a
+    "<video>") asks about a second one the sample does not have. The frames took the first marker and the others were
+    dropped without a word ("plain": all of them), so the answer trained on a video never shown. Ingest reports the
+    record by line with the counts and leaves its video out unless another record of it is well formed; a shard
+    written before is a plan reject, `bad_metadata` naming the counts, as an image sample's marker count is. A video
+    with one marker (or a content part) or none plans as before."""
+    from data.video.config import VideoDataConfig
+    from data.video.packing import plan_document
+    from data.video.sampling import PlanError
+    from data.video.tokenizer import ByteTokenizer
+
+    from .test_sampling import meta
+
+    def conv(first):
+        return {"conversations": [{"from": "human", "value": first}, {"from": "gpt", "value": "They differ."}]}
+
+    two, mixed = conv("<video>\nCompare it with <video>."), conv("<video>\n<image>\nWhat changed?")
+    part = {"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]},
+                         {"role": "assistant", "content": "A square."}]}
+    recs = [{"video": "a.mp4", **two}, {"video": "b.mp4", **mixed}, {"video": "c.mp4", **LLAVA},
+            {"video": "a.mp4", **conv("<video>\nWhat moves?")}, {"video": "d.mp4", **part}]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = read_annotations(str(ann))
+    assert got.problems == [
+        f"{ann}:1: 1 video but 2 '<video>' markers in the text (one where the video stands, or none to place it first;"
+        f" the others stand for videos or images the record does not name); record left out",
+        f"{ann}:2: 1 video but 1 '<video>' and 1 '<image>' markers in the text (one where the video stands, or none to "
+        f"place it first; the others stand for videos or images the record does not name); record left out"]
+    assert sorted(got.videos) == ["a.mp4", "c.mp4", "d.mp4"] and sorted(got.bad_videos) == ["b.mp4"]
+    assert got.videos["a.mp4"]["conversations"][0]["value"] == "<video>\nWhat moves?"
+
+    cfg = VideoDataConfig(seq_len=2048, min_frames=2, min_frame_tokens=4, max_frame_tokens=16, min_video_tokens=16,
+                          video_tokens_per_second=24.0, max_text_tokens=300, chat_template=template)
+    video, tok = meta(2.0, fps=12.0, width=96, height=64, tb=12288), ByteTokenizer()
+    for annotation, counts in ((two, "2 '<video>'"), (mixed, "1 '<video>' and 1 '<image>'")):
+        with pytest.raises(PlanError, match=f"^bad_metadata: 1 video but {counts} markers in the text") as e:
+            plan_document(uid=0, key="s/0", video=video, annotation=annotation, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
+        assert e.value.reason == "bad_metadata"
+    for annotation in (LLAVA, part, conv("What moves?")):
+        plan = plan_document(uid=0, key="s/0", video=video, annotation=annotation, cfg=cfg, tokenizer=tok, seed=0,
+                             epoch=0)
+        assert "<video>" not in tok.decode(plan.text_ids) and "<image>" not in tok.decode(plan.text_ids)
