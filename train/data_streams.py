@@ -21,6 +21,28 @@ def training_exclude(cfg):
     return read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not cfg.train.eval.only else None
 
 
+def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """Continues each of a resumed run's data streams from `state` (the data state of `checkpoint`, one of
+    `run_dir`'s). A state saved for other data or data.video settings (data/video/loader.LoaderStateMismatch) is a
+    SettingsError naming what changed and what the run's user can do: launch with what it was saved with, or start
+    another run directory from its weights; the loader's own remedy (strict=False) is no setting of a run."""
+    from data.video.loader import LoaderStateMismatch
+
+    for s in streams:
+        try:
+            s.load_state_dict(state)
+        except LoaderStateMismatch as e:
+            from train.config import SettingsError
+
+            # only where the frames moved (a version of the code) nothing can be set back: the state is of its own
+            exact = ("" if set(e.changed) <= {"vision_at"} and not e.catalog_changed else
+                     "to continue it exactly, launch it with the data and data.video settings it was saved with; ")
+            raise SettingsError(
+                f"the data state of {checkpoint} cannot be continued: {e.detail}; {exact}to go on from its weights "
+                f"instead, start another run directory from them: run_dir=<a new directory> "
+                f"train.checkpoint.init_from={run_dir} (its data from the beginning, a fresh optimizer)") from None
+
+
 def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int,
                  records_bad_samples: bool = True, exclude=None, held_out: bool = False, shards: str = "",
                  set_name: str = "", one_epoch: bool = False):

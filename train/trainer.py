@@ -42,7 +42,7 @@ from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import Config, DistillConfig, SettingsError, config_changes
-from train.data_streams import eval_streams, text_streams, training_exclude, video_stream
+from train.data_streams import eval_streams, restore_data_state, text_streams, training_exclude, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested)
@@ -551,8 +551,8 @@ class Trainer:
         # each data-parallel rank's own counts; at another data-parallel size their sums on its rank 0. A checkpoint
         # from before they were kept gives every rank the saving rank's (those of its data state)
         counters = common.get("data_counters")
+        restore_data_state(self.streams, common["data"], checkpoint=ref.path, run_dir=self.run_dir)
         for s in self.streams:
-            s.load_state_dict(common["data"])
             if counters is not None:
                 s.load_counters(counters_of_rank(counters, self.pgs.dp.rank(), self.pgs.dp.size()))
         log.info("resumed from %s at step %d%s", ref.path, self.step,

@@ -103,6 +103,17 @@ class NothingPlanned(RuntimeError):
     (data.video.shards, or the held-out set's), the reasons and the first sample."""
 
 
+class LoaderStateMismatch(ValueError):
+    """A loader state saved for other data or planning settings than this loader's (`load_state_dict`, strict):
+    `detail` says what changed, `changed` holds the planning fields that differ as (saved, now), `catalog_changed`
+    whether the samples differ. Its message names what a caller of the loader can do (strict=False); a run's
+    trainer names what its user can (train/data_streams.restore_data_state)."""
+
+    def __init__(self, detail: str, changed: dict, catalog_changed: bool) -> None:
+        super().__init__(f"{detail}; load_state_dict(state, strict=False) restarts at the saved epoch's beginning")
+        self.detail, self.changed, self.catalog_changed = detail, changed, catalog_changed
+
+
 class SampleFailure(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -1166,10 +1177,9 @@ class VideoPackedLoader:
                         f"is in the conversation, inside the user turn, and an image sample's images without markers "
                         f"at the start of its first user turn, where they stood before all of its text when this "
                         f"state was saved: those documents hold other lengths, and the packs cannot be continued "
-                        f"exactly; to go on, start another run directory from this run's weights with "
-                        f"train.checkpoint.init_from=<this run's directory>)")
+                        f"exactly)")
             if strict:
-                raise ValueError(msg + "; pass strict=False to restart at the saved epoch's beginning")
+                raise LoaderStateMismatch(msg, changed, state["catalog_fingerprint"] != self.catalog_fp)
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")
             try:
                 base = self.stream.restart(self.stream.decode(state["base"], [])[0])

@@ -536,7 +536,7 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continu
                            ) as e:
             loader.load_state_dict(saved_before)
         assert "a video's frames now stand where its marker is" in str(e.value)
-        assert "train.checkpoint.init_from" in str(e.value)
+        assert "load_state_dict(state, strict=False) restarts" in str(e.value)   # a run's message: the test below
         loader.load_state_dict(now)
         assert now["plan_config"]["vision_at"] == "marker"
 
@@ -555,6 +555,53 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continu
     assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
     plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
     assert "vision_at" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
+
+
+def test_a_resumed_run_whose_data_state_does_not_fit_is_told_what_it_can_do(shard_dir, tok_dir, tmp_path):
+    """A run resumed after a data.video setting changed (here max_text_tokens) stopped with the loader's ValueError, a
+    traceback ending "; pass strict=False to restart at the saved epoch's beginning", which no setting of a run
+    passes. The trainer's restore (train/data_streams.restore_data_state) makes it a config error (SettingsError:
+    exit 2, no traceback) naming the checkpoint and what changed, and what the user can do: launch with the
+    settings the state was saved with, or start another run directory from the run's weights (init_from naming
+    it). Where only the frames' place moved (chat_template qwen, a state from before), nothing can be set back:
+    the second way alone. The loader's own message names strict=False for its callers, which still restarts."""
+    import dataclasses
+
+    from train.config import SettingsError
+    from train.data_streams import restore_data_state
+
+    cfg = small_cfg(shard_dir, tmp_path)
+    saved = VideoPackedLoader(cfg, seed=0)
+    next(saved)
+    state = saved.state_dict()
+    saved.close()
+    loader = VideoPackedLoader(dataclasses.replace(cfg, max_text_tokens=200), seed=0)
+    where = dict(checkpoint="runs/ft/checkpoints/step_000010", run_dir="runs/ft")
+    with pytest.raises(SettingsError) as e:
+        restore_data_state([loader], state, **where)
+    msg = str(e.value)
+    assert msg.startswith("the data state of runs/ft/checkpoints/step_000010 cannot be continued: loader state does "
+                          "not match this data/config: ") and "strict=False" not in msg, msg
+    assert ("changed fields (saved, now): {'max_text_tokens': (256, 200)}; to continue it exactly, launch it with "
+            "the data and data.video settings it was saved with; to go on from its weights instead, start another "
+            "run directory from them: run_dir=<a new directory> train.checkpoint.init_from=runs/ft (its data from the "
+            "beginning, a fresh optimizer)") in msg, msg
+    with pytest.raises(ValueError, match=r"; load_state_dict\(state, strict=False\) restarts at the saved epoch's "
+                                         r"beginning$"):
+        loader.load_state_dict(state)
+    with pytest.warns(UserWarning, match="restarting at the beginning of the saved epoch"):
+        loader.load_state_dict(state, strict=False)
+    loader.close()
+
+    catalog = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(catalog) if r.kind == "video")
+    catalog[k] = dataclasses.replace(catalog[k], annotation={"conversations": [
+        {"from": "human", "value": "<image>\nWhat does the square do?"}, {"from": "gpt", "value": "A square."}]})
+    moved = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), chat_template="qwen",
+                                        decode_isolation="inline"), seed=0, catalog=catalog)
+    with pytest.raises(SettingsError, match=r"the packs cannot be continued exactly\); to go on from its weights "
+                                            r"instead, start another run directory"):
+        restore_data_state([moved], _state_as_saved_before(moved), **where)
 
 
 @pytest.mark.parametrize("template", ["qwen", "qwen3"])
