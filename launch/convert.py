@@ -361,8 +361,31 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
             result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
     if rank0:
         _record_export(out_dir, step_dir, complete=True)
-        export_tokenizer(common, run_dir, out_dir)
+        if export_tokenizer(common, run_dir, out_dir) and (vision or stored is not None):
+            ids = add_vision_token_ids(out_dir, trained_tokenizer(common, run_dir))
+            log.info("config.json names the tokens the frames were written with: %s", ids)
     return result
+
+
+# config.json's names (Keye-VL's and Qwen2.5-VL's: their code finds a frame's or an image's place by these ids) of
+# the tokens a document writes its frames and images with -> data.video.tokenizer's attribute holding the id
+VISION_TOKEN_FIELDS = {"vision_start_token_id": "vision_start_id", "vision_end_token_id": "vision_end_id",
+                       "image_token_id": "image_pad_id", "video_token_id": "video_pad_id"}
+
+
+def add_vision_token_ids(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> dict:
+    """Writes into a multimodal export's config.json the ids of the tokens its run wrote the frames and images with
+    (VISION_TOKEN_FIELDS, read from the tokenizer it trained with): without them, Keye-VL's and Qwen2.5-VL's configs
+    give Qwen's ids (151652, 151653, 151655, 151656), which another tokenizer's vocabulary does not hold there."""
+    from data.video.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(tokenizer_dir)
+    ids = {field: int(getattr(tok, attr)) for field, attr in VISION_TOKEN_FIELDS.items()}
+    path = Path(out_dir, "config.json")
+    config = json.loads(path.read_text())
+    config.update(ids)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return ids
 
 
 def trained_tokenizer(common: dict, run_dir: Path | None) -> Path | None:

@@ -417,3 +417,30 @@ def test_export_writes_the_3d_rotary_split_and_import_reads_it(hf, pgs, tmp_path
     with pytest.raises(ValueError, match=r"HF config mrope_section=\[4, 2, 2\] does not match "
                                          r"model\.lm\.mrope_section=\[2, 3, 3\]"):
         check_hf_config(kv.lm_hf_config(tmp_path / "back"), replace(lm, mrope_section=[2, 3, 3]))
+
+
+def test_a_multimodal_export_names_the_tokens_of_its_frames(hf, pgs, tmp_path):
+    """A multimodal export's config.json named none of the tokens its run wrote frames and images with, so code that
+    reads Keye-VL's or Qwen2.5-VL's config (`image_token_id`, `video_token_id`, `vision_start_token_id`,
+    `vision_end_token_id`) took Qwen's ids, 151652 to 151656, outside a smaller tokenizer's vocabulary. The export
+    writes the ids of the tokenizer the run trained with (here the import's, copied beside its checkpoint). The
+    reference: transformers' own tokenizer on the exported tokenizer.json, through transformers' Qwen2.5-VL config."""
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+
+    convert = _convert_module()
+    src = tmp_path / "src"
+    shutil.copytree(hf["keye"], src)
+    make_synthetic_hf_tokenizer(src)
+    convert.import_hf(str(src), str(tmp_path / "ours"), lm=convert.model_config(None, [], hf_dir=str(src)))
+    convert.export(str(tmp_path / "ours"), str(tmp_path / "back"))
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    tf = Qwen2_5_VLConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures",
+                                                                          "vision_config")})
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "back" / "tokenizer.json"))
+    want = {name: tok.convert_tokens_to_ids(token) for name, token in (
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    assert max(want.values()) < config["vocab_size"] < 151652
+    assert {name: getattr(tf, name) for name in want} == want
