@@ -578,7 +578,9 @@ def hf_config_from_lm(lm: LMConfig, *, dtype: torch.dtype = torch.float32) -> di
         "model_type": "qwen3_moe",
         "vocab_size": lm.vocab_size,
         "hidden_size": lm.hidden_size,
-        "intermediate_size": lm.moe_ffn_hidden_size * lm.moe_topk,  # dense-MLP size; unused (every layer MoE)
+        # the width of a dense-MLP layer (mlp_only_layers), which no layer here has: unused. Qwen3-30B-A3B's and
+        # Qwen3-235B-A22B's configs write expert FFN x top-k there (6144 = 768 x 8, 12288 = 1536 x 8), as this does
+        "intermediate_size": lm.moe_ffn_hidden_size * lm.moe_topk,
         "num_hidden_layers": lm.num_layers,
         "num_attention_heads": lm.num_attention_heads,
         "num_key_value_heads": lm.num_query_groups,

@@ -112,6 +112,7 @@ def test_a_keye_vl_config_gives_its_3d_rotary_split():
     lm = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig),
                                              OmegaConf.load(REPO / "recipes" / "model" / "keye_30b_a3b.yaml").lm))
     base = {k: v for k, v in q.hf_config_from_lm(lm).items() if k not in ("rope_scaling", "rope_parameters")}
+    assert (base["intermediate_size"], base["moe_intermediate_size"]) == (6144, 768)   # Qwen3-30B-A3B's config.json
     keye = {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}   # Keye-VL-1.5-8B's
     for rope in ({"rope_scaling": {**keye, "mrope_section": [8, 28, 28]}, "rope_theta": 1.0e6},
                  {"rope_parameters": {"rope_type": "default", "rope_theta": 1.0e6, "mrope_section": [8, 28, 28]}},
