@@ -363,7 +363,8 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
         _record_export(out_dir, step_dir, complete=True)
         if export_tokenizer(common, run_dir, out_dir) and (vision or stored is not None):
             ids = add_vision_token_ids(out_dir, trained_tokenizer(common, run_dir))
-            log.info("config.json names the tokens the frames were written with: %s", ids)
+            if ids:
+                log.info("config.json names the tokens the frames were written with: %s", ids)
     return result
 
 
@@ -376,10 +377,15 @@ VISION_TOKEN_FIELDS = {"vision_start_token_id": "vision_start_id", "vision_end_t
 def add_vision_token_ids(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> dict:
     """Writes into a multimodal export's config.json the ids of the tokens its run wrote the frames and images with
     (VISION_TOKEN_FIELDS, read from the tokenizer it trained with): without them, Keye-VL's and Qwen2.5-VL's configs
-    give Qwen's ids (151652, 151653, 151655, 151656), which another tokenizer's vocabulary does not hold there."""
+    give Qwen's ids (151652, 151653, 151655, 151656), which another tokenizer's vocabulary does not hold there. A
+    tokenizer without those tokens (its run wrote no frames with it) leaves config.json as it is, with a warning."""
     from data.video.tokenizer import HFTokenizer
 
-    tok = HFTokenizer(tokenizer_dir)
+    try:
+        tok = HFTokenizer(tokenizer_dir)
+    except ValueError as e:   # the weights are written by now: an export is not failed for the names of ids
+        log.warning("config.json names no vision token ids: %s", e)
+        return {}
     ids = {field: int(getattr(tok, attr)) for field, attr in VISION_TOKEN_FIELDS.items()}
     path = Path(out_dir, "config.json")
     config = json.loads(path.read_text())
