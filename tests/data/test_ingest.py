@@ -105,21 +105,28 @@ def test_synthetic_videos_are_reproducible(tmp_path):
 
 def test_ingest_writes_the_listing_order_whatever_order_workers_finish(tmp_path, monkeypatch):
     """The same videos make the same shards: samples are written in the listing's (sorted) order even when the
-    workers finish in another. The jobs are slowed so that they finish in reverse order (the first video last);
-    the control is a one-worker ingest. Before, results were written as they finished, so two ingests of the
-    same videos gave different shards and a training run on them different batches."""
-    import time
+    workers finish in another. The first video's job waits until every other job has finished (an event, not a
+    sleep: under a loaded machine sleeps did not order them); the control is a one-worker ingest. Before, results
+    were written as they finished, so two ingests of the same videos gave different shards and a training run on
+    them different batches."""
+    import threading
     from data.video import ingest as ingest_mod
 
     vids, ann = make_synthetic_videos(tmp_path, 6, seed=5, max_seconds=2.0)
     names = sorted(p.name for p in vids.iterdir())
     job = ingest_mod._job
     finished: list[str] = []
+    others_done = threading.Event()
+    lock = threading.Lock()
 
     def slowed(pool, opts, root, rel, tmp):
-        time.sleep(0.4 * (len(names) - names.index(rel)))  # the first in the listing finishes last
+        if rel == names[0]:      # the first in the listing finishes last
+            assert others_done.wait(timeout=300), "the other jobs did not finish"
         r = job(pool, opts, root, rel, tmp)
-        finished.append(rel)
+        with lock:
+            finished.append(rel)
+            if len(finished) == len(names) - 1 and names[0] not in finished:
+                others_done.set()
         return r
 
     def shards(out: Path, workers: int) -> list[list[str]]:
