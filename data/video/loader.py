@@ -18,7 +18,9 @@ small `skip` set (packs after base already consumed, only after merging uneven r
 `consumed` (packs this rank has yielded since base). Let `remaining` be the stream from `base` minus
 `skip`. Rank r of W yields remaining[r], remaining[r + W], remaining[r + 2W], ...; inside a rank,
 DataLoader worker w of K builds the rank's items w, w + K, ... and torch's in-order round robin
-returns them in rank order. A pack is decoded only by the worker that yields it.
+returns them in rank order. A pack is decoded only by the worker that yields it. A loader made with pixels=False
+builds the same packs without decoding (a rank whose replica decodes once, parallel.vit.decode_once: docs/data.md
+"Decoding once per replica"); `rebuild` then leaves out the samples the decoding rank failed to decode.
 
 Resume
 ------
@@ -592,14 +594,20 @@ def _alloc_uint8(rows: int, cols: int, *, shared: bool) -> torch.Tensor:
     return torch.empty((rows, cols), dtype=torch.uint8)
 
 
-def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
-               exclude: frozenset = frozenset()) -> PackedSample:
+def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: int,
+               exclude: frozenset = frozenset(), *, pixels: bool = True,
+               failed: dict[str, dict] | None = None) -> PackedSample:
     """Decode and assemble pack `index` of `epoch` (failed samples are left out and reported, as are, undecoded,
     those whose keys `exclude` holds: data.exclude).
 
     The patches of all planned frames go straight into one preallocated tensor (a failed sample's
     slot is closed up), so a frame is copied once after decoding: from the decoder's output into
-    the pack, already in ViT patch order."""
+    the pack, already in ViT patch order.
+
+    pixels=False (a rank of a replica that decodes once, parallel.vit.decode_once): nothing is read or decoded,
+    `source` is unused and the pack's pixel_values has no rows; every sample counts as decoded except those
+    `failed` holds (the decoding rank's failure records by sample key "shard/key"), which are left out as that
+    rank's pack left them, so that every tensor but the pixels is the decoding rank's."""
     if isinstance(planner, TokenPacks):          # a row of token files (data.video.text_tokens): text alone
         return planner.build(epoch, index)
     cfg, tok = planner.cfg, planner.tokenizer
@@ -607,10 +615,11 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
     items = planner.epoch(epoch).packs[index]
     plans = [planner.doc(item, epoch) for item in items]
     rows = [d.patch_rows(p) for d in plans]
-    pixels = _alloc_uint8(sum(rows), 3 * p * p, shared=get_worker_info() is not None)
-    pv = pixels.numpy()
+    pixel_rows = _alloc_uint8(sum(rows) if pixels else 0, 3 * p * p, shared=get_worker_info() is not None)
+    pv = pixel_rows.numpy()
     docs, keys, failures, excluded, off = [], [], [], [], 0
     counts = {"video_frames": 0, "fast_frames": 0, "text_continued": 0}   # of the documents packed (the log's)
+    decoded = {"decoded_frames": 0, "decoded_images": 0, "decode_s": 0.0}  # this process's own work (not state)
     for doc, n in zip(plans, rows):
         if doc.key in exclude:                   # closed up as a failed sample is; every piece of a long text
             excluded.append(doc.key)
@@ -620,7 +629,18 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
             keys.append(doc.key)
             counts["text_continued"] += int(doc.piece > 0)
             continue
+        if not pixels:                           # the decoding rank's outcome, its pixels elsewhere
+            if failed and doc.key in failed:
+                failures.append(dict(failed[doc.key]))
+                continue
+            docs.append(build_document(doc, None, cfg, tok))
+            keys.append(doc.key)
+            if doc.frames is not None:
+                counts["video_frames"] += doc.frames.num_frames
+                counts["fast_frames"] += doc.frames.num_fast
+            continue
         rec = planner.catalog[doc.uid]
+        t0 = time.perf_counter()
         try:
             if doc.is_image:                     # each image into its own rows, in document order
                 at = off
@@ -637,6 +657,7 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
                     at += k
                 del runs
         except SampleFailure as e:
+            decoded["decode_s"] += time.perf_counter() - t0
             if e.reason == "read_error" and not os.path.exists(rec.shard):
                 # not this sample's fault: no sample of the shard can be read any more. Left out one by one, the
                 # run would train on packs of padding until max_consecutive_failures, its checkpoints of those
@@ -648,39 +669,45 @@ def build_pack(planner: Planner, source: FrameSource, epoch: int, index: int,
             failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
                              "detail": e.detail[:500]})
             continue
+        decoded["decode_s"] += time.perf_counter() - t0
         docs.append(build_document(doc, None, cfg, tok))
         keys.append(doc.key)
         off += n
         if doc.frames is not None:
             counts["video_frames"] += doc.frames.num_frames
             counts["fast_frames"] += doc.frames.num_fast
+            decoded["decoded_frames"] += doc.frames.num_frames
+        else:
+            decoded["decoded_images"] += len(doc.images)
     pack = assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
-                         planned_keys=[d.key for d in plans], pixel_values=pixels[:off])
+                         planned_keys=[d.key for d in plans], pixel_values=pixel_rows[:off])
     pack.excluded = list(dict.fromkeys(excluded))
-    for k, v in counts.items():
+    for k, v in {**counts, **decoded}.items():
         setattr(pack, k, v)
     return pack
 
 
 class _PackDataset(IterableDataset):
     def __init__(self, stream, planners: list[Planner], names: list[str], base, skip, rank: int, world: int,
-                 stop: int | None, exclude: frozenset = frozenset()) -> None:
+                 stop: int | None, exclude: frozenset = frozenset(), pixels: bool = True) -> None:
         self.stream, self.planners, self.names, self.exclude = stream, planners, names, exclude
         self.base, self.skip = tuple(base), frozenset(skip)
-        self.rank, self.world, self.stop = rank, world, stop
+        self.rank, self.world, self.stop, self.pixels = rank, world, stop, pixels
 
     def __iter__(self):
         info = get_worker_info()
         k, w = (info.num_workers, info.id) if info is not None else (1, 0)
-        source = FrameSource(self.planners[0].cfg)
+        source = FrameSource(self.planners[0].cfg) if self.pixels else None
         try:
             for it in self.stream.iter(self.base, self.skip, start=self.rank + w * self.world,
                                        stride=k * self.world, stop=self.stop):
-                pack = build_pack(self.planners[it.source], source, it.epoch, it.pack, self.exclude)
+                pack = build_pack(self.planners[it.source], source, it.epoch, it.pack, self.exclude,
+                                  pixels=self.pixels)
                 pack.source = self.names[it.source]
                 yield pack
         finally:
-            source.close()
+            if source is not None:
+                source.close()
 
 
 def _identity(x):
@@ -720,10 +747,12 @@ class VideoPackedLoader:
     def __init__(self, cfg: VideoDataConfig, *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
                  tokenizer: Tokenizer | None = None, catalog: Catalog | list[SampleRecord] | None = None,
                  long_catalog: Catalog | list[SampleRecord] | None = None, exclude: ExcludeList | None = None,
-                 held_out: str = "") -> None:
+                 held_out: str = "", pixels: bool = True) -> None:
         """exclude: the samples data.exclude names, left out of the packs where they were planned (data/exclude.py);
         `unmatched` lists those that no source holds. held_out: the setting that named `cfg.shards` when they are a
-        held-out set (data.video.eval_shards), for the planner's errors to name it."""
+        held-out set (data.video.eval_shards), for the planner's errors to name it. pixels=False: the packs are built
+        without reading or decoding any video or image (build_pack): a rank of a replica whose pixels another rank
+        decodes (parallel.vit.decode_once); `rebuild` then leaves out the samples that rank failed to decode."""
         if not isinstance(dp_world, int) or dp_world < 1:
             raise ValueError(f"dp_world = {dp_world!r}: must be an int >= 1")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
@@ -737,6 +766,8 @@ class VideoPackedLoader:
                  dp_rank, dp_world, cfg.decode_backend, cfg.decode_isolation, cfg.num_workers, cfg.seq_len,
                  self.tokenizer)
         self.cfg, self.dp_rank, self.dp_world, self.seed = cfg, dp_rank, dp_world, int(seed)
+        self.pixels = bool(pixels)
+        self._decoded = Counter()       # this process's decode work since it started (not state: per rank by design)
         specs = cfg.sources()                      # [(name, shard spec, config field, weight)]
         given = [Catalog.from_records(c) if isinstance(c, list) else c for c in (catalog, long_catalog)]
         # token files (text_tokens) are a source without a catalog: data/token_files.TokenPacks stands for its planner
@@ -808,7 +839,8 @@ class VideoPackedLoader:
         base, skip = self.stream.advance(self._base, self._skip, done)
         stop = self._stop()
         ds = _PackDataset(self.stream, self.planners, self.source_names if self.mixed else [""], base, skip,
-                          self.dp_rank, self.dp_world, None if stop is None else max(0, stop - done), self.exclude_keys)
+                          self.dp_rank, self.dp_world, None if stop is None else max(0, stop - done), self.exclude_keys,
+                          self.pixels)
         if self.cfg.num_workers == 0:
             return iter(ds)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
@@ -820,6 +852,13 @@ class VideoPackedLoader:
         return self
 
     def __next__(self) -> PackedSample:
+        pack = self.draw()
+        self._account(pack)
+        return pack
+
+    def draw(self) -> PackedSample:
+        """The next pack, counted as consumed but not yet accounted (its samples, failures and quarantine records):
+        `account` follows, once the pack is final (a rank without pixels may `rebuild` it first)."""
         if self._it is None:
             self._it = self._make_iter()
         try:
@@ -839,8 +878,33 @@ class VideoPackedLoader:
                 f"decode may take up to data.video.sample_timeout_s = {self.cfg.sample_timeout_s:g} s before it is left out: set "
                 f"batch_timeout_s above a pack's decode time, or 0 to wait for the workers") from e
         self._consumed += 1
-        self._account(pack)
+        self._decoded.update(frames=pack.decoded_frames, images=pack.decoded_images)
+        self._decoded["seconds"] += pack.decode_s
         return pack
+
+    def account(self, pack: PackedSample) -> None:
+        """Counts a pack `draw` gave (its samples, its failed samples, written to the quarantine file): the step
+        `__next__` takes at once. Raises after max_consecutive_failures failed samples in a row."""
+        self._account(pack)
+
+    def rebuild(self, pack: PackedSample, failures: list[dict]) -> PackedSample:
+        """`pack` (drawn by a loader with pixels=False) built again without its samples that the decoding rank of
+        the replica failed to decode (`failures`: that rank's pack.failures records), each left out as that rank
+        left it: tokens, labels, positions and the frames' grid then match that rank's pack."""
+        if not failures:
+            return pack
+        src = self.source_names.index(pack.source) if self.mixed else 0
+        out = build_pack(self.planners[src], None, pack.epoch, pack.pack_index, self.exclude_keys, pixels=False,
+                         failed={f"{f['shard']}/{f['key']}": f for f in failures})
+        out.source = pack.source
+        return out
+
+    @property
+    def decode_stats(self) -> dict:
+        """This process's own decoding since it started: video frames and images decoded and the wall seconds of
+        reading and decoding them (in its DataLoader workers); zero where pixels=False. Not part of the state."""
+        return {"frames": int(self._decoded["frames"]), "images": int(self._decoded["images"]),
+                "seconds": float(self._decoded["seconds"])}
 
     def close(self) -> None:
         """Stop the DataLoader workers (a later `next` starts fresh ones at the same position)."""

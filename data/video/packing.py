@@ -84,6 +84,11 @@ class PackedSample:
     video_frames: int = 0         # frames of the video documents (set by loader.build_pack)
     fast_frames: int = 0          # ... of them fast (slow and fast frames: a fraction of a slow frame's tokens)
     text_continued: int = 0       # text-only documents that continue a longer text (its pieces after the first)
+    # what this process decoded to build it (loader.build_pack; 0 on a rank that decodes no pixels): video frames,
+    # images, and the wall seconds spent reading and decoding them
+    decoded_frames: int = 0
+    decoded_images: int = 0
+    decode_s: float = 0.0
 
     @property
     def seq_len(self) -> int:
