@@ -33,6 +33,12 @@ Both of its encodes run over at most `chunk_patches` patches at a time (frames a
 frame is never split), the backward one chunk's forward and backward before the next, so the ViT's
 memory is one chunk's however many frames the step holds (32 sequences of 8K tokens are ~1M patches).
 
+Pixels from one rank (`forward(..., pixels_from=s)`, parallel.vit.decode_once): when only group rank s decoded the
+step's packs (data/video_stream.py DecodeOnce; the other ranks hold the same grids and no pixel rows), s sends every
+rank the patch rows of the frames the plan gives it, in the order it encodes them, in one all_to_all over the group
+(`scatter_pixels`): each pixel crosses the network once, to the one rank that encodes it. The plan is made from the
+grids alone, so it is the same as with every rank's own pixels, and so are the encoded rows.
+
 Gradients of tokens needed by several consumers: `grad_mode="replicated"` (TP consumers: after
 megatron's sequence-parallel scatter every TP rank holds the same full gradient of the inserted
 embeddings) takes each token's gradient from exactly one of the consumers that hold it, spread
@@ -305,6 +311,29 @@ def _all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[
     return out
 
 
+def pixel_rows(plan: VisionPlan) -> list[int]:
+    """Patch rows of the frames each rank encodes under `plan`."""
+    rows = [0] * plan.num_ranks
+    for f, o in zip(plan.frames, plan.owner):
+        rows[o] += f.num_patches
+    return rows
+
+
+def scatter_pixels(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int, rank: int, group) -> torch.Tensor:
+    """This rank's frames' patch rows (plan.rank_frames(rank), in that order), from group rank `src`, which alone holds
+    every micro-batch's pixels `pvs` (the others' are [0, D] tensors of the same dtype): one all_to_all (collective)."""
+    rows = pixel_rows(plan)
+    if rank == src:
+        send = [pvs[plan.frames[i].mb][plan.frames[i].patch_start:plan.frames[i].patch_start + plan.frames[i].num_patches]
+                for r in range(plan.num_ranks) for i in plan.rank_frames(r)]
+        x, send_counts = (torch.cat(send) if send else pvs[0][:0]), rows
+    else:
+        x, send_counts = pvs[0][:0], [0] * plan.num_ranks
+    recv = [0] * plan.num_ranks
+    recv[src] = rows[rank]
+    return _all_to_all_rows(x, send_counts, recv, group)
+
+
 def exchange_forward(x: torch.Tensor, fwd: ExchangeSpec, n_target: int, group) -> torch.Tensor:
     """Rows of the local encoder output -> this rank's [n_target, H] consumer rows (collective)."""
     recv = _all_to_all_rows(x.index_select(0, fwd.send_idx.to(x.device)), fwd.send_counts, fwd.recv_counts, group)
@@ -436,6 +465,7 @@ class VisionPhase:
         self.log_every = log_every      # log the plan at INFO every N steps (0: first step only)
         self.steps = 0
         self.last_plan: VisionPlan | None = None
+        self.pixel_bytes = 0     # pixel bytes this rank sent to other ranks (scatter_pixels) since it started
         self._state: dict | None = None
 
     # -- helpers
@@ -470,27 +500,37 @@ class VisionPhase:
             raise RuntimeError("VisionPhase: ranks of the group were given different grid_thw (the group must "
                                "hold the same batch)")
 
-    def _encode_local(self, pvs, grids, plan: VisionPlan, chunked: bool = False):
+    def _encode_local(self, pvs, grids, plan: VisionPlan, chunked: bool = False, pixels_from: int | None = None):
         device, dtype = self._device_dtype()
         mine = plan.rank_frames(self.rank)
         H = self.model.cfg.lm_hidden
+        if pixels_from is not None and plan.frames:     # collective: every rank, even one that encodes nothing
+            got = scatter_pixels(pvs, plan, pixels_from, self.rank, self.group)
+            if self.rank == pixels_from:
+                self.pixel_bytes += (sum(pixel_rows(plan)) - got.shape[0]) * got.shape[1] * got.element_size()
         if not mine:
             return None, None, torch.zeros(0, H, device=device, dtype=dtype)
-        pv = torch.cat([pvs[plan.frames[i].mb][plan.frames[i].patch_start:
-                                              plan.frames[i].patch_start + plan.frames[i].num_patches]
-                        for i in mine]).to(device, non_blocking=True)
+        pv = (got if pixels_from is not None else
+              torch.cat([pvs[plan.frames[i].mb][plan.frames[i].patch_start:
+                                               plan.frames[i].patch_start + plan.frames[i].num_patches]
+                         for i in mine])).to(device, non_blocking=True)
         grid = torch.stack([grids[plan.frames[i].mb][plan.frames[i].frame] for i in mine])
         return pv, grid, (encode_chunked(self.model, pv, grid, self.chunk_patches) if chunked else self.model(pv, grid))
 
     # -- the phase
     def forward(self, microbatches: Sequence[Any],
-                needs: Mapping[int, Sequence[torch.Tensor | None]] | None = None) -> list[torch.Tensor] | None:
+                needs: Mapping[int, Sequence[torch.Tensor | None]] | None = None,
+                pixels_from: int | None = None) -> list[torch.Tensor] | None:
         """Plans, encodes this rank's frames and exchanges. Returns on a consumer one [len(need), H]
         tensor per micro-batch (all V_mb tokens in ViT-output order when its need is None), leaves
         that require grad when the model trains; None on other ranks.
-        needs: {consumer: [per micro-batch: token indices (into that micro-batch's V_mb) or None]}."""
+        needs: {consumer: [per micro-batch: token indices (into that micro-batch's V_mb) or None]}.
+        pixels_from: the group rank that alone holds the micro-batches' pixels (scatter_pixels); None: every rank
+        holds them all."""
         if self._state is not None:
             raise RuntimeError("VisionPhase.forward called twice without backward() in between")
+        if pixels_from is not None and not 0 <= pixels_from < self.W:
+            raise ValueError(f"pixels_from={pixels_from} is not a rank of the group (size {self.W})")
         pvs, grids = zip(*(frames_of(mb) for mb in microbatches)) if microbatches else ((), ())
         _check_pixel_dtypes(pvs)
         if self.check:
@@ -506,7 +546,7 @@ class VisionPhase:
         n_target = 0 if mine is None else mine.tokens.numel()
         dtype = self._device_dtype()[1]            # one dtype on every rank, in both directions
         if trainable and not self.recompute:
-            pv, grid, local = self._encode_local(pvs, grids, plan)
+            pv, grid, local = self._encode_local(pvs, grids, plan, pixels_from=pixels_from)
             local = local.to(dtype)
             if not local.requires_grad:            # no frames here: a leaf so the exchange node exists
                 local = local.detach().requires_grad_()
@@ -514,7 +554,7 @@ class VisionPhase:
             self._state = dict(out=out, bwd=bwd, local=None, pv=None, grid=None, dtype=dtype)
         else:
             with torch.no_grad():
-                pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True)
+                pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True, pixels_from=pixels_from)
                 out = exchange_forward(local.to(dtype), fwd, n_target, self.group)
             if trainable:
                 self._state = dict(out=None, bwd=bwd, local=local.shape[0], pv=pv, grid=grid, dtype=dtype)

@@ -86,6 +86,15 @@ CASES = {
     "bf16_one_frame": ({2, 4}, dict(consumers="all", needs="all", grad_mode="replicated", one=True, bf16=True)),
     "bf16_stage0_recompute": ({2, 4}, dict(consumers=[0], needs="all", grad_mode="replicated", recompute=True,
                                            bf16=True)),
+    # parallel.vit.decode_once: one rank holds the step's pixels, the others the same grids and no pixel rows; it
+    # sends each rank its frames' rows (scatter_pixels). The same embeddings and gradients as every rank's own pixels
+    "pixels_from_1": ({2, 4}, dict(consumers="all", needs="all", grad_mode="replicated", pixels_from=1)),
+    "pixels_from_0_tp_cp_recompute": ({4}, dict(consumers="all", needs="tp_cp", grad_mode="replicated",
+                                                recompute=True, pixels_from=0)),
+    "pixels_from_1_one_frame_bf16": ({2, 4}, dict(consumers=[0], needs="all", grad_mode="replicated", one=True,
+                                                  bf16=True, pixels_from=1)),
+    "pixels_from_0_no_frames": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", none=True,
+                                          pixels_from=0)),
 }
 
 
@@ -214,8 +223,19 @@ def _run_phase(opt, rank, W, consumers, mbs, V, needs, w, model, ref, trains) ->
         phase = ReplicatedVisionPhase(model, None, consumers, **kw)
     else:
         phase = VisionPhase(model, None, consumers, balance=opt.get("balance", "lpt"), check=opt.get("check", False), **kw)
-    out = phase.forward(mbs, needs)
+    src = opt.get("pixels_from")
+    if src is None:
+        out = phase.forward(mbs, needs)
+    else:                  # only rank src holds pixels: the others' are empty tensors of the same dtype and width
+        mine = mbs if rank == src else [dict(mb, pixel_values=mb["pixel_values"][:0]) for mb in mbs]
+        out = phase.forward(mine, needs, pixels_from=src)
     errs: dict[str, float] = {}
+    if src is not None:    # what src sent other ranks: their frames' patch rows (3 x 14 x 14 bytes each), nothing else
+        rows = [0] * W
+        for f, o in zip(phase.last_plan.frames, phase.last_plan.owner):
+            rows[o] += f.num_patches
+        want = (sum(rows) - rows[src]) * 3 * 14 * 14 if rank == src else 0
+        errs["pixel_bytes"] = 0.0 if phase.pixel_bytes == want else float(abs(phase.pixel_bytes - want) + 1)
     if rank in consumers:
         assert out is not None and len(out) == len(mbs)
         loss = 0.0
