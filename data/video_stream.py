@@ -14,6 +14,13 @@ the trainer's token stream has: `num_microbatches`, `next()` -> a dict of tensor
 With `data.video.long_shards` and `long_fraction` set, the packs come from a seeded long:short mixture
 (docs/data.md, "Mixture"); `stats["sources"]` reports what each source has supplied on this rank.
 
+Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): every rank of a
+data-parallel replica draws the same packs, but only the replica's decoding rank (`DecodeOnce.src`) decodes their
+pixels; the other ranks build them without pixels. `take(n)` draws a round's packs and `settle(packs)` makes them
+the trainer's micro-batches: one broadcast of the decoding rank's failed samples (or of its error) over the replica,
+after which the other ranks leave out the same samples, and every rank accounts the packs alike. The pixels reach the
+ranks whose ViT share needs them in the vision phase (parallel/vit_layout.py scatter_pixels).
+
 `ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
 once per directory; other ranks wait for its marker file), so the demo needs no downloads.
 """
@@ -24,7 +31,8 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -73,13 +81,24 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
     return d / "shards"
 
 
+@dataclass(frozen=True)
+class DecodeOnce:
+    """The ranks of one data-parallel replica that read the same packs (`group`) and the one of them that decodes
+    their pixels (`src`, a global rank; it also writes the replica's quarantine records)."""
+    group: Any
+    src: int
+    decodes: bool          # whether this rank is `src`
+
+
 class VideoBatchStream:
     def __init__(self, cfg: VideoDataConfig, *, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False, exclude=None, held_out: str = ""):
+                 dp_rank: int, dp_size: int, seed: int, one_epoch: bool = False, exclude=None, held_out: str = "",
+                 decode_once: DecodeOnce | None = None):
         """one_epoch (a held-out set scored whole, once): packs after the first epoch's come with a zero loss mask,
         and `padding` records, per micro-batch handed out, whether it is such filler. exclude: the samples data.exclude
         names (data/exclude.py ExcludeList), left out of the packs. held_out: the setting that named cfg.shards, a
-        held-out set (VideoPackedLoader)."""
+        held-out set (VideoPackedLoader). decode_once: this rank's replica decodes each pack once (see above); `settle`
+        is then collective over its group."""
         if micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {micro_batch_size}")
@@ -90,8 +109,10 @@ class VideoBatchStream:
             cfg = replace(cfg, seq_len=seq_length)  # the trainer's sequence length is the packing length
         self.cfg = cfg
         self.num_microbatches = global_batch_size // dp_size
+        self.decode_once = decode_once
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
-                                        held_out=held_out)
+                                        held_out=held_out, pixels=decode_once is None or decode_once.decodes)
+        self._error: BaseException | None = None   # the decoding rank's error in take(), raised by settle() everywhere
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index
@@ -116,11 +137,52 @@ class VideoBatchStream:
         return self
 
     def __next__(self) -> dict:
-        if self._it is None:
-            self._it = iter(self.loader)
+        return self.settle(self.take(1))[0]
+
+    def take(self, n: int) -> list:
+        """A round's n packs (StopIteration where the data ended), for `settle`. Under decode_once they are not yet
+        accounted, and the decoding rank keeps an error of its loader for settle to raise on every rank of the
+        replica (the others would wait for it in settle's broadcast)."""
+        packs = []
         t0 = time.perf_counter()
-        s = next(self._it)
-        self._wait += time.perf_counter() - t0
+        try:
+            for _ in range(n):
+                packs.append(self.loader.draw() if self.decode_once is not None else next(self.loader))
+        except StopIteration:
+            raise
+        except Exception as e:
+            if self.decode_once is None or not self.decode_once.decodes:
+                raise
+            self._error = e
+        finally:
+            self._wait += time.perf_counter() - t0
+        return packs
+
+    def settle(self, packs: list) -> list[dict]:
+        """The micro-batches of packs `take` gave. Under decode_once (collective over the replica): the decoding
+        rank's failed samples of each pack are broadcast, the other ranks build those packs again without them (so
+        every tensor but the pixels is the decoding rank's), and every rank accounts the packs; an error of the
+        decoding rank's loader is raised on every rank."""
+        d = self.decode_once
+        if d is not None:
+            import torch.distributed as dist
+
+            err, self._error = self._error, None
+            msg = [{"error": f"{type(err).__name__}: {err}" if err is not None else "",
+                    "failures": [p.failures for p in packs]} if d.decodes else None]
+            dist.broadcast_object_list(msg, src=d.src, group=d.group)
+            if err is not None:
+                raise err
+            if msg[0]["error"]:
+                raise RuntimeError(f"video loader: the replica's decoding rank {d.src} (parallel.vit.decode_once) "
+                                   f"failed: {msg[0]['error']}")
+            if not d.decodes:
+                packs = [self.loader.rebuild(p, f) for p, f in zip(packs, msg[0]["failures"])]
+            for p in packs:
+                self.loader.account(p)
+        return [self._batch(s) for s in packs]
+
+    def _batch(self, s) -> dict:
         self._drawn.append((s.epoch, s.pack_index, s.source, s.sample_keys))  # worded only when a message asks
         labels = s.labels.clone()
         labels[labels == self.label_ignore_index] = 0  # masked out by loss_mask; must be a valid class id
@@ -182,7 +244,8 @@ class VideoBatchStream:
         for data since the last call (the trainer calls it once per step), and since the run began the samples
         skipped as unreadable and, with a mixture, each source's realized share of the packed sequences and of
         the real tokens (the long:short ratio the curriculum asked for, as served); the samples data.exclude named
-        that its packs left out, once there are any."""
+        that its packs left out, once there are any; the video frames and images this rank decoded since it started,
+        and the seconds it spent reading and decoding them, once it has decoded any."""
         st = self.loader.stats
         # the time this rank's training loop waited for its packed sequences since the last call (once per step):
         # ~0 while the loader's workers keep ahead, the step's input-bound share when they do not
@@ -197,6 +260,10 @@ class VideoBatchStream:
                           ("data_samples_excluded", "samples_excluded")):
             if st.get(stat):
                 out[key] = int(st[stat])
+        dec = self.loader.decode_stats    # this rank's own decoding since it started (none without pixels)
+        if dec["frames"] or dec["images"]:
+            out["data_frames_decoded"] = dec["frames"] + dec["images"]
+            out["data_decode_s"] = dec["seconds"]
         for name, c in st.get("sources", {}).items():
             out[f"data_{name}_seq_share"] = c["pack_share"]
             out[f"data_{name}_token_share"] = c["token_share"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 from models.config import LMConfig, ModelParallelSizes
 
@@ -39,6 +40,11 @@ class ViTParallelConfig:
     # at a time instead of the whole step's; the LM's gradients are reduced once, after the last round. Must divide
     # the micro-batches per step (train/launch.py checks it).
     group: int = 0
+    # Whether one rank of a data-parallel replica decodes its packs' frames and sends each other rank of the replica
+    # the pixels of its ViT share, in the vision phase (docs/data.md "Decoding once per replica"), instead of every
+    # rank decoding every pack itself. None: on with layout spread, off with replicated (where every LM-input rank
+    # encodes every frame itself); true needs layout spread.
+    decode_once: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.group < 0:
@@ -47,9 +53,21 @@ class ViTParallelConfig:
             raise ValueError(f"parallel.vit.layout must be one of {VIT_LAYOUTS}, got {self.layout!r}")
         if self.balance not in VIT_BALANCE:
             raise ValueError(f"parallel.vit.balance must be one of {VIT_BALANCE}, got {self.balance!r}")
+        if self.decode_once is not None and not isinstance(self.decode_once, bool):
+            raise ValueError(f"parallel.vit.decode_once must be true, false or null (by the layout), got "
+                             f"{self.decode_once!r}")
+        if self.decode_once and self.layout != "spread":
+            raise ValueError(f"parallel.vit.decode_once=true needs parallel.vit.layout=spread, got layout "
+                             f"{self.layout!r}: under replicated every LM-input rank encodes every frame itself, so "
+                             f"every one of them needs every pixel (set decode_once=false or layout=spread)")
         if self.layout == "replicated" and self.balance != VIT_BALANCE[0]:
             warnings.warn(f"parallel.vit.balance={self.balance} is ignored: parallel.vit.layout=replicated splits no "
                           f"frames (every LM-input rank encodes all of them)")
+
+    @property
+    def decodes_once(self) -> bool:
+        """decode_once with its default (null) resolved: on with layout spread."""
+        return self.layout == "spread" if self.decode_once is None else self.decode_once
 
 
 @dataclass

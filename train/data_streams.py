@@ -45,13 +45,14 @@ def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, r
 
 def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int,
                  records_bad_samples: bool = True, exclude=None, held_out: bool = False, shards: str = "",
-                 set_name: str = "", one_epoch: bool = False):
+                 set_name: str = "", one_epoch: bool = False, decode_once=None):
     """This rank's packed video micro-batches (data/video_stream.VideoBatchStream): the training data, or (held_out)
     train.eval's data from its start: `shards` (one held-out set of data.video.eval_shards, `set_name` when the sets
     are named), one source without an end, its own quarantine file; a run on its own synthetic videos makes a second,
     smaller synthetic set under another seed. one_epoch: the set scored whole. records_bad_samples: this rank writes
     the quarantine file (the first rank of a data-parallel replica: its tensor, context and pipeline ranks read the
-    same packs and meet the same bad samples). exclude: data.exclude's samples, left out of the training data."""
+    same packs and meet the same bad samples). exclude: data.exclude's samples, left out of the training data.
+    decode_once: the replica's data/video_stream.DecodeOnce (parallel.vit.decode_once), or None: this rank decodes."""
     from data.video_stream import VideoBatchStream, ensure_synthetic_shards
 
     v = cfg.data.video
@@ -90,7 +91,7 @@ def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp
     return VideoBatchStream(v, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                             global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                             seed=cfg.data.seed, one_epoch=one_epoch, exclude=None if held_out else exclude,
-                            held_out=setting)
+                            held_out=setting, decode_once=decode_once)
 
 
 def text_streams(cfg, data, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int, chunks: int = 1,
@@ -126,14 +127,14 @@ def text_streams(cfg, data, *, run_dir: str | os.PathLike, rank: int, dp_rank: i
 
 
 def eval_streams(cfg, name: str, paths: str, whole: bool, *, run_dir: str | os.PathLike, rank: int, dp_rank: int,
-                 dp_size: int, chunks: int = 1, records_bad_samples: bool = True) -> list:
+                 dp_size: int, chunks: int = 1, records_bad_samples: bool = True, decode_once=None) -> list:
     """One held-out set's data from its start (fresh streams per evaluation), as training draws it: one video
     stream, or one text stream per model chunk; synthetic text: the same generator, other sequences. whole: the
     streams fill the set's last global batch with sequences that count for nothing (their `padding`)."""
     common = dict(run_dir=run_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size)
     if cfg.data.kind == "video":
         return [video_stream(cfg, held_out=True, shards=paths, set_name=name, one_epoch=whole,
-                             records_bad_samples=records_bad_samples, **common)]
+                             records_bad_samples=records_bad_samples, decode_once=decode_once, **common)]
     if cfg.data.kind == "tokens":
         return text_streams(cfg, cfg.data, held_out=True, paths=paths, one_epoch=whole, chunks=chunks, **common)
     # other samples of the training text's Markov chain (data.seed + 1 was another chain: a distribution the run

@@ -265,8 +265,8 @@ def sum_over_world(parts: list[torch.Tensor], device: torch.device) -> list[torc
 
 
 # wait, failed, image samples, text-only samples, video frames, fast frames, continued text pieces, samples left out
-# (data.exclude); then packs and tokens per mixture source
-_DATA_COLS = 8
+# (data.exclude), frames and images decoded, decode seconds; then packs and tokens per mixture source
+_DATA_COLS = 10
 
 
 def data_metrics_table(local: dict, *, device: torch.device, sources: dict | None = None) -> torch.Tensor:
@@ -284,6 +284,8 @@ def data_metrics_table(local: dict, *, device: torch.device, sources: dict | Non
     table[rank, 5] = float(local.get("data_frames_fast", 0))
     table[rank, 6] = float(local.get("data_texts_continued", 0))
     table[rank, 7] = float(local.get("data_samples_excluded", 0))
+    table[rank, 8] = float(local.get("data_frames_decoded", 0))
+    table[rank, 9] = float(local.get("data_decode_s", 0.0))
     for i, name in enumerate(names):
         table[rank, _DATA_COLS + 2 * i] = float(sources[name]["packs"])
         table[rank, _DATA_COLS + 1 + 2 * i] = float(sources[name]["tokens"])
@@ -309,6 +311,10 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     - `data_samples_excluded`: the samples data.exclude named that the job's packs left out since the run began
       (token files: the left-out pieces their rows held), summed the same way; present once the job has left one
       out.
+    - `data_frames_decoded`, `data_decode_s`: the video frames and images the loaders of the whole world decoded
+      since this launch began (each rank's own work, not state), and the seconds they spent reading and decoding
+      them (wall time in their DataLoader workers); present once any rank has decoded one. With
+      parallel.vit.decode_once a replica's frames are decoded by one of its ranks, else by each of them.
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.
@@ -334,6 +340,11 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
             out[key] = int(replicas[col])
     out.pop("data_frames_video", None)
     out.pop("data_frames_fast", None)
+    out.pop("data_frames_decoded", None)
+    out.pop("data_decode_s", None)
+    if world[8] > 0:   # every rank's own decoding, over the world: a replica decoding once counts each frame once
+        out["data_frames_decoded"] = int(world[8])
+        out["data_decode_s"] = float(world[9])
     if world[5] > 0:
         out["data_fast_frame_share"] = float(replicas[5] / replicas[4].clamp_min(1))
     packs, tokens = replicas[_DATA_COLS::2], replicas[_DATA_COLS + 1::2]

@@ -457,7 +457,7 @@ class Trainer:
         samples."""
         return video_stream(cfg, run_dir=self.run_dir, rank=self.rank, dp_rank=dp_rank, dp_size=dp_size,
                             records_bad_samples=self._replica_first(), exclude=self.exclude, held_out=held_out, shards=shards,
-                            set_name=set_name, one_epoch=one_epoch)
+                            set_name=set_name, one_epoch=one_epoch, decode_once=self._decode_once())
 
     def _check_held_out_videos(self) -> None:
         """Plans the first epoch of each held-out video set at start-up (the plans are kept in the index directory
@@ -495,7 +495,17 @@ class Trainer:
         """One held-out set's data from its start, fresh streams per evaluation (train/data_streams.eval_streams)."""
         return eval_streams(self.cfg, name, paths, whole, run_dir=self.run_dir, rank=self.rank,
                             dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size(), chunks=len(self.model),
-                            records_bad_samples=self._replica_first())
+                            records_bad_samples=self._replica_first(), decode_once=self._decode_once())
+
+    def _decode_once(self):
+        """The replica's data/video_stream.DecodeOnce under parallel.vit.decode_once (its vision group's first rank
+        decodes the packs and sends each rank its frames' pixels in the vision phase), or None: every rank decodes."""
+        from data.video_stream import DecodeOnce
+
+        v = self.vision
+        if v is None or not v.decode_once:
+            return None
+        return DecodeOnce(group=v.group, src=v.members[0], decodes=self.rank == v.members[0])
 
     def _replica_first(self) -> bool:
         """Whether this rank is its data-parallel replica's first: its tensor, context and pipeline ranks read the
@@ -1002,7 +1012,7 @@ class Trainer:
         first collective, which a rank without data would never reach)."""
         ended = requested("data_end_in_step", step=self.step + 1, rank=self.rank)
         try:
-            mbs = [] if ended else [next(stream) for _ in range(n)]
+            mbs = [] if ended else stream.take(n)
         except StopIteration:
             ended = True
         if self.data_can_end:
@@ -1014,6 +1024,7 @@ class Trainer:
                 raise DataEnded(ranks)
         elif ended:
             raise StopIteration
+        mbs = stream.settle(mbs)   # under parallel.vit.decode_once collective over the replica's ranks
         if self.vision is None:
             return mbs
         embeds = self.vision.forward(mbs, self.device)

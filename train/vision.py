@@ -2,7 +2,9 @@
 LM's pipeline schedule on its own parallel layout (parallel/vit_layout.py), optimised by its own AdamW.
 
 Per step (every rank), once, or once per round of parallel.vit.group micro-batches:
-    embeds = forward(micro_batches)      plan -> encode this rank's share of frames -> one all_to_all;
+    embeds = forward(micro_batches)      plan -> (decode_once: this rank's frames' pixels from the group's
+                                         rank 0, the one that decoded the packs) -> encode this rank's share
+                                         of frames -> one all_to_all;
                                          the LM-input ranks (pipeline stage 0) get one leaf tensor of
                                          merged visual embeddings per micro-batch
     ... the LM schedule runs; its stage-0 forward writes embeds[i] over micro-batch i's placeholders ...
@@ -129,12 +131,17 @@ class VisionTower:
         self.phase = build_vision_phase(v.layout, self.model, group, consumers, recompute=v.recompute,
                                         **({"balance": v.balance} if v.layout == "spread" else {}))
         self.group_size = len(members)
+        self.group, self.members = group, members
+        # parallel.vit.decode_once: the group's first rank (the replica's first, which writes its quarantine records)
+        # alone decodes the packs, and sends each rank its frames' pixels in the phase (data/video_stream.DecodeOnce)
+        self.decode_once = v.decodes_once and len(members) > 1 and cfg.data.kind == "video"
         if dist.get_rank() == 0:
             log.info("vision tower: %.1fM parameters (%s), layout %s over %d ranks per LM sequence "
-                     "(LM-input ranks %s), balance %s, recompute %s", vcfg.num_params() / 1e6,
+                     "(LM-input ranks %s), balance %s, recompute %s, %s", vcfg.num_params() / 1e6,
                      ("ViT " + ("trained" if train_vit else "frozen") + ", projector "
                       + ("trained" if train_projector else "frozen")), v.layout, len(members), consumers,
-                     v.balance, v.recompute)
+                     v.balance, v.recompute, "frames decoded once per replica (by its first rank; decode_once)"
+                     if self.decode_once else "every rank decodes its replica's frames")
 
     def forward(self, micro_batches: list[dict], device) -> list | None:
         """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism
@@ -162,7 +169,7 @@ class VisionTower:
                         inv[local] = torch.arange(local.numel())
                         mb["visual_local_pos"] = inv[vpos[sel]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.phase.forward(mbs, needs)
+            return self.phase.forward(mbs, needs, **({"pixels_from": 0} if self.decode_once else {}))
 
     def step_flops(self, micro_batches: list[dict]) -> float:
         return vision_step_flops(self.model, micro_batches)

@@ -1,8 +1,10 @@
 """Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): a loader without
 pixels builds the packs of the rank that decodes them, every tensor but the pixels, and counts them alike, also where
-that rank failed to decode a sample.
+that rank failed to decode a sample; `VideoBatchStream.settle` carries those failures (or that rank's error) to the
+other ranks of the replica.
 
-Reference: the decoding rank's own loader (today's path, which decodes every sample).
+Reference: the decoding rank's own loader (today's path, which decodes every sample); the broadcast of settle is
+played between two in-process streams (what torch.distributed.broadcast_object_list would deliver).
 """
 from dataclasses import replace
 
@@ -58,3 +60,71 @@ def test_a_loader_without_pixels_builds_the_decoding_ranks_packs(shard_dir, tmp_
     assert decoder.decode_stats["frames"] == decoder.stats["frames_video"] > 0
     assert sorted(r["key"] for r in read_jsonl(cfg.quarantine_path)) == sorted(
         "bad_" + b.split(".")[0] for b in BAD3)
+
+
+class _Broadcast:
+    """torch.distributed.broadcast_object_list between two in-process streams: the decoding rank's settle runs
+    first and leaves its message for the other's."""
+
+    def __init__(self):
+        self.sent = None
+
+    def __call__(self, msg, src, group=None):
+        if msg[0] is not None:
+            self.sent = list(msg)
+        else:
+            msg[:] = self.sent
+
+
+def _streams(cfg, follower_cfg, monkeypatch):
+    import torch.distributed as dist
+
+    from data.video_stream import DecodeOnce, VideoBatchStream
+
+    monkeypatch.setattr(dist, "broadcast_object_list", _Broadcast())
+    kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    return (VideoBatchStream(cfg, decode_once=DecodeOnce(group=None, src=0, decodes=True), **kw),
+            VideoBatchStream(follower_cfg, decode_once=DecodeOnce(group=None, src=0, decodes=False), **kw),
+            VideoBatchStream(replace(cfg, quarantine_path=""), **kw))      # today's: every rank decodes
+
+
+def test_settle_gives_every_rank_the_decoding_ranks_micro_batches(shard_dir, tmp_path, monkeypatch):
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)     # packs without end: 3 steps of 2
+    decoder, follower, each = _streams(cfg, follower_cfg, monkeypatch)
+    for _ in range(3):
+        a = decoder.settle(decoder.take(2))
+        b = follower.settle(follower.take(2))
+        c = [next(each) for _ in range(2)]
+        for x, y, z in zip(a, b, c):
+            assert y["pixel_values"].shape[0] == 0 and torch.equal(x["pixel_values"], z["pixel_values"])
+            for k in x:
+                if k != "pixel_values":
+                    assert torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]), k
+    assert decoder.describe_step() == follower.describe_step() == each.describe_step()
+    assert follower.stats == decoder.stats == each.stats and decoder.stats["samples_failed"] >= 1
+    assert follower.step_metrics().get("data_frames_decoded") is None     # this rank decoded nothing
+    assert decoder.step_metrics()["data_frames_decoded"] == decoder.stats["frames_video"]
+
+
+def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_path, monkeypatch):
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, max_consecutive_failures=1, num_epochs=None)
+    decoder, follower, _ = _streams(cfg, follower_cfg, monkeypatch)
+    # a failed sample with max_consecutive_failures=1: both ranks raise in settle (the follower learns of it there)
+    with pytest.raises(RuntimeError, match="consecutive samples failed"):
+        for _ in range(8):
+            decoder.settle(decoder.take(1))
+    with pytest.raises(RuntimeError, match="consecutive samples failed"):
+        for _ in range(8):
+            follower.settle(follower.take(1))
+
+    decoder, follower, _ = _streams(cfg, follower_cfg, monkeypatch)
+
+    def gone():
+        raise RuntimeError("video loader: shard x.tar is gone")
+    monkeypatch.setattr(decoder.loader, "draw", gone)
+    packs = decoder.take(2)        # kept for settle, which the other ranks of the replica wait in
+    with pytest.raises(RuntimeError, match="is gone"):
+        decoder.settle(packs)
+    with pytest.raises(RuntimeError, match="decoding rank 0 .*decode_once.* failed: RuntimeError: video loader: "
+                                           "shard x.tar is gone"):
+        follower.settle(follower.take(2))

@@ -50,7 +50,12 @@ def run(tmp_path_factory):
     common = ["recipe=keye_tiny", "parallel=single", "parallel.tp=2", "train.steps=3", "train.global_batch_size=4",
               f"data.video.shards={shards}", "train.checkpoint.save_interval=1", f"data.video.eval_shards={held_out}",
               "train.eval.interval=1", "train.eval.batches=2", "run_dir=q"]
-    data = run_layouts_all(2, {"stopped": common + ["train.stop_after=2"], "resumed": common}, tmp)
+    # the same 2 steps with every rank decoding every pack itself (parallel.vit.decode_once=false; by default the
+    # replica's first rank decodes them and tells the other which samples failed), no evaluation, no checkpoint
+    each = [o for o in common if not o.startswith(("train.eval", "data.video.eval", "train.checkpoint", "run_dir"))]
+    data = run_layouts_all(2, {"stopped": common + ["train.stop_after=2"], "resumed": common,
+                               "each": each + ["train.steps=2", "train.checkpoint.enabled=false",
+                                               "parallel.vit.decode_once=false"]}, tmp)
     return data, tmp / "runs" / "q", keys, eval_keys
 
 
@@ -75,3 +80,16 @@ def test_a_bad_sample_is_recorded_once_by_a_replica_and_a_resumed_run(run):
     recs, ident = _records(run_dir / files[1])
     assert {r["key"] for r in recs} == set(eval_keys) and max(ident.values()) == 1, ident
     assert len(data["evals"]["stopped"]) == 3 and len(data["evals"]["resumed"]) == 1
+
+
+def test_decoding_once_meets_the_bad_samples_as_every_rank_did(run):
+    """With the bad samples decoded by one rank of the replica only, the other rank leaves out the same samples (the
+    losses are bit-identical to every rank decoding every pack), counts the same failures, and decodes nothing."""
+    data = run[0]
+    assert data["losses"]["each"] == data["losses"]["stopped"], (data["losses"]["each"], data["losses"]["stopped"])
+    ex = data["extras"]
+    assert [ex["each"][s]["data_samples_failed"] for s in (1, 2)] == \
+        [ex["stopped"][s]["data_samples_failed"] for s in (1, 2)]
+    # the world's decoded frames: rank 0's alone, where each rank decoded them itself twice as many
+    assert [ex["each"][s]["data_frames_decoded"] for s in (1, 2)] == \
+        [2 * ex["stopped"][s]["data_frames_decoded"] for s in (1, 2)]

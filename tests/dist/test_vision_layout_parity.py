@@ -13,7 +13,7 @@ ranks that each encoded different frames).
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import run_layouts, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,10 @@ def curves(tmp_path_factory):
     one = run_layouts(1, {"single": common, "ksa_single": ksa, "single_grouped": common + grouped},
                       tmp_path_factory.mktemp("one"))
     single = one["single"]
-    two, digests = run_layouts(2, {
+    data = run_layouts_all(2, {
         "tp2_spread": common + ["parallel.tp=2", "parallel.vit.layout=spread"],
+        # every rank of the replica decodes every pack itself (the spread layout's default decodes once, on rank 0)
+        "tp2_decode_each": common + ["parallel.tp=2", "parallel.vit.layout=spread", "parallel.vit.decode_once=false"],
         "tp2_replicated": common + ["parallel.tp=2", "parallel.vit.layout=replicated"],
         "pp2_spread": common + ["parallel.pp=2", "parallel.vit.layout=spread"],
         # context parallelism: each CP rank asks the exchange for only the visual tokens of its chunks
@@ -61,8 +63,9 @@ def curves(tmp_path_factory):
         "vit_stopped": saved + ["parallel.tp=2", "train.stop_after=2", "train.checkpoint.save_interval=2"],
         "vit_resumed_replicated": saved + ["parallel.tp=2", "parallel.vit.layout=replicated",
                                            "parallel.vit.recompute=true"] + grouped,
-    }, tmp_path_factory.mktemp("two"), digests=True)
-    two["_digests"] = digests
+    }, tmp_path_factory.mktemp("two"))
+    two = data["losses"]
+    two["_digests"], two["_extras"] = data["digests"], data["extras"]
     two["ksa_single"] = one["ksa_single"]
     two["single_grouped"] = one["single_grouped"]
     return single, two
@@ -90,6 +93,19 @@ def test_resume_in_another_vit_layout_continues_the_curve(curves):
     assert sorted(runs["vit_stopped"]) == [1, 2] and sorted(runs["vit_resumed_replicated"]) == [3], runs
     assert _close({**runs["vit_stopped"], **runs["vit_resumed_replicated"]}, single), (runs["vit_stopped"],
                                                                                      runs["vit_resumed_replicated"])
+
+
+def test_decoding_once_per_replica_changes_only_who_decodes(curves):
+    """parallel.vit.decode_once (the spread layout's default): rank 0 of the TP2 replica decodes every pack and sends
+    rank 1 the pixels of its ViT share. The same pixels reach the same ViT ranks as when each rank decodes them itself,
+    so the loss curve is bit-identical; the world's loaders decode each frame once instead of twice (the frames of the
+    packs drawn so far: workers' prefetch is not counted)."""
+    _, runs = curves
+    assert runs["tp2_spread"] == runs["tp2_decode_each"], (runs["tp2_spread"], runs["tp2_decode_each"])
+    ex = runs["_extras"]
+    once = [ex["tp2_spread"][s]["data_frames_decoded"] for s in (1, 2, 3)]
+    each = [ex["tp2_decode_each"][s]["data_frames_decoded"] for s in (1, 2, 3)]
+    assert 0 < once[0] < once[2] and each == [2 * n for n in once], (once, each)
 
 
 def test_loss_moves(curves):

@@ -21,6 +21,8 @@ TEXTS = [0, 0, 0, 0]                 # none anywhere: no rank reports the key
 FRAMES = [40, 10, 20, 0]             # video frames, and of them fast (slow and fast frames) ...
 FAST = [30, 0, 5, 0]                 # ... only in group {0, 2}: every rank reports the share, group {1, 3} 0
 CONTINUED = [0, 0, 0, 2]             # texts continued over sequences: rank 3 only
+DECODED = [24, 0, 0, 0]              # frames decoded (parallel.vit.decode_once: the replica's first rank alone) ...
+DECODE_S = [1.5, 0.0, 0.0, 0.0]      # ... and its seconds: summed over the whole world, not a group
 GROUPS = [[0, 2], [1, 3]]
 PACKS = {"long": [1, 3, 0, 2], "short": [3, 1, 4, 6]}       # per rank, since the run began
 TOKENS = {"long": [900, 2700, 0, 1800], "short": [300, 100, 4000, 600]}
@@ -35,7 +37,8 @@ def _worker(rank, world, port, out):
         if IMAGES[rank]:
             local["data_samples_image"] = IMAGES[rank]
         for key, values in (("data_frames_video", FRAMES), ("data_frames_fast", FAST),
-                            ("data_texts_continued", CONTINUED)):
+                            ("data_texts_continued", CONTINUED), ("data_frames_decoded", DECODED),
+                            ("data_decode_s", DECODE_S)):
             if values[rank]:   # as VideoBatchStream.step_metrics: only once served
                 local[key] = values[rank]
         sources = {n: {"packs": PACKS[n][rank], "tokens": TOKENS[n][rank], "samples": 99} for n in PACKS}
@@ -65,6 +68,7 @@ def test_wait_is_the_slowest_rank_failures_and_shares_over_the_replicas():
         assert got[rank]["data_fast_frame_share"] == sum(FAST[r] for r in group) / max(sum(FRAMES[r] for r in group), 1)
         assert got[rank]["data_texts_continued"] == sum(CONTINUED[r] for r in group)
         assert "data_frames_video" not in got[rank] and "data_frames_fast" not in got[rank]
+        assert got[rank]["data_frames_decoded"] == sum(DECODED) and got[rank]["data_decode_s"] == sum(DECODE_S)
         for n in PACKS:
             packs = {m: sum(PACKS[m][r] for r in group) for m in PACKS}
             tokens = {m: sum(TOKENS[m][r] for r in group) for m in TOKENS}
