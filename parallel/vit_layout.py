@@ -324,8 +324,8 @@ def scatter_pixels(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int, rank
     every micro-batch's pixels `pvs` (the others' are [0, D] tensors of the same dtype): one all_to_all (collective)."""
     rows = pixel_rows(plan)
     if rank == src:
-        send = [pvs[plan.frames[i].mb][plan.frames[i].patch_start:plan.frames[i].patch_start + plan.frames[i].num_patches]
-                for r in range(plan.num_ranks) for i in plan.rank_frames(r)]
+        frames = [plan.frames[i] for r in range(plan.num_ranks) for i in plan.rank_frames(r)]
+        send = [pvs[f.mb][f.patch_start:f.patch_start + f.num_patches] for f in frames]
         x, send_counts = (torch.cat(send) if send else pvs[0][:0]), rows
     else:
         x, send_counts = pvs[0][:0], [0] * plan.num_ranks
