@@ -141,17 +141,19 @@ class VideoBatchStream:
 
     def take(self, n: int) -> list:
         """A round's n packs (StopIteration where the data ended), for `settle`. Under decode_once they are not yet
-        accounted, and the decoding rank keeps an error of its loader for settle to raise on every rank of the
-        replica (the others would wait for it in settle's broadcast)."""
+        accounted, and an error of the loader is kept for settle to raise after its broadcast: the decoding rank's
+        on every rank of the replica (the others would wait for it in the broadcast), another rank's own there."""
         packs = []
+        if self._it is None:
+            self._it = iter(self.loader)
         t0 = time.perf_counter()
         try:
             for _ in range(n):
-                packs.append(self.loader.draw() if self.decode_once is not None else next(self.loader))
+                packs.append(self.loader.draw() if self.decode_once is not None else next(self._it))
         except StopIteration:
             raise
         except Exception as e:
-            if self.decode_once is None or not self.decode_once.decodes:
+            if self.decode_once is None:
                 raise
             self._error = e
         finally:
@@ -162,7 +164,7 @@ class VideoBatchStream:
         """The micro-batches of packs `take` gave. Under decode_once (collective over the replica): the decoding
         rank's failed samples of each pack are broadcast, the other ranks build those packs again without them (so
         every tensor but the pixels is the decoding rank's), and every rank accounts the packs; an error of the
-        decoding rank's loader is raised on every rank."""
+        decoding rank's loader is raised on every rank, another rank's own error on that rank."""
         d = self.decode_once
         if d is not None:
             import torch.distributed as dist
@@ -171,7 +173,7 @@ class VideoBatchStream:
             msg = [{"error": f"{type(err).__name__}: {err}" if err is not None else "",
                     "failures": [p.failures for p in packs]} if d.decodes else None]
             dist.broadcast_object_list(msg, src=d.src, group=d.group)
-            if err is not None:
+            if err is not None:             # this rank's own (the same on every rank where it is the data's)
                 raise err
             if msg[0]["error"]:
                 raise RuntimeError(f"video loader: the replica's decoding rank {d.src} (parallel.vit.decode_once) "

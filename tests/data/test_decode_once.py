@@ -107,6 +107,8 @@ def test_settle_gives_every_rank_the_decoding_ranks_micro_batches(shard_dir, tmp
 
 
 def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
     cfg, follower_cfg = _cfgs(shard_dir, tmp_path, max_consecutive_failures=1, num_epochs=None)
     decoder, follower, _ = _streams(cfg, follower_cfg, monkeypatch)
     # a failed sample with max_consecutive_failures=1: both ranks raise in settle (the follower learns of it there)
@@ -128,3 +130,15 @@ def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_pa
     with pytest.raises(RuntimeError, match="decoding rank 0 .*decode_once.* failed: RuntimeError: video loader: "
                                            "shard x.tar is gone"):
         follower.settle(follower.take(2))
+
+    # an error every rank meets (the data's, not a decode's): each raises its own, after the broadcast
+    broadcast = dist.broadcast_object_list
+    calls = []
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda msg, src, group=None: (calls.append(1),
+                                                                                      broadcast(msg, src, group)))
+    monkeypatch.setattr(follower.loader, "draw", gone)
+    packs = decoder.take(1), follower.take(1)
+    for stream, got in zip((decoder, follower), packs):
+        with pytest.raises(RuntimeError, match="^video loader: shard x.tar is gone$"):
+            stream.settle(got)
+    assert len(calls) == 2
