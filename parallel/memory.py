@@ -4,14 +4,16 @@
 
 prints a table (GiB per rank): model state (bf16/fp32 parameters, the fp32 gradient buffer, the
 distributed optimizer's fp32 master copy + Adam moments sharded over DP x CP for dense and over expert-DP
-for expert weights), activations kept for backward per layer type, the loss, and one layer's transient
-buffers; with `parallel.offload=activations` (parallel/offload.py) the offloaded layers' saved tensors
-are counted as host memory (printed below the total) and two layers' worth stay on the device as copies
-in flight (offload's LAYERS_IN_FLIGHT: a layer's forward waits for older copies beyond it); where the optimizer
-step holds more than the forward and backward (short sequences), its peak is the estimate's (a row says by how
-much). It is a GPU estimate (flash-style attention that keeps O(tokens) per head, no L x L tensor) for
-the code in this repository as it is: what each module saves for backward is counted from the modules
-(models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
+for expert weights), activations kept for backward per layer type, and the largest of the working sets that are
+never alive together (`activation_bytes`): a layer's forward or backward buffers (under full recompute on top of the
+layer re-materialised for its backward) and, on the last stage, the output layer + loss, which runs between the last
+layer's forward and its backward; with `parallel.offload=activations` (parallel/offload.py) the offloaded layers'
+saved tensors are counted as host memory (printed below the total) and one offloaded layer's stays on the device
+beside the layers that keep theirs (copied out or prefetched; two where a chunk offloads every layer: offload's
+LAYERS_IN_FLIGHT); where the optimizer step holds more than the forward and backward (short sequences), its peak is
+the estimate's (a row says by how much). It is a GPU estimate (flash-style attention that keeps O(tokens) per head,
+no L x L tensor) for the code in this repository as it is: what each module saves for backward is counted from the
+modules (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
 models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below; besides what autograd
 saves, megatron's alltoall token dispatcher holds every MoE layer's last routing map and permutation indices as
 attributes, with any recompute or offload (`dispatcher_bytes`: 192 bytes a token a layer at 30B-A3B sizes).
@@ -336,6 +338,19 @@ def _moe(m: MemoryInputs) -> tuple[float, float]:
     return kept, transient
 
 
+def _moe_backward(m: MemoryInputs) -> float:
+    """The MoE block's backward buffers at their peak, inside the experts' backward (models/moe/grouped_experts.py),
+    besides what the layer keeps: the experts' output gradient dy and input gradient dx (T_e x h each), fc2's input
+    gradient da and the recomputed SwiGLU output a (T_e x F), fc1's output gradient dh (T_e x 2F), and the local
+    experts' weight gradients (dw13, dw2) before the gradient buffer takes them. The CPU profile of the tiny layer
+    (tests/unit/test_memory_estimator.py) finds exactly these at the peak of a layer's backward."""
+    lm = m.lm
+    b = 2 if m.bf16 else 4
+    h, F = lm.hidden_size, lm.moe_ffn_hidden_size / m.etp
+    T_e = m.micro_batch_size * m.model_seq / m.cp / m.tp * lm.moe_topk * m.etp
+    return (2 * T_e * h + 4 * T_e * F + 3 * lm.num_experts / m.ep * h * F) * b
+
+
 def dispatcher_bytes(m: MemoryInputs, *, offloaded: bool) -> float:
     """What megatron's alltoall token dispatcher holds as attributes in one MoE layer, besides what autograd saves
     (parallel/offload.py's docstring): the last forward's routing map (bool [t_sp, E], not saved: autograd saves its
@@ -355,21 +370,30 @@ def dispatchers_kept_bytes(m: MemoryInputs, *, first: bool) -> float:
 
 
 def _loss(m: MemoryInputs) -> float:
-    """The output layer + cross-entropy on the last stage (see models/moe/chunked_ce.py). The fp32 dW
-    accumulator exists only when the output layer trains; in the forward-only indexer step a chunk holds its
-    logits and their fp32 copy (the backward's gradient chunk never exists)."""
+    """The output layer + cross-entropy on the last stage at its peak (models/moe/chunked_ce.py), besides the kept
+    activations: the final norm's saved tensors, the per-token logsumexp, the input gradient dh [t, h] and a chunk's
+    working set. A chunk holds its logits in the compute dtype with their fp32 copy (in fp32 one tensor), and the
+    backward's softmax becomes the gradient g (bf16: a copy, the fp32 softmax freed; fp32: the same tensor), whose
+    dW product [V_r, h] is made while the previous chunk's is still referenced; with more than one chunk, beside the
+    fp32 dW accumulator. The dW terms exist only when the output layer trains; in the forward-only indexer step a
+    chunk holds its logits and their fp32 copy (the backward's gradient chunk never exists)."""
     lm = m.lm
     b = 2 if m.bf16 else 4
     t = m.micro_batch_size * m.model_seq / m.cp
-    Vr = lm.vocab_size / m.tp
+    h, Vr = lm.hidden_size, lm.vocab_size / m.tp
+    logits = 4 + (b if b == 2 else 0)  # bytes per logit element: compute-dtype logits + fp32 copy (fp32: one)
     if m.forward_only:  # one chunk's logits while their fp32 copy is made (exp and sum run in place)
         c = min(lm.loss_chunk_tokens, t) if lm.loss_chunk_tokens else t
-        return c * Vr * (2 + 4) + t * 4 + t / m.tp * lm.hidden_size * b
+        return c * Vr * logits + t * 4 + t / m.tp * h * b
     if lm.loss_chunk_tokens:
         c = min(lm.loss_chunk_tokens, t)
-        acc = Vr * lm.hidden_size * 4 if t > c and m.trainable == "all" else 0
-        return c * Vr * (2 + 4 + 2) + acc + t * 4 + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
-    return t * Vr * (2 + 4 + 4) + _norm(t / m.tp * lm.hidden_size, b) + t * lm.hidden_size * b
+        several = t > c
+        part = Vr * h * b if m.trainable == "all" else 0  # one chunk's dW product
+        acc = Vr * h * 4 if several and m.trainable == "all" else 0
+        chunk = max(c * Vr * logits + (part if several else 0),  # the logits, the previous chunk's dW product
+                    c * Vr * (b if b == 2 else 4) + part * (2 if several else 1))  # g with the two dW products
+        return chunk + acc + t * 4 + _norm(t / m.tp * h, b) + t * h * b
+    return t * Vr * (2 + 4 + 4) + _norm(t / m.tp * h, b) + t * h * b
 
 
 def in_flight_microbatches(m: MemoryInputs) -> float:
@@ -417,12 +441,28 @@ def offloaded_host_bytes(m: MemoryInputs, *, first: bool) -> float:
     return scale * sum(_layer_kept(m, v) for v in offloaded)
 
 
+def offload_layers_in_flight(m: MemoryInputs, *, first: bool) -> int:
+    """Offloaded layers whose saved tensors are on the device beside the layers that keep theirs (parallel/offload.py:
+    LAYERS_IN_FLIGHT at a time, the layer worked on among them). A chunk's kept layers are its last ones: in forward
+    the first of them runs while the offloaded layer before it may still be copied out, in backward the top one runs
+    while the next offloaded layer below is prefetched (one beside them), and by the time an offloaded layer is worked
+    on, the kept layers above it have run their backward (two, where they were). A chunk that offloads all its layers
+    holds two of them."""
+    mine, offloaded = _stage_layers(m, first=first)
+    if not offloaded:
+        return 0
+    return 1 if mine else min(LAYERS_IN_FLIGHT, len(offloaded))
+
+
 def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
     """Kept activations per layer type (of the layers that stay on the device when offloading), scaled by
-    the in-flight micro-batches, plus the transient buffers. Offload (parallel/offload.py) keeps on the
-    device at most LAYERS_IN_FLIGHT (2) offloaded layers' saved tensors at a time: in forward the layer running and
-    the previous one being copied out (a layer waits for older copies beyond that), in backward the layer being worked
-    on plus the next one prefetched."""
+    the in-flight micro-batches, plus the largest working set of the phases that are never alive together: a layer's
+    forward or backward buffers (with full recompute, on top of the layer re-materialised for its backward), and on
+    the last stage the output layer and loss, which run after the last layer's forward and before its backward. The
+    kept activations are alive in every phase: at the loss all of them, at the top layer's backward all but what that
+    layer has already consumed (tests/unit/test_memory_estimator.py profiles the phases on the CPU). Offload
+    (parallel/offload.py) keeps on the device one offloaded layer's saved tensors beside the layers that keep theirs
+    (offload_layers_in_flight)."""
     if m.forward_only:
         return _forward_only_bytes(m, first=first, last=last)
     lm = m.lm
@@ -432,7 +472,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
     moe_kept, moe_tr = _moe(m)
     rows: dict[str, float] = {}
-    transient = moe_tr
+    transient = max(moe_tr, _moe_backward(m))
     per_layer_full = []
     for v in sorted(set(all_mine)):
         a_kept, a_tr = _attention(m, v, recompute_core=m.recompute == "selective")
@@ -451,15 +491,20 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
         rows[k] *= scale
     if offloaded:
         rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
-            min(LAYERS_IN_FLIGHT, len(offloaded)) * max(_layer_kept(m, v) for v in set(offloaded)))
+            offload_layers_in_flight(m, first=first) * max(_layer_kept(m, v) for v in set(offloaded)))
     rows["MoE dispatchers' routing maps + indices (every layer)"] = dispatchers_kept_bytes(m, first=first)
-    if m.recompute == "full":  # one layer's activations re-materialised during its backward
-        rows["one recomputed layer"] = max(per_layer_full)
     if first:
         rows["embedding output + rotary"] = scale * t_sp * lm.hidden_size * b + m.model_seq * lm.head_dim * 4
+    # the phases: a layer's buffers (forward, or backward with the gradient arriving from above, [t_sp, h]); under
+    # full recompute the backward's on top of the re-materialised layer; the output layer and loss
+    phases = {"a layer's forward / backward buffers": transient + t_sp * lm.hidden_size * b}
+    if m.recompute == "full":
+        phases = {"one recomputed layer + its backward's buffers": max(per_layer_full) + phases.popitem()[1]}
     if last:
-        rows["output layer + loss"] = _loss(m)
-    rows["transient (one layer's buffers)"] = transient
+        phases["output layer + loss"] = _loss(m)
+    name = max(phases, key=phases.get)
+    others = ", ".join(f"{k} {v / GIB:.2f}" for k, v in phases.items() if k != name)
+    rows[f"largest phase: {name}" + (f" (not alive with: {others} GiB)" if others else "")] = phases[name]
     return rows
 
 
