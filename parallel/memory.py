@@ -497,14 +497,14 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
         rows["embedding output + rotary"] = scale * t_sp * lm.hidden_size * b + m.model_seq * lm.head_dim * 4
     # the phases: a layer's buffers (forward, or backward with the gradient arriving from above, [t_sp, h]); under
     # full recompute the backward's on top of the re-materialised layer; the output layer and loss
-    phases = {"a layer's forward / backward buffers": transient + t_sp * lm.hidden_size * b}
-    if m.recompute == "full":
-        phases = {"one recomputed layer + its backward's buffers": max(per_layer_full) + phases.popitem()[1]}
+    buffers = transient + t_sp * lm.hidden_size * b
+    phases = ({"recomputed layer + its backward": max(per_layer_full) + buffers} if m.recompute == "full"
+              else {"a layer's buffers": buffers})
     if last:
         phases["output layer + loss"] = _loss(m)
     name = max(phases, key=phases.get)
     others = ", ".join(f"{k} {v / GIB:.2f}" for k, v in phases.items() if k != name)
-    rows[f"largest phase: {name}" + (f" (not alive with: {others} GiB)" if others else "")] = phases[name]
+    rows[f"largest phase: {name}" + (f" (not with: {others})" if others else "")] = phases[name]
     return rows
 
 
