@@ -342,8 +342,8 @@ def _moe_backward(m: MemoryInputs) -> float:
     """The MoE block's backward buffers at their peak, inside the experts' backward (models/moe/grouped_experts.py),
     besides what the layer keeps: the experts' output gradient dy and input gradient dx (T_e x h each), fc2's input
     gradient da and the recomputed SwiGLU output a (T_e x F), fc1's output gradient dh (T_e x 2F), and the local
-    experts' weight gradients (dw13, dw2) before the gradient buffer takes them. The CPU profile of the tiny layer
-    (tests/unit/test_memory_estimator.py) finds exactly these at the peak of a layer's backward."""
+    experts' weight gradients (dw13, dw2) before the gradient buffer takes them. The CPU profile of a small layer
+    (tests/unit/test_memory_phases.py) finds these at the peak of a layer's backward."""
     lm = m.lm
     b = 2 if m.bf16 else 4
     h, F = lm.hidden_size, lm.moe_ffn_hidden_size / m.etp
@@ -445,9 +445,9 @@ def offload_layers_in_flight(m: MemoryInputs, *, first: bool) -> int:
     """Offloaded layers whose saved tensors are on the device beside the layers that keep theirs (parallel/offload.py:
     LAYERS_IN_FLIGHT at a time, the layer worked on among them). A chunk's kept layers are its last ones: in forward
     the first of them runs while the offloaded layer before it may still be copied out, in backward the top one runs
-    while the next offloaded layer below is prefetched (one beside them), and by the time an offloaded layer is worked
-    on, the kept layers above it have run their backward (two, where they were). A chunk that offloads all its layers
-    holds two of them."""
+    while the next offloaded layer below is prefetched (one beside them); when an offloaded layer is worked on (two
+    offloaded layers on the device) the kept layers above it have run their backward and freed theirs. A chunk that
+    offloads all its layers holds two of them."""
     mine, offloaded = _stage_layers(m, first=first)
     if not offloaded:
         return 0
@@ -460,7 +460,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     forward or backward buffers (with full recompute, on top of the layer re-materialised for its backward), and on
     the last stage the output layer and loss, which run after the last layer's forward and before its backward. The
     kept activations are alive in every phase: at the loss all of them, at the top layer's backward all but what that
-    layer has already consumed (tests/unit/test_memory_estimator.py profiles the phases on the CPU). Offload
+    layer has already consumed (tests/unit/test_memory_phases.py profiles the phases on the CPU). Offload
     (parallel/offload.py) keeps on the device one offloaded layer's saved tensors beside the layers that keep theirs
     (offload_layers_in_flight)."""
     if m.forward_only:
