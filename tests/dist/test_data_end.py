@@ -14,6 +14,9 @@ pytestmark = pytest.mark.slow
 
 # keye_tiny: global batch 4, micro-batch 1, 2 data-parallel ranks: each rank draws 2 packs a step
 PACKS_PER_STEP_PER_RANK = 2
+# the run's own synthetic videos, 12 where the recipe makes 24: one pack each, so the one epoch ends in step 4 where
+# it ended in step 7 (the same ending, three steps sooner)
+FEWER_VIDEOS = "data.synthetic_videos=12"
 
 
 def _trained(run_dir) -> list[int]:
@@ -23,7 +26,7 @@ def _trained(run_dir) -> list[int]:
 def test_training_data_that_ends_before_the_last_step_is_named(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_launch(2, ["recipe=keye_tiny", "data.video.num_epochs=1", "train.steps=40",
-                          "train.checkpoint.enabled=false"], run_dir, check=False, timeout=600)
+                          "train.checkpoint.enabled=false", FEWER_VIDEOS], run_dir, check=False, timeout=600)
     out = proc.stdout + proc.stderr
     # the steps trained before the data ended, as metrics.jsonl recorded them: the error names the next one
     trained = _trained(run_dir)
@@ -40,7 +43,7 @@ def test_training_data_that_ends_saves_the_steps_trained(tmp_path):
     steps trained would be lost."""
     run_dir = tmp_path / "run"
     proc = run_launch(2, ["recipe=keye_tiny", "data.video.num_epochs=1", "train.steps=40",
-                          "train.checkpoint.save_interval=20"], run_dir, check=False, timeout=600)
+                          "train.checkpoint.save_interval=20", FEWER_VIDEOS], run_dir, check=False, timeout=600)
     out = proc.stdout + proc.stderr
     trained = _trained(run_dir)
     n = len(trained)
