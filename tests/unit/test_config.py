@@ -416,10 +416,13 @@ def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
     ("train.checkpoint.init_from=/nowhere", 2, "train.checkpoint.init_from='/nowhere' is neither"),
 ])
 def test_launcher_exits_before_building_anything(tmp_path, override, world, needle):
+    """launch/pretrain.py as a process of its own (forked from the warm one: tests/launch_util.run_script)."""
+    from tests.launch_util import run_script
+
     run_dir = tmp_path / "run"
     env = {**os.environ, "WORLD_SIZE": str(world)}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm", override,
-                           f"run_dir={run_dir}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = run_script(REPO / "launch" / "pretrain.py", ["recipe=keye_tiny_lm", override, f"run_dir={run_dir}"],
+                      timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout
     assert not run_dir.exists(), "nothing may be written before the config is valid"
@@ -462,16 +465,20 @@ def test_settings_this_machine_cannot_run_are_refused_before_the_build(tmp_path,
     the model and failed in the first forward on every rank ("0 active drivers" for the experts); the launcher exits
     2 before, naming the setting. Under TRITON_INTERPRET=1 (the kernel tests' interpreter) they run. Likewise
     train.precision=bf16 on CPU."""
+    from tests.launch_util import run_script
+
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # bf16 was refused by the trainer, once the process groups existed and the run directory held its logs
+    # bf16 was refused by the trainer, once the process groups existed and the run directory held its logs. The
+    # launcher runs as a process of its own, forked from the warm one (tests/launch_util.run_script), whose kernels
+    # were imported without the interpreter, as a fresh process's are without TRITON_INTERPRET
     for setting, needle in (("model.lm.experts_impl=triton", "model.lm.experts_impl=triton: Triton kernels need a "
                                                              "CUDA GPU"),
                             ("train.precision=bf16", "train.precision=bf16 needs a GPU")):
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "recipe=keye_tiny_lm",
-                               "parallel.ep=1", setting, "train.steps=2", "train.warmup_steps=0",
-                               "train.wandb.enabled=false", f"run_dir={run_dir}"],
-                              capture_output=True, text=True, timeout=300, env={**env, "WORLD_SIZE": "1"}, cwd=tmp_path)
+        proc = run_script(REPO / "launch" / "pretrain.py",
+                          ["recipe=keye_tiny_lm", "parallel.ep=1", setting, "train.steps=2", "train.warmup_steps=0",
+                           "train.wandb.enabled=false", f"run_dir={run_dir}"],
+                          timeout=300, env={**env, "WORLD_SIZE": "1"}, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"config error: {needle}" in proc.stderr
         assert not run_dir.exists()
@@ -651,15 +658,17 @@ def test_every_30b_recipe_is_predicted_to_fit_an_h200(recipe):
 
 def test_memory_cli_prints_the_estimate_of_a_recipe_whose_data_paths_are_left_to_fill():
     """launch/memory.py reads no data file: a long-context recipe that leaves its video paths to the user is
-    estimated (with stand-in paths, said so) instead of stopping on the paths; other errors still stop it."""
-    out = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    estimated (with stand-in paths, said so) instead of stopping on the paths; other errors still stop it. The CLI runs
+    as a process of its own, forked from the warm one (tests/launch_util.run_script)."""
+    from tests.launch_util import run_script
+
+    out = run_script(REPO / "launch/memory.py", ["recipe=keye_30b_a3b_ctx_32k"], cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(data.video.shards and data.video.long_shards left to set" in out.stdout
     assert "predicted peak (allocated)" in out.stdout
     assert "cp 2" in out.stdout and "recompute full" in out.stdout
-    bad = subprocess.run([sys.executable, str(REPO / "launch/memory.py"), "recipe=keye_30b_a3b_ctx_32k",
-                          "train.micro_batch_size=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = run_script(REPO / "launch/memory.py", ["recipe=keye_30b_a3b_ctx_32k", "train.micro_batch_size=2"], cwd=REPO,
+                     timeout=120)
     assert bad.returncode == 2 and "video data packs one sequence per micro-batch" in bad.stderr, bad.stderr[-2000:]
 
 
