@@ -216,8 +216,10 @@ def run_launch(nproc: int, overrides: list[str], run_dir: Path, *, timeout: int 
 
 def _script_main(script: str, argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     """`python script *argv` in the forked process: its environment exactly `env`, its working directory `cwd`, its
-    stdout and stderr the files `out` and `err`; the script runs as __main__, and its sys.exit(N) (or an uncaught
-    exception: 1, its traceback on stderr) is the process's exit code."""
+    stdout and stderr the files `out` and `err`, the script's folder first on sys.path; the script runs as __main__,
+    its sys.exit(N) (or an uncaught exception: 1, its traceback on stderr) is the process's exit code, and the exit
+    functions it registered (atexit) run, as at an interpreter's exit."""
+    import atexit
     import runpy
 
     for fd, path in ((1, out), (2, err)):
@@ -228,7 +230,11 @@ def _script_main(script: str, argv: list[str], env: dict, cwd: str, out: str, er
     os.environ.update(env)
     os.chdir(cwd)
     sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
 
 
 def run_script(script: Path, argv: list[str], *, env: dict | None = None, cwd: Path | None = None,

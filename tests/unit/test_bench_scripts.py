@@ -5,13 +5,12 @@ exits 0), and the ones whose command line is positional answer --help with their
 import ast
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow    # a Python with torch (and megatron-core for some) started per script: minutes
+pytestmark = pytest.mark.slow    # a process per script (forked from the warm one: tests/launch_util.run_script)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,10 +25,14 @@ GPU_ONLY += [("smoke_gpu_recipes.py", OUT + ["--root", "{tmp}/runs"])]
 
 
 def _run(script: str, args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:
+    """`python bench/<script> args` in tmp_path, as a process forked from the warm one (torch and megatron-core
+    imported there once, without the Triton interpreter) instead of a fresh interpreter per script."""
+    from tests.launch_util import run_script
+
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, str(REPO / "bench" / script), *(a.format(tmp=tmp_path) for a in args)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(REPO / "bench" / script, [a.format(tmp=tmp_path) for a in args], cwd=tmp_path, env=env,
+                      timeout=timeout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
