@@ -21,8 +21,10 @@ def runs(tmp_path_factory):
     shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
     vl = ["recipe=keye_tiny", "train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4",
           "train.checkpoint.enabled=false", "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    # vl_clipped is read at step 2 alone: it stops there (train.stop_after; the schedule of train.steps=3 unchanged)
     return run_layouts_all(2, {"vl_off": vl + ["train.grad_clip=0"], "vl_unreached": vl + ["train.grad_clip=1e9"],
-                               "vl_clipped": vl + ["train.grad_clip=0.01"]}, tmp_path_factory.mktemp("clip"))
+                               "vl_clipped": vl + ["train.grad_clip=0.01", "train.stop_after=2"]},
+                           tmp_path_factory.mktemp("clip"))
 
 
 def test_a_clip_of_zero_is_no_clip(runs):
