@@ -135,9 +135,11 @@ def test_sparse_stage_trains(runs):
 
 def test_sparse_tp2_matches_single_process(runs, tmp_path):
     losses, _, _ = runs
+    # the steps compared (1-3) of the same 8-step schedule: train.stop_after=3
     tp2 = run_layouts(2, {"tp2": COMMON + ["recipe=keye_tiny_dsa_sparse", "train.steps=8", "train.lr=3e-3",
                                            "train.min_lr=3e-4", "train.checkpoint.enabled=false",
-                                           "parallel.tp=2"]}, tmp_path)["tp2"]
+                                           "parallel.tp=2", "train.stop_after=3"]}, tmp_path)["tp2"]
+    assert sorted(tp2) == [1, 2, 3]
     for step in (1, 2, 3):  # fp32 reduction order only, see test_layout_parity.py
         assert abs(tp2[step] - losses["sparse"][step]) <= 2e-5 * losses["sparse"][step]
 
