@@ -5,31 +5,42 @@ import json
 
 import pytest
 
-from tests.launch_util import run_layouts
+from tests.launch_util import run_layouts, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
 
 
+# distillation of 2 steps from the dense run, in one process without and with full recompute, and at TP2
+DISTILL2 = COMMON + ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.warmup_steps=1",
+                     "train.checkpoint.enabled=false"]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return run_layouts(1, {
+    """The one-process runs (one job): losses and digests as run_layouts gives them, then everything the job
+    recorded (run_layouts_all) for the distillation tests, whose dense checkpoint is this job's "dense"."""
+    root = tmp_path_factory.mktemp("ksa")
+    job = run_layouts_all(1, {
         "ksa": COMMON + ["recipe=keye_tiny_ksa", "train.steps=8", "train.checkpoint.enabled=false"],
         "dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"],
         "distill": COMMON + ["recipe=keye_tiny_ksa_distill", "train.steps=3", "train.checkpoint.enabled=false",
                              "train.checkpoint.init_from={root}/dense"],
-    }, tmp_path_factory.mktemp("ksa"), digests=True)
+        "distill2": DISTILL2 + ["train.checkpoint.init_from={root}/dense"],
+        "distill2_recompute": DISTILL2 + ["train.checkpoint.init_from={root}/dense", "parallel.recompute=full"],
+    }, root)
+    return job["losses"], job["digests"], job, root / "runs" / "dense"
 
 
 def test_ksa_model_trains(single):
-    losses, _ = single
+    losses, *_ = single
     curve = losses["ksa"]
     assert curve[1] > 6.0 and curve[8] < curve[1] - 0.3, curve
 
 
 def test_ksa_tp2_matches_single_process(single, tmp_path):
-    losses, _ = single
+    losses, *_ = single
     tp2 = run_layouts(2, {"tp2": COMMON + ["recipe=keye_tiny_ksa", "train.steps=3", "train.checkpoint.enabled=false",
                                            "parallel.tp=2"]}, tmp_path)["tp2"]
     for step in (1, 2, 3):  # fp32 reduction order only, see test_layout_parity.py
@@ -37,7 +48,7 @@ def test_ksa_tp2_matches_single_process(single, tmp_path):
 
 
 def test_distillation_stage1_trains_only_summary_parameters(single):
-    losses, digests = single
+    losses, digests, *_ = single
     dense, distilled = digests["dense"], digests["distill"]
     summary = [n for n in distilled if "summary" in n]
     assert summary and all(n not in dense for n in summary)
@@ -49,45 +60,37 @@ def test_distillation_stage1_trains_only_summary_parameters(single):
     assert sorted(losses["distill"]) == [1, 2, 3]
 
 
-def test_distillation_tp2_matches_single_process(tmp_path):
+def test_distillation_tp2_matches_single_process(single, tmp_path):
     """Distillation at TP2 (the vocabulary split, sequence parallel) against one process, from the same dense run.
     The first step's loss, KL and attention MSE agreed, but the gradients did not (first gradient norm 0.85 against
     1.21 here; 1.35 against 0.50 for the tiny recipe): the vocabulary's normaliser passed its gradient back to each
     rank from that rank's own terms only, so the second step's loss differed (1.5158 against 1.5136, the recipe)."""
-    from tests.launch_util import run_layouts_all
-
-    dense = tmp_path / "one" / "runs" / "dense"
-    distill = COMMON + ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.warmup_steps=1",
-                        "train.checkpoint.enabled=false", f"train.checkpoint.init_from={dense}"]
-    one = run_layouts_all(1, {"dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"], "distill": distill},
-                          tmp_path / "one")
-    tp2 = run_layouts_all(2, {"tp2": distill + ["parallel.tp=2"]}, tmp_path / "tp2")
+    *_, one, dense = single   # one process: "distill2", from its job's "dense"
+    tp2 = run_layouts_all(2, {"tp2": DISTILL2 + [f"train.checkpoint.init_from={dense}", "parallel.tp=2"]},
+                          tmp_path / "tp2")
     # fp32 reduction order only: the normaliser, the logits' and attention outputs' sums run in another order across
     # two ranks (measured rel 3e-7 on the gradient norm, 4e-8 on the losses)
     for step in (1, 2):
-        assert tp2["losses"]["tp2"][step] == pytest.approx(one["losses"]["distill"][step], rel=2e-5), step
-        assert tp2["grad_norms"]["tp2"][step] == pytest.approx(one["grad_norms"]["distill"][step], rel=2e-5), step
+        assert tp2["losses"]["tp2"][step] == pytest.approx(one["losses"]["distill2"][step], rel=2e-5), step
+        assert tp2["grad_norms"]["tp2"][step] == pytest.approx(one["grad_norms"]["distill2"][step], rel=2e-5), step
         for term in ("kl", "attn_mse"):
-            assert tp2["extras"]["tp2"][step][term] == pytest.approx(one["extras"]["distill"][step][term], rel=2e-5)
+            assert tp2["extras"]["tp2"][step][term] == pytest.approx(one["extras"]["distill2"][step][term], rel=2e-5)
 
 
-def test_distillation_under_full_recompute_trains_as_without_it(tmp_path):
+def test_distillation_under_full_recompute_trains_as_without_it(single):
     """parallel.recompute=full (the 30B stage 1's node8_ep8) runs each layer's first forward without gradients and
     reruns it inside the backward: the attention-output term, summed into the loss from the first forward's outputs,
     reached no parameter (first gradient norm 1.2062 against 1.2111 here, 0.4989 against 0.5016 for the tiny recipe),
     and the run trained without a word. Now each layer attaches its term in its forward, the rerun's included."""
-    from tests.launch_util import run_layouts_all
-
-    distill = COMMON + ["recipe=keye_tiny_ksa_distill", "train.steps=2", "train.warmup_steps=1",
-                        "train.checkpoint.enabled=false", "train.checkpoint.init_from={root}/dense"]
-    got = run_layouts_all(1, {"dense": COMMON + ["recipe=keye_tiny_lm", "train.steps=2"], "plain": distill,
-                              "recompute": distill + ["parallel.recompute=full"]}, tmp_path)
+    *_, got, _ = single   # "distill2" and "distill2_recompute" of the one-process job, from its "dense"
     # the same operations rerun: equal up to the order in which a layer's gradients are summed (measured rel 1e-8)
     for step in (1, 2):
-        assert got["grad_norms"]["recompute"][step] == pytest.approx(got["grad_norms"]["plain"][step], rel=1e-6)
-        assert got["losses"]["recompute"][step] == pytest.approx(got["losses"]["plain"][step], rel=1e-6)
+        assert got["grad_norms"]["distill2_recompute"][step] == pytest.approx(got["grad_norms"]["distill2"][step],
+                                                                              rel=1e-6)
+        assert got["losses"]["distill2_recompute"][step] == pytest.approx(got["losses"]["distill2"][step], rel=1e-6)
         for term in ("kl", "attn_mse"):
-            assert got["extras"]["recompute"][step][term] == pytest.approx(got["extras"]["plain"][step][term], rel=1e-6)
+            assert got["extras"]["distill2_recompute"][step][term] == pytest.approx(
+                got["extras"]["distill2"][step][term], rel=1e-6)
 
 
 def test_distillation_of_the_multimodal_model_per_packed_document(tmp_path_factory):
