@@ -74,9 +74,9 @@ def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, tim
 # forks the ranks instead from one warm process (multiprocessing's fork server) that imported those modules
 # once per test session. Each rank gets the environment torchrun would give it (RANK, LOCAL_RANK,
 # WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT, GROUP_RANK) and runs the named function
-# (run_launch: a whole launch, train.launch.run). The tests of what torchrun carries (signals through the SLURM
-# node script, a killed rank, SIGINT to one rank, the README's command, errors printed once across ranks) keep
-# running torchrun (run_pretrain).
+# (run_launch: a whole launch, train.launch.run; run_script: an entry point's script as a process of its own).
+# The tests of what torchrun carries (signals through the SLURM node script, a killed rank, SIGINT to one rank,
+# the README's command) keep running torchrun (run_pretrain).
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "hydra", "train.config", "train.launch",
             "train.trainer"]
 # what the fork server (and so every forked rank) starts with: one intra-op thread (as run_pretrain's
