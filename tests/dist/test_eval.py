@@ -55,6 +55,9 @@ def runs(tmp_path_factory):
     packs = _packs_in_first_epoch(held_out, tmp_path_factory.mktemp("plan"))
     gbs = next(g for g in (3, 2, 4, 5) if packs % g)
     vl_no_gbs = [o for o in VL if not o.startswith("train.global_batch_size")]
+    # the references read at step 1 alone (a first training step's loss and terms; a step-0 evaluation) stop after it:
+    # train.steps and so the learning-rate schedule stay as they were, and steps 1 and 0 are what they were
+    first = ["train.stop_after=1"]
     one = tmp_path_factory.mktemp("one")
     one_job = run_layouts_all(1, {
         # a checkpoint at every step (all kept)
@@ -67,28 +70,28 @@ def runs(tmp_path_factory):
         "lm_eval_init": LM + ["train.eval.only=true", "train.eval.batches=2", "train.checkpoint.init_from={root}/lm_ck",
                               "train.eval.checkpoints=all"],
         "lm_no_eval": LM,
-        "lm_one_batch": LM + ["train.eval.interval=3"],  # one held-out batch: what one training step sees
+        "lm_one_batch": LM + ["train.eval.interval=3"] + first,  # one held-out batch: what one training step sees
         # trains on the held-out text: the synthetic chain's samples under seed + 1 (the recipe's seed is 1234)
-        "lm_on_held_out": LM + ["data.sample_seed=1235"],
+        "lm_on_held_out": LM + ["data.sample_seed=1235"] + first,
         "vl": saved_vl + ["train.eval.interval=1", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
         "vl_eval_only": saved_vl + ["train.eval.only=true", f"data.video.eval_shards={held_out}", "run_dir=vl_ck"],
         "vl_no_eval": vl,
-        "vl_on_held_out": VL + [f"data.video.shards={held_out}"],
+        "vl_on_held_out": VL + [f"data.video.shards={held_out}"] + first,
         # two named held-out sets, each scored on its own: "clips" is vl's set, "more" what vl_on_more trains on
         "vl_sets": vl + ["train.eval.interval=2", f"data.video.eval_shards='clips={held_out},more={held_out2}'"],
-        "vl_on_more": VL + [f"data.video.shards={held_out2}"],
+        "vl_on_more": VL + [f"data.video.shards={held_out2}"] + first,
         # with one epoch of training data: the held-out stream does not inherit it (its filler packs are the set's
         # next epoch; inherited, the evaluation stopped with StopIteration)
         "vl_whole": vl_no_gbs + [f"train.global_batch_size={gbs}", f"data.video.shards={videos}",
                                  "train.eval.interval=2", f"data.video.eval_shards={held_out}", "train.eval.batches=0",
                                  "data.video.num_epochs=1"],
-        "vl_whole_ref": vl_no_gbs + [f"train.global_batch_size={packs}", f"data.video.shards={held_out}"],
+        "vl_whole_ref": vl_no_gbs + [f"train.global_batch_size={packs}", f"data.video.shards={held_out}"] + first,
         # a run on its own synthetic videos makes its own held-out set
         "vl_own_videos": VL + ["train.eval.interval=2"],
         "dsa_sparse": ["recipe=keye_tiny_dsa_sparse", "train.steps=2", "train.checkpoint.enabled=false",
                        "parallel=single", "train.eval.interval=2"],
         "ksa_distill": KSA + ["train.eval.interval=2"],
-        "ksa_distill_on_held_out": KSA + ["data.sample_seed=1235"],  # trains on what ksa_distill evaluates
+        "ksa_distill_on_held_out": KSA + ["data.sample_seed=1235"] + first,  # trains on what ksa_distill evaluates
     }, one)
     one_losses, one_evals, extras = one_job["losses"], one_job["evals"], one_job["extras"]
     two_losses, two = run_layouts(2, {
