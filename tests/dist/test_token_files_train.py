@@ -38,10 +38,11 @@ def runs(tmp_path_factory):
     ckpt = ["train.checkpoint.enabled=true", "train.checkpoint.save_interval=2"]
     whole = [f"data.tokens.eval_paths={small}", "train.eval.interval=2", "train.eval.batches=0"]
     # the reference for a set scored whole: at step 0 (the same initial weights) one row per global batch, as many
-    # batches as the set has rows, none of them filler
+    # batches as the set has rows, none of them filler. Read at step 0 alone: it stops after step 1
+    # (train.stop_after), before its step-2 evaluation
     one_row = [o for o in common if not o.startswith(("train.global_batch_size", "train.steps"))] + [
         "train.global_batch_size=1", "train.steps=2", f"data.tokens.eval_paths={small}", "train.eval.interval=2",
-        f"train.eval.batches={SMALL_ROWS}"]
+        f"train.eval.batches={SMALL_ROWS}", "train.stop_after=1"]
     one = run_layouts_all(1, {
         "single": common + [f"data.tokens.eval_paths={held}", "train.eval.interval=2", "train.eval.batches=1"],
         # two named held-out sets, each scored on its own, the second over 3 global batches (its own count);
