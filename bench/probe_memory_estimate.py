@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from launch.supervise import free_port  # noqa: E402 (the repository on the path first)
 
 GIB = 2 ** 30
 STEPS = 3
@@ -126,17 +127,11 @@ def measure(name: str, out: str) -> None:
     teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env() -> dict:
     """The environment of a configuration's process: a one-process group of its own (not torchrun's store)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))}
     env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
                WANDB_MODE="disabled")
     return env
 

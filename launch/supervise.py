@@ -1,4 +1,5 @@
-"""Runs a torchrun command in a child process with a deadline: what the tests and benchmarks that start runs call.
+"""Runs a torchrun command in a child process with a deadline: what the tests and benchmarks that start runs call;
+and `free_port`, a port for their rendezvous.
 
 torchrun starts each worker in a session of its own (torch.distributed.elastic's subprocess handler), so killing
 torchrun alone, as `subprocess.run(..., timeout=...)` does, orphans its workers: they keep their CPU cores or
@@ -11,8 +12,12 @@ when the caller is interrupted (Ctrl-C): torchrun, in a session of its own, does
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 
 def run_torchrun(cmd: list[str], *, timeout: float, grace: float = 90.0, **popen) -> subprocess.CompletedProcess:
@@ -48,3 +53,28 @@ def _stop(proc: subprocess.Popen, grace: float) -> tuple[str, str]:
             return proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             return "", "(no output: torchrun's workers outlived it)"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a rendezvous that binds it a few seconds later (a test's spawned gloo
+    world, a torchrun agent's c10d store, a benchmark configuration's one-process group). Drawn below the kernel's
+    ephemeral range: a port from bind(0) lies inside it, and any outgoing connection of another process (a gloo mesh,
+    a store client, the suite's other worker) may take it as its local port before the rendezvous binds it; a
+    torchrun agent that then cannot host its store connects to the port as a client, finds no store and exits, a
+    one-process group fails with EADDRINUSE."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(64):
+        port = draw.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

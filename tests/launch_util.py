@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.supervise import run_torchrun
+from launch.supervise import free_port, run_torchrun  # noqa: F401 (free_port: the tests' import)
 from train.metrics import read_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,33 +259,6 @@ def run_script(script: Path, argv: list[str], *, env: dict | None = None, cwd: P
             raise subprocess.TimeoutExpired([str(script), *argv], timeout)
         return subprocess.CompletedProcess([str(script), *argv], p.exitcode, Path(out).read_text(),
                                            Path(err).read_text())
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a rendezvous that binds it a few seconds later (a spawned gloo world,
-    a torchrun agent's c10d store). Drawn below the kernel's ephemeral range: a port from bind(0) lies inside it, and
-    any outgoing connection of another test (the gloo meshes of the suite's other process) may take it as its local
-    port before the rendezvous binds it; a torchrun agent that then cannot host its store connects to that port as a
-    client, finds no store and exits."""
-    import random
-    import socket
-
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    draw = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(64):
-        port = draw.randrange(10000, max(low, 10001))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_one_process_megatron(seed: int):
