@@ -88,8 +88,12 @@ def _streams(cfg, follower_cfg, monkeypatch):
             VideoBatchStream(replace(cfg, quarantine_path=""), **kw))      # today's: every rank decodes
 
 
-def test_settle_gives_every_rank_the_decoding_ranks_micro_batches(shard_dir, tmp_path, monkeypatch):
-    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)     # packs without end: 3 steps of 2
+# num_workers=3 (a real run's recipe has 4): the packs come from the DataLoader workers in turn, on each rank its own
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")   # 3 workers on a 2-core machine
+@pytest.mark.parametrize("workers", [0, 3])
+def test_settle_gives_every_rank_the_decoding_ranks_micro_batches(shard_dir, tmp_path, monkeypatch, workers):
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None,     # packs without end: 3 steps of 2
+                              num_workers=workers)
     decoder, follower, each = _streams(cfg, follower_cfg, monkeypatch)
     for _ in range(3):
         a = decoder.settle(decoder.take(2))
