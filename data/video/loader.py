@@ -594,6 +594,24 @@ def _alloc_uint8(rows: int, cols: int, *, shared: bool) -> torch.Tensor:
     return torch.empty((rows, cols), dtype=torch.uint8)
 
 
+def _write_patches(source: FrameSource, rec, doc, out: np.ndarray, p: int, m: int) -> None:
+    """Reads and decodes a planned video or image document (SampleFailure when it cannot) and writes its ViT patches
+    into `out`, the document's rows of the pack: each image into its own rows, in document order, or each run of
+    frames of one size."""
+    at = 0
+    if doc.is_image:
+        for arr, fp in zip(source.images(rec, doc), doc.images):
+            k = (fp.height // p) * (fp.width // p)
+            patchify(arr, p, m, out=out[at:at + k], layout="chw")
+            at += k
+        return
+    runs = source.frames(rec, doc)           # frames of one size each
+    for run in runs:
+        k = run.shape[0] * (run.shape[2] // p) * (run.shape[3] // p)
+        patchify(run, p, m, out=out[at:at + k], layout="chw")
+        at += k
+
+
 def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: int,
                exclude: frozenset = frozenset(), *, pixels: bool = True,
                failed: dict[str, dict] | None = None) -> PackedSample:
@@ -633,52 +651,35 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
             if failed and doc.key in failed:
                 failures.append(dict(failed[doc.key]))
                 continue
-            docs.append(build_document(doc, None, cfg, tok))
-            keys.append(doc.key)
+        else:
+            rec = planner.catalog[doc.uid]
+            t0 = time.perf_counter()
+            try:
+                _write_patches(source, rec, doc, pv[off:off + n], p, m)
+            except SampleFailure as e:
+                if e.reason == "read_error" and not os.path.exists(rec.shard):
+                    # not this sample's fault: no sample of the shard can be read any more. Left out one by one,
+                    # the run would train on packs of padding until max_consecutive_failures, its checkpoints of
+                    # those steps displacing the good ones
+                    raise RuntimeError(
+                        f"video loader: shard {rec.shard} is gone ({e.detail[:200]}), reading {rec.key} of epoch "
+                        f"{epoch} pack {index}: the data directory was moved or deleted while the run read it. Put "
+                        f"it back and rerun the same command to resume from the last checkpoint") from None
+                failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
+                                 "detail": e.detail[:500]})
+                continue
+            finally:
+                decoded["decode_s"] += time.perf_counter() - t0
+            off += n
             if doc.frames is not None:
-                counts["video_frames"] += doc.frames.num_frames
-                counts["fast_frames"] += doc.frames.num_fast
-            continue
-        rec = planner.catalog[doc.uid]
-        t0 = time.perf_counter()
-        try:
-            if doc.is_image:                     # each image into its own rows, in document order
-                at = off
-                for arr, fp in zip(source.images(rec, doc), doc.images):
-                    k = (fp.height // p) * (fp.width // p)
-                    patchify(arr, p, m, out=pv[at:at + k], layout="chw")
-                    at += k
+                decoded["decoded_frames"] += doc.frames.num_frames
             else:
-                at = off
-                runs = source.frames(rec, doc)           # frames of one size each
-                for run in runs:
-                    k = run.shape[0] * (run.shape[2] // p) * (run.shape[3] // p)
-                    patchify(run, p, m, out=pv[at:at + k], layout="chw")
-                    at += k
-                del runs
-        except SampleFailure as e:
-            decoded["decode_s"] += time.perf_counter() - t0
-            if e.reason == "read_error" and not os.path.exists(rec.shard):
-                # not this sample's fault: no sample of the shard can be read any more. Left out one by one, the
-                # run would train on packs of padding until max_consecutive_failures, its checkpoints of those
-                # steps displacing the good ones
-                raise RuntimeError(
-                    f"video loader: shard {rec.shard} is gone ({e.detail[:200]}), reading {rec.key} of epoch {epoch} "
-                    f"pack {index}: the data directory was moved or deleted while the run read it. Put it back "
-                    f"and rerun the same command to resume from the last checkpoint") from None
-            failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
-                             "detail": e.detail[:500]})
-            continue
-        decoded["decode_s"] += time.perf_counter() - t0
+                decoded["decoded_images"] += len(doc.images)
         docs.append(build_document(doc, None, cfg, tok))
         keys.append(doc.key)
-        off += n
         if doc.frames is not None:
             counts["video_frames"] += doc.frames.num_frames
             counts["fast_frames"] += doc.frames.num_fast
-            decoded["decoded_frames"] += doc.frames.num_frames
-        else:
-            decoded["decoded_images"] += len(doc.images)
     pack = assemble_pack(docs, keys, cfg, tok, epoch=epoch, pack_index=index, failures=failures,
                          planned_keys=[d.key for d in plans], pixel_values=pixel_rows[:off])
     pack.excluded = list(dict.fromkeys(excluded))
@@ -853,7 +854,7 @@ class VideoPackedLoader:
 
     def __next__(self) -> PackedSample:
         pack = self.draw()
-        self._account(pack)
+        self.account(pack)
         return pack
 
     def draw(self) -> PackedSample:
@@ -881,11 +882,6 @@ class VideoPackedLoader:
         self._decoded.update(frames=pack.decoded_frames, images=pack.decoded_images)
         self._decoded["seconds"] += pack.decode_s
         return pack
-
-    def account(self, pack: PackedSample) -> None:
-        """Counts a pack `draw` gave (its samples, its failed samples, written to the quarantine file): the step
-        `__next__` takes at once. Raises after max_consecutive_failures failed samples in a row."""
-        self._account(pack)
 
     def rebuild(self, pack: PackedSample, failures: list[dict]) -> PackedSample:
         """`pack` (drawn by a loader with pixels=False) built again without its samples that the decoding rank of
@@ -979,7 +975,9 @@ class VideoPackedLoader:
         with open(self.quarantine_path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
-    def _account(self, pack: PackedSample) -> None:
+    def account(self, pack: PackedSample) -> None:
+        """Counts a pack `draw` gave (its samples, its failed samples, written to the quarantine file): the step
+        `__next__` takes at once. Raises after max_consecutive_failures failed samples in a row."""
         self._stats["packs"] += 1
         src = self.source_names.index(pack.source) if self.mixed else 0
         tag = {"source": pack.source} if self.mixed else {}
