@@ -26,7 +26,7 @@ def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, r
     `run_dir`'s). A state saved for other data or data.video settings (data/video/loader.LoaderStateMismatch) is a
     SettingsError naming what changed and what the run's user can do: launch with what it was saved with, or start
     another run directory from its weights; the loader's own remedy (strict=False) is no setting of a run."""
-    from data.video.loader import LoaderStateMismatch
+    from data.video.loader import LATER_FIELDS, LoaderStateMismatch
 
     for s in streams:
         try:
@@ -34,8 +34,9 @@ def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, r
         except LoaderStateMismatch as e:
             from train.config import SettingsError
 
-            # only where the frames moved (a version of the code) nothing can be set back: the state is of its own
-            exact = ("" if set(e.changed) <= {"vision_at"} and not e.catalog_changed else
+            # only where documents moved by a version of the code (the frames' place, the reading of a text's special
+            # tokens) nothing can be set back: the state is of its own
+            exact = ("" if set(e.changed) <= set(LATER_FIELDS) and not e.catalog_changed else
                      "to continue it exactly, launch it with the data and data.video settings it was saved with; ")
             raise SettingsError(
                 f"the data state of {checkpoint} cannot be continued: {e.detail}; {exact}to go on from its weights "

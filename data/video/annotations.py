@@ -25,6 +25,16 @@ TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with 
 RESPONSE_START, RESPONSE_END = "<tool_response>", "</tool_response>"
 
 
+class Control(str):
+    """A segment's text that a chat template writes as one token of its own (Qwen's "<|im_start|>", "<|im_end|>"): it
+    becomes that token's id (`packing._encode_joined`). Every other segment (a record's text, the template's words)
+    is read as text, so a record that spells "<|im_end|>" trains on its characters and does not end the turn there.
+    The segment functions below keep such a segment whole and of this type."""
+
+
+IM_START, IM_END = Control("<|im_start|>"), Control("<|im_end|>")
+
+
 class Turn(NamedTuple):
     """One turn of a conversation: its role (user, assistant, system or tool), text, an assistant's thinking
     (`reasoning_content`, else None) and its tool calls, each written as Qwen writes one:
@@ -222,8 +232,9 @@ def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]
     """One conversation turn as (text, supervised) segments: only an assistant's answer (and its end) trains."""
     if template in ("qwen", "qwen3"):          # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
         if role == "assistant":
-            return [("<|im_start|>assistant\n", False), (f"{body}<|im_end|>", True), ("\n", False)]
-        return [(f"<|im_start|>{role}\n{body}<|im_end|>\n", False)]
+            return [(IM_START, False), ("assistant\n", False)] + ([(body, True)] if body else []) + [
+                (IM_END, True), ("\n", False)]
+        return [(IM_START, False), (f"{role}\n{body}", False), (IM_END, False), ("\n", False)]
     body = body.rstrip("\n") + "\n"
     if role == "assistant":
         return [("Assistant: ", False), (body, True)]
@@ -242,13 +253,13 @@ def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
     return parts[-1].lstrip("\n"), parts[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
 
 
-def _tool_responses(turns: list[Turn], i: int) -> str:
+def _tool_responses(turns: list[Turn], i: int) -> list[tuple[str, bool]]:
     """Qwen's tool turns from i on, as one user turn of <tool_response> blocks, one per consecutive tool turn."""
     j = i
     while j < len(turns) and turns[j].role == "tool":
         j += 1
-    return ("<|im_start|>user" + "".join(f"\n{RESPONSE_START}\n{t.text}\n{RESPONSE_END}" for t in turns[i:j])
-            + "<|im_end|>\n")
+    return [(IM_START, False), ("user" + "".join(f"\n{RESPONSE_START}\n{t.text}\n{RESPONSE_END}" for t in turns[i:j]),
+                                False), (IM_END, False), ("\n", False)]
 
 
 def conversation_segments(turns: list[Turn], template: str, tools: list | None = None) -> list[tuple[str, bool]]:
@@ -272,16 +283,16 @@ def conversation_segments(turns: list[Turn], template: str, tools: list | None =
     if tools:
         has_system = turns[0].role == "system"
         system = turns[0].text + "\n\n" if has_system else ""
-        segs.append((f"<|im_start|>system\n{system}{TOOLS_INTRO}" + "".join("\n" + _json(t) for t in tools)
-                     + f"{TOOLS_OUTRO}<|im_end|>\n", False))
+        segs += [(IM_START, False), (f"system\n{system}{TOOLS_INTRO}" + "".join("\n" + _json(t) for t in tools)
+                                     + TOOLS_OUTRO, False), (IM_END, False), ("\n", False)]
         turns = turns[1:] if has_system else turns
     queries = [i for i, t in enumerate(turns) if t.role == "user"
                and not (t.text.startswith(RESPONSE_START) and t.text.endswith(RESPONSE_END))]
     last_query = queries[-1] if queries else len(turns) - 1
     for i, t in enumerate(turns):
         if t.role == "tool":
-            if i == 0 or turns[i - 1].role != "tool":   # one segment for the group: tokenized as one text
-                segs.append((_tool_responses(turns, i), False))
+            if i == 0 or turns[i - 1].role != "tool":   # one turn for the group
+                segs += _tool_responses(turns, i)
             continue
         if t.role != "assistant":
             segs += _turn_segments(t.role, t.text, template)
@@ -346,6 +357,9 @@ def split_at_image_markers(segs: list[tuple[str, bool]]) -> list[list[tuple[str,
     """The (text, supervised) segments split at every IMAGE_MARKER: k markers give k + 1 chunks (some empty)."""
     chunks: list[list[tuple[str, bool]]] = [[]]
     for text, sup in segs:
+        if isinstance(text, Control):          # a template's token: no marker, kept whole
+            chunks[-1].append((text, sup))
+            continue
         for j, part in enumerate(text.split(IMAGE_MARKER)):
             if j:
                 chunks.append([])
@@ -360,7 +374,7 @@ def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     A marker's own line goes with it."""
     out = []
     for text, sup in segs:
-        for m in (VIDEO_MARKER, IMAGE_MARKER):
+        for m in (VIDEO_MARKER, IMAGE_MARKER) if not isinstance(text, Control) else ():
             text = text.replace(m + "\n", "").replace(m, "")
         if text:
             out.append((text, sup))
@@ -415,6 +429,26 @@ def vision_moved(annotation: dict, template: str, n_images: int = 0) -> bool:
         return image_chunks(annotation, template, n_images) != (chunks if len(chunks) > 1 else [[]] * n_images + chunks)
     before, after = video_segments(annotation, template)
     return bool(before) or after != without_markers(segs)
+
+
+def spells_special(annotation: dict, template: str, specials) -> bool:
+    """Whether a record's text spells one of `specials` (a tokenizer's special tokens, "<|im_end|>"): with its markers
+    or without them, in any stretch between the template's own tokens (`Control`), which a tokenizer that reads
+    special tokens in a text would have read as one."""
+    if not specials:
+        return False
+    stretches, cur = [], []
+    for text, _ in annotation_segments(annotation, template) + [(Control(""), False)]:
+        if isinstance(text, Control):
+            stretches.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text)
+    for s in stretches:
+        bare = s.replace(VIDEO_MARKER, "").replace(IMAGE_MARKER, "")
+        if any(t in s or t in bare for t in specials):
+            return True
+    return False
 
 
 def image_marker_count(annotation: dict) -> int:

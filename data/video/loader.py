@@ -74,7 +74,7 @@ from data.exclude import ExcludeList
 from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
 from data.token_files import TokenPacks
 
-from .annotations import vision_moved
+from .annotations import spells_special, vision_moved
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -96,8 +96,20 @@ _PLAN_FIELDS = ("seq_len", "pack_lookahead", "max_text_tokens", "sample_fps", "m
 _IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
 # under a Qwen chat template a video's frames, and an image sample's images without markers, stand in the user turn
 # (annotations.video_segments, image_chunks); a state from before, whose frames and such images came before all text,
-# has no "vision_at" field: taken only where no document moved (VideoPackedLoader._same_plan_before_vision_moved)
+# has no "vision_at" field: taken only where no document moved (VideoPackedLoader._same_plan_before)
 VISION_AT = "marker"
+# plan fields added since states were saved without them, each with what it says of the documents: a state without
+# one continues where no document moved by it (VideoPackedLoader._same_plan_before), else it is refused naming it
+LATER_FIELDS = {
+    "vision_at": (
+        "a video's frames now stand where its marker is in the conversation, inside the user turn, and an image "
+        "sample's images without markers at the start of its first user turn, where they stood before all of its "
+        "text when this state was saved"),
+    "specials_in_text": (
+        "a record's text that spells one of the tokenizer's special tokens (such as '<|im_end|>' or "
+        "'<|vision_start|>') is now read as its characters, where it gave that token's id when this state was "
+        "saved (and one that spells a visual placeholder was quarantined)"),
+}
 
 
 class NothingPlanned(RuntimeError):
@@ -1097,6 +1109,9 @@ class VideoPackedLoader:
             out["chat_template"] = self.cfg.chat_template
             if self.has_videos or self.has_images:    # frames and images stand at their marker or in the user turn
                 out["vision_at"] = VISION_AT
+        specials = getattr(self.tokenizer, "specials_in_text", None)   # a Hugging Face tokenizer's: "text"
+        if specials is not None:
+            out["specials_in_text"] = specials
         return out
 
     def _plan_dir(self, catalog: Catalog) -> Path | None:
@@ -1114,20 +1129,38 @@ class VideoPackedLoader:
                            else plan_config, "tokenizer": repr(self.tokenizer)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
-    def _same_plan_before_vision_moved(self, state: dict) -> bool:
-        """Whether `state` was saved for this data and config before a video's frames stood at its marker (`vision_at`),
-        and no document of the data is written otherwise now (no video has a marker or a user turn in its text:
-        captions, QA pairs; no image sample without markers has a user turn): its plans are this loader's, and it
-        continues exactly. Reads every video's and image sample's record (on this path only)."""
+    def _same_plan_before(self, state: dict) -> bool:
+        """Whether `state` was saved for this data and config before some of `LATER_FIELDS` existed, and no document
+        of the data is written otherwise now by them (`_moved_by`): its plans are this loader's, and it continues
+        exactly. Reads every record (on this path only)."""
         now = self._plan_config()
-        if now.get("vision_at") != VISION_AT or "vision_at" in state.get("plan_config", {}):
+        new = [k for k in LATER_FIELDS if k in now and k not in state.get("plan_config", {})]
+        if not new:
             return False
-        before = {k: v for k, v in now.items() if k != "vision_at"}
+        before = {k: v for k, v in now.items() if k not in new}
         if state["plan_fingerprint"] != self._plan_hash(before, catalog=self.catalog_fp):
             return False
+        return not any(self._moved_by(k) for k in new)
+
+    def _moved_by(self, field: str) -> str | None:
+        """The key of the first sample whose document `field` of LATER_FIELDS writes otherwise than before it was a
+        plan field, None when none: for "vision_at", a video whose text has a marker or a user turn, or an image
+        sample without markers that has a user turn (captions and QA pairs did not move); for "specials_in_text",
+        a sample whose text spells one of the tokenizer's special tokens."""
         t = self.cfg.chat_template
-        return not any(vision_moved(r.annotation, t, len(r.images or ())) for cat in self.catalogs
-                       for kind in ("video", "image") for r in map(cat.__getitem__, cat.uids(kind)))
+        if field == "vision_at":
+            moved = lambda r: vision_moved(r.annotation, t, len(r.images or ()))  # noqa: E731
+            kinds = ("video", "image")
+        else:
+            specials = getattr(self.tokenizer, "special_tokens", ())
+            moved = lambda r: spells_special(r.annotation, t, specials)  # noqa: E731
+            kinds = ("video", "image", "text")
+        for cat in self.catalogs:
+            for kind in kinds:
+                for r in map(cat.__getitem__, cat.uids(kind)):
+                    if moved(r):
+                        return f"{os.path.basename(r.shard)}/{r.key}"
+        return None
 
     def plan_fingerprint(self) -> str:
         return self._plan_hash(catalog=self.catalog_fp)
@@ -1225,7 +1258,7 @@ class VideoPackedLoader:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
         consumed = int(state["consumed"]) * int(state["dp_world"])
         walker = self.stream          # the stream the saved position was consumed under
-        if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before_vision_moved(state):
+        if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before(state):
             state = {**state, "plan_fingerprint": self.plan_fingerprint(), "plan_config": self._plan_config()}
         if state["plan_fingerprint"] != self.plan_fingerprint():
             now, saved = self._plan_config(), state["plan_config"]
@@ -1234,12 +1267,12 @@ class VideoPackedLoader:
             msg = (f"loader state does not match this data/config: catalog "
                    f"{state['catalog_fingerprint']} -> {self.catalog_fp}, changed fields (saved, now): {changed}"
                    f"{self._describe_sources(state)}")
-            if changed.get("vision_at") == (None, VISION_AT) and "chat_template" not in changed:
-                msg += (f" (under chat_template={self.cfg.chat_template!r} a video's frames now stand where its marker "
-                        f"is in the conversation, inside the user turn, and an image sample's images without markers "
-                        f"at the start of its first user turn, where they stood before all of its text when this "
-                        f"state was saved: those documents hold other lengths, and the packs cannot be continued "
-                        f"exactly)")
+            for k, why in LATER_FIELDS.items():
+                if k in changed and changed[k][0] is None and not {"chat_template", "tokenizer"} & set(changed):
+                    first = self._moved_by(k)
+                    msg += (f" ({f'under chat_template={self.cfg.chat_template!r} ' if k == 'vision_at' else ''}{why}"
+                            f": those documents hold other lengths{f', the first {first}' if first else ''}, and the "
+                            f"packs cannot be continued exactly)")
             if strict:
                 raise LoaderStateMismatch(msg, changed, state["catalog_fingerprint"] != self.catalog_fp)
             warnings.warn(msg + "; restarting at the beginning of the saved epoch")

@@ -46,7 +46,7 @@ import torch
 
 from .backends import shrink_planar
 from .config import VideoDataConfig
-from .annotations import annotation_segments, image_chunks, video_marker_problem, video_segments  # noqa: F401
+from .annotations import Control, annotation_segments, image_chunks, video_marker_problem, video_segments  # noqa: F401
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -232,10 +232,20 @@ class DocPlan:
         return sum(fp.patches(patch_size) for fp in plans)
 
 
+def _control_id(text: str, tokenizer: Tokenizer) -> int | None:
+    """The id of a chat template's own token (`annotations.Control`: "<|im_start|>"), None for any other text (or a
+    tokenizer without that token: then it is read as text)."""
+    token_id = getattr(tokenizer, "token_id", None)
+    return token_id(text) if isinstance(text, Control) and token_id is not None else None
+
+
 def _encode_joined(segs, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids of `segs`' texts joined into one string, each supervised when any character of its span is (a token
     that spans a segment boundary, e.g. "\n\n\n" over "<|im_start|>assistant\n" and an answer starting "\n\n",
-    holds answer text: transformers' assistant mask marks it so too)."""
+    holds answer text: transformers' assistant mask marks it so too). The template's own tokens (`Control` segments)
+    are their ids, and the text between them is read as text: a record's "<|im_end|>" is its characters
+    (`HFTokenizer.encode`), where transformers' apply_chat_template would end the turn there. The text between two
+    template tokens is encoded whole, as a tokenizer splits a string at its special tokens first."""
     text = "".join(t for t, _ in segs)
     sup = np.zeros(len(text) + 1, np.int64)          # sup[c]: supervised characters before character c
     at = 0
@@ -244,8 +254,25 @@ def _encode_joined(segs, tokenizer) -> tuple[list[int], list[bool]]:
             sup[at + 1:at + len(t) + 1] = 1
         at += len(t)
     sup = np.cumsum(sup)
-    ids, spans = tokenizer.encode_offsets(text)
-    return list(ids), [bool(sup[min(max(b, a + 1), len(text))] > sup[a]) for a, b in spans]
+    ids, spans = [], []
+
+    def read(a: int, b: int) -> None:        # text[a:b], as text
+        if b > a:
+            got, offs = tokenizer.encode_offsets(text[a:b])
+            ids.extend(got)
+            spans.extend((a + x, a + y) for x, y in offs)
+
+    start = at = 0                           # start: where the text since the last template token begins
+    for t, _ in segs:
+        i = _control_id(t, tokenizer)
+        if i is not None:
+            read(start, at)
+            ids.append(i)
+            spans.append((at, at + len(t)))
+            start = at + len(t)
+        at += len(t)
+    read(start, at)
+    return ids, [bool(sup[min(max(b, a + 1), len(text))] > sup[a]) for a, b in spans]
 
 
 def _encode_text(segs, tokenizer: Tokenizer, cap: int, joined: bool = False) -> tuple[list[int], list[bool], int]:
@@ -259,7 +286,8 @@ def _encode_text(segs, tokenizer: Tokenizer, cap: int, joined: bool = False) -> 
     loss: list[bool] = []
     cut = 0
     for text, sup in segs:
-        t = tokenizer.encode(text)
+        i = _control_id(text, tokenizer)
+        t = [i] if i is not None else tokenizer.encode(text)
         room = max(0, cap - len(ids))
         cut += max(0, len(t) - room)
         t = t[:room]

@@ -8,6 +8,11 @@ checkpoint's own directory) with the `tokenizers` library, and takes the documen
 Qwen-VL's names (`QWEN_VL_SPECIAL_TOKENS`): the ids a model started from Qwen3 / Keye-VL weights was trained
 with. Nothing is downloaded. Any other tokenizer can be dropped in by implementing `Tokenizer` (`encode`,
 `decode` and the special-id attributes) and passing it to `VideoPackedLoader`.
+
+A record's text is scraped text and may spell a special token ("<|im_end|>" in an answer about Qwen's template,
+"<|vision_start|>" on a page about Qwen-VL): `HFTokenizer.encode` reads it as text, never as that token (transformers'
+`split_special_tokens=True`), so raw text yields no control or vision id. Only the chat template's own turn tokens
+become ids, by `token_id` (`annotations.Control`, `packing._encode_joined`).
 """
 from __future__ import annotations
 
@@ -104,14 +109,23 @@ def hf_tokenizer_file(path: str | os.PathLike) -> Path:
 
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer (tokenizer.json) with Qwen-VL's special tokens. encode never adds
-    special tokens; decode keeps them."""
+    """A Hugging Face fast tokenizer (tokenizer.json) with Qwen-VL's special tokens. encode never adds special
+    tokens, and reads a text that spells one ("<|im_end|>") as that text, as transformers does with
+    `split_special_tokens=True` (added tokens that are not special, such as Qwen3's "<think>", stay words of the
+    vocabulary, as there); decode keeps them. `token_id` gives a special token's id, for what a chat template writes."""
+
+    # how a text that spells one of the tokenizer's special tokens is read (the loader's plan field of that name): as
+    # its characters. Plans made when such a text gave the token's id lack the field (the loader's _same_plan_before)
+    specials_in_text = "text"
 
     def __init__(self, path: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as _HF
 
         self.path = hf_tokenizer_file(path)
         self._tok = _HF.from_file(str(self.path))
+        self._tok.encode_special_tokens = True      # a text's "<|im_end|>" is its characters (class docstring)
+        self.special_tokens = tuple(sorted(t.content for t in self._tok.get_added_tokens_decoder().values()
+                                           if t.special))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = None
         for name, token in QWEN_VL_SPECIAL_TOKENS.items():
@@ -122,8 +136,18 @@ class HFTokenizer:
                                  f"{sorted(set(QWEN_VL_SPECIAL_TOKENS.values()))})")
             setattr(self, f"{name}_id", i)
 
+    def __setstate__(self, state: dict) -> None:
+        # a pickled tokenizers.Tokenizer (a DataLoader worker's, a tokenize_text process's) comes back reading the
+        # special tokens in a text again: its encode_special_tokens is not part of what it pickles
+        self.__dict__.update(state)
+        self._tok.encode_special_tokens = True
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` as one token of the vocabulary (a chat template's "<|im_start|>"), None without one."""
+        return self._tok.token_to_id(token)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """encode, with each token's span of `text` (start, end) in characters."""

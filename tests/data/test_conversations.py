@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.video.annotations import annotation_segments, conversation_turns
+from data.video.annotations import Control, annotation_segments, conversation_turns
 from data.video.ingest import IngestOptions, ingest, read_annotations
 from data.video.loader import VideoPackedLoader
 from data.video.synthetic import make_synthetic_videos, read_counter, write_image
@@ -23,6 +23,28 @@ OPENAI = {"messages": [{"role": "system", "content": "You see two pictures."},
                                                     {"type": "text", "text": " second: "}, {"type": "image"},
                                                     {"type": "text", "text": " Which numbers?"}]},
                        {"role": "assistant", "content": "Both shown."}]}
+
+
+def runs(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """`segs` with consecutive segments of the same supervision joined: the text and what trains, whatever the cut
+    between segments (a Qwen template writes its <|im_start|> and <|im_end|> as segments of their own)."""
+    out: list[tuple[str, bool]] = []
+    for text, sup in segs:
+        if out and out[-1][1] == sup:
+            out[-1] = (out[-1][0] + text, sup)
+        elif text:
+            out.append((str(text), sup))
+    return out
+
+
+def qwen_segments(record: dict, template: str) -> list[tuple[str, bool]]:
+    """annotation_segments(record, template) as `runs`, after checking that the template's turn tokens, and only
+    they, are `Control` segments (the records here spell none in their text)."""
+    segs = annotation_segments(record, template)
+    controls = [t for t, _ in segs if isinstance(t, Control)]
+    assert controls and set(controls) <= {"<|im_start|>", "<|im_end|>"}
+    assert len(controls) == sum(t.count("<|im_start|>") + t.count("<|im_end|>") for t, _ in segs)
+    return runs(segs)
 
 
 def test_turns_render_as_user_and_assistant_lines_with_only_answers_supervised():
@@ -43,9 +65,9 @@ def test_qwen3_writes_its_thinking_blocks():
     <think> ... </think>."""
     U = lambda text: (f"<|im_start|>user\n{text}<|im_end|>\n", False)  # noqa: E731
     A = lambda text: [("<|im_start|>assistant\n", False), (f"{text}<|im_end|>", True), ("\n", False)]  # noqa: E731
-    assert annotation_segments(LLAVA, "qwen3") == [
+    assert qwen_segments(LLAVA, "qwen3") == runs([
         U("<image>\nWhat does the square do?"), *A("It moves right."), U("And the disc?"),
-        *A("<think>\n\n</think>\n\nIt follows a wave.")]
+        *A("<think>\n\n</think>\n\nIt follows a wave.")])
     reasoned = {"messages": [
         {"role": "system", "content": "Count."},
         {"role": "user", "content": "How many frames?"},
@@ -53,15 +75,15 @@ def test_qwen3_writes_its_thinking_blocks():
         {"role": "user", "content": "And seconds?"},
         {"role": "assistant", "content": "\n21", "reasoning_content": "\n42 frames at 2 fps.\n"},
         {"role": "assistant", "content": "Exactly."}]}
-    assert annotation_segments(reasoned, "qwen3") == [
+    assert qwen_segments(reasoned, "qwen3") == runs([
         ("<|im_start|>system\nCount.<|im_end|>\n", False), U("How many frames?"), *A("42"), U("And seconds?"),
-        *A("<think>\n42 frames at 2 fps.\n</think>\n\n21"), *A("<think>\n\n</think>\n\nExactly.")]
+        *A("<think>\n42 frames at 2 fps.\n</think>\n\n21"), *A("<think>\n\n</think>\n\nExactly.")])
     inline = {"conversations": [
         {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "<think>\nhidden\n</think>\n\nA1"},
         {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "<think>why</think>A2"}]}
-    assert annotation_segments(inline, "qwen3") == [U("Q1"), *A("A1"), U("Q2"), *A("<think>\nwhy\n</think>\n\nA2")]
+    assert qwen_segments(inline, "qwen3") == runs([U("Q1"), *A("A1"), U("Q2"), *A("<think>\nwhy\n</think>\n\nA2")])
     # the other templates write the text as it is and leave reasoning_content out, as before
-    assert annotation_segments(reasoned, "qwen")[3] == ("42<|im_end|>", True)
+    assert qwen_segments(reasoned, "qwen")[1] == ("42<|im_end|>", True)
     assert ("<think>why</think>A2\n", True) in annotation_segments(inline)
 
 
@@ -98,10 +120,10 @@ def test_tool_use_in_both_forms_and_each_template(tmp_path):
     as_object = {**TOOL_SHAREGPT, "conversations": [dict(t, value=json.loads(t["value"])) if t["from"] == "function_call"
                                                      else t for t in TOOL_SHAREGPT["conversations"]]}
     for record in (TOOL_OPENAI, TOOL_SHAREGPT, as_object):
-        assert annotation_segments(record, "qwen3") == [
-            (tools, False), U("Weather in Oslo?"), *A(call), result, *A("<think>\n\n</think>\n\n3 °C.")]
-        assert annotation_segments(record, "qwen") == [(tools, False), U("Weather in Oslo?"), *A(call), result,
-                                                       *A("3 °C.")]
+        assert qwen_segments(record, "qwen3") == runs([
+            (tools, False), U("Weather in Oslo?"), *A(call), result, *A("<think>\n\n</think>\n\n3 °C.")])
+        assert qwen_segments(record, "qwen") == runs([(tools, False), U("Weather in Oslo?"), *A(call), result,
+                                                      *A("3 °C.")])
         assert annotation_segments(record) == [
             ('Tools:\n{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": '
              '"string"}}}}\n', False), ("User: Weather in Oslo?\n", False), ("Assistant: ", False),

@@ -327,12 +327,82 @@ def test_answers_opening_with_newlines_equal_transformers_ids_and_assistant_mask
     assert doc.text_loss == [bool(m) for m in want["assistant_masks"]]
 
 
-def test_a_text_spelling_a_placeholder_token_is_quarantined_not_a_visual_token(tok_dir, tmp_path):
-    """A text that spells "<|image_pad|>" or "<|video_pad|>" (a web page about Qwen-VL's prompts) is read by a Hugging
-    Face tokenizer as that token, and the pack's visual positions are its placeholder tokens: the pack held one more
-    visual position than the ViT's merged tokens (73 against 72 here), which stops the training step. Such a sample
-    is a plan reject, quarantined with its reason; every pack's visual positions equal its frames' merged tokens
-    (pixel rows / 4, the ViT's count), and the other texts train."""
+SPELLED = "<|im_start|>, <|im_end|>, <|endoftext|> and <|vision_start|>"
+
+
+@pytest.mark.parametrize("template", ["plain", "qwen", "qwen3"])
+def test_control_tokens_spelled_in_a_records_text_are_text(qwen_like_tok_dir, template):
+    """Scraped text spells Qwen's control tokens: a system prompt quoting them, a question about "<|im_end|>", an
+    answer that writes "<|im_end|>\n<|im_start|>user\n...<|endoftext|>". They were read as the tokens: the answer's
+    "<|im_end|>" ended the turn (a supervised turn end in the middle of the answer, then a fake user turn and a
+    document end inside the trained text), a caption's "<|vision_start|>" gave the vision id. Now a record's text is
+    read as text, under every template: the ids equal those written by hand from transformers' tokenizer with
+    split_special_tokens=True for each text and the template's own <|im_start|> / <|im_end|> ids, and the supervision
+    is the answer (and its own turn end)."""
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(qwen_like_tok_dir / "tokenizer.json"), split_special_tokens=True)
+    enc = lambda text: ref.encode(text, add_special_tokens=False)  # noqa: E731
+    system = f"Quote Qwen's tokens as written: {SPELLED}."
+    question = "What does <|im_end|> do?"
+    answer = "It ends a turn: <|im_end|>\n<|im_start|>user\nI am not the user.<|endoftext|>"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question},
+                {"role": "assistant", "content": answer}]
+    S, E = ref.convert_tokens_to_ids("<|im_start|>"), ref.convert_tokens_to_ids("<|im_end|>")
+    if template == "plain":                  # each segment alone: "User: ...", "Assistant: " then the answer
+        parts = [(enc(system + "\n"), False), (enc(f"User: {question}\n"), False), (enc("Assistant: "), False),
+                 (enc(answer + "\n"), True)]
+    else:
+        think = "<think>\n\n</think>\n\n" if template == "qwen3" else ""    # Qwen3's last turn: an empty block
+        assert enc("assistant\n" + think + answer) == enc("assistant\n") + enc(think + answer)   # no token over both
+        parts = [([S], False), (enc(f"system\n{system}"), False), ([E], False), (enc("\n"), False),
+                 ([S], False), (enc(f"user\n{question}"), False), ([E], False), (enc("\n"), False),
+                 ([S], False), (enc("assistant\n"), False), (enc(think + answer), True), ([E], True),
+                 (enc("\n"), False)]
+    cfg = VideoDataConfig(seq_len=1024, tokenizer=str(qwen_like_tok_dir), chat_template=template)
+    tok = build_tokenizer(cfg)
+    doc = plan_document(uid=0, key="s/t", video=None, annotation={"messages": messages}, cfg=cfg, tokenizer=tok,
+                        seed=0, epoch=0)
+    assert doc.text_ids == [i for ids, _ in parts for i in ids], [tok.decode([i]) for i in doc.text_ids]
+    assert doc.text_loss == [s for ids, s in parts for _ in ids]
+    specials = {tok.token_id(t) for t in tok.special_tokens}
+    assert len(specials) == 7 and tok.eos_id in specials and tok.vision_start_id in specials
+    assert [i for i in doc.text_ids if i in specials] == ([] if template == "plain" else [S, E] * 3)
+    # a caption that spells the vision tokens: the document's vision ids are its frames' own
+    from .test_sampling import meta
+
+    vcfg = VideoDataConfig(seq_len=1024, tokenizer=str(qwen_like_tok_dir), chat_template=template, min_frames=2,
+                           min_frame_tokens=4, max_frame_tokens=16, min_video_tokens=16, video_tokens_per_second=24.0)
+    d = plan_document(uid=0, key="s/v", video=meta(2.0, fps=12.0, width=96, height=64, tb=12288),
+                      annotation={"caption": f"Frames open with {SPELLED}."}, cfg=vcfg, tokenizer=tok, seed=0, epoch=0)
+    a = build_document(d, None, vcfg, tok)
+    assert int((torch.as_tensor(a.tokens) == tok.vision_start_id).sum()) == d.frames.num_frames
+    assert int((torch.as_tensor(a.tokens) == tok.eos_id).sum()) == 1 and a.tokens[-1] == tok.eos_id
+
+
+def test_a_pickled_tokenizer_still_reads_a_texts_special_tokens_as_text(tok_dir):
+    """A DataLoader worker started by spawn, or any process the tokenizer is sent to, gets a pickled copy: the
+    tokenizers library does not keep its setting to read special tokens as text through a pickle, so the copy read
+    "<|im_end|>" as the token again. The copy encodes as the original, as transformers with split_special_tokens=True
+    does."""
+    import pickle
+
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), split_special_tokens=True)
+    tok = pickle.loads(pickle.dumps(HFTokenizer(tok_dir)))
+    text = f"A page about Qwen: {SPELLED}, <|video_pad|>."
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False) == tok.encode_batch([text])[0]
+    assert tok.token_id("<|im_end|>") == ref.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_text_spelling_a_placeholder_token_trains_as_text_not_a_visual_token(tok_dir, tmp_path):
+    """A text that spells "<|image_pad|>" or "<|video_pad|>" (a web page about Qwen-VL's prompts) was read by the
+    Hugging Face tokenizer as that token, and the pack's visual positions are its placeholder tokens: the pack held
+    one more visual position than the ViT's merged tokens (73 against 72), which stopped the training step; then such
+    a sample was quarantined (`placeholder_in_text`). Now a record's text is read as text (transformers'
+    split_special_tokens=True): the samples train, every pack's visual positions equal its frames' merged tokens
+    (pixel rows / 4, the ViT's count), and the spelled tokens come back as their characters."""
     from data.video.ingest import IngestOptions, ingest
     from data.video.synthetic import make_synthetic_videos
 
@@ -344,27 +414,29 @@ def test_a_text_spelling_a_placeholder_token_is_quarantined_not_a_visual_token(t
                          workers=1))
     cfg = small_cfg(tmp_path / "shards", tmp_path, tokenizer=str(tok_dir), num_epochs=1, seq_len=2048)
     loader = VideoPackedLoader(cfg, seed=0)
-    texts = 0
+    texts, decoded = 0, ""
     for pack in loader:
         assert len(pack.visual_pos) * 4 == pack.pixel_values.shape[0]
         pack.validate(cfg, loader.tokenizer)
         texts += pack.text_docs
-    assert texts == 1 and loader.stats["samples_ok"] == 3          # the two videos and the plain text
-    rejects = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
-    assert sorted(r["reason"] for r in rejects) == ["placeholder_in_text"] * 2
-    assert {r["detail"].split(" (")[0] for r in rejects} == {"its text holds '<|image_pad|>'",
-                                                             "its text holds '<|video_pad|>'"}
+        decoded += loader.tokenizer.decode(pack.tokens[pack.tokens < 400].tolist())   # the text ids (400: specials)
+    assert texts == 3 and loader.stats["samples_ok"] == 5          # the two videos and the three texts
+    assert not (tmp_path / "quarantine.jsonl").exists() or not (tmp_path / "quarantine.jsonl").read_text()
+    assert "<|vision_start|><|image_pad|><|vision_end|> for an image." in decoded
+    assert "<|video_pad|>, once per merged token." in decoded
 
 
 @pytest.mark.parametrize("kind", ["video", "image", "text"])
 @pytest.mark.parametrize("token", ["<|video_pad|>", "<|image_pad|>"])
-def test_a_visual_placeholder_in_the_text_is_a_plan_reject(tok_dir, kind, token):
-    """A Hugging Face tokenizer encodes the literal "<|video_pad|>" in a caption as the video_pad id: such a document
-    would put a visual token's place where no frame is, so the pack holds more places than its frames have merged
-    tokens (the training step stopped on '66 visual embeddings for 67 visual positions'). It is a plan reject,
-    `placeholder_in_text`, naming the token, for a video's, an image sample's and a text-only sample's text alike; the
-    same text with the byte tokenizer (whose ids for it are bytes) plans, and its pack has one place per merged token,
-    counted from the frames' grids."""
+def test_a_visual_placeholder_in_the_text_is_text(tok_dir, kind, token):
+    """A Hugging Face tokenizer encoded the literal "<|video_pad|>" in a caption as the video_pad id: a visual
+    token's place where no frame is (the step stopped on '66 visual embeddings for 67 visual positions'). Now it is
+    that text's ids, as transformers' tokenizer with split_special_tokens=True gives them, in a video's, an image
+    sample's and a text-only sample's text alike, and the pack has one visual place per merged token, counted from
+    the frames' grids. A tokenizer dropped in that reads the token in a text still gets the sample rejected
+    (`placeholder_in_text`, naming the token)."""
+    from transformers import PreTrainedTokenizerFast
+
     from data.video.packing import assemble_pack
     from data.video.sampling import PlanError
 
@@ -372,19 +444,36 @@ def test_a_visual_placeholder_in_the_text_is_a_plan_reject(tok_dir, kind, token)
 
     cfg = VideoDataConfig(seq_len=2048, min_frames=2, min_frame_tokens=4, max_frame_tokens=16, min_video_tokens=16,
                           video_tokens_per_second=24.0, max_text_tokens=300, vocab_size=1000)
-    ann = {"caption": f"a clip {token} of a red square", "qa": [{"question": "color?", "answer": "red"}]}
+    caption = f"a clip {token} of a red square"
+    ann = {"caption": caption, "qa": [{"question": "color?", "answer": "red"}]}
     kw = {"video": meta(2.0, fps=12.0, width=96, height=64, tb=12288) if kind == "video" else None,
           "images": [{"width": 56, "height": 56}] if kind == "image" else None}
-    with pytest.raises(PlanError, match=r"its text holds '<\|" + token[2:-2] + r"\|>'") as e:
-        plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=HFTokenizer(tok_dir), seed=0, epoch=0, **kw)
-    assert e.value.reason == "placeholder_in_text"
-    by = ByteTokenizer()
-    d = plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=by, seed=0, epoch=0, **kw)
-    a = build_document(d, None, cfg, by)
-    p = assemble_pack([a], [d.key], cfg, by, epoch=0, pack_index=0, failures=[], planned_keys=[d.key],
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), split_special_tokens=True)
+    tok = HFTokenizer(tok_dir)
+    d = plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=tok, seed=0, epoch=0, **kw)
+    want = ref.encode(caption + "\n", add_special_tokens=False)
+    assert ref.convert_tokens_to_ids(token) not in want and len(want) > 1
+    assert any(d.text_ids[i:i + len(want)] == want for i in range(len(d.text_ids)))
+    a = build_document(d, None, cfg, tok)
+    p = assemble_pack([a], [d.key], cfg, tok, epoch=0, pack_index=0, failures=[], planned_keys=[d.key],
                       pixel_values=torch.zeros(int(a.grid.prod(-1).sum()), 3 * 14 * 14, dtype=torch.uint8))
     merged = int(a.grid.prod(-1).sum()) // cfg.merge_size ** 2
     assert p.visual_pos.numel() == merged and (merged > 0) == (kind != "text")
+
+    class ReadsSpecials(HFTokenizer):            # a tokenizer that reads a text's special tokens (as before)
+        def encode(self, text):
+            self._tok.encode_special_tokens = False
+            try:
+                return super().encode(text)
+            finally:
+                self._tok.encode_special_tokens = True
+
+        encode_offsets = None
+
+    with pytest.raises(PlanError, match=r"its text holds '<\|" + token[2:-2] + r"\|>'") as e:
+        plan_document(uid=0, key="s/0", annotation=ann, cfg=cfg, tokenizer=ReadsSpecials(tok_dir), seed=0, epoch=0,
+                      **kw)
+    assert e.value.reason == "placeholder_in_text"
 
 
 # Keye-VL's and Qwen2.5-VL's chat templates write a video content part as "<|vision_start|><|video_pad|><|vision_end|>"
@@ -496,10 +585,11 @@ def test_a_videos_frames_stand_in_the_user_turn_as_keye_and_qwen_vl_write_them(t
     assert plan.length == len(want_tokens)
 
 
-def _state_as_saved_before(loader) -> dict:
-    """The loader's state as a loader from before a video's frames stood at its marker wrote it: the planning fields
-    without `vision_at`, and their fingerprint."""
-    before = {k: v for k, v in loader.state_dict()["plan_config"].items() if k != "vision_at"}
+def _state_as_saved_before(loader, field: str = "vision_at") -> dict:
+    """The loader's state as a loader from before `field` was a planning field wrote it (before a video's frames stood
+    at its marker; before a text's special tokens were read as text): the planning fields without it, and their
+    fingerprint."""
+    before = {k: v for k, v in loader.state_dict()["plan_config"].items() if k != field}
     loader._plan_config = lambda: dict(before)
     try:
         return loader.state_dict()
@@ -555,6 +645,52 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continu
     assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
     plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
     assert "vision_at" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
+
+
+def test_a_state_saved_when_a_text_gave_special_ids_continues_where_no_text_spells_one(shard_dir, tok_dir, tmp_path):
+    """A record's text that spells a special token ("<|im_end|>") is read as its characters now, where it gave the
+    token's id before: such a document has another length, so a state saved before (its planning fields without
+    `specials_in_text`) is refused, naming the change and the first such sample. Where no text spells one (the
+    synthetic shards) the state continues exactly: the next pack's keys and tokens equal those after the same state
+    saved now."""
+    import dataclasses
+
+    from data.video.shards import load_catalog
+
+    cfg = small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir), decode_isolation="inline")
+    first = VideoPackedLoader(cfg, seed=0)
+    next(first)
+    now, saved_before = first.state_dict(), _state_as_saved_before(first, "specials_in_text")
+    first.close()
+    assert now["plan_config"]["specials_in_text"] == "text"
+    assert saved_before["plan_fingerprint"] != now["plan_fingerprint"]
+    packs = []
+    for state in (now, saved_before):
+        resumed = VideoPackedLoader(cfg, seed=0)
+        resumed.load_state_dict(state)
+        packs.append(next(resumed))
+        assert resumed.state_dict()["plan_fingerprint"] == now["plan_fingerprint"]
+        resumed.close()
+    assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
+
+    records = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(records) if r.kind == "video")
+    records[k] = dataclasses.replace(records[k], annotation={"caption": "Qwen ends a turn with <|im_end|>."})
+    loader = VideoPackedLoader(cfg, seed=0, catalog=records)
+    with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'specials_in_text': \(None, 'text'\)\}"
+                       ) as e:
+        loader.load_state_dict(_state_as_saved_before(loader, "specials_in_text"))
+    assert "is now read as its characters" in str(e.value)
+    assert f"the first {records[k].shard.rsplit('/', 1)[-1]}/{records[k].key}" in str(e.value)
+    from train.config import SettingsError
+    from train.data_streams import restore_data_state
+
+    with pytest.raises(SettingsError, match=r"the packs cannot be continued exactly\); to go on from its weights "
+                                            r"instead, start another run directory"):   # no setting brings it back
+        restore_data_state([loader], _state_as_saved_before(loader, "specials_in_text"), run_dir="runs/ft",
+                           checkpoint="runs/ft/checkpoints/step_000010")
+    assert "specials_in_text" not in VideoPackedLoader(small_cfg(shard_dir, tmp_path), seed=0).state_dict()[
+        "plan_config"]    # the byte tokenizer's text never gave a special id: its state is unchanged
 
 
 def test_a_resumed_run_whose_data_state_does_not_fit_is_told_what_it_can_do(shard_dir, tok_dir, tmp_path):
