@@ -337,8 +337,11 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
         with open(prefix + ".skipped.jsonl", "w") as f:
             for s in skipped:
                 f.write(json.dumps(s) + "\n")
-        return {"tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
-                "inputs": [str(p) for p in inputs], "skipped_lines": len(skipped)}
+        out = {"tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
+               "inputs": [str(p) for p in inputs], "skipped_lines": len(skipped)}
+        if getattr(tokenizer, "specials_in_text", None):   # a text's "<|endoftext|>" written as text (files before: ids)
+            out["specials_in_text"] = tokenizer.specials_in_text
+        return out
 
     return write_token_runs(runs(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
 

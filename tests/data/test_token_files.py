@@ -95,6 +95,7 @@ def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
 
     tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
     texts = list(synthetic_documents(300, 3))
+    texts[200] += " <|endoftext|> <|im_end|>"       # read as text in a forked worker too
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:170])
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[170:]))
@@ -108,6 +109,29 @@ def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
     ds = IndexedDataset(str(tmp_path / "two"))
     assert [ds[i].tolist() for i in (0, 169, 170, 299)] == [tok.encode(texts[i]) + [tok.eos_id]
                                                              for i in (0, 169, 170, 299)]
+    assert int((ds[200] == tok.eos_id).sum()) == 1
+
+
+def test_a_line_spelling_special_tokens_is_text_with_eos_only_at_its_end(tmp_path):
+    """Web text spells special tokens ("<|endoftext|>" on a page about GPT-2, Qwen's chat tokens): the Hugging Face
+    tokenizer wrote them as the tokens, an <eos> in the middle of a document (and a turn's end) that the model then
+    trained on. The document's ids equal transformers' tokenizer with split_special_tokens=True, <eos> after it alone,
+    and the sidecar says how such text was read."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import PreTrainedTokenizerFast
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+
+    tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"), split_special_tokens=True)
+    texts = ["GPT-2 ends documents with <|endoftext|>; Qwen's chats use <|im_start|>user and <|im_end|>.",
+             "Frames: <|vision_start|><|video_pad|><|vision_end|>", "plain"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    info = tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / "out", tok)
+    ds = IndexedDataset(str(tmp_path / "out"))
+    assert [ds[i].tolist() for i in range(3)] == [ref.encode(t, add_special_tokens=False) + [tok.eos_id]
+                                                  for t in texts]
+    assert int((ds[0] == tok.eos_id).sum()) == 1 and info["specials_in_text"] == "text"
 
 
 def test_hf_tokenizer_batches_as_it_encodes(tmp_path):
