@@ -123,7 +123,7 @@ class HFTokenizer:
 
         self.path = hf_tokenizer_file(path)
         self._tok = _HF.from_file(str(self.path))
-        self._tok.encode_special_tokens = True      # a text's "<|im_end|>" is its characters (class docstring)
+        self._read_text_as_text()
         self.special_tokens = tuple(sorted(t.content for t in self._tok.get_added_tokens_decoder().values()
                                            if t.special))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -136,11 +136,26 @@ class HFTokenizer:
                                  f"{sorted(set(QWEN_VL_SPECIAL_TOKENS.values()))})")
             setattr(self, f"{name}_id", i)
 
+    def _read_text_as_text(self) -> None:
+        """A text's special tokens are its characters (the class docstring), and so are the tokens the documents
+        write by id (Qwen-VL's and the chat templates' own), also where the tokenizer adds them as plain added tokens
+        (`tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"])`, as SFT scripts add chat tokens): they are marked
+        special here, with the same ids."""
+        from tokenizers import AddedToken
+
+        own = set(QWEN_VL_SPECIAL_TOKENS.values()) | set(QWEN_CHAT_TOKENS)
+        plain = [t for t in self._tok.get_added_tokens_decoder().values() if t.content in own and not t.special]
+        if plain:
+            self._tok.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip,
+                                                     rstrip=t.rstrip, normalized=t.normalized, special=True)
+                                          for t in plain])
+        self._tok.encode_special_tokens = True
+
     def __setstate__(self, state: dict) -> None:
         # a pickled tokenizers.Tokenizer (a DataLoader worker's, a tokenize_text process's) comes back reading the
         # special tokens in a text again: its encode_special_tokens is not part of what it pickles
         self.__dict__.update(state)
-        self._tok.encode_special_tokens = True
+        self._read_text_as_text()
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -1,6 +1,7 @@
 """data.video.tokenizer=<a Hugging Face tokenizer directory>: the documents a model started from Qwen3 / Keye-VL
 weights needs. References: transformers' own fast tokenizer on the same file (the ids), and the byte tokenizer's
 documents (the layout: the same text, frames and supervision, spelled with other ids)."""
+import dataclasses
 import json
 
 import pytest
@@ -394,6 +395,35 @@ def test_a_pickled_tokenizer_still_reads_a_texts_special_tokens_as_text(tok_dir)
     text = f"A page about Qwen: {SPELLED}, <|video_pad|>."
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False) == tok.encode_batch([text])[0]
     assert tok.token_id("<|im_end|>") == ref.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_chat_and_vision_tokens_added_as_plain_tokens_are_never_read_from_text(tok_dir, tmp_path):
+    """SFT scripts add the chat tokens with `tokenizer.add_tokens([...])`, as added tokens that are not special, and
+    transformers' split_special_tokens leaves those to be read from a text: an answer's "<|im_end|>" still ended the
+    turn, a caption's "<|video_pad|>" was still a placeholder. The tokens the documents write by id are made special
+    in the loaded tokenizer (the same ids): a text reads as it does with the tokenizer that marks them special
+    (transformers, split_special_tokens=True), and a Qwen conversation's documents are the same ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    plain = {"<|im_start|>", "<|im_end|>", "<|video_pad|>"}
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    for t in spec["added_tokens"]:
+        t["special"] = t["special"] and t["content"] not in plain
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "tokenizer.json").write_text(json.dumps(spec))
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), split_special_tokens=True)
+    tok = HFTokenizer(tmp_path / "plain")
+    text = f"A page about Qwen: {SPELLED}, <|video_pad|>."
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert tok.vocab_size == len(ref) and all(tok.token_id(t) == ref.convert_tokens_to_ids(t) for t in plain)
+    cfg = VideoDataConfig(seq_len=512, tokenizer=str(tmp_path / "plain"), chat_template="qwen")
+    messages = {"messages": [{"role": "user", "content": "End a turn?"},
+                             {"role": "assistant", "content": "Write <|im_end|>, then <|im_start|>user."}]}
+    docs = [plan_document(uid=0, key="s/t", video=None, annotation=messages, cfg=dataclasses.replace(cfg, tokenizer=d),
+                          tokenizer=build_tokenizer(dataclasses.replace(cfg, tokenizer=d)), seed=0, epoch=0)
+            for d in (str(tmp_path / "plain"), str(tok_dir))]
+    assert docs[0].text_ids == docs[1].text_ids and docs[0].text_loss == docs[1].text_loss
+    assert docs[0].text_ids.count(tok.token_id("<|im_end|>")) == 2     # the two turns' own
 
 
 def test_a_text_spelling_a_placeholder_token_trains_as_text_not_a_visual_token(tok_dir, tmp_path):
