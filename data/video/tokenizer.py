@@ -7,7 +7,7 @@ so it fits any vocabulary of at least offset + 8 ids (512 by default): the tiny 
 checkpoint's own directory) with the `tokenizers` library, and takes the document's special tokens from
 Qwen-VL's names (`QWEN_VL_SPECIAL_TOKENS`): the ids a model started from Qwen3 / Keye-VL weights was trained
 with. Nothing is downloaded. Any other tokenizer can be dropped in by implementing `Tokenizer` (`encode`,
-`decode` and the special-id attributes) and passing it to `VideoPackedLoader`.
+`decode` and the special-id attributes; optionally `token_id`, below) and passing it to `VideoPackedLoader`.
 
 A record's text is scraped text and may spell a special token ("<|im_end|>" in an answer about Qwen's template,
 "<|vision_start|>" on a page about Qwen-VL): `HFTokenizer.encode` reads it as text, never as that token (transformers'
