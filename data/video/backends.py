@@ -10,7 +10,7 @@ raise `DecodeError` — the number of frames actually decoded is checked, never 
   pts (frame-accurate on VFR and B-frames).
 - decord: `VideoReader(width=, height=)` scales inside the decoder and applies rotation (a mirror in the display
   matrix is applied here, `decord_mirror_axis`); files whose decord seeking was found wrong at ingest
-  (`decord_seek_ok: false`) go to PyAV.
+  (`decord_seek_ok: false`), and output widths decord fails at (`DECORD_BAD_WIDTHS`), go to PyAV.
 - torchcodec (optional, 0.13 with CPU torch): exact-seek mode, frames asked by index; mirrored files go to PyAV.
 
 Every backend shows the frames as the ffmpeg CLI does: turned and mirrored by the stream's display matrix
@@ -27,6 +27,13 @@ import numpy as np
 from .timeline import decode_runs, frame_pts
 
 BACKENDS = ("decord", "pyav", "torchcodec")
+DECORD_BAD_WIDTHS = frozenset({1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
+"""Output widths at which decord 0.6.0's `get_batch` fails on every file, at any height, turned or not ("Check failed:
+from_size == to_size (6144 vs. 4608) DECORDArrayCopyFromTo: The size must exactly match" at 48 x 32): all such widths
+among 1 to 2048 asked of H.264 files of 96 x 64 and 640 x 360 (with more than one decoder thread only 16, 24, 48 and
+72 fail). Frame sides are multiples of data.video.patch_size x merge_size: 28 (14 x 2) and 32 never meet them, but 24
+(12 x 2) or 48 (16 x 3, 24 x 2) do, and a portrait video's narrow frames did. The decord backend gives such a request
+to PyAV rather than fail the sample."""
 
 
 class DecodeError(Exception):
@@ -218,7 +225,7 @@ def _validate(req: DecodeRequest) -> None:
 
 # ------------------------------------------------------------------------------------------------
 def decode_decord(req: DecodeRequest) -> np.ndarray:
-    if req.meta.get("decord_seek_ok") is False:
+    if req.meta.get("decord_seek_ok") is False or req.width in DECORD_BAD_WIDTHS:
         return decode_pyav(req)
     import decord
 
