@@ -42,6 +42,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .animated import looks_animated
 from .annotations import (VIDEO_MARKER, conversation_turns, field_problem, has_text, image_marker_count,
                           video_marker_problem)
 from .images import IMAGE_MARKER
@@ -55,9 +56,12 @@ REJECTS = "rejects.jsonl"
 SUMMARY = "dataset.json"
 SETTINGS = "ingest_settings.json"
 RECORDS = (SETTINGS, MANIFEST, REJECTS, SUMMARY)    # an --out holding one of them is an ingest's
-LISTED_EXTS = VIDEO_EXTS + ("gif", "webp")
-"""What ingest takes as videos: the containers stored as they are, and animated GIF and WebP, stored as the MP4 they
-are converted to (animated.py; a still one is rejected as `still_image`)."""
+LISTED_EXTS = VIDEO_EXTS + ("gif", "webp", "apng", "png", "avif")
+"""What ingest takes as videos: the containers stored as they are, and animated GIF, WebP, PNG (APNG) and AVIF, stored
+as the MP4 they are converted to (animated.py; a still one is rejected as `still_image`)."""
+MOSTLY_STILL_EXTS = ("png", "avif")
+"""Image formats whose files are mostly still images (thumbnails, extracted frames): the folder listing takes one only
+when it is an animation (`animated.looks_animated`), or when a video record names it."""
 
 
 @dataclass
@@ -122,12 +126,17 @@ class IngestOptions:
 
 
 def list_videos(root: str, extensions=LISTED_EXTS) -> list[str]:
+    """The files under `root` (relative paths, sorted) of `extensions`; a .png or .avif only when it is an animation
+    (MOSTLY_STILL_EXTS: its header is read)."""
     exts = {e.lower().lstrip(".") for e in extensions}
     out = []
     for dirpath, _, files in os.walk(root):
         for name in files:
-            if name.rsplit(".", 1)[-1].lower() in exts and "." in name:
-                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+            ext = name.rsplit(".", 1)[-1].lower()
+            if ext in exts and "." in name:
+                path = os.path.join(dirpath, name)
+                if ext not in MOSTLY_STILL_EXTS or looks_animated(path):
+                    out.append(os.path.relpath(path, root))
     return sorted(out)
 
 
@@ -421,7 +430,7 @@ def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dic
     kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord,
               "scenes": asdict(spec) if spec is not None else None}
     proxy_path = None
-    kwargs["convert_path"] = os.path.join(tmp, key + ".converted.mp4")     # an animated GIF or WebP: converted
+    kwargs["convert_path"] = os.path.join(tmp, key + ".converted.mp4")     # an animated GIF, WebP, ...: converted
     if opts.proxy:
         proxy_path = os.path.join(tmp, key + ".mp4")
         kwargs.update(proxy={"fps": opts.proxy_fps, "short_side": opts.proxy_short_side,
@@ -509,7 +518,14 @@ def ingest(opts: IngestOptions) -> dict:
     root = os.path.abspath(opts.videos) if opts.videos is not None else None
     videos = list_videos(root, opts.extensions) if root is not None else []
     annotations = read_annotations(opts.annotations)
-    # a GIF or WebP that an image record names is that image, not also a video of the listing
+    if root is not None:
+        # a still .png or .avif (left out of the listing) that a video record names is taken, and rejected as
+        # still_image with what to do, not as an unsupported extension
+        exts = {e.lower().lstrip(".") for e in opts.extensions} & set(MOSTLY_STILL_EXTS)
+        named = {rel for rel in annotations.videos if rel.rsplit(".", 1)[-1].lower() in exts
+                 and not rel.startswith(os.pardir) and os.path.isfile(os.path.join(root, rel))}
+        videos = sorted(set(videos) | named)
+    # a GIF, WebP or PNG that an image record names is that image, not also a video of the listing
     image_files = {rel for _, rels in annotations.images.values() for rel in rels}
     videos = [v for v in videos if v not in image_files]
     for p in annotations.problems:
@@ -694,7 +710,7 @@ def ingest(opts: IngestOptions) -> dict:
                         if len(unannotated) < 3:
                             unannotated.append(rel)
                     stored = res["stored_path"]
-                    converted = bool(res["video"].get("converted_from"))     # an animated GIF or WebP
+                    converted = bool(res["video"].get("converted_from"))     # an animated GIF, WebP, PNG, AVIF
                     ext = rel.rsplit(".", 1)[-1].lower()
                     if opts.proxy or converted or ext not in VIDEO_EXTS:
                         # a '.gif' that holds an MP4 (as web sites serve them) is stored under a video's extension,

@@ -361,9 +361,9 @@ def inspect_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str 
     original when a proxy was written (else None), "stored_path": ...}. Raises ProbeError. The scene
     changes (`scenes`) are found in the stored file: its frames are the ones training samples.
 
-    An animated GIF or WebP is first converted to an MP4 at `convert_path` (`animated.py`; by default a file in the
-    temporary folder that the caller then owns), which is then what is measured and stored (or proxied), with
-    `meta["converted_from"]` = {"format", "num_frames", "duration_ms", "loop"} of the original."""
+    An animated GIF, WebP, PNG (APNG) or AVIF is first converted to an MP4 at `convert_path` (`animated.py`; by default
+    a file in the temporary folder that the caller then owns), which is then what is measured and stored (or proxied),
+    with `meta["converted_from"]` = {"format", "num_frames", "duration_ms", "loop"} of the original."""
     from .animated import AnimatedError, animated_kind, convert_animated
 
     converted = None

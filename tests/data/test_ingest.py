@@ -516,10 +516,17 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     Also the GIF and WebP cases: an animated GIF that a record names was 'unsupported_extension'; it is now a video
     sample stored as the MP4 it is converted to (tests/data/test_video_kinds.py checks its frames). A still WebP of
     the folder (a thumbnail) is rejected as 'still_image', and an animated WebP that an image record names is that
-    image only, not also a video of the listing."""
+    image only, not also a video of the listing.
+    And APNG and animated AVIF: neither was listed, and one that a record named was 'unsupported_extension'; now each
+    is a video (`.apng`, or `.png` / `.avif` when it is animated). A still `.png` of the folder (a poster, an extracted
+    frame) is not listed, so not a reject; one that a video record names is rejected as 'still_image'."""
+    import numpy as np
+    from PIL import Image, features
+
+    from data.video.ingest import list_videos
     from data.video.shards import make_key, scan_shard
 
-    from .test_video_kinds import _animation
+    from .test_video_kinds import _animation, _apng
 
     vids = tmp_path / "v"
     vids.mkdir()
@@ -530,22 +537,34 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
     _animation(str(vids / "thumb.webp"), "webp", [100])
     _animation(str(vids / "pic.webp"), "webp", [100, 100])
     shutil.copy(vids / "a.mp4", vids / "gifv.gif")                   # an MP4 named .gif, as web sites serve them
+    block = np.full((8, 8, 4), 255, np.uint8)
+    _apng(str(vids / "sticker.apng"), 8, 8, [(block, 0, 0, 1, 10, 0, 0), (block // 2, 0, 0, 1, 10, 0, 0)])
+    shutil.copy(vids / "sticker.apng", vids / "motion.png")
+    Image.new("RGB", (8, 8)).save(vids / "poster.png")                # still PNGs: a poster that a record names,
+    Image.new("RGB", (8, 8)).save(vids / "thumb.png")                 # and a thumbnail no record names
+    avif = features.check("avif")
+    if avif:
+        _animation(str(vids / "anim.avif"), "avif", [100, 200])
     recs = [{"video": "clip.mp4.part", "caption": "c"}, {"video": "ghost.mp4", "caption": "g"},
             {"video": "clip.3gp", "caption": "an old phone's"},
             {"image": "ghost.png", "caption": "g"}, {"video": "a.mp4", "caption": "a"},
-            {"video": "anim.gif", "caption": "a gif"}, {"image": "pic.webp", "caption": "its first frame"}]
+            {"video": "anim.gif", "caption": "a gif"}, {"image": "pic.webp", "caption": "its first frame"},
+            {"video": "motion.png", "caption": "an APNG"}, {"video": "poster.png", "caption": "a still"}]
     (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    animations = ["motion.png", "sticker.apng"] + ["anim.avif"] * avif
+    assert [v for v in list_videos(str(vids)) if v.endswith(("png", "avif"))] == sorted(animations)
     summary = ingest(IngestOptions(videos=str(vids), annotations=str(tmp_path / "ann.jsonl"), out=str(tmp_path / "o"),
                                    workers=1, progress=False))
     rejects = read_jsonl(tmp_path / "o" / "rejects.jsonl")
     by = {r.get("video") or r.get("image"): r for r in rejects}
     assert {k: r["reason"] for k, r in by.items()} == {
         "clip.mp4.part": "unsupported_extension", "ghost.mp4": "missing_file", "ghost.png": "missing_file",
-        "thumb.webp": "still_image"}
+        "thumb.webp": "still_image", "poster.png": "still_image"}
     assert "'.part' is not one ingest reads (mp4 mkv webm mov avi m4v ts" in by["clip.mp4.part"]["detail"]
+    assert "a PNG of one frame is a still image" in by["poster.png"]["detail"]
     r = summary["this_run"]
-    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 4 and r["accepted"] == 4
-    assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2, "still_image": 1}
+    assert r["rejected"] == len(rejects) == summary["num_rejected"] == 5 and r["accepted"] == 4 + len(animations)
+    assert r["rejected_by_reason"] == {"unsupported_extension": 1, "missing_file": 2, "still_image": 2}
     assert r["skipped_already_done"] == 0
     members, scanned = set(), set()
     for shard in sorted((tmp_path / "o").glob("*.tar")):
@@ -554,7 +573,8 @@ def test_an_unsupported_extension_is_not_a_missing_file_and_every_reject_is_coun
         scanned |= {s["key"] for s in scan_shard(str(shard))["samples"]}     # an index rebuilt from the tar alone
     assert make_key("anim.gif") + ".mp4" in members and make_key("pic.webp") + ".webp" in members
     assert make_key("gifv.gif") + ".mp4" in members and make_key("clip.3gp") + ".3gp" in members
-    assert scanned == {make_key(x) for x in ("a.mp4", "anim.gif", "gifv.gif", "pic.webp", "clip.3gp")}
+    assert {make_key(x) + ".mp4" for x in animations} <= members
+    assert scanned == {make_key(x) for x in ["a.mp4", "anim.gif", "gifv.gif", "pic.webp", "clip.3gp"] + animations}
 
 
 def test_retry_rejects_leaves_one_line_per_file_still_rejected(tmp_path):
