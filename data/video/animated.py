@@ -250,6 +250,11 @@ def _convert_apng(path: str, name: str, dst: str) -> dict:
                     rgba = Image.fromarray(fr.to_ndarray(format="rgba"), "RGBA")
                     yield np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8), delays[i]
                     i += 1
+        except av.error.PatchWelcomeError:
+            # FFmpeg 8 blends 8-bit pictures and 16-bit ones without alpha only
+            raise AnimatedError("decode_error", f"{name}: frame {i} of {len(delays)} is blended over the one before "
+                                                f"it, which FFmpeg's APNG decoder cannot do with 16-bit samples and "
+                                                f"alpha: store the APNG with 8 bits per sample") from None
         except (av.error.FFmpegError, IndexError, ValueError) as e:
             raise AnimatedError("decode_error", f"{name}: frame {i} of {len(delays)}: {type(e).__name__}: "
                                                 f"{str(e)[:300]}") from None

@@ -358,16 +358,17 @@ def _png_chunk(ctype: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + ctype + data + zlib.crc32(ctype + data).to_bytes(4, "big")
 
 
-def _apng(path: str, w: int, h: int, frames: list, default: np.ndarray | None = None) -> None:
-    """An APNG written chunk by chunk (RGBA, 8 bits): `frames` are (rgba [fh, fw, 4], x, y, delay_num, delay_den,
-    dispose_op, blend_op); `default`, a full-size image, is the default image that is not part of the animation."""
+def _apng(path: str, w: int, h: int, frames: list, default: np.ndarray | None = None, depth: int = 8) -> None:
+    """An APNG written chunk by chunk (RGBA of `depth` bits, uint8 or big-endian uint16 arrays): `frames` are (rgba
+    [fh, fw, 4], x, y, delay_num, delay_den, dispose_op, blend_op); `default`, a full-size image, is the default image
+    that is not part of the animation."""
     import struct
     import zlib
 
     def data(a):
         return zlib.compress(b"".join(b"\0" + row.tobytes() for row in a))
 
-    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 6, 0, 0, 0))
     out += _png_chunk(b"acTL", struct.pack(">II", len(frames), 0))
     if default is not None:
         out += _png_chunk(b"IDAT", data(default))
@@ -480,6 +481,11 @@ def test_an_animated_png_is_a_video_composed_as_the_apng_specification_says(tmp_
         inspect_video(str(cut), convert_path=str(tmp_path / "cut.mp4"))
     assert e.value.reason == "truncated" and "holds 5 of the 6 frames its acTL chunk announces" in e.value.detail
     assert not (tmp_path / "cut.mp4").exists()
+    deep = str(tmp_path / "deep.png")                    # 16 bits with alpha, blended: FFmpeg 8 does not blend it
+    _apng(deep, 40, 30, [(f[0].astype(">u2") * 257,) + f[1:] for f in frames[:2]], depth=16)
+    with pytest.raises(ProbeError) as e:
+        inspect_video(deep, convert_path=str(tmp_path / "deep.mp4"))
+    assert e.value.reason == "decode_error" and "store the APNG with 8 bits per sample" in e.value.detail
 
 
 def test_an_animated_avif_is_a_video_at_its_own_frame_times(tmp_path):
