@@ -626,7 +626,7 @@ def _write_patches(source: FrameSource, rec, doc, out: np.ndarray, p: int, m: in
 
 def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: int,
                exclude: frozenset = frozenset(), *, pixels: bool = True,
-               failed: dict[str, dict] | None = None) -> PackedSample:
+               failed: dict[int, dict] | None = None) -> PackedSample:
     """Decode and assemble pack `index` of `epoch` (failed samples are left out and reported, as are, undecoded,
     those whose keys `exclude` holds: data.exclude).
 
@@ -634,10 +634,13 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
     slot is closed up), so a frame is copied once after decoding: from the decoder's output into
     the pack, already in ViT patch order.
 
+    A failure record names its sample's place among the pack's planned samples (`slot`, the index into planned_keys):
+    two shard folders may hold the same file name and key, which the record's "shard/key" would confuse.
+
     pixels=False (a rank of a replica that decodes once, parallel.vit.decode_once): nothing is read or decoded,
     `source` is unused and the pack's pixel_values has no rows; every sample counts as decoded except those
-    `failed` holds (the decoding rank's failure records by sample key "shard/key"), which are left out as that
-    rank's pack left them, so that every tensor but the pixels is the decoding rank's."""
+    `failed` holds (the decoding rank's failure records by slot), which are left out as that rank's pack left them,
+    so that every tensor but the pixels is the decoding rank's."""
     if isinstance(planner, TokenPacks):          # a row of token files (data.video.text_tokens): text alone
         return planner.build(epoch, index)
     cfg, tok = planner.cfg, planner.tokenizer
@@ -650,7 +653,7 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
     docs, keys, failures, excluded, off = [], [], [], [], 0
     counts = {"video_frames": 0, "fast_frames": 0, "text_continued": 0}   # of the documents packed (the log's)
     decoded = {"decoded_frames": 0, "decoded_images": 0, "decode_s": 0.0}  # this process's own work (not state)
-    for doc, n in zip(plans, rows):
+    for slot, (doc, n) in enumerate(zip(plans, rows)):
         if doc.key in exclude:                   # closed up as a failed sample is; every piece of a long text
             excluded.append(doc.key)
             continue
@@ -660,8 +663,8 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
             counts["text_continued"] += int(doc.piece > 0)
             continue
         if not pixels:                           # the decoding rank's outcome, its pixels elsewhere
-            if failed and doc.key in failed:
-                failures.append(dict(failed[doc.key]))
+            if failed and slot in failed:
+                failures.append(dict(failed[slot]))
                 continue
         else:
             rec = planner.catalog[doc.uid]
@@ -678,7 +681,7 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
                         f"{epoch} pack {index}: the data directory was moved or deleted while the run read it. Put "
                         f"it back and rerun the same command to resume from the last checkpoint") from None
                 failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
-                                 "detail": e.detail[:500]})
+                                 "detail": e.detail[:500], "slot": slot})
                 continue
             finally:
                 decoded["decode_s"] += time.perf_counter() - t0
@@ -903,7 +906,7 @@ class VideoPackedLoader:
             return pack
         src = self.source_names.index(pack.source) if self.mixed else 0
         out = build_pack(self.planners[src], None, pack.epoch, pack.pack_index, self.exclude_keys, pixels=False,
-                         failed={f"{f['shard']}/{f['key']}": f for f in failures})
+                         failed={f["slot"]: f for f in failures})
         out.source = pack.source
         return out
 
@@ -1029,7 +1032,7 @@ class VideoPackedLoader:
                                 "leaves beside the fewest frames or smallest images)", pack.epoch,
                                 f" of source {pack.source}" if self.mixed else "", len(annotations),
                                 sum(annotations.values()), planner.key(min(annotations)), self.cfg.max_text_tokens)
-        failed = {f"{f['shard']}/{f['key']}": f for f in pack.failures}
+        failed = {f["slot"]: f for f in pack.failures}     # by place: two shard folders may hold the same "shard/key"
         if self.mixed:
             c = self._by_source[pack.source]
             c["packs"] += 1
@@ -1053,10 +1056,10 @@ class VideoPackedLoader:
             self._stats["samples_excluded"] += len(left_out)
             log.info("data.exclude: %s left out of epoch %d pack %d%s", ", ".join(pack.excluded), pack.epoch,
                      pack.pack_index, f" of {pack.source}" if self.mixed else "")
-        for key in pack.planned_keys:
+        for slot, key in enumerate(pack.planned_keys):
             if key in left_out:
                 continue
-            f = failed.get(key)
+            f = failed.get(slot)
             if f is None:
                 self._consecutive = 0
                 self._stats["samples_ok"] += 1
@@ -1064,8 +1067,8 @@ class VideoPackedLoader:
             self._consecutive += 1
             self._stats["samples_failed"] += 1
             self._reasons[f["reason"]] += 1
-            self._quarantine({**f, "stage": "decode", "epoch": pack.epoch, "pack": pack.pack_index,
-                              "rank": self.dp_rank, "time": round(time.time(), 3), **tag})
+            self._quarantine({**{k: v for k, v in f.items() if k != "slot"}, "stage": "decode", "epoch": pack.epoch,
+                              "pack": pack.pack_index, "rank": self.dp_rank, "time": round(time.time(), 3), **tag})
             if self._consecutive >= self.cfg.max_consecutive_failures:
                 self.close()
                 raise RuntimeError(

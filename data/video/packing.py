@@ -75,7 +75,7 @@ class PackedSample:
     sample_keys: list[str] = field(default_factory=list)   # "shard.tar/key" of each document
     epoch: int = 0
     pack_index: int = 0           # position of this pack in its epoch's global pack list
-    failures: list[dict] = field(default_factory=list)     # samples planned here that failed to load
+    failures: list[dict] = field(default_factory=list)     # samples planned here that failed (slot: in planned_keys)
     planned_keys: list[str] = field(default_factory=list)  # every sample planned into this pack
     excluded: list[str] = field(default_factory=list)  # samples planned here that data.exclude leaves out
     source: str = ""              # which source of a mixture filled this pack ("short"/"long"); "" = one source

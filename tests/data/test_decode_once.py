@@ -146,3 +146,45 @@ def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_pa
         with pytest.raises(RuntimeError, match="^video loader: shard x.tar is gone$"):
             stream.settle(got)
     assert len(calls) == 2
+
+
+def _twin_shards(shard_dir, tmp_path):
+    """Two shard folders, each with a shard-000000.tar holding samples "clip" and "other": folder a's decode, folder
+    b's "clip" is a broken file (the metadata of a good video)."""
+    from data.video.shards import ShardWriter, load_catalog
+    from data.video.synthetic import make_bad_videos
+
+    donor = load_catalog(str(shard_dir))[0]
+    good = tmp_path / "good.mp4"
+    good.write_bytes(open(donor.shard, "rb").read()[donor.video_offset:donor.video_offset + donor.video_size])
+    bad = make_bad_videos(tmp_path / "bad_src", seed=1)["truncated_in_middle.mp4"]["path"]
+    meta = {"video": donor.video, "annotation": donor.annotation}
+    for folder, clip in (("a", good), ("b", bad)):
+        (tmp_path / folder).mkdir()
+        w = ShardWriter(tmp_path / folder, 0)
+        w.add_sample("clip", str(clip), "mp4", meta)
+        w.add_sample("other", str(good), "mp4", meta)
+        w.close()
+    return f"{tmp_path / 'a'},{tmp_path / 'b'}"
+
+
+def test_a_failed_sample_is_told_apart_from_its_namesake_in_another_shard_folder(shard_dir, tmp_path):
+    """data.video.shards naming two folders that both hold shard-000000.tar with a sample "clip" (two ingests): when
+    one of the two fails, the other stays in the pack, on the decoding rank and in the pack the others rebuild, and
+    one failure is counted."""
+    cfg = small_cfg(_twin_shards(shard_dir, tmp_path), tmp_path, shuffle=False, num_epochs=1, seq_len=2048,
+                    decode_isolation="inline", decode_backend="pyav")
+    decoder = VideoPackedLoader(cfg, seed=0)
+    follower = VideoPackedLoader(replace(cfg, quarantine_path=""), seed=0, pixels=False)
+    p = decoder.draw()
+    assert p.planned_keys.count("shard-000000.tar/clip") == 2, p.planned_keys    # both in the one pack
+    q = follower.rebuild(follower.draw(), p.failures)
+    decoder.account(p)
+    follower.account(q)
+    assert [f["key"] for f in p.failures] == ["clip"] and p.sample_keys.count("shard-000000.tar/clip") == 1
+    for f in SAME:
+        assert torch.equal(getattr(p, f), getattr(q, f)), f
+    assert q.sample_keys == p.sample_keys and q.failures == p.failures
+    assert decoder.stats["samples_failed"] == follower.stats["samples_failed"] == 1
+    assert decoder.stats["samples_ok"] == follower.stats["samples_ok"] == 3
+    assert [(r["shard"], r["key"]) for r in read_jsonl(cfg.quarantine_path)] == [("shard-000000.tar", "clip")]
