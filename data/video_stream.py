@@ -17,8 +17,9 @@ With `data.video.long_shards` and `long_fraction` set, the packs come from a see
 Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): every rank of a
 data-parallel replica draws the same packs, but only the replica's decoding rank (`DecodeOnce.src`) decodes their
 pixels; the other ranks build them without pixels. `take(n)` draws a round's packs and `settle(packs)` makes them
-the trainer's micro-batches: one broadcast of the decoding rank's failed samples (or of its error) over the replica,
-after which the other ranks leave out the same samples, and every rank accounts the packs alike. The pixels reach the
+the trainer's micro-batches: one all_gather over the replica of each rank's error (any rank's stops every rank) and
+packs' samples, and of the decoding rank's failed samples, after which the other ranks leave out the same samples,
+and every rank accounts the packs alike. The pixels reach the
 ranks whose ViT share needs them in the vision phase (parallel/vit_layout.py scatter_pixels).
 
 `ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
@@ -27,6 +28,7 @@ once per directory; other ranks wait for its marker file), so the demo needs no 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -83,11 +85,41 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
 
 @dataclass(frozen=True)
 class DecodeOnce:
-    """The ranks of one data-parallel replica that read the same packs (`group`) and the one of them that decodes
-    their pixels (`src`, a global rank; it also writes the replica's quarantine records)."""
+    """The ranks of one data-parallel replica that read the same packs (`group`), the one of them that decodes
+    their pixels (`src`, a global rank; it also writes the replica's quarantine records) and this rank (`rank`)."""
     group: Any
     src: int
-    decodes: bool          # whether this rank is `src`
+    rank: int
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this rank is `src`."""
+        return self.rank == self.src
+
+
+def _plan_digest(p) -> tuple:
+    """What settle compares of a pack across a replica: its place in the stream and the samples planned into it."""
+    keys = hashlib.sha1("\n".join(p.planned_keys).encode()).hexdigest()[:16]
+    return p.epoch, p.pack_index, p.source, keys
+
+
+def _plan_mismatch(src: int, ref: dict, other: list[dict]) -> str:
+    """settle's error where ranks of a replica drew other packs than its decoding rank `src`."""
+    def pack(digest) -> str:
+        epoch, index, source, _ = digest
+        return f"epoch {epoch} pack {index}{' of ' + source if source else ''}"
+
+    m = other[0]
+    mine, theirs = m["packs"], ref["packs"]
+    at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    what = (f"{len(mine)} packs against its {len(theirs)}" if at >= min(len(mine), len(theirs)) else
+            f"{pack(mine[at])}{' with other samples' if mine[at][:3] == theirs[at][:3] else ''} where it drew "
+            f"{pack(theirs[at])}")
+    ranks = ", ".join(str(o["rank"]) for o in other)
+    return (f"video loader: the ranks of a data-parallel replica read the same packs (parallel.vit.decode_once), but "
+            f"rank{'s' if len(other) > 1 else ''} {ranks} drew other packs than its decoding rank {src}: rank "
+            f"{m['rank']} drew {what}. Their data differ: every rank must see the same shard files and indexes "
+            f"(data.video.shards and its other sources) and the same data settings")
 
 
 class VideoBatchStream:
@@ -141,8 +173,8 @@ class VideoBatchStream:
 
     def take(self, n: int) -> list:
         """A round's n packs (StopIteration where the data ended), for `settle`. Under decode_once they are not yet
-        accounted, and an error of the loader is kept for settle to raise after its broadcast: the decoding rank's
-        on every rank of the replica (the others would wait for it in the broadcast), another rank's own there."""
+        accounted, and an error of the loader is kept for settle to raise after its exchange, on every rank of the
+        replica (the others would wait for this one in their next collective)."""
         packs = []
         if self._it is None:
             self._it = iter(self.loader)
@@ -161,25 +193,37 @@ class VideoBatchStream:
         return packs
 
     def settle(self, packs: list) -> list[dict]:
-        """The micro-batches of packs `take` gave. Under decode_once (collective over the replica): the decoding
-        rank's failed samples of each pack are broadcast, the other ranks build those packs again without them (so
-        every tensor but the pixels is the decoding rank's), and every rank accounts the packs; an error of the
-        decoding rank's loader is raised on every rank, another rank's own error on that rank."""
+        """The micro-batches of packs `take` gave. Under decode_once (collective over the replica): one all_gather
+        of a small message per rank, its error in take and its packs' place and planned samples, and the decoding
+        rank's failed samples of each pack. A rank whose loader failed raises its own error and every other rank of
+        the replica an error naming it (the decoding rank's first); packs that are not the decoding rank's (other data
+        on a rank's node) stop every rank alike; else the other ranks build the packs again without the failed samples
+        (so every tensor but the pixels is the decoding rank's), and every rank accounts the packs."""
         d = self.decode_once
         if d is not None:
             import torch.distributed as dist
 
             err, self._error = self._error, None
-            msg = [{"error": f"{type(err).__name__}: {err}" if err is not None else "",
-                    "failures": [p.failures for p in packs]} if d.decodes else None]
-            dist.broadcast_object_list(msg, src=d.src, group=d.group)
+            mine = {"rank": d.rank, "error": f"{type(err).__name__}: {err}" if err is not None else "",
+                    "packs": [_plan_digest(p) for p in packs] if err is None else None,
+                    "failures": [p.failures for p in packs] if d.decodes and err is None else None}
+            got = [None] * dist.get_world_size(d.group)
+            dist.all_gather_object(got, mine, group=d.group)
             if err is not None:             # this rank's own (the same on every rank where it is the data's)
                 raise err
-            if msg[0]["error"]:
-                raise RuntimeError(f"video loader: the replica's decoding rank {d.src} (parallel.vit.decode_once) "
-                                   f"failed: {msg[0]['error']}")
+            failed = sorted((m for m in got if m["error"]), key=lambda m: (m["rank"] != d.src, m["rank"]))
+            if failed:
+                m = failed[0]
+                who = f"decoding rank {d.src}" if m["rank"] == d.src else f"rank {m['rank']}"
+                more = f" (and {len(failed) - 1} more of its ranks)" if len(failed) > 1 else ""
+                raise RuntimeError(f"video loader: the replica's {who}{more} (parallel.vit.decode_once: its ranks "
+                                   f"settle each round's packs together) failed: {m['error']}")
+            ref = next(m for m in got if m["rank"] == d.src)
+            other = [m for m in got if m["packs"] != ref["packs"]]
+            if other:
+                raise RuntimeError(_plan_mismatch(d.src, ref, other))
             if not d.decodes:
-                packs = [self.loader.rebuild(p, f) for p, f in zip(packs, msg[0]["failures"])]
+                packs = [self.loader.rebuild(p, f) for p, f in zip(packs, ref["failures"])]
             for p in packs:
                 self.loader.account(p)
         return [self._batch(s) for s in packs]

@@ -505,7 +505,7 @@ class Trainer:
         v = self.vision
         if v is None or not v.decode_once:
             return None
-        return DecodeOnce(group=v.group, src=v.members[0], decodes=self.rank == v.members[0])
+        return DecodeOnce(group=v.group, src=v.members[0], rank=self.rank)
 
     def _replica_first(self) -> bool:
         """Whether this rank is its data-parallel replica's first: its tensor, context and pipeline ranks read the

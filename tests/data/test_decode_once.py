@@ -3,9 +3,11 @@ pixels builds the packs of the rank that decodes them, every tensor but the pixe
 that rank failed to decode a sample; `VideoBatchStream.settle` carries those failures (or that rank's error) to the
 other ranks of the replica.
 
-Reference: the decoding rank's own loader (today's path, which decodes every sample); the broadcast of settle is
-played between two in-process streams (what torch.distributed.broadcast_object_list would deliver).
+Reference: the decoding rank's own loader (today's path, which decodes every sample); the all_gather of settle is
+played between in-process streams, each in a thread (what torch.distributed.all_gather_object delivers).
 """
+import re
+import threading
 from dataclasses import replace
 
 import pytest
@@ -62,30 +64,54 @@ def test_a_loader_without_pixels_builds_the_decoding_ranks_packs(shard_dir, tmp_
         "bad_" + b.split(".")[0] for b in BAD3)
 
 
-class _Broadcast:
-    """torch.distributed.broadcast_object_list between two in-process streams: the decoding rank's settle runs
-    first and leaves its message for the other's."""
+class _Replica:
+    """torch.distributed.all_gather_object among in-process streams (ranks 0..n-1 of a replica), each settling in a
+    thread of its own: every call waits for the others' messages, as the processes of a replica do. A rank that never
+    comes leaves the others waiting: the barrier's timeout raises BrokenBarrierError there."""
 
-    def __init__(self):
-        self.sent = None
+    def __init__(self, n: int, timeout: float = 20.0):
+        self.n, self.barrier, self.msgs, self.calls = n, threading.Barrier(n, timeout=timeout), {}, 0
 
-    def __call__(self, msg, src, group=None):
-        if msg[0] is not None:
-            self.sent = list(msg)
-        else:
-            msg[:] = self.sent
+    def all_gather_object(self, out, obj, group=None):
+        self.calls += 1
+        self.msgs[obj["rank"]] = obj
+        self.barrier.wait()
+        out[:] = [self.msgs[r] for r in range(self.n)]
+        self.barrier.wait()                 # every rank has read this round's messages before the next round's come
+
+    def settle(self, streams, n: int) -> list:
+        """Each stream's settle(take(n)), settle in a thread of its own (take is the rank's alone): its micro-batches,
+        or the exception it raised."""
+        got = [None] * len(streams)
+        packs = [s.take(n) for s in streams]
+
+        def run(i):
+            try:
+                got[i] = streams[i].settle(packs[i])
+            except Exception as e:
+                got[i] = e
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return got
 
 
-def _streams(cfg, follower_cfg, monkeypatch):
+def _streams(cfg, follower_cfgs, monkeypatch):
+    """A replica of 1 + len(follower_cfgs) ranks under decode_once (rank 0 decodes), played in threads (_Replica), and
+    today's stream where this rank decodes every pack (the reference)."""
     import torch.distributed as dist
 
     from data.video_stream import DecodeOnce, VideoBatchStream
 
-    monkeypatch.setattr(dist, "broadcast_object_list", _Broadcast())
+    replica = _Replica(1 + len(follower_cfgs))
+    monkeypatch.setattr(dist, "all_gather_object", replica.all_gather_object)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: replica.n)
     kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1, seed=0)
-    return (VideoBatchStream(cfg, decode_once=DecodeOnce(group=None, src=0, decodes=True), **kw),
-            VideoBatchStream(follower_cfg, decode_once=DecodeOnce(group=None, src=0, decodes=False), **kw),
-            VideoBatchStream(replace(cfg, quarantine_path=""), **kw))      # today's: every rank decodes
+    ranks = [VideoBatchStream(c, decode_once=DecodeOnce(group=None, src=0, rank=r), **kw)
+             for r, c in enumerate([cfg, *follower_cfgs])]
+    return replica, ranks, VideoBatchStream(replace(cfg, quarantine_path=""), **kw)
 
 
 # num_workers=3 (a real run's recipe has 4): the packs come from the DataLoader workers in turn, on each rank its own
@@ -94,58 +120,80 @@ def _streams(cfg, follower_cfg, monkeypatch):
 def test_settle_gives_every_rank_the_decoding_ranks_micro_batches(shard_dir, tmp_path, monkeypatch, workers):
     cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None,     # packs without end: 3 steps of 2
                               num_workers=workers)
-    decoder, follower, each = _streams(cfg, follower_cfg, monkeypatch)
+    replica, (decoder, follower), each = _streams(cfg, [follower_cfg], monkeypatch)
     for _ in range(3):
-        a = decoder.settle(decoder.take(2))
-        b = follower.settle(follower.take(2))
+        a, b = replica.settle([decoder, follower], 2)
         c = [next(each) for _ in range(2)]
         for x, y, z in zip(a, b, c):
             assert y["pixel_values"].shape[0] == 0 and torch.equal(x["pixel_values"], z["pixel_values"])
             for k in x:
                 if k != "pixel_values":
                     assert torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]), k
+    assert replica.calls == 2 * 3          # one collective per rank and round
     assert decoder.describe_step() == follower.describe_step() == each.describe_step()
     assert follower.stats == decoder.stats == each.stats and decoder.stats["samples_failed"] >= 1
     assert follower.step_metrics().get("data_frames_decoded") is None     # this rank decoded nothing
     assert decoder.step_metrics()["data_frames_decoded"] == decoder.stats["frames_video"]
 
 
+def _gone(what: str):
+    def draw():
+        raise RuntimeError(f"video loader: {what}")
+    return draw
+
+
 def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_path, monkeypatch):
-    import torch.distributed as dist
-
     cfg, follower_cfg = _cfgs(shard_dir, tmp_path, max_consecutive_failures=1, num_epochs=None)
-    decoder, follower, _ = _streams(cfg, follower_cfg, monkeypatch)
+    replica, streams, _ = _streams(cfg, [follower_cfg], monkeypatch)
     # a failed sample with max_consecutive_failures=1: both ranks raise in settle (the follower learns of it there)
-    with pytest.raises(RuntimeError, match="consecutive samples failed"):
-        for _ in range(8):
-            decoder.settle(decoder.take(1))
-    with pytest.raises(RuntimeError, match="consecutive samples failed"):
-        for _ in range(8):
-            follower.settle(follower.take(1))
+    for _ in range(8):
+        got = replica.settle(streams, 1)
+        if any(isinstance(g, Exception) for g in got):
+            break
+    assert all(isinstance(g, RuntimeError) and "consecutive samples failed" in str(g) for g in got), got
 
-    decoder, follower, _ = _streams(cfg, follower_cfg, monkeypatch)
+    replica, (decoder, follower), _ = _streams(cfg, [follower_cfg], monkeypatch)
+    monkeypatch.setattr(decoder.loader, "draw", _gone("shard x.tar is gone"))
+    mine, theirs = replica.settle([decoder, follower], 2)
+    assert str(mine) == "video loader: shard x.tar is gone"        # its own, and the others':
+    assert re.fullmatch(r"video loader: the replica's decoding rank 0 \(parallel.vit.decode_once.*\) failed: "
+                        r"RuntimeError: video loader: shard x.tar is gone", str(theirs)), theirs
 
-    def gone():
-        raise RuntimeError("video loader: shard x.tar is gone")
-    monkeypatch.setattr(decoder.loader, "draw", gone)
-    packs = decoder.take(2)        # kept for settle, which the other ranks of the replica wait in
-    with pytest.raises(RuntimeError, match="is gone"):
-        decoder.settle(packs)
-    with pytest.raises(RuntimeError, match="decoding rank 0 .*decode_once.* failed: RuntimeError: video loader: "
-                                           "shard x.tar is gone"):
-        follower.settle(follower.take(2))
+    # an error every rank meets (the data's, not a decode's): each raises its own, after the exchange
+    monkeypatch.setattr(follower.loader, "draw", _gone("shard x.tar is gone"))
+    got = replica.settle([decoder, follower], 1)
+    assert [str(g) for g in got] == ["video loader: shard x.tar is gone"] * 2, got
 
-    # an error every rank meets (the data's, not a decode's): each raises its own, after the broadcast
-    broadcast = dist.broadcast_object_list
-    calls = []
-    monkeypatch.setattr(dist, "broadcast_object_list", lambda msg, src, group=None: (calls.append(1),
-                                                                                      broadcast(msg, src, group)))
-    monkeypatch.setattr(follower.loader, "draw", gone)
-    packs = decoder.take(1), follower.take(1)
-    for stream, got in zip((decoder, follower), packs):
-        with pytest.raises(RuntimeError, match="^video loader: shard x.tar is gone$"):
-            stream.settle(got)
-    assert len(calls) == 2
+
+def test_an_error_of_another_rank_stops_every_rank_of_the_replica(shard_dir, tmp_path, monkeypatch):
+    """A rank that does not decode meets an error of its own (its loader worker died, a token file of a mixture is
+    corrupt on its node): it raised it after the round's broadcast, while the decoding rank went on to the vision
+    phase and waited in its all_to_all until the job was killed. Now every rank stops in the same settle, with the
+    failing rank's error named (3 ranks: the other follower says the same)."""
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)
+    replica, streams, _ = _streams(cfg, [follower_cfg, follower_cfg], monkeypatch)
+    assert all(isinstance(g, list) for g in replica.settle(streams, 1))       # a good round first
+    monkeypatch.setattr(streams[2].loader, "draw", _gone("token file t.bin is corrupt"))
+    got = replica.settle(streams, 1)
+    assert str(got[2]) == "video loader: token file t.bin is corrupt", got
+    for g in got[:2]:
+        assert isinstance(g, RuntimeError) and str(g) == (
+            "video loader: the replica's rank 2 (parallel.vit.decode_once: its ranks settle each round's packs "
+            "together) failed: RuntimeError: video loader: token file t.bin is corrupt"), got
+
+
+def test_packs_that_are_not_the_decoding_ranks_stop_every_rank(shard_dir, tmp_path, monkeypatch):
+    """A rank whose node holds other data (a shard missing from its copy) plans other packs than the decoding rank:
+    it trained on other tokens than its tensor ranks, with frames that are not the decoding rank's. Every rank now
+    stops in settle, naming the rank, the pack and the setting."""
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)
+    d = _broken_shards(shard_dir, tmp_path / "fewer", n_good=3, bad=BAD3)       # one good video fewer
+    replica, streams, _ = _streams(cfg, [replace(follower_cfg, shards=str(d))], monkeypatch)
+    got = replica.settle(streams, 2)
+    assert all(isinstance(g, RuntimeError) for g in got) and str(got[0]) == str(got[1]), got
+    assert re.fullmatch(r"video loader: the ranks of a data-parallel replica .* but rank 1 drew other packs than its "
+                        r"decoding rank 0: rank 1 drew epoch 0 pack \d+( with other samples)? where it drew epoch 0 "
+                        r"pack \d+\. .*data.video.shards.*", str(got[0])), got[0]
 
 
 def _twin_shards(shard_dir, tmp_path):
