@@ -94,6 +94,21 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
 
 
+def decode_once_unused(cfg: Config, layout: ParallelLayout) -> str | None:
+    """Why parallel.vit.decode_once=true changes nothing in this run (the launcher's rank 0 logs it once at start),
+    or None. Its default (null) resolves by the layout and is never named; true with layout replicated is an error
+    (ViTParallelConfig)."""
+    if cfg.parallel.vit.decode_once is not True:
+        return None
+    if not cfg.model.vision.enabled:
+        why = "this model has no vision tower (model.vision.enabled=false) and its data no pixels to decode"
+    elif layout.tp * layout.cp * layout.pp == 1:
+        why = "each data-parallel replica is one rank (parallel.tp x cp x pp = 1), which decodes its own packs anyway"
+    else:
+        return None
+    return f"parallel.vit.decode_once=true has no effect: {why}"
+
+
 def check_token_files(cfg: Config) -> None:
     """data.kind=tokens fits the model and the batch (ValueError naming the setting)."""
     d, t = cfg.data, cfg.train
@@ -686,7 +701,7 @@ def run(dcfg: DictConfig) -> None:
         check_wandb(cfg)
         check_run_dir(cfg)
         check_paths(cfg)
-        warning = None
+        warning, unused = None, decode_once_unused(cfg, layout)
         if cfg.train.memory_check != "off" and torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             warning = check_memory(cfg, layout, torch.cuda.get_device_properties(local).total_memory)
@@ -700,6 +715,8 @@ def run(dcfg: DictConfig) -> None:
     setup_logging(cfg.resolved_run_dir(), rank, eval_only=cfg.train.eval.only)
     if warning and rank == 0:
         logging.getLogger("train").warning("memory: %s", warning)
+    if unused and rank == 0:
+        logging.getLogger("train").warning("%s", unused)
     from train.nonfinite import NonFiniteStepError
     from train.trainer import Trainer
 

@@ -841,3 +841,21 @@ def test_recipe_comments_chain_the_commands_they_give():
             run_dir, recipe = re.search(r"\brun_dir=(\S+)", command), re.search(r"recipe=(\S+)", command).group(1)
             made.append(run_dir.group(1) if run_dir else f"runs/{recipe}")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("overrides,world_size,warning", [
+    # a replica of one rank decodes its own packs: nothing to decode once for the others
+    (["recipe=keye_tiny", "parallel.vit.decode_once=true"], 2,
+     "parallel.vit.decode_once=true has no effect: each data-parallel replica is one rank (parallel.tp x cp x pp = 1)"),
+    (["recipe=keye_tiny_lm", "parallel.vit.decode_once=true"], 2,
+     "parallel.vit.decode_once=true has no effect: this model has no vision tower (model.vision.enabled=false)"),
+    (["recipe=keye_tiny", "parallel.vit.decode_once=true", "parallel.tp=2"], 2, None),
+    (["recipe=keye_tiny", "parallel.vit.decode_once=true", "parallel.pp=2"], 4, None),
+    (["recipe=keye_tiny"], 2, None),               # the default (null) resolves by the layout: never named
+    (["recipe=keye_tiny", "parallel.vit.decode_once=false"], 2, None),
+])
+def test_a_decode_once_that_changes_nothing_is_named(overrides, world_size, warning):
+    from train.launch import decode_once_unused
+
+    got = decode_once_unused(*_validate(*overrides, world_size=world_size))
+    assert (got is None) if warning is None else got.startswith(warning), got
