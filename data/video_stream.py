@@ -16,7 +16,8 @@ With `data.video.long_shards` and `long_fraction` set, the packs come from a see
 
 Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): every rank of a
 data-parallel replica draws the same packs, but only the replica's decoding rank (`DecodeOnce.src`) decodes their
-pixels; the other ranks build them without pixels. `take(n)` draws a round's packs and `settle(packs)` makes them
+pixels; the other ranks build them without pixels. Under the replicated ViT layout the LM-input ranks decode each,
+and the later pipeline stages, which encode no frame, build them without pixels the same way. `take(n)` draws a round's packs and `settle(packs)` makes them
 the trainer's micro-batches: one all_gather over the replica of each rank's error (any rank's stops every rank) and
 packs' samples, and of the decoding rank's failed samples, after which the other ranks leave out the same samples,
 and every rank accounts the packs alike. The pixels reach the
@@ -85,22 +86,34 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
 
 @dataclass(frozen=True)
 class DecodeOnce:
-    """The ranks of one data-parallel replica that read the same packs (`group`), the one of them that decodes
-    their pixels (`src`, a global rank; it also writes the replica's quarantine records) and this rank (`rank`)."""
+    """The ranks of one data-parallel replica that read the same packs (`group`), the one of them whose failed samples
+    every rank follows (`src`, a global rank: it decodes the packs and writes the replica's quarantine records), this
+    rank (`rank`) and whether its loader decodes pixels too (`pixels`: under decode_once only src's does; under the
+    replicated ViT layout each LM-input rank's, as it encodes every frame itself, and no later pipeline stage's)."""
     group: Any
     src: int
     rank: int
-
-    @property
-    def decodes(self) -> bool:
-        """Whether this rank is `src`."""
-        return self.rank == self.src
+    pixels: bool
 
 
 def _plan_digest(p) -> tuple:
     """What settle compares of a pack across a replica: its place in the stream and the samples planned into it."""
     keys = hashlib.sha1("\n".join(p.planned_keys).encode()).hexdigest()[:16]
     return p.epoch, p.pack_index, p.source, keys
+
+
+def _decodes_differ(src: int, ref: dict, m: dict, packs: list) -> str:
+    """settle's error where a rank that decodes its packs itself failed on other samples than the decoding rank."""
+    i = next(i for i, (a, b) in enumerate(zip(m["failed"], ref["failed"])) if a != b)
+    p = packs[i]
+
+    def named(slots) -> str:
+        return ", ".join(p.planned_keys[s] for s in slots) or "none"
+
+    return (f"video loader: rank {m['rank']} and the replica's decoding rank {src} decode their packs each, and "
+            f"failed on other samples of epoch {p.epoch} pack {p.pack_index}{' of ' + p.source if p.source else ''}: "
+            f"{named(m['failed'][i])} against {named(ref['failed'][i])}, so their sequences would differ (a decode "
+            f"that failed on one rank alone: data.video.sample_timeout_s, memory)")
 
 
 def _plan_mismatch(src: int, ref: dict, other: list[dict]) -> str:
@@ -143,7 +156,7 @@ class VideoBatchStream:
         self.num_microbatches = global_batch_size // dp_size
         self.decode_once = decode_once
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
-                                        held_out=held_out, pixels=decode_once is None or decode_once.decodes)
+                                        held_out=held_out, pixels=decode_once is None or decode_once.pixels)
         self._error: BaseException | None = None   # the decoding rank's error in take(), raised by settle() everywhere
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
@@ -197,16 +210,19 @@ class VideoBatchStream:
         of a small message per rank, its error in take and its packs' place and planned samples, and the decoding
         rank's failed samples of each pack. A rank whose loader failed raises its own error and every other rank of
         the replica an error naming it (the decoding rank's first); packs that are not the decoding rank's (other data
-        on a rank's node) stop every rank alike; else the other ranks build the packs again without the failed samples
-        (so every tensor but the pixels is the decoding rank's), and every rank accounts the packs."""
+        on a rank's node), or another rank that decodes (DecodeOnce.pixels) failing on other samples, stop every rank
+        alike; else the ranks without pixels build the packs again without the failed samples (so every tensor but the
+        pixels is the decoding rank's), and every rank accounts the packs."""
         d = self.decode_once
         if d is not None:
             import torch.distributed as dist
 
             err, self._error = self._error, None
-            mine = {"rank": d.rank, "error": f"{type(err).__name__}: {err}" if err is not None else "",
-                    "packs": [_plan_digest(p) for p in packs] if err is None else None,
-                    "failures": [p.failures for p in packs] if d.decodes and err is None else None}
+            ok = err is None
+            mine = {"rank": d.rank, "error": "" if ok else f"{type(err).__name__}: {err}",
+                    "packs": [_plan_digest(p) for p in packs] if ok else None,
+                    "failures": [p.failures for p in packs] if ok and d.rank == d.src else None,
+                    "failed": [[f["slot"] for f in p.failures] for p in packs] if ok and d.pixels else None}
             got = [None] * dist.get_world_size(d.group)
             dist.all_gather_object(got, mine, group=d.group)
             if err is not None:             # this rank's own (the same on every rank where it is the data's)
@@ -222,7 +238,10 @@ class VideoBatchStream:
             other = [m for m in got if m["packs"] != ref["packs"]]
             if other:
                 raise RuntimeError(_plan_mismatch(d.src, ref, other))
-            if not d.decodes:
+            other = [m for m in got if m["failed"] is not None and m["failed"] != ref["failed"]]
+            if other:       # another rank that decodes (replicated layout) would train on other packs
+                raise RuntimeError(_decodes_differ(d.src, ref, other[0], packs))
+            if not d.pixels:
                 packs = [self.loader.rebuild(p, f) for p, f in zip(packs, ref["failures"])]
             for p in packs:
                 self.loader.account(p)

@@ -314,7 +314,8 @@ def data_metrics_from_table(local: dict, table: torch.Tensor, *, dp_group, sourc
     - `data_frames_decoded`, `data_decode_s`: the video frames and images the loaders of the whole world decoded
       since this launch began (each rank's own work, not state), and the seconds they spent reading and decoding
       them (wall time in their DataLoader workers); present once any rank has decoded one. With
-      parallel.vit.decode_once a replica's frames are decoded by one of its ranks, else by each of them.
+      parallel.vit.decode_once a replica's frames are decoded by one of its ranks, under the replicated ViT layout by
+      each LM-input rank, else by each of them.
     - with a mixture (`sources`: the loader's per-source counts since the run began, `stats["sources"]`),
       `data_<source>_seq_share` and `data_<source>_token_share` from the packs and real tokens summed over the
       same group: the long:short ratio the whole job was served.

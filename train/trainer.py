@@ -498,14 +498,16 @@ class Trainer:
                             records_bad_samples=self._replica_first(), decode_once=self._decode_once())
 
     def _decode_once(self):
-        """The replica's data/video_stream.DecodeOnce under parallel.vit.decode_once (its vision group's first rank
-        decodes the packs and sends each rank its frames' pixels in the vision phase), or None: every rank decodes."""
+        """The replica's data/video_stream.DecodeOnce where some of its ranks load no pixels (train/vision.py
+        pixel_ranks): under parallel.vit.decode_once its vision group's first rank decodes the packs and sends each rank
+        its frames' pixels in the vision phase; under the replicated layout the later pipeline stages decode none. None:
+        every rank decodes."""
         from data.video_stream import DecodeOnce
 
         v = self.vision
-        if v is None or not v.decode_once:
+        if v is None or v.pixel_ranks is None:
             return None
-        return DecodeOnce(group=v.group, src=v.members[0], rank=self.rank)
+        return DecodeOnce(group=v.group, src=v.members[0], rank=self.rank, pixels=self.rank in v.pixel_ranks)
 
     def _replica_first(self) -> bool:
         """Whether this rank is its data-parallel replica's first: its tensor, context and pipeline ranks read the

@@ -94,6 +94,21 @@ def build_vision_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
                              eps=t.adam_eps)
 
 
+def pixel_ranks(v, data_kind: str, members: list[int], consumers: list[int]) -> list[int] | None:
+    """The global ranks of a vision group (`members`; `consumers`: the indices of its LM-input ranks) whose loaders
+    decode pixels, the others building the same packs without them (data/video_stream.DecodeOnce), or None: every rank
+    decodes. Under parallel.vit.decode_once (`v`: its ViTParallelConfig) the group's first rank, which sends each rank
+    its frames' pixels; under the replicated layout the LM-input ranks, each encoding every frame, and no later
+    pipeline stage, which encodes none."""
+    if data_kind != "video" or len(members) == 1:
+        return None
+    if v.decodes_once:
+        return [members[0]]
+    if v.layout == "replicated" and len(consumers) < len(members):
+        return [members[i] for i in consumers]
+    return None
+
+
 class VisionTower:
     def __init__(self, cfg, layout: ParallelLayout, pgs, device: torch.device, *, train_vit: bool, bf16: bool,
                  train_projector: bool = True):
@@ -135,13 +150,15 @@ class VisionTower:
         # parallel.vit.decode_once: the group's first rank (the replica's first, which writes its quarantine records)
         # alone decodes the packs, and sends each rank its frames' pixels in the phase (data/video_stream.DecodeOnce)
         self.decode_once = v.decodes_once and len(members) > 1 and cfg.data.kind == "video"
+        self.pixel_ranks = pixel_ranks(v, cfg.data.kind, members, consumers)
         if dist.get_rank() == 0:
             log.info("vision tower: %.1fM parameters (%s), layout %s over %d ranks per LM sequence "
                      "(LM-input ranks %s), balance %s, recompute %s, %s", vcfg.num_params() / 1e6,
                      ("ViT " + ("trained" if train_vit else "frozen") + ", projector "
                       + ("trained" if train_projector else "frozen")), v.layout, len(members), consumers,
                      v.balance, v.recompute, "frames decoded once per replica (by its first rank; decode_once)"
-                     if self.decode_once else "every rank decodes its replica's frames")
+                     if self.decode_once else "frames decoded by the LM-input ranks (the later pipeline stages encode "
+                     "none)" if self.pixel_ranks else "every rank decodes its replica's frames")
 
     def forward(self, micro_batches: list[dict], device) -> list | None:
         """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism

@@ -98,9 +98,10 @@ class _Replica:
         return got
 
 
-def _streams(cfg, follower_cfgs, monkeypatch):
-    """A replica of 1 + len(follower_cfgs) ranks under decode_once (rank 0 decodes), played in threads (_Replica), and
-    today's stream where this rank decodes every pack (the reference)."""
+def _streams(cfg, follower_cfgs, monkeypatch, pixels=None):
+    """A replica of 1 + len(follower_cfgs) ranks under decode_once (rank 0 decodes; with `pixels`, a bool per rank,
+    those ranks too), played in threads (_Replica), and today's stream where this rank decodes every pack (the
+    reference)."""
     import torch.distributed as dist
 
     from data.video_stream import DecodeOnce, VideoBatchStream
@@ -109,7 +110,8 @@ def _streams(cfg, follower_cfgs, monkeypatch):
     monkeypatch.setattr(dist, "all_gather_object", replica.all_gather_object)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: replica.n)
     kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1, seed=0)
-    ranks = [VideoBatchStream(c, decode_once=DecodeOnce(group=None, src=0, rank=r), **kw)
+    pixels = pixels or [r == 0 for r in range(replica.n)]
+    ranks = [VideoBatchStream(c, decode_once=DecodeOnce(group=None, src=0, rank=r, pixels=pixels[r]), **kw)
              for r, c in enumerate([cfg, *follower_cfgs])]
     return replica, ranks, VideoBatchStream(replace(cfg, quarantine_path=""), **kw)
 
@@ -140,6 +142,38 @@ def _gone(what: str):
     def draw():
         raise RuntimeError(f"video loader: {what}")
     return draw
+
+
+def test_ranks_that_encode_no_frame_load_no_pixels_under_the_replicated_layout(shard_dir, tmp_path, monkeypatch):
+    """parallel.vit.layout=replicated with pipeline stages: each LM-input rank (stage 0: ranks 0 and 1, as of TP2)
+    encodes every frame itself and decodes the packs, the later stage (rank 2) encodes none and used to decode every
+    pack for nothing. It now builds them without pixels from the decoding rank's failures: every tensor but the pixels
+    and every counter are today's."""
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)
+    replica, streams, each = _streams(cfg, [follower_cfg, follower_cfg], monkeypatch, pixels=[True, True, False])
+    for _ in range(3):
+        got = replica.settle(streams, 2)
+        ref = [next(each) for _ in range(2)]
+        for r, mbs in enumerate(got):
+            for x, z in zip(mbs, ref):
+                for k in x:
+                    assert (x[k].shape[0] == 0 if k == "pixel_values" and r == 2 else torch.equal(x[k], z[k])), (r, k)
+    assert [s.stats for s in streams] == [each.stats] * 3 and each.stats["samples_failed"] >= 1
+    assert streams[2].loader.decode_stats["frames"] == 0
+    assert streams[0].loader.decode_stats["frames"] == streams[1].loader.decode_stats["frames"] > 0
+
+    # a decode that fails on one of the decoding ranks alone (its timeout): their sequences would differ
+    draw = streams[1].loader.draw
+
+    def one_more_failure():
+        p = draw()
+        p.failures = [*p.failures, {"shard": "s.tar", "key": "k", "reason": "timeout", "detail": "", "slot": 0}]
+        return p
+    monkeypatch.setattr(streams[1].loader, "draw", one_more_failure)
+    got = replica.settle(streams, 1)
+    assert all(isinstance(g, RuntimeError) and str(g) == str(got[0]) for g in got), got
+    assert re.match(r"video loader: rank 1 and the replica's decoding rank 0 decode their packs each, and failed on "
+                    r"other samples of epoch \d+ pack \d+: ", str(got[0])), got[0]
 
 
 def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_path, monkeypatch):
@@ -236,3 +270,18 @@ def test_a_failed_sample_is_told_apart_from_its_namesake_in_another_shard_folder
     assert decoder.stats["samples_failed"] == follower.stats["samples_failed"] == 1
     assert decoder.stats["samples_ok"] == follower.stats["samples_ok"] == 3
     assert [(r["shard"], r["key"]) for r in read_jsonl(cfg.quarantine_path)] == [("shard-000000.tar", "clip")]
+
+
+@pytest.mark.parametrize("layout,decode_once,members,consumers,kind,want", [
+    ("spread", None, [4, 5], [0, 1], "video", [4]),                  # TP2: the replica's first rank decodes
+    ("spread", False, [4, 5], [0, 1], "video", None),
+    ("spread", None, [3], [0], "video", None),                       # a replica of one rank
+    ("replicated", None, [0, 2, 4, 6], [0, 1], "video", [0, 2]),     # TP2 x PP2: the LM-input ranks of stage 0
+    ("replicated", None, [0, 1], [0, 1], "video", None),             # TP2: every rank encodes every frame
+    ("spread", True, [0, 1], [0, 1], "tokens", None),
+])
+def test_who_loads_pixels(layout, decode_once, members, consumers, kind, want):
+    from parallel.layout import ViTParallelConfig
+    from train.vision import pixel_ranks
+
+    assert pixel_ranks(ViTParallelConfig(layout=layout, decode_once=decode_once), kind, members, consumers) == want
