@@ -17,11 +17,11 @@ With `data.video.long_shards` and `long_fraction` set, the packs come from a see
 Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): every rank of a
 data-parallel replica draws the same packs, but only the replica's decoding rank (`DecodeOnce.src`) decodes their
 pixels; the other ranks build them without pixels. Under the replicated ViT layout the LM-input ranks decode each,
-and the later pipeline stages, which encode no frame, build them without pixels the same way. `take(n)` draws a round's packs and `settle(packs)` makes them
-the trainer's micro-batches: one all_gather over the replica of each rank's error (any rank's stops every rank) and
-packs' samples, and of the decoding rank's failed samples, after which the other ranks leave out the same samples,
-and every rank accounts the packs alike. The pixels reach the
-ranks whose ViT share needs them in the vision phase (parallel/vit_layout.py scatter_pixels).
+and the later pipeline stages, which encode no frame, build them without pixels the same way. `take(n)` draws a
+round's packs and `settle(packs)` makes them the trainer's micro-batches: one all_gather over the replica of each
+rank's error (any rank's stops every rank) and packs' samples, and of the decoding rank's failed samples, after which
+the other ranks leave out the same samples, and every rank accounts the packs alike. The pixels reach the ranks whose
+ViT share needs them in the vision phase (parallel/vit_layout.py scatter_pixels).
 
 `ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
 once per directory; other ranks wait for its marker file), so the demo needs no downloads.
@@ -129,10 +129,10 @@ def _plan_mismatch(src: int, ref: dict, other: list[dict]) -> str:
             f"{pack(mine[at])}{' with other samples' if mine[at][:3] == theirs[at][:3] else ''} where it drew "
             f"{pack(theirs[at])}")
     ranks = ", ".join(str(o["rank"]) for o in other)
-    return (f"video loader: the ranks of a data-parallel replica read the same packs (parallel.vit.decode_once), but "
-            f"rank{'s' if len(other) > 1 else ''} {ranks} drew other packs than its decoding rank {src}: rank "
-            f"{m['rank']} drew {what}. Their data differ: every rank must see the same shard files and indexes "
-            f"(data.video.shards and its other sources) and the same data settings")
+    return (f"video loader: the ranks of a data-parallel replica read the same packs (docs/data.md \"Decoding once "
+            f"per replica\"), but rank{'s' if len(other) > 1 else ''} {ranks} drew other packs than its decoding rank "
+            f"{src}: rank {m['rank']} drew {what}. Their data differ: every rank must see the same shard files and "
+            f"indexes (data.video.shards and its other sources) and the same data settings")
 
 
 class VideoBatchStream:
@@ -157,7 +157,7 @@ class VideoBatchStream:
         self.decode_once = decode_once
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
                                         held_out=held_out, pixels=decode_once is None or decode_once.pixels)
-        self._error: BaseException | None = None   # the decoding rank's error in take(), raised by settle() everywhere
+        self._error: BaseException | None = None   # this rank's error in take(), raised by settle()
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()
         self.label_ignore_index = cfg.label_ignore_index
@@ -232,8 +232,8 @@ class VideoBatchStream:
                 m = failed[0]
                 who = f"decoding rank {d.src}" if m["rank"] == d.src else f"rank {m['rank']}"
                 more = f" (and {len(failed) - 1} more of its ranks)" if len(failed) > 1 else ""
-                raise RuntimeError(f"video loader: the replica's {who}{more} (parallel.vit.decode_once: its ranks "
-                                   f"settle each round's packs together) failed: {m['error']}")
+                raise RuntimeError(f"video loader: the replica's {who}{more} failed (its ranks settle each round's "
+                                   f"packs together: docs/data.md \"Decoding once per replica\"): {m['error']}")
             ref = next(m for m in got if m["rank"] == d.src)
             other = [m for m in got if m["packs"] != ref["packs"]]
             if other:

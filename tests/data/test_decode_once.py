@@ -190,7 +190,7 @@ def test_an_error_of_the_decoding_rank_is_raised_on_every_rank(shard_dir, tmp_pa
     monkeypatch.setattr(decoder.loader, "draw", _gone("shard x.tar is gone"))
     mine, theirs = replica.settle([decoder, follower], 2)
     assert str(mine) == "video loader: shard x.tar is gone"        # its own, and the others':
-    assert re.fullmatch(r"video loader: the replica's decoding rank 0 \(parallel.vit.decode_once.*\) failed: "
+    assert re.fullmatch(r"video loader: the replica's decoding rank 0 failed \(.*\): "
                         r"RuntimeError: video loader: shard x.tar is gone", str(theirs)), theirs
 
     # an error every rank meets (the data's, not a decode's): each raises its own, after the exchange
@@ -212,8 +212,8 @@ def test_an_error_of_another_rank_stops_every_rank_of_the_replica(shard_dir, tmp
     assert str(got[2]) == "video loader: token file t.bin is corrupt", got
     for g in got[:2]:
         assert isinstance(g, RuntimeError) and str(g) == (
-            "video loader: the replica's rank 2 (parallel.vit.decode_once: its ranks settle each round's packs "
-            "together) failed: RuntimeError: video loader: token file t.bin is corrupt"), got
+            "video loader: the replica's rank 2 failed (its ranks settle each round's packs together: docs/data.md "
+            "\"Decoding once per replica\"): RuntimeError: video loader: token file t.bin is corrupt"), got
 
 
 def test_packs_that_are_not_the_decoding_ranks_stop_every_rank(shard_dir, tmp_path, monkeypatch):
