@@ -184,14 +184,24 @@ class ParallelLayout:
                    offload_layers=cfg.offload_layers)
 
     def check_seq_length(self, seq_length: int, lm: LMConfig) -> int:
-        """The model's sequence length (text + KSA summaries) for `seq_length` text tokens, checked for cp.
+        """The model's sequence length (text + KSA summaries) for `seq_length` text tokens, checked for cp and tp.
 
-        ValueError when it is not divisible by 2 * cp (the load-balanced split cuts 2 * cp equal chunks)."""
+        ValueError when it is not divisible by 2 * cp (the load-balanced split cuts 2 * cp equal chunks), or when a
+        context-parallel rank's tokens (all of them at cp=1) are not divisible by tp under sequence parallelism (on
+        whenever tp > 1), which splits them over the TP ranks: megatron asserted that in the first step, the model
+        built ("First dimension of the tensor should be divisible by tensor parallel size")."""
         model_len = lm.model_seq_length(seq_length)
+        what = f"{seq_length} tokens + KSA summaries = {model_len}" if lm.uses_ksa else f"{seq_length}"
         if self.cp > 1 and model_len % (2 * self.cp):
-            what = f"{seq_length} tokens + KSA summaries = {model_len}" if lm.uses_ksa else f"{seq_length}"
             raise ValueError(f"train.seq_length ({what}) must be divisible by 2 * parallel.cp = {2 * self.cp}: "
                              "context parallelism cuts the sequence into 2 * cp equal chunks")
+        if self.sequence_parallel and (model_len // self.cp) % self.tp:
+            held = f"each context-parallel rank's {model_len // self.cp} tokens" if self.cp > 1 else "its tokens"
+            raise ValueError(f"train.seq_length ({what}) must be divisible by "
+                             + (f"parallel.cp * parallel.tp = {self.cp * self.tp}" if self.cp > 1 else
+                                f"parallel.tp ({self.tp})")
+                             + f": sequence parallelism (on whenever parallel.tp > 1) splits {held} over the "
+                             f"{self.tp} tensor-parallel ranks")
         return model_len
 
     def model_sizes(self) -> ModelParallelSizes:

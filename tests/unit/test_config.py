@@ -241,6 +241,31 @@ def test_an_interleaved_pipeline_needs_a_multiple_of_pp_micro_batches_per_run_of
         _validate("recipe=keye_tiny", "parallel.pp=2", "parallel.vpp=2", "parallel.vit.group=1", world_size=4)
 
 
+def test_a_sequence_that_sequence_parallelism_cannot_split_over_the_tp_ranks_is_refused():
+    """Sequence parallelism (on whenever parallel.tp > 1) splits the tokens of a sequence, or of a context-parallel
+    rank's share of it, over the TP ranks. A length they do not divide passed the launch and stopped every rank in the
+    first step, the model built: `AssertionError: First dimension of the tensor should be divisible by tensor parallel
+    size` (megatron's reduce-scatter after the embedding). KSA's summary slots count: 120 text tokens are 135."""
+    tp2 = ("parallel=single", "parallel.tp=2")
+    with pytest.raises(ValueError) as e:
+        _validate("recipe=keye_tiny_lm", *tp2, "train.seq_length=127")
+    assert str(e.value) == ("train.seq_length (127) must be divisible by parallel.tp (2): sequence parallelism (on "
+                            "whenever parallel.tp > 1) splits its tokens over the 2 tensor-parallel ranks")
+    _validate("recipe=keye_tiny_lm", *tp2, "train.seq_length=126")
+    with pytest.raises(ValueError, match=r"^train\.seq_length \(120 tokens \+ KSA summaries = 135\) must be divisible "
+                                         r"by parallel\.tp \(2\)"):
+        _validate("recipe=keye_tiny_ksa", *tp2, "train.seq_length=120")
+    _validate("recipe=keye_tiny_ksa", *tp2, "train.seq_length=128")   # 144 with its summaries
+    # tp 4 x cp 2 (4 KV heads, so that tp 4 divides them): 132 tokens cut into 4 chunks, but a CP rank's 66 are not
+    # divisible by 4
+    tp4cp2 = ("parallel=single", "parallel.tp=4", "parallel.cp=2", "model.lm.num_query_groups=4")
+    with pytest.raises(ValueError, match=r"^train\.seq_length \(132\) must be divisible by parallel\.cp \* "
+                                         r"parallel\.tp = 8: .* splits each context-parallel rank's 66 tokens over "
+                                         r"the 4 "):
+        _validate("recipe=keye_tiny_lm", *tp4cp2, "train.seq_length=132", world_size=8)
+    _validate("recipe=keye_tiny_lm", *tp4cp2, "train.seq_length=136", world_size=8)
+
+
 @pytest.mark.parametrize("overrides,warning", [
     (["recipe=keye_tiny_lm", "parallel.cp_comm=allgather"], "parallel.cp_comm=allgather is ignored: parallel.cp=1"),
     (["recipe=keye_tiny_lm", "parallel.cp_split=sequence"], "parallel.cp_split=sequence is ignored: parallel.cp=1"),
