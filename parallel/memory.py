@@ -128,9 +128,8 @@ def param_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, fl
     lm, tp = m.lm, m.tp
     h, d = lm.hidden_size, lm.head_dim
     q, kv = lm.num_attention_heads * d, lm.num_query_groups * d
-    per_stage = lm.layer_attention()
-    layers = len(per_stage) // m.pp
-    variants = per_stage[:layers] if first else per_stage[-layers:]
+    variants = stage_layers(m, first=first)
+    layers = len(variants)
     dense = 0.0
     for v in variants:
         dense += (h * (q + 2 * kv) + q * h) / tp + 2 * d + 2 * h + h * lm.num_experts
@@ -155,9 +154,7 @@ def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float
     if m.trainable == "all":
         return param_counts(m, first=first, last=last)
     lm = m.lm
-    per_stage = lm.layer_attention()
-    layers = len(per_stage) // m.pp
-    variants = per_stage[:layers] if first else per_stage[-layers:]
+    variants = stage_layers(m, first=first)
     h = lm.hidden_size
     if m.trainable == "indexer":
         x = lm.dsa
@@ -410,15 +407,24 @@ def in_flight_microbatches(m: MemoryInputs) -> float:
     return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), per_run)
 
 
+def stage_layers(m: MemoryInputs, *, first: bool) -> list[str]:
+    """The attention variants of the layers the first (or the last) pipeline rank holds, its model chunks in order.
+    Model chunk c of pipeline rank r holds the L / (pp * vpp) layers from (c * pp + r) * L / (pp * vpp) on (megatron's
+    get_transformer_layer_offset, by which models/lm.block_spec builds them): under the interleaved schedule the first
+    rank's are not the model's first L / pp layers."""
+    variants = m.lm.layer_attention()
+    per_chunk = len(variants) // (m.pp * m.vpp)
+    rank = 0 if first else m.pp - 1
+    return [v for c in range(m.vpp) for v in variants[(c * m.pp + rank) * per_chunk:(c * m.pp + rank + 1) * per_chunk]]
+
+
 def _stage_layers(m: MemoryInputs, *, first: bool) -> tuple[list[str], list[str]]:
     """(kept on the device, offloaded) attention variants of the stage's layers. parallel/offload.py offloads
     the first `offload_layers` layers of each model chunk (vpp chunks per stage; -1 = all but the last)."""
-    variants = m.lm.layer_attention()
-    layers = len(variants) // m.pp
-    mine = variants[:layers] if first else variants[-layers:]
+    mine = stage_layers(m, first=first)
     if m.offload == "none":
         return mine, []
-    per_chunk = layers // m.vpp
+    per_chunk = len(mine) // m.vpp
     n_off = per_chunk - 1 if m.offload_layers == -1 else min(m.offload_layers, per_chunk)
     off = [i % per_chunk < n_off for i in range(len(mine))]
     return [v for v, o in zip(mine, off) if not o], [v for v, o in zip(mine, off) if o]

@@ -212,6 +212,38 @@ def test_in_flight_microbatches_are_the_forwards_megatron_runs_before_the_first_
     assert in_flight_microbatches(rounds) == megatron(group)
 
 
+@pytest.mark.parametrize("pp,vpp", [(2, 1), (2, 2), (4, 2), (2, 4)])
+def test_a_pipeline_ranks_layers_are_those_the_model_builds_there(pp, vpp):
+    """The layers the estimate counts on the first and the last pipeline rank (their attention variants, for a model
+    that mixes them) are those models/lm.block_spec builds there: megatron's layer offset and count per model chunk.
+    Under the interleaved schedule the estimate took the model's first and last L / pp layers, where each rank holds
+    vpp chunks spread over the model: at pp 2 x vpp 2 it counted the first rank's dsa, dsa, ksa, ksa layers where
+    that rank builds dsa, dsa, dense, dense."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from models.config import ModelParallelSizes
+    from models.lm import transformer_config
+    from parallel.memory import stage_layers
+
+    kinds = ["dsa", "dsa", "ksa", "ksa", "dense", "dense", "dsa", "ksa"]
+    cfg = lm(num_layers=8, attention_per_layer=kinds, dsa=DSAConfig(index_heads=2, index_dim=8, topk=4),
+             ksa=KSAConfig(chunk=8, num_summary=1, windows=[4]))
+    tcfg = transformer_config(cfg, ModelParallelSizes(pp=pp, vpp=vpp if vpp > 1 else None), bf16=False,
+                              use_cpu_initialization=True)
+
+    def built(rank):
+        chunks = [None] if vpp == 1 else range(vpp)
+        return [v for c in chunks for v in kinds[get_transformer_layer_offset(tcfg, vp_stage=c, pp_rank=rank):][
+            :get_num_layers_to_build(tcfg, vp_stage=c, pp_rank=rank)]]
+
+    m = MemoryInputs(lm=cfg, seq_length=64, pp=pp, vpp=vpp, num_microbatches=2 * pp)
+    assert stage_layers(m, first=True) == built(0) and stage_layers(m, first=False) == built(pp - 1)
+    if (pp, vpp) == (2, 2):
+        rows = activation_bytes(m, first=True, last=False)
+        assert [k for k in rows if k.startswith("attention")] == ["attention dense x2", "attention dsa x2"]
+
+
 def test_measured_saved_activations_of_the_tiny_model_on_cpu():
     """Per-layer bytes autograd keeps for backward (measured with saved-tensor hooks, fp32, seq 2048) against
     the estimate: attention block (input norm + dense attention) and MoE block (norm + router + grouped
