@@ -395,12 +395,14 @@ def _unwrap(chunk):
 def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool, rank: int, world: int,
                    dp_cp_group, optimizer_format: str = "fully_reshardable", extra: dict | None = None) -> dict:
     sd: dict = {"extra": extra} if extra else {}
+    # the chunks' state dicts side by side, as megatron's own checkpointing hands them to the optimizer (which finds
+    # its parameters' sharded tensors in any nesting): the model chunks of an interleaved pipeline share their local
+    # key names (each numbers its layers from 0), so one merged dict kept the last chunk's tensors alone
     model_sd = {}
     metadata = _sharding_metadata(dp_cp_group, optimizer_format)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
-        model_sd.update(sd[key])
+        sd[key] = model_sd[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
     if with_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     sd["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)

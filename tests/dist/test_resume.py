@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 COMMON = ["recipe=keye_tiny_lm", "train.steps=5", "train.global_batch_size=8", "train.micro_batch_size=2",
           "train.seq_length=128", "parallel=single", "train.checkpoint.save_interval=2"]
 TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
+VPP = ["parallel.pp=2", "parallel.vpp=2"]
 # the tiny LM's 4 layers: DSA (top 32 of the 128 tokens, so it selects), KSA (chunks of 8), dense, DSA
 MIXED = ["model.lm.attention_per_layer=[dsa,ksa,dense,dsa]", "model.lm.dsa.index_heads=4", "model.lm.dsa.index_dim=8",
          "model.lm.dsa.topk=32", "model.lm.dsa.stage=sparse", "model.lm.ksa.chunk=8", "model.lm.ksa.windows=[4]"]
@@ -46,6 +47,10 @@ def runs(root):
                                       "train.checkpoint.optimizer_format=fully_reshardable"],
         # reshard: resume the TP2/EP2 step-2 checkpoint at TP1/EP1 (dp 2), one step, writing nothing
         "reshard_tp1ep1": COMMON + ["train.stop_after=1", "train.checkpoint.enabled=false", "run_dir=s"],
+        # and at pp 2 x vpp 2; and a fully_reshardable checkpoint written at pp 2 x vpp 2, after its step 1
+        "reshard_vpp": COMMON + VPP + ["train.stop_after=1", "train.checkpoint.enabled=false", "run_dir=s"],
+        "vpp_saved": COMMON + VPP + ["train.stop_after=1", "run_dir=v",
+                                     "train.checkpoint.optimizer_format=fully_reshardable"],
         "resumed": COMMON + TP2EP2 + ["run_dir=s"],
         "mixed_full": COMMON + MIXED,
         "mixed_stopped": COMMON + MIXED + ["train.stop_after=2", "run_dir=m"],
@@ -79,6 +84,20 @@ def test_reshard_on_resume_gives_the_same_loss(runs):
     assert sorted(runs["reshard_tp1ep1"]) == [3]
     ref = runs["full"][3]
     assert abs(runs["reshard_tp1ep1"][3] - ref) <= 2e-5 * ref
+
+
+def test_an_interleaved_pipeline_loads_and_saves_the_optimizer_state_in_model_space(runs, root):
+    """optimizer_format=fully_reshardable under an interleaved pipeline (pp 2 x vpp 2, two model chunks per rank): the
+    TP2/EP2 step-2 checkpoint resumed there, its step 3 against the uninterrupted TP2/EP2 run's within the layouts'
+    2e-5 (measured 2e-8), and a checkpoint written there. Both stopped with `ValueError: Model param Parameter
+    containing: ... not in model_sharded_state_dict` before (the save after the run's first step, that step lost):
+    the two chunks' state dicts were merged into one for the optimizer, the second chunk's tensors replacing the
+    first's of the same local name."""
+    assert sorted(runs["reshard_vpp"]) == [3] and sorted(runs["vpp_saved"]) == [1]
+    ref = runs["full"]
+    assert abs(runs["reshard_vpp"][3] - ref[3]) <= 2e-5 * ref[3], (runs["reshard_vpp"], ref)
+    assert abs(runs["vpp_saved"][1] - ref[1]) <= 2e-5 * ref[1], (runs["vpp_saved"], ref)
+    assert (root / "runs" / "v" / "checkpoints" / "step_000001" / "COMPLETE.json").is_file()
 
 
 def test_a_dp_reshardable_checkpoint_resumes_at_another_context_parallel_size(runs):
