@@ -156,10 +156,17 @@ class ParallelLayout:
             raise ValueError(
                 f"parallel.ep * parallel.etp ({ep} * {etp}) must not exceed tp * cp * dp "
                 f"({tp} * {cp} * {dp}) within a pipeline stage")
-        if lm.num_attention_heads % tp or lm.num_query_groups % tp:
-            raise ValueError(
-                f"parallel.tp ({tp}) must divide model.lm.num_attention_heads ({lm.num_attention_heads}) "
-                f"and model.lm.num_query_groups ({lm.num_query_groups})")
+        if lm.num_attention_heads % tp:
+            raise ValueError(f"parallel.tp ({tp}) must divide model.lm.num_attention_heads ({lm.num_attention_heads})")
+        if lm.num_query_groups % tp:
+            # megatron-core 0.16.1 splits the KV heads over the TP ranks (num_query_groups / tp per rank) and has no
+            # replication of a KV head over several TP ranks
+            fits = [t for t in range(1, lm.num_query_groups + 1) if lm.num_query_groups % t == 0
+                    and lm.num_attention_heads % t == 0]
+            sizes = ", ".join(map(str, fits))
+            raise ValueError(f"parallel.tp ({tp}) must divide model.lm.num_query_groups ({lm.num_query_groups}, the "
+                             f"KV heads): each tensor-parallel rank holds whole KV heads, none is replicated over TP "
+                             f"ranks, so this model runs at tp {sizes}; parallel.ep, pp and cp take more ranks")
         if lm.vocab_size % tp:
             raise ValueError(f"parallel.tp ({tp}) must divide model.lm.vocab_size ({lm.vocab_size})")
         if lm.moe_ffn_hidden_size % etp:

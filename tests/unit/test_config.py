@@ -49,6 +49,10 @@ def test_recipe_values_win_over_schema_defaults_and_cli_wins_over_recipe():
 def test_full_size_recipe_layout_for_one_node():
     cfg, layout = _validate("recipe=keye_30b_a3b_lm", world_size=8)
     assert cfg.model.lm.num_experts == 128 and layout.ep == 8 and layout.dp == 8
+    # 4 KV heads: tp 8 is refused before the build, naming the TP sizes the model runs at
+    with pytest.raises(ValueError, match=r"^parallel\.tp \(8\) must divide model\.lm\.num_query_groups \(4, the "
+                                         r"KV heads\).* runs at tp 1, 2, 4;"):
+        _validate("recipe=keye_30b_a3b_lm", "parallel.tp=8", "parallel.ep=1", world_size=8)
 
 
 def test_full_size_multimodal_recipe_needs_shards_and_builds_the_vit():
@@ -159,6 +163,11 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("overrides,world,needle", [
     (["parallel.ep=3"], 3, "parallel.ep (3) must divide model.lm.num_experts (8)"),
     (["parallel.tp=3", "parallel.ep=1"], 3, "parallel.tp (3) must divide model.lm.num_attention_heads (8)"),
+    # more TP ranks than KV heads: megatron splits whole KV heads over TP and replicates none (the message named both
+    # head counts, 8 of which tp 4 divides, and not what fits)
+    (["parallel.tp=4", "parallel.ep=1"], 4, "parallel.tp (4) must divide model.lm.num_query_groups (2, the KV "
+                                            "heads): each tensor-parallel rank holds whole KV heads, none is "
+                                            "replicated over TP ranks, so this model runs at tp 1, 2; parallel.ep"),
     (["parallel.ep=2"], 3, "world size (3) must be divisible by parallel.etp * parallel.ep * parallel.pp"),
     (["parallel.pp=3", "parallel.ep=1"], 3, "model.lm.num_layers (4) must be divisible by parallel.pp * parallel.vpp"),
     (["train.global_batch_size=6"], 2, "train.global_batch_size (6) must be a multiple of train.micro_batch_size (4)"),
