@@ -265,13 +265,16 @@ def damaged_everywhere(run_dir, problems: list[str], unloaded: list[str] = (),
 
 def load_failure(e: BaseException | None) -> str:
     """One line per distinct cause of a failed load (a CheckpointException carries every rank's traceback: only
-    their last lines are kept); "" for None."""
+    their last lines are kept); "" for None. A message of several lines gives its first and its last: megatron's
+    may print a tensor in the middle of one (`Model param Parameter containing:`, the tensor, then `... not in
+    model_sharded_state_dict`), whose first line alone said nothing of the cause."""
     if e is None:
         return ""
     causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     lines = []
     for exc in causes:
-        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        msg = [m.strip() for m in str(exc).strip().splitlines() if m.strip()] or [""]
+        text = msg[0][:300] + (f" ... {msg[-1][-300:]}" if len(msg) > 1 else "")
         line = f"{type(exc).__name__}: {text}"
         if line not in lines:
             lines.append(line)

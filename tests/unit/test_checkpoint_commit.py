@@ -196,3 +196,17 @@ def test_a_save_failure_reported_on_rank_0_alone_is_worded_as_such_on_the_others
     error = OSError(28, "No space left on device")
     rank0 = save_failure_message(4, partial, CheckpointException("write", {1: (error, [])}))
     assert "No space left on device" in rank0 and "reported by rank 0" not in rank0, rank0
+
+
+def test_a_load_failure_of_several_lines_keeps_its_cause():
+    """A failed load is logged and named in `checkpoint error` as one line per cause. megatron's message for a parameter
+    the optimizer cannot find prints the tensor in its middle: its first line alone was all a resume said
+    ('ValueError: Model param Parameter containing:'); its last line, which names the cause, is kept too."""
+    import torch
+
+    from train.checkpoint import load_failure
+
+    e = ValueError(f"Model param {torch.nn.Parameter(torch.zeros(6, 6))} not in model_sharded_state_dict. Hint: ...")
+    assert load_failure(e) == ("ValueError: Model param Parameter containing: ... [0., 0., 0., 0., 0., 0.]], "
+                               "requires_grad=True) not in model_sharded_state_dict. Hint: ...")
+    assert load_failure(KeyError("step")) == "KeyError: 'step'"    # a message of one line stays as it was
