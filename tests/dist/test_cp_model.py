@@ -4,7 +4,8 @@ Two kinds of check, both on gloo (CPU):
 1. Through the Trainer (tests/dist/layouts_driver.py): 3 training steps of the tiny text LM (dense),
    its DSA sparse-stage and KSA recipes at seq 128 (KSA: 144 with summaries), global batch 4, micro
    batch 2; per-step losses of CP2 (2 processes; also with full / selective recomputation), CP4 and
-   CP2 x TP2 (4 processes) against one process, and EP2 x TP2 x ETP2 (dense, 4 processes);
+   CP2 x TP2 (4 processes) against one process, and EP2 x TP2 x ETP2 (dense, 4 processes) and TP2 x PP2 x VPP2
+   (DSA, 4 processes);
    and rank 0's parameters after the 3 steps (sum and abs-sum per tensor, the layouts driver's digests).
 2. One packed micro-batch through the real model (tests/dist/cp_packed_worker.py): documents of odd
    lengths that start and end inside CP chunks, positions restarting per document, KSA summaries
@@ -57,7 +58,10 @@ FOUR = {"cp4_dense": [VARIANTS["dense"], "parallel.cp=4"], "cp4_ksa": [VARIANTS[
         # not CP, but this is the suite's one 4-rank job: expert parallelism x expert tensor parallelism, where the
         # alltoall dispatcher gathers uneven token counts over the expert-TP group (gloo's all_gather stopped it with
         # "invalid tensor size" before parallel/cpu_mode.py padded them)
-        "ep2_tp2_etp2_dense": [VARIANTS["dense"], "parallel.ep=2", "parallel.tp=2", "parallel.etp=2"]}
+        "ep2_tp2_etp2_dense": [VARIANTS["dense"], "parallel.ep=2", "parallel.tp=2", "parallel.etp=2"],
+        # nor this one: tensor x interleaved pipeline parallelism at once (two model chunks of one layer per rank),
+        # with DSA's indexer KL under TP (each rank's heads' share) riding on the pipeline's backward (measured 4e-8)
+        "tp2_pp2_vpp2_dsa": [VARIANTS["dsa"], "parallel.tp=2", "parallel.pp=2", "parallel.vpp=2"]}
 PACKED = ["keye_tiny_lm", "keye_tiny_dsa_sparse", "keye_tiny_dsa_warmup", "keye_tiny_ksa"]
 PACKED_CP = ["2:document"]  # cp_packed_worker's CP arguments: degree and token layout ("2:sequence" also works;
 # the sequence split is covered op by op in test_context_parallel.py, and this suite is near its time budget)
