@@ -83,6 +83,7 @@ from .packing import (DocPlan, PackedSample, assemble_pack, build_document, enco
 from .sampling import PlanError
 from .images import ImageError, decode_member
 from .shards import Catalog, SampleRecord, load_catalog, spill_member
+from .shards import shard_names as shard_names_of
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -227,11 +228,16 @@ class Planner:
     CHUNK = 1 << 14   # documents planned per chunk (the unit the node's processes share out)
 
     def __init__(self, catalog: Catalog, cfg: VideoDataConfig, tokenizer: Tokenizer, seed: int, *,
-                 plan_dir: str | os.PathLike | None = None, name: str = "shards", held_out: str = "") -> None:
+                 plan_dir: str | os.PathLike | None = None, name: str = "shards", held_out: str = "",
+                 shard_names: list[str] | None = None) -> None:
         """held_out: the setting that names this source when it is a held-out set (its shards are in cfg's
-        `shards`, but the user gave them as, e.g., data.video.eval_shards): what its errors name."""
+        `shards`, but the user gave them as, e.g., data.video.eval_shards): what its errors name. shard_names: what
+        names each shard of the catalog in sample keys and records (the loader's, over all of its sources;
+        shards.shard_names of the catalog's own shards unless given)."""
         self.catalog, self.cfg, self.tokenizer, self.seed = catalog, cfg, tokenizer, int(seed)
         self.shard_of = catalog.shard_of      # int32, mapped with the catalog (no copy per process)
+        self.shard_names = list(shard_names) if shard_names is not None else shard_names_of(catalog.shards)
+        assert len(self.shard_names) == len(catalog.shards), (len(self.shard_names), len(catalog.shards))
         self.plan_dir = Path(plan_dir) if plan_dir else None
         self.name = name
         self.setting = held_out or f"data.video.{name}"
@@ -270,10 +276,13 @@ class Planner:
         piece, uid = divmod(item, len(self.catalog))
         r = self.catalog[uid]
         try:
-            return plan_document(uid=uid, key=f"{self.catalog.shard_name(uid)}/{r.key}", video=r.video,
+            # frames jittered by the shard's file name and key, as before two folders' shards were told apart: the
+            # plans, so a saved loader state, stay those of a run whose shard names were ambiguous
+            return plan_document(uid=uid, key=self.sample_name(uid), video=r.video,
                                  annotation=r.annotation, cfg=self.cfg, tokenizer=self.tokenizer, seed=self.seed,
                                  epoch=epoch, images=r.images, piece=piece,
-                                 encoded=self._encoded(r) if r.is_text else None)
+                                 encoded=self._encoded(r) if r.is_text else None,
+                                 rng_key=f"{self.catalog.shard_name(uid)}/{r.key}")
         except PlanError as e:
             return e
         except (KeyError, TypeError, ValueError) as e:
@@ -415,10 +424,17 @@ class Planner:
     def num_packs(self, e: int) -> int:
         return len(self.epoch(e).packs)
 
+    def shard_name(self, uid: int) -> str:
+        """What names the shard of `uid` (`shard_names`): its file name, with its folder where that is ambiguous."""
+        return self.shard_names[int(self.shard_of[uid])]
+
+    def sample_name(self, uid: int) -> str:
+        """The key that names sample `uid` in packs, records and messages: "<shard_name>/<key>"."""
+        return f"{self.shard_name(uid)}/{self.catalog[uid].key}"
+
     def key(self, item: int) -> str:
         piece, uid = divmod(item, len(self.catalog))
-        r = self.catalog[uid]
-        return f"{os.path.basename(r.shard)}/{r.key}" + (f"#{piece}" if piece else "")
+        return self.sample_name(uid) + (f"#{piece}" if piece else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +557,7 @@ class FrameSource:
                 if not self._spill_full_noted:
                     self._spill_full_noted = True
                     log.warning("video loader: data.video.spill_dir=%s has no room for %s/%s (%.1f MB): videos that "
-                                "do not fit there are written to %s", self.spill_dir, os.path.basename(rec.shard),
+                                "do not fit there are written to %s", self.spill_dir, rec.shard,
                                 rec.key, rec.video_size / 1e6, tempfile.gettempdir())
                 video = os.path.join(tempfile.gettempdir(), os.path.basename(video))
                 raw = os.path.join(tempfile.gettempdir(), os.path.basename(raw))
@@ -680,7 +696,7 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
                         f"video loader: shard {rec.shard} is gone ({e.detail[:200]}), reading {rec.key} of epoch "
                         f"{epoch} pack {index}: the data directory was moved or deleted while the run read it. Put "
                         f"it back and rerun the same command to resume from the last checkpoint") from None
-                failures.append({"shard": os.path.basename(rec.shard), "key": rec.key, "reason": e.reason,
+                failures.append({"shard": planner.shard_name(doc.uid), "key": rec.key, "reason": e.reason,
                                  "detail": e.detail[:500], "slot": slot})
                 continue
             finally:
@@ -797,22 +813,27 @@ class VideoPackedLoader:
                                  f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")
         self.source_names = [name for name, *_ in specs]
         self.catalogs = [c if c is not None else Catalog.from_records([]) for c in cats]
+        # a shard is named by its file name, and by its folder too where another source's or folder's shard has
+        # that name (shards.shard_names): each sample's key is then its own, in records, messages and data.exclude
+        every = [p for c in self.catalogs for p in c.shards]
+        names = iter(shard_names_of(every))
+        named = [[next(names) for _ in c.shards] for c in self.catalogs]
         self.has_images = any(c.count("image") for c in self.catalogs)
         self.has_text = any(c.count("text") for c in self.catalogs)
         self.has_videos = any(c.count("video") for c in self.catalogs)
-        if cfg.fast_frame_ratio > 0 and dp_rank == 0:
-            videos = [cat[u] for cat in self.catalogs for u in cat.uids("video")]
-            blind = [r for r in videos if "scene_changes" not in r.video]
-            if blind:
-                log.warning("video loader: fast_frame_ratio %s, but %d of %d videos have no scene changes in their "
-                            "shard index (first: %s/%s; ingested before slow/fast frames existed, or with --scene-fps "
-                            "0): every frame of those is slow. Ingest them again to encode their repeated frames "
-                            "small.", cfg.fast_frame_ratio, len(blind), len(videos),
-                            os.path.basename(blind[0].shard), blind[0].key)
         self.planners = [TokenPacks(spec, cfg, self.tokenizer, self.seed) if fld == "text_tokens"
                          else Planner(c, cfg, self.tokenizer, self.seed, plan_dir=self._plan_dir(c), name=fld,
-                                      held_out=held_out if fld == "shards" else "")
-                         for c, (_, spec, fld, _) in zip(self.catalogs, specs)]
+                                      held_out=held_out if fld == "shards" else "", shard_names=n)
+                         for c, n, (_, spec, fld, _) in zip(self.catalogs, named, specs)]
+        if cfg.fast_frame_ratio > 0 and dp_rank == 0:
+            videos = [(p, u) for p in self._catalog_planners() for u in p.catalog.uids("video")]
+            blind = [(p, u) for p, u in videos if "scene_changes" not in p.catalog[u].video]
+            if blind:
+                log.warning("video loader: fast_frame_ratio %s, but %d of %d videos have no scene changes in their "
+                            "shard index (first: %s; ingested before slow/fast frames existed, or with --scene-fps "
+                            "0): every frame of those is slow. Ingest them again to encode their repeated frames "
+                            "small.", cfg.fast_frame_ratio, len(blind), len(videos),
+                            blind[0][0].sample_name(blind[0][1]))
         self.catalog, self.planner = self.catalogs[0], self.planners[0]
         fps = [p.fingerprint for p in self.planners]
         self.catalog_fp = fps[0] if len(self.catalogs) == 1 else hashlib.sha1(
@@ -838,6 +859,7 @@ class VideoPackedLoader:
         self.quarantine_path = qp
         self.exclude_keys: frozenset = frozenset()
         self._unmatched: list[str] | None = []    # None: the sample keys not yet looked up (unmatched)
+        self.ambiguous: dict[str, list[str]] = {}  # of those, the keys that name samples of several shards
         if exclude:
             self._leave_out(exclude)
         self._quarantined: set[tuple] | None = None   # its records (_quarantine), read at the first write
@@ -931,10 +953,22 @@ class VideoPackedLoader:
             pass
 
     # ---- samples left out ---------------------------------------------------------------------
+    def _catalog_planners(self) -> list[Planner]:
+        """The planners of the sources with a catalog of shards (not a mixture's token files)."""
+        return [p for p in self.planners if isinstance(p, Planner)]
+
     def _leave_out(self, exclude: ExcludeList) -> None:
         """Keys of the catalogs' samples are left out where a pack is built; token files' documents where their rows
-        are read (TokenSource.leave_out); `unmatched` says which of them the data does not hold."""
-        self.exclude_keys = exclude.keys
+        are read (TokenSource.leave_out); `unmatched` says which of them the data does not hold. A key names its
+        shard as this loader's keys do, by a longer part of its path, or by its file name alone where folders share
+        it (as keys did before they were told apart): it names the sample of each shard it fits (`_named`)."""
+        self._by_file: dict[str, list[tuple[Planner, int, list[str]]]] = {}
+        for p in self._catalog_planners():
+            for i, path in enumerate(p.catalog.shards):
+                self._by_file.setdefault(os.path.basename(path), []).append((p, i, path.replace(os.sep, "/")
+                                                                             .split("/")))
+        self._entries = exclude.keys
+        self.exclude_keys = frozenset(exclude.keys | {n for k in exclude.keys for n in self._named(k)})
         docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}
         missed = set(docs)                      # the token documents named that no token source holds
         for planner in self.planners:
@@ -943,25 +977,52 @@ class VideoPackedLoader:
         self._docs_held, self._docs_missed = docs - missed, missed - exclude.keys
         self._unmatched = None
 
+    def _named(self, entry: str, *, held: bool = False) -> list[str]:
+        """The sample keys of this loader that a data.exclude key "<shard>/<key>" names: "<name of the shard>/<key>"
+        for each shard whose path ends with <shard> ([] for a key of another form). held: only those whose shard
+        holds a sample of that key (reads the shard's records once)."""
+        shard, sep, key = entry.rpartition("/")
+        want = [x for x in shard.replace(os.sep, "/").split("/") if x not in ("", ".")]
+        if not (sep and want and key):
+            return []
+        out = []
+        for p, i, parts in self._by_file.get(want[-1], ()):
+            if parts[-len(want):] != want:
+                continue
+            if held:
+                keys = self._shard_keys.get((id(p), i))
+                if keys is None:    # a shard's samples are a run of the catalog
+                    lo, hi = np.searchsorted(p.shard_of, [i, i + 1]).tolist()
+                    keys = self._shard_keys[(id(p), i)] = {p.catalog[u].key for u in range(lo, hi)}
+                # a later piece of a text longer than a sequence: "<key>#<piece>"
+                if key not in keys and re.sub(r"#\d+$", "", key) not in keys:
+                    continue
+            out.append(f"{p.shard_names[i]}/{key}")
+        return out
+
     @property
     def unmatched(self) -> list[str]:
         """What data.exclude names that this loader's sources do not hold: a sample key whose shard no catalog holds,
         or whose shard holds no sample of that key (a typo after the shard's name), and a document no token file
         holds. Looked up at the first call (the trainer's rank 0 asks once): each shard named is read once, its
-        records decoded (a shard's samples are a run of the catalog)."""
+        records decoded (a shard's samples are a run of the catalog). A key that names samples of several shards
+        (by a file name that folders of the data share) is a warning then: each of them is left out."""
         if self._unmatched is None:
-            named: dict[str, set[str]] = {}
-            for k in self.exclude_keys - self._docs_held:
-                shard, _, key = k.partition("/")
-                named.setdefault(shard, set()).add(key)
-            found = set()
-            for c in self.catalogs:
-                number = {os.path.basename(p): i for i, p in enumerate(c.shards)}
-                for shard, keys in named.items():
-                    if shard in number:
-                        lo, hi = np.searchsorted(c.shard_of, [number[shard], number[shard] + 1]).tolist()
-                        found |= {f"{shard}/{k}" for k in keys & {c[u].key for u in range(lo, hi)}}
-            self._unmatched = sorted((self.exclude_keys - self._docs_held - found) | self._docs_missed)
+            self._shard_keys: dict[tuple[int, int], set[str]] = {}
+            missing, self.ambiguous = set(), {}
+            for k in sorted(self._entries - self._docs_held):
+                found = self._named(k, held=True)
+                if not found:
+                    missing.add(k)
+                elif len(found) > 1:
+                    self.ambiguous[k] = found
+            self._shard_keys = {}
+            self._unmatched = sorted(missing | self._docs_missed)
+            if self.ambiguous:
+                k, found = next(iter(self.ambiguous.items()))
+                log.warning("data.exclude: %d of the samples named fit samples of several shards that share a file "
+                            "name, and each of those is left out (first: %s names %s). To leave out one alone, name "
+                            "it as this run's messages and records do", len(self.ambiguous), k, ", ".join(found))
         return self._unmatched
 
     # ---- bad samples --------------------------------------------------------------------------
@@ -1004,7 +1065,7 @@ class VideoPackedLoader:
                 planner = self.planners[src]
                 for uid, (reason, detail) in sorted(planner.epoch(pack.epoch).rejects.items()):
                     r = planner.catalog[uid]
-                    self._quarantine({"shard": os.path.basename(r.shard), "key": r.key, "reason": reason,
+                    self._quarantine({"shard": planner.shard_name(uid), "key": r.key, "reason": reason,
                                       "detail": detail, "stage": "plan", "epoch": pack.epoch,
                                       "rank": self.dp_rank, **tag})
                     self._reasons[reason] += 1
@@ -1158,11 +1219,12 @@ class VideoPackedLoader:
             specials = getattr(self.tokenizer, "special_tokens", ())
             moved = lambda r: spells_special(r.annotation, t, specials)  # noqa: E731
             kinds = ("video", "image", "text")
-        for cat in self.catalogs:
+        for planner in self._catalog_planners():
+            cat = planner.catalog
             for kind in kinds:
                 for r in map(cat.__getitem__, cat.uids(kind)):
                     if moved(r):
-                        return f"{os.path.basename(r.shard)}/{r.key}"
+                        return planner.sample_name(r.uid)
         return None
 
     def plan_fingerprint(self) -> str:
@@ -1185,7 +1247,7 @@ class VideoPackedLoader:
                 r = planner.catalog[planner.uid_of(items[0])]
                 first = int(np.searchsorted(planner.shard_of, planner.shard_of[r.uid]))   # uids of a shard run on
                 out.update({"order_index": int(np.nonzero(ep.order == r.uid)[0][0]),
-                            "shard": os.path.basename(r.shard), "in_shard_index": r.uid - first,
+                            "shard": planner.shard_name(r.uid), "in_shard_index": r.uid - first,
                             "keys": [planner.key(u) for u in items]})
         return out
 

@@ -382,10 +382,11 @@ def plan_image_document(*, uid: int, key: str, images: list[dict], annotation: d
 
 def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, cfg: VideoDataConfig,
                   tokenizer: Tokenizer, seed: int, epoch: int, images: list[dict] | None = None, piece: int = 0,
-                  encoded: tuple[list[int], list[bool]] | None = None) -> DocPlan:
+                  encoded: tuple[list[int], list[bool]] | None = None, rng_key: str | None = None) -> DocPlan:
     """Sampling plan + text of one sample, sized to fit one sequence (raises PlanError). `images` given:
     an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`, which
-    takes `piece` and `encoded`)."""
+    takes `piece` and `encoded`). rng_key: what seeds a video's frame jitter (sampling.sample_rng), `key` unless
+    given (the loader's: "<shard file name>/<key>", the same whatever folder names the shard in `key`)."""
     if images:
         return plan_image_document(uid=uid, key=key, images=images, annotation=annotation, cfg=cfg,
                                    tokenizer=tokenizer)
@@ -412,7 +413,7 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     for _ in range(12):
         if cap < cfg.min_frame_tokens:
             break
-        fp = plan_frames(video, cfg, seed=seed, epoch=epoch, key=key, token_cap=cap)
+        fp = plan_frames(video, cfg, seed=seed, epoch=epoch, key=key if rng_key is None else rng_key, token_cap=cap)
         ts_ids = [tokenizer.encode(timestamp_text(t, fp.is_fast(k))) for k, t in enumerate(fp.timestamps)]
         length = fixed + fp.visual_tokens + sum(len(t) + 2 for t in ts_ids)
         if length <= cfg.seq_len:

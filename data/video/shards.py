@@ -25,7 +25,7 @@ import re
 import sys
 import tarfile
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -241,6 +241,36 @@ def resolve_shards(spec: str) -> list[str]:
                 hits = [part]
             out += [h for h in hits if h.endswith(".tar")]
     return sorted(set(os.path.abspath(p) for p in out))
+
+
+def _unique_tails(paths: list[str]) -> list[str]:
+    """Each path's shortest trailing part (of its folders and name) that no other of `paths` ends with."""
+    parts = [p.replace(os.sep, "/").rstrip("/").split("/") for p in paths]
+    names = [""] * len(paths)
+    todo, depth = list(range(len(paths))), 1
+    while todo:
+        tail = {i: "/".join(parts[i][-depth:]) for i in todo}
+        count = Counter(tail.values())
+        for i in todo:
+            if count[tail[i]] == 1 or depth >= len(parts[i]):
+                names[i] = tail[i]
+        todo, depth = [i for i in todo if not names[i]], depth + 1
+    return names
+
+
+def shard_names(paths: list[str]) -> list[str]:
+    """What names each of `paths` (shard files, all of a loader's sources) in sample keys, records and messages: its
+    file name, unless a shard of another folder has that name too (launch/ingest.py numbers every folder's shards
+    from shard-000000.tar): then every shard of such a folder is named with the folder's shortest trailing part that
+    tells it from the others, `webvid/shard-000000.tar` beside `howto/shard-000000.tar`."""
+    folders = [os.path.dirname(p) for p in paths]
+    where: dict[str, set] = {}
+    for f, p in zip(folders, paths):
+        where.setdefault(os.path.basename(p), set()).add(f)
+    clash = sorted({f for fs in where.values() if len(fs) > 1 for f in fs})
+    tails = dict(zip(clash, _unique_tails(clash)))
+    return [f"{tails[f]}/{os.path.basename(p)}" if f in tails else os.path.basename(p)
+            for f, p in zip(folders, paths)]
 
 
 def scan_shard(tar_path: str) -> dict:

@@ -13,6 +13,7 @@ import pickle
 import time
 from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,7 +235,12 @@ def test_degenerate_fraction_equals_the_one_source_stream(shard_dir, long_dir, t
     assert mixed.mixed and not alone.mixed
     n = 2 * alone.planner.num_packs(0) + 1               # across two epoch boundaries
     got = take(mixed, n)
-    assert [signature(p) for p in got] == [signature(p) for p in take(alone, n)]
+    # the two sources' shards have the same file names and keys (data/video/shards.shard_names): the mixture names
+    # each shard with its folder, the one source by its file name alone
+    folder = str(Path(shard_dir if fraction == 0 else long_dir).relative_to(Path(shard_dir).parent.parent))
+    assert all(k.startswith(folder + "/shard-") for p in got for k in p.sample_keys)
+    named = [(*s[:2], tuple(k[len(folder) + 1:] for k in s[2]), s[3]) for s in map(signature, got)]
+    assert named == [signature(p) for p in take(alone, n)]
     assert {p.source for p in got} == {"long" if fraction else "short"}
     assert mixed.stats["sources"]["long" if fraction else "short"]["pack_share"] == 1.0
 

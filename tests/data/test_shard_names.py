@@ -1,0 +1,140 @@
+"""Two data folders with the same shard file names and keys (launch/ingest.py numbers every folder's shards from
+shard-000000.tar and keys samples by their source files' names): each sample keeps a key of its own, in packs,
+data.exclude, the quarantine records and messages (data/video/shards.shard_names).
+
+References: the folders' own paths (which folder's sample a key names), and a loader over one folder alone, whose
+shard names are not ambiguous (the plans, frame jitter included, must be its).
+"""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.exclude import read_exclude
+from data.video.loader import VideoPackedLoader
+from data.video.shards import ShardWriter, load_catalog
+
+from .conftest import read_jsonl, small_cfg
+
+
+def test_a_shard_is_named_by_its_folder_only_where_another_folder_has_its_file_name():
+    from data.video.shards import shard_names
+
+    assert shard_names(["/d/webvid/shard-000000.tar", "/d/webvid/shard-000001.tar", "/d/howto/shard-000000.tar",
+                        "/d/other/extra.tar"]) == \
+        ["webvid/shard-000000.tar", "webvid/shard-000001.tar", "howto/shard-000000.tar", "extra.tar"]
+    # folders that end alike: as much of the path as tells them apart
+    assert shard_names(["/a/v1/shards/s.tar", "/b/v1/shards/s.tar", "/b/v2/shards/s.tar"]) == \
+        ["a/v1/shards/s.tar", "b/v1/shards/s.tar", "v2/shards/s.tar"]
+    assert shard_names(["/d/a/s.tar", "/d/a/t.tar"]) == ["s.tar", "t.tar"] and shard_names([]) == []
+
+
+@pytest.fixture(scope="module")
+def two_folders(shard_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The first two shards of the session's data, copied as they are into two folders: the same shard names and
+    keys, the same contents."""
+    root = tmp_path_factory.mktemp("two_folders")
+    out = []
+    for name in ("webvid", "howto"):
+        (root / name).mkdir()
+        for stem in ("shard-000000", "shard-000001"):
+            for ext in (".tar", ".idx.json"):
+                shutil.copy(shard_dir / f"{stem}{ext}", root / name / f"{stem}{ext}")
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def _epoch_keys(loader: VideoPackedLoader) -> tuple[list[str], list[str]]:
+    """Every pack of the first epoch's (planned keys, keys left out by data.exclude)."""
+    packs = [next(loader) for _ in range(loader.planner.num_packs(0))]
+    return [k for p in packs for k in p.planned_keys], [k for p in packs for k in p.excluded]
+
+
+def test_samples_of_two_folders_with_the_same_names_have_keys_of_their_own(two_folders, tmp_path, caplog):
+    webvid, howto = two_folders
+    cfg = small_cfg(f"{webvid},{howto}", tmp_path)
+    planned, _ = _epoch_keys(VideoPackedLoader(cfg, seed=11, pixels=False))
+    n = len(load_catalog(str(webvid)))
+    assert len(planned) == 2 * n and len(set(planned)) == 2 * n, planned        # every sample once, by its own key
+    assert {k.split("/")[0] for k in planned} == {"webvid", "howto"}
+    key = next(k for k in planned if k.startswith("howto/"))
+    old = key.split("/", 1)[1]                  # "shard-00000N.tar/<key>", as keys were before: both samples
+
+    def left_out(lines: list[str]) -> VideoPackedLoader:
+        (tmp_path / "x.txt").write_text("\n".join(lines) + "\n")
+        return VideoPackedLoader(cfg, seed=11, exclude=read_exclude(str(tmp_path / "x.txt")), pixels=False)
+
+    one = left_out([json.dumps({"sample": key})])     # as a nonfinite.jsonl record names it: that sample alone
+    assert one.unmatched == [] and one.ambiguous == {}
+    got, excluded = _epoch_keys(one)
+    assert excluded == [key] and got == planned and one.stats["samples_excluded"] == 1
+    # the same sample by more of its path (the shard's absolute path); a folder the data does not have
+    one = left_out([f"{howto}/{old}", f"elsewhere/{old}"])
+    assert one.unmatched == [f"elsewhere/{old}"] and _epoch_keys(one)[1] == [key]
+    # a list written before keys named folders: still leaves out what it did (both), and says so
+    both = left_out([old])
+    with caplog.at_level(logging.WARNING, logger="data.video.loader"):
+        assert both.unmatched == []
+    assert both.ambiguous == {old: [f"howto/{old}", f"webvid/{old}"]}       # in the catalog's order (by path)
+    assert f"first: {old} names howto/{old}, webvid/{old}" in caplog.text, caplog.text
+    assert sorted(_epoch_keys(both)[1]) == sorted([f"webvid/{old}", key])
+
+
+def test_the_long_and_short_sources_name_their_shards_apart(two_folders, tmp_path):
+    webvid, howto = two_folders
+    cfg = small_cfg(str(webvid), tmp_path, long_shards=str(howto), long_fraction=0.5)
+    (tmp_path / "x.txt").write_text("howto/shard-000000.tar/" + load_catalog(str(howto))[0].key + "\n")
+    loader = VideoPackedLoader(cfg, seed=3, exclude=read_exclude(str(tmp_path / "x.txt")), pixels=False)
+    assert [p.shard_names for p in loader.planners] == [["webvid/shard-000000.tar", "webvid/shard-000001.tar"],
+                                                        ["howto/shard-000000.tar", "howto/shard-000001.tar"]]
+    assert loader.unmatched == [] and loader.ambiguous == {}
+    assert loader.exclude_keys == {"howto/shard-000000.tar/" + load_catalog(str(howto))[0].key}
+
+
+def test_the_plans_stay_those_of_the_shard_file_names(two_folders):
+    """Frames are jittered by "<shard file name>/<key>" as before folders were named: a run whose shard names were
+    ambiguous keeps its plans, so its saved loader state resumes exactly. Reference: each folder alone (names not
+    ambiguous), at the same seed."""
+    webvid, howto = two_folders
+    both = VideoPackedLoader(small_cfg(f"{webvid},{howto}", frame_jitter=0.9), seed=5, pixels=False)
+    alone = VideoPackedLoader(small_cfg(str(webvid), frame_jitter=0.9), seed=5, pixels=False)
+    plain = VideoPackedLoader(small_cfg(str(webvid)), seed=5, pixels=False)
+    by_name = {alone.planner.sample_name(u): u for u in range(len(alone.catalog))}
+    for u in range(len(both.catalog)):
+        d = both.planner.doc(u, 0)
+        ref = alone.planner.doc(by_name[d.key.split("/", 1)[1]], 0)
+        assert np.array_equal(d.frames.indices, ref.frames.indices), d.key
+    # the jitter moves frames (else the comparison could not tell one seeding from another)
+    assert any(not np.array_equal(alone.planner.doc(u, 0).frames.indices, plain.planner.doc(u, 0).frames.indices)
+               for u in range(len(alone.catalog)))
+
+
+def _folder(out: Path, samples: list[tuple[str, bytes, dict, dict]]) -> Path:
+    """A shard-000000.tar in `out` of (key, video bytes, its verified metadata, annotation) samples."""
+    out.mkdir(parents=True)
+    w = ShardWriter(out, 0)
+    for i, (key, data, video, annotation) in enumerate(samples):
+        (out / f"v{i}.mp4").write_bytes(data)
+        w.add_sample(key, str(out / f"v{i}.mp4"), "mp4", {"video": video, "annotation": annotation})
+    w.close()
+    return out
+
+
+def test_the_quarantine_records_name_the_folder_of_a_bad_sample(shard_dir, tmp_path):
+    """howto's `clip` cannot be decoded (webvid's can), and both folders' `bad` have a text that cannot be planned:
+    one record for each bad sample, naming its folder."""
+    r = load_catalog(str(shard_dir))[0]
+    good = Path(r.shard).read_bytes()[r.video_offset:r.video_offset + r.video_size]
+    ann, two = r.annotation, {"caption": "<video> and <video>"}     # a video's text with 2 markers: not planned
+    webvid = _folder(tmp_path / "webvid", [("clip", good, r.video, ann), ("bad", good, r.video, two)])
+    howto = _folder(tmp_path / "howto", [("clip", b"\0" * 4096, r.video, ann), ("bad", good, r.video, two)])
+    cfg = small_cfg(f"{webvid},{howto}", tmp_path, decode_backend="pyav", decode_isolation="inline", num_epochs=1)
+    loader = VideoPackedLoader(cfg, seed=0)
+    packs = list(loader)
+    assert sorted(k for p in packs for k in p.sample_keys) == ["webvid/shard-000000.tar/clip"]
+    got = sorted((q["stage"], q["shard"], q["key"]) for q in read_jsonl(cfg.quarantine_path))
+    assert got == [("decode", "howto/shard-000000.tar", "clip"), ("plan", "howto/shard-000000.tar", "bad"),
+                   ("plan", "webvid/shard-000000.tar", "bad")], got
