@@ -9,8 +9,11 @@ valid.
 
 What a file may hold, a sample per line (blank lines and lines starting with `//` are skipped):
 - a sample key as the loader and the messages name it: `shard-000001.tar/clip_00042` (a video, image or text
-  sample of the packed video loader); `<token file>#<document number>` (a document of token files: the file prefix
-  as the messages print it, or its base name, as the packed loader's keys name it);
+  sample of the packed video loader; `webvid/shard-000001.tar/clip_00042` where another folder of the data has a
+  shard of that name, docs/data.md "Sample keys": a key naming the shard by that name alone leaves out the sample of
+  each such shard, as before folders were named, and the loader warns); `<token file>#<document number>` (a
+  document of token files: the file prefix as the messages print it, or its base name, as the packed loader's keys
+  name it);
 - a JSON object: a line of `nonfinite.jsonl` (every sample its `samples` field names: a video pack's sample keys, a
   token stream's documents), `{"sample": "<key>"}` or `{"document": ["<token file>", <number>]}`.
 A file `<name>.jsonl` is read with `<name>.superseded.jsonl` beside it, if there is one: a resumed launch moves the
