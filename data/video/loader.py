@@ -993,9 +993,10 @@ class VideoPackedLoader:
                 keys = self._shard_keys.get((id(p), i))
                 if keys is None:    # a shard's samples are a run of the catalog
                     lo, hi = np.searchsorted(p.shard_of, [i, i + 1]).tolist()
-                    keys = self._shard_keys[(id(p), i)] = {p.catalog[u].key for u in range(lo, hi)}
-                # a later piece of a text longer than a sequence: "<key>#<piece>"
-                if key not in keys and re.sub(r"#\d+$", "", key) not in keys:
+                    keys = self._shard_keys[(id(p), i)] = {p.catalog[u].key: u for u in range(lo, hi)}
+                text, piece = re.fullmatch(r"(.*?)(?:#(\d+))?", key).groups()
+                # a later piece of a text longer than a sequence, "<key>#<piece>": one its text has
+                if key not in keys and not (text in keys and piece and int(piece) < p.sizes(0)[2][keys[text]]):
                     continue
             out.append(f"{p.shard_names[i]}/{key}")
         return out
@@ -1008,7 +1009,7 @@ class VideoPackedLoader:
         records decoded (a shard's samples are a run of the catalog). A key that names samples of several shards
         (by a file name that folders of the data share) is a warning then: each of them is left out."""
         if self._unmatched is None:
-            self._shard_keys: dict[tuple[int, int], set[str]] = {}
+            self._shard_keys: dict[tuple[int, int], dict[str, int]] = {}
             missing, self.ambiguous = set(), {}
             for k in sorted(self._entries - self._docs_held):
                 found = self._named(k, held=True)

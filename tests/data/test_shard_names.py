@@ -138,3 +138,19 @@ def test_the_quarantine_records_name_the_folder_of_a_bad_sample(shard_dir, tmp_p
     got = sorted((q["stage"], q["shard"], q["key"]) for q in read_jsonl(cfg.quarantine_path))
     assert got == [("decode", "howto/shard-000000.tar", "clip"), ("plan", "howto/shard-000000.tar", "bad"),
                    ("plan", "webvid/shard-000000.tar", "bad")], got
+
+
+def test_a_later_piece_of_a_long_text_named_is_held(tmp_path):
+    """A nonfinite.jsonl record names a later piece of a text longer than a sequence as "<shard>/<key>#<piece>": it
+    is left out, and not reported as a sample the data does not hold."""
+    from data.video.ingest import IngestOptions, ingest
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "0:" + "a" * 700}) + "\n")
+    ingest(IngestOptions(videos=None, annotations=str(tmp_path / "t.jsonl"), out=str(tmp_path / "s"), progress=False))
+    cfg = small_cfg(tmp_path / "s", seq_len=300, num_epochs=1)
+    keys = [k for p in VideoPackedLoader(cfg, seed=0) for k in p.sample_keys]
+    assert len(keys) == 3 and keys[1] == keys[0] + "#1", keys          # 700 characters: 3 pieces
+    (tmp_path / "x.txt").write_text(f"{keys[1]}\n{keys[0]}#7\n")        # a piece the text does not have
+    loader = VideoPackedLoader(cfg, seed=0, exclude=read_exclude(str(tmp_path / "x.txt")))
+    assert [k for p in loader for k in p.sample_keys] == [keys[0], keys[2]]
+    assert loader.unmatched == [f"{keys[0]}#7"]
