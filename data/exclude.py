@@ -13,7 +13,7 @@ What a file may hold, a sample per line (blank lines and lines starting with `//
   shard of that name, docs/data.md "Sample keys": a key naming the shard by that name alone leaves out the sample of
   each such shard, as before folders were named, and the loader warns); `<token file>#<document number>` (a
   document of token files: the file prefix as the messages print it, or its base name, as the packed loader's keys
-  name it);
+  name it, or a trailing part of its path, as they name two files of one base name: `a/web#4`);
 - a JSON object: a line of `nonfinite.jsonl` (every sample its `samples` field names: a video pack's sample keys, a
   token stream's documents), `{"sample": "<key>"}` or `{"document": ["<token file>", <number>]}`.
 A file `<name>.jsonl` is read with `<name>.superseded.jsonl` beside it, if there is one: a resumed launch moves the
@@ -70,8 +70,9 @@ class ExcludeList:
         return {k for k in self.keys if not _DOCUMENT.match(k)}
 
     def documents_of(self, prefix: str) -> set[int]:
-        """The document numbers named of the token file `prefix` (by its prefix or its base name)."""
-        return self.documents.get(prefix, set()) | self.documents.get(os.path.basename(prefix), set())
+        """The document numbers named of the token file `prefix` (by its prefix, its base name, or a trailing part of
+        its path: `web/part0` where two folders hold a `part0`)."""
+        return set().union(*[ns for name, ns in self.documents.items() if names_file(name, prefix)])
 
     def pool_indices(self, prefixes: list[str], base) -> np.ndarray:
         """The documents named of token files `prefixes`, as indices of their pool (the pool index of file f's first
@@ -82,11 +83,15 @@ class ExcludeList:
 
     def unmatched_documents(self, prefixes: list[str], base) -> list[str]:
         """The token documents named that none of `prefixes` holds: a file not among them or a number past its end."""
-        held = {}
-        for f, p in enumerate(prefixes):
-            for name in (p, os.path.basename(p)):
-                held[name] = max(held.get(name, 0), int(base[f + 1]) - int(base[f]))
-        return [f"{name}#{n}" for name, ns in self.documents.items() for n in sorted(ns) if n >= held.get(name, 0)]
+        held = {name: max([int(base[f + 1]) - int(base[f]) for f, p in enumerate(prefixes) if names_file(name, p)],
+                          default=0) for name in self.documents}
+        return [f"{name}#{n}" for name, ns in self.documents.items() for n in sorted(ns) if n >= held[name]]
+
+    def ambiguous_documents(self, prefixes: list[str]) -> dict[str, list[str]]:
+        """The token-file names of the list that fit several of `prefixes` (a base name that two folders' files
+        share), each with those: their documents of that number are all left out."""
+        out = {name: [p for p in prefixes if names_file(name, p)] for name in self.documents}
+        return {name: ps for name, ps in out.items() if len(ps) > 1}
 
     def describe(self, *, token_documents: bool) -> str:
         """The start-up line's count: each entry once, under what it names in a run that reads token files'
@@ -97,6 +102,16 @@ class ExcludeList:
         documents = len(named) if token_documents else len(named - self.keys)
         return (f"{len(self)} sample(s) named in {', '.join(self.files)} ({len(self) - documents} sample key(s), "
                 f"{documents} token-file document(s))")
+
+
+def names_file(name: str, path: str) -> bool:
+    """Whether `name` (a file as a list of samples names it) names the file `path`: it is the path, or the path
+    ends with it, whole folder and file names (`web/part0` names /data/web/part0, `part0` too, `eb/part0` not)."""
+    if name == path:
+        return True
+    want = [x for x in name.replace(os.sep, "/").split("/") if x not in ("", ".")]
+    parts = path.replace(os.sep, "/").split("/")
+    return bool(want) and parts[-len(want):] == want
 
 
 def _add_document(docs: dict, name, n, where: str) -> None:

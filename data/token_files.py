@@ -52,6 +52,7 @@ from data.exclude import ExcludeList, blank_pieces
 from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import GlobalSamplePosition
 from data.video.annotations import unpaired_surrogate
+from data.video.shards import unique_tails
 
 log = logging.getLogger(__name__)
 
@@ -846,10 +847,12 @@ class TokenPacks:
         prefixes = self.check_tokenizer(spec, tokenizer)
         self.source = TokenSource(prefixes, seq_length=cfg.seq_len, seed=seed, source_id=0,
                                   vocab_size=tokenizer.vocab_size, index_dir=cfg.text_tokens_index_dir or None)
-        self.names = [os.path.basename(p) for p in prefixes]
+        # a document's key in the packs: "<file>#<n>", the file by its base name, or by as much of its path as tells
+        # it from another file of that base name (data/video/shards.unique_tails; data.exclude reads either)
+        self.names = unique_tails(prefixes)
         # what the loader's state fingerprint holds of this source (as loader.Planner.fingerprint of a catalog): the
-        # files, their sizes and the row length
-        blob = json.dumps({"prefixes": self.names, "documents": self.source.documents,
+        # files by base name, their sizes and the row length
+        blob = json.dumps({"prefixes": [os.path.basename(p) for p in prefixes], "documents": self.source.documents,
                            "tokens": self.source.tokens, "seq_len": cfg.seq_len})
         self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -967,7 +967,7 @@ class VideoPackedLoader:
             for i, path in enumerate(p.catalog.shards):
                 self._by_file.setdefault(os.path.basename(path), []).append((p, i, path.replace(os.sep, "/")
                                                                              .split("/")))
-        self._entries = exclude.keys
+        self._entries, self._exclude = exclude.keys, exclude
         self.exclude_keys = frozenset(exclude.keys | {n for k in exclude.keys for n in self._named(k)})
         docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}
         missed = set(docs)                      # the token documents named that no token source holds
@@ -1018,12 +1018,19 @@ class VideoPackedLoader:
                 elif len(found) > 1:
                     self.ambiguous[k] = found
             self._shard_keys = {}
+            for p in self.planners:      # a mixture's token files of one base name (TokenPacks.names)
+                if isinstance(p, TokenPacks):
+                    for name, files in self._exclude.ambiguous_documents(p.source.prefixes).items():
+                        for n in sorted(self._exclude.documents[name]):
+                            self.ambiguous[f"{name}#{n}"] = [f"{p.names[p.source.prefixes.index(f)]}#{n}"
+                                                             for f in files]
             self._unmatched = sorted(missing | self._docs_missed)
             if self.ambiguous:
                 k, found = next(iter(self.ambiguous.items()))
-                log.warning("data.exclude: %d of the samples named fit samples of several shards that share a file "
-                            "name, and each of those is left out (first: %s names %s). To leave out one alone, name "
-                            "it as this run's messages and records do", len(self.ambiguous), k, ", ".join(found))
+                log.warning("data.exclude: %d of the samples named fit samples of several shards (or token files) "
+                            "that share a file name, and each of those is left out (first: %s names %s). To leave out "
+                            "one alone, name it as this run's messages and records do", len(self.ambiguous), k,
+                            ", ".join(found))
         return self._unmatched
 
     # ---- bad samples --------------------------------------------------------------------------

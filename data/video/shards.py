@@ -243,7 +243,7 @@ def resolve_shards(spec: str) -> list[str]:
     return sorted(set(os.path.abspath(p) for p in out))
 
 
-def _unique_tails(paths: list[str]) -> list[str]:
+def unique_tails(paths: list[str]) -> list[str]:
     """Each path's shortest trailing part (of its folders and name) that no other of `paths` ends with."""
     parts = [p.replace(os.sep, "/").rstrip("/").split("/") for p in paths]
     names = [""] * len(paths)
@@ -268,7 +268,7 @@ def shard_names(paths: list[str]) -> list[str]:
     for f, p in zip(folders, paths):
         where.setdefault(os.path.basename(p), set()).add(f)
     clash = sorted({f for fs in where.values() if len(fs) > 1 for f in fs})
-    tails = dict(zip(clash, _unique_tails(clash)))
+    tails = dict(zip(clash, unique_tails(clash)))
     return [f"{tails[f]}/{os.path.basename(p)}" if f in tails else os.path.basename(p)
             for f, p in zip(folders, paths)]
 

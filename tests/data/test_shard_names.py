@@ -154,3 +154,46 @@ def test_a_later_piece_of_a_long_text_named_is_held(tmp_path):
     loader = VideoPackedLoader(cfg, seed=0, exclude=read_exclude(str(tmp_path / "x.txt")))
     assert [k for p in loader for k in p.sample_keys] == [keys[0], keys[2]]
     assert loader.unmatched == [f"{keys[0]}#7"]
+
+
+def test_token_files_of_one_base_name_in_a_mixture_are_named_apart(two_folders, tmp_path, caplog):
+    """data.video.text_tokens with a/web and b/web: a row's documents are "a/web#<n>" and "b/web#<n>", and a list
+    naming one leaves out that one alone. Reference: each document's tokens are one id of its own (a's 1.., b's
+    200..), so the ids left in the rows say which documents were left out."""
+    from data.token_files import TokenPacks, write_token_files
+    from data.video.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(5)
+    for f, first in (("a", 1), ("b", 200)):
+        (tmp_path / f).mkdir()
+        write_token_files([[first + i] * int(rng.integers(1, 40)) for i in range(30)], tmp_path / f / "web",
+                          vocab_size=512, meta={"tokenizer": repr(tok), "eos_id": tok.eos_id})
+    spec = f"{tmp_path / 'a' / 'web'},{tmp_path / 'b' / 'web'}"
+    cfg = small_cfg(two_folders[0], seq_len=48)
+
+    def rows(lines: list[str]) -> tuple[set[int], set[str]]:
+        """The ids in every row of the source's first epoch, and the keys its packs list as left out."""
+        packs = TokenPacks(spec, cfg, tok, 3)
+        packs.source.leave_out(read_exclude(str(_list(tmp_path, lines))))
+        built = [packs.build(0, j) for j in range(packs.num_packs(0))]
+        return {int(t) for p in built for t in p.tokens[p.loss_mask > 0]}, {k for p in built for k in p.excluded}
+
+    every, _ = rows([])
+    assert {5, 204} <= every
+    ids, left = rows(["a/web#4"])
+    assert every - ids == {5} and left == {"a/web#4"}
+    ids, left = rows(["web#4"])             # by the base name alone, as before: both files' document 4
+    assert every - ids == {5, 204} and left == {"a/web#4", "b/web#4"}
+    loader = VideoPackedLoader(small_cfg(two_folders[0], text_tokens=spec, text_tokens_fraction=0.3,
+                                         decode_isolation="inline"),
+                               seed=3, exclude=read_exclude(str(_list(tmp_path, ["web#4"]))), pixels=False)
+    with caplog.at_level(logging.WARNING, logger="data.video.loader"):
+        assert loader.unmatched == []
+    assert loader.ambiguous == {"web#4": ["a/web#4", "b/web#4"]}, loader.ambiguous
+    assert "first: web#4 names a/web#4, b/web#4" in caplog.text, caplog.text
+
+
+def _list(tmp_path: Path, lines: list[str]) -> Path:
+    (tmp_path / "x.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path / "x.txt"
