@@ -277,7 +277,8 @@ def check_paths(cfg: Config) -> None:
             sets = held_out_sets(spec, field_name="data.video.eval_shards") if name == "eval_shards" else [("", spec)]
             files[name] = set()
             for set_name, paths in sets:
-                found = set(resolve_shards(paths)) if paths else set()
+                # by the files' real paths: a folder given through a link (or by two of its paths) is the same
+                found = set(map(os.path.realpath, resolve_shards(paths))) if paths else set()
                 if paths and not found:
                     what = f" (held-out set {set_name!r}: {paths!r})" if set_name else ""
                     raise ValueError(f"data.video.{name}={spec!r}{what}: no .tar shards there (a directory of shards, a "

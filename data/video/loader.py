@@ -807,7 +807,8 @@ class VideoPackedLoader:
                 else load_catalog(spec, field=fld, index_dir=cfg.index_dir or None)
                 for i, (_, spec, fld, _) in enumerate(specs)]
         if len(cats) > 1 and cats[0] is not None and cats[1] is not None:
-            shared = sorted(set(cats[0].shards) & set(cats[1].shards))
+            # by the files' real paths: a folder given through a link is the same folder
+            shared = sorted(set(map(os.path.realpath, cats[0].shards)) & set(map(os.path.realpath, cats[1].shards)))
             if shared:
                 raise ValueError(f"VideoDataConfig.long_shards = {cfg.long_shards!r}: {len(shared)} shard file(s) are "
                                  f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")

@@ -268,6 +268,9 @@ def test_bad_long_source_and_mismatched_states_fail_at_once(shard_dir, long_dir,
     one_tar = sorted(glob.glob(str(shard_dir / "*.tar")))[0]
     with pytest.raises(ValueError, match="long and short sources must not overlap"):
         VideoPackedLoader(mix_cfg(shard_dir, one_tar, fraction=0.5), seed=0)
+    (tmp_path / "link").symlink_to(shard_dir)        # the same folder through a link: the same files
+    with pytest.raises(ValueError, match="long and short sources must not overlap"):
+        VideoPackedLoader(mix_cfg(shard_dir, tmp_path / "link", fraction=0.5), seed=0)
     mixed = VideoPackedLoader(mix_cfg(shard_dir, long_dir, tmp_path, fraction=0.5), seed=0)
     alone = VideoPackedLoader(small_cfg(shard_dir, tmp_path), seed=0)
     with pytest.raises(ValueError, match="long_shards was removed"):
