@@ -265,7 +265,7 @@ def check_paths(cfg: Config) -> None:
     (launch/memory.py, the recipe tests). `init_from` / `vision_init_from` are checked only for a fresh run: a run
     directory holding a checkpoint resumes from it and reads neither."""
     from data.held_out import held_out_sets
-    from data.video.shards import resolve_shards
+    from data.video.shards import resolve_shards, same_files
     from models.hf import is_hf_checkpoint
     from train import checkpoint as ckpt
 
@@ -277,6 +277,11 @@ def check_paths(cfg: Config) -> None:
             sets = held_out_sets(spec, field_name="data.video.eval_shards") if name == "eval_shards" else [("", spec)]
             files[name] = set()
             for set_name, paths in sets:
+                twice = same_files(resolve_shards(paths)) if paths else []
+                if twice:
+                    raise ValueError(f"data.video.{name}={spec!r}: {len(twice)} shard file(s) are named twice, through "
+                                     f"a link ({twice[0][0]} and {twice[0][1]}, ...): their samples would be read "
+                                     f"twice. Name each folder once")
                 # by the files' real paths: a folder given through a link (or by two of its paths) is the same
                 found = set(map(os.path.realpath, resolve_shards(paths))) if paths else set()
                 if paths and not found:

@@ -243,6 +243,20 @@ def resolve_shards(spec: str) -> list[str]:
     return sorted(set(os.path.abspath(p) for p in out))
 
 
+def same_files(paths: list[str]) -> list[tuple[str, str]]:
+    """Pairs of `paths` that are one file (through a link: a folder named by two of its paths, or a glob that
+    matches a folder and a link to it): its samples would be read twice."""
+    first: dict[str, str] = {}
+    out = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in first:
+            out.append((first[real], p))
+        else:
+            first[real] = p
+    return out
+
+
 def unique_tails(paths: list[str]) -> list[str]:
     """Each path's shortest trailing part (of its folders and name) that no other of `paths` ends with."""
     parts = [p.replace(os.sep, "/").rstrip("/").split("/") for p in paths]
@@ -481,6 +495,11 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     shards = resolve_shards(spec)
     if not shards:
         raise ValueError(f"VideoDataConfig.{field} = {spec!r}: no .tar shards found")
+    twice = same_files(shards)
+    if twice:
+        raise ValueError(f"VideoDataConfig.{field} = {spec!r}: {len(twice)} shard file(s) are named twice, through a "
+                         f"link ({twice[0][0]} and {twice[0][1]}, ...): their samples would be read twice. Name each "
+                         f"folder once")
     key = _catalog_key(shards)
 
     def build():

@@ -32,6 +32,19 @@ def test_a_shard_is_named_by_its_folder_only_where_another_folder_has_its_file_n
     assert shard_names(["/d/a/s.tar", "/d/a/t.tar"]) == ["s.tar", "t.tar"] and shard_names([]) == []
 
 
+def test_a_folder_named_twice_through_a_link_stops_the_loader(shard_dir, tmp_path):
+    """A glob matching a folder and a link to it (/data/*/shards/*.tar with /data/latest -> v3) named every shard
+    twice: each sample was read twice an epoch."""
+    (tmp_path / "v3" / "shards").mkdir(parents=True)
+    for ext in (".tar", ".idx.json"):
+        shutil.copy(shard_dir / f"shard-000000{ext}", tmp_path / "v3" / "shards" / f"shard-000000{ext}")
+    (tmp_path / "latest").symlink_to(tmp_path / "v3")
+    with pytest.raises(ValueError, match=r"VideoDataConfig.shards = '.*/\*/shards/\*.tar': 1 shard file\(s\) are named "
+                                         r"twice, through a link \(.*latest/shards/shard-000000.tar and "
+                                         r".*v3/shards/shard-000000.tar, \.\.\.\)"):
+        load_catalog(str(tmp_path / "*" / "shards" / "*.tar"))
+
+
 @pytest.fixture(scope="module")
 def two_folders(shard_dir, tmp_path_factory) -> tuple[Path, Path]:
     """The first two shards of the session's data, copied as they are into two folders: the same shard names and

@@ -421,6 +421,9 @@ def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
     with pytest.raises(ValueError, match=r"data\.video\.eval_shards='.*link': 2 shard file\(s\) are also training "
                                          r"data \(.*shards/a\.tar, \.\.\.\): held-out data must not be trained on"):
         check_paths(cfg(f"data.video.shards={tmp_path / 'shards'}", f"data.video.eval_shards={tmp_path / 'link'}"))
+    with pytest.raises(ValueError, match=r"data\.video\.shards='.*shards,.*link': 2 shard file\(s\) are named twice, "
+                                         r"through a link \(.*link/a\.tar and .*shards/a\.tar, \.\.\.\)"):
+        check_paths(cfg(f"data.video.shards='{tmp_path / 'shards'},{tmp_path / 'link'}'"))
     for name in ("init_from", "vision_init_from"):
         with pytest.raises(ValueError, match=rf"train\.checkpoint\.{name}='/nowhere' is neither a Hugging Face "
                                              r"checkpoint .* nor a run directory .*: there is no such path"):
