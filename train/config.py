@@ -173,6 +173,25 @@ class ProfileConfig:
                              f"nothing: list the ranks to profile (e.g. [0])")
 
 
+@dataclass
+class SpikeConfig:
+    """Gradient spikes (train/spikes.py): a step whose gradient norm before clipping (the language model's, or the
+    vision tower's) exceeds `factor` x the median of that norm over the last `window` applied steps updates no
+    weight. Off while factor = 0; no step is judged before `window` applied steps fill the window."""
+    factor: float = 0.0  # e.g. 10; 0: off (every step is applied, as before)
+    window: int = 50  # applied steps whose norms give the median
+    # such steps in a row the run skips (going on with the next step's data) before it stops, naming the setting
+    skip_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if not (self.factor == 0 or (math.isfinite(self.factor) and self.factor > 1)):
+            raise ValueError(f"train.spike.factor must be a finite number > 1, or 0 for off; got {self.factor}")
+        if self.window < 1:
+            raise ValueError(f"train.spike.window must be >= 1 (applied steps), got {self.window}")
+        if self.skip_steps < 0:
+            raise ValueError(f"train.spike.skip_steps must be >= 0, got {self.skip_steps}")
+
+
 TRAINABLE = ("all", "summary", "indexer", "projector")
 INDEXER_BACKWARD = ("local", "model")
 MEMORY_CHECKS = ("error", "warn", "off")
@@ -216,6 +235,7 @@ class TrainConfig:
     # there, naming the step and its data, unless it has skipped fewer than this many such steps in a row (it then
     # goes on to the next step's data, the skipped step counted in `skipped_steps`)
     skip_nonfinite_steps: int = 0
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # skipping steps whose gradient norm spikes
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)

@@ -724,6 +724,7 @@ def run(dcfg: DictConfig) -> None:
     if unused and rank == 0:
         logging.getLogger("train").warning("%s", unused)
     from train.nonfinite import NonFiniteStepError
+    from train.spikes import SpikeStepError
     from train.trainer import Trainer
 
     from train.checkpoint import CheckpointLoadError, CheckpointSaveError, RunDirInUse
@@ -751,6 +752,9 @@ def run(dcfg: DictConfig) -> None:
         sys.exit(3)
     except NonFiniteStepError as e:  # each rank logged its data in the step already
         stop(f"non-finite step: {e}", logged=False)
+        sys.exit(4)
+    except SpikeStepError as e:  # likewise; a step refused as a non-finite one is, by train.spike
+        stop(f"gradient spike: {e}", logged=False)
         sys.exit(4)
     except Exception:  # the rank's log says why it ended, beside the traceback on stderr
         failed = True

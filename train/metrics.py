@@ -185,6 +185,7 @@ def read_record(line: str) -> dict:
 
 
 NONFINITE_RECORDS = "nonfinite.jsonl"   # a line per non-finite step (train/nonfinite.py record_nonfinite_step)
+SPIKE_RECORDS = "spikes.jsonl"   # a line per step whose gradient norm spiked (train/spikes.py record_spike_step)
 
 
 def set_aside_redone(run_dir: str, step: int) -> list[str]:
@@ -196,7 +197,7 @@ def set_aside_redone(run_dir: str, step: int) -> list[str]:
     checkpoints that exist). Appended there before the file is rewritten, so a crash in between leaves a record
     twice, never nowhere. Returns a note per file changed."""
     notes = []
-    for name in ("metrics.jsonl", "eval.jsonl", NONFINITE_RECORDS):
+    for name in ("metrics.jsonl", "eval.jsonl", NONFINITE_RECORDS, SPIKE_RECORDS):
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
             continue

@@ -45,9 +45,9 @@ from train.config import Config, DistillConfig, SettingsError, config_changes
 from train.data_streams import eval_streams, restore_data_state, text_streams, training_exclude, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
-                          requested)
-from train.metrics import (NONFINITE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table, data_metrics_table,
-                           device_peak_tflops, json_record, set_aside_redone, sum_over_world)
+                          requested, scale_gradients)
+from train.metrics import (NONFINITE_RECORDS, SPIKE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table,
+                           data_metrics_table, device_peak_tflops, json_record, set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
                              nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
@@ -55,6 +55,7 @@ from train.optim import (apply_lr, build_optimizer, ensure_adam_state, keep_conf
                          patch_step_restore, untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
+from train.spikes import SpikeStepError, SpikeWindow, apply_step, norm_before_step, record_spike_step
 
 log = logging.getLogger("train")
 
@@ -396,6 +397,9 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
         self.skipped_steps = 0  # such steps the run skipped (both kept in its checkpoints)
+        # train.spike: the last applied steps' gradient norms, the steps in a row whose norm spiked, and those skipped
+        self.spikes = SpikeWindow(t.spike.factor, t.spike.window) if t.spike.factor else None
+        self.spike_in_row = self.spike_skipped = 0
         self._whole_logged: set[tuple[str, str]] = set()   # held-out sets scored whole whose size was logged
         self._repeats_checked: set[tuple[str, str]] = set()  # held-out sets checked for fewer sequences than scored
         self.eval_history: list[dict] = []  # train.eval's results of this invocation, {"step", "val_loss", ...}
@@ -541,7 +545,9 @@ class Trainer:
                 "layout": ckpt.layout_record(self.layout),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
-                "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps}}
+                "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps},
+                "spike": {"in_row": self.spike_in_row, "skipped": self.spike_skipped,
+                          **({"window": self.spikes.state_dict()} if self.spikes is not None else {})}}
 
     def _resume(self) -> None:
         ref = self.resume_ref
@@ -560,6 +566,7 @@ class Trainer:
         self.step = int(common["step"])
         nonfinite = common.get("nonfinite", {})  # absent from a checkpoint written before the check existed
         self.nonfinite_in_row, self.skipped_steps = int(nonfinite.get("in_row", 0)), int(nonfinite.get("skipped", 0))
+        self._restore_spike_state(common)
         # each data-parallel rank's own counts; at another data-parallel size their sums on its rank 0. A checkpoint
         # from before they were kept gives every rank the saving rank's (those of its data state)
         counters = common.get("data_counters")
@@ -573,6 +580,19 @@ class Trainer:
             changed = self._changed_since(saved)
             if changed:
                 log.info("settings changed since that checkpoint was written: %s", changed)
+
+    def _restore_spike_state(self, common: dict) -> None:
+        """train.spike's counts and window from a checkpoint's common state; one written before train.spike existed,
+        or with it off, holds no window: it starts empty (a log line says so)."""
+        spike = common.get("spike", {})
+        self.spike_in_row, self.spike_skipped = int(spike.get("in_row", 0)), int(spike.get("skipped", 0))
+        if self.spikes is not None:
+            if "window" in spike:
+                self.spikes.load_state_dict(spike["window"])
+            elif self.rank == 0:
+                log.info("train.spike: the checkpoint holds no window of gradient norms (written with train.spike off, "
+                         "or before it existed): the window starts empty, and no step is judged before %d applied "
+                         "steps fill it", self.spikes.window)
 
     def _changed_since(self, saved: dict) -> str:
         """The settings of this launch that differ from the config the checkpoint's common state `saved` recorded,
@@ -870,6 +890,8 @@ class Trainer:
         maybe_fail("kill_in_step", step=self.step + 1, rank=self.rank)
         if requested("nan_grad_in_step", step=self.step + 1, rank=self.rank):
             poison_gradients(self.model)
+        if requested("spike_grad_in_step", step=self.step + 1, rank=self.rank):
+            scale_gradients(self.model)
         vit_norm, own_grads_finite = 0.0, self.own_grads.finite
         if own_grads_finite is None:  # a frozen LM (projector alignment): no gradient buffer
             own_grads_finite = torch.tensor(True, device=self.device)
@@ -885,10 +907,13 @@ class Trainer:
         loss_vector = self._loss_vector(losses, layer_kls=layer_kls)
         bad = self._nonfinite(vit_norm, own_loss_finite=torch.isfinite(loss_vector[[0, 2, 3, 4]]).all(),
                               own_grads_finite=own_grads_finite)
+        spikes = []
         if bad:  # no update: the weights stay those of the last step
             grad_norm = float("nan")
             if self.vision is not None:
                 self.vision.discard()
+        elif self.spikes is not None:
+            grad_norm, spikes = self._step_unless_spike(vit_norm)
         else:
             if self.vision is not None:
                 self.vision.update(self.step)   # each part's lr at this step (train.vision_lr, projector_lr)
@@ -917,11 +942,95 @@ class Trainer:
             self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses, layer_kls))
         else:
             self.nonfinite_in_row = 0
+        if spikes:
+            self._spike_skip_or_stop(spikes, loss, {"grad_norm": grad_norm, **extra})
+        elif not bad:
+            self.spike_in_row = 0
         if self.skipped_steps:
             extra["skipped_steps"] = self.skipped_steps
+        if self.spike_skipped:
+            extra["spike_skipped_steps"] = self.spike_skipped
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
+
+    def _step_unless_spike(self, vit_norm: float) -> tuple[float, list]:
+        """train.spike's step (finite gradients): the global gradient norms before clipping, the language model's and
+        the trained vision tower's, judged against the window (train/spikes.py); a spike updates nothing, else the
+        step is applied and its norms join the window. Megatron's optimizer step split in two around the decision,
+        with no collective of its own: the same update as optimizer.step(). Returns (the LM's norm, the spikes)."""
+        norms = {}
+        if self.lm_trainable:
+            lm_norm = norm_before_step(self.optimizer)
+            if lm_norm is None:
+                raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+            norms["grad_norm"] = lm_norm
+        if self.vision is not None and self.vision.optimizer is not None:
+            norms["vit_grad"] = vit_norm
+        spikes = self.spikes.check(norms)
+        if spikes:
+            if self.vision is not None:
+                self.vision.discard()
+            return norms.get("grad_norm", 0.0), spikes
+        if self.vision is not None:
+            self.vision.update(self.step)
+        # a frozen LM (projector alignment): megatron's step, which updates nothing, as without train.spike
+        ok = apply_step(self.optimizer, norms["grad_norm"]) if self.lm_trainable else self.optimizer.step()[0]
+        if not ok:
+            raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+        self.spikes.add(norms)
+        return norms.get("grad_norm", 0.0), []
+
+    def _spike_skip_or_stop(self, spikes: list, loss: float, extra: dict) -> None:
+        """A step whose gradient norm spiked (and updated nothing): every rank logs it with its data in the step, the
+        data of the first ranks (gathered: a collective on this path alone, which every rank takes, the decision being
+        the world's) is named beside it, and rank 0 records the step in spikes.jsonl with every rank's data; the run
+        skips the step while it has skipped fewer than train.spike.skip_steps in a row, and stops (SpikeStepError)
+        otherwise. The skipped step's data is consumed and the LR schedule moves on, as for a non-finite step."""
+        sp = self.cfg.train.spike
+        self.spike_in_row += 1
+        what = f"step {self.step}: " + " and ".join(s.describe(sp.factor, sp.window) for s in spikes) + \
+            f" (the step's loss {loss:.6g})"
+        data = "; ".join(s.describe_step(None, None) for s in self.streams)
+        record = {"micro_batches": None, "streams": [s.step_record(None, None) for s in self.streams]}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (data, record))
+        texts, records = zip(*gathered)
+        first: dict[str, int] = {}   # each data once: the ranks of a TP, CP or PP group read the same
+        for r, text in enumerate(texts):
+            first.setdefault(text, r)
+        distinct = sorted(first.values())
+        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in distinct[:4]}
+        more = f" (and {len(distinct) - 4} more ranks': their logs name it)" if len(distinct) > 4 else ""
+        others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
+        skip = self.spike_in_row <= sp.skip_steps
+        if self.rank == 0:
+            record_spike_step(self.run_dir, self.step, spikes, {"loss": loss, **extra},
+                              {r: texts[r] for r in distinct}, {r: records[r] for r in distinct},
+                              "skipped" if skip else "stopped")
+        if skip:
+            self.spike_skipped += 1
+            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.spike.skip_steps allows)%s; "
+                        "this rank's data in the step: %s", what, self.spike_in_row, sp.skip_steps, others, data)
+            return
+        log.error("%s%s; this rank's data in the step: %s", what, others, data)
+        self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
+        t = self.cfg.train
+        latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
+        if latest is not None:
+            resume = f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
+        elif t.checkpoint.enabled:
+            resume = "No checkpoint was written yet: rerunning the same command starts the run over."
+        else:
+            resume = "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+        exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else
+                   f"data.exclude={Path(self.run_dir) / SPIKE_RECORDS} leaves the samples it names out of the data; ")
+        where_data = "; ".join(named.values()) + more + "."
+        raise SpikeStepError(
+            f"{what}, so no weight was updated and the run stops after {self.spike_in_row} such step"
+            f"{'s' if self.spike_in_row > 1 else ''} in a row (train.spike.skip_steps={sp.skip_steps} skips up to "
+            f"that many in a row). {resume} {where_data[0].upper()}{where_data[1:]} {exclude}a larger "
+            f"train.spike.factor (or train.spike.factor=0: off) lets such steps through")
 
     def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
                    own_grads_finite: torch.Tensor) -> NonFinite:

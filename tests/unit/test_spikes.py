@@ -1,0 +1,209 @@
+"""train.spike (train/spikes.py; train/trainer.py Trainer._step_unless_spike, _spike_skip_or_stop): the decision
+against a hand-computed median, the window's checkpoint state, the settings' errors, megatron's optimizer step split
+around the decision (the same update as optimizer.step(): a one-process world, the tiny MoE LM), and the words of a
+skipped and of a stopping step. A run that skips an injected spike and resumes its window from a checkpoint, against
+one that skips the same step for a NaN: tests/dist/test_nonfinite.py."""
+
+import copy
+import json
+import logging
+import types
+
+import pytest
+import torch
+
+from data.exclude import read_exclude
+from train.config import SpikeConfig, to_config
+from train.launch import compose_config
+from train.spikes import Spike, SpikeStepError, SpikeWindow, apply_step, norm_before_step
+from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
+
+
+def test_a_norm_above_factor_times_the_median_of_the_window_spikes():
+    w = SpikeWindow(factor=3.0, window=4)
+    for x in (1.0, 2.0, 10.0):
+        assert w.check({"grad_norm": 1e9}) == []   # no decision before the window is full
+        w.add({"grad_norm": x})
+    w.add({"grad_norm": 3.0})
+    # the window [1, 2, 10, 3]: median (2 + 3) / 2 = 2.5, so the bound is 7.5 (10 among them moves it not at all)
+    assert w.check({"grad_norm": 7.5}) == []
+    assert w.check({"grad_norm": 7.6}) == [Spike("grad_norm", 7.6, 2.5)]
+    # the oldest norm leaves: [2, 10, 3, 4], median 3.5, bound 10.5
+    w.add({"grad_norm": 4.0})
+    assert w.check({"grad_norm": 10.5}) == [] and w.check({"grad_norm": 10.6}) == [Spike("grad_norm", 10.6, 3.5)]
+    # each norm against its own window: the vision tower's is not judged before 4 of its own
+    for x in (0.1, 0.2, 0.3):
+        w.add({"vit_grad": x})
+    assert w.check({"grad_norm": 5.0, "vit_grad": 100.0}) == []
+    w.add({"vit_grad": 0.4})
+    assert w.check({"grad_norm": 11.0, "vit_grad": 0.8}) == [Spike("grad_norm", 11.0, 3.5),
+                                                             Spike("vit_grad", 0.8, 0.25)]
+    # a part that does not train (norms 0) judges nothing
+    z = SpikeWindow(factor=2.0, window=1)
+    z.add({"grad_norm": 0.0})
+    assert z.check({"grad_norm": 1.0}) == []
+
+
+def test_the_window_round_trips_through_a_checkpoints_state():
+    w = SpikeWindow(factor=2.0, window=3)
+    for x in (1.0, 2.0, 3.0, 4.0):
+        w.add({"grad_norm": x, "vit_grad": x / 10})
+    state = copy.deepcopy(w.state_dict())
+    assert state == {"norms": {"grad_norm": [2.0, 3.0, 4.0], "vit_grad": [0.2, 0.3, 0.4]}}
+    back = SpikeWindow(factor=2.0, window=3)
+    back.load_state_dict(state)
+    assert back.check({"grad_norm": 6.1}) == w.check({"grad_norm": 6.1}) == [Spike("grad_norm", 6.1, 3.0)]
+    # resumed with a shorter train.spike.window: its last norms
+    short = SpikeWindow(factor=2.0, window=2)
+    short.load_state_dict(state)
+    assert short.state_dict() == {"norms": {"grad_norm": [3.0, 4.0], "vit_grad": [0.3, 0.4]}}
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("factor", 1.0, "train.spike.factor must be a finite number > 1, or 0 for off; got 1.0"),
+    ("factor", 0.5, "train.spike.factor must be a finite number > 1"),
+    ("factor", -3.0, "train.spike.factor must be a finite number > 1"),
+    ("factor", float("nan"), "train.spike.factor must be a finite number > 1"),
+    ("factor", float("inf"), "train.spike.factor must be a finite number > 1"),
+    ("window", 0, "train.spike.window must be >= 1 (applied steps), got 0"),
+    ("skip_steps", -1, "train.spike.skip_steps must be >= 0, got -1"),
+])
+def test_bad_spike_settings_name_the_key(key, value, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        SpikeConfig(**{key: value})
+
+
+def test_bad_spike_settings_stop_the_config_and_the_default_is_off():
+    with pytest.raises(ValueError, match=r"train\.spike\.window must be >= 1"):
+        to_config(compose_config(["recipe=keye_tiny_lm", "train.spike.factor=10", "train.spike.window=0"]))
+    assert to_config(compose_config(["recipe=keye_tiny_lm"])).train.spike.factor == 0
+
+
+@pytest.fixture(scope="module")
+def world():
+    pgs = init_one_process_megatron(3)
+    try:
+        yield pgs
+    finally:
+        destroy_one_process_megatron()
+
+
+def test_the_split_step_updates_as_megatrons_step(world):
+    """Two copies of the tiny MoE LM, the same gradients: megatron's optimizer.step() on one, norm_before_step and
+    apply_step on the other (gradients clipped: train.grad_clip 1.0 below their norm). Every parameter equal, bit
+    for bit, and the same norm."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from models.config import LMConfig, ModelParallelSizes
+    from models.lm import build_lm, transformer_config
+    from train.config import TrainConfig
+    from train.optim import build_optimizer
+
+    lm = LMConfig(num_layers=2, loss_chunk_tokens=0)
+    tcfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True, recompute=None)
+    first = build_lm(lm, tcfg, pg_collection=world, pp_rank=0, pp_size=1)
+    second = build_lm(lm, tcfg, pg_collection=world, pp_rank=0, pp_size=1)
+    second.load_state_dict(first.state_dict())
+    g = torch.Generator().manual_seed(3)
+    tokens, labels = (torch.randint(0, lm.vocab_size, (2, 16), generator=g) for _ in range(2))
+    pos = torch.arange(16).expand(3, 2, 16)
+    out = {}
+    for name, module in (("step", first), ("split", second)):
+        ddp = DistributedDataParallel(config=tcfg, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                      module=module, pg_collection=world)
+        opt = build_optimizer([ddp], TrainConfig(grad_clip=1.0), bf16=False, distributed=False, pg_collection=world)
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        (ddp(tokens, pos, None, labels=labels).sum() * 1000).backward()   # x 1000: a norm the clip scales down
+        finalize_model_grads([ddp], pg_collection=world)
+        if name == "step":
+            ok, norm, _ = opt.step()
+        else:
+            norm = norm_before_step(opt)
+            ok = apply_step(opt, norm)
+        out[name] = ok, norm, {n: p.detach().clone() for n, p in module.named_parameters()}
+    (ok1, n1, p1), (ok2, n2, p2) = out["step"], out["split"]
+    assert ok1 and ok2 and n1 == n2 and n1 > 1.0
+    assert p1.keys() == p2.keys() and all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+class _Stream:
+    def describe_step(self, micro, parts):
+        assert micro is None and parts is None   # the whole step's data: its norm is the world's
+        return "a synthetic_tokens stream: global samples 0..7"
+
+    def step_record(self, micro, parts):   # a video stream's fields, which data.exclude reads
+        return {"stream": "video", "packs": [{"epoch": 0, "pack": 3, "samples": ["shard-000001.tar/clip_1"]}]}
+
+
+def _trainer(tmp_path, skip_steps: int):
+    from train.config import Config
+
+    cfg = Config(run_dir=str(tmp_path))
+    cfg.train.spike = SpikeConfig(factor=4.0, window=2, skip_steps=skip_steps)
+    cfg.train.checkpoint.enabled = False
+    cfg.data.kind = "tokens"   # (synthetic text names no samples to leave out)
+    return types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7,
+                                 spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None)
+
+
+def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_path, caplog):
+    from train.trainer import Trainer
+
+    tr = _trainer(tmp_path, skip_steps=1)
+    spike = [Spike("grad_norm", 40.0, 2.0)]
+    Trainer._spike_skip_or_stop(tr, spike, 3.5, {"grad_norm": 40.0})
+    assert (tr.spike_in_row, tr.spike_skipped) == (1, 1)
+    what = ("step 7: the language model's gradient norm 40 is 20 x the median 2 of the last 2 applied steps' (more "
+            "than train.spike.factor=4) (the step's loss 3.5)")
+    assert (f"{what}: skipped, no weight updated (1 in a row of the 1 train.spike.skip_steps allows); this rank's "
+            "data in the step: a synthetic_tokens stream: global samples 0..7") in caplog.text
+    tr.step = 8
+    with pytest.raises(SpikeStepError) as e:
+        Trainer._spike_skip_or_stop(tr, spike, 3.5, {"grad_norm": 40.0})
+    assert str(e.value) == (
+        f"{what.replace('step 7', 'step 8')}, so no weight was updated and the run stops after 2 such steps in a row "
+        "(train.spike.skip_steps=1 skips up to that many in a row). Checkpoints are off (train.checkpoint.enabled="
+        "false): rerunning starts the run over. Rank 0's data in the step: a synthetic_tokens stream: global samples "
+        "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data; a "
+        "larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
+    recs = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["action"], r["spikes"]) for r in recs] == [
+        (s, a, [{"norm": "grad_norm", "value": 40.0, "median": 2.0}]) for s, a in ((7, "skipped"), (8, "stopped"))]
+    assert recs[0]["samples"] == {"0": {"micro_batches": None, "streams": [_Stream().step_record(None, None)]}}
+    assert read_exclude(str(tmp_path / "spikes.jsonl")).keys == {"shard-000001.tar/clip_1"}   # what the stop names
+
+
+def test_a_spike_names_each_ranks_data_once(world, tmp_path, caplog, monkeypatch):
+    """Ranks 0 and 1 read the same data (a TP pair), rank 2 other data: the log and the record name ranks 0 and 2."""
+    import train.trainer as trainer_module
+
+    other = ("a synthetic_tokens stream: global samples 8..15", {"stream": "synthetic_tokens"})
+
+    def gather(out, mine):
+        out[:] = [mine, mine, other]
+    monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gather)
+    tr = _trainer(tmp_path, skip_steps=1)
+    trainer_module.Trainer._spike_skip_or_stop(tr, [Spike("grad_norm", 40.0, 2.0)], 3.5, {})
+    assert ("skipped, no weight updated (1 in a row of the 1 train.spike.skip_steps allows); rank 2's data in the "
+            "step: a synthetic_tokens stream: global samples 8..15; this rank's data in the step: a synthetic_tokens "
+            "stream: global samples 0..7") in caplog.text
+    (rec,) = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
+    assert rec["data"] == {"0": "a synthetic_tokens stream: global samples 0..7", "2": other[0]}
+
+
+def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
+    """The common state of a checkpoint written before train.spike existed has no "spike": the counts start at 0,
+    the window empty, and the log says so; one written with it gives its window back."""
+    from train.trainer import Trainer
+
+    tr = types.SimpleNamespace(rank=0, spikes=SpikeWindow(factor=5.0, window=2), spike_in_row=9, spike_skipped=9)
+    with caplog.at_level(logging.INFO, logger="train"):
+        Trainer._restore_spike_state(tr, {"step": 4, "nonfinite": {"in_row": 0, "skipped": 0}})
+    assert (tr.spike_in_row, tr.spike_skipped, tr.spikes.norms) == (0, 0, {})
+    assert ("train.spike: the checkpoint holds no window of gradient norms (written with train.spike off, or before it "
+            "existed): the window starts empty, and no step is judged before 2 applied steps fill it") in caplog.text
+    saved = {"in_row": 1, "skipped": 3, "window": {"norms": {"grad_norm": [1.0, 2.0]}}}
+    Trainer._restore_spike_state(tr, {"spike": saved})
+    assert (tr.spike_in_row, tr.spike_skipped, tr.spikes.state_dict()) == (1, 3, saved["window"])
