@@ -17,6 +17,9 @@ of one of its rows (the LM's) or documents (a pack's) alone.
   equals its value after step 2 (a run stopped there: parameter sums compared exactly), the step counts in
   `skipped_steps` (kept in the checkpoint: a resumed run reports it), and the run goes on. Two such steps in a row
   with one allowed stop at the second.
+- A gradient spike (train.spike; KEYE_FAULT=spike_grad_in_step: the gradients 1000 times what they were) is skipped
+  too: the run goes on as one that skipped the same step for a NaN, bit for bit, and the window of norms it judges
+  against travels with the checkpoint.
 """
 
 import json
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.slow
 LM = ["recipe=keye_tiny_lm", "train.global_batch_size=16", "train.micro_batch_size=4", "train.seq_length=64",
       "train.steps=5", "train.checkpoint.save_interval=1"]
 FAULT = "nan_in_step:step=3:rank=1"
+SPIKE = ["train.spike.factor=5", "train.spike.window=2", "train.spike.skip_steps=1"]
 
 
 def test_a_nan_step_stops_the_run_naming_it_and_the_rerun_resumes_exactly(skipped, tmp_path):
@@ -109,18 +113,26 @@ def skipped(tmp_path_factory):
     layouts["warmup_before"] = warmup + ["train.stop_after=2"]
     layouts["warmup_skipped"] = warmup + skip_one + ["train.stop_after=3"]
     # the count of skipped steps travels with the checkpoint: a run that skipped step 3 stops after it, and the
-    # resumed run (no fault) reports it from its first step on
+    # resumed run (no NaN) reports it from its first step on
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
-    layouts["lm_saved_skip"] = saved + skip + ["train.stop_after=3"]
-    layouts["lm_resumed_skip"] = saved
+    # (with train.spike: the window, steps 1-2's norms, travels too: the resumed run judges step 4, 1000 times its
+    # gradients, against it)
+    layouts["lm_saved_skip"] = saved + skip + SPIKE + ["train.stop_after=3"]
+    layouts["lm_resumed_skip"] = saved + SPIKE + ["KEYE_FAULT=spike_grad_in_step:step=4"]
     # the whole-loss fault skipped, the run going on to its last step (its records read as strict JSON)
     layouts["lm_strict"] = LM + skip + ["train.checkpoint.enabled=false"]
     # the stopping test's reference: its settings without the fault
     layouts["lm_reference"] = LM + ["train.checkpoint.enabled=false"]
+    # train.spike: step 3's gradients 1000 times what they were (every rank's, after their reduction): skipped as
+    # lm_strict skips its NaN step
+    layouts["lm_spike"] = lm + SPIKE + ["KEYE_FAULT=spike_grad_in_step:step=3"]
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
     data["records"] = {name: [json.loads(x) for x in (tmp / "runs" / name / "nonfinite.jsonl").read_text().splitlines()]
                        for name in ("ck", "lm_skipped", "vl_skipped")}
+    records = {name: tmp / "runs" / name / "spikes.jsonl" for name in ("ck", "lm_spike")}
+    data["spikes"] = {name: [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+                      for name, p in records.items()}
     data["runs"] = tmp / "runs"
     return data
 
@@ -261,3 +273,42 @@ def test_a_run_stopped_by_a_document_resumes_without_it(tmp_path):
     assert f"data.exclude: 1 sample(s) named in {records}" in log0
     # global sample 11: rank 1's second row of step 3 (G = 4 over 2 ranks: samples 8 + 2 x rank + micro)
     assert f"data.exclude: {prefix} document {number} left out of global sample 11 " in log1, log1[-3000:]
+
+
+def test_a_spiking_step_is_skipped_as_a_nan_step_is(skipped):
+    """train.spike: step 3's gradient norm, 1000 times its natural one, exceeds 5 x the median of steps 1-2's. The step
+    updates nothing, so the run goes on as one that skipped step 3 for a NaN (lm_strict, the same data): the same
+    losses and parameters, bit for bit; steps 1-2, applied by megatron's optimizer step split around the decision,
+    are the reference's."""
+    steps, digests, extras, norms = skipped["losses"], skipped["digests"], skipped["extras"], skipped["grad_norms"]
+    ref, spike = steps["lm_reference"], steps["lm_spike"]
+    assert {s: spike[s] for s in (1, 2, 3)} == {s: ref[s] for s in (1, 2, 3)}   # step 3: the fault came after its loss
+    assert {s: spike[s] for s in (4, 5)} == {s: steps["lm_strict"][s] for s in (4, 5)}
+    assert digests["lm_spike"] == digests["lm_strict"]
+    # the skipped step's norm (the step line's grad), 1000 x the reference's (fp32 rounding of the sum of squares)
+    v = norms["lm_spike"][3]
+    assert v == pytest.approx(1000 * norms["lm_reference"][3], rel=1e-5)
+    assert "spike_skipped_steps" not in extras["lm_spike"][2]
+    assert [extras["lm_spike"][s]["spike_skipped_steps"] for s in (3, 4, 5)] == [1, 1, 1]
+    median = (norms["lm_reference"][1] + norms["lm_reference"][2]) / 2
+    (rec,) = skipped["spikes"]["lm_spike"]
+    assert (rec["step"], rec["action"], rec["spikes"]) == (3, "skipped", [
+        {"norm": "grad_norm", "value": v, "median": median}])
+    assert rec["data"] == {"0": "a synthetic_tokens stream: global samples 32..39",
+                           "1": "a synthetic_tokens stream: global samples 40..47"}
+    assert (f"step 3: the language model's gradient norm {v:.6g} is {v / median:.3g} x the median {median:.6g} of "
+            f"the last 2 applied steps' (more than train.spike.factor=5) (the step's loss {ref[3]:.6g}): skipped, no "
+            "weight updated (1 in a row of the 1 train.spike.skip_steps allows); rank 1's data in the step: a "
+            "synthetic_tokens stream: global samples 40..47; this rank's data in the step: a synthetic_tokens "
+            "stream: global samples 32..39") in skipped["logs"][0]
+
+
+def test_the_spike_window_resumes_with_the_run(skipped):
+    """The run stopped after step 3 (skipped for a NaN: not in the window) resumes with the window of steps 1-2's
+    norms, and judges step 4 (1000 times its gradients) against it: skipped. An empty window would judge nothing."""
+    norms, extras = skipped["grad_norms"], skipped["extras"]
+    (rec,) = skipped["spikes"]["ck"]
+    median = (norms["lm_reference"][1] + norms["lm_reference"][2]) / 2
+    assert (rec["step"], rec["action"], rec["spikes"]) == (4, "skipped", [
+        {"norm": "grad_norm", "value": norms["lm_resumed_skip"][4], "median": median}])
+    assert [extras["lm_resumed_skip"][s]["spike_skipped_steps"] for s in (4, 5)] == [1, 1]
