@@ -1,11 +1,12 @@
 """A step whose gradient norm spikes (train.spike; train/trainer.py Trainer._spike_skip_or_stop): the decision, the
 window it rests on, and the optimizer step split around it.
 
-The norms judged are the global gradient norms before clipping, the language model's (megatron's get_grad_norm:
-reduced over data-parallel, tensor, pipeline and expert ranks, all stages) and the vision tower's (VisionTower.
-reduce_grads): the same on every rank, so every rank decides the same without a collective of its own. The norm, not
-the loss, is judged: it is what moves the weights, and it is known before the step is applied (the step's loss is
-summed over the world after it, with the step's other metrics).
+The norms judged are the global gradient norms before clipping, the language model's (megatron's get_grad_norm: reduced
+over data-parallel, tensor, pipeline and expert ranks, all stages) and the vision tower's (VisionTower.reduce_grads):
+the same on every rank, so every rank decides the same without a collective of its own (but with train.grad_clip=0,
+where megatron's step computes no norm: norm_before_step). The norm, not the loss, is judged: it is what moves the
+weights, and it is known before the step is applied (the step's loss is summed over the world after it, with the step's
+other metrics).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class SpikeWindow:
 
 def norm_before_step(optimizer) -> float | None:
     """The first half of megatron's optimizer step: the gradients made ready (prepare_grads) and their global norm
-    before clipping (get_grad_norm: the collective megatron's step runs, no other). None when prepare_grads found a
-    NaN or an Inf (megatron's step then reports failure). apply_step finishes the step."""
+    before clipping (get_grad_norm: the collective megatron's step runs to clip; with train.grad_clip=0, which
+    megatron's step computes no norm for, the one collective this adds). None when prepare_grads found a NaN or an
+    Inf (megatron's step then reports failure). apply_step finishes the step."""
     if optimizer.prepare_grads():
         return None
     return float(optimizer.get_grad_norm())

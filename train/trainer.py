@@ -958,7 +958,8 @@ class Trainer:
         """train.spike's step (finite gradients): the global gradient norms before clipping, the language model's and
         the trained vision tower's, judged against the window (train/spikes.py); a spike updates nothing, else the
         step is applied and its norms join the window. Megatron's optimizer step split in two around the decision,
-        with no collective of its own: the same update as optimizer.step(). Returns (the LM's norm, the spikes)."""
+        with no collective of its own (unless train.grad_clip=0: norm_before_step): the same update as
+        optimizer.step(). Returns (the LM's norm, the spikes)."""
         norms = {}
         if self.lm_trainable:
             lm_norm = norm_before_step(self.optimizer)
