@@ -207,3 +207,16 @@ def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
     saved = {"in_row": 1, "skipped": 3, "window": {"norms": {"grad_norm": [1.0, 2.0]}}}
     Trainer._restore_spike_state(tr, {"spike": saved})
     assert (tr.spike_in_row, tr.spike_skipped, tr.spikes.state_dict()) == (1, 3, saved["window"])
+
+
+def test_a_resumed_launch_sets_aside_the_spike_records_of_the_steps_it_trains_again(tmp_path):
+    """spikes.jsonl is one of the run's record files (train/metrics.py set_aside_redone): a launch resuming at step 4
+    moves the records of steps 5 on, which it trains again, to spikes.superseded.jsonl (reference: split by hand)."""
+    from train.metrics import set_aside_redone
+
+    recs = [json.dumps({"step": s, "action": "skipped"}) for s in (3, 5, 6)]
+    (tmp_path / "spikes.jsonl").write_text("\n".join(recs) + "\n")
+    assert set_aside_redone(str(tmp_path), 4) == ["spikes.jsonl: 2 record(s) after step 4, which this launch trains "
+                                                  "again, moved to spikes.superseded.jsonl"]
+    assert (tmp_path / "spikes.jsonl").read_text().splitlines() == recs[:1]
+    assert (tmp_path / "spikes.superseded.jsonl").read_text().splitlines() == recs[1:]
