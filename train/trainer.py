@@ -432,6 +432,11 @@ class Trainer:
                          "" if layout.recompute == "none" and layout.offload != "activations"
                          else f" (parallel.recompute={layout.recompute} and parallel.offload={layout.offload} "
                               "have nothing to keep for a backward and are off)")
+            if self.spikes is not None:
+                log.info("train.spike: a step whose gradient norm before clipping exceeds %g x the median of the "
+                         "last %d applied steps' updates no weight (%s)", t.spike.factor, t.spike.window,
+                         f"skipped up to {t.spike.skip_steps} in a row, then the run stops" if t.spike.skip_steps
+                         else "the first such step stops the run: train.spike.skip_steps=0")
             if self.offloaders:
                 log.info("activation offload: the first %d of each model chunk's %d layers keep what they save for "
                          "backward (recompute %s: %s) in %s", self.offloaders[0].layers_to_offload,
@@ -1027,11 +1032,13 @@ class Trainer:
         exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else
                    f"data.exclude={Path(self.run_dir) / SPIKE_RECORDS} leaves the samples it names out of the data; ")
         where_data = "; ".join(named.values()) + more + "."
+        # (a setting's name starts a sentence as it is written; "a larger" does not)
+        advice = f"{exclude}{'a' if exclude else 'A'} larger train.spike.factor (or train.spike.factor=0: off) lets " \
+            "such steps through"
         raise SpikeStepError(
             f"{what}, so no weight was updated and the run stops after {self.spike_in_row} such step"
             f"{'s' if self.spike_in_row > 1 else ''} in a row (train.spike.skip_steps={sp.skip_steps} skips up to "
-            f"that many in a row). {resume} {where_data[0].upper()}{where_data[1:]} {exclude}a larger "
-            f"train.spike.factor (or train.spike.factor=0: off) lets such steps through")
+            f"that many in a row). {resume} {where_data[0].upper()}{where_data[1:]} {advice}")
 
     def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
                    own_grads_finite: torch.Tensor) -> NonFinite:

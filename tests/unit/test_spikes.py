@@ -167,6 +167,11 @@ def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_pat
         "false): rerunning starts the run over. Rank 0's data in the step: a synthetic_tokens stream: global samples "
         "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data; a "
         "larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
+    (tmp_path / "synthetic").mkdir()
+    synthetic = _trainer(tmp_path / "synthetic", skip_steps=0)
+    synthetic.cfg.data.kind = "synthetic_tokens"   # rows of a Markov chain name no samples to leave out
+    with pytest.raises(SpikeStepError, match=r"global samples 0\.\.7\. A larger train\.spike\.factor \(or"):
+        Trainer._spike_skip_or_stop(synthetic, spike, 3.5, {})
     recs = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
     assert [(r["step"], r["action"], r["spikes"]) for r in recs] == [
         (s, a, [{"norm": "grad_norm", "value": 40.0, "median": 2.0}]) for s, a in ((7, "skipped"), (8, "stopped"))]
