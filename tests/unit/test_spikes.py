@@ -5,6 +5,7 @@ skipped and of a stopping step. A run that skips an injected spike and resumes i
 one that skips the same step for a NaN: tests/dist/test_nonfinite.py."""
 
 import copy
+import gc
 import json
 import logging
 import types
@@ -85,7 +86,9 @@ def world():
     try:
         yield pgs
     finally:
+        del pgs
         destroy_one_process_megatron()
+        gc.collect()
 
 
 def test_the_split_step_updates_as_megatrons_step(world):
