@@ -1,9 +1,10 @@
 """The position of a stream of samples that are pure functions of their global index (the synthetic token stream,
 token files): one integer, `consumed_samples`.
 
-Step k consumes global samples [k G, (k + 1) G) for the global batch size G; data-parallel rank r of R takes the
-contiguous slice [k G + r G / R, k G + (r + 1) G / R), micro-batch by micro-batch. A resume is exact, and under
-another data-parallel size neither repeats nor skips a sample.
+A step consumes the next G global samples [c, c + G) for the global batch size G, c the samples consumed before it;
+data-parallel rank r of R takes the contiguous slice [c + r G / R, c + (r + 1) G / R), micro-batch by micro-batch. A
+resume is exact, and under another data-parallel size, micro-batch size or global batch size neither repeats nor skips
+a sample.
 """
 from __future__ import annotations
 
@@ -77,11 +78,9 @@ class GlobalSamplePosition:
         return {"kind": self.kind, "consumed_samples": done}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues after the saved global samples, at any global batch size (the next step takes the next G)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume {self.what}")
-        if state["consumed_samples"] % self.gbs:
-            raise ValueError(f"checkpoint consumed {state['consumed_samples']} samples, not a multiple of "
-                             f"train.global_batch_size ({self.gbs}); resume with the same global batch size")
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
 
 

@@ -19,8 +19,9 @@ tokens. This is the stream for that corpus:
   window of samples holds each source in proportion to its weight, within a sample or two), and is that source's
   next sample. Without weights the paths are one source: one pool of documents, each token once per epoch.
 - **Position and resume:** a sample is a pure function of (seed, global index), so the position is one integer, as
-  in the synthetic stream: step k consumes global samples [kG, (k+1)G) and data-parallel rank r of R takes the
-  slice [kG + rG/R, kG + (r+1)G/R). A resume continues exactly, under another data-parallel size too.
+  in the synthetic stream (data/sample_position.py): a step consumes the next G global samples and data-parallel
+  rank r of R takes the r-th G/R of them. A resume continues exactly, under another data-parallel size or global
+  batch size too.
 - **Document bounds** (`data.tokens.document_bounds`, default on, micro-batch size 1): the row carries `cu_seqlens`,
   positions restart at each document, attention stays within it, and the label that would predict a document's
   first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions

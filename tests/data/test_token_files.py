@@ -407,8 +407,10 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     draw(s, 3)
     state = s.state_dict()
     assert state == {"kind": "tokens", "consumed_samples": 12}
-    for dp in (1, 2, 4):   # another data-parallel size continues the same global samples
-        t = TokenFileStream(corpus, dp_rank=0, dp_size=dp, **kw)
+    # another data-parallel size or global batch size continues the same global samples (12 samples are 1.5 steps
+    # of 8: that resume was refused before)
+    for dp, gbs in ((1, 4), (2, 4), (4, 4), (1, 8)):
+        t = TokenFileStream(corpus, dp_rank=0, dp_size=dp, **{**kw, "global_batch_size": gbs})
         t.load_state_dict(state)
         assert torch.equal(next(t)["tokens"], one[3][0]["tokens"])
     with pytest.raises(ValueError, match="synthetic_tokens"):

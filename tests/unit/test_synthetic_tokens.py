@@ -41,6 +41,28 @@ def test_resume_continues_exactly_and_across_dp_sizes():
     assert torch.equal(expected, torch.cat(parts))
 
 
+def test_resume_at_another_global_batch_size_takes_the_next_samples():
+    """A batch-size ramp by hand (8 -> 16 after 3 steps: 24 consumed, not a multiple of 16), then fewer samples at
+    another data-parallel and micro-batch size: the steps read the global samples in order, none skipped or repeated.
+    Reference: one sample per micro-batch and step, in order. (Before, the resume at 16 raised ValueError 'checkpoint
+    consumed 24 samples, not a multiple of train.global_batch_size (16)'.)"""
+    ref = stream(gbs=1, mbs=1)
+    expected = torch.cat([next(ref)["tokens"] for _ in range(24 + 2 * 16 + 4)])
+    a = stream(gbs=8)
+    got = [m["tokens"] for _ in range(3) for m in take_step(a)]
+    state = a.state_dict()
+    b = stream(gbs=16, mbs=4)
+    b.load_state_dict(state)
+    got += [m["tokens"] for _ in range(2) for m in take_step(b)]
+    state = b.state_dict()
+    assert state["consumed_samples"] == 24 + 2 * 16
+    ranks = [stream(r, 2, gbs=4, mbs=1) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    got += [m["tokens"] for r in ranks for m in take_step(r)]
+    assert torch.equal(torch.cat(got), expected)
+
+
 def test_text_is_learnable_not_uniform():
     # Each token has at most `branching` successors: the bigram table is sparse.
     toks = torch.cat([next(stream())["tokens"].flatten() for _ in range(4)])
