@@ -9,6 +9,18 @@ a sample.
 from __future__ import annotations
 
 
+class DataStateMismatch(ValueError):
+    """A data state saved for other data or settings than the stream's that loads it (`load_state_dict`): `detail`
+    says what changed, `changed` holds the fields that differ as (saved, now), `catalog_changed` whether the samples
+    differ; `settings`: the settings a resume would have to set back (train/data_streams.restore_data_state names
+    them)."""
+
+    def __init__(self, detail: str, changed: dict, catalog_changed: bool, *,
+                 settings: str = "the data and data.video settings") -> None:
+        super().__init__(detail)
+        self.detail, self.changed, self.catalog_changed, self.settings = detail, changed, catalog_changed, settings
+
+
 class GlobalSamplePosition:
     """Where one data-parallel rank's next micro-batch starts; a subclass names its state's `kind` and makes the
     micro-batch from `next_start()`."""
@@ -70,17 +82,28 @@ class GlobalSamplePosition:
     def load_counters(self, entries: list[dict]) -> None:
         """Sets this rank's counts to the sums of `entries`, the saved `counters()` it takes (counters_of_rank)."""
 
+    def samples_record(self) -> dict:
+        """What the map from global index to sample depends on, kept in the state; {}: nothing (a subclass's)."""
+        return {}
+
+    def check_samples_record(self, saved: dict) -> None:
+        """DataStateMismatch where `saved` (a state's samples_record) differs from this stream's: at the saved
+        position the stream would read other samples, repeating some of those trained on and skipping others."""
+
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
         if self._micro not in (0, self.num_microbatches):
             raise RuntimeError("data state taken in the middle of a step")
         done = self.consumed_samples + (self.gbs if self._micro == self.num_microbatches else 0)
-        return {"kind": self.kind, "consumed_samples": done}
+        record = self.samples_record()
+        return {"kind": self.kind, "consumed_samples": done, **({"samples": record} if record else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues after the saved global samples, at any global batch size (the next step takes the next G)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume {self.what}")
+        if "samples" in state:   # absent from states written before it was kept: not checked
+            self.check_samples_record(state["samples"])
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
 
 

@@ -21,7 +21,9 @@ tokens. This is the stream for that corpus:
 - **Position and resume:** a sample is a pure function of (seed, global index), so the position is one integer, as
   in the synthetic stream (data/sample_position.py): a step consumes the next G global samples and data-parallel
   rank r of R takes the r-th G/R of them. A resume continues exactly, under another data-parallel size or global
-  batch size too.
+  batch size too. The state also records what the samples are a function of (the files by name and size, the
+  weights, seq_length, seed, shuffle: `TokenCorpus.record`); a resume where one of them changed is refused
+  (`check_record`), as it would read other documents from the saved position.
 - **Document bounds** (`data.tokens.document_bounds`, default on, micro-batch size 1): the row carries `cu_seqlens`,
   positions restart at each document, attention stays within it, and the label that would predict a document's
   first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions
@@ -613,6 +615,11 @@ class TokenCorpus:
         """exclude: the documents data.exclude names, left out of the rows (leave_out); `unmatched` lists what it
         names that no source holds."""
         groups = resolve_prefixes(paths, field_name=field_name)
+        # what global sample i is (check_record): the files by name and size, in their places, and the settings
+        self.record = {"files": [[[os.path.basename(p), *(os.path.getsize(p + x) for x in (".idx", ".bin"))]
+                                  for p in g] for g in groups],
+                       "weights": [float(w) for w in weights] if weights else None,
+                       "seq_length": seq_length, "seed": seed, "shuffle": shuffle}
         common = dict(seq_length=seq_length, seed=seed, shuffle=shuffle, vocab_size=vocab_size, index_dir=index_dir)
         if weights:
             kept = [(i, g, float(w)) for i, (g, w) in enumerate(zip(groups, weights)) if float(w) > 0]
@@ -622,6 +629,31 @@ class TokenCorpus:
             self.sources = [TokenSource([p for g in groups for p in g], source_id=0, **common)]
             self.blend = None
         self.unmatched = self.leave_out(exclude) if exclude else []
+
+    def check_record(self, saved: dict) -> None:
+        """DataStateMismatch naming each setting that moved global samples since `saved` (the `record` of the corpus
+        a data state was saved with): files added to or removed from data.tokens.paths, or grown, another blend,
+        train.seq_length, data.seed or data.tokens.shuffle. A file's directory may change."""
+        from data.sample_position import DataStateMismatch
+
+        settings = {"files": "data.tokens.paths", "weights": "data.tokens.weights", "seq_length": "train.seq_length",
+                    "seed": "data.seed", "shuffle": "data.tokens.shuffle"}
+        changed = {settings[k]: (saved.get(k), v) for k, v in self.record.items() if saved.get(k) != v}
+        if not changed:
+            return
+        files = changed.pop("data.tokens.paths", None)
+        what = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()]
+        if files is not None:
+            old, new = ({f[0]: tuple(f[1:]) for g in side or [] for f in g} for side in files)
+            moved = ([f"{n} added" for n in sorted(set(new) - set(old))]
+                     + [f"{n} removed" for n in sorted(set(old) - set(new))]
+                     + [f"{n} changed in size" for n in sorted(set(old) & set(new)) if old[n] != new[n]])
+            what.insert(0, "data.tokens.paths: " + (", ".join(moved) or "its files in another order or grouping"))
+            changed["data.tokens.paths"] = files
+        raise DataStateMismatch(
+            f"the token files' global samples differ from those the state was saved with ({'; '.join(what)}): read "
+            f"from the saved position, the run would train again on documents it trained on and skip others",
+            changed, files is not None, settings="the data.tokens, data.seed and train.seq_length settings")
 
     def _where(self, start: int, count: int) -> list[tuple[int, int]]:
         """(source, index within the source) of global samples start .. start + count - 1."""
@@ -731,6 +763,12 @@ class TokenFileStream(GlobalSamplePosition):
 
     def counters(self) -> dict:
         return {"left_out_met": self.left_out_met}
+
+    def samples_record(self) -> dict:
+        return self.corpus.record
+
+    def check_samples_record(self, saved: dict) -> None:
+        self.corpus.check_record(saved)
 
     def load_counters(self, entries: list[dict]) -> None:
         self.left_out_met = sum(int(c.get("left_out_met", 0)) for c in entries)

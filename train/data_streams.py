@@ -23,21 +23,23 @@ def training_exclude(cfg):
 
 def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> None:
     """Continues each of a resumed run's data streams from `state` (the data state of `checkpoint`, one of
-    `run_dir`'s). A state saved for other data or data.video settings (data/video/loader.LoaderStateMismatch) is a
-    SettingsError naming what changed and what the run's user can do: launch with what it was saved with, or start
-    another run directory from its weights; the loader's own remedy (strict=False) is no setting of a run."""
-    from data.video.loader import LATER_FIELDS, LoaderStateMismatch
+    `run_dir`'s). A state saved for other data or data settings (data/sample_position.DataStateMismatch: the video
+    loader's LoaderStateMismatch, token files) is a SettingsError naming what changed and what the run's user can do:
+    launch with what it was saved with, or start another run directory from its weights; the loader's own remedy
+    (strict=False) is no setting of a run."""
+    from data.sample_position import DataStateMismatch
+    from data.video.loader import LATER_FIELDS
 
     for s in streams:
         try:
             s.load_state_dict(state)
-        except LoaderStateMismatch as e:
+        except DataStateMismatch as e:
             from train.config import SettingsError
 
             # only where documents moved by a version of the code (the frames' place, the reading of a text's special
             # tokens) nothing can be set back: the state is of its own
             exact = ("" if set(e.changed) <= set(LATER_FIELDS) and not e.catalog_changed else
-                     "to continue it exactly, launch it with the data and data.video settings it was saved with; ")
+                     f"to continue it exactly, launch it with {e.settings} it was saved with; ")
             raise SettingsError(
                 f"the data state of {checkpoint} cannot be continued: {e.detail}; {exact}to go on from its weights "
                 f"instead, start another run directory from them: run_dir=<a new directory> "

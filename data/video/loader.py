@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.exclude import ExcludeList
 from data.node_files import array_json, json_array, prune, shaped, shared_arrays, shared_chunks
+from data.sample_position import DataStateMismatch
 from data.token_files import TokenPacks
 
 from .annotations import spells_special, vision_moved
@@ -118,15 +119,15 @@ class NothingPlanned(RuntimeError):
     (data.video.shards, or the held-out set's), the reasons and the first sample."""
 
 
-class LoaderStateMismatch(ValueError):
-    """A loader state saved for other data or planning settings than this loader's (`load_state_dict`, strict):
+class LoaderStateMismatch(DataStateMismatch):
+    """A loader state saved for other data, planning settings or seed than this loader's (`load_state_dict`, strict):
     `detail` says what changed, `changed` holds the planning fields that differ as (saved, now), `catalog_changed`
     whether the samples differ. Its message names what a caller of the loader can do (strict=False); a run's
     trainer names what its user can (train/data_streams.restore_data_state)."""
 
     def __init__(self, detail: str, changed: dict, catalog_changed: bool) -> None:
-        super().__init__(f"{detail}; load_state_dict(state, strict=False) restarts at the saved epoch's beginning")
-        self.detail, self.changed, self.catalog_changed = detail, changed, catalog_changed
+        super().__init__(detail, changed, catalog_changed)
+        self.args = (f"{detail}; load_state_dict(state, strict=False) restarts at the saved epoch's beginning",)
 
 
 class SampleFailure(Exception):
@@ -1328,8 +1329,9 @@ class VideoPackedLoader:
         stopped and the new ratio applies to the packs from here on (a warning says so)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}: expected {STATE_VERSION}")
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        if int(state["seed"]) != self.seed:   # every epoch's order and plan is another
+            raise LoaderStateMismatch(f"loader state was saved with data.seed {state['seed']}, this loader has "
+                                      f"data.seed {self.seed}", {"seed": (int(state["seed"]), self.seed)}, False)
         consumed = int(state["consumed"]) * int(state["dp_world"])
         walker = self.stream          # the stream the saved position was consumed under
         if state["plan_fingerprint"] != self.plan_fingerprint() and self._same_plan_before(state):

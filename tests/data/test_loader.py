@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.sample_position import counters_of_rank
-from data.video.loader import VideoPackedLoader, epoch_order, merge_rank_states
+from data.video.loader import LoaderStateMismatch, VideoPackedLoader, epoch_order, merge_rank_states
 from data.video.packing import unpatchify
 from data.video.synthetic import read_counter
 
@@ -185,8 +185,8 @@ def test_state_mismatch_and_even_end(shard_dir, tmp_path):
     cfg = small_cfg(shard_dir, tmp_path, num_workers=0, decode_isolation="inline", num_epochs=1)
     a = VideoPackedLoader(cfg, seed=1)
     st = a.state_dict()
-    with pytest.raises(ValueError, match="seed"):
-        VideoPackedLoader(cfg, seed=2).load_state_dict(st)
+    with pytest.raises(LoaderStateMismatch, match="saved with data.seed 1, this loader has data.seed 2"):
+        VideoPackedLoader(cfg, seed=2).load_state_dict(st)   # a run's config error (before: a plain ValueError)
     other = small_cfg(shard_dir, tmp_path, num_workers=0, seq_len=2048, num_epochs=1)
     with pytest.raises(ValueError, match="seq_len"):
         VideoPackedLoader(other, seed=1).load_state_dict(st)

@@ -406,7 +406,7 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     s = TokenFileStream(corpus, dp_rank=1, dp_size=2, **kw)
     draw(s, 3)
     state = s.state_dict()
-    assert state == {"kind": "tokens", "consumed_samples": 12}
+    assert {k: state[k] for k in ("kind", "consumed_samples")} == {"kind": "tokens", "consumed_samples": 12}
     # another data-parallel size or global batch size continues the same global samples (12 samples are 1.5 steps
     # of 8: that resume was refused before)
     for dp, gbs in ((1, 4), (2, 4), (4, 4), (1, 8)):
@@ -419,6 +419,54 @@ def test_stream_slices_steps_over_ranks_and_resumes(files):
     mb = next(plain)
     assert mb["tokens"].shape == (2, 16) and "cu_seqlens" not in mb
     assert torch.equal(mb["tokens"][1], one[0][1]["tokens"][0])
+
+
+def test_a_resume_whose_files_or_settings_moved_the_samples_is_refused_naming_them(tmp_path):
+    """Token files added to a directory of data.tokens.paths since a checkpoint, or another seed, row length or
+    blend, give global sample i another row: read from the saved position, the run would train again on documents it
+    trained on and skip others (3 files of 40 documents: 27 of the 60 documents of the next 40 rows were trained on).
+    The resume stops instead (the trainer's config error, train/data_streams.restore_data_state), naming
+    what changed and what to do; the same files in another directory resume. (Before, each of these resumed without a
+    word: a state was one integer.)"""
+    from data.sample_position import DataStateMismatch
+    from train.config import SettingsError
+    from train.data_streams import restore_data_state
+
+    d = tmp_path / "tok"
+    for name, seed in (("a", 1), ("b", 2)):
+        write_token_files(_docs(40, seed), d / name, vocab_size=512)
+    kw = dict(document_bounds=True, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+
+    def stream(path, **corpus):
+        return TokenFileStream(TokenCorpus(str(path), **{"seq_length": 16, "seed": 3, **corpus}), **kw)
+
+    s = stream(d)
+    drawn = [next(s) for _ in range(12)]
+    state = s.state_dict()
+    moved = tmp_path / "elsewhere"   # the same files in another directory: the same samples
+    os.rename(d, moved)
+    t = stream(moved)
+    t.load_state_dict(state)
+    assert torch.equal(next(t)["tokens"], next(s)["tokens"]) and not torch.equal(drawn[0]["tokens"], next(t)["tokens"])
+    write_token_files(_docs(40, 3), moved / "c", vocab_size=512)   # new files appended to the folder
+    for corpus, named in (({}, "data.tokens.paths: c added"), ({"seed": 4}, "data.seed 3 -> 4"),
+                          ({"seq_length": 8}, "train.seq_length 16 -> 8")):
+        with pytest.raises(DataStateMismatch, match=named):
+            stream(moved, **corpus).load_state_dict(state)
+    with pytest.raises(SettingsError) as e:
+        restore_data_state([stream(moved)], state, checkpoint="ck/step_3", run_dir="runs/r")
+    assert str(e.value) == (
+        "the data state of ck/step_3 cannot be continued: the token files' global samples differ from those the state "
+        "was saved with (data.tokens.paths: c added): read from the saved position, the run would train again on "
+        "documents it trained on and skip others; to continue it exactly, launch it with the data.tokens, data.seed "
+        "and train.seq_length settings it was saved with; to go on from its weights instead, start another run "
+        "directory from them: run_dir=<a new directory> train.checkpoint.init_from=runs/r (its data from the "
+        "beginning, a fresh optimizer)")
+    a, b = f"{moved / 'a'}", f"{moved / 'b'}"   # a blend given other weights
+    s = TokenFileStream(TokenCorpus(f"{a},{b}", weights=[3, 1], seq_length=16, seed=3), **kw)
+    with pytest.raises(DataStateMismatch, match=r"data.tokens.weights \[3.0, 1.0\] -> \[1.0, 1.0\]"):
+        TokenFileStream(TokenCorpus(f"{a},{b}", weights=[1, 1], seq_length=16, seed=3), **kw).load_state_dict(
+            s.state_dict())
 
 
 def _documents_named_by_their_ids(tmp_path) -> dict:
