@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -41,6 +42,26 @@ def lr_at(step: int, cfg: TrainConfig, *, max_lr: float | None = None, min_lr: f
     if step < decay_start:
         return hi
     return lo + (hi - lo) * max(0.0, 1.0 - (step - decay_start) / decay_steps)
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_schedule", "warmup_steps", "steps", "wsd_decay_fraction")   # what lr_at reads
+
+
+def schedule_jump(saved: dict, cfg: TrainConfig, step: int) -> str:
+    """For a run resumed at `step` (the 0-based index of its next optimizer step) whose checkpoint recorded the train
+    settings `saved`: "" where the schedule's settings are those or give the same lr at that step, else a sentence
+    naming that step's lr under the checkpoint's settings and under `cfg`, and the settings that changed (a schedule
+    is a function of the step: raising train.steps of a finished cosine run takes the lr from min_lr back up)."""
+    changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    if not changed:
+        return ""
+    before = lr_at(step, SimpleNamespace(**{k: saved.get(k, getattr(cfg, k)) for k in SCHEDULE_KEYS}))
+    now = lr_at(step, cfg)
+    if math.isclose(before, now, rel_tol=1e-6, abs_tol=0.0):
+        return ""
+    return (f"the learning rate of step {step + 1} is {now:.4g} under this launch's schedule, where the checkpoint's "
+            f"gave {before:.4g} ({'; '.join(f'train.{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}): it "
+            f"{'rises' if now > before else 'drops'} at once, without warm-up, and follows the new schedule from there")
 
 
 def part_lr_bounds(cfg: TrainConfig, peak: float | None) -> tuple[float, float]:

@@ -52,7 +52,7 @@ from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
                              nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
 from train.optim import (apply_lr, build_optimizer, ensure_adam_state, keep_configured_hyperparameters,
-                         patch_step_restore, untie_adam_steps)
+                         patch_step_restore, schedule_jump, untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
 from train.spikes import SpikeStepError, SpikeWindow, apply_step, norm_before_step, record_spike_step
@@ -585,6 +585,8 @@ class Trainer:
             changed = self._changed_since(saved)
             if changed:
                 log.info("settings changed since that checkpoint was written: %s", changed)
+            if jump := schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step):
+                log.warning("%s", jump)
 
     def _restore_spike_state(self, common: dict) -> None:
         """train.spike's counts and window from a checkpoint's common state; one written before train.spike existed,

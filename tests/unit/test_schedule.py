@@ -36,3 +36,29 @@ def test_wsd_is_flat_then_decays_linearly_over_the_last_fraction():
 def test_linear_and_constant():
     assert lr_at(55, cfg(lr_schedule="linear")) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(80, cfg(lr_schedule="constant")) == pytest.approx(1.0)
+
+
+def test_a_resume_names_the_jump_a_changed_schedule_makes():
+    """A resume follows this launch's schedule from its next step; where the settings changed since the checkpoint give
+    that step another lr, schedule_jump says so with both values (the trainer logs it as a warning). Values by hand.
+    (Before, a finished cosine run extended from 100 to 200 steps went from min_lr 0.1 back up to 0.89 at once, and
+    the log said only 'train.steps 100 -> 200'.)"""
+    from dataclasses import asdict
+
+    from train.optim import schedule_jump
+
+    saved = asdict(cfg(lr_schedule="cosine"))
+    after = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 190))   # step index 100 of 200, warm-up 10
+    assert schedule_jump(saved, cfg(lr_schedule="cosine", steps=200), 100) == (
+        f"the learning rate of step 101 is {after:.4g} under this launch's schedule, where the checkpoint's gave 0.1 "
+        f"(train.steps 100 -> 200): it rises at once, without warm-up, and follows the new schedule from there")
+    cosine, linear = (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 90)), 0.1 + 0.9 * 50 / 90)   # step 50 of 100
+    assert (f"is {linear:.4g} under this launch's schedule, where the checkpoint's gave {cosine:.4g} "
+            "(train.lr_schedule 'cosine' -> 'linear'): it drops") in schedule_jump(saved, cfg(lr_schedule="linear"), 50)
+    wsd = asdict(cfg(lr_schedule="wsd"))   # extended in its stable phase (decay from step 80, now from 160): no jump
+    assert schedule_jump(wsd, cfg(lr_schedule="wsd", steps=200), 50) == ""
+    assert "gave 0.55 (train.steps 100 -> 200)" in schedule_jump(wsd, cfg(lr_schedule="wsd", steps=200), 90)
+    assert schedule_jump(saved, cfg(lr_schedule="cosine", warmup_steps=5), 30) != ""
+    constant = asdict(cfg(lr_schedule="constant"))   # another warm-up, once past it: the same lr
+    assert schedule_jump(constant, cfg(lr_schedule="constant", warmup_steps=5), 30) == ""
+    assert schedule_jump(saved, cfg(lr_schedule="cosine"), 30) == ""
