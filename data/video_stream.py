@@ -42,7 +42,7 @@ import torch
 
 from data.sample_position import format_runs
 from data.video.config import VideoDataConfig
-from data.video.loader import VideoPackedLoader
+from data.video.loader import LoaderStateMismatch, VideoPackedLoader
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,14 @@ class VideoBatchStream:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        try:
+            self.loader.load_state_dict(state)
+        except LoaderStateMismatch as e:
+            if "seq_len" in e.changed:   # set from train.seq_length (__init__): the setting its user gave
+                e.detail += (f" (seq_len is train.seq_length: {e.changed['seq_len'][0]} when the state was saved, "
+                             f"{e.changed['seq_len'][1]} now)")
+                e.settings = "train.seq_length and the data and data.video settings"
+            raise
         self._it = None
 
     def counters(self) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.video.loader import VideoPackedLoader, merge_rank_states
+from data.video.loader import LoaderStateMismatch, VideoPackedLoader, merge_rank_states
 from data.video.streams import SourceStream
 from data.video.synthetic import make_synthetic_shards
 from data.video_stream import VideoBatchStream
@@ -155,7 +155,17 @@ def test_resume_mixture_with_other_dp_world_and_merged_states(shard_dir, long_di
     st = s1.state_dict()
     s2 = VideoBatchStream(cfg, **kw)
     s2.load_state_dict(st)
-    assert all(next(s1)["tokens"].equal(next(s2)["tokens"]) for _ in range(3))
+    after = [next(s1)["tokens"] for _ in range(3)]
+    assert all(next(s2)["tokens"].equal(t) for t in after)
+    s3 = VideoBatchStream(cfg, **{**kw, "global_batch_size": 3})   # a batch-size ramp: the next packs
+    s3.load_state_dict(st)
+    assert all(next(s3)["tokens"].equal(t) for t in after)
+    # the packs' length is train.seq_length's (the stream sets data.video.seq_len to it): the error names it (it named
+    # seq_len and data.video's settings, where data.video.seq_len is replaced)
+    with pytest.raises(LoaderStateMismatch) as e:
+        VideoBatchStream(cfg, **{**kw, "seq_length": 2 * cfg.seq_len}).load_state_dict(st)
+    assert e.value.detail.endswith(f"(seq_len is train.seq_length: {cfg.seq_len} when the state was saved, "
+                                   f"{2 * cfg.seq_len} now)") and e.value.settings.startswith("train.seq_length and ")
     assert s2.stats["sources"] == s1.stats["sources"] and sum(v["packs"] for v in s2.stats["sources"].values()) == 6
     # what the trainer logs each step (console line and wandb): the realized shares, from the same counts
     m = s2.step_metrics()
