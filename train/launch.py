@@ -65,6 +65,11 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         if (why := d.video.seq_len_error(t.seq_length)) is not None:
             raise ValueError(f"train.seq_length ({t.seq_length}) is the length of the video data's packs, and it "
                              f"{why}")
+        from data.video.config import VideoDataConfig
+
+        if d.video.seq_len not in (t.seq_length, VideoDataConfig.seq_len):   # set, to another length: replaced
+            warnings.warn(f"data.video.seq_len={d.video.seq_len} is not used: the video data's packs are "
+                          f"train.seq_length's length ({t.seq_length} tokens)")
         if t.micro_batch_size != 1:
             raise ValueError(f"video data packs one sequence per micro-batch: train.micro_batch_size must be 1, "
                              f"got {t.micro_batch_size}")

@@ -337,6 +337,21 @@ def test_a_parts_lr_where_that_part_does_not_train_is_named_as_unused(overrides,
     assert unused == ([warning] if warning else []), unused
 
 
+@pytest.mark.parametrize("overrides,warning", [
+    # the packs are train.seq_length tokens (data/video_stream.py sets data.video.seq_len to it): a data.video.seq_len
+    # set to another length is named (it was dropped without a word: a relaunch with data.video.seq_len=1024 to
+    # lengthen the packs logged the change and trained at 512)
+    (["recipe=keye_tiny", "data.video.seq_len=1024"],
+     "data.video.seq_len=1024 is not used: the video data's packs are train.seq_length's length (512 tokens)"),
+    (["recipe=keye_tiny", "train.seq_length=1024"],    # the recipe's data.video.seq_len: named too
+     "data.video.seq_len=512 is not used: the video data's packs are train.seq_length's length (1024 tokens)"),
+    (["recipe=keye_tiny", "train.seq_length=1024", "data.video.seq_len=1024"], None),
+    (["recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1"], None),
+])
+def test_a_video_seq_len_other_than_train_seq_length_is_named_as_unused(overrides, warning):
+    test_a_parts_lr_where_that_part_does_not_train_is_named_as_unused(overrides, warning)
+
+
 def test_a_ksa_chunk_longer_than_the_sequence_is_refused():
     """No chunk completes, so no summary exists: the KSA model was plain causal attention, its summary parameters
     (all that the distillation stage trains) never used."""
