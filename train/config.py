@@ -115,7 +115,8 @@ class EvalConfig:
     """A held-out loss during training: at the start of a fresh run, every `interval` steps and after the last
     step, the model runs forward
     only, without gradients, over `batches` global batches of held-out data, drawn from the start of that data
-    each time (so every evaluation scores the same sequences). Held-out data: data.video.eval_shards for video
+    each time (so every evaluation scores the same sequences; a resume at another global batch size warns that it
+    scores others: held_out_moved). Held-out data: data.video.eval_shards for video
     data (a run on its own synthetic videos makes a second, smaller synthetic set), data.tokens.eval_paths for
     token files, and for synthetic text other samples of the same chain (data.sample_seed + 1). Logged as val_loss (and
     val_indexer_kl with DSA; val_kl and val_attn_mse in KSA distillation, whose teacher then runs too) on the
@@ -369,3 +370,22 @@ def _added_keys(obj, path: str = "") -> list[str]:
         if is_dataclass(value):
             out += _added_keys(value, f"{path}{f.name}.")
     return out
+
+
+def held_out_moved(saved: dict, t: TrainConfig) -> str:
+    """For a resumed run whose checkpoint recorded the train settings `saved` and whose launch has `t`:
+    "" unless another train.global_batch_size makes each evaluation score another number of each held-out set's
+    sequences (train.eval.batches global batches from the set's start), else a sentence naming both counts and the
+    train.eval.batches that keeps the sequences scored before, where one does. A set scored whole is the same set."""
+    e, old = t.eval, saved.get("eval") or {}
+    old_gbs, old_batches = saved.get("global_batch_size"), old.get("batches", e.batches)
+    if not e.interval or old_gbs in (None, t.global_batch_size) or not (old_batches and e.batches):
+        return ""
+    before, now = old_batches * old_gbs, e.batches * t.global_batch_size
+    if before == now:
+        return ""
+    keep = "" if before % t.global_batch_size else f"; train.eval.batches={before // t.global_batch_size} scores those"
+    return (f"train.global_batch_size {old_gbs} -> {t.global_batch_size}: each evaluation scores the first {now} "
+            f"sequences of each held-out set (train.eval.batches={e.batches}) where it scored {before}, so val_loss "
+            f"from here on is over other sequences than before{keep}"
+            + (" (the sets train.eval.set_batches names count in global batches too)" if e.set_batches else ""))

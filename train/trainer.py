@@ -41,7 +41,7 @@ from parallel.layout import ParallelLayout
 from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_in_backward
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
-from train.config import Config, DistillConfig, SettingsError, config_changes
+from train.config import Config, DistillConfig, SettingsError, config_changes, held_out_moved
 from train.data_streams import eval_streams, restore_data_state, text_streams, training_exclude, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
@@ -585,8 +585,10 @@ class Trainer:
             changed = self._changed_since(saved)
             if changed:
                 log.info("settings changed since that checkpoint was written: %s", changed)
-            if jump := schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step):
-                log.warning("%s", jump)
+            for note in (schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step),
+                         held_out_moved(saved["config"].get("train") or {}, self.cfg.train)):
+                if note:
+                    log.warning("%s", note)
 
     def _restore_spike_state(self, common: dict) -> None:
         """train.spike's counts and window from a checkpoint's common state; one written before train.spike existed,

@@ -213,3 +213,31 @@ def test_synthetic_held_out_sets_hold_no_training_sample(tmp_path):
     held_docs = documents(ensure_synthetic_token_files(tmp_path / "tok", 500, seed + 1, rank=0, vocab_size=512,
                                                        held_out_from=(seed, 2000)))
     assert len(held_docs) == 500 and not train_docs & held_docs
+
+
+def test_a_resume_at_another_global_batch_size_names_the_held_out_sequences_it_moves():
+    """Each evaluation scores train.eval.batches global batches from a held-out set's start, "so every evaluation
+    scores the same sequences" (EvalConfig): a resume at another train.global_batch_size scores other ones, which
+    the trainer's warning (held_out_moved) names with the count that keeps them; counts by hand. (Before, val_loss
+    moved at a batch-size ramp with no word of it: 4 x 16 = 64 sequences, then 4 x 32 = 128.)"""
+    from dataclasses import asdict
+
+    from train.config import EvalConfig, TrainConfig, held_out_moved
+
+    def cfg(gbs, batches=4, interval=10, set_batches=""):
+        return TrainConfig(global_batch_size=gbs, eval=EvalConfig(interval=interval, batches=batches,
+                                                                  set_batches=set_batches))
+
+    saved = asdict(cfg(16))
+    assert held_out_moved(saved, cfg(32)) == (
+        "train.global_batch_size 16 -> 32: each evaluation scores the first 128 sequences of each held-out set "
+        "(train.eval.batches=4) where it scored 64, so val_loss from here on is over other sequences than before; "
+        "train.eval.batches=2 scores those")
+    assert held_out_moved(saved, cfg(24)).endswith("where it scored 64, so val_loss from here on is over other "
+                                                   "sequences than before")      # 64 is no multiple of 24
+    assert held_out_moved(saved, cfg(32, set_batches="web=2")).endswith(
+        "(the sets train.eval.set_batches names count in global batches too)")
+    assert held_out_moved(saved, cfg(32, batches=2)) == ""      # the same 64 sequences
+    assert held_out_moved(saved, cfg(16)) == ""
+    assert held_out_moved(saved, cfg(32, interval=0)) == ""     # no evaluation
+    assert held_out_moved(asdict(cfg(16, batches=0)), cfg(32, batches=0)) == ""   # each set whole: the same set
