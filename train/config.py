@@ -389,3 +389,20 @@ def held_out_moved(saved: dict, t: TrainConfig) -> str:
             f"sequences of each held-out set (train.eval.batches={e.batches}) where it scored {before}, so val_loss "
             f"from here on is over other sequences than before{keep}"
             + (" (the sets train.eval.set_batches names count in global batches too)" if e.set_batches else ""))
+
+
+def ignored_on_resume(saved: dict, cfg: Config, *, rng_restored: bool) -> list[str]:
+    """The settings this launch changed since the checkpoint it resumes (whose config `saved` recorded) that a resume
+    does not read, each as a sentence: the `seed` where the random state is the checkpoint's (`rng_restored`: saved at
+    this layout), and train.checkpoint.init_from / vision_init_from (a fresh run's starting weights)."""
+    out = []
+    if rng_restored and saved.get("seed", cfg.seed) != cfg.seed:
+        out.append(f"seed {saved['seed']} -> {cfg.seed} changes nothing in a resumed run: its weights were initialised "
+                   f"and its random state comes from the checkpoint (the data's order follows data.seed)")
+    old = (saved.get("train") or {}).get("checkpoint") or {}
+    for name in ("init_from", "vision_init_from"):
+        source = getattr(cfg.train.checkpoint, name)
+        if source and old.get(name, source) != source:
+            out.append(f"train.checkpoint.{name}={source!r} is not read: this run directory holds a checkpoint, which "
+                       f"the run resumes; a run that starts from those weights takes another run_dir")
+    return out

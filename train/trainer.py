@@ -41,7 +41,8 @@ from parallel.layout import ParallelLayout
 from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_in_backward
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
-from train.config import Config, DistillConfig, SettingsError, config_changes, held_out_moved
+from train.config import (Config, DistillConfig, SettingsError, config_changes, held_out_moved,
+                          ignored_on_resume)
 from train.data_streams import eval_streams, restore_data_state, text_streams, training_exclude, video_stream
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
@@ -586,7 +587,8 @@ class Trainer:
             if changed:
                 log.info("settings changed since that checkpoint was written: %s", changed)
             for note in (schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step),
-                         held_out_moved(saved["config"].get("train") or {}, self.cfg.train)):
+                         held_out_moved(saved["config"].get("train") or {}, self.cfg.train),
+                         *ignored_on_resume(saved["config"], self.cfg, rng_restored=same_layout)):
                 if note:
                     log.warning("%s", note)
 

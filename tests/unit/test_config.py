@@ -916,3 +916,27 @@ def test_a_decode_once_that_changes_nothing_is_named(overrides, world_size, warn
 
     got = decode_once_unused(*_validate(*overrides, world_size=world_size))
     assert (got is None) if warning is None else got.startswith(warning), got
+
+
+def test_settings_a_resume_does_not_read_are_named_when_changed():
+    """A resumed run's weights and random state come from its checkpoint: a `seed` changed since (at the layout the
+    checkpoint was saved at, whose random state is restored) and a newly set train.checkpoint.init_from /
+    vision_init_from change nothing, and the trainer names them in a warning (ignored_on_resume); before, the log
+    listed 'seed 1234 -> 7' among the changed settings as if it applied. A stage recipe's init_from, the same at every
+    launch, says nothing."""
+    from train.config import ignored_on_resume
+
+    def cfg(**kw):
+        c = to_config(compose_config(["recipe=keye_tiny_lm", *[f"{k}={v}" for k, v in kw.items()]]))
+        return c, dataclasses.asdict(c)
+
+    _, saved = cfg()
+    new, _ = cfg(seed=7, **{"train.checkpoint.init_from": "/runs/base"})
+    assert ignored_on_resume(saved, new, rng_restored=True) == [
+        f"seed {saved['seed']} -> 7 changes nothing in a resumed run: its weights were initialised and its random "
+        "state comes from the checkpoint (the data's order follows data.seed)",
+        "train.checkpoint.init_from='/runs/base' is not read: this run directory holds a checkpoint, which the run "
+        "resumes; a run that starts from those weights takes another run_dir"]
+    assert len(ignored_on_resume(saved, new, rng_restored=False)) == 1   # another layout: the seed seeds its state
+    stage, stage_saved = cfg(**{"train.checkpoint.init_from": "/runs/base"})
+    assert ignored_on_resume(stage_saved, stage, rng_restored=True) == []
