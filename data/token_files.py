@@ -53,7 +53,7 @@ import torch
 
 from data.exclude import ExcludeList, blank_pieces
 from data.node_files import prune, shaped, shared_arrays
-from data.sample_position import GlobalSamplePosition
+from data.sample_position import DataStateMismatch, GlobalSamplePosition
 from data.video.annotations import unpaired_surrogate
 from data.video.shards import unique_tails
 
@@ -634,8 +634,6 @@ class TokenCorpus:
         """DataStateMismatch naming each setting that moved global samples since `saved` (the `record` of the corpus
         a data state was saved with): files added to or removed from data.tokens.paths, or grown, another blend,
         train.seq_length, data.seed or data.tokens.shuffle. A file's directory may change."""
-        from data.sample_position import DataStateMismatch
-
         settings = {"files": "data.tokens.paths", "weights": "data.tokens.weights", "seq_length": "train.seq_length",
                     "seed": "data.seed", "shuffle": "data.tokens.shuffle"}
         changed = {settings[k]: (saved.get(k), v) for k, v in self.record.items() if saved.get(k) != v}
