@@ -86,9 +86,9 @@ class GlobalSamplePosition:
         """What the map from global index to sample depends on, kept in the state; {}: nothing (a subclass's)."""
         return {}
 
-    def check_samples_record(self, saved: dict) -> None:
-        """DataStateMismatch where `saved` (a state's samples_record) differs from this stream's: at the saved
-        position the stream would read other samples, repeating some of those trained on and skipping others."""
+    def resume_samples(self, saved: dict, consumed: int) -> None:
+        """Continues after `consumed` global samples read with `saved` (a state's samples_record): DataStateMismatch
+        where that would read other samples than those its run trained on and would have read next."""
 
     def state_dict(self) -> dict:
         """Position after the last completed step (call between steps)."""
@@ -103,7 +103,7 @@ class GlobalSamplePosition:
         if state.get("kind") != self.kind:
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume {self.what}")
         if "samples" in state:   # absent from states written before it was kept: not checked
-            self.check_samples_record(state["samples"])
+            self.resume_samples(state["samples"], int(state["consumed_samples"]))
         self.consumed_samples, self._micro = int(state["consumed_samples"]), 0
 
 

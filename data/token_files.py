@@ -23,7 +23,8 @@ tokens. This is the stream for that corpus:
   rank r of R takes the r-th G/R of them. A resume continues exactly, under another data-parallel size or global
   batch size too. The state also records what the samples are a function of (the files by name and size, the
   weights, seq_length, seed, shuffle: `TokenCorpus.record`); a resume where one of them changed is refused
-  (`check_record`), as it would read other documents from the saved position.
+  (`TokenCorpus.resume`), as it would read other documents from the saved position, but for a blend's weights: each
+  source goes on where it stopped, and the new weights give the shares from there (`continue_blend`).
 - **Document bounds** (`data.tokens.document_bounds`, default on, micro-batch size 1): the row carries `cu_seqlens`,
   positions restart at each document, attention stays within it, and the label that would predict a document's
   first token from the document before it is not trained on. Off: Megatron's default rows ([mbs, S], positions
@@ -589,16 +590,26 @@ class Blend:
         u = (i * np.uint64(GOLDEN)) & np.uint64(0xFFFFFFFF)
         return np.searchsorted(self.thresholds, u, side="right").astype(np.int64)
 
-    def locate(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source, index within the source) of global samples start .. start + count - 1."""
-        q = start // BLEND_CHECKPOINT
+    def _counts_at(self, q: int) -> np.ndarray:
+        """Samples of each source before sample q * BLEND_CHECKPOINT."""
         while len(self._counts) <= q:
             c = len(self._counts) - 1
             self._counts.append(self._counts[c] + np.bincount(self.sources(c * BLEND_CHECKPOINT, BLEND_CHECKPOINT),
                                                               minlength=self.n))
+        return self._counts[q]
+
+    def counts_before(self, n: int) -> np.ndarray:
+        """Samples of each source among samples 0 .. n - 1."""
+        q = n // BLEND_CHECKPOINT
+        return self._counts_at(q) + np.bincount(self.sources(q * BLEND_CHECKPOINT, n - q * BLEND_CHECKPOINT),
+                                                minlength=self.n)
+
+    def locate(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index within the source) of global samples start .. start + count - 1."""
+        q = start // BLEND_CHECKPOINT
         first = q * BLEND_CHECKPOINT
         src = self.sources(first, start - first + count)
-        before = self._counts[q].copy()
+        before = self._counts_at(q).copy()
         local = np.empty(len(src), dtype=np.int64)
         for s in range(self.n):   # the running count of each source over the window
             hit = src == s
@@ -616,6 +627,7 @@ class TokenCorpus:
         names that no source holds."""
         groups = resolve_prefixes(paths, field_name=field_name)
         # what global sample i is (check_record): the files by name and size, in their places, and the settings
+        # (a blend's: its weights from each global sample on where they changed in the run, `continue_blend`)
         self.record = {"files": [[[os.path.basename(p), *(os.path.getsize(p + x) for x in (".idx", ".bin"))]
                                   for p in g] for g in groups],
                        "weights": [float(w) for w in weights] if weights else None,
@@ -625,18 +637,49 @@ class TokenCorpus:
             kept = [(i, g, float(w)) for i, (g, w) in enumerate(zip(groups, weights)) if float(w) > 0]
             self.sources = [TokenSource(g, source_id=i, **common) for i, g, _ in kept]  # a source's seed: its place in paths
             self.blend = Blend([w for _, _, w in kept]) if len(kept) > 1 else None
+            self.kept = [i for i, _, _ in kept]
         else:
             self.sources = [TokenSource([p for g in groups for p in g], source_id=0, **common)]
             self.blend = None
+        # the blend's segments: from global sample starts[k] on, blends[k] from each source's offsets[k]-th sample
+        self.starts, self.blends, self.offsets = [0], [self.blend], [np.zeros(len(self.sources), dtype=np.int64)]
+        if self.blend is not None:
+            self.record["blend"] = [[0, self.record["weights"]]]
         self.unmatched = self.leave_out(exclude) if exclude else []
 
-    def check_record(self, saved: dict) -> None:
-        """DataStateMismatch naming each setting that moved global samples since `saved` (the `record` of the corpus
-        a data state was saved with): files added to or removed from data.tokens.paths, or grown, another blend,
-        train.seq_length, data.seed or data.tokens.shuffle. A file's directory may change."""
+    def continue_blend(self, history: list, position: int) -> None:
+        """Takes the blend's `history` ([global sample, weights] from which each weights applied, as a saved record
+        holds it) up to `position`, the samples consumed, and this corpus's weights from there when they differ: each
+        source continues where it stopped, none of its samples repeated or skipped, and the new weights give the
+        shares from `position` on (a Weyl sequence of their own from there)."""
+        now = self.record["weights"]
+        history = [[int(p), [float(w) for w in ws]] for p, ws in history if int(p) < position or ws == now]
+        if not history or history[-1][1] != now:
+            history.append([position, now])
+        self.starts, self.blends = [p for p, _ in history], [Blend([ws[i] for i in self.kept]) for _, ws in history]
+        self.offsets = [np.zeros(len(self.sources), dtype=np.int64)]
+        for k in range(1, len(history)):
+            span = self.starts[k] - self.starts[k - 1]
+            self.offsets.append(self.offsets[-1] + self.blends[k - 1].counts_before(span))
+        self.record = {**self.record, "blend": history}
+
+    def resume(self, saved: dict, position: int) -> None:
+        """Continues after `position` global samples of a corpus whose `record` was `saved`: DataStateMismatch naming
+        each setting that moved its samples (files added to or removed from data.tokens.paths, or grown,
+        train.seq_length, data.seed, data.tokens.shuffle, a source's weight set to or from 0); a file's directory may
+        change, and a blend's weights too (continue_blend: each source goes on where it stopped)."""
         settings = {"files": "data.tokens.paths", "weights": "data.tokens.weights", "seq_length": "train.seq_length",
                     "seed": "data.seed", "shuffle": "data.tokens.shuffle"}
-        changed = {settings[k]: (saved.get(k), v) for k, v in self.record.items() if saved.get(k) != v}
+        changed = {name: (saved.get(k), self.record[k]) for k, name in settings.items()
+                   if saved.get(k) != self.record[k]}
+        old, now = changed.get("data.tokens.weights", (None, None))
+        if self.blend is not None and (not changed or set(changed) == {"data.tokens.weights"} and len(old) == len(now)
+                                       and [w > 0 for w in old] == [w > 0 for w in now]):
+            self.continue_blend(saved.get("blend") or [[0, saved["weights"]]], position)
+            if changed:
+                log.warning("data.tokens.weights %s -> %s from global sample %d on: each source continues where it "
+                            "stopped", old, now, position)
+            return
         if not changed:
             return
         files = changed.pop("data.tokens.paths", None)
@@ -657,8 +700,14 @@ class TokenCorpus:
         """(source, index within the source) of global samples start .. start + count - 1."""
         if self.blend is None:
             return [(0, j) for j in range(start, start + count)]
-        src, local = self.blend.locate(start, count)
-        return list(zip(src.tolist(), local.tolist()))
+        out, i, end = [], start, start + count
+        for k in range(len(self.starts)):   # each segment of the blend the samples reach
+            stop = min(end, self.starts[k + 1]) if k + 1 < len(self.starts) else end
+            if i < stop:
+                src, local = self.blends[k].locate(i - self.starts[k], stop - i)
+                out += zip(src.tolist(), (local + self.offsets[k][src]).tolist())
+                i = stop
+        return out
 
     def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray, list[int]]]:
         """Global samples start .. start + count - 1 as (source, tokens, starts)."""
@@ -765,8 +814,8 @@ class TokenFileStream(GlobalSamplePosition):
     def samples_record(self) -> dict:
         return self.corpus.record
 
-    def check_samples_record(self, saved: dict) -> None:
-        self.corpus.check_record(saved)
+    def resume_samples(self, saved: dict, consumed: int) -> None:
+        self.corpus.resume(saved, consumed)
 
     def load_counters(self, entries: list[dict]) -> None:
         self.left_out_met = sum(int(c.get("left_out_met", 0)) for c in entries)

@@ -462,11 +462,51 @@ def test_a_resume_whose_files_or_settings_moved_the_samples_is_refused_naming_th
         "and train.seq_length settings it was saved with; to go on from its weights instead, start another run "
         "directory from them: run_dir=<a new directory> train.checkpoint.init_from=runs/r (its data from the "
         "beginning, a fresh optimizer)")
-    a, b = f"{moved / 'a'}", f"{moved / 'b'}"   # a blend given other weights
+    a, b = f"{moved / 'a'}", f"{moved / 'b'}"   # a blend one of whose sources is left out (weight 0)
     s = TokenFileStream(TokenCorpus(f"{a},{b}", weights=[3, 1], seq_length=16, seed=3), **kw)
-    with pytest.raises(DataStateMismatch, match=r"data.tokens.weights \[3.0, 1.0\] -> \[1.0, 1.0\]"):
-        TokenFileStream(TokenCorpus(f"{a},{b}", weights=[1, 1], seq_length=16, seed=3), **kw).load_state_dict(
+    with pytest.raises(DataStateMismatch, match=r"data.tokens.weights \[3.0, 1.0\] -> \[1.0, 0.0\]"):
+        TokenFileStream(TokenCorpus(f"{a},{b}", weights=[1, 0], seq_length=16, seed=3), **kw).load_state_dict(
             s.state_dict())
+
+
+def test_a_blend_resumed_with_other_weights_continues_each_source_where_it_stopped(files, caplog):
+    """data.tokens.weights changed on resume (a mixture re-weighted mid-run): each source goes on with its next sample
+    and the new weights give the shares from the saved position on. Reference: each source alone (TokenSource), read
+    in order, none of its samples repeated or skipped; the shares of the new weights within 2 samples (the Weyl
+    sequence's bound); a second resume with those weights continues the first bit for bit. (Before, the state was one
+    integer and the new blend mapped the saved position elsewhere: the sources' next samples jumped.)"""
+    import logging
+
+    d, _, _ = files
+    paths, S, kw = f"{d / 'a'},{d / 'b'}", 8, dict(document_bounds=True, micro_batch_size=1, global_batch_size=4,
+                                                   dp_rank=0, dp_size=1)
+
+    def stream(weights):
+        return TokenFileStream(TokenCorpus(paths, weights=weights, seq_length=S, seed=9), **kw)
+
+    def draw(st, n):   # (source, tokens) of n rows, the source told by which one's sample the row equals
+        return [next(st)["tokens"][0] for _ in range(n)]
+
+    alone = [TokenSource([str(d / p)], seq_length=S, seed=9, source_id=i) for i, p in enumerate("ab")]
+    first = stream([3, 1])
+    rows = draw(first, 40)
+    second = stream([1, 3])
+    with caplog.at_level(logging.WARNING, logger="data.token_files"):
+        second.load_state_dict(first.state_dict())
+    assert "data.tokens.weights [3.0, 1.0] -> [1.0, 3.0] from global sample 40 on" in caplog.text
+    rows += draw(second, 400)
+    nxt, after = [0, 0], [0, 0]
+    for i, row in enumerate(rows):   # each row is its source's next sample
+        s = next(k for k in (0, 1) if torch.equal(row, torch.from_numpy(alone[k].sample(nxt[k])[0][:-1])))
+        nxt[s] += 1
+        after[s] += i >= 40
+    assert abs(after[1] - 300) <= 2 and sum(nxt) == 440
+    third = stream([1, 3])
+    third.load_state_dict(second.state_dict())   # the history of weights travels in the state
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip([next(second) for _ in range(40)],
+                                                                     [next(third) for _ in range(40)]))
+
+
 
 
 def _documents_named_by_their_ids(tmp_path) -> dict:
