@@ -344,7 +344,8 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
                 f.write(json.dumps(s) + "\n")
         out = {"tokenizer": repr(tokenizer), "eos_id": tokenizer.eos_id if append_eos else None, "key": key,
                "inputs": [str(p) for p in inputs], "skipped_lines": len(skipped)}
-        if getattr(tokenizer, "specials_in_text", None):   # a text's "<|endoftext|>" written as text (files before: ids)
+        # a text's "<|endoftext|>" written as text (files written before: its id)
+        if getattr(tokenizer, "specials_in_text", None):
             out["specials_in_text"] = tokenizer.specials_in_text
         return out
 

@@ -253,6 +253,17 @@ class DataEnded(Exception):
         self.ranks = ranks
 
 
+def rerun_hint(t, run_dir) -> str:
+    """What rerunning the same command does after a stop (`t`: train settings): resume from the run's last checkpoint,
+    or start over."""
+    latest = ckpt.find_latest(run_dir) if t.checkpoint.enabled else None
+    if latest is not None:
+        return f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
+    if t.checkpoint.enabled:
+        return "No checkpoint was written yet: rerunning the same command starts the run over."
+    return "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+
+
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout, *, resolved_config_yaml: str = "",
                  launched: float | None = None):
@@ -1027,14 +1038,7 @@ class Trainer:
             return
         log.error("%s%s; this rank's data in the step: %s", what, others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
-        t = self.cfg.train
-        latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
-        if latest is not None:
-            resume = f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
-        elif t.checkpoint.enabled:
-            resume = "No checkpoint was written yet: rerunning the same command starts the run over."
-        else:
-            resume = "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+        resume = rerun_hint(self.cfg.train, self.run_dir)
         exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else
                    f"data.exclude={Path(self.run_dir) / SPIKE_RECORDS} leaves the samples it names out of the data; ")
         where_data = "; ".join(named.values()) + more + "."
@@ -1106,16 +1110,10 @@ class Trainer:
             return
         log.error("%s; %s%s; this rank's data in the step: %s", what, bad.where(), others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
-        latest = ckpt.find_latest(self.run_dir) if t.checkpoint.enabled else None
         where_data = ("; ".join(named.values()) + more + "." if named else
                       "each rank's log (logs/rank<N>.log) names the data it trained on in the step; "
                       f"rank {self.rank}'s: {data}.")
-        if latest is not None:
-            resume = f"The last checkpoint is {latest.path}: rerunning the same command resumes from it."
-        elif t.checkpoint.enabled:
-            resume = "No checkpoint was written yet: rerunning the same command starts the run over."
-        else:
-            resume = "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+        resume = rerun_hint(self.cfg.train, self.run_dir)
         exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else   # rows of a Markov chain name no samples
                    f"data.exclude={Path(self.run_dir) / NONFINITE_RECORDS} leaves the samples it names out of the "
                    "data; ")
