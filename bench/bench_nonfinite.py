@@ -37,9 +37,9 @@ def counts(recipe: str) -> dict:
     """The recipe's per-rank trainable elements (dense, expert) and its optimizer shard's, as the memory estimate
     counts them (launch/memory.py's inputs, on the fewest ranks the recipe's layout needs)."""
     cfg, layout, m = memory_inputs([f"recipe={recipe}"])
-    dense, expert = trainable_counts(m, first=True, last=True)
+    dense, expert = trainable_counts(m, rank=0)
     # the optimizer row holds 12 bytes per element of the shard in bf16 training: fp32 master copy, Adam m and v
-    shard = model_state_bytes(m, first=True, last=True)["optimizer (master + Adam, sharded)"] / 12
+    shard = model_state_bytes(m, rank=0)["optimizer (master + Adam, sharded)"] / 12
     return {"recipe": recipe, "layout": layout.describe(), "dense": int(dense), "expert": int(expert),
             "shard": int(shard)}
 

@@ -66,10 +66,9 @@ def estimate_record(ovr: list[str]) -> dict:
     cfg, layout = validate(compose_config(ovr), world_size=1)
     m = inputs_from_config(cfg, layout)
     est = estimate(m)
-    first, last = est.stage == 0, est.stage == m.pp - 1
     return {"rows": {k: v / GIB for k, v in est.rows.items()}, "total": est.total / GIB, "host": est.host / GIB,
-            "optimizer_step": optimizer_step_bytes(m, first=first, last=last) / GIB,
-            "optimizer_step_phase": step_phase_bytes(m, first=first, last=last) / GIB}
+            "optimizer_step": optimizer_step_bytes(m, rank=est.stage) / GIB,
+            "optimizer_step_phase": step_phase_bytes(m, rank=est.stage) / GIB}
 
 
 def measure(name: str, out: str) -> None:

@@ -11,7 +11,10 @@ layer's forward and its backward; with `parallel.offload=activations` (parallel/
 saved tensors are counted as host memory (printed below the total) and one offloaded layer's stays on the device
 beside the layers that keep theirs (copied out or prefetched; two where a chunk offloads every layer: offload's
 LAYERS_IN_FLIGHT); where the optimizer step holds more than the forward and backward (short sequences), its peak is
-the estimate's (a row says by how much). It is a GPU estimate (flash-style attention that keeps O(tokens) per head,
+the estimate's (a row says by how much). With pipeline parallelism each rank holds its own layers (their attention
+variants), its model chunks' forwards in flight as megatron's schedule runs them (in_flight_forwards), the first the
+embedding, the last the loss: every rank is evaluated and the heaviest is the estimate (a middle one can be). It is a
+GPU estimate (flash-style attention that keeps O(tokens) per head,
 no L x L tensor) for the code in this repository as it is: what each module saves for backward is counted from the
 modules (models/norm.py, models/attention/*, parallel/context/*, megatron's MoE layer and alltoall dispatcher,
 models/moe/chunked_ce.py), tensor by tensor, in the `_attention` / `_moe` functions below; besides what autograd
@@ -100,9 +103,10 @@ class MemoryInputs:
 
 @dataclass
 class MemoryEstimate:
-    rows: dict[str, float] = field(default_factory=dict)  # bytes per item, worst pipeline stage
-    stage: int = 0
+    rows: dict[str, float] = field(default_factory=dict)  # bytes per item, of pipeline rank `stage`
+    stage: int = 0  # the pipeline rank these rows are of
     host: float = 0.0  # pinned host bytes of offloaded activations (not in the device total)
+    ranks: list[float] = field(default_factory=list)  # every pipeline rank's total (estimate())
 
     @property
     def total(self) -> float:
@@ -120,15 +124,16 @@ class MemoryEstimate:
 
 
 # ------------------------------------------------------------------------------------------ model state
-def param_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, float]:
-    """(dense, expert) parameter elements held by one rank of a pipeline stage.
+def param_counts(m: MemoryInputs, *, rank: int) -> tuple[float, float]:
+    """(dense, expert) parameter elements held by one rank of pipeline rank `rank`'s stage.
 
     Dense: attention matrices split over TP; norms, the router and the DSA indexer replicated over TP;
     embedding / output layer split over TP on the first / last stage. Expert: E/ep experts of F/etp."""
     lm, tp = m.lm, m.tp
+    first, last = rank == 0, rank == m.pp - 1
     h, d = lm.hidden_size, lm.head_dim
     q, kv = lm.num_attention_heads * d, lm.num_query_groups * d
-    variants = stage_layers(m, first=first)
+    variants = stage_layers(m, rank=rank)
     layers = len(variants)
     dense = 0.0
     for v in variants:
@@ -146,15 +151,16 @@ def param_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, fl
     return dense, expert
 
 
-def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float, float]:
+def trainable_counts(m: MemoryInputs, *, rank: int) -> tuple[float, float]:
     """(dense, expert) elements of the parameters that train (models/lm.freeze_for_stage): all of them, only
     the DSA indexers (trainable=indexer), only the KSA summary embeddings and summary QKV projections
     (summary), or none of the language model's (projector: only the vision projector trains, and the ViT is
     not counted here), or none at all (train.eval.only)."""
     if m.trainable == "all":
-        return param_counts(m, first=first, last=last)
+        return param_counts(m, rank=rank)
     lm = m.lm
-    variants = stage_layers(m, first=first)
+    first = rank == 0
+    variants = stage_layers(m, rank=rank)
     h = lm.hidden_size
     if m.trainable == "indexer":
         x = lm.dsa
@@ -169,14 +175,14 @@ def trainable_counts(m: MemoryInputs, *, first: bool, last: bool) -> tuple[float
     raise ValueError(f"unknown trainable set {m.trainable!r}")
 
 
-def model_state_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+def model_state_bytes(m: MemoryInputs, *, rank: int) -> dict[str, float]:
     """Parameters, gradients (megatron DDP keeps an fp32 grad buffer: grad_reduce_in_fp32=True in
     train/trainer.py) and optimizer state (bf16 training: fp32 master copy + Adam m, v = 12 B per element;
     fp32 training: Adam m, v = 8 B), the latter sharded by the distributed optimizer over DP x CP (dense;
     megatron's dp_cp group) and expert-DP (experts). Gradients and optimizer state exist only for the
     parameters that train (megatron's buffers and optimizer take only those that require grad)."""
-    dense, expert = param_counts(m, first=first, last=last)
-    t_dense, t_expert = trainable_counts(m, first=first, last=last)
+    dense, expert = param_counts(m, rank=rank)
+    t_dense, t_expert = trainable_counts(m, rank=rank)
     pbytes = 2 if m.bf16 else 4
     opt = 12 if m.bf16 else 8
     shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
@@ -188,7 +194,7 @@ def model_state_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, 
     }
 
 
-def optimizer_step_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
+def optimizer_step_bytes(m: MemoryInputs, *, rank: int) -> float:
     """Temporaries of the optimizer step: megatron's optimizer without apex / TransformerEngine is torch's AdamW, whose
     multi-tensor (foreach) update on CUDA computes sqrt(v) of all of a parameter group's tensors at once into new fp32
     tensors, freed before the next group: 4 B per element of the largest group's shard on the rank. Dense and expert
@@ -196,22 +202,22 @@ def optimizer_step_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
     (its no-weight-decay part, the norms, is small). Gradient clipping's temporaries come before, one tensor at a
     time, and are smaller. The vision tower's own AdamW (train/vision.py, the same foreach update, unsharded) steps
     before the language model's, its temporaries freed first: the larger of the two counts."""
-    t_dense, t_expert = trainable_counts(m, first=first, last=last)
+    t_dense, t_expert = trainable_counts(m, rank=rank)
     shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
     shard_expert = m.edp if m.distributed_optimizer else 1
     return 4 * max(t_dense / shard_dense, t_expert / shard_expert, _vision_trainable(m))
 
 
-def step_phase_bytes(m: MemoryInputs, *, first: bool, last: bool) -> float:
+def step_phase_bytes(m: MemoryInputs, *, rank: int) -> float:
     """What a rank holds during its optimizer step: the model state, what the MoE dispatchers keep (every layer's last
     routing map and indices: they outlive the backward), the vision tower's weights and training state, and the
     step's temporaries. The activations are gone by then."""
     if m.trainable == "none":
         return 0.0
-    kept = sum(model_state_bytes(m, first=first, last=last).values()) + dispatchers_kept_bytes(m, first=first)
-    vision = vision_bytes(m, first=first)
+    kept = sum(model_state_bytes(m, rank=rank).values()) + dispatchers_kept_bytes(m, rank=rank)
+    vision = vision_bytes(m, rank=rank)
     kept += sum(v for k, v in vision.items() if k.startswith(("vision tower weights", "vision gradients")))
-    return kept + optimizer_step_bytes(m, first=first, last=last)
+    return kept + optimizer_step_bytes(m, rank=rank)
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -359,10 +365,10 @@ def dispatcher_bytes(m: MemoryInputs, *, offloaded: bool) -> float:
     return t_sp * (E + (8 * k if offloaded or m.recompute == "full" else 0))
 
 
-def dispatchers_kept_bytes(m: MemoryInputs, *, first: bool) -> float:
+def dispatchers_kept_bytes(m: MemoryInputs, *, rank: int) -> float:
     """`dispatcher_bytes` of every MoE layer of the stage, from its forward to its next one: the layers that keep their
     saved tensors on the device, and the offloaded ones (whose saved permutation indices went to the host)."""
-    mine, offloaded = _stage_layers(m, first=first)
+    mine, offloaded = _stage_layers(m, rank=rank)
     return len(mine) * dispatcher_bytes(m, offloaded=False) + len(offloaded) * dispatcher_bytes(m, offloaded=True)
 
 
@@ -393,41 +399,76 @@ def _loss(m: MemoryInputs) -> float:
     return t * Vr * (2 + 4 + 4) + _norm(t / m.tp * h, b) + t * h * b
 
 
-def in_flight_microbatches(m: MemoryInputs) -> float:
-    """Micro-batches whose activations the first pipeline stage holds at once (1F1B: pp; interleaved:
-    pp * (1 + (pp - 1) / (pp * vpp)) layer-sets, Korthikanti et al. 2022), never more than one run of the schedule
-    holds: a step's micro-batches, or with the vision tower in rounds (parallel.vit.group) a round's. With as many
-    micro-batches as pipeline ranks the interleaved schedule runs every forward before the first backward: pp
-    layer-sets, not the formula's (megatron's get_pp_rank_microbatches)."""
-    if m.pp == 1:
-        return 1.0
-    per_run = float(m.vit_group if m.vision is not None and m.vit_group else m.num_microbatches)
-    if m.vpp == 1:
-        return min(float(m.pp), per_run)
-    return min(m.pp * (1 + (m.pp - 1) / (m.pp * m.vpp)), per_run)
+def _schedule_run(m: MemoryInputs) -> int:
+    """Micro-batches of one run of the pipeline schedule: a step's, or with the vision tower in rounds
+    (parallel.vit.group) a round's."""
+    return m.vit_group if m.vision is not None and m.vit_group else m.num_microbatches
 
 
-def stage_layers(m: MemoryInputs, *, first: bool) -> list[str]:
-    """The attention variants of the layers the first (or the last) pipeline rank holds, its model chunks in order.
+def in_flight_forwards(m: MemoryInputs, *, rank: int, weights: list[float] | None = None) -> list[int]:
+    """Forwards of each of pipeline rank `rank`'s vpp model chunks whose activations wait for their backward at the
+    rank's peak, as megatron's schedule runs them (one run of it, _schedule_run): 1F1B runs pp - rank - 1 warm-up
+    forwards, the interleaved schedule 2 (pp - rank - 1) + (vpp - 1) pp (get_pp_rank_microbatches), at most all of
+    them; then a forward and a backward in turn. The interleaved schedule takes the chunks of pp micro-batches at a
+    time (get_schedule_table), its backwards the chunks in reverse order, so which chunks wait varies: `weights` (bytes
+    a forward of each chunk keeps; uniform if None) picks the moment that holds the most. Every rank holds the warm-up
+    + 1 forwards: the first pp (1F1B) or pp + (pp - 1) / vpp layer-sets (Korthikanti et al. 2022), the last 1 (1F1B)
+    but pp - (pp - 1) / vpp under the interleaved schedule."""
+    pp, vpp = m.pp, m.vpp
+    if pp == 1:
+        return [1] * vpp
+    n = _schedule_run(m)
+    total = n * vpp
+    warmup = pp - rank - 1 if vpp == 1 else 2 * (pp - rank - 1) + (vpp - 1) * pp
+    warmup = min(warmup, total)
+    chunk = [c for g in range(0, n, pp) for c in range(vpp) for _ in range(g, n if g + pp >= n else g + pp)]
+    weights = weights or [1.0] * vpp
+    counts, best, best_bytes = [0] * vpp, [0] * vpp, -1.0
+    for k in range(total):  # forward k, then (after the warm-up) backward k - warmup
+        counts[chunk[k]] += 1
+        held = sum(c * w for c, w in zip(counts, weights))
+        if held > best_bytes:
+            best, best_bytes = list(counts), held
+        if k >= warmup:
+            counts[vpp - 1 - chunk[k - warmup]] -= 1
+    return best
+
+
+def in_flight_microbatches(m: MemoryInputs, *, rank: int = 0) -> float:
+    """Layer-sets (the stage's layers once) whose activations pipeline rank `rank` holds at its peak, chunks alike
+    (in_flight_forwards / vpp)."""
+    return sum(in_flight_forwards(m, rank=rank)) / m.vpp
+
+
+def stage_chunks(m: MemoryInputs, *, rank: int) -> list[list[str]]:
+    """The attention variants of the layers of each model chunk pipeline rank `rank` holds, chunks in order.
     Model chunk c of pipeline rank r holds the L / (pp * vpp) layers from (c * pp + r) * L / (pp * vpp) on (megatron's
     get_transformer_layer_offset, by which models/lm.block_spec builds them): under the interleaved schedule the first
     rank's are not the model's first L / pp layers."""
     variants = m.lm.layer_attention()
     per_chunk = len(variants) // (m.pp * m.vpp)
-    rank = 0 if first else m.pp - 1
-    return [v for c in range(m.vpp) for v in variants[(c * m.pp + rank) * per_chunk:(c * m.pp + rank + 1) * per_chunk]]
+    return [variants[(c * m.pp + rank) * per_chunk:(c * m.pp + rank + 1) * per_chunk] for c in range(m.vpp)]
 
 
-def _stage_layers(m: MemoryInputs, *, first: bool) -> tuple[list[str], list[str]]:
-    """(kept on the device, offloaded) attention variants of the stage's layers. parallel/offload.py offloads
-    the first `offload_layers` layers of each model chunk (vpp chunks per stage; -1 = all but the last)."""
-    mine = stage_layers(m, first=first)
+def stage_layers(m: MemoryInputs, *, rank: int) -> list[str]:
+    """The attention variants of the layers pipeline rank `rank` holds, its model chunks in order (stage_chunks)."""
+    return [v for chunk in stage_chunks(m, rank=rank) for v in chunk]
+
+
+def _chunk_layers(m: MemoryInputs, *, rank: int) -> tuple[list[list[str]], list[list[str]]]:
+    """(kept on the device, offloaded) attention variants of each model chunk's layers. parallel/offload.py offloads
+    the first `offload_layers` layers of each model chunk (-1 = all but the last)."""
+    chunks = stage_chunks(m, rank=rank)
     if m.offload == "none":
-        return mine, []
-    per_chunk = len(mine) // m.vpp
-    n_off = per_chunk - 1 if m.offload_layers == -1 else min(m.offload_layers, per_chunk)
-    off = [i % per_chunk < n_off for i in range(len(mine))]
-    return [v for v, o in zip(mine, off) if not o], [v for v, o in zip(mine, off) if o]
+        return chunks, [[] for _ in chunks]
+    n_off = [len(c) - 1 if m.offload_layers == -1 else min(m.offload_layers, len(c)) for c in chunks]
+    return [c[n:] for c, n in zip(chunks, n_off)], [c[:n] for c, n in zip(chunks, n_off)]
+
+
+def _stage_layers(m: MemoryInputs, *, rank: int) -> tuple[list[str], list[str]]:
+    """(kept on the device, offloaded) attention variants of the stage's layers (_chunk_layers, chunks joined)."""
+    mine, off = _chunk_layers(m, rank=rank)
+    return [v for c in mine for v in c], [v for c in off for v in c]
 
 
 def _layer_kept(m: MemoryInputs, variant: str) -> float:
@@ -437,46 +478,52 @@ def _layer_kept(m: MemoryInputs, variant: str) -> float:
     return _attention(m, variant, recompute_core=m.recompute == "selective")[0] + _moe(m)[0]
 
 
-def offloaded_host_bytes(m: MemoryInputs, *, first: bool) -> float:
+def offloaded_host_bytes(m: MemoryInputs, *, rank: int) -> float:
     """Host memory the offloaded layers' saved tensors take (every in-flight micro-batch's); none in a forward-only
     step, which saves nothing for a backward (the trainer attaches no offload to the indexer step)."""
     if m.forward_only:
         return 0.0
-    _, offloaded = _stage_layers(m, first=first)
-    scale = in_flight_microbatches(m) if first else 1.0
-    return scale * sum(_layer_kept(m, v) for v in offloaded)
+    _, offloaded = _stage_layers(m, rank=rank)
+    per_chunk = [sum(_layer_kept(m, v) for v in off) for off in _chunk_layers(m, rank=rank)[1]]
+    return sum(n * b for n, b in zip(in_flight_forwards(m, rank=rank, weights=per_chunk), per_chunk))
 
 
-def offload_layers_in_flight(m: MemoryInputs, *, first: bool) -> int:
+def offload_layers_in_flight(m: MemoryInputs, *, rank: int) -> int:
     """Offloaded layers whose saved tensors are on the device beside the layers that keep theirs (parallel/offload.py:
     LAYERS_IN_FLIGHT at a time, the layer worked on among them). A chunk's kept layers are its last ones: in forward
     the first of them runs while the offloaded layer before it may still be copied out, in backward the top one runs
     while the next offloaded layer below is prefetched (one beside them); when an offloaded layer is worked on (two
     offloaded layers on the device) the kept layers above it have run their backward and freed theirs. A chunk that
     offloads all its layers holds two of them."""
-    mine, offloaded = _stage_layers(m, first=first)
+    mine, offloaded = _stage_layers(m, rank=rank)
     if not offloaded:
         return 0
     return 1 if mine else min(LAYERS_IN_FLIGHT, len(offloaded))
 
 
-def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
-    """Kept activations per layer type (of the layers that stay on the device when offloading), scaled by
-    the in-flight micro-batches, plus the largest working set of the phases that are never alive together: a layer's
-    forward or backward buffers (with full recompute, on top of the layer re-materialised for its backward), and on
-    the last stage the output layer and loss, which run after the last layer's forward and before its backward. The
-    kept activations are alive in every phase: at the loss all of them, at the top layer's backward all but what that
-    layer has already consumed (tests/unit/test_memory_phases.py profiles the phases on the CPU). Offload
-    (parallel/offload.py) keeps on the device one offloaded layer's saved tensors beside the layers that keep theirs
-    (offload_layers_in_flight)."""
+def activation_bytes(m: MemoryInputs, *, rank: int) -> dict[str, float]:
+    """Pipeline rank `rank`'s kept activations per layer type (of the layers that stay on the device when
+    offloading), each model chunk's times its forwards in flight at the rank's peak (in_flight_forwards), plus the
+    largest working set of the phases that are never alive together: a layer's forward or backward buffers (with
+    full recompute, on top of the layer re-materialised for its backward), and on the last stage the output layer
+    and loss, which run after the last layer's forward and before its backward. The kept activations are alive in
+    every phase: at the loss all of them, at the top layer's backward all but what that layer has already consumed
+    (tests/unit/test_memory_phases.py profiles the phases on the CPU). Offload (parallel/offload.py) keeps on the
+    device one offloaded layer's saved tensors beside the layers that keep theirs (offload_layers_in_flight)."""
     if m.forward_only:
-        return _forward_only_bytes(m, first=first, last=last)
+        return _forward_only_bytes(m, rank=rank)
     lm = m.lm
     b = 2 if m.bf16 else 4
-    mine, offloaded = _stage_layers(m, first=first)
+    first, last = rank == 0, rank == m.pp - 1
+    mine, offloaded = _stage_layers(m, rank=rank)
     all_mine = mine + offloaded
     t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
     moe_kept, moe_tr = _moe(m)
+    kept_chunks = _chunk_layers(m, rank=rank)[0]
+    per_chunk = [sum(_layer_kept(m, v) for v in c) for c in kept_chunks]
+    if first:  # the embedding's output, the first layer's input (model chunk 0 of the first rank)
+        per_chunk[0] += t_sp * lm.hidden_size * b
+    counts = in_flight_forwards(m, rank=rank, weights=per_chunk)
     rows: dict[str, float] = {}
     transient = max(moe_tr, _moe_backward(m))
     per_layer_full = []
@@ -487,20 +534,18 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
         transient = max(transient, a_tr)
         if not n:
             continue
+        held = sum(c * chunk.count(v) for c, chunk in zip(counts, kept_chunks))  # layers x their forwards in flight
         if m.recompute == "full":
-            rows[f"layer inputs ({n} {v} layers, full recompute)"] = n * t_sp * lm.hidden_size * b
+            rows[f"layer inputs ({n} {v} layers, full recompute)"] = held * t_sp * lm.hidden_size * b
         else:
-            rows[f"attention {v} x{n}"] = n * a_kept
-            rows[f"MoE x{n} ({v} layers)"] = n * moe_kept
-    scale = in_flight_microbatches(m) if first else 1.0
-    for k in rows:
-        rows[k] *= scale
+            rows[f"attention {v} x{n}"] = held * a_kept
+            rows[f"MoE x{n} ({v} layers)"] = held * moe_kept
     if offloaded:
         rows[f"offload copies in flight (of {len(offloaded)} offloaded layers)"] = (
-            offload_layers_in_flight(m, first=first) * max(_layer_kept(m, v) for v in set(offloaded)))
-    rows["MoE dispatchers' routing maps + indices (every layer)"] = dispatchers_kept_bytes(m, first=first)
+            offload_layers_in_flight(m, rank=rank) * max(_layer_kept(m, v) for v in set(offloaded)))
+    rows["MoE dispatchers' routing maps + indices (every layer)"] = dispatchers_kept_bytes(m, rank=rank)
     if first:
-        rows["embedding output + rotary"] = scale * t_sp * lm.hidden_size * b + m.model_seq * lm.head_dim * 4
+        rows["embedding output + rotary"] = counts[0] * t_sp * lm.hidden_size * b + m.model_seq * lm.head_dim * 4
     # the phases: a layer's buffers (forward, or backward with the gradient arriving from above, [t_sp, h]); under
     # full recompute the backward's on top of the re-materialised layer; the output layer and loss
     buffers = transient + t_sp * lm.hidden_size * b
@@ -514,7 +559,7 @@ def activation_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, f
     return rows
 
 
-def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str, float]:
+def _forward_only_bytes(m: MemoryInputs, *, rank: int) -> dict[str, float]:
     """The warm-up's indexer-only step (train/trainer.py, `indexer_step`) and train.eval.only: the frozen model runs
     forward only (in the warm-up each DSA layer back-propagates its KL inside its forward), so no layer keeps
     anything for a later backward and no micro-batch's activations wait for one (recompute and offload have nothing
@@ -522,8 +567,9 @@ def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str
     alive only until the block ends) with its transient buffers, or its MoE block's, or on the last stage the output
     layer and loss's, whichever is largest, on top of the residual stream (each is freed before the next begins)."""
     b = 2 if m.bf16 else 4
+    first, last = rank == 0, rank == m.pp - 1
     t_sp = m.micro_batch_size * m.model_seq / m.cp / m.tp
-    mine, _ = _stage_layers(m, first=first)
+    mine, _ = _stage_layers(m, rank=rank)
     sets = {f"{v} attention block": sum(_attention(m, v, recompute_core=False)) for v in set(mine)}
     sets["MoE block"] = sum(_moe(m))
     if last:
@@ -533,7 +579,7 @@ def _forward_only_bytes(m: MemoryInputs, *, first: bool, last: bool) -> dict[str
             f"largest working set, forward only ({name})": sets[name],
             # nothing saves the permutation indices in a forward without autograd: every layer's stay as attributes
             "MoE dispatchers' routing maps + indices (every layer)": (
-                sum(map(len, _stage_layers(m, first=first))) * dispatcher_bytes(m, offloaded=True))}
+                sum(map(len, _stage_layers(m, rank=rank))) * dispatcher_bytes(m, offloaded=True))}
     if first:
         rows["rotary"] = m.model_seq * m.lm.head_dim * 4
     return rows
@@ -560,8 +606,9 @@ def _vision_trainable(m: MemoryInputs) -> float:
             + (n_proj if m.trainable in ("all", "projector") else 0))
 
 
-def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
-    """The vision tower's rows (module docstring). `first`: the LM-input stage, which holds the embeddings."""
+def vision_bytes(m: MemoryInputs, *, rank: int) -> dict[str, float]:
+    """The vision tower's rows (module docstring) on pipeline rank `rank` (the first: the LM-input stage, which holds
+    the embeddings)."""
     v = m.vision
     if v is None:
         return {}
@@ -580,26 +627,30 @@ def vision_bytes(m: MemoryInputs, *, first: bool) -> dict[str, float]:
         rows["ViT activations kept between its phases"] = patches * (v.depth * vit_saved_elements(v) + v.patch_dim) * 2
     elif train_proj:
         rows["projector activations kept between its phases"] = patches * 4 * v.hidden * 2
-    if first:
+    if rank == 0:
         rows["visual embeddings for the LM" + (" + gradients" if n_train else "")] = (
             seqs * m.seq_length / m.cp * v.lm_hidden * 2 * (2 if n_train else 1))
     return rows
 
 
+def rank_estimate(m: MemoryInputs, *, rank: int) -> MemoryEstimate:
+    """Pipeline rank `rank`'s predicted peak: its model state, activations and vision tower rows, or its optimizer
+    step's peak where that is higher."""
+    rows = {**model_state_bytes(m, rank=rank), **activation_bytes(m, rank=rank), **vision_bytes(m, rank=rank)}
+    # the optimizer step's peak, where it is above the forward and backward's (short sequences, few layers)
+    over = step_phase_bytes(m, rank=rank) - sum(rows.values())
+    if over > 0:
+        rows["AdamW step's temporaries, above the forward and backward's peak"] = over
+    return MemoryEstimate(rows=rows, stage=rank, host=offloaded_host_bytes(m, rank=rank))
+
+
 def estimate(m: MemoryInputs) -> MemoryEstimate:
-    """The worst pipeline stage's predicted peak (first stage: most in-flight activations; last: loss)."""
-    best = None
-    for stage in sorted({0, m.pp - 1}):
-        first, last = stage == 0, stage == m.pp - 1
-        rows = {**model_state_bytes(m, first=first, last=last), **activation_bytes(m, first=first, last=last),
-                **vision_bytes(m, first=first)}
-        # the optimizer step's peak, where it is above the forward and backward's (short sequences, few layers)
-        over = step_phase_bytes(m, first=first, last=last) - sum(rows.values())
-        if over > 0:
-            rows["AdamW step's temporaries, above the forward and backward's peak"] = over
-        est = MemoryEstimate(rows=rows, stage=stage, host=offloaded_host_bytes(m, first=first))
-        if best is None or est.total > best.total:
-            best = est
+    """The heaviest pipeline rank's predicted peak (`stage` names it; `ranks` holds every rank's total). Every rank is
+    evaluated: the first holds the most in-flight micro-batches and the embedding, the last the loss, but a middle
+    one can be the heaviest (heavier layers than the first, more in flight than the last)."""
+    per_rank = [rank_estimate(m, rank=r) for r in range(m.pp)]
+    best = max(per_rank, key=lambda e: e.total)  # the first of equals
+    best.ranks = [e.total for e in per_rank]
     return best
 
 

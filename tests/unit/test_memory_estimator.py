@@ -28,7 +28,7 @@ def lm(**kw) -> LMConfig:
 @pytest.mark.parametrize("attention", ["dense", "dsa", "ksa"])
 def test_param_count_matches_model_config_count(attention):
     cfg = lm(attention=attention, dsa=DSAConfig(index_heads=2, index_dim=8, topk=4))
-    dense, expert = param_counts(MemoryInputs(lm=cfg, seq_length=8), first=True, last=True)
+    dense, expert = param_counts(MemoryInputs(lm=cfg, seq_length=8), rank=0)
     assert dense + expert == lm_param_count(cfg).total
 
 
@@ -36,19 +36,19 @@ def test_param_split_by_tp_and_ep_by_hand():
     # tp 2: qkv 64*(64+64)/2 = 4096, proj 64*64/2 = 2048, qk norms 32, norms 128, router 256 -> 6560 per layer
     # x2 layers = 13120; embedding and head 512*64/2 each = 32768; final norm 64 -> dense 45952.
     # ep 2: 2 layers * 2 experts * 3*64*32 = 24576 expert elements.
-    dense, expert = param_counts(MemoryInputs(lm=lm(), seq_length=8, tp=2, ep=2), first=True, last=True)
+    dense, expert = param_counts(MemoryInputs(lm=lm(), seq_length=8, tp=2, ep=2), rank=0)
     assert (dense, expert) == (45952, 24576)
 
 
 def test_model_state_bytes_by_hand():
     m = MemoryInputs(lm=lm(), seq_length=8, tp=2, ep=2, dp=2, cp=2, edp=2, bf16=True)
-    rows = model_state_bytes(m, first=True, last=True)
+    rows = model_state_bytes(m, rank=0)
     assert rows["parameters"] == (45952 + 24576) * 2
     assert rows["gradients (fp32 buffer)"] == (45952 + 24576) * 4
     # dense optimizer state sharded over dp x cp = 4, expert over edp = 2; 12 B (fp32 master + m + v)
     assert rows["optimizer (master + Adam, sharded)"] == 45952 * 12 / 4 + 24576 * 12 / 2
     plain = model_state_bytes(MemoryInputs(lm=lm(), seq_length=8, bf16=False, distributed_optimizer=False),
-                              first=True, last=True)
+                              rank=0)
     total = lm_param_count(lm()).total
     assert plain == {"parameters": total * 4, "gradients (fp32 buffer)": total * 4,
                      "optimizer (master + Adam, sharded)": total * 8}
@@ -79,14 +79,14 @@ def test_moe_activations_by_hand():
 
 def test_context_parallel_divides_activations_and_adds_ulysses_buffers():
     base = MemoryInputs(lm=lm(), seq_length=1024)
-    one = sum(activation_bytes(base, first=True, last=True).values())
+    one = sum(activation_bytes(base, rank=0).values())
     two = MemoryInputs(lm=lm(), seq_length=1024, cp=2)
     kept_a2a, _ = _attention(two, "dense", recompute_core=False)
     kept_ag, _ = _attention(MemoryInputs(lm=lm(), seq_length=1024, cp=2, cp_comm="allgather"), "dense",
                             recompute_core=False)
     kept_1, _ = _attention(base, "dense", recompute_core=False)
     assert kept_a2a > kept_1 / 2 and kept_ag > kept_1 / 2  # whole-sequence buffers of the CP exchange
-    assert sum(activation_bytes(two, first=True, last=True).values()) < one
+    assert sum(activation_bytes(two, rank=0).values()) < one
 
 
 def test_recompute_orders_activation_memory():
@@ -178,8 +178,8 @@ def test_ksa_counts_summary_tokens():
 
 def test_pipeline_first_stage_holds_pp_microbatches():
     m = MemoryInputs(lm=lm(num_layers=4), seq_length=256, pp=2, num_microbatches=8)
-    first = activation_bytes(m, first=True, last=False)
-    last = activation_bytes(m, first=False, last=True)
+    first = activation_bytes(m, rank=0)
+    last = activation_bytes(m, rank=1)
     assert first["attention dense x2"] == 2 * last["attention dense x2"]
 
 
@@ -238,10 +238,99 @@ def test_a_pipeline_ranks_layers_are_those_the_model_builds_there(pp, vpp):
             :get_num_layers_to_build(tcfg, vp_stage=c, pp_rank=rank)]]
 
     m = MemoryInputs(lm=cfg, seq_length=64, pp=pp, vpp=vpp, num_microbatches=2 * pp)
-    assert stage_layers(m, first=True) == built(0) and stage_layers(m, first=False) == built(pp - 1)
+    assert all(stage_layers(m, rank=r) == built(r) for r in range(pp))
     if (pp, vpp) == (2, 2):
-        rows = activation_bytes(m, first=True, last=False)
+        rows = activation_bytes(m, rank=0)
         assert [k for k in rows if k.startswith("attention")] == ["attention dense x2", "attention dsa x2"]
+
+
+QWEN3_30B_A3B = dict(num_layers=48, hidden_size=2048, num_attention_heads=32, num_query_groups=4, head_dim=128,
+                     vocab_size=151936, num_experts=128, moe_topk=8, moe_ffn_hidden_size=768,
+                     mrope_section=[16, 24, 24], loss_chunk_tokens=0)
+
+
+def test_a_middle_pipeline_rank_heavier_than_both_ends_is_the_estimate():
+    """The 30B-A3B LM with 12 dense layers then 36 DSA layers at pp 4 x tp 4, 32K tokens, 1F1B: pipeline rank p holds
+    pp - p micro-batches' activations of its own 12 layers, so rank 1 keeps 3 x 12 DSA layers (their indexer and
+    union plan, not split over TP, 1.6 GiB per layer and micro-batch with the MoE block) against rank 0's 4 x 12
+    dense ones (1.25) and rank 3's 1 x 12 DSA ones. The estimate evaluated the first and the last rank only and
+    reported rank 0's 78.05 GiB where rank 1 holds 97.0 (the memory check let through a run whose rank 1 would not
+    fit); it now evaluates every rank, each with its own layers and micro-batches in flight (hand-counted here)."""
+    from parallel.memory import rank_estimate
+
+    kinds = ["dense"] * 12 + ["dsa"] * 36
+    m = MemoryInputs(lm=lm(**QWEN3_30B_A3B, attention_per_layer=kinds, dsa=DSAConfig()), seq_length=32768,
+                     pp=4, tp=4, ep=8, dp=2, edp=1, num_microbatches=128, recompute="selective")
+    moe = _moe(m)[0]
+    for rank in range(4):
+        rows = activation_bytes(m, rank=rank)
+        variant = "dense" if rank == 0 else "dsa"
+        held = (4 - rank) * 12   # layers x micro-batches in flight
+        assert rows[f"attention {variant} x12"] == held * _attention(m, variant, recompute_core=True)[0], rank
+        assert rows[f"MoE x12 ({variant} layers)"] == held * moe, rank
+    est = estimate(m)
+    assert est.stage == 1 and est.ranks == [rank_estimate(m, rank=r).total for r in range(4)]
+    assert est.total == max(est.ranks) and est.total > est.ranks[0] and est.total > est.ranks[3]
+    assert est.rows["attention dsa x12"] == 3 * 12 * _attention(m, "dsa", recompute_core=True)[0]
+    # abs 0.01 GiB: the two figures launch/memory.py prints for the first rank and the heaviest, rounded
+    assert (est.ranks[0] / 1024 ** 3, est.total / 1024 ** 3) == (pytest.approx(78.05, abs=0.01),
+                                                                pytest.approx(97.01, abs=0.01))
+
+
+@pytest.mark.parametrize("pp,vpp", [(2, 1), (4, 1), (2, 2), (4, 2), (2, 4), (3, 2)])
+def test_every_pipeline_ranks_in_flight_forwards_follow_megatrons_schedule(pp, vpp):
+    """in_flight_forwards against megatron's own schedule: its warm-up count per rank (get_pp_rank_microbatches)
+    and its order of model chunks (get_schedule_table; a backward takes the chunks in reverse, each chunk's oldest
+    forward first), replayed here forward by forward with every (micro-batch, chunk) tracked, the held bytes' peak
+    taken over the whole run for uniform and for random per-chunk bytes. The estimate counted the first rank's and
+    took 1 for every other rank: the last rank of pp 4 x vpp 2 holds 2.5 layer-sets, a middle one 3.5 of 5.5."""
+    import random
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+    from parallel.memory import in_flight_forwards, in_flight_microbatches
+
+    rng = random.Random(42)
+    for n in (pp, 2 * pp, 3 * pp):
+        m = MemoryInputs(lm=lm(num_layers=pp * vpp), seq_length=64, pp=pp, vpp=vpp, num_microbatches=n)
+        table = get_schedule_table(n, vpp, pp)
+        for rank in range(pp):
+            p2p = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: pp, rank=lambda: rank),
+                                  virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+            total, _, warmup, _ = get_pp_rank_microbatches(n, vpp, pp, p2p_communicator=p2p)
+            assert in_flight_microbatches(m, rank=rank) == min(warmup + 1, total) / vpp, (n, rank)
+            for weights in ([1.0] * vpp, [rng.random() for _ in range(vpp)]):
+                held, peak = [[] for _ in range(vpp)], 0.0
+                for k in range(total):
+                    mb, chunk = table[k]
+                    held[chunk].append(mb)
+                    peak = max(peak, sum(len(h) * w for h, w in zip(held, weights)))
+                    if k >= warmup:
+                        back = vpp - 1 - table[k - warmup][1]
+                        assert held[back].pop(0) == table[k - warmup][0]
+                counts = in_flight_forwards(m, rank=rank, weights=weights)
+                # rel 1e-12: the same products summed in another order
+                assert sum(c * w for c, w in zip(counts, weights)) == pytest.approx(peak, rel=1e-12), (n, rank)
+
+
+def test_interleaved_ranks_hold_the_chunks_in_flight_at_their_peak():
+    """pp 2 x vpp 2, 4 micro-batches, 8 layers: the last rank builds layers 2-3 (chunk 0, DSA here) and 6-7 (chunk
+    1, dense). Its schedule (by hand): forwards of chunk 0 for micro-batches 0, 1, of chunk 1 for 0; then backward
+    and forward in turn: (c1 b0) c1 f1 (c1 b1) c0 f2 (c0 b0) c0 f3 ...: at most 3 forwards wait, either two of chunk 0
+    and one of chunk 1, or three of chunk 0; with its chunk 0 the heavier the rank holds 3 x 2 DSA layers (the
+    estimate counted 1 micro-batch, 2 DSA layers, on the last rank) and no dense one."""
+    from parallel.memory import in_flight_forwards, in_flight_microbatches
+
+    kinds = ["dense", "dense", "dsa", "dsa", "dense", "dense", "dense", "dense"]
+    m = MemoryInputs(lm=lm(num_layers=8, attention_per_layer=kinds, dsa=DSAConfig(index_heads=2, index_dim=8, topk=4)),
+                     seq_length=64, pp=2, vpp=2, num_microbatches=4)
+    assert in_flight_forwards(m, rank=1) == [2, 1] and in_flight_microbatches(m, rank=1) == 1.5
+    assert in_flight_forwards(m, rank=1, weights=[2.0, 1.0]) == [3, 0]
+    assert in_flight_forwards(m, rank=1, weights=[1.0, 2.0]) == [2, 1]
+    assert in_flight_forwards(m, rank=0) == [3, 2]   # warm-up 4 (2 (pp - 1) + (vpp - 1) pp), then the fifth
+    rows = activation_bytes(m, rank=1)
+    assert rows["attention dsa x2"] == 3 * 2 * _attention(m, "dsa", recompute_core=False)[0]
+    assert rows["attention dense x2"] == 0.0
 
 
 def test_measured_saved_activations_of_the_tiny_model_on_cpu():
@@ -317,12 +406,12 @@ def test_training_stage_counts_gradients_and_optimizer_of_its_trainable_paramete
     measured = _measure(256, recipe, trainable)
     m = _recipe_inputs(recipe, 256)
     m = MemoryInputs(**{**m.__dict__, "trainable": trainable})
-    dense, expert = trainable_counts(m, first=True, last=True)
+    dense, expert = trainable_counts(m, rank=0)
     assert dense + expert == measured["trainable_elements"]
-    rows = model_state_bytes(m, first=True, last=True)
+    rows = model_state_bytes(m, rank=0)
     assert rows["gradients (fp32 buffer)"] == measured["trainable_elements"] * 4
     assert rows["optimizer (master + Adam, sharded)"] == measured["trainable_elements"] * 8  # fp32: Adam m, v
-    assert rows["parameters"] == sum(param_counts(m, first=True, last=True)) * 4
+    assert rows["parameters"] == sum(param_counts(m, rank=0)) * 4
 
 
 def test_indexer_step_keeps_nothing_for_backward():
@@ -335,11 +424,11 @@ def test_indexer_step_keeps_nothing_for_backward():
     assert measured["attention"] > 0  # the hooks did see the layers' KL graphs while they existed
     step = _recipe_inputs("keye_tiny_dsa_warmup", 256, indexer_step=True)
     through_model = _recipe_inputs("keye_tiny_dsa_warmup", 256)
-    rows = activation_bytes(step, first=True, last=True)
+    rows = activation_bytes(step, rank=0)
     assert rows["kept for backward"] == 0
     working = [v for k, v in rows.items() if k.startswith("largest working set")]
     assert len(working) == 1
-    kept_model = sum(v for k, v in activation_bytes(through_model, first=True, last=True).items()
+    kept_model = sum(v for k, v in activation_bytes(through_model, rank=0).items()
                      if k.startswith(("attention", "MoE")))
     assert working[0] < kept_model  # one layer's tensors at a time, against all four layers' kept
     assert estimate(step).total < estimate(through_model).total
@@ -385,23 +474,23 @@ def test_vision_tower_rows_by_hand():
     m = MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, cp=2, tp=2, vision=v, vit_ranks=4,
                      vit_recompute=True)
     patches = 3 * 256 * 4 / 4                     # 3 sequences, every token visual, 2x2 patches, over 4 ranks
-    assert vision_bytes(m, first=True) == {
+    assert vision_bytes(m, rank=0) == {
         "vision tower weights (fp32, on every rank)": 4 * n, "vision gradients + AdamW (fp32)": 12 * n,
         "vision frames kept for the recompute (uint8 pixels)": patches * 3 * 14 * 14,
         "visual embeddings for the LM + gradients": 3 * 256 / 2 * 64 * 2 * 2}
-    kept = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, vision=v, vit_ranks=4),
-                        first=False)
+    kept = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, vision=v, vit_ranks=4, pp=2),
+                        rank=1)
     assert kept["ViT activations kept between its phases"] == patches * (2 * vit_saved_elements(v) + 588) * 2
     assert "visual embeddings for the LM + gradients" not in kept
-    align = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="projector"), first=True)
+    align = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="projector"), rank=0)
     assert align["vision gradients + AdamW (fp32)"] == 12 * n_proj
     frozen = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="indexer",
-                                       vit_recompute=True), first=True)
+                                       vit_recompute=True), rank=0)
     assert frozen == {"vision tower weights (fp32, on every rank)": 4 * n, "visual embeddings for the LM": 256 * 64 * 2}
-    assert vision_bytes(MemoryInputs(lm=lm(), seq_length=256), first=True) == {}
+    assert vision_bytes(MemoryInputs(lm=lm(), seq_length=256), rank=0) == {}
     # parallel.vit.group=1: one of the 3 micro-batches per vision phase
     rounds = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, cp=2, tp=2, vision=v, vit_ranks=4,
-                                       vit_recompute=True, vit_group=1), first=True)
+                                       vit_recompute=True, vit_group=1), rank=0)
     assert rounds["visual embeddings for the LM + gradients"] == 256 / 2 * 64 * 2 * 2
     assert rounds["vision frames kept for the recompute (uint8 pixels)"] == patches / 3 * 588
     # the tower's own AdamW steps apart from the LM's (train/vision.py): the larger one's sqrt(v) is the step's
@@ -409,9 +498,9 @@ def test_vision_tower_rows_by_hand():
 
     from parallel.memory import optimizer_step_bytes
     big = MemoryInputs(lm=lm(num_layers=1), seq_length=256, vision=tiny(256))
-    assert tiny(256).num_params() > sum(trainable_counts(big, first=True, last=True))
-    assert optimizer_step_bytes(big, first=True, last=True) == 4 * tiny(256).num_params()
-    assert optimizer_step_bytes(replace(big, trainable="projector"), first=True, last=True) == (
+    assert tiny(256).num_params() > sum(trainable_counts(big, rank=0))
+    assert optimizer_step_bytes(big, rank=0) == 4 * tiny(256).num_params()
+    assert optimizer_step_bytes(replace(big, trainable="projector"), rank=0) == (
         4 * tiny(256).projector_params())
 
 
@@ -616,7 +705,7 @@ def test_optimizer_step_temporaries_are_torch_adamws():
     from parallel.memory import optimizer_step_bytes, step_phase_bytes
 
     m = MemoryInputs(lm=lm(num_layers=4), seq_length=8, dp=2, edp=1, ep=2)
-    dense, expert = trainable_counts(m, first=True, last=True)
+    dense, expert = trainable_counts(m, rank=0)
     shards = [int(dense) // 2, int(expert)]  # the distributed optimizer's shards: dense over dp 2, experts over edp 1
     groups = [{"params": [torch.nn.Parameter(torch.ones(n - n // 3)), torch.nn.Parameter(torch.ones(n // 3))]}
               for n in shards]
@@ -628,9 +717,9 @@ def test_optimizer_step_temporaries_are_torch_adamws():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
     sqrt = [e.cpu_memory_usage for e in prof.events() if e.name == "aten::_foreach_sqrt"]
-    assert len(sqrt) == 2 and max(sqrt) == optimizer_step_bytes(m, first=True, last=True), (sqrt, shards)
+    assert len(sqrt) == 2 and max(sqrt) == optimizer_step_bytes(m, rank=0), (sqrt, shards)
     # a step of few tokens: the optimizer step is the peak, and the estimate says so (before, it held the smaller
     # forward and backward's peak)
     est = estimate(m)
-    assert est.total == step_phase_bytes(m, first=True, last=True)
+    assert est.total == step_phase_bytes(m, rank=0)
     assert est.rows["AdamW step's temporaries, above the forward and backward's peak"] > 0
