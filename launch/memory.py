@@ -17,7 +17,7 @@ from train.noise import silence_known_warnings  # noqa: E402
 silence_known_warnings()
 
 from data.video.config import UnsetPathError  # noqa: E402
-from parallel.memory import estimate, inputs_from_config  # noqa: E402
+from parallel.memory import GIB, estimate, inputs_from_config  # noqa: E402
 
 
 def fewest_ranks(p) -> int:
@@ -93,7 +93,11 @@ def main(argv: list[str]) -> None:
         print("train.trainable=indexer with indexer_backward=local: the step runs the frozen model forward only "
               "(recompute and offload unused), gradients and optimizer state for the indexers alone")
     print(f"seq {m.seq_length} text tokens ({m.model_seq} with summaries), micro-batch {m.micro_batch_size}, "
-          f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}; worst stage {est.stage}")
+          f"{m.num_microbatches} micro-batches, {'bf16' if m.bf16 else 'fp32'}")
+    if m.pp > 1:   # every pipeline rank holds other layers, micro-batches in flight, embedding or loss
+        print("pipeline ranks (predicted peak, GiB): "
+              + ", ".join(f"{r}: {t / GIB:.2f}" for r, t in enumerate(est.ranks))
+              + f"; the heaviest is rank {est.stage} (of 0-{m.pp - 1}), item by item:")
     print(est.table())
 
 

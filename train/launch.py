@@ -647,7 +647,8 @@ def check_memory(cfg: Config, layout: ParallelLayout, capacity: float) -> str | 
     options = [f"{label}: {estimate(replace(m, **kw)).total / GIB:.1f} GiB"
                for label, kw in _LAYOUTS_THAT_SAVE_MEMORY if any(getattr(m, k) != v for k, v in kw.items())]
     largest = sorted(est.rows.items(), key=lambda kv: -kv[1])[:3]
-    msg = (f"the predicted peak memory per rank is {peak / GIB:.1f} GiB ({peak * 1.1 / GIB:.1f} with a 10% "
+    where = f" (pipeline rank {est.stage} of 0-{m.pp - 1}, the heaviest)" if m.pp > 1 else ""
+    msg = (f"the predicted peak memory per rank is {peak / GIB:.1f} GiB{where} ({peak * 1.1 / GIB:.1f} with a 10% "
            f"fragmentation margin; largest: {', '.join(f'{k} {v / GIB:.1f}' for k, v in largest)}; python "
            f"launch/memory.py prints it item by item), and this GPU has "
            f"{capacity / GIB:.1f} GiB (parallel.recompute={layout.recompute}, parallel.offload={layout.offload}). "

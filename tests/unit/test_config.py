@@ -694,6 +694,21 @@ def test_memory_check_stops_a_layout_predicted_beyond_the_gpu_and_names_what_fit
         _validate("recipe=keye_tiny_lm", "train.memory_check=maybe")
 
 
+def test_memory_check_judges_the_heaviest_pipeline_rank_even_a_middle_one():
+    """12 dense then 36 DSA layers of the 30B model at pp 4 x tp 4, 48K tokens: pipeline rank 1 holds 3 micro-batches
+    of 12 DSA layers (137.1 GiB predicted), more than rank 0's 4 of 12 dense layers (108.7 GiB) and rank 3's one. The
+    check judged the first and the last rank only and let the run start on an H200 (108.7 GiB, 119.5 with the margin);
+    it now stops it, naming the rank (parallel/memory.py evaluates every pipeline rank)."""
+    from train.launch import check_memory
+
+    layers = "[" + ",".join(["dense"] * 12 + ["dsa"] * 36) + "]"
+    cfg, layout = _validate("recipe=keye_30b_a3b_lm", "model=keye_30b_a3b_dsa", f"model.lm.attention_per_layer={layers}",
+                            "parallel.pp=4", "parallel.tp=4", "parallel.recompute=selective",
+                            "train.seq_length=49152", world_size=32)
+    with pytest.raises(ValueError, match=r"137\.1 GiB \(pipeline rank 1 of 0-3, the heaviest\) \(150\.8 with"):
+        check_memory(cfg, layout, H200)
+
+
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes/recipe").glob("keye_30b_a3b*.yaml")))
 def test_every_30b_recipe_is_predicted_to_fit_an_h200(recipe):
     """Each Keye-30B-A3B recipe on the node it is written for (8 GPUs), with the estimate's 10% fragmentation

@@ -564,6 +564,9 @@ def test_the_command_explains_itself_and_stops_on_bad_input(capsys):
         assert stop.value.code == 2 and err.startswith("launch/memory.py: ") and message in err, (override, err)
     main(["recipe=keye_tiny_lm"])
     assert "predicted peak (allocated)" in capsys.readouterr().out
+    main(["recipe=keye_tiny_lm", "parallel.pp=2"])   # every pipeline rank's peak, then the heaviest's rows
+    out = capsys.readouterr().out
+    assert "pipeline ranks (predicted peak, GiB): 0: 0.03, 1: 0.02; the heaviest is rank 0 (of 0-1)" in out, out
 
 
 def test_the_command_takes_the_fewest_ranks_the_layout_runs_on():
