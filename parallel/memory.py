@@ -39,7 +39,8 @@ The vision tower (train/vision.py, parallel/vit_layout.py; `vision_bytes`): its 
 gradients and AdamW state of what trains, and what its phase holds while the language model's schedule runs,
 for all micro-batches of a step at once (or of a round of parallel.vit.group): the visual embeddings handed to the LM-input ranks (with their
 gradients), and this rank's share of the frames either as ViT activations or, with parallel.vit.recompute, as
-their pixels. Upper bound: every token of a sequence visual (seq_length merged tokens).
+their pixels (parallel.vit.layout=replicated: the LM-input ranks encode every frame, later pipeline stages none).
+Upper bound: every token of a sequence visual (seq_length merged tokens).
 
 Not counted (state it rather than hide it): the CUDA context and NCCL buffers (~1-2 GiB per GPU, outside
 torch's allocator and outside max_memory_allocated), allocator fragmentation (reported separately as a
@@ -88,6 +89,7 @@ class MemoryInputs:
     indexer_step: bool = False  # trainable=indexer with indexer_backward=local: the step runs forward only
     vision: object = None  # models.vision.VisionConfig of the model's vision tower, None without one
     vit_ranks: int = 1  # ranks that split one sequence's frames (parallel.vit.layout=spread: tp x cp x pp)
+    vit_layout: str = "spread"  # parallel.vit.layout: replicated encodes on the LM-input ranks (pipeline rank 0) only
     vit_recompute: bool = False  # parallel.vit.recompute
     vit_group: int = 0  # parallel.vit.group: micro-batches per vision phase (0: the whole step's)
 
@@ -621,6 +623,8 @@ def vision_bytes(m: MemoryInputs, *, rank: int) -> dict[str, float]:
     rows = {"vision tower weights (fp32, on every rank)": 4.0 * n_all}
     if n_train:
         rows["vision gradients + AdamW (fp32)"] = 12.0 * n_train
+    if m.vit_layout == "replicated" and rank > 0:  # a later pipeline stage encodes no frame, receives no embedding
+        return rows
     if n_train and m.vit_recompute:
         rows["vision frames kept for the recompute (uint8 pixels)"] = patches * v.patch_dim
     elif train_vit:
@@ -673,4 +677,5 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         indexer_step=t.indexer_step,
                         vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
                         vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,
+                        vit_layout=cfg.parallel.vit.layout,
                         vit_recompute=cfg.parallel.vit.recompute, vit_group=cfg.parallel.vit.group)

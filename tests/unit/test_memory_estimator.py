@@ -482,6 +482,12 @@ def test_vision_tower_rows_by_hand():
                         rank=1)
     assert kept["ViT activations kept between its phases"] == patches * (2 * vit_saved_elements(v) + 588) * 2
     assert "visual embeddings for the LM + gradients" not in kept
+    # replicated: the first pipeline stage encodes every frame, a later one none (it held them all in the estimate)
+    one = MemoryInputs(lm=lm(), seq_length=256, num_microbatches=3, vision=v, vit_layout="replicated", pp=2)
+    assert vision_bytes(one, rank=0)["ViT activations kept between its phases"] == (
+        3 * 256 * 4 * (2 * vit_saved_elements(v) + 588) * 2)
+    assert vision_bytes(one, rank=1) == {"vision tower weights (fp32, on every rank)": 4 * n,
+                                         "vision gradients + AdamW (fp32)": 12 * n}
     align = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="projector"), rank=0)
     assert align["vision gradients + AdamW (fp32)"] == 12 * n_proj
     frozen = vision_bytes(MemoryInputs(lm=lm(), seq_length=256, vision=v, trainable="indexer",
