@@ -6,7 +6,9 @@ A run on its own synthetic data makes it under its run directory first (rank 0, 
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +47,31 @@ def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, r
                 f"instead, start another run directory from them: run_dir=<a new directory> "
                 f"train.checkpoint.init_from={run_dir} (its data from the beginning, a fresh optimizer)") from None
 
+
+
+def check_data_state(cfg, state: dict, *, checkpoint: str | os.PathLike, run_dir: str | os.PathLike, rank: int,
+                     dp_rank: int, dp_size: int, exclude=None) -> None:
+    """Whether this rank's training data can continue `state` (the data state of `checkpoint`): restore_data_state's
+    SettingsError if not. The trainer asks before it builds the model, so that a resume that cannot continue its data
+    stops in seconds, not after the model, optimizer and checkpoint are built and loaded. The streams are built for
+    the check alone (quarantining nothing, their workers stopped after it); what their load logs at INFO and warns
+    (a mixture's changed weights) the resume's own load says."""
+    data_log = logging.getLogger("data")
+    level = data_log.level
+    data_log.setLevel(max(level, logging.WARNING))
+    streams: list = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            common = dict(run_dir=run_dir, rank=rank, dp_rank=dp_rank, dp_size=dp_size, exclude=exclude)
+            streams = ([video_stream(cfg, records_bad_samples=False, **common)] if cfg.data.kind == "video" else
+                       text_streams(cfg, cfg.data, **common))
+            restore_data_state(streams, state, checkpoint=checkpoint, run_dir=run_dir)
+    finally:
+        data_log.setLevel(level)
+        for s in streams:
+            if hasattr(s, "close"):
+                s.close()
 
 def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int,
                  records_bad_samples: bool = True, exclude=None, held_out: bool = False, shards: str = "",

@@ -43,7 +43,8 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import (Config, DistillConfig, SettingsError, config_changes, held_out_moved,
                           ignored_on_resume)
-from train.data_streams import eval_streams, restore_data_state, text_streams, training_exclude, video_stream
+from train.data_streams import (check_data_state, eval_streams, restore_data_state, text_streams, training_exclude,
+                                video_stream)
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested, scale_gradients)
@@ -280,6 +281,9 @@ class Trainer:
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
             raise SettingsError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
+        self.exclude = training_exclude(cfg)   # data.exclude's samples; none for held-out sets or eval-only
+        if self.resume_ref is not None:   # a resume that cannot continue its data stops before the model is built
+            self._check_data_state(self.resume_ref)
 
         # train.trainable=indexer (the DSA warm-up): only the indexers train, and their one loss, each DSA layer's
         # KL, never reaches the rest of the model (models/attention/dsa.py). With indexer_backward=local each
@@ -374,7 +378,6 @@ class Trainer:
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
-        self.exclude = training_exclude(cfg)   # data.exclude's samples; none for held-out sets or eval-only
         if cfg.data.kind == "video":
             # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
             # every model chunk iterates the same list.
@@ -556,6 +559,33 @@ class Trainer:
             if torn:
                 log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
         return ref
+
+    def _check_data_state(self, ref: ckpt.CheckpointRef) -> None:
+        """Collective, before the model is built: whether every rank's training data can continue the data state of
+        `ref` (the checkpoint the resume takes), the SettingsError _resume's load would raise after the model,
+        optimizer and checkpoint were built and loaded (train/data_streams.check_data_state). Rank 0 reads the state
+        (the common state alone) and sends it to the others; the ranks agree, so that none builds the model while
+        another stops: each raises the first failing rank's error. A state that cannot be read, or a check that fails
+        otherwise, is left to _resume, which loads the checkpoint (or an older one, where this one fails to load) and
+        its data state as before."""
+        state: list = [None]
+        if self.rank == 0:
+            state = [(ckpt.saved_common(ref) or {}).get("data")]
+        dist.broadcast_object_list(state, src=0)
+        failure = ""
+        if state[0] is not None:
+            try:
+                check_data_state(self.cfg, state[0], checkpoint=ref.path, run_dir=self.run_dir, rank=self.rank,
+                                 dp_rank=self.pgs.dp.rank(), dp_size=self.pgs.dp.size(), exclude=self.exclude)
+            except SettingsError as e:
+                failure = str(e)
+            except Exception:  # noqa: BLE001 - the streams' own fault, met again where the trainer builds them
+                log.debug("the data state's early check could not run", exc_info=True)
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, failure)
+        first = next((f for f in gathered if f), "")
+        if first:
+            raise SettingsError(first)
 
     def _common_state(self, data: dict | None = None) -> dict:
         return {"step": self.step, "data": data if data is not None else self.streams[0].state_dict(),
