@@ -56,6 +56,7 @@ def resume(saved, monkeypatch):
     ref = ckpt.CheckpointRef(path=run_dir / "checkpoints" / "step_000002", step=2)
     monkeypatch.setattr(ckpt, "find_resume_point", lambda d: ref)
     monkeypatch.setattr(ckpt, "saved_common", lambda r: {"step": 2, "data": state})
+    monkeypatch.setattr(ckpt, "lock_run_dir", lambda d: None)   # held for the process's life: not this test's
 
     def build_lm(*a, **k):
         raise ModelBuilt()
