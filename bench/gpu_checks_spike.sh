@@ -7,13 +7,15 @@
 # in both, so steps 7-10 must match. The multimodal tiny recipe the same way (its vision tower's update is discarded
 # too). Needs $OUT. bench/RESULTS.md "train.spike on the GPU". A check, no speed claim.
 set -u
-P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false train.log_interval=1"
+P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false"
+P="$P train.log_interval=1"
 S="train.spike.factor=20 train.spike.window=3"
 for recipe in keye_tiny_lm keye_tiny; do
   C="recipe=$recipe train.stop_after=10 train.checkpoint.enabled=false"
   timeout 150 $P $C run_dir=/tmp/sp_${recipe}_off > $OUT/${recipe}_off.log 2>&1; echo "$recipe off rc $?" >> $OUT/rc.txt
   timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_on > $OUT/${recipe}_on.log 2>&1; echo "$recipe on rc $?" >> $OUT/rc.txt
-  KEYE_FAULT=spike_grad_in_step:step=6 timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_spike > $OUT/${recipe}_spike.log 2>&1
+  KEYE_FAULT=spike_grad_in_step:step=6 timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_spike \
+    > $OUT/${recipe}_spike.log 2>&1
   echo "$recipe spike rc $?" >> $OUT/rc.txt
   KEYE_FAULT=nan_grad_in_step:step=6 timeout 150 $P $C train.skip_nonfinite_steps=1 run_dir=/tmp/sp_${recipe}_nan \
     > $OUT/${recipe}_nan.log 2>&1; echo "$recipe nan rc $?" >> $OUT/rc.txt
@@ -39,7 +41,8 @@ for recipe in ("keye_tiny_lm", "keye_tiny"):
     if "spike" in loss and "nan" in loss:
         late = [s for s in loss["spike"] if s > 6]
         print("  spike == nan after step 6:", [loss["spike"][s] == loss["nan"].get(s) for s in late])
-        print("  spike == off up to step 6:", all(loss["spike"][s] == loss["off"].get(s) for s in loss["spike"] if s <= 6))
+        early = [s for s in loss["spike"] if s <= 6]
+        print("  spike == off up to step 6:", all(loss["spike"][s] == loss["off"].get(s) for s in early))
         r6 = runs["spike"].get(6, {})
         print("  step 6:", {k: r6.get(k) for k in ("loss", "grad_norm", "spike_skipped_steps")},
               "off step 6 grad_norm:", runs["off"].get(6, {}).get("grad_norm"))

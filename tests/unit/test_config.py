@@ -702,8 +702,8 @@ def test_memory_check_judges_the_heaviest_pipeline_rank_even_a_middle_one():
     from train.launch import check_memory
 
     layers = "[" + ",".join(["dense"] * 12 + ["dsa"] * 36) + "]"
-    cfg, layout = _validate("recipe=keye_30b_a3b_lm", "model=keye_30b_a3b_dsa", f"model.lm.attention_per_layer={layers}",
-                            "parallel.pp=4", "parallel.tp=4", "parallel.recompute=selective",
+    cfg, layout = _validate("recipe=keye_30b_a3b_lm", "model=keye_30b_a3b_dsa",
+                            f"model.lm.attention_per_layer={layers}", "parallel.pp=4", "parallel.tp=4", "parallel.recompute=selective",
                             "train.seq_length=49152", world_size=32)
     with pytest.raises(ValueError, match=r"137\.1 GiB \(pipeline rank 1 of 0-3, the heaviest\) \(150\.8 with"):
         check_memory(cfg, layout, H200)
