@@ -1075,10 +1075,18 @@ class Trainer:
         # (a setting's name starts a sentence as it is written; "a larger" does not)
         advice = f"{exclude}{'a' if exclude else 'A'} larger train.spike.factor (or train.spike.factor=0: off) lets " \
             "such steps through"
+        # steps in a row, each on other data, judged against the same window (a skipped step's norm never joins
+        # it): the weights give every batch such a norm (measured on a GPU: the multimodal tiny recipe's norm rose
+        # from 2.7 to 79 with its warm-up's last step and stayed there while no update was applied), and a resume
+        # judges them against the same saved window again
+        weights = (f" {self.spike_in_row} steps in a row, each on other data, spiking against the same window point "
+                   f"at the weights (the last applied step, its learning rate) more than at the data: a resume "
+                   f"judges them against the same window and stops again unless train.spike.factor changes."
+                   if self.spike_in_row > 1 else "")
         raise SpikeStepError(
             f"{what}, so no weight was updated and the run stops after {self.spike_in_row} such step"
             f"{'s' if self.spike_in_row > 1 else ''} in a row (train.spike.skip_steps={sp.skip_steps} skips up to "
-            f"that many in a row). {resume} {where_data[0].upper()}{where_data[1:]} {advice}")
+            f"that many in a row).{weights} {resume} {where_data[0].upper()}{where_data[1:]} {advice}")
 
     def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
                    own_grads_finite: torch.Tensor) -> NonFinite:

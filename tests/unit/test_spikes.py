@@ -166,7 +166,10 @@ def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_pat
         Trainer._spike_skip_or_stop(tr, spike, 3.5, {"grad_norm": 40.0})
     assert str(e.value) == (
         f"{what.replace('step 7', 'step 8')}, so no weight was updated and the run stops after 2 such steps in a row "
-        "(train.spike.skip_steps=1 skips up to that many in a row). Checkpoints are off (train.checkpoint.enabled="
+        "(train.spike.skip_steps=1 skips up to that many in a row). 2 steps in a row, each on other data, spiking "
+        "against the same window point at the weights (the last applied step, its learning rate) more than at the "
+        "data: a resume judges them against the same window and stops again unless train.spike.factor changes. "
+        "Checkpoints are off (train.checkpoint.enabled="
         "false): rerunning starts the run over. Rank 0's data in the step: a synthetic_tokens stream: global samples "
         "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data; a "
         "larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
