@@ -5,28 +5,30 @@
 # early norms jump by more than 5 x), "spike" (the gradients of step 6 x 1000, KEYE_FAULT=spike_grad_in_step)
 # against "nan" (step 6's gradients NaN, skipped by train.skip_nonfinite_steps=1): the skipped step updates nothing
 # in both, so steps 7-10 must match. The multimodal tiny recipe the same way (its vision tower's update is discarded
-# too). Needs $OUT. bench/RESULTS.md "train.spike on the GPU". A check, no speed claim.
+# too). FACTOR (20) and RECIPES (both) may be set. Needs $OUT. bench/RESULTS.md "train.spike on the GPU". A check,
+# no speed claim.
 set -u
 P="torchrun --standalone --nproc_per_node 1 launch/pretrain.py parallel=single train.wandb.enabled=false"
 P="$P train.log_interval=1"
-S="train.spike.factor=20 train.spike.window=3"
-for recipe in keye_tiny_lm keye_tiny; do
+S="train.spike.factor=${FACTOR:-20} train.spike.window=3"
+L=/tmp/sp_logs; mkdir -p $L   # the logs stay there: $OUT brings back few files
+for recipe in ${RECIPES:-keye_tiny_lm keye_tiny}; do
   C="recipe=$recipe train.stop_after=10 train.checkpoint.enabled=false"
-  timeout 150 $P $C run_dir=/tmp/sp_${recipe}_off > $OUT/${recipe}_off.log 2>&1; echo "$recipe off rc $?" >> $OUT/rc.txt
-  timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_on > $OUT/${recipe}_on.log 2>&1; echo "$recipe on rc $?" >> $OUT/rc.txt
+  timeout 150 $P $C run_dir=/tmp/sp_${recipe}_off > $L/${recipe}_off.log 2>&1; echo "$recipe off rc $?" >> $OUT/rc.txt
+  timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_on > $L/${recipe}_on.log 2>&1; echo "$recipe on rc $?" >> $OUT/rc.txt
   KEYE_FAULT=spike_grad_in_step:step=6 timeout 150 $P $C $S run_dir=/tmp/sp_${recipe}_spike \
-    > $OUT/${recipe}_spike.log 2>&1
+    > $L/${recipe}_spike.log 2>&1
   echo "$recipe spike rc $?" >> $OUT/rc.txt
   KEYE_FAULT=nan_grad_in_step:step=6 timeout 150 $P $C train.skip_nonfinite_steps=1 run_dir=/tmp/sp_${recipe}_nan \
-    > $OUT/${recipe}_nan.log 2>&1; echo "$recipe nan rc $?" >> $OUT/rc.txt
+    > $L/${recipe}_nan.log 2>&1; echo "$recipe nan rc $?" >> $OUT/rc.txt
   for v in off on spike nan; do cp /tmp/sp_${recipe}_$v/metrics.jsonl $OUT/${recipe}_$v.metrics.jsonl 2>/dev/null; done
   cp /tmp/sp_${recipe}_spike/spikes.jsonl $OUT/${recipe}_spikes.jsonl 2>/dev/null
 done
 cat $OUT/rc.txt
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${RECIPES:-keye_tiny_lm keye_tiny}" <<'PY'
 import json, sys
 out = sys.argv[1]
-for recipe in ("keye_tiny_lm", "keye_tiny"):
+for recipe in sys.argv[2].split():
     runs = {}
     for v in ("off", "on", "spike", "nan"):
         try:
