@@ -48,7 +48,6 @@ def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, r
                 f"train.checkpoint.init_from={run_dir} (its data from the beginning, a fresh optimizer)") from None
 
 
-
 def check_data_state(cfg, state: dict, *, checkpoint: str | os.PathLike, run_dir: str | os.PathLike, rank: int,
                      dp_rank: int, dp_size: int, exclude=None) -> None:
     """Whether this rank's training data can continue `state` (the data state of `checkpoint`): restore_data_state's
@@ -72,6 +71,7 @@ def check_data_state(cfg, state: dict, *, checkpoint: str | os.PathLike, run_dir
         for s in streams:
             if hasattr(s, "close"):
                 s.close()
+
 
 def video_stream(cfg, *, run_dir: str | os.PathLike, rank: int, dp_rank: int, dp_size: int,
                  records_bad_samples: bool = True, exclude=None, held_out: bool = False, shards: str = "",

@@ -615,6 +615,19 @@ def test_a_videos_frames_stand_in_the_user_turn_as_keye_and_qwen_vl_write_them(t
     assert plan.length == len(want_tokens)
 
 
+def _continues_as_saved_now(cfg, now: dict, saved_before: dict) -> None:
+    """A state saved before a plan field existed (`saved_before`) resumes exactly as the same state saved now (`now`):
+    the next pack's keys and tokens equal, and the resumed loader's fingerprint is this code's."""
+    packs = []
+    for state in (now, saved_before):
+        resumed = VideoPackedLoader(cfg, seed=0)
+        resumed.load_state_dict(state)
+        packs.append(next(resumed))
+        assert resumed.state_dict()["plan_fingerprint"] == now["plan_fingerprint"]
+        resumed.close()
+    assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
+
+
 def _state_as_saved_before(loader, field: str = "vision_at") -> dict:
     """The loader's state as a loader from before `field` was a planning field wrote it (before a video's frames stood
     at its marker; before a text's special tokens were read as text): the planning fields without it, and their
@@ -665,14 +678,7 @@ def test_a_state_saved_with_frames_before_the_conversation_is_refused_or_continu
     now, saved_before = first.state_dict(), _state_as_saved_before(first)
     first.close()
     assert saved_before["plan_fingerprint"] != now["plan_fingerprint"]
-    packs = []
-    for state in (now, saved_before):
-        resumed = VideoPackedLoader(cfg, seed=0)
-        resumed.load_state_dict(state)
-        packs.append(next(resumed))
-        assert resumed.state_dict()["plan_fingerprint"] == now["plan_fingerprint"]
-        resumed.close()
-    assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
+    _continues_as_saved_now(cfg, now, saved_before)
     plain = VideoPackedLoader(small_cfg(shard_dir, tmp_path, tokenizer=str(tok_dir)), seed=0)
     assert "vision_at" not in plain.state_dict()["plan_config"]    # "plain": its layout and state unchanged
 
@@ -694,14 +700,7 @@ def test_a_state_saved_when_a_text_gave_special_ids_continues_where_no_text_spel
     first.close()
     assert now["plan_config"]["specials_in_text"] == "text"
     assert saved_before["plan_fingerprint"] != now["plan_fingerprint"]
-    packs = []
-    for state in (now, saved_before):
-        resumed = VideoPackedLoader(cfg, seed=0)
-        resumed.load_state_dict(state)
-        packs.append(next(resumed))
-        assert resumed.state_dict()["plan_fingerprint"] == now["plan_fingerprint"]
-        resumed.close()
-    assert packs[0].sample_keys == packs[1].sample_keys and torch.equal(packs[0].tokens, packs[1].tokens)
+    _continues_as_saved_now(cfg, now, saved_before)
 
     records = list(load_catalog(str(shard_dir)))
     k = next(i for i, r in enumerate(records) if r.kind == "video")
