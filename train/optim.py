@@ -47,21 +47,35 @@ def lr_at(step: int, cfg: TrainConfig, *, max_lr: float | None = None, min_lr: f
 SCHEDULE_KEYS = ("lr", "min_lr", "lr_schedule", "warmup_steps", "steps", "wsd_decay_fraction")   # what lr_at reads
 
 
-def schedule_jump(saved: dict, cfg: TrainConfig, step: int) -> str:
+def schedule_jump(saved: dict, cfg: TrainConfig, step: int, *, parts: tuple[str, ...] = ()) -> str:
     """For a run resumed at `step` (the 0-based index of its next optimizer step) whose checkpoint recorded the train
     settings `saved`: "" where the schedule's settings are those or give the same lr at that step, else a sentence
     naming that step's lr under the checkpoint's settings and under `cfg`, and the settings that changed (a schedule
-    is a function of the step: raising train.steps of a finished cosine run takes the lr from min_lr back up)."""
-    changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    is a function of the step: raising train.steps of a finished cosine run takes the lr from min_lr back up).
+    `parts`: the own-peak settings of the vision tower's trained parts ("vision_lr", "projector_lr"), whose lr is
+    judged the same way; a part without its own peak before and now has train.lr's lr, named once."""
+    keys = SCHEDULE_KEYS + tuple(parts)
+    changed = {k: (saved[k], getattr(cfg, k)) for k in keys if k in saved and saved[k] != getattr(cfg, k)}
     if not changed:
         return ""
-    before = lr_at(step, SimpleNamespace(**{k: saved.get(k, getattr(cfg, k)) for k in SCHEDULE_KEYS}))
-    now = lr_at(step, cfg)
-    if math.isclose(before, now, rel_tol=1e-6, abs_tol=0.0):
+    old = SimpleNamespace(**{k: saved.get(k, getattr(cfg, k)) for k in keys})
+    jumps = []
+    for name in ("lr", *parts):
+        if name != "lr" and getattr(old, name) is None and getattr(cfg, name) is None:
+            continue
+        (hi0, lo0), (hi1, lo1) = (part_lr_bounds(c, None if name == "lr" else getattr(c, name)) for c in (old, cfg))
+        before, now = lr_at(step, old, max_lr=hi0, min_lr=lo0), lr_at(step, cfg, max_lr=hi1, min_lr=lo1)
+        if not math.isclose(before, now, rel_tol=1e-6, abs_tol=0.0):
+            label = {"lr": "the learning rate", "vision_lr": "the ViT's learning rate (train.vision_lr)",
+                     "projector_lr": "the projector's learning rate (train.projector_lr)"}[name]
+            jumps.append((label, before, now))
+    if not jumps:
         return ""
-    return (f"the learning rate of step {step + 1} is {now:.4g} under this launch's schedule, where the checkpoint's "
-            f"gave {before:.4g} ({'; '.join(f'train.{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}): it "
-            f"{'rises' if now > before else 'drops'} at once, without warm-up, and follows the new schedule from there")
+    said = "; ".join(f"{label} of step {step + 1} is {now:.4g} under this launch's schedule, where the checkpoint's "
+                     f"gave {before:.4g}" for label, before, now in jumps)
+    moves = (f"it {'rises' if jumps[0][2] > jumps[0][1] else 'drops'}" if len(jumps) == 1 else "each moves")
+    return (f"{said} ({'; '.join(f'train.{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}): {moves} at once, "
+            "without warm-up, and follows the new schedule from there")
 
 
 def part_lr_bounds(cfg: TrainConfig, peak: float | None) -> tuple[float, float]:

@@ -627,7 +627,8 @@ class Trainer:
             changed = self._changed_since(saved)
             if changed:
                 log.info("settings changed since that checkpoint was written: %s", changed)
-            for note in (schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step),
+            parts = self.vision.lr_settings() if self.vision is not None else ()
+            for note in (schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step, parts=parts),
                          held_out_moved(saved["config"].get("train") or {}, self.cfg.train),
                          *ignored_on_resume(saved["config"], self.cfg, rng_restored=same_layout)):
                 if note:

@@ -226,6 +226,13 @@ class VisionTower:
         return {own[g["part"]][0]: lr_at(step, t, max_lr=g["max_lr"], min_lr=g["min_lr"])
                 for g in groups if own[g["part"]][1] is not None}
 
+    def lr_settings(self) -> tuple[str, ...]:
+        """The own-peak lr settings of the parts this tower trains ("vision_lr", "projector_lr"), for a resume's
+        warning of a moved lr (train/optim.schedule_jump)."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        return tuple(name for part, name in (("vit", "vision_lr"), ("projector", "projector_lr"))
+                     if any(g["part"] == part for g in groups))
+
     def update(self, step: int) -> None:
         """The AdamW step on the reduced gradients, at 0-based `step`'s lr of each part (train/optim.apply_lr)."""
         if self.optimizer is None:

@@ -62,3 +62,58 @@ def test_a_resume_names_the_jump_a_changed_schedule_makes():
     constant = asdict(cfg(lr_schedule="constant"))   # another warm-up, once past it: the same lr
     assert schedule_jump(constant, cfg(lr_schedule="constant", warmup_steps=5), 30) == ""
     assert schedule_jump(saved, cfg(lr_schedule="cosine"), 30) == ""
+
+
+def test_a_resume_names_the_jump_of_the_vision_towers_own_learning_rates():
+    """train.vision_lr / train.projector_lr changed at a resume move those parts' lr from their next step, as a changed
+    train.lr moves the LM's: schedule_jump names each part the run trains (`parts`) whose lr at that step moved, with
+    both values; the part's schedule is train.lr's between its own bounds (floor: the share of its peak that min_lr is
+    of lr, 1/10 here). Values by hand. (Before, only train.lr's schedule was compared: a vision_lr halved at a resume
+    gave no warning at all.)"""
+    from dataclasses import asdict
+
+    from train.optim import schedule_jump
+
+    shape = 0.5 * (1 + math.cos(math.pi * 40 / 90))   # cosine at step index 50 of 100, warm-up 10
+    saved = asdict(cfg(lr_schedule="cosine", vision_lr=0.2, projector_lr=None))
+    now = cfg(lr_schedule="cosine", vision_lr=0.1, projector_lr=None)
+    vit_before, vit_now = 0.02 + 0.18 * shape, 0.01 + 0.09 * shape
+    assert schedule_jump(saved, now, 50, parts=("vision_lr", "projector_lr")) == (
+        f"the ViT's learning rate (train.vision_lr) of step 51 is {vit_now:.4g} under this launch's schedule, where "
+        f"the checkpoint's gave {vit_before:.4g} (train.vision_lr 0.2 -> 0.1): it drops at once, without warm-up, "
+        "and follows the new schedule from there")
+    # a projector given a peak of its own at the resume (before: train.lr's), and train.lr raised with it
+    moved = schedule_jump(saved, cfg(lr_schedule="cosine", lr=2.0, min_lr=0.2, vision_lr=0.2, projector_lr=0.5), 50,
+                          parts=("vision_lr", "projector_lr"))
+    lm_before, lm_now, proj_now = 0.1 + 0.9 * shape, 0.2 + 1.8 * shape, 0.05 + 0.45 * shape
+    assert moved == (
+        f"the learning rate of step 51 is {lm_now:.4g} under this launch's schedule, where the checkpoint's gave "
+        f"{lm_before:.4g}; the projector's learning rate (train.projector_lr) of step 51 is {proj_now:.4g} under this "
+        f"launch's schedule, where the checkpoint's gave {lm_before:.4g} (train.lr 1.0 -> 2.0; train.min_lr 0.1 -> 0.2; "
+        "train.projector_lr None -> 0.5): each moves at once, without warm-up, and follows the new schedule from there")
+    # the ViT's peak and floor both scale with train.lr's here: its lr stays 0.2-to-0.02, not named
+    assert "ViT" not in moved
+    # a part the run does not train (not in `parts`), or a peak that gives the same lr at that step: no warning
+    assert schedule_jump(saved, now, 50, parts=("projector_lr",)) == ""
+    assert schedule_jump(asdict(cfg(lr_schedule="constant", vision_lr=0.2)),
+                         cfg(lr_schedule="constant", vision_lr=0.2, warmup_steps=5), 30, parts=("vision_lr",)) == ""
+
+
+def test_the_vision_tower_names_the_own_lr_settings_of_the_parts_it_trains():
+    """VisionTower.lr_settings (what the trainer passes to schedule_jump) follows the optimizer's parameter groups:
+    both parts, or the projector alone when the ViT is frozen."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from models.vision import VisionModel, tiny
+    from train.vision import VisionTower, build_vision_optimizer
+
+    torch.manual_seed(0)
+    m = VisionModel(tiny(24))
+    t = cfg(vision_lr=0.2)
+    assert VisionTower.lr_settings(SimpleNamespace(optimizer=build_vision_optimizer(m, t))) == ("vision_lr",
+                                                                                                 "projector_lr")
+    m.vit.requires_grad_(False)
+    assert VisionTower.lr_settings(SimpleNamespace(optimizer=build_vision_optimizer(m, t))) == ("projector_lr",)
+    assert VisionTower.lr_settings(SimpleNamespace(optimizer=None)) == ()
