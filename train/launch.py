@@ -219,11 +219,12 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     settings that do not change what the model computes (train.config.MODEL_KEYS_FREE_ON_RESUME) may differ, and
     the trainer logs every other change (train, data, parallel) when it resumes. Checkpoints written before they
     recorded their config are not checked. With train.checkpoint.resume=false such a directory is refused: a fresh
-    run would write its checkpoints among the old ones, and a later resume could take either run's."""
-    from dataclasses import asdict
-
+    run would write its checkpoints among the old ones, and a later resume could take either run's.
+    This judges the newest checkpoint whose files have their sizes (no process group yet, and checksumming a large
+    checkpoint is the ranks' shared work); the trainer judges the one it resumes from again (check_resume_point)
+    before it builds the model: a newest one whose checksums fail, or whose state cannot be read, gives way to an
+    older one."""
     from train import checkpoint as ckpt
-    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
 
     ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
     if ref is None:
@@ -233,7 +234,18 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
                          f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
                          f"those weights), or remove {ref.path.parent}")
-    common = ckpt.saved_common(ref) or {}
+    check_resume_point(cfg, layout, ref, ckpt.saved_common(ref) or {})
+
+
+def check_resume_point(cfg: Config, layout: ParallelLayout, ref, common: dict) -> None:
+    """check_resume's judgement of one checkpoint `ref` (a train.checkpoint.CheckpointRef) whose common state is
+    `common` ({} where it cannot be read: nothing to judge): its model is this launch's, its stage's train.trainable
+    this launch's, its optimizer state loads at `layout` (ValueError naming what differs)."""
+    from dataclasses import asdict
+
+    from train import checkpoint as ckpt
+    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
+
     saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
     # a setting added to the schema since the checkpoint, at its default here, is the model it trained (the
     # trainer's resume log reads the same rule)

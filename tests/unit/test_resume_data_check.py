@@ -113,3 +113,37 @@ def test_a_resume_that_continues_its_data_goes_on_to_build_the_model(resume):
     cfg, layout = _config(run_dir)
     with pytest.raises(ModelBuilt):
         Trainer(cfg, layout)
+
+
+def test_the_checkpoint_the_resume_takes_is_judged_where_the_launcher_judged_another(resume, monkeypatch):
+    """The launcher's check_resume judges the newest checkpoint whose files have their sizes; the resume takes the
+    newest whose checksums also agree. Here the newest (step 4) has a common state that cannot be read, the launcher
+    judges nothing, and the resume takes step 2, of a model with another hidden size: the trainer stops with the
+    launcher's error for step 2 before it builds the model. (Before, it built the model and loaded step 2, whose
+    shapes did not fit, then called every checkpoint damaged.) The reference is check_resume's own error for a newest
+    checkpoint of step 2's state."""
+    import json
+    from dataclasses import asdict
+
+    from train import checkpoint as ckpt
+    from train.launch import check_resume
+    from train.trainer import Trainer
+
+    run_dir, state, ref = resume
+    newest = run_dir / "checkpoints" / "step_000004"
+    newest.mkdir(parents=True, exist_ok=True)
+    (newest / ckpt.COMPLETE).write_text(json.dumps({"files": {}}))    # complete by its sizes, its state unreadable
+    with pytest.raises(Exception):   # what saved_common reads: it answers None (stood in for below)
+        ckpt.dist_checkpointing.load_common_state_dict(str(newest))
+    other, _ = _config(run_dir, "model.lm.hidden_size=96")
+    common = {"step": 2, "data": state, "config": asdict(other)}
+    monkeypatch.setattr(ckpt, "saved_common", lambda r: common if r == ref else None)
+    assert ckpt.find_latest(run_dir, quiet=True).path == newest
+    cfg, layout = _config(run_dir)   # the launcher's checks of this launch pass: they judged step 4
+    monkeypatch.setattr(ckpt, "find_latest", lambda d, **k: ref)   # the reference: step 2 as the newest
+    with pytest.raises(ValueError) as launcher:
+        check_resume(cfg, layout)
+    assert "model.lm.hidden_size is 96 there" in str(launcher.value)
+    with pytest.raises(SettingsError) as trainer:
+        Trainer(cfg, layout)
+    assert str(trainer.value) == str(launcher.value)
