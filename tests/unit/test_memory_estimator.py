@@ -732,3 +732,38 @@ def test_optimizer_step_temporaries_are_torch_adamws():
     est = estimate(m)
     assert est.total == step_phase_bytes(m, rank=0)
     assert est.rows["AdamW step's temporaries, above the forward and backward's peak"] > 0
+
+
+@pytest.mark.parametrize("pp,vpp", [(2, 2), (4, 2), (2, 4)])
+def test_the_embedding_output_row_counts_the_first_chunks_forwards_megatron_holds(pp, vpp):
+    """The first rank's embedding output is kept by each forward of its model chunk 0 until that forward's backward.
+    Reference: megatron's schedule (get_schedule_table, the warm-up of get_pp_rank_microbatches, backwards taking
+    the chunks in reverse) replayed forward by forward with each chunk's bytes (its layers', chunk 0's with the
+    embedding output), the chunk-0 forwards held at the peak. By hand at pp 2 x vpp 2 (warm-up 4): f(0,c0) f(1,c0)
+    f(0,c1) f(1,c1), then f(2,c0) b(0,c1) f(3,c0): four forwards of chunk 0 wait beside one of chunk 1, the peak
+    since chunk 0 is the heavier; three (with two of chunk 1) hold less."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+    from parallel.memory import _chunk_layers, _layer_kept
+
+    n = 2 * pp
+    m = MemoryInputs(lm=lm(num_layers=2 * pp * vpp), seq_length=64, pp=pp, vpp=vpp, num_microbatches=n)
+    emb = m.micro_batch_size * m.model_seq * m.lm.hidden_size * (2 if m.bf16 else 4)   # tp 1, cp 1
+    weights = [sum(_layer_kept(m, v) for v in c) for c in _chunk_layers(m, rank=0)[0]]
+    weights[0] += emb
+    p2p = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: pp, rank=lambda: 0),
+                          virtual_pipeline_model_parallel_size=vpp)
+    total, _, warmup, _ = get_pp_rank_microbatches(n, vpp, pp, p2p_communicator=p2p)
+    table = get_schedule_table(n, vpp, pp)
+    held, peak, chunk0 = [0] * vpp, -1.0, 0
+    for k in range(total):
+        held[table[k][1]] += 1
+        if sum(h * w for h, w in zip(held, weights)) > peak:
+            peak, chunk0 = sum(h * w for h, w in zip(held, weights)), held[0]
+        if k >= warmup:
+            held[vpp - 1 - table[k - warmup][1]] -= 1
+    if (pp, vpp) == (2, 2):
+        assert chunk0 == 4
+    rotary = m.model_seq * m.lm.head_dim * 4
+    assert activation_bytes(m, rank=0)["embedding output + rotary"] == chunk0 * emb + rotary
