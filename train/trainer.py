@@ -1001,14 +1001,8 @@ class Trainer:
         if data_local is not None:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
-        if bad:
-            self._skip_or_stop(bad, loss, extra, nonfinite_micro_batches(losses, layer_kls))
-        else:
-            self.nonfinite_in_row = 0
-        if spikes:
-            self._spike_skip_or_stop(spikes, loss, {"grad_norm": grad_norm, **extra})
-        elif not bad:
-            self.spike_in_row = 0
+        self._skipped_in_row(bad, spikes, loss, extra, grad_norm,
+                             micro=nonfinite_micro_batches(losses, layer_kls) if bad else {})
         if self.skipped_steps:
             extra["skipped_steps"] = self.skipped_steps
         if self.spike_skipped:
@@ -1016,6 +1010,20 @@ class Trainer:
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
                          seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
                          flops=vit_flops)
+
+    def _skipped_in_row(self, bad: NonFinite, spikes: list, loss: float, extra: dict, grad_norm: float, *,
+                        micro: dict) -> None:
+        """After a step: a non-finite one (`bad`) or a spiking one (`spikes`) is skipped or stops the run
+        (_skip_or_stop, _spike_skip_or_stop), each adding to its own count of steps in a row; an applied step ends
+        both counts. A skipped step of one kind neither ends nor adds to the other kind's count: it updated no
+        weight and put no norm in the spike window, so the steps on either side of it met the same weights (and
+        window), which is what "in a row" stands for (spikes in a row point at the weights, not at the data)."""
+        if bad:
+            self._skip_or_stop(bad, loss, extra, micro)
+        if spikes:
+            self._spike_skip_or_stop(spikes, loss, {"grad_norm": grad_norm, **extra})
+        if not bad and not spikes:
+            self.nonfinite_in_row = self.spike_in_row = 0
 
     def _step_unless_spike(self, vit_norm: float) -> tuple[float, list]:
         """train.spike's step (finite gradients): the global gradient norms before clipping, the language model's and

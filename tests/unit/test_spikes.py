@@ -231,3 +231,114 @@ def test_a_resumed_launch_sets_aside_the_spike_records_of_the_steps_it_trains_ag
                                                   "again, moved to spikes.superseded.jsonl"]
     assert (tmp_path / "spikes.jsonl").read_text().splitlines() == recs[:1]
     assert (tmp_path / "spikes.superseded.jsonl").read_text().splitlines() == recs[1:]
+
+
+def _counting_trainer(tmp_path, *, spike_skips: int, nonfinite_skips: int):
+    """_trainer with the Trainer's two skip-or-stop methods bound, as _skipped_in_row calls them."""
+    from train.trainer import Trainer
+
+    tr = _trainer(tmp_path, skip_steps=spike_skips)
+    tr.cfg.train.skip_nonfinite_steps = nonfinite_skips
+    tr.nonfinite_in_row = tr.skipped_steps = 0
+    tr.num_microbatches = 1
+    for name in ("_skip_or_stop", "_spike_skip_or_stop"):
+        setattr(tr, name, types.MethodType(getattr(Trainer, name), tr))
+    return tr
+
+
+@pytest.mark.parametrize("order", ["spike, nan, spike", "nan, spike, nan", "spike, applied, spike"])
+def test_a_step_skipped_for_the_other_cause_neither_ends_nor_adds_to_a_count_in_a_row(world, tmp_path, order):
+    """Steps in a row are steps with no applied step between them: a NaN step between two spiking ones updates no
+    weight and adds no norm to the window, so the second spike meets the same weights and window as the first (the
+    stop's point: spikes in a row point at the weights); the same for a spiking step between two NaN ones. Each
+    count keeps its own limit (train.spike.skip_steps, train.skip_nonfinite_steps, 1 each here): the third step
+    stops the run, its count at 2. An applied step between ends the count. (Before, a spiking step ended the count
+    of NaN steps in a row: NaN, spike, NaN skipped the second NaN step as the first in a row.)"""
+    from train.nonfinite import NonFinite, NonFiniteStepError
+    from train.trainer import Trainer
+
+    tr = _counting_trainer(tmp_path, spike_skips=1, nonfinite_skips=1)
+    kinds = order.split(", ")
+    steps = {"spike": (NonFinite([], [], []), [Spike("grad_norm", 40.0, 2.0)]),
+             "nan": (NonFinite(["the language model's"], [0], []), []),
+             "applied": (NonFinite([], [], []), [])}
+    for i, kind in enumerate(kinds):
+        bad, spikes = steps[kind]
+        last = i == len(kinds) - 1
+        if last and order != "spike, applied, spike":
+            error = SpikeStepError if kind == "spike" else NonFiniteStepError
+            with pytest.raises(error, match="2 such steps in a row" if kind == "spike" else r"\(2 in a row now\)"):
+                Trainer._skipped_in_row(tr, bad, spikes, 3.5, {}, 40.0, micro={})
+        else:
+            Trainer._skipped_in_row(tr, bad, spikes, 3.5, {}, 40.0, micro={})
+        tr.step += 1
+    if order == "spike, applied, spike":
+        assert (tr.spike_in_row, tr.spike_skipped) == (1, 2)
+
+
+class _LMOptimizer:
+    """Megatron's optimizer as _step_unless_spike drives it (norm_before_step, apply_step): finite gradients of norm
+    1 at every step (the language model never spikes here), no parameters to clip; records the steps applied."""
+
+    chained_optimizers: list = []
+
+    def __init__(self):
+        self.applied = 0
+
+    def prepare_grads(self):
+        return False
+
+    def get_grad_norm(self):
+        return 1.0
+
+    def step_with_ready_grads(self):
+        self.applied += 1
+        return True
+
+
+def test_a_spike_of_the_vision_towers_norm_alone_skips_the_step_as_a_reference_that_leaves_it_out():
+    """The vision tower's gradient norm is judged against its own window: a step whose ViT gradients are x1000
+    (the language model's norm as usual) is a spike of "vit_grad" alone, and neither part is updated. Reference:
+    torch's AdamW over a copy of the tower (build_vision_optimizer's groups, train/optim.apply_lr at each applied
+    step's index) stepping on the same gradients with that step left out; bit for bit, the same operations on the
+    same values. The spiking norm joins no window."""
+    from models.vision import VisionModel, tiny
+    from train.config import TrainConfig
+    from train.optim import apply_lr
+    from train.trainer import Trainer
+    from train.vision import VisionTower, build_vision_optimizer
+
+    t = TrainConfig(steps=10, warmup_steps=2, lr=1e-3, min_lr=1e-4, vision_lr=2e-4)
+    torch.manual_seed(0)
+    model = VisionModel(tiny(24))
+    ref_model = copy.deepcopy(model)
+    tower = VisionTower.__new__(VisionTower)   # what update() and discard() read
+    tower.optimizer, tower.train_cfg, tower.steps = build_vision_optimizer(model, t), t, 0
+    ref = build_vision_optimizer(ref_model, t)
+    lm = _LMOptimizer()
+    tr = types.SimpleNamespace(lm_trainable=True, optimizer=lm, vision=tower, spikes=SpikeWindow(10.0, 3), step=0)
+    g = torch.Generator().manual_seed(1)
+    spiked, judged = 5, {}
+    for k in range(8):
+        grads = [torch.randn(p.shape, generator=g) * (1000.0 if k == spiked else 1.0) for p in model.parameters()]
+        for p, x in zip(model.parameters(), grads):
+            p.grad = x.clone()
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lm_norm, judged[k] = Trainer._step_unless_spike(tr, norm)
+        assert lm_norm == 1.0
+        if k == spiked:
+            assert [s.name for s in judged[k]] == ["vit_grad"] and judged[k][0].norm == norm
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())   # nothing moved
+            assert all(p.grad is None for p in model.parameters())   # dropped, not carried into the next step
+            assert norm not in tr.spikes.norms["vit_grad"]
+        else:
+            assert judged[k] == []
+            apply_lr(ref, k, t)
+            for p, x in zip(ref_model.parameters(), grads):
+                p.grad = x.clone()
+            ref.step()
+            ref.zero_grad(set_to_none=True)
+        tr.step += 1
+    assert lm.applied == 7 and tower.steps == 7
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
