@@ -212,16 +212,27 @@ class VideoBatchStream:
         the replica an error naming it (the decoding rank's first); packs that are not the decoding rank's (other data
         on a rank's node), or another rank that decodes (DecodeOnce.pixels) failing on other samples, stop every rank
         alike; else the ranks without pixels build the packs again without the failed samples (so every tensor but the
-        pixels is the decoding rank's), and every rank accounts the packs."""
+        pixels is the decoding rank's), and every rank accounts the packs (the decoding rank before the exchange: its
+        quarantine records' write failing is its error in the exchange)."""
         d = self.decode_once
         if d is not None:
             import torch.distributed as dist
 
             err, self._error = self._error, None
+            src = d.rank == d.src
+            if err is None and src:
+                # the decoding rank accounts its packs (and writes the replica's quarantine records) before the
+                # exchange: an error there (a full disk) stops every rank here, not this one alone after it, while
+                # the others wait in the vision phase for the pixels it sends
+                try:
+                    for p in packs:
+                        self.loader.account(p)
+                except Exception as e:  # noqa: BLE001 - raised below, after the exchange, on every rank
+                    err = e
             ok = err is None
             mine = {"rank": d.rank, "error": "" if ok else f"{type(err).__name__}: {err}",
                     "packs": [_plan_digest(p) for p in packs] if ok else None,
-                    "failures": [p.failures for p in packs] if ok and d.rank == d.src else None,
+                    "failures": [p.failures for p in packs] if ok and src else None,
                     "failed": [[f["slot"] for f in p.failures] for p in packs] if ok and d.pixels else None}
             got = [None] * dist.get_world_size(d.group)
             dist.all_gather_object(got, mine, group=d.group)
@@ -243,7 +254,7 @@ class VideoBatchStream:
                 raise RuntimeError(_decodes_differ(d.src, ref, other[0], packs))
             if not d.pixels:
                 packs = [self.loader.rebuild(p, f) for p, f in zip(packs, ref["failures"])]
-            for p in packs:
+            for p in packs if not src else ():
                 self.loader.account(p)
         return [self._batch(s) for s in packs]
 

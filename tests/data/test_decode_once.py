@@ -287,3 +287,25 @@ def test_who_loads_pixels(layout, decode_once, members, consumers, kind, want):
     from train.vision import pixel_ranks
 
     assert pixel_ranks(ViTParallelConfig(layout=layout, decode_once=decode_once), kind, members, consumers) == want
+
+
+def test_an_error_of_the_decoding_rank_in_its_accounting_stops_every_rank(shard_dir, tmp_path, monkeypatch):
+    """The decoding rank writes the replica's quarantine records as it accounts a round's packs. That write failing
+    (a full disk) raised on that rank alone after the round's exchange, while the other ranks took their micro-batches
+    on to the vision phase and waited in scatter_pixels for pixels that never came, until the job was killed. The
+    decoding rank now accounts its packs before the exchange: every rank stops in the same settle, naming it."""
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)
+    replica, (decoder, follower), _ = _streams(cfg, [follower_cfg], monkeypatch)
+
+    def full_disk(rec):
+        raise OSError(28, "No space left on device", cfg.quarantine_path)
+    monkeypatch.setattr(decoder.loader, "_quarantine", full_disk)
+    for _ in range(8):     # until a round holds a failed sample (its record is written as the pack is accounted)
+        got = replica.settle([decoder, follower], 1)
+        if any(isinstance(g, Exception) for g in got):
+            break
+    mine, theirs = got
+    assert isinstance(mine, OSError) and "No space left on device" in str(mine), got
+    assert isinstance(theirs, RuntimeError) and str(theirs) == (
+        "video loader: the replica's decoding rank 0 failed (its ranks settle each round's packs together: "
+        f"docs/data.md \"Decoding once per replica\"): OSError: {mine}"), got
