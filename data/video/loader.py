@@ -747,6 +747,38 @@ def _identity(x):
     return x
 
 
+# A DataLoader worker's death that torch's SIGCHLD handler reported outside a loader's draw, for the next draw to raise
+# (_defer_worker_deaths), and how many draws are under way in this process's main thread
+_WORKER_DEATHS: list[BaseException] = []
+_DRAWING = [0]
+
+
+def _defer_worker_deaths() -> None:
+    """torch's SIGCHLD handler, which a DataLoader with workers installs, raises a worker's death in the main thread
+    wherever that thread is: mid-step, after a round's exchange (data/video_stream.py settle), where this rank then
+    stopped alone while the others waited for it in their next collective until the job was killed. Wrapped once
+    per process (in the main thread): outside a draw the error is kept, and the next draw raises it, where a replica's
+    ranks learn of it together (VideoBatchStream.take, settle); inside a draw it is raised as before. torch's
+    iterator would find the dead worker there anyway (its status check); this only keeps the error out of the
+    other code."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if not callable(current) or getattr(current, "defers_worker_deaths", False):
+        return
+
+    def handler(signum, frame) -> None:
+        try:
+            current(signum, frame)
+        except RuntimeError as e:
+            if _DRAWING[0]:
+                raise
+            _WORKER_DEATHS.append(e)
+
+    handler.defers_worker_deaths = True
+    signal.signal(signal.SIGCHLD, handler)
+
+
 def _check_backend(name: str) -> None:
     """Fail at construction, not after max_consecutive_failures samples, if the backend is missing."""
     mod = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec.decoders"}[name]
@@ -886,7 +918,9 @@ class VideoPackedLoader:
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
                         prefetch_factor=self.cfg.prefetch_factor, timeout=self.cfg.batch_timeout_s,
                         persistent_workers=False)
-        return iter(dl)
+        it = iter(dl)   # torch installs its SIGCHLD handler here, once per process
+        _defer_worker_deaths()
+        return it
 
     def __iter__(self):
         return self
@@ -899,8 +933,11 @@ class VideoPackedLoader:
     def draw(self) -> PackedSample:
         """The next pack, counted as consumed but not yet accounted (its samples, failures and quarantine records):
         `account` follows, once the pack is final (a rank without pixels may `rebuild` it first)."""
+        if _WORKER_DEATHS:   # reported by torch's SIGCHLD handler outside a draw (_defer_worker_deaths)
+            raise _WORKER_DEATHS.pop(0)
         if self._it is None:
             self._it = self._make_iter()
+        _DRAWING[0] += 1
         try:
             pack = next(self._it)
         except RuntimeError as e:
@@ -917,6 +954,8 @@ class VideoPackedLoader:
                 f"{', '.join(keys[:8])}{f', +{len(keys) - 8} more' if len(keys) > 8 else ''}). Each sample's "
                 f"decode may take up to data.video.sample_timeout_s = {self.cfg.sample_timeout_s:g} s before it is left out: set "
                 f"batch_timeout_s above a pack's decode time, or 0 to wait for the workers") from e
+        finally:
+            _DRAWING[0] -= 1
         self._consumed += 1
         self._decoded.update(frames=pack.decoded_frames, images=pack.decoded_images)
         self._decoded["seconds"] += pack.decode_s

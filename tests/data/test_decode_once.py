@@ -309,3 +309,29 @@ def test_an_error_of_the_decoding_rank_in_its_accounting_stops_every_rank(shard_
     assert isinstance(theirs, RuntimeError) and str(theirs) == (
         "video loader: the replica's decoding rank 0 failed (its ranks settle each round's packs together: "
         f"docs/data.md \"Decoding once per replica\"): OSError: {mine}"), got
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_a_dead_worker_of_the_decoding_rank_stops_every_rank_in_the_next_settle(shard_dir, tmp_path, monkeypatch):
+    """torch's SIGCHLD handler raised a DataLoader worker's death in the main thread wherever it was: on the
+    decoding rank, after a round's exchange, that rank stopped alone while the others waited in scatter_pixels
+    for its pixels until the job was killed. A death outside a draw is now kept and raised by the next draw, inside
+    `take`: it travels in that round's exchange, and every rank stops there naming the decoding rank."""
+    import os
+    import signal
+    import time
+
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None, num_workers=1)
+    replica, (decoder, follower), _ = _streams(cfg, [replace(follower_cfg, num_workers=0)], monkeypatch)
+    assert all(isinstance(g, list) for g in replica.settle([decoder, follower], 1))    # a good round first
+    (worker,) = decoder.loader._it._workers
+    os.kill(worker.pid, signal.SIGKILL)     # the OOM killer, after the exchange
+    deadline = time.time() + 1.0    # the handler runs in the main thread (this one) as the signal arrives
+    while time.time() < deadline:
+        time.sleep(0.05)
+    mine, theirs = replica.settle([decoder, follower], 1)
+    assert isinstance(mine, RuntimeError) and re.match(r"DataLoader worker \(pid \d+\) is killed by signal: Killed",
+                                                      str(mine)), mine
+    assert isinstance(theirs, RuntimeError) and str(theirs).startswith(
+        "video loader: the replica's decoding rank 0 failed (its ranks settle each round's packs together: "
+        f"docs/data.md \"Decoding once per replica\"): RuntimeError: {mine}"), theirs

@@ -1,9 +1,10 @@
 """The video loader's DataLoader workers in a real launch (torchrun, 2 gloo ranks, recipe=keye_tiny).
 
-A worker killed outright (SIGKILL, as the kernel's OOM killer does) makes torch raise in its rank's main process,
-wherever that rank is: often inside a collective of the step, which the other rank then waits in. The rank that met
-the error must end at once, so that torchrun stops the other and the error reaches stderr; a rerun resumes from
-the last checkpoint (tests/dist/test_faults.py checks those resumes).
+A worker killed outright (SIGKILL, as the kernel's OOM killer does) made torch raise in its rank's main process,
+wherever that rank was: often inside a collective of the step, which the other rank then waited in. The loader now
+raises it at its next draw (data/video/loader.py _defer_worker_deaths), where a replica's ranks settle together. The
+run must end at once, with the error on stderr; a rerun resumes from the last checkpoint (tests/dist/test_faults.py
+checks those resumes).
 """
 
 import os
