@@ -282,8 +282,8 @@ class Trainer:
         if self.bf16 and not torch.cuda.is_available():
             raise SettingsError("train.precision=bf16 needs a GPU; use fp32 (or auto) on the CPU")
         self.exclude = training_exclude(cfg)   # data.exclude's samples; none for held-out sets or eval-only
-        if self.resume_ref is not None:   # a resume that cannot continue its data stops before the model is built
-            self._check_data_state(self.resume_ref)
+        if self.resume_ref is not None:   # a resume of another model, or that cannot continue its data, stops here
+            self._check_resume_point(self.resume_ref)
 
         # train.trainable=indexer (the DSA warm-up): only the indexers train, and their one loss, each DSA layer's
         # KL, never reaches the rest of the model (models/attention/dsa.py). With indexer_backward=local each
@@ -560,7 +560,7 @@ class Trainer:
                 log.info("removed the torn save(s) of a launch that did not finish them: %s", ", ".join(torn))
         return ref
 
-    def _check_data_state(self, ref: ckpt.CheckpointRef) -> None:
+    def _check_resume_point(self, ref: ckpt.CheckpointRef) -> None:
         """Collective, before the model is built: the launcher's judgement of a resumed checkpoint
         (train/launch.check_resume_point: its model, stage and optimizer layout), made of `ref`, the checkpoint the
         resume takes (the launcher judged the newest one whose files have their sizes: one whose checksums fail, or

@@ -1,6 +1,8 @@
 """A resume whose data state cannot be continued (other token files, another train.seq_length, ...) stops with the
-config error of train/data_streams.restore_data_state BEFORE the model is built (Trainer._check_data_state): it stopped
-only after the model, optimizer and checkpoint were built and loaded, minutes of every node's time on a large model.
+config error of train/data_streams.restore_data_state BEFORE the model is built (Trainer._check_resume_point): it
+stopped only after the model, optimizer and checkpoint were built and loaded, minutes of every node's time on a large
+model. So does one whose checkpoint holds another model (the launcher's check_resume, of the checkpoint the resume
+takes).
 
 In one process (a gloo world of one rank): the checkpoint the resume takes and its common state are stood in for
 (train/checkpoint.find_resume_point, saved_common), and building the model raises, so a test that reaches it fails."""
