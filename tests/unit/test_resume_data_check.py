@@ -121,9 +121,9 @@ def test_the_checkpoint_the_resume_takes_is_judged_where_the_launcher_judged_ano
     """The launcher's check_resume judges the newest checkpoint whose files have their sizes; the resume takes the
     newest whose checksums also agree. Here the newest (step 4) has a common state that cannot be read, the launcher
     judges nothing, and the resume takes step 2, of a model with another hidden size: the trainer stops with the
-    launcher's error for step 2 before it builds the model. (Before, it built the model and loaded step 2, whose
-    shapes did not fit, then called every checkpoint damaged.) The reference is check_resume's own error for a newest
-    checkpoint of step 2's state."""
+    launcher's error for step 2 before it builds the model. (Before, it went on to build the model: here ModelBuilt,
+    in a run the load of step 2 into a model its shapes do not fit, a checkpoint error after the build instead of the
+    config error before it.) The reference is check_resume's own error for a newest checkpoint of step 2's state."""
     import json
     from dataclasses import asdict
 
