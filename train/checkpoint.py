@@ -682,3 +682,39 @@ def load_extra_weights(ref: CheckpointRef, sharded: dict) -> list[str]:
         for k, target in targets.items():
             target.copy_(state[k])
     return sorted(sh.key for k, sh in sharded.items() if k not in present)
+
+
+def check_resume_point(cfg, layout, ref: CheckpointRef, common: dict) -> None:
+    """train/launch.check_resume's judgement of one checkpoint `ref` whose common state is
+    `common` ({} where it cannot be read: nothing to judge): its model is this launch's, its stage's train.trainable
+    this launch's, its optimizer state loads at `layout` (ValueError naming what differs)."""
+    from dataclasses import asdict
+
+    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
+
+    saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
+    # a setting added to the schema since the checkpoint, at its default here, is the model it trained (the
+    # trainer's resume log reads the same rule)
+    changed = [c for c in config_changes(saved["model"], asdict(cfg.model), defaults=asdict(Config())["model"])
+               if c[0] not in MODEL_KEYS_FREE_ON_RESUME] if "model" in saved else []
+    if changed:
+        raise ValueError(
+            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of another model, and "
+            f"a run directory with a checkpoint is resumed: "
+            + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in changed)
+            + ". Resume it with its own model settings, or give this model another run_dir "
+              f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
+              "stage recipes do)")
+    trained = (saved.get("train") or {}).get("trainable")
+    if trained is not None and trained != cfg.train.trainable and not cfg.train.eval.only:
+        # its optimizer state holds the parameters that stage trained: megatron's load failed after the build, on
+        # every rank (KeyError naming an optimizer entry for indexer -> all), or would start the others' moments at 0
+        raise ValueError(
+            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of a stage with "
+            f"train.trainable={trained}, and this launch has train.trainable={cfg.train.trainable}: a checkpoint's "
+            f"optimizer state holds the parameters its stage trained, so a run directory is resumed with its own "
+            f"train.trainable. Start the next stage in another run_dir with "
+            f"train.checkpoint.init_from={cfg.resolved_run_dir()} (as the stage recipes do), or resume this one with "
+            f"train.trainable={trained}")
+    if "layout" in common and not cfg.train.eval.only:  # a layout its optimizer state cannot load at, before the build
+        check_resumable(common, layout_record(layout), ref.path)

@@ -221,9 +221,9 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     recorded their config are not checked. With train.checkpoint.resume=false such a directory is refused: a fresh
     run would write its checkpoints among the old ones, and a later resume could take either run's.
     This judges the newest checkpoint whose files have their sizes (no process group yet, and checksumming a large
-    checkpoint is the ranks' shared work); the trainer judges the one it resumes from again (check_resume_point)
-    before it builds the model: a newest one whose checksums fail, or whose state cannot be read, gives way to an
-    older one."""
+    checkpoint is the ranks' shared work); the trainer judges the one it resumes from again
+    (train/checkpoint.check_resume_point) before it builds the model: a newest one whose checksums fail, or whose
+    state cannot be read, gives way to an older one."""
     from train import checkpoint as ckpt
 
     ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
@@ -234,44 +234,7 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
                          f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
                          f"those weights), or remove {ref.path.parent}")
-    check_resume_point(cfg, layout, ref, ckpt.saved_common(ref) or {})
-
-
-def check_resume_point(cfg: Config, layout: ParallelLayout, ref, common: dict) -> None:
-    """check_resume's judgement of one checkpoint `ref` (a train.checkpoint.CheckpointRef) whose common state is
-    `common` ({} where it cannot be read: nothing to judge): its model is this launch's, its stage's train.trainable
-    this launch's, its optimizer state loads at `layout` (ValueError naming what differs)."""
-    from dataclasses import asdict
-
-    from train import checkpoint as ckpt
-    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
-
-    saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
-    # a setting added to the schema since the checkpoint, at its default here, is the model it trained (the
-    # trainer's resume log reads the same rule)
-    changed = [c for c in config_changes(saved["model"], asdict(cfg.model), defaults=asdict(Config())["model"])
-               if c[0] not in MODEL_KEYS_FREE_ON_RESUME] if "model" in saved else []
-    if changed:
-        raise ValueError(
-            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of another model, and "
-            f"a run directory with a checkpoint is resumed: "
-            + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in changed)
-            + ". Resume it with its own model settings, or give this model another run_dir "
-              f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
-              "stage recipes do)")
-    trained = (saved.get("train") or {}).get("trainable")
-    if trained is not None and trained != cfg.train.trainable and not cfg.train.eval.only:
-        # its optimizer state holds the parameters that stage trained: megatron's load failed after the build, on
-        # every rank (KeyError naming an optimizer entry for indexer -> all), or would start the others' moments at 0
-        raise ValueError(
-            f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of a stage with "
-            f"train.trainable={trained}, and this launch has train.trainable={cfg.train.trainable}: a checkpoint's "
-            f"optimizer state holds the parameters its stage trained, so a run directory is resumed with its own "
-            f"train.trainable. Start the next stage in another run_dir with "
-            f"train.checkpoint.init_from={cfg.resolved_run_dir()} (as the stage recipes do), or resume this one with "
-            f"train.trainable={trained}")
-    if "layout" in common and not cfg.train.eval.only:  # a layout its optimizer state cannot load at, before the build
-        ckpt.check_resumable(common, ckpt.layout_record(layout), ref.path)
+    ckpt.check_resume_point(cfg, layout, ref, ckpt.saved_common(ref) or {})
 
 
 def check_paths(cfg: Config) -> None:

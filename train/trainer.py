@@ -562,23 +562,21 @@ class Trainer:
 
     def _check_resume_point(self, ref: ckpt.CheckpointRef) -> None:
         """Collective, before the model is built: the launcher's judgement of a resumed checkpoint
-        (train/launch.check_resume_point: its model, stage and optimizer layout), made of `ref`, the checkpoint the
+        (train/checkpoint.check_resume_point: its model, stage and optimizer layout), made of `ref`, the checkpoint the
         resume takes (the launcher judged the newest one whose files have their sizes: one whose checksums fail, or
-        whose state cannot be read, gave way to an older one, judged by nobody); then whether every rank's training
-        data can continue the data state of `ref`, the SettingsError _resume's load would raise after the model,
-        optimizer and checkpoint were built and loaded (train/data_streams.check_data_state). Rank 0 reads the common
-        state and sends it to the others; the ranks agree, so that none builds the model while another stops: each
-        raises the same error, or the first failing rank's. A state that cannot be read, or a data check that fails
-        otherwise, is left to _resume, which loads the checkpoint (or an older one, where this one fails to load) and
-        its data state as before."""
-        from train.launch import check_resume_point
-
+        whose state cannot be read, gave way to an older one, judged by nobody); then whether every rank's training data
+        can continue the data state of `ref`, the SettingsError _resume's load would raise after the model, optimizer
+        and checkpoint were built and loaded (train/data_streams.check_data_state). Rank 0 reads the common state and
+        sends it to the others; the ranks agree, so that none builds the model while another stops: each raises the same
+        error, or the first failing rank's. A state that cannot be read, or a data check that fails otherwise, is left
+        to _resume, which loads the checkpoint (or an older one, where this one fails to load) and its data state as
+        before."""
         common: list = [None]
         if self.rank == 0:
             common = [ckpt.saved_common(ref) or {}]
         dist.broadcast_object_list(common, src=0)
         try:   # the same common state and settings on every rank: every rank raises it
-            check_resume_point(self.cfg, self.layout, ref, common[0])
+            ckpt.check_resume_point(self.cfg, self.layout, ref, common[0])
         except ValueError as e:
             raise SettingsError(str(e)) from None
         state = common[0].get("data")
