@@ -213,6 +213,82 @@ def lock_run_dir(run_dir) -> None:
     _HELD[key] = f
 
 
+PROBE_PREFIX = ".shared_probe."   # check_shared_run_dir's file, named afresh by each launch and removed after it
+PROBE_WAIT_S = 5.0   # how long a rank that does not see the probe keeps looking (a shared filesystem's caches)
+
+
+def _probe_view(dirs: list[Path], token: str, wait_s: float) -> list[str]:
+    """What this rank finds of rank 0's probe file in each of `dirs`: "" where it reads `token`, else what it found.
+    A file rank 0 closed before the collective that sent `token` is read whole on NFS (close-to-open) and on
+    Lustre; its fresh name has no negative cache entry. A rank keeps looking for `wait_s` seconds all the same."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = []
+        for d in dirs:
+            try:
+                got = (d / f"{PROBE_PREFIX}{token}").read_text()
+                seen.append("" if got == token else f"it reads {got[:60]!r} there")
+            except FileNotFoundError:
+                seen.append("no such file")
+            except OSError as e:
+                seen.append(e.strerror or type(e).__name__)
+        if not any(seen) or time.monotonic() >= deadline:
+            return seen
+        time.sleep(0.25)
+
+
+def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WAIT_S) -> None:
+    """Collective, as a launch starts: every rank sees the run directory rank 0 sees (and, with `checkpoints`, its
+    checkpoints/ directory, which may be a link elsewhere). Rank 0 writes a probe file of a fresh name there; every
+    rank reads it back; rank 0 removes it. Every rank raises SettingsError naming the directory and the ranks, with
+    their hosts, that do not see it. A run directory on each node's own disk (the same path, another directory on
+    every node) let a save "commit" on rank 0's node a checkpoint whose other shards lay on the other nodes, and its
+    resume stop on rank 0's node ("every checkpoint ... is damaged") while the other nodes started afresh and
+    waited in their first collective for ever."""
+    import socket
+    import uuid
+
+    from data.sample_position import format_runs
+    from train.config import SettingsError
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return
+    sent: list = [None, [], ""]
+    if rank == 0:
+        token = uuid.uuid4().hex
+        dirs = [Path(run_dir)] + [checkpoint_root(run_dir)] * bool(checkpoints)
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{PROBE_PREFIX}{token}").write_text(token)
+            sent = [token, [str(d) for d in dirs], ""]
+        except OSError as e:
+            sent = [None, [], f"rank 0 ({socket.gethostname()}) cannot write in {d}: {e.strerror}"]
+    dist.broadcast_object_list(sent, src=0)
+    token, dirs, failed = sent[0], [Path(d) for d in sent[1]], sent[2]
+    if failed:
+        raise SettingsError(f"run_dir={run_dir}: {failed}")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (socket.gethostname(), _probe_view(dirs, token, wait_s)))
+    if rank == 0:
+        for d in dirs:
+            (d / f"{PROBE_PREFIX}{token}").unlink(missing_ok=True)
+    for i, d in enumerate(dirs):
+        blind = [r for r, (_, seen) in enumerate(gathered) if seen[i]]
+        if not blind:
+            continue
+        hosts = list(dict.fromkeys(gathered[r][0] for r in blind))
+        where = f"run_dir={run_dir} ({d.absolute()})" if i == 0 else f"run_dir={run_dir}: its checkpoints/ ({d})"
+        raise SettingsError(
+            f"{where} is not the same directory on every rank: rank 0 (host {gathered[0][0]}) "
+            f"wrote {PROBE_PREFIX}{token} there and rank{'s' * (len(blind) > 1)} {format_runs(blind, sep='-')} "
+            f"(host{'s' * (len(hosts) > 1)} {', '.join(hosts)}) do{'es' * (len(blind) == 1)} not see it "
+            f"({gathered[blind[0]][1][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, so a "
+            f"multi-node run needs a run_dir on a filesystem every node mounts at the same path (NFS, Lustre, ...), "
+            f"not a node's own disk: give run_dir=<a shared path>")
+
+
 def remove_torn_saves(run_dir) -> list[str]:
     """Removes the `step_<N>.partial` directories of saves that never committed (a launch killed or out of disk
     while saving): no load reads them, and a full disk stayed full of them. Called on one rank as a launch starts,

@@ -277,6 +277,8 @@ class Trainer:
         self.pgs = build_process_groups(layout)
         seed_all(cfg.seed, self.pgs)
         t, lm = cfg.train, cfg.model.lm
+        if t.eval.only:   # a training launch checks it in _claim_run_dir, once it holds the directory
+            ckpt.check_shared_run_dir(self.run_dir, checkpoints=False)
         self.resume_ref = None if t.eval.only else self._claim_run_dir()
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
@@ -541,7 +543,8 @@ class Trainer:
     def _claim_run_dir(self) -> ckpt.CheckpointRef | None:
         """Collective, before the model is built, for a training launch: rank 0 takes the run directory's lock (every
         rank raises RunDirInUse if another launch holds it: the ranks agree through one broadcast, so none waits in a
-        collective for a rank that stopped); the checkpoint to resume from, verified (sizes and checksums), or None
+        collective for a rank that stopped); every rank sees the directory rank 0 sees (ckpt.check_shared_run_dir:
+        SettingsError otherwise); the checkpoint to resume from, verified (sizes and checksums), or None
         (a run directory whose every checkpoint is damaged raises CheckpointLoadError instead of starting over); then
         rank 0 removes the torn saves of the launches before."""
         busy = [""]
@@ -553,6 +556,9 @@ class Trainer:
         dist.broadcast_object_list(busy, src=0)
         if busy[0]:
             raise ckpt.RunDirInUse(busy[0])
+        # one directory for every rank, before any rank reads a checkpoint there (SettingsError naming the ranks that
+        # see another one: a node's own disk)
+        ckpt.check_shared_run_dir(self.run_dir, checkpoints=self.cfg.train.checkpoint.enabled)
         ref = ckpt.find_resume_point(self.run_dir) if self.cfg.train.checkpoint.resume else None
         if self.rank == 0:
             torn = ckpt.remove_torn_saves(self.run_dir)

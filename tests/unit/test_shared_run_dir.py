@@ -1,0 +1,128 @@
+"""A multi-node run needs one run directory that every node sees (train/checkpoint.check_shared_run_dir). With run_dir
+on each node's own disk (the same path, another directory on every node) a save "committed" on rank 0's node a
+checkpoint whose other ranks' shards lay in `step_N.partial` on their own nodes; the resume then stopped on rank 0's
+node ("every checkpoint ... is damaged: ... missing file .../__1_0.distcp") while the other nodes, seeing no checkpoint,
+started afresh and waited in their first collective until killed (two torchrun ranks, rank 1 in another working
+directory with run_dir=runs/x: hung until the 300 s timeout). The launch now stops at its start, naming the ranks and
+hosts that do not see rank 0's directory.
+
+In one process (a gloo world of one rank): rank 1 of a world of two is stood in for by the collectives of
+train/checkpoint, whose gather adds what rank 1 reads through its own view of the paths, running the same read."""
+
+import datetime
+import os
+import socket
+import types
+
+import pytest
+import torch.distributed as dist
+
+from train import checkpoint as ckpt
+from train.config import SettingsError
+
+
+def two_ranks(monkeypatch, view):
+    """train/checkpoint's collectives as in a world of two whose rank 1 (on host node-b) sees path p as view(p)."""
+    sent = {}
+
+    def broadcast_object_list(objs, src=0, group=None):
+        dist.broadcast_object_list(objs, src=src, group=group)
+        sent["token"], sent["dirs"] = objs[0], objs[1]
+
+    def all_gather_object(out, obj, group=None):
+        mine = [None]
+        dist.all_gather_object(mine, obj, group=group)
+        dirs = [view(ckpt.Path(d)) for d in sent["dirs"]]
+        out[:] = [mine[0], ("node-b", ckpt._probe_view(dirs, sent["token"], wait_s=0.0))]
+
+    fake = types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 2,
+                                 broadcast_object_list=broadcast_object_list, all_gather_object=all_gather_object)
+    monkeypatch.setattr(ckpt, "dist", fake)
+
+
+@pytest.fixture
+def world(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_run_dir_every_rank_sees_passes_and_keeps_no_probe(tmp_path, world, monkeypatch):
+    run = tmp_path / "run"
+    two_ranks(monkeypatch, lambda p: p)
+    ckpt.check_shared_run_dir(run, checkpoints=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"] and not any((run / "checkpoints").iterdir())
+
+
+def test_a_run_dir_on_each_node_s_own_disk_stops_naming_the_ranks_and_hosts(tmp_path, world, monkeypatch):
+    run, node_b = tmp_path / "run", tmp_path / "node_b"   # rank 0's view, and rank 1's own disk at the same path
+    two_ranks(monkeypatch, lambda p: node_b / p.relative_to(tmp_path))
+    with pytest.raises(SettingsError, match=rf"^run_dir={run} \({run}\) is not the same directory on every rank: rank 0 "
+                                            rf"\(host {socket.gethostname()}\) wrote \.shared_probe\.\w+ there and rank 1 "
+                                            rf"\(host node-b\) does not see it \(no such file\).*give run_dir="):
+        ckpt.check_shared_run_dir(run, checkpoints=True)
+    assert not [p for p in run.iterdir() if p.name.startswith(ckpt.PROBE_PREFIX)]   # removed all the same
+
+
+def test_a_checkpoint_directory_linked_to_a_node_s_own_disk_is_named(tmp_path, world, monkeypatch):
+    """run_dir shared, its checkpoints/ a link to node-local scratch: the link is followed on each node."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(tmp_path / "scratch_a", run / "checkpoints")
+    (tmp_path / "scratch_a").mkdir()
+
+    def view(p):   # on node b the link leads to node b's own scratch
+        return tmp_path / "scratch_b" if p == run / "checkpoints" else p
+
+    two_ranks(monkeypatch, view)
+    with pytest.raises(SettingsError, match=rf"^run_dir={run}: its checkpoints/ \({run / 'checkpoints'}\) is not the "
+                                            rf"same directory on every rank: .* rank 1 \(host node-b\) does not see it"):
+        ckpt.check_shared_run_dir(run, checkpoints=True)
+    ckpt.check_shared_run_dir(run, checkpoints=False)   # run_dir itself is shared
+
+
+class ModelBuilt(Exception):
+    pass
+
+
+def test_a_training_launch_stops_before_it_reads_a_checkpoint_or_builds_its_model(tmp_path, monkeypatch):
+    """The trainer makes the check as it claims the run directory: a node-local run_dir stops the launch with a
+    config error (SettingsError) before any rank looks for a checkpoint there; the old trainer went on to build
+    the model (here: ModelBuilt)."""
+    from megatron.core import parallel_state
+
+    import train.trainer
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    run, node_b = tmp_path / "run", tmp_path / "node_b"
+    cfg, layout = validate(compose_config(["recipe=keye_tiny_lm", "data=tokens_tiny", "train.micro_batch_size=1",
+                                           "parallel.ep=1", f"run_dir={run}"]), world_size=1)
+    monkeypatch.setattr(ckpt, "lock_run_dir", lambda d: None)   # held for the process's life: not this test's
+
+    def build_lm(*a, **k):
+        raise ModelBuilt()
+
+    def find_resume_point(d):
+        raise AssertionError("a rank looked for a checkpoint in a run directory not every rank sees")
+
+    monkeypatch.setattr(train.trainer, "build_lm", build_lm)
+    monkeypatch.setattr(ckpt, "find_resume_point", find_resume_point)
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(34000 + os.getpid() % 1000)), ("RANK", "0"),
+                 ("WORLD_SIZE", "1")):
+        monkeypatch.setitem(os.environ, k, v)
+    real = ckpt.check_shared_run_dir
+
+    def check(run_dir, **kw):   # the trainer's process group exists by now: rank 1 joins it here
+        two_ranks(monkeypatch, lambda p: node_b / p.relative_to(tmp_path))
+        real(run_dir, **kw)
+
+    monkeypatch.setattr(ckpt, "check_shared_run_dir", check)
+    try:
+        with pytest.raises(SettingsError, match=r"is not the same directory on every rank: .*rank 1 \(host node-b\)"):
+            Trainer(cfg, layout)
+    finally:
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
