@@ -539,6 +539,7 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
             raise ValueError(f"train.profile.start ({pr.start}) is past the run's last step (train.steps="
                              f"{cfg.train.steps}): nothing would be profiled")
     check_multimodal(cfg, layout)
+    check_quarantine_path(cfg, layout)
     check_interleaved_schedule(cfg, layout)
     check_token_files(cfg)
     from data.held_out import eval_plan
@@ -558,6 +559,22 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
+
+
+def check_quarantine_path(cfg: Config, layout: ParallelLayout) -> None:
+    """An absolute data.video.quarantine_path names one file for every data-parallel replica unless it holds '{rank}'
+    (a relative one becomes <run_dir>/<name>.rank<N>.jsonl, one per replica): ValueError. Each replica's first rank
+    appended to that one file, from every node of the run, and appends of several nodes to one file on NFS are not
+    atomic (lines lost or interleaved)."""
+    q = cfg.data.video.quarantine_path
+    if cfg.data.kind == "video" and layout.dp > 1 and os.path.isabs(q) and "{rank}" not in q:
+        stem, dot, suffix = q.rpartition(".") if "." in Path(q).name else (q, "", "")
+        raise ValueError(f"data.video.quarantine_path={q!r} would be one file that the first rank of each of the "
+                         f"{layout.dp} data-parallel replicas appends to, from every node of the run (appends of "
+                         f"several nodes to one file are not atomic on NFS: records lost or interleaved). Put "
+                         f"'{{rank}}' in it, one file per replica (data.video.quarantine_path='{stem}.{{rank}}{dot}"
+                         f"{suffix}', quoted on the command line), or give a relative path (<run_dir>/<name>.rank<N>"
+                         f".jsonl)")
 
 
 def check_interleaved_schedule(cfg: Config, layout: ParallelLayout) -> None:

@@ -955,3 +955,17 @@ def test_settings_a_resume_does_not_read_are_named_when_changed():
     assert len(ignored_on_resume(saved, new, rng_restored=False)) == 1   # another layout: the seed seeds its state
     stage, stage_saved = cfg(**{"train.checkpoint.init_from": "/runs/base"})
     assert ignored_on_resume(stage_saved, stage, rng_restored=True) == []
+
+
+def test_an_absolute_quarantine_path_without_rank_is_refused_where_several_replicas_would_append_to_it():
+    """An absolute data.video.quarantine_path without '{rank}' was one file that the first rank of every data-parallel
+    replica appended to, from every node of a multi-node run (appends of several NFS clients to one file are not
+    atomic); the launch went on without a word. A relative path (one file per replica under run_dir), '{rank}', or a
+    single replica is accepted."""
+    with pytest.raises(ValueError, match=r"data.video.quarantine_path='/shared/q.jsonl' would be one file that the "
+                                         r"first rank of each of the 2 data-parallel replicas appends to.*Put '\{rank\}' "
+                                         r"in it, one file per replica \(data.video.quarantine_path='/shared/q.\{rank\}.jsonl'"):
+        _validate("recipe=keye_tiny", "data.video.quarantine_path=/shared/q.jsonl")
+    for ok in ("data.video.quarantine_path='/shared/q.{rank}.jsonl'", "data.video.quarantine_path=q.jsonl"):
+        _validate("recipe=keye_tiny", ok)
+    _validate("recipe=keye_tiny", "data.video.quarantine_path=/shared/q.jsonl", "parallel.ep=1", world_size=1)
