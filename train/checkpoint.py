@@ -284,9 +284,9 @@ def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WA
             f"{where} is not the same directory on every rank: rank 0 (host {gathered[0][0]}) "
             f"wrote {PROBE_PREFIX}{token} there and rank{'s' * (len(blind) > 1)} {format_runs(blind, sep='-')} "
             f"(host{'s' * (len(hosts) > 1)} {', '.join(hosts)}) do{'es' * (len(blind) == 1)} not see it "
-            f"({gathered[blind[0]][1][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, so a "
-            f"multi-node run needs a run_dir on a filesystem every node mounts at the same path (NFS, Lustre, ...), "
-            f"not a node's own disk: give run_dir=<a shared path>")
+            f"({gathered[blind[0]][1][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, "
+            f"so a multi-node run needs a run_dir on a filesystem every node mounts at the same path (NFS, Lustre, "
+            f"...), not a node's own disk: give run_dir=<a shared path>")
 
 
 def remove_torn_saves(run_dir) -> list[str]:

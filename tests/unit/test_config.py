@@ -962,9 +962,10 @@ def test_an_absolute_quarantine_path_without_rank_is_refused_where_several_repli
     replica appended to, from every node of a multi-node run (appends of several NFS clients to one file are not
     atomic); the launch went on without a word. A relative path (one file per replica under run_dir), '{rank}', or a
     single replica is accepted."""
-    with pytest.raises(ValueError, match=r"data.video.quarantine_path='/shared/q.jsonl' would be one file that the "
-                                         r"first rank of each of the 2 data-parallel replicas appends to.*Put '\{rank\}' "
-                                         r"in it, one file per replica \(data.video.quarantine_path='/shared/q.\{rank\}.jsonl'"):
+    with pytest.raises(ValueError, match=r"data.video.quarantine_path='/shared/q.jsonl' would be one file that "
+                                         r"the first rank of each of the 2 data-parallel replicas appends to.*Put "
+                                         r"'\{rank\}' in it, one file per replica "
+                                         r"\(data.video.quarantine_path='/shared/q.\{rank\}.jsonl'"):
         _validate("recipe=keye_tiny", "data.video.quarantine_path=/shared/q.jsonl")
     for ok in ("data.video.quarantine_path='/shared/q.{rank}.jsonl'", "data.video.quarantine_path=q.jsonl"):
         _validate("recipe=keye_tiny", ok)

@@ -58,9 +58,10 @@ def test_a_run_dir_every_rank_sees_passes_and_keeps_no_probe(tmp_path, world, mo
 def test_a_run_dir_on_each_node_s_own_disk_stops_naming_the_ranks_and_hosts(tmp_path, world, monkeypatch):
     run, node_b = tmp_path / "run", tmp_path / "node_b"   # rank 0's view, and rank 1's own disk at the same path
     two_ranks(monkeypatch, lambda p: node_b / p.relative_to(tmp_path))
-    with pytest.raises(SettingsError, match=rf"^run_dir={run} \({run}\) is not the same directory on every rank: rank 0 "
-                                            rf"\(host {socket.gethostname()}\) wrote \.shared_probe\.\w+ there and rank 1 "
-                                            rf"\(host node-b\) does not see it \(no such file\).*give run_dir="):
+    want = (rf"^run_dir={run} \({run}\) is not the same directory on every rank: rank 0 \(host "
+            rf"{socket.gethostname()}\) wrote \.shared_probe\.\w+ there and rank 1 \(host node-b\) does not see it "
+            rf"\(no such file\).*give run_dir=")
+    with pytest.raises(SettingsError, match=want):
         ckpt.check_shared_run_dir(run, checkpoints=True)
     assert not [p for p in run.iterdir() if p.name.startswith(ckpt.PROBE_PREFIX)]   # removed all the same
 
@@ -76,8 +77,9 @@ def test_a_checkpoint_directory_linked_to_a_node_s_own_disk_is_named(tmp_path, w
         return tmp_path / "scratch_b" if p == run / "checkpoints" else p
 
     two_ranks(monkeypatch, view)
-    with pytest.raises(SettingsError, match=rf"^run_dir={run}: its checkpoints/ \({run / 'checkpoints'}\) is not the "
-                                            rf"same directory on every rank: .* rank 1 \(host node-b\) does not see it"):
+    want = (rf"^run_dir={run}: its checkpoints/ \({run / 'checkpoints'}\) is not the same directory on every rank: "
+            rf".* rank 1 \(host node-b\) does not see it")
+    with pytest.raises(SettingsError, match=want):
         ckpt.check_shared_run_dir(run, checkpoints=True)
     ckpt.check_shared_run_dir(run, checkpoints=False)   # run_dir itself is shared
 
