@@ -237,14 +237,15 @@ def _probe_view(dirs: list[Path], token: str, wait_s: float) -> list[str]:
         time.sleep(0.25)
 
 
-def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WAIT_S) -> None:
+def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WAIT_S) -> list[str]:
     """Collective, as a launch starts: every rank sees the run directory rank 0 sees (and, with `checkpoints`, its
     checkpoints/ directory, which may be a link elsewhere). Rank 0 writes a probe file of a fresh name there; every
     rank reads it back; rank 0 removes it. Every rank raises SettingsError naming the directory and the ranks, with
     their hosts, that do not see it. A run directory on each node's own disk (the same path, another directory on
     every node) let a save "commit" on rank 0's node a checkpoint whose other shards lay on the other nodes, and its
     resume stop on rank 0's node ("every checkpoint ... is damaged") while the other nodes started afresh and
-    waited in their first collective for ever."""
+    waited in their first collective for ever. Returns every rank's host name, by rank (for messages that name a
+    rank: a user must find its node)."""
     import socket
     import uuid
 
@@ -253,7 +254,7 @@ def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WA
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
-        return
+        return [socket.gethostname()]
     sent: list = [None, [], ""]
     if rank == 0:
         token = uuid.uuid4().hex
@@ -287,6 +288,7 @@ def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WA
             f"({gathered[blind[0]][1][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, "
             f"so a multi-node run needs a run_dir on a filesystem every node mounts at the same path (NFS, Lustre, "
             f"...), not a node's own disk: give run_dir=<a shared path>")
+    return [host for host, _ in gathered]
 
 
 def remove_torn_saves(run_dir) -> list[str]:

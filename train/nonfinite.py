@@ -23,9 +23,19 @@ from train.metrics import NONFINITE_RECORDS, json_record
 log = logging.getLogger(__name__)
 
 
-def format_ranks(ranks: list[int]) -> str:
-    """"rank 3", "ranks 0-3, 8": runs of consecutive ranks as ranges."""
-    return f"rank{'' if len(ranks) == 1 else 's'} {format_runs(ranks, sep='-')}"
+def hosts_of(ranks: list[int], hosts: Sequence[str] = ()) -> str:
+    """" (host node-b)", " (hosts node-a, node-b)": the hosts of `ranks` (`hosts`: every rank's, by rank), where the
+    run spans several hosts (a user must find the node); "" on one host, or without `hosts`."""
+    if len(set(hosts)) < 2:
+        return ""
+    named = list(dict.fromkeys(hosts[r] for r in ranks if r < len(hosts)))
+    return f" (host{'s' if len(named) > 1 else ''} {', '.join(named)})" if named else ""
+
+
+def format_ranks(ranks: list[int], hosts: Sequence[str] = ()) -> str:
+    """"rank 3", "ranks 0-3, 8": runs of consecutive ranks as ranges; with `hosts` (every rank's host, by rank) and
+    a run over several hosts, their hosts after them: "ranks 8-15 (host node-b)"."""
+    return f"rank{'' if len(ranks) == 1 else 's'} {format_runs(ranks, sep='-')}{hosts_of(ranks, hosts)}"
 
 
 @dataclass(frozen=True)
@@ -48,9 +58,10 @@ class NonFinite:
         reduction too, through the experts' exchange (their backward sums every rank's tokens), TP and PP."""
         return self.loss_ranks or self.grad_ranks
 
-    def where(self) -> str:
-        parts = ([f"the loss on {format_ranks(self.loss_ranks)}"] * bool(self.loss_ranks)
-                 + [f"the gradients on {format_ranks(self.grad_ranks)}"] * bool(self.grad_ranks))
+    def where(self, hosts: Sequence[str] = ()) -> str:
+        """Where it arose, in words; `hosts`: every rank's host, by rank (named where the run spans several)."""
+        parts = ([f"the loss on {format_ranks(self.loss_ranks, hosts)}"] * bool(self.loss_ranks)
+                 + [f"the gradients on {format_ranks(self.grad_ranks, hosts)}"] * bool(self.grad_ranks))
         if not parts:
             return ("before their reduction over ranks, every rank's loss and gradients were finite: it arose in the "
                     "reduction or after it")

@@ -52,7 +52,7 @@ from train.metrics import (NONFINITE_RECORDS, SPIKE_RECORDS, Meter, StepStats, T
                            data_metrics_table, device_peak_tflops, json_record, set_aside_redone, sum_over_world)
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
-                             nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
+                             hosts_of, nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
 from train.optim import (apply_lr, build_optimizer, ensure_adam_state, keep_configured_hyperparameters,
                          patch_step_restore, schedule_jump, untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
@@ -277,8 +277,9 @@ class Trainer:
         self.pgs = build_process_groups(layout)
         seed_all(cfg.seed, self.pgs)
         t, lm = cfg.train, cfg.model.lm
+        self.hosts = [""] * layout.world_size   # each rank's host (check_shared_run_dir), for the messages naming ranks
         if t.eval.only:   # a training launch checks it in _claim_run_dir, once it holds the directory
-            ckpt.check_shared_run_dir(self.run_dir, checkpoints=False)
+            self.hosts = ckpt.check_shared_run_dir(self.run_dir, checkpoints=False)
         self.resume_ref = None if t.eval.only else self._claim_run_dir()
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         if self.bf16 and not torch.cuda.is_available():
@@ -558,7 +559,7 @@ class Trainer:
             raise ckpt.RunDirInUse(busy[0])
         # one directory for every rank, before any rank reads a checkpoint there (SettingsError naming the ranks that
         # see another one: a node's own disk)
-        ckpt.check_shared_run_dir(self.run_dir, checkpoints=self.cfg.train.checkpoint.enabled)
+        self.hosts = ckpt.check_shared_run_dir(self.run_dir, checkpoints=self.cfg.train.checkpoint.enabled)
         ref = ckpt.find_resume_point(self.run_dir) if self.cfg.train.checkpoint.resume else None
         if self.rank == 0:
             torn = ckpt.remove_torn_saves(self.run_dir)
@@ -1167,9 +1168,9 @@ class Trainer:
             self.skipped_steps += 1
             log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
                         "%s%s; this rank's data in the step: %s", what, self.nonfinite_in_row, t.skip_nonfinite_steps,
-                        bad.where(), others, data)
+                        bad.where(self.hosts), others, data)
             return
-        log.error("%s; %s%s; this rank's data in the step: %s", what, bad.where(), others, data)
+        log.error("%s; %s%s; this rank's data in the step: %s", what, bad.where(self.hosts), others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         where_data = ("; ".join(named.values()) + more + "." if named else
                       "each rank's log (logs/rank<N>.log) names the data it trained on in the step; "
@@ -1179,7 +1180,7 @@ class Trainer:
                    f"data.exclude={Path(self.run_dir) / NONFINITE_RECORDS} leaves the samples it names out of the "
                    "data; ")
         raise NonFiniteStepError(
-            f"{what}, so no weight was updated and the run stops; {bad.where()}. {resume} "
+            f"{what}, so no weight was updated and the run stops; {bad.where(self.hosts)}. {resume} "
             f"{where_data[0].upper()}{where_data[1:]} {exclude}train.skip_nonfinite_steps=N skips up to N such steps "
             "in a row"
             + (f" ({self.nonfinite_in_row} in a row now)" if self.nonfinite_in_row > 1 else ""))
@@ -1519,7 +1520,8 @@ class Trainer:
         t = self.cfg.train
         epochs = self.cfg.data.video.num_epochs
         where = "" if len(ranks) == dist.get_world_size() else \
-            f" (on rank{'s' if len(ranks) > 1 else ''} {format_runs(ranks)}; the other ranks' had data left)"
+            f" (on rank{'s' if len(ranks) > 1 else ''} {format_runs(ranks)}{hosts_of(ranks, self.hosts)}; the other " \
+            f"ranks' had data left)"
         kept = ""
         if t.checkpoint.enabled and self.step > saved:
             self._finish_saves(blocking=True)   # an asynchronous save of an earlier step commits first

@@ -25,3 +25,17 @@ def test_the_loss_names_the_origin_before_the_gradients_it_spread_to():
     assert late and late.origin == []
     assert late.where().endswith("every rank's loss and gradients were finite: it arose in the reduction or after it")
     assert not NonFinite(grads=[], loss_ranks=[], grad_ranks=[])
+
+
+def test_a_run_over_several_hosts_names_the_host_of_the_ranks_where_it_arose():
+    """A NaN that arises on the gradients of every rank of one node points at that node's hardware: the message
+    named the ranks alone ("the gradients on ranks 2-3"), and which node holds them depends on the rendezvous. On one
+    host the message stays as it was."""
+    hosts = ["node-a", "node-a", "node-b", "node-b"]
+    bad = NonFinite(grads=["the language model's"], loss_ranks=[], grad_ranks=[2, 3])
+    assert bad.where(hosts) == ("before their reduction over ranks, the gradients on ranks 2-3 (host node-b) were not "
+                                "finite")
+    spread = NonFinite(grads=["the language model's"], loss_ranks=[1, 2], grad_ranks=[1, 2])
+    assert "the loss on ranks 1-2 (hosts node-a, node-b)" in spread.where(hosts)
+    alone = "before their reduction over ranks, the gradients on ranks 2-3 were not finite"
+    assert bad.where(["vm"] * 4) == bad.where() == alone

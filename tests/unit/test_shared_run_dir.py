@@ -51,7 +51,7 @@ def world(tmp_path):
 def test_a_run_dir_every_rank_sees_passes_and_keeps_no_probe(tmp_path, world, monkeypatch):
     run = tmp_path / "run"
     two_ranks(monkeypatch, lambda p: p)
-    ckpt.check_shared_run_dir(run, checkpoints=True)
+    assert ckpt.check_shared_run_dir(run, checkpoints=True) == [socket.gethostname(), "node-b"]   # each rank's host
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"] and not any((run / "checkpoints").iterdir())
 
 
