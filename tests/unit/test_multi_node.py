@@ -1,13 +1,17 @@
-"""A multi-node run needs one run directory that every node sees (train/checkpoint.check_shared_run_dir). With run_dir
-on each node's own disk (the same path, another directory on every node) a save "committed" on rank 0's node a
-checkpoint whose other ranks' shards lay in `step_N.partial` on their own nodes; the resume then stopped on rank 0's
-node ("every checkpoint ... is damaged: ... missing file .../__1_0.distcp") while the other nodes, seeing no checkpoint,
-started afresh and waited in their first collective until killed (two torchrun ranks, rank 1 in another working
-directory with run_dir=runs/x: hung until the 300 s timeout). The launch now stops at its start, naming the ranks and
-hosts that do not see rank 0's directory.
+"""A multi-node run needs one run directory that every node sees (train/checkpoint.check_shared_run_dir), and the same
+data on every node. With run_dir on each node's own disk (the same path, another directory on every node) a save
+"committed" on rank 0's node a checkpoint whose other ranks' shards lay in `step_N.partial` on their own nodes; the
+resume then stopped on rank 0's node ("every checkpoint ... is damaged: ... missing file .../__1_0.distcp") while the
+other nodes, seeing no checkpoint, started afresh and waited in their first collective until killed (two torchrun ranks,
+rank 1 in another working directory with run_dir=runs/x: hung until the 300 s timeout). The launch now stops at its
+start, naming the ranks and hosts that do not see rank 0's directory.
 
-In one process (a gloo world of one rank): rank 1 of a world of two is stood in for by the collectives of
-train/checkpoint, whose gather adds what rank 1 reads through its own view of the paths, running the same read."""
+Likewise the training data (train/data_streams.check_same_video_data): data-parallel ranks split one plan of the
+samples, each planning it from its own view of the shards; a node whose copy of the shards lacked one (on its own disk)
+trained on another plan without a word (two torchrun ranks, rank 1's copy lacking one shard: 57 samples against 60, 3 steps trained).
+
+In one process (a gloo world of one rank): rank 1 of a world of two is stood in for by the collectives, whose gather
+adds what rank 1 reads through its own view of the paths, running the same read."""
 
 import datetime
 import os
@@ -128,3 +132,48 @@ def test_a_training_launch_stops_before_it_reads_a_checkpoint_or_builds_its_mode
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_ranks_whose_node_sees_other_shards_stop_naming_them_and_their_host(tmp_path, monkeypatch):
+    """Rank 1's node holds its own copy of the shards, one shard short: every rank stops with a config error naming
+    it. A copy of the same shards at another path, written at another time, is the same data."""
+    import shutil
+
+    from data.video.ingest import IngestOptions, ingest
+    from data.video.synthetic import make_synthetic_videos
+    from data.video_stream import VideoBatchStream
+    from tests.data.conftest import small_cfg
+    from train.data_streams import check_same_video_data, video_data_summary
+
+    vids, ann = make_synthetic_videos(tmp_path / "src", 0, seed=1, n_text=12)
+    ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "shards"), shard_size_mb=0.002,
+                         workers=1, progress=False))
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    assert len(shards) >= 3
+    shutil.copytree(tmp_path / "shards", tmp_path / "node_b")
+    for f in (tmp_path / "node_b").glob(shards[1].name.replace(".tar", ".*")):
+        f.unlink()                                               # a copy that lacks one shard
+    # a whole copy, at another path, its files of this time (copy keeps no modification time)
+    shutil.copytree(tmp_path / "shards", tmp_path / "node_c", copy_function=shutil.copy)
+
+    def stream(d):
+        return VideoBatchStream(small_cfg(d, seq_len=256, text_overflow="continue"), seq_length=256,
+                                micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=2, seed=0)
+
+    mine = stream(tmp_path / "shards")
+
+    def world_of_two(rank1):
+        def all_gather_object(out, obj, group=None):
+            out[:] = [obj, video_data_summary(rank1)]
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+
+    world_of_two(stream(tmp_path / "node_c"))
+    check_same_video_data(mine, ["node-a", "node-c"])
+    world_of_two(stream(tmp_path / "node_b"))
+    n = video_data_summary(mine)[0][1]
+    want = (rf"^the ranks do not see the same training data: rank 0 \(host node-a\) reads data.video.shards as {n} "
+            rf"samples \(catalog \w+\), rank 1 \(host node-b\) data.video.shards as \d+ samples .*every node must "
+            rf"see the same shard files")
+    with pytest.raises(SettingsError, match=want):
+        check_same_video_data(mine, ["node-a", "node-b"])
