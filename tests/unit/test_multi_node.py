@@ -8,7 +8,8 @@ start, naming the ranks and hosts that do not see rank 0's directory.
 
 Likewise the training data (train/data_streams.check_same_video_data): data-parallel ranks split one plan of the
 samples, each planning it from its own view of the shards; a node whose copy of the shards lacked one (on its own disk)
-trained on another plan without a word (two torchrun ranks, rank 1's copy lacking one shard: 57 samples against 60, 3 steps trained).
+trained on another plan without a word (two torchrun ranks, rank 1's copy lacking one shard: 57 samples against 60, 3
+steps trained).
 
 In one process (a gloo world of one rank): rank 1 of a world of two is stood in for by the collectives, whose gather
 adds what rank 1 reads through its own view of the paths, running the same read."""
