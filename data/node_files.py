@@ -20,6 +20,8 @@ belong to the data they are opened for beyond their shapes and dtypes.
 from __future__ import annotations
 
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,8 +41,12 @@ def _open(names: list[Path], check: Callable[[tuple], bool]):
 
 
 def _write(names: list[Path], arrays) -> None:
+    # the host in the name too: on a filesystem shared by several nodes whose flock does not lock across them (Lustre
+    # mounted with localflock), processes of two nodes may build the same file at once, and containers give their
+    # processes the same pids; one file for both let the second truncate the first's under it
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
     for name, a in zip(names, arrays):
-        tmp = name.with_name(f"{name.name}.{os.getpid()}.tmp")
+        tmp = name.with_name(f"{name.name}.{host}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(a))
         os.replace(tmp, name)

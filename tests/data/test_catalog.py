@@ -184,6 +184,37 @@ def test_a_plan_pruned_by_a_process_further_on_as_it_is_written_is_used_without_
     assert is_mapped(behind.epoch(2).order)        # the next epoch's plan is mapped from disk again
 
 
+def test_processes_of_two_nodes_with_the_same_pid_write_the_same_file_side_by_side(tmp_path, monkeypatch):
+    """An index_dir shared by several nodes whose flock does not lock across them (Lustre mounted with localflock):
+    a process on each node builds the same arrays at once, and containers give them the same pid. Both wrote through
+    one temporary file: node B's truncated node A's under it and renamed it away, and node A's rename failed
+    (FileNotFoundError: '.../epoch0.order.npy.<pid>.tmp' -> ...), so node A held its own copy with a warning (or, with
+    other timings, published a file node B was still writing). Each host now writes its own temporary file."""
+    import socket
+
+    import numpy as np
+
+    from data import node_files
+
+    want = np.arange(50_000, dtype=np.int64)
+    real_save, host = np.save, {"name": "node-a"}
+    monkeypatch.setattr(socket, "gethostname", lambda: host["name"])
+
+    def save(f, a):   # node B (same pid) writes its copy while node A is in the middle of writing its own
+        real_save(f, a)
+        if host["name"] == "node-a":
+            f.flush()
+            host["name"] = "node-b"
+            node_files._write([tmp_path / "epoch0.order.npy"], (want,))
+            host["name"] = "node-a"
+
+    monkeypatch.setattr(np, "save", save)
+    (got,), note = node_files.shared_arrays(tmp_path, "epoch0", ("order",), lambda: (want,),
+                                            lambda a: node_files.shaped(a, [(len(want), np.int64)]))
+    assert note == "" and is_mapped(got) and (got == want).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0.lock", "epoch0.order.npy"]
+
+
 def _plan_in_a_process(cfg, epochs, out, build_log):
     import time
 
