@@ -26,40 +26,47 @@ def training_exclude(cfg):
 SOURCE_SETTINGS = {"short": "data.video.shards", "long": "data.video.long_shards"}   # the loader's sources
 
 
-def video_data_summary(stream) -> list[tuple[str, int, str]]:
-    """What a video stream reads, to compare across ranks: per source (shards, long_shards), its name, its number of
-    samples and its catalog's fingerprint (the sample names of its shard indexes, in order: the same for copies of the
-    same shards at other paths or times)."""
-    loader = stream.loader
-    return [(name, len(cat), cat.fingerprint) for name, cat in zip(loader.source_names, loader.catalogs)]
+def data_summary(stream) -> list[tuple[str, str]]:
+    """What a training stream reads, to compare across ranks, as (setting, what it holds) per source: for video data
+    (shards, long_shards) its samples and its catalog's fingerprint (the sample names of its shard indexes, in order:
+    the same for copies of the same shards at other paths or times); for token files (data.tokens.paths) each pool's
+    files by name, documents and tokens. [] for synthetic text."""
+    loader, corpus = getattr(stream, "loader", None), getattr(stream, "corpus", None)
+    if loader is not None:
+        return [(SOURCE_SETTINGS.get(name, name), f"{len(cat)} samples (catalog {cat.fingerprint})")
+                for name, cat in zip(loader.source_names, loader.catalogs)]
+    if corpus is not None:
+        return [("data.tokens.paths", f"{', '.join(map(os.path.basename, src.prefixes))}: {src.documents} documents, "
+                                      f"{src.tokens} tokens") for src in corpus.sources]
+    return []
 
 
-def check_same_video_data(stream, hosts=()) -> None:
-    """Collective: every rank's training video data is rank 0's (video_data_summary); SettingsError naming the ranks,
-    and their hosts (`hosts`: every rank's, by rank), whose data differ. The data-parallel ranks split one plan of the
-    samples between them, each planning it from its own view of the shards: where a node saw other shard files (a copy
-    on its own disk that lacks shards or holds others), its ranks took their packs from another plan, so that samples
-    were trained twice and others never, without a word."""
+def check_same_data(stream, hosts=()) -> None:
+    """Collective: every rank's training data is rank 0's (data_summary); SettingsError naming the ranks, and their
+    hosts (`hosts`: every rank's, by rank), whose data differ. The data-parallel ranks split one plan of the samples
+    between them, each planning it from its own view of the files: where a node saw other files (a copy on its own disk
+    that lacks some or holds others), its ranks took their samples from another plan, so that samples were trained
+    twice and others never, without a word."""
     import torch.distributed as dist
 
     from train.config import SettingsError
     from train.nonfinite import format_ranks
 
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, video_data_summary(stream))
+    dist.all_gather_object(gathered, data_summary(stream))
     other = [r for r, g in enumerate(gathered) if g != gathered[0]]
     if not other:
         return
 
     def said(summary) -> str:
-        return "; ".join(f"{SOURCE_SETTINGS.get(name, name)} as {n} samples (catalog {fp})" for name, n, fp in summary)
+        return "; ".join(f"{setting} as {what}" for setting, what in summary)
 
     theirs = (f"{format_ranks(other, hosts)} {said(gathered[other[0]])}" if len(other) == 1 else
-              f"{format_ranks(other, hosts)} other samples (rank {other[0]}: {said(gathered[other[0]])})")
+              f"{format_ranks(other, hosts)} other data (rank {other[0]}: {said(gathered[other[0]])})")
     raise SettingsError(f"the ranks do not see the same training data: {format_ranks([0], hosts)} reads "
                         f"{said(gathered[0])}, {theirs}. Data-parallel ranks split one plan of the samples: every node "
-                        f"must see the same shard files and indexes (a copy on a node's own disk that lacks shards or "
-                        f"holds others differs)")
+                        f"must see the same data files (a copy on a node's own disk that lacks some or holds others "
+                        f"differs)")
 
 
 def restore_data_state(streams, state: dict, *, checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> None:

@@ -43,7 +43,7 @@ from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import (Config, DistillConfig, SettingsError, config_changes, held_out_moved,
                           ignored_on_resume)
-from train.data_streams import (check_data_state, check_same_video_data, eval_streams, restore_data_state, text_streams,
+from train.data_streams import (check_data_state, check_same_data, eval_streams, restore_data_state, text_streams,
                                 training_exclude, video_stream)
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
@@ -385,9 +385,9 @@ class Trainer:
             # One stream; a step's micro-batches are drawn up front (the vision phase needs them all) and
             # every model chunk iterates the same list.
             self.streams = [self._video_stream(cfg, dp_rank, dp_size)]
-            check_same_video_data(self.streams[0], self.hosts)   # every node sees the same shards
         else:
             self.streams = self._text_streams(cfg.data)
+        check_same_data(self.streams[0], self.hosts)   # every node sees the same data files
         self.num_microbatches = self.streams[0].num_microbatches
         if cfg.data.kind == "video" and (t.eval.interval or self.eval_only):
             self._check_held_out_videos()

@@ -6,7 +6,7 @@ other nodes, seeing no checkpoint, started afresh and waited in their first coll
 rank 1 in another working directory with run_dir=runs/x: hung until the 300 s timeout). The launch now stops at its
 start, naming the ranks and hosts that do not see rank 0's directory.
 
-Likewise the training data (train/data_streams.check_same_video_data): data-parallel ranks split one plan of the
+Likewise the training data (train/data_streams.check_same_data): data-parallel ranks split one plan of the
 samples, each planning it from its own view of the shards; a node whose copy of the shards lacked one (on its own disk)
 trained on another plan without a word (two torchrun ranks, rank 1's copy lacking one shard: 57 samples against 60, 3
 steps trained).
@@ -144,7 +144,7 @@ def test_ranks_whose_node_sees_other_shards_stop_naming_them_and_their_host(tmp_
     from data.video.synthetic import make_synthetic_videos
     from data.video_stream import VideoBatchStream
     from tests.data.conftest import small_cfg
-    from train.data_streams import check_same_video_data, video_data_summary
+    from train.data_streams import check_same_data, data_summary
 
     vids, ann = make_synthetic_videos(tmp_path / "src", 0, seed=1, n_text=12)
     ingest(IngestOptions(videos=str(vids), annotations=str(ann), out=str(tmp_path / "shards"), shard_size_mb=0.002,
@@ -165,16 +165,52 @@ def test_ranks_whose_node_sees_other_shards_stop_naming_them_and_their_host(tmp_
 
     def world_of_two(rank1):
         def all_gather_object(out, obj, group=None):
-            out[:] = [obj, video_data_summary(rank1)]
+            out[:] = [obj, data_summary(rank1)]
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
         monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
 
     world_of_two(stream(tmp_path / "node_c"))
-    check_same_video_data(mine, ["node-a", "node-c"])
+    check_same_data(mine, ["node-a", "node-c"])
     world_of_two(stream(tmp_path / "node_b"))
-    n = video_data_summary(mine)[0][1]
+    n = len(mine.loader.catalogs[0])
     want = (rf"^the ranks do not see the same training data: rank 0 \(host node-a\) reads data.video.shards as {n} "
             rf"samples \(catalog \w+\), rank 1 \(host node-b\) data.video.shards as \d+ samples .*every node must "
-            rf"see the same shard files")
+            rf"see the same data files")
     with pytest.raises(SettingsError, match=want):
-        check_same_video_data(mine, ["node-a", "node-b"])
+        check_same_data(mine, ["node-a", "node-b"])
+
+
+def test_ranks_whose_node_holds_other_token_files_stop_too(tmp_path, monkeypatch):
+    """data.tokens.paths through a node's own copy, one of whose files lacks documents: the same stop."""
+    import shutil
+
+    import numpy as np
+
+    from data.token_files import TokenCorpus, TokenFileStream, write_token_files
+    from train.data_streams import check_same_data, data_summary
+
+    rng = np.random.default_rng(0)
+    web, code = ([rng.integers(0, 300, 20).tolist() for _ in range(40)] for _ in range(2))
+    for node, code_documents in (("node_a", code), ("node_b2", code[:30])):   # node_b2's copy lacks documents
+        write_token_files(web, tmp_path / node / "web", vocab_size=512)
+        write_token_files(code_documents, tmp_path / node / "code", vocab_size=512)
+    shutil.copytree(tmp_path / "node_a", tmp_path / "node_b", copy_function=shutil.copy)   # a whole copy
+
+    def stream(node):
+        corpus = TokenCorpus(f"{tmp_path / node / 'web'},{tmp_path / node / 'code'}", seq_length=16, seed=0)
+        return TokenFileStream(corpus, document_bounds=False, micro_batch_size=1, global_batch_size=2, dp_rank=0,
+                               dp_size=2)
+
+    mine = stream("node_a")
+    for node, same in (("node_b", True), ("node_b2", False)):
+        rank1 = data_summary(stream(node))
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+            slice(None), [obj, rank1]))
+        if same:
+            check_same_data(mine, ["node-a", "node-b"])
+            continue
+        with pytest.raises(SettingsError, match=r"rank 0 \(host node-a\) reads data.tokens.paths as web, code: 80 "
+                                                r"documents, 1600 tokens, rank 1 \(host node-b\) data.tokens.paths as "
+                                                r"web, code: 70 documents, 1400 tokens\. "):
+            check_same_data(mine, ["node-a", "node-b"])
