@@ -146,7 +146,7 @@ def _trainer(tmp_path, skip_steps: int):
     cfg.train.spike = SpikeConfig(factor=4.0, window=2, skip_steps=skip_steps)
     cfg.train.checkpoint.enabled = False
     cfg.data.kind = "tokens"   # (synthetic text names no samples to leave out)
-    return types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7,
+    return types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
                                  spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None)
 
 
