@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from data.token_files import split_paths
+from data.video.remote import split_spec
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 # a held-out set's count of global batches meaning "the whole set, once": every sequence of its first epoch, the
@@ -24,7 +25,8 @@ def held_out_sets(spec: str, *, field_name: str) -> list[tuple[str, str]]:
     or a name has no path."""
     sets: dict[str, list[str]] = {}
     unnamed: list[str] = []
-    for part in split_paths(spec):
+    # shards on object storage may be named by brace lists, whose commas split nothing ("{a,b}")
+    for part in split_spec(spec) if "://" in str(spec or "") else split_paths(spec):
         name, eq, path = part.partition("=")
         if eq and _NAME.fullmatch(name.strip()):
             if not path.strip():

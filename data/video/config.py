@@ -6,10 +6,12 @@ packer read only this object. Values a user can set raise `ValueError` naming th
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .remote import clean_url, has_credentials, is_url, split_spec
 from .tokenizer import hf_tokenizer_file
 
 # Enumerated options are plain `str` fields (OmegaConf structured configs reject typing.Literal);
@@ -76,6 +78,16 @@ class VideoDataConfig:
     kept as files: read and planned by the first process of the node that needs them, mapped by every rank and
     worker (docs/data.md "Catalog and plans on disk"). The trainer sets <run_dir>/data_index when empty; a node-local
     disk is the fastest place. "" outside the trainer: each process holds and plans its own."""
+
+    remote_timeout_s: float = 60.0
+    """Shards on object storage (`https://...`, `s3://...`; docs/data.md "Shards on object storage"): the longest
+    wait of one request for its connection or for its next bytes; past it the request is tried again."""
+    remote_retries: int = 4
+    """Tries after the first of a request that failed for a reason that may pass (HTTP 5xx or 429, a connection
+    error or reset, a timeout, a short read); then the sample is quarantined (its read at training time), or the
+    launch stops (a shard index or list file, read before training)."""
+    remote_backoff_s: float = 1.0
+    """Wait before the first retry, doubled before each later one (each drawn from 0.5x to 1.5x of it)."""
 
     # ---- sequence packing -------------------------------------------------------------------
     seq_len: int = 8192
@@ -181,6 +193,15 @@ class VideoDataConfig:
                 bad(f.name, "must be a number")
             if f.type in ("float",) and math.isnan(v):   # passes every comparison below: nan > 0 and nan < 0 are False
                 bad(f.name, "must be a number, not nan")
+        # first: every later message shows the value
+        for name in ("shards", "long_shards", "eval_shards"):
+            for part in split_spec(getattr(self, name)) if isinstance(getattr(self, name), str) else ():
+                url = part.partition("=")[2] if re.match(r"^[A-Za-z][A-Za-z0-9_.-]*=", part) else part
+                if is_url(url) and has_credentials(url):    # the message shows the URL without them
+                    raise ValueError(f"VideoDataConfig.{name}: {clean_url(url)!r} carries credentials (a query "
+                                     f"string, user:password@ or a fragment): the config is saved with the run (its "
+                                     f"snapshot, checkpoints, wandb), so name such URLs in a list file (a .txt of one "
+                                     f"shard URL a line) and give its path here")
         if not isinstance(self.shards, str):
             bad("shards", "must be a string (dir, glob, or comma-separated list)")
         if not isinstance(self.long_shards, str):
@@ -196,6 +217,12 @@ class VideoDataConfig:
         for other in ("shards", "long_shards"):
             if self.eval_shards.strip() and self.eval_shards.strip() == getattr(self, other).strip():
                 bad("eval_shards", f"names the same shards as `{other}`: held-out data must not be trained on")
+        if not (math.isfinite(self.remote_timeout_s) and self.remote_timeout_s > 0):
+            bad("remote_timeout_s", "must be a finite number of seconds > 0 (each request to object storage)")
+        if self.remote_retries < 0:
+            bad("remote_retries", "must be >= 0 (tries after the first of a request to object storage)")
+        if not (math.isfinite(self.remote_backoff_s) and self.remote_backoff_s >= 0):
+            bad("remote_backoff_s", "must be a finite number of seconds >= 0")
         if not isinstance(self.text_tokens, str):
             bad("text_tokens", "must be a string (token-file prefixes, directories or globs, comma-separated)")
         if isinstance(self.text_tokens_fraction, bool) or not (math.isfinite(self.text_tokens_fraction)

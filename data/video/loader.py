@@ -83,7 +83,8 @@ from .packing import (DocPlan, PackedSample, assemble_pack, build_document, enco
                       patchify, plan_document, split_runs)
 from .sampling import PlanError
 from .images import ImageError, decode_member
-from .shards import Catalog, SampleRecord, load_catalog, spill_member
+from .remote import RemoteOptions, is_url
+from .shards import Catalog, SampleRecord, load_catalog, shard_identity, spill_member
 from .shards import shard_names as shard_names_of
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
@@ -131,10 +132,14 @@ class LoaderStateMismatch(DataStateMismatch):
 
 
 class SampleFailure(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
+    """gone: the sample's shard is not there any more (a shard on object storage answering 404 or 410): not this
+    sample's fault (build_pack)."""
+
+    def __init__(self, reason: str, detail: str = "", *, gone: bool = False) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.gone = gone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +486,7 @@ class FrameSource:
 
     def __init__(self, cfg: VideoDataConfig) -> None:
         self.cfg = cfg
+        self.remote = RemoteOptions.of(cfg)
         self.guard: GuardedWorker | None = None
         d = cfg.spill_dir
         self.spill_dir = d if d and os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
@@ -519,19 +525,33 @@ class FrameSource:
         for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
             req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width,
                        what=f"{rec.key} image {i}")
-            if self.cfg.decode_isolation == "process":
-                raw = self._stem(rec) + ".rgb"
+            local = None
+            if is_url(rec.shard):       # read here (timeout, retries), decoded from a local copy
+                local = self._stem(rec) + f".img{i}"
                 try:
-                    out.append(self._guarded("decode_image", raw, **req))
-                finally:
-                    _unlink(raw)
-                continue
+                    spill_member(rec.shard, offset, size, local, remote=self.remote)
+                except OSError as e:
+                    _unlink(local)
+                    raise SampleFailure("read_error", f"{req['what']}: {str(e)[:300]}",
+                                        gone=getattr(e, "gone", False)) from None
+                req.update(shard=local, offset=0)
             try:
-                out.append(decode_member(**req))
-            except ImageError as e:
-                raise SampleFailure(e.reason, e.detail) from None
-            except MemoryError as e:
-                raise _out_of_memory(req['what'], e) from None
+                if self.cfg.decode_isolation == "process":
+                    raw = self._stem(rec) + ".rgb"
+                    try:
+                        out.append(self._guarded("decode_image", raw, **req))
+                    finally:
+                        _unlink(raw)
+                    continue
+                try:
+                    out.append(decode_member(**req))
+                except ImageError as e:
+                    raise SampleFailure(e.reason, e.detail) from None
+                except MemoryError as e:
+                    raise _out_of_memory(req['what'], e) from None
+            finally:
+                if local is not None:
+                    _unlink(local)
         return out
 
     def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
@@ -548,10 +568,10 @@ class FrameSource:
             req.update(fast=list(fp.fast), fast_height=fp.fast_height, fast_width=fp.fast_width)
         try:
             try:
-                spill_member(rec.shard, rec.video_offset, rec.video_size, video)
+                spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
             except OSError as e:
                 if e.errno != errno.ENOSPC or self.spill_dir == tempfile.gettempdir():
-                    raise SampleFailure("read_error", str(e)[:300]) from None
+                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False)) from None
                 # the spill directory (a tmpfs: a container's /dev/shm is often 64 MB) cannot hold this video:
                 # it goes to the temporary directory's disk instead, said once
                 _unlink(video)
@@ -564,10 +584,11 @@ class FrameSource:
                 raw = os.path.join(tempfile.gettempdir(), os.path.basename(raw))
                 req["path"] = video
                 try:
-                    spill_member(rec.shard, rec.video_offset, rec.video_size, video)
+                    spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
                 except OSError as e2:
                     raise SampleFailure("read_error", f"{str(e2)[:200]} (spilling the video to {tempfile.gettempdir()}, "
-                                                      f"after data.video.spill_dir={self.spill_dir} had no room)") from None
+                                                      f"after data.video.spill_dir={self.spill_dir} had no room)",
+                                        gone=getattr(e2, "gone", False)) from None
             if self.cfg.decode_isolation == "process":
                 arr = self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key, **req)
             else:
@@ -689,14 +710,15 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
             try:
                 _write_patches(source, rec, doc, pv[off:off + n], p, m)
             except SampleFailure as e:
-                if e.reason == "read_error" and not os.path.exists(rec.shard):
+                if e.reason == "read_error" and (e.gone or not is_url(rec.shard) and not os.path.exists(rec.shard)):
                     # not this sample's fault: no sample of the shard can be read any more. Left out one by one,
                     # the run would train on packs of padding until max_consecutive_failures, its checkpoints of
                     # those steps displacing the good ones
                     raise RuntimeError(
                         f"video loader: shard {rec.shard} is gone ({e.detail[:200]}), reading {rec.key} of epoch "
-                        f"{epoch} pack {index}: the data directory was moved or deleted while the run read it. Put "
-                        f"it back and rerun the same command to resume from the last checkpoint") from None
+                        f"{epoch} pack {index}: the data "
+                        f"{'objects were' if is_url(rec.shard) else 'directory was'} moved or deleted while the run "
+                        f"read it. Put it back and rerun the same command to resume from the last checkpoint") from None
                 failures.append({"shard": planner.shard_name(doc.uid), "key": rec.key, "reason": e.reason,
                                  "detail": e.detail[:500], "slot": slot})
                 continue
@@ -837,11 +859,11 @@ class VideoPackedLoader:
         given = [Catalog.from_records(c) if isinstance(c, list) else c for c in (catalog, long_catalog)]
         # token files (text_tokens) are a source without a catalog: data/token_files.TokenPacks stands for its planner
         cats = [None if fld == "text_tokens" else given[i] if given[i] is not None
-                else load_catalog(spec, field=fld, index_dir=cfg.index_dir or None)
+                else load_catalog(spec, field=fld, index_dir=cfg.index_dir or None, remote=RemoteOptions.of(cfg))
                 for i, (_, spec, fld, _) in enumerate(specs)]
         if len(cats) > 1 and cats[0] is not None and cats[1] is not None:
             # by the files' real paths: a folder given through a link is the same folder
-            shared = sorted(set(map(os.path.realpath, cats[0].shards)) & set(map(os.path.realpath, cats[1].shards)))
+            shared = sorted(set(map(shard_identity, cats[0].shards)) & set(map(shard_identity, cats[1].shards)))
             if shared:
                 raise ValueError(f"VideoDataConfig.long_shards = {cfg.long_shards!r}: {len(shared)} shard file(s) are "
                                  f"also in shards ({shared[0]}, ...): the long and short sources must not overlap")
@@ -1006,8 +1028,9 @@ class VideoPackedLoader:
         self._by_file: dict[str, list[tuple[Planner, int, list[str]]]] = {}
         for p in self._catalog_planners():
             for i, path in enumerate(p.catalog.shards):
-                self._by_file.setdefault(os.path.basename(path), []).append((p, i, path.replace(os.sep, "/")
-                                                                             .split("/")))
+                # a URL's "//" leaves an empty part, as a key's own shard part never has one
+                self._by_file.setdefault(os.path.basename(path), []).append(
+                    (p, i, [x for x in path.replace(os.sep, "/").split("/") if x]))
         self._entries, self._exclude = exclude.keys, exclude
         self.exclude_keys = frozenset(exclude.keys | {n for k in exclude.keys for n in self._named(k)})
         docs = {f"{f}#{n}" for f, ns in exclude.documents.items() for n in ns}

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tarfile
+import urllib.parse
 from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data.node_files import array_json, json_array, shaped, shared_arrays
+
+from . import remote as remote_mod
+from .remote import RemoteOptions, RemoteShard
 
 log = logging.getLogger(__name__)
 
@@ -229,18 +233,90 @@ class SampleRecord:
         return "image" if self.images is not None else "text" if self.video is None else "video"
 
 
-def resolve_shards(spec: str) -> list[str]:
-    """Tar paths named by a dir, a glob, or a comma-separated list of either; sorted, unique."""
-    out: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if os.path.isdir(part):
-            out += glob.glob(os.path.join(part, "*.tar"))
-        else:
-            hits = glob.glob(part)
-            if not hits and os.path.exists(part):
-                hits = [part]
-            out += [h for h in hits if h.endswith(".tar")]
-    return sorted(set(os.path.abspath(p) for p in out))
+def resolve_shards(spec: str, remote: RemoteOptions | None = None, *, field: str = "shards") -> list[str]:
+    """Tar paths named by a dir, a glob, or a comma-separated list of either; sorted, unique. Shards on object
+    storage (docs/data.md "Shards on object storage") are named by URLs: `https://host/d/shard-{000000..000099}.tar`
+    (a brace list), a list file (`*.txt`, local or a URL: a shard a line, `TAR [INDEX]`), and for other schemes
+    (`s3://`, `gs://`, ... through fsspec) also a folder or a glob; each comes back as a `RemoteShard` (its clean
+    URL). `remote`: how a list file on object storage is read (its timeout and retries)."""
+    if "://" not in spec and ".txt" not in spec:      # local paths alone: as always
+        out: list[str] = []
+        for part in [p.strip() for p in spec.split(",") if p.strip()]:
+            out += _local_tars(part)
+        return sorted(set(os.path.abspath(p) for p in out))
+    opts = remote or RemoteOptions()
+    local: list[str] = []
+    urls: dict[str, RemoteShard] = {}
+    for part in remote_mod.split_spec(spec):
+        if remote_mod.is_list_file(part):
+            for tar, index in _read_list(part, opts, field):
+                if remote_mod.is_url(tar):
+                    urls.setdefault(remote_mod.clean_url(tar), RemoteShard(tar, index))
+                else:
+                    local += _local_tars(tar)
+            continue
+        if not remote_mod.is_url(part):
+            local += _local_tars(part)
+            continue
+        for url in remote_mod.expand_braces(part):
+            if remote_mod.scheme(url) in remote_mod.HTTP_SCHEMES:
+                path = urllib.parse.urlsplit(url).path
+                if url.endswith("/") or any(c in path for c in "*?["):
+                    raise ValueError(f"VideoDataConfig.{field} = {spec!r}: {remote_mod.clean_url(url)!r}: an HTTP "
+                                     f"server's folder cannot be listed: name its shards with a brace list "
+                                     f"(https://host/d/shard-{{000000..000099}}.tar) or a list file (*.txt)")
+                if not path.endswith(".tar"):
+                    raise ValueError(f"VideoDataConfig.{field} = {spec!r}: {remote_mod.clean_url(url)!r} is not a "
+                                     f".tar shard nor a list file (*.txt)")
+                found = [url]
+            else:
+                found = remote_mod.fs_glob(url)
+            for u in found:
+                urls.setdefault(remote_mod.clean_url(u), RemoteShard(u))
+    out = sorted(set(os.path.abspath(p) for p in local)) + [urls[k] for k in sorted(urls)]
+    return sorted(out)
+
+
+def _local_tars(part: str) -> list[str]:
+    if os.path.isdir(part):
+        return glob.glob(os.path.join(part, "*.tar"))
+    hits = glob.glob(part)
+    if not hits and os.path.exists(part):
+        hits = [part]
+    return [h for h in hits if h.endswith(".tar")]
+
+
+def _read_list(part: str, opts: RemoteOptions, field: str) -> list[tuple[str, str | None]]:
+    """(tar, index or None) per line of the list file `part` (a local path or a URL)."""
+    if remote_mod.is_url(part):
+        try:
+            text = remote_mod.get(part, opts).decode("utf-8")
+        except (remote_mod.RemoteError, UnicodeDecodeError) as e:
+            raise ValueError(f"VideoDataConfig.{field}: list file {e if isinstance(e, OSError) else part}") from None
+        return remote_mod.parse_list(text, remote_mod.clean_url(part), part)
+    try:
+        with open(part, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"VideoDataConfig.{field}: list file {part!r} cannot be read ({e})") from None
+    folder = os.path.dirname(os.path.abspath(part))
+    return [(t if remote_mod.is_url(t) else os.path.join(folder, t),
+             i if i is None or remote_mod.is_url(i) else os.path.join(folder, i))
+            for t, i in remote_mod.parse_list(text, part, None)]
+
+
+def probe_remote(shards: list[str], remote: RemoteOptions | None = None) -> None:
+    """Read the index of the first and the last shard on object storage of `shards` (a launch's check: a wrong host,
+    path or brace range stops it before the model is built, in two requests; the loader reads every index).
+    ValueError naming the index's URL."""
+    urls = [p for p in shards if remote_mod.is_url(p)]
+    for p in dict.fromkeys(urls[:1] + urls[-1:]):
+        load_shard_index(p, remote)
+
+
+def shard_identity(path: str) -> str:
+    """What makes two shard names one shard: a local file's real path (through links), a URL's clean URL."""
+    return str(path) if remote_mod.is_url(path) else os.path.realpath(path)
 
 
 def same_files(paths: list[str]) -> list[tuple[str, str]]:
@@ -249,7 +325,7 @@ def same_files(paths: list[str]) -> list[tuple[str, str]]:
     first: dict[str, str] = {}
     out = []
     for p in paths:
-        real = os.path.realpath(p)
+        real = shard_identity(p)
         if real in first:
             out.append((first[real], p))
         else:
@@ -344,7 +420,11 @@ def scan_shard(tar_path: str) -> dict:
     return {"schema": SCHEMA, "shard": os.path.basename(tar_path), "samples": samples}
 
 
-def load_shard_index(tar_path: str) -> dict:
+def load_shard_index(tar_path: str, remote: RemoteOptions | None = None) -> dict:
+    """The index of a shard: its `.idx.json`, or a local tar without one scanned. A shard on object storage must
+    have its index (ValueError naming its URL: scanning would read the whole tar over the network)."""
+    if remote_mod.is_url(tar_path):
+        return remote_mod.load_index(tar_path, remote or RemoteOptions())
     p = index_path(tar_path)
     if os.path.exists(p):
         with open(p) as f:
@@ -477,9 +557,14 @@ def _release_freed_memory() -> None:
 
 
 def _catalog_key(shards: list[str]) -> str:
-    """What the catalog of `shards` is a function of: each tar's and its index's path, size and modification time."""
+    """What the catalog of `shards` is a function of: each tar's and its index's path, size and modification time; a
+    shard on object storage by its clean URL alone (objects are taken as immutable: a shard rewritten under the same
+    URL needs a new index_dir; asking every object's date would be a request per shard and process)."""
     files = []
     for tar_path in shards:
+        if remote_mod.is_url(tar_path):
+            files.append([str(tar_path)])
+            continue
         for p in (tar_path, index_path(tar_path)):
             if os.path.exists(p):
                 st = os.stat(p)
@@ -487,12 +572,13 @@ def _catalog_key(shards: list[str]) -> str:
     return hashlib.sha1(json.dumps({"format": CATALOG_FORMAT, "files": files}).encode()).hexdigest()[:16]
 
 
-def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLike | None = None) -> Catalog:
+def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLike | None = None,
+                 remote: RemoteOptions | None = None) -> Catalog:
     """Every sample of the shards named by `spec` (`field` names the config key in errors), as a Catalog. With
     `index_dir`, its columns are files under `<index_dir>/catalog-<field>-<key>` (data/node_files.shared_arrays: read
     from the shard indexes once per node, then mapped; where that directory cannot be written, held in memory with a
-    warning)."""
-    shards = resolve_shards(spec)
+    warning). `remote`: timeout and retries for shards on object storage."""
+    shards = resolve_shards(spec, remote, field=field)
     if not shards:
         raise ValueError(f"VideoDataConfig.{field} = {spec!r}: no .tar shards found")
     twice = same_files(shards)
@@ -504,7 +590,8 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
 
     def build():
         blob, offsets, shard_of, kind, meta = _columns(
-            shards, ((i, s) for i, tar_path in enumerate(shards) for s in load_shard_index(tar_path)["samples"]))
+            shards, ((i, s) for i, tar_path in enumerate(shards)
+                     for s in _index_of(tar_path, remote, field)["samples"]))
         return blob, offsets, shard_of, kind, json_array(meta)
 
     def check(got) -> bool:
@@ -526,7 +613,22 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     return cat
 
 
-def read_member(shard: str, offset: int, size: int) -> bytes:
+def _index_of(tar_path: str, remote: RemoteOptions | None, field: str) -> dict:
+    try:
+        return load_shard_index(tar_path, remote)
+    except ValueError as e:
+        if not remote_mod.is_url(tar_path):
+            raise
+        raise ValueError(f"VideoDataConfig.{field}: {e}") from None
+
+
+def read_member(shard: str, offset: int, size: int, remote: RemoteOptions | None = None) -> bytes:
+    """The bytes of a tar member; on object storage one Range request (remote.RemoteError, an OSError, when it
+    fails after the retries)."""
+    if remote_mod.is_url(shard):
+        parts: list[bytes] = []
+        remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), parts.append)
+        return b"".join(parts)
     with open(shard, "rb") as f:
         f.seek(offset)
         data = f.read(size)
@@ -535,8 +637,14 @@ def read_member(shard: str, offset: int, size: int) -> bytes:
     return data
 
 
-def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 << 20) -> None:
-    """Copy a tar member to its own file (decoders want a path), without holding it in memory."""
+def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 << 20,
+                 remote: RemoteOptions | None = None) -> None:
+    """Copy a tar member to its own file (decoders want a path), without holding it in memory; on object storage
+    by one Range request, streamed (remote.RemoteError, an OSError, when it fails after the retries)."""
+    if remote_mod.is_url(shard):
+        with open(dst, "wb") as out:
+            remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), out.write)
+        return
     with open(shard, "rb") as src, open(dst, "wb") as out:
         src.seek(offset)
         left = size

@@ -208,13 +208,13 @@ def test_a_video_the_spill_directory_has_no_room_for_is_spilled_to_the_temp_dir(
     real = loader_module.spill_member
     calls = []
 
-    def full(shard, offset, size, path):
+    def full(shard, offset, size, path, **kw):
         calls.append(path)
         if str(path).startswith(str(small)):
             with open(path, "wb") as f:
                 f.write(b"x")                                      # a partial file, as a full tmpfs leaves
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(shard, offset, size, path)
+        return real(shard, offset, size, path, **kw)
 
     cfg = small_cfg(shard_dir, tmp_path, shuffle=False, num_epochs=1, decode_isolation="inline")
     want = [(p.sample_keys, p.pixel_values.sum().item()) for p in VideoPackedLoader(cfg, seed=0)]

@@ -1,0 +1,307 @@
+"""Shards on object storage (data/video/remote.py): the session's shards served by a small threaded HTTP server
+started here (stdlib http.server with Range support written below, and faults injected per request), or put in
+fsspec's memory filesystem.
+
+Reference: the same shards read from the local files. Every pack (tokens, labels, positions, pixels, keys) must be
+bit-identical, and so must the loader's state; faults must cost the sample alone (quarantined, naming the URL and
+the status) or, before training, stop the launch naming the URL; no credential may reach a key, record, log or the
+catalog's files.
+"""
+import http.server
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from data.exclude import read_exclude
+from data.held_out import held_out_sets
+from data.video.config import VideoDataConfig
+from data.video.loader import VideoPackedLoader
+from data.video.remote import RemoteError, RemoteOptions, clean_url, expand_braces, http_read_range
+from data.video.shards import load_catalog, resolve_shards
+
+from .conftest import read_jsonl, small_cfg
+from .test_loader import signature, take
+
+SECRET = "sig=S3CR3T"
+AUTH = "user:pa55@"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
+    path, one per request in order: "503", "404", "drop" (headers and half the body, then the connection closed),
+    "hang" (no answer for `hang_s`), "ignore_range" (200 and the whole file)."""
+
+    def do_GET(self):
+        srv = self.server.owner
+        u = urllib.parse.urlsplit(self.path)
+        srv.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        auth = self.headers.get("Authorization")
+        if srv.require is not None and (u.query != srv.require[0] or auth != srv.require[1]):
+            return self.send_error(403)
+        todo = srv.faults.get(u.path)
+        fault = todo.pop(0) if todo else None
+        if fault == "hang":
+            time.sleep(srv.hang_s)
+            return
+        if fault in ("503", "404"):
+            return self.send_error(int(fault))
+        f = srv.root / u.path.lstrip("/")
+        if not f.is_file():
+            return self.send_error(404)
+        data = f.read_bytes()
+        rng = self.headers.get("Range")
+        if rng and fault != "ignore_range":
+            a, b = (int(x) for x in rng.split("=", 1)[1].split("-"))
+            body = data[a:b + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {a}-{a + len(body) - 1}/{len(data)}")
+        else:
+            body = data
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if fault == "drop":
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.root, self.faults, self.log, self.require, self.hang_s = root, {}, [], None, 1.0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
+        self.httpd.owner = self
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def reset(self) -> None:
+        self.faults, self.log, self.require = {}, [], None
+
+
+@pytest.fixture(scope="module")
+def server(shard_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    (root / "d").symlink_to(shard_dir)
+    s = Server(root)
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture
+def srv(server):
+    server.reset()
+    yield server
+    server.reset()
+
+
+def tars(shard_dir) -> list[str]:
+    return sorted(p.name for p in Path(shard_dir).glob("*.tar"))
+
+
+def brace_spec(server, shard_dir) -> str:
+    return f"{server.url}/d/shard-{{000000..{len(tars(shard_dir)) - 1:06d}}}.tar"
+
+
+def rcfg(spec, tmp_path, **kw):
+    kw = dict(dict(decode_isolation="inline", remote_timeout_s=2.0, remote_retries=2, remote_backoff_s=0.01), **kw)
+    return small_cfg(spec, tmp_path, **kw)
+
+
+def test_brace_lists_and_urls_name_shards_without_credentials():
+    assert expand_braces("https://h/d/shard-{000008..000011}.tar") == [
+        f"https://h/d/shard-{i:06d}.tar" for i in (8, 9, 10, 11)]
+    assert expand_braces("s3://b/{web,howto}/s-{1..2}.tar") == [
+        "s3://b/web/s-1.tar", "s3://b/web/s-2.tar", "s3://b/howto/s-1.tar", "s3://b/howto/s-2.tar"]
+    with pytest.raises(ValueError, match="counts down"):
+        expand_braces("x-{3..1}.tar")
+    assert clean_url(f"https://{AUTH}Bucket.example.com:8443/d/s.tar?{SECRET}#x") == \
+        "https://bucket.example.com:8443/d/s.tar"
+    # a credential in the config itself would be saved with the run: refused, naming a list file
+    for field in ("shards", "long_shards", "eval_shards"):
+        with pytest.raises(ValueError, match=rf"VideoDataConfig.{field}: 'https://h/d/s.tar' carries credentials"
+                                             r".*list file") as e:
+            VideoDataConfig(**{field: f"/x,val=https://h/d/s.tar?{SECRET}" if field == "eval_shards"
+                               else f"https://{AUTH}h/d/s.tar"})
+        assert "S3CR3T" not in str(e.value) and "pa55" not in str(e.value)
+    with pytest.raises(ValueError, match="an HTTP server's folder cannot be listed"):
+        resolve_shards("https://h/d/")
+    # held-out sets by name, a brace list's comma splitting nothing
+    assert held_out_sets("val=https://h/d/s-{0,1}.tar,web=https://h/w/{a,b}.tar", field_name="e") == [
+        ("val", "https://h/d/s-{0,1}.tar"), ("web", "https://h/w/{a,b}.tar")]
+    assert resolve_shards("https://h/w/{a,b}.tar,/nonexistent/*.tar") == ["https://h/w/a.tar", "https://h/w/b.tar"]
+
+
+def test_url_shards_give_the_packs_and_state_of_the_local_shards(shard_dir, srv, tmp_path):
+    """A brace list of http:// shards: one GET per shard index, one Range request per video, and packs bit-identical
+    to the local shards' (pixels too), with the same fingerprints, so a run may move its data either way."""
+    local = VideoPackedLoader(rcfg(shard_dir, tmp_path), seed=3)
+    remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path), seed=3)
+    n_idx = len(srv.log)
+    assert n_idx == len(tars(shard_dir)) and all(r is None and p.endswith(".idx.json") for p, r, _ in srv.log)
+    packs = take(local, 3)
+    assert all(p.num_docs and p.pixel_values.shape[0] for p in packs)       # videos decoded: pixels to compare
+    assert [signature(p) for p in take(remote, 3)] == [signature(p) for p in packs]
+    members = srv.log[n_idx:]
+    assert members and all(r is not None and r.startswith("bytes=") for _, r, _ in members)
+    a, b = local.state_dict(), remote.state_dict()
+    assert (a["catalog_fingerprint"], a["plan_fingerprint"], a["base"]) == \
+        (b["catalog_fingerprint"], b["plan_fingerprint"], b["base"])
+    # and the local loader continues the remote one's state exactly
+    cont = VideoPackedLoader(rcfg(shard_dir, tmp_path), seed=3)
+    cont.load_state_dict(remote.state_dict())
+    assert signature(next(cont)) == signature(next(local))
+    # data.exclude names a URL shard's sample by its key, or by its whole URL
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    key = f"{Path(first.shard).name}/{first.key}"
+    for line in (key, f"{first.shard}/{first.key}"):
+        (tmp_path / "x.txt").write_text(line + "\n")
+        ex = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path), seed=3,
+                               exclude=read_exclude(str(tmp_path / "x.txt")))
+        pack = next(ex)
+        assert ex.unmatched == [] and pack.excluded == [key] and key not in pack.sample_keys, line
+
+
+def test_a_503_or_a_dropped_connection_is_retried_and_the_pack_is_unchanged(shard_dir, srv, tmp_path):
+    """503 then success, and a connection dropped mid-body (the retry asks only for the bytes not received): the
+    same packs as the local shards, nothing quarantined."""
+    want = [signature(p) for p in take(VideoPackedLoader(rcfg(shard_dir, tmp_path), seed=3), 2)]
+    remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path), seed=3)
+    for name in tars(shard_dir):
+        srv.faults[f"/d/{name}"] = ["503", "drop"]
+    srv.log.clear()
+    assert [signature(p) for p in take(remote, 2)] == want
+    assert remote.stats.get("samples_failed", 0) == 0 and not read_jsonl(tmp_path / "quarantine.jsonl")
+    # after a dropped body the retry resumes at the byte where it stopped
+    ranges = [(p, r) for p, r, _ in srv.log if r]
+    resumed = [(r1, r2) for (p1, r1), (p2, r2) in zip(ranges, ranges[1:]) if p1 == p2
+               and r1.split("-")[1] == r2.split("-")[1] and int(r2[6:].split("-")[0]) > int(r1[6:].split("-")[0])]
+    assert resumed, ranges[:6]
+
+
+@pytest.mark.parametrize("fault", ["hang", "503", "ignore_range"])
+def test_a_sample_whose_reads_keep_failing_is_quarantined_naming_the_url(shard_dir, srv, tmp_path, fault):
+    """A server that hangs past the timeout, keeps answering 503, or ignores the Range (200 with the whole tar):
+    the sample is left out and quarantined (read_error, its URL and status), the pack still comes, the run goes on."""
+    remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path, remote_timeout_s=0.3, remote_retries=1),
+                               seed=3)
+    srv.hang_s = 1.0
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    srv.faults[urllib.parse.urlsplit(first.shard).path] = [fault] * 2
+    t0 = time.perf_counter()
+    pack = next(remote)
+    assert time.perf_counter() - t0 < 10
+    rec = [r for r in read_jsonl(tmp_path / "quarantine.jsonl") if r["key"] == first.key]
+    assert len(rec) == 1 and rec[0]["reason"] == "read_error" and rec[0]["stage"] == "decode", rec
+    why = {"hang": "timed out (2 tries)", "503": "HTTP 503 Service Unavailable (2 tries)",
+           "ignore_range": "HTTP 200 to a Range request"}[fault]
+    assert f"{first.shard} bytes={first.video_offset}-" in rec[0]["detail"] and why in rec[0]["detail"], rec
+    assert pack.failures and first.key not in [k.rsplit("/", 1)[1] for k in pack.sample_keys]
+    assert next(remote).num_docs >= 1                  # the run goes on
+
+
+def test_a_missing_index_or_an_empty_list_stops_the_launch_naming_the_url(shard_dir, srv, tmp_path):
+    srv.faults["/d/shard-000001.idx.json"] = ["404"]
+    with pytest.raises(ValueError, match=rf"VideoDataConfig.shards: shard index {srv.url}/d/shard-000001.idx.json "
+                                         rf"of {srv.url}/d/shard-000001.tar: not found"):
+        load_catalog(brace_spec(srv, shard_dir), remote=RemoteOptions(timeout_s=2, retries=0))
+    (tmp_path / "empty.txt").write_text("# no shards yet\n")
+    with pytest.raises(ValueError, match=r"VideoDataConfig.shards = '.*empty.txt': no .tar shards found"):
+        load_catalog(str(tmp_path / "empty.txt"))
+    # a 503 on an index is tried again, and a dead server named with its error after the retries
+    srv.faults["/d/shard-000001.idx.json"] = ["503"]
+    assert len(load_catalog(brace_spec(srv, shard_dir), remote=RemoteOptions(timeout_s=2, retries=1, backoff_s=0)))
+    with pytest.raises(ValueError, match=r"shard index http://127.0.0.1:1/d/s.idx.json of http://127.0.0.1:1/d/s.tar: "
+                                         r"http://127.0.0.1:1/d/s.idx.json: connection failed .*\(2 tries\)"):
+        load_catalog("http://127.0.0.1:1/d/s.tar", remote=RemoteOptions(timeout_s=1, retries=1, backoff_s=0))
+
+
+def test_a_shard_deleted_during_the_run_stops_it_naming_the_url(shard_dir, srv, tmp_path):
+    """A tar answering 404 after its index was read is the data gone, as a local shard file removed: the run stops
+    (RuntimeError) instead of training on packs of padding."""
+    remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path), seed=3)
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    srv.faults[urllib.parse.urlsplit(first.shard).path] = ["404"]
+    with pytest.raises(RuntimeError, match=rf"shard {first.shard} is gone \(.*HTTP 404.*objects were moved or deleted"):
+        next(remote)
+
+
+def test_presigned_urls_from_a_list_file_never_reach_keys_records_logs_or_files(shard_dir, srv, tmp_path, caplog):
+    """A list file of presigned URLs (query strings, userinfo; each tar's index on its own line's second URL): the
+    requests carry them, nothing written does; a list signed anew gives the same catalog files and state."""
+    import base64
+
+    srv.require = (SECRET, "Basic " + base64.b64encode(AUTH[:-1].encode()).decode())
+
+    def listing(sig: str) -> Path:
+        f = tmp_path / f"list-{sig}.txt"
+        f.write_text("".join(f"{srv.url.replace('//', '//' + AUTH)}/d/{n}?{sig} "
+                             f"{srv.url.replace('//', '//' + AUTH)}/d/{n[:-4]}.idx.json?{sig}\n"
+                             for n in tars(shard_dir)))
+        return f
+    caplog.set_level(logging.INFO)
+    index_dir = tmp_path / "index"
+    cfg = rcfg(str(listing(SECRET)), tmp_path, index_dir=str(index_dir), remote_retries=0)
+    remote = VideoPackedLoader(cfg, seed=3)
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    srv.faults[urllib.parse.urlsplit(first.shard).path] = ["503"]        # a failure record too
+    got = take(remote, 2)
+    assert srv.log and all(SECRET in p for p, _, _ in srv.log)
+    seen = [json.dumps(remote.state_dict()), caplog.text, (tmp_path / "quarantine.jsonl").read_text(),
+            " ".join(k for p in got for k in p.sample_keys), " ".join(remote.catalog.shards)]
+    seen += [p.read_bytes().decode("latin-1") for p in index_dir.rglob("*") if p.is_file()]
+    assert "read_error" in seen[2] and srv.url in seen[2]
+    assert not [s for s in seen if "S3CR3T" in s or "pa55" in s]
+    assert got[0].failures and got[1].num_docs
+    # signed anew (another query string): the same catalog directory, the state loads
+    srv.require = ("sig=OTHER", srv.require[1])
+    before = sorted(p.name for p in index_dir.iterdir())
+    again = VideoPackedLoader(rcfg(str(listing("sig=OTHER")), tmp_path, index_dir=str(index_dir)), seed=3)
+    assert sorted(p.name for p in index_dir.iterdir()) == before
+    again.load_state_dict(remote.state_dict())
+
+
+def test_fsspec_urls_read_as_local_files_and_a_missing_package_is_named(shard_dir, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for p in Path(shard_dir).iterdir():
+        fs.pipe_file(f"/keye-test/d/{p.name}", p.read_bytes())
+    try:
+        want = [signature(p) for p in take(VideoPackedLoader(rcfg(shard_dir, tmp_path), seed=3), 2)]
+        remote = VideoPackedLoader(rcfg("memory://keye-test/d/*.tar", tmp_path), seed=3)
+        assert [signature(p) for p in take(remote, 2)] == want
+        assert remote.catalog.shards[0] == "memory:///keye-test/d/shard-000000.tar"   # fsspec's own name
+    finally:
+        fs.rm("/keye-test", recursive=True)
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"VideoDataConfig.shards: 's3://bucket/d/s.tar': fsspec cannot open "
+                                             r"s3:// URLs here \(.*s3fs"):
+            load_catalog("s3://bucket/d/s.tar")
+
+
+def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
+    srv.faults["/d/shard-000000.tar"] = ["503", "503"]
+    got = []
+    with pytest.raises(RemoteError, match=rf"^{srv.url}/d/shard-000000.tar bytes=0-99: HTTP 503 Service "
+                                          r"Unavailable \(2 tries\)$"):
+        http_read_range(f"{srv.url}/d/shard-000000.tar?{SECRET}", 0, 100, RemoteOptions(2, 1, 0), got.append)
+    http_read_range(f"{srv.url}/d/shard-000000.tar", 512, 100, RemoteOptions(2, 0, 0), got.append)
+    with open(Path(shard_dir) / "shard-000000.tar", "rb") as f:
+        f.seek(512)
+        assert b"".join(got) == f.read(100)
+
