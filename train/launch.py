@@ -245,7 +245,8 @@ def check_paths(cfg: Config) -> None:
     (launch/memory.py, the recipe tests). `init_from` / `vision_init_from` are checked only for a fresh run: a run
     directory holding a checkpoint resumes from it and reads neither."""
     from data.held_out import held_out_sets
-    from data.video.shards import resolve_shards, same_files
+    from data.video.remote import RemoteOptions
+    from data.video.shards import probe_remote, resolve_shards, same_files, shard_identity
     from models.hf import is_hf_checkpoint
     from train import checkpoint as ckpt
 
@@ -257,18 +258,23 @@ def check_paths(cfg: Config) -> None:
             sets = held_out_sets(spec, field_name="data.video.eval_shards") if name == "eval_shards" else [("", spec)]
             files[name] = set()
             for set_name, paths in sets:
-                twice = same_files(resolve_shards(paths)) if paths else []
+                named = resolve_shards(paths, RemoteOptions.of(cfg.data.video), field=name) if paths else []
+                twice = same_files(named)
                 if twice:
                     raise ValueError(f"data.video.{name}={spec!r}: {len(twice)} shard file(s) are named twice, through "
                                      f"a link ({twice[0][0]} and {twice[0][1]}, ...): their samples would be read "
                                      f"twice. Name each folder once")
                 # by the files' real paths: a folder given through a link (or by two of its paths) is the same
-                found = set(map(os.path.realpath, resolve_shards(paths))) if paths else set()
+                found = set(map(shard_identity, named))
                 if paths and not found:
                     what = f" (held-out set {set_name!r}: {paths!r})" if set_name else ""
                     raise ValueError(f"data.video.{name}={spec!r}{what}: no .tar shards there (a directory of shards, a "
                                      f"glob, or a comma-separated list of either; launch/ingest.py writes them)")
                 files[name] |= found
+                try:
+                    probe_remote(named, RemoteOptions.of(cfg.data.video))
+                except ValueError as e:
+                    raise ValueError(f"data.video.{name}={spec!r}: {e}") from None
         shared = sorted(files["eval_shards"] & (files["shards"] | files["long_shards"]))
         if shared:
             raise ValueError(f"data.video.eval_shards={cfg.data.video.eval_shards!r}: {len(shared)} shard file(s) are "
@@ -466,6 +472,7 @@ def check_text_only(cfg: Config) -> None:
     text-only samples only (ValueError naming the first video or image sample and how many there are). Reads the
     shard indexes, as the loader will."""
     from data.held_out import held_out_paths
+    from data.video.remote import RemoteOptions
     from data.video.shards import load_catalog
 
     for name in ("shards", "long_shards", "eval_shards"):
@@ -474,7 +481,7 @@ def check_text_only(cfg: Config) -> None:
             spec = held_out_paths(spec, field_name="data.video.eval_shards")
         if not spec:
             continue
-        cat = load_catalog(spec, field=name)
+        cat = load_catalog(spec, field=name, remote=RemoteOptions.of(cfg.data.video))
         kinds = {k: cat.count(k) for k in ("video", "image")}
         if kinds["video"] or kinds["image"]:
             first = cat[min(int(u[0]) for u in (cat.uids("video"), cat.uids("image")) if len(u))]

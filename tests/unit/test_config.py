@@ -104,6 +104,40 @@ def test_a_language_model_alone_on_the_packed_loader_takes_text_only(tmp_path):
         check_paths(_validate(*lm, f"data.video.shards={tmp_path / 'mixed'}")[0])
 
 
+def test_url_shards_are_checked_before_the_model_is_built(tmp_path):
+    """Shards on object storage given on the command line (quoted for Hydra): the launch reads the first and last
+    shard's index, so a brace range past the last shard stops it naming that index's URL; a held-out shard that is
+    also training data is refused as a local one is; a URL with a query string in the config is refused."""
+    from data.video.shards import ShardWriter
+    from tests.data.test_remote_shards import Server
+    from train.launch import check_paths
+
+    for i in range(3):
+        w = ShardWriter(tmp_path, i)
+        w.add_text_sample(f"text-{i}", {"kind": "text", "video": None, "key": f"text-{i}",
+                                        "annotation": {"text": f"text {i}"}})
+        w.close()
+    srv = Server(tmp_path)
+    try:
+        lm = ("recipe=keye_tiny_lm", "data=text_tiny", "train.micro_batch_size=1", f"run_dir={tmp_path / 'run'}")
+        check_paths(_validate(*lm, f"data.video.shards='{srv.url}/shard-{{000000..000001}}.tar'",
+                              f"data.video.eval_shards='{srv.url}/shard-000002.tar'")[0])
+        with pytest.raises(ValueError, match=rf"data.video.shards=.*: shard index {srv.url}/shard-000003.idx.json of "
+                                             rf".*: not found"):
+            check_paths(_validate(*lm, f"data.video.shards='{srv.url}/shard-{{000000..000003}}.tar'")[0])
+        with pytest.raises(ValueError, match=rf"data.video.eval_shards=.*1 shard file\(s\) are also training data "
+                                             rf"\({srv.url}/shard-000000.tar"):
+            check_paths(_validate(*lm, f"data.video.shards='{srv.url}/shard-{{000000..000001}}.tar'",
+                                  f"data.video.eval_shards='{srv.url}/shard-000000.tar'")[0])
+        with pytest.raises(ValueError, match=rf"VideoDataConfig.shards: '{srv.url}/shard-000000.tar' carries "
+                                             r"credentials") as e:
+            _validate(*lm, f"data.video.shards='{srv.url}/shard-000000.tar?sig=S3CR3T'")
+        assert "S3CR3T" not in str(e.value)
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+
+
 def test_token_files_settings_and_paths_are_checked(tmp_path):
     """data.kind=tokens: paths required by the real-data recipe, one row per micro-batch with document bounds, a
     language model alone, held-out files for train.eval, files that exist, fit the model's vocabulary and are not
