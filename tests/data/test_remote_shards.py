@@ -305,3 +305,37 @@ def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
         f.seek(512)
         assert b"".join(got) == f.read(100)
 
+
+
+def test_image_samples_read_from_urls_decode_as_the_local_ones(srv, tmp_path):
+    """An image sample's members are read in the DataLoader worker (timeout, retries) and decoded from a local copy
+    in the guarded child: the pixels of the local shard's, and a failed read quarantined naming the URL."""
+    import numpy as np
+    from PIL import Image
+
+    from data.video.images import inspect_image
+    from data.video.shards import ShardWriter
+
+    d = tmp_path / "img"
+    d.mkdir()
+    w = ShardWriter(d, 0)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 256, (56 + 28 * i, 84, 3), dtype=np.uint8)).save(p)
+        w.add_image_sample(f"im{i}", [str(p)], {"schema": "keye-video-meta/4", "key": f"im{i}", "kind": "image",
+                                                "source_path": p.name, "video": None, "images": [inspect_image(str(p))],
+                                                "annotation": {"caption": f"picture {i}"}})
+    w.close()
+    (srv.root / "img").symlink_to(d)
+    kw = dict(shuffle=False, num_epochs=1, max_image_tokens=16)
+    want = [signature(p) for p in VideoPackedLoader(rcfg(d, tmp_path, **kw), seed=1)]
+    got = [signature(p) for p in VideoPackedLoader(rcfg(f"{srv.url}/img/shard-000000.tar", tmp_path,
+                                                        decode_isolation="process", **kw), seed=1)]
+    assert got == want and sum(len(k) for _, _, k, _ in want) == 3
+    srv.faults["/img/shard-000000.tar"] = ["503"] * 3
+    packs = list(VideoPackedLoader(rcfg(f"{srv.url}/img/shard-000000.tar", tmp_path, **kw), seed=1))
+    rec = read_jsonl(tmp_path / "quarantine.jsonl")
+    assert len(rec) == 1 and rec[0]["reason"] == "read_error" and "HTTP 503" in rec[0]["detail"], rec
+    assert f"{srv.url}/img/shard-000000.tar bytes=" in rec[0]["detail"]
+    assert sum(p.num_docs for p in packs) == 2
