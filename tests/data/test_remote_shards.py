@@ -215,6 +215,15 @@ def test_a_sample_whose_reads_keep_failing_is_quarantined_naming_the_url(shard_d
     assert next(remote).num_docs >= 1                  # the run goes on
 
 
+def test_a_local_list_file_names_shards_relative_to_itself(shard_dir, tmp_path):
+    for name in tars(shard_dir)[:2]:
+        for ext in (".tar", ".idx.json"):
+            (tmp_path / f"{name[:-4]}{ext}").symlink_to(Path(shard_dir) / f"{name[:-4]}{ext}")
+    (tmp_path / "list.txt").write_text(f"# two shards\n\n{tars(shard_dir)[1]}\n  {tars(shard_dir)[0]}  \n")
+    assert resolve_shards(str(tmp_path / "list.txt")) == [str(tmp_path / n) for n in tars(shard_dir)[:2]]
+    assert len(load_catalog(str(tmp_path / "list.txt"))) == len(load_catalog(f"{tmp_path}/*.tar"))
+
+
 def test_a_missing_index_or_an_empty_list_stops_the_launch_naming_the_url(shard_dir, srv, tmp_path):
     srv.faults["/d/shard-000001.idx.json"] = ["404"]
     with pytest.raises(ValueError, match=rf"VideoDataConfig.shards: shard index {srv.url}/d/shard-000001.idx.json "
