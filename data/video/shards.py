@@ -336,7 +336,7 @@ def same_files(paths: list[str]) -> list[tuple[str, str]]:
 def unique_tails(paths: list[str]) -> list[str]:
     """Each path's shortest trailing part (of its folders and name) that no other of `paths` ends with."""
     parts = [p.replace(os.sep, "/").rstrip("/").split("/") for p in paths]
-    names = [""] * len(paths)
+    names: list[str | None] = [None] * len(paths)     # "" is a name: the root folder's ("/")
     todo, depth = list(range(len(paths))), 1
     while todo:
         tail = {i: "/".join(parts[i][-depth:]) for i in todo}
@@ -344,7 +344,7 @@ def unique_tails(paths: list[str]) -> list[str]:
         for i in todo:
             if count[tail[i]] == 1 or depth >= len(parts[i]):
                 names[i] = tail[i]
-        todo, depth = [i for i in todo if not names[i]], depth + 1
+        todo, depth = [i for i in todo if names[i] is None], depth + 1
     return names
 
 

@@ -32,6 +32,19 @@ def test_a_shard_is_named_by_its_folder_only_where_another_folder_has_its_file_n
     assert shard_names(["/d/a/s.tar", "/d/a/t.tar"]) == ["s.tar", "t.tar"] and shard_names([]) == []
 
 
+@pytest.mark.timeout(10)
+def test_shards_at_the_root_or_on_object_storage_are_named_apart():
+    """A shard in the root folder ("/s.tar", a container's mount) beside another folder's s.tar looped forever
+    (its folder's trailing part "" read as not yet named). URL shards are named as files are: by file name, with as
+    much of host and path as tells apart two folders that share it."""
+    from data.video.shards import shard_names
+
+    assert shard_names(["/s.tar", "/d/s.tar"]) == ["/s.tar", "d/s.tar"]
+    assert shard_names(["https://h1/d/s.tar", "https://h2/d/s.tar", "/data/d/s.tar", "https://h1/d/t.tar"]) == \
+        ["h1/d/s.tar", "h2/d/s.tar", "data/d/s.tar", "h1/d/t.tar"]      # every shard of a folder that clashes
+    assert shard_names(["https://h1/s.tar", "/s.tar", "https://h1/d/s.tar"]) == ["h1/s.tar", "/s.tar", "d/s.tar"]
+
+
 def test_a_folder_named_twice_through_a_link_stops_the_loader(shard_dir, tmp_path):
     """A glob matching a folder and a link to it (/data/*/shards/*.tar with /data/latest -> v3) named every shard
     twice: each sample was read twice an epoch."""
