@@ -229,6 +229,11 @@ def test_a_missing_index_or_an_empty_list_stops_the_launch_naming_the_url(shard_
     with pytest.raises(ValueError, match=rf"VideoDataConfig.shards: shard index {srv.url}/d/shard-000001.idx.json "
                                          rf"of {srv.url}/d/shard-000001.tar: not found"):
         load_catalog(brace_spec(srv, shard_dir), remote=RemoteOptions(timeout_s=2, retries=0))
+    # a list file on the server: its lines relative to it; one that is not there is named
+    (srv.root / "list.txt").write_text("".join(f"d/{n}\n" for n in tars(shard_dir)))
+    assert resolve_shards(f"{srv.url}/list.txt") == [f"{srv.url}/d/{n}" for n in tars(shard_dir)]
+    with pytest.raises(ValueError, match=rf"VideoDataConfig.shards: list file {srv.url}/gone.txt: HTTP 404"):
+        resolve_shards(f"{srv.url}/gone.txt")
     (tmp_path / "empty.txt").write_text("# no shards yet\n")
     with pytest.raises(ValueError, match=r"VideoDataConfig.shards = '.*empty.txt': no .tar shards found"):
         load_catalog(str(tmp_path / "empty.txt"))
