@@ -111,15 +111,14 @@ class RemoteShard(str):
 
     url: str
     index_url: str
+    size: int | None      # the tar's bytes as its index records them (load_catalog), None where unknown
 
     def __new__(cls, url: str, index_url: str | None = None) -> "RemoteShard":
         self = super().__new__(cls, clean_url(url))
         self.url = url
         self.index_url = index_url or index_url_of(url)
+        self.size = None
         return self
-
-    def __reduce__(self):
-        return RemoteShard, (self.url, self.index_url)
 
 
 def index_url_of(url: str) -> str:
@@ -301,8 +300,10 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
-                    chunk: int = 1 << 20) -> None:
-    """Bytes [offset, offset + size) of `url`, given to `sink` in order; a retry asks for the bytes not yet given."""
+                    chunk: int = 1 << 20, total: int | None = None) -> None:
+    """Bytes [offset, offset + size) of `url`, given to `sink` in order; a retry asks for the bytes not yet given.
+    total: the object's size as its shard index says; a Content-Range of another total is a shard rewritten since
+    (RemoteError: its members are no longer where the index says)."""
     if size <= 0:
         return
     done = [0]
@@ -318,6 +319,11 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
                 cr = _CONTENT_RANGE.match(r.headers.get("Content-Range", "").strip())
                 if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
                     raise RemoteError(f"{what}: Content-Range {r.headers.get('Content-Range')!r} for bytes={a}-{b}",
+                                      status=r.status)
+                if total is not None and cr.group(3) != "*" and int(cr.group(3)) != total:
+                    raise RemoteError(f"{what}: the object has {cr.group(3)} bytes, its shard index says {total}: "
+                                      f"the shard was rewritten after its index was read (objects are taken as "
+                                      f"immutable: a new shard name, or a fresh data.video.index_dir)",
                                       status=r.status)
                 while done[0] < size:
                     buf = r.read(min(chunk, size - done[0]))
@@ -419,9 +425,10 @@ def get(url: str, opts: RemoteOptions) -> bytes:
     return http_get(url, opts) if scheme(url) in HTTP_SCHEMES else fs_get(url, opts)
 
 
-def read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None]) -> None:
+def read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
+               total: int | None = None) -> None:
     if scheme(url) in HTTP_SCHEMES:
-        http_read_range(url, offset, size, opts, sink)
+        http_read_range(url, offset, size, opts, sink, total=total)
     else:
         fs_read_range(url, offset, size, opts, sink)
 

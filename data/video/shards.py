@@ -588,9 +588,18 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
                          f"folder once")
     key = _catalog_key(shards)
 
+    sizes: list = [None] * len(shards)       # each URL shard's tar size, as its index says (RemoteShard.size)
+
+    def samples():
+        for i, idx in enumerate(_indexes(shards, remote, field)):
+            if remote_mod.is_url(shards[i]) and isinstance(idx.get("bytes"), int):
+                sizes[i] = idx["bytes"]
+            yield from ((i, s) for s in idx["samples"])
+
     def build():
-        blob, offsets, shard_of, kind, meta = _columns(
-            shards, ((i, s) for i, idx in enumerate(_indexes(shards, remote, field)) for s in idx["samples"]))
+        blob, offsets, shard_of, kind, meta = _columns(shards, samples())
+        if any(map(remote_mod.is_url, shards)):      # a local catalog's files stay as they were
+            meta["bytes"] = sizes
         return blob, offsets, shard_of, kind, json_array(meta)
 
     def check(got) -> bool:
@@ -605,7 +614,11 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     (blob, offsets, shard_of, kind, meta), note = shared_arrays(where, "catalog",
                                                                 ("blob", "offsets", "shard", "kind", "meta"), build,
                                                                 check)
-    cat = Catalog(shards, blob, offsets, shard_of, kind, array_json(meta)["fingerprint"], key)
+    m = array_json(meta)
+    for p, n in zip(shards, m.get("bytes") or ()):
+        if isinstance(p, RemoteShard):
+            p.size = n
+    cat = Catalog(shards, blob, offsets, shard_of, kind, m["fingerprint"], key)
     if note:
         log.warning("data.video.%s: the catalog cannot be kept in %s (%s); each process holds its own (%.1f MB)",
                     field, where, note, cat.nbytes / 2**20)
@@ -654,7 +667,8 @@ def read_member(shard: str, offset: int, size: int, remote: RemoteOptions | None
     fails after the retries)."""
     if remote_mod.is_url(shard):
         parts: list[bytes] = []
-        remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), parts.append)
+        remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), parts.append,
+                              total=getattr(shard, "size", None))
         return b"".join(parts)
     with open(shard, "rb") as f:
         f.seek(offset)
@@ -670,7 +684,8 @@ def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 <<
     by one Range request, streamed (remote.RemoteError, an OSError, when it fails after the retries)."""
     if remote_mod.is_url(shard):
         with open(dst, "wb") as out:
-            remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), out.write)
+            remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), out.write,
+                                  total=getattr(shard, "size", None))
         return
     with open(shard, "rb") as src, open(dst, "wb") as out:
         src.seek(offset)

@@ -259,6 +259,31 @@ def test_shard_indexes_on_object_storage_are_read_at_once_in_order(shard_dir, sr
     assert n >= 6 and took < 0.3 * n / 2, (n, took)     # half the sequential time: room for a busy machine
 
 
+def test_a_shard_rewritten_after_its_index_was_read_is_named_not_read_at_old_offsets(shard_dir, srv, tmp_path):
+    """Objects are taken as immutable (the catalog's key is the clean URL). A tar rewritten under its URL held other
+    bytes at the index's offsets: each Range answer's Content-Range total is checked against the size the index
+    recorded, so its samples are quarantined naming the change instead of decoding whatever lies there."""
+    import shutil
+
+    (srv.root / "chg").mkdir()
+    for p in Path(shard_dir).iterdir():
+        shutil.copy(p, srv.root / "chg" / p.name)
+    spec = f"{srv.url}/chg/shard-{{000000..{len(tars(shard_dir)) - 1:06d}}}.tar"
+    index_dir = tmp_path / "index"
+    remote = VideoPackedLoader(rcfg(spec, tmp_path, index_dir=str(index_dir)), seed=3)
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    tar = srv.root / "chg" / Path(first.shard).name
+    size = tar.stat().st_size
+    tar.write_bytes(b"\0" * 1024 + tar.read_bytes())     # another version: every member 1 KB later
+    # a loader that maps the catalog files another process made knows the sizes too
+    again = VideoPackedLoader(rcfg(spec, tmp_path, index_dir=str(index_dir)), seed=3)
+    for loader in (remote, again):
+        failed = [f for f in next(loader).failures if f["key"] == first.key]
+        assert len(failed) == 1 and f"the object has {size + 1024} bytes, its shard index says {size}" in \
+            failed[0]["detail"], failed
+    assert [r["reason"] for r in read_jsonl(tmp_path / "quarantine.jsonl") if r["key"] == first.key] == ["read_error"]
+
+
 def test_a_shard_deleted_during_the_run_stops_it_naming_the_url(shard_dir, srv, tmp_path):
     """A tar answering 404 after its index was read is the data gone, as a local shard file removed: the run stops
     (RuntimeError) instead of training on packs of padding."""
