@@ -81,7 +81,8 @@ class VideoDataConfig:
 
     remote_timeout_s: float = 60.0
     """Shards on object storage (`https://...`, `s3://...`; docs/data.md "Shards on object storage"): the longest
-    wait of one request for its connection or for its next bytes; past it the request is tried again."""
+    wait of one request for its connection or for its next bytes, and the most it may take for each MiB it asks
+    for (at least one); past it the request is tried again."""
     remote_retries: int = 4
     """Tries after the first of a request that failed for a reason that may pass (HTTP 5xx or 429, a connection
     error or reset, a timeout, a short read); then the sample is quarantined (its read at training time), or the

@@ -283,12 +283,15 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
 
     def attempt() -> bytes:
         try:
+            t0 = time.monotonic()
             with urllib.request.urlopen(_request(url, {}), timeout=opts.timeout_s) as r:
-                data = r.read()
                 want = r.headers.get("Content-Length")
-                if want is not None and want.isdigit() and len(data) != int(want):
-                    raise _Retry(f"short read ({len(data)} of {want} bytes)")
-                return data
+                n = int(want) if want is not None and want.isdigit() else None
+                parts: list[bytes] = []
+                got = _read_body(r, n, t0, opts, parts.append)
+                if n is not None and got != n:
+                    raise _Retry(f"short read ({got} of {want} bytes)")
+                return b"".join(parts)
         except (_Retry, RemoteError):
             raise
         except Exception as e:
@@ -297,6 +300,27 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_MIB = 1 << 20
+
+
+def _read_body(r, n: int | None, t0: float, opts: RemoteOptions, sink: Callable[[bytes], None],
+               chunk: int = _MIB) -> int:
+    """Up to `n` bytes (all, for None) of the response `r` of a request sent at `t0`, given to `sink` as they come
+    (read1: whatever arrived); the count given. _Retry once the request has taken remote_timeout_s for each MiB it
+    asks for (at least one): a floor of 1 MiB per timeout (17 KB/s at 60 s) that only a server trickling its bytes,
+    each within the timeout of the last, stays under (it would hold the worker for hours)."""
+    deadline = t0 + opts.timeout_s * max(1, -(-(n or 0) // _MIB))
+    got = 0
+    while n is None or got < n:
+        buf = r.read1(chunk if n is None else min(chunk, n - got))
+        if not buf:
+            break
+        sink(buf)
+        got += len(buf)
+        now = time.monotonic()
+        if now > deadline and (n is None or got < n):
+            raise _Retry(f"too slow ({got} bytes in {now - t0:.1f} s; remote_timeout_s = {opts.timeout_s:g} s a MiB)")
+    return got
 
 
 def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
@@ -311,6 +335,7 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
 
     def attempt() -> None:
         a, b = offset + done[0], offset + size - 1
+        t0 = time.monotonic()
         try:
             with urllib.request.urlopen(_request(url, {"Range": f"bytes={a}-{b}"}), timeout=opts.timeout_s) as r:
                 if r.status != 206:
@@ -325,12 +350,10 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
                                       f"the shard was rewritten after its index was read (objects are taken as "
                                       f"immutable: a new shard name, or a fresh data.video.index_dir)",
                                       status=r.status)
-                while done[0] < size:
-                    buf = r.read(min(chunk, size - done[0]))
-                    if not buf:
-                        break
+                def give(buf: bytes) -> None:
                     _give(sink, buf)
                     done[0] += len(buf)
+                _read_body(r, size - done[0], t0, opts, give, chunk)
                 if done[0] < size:
                     raise _Retry(f"short read ({done[0]} of {size} bytes)")
         except (_Retry, RemoteError, _SinkError):

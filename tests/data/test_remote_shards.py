@@ -35,7 +35,8 @@ AUTH = "user:pa55@"
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
     path, one per request in order: "503", "404", "drop" (headers and half the body, then the connection closed),
-    "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "ignore_range" (200 and the whole file)."""
+    "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms), "ignore_range" (200 and the whole
+    file)."""
 
     def do_GET(self):
         srv = self.server.owner
@@ -68,6 +69,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if fault == "trickle":      # a byte every 50 ms: each within the timeout of the last
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         if fault == "drop":
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
@@ -355,6 +362,15 @@ def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
     with pytest.raises(RemoteError, match=rf"^{srv.url}/d/shard-000000.tar bytes=0-99: HTTP 503 Service "
                                           r"Unavailable \(2 tries\)$"):
         http_read_range(f"{srv.url}/d/shard-000000.tar?{SECRET}", 0, 100, RemoteOptions(2, 1, 0), got.append)
+    # a server that trickles its bytes, each within the timeout: ends when its time is out (a request gets
+    # remote_timeout_s a MiB), not after the 5 s that 100 bytes take
+    srv.faults["/d/shard-000000.tar"] = ["trickle", "trickle"]
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteError, match=r"bytes=0-99: too slow \(\d+ bytes in \d\.\d s; remote_timeout_s = 0.4 s a "
+                                          r"MiB\) \(2 tries\)"):
+        http_read_range(f"{srv.url}/d/shard-000000.tar", 0, 100, RemoteOptions(0.4, 1, 0), got.append)
+    assert time.perf_counter() - t0 < 2.5
+    got.clear()
     http_read_range(f"{srv.url}/d/shard-000000.tar", 512, 100, RemoteOptions(2, 0, 0), got.append)
     with open(Path(shard_dir) / "shard-000000.tar", "rb") as f:
         f.seek(512)
