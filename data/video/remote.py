@@ -3,10 +3,11 @@ through fsspec where it and the scheme's package are installed (docs/data.md "Sh
 
 A shard's index is read with one GET, a sample's member with one Range request (`bytes=a-b`), whose answer must be
 206 with the Content-Range asked for and exactly that many bytes. Every request has a timeout (`timeout_s`: the
-longest wait for a connection or for the next bytes); 5xx and 429 answers, connection errors, timeouts and short
-reads are tried again (`retries` times, waiting `backoff_s`, then twice that, ..., each wait drawn from 0.5x to 1.5x
-of it so that many ranks do not retry in step), a member's retry asking only for the bytes not yet received. Then
-RemoteError, which the loader records as the sample's failure (data/video/loader.py), never a stop of the run.
+longest wait for a connection or for the next bytes, and the most it may take for each MiB it asks for); 5xx and
+429 answers, connection errors, timeouts and short reads are tried again (`retries` times, waiting `backoff_s`, then
+twice that, ..., each wait drawn from 0.5x to 1.5x of it so that many ranks do not retry in step), a member's retry
+asking only for the bytes not yet received. Then RemoteError, which the loader records as the sample's failure
+(data/video/loader.py), never a stop of the run.
 
 Credentials: a URL's userinfo (`user:password@`) and query string (a presigned URL's signature) never leave this
 module's requests. A shard is named by its clean URL (scheme, host, path): `RemoteShard`, a `str` whose value is
