@@ -35,8 +35,8 @@ AUTH = "user:pa55@"
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
     path, one per request in order: "503", "404", "drop" (headers and half the body, then the connection closed),
-    "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms), "ignore_range" (200 and the whole
-    file)."""
+    "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms),
+    "ignore_range" (200 and the whole file)."""
 
     def do_GET(self):
         srv = self.server.owner
@@ -94,7 +94,7 @@ class Server:
         self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
         self.httpd.owner = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def reset(self) -> None:
         self.faults, self.log, self.require = {}, [], None
