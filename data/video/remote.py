@@ -19,6 +19,7 @@ the config itself, which a run saves with its checkpoints.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import random
 import re
@@ -239,6 +240,31 @@ def _request(url: str, headers: dict) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects (the Range header with them), but drops the Authorization header (a URL's userinfo) where
+    one leads to another host, as urllib's own handler does not."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _host(newurl) != _host(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _host(url: str) -> tuple:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme.lower(), (u.hostname or "").lower(), u.port
+
+
+@functools.lru_cache(maxsize=1)
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_Redirect)
+
+
+def _open(url: str, headers: dict, opts: RemoteOptions):
+    return _opener().open(_request(url, headers), timeout=opts.timeout_s)
+
+
 def _with_retries(what: str, opts: RemoteOptions, attempt: Callable[[], object]):
     """attempt() until it returns, raises RemoteError (final), or has raised _Retry opts.retries + 1 times."""
     last = ""
@@ -285,7 +311,7 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
     def attempt() -> bytes:
         try:
             t0 = time.monotonic()
-            with urllib.request.urlopen(_request(url, {}), timeout=opts.timeout_s) as r:
+            with _open(url, {}, opts) as r:
                 want = r.headers.get("Content-Length")
                 n = int(want) if want is not None and want.isdigit() else None
                 parts: list[bytes] = []
@@ -338,7 +364,7 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
         a, b = offset + done[0], offset + size - 1
         t0 = time.monotonic()
         try:
-            with urllib.request.urlopen(_request(url, {"Range": f"bytes={a}-{b}"}), timeout=opts.timeout_s) as r:
+            with _open(url, {"Range": f"bytes={a}-{b}"}, opts) as r:
                 if r.status != 206:
                     raise RemoteError(f"{what}: HTTP {r.status} to a Range request (the server must answer 206 "
                                       f"Partial Content)", status=r.status)

@@ -22,8 +22,8 @@ from data.exclude import read_exclude
 from data.held_out import held_out_sets
 from data.video.config import VideoDataConfig
 from data.video.loader import VideoPackedLoader
-from data.video.remote import RemoteError, RemoteOptions, clean_url, expand_braces, http_read_range
-from data.video.shards import load_catalog, resolve_shards
+from data.video.remote import RemoteError, RemoteOptions, RemoteShard, clean_url, expand_braces, http_read_range
+from data.video.shards import load_catalog, read_member, resolve_shards
 
 from .conftest import read_jsonl, small_cfg
 from .test_loader import signature, take
@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
     path, one per request in order: "503", "404", "drop" (headers and half the body, then the connection closed),
     "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms),
-    "ignore_range" (200 and the whole file)."""
+    "ignore_range" (200 and the whole file), "redirect" (302 to the same path on `elsewhere`)."""
 
     def do_GET(self):
         srv = self.server.owner
@@ -52,6 +52,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "slow":          # answered, late
             time.sleep(0.3)
+        if fault == "redirect":     # to the same path on srv.elsewhere (another host: another port)
+            self.send_response(302)
+            self.send_header("Location", f"{srv.elsewhere}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if fault in ("503", "404"):
             return self.send_error(int(fault))
         f = srv.root / u.path.lstrip("/")
@@ -89,6 +95,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class Server:
     def __init__(self, root: Path) -> None:
         self.root, self.faults, self.log, self.require, self.hang_s = root, {}, [], None, 1.0
+        self.elsewhere = ""
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
@@ -328,8 +335,21 @@ def test_presigned_urls_from_a_list_file_never_reach_keys_records_logs_or_files(
     assert "read_error" in seen[2] and srv.url in seen[2]
     assert not [s for s in seen if "S3CR3T" in s or "pa55" in s]
     assert got[0].failures and got[1].num_docs
+    # a redirect to another host takes the Range, not the password (urllib's own handler sent both)
+    other = Server(srv.root)
+    try:
+        srv.require, srv.elsewhere = None, other.url
+        srv.faults[urllib.parse.urlsplit(first.shard).path] = ["redirect"]
+        data = read_member(RemoteShard(f"{srv.url.replace('//', '//' + AUTH)}/{first.shard.split('/', 3)[3]}"),
+                           first.video_offset, first.video_size)
+        assert len(data) == first.video_size and [r for _, r, _ in other.log] == [
+            f"bytes={first.video_offset}-{first.video_offset + first.video_size - 1}"]
+        assert srv.log[-1][2] is not None and other.log[-1][2] is None
+    finally:
+        other.httpd.shutdown()
+        other.httpd.server_close()
     # signed anew (another query string): the same catalog directory, the state loads
-    srv.require = ("sig=OTHER", srv.require[1])
+    srv.require = ("sig=OTHER", "Basic " + base64.b64encode(AUTH[:-1].encode()).decode())
     before = sorted(p.name for p in index_dir.iterdir())
     again = VideoPackedLoader(rcfg(str(listing("sig=OTHER")), tmp_path, index_dir=str(index_dir)), seed=3)
     assert sorted(p.name for p in index_dir.iterdir()) == before
