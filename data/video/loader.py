@@ -132,14 +132,15 @@ class LoaderStateMismatch(DataStateMismatch):
 
 
 class SampleFailure(Exception):
-    """gone: the sample's shard is not there any more (a shard on object storage answering 404 or 410): not this
-    sample's fault (build_pack)."""
+    """gone: the sample's shard is not there any more (a shard on object storage answering 404 or 410); refused: its
+    store refuses every read of it (401 / 403, or a 200 to a Range request): not this sample's fault (build_pack)."""
 
-    def __init__(self, reason: str, detail: str = "", *, gone: bool = False) -> None:
+    def __init__(self, reason: str, detail: str = "", *, gone: bool = False, refused: bool = False) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.gone = gone
+        self.refused = refused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +534,8 @@ class FrameSource:
                 except OSError as e:
                     _unlink(local)
                     raise SampleFailure("read_error", f"{req['what']}: {str(e)[:300]}",
-                                        gone=getattr(e, "gone", False)) from None
+                                        gone=getattr(e, "gone", False),
+                                        refused=getattr(e, "refused", False)) from None
                 req.update(shard=local, offset=0)
             try:
                 if self.cfg.decode_isolation == "process":
@@ -571,7 +573,8 @@ class FrameSource:
                 spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
             except OSError as e:
                 if e.errno != errno.ENOSPC or self.spill_dir == tempfile.gettempdir():
-                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False)) from None
+                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False),
+                                        refused=getattr(e, "refused", False)) from None
                 # the spill directory (a tmpfs: a container's /dev/shm is often 64 MB) cannot hold this video:
                 # it goes to the temporary directory's disk instead, said once
                 _unlink(video)
@@ -588,7 +591,8 @@ class FrameSource:
                 except OSError as e2:
                     raise SampleFailure("read_error", f"{str(e2)[:200]} (spilling the video to {tempfile.gettempdir()}, "
                                                       f"after data.video.spill_dir={self.spill_dir} had no room)",
-                                        gone=getattr(e2, "gone", False)) from None
+                                        gone=getattr(e2, "gone", False),
+                                        refused=getattr(e2, "refused", False)) from None
             if self.cfg.decode_isolation == "process":
                 arr = self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key, **req)
             else:
@@ -710,6 +714,13 @@ def build_pack(planner: Planner, source: FrameSource | None, epoch: int, index: 
             try:
                 _write_patches(source, rec, doc, pv[off:off + n], p, m)
             except SampleFailure as e:
+                if e.reason == "read_error" and e.refused:
+                    # as for a shard gone: every sample of it would fail alike, and the run train on padding
+                    raise RuntimeError(
+                        f"video loader: shard {rec.shard} refuses reads ({e.detail[:300]}), reading {rec.key} of "
+                        f"epoch {epoch} pack {index}: every sample of it would fail alike. Give credentials that "
+                        f"hold (a list file of freshly signed URLs) or a server that answers Range requests with "
+                        f"206, then rerun the same command to resume from the last checkpoint") from None
                 if e.reason == "read_error" and (e.gone or not is_url(rec.shard) and not os.path.exists(rec.shard)):
                     # not this sample's fault: no sample of the shard can be read any more. Left out one by one,
                     # the run would train on packs of padding until max_consecutive_failures, its checkpoints of

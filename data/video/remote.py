@@ -36,6 +36,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 HTTP_SCHEMES = ("http", "https")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _GONE_STATUS = {404, 410}
+_REFUSED_STATUS = {401, 403}
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class RemoteOptions:
 
 class RemoteError(OSError):
     """A request that failed for good (after the retries where it was worth retrying). Its message names the clean
-    URL, the byte range and the HTTP status or error; `gone`: the object is not there (404, 410, not found)."""
+    URL, the byte range and the HTTP status or error; `gone`: the object is not there (404, 410, not found);
+    `refused`: the store refuses every read of it alike (401 / 403: an expired or wrong credential, or a server that
+    answers a Range request with the whole object), no fault of one sample's."""
 
-    def __init__(self, message: str, *, status: int | None = None, gone: bool = False) -> None:
+    def __init__(self, message: str, *, status: int | None = None, gone: bool = False, refused: bool = False) -> None:
         super().__init__(message)
-        self.status, self.gone = status, gone
+        self.status, self.gone, self.refused = status, gone, refused
 
 
 class _Retry(Exception):
@@ -284,7 +287,8 @@ def _classify(e: BaseException, what: str) -> Exception:
         reason = f"HTTP {e.code} {e.reason}"
         if e.code in _RETRY_STATUS:
             return _Retry(reason)
-        return RemoteError(f"{what}: {reason}", status=e.code, gone=e.code in _GONE_STATUS)
+        return RemoteError(f"{what}: {reason}", status=e.code, gone=e.code in _GONE_STATUS,
+                           refused=e.code in _REFUSED_STATUS)
     if isinstance(e, (socket.timeout, TimeoutError)):
         return _Retry("timed out")
     if isinstance(e, urllib.error.URLError):
@@ -367,7 +371,7 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
             with _open(url, {"Range": f"bytes={a}-{b}"}, opts) as r:
                 if r.status != 206:
                     raise RemoteError(f"{what}: HTTP {r.status} to a Range request (the server must answer 206 "
-                                      f"Partial Content)", status=r.status)
+                                      f"Partial Content)", status=r.status, refused=True)
                 cr = _CONTENT_RANGE.match(r.headers.get("Content-Range", "").strip())
                 if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
                     raise RemoteError(f"{what}: Content-Range {r.headers.get('Content-Range')!r} for bytes={a}-{b}",
@@ -425,7 +429,7 @@ def _fs_attempt(what: str, fn):
     except FileNotFoundError:
         raise RemoteError(f"{what}: not found", gone=True) from None
     except PermissionError as e:
-        raise RemoteError(f"{what}: permission denied ({str(e)[:200]})") from None
+        raise RemoteError(f"{what}: permission denied ({str(e)[:200]})", refused=True) from None
     except (ConnectionError, TimeoutError, OSError) as e:
         raise _Retry(f"{type(e).__name__}: {str(e)[:200]}") from None
 

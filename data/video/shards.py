@@ -306,12 +306,20 @@ def _read_list(part: str, opts: RemoteOptions, field: str) -> list[tuple[str, st
 
 
 def probe_remote(shards: list[str], remote: RemoteOptions | None = None) -> None:
-    """Read the index of the first and the last shard on object storage of `shards` (a launch's check: a wrong host,
-    path or brace range stops it before the model is built, in two requests; the loader reads every index).
-    ValueError naming the index's URL."""
+    """Read the index of the first and the last shard on object storage of `shards`, and the first one's first tar
+    block with a Range request (a launch's check: a wrong host, path or brace range, a server that ignores Range
+    requests or credentials that do not hold for the tars stop it before the model is built, in three requests; the
+    loader reads every index). ValueError naming the URL."""
     urls = [p for p in shards if remote_mod.is_url(p)]
     for p in dict.fromkeys(urls[:1] + urls[-1:]):
         load_shard_index(p, remote)
+    if urls:
+        try:
+            remote_mod.read_range(remote_mod.full_url(urls[0]), 0, 512, remote or remote_mod.RemoteOptions(),
+                                  lambda buf: None)
+        except remote_mod.RemoteError as e:
+            raise ValueError(f"shard {urls[0]}: {e} (the launch reads its first 512 bytes as the loader reads "
+                             f"every sample: by a Range request)") from None
 
 
 def shard_identity(path: str) -> str:

@@ -23,7 +23,7 @@ from data.held_out import held_out_sets
 from data.video.config import VideoDataConfig
 from data.video.loader import VideoPackedLoader
 from data.video.remote import RemoteError, RemoteOptions, RemoteShard, clean_url, expand_braces, http_read_range
-from data.video.shards import load_catalog, read_member, resolve_shards
+from data.video.shards import load_catalog, probe_remote, read_member, resolve_shards
 
 from .conftest import read_jsonl, small_cfg
 from .test_loader import signature, take
@@ -34,7 +34,7 @@ AUTH = "user:pa55@"
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
-    path, one per request in order: "503", "404", "drop" (headers and half the body, then the connection closed),
+    path, one per request in order: "503", "404", "403", "drop" (headers and half the body, then the connection closed),
     "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms),
     "ignore_range" (200 and the whole file), "redirect" (302 to the same path on `elsewhere`)."""
 
@@ -58,7 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if fault in ("503", "404"):
+        if fault in ("503", "404", "403"):
             return self.send_error(int(fault))
         f = srv.root / u.path.lstrip("/")
         if not f.is_file():
@@ -208,10 +208,10 @@ def test_a_503_or_a_dropped_connection_is_retried_and_the_pack_is_unchanged(shar
     assert resumed, ranges[:6]
 
 
-@pytest.mark.parametrize("fault", ["hang", "503", "ignore_range"])
+@pytest.mark.parametrize("fault", ["hang", "503"])
 def test_a_sample_whose_reads_keep_failing_is_quarantined_naming_the_url(shard_dir, srv, tmp_path, fault):
-    """A server that hangs past the timeout, keeps answering 503, or ignores the Range (200 with the whole tar):
-    the sample is left out and quarantined (read_error, its URL and status), the pack still comes, the run goes on."""
+    """A server that hangs past the timeout or keeps answering 503: the sample is left out and quarantined
+    (read_error, its URL and status), the pack still comes, the run goes on."""
     remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path, remote_timeout_s=0.3, remote_retries=1),
                                seed=3)
     srv.hang_s = 1.0
@@ -222,8 +222,7 @@ def test_a_sample_whose_reads_keep_failing_is_quarantined_naming_the_url(shard_d
     assert time.perf_counter() - t0 < 10
     rec = [r for r in read_jsonl(tmp_path / "quarantine.jsonl") if r["key"] == first.key]
     assert len(rec) == 1 and rec[0]["reason"] == "read_error" and rec[0]["stage"] == "decode", rec
-    why = {"hang": "timed out (2 tries)", "503": "HTTP 503 Service Unavailable (2 tries)",
-           "ignore_range": "HTTP 200 to a Range request"}[fault]
+    why = {"hang": "timed out (2 tries)", "503": "HTTP 503 Service Unavailable (2 tries)"}[fault]
     assert f"{first.shard} bytes={first.video_offset}-" in rec[0]["detail"] and why in rec[0]["detail"], rec
     assert pack.failures and first.key not in [k.rsplit("/", 1)[1] for k in pack.sample_keys]
     assert next(remote).num_docs >= 1                  # the run goes on
@@ -296,6 +295,26 @@ def test_a_shard_rewritten_after_its_index_was_read_is_named_not_read_at_old_off
         assert len(failed) == 1 and f"the object has {size + 1024} bytes, its shard index says {size}" in \
             failed[0]["detail"], failed
     assert [r["reason"] for r in read_jsonl(tmp_path / "quarantine.jsonl") if r["key"] == first.key] == ["read_error"]
+
+
+@pytest.mark.parametrize("fault", ["ignore_range", "403"])
+def test_a_store_that_refuses_every_read_stops_the_run_and_the_launch(shard_dir, srv, tmp_path, fault):
+    """A server that answers a Range request with the whole object (200: `python -m http.server` does), or a 403
+    to every read (an expired presigned URL): no fault of one sample's. Each sample was quarantined and the run
+    trained on packs of padding (loss 0.0000, checkpoints of those steps) until max_consecutive_failures; the run
+    now stops naming the shard, and the launch's probe finds it before the model is built."""
+    remote = VideoPackedLoader(rcfg(brace_spec(srv, shard_dir), tmp_path), seed=3)
+    first = remote.planner.catalog[remote.planner.epoch(0).packs[0][0]]
+    path = urllib.parse.urlsplit(first.shard).path
+    srv.faults[path] = [fault]
+    why = {"ignore_range": "HTTP 200 to a Range request", "403": "HTTP 403"}[fault]
+    with pytest.raises(RuntimeError, match=rf"shard {first.shard} refuses reads \(.*{why}.*resume from the last"):
+        next(remote)
+    shards = resolve_shards(brace_spec(srv, shard_dir))
+    srv.faults[urllib.parse.urlsplit(shards[0]).path] = [fault]
+    with pytest.raises(ValueError, match=rf"shard {shards[0]}: .*{why}.*first 512 bytes"):
+        probe_remote(shards, RemoteOptions(timeout_s=2, retries=0))
+    probe_remote(shards, RemoteOptions(timeout_s=2, retries=0))     # the same server, answering as it should
 
 
 def test_a_shard_deleted_during_the_run_stops_it_naming_the_url(shard_dir, srv, tmp_path):
