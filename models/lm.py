@@ -31,8 +31,9 @@ from models.norm import RMSNorm
 
 def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
                        use_cpu_initialization: bool, recompute: str | None = None,
-                       calculate_per_token_loss: bool = True) -> TransformerConfig:
-    """Megatron TransformerConfig for the language model."""
+                       calculate_per_token_loss: bool = True, deterministic: bool = False) -> TransformerConfig:
+    """Megatron TransformerConfig for the language model. `deterministic`: megatron's deterministic_mode
+    (train.deterministic; its embedding lookup then has a deterministic backward)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute_kwargs = {}
     if recompute == "full":
@@ -91,6 +92,7 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        deterministic_mode=deterministic,
         **recompute_kwargs,
     )
 

@@ -236,6 +236,9 @@ class TrainConfig:
     # there, naming the step and its data, unless it has skipped fewer than this many such steps in a row (it then
     # goes on to the next step's data, the skipped step counted in `skipped_steps`)
     skip_nonfinite_steps: int = 0
+    # bitwise-reproducible GPU steps, run to run and across a stop / resume, at some speed cost (train/determinism.py):
+    # torch's deterministic algorithms (strict), cuBLAS's fixed workspace, NCCL_ALGO=Ring, megatron's deterministic_mode
+    deterministic: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)  # skipping steps whose gradient norm spikes
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
 from train.config import Config, SettingsError, register_configs, to_config
+from train.determinism import apply_deterministic, check_deterministic
 
 LAUNCHED = time.time()   # this process's start, near enough: a STOP file older than it is stale (train/preemption.py)
 
@@ -401,6 +402,7 @@ def check_device(cfg: Config, *, cuda: bool) -> None:
     interpreter the kernel tests use: they failed in the model's first forward, on every rank, after the process
     groups and the model were built ("0 active drivers" for the experts). KSA's FlexAttention backend trains on a GPU
     only (torch has no backward of it on the CPU)."""
+    check_deterministic(cfg, cuda=cuda)
     if cuda:
         return
     if cfg.train.precision == "bf16":
@@ -708,12 +710,14 @@ def run(dcfg: DictConfig) -> None:
 
         check_env()   # a fault drill's KEYE_FAULT
         cfg, layout = validate(dcfg)
-        check_device(cfg, cuda=torch.cuda.is_available())
+        cuda = torch.cuda.is_available()   # asks for the device count: no context, cuBLAS or NCCL yet
+        check_device(cfg, cuda=cuda)
+        apply_deterministic(cfg.train.deterministic)   # train.deterministic: before CUDA is first used
         check_wandb(cfg)
         check_run_dir(cfg)
         check_paths(cfg)
         warning, unused = None, decode_once_unused(cfg, layout)
-        if cfg.train.memory_check != "off" and torch.cuda.is_available():
+        if cfg.train.memory_check != "off" and cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             warning = check_memory(cfg, layout, torch.cuda.get_device_properties(local).total_memory)
     except ValueError as e:

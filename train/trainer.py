@@ -45,6 +45,7 @@ from train.config import (Config, DistillConfig, SettingsError, config_changes, 
                           ignored_on_resume)
 from train.data_streams import (check_data_state, check_same_data, eval_streams, restore_data_state, text_streams,
                                 training_exclude, video_stream)
+from train.determinism import apply_deterministic
 from train.distill import AttentionMatch, distill_losses
 from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poisoned_indexers, poisoned_loss,
                           requested, scale_gradients)
@@ -272,6 +273,7 @@ class Trainer:
         self.launched = time.time() if launched is None else launched
         self.cfg, self.layout = cfg, layout
         self.run_dir = cfg.resolved_run_dir()
+        self.determinism = apply_deterministic(cfg.train.deterministic)  # before CUDA and NCCL are first used
         self.device = init_distributed()
         self.rank = dist.get_rank()
         self.pgs = build_process_groups(layout)
@@ -296,7 +298,7 @@ class Trainer:
         self.indexer_step = t.indexer_step
         recompute = None if layout.recompute == "none" or self.indexer_step else layout.recompute
         self.tconfig = transformer_config(lm, layout.model_sizes(), bf16=self.bf16, use_cpu_initialization=False,
-                                          recompute=recompute)
+                                          recompute=recompute, deterministic=t.deterministic)
         # megatron's own initialisation stays on although init_layout_invariant overwrites every value: with
         # perform_initialization=False megatron 0.16.1 never tags TP-sharded weights `tensor_model_parallel`,
         # and gradient clipping then counts them on TP rank 0 only (a wrong grad norm at TP > 1).
@@ -434,6 +436,8 @@ class Trainer:
                      f"chunked cross-entropy ({lm.loss_chunk_tokens} tokens)" if lm.loss_chunk_tokens else "megatron's",
                      "none (train.eval.only)" if self.optimizer is None
                      else f"torch AdamW ({'distributed' if layout.distributed_optimizer else 'replicated'})")
+            if self.determinism:
+                log.info("train.deterministic: %s", ", ".join(self.determinism))
             if frozen:
                 log.info("%s: %d parameter tensors frozen", "train.eval.only=true" if self.eval_only
                          else f"train.trainable={t.trainable}", frozen)

@@ -87,12 +87,35 @@ def merge_order_index(rows: int, cols: int, merge: int, device=None) -> torch.Te
     return idx.permute(0, 2, 1, 3).reshape(-1)
 
 
+def bilinear_matrix(out: int, size: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[out, size]: row i holds the weights of F.interpolate's linear resize (align_corners=False, no antialias)
+    of a length-`size` axis to `out` samples: source x = (i + 0.5) * size / out - 0.5, clamped at 0, shared by
+    floor(x) and floor(x) + 1 (the last index clamped) as 1 - frac and frac."""
+    x = ((torch.arange(out, dtype=torch.float64, device=device) + 0.5) * (size / out) - 0.5).clamp(min=0)
+    lo = x.floor().long().clamp(max=size - 1)
+    frac = (x - lo).to(dtype)
+    m = torch.zeros(out, size, dtype=dtype, device=device)
+    rows = torch.arange(out, device=device)
+    m[rows, lo] = 1 - frac
+    m[rows, (lo + 1).clamp(max=size - 1)] += frac   # at the clamped end both weights fall on one index: 1 in all
+    return m
+
+
 def interpolate_pos_embed(table: torch.Tensor, grid: int, rows: int, cols: int) -> torch.Tensor:
     """Learned position table [grid*grid, h] (row-major) -> [rows*cols, h] row-major for one frame,
-    resized bilinearly (align_corners=False, no antialias). At rows = cols = grid it is the table."""
+    resized bilinearly (align_corners=False, no antialias). At rows = cols = grid it is the table.
+
+    With torch's deterministic algorithms on (train.deterministic), the resize is the same bilinear map as two
+    matrix products (bilinear_matrix): F.interpolate's CUDA backward adds into the table with atomics, in no fixed
+    order (torch raises in that mode). Equal to F.interpolate up to rounding (the sums run in another order)."""
     h = table.shape[1]
     if rows == grid and cols == grid:
         return table
+    if torch.are_deterministic_algorithms_enabled():
+        r = bilinear_matrix(rows, grid, table.dtype, table.device)
+        c = bilinear_matrix(cols, grid, table.dtype, table.device)
+        img = table.reshape(grid, grid, h)
+        return torch.einsum("rg,gkh,ck->rch", r, img, c).reshape(rows * cols, h)
     img = table.t().reshape(1, h, grid, grid)
     out = F.interpolate(img, size=(rows, cols), mode="bilinear", align_corners=False, antialias=False)
     return out.reshape(h, rows * cols).t()
