@@ -20,7 +20,7 @@ GPU_ONLY = [(s, OUT) for s in ("bench_checkpoint.py", "bench_cp.py", "bench_dsa_
                                "bench_dsa_warmup.py", "bench_packed_attention.py", "bench_spine.py",
                                "bench_vit_layout.py", "probe_dsa.py", "probe_fp8_index.py", "probe_overlap.py",
                                "profile_dsa_stage.py", "sweep_dsa.py")]
-GPU_ONLY += [("bench_nonfinite.py", []), ("probe_sdpa_grad_layout.py", [])]
+GPU_ONLY += [("bench_nonfinite.py", []), ("probe_sdpa_grad_layout.py", []), ("probe_determinism.py", OUT)]
 GPU_ONLY += [("smoke_gpu_recipes.py", OUT + ["--root", "{tmp}/runs"])]
 
 
