@@ -4,11 +4,12 @@
 # STOP (5) steps and resumed to STEPS ("resumed", which also serves as the second run of the mode). Prints per recipe
 # whether off1 == off2, and whether "on" equals "resumed" at every step before the stop (run to run) and after it
 # (across the stop and resume): every logged value of every step, bit for bit (loss, grad_norm, vit_grad, the routers'
-# and DSA's metrics), timing fields left out; and the speed of on against off (median step time from step 3 on).
+# and DSA's metrics), timing fields left out; and the speed of on against off.
 # The DSA sparse stage runs its mode "on" with model.lm.dsa.backend=naive (its Triton backward sums dK / dV with
 # atomics: the mode refuses it), so its speed ratio is the reference path's against the kernels'.
-# The recipes run side by side, one mode at a time on the GPU (each phase: every recipe's run of one variant), so that
-# on and off are timed under the same sharing; the times are those of four tiny processes sharing one GPU.
+# To stay within ~3 minutes the runs go in three phases, all recipes side by side: off1 and off2; on and the first
+# half of resumed; its second half. Speed is the median step time of steps 3 to STOP, while each phase's 8 tiny
+# processes share the GPU alike (one mode per phase): a ratio under sharing, not a single run's speed.
 # Needs $OUT; logs stay in /tmp/det_logs, $OUT gets summary.txt, summary.json, rc.txt and logs.tgz.
 # DEVICE=cpu RECIPES=keye_tiny_lm STEPS=2 STOP=1 checks the script on a CPU (fp32, gloo). bench/RESULTS.md.
 set -u
@@ -22,30 +23,33 @@ P="$P train.log_interval=1 train.memory_check=off"
 L=/tmp/det_logs
 rm -rf $L /tmp/det_run_*; mkdir -p $L
 
-mode_args() {   # recipe, variant -> that run's settings
-  case $2 in
+mode_args() {   # recipe, variant, tag -> that run's settings
+  case $3 in
     off*) echo "train.deterministic=false train.stop_after=$STEPS train.checkpoint.enabled=false" ;;
     on) echo "train.deterministic=true train.stop_after=$STEPS train.checkpoint.enabled=false" ;;
-    resumed) echo "train.deterministic=true train.stop_after=$STOP train.checkpoint.save_interval=1000" ;;
+    resumed_first) echo "train.deterministic=true train.stop_after=$STOP" ;;
+    resumed_second) echo "train.deterministic=true train.stop_after=$((STEPS - STOP))" ;;
   esac
+  case $3 in resumed*) echo "train.checkpoint.save_interval=1000" ;; esac
   case $1-$2 in keye_tiny_vl_dsa_sparse-on|keye_tiny_vl_dsa_sparse-resumed) echo "model.lm.dsa.backend=naive" ;; esac
 }
 
-phase() {   # variant [log suffix]: every recipe's run of it, side by side
-  local v=$1 tag=${2:-$1} r
-  for r in $RECIPES; do
-    ( timeout 300 $P recipe=$r run_dir=/tmp/det_run_${r}_$v $(mode_args $r $v) > $L/${r}_$tag.log 2>&1
-      echo "$r $tag rc $?" >> $L/rc.txt ) &
+phase() {   # variant:tag ...: every recipe's run of each, side by side
+  local vt v tag r
+  for vt in "$@"; do
+    v=${vt%%:*}; tag=${vt#*:}
+    for r in $RECIPES; do
+      ( timeout 300 $P recipe=$r run_dir=/tmp/det_run_${r}_$v $(mode_args $r $v $tag) > $L/${r}_$tag.log 2>&1
+        echo "$r $tag rc $?" >> $L/rc.txt ) &
+    done
   done
   wait
 }
 
 start=$(date +%s)
-phase off1
-phase on
-phase off2
-phase resumed resumed_first      # stops after STOP steps with a checkpoint
-phase resumed resumed_second     # the same command: resumes it, STOP more steps
+phase off1:off1 off2:off2
+phase on:on resumed:resumed_first     # resumed stops after STOP steps with a checkpoint
+phase resumed:resumed_second          # resumes it (settings changed: stop_after alone) to STEPS
 echo "all runs: $(( $(date +%s) - start )) s" >> $L/rc.txt
 cp $L/rc.txt $OUT/rc.txt
 cat $OUT/rc.txt
@@ -72,7 +76,7 @@ def first_difference(a, b, wanted):
     return None
 
 def speed(run):
-    t = [r["step_time_s"] for s, r in run.items() if s >= 3 and "step_time_s" in r]
+    t = [r["step_time_s"] for s, r in run.items() if 3 <= s <= stop and "step_time_s" in r]
     return statistics.median(t) if t else math.nan
 
 summary = {}

@@ -4,10 +4,12 @@ Off by default (every run as before). On, `apply_deterministic` sets, before CUD
 calls it right after the config is read, Trainer again for code that builds one directly):
 
 - `torch.use_deterministic_algorithms(True)`, strict (warn_only=False): torch then takes its deterministic kernels
-  (index_add_, scatter_add_, index_put_(accumulate=True), the backward of index_select / gather / embedding lookups,
-  and SDPA's flash and memory-efficient backward, which stay nondeterministic with only a warning under warn_only=True),
+  (index_add_, scatter_add_, index_put_(accumulate=True), the backward of index_select / gather / embedding lookups),
   and an op that has none raises at its first call, naming it: a run that says it is reproducible and is not would be
-  worse than one that stops. torch then also fills fresh `torch.empty` memory (fill_uninitialized_memory).
+  worse than one that stops. SDPA (the ViT's attention, the LM's dense attention) needs strict too: only then is
+  flash's backward run deterministically, the memory-efficient backward with one key split, and cuDNN attention
+  (nondeterministic backward; torch 2.11's pick for bf16 at head dim 128 on an H200, models/sdpa.py) never chosen;
+  under warn_only all three stay nondeterministic with a warning. torch also fills fresh `torch.empty` memory.
 - `CUBLAS_WORKSPACE_CONFIG=:4096:8` (cuBLAS picks its split of a GEMM by the workspace it has; torch refuses a cuBLAS
   call in this mode without it). A value set already must be one of cuBLAS's two deterministic ones.
 - cuDNN: `deterministic=True`, `benchmark=False` (no timing-dependent choice of algorithm).
