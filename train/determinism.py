@@ -45,7 +45,7 @@ def check_deterministic(cfg, *, cuda: bool, environ: MutableMapping[str, str] | 
     lm = cfg.model.lm
     backend = lm.dsa.backend if lm.dsa.backend != "auto" else ("triton" if cuda else "naive")
     if ("dsa" in lm.layer_attention() and lm.dsa.stage == "sparse" and backend == "triton"
-            and lm.dsa.topk < cfg.train.seq_length):
+            and lm.dsa.topk < cfg.train.seq_length and not cfg.train.eval.only):   # its forward is deterministic
         setting = "model.lm.dsa.backend=" + lm.dsa.backend + (" (Triton on a GPU)" if lm.dsa.backend == "auto" else "")
         raise ValueError(f"train.deterministic=true cannot be kept with {setting} in the sparse stage "
                          f"(model.lm.dsa.stage=sparse, topk {lm.dsa.topk} < train.seq_length {cfg.train.seq_length}): "

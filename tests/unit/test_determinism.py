@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models.vision import VisionModel, tiny
 from models.vision.vit import bilinear_matrix, interpolate_pos_embed
 from train.determinism import CUBLAS_WORKSPACE, apply_deterministic, check_deterministic
+from train.config import to_config
 from train.launch import compose_config, validate
 
 # aten ops that have no deterministic CUDA kernel: torch raises on them in deterministic mode (its
@@ -157,7 +158,10 @@ def test_settings_that_cannot_be_deterministic_stop_the_run_named():
                                  "model.lm.dsa.backend=triton"), cuda=True, environ={})
     for fine in (["model.lm.dsa.backend=naive"], ["train.deterministic=false"], ["model.lm.dsa.topk=512"]):
         check_deterministic(_cfg("recipe=keye_tiny_vl_dsa_sparse", "train.deterministic=true", *fine), cuda=True,
-                            environ={})
+                            environ={})   # the reference; off; a top-k of every key (dense attention)
+    scoring = to_config(compose_config(["recipe=keye_tiny_vl_dsa_sparse", "train.deterministic=true",
+                                        "train.eval.only=true"]))
+    check_deterministic(scoring, cuda=True, environ={})   # no backward: the kernels' forward is deterministic
     check_deterministic(_cfg("recipe=keye_tiny_vl_dsa_warmup", "train.deterministic=true"), cuda=True, environ={})
 
     lm = _cfg("recipe=keye_tiny_lm", "train.deterministic=true")
