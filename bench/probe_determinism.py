@@ -6,8 +6,8 @@ Trainer (parallel=single, lr 0 so that no weight moves, no clipping), runs two t
 (the loader's micro-batches of the first step are recorded and replayed), and compares every parameter's gradient as the
 optimizer would take it (the LM's reduced main_grad, the vision tower's reduced grad). It prints, per mode, the
 losses of the two passes, each parameter whose gradient differs (forward order: vision tower, projector, LM) with the
-largest difference, and the one the backward reaches first: the latest differing one in the forward order, as every
-parameter before it may differ only because it did.
+largest difference and its place in the backward's order, and the one the backward reaches first (from gradient
+hooks; every parameter it reaches later may differ only because that one did).
 
     python bench/probe_determinism.py --out $OUT/probe.json                  # one GPU, keye_tiny, off and on
     python bench/probe_determinism.py --device cpu --out /tmp/probe.json     # CPU: checks the script (fp32, gloo)
@@ -103,20 +103,34 @@ def child(recipe: str, mode: str, extra: list[str]) -> dict:
         return optimizer_step()
 
     trainer.optimizer.step = step
+    reached: dict[str, int] = {}   # the order in which the first pass's backward produced each gradient
+
+    def seen(name):
+        def hook(_):
+            reached.setdefault(name, len(reached))
+        return hook
+
+    hooks = [p.register_post_accumulate_grad_hook(seen(n)) for n, p in vis_params + lm_params if p.requires_grad]
     losses = []
     for i in range(2):
         losses.append(trainer.train_step().loss)
         if i == 0:
             replay.extend(recorded)
+            for h in hooks:
+                h.remove()
     trainer.close()
     first, second = grads
     order = [n for n, _ in vis_params + lm_params if n in first]
     differ = [{"param": n, "max_abs_diff": float((first[n] - second[n]).abs().max()),
-               "max_abs": float(first[n].abs().max())} for n in order if not torch.equal(first[n], second[n])]
+               "max_abs": float(first[n].abs().max()), "backward_order": reached.get(n)}
+              for n in order if not torch.equal(first[n], second[n])]
+    # the backward reached it first: the latest in the forward when the hooks saw none (every parameter it reaches
+    # later may differ only because it did)
+    source = min(differ, key=lambda d: d["backward_order"]) if differ and None not in [
+        d["backward_order"] for d in differ] else (differ[-1] if differ else None)
     return {"mode": mode, "recipe": recipe, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
             else "cpu", "losses": losses, "same_loss": losses[0] == losses[1], "params": len(order),
-            "differ": differ, "first_in_backward": differ[-1]["param"] if differ else None,
-            "torch": torch.__version__}
+            "differ": differ, "first_in_backward": source["param"] if source else None, "torch": torch.__version__}
 
 
 def main() -> None:
@@ -158,7 +172,8 @@ def main() -> None:
               f"({'the same' if r['same_loss'] else 'different'}); {len(r['differ'])} of {r['params']} gradients "
               f"differ")
         for d in r["differ"]:
-            print(f"    {d['param']:70} max |diff| {d['max_abs_diff']:.3g} (max |grad| {d['max_abs']:.3g})")
+            print(f"    {d['param']:70} max |diff| {d['max_abs_diff']:.3g} (max |grad| {d['max_abs']:.3g}), "
+                  f"backward #{d['backward_order']}")
         if r["first_in_backward"]:
             print(f"  first reached by the backward: {r['first_in_backward']}")
     if a.out:
