@@ -111,6 +111,21 @@ def test_the_deterministic_resize_equals_interpolate(grid, rows, cols, torch_fla
     assert torch.allclose(bilinear_matrix(rows, grid, torch.float64).sum(1), torch.ones(rows, dtype=torch.float64))
 
 
+def test_the_deterministic_resize_keeps_the_table_precision_under_autocast(torch_flags):
+    """The ViT runs under bf16 autocast on a GPU, where F.interpolate keeps the fp32 table in fp32: the matrix
+    products must not drop it to bf16 (positions off by ~4e-3 relative). CPU autocast lowers matmuls alike.
+    Tolerance 1e-6 relative: fp32 sums in another order; bf16 would be ~1e-3."""
+    torch.manual_seed(0)
+    table = torch.randn(36, 8)
+    ref = F.interpolate(table.t().reshape(1, 8, 6, 6), size=(4, 10), mode="bilinear", align_corners=False)
+    ref = ref.reshape(8, -1).t()
+    torch.use_deterministic_algorithms(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = interpolate_pos_embed(table, 6, 4, 10)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
