@@ -4,7 +4,7 @@
 # STOP (5) steps and resumed to STEPS ("resumed", which also serves as the second run of the mode). Prints per recipe
 # whether off1 == off2, and whether "on" equals "resumed" at every step before the stop (run to run) and after it
 # (across the stop and resume): every logged value of every step, bit for bit (loss, grad_norm, vit_grad, the routers'
-# and DSA's metrics), timing fields left out; and the speed of on against off.
+# and DSA's metrics), timings, decode counters and peak memory left out; and the speed of on against off.
 # The DSA sparse stage runs its mode "on" with model.lm.dsa.backend=naive (its Triton backward sums dK / dV with
 # atomics: the mode refuses it), so its speed ratio is the reference path's against the kernels'.
 # To stay within ~3 minutes the runs go in three phases, all recipes side by side: off1 and off2; on and the first
@@ -57,7 +57,10 @@ cat $OUT/rc.txt
 python3 - "$OUT" "$RECIPES" "$STEPS" "$STOP" <<'PY' | tee $OUT/summary.txt
 import json, math, statistics, sys
 out, recipes, steps, stop = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
-TIMING = {"step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "data_wait_s", "data_wait_rank"}
+# left out: timings, and what each launch counts afresh or its allocator holds (a resumed launch's decode counters
+# start at zero: docs/data.md "What the training log shows"; its peak memory need not be the uninterrupted run's)
+TIMING = {"step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "data_wait_s", "data_wait_rank", "data_decode_s",
+          "data_frames_decoded", "data_images_decoded", "peak_mem_gb"}
 
 def records(recipe, v):
     try:
