@@ -985,5 +985,6 @@ class TokenPacks:
             pixel_values=torch.zeros(0, p2, dtype=torch.uint8), grid_thw=torch.zeros(0, 3, dtype=torch.int64),
             visual_pos=torch.zeros(0, dtype=torch.int64), frame_timestamps=torch.zeros(0, dtype=torch.float32),
             frame_doc=torch.zeros(0, dtype=torch.int32), num_docs=n, num_pad=0, text_docs=n,
+            doc_kinds=["text"] * n,
             sample_keys=keys[:n], epoch=epoch, pack_index=index, planned_keys=keys[:n],
             excluded=list(dict.fromkeys(k for k, d in zip(keys[:n], docs) if d in met)))

@@ -43,6 +43,7 @@ import torch
 from data.sample_position import format_runs
 from data.video.config import VideoDataConfig
 from data.video.loader import LoaderStateMismatch, VideoPackedLoader
+from data.video.packing import DOC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,18 @@ class VideoBatchStream:
             "pixel_values": s.pixel_values,
             "grid_thw": s.grid_thw,
             "visual_pos": s.visual_pos,
+            "doc_groups": self._doc_groups(s),
         }
+
+    def _doc_groups(self, s) -> torch.Tensor:
+        """Per segment of the pack's row, the group of its document whose loss the step reports apart
+        (train/loss_groups.py): its source's index among the loader's sources * 3 + its kind's in DOC_KINDS; -1 for
+        the padding segment."""
+        if len(s.doc_kinds) != s.num_docs:
+            raise AssertionError(f"a pack of {s.num_docs} documents with {len(s.doc_kinds)} kinds")
+        src = self.loader.source_names.index(s.source) if s.source else 0
+        groups = [src * len(DOC_KINDS) + DOC_KINDS.index(k) for k in s.doc_kinds]
+        return torch.tensor(groups + [-1] * (s.cu_seqlens.numel() - 1 - len(groups)), dtype=torch.int64)
 
     def _step_packs(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None) -> list[tuple]:
         """The packs this rank drew in the current step (or those of its micro-batches, by their indices in the

@@ -56,6 +56,9 @@ from .tokenizer import Tokenizer
 # the batch
 # ---------------------------------------------------------------------------------------------
 
+DOC_KINDS = ("video", "image", "text")   # the kinds of document a pack holds (PackedSample.doc_kinds)
+
+
 @dataclass
 class PackedSample:
     """One packed sequence of S tokens and the frames whose merged tokens sit in it."""
@@ -84,6 +87,7 @@ class PackedSample:
     video_frames: int = 0         # frames of the video documents (set by loader.build_pack)
     fast_frames: int = 0          # ... of them fast (slow and fast frames: a fraction of a slow frame's tokens)
     text_continued: int = 0       # text-only documents that continue a longer text (its pieces after the first)
+    doc_kinds: list[str] = field(default_factory=list)   # each document's kind (DOC_KINDS), in order
     # what this process decoded to build it (loader.build_pack; 0 on a rank that decodes no pixels): video frames,
     # images, and the wall seconds spent reading and decoding them
     decoded_frames: int = 0
@@ -602,6 +606,7 @@ def assemble_pack(docs: list[DocArrays], keys: list[str], cfg: VideoDataConfig, 
         frame_timestamps=torch.from_numpy(ts), frame_doc=torch.tensor(frame_doc, dtype=torch.int32),
         num_docs=len(docs), num_pad=pad, text_docs=sum(int(d.grid.shape[0] == 0) for d in docs),
         image_docs=sum(int(d.is_image) for d in docs), sample_keys=list(keys), epoch=epoch, pack_index=pack_index,
+        doc_kinds=["image" if d.is_image else "text" if d.grid.shape[0] == 0 else "video" for d in docs],
         failures=list(failures), planned_keys=list(planned_keys))
 
 

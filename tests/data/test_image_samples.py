@@ -549,3 +549,25 @@ def test_a_shard_without_its_index_lists_images_of_any_format_ingest_read(tmp_pa
     assert sorted((s["key"], s["image_members"][0]["member"]) for s in scanned) == sorted(
         (s["key"], s["image_members"][0]["member"]) for s in indexed)
     assert sorted(s["image_members"][0]["member"].rsplit(".", 1)[1] for s in scanned) == ["gif", "tif"]
+
+
+def test_each_document_of_a_pack_has_its_kind_and_group(with_images, tmp_path):
+    """PackedSample.doc_kinds and the micro-batch's doc_groups (the step's loss per kind, train/loss_groups.py)
+    against the catalog's own record of each sample; the padding segment has no group."""
+    from types import SimpleNamespace
+
+    from data.video.packing import DOC_KINDS
+    from data.video_stream import VideoBatchStream
+
+    out, _ = with_images
+    cfg = small_cfg(out / "shards", tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24)
+    loader = VideoPackedLoader(cfg, seed=6)
+    cat = {f"{os.path.basename(c.shard)}/{c.key}": c for c in loader.catalog}
+    seen = set()
+    for p in take(loader, 4):
+        want = ["image" if cat[k].is_image else "text" if cat[k].is_text else "video" for k in p.sample_keys]
+        assert p.doc_kinds == want
+        seen.update(want)
+        groups = VideoBatchStream._doc_groups(SimpleNamespace(loader=loader), p).tolist()
+        assert groups == [DOC_KINDS.index(k) for k in want] + [-1] * (p.cu_seqlens.numel() - 1 - p.num_docs)
+    assert seen == set(DOC_KINDS)
