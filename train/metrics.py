@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data.exclude import superseded_path
+from train.loss_groups import KIND_KEY, SOURCE_KEY, is_group_key
 
 log = logging.getLogger("train")
 
@@ -59,6 +60,18 @@ def wandb_used(enabled: bool, mode: str) -> bool:
     return enabled and mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled"
 
 
+def groups_line(values: dict) -> str:
+    """The step line's form of a step's loss per source and kind (train/loss_groups.py), after its loss:
+    ` | src short 2.31 long 2.45 | kind video 2.40 text 2.10`, each only where more than one source or kind had loss
+    tokens in the step (a one-source text run's line is unchanged); their token counts are in metrics.jsonl alone."""
+    out = ""
+    for key, word in ((SOURCE_KEY, "src"), (KIND_KEY, "kind")):
+        got = [(k.split("/", 1)[1], v) for k, v in values.items() if k.startswith(key + "/")]
+        if len(got) > 1:
+            out += f" | {word} " + " ".join(f"{name} {shown(v)}" for name, v in got)
+    return out
+
+
 def shown(value: float) -> str:
     """A logged value as the console and rank logs show it: 4 decimals, or 4 significant digits below 0.001, where 4
     decimals showed a KSA distillation's attention MSE (~4e-5 for the tiny recipe) as 0.0000 on every line."""
@@ -88,8 +101,10 @@ class Meter:
         r = self.rates(s)
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         mem = f" | mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
-        extra = "".join(f" | {k} {v}" if isinstance(v, int) else f" | {k} {shown(v)}" for k, v in s.extra.items())
-        return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f}{extra} | grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
+        extra = "".join(f" | {k} {v}" if isinstance(v, int) else f" | {k} {shown(v)}" for k, v in s.extra.items()
+                        if not is_group_key(k))
+        return (f"step {s.step:>6}/{self.total_steps} | loss {s.loss:.4f}{groups_line(s.extra)}{extra} | "
+                f"grad {s.grad_norm:.3f} | lr {s.lr:.2e} | "
                 f"{r['tokens_per_s']:,.0f} tok/s | {r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
                 f"{s.seconds:.2f} s/step{mem}")
 
@@ -124,7 +139,8 @@ class Meter:
 
     def log_eval(self, step: int, values: dict) -> None:
         """One evaluation's line: its values, then how many held-out sequences (val_sequences) it took how long."""
-        scores = " | ".join(f"{k} {shown(v)}" for k, v in values.items() if k not in ("val_seconds", "val_sequences"))
+        scores = " | ".join(f"{k} {shown(v)}" for k, v in values.items()
+                            if k not in ("val_seconds", "val_sequences") and "_tokens/" not in k)  # in eval.jsonl
         # the process's peak so far, as a step's line gives it: in train.eval.only, the evaluation's own
         mem = f" | mem {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if torch.cuda.is_available() else ""
         log.info("eval   %6d/%d | %s | %d held-out sequences in %.2f s%s", step, self.total_steps, scores,

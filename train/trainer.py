@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from data.held_out import WHOLE, eval_plan, parse_set_batches
 from data.sample_position import counters_of_rank, format_runs
+from data.video.packing import DOC_KINDS
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
@@ -51,6 +52,7 @@ from train.faults import (fault_args, maybe_fail, planned, poison_gradients, poi
                           requested, scale_gradients)
 from train.metrics import (NONFINITE_RECORDS, SPIKE_RECORDS, Meter, StepStats, Timer, data_metrics_from_table,
                            data_metrics_table, device_peak_tflops, json_record, set_aside_redone, sum_over_world)
+from train.loss_groups import GROUPS_KEY, group_metrics, group_sums, token_groups
 from train.moe_stats import RouterStats
 from train.nonfinite import (GradsBeforeReduction, NonFinite, NonFiniteStepError, grad_norms, nonfinite_micro_batches,
                              hosts_of, nonfinite_parts, part_ids, PARTS_KEY, record_nonfinite_step)
@@ -64,10 +66,11 @@ log = logging.getLogger("train")
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Tensor | None = None,
-               n_parts: int = 0):
+               n_parts: int = 0, groups: torch.Tensor | None = None, n_groups: int = 0):
     """Per-token loss sum and token count (megatron's calculate_per_token_loss convention); with `parts` (part_ids
     of the tokens, as this rank holds them) also which of the micro-batch's n_parts documents or rows held a token
-    whose loss was not finite (train/nonfinite.py: a non-finite step names them)."""
+    whose loss was not finite (train/nonfinite.py: a non-finite step names them); with `groups` (each token's group
+    of source and kind, train/loss_groups.py) each of the n_groups' loss sum and tokens."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output.float().reshape(-1) * mask).sum()
     num_tokens = mask.sum().to(torch.int)
@@ -75,6 +78,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Te
     flags = None if parts is None else nonfinite_parts(output, parts, n_parts)
     if flags is not None:
         report[PARTS_KEY] = flags
+    if groups is not None and groups.shape == output.shape:
+        report[GROUPS_KEY] = group_sums(output.detach(), loss_mask, groups, n_groups)
     return loss_sum, num_tokens, report
 
 
@@ -97,6 +102,7 @@ class StepInputs:
     sequence_parallel: bool = False
     cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
     cp_split: str = "document"  # parallel.cp_split: the token layout (the model's CP attention uses the same)
+    loss_groups: int = 0  # > 0: the loss of each of this many groups of source and kind (train/loss_groups.py)
 
 
 VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds", "visual_local_pos")
@@ -137,12 +143,17 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     set_balancing_tokens(loss_tokens)
     cu = batch.get("cu_seqlens")
     parts, n_parts = part_ids(tokens.shape, cu, tokens.device), tokens.shape[0] if cu is None else cu.numel() - 1
+    groups = None
+    if inputs.loss_groups and "doc_groups" in batch and cu is not None:
+        groups = token_groups(parts, batch["doc_groups"])
     if inputs.cp_group is not None:
         from parallel.context.batch import cp_share, split_batch_for_cp
 
         tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, inputs.cp_group,
                                                                split=inputs.cp_split)
         parts = cp_share(parts, kwargs, inputs.cp_group, split=inputs.cp_split)
+        if groups is not None:
+            groups = cp_share(groups, kwargs, inputs.cp_group, split=inputs.cp_split)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
         # CP: the vision tower already placed this rank's share (in the model's, i.e. interleaved, sequence)
         where = raw["visual_local_pos"] if "visual_local_pos" in raw else visual_pos
@@ -154,7 +165,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
     set_balancing_tokens_in_backward(output, loss_tokens)  # recompute: the routers run again in the backward
-    return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts)
+    return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts, groups=groups,
+                                     n_groups=inputs.loss_groups)
 
 
 def _without_filler(kls: list, padding: list[bool] | None) -> list:
@@ -373,6 +385,8 @@ class Trainer:
 
         # KSA lengthens every sequence by its summary slots; packed rows are padded to this length
         self.model_seq_length = lm.model_seq_length(t.seq_length)
+        # video data: the step's loss of each source (data.video.sources()) and kind of document, apart
+        self.loss_sources = [name for name, *_ in cfg.data.video.sources()] if cfg.data.kind == "video" else []
         self.step_inputs = StepInputs(
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
             ksa_summary=lm.ksa.num_summary, model_seq=self.model_seq_length,
@@ -380,7 +394,8 @@ class Trainer:
             attention_match=AttentionMatch([m.module for m in self.model], tp_group=self.pgs.tp,
                                            sequence_parallel=layout.sequence_parallel) if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
-            cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split)
+            cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split,
+            loss_groups=len(self.loss_sources) * len(DOC_KINDS))
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         if cfg.data.kind == "video":
@@ -882,17 +897,20 @@ class Trainer:
     def _loss_vector(self, losses: list[dict], padding: list[list[bool]] | None = None,
                      layer_kls: list | None = None) -> torch.Tensor:
         """This rank's share of the step's loss sums, on the device, to be summed over the world (_loss_from):
-        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers]. padding (an evaluation
+        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers, then each group of source
+        and kind's loss and tokens (train/loss_groups.py; video data)]. padding (an evaluation
         of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
         out (their loss tokens are masked already). layer_kls: filled with each DSA layer's KLs, one per
         micro-batch in order (train/nonfinite.py nonfinite_micro_batches reads them)."""
-        total = torch.zeros(6, dtype=torch.float64, device=self.device)
+        total = torch.zeros(6 + 2 * self.step_inputs.loss_groups, dtype=torch.float64, device=self.device)
         # Only the last pipeline stage has losses; every TP rank there holds the same values, so count tp rank 0.
         if losses and self.pgs.tp.rank() == 0:
             for d in losses:
                 total[:2] += d["lm_loss"].to(self.device)
                 if "distill" in d:
                     total[2:4] += d["distill"].to(self.device)
+                if GROUPS_KEY in d:
+                    total[6:] += d[GROUPS_KEY].to(self.device)
         # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
         # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
         flags = padding or [None] * len(self.dsa_by_chunk)
@@ -907,11 +925,14 @@ class Trainer:
 
     def _loss_from(self, total: torch.Tensor) -> tuple[float, dict]:
         """Global per-token mean loss over all micro-batches and data-parallel ranks (+ distillation terms, the DSA
-        indexer KL) from the world's sum of _loss_vector."""
+        indexer KL, with video data the loss of each source and kind of document: train/loss_groups.py) from the
+        world's sum of _loss_vector."""
         n = total[1].clamp_min(1)
         extra = {"kl": float(total[2] / n), "attn_mse": float(total[3] / n)} if self.step_inputs.distill else {}
         if total[5] > 0:
             extra["indexer_kl"] = float(total[4] / total[5])
+        if self.step_inputs.loss_groups:
+            extra.update(group_metrics(total[6:], self.loss_sources))
         return float(total[0] / n), extra
 
     def _reduce_loss(self, losses: list[dict]) -> tuple[float, dict]:
@@ -1253,7 +1274,9 @@ class Trainer:
         Returns val_loss (the LM loss per supervised token, as the training loss), val_indexer_kl with DSA layers
         (the mean over the layers' micro-batches), in KSA distillation val_kl and val_attn_mse (the teacher runs
         too: the stage's own objective on held-out data, as the step logs kl and attn_mse), the seconds it took
-        (val_seconds) and the held-out sequences it scored over all sets (val_sequences). With named sets, each
+        (val_seconds) and the held-out sequences it scored over all sets (val_sequences); with video data where the
+        held-out tokens are of more than one kind of document, val_loss_kind/<kind> and val_loss_kind_tokens/<kind>
+        (train/loss_groups.py). With named sets, each
         value also per set as "<key>/<set>"; the plain keys are over all the sets' tokens together."""
         timer = Timer()
         timer.start()
@@ -1343,6 +1366,10 @@ class Trainer:
             out["val_kl"], out["val_attn_mse"] = parts["kl"], parts["attn_mse"]
         if "indexer_kl" in parts:
             out["val_indexer_kl"] = parts["indexer_kl"]
+        # a held-out set is one source: its loss per kind of document, where it mixes kinds
+        kinds = group_metrics(total[6:], self.loss_sources, by_source=False, prefix="val_") if len(total) > 6 else {}
+        if sum(k.startswith("val_loss_kind/") for k in kinds) > 1:
+            out.update(kinds)
         return out
 
     def train(self, *, keep_history: bool = True) -> list[StepStats]:

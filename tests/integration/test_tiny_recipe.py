@@ -24,6 +24,13 @@ def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
     first, last = records[0]["loss"], records[-1]["loss"]
     # ln(512) = 6.24 at initialisation; captions and timestamps are byte text with a lot of structure
     assert first > 5.8 and last < first - 1.0, (first, last)
+    # the loss of each kind of document (train/loss_groups.py), summed over both data-parallel ranks in the step's
+    # one all-reduce: the synthetic videos are the only kind, so it is the step's loss (each micro-batch's sum is
+    # float32 there, float64 here: 1e-6), and with one kind the step line does not show it
+    for r in records:
+        assert r["loss_kind/video"] == pytest.approx(r["loss"], rel=1e-6) and r["loss_kind_tokens/video"] > 0, r
+        assert not any(k.startswith(("loss_src", "loss_kind/image", "loss_kind/text")) for k in r), r
+    assert "| kind " not in proc.stdout
     assert "vision tower" in proc.stdout + proc.stderr or "vision tower" in (full / "logs" / "rank0.log").read_text()
     ckpts = sorted(p.name for p in (full / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_000005", "step_000010"]
