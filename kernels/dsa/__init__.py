@@ -8,7 +8,8 @@
 Shapes: q [B, T, Hq, D], k / v [B, T, Hkv, D] (Hq a multiple of Hkv), q_idx [B, T, HI, DI],
 w [B, T, HI] (already scaled), k_idx [B, T, DI]; packed documents via cu_seqlens (int32
 [num_docs + 1], B == 1). backend="triton" runs the kernels of this folder, backend="naive" the
-O(T^2) PyTorch reference (naive.py). Nothing here keeps global state. See README.md.
+O(T^2) PyTorch reference (naive.py). Nothing here keeps global state (under TRITON_INTERPRET=1 the first
+triton call lets the interpreter take runtime loop bounds: common.fix_interpreter_loop_bounds). See README.md.
 """
 from __future__ import annotations
 

@@ -80,3 +80,26 @@ def check_triton_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and type(relu_nan).__name__ != "InterpretedFunction":
         raise ValueError(f"backend='triton' needs CUDA tensors, got {x.device} (or TRITON_INTERPRET=1 set before "
                          "kernels.dsa is imported); on CPU use backend='naive'")
+    if type(relu_nan).__name__ == "InterpretedFunction":
+        fix_interpreter_loop_bounds()
+
+
+def fix_interpreter_loop_bounds() -> None:
+    """Lets Triton's interpreter take a runtime loop bound (`range(lo, hi, BS)`), as the GPU compiler does.
+
+    The interpreter keeps a scalar as a 1-element numpy array and its `__index__` calls int() on it, which numpy >= 2
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"): every DSA kernel loops over runtime
+    bounds, so none ran interpreted outside the kernel tests, which patched this themselves. Patches the interpreter's
+    tensor once (idempotent) to take the array's element; results are unchanged, and compiled kernels are untouched."""
+    import triton.runtime.interpreter as ti
+
+    patch = getattr(ti, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_keye_index_fix", False):
+        return
+
+    def patch_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_tensor._keye_index_fix = True
+    ti._patch_lang_tensor = patch_tensor
