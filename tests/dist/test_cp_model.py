@@ -6,7 +6,9 @@ Two kinds of check, both on gloo (CPU):
    batch 2; per-step losses of CP2 (2 processes; also with full / selective recomputation), CP4 and
    CP2 x TP2 (4 processes) against one process, and EP2 x TP2 x ETP2 (dense, 4 processes) and TP2 x PP2 x VPP2
    (DSA, 4 processes);
-   and rank 0's parameters after the 3 steps (sum and abs-sum per tensor, the layouts driver's digests).
+   and rank 0's parameters after the 3 steps (sum and abs-sum per tensor, the layouts driver's digests). The EP x
+   ETP entry runs 32 experts on 16-token sequences, so that experts receive no token (8 to 21 of the 128 (layer,
+   expert) pairs per step): its losses and router statistics (train/moe_stats.py) against one process's.
 2. One packed micro-batch through the real model (tests/dist/cp_packed_worker.py): documents of odd
    lengths that start and end inside CP chunks, positions restarting per document, KSA summaries
    inserted per document; the loss sum, token count and EVERY parameter's gradient (summed over the CP
@@ -31,13 +33,15 @@ import json
 
 import pytest
 
-from tests.launch_util import run_layouts, run_ranks
+from tests.launch_util import run_layouts, run_layouts_all, run_ranks
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.steps=3", "train.checkpoint.enabled=false", "train.global_batch_size=4",
           "train.micro_batch_size=2", "train.seq_length=128", "parallel=single"]
 VARIANTS = {"dense": "recipe=keye_tiny_lm", "dsa": "recipe=keye_tiny_dsa_sparse", "ksa": "recipe=keye_tiny_ksa"}
+# the dense LM with 32 experts top-2 on 16-token sequences: 64 routed slots per micro-batch leave experts idle
+MOE = ["recipe=keye_tiny_lm", "model.lm.num_experts=32", "train.seq_length=16", "train.micro_batch_size=1"]
 LOSS_RTOL = 2e-6
 # the EP x ETP entry's experts are reduced over other groups (expert-TP reduce-scatter, expert-DP gradients) and
 # Adam amplifies those last-bit differences as in tests/dist/test_layout_parity.py, whose 2e-5 it takes (measured
@@ -57,8 +61,8 @@ FOUR = {"cp4_dense": [VARIANTS["dense"], "parallel.cp=4"], "cp4_ksa": [VARIANTS[
         "cp2_tp2_dsa": [VARIANTS["dsa"], "parallel.cp=2", "parallel.tp=2"],
         # not CP, but this is the suite's one 4-rank job: expert parallelism x expert tensor parallelism, where the
         # alltoall dispatcher gathers uneven token counts over the expert-TP group (gloo's all_gather stopped it with
-        # "invalid tensor size" before parallel/cpu_mode.py padded them)
-        "ep2_tp2_etp2_dense": [VARIANTS["dense"], "parallel.ep=2", "parallel.tp=2", "parallel.etp=2"],
+        # "invalid tensor size" before parallel/cpu_mode.py padded them); with experts that receive no token
+        "ep2_tp2_etp2_moe": [*MOE, "parallel.ep=2", "parallel.tp=2", "parallel.etp=2"],
         # nor this one: tensor x interleaved pipeline parallelism at once (two model chunks of one layer per rank),
         # with DSA's indexer KL under TP (each rank's heads' share) riding on the pipeline's backward (measured 4e-8)
         "tp2_pp2_vpp2_dsa": [VARIANTS["dsa"], "parallel.tp=2", "parallel.pp=2", "parallel.vpp=2"]}
@@ -69,17 +73,18 @@ PACKED_CP = ["2:document"]  # cp_packed_worker's CP arguments: degree and token 
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
-    ref = run_layouts(1, {v: COMMON + [r] for v, r in VARIANTS.items()}, tmp_path_factory.mktemp("cp1"), digests=True)
+    ref = run_layouts_all(1, {**{v: COMMON + [r] for v, r in VARIANTS.items()}, "moe": COMMON + MOE},
+                          tmp_path_factory.mktemp("cp1"))
     two = run_layouts(2, {k: COMMON + ov for k, ov in TWO.items()}, tmp_path_factory.mktemp("cp2"), digests=True)
-    four = run_layouts(4, {k: COMMON + ov for k, ov in FOUR.items()}, tmp_path_factory.mktemp("cp4"), digests=True)
-    losses = {**ref[0], **two[0], **four[0]}
-    digests = {**ref[1], **two[1], **four[1]}
-    return losses, digests
+    four = run_layouts_all(4, {k: COMMON + ov for k, ov in FOUR.items()}, tmp_path_factory.mktemp("cp4"))
+    losses = {**ref["losses"], **two[0], **four["losses"]}
+    digests = {**ref["digests"], **two[1], **four["digests"]}
+    return losses, digests, {**ref["extras"], **four["extras"]}
 
 
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_cp_losses_match_single_process(trainer_runs, name):
-    losses, _ = trainer_runs
+    losses = trainer_runs[0]
     ref = losses[name.rsplit("_", 1)[1]]
     got = losses[name]
     assert sorted(got) == [1, 2, 3]
@@ -90,13 +95,26 @@ def test_cp_losses_match_single_process(trainer_runs, name):
 
 @pytest.mark.parametrize("name", [n for n in [*TWO, *FOUR] if "tp2" not in n])  # TP shards rank 0's tensors
 def test_cp_parameters_match_after_training(trainer_runs, name):
-    _, digests = trainer_runs
+    digests = trainer_runs[1]
     ref, got = digests[name.rsplit("_", 1)[1]], digests[name]
     assert got.keys() == ref.keys()
     for pname, (s, a) in ref.items():
         gs, ga = got[pname]
         assert abs(gs - s) <= PARAM_RTOL * abs(a) + PARAM_ATOL, f"{name} {pname}: sum {gs!r} vs {s!r}"
         assert abs(ga - a) <= PARAM_RTOL * abs(a) + PARAM_ATOL, f"{name} {pname}: abs sum {ga!r} vs {a!r}"
+
+
+def test_router_statistics_with_idle_experts_at_ep_x_etp_match_single_process(trainer_runs):
+    """TP2 x EP2 x ETP2 (sequence parallel) with experts that receive no token: each step's expert counts behind
+    moe_load_max / moe_idle_experts equal one process's exactly (the layouts route every token alike), the balancing
+    loss within 1e-6 relative (fp32 partial sums over TP ranks, measured <= 2e-7; test_layout_parity.py's bound)."""
+    ref, got = trainer_runs[2]["moe"], trainer_runs[2]["ep2_tp2_etp2_moe"]
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step, r in ref.items():
+        for key in ("moe_load_max", "moe_load_max_layer", "moe_idle_experts"):
+            assert got[step][key] == r[key], f"step {step}: {key} {got[step][key]!r} vs {r[key]!r} (single process)"
+        assert got[step]["moe_lb_loss"] == pytest.approx(r["moe_lb_loss"], rel=1e-6), step
+        assert r["moe_idle_experts"] > 0  # the case this entry is for
 
 
 @pytest.fixture(scope="module")
