@@ -113,7 +113,7 @@ def test_router_statistics_with_idle_experts_at_ep_x_etp_match_single_process(tr
     for step, r in ref.items():
         for key in ("moe_load_max", "moe_load_max_layer", "moe_idle_experts"):
             assert got[step][key] == r[key], f"step {step}: {key} {got[step][key]!r} vs {r[key]!r} (single process)"
-        assert got[step]["moe_lb_loss"] == pytest.approx(r["moe_lb_loss"], rel=1e-6), step
+        assert got[step]["moe_lb_loss"] == pytest.approx(r["moe_lb_loss"], rel=1e-6), (step, got[step], r)
         assert r["moe_idle_experts"] > 0  # the case this entry is for
 
 
