@@ -104,6 +104,23 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
     raise ValueError("no model config: pass --model (a recipes/model preset or a YAML file)")
 
 
+def recorded_model(common: dict) -> dict:
+    """The `model` node of the resolved config a training checkpoint records (train/trainer.py), {} where none."""
+    return ((common.get("config") or {}).get("model")) or {}
+
+
+def checkpoint_lm(common: dict, model: str | None, overrides: list[str], run_dir: Path | None) -> LMConfig:
+    """model.lm of a checkpoint whose common state is `common`: --model (+ --set); else the model.lm a checkpoint
+    written by `import` records; else its run directory's config.yaml; else the resolved config a training
+    checkpoint records (a step folder copied out of its run directory, which has no config.yaml)."""
+    if not model and "model_lm" in common:
+        return _lm_from_dict(common["model_lm"], overrides)
+    has_yaml = run_dir is not None and (run_dir / "config.yaml").is_file()
+    if not model and not has_yaml and "lm" in recorded_model(common):
+        return _lm_from_dict(recorded_model(common)["lm"], overrides)
+    return model_config(model, overrides, run_dir=run_dir)
+
+
 def resolve_checkpoint(path: str | Path):
     """(step directory, run directory) of a run directory's newest checkpoint whose files verify (sizes and the
     CRC32s recorded at save time, as a resume checks them), or of a step_* directory, which must verify.
@@ -327,11 +344,8 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
     init_distributed()
     step_dir, run_dir = resolve_checkpoint(checkpoint)
     if lm is None:
-        common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})
-        if not model and "model_lm" in common:  # a checkpoint written by `import` records its model.lm
-            lm = _lm_from_dict(common["model_lm"], overrides)
-        else:
-            lm = model_config(model, list(overrides), run_dir=run_dir)
+        lm = checkpoint_lm(dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {}), model,
+                           list(overrides), run_dir)
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -447,7 +461,8 @@ def _vision_extra(hf_dir: str, lm: LMConfig) -> tuple[dict, dict]:
 def vision_from_checkpoint(step_dir: Path, common: dict, run_dir: Path | None, lm: LMConfig):
     """The VisionModel stored in one of our checkpoints (`vision.*` tensors: written by a multimodal import
     or by a training run with model.vision.enabled), or None when it holds none. Its VisionConfig comes
-    from the checkpoint's common state (`model_vision`, import) or the run's config.yaml (model.vision)."""
+    from the checkpoint's common state (`model_vision`, import), the run's config.yaml (model.vision), or the resolved
+    config a training checkpoint records."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -458,16 +473,17 @@ def vision_from_checkpoint(step_dir: Path, common: dict, run_dir: Path | None, l
         return None
     if "model_vision" in common:
         vcfg = VisionConfig(**common["model_vision"])
-    elif run_dir is not None and (run_dir / "config.yaml").is_file():
+    elif (run_dir is not None and (run_dir / "config.yaml").is_file()) or "vision" in recorded_model(common):
         from omegaconf import OmegaConf
 
         from models.config import VisionModelConfig
 
-        node = OmegaConf.load(run_dir / "config.yaml").model.vision
+        node = (OmegaConf.load(run_dir / "config.yaml").model.vision
+                if run_dir is not None and (run_dir / "config.yaml").is_file() else recorded_model(common)["vision"])
         vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VisionModelConfig), node)).build(lm.hidden_size)
     else:
-        raise ValueError(f"{step_dir} holds vision.* tensors but no vision config (common model_vision or "
-                         "the run's config.yaml)")
+        raise ValueError(f"{step_dir} holds vision.* tensors but no vision config (common model_vision, the run's "
+                         "config.yaml or the config the checkpoint records)")
     model = VisionModel(vcfg)
     sd = {f"vision.{n}": ShardedTensor.from_rank_offsets(f"vision.{n}", p.data, replica_id=0)
           for n, p in model.named_parameters()}

@@ -972,3 +972,24 @@ def test_convert_model_preset_takes_the_presets_it_builds_on(preset, base, varia
         other = "ksa" if variant == "dsa" else "dsa"
         assert getattr(got, other) == getattr(ref, other)
     assert convert.model_config(preset, ["lm.num_layers=3"]).num_layers == 3   # --set still applies on top
+
+
+def test_export_of_a_step_folder_without_its_run_directory_takes_the_config_the_checkpoint_records(tmp_path):
+    """A training checkpoint's step folder copied out of its run directory (no config.yaml beside it) stopped the
+    export: `no model config: pass --model`, though the checkpoint's common state records the run's resolved config.
+    The export now takes model.lm from it (after --model, an import's model_lm and the run's config.yaml); the
+    reference is the config the run had, as train/trainer.py records it (asdict of the resolved config)."""
+    from train.launch import compose_config, validate
+
+    convert = _convert_module()
+    cfg, _ = validate(compose_config(["recipe=keye_tiny", "parallel=single", "model.lm.num_layers=3"]),
+                      world_size=1)
+    common = {"config": asdict(cfg)}
+    copied = tmp_path / "copied"   # a step folder's parent without config.yaml
+    copied.mkdir()
+    with pytest.raises(ValueError, match="no model config"):   # what the export met before
+        convert.model_config(None, [], run_dir=copied)
+    assert convert.checkpoint_lm(common, None, [], copied) == cfg.model.lm
+    assert convert.checkpoint_lm(common, None, ["lm.rope_theta=5000.0"], copied) == \
+        replace(cfg.model.lm, rope_theta=5000.0)
+    assert convert.recorded_model(common)["vision"] == asdict(cfg.model.vision)
