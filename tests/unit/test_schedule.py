@@ -89,8 +89,9 @@ def test_a_resume_names_the_jump_of_the_vision_towers_own_learning_rates():
     assert moved == (
         f"the learning rate of step 51 is {lm_now:.4g} under this launch's schedule, where the checkpoint's gave "
         f"{lm_before:.4g}; the projector's learning rate (train.projector_lr) of step 51 is {proj_now:.4g} under this "
-        f"launch's schedule, where the checkpoint's gave {lm_before:.4g} (train.lr 1.0 -> 2.0; train.min_lr 0.1 -> 0.2; "
-        "train.projector_lr None -> 0.5): each moves at once, without warm-up, and follows the new schedule from there")
+        f"launch's schedule, where the checkpoint's gave {lm_before:.4g} (train.lr 1.0 -> 2.0; train.min_lr 0.1 -> "
+        "0.2; train.projector_lr None -> 0.5): each moves at once, without warm-up, and follows the new schedule from "
+        "there")
     # the ViT's peak and floor both scale with train.lr's here: its lr stays 0.2-to-0.02, not named
     assert "ViT" not in moved
     # a part the run does not train (not in `parts`), or a peak that gives the same lr at that step: no warning
