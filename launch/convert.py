@@ -99,9 +99,14 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
         return OmegaConf.to_object(merged)
     if hf_dir:
         return _lm_from_dict(asdict(lm_config_from_hf(lm_hf_config(hf_dir))), overrides)
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        return model_config(str(run_dir / "config.yaml"), overrides)
+    if run_yaml(run_dir) is not None:
+        return model_config(str(run_yaml(run_dir)), overrides)
     raise ValueError("no model config: pass --model (a recipes/model preset or a YAML file)")
+
+
+def run_yaml(run_dir: Path | None) -> Path | None:
+    """A run directory's config.yaml, None where there is none (no run directory: a step folder copied out of it)."""
+    return run_dir / "config.yaml" if run_dir is not None and (run_dir / "config.yaml").is_file() else None
 
 
 def recorded_model(common: dict) -> dict:
@@ -115,8 +120,7 @@ def checkpoint_lm(common: dict, model: str | None, overrides: list[str], run_dir
     checkpoint records (a step folder copied out of its run directory, which has no config.yaml)."""
     if not model and "model_lm" in common:
         return _lm_from_dict(common["model_lm"], overrides)
-    has_yaml = run_dir is not None and (run_dir / "config.yaml").is_file()
-    if not model and not has_yaml and "lm" in recorded_model(common):
+    if not model and run_yaml(run_dir) is None and "lm" in recorded_model(common):
         return _lm_from_dict(recorded_model(common)["lm"], overrides)
     return model_config(model, overrides, run_dir=run_dir)
 
@@ -458,6 +462,24 @@ def _vision_extra(hf_dir: str, lm: LMConfig) -> tuple[dict, dict]:
     return extra, {"model_vision": asdict(vcfg)}
 
 
+def checkpoint_vision_config(common: dict, run_dir: Path | None, lm: LMConfig):
+    """The VisionConfig of a checkpoint whose common state is `common`: the one `import` records (`model_vision`),
+    else the run's config.yaml's model.vision, else the one a training checkpoint's resolved config records; None
+    where there is none."""
+    from omegaconf import OmegaConf
+
+    from models.config import VisionModelConfig
+    from models.vision import VisionConfig
+
+    if "model_vision" in common:
+        return VisionConfig(**common["model_vision"])
+    yaml = run_yaml(run_dir)
+    node = (OmegaConf.load(yaml).model.vision if yaml is not None else recorded_model(common).get("vision"))
+    if node is None:
+        return None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VisionModelConfig), node)).build(lm.hidden_size)
+
+
 def vision_from_checkpoint(step_dir: Path, common: dict, run_dir: Path | None, lm: LMConfig):
     """The VisionModel stored in one of our checkpoints (`vision.*` tensors: written by a multimodal import
     or by a training run with model.vision.enabled), or None when it holds none. Its VisionConfig comes
@@ -466,22 +488,13 @@ def vision_from_checkpoint(step_dir: Path, common: dict, run_dir: Path | None, l
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from models.vision import VisionConfig, VisionModel
+    from models.vision import VisionModel
 
     meta = dist_checkpointing.load_tensors_metadata(str(step_dir))
     if not any(k.startswith("vision.") for k in meta):
         return None
-    if "model_vision" in common:
-        vcfg = VisionConfig(**common["model_vision"])
-    elif (run_dir is not None and (run_dir / "config.yaml").is_file()) or "vision" in recorded_model(common):
-        from omegaconf import OmegaConf
-
-        from models.config import VisionModelConfig
-
-        node = (OmegaConf.load(run_dir / "config.yaml").model.vision
-                if run_dir is not None and (run_dir / "config.yaml").is_file() else recorded_model(common)["vision"])
-        vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VisionModelConfig), node)).build(lm.hidden_size)
-    else:
+    vcfg = checkpoint_vision_config(common, run_dir, lm)
+    if vcfg is None:
         raise ValueError(f"{step_dir} holds vision.* tensors but no vision config (common model_vision, the run's "
                          "config.yaml or the config the checkpoint records)")
     model = VisionModel(vcfg)

@@ -977,8 +977,9 @@ def test_convert_model_preset_takes_the_presets_it_builds_on(preset, base, varia
 def test_export_of_a_step_folder_without_its_run_directory_takes_the_config_the_checkpoint_records(tmp_path):
     """A training checkpoint's step folder copied out of its run directory (no config.yaml beside it) stopped the
     export: `no model config: pass --model`, though the checkpoint's common state records the run's resolved config.
-    The export now takes model.lm from it (after --model, an import's model_lm and the run's config.yaml); the
-    reference is the config the run had, as train/trainer.py records it (asdict of the resolved config)."""
+    The export now takes model.lm and the vision tower's config from it (after --model, an import's records and
+    the run's config.yaml); the reference is the config the run had, as train/trainer.py records it (asdict of the
+    resolved config)."""
     from train.launch import compose_config, validate
 
     convert = _convert_module()
@@ -992,4 +993,7 @@ def test_export_of_a_step_folder_without_its_run_directory_takes_the_config_the_
     assert convert.checkpoint_lm(common, None, [], copied) == cfg.model.lm
     assert convert.checkpoint_lm(common, None, ["lm.rope_theta=5000.0"], copied) == \
         replace(cfg.model.lm, rope_theta=5000.0)
-    assert convert.recorded_model(common)["vision"] == asdict(cfg.model.vision)
+    # the vision tower's config from the same record: the one the run built (models/config VisionModelConfig.build)
+    built = cfg.model.vision.build(cfg.model.lm.hidden_size)
+    assert convert.checkpoint_vision_config(common, copied, cfg.model.lm) == built
+    assert convert.checkpoint_vision_config({}, copied, cfg.model.lm) is None
