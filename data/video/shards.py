@@ -239,11 +239,6 @@ def resolve_shards(spec: str, remote: RemoteOptions | None = None, *, field: str
     (a brace list), a list file (`*.txt`, local or a URL: a shard a line, `TAR [INDEX]`), and for other schemes
     (`s3://`, `gs://`, ... through fsspec) also a folder or a glob; each comes back as a `RemoteShard` (its clean
     URL). `remote`: how a list file on object storage is read (its timeout and retries)."""
-    if "://" not in spec and ".txt" not in spec:      # local paths alone: as always
-        out: list[str] = []
-        for part in [p.strip() for p in spec.split(",") if p.strip()]:
-            out += _local_tars(part)
-        return sorted(set(os.path.abspath(p) for p in out))
     opts = remote or RemoteOptions()
     local: list[str] = []
     urls: dict[str, RemoteShard] = {}
@@ -315,8 +310,7 @@ def probe_remote(shards: list[str], remote: RemoteOptions | None = None) -> None
         load_shard_index(p, remote)
     if urls:
         try:
-            remote_mod.read_range(remote_mod.full_url(urls[0]), 0, 512, remote or remote_mod.RemoteOptions(),
-                                  lambda buf: None)
+            read_member(urls[0], 0, 512, remote)
         except remote_mod.RemoteError as e:
             raise ValueError(f"shard {urls[0]}: {e} (the launch reads its first 512 bytes as the loader reads "
                              f"every sample: by a Range request)") from None
