@@ -2,12 +2,14 @@
 through fsspec where it and the scheme's package are installed (docs/data.md "Shards on object storage").
 
 A shard's index is read with one GET, a sample's member with one Range request (`bytes=a-b`), whose answer must be
-206 with the Content-Range asked for and exactly that many bytes. Every request has a timeout (`timeout_s`: the
-longest wait for a connection or for the next bytes, and the most it may take for each MiB it asks for); 5xx and
-429 answers, connection errors, timeouts and short reads are tried again (`retries` times, waiting `backoff_s`, then
-twice that, ..., each wait drawn from 0.5x to 1.5x of it so that many ranks do not retry in step), a member's retry
-asking only for the bytes not yet received. Then RemoteError, which the loader records as the sample's failure
-(data/video/loader.py), never a stop of the run.
+206 with the Content-Range asked for and exactly that many bytes. Requests go over kept (keep-alive) connections, a
+pool per process and host (`_Pool`), so that a worker's thousands of small reads do not each pay a TCP and TLS
+handshake; proxies come from http_proxy / https_proxy / no_proxy. Every request has a timeout (`timeout_s`: the
+longest wait for a connection, the name's lookup included, or for the next bytes, and the most the whole request may
+take for each MiB it asks for); 5xx and 429 answers, connection errors, timeouts and short reads are tried again
+(`retries` times, waiting `backoff_s`, then twice that, ..., each wait drawn from 0.5x to 1.5x of it so that many
+ranks do not retry in step), a member's retry asking only for the bytes not yet received. Then RemoteError, which the
+loader records as the sample's failure (data/video/loader.py), never a stop of the run.
 
 Credentials: a URL's userinfo (`user:password@`) and query string (a presigned URL's signature) never leave this
 module's requests. A shard is named by its clean URL (scheme, host, path): `RemoteShard`, a `str` whose value is
@@ -19,13 +21,15 @@ the config itself, which a run saves with its checkpoints.
 from __future__ import annotations
 
 import base64
-import functools
+import http.client
 import json
+import os
 import random
 import re
+import select
 import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -226,32 +230,136 @@ def parse_list(text: str, where: str, base: str | None) -> list[tuple[str, str |
 
 
 # ---------------------------------------------------------------------------------------------
-# requests
+# requests: keep-alive connections, per process
 # ---------------------------------------------------------------------------------------------
 
-def _request(url: str, headers: dict) -> urllib.request.Request:
-    """A request for `url` with its userinfo moved into a Basic Authorization header (urllib refuses it in the URL)."""
-    u = urllib.parse.urlsplit(url)
-    if u.username is not None or u.password is not None:
-        user = urllib.parse.unquote(u.username or "")
-        pw = urllib.parse.unquote(u.password or "")
-        headers = dict(headers, Authorization="Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode())
-        host = u.hostname or ""
-        if u.port is not None:
-            host = f"{host}:{u.port}"
-        url = urllib.parse.urlunsplit((u.scheme, host, u.path, u.query, ""))
-    return urllib.request.Request(url, headers=headers)
+_REDIRECTS = {301, 302, 303, 307, 308}
+_MAX_REDIRECTS = 10
 
 
-class _Redirect(urllib.request.HTTPRedirectHandler):
-    """Follows redirects (the Range header with them), but drops the Authorization header (a URL's userinfo) where
-    one leads to another host, as urllib's own handler does not."""
+class _Pool:
+    """This process's idle keep-alive connections, by (scheme, host, port, proxy). A request takes one (or opens
+    one), and gives it back only once its answer was read to the end and the server keeps it open (not HTTP/1.0, no
+    `Connection: close`); after an error, a short or cut read, it is closed. One connection serves one request at a
+    time (a thread takes it out of the pool). Made anew in a forked child (its pid differs): a DataLoader worker
+    never writes to its parent's sockets; a spawned one starts empty."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _host(newurl) != _host(req.full_url):
-            new.remove_header("Authorization")
-        return new
+    IDLE_S = 30.0      # an idle connection older than this is closed unused (stores close theirs after 20-60 s)
+    MAX_IDLE = 32      # idle connections kept per host (the catalog's index readers use 16 at once)
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.idle: dict[tuple, list[tuple[float, http.client.HTTPConnection]]] = {}
+
+    def take(self, key: tuple) -> http.client.HTTPConnection | None:
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                kept = self.idle.get(key)
+                if not kept:
+                    return None
+                since, conn = kept.pop()
+            # a server that closed it (an idle close, `Connection: close` sent late) left it readable: EOF
+            if now - since < self.IDLE_S and conn.sock is not None and not _readable(conn.sock):
+                return conn
+            conn.close()
+
+    def give(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+        with self.lock:
+            kept = self.idle.setdefault(key, [])
+            if len(kept) < self.MAX_IDLE:
+                kept.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+
+_POOL: _Pool | None = None
+
+
+def _pool() -> _Pool:
+    global _POOL
+    pool = _POOL
+    if pool is None or pool.pid != os.getpid():
+        pool = _POOL = _Pool()
+    return pool
+
+
+def _readable(sock) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _create_connection(address, timeout=None, source_address=None):
+    """socket.create_connection with the name's lookup under the timeout too (getaddrinfo has none of its own: a
+    resolver that does not answer held the request for its own retries, outside remote_timeout_s). The socket is left
+    with what remains of the timeout, so that a TLS handshake after it is bounded by the same time."""
+    host, port = address
+    deadline = time.monotonic() + timeout
+    found: list = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except BaseException as e:
+            found.append(e)
+        done.set()
+    threading.Thread(target=lookup, name="remote-dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise socket.timeout(f"timed out resolving {host}")
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    err: OSError | None = None
+    for af, kind, proto, _, addr in found[0]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock = socket.socket(af, kind, proto)
+        try:
+            sock.settimeout(left)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(addr)
+            sock.settimeout(max(1e-3, deadline - time.monotonic()))
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err if err is not None else OSError(f"{host}: no address")
+
+
+def _proxy(sch: str, host: str) -> str | None:
+    """The proxy for `sch`://`host` from the environment (http_proxy, https_proxy, no_proxy), as urllib chose it."""
+    p = urllib.request.getproxies_environment().get(sch)
+    if not p or urllib.request.proxy_bypass_environment(host):
+        return None
+    return p if "://" in p else "http://" + p
+
+
+def _connection(key: tuple, timeout: float) -> http.client.HTTPConnection:
+    """A new connection for key (scheme, host, port, proxy); not connected yet. Through a proxy: to the proxy, and
+    for https a tunnel (CONNECT) with TLS to the store inside it."""
+    sch, host, port, proxy = key
+    cls = http.client.HTTPSConnection if sch == "https" else http.client.HTTPConnection
+    if proxy is None:
+        conn = cls(host, port, timeout=timeout)
+    else:
+        p = urllib.parse.urlsplit(proxy)
+        conn = cls(p.hostname, p.port or 80, timeout=timeout)
+        if sch == "https":
+            conn.set_tunnel(host, port, headers=_proxy_auth(p))
+    conn._create_connection = _create_connection
+    return conn
+
+
+def _proxy_auth(p: urllib.parse.SplitResult) -> dict:
+    if p.username is None:
+        return {}
+    user, pw = urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or "")
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()}
 
 
 def _host(url: str) -> tuple:
@@ -259,13 +367,102 @@ def _host(url: str) -> tuple:
     return u.scheme.lower(), (u.hostname or "").lower(), u.port
 
 
-@functools.lru_cache(maxsize=1)
-def _opener() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(_Redirect)
+def _left(deadline: float, opts: RemoteOptions) -> float:
+    """The socket timeout for the next wait: remote_timeout_s, or what is left of the request's time if less."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return min(opts.timeout_s, left)
 
 
-def _open(url: str, headers: dict, opts: RemoteOptions):
-    return _opener().open(_request(url, headers), timeout=opts.timeout_s)
+class _Answer:
+    """A response being read, with the connection it came on (given back to the pool by `close` where it may be)."""
+
+    def __init__(self, key: tuple, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, sock) -> None:
+        self.key, self.conn, self.resp, self.sock = key, conn, resp, sock
+        self.status, self.reason, self.headers = resp.status, resp.reason, resp.headers
+
+    def close(self) -> None:
+        r = self.resp
+        whole = r.isclosed() or (not r.chunked and r.length == 0)
+        r.close()
+        if whole and not r.will_close and self.conn.sock is not None:
+            _pool().give(self.key, self.conn)
+        else:
+            self.conn.close()
+
+    def drop(self) -> None:
+        self.resp.close()
+        self.conn.close()
+
+
+def _send(url: str, headers: dict, opts: RemoteOptions, deadline: float) -> _Answer:
+    """The answer to GET `url` (its userinfo as Basic authorization) on a kept connection or a new one, following
+    redirects (the Range header with them; the Authorization header only to the same host). A kept connection that
+    fails before any answer (the server had closed it) is tried once more on a new one, which is not a retry."""
+    first = url
+    auth = None
+    u = urllib.parse.urlsplit(url)
+    if u.username is not None or u.password is not None:
+        user, pw = urllib.parse.unquote(u.username or ""), urllib.parse.unquote(u.password or "")
+        auth = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
+    for _ in range(_MAX_REDIRECTS + 1):
+        u = urllib.parse.urlsplit(url)
+        sch = u.scheme.lower()
+        port = u.port or (443 if sch == "https" else 80)
+        key = (sch, (u.hostname or "").lower(), port, _proxy(sch, u.hostname or ""))
+        hostport = u.netloc.rpartition("@")[2]
+        hdrs = dict(headers, Host=hostport)
+        if auth is not None:
+            hdrs["Authorization"] = auth
+        target = urllib.parse.urlunsplit(("", "", u.path or "/", u.query, ""))
+        if key[3] is not None and sch == "http":      # through a plain proxy: the whole URL, its credentials too
+            target = urllib.parse.urlunsplit((sch, hostport, u.path or "/", u.query, ""))
+            hdrs.update(_proxy_auth(urllib.parse.urlsplit(key[3])))
+        ans = _exchange(key, target, hdrs, opts, deadline)
+        loc = ans.headers.get("Location")
+        if ans.status not in _REDIRECTS or not loc:
+            return ans
+        if (ans.resp.length or 0) <= 64 << 10:       # a redirect's small body: read, so its connection is kept
+            ans.resp.read(64 << 10)
+        ans.close()
+        new = urllib.parse.urljoin(url, loc)
+        if scheme(new) not in HTTP_SCHEMES:
+            raise RemoteError(f"{clean_url(first)}: redirected to a {scheme(new)}:// URL", status=ans.status)
+        if _host(new) != _host(url):
+            auth = None
+        url = new
+    raise RemoteError(f"{clean_url(first)}: more than {_MAX_REDIRECTS} redirects", status=ans.status)
+
+
+def _exchange(key: tuple, target: str, hdrs: dict, opts: RemoteOptions, deadline: float) -> _Answer:
+    pool = _pool()
+    for kept in (True, False):
+        conn = pool.take(key) if kept else None
+        if conn is None:
+            kept = False
+            conn = _connection(key, _left(deadline, opts))
+            try:
+                conn.connect()
+            except (socket.timeout, TimeoutError):
+                conn.close()
+                raise
+            except OSError as e:
+                conn.close()
+                raise _Retry(f"connection failed ({type(e).__name__}: {_scrub(str(e))[:200]})") from None
+        try:
+            sock = conn.sock           # the response's too (a closing answer takes it off the connection)
+            sock.settimeout(_left(deadline, opts))
+            conn.request("GET", target, headers=hdrs)
+            return _Answer(key, conn, conn.getresponse(), sock)
+        except (socket.timeout, TimeoutError):
+            conn.close()
+            raise
+        except (ConnectionError, HTTPException, OSError):
+            conn.close()
+            if not kept:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _with_retries(what: str, opts: RemoteOptions, attempt: Callable[[], object]):
@@ -281,22 +478,19 @@ def _with_retries(what: str, opts: RemoteOptions, attempt: Callable[[], object])
     raise RemoteError(f"{what}: {last} ({opts.retries + 1} tries)")
 
 
+def _status_error(ans: _Answer, what: str) -> Exception:
+    """An HTTP error answer as _Retry (5xx, 429) or a final RemoteError."""
+    reason = f"HTTP {ans.status} {ans.reason}"
+    if ans.status in _RETRY_STATUS:
+        return _Retry(reason)
+    return RemoteError(f"{what}: {reason}", status=ans.status, gone=ans.status in _GONE_STATUS,
+                       refused=ans.status in _REFUSED_STATUS)
+
+
 def _classify(e: BaseException, what: str) -> Exception:
     """The exception of a failed request as _Retry or a final RemoteError, naming `what` (the clean URL and range)."""
-    if isinstance(e, urllib.error.HTTPError):
-        reason = f"HTTP {e.code} {e.reason}"
-        if e.code in _RETRY_STATUS:
-            return _Retry(reason)
-        return RemoteError(f"{what}: {reason}", status=e.code, gone=e.code in _GONE_STATUS,
-                           refused=e.code in _REFUSED_STATUS)
     if isinstance(e, (socket.timeout, TimeoutError)):
         return _Retry("timed out")
-    if isinstance(e, urllib.error.URLError):
-        r = e.reason
-        if isinstance(r, (socket.timeout, TimeoutError)):
-            return _Retry("timed out")
-        return _Retry(f"connection failed ({type(r).__name__}: {r})" if isinstance(r, BaseException)
-                      else f"connection failed ({r})")
     text = _scrub(str(e))[:200]
     if isinstance(e, (ConnectionError, HTTPException, OSError)):
         return _Retry(f"{type(e).__name__}: {text}")
@@ -308,25 +502,39 @@ def _scrub(text: str) -> str:
     return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: clean_url(m.group(0)), text)
 
 
+def _request_deadline(t0: float, n: int | None, opts: RemoteOptions) -> float:
+    """When a request sent at t0 for `n` bytes must be done: remote_timeout_s for each MiB (at least one), the
+    connection, the name's lookup and the wait for the answer included."""
+    return t0 + opts.timeout_s * max(1, -(-(n or 0) // _MIB))
+
+
 def http_get(url: str, opts: RemoteOptions) -> bytes:
     """The whole body of `url` (a shard's index, a list file), retried as the module says."""
     what = clean_url(url)
 
     def attempt() -> bytes:
+        ans = None
         try:
             t0 = time.monotonic()
-            with _open(url, {}, opts) as r:
-                want = r.headers.get("Content-Length")
-                n = int(want) if want is not None and want.isdigit() else None
-                parts: list[bytes] = []
-                got = _read_body(r, n, t0, opts, parts.append)
-                if n is not None and got != n:
-                    raise _Retry(f"short read ({got} of {want} bytes)")
-                return b"".join(parts)
+            ans = _send(url, {}, opts, _request_deadline(t0, None, opts))
+            if not 200 <= ans.status < 300:
+                raise _status_error(ans, what)
+            want = ans.headers.get("Content-Length")
+            n = int(want) if want is not None and want.isdigit() else None
+            parts: list[bytes] = []
+            got = _read_body(ans, n, t0, opts, parts.append)
+            if n is not None and got != n:
+                raise _Retry(f"short read ({got} of {want} bytes)")
+            ans.close()
+            ans = None
+            return b"".join(parts)
         except (_Retry, RemoteError):
             raise
         except Exception as e:
             raise _classify(e, what) from None
+        finally:
+            if ans is not None:
+                ans.drop()
     return _with_retries(what, opts, attempt)
 
 
@@ -334,23 +542,34 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MIB = 1 << 20
 
 
-def _read_body(r, n: int | None, t0: float, opts: RemoteOptions, sink: Callable[[bytes], None],
+def _read_body(ans: _Answer, n: int | None, t0: float, opts: RemoteOptions, sink: Callable[[bytes], None],
                chunk: int = _MIB) -> int:
-    """Up to `n` bytes (all, for None) of the response `r` of a request sent at `t0`, given to `sink` as they come
+    """Up to `n` bytes (all, for None) of the answer `ans` to a request sent at `t0`, given to `sink` as they come
     (read1: whatever arrived); the count given. _Retry once the request has taken remote_timeout_s for each MiB it
     asks for (at least one): a floor of 1 MiB per timeout (17 KB/s at 60 s) that only a server trickling its bytes,
-    each within the timeout of the last, stays under (it would hold the worker for hours)."""
-    deadline = t0 + opts.timeout_s * max(1, -(-(n or 0) // _MIB))
+    each within the timeout of the last, stays under (it would hold the worker for hours). No wait on the socket
+    goes past that time."""
+    deadline = _request_deadline(t0, n, opts)
     got = 0
+
+    def too_slow() -> _Retry:
+        return _Retry(f"too slow ({got} bytes in {time.monotonic() - t0:.1f} s; remote_timeout_s = "
+                      f"{opts.timeout_s:g} s a MiB)")
     while n is None or got < n:
-        buf = r.read1(chunk if n is None else min(chunk, n - got))
+        try:
+            if ans.sock is not None:
+                ans.sock.settimeout(_left(deadline, opts))
+            buf = ans.resp.read1(chunk if n is None else min(chunk, n - got))
+        except (socket.timeout, TimeoutError):
+            if time.monotonic() >= deadline - 1e-3:
+                raise too_slow() from None
+            raise
         if not buf:
             break
         sink(buf)
         got += len(buf)
-        now = time.monotonic()
-        if now > deadline and (n is None or got < n):
-            raise _Retry(f"too slow ({got} bytes in {now - t0:.1f} s; remote_timeout_s = {opts.timeout_s:g} s a MiB)")
+        if time.monotonic() > deadline and (n is None or got < n):
+            raise too_slow()
     return got
 
 
@@ -367,30 +586,39 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
     def attempt() -> None:
         a, b = offset + done[0], offset + size - 1
         t0 = time.monotonic()
+        ans = None
         try:
-            with _open(url, {"Range": f"bytes={a}-{b}"}, opts) as r:
-                if r.status != 206:
-                    raise RemoteError(f"{what}: HTTP {r.status} to a Range request (the server must answer 206 "
-                                      f"Partial Content)", status=r.status, refused=True)
-                cr = _CONTENT_RANGE.match(r.headers.get("Content-Range", "").strip())
-                if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
-                    raise RemoteError(f"{what}: Content-Range {r.headers.get('Content-Range')!r} for bytes={a}-{b}",
-                                      status=r.status)
-                if total is not None and cr.group(3) != "*" and int(cr.group(3)) != total:
-                    raise RemoteError(f"{what}: the object has {cr.group(3)} bytes, its shard index says {total}: "
-                                      f"the shard was rewritten after its index was read (objects are taken as "
-                                      f"immutable: a new shard name, or a fresh data.video.index_dir)",
-                                      status=r.status)
-                def give(buf: bytes) -> None:
-                    _give(sink, buf)
-                    done[0] += len(buf)
-                _read_body(r, size - done[0], t0, opts, give, chunk)
-                if done[0] < size:
-                    raise _Retry(f"short read ({done[0]} of {size} bytes)")
+            ans = _send(url, {"Range": f"bytes={a}-{b}"}, opts, _request_deadline(t0, b + 1 - a, opts))
+            if not 200 <= ans.status < 300:
+                raise _status_error(ans, what)
+            if ans.status != 206:
+                raise RemoteError(f"{what}: HTTP {ans.status} to a Range request (the server must answer 206 "
+                                  f"Partial Content)", status=ans.status, refused=True)
+            cr = _CONTENT_RANGE.match(ans.headers.get("Content-Range", "").strip())
+            if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
+                raise RemoteError(f"{what}: Content-Range {ans.headers.get('Content-Range')!r} for bytes={a}-{b}",
+                                  status=ans.status)
+            if total is not None and cr.group(3) != "*" and int(cr.group(3)) != total:
+                raise RemoteError(f"{what}: the object has {cr.group(3)} bytes, its shard index says {total}: "
+                                  f"the shard was rewritten after its index was read (objects are taken as "
+                                  f"immutable: a new shard name, or a fresh data.video.index_dir)",
+                                  status=ans.status)
+
+            def give(buf: bytes) -> None:
+                _give(sink, buf)
+                done[0] += len(buf)
+            _read_body(ans, size - done[0], t0, opts, give, chunk)
+            if done[0] < size:
+                raise _Retry(f"short read ({done[0]} of {size} bytes)")
+            ans.close()
+            ans = None
         except (_Retry, RemoteError, _SinkError):
             raise
         except Exception as e:
             raise _classify(e, what) from None
+        finally:
+            if ans is not None:
+                ans.drop()
     _receive(what, opts, attempt)
 
 
@@ -399,7 +627,6 @@ def _receive(what: str, opts: RemoteOptions, attempt: Callable[[], None]) -> Non
         _with_retries(what, opts, attempt)
     except _SinkError as e:
         raise e.error from None
-
 
 # ---------------------------------------------------------------------------------------------
 # fsspec (s3://, gs://, ...)

@@ -36,7 +36,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """GET of a file under the server's root, one `bytes=a-b` range answered 206 with its Content-Range. Faults, by
     path, one per request in order: "503", "404", "403", "drop" (headers and half the body, then the connection closed),
     "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms),
-    "ignore_range" (200 and the whole file), "redirect" (302 to the same path on `elsewhere`)."""
+    "ignore_range" (200 and the whole file), "redirect" (302 to the same path on `elsewhere`), "eof" (the
+    connection closed without an answer, as a server closing a kept connection the moment a request came).
+
+    HTTP/1.1 with keep-alive, as a store's front-end; `srv.mode` "http10" answers HTTP/1.0 (no keep-alive),
+    "close" sends `Connection: close`, and a connection idle for `srv.idle_s` is closed. `srv.connections` counts the
+    TCP connections accepted."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True     # headers and body are two writes: Nagle held the body for the client's ACK
+
+    def setup(self):
+        self.timeout = self.server.owner.idle_s
+        super().setup()
+        with self.server.owner.lock:
+            self.server.owner.connections += 1
+
+    def send_response(self, code, message=None):
+        if self.server.owner.mode == "http10":
+            self.protocol_version = "HTTP/1.0"
+            self.close_connection = True
+        super().send_response(code, message)
+        if self.server.owner.mode == "close":
+            self.send_header("Connection", "close")
 
     def do_GET(self):
         srv = self.server.owner
@@ -47,8 +69,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self.send_error(403)
         todo = srv.faults.get(u.path)
         fault = todo.pop(0) if todo else None
-        if fault == "hang":
-            time.sleep(srv.hang_s)
+        if fault in ("hang", "eof"):
+            time.sleep(srv.hang_s if fault == "hang" else 0)
+            self.close_connection = True
             return
         if fault == "slow":          # answered, late
             time.sleep(0.3)
@@ -85,6 +108,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
             return
         self.wfile.write(body)
 
@@ -95,7 +119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class Server:
     def __init__(self, root: Path) -> None:
         self.root, self.faults, self.log, self.require, self.hang_s = root, {}, [], None, 1.0
-        self.elsewhere = ""
+        self.elsewhere, self.mode, self.idle_s, self.connections, self.lock = "", "", None, 0, threading.Lock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
@@ -104,7 +128,7 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def reset(self) -> None:
-        self.faults, self.log, self.require = {}, [], None
+        self.faults, self.log, self.require, self.mode, self.idle_s = {}, [], None, "", None
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +439,94 @@ def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
         f.seek(512)
         assert b"".join(got) == f.read(100)
 
+
+
+def _member(shard_dir, name: str, offset: int, size: int) -> bytes:
+    with open(Path(shard_dir) / name, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def test_range_reads_keep_their_connection_and_a_server_that_closes_it_is_followed(srv, shard_dir):
+    """50 member reads in a row opened 50 TCP connections (a TLS handshake each, on a store: the handshakes, not the
+    bytes, set the rate, and a front-end limits new connections); now one is kept per host and thread. A server
+    that does not keep it (HTTP/1.0, `Connection: close`), closes it when idle, or closes it the moment the next
+    request comes, costs a new connection, never a failed read: remote_retries=0 here."""
+    url = f"{srv.url}/d/shard-000000.tar"
+    opts = RemoteOptions(timeout_s=2, retries=0)
+    want = {k: _member(shard_dir, "shard-000000.tar", 100 * k, 300 + k) for k in range(50)}
+
+    def reads(n: int) -> int:
+        before = srv.connections
+        for k in range(n):
+            assert read_member(RemoteShard(url), 100 * k, 300 + k, opts) == want[k]
+        return srv.connections - before
+    assert reads(50) <= 1 and len(srv.log) == 50           # 1: the first read's (0 where an earlier test's is kept)
+    for mode, opened in (("http10", 4), ("close", 5)):     # the first read of 5 on the kept one, then one each
+        srv.mode = mode
+        assert reads(5) == opened, mode                     # each answer ends its connection: read on a new one
+    srv.mode, srv.idle_s = "", 0.2
+    reads(1)
+    time.sleep(0.5)                                         # the server closed the idle connection
+    assert reads(2) == 1
+    srv.idle_s = None
+    reads(1)
+    srv.faults["/d/shard-000000.tar"] = ["eof"]              # closed as the request came: sent again, on a new one
+    n = len(srv.log)
+    assert reads(1) == 1 and len(srv.log) == n + 2
+
+
+def test_a_forked_worker_opens_its_own_connection(srv, shard_dir):
+    """A DataLoader worker is forked from the process that read the catalog (its connections kept): a connection of
+    the parent's, written to by both, would mix their requests and answers. The child opens its own; the parent's
+    stays whole and in use."""
+    import os
+
+    url = f"{srv.url}/d/shard-000001.tar"
+    opts = RemoteOptions(timeout_s=2, retries=0)
+    want = _member(shard_dir, "shard-000001.tar", 0, 4096)
+    assert read_member(RemoteShard(url), 0, 4096, opts) == want           # a connection kept in this process
+    before = srv.connections
+    pid = os.fork()
+    if pid == 0:                                                            # the child: its answer is its exit code
+        try:
+            ok = read_member(RemoteShard(url), 0, 4096, opts) == want
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert srv.connections == before + 1
+    assert read_member(RemoteShard(url), 0, 4096, opts) == want and srv.connections == before + 1
+
+
+def test_the_name_lookup_is_under_the_timeout(monkeypatch):
+    """getaddrinfo has no timeout of its own: a resolver that does not answer held each request for its own tries
+    (here 3 s), outside remote_timeout_s."""
+    import socket as socket_mod
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        raise socket_mod.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket_mod, "getaddrinfo", slow)
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteError, match=r"store.invalid/d/s.tar bytes=0-9: timed out \(1 tries\)"):
+        read_member(RemoteShard("http://store.invalid/d/s.tar"), 0, 10, RemoteOptions(timeout_s=0.3, retries=0))
+    assert time.perf_counter() - t0 < 1.5        # 0.3 s and the machine's slack, not the 3 s of the lookup
+
+
+def test_an_http_proxy_from_the_environment_is_used(srv, shard_dir, monkeypatch):
+    """http_proxy as urllib honoured it: the request goes to the proxy with the whole URL (the test server serves it
+    as a proxy would); no_proxy names hosts that bypass it."""
+    monkeypatch.setenv("http_proxy", srv.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    want = _member(shard_dir, "shard-000000.tar", 10, 100)
+    assert read_member(RemoteShard("http://store.invalid/d/shard-000000.tar"), 10, 100,
+                       RemoteOptions(timeout_s=2, retries=0)) == want
+    assert srv.log[-1][0] == "http://store.invalid/d/shard-000000.tar"
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert read_member(RemoteShard(f"{srv.url}/d/shard-000000.tar"), 10, 100,
+                       RemoteOptions(timeout_s=2, retries=0)) == want
+    assert srv.log[-1][0] == "/d/shard-000000.tar"
 
 
 def test_image_samples_read_from_urls_decode_as_the_local_ones(srv, tmp_path):
