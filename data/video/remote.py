@@ -648,17 +648,25 @@ def fsspec_fs(url: str, field: str = "shards"):
                          f"({str(e)[:300]})") from None
 
 
+_BUGS = (TypeError, AttributeError, NameError, ImportError, AssertionError)    # raised as they are, never retried
+
+
 def _fs_attempt(what: str, fn):
+    """fn() with an fsspec backend's failure as _Retry or a final RemoteError. A backend raises its own classes, not
+    always OSError (gcsfs's HttpError, botocore's connection errors once s3fs's own retries are spent): those are
+    tried again too, then the sample's failure, never an exception out of the loader."""
     try:
         return fn()
-    except (_Retry, _SinkError):
+    except (_Retry, _SinkError, RemoteError):
         raise
     except FileNotFoundError:
         raise RemoteError(f"{what}: not found", gone=True) from None
     except PermissionError as e:
-        raise RemoteError(f"{what}: permission denied ({str(e)[:200]})", refused=True) from None
-    except (ConnectionError, TimeoutError, OSError) as e:
-        raise _Retry(f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise RemoteError(f"{what}: permission denied ({_scrub(str(e))[:200]})", refused=True) from None
+    except _BUGS:
+        raise
+    except Exception as e:
+        raise _Retry(f"{type(e).__name__}: {_scrub(str(e))[:200]}") from None
 
 
 def fs_get(url: str, opts: RemoteOptions) -> bytes:
@@ -668,7 +676,11 @@ def fs_get(url: str, opts: RemoteOptions) -> bytes:
 
 
 def fs_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
-                  chunk: int = 8 << 20) -> None:
+                  chunk: int = 8 << 20, total: int | None = None) -> None:
+    """As http_read_range, through fsspec (`cat_file` of a range, in chunks). The answer's size is checked: a short
+    one is tried again; where the object is then smaller than `total` (the tar's size as its index says), the shard
+    was rewritten: RemoteError naming both sizes. (A backend gives no Content-Range, so an object rewritten longer
+    is not seen without a request more per sample; the object's size is asked only after a short read.)"""
     if size <= 0:
         return
     fs, path = fsspec_fs(url)
@@ -680,7 +692,15 @@ def fs_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: C
             n = min(chunk, size - done[0])
             buf = fs.cat_file(path, start=offset + done[0], end=offset + done[0] + n)
             if len(buf) != n:
-                raise _Retry(f"short read ({done[0] + len(buf)} of {size} bytes)")
+                if total is not None:
+                    fs.invalidate_cache(path)     # a size listed when the shards were found is not the object's now
+                has = fs.size(path) if total is not None else None
+                if has is not None and has != total:
+                    raise RemoteError(f"{what}: the object has {has} bytes, its shard index says {total}: the shard "
+                                      f"was rewritten after its index was read (objects are taken as immutable: a "
+                                      f"new shard name, or a fresh data.video.index_dir)")
+                raise _Retry(f"short read ({done[0] + len(buf)} of {size} bytes)" if len(buf) < n
+                             else f"{len(buf)} bytes for {n} asked")
             _give(sink, buf)
             done[0] += n
     _receive(what, opts, lambda: _fs_attempt(what, attempt))
@@ -711,7 +731,7 @@ def read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Call
     if scheme(url) in HTTP_SCHEMES:
         http_read_range(url, offset, size, opts, sink, total=total)
     else:
-        fs_read_range(url, offset, size, opts, sink)
+        fs_read_range(url, offset, size, opts, sink, total=total)
 
 
 def load_index(shard: str, opts: RemoteOptions) -> dict:

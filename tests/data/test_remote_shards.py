@@ -419,6 +419,46 @@ def test_fsspec_urls_read_as_local_files_and_a_missing_package_is_named(shard_di
             load_catalog("s3://bucket/d/s.tar")
 
 
+def test_fsspec_reads_check_their_size_and_a_backend_error_costs_the_sample_alone(shard_dir, tmp_path, monkeypatch):
+    """fsspec backends raise their own errors, not always OSError (gcsfs's HttpError, botocore's connection errors
+    after s3fs's retries): one escaped the loader and stopped the run. Now it is retried, as a short answer is, and
+    the pack is unchanged; an object cut shorter than its index says is quarantined naming both sizes."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for p in Path(shard_dir).iterdir():
+        fs.pipe_file(f"/keye-fs/d/{p.name}", p.read_bytes())
+
+    class BackendError(Exception):       # stands for a backend's own exception class
+        pass
+    faults: list = []
+    real = type(fs).cat_file
+
+    def flaky(self, path, start=None, end=None, **kw):
+        fault = faults.pop(0) if faults else None
+        if fault == "error":
+            raise BackendError("Connection was closed before we received a valid response")
+        data = real(self, path, start=start, end=end, **kw)
+        return data[:len(data) // 2] if fault == "short" and start is not None else data
+    monkeypatch.setattr(type(fs), "cat_file", flaky)
+    try:
+        want = [signature(p) for p in take(VideoPackedLoader(rcfg(shard_dir, tmp_path), seed=3), 2)]
+        remote = VideoPackedLoader(rcfg("memory://keye-fs/d/*.tar", tmp_path), seed=3)
+        faults[:] = ["error", "short"]
+        assert [signature(p) for p in take(remote, 2)] == want and not faults
+        assert remote.stats.get("samples_failed", 0) == 0
+        # the tar cut in half after its index was read: its samples fail naming the sizes, the run goes on
+        again = VideoPackedLoader(rcfg("memory://keye-fs/d/*.tar", tmp_path), seed=3)
+        first = again.planner.catalog[again.planner.epoch(0).packs[0][0]]
+        path = "/keye-fs/d/" + Path(first.shard).name
+        whole = real(fs, path)
+        fs.pipe_file(path, whole[:first.video_offset + 10])
+        failed = [f for f in next(again).failures if f["key"] == first.key]
+        assert len(failed) == 1 and (f"the object has {first.video_offset + 10} bytes, its shard index says "
+                                     f"{len(whole)}") in failed[0]["detail"], failed
+    finally:
+        fs.rm("/keye-fs", recursive=True)
+
+
 def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
     srv.faults["/d/shard-000000.tar"] = ["503", "503"]
     got = []
