@@ -83,15 +83,18 @@ def _locked(directory: Path, stem: str, parts: Sequence[str], build: Callable[[]
 
 
 def shared_arrays(directory: Path | None, stem: str, parts: Sequence[str], build: Callable[[], tuple],
-                  check: Callable[[tuple], bool]) -> tuple[tuple, str]:
+                  check: Callable[[tuple], bool], *, strict: bool = False) -> tuple[tuple, str]:
     """(arrays, note): `parts`' arrays of `stem`, mapped from `directory` or built (module docstring). `build()` returns
     them in `parts`' order; `check(arrays)` says whether arrays read back are what the caller expects (shapes,
-    dtypes). With `directory` None they are built in memory and the note is empty."""
+    dtypes). With `directory` None they are built in memory and the note is empty. strict: where the directory cannot
+    be made, written or locked, the OSError is raised (the caller tries another place) instead of building here."""
     if directory is None:
         return tuple(build()), ""
     try:
         return _locked(Path(directory), stem, parts, build, check), ""
     except OSError as err:
+        if strict:
+            raise
         return tuple(build()), f"{directory}: {err}"
 
 

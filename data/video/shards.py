@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tarfile
+import tempfile
 import urllib.parse
 from array import array
 from collections import Counter, OrderedDict
@@ -613,9 +614,26 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
                 and int(offsets[-1]) == blob.shape[0])
 
     where = Path(index_dir, f"catalog-{field}-{key}") if index_dir else None
-    (blob, offsets, shard_of, kind, meta), note = shared_arrays(where, "catalog",
-                                                                ("blob", "offsets", "shard", "kind", "meta"), build,
-                                                                check)
+    parts = ("blob", "offsets", "shard", "kind", "meta")
+    urls = any(map(remote_mod.is_url, shards))
+    if urls and where is None:
+        log.warning("data.video.%s: shards on object storage without an index_dir: each process reads every shard "
+                    "index (%d GETs); with data.video.index_dir (the trainer's default: under the run directory) one "
+                    "process per node reads them and the others map its catalog", field, len(shards))
+    try:
+        got, note = shared_arrays(where, "catalog", parts, build, check, strict=urls)
+    except OSError as err:
+        # index_dir cannot be locked (a shared filesystem without flock): each process would read every shard index
+        # from the store. A node-local directory keeps them to one process per node; named by index_dir too, so that
+        # a fresh index_dir (a shard rewritten under its URL) is a fresh catalog there as well
+        node = Path(tempfile.gettempdir(), f"keye-catalogs-{os.getuid()}",
+                    f"{where.name}-{hashlib.sha1(str(Path(index_dir).resolve()).encode()).hexdigest()[:8]}")
+        got, note = shared_arrays(node, "catalog", parts, build, check)
+        log.warning("data.video.%s: the catalog cannot be kept in %s (%s): the catalog of these shards on object "
+                    "storage is kept in %s%s, so that one process per node reads their indexes", field, where, err,
+                    node, f" ({note}: each process holds its own)" if note else "")
+        note = ""
+    blob, offsets, shard_of, kind, meta = got
     m = array_json(meta)
     for p, n in zip(shards, m.get("bytes") or ()):
         if isinstance(p, RemoteShard):

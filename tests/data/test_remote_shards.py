@@ -296,6 +296,43 @@ def test_shard_indexes_on_object_storage_are_read_at_once_in_order(shard_dir, sr
     assert n >= 6 and took < 0.3 * n / 2, (n, took)     # half the sequential time: room for a busy machine
 
 
+def test_index_dir_without_locks_keeps_the_url_catalog_on_the_node(shard_dir, srv, tmp_path, monkeypatch, caplog):
+    """The trainer keeps the catalog in index_dir, built by one process and mapped by the others. On a shared
+    filesystem without flock (Lustre mounted noflock) every process built its own: for URL shards, every rank read
+    every shard index from the store (512 ranks x 4096 shards: 2M GETs at start, 16 at once per rank). Now the
+    catalog of URL shards goes to a node-local directory instead, and one process per node reads the indexes; without
+    an index_dir at all a warning says what it costs."""
+    import errno
+    import fcntl
+    import tempfile
+
+    index_dir = tmp_path / "shared_index"
+    real = fcntl.flock
+
+    def flock(f, op):
+        if str(index_dir) in getattr(f, "name", ""):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(f, op)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node_tmp"))
+    (tmp_path / "node_tmp").mkdir()
+    spec, n = brace_spec(srv, shard_dir), len(tars(shard_dir))
+    ref = load_catalog(str(shard_dir))
+    caplog.set_level(logging.WARNING)
+    for k in range(2):                      # two processes of one node
+        before = len(srv.log)
+        cat = load_catalog(spec, index_dir=index_dir)
+        assert len(srv.log) - before == (n if k == 0 else 0), k
+        assert cat.fingerprint == ref.fingerprint and cat[len(cat) - 1].key == ref[len(ref) - 1].key
+    assert "No locks available" in caplog.text and str(tmp_path / "node_tmp") in caplog.text
+    caplog.clear()
+    load_catalog(spec)
+    assert "each process reads every shard index" in caplog.text and "index_dir" in caplog.text
+    caplog.clear()
+    load_catalog(str(shard_dir))            # local shards: as before, nothing said
+    assert not caplog.text
+
+
 def test_a_shard_rewritten_after_its_index_was_read_is_named_not_read_at_old_offsets(shard_dir, srv, tmp_path):
     """Objects are taken as immutable (the catalog's key is the clean URL). A tar rewritten under its URL held other
     bytes at the index's offsets: each Range answer's Content-Range total is checked against the size the index
