@@ -234,6 +234,7 @@ def parse_list(text: str, where: str, base: str | None) -> list[tuple[str, str |
 # ---------------------------------------------------------------------------------------------
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+_USER_AGENT = "keye-train"      # urllib sent its own (Python-urllib/3.x); some front-ends refuse a request without one
 _MAX_REDIRECTS = 10
 
 
@@ -412,7 +413,7 @@ def _send(url: str, headers: dict, opts: RemoteOptions, deadline: float) -> _Ans
         port = u.port or (443 if sch == "https" else 80)
         key = (sch, (u.hostname or "").lower(), port, _proxy(sch, u.hostname or ""))
         hostport = u.netloc.rpartition("@")[2]
-        hdrs = dict(headers, Host=hostport)
+        hdrs = dict(headers, Host=hostport, **{"User-Agent": _USER_AGENT})
         if auth is not None:
             hdrs["Authorization"] = auth
         target = urllib.parse.urlunsplit(("", "", u.path or "/", u.query, ""))

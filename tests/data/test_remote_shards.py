@@ -553,6 +553,45 @@ def test_range_reads_keep_their_connection_and_a_server_that_closes_it_is_follow
     assert reads(1) == 1 and len(srv.log) == n + 2
 
 
+def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
+    """The same over TLS (a certificate made here by openssl, trusted through SSL_CERT_FILE): where a handshake cost
+    most of a millisecond of CPU per read (bench/RESULTS.md), 20 reads open one connection, and one whose
+    certificate is not trusted is refused (retried, then named) rather than read."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "d").symlink_to(shard_dir)
+    tls = Server(root)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    tls.httpd.socket = ctx.wrap_socket(tls.httpd.socket, server_side=True)
+    url = tls.url.replace("http://", "https://") + "/d/shard-000000.tar"
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        for k in range(20):
+            assert read_member(RemoteShard(url), 50 * k, 700, RemoteOptions(timeout_s=2, retries=0)) == \
+                _member(shard_dir, "shard-000000.tar", 50 * k, 700)
+        assert tls.connections == 1 and len(tls.log) == 20
+        monkeypatch.delenv("SSL_CERT_FILE")          # not trusted now; another host name: a new connection
+        monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
+        with pytest.raises(RemoteError, match=r"https://localhost:\d+/d/shard-000000.tar bytes=0-9: connection failed "
+                                              r"\(SSLCertVerificationError: .*certificate verify failed"):
+            read_member(RemoteShard(url.replace("127.0.0.1", "localhost")), 0, 10,
+                        RemoteOptions(timeout_s=2, retries=0))
+    finally:
+        tls.httpd.shutdown()
+        tls.httpd.server_close()
+
+
 def test_a_forked_worker_opens_its_own_connection(srv, shard_dir):
     """A DataLoader worker is forked from the process that read the catalog (its connections kept): a connection of
     the parent's, written to by both, would mix their requests and answers. The child opens its own; the parent's
