@@ -492,6 +492,9 @@ def _classify(e: BaseException, what: str) -> Exception:
     """The exception of a failed request as _Retry or a final RemoteError, naming `what` (the clean URL and range)."""
     if isinstance(e, (socket.timeout, TimeoutError)):
         return _Retry("timed out")
+    if isinstance(e, http.client.InvalidURL):      # its message quotes the path and query (a signature): not kept
+        return RemoteError(f"{what}: the URL holds characters that a request cannot carry (control characters or "
+                           f"spaces; percent-encode them)")
     text = _scrub(str(e))[:200]
     if isinstance(e, (ConnectionError, HTTPException, OSError)):
         return _Retry(f"{type(e).__name__}: {text}")
@@ -499,8 +502,10 @@ def _classify(e: BaseException, what: str) -> Exception:
 
 
 def _scrub(text: str) -> str:
-    """`text` with every URL in it clean (an error of urllib or http.client may quote the URL it was given)."""
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: clean_url(m.group(0)), text)
+    """`text` with every URL in it clean, and a path's query string cut (an error of http.client or of an fsspec
+    backend may quote the URL or the request's path it was given)."""
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: clean_url(m.group(0)), text)
+    return re.sub(r"(/[^\s'\"?#]*)[?#][^\s'\"]*", r"\1", text)
 
 
 def _request_deadline(t0: float, n: int | None, opts: RemoteOptions) -> float:
