@@ -287,8 +287,12 @@ def _pool() -> _Pool:
 
 
 def _readable(sock) -> bool:
+    """Whether an idle connection has something to read (the server's close, or bytes it should not have sent). poll,
+    not select: select refuses a descriptor past 1023, which a trainer's process may well hold."""
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
     except (OSError, ValueError):
         return True
 

@@ -559,6 +559,29 @@ def test_range_reads_keep_their_connection_and_a_server_that_closes_it_is_follow
     assert reads(1) == 1 and len(srv.log) == n + 2
 
 
+def test_a_connection_past_descriptor_1023_is_kept_too(srv, shard_dir):
+    """A trainer's process holds many descriptors (NCCL, mapped shards, logs): a connection on descriptor 1100 was
+    judged closed by select() (which refuses descriptors past 1023) and replaced at every read."""
+    import os
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("a descriptor limit under 1200")
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        url = f"{srv.url}/d/shard-000002.tar"      # a host:port key of its own: no connection kept from before
+        before = srv.connections
+        for k in range(5):
+            assert read_member(RemoteShard(url.replace("127.0.0.1", "localhost")), k, 100,
+                               RemoteOptions(timeout_s=2, retries=0)) == _member(shard_dir, "shard-000002.tar", k, 100)
+        assert srv.connections - before == 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
     """The same over TLS (a certificate made here by openssl, trusted through SSL_CERT_FILE): where a handshake cost
     most of a millisecond of CPU per read (bench/RESULTS.md), 20 reads open one connection, and one whose
