@@ -549,6 +549,7 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_OBJECT_SIZE = re.compile(r"^bytes (?:\d+-\d+|\*)/(\d+)$")      # the total of a Content-Range (206, or 416's */N)
 _MIB = 1 << 20
 
 
@@ -599,6 +600,14 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
         ans = None
         try:
             ans = _send(url, {"Range": f"bytes={a}-{b}"}, opts, _request_deadline(t0, b + 1 - a, opts))
+            # the object's size first: a shard rewritten shorter answers a member across its end with other
+            # bounds, and one past its end with 416 (`Content-Range: bytes */SIZE`)
+            has = _OBJECT_SIZE.match(ans.headers.get("Content-Range", "").strip())
+            if total is not None and has and int(has.group(1)) != total and ans.status in (206, 416):
+                raise RemoteError(f"{what}: the object has {has.group(1)} bytes, its shard index says {total}: "
+                                  f"the shard was rewritten after its index was read (objects are taken as "
+                                  f"immutable: a new shard name, or a fresh data.video.index_dir)",
+                                  status=ans.status)
             if not 200 <= ans.status < 300:
                 raise _status_error(ans, what)
             if ans.status != 206:
@@ -607,11 +616,6 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
             cr = _CONTENT_RANGE.match(ans.headers.get("Content-Range", "").strip())
             if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
                 raise RemoteError(f"{what}: Content-Range {ans.headers.get('Content-Range')!r} for bytes={a}-{b}",
-                                  status=ans.status)
-            if total is not None and cr.group(3) != "*" and int(cr.group(3)) != total:
-                raise RemoteError(f"{what}: the object has {cr.group(3)} bytes, its shard index says {total}: "
-                                  f"the shard was rewritten after its index was read (objects are taken as "
-                                  f"immutable: a new shard name, or a fresh data.video.index_dir)",
                                   status=ans.status)
 
             def give(buf: bytes) -> None:

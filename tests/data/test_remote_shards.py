@@ -90,6 +90,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng and fault != "ignore_range":
             a, b = (int(x) for x in rng.split("=", 1)[1].split("-"))
+            if a >= len(data):         # past the end: 416, naming the object's size, as a store answers
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = data[a:b + 1]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {a}-{a + len(body) - 1}/{len(data)}")
@@ -356,6 +362,17 @@ def test_a_shard_rewritten_after_its_index_was_read_is_named_not_read_at_old_off
         assert len(failed) == 1 and f"the object has {size + 1024} bytes, its shard index says {size}" in \
             failed[0]["detail"], failed
     assert [r["reason"] for r in read_jsonl(tmp_path / "quarantine.jsonl") if r["key"] == first.key] == ["read_error"]
+    # rewritten shorter (an upload cut off): a member across the new end came back short under a Content-Range of
+    # other bounds, one past it as 416, and neither said why; both now name the sizes, as a longer one does
+    shard = RemoteShard(f"{srv.url}/chg/{Path(first.shard).name}")
+    shard.size = size
+    opts = RemoteOptions(timeout_s=2, retries=0)
+    for cut in (first.video_offset + 10, first.video_offset - 10):
+        tar.write_bytes(tar.read_bytes()[1024:][:cut])
+        with pytest.raises(RemoteError, match=rf"bytes={first.video_offset}-\d+: the object has {cut} bytes, its "
+                                              rf"shard index says {size}"):
+            read_member(shard, first.video_offset, first.video_size, opts)
+        tar.write_bytes(b"\0" * 1024 + (Path(shard_dir) / Path(first.shard).name).read_bytes())
 
 
 @pytest.mark.parametrize("fault", ["ignore_range", "403"])
