@@ -616,7 +616,7 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     where = Path(index_dir, f"catalog-{field}-{key}") if index_dir else None
     parts = ("blob", "offsets", "shard", "kind", "meta")
     urls = any(map(remote_mod.is_url, shards))
-    if urls and where is None:
+    if urls and where is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:     # one process alone: no cost
         log.warning("data.video.%s: shards on object storage without an index_dir: each process reads every shard "
                     "index (%d GETs); with data.video.index_dir (the trainer's default: under the run directory) one "
                     "process per node reads them and the others map its catalog", field, len(shards))

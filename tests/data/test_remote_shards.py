@@ -332,6 +332,9 @@ def test_index_dir_without_locks_keeps_the_url_catalog_on_the_node(shard_dir, sr
         assert cat.fingerprint == ref.fingerprint and cat[len(cat) - 1].key == ref[len(ref) - 1].key
     assert "No locks available" in caplog.text and str(tmp_path / "node_tmp") in caplog.text
     caplog.clear()
+    load_catalog(spec)                      # one process (a preview, a notebook): nothing to say
+    assert not caplog.text
+    monkeypatch.setenv("WORLD_SIZE", "16")  # one of a job's processes without index_dir: said
     load_catalog(spec)
     assert "each process reads every shard index" in caplog.text and "index_dir" in caplog.text
     caplog.clear()
