@@ -245,7 +245,8 @@ class _Pool:
     time (a thread takes it out of the pool). Made anew in a forked child (its pid differs): a DataLoader worker
     never writes to its parent's sockets; a spawned one starts empty."""
 
-    IDLE_S = 30.0      # an idle connection older than this is closed unused (stores close theirs after 20-60 s)
+    IDLE_S = 30.0      # an idle connection older than this is closed unused: a front-end or a NAT may have dropped
+                       # it without a word, and a request on it would wait out remote_timeout_s
     MAX_IDLE = 32      # idle connections kept per host (the catalog's index readers use 16 at once)
 
     def __init__(self) -> None:
