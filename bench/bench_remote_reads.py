@@ -4,8 +4,9 @@ one; the catalog's index readers are 16).
 
     python bench/bench_remote_reads.py --reads 2000 --size 65536 --threads 1 [--tls]
 
---tls: HTTPS with a self-signed certificate made by `openssl` (trusted through SSL_CERT_FILE). Prints a table and writes JSON (--out). The server runs in this process (threads), so its CPU is counted too: the
-numbers compare request paths, not a store.
+--tls: HTTPS with a self-signed certificate made by `openssl` (trusted through SSL_CERT_FILE). Prints a table and
+writes JSON (--out). The server runs in this process (threads), so its CPU is counted too: the numbers compare
+request paths, not a store.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def main() -> None:
            "reads_per_s": round(args.reads / took, 1), "connections": httpd.connections}
     httpd.shutdown()
     print(f"{'tls':>5} {'reads':>6} {'bytes':>8} {'threads':>7} {'s':>7} {'reads/s':>8} {'connections':>11}")
-    print(f"{str(args.tls):>5} {row['reads']:>6} {row['size']:>8} {row['threads']:>7} {row['seconds']:>7} {row['reads_per_s']:>8} "
-          f"{row['connections']:>11}")
+    print(f"{str(args.tls):>5} {row['reads']:>6} {row['size']:>8} {row['threads']:>7} {row['seconds']:>7} "
+          f"{row['reads_per_s']:>8} {row['connections']:>11}")
     with open(args.out, "w") as f:
         json.dump(row, f, indent=1)
 
