@@ -37,7 +37,9 @@ Pixels from one rank (`forward(..., pixels_from=s)`, parallel.vit.decode_once): 
 step's packs (data/video_stream.py DecodeOnce; the other ranks hold the same grids and no pixel rows), s sends every
 rank the patch rows of the frames the plan gives it, in the order it encodes them, in one all_to_all over the group
 (`scatter_pixels`): each pixel crosses the network once, to the one rank that encodes it. The plan is made from the
-grids alone, so it is the same as with every rank's own pixels, and so are the encoded rows.
+grids alone, so it is the same as with every rank's own pixels, and so are the encoded rows. Right before that
+all_to_all the ranks meet (`raise_together`, one all_reduce of one number a round): a rank's error up to there is raised
+on every rank, naming it, instead of leaving the others in the all_to_all until the job's timeout.
 
 Gradients of tokens needed by several consumers: `grad_mode="replicated"` (TP consumers: after
 megatron's sequence-parallel scatter every TP rank holds the same full gradient of the inserted
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -319,11 +322,43 @@ def pixel_rows(plan: VisionPlan) -> list[int]:
     return rows
 
 
-def scatter_pixels(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int, rank: int, group) -> torch.Tensor:
-    """This rank's frames' patch rows (plan.rank_frames(rank), in that order), from group rank `src`, which alone holds
-    every micro-batch's pixels `pvs` (the others' are [0, D] tensors of the same dtype): one all_to_all (collective)."""
+def raise_together(error: BaseException | None, group, device) -> None:
+    """Collective over `group`: returns where no rank met an error; else raises on every rank of the group, the
+    rank's own error where it met one, on the others a RuntimeError naming the first rank that did (its global rank
+    and host) and its error. Called right before a collective that a rank's error would otherwise leave the others
+    waiting in until the job's timeout. The cost where all is well: one all_reduce of one int32 on `device` and the
+    host's read of it (the messages travel, in an all_gather_object, only after a rank failed)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    got: list = [None] * dist.get_world_size(group)
+    mine = None if error is None else (dist.get_rank(), socket.gethostname(), f"{type(error).__name__}: {error}")
+    dist.all_gather_object(got, mine, group=group)
+    if error is not None:
+        raise error
+    rank, host, what = next(m for m in got if m is not None)
+    more = sum(m is not None for m in got) - 1
+    raise RuntimeError(f"vision phase: rank {rank} on {host}{f' (and {more} more of the group)' if more else ''} "
+                       f"failed before the pixel exchange (parallel.vit.decode_once: the group's first rank sends each "
+                       f"rank its frames' pixels in one all_to_all, which every rank of the group would wait in): "
+                       f"{what}")
+
+
+def _pixel_transfer(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int,
+                    rank: int) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+    """scatter_pixels' buffers, before anything is sent: (the rows this rank sends, their counts per rank, the counts
+    it receives per rank, the tensor it receives into). On `src`, each micro-batch's pixel rows must be its grid's
+    patches (a ValueError naming it otherwise: the counts sent would not be the plan's)."""
     rows = pixel_rows(plan)
     if rank == src:
+        want = [0] * len(pvs)
+        for f in plan.frames:
+            want[f.mb] += f.num_patches
+        for mb, (pv, n) in enumerate(zip(pvs, want)):
+            if pv.shape[0] != n:
+                raise ValueError(f"scatter_pixels: micro-batch {mb} holds {pv.shape[0]} pixel rows, but its "
+                                 f"grid_thw has {n} patches")
         frames = [plan.frames[i] for r in range(plan.num_ranks) for i in plan.rank_frames(r)]
         send = [pvs[f.mb][f.patch_start:f.patch_start + f.num_patches] for f in frames]
         x, send_counts = (torch.cat(send) if send else pvs[0][:0]), rows
@@ -331,7 +366,31 @@ def scatter_pixels(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int, rank
         x, send_counts = pvs[0][:0], [0] * plan.num_ranks
     recv = [0] * plan.num_ranks
     recv[src] = rows[rank]
-    return _all_to_all_rows(x, send_counts, recv, group)
+    x = x.contiguous()
+    return x, send_counts, recv, x.new_empty((rows[rank],) + tuple(x.shape[1:]))
+
+
+def scatter_pixels(pvs: Sequence[torch.Tensor], plan: VisionPlan | None, src: int, rank: int, group, *,
+                   device=None, error: BaseException | None = None) -> torch.Tensor | None:
+    """This rank's frames' patch rows (plan.rank_frames(rank), in that order), from group rank `src`, which alone holds
+    every micro-batch's pixels `pvs` (the others' are [0, D] tensors of the same dtype): one all_to_all (collective);
+    None where the plan has no frame (nothing is sent). Before it the ranks meet (raise_together, on `device`: the
+    group's, the model's; pvs' by default): an error of any rank (`error`, this rank's earlier one, whose plan may then
+    be None; or one making its buffers: a device out-of-memory, a micro-batch whose pixel rows are not its grid's) stops
+    every rank of the group there, naming that rank, instead of leaving the others in the all_to_all until the job's
+    timeout."""
+    buffers = None
+    if error is None:
+        try:
+            buffers = _pixel_transfer(pvs, plan, src, rank) if plan.frames else None
+        except Exception as e:  # noqa: BLE001 - raised on every rank by raise_together
+            error = e
+    raise_together(error, group, device if device is not None else pvs[0].device if pvs else None)
+    if buffers is None:
+        return None
+    x, send_counts, recv_counts, out = buffers
+    dist.all_to_all_single(out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    return out
 
 
 def exchange_forward(x: torch.Tensor, fwd: ExchangeSpec, n_target: int, group) -> torch.Tensor:
@@ -500,17 +559,15 @@ class VisionPhase:
             raise RuntimeError("VisionPhase: ranks of the group were given different grid_thw (the group must "
                                "hold the same batch)")
 
-    def _encode_local(self, pvs, grids, plan: VisionPlan, chunked: bool = False, pixels_from: int | None = None):
+    def _encode_local(self, pvs, grids, plan: VisionPlan, chunked: bool = False, got: torch.Tensor | None = None):
+        """Encodes this rank's frames of `plan`: their pixel rows from `pvs`, or `got` (received from the rank that
+        holds them: scatter_pixels)."""
         device, dtype = self._device_dtype()
         mine = plan.rank_frames(self.rank)
         H = self.model.cfg.lm_hidden
-        if pixels_from is not None and plan.frames:     # collective: every rank, even one that encodes nothing
-            got = scatter_pixels(pvs, plan, pixels_from, self.rank, self.group)
-            if self.rank == pixels_from:
-                self.pixel_bytes += (sum(pixel_rows(plan)) - got.shape[0]) * got.shape[1] * got.element_size()
         if not mine:
             return None, None, torch.zeros(0, H, device=device, dtype=dtype)
-        pv = (got if pixels_from is not None else
+        pv = (got if got is not None else
               torch.cat([pvs[plan.frames[i].mb][plan.frames[i].patch_start:
                                                plan.frames[i].patch_start + plan.frames[i].num_patches]
                          for i in mine])).to(device, non_blocking=True)
@@ -520,33 +577,50 @@ class VisionPhase:
     # -- the phase
     def forward(self, microbatches: Sequence[Any],
                 needs: Mapping[int, Sequence[torch.Tensor | None]] | None = None,
-                pixels_from: int | None = None) -> list[torch.Tensor] | None:
+                pixels_from: int | None = None, error: BaseException | None = None) -> list[torch.Tensor] | None:
         """Plans, encodes this rank's frames and exchanges. Returns on a consumer one [len(need), H]
         tensor per micro-batch (all V_mb tokens in ViT-output order when its need is None), leaves
         that require grad when the model trains; None on other ranks.
         needs: {consumer: [per micro-batch: token indices (into that micro-batch's V_mb) or None]}.
         pixels_from: the group rank that alone holds the micro-batches' pixels (scatter_pixels); None: every rank
-        holds them all."""
+        holds them all. The ranks then meet before the pixels move, every call (raise_together: one all_reduce of one
+        number): an error of a rank up to there (in planning, making the buffers, or `error`, one it met before the
+        phase, e.g. copying its pixels to the device; `microbatches` is then not read) is raised on every rank of the
+        group, naming it, rather than leaving the others in the all_to_all until the job's timeout."""
         if self._state is not None:
             raise RuntimeError("VisionPhase.forward called twice without backward() in between")
         if pixels_from is not None and not 0 <= pixels_from < self.W:
             raise ValueError(f"pixels_from={pixels_from} is not a rank of the group (size {self.W})")
-        pvs, grids = zip(*(frames_of(mb) for mb in microbatches)) if microbatches else ((), ())
-        _check_pixel_dtypes(pvs)
+        if error is not None and pixels_from is None:
+            raise error
+        plan = got = None
+        try:
+            if error is None:
+                pvs, grids = zip(*(frames_of(mb) for mb in microbatches)) if microbatches else ((), ())
+                _check_pixel_dtypes(pvs)
+                cfg = self.model.cfg
+                plan = make_plan(grids, self.model.frame_cost, self.W, cfg.merge_tokens, self.balance)
+                self.last_plan = plan
+                self._log_plan(plan)
+                layouts, local_tokens = _layouts(plan, self.consumers, needs, self.grad_mode)
+                fwd, bwd = build_specs(self.rank, self.W, layouts)
+        except Exception as e:  # noqa: BLE001 - under pixels_from raised on every rank by scatter_pixels
+            if pixels_from is None:
+                raise
+            error = e
+        if pixels_from is not None:  # collective: every rank, even one that encodes nothing or failed
+            got = scatter_pixels(pvs if error is None else (), plan, pixels_from, self.rank, self.group,
+                                 device=self._device_dtype()[0], error=error)
+            if self.rank == pixels_from and got is not None:
+                self.pixel_bytes += (sum(pixel_rows(plan)) - got.shape[0]) * got.shape[1] * got.element_size()
         if self.check:
             self._verify_same_inputs(grids)
-        cfg = self.model.cfg
-        plan = make_plan(grids, self.model.frame_cost, self.W, cfg.merge_tokens, self.balance)
-        self.last_plan = plan
-        self._log_plan(plan)
-        layouts, local_tokens = _layouts(plan, self.consumers, needs, self.grad_mode)
-        fwd, bwd = build_specs(self.rank, self.W, layouts)
         trainable = _trainable(self.model) and torch.is_grad_enabled()
         mine = layouts.get(self.rank)
         n_target = 0 if mine is None else mine.tokens.numel()
         dtype = self._device_dtype()[1]            # one dtype on every rank, in both directions
         if trainable and not self.recompute:
-            pv, grid, local = self._encode_local(pvs, grids, plan, pixels_from=pixels_from)
+            pv, grid, local = self._encode_local(pvs, grids, plan, got=got)
             local = local.to(dtype)
             if not local.requires_grad:            # no frames here: a leaf so the exchange node exists
                 local = local.detach().requires_grad_()
@@ -554,7 +628,7 @@ class VisionPhase:
             self._state = dict(out=out, bwd=bwd, local=None, pv=None, grid=None, dtype=dtype)
         else:
             with torch.no_grad():
-                pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True, pixels_from=pixels_from)
+                pv, grid, local = self._encode_local(pvs, grids, plan, chunked=True, got=got)
                 out = exchange_forward(local.to(dtype), fwd, n_target, self.group)
             if trainable:
                 self._state = dict(out=None, bwd=bwd, local=local.shape[0], pv=pv, grid=grid, dtype=dtype)

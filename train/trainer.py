@@ -1235,10 +1235,18 @@ class Trainer:
                 raise DataEnded(ranks)
         elif ended:
             raise StopIteration
-        mbs = stream.settle(mbs)   # under parallel.vit.decode_once collective over the replica's ranks
+        error = None
+        try:
+            mbs = stream.settle(mbs)   # under parallel.vit.decode_once collective over the replica's ranks
+        except Exception as e:
+            if self.vision is None or not self.vision.decode_once:
+                raise
+            # an error of this rank after settle's exchange (rebuilding a pack without the failed samples) stops the
+            # group before the pixel exchange, which the others would wait in (VisionTower.forward)
+            mbs, error = [], e
         if self.vision is None:
             return mbs
-        embeds = self.vision.forward(mbs, self.device)
+        embeds = self.vision.forward(mbs, self.device, error=error)
         return [{**mb, "visual_embeds": embeds[i] if embeds is not None else None} for i, mb in enumerate(mbs)]
 
     def _schedule(self, iters: list, n: int, inputs: StepInputs, *, forward_only: bool, poison: dict | None = None,

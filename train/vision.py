@@ -160,11 +160,28 @@ class VisionTower:
                      if self.decode_once else "frames decoded by the LM-input ranks (the later pipeline stages encode "
                      "none)" if self.pixel_ranks else "every rank decodes its replica's frames")
 
-    def forward(self, micro_batches: list[dict], device) -> list | None:
+    def forward(self, micro_batches: list[dict], device, error: BaseException | None = None) -> list | None:
         """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism
         each micro-batch dict gets "visual_local_pos": where this rank's share of the visual tokens sits in
         its local sequence (the parallel.cp_split layout of parallel/context/split.py, which for "document"
-        depends on the micro-batch's cu_seqlens); the embeddings returned are exactly those tokens."""
+        depends on the micro-batch's cu_seqlens); the embeddings returned are exactly those tokens.
+        Under decode_once an error of this rank before the pixels move (`error`, one it met since the round's settle,
+        or one here: a device out-of-memory copying the pixels there) is raised on every rank of the group, naming it
+        (VisionPhase.forward), instead of leaving the others waiting for the pixels; elsewhere it is raised here."""
+        try:
+            if error is not None:
+                raise error
+            mbs, needs = self._inputs(micro_batches, device)
+        except Exception as e:
+            if not self.decode_once:
+                raise
+            mbs, needs, error = [], None, e
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.phase.forward(mbs, needs, **({"pixels_from": 0, "error": error} if self.decode_once else {}))
+
+    def _inputs(self, micro_batches: list[dict], device) -> tuple[list, dict | None]:
+        """The phase's micro-batches (pixels on `device`, grids) and, under context parallelism, each LM-input rank's
+        needs (see forward)."""
         mbs = [(mb["pixel_values"].to(device, non_blocking=True), mb["grid_thw"]) for mb in micro_batches]
         needs = None
         if self.layout.cp > 1:
@@ -185,8 +202,7 @@ class VisionTower:
                         inv = torch.empty(seq, dtype=torch.long)
                         inv[local] = torch.arange(local.numel())
                         mb["visual_local_pos"] = inv[vpos[sel]]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.phase.forward(mbs, needs, **({"pixels_from": 0} if self.decode_once else {}))
+        return mbs, needs
 
     def step_flops(self, micro_batches: list[dict]) -> float:
         return vision_step_flops(self.model, micro_batches)

@@ -335,3 +335,37 @@ def test_a_dead_worker_of_the_decoding_rank_stops_every_rank_in_the_next_settle(
     assert isinstance(theirs, RuntimeError) and str(theirs).startswith(
         "video loader: the replica's decoding rank 0 failed (its ranks settle each round's packs together: "
         f"docs/data.md \"Decoding once per replica\"): RuntimeError: {mine}"), theirs
+
+
+def test_an_error_between_settle_and_the_pixel_exchange_goes_to_the_vision_phase(monkeypatch):
+    """Under decode_once, an error of one rank after settle's exchange (rebuilding a pack) or before the pixels move
+    (an out-of-memory copying them to the device) was raised there, on that rank alone, while the others waited in
+    scatter_pixels until the job's timeout. The trainer's round and the tower now hand it to the vision phase, which
+    raises it on every rank of the group before the all_to_all (tests/dist/test_vit_layout.py pixels_from_0_faults).
+    Fakes stand for the stream, the tower's phase and the micro-batches."""
+    from types import SimpleNamespace
+
+    from train.trainer import Trainer
+    from train.vision import VisionTower
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    calls = []
+
+    class Phase:
+        def forward(self, mbs, needs, **kw):
+            calls.append((mbs, kw))
+
+    class Pixels:            # a micro-batch's pixels whose copy to the device runs out of memory
+        def to(self, *a, **k):
+            raise oom
+    tower = SimpleNamespace(decode_once=True, phase=Phase(), bf16=False, layout=SimpleNamespace(cp=1))
+    tower._inputs = lambda mbs, device: VisionTower._inputs(tower, mbs, device)
+    VisionTower.forward(tower, [{"pixel_values": Pixels(), "grid_thw": torch.ones(1, 3, dtype=torch.long)}], "cpu")
+    assert calls == [([], {"pixels_from": 0, "error": oom})]
+
+    gone = MemoryError("rebuilding a pack")
+    stream = SimpleNamespace(take=lambda n: [], settle=lambda mbs: (_ for _ in ()).throw(gone))
+    vision = SimpleNamespace(decode_once=True, forward=lambda mbs, device, error=None: calls.append((mbs, error)))
+    trainer = SimpleNamespace(step=0, rank=1, data_can_end=False, vision=vision, device="cpu")
+    Trainer._video_round(trainer, stream, 1)
+    assert calls[-1] == ([], gone)

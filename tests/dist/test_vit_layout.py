@@ -95,6 +95,11 @@ CASES = {
                                                   bf16=True, pixels_from=1)),
     "pixels_from_0_no_frames": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", none=True,
                                           pixels_from=0)),
+    # an error of one rank between the round's settle and the pixel all_to_all (a micro-batch whose pixel rows are not
+    # its grid's on the sending rank; a device out-of-memory on another copying its pixels): it stopped alone, the
+    # others waited in the all_to_all until the job's timeout. Every rank now raises, naming it; the group goes on
+    "pixels_from_0_faults": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", pixels_from=0,
+                                       faults=True)),
 }
 
 
@@ -189,8 +194,47 @@ def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
     model = _model(opt.get("freeze"), dtype)
     ref = _model(opt.get("freeze"), dtype)
     trains = any(p.requires_grad for p in ref.parameters())
+    if opt.get("faults"):
+        _run_faults(opt, rank, W, consumers, mbs, model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.get("bf16", False)):
         return _run_phase(opt, rank, W, consumers, mbs, V, needs, w, model, ref, trains)
+
+
+def _run_faults(opt, rank, W, consumers, mbs, model) -> None:
+    """Two rounds that fail on one rank before the pixels move (pixels_from), then a good one: every rank must raise in
+    the first two, the failing one its own error, the others a RuntimeError naming its rank, host and error. Over a
+    group whose collectives time out after 10 s, so that a rank left waiting in the all_to_all (as before) fails the
+    case rather than hang the job."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from parallel.vit_layout import VisionPhase
+
+    group = dist.new_group(list(range(W)), backend="gloo", timeout=datetime.timedelta(seconds=10))
+    src = opt["pixels_from"]
+    empty = [dict(mb, pixel_values=mb["pixel_values"][:0]) for mb in mbs]
+    short = [dict(mb, pixel_values=mb["pixel_values"][:-1]) for mb in mbs]     # one pixel row short of its grid
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    n = int(mbs[0]["grid_thw"].prod(-1).sum())
+    for bad, kw, own in ((src, {}, f"ValueError: scatter_pixels: micro-batch 0 holds {n - 1} pixel rows, but its "
+                                   f"grid_thw has {n} patches"),
+                         (W - 1, {"error": oom}, f"OutOfMemoryError: {oom}")):
+        mine = (short if bad == src else mbs) if rank == src else empty
+        try:
+            VisionPhase(model, group, consumers).forward(mine, None, pixels_from=src, **(kw if rank == bad else {}))
+            got = "no error"
+        except Exception as e:
+            got = f"{type(e).__name__}: {e}"
+        want = own if rank == bad else (
+            f"RuntimeError: vision phase: rank {bad} on {socket.gethostname()} failed before the pixel exchange "
+            f"(parallel.vit.decode_once: the group's first rank sends each rank its frames' pixels in one all_to_all, "
+            f"which every rank of the group would wait in): {own}")
+        assert got == want, f"rank {rank}, rank {bad} failing: {got}"
+    with torch.no_grad():   # the group goes on: a good round after them
+        out = VisionPhase(model, group, consumers).forward(mbs if rank == src else empty, None, pixels_from=src)
+    assert [e.shape[0] for e in out] == [int(mb["grid_thw"].prod(-1).sum()) // 4 for mb in mbs]
 
 
 def _run_phase(opt, rank, W, consumers, mbs, V, needs, w, model, ref, trains) -> dict[str, float]:
