@@ -17,7 +17,8 @@ With `data.video.long_shards` and `long_fraction` set, the packs come from a see
 Decoding once per replica (parallel.vit.decode_once, docs/data.md "Decoding once per replica"): every rank of a
 data-parallel replica draws the same packs, but only the replica's decoding rank (`DecodeOnce.src`) decodes their
 pixels; the other ranks build them without pixels. Under the replicated ViT layout the LM-input ranks decode each,
-and the later pipeline stages, which encode no frame, build them without pixels the same way. `take(n)` draws a
+and the later pipeline stages, which encode no frame, build them without pixels the same way; under spread without
+decode_once every rank decodes (those that decode must fail on the same samples, or all stop). `take(n)` draws a
 round's packs and `settle(packs)` makes them the trainer's micro-batches: one all_gather over the replica of each
 rank's error (any rank's stops every rank) and packs' samples, and of the decoding rank's failed samples, after which
 the other ranks leave out the same samples, and every rank accounts the packs alike. The pixels reach the ranks whose

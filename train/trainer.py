@@ -545,10 +545,11 @@ class Trainer:
                             records_bad_samples=self._replica_first(), decode_once=self._decode_once())
 
     def _decode_once(self):
-        """The replica's data/video_stream.DecodeOnce where some of its ranks load no pixels (train/vision.py
-        pixel_ranks): under parallel.vit.decode_once its vision group's first rank decodes the packs and sends each rank
-        its frames' pixels in the vision phase; under the replicated layout the later pipeline stages decode none. None:
-        every rank decodes."""
+        """The replica's data/video_stream.DecodeOnce where it has several ranks (train/vision.py pixel_ranks): they
+        settle each round's packs with its vision group's first rank. Under parallel.vit.decode_once that rank alone
+        decodes the packs and sends each rank its frames' pixels in the vision phase; under the replicated layout the
+        later pipeline stages decode none; where several ranks decode, a sample that fails on one of them alone stops
+        them all in settle. None: a replica of one rank."""
         from data.video_stream import DecodeOnce
 
         v = self.vision

@@ -96,17 +96,20 @@ def build_vision_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
 
 def pixel_ranks(v, data_kind: str, members: list[int], consumers: list[int]) -> list[int] | None:
     """The global ranks of a vision group (`members`; `consumers`: the indices of its LM-input ranks) whose loaders
-    decode pixels, the others building the same packs without them (data/video_stream.DecodeOnce), or None: every rank
-    decodes. Under parallel.vit.decode_once (`v`: its ViTParallelConfig) the group's first rank, which sends each rank
-    its frames' pixels; under the replicated layout the LM-input ranks, each encoding every frame, and no later
-    pipeline stage, which encodes none."""
+    decode pixels, or None: a replica of one rank (or no video data), which settles with nobody. The others build the
+    same packs without pixels (data/video_stream.DecodeOnce), and every rank of the group settles each round with
+    the first (the ranks that decode follow its failed samples, or all stop naming the two: a decode that failed on
+    one rank alone would make sequences differ that must be the same). Under parallel.vit.decode_once (`v`: its
+    ViTParallelConfig) the group's first rank, which sends each rank its frames' pixels; under the replicated layout
+    the LM-input ranks, each encoding every frame, and no later pipeline stage, which encodes none; under the spread
+    layout without decode_once every rank, each encoding its share of the frames from its own pixels."""
     if data_kind != "video" or len(members) == 1:
         return None
     if v.decodes_once:
         return [members[0]]
-    if v.layout == "replicated" and len(consumers) < len(members):
+    if v.layout == "replicated":
         return [members[i] for i in consumers]
-    return None
+    return list(members)
 
 
 class VisionTower:
@@ -158,7 +161,8 @@ class VisionTower:
                       + ("trained" if train_projector else "frozen")), v.layout, len(members), consumers,
                      v.balance, v.recompute, "frames decoded once per replica (by its first rank; decode_once)"
                      if self.decode_once else "frames decoded by the LM-input ranks (the later pipeline stages encode "
-                     "none)" if self.pixel_ranks else "every rank decodes its replica's frames")
+                     "none)" if self.pixel_ranks and len(self.pixel_ranks) < len(members) else
+                     "every rank decodes its replica's frames")
 
     def forward(self, micro_batches: list[dict], device, error: BaseException | None = None) -> list | None:
         """Embeddings for this rank's micro-batches (None off the LM-input ranks). Under context parallelism

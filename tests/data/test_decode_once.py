@@ -276,10 +276,10 @@ def test_a_failed_sample_is_told_apart_from_its_namesake_in_another_shard_folder
 
 @pytest.mark.parametrize("layout,decode_once,members,consumers,kind,want", [
     ("spread", None, [4, 5], [0, 1], "video", [4]),                  # TP2: the replica's first rank decodes
-    ("spread", False, [4, 5], [0, 1], "video", None),
+    ("spread", False, [4, 5], [0, 1], "video", [4, 5]),             # each decodes, and settles with the first
     ("spread", None, [3], [0], "video", None),                       # a replica of one rank
     ("replicated", None, [0, 2, 4, 6], [0, 1], "video", [0, 2]),     # TP2 x PP2: the LM-input ranks of stage 0
-    ("replicated", None, [0, 1], [0, 1], "video", None),             # TP2: every rank encodes every frame
+    ("replicated", None, [0, 1], [0, 1], "video", [0, 1]),           # TP2: every rank encodes every frame
     ("spread", True, [0, 1], [0, 1], "tokens", None),
 ])
 def test_who_loads_pixels(layout, decode_once, members, consumers, kind, want):
@@ -335,6 +335,58 @@ def test_a_dead_worker_of_the_decoding_rank_stops_every_rank_in_the_next_settle(
     assert isinstance(theirs, RuntimeError) and str(theirs).startswith(
         "video loader: the replica's decoding rank 0 failed (its ranks settle each round's packs together: "
         f"docs/data.md \"Decoding once per replica\"): RuntimeError: {mine}"), theirs
+
+
+@pytest.mark.parametrize("layout,decode_once", [("replicated", None), ("spread", False)])
+def test_ranks_that_decode_each_stop_together_on_a_decode_that_failed_on_one(shard_dir, tmp_path, monkeypatch, layout,
+                                                                              decode_once):
+    """A TP2 replica without pipeline stages under parallel.vit.layout=replicated (or spread with decode_once=false):
+    both ranks decode every pack, and nothing compared them. A sample whose decode failed on one rank alone (its
+    sample_timeout_s on a loaded node) was left out there and kept on its tensor peer: the two trained on other tokens
+    of one sequence. The streams, built as the trainer builds them (Trainer._decode_once from pixel_ranks), now settle
+    each round with the replica's first rank, and both stop naming the two ranks and the sample."""
+    from data.video import loader as vl
+    from data.video_stream import DecodeOnce, VideoBatchStream
+    from parallel.layout import ViTParallelConfig
+    from train.vision import pixel_ranks
+
+    cfg, follower_cfg = _cfgs(shard_dir, tmp_path, num_epochs=None)
+    replica = _Replica(2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", replica.all_gather_object)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: replica.n)
+    decoding = pixel_ranks(ViTParallelConfig(layout=layout, decode_once=decode_once), "video", [0, 1], [0, 1])
+    kw = dict(seq_length=cfg.seq_len, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    streams = [VideoBatchStream(c, decode_once=None if decoding is None else
+                                DecodeOnce(group=None, src=0, rank=r, pixels=r in decoding), **kw)
+               for r, c in enumerate([cfg, follower_cfg])]
+    a, b = replica.settle(streams, 1)        # a round where both decode alike
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+    # rank 1's decode of its pack's first video or image times out (rank 0 decodes it)
+    write, failing = vl._write_patches, [False]
+
+    def write_patches(*args):
+        if failing[0]:
+            failing[0] = False
+            raise vl.SampleFailure("timeout", "no frames within data.video.sample_timeout_s")
+        return write(*args)
+    monkeypatch.setattr(vl, "_write_patches", write_patches)
+    draw = streams[1].loader.draw
+
+    def draw_failing():
+        failing[0] = True
+        return draw()
+    monkeypatch.setattr(streams[1].loader, "draw", draw_failing)
+    got = replica.settle(streams, 1)
+    assert not failing[0], "the pack held no video or image: the fault was not injected"
+    assert all(isinstance(g, RuntimeError) for g in got), (
+        f"the ranks went on with other sequences: {int((got[0][0]['tokens'] != got[1][0]['tokens']).sum())} of "
+        f"{got[0][0]['tokens'].numel()} tokens differ"
+        if all(isinstance(g, list) for g in got) else got)
+    assert str(got[0]) == str(got[1]) and re.fullmatch(
+        r"video loader: rank 1 and the replica's decoding rank 0 decode their packs each, and failed on other samples "
+        r"of epoch \d+ pack \d+: \S+ against none, so their sequences would differ \(.*\)", str(got[0])), got[0]
+    assert replica.calls == 2 * 2          # one collective per rank and round
 
 
 def test_an_error_between_settle_and_the_pixel_exchange_goes_to_the_vision_phase(monkeypatch):
