@@ -35,6 +35,19 @@ class Control(str):
 IM_START, IM_END = Control("<|im_start|>"), Control("<|im_end|>")
 
 
+class Verbatim(str):
+    """A segment's text in which "<video>" and "<image>" are text, not markers: what the model is taught to write (a
+    caption, an event, a QA answer, an assistant turn) and the system and tool turns. A marker stands where a record
+    places its pictures: a `prompt`, a QA question, a user turn, a free `text` (an interleaved document); one spelled
+    elsewhere (a caption about HTML's "<video> tag", an answer quoting LLaVA's "<image>") keeps its words there. The
+    segment functions below leave such a segment whole."""
+
+
+def _marks(text: str) -> bool:
+    """Whether a segment's text can hold a marker (not a template token, not Verbatim)."""
+    return not isinstance(text, (Control, Verbatim))
+
+
 class Turn(NamedTuple):
     """One turn of a conversation: its role (user, assistant, system or tool), text, an assistant's thinking
     (`reasoning_content`, else None) and its tool calls, each written as Qwen writes one:
@@ -127,8 +140,11 @@ def conversation_turns(annotation: dict) -> list[Turn] | str | None:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     parts.append(part["text"])
-                elif kind in ("image", "image_url", "video"):
+                elif kind in ("image", "image_url", "video") and role == "user":
                     parts.append(VIDEO_MARKER if kind == "video" else IMAGE_MARKER)
+                elif kind in ("image", "image_url", "video"):
+                    return (f"'{name}'[{i}]: a {kind!r} part in a turn of role {role!r} (pictures stand in user "
+                            f"turns; other turns are text)")
                 else:
                     return f"'{name}'[{i}]: a content part {part!r} is not text, image or video"
             body = "".join(parts)
@@ -232,13 +248,16 @@ def _turn_segments(role: str, body: str, template: str) -> list[tuple[str, bool]
     """One conversation turn as (text, supervised) segments: only an assistant's answer (and its end) trains."""
     if template in ("qwen", "qwen3"):          # Qwen's chat template: <|im_start|>role\n ... <|im_end|>\n
         if role == "assistant":
-            return [(IM_START, False), ("assistant\n", False)] + ([(body, True)] if body else []) + [
+            return [(IM_START, False), ("assistant\n", False)] + ([(Verbatim(body), True)] if body else []) + [
                 (IM_END, True), ("\n", False)]
-        return [(IM_START, False), (f"{role}\n{body}", False), (IM_END, False), ("\n", False)]
+        turn = f"{role}\n{body}"
+        return [(IM_START, False), (turn if role == "user" else Verbatim(turn), False), (IM_END, False), ("\n", False)]
     body = body.rstrip("\n") + "\n"
     if role == "assistant":
-        return [("Assistant: ", False), (body, True)]
-    return [(body if role == "system" else f"{'Tool' if role == 'tool' else 'User'}: {body}", False)]
+        return [("Assistant: ", False), (Verbatim(body), True)]
+    if role == "user":
+        return [(f"User: {body}", False)]
+    return [(Verbatim(body if role == "system" else f"Tool: {body}"), False)]
 
 
 def split_thinking(body: str, reasoning: str | None) -> tuple[str, str]:
@@ -258,8 +277,8 @@ def _tool_responses(turns: list[Turn], i: int) -> list[tuple[str, bool]]:
     j = i
     while j < len(turns) and turns[j].role == "tool":
         j += 1
-    return [(IM_START, False), ("user" + "".join(f"\n{RESPONSE_START}\n{t.text}\n{RESPONSE_END}" for t in turns[i:j]),
-                                False), (IM_END, False), ("\n", False)]
+    return [(IM_START, False), (Verbatim("user" + "".join(f"\n{RESPONSE_START}\n{t.text}\n{RESPONSE_END}"
+                                                         for t in turns[i:j])), False), (IM_END, False), ("\n", False)]
 
 
 def conversation_segments(turns: list[Turn], template: str, tools: list | None = None) -> list[tuple[str, bool]]:
@@ -274,7 +293,7 @@ def conversation_segments(turns: list[Turn], template: str, tools: list | None =
     writes the calls as Qwen does and a tool turn as "Tool: ..."."""
     tools = tools or []
     if template not in ("qwen", "qwen3"):
-        segs = [("Tools:\n" + "".join(_json(t) + "\n" for t in tools), False)] if tools else []
+        segs = [(Verbatim("Tools:\n" + "".join(_json(t) + "\n" for t in tools)), False)] if tools else []
         for t in turns:
             body = t.text if t.role != "assistant" else _with_calls(t.text.rstrip("\n") if t.calls else t.text, t.calls)
             segs += _turn_segments(t.role, body, template)
@@ -283,8 +302,8 @@ def conversation_segments(turns: list[Turn], template: str, tools: list | None =
     if tools:
         has_system = turns[0].role == "system"
         system = turns[0].text + "\n\n" if has_system else ""
-        segs += [(IM_START, False), (f"system\n{system}{TOOLS_INTRO}" + "".join("\n" + _json(t) for t in tools)
-                                     + TOOLS_OUTRO, False), (IM_END, False), ("\n", False)]
+        segs += [(IM_START, False), (Verbatim(f"system\n{system}{TOOLS_INTRO}" + "".join("\n" + _json(t) for t in tools)
+                                              + TOOLS_OUTRO), False), (IM_END, False), ("\n", False)]
         turns = turns[1:] if has_system else turns
     queries = [i for i, t in enumerate(turns) if t.role == "user"
                and not (t.text.startswith(RESPONSE_START) and t.text.endswith(RESPONSE_END))]
@@ -316,14 +335,15 @@ def annotation_segments(annotation: dict, template: str = "plain", *, lead: str 
     then "Assistant: " and the answer (a system turn as it is); "qwen" = Qwen's chat template, each turn
     "<|im_start|>{role}\n{text}<|im_end|>\n" (the answer and its <|im_end|> supervised); "qwen3" = that, with
     Qwen3's thinking blocks (`conversation_segments`). `lead`: what the first user turn's text opens with (markers:
-    `video_segments`, `image_chunks`)."""
+    `video_segments`, `image_chunks`). The segments where a "<video>" / "<image>" is text, not a marker, are
+    `Verbatim` (the caption, events, answers, and the turns that are not the user's)."""
     segs: list[tuple[str, bool]] = []
     prompt = annotation.get("prompt")
     if isinstance(prompt, str) and prompt:
         segs.append((prompt.rstrip("\n") + "\n", False))
     cap = annotation.get("caption")
     if isinstance(cap, str) and cap:
-        segs += [("Caption: ", False), (cap.rstrip("\n") + "\n", True)]
+        segs += [("Caption: ", False), (Verbatim(cap.rstrip("\n") + "\n"), True)]
     events = annotation.get("events") or []
     if events:
         segs.append(("Events:\n", False))
@@ -332,7 +352,7 @@ def annotation_segments(annotation: dict, template: str = "plain", *, lead: str 
                 s, t, txt = float(e["start"]), float(e.get("end", e["start"])), str(e["text"])
             except (KeyError, TypeError, ValueError):
                 continue
-            segs.append((f"<{s:.1f}s-{t:.1f}s> {txt}\n", True))
+            segs.append((Verbatim(f"<{s:.1f}s-{t:.1f}s> {txt}\n"), True))
     for qa in annotation.get("qa") or []:
         if not isinstance(qa, dict):
             continue
@@ -340,7 +360,7 @@ def annotation_segments(annotation: dict, template: str = "plain", *, lead: str 
         a = qa.get("answer", qa.get("a"))
         if q is None or a is None:
             continue
-        segs += [(f"Q: {q}\nA: ", False), (f"{a}\n", True)]
+        segs += [(f"Q: {q}\nA: ", False), (Verbatim(f"{a}\n"), True)]
     turns = conversation_turns(annotation)
     if isinstance(turns, list):
         first = next((i for i, t in enumerate(turns) if t.role == "user"), None) if lead else None
@@ -357,7 +377,7 @@ def split_at_image_markers(segs: list[tuple[str, bool]]) -> list[list[tuple[str,
     """The (text, supervised) segments split at every IMAGE_MARKER: k markers give k + 1 chunks (some empty)."""
     chunks: list[list[tuple[str, bool]]] = [[]]
     for text, sup in segs:
-        if isinstance(text, Control):          # a template's token: no marker, kept whole
+        if not _marks(text):                   # a template's token or Verbatim text: no marker, kept whole
             chunks[-1].append((text, sup))
             continue
         for j, part in enumerate(text.split(IMAGE_MARKER)):
@@ -374,7 +394,7 @@ def without_markers(segs: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     A marker's own line goes with it."""
     out = []
     for text, sup in segs:
-        for m in (VIDEO_MARKER, IMAGE_MARKER) if not isinstance(text, Control) else ():
+        for m in (VIDEO_MARKER, IMAGE_MARKER) if _marks(text) else ():
             text = text.replace(m + "\n", "").replace(m, "")
         if text:
             out.append((text, sup))
@@ -395,10 +415,10 @@ def video_segments(annotation: dict, template: str) -> tuple[list[tuple[str, boo
     segs = annotation_segments(annotation, template)
     if template not in ("qwen", "qwen3"):
         return [], without_markers(segs)
-    if not any(m in t for t, _ in segs for m in (VIDEO_MARKER, IMAGE_MARKER)):
+    if not any(m in t for t, _ in segs if _marks(t) for m in (VIDEO_MARKER, IMAGE_MARKER)):
         segs = annotation_segments(annotation, template, lead=VIDEO_MARKER)
     for i, (text, sup) in enumerate(segs):
-        found = [(text.find(m), m) for m in (VIDEO_MARKER, IMAGE_MARKER) if m in text]
+        found = [(text.find(m), m) for m in (VIDEO_MARKER, IMAGE_MARKER) if m in text and _marks(text)]
         if found:
             at, marker = min(found)
             rest = text[at + len(marker):]
@@ -431,6 +451,17 @@ def vision_moved(annotation: dict, template: str, n_images: int = 0) -> bool:
     return bool(before) or after != without_markers(segs)
 
 
+def markers_moved(annotation: dict, template: str) -> bool:
+    """Whether a video's or an image sample's document is written otherwise than when "<video>" and "<image>" were
+    markers wherever the record spelled them: one of them in a caption, an event, an answer, or a system, assistant or
+    tool turn (now its text: `Verbatim`), or a picture part in a turn that is not the user's (now a malformed
+    conversation, which the planner refuses)."""
+    if isinstance(conversation_turns(annotation), str):
+        return True
+    return any(m in t for t, _ in annotation_segments(annotation, template) if isinstance(t, Verbatim)
+               for m in (VIDEO_MARKER, IMAGE_MARKER))
+
+
 def spells_special(annotation: dict, template: str, specials) -> bool:
     """Whether a record's text spells one of `specials` (a tokenizer's special tokens, "<|im_end|>"): with its markers
     or without them, in any stretch between the template's own tokens (`Control`), which a tokenizer that reads
@@ -452,7 +483,7 @@ def spells_special(annotation: dict, template: str, specials) -> bool:
 
 
 def image_marker_count(annotation: dict) -> int:
-    return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation))
+    return sum(t.count(IMAGE_MARKER) for t, _ in annotation_segments(annotation) if _marks(t))
 
 
 def video_marker_problem(annotation: dict) -> str | None:
@@ -462,7 +493,8 @@ def video_marker_problem(annotation: dict) -> str | None:
     for videos or images the record does not name: the frames took the first, the others were dropped without a
     word, and the answers trained on what was never shown (transformers' Qwen2-VL processor and model fail on such a
     prompt too)."""
-    counts = {m: sum(t.count(m) for t, _ in annotation_segments(annotation)) for m in (VIDEO_MARKER, IMAGE_MARKER)}
+    counts = {m: sum(t.count(m) for t, _ in annotation_segments(annotation) if _marks(t))
+              for m in (VIDEO_MARKER, IMAGE_MARKER)}
     if sum(counts.values()) <= 1:
         return None
     found = " and ".join(f"{c} {m!r}" for m, c in counts.items() if c)

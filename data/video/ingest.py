@@ -338,7 +338,7 @@ def read_annotations(path: str | None) -> Annotations:
             elif marks and marks != len(rels):
                 problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
                                 f"(one per image, or none to place the images first)")
-            elif any(VIDEO_MARKER in t.text for t in turns or ()):   # kept as a string: no video shown there
+            elif any(VIDEO_MARKER in t.text for t in turns or () if t.role == "user"):   # no video shown there
                 problems.append(f"{path}:{n}: a '<video>' marker (or video part) in the conversation of an image "
                                 f"sample (its record names images, no video)")
             else:
@@ -351,9 +351,10 @@ def read_annotations(path: str | None) -> Annotations:
             continue
         if v is None and has_text(r):
             # a conversation's markers (LLaVA's "<image>", OpenAI's image and video parts) in a text-only sample
-            # would stay strings: answers trained on pictures never shown (a free 'text' may spell them as text)
+            # would stay strings: answers trained on pictures never shown (a free 'text' may spell them as text, and
+            # so may the turns that are not the user's: annotations.Verbatim)
             marks = [f"{c} {m!r}" for m in (IMAGE_MARKER, VIDEO_MARKER)
-                     if (c := sum(t.text.count(m) for t in turns or ()))]
+                     if (c := sum(t.text.count(m) for t in turns or () if t.role == "user"))]
             if marks:
                 problems.append(f"{path}:{n}: {' and '.join(marks)} marker(s) or part(s) in the conversation, but no "
                                 f"'image', 'images' or 'video' field: name the file they stand for, or remove them")

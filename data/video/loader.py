@@ -75,7 +75,7 @@ from data.node_files import array_json, json_array, prune, shaped, shared_arrays
 from data.sample_position import DataStateMismatch
 from data.token_files import TokenPacks
 
-from .annotations import spells_special, vision_moved
+from .annotations import markers_moved, spells_special, vision_moved
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -101,6 +101,10 @@ _IMAGE_PLAN_FIELDS = ("min_image_tokens", "max_image_tokens")
 # (annotations.video_segments, image_chunks); a state from before, whose frames and such images came before all text,
 # has no "vision_at" field: taken only where no document moved (VideoPackedLoader._same_plan_before)
 VISION_AT = "marker"
+# "<video>" / "<image>" are markers only where a record places its pictures (a prompt, a QA question, a user turn, a
+# free text) and text elsewhere (annotations.Verbatim); a state from before, when they were markers in any text, has no
+# "markers" field: taken only where no document moved
+MARKERS = "user"
 # plan fields added since states were saved without them, each with what it says of the documents: a state without
 # one continues where no document moved by it (VideoPackedLoader._same_plan_before), else it is refused naming it
 LATER_FIELDS = {
@@ -108,6 +112,10 @@ LATER_FIELDS = {
         "a video's frames now stand where its marker is in the conversation, inside the user turn, and an image "
         "sample's images without markers at the start of its first user turn, where they stood before all of its "
         "text when this state was saved"),
+    "markers": (
+        "a '<video>' or '<image>' spelled in a caption, an event, an answer, or a system, assistant or tool turn is "
+        "now its text, where it was a marker (the frames or an image stood there; under chat_template plain it was "
+        "dropped) when this state was saved"),
     "specials_in_text": (
         "a record's text that spells one of the tokenizer's special tokens (such as '<|im_end|>' or "
         "'<|vision_start|>') is now read as its characters, where it gave that token's id when this state was "
@@ -1256,6 +1264,8 @@ class VideoPackedLoader:
             out["chat_template"] = self.cfg.chat_template
             if self.has_videos or self.has_images:    # frames and images stand at their marker or in the user turn
                 out["vision_at"] = VISION_AT
+        if self.has_videos or self.has_images:
+            out["markers"] = MARKERS
         specials = getattr(self.tokenizer, "specials_in_text", None)   # a Hugging Face tokenizer's: "text"
         if specials is not None:
             out["specials_in_text"] = specials
@@ -1292,11 +1302,15 @@ class VideoPackedLoader:
     def _moved_by(self, field: str) -> str | None:
         """The key of the first sample whose document `field` of LATER_FIELDS writes otherwise than before it was a
         plan field, None when none: for "vision_at", a video whose text has a marker or a user turn, or an image
-        sample without markers that has a user turn (captions and QA pairs did not move); for "specials_in_text",
+        sample without markers that has a user turn (captions and QA pairs did not move); for "markers", a video or an
+        image sample that spells a marker where it is now text (`annotations.markers_moved`); for "specials_in_text",
         a sample whose text spells one of the tokenizer's special tokens."""
         t = self.cfg.chat_template
         if field == "vision_at":
             moved = lambda r: vision_moved(r.annotation, t, len(r.images or ()))  # noqa: E731
+            kinds = ("video", "image")
+        elif field == "markers":
+            moved = lambda r: markers_moved(r.annotation, t)  # noqa: E731
             kinds = ("video", "image")
         else:
             specials = getattr(self.tokenizer, "special_tokens", ())

@@ -46,7 +46,8 @@ import torch
 
 from .backends import shrink_planar
 from .config import VideoDataConfig
-from .annotations import Control, annotation_segments, image_chunks, video_marker_problem, video_segments  # noqa: F401
+from .annotations import (Control, annotation_segments, conversation_turns, image_chunks,  # noqa: F401
+                          video_marker_problem, video_segments)
 from .images import IMAGE_MARKER
 from .sampling import FramePlan, PlanError, plan_frames, plan_image, timestamp_text
 from .tokenizer import Tokenizer
@@ -391,6 +392,10 @@ def plan_document(*, uid: int, key: str, video: dict | None, annotation: dict, c
     an image sample (`plan_image_document`); else `video` None: a text-only sample (`plan_text_document`, which
     takes `piece` and `encoded`). rng_key: what seeds a video's frame jitter (sampling.sample_rng), `key` unless
     given (the loader's: "<shard file name>/<key>", the same whatever folder names the shard in `key`)."""
+    if images or video is not None:
+        turns = conversation_turns(annotation)     # shards written before ingest refused a picture part outside a
+        if isinstance(turns, str):                 # user turn: its conversation would be left out without a word
+            raise PlanError("bad_metadata", turns)
     if images:
         return plan_image_document(uid=uid, key=key, images=images, annotation=annotation, cfg=cfg,
                                    tokenizer=tokenizer)

@@ -258,6 +258,36 @@ def test_a_conversation_marking_pictures_it_does_not_have_is_reported(tmp_path):
     assert got.problems[3].startswith(f"{ann}:5: 1 '<image>' marker(s)")   # LLaVA's video data needs its video field
 
 
+def test_markers_outside_the_user_turns_are_words_at_ingest_and_in_image_samples(tmp_path):
+    """An answer that writes "<image>" or "<video>" (about HTML's tags, or quoting LLaVA's prompts) was counted as a
+    marker: an image sample asking "<image>\nWhat is this tag?" and answering "An <image> tag" was left out ("1
+    image(s) but 2 '<image>' markers"), a text-only conversation answering "The <image> tag." too ("1 '<image>'
+    marker(s) or part(s) in the conversation, but no 'image' ..."). Only the user's markers are markers: both are
+    stored, the image stands at the user's marker and the answer keeps its words (the segments written out by hand).
+    A picture part in an assistant turn names no place in a user's prompt: reported by line."""
+    from data.video.annotations import image_chunks
+
+    asked = {"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this tag?"},
+        {"from": "gpt", "value": "An <image> tag; <video> embeds clips."}]}
+    text = {"conversations": [{"from": "human", "value": "Which tag embeds a picture?"},
+                              {"from": "gpt", "value": "The <image> tag."}]}
+    part = {"video": "v.mp4", "messages": [{"role": "user", "content": "Show me."},
+                                           {"role": "assistant", "content": [{"type": "video"}]}]}
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in (asked, text, part)))
+    got = read_annotations(str(ann))
+    assert list(got.images) == ["a.png"] and [t[2] for t in got.texts] == [2] and not got.videos, got.problems
+    assert got.problems == [f"{ann}:3: 'messages'[1]: a 'video' part in a turn of role 'assistant' (pictures stand "
+                            f"in user turns; other turns are text); record left out"]
+    assert [runs(c) for c in image_chunks(asked, "plain", 1)] == [
+        [("User: ", False)], [("\nWhat is this tag?\nAssistant: ", False),
+                              ("An <image> tag; <video> embeds clips.\n", True)]]
+    assert [runs(c) for c in image_chunks(asked, "qwen", 1)] == [
+        [("<|im_start|>user\n", False)], [("\nWhat is this tag?<|im_end|>\n<|im_start|>assistant\n", False),
+                                           ("An <image> tag; <video> embeds clips.<|im_end|>", True), ("\n", False)]]
+
+
 @pytest.mark.parametrize("template", ["plain", "qwen"])
 def test_a_video_record_marking_more_than_its_video_is_refused(tmp_path, template):
     """A video record names one video; a text with two markers ("<video>" twice, or LLaVA-Video's "<image>" beside a

@@ -820,3 +820,106 @@ def test_images_without_markers_open_the_first_user_turn(tok_dir, template):
     assert doc.labels.tolist() == [t if s else -100 for t, s in zip(tokens[1:], sup[1:])] + [-100]
     assert [tuple(x) for x in doc.pos.T.tolist()] == pos
     assert plan.length == len(tokens)
+
+
+# records that spell "<video>" / "<image>" where they are words: a caption about HTML's tags, an answer that writes
+# them; and a LLaVA-style record whose user turn marks the video (the frames stand there under qwen / qwen3)
+CAPTION = {"caption": "Embed it with the <video> tag.",
+           "qa": [{"q": "Which tag?", "a": "The <image> tag, for stills."}]}
+ASKED = {"conversations": [{"from": "human", "value": "<video>\nWhich HTML tag embeds a clip?"},
+                           {"from": "gpt", "value": "Write <video> or, for a picture, <image>."}]}
+UNMARKED = {"messages": [{"role": "system", "content": "Quote <image> as it is."},
+                         {"role": "user", "content": "Which HTML tag embeds a clip?"},
+                         {"role": "assistant", "content": "Use <video>."}]}
+
+
+def _marker_reference(record: dict, template: str, enc, S: list[int], E: list[int]) -> tuple[list[int], list[int]]:
+    """The ids before and after a video's frames, written out: "plain" tokenizes each segment alone and keeps the
+    frames first (the user turn's marker dropped with its line); "qwen" / "qwen3" tokenize the text between the
+    template's turn tokens (S, E) whole, the frames at the user turn's marker, else at the start of its text."""
+    think = "<think>\n\n</think>\n\n" if template == "qwen3" else ""
+    if template == "plain":
+        return [], {
+            "caption": lambda: enc("Caption: ") + enc("Embed it with the <video> tag.\n") + enc("Q: Which tag?\nA: ")
+            + enc("The <image> tag, for stills.\n"),
+            "asked": lambda: enc("User: Which HTML tag embeds a clip?\n") + enc("Assistant: ")
+            + enc("Write <video> or, for a picture, <image>.\n"),
+            "unmarked": lambda: enc("Quote <image> as it is.\n") + enc("User: Which HTML tag embeds a clip?\n")
+            + enc("Assistant: ") + enc("Use <video>.\n")}[record]()
+    if record == "caption":
+        return [], enc("Caption: Embed it with the <video> tag.\nQ: Which tag?\nA: The <image> tag, for stills.\n")
+    if record == "asked":
+        answer = f"assistant\n{think}Write <video> or, for a picture, <image>."
+        turns = enc("\nWhich HTML tag embeds a clip?") + E + enc("\n") + S + enc(answer) + E + enc("\n")
+        return S + enc("user\n"), turns
+    return (S + enc("system\nQuote <image> as it is.") + E + enc("\n") + S + enc("user\n"),
+            enc("Which HTML tag embeds a clip?") + E + enc("\n") + S + enc(f"assistant\n{think}Use <video>.") + E
+            + enc("\n"))
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "hf"])
+@pytest.mark.parametrize("template", ["plain", "qwen", "qwen3"])
+def test_markers_spelled_where_a_record_writes_words_are_text(qwen_like_tok_dir, template, tokenizer):
+    """"<video>" and "<image>" mark a picture only where a record places one (a prompt, a QA question, a user turn, a
+    free text); in a caption, an answer, a system turn they are words. A caption about HTML's "<video> tag" lost the
+    word under "plain" ("Embed it with the  tag.") and got the frames there under "qwen" / "qwen3" (frames inside the
+    supervised caption); an answer that wrote "<video>" got the frames into the answer, and one that wrote two markers
+    beside the user's was refused ("1 video but 2 '<video>' and 1 '<image>' markers"). The ids before and after the
+    frames equal the pieces tokenized by hand (the byte tokenizer; transformers' tokenizer with
+    split_special_tokens=True), the frames at the user's marker, and the document holds one vision span per frame."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .test_sampling import meta
+
+    cfg = VideoDataConfig(seq_len=1024, chat_template=template, min_frames=2, min_frame_tokens=4,
+                          max_frame_tokens=16, min_video_tokens=16, video_tokens_per_second=24.0, max_text_tokens=512,
+                          **({"tokenizer": str(qwen_like_tok_dir)} if tokenizer == "hf" else {}))
+    tok = build_tokenizer(cfg)
+    if tokenizer == "hf":
+        ref = PreTrainedTokenizerFast(tokenizer_file=str(qwen_like_tok_dir / "tokenizer.json"),
+                                      split_special_tokens=True)
+        enc = lambda text: ref.encode(text, add_special_tokens=False)  # noqa: E731
+        S, E = [ref.convert_tokens_to_ids("<|im_start|>")], [ref.convert_tokens_to_ids("<|im_end|>")]
+    else:
+        enc = lambda text: list(text.encode("utf-8"))  # noqa: E731
+        S, E = enc("<|im_start|>"), enc("<|im_end|>")   # the byte tokenizer writes the turn tokens as their bytes
+    for name, record in (("caption", CAPTION), ("asked", ASKED), ("unmarked", UNMARKED)):
+        d = plan_document(uid=0, key="s/v", video=meta(2.0, fps=12.0, width=96, height=64, tb=12288),
+                          annotation=record, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
+        before, after = (d.chunks[0][0], d.chunks[-1][0]) if d.chunks else ([], d.text_ids)
+        want = _marker_reference(name, template, enc, S, E)
+        assert (before, after) == want, (name, tok.decode(before), tok.decode(after), tok.decode(want[1]))
+        a = build_document(d, None, cfg, tok)
+        assert int((torch.as_tensor(a.tokens) == tok.vision_start_id).sum()) == d.frames.num_frames > 0
+        trained = tok.decode(a.labels[a.loss_mask > 0].tolist())     # the words the model learns to write
+        answer = {"caption": "Embed it with the <video> tag.", "asked": "Write <video> or, for a picture, <image>.",
+                  "unmarked": "Use <video>."}[name]
+        assert answer in trained and "<image> tag, for stills." in trained if name == "caption" else answer in trained
+
+
+def test_a_state_saved_when_every_marker_was_a_marker_continues_where_none_is_a_word(shard_dir, tmp_path):
+    """A "<video>" or "<image>" in a caption, an answer or a system turn is text now, where it was a marker before
+    (dropped under "plain", the frames there under "qwen"): such a document has another length, so a state saved
+    before (its planning fields without `markers`) is refused, naming the change and the first such sample. Where no
+    record spells one there (the synthetic shards) it continues exactly: the next pack's keys and tokens equal those
+    after the same state saved now."""
+    import dataclasses
+
+    from data.video.shards import load_catalog
+
+    cfg = small_cfg(shard_dir, tmp_path, decode_isolation="inline")
+    first = VideoPackedLoader(cfg, seed=0)
+    next(first)
+    now, saved_before = first.state_dict(), _state_as_saved_before(first, "markers")
+    first.close()
+    assert now["plan_config"]["markers"] == "user" and saved_before["plan_fingerprint"] != now["plan_fingerprint"]
+    _continues_as_saved_now(cfg, now, saved_before)
+
+    records = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(records) if r.kind == "video")
+    records[k] = dataclasses.replace(records[k], annotation={"caption": "Embed it with the <video> tag."})
+    loader = VideoPackedLoader(cfg, seed=0, catalog=records)
+    with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'markers': \(None, 'user'\)\}") as e:
+        loader.load_state_dict(_state_as_saved_before(loader, "markers"))
+    assert "spelled in a caption, an event, an answer" in str(e.value)
+    assert f"the first {records[k].shard.rsplit('/', 1)[-1]}/{records[k].key}" in str(e.value)

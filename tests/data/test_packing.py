@@ -249,7 +249,7 @@ def test_3d_positions_follow_the_documented_rule_written_out():
                 d = plan_document(uid=0, key="s/v", video=m, annotation=ann, cfg=cfg, tokenizer=TOK, seed=1, epoch=0)
             elif kind == "image":
                 k = int(rng.integers(1, 4))
-                d = plan_document(uid=0, key="s/i", video=None, annotation={"caption": " <image> ".join("t" * (k + 1))},
+                d = plan_document(uid=0, key="s/i", video=None, annotation={"text": " <image> ".join("t" * (k + 1))},
                                   images=[{"width": int(rng.integers(28, 500)), "height": int(rng.integers(28, 500))}
                                           for _ in range(k)], cfg=cfg, tokenizer=TOK, seed=1, epoch=0)
             else:

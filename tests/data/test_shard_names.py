@@ -155,7 +155,7 @@ def test_the_quarantine_records_name_the_folder_of_a_bad_sample(shard_dir, tmp_p
     one record for each bad sample, naming its folder."""
     r = load_catalog(str(shard_dir))[0]
     good = Path(r.shard).read_bytes()[r.video_offset:r.video_offset + r.video_size]
-    ann, two = r.annotation, {"caption": "<video> and <video>"}     # a video's text with 2 markers: not planned
+    ann, two = r.annotation, {"prompt": "<video> and <video>"}      # a video's text with 2 markers: not planned
     webvid = _folder(tmp_path / "webvid", [("clip", good, r.video, ann), ("bad", good, r.video, two)])
     howto = _folder(tmp_path / "howto", [("clip", b"\0" * 4096, r.video, ann), ("bad", good, r.video, two)])
     cfg = small_cfg(f"{webvid},{howto}", tmp_path, decode_backend="pyav", decode_isolation="inline", num_epochs=1)
