@@ -163,6 +163,21 @@ def sidecar(prefix: str) -> dict | None:
     return meta if meta.get("format") == FORMAT else None
 
 
+def specials_as_ids(field_name: str, prefixes: list[str]) -> str | None:
+    """A warning naming the files of `prefixes` that launch/tokenize_text.py wrote with a Hugging Face tokenizer before
+    it read a line's special tokens as text (a sidecar without `specials_in_text`), None when there are none: a line
+    that spelled "<|endoftext|>" or "<|im_end|>" holds that token's id in them."""
+    old = [p for p in prefixes if (m := sidecar(p)) is not None and "specials_in_text" not in m
+           and str(m.get("tokenizer", "")).startswith("HFTokenizer(")]
+    if not old:
+        return None
+    return (f"{field_name}: {len(old)} token file(s) ({old[0]}{', ...' if len(old) > 1 else ''}) were written by "
+            f"launch/tokenize_text.py with a Hugging Face tokenizer before it read a line's special tokens as text "
+            f"(their sidecar has no specials_in_text): a line that spells '<|endoftext|>' or '<|im_end|>' holds that "
+            f"token's id there (a document or turn end inside the text), where files written now hold its characters. "
+            f"They are read as written; write them again with launch/tokenize_text.py to train on such text as text")
+
+
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike, *, vocab_size: int,

@@ -133,7 +133,7 @@ def check_token_paths(cfg: Config) -> None:
     """The token files of data.kind=tokens exist, hold tokens, were tokenized for a vocabulary the model holds (their
     sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
     from data.held_out import held_out_paths, held_out_sets
-    from data.token_files import count_tokens, empty_prefix, resolve_prefixes, sidecar
+    from data.token_files import count_tokens, empty_prefix, resolve_prefixes, sidecar, specials_as_ids
 
     vocab = cfg.model.lm.vocab_size
     tk = cfg.data.tokens
@@ -150,6 +150,8 @@ def check_token_paths(cfg: Config) -> None:
             if meta is not None and meta["vocab_size"] > vocab:
                 raise ValueError(f"data.tokens.{name}: {prefix} was tokenized with {meta.get('tokenizer', '?')} "
                                  f"(vocab_size {meta['vocab_size']}), larger than model.lm.vocab_size ({vocab})")
+        if (old := specials_as_ids(f"data.tokens.{name}", found[name])) is not None:
+            warnings.warn(old)
     shared = sorted({os.path.realpath(p) for p in found["paths"]} & {os.path.realpath(p) for p in found["eval_paths"]})
     if shared:
         raise ValueError(f"data.tokens.eval_paths={tk.eval_paths!r}: {shared[0]} is also training data: held-out data "
@@ -283,10 +285,12 @@ def check_paths(cfg: Config) -> None:
         if not cfg.model.vision.enabled:
             check_text_only(cfg)
         if cfg.data.video.text_tokens_fraction > 0:   # token rows among the video packs: the documents' ids
-            from data.token_files import TokenPacks
+            from data.token_files import TokenPacks, specials_as_ids
             from data.video.tokenizer import build_tokenizer
 
-            TokenPacks.check_tokenizer(cfg.data.video.text_tokens, build_tokenizer(cfg.data.video))
+            prefixes = TokenPacks.check_tokenizer(cfg.data.video.text_tokens, build_tokenizer(cfg.data.video))
+            if (old := specials_as_ids("data.video.text_tokens", prefixes)) is not None:
+                warnings.warn(old)
     if cfg.data.kind == "tokens":
         check_token_paths(cfg)
     if cfg.data.exclude.strip():   # the files of samples to leave out are there and name samples

@@ -134,6 +134,40 @@ def test_a_line_spelling_special_tokens_is_text_with_eos_only_at_its_end(tmp_pat
     assert int((ds[0] == tok.eos_id).sum()) == 1 and info["specials_in_text"] == "text"
 
 
+def test_token_files_written_when_special_tokens_were_read_as_ids_are_named_at_launch(tmp_path):
+    """Token files that launch/tokenize_text.py wrote with a Hugging Face tokenizer before a line's special tokens were
+    read as text hold "<|endoftext|>"'s id inside a document that spelled it; their sidecar lacks specials_in_text.
+    The launch read them without a word; it now warns, naming the files and what to do (they are still read). Files
+    written now, and the byte tokenizer's (which never read special tokens in text), pass silently."""
+    import warnings
+    from types import SimpleNamespace
+
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+    from train.launch import check_token_paths
+
+    tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "GPT-2 ends documents with <|endoftext|>. " * 8}) + "\n")
+    for name, t in (("new", tok), ("old", tok), ("bytes", ByteTokenizer())):
+        tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / name, t)
+    meta = json.loads((tmp_path / "old.json").read_text())
+    del meta["specials_in_text"]                     # as the sidecar was written before the field
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+
+    def launch_warnings(paths: str) -> list[str]:
+        cfg = SimpleNamespace(model=SimpleNamespace(lm=SimpleNamespace(vocab_size=1024)), train=SimpleNamespace(
+            seq_length=8), data=SimpleNamespace(tokens=SimpleNamespace(paths=paths, eval_paths="", weights=None)))
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            check_token_paths(cfg)
+        return [str(w.message) for w in got]
+
+    assert launch_warnings(f"{tmp_path / 'new'},{tmp_path / 'bytes'}") == []
+    got = launch_warnings(f"{tmp_path / 'new'},{tmp_path / 'old'}")
+    assert len(got) == 1 and got[0].startswith(f"data.tokens.paths: 1 token file(s) ({tmp_path / 'old'}) were "
+                                               f"written by launch/tokenize_text.py with a Hugging Face tokenizer")
+    assert "write them again with launch/tokenize_text.py" in got[0]
+
+
 def test_hf_tokenizer_batches_as_it_encodes(tmp_path):
     from data.video.synthetic import make_synthetic_hf_tokenizer
 
