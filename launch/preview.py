@@ -11,8 +11,8 @@ the run's seed, and its first --packs micro-batches are written in the order the
 launch/memory.py takes them), divided by tp x cp x pp.
 
     DIR/pack_<i>.md             each document: its key, its tokens, the text as tokenized (the tokens the model is
-                                trained to predict in [[...]], each frame or image as one {{...}} marker naming it),
-                                its cuts; then the pack's padding
+                                trained to predict in [[...]], each frame or image as one {{...}} marker naming it,
+                                a text's spelling of a special token as \\<|im_end|>), its cuts; then the padding
     DIR/pack_<i>_frame_<k>.png  the pack's frames as the vision tower gets them (packing.unpatchify of its patches)
     DIR/summary.json            per pack: tokens, supervised tokens, frames, images, documents, padding
 
@@ -154,13 +154,45 @@ def _fence(text: str) -> str:
     return "`" * max(3, max(runs, default=0) + 1)
 
 
+SPELLED = "\\"    # before a special token's spelling in a text (its characters, not the token)
+
+
 class Decoder:
     """Token ids as text with a tokenizer (None: the ids as numbers); PreviewError, naming the tokenizer and showing
-    the ids, for ids it does not hold or cannot decode."""
+    the ids, for ids it does not hold or cannot decode. A text that spells a special token ("<|im_end|>", the byte
+    tokenizer's "<eos>") or a chat template's turn token is its characters, not that token: it is shown with SPELLED
+    before it, so that it does not read as the token."""
 
     def __init__(self, tokenizer, name: str):
         self.tokenizer, self.name = tokenizer, name
         self.sep = " " if tokenizer is None else ""    # between runs: ids are words, a tokenizer's text is not
+        self.special_ids, spellings = set(), set()
+        if tokenizer is not None:
+            from data.video.tokenizer import QWEN_CHAT_TOKENS, SPECIAL_TOKENS
+
+            token_id = getattr(tokenizer, "token_id", lambda t: None)
+            spellings = set(getattr(tokenizer, "special_tokens", ())) | set(QWEN_CHAT_TOKENS)
+            self.special_ids = {i for t in spellings if (i := token_id(t)) is not None}
+            self.special_ids |= {i for n in SPECIAL_TOKENS if (i := getattr(tokenizer, f"{n}_id", None)) is not None}
+            for i in self.special_ids:
+                try:
+                    spellings.add(tokenizer.decode([i]))
+                except Exception:  # noqa: BLE001 - an id it cannot decode is named when it is met
+                    pass
+        self.spelled = re.compile("|".join(re.escape(t) for t in sorted(spellings, key=len, reverse=True) if t)
+                                  ) if spellings else None
+
+    def _text(self, ids: list[int]) -> str:
+        """ids decoded, the spellings of special tokens in their text marked (the special ids themselves are not)."""
+        out, j = [], 0
+        for k in range(len(ids) + 1):
+            if k == len(ids) or ids[k] in self.special_ids:
+                text = self.tokenizer.decode(ids[j:k]) if k > j else ""
+                out.append(self.spelled.sub(lambda m: SPELLED + m.group(0), text) if self.spelled else text)
+                if k < len(ids):
+                    out.append(self.tokenizer.decode([ids[k]]))
+                j = k + 1
+        return "".join(out)
 
     def __call__(self, ids: list[int], where: str, row: list[int]) -> str:
         if self.tokenizer is None:
@@ -172,7 +204,7 @@ class Decoder:
                    f"outside its vocabulary (0..{self.tokenizer.vocab_size - 1})")
         else:
             try:
-                return self.tokenizer.decode(ids)
+                return self._text(ids)
             except Exception as e:  # noqa: BLE001 - any tokenizer's failure is the input's: named with its ids
                 why = f"{type(e).__name__}: {e}"
         raise PreviewError(f"the tokenizer {self.name} cannot decode {where}: {why}. Its ids "
@@ -210,7 +242,9 @@ def _legend(decode: Decoder) -> list[str]:
              f"Token ids as numbers (tokenizer: {decode.name})")
     return [f"{shown}. `{SUPERVISED[0]}...{SUPERVISED[1]}`: "
             f"the tokens that carry loss, those the model is trained to predict (token i when position i - 1's label "
-            f"counts); `{FRAME[0]}...{FRAME[1]}`: one frame's or image's placeholder tokens, named.", ""]
+            f"counts); `{FRAME[0]}...{FRAME[1]}`: one frame's or image's placeholder tokens, named"
+            + (f"; `{SPELLED}<|im_end|>`: a text that spells a special or turn token, its characters, not the token"
+               if decode.tokenizer is not None else "") + ".", ""]
 
 
 def video_pages(stream, packs: int, *, cfg, split_name: str, out: Path, tokenizer_override: str) -> list[Page]:

@@ -270,3 +270,24 @@ def test_synthetic_text_is_shown_as_its_ids(tmp_path):
         ids = mb["tokens"][r].tolist()
         assert text == f"{ids[0]} [[" + " ".join(map(str, ids[1:])) + "]]"
     assert summary["packs"][0]["supervised_tokens"] == int(mb["loss_mask"].sum())
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "hf"])
+def test_a_spelled_special_token_does_not_read_as_the_token(tmp_path, tokenizer):
+    """A document whose answer spells "<|im_end|>" (and "<|endoftext|>", the byte tokenizer's "<eos>"): the preview
+    showed the spelling exactly as the template's turn end and the document's end, so a reader could not tell text
+    the model reads as characters from a control token. The spellings are shown with a backslash before them, the
+    tokens as they are; the text otherwise is the tokenizer's decode (written out here from the pieces)."""
+    from data.video.synthetic import make_synthetic_hf_tokenizer
+    from data.video.tokenizer import ByteTokenizer, HFTokenizer
+    from launch.preview import Decoder, render_text
+
+    tok = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
+    end = "<eos>" if tokenizer == "bytes" else "<|endoftext|>"
+    turn = [] if tokenizer == "bytes" else [tok.token_id("<|im_end|>")]   # the byte tokenizer has no turn token
+    answer = f"Qwen ends a turn with <|im_end|> and a document with {end}."
+    ids = tok.encode("Q: how?\n") + tok.encode(answer) + turn + [tok.eos_id]
+    targets = [False] * len(tok.encode("Q: how?\n")) + [True] * (len(ids) - len(tok.encode("Q: how?\n")))
+    shown = render_text(ids, targets, Decoder(tok, repr(tok)), "a document")
+    real = ("<|im_end|>" if turn else "") + end
+    assert shown == f"Q: how?\n[[Qwen ends a turn with \\<|im_end|> and a document with \\{end}.{real}]]", shown
