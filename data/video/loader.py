@@ -75,7 +75,7 @@ from data.node_files import array_json, json_array, prune, shaped, shared_arrays
 from data.sample_position import DataStateMismatch
 from data.token_files import TokenPacks
 
-from .annotations import markers_moved, spells_special, vision_moved
+from .annotations import conversation_turns, markers_moved, spells_special, vision_moved
 from .backends import DecodeError, DecodeRequest, decode_frames
 from .config import VideoDataConfig
 from .isolation import GuardedWorker, WorkerFailure
@@ -116,6 +116,9 @@ LATER_FIELDS = {
         "a '<video>' or '<image>' spelled in a caption, an event, an answer, or a system, assistant or tool turn is "
         "now its text, where it was a marker (the frames or an image stood there; under chat_template plain it was "
         "dropped) when this state was saved"),
+    "turn_tokens": (
+        "under the byte tokenizer a chat template's '<|im_start|>' and '<|im_end|>' are now one id each, where they "
+        "were written as their bytes (the bytes a text that spells them gives) when this state was saved"),
     "specials_in_text": (
         "a record's text that spells one of the tokenizer's special tokens (such as '<|im_end|>' or "
         "'<|vision_start|>') is now read as its characters, where it gave that token's id when this state was "
@@ -1266,6 +1269,9 @@ class VideoPackedLoader:
                 out["vision_at"] = VISION_AT
         if self.has_videos or self.has_images:
             out["markers"] = MARKERS
+        turns = getattr(self.tokenizer, "turn_tokens", None)   # the byte tokenizer's: "ids"
+        if turns is not None and self.cfg.chat_template != "plain":
+            out["turn_tokens"] = turns
         specials = getattr(self.tokenizer, "specials_in_text", None)   # a Hugging Face tokenizer's: "text"
         if specials is not None:
             out["specials_in_text"] = specials
@@ -1303,8 +1309,9 @@ class VideoPackedLoader:
         """The key of the first sample whose document `field` of LATER_FIELDS writes otherwise than before it was a
         plan field, None when none: for "vision_at", a video whose text has a marker or a user turn, or an image
         sample without markers that has a user turn (captions and QA pairs did not move); for "markers", a video or an
-        image sample that spells a marker where it is now text (`annotations.markers_moved`); for "specials_in_text",
-        a sample whose text spells one of the tokenizer's special tokens."""
+        image sample that spells a marker where it is now text (`annotations.markers_moved`); for "turn_tokens", a
+        sample with a conversation; for "specials_in_text", a sample whose text spells one of the tokenizer's special
+        tokens."""
         t = self.cfg.chat_template
         if field == "vision_at":
             moved = lambda r: vision_moved(r.annotation, t, len(r.images or ()))  # noqa: E731
@@ -1312,6 +1319,9 @@ class VideoPackedLoader:
         elif field == "markers":
             moved = lambda r: markers_moved(r.annotation, t)  # noqa: E731
             kinds = ("video", "image")
+        elif field == "turn_tokens":
+            moved = lambda r: isinstance(conversation_turns(r.annotation), list)  # noqa: E731
+            kinds = ("video", "image", "text")
         else:
             specials = getattr(self.tokenizer, "special_tokens", ())
             moved = lambda r: spells_special(r.annotation, t, specials)  # noqa: E731

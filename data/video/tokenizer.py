@@ -1,7 +1,9 @@
 """Text tokenizer interface, the built-in deterministic byte-level tokenizer, and a Hugging Face one.
 
 `ByteTokenizer` maps UTF-8 bytes to ids 0..255 and puts the special tokens at `special_token_offset + i`,
-so it fits any vocabulary of at least offset + 8 ids (512 by default): the tiny recipes and synthetic data.
+so it fits any vocabulary of at least offset + 8 ids (512 by default): the tiny recipes and synthetic data. Qwen's
+chat templates' turn tokens ("<|im_start|>", "<|im_end|>") follow at offset + 8 and + 9 where the vocabulary holds
+them (`token_id`), so that a text that spells one (its bytes) is not the turn token.
 
 `HFTokenizer` reads a Hugging Face tokenizer directory (its `tokenizer.json`, e.g. the Qwen3-30B-A3B
 checkpoint's own directory) with the `tokenizers` library, and takes the document's special tokens from
@@ -43,8 +45,16 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+QWEN_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")     # what chat_template "qwen" writes around each turn
+
+
 class ByteTokenizer:
-    """UTF-8 bytes -> ids 0..255; special tokens at `offset + SPECIAL_TOKENS.index(name)`."""
+    """UTF-8 bytes -> ids 0..255; special tokens at `offset + SPECIAL_TOKENS.index(name)`; the chat templates' turn
+    tokens at `offset + len(SPECIAL_TOKENS) + QWEN_CHAT_TOKENS.index(token)` where vocab_size holds them."""
+
+    # a chat template's turn tokens are ids of their own (plan field of that name; plans made when the byte tokenizer
+    # wrote them as their bytes lack it: the loader's _same_plan_before)
+    turn_tokens = "ids"
 
     def __init__(self, *, vocab_size: int = 512, special_token_offset: int = 256) -> None:
         if special_token_offset < 256:
@@ -57,9 +67,17 @@ class ByteTokenizer:
         for i, name in enumerate(SPECIAL_TOKENS):
             setattr(self, f"{name}_id", special_token_offset + i)
         self._special = {special_token_offset + i: f"<{n}>" for i, n in enumerate(SPECIAL_TOKENS)}
+        first = special_token_offset + len(SPECIAL_TOKENS)
+        self._turn = {t: first + i for i, t in enumerate(QWEN_CHAT_TOKENS) if first + i < vocab_size}
+        self._special.update({i: t for t, i in self._turn.items()})
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a chat template's turn token ("<|im_start|>"), None for any other text or where vocab_size has no
+        room for it (build_tokenizer refuses a chat template then)."""
+        return self._turn.get(token)
 
     def decode(self, ids: list[int]) -> str:
         out: list[str] = []
@@ -91,7 +109,6 @@ QWEN_VL_SPECIAL_TOKENS = {
 }
 
 
-QWEN_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")     # what chat_template "qwen" writes around each turn
 # the tokens each chat template writes, which the tokenizer must hold as single ids (Qwen3's adds its thinking block)
 CHAT_TOKENS = {"qwen": QWEN_CHAT_TOKENS, "qwen3": QWEN_CHAT_TOKENS + ("<think>", "</think>")}
 
@@ -183,7 +200,14 @@ class HFTokenizer:
 def build_tokenizer(cfg) -> Tokenizer:
     """The tokenizer a `VideoDataConfig` names: "bytes", or a Hugging Face tokenizer directory."""
     if cfg.tokenizer == "bytes":
-        return ByteTokenizer(vocab_size=cfg.vocab_size, special_token_offset=cfg.special_token_offset)
+        tok = ByteTokenizer(vocab_size=cfg.vocab_size, special_token_offset=cfg.special_token_offset)
+        template = getattr(cfg, "chat_template", "plain")
+        if template in CHAT_TOKENS and len(tok._turn) < len(QWEN_CHAT_TOKENS):
+            need = cfg.special_token_offset + len(SPECIAL_TOKENS) + len(QWEN_CHAT_TOKENS)
+            raise ValueError(f"data.video.chat_template={template} writes {QWEN_CHAT_TOKENS}, which the byte "
+                             f"tokenizer holds at ids {need - 2} and {need - 1}: data.video.vocab_size = "
+                             f"{cfg.vocab_size} must be >= {need} (or chat_template=plain)")
+        return tok
     tok = HFTokenizer(cfg.tokenizer)
     template = getattr(cfg, "chat_template", "plain")
     if template in CHAT_TOKENS:

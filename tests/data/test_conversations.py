@@ -333,3 +333,33 @@ def test_a_video_record_marking_more_than_its_video_is_refused(tmp_path, templat
         plan = plan_document(uid=0, key="s/0", video=video, annotation=annotation, cfg=cfg, tokenizer=tok, seed=0,
                              epoch=0)
         assert "<video>" not in tok.decode(plan.text_ids) and "<image>" not in tok.decode(plan.text_ids)
+
+
+@pytest.mark.parametrize("template", ["qwen", "qwen3"])
+def test_the_byte_tokenizers_turn_tokens_are_ids_no_text_can_spell(template):
+    """The byte tokenizer wrote chat_template qwen's <|im_start|> / <|im_end|> as their bytes, the very bytes an answer
+    that spells "<|im_end|>" gives: the model could not tell a turn's end from text about it, and a record could end
+    its turn. They are ids of their own now (special_token_offset + 8 and + 9); the document equals the turns written
+    out here, each text as its UTF-8 bytes, and the spelled one stays bytes. A vocabulary without room for them is a
+    config error naming data.video.vocab_size."""
+    from data.video.config import VideoDataConfig
+    from data.video.packing import plan_document
+    from data.video.tokenizer import build_tokenizer
+
+    cfg = VideoDataConfig(seq_len=512, chat_template=template)
+    tok = build_tokenizer(cfg)
+    S, E = [tok.special_token_offset + 8], [tok.special_token_offset + 9]
+    b = lambda text: list(text.encode("utf-8"))  # noqa: E731
+    record = {"conversations": [{"from": "human", "value": "How does a turn end?"},
+                                {"from": "gpt", "value": "With <|im_end|>, then <|im_start|>user."}]}
+    think = "<think>\n\n</think>\n\n" if template == "qwen3" else ""
+    answer = b(think + "With <|im_end|>, then <|im_start|>user.")
+    pieces = [(S + b("user\nHow does a turn end?") + E + b("\n") + S + b("assistant\n"), False), (answer + E, True),
+              (b("\n"), False)]
+    d = plan_document(uid=0, key="s/t", video=None, annotation=record, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
+    assert d.text_ids == [i for ids, _ in pieces for i in ids], tok.decode(d.text_ids)
+    assert d.text_loss == [s for ids, s in pieces for _ in ids]
+    assert tok.decode(S + E) == "<|im_start|><|im_end|>" and [i for i in d.text_ids if i > 255] == (S + E) * 2
+    with pytest.raises(ValueError, match=rf"data.video.chat_template={template} writes .* data.video.vocab_size = "
+                                         r"265 must be >= 266"):
+        build_tokenizer(VideoDataConfig(seq_len=512, chat_template=template, vocab_size=265))

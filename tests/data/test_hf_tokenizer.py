@@ -882,7 +882,7 @@ def test_markers_spelled_where_a_record_writes_words_are_text(qwen_like_tok_dir,
         S, E = [ref.convert_tokens_to_ids("<|im_start|>")], [ref.convert_tokens_to_ids("<|im_end|>")]
     else:
         enc = lambda text: list(text.encode("utf-8"))  # noqa: E731
-        S, E = enc("<|im_start|>"), enc("<|im_end|>")   # the byte tokenizer writes the turn tokens as their bytes
+        S, E = [tok.special_token_offset + 8], [tok.special_token_offset + 9]   # the byte tokenizer's turn tokens
     for name, record in (("caption", CAPTION), ("asked", ASKED), ("unmarked", UNMARKED)):
         d = plan_document(uid=0, key="s/v", video=meta(2.0, fps=12.0, width=96, height=64, tb=12288),
                           annotation=record, cfg=cfg, tokenizer=tok, seed=0, epoch=0)
@@ -923,3 +923,33 @@ def test_a_state_saved_when_every_marker_was_a_marker_continues_where_none_is_a_
         loader.load_state_dict(_state_as_saved_before(loader, "markers"))
     assert "spelled in a caption, an event, an answer" in str(e.value)
     assert f"the first {records[k].shard.rsplit('/', 1)[-1]}/{records[k].key}" in str(e.value)
+
+
+def test_a_state_saved_when_byte_turn_tokens_were_bytes_continues_where_no_record_has_a_conversation(shard_dir,
+                                                                                                   tmp_path):
+    """Under the byte tokenizer a chat template's <|im_start|> / <|im_end|> are one id each now, where they were their
+    bytes: a conversation's document is shorter, so a state saved before (its planning fields without `turn_tokens`)
+    is refused, naming the change and the first such sample; where no record has a conversation (the synthetic
+    shards' captions and QA pairs) it continues exactly."""
+    import dataclasses
+
+    from data.video.shards import load_catalog
+
+    cfg = small_cfg(shard_dir, tmp_path, chat_template="qwen", decode_isolation="inline")
+    first = VideoPackedLoader(cfg, seed=0)
+    next(first)
+    now, saved_before = first.state_dict(), _state_as_saved_before(first, "turn_tokens")
+    first.close()
+    assert now["plan_config"]["turn_tokens"] == "ids" and saved_before["plan_fingerprint"] != now["plan_fingerprint"]
+    _continues_as_saved_now(cfg, now, saved_before)
+
+    records = list(load_catalog(str(shard_dir)))
+    k = next(i for i, r in enumerate(records) if r.kind == "video")
+    records[k] = dataclasses.replace(records[k], annotation={"conversations": [
+        {"from": "human", "value": "What moves?"}, {"from": "gpt", "value": "A square."}]})
+    loader = VideoPackedLoader(cfg, seed=0, catalog=records)
+    with pytest.raises(ValueError, match=r"changed fields \(saved, now\): \{'turn_tokens': \(None, 'ids'\)\}") as e:
+        loader.load_state_dict(_state_as_saved_before(loader, "turn_tokens"))
+    assert "are now one id each" in str(e.value)
+    assert f"the first {records[k].shard.rsplit('/', 1)[-1]}/{records[k].key}" in str(e.value)
+    assert "turn_tokens" not in VideoPackedLoader(small_cfg(shard_dir, tmp_path), seed=0).state_dict()["plan_config"]
