@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .animated import looks_animated
-from .annotations import (VIDEO_MARKER, conversation_turns, field_problem, has_text, image_marker_count,
-                          video_marker_problem)
+from .annotations import (VIDEO_MARKER, Verbatim, annotation_segments, conversation_turns, field_problem, has_text,
+                          image_marker_count, video_marker_problem)
 from .images import IMAGE_MARKER
 from .isolation import GuardedWorker, WorkerFailure
 from .scenes import SceneSpec
@@ -350,14 +350,17 @@ def read_annotations(path: str | None) -> Annotations:
                     out.images[sid] = (r, rels)
             continue
         if v is None and has_text(r):
-            # a conversation's markers (LLaVA's "<image>", OpenAI's image and video parts) in a text-only sample
-            # would stay strings: answers trained on pictures never shown (a free 'text' may spell them as text, and
-            # so may the turns that are not the user's: annotations.Verbatim)
+            # markers where a record places its pictures (LLaVA's "<image>" in a user turn, OpenAI's image and video
+            # parts, a prompt's or a question's) in a text-only sample would stay strings: answers trained on pictures
+            # never shown (a free 'text' may spell them as text, and so may a caption, an answer and the turns that
+            # are not the user's: annotations.Verbatim)
+            segs = annotation_segments({k: x for k, x in r.items() if k != "text"})
             marks = [f"{c} {m!r}" for m in (IMAGE_MARKER, VIDEO_MARKER)
-                     if (c := sum(t.text.count(m) for t in turns or () if t.role == "user"))]
+                     if (c := sum(t.count(m) for t, _ in segs if not isinstance(t, Verbatim)))]
             if marks:
-                problems.append(f"{path}:{n}: {' and '.join(marks)} marker(s) or part(s) in the conversation, but no "
-                                f"'image', 'images' or 'video' field: name the file they stand for, or remove them")
+                problems.append(f"{path}:{n}: {' and '.join(marks)} marker(s) or part(s) in its prompt, questions or "
+                                f"user turns, but no 'image', 'images' or 'video' field: name the file they stand for, "
+                                f"or remove them")
                 continue
             tid = text_sample_id(r)
             if tid in text_line:

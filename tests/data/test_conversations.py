@@ -252,7 +252,8 @@ def test_a_conversation_marking_pictures_it_does_not_have_is_reported(tmp_path):
     ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
     got = read_annotations(str(ann))
     assert [t[2] for t in got.texts] == [4] and not got.images and len(got.problems) == 4, got.problems
-    assert got.problems[0].startswith(f"{ann}:1: 1 '<image>' marker(s) or part(s) in the conversation, but no 'image'")
+    assert got.problems[0].startswith(f"{ann}:1: 1 '<image>' marker(s) or part(s) in its prompt, questions or user "
+                                      f"turns, but no 'image'")
     assert got.problems[1].startswith(f"{ann}:2: 1 '<image>' marker(s)")
     assert got.problems[2].startswith(f"{ann}:3: a '<video>' marker (or video part) in the conversation of an image")
     assert got.problems[3].startswith(f"{ann}:5: 1 '<image>' marker(s)")   # LLaVA's video data needs its video field
@@ -286,6 +287,24 @@ def test_markers_outside_the_user_turns_are_words_at_ingest_and_in_image_samples
     assert [runs(c) for c in image_chunks(asked, "qwen", 1)] == [
         [("<|im_start|>user\n", False)], [("\nWhat is this tag?<|im_end|>\n<|im_start|>assistant\n", False),
                                            ("An <image> tag; <video> embeds clips.<|im_end|>", True), ("\n", False)]]
+
+
+def test_a_text_only_prompt_or_question_marking_a_picture_is_reported(tmp_path):
+    """A text-only record whose prompt or question marks a picture ("<image>\nWhat is shown?", a record whose image
+    field was lost) was stored, the marker kept as a string and the answer trained on a picture never shown; only a
+    conversation's markers were checked. A prompt and a question are where a record places its pictures, as a user
+    turn is: such records are reported by line and left out. A free text, a caption or an answer may spell them."""
+    recs = [{"prompt": "<image>\nWhat is shown?", "qa": [{"q": "Its colour?", "a": "Red."}]},
+            {"qa": [{"q": "<video>\nWhat happens?", "a": "A dog runs."}]},
+            {"prompt": "Answer about HTML.", "qa": [{"q": "Which tag embeds a clip?", "a": "The <video> tag."}],
+             "text": "Embed it with <video> and </video> tags."}]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = read_annotations(str(ann))
+    assert [t[2] for t in got.texts] == [3], got.problems
+    assert [p.split(": ", 1)[1] for p in got.problems] == [
+        f"{c} marker(s) or part(s) in its prompt, questions or user turns, but no 'image', 'images' or 'video' field: "
+        f"name the file they stand for, or remove them" for c in ("1 '<image>'", "1 '<video>'")]
 
 
 @pytest.mark.parametrize("template", ["plain", "qwen"])
