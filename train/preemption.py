@@ -7,7 +7,9 @@ checkpoint is written and training returns, so a requeued or rerun job resumes f
 - SIGUSR1: SLURM's early warning (`sbatch --signal=USR1@<seconds>` delivered to the tasks). torchrun forwards it
   only when told to (`--signals-to-handle`, which launch/slurm/node.sh sets); by default it dies of it.
 - STOP file: launch/slurm/pretrain.sbatch traps its own early-warning signal and touches
-  <run_dir>/STOP; the workers see it at the next step boundary, with no grace limit.
+  <run_dir>/STOP; the workers see it at the next step boundary, with no grace limit. Rank 0 alone looks for it (the
+  run directory is one for every rank: train/checkpoint.check_shared_run_dir) and the step's all-reduce carries its
+  answer: one stat a step on the shared filesystem, not one per rank (4096 a step at 4096 ranks).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ STOP_FILE = "STOP"
 
 
 class StopRequests:
-    def __init__(self, run_dir: str, *, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, run_dir: str, *, rank: int, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        """rank: this process's global rank; rank 0 alone looks for the STOP file (the module docstring)."""
         self.stop_file = Path(run_dir) / STOP_FILE
+        self.watches_file = rank == 0
         self.signal_name: str | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -44,8 +48,8 @@ class StopRequests:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self, device: torch.device) -> str | None:
-        """Collective: the reason if any rank saw a signal or the STOP file, else None."""
-        local = 1.0 if self.signal_name else (2.0 if self.stop_file.exists() else 0.0)
+        """Collective: the reason if any rank saw a signal or rank 0 the STOP file, else None."""
+        local = 1.0 if self.signal_name else (2.0 if self.watches_file and self.stop_file.exists() else 0.0)
         flag = torch.tensor([local], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() == 0:

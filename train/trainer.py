@@ -1399,7 +1399,7 @@ class Trainer:
                      "train.steps to train on)", start, t.steps)
         for m in self.model:
             m.train()
-        stops = StopRequests(self.run_dir)
+        stops = StopRequests(self.run_dir, rank=self.rank)
         if self.rank == 0:   # before the first step's collectives, so no rank reads a stale file
             stops.drop_stale(self.launched)
         self.profiler = StepProfiler(t.profile, self.run_dir, self.rank, first_step=start + 1, last_step=t.steps)

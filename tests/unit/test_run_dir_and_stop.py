@@ -31,7 +31,7 @@ def test_a_stop_file_from_before_the_launch_is_removed_and_a_new_one_kept(tmp_pa
     launched = time.time()
     stop.touch()
     os.utime(stop, (launched - 60, launched - 60))            # the last launch's
-    requests = StopRequests(str(tmp_path), signals=())
+    requests = StopRequests(str(tmp_path), rank=0, signals=())
     with caplog.at_level(logging.WARNING):
         requests.drop_stale(launched)
     assert not stop.exists() and "written before this launch began" in caplog.text
@@ -75,3 +75,57 @@ def test_a_run_dir_that_cannot_be_made_is_a_config_error_even_for_root(tmp_path)
         check_run_dir(_cfg("/proc/keye_run/sub"))
     check_run_dir(_cfg(tmp_path / "run"))
     assert list(tmp_path.iterdir()) == []                     # the probe is removed
+
+
+def test_rank_0_alone_looks_for_the_stop_file_and_every_rank_learns_of_it(tmp_path, monkeypatch):
+    """At 4096 ranks every rank's look was 4096 stats a step of one file on the shared filesystem's metadata server;
+    rank 0 now looks and the step's all-reduce (which the check made already) carries its answer. Eight ranks as
+    threads whose all-reduce takes the maximum, as gloo's does; the STOP file's stats counted: 8 a step before, 1."""
+    import pathlib
+    import threading
+
+    import torch
+
+    from train import preemption
+
+    world, steps = 8, 5
+    flags, meet = [0.0] * world, threading.Barrier(world)
+
+    class Dist:   # MAX over the world's threads
+        ReduceOp = SimpleNamespace(MAX="max")
+
+        @staticmethod
+        def all_reduce(flag, op):
+            rank = int(threading.current_thread().name)
+            flags[rank] = float(flag.item())
+            meet.wait()
+            flag.fill_(max(flags))
+            meet.wait()
+
+    stats, real_stat = [], pathlib.Path.stat
+
+    def stat(self, *a, **k):
+        if self.name == "STOP":
+            stats.append(threading.current_thread().name)
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(preemption, "dist", Dist)
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    answers: dict[int, list] = {}
+
+    def rank(r):
+        requests = StopRequests(str(tmp_path), rank=r, signals=())
+        answers[r] = [requests.requested(torch.device("cpu")) for _ in range(steps)]
+        meet.wait()
+        if r == 0:
+            (tmp_path / "STOP").touch()
+        meet.wait()
+        answers[r].append(requests.requested(torch.device("cpu")))
+
+    threads = [threading.Thread(target=rank, args=(r,), name=str(r)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(answers[r] == [None] * steps + [f"{tmp_path / 'STOP'} exists"] for r in range(world)), answers
+    assert len(stats) == steps + 1 and set(stats) == {"0"}     # one look a step, rank 0's
