@@ -29,15 +29,23 @@ SOURCE_SETTINGS = {"short": "data.video.shards", "long": "data.video.long_shards
 def data_summary(stream) -> list[tuple[str, str]]:
     """What a training stream reads, to compare across ranks, as (setting, what it holds) per source: for video data
     (shards, long_shards) its samples and its catalog's fingerprint (the sample names of its shard indexes, in order:
-    the same for copies of the same shards at other paths or times); for token files (data.tokens.paths) each pool's
-    files by name, documents and tokens. [] for synthetic text."""
+    the same for copies of the same shards at other paths or times); for token files (data.tokens.paths,
+    data.video.text_tokens) each pool's files by name, documents, tokens and a fingerprint of their contents
+    (data/token_files.content_fingerprint: the same for copies at other paths or times, another for files of the
+    same names and lengths holding other tokens). [] for synthetic text."""
+    from data.token_files import content_fingerprint
+
+    def tokens(src) -> str:
+        return (f"{', '.join(map(os.path.basename, src.prefixes))}: {src.documents} documents, {src.tokens} tokens "
+                f"(content {content_fingerprint(src.prefixes)})")
+
     loader, corpus = getattr(stream, "loader", None), getattr(stream, "corpus", None)
     if loader is not None:
-        return [(SOURCE_SETTINGS.get(name, name), f"{len(cat)} samples (catalog {cat.fingerprint})")
-                for name, cat in zip(loader.source_names, loader.catalogs)]
+        return [("data.video.text_tokens", tokens(planner.source)) if name == "tokens" else
+                (SOURCE_SETTINGS.get(name, name), f"{len(cat)} samples (catalog {cat.fingerprint})")
+                for name, cat, planner in zip(loader.source_names, loader.catalogs, loader.planners)]
     if corpus is not None:
-        return [("data.tokens.paths", f"{', '.join(map(os.path.basename, src.prefixes))}: {src.documents} documents, "
-                                      f"{src.tokens} tokens") for src in corpus.sources]
+        return [("data.tokens.paths", tokens(src)) for src in corpus.sources]
     return []
 
 

@@ -179,6 +179,28 @@ def test_ranks_whose_node_sees_other_shards_stop_naming_them_and_their_host(tmp_
     with pytest.raises(SettingsError, match=want):
         check_same_data(mine, ["node-a", "node-b"])
 
+    # the same shards, and token files mixed in (data.video.text_tokens) of one name and length but other tokens on
+    # rank 1's node: the summary left that source out (an empty catalog for every rank), and it passed
+    from data.token_files import write_token_files
+    from data.video.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    for node, shift in (("tok_a", 0), ("tok_b", 1)):
+        write_token_files([[(t + shift) % 200 for t in tok.encode(f"document {i} of the web")] + [tok.eos_id]
+                           for i in range(60)], tmp_path / node / "web", vocab_size=tok.vocab_size,
+                          meta={"tokenizer": repr(tok), "eos_id": tok.eos_id})
+
+    def mixed(node):
+        return VideoBatchStream(small_cfg(tmp_path / "shards", seq_len=256, text_overflow="continue",
+                                          text_tokens=str(tmp_path / node / "web"), text_tokens_fraction=0.3),
+                                seq_length=256, micro_batch_size=1, global_batch_size=2, dp_rank=0, dp_size=2, seed=0)
+
+    mine = mixed("tok_a")
+    world_of_two(mixed("tok_b"))
+    with pytest.raises(SettingsError, match=r"rank 0 \(host node-a\) reads .*data.video.text_tokens as web: 60 "
+                                            r"documents, \d+ tokens \(content \w+\), rank 1 \(host node-b\) "):
+        check_same_data(mine, ["node-a", "node-b"])
+
 
 def test_ranks_whose_node_holds_other_token_files_stop_too(tmp_path, monkeypatch):
     """data.tokens.paths through a node's own copy, one of whose files lacks documents: the same stop."""
@@ -211,6 +233,50 @@ def test_ranks_whose_node_holds_other_token_files_stop_too(tmp_path, monkeypatch
             check_same_data(mine, ["node-a", "node-b"])
             continue
         with pytest.raises(SettingsError, match=r"rank 0 \(host node-a\) reads data.tokens.paths as web, code: 80 "
-                                                r"documents, 1600 tokens, rank 1 \(host node-b\) data.tokens.paths as "
-                                                r"web, code: 70 documents, 1400 tokens\. "):
+                                                r"documents, 1600 tokens \(content \w+\), rank 1 \(host node-b\) "
+                                                r"data.tokens.paths as web, code: 70 documents, 1400 tokens "
+                                                r"\(content \w+\)\. "):
+            check_same_data(mine, ["node-a", "node-b"])
+
+
+def test_token_files_of_the_same_names_and_lengths_but_other_tokens_stop_too(tmp_path, monkeypatch):
+    """A node's copy whose files have rank 0's names, documents and token counts (so sizes) but other tokens: another
+    tokenization of the same lengths, or a block of the .bin written over. The summary compared names and counts, and
+    it passed: the ranks trained on other rows without a word. Each is now told by the content fingerprint; a copy
+    at another path and time is not."""
+    import shutil
+
+    import numpy as np
+
+    from data.token_files import TokenCorpus, TokenFileStream, write_token_files
+    from train.data_streams import check_same_data, data_summary
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, 20).tolist() for _ in range(40)]
+    write_token_files(docs, tmp_path / "node_a" / "web", vocab_size=512)
+    write_token_files([[(t + 1) % 300 for t in d] for d in docs], tmp_path / "retokenized" / "web", vocab_size=512)
+    shutil.copytree(tmp_path / "node_a", tmp_path / "node_b", copy_function=shutil.copy)
+    shutil.copytree(tmp_path / "node_a", tmp_path / "overwritten", copy_function=shutil.copy)
+    with open(tmp_path / "overwritten" / "web.bin", "r+b") as f:    # a block in the middle, sizes unchanged
+        f.seek(800)
+        f.write(bytes(64))
+
+    def stream(node):
+        corpus = TokenCorpus(str(tmp_path / node / "web"), seq_length=16, seed=0)
+        return TokenFileStream(corpus, document_bounds=False, micro_batch_size=1, global_batch_size=2, dp_rank=0,
+                               dp_size=2)
+
+    mine = stream("node_a")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for node, same in (("node_b", True), ("retokenized", False), ("overwritten", False)):
+        rank1 = data_summary(stream(node))
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+            slice(None), [obj, rank1]))
+        if same:
+            check_same_data(mine, ["node-a", "node-b"])
+            continue
+        with pytest.raises(SettingsError, match=r"rank 0 \(host node-a\) reads data.tokens.paths as web: 40 "
+                                                r"documents, 800 tokens \(content (\w+)\), rank 1 \(host node-b\) "
+                                                r"data.tokens.paths as web: 40 documents, 800 tokens \(content "
+                                                r"(?!\1)\w+\)\. "):
             check_same_data(mine, ["node-a", "node-b"])
