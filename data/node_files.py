@@ -5,7 +5,10 @@
 - mapped read-only where they exist and `check` accepts them (a process of the node, or an earlier run, wrote them);
 - else built by the first process that needs them, under an `fcntl` lock on `<stem>.lock` (the others wait on the
   lock, then map what it wrote). Each file is written beside its name and renamed, so a name that exists is whole; a
-  torn, short or foreign file fails `np.load` or `check` and is built again;
+  torn, short or foreign file fails `np.load` or `check` and is built again. The holder writes its host, pid and a
+  count it raises every LOCK_BEAT_S into the lock file; a waiter that sees no change in it for LOCK_STALE_S stops
+  waiting (LockStale, naming the file and the holder) and builds in memory, as below: on NFSv3 a lock can outlive a
+  node that died holding it, and every other process waited for it forever;
 - where the directory cannot be made, written or locked (a filesystem without `flock`), built in this process's memory;
   the returned note says why (the caller logs it once). Files another process prunes between their writing and
   their reading back are used as built, from memory, without a note.
@@ -22,10 +25,90 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+
+LOCK_BEAT_S = 10.0    # how often a lock's holder writes that it lives (its count in the lock file)
+LOCK_STALE_S = 120.0  # a holder whose count has not moved for this long is taken for dead (LockStale)
+
+
+class LockStale(TimeoutError):
+    """A lock whose holder has not written that it lives for LOCK_STALE_S (an OSError: built in memory instead)."""
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+
+
+def _holder(path: Path) -> str:
+    """What the lock file says of its holder, read afresh (an open revalidates the file on NFS: close-to-open)."""
+    try:
+        with open(path) as f:
+            return f.read(200).strip()
+    except OSError:
+        return ""
+
+
+def _acquire(lock, path: Path, *, wait: bool) -> bool:
+    """Takes the flock on `lock` (the open file `path`): False where another process holds it and wait is False;
+    LockStale where its holder has not written that it lives for LOCK_STALE_S."""
+    import fcntl
+    delay, seen, since, looked = 0.01, None, time.monotonic(), 0.0
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not wait:
+                return False
+        now = time.monotonic()
+        if now - looked >= min(LOCK_BEAT_S, LOCK_STALE_S / 4):
+            looked, holder = now, _holder(path)
+            if holder != seen:
+                seen, since = holder, now
+            elif now - since >= LOCK_STALE_S:
+                raise LockStale(f"{path} is held by {holder or 'a process that wrote nothing in it'}, which has not "
+                                f"written that it lives for {now - since:.0f} s (LOCK_STALE_S {LOCK_STALE_S:g}): its "
+                                f"process or node died holding it (an NFSv3 lock can outlive its node). Remove {path} "
+                                f"to let the next run build there")
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
+class _Beat:
+    """While held: the lock file says who holds it (host, pid) and a count raised every LOCK_BEAT_S (_acquire)."""
+
+    def __init__(self, lock):
+        self.fd, self.done = lock.fileno(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="node-files-lock")
+
+    def _write(self, count: int) -> None:
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"host {_host()} pid {os.getpid()} beat {count}\n".encode())
+            os.fsync(self.fd)      # to the server, where waiters on other nodes read it
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        count = 1
+        while not self.done.wait(LOCK_BEAT_S):
+            self._write(count)
+            count += 1
+
+    def __enter__(self):
+        self._write(0)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def _open(names: list[Path], check: Callable[[tuple], bool]):
@@ -44,7 +127,7 @@ def _write(names: list[Path], arrays) -> None:
     # the host in the name too: on a filesystem shared by several nodes whose flock does not lock across them (Lustre
     # mounted with localflock), processes of two nodes may build the same file at once, and containers give their
     # processes the same pids; one file for both let the second truncate the first's under it
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    host = _host()
     for name, a in zip(names, arrays):
         tmp = name.with_name(f"{name.name}.{host}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -56,21 +139,20 @@ def _locked(directory: Path, stem: str, parts: Sequence[str], build: Callable[[]
             check: Callable[[tuple], bool], *, wait: bool = True):
     """The arrays of `stem`: mapped, or built under its lock and mapped. With wait=False, None where another process
     holds the lock (it is building them). OSError where the directory cannot be written or locked."""
-    import fcntl
     names = [directory / f"{stem}.{part}.npy" for part in parts]
     got = _open(names, check)
     if got is not None:
         return got
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{stem}.lock", "a+") as lock:
-        try:     # released when the file closes, or the process dies
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+    path = directory / f"{stem}.lock"
+    with open(path, "a+") as lock:
+        if not _acquire(lock, path, wait=wait):   # released when the file closes, or the process dies
             return None
         got = _open(names, check)
         if got is None:
-            built = tuple(build())
-            _write(names, built)
+            with _Beat(lock):
+                built = tuple(build())
+                _write(names, built)
             got = _open(names, check)
             if got is None:
                 if not all(n.exists() for n in names):

@@ -201,7 +201,8 @@ def lock_run_dir(run_dir) -> None:
         raise RunDirInUse(f"run_dir={run_dir} is in use by a launch that is still running ({holder}, holding "
                           f"{path}): two runs in one directory would write their checkpoints and logs among each "
                           f"other's. Wait for it to end, stop it (touch {Path(run_dir) / 'STOP'}), or give this launch "
-                          f"another run_dir") from None
+                          f"another run_dir. Where that process is gone (its node died: an NFSv3 lock can outlive its "
+                          f"node), remove {path}") from None
     except OSError as e:
         f.close()
         log.warning("run_dir=%s: no lock against a second launch in it (%s: %s)", run_dir, path, e)

@@ -167,7 +167,8 @@ def test_one_training_launch_per_run_directory_and_torn_saves_go(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirInUse, match=rf"run_dir={run} is in use by a launch that is still running \(pid "
-                                              rf"{holder.pid} on .*give this launch another run_dir"):
+                                              rf"{holder.pid} on .*give this launch another run_dir\. Where that "
+                                              rf"process is gone \(its node died: .*\), remove {run / '.lock'}$"):
             lock_run_dir(run)
     finally:
         holder.communicate("", timeout=60)                 # it ends: the lock goes with it

@@ -16,6 +16,7 @@ adds what rank 1 reads through its own view of the paths, running the same read.
 
 import datetime
 import os
+import re
 import socket
 import types
 
@@ -280,3 +281,87 @@ def test_token_files_of_the_same_names_and_lengths_but_other_tokens_stop_too(tmp
                                                 r"data.tokens.paths as web: 40 documents, 800 tokens \(content "
                                                 r"(?!\1)\w+\)\. "):
             check_same_data(mine, ["node-a", "node-b"])
+
+
+def _arrays_in_a_thread(directory, want, out, *, build_s=0.0):
+    """data/node_files.shared_arrays of one array `want` under `directory`, in a thread: (arrays, note) into `out`."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from data import node_files
+
+    def build():
+        time.sleep(build_s)
+        return (want,)
+
+    def run():
+        out.append(node_files.shared_arrays(directory, "epoch0", ("order",), build,
+                                            lambda a: node_files.shaped(a, [(len(want), np.int64)])))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_lock_whose_holder_died_on_another_node_is_waited_for_a_bounded_time_and_named(tmp_path, monkeypatch):
+    """An index_dir on NFSv3: a node died while its process held an epoch's lock, which the server keeps until that
+    node comes back. Every other process waited on it forever (here: the thread still waiting after 5 s). The waiter
+    now stops once the holder's count in the lock file has not moved for LOCK_STALE_S, builds the arrays in its own
+    memory, and its note names the lock file and the holder."""
+    import fcntl
+    import time
+
+    import numpy as np
+
+    from data import node_files
+    from tests.data.conftest import is_mapped
+
+    monkeypatch.setattr(node_files, "LOCK_STALE_S", 0.5)   # 120 s in a run; the beat below scales with it
+    monkeypatch.setattr(node_files, "LOCK_BEAT_S", 0.1)
+    lock = tmp_path / "epoch0.lock"
+    lock.write_text("host node-b pid 4242 beat 7\n")
+    dead = open(lock, "a+")        # another open file: flock conflicts with it as with another node's process
+    fcntl.flock(dead, fcntl.LOCK_EX)
+    want, out = np.arange(1000, dtype=np.int64), []
+    began = time.monotonic()
+    t = _arrays_in_a_thread(tmp_path, want, out)
+    t.join(5.0)
+    try:
+        assert not t.is_alive(), "still waiting on the dead holder's lock after 5 s"
+        (got,), note = out[0]
+        assert (got == want).all() and not is_mapped(got)                     # built in memory, as without locks
+        assert 0.5 <= time.monotonic() - began < 3.0
+        assert re.fullmatch(rf"{tmp_path}: {lock} is held by host node-b pid 4242 beat 7, which has not written that "
+                            rf"it lives for \d+ s \(LOCK_STALE_S 0\.5\): its process or node died holding it .*Remove "
+                            rf"{lock} .*", note), note
+    finally:
+        dead.close()
+        t.join(5.0)
+
+
+def test_a_holder_that_builds_for_longer_than_the_bound_is_waited_for(tmp_path, monkeypatch):
+    """A live holder writes that it lives every LOCK_BEAT_S while it builds: a build that takes longer than
+    LOCK_STALE_S is waited for, and the waiter maps what it wrote (no copy of its own, no note)."""
+    import time
+
+    import numpy as np
+
+    from data import node_files
+    from tests.data.conftest import is_mapped
+
+    monkeypatch.setattr(node_files, "LOCK_STALE_S", 0.4)
+    monkeypatch.setattr(node_files, "LOCK_BEAT_S", 0.05)
+    want, first, second = np.arange(1000, dtype=np.int64), [], []
+    holder = _arrays_in_a_thread(tmp_path, want, first, build_s=1.2)   # three times the bound
+    deadline = time.monotonic() + 5.0
+    while (not (tmp_path / "epoch0.lock").exists() or not (tmp_path / "epoch0.lock").read_text()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)                                              # until the holder holds it
+    waiter = _arrays_in_a_thread(tmp_path, want + 1, second)          # what it would build is told apart
+    holder.join(5.0)
+    waiter.join(5.0)
+    (got,), note = second[0]
+    assert note == "" and is_mapped(got) and (got == want).all()
+    assert re.fullmatch(rf"host {re.escape(node_files._host())} pid {os.getpid()} beat [1-9]\d*",
+                        (tmp_path / "epoch0.lock").read_text().strip())
