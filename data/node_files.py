@@ -217,8 +217,9 @@ def shaped(arrays: tuple, specs: Sequence[tuple[int | None, type]]) -> bool:
 
 
 def prune(directory: Path, prefix: str, keep_from: int) -> None:
-    """Remove `<prefix><k>.*` files of `directory` with k < keep_from (the epochs a forward-moving stream is past; a
-    process that maps one keeps its pages until it lets go, and one that needs it again builds it again)."""
+    """Remove `<prefix><k>.*` files of `directory` with k < keep_from: the epochs that every process of the run is
+    past, which only the caller can tell (its position less the most any rank may lag behind it). A process that maps
+    one keeps its pages on a local disk; on NFS a file removed under another node's map is ESTALE there."""
     for f in Path(directory).glob(f"{prefix}*"):
         k = f.name[len(prefix):].split(".", 1)[0]
         if k.isdigit() and int(k) < keep_from:

@@ -472,6 +472,7 @@ class TokenSource:
         self._idx = np.int32 if self.documents < 2**31 else np.int64
         self.index_dir = Path(index_dir, self._index_key()) if index_dir else None
         self.index_note = ""   # why the orders are held in memory though index_dir was given (the log says it once)
+        self.released = 0      # index_dir's files of epochs before this one are removed (release)
         self.left_out = np.zeros(0, dtype=np.int64)   # pool indices of documents data.exclude names (leave_out)
 
     def _index_key(self) -> str:
@@ -504,9 +505,8 @@ class TokenSource:
 
     def _cached(self, e: int):
         """Epoch e's arrays from index_dir (data/node_files.shared_arrays: mapped where a process of the node, or an
-        earlier run, wrote them, else built once under a file lock), and the files of epochs before e - 1 removed.
-        Where the directory cannot be written or locked, they are built and held in this process's memory, as
-        without index_dir."""
+        earlier run, wrote them, else built once under a file lock). Where the directory cannot be written or locked,
+        they are built and held in this process's memory, as without index_dir. Old epochs' files go by `release`."""
         got, note = shared_arrays(self.index_dir, f"epoch{e}", ("order", "ends", "rows"), lambda: self._build(e),
                                   self._check)
         if note and not self.index_note:
@@ -514,9 +514,15 @@ class TokenSource:
             log.warning("token files %s: the epoch orders cannot be kept in %s (%s); each process holds its own "
                         "(%d bytes per document)", ", ".join(self.prefixes), self.index_dir, note,
                         np.dtype(self._idx).itemsize + 8)
-        elif not note:
-            prune(self.index_dir, "epoch", e - 1)
         return got
+
+    def release(self, keep_from: int) -> None:
+        """Removes index_dir's files of the epochs before `keep_from`: the caller knows that no process of the run
+        reads them again (on a shared filesystem another node may map them: a file removed under its map there is
+        ESTALE, or SIGBUS in the reader, on NFS). Each process's maps of them go with `_epochs` as it moves on."""
+        if self.index_dir is not None and not self.index_note and keep_from > self.released:
+            prune(self.index_dir, "epoch", keep_from)
+            self.released = keep_from
 
     def _epoch(self, e: int):
         got = self._epochs.get(e)
@@ -749,6 +755,20 @@ class TokenCorpus:
                 i = stop
         return out
 
+    def counts_before(self, i: int) -> list[int]:
+        """Each source's samples among global samples 0 .. i - 1 (the index of its next one from global sample i)."""
+        if self.blend is None:
+            return [int(i)]
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return (self.offsets[k] + self.blends[k].counts_before(int(i) - self.starts[k])).tolist()
+
+    def release_before(self, floor: int, at: int) -> None:
+        """Removes the epoch orders' files that no process reads again: those of each source's epochs before the one
+        holding its sample at global sample `floor` (below which no rank of the run reads any more), and before the
+        epoch before the one this process reads at global sample `at` (TokenSource.release)."""
+        for src, f, a in zip(self.sources, self.counts_before(floor), self.counts_before(at)):
+            src.release(min(f // src.per_epoch, a // src.per_epoch - 1))
+
     def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray, list[int]]]:
         """Global samples start .. start + count - 1 as (source, tokens, starts)."""
         return [(s, *self.sources[s].sample(j)[:2]) for s, j in self._where(start, count)]
@@ -832,6 +852,10 @@ class TokenFileStream(GlobalSamplePosition):
             raise ValueError("a blend of token sources (data.tokens.weights) has no one first epoch to score whole")
         self.corpus, self.document_bounds, self.one_epoch = corpus, document_bounds, one_epoch
         self.padding: list[bool] = []
+        # the ranks read in lockstep, each its share of a step's global batch, so no rank reads a global sample more
+        # than a step behind another's; twice that for margin. Epoch files of the samples below go (release_before)
+        self.lag = 2 * global_batch_size
+        self._release_at = 0
         self.left_out_met = 0     # pieces of documents data.exclude names that this stream's rows held (blanked)
         self._left_out_logged: set[tuple[str, int]] = set()
         self._wait = 0.0          # seconds spent making micro-batches since the last step_metrics()
@@ -913,6 +937,9 @@ class TokenFileStream(GlobalSamplePosition):
 
     def _next(self) -> dict[str, torch.Tensor]:
         start = self.next_start()
+        if start >= self._release_at:   # once a step
+            self.corpus.release_before(max(0, start - self.lag), start)
+            self._release_at = start + self.gbs
         rows = []
         for j, (r, met) in enumerate(self.corpus.rows(start, self.mbs, document_bounds=self.document_bounds), start):
             rows.append(r)
@@ -1003,6 +1030,15 @@ class TokenPacks:
 
     def num_packs(self, e: int) -> int:
         return self.source.per_epoch
+
+    @property
+    def on_disk(self) -> bool:
+        """As loader.Planner.on_disk: whether the epoch orders are files in index_dir."""
+        return self.source.index_dir is not None and not self.source.index_note
+
+    def release(self, keep_from: int) -> None:
+        """As loader.Planner.release: the files of the epochs before `keep_from` go."""
+        self.source.release(keep_from)
 
     def epoch(self, e: int) -> _TokenEpoch:
         return _TokenEpoch(self.source.per_epoch)

@@ -160,6 +160,9 @@ class VideoBatchStream:
         self.decode_once = decode_once
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
                                         held_out=held_out, pixels=decode_once is None or decode_once.pixels)
+        # a rank consumes its packs of a step in lockstep with the others: no rank reads a pack of the global stream
+        # more than a step's (and a round's) behind another's; twice that for margin
+        self.loader.lag_packs = 2 * (global_batch_size + dp_size)
         self._error: BaseException | None = None   # this rank's error in take(), raised by settle()
         self._it = None
         self._wait = 0.0  # seconds spent waiting in next() since the last step_metrics()

@@ -261,6 +261,7 @@ class Planner:
         self.setting = held_out or f"data.video.{name}"
         self.held_out = bool(held_out)
         self.index_note = ""     # why the plans are held in memory though plan_dir was given (logged once)
+        self._released = 0       # plan_dir's files of epochs before this one are removed (release)
         self._sizes: dict[int, tuple] = {}
         self._recent: OrderedDict[tuple[int, int], DocPlan | PlanError] = OrderedDict()
         self._epochs: dict[int, EpochPlan] = {}
@@ -420,10 +421,6 @@ class Planner:
             (order, items, bounds), note = shared_arrays(self.plan_dir, f"epoch{e}", ("order", "items", "bounds"),
                                                          lambda: self._build_packs(e), self._check_packs)
             self._note(note)
-            if self.plan_dir is not None and not self.index_note:
-                prune(self.plan_dir, "epoch", e - 2)
-                if self.cfg.frame_jitter > 0:
-                    prune(self.plan_dir, "sizes", e - 2)
             p = EpochPlan(epoch=e, order=order, packs=_Packs(items, bounds), sizes=sizes)
             if not len(p.packs):   # every sample rejected at plan time: every epoch would be empty, read forever
                 reasons = Counter(reason for reason, _ in p.rejects.values())
@@ -441,6 +438,22 @@ class Planner:
 
     def num_packs(self, e: int) -> int:
         return len(self.epoch(e).packs)
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the plans are files in plan_dir (else each process holds its own: nothing to release)."""
+        return self.plan_dir is not None and not self.index_note
+
+    def release(self, keep_from: int) -> None:
+        """Removes plan_dir's plans of the epochs before `keep_from` (and their sizes, which jittered frames make per
+        epoch): the caller knows that no process of the run reads them again (VideoPackedLoader._release). Planning
+        ahead (counting the packs of later epochs) removes nothing: on a shared filesystem another node may map
+        them, and a file removed under its map there is ESTALE, or SIGBUS in the reader, on NFS."""
+        if self.on_disk and keep_from > self._released:
+            prune(self.plan_dir, "epoch", keep_from)
+            if self.cfg.frame_jitter > 0:
+                prune(self.plan_dir, "sizes", keep_from)
+            self._released = keep_from
 
     def shard_name(self, uid: int) -> str:
         """What names the shard of `uid` (`shard_names`): its file name, with its folder where that is ambiguous."""
@@ -933,6 +946,11 @@ class VideoPackedLoader:
         self._reasons: Counter = Counter()
         self._by_source: dict[str, Counter] = {n: Counter() for n in self.source_names} if self.mixed else {}
         self._logged_plan_epochs: set[tuple[int, int]] = set()     # (source, epoch)
+        # how many packs of the global stream a rank of the run may read behind this one: the ranks consume in
+        # lockstep (VideoBatchStream sets it from its step: twice a step's packs, and a round); the plans of epochs
+        # below go as this rank passes them (_release), with each source's epochs' pack counts this rank has read
+        self.lag_packs = 2 * self.dp_world
+        self._pack_counts: list[dict[int, int]] = [{} for _ in self.planners]
         qp = cfg.quarantine_path.replace("{rank}", str(dp_rank)) if cfg.quarantine_path else ""
         self.quarantine_path = qp
         self.exclude_keys: frozenset = frozenset()
@@ -1004,6 +1022,28 @@ class VideoPackedLoader:
         self._decoded.update(frames=pack.decoded_frames, images=pack.decoded_images)
         self._decoded["seconds"] += pack.decode_s
         return pack
+
+    def _release(self, src: int, e: int, j: int) -> None:
+        """This rank consumed pack j of source `src`'s epoch e: the plans of that source's epochs wholly below the
+        pack lag_packs before it, and below epoch e - 1, go (Planner.release). Each process's maps of them go with
+        its planner's few recent epochs. An epoch whose pack count this rank has not read (before a resume) stops
+        the walk back: nothing is removed until the floor is known."""
+        if not self.planners[src].on_disk:      # nothing to remove: no epoch's plan made for it in this process
+            return
+        counts = self._pack_counts[src]
+        if e not in counts:
+            counts[e] = self.planners[src].num_packs(e)
+        k, back = e, self.lag_packs - j
+        while back > 0:
+            k -= 1
+            if k not in counts:
+                return
+            back -= counts[k]
+        keep = min(k, e - 1)
+        if keep > 0:
+            self.planners[src].release(keep)
+            for old in [x for x in counts if x < keep]:
+                del counts[old]
 
     def rebuild(self, pack: PackedSample, failures: list[dict]) -> PackedSample:
         """`pack` (drawn by a loader with pixels=False) built again without its samples that the decoding rank of
@@ -1150,6 +1190,7 @@ class VideoPackedLoader:
         `__next__` takes at once. Raises after max_consecutive_failures failed samples in a row."""
         self._stats["packs"] += 1
         src = self.source_names.index(pack.source) if self.mixed else 0
+        self._release(src, pack.epoch, pack.pack_index)
         tag = {"source": pack.source} if self.mixed else {}
         if (src, pack.epoch) not in self._logged_plan_epochs:
             # a source's packs come epoch after epoch: its earlier epochs are not met again. Kept, they grew this set

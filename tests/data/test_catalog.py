@@ -152,10 +152,35 @@ def test_loader_with_plans_on_disk_resumes_exactly(kinds, tmp_path):
     assert [signature(p) for p in take(VideoPackedLoader(plain, seed=4), 7)] == \
         [signature(p) for p in take(VideoPackedLoader(cfg, seed=4), 7)]
     planner = VideoPackedLoader(cfg, seed=4).planner     # 11 packs an epoch: the 7 above stay in epoch 0
+
+    def kept():
+        return sorted({int(f.name[5:].split(".")[0]) for f in planner.plan_dir.glob("epoch*.items.npy")})
     for e in range(6):
         planner.epoch(e)
-    kept = sorted({int(f.name[5:].split(".")[0]) for f in planner.plan_dir.glob("epoch*.items.npy")})
-    assert kept == [3, 4, 5]      # an epoch's files go when the third epoch after it is planned
+    assert kept() == [0, 1, 2, 3, 4, 5]   # planning ahead removes nothing: another node may be reading them
+    loader = VideoPackedLoader(cfg, seed=4)    # one rank: no other reads more than 2 packs behind it (lag_packs)
+    take(loader, sum(planner.num_packs(e) for e in range(4)) + 3)
+    assert kept() == [3, 4, 5]    # consumed up to epoch 4's pack 2: the plans of epochs before 3 go
+
+
+def test_planning_ahead_removes_no_plan_another_rank_reads(kinds, tmp_path):
+    """data.video.num_epochs set and an index_dir shared by the ranks (the default <run_dir>/data_index): a rank
+    starting its iteration counts the packs of every epoch left (planning them), and each plan it made removed those
+    of the epochs before the one two before it, as a prefetching worker mapping a later epoch did; epoch 0's plan,
+    which rank 0 was reading through its maps, was removed (old: epochs 1 and 2 gone, and epoch 0's file removed and
+    written again by rank 1, another file than the one rank 0 maps). On NFS a file removed under another node's map
+    is ESTALE, SIGBUS in the reader. Plans now go as the ranks consume past them."""
+    cfg = small_cfg(kinds, tmp_path, seq_len=512, index_dir=str(tmp_path / "ix"), num_epochs=6)
+    rank0, rank1 = (VideoPackedLoader(cfg, dp_rank=r, dp_world=2, seed=4) for r in range(2))
+    alone = VideoPackedLoader(small_cfg(kinds, tmp_path, seq_len=512, num_epochs=6), dp_rank=0, dp_world=2, seed=4)
+    first = take(rank0, 1)
+    assert first[0].epoch == 0 and is_mapped(rank0.planner.epoch(0).order)
+    mapped = os.stat(rank0.planner.plan_dir / "epoch0.items.npy").st_ino
+    take(rank1, 1)
+    kept = sorted({int(f.name[5:].split(".")[0]) for f in rank0.planner.plan_dir.glob("epoch*.items.npy")})
+    assert kept == [0, 1, 2, 3, 4, 5], kept
+    assert os.stat(rank0.planner.plan_dir / "epoch0.items.npy").st_ino == mapped
+    assert [signature(p) for p in first + take(rank0, 3)] == [signature(p) for p in take(alone, 4)]
 
 
 def test_a_plan_pruned_by_a_process_further_on_as_it_is_written_is_used_without_a_warning(kinds, tmp_path, monkeypatch,
@@ -169,10 +194,10 @@ def test_a_plan_pruned_by_a_process_further_on_as_it_is_written_is_used_without_
     ahead, behind = (VideoPackedLoader(cfg, seed=4).planner for _ in range(2))
     real, ran = node_files._write, []
 
-    def written_then_pruned(names, arrays):      # the other process plans epoch 4 (removing epochs 0-1) just then
+    def written_then_pruned(names, arrays):      # the other process passes epoch 3 (removing epochs 0-2) just then
         real(names, arrays)
         if names[0].name.startswith("epoch1.") and not ran:
-            ran.append(ahead.epoch(4))
+            ran.append(ahead.release(3))
     monkeypatch.setattr(node_files, "_write", written_then_pruned)
     with caplog.at_level(logging.WARNING):
         got = behind.epoch(1)

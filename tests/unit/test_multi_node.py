@@ -365,3 +365,55 @@ def test_a_holder_that_builds_for_longer_than_the_bound_is_waited_for(tmp_path, 
     assert note == "" and is_mapped(got) and (got == want).all()
     assert re.fullmatch(rf"host {re.escape(node_files._host())} pid {os.getpid()} beat [1-9]\d*",
                         (tmp_path / "epoch0.lock").read_text().strip())
+
+
+def test_epoch_orders_another_rank_reads_stay_on_disk(tmp_path, monkeypatch):
+    """An index_dir shared by the nodes (the default <run_dir>/token_index) and a source of few rows an epoch (9
+    here, 32 a global batch: a step spans epochs). In a step rank 1 reads global samples 16 after rank 0's, at the same
+    time; as it mapped each epoch it removed the files of the epochs before the one before it, those rank 0 was
+    reading through its maps (old: rank 0 read epoch 0 in step 0 with its files gone). On NFS a file removed under
+    another node's map is ESTALE, SIGBUS in the reader. Files now go once every rank is past them (release_before):
+    the epoch rank 0 reads is on disk, each epoch is built once, the rows are a reader's without index_dir, and old
+    epochs still go."""
+    import numpy as np
+
+    from data.token_files import TokenCorpus, TokenFileStream, TokenSource, write_token_files
+
+    rng = np.random.default_rng(0)
+    write_token_files([rng.integers(0, 300, 16).tolist() for _ in range(10)], tmp_path / "web", vocab_size=512)
+    built, real_build = [], TokenSource._build
+
+    def build(self, e):
+        if self.index_dir is not None:
+            built.append(e)
+        return real_build(self, e)
+    monkeypatch.setattr(TokenSource, "_build", build)
+
+    def stream(rank, index_dir):
+        corpus = TokenCorpus(str(tmp_path / "web"), seq_length=16, seed=0, index_dir=index_dir)
+        return TokenFileStream(corpus, document_bounds=False, micro_batch_size=1, global_batch_size=32, dp_rank=rank,
+                               dp_size=2)
+
+    first, second, alone = stream(0, tmp_path / "ix"), stream(1, tmp_path / "ix"), stream(0, None)
+    source = first.corpus.sources[0]
+    assert source.per_epoch == 9
+
+    def on_disk():
+        return sorted(int(f.name[5:].split(".")[0]) for f in source.index_dir.glob("epoch*.order.npy"))
+
+    for step in range(5):
+        for k in range(16):   # micro-batch k of each rank at once: global samples 32 step + k and 32 step + 16 + k
+            got, want = next(first), next(alone)
+            next(second)
+            assert all(torch_equal(got[x], want[x]) for x in want)
+            reading = (32 * step + k) // 9
+            assert reading in on_disk(), (step, k, reading, on_disk())
+    assert sorted(built) == list(range(18))           # the 160 samples' epochs 0..17, each built once
+    # rank 1's last step began at global sample 144: no rank reads below 144 - 2 x 32 = 80 (epoch 8) any more
+    assert on_disk() == list(range(8, 18))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
