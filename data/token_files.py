@@ -142,16 +142,16 @@ def empty_prefix(prefix: str) -> str | None:
             f"--key?)") if empty else None
 
 
-FINGERPRINT_BLOCK = 1 << 16   # bytes read at each of a file's sampled places (content_fingerprint)
-FINGERPRINT_PLACES = 16       # places between the first and the last block, evenly spread
+FINGERPRINT_BLOCK = 4096      # bytes read at each of a file's sampled places (content_fingerprint): a page
+FINGERPRINT_PLACES = 8        # places between the first and the last block, evenly spread
 
 
 def content_fingerprint(prefixes: list[str]) -> str:
     """A cheap fingerprint of the datasets' contents, to tell copies of them apart across nodes: each .idx's and
     .bin's size and a hash of its first and last FINGERPRINT_BLOCK bytes and of FINGERPRINT_PLACES blocks evenly
-    spread between (at most 1.1 MiB read per file, whatever its size). Copies that differ only outside those blocks
-    read as the same: what it catches is another tokenization, another version or order of the documents, a copy
-    cut short or written over."""
+    spread between (at most 40 KiB read per file, whatever its size: every rank reads them at the launch, the ranks of
+    a node through one page cache). Copies that differ only outside those blocks read as the same: what it catches
+    is another tokenization, another version or order of the documents, a copy cut short or written over there."""
     h = hashlib.sha1()
     for prefix in prefixes:
         for suffix in (".idx", ".bin"):
