@@ -417,3 +417,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_a_blend_releases_each_source_from_its_own_next_sample(tmp_path):
+    """release_before takes each source of a blend from the index of its next sample at the global floor: counted
+    here by the samples _where assigns it (the reference), over a blend whose weights changed at global sample 50."""
+    import numpy as np
+
+    from data.token_files import TokenCorpus, write_token_files
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_token_files([rng.integers(0, 300, 20).tolist() for _ in range(30)], tmp_path / name, vocab_size=512)
+    corpus = TokenCorpus(f"{tmp_path / 'a'},{tmp_path / 'b'}", weights=[0.2, 0.8], seq_length=16, seed=0)
+    corpus.continue_blend([[0, [0.7, 0.3]], [50, [0.2, 0.8]]], 120)
+    for i in (0, 1, 7, 49, 50, 51, 119, 120, 300):
+        drawn = [s for s, _ in corpus._where(0, i)] if i else []
+        assert corpus.counts_before(i) == [drawn.count(0), drawn.count(1)], i
