@@ -804,3 +804,28 @@ def test_no_document_written_is_an_error_and_an_empty_prefix_is_named(tmp_path, 
                           data=SimpleNamespace(tokens=SimpleNamespace(paths=out, eval_paths="")))
     with pytest.raises(ValueError, match=rf"data\.tokens\.paths: {out}\.bin is empty"):
         check_token_paths(cfg)
+
+
+def test_token_rows_epoch_orders_in_a_mixture_go_as_the_rank_consumes_past_them(shard_dir, tmp_path):
+    """data.video.text_tokens with its index_dir: the loader, as it consumes token rows, removes the epoch orders of
+    the epochs it is past (loader._release -> TokenPacks.release), keeping the one before its own; mapping a later
+    epoch removes none. The rows are those of the source read alone."""
+    from data.video.loader import VideoPackedLoader
+
+    from .test_loader import take
+
+    write_token_files(([TOK.eos_id + 1 + (i * 7 + k) % 200 for k in range(100)] + [TOK.eos_id] for i in range(30)),
+                      tmp_path / "tok" / "web", vocab_size=TOK.vocab_size,
+                      meta={"tokenizer": repr(TOK), "eos_id": TOK.eos_id})
+    spec = str(tmp_path / "tok" / "web")
+    disk = VideoPackedLoader(_mixed_cfg(shard_dir, spec, tmp_path, text_tokens_fraction=0.75,
+                                        text_tokens_index_dir=str(tmp_path / "tix")), seed=3)
+    source = disk.planners[-1].source
+    assert source.per_epoch == 2                      # 3030 tokens, rows of 1024: each epoch two packs
+    rows = [p for p in take(disk, 16) if p.source == "tokens"]
+    last = rows[-1].epoch
+    assert last >= 4
+    on_disk = sorted(int(f.name[5:].split(".")[0]) for f in source.index_dir.glob("epoch*.rows.npy"))
+    assert on_disk == [last - 1, last]
+    alone = TokenSource([spec], seq_length=1024, seed=3, source_id=0)
+    assert all(p.tokens.tolist() == alone.sample(p.epoch * 2 + p.pack_index)[0][:-1].tolist() for p in rows)
