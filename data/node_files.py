@@ -11,7 +11,9 @@
   node that died holding it, and every other process waited for it forever;
 - where the directory cannot be made, written or locked (a filesystem without `flock`), built in this process's memory;
   the returned note says why (the caller logs it once). Files another process prunes between their writing and
-  their reading back are used as built, from memory, without a note.
+  their reading back are used as built, from memory, without a note. Files are removed by `prune`, which the caller
+  calls only for epochs no process of the run reads any more (on NFS a file removed under another node's map is
+  ESTALE there).
 
 `shared_chunks(...)` does the same for arrays made of chunks that can be built apart (the packed loader's document
 sizes: tokenizing every text): the node's processes build the chunks side by side, each taking the chunks no other
@@ -156,9 +158,9 @@ def _locked(directory: Path, stem: str, parts: Sequence[str], build: Callable[[]
             got = _open(names, check)
             if got is None:
                 if not all(n.exists() for n in names):
-                    # removed since it was written: a process further on pruned it (`prune`; on data of a few
-                    # packs an epoch one rank's prefetch runs epochs ahead of another's). What was built is
-                    # whole: used from memory, as a process would rebuild it
+                    # removed since it was written: the run's ranks are past it and one of them pruned it (`prune`;
+                    # a process that comes to an old epoch, e.g. a held-out set on the training data). What was
+                    # built is whole: used from memory, as a process would rebuild it
                     return built
                 raise OSError(f"{names[0]}: written, but does not read back whole")
     return got
