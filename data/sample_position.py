@@ -38,6 +38,20 @@ class GlobalSamplePosition:
         self.consumed_samples = 0  # global samples of completed steps
         self._micro = 0            # micro-batches already handed out in the current step
 
+    def set_global_batch_size(self, global_batch_size: int) -> None:
+        """The next steps take `global_batch_size` samples each (train.batch_rampup); call between steps. The samples
+        go on from where the last step's ended."""
+        if self._micro not in (0, self.num_microbatches):
+            raise RuntimeError("global batch size set in the middle of a step")
+        per_rank = global_batch_size // self.dp_size
+        if global_batch_size % self.dp_size or per_rank % self.mbs:
+            raise ValueError(f"global batch {global_batch_size} must be a multiple of data-parallel size "
+                             f"({self.dp_size}) x train.micro_batch_size ({self.mbs})")
+        if self._micro == self.num_microbatches:   # close the last step at its own size
+            self.consumed_samples += self.gbs
+            self._micro = 0
+        self.gbs, self.num_microbatches = global_batch_size, per_rank // self.mbs
+
     def __iter__(self):
         return self
 

@@ -156,7 +156,7 @@ class VideoBatchStream:
         if cfg.seq_len != seq_length:
             cfg = replace(cfg, seq_len=seq_length)  # the trainer's sequence length is the packing length
         self.cfg = cfg
-        self.num_microbatches = global_batch_size // dp_size
+        self.num_microbatches, self.dp_size = global_batch_size // dp_size, dp_size
         self.decode_once = decode_once
         self.loader = VideoPackedLoader(cfg, dp_rank=dp_rank, dp_world=dp_size, seed=seed, exclude=exclude,
                                         held_out=held_out, pixels=decode_once is None or decode_once.pixels)
@@ -173,6 +173,16 @@ class VideoBatchStream:
                              "to score whole")
         self.padding: list[bool] = []
         self._drawn: deque[tuple] = deque(maxlen=self.num_microbatches)  # the packs of the current step
+
+    def set_global_batch_size(self, global_batch_size: int) -> None:
+        """The next steps draw global_batch_size / dp_size packs each on this rank (train.batch_rampup); call between
+        steps. The loader counts packs, so the next step takes the next ones whatever their number."""
+        if global_batch_size % self.dp_size:
+            raise ValueError(f"global batch {global_batch_size} must be divisible by the data-parallel size "
+                             f"({self.dp_size})")
+        self.num_microbatches = global_batch_size // self.dp_size
+        if self._drawn.maxlen != self.num_microbatches:
+            self._drawn = deque(maxlen=self.num_microbatches)
 
     @property
     def unmatched_exclusions(self) -> list[str]:

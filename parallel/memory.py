@@ -666,6 +666,7 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
     if t.precision == "auto" and not torch.cuda.is_available():
         bf16 = True  # the estimate is for the GPU run the recipe describes
+    # train.global_batch_size's micro-batches: the most a step takes (a step of train.batch_rampup takes fewer)
     return MemoryInputs(lm=cfg.model.lm, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                         num_microbatches=t.global_batch_size // (t.micro_batch_size * layout.dp), bf16=bf16,
                         tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, etp=layout.etp, cp=layout.cp,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -193,6 +193,29 @@ class SpikeConfig:
             raise ValueError(f"train.spike.skip_steps must be >= 0, got {self.skip_steps}")
 
 
+@dataclass
+class BatchRampupConfig:
+    """The global batch ramped up over the run's first packed sequences, as megatron's --rampup-batch-size (DeepSeek-V3:
+    3072 -> 15360 sequences over its first 469B tokens): a step that begins after c sequences were consumed takes
+    `start` + `increment` x floor(c / (samples / n)) of them (n = (train.global_batch_size - start) / increment
+    increments), train.global_batch_size once c > samples (TrainConfig.batch_size_at). Each step's batch changes the
+    micro-batches per step (gradient accumulation); train.micro_batch_size stays. Off while start = 0."""
+    start: int = 0  # the first steps' global batch in packed sequences; 0: no ramp-up
+    increment: int = 0  # sequences added at each increase; divides train.global_batch_size - start
+    samples: int = 0  # the packed sequences consumed over the ramp (tokens / train.seq_length)
+
+    def __post_init__(self) -> None:
+        if self.start == 0:
+            if self.increment or self.samples:
+                warnings.warn(f"train.batch_rampup.increment={self.increment} and samples={self.samples} are ignored "
+                              f"while train.batch_rampup.start=0 (no ramp-up)")
+            return
+        for name in ("start", "increment", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.batch_rampup.{name} must be >= 1 with a ramp-up (train.batch_rampup.start "
+                                 f"{self.start}), got {getattr(self, name)}")
+
+
 TRAINABLE = ("all", "summary", "indexer", "projector")
 INDEXER_BACKWARD = ("local", "model")
 MEMORY_CHECKS = ("error", "warn", "off")
@@ -240,6 +263,7 @@ class TrainConfig:
     # torch's deterministic algorithms (strict), cuBLAS's fixed workspace, NCCL_ALGO=Ring, megatron's deterministic_mode
     deterministic: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)  # skipping steps whose gradient norm spikes
+    batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)  # a smaller global batch at first
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -294,6 +318,35 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
+        r = self.batch_rampup
+        if r.start:
+            if r.start >= self.global_batch_size:
+                raise ValueError(f"train.batch_rampup.start ({r.start}) must be below train.global_batch_size "
+                                 f"({self.global_batch_size}), the batch it ramps up to (0: no ramp-up)")
+            if (self.global_batch_size - r.start) % r.increment:
+                raise ValueError(f"train.batch_rampup.increment ({r.increment}) must divide train.global_batch_size - "
+                                 f"train.batch_rampup.start ({self.global_batch_size} - {r.start} = "
+                                 f"{self.global_batch_size - r.start})")
+            for name in ("start", "increment"):
+                if getattr(r, name) % self.micro_batch_size:
+                    raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of "
+                                     f"train.micro_batch_size ({self.micro_batch_size})")
+
+    def batch_size_at(self, consumed_samples: int) -> int:
+        """The global batch of a step that begins after `consumed_samples` packed sequences (train.batch_rampup; the
+        schedule of megatron's RampupBatchsizeNumMicroBatchesCalculator): train.global_batch_size without a ramp-up."""
+        r = self.batch_rampup
+        if not r.start or consumed_samples > r.samples:
+            return self.global_batch_size
+        increments = (self.global_batch_size - r.start) // r.increment
+        # floor(c / (samples / increments)) in integers: megatron's float quotient can land below a whole number
+        return r.start + r.increment * (consumed_samples * increments // r.samples)
+
+    def batch_sizes(self) -> list[int]:
+        """Every global batch a step of the run may take, smallest first (the ramp's, then train.global_batch_size)."""
+        r = self.batch_rampup
+        return list(range(r.start, self.global_batch_size, r.increment)) + [self.global_batch_size] if r.start else \
+            [self.global_batch_size]
 
     @property
     def trained(self) -> str:
@@ -392,6 +445,41 @@ def held_out_moved(saved: dict, t: TrainConfig) -> str:
             f"sequences of each held-out set (train.eval.batches={e.batches}) where it scored {before}, so val_loss "
             f"from here on is over other sequences than before{keep}"
             + (" (the sets train.eval.set_batches names count in global batches too)" if e.set_batches else ""))
+
+
+def saved_consumed_samples(common: dict, saved_config: dict | None) -> int:
+    """The packed sequences a checkpoint's steps consumed, from its common state: as recorded, or for a checkpoint
+    written before they were (no ramp-up then): its token stream's data position where it has one, else its steps x
+    the train.global_batch_size it was saved with."""
+    if "consumed_samples" in common:
+        return int(common["consumed_samples"])
+    data = common.get("data") or {}
+    if "consumed_samples" in data:
+        return int(data["consumed_samples"])
+    gbs = ((saved_config or {}).get("train") or {}).get("global_batch_size", TrainConfig.global_batch_size)
+    return int(common["step"]) * int(gbs)
+
+
+def rampup_changed(saved: dict, t: TrainConfig, consumed: int) -> str:
+    """For a resumed run whose checkpoint recorded the train settings `saved` and whose launch has `t`, after `consumed`
+    packed sequences: "" unless train.batch_rampup or train.global_batch_size changed the ramp, else a sentence naming
+    both and the global batch the run goes on with (the ramp is a function of the sequences consumed: the new one's
+    batch at this point, whatever the old one gave)."""
+    def ramp(train: dict) -> tuple:
+        r = train.get("batch_rampup") or {}
+        return (r.get("start", 0), r.get("increment", 0), r.get("samples", 0)) if r.get("start", 0) else (0, 0, 0)
+
+    old, new = ramp(saved), ramp(asdict(t))
+    old_gbs = saved.get("global_batch_size", t.global_batch_size)
+    if old == new and (not new[0] or old_gbs == t.global_batch_size):
+        return ""
+
+    def said(r: tuple, gbs: int) -> str:
+        return (f"start {r[0]}, increment {r[1]}, samples {r[2]} (to {gbs})" if r[0] else f"none (global batch {gbs})")
+
+    return (f"train.batch_rampup changed since the checkpoint: {said(old, old_gbs)} -> "
+            f"{said(new, t.global_batch_size)}; after the {consumed} sequences consumed, the next step's global batch "
+            f"is {t.batch_size_at(consumed)} sequences by the new settings")
 
 
 def ignored_on_resume(saved: dict, cfg: Config, *, rng_restored: bool) -> list[str]:

@@ -91,10 +91,12 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}"
                          + (" (data.kind=tokens feeds a language model alone; a multimodal run mixes token files into "
                             "its video packs with data.video.text_tokens)" if d.kind == "tokens" else ""))
-    group, per_step = cfg.parallel.vit.group, t.global_batch_size // (t.micro_batch_size * layout.dp)
-    if group and per_step % group:
-        raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel rank "
-                         f"({per_step} = train.global_batch_size / (train.micro_batch_size x {layout.dp}))")
+    group = cfg.parallel.vit.group
+    for batch in t.batch_sizes():   # a batch-size ramp's every step, then train.global_batch_size's
+        per_step = batch // (t.micro_batch_size * layout.dp)
+        if group and per_step % group:
+            raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel "
+                             f"rank ({per_step} = {batch_setting(t, batch)} / (train.micro_batch_size x {layout.dp}))")
     if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
         raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
@@ -530,6 +532,11 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
+    r = cfg.train.batch_rampup
+    for name in ("start", "increment") if r.start else ():   # so is then every batch of the ramp
+        if getattr(r, name) % (cfg.train.micro_batch_size * layout.dp):
+            raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of train."
+                             f"micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
     # the teacher is the model's own weights in teacher mode (train/distill.py): any of them that trained would move
@@ -598,15 +605,22 @@ def check_interleaved_schedule(cfg: Config, layout: ParallelLayout) -> None:
     if layout.vpp == 1:
         return
     t = cfg.train
-    per_step = t.global_batch_size // (t.micro_batch_size * layout.dp)
     group = cfg.parallel.vit.group if cfg.model.vision.enabled else 0
-    if (group or per_step) % layout.pp:
-        what = (f"parallel.vit.group ({group}), the micro-batches of each round of a step," if group else
-                f"the micro-batches per step and data-parallel rank ({per_step} = train.global_batch_size / "
-                f"(train.micro_batch_size x {layout.dp}))")
-        raise ValueError(f"parallel.vpp ({layout.vpp}) runs megatron's interleaved pipeline schedule, which takes "
-                         f"micro-batches in groups of parallel.pp ({layout.pp}): {what} must be a multiple of "
-                         f"{layout.pp}")
+    for batch in t.batch_sizes():   # a batch-size ramp's every step, then train.global_batch_size's
+        per_step = batch // (t.micro_batch_size * layout.dp)
+        if (group or per_step) % layout.pp:
+            what = (f"parallel.vit.group ({group}), the micro-batches of each round of a step," if group else
+                    f"the micro-batches per step and data-parallel rank ({per_step} = {batch_setting(t, batch)} / "
+                    f"(train.micro_batch_size x {layout.dp}))")
+            raise ValueError(f"parallel.vpp ({layout.vpp}) runs megatron's interleaved pipeline schedule, which takes "
+                             f"micro-batches in groups of parallel.pp ({layout.pp}): {what} must be a multiple of "
+                             f"{layout.pp}")
+
+
+def batch_setting(t, batch: int) -> str:
+    """The setting that gives a step the global batch `batch`, as a message names it (`t`: train settings)."""
+    return "train.global_batch_size" if batch == t.global_batch_size else \
+        f"the global batch {batch} of train.batch_rampup's steps"
 
 
 def check_attention_stage(cfg: Config) -> None:

@@ -43,7 +43,7 @@ from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_
 from parallel.offload import attach_activation_offload
 from train import checkpoint as ckpt
 from train.config import (Config, DistillConfig, SettingsError, config_changes, held_out_moved,
-                          ignored_on_resume)
+                          ignored_on_resume, rampup_changed, saved_consumed_samples)
 from train.data_streams import (check_data_state, check_same_data, eval_streams, restore_data_state, text_streams,
                                 training_exclude, video_stream)
 from train.determinism import apply_deterministic
@@ -431,6 +431,9 @@ class Trainer:
         self.meter = Meter(flops_per_token=flops, world_size=layout.world_size,
                            peak_tflops=device_peak_tflops(t.peak_tflops), total_steps=t.steps)
         self.step = 0
+        # packed sequences of the steps so far (their global batches: train.batch_rampup's size of each step), and the
+        # global batch the streams draw now (set before each step: _set_global_batch)
+        self.consumed_samples, self.global_batch = 0, t.global_batch_size
         self.nonfinite_in_row = 0  # steps in a row whose gradients were not finite (train.skip_nonfinite_steps)
         self.skipped_steps = 0  # such steps the run skipped (both kept in its checkpoints)
         # train.spike: the last applied steps' gradient norms, the steps in a row whose norm spiked, and those skipped
@@ -483,6 +486,12 @@ class Trainer:
                          "pinned host memory" if torch.cuda.is_available() else "separate CPU tensors (CPU run)")
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
+            r = t.batch_rampup
+            if r.start:
+                log.info("train.batch_rampup: the global batch grows from %d to %d sequences by %d over the first %d "
+                         "sequences (micro-batches per step and data-parallel rank: %d to %d)", r.start,
+                         t.global_batch_size, r.increment, r.samples, r.start // (t.micro_batch_size * dp_size),
+                         self.num_microbatches)
             version = code_version()  # this launch's; the log keeps every launch's, the file the latest
             log.info("code version %s", version)
             if not self.eval_only:  # the file names the code that trained the run's latest steps
@@ -625,6 +634,7 @@ class Trainer:
 
     def _common_state(self, data: dict | None = None) -> dict:
         return {"step": self.step, "data": data if data is not None else self.streams[0].state_dict(),
+                "consumed_samples": self.consumed_samples,
                 "layout": ckpt.layout_record(self.layout),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
@@ -647,6 +657,7 @@ class Trainer:
         if self.lm_trainable:
             untie_adam_steps(self.optimizer)
         self.step = int(common["step"])
+        self.consumed_samples = saved_consumed_samples(common, saved.get("config"))
         nonfinite = common.get("nonfinite", {})  # absent from a checkpoint written before the check existed
         self.nonfinite_in_row, self.skipped_steps = int(nonfinite.get("in_row", 0)), int(nonfinite.get("skipped", 0))
         self._restore_spike_state(common)
@@ -666,6 +677,7 @@ class Trainer:
             parts = self.vision.lr_settings() if self.vision is not None else ()
             for note in (schedule_jump(saved["config"].get("train") or {}, self.cfg.train, self.step, parts=parts),
                          held_out_moved(saved["config"].get("train") or {}, self.cfg.train),
+                         rampup_changed(saved["config"].get("train") or {}, self.cfg.train, self.consumed_samples),
                          *ignored_on_resume(saved["config"], self.cfg, rng_restored=same_layout)):
                 if note:
                     log.warning("%s", note)
@@ -941,10 +953,24 @@ class Trainer:
         (total,) = sum_over_world([self._loss_vector(losses)], self.device)
         return self._loss_from(total)
 
+    def _set_global_batch(self) -> int:
+        """The global batch of the next step, by the sequences consumed so far (train.batch_rampup), set on the
+        streams between steps: their micro-batches per step. Logged where it changes."""
+        batch = self.cfg.train.batch_size_at(self.consumed_samples)
+        if batch != self.global_batch:
+            if self.rank == 0 and self.step:
+                log.info("train.batch_rampup: global batch %d from step %d on (%d sequences consumed)", batch,
+                         self.step + 1, self.consumed_samples)
+            for s in self.streams:
+                s.set_global_batch_size(batch)
+            self.global_batch, self.num_microbatches = batch, self.streams[0].num_microbatches
+        return batch
+
     def train_step(self) -> StepStats:
         t = self.cfg.train
         timer = Timer()
         timer.start()
+        batch = self._set_global_batch()
         lr = apply_lr(self.optimizer, self.step, t)
         self.own_grads.step, self.own_grads.finite = self.step + 1, None
         for m in self.model:
@@ -1033,6 +1059,9 @@ class Trainer:
         if data_local is not None:
             extra.update(data_metrics_from_table(data_local, sums[2], dp_group=self.pgs.dp, sources=sources))
         self.step += 1
+        self.consumed_samples += batch   # a skipped step's data is consumed too
+        if t.batch_rampup.start:
+            extra.update(global_batch=batch, consumed_samples=self.consumed_samples)
         self._skipped_in_row(bad, spikes, loss, extra, grad_norm,
                              micro=nonfinite_micro_batches(losses, layer_kls) if bad else {})
         if self.skipped_steps:
@@ -1040,7 +1069,7 @@ class Trainer:
         if self.spike_skipped:
             extra["spike_skipped_steps"] = self.spike_skipped
         return StepStats(step=self.step, loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr,
-                         seconds=timer.stop(), tokens=t.global_batch_size * t.seq_length, extra=extra,
+                         seconds=timer.stop(), tokens=batch * t.seq_length, extra=extra,
                          flops=vit_flops)
 
     def _skipped_in_row(self, bad: NonFinite, spikes: list, loss: float, extra: dict, grad_norm: float, *,

@@ -173,6 +173,12 @@ def test_resume_mixture_with_other_dp_world_and_merged_states(shard_dir, long_di
     assert m["data_long_seq_share"] == src["long"]["packs"] / 6
     assert m["data_short_seq_share"] + m["data_long_seq_share"] == pytest.approx(1.0)
     assert m["data_long_token_share"] == src["long"]["token_share"] and m["data_samples_failed"] == 0.0
+    # train.batch_rampup sets a step's global batch between steps: the next step's 3 packs are the next 3 (those the
+    # stream at its old batch gives), and a message about the step names those 3 (it named the last 2)
+    s1.set_global_batch_size(3)
+    step = [next(s1)["tokens"] for _ in range(s1.num_microbatches)]
+    assert len(step) == 3 and all(next(s2)["tokens"].equal(t) for t in step)
+    assert len(s1.step_record()["packs"]) == 3
 
 
 def test_a_held_out_set_scored_whole_fills_its_last_batch_with_packs_that_count_for_nothing(shard_dir, long_dir,

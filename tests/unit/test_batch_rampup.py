@@ -1,0 +1,216 @@
+"""train.batch_rampup: the global batch grows from `start` to train.global_batch_size over the first `samples` packed
+sequences (train/config.py TrainConfig.batch_size_at), by the micro-batches per step.
+
+References: the schedule against megatron's formula written out with exact fractions; a ramped run's steps against a
+run ramped by hand (one launch per global batch, each resuming the last at the batch the ramp gives that step: a
+resume at another train.global_batch_size takes the next samples, data/sample_position.py); a resume mid-ramp
+against the uninterrupted run. The trainers run in this process (a gloo world of one rank) on the tiny MoE LM."""
+
+import json
+import math
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.config import BatchRampupConfig, TrainConfig
+
+RAMP = ["train.global_batch_size=8", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
+        "train.batch_rampup.samples=4"]
+# global batch 4 (0 sequences consumed), then 8 (4 consumed: 4 x 1 // 4 = 1 increment, the ramp's last)
+BATCHES = [4, 8, 8]
+
+
+def _reference_batch(c: int, start: int, inc: int, samples: int, gbs: int) -> int:
+    """megatron's RampupBatchsizeNumMicroBatchesCalculator.update as its docstring states it, in exact fractions."""
+    if c > samples:
+        return gbs
+    per_increment = Fraction(samples, (gbs - start) // inc)
+    return start + math.floor(Fraction(c) / per_increment) * inc
+
+
+@pytest.mark.parametrize("start,inc,samples,gbs", [(4, 4, 12, 16), (3072, 3072, 469_000_000_000 // 4096, 15360),
+                                                  (2, 2, 7, 10), (1, 3, 1, 7)])
+def test_the_schedule_is_megatrons_formula(start, inc, samples, gbs):
+    t = TrainConfig(global_batch_size=gbs, micro_batch_size=1,
+                    batch_rampup=BatchRampupConfig(start=start, increment=inc, samples=samples))
+    points = sorted({0, 1, samples - 1, samples, samples + 1, *range(0, samples + 2, max(1, samples // 997))})
+    assert [t.batch_size_at(c) for c in points] == [_reference_batch(c, start, inc, samples, gbs) for c in points]
+    assert t.batch_sizes() == list(range(start, gbs + 1, inc))
+    assert TrainConfig(global_batch_size=gbs).batch_size_at(0) == gbs   # off: the configured batch
+
+
+def _validate(*overrides, world_size=1, recipe="keye_tiny_lm"):
+    from train.launch import compose_config, validate
+
+    return validate(compose_config([f"recipe={recipe}", *overrides]), world_size=world_size)
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["train.batch_rampup.start=16", "train.batch_rampup.increment=4", "train.batch_rampup.samples=10"], 1,
+     "train.batch_rampup.start (16) must be below train.global_batch_size (16), the batch it ramps up to"),
+    (["train.batch_rampup.start=4", "train.batch_rampup.increment=8", "train.batch_rampup.samples=10"], 1,
+     "train.batch_rampup.increment (8) must divide train.global_batch_size - train.batch_rampup.start (16 - 4 = 12)"),
+    (["train.batch_rampup.start=4", "train.batch_rampup.samples=10"], 1,
+     "train.batch_rampup.increment must be >= 1 with a ramp-up (train.batch_rampup.start 4), got 0"),
+    (["train.batch_rampup.start=2", "train.batch_rampup.increment=2", "train.batch_rampup.samples=10"], 1,
+     "train.batch_rampup.start (2) must be a multiple of train.micro_batch_size (4)"),
+    (["parallel.ep=1", "train.batch_rampup.start=4", "train.batch_rampup.increment=4", "train.batch_rampup.samples=10"],
+     2, "train.batch_rampup.start (4) must be a multiple of train.micro_batch_size (4) x data-parallel size (2)"),
+    (["parallel.ep=1", "train.global_batch_size=24", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
+      "train.batch_rampup.samples=10", "parallel.pp=2", "parallel.vpp=2", "model.lm.num_layers=4"], 2,
+     "parallel.vpp (2) runs megatron's interleaved pipeline schedule, which takes micro-batches in groups of "
+     "parallel.pp (2): the micro-batches per step and data-parallel rank (1 = the global batch 4 of "
+     "train.batch_rampup's steps / (train.micro_batch_size x 1)) must be a multiple of 2"),
+])
+def test_nonsense_settings_stop_the_launch_naming_them(overrides, world_size, message):
+    with pytest.raises(ValueError) as e:
+        _validate("train.micro_batch_size=4", *overrides, world_size=world_size)
+    assert message in str(e.value)
+
+
+def test_a_vit_group_that_does_not_divide_a_ramp_batch_stops_the_launch():
+    with pytest.raises(ValueError) as e:
+        _validate("train.global_batch_size=8", "parallel.vit.group=4", "train.batch_rampup.start=2",
+                  "train.batch_rampup.increment=2", "train.batch_rampup.samples=10", world_size=2, recipe="keye_tiny")
+    assert ("parallel.vit.group (4) must divide the micro-batches per step and data-parallel rank (1 = the global "
+            "batch 2 of train.batch_rampup's steps / (train.micro_batch_size x 2))") in str(e.value)
+
+
+def test_the_memory_estimate_judges_the_largest_batch():
+    """launch/memory.py (and the launcher's memory check) predicts the run's peak at train.global_batch_size's
+    micro-batches, the most a step of a ramped run takes: the same prediction as without the ramp, and not below that
+    of the ramp's first batch."""
+    from launch.memory import memory_inputs
+    from parallel.memory import estimate
+
+    def inputs(*overrides):
+        return memory_inputs(["recipe=keye_30b_a3b", "world_size=8", *overrides])[2]
+
+    ramped = inputs("train.batch_rampup.start=8", "train.batch_rampup.increment=8", "train.batch_rampup.samples=1000")
+    plain, first = inputs(), inputs("train.global_batch_size=8")
+    assert ramped == plain and ramped.num_microbatches == 256 // 8
+    assert estimate(ramped).total >= estimate(first).total
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the trainer, in this process
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A gloo world of one rank (the trainers of this module build their process groups in it); the checkpoint
+    writer's helper process is started once for the module, not once per trainer."""
+    from megatron.core import parallel_state
+
+    import train.trainer as trainer_module
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(34000 + os.getpid() % 1000), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    restart, started = trainer_module.restart_checkpoint_helpers, []
+
+    def once():
+        if not started:
+            started.append(restart())
+    trainer_module.restart_checkpoint_helpers = once
+    try:
+        yield tmp_path_factory.mktemp("rampup")
+    finally:
+        trainer_module.restart_checkpoint_helpers = restart
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _train(run_dir, *overrides):
+    """Trains the tiny MoE LM (2 layers; 1 rank, 4 sequences of 32 tokens per micro-batch) in run_dir; returns each
+    step's StepStats, the final weights, the data state after the last step and the sequences consumed."""
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    cfg, layout = validate(compose_config(
+        ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", "train.steps=3", "train.warmup_steps=1",
+         "train.seq_length=32", "train.micro_batch_size=4", "model.lm.num_layers=2",
+         "train.checkpoint.save_interval=100", f"run_dir={run_dir}", *overrides]), world_size=1)
+    tr = Trainer(cfg, layout)
+    try:
+        history = tr.train()
+        weights = {k: v.detach().clone() for k, v in tr.model[0].module.state_dict().items() if torch.is_tensor(v)}
+        return history, weights, tr.streams[0].state_dict(), tr.consumed_samples
+    finally:
+        tr.close()
+
+
+@pytest.fixture(scope="module")
+def ramped(world):
+    return _train(world / "ramped", "train.checkpoint.enabled=false", *RAMP)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_ramp_step_is_a_step_at_its_global_batch(world, ramped):
+    """The ramped run's 3 steps (batches 4, 8, 8) against a launch of one step at train.global_batch_size 4 and one of
+    two steps at 8 resuming it: the same losses and the same weights, bit for bit (the same micro-batches of the same
+    samples, summed in the same order; the lr schedule counts steps in both). Each step logs its batch, the sequences
+    consumed, and its tokens per second over its own batch's tokens."""
+    history, weights, state, consumed = ramped
+    first, _, _, _ = _train(world / "by_hand", "train.global_batch_size=4", "train.stop_after=1")
+    rest, hand_weights, hand_state, _ = _train(world / "by_hand", "train.global_batch_size=8")
+    hand = first + rest
+    assert [s.loss for s in history] == [s.loss for s in hand]
+    assert [s.lr for s in history] == [s.lr for s in hand]
+    assert _same_weights(weights, hand_weights)
+    assert [(s.extra["global_batch"], s.extra["consumed_samples"], s.tokens) for s in history] == \
+        [(4, 4, 4 * 32), (8, 12, 8 * 32), (8, 20, 8 * 32)]
+    assert state == hand_state and state["consumed_samples"] == consumed == 20
+    records = [json.loads(line) for line in (world / "ramped" / "metrics.jsonl").read_text().splitlines()]
+    # tokens/s x the step's seconds gives back its tokens: float rounding of one division and one product
+    assert [r["tokens_per_s"] * r["step_time_s"] for r in records] == pytest.approx([4 * 32, 8 * 32, 8 * 32],
+                                                                                    rel=1e-9)
+
+
+def test_a_resume_mid_ramp_continues_as_the_uninterrupted_run(world, ramped):
+    """Stopped after step 1 (batch 4; 4 sequences consumed, the next steps' batch 8) and resumed with the same
+    settings: steps 2 and 3 as the uninterrupted run's, bit for bit, the same final weights and data position. The
+    checkpoint holds the sequences consumed."""
+    history, weights, state, consumed = ramped
+    first, _, _, _ = _train(world / "resumed", "train.stop_after=1", *RAMP)
+    second, resumed_weights, resumed_state, resumed_consumed = _train(world / "resumed", *RAMP)
+    assert [s.loss for s in first + second] == [s.loss for s in history]
+    assert [s.extra["global_batch"] for s in second] == BATCHES[1:]
+    assert _same_weights(weights, resumed_weights)
+    assert (resumed_state, resumed_consumed) == (state, consumed)
+
+
+def test_a_resume_with_other_ramp_settings_warns_naming_both():
+    """The ramp is a function of the sequences consumed: a resume under other settings (or another global batch to
+    ramp to) goes on with the new settings' batch at that point, and the warning names the old settings, the new and
+    that batch (train/config.py rampup_changed; the trainer logs it on resume)."""
+    from dataclasses import asdict
+
+    from train.config import rampup_changed
+
+    def train(gbs, start=0, inc=0, samples=0):
+        return TrainConfig(global_batch_size=gbs, batch_rampup=BatchRampupConfig(start, inc, samples))
+
+    saved = asdict(train(8, 4, 4, 4))
+    assert rampup_changed(saved, train(8, 4, 4, 4), 20) == ""
+    assert rampup_changed(asdict(train(8)), train(16), 20) == ""   # no ramp either side: held_out_moved's concern
+    assert rampup_changed(saved, train(16, 4, 4, 100), 20) == (
+        "train.batch_rampup changed since the checkpoint: start 4, increment 4, samples 4 (to 8) -> start 4, "
+        "increment 4, samples 100 (to 16); after the 20 sequences consumed, the next step's global batch is 4 "
+        "sequences by the new settings")
+    assert rampup_changed(saved, train(8), 20) == (
+        "train.batch_rampup changed since the checkpoint: start 4, increment 4, samples 4 (to 8) -> none (global "
+        "batch 8); after the 20 sequences consumed, the next step's global batch is 8 sequences by the new settings")
