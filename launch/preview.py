@@ -6,9 +6,9 @@
 The overrides are pretrain.py's (Hydra's `key=value`). The config is composed and checked as pretrain.py checks it
 (a wrong key, type or layout, missing data: `config error: ...`, exit 2, before anything is read or written). No
 process group, no GPU, no model: the data stream of data-parallel rank R of N is made as the trainer makes it, from
-the run's seed, and its first --packs micro-batches are written in the order the run reads them from step 1. Rank 0
-(the default) holds the run's first micro-batches; N defaults to the fewest ranks the layout runs on (as
-launch/memory.py takes them), divided by tp x cp x pp.
+the run's seed, and its first --packs micro-batches are written in the order the run reads them from step 1 (each
+step's global batch as train.batch_rampup gives it). Rank 0 (the default) holds the run's first micro-batches; N
+defaults to the fewest ranks the layout runs on (as launch/memory.py takes them), divided by tp x cp x pp.
 
     DIR/pack_<i>.md             each document: its key, its tokens, the text as tokenized (the tokens the model is
                                 trained to predict in [[...]], each frame or image as one {{...}} marker naming it,
@@ -139,6 +139,21 @@ def make_stream(cfg, layout, *, dp_rank: int, split: tuple[str, str, int] | None
     return text_streams(cfg, cfg.data, exclude=exclude, **common)[0]
 
 
+def step_positions(stream, cfg, *, training: bool):
+    """(step index, micro-batch index) of each next micro-batch the stream gives, without end. Training data
+    (`training`) under train.batch_rampup: each step's global batch is set on the stream before its first micro-batch,
+    as the trainer sets it (a token stream's rank then takes its slice of that batch); held-out data is read at
+    train.global_batch_size."""
+    step, consumed = 0, 0
+    while True:
+        batch = cfg.train.batch_size_at(consumed) if training else cfg.train.global_batch_size
+        if training and cfg.train.batch_rampup.start:
+            stream.set_global_batch_size(batch)
+        for micro in range(stream.num_microbatches):
+            yield step, micro
+        step, consumed = step + 1, consumed + batch
+
+
 # ---- rendering --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -261,7 +276,9 @@ def video_pages(stream, packs: int, *, cfg, split_name: str, out: Path, tokenize
     v = loader.cfg
     merge, patch = v.merge_size, v.patch_size
     pages = []
+    positions = step_positions(stream, cfg, training=not split_name)
     for i in range(packs):
+        step, micro = next(positions)
         pack = next(loader)
         if stream.one_epoch and pack.epoch > 0:   # VideoBatchStream: a whole set's filler, no loss
             pack.loss_mask.zero_()
@@ -294,7 +311,6 @@ def video_pages(stream, packs: int, *, cfg, split_name: str, out: Path, tokenize
                     queue.pop(0)
                 plans.append(queue.pop(0) if queue else None)
         cu = pack.cu_seqlens.tolist()
-        step, micro = divmod(i, stream.num_microbatches)
         when = (f"step {step + 1}, micro-batch {micro}" if not split_name else
                 f"{split_name}: global batch {step + 1}, micro-batch {micro}")
         L = page.lines
@@ -442,10 +458,11 @@ def row_pages(stream, packs: int, *, cfg, split_name: str, decode: Decoder) -> l
     files = isinstance(stream, TokenFileStream)
     bounds = files and stream.document_bounds
     pages = []
+    positions = step_positions(stream, cfg, training=not split_name)
     for i in range(packs):
+        step, micro = next(positions)
         mb = next(stream)
         samples = stream.step_samples()[-stream.mbs:]
-        step, micro = divmod(i, stream.num_microbatches)
         page = Page()
         L = page.lines
         when = (f"step {step + 1}, micro-batch {micro}" if not split_name else
@@ -562,7 +579,9 @@ def preview(a: argparse.Namespace) -> dict:
         (out / f"pack_{i}.md").write_text("\n".join(page.lines))
     summary = {"recipe": cfg.recipe_name, "data_kind": cfg.data.kind, "split": a.split, "dp_rank": a.dp_rank,
                "dp_size": layout.dp, "seed": cfg.data.seed, "seq_length": cfg.train.seq_length,
-               "micro_batches_per_step": stream.num_microbatches, "packs": [p.numbers for p in pages]}
+               # train.global_batch_size's (a step of train.batch_rampup takes fewer: each pack names its step)
+               "micro_batches_per_step": cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp),
+               "packs": [p.numbers for p in pages]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

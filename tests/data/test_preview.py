@@ -291,3 +291,27 @@ def test_a_spelled_special_token_does_not_read_as_the_token(tmp_path, tokenizer)
     shown = render_text(ids, targets, Decoder(tok, repr(tok)), "a document")
     real = ("<|im_end|>" if turn else "") + end
     assert shown == f"Q: how?\n[[Qwen ends a turn with \\<|im_end|> and a document with \\{end}.{real}]]", shown
+
+
+def test_a_batch_ramp_shows_each_steps_own_slice(tmp_path):
+    """train.batch_rampup: step 1 takes a global batch of 8 sequences, step 2 (8 consumed) the full 16. Data-parallel
+    rank 1 of 2 reads, by data/sample_position.py's rule (rank r of R takes [c + r G / R, c + (r + 1) G / R) of the
+    step's G after c consumed), samples 4..7 in step 1 and 16..23 in step 2: the preview names them and shows their
+    ids (reference: the synthetic source's samples by index). It showed the slices of a 16-sequence step 1 (8..15)."""
+    from data.synthetic_tokens import SyntheticTokenSource
+    from train.config import to_config
+    from train.launch import compose_config
+
+    overrides = ["recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}", "train.batch_rampup.start=8",
+                 "train.batch_rampup.increment=8", "train.batch_rampup.samples=8"]
+    summary = preview(parse_args(overrides + ["--packs", "3", "--dp-rank", "1", "--out", str(tmp_path / "out")]))
+    cfg = to_config(compose_config(overrides))
+    source = SyntheticTokenSource(cfg.data, vocab_size=cfg.model.lm.vocab_size, seq_length=cfg.train.seq_length)
+    expected = [(1, 0, [4, 5, 6, 7]), (2, 0, [16, 17, 18, 19]), (2, 1, [20, 21, 22, 23])]
+    for i, (step, micro, samples) in enumerate(expected):
+        md = (tmp_path / "out" / f"pack_{i}.md").read_text()
+        assert f"# Micro-batch {i}: step {step}, micro-batch {micro}" in md
+        assert f"global samples {', '.join(map(str, samples))};" in md
+        ids = [source.sample(j)[:-1].tolist() for j in samples]
+        assert blocks(md) == [f"{r[0]} [[" + " ".join(map(str, r[1:])) + "]]" for r in ids]
+    assert summary["micro_batches_per_step"] == 16 // (4 * 2)   # train.global_batch_size's
