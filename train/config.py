@@ -331,6 +331,11 @@ class TrainConfig:
                 if getattr(r, name) % self.micro_batch_size:
                     raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of "
                                      f"train.micro_batch_size ({self.micro_batch_size})")
+            if self.rampup_steps() == self.steps:   # a run that never reaches its global batch
+                warnings.warn(f"train.batch_rampup.samples ({r.samples}) outlasts the run: every one of its "
+                              f"train.steps={self.steps} steps takes a global batch below train.global_batch_size "
+                              f"({self.global_batch_size}), the last {self.batch_size_at(self._consumed(self.steps - 1))}"
+                              f" (samples counts packed sequences: tokens / train.seq_length)")
 
     def batch_size_at(self, consumed_samples: int) -> int:
         """The global batch of a step that begins after `consumed_samples` packed sequences (train.batch_rampup; the
@@ -341,6 +346,21 @@ class TrainConfig:
         increments = (self.global_batch_size - r.start) // r.increment
         # floor(c / (samples / increments)) in integers: megatron's float quotient can land below a whole number
         return r.start + r.increment * (consumed_samples * increments // r.samples)
+
+    def _consumed(self, steps: int) -> int:
+        """The packed sequences the first `steps` steps consume."""
+        consumed = 0
+        for _ in range(steps):
+            consumed += self.batch_size_at(consumed)
+        return consumed
+
+    def rampup_steps(self) -> int:
+        """How many of the run's steps take a global batch below train.global_batch_size (train.batch_rampup's
+        steps; at most train.steps)."""
+        n, consumed = 0, 0
+        while n < self.steps and (batch := self.batch_size_at(consumed)) < self.global_batch_size:
+            n, consumed = n + 1, consumed + batch
+        return n
 
     def batch_sizes(self) -> list[int]:
         """Every global batch a step of the run may take, smallest first (the ramp's, then train.global_batch_size)."""

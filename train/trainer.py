@@ -489,9 +489,9 @@ class Trainer:
             r = t.batch_rampup
             if r.start:
                 log.info("train.batch_rampup: the global batch grows from %d to %d sequences by %d over the first %d "
-                         "sequences (micro-batches per step and data-parallel rank: %d to %d)", r.start,
-                         t.global_batch_size, r.increment, r.samples, r.start // (t.micro_batch_size * dp_size),
-                         self.num_microbatches)
+                         "sequences (micro-batches per step and data-parallel rank: %d to %d; steps 1 to %d ramp)",
+                         r.start, t.global_batch_size, r.increment, r.samples,
+                         r.start // (t.micro_batch_size * dp_size), self.num_microbatches, t.rampup_steps())
             version = code_version()  # this launch's; the log keeps every launch's, the file the latest
             log.info("code version %s", version)
             if not self.eval_only:  # the file names the code that trained the run's latest steps

@@ -42,6 +42,28 @@ def test_the_schedule_is_megatrons_formula(start, inc, samples, gbs):
     assert TrainConfig(global_batch_size=gbs).batch_size_at(0) == gbs   # off: the configured batch
 
 
+def test_the_ramps_steps_and_a_ramp_that_outlasts_the_run():
+    """rampup_steps: the steps whose batch is below train.global_batch_size, against a loop over the reference
+    formula (DeepSeek-V3's ramp at 4K sequences: 19,414 steps). samples given in tokens, not sequences, outlasts a
+    100,000-step run: a warning names the setting and the batch the run ends at."""
+    def reference(start, inc, samples, gbs):
+        steps, c = 0, 0
+        while (b := _reference_batch(c, start, inc, samples, gbs)) < gbs:
+            steps, c = steps + 1, c + b
+        return steps
+
+    for start, inc, samples, gbs in [(4, 4, 12, 16), (3072, 3072, 469_000_000_000 // 4096, 15360), (1, 3, 1, 7)]:
+        t = TrainConfig(steps=100_000, global_batch_size=gbs, micro_batch_size=1,
+                        batch_rampup=BatchRampupConfig(start=start, increment=inc, samples=samples))
+        assert t.rampup_steps() == reference(start, inc, samples, gbs)
+    assert t.rampup_steps() == 1 and reference(3072, 3072, 469_000_000_000 // 4096, 15360) == 19414
+    with pytest.warns(UserWarning, match=r"^train\.batch_rampup\.samples \(469000000000\) outlasts the run: every "
+                      r"one of its train\.steps=100000 steps takes a global batch below train\.global_batch_size "
+                      r"\(15360\), the last 3072 \(samples counts packed sequences: tokens / train\.seq_length\)$"):
+        TrainConfig(steps=100_000, global_batch_size=15360, micro_batch_size=1,
+                    batch_rampup=BatchRampupConfig(start=3072, increment=3072, samples=469_000_000_000))
+
+
 def _validate(*overrides, world_size=1, recipe="keye_tiny_lm"):
     from train.launch import compose_config, validate
 
@@ -132,14 +154,14 @@ def world(tmp_path_factory):
 
 
 def _train(run_dir, *overrides):
-    """Trains the tiny MoE LM (2 layers; 1 rank, 4 sequences of 32 tokens per micro-batch) in run_dir; returns each
+    """Trains the tiny MoE LM (1 layer; 1 rank, 4 sequences of 32 tokens per micro-batch) in run_dir; returns each
     step's StepStats, the final weights, the data state after the last step and the sequences consumed."""
     from train.launch import compose_config, validate
     from train.trainer import Trainer
 
     cfg, layout = validate(compose_config(
         ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", "train.steps=3", "train.warmup_steps=1",
-         "train.seq_length=32", "train.micro_batch_size=4", "model.lm.num_layers=2",
+         "train.seq_length=32", "train.micro_batch_size=4", "model.lm.num_layers=1",
          "train.checkpoint.save_interval=100", f"run_dir={run_dir}", *overrides]), world_size=1)
     tr = Trainer(cfg, layout)
     try:
