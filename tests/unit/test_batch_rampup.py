@@ -236,3 +236,14 @@ def test_a_resume_with_other_ramp_settings_warns_naming_both():
     assert rampup_changed(saved, train(8), 20) == (
         "train.batch_rampup changed since the checkpoint: start 4, increment 4, samples 4 (to 8) -> none (global "
         "batch 8); after the 20 sequences consumed, the next step's global batch is 8 sequences by the new settings")
+
+
+def test_a_checkpoint_from_before_the_count_gives_its_sequences_consumed():
+    """A checkpoint written before the sequences consumed were recorded (no ramp then) resumes a ramp where its data
+    stood: a token stream's position, else (video packs) its steps x the global batch it was saved with."""
+    from train.config import saved_consumed_samples
+
+    config = {"train": {"global_batch_size": 256}}
+    assert saved_consumed_samples({"step": 10, "consumed_samples": 1234, "data": {}}, config) == 1234
+    assert saved_consumed_samples({"step": 10, "data": {"kind": "token_files", "consumed_samples": 2000}}, config) == 2000
+    assert saved_consumed_samples({"step": 10, "data": {"version": 3, "consumed": 17}}, config) == 2560
