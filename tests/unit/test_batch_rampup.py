@@ -124,8 +124,11 @@ def test_the_memory_estimate_judges_the_largest_batch():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A gloo world of one rank (the trainers of this module build their process groups in it); the checkpoint
-    writer's helper process is started once for the module, not once per trainer."""
+    writer's helper process is started once for the module, not once per trainer. Megatron's process-wide MoE
+    aux-loss tracker is cleared after: it keeps one slot per layer of the first model that logged into it, and a
+    later test's model in this process may have more layers."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     import train.trainer as trainer_module
 
@@ -143,6 +146,7 @@ def world(tmp_path_factory):
         yield tmp_path_factory.mktemp("rampup")
     finally:
         trainer_module.restart_checkpoint_helpers = restart
+        get_moe_layer_wise_logging_tracker().clear()
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
