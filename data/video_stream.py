@@ -1,8 +1,9 @@
 """Packed video samples as the trainer's micro-batches.
 
 `VideoBatchStream` wraps one data-parallel rank's `VideoPackedLoader` (docs/data.md) in the interface
-the trainer's token stream has: `num_microbatches`, `next()` -> a dict of tensors, and a small
-`state_dict()` that resumes exactly. Every micro-batch is one packed sequence (micro batch size 1):
+the trainer's token stream has: `num_microbatches` (set between steps by `set_global_batch_size`, train.batch_rampup),
+`next()` -> a dict of tensors, and a small `state_dict()` that resumes exactly. Every micro-batch is one packed
+sequence (micro batch size 1):
 
     tokens       [1, S] int64   text ids, the video pad id where a merged visual token goes
     labels       [1, S] int64   next-token targets (0 where unsupervised: the loss mask drops them)
