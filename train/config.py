@@ -332,10 +332,11 @@ class TrainConfig:
                     raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of "
                                      f"train.micro_batch_size ({self.micro_batch_size})")
             if self.rampup_steps() == self.steps:   # a run that never reaches its global batch
+                last = self.batch_size_at(self._consumed(self.steps - 1))
                 warnings.warn(f"train.batch_rampup.samples ({r.samples}) outlasts the run: every one of its "
                               f"train.steps={self.steps} steps takes a global batch below train.global_batch_size "
-                              f"({self.global_batch_size}), the last {self.batch_size_at(self._consumed(self.steps - 1))}"
-                              f" (samples counts packed sequences: tokens / train.seq_length)")
+                              f"({self.global_batch_size}), the last {last} (samples counts packed sequences: tokens / "
+                              f"train.seq_length)")
 
     def batch_size_at(self, consumed_samples: int) -> int:
         """The global batch of a step that begins after `consumed_samples` packed sequences (train.batch_rampup; the

@@ -249,5 +249,6 @@ def test_a_checkpoint_from_before_the_count_gives_its_sequences_consumed():
 
     config = {"train": {"global_batch_size": 256}}
     assert saved_consumed_samples({"step": 10, "consumed_samples": 1234, "data": {}}, config) == 1234
-    assert saved_consumed_samples({"step": 10, "data": {"kind": "token_files", "consumed_samples": 2000}}, config) == 2000
+    tokens = {"kind": "token_files", "consumed_samples": 2000}
+    assert saved_consumed_samples({"step": 10, "data": tokens}, config) == 2000
     assert saved_consumed_samples({"step": 10, "data": {"version": 3, "consumed": 17}}, config) == 2560
