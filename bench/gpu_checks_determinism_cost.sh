@@ -77,7 +77,8 @@ for seq in seqs:
     print(f"seq {seq}: steps {res['steps']}")
     print(f"  median step time (steps 3..{steps}): off {off:.4f} s, on {res['step_s']['on']:.4f} / "
           f"{res['step_s']['on2']:.4f} s: on = {res['on_over_off']:.3f} x off; peak GB {res['peak_mem_gb']}")
-    print(f"  on, run to run: {'bit-identical' if res['on_run_to_run'] is None else 'DIFFERS: ' + res['on_run_to_run']}")
+    same = res["on_run_to_run"]
+    print(f"  on, run to run: {'bit-identical' if same is None else 'DIFFERS: ' + same}")
     print(f"  off against on: {'the same' if res['off_vs_on'] is None else 'differ: ' + res['off_vs_on']}")
     print(f"  last loss: {res['loss_last']}")
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
