@@ -97,6 +97,11 @@ class LMConfig:
     moe_aux_loss_coeff: float = 1.0e-3
     moe_norm_topk_prob: bool = True  # Qwen3 renormalises the top-k router probabilities to sum to 1
     moe_router_dtype: str = "fp32"
+    # auxiliary-loss-free balancing (DeepSeek-V3; models/moe/router.py): a per-expert bias added to the router's
+    # softmax scores for the top-k choice only (never to the gate weights), moved after every applied step by
+    # moe_bias_update_rate x sign(mean load - expert load) over the step's tokens of the whole world
+    moe_expert_bias: bool = False
+    moe_bias_update_rate: float = 1.0e-3
     # experts: "sequential" = megatron's SequentialMLP (a loop over experts); otherwise models/moe's
     # GroupedExperts with this implementation ("auto": torch grouped GEMM on a GPU in bf16, else a loop)
     experts_impl: str = "auto"
@@ -126,7 +131,7 @@ class LMConfig:
             raise ValueError(f"model.lm.experts_impl must be one of {EXPERT_IMPLS}, got {self.experts_impl!r}")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"model.lm.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
-        for name in ("rope_theta", "norm_eps", "init_std", "moe_aux_loss_coeff"):
+        for name in ("rope_theta", "norm_eps", "init_std", "moe_aux_loss_coeff", "moe_bias_update_rate"):
             # nan passed the sign checks below and inf the positive ones: moe_aux_loss_coeff=nan trained without any
             # load balancing (megatron applies the loss for a coefficient > 0), init_std=inf made every weight inf
             if not math.isfinite(getattr(self, name)):
@@ -136,6 +141,10 @@ class LMConfig:
                 raise ValueError(f"model.lm.{name} must be > 0, got {getattr(self, name)}")
         if self.moe_aux_loss_coeff < 0:   # a negative coefficient rewards routing every token to the same experts
             raise ValueError(f"model.lm.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        if self.moe_expert_bias and not self.moe_bias_update_rate > 0:
+            # 0 keeps the bias at zero (plain routing), a negative rate pushes tokens onto the busiest experts
+            raise ValueError(f"model.lm.moe_bias_update_rate must be > 0 with model.lm.moe_expert_bias, got "
+                             f"{self.moe_bias_update_rate}")
         if self.moe_router_dtype not in ("fp32", "fp64"):
             raise ValueError(f"model.lm.moe_router_dtype must be fp32 or fp64, got {self.moe_router_dtype!r}")
         for v in [self.attention, *self.attention_per_layer]:

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -106,9 +105,8 @@ def layer_spec(lm: LMConfig, variant: str, layer_index: int, *, cp_ops=None) -> 
             self_attention=attention_spec(variant, lm, layer_index, cp_ops=cp_ops),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=(get_moe_module_spec(use_te=False, num_experts=lm.num_experts, moe_grouped_gemm=False)
-                 if lm.experts_impl == "sequential" else moe_module_spec(num_experts=lm.num_experts,
-                                                                         experts_impl=lm.experts_impl)),
+            mlp=moe_module_spec(num_experts=lm.num_experts, experts_impl=lm.experts_impl,
+                                expert_bias=lm.moe_expert_bias),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -14,6 +14,10 @@ metrics (console, metrics.jsonl, wandb):
   probabilities; only while `model.lm.moe_aux_loss_coeff` > 0). A plain mean: the gradient weighs each
   micro-batch's loss by its LM-loss tokens instead (parallel/megatron_compat.py fix 2).
 
+- `moe_bias_min` / `moe_bias_max` (with `model.lm.moe_expert_bias`): the range, over every layer and expert, of the
+  auxiliary-loss-free routing bias the step routed with (models/moe/router.py); it widens while the routers
+  lean on a few experts and stays within a few update steps of itself once the load is balanced.
+
 The expert counts come from a forward hook on each megatron `TopKRouter` (its routing map summed over
 tokens), kept on the device until the step's end. A router forward is counted when it runs in training
 mode with gradients enabled, the rule by which megatron logs its balancing loss: under full recompute a
@@ -26,7 +30,10 @@ Reduction: the counts and losses of all ranks are summed over the world, in the 
 the step's loss and loader metrics (train/metrics.sum_over_world). Each token is
 routed on exactly one rank of a pipeline stage's tensor x context x data-parallel ranks (sequence
 parallelism is always on with TP > 1 for MoE), and a layer lives on one stage, so the sum of the counts is
-the global count. The balancing loss of a tensor x context rank is its share of its data-parallel
+the global count, identical on every rank after the all-reduce: `update_biases` moves each router's bias from
+it, the same on every rank that holds the layer, with no collective of its own. Each layer's bias is added to the
+sum by one rank of those holding it (rank 0 of its tensor x data x context-parallel group). The balancing loss of
+a tensor x context rank is its share of its data-parallel
 replica's loss (megatron sums it over that group), so the world sum is divided by the data-parallel size
 and by the micro-batch count.
 """
@@ -48,6 +55,8 @@ class RouterStats:
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         self.routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
         self.handles = [r.register_forward_hook(self._count) for r in self.routers]
+        # routers with an auxiliary-loss-free bias (models/moe/router.py BiasedTopKRouter)
+        self.biased = [r for r in self.routers if isinstance(getattr(r, "expert_bias", None), torch.Tensor)]
 
     def _count(self, router, _inputs, output) -> None:
         if not (router.training and torch.is_grad_enabled()) or router.layer_number is None:
@@ -58,7 +67,8 @@ class RouterStats:
     def step_vector(self) -> torch.Tensor:
         """This rank's counts and tracked balancing losses of the step, [layers x experts + layers] in float64 on the
         device (counts exact up to 2^53), to be summed over the world (train/metrics.sum_over_world); both
-        accumulators are zeroed. Every rank contributes one per step (a rank without routers, zeros)."""
+        accumulators are zeroed. Every rank contributes one per step (a rank without routers, zeros). With biased
+        routers, 2 x layers more: each layer's bias min and max, from one of the ranks that hold it."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
         tracked = get_moe_layer_wise_logging_tracker().get(LB_LOSS)
@@ -67,14 +77,22 @@ class RouterStats:
             values = tracked["values"].detach().to(self.device, torch.float64)
             lb[:min(len(values), self.num_layers)] = values[:self.num_layers]
         flat = torch.cat([self.counts.to(torch.float64).flatten(), lb])
+        if self.biased:
+            rng = torch.zeros(2, self.num_layers, dtype=torch.float64, device=self.device)
+            for r in self.biased:
+                if r.layer_number is not None and (r.tp_dp_cp_group is None or r.tp_dp_cp_group.rank() == 0):
+                    b = r.expert_bias.detach().to(self.device, torch.float64)
+                    rng[:, r.layer_number - 1] = torch.stack([b.min(), b.max()])
+            flat = torch.cat([flat, rng.flatten()])
         clear_aux_losses_tracker()
         self.counts.zero_()
         return flat
 
     def metrics_from(self, flat: torch.Tensor, num_microbatches: int) -> dict:
         """The step's scalars (above) from the world's sum of step_vector (on the host)."""
-        counts = flat[:self.num_layers * self.num_experts].view(self.num_layers, self.num_experts)
-        lb = flat[self.num_layers * self.num_experts:]
+        n = self.num_layers * self.num_experts
+        counts = flat[:n].view(self.num_layers, self.num_experts)
+        lb = flat[n:n + self.num_layers]
         routed = counts.sum(dim=1) > 0  # the MoE layers (a step that routed nothing reports nothing)
         if not bool(routed.any()):
             return {}
@@ -85,7 +103,22 @@ class RouterStats:
                "moe_idle_experts": int((counts[routed] == 0).sum())}
         if bool((lb != 0).any()):  # balancing loss on (coefficient > 0) and tracked on some rank
             out["moe_lb_loss"] = float(lb[routed].sum() / routed.sum() / (self.dp_size * max(num_microbatches, 1)))
+        if self.biased:
+            rng = flat[n + self.num_layers:].view(2, self.num_layers)
+            out["moe_bias_min"], out["moe_bias_max"] = float(rng[0].min()), float(rng[1].max())
         return out
+
+    def update_biases(self, flat: torch.Tensor, rate: float) -> None:
+        """After an applied step: each biased router whose weights train moves its bias by `rate` toward balance
+        (models/moe/router.py updated_expert_bias) from its layer's count in `flat`, the world's sum of step_vector
+        (identical on every rank). A layer that routed nothing in the step (a forward-only step) keeps its bias."""
+        from models.moe.router import updated_expert_bias
+
+        counts = flat[:self.num_layers * self.num_experts].view(self.num_layers, self.num_experts)
+        for r in self.biased:
+            if r.layer_number is not None and r.weight.requires_grad and bool(counts[r.layer_number - 1].any()):
+                with torch.no_grad():
+                    r.expert_bias.copy_(updated_expert_bias(r.expert_bias, counts[r.layer_number - 1], rate))
 
     def remove(self) -> None:
         for h in self.handles:

@@ -1053,6 +1053,10 @@ class Trainer:
         sums = sum_over_world(parts, self.device)
         loss, extra = self._loss_from(sums[0])
         extra.update(self.router_stats.metrics_from(sums[1], self.num_microbatches))
+        if self.cfg.model.lm.moe_expert_bias and not bad and not spikes:
+            # auxiliary-loss-free balancing: the bias moves once per applied step, from the loads of all its
+            # micro-batches and ranks (identical everywhere); a skipped step leaves it as it leaves the weights
+            self.router_stats.update_biases(sums[1], self.cfg.model.lm.moe_bias_update_rate)
         if self.vision is not None:
             extra["vit_grad"] = vit_norm
             extra.update(self.vision.lrs(self.step))   # the parts with an lr of their own, beside the LM's

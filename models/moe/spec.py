@@ -8,6 +8,7 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from models.moe.grouped_experts import IMPLS, GroupedExperts
+from models.moe.router import BiasedTopKRouter
 
 
 def grouped_experts_spec(impl: str = "auto") -> ModuleSpec:
@@ -16,7 +17,13 @@ def grouped_experts_spec(impl: str = "auto") -> ModuleSpec:
     return ModuleSpec(module=GroupedExperts, params={"impl": impl})
 
 
-def moe_module_spec(*, num_experts: int, experts_impl: str = "auto") -> ModuleSpec:
-    """megatron's local (no TransformerEngine) MoE spec, experts replaced by GroupedExperts(impl)."""
+def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias: bool = False) -> ModuleSpec:
+    """megatron's local (no TransformerEngine) MoE spec, experts replaced by GroupedExperts(impl) ("sequential":
+    megatron's SequentialMLP kept); `expert_bias`: the router is BiasedTopKRouter (auxiliary-loss-free balancing)."""
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
-    return replace(spec, submodules=replace(spec.submodules, experts=grouped_experts_spec(experts_impl)))
+    sub = spec.submodules
+    if experts_impl != "sequential":
+        sub = replace(sub, experts=grouped_experts_spec(experts_impl))
+    if expert_bias:
+        sub = replace(sub, router=BiasedTopKRouter)
+    return replace(spec, submodules=sub)
