@@ -9,7 +9,8 @@ the same description the checkpoints use.
 
 Distribution (Qwen3 / Megatron convention): N(0, std) for projections and embeddings, N(0, std /
 sqrt(2 * num_layers)) for the output projections of each residual branch (attention out, expert down
-projection), ones for norm weights.
+projection), ones for norm weights, zeros for the routers' expert biases (model.lm.moe_expert_bias: a buffer, not a
+parameter; a zero bias routes as a router without one).
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def init_layout_invariant(model_chunks, *, seed: int, std: float, num_layers: in
             local_shape = tuple(sh.data.shape)
             gen = torch.Generator(device="cpu").manual_seed(_seed_for(seed, sh.key, index))
             s = _std_for(sh.key, std, num_layers)
-            full = torch.ones(full_shape) if s is None else torch.randn(full_shape, generator=gen) * s
+            if sh.key.endswith("router.expert_bias"):   # N(0, std) here started training with random routing biases
+                full = torch.zeros(full_shape)
+            else:
+                full = torch.ones(full_shape) if s is None else torch.randn(full_shape, generator=gen) * s
             sl = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[pre:], local_shape))
             sh.data.copy_(full[sl].to(sh.data.dtype))
             written += sh.data.numel()

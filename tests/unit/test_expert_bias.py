@@ -14,7 +14,7 @@ import torch
 from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
 
 SEED = 11
-S, B, MICRO, LAYERS = 16, 2, 3, 2
+S, B, MICRO, LAYERS = 16, 2, 2, 2
 RATE = 1e-3
 
 
@@ -135,3 +135,21 @@ def test_settings_errors(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         LMConfig(**kwargs)
+
+
+def test_layout_invariant_init_starts_the_bias_at_zero(models):
+    """models/init.py re-draws every tensor of the sharded state dict; the bias is one of them, and was drawn as a
+    weight (N(0, init_std): moe_bias_min -0.054 at the tiny LM's first step) before."""
+    from models.init import init_layout_invariant
+
+    lm, model = models[False]
+    saved = {n: b.clone() for n, b in model.named_buffers() if n.endswith("router.expert_bias")}
+    try:
+        init_layout_invariant([model], seed=SEED, std=lm.init_std, num_layers=lm.num_layers)
+        biases = {n: b for n, b in model.named_buffers() if n.endswith("router.expert_bias")}
+        assert len(biases) == LAYERS and all(not b.any() for b in biases.values())
+        assert model.decoder.layers[0].mlp.router.weight.std() > 0   # the weights are drawn
+    finally:
+        for n, b in model.named_buffers():
+            if n in saved:
+                b.copy_(saved[n])
