@@ -69,6 +69,8 @@ INDEXER_KEYS = {
 # splits into model.layers.{l}.self_attn.summary_{q,k,v}_proj as linear_qkv does into {q,k,v}_proj; and the model's
 # summary-token embeddings (models/lm.py KeyeLM.summary_embedding, [S, h]).
 SUMMARY_QKV = "decoder.layers.self_attention.linear_qkv_summary.weight"
+# the auxiliary-loss-free routing bias (model.lm.moe_expert_bias; models/moe/router.py): no Qwen3-MoE counterpart
+EXPERT_BIAS = "decoder.layers.mlp.router.expert_bias"
 SUMMARY_EMBED = "summary_embedding"
 GLOBAL_KEYS = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight",
                SUMMARY_EMBED: "model.summary_embed.weight"}
@@ -682,7 +684,8 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
     Returns counts: {"tensors": model tensors written, "elements": elements written, "hf_slices": reads}.
     keep_init: a plain Qwen3-MoE directory may fill a DSA or KSA model. Its attention variant's own parameters
     (VARIANT_KEYS: the indexers, the summary embedding and QKV), which such a directory lacks, keep their values,
-    and their keys are returned under "kept". A variant the directory has is read as without keep_init.
+    and their keys are returned under "kept". A variant the directory has is read as without keep_init. The routers'
+    expert biases (model.lm.moe_expert_bias), which no Qwen3-MoE router has, start at zero (also under "kept").
     `hf_dir` may also be an open checkpoint (an HFCheckpoint, or a view with its interface such as
     models.hf.keye_vision.KeyeLMView: the language model of a multimodal checkpoint under Qwen3 names).
     """
@@ -704,7 +707,9 @@ def load_hf_into(model_chunks, hf_dir: str | os.PathLike, *, lm: LMConfig, group
         for sh in _iter_sharded_tensors(module.sharded_state_dict()):
             if sh.flattened_range is not None:
                 raise ValueError(f"{sh.key}: flattened shards cannot be loaded here")
-            if VARIANT_KEYS.get(sh.key) in absent:
+            if VARIANT_KEYS.get(sh.key) in absent or sh.key == EXPERT_BIAS:
+                if sh.key == EXPERT_BIAS:   # a Qwen3-MoE router has none: the bias starts at zero, routing as HF's
+                    sh.data.zero_()
                 kept.add(sh.key)
                 covered.add(sh.data.untyped_storage().data_ptr())
                 continue
@@ -804,6 +809,13 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     # every stored tensor must have a place in the export of model.lm: a DSA checkpoint exported with a dense
     # model.lm would otherwise lose its indexers without a word
     planned = {u.key for u in plan}
+    if EXPERT_BIAS in meta:
+        # transformers' Qwen3-MoE routes by the top-k of the softmax alone: without the bias the exported model
+        # would send tokens to other experts than the trained one, and an extra tensor would be dropped unread
+        raise ValueError(f"checkpoint {checkpoint_dir} holds the routers' expert biases of model.lm.moe_expert_bias "
+                         f"({EXPERT_BIAS}): a Qwen3-MoE router has no such bias, so the export would route "
+                         f"differently from the trained model and is refused. Export a model trained without "
+                         f"model.lm.moe_expert_bias")
     unknown = [k for k in meta if k not in planned]
     if unknown:
         kinds = sorted(set(lm.layer_attention()))

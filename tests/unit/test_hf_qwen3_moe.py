@@ -997,3 +997,26 @@ def test_export_of_a_step_folder_without_its_run_directory_takes_the_config_the_
     built = cfg.model.vision.build(cfg.model.lm.hidden_size)
     assert convert.checkpoint_vision_config(common, copied, cfg.model.lm) == built
     assert convert.checkpoint_vision_config({}, copied, cfg.model.lm) is None
+
+
+def test_an_expert_bias_model_imports_with_a_zero_bias_and_refuses_export(hf, pgs, tmp_path):
+    """model.lm.moe_expert_bias: a Qwen3-MoE directory has no routing bias, so the import starts it at zero (the model
+    then gives transformers' logits: the same routing) instead of stopping on a model tensor without HF source; the
+    export of a checkpoint that holds the bias is refused naming the setting (transformers would route without it)."""
+    from models.hf.verify import model_logits
+
+    lm = replace(hf["lm"], moe_expert_bias=True)
+    model = _build(lm, pgs)
+    biases = [b for n, b in model.named_buffers() if n.endswith("router.expert_bias")]
+    assert len(biases) == lm.num_layers
+    for b in biases:
+        b.fill_(1.0)   # the import must overwrite it
+    stats = q.load_hf_into([model], hf["single"], lm=lm)
+    assert all(not b.any() for b in biases)
+    assert stats["elements"] == sum(p.numel() for p in model.parameters())
+    assert compare_logits(model_logits(model, hf["ids"], tp_group=pgs.tp), hf["ref"])["ok"]
+    convert = _convert_module()
+    convert.import_hf(str(hf["single"]), str(tmp_path / "ours"), lm=lm)
+    with pytest.raises(ValueError, match=r"holds the routers' expert biases of model\.lm\.moe_expert_bias .*"
+                                         r"a Qwen3-MoE router has no such bias"):
+        convert.export(str(tmp_path / "ours"), str(tmp_path / "back"), lm=lm)
