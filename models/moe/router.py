@@ -51,7 +51,8 @@ class _BiasedChoice:
 class BiasedTopKRouter(TopKRouter):
     """megatron's TopKRouter (softmax scores) whose top-k choice adds `expert_bias` to the scores; the gate weights
     and the balancing loss are computed from the unbiased scores. Same parameters as TopKRouter; `expert_bias`
-    starts at zero (a router with a zero bias routes exactly as TopKRouter)."""
+    starts at zero (a zero bias chooses as TopKRouter does: softmax keeps the order of the logits, up to logits so
+    close that their fp32 probabilities tie)."""
 
     def __init__(self, config, pg_collection=None):
         if config.moe_router_score_function != "softmax" or config.moe_router_num_groups:

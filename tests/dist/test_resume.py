@@ -20,12 +20,16 @@ uninterrupted curve exactly: tests/dist/test_faults.py, where the kill points ar
 
 import pytest
 
-from tests.launch_util import QUIET, run_layouts
+from tests.launch_util import QUIET, run_layouts, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
+# auxiliary-loss-free balancing on, its bias moved by 0.05 a step (the softmax scores of the tiny LM's 4 experts are
+# ~0.25): after two steps it changes routing choices, so a bias lost or rounded on resume changes the next losses
+# (a plain router resumes in tests/dist/test_faults.py)
 COMMON = ["recipe=keye_tiny_lm", "train.steps=5", "train.global_batch_size=8", "train.micro_batch_size=2",
-          "train.seq_length=128", "parallel=single", "train.checkpoint.save_interval=2"]
+          "train.seq_length=128", "parallel=single", "train.checkpoint.save_interval=2",
+          "model.lm.moe_expert_bias=true", "model.lm.moe_bias_update_rate=0.05"]
 TP2EP2 = ["parallel.tp=2", "parallel.ep=2"]
 VPP = ["parallel.pp=2", "parallel.vpp=2"]
 # the tiny LM's 4 layers: DSA (top 32 of the 128 tokens, so it selects), KSA (chunks of 8), dense, DSA
@@ -39,8 +43,8 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(root):
-    return run_layouts(2, {
+def runs_all(root):
+    return run_layouts_all(2, {
         "full": COMMON + TP2EP2,
         # fully_reshardable: the optimizer state in model space, so the TP1/EP1 resume below can load it
         "stopped": COMMON + TP2EP2 + ["train.stop_after=2", "run_dir=s",
@@ -62,6 +66,11 @@ def runs(root):
     }, root)
 
 
+@pytest.fixture(scope="module")
+def runs(runs_all):
+    return runs_all["losses"]
+
+
 def test_resume_is_bit_identical(runs):
     assert sorted(runs["stopped"]) == [1, 2]
     assert sorted(runs["resumed"]) == [3, 4, 5], "the resumed run must start after the checkpointed step"
@@ -69,6 +78,21 @@ def test_resume_is_bit_identical(runs):
         assert runs["stopped"][step] == runs["full"][step]
     for step in (3, 4, 5):
         assert runs["resumed"][step] == runs["full"][step], f"step {step} differs after resume"
+
+
+def test_the_expert_bias_resumes_exactly_and_across_layouts(runs_all):
+    """The auxiliary-loss-free routing bias (model.lm.moe_expert_bias) is model state: after the resume at the same
+    layout its range equals the uninterrupted run's bit for bit, and the TP2/EP2 checkpoint resumed at TP1/EP1 and at
+    pp 2 x vpp 2 routes with the same bias (the range is the bias each step routed with, before its update)."""
+    ex = runs_all["extras"]
+    rng = {name: {s: (e["moe_bias_min"], e["moe_bias_max"]) for s, e in steps.items()} for name, steps in ex.items()}
+    assert rng["full"][1] == (0.0, 0.0)   # the first step routes with a zero bias
+    assert rng["full"][3][0] < rng["full"][3][1]   # moved by whole steps of the rate since
+    for step in (3, 4, 5):
+        assert rng["resumed"][step] == rng["full"][step], step
+        assert rng["mixed_resumed"][step] == rng["mixed_full"][step], step
+    assert rng["reshard_tp1ep1"][3] == rng["full"][3] and rng["reshard_vpp"][3] == rng["full"][3]
+    assert rng["mixed_cp2"][3] == rng["mixed_full"][3]
 
 
 def test_a_model_mixing_dsa_ksa_and_dense_layers_resumes_bit_identically(runs):
