@@ -145,6 +145,9 @@ class LMConfig:
             # 0 keeps the bias at zero (plain routing), a negative rate pushes tokens onto the busiest experts
             raise ValueError(f"model.lm.moe_bias_update_rate must be > 0 with model.lm.moe_expert_bias, got "
                              f"{self.moe_bias_update_rate}")
+        if not self.moe_expert_bias and self.moe_bias_update_rate != LMConfig.moe_bias_update_rate:
+            warnings.warn(f"model.lm.moe_bias_update_rate={self.moe_bias_update_rate} is ignored: the routers have no "
+                          f"expert bias (model.lm.moe_expert_bias=true turns on auxiliary-loss-free balancing)")
         if self.moe_router_dtype not in ("fp32", "fp64"):
             raise ValueError(f"model.lm.moe_router_dtype must be fp32 or fp64, got {self.moe_router_dtype!r}")
         for v in [self.attention, *self.attention_per_layer]:

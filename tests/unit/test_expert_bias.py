@@ -153,3 +153,11 @@ def test_layout_invariant_init_starts_the_bias_at_zero(models):
         for n, b in model.named_buffers():
             if n in saved:
                 b.copy_(saved[n])
+
+
+def test_a_rate_without_the_bias_is_named_as_ignored():
+    from models.config import LMConfig
+
+    with pytest.warns(UserWarning, match=r"model\.lm\.moe_bias_update_rate=0\.01 is ignored: the routers have no "
+                                         r"expert bias"):
+        LMConfig(moe_bias_update_rate=0.01)
