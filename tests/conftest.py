@@ -4,8 +4,10 @@ TRITON_INTERPRET must be set before any module that defines a `@triton.jit` kern
 because triton decides between compiled and interpreted functions at decoration time.
 """
 import os
+import sys
 import tempfile
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -25,3 +27,16 @@ def pytest_collection_modifyitems(session, config, items):
     at the end fill the gaps. The order of tests within a file is unchanged."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: False (slow files) first
+
+
+@pytest.fixture(autouse=True)
+def _megatron_aux_loss_scale_reset():
+    """megatron keeps the auxiliary losses' backward scale in a class attribute (MoEAuxLossAutoScaler; its pipeline
+    schedule sets loss_scale / num_microbatches there at every forward) and never resets it: a test that trained with
+    4 micro-batches left 1/4 for a later test's plain backward in the same worker, whose balancing-loss gradients then
+    came out a quarter (test_moe_reference's d_input 0.187 relative RMSE off). Each test starts from megatron's
+    default (None: a scale of 1 at the first backward); nothing is imported here that the test did not import."""
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    yield
