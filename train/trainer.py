@@ -1245,11 +1245,13 @@ class Trainer:
             "in a row"
             + (f" ({self.nonfinite_in_row} in a row now)" if self.nonfinite_in_row > 1 else ""))
 
-    def _rounds(self) -> list[int]:
-        """Micro-batches per round of a step: all at once, or parallel.vit.group at a time (the vision phase runs
-        per round)."""
+    def _rounds(self, n: int | None = None) -> list[int]:
+        """Micro-batches per round of a step (or of an evaluation's batch, of n micro-batches: its streams' own, at
+        train.global_batch_size while a ramp's steps take fewer): all at once, or parallel.vit.group at a time (the
+        vision phase runs per round)."""
+        n = self.num_microbatches if n is None else n
         g = self.cfg.parallel.vit.group if self.vision is not None else 0
-        return [g] * (self.num_microbatches // g) if g else [self.num_microbatches]
+        return [g] * (n // g) if g else [n]
 
     def _video_round(self, stream, n: int) -> list[dict]:
         """A round's n micro-batches, with the vision tower's embeddings of their frames on the LM-input ranks.
@@ -1340,8 +1342,8 @@ class Trainer:
                         else:
                             sequences += batches * self.cfg.train.global_batch_size
                             self._warn_repeats(name, paths, streams[0], batches)
-                        for _ in range(batches):
-                            for n in self._rounds():
+                        for _ in range(batches):   # each of train.global_batch_size, whatever the step's batch
+                            for n in self._rounds(streams[0].num_microbatches):
                                 if self.cfg.data.kind == "video":  # every model chunk iterates the same micro-batches
                                     mbs = self._video_round(streams[0], n)
                                     iters = [iter(mbs) for _ in self.model]

@@ -252,3 +252,30 @@ def test_a_checkpoint_from_before_the_count_gives_its_sequences_consumed():
     tokens = {"kind": "token_files", "consumed_samples": 2000}
     assert saved_consumed_samples({"step": 10, "data": tokens}, config) == 2000
     assert saved_consumed_samples({"step": 10, "data": {"version": 3, "consumed": 17}}, config) == 2560
+
+
+def test_an_evaluation_mid_ramp_scores_the_global_batch(world):
+    """train.eval scores train.global_batch_size sequences per held-out batch whatever the training step's batch: an
+    evaluation after step 1 (the ramp's batch 4, one micro-batch of 4) gives the same val_loss, bit for bit, as the
+    same weights evaluated once the trainer's batch is 8 (two micro-batches; the held-out data from its start both
+    times). It scored the ramp step's micro-batches of each held-out batch: 4 of the 8 sequences it counted."""
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    cfg, layout = validate(compose_config(
+        ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", "train.steps=3", "train.warmup_steps=1",
+         "train.seq_length=32", "train.micro_batch_size=4", "model.lm.num_layers=1", "train.stop_after=1",
+         "train.checkpoint.enabled=false", "train.eval.batches=2", f"run_dir={world / 'eval_mid_ramp'}", *RAMP]),
+        world_size=1)
+    tr = Trainer(cfg, layout)
+    try:
+        tr.train()
+        assert (tr.global_batch, tr.num_microbatches) == (4, 1)   # mid-ramp: the step's batch
+        mid = tr.evaluate()
+        tr.consumed_samples = 100   # past the ramp: the next step's batch is train.global_batch_size
+        assert tr._set_global_batch() == 8 and tr.num_microbatches == 2
+        full = tr.evaluate()
+    finally:
+        tr.close()
+    assert mid["val_sequences"] == full["val_sequences"] == 2 * 8
+    assert mid["val_loss"] == full["val_loss"]
