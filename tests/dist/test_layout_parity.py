@@ -1,5 +1,6 @@
 """The same seed gives the same loss curve at TP1/EP1/PP1 and at TP2, EP2, PP2, interleaved PP2, CP2 and DP2,
-and the same router statistics (train/moe_stats.py) each step, the auxiliary-loss-free routing bias included.
+and the same router statistics (train/moe_stats.py) each step, the auxiliary-loss-free routing bias included; a
+batch-size ramp (train.batch_rampup) at DP2 and under interleaved PP2 the same as in one process.
 
 Tolerance: relative 2e-5 on each of 3 steps' losses. The layouts differ only in the order of fp32
 reductions (TP all-reduce and sequence-parallel gathers, DP / expert-DP reduce-scatter of gradients,
@@ -40,10 +41,18 @@ LAYOUTS = {
 }
 
 
+# train.batch_rampup: global batch 4 in step 1, then 8 (its micro-batches per step and rank: 2 then 4 in one process
+# and at PP2, 1 then 2 at DP2, where each rank takes its half of each step's batch); 2 steps, the batch changing between
+RAMP = [o for o in COMMON if o != "train.steps=3"] + [
+    "train.steps=2", "train.batch_rampup.start=4", "train.batch_rampup.increment=4", "train.batch_rampup.samples=4"]
+RAMPED = {"dp2_ramp": [], "pp2_vpp2_ramp": ["parallel.pp=2", "parallel.vpp=2"]}
+
+
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    ref = run_layouts_all(1, {"single": COMMON}, tmp_path_factory.mktemp("single"))
-    two = run_layouts_all(2, {name: COMMON + ov for name, ov in LAYOUTS.items()}, tmp_path_factory.mktemp("two"))
+    ref = run_layouts_all(1, {"single": COMMON, "single_ramp": RAMP}, tmp_path_factory.mktemp("single"))
+    two = run_layouts_all(2, {**{name: COMMON + ov for name, ov in LAYOUTS.items()},
+                              **{name: RAMP + ov for name, ov in RAMPED.items()}}, tmp_path_factory.mktemp("two"))
     return ref, two
 
 
@@ -67,3 +76,22 @@ def test_router_statistics_match_single_process(curves, name):
         assert got["moe_lb_loss"] == pytest.approx(ref["moe_lb_loss"], rel=1e-6 if step == 1 else RTOL), (name, step)
         assert ref["moe_load_max"] > 1.0 and 0.9 < ref["moe_lb_loss"] < 2.0  # a real imbalance, a sane loss
         assert step == 1 or ref["moe_bias_min"] < ref["moe_bias_max"]   # a bias that moved
+
+
+@pytest.mark.parametrize("name", list(RAMPED))
+def test_a_ramp_matches_the_single_process_ramp(curves, name):
+    """A batch-size ramp at DP2 (each rank's slice of each step's global batch, the loss over both ranks' tokens) and
+    under the interleaved schedule (its micro-batch groups and warm-up at each step's count) against one process
+    running the same ramp: each step's loss within RTOL (the same reductions in another order, as above), the same
+    global batch and sequences consumed, and the balancing loss (averaged over the step's micro-batches) within 1e-6 at
+    step 1 and RTOL after (the expert bias of COMMON: see test_router_statistics_match_single_process)."""
+    reference, runs = curves
+    ref, got = reference["extras"]["single_ramp"], runs["extras"][name]
+    assert [(ref[s]["global_batch"], ref[s]["consumed_samples"]) for s in (1, 2)] == [(4, 4), (8, 12)]
+    for step, loss in reference["losses"]["single_ramp"].items():
+        got_loss = runs["losses"][name][step]
+        assert abs(got_loss - loss) <= RTOL * abs(loss), f"{name} step {step}: loss {got_loss!r} vs {loss!r}"
+        assert (got[step]["global_batch"], got[step]["consumed_samples"]) == \
+            (ref[step]["global_batch"], ref[step]["consumed_samples"])
+        assert got[step]["moe_lb_loss"] == pytest.approx(ref[step]["moe_lb_loss"], rel=1e-6 if step == 1 else RTOL), \
+            (name, step)
