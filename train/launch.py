@@ -536,7 +536,9 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
     for name in ("start", "increment") if r.start else ():   # so is then every batch of the ramp
         if getattr(r, name) % (cfg.train.micro_batch_size * layout.dp):
             raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of train."
-                             f"micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
+                             f"micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp}) "
+                             f"(a run resumed past its ramp on more ranks goes on at train.global_batch_size with "
+                             f"train.batch_rampup.start=0)")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
     # the teacher is the model's own weights in teacher mode (train/distill.py): any of them that trained would move

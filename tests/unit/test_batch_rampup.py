@@ -79,8 +79,11 @@ def _validate(*overrides, world_size=1, recipe="keye_tiny_lm"):
      "train.batch_rampup.increment must be >= 1 with a ramp-up (train.batch_rampup.start 4), got 0"),
     (["train.batch_rampup.start=2", "train.batch_rampup.increment=2", "train.batch_rampup.samples=10"], 1,
      "train.batch_rampup.start (2) must be a multiple of train.micro_batch_size (4)"),
+    # the check cannot know whether a resume is past the ramp (its settings are checked before any checkpoint is read):
+    # the message says how such a run goes on at more ranks
     (["parallel.ep=1", "train.batch_rampup.start=4", "train.batch_rampup.increment=4", "train.batch_rampup.samples=10"],
-     2, "train.batch_rampup.start (4) must be a multiple of train.micro_batch_size (4) x data-parallel size (2)"),
+     2, "train.batch_rampup.start (4) must be a multiple of train.micro_batch_size (4) x data-parallel size (2) (a run "
+        "resumed past its ramp on more ranks goes on at train.global_batch_size with train.batch_rampup.start=0)"),
     (["parallel.ep=1", "train.global_batch_size=24", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
       "train.batch_rampup.samples=10", "parallel.pp=2", "parallel.vpp=2", "model.lm.num_layers=4"], 2,
      "parallel.vpp (2) runs megatron's interleaved pipeline schedule, which takes micro-batches in groups of "
