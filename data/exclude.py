@@ -15,7 +15,9 @@ What a file may hold, a sample per line (blank lines and lines starting with `//
   document of token files: the file prefix as the messages print it, or its base name, as the packed loader's keys
   name it, or a trailing part of its path, as they name two files of one base name: `a/web#4`);
 - a JSON object: a line of `nonfinite.jsonl` (every sample its `samples` field names: a video pack's sample keys, a
-  token stream's documents), `{"sample": "<key>"}` or `{"document": ["<token file>", <number>]}`.
+  token stream's documents), a line of `spikes.jsonl` (the same of the whole step; with
+  `data.exclude_spikes=suspect`, only its first suspect's samples: train/spikes.py rank_suspects), `{"sample":
+  "<key>"}` or `{"document": ["<token file>", <number>]}`.
 A file `<name>.jsonl` is read with `<name>.superseded.jsonl` beside it, if there is one: a resumed launch moves the
 records of the steps it trains again there, and a run that names its own `nonfinite.jsonl` must still leave those
 samples out when it is launched again (a preemption's requeue).
@@ -130,11 +132,21 @@ def _add_key(keys: set, docs: dict, key, where: str) -> None:
         docs.setdefault(m.group(1), set()).add(int(m.group(2)))
 
 
-def _add_record(keys: set, docs: dict, rec, where: str) -> None:
+EXCLUDE_SPIKES = ("step", "suspect")   # data.exclude_spikes: what a spikes.jsonl record gives
+
+
+def _add_record(keys: set, docs: dict, rec, where: str, spikes: str = "step") -> None:
     if not isinstance(rec, dict):
         raise ExcludeError(f"{where}: a JSON line must be an object, got {type(rec).__name__}")
-    if "samples" in rec and "step" in rec:       # a line of nonfinite.jsonl
+    if "samples" in rec and "step" in rec:       # a line of nonfinite.jsonl or spikes.jsonl
         ranks = rec["samples"]
+        if spikes == "suspect" and "spikes" in rec:   # a spiking step's first suspect alone
+            suspects = rec.get("suspects") or []
+            if not isinstance(suspects, list) or not suspects or not isinstance(suspects[0], dict):
+                raise ExcludeError(f"{where}: data.exclude_spikes=suspect, but the spikes.jsonl record of step "
+                                   f"{rec['step']} names no suspect (written before suspects were recorded, or its "
+                                   f"loss was not known); data.exclude_spikes=step leaves out the whole step's data")
+            ranks = {str(suspects[0].get("rank")): suspects[0].get("samples")}
         if not isinstance(ranks, dict):
             raise ExcludeError(f"{where}: a nonfinite.jsonl record's 'samples' must map ranks to their data")
         for r, data in ranks.items():
@@ -159,9 +171,12 @@ def _add_record(keys: set, docs: dict, rec, where: str) -> None:
                            f"{{\"document\": [<token file>, <number>]}}; got the keys {sorted(rec)}")
 
 
-def read_exclude(spec: str, *, field_name: str = "data.exclude") -> ExcludeList:
-    """The samples named in the comma-separated files of `spec` (empty: none). ExcludeError naming the setting, the
-    file and the line when a file is missing or a line is not a sample."""
+def read_exclude(spec: str, *, field_name: str = "data.exclude", spikes: str = "step") -> ExcludeList:
+    """The samples named in the comma-separated files of `spec` (empty: none); of a spikes.jsonl record, the whole
+    step's (`spikes`="step") or its first suspect's ("suspect"). ExcludeError naming the setting, the file and the
+    line when a file is missing or a line is not a sample."""
+    if spikes not in EXCLUDE_SPIKES:
+        raise ExcludeError(f"data.exclude_spikes must be one of {EXCLUDE_SPIKES}, got {spikes!r}")
     files = [p.strip() for p in spec.split(",") if p.strip()] if spec else []
     keys: set = set()
     docs: dict = {}
@@ -189,7 +204,7 @@ def read_exclude(spec: str, *, field_name: str = "data.exclude") -> ExcludeList:
                     except ValueError as e:
                         raise ExcludeError(f"{where}: not JSON ({e}); a line cut short by a kill can be deleted") \
                             from None
-                    _add_record(keys, docs, rec, where)
+                    _add_record(keys, docs, rec, where, spikes)
                 else:
                     _add_key(keys, docs, line, where)
     return ExcludeList(keys=frozenset(keys), documents=docs, files=tuple(files))

@@ -51,6 +51,10 @@ class DataConfig:
     # samples to leave out of the training data: comma-separated files naming them (a run's nonfinite.jsonl, or
     # sample keys one per line; data/exclude.py), for a run resumed past samples that made a step not finite
     exclude: str = ""
+    # of a spikes.jsonl record (train/spikes.py), data.exclude leaves out the whole step's data ("step") or only its
+    # first suspect's samples ("suspect": the micro-batch, and its document or row, of the largest loss in the
+    # replica of the largest own gradient norm)
+    exclude_spikes: str = "step"
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -74,6 +78,8 @@ class DataConfig:
             raise ValueError(f"data.synthetic_images must be >= 0, got {self.synthetic_images}")
         if self.synthetic_scenes < 0:
             raise ValueError(f"data.synthetic_scenes must be >= 0, got {self.synthetic_scenes}")
+        if self.exclude_spikes not in ("step", "suspect"):
+            raise ValueError(f"data.exclude_spikes must be 'step' or 'suspect', got {self.exclude_spikes!r}")
         if self.exclude.strip() and self.kind == "synthetic_tokens":
             raise ValueError(f"data.exclude={self.exclude!r}: data.kind=synthetic_tokens draws its rows from a Markov "
                              f"chain and names no samples to leave out (data.kind=tokens or video do)")

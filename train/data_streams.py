@@ -20,7 +20,9 @@ def training_exclude(cfg):
     None without the setting, and for train.eval.only, which trains none."""
     from data.exclude import read_exclude
 
-    return read_exclude(cfg.data.exclude) if cfg.data.exclude.strip() and not cfg.train.eval.only else None
+    if not cfg.data.exclude.strip() or cfg.train.eval.only:
+        return None
+    return read_exclude(cfg.data.exclude, spikes=cfg.data.exclude_spikes)
 
 
 SOURCE_SETTINGS = {"short": "data.video.shards", "long": "data.video.long_shards"}   # the loader's sources

@@ -298,7 +298,7 @@ def check_paths(cfg: Config) -> None:
     if cfg.data.exclude.strip():   # the files of samples to leave out are there and name samples
         from data.exclude import read_exclude
 
-        if not read_exclude(cfg.data.exclude):
+        if not read_exclude(cfg.data.exclude, spikes=cfg.data.exclude_spikes):
             raise ValueError(f"data.exclude={cfg.data.exclude!r}: the files name no sample (a nonfinite.jsonl whose "
                              f"records name whole steps of synthetic text, or an empty list)")
     c = cfg.train.checkpoint

@@ -85,6 +85,7 @@ def part_ids(shape: torch.Size, cu_seqlens: torch.Tensor | None, device: torch.d
 
 
 PARTS_KEY = "nonfinite_parts"   # the loss report's entry that nonfinite_parts fills (train/trainer.py _loss_func)
+NOT_LOSS_TERMS = (PARTS_KEY, "part_loss")   # report entries that are no loss term (train/spikes.py PART_LOSS_KEY)
 
 
 def nonfinite_parts(per_token_loss: torch.Tensor, parts: torch.Tensor, n_parts: int) -> torch.Tensor | None:
@@ -105,7 +106,7 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
     distillation loss is not per token). A host copy per value: only a non-finite step asks."""
     bad: dict[int, list[int] | None] = {}
     for i, d in enumerate(losses):
-        terms = [v for k, v in d.items() if torch.is_tensor(v) and k != PARTS_KEY]
+        terms = [v for k, v in d.items() if torch.is_tensor(v) and k not in NOT_LOSS_TERMS]
         if not all(bool(torch.isfinite(v).all()) for v in terms):
             flags = d.get(PARTS_KEY)
             some = [] if flags is None else [j for j, f in enumerate(flags.tolist()) if f]
@@ -141,17 +142,22 @@ class GradsBeforeReduction:
     """megatron's finalize_model_grads (the data-parallel reduction, then the TP and PP sums), after noting whether
     this rank's own gradients are finite (`finite`: a 0-dim device tensor; None before the step's backward): a NaN
     reaches every rank's shards in the reduction, so only this says where it arose (Trainer._nonfinite). One norm per
-    buffer, kept on the device. It holds neither the model nor the trainer: the transformer config that holds it
-    as finalize_model_grads_func may outlive a trainer, which must be freed with its model."""
+    buffer, kept on the device; `own_norm` (a 0-dim device tensor; None before the step's backward) is the norm of
+    this rank's own gradients of the dense (not expert-parallel) parameters, which its data-parallel peers hold the
+    same shard of: a spiking step compares them (train/spikes.py rank_suspects). It holds neither the model nor
+    the trainer: the transformer config that holds it as finalize_model_grads_func may outlive a trainer, which must
+    be freed with its model."""
 
     def __init__(self, rank: int):
-        self.rank, self.step, self.finite = rank, 0, None
+        self.rank, self.step, self.finite, self.own_norm = rank, 0, None, None
 
     def __call__(self, model: list, *args, **kwargs):
         if requested("nan_backward_in_step", step=self.step, rank=self.rank):
             poison_gradients(model)
-        norms = grad_norms(model)
+        dense = [buf.grad_data.norm() for m in model for buf in m.buffers]
+        norms = dense + [buf.grad_data.norm() for m in model for buf in m.expert_parallel_buffers]   # grad_norms'
         self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None
+        self.own_norm = torch.linalg.vector_norm(torch.stack(dense)) if dense else None
         return finalize_model_grads(model, *args, **kwargs)
 
 

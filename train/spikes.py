@@ -18,8 +18,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+from data.sample_position import format_runs
 from train.metrics import SPIKE_RECORDS, json_record
 
 log = logging.getLogger(__name__)
@@ -96,14 +98,18 @@ def apply_step(optimizer, grad_norm: float) -> bool:
 
 
 def record_spike_step(run_dir: str, step: int, spikes: Sequence[Spike], values: dict, data: dict[int, str],
-                      samples: dict[int, dict], action: str) -> None:
+                      samples: dict[int, dict], action: str, *, suspects: Sequence[dict] = (),
+                      replicas: dict | None = None) -> None:
     """Appends a spiking step's record to <run_dir>/spikes.jsonl (rank 0), as train/nonfinite.py record_nonfinite_step
     does for a non-finite step: the step, "skipped" or "stopped", its loss and metrics, each spiking norm with its
     window's median, and the data in the step of every rank whose data no rank before it read (the spike is the whole
-    step's: its norm is the world's), by rank, as worded and as fields (`samples`, which data.exclude reads)."""
+    step's: its norm is the world's), by rank, as worded and as fields (`samples`, which data.exclude reads); then
+    `suspects` (rank_suspects, most likely first, each with its own `samples`, which data.exclude_spikes=suspect
+    reads instead of the whole step's) and `replicas` (each replica's largest own gradient norm and its ratio)."""
     rec = {"step": step, "action": action, **values,
            "spikes": [{"norm": s.name, "value": s.norm, "median": s.median} for s in spikes],
-           "data": {str(r): d for r, d in data.items()}, "samples": {str(r): s for r, s in samples.items()}}
+           "data": {str(r): d for r, d in data.items()}, "samples": {str(r): s for r, s in samples.items()},
+           "suspects": [{k: v for k, v in s.items() if k != "words"} for s in suspects], "replicas": replicas or {}}
     try:
         with open(os.path.join(run_dir, SPIKE_RECORDS), "a") as f:
             f.write(json_record(rec) + "\n")
@@ -113,3 +119,123 @@ def record_spike_step(run_dir: str, step: int, spikes: Sequence[Spike], values: 
 
 class SpikeStepError(RuntimeError):
     """A step's gradient norm spiked and train.spike.skip_steps allowed no more skips."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Which data made the step spike. The norm judged is the world's; what points at one rank's micro-batch, with no
+# second backward, is (a) each micro-batch's own mean loss, and each of its documents' or rows' (the loss report's
+# PART_LOSS_KEY), against the step's other micro-batches, and (b) each rank's own gradient norm before the
+# data-parallel reduction (GradsBeforeReduction.own_norm: the trainer's DDP reduces with overlap_grad_reduce off, so
+# the buffers hold this rank's own accumulated gradients until finalize_model_grads; a per-micro-batch norm would
+# need a norm of the buffers after every micro-batch's backward). Gathered at a spiking step alone.
+
+PART_LOSS_KEY = "part_loss"   # the loss report's [2, n_parts]: each document's or row's loss sum and loss tokens
+SUSPECTS = 3                  # the micro-batches a spiking step's record and message rank
+_MAD_SIGMA = 1.4826           # a normal distribution's standard deviation over its median absolute deviation
+
+
+def part_losses(per_token_loss: torch.Tensor, mask: torch.Tensor, parts: torch.Tensor, n_parts: int
+                ) -> torch.Tensor | None:
+    """[2, n_parts] float64: each part's (part_ids, as this rank holds its tokens) masked loss sum and loss tokens,
+    on the device (no host copy: a normal step pays one scatter and 16 bytes a part). None where the loss is not per
+    token in the parts' layout."""
+    if per_token_loss.shape != parts.shape:
+        return None
+    m = mask.reshape(-1).double()
+    out = m.new_zeros(2, n_parts)
+    idx = parts.reshape(-1)
+    out[0].scatter_add_(0, idx, per_token_loss.detach().reshape(-1).double() * m)
+    out[1].scatter_add_(0, idx, m)
+    return out
+
+
+def micro_batch_losses(losses: list[dict]) -> list[dict]:
+    """This rank's share of each of the step's micro-batches' loss (in order): {"loss": sum, "tokens": n, "parts":
+    [[sum, n] per document or row] or None}. Host copies: a spiking step alone asks."""
+    out = []
+    for d in losses:
+        loss_sum, tokens = (float(x) for x in d["lm_loss"][:2].tolist())
+        parts = d.get(PART_LOSS_KEY)
+        out.append({"loss": loss_sum, "tokens": tokens, "parts": None if parts is None else parts.t().tolist()})
+    return out
+
+
+def _robust_z(value: float, values: list[float]) -> float:
+    """(value - median) / (1.4826 x the median absolute deviation) of `values`; 0 where they do not spread."""
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values) * _MAD_SIGMA
+    return (value - median) / mad if mad > 0 else 0.0
+
+
+def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms: Sequence[float | None],
+                  peers: Sequence[tuple], top: int = SUSPECTS) -> tuple[list[dict], dict[int, dict]]:
+    """The micro-batches most likely to have made the step's norm spike, from every rank's gathered numbers (by rank):
+    `owners[r]` the first rank reading rank r's data (TP, CP and PP ranks of one replica read the same), `shares[r]`
+    rank r's micro_batch_losses (empty but on the ranks that count the loss: the last pipeline stage's TP rank 0;
+    the CP ranks of a replica each hold a share of its tokens, summed here), `own_norms[r]` rank r's gradient norm
+    before the reduction (None: none) and `peers[r]` what makes two ranks' norms comparable (the same model shard:
+    pipeline and tensor rank). Returns (suspects, the replicas' norms): micro-batches ordered by their replica's
+    largest own-norm ratio (a rank's norm over the median of its peers', 1 without peers), then by their mean loss's
+    robust z-score against the step's micro-batches; each {"rank": owner, "micro_batch": i, "loss": mean, "tokens",
+    "median": the step's median micro-batch loss, "z", "norm_ratio", "part": the document or row of the highest mean
+    loss (None: not known), "part_loss"}; the replicas' {owner: {"rank": the rank of the largest ratio, "own_norm",
+    "norm_ratio"}}."""
+    merged: dict[tuple[int, int], dict] = {}
+    for r, share in enumerate(shares):
+        for i, mb in enumerate(share):
+            m = merged.setdefault((owners[r], i), {"loss": 0.0, "tokens": 0.0, "parts": None})
+            m["loss"] += mb["loss"]
+            m["tokens"] += mb["tokens"]
+            if mb["parts"] is not None:
+                m["parts"] = ([list(p) for p in mb["parts"]] if m["parts"] is None else
+                              [[a + x, b + y] for (a, b), (x, y) in zip(m["parts"], mb["parts"])])
+    by_peers: dict[tuple, list[float]] = {}
+    for n, key in zip(own_norms, peers):
+        if n is not None:
+            by_peers.setdefault(tuple(key), []).append(n)
+    replicas: dict[int, dict] = {}
+    for r, (n, key) in enumerate(zip(own_norms, peers)):
+        if n is None:
+            continue
+        median = statistics.median(by_peers[tuple(key)])
+        ratio = n / median if median > 0 else 1.0
+        if owners[r] not in replicas or ratio > replicas[owners[r]]["norm_ratio"]:
+            replicas[owners[r]] = {"rank": r, "own_norm": n, "norm_ratio": ratio}
+    means = {k: m["loss"] / m["tokens"] for k, m in merged.items() if m["tokens"] > 0}
+    if not means:
+        return [], replicas
+    median = statistics.median(means.values())
+    out = []
+    for (owner, i), mean in means.items():
+        parts = [(j, s / n) for j, (s, n) in enumerate(merged[(owner, i)]["parts"] or []) if n > 0]
+        part, part_loss = max(parts, key=lambda p: p[1]) if parts else (None, None)
+        out.append({"rank": owner, "micro_batch": i, "loss": mean, "tokens": merged[(owner, i)]["tokens"],
+                    "median": median, "z": _robust_z(mean, list(means.values())),
+                    "norm_ratio": replicas.get(owner, {}).get("norm_ratio", 1.0), "part": part,
+                    "part_loss": part_loss})
+    out.sort(key=lambda s: (-s["norm_ratio"], -s["loss"], s["rank"], s["micro_batch"]))
+    return out[:top], replicas
+
+
+def describe_suspect(s: dict, samples: str) -> str:
+    """"rank 3 micro-batch 1 (global samples 13): loss 9.1 against the step's median 2.3 (z 5.2), its document 0's
+    9.8; rank 3's own gradient norm 4.1 x its peers' median": a suspect of rank_suspects, with its samples in words."""
+    part = "" if s["part"] is None else f", its document or row {s['part']}'s {s['part_loss']:.4g}"
+    norm = "" if s["norm_ratio"] == 1.0 else \
+        f"; the replica's own gradient norm before the reduction {s['norm_ratio']:.3g} x its peers' median"
+    return (f"rank {s['rank']} micro-batch {s['micro_batch']} ({samples}): loss {s['loss']:.4g} against the step's "
+            f"median {s['median']:.4g} (z {s['z']:.3g}){part}{norm}")
+
+
+def sample_words(streams: list[dict]) -> str:
+    """The samples a stream's step_record names, in words: video sample keys, token files' documents, else the
+    global sample numbers (synthetic text)."""
+    out = []
+    for s in streams:
+        keys = [k for p in s.get("packs", []) for k in p.get("samples", [])]
+        docs = [f"{f}#{n}" for f, n in s.get("documents", [])]
+        if keys or docs:
+            out.append("samples " + ", ".join(keys + docs))
+        elif s.get("global_samples"):
+            out.append(f"global samples {format_runs(s['global_samples'])}")
+    return "; ".join(out) or "no sample named"

@@ -60,17 +60,20 @@ from train.optim import (apply_lr, build_optimizer, ensure_adam_state, keep_conf
                          patch_step_restore, schedule_jump, untie_adam_steps)
 from train.preemption import StopRequests, restart_checkpoint_helpers
 from train.profiling import StepProfiler
-from train.spikes import SpikeStepError, SpikeWindow, apply_step, norm_before_step, record_spike_step
+from train.spikes import (PART_LOSS_KEY, SpikeStepError, SpikeWindow, apply_step, describe_suspect,
+                          micro_batch_losses, norm_before_step, part_losses, rank_suspects, record_spike_step,
+                          sample_words)
 
 log = logging.getLogger("train")
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Tensor | None = None,
-               n_parts: int = 0, groups: torch.Tensor | None = None, n_groups: int = 0):
+               n_parts: int = 0, groups: torch.Tensor | None = None, n_groups: int = 0, part_loss: bool = False):
     """Per-token loss sum and token count (megatron's calculate_per_token_loss convention); with `parts` (part_ids
     of the tokens, as this rank holds them) also which of the micro-batch's n_parts documents or rows held a token
-    whose loss was not finite (train/nonfinite.py: a non-finite step names them); with `groups` (each token's group
-    of source and kind, train/loss_groups.py) each of the n_groups' loss sum and tokens."""
+    whose loss was not finite (train/nonfinite.py: a non-finite step names them), and with `part_loss` (train.spike
+    on) each part's loss sum and tokens (train/spikes.py: a spiking step ranks them); with `groups` (each token's
+    group of source and kind, train/loss_groups.py) each of the n_groups' loss sum and tokens."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output.float().reshape(-1) * mask).sum()
     num_tokens = mask.sum().to(torch.int)
@@ -78,6 +81,9 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, *, parts: torch.Te
     flags = None if parts is None else nonfinite_parts(output, parts, n_parts)
     if flags is not None:
         report[PARTS_KEY] = flags
+    sums = None if parts is None or not part_loss else part_losses(output, loss_mask, parts, n_parts)
+    if sums is not None:
+        report[PART_LOSS_KEY] = sums
     if groups is not None and groups.shape == output.shape:
         report[GROUPS_KEY] = group_sums(output.detach(), loss_mask, groups, n_groups)
     return loss_sum, num_tokens, report
@@ -103,6 +109,7 @@ class StepInputs:
     cp_group: object = None  # set when parallel.cp > 1: the micro-batch is split over it
     cp_split: str = "document"  # parallel.cp_split: the token layout (the model's CP attention uses the same)
     loss_groups: int = 0  # > 0: the loss of each of this many groups of source and kind (train/loss_groups.py)
+    part_loss: bool = False  # each document's or row's loss sum and tokens in the loss report (train.spike on)
 
 
 VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds", "visual_local_pos")
@@ -166,7 +173,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     output = model(tokens, pos, None, labels=labels, **kwargs)
     set_balancing_tokens_in_backward(output, loss_tokens)  # recompute: the routers run again in the backward
     return output, functools.partial(_loss_func, mask, parts=parts, n_parts=n_parts, groups=groups,
-                                     n_groups=inputs.loss_groups)
+                                     n_groups=inputs.loss_groups, part_loss=inputs.part_loss)
 
 
 def _without_filler(kls: list, padding: list[bool] | None) -> list:
@@ -395,7 +402,7 @@ class Trainer:
                                            sequence_parallel=layout.sequence_parallel) if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split,
-            loss_groups=len(self.loss_sources) * len(DOC_KINDS))
+            loss_groups=len(self.loss_sources) * len(DOC_KINDS), part_loss=bool(t.spike.factor))
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         if cfg.data.kind == "video":
@@ -972,7 +979,7 @@ class Trainer:
         timer.start()
         batch = self._set_global_batch()
         lr = apply_lr(self.optimizer, self.step, t)
-        self.own_grads.step, self.own_grads.finite = self.step + 1, None
+        self.own_grads.step, self.own_grads.finite, self.own_grads.own_norm = self.step + 1, None, None
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -1067,7 +1074,7 @@ class Trainer:
         if t.batch_rampup.start:
             extra.update(global_batch=batch, consumed_samples=self.consumed_samples)
         self._skipped_in_row(bad, spikes, loss, extra, grad_norm,
-                             micro=nonfinite_micro_batches(losses, layer_kls) if bad else {})
+                             micro=nonfinite_micro_batches(losses, layer_kls) if bad else {}, losses=losses)
         if self.skipped_steps:
             extra["skipped_steps"] = self.skipped_steps
         if self.spike_skipped:
@@ -1077,7 +1084,7 @@ class Trainer:
                          flops=vit_flops)
 
     def _skipped_in_row(self, bad: NonFinite, spikes: list, loss: float, extra: dict, grad_norm: float, *,
-                        micro: dict) -> None:
+                        micro: dict, losses: list[dict] = ()) -> None:
         """After a step: a non-finite one (`bad`) or a spiking one (`spikes`) is skipped or stops the run
         (_skip_or_stop, _spike_skip_or_stop), each adding to its own count of steps in a row; an applied step ends
         both counts. A skipped step of one kind neither ends nor adds to the other kind's count: it updated no
@@ -1086,7 +1093,7 @@ class Trainer:
         if bad:
             self._skip_or_stop(bad, loss, extra, micro)
         if spikes:
-            self._spike_skip_or_stop(spikes, loss, {"grad_norm": grad_norm, **extra})
+            self._spike_skip_or_stop(spikes, loss, {"grad_norm": grad_norm, **extra}, losses)
         if not bad and not spikes:
             self.nonfinite_in_row = self.spike_in_row = 0
 
@@ -1118,44 +1125,56 @@ class Trainer:
         self.spikes.add(norms)
         return norms.get("grad_norm", 0.0), []
 
-    def _spike_skip_or_stop(self, spikes: list, loss: float, extra: dict) -> None:
+    def _spike_skip_or_stop(self, spikes: list, loss: float, extra: dict, losses: list[dict] = ()) -> None:
         """A step whose gradient norm spiked (and updated nothing): every rank logs it with its data in the step, the
         data of the first ranks (gathered: a collective on this path alone, which every rank takes, the decision being
-        the world's) is named beside it, and rank 0 records the step in spikes.jsonl with every rank's data; the run
-        skips the step while it has skipped fewer than train.spike.skip_steps in a row, and stops (SpikeStepError)
-        otherwise. The skipped step's data is consumed and the LR schedule moves on, as for a non-finite step."""
+        the world's) is named beside it, with the suspects (_spike_suspects: the micro-batches of the largest own
+        gradient norms and losses, and their samples), and rank 0 records the step in spikes.jsonl with every rank's
+        data and the suspects; the run skips the step while it has skipped fewer than train.spike.skip_steps in a
+        row, and stops (SpikeStepError) otherwise. The skipped step's data is consumed and the LR schedule moves on,
+        as for a non-finite step."""
         sp = self.cfg.train.spike
         self.spike_in_row += 1
         what = f"step {self.step}: " + " and ".join(s.describe(sp.factor, sp.window) for s in spikes) + \
             f" (the step's loss {loss:.6g})"
         data = "; ".join(s.describe_step(None, None) for s in self.streams)
         record = {"micro_batches": None, "streams": [s.step_record(None, None) for s in self.streams]}
+        # the loss is counted once per replica's token: by the last pipeline stage's TP rank 0 (as _loss_vector)
+        counts = bool(losses) and self.pgs.tp.rank() == 0
+        own = self.own_grads.own_norm
+        numbers = (micro_batch_losses(losses) if counts else [], None if own is None else float(own),
+                   (self.pgs.pp.rank(), self.pgs.tp.rank()))
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (data, record))
-        texts, records = zip(*gathered)
+        dist.all_gather_object(gathered, (data, record, numbers))
+        texts, records, numbers = zip(*gathered)
         first: dict[str, int] = {}   # each data once: the ranks of a TP, CP or PP group read the same
         for r, text in enumerate(texts):
             first.setdefault(text, r)
         distinct = sorted(first.values())
+        suspects, replicas = self._spike_suspects([first[t] for t in texts], numbers)
         named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in distinct[:4]}
         more = f" (and {len(distinct) - 4} more ranks': their logs name it)" if len(distinct) > 4 else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
+        ranked = ("; the suspects, by their replica's own gradient norm, then loss: " +
+                  ", ".join(s["words"] for s in suspects)) if suspects else ""
         skip = self.spike_in_row <= sp.skip_steps
         if self.rank == 0:
             record_spike_step(self.run_dir, self.step, spikes, {"loss": loss, **extra},
                               {r: texts[r] for r in distinct}, {r: records[r] for r in distinct},
-                              "skipped" if skip else "stopped")
+                              "skipped" if skip else "stopped", suspects=suspects, replicas=replicas)
         if skip:
             self.spike_skipped += 1
-            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.spike.skip_steps allows)%s; "
-                        "this rank's data in the step: %s", what, self.spike_in_row, sp.skip_steps, others, data)
+            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.spike.skip_steps allows)%s%s; "
+                        "this rank's data in the step: %s", what, self.spike_in_row, sp.skip_steps, ranked, others,
+                        data)
             return
-        log.error("%s%s; this rank's data in the step: %s", what, others, data)
+        log.error("%s%s%s; this rank's data in the step: %s", what, ranked, others, data)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         resume = rerun_hint(self.cfg.train, self.run_dir)
         exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else
-                   f"data.exclude={Path(self.run_dir) / SPIKE_RECORDS} leaves the samples it names out of the data; ")
-        where_data = "; ".join(named.values()) + more + "."
+                   f"data.exclude={Path(self.run_dir) / SPIKE_RECORDS} leaves the samples it names out of the data "
+                   "(the whole step's; with data.exclude_spikes=suspect, only the first suspect's); ")
+        where_data = "; ".join(named.values()) + more
         # (a setting's name starts a sentence as it is written; "a larger" does not)
         advice = f"{exclude}{'a' if exclude else 'A'} larger train.spike.factor (or train.spike.factor=0: off) lets " \
             "such steps through"
@@ -1170,7 +1189,27 @@ class Trainer:
         raise SpikeStepError(
             f"{what}, so no weight was updated and the run stops after {self.spike_in_row} such step"
             f"{'s' if self.spike_in_row > 1 else ''} in a row (train.spike.skip_steps={sp.skip_steps} skips up to "
-            f"that many in a row).{weights} {resume} {where_data[0].upper()}{where_data[1:]} {advice}")
+            f"that many in a row).{weights} {resume} {where_data[0].upper()}{where_data[1:]}{ranked}. {advice}")
+
+    def _spike_suspects(self, owners: list[int], numbers: tuple) -> tuple[list[dict], dict]:
+        """The suspects of a spiking step (train/spikes.py rank_suspects) from every rank's gathered (micro-batch
+        losses, own gradient norm, pipeline and tensor rank), each with its samples: the owner of a suspect's data
+        names them (its stream's step_record of that micro-batch, narrowed to the document or row of the highest
+        loss where known), gathered again (a second collective on this path alone). Every rank computes the same."""
+        shares, norms, peers = zip(*numbers)
+        suspects, replicas = rank_suspects(owners, shares, norms, peers)
+        mine = {}
+        for k, s in enumerate(suspects):
+            if s["rank"] == self.rank:
+                i = s["micro_batch"]
+                which = ([i], None if s["part"] is None else {i: [s["part"]]})
+                mine[k] = {"micro_batches": [i], "streams": [st.step_record(*which) for st in self.streams]}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        for k, s in enumerate(suspects):
+            s["samples"] = gathered[s["rank"]][k]
+            s["words"] = describe_suspect(s, sample_words(s["samples"]["streams"]))
+        return suspects, {str(r): v for r, v in sorted(replicas.items())}
 
     def _nonfinite(self, vit_norm: float, *, own_loss_finite: torch.Tensor,
                    own_grads_finite: torch.Tensor) -> NonFinite:

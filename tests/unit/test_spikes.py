@@ -146,8 +146,14 @@ def _trainer(tmp_path, skip_steps: int):
     cfg.train.spike = SpikeConfig(factor=4.0, window=2, skip_steps=skip_steps)
     cfg.train.checkpoint.enabled = False
     cfg.data.kind = "tokens"   # (synthetic text names no samples to leave out)
-    return types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
-                                 spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None)
+    from train.trainer import Trainer
+
+    one = types.SimpleNamespace(rank=lambda: 0)
+    tr = types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
+                               spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None,
+                               pgs=types.SimpleNamespace(tp=one, pp=one), own_grads=types.SimpleNamespace(own_norm=None))
+    tr._spike_suspects = types.MethodType(Trainer._spike_suspects, tr)
+    return tr
 
 
 def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_path, caplog):
@@ -171,8 +177,8 @@ def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_pat
         "data: a resume judges them against the same window and stops again unless train.spike.factor changes. "
         "Checkpoints are off (train.checkpoint.enabled="
         "false): rerunning starts the run over. Rank 0's data in the step: a synthetic_tokens stream: global samples "
-        "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data; a "
-        "larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
+        "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data (the "
+        "whole step's; with data.exclude_spikes=suspect, only the first suspect's); a larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
     (tmp_path / "synthetic").mkdir()
     synthetic = _trainer(tmp_path / "synthetic", skip_steps=0)
     synthetic.cfg.data.kind = "synthetic_tokens"   # rows of a Markov chain name no samples to leave out
@@ -189,10 +195,10 @@ def test_a_spike_names_each_ranks_data_once(world, tmp_path, caplog, monkeypatch
     """Ranks 0 and 1 read the same data (a TP pair), rank 2 other data: the log and the record name ranks 0 and 2."""
     import train.trainer as trainer_module
 
-    other = ("a synthetic_tokens stream: global samples 8..15", {"stream": "synthetic_tokens"})
+    other = ("a synthetic_tokens stream: global samples 8..15", {"stream": "synthetic_tokens"}, ([], None, (0, 0)))
 
     def gather(out, mine):
-        out[:] = [mine, mine, other]
+        out[:] = [mine, mine, other] if isinstance(mine, tuple) else [mine, {}, {}]   # (the suspects': none here)
     monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 3)
     monkeypatch.setattr(trainer_module.dist, "all_gather_object", gather)
     tr = _trainer(tmp_path, skip_steps=1)
