@@ -151,7 +151,8 @@ def _trainer(tmp_path, skip_steps: int):
     one = types.SimpleNamespace(rank=lambda: 0)
     tr = types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
                                spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None,
-                               pgs=types.SimpleNamespace(tp=one, pp=one), own_grads=types.SimpleNamespace(own_norm=None))
+                               pgs=types.SimpleNamespace(tp=one, pp=one),
+                               own_grads=types.SimpleNamespace(own_norm=None))
     tr._spike_suspects = types.MethodType(Trainer._spike_suspects, tr)
     return tr
 
@@ -178,7 +179,8 @@ def test_a_spike_is_skipped_then_the_run_stops_naming_the_setting(world, tmp_pat
         "Checkpoints are off (train.checkpoint.enabled="
         "false): rerunning starts the run over. Rank 0's data in the step: a synthetic_tokens stream: global samples "
         "0..7. data.exclude=" + str(tmp_path / "spikes.jsonl") + " leaves the samples it names out of the data (the "
-        "whole step's; with data.exclude_spikes=suspect, only the first suspect's); a larger train.spike.factor (or train.spike.factor=0: off) lets such steps through")
+        "whole step's; with data.exclude_spikes=suspect, only the first suspect's); a larger train.spike.factor (or "
+        "train.spike.factor=0: off) lets such steps through")
     (tmp_path / "synthetic").mkdir()
     synthetic = _trainer(tmp_path / "synthetic", skip_steps=0)
     synthetic.cfg.data.kind = "synthetic_tokens"   # rows of a Markov chain name no samples to leave out
@@ -208,6 +210,46 @@ def test_a_spike_names_each_ranks_data_once(world, tmp_path, caplog, monkeypatch
             "stream: global samples 0..7") in caplog.text
     (rec,) = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
     assert rec["data"] == {"0": "a synthetic_tokens stream: global samples 0..7", "2": other[0]}
+
+
+def test_the_suspects_are_the_micro_batches_of_the_rank_whose_own_norm_stands_out(world, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """3 data-parallel ranks (faked gathers), each with two micro-batches of the same losses; rank 2's own gradient
+    norm before the reduction is 10 x the others' (its data made the norm): its micro-batch of the higher loss is the
+    first suspect, named by rank 2's own stream (the second gather), though rank 0's loss is higher still. The record
+    keeps the whole step's data too."""
+    import train.trainer as trainer_module
+
+    mb = lambda s: {"loss": s, "tokens": 2.0, "parts": [[s / 2, 1.0], [s / 2, 1.0]]}   # noqa: E731
+    numbers = {0: ([mb(4.0), mb(20.0)], 1.0, (0, 0)), 1: ([mb(4.0), mb(6.0)], 1.0, (0, 0)),
+               2: ([mb(4.0), mb(8.0)], 10.0, (0, 0))}
+    named = lambda i, samples: {"micro_batches": [i], "streams": [   # noqa: E731
+        {"stream": "synthetic_tokens", "global_samples": samples}]}
+    rank2 = {0: named(1, [21]), 1: named(0, [17])}   # by the suspects' places: rank 2 holds the first two
+
+    def gather(out, mine):
+        if isinstance(mine, tuple):   # (data, record, numbers): rank r's own
+            out[:] = [(f"a synthetic_tokens stream: global samples {8 * r}..{8 * r + 7}", {"r": r}, numbers[r])
+                      for r in range(3)]
+        else:                         # each rank's named suspects, by their places in the ranking
+            assert list(mine) == [2]   # rank 0 (this process) names the third, its own micro-batch 1
+            out[:] = [mine, {}, rank2]
+    monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gather)
+    tr = _trainer(tmp_path, skip_steps=1)
+    trainer_module.Trainer._spike_skip_or_stop(tr, [Spike("grad_norm", 40.0, 2.0)], 3.5, {}, [])
+    (rec,) = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
+    first = rec["suspects"][0]
+    # own norms [1, 1, 10]: median 1, so rank 2's ratio 10; its micro-batch 1's mean 8 / 2 = 4 against the median of
+    # the six means [2, 10, 2, 3, 2, 4] = 2.5 (z: (4 - 2.5) / (1.4826 x their median distance 0.5)); rank 2's
+    # micro-batch 0 next (ratio 10), then rank 0's micro-batch 1
+    assert [(s["rank"], s["micro_batch"]) for s in rec["suspects"]] == [(2, 1), (2, 0), (0, 1)]
+    assert (first["loss"], first["median"], first["norm_ratio"], first["samples"]) == (4.0, 2.5, 10.0, rank2[0])
+    assert rec["replicas"]["2"] == {"rank": 2, "own_norm": 10.0, "norm_ratio": 10.0}
+    assert sorted(rec["samples"]) == ["0", "1", "2"]   # the whole step's data, as before
+    assert ("the suspects, by their replica's own gradient norm, then loss: rank 2 micro-batch 1 (global samples "
+            "21): loss 4 against the step's median 2.5 (z 2.02), its document or row 0's 4; the replica's own "
+            "gradient norm before the reduction 10 x its peers' median, rank 2 micro-batch 0") in caplog.text
 
 
 def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
