@@ -1164,11 +1164,11 @@ class Trainer:
                               "skipped" if skip else "stopped", suspects=suspects, replicas=replicas)
         if skip:
             self.spike_skipped += 1
-            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.spike.skip_steps allows)%s%s; "
-                        "this rank's data in the step: %s", what, self.spike_in_row, sp.skip_steps, ranked, others,
-                        data)
+            log.warning("%s: skipped, no weight updated (%d in a row of the %d train.spike.skip_steps allows)%s; "
+                        "this rank's data in the step: %s%s", what, self.spike_in_row, sp.skip_steps, others, data,
+                        ranked)
             return
-        log.error("%s%s%s; this rank's data in the step: %s", what, ranked, others, data)
+        log.error("%s%s; this rank's data in the step: %s%s", what, others, data, ranked)
         self._finish_saves(blocking=True)  # an asynchronous save of an earlier step commits first
         resume = rerun_hint(self.cfg.train, self.run_dir)
         exclude = ("" if self.cfg.data.kind == "synthetic_tokens" else

@@ -99,9 +99,13 @@ def test_a_bad_exclude_spikes_setting_stops_the_config():
 
 @pytest.fixture()
 def one_rank(tmp_path):
-    """A gloo world of one rank that the trainer builds its process groups in (as tests/unit/test_batch_rampup.py)."""
+    """A gloo world of one rank that the trainer builds its process groups in (as tests/unit/test_batch_rampup.py).
+    Megatron's process-wide MoE aux-loss scale is cleared first: a model run earlier in this process may have left it
+    0-dim, which the schedule's [1] scale cannot be copied into."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
     with socket.socket() as s:   # a free port: other test processes on this machine hold theirs
         s.bind(("127.0.0.1", 0))
@@ -114,6 +118,7 @@ def one_rank(tmp_path):
         yield tmp_path
     finally:
         get_moe_layer_wise_logging_tracker().clear()
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
