@@ -15,6 +15,9 @@
     KEYE_FAULT="spike_grad_in_step:step=3"    the language model's gradients in step 3 are 1000 times what they were,
                                               after their reduction over ranks (a bad batch's gradient spike: every
                                               rank's, unless `rank` names one)
+    KEYE_FAULT="spike_backward_in_step:step=3:rank=1"  rank 1's own gradients in step 3 are 1000 times what they
+                                              were before their reduction over ranks (one rank's bad data: a spiking
+                                              step's suspects name that rank first)
     KEYE_FAULT="data_end_in_step:step=3:rank=1"  rank 1's video data ends in step 3 (the other ranks' goes on)
 Several faults are separated by ';'. `rank` defaults to every rank, `step` to every step.
 The disk-full case needs no hook: run with the run directory on a small filesystem
@@ -31,7 +34,7 @@ import torch
 
 
 FAULTS = ("kill_in_save", "kill_in_step", "nan_in_step", "nan_backward_in_step", "nan_grad_in_step",
-          "spike_grad_in_step", "data_end_in_step")
+          "spike_grad_in_step", "spike_backward_in_step", "data_end_in_step")
 ARGUMENTS = ("step", "rank", "micro", "doc")
 
 
@@ -139,7 +142,8 @@ def poisoned_indexers(chunks, micro_batch: int | None = None):
 
 
 def scale_gradients(model: list, factor: float = 1000.0) -> None:
-    """spike_grad_in_step: every gradient buffer of the language model's DDP chunks times `factor`."""
+    """spike_grad_in_step, spike_backward_in_step: every gradient buffer of the language model's DDP chunks times
+    `factor`."""
     for m in model:
         for buf in (*m.buffers, *m.expert_parallel_buffers):
             buf.grad_data.mul_(factor)

@@ -17,7 +17,7 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 
 from data.sample_position import format_runs
-from train.faults import poison_gradients, requested
+from train.faults import poison_gradients, requested, scale_gradients
 from train.metrics import NONFINITE_RECORDS, json_record
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ class GradsBeforeReduction:
     def __call__(self, model: list, *args, **kwargs):
         if requested("nan_backward_in_step", step=self.step, rank=self.rank):
             poison_gradients(model)
+        if requested("spike_backward_in_step", step=self.step, rank=self.rank):
+            scale_gradients(model)
         dense = [buf.grad_data.norm() for m in model for buf in m.buffers]
         norms = dense + [buf.grad_data.norm() for m in model for buf in m.expert_parallel_buffers]   # grad_norms'
         self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None

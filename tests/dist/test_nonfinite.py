@@ -115,10 +115,10 @@ def skipped(tmp_path_factory):
     # the count of skipped steps travels with the checkpoint: a run that skipped step 3 stops after it, and the
     # resumed run (no NaN) reports it from its first step on
     saved = [o for o in lm if o != "train.checkpoint.enabled=false"] + ["train.checkpoint.save_interval=1", "run_dir=ck"]
-    # (with train.spike: the window, steps 1-2's norms, travels too: the resumed run judges step 4, 1000 times its
-    # gradients, against it)
+    # (with train.spike: the window, steps 1-2's norms, travels too: the resumed run judges step 4, rank 1's own
+    # gradients 1000 times what they were before their reduction, against it)
     layouts["lm_saved_skip"] = saved + skip + SPIKE + ["train.stop_after=3"]
-    layouts["lm_resumed_skip"] = saved + SPIKE + ["KEYE_FAULT=spike_grad_in_step:step=4"]
+    layouts["lm_resumed_skip"] = saved + SPIKE + ["KEYE_FAULT=spike_backward_in_step:step=4:rank=1"]
     # the whole-loss fault skipped, the run going on to its last step (its records read as strict JSON)
     layouts["lm_strict"] = LM + skip + ["train.checkpoint.enabled=false"]
     # the stopping test's reference: its settings without the fault
@@ -305,10 +305,17 @@ def test_a_spiking_step_is_skipped_as_a_nan_step_is(skipped):
 
 def test_the_spike_window_resumes_with_the_run(skipped):
     """The run stopped after step 3 (skipped for a NaN: not in the window) resumes with the window of steps 1-2's
-    norms, and judges step 4 (1000 times its gradients) against it: skipped. An empty window would judge nothing."""
+    norms, and judges step 4 (rank 1's own gradients 1000 times what they were, before their reduction) against it:
+    skipped. An empty window would judge nothing. The record's suspects name rank 1 first (its own gradient norm
+    before the reduction ~2 x the median of the two ranks', rank 0's ~0), one of its rows: step 4's global samples
+    56..63 (G = 16 over 2 data-parallel ranks)."""
     norms, extras = skipped["grad_norms"], skipped["extras"]
     (rec,) = skipped["spikes"]["ck"]
     median = (norms["lm_reference"][1] + norms["lm_reference"][2]) / 2
     assert (rec["step"], rec["action"], rec["spikes"]) == (4, "skipped", [
         {"norm": "grad_norm", "value": norms["lm_resumed_skip"][4], "median": median}])
     assert [extras["lm_resumed_skip"][s]["spike_skipped_steps"] for s in (4, 5)] == [1, 1]
+    first = rec["suspects"][0]
+    assert first["rank"] == 1 and rec["replicas"]["1"]["norm_ratio"] > 1.9 > 0.1 > rec["replicas"]["0"]["norm_ratio"]
+    (sample,) = first["samples"]["streams"][0]["global_samples"]
+    assert 56 <= sample < 64 and first["micro_batch"] in (0, 1), rec
