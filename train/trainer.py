@@ -1156,7 +1156,7 @@ class Trainer:
         more = f" (and {len(distinct) - 4} more ranks': their logs name it)" if len(distinct) > 4 else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
         ranked = ("; the suspects, by their replica's own gradient norm, then loss: " +
-                  ", ".join(s["words"] for s in suspects)) if suspects else ""
+                  "; ".join(f"{k}) {s['words']}" for k, s in enumerate(suspects, 1))) if suspects else ""
         skip = self.spike_in_row <= sp.skip_steps
         if self.rank == 0:
             record_spike_step(self.run_dir, self.step, spikes, {"loss": loss, **extra},

@@ -166,5 +166,5 @@ def test_the_record_names_the_injected_micro_batch_and_sample_first(one_rank, ca
     assert top["loss"] > 2 * top["median"] and top["part_loss"] > top["loss"]   # (x 30 logits: 14.9 against 6.1)
     assert len(calls) == STEP * GBS // MBS   # one forward per micro-batch: the hook counted them right
     assert rec["samples"]["0"]["streams"][0]["global_samples"] == list(range((STEP - 1) * GBS, STEP * GBS))
-    assert (f"the suspects, by their replica's own gradient norm, then loss: rank 0 micro-batch {MICRO} "
+    assert (f"the suspects, by their replica's own gradient norm, then loss: 1) rank 0 micro-batch {MICRO} "
             f"(global samples {truth}): loss") in caplog.text

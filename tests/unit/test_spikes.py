@@ -247,9 +247,9 @@ def test_the_suspects_are_the_micro_batches_of_the_rank_whose_own_norm_stands_ou
     assert (first["loss"], first["median"], first["norm_ratio"], first["samples"]) == (4.0, 2.5, 10.0, rank2[0])
     assert rec["replicas"]["2"] == {"rank": 2, "own_norm": 10.0, "norm_ratio": 10.0}
     assert sorted(rec["samples"]) == ["0", "1", "2"]   # the whole step's data, as before
-    assert ("the suspects, by their replica's own gradient norm, then loss: rank 2 micro-batch 1 (global samples "
+    assert ("the suspects, by their replica's own gradient norm, then loss: 1) rank 2 micro-batch 1 (global samples "
             "21): loss 4 against the step's median 2.5 (z 2.02), its document or row 0's 4; the replica's own "
-            "gradient norm before the reduction 10 x its peers' median, rank 2 micro-batch 0") in caplog.text
+            "gradient norm before the reduction 10 x its peers' median; 2) rank 2 micro-batch 0") in caplog.text
 
 
 def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
