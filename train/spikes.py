@@ -161,10 +161,13 @@ def micro_batch_losses(losses: list[dict]) -> list[dict]:
 
 
 def _robust_z(value: float, values: list[float]) -> float:
-    """(value - median) / (1.4826 x the median absolute deviation) of `values`; 0 where they do not spread."""
+    """(value - median) / (1.4826 x the median absolute deviation) of `values`; over their standard deviation where
+    more than half are equal (a MAD of 0), and 0 where they do not spread at all."""
     median = statistics.median(values)
-    mad = statistics.median(abs(v - median) for v in values) * _MAD_SIGMA
-    return (value - median) / mad if mad > 0 else 0.0
+    spread = statistics.median(abs(v - median) for v in values) * _MAD_SIGMA
+    if spread == 0 and len(values) > 1:
+        spread = statistics.pstdev(values)
+    return (value - median) / spread if spread > 0 else 0.0
 
 
 def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms: Sequence[float | None],

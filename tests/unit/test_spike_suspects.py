@@ -53,6 +53,14 @@ def test_suspects_sum_cp_shares_and_rank_by_own_norm_then_loss():
     assert [(s["rank"], s["micro_batch"]) for s in alone] == [(0, 1), (2, 1), (0, 0)]
 
 
+def test_the_z_score_of_an_outlier_among_equal_losses_is_not_zero():
+    """Three of four micro-batches with the same loss: their median absolute deviation is 0; the z-score falls back to
+    the standard deviation (by hand: values [1, 1, 1, 5], mean 2, pstdev sqrt((1 + 1 + 1 + 9) / 4) = sqrt 3)."""
+    mb = lambda s: {"loss": s, "tokens": 1.0, "parts": None}   # noqa: E731
+    suspects, _ = rank_suspects([0], [[mb(1.0), mb(1.0), mb(5.0), mb(1.0)]], [None], [(0, 0)])
+    assert suspects[0]["micro_batch"] == 2 and suspects[0]["z"] == pytest.approx(4 / 3 ** 0.5)
+
+
 def test_sample_words_name_keys_documents_or_global_samples():
     assert sample_words([{"stream": "video", "packs": [{"samples": ["s-1.tar/a", "s-1.tar/b"]}]}]) == \
         "samples s-1.tar/a, s-1.tar/b"
