@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -311,3 +312,25 @@ def destroy_one_process_megatron() -> None:
 
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_rank_world():
+    """The environment of a one-rank gloo world (a free port) that a Trainer built in this process makes its process
+    groups in; afterwards megatron's model-parallel state, the process group, megatron's process-wide MoE aux-loss
+    tracker (one slot per layer of the first model that logged into it) and the environment are as before."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    old = _set_env(env)
+    try:
+        yield
+    finally:
+        get_moe_layer_wise_logging_tracker().clear()
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _set_env(old)

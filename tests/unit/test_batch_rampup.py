@@ -8,13 +8,12 @@ against the uninterrupted run. The trainers run in this process (a gloo world of
 
 import json
 import math
-import os
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from tests.launch_util import one_rank_world
 from train.config import BatchRampupConfig, TrainConfig
 
 RAMP = ["train.global_batch_size=8", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
@@ -126,19 +125,11 @@ def test_the_memory_estimate_judges_the_largest_batch():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A gloo world of one rank (the trainers of this module build their process groups in it); the checkpoint
-    writer's helper process is started once for the module, not once per trainer. Megatron's process-wide MoE
-    aux-loss tracker is cleared after: it keeps one slot per layer of the first model that logged into it, and a
-    later test's model in this process may have more layers."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
+    """A gloo world of one rank (the trainers of this module build their process groups in it:
+    tests/launch_util.one_rank_world); the checkpoint writer's helper process is started once for the module, not
+    once per trainer."""
     import train.trainer as trainer_module
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(34000 + os.getpid() % 1000), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     restart, started = trainer_module.restart_checkpoint_helpers, []
 
     def once():
@@ -146,18 +137,10 @@ def world(tmp_path_factory):
             started.append(restart())
     trainer_module.restart_checkpoint_helpers = once
     try:
-        yield tmp_path_factory.mktemp("rampup")
+        with one_rank_world():
+            yield tmp_path_factory.mktemp("rampup")
     finally:
         trainer_module.restart_checkpoint_helpers = restart
-        get_moe_layer_wise_logging_tracker().clear()
-        parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _train(run_dir, *overrides):

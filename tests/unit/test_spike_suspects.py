@@ -7,14 +7,12 @@ the first suspect alone. The 2-rank case (a rank's own gradient norm before the 
 test_nonfinite.py."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from data.exclude import ExcludeError, read_exclude
+from tests.launch_util import one_rank_world
 from train.spikes import part_losses, rank_suspects, sample_words
 
 
@@ -107,34 +105,10 @@ def test_a_bad_exclude_spikes_setting_stops_the_config():
 
 @pytest.fixture()
 def one_rank(tmp_path):
-    """A gloo world of one rank that the trainer builds its process groups in (as tests/unit/test_batch_rampup.py).
-    Megatron's process-wide MoE aux-loss scale is cleared first: a model run earlier in this process may have left it
-    0-dim, which the schedule's [1] scale cannot be copied into."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-
-    with socket.socket() as s:   # a free port: other test processes on this machine hold theirs
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    """A gloo world of one rank that the trainer builds its process groups in (tests/launch_util.one_rank_world;
+    megatron's aux-loss scale left by an earlier model is reset for every test by tests/conftest.py)."""
+    with one_rank_world():
         yield tmp_path
-    finally:
-        get_moe_layer_wise_logging_tracker().clear()
-        MoEAuxLossAutoScaler.main_loss_backward_scale = None
-        parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 MBS, GBS, STEP, MICRO, ROW = 2, 6, 2, 2, 1   # the 2nd step's micro-batch 2, its row 1, is made to spike
