@@ -119,10 +119,12 @@ def test_the_record_names_the_injected_micro_batch_and_sample_first(one_rank, ca
     from train.trainer import Trainer
 
     cfg, layout = validate(compose_config(
-        ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", f"train.steps={STEP}",
+        ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", f"train.steps={STEP + 1}",
          "train.warmup_steps=1", "train.seq_length=16", f"train.micro_batch_size={MBS}",
          f"train.global_batch_size={GBS}", "model.lm.num_layers=1", "train.checkpoint.enabled=false",
-         "train.spike.factor=5", "train.spike.window=1", "train.spike.skip_steps=1", f"run_dir={one_rank}"]),
+         "train.spike.factor=5", "train.spike.window=1", "train.spike.skip_steps=1", f"run_dir={one_rank}",
+         # auxiliary-loss-free balancing on (its bias moved by 0.05 a step): the skipped step must not move it
+         "model.lm.moe_expert_bias=true", "model.lm.moe_bias_update_rate=0.05"]),
         world_size=1)
     tr = Trainer(cfg, layout)
     calls = []
@@ -146,7 +148,12 @@ def test_the_record_names_the_injected_micro_batch_and_sample_first(one_rank, ca
     assert (rec["step"], top["rank"], top["micro_batch"], top["part"]) == (STEP, 0, MICRO, ROW)
     assert top["samples"]["streams"][0]["global_samples"] == [truth]
     assert top["loss"] > 2 * top["median"] and top["part_loss"] > top["loss"]   # (x 30 logits: 14.9 against 6.1)
-    assert len(calls) == STEP * GBS // MBS   # one forward per micro-batch: the hook counted them right
+    assert len(calls) == (STEP + 1) * GBS // MBS   # one forward per micro-batch: the hook counted them right
     assert rec["samples"]["0"]["streams"][0]["global_samples"] == list(range((STEP - 1) * GBS, STEP * GBS))
     assert (f"the suspects, by their replica's own gradient norm, then loss: 1) rank 0 micro-batch {MICRO} "
             f"(global samples {truth}): loss") in caplog.text
+    # the expert bias each step routed with: moved by the applied step 1, not by the skipped step 2 (the trainer
+    # updates it after applied steps only, as it updates the weights)
+    bias = {r["step"]: (r["moe_bias_min"], r["moe_bias_max"]) for r in map(json.loads, open(one_rank / "metrics.jsonl"))
+            if "moe_bias_min" in r}
+    assert bias[1] == (0.0, 0.0) and bias[2] != bias[1] and bias[3] == bias[2], bias
