@@ -331,8 +331,8 @@ class TrainConfig:
                 if getattr(r, name) % self.micro_batch_size:
                     raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of "
                                      f"train.micro_batch_size ({self.micro_batch_size})")
-            if self.rampup_steps() == self.steps:   # a run that never reaches its global batch
-                last = self.batch_size_at(self._consumed(self.steps - 1))
+            ramping, last = self._ramp()
+            if ramping == self.steps:   # a run that never reaches its global batch
                 warnings.warn(f"train.batch_rampup.samples ({r.samples}) outlasts the run: every one of its "
                               f"train.steps={self.steps} steps takes a global batch below train.global_batch_size "
                               f"({self.global_batch_size}), the last {last} (samples counts packed sequences: tokens / "
@@ -348,20 +348,18 @@ class TrainConfig:
         # floor(c / (samples / increments)) in integers: megatron's float quotient can land below a whole number
         return r.start + r.increment * (consumed_samples * increments // r.samples)
 
-    def _consumed(self, steps: int) -> int:
-        """The packed sequences the first `steps` steps consume."""
-        consumed = 0
-        for _ in range(steps):
-            consumed += self.batch_size_at(consumed)
-        return consumed
+    def _ramp(self) -> tuple[int, int]:
+        """(how many of the run's steps take a global batch below train.global_batch_size, at most train.steps; the
+        last of those batches, 0 for none): one walk of the schedule."""
+        n, consumed, last = 0, 0, 0
+        while n < self.steps and (batch := self.batch_size_at(consumed)) < self.global_batch_size:
+            n, consumed, last = n + 1, consumed + batch, batch
+        return n, last
 
     def rampup_steps(self) -> int:
         """How many of the run's steps take a global batch below train.global_batch_size (train.batch_rampup's
         steps; at most train.steps)."""
-        n, consumed = 0, 0
-        while n < self.steps and (batch := self.batch_size_at(consumed)) < self.global_batch_size:
-            n, consumed = n + 1, consumed + batch
-        return n
+        return self._ramp()[0]
 
     def batch_sizes(self) -> list[int]:
         """Every global batch a step of the run may take, smallest first (the ramp's, then train.global_batch_size)."""
