@@ -8,8 +8,9 @@ handshake; proxies come from http_proxy / https_proxy / no_proxy. Every request 
 longest wait for a connection, the name's lookup included, or for the next bytes, and the most the whole request may
 take for each MiB it asks for); 5xx and 429 answers, connection errors, timeouts and short reads are tried again
 (`retries` times, waiting `backoff_s`, then twice that, ..., each wait drawn from 0.5x to 1.5x of it so that many
-ranks do not retry in step), a member's retry asking only for the bytes not yet received. Then RemoteError, which the
-loader records as the sample's failure (data/video/loader.py), never a stop of the run.
+ranks do not retry in step; longer where the answer's Retry-After asks more, up to `timeout_s`), a member's retry
+asking only for the bytes not yet received. Then RemoteError, which the loader records as the sample's failure
+(data/video/loader.py), never a stop of the run.
 
 Credentials: a URL's userinfo (`user:password@`) and query string (a presigned URL's signature) never leave this
 module's requests. A shard is named by its clean URL (scheme, host, path): `RemoteShard`, a `str` whose value is
@@ -21,6 +22,8 @@ the config itself, which a run saves with its checkpoints.
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import http.client
 import json
 import os
@@ -68,7 +71,12 @@ class RemoteError(OSError):
 
 
 class _Retry(Exception):
-    """A failure worth another try (5xx, connection error, timeout, short read)."""
+    """A failure worth another try (5xx, connection error, timeout, short read); `wait`: the seconds the server asked
+    to wait before it (Retry-After), None where it said nothing."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class _SinkError(Exception):
@@ -472,23 +480,51 @@ def _exchange(key: tuple, target: str, hdrs: dict, opts: RemoteOptions, deadline
 
 
 def _with_retries(what: str, opts: RemoteOptions, attempt: Callable[[], object]):
-    """attempt() until it returns, raises RemoteError (final), or has raised _Retry opts.retries + 1 times."""
+    """attempt() until it returns, raises RemoteError (final), or has raised _Retry opts.retries + 1 times. The wait
+    before a retry is the backoff, or what the server asked (Retry-After) where that is longer, drawn from 1x to
+    1.2x of it (ranks throttled together do not come back together), at most remote_timeout_s: a throttled request
+    never waits longer than one that gets no answer. A longer ask is said in the failure's message."""
     last = ""
     for k in range(opts.retries + 1):
+        wait = None
         try:
             return attempt()
         except _Retry as e:
-            last = str(e)
+            last, wait = str(e), e.wait
         if k < opts.retries:
-            time.sleep(opts.backoff_s * (2 ** k) * random.uniform(0.5, 1.5))
+            delay = opts.backoff_s * (2 ** k) * random.uniform(0.5, 1.5)
+            if wait is not None:
+                delay = min(max(delay, wait * random.uniform(1.0, 1.2)), opts.timeout_s)
+            time.sleep(delay)
     raise RemoteError(f"{what}: {last} ({opts.retries + 1} tries)")
 
 
-def _status_error(ans: _Answer, what: str) -> Exception:
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds, or an HTTP date (its wait from now, at least 0);
+    None for none or a value that is neither."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:                 # an HTTP date is GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _status_error(ans: _Answer, what: str, opts: RemoteOptions) -> Exception:
     """An HTTP error answer as _Retry (5xx, 429) or a final RemoteError."""
     reason = f"HTTP {ans.status} {ans.reason}"
     if ans.status in _RETRY_STATUS:
-        return _Retry(reason)
+        wait = _retry_after(ans.headers.get("Retry-After"))
+        if wait is not None and wait > opts.timeout_s:
+            reason += (f" (the server asked for a wait of {wait:.0f} s, Retry-After; a retry waits at most "
+                       f"remote_timeout_s = {opts.timeout_s:g} s)")
+        return _Retry(reason, wait)
     return RemoteError(f"{what}: {reason}", status=ans.status, gone=ans.status in _GONE_STATUS,
                        refused=ans.status in _REFUSED_STATUS)
 
@@ -529,7 +565,7 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
             t0 = time.monotonic()
             ans = _send(url, {}, opts, _request_deadline(t0, None, opts))
             if not 200 <= ans.status < 300:
-                raise _status_error(ans, what)
+                raise _status_error(ans, what, opts)
             want = ans.headers.get("Content-Length")
             n = int(want) if want is not None and want.isdigit() else None
             parts: list[bytes] = []
@@ -610,7 +646,7 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
                                   f"immutable: a new shard name, or a fresh data.video.index_dir)",
                                   status=ans.status)
             if not 200 <= ans.status < 300:
-                raise _status_error(ans, what)
+                raise _status_error(ans, what, opts)
             if ans.status != 206:
                 raise RemoteError(f"{what}: HTTP {ans.status} to a Range request (the server must answer 206 "
                                   f"Partial Content)", status=ans.status, refused=True)

@@ -37,7 +37,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     path, one per request in order: "503", "404", "403", "drop" (headers and half the body, then the connection closed),
     "hang" (no answer for `hang_s`), "slow" (the answer after 0.3 s), "trickle" (a byte every 50 ms),
     "ignore_range" (200 and the whole file), "redirect" (302 to the same path on `elsewhere`), "eof" (the
-    connection closed without an answer, as a server closing a kept connection the moment a request came).
+    connection closed without an answer, as a server closing a kept connection the moment a request came), "429 N" /
+    "503 N" (that status with `Retry-After: N`).
 
     HTTP/1.1 with keep-alive, as a store's front-end; `srv.mode` "http10" answers HTTP/1.0 (no keep-alive),
     "close" sends `Connection: close`, and a connection idle for `srv.idle_s` is closed. `srv.connections` counts the
@@ -64,6 +65,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         srv = self.server.owner
         u = urllib.parse.urlsplit(self.path)
         srv.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        srv.stamps.append(time.monotonic())
         auth = self.headers.get("Authorization")
         if srv.require is not None and (u.query != srv.require[0] or auth != srv.require[1]):
             return self.send_error(403)
@@ -83,6 +85,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault in ("503", "404", "403"):
             return self.send_error(int(fault))
+        if fault and fault[:4] in ("429 ", "503 "):      # throttled: the status, then the Retry-After value
+            self.send_response(int(fault[:3]))
+            self.send_header("Retry-After", fault[4:])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         f = srv.root / u.path.lstrip("/")
         if not f.is_file():
             return self.send_error(404)
@@ -124,7 +132,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class Server:
     def __init__(self, root: Path) -> None:
-        self.root, self.faults, self.log, self.require, self.hang_s = root, {}, [], None, 1.0
+        self.root, self.faults, self.log, self.require, self.hang_s, self.stamps = root, {}, [], None, 1.0, []
         self.elsewhere, self.mode, self.idle_s, self.connections, self.lock = "", "", None, 0, threading.Lock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
@@ -134,7 +142,7 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def reset(self) -> None:
-        self.faults, self.log, self.require, self.mode, self.idle_s = {}, [], None, "", None
+        self.faults, self.log, self.require, self.mode, self.idle_s, self.stamps = {}, [], None, "", None, []
 
 
 @pytest.fixture(scope="module")
@@ -542,6 +550,32 @@ def test_a_failed_range_read_names_the_url_without_its_query(srv, shard_dir):
         f.seek(512)
         assert b"".join(got) == f.read(100)
 
+
+def test_a_throttled_read_waits_as_long_as_the_server_asks_within_the_timeout(srv, shard_dir):
+    """A 429 or 503 with Retry-After (delay-seconds or an HTTP date) was tried again after the loader's own backoff
+    (here 10 ms) whatever the server asked: a throttling front-end was hit again at once by every rank. Now the retry
+    waits what it asks, and at most remote_timeout_s: a longer ask waits that, and the failure says so."""
+    import email.utils
+
+    url = f"{srv.url}/d/shard-000000.tar"
+    want = _member(shard_dir, "shard-000000.tar", 0, 100)
+    for fault, least in (("429 1", 1.0), ("503 {date}", 0.5)):
+        date = email.utils.formatdate(time.time() + 1.5, usegmt=True)     # whole seconds: 0.5 to 1.5 s from now
+        fault = fault.format(date=date)
+        srv.faults["/d/shard-000000.tar"] = [fault]
+        srv.stamps.clear()
+        got: list = []
+        http_read_range(url, 0, 100, RemoteOptions(timeout_s=5, retries=1, backoff_s=0.01), got.append)
+        gap = srv.stamps[1] - srv.stamps[0]
+        # at least the ask (the draw is 1x to 1.2x of it); under it by 1.5 s on a busy machine
+        assert b"".join(got) == want and least - 0.05 <= gap < least * 1.2 + 1.5, (fault, gap)
+    srv.faults["/d/shard-000000.tar"] = ["429 3600"] * 2
+    srv.stamps.clear()
+    with pytest.raises(RemoteError, match=r"bytes=0-99: HTTP 429 Too Many Requests \(the server asked for a wait of "
+                                          r"3600 s, Retry-After; a retry waits at most remote_timeout_s = 0.5 s\) "
+                                          r"\(2 tries\)$"):
+        http_read_range(url, 0, 100, RemoteOptions(timeout_s=0.5, retries=1, backoff_s=0.01), [].append)
+    assert 0.45 <= srv.stamps[1] - srv.stamps[0] < 0.5 + 1.5, srv.stamps     # the bound, not the ask
 
 
 def _member(shard_dir, name: str, offset: int, size: int) -> bytes:
