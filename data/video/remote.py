@@ -129,12 +129,13 @@ class RemoteShard(str):
     url: str
     index_url: str
     size: int | None      # the tar's bytes as its index records them (load_catalog), None where unknown
+    version: dict | None  # what its reads check the tar against (load_index's object_version), None where nothing
 
     def __new__(cls, url: str, index_url: str | None = None) -> "RemoteShard":
         self = super().__new__(cls, clean_url(url))
         self.url = url
         self.index_url = index_url or index_url_of(url)
-        self.size = None
+        self.size = self.version = None
         return self
 
 
@@ -507,13 +508,8 @@ def _retry_after(value: str | None) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:                 # an HTTP date is GMT
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - time.time())
+    when = _http_time(value)
+    return None if when is None else max(0.0, when - time.time())
 
 
 def _status_error(ans: _Answer, what: str, opts: RemoteOptions) -> Exception:
@@ -555,8 +551,9 @@ def _request_deadline(t0: float, n: int | None, opts: RemoteOptions) -> float:
     return t0 + opts.timeout_s * max(1, -(-(n or 0) // _MIB))
 
 
-def http_get(url: str, opts: RemoteOptions) -> bytes:
-    """The whole body of `url` (a shard's index, a list file), retried as the module says."""
+def http_get(url: str, opts: RemoteOptions, headers: dict | None = None) -> bytes:
+    """The whole body of `url` (a shard's index, a list file), retried as the module says; `headers`, where given,
+    gets the answer's headers."""
     what = clean_url(url)
 
     def attempt() -> bytes:
@@ -572,6 +569,8 @@ def http_get(url: str, opts: RemoteOptions) -> bytes:
             got = _read_body(ans, n, t0, opts, parts.append)
             if n is not None and got != n:
                 raise _Retry(f"short read ({got} of {want} bytes)")
+            if headers is not None:
+                headers.update(ans.headers.items())
             ans.close()
             ans = None
             return b"".join(parts)
@@ -622,10 +621,12 @@ def _read_body(ans: _Answer, n: int | None, t0: float, opts: RemoteOptions, sink
 
 
 def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
-                    chunk: int = 1 << 20, total: int | None = None) -> None:
+                    chunk: int = 1 << 20, total: int | None = None, version: dict | None = None) -> None:
     """Bytes [offset, offset + size) of `url`, given to `sink` in order; a retry asks for the bytes not yet given.
     total: the object's size as its shard index says; a Content-Range of another total is a shard rewritten since
-    (RemoteError: its members are no longer where the index says)."""
+    (RemoteError: its members are no longer where the index says). version: what load_index saw (`read_at`: when
+    the index was read, by the store's clock); an answer whose Last-Modified is later is a shard rewritten since, at
+    the same size too (a tar is padded to 10 KiB records: a video re-encoded a little smaller or larger leaves it)."""
     if size <= 0:
         return
     done = [0]
@@ -647,6 +648,11 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
                                   status=ans.status)
             if not 200 <= ans.status < 300:
                 raise _status_error(ans, what, opts)
+            changed = _modified_since(ans.headers.get("Last-Modified"), version)
+            if changed:
+                raise RemoteError(f"{what}: {changed}: the shard was rewritten after its index was read (objects "
+                                  f"are taken as immutable: a new shard name, or a fresh data.video.index_dir)",
+                                  status=ans.status)
             if ans.status != 206:
                 raise RemoteError(f"{what}: HTTP {ans.status} to a Range request (the server must answer 206 "
                                   f"Partial Content)", status=ans.status, refused=True)
@@ -671,6 +677,38 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
             if ans is not None:
                 ans.drop()
     _receive(what, opts, attempt)
+
+
+MODIFIED_SLACK_S = 5.0
+"""How much later than its index's reading a tar's Last-Modified may be without counting as rewritten: the store's
+clocks (the index answer's Date, the object's Last-Modified) count whole seconds and need not agree to the second;
+an ingest run just before the catalog is read must not fail its own shards."""
+
+
+def _http_time(value: str | None) -> float | None:
+    """An HTTP date as seconds since the epoch; None for none or a value that is not one."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _modified_since(last_modified: str | None, version: dict | None) -> str:
+    """What says that an object was changed after its index was read (version["read_at"]), or ""."""
+    read_at = (version or {}).get("read_at")
+    lm = _http_time(last_modified)
+    if read_at is None or lm is None or lm <= read_at + MODIFIED_SLACK_S:
+        return ""
+    return f"the object was modified at {_utc(lm)}, its shard index was read at {_utc(read_at)}"
 
 
 def _receive(what: str, opts: RemoteOptions, attempt: Callable[[], None]) -> None:
@@ -726,30 +764,82 @@ def fs_get(url: str, opts: RemoteOptions) -> bytes:
     return _with_retries(what, opts, lambda: _fs_attempt(what, lambda: fs.cat_file(path)))
 
 
+_FS_TAGS = ("ETag", "etag", "md5Hash", "generation", "LastModified", "last_modified", "updated", "mtime", "created")
+"""The fields of an fsspec backend's info() that change when an object is written anew (s3fs, gcsfs, adlfs, local and
+memory filesystems), the first one present taken."""
+
+
+def _fs_tag(info: dict) -> str | None:
+    for k in _FS_TAGS:
+        if info.get(k) is not None:
+            return f"{k} {info[k]}"
+    return None
+
+
+def fs_version(url: str, opts: RemoteOptions) -> dict | None:
+    """What identifies the object at `url` now (its info()'s ETag, generation or modification time), or None where it
+    cannot be asked: a shard index records it for fs_read_range's check."""
+    fs, path = fsspec_fs(url)
+    what = clean_url(url)
+    try:
+        info = _with_retries(what, opts, lambda: _fs_attempt(what, lambda: fs.info(path)))
+    except RemoteError:
+        return None
+    tag = _fs_tag(info)
+    return None if tag is None else {"tag": tag}
+
+
+_FS_CHECKED: tuple[int, set] = (-1, set())     # (pid, the clean URLs whose object this process checked)
+
+
+def _fs_changed(fs, path: str, total: int | None, version: dict | None) -> str:
+    """What says that the object at `path` is not the one its index was read for (its size, its tag), or ""."""
+    fs.invalidate_cache(path)                  # a size listed when the shards were found is not the object's now
+    info = fs.info(path)
+    has, tag, now = info.get("size"), (version or {}).get("tag"), _fs_tag(info)
+    if total is not None and has is not None and has != total:
+        return f"the object has {has} bytes, its shard index says {total}"
+    if tag is not None and now is not None and now != tag:
+        field, value = now.split(" ", 1)
+        return f"the object's {field} is {value}, {tag.split(' ', 1)[1]} when its shard index was read"
+    return ""
+
+
 def fs_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
-                  chunk: int = 8 << 20, total: int | None = None) -> None:
-    """As http_read_range, through fsspec (`cat_file` of a range, in chunks). The answer's size is checked: a short
-    one is tried again; where the object is then smaller than `total` (the tar's size as its index says), the shard
-    was rewritten: RemoteError naming both sizes. (A backend gives no Content-Range, so an object rewritten longer
-    is not seen without a request more per sample; the object's size is asked only after a short read.)"""
+                  chunk: int = 8 << 20, total: int | None = None, version: dict | None = None) -> None:
+    """As http_read_range, through fsspec (`cat_file` of a range, in chunks). A backend gives no Content-Range or
+    Last-Modified with the bytes: the first read of each shard in a process asks its info() (one request per shard
+    and process) and compares its size with `total` (the tar's size as its index says) and its tag with `version`
+    (fs_version when the index was read): a shard rewritten since, longer, shorter or the same size, is a
+    RemoteError naming what changed. A short answer is tried again; where the object is then smaller than `total`,
+    the same error. (A shard rewritten during a process's reads, after its first, is seen only where it is shorter.)"""
     if size <= 0:
         return
     fs, path = fsspec_fs(url)
-    what = f"{clean_url(url)} bytes={offset}-{offset + size - 1}"
+    clean = clean_url(url)
+    what = f"{clean} bytes={offset}-{offset + size - 1}"
     done = [0]
 
+    def rewritten(why: str) -> RemoteError:
+        return RemoteError(f"{what}: {why}: the shard was rewritten after its index was read (objects are taken as "
+                           f"immutable: a new shard name, or a fresh data.video.index_dir)")
+
     def attempt() -> None:
+        global _FS_CHECKED
+        if _FS_CHECKED[0] != os.getpid():
+            _FS_CHECKED = (os.getpid(), set())
+        if (total is not None or version is not None) and clean not in _FS_CHECKED[1]:
+            why = _fs_changed(fs, path, total, version)
+            if why:
+                raise rewritten(why)
+            _FS_CHECKED[1].add(clean)
         while done[0] < size:
             n = min(chunk, size - done[0])
             buf = fs.cat_file(path, start=offset + done[0], end=offset + done[0] + n)
             if len(buf) != n:
-                if total is not None:
-                    fs.invalidate_cache(path)     # a size listed when the shards were found is not the object's now
-                has = fs.size(path) if total is not None else None
-                if has is not None and has != total:
-                    raise RemoteError(f"{what}: the object has {has} bytes, its shard index says {total}: the shard "
-                                      f"was rewritten after its index was read (objects are taken as immutable: a "
-                                      f"new shard name, or a fresh data.video.index_dir)")
+                why = _fs_changed(fs, path, total, None) if total is not None else ""
+                if why:
+                    raise rewritten(why)
                 raise _Retry(f"short read ({done[0] + len(buf)} of {size} bytes)" if len(buf) < n
                              else f"{len(buf)} bytes for {n} asked")
             _give(sink, buf)
@@ -773,24 +863,27 @@ def fs_glob(url: str) -> list[str]:
 # what the loader calls
 # ---------------------------------------------------------------------------------------------
 
-def get(url: str, opts: RemoteOptions) -> bytes:
-    return http_get(url, opts) if scheme(url) in HTTP_SCHEMES else fs_get(url, opts)
+def get(url: str, opts: RemoteOptions, headers: dict | None = None) -> bytes:
+    return http_get(url, opts, headers) if scheme(url) in HTTP_SCHEMES else fs_get(url, opts)
 
 
 def read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Callable[[bytes], None],
-               total: int | None = None) -> None:
+               total: int | None = None, version: dict | None = None) -> None:
     if scheme(url) in HTTP_SCHEMES:
-        http_read_range(url, offset, size, opts, sink, total=total)
+        http_read_range(url, offset, size, opts, sink, total=total, version=version)
     else:
-        fs_read_range(url, offset, size, opts, sink, total=total)
+        fs_read_range(url, offset, size, opts, sink, total=total, version=version)
 
 
 def load_index(shard: str, opts: RemoteOptions) -> dict:
     """The shard index (`<shard>.idx.json`) of a shard on object storage. ValueError naming its clean URL when it is
-    not there (a shard on object storage is not scanned: that would read the whole tar) or not an index."""
+    not there (a shard on object storage is not scanned: that would read the whole tar) or not an index. Its
+    `object_version` (not in the file) is what the reads check the tar against, None where nothing can be: for
+    http(s), when the index was read (the answer's Date, the store's clock); through fsspec, the tar's tag now."""
     url = full_index_url(shard)
+    headers: dict = {}
     try:
-        data = get(url, opts)
+        data = get(url, opts, headers)
     except RemoteError as e:
         why = ("not found: upload the .idx.json that launch/ingest.py writes beside each tar"
                if e.gone else str(e))
@@ -801,4 +894,9 @@ def load_index(shard: str, opts: RemoteOptions) -> dict:
         raise ValueError(f"shard index {clean_url(url)} of {shard}: not JSON ({e})") from None
     if not isinstance(idx, dict) or not isinstance(idx.get("samples"), list):
         raise ValueError(f"shard index {clean_url(url)} of {shard}: not a shard index (no 'samples' list)")
+    if scheme(url) in HTTP_SCHEMES:
+        read_at = _http_time(headers.get("Date"))
+        idx["object_version"] = None if read_at is None else {"read_at": read_at}
+    else:
+        idx["object_version"] = fs_version(full_url(shard), opts)
     return idx

@@ -592,17 +592,21 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
     key = _catalog_key(shards)
 
     sizes: list = [None] * len(shards)       # each URL shard's tar size, as its index says (RemoteShard.size)
+    versions: list = [None] * len(shards)    # ... and what its reads check the tar against (RemoteShard.version)
 
     def samples():
         for i, idx in enumerate(_indexes(shards, remote, field)):
             if remote_mod.is_url(shards[i]) and isinstance(idx.get("bytes"), int):
                 sizes[i] = idx["bytes"]
+            if remote_mod.is_url(shards[i]):
+                versions[i] = idx.get("object_version")
             yield from ((i, s) for s in idx["samples"])
 
     def build():
         blob, offsets, shard_of, kind, meta = _columns(shards, samples())
         if any(map(remote_mod.is_url, shards)):      # a local catalog's files stay as they were
             meta["bytes"] = sizes
+            meta["versions"] = versions
         return blob, offsets, shard_of, kind, json_array(meta)
 
     def check(got) -> bool:
@@ -635,9 +639,9 @@ def load_catalog(spec: str, *, field: str = "shards", index_dir: str | os.PathLi
         note = ""
     blob, offsets, shard_of, kind, meta = got
     m = array_json(meta)
-    for p, n in zip(shards, m.get("bytes") or ()):
+    for p, n, v in zip(shards, m.get("bytes") or (), m.get("versions") or [None] * len(shards)):
         if isinstance(p, RemoteShard):
-            p.size = n
+            p.size, p.version = n, v
     cat = Catalog(shards, blob, offsets, shard_of, kind, m["fingerprint"], key)
     if note:
         log.warning("data.video.%s: the catalog cannot be kept in %s (%s); each process holds its own (%.1f MB)",
@@ -688,7 +692,7 @@ def read_member(shard: str, offset: int, size: int, remote: RemoteOptions | None
     if remote_mod.is_url(shard):
         parts: list[bytes] = []
         remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), parts.append,
-                              total=getattr(shard, "size", None))
+                              total=getattr(shard, "size", None), version=getattr(shard, "version", None))
         return b"".join(parts)
     with open(shard, "rb") as f:
         f.seek(offset)
@@ -705,7 +709,7 @@ def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 <<
     if remote_mod.is_url(shard):
         with open(dst, "wb") as out:
             remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), out.write,
-                                  total=getattr(shard, "size", None))
+                                  total=getattr(shard, "size", None), version=getattr(shard, "version", None))
         return
     with open(shard, "rb") as src, open(dst, "wb") as out:
         src.seek(offset)

@@ -10,6 +10,7 @@ catalog's files.
 import http.server
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -110,6 +111,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             body = data
             self.send_response(200)
+        self.send_header("Last-Modified", self.date_time_string(f.stat().st_mtime))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if fault == "trickle":      # a byte every 50 ms: each within the timeout of the last
@@ -126,6 +128,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def date_time_string(self, timestamp=None):     # the Date header on a clock `srv.date_offset` s off
+        return super().date_time_string(time.time() + self.server.owner.date_offset if timestamp is None else timestamp)
+
     def log_message(self, *args):
         pass
 
@@ -134,6 +139,7 @@ class Server:
     def __init__(self, root: Path) -> None:
         self.root, self.faults, self.log, self.require, self.hang_s, self.stamps = root, {}, [], None, 1.0, []
         self.elsewhere, self.mode, self.idle_s, self.connections, self.lock = "", "", None, 0, threading.Lock()
+        self.date_offset = 0.0
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
@@ -143,6 +149,7 @@ class Server:
 
     def reset(self) -> None:
         self.faults, self.log, self.require, self.mode, self.idle_s, self.stamps = {}, [], None, "", None, []
+        self.date_offset = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -384,6 +391,75 @@ def test_a_shard_rewritten_after_its_index_was_read_is_named_not_read_at_old_off
                                               rf"shard index says {size}"):
             read_member(shard, first.video_offset, first.video_size, opts)
         tar.write_bytes(b"\0" * 1024 + (Path(shard_dir) / Path(first.shard).name).read_bytes())
+
+
+def test_a_shard_rewritten_at_the_same_size_is_named_by_its_date(shard_dir, srv, tmp_path):
+    """A shard re-ingested under its URL (one video fixed) keeps its size where the tar's 10 KiB records absorb the
+    change; a run resumed on the catalog kept in index_dir read its members at the old offsets: other bytes, no
+    error. The index answer's Date (when it was read, by the store's clock) is kept with the catalog; a member's
+    answer whose Last-Modified is later names the change. A shard written just before its index was read is not."""
+    import shutil
+
+    import os
+
+    (srv.root / "same").mkdir()
+    for p in Path(shard_dir).iterdir():
+        shutil.copy(p, srv.root / "same" / p.name)
+        os.utime(srv.root / "same" / p.name, (time.time() - 3600,) * 2)     # uploaded an hour ago
+    spec = f"{srv.url}/same/shard-{{000000..{len(tars(shard_dir)) - 1:06d}}}.tar"
+    opts = RemoteOptions(timeout_s=2, retries=0)
+    srv.date_offset = -60.0                              # the catalog read a minute before the rewrite
+    load_catalog(spec, index_dir=tmp_path / "index", remote=opts)
+    srv.date_offset = 0.0
+    resumed = VideoPackedLoader(rcfg(spec, tmp_path, index_dir=str(tmp_path / "index")), seed=3)    # from the files
+    cat = resumed.planner.catalog
+    rec = cat[resumed.planner.epoch(0).packs[0][0]]
+    tar = srv.root / "same" / Path(rec.shard).name
+    old = tar.read_bytes()
+    tar.write_bytes(old[512:] + old[:512])              # the same size, every member a block earlier
+    other = next(s for s in cat.shards if s != rec.shard)
+    assert read_member(other, 0, 512, opts) == _member(shard_dir, Path(other).name, 0, 512)      # untouched: read
+    failed = [f for f in next(resumed).failures if f["key"] == rec.key]
+    when = r"20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    assert len(failed) == 1 and re.search(
+        rf"^{rec.shard} bytes={rec.video_offset}-\d+: the object was modified at {when}, its shard index was read at "
+        rf"{when}: the shard was rewritten after its index was read", failed[0]["detail"]), failed
+    fresh = load_catalog(spec, index_dir=tmp_path / "fresh", remote=opts)      # read after the write: no error
+    assert len(read_member(fresh.shards[cat.shards.index(rec.shard)], rec.video_offset, rec.video_size,
+                           opts)) == rec.video_size
+
+
+def test_an_fsspec_shard_rewritten_longer_or_at_the_same_size_is_named(shard_dir):
+    """Through fsspec a rewritten shard was seen only where a read came back short: one rewritten longer or at the
+    same size was read at the old offsets (other bytes, no error). The first read of a shard in a process now asks
+    its info() and compares its size with the index's and its tag (ETag, generation, modification time) with the
+    one recorded when the index was read."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for p in Path(shard_dir).iterdir():
+        fs.pipe_file(f"/keye-rw/d/{p.name}", p.read_bytes())
+    try:
+        cat = load_catalog("memory://keye-rw/d/*.tar")
+        opts = RemoteOptions(timeout_s=2, retries=0)
+        first = {}
+        for i in range(len(cat)):
+            if cat[i].video_size:
+                first.setdefault(cat[i].shard, cat[i])
+        (a, ra), (b, rb), (c, rc) = list(first.items())[:3]
+        assert read_member(a, ra.video_offset, ra.video_size, opts) == \
+            _member(shard_dir, Path(a).name, ra.video_offset, ra.video_size)          # unchanged: read
+        whole = {s: fs.cat_file(urllib.parse.urlsplit(s).path) for s in (b, c)}
+        fs.pipe_file(urllib.parse.urlsplit(b).path, b"\0" * 1024 + whole[b])
+        with pytest.raises(RemoteError, match=rf"^{b} bytes={rb.video_offset}-\d+: the object has "
+                                              rf"{len(whole[b]) + 1024} bytes, its shard index says {len(whole[b])}: "
+                                              r"the shard was rewritten"):
+            read_member(b, rb.video_offset, rb.video_size, opts)
+        fs.pipe_file(urllib.parse.urlsplit(c).path, whole[c][512:] + whole[c][:512])
+        with pytest.raises(RemoteError, match=rf"^{c} bytes=\d+-\d+: the object's created is .*, .* when its shard "
+                                              r"index was read: the shard was rewritten"):
+            read_member(c, rc.video_offset, rc.video_size, opts)
+    finally:
+        fs.rm("/keye-rw", recursive=True)
 
 
 @pytest.mark.parametrize("fault", ["ignore_range", "403"])
