@@ -712,6 +712,62 @@ def test_a_connection_past_descriptor_1023_is_kept_too(srv, shard_dir):
             os.close(fd)
 
 
+class _Tunnel:
+    """An HTTPS proxy of the smallest kind: `CONNECT host:port`, answered 200, then the bytes copied both ways.
+    `connects`: each CONNECT line with its Proxy-Authorization."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connects: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = conn.recv(4096)
+            if not got:
+                return conn.close()
+            head += got
+        lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        auth = next((v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
+                     if k.lower() == "proxy-authorization"), None)
+        self.connects.append((lines[0], auth))
+        host, _, port = lines[0].split()[1].rpartition(":")
+        up = socket.create_connection((host, int(port)))
+        for x in (conn, up):            # as the server: no write held for the other side's ACK
+            x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pump(a, b) -> None:
+            try:
+                while True:
+                    buf = a.recv(65536)
+                    if not buf:
+                        break
+                    b.sendall(buf)
+            except OSError:
+                pass
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+        pump(conn, up)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
     """The same over TLS (a certificate made here by openssl, trusted through SSL_CERT_FILE): where a handshake cost
     most of a millisecond of CPU per read (bench/RESULTS.md), 20 reads open one connection, and one whose
@@ -740,6 +796,25 @@ def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
             assert read_member(RemoteShard(url), 50 * k, 700, RemoteOptions(timeout_s=2, retries=0)) == \
                 _member(shard_dir, "shard-000000.tar", 50 * k, 700)
         assert tls.connections == 1 and len(tls.log) == 20
+        # through an https_proxy (CONNECT): a tunnel with TLS to the store inside it, kept as a direct connection is;
+        # the proxy's password goes to the proxy alone
+        import base64
+
+        tunnel = _Tunnel()
+        try:
+            monkeypatch.setenv("https_proxy", tunnel.url.replace("//", "//puser:ppw@"))
+            for name in ("HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+                monkeypatch.delenv(name, raising=False)
+            for k in range(5):
+                assert read_member(RemoteShard(url), 30 * k, 900, RemoteOptions(timeout_s=2, retries=0)) == \
+                    _member(shard_dir, "shard-000000.tar", 30 * k, 900)
+            host = urllib.parse.urlsplit(url).netloc
+            assert [(line.rsplit(" ", 1)[0], auth) for line, auth in tunnel.connects] == [
+                (f"CONNECT {host}", "Basic " + base64.b64encode(b"puser:ppw").decode())]      # one, for 5 reads
+            assert tls.connections == 2 and len(tls.log) == 25 and all(a is None for _, _, a in tls.log[20:])
+        finally:
+            tunnel.close()
+            monkeypatch.delenv("https_proxy")
         monkeypatch.delenv("SSL_CERT_FILE")          # not trusted now; another host name: a new connection
         monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
         with pytest.raises(RemoteError, match=r"https://localhost:\d+/d/shard-000000.tar bytes=0-9: connection failed "
