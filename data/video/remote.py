@@ -255,13 +255,17 @@ class _Pool:
     never writes to its parent's sockets; a spawned one starts empty."""
 
     IDLE_S = 30.0      # an idle connection older than this is closed unused: a front-end or a NAT may have dropped
-                       # it without a word, and a request on it would wait out remote_timeout_s
-    MAX_IDLE = 32      # idle connections kept per host (the catalog's index readers use 16 at once)
+                       # it without a word, and a request on it would wait out remote_timeout_s; each give() closes
+                       # those of every host (at most once in IDLE_S / 2), so that a host no longer read from does not
+                       # keep its sockets (thousands of processes x 16 on the store's front-end) for the whole run
+    MAX_IDLE = 32      # idle connections kept per host (the catalog's index readers use 16 at once; close_idle()
+                       # closes them once the catalog is read: a worker reads members over one per host)
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.idle: dict[tuple, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self.swept = time.monotonic()
 
     def take(self, key: tuple) -> http.client.HTTPConnection | None:
         now = time.monotonic()
@@ -277,12 +281,27 @@ class _Pool:
             conn.close()
 
     def give(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+        now = time.monotonic()
+        old: list = []
         with self.lock:
             kept = self.idle.setdefault(key, [])
             if len(kept) < self.MAX_IDLE:
-                kept.append((time.monotonic(), conn))
-                return
-        conn.close()
+                kept.append((now, conn))
+                conn = None
+            if now - self.swept > self.IDLE_S / 2:
+                self.swept = now
+                for k, pairs in self.idle.items():
+                    old += [c for since, c in pairs if now - since >= self.IDLE_S]
+                    pairs[:] = [(since, c) for since, c in pairs if now - since < self.IDLE_S]
+        for c in old + ([conn] if conn is not None else []):
+            c.close()
+
+    def close_idle(self) -> None:
+        with self.lock:
+            old = [c for pairs in self.idle.values() for _, c in pairs]
+            self.idle.clear()
+        for c in old:
+            c.close()
 
 
 _POOL: _Pool | None = None
@@ -294,6 +313,12 @@ def _pool() -> _Pool:
     if pool is None or pool.pid != os.getpid():
         pool = _POOL = _Pool()
     return pool
+
+
+def close_idle() -> None:
+    """Close this process's idle connections (after a burst of requests that will not come again soon, such as the
+    catalog's index reads)."""
+    _pool().close_idle()
 
 
 def _readable(sock) -> bool:

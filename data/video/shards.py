@@ -675,6 +675,9 @@ def _indexes(shards: list[str], remote: RemoteOptions | None, field: str) -> Ite
         finally:
             for f in ahead:
                 f.cancel()
+    # the readers' connections (16 a host) would stay open for the run in this process, which reads no more indexes
+    # (DataLoader workers read the members, over connections of their own)
+    remote_mod.close_idle()
 
 
 def _index_of(tar_path: str, remote: RemoteOptions | None, field: str) -> dict:

@@ -43,7 +43,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     HTTP/1.1 with keep-alive, as a store's front-end; `srv.mode` "http10" answers HTTP/1.0 (no keep-alive),
     "close" sends `Connection: close`, and a connection idle for `srv.idle_s` is closed. `srv.connections` counts the
-    TCP connections accepted."""
+    TCP connections accepted, `srv.open` those not yet closed."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True     # headers and body are two writes: Nagle held the body for the client's ACK
@@ -53,6 +53,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         with self.server.owner.lock:
             self.server.owner.connections += 1
+            self.server.owner.open += 1
+
+    def finish(self):
+        super().finish()
+        with self.server.owner.lock:
+            self.server.owner.open -= 1
 
     def send_response(self, code, message=None):
         if self.server.owner.mode == "http10":
@@ -139,7 +145,7 @@ class Server:
     def __init__(self, root: Path) -> None:
         self.root, self.faults, self.log, self.require, self.hang_s, self.stamps = root, {}, [], None, 1.0, []
         self.elsewhere, self.mode, self.idle_s, self.connections, self.lock = "", "", None, 0, threading.Lock()
-        self.date_offset = 0.0
+        self.date_offset, self.open = 0.0, 0
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda *a: None       # a hung answer's client left: no traceback
@@ -315,6 +321,34 @@ def test_shard_indexes_on_object_storage_are_read_at_once_in_order(shard_dir, sr
     took = time.perf_counter() - t0
     assert cat.fingerprint == load_catalog(str(shard_dir)).fingerprint and len(cat.shards) == n
     assert n >= 6 and took < 0.3 * n / 2, (n, took)     # half the sequential time: room for a busy machine
+    # the readers' connections (one each here) stayed open for the whole run, in a process that reads no more
+    # indexes (and in each forked worker until its first read); now closed once the catalog is read
+    assert srv.connections >= 2 and _open_after(srv, 0) == 0
+
+
+def _open_after(srv, want: int, wait_s: float = 2.0) -> int:
+    """srv.open once the server has seen the closes (its threads read the EOF): at most `want`, or after wait_s."""
+    end = time.monotonic() + wait_s
+    while srv.open > want and time.monotonic() < end:
+        time.sleep(0.02)
+    return srv.open
+
+
+def test_an_idle_connection_to_a_host_no_longer_read_is_closed(srv, shard_dir, monkeypatch):
+    """A kept connection was closed for its age only when its own host was asked again: one to a host no longer
+    read from (another bucket's endpoint, a list file's host) stayed open for the run. Each give() now closes the
+    idle ones of every host past _Pool.IDLE_S."""
+    from data.video import remote as remote_mod
+
+    monkeypatch.setattr(remote_mod._Pool, "IDLE_S", 0.3)
+    remote_mod.close_idle()
+    assert _open_after(srv, 0) == 0
+    opts = RemoteOptions(timeout_s=2, retries=0)
+    read_member(RemoteShard(f"{srv.url}/d/shard-000000.tar"), 0, 100, opts)
+    time.sleep(0.5)
+    other = RemoteShard(f"{srv.url.replace('127.0.0.1', 'localhost')}/d/shard-000000.tar")    # another host's key
+    assert read_member(other, 0, 100, opts) == _member(shard_dir, "shard-000000.tar", 0, 100)
+    assert _open_after(srv, 1) == 1 and srv.connections >= 2     # the other host's, kept; the first one closed
 
 
 def test_index_dir_without_locks_keeps_the_url_catalog_on_the_node(shard_dir, srv, tmp_path, monkeypatch, caplog):
