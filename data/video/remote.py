@@ -520,7 +520,7 @@ def _with_retries(what: str, opts: RemoteOptions, attempt: Callable[[], object])
         if k < opts.retries:
             delay = opts.backoff_s * (2 ** k) * random.uniform(0.5, 1.5)
             if wait is not None:
-                delay = min(max(delay, wait * random.uniform(1.0, 1.2)), opts.timeout_s)
+                delay = max(delay, min(wait * random.uniform(1.0, 1.2), opts.timeout_s))
             time.sleep(delay)
     raise RemoteError(f"{what}: {last} ({opts.retries + 1} tries)")
 
