@@ -10,7 +10,9 @@ take for each MiB it asks for); 5xx and 429 answers, connection errors, timeouts
 (`retries` times, waiting `backoff_s`, then twice that, ..., each wait drawn from 0.5x to 1.5x of it so that many
 ranks do not retry in step; longer where the answer's Retry-After asks more, up to `timeout_s`), a member's retry
 asking only for the bytes not yet received. Then RemoteError, which the loader records as the sample's failure
-(data/video/loader.py), never a stop of the run.
+(data/video/loader.py), never a stop of the run. So is a shard rewritten under its URL after its index was read
+(another size, a Last-Modified after the index's Date, or through fsspec another info() tag): named, never read at the
+old offsets.
 
 Credentials: a URL's userinfo (`user:password@`) and query string (a presigned URL's signature) never leave this
 module's requests. A shard is named by its clean URL (scheme, host, path): `RemoteShard`, a `str` whose value is
@@ -673,14 +675,14 @@ def http_read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink:
                                   status=ans.status)
             if not 200 <= ans.status < 300:
                 raise _status_error(ans, what, opts)
+            if ans.status != 206:
+                raise RemoteError(f"{what}: HTTP {ans.status} to a Range request (the server must answer 206 "
+                                  f"Partial Content)", status=ans.status, refused=True)
             changed = _modified_since(ans.headers.get("Last-Modified"), version)
             if changed:
                 raise RemoteError(f"{what}: {changed}: the shard was rewritten after its index was read (objects "
                                   f"are taken as immutable: a new shard name, or a fresh data.video.index_dir)",
                                   status=ans.status)
-            if ans.status != 206:
-                raise RemoteError(f"{what}: HTTP {ans.status} to a Range request (the server must answer 206 "
-                                  f"Partial Content)", status=ans.status, refused=True)
             cr = _CONTENT_RANGE.match(ans.headers.get("Content-Range", "").strip())
             if not cr or (int(cr.group(1)), int(cr.group(2))) != (a, b):
                 raise RemoteError(f"{what}: Content-Range {ans.headers.get('Content-Range')!r} for bytes={a}-{b}",
