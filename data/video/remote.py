@@ -46,6 +46,7 @@ HTTP_SCHEMES = ("http", "https")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _GONE_STATUS = {404, 410}
 _REFUSED_STATUS = {401, 403}
+_TUNNEL_REFUSED = re.compile(r"^Tunnel connection failed: (40[37])\b")     # http.client's words for a proxy's no
 
 
 @dataclass(frozen=True)
@@ -491,6 +492,8 @@ def _exchange(key: tuple, target: str, hdrs: dict, opts: RemoteOptions, deadline
                 raise
             except OSError as e:
                 conn.close()
+                if _TUNNEL_REFUSED.match(str(e)):     # _classify names it, with the URL
+                    raise
                 raise _Retry(f"connection failed ({type(e).__name__}: {_scrub(str(e))[:200]})") from None
         try:
             sock = conn.sock           # the response's too (a closing answer takes it off the connection)
@@ -560,6 +563,10 @@ def _classify(e: BaseException, what: str) -> Exception:
         return RemoteError(f"{what}: the URL holds characters that a request cannot carry (control characters or "
                            f"spaces; percent-encode them)")
     text = _scrub(str(e))[:200]
+    refused = _TUNNEL_REFUSED.match(str(e))
+    if refused:
+        return RemoteError(f"{what}: the https_proxy refuses the tunnel ({text}): its credentials or its rules; no "
+                           f"read can pass", status=int(refused.group(1)), refused=True)
     if isinstance(e, (ConnectionError, HTTPException, OSError)):
         return _Retry(f"{type(e).__name__}: {text}")
     return RemoteError(f"{what}: {type(e).__name__}: {text}")

@@ -754,6 +754,7 @@ class _Tunnel:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connects: list = []
+        self.refuse = False        # answer 407 Proxy Authentication Required
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -775,6 +776,9 @@ class _Tunnel:
         auth = next((v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
                      if k.lower() == "proxy-authorization"), None)
         self.connects.append((lines[0], auth))
+        if self.refuse:
+            conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            return conn.close()
         host, _, port = lines[0].split()[1].rpartition(":")
         up = socket.create_connection((host, int(port)))
         for x in (conn, up):            # as the server: no write held for the other side's ACK
@@ -834,6 +838,8 @@ def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
         # the proxy's password goes to the proxy alone
         import base64
 
+        from data.video import remote as remote_mod
+
         tunnel = _Tunnel()
         try:
             monkeypatch.setenv("https_proxy", tunnel.url.replace("//", "//puser:ppw@"))
@@ -846,6 +852,14 @@ def test_https_reads_keep_their_connection(shard_dir, tmp_path, monkeypatch):
             assert [(line.rsplit(" ", 1)[0], auth) for line, auth in tunnel.connects] == [
                 (f"CONNECT {host}", "Basic " + base64.b64encode(b"puser:ppw").decode())]      # one, for 5 reads
             assert tls.connections == 2 and len(tls.log) == 25 and all(a is None for _, _, a in tls.log[20:])
+            # a proxy that refuses the tunnel (wrong credentials): each read was tried again (5 tries, 15 s at the
+            # defaults) and each sample quarantined in turn; it is a refusal of every read, named at once
+            tunnel.refuse = True
+            remote_mod.close_idle()
+            with pytest.raises(RemoteError, match=r"bytes=0-9: the https_proxy refuses the tunnel \(Tunnel connection "
+                                                  r"failed: 407 Proxy Authentication Required\)") as e:
+                read_member(RemoteShard(url), 0, 10, RemoteOptions(timeout_s=2, retries=2, backoff_s=0.01))
+            assert e.value.refused and e.value.status == 407 and len(tunnel.connects) == 2
         finally:
             tunnel.close()
             monkeypatch.delenv("https_proxy")
