@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 ATTENTION_VARIANTS = ("dense", "dsa", "ksa")
 EXPERT_IMPLS = ("sequential", "auto", "torch_grouped_mm", "triton", "loop")
+MOE_BALANCES = ("micro_batch", "global_batch", "sequence")   # model.lm.moe_balance (models/moe/router.py)
 KSA_BACKENDS = ("auto", "triton", "naive", "flex")
 
 
@@ -95,6 +96,10 @@ class LMConfig:
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 32
     moe_aux_loss_coeff: float = 1.0e-3
+    # the level the balancing loss counts the experts' load at (models/moe/router.py): "micro_batch" (megatron's
+    # aux_loss), "global_batch" (Qwen3: the step's micro-batches so far on every data-parallel replica) or
+    # "sequence" (DeepSeek-V3's sequence-wise loss, per packed row)
+    moe_balance: str = "micro_batch"
     moe_norm_topk_prob: bool = True  # Qwen3 renormalises the top-k router probabilities to sum to 1
     moe_router_dtype: str = "fp32"
     # auxiliary-loss-free balancing (DeepSeek-V3; models/moe/router.py): a per-expert bias added to the router's
@@ -141,6 +146,11 @@ class LMConfig:
                 raise ValueError(f"model.lm.{name} must be > 0, got {getattr(self, name)}")
         if self.moe_aux_loss_coeff < 0:   # a negative coefficient rewards routing every token to the same experts
             raise ValueError(f"model.lm.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        if self.moe_balance not in MOE_BALANCES:
+            raise ValueError(f"model.lm.moe_balance must be one of {MOE_BALANCES}, got {self.moe_balance!r}")
+        if self.moe_aux_loss_coeff == 0 and self.moe_balance != "micro_batch":
+            warnings.warn(f"model.lm.moe_balance={self.moe_balance} is ignored: model.lm.moe_aux_loss_coeff is 0 (no "
+                          f"balancing loss)")
         if self.moe_expert_bias and not self.moe_bias_update_rate > 0:
             # 0 keeps the bias at zero (plain routing), a negative rate pushes tokens onto the busiest experts
             raise ValueError(f"model.lm.moe_bias_update_rate must be > 0 with model.lm.moe_expert_bias, got "

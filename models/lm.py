@@ -106,7 +106,7 @@ def layer_spec(lm: LMConfig, variant: str, layer_index: int, *, cp_ops=None) -> 
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=moe_module_spec(num_experts=lm.num_experts, experts_impl=lm.experts_impl,
-                                expert_bias=lm.moe_expert_bias),
+                                expert_bias=lm.moe_expert_bias, balance=lm.moe_balance),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -397,7 +397,7 @@ class Config:
 # model settings a resumed run may change: how the same function is computed or trained, not what it computes
 # (everything else under model.* must equal the checkpoint's; train/launch.check_resume)
 MODEL_KEYS_FREE_ON_RESUME = ("name", "lm.experts_impl", "lm.loss_chunk_tokens", "lm.init_std", "lm.moe_aux_loss_coeff",
-                             "lm.moe_bias_update_rate",
+                             "lm.moe_bias_update_rate", "lm.moe_balance",
                              "lm.moe_router_dtype", "lm.max_position_embeddings", "lm.ksa.backend", "lm.dsa.backend",
                              "lm.dsa.loss_weight", "vision.init_std")
 

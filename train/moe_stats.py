@@ -12,7 +12,11 @@ metrics (console, metrics.jsonl, wandb):
 - `moe_lb_loss`: megatron-core's load-balancing (switch) loss divided by its coefficient, averaged over
   the MoE layers and the step's micro-batches (1.0 at a perfect balance, from the router's own soft
   probabilities; only while `model.lm.moe_aux_loss_coeff` > 0). A plain mean: the gradient weighs each
-  micro-batch's loss by its LM-loss tokens instead (parallel/megatron_compat.py fix 2).
+  micro-batch's loss by its LM-loss tokens instead (parallel/megatron_compat.py fix 2). With
+  `model.lm.moe_balance=global_batch` each micro-batch's loss counts the load f over the step so far on every
+  data-parallel replica (from the step's whole global batch at its last micro-batch; a global batch balanced over
+  its domains shows 1.0 even where single micro-batches are not); with `sequence` it is the mean over rows of each
+  packed row's own loss (models/moe/router.py).
 
 - `moe_bias_min` / `moe_bias_max` (with `model.lm.moe_expert_bias`): the range, over every layer and expert, of the
   auxiliary-loss-free routing bias the step routed with (models/moe/router.py); it widens while the routers
@@ -57,6 +61,14 @@ class RouterStats:
         self.handles = [r.register_forward_hook(self._count) for r in self.routers]
         # routers with an auxiliary-loss-free bias (models/moe/router.py BiasedTopKRouter)
         self.biased = [r for r in self.routers if isinstance(getattr(r, "expert_bias", None), torch.Tensor)]
+        # routers whose balancing loss counts the load over the step (model.lm.moe_balance=global_batch)
+        self.balanced = [r for r in self.routers if hasattr(r, "reset_balance")]
+        self.reset_balance()
+
+    def reset_balance(self) -> None:
+        """A step begins: the global-batch balancing counts start at zero (models/moe/router.py)."""
+        for r in self.balanced:
+            r.reset_balance()
 
     def _count(self, router, _inputs, output) -> None:
         if not (router.training and torch.is_grad_enabled()) or router.layer_number is None:
@@ -86,6 +98,7 @@ class RouterStats:
             flat = torch.cat([flat, rng.flatten()])
         clear_aux_losses_tracker()
         self.counts.zero_()
+        self.reset_balance()
         return flat
 
     def metrics_from(self, flat: torch.Tensor, num_microbatches: int) -> dict:

@@ -1,6 +1,22 @@
-"""Auxiliary-loss-free load balancing (DeepSeek-V3): megatron's top-k router with a per-expert routing bias.
+"""megatron's top-k router with the balancing variants of model.lm: the level the balancing loss counts the experts'
+load at (`BalancedTopKRouter`, model.lm.moe_balance), and auxiliary-loss-free balancing (DeepSeek-V3) by a per-expert
+routing bias (`BiasedTopKRouter`, model.lm.moe_expert_bias).
 
-Legend: T tokens, E experts, k = top-k.
+Legend: T tokens, E experts, k = top-k, p = softmax(logits) [T, E] (the unbiased top-k gives the counts c [E]).
+
+Balancing loss per layer and micro-batch, E * sum_e f_e * P_e (1.0 at a perfect balance), P_e = mean_t p_te over the
+micro-batch's tokens of this data-parallel replica (its whole sequences: every TP x CP rank's), and f_e the expert's
+share of the routed slots (c_e / sum c) counted at the level `balance` names:
+
+    micro_batch   this micro-batch of this replica (megatron's aux_loss; the default)
+    global_batch  the step's micro-batches so far (this one included) of every data-parallel replica: the counts of
+                  all TP x DP x CP ranks, summed over the step (Qwen3's global-batch balancing, as megatron's
+                  global_aux_loss and Qwen's code count them; the step's later micro-batches are not known when a
+                  micro-batch's backward runs); zeroed at each step's end by train/moe_stats.py (`reset_balance`)
+    sequence      each row (a packed row: several documents) on its own, f and P over the row, the loss the mean over
+                  the rows (DeepSeek-V3's sequence-wise loss, megatron's seq_aux_loss)
+
+All three are weighted and logged alike (parallel/megatron_compat.py fix 2, train/moe_stats.py `moe_lb_loss`).
 
     scores  = softmax(logits)                     [T, E] fp32 (the router's own probabilities)
     chosen  = topk(scores + expert_bias, k)        the bias moves the choice only
@@ -22,7 +38,11 @@ from __future__ import annotations
 import weakref
 
 import torch
+from megatron.core.transformer.moe.moe_utils import (get_tokens_per_expert_and_token_count,
+                                                     switch_load_balancing_loss_func)
 from megatron.core.transformer.moe.router import TopKRouter
+
+from models.config import MOE_BALANCES as BALANCES
 
 
 def updated_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
@@ -48,16 +68,68 @@ class _BiasedChoice:
         return torch.gather(scores, 1, chosen), chosen
 
 
-class BiasedTopKRouter(TopKRouter):
+class BalancedTopKRouter(TopKRouter):
+    """megatron's TopKRouter whose balancing loss counts the load at the level `balance` (module docstring); the
+    loss is attached and logged under megatron's aux_loss name, so its weighting and logging are unchanged."""
+
+    def __init__(self, config, pg_collection=None, *, balance: str = "micro_batch"):
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.balance = balance
+        self.rows = None   # (sequence length on this rank, rows) of the routing in progress
+        # global_batch: the step's routed slots per expert so far, summed over every TP x DP x CP rank (fp64: exact)
+        self.register_buffer("step_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64,
+                                                        device=self.weight.device), persistent=False)
+
+    def reset_balance(self) -> None:
+        """A new step begins (global_batch: its counts start at zero)."""
+        self.step_counts.zero_()
+
+    def routing(self, logits, *args, **kwargs):
+        self.rows = tuple(logits.shape[:2])
+        try:
+            return super().routing(logits, *args, **kwargs)
+        finally:
+            self.rows = None
+
+    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if self.balance == "micro_batch" or coeff == 0:
+            return super()._apply_aux_loss(probs, scores_for_aux_loss, routing_map, with_padding_mask)
+        E, k = self.config.num_moe_experts, self.topk
+        local_tokens = routing_map.shape[0]
+        if self.balance == "sequence":
+            s, b = self.rows
+            # [s, b * E]: column r * E + e counts expert e within row r, over the row's TP x CP ranks
+            counts, _, row_tokens = get_tokens_per_expert_and_token_count(
+                routing_map.reshape(s, b * E), self.tp_cp_group, topk=k * b, with_padding_mask=with_padding_mask)
+            loss = switch_load_balancing_loss_func(scores_for_aux_loss.reshape(s, b * E), counts, row_tokens, k, E,
+                                                   coeff) / b
+        else:
+            counts, local_tokens, tokens = get_tokens_per_expert_and_token_count(
+                routing_map, self.tp_cp_group, topk=k, with_padding_mask=with_padding_mask)
+            if self.tp_dp_cp_group.size() > self.tp_cp_group.size():   # the other data-parallel replicas' too
+                counts = routing_map.sum(dim=0).to(torch.float64)
+                torch.distributed.all_reduce(counts, group=self.tp_dp_cp_group)
+            self.step_counts += counts.to(torch.float64)
+            # f_e = step_counts_e / sum: given as this micro-batch's tokens x k x f, megatron's formula is E sum f P
+            share = (self.step_counts / self.step_counts.sum().clamp_min(1)).to(scores_for_aux_loss.dtype)
+            loss = switch_load_balancing_loss_func(scores_for_aux_loss, share * (k * tokens), tokens, k, E, coeff)
+        return self.attach_and_log_load_balancing_loss(probs, coeff, loss, "load_balancing_loss", self.tp_cp_group,
+                                                       valid_token_count=local_tokens)
+
+
+class BiasedTopKRouter(BalancedTopKRouter):
     """megatron's TopKRouter (softmax scores) whose top-k choice adds `expert_bias` to the scores; the gate weights
     and the balancing loss are computed from the unbiased scores. Same parameters as TopKRouter; `expert_bias`
     starts at zero (a zero bias chooses as TopKRouter does: softmax keeps the order of the logits, up to logits so
     close that their fp32 probabilities tie)."""
 
-    def __init__(self, config, pg_collection=None):
+    def __init__(self, config, pg_collection=None, *, balance: str = "micro_batch"):
         if config.moe_router_score_function != "softmax" or config.moe_router_num_groups:
             raise ValueError("BiasedTopKRouter: softmax scores without expert groups only (model.lm routes so)")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, balance=balance)
         assert self.router_replay is None, "routing replay and the expert bias share megatron's top-k hook"
         del self.expert_bias   # TopKRouter's plain attribute (None: its own bias is off)
         self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from models.moe.grouped_experts import IMPLS, GroupedExperts
-from models.moe.router import BiasedTopKRouter
+from models.moe.router import BALANCES, BalancedTopKRouter, BiasedTopKRouter
 
 
 def grouped_experts_spec(impl: str = "auto") -> ModuleSpec:
@@ -17,13 +18,19 @@ def grouped_experts_spec(impl: str = "auto") -> ModuleSpec:
     return ModuleSpec(module=GroupedExperts, params={"impl": impl})
 
 
-def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias: bool = False) -> ModuleSpec:
+def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias: bool = False,
+                    balance: str = "micro_batch") -> ModuleSpec:
     """megatron's local (no TransformerEngine) MoE spec, experts replaced by GroupedExperts(impl) ("sequential":
-    megatron's SequentialMLP kept); `expert_bias`: the router is BiasedTopKRouter (auxiliary-loss-free balancing)."""
+    megatron's SequentialMLP kept); `expert_bias`: the router is BiasedTopKRouter (auxiliary-loss-free balancing);
+    `balance` other than micro_batch: the router is BalancedTopKRouter (models/moe/router.py), else megatron's."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
     sub = spec.submodules
     if experts_impl != "sequential":
         sub = replace(sub, experts=grouped_experts_spec(experts_impl))
     if expert_bias:
-        sub = replace(sub, router=BiasedTopKRouter)
+        sub = replace(sub, router=partial(BiasedTopKRouter, balance=balance))
+    elif balance != "micro_batch":
+        sub = replace(sub, router=partial(BalancedTopKRouter, balance=balance))
     return replace(spec, submodules=sub)

@@ -1,0 +1,190 @@
+"""The balancing loss at each level of model.lm.moe_balance (models/moe/router.py) against plain PyTorch.
+
+One process, gloo world of 1, one router of the tiny MoE LM (fp32, CPU, 8 experts top-2) fed three micro-batches of
+[S, B] tokens, each drawn around its own centre (a "domain": each routes mostly to its own experts, so micro-batch,
+global-batch and per-row counts differ). The reference takes the router's logits, p = softmax, the unbiased top-k
+counts c (not differentiated), and per micro-batch m
+
+    micro_batch   L = E sum_e f_e P_e,  f = c_m / (k S B),  P = mean_t p over the micro-batch
+    global_batch  f = (c_1 + ... + c_m) / their sum (the step's counts so far), P as above
+    sequence      the mean over rows b of E sum_e f_be P_be, f_b = c_mb / (k S), P_b = mean over the row
+
+and the gradient of coeff x (S B) x L into the logits (the weight a micro-batch's loss gets outside the trainer's
+step: its routed tokens; parallel/megatron_compat.py fix 2). Tolerances: loss 1e-6 relative and gradient 1e-5
+relative RMSE: the same fp32 formula with sums in another order (measured <= 2e-7 and 1e-7).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.kernels.helpers import assert_close, rel_rmse
+from tests.launch_util import destroy_one_process_megatron, init_one_process_megatron
+
+SEED = 5
+S, B, MICRO, E, K, H = 12, 3, 3, 8, 2, 16
+COEFF = 0.01
+
+
+@pytest.fixture(scope="module")
+def pgs():
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    pgs = init_one_process_megatron(SEED)
+    get_moe_layer_wise_logging_tracker().clear()
+    try:
+        yield pgs
+    finally:
+        get_moe_layer_wise_logging_tracker().clear()
+        destroy_one_process_megatron()
+
+
+def _lm(**kw):
+    from models.config import LMConfig
+
+    return LMConfig(**{"num_layers": 1, "hidden_size": H, "num_experts": E, "moe_topk": K, "loss_chunk_tokens": 0,
+                       "moe_aux_loss_coeff": COEFF, **kw})
+
+
+def _router(pgs, balance: str, expert_bias: bool = False):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from models.config import ModelParallelSizes
+    from models.lm import transformer_config
+    from models.moe.router import BalancedTopKRouter, BiasedTopKRouter
+
+    cfg = transformer_config(_lm(), ModelParallelSizes(), bf16=False, use_cpu_initialization=True)
+    cls = BiasedTopKRouter if expert_bias else BalancedTopKRouter
+    torch.manual_seed(SEED)
+    router = cls(cfg, pg_collection=pgs, balance=balance).train()
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.5)
+    router.set_layer_number(1)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))   # the loss reaches the logits unscaled
+    return router
+
+
+def _micro_batches():
+    g = torch.Generator().manual_seed(SEED)
+    centres = 2.0 * torch.randn(MICRO, H, generator=g)
+    return [centres[m] + torch.randn(S, B, H, generator=g) for m in range(MICRO)]
+
+
+def _run(router):
+    """Per micro-batch: (logged loss, logits [S, B, E], d(coeff x S B x loss)/d logits)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    gating, kept = router.gating, []
+
+    def keep(x):
+        logits = gating(x)
+        logits.retain_grad()
+        kept.append(logits)
+        return logits
+
+    router.gating = keep
+    out = []
+    try:
+        for x in _micro_batches():
+            tracker.clear()
+            probs, _ = router(x)
+            (probs.sum() * 0).backward()   # only the balancing loss's gradient reaches the logits
+            logged = float(tracker["load_balancing_loss"]["values"][0].detach())
+            out.append((logged, kept[-1].detach().view(S, B, E), kept[-1].grad.view(S, B, E)))
+    finally:
+        del router.gating
+        tracker.clear()
+    return out
+
+
+def _reference(balance: str, logits_all):
+    """Per micro-batch: (loss, gradient into the logits), written out from the formulas above."""
+    out, running = [], torch.zeros(E, dtype=torch.float64)
+    for logits in logits_all:
+        logits = logits.clone().requires_grad_(True)
+        p = logits.float().softmax(dim=-1)                                           # [S, B, E]
+        c = torch.zeros_like(p).scatter(-1, p.detach().topk(K, dim=-1).indices, 1.0)  # [S, B, E] counts
+        if balance == "sequence":
+            loss = (E * (c.sum(0) / (K * S) * p.mean(0)).sum(-1)).mean()
+        else:
+            f = c.sum((0, 1)) / (K * S * B)
+            if balance == "global_batch":
+                running += c.sum((0, 1)).double()
+                f = (running / running.sum()).float()
+            loss = E * (f * p.mean((0, 1))).sum()
+        (grad,) = torch.autograd.grad(COEFF * S * B * loss, logits)
+        out.append((float(loss), grad))
+    return out
+
+
+@pytest.mark.parametrize("balance", ["micro_batch", "global_batch", "sequence"])
+def test_loss_and_gradient_match_the_plain_reference(pgs, balance):
+    got = _run(_router(pgs, balance))
+    ref = _reference(balance, [g[1] for g in got])
+    for m, ((loss, _, grad), (ref_loss, ref_grad)) in enumerate(zip(got, ref)):
+        assert loss == pytest.approx(ref_loss, rel=1e-6), (balance, m)
+        assert_close(f"{balance} micro-batch {m} dL/dlogits", ref_grad, grad, 1e-5)
+    # the levels differ on these micro-batches: a level computed as another could not pass
+    micro = _reference("micro_batch", [g[1] for g in got])
+    if balance != "micro_batch":
+        assert max(rel_rmse(a[1], b[1]) for a, b in zip(micro, ref)) > 0.1
+
+
+def test_global_counts_restart_each_step(pgs):
+    """The step's counts start at zero after RouterStats closes a step, so a second step repeats the first."""
+    from train.moe_stats import RouterStats
+
+    router = _router(pgs, "global_batch")
+    stats = RouterStats([router], num_layers=1, num_experts=E, dp_size=1, device=torch.device("cpu"))
+    try:
+        first = _run(router)
+        assert float(router.step_counts.sum()) == MICRO * S * B * K
+        stats.step_vector()
+        assert float(router.step_counts.sum()) == 0
+        second = _run(router)
+    finally:
+        stats.remove()
+    for a, b in zip(first, second):
+        assert a[0] == b[0] and torch.equal(a[2], b[2])
+
+
+def test_biased_router_balances_at_the_chosen_level(pgs):
+    """With the expert bias the balancing loss still counts the unbiased top-k, at the chosen level."""
+    router = _router(pgs, "global_batch", expert_bias=True)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-0.5, 0.5, E))   # moves the choice, not the balancing loss
+    got = _run(router)
+    ref = _reference("global_batch", [g[1] for g in got])
+    for (loss, _, grad), (ref_loss, ref_grad) in zip(got, ref):
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert_close("biased global_batch dL/dlogits", ref_grad, grad, 1e-5)
+
+
+def test_the_model_builds_the_chosen_router(pgs):
+    """The default keeps megatron's own router (today's behaviour); the other levels build ours."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from models.config import ModelParallelSizes
+    from models.lm import build_lm, transformer_config
+    from models.moe.router import BalancedTopKRouter
+
+    for balance, cls in (("micro_batch", TopKRouter), ("global_batch", BalancedTopKRouter),
+                         ("sequence", BalancedTopKRouter)):
+        lm = _lm(moe_balance=balance)
+        cfg = transformer_config(lm, ModelParallelSizes(), bf16=False, use_cpu_initialization=True)
+        model = build_lm(lm, cfg, pg_collection=pgs, pp_rank=0, pp_size=1)
+        routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        assert [type(r) for r in routers] == [cls], balance
+        assert getattr(routers[0], "balance", "micro_batch") == balance
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"model\.lm\.moe_balance must be one of .*'global'"):
+        _lm(moe_balance="global")
+    with pytest.warns(UserWarning, match=r"model\.lm\.moe_balance=sequence is ignored"):
+        _lm(moe_balance="sequence", moe_aux_loss_coeff=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _lm(moe_balance="micro_batch", moe_aux_loss_coeff=0.0)
