@@ -8,14 +8,17 @@ Each entry builds the trainer (train/trainer.py) from its overrides, draws one s
 their loss mask, and runs the trainer's schedule over them (forward, backward, finalize: the data-parallel sum and the
 division by the step's loss tokens). Rank 0 writes, per entry: each MoE layer's router weight gradient (global layer
 number -> values; gathered from every pipeline stage), each micro-batch's loss tokens, and on a one-process entry
-without recompute the reference gradient written out here in plain torch from the same weights and micro-batches:
+without recompute (or a data-parallel-only one with model.lm.moe_balance other than micro_batch, from every replica's
+micro-batches) the reference gradient written out here in plain torch from the same weights and micro-batches:
 
     J = ( sum_mb sum_t mask_t * ce_t  +  coeff * sum_mb n_mb * sum_layers switch_(layer, mb) ) / sum_mb n_mb
 
 n_mb the micro-batch's loss tokens, switch = E / (k T^2) * sum_e count_e * sum_t softmax(x W^T)_te over its T routed
 tokens (the Switch / megatron formula, counts not differentiated), i.e. the mean LM loss plus coeff x the
 loss-token-weighted mean of the micro-batches' switch losses, as transformers' Qwen3-MoE adds coeff x its balancing loss
-to the mean LM loss. The model's own balancing loss is off (coefficient 0) while the reference runs.
+to the mean LM loss. global_batch: E sum_e f_e P_e with f the step's counts so far (every replica's micro-batches up
+to this one's position) / their sum and P_e the mean probability; sequence: the mean over rows of each row's switch.
+The model's own balancing loss is off (coefficient 0) while the reference runs.
 """
 
 import json
@@ -47,18 +50,33 @@ def _routers(chunks) -> list:
     return [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
 
 
-def reference_grads(module, mbs: list[dict], coeff: float) -> tuple[dict, dict]:
-    """dJ/dW of every router weight of a one-process model (J above; float64 sums of the fp32 forward), and the same
-    of the mean LM loss alone (J at coeff 0); each {layer number: gradient}."""
+def _switch(balance: str, probs: torch.Tensor, counts: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """One layer's balancing loss on one micro-batch ([s, b, E] probabilities and top-k counts, float64) at the level
+    `balance` (models/moe/router.py); `running`: the step's counts so far over every replica (global_batch)."""
+    E, k = probs.shape[-1], int(counts[0, 0].sum())
+    if balance == "sequence":   # each row's own loss, their mean
+        return (E * (counts.sum(0) / (k * counts.shape[0]) * probs.mean(0)).sum(-1)).mean()
+    if balance == "global_batch":
+        return E * (running / running.sum() * probs.mean((0, 1))).sum()
+    T = probs.shape[0] * probs.shape[1]
+    return E / (k * T * T) * (counts.sum((0, 1)) * probs.sum((0, 1))).sum()
+
+
+def reference_grads(module, replicas: list[list[dict]], coeff: float, balance: str = "micro_batch"
+                    ) -> tuple[dict, dict]:
+    """dJ/dW of every router weight of a model holding every layer (J above; float64 sums of the fp32 forward), and
+    the same of the mean LM loss alone (J at coeff 0); each {layer number: gradient}. `replicas`: each data-parallel
+    replica's micro-batches in the order its schedule runs them (the global_batch counts at position m sum every
+    replica's micro-batches up to m)."""
     routers = _routers([module])
-    switch: list[torch.Tensor] = []
+    routed: list[tuple[int, torch.Tensor]] = []
 
     def hook(router, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        probs = (x.float() @ router.weight.float().t()).softmax(dim=-1)  # [T, E]
-        E, k, T = probs.shape[1], router.topk, probs.shape[0]
-        counts = torch.bincount(probs.detach().topk(k, dim=-1).indices.flatten(), minlength=E)
-        switch.append(E / (k * T * T) * (counts.double() * probs.double().sum(dim=0)).sum())
+        x = args[0]   # [s, b, h]
+        probs = (x.reshape(-1, x.shape[-1]).float() @ router.weight.float().t()).softmax(dim=-1)  # [s*b, E]
+        counts = torch.zeros_like(probs).scatter(1, probs.detach().topk(router.topk, dim=-1).indices, 1.0)
+        routed.append((router.layer_number, probs.double().view(*x.shape[:2], -1), counts.double().view(*x.shape[:2],
+                                                                                                       -1)))
 
     saved = [r.config.moe_aux_loss_coeff for r in routers]
     handles = [r.register_forward_pre_hook(hook) for r in routers]
@@ -66,15 +84,23 @@ def reference_grads(module, mbs: list[dict], coeff: float) -> tuple[dict, dict]:
         for r in routers:
             r.config.moe_aux_loss_coeff = 0.0
         lm_sum = balancing = torch.zeros((), dtype=torch.float64)
-        n_all = 0.0
-        for mb in mbs:
-            switch.clear()
-            pos = mb["position_ids"].unsqueeze(0).expand(3, -1, -1)
-            per_token = module(mb["tokens"], pos, None, labels=mb["labels"])  # [b, s]
-            n = float(mb["loss_mask"].sum())
-            lm_sum = lm_sum + (per_token.double() * mb["loss_mask"].double()).sum()
-            balancing = balancing + coeff * n * torch.stack(switch).sum()
-            n_all += n
+        n_all, running = 0.0, {}
+        for m in range(len(replicas[0])):
+            at_m = []
+            for mbs in replicas:
+                mb = mbs[m]
+                routed.clear()
+                pos = mb["position_ids"].unsqueeze(0).expand(3, -1, -1)
+                per_token = module(mb["tokens"], pos, None, labels=mb["labels"])  # [b, s]
+                n = float(mb["loss_mask"].sum())
+                lm_sum = lm_sum + (per_token.double() * mb["loss_mask"].double()).sum()
+                n_all += n
+                at_m.append((n, list(routed)))
+                for layer, _, counts in routed:
+                    running[layer] = running.get(layer, 0) + counts.sum((0, 1))
+            for n, layers in at_m:
+                balancing = balancing + coeff * n * torch.stack([_switch(balance, probs, counts, running[layer])
+                                                                 for layer, probs, counts in layers]).sum()
         weights = [r.weight for r in routers]
         grads = torch.autograd.grad((lm_sum + balancing) / n_all, weights, retain_graph=True)
         lm_grads = torch.autograd.grad(lm_sum / n_all, weights)
@@ -120,8 +146,15 @@ def run(out: str, run_root: str, spec: str) -> None:
         for g in gathered:
             for k, v in g.items():
                 entry["grads"].setdefault(str(k), v)
-        if dist.get_world_size() == 1 and cfg.parallel.recompute == "none":  # (recompute: no graph to the routers)
-            ref, ref_lm = reference_grads(chunks[0], drawn[0], cfg.model.lm.moe_aux_loss_coeff)
+        # the reference where every rank holds the whole model: one process, or, for a level other than micro_batch,
+        # data parallelism alone (rank 0, from every replica's micro-batches); with recompute no graph reaches the
+        # routers
+        replicas = [None] * dist.get_world_size()
+        dist.all_gather_object(replicas, drawn[0])
+        wanted = dist.get_world_size() == 1 or cfg.model.lm.moe_balance != "micro_batch"
+        if wanted and cfg.parallel.recompute == "none" and layout.dp == dist.get_world_size() and dist.get_rank() == 0:
+            ref, ref_lm = reference_grads(chunks[0], replicas, cfg.model.lm.moe_aux_loss_coeff,
+                                          cfg.model.lm.moe_balance)
             entry["reference"] = {str(k): v.tolist() for k, v in ref.items()}
             entry["reference_lm"] = {str(k): v.tolist() for k, v in ref_lm.items()}
         results[name] = entry
