@@ -130,8 +130,17 @@ class SpikeStepError(RuntimeError):
 # need a norm of the buffers after every micro-batch's backward). Gathered at a spiking step alone.
 
 PART_LOSS_KEY = "part_loss"   # the loss report's [2, n_parts]: each document's or row's loss sum and loss tokens
-SUSPECTS = 3                  # the micro-batches a spiking step's record and message rank
+SUSPECTS = 3                  # the micro-batches a spiking step's record and message rank, at most
 _MAD_SIGMA = 1.4826           # a normal distribution's standard deviation over its median absolute deviation
+# What makes a micro-batch stand out (rank_suspects lists only those, or its best guess alone): its loss's robust
+# z-score (the modified z-score) above 3.5, Iglewicz and Hoaglin's cut for outliers (a normal sample passes it about
+# 5 times in 10,000), or its replica's own gradient norm at least 1.5 x its peers' median. The norms of data-parallel
+# ranks on like data differ by a few tenths at most (the tiny LM's two ranks: ratios 0.95-1.05); at 1.5 a rank of two
+# (their median is their mean) stands out when its norm is 3 x the other's, which one rank's bad batch gives (the
+# fault drill's: 2.0 against 0.0). Below the cut a ratio is noise and must not rank one replica's ordinary
+# micro-batches before another's outlying loss.
+Z_STANDS_OUT = 3.5
+NORM_STANDS_OUT = 1.5
 
 
 def part_losses(per_token_loss: torch.Tensor, mask: torch.Tensor, parts: torch.Tensor, n_parts: int
@@ -178,11 +187,13 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
     the CP ranks of a replica each hold a share of its tokens, summed here), `own_norms[r]` rank r's gradient norm
     before the reduction (None: none) and `peers[r]` what makes two ranks' norms comparable (the same model shard:
     pipeline and tensor rank). Returns (suspects, the replicas' norms): micro-batches ordered by their replica's
-    largest own-norm ratio (a rank's norm over the median of its peers', 1 without peers), then by their mean loss's
-    robust z-score against the step's micro-batches; each {"rank": owner, "micro_batch": i, "loss": mean, "tokens",
-    "median": the step's median micro-batch loss, "z", "norm_ratio", "part": the document or row of the highest mean
-    loss (None: not known), "part_loss"}; the replicas' {owner: {"rank": the rank of the largest ratio, "own_norm",
-    "norm_ratio"}}."""
+    largest own-norm ratio (a rank's norm over the median of its peers', 1 without peers) where it stands out
+    (NORM_STANDS_OUT; below it, as 1), then by their mean loss (its robust z-score against the step's micro-batches);
+    of them the first `top` that stand out (their replica's ratio, or their z-score, Z_STANDS_OUT), or where none
+    does the first alone (the best guess, "stands_out" false); each {"rank": owner, "micro_batch": i, "loss": mean,
+    "tokens", "median": the step's median micro-batch loss, "z", "norm_ratio", "stands_out", "part": the document or
+    row of the highest mean loss (None: not known), "part_loss"}; the replicas' {owner: {"rank": the rank of the
+    largest ratio, "own_norm", "norm_ratio"}}."""
     merged: dict[tuple[int, int], dict] = {}
     for r, share in enumerate(shares):
         for i, mb in enumerate(share):
@@ -212,22 +223,26 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
     for (owner, i), mean in means.items():
         parts = [(j, s / n) for j, (s, n) in enumerate(merged[(owner, i)]["parts"] or []) if n > 0]
         part, part_loss = max(parts, key=lambda p: p[1]) if parts else (None, None)
+        ratio, z = replicas.get(owner, {}).get("norm_ratio", 1.0), _robust_z(mean, list(means.values()))
         out.append({"rank": owner, "micro_batch": i, "loss": mean, "tokens": merged[(owner, i)]["tokens"],
-                    "median": median, "z": _robust_z(mean, list(means.values())),
-                    "norm_ratio": replicas.get(owner, {}).get("norm_ratio", 1.0), "part": part,
-                    "part_loss": part_loss})
-    out.sort(key=lambda s: (-s["norm_ratio"], -s["loss"], s["rank"], s["micro_batch"]))
-    return out[:top], replicas
+                    "median": median, "z": z, "norm_ratio": ratio,
+                    "stands_out": ratio >= NORM_STANDS_OUT or z > Z_STANDS_OUT, "part": part, "part_loss": part_loss})
+    out.sort(key=lambda s: (-(s["norm_ratio"] if s["norm_ratio"] >= NORM_STANDS_OUT else 1.0), -s["loss"], s["rank"],
+                            s["micro_batch"]))
+    return [s for s in out if s["stands_out"]][:top] or out[:1], replicas
 
 
 def describe_suspect(s: dict, samples: str) -> str:
     """"rank 3 micro-batch 1 (global samples 13): loss 9.1 against the step's median 2.3 (z 5.2), its document 0's
-    9.8; rank 3's own gradient norm 4.1 x its peers' median": a suspect of rank_suspects, with its samples in words."""
+    9.8; rank 3's own gradient norm 4.1 x its peers' median": a suspect of rank_suspects, with its samples in words
+    (and, for a best guess that stands out by neither, that it does not)."""
     part = "" if s["part"] is None else f", its document or row {s['part']}'s {s['part_loss']:.4g}"
     norm = "" if s["norm_ratio"] == 1.0 else \
         f"; the replica's own gradient norm before the reduction {s['norm_ratio']:.3g} x its peers' median"
+    guess = "" if s.get("stands_out", True) else \
+        "; a best guess: neither its loss nor its replica's own gradient norm stands out"
     return (f"rank {s['rank']} micro-batch {s['micro_batch']} ({samples}): loss {s['loss']:.4g} against the step's "
-            f"median {s['median']:.4g} (z {s['z']:.3g}){part}{norm}")
+            f"median {s['median']:.4g} (z {s['z']:.3g}){part}{norm}{guess}")
 
 
 def sample_words(streams: list[dict]) -> str:

@@ -36,19 +36,20 @@ def test_suspects_sum_cp_shares_and_rank_by_own_norm_then_loss():
     suspects, replicas = rank_suspects([0, 0, 2, 2, 0], [half0, half0, half2, half2, []], [1.0, 1.0, 3.0, 2.0, 7.0],
                                        [(0, 0)] * 4 + [(0, 1)])
     # replica 0: micro-batch means (2 + 2) / 4 = 1 and (10 + 10) / 4 = 5; replica 2: 4 / 4 = 1 and 12 / 4 = 3
-    # the step's median of [1, 5, 1, 3] = 2; own norms' median 1.5: ratios 2/3, 2/3, 2, 4/3; rank 4 alone: 1
-    assert [(s["rank"], s["micro_batch"]) for s in suspects] == [(2, 1), (2, 0), (0, 1)]
+    # the step's median of [1, 5, 1, 3] = 2; own norms' median 1.5: ratios 2/3, 2/3, 2, 4/3; rank 4 alone: 1;
+    # replica 0's micro-batch 1 (z 3 / 1.4826 = 2.02) does not stand out: not listed
+    assert [(s["rank"], s["micro_batch"]) for s in suspects] == [(2, 1), (2, 0)]
     top = suspects[0]
     assert (top["loss"], top["median"], top["norm_ratio"], top["part"], top["part_loss"]) == (3.0, 2.0, 2.0, 1, 5.0)
     # robust z: |x - 2| over [1, 5, 1, 3] = [1, 3, 1, 1], MAD 1, so z = (3 - 2) / 1.4826
     assert top["z"] == pytest.approx(1 / 1.4826)
     assert replicas == {0: {"rank": 4, "own_norm": 7.0, "norm_ratio": 1.0},
                         2: {"rank": 2, "own_norm": 3.0, "norm_ratio": 2.0}}
-    # replica 0's summed CP shares: part 0 = (9 + 9) / 2
-    assert suspects[2]["part"] == 0 and suspects[2]["part_loss"] == 9.0
-    # without own norms (a frozen LM, or none taken): the loss alone orders
+    # without own norms (a frozen LM, or none taken): the loss alone orders; none stands out (z 2.02 at most), so
+    # the best guess alone, replica 0's micro-batch 1, with its summed CP shares: part 0 = (9 + 9) / 2
     alone, _ = rank_suspects([0, 0, 2, 2, 0], [half0, half0, half2, half2, []], [None] * 5, [(0, 0)] * 5)
-    assert [(s["rank"], s["micro_batch"]) for s in alone] == [(0, 1), (2, 1), (0, 0)]
+    assert [(s["rank"], s["micro_batch"], s["stands_out"]) for s in alone] == [(0, 1, False)]
+    assert alone[0]["part"] == 0 and alone[0]["part_loss"] == 9.0
 
 
 def test_the_z_score_of_an_outlier_among_equal_losses_is_not_zero():
@@ -57,6 +58,28 @@ def test_the_z_score_of_an_outlier_among_equal_losses_is_not_zero():
     mb = lambda s: {"loss": s, "tokens": 1.0, "parts": None}   # noqa: E731
     suspects, _ = rank_suspects([0], [[mb(1.0), mb(1.0), mb(5.0), mb(1.0)]], [None], [(0, 0)])
     assert suspects[0]["micro_batch"] == 2 and suspects[0]["z"] == pytest.approx(4 / 3 ** 0.5)
+
+
+def test_only_suspects_that_stand_out_are_listed_and_norm_noise_does_not_rank_first():
+    """4 data-parallel ranks, 2 micro-batches each. Their own norms differ by noise (ratios 1.1, 0.9, 1.0, 1.0 against
+    the median 1.0, below NORM_STANDS_OUT), and rank 2's micro-batch 1 has a loss far above the rest: it alone is
+    listed, first. Ranked by the raw ratio, replica 0's two ordinary micro-batches came first, then the outlier, and
+    the record listed two innocents (z 0.67 and -0.67). With no outlier at all the best guess alone is listed,
+    flagged; one rank's norm at 3 x the other's (2 ranks) lists both of its micro-batches."""
+    mb = lambda s: {"loss": s, "tokens": 1.0, "parts": None}   # noqa: E731
+    shares = [[mb(2.0), mb(2.1)], [mb(1.9), mb(2.0)], [mb(2.05), mb(9.0)], [mb(1.95), mb(2.0)]]
+    suspects, _ = rank_suspects([0, 1, 2, 3], shares, [1.1, 0.9, 1.0, 1.0], [(0, 0)] * 4)
+    # by hand: means [2, 2.1, 1.9, 2, 2.05, 9, 1.95, 2]: median 2, absolute deviations [0, .1, .1, 0, .05, 7, .05, 0],
+    # MAD 0.05, so z of 9 = 7 / (1.4826 x 0.05) = 94.4, of 2.1 = 1.35 (below 3.5)
+    assert [(s["rank"], s["micro_batch"], s["stands_out"]) for s in suspects] == [(2, 1, True)]
+    assert suspects[0]["z"] == pytest.approx(7 / (1.4826 * 0.05))
+    quiet = [[mb(2.0), mb(2.1)], [mb(1.9), mb(2.0)]]
+    suspects, _ = rank_suspects([0, 1], quiet, [1.0, 1.0], [(0, 0)] * 2)
+    assert [(s["rank"], s["micro_batch"], s["stands_out"]) for s in suspects] == [(0, 1, False)]   # highest loss
+    # 2 ranks, norms 3 and 1: median 2, ratios 1.5 and 0.5; both micro-batches of rank 1, ordered by loss
+    suspects, replicas = rank_suspects([0, 1], quiet, [1.0, 3.0], [(0, 0)] * 2)
+    assert [(s["rank"], s["micro_batch"]) for s in suspects] == [(1, 1), (1, 0)]
+    assert replicas[1]["norm_ratio"] == 1.5 and all(s["stands_out"] for s in suspects)
 
 
 def test_sample_words_name_keys_documents_or_global_samples():
