@@ -185,8 +185,9 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
     `owners[r]` the first rank reading rank r's data (TP, CP and PP ranks of one replica read the same), `shares[r]`
     rank r's micro_batch_losses (empty but on the ranks that count the loss: the last pipeline stage's TP rank 0;
     the CP ranks of a replica each hold a share of its tokens, summed here), `own_norms[r]` rank r's gradient norm
-    before the reduction (None: none) and `peers[r]` what makes two ranks' norms comparable (the same model shard:
-    pipeline and tensor rank). Returns (suspects, the replicas' norms): micro-batches ordered by their replica's
+    before the reduction (None: none) and `peers[r]` what makes two ranks' norms comparable (the same model shard and
+    share of a replica's tokens: pipeline, tensor and CP rank; a replica's CP ranks are not each other's peers).
+    Returns (suspects, the replicas' norms): micro-batches ordered by their replica's
     largest own-norm ratio (a rank's norm over the median of its peers', 1 without peers) where it stands out
     (NORM_STANDS_OUT; below it, as 1), then by their mean loss (its robust z-score against the step's micro-batches);
     of them the first `top` that stand out (their replica's ratio, or their z-score, Z_STANDS_OUT), or where none

@@ -1142,8 +1142,10 @@ class Trainer:
         # the loss is counted once per replica's token: by the last pipeline stage's TP rank 0 (as _loss_vector)
         counts = bool(losses) and self.pgs.tp.rank() == 0
         own = self.own_grads.own_norm
+        # peers: the same model shard and the same share of their replica's tokens (CP rank): the CP ranks of one
+        # replica are not peers, or one replica's own norm would stand out against itself
         numbers = (micro_batch_losses(losses) if counts else [], None if own is None else float(own),
-                   (self.pgs.pp.rank(), self.pgs.tp.rank()))
+                   (self.pgs.pp.rank(), self.pgs.tp.rank(), self.pgs.cp.rank()))
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (data, record, numbers))
         texts, records, numbers = zip(*gathered)
@@ -1193,7 +1195,7 @@ class Trainer:
 
     def _spike_suspects(self, owners: list[int], numbers: tuple) -> tuple[list[dict], dict]:
         """The suspects of a spiking step (train/spikes.py rank_suspects) from every rank's gathered (micro-batch
-        losses, own gradient norm, pipeline and tensor rank), each with its samples: the owner of a suspect's data
+        losses, own gradient norm, pipeline, tensor and CP rank), each with its samples: the owner of a suspect's data
         names them (its stream's step_record of that micro-batch, narrowed to the document or row of the highest
         loss where known), gathered again (a second collective on this path alone). Every rank computes the same."""
         shares, norms, peers = zip(*numbers)

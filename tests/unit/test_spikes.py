@@ -151,7 +151,7 @@ def _trainer(tmp_path, skip_steps: int):
     one = types.SimpleNamespace(rank=lambda: 0)
     tr = types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
                                spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None,
-                               pgs=types.SimpleNamespace(tp=one, pp=one),
+                               pgs=types.SimpleNamespace(tp=one, pp=one, cp=one),
                                own_grads=types.SimpleNamespace(own_norm=None))
     tr._spike_suspects = types.MethodType(Trainer._spike_suspects, tr)
     return tr
@@ -250,6 +250,42 @@ def test_the_suspects_are_the_micro_batches_of_the_rank_whose_own_norm_stands_ou
     assert ("the suspects, by their replica's own gradient norm, then loss: 1) rank 2 micro-batch 1 (global samples "
             "21): loss 4 against the step's median 2.5 (z 2.02), its document or row 0's 4; the replica's own "
             "gradient norm before the reduction 10 x its peers' median; 2) rank 2 micro-batch 0") in caplog.text
+
+
+def test_the_cp_ranks_of_one_replica_are_not_each_others_peers(world, tmp_path, monkeypatch):
+    """parallel.cp=2 and one data replica: rank 1 (CP rank 1) reads rank 0's data and holds the other half of its
+    tokens, its own gradient norm 3 x rank 0's. Each rank's numbers are those the trainer sends (rank 1's taken from
+    a pass as CP rank 1). One replica has no peers to stand out against: its ratio is 1, and the suspects are the
+    best guess alone. Compared as peers (they were: the same pipeline and tensor rank), the replica's ratio was 1.5
+    (3 over the median 2) and every micro-batch was listed (a CP2 run with rank 1's own gradients x 1000: ratio
+    1.996, its 3 micro-batches listed)."""
+    import train.trainer as trainer_module
+
+    text = "a synthetic_tokens stream: global samples 0..7"
+    losses = [{"lm_loss": torch.tensor([2.0, 1.0], dtype=torch.float64)},
+              {"lm_loss": torch.tensor([2.2, 1.0], dtype=torch.float64)}]
+    sent = []
+
+    def run(cp_rank: int, norm: float, others: list, run_dir):
+        """This process as the rank of that CP rank and own norm, the other ranks' numbers `others`."""
+        def gather(out, mine):
+            if isinstance(mine, tuple):
+                sent.append(mine)
+            out[:] = [mine, *others] if isinstance(mine, tuple) else [mine] + [{}] * len(others)
+        monkeypatch.setattr(trainer_module.dist, "all_gather_object", gather)
+        monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 1 + len(others))
+        run_dir.mkdir()
+        tr = _trainer(run_dir, skip_steps=1)
+        tr.pgs.cp = types.SimpleNamespace(rank=lambda: cp_rank)
+        tr.own_grads.own_norm = torch.tensor(norm)
+        tr.streams[0].describe_step = lambda micro, parts: text
+        trainer_module.Trainer._spike_skip_or_stop(tr, [Spike("grad_norm", 40.0, 2.0)], 3.5, {}, losses)
+        return [json.loads(x) for x in (run_dir / "spikes.jsonl").read_text().splitlines()][-1]
+    run(1, 3.0, [], tmp_path / "cp1")                # rank 1: what it sends
+    rec = run(0, 1.0, [sent[0]], tmp_path / "cp0")   # rank 0, with rank 1's numbers
+    assert rec["data"] == {"0": text}   # rank 1 reads the same data: named once
+    assert rec["replicas"] == {"0": {"rank": 0, "own_norm": 1.0, "norm_ratio": 1.0}}, rec["replicas"]
+    assert [(s["rank"], s["micro_batch"], s["stands_out"]) for s in rec["suspects"]] == [(0, 1, False)]
 
 
 def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
