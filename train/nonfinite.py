@@ -119,18 +119,19 @@ def nonfinite_micro_batches(losses: list[dict], layer_kls: list[list[torch.Tenso
 
 
 def record_nonfinite_step(run_dir: str, step: int, bad: NonFinite, values: dict, data: Sequence[str],
-                          samples: Sequence[dict], action: str) -> None:
+                          samples: Sequence[dict], action: str, *, ranks: Sequence[int] | None = None) -> None:
     """Appends the run's record of a step whose gradients were not finite to <run_dir>/nonfinite.jsonl (rank 0; a
     line per such step, what the message says, for a script to read): the step, what the run did ("skipped" or
     "stopped"), the step's loss and its other metrics (`values`: a NaN as null, named in the field "nonfinite", as
     in metrics.jsonl: train/metrics.py json_record), the gradients and the ranks where it arose, and the data of
-    those ranks in the step: `data`, as the message words it, and `samples`, as fields (the micro-batches named, or
-    None for the whole step, and per stream its step_record: global samples and documents, or packs and their sample
-    keys). A resumed launch moves the records of the steps it trains again to nonfinite.superseded.jsonl
+    those ranks in the step (`ranks`, by default bad.origin; the trainer gives each data once, not again for the
+    TP, CP and PP ranks of a replica): `data`, as the message words it, and `samples`, as fields (the micro-batches
+    named, or None for the whole step, and per stream its step_record: global samples and documents, or packs and
+    their sample keys). A resumed launch moves the records of the steps it trains again to nonfinite.superseded.jsonl
     (train/metrics.py set_aside_redone)."""
     rec = {"step": step, "action": action, **values, "gradients": bad.grads, "loss_ranks": bad.loss_ranks,
-           "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in bad.origin},
-           "samples": {str(r): samples[r] for r in bad.origin}}
+           "grad_ranks": bad.grad_ranks, "data": {str(r): data[r] for r in (bad.origin if ranks is None else ranks)},
+           "samples": {str(r): samples[r] for r in (bad.origin if ranks is None else ranks)}}
     try:
         with open(os.path.join(run_dir, NONFINITE_RECORDS), "a") as f:
             f.write(json_record(rec) + "\n")

@@ -1258,13 +1258,17 @@ class Trainer:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (data, record))
         texts, records = zip(*gathered)
-        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in bad.origin[:4]}
-        more = f" (and {len(bad.origin) - len(named)} more ranks': their logs name it)" if bad.origin[4:] else ""
+        first: dict[str, int] = {}   # each data once: the TP, CP and PP ranks of a replica read the same
+        for r in bad.origin:
+            first.setdefault(texts[r], r)
+        origin = sorted(first.values())
+        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in origin[:4]}
+        more = f" (and {len(origin) - len(named)} more ranks': their logs name it)" if origin[4:] else ""
         others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
         skip = self.nonfinite_in_row <= t.skip_nonfinite_steps
         if self.rank == 0:
             record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, texts, records,
-                                  "skipped" if skip else "stopped")
+                                  "skipped" if skip else "stopped", ranks=origin)
         if skip:
             self.skipped_steps += 1
             log.warning("%s: skipped, no weight updated (%d in a row of the %d train.skip_nonfinite_steps allows); "
