@@ -1033,8 +1033,11 @@ class Trainer:
             vit_flops = float(tok[1].item())
         layer_kls: list[list[torch.Tensor]] = []
         loss_vector = self._loss_vector(losses, layer_kls=layer_kls)
-        bad = self._nonfinite(vit_norm, own_loss_finite=torch.isfinite(loss_vector[[0, 2, 3, 4]]).all(),
-                              own_grads_finite=own_grads_finite)
+        own_loss_finite = torch.isfinite(loss_vector[[0, 2, 3, 4]]).all()
+        if losses and self.pgs.tp.rank() != 0:   # its losses, which loss_vector counts on TP rank 0 alone
+            own_loss_finite = own_loss_finite & torch.isfinite(torch.cat(
+                [d[k].reshape(-1) for d in losses for k in ("lm_loss", "distill") if k in d])).all()
+        bad = self._nonfinite(vit_norm, own_loss_finite=own_loss_finite, own_grads_finite=own_grads_finite)
         spikes = []
         if bad:  # no update: the weights stay those of the last step
             grad_norm = float("nan")

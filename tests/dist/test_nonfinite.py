@@ -107,6 +107,12 @@ def skipped(tmp_path_factory):
                                    "train.stop_after=3"]
     layouts["lm_backward"] = lm + ["KEYE_FAULT=nan_backward_in_step:step=3:rank=1", "train.skip_nonfinite_steps=1",
                                    "train.stop_after=3"]
+    # TP2: the loss of rank 1 (TP rank 1, which the step's loss sum does not count) in its micro-batch 1 of step 1;
+    # CP2: every rank's loss, each CP rank holding half of one replica's tokens (a step each: ~2 s)
+    layouts["lm_tp2"] = lm + ["parallel.tp=2", "parallel.ep=1", "KEYE_FAULT=nan_in_step:step=1:rank=1:micro=1",
+                              "train.skip_nonfinite_steps=1", "train.stop_after=1"]
+    layouts["lm_cp2"] = lm + ["parallel.cp=2", "parallel.ep=1", "KEYE_FAULT=nan_in_step:step=1",
+                              "train.skip_nonfinite_steps=1", "train.stop_after=1"]
     # the DSA warm-up: only the indexers train, in a forward-only step (each layer's KL back-propagates in its
     # forward); rank 1's indexer inputs are NaN in step 3, in its second micro-batch
     warmup = ["recipe=keye_tiny_dsa_warmup", "train.steps=5", "train.checkpoint.enabled=false"]
@@ -129,7 +135,7 @@ def skipped(tmp_path_factory):
     data = run_layouts_all(2, layouts, tmp)
     data["logs"] = [(tmp / "logs" / f"rank{r}.log").read_text() for r in range(2)]  # every layout's, in turn
     data["records"] = {name: [json.loads(x) for x in (tmp / "runs" / name / "nonfinite.jsonl").read_text().splitlines()]
-                       for name in ("ck", "lm_skipped", "vl_skipped")}
+                       for name in ("ck", "lm_skipped", "vl_skipped", "lm_tp2", "lm_cp2")}
     records = {name: tmp / "runs" / name / "spikes.jsonl" for name in ("ck", "lm_spike")}
     data["spikes"] = {name: [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
                       for name, p in records.items()}
@@ -205,6 +211,24 @@ def test_where_a_nan_arose_is_named_and_a_warmup_step_is_skipped(skipped):
             "before their reduction over ranks, the loss on rank 1 and the gradients on rank 1 were not finite; "
             "rank 1's data in the step: its micro-batch 1 of 2, whose loss was not finite: a synthetic_tokens stream: "
             "global samples 44..47; this rank's data") in logs[0]
+
+
+def test_a_nan_under_tp_or_cp_names_the_rank_where_it_arose_and_its_data_once(skipped):
+    """TP2: rank 1's loss NaN in its micro-batch 1 (16 samples a step, one data replica: step 1's 0..15, micro-batches
+    of 4): the record names rank 1's loss and that micro-batch's samples alone (TP rank 1's own loss was not looked
+    at: the record said loss_ranks [] and named rank 0's whole step besides). CP2: both ranks' loss NaN, one
+    replica: its data once (it was named for rank 0 and again for rank 1)."""
+    (tp,) = skipped["records"]["lm_tp2"]
+    assert (tp["loss_ranks"], tp["grad_ranks"]) == ([1], [0, 1])
+    assert tp["data"] == {"1": "its micro-batch 1 of 4, whose loss was not finite: a synthetic_tokens stream: global "
+                               "samples 4..7"}
+    assert tp["samples"] == {"1": {"micro_batches": [1], "streams": [{"stream": "synthetic_tokens",
+                                                                       "global_samples": [4, 5, 6, 7]}]}}
+    (cp,) = skipped["records"]["lm_cp2"]
+    assert (cp["loss_ranks"], cp["grad_ranks"]) == ([0, 1], [0, 1])
+    assert cp["data"] == {"0": "a synthetic_tokens stream: global samples 0..15"}
+    assert cp["samples"] == {"0": {"micro_batches": None, "streams": [{"stream": "synthetic_tokens",
+                                                                        "global_samples": list(range(16))}]}}
 
 
 def test_the_skipped_count_resumes_with_the_run(skipped):
