@@ -144,13 +144,16 @@ class GradsBeforeReduction:
     this rank's own gradients are finite (`finite`: a 0-dim device tensor; None before the step's backward): a NaN
     reaches every rank's shards in the reduction, so only this says where it arose (Trainer._nonfinite). One norm per
     buffer, kept on the device; `own_norm` (a 0-dim device tensor; None before the step's backward) is the norm of
-    this rank's own gradients of the dense (not expert-parallel) parameters, which its data-parallel peers hold the
-    same shard of: a spiking step compares them (train/spikes.py rank_suspects). It holds neither the model nor
-    the trainer: the transformer config that holds it as finalize_model_grads_func may outlive a trainer, which must
-    be freed with its model."""
+    this rank's own gradients of the dense parameters, and of the experts' with `experts_own` (parallel.ep=1, each
+    rank's experts see its own tokens alone: their norms are taken anyway, so they join at no cost; with
+    parallel.ep > 1 a rank's expert gradients sum every EP rank's tokens routed to its experts, no replica's own),
+    which its data-parallel peers hold the same shard of: a spiking step compares them (train/spikes.py
+    rank_suspects). It holds neither the model nor the trainer: the transformer config that holds it as
+    finalize_model_grads_func may outlive a trainer, which must be freed with its model."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, *, experts_own: bool = False):
         self.rank, self.step, self.finite, self.own_norm = rank, 0, None, None
+        self.experts_own = experts_own
 
     def __call__(self, model: list, *args, **kwargs):
         if requested("nan_backward_in_step", step=self.step, rank=self.rank):
@@ -160,7 +163,8 @@ class GradsBeforeReduction:
         dense = [buf.grad_data.norm() for m in model for buf in m.buffers]
         norms = dense + [buf.grad_data.norm() for m in model for buf in m.expert_parallel_buffers]   # grad_norms'
         self.finite = torch.isfinite(torch.stack(norms)).all() if norms else None
-        self.own_norm = torch.linalg.vector_norm(torch.stack(dense)) if dense else None
+        own = norms if self.experts_own else dense
+        self.own_norm = torch.linalg.vector_norm(torch.stack(own)) if own else None
         return finalize_model_grads(model, *args, **kwargs)
 
 

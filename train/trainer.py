@@ -383,7 +383,9 @@ class Trainer:
                                               disable_bucketing=i > 0, pg_collection=self.pgs)
                       for i, c in enumerate(chunks)]
         self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
-        self.own_grads = GradsBeforeReduction(self.rank)  # this rank's LM gradients before their reduction
+        # this rank's LM gradients before their reduction; its experts' are its own data's where they are not
+        # spread over ranks (and shard as the dense parameters do: its peers hold the same experts)
+        self.own_grads = GradsBeforeReduction(self.rank, experts_own=layout.ep == 1 and layout.etp in (1, layout.tp))
         self.tconfig.finalize_model_grads_func = self.own_grads
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
         # train.eval.only steps nothing: no optimizer (megatron's would be an empty one, and warn that it is)

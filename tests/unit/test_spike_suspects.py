@@ -150,6 +150,7 @@ def test_the_record_names_the_injected_micro_batch_and_sample_first(one_rank, ca
          "model.lm.moe_expert_bias=true", "model.lm.moe_bias_update_rate=0.05"]),
         world_size=1)
     tr = Trainer(cfg, layout)
+    assert tr.own_grads.experts_own   # parallel.ep=1: the experts' gradients join the own norm
     calls = []
 
     def scale_one_row(module, args, out):   # out [s, b, h]: this micro-batch's last hidden states, normalised

@@ -288,6 +288,23 @@ def test_the_cp_ranks_of_one_replica_are_not_each_others_peers(world, tmp_path, 
     assert [(s["rank"], s["micro_batch"], s["stands_out"]) for s in rec["suspects"]] == [(0, 1, False)]
 
 
+def test_the_own_norm_holds_the_experts_where_they_see_the_ranks_own_tokens(monkeypatch):
+    """GradsBeforeReduction's own norm (what a spiking step compares between data-parallel peers): a dense buffer of
+    norm 5 and an expert buffer of norm 12. At parallel.ep=1 the experts' gradients are the rank's own data's: the
+    norm is 13 (by hand: sqrt(25 + 144)); it was 5 whatever the layout, so a spike in the experts alone left the
+    replicas' ratios at noise. At parallel.ep > 1 they sum other ranks' tokens: 5."""
+    import train.nonfinite as nonfinite
+    from train.nonfinite import GradsBeforeReduction
+
+    monkeypatch.setattr(nonfinite, "finalize_model_grads", lambda model, *a, **k: None)
+    buf = lambda *v: types.SimpleNamespace(grad_data=torch.tensor(v))   # noqa: E731
+    model = [types.SimpleNamespace(buffers=[buf(3.0, 4.0)], expert_parallel_buffers=[buf(12.0)])]
+    for experts_own, norm in ((True, 13.0), (False, 5.0)):
+        own = GradsBeforeReduction(0, experts_own=experts_own)
+        own(model)
+        assert float(own.own_norm) == norm and bool(own.finite)
+
+
 def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
     """The common state of a checkpoint written before train.spike existed has no "spike": the counts start at 0,
     the window empty, and the log says so; one written with it gives its window back."""
