@@ -105,7 +105,8 @@ def record_spike_step(run_dir: str, step: int, spikes: Sequence[Spike], values: 
     window's median, and the data in the step of every rank whose data no rank before it read (the spike is the whole
     step's: its norm is the world's), by rank, as worded and as fields (`samples`, which data.exclude reads); then
     `suspects` (rank_suspects, most likely first, each with its own `samples`, which data.exclude_spikes=suspect
-    reads instead of the whole step's) and `replicas` (each replica's largest own gradient norm and its ratio)."""
+    reads instead of the whole step's) and `replicas` (each replica's largest own gradient norm and its ratio, and its
+    vision tower's where known)."""
     rec = {"step": step, "action": action, **values,
            "spikes": [{"norm": s.name, "value": s.norm, "median": s.median} for s in spikes],
            "data": {str(r): d for r, d in data.items()}, "samples": {str(r): s for r, s in samples.items()},
@@ -127,7 +128,8 @@ class SpikeStepError(RuntimeError):
 # PART_LOSS_KEY), against the step's other micro-batches, and (b) each rank's own gradient norm before the
 # data-parallel reduction (GradsBeforeReduction.own_norm: the trainer's DDP reduces with overlap_grad_reduce off, so
 # the buffers hold this rank's own accumulated gradients until finalize_model_grads; a per-micro-batch norm would
-# need a norm of the buffers after every micro-batch's backward). Gathered at a spiking step alone.
+# need a norm of the buffers after every micro-batch's backward), and its vision tower's (VisionTower.own_grads: of
+# the frames it encoded, its replica's, before their sum over the world). Gathered at a spiking step alone.
 
 PART_LOSS_KEY = "part_loss"   # the loss report's [2, n_parts]: each document's or row's loss sum and loss tokens
 SUSPECTS = 3                  # the micro-batches a spiking step's record and message rank, at most
@@ -179,8 +181,23 @@ def _robust_z(value: float, values: list[float]) -> float:
     return (value - median) / spread if spread > 0 else 0.0
 
 
+def _ratios(norms: Sequence[float | None], peers: Sequence[tuple]) -> list[float | None]:
+    """Each rank's norm over the median of its peers' (those of the same key; 1 where that median is 0; None
+    without a norm)."""
+    by_peers: dict[tuple, list[float]] = {}
+    for n, key in zip(norms, peers):
+        if n is not None:
+            by_peers.setdefault(tuple(key), []).append(n)
+    out = []
+    for n, key in zip(norms, peers):
+        median = None if n is None else statistics.median(by_peers[tuple(key)])
+        out.append(None if n is None else n / median if median > 0 else 1.0)
+    return out
+
+
 def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms: Sequence[float | None],
-                  peers: Sequence[tuple], top: int = SUSPECTS) -> tuple[list[dict], dict[int, dict]]:
+                  peers: Sequence[tuple], top: int = SUSPECTS, *, vit_norms: Sequence[float | None] = ()
+                  ) -> tuple[list[dict], dict[int, dict]]:
     """The micro-batches most likely to have made the step's norm spike, from every rank's gathered numbers (by rank):
     `owners[r]` the first rank reading rank r's data (TP, CP and PP ranks of one replica read the same), `shares[r]`
     rank r's micro_batch_losses (empty but on the ranks that count the loss: the last pipeline stage's TP rank 0;
@@ -194,7 +211,10 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
     does the first alone (the best guess, "stands_out" false); each {"rank": owner, "micro_batch": i, "loss": mean,
     "tokens", "median": the step's median micro-batch loss, "z", "norm_ratio", "stands_out", "part": the document or
     row of the highest mean loss (None: not known), "part_loss"}; the replicas' {owner: {"rank": the rank of the
-    largest ratio, "own_norm", "norm_ratio"}}."""
+    largest ratio, "own_norm", "norm_ratio"}}. `vit_norms[r]` (optional) rank r's own vision-tower gradient norm
+    (VisionTower.own_grads: of the frames it encoded, its replica's), over the median of every rank's (the tower is
+    whole on every rank): a replica's largest, "vit_norm_ratio" in both, counts as its norm ratio does (the larger of
+    the two that stand out ranks), so that a spike of the vision tower alone points at a replica too."""
     merged: dict[tuple[int, int], dict] = {}
     for r, share in enumerate(shares):
         for i, mb in enumerate(share):
@@ -204,18 +224,16 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
             if mb["parts"] is not None:
                 m["parts"] = ([list(p) for p in mb["parts"]] if m["parts"] is None else
                               [[a + x, b + y] for (a, b), (x, y) in zip(m["parts"], mb["parts"])])
-    by_peers: dict[tuple, list[float]] = {}
-    for n, key in zip(own_norms, peers):
-        if n is not None:
-            by_peers.setdefault(tuple(key), []).append(n)
     replicas: dict[int, dict] = {}
-    for r, (n, key) in enumerate(zip(own_norms, peers)):
-        if n is None:
-            continue
-        median = statistics.median(by_peers[tuple(key)])
-        ratio = n / median if median > 0 else 1.0
-        if owners[r] not in replicas or ratio > replicas[owners[r]]["norm_ratio"]:
+    for r, (n, ratio) in enumerate(zip(own_norms, _ratios(own_norms, peers))):
+        if n is not None and (owners[r] not in replicas or ratio > replicas[owners[r]]["norm_ratio"]):
             replicas[owners[r]] = {"rank": r, "own_norm": n, "norm_ratio": ratio}
+    vit = {}   # a replica's largest own vision-tower norm ratio
+    for r, ratio in enumerate(_ratios(vit_norms, [()] * len(vit_norms))):
+        if ratio is not None and ratio > vit.get(owners[r], 0.0):
+            vit[owners[r]] = ratio
+            replicas.setdefault(owners[r], {"rank": r, "own_norm": None, "norm_ratio": 1.0})
+            replicas[owners[r]].update(vit_rank=r, vit_own_norm=vit_norms[r], vit_norm_ratio=ratio)
     means = {k: m["loss"] / m["tokens"] for k, m in merged.items() if m["tokens"] > 0}
     if not means:
         return [], replicas
@@ -225,11 +243,14 @@ def rank_suspects(owners: Sequence[int], shares: Sequence[list[dict]], own_norms
         parts = [(j, s / n) for j, (s, n) in enumerate(merged[(owner, i)]["parts"] or []) if n > 0]
         part, part_loss = max(parts, key=lambda p: p[1]) if parts else (None, None)
         ratio, z = replicas.get(owner, {}).get("norm_ratio", 1.0), _robust_z(mean, list(means.values()))
+        either = max(ratio, vit.get(owner, 1.0))
         out.append({"rank": owner, "micro_batch": i, "loss": mean, "tokens": merged[(owner, i)]["tokens"],
-                    "median": median, "z": z, "norm_ratio": ratio,
-                    "stands_out": ratio >= NORM_STANDS_OUT or z > Z_STANDS_OUT, "part": part, "part_loss": part_loss})
-    out.sort(key=lambda s: (-(s["norm_ratio"] if s["norm_ratio"] >= NORM_STANDS_OUT else 1.0), -s["loss"], s["rank"],
-                            s["micro_batch"]))
+                    "median": median, "z": z, "norm_ratio": ratio, **({"vit_norm_ratio": vit[owner]} if owner in vit
+                                                                       else {}),
+                    "stands_out": either >= NORM_STANDS_OUT or z > Z_STANDS_OUT, "part": part, "part_loss": part_loss})
+    out.sort(key=lambda s: (-max(r if r >= NORM_STANDS_OUT else 1.0 for r in (s["norm_ratio"],
+                                                                               s.get("vit_norm_ratio", 1.0))),
+                            -s["loss"], s["rank"], s["micro_batch"]))
     return [s for s in out if s["stands_out"]][:top] or out[:1], replicas
 
 
@@ -240,6 +261,8 @@ def describe_suspect(s: dict, samples: str) -> str:
     part = "" if s["part"] is None else f", its document or row {s['part']}'s {s['part_loss']:.4g}"
     norm = "" if s["norm_ratio"] == 1.0 else \
         f"; the replica's own gradient norm before the reduction {s['norm_ratio']:.3g} x its peers' median"
+    if s.get("vit_norm_ratio", 1.0) != 1.0:
+        norm += f"; its own vision-tower gradient norm {s['vit_norm_ratio']:.3g} x every rank's median"
     guess = "" if s.get("stands_out", True) else \
         "; a best guess: neither its loss nor its replica's own gradient norm stands out"
     return (f"rank {s['rank']} micro-batch {s['micro_batch']} ({samples}): loss {s['loss']:.4g} against the step's "

@@ -387,6 +387,7 @@ class Trainer:
         # spread over ranks (and shard as the dense parameters do: its peers hold the same experts)
         self.own_grads = GradsBeforeReduction(self.rank, experts_own=layout.ep == 1 and layout.etp in (1, layout.tp))
         self.tconfig.finalize_model_grads_func = self.own_grads
+        self.vit_own_norm = None   # the vision tower's own gradient norm in a step (VisionTower.own_grads)
         self.p2p = P2PCommunicator(pp_group=self.pgs.pp, config=self.tconfig) if layout.pp > 1 else None
         # train.eval.only steps nothing: no optimizer (megatron's would be an empty one, and warn that it is)
         self.optimizer = None if self.eval_only else build_optimizer(
@@ -982,6 +983,7 @@ class Trainer:
         batch = self._set_global_batch()
         lr = apply_lr(self.optimizer, self.step, t)
         self.own_grads.step, self.own_grads.finite, self.own_grads.own_norm = self.step + 1, None, None
+        self.vit_own_norm = None
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -1030,7 +1032,8 @@ class Trainer:
             # (and the ViT FLOPs of the step, for the throughput line)
             tok = torch.tensor([loss_mask_sum, vit_cost], dtype=torch.float64, device=self.device)
             dist.all_reduce(tok, group=self.pgs.dp)  # every CP rank holds the whole micro-batches: dp, not dp_cp
-            own_grads_finite = own_grads_finite & self.vision.own_grads_finite().to(self.device)
+            vit_finite, self.vit_own_norm = self.vision.own_grads()
+            own_grads_finite = own_grads_finite & vit_finite.to(self.device)
             vit_norm = self.vision.reduce_grads(float(tok[0].item()))
             vit_flops = float(tok[1].item())
         layer_kls: list[list[torch.Tensor]] = []
@@ -1146,11 +1149,11 @@ class Trainer:
         record = {"micro_batches": None, "streams": [s.step_record(None, None) for s in self.streams]}
         # the loss is counted once per replica's token: by the last pipeline stage's TP rank 0 (as _loss_vector)
         counts = bool(losses) and self.pgs.tp.rank() == 0
-        own = self.own_grads.own_norm
+        own, vit = self.own_grads.own_norm, self.vit_own_norm
         # peers: the same model shard and the same share of their replica's tokens (CP rank): the CP ranks of one
         # replica are not peers, or one replica's own norm would stand out against itself
         numbers = (micro_batch_losses(losses) if counts else [], None if own is None else float(own),
-                   (self.pgs.pp.rank(), self.pgs.tp.rank(), self.pgs.cp.rank()))
+                   (self.pgs.pp.rank(), self.pgs.tp.rank(), self.pgs.cp.rank()), None if vit is None else float(vit))
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (data, record, numbers))
         texts, records, numbers = zip(*gathered)
@@ -1200,11 +1203,12 @@ class Trainer:
 
     def _spike_suspects(self, owners: list[int], numbers: tuple) -> tuple[list[dict], dict]:
         """The suspects of a spiking step (train/spikes.py rank_suspects) from every rank's gathered (micro-batch
-        losses, own gradient norm, pipeline, tensor and CP rank), each with its samples: the owner of a suspect's data
-        names them (its stream's step_record of that micro-batch, narrowed to the document or row of the highest
-        loss where known), gathered again (a second collective on this path alone). Every rank computes the same."""
-        shares, norms, peers = zip(*numbers)
-        suspects, replicas = rank_suspects(owners, shares, norms, peers)
+        losses, own gradient norm, pipeline, tensor and CP rank, own vision-tower gradient norm), each with its
+        samples: the owner of a suspect's data names them (its stream's step_record of that micro-batch, narrowed to
+        the document or row of the highest loss where known), gathered again (a second collective on this path
+        alone). Every rank computes the same."""
+        shares, norms, peers, vit_norms = zip(*numbers)
+        suspects, replicas = rank_suspects(owners, shares, norms, peers, vit_norms=vit_norms)
         mine = {}
         for k, s in enumerate(suspects):
             if s["rank"] == self.rank:

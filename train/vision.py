@@ -217,13 +217,16 @@ class VisionTower:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             self.phase.backward()
 
-    def own_grads_finite(self) -> torch.Tensor:
-        """Whether this rank's own ViT gradients (of its frames, before reduce_grads sums them over the world) are
-        all finite: a 0-dim bool tensor on their device (no host wait); True without trainable parameters."""
+    def own_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Whether this rank's own ViT gradients (of its frames, its replica's: the frames are spread over the ranks
+        that share an LM sequence; before reduce_grads sums them over the world) are all finite, a 0-dim bool tensor
+        on their device (no host wait; True without gradients), and their norm (a 0-dim tensor from the same norms,
+        what a spiking step compares between ranks: train/spikes.py rank_suspects; None without gradients)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
-            return torch.tensor(True)
-        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()  # one fused launch, not one per tensor
+            return torch.tensor(True), None
+        norms = torch.stack(torch._foreach_norm(grads))  # one fused launch, not one per tensor
+        return torch.isfinite(norms).all(), torch.linalg.vector_norm(norms)
 
     def reduce_grads(self, total_tokens: float) -> float:
         """Sums the ViT's gradients over the world, scales them by the step's loss tokens and clips them; returns

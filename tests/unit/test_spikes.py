@@ -152,7 +152,7 @@ def _trainer(tmp_path, skip_steps: int):
     tr = types.SimpleNamespace(cfg=cfg, streams=[_Stream()], rank=0, run_dir=str(tmp_path), step=7, hosts=[""],
                                spike_in_row=0, spike_skipped=0, _finish_saves=lambda blocking: None,
                                pgs=types.SimpleNamespace(tp=one, pp=one, cp=one),
-                               own_grads=types.SimpleNamespace(own_norm=None))
+                               own_grads=types.SimpleNamespace(own_norm=None), vit_own_norm=None)
     tr._spike_suspects = types.MethodType(Trainer._spike_suspects, tr)
     return tr
 
@@ -197,7 +197,8 @@ def test_a_spike_names_each_ranks_data_once(world, tmp_path, caplog, monkeypatch
     """Ranks 0 and 1 read the same data (a TP pair), rank 2 other data: the log and the record name ranks 0 and 2."""
     import train.trainer as trainer_module
 
-    other = ("a synthetic_tokens stream: global samples 8..15", {"stream": "synthetic_tokens"}, ([], None, (0, 0)))
+    other = ("a synthetic_tokens stream: global samples 8..15", {"stream": "synthetic_tokens"},
+             ([], None, (0, 0, 0), None))
 
     def gather(out, mine):
         out[:] = [mine, mine, other] if isinstance(mine, tuple) else [mine, {}, {}]   # (the suspects': none here)
@@ -221,8 +222,8 @@ def test_the_suspects_are_the_micro_batches_of_the_rank_whose_own_norm_stands_ou
     import train.trainer as trainer_module
 
     mb = lambda s: {"loss": s, "tokens": 2.0, "parts": [[s / 2, 1.0], [s / 2, 1.0]]}   # noqa: E731
-    numbers = {0: ([mb(4.0), mb(20.0)], 1.0, (0, 0)), 1: ([mb(4.0), mb(6.0)], 1.0, (0, 0)),
-               2: ([mb(4.0), mb(8.0)], 10.0, (0, 0))}
+    numbers = {0: ([mb(4.0), mb(20.0)], 1.0, (0, 0, 0), None), 1: ([mb(4.0), mb(6.0)], 1.0, (0, 0, 0), None),
+               2: ([mb(4.0), mb(8.0)], 10.0, (0, 0, 0), None)}
     named = lambda i, samples: {"micro_batches": [i], "streams": [   # noqa: E731
         {"stream": "synthetic_tokens", "global_samples": samples}]}
     rank2 = {0: named(1, [21]), 1: named(0, [17])}   # by the suspects' places: rank 2 holds the first two
@@ -303,6 +304,56 @@ def test_the_own_norm_holds_the_experts_where_they_see_the_ranks_own_tokens(monk
         own = GradsBeforeReduction(0, experts_own=experts_own)
         own(model)
         assert float(own.own_norm) == norm and bool(own.finite)
+
+
+def test_a_vision_tower_spike_points_at_the_replica_whose_own_vit_norm_stands_out(world, tmp_path, monkeypatch):
+    """A spike of the vision tower's norm alone, 3 data-parallel ranks: the language model's own norms equal, each
+    rank's micro-batch losses alike; this rank's (0) own vision-tower gradient norm 5, the others' 1 (its frames made
+    the spike). Its micro-batches are the suspects, by its ViT ratio 5 (over every rank's median 1), and no other's.
+    The own norm held the LM's gradients alone: the suspects were ranked by loss alone, rank 2's micro-batch 1 (the
+    highest, z 2.7: an innocent) named as the best guess."""
+    import train.trainer as trainer_module
+
+    mb = lambda s: {"loss": s, "tokens": 1.0, "parts": None}   # noqa: E731
+    losses = [{"lm_loss": torch.tensor([2.0, 1.0], dtype=torch.float64)},
+              {"lm_loss": torch.tensor([2.05, 1.0], dtype=torch.float64)}]
+    others = [([mb(1.95), mb(2.0)], 1.0, (0, 0, 0), 1.0), ([mb(2.0), mb(2.1)], 1.0, (0, 0, 0), 1.0)]
+    seen = []
+
+    def gather(out, mine):
+        if isinstance(mine, tuple):
+            seen.append(mine[2])
+            out[:] = [mine] + [(f"a synthetic_tokens stream: global samples {8 * r}..{8 * r + 7}", {}, n)
+                               for r, n in enumerate(others, 1)]
+        else:
+            out[:] = [mine, {}, {}]
+    monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gather)
+    tr = _trainer(tmp_path, skip_steps=1)
+    tr.own_grads.own_norm, tr.vit_own_norm = torch.tensor(1.0), torch.tensor(5.0)
+    trainer_module.Trainer._spike_skip_or_stop(tr, [Spike("vit_grad", 40.0, 2.0)], 3.5, {}, losses)
+    assert seen[0][3] == 5.0   # what this rank sends: its own vision-tower norm
+    (rec,) = [json.loads(x) for x in (tmp_path / "spikes.jsonl").read_text().splitlines()]
+    assert [(s["rank"], s["micro_batch"], s["vit_norm_ratio"]) for s in rec["suspects"]] == [(0, 1, 5.0), (0, 0, 5.0)]
+    assert rec["replicas"]["0"] == {"rank": 0, "own_norm": 1.0, "norm_ratio": 1.0, "vit_rank": 0, "vit_own_norm": 5.0,
+                                    "vit_norm_ratio": 5.0}
+    assert rec["replicas"]["1"]["vit_norm_ratio"] == 1.0
+
+
+def test_the_vision_towers_own_norm_is_that_of_all_its_gradients():
+    """VisionTower.own_grads: the norm of every trained parameter's gradient together (by hand: sqrt(3^2 + 4^2 +
+    12^2) = 13), from the norms its finite check takes; None without gradients."""
+    from train.vision import VisionTower
+
+    tower = VisionTower.__new__(VisionTower)
+    a, b, frozen = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True), torch.zeros(1)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    tower.params = [a, b, frozen]
+    finite, norm = tower.own_grads()
+    assert bool(finite) and float(norm) == 13.0
+    tower.params = [frozen]
+    finite, norm = tower.own_grads()
+    assert bool(finite) and norm is None
 
 
 def test_a_checkpoint_without_a_window_resumes_with_an_empty_one(caplog):
