@@ -136,11 +136,11 @@ SUSPECTS = 3                  # the micro-batches a spiking step's record and me
 _MAD_SIGMA = 1.4826           # a normal distribution's standard deviation over its median absolute deviation
 # What makes a micro-batch stand out (rank_suspects lists only those, or its best guess alone): its loss's robust
 # z-score (the modified z-score) above 3.5, Iglewicz and Hoaglin's cut for outliers (a normal sample passes it about
-# 5 times in 10,000), or its replica's own gradient norm at least 1.5 x its peers' median. The norms of data-parallel
-# ranks on like data differ by a few tenths at most (the tiny LM's two ranks: ratios 0.95-1.05); at 1.5 a rank of two
-# (their median is their mean) stands out when its norm is 3 x the other's, which one rank's bad batch gives (the
-# fault drill's: 2.0 against 0.0). Below the cut a ratio is noise and must not rank one replica's ordinary
-# micro-batches before another's outlying loss.
+# 2 times in 10,000), or its replica's own gradient norm at least 1.5 x its peers' median. At 1.5 a rank of two (their
+# median is their mean) stands out when its norm is 3 x the other's, which one rank's bad batch gives (the fault
+# drill's, spike_backward_in_step: a ratio of about 2.0 against 0.0); a spike the norm judges is a factor of several
+# (train.spike.factor), far above the spread of ranks on like data. Below the cut a ratio is noise and must not rank
+# one replica's ordinary micro-batches before another's outlying loss.
 Z_STANDS_OUT = 3.5
 NORM_STANDS_OUT = 1.5
 
