@@ -63,9 +63,9 @@ def test_the_z_score_of_an_outlier_among_equal_losses_is_not_zero():
 def test_only_suspects_that_stand_out_are_listed_and_norm_noise_does_not_rank_first():
     """4 data-parallel ranks, 2 micro-batches each. Their own norms differ by noise (ratios 1.1, 0.9, 1.0, 1.0 against
     the median 1.0, below NORM_STANDS_OUT), and rank 2's micro-batch 1 has a loss far above the rest: it alone is
-    listed, first. Ranked by the raw ratio, replica 0's two ordinary micro-batches came first, then the outlier, and
-    the record listed two innocents (z 0.67 and -0.67). With no outlier at all the best guess alone is listed,
-    flagged; one rank's norm at 3 x the other's (2 ranks) lists both of its micro-batches."""
+    listed, first. Ranked by the raw ratio, replica 0's two ordinary micro-batches came first (z 1.35 and 0), then
+    the outlier (z 94.4) third. With no outlier at all the best guess alone is listed, flagged; one rank's norm at 3
+    x the other's (2 ranks) lists both of its micro-batches."""
     mb = lambda s: {"loss": s, "tokens": 1.0, "parts": None}   # noqa: E731
     shares = [[mb(2.0), mb(2.1)], [mb(1.9), mb(2.0)], [mb(2.05), mb(9.0)], [mb(1.95), mb(2.0)]]
     suspects, _ = rank_suspects([0, 1, 2, 3], shares, [1.1, 0.9, 1.0, 1.0], [(0, 0)] * 4)
