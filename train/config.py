@@ -69,6 +69,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class TensorboardConfig:
+    """TensorBoard event files (train/tensorboard.py), written by rank 0 beside metrics.jsonl: each step's numeric
+    values and each evaluation's, at the step (TensorBoard keeps 32-bit floats; metrics.jsonl has them exact)."""
+    enabled: bool = False
+    # where: "" <run_dir>/tensorboard; a relative path is taken under run_dir. train.eval.only writes a run of its own
+    # below it, eval_only/<launch time>
+    dir: str = ""
+    # the most seconds between writes to disk, besides those at each checkpoint and at the end: a killed launch loses at
+    # most the values of its last flush_secs seconds (those after its last checkpoint, when that came later)
+    flush_secs: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.flush_secs) and self.flush_secs > 0):
+            raise ValueError(f"train.tensorboard.flush_secs must be a finite number of seconds > 0, got "
+                             f"{self.flush_secs}")
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "keye-vl"
@@ -269,6 +287,7 @@ class TrainConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "log_interval"):

@@ -443,6 +443,17 @@ def check_wandb(cfg: Config) -> None:
                          f"here: pip install wandb, or train.wandb.enabled=false to train without it")
 
 
+def check_tensorboard(cfg: Config) -> None:
+    """train.tensorboard's writer, tensorboardX, is installed (ValueError naming the setting and the pip command), before
+    the model is built: rank 0 would find out at its first step, the other ranks waiting for it there."""
+    import importlib.util
+
+    from train.tensorboard import PACKAGE, missing_message
+
+    if cfg.train.tensorboard.enabled and importlib.util.find_spec(PACKAGE) is None:
+        raise ValueError(missing_message())
+
+
 def check_run_dir(cfg: Config) -> None:
     """run_dir is, or can be made, a directory this process can write (ValueError naming it): the launch writes its
     logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Leaves
@@ -734,6 +745,7 @@ def run(dcfg: DictConfig) -> None:
         check_device(cfg, cuda=cuda)
         apply_deterministic(cfg.train.deterministic)   # train.deterministic: before CUDA is first used
         check_wandb(cfg)
+        check_tensorboard(cfg)
         check_run_dir(cfg)
         check_paths(cfg)
         warning, unused = None, decode_once_unused(cfg, layout)

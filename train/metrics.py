@@ -1,4 +1,4 @@
-"""Throughput / MFU accounting, the console progress line and wandb (rank 0 only).
+"""Throughput / MFU accounting, the console progress line, wandb and TensorBoard (rank 0 only).
 
 FLOPs are counted analytically (models.config.lm_flops_per_token): 6 x active matmul parameters per
 token (forward + backward; the input embedding lookup excluded) plus attention, 6 * 2 * q_dim per (query,
@@ -85,6 +85,7 @@ class Meter:
         self.peak = peak_tflops
         self.total_steps = total_steps
         self.wandb = None
+        self.tensorboard = None   # train/tensorboard.py TensorBoardLog
 
     def rates(self, s: StepStats) -> dict:
         tok_s = s.tokens / max(s.seconds, 1e-9)
@@ -129,13 +130,33 @@ class Meter:
             kw = {"id": group, "name": name, "job_type": "train", "resume": "allow"}
         self.wandb = wandb.init(project=project, dir=run_dir, mode=mode, config=config, group=group, **kw)
 
+    def start_tensorboard(self, logdir: str, *, purge_step: int | None, flush_secs: float) -> None:
+        """train.tensorboard: this launch's event file in `logdir` (train/tensorboard.py), its restart marker at
+        `purge_step` (None: none)."""
+        from train.tensorboard import TensorBoardLog
+
+        self.tensorboard = TensorBoardLog(logdir, purge_step=purge_step, flush_secs=flush_secs)
+        log.info("TensorBoard: %s (tensorboard --logdir %s)", self.tensorboard.path, logdir)
+
+    def flush(self) -> None:
+        """What the sinks hold to disk (TensorBoard's events; at each checkpoint)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
     def log(self, s: StepStats, rates: dict, *, console: bool) -> None:
-        """A step's values (`rates`: rates(s), as metrics.jsonl records them) to wandb, every step; with console, its
-        progress line too (every train.log_interval steps)."""
+        """A step's values (`rates`: rates(s), as metrics.jsonl records them) to wandb and TensorBoard, every step;
+        with console, its progress line too (every train.log_interval steps)."""
         if console:
             log.info(self.line(s))
         if self.wandb is not None:
             self.wandb.log(rates, step=s.step)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(s.step, rates, group="train")
 
     def log_eval(self, step: int, values: dict) -> None:
         """One evaluation's line: its values, then how many held-out sequences (val_sequences) it took how long."""
@@ -147,11 +168,14 @@ class Meter:
                  values.get("val_sequences", 0), values.get("val_seconds", 0.0), mem)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, values, group="eval")
 
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        self.close_tensorboard()
 
 
 NONFINITE_FIELD = "nonfinite"   # a record's field naming its values that were NaN or infinite (json_record)

@@ -63,6 +63,7 @@ from train.profiling import StepProfiler
 from train.spikes import (PART_LOSS_KEY, SpikeStepError, SpikeWindow, apply_step, describe_suspect,
                           micro_batch_losses, norm_before_step, part_losses, rank_suspects, record_spike_step,
                           sample_words)
+from train.tensorboard import resolved_dir as resolved_tb_dir
 
 log = logging.getLogger("train")
 
@@ -867,6 +868,8 @@ class Trainer:
                                     async_queue=queue, optimizer_format=c.optimizer_format,
                                     extra=self.vision.sharded_state() if self.vision is not None else None)
         self._inflight = (self.step, path)
+        if self.rank == 0:
+            self.meter.flush()   # a launch killed later loses no value logged up to its checkpoint
         log.info("%s checkpoint %s (training blocked %.2f s)", "saved" if queue is None else "saving (async)", path,
                  timer.stop())
 
@@ -1478,11 +1481,14 @@ class Trainer:
         if self.eval_only:  # built without an optimizer; evaluate_only is its entry point
             raise RuntimeError("a trainer built with train.eval.only=true scores checkpoints (evaluate_only) and "
                                "cannot train")
+        start = self.step
         if self.rank == 0:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
+            if t.tensorboard.enabled:   # the steps after `start` train again: their old values are dropped
+                self.meter.start_tensorboard(resolved_tb_dir(self.run_dir, t.tensorboard.dir),
+                                             purge_step=start + 1 if start else 0, flush_secs=t.tensorboard.flush_secs)
         history: list[StepStats] | deque[StepStats] = [] if keep_history else deque(maxlen=1)
-        start = self.step
         if start >= t.steps:   # a finished run launched again, or one whose train.steps was lowered below its step
             log.info("nothing to train: the checkpoint resumed is at step %d, and train.steps is %d (raise "
                      "train.steps to train on)", start, t.steps)
@@ -1501,6 +1507,8 @@ class Trainer:
             alone = True
             raise
         finally:
+            if self.rank == 0:
+                self.meter.close_tensorboard()   # its values so far, however the loop ended
             self.profiler.finish()
             stops.restore()
             if alone:
@@ -1526,6 +1534,11 @@ class Trainer:
             self.meter.start_wandb(enabled=t.wandb.enabled, mode=t.wandb.mode, project=t.wandb.project,
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg),
                                    eval_only=True)
+            if t.tensorboard.enabled:   # a run of its own, as in wandb: TensorBoard's loaders drop a tag's values
+                # logged after a step that is logged again, and the training may still be writing to its own
+                self.meter.start_tensorboard(
+                    os.path.join(resolved_tb_dir(self.run_dir, t.tensorboard.dir), "eval_only",
+                                 time.strftime("%Y%m%d-%H%M%S")), purge_step=None, flush_secs=t.tensorboard.flush_secs)
             log.info("train.eval.only: scoring %s on the held-out data; no step trains and nothing is saved",
                      f"{len(refs)} checkpoint(s) of {source} (steps {', '.join(str(r.step) for r in refs)})" if refs
                      else f"the Hugging Face checkpoint {source} (logged at step 0)")
