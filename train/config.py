@@ -71,19 +71,12 @@ class CheckpointConfig:
 @dataclass
 class TensorboardConfig:
     """TensorBoard event files (train/tensorboard.py), written by rank 0 beside metrics.jsonl: each step's numeric
-    values and each evaluation's, at the step (TensorBoard keeps 32-bit floats; metrics.jsonl has them exact)."""
+    values and each evaluation's, at the step, each written to disk as it is logged, as metrics.jsonl's line is
+    (TensorBoard keeps 32-bit floats; metrics.jsonl has them exact)."""
     enabled: bool = False
     # where: "" <run_dir>/tensorboard; a relative path is taken under run_dir. train.eval.only writes a run of its own
     # below it, eval_only/<launch time>
     dir: str = ""
-    # the most seconds between writes to disk, besides those at each checkpoint and at the end: a killed launch loses at
-    # most the values of its last flush_secs seconds (those after its last checkpoint, when that came later)
-    flush_secs: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.flush_secs) and self.flush_secs > 0):
-            raise ValueError(f"train.tensorboard.flush_secs must be a finite number of seconds > 0, got "
-                             f"{self.flush_secs}")
 
 
 @dataclass

@@ -444,8 +444,8 @@ def check_wandb(cfg: Config) -> None:
 
 
 def check_tensorboard(cfg: Config) -> None:
-    """train.tensorboard's writer, tensorboardX, is installed (ValueError naming the setting and the pip command), before
-    the model is built: rank 0 would find out at its first step, the other ranks waiting for it there."""
+    """train.tensorboard's writer, tensorboardX, is installed (ValueError naming the setting and the pip command),
+    before the model is built: rank 0 would find out at its first step, the other ranks waiting for it there."""
     import importlib.util
 
     from train.tensorboard import PACKAGE, missing_message

@@ -130,18 +130,13 @@ class Meter:
             kw = {"id": group, "name": name, "job_type": "train", "resume": "allow"}
         self.wandb = wandb.init(project=project, dir=run_dir, mode=mode, config=config, group=group, **kw)
 
-    def start_tensorboard(self, logdir: str, *, purge_step: int | None, flush_secs: float) -> None:
+    def start_tensorboard(self, logdir: str, *, purge_step: int | None) -> None:
         """train.tensorboard: this launch's event file in `logdir` (train/tensorboard.py), its restart marker at
         `purge_step` (None: none)."""
         from train.tensorboard import TensorBoardLog
 
-        self.tensorboard = TensorBoardLog(logdir, purge_step=purge_step, flush_secs=flush_secs)
+        self.tensorboard = TensorBoardLog(logdir, purge_step=purge_step)
         log.info("TensorBoard: %s (tensorboard --logdir %s)", self.tensorboard.path, logdir)
-
-    def flush(self) -> None:
-        """What the sinks hold to disk (TensorBoard's events; at each checkpoint)."""
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
 
     def close_tensorboard(self) -> None:
         if self.tensorboard is not None:

@@ -5,9 +5,10 @@ numeric value, tagged `train/<key>` or `eval/<key>`, a key that is already a gro
 `loss_kind/<kind>`, `val_loss_kind/<kind>`, their `_tokens/` counts) as it is, so each table is a section of its own.
 TensorBoard stores 32-bit floats: a count above 2^24 shows rounded (metrics.jsonl has it exact).
 
-The events are written in this process (tensorboardX's own SummaryWriter queues them to a thread, and its flush()
-leaves the queued ones unwritten) and reach the disk at each flush: every `flush_secs` seconds, at each checkpoint and
-at the end, so a killed launch loses at most the values logged since its last flush.
+Each event is written to disk (flushed) as it is logged, as metrics.jsonl's line is: a killed launch loses no value
+logged before the kill (at most the record being written, whose cut end TensorBoard skips). The events are written in
+this process: tensorboardX's own SummaryWriter queues them to a thread, and its flush() leaves the queued ones
+unwritten (they reach the disk up to 120 s later, or at close).
 
 A launch that starts at step S (the checkpoint it resumes, or 0) trains the steps after S again: its file opens with
 a restart marker at step S + 1 (0 for a run started over), as `SummaryWriter(purge_step=...)` writes, so TensorBoard
@@ -39,7 +40,7 @@ class TensorBoardLog:
     """One event file of a launch in `logdir` (made if missing); `purge_step`: the step of the restart marker, or
     None for none (train.eval.only's own run)."""
 
-    def __init__(self, logdir: str, *, purge_step: int | None, flush_secs: float):
+    def __init__(self, logdir: str, *, purge_step: int | None):
         try:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
@@ -53,25 +54,19 @@ class TensorBoardLog:
         # the order TensorBoard reads them in
         self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{time.time_ns()}")
         self.path = self._writer._file_name
-        self.flush_secs = flush_secs
         if purge_step is not None:
             self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
                                            session_log=SessionLog(status=SessionLog.START)))
-        self.flush()
+        self._writer.flush()
 
     def scalars(self, step: int, values: dict, *, group: str) -> None:
         """One event at `step` with a scalar per numeric value of `values` (booleans and text are not scalars; a
-        non-finite value is kept, as TensorBoard shows it); flushed once flush_secs have passed since the last."""
+        non-finite value is kept, as TensorBoard shows it), written to disk."""
         out = [self._summary.Value(tag=tag_of(k, group), simple_value=float(v)) for k, v in values.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if out:
             self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=self._summary(value=out)))
-        if time.monotonic() - self._flushed >= self.flush_secs:
-            self.flush()
-
-    def flush(self) -> None:
-        self._writer.flush()
-        self._flushed = time.monotonic()
+            self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()

@@ -868,8 +868,6 @@ class Trainer:
                                     async_queue=queue, optimizer_format=c.optimizer_format,
                                     extra=self.vision.sharded_state() if self.vision is not None else None)
         self._inflight = (self.step, path)
-        if self.rank == 0:
-            self.meter.flush()   # a launch killed later loses no value logged up to its checkpoint
         log.info("%s checkpoint %s (training blocked %.2f s)", "saved" if queue is None else "saving (async)", path,
                  timer.stop())
 
@@ -1487,7 +1485,7 @@ class Trainer:
                                    run_dir=self.run_dir, name=self.cfg.recipe_name, config=asdict(self.cfg))
             if t.tensorboard.enabled:   # the steps after `start` train again: their old values are dropped
                 self.meter.start_tensorboard(resolved_tb_dir(self.run_dir, t.tensorboard.dir),
-                                             purge_step=start + 1 if start else 0, flush_secs=t.tensorboard.flush_secs)
+                                             purge_step=start + 1 if start else 0)
         history: list[StepStats] | deque[StepStats] = [] if keep_history else deque(maxlen=1)
         if start >= t.steps:   # a finished run launched again, or one whose train.steps was lowered below its step
             log.info("nothing to train: the checkpoint resumed is at step %d, and train.steps is %d (raise "
@@ -1538,7 +1536,7 @@ class Trainer:
                 # logged after a step that is logged again, and the training may still be writing to its own
                 self.meter.start_tensorboard(
                     os.path.join(resolved_tb_dir(self.run_dir, t.tensorboard.dir), "eval_only",
-                                 time.strftime("%Y%m%d-%H%M%S")), purge_step=None, flush_secs=t.tensorboard.flush_secs)
+                                 time.strftime("%Y%m%d-%H%M%S")), purge_step=None)
             log.info("train.eval.only: scoring %s on the held-out data; no step trains and nothing is saved",
                      f"{len(refs)} checkpoint(s) of {source} (steps {', '.join(str(r.step) for r in refs)})" if refs
                      else f"the Hugging Face checkpoint {source} (logged at step 0)")

@@ -1,16 +1,15 @@
 """train.tensorboard (train/tensorboard.py): the event files of a run read back by a reader of this file (the TFRecord
 framing with its CRC-32C checks, TensorBoard's Python loader's rule for a restart marker) against the same run's
-metrics.jsonl and eval.jsonl, every value of every record, over a launch that stops after its last checkpoint and one
-that resumes it; the flush at a checkpoint; the settings' errors."""
+metrics.jsonl and eval.jsonl, every value of every record, over a launch killed after its last checkpoint and one
+that resumes it; each value on disk once logged; the launch's error without the package."""
 
-import json
 import struct
 import types
 
 import numpy as np
 import pytest
 
-from train.config import TensorboardConfig, to_config
+from train.config import to_config
 from train.launch import check_tensorboard, compose_config
 from train.metrics import read_record
 from tests.launch_util import one_rank_world
@@ -78,11 +77,32 @@ def expected_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_tags_and_values_of_a_record():
-    from train.tensorboard import tag_of
+def test_per_source_tables_and_a_skipped_steps_nan_are_scalars_of_their_own(tmp_path):
+    """A step of a mixture (its loss per source and kind, their token counts) that was skipped as not finite (loss
+    NaN, grad_norm inf) and an evaluation with its loss per kind, logged as the trainer logs them (Meter.log,
+    Meter.log_eval) beside the record lines it writes: the tables are sections of their own, the non-finite values
+    as they were (metrics.jsonl writes them as null, naming them)."""
+    from train.metrics import Meter, StepStats, json_record
 
-    assert tag_of("loss", "train") == "train/loss" and tag_of("val_loss", "eval") == "eval/val_loss"
-    assert tag_of("loss_src/short", "train") == "loss_src/short"   # a per-source table: a section of its own
+    meter = Meter(flops_per_token=1e6, world_size=2, peak_tflops=None, total_steps=9)
+    meter.start_tensorboard(str(tmp_path / "tensorboard"), purge_step=0)
+    stats = StepStats(step=7, loss=float("nan"), grad_norm=float("inf"), lr=1e-4, seconds=0.5, tokens=4096,
+                      extra={"loss_src/long": 2.5, "loss_src/short": 2.25, "loss_src_tokens/long": 3000,
+                             "loss_kind/video": 2.4, "data_wait_rank": 1, "skipped_steps": 1})
+    rates = meter.rates(stats)
+    ev = {"val_loss": 2.0, "val_loss_kind/video": 2.1, "val_loss_kind/text": 1.9, "val_sequences": 8}
+    (tmp_path / "metrics.jsonl").write_text(json_record({"step": 7, **rates}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json_record({"step": 7, **ev, "eval_only": True}) + "\n")
+    meter.log(stats, rates, console=False)
+    meter.log_eval(7, ev)
+    meter.finish()
+    got, want = read_scalars(tmp_path / "tensorboard"), expected_scalars(tmp_path)
+    assert {"loss_src/long", "loss_src_tokens/long", "loss_kind/video", "val_loss_kind/text", "train/loss",
+            "train/data_wait_rank", "eval/val_loss"} <= got.keys()
+    assert got.keys() == want.keys()
+    for tag in want:   # exact: one float64 rounded to float32 on both sides; NaN equal to NaN
+        np.testing.assert_array_equal(np.array(got[tag]), np.array(want[tag]), err_msg=tag)
+    assert np.isnan(got["train/loss"][0][1]) and got["train/grad_norm"] == [(7, float("inf"))]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +132,6 @@ def _train(run_dir, *overrides, before_step=None):
         ["recipe=keye_tiny_lm", "parallel.ep=1", "train.wandb.enabled=false", "train.steps=2", "train.warmup_steps=1",
          "train.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=4", "model.lm.num_layers=1",
          "train.eval.interval=100", "train.checkpoint.save_interval=1", "train.tensorboard.enabled=true",
-         "train.tensorboard.flush_secs=1e9",
          "train.checkpoint.async_save=false", f"run_dir={run_dir}", *overrides]), world_size=1)
     tr = Trainer(cfg, layout)
     if before_step is not None:   # called before each step with the trainer
@@ -129,8 +148,8 @@ def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps
     removed, as if it had been killed before saving it; the next launch resumes step 1 and trains step 2 again. The
     event files, read as TensorBoard does, hold every value of metrics.jsonl and eval.jsonl (which set the first step
     2 aside) at its step: the first launch's step 2 is in its file, and the second launch's restart marker at step 2
-    drops it. With flush_secs far off, the values up to the checkpoint of step 1 are on disk when step 2 begins: the
-    checkpoint flushed them."""
+    drops it. The values logged so far are on disk when step 2 begins (not held in the process, where a kill would lose
+    them)."""
     import shutil
 
     run_dir = world / "run"
@@ -157,12 +176,7 @@ def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps
                                                                  got["train/step_time_s"][1][1]]
 
 
-def test_bad_settings_stop_the_launch_naming_them(monkeypatch):
-    with pytest.raises(ValueError, match=r"train\.tensorboard\.flush_secs must be a finite number of seconds > 0, "
-                                         r"got 0"):
-        TensorboardConfig(flush_secs=0)
-    with pytest.raises(ValueError, match=r"train\.tensorboard\.flush_secs must be"):
-        to_config(compose_config(["recipe=keye_tiny_lm", "train.tensorboard.flush_secs=nan"]))
+def test_a_launch_without_the_package_stops_naming_the_setting_and_the_pip_command(monkeypatch):
     cfg = to_config(compose_config(["recipe=keye_tiny_lm", "train.tensorboard.enabled=true"]))
     assert to_config(compose_config(["recipe=keye_tiny_lm"])).train.tensorboard.enabled is False
     check_tensorboard(cfg)   # installed here
@@ -172,25 +186,23 @@ def test_bad_settings_stop_the_launch_naming_them(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else
                         find_spec(name, *a))
     with pytest.raises(ValueError, match=r"train\.tensorboard\.enabled=true writes TensorBoard event files with the "
-                                         r"tensorboardX package, which is not installed here: pip install tensorboardX"):
+                                         r"tensorboardX package, which is not installed here: pip install "
+                                         r"tensorboardX"):
         check_tensorboard(cfg)
     cfg.train.tensorboard.enabled = False
     check_tensorboard(cfg)
 
 
-def test_values_reach_the_disk_at_a_flush_or_once_flush_secs_have_passed(tmp_path):
-    """A killed launch loses what was logged since its last flush: with flush_secs far off, logged values are in the
-    process alone until flush(); with flush_secs passed at each call, every call writes them."""
+def test_each_value_is_on_disk_once_logged(tmp_path):
+    """A killed launch loses no value it logged: each is written to disk as it is logged (not held in the process
+    until a flush), the restart marker too; booleans and text are not scalars."""
     from train.tensorboard import TensorBoardLog
 
-    held = TensorBoardLog(str(tmp_path / "held"), purge_step=0, flush_secs=1e9)
-    for step in (1, 2):
-        held.scalars(step, {"loss": 1.0 / step, "skipped": True, "note": "x"}, group="train")
-    assert read_scalars(tmp_path / "held") == {}
-    held.flush()
-    assert read_scalars(tmp_path / "held") == {"train/loss": [(1, 1.0), (2, 0.5)]}   # booleans and text are no scalars
-    eager = TensorBoardLog(str(tmp_path / "eager"), purge_step=None, flush_secs=1e-9)
-    eager.scalars(5, {"val_loss": 0.25}, group="eval")
-    assert read_scalars(tmp_path / "eager") == {"eval/val_loss": [(5, 0.25)]}
-    held.close()
-    eager.close()
+    tb = TensorBoardLog(str(tmp_path), purge_step=3)
+    tb.scalars(3, {"loss": 0.5, "skipped": True, "note": "x"}, group="train")
+    assert read_scalars(tmp_path) == {"train/loss": [(3, 0.5)]}
+    tb.scalars(4, {"val_loss": 0.25}, group="eval")
+    assert read_scalars(tmp_path) == {"train/loss": [(3, 0.5)], "eval/val_loss": [(4, 0.25)]}
+    (marker,) = [e for p in tmp_path.glob("events.*") for e in _events(p) if e.HasField("session_log")]
+    assert marker.step == 3
+    tb.close()
