@@ -24,9 +24,13 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21,<1",  # data.video.tokenizer=<a Hugging Face tokenizer directory>; 0.23 tested
     "pillow>=10,<14",  # image samples (data/video/images.py); 13.0 tested
 ]
+# train.tensorboard's writer (train/tensorboard.py): one 88 kB wheel over numpy and protobuf, installed in 2 s (2.6.5
+# tested, with protobuf 7); torch.utils.tensorboard needs the tensorboard package, about 20 MB of new wheels (grpcio,
+# its data server)
+TENSORBOARD_REQUIRES = ["tensorboardX>=2.6,<3"]
 # transformers: the reference implementation HF-interop tests compare logits against; pytest-xdist >= 3.8 for
 # --no-loadscope-reorder (pytest.ini)
-DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "transformers==5.24.0"]
+DEV_REQUIRES = ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "transformers==5.24.0", *TENSORBOARD_REQUIRES]
 
 setup(
     name="keye-train",
@@ -35,5 +39,5 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["kernels*", "models*", "parallel*", "data*", "train*", "launch*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES},
+    extras_require={"dev": DEV_REQUIRES, "tensorboard": TENSORBOARD_REQUIRES},
 )
