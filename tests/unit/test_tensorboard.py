@@ -64,12 +64,15 @@ def read_scalars(logdir, *, purge: bool = True) -> dict[str, list[tuple[int, flo
     return {tag: vals for tag, vals in out.items() if vals}
 
 
-def expected_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    """The same run's values from metrics.jsonl and eval.jsonl, each as TensorBoard keeps it (a 32-bit float)."""
+def expected_scalars(run_dir, *, eval_only: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """The same run's values from metrics.jsonl and eval.jsonl, each as TensorBoard keeps it (a 32-bit float); with
+    eval_only, train.eval.only's lines of eval.jsonl alone, else the training's."""
     out: dict[str, list[tuple[int, float]]] = {}
-    for name, group in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
+    for name, group in (("eval.jsonl", "eval"),) if eval_only else (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
         for line in (run_dir / name).read_text().splitlines():
             rec = read_record(line)
+            if rec.pop("eval_only", False) != eval_only:
+                continue
             step = rec.pop("step")
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -92,7 +95,7 @@ def test_per_source_tables_and_a_skipped_steps_nan_are_scalars_of_their_own(tmp_
     rates = meter.rates(stats)
     ev = {"val_loss": 2.0, "val_loss_kind/video": 2.1, "val_loss_kind/text": 1.9, "val_sequences": 8}
     (tmp_path / "metrics.jsonl").write_text(json_record({"step": 7, **rates}) + "\n")
-    (tmp_path / "eval.jsonl").write_text(json_record({"step": 7, **ev, "eval_only": True}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json_record({"step": 7, **ev}) + "\n")
     meter.log(stats, rates, console=False)
     meter.log_eval(7, ev)
     meter.finish()
@@ -124,7 +127,7 @@ def world(tmp_path_factory):
         trainer_module.restart_checkpoint_helpers = restart
 
 
-def _train(run_dir, *overrides, before_step=None):
+def _trainer(run_dir, *overrides):
     from train.launch import validate
     from train.trainer import Trainer
 
@@ -133,7 +136,11 @@ def _train(run_dir, *overrides, before_step=None):
          "train.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=4", "model.lm.num_layers=1",
          "train.eval.interval=100", "train.checkpoint.save_interval=1", "train.tensorboard.enabled=true",
          "train.checkpoint.async_save=false", f"run_dir={run_dir}", *overrides]), world_size=1)
-    tr = Trainer(cfg, layout)
+    return Trainer(cfg, layout)
+
+
+def _train(run_dir, *overrides, before_step=None):
+    tr = _trainer(run_dir, *overrides)
     if before_step is not None:   # called before each step with the trainer
         step = tr.train_step
         tr.train_step = types.MethodType(lambda self: (before_step(self), step())[1], tr)
@@ -143,13 +150,11 @@ def _train(run_dir, *overrides, before_step=None):
         tr.close()
 
 
-def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps_it_trains_again(world):
+@pytest.fixture(scope="module")
+def resumed(world):
     """A launch trains steps 1 and 2 (checkpoints at each, evaluations at 0 and 2) and its checkpoint of step 2 is
-    removed, as if it had been killed before saving it; the next launch resumes step 1 and trains step 2 again. The
-    event files, read as TensorBoard does, hold every value of metrics.jsonl and eval.jsonl (which set the first step
-    2 aside) at its step: the first launch's step 2 is in its file, and the second launch's restart marker at step 2
-    drops it. The values logged so far are on disk when step 2 begins (not held in the process, where a kill would lose
-    them)."""
+    removed, as if it had been killed before saving it; the next launch resumes step 1 and trains step 2 again.
+    Returns the run directory and what the event files held when the first launch's step 2 began."""
     import shutil
 
     run_dir = world / "run"
@@ -159,9 +164,18 @@ def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps
         if tr.step == 1:
             seen[tr.step] = read_scalars(run_dir / "tensorboard")
     _train(run_dir, before_step=before_step)
-    assert {s for s, _ in seen[1]["train/loss"]} == {1} and {s for s, _ in seen[1]["eval/val_loss"]} == {0}
     shutil.rmtree(run_dir / "checkpoints" / "step_000002")
     _train(run_dir)
+    return run_dir, seen
+
+
+def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps_it_trains_again(resumed):
+    """The run of `resumed`: its event files, read as TensorBoard does, hold every value of metrics.jsonl and
+    eval.jsonl (which set the first step 2 aside) at its step: the first launch's step 2 is in its file, and the
+    second launch's restart marker at step 2 drops it. The values logged so far are on disk when step 2 begins (not
+    held in the process, where a kill would lose them)."""
+    run_dir, seen = resumed
+    assert {s for s, _ in seen[1]["train/loss"]} == {1} and {s for s, _ in seen[1]["eval/val_loss"]} == {0}
 
     got, want = read_scalars(run_dir / "tensorboard"), expected_scalars(run_dir)
     assert [s for s, _ in want["train/loss"]] == [1, 2] and [s for s, _ in want["eval/val_loss"]] == [0, 2]
@@ -174,6 +188,22 @@ def test_every_logged_value_is_a_scalar_at_its_step_and_a_resume_drops_the_steps
     assert old["step"] == 2
     assert [v for s, v in raw["train/step_time_s"] if s == 2] == [float(np.float32(old["step_time_s"])),
                                                                  got["train/step_time_s"][1][1]]
+
+
+def test_eval_only_writes_a_run_of_its_own(resumed):
+    """train.eval.only on the same run directory scores its newest checkpoint (step 2) into a run of its own under
+    the training's TensorBoard directory, with the values of its eval.jsonl line; the training's run is unchanged."""
+    run_dir, _ = resumed
+    before = read_scalars(run_dir / "tensorboard")
+    tr = _trainer(run_dir, "train.eval.only=true", "train.eval.batches=1")
+    try:
+        tr.evaluate_only()
+    finally:
+        tr.close()
+    (own,) = (run_dir / "tensorboard" / "eval_only").iterdir()
+    got, want = read_scalars(own), expected_scalars(run_dir, eval_only=True)
+    assert [s for s, _ in want["eval/val_loss"]] == [2] and got == want
+    assert read_scalars(run_dir / "tensorboard") == before
 
 
 def test_a_launch_without_the_package_stops_naming_the_setting_and_the_pip_command(monkeypatch):
