@@ -448,10 +448,18 @@ def check_tensorboard(cfg: Config) -> None:
     before the model is built: rank 0 would find out at its first step, the other ranks waiting for it there."""
     import importlib.util
 
-    from train.tensorboard import PACKAGE, missing_message
+    from train.tensorboard import PACKAGE, missing_message, resolved_dir
 
-    if cfg.train.tensorboard.enabled and importlib.util.find_spec(PACKAGE) is None:
+    t = cfg.train.tensorboard
+    if not t.enabled:
+        return
+    if importlib.util.find_spec(PACKAGE) is None:
         raise ValueError(missing_message())
+    # rank 0 makes it at the first step, once the model is built: a file in the way stopped it there with a traceback
+    where = Path(resolved_dir(cfg.resolved_run_dir(), t.dir)).absolute()
+    problem = _unwritable(where, "TensorBoard's event files go there")
+    if problem:
+        raise ValueError(f"train.tensorboard.dir={t.dir!r}: {where}{problem}")
 
 
 def check_run_dir(cfg: Config) -> None:
@@ -459,18 +467,26 @@ def check_run_dir(cfg: Config) -> None:
     logs there first, which failed with a traceback on every rank for a path that is a file or read-only. Leaves
     nothing (a probe directory is made and removed): a config that is not valid leaves no directory behind."""
     run_dir = Path(cfg.resolved_run_dir()).absolute()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run_dir={run_dir} is a file, not a directory")
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    problem = _unwritable(run_dir, "the run's logs, config and checkpoints go there")
+    if problem:
+        raise ValueError(f"run_dir={run_dir}{problem}")
+
+
+def _unwritable(path: Path, what: str) -> str:
+    """"" where `path` (absolute) is, or can be made, a directory this process can write; else what is wrong, to
+    follow its name (`what`: what goes there). Leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        return " is a file, not a directory"
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"run_dir={run_dir}: cannot be made a directory ({existing} is a file)")
+        return f": cannot be made a directory ({existing} is a file)"
     # tried, not judged by os.access: that answers yes to root for any directory (a root-squashed NFS mount, /proc),
     # where the launch's first write failed with a traceback on every rank
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
     except OSError as e:
-        raise ValueError(f"run_dir={run_dir}: this process cannot write {'there' if existing == run_dir else existing} "
-                         f"({e.strerror}; the run's logs, config and checkpoints go there)") from None
+        return f": this process cannot write {'there' if existing == path else existing} ({e.strerror}; {what})"
+    return ""
 
 
 def check_hf_model(source: str, lm) -> None:
@@ -745,8 +761,8 @@ def run(dcfg: DictConfig) -> None:
         check_device(cfg, cuda=cuda)
         apply_deterministic(cfg.train.deterministic)   # train.deterministic: before CUDA is first used
         check_wandb(cfg)
-        check_tensorboard(cfg)
         check_run_dir(cfg)
+        check_tensorboard(cfg)   # its directory is under run_dir unless told otherwise
         check_paths(cfg)
         warning, unused = None, decode_once_unused(cfg, layout)
         if cfg.train.memory_check != "off" and cuda:

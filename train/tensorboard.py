@@ -73,6 +73,7 @@ class TensorBoardLog:
 
 
 def resolved_dir(run_dir: str, configured: str) -> str:
-    """train.tensorboard.dir: "" <run_dir>/tensorboard; a relative path under run_dir, an absolute one as it is."""
-    return os.path.join(run_dir, configured or "tensorboard")
+    """train.tensorboard.dir: "" <run_dir>/tensorboard; a relative path under run_dir, an absolute one as it is (`~`
+    the home directory, where it was a directory named `~` under run_dir)."""
+    return os.path.join(run_dir, os.path.expanduser(configured or "tensorboard"))
 

@@ -223,6 +223,30 @@ def test_a_launch_without_the_package_stops_naming_the_setting_and_the_pip_comma
     check_tensorboard(cfg)
 
 
+def test_the_directory_setting_and_a_file_in_its_way(tmp_path, monkeypatch):
+    """train.tensorboard.dir: "" <run_dir>/tensorboard, a relative path under run_dir, `~` the home directory (it
+    was a directory named `~` under run_dir); a file where the directory goes stops the launch naming the setting
+    (it stopped rank 0 with NotADirectoryError at its first step, after the model was built)."""
+    from train.tensorboard import resolved_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolved_dir("runs/x", "") == "runs/x/tensorboard" and resolved_dir("runs/x", "tb") == "runs/x/tb"
+    assert resolved_dir("runs/x", "/abs/tb") == "/abs/tb" and resolved_dir("runs/x", "~/tb") == f"{tmp_path}/home/tb"
+    (tmp_path / "file").write_text("")
+    cfg = to_config(compose_config(["recipe=keye_tiny_lm", "train.tensorboard.enabled=true", f"run_dir={tmp_path}",
+                                    f"train.tensorboard.dir={tmp_path}/file/tb"]))
+    with pytest.raises(ValueError, match=rf"train\.tensorboard\.dir='{tmp_path}/file/tb': {tmp_path}/file/tb: "
+                                         rf"cannot be made a directory \({tmp_path}/file is a file\)"):
+        check_tensorboard(cfg)
+    cfg.train.tensorboard.dir = "file"
+    with pytest.raises(ValueError, match=rf"train\.tensorboard\.dir='file': {tmp_path}/file is a file, not a "
+                                         r"directory"):
+        check_tensorboard(cfg)
+    cfg.train.tensorboard.dir = "tb"
+    check_tensorboard(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]   # the probe leaves nothing
+
+
 def test_each_value_is_on_disk_once_logged(tmp_path):
     """A killed launch loses no value it logged: each is written to disk as it is logged (not held in the process
     until a flush), the restart marker too; booleans and text are not scalars."""
