@@ -15,6 +15,12 @@ this seed has no top-k tie that close); the balancing loss is an fp32 sum of par
 ranks and an average over DP ranks, measured within 1.5e-8 relative of the single process at step 1, held to 1e-6
 there; later steps' come from weights that differ as the losses' do (RTOL: measured 1.1e-6 at TP2/ETP2, step 3, with
 the expert bias on, whose changed choices change which weights train).
+
+Held-out loss (train.eval, evaluations at steps 0, 2 and 3 of 2 global batches each): at TP2, PP2, interleaved PP2,
+EP2 and DP2 within RTOL of the single process's at every step (the same reductions in another order, as the training
+loss). With the expert bias on, the single process's evaluating run trains as the one without (the same losses and
+router statistics, bit for bit). The held-out loss's other checks (against the training loss on that data, the video
+layouts, train.eval.only) are tests/dist/test_eval.py's.
 """
 
 import pytest
@@ -29,6 +35,9 @@ COMMON = ["recipe=keye_tiny_lm", "train.steps=3", "train.checkpoint.enabled=fals
           "train.micro_batch_size=2", "train.seq_length=128", "parallel=single",
           "model.lm.moe_expert_bias=true", "model.lm.moe_bias_update_rate=0.05"]
 RTOL = 2e-5
+# held-out evaluations at steps 0, 2 and 3, two global batches each (as test_eval.py's LM runs)
+EVAL = ["train.eval.interval=2", "train.eval.batches=2"]
+EVALUATED = ("tp2", "pp2", "pp2_vpp2", "ep2_alltoall", "dp2")
 LAYOUTS = {
     "tp2": ["parallel.tp=2"],
     "tp2_etp2": ["parallel.tp=2", "parallel.etp=2"],
@@ -50,8 +59,10 @@ RAMPED = {"dp2_ramp": [], "pp2_vpp2_ramp": ["parallel.pp=2", "parallel.vpp=2"]}
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    ref = run_layouts_all(1, {"single": COMMON, "single_ramp": RAMP}, tmp_path_factory.mktemp("single"))
-    two = run_layouts_all(2, {**{name: COMMON + ov for name, ov in LAYOUTS.items()},
+    ref = run_layouts_all(1, {"single": COMMON, "single_eval": COMMON + EVAL, "single_ramp": RAMP},
+                          tmp_path_factory.mktemp("single"))
+    layouts = {name: COMMON + ov + (EVAL if name in EVALUATED else []) for name, ov in LAYOUTS.items()}
+    two = run_layouts_all(2, {**layouts,
                               **{name: RAMP + ov for name, ov in RAMPED.items()}}, tmp_path_factory.mktemp("two"))
     return ref, two
 
@@ -95,3 +106,26 @@ def test_a_ramp_matches_the_single_process_ramp(curves, name):
             (ref[step]["global_batch"], ref[step]["consumed_samples"])
         assert got[step]["moe_lb_loss"] == pytest.approx(ref[step]["moe_lb_loss"], rel=1e-6 if step == 1 else RTOL), \
             (name, step)
+
+
+def test_evaluating_changes_no_training_step_nor_router_statistic(curves):
+    """With the expert bias on, a run that evaluates (EVAL) trains as the one that does not, bit for bit: the same
+    losses, router statistics and bias range at every step (evaluation runs the routers without gradients: no count,
+    no bias moved, no balancing loss tracked)."""
+    reference, _ = curves
+    assert [e["step"] for e in reference["evals"]["single_eval"]] == [0, 2, 3]
+    assert reference["losses"]["single_eval"] == reference["losses"]["single"]
+    moe = {name: {s: {k: v for k, v in e.items() if k.startswith("moe_")} for s, e in reference["extras"][name].items()}
+           for name in ("single", "single_eval")}
+    assert moe["single_eval"] == moe["single"] and "moe_bias_max" in moe["single"][3]
+
+
+@pytest.mark.parametrize("name", EVALUATED)
+def test_layouts_give_the_single_process_held_out_loss(curves, name):
+    """Each layout's held-out loss against the single process's at every evaluation (RTOL, as the training loss)."""
+    reference, runs = curves
+    ref = {e["step"]: e["val_loss"] for e in reference["evals"]["single_eval"]}
+    got = {e["step"]: e["val_loss"] for e in runs["evals"][name]}
+    assert sorted(got) == sorted(ref) == [0, 2, 3]
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= RTOL * abs(ref[step]), (name, step, got[step], ref[step])
