@@ -18,9 +18,11 @@ uninterrupted curve exactly: tests/dist/test_faults.py, where the kill points ar
   train.checkpoint.resume=false that directory is refused (a fresh run would write among its checkpoints).
 """
 
+from pathlib import Path
+
 import pytest
 
-from tests.launch_util import QUIET, run_layouts, run_layouts_all
+from tests.launch_util import QUIET, run_layouts_all
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,21 @@ VPP = ["parallel.pp=2", "parallel.vpp=2"]
 # the tiny LM's 4 layers: DSA (top 32 of the 128 tokens, so it selects), KSA (chunks of 8), dense, DSA
 MIXED = ["model.lm.attention_per_layer=[dsa,ksa,dense,dsa]", "model.lm.dsa.index_heads=4", "model.lm.dsa.index_dim=8",
          "model.lm.dsa.topk=32", "model.lm.dsa.stage=sparse", "model.lm.ksa.chunk=8", "model.lm.ksa.windows=[4]"]
+
+
+# ---------------------------------------------------------------------------- other hyper-parameters on resume
+# A resume with another train.lr, min_lr, adam_beta2 or adam_eps (logged as a changed setting) must train with them:
+# megatron-core's loader handed the optimizer the checkpoint's parameter groups, so the LM went on at the old peak
+# and floor of the schedule (and the old betas and eps) while the log showed the new learning rate.
+HYPER = ["train.lr_schedule=cosine", "train.warmup_steps=1", "train.steps=6"]
+CHANGED = {"lr": 1.0e-3, "min_lr": 2.0e-4, "adam_beta2": 0.99, "adam_eps": 1.0e-6}
+FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
+def _hyper_first(optimizer_format: str) -> list[str]:
+    """The run resumed with CHANGED: EP2 at dp 2 (the distributed optimizer's sharded state), stopped after step 2."""
+    return COMMON + HYPER + ["parallel.ep=2", "train.stop_after=2", f"run_dir=lr_{optimizer_format}",
+                             f"train.checkpoint.optimizer_format={optimizer_format}"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +80,8 @@ def runs_all(root):
         "mixed_cp2": COMMON + MIXED + ["parallel.cp=2", "train.stop_after=1", "train.checkpoint.enabled=false",
                                        "run_dir=m"],
         "mixed_resumed": COMMON + MIXED + ["run_dir=m"],
+        # stopped after step 2, for a resume with other hyper-parameters in each optimizer format (HYPER below)
+        **{f"hyper_{fmt}": _hyper_first(fmt) for fmt in FORMATS},
     }, root)
 
 
@@ -162,17 +181,10 @@ def test_a_changed_model_stops_before_the_resume(runs, root, monkeypatch):
     validate(compose_config(mixed + ["train.trainable=indexer", "train.eval.only=true"]))
 
 
-# ---------------------------------------------------------------------------- other hyper-parameters on resume
-# A resume with another train.lr, min_lr, adam_beta2 or adam_eps (logged as a changed setting) must train with them:
-# megatron-core's loader handed the optimizer the checkpoint's parameter groups, so the LM went on at the old peak
-# and floor of the schedule (and the old betas and eps) while the log showed the new learning rate.
-HYPER = ["train.lr_schedule=cosine", "train.warmup_steps=1", "train.steps=6"]
-CHANGED = {"lr": 1.0e-3, "min_lr": 2.0e-4, "adam_beta2": 0.99, "adam_eps": 1.0e-6}
-
-
-def resumed_hyperparameters(out: str, overrides: str) -> None:
-    """Resumes the run directory in `overrides` with CHANGED and writes, from rank 0, every LM parameter group's
-    lr (as apply_lr sets it for the next step), betas and eps, and the lr the step logs."""
+def resumed_hyperparameters(jobs: str) -> None:
+    """For each [out, overrides] of the JSON list `jobs`, in turn: resumes the run directory in `overrides` with
+    CHANGED and writes, from rank 0, every LM parameter group's lr (as apply_lr sets it for the next step), betas and
+    eps, and the lr the step logs."""
     import json
 
     from parallel.groups import teardown
@@ -180,33 +192,39 @@ def resumed_hyperparameters(out: str, overrides: str) -> None:
     from train.optim import apply_lr, torch_optimizers
     from train.trainer import Trainer
 
-    cfg, layout = validate(compose_config(overrides.split() + [f"train.{k}={v}" for k, v in CHANGED.items()]))
-    tr = Trainer(cfg, layout)
-    logged = apply_lr(tr.optimizer, tr.step, cfg.train)
-    groups = [{"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "wd_mult": g.get("wd_mult", 1.0)}
-              for opt in torch_optimizers(tr.optimizer) for g in opt.param_groups]
-    if tr.rank == 0:
-        with open(out, "w") as f:
-            json.dump({"step": tr.step, "logged": logged, "groups": groups}, f)
-    tr.close()
+    for out, overrides in json.loads(jobs):
+        cfg, layout = validate(compose_config(overrides.split() + [f"train.{k}={v}" for k, v in CHANGED.items()]))
+        tr = Trainer(cfg, layout)
+        logged = apply_lr(tr.optimizer, tr.step, cfg.train)
+        groups = [{"lr": g["lr"], "betas": list(g["betas"]), "eps": g["eps"], "wd_mult": g.get("wd_mult", 1.0)}
+                  for opt in torch_optimizers(tr.optimizer) for g in opt.param_groups]
+        if tr.rank == 0:
+            with open(out, "w") as f:
+                json.dump({"step": tr.step, "logged": logged, "groups": groups}, f)
+        tr.close()
     teardown()
 
 
-@pytest.mark.parametrize("optimizer_format", ["dp_reshardable", "fully_reshardable"])
-def test_a_resume_trains_with_the_learning_rate_and_adam_settings_it_is_given(tmp_path, optimizer_format):
+@pytest.fixture(scope="module")
+def resumed_groups(runs_all, root):
+    """Each optimizer format's run (stopped after step 2 in runs_all) resumed with CHANGED, both in one job of 2 ranks:
+    format -> what resumed_hyperparameters wrote."""
     import json
-    import math
 
     from tests.launch_util import run_ranks
 
-    first = (COMMON + HYPER + ["parallel.ep=2", "train.stop_after=2", "run_dir=lr",
-                               f"train.checkpoint.optimizer_format={optimizer_format}"])
-    run_layouts(2, {"first": first}, tmp_path)      # dp 2: the distributed optimizer's sharded state
-    out = tmp_path / "groups.json"
-    overrides = QUIET + [o for o in first if not o.startswith(("run_dir", "train.stop_after"))]
-    run_ranks(2, "tests.dist.test_resume:resumed_hyperparameters",
-              (str(out), " ".join(overrides + [f"run_dir={tmp_path / 'runs' / 'lr'}"])), tmp_path / "logs")
-    got = json.loads(out.read_text())
+    jobs = [[str(root / f"groups_{fmt}.json"),
+             " ".join(QUIET + [o for o in _hyper_first(fmt) if not o.startswith(("run_dir", "train.stop_after"))]
+                      + [f"run_dir={root / 'runs' / f'lr_{fmt}'}"])] for fmt in FORMATS]
+    run_ranks(2, "tests.dist.test_resume:resumed_hyperparameters", (json.dumps(jobs),), root / "hyper_logs")
+    return {fmt: json.loads(Path(out).read_text()) for fmt, (out, _) in zip(FORMATS, jobs)}
+
+
+@pytest.mark.parametrize("optimizer_format", FORMATS)
+def test_a_resume_trains_with_the_learning_rate_and_adam_settings_it_is_given(resumed_groups, optimizer_format):
+    import math
+
+    got = resumed_groups[optimizer_format]
     assert got["step"] == 2
     # the cosine schedule of optim.py's docstring at 0-based step 2, warm-up 1 of 6 steps, with the new bounds
     lo, hi = CHANGED["min_lr"], CHANGED["lr"]
