@@ -24,7 +24,8 @@ round's packs and `settle(packs)` makes them the trainer's micro-batches: one al
 rank's error (any rank's stops every rank) and packs' samples, and of the decoding rank's failed samples, after which
 the other ranks leave out the same samples, and every rank accounts the packs alike. The pixels reach the ranks whose
 ViT share needs them in the vision phase (parallel/vit_layout.py scatter_pixels, whose ranks meet before its
-all_to_all: an error of one rank after settle stops them all there).
+all_to_all: an error of one rank after settle stops them all there; the replicated layout's ranks meet so at the end
+of its vision phase).
 
 `ensure_synthetic_shards` makes the small synthetic video set the tiny recipe trains on (rank 0,
 once per directory; other ranks wait for its marker file), so the demo needs no downloads.

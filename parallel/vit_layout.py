@@ -41,6 +41,12 @@ grids alone, so it is the same as with every rank's own pixels, and so are the e
 all_to_all the ranks meet (`raise_together`, one all_reduce of one number a round): a rank's error up to there is raised
 on every rank, naming it, instead of leaving the others in the all_to_all until the job's timeout.
 
+The replicated layout (`ReplicatedVisionPhase`, every consumer encodes every frame, nothing is exchanged) has no
+collective of its own: where its group has several ranks they meet at the end of its forward (`raise_together`, the
+same one number), so that an error of one rank there or before it (a later pipeline stage rebuilding a pack after the
+round's settle) is raised on every rank rather than leaving the others in the LM's step (a pipeline send, a
+tensor-parallel all_reduce) until the job's timeout.
+
 Gradients of tokens needed by several consumers: `grad_mode="replicated"` (TP consumers: after
 megatron's sequence-parallel scatter every TP rank holds the same full gradient of the inserted
 embeddings) takes each token's gradient from exactly one of the consumers that hold it, spread
@@ -322,12 +328,21 @@ def pixel_rows(plan: VisionPlan) -> list[int]:
     return rows
 
 
-def raise_together(error: BaseException | None, group, device) -> None:
+# raise_together's `where`: what the other ranks of the group would have waited in
+PIXEL_EXCHANGE = ("before the pixel exchange (parallel.vit.decode_once: the group's first rank sends each rank its "
+                  "frames' pixels in one all_to_all, which every rank of the group would wait in)")
+REPLICATED_STEP = ("in the vision phase (parallel.vit.layout=replicated: the vision phase has no collective of its "
+                   "own, and the language model's step that follows, its first pipeline send or tensor-parallel "
+                   "collective, is what every rank of the group would wait in)")
+
+
+def raise_together(error: BaseException | None, group, device, *, where: str = PIXEL_EXCHANGE) -> None:
     """Collective over `group`: returns where no rank met an error; else raises on every rank of the group, the
     rank's own error where it met one, on the others a RuntimeError naming the first rank that did (its global rank
-    and host) and its error. Called right before a collective that a rank's error would otherwise leave the others
-    waiting in until the job's timeout. The cost where all is well: one all_reduce of one int32 on `device` and the
-    host's read of it (the messages travel, in an all_gather_object, only after a rank failed)."""
+    and host), `where` it failed (what the others would have waited in) and its error. Called right before a collective
+    that a rank's error would otherwise leave the others waiting in until the job's timeout. The cost where all is
+    well: one all_reduce of one int32 on `device` and the host's read of it (the messages travel, in an
+    all_gather_object, only after a rank failed)."""
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not int(flag.item()):
@@ -340,9 +355,7 @@ def raise_together(error: BaseException | None, group, device) -> None:
     rank, host, what = next(m for m in got if m is not None)
     more = sum(m is not None for m in got) - 1
     raise RuntimeError(f"vision phase: rank {rank} on {host}{f' (and {more} more of the group)' if more else ''} "
-                       f"failed before the pixel exchange (parallel.vit.decode_once: the group's first rank sends each "
-                       f"rank its frames' pixels in one all_to_all, which every rank of the group would wait in): "
-                       f"{what}")
+                       f"failed {where}: {what}")
 
 
 def _pixel_transfer(pvs: Sequence[torch.Tensor], plan: VisionPlan, src: int,
@@ -685,10 +698,34 @@ class ReplicatedVisionPhase:
         self.last_plan: VisionPlan | None = None
         self._state: dict | None = None
 
-    def forward(self, microbatches: Sequence[Any],
-                needs: Mapping[int, Sequence[torch.Tensor | None]] | None = None) -> list[torch.Tensor] | None:
+    def forward(self, microbatches: Sequence[Any], needs: Mapping[int, Sequence[torch.Tensor | None]] | None = None,
+                error: BaseException | None = None) -> list[torch.Tensor] | None:
+        """Every consumer encodes every frame (VisionPhase.forward's interface, no pixels_from). With several ranks in
+        the group they meet at the end, every call (raise_together: one all_reduce of one number): nothing here is a
+        collective, and the LM's step that follows is (a later pipeline stage's first receive, a tensor-parallel
+        all_reduce), so an error of one rank (`error`, one it met before the phase, e.g. rebuilding a pack after the
+        round's settle, `microbatches` then not read; or one here: pixels that cannot be copied or encoded) is raised
+        on every rank of the group, naming it, instead of leaving the others waiting in that step."""
         if self._state is not None:
             raise RuntimeError("ReplicatedVisionPhase.forward called twice without backward() in between")
+        if self.W == 1:
+            if error is not None:
+                raise error
+            return self._forward(microbatches, needs)
+        out = None
+        if error is None:
+            try:
+                out = self._forward(microbatches, needs)
+            except Exception as e:  # noqa: BLE001 - raised on every rank by raise_together
+                error = e
+        try:
+            raise_together(error, self.group, next(self.model.parameters()).device, where=REPLICATED_STEP)
+        except BaseException:
+            self._state = None      # a failed round keeps nothing for a backward
+            raise
+        return out
+
+    def _forward(self, microbatches, needs) -> list[torch.Tensor] | None:
         pvs, grids = zip(*(frames_of(mb) for mb in microbatches)) if microbatches else ((), ())
         _check_pixel_dtypes(pvs)
         cfg = self.model.cfg

@@ -1330,10 +1330,11 @@ class Trainer:
         try:
             mbs = stream.settle(mbs)   # under parallel.vit.decode_once collective over the replica's ranks
         except Exception as e:
-            if self.vision is None or not self.vision.decode_once:
+            if self.vision is None or not self.vision.meets:
                 raise
             # an error of this rank after settle's exchange (rebuilding a pack without the failed samples) stops the
-            # group before the pixel exchange, which the others would wait in (VisionTower.forward)
+            # group where it meets in the vision phase: before the pixel exchange (decode_once), or at the end of the
+            # replicated layout's, before the LM's step (VisionTower.forward); the others would wait in either
             mbs, error = [], e
         if self.vision is None:
             return mbs

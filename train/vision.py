@@ -154,6 +154,9 @@ class VisionTower:
         # alone decodes the packs, and sends each rank its frames' pixels in the phase (data/video_stream.DecodeOnce)
         self.decode_once = v.decodes_once and len(members) > 1 and cfg.data.kind == "video"
         self.pixel_ranks = pixel_ranks(v, cfg.data.kind, members, consumers)
+        # the ranks of the group meet in the vision phase, each round (parallel/vit_layout.py raise_together): before
+        # the pixel exchange under decode_once, at the end of the replicated layout's phase (no collective of its own)
+        self.meets = self.decode_once or (v.layout == "replicated" and len(members) > 1)
         if dist.get_rank() == 0:
             log.info("vision tower: %.1fM parameters (%s), layout %s over %d ranks per LM sequence "
                      "(LM-input ranks %s), balance %s, recompute %s, %s", vcfg.num_params() / 1e6,
@@ -169,19 +172,22 @@ class VisionTower:
         each micro-batch dict gets "visual_local_pos": where this rank's share of the visual tokens sits in
         its local sequence (the parallel.cp_split layout of parallel/context/split.py, which for "document"
         depends on the micro-batch's cu_seqlens); the embeddings returned are exactly those tokens.
-        Under decode_once an error of this rank before the pixels move (`error`, one it met since the round's settle,
-        or one here: a device out-of-memory copying the pixels there) is raised on every rank of the group, naming it
-        (VisionPhase.forward), instead of leaving the others waiting for the pixels; elsewhere it is raised here."""
+        Where the group's ranks meet in the phase (`meets`: under decode_once before the pixels move, under the
+        replicated layout at its end) an error of this rank (`error`, one it met since the round's settle, or one here:
+        a device out-of-memory copying the pixels there) is raised on every rank of the group, naming it
+        (VisionPhase.forward, ReplicatedVisionPhase.forward), instead of leaving the others waiting for the pixels or
+        in the LM's step; elsewhere it is raised here."""
         try:
             if error is not None:
                 raise error
             mbs, needs = self._inputs(micro_batches, device)
         except Exception as e:
-            if not self.decode_once:
+            if not self.meets:
                 raise
             mbs, needs, error = [], None, e
+        kw = {"pixels_from": 0, "error": error} if self.decode_once else {"error": error} if self.meets else {}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.phase.forward(mbs, needs, **({"pixels_from": 0, "error": error} if self.decode_once else {}))
+            return self.phase.forward(mbs, needs, **kw)
 
     def _inputs(self, micro_batches: list[dict], device) -> tuple[list, dict | None]:
         """The phase's micro-batches (pixels on `device`, grids) and, under context parallelism, each LM-input rank's

@@ -410,14 +410,65 @@ def test_an_error_between_settle_and_the_pixel_exchange_goes_to_the_vision_phase
     class Pixels:            # a micro-batch's pixels whose copy to the device runs out of memory
         def to(self, *a, **k):
             raise oom
-    tower = SimpleNamespace(decode_once=True, phase=Phase(), bf16=False, layout=SimpleNamespace(cp=1))
+    tower = SimpleNamespace(decode_once=True, meets=True, phase=Phase(), bf16=False, layout=SimpleNamespace(cp=1))
     tower._inputs = lambda mbs, device: VisionTower._inputs(tower, mbs, device)
     VisionTower.forward(tower, [{"pixel_values": Pixels(), "grid_thw": torch.ones(1, 3, dtype=torch.long)}], "cpu")
     assert calls == [([], {"pixels_from": 0, "error": oom})]
 
     gone = MemoryError("rebuilding a pack")
     stream = SimpleNamespace(take=lambda n: [], settle=lambda mbs: (_ for _ in ()).throw(gone))
-    vision = SimpleNamespace(decode_once=True, forward=lambda mbs, device, error=None: calls.append((mbs, error)))
+    vision = SimpleNamespace(decode_once=True, meets=True,
+                             forward=lambda mbs, device, error=None: calls.append((mbs, error)))
     trainer = SimpleNamespace(step=0, rank=1, data_can_end=False, vision=vision, device="cpu")
     Trainer._video_round(trainer, stream, 1)
     assert calls[-1] == ([], gone)
+
+
+def test_an_error_after_settle_goes_to_the_replicated_layouts_phase(monkeypatch):
+    """Under parallel.vit.layout=replicated with pipeline stages (no decode_once), an error of one rank after the
+    round's settle (a later stage rebuilding a pack) or copying its pixels to the device was raised there alone, while
+    the other stage waited in the LM's first pipeline send until the job's timeout. The tower of a group of several
+    ranks now meets (`meets`), and its round and forward hand the error to the replicated phase, which raises it on
+    every rank of the group (tests/dist/test_vit_layout.py replicated_pp2_faults). Fakes stand for the config, the
+    process group, the stream and the phase."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from train import vision as tv
+    from train.trainer import Trainer
+    from train.vision import VisionTower
+
+    calls = []
+
+    class Phase:
+        def forward(self, mbs, needs, **kw):
+            calls.append((mbs, kw))
+    # a tower of the replicated layout over a group of 2 (PP2: rank 0 stage 0, rank 1 the later stage), built by its
+    # own __init__ with the process group's calls and the phase faked
+    monkeypatch.setattr(tv, "sequence_group", lambda layout, pgs: "group")
+    monkeypatch.setattr(tv, "build_vision_phase", lambda *a, **k: Phase())
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 1])
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    from train.config import Config
+    cfg = Config()
+    cfg.model.vision.enabled, cfg.data.kind = True, "video"
+    cfg.parallel.vit.layout = "replicated"
+    layout = SimpleNamespace(tp=1, cp=1, dp=1, pp=2)
+    tower = VisionTower(cfg, layout, None, torch.device("cpu"), train_vit=True, bf16=False)
+    assert (tower.decode_once, tower.pixel_ranks) == (False, [0])
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class Pixels:            # a micro-batch's pixels whose copy to the device runs out of memory
+        def to(self, *a, **k):
+            raise oom
+    tower.forward([{"pixel_values": Pixels(), "grid_thw": torch.ones(1, 3, dtype=torch.long)}], "cpu")
+    assert calls == [([], {"error": oom})]
+
+    gone = RuntimeError("rebuilding a pack")
+    stream = SimpleNamespace(take=lambda n: [], settle=lambda mbs: (_ for _ in ()).throw(gone))
+    trainer = SimpleNamespace(step=0, rank=1, data_can_end=False, vision=tower, device="cpu")
+    Trainer._video_round(trainer, stream, 1)
+    assert calls[-1] == ([], {"error": gone})
+    assert tower.meets

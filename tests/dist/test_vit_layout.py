@@ -100,6 +100,12 @@ CASES = {
     # others waited in the all_to_all until the job's timeout. Every rank now raises, naming it; the group goes on
     "pixels_from_0_faults": ({2}, dict(consumers="all", needs="all", grad_mode="replicated", pixels_from=0,
                                        faults=True)),
+    # the replicated layout under PP2 (stage 0 encodes every frame, stage 1 none): an error of one stage after the
+    # round's settle (the later stage rebuilding a pack; stage 0's pixels that cannot be encoded) stopped it alone,
+    # the other waited in the LM's first pipeline send or receive until the job's timeout. Every rank now raises at
+    # the end of the phase, naming it; the group goes on
+    "replicated_pp2_faults": ({2}, dict(consumers=[0], needs="all", grad_mode="replicated", layout="replicated",
+                                        faults=True)),
 }
 
 
@@ -195,7 +201,8 @@ def _run_case(name: str, opt: dict, rank: int, W: int) -> dict[str, float]:
     ref = _model(opt.get("freeze"), dtype)
     trains = any(p.requires_grad for p in ref.parameters())
     if opt.get("faults"):
-        _run_faults(opt, rank, W, consumers, mbs, model)
+        (_run_replicated_faults if opt.get("layout") == "replicated" else _run_faults)(opt, rank, W, consumers, mbs,
+                                                                                       model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.get("bf16", False)):
         return _run_phase(opt, rank, W, consumers, mbs, V, needs, w, model, ref, trains)
 
@@ -235,6 +242,49 @@ def _run_faults(opt, rank, W, consumers, mbs, model) -> None:
     with torch.no_grad():   # the group goes on: a good round after them
         out = VisionPhase(model, group, consumers).forward(mbs if rank == src else empty, None, pixels_from=src)
     assert [e.shape[0] for e in out] == [int(mb["grid_thw"].prod(-1).sum()) // 4 for mb in mbs]
+
+
+def _run_replicated_faults(opt, rank, W, consumers, mbs, model) -> None:
+    """The replicated layout's phase with a later stage (the non-consumers): two rounds that fail on one rank (a later
+    stage's error met after settle, passed as `error`; a consumer's micro-batches whose pixels cannot be encoded
+    together), then a good one, over a group whose collectives time out after 10 s (a rank left waiting, as before,
+    fails the case in a pipeline send below rather than hang the job). Every rank must raise in the first two, the
+    failing one its own error, the others a RuntimeError naming its rank, host and error."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from parallel.vit_layout import REPLICATED_STEP, ReplicatedVisionPhase
+
+    group = dist.new_group(list(range(W)), backend="gloo", timeout=datetime.timedelta(seconds=10))
+    later, first = max(r for r in range(W) if r not in consumers), consumers[0]
+    rebuild = RuntimeError("video loader: rebuilding epoch 0 pack 3 without its failed samples: token file t.bin is "
+                           "gone")
+    mixed = [mbs[0], dict(mbs[1], pixel_values=mbs[1]["pixel_values"].double())]   # uint8 and float64 pixels
+    for bad, kw, batch, own in (
+            (later, {"error": rebuild}, mbs, f"RuntimeError: {rebuild}"),
+            (first, {}, mixed, "ValueError: micro-batches have pixel_values of different dtypes ['torch.float64', "
+                               "'torch.uint8']; give all uint8 or all the same floating dtype")):
+        try:
+            ReplicatedVisionPhase(model, group, consumers).forward(batch if rank == bad else mbs, None,
+                                                                   **(kw if rank == bad else {}))
+            # as the LM's step would: stage 0 sends micro-batch 0's activations to the later stage
+            t = torch.zeros(4)
+            if rank == first:
+                dist.send(t, later, group=group)
+            elif rank == later:
+                dist.recv(t, first, group=group)
+            got = "no error"
+        except Exception as e:
+            got = f"{type(e).__name__}: {e}"
+        want = own if rank == bad else (
+            f"RuntimeError: vision phase: rank {bad} on {socket.gethostname()} failed {REPLICATED_STEP}: {own}")
+        assert got == want, f"rank {rank}, rank {bad} failing: {got}"
+    with torch.no_grad():   # the group goes on: a good round after them
+        out = ReplicatedVisionPhase(model, group, consumers).forward(mbs, None)
+    assert out is None if rank not in consumers else (
+        [e.shape[0] for e in out] == [int(mb["grid_thw"].prod(-1).sum()) // 4 for mb in mbs])
 
 
 def _run_phase(opt, rank, W, consumers, mbs, V, needs, w, model, ref, trains) -> dict[str, float]:
