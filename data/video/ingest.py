@@ -289,6 +289,15 @@ def _records(path: str, problems: list[str]):
                 problems.append(f"{path}:{n}: not JSON ({e}); record left out")
 
 
+def marker_segments(record: dict) -> list[tuple[str, bool]]:
+    """The segments of a record where a "<video>" or "<image>" it does not hold the picture for is reported: its
+    prompt, QA questions and user turns (text, or image / video parts), where the user asks about what is shown. Not
+    its free `text` (a web page may spell an HTML tag; an image sample's `<image>` there is counted against its images
+    apart), nor the segments where they are words (`Verbatim`: a caption, answers, the other turns)."""
+    return [(t, s) for t, s in annotation_segments({k: x for k, x in record.items() if k != "text"})
+            if not isinstance(t, Verbatim)]
+
+
 def read_annotations(path: str | None) -> Annotations:
     """JSONL (or one JSON array of records) -> records by kind, and the problems found. A record names its `video`,
     its `image` or its `images` (paths relative to --videos; several images are placed at the "<image>" markers of
@@ -338,9 +347,9 @@ def read_annotations(path: str | None) -> Annotations:
             elif marks and marks != len(rels):
                 problems.append(f"{path}:{n}: {len(rels)} image(s) but {marks} '<image>' markers in the text "
                                 f"(one per image, or none to place the images first)")
-            elif any(VIDEO_MARKER in t.text for t in turns or () if t.role == "user"):   # no video shown there
-                problems.append(f"{path}:{n}: a '<video>' marker (or video part) in the conversation of an image "
-                                f"sample (its record names images, no video)")
+            elif video_marks := sum(t.count(VIDEO_MARKER) for t, _ in marker_segments(r)):   # no video shown there
+                problems.append(f"{path}:{n}: {video_marks} '<video>' marker(s) (or video parts) in the prompt, "
+                                f"questions or user turns of an image sample (its record names images, no video)")
             else:
                 sid = "+".join(rels)
                 if sid in out.images or sid in out.videos:
@@ -354,9 +363,8 @@ def read_annotations(path: str | None) -> Annotations:
             # parts, a prompt's or a question's) in a text-only sample would stay strings: answers trained on pictures
             # never shown (a free 'text' may spell them as text, and so may a caption, an answer and the turns that
             # are not the user's: annotations.Verbatim)
-            segs = annotation_segments({k: x for k, x in r.items() if k != "text"})
-            marks = [f"{c} {m!r}" for m in (IMAGE_MARKER, VIDEO_MARKER)
-                     if (c := sum(t.count(m) for t, _ in segs if not isinstance(t, Verbatim)))]
+            segs = marker_segments(r)
+            marks = [f"{c} {m!r}" for m in (IMAGE_MARKER, VIDEO_MARKER) if (c := sum(t.count(m) for t, _ in segs))]
             if marks:
                 problems.append(f"{path}:{n}: {' and '.join(marks)} marker(s) or part(s) in its prompt, questions or "
                                 f"user turns, but no 'image', 'images' or 'video' field: name the file they stand for, "

@@ -255,8 +255,30 @@ def test_a_conversation_marking_pictures_it_does_not_have_is_reported(tmp_path):
     assert got.problems[0].startswith(f"{ann}:1: 1 '<image>' marker(s) or part(s) in its prompt, questions or user "
                                       f"turns, but no 'image'")
     assert got.problems[1].startswith(f"{ann}:2: 1 '<image>' marker(s)")
-    assert got.problems[2].startswith(f"{ann}:3: a '<video>' marker (or video part) in the conversation of an image")
+    assert got.problems[2].startswith(f"{ann}:3: 1 '<video>' marker(s) (or video parts) in the prompt, questions or "
+                                      f"user turns of an image sample")
     assert got.problems[3].startswith(f"{ann}:5: 1 '<image>' marker(s)")   # LLaVA's video data needs its video field
+
+
+def test_a_video_marker_in_an_image_samples_prompt_or_question_is_reported(tmp_path):
+    """An image sample whose prompt or QA question spells "<video>" (a video QA set converted to frames as images) was
+    stored without a word: the marker stayed the string "<video>" and the answer trained on a video never shown.
+    Ingest now reports it by line and leaves the record out, as it does one in a user turn and a text-only record's
+    markers. Its free text (an interleaved page that writes HTML's <video> tag), a caption and an answer keep it as
+    words."""
+    recs = [{"image": "a.png", "prompt": "<video>\nWhat is shown?", "caption": "A cat."},
+            {"images": ["b.png", "c.png"], "qa": [{"question": "<image> <image> <video> What happens?",
+                                                   "answer": "A cat leaves."}]},
+            {"image": "d.png", "text": "<image> The <video> tag embeds a clip."},
+            {"image": "e.png", "prompt": "<image>\nWhat is this tag?", "caption": "The <video> tag.",
+             "qa": [{"question": "Which tag?", "answer": "<video>"}]}]
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = read_annotations(str(ann))
+    assert sorted(got.images) == ["d.png", "e.png"] and len(got.problems) == 2, got.problems
+    for line, problem in zip((1, 2), got.problems):
+        assert problem == (f"{ann}:{line}: 1 '<video>' marker(s) (or video parts) in the prompt, questions or user "
+                           f"turns of an image sample (its record names images, no video)"), problem
 
 
 def test_markers_outside_the_user_turns_are_words_at_ingest_and_in_image_samples(tmp_path):
