@@ -453,6 +453,8 @@ def test_an_error_after_settle_goes_to_the_replicated_layouts_phase(monkeypatch)
     from train.config import Config
     cfg = Config()
     cfg.model.vision.enabled, cfg.data.kind = True, "video"
+    v = cfg.model.vision                            # a tiny tower: building the 400M-parameter default takes seconds
+    v.depth, v.hidden, v.heads, v.mlp, v.pos_grid = 1, 16, 2, 32, 4
     cfg.parallel.vit.layout = "replicated"
     layout = SimpleNamespace(tp=1, cp=1, dp=1, pp=2)
     tower = VisionTower(cfg, layout, None, torch.device("cpu"), train_vit=True, bf16=False)
