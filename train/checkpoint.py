@@ -766,10 +766,13 @@ def load_extra_weights(ref: CheckpointRef, sharded: dict) -> list[str]:
 def check_resume_point(cfg, layout, ref: CheckpointRef, common: dict) -> None:
     """train/launch.check_resume's judgement of one checkpoint `ref` whose common state is
     `common` ({} where it cannot be read: nothing to judge): its model is this launch's, its stage's train.trainable
-    this launch's, its optimizer state loads at `layout` (ValueError naming what differs)."""
+    this launch's, its optimizer state loads at `layout`, and the batches the run takes from its position split at
+    `layout` (train.batch_rampup's, still to come there: train/config.check_batches) (ValueError naming what
+    differs)."""
     from dataclasses import asdict
 
-    from train.config import MODEL_KEYS_FREE_ON_RESUME, Config, config_changes
+    from train.config import (MODEL_KEYS_FREE_ON_RESUME, Config, check_batches, config_changes,
+                              saved_consumed_samples)
 
     saved = common.get("config") or {}     # absent from checkpoints written before they recorded it: not checked
     # a setting added to the schema since the checkpoint, at its default here, is the model it trained (the
@@ -797,3 +800,6 @@ def check_resume_point(cfg, layout, ref: CheckpointRef, common: dict) -> None:
             f"train.trainable={trained}")
     if "layout" in common and not cfg.train.eval.only:  # a layout its optimizer state cannot load at, before the build
         check_resumable(common, layout_record(layout), ref.path)
+    if "step" in common:   # the launcher judged the newest checkpoint's position; the trainer may resume an older one
+        check_batches(cfg, layout, step=int(common["step"]),
+                      consumed_samples=saved_consumed_samples(common, common.get("config")))

@@ -331,18 +331,9 @@ class TrainConfig:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
         r = self.batch_rampup
-        if r.start:
-            if r.start >= self.global_batch_size:
-                raise ValueError(f"train.batch_rampup.start ({r.start}) must be below train.global_batch_size "
-                                 f"({self.global_batch_size}), the batch it ramps up to (0: no ramp-up)")
-            if (self.global_batch_size - r.start) % r.increment:
-                raise ValueError(f"train.batch_rampup.increment ({r.increment}) must divide train.global_batch_size - "
-                                 f"train.batch_rampup.start ({self.global_batch_size} - {r.start} = "
-                                 f"{self.global_batch_size - r.start})")
-            for name in ("start", "increment"):
-                if getattr(r, name) % self.micro_batch_size:
-                    raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of "
-                                     f"train.micro_batch_size ({self.micro_batch_size})")
+        # the ramp's settings against train.global_batch_size, train.micro_batch_size and the layout: check_batches,
+        # at the point a run starts from (a run resumed past its ramp no longer takes them)
+        if r.start and r.start < self.global_batch_size and not (self.global_batch_size - r.start) % r.increment:
             ramping, last = self._ramp()
             if ramping == self.steps:   # a run that never reaches its global batch
                 warnings.warn(f"train.batch_rampup.samples ({r.samples}) outlasts the run: every one of its "
@@ -372,6 +363,17 @@ class TrainConfig:
         """How many of the run's steps take a global batch below train.global_batch_size (train.batch_rampup's
         steps; at most train.steps)."""
         return self._ramp()[0]
+
+    def batches_from(self, step: int = 0, consumed_samples: int = 0) -> list[tuple[int, int]]:
+        """(the first step that takes it, the global batch) for each global batch of the steps after `step` steps that
+        consumed `consumed_samples` packed sequences ((0, 0): a fresh run): the ramp's within train.steps, then
+        train.global_batch_size's (its step: the one after the ramp)."""
+        out: list[tuple[int, int]] = []
+        while step < self.steps and (batch := self.batch_size_at(consumed_samples)) < self.global_batch_size:
+            if not out or out[-1][1] != batch:
+                out.append((step + 1, batch))
+            step, consumed_samples = step + 1, consumed_samples + batch
+        return out + [(step + 1, self.global_batch_size)]
 
     def batch_sizes(self) -> list[int]:
         """Every global batch a step of the run may take, smallest first (the ramp's, then train.global_batch_size)."""
@@ -512,6 +514,53 @@ def rampup_changed(saved: dict, t: TrainConfig, consumed: int) -> str:
     return (f"train.batch_rampup changed since the checkpoint: {said(old, old_gbs)} -> "
             f"{said(new, t.global_batch_size)}; after the {consumed} sequences consumed, the next step's global batch "
             f"is {t.batch_size_at(consumed)} sequences by the new settings")
+
+
+def check_batches(cfg: Config, layout, *, step: int = 0, consumed_samples: int = 0) -> None:
+    """Every global batch the run takes from where it starts (after `step` steps that consumed `consumed_samples` packed
+    sequences: a resumed run's checkpoint; 0, 0: a fresh run) splits as the layout (parallel/layout.ParallelLayout)
+    needs: train.batch_rampup's batches still to come lead up to train.global_batch_size, each a multiple of
+    train.micro_batch_size x the data-parallel size, and every batch's micro-batches per rank a multiple of
+    parallel.vit.group and, with the interleaved pipeline schedule (parallel.vpp > 1), of parallel.pp. ValueError
+    naming the settings, and the step and batch where one is the ramp's. A run resumed past its ramp (train.batch_rampup
+    .samples consumed) is judged at train.global_batch_size alone: the ramp's settings bind no later data-parallel size,
+    micro-batch or global batch."""
+    t, r = cfg.train, cfg.train.batch_rampup
+    gbs, mbs, dp = t.global_batch_size, t.micro_batch_size, layout.dp
+    ramping = bool(r.start) and consumed_samples < r.samples and not t.eval.only
+    resumed = (f" (this run resumes after step {step}, {consumed_samples} of the ramp's train.batch_rampup.samples "
+               f"({r.samples}) sequences consumed)") if step and ramping else ""
+    if ramping and r.start >= gbs:
+        raise ValueError(f"train.batch_rampup.start ({r.start}) must be below train.global_batch_size ({gbs}), the "
+                         f"batch it ramps up to (0: no ramp-up){resumed}")
+    if ramping and (gbs - r.start) % r.increment:
+        raise ValueError(f"train.batch_rampup.increment ({r.increment}) must divide train.global_batch_size - "
+                         f"train.batch_rampup.start ({gbs} - {r.start} = {gbs - r.start}){resumed}")
+    batches = t.batches_from(step, consumed_samples) if ramping else [(step + 1, gbs)]
+    unit = f"train.micro_batch_size ({mbs}) x data-parallel size ({dp})"
+    for name in ("start", "increment") if ramping and not step else ():   # so is then every batch of the ramp
+        if getattr(r, name) % (mbs * dp):
+            raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of {unit}")
+    for s, batch in batches[:-1] if step else ():    # the ramp's batches still to come
+        if batch % (mbs * dp):
+            raise ValueError(f"train.batch_rampup gives step {s} the global batch {batch}, which must be a multiple of "
+                             f"{unit}{resumed}: resume the rest of the ramp (its batches "
+                             f"{', '.join(str(b) for _, b in batches[:-1])}, to step {batches[-1][0] - 1}) at a "
+                             f"data-parallel size that divides each, and change it once the ramp is over")
+    group = cfg.parallel.vit.group if cfg.model.vision.enabled and cfg.data.kind == "video" else 0
+    for s, batch in batches:
+        per_step = batch // (mbs * dp)
+        source = ("train.global_batch_size" if (s, batch) == batches[-1] else
+                  f"train.batch_rampup's global batch {batch} from step {s}")
+        micro = f"the micro-batches per step and data-parallel rank ({per_step} = {source} / (train.micro_batch_size " \
+                f"x {dp}))"
+        if group and per_step % group:
+            raise ValueError(f"parallel.vit.group ({group}) must divide {micro}{resumed}")
+        if layout.vpp > 1 and (group or per_step) % layout.pp:
+            what = f"parallel.vit.group ({group}), the micro-batches of each round of a step," if group else micro
+            raise ValueError(f"parallel.vpp ({layout.vpp}) runs megatron's interleaved pipeline schedule, which takes "
+                             f"micro-batches in groups of parallel.pp ({layout.pp}): {what} must be a multiple of "
+                             f"{layout.pp}{resumed}")
 
 
 def ignored_on_resume(saved: dict, cfg: Config, *, rng_restored: bool) -> list[str]:

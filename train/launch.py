@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
-from train.config import Config, SettingsError, register_configs, to_config
+from train.config import Config, SettingsError, check_batches, register_configs, saved_consumed_samples, to_config
 from train.determinism import apply_deterministic, check_deterministic
 
 LAUNCHED = time.time()   # this process's start, near enough: a STOP file older than it is stale (train/preemption.py)
@@ -91,12 +91,6 @@ def check_multimodal(cfg: Config, layout: ParallelLayout) -> None:
         raise ValueError(f"model.vision.enabled=true needs video data (data.kind=video), got data.kind={d.kind}"
                          + (" (data.kind=tokens feeds a language model alone; a multimodal run mixes token files into "
                             "its video packs with data.video.text_tokens)" if d.kind == "tokens" else ""))
-    group = cfg.parallel.vit.group
-    for batch in t.batch_sizes():   # a batch-size ramp's every step, then train.global_batch_size's
-        per_step = batch // (t.micro_batch_size * layout.dp)
-        if group and per_step % group:
-            raise ValueError(f"parallel.vit.group ({group}) must divide the micro-batches per step and data-parallel "
-                             f"rank ({per_step} = {batch_setting(t, batch)} / (train.micro_batch_size x {layout.dp}))")
     if d.video.patch_size != v.patch or d.video.merge_size != v.merge:
         raise ValueError(f"data.video.patch_size/merge_size ({d.video.patch_size}/{d.video.merge_size}) must equal "
                          f"model.vision.patch/merge ({v.patch}/{v.merge})")
@@ -240,6 +234,17 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
                          f"those weights), or remove {ref.path.parent}")
     ckpt.check_resume_point(cfg, layout, ref, ckpt.saved_common(ref) or {})
+
+
+def resume_position(cfg: Config) -> tuple[int, int]:
+    """(steps, packed sequences consumed) of the checkpoint this launch resumes (check_resume's: the newest whose files
+    have their sizes), (0, 0) for a fresh run or one whose checkpoint's state cannot be read (judged as fresh)."""
+    from train import checkpoint as ckpt
+
+    if not cfg.train.checkpoint.resume or (ref := ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)) is None:
+        return 0, 0
+    common = ckpt.saved_common(ref) or {}
+    return (int(common["step"]), saved_consumed_samples(common, common.get("config"))) if "step" in common else (0, 0)
 
 
 def check_paths(cfg: Config) -> None:
@@ -545,27 +550,21 @@ def validate(dcfg: DictConfig, world_size: int | None = None) -> tuple[Config, P
     cfg = to_config(dcfg)
     layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env() if world_size is None else world_size,
                                   lm=cfg.model.lm)
-    check_settings(cfg, layout)
+    check_settings(cfg, layout, resumed_at=resume_position(cfg))
     check_tokenizer(cfg)
     check_resume(cfg, layout)
     check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     return cfg, layout
 
 
-def check_settings(cfg: Config, layout: ParallelLayout) -> None:
-    """The settings fit each other and the layout (ValueError naming them). Reads no file: launch/memory.py judges
-    a run that will start on another machine with these checks alone."""
+def check_settings(cfg: Config, layout: ParallelLayout, *, resumed_at: tuple[int, int] = (0, 0)) -> None:
+    """The settings fit each other and the layout (ValueError naming them), for a run that starts after
+    `resumed_at` = (steps, packed sequences consumed): its checkpoint's (resume_position), (0, 0) for a fresh run.
+    Reads no file: launch/memory.py judges a run that will start on another machine with these checks alone."""
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * layout.dp):
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp})")
-    r = cfg.train.batch_rampup
-    for name in ("start", "increment") if r.start else ():   # so is then every batch of the ramp
-        if getattr(r, name) % (cfg.train.micro_batch_size * layout.dp):
-            raise ValueError(f"train.batch_rampup.{name} ({getattr(r, name)}) must be a multiple of train."
-                             f"micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel size ({layout.dp}) "
-                             f"(a run resumed past its ramp on more ranks goes on at train.global_batch_size with "
-                             f"train.batch_rampup.start=0)")
     if cfg.train.distill.enabled and not cfg.model.lm.uses_ksa:
         raise ValueError("train.distill.enabled needs KSA layers (model.lm.attention=ksa)")
     # the teacher is the model's own weights in teacher mode (train/distill.py): any of them that trained would move
@@ -588,8 +587,10 @@ def check_settings(cfg: Config, layout: ParallelLayout) -> None:
             raise ValueError(f"train.profile.start ({pr.start}) is past the run's last step (train.steps="
                              f"{cfg.train.steps}): nothing would be profiled")
     check_multimodal(cfg, layout)
+    # train.batch_rampup's batches still to come (a resumed run's: from its checkpoint's position), and each batch's
+    # micro-batches against parallel.vit.group and the interleaved pipeline schedule
+    check_batches(cfg, layout, step=resumed_at[0], consumed_samples=resumed_at[1])
     check_quarantine_path(cfg, layout)
-    check_interleaved_schedule(cfg, layout)
     check_token_files(cfg)
     from data.held_out import eval_plan
 
@@ -624,32 +625,6 @@ def check_quarantine_path(cfg: Config, layout: ParallelLayout) -> None:
                          f"'{{rank}}' in it, one file per replica (data.video.quarantine_path='{stem}.{{rank}}{dot}"
                          f"{suffix}', quoted on the command line), or give a relative path (<run_dir>/<name>.rank<N>"
                          f".jsonl)")
-
-
-def check_interleaved_schedule(cfg: Config, layout: ParallelLayout) -> None:
-    """megatron's interleaved pipeline schedule (parallel.vpp > 1) takes the micro-batches of each of its runs in
-    groups of parallel.pp per model chunk, so a run must hold a multiple of pp: a step's micro-batches per data-parallel
-    rank, or with the vision tower in rounds a round's (parallel.vit.group). ValueError naming them: megatron raised
-    at the first step, once the model was built."""
-    if layout.vpp == 1:
-        return
-    t = cfg.train
-    group = cfg.parallel.vit.group if cfg.model.vision.enabled else 0
-    for batch in t.batch_sizes():   # a batch-size ramp's every step, then train.global_batch_size's
-        per_step = batch // (t.micro_batch_size * layout.dp)
-        if (group or per_step) % layout.pp:
-            what = (f"parallel.vit.group ({group}), the micro-batches of each round of a step," if group else
-                    f"the micro-batches per step and data-parallel rank ({per_step} = {batch_setting(t, batch)} / "
-                    f"(train.micro_batch_size x {layout.dp}))")
-            raise ValueError(f"parallel.vpp ({layout.vpp}) runs megatron's interleaved pipeline schedule, which takes "
-                             f"micro-batches in groups of parallel.pp ({layout.pp}): {what} must be a multiple of "
-                             f"{layout.pp}")
-
-
-def batch_setting(t, batch: int) -> str:
-    """The setting that gives a step the global batch `batch`, as a message names it (`t`: train settings)."""
-    return "train.global_batch_size" if batch == t.global_batch_size else \
-        f"the global batch {batch} of train.batch_rampup's steps"
 
 
 def check_attention_stage(cfg: Config) -> None:

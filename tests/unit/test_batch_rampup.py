@@ -70,24 +70,24 @@ def _validate(*overrides, world_size=1, recipe="keye_tiny_lm"):
 
 
 @pytest.mark.parametrize("overrides,world_size,message", [
-    (["train.batch_rampup.start=16", "train.batch_rampup.increment=4", "train.batch_rampup.samples=10"], 1,
+    (["parallel.ep=1", "train.batch_rampup.start=16", "train.batch_rampup.increment=4",
+      "train.batch_rampup.samples=10"], 1,
      "train.batch_rampup.start (16) must be below train.global_batch_size (16), the batch it ramps up to"),
-    (["train.batch_rampup.start=4", "train.batch_rampup.increment=8", "train.batch_rampup.samples=10"], 1,
+    (["parallel.ep=1", "train.batch_rampup.start=4", "train.batch_rampup.increment=8",
+      "train.batch_rampup.samples=10"], 1,
      "train.batch_rampup.increment (8) must divide train.global_batch_size - train.batch_rampup.start (16 - 4 = 12)"),
     (["train.batch_rampup.start=4", "train.batch_rampup.samples=10"], 1,
      "train.batch_rampup.increment must be >= 1 with a ramp-up (train.batch_rampup.start 4), got 0"),
-    (["train.batch_rampup.start=2", "train.batch_rampup.increment=2", "train.batch_rampup.samples=10"], 1,
-     "train.batch_rampup.start (2) must be a multiple of train.micro_batch_size (4)"),
-    # the check cannot know whether a resume is past the ramp (its settings are checked before any checkpoint is read):
-    # the message says how such a run goes on at more ranks
+    (["parallel.ep=1", "train.batch_rampup.start=2", "train.batch_rampup.increment=2",
+      "train.batch_rampup.samples=10"], 1,
+     "train.batch_rampup.start (2) must be a multiple of train.micro_batch_size (4) x data-parallel size (1)"),
     (["parallel.ep=1", "train.batch_rampup.start=4", "train.batch_rampup.increment=4", "train.batch_rampup.samples=10"],
-     2, "train.batch_rampup.start (4) must be a multiple of train.micro_batch_size (4) x data-parallel size (2) (a run "
-        "resumed past its ramp on more ranks goes on at train.global_batch_size with train.batch_rampup.start=0)"),
+     2, "train.batch_rampup.start (4) must be a multiple of train.micro_batch_size (4) x data-parallel size (2)"),
     (["parallel.ep=1", "train.global_batch_size=24", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
       "train.batch_rampup.samples=10", "parallel.pp=2", "parallel.vpp=2", "model.lm.num_layers=4"], 2,
      "parallel.vpp (2) runs megatron's interleaved pipeline schedule, which takes micro-batches in groups of "
-     "parallel.pp (2): the micro-batches per step and data-parallel rank (1 = the global batch 4 of "
-     "train.batch_rampup's steps / (train.micro_batch_size x 1)) must be a multiple of 2"),
+     "parallel.pp (2): the micro-batches per step and data-parallel rank (1 = train.batch_rampup's global batch 4 "
+     "from step 1 / (train.micro_batch_size x 1)) must be a multiple of 2"),
 ])
 def test_nonsense_settings_stop_the_launch_naming_them(overrides, world_size, message):
     with pytest.raises(ValueError) as e:
@@ -99,8 +99,45 @@ def test_a_vit_group_that_does_not_divide_a_ramp_batch_stops_the_launch():
     with pytest.raises(ValueError) as e:
         _validate("train.global_batch_size=8", "parallel.vit.group=4", "train.batch_rampup.start=2",
                   "train.batch_rampup.increment=2", "train.batch_rampup.samples=10", world_size=2, recipe="keye_tiny")
-    assert ("parallel.vit.group (4) must divide the micro-batches per step and data-parallel rank (1 = the global "
-            "batch 2 of train.batch_rampup's steps / (train.micro_batch_size x 2))") in str(e.value)
+    assert ("parallel.vit.group (4) must divide the micro-batches per step and data-parallel rank (1 = "
+            "train.batch_rampup's global batch 2 from step 1 / (train.micro_batch_size x 2))") in str(e.value)
+
+
+def test_the_ramps_checks_bind_only_the_batches_a_resumed_run_still_takes():
+    """train/config.check_batches at a resumed run's position (its checkpoint's steps and sequences consumed), against
+    the batches megatron's formula gives each step (_reference_batch). Past the ramp, a DeepSeek-V3-sized run raises
+    train.global_batch_size to a batch off the ramp's grid (15360 -> 16384 with increment 3072) on twice the
+    data-parallel ranks: nothing binds; mid-ramp the same change names the increment and the position. Under the
+    interleaved schedule (pp 2), a ramp 1, 1, 2, 3, 4 (micro-batch 1, dp 1) resumed after step 3 is refused naming
+    step 4's batch 3, and after step 4 (past the ramp) it goes on."""
+    from types import SimpleNamespace
+
+    from train.config import Config, check_batches
+
+    def cfg(gbs, start, inc, samples, mbs=1):
+        return Config(train=TrainConfig(steps=100_000, global_batch_size=gbs, micro_batch_size=mbs, warmup_steps=1,
+                                        batch_rampup=BatchRampupConfig(start, inc, samples)))
+
+    samples = 469_000_000_000 // 4096
+    deepseek = cfg(16384, 3072, 3072, samples)   # refused as it was built before: increment must divide 13312
+    steps, consumed = 0, 0
+    while (b := _reference_batch(consumed, 3072, 3072, samples, 15360)) < 15360:
+        steps, consumed = steps + 1, consumed + b
+    check_batches(deepseek, SimpleNamespace(dp=1024, pp=1, vpp=1), step=steps, consumed_samples=consumed)
+    with pytest.raises(ValueError, match=r"^train\.batch_rampup\.increment \(3072\) must divide train\."
+                       r"global_batch_size - train\.batch_rampup\.start \(16384 - 3072 = 13312\) \(this run resumes "
+                       rf"after step 10, 30720 of the ramp's train\.batch_rampup\.samples \({samples}\) sequences "
+                       r"consumed\)$"):
+        check_batches(deepseek, SimpleNamespace(dp=1024, pp=1, vpp=1), step=10, consumed_samples=30720)
+
+    ramp, vpp = cfg(4, 1, 1, 6), SimpleNamespace(dp=1, pp=2, vpp=2)
+    assert [_reference_batch(c, 1, 1, 6, 4) for c in (0, 1, 2, 4, 7)] == [1, 1, 2, 3, 4]
+    assert ramp.train.batches_from() == [(1, 1), (3, 2), (4, 3), (5, 4)]
+    with pytest.raises(ValueError, match=r"\(3 = train\.batch_rampup's global batch 3 from step 4 / \(train\."
+                       r"micro_batch_size x 1\)\) must be a multiple of 2 \(this run resumes after step 3, 4 of the "
+                       r"ramp's train\.batch_rampup\.samples \(6\) sequences consumed\)$"):
+        check_batches(ramp, vpp, step=3, consumed_samples=4)
+    check_batches(ramp, vpp, step=4, consumed_samples=7)
 
 
 def test_the_memory_estimate_judges_the_largest_batch():
@@ -192,17 +229,54 @@ def test_each_ramp_step_is_a_step_at_its_global_batch(world, ramped):
                                                                                     rel=1e-9)
 
 
-def test_a_resume_mid_ramp_continues_as_the_uninterrupted_run(world, ramped):
-    """Stopped after step 1 (batch 4; 4 sequences consumed, the next steps' batch 8) and resumed with the same
-    settings: steps 2 and 3 as the uninterrupted run's, bit for bit, the same final weights and data position. The
-    checkpoint holds the sequences consumed."""
+@pytest.fixture(scope="module")
+def one_step(world):
+    """The ramped run stopped after step 1 (batch 4; 4 sequences consumed, the next steps' batch 8): its run directory
+    (a checkpoint at step 1) and that step's StepStats."""
+    first, _, _, _ = _train(world / "one_step", "train.stop_after=1", *RAMP)
+    return world / "one_step", first
+
+
+def test_a_resume_mid_ramp_continues_as_the_uninterrupted_run(world, ramped, one_step):
+    """Stopped after step 1 and resumed with the same settings: steps 2 and 3 as the uninterrupted run's, bit for bit,
+    the same final weights and data position. The checkpoint holds the sequences consumed."""
+    import shutil
+
     history, weights, state, consumed = ramped
-    first, _, _, _ = _train(world / "resumed", "train.stop_after=1", *RAMP)
+    shutil.copytree(one_step[0], world / "resumed")
+    first = one_step[1]
     second, resumed_weights, resumed_state, resumed_consumed = _train(world / "resumed", *RAMP)
     assert [s.loss for s in first + second] == [s.loss for s in history]
     assert [s.extra["global_batch"] for s in second] == BATCHES[1:]
     assert _same_weights(weights, resumed_weights)
     assert (resumed_state, resumed_consumed) == (state, consumed)
+
+
+def test_a_resume_past_the_ramp_goes_on_at_another_data_parallel_size(world, one_step):
+    """A checkpoint after one ramp step (batch 4; 4 sequences consumed: train.batch_rampup.samples=4, the ramp is over)
+    resumes on 2 data-parallel ranks with the ramp's settings unchanged (the launcher judged them as a fresh run's:
+    start 4 is no multiple of micro-batch 4 x 2 ranks). With samples=24 and train.global_batch_size=16 instead, the
+    same checkpoint is mid-ramp (batches 4, 8, 12 to come at steps 2, 3 and 4): refused, naming the step, its batch,
+    the position and the ramp's end; a fresh run in another directory is refused naming train.batch_rampup.start."""
+    run_dir = one_step[0]
+    common = ["parallel.ep=1", "train.micro_batch_size=4", "train.steps=10", "train.warmup_steps=1",
+              "train.seq_length=32", "model.lm.num_layers=1"]
+    cfg, layout = _validate(*common, f"run_dir={run_dir}", *RAMP, world_size=2)
+    assert layout.dp == 2 and cfg.train.batch_size_at(4) == 8
+    longer = ["train.global_batch_size=16", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
+              "train.batch_rampup.samples=24"]
+    assert [_reference_batch(c, 4, 4, 24, 16) for c in (4, 8, 16, 28)] == [4, 8, 12, 16]
+    with pytest.raises(ValueError) as e:
+        _validate(*common, f"run_dir={run_dir}", *longer, world_size=2)
+    assert str(e.value) == (
+        "train.batch_rampup gives step 2 the global batch 4, which must be a multiple of train.micro_batch_size (4) x "
+        "data-parallel size (2) (this run resumes after step 1, 4 of the ramp's train.batch_rampup.samples (24) "
+        "sequences consumed): resume the rest of the ramp (its batches 4, 8, 12, to step 4) at a data-parallel size "
+        "that divides each, and change it once the ramp is over")
+    _validate(*common, f"run_dir={run_dir}", *longer, world_size=1)   # on its one rank it goes on
+    with pytest.raises(ValueError, match=r"^train\.batch_rampup\.start \(4\) must be a multiple of train\."
+                       r"micro_batch_size \(4\) x data-parallel size \(2\)$"):
+        _validate(*common, f"run_dir={world / 'fresh_at_dp2'}", *RAMP, world_size=2)
 
 
 def test_a_resume_with_other_ramp_settings_warns_naming_both():
