@@ -339,3 +339,50 @@ def test_an_evaluation_mid_ramp_scores_the_global_batch(world):
         tr.close()
     assert mid["val_sequences"] == full["val_sequences"] == 2 * 8
     assert mid["val_loss"] == full["val_loss"]
+
+
+def test_a_video_mixture_resumed_mid_ramp_reads_and_trains_as_the_uninterrupted_run(world):
+    """The multimodal tiny model (ViT, projector, MoE LM) on synthetic video shards with token-file rows as 0.4 of its
+    packs (data.video.text_tokens), ramped 1, 1, 1, 2 packs over 4 steps: the run's checkpoint after step 2 (2 packs
+    consumed, mid-ramp; the run's later checkpoints removed from a copy) resumed. Steps 3 and 4 against the
+    uninterrupted run's, bit for bit (the same packs summed in the same order on one CPU), the same packs in the last
+    step (sources, epochs and samples), the same sequences consumed, and the same per-step data counts (documents of
+    each kind, from the loader's counters: a pack read twice or skipped would move them)."""
+    import shutil
+
+    from data.token_files import ensure_synthetic_token_files
+    from data.video_stream import ensure_synthetic_shards
+    from train.launch import compose_config, validate
+    from train.trainer import Trainer
+
+    shards = ensure_synthetic_shards(world / "videos", 4, 1234, rank=0)
+    text = ensure_synthetic_token_files(world / "video_tokens", 300, 13, rank=0, vocab_size=512)
+
+    def train(run_dir):
+        cfg, layout = validate(compose_config(
+            ["recipe=keye_tiny", "parallel=single", "model.lm.num_layers=1", "train.wandb.enabled=false",
+             "train.steps=4", "train.warmup_steps=1", "data.video.num_workers=0", f"data.video.shards={shards}",
+             f"data.video.text_tokens={text}", "data.video.text_tokens_fraction=0.4", "train.global_batch_size=2",
+             "train.batch_rampup.start=1", "train.batch_rampup.increment=1", "train.batch_rampup.samples=3",
+             "train.checkpoint.save_interval=2",
+             f"run_dir={run_dir}"]), world_size=1)
+        tr = Trainer(cfg, layout)
+        try:
+            history = tr.train()
+            return history, tr.streams[0].step_record(), tr.consumed_samples
+        finally:
+            tr.close()
+
+    whole, last, consumed = train(world / "video_ramp")
+    assert [s.extra["global_batch"] for s in whole] == [1, 1, 1, 2] and consumed == 5
+    shutil.copytree(world / "video_ramp", world / "video_ramp_resumed")
+    shutil.rmtree(world / "video_ramp_resumed" / "checkpoints" / "step_000004")
+    (world / "video_ramp_resumed" / "checkpoints" / "latest").unlink()
+    resumed, resumed_last, resumed_consumed = train(world / "video_ramp_resumed")
+    assert [s.step for s in resumed] == [3, 4]
+    assert [s.loss for s in resumed] == [s.loss for s in whole[2:]]
+    assert [s.extra["global_batch"] for s in resumed] == [1, 2]
+    assert resumed_last == last and len(last["packs"]) == 2 and resumed_consumed == consumed
+    counts = sorted(k for k in whole[-1].extra if k.startswith("data_samples"))
+    assert counts and [[s.extra[k] for k in counts] for s in resumed] == [[s.extra[k] for k in counts]
+                                                                          for s in whole[2:]]
