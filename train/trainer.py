@@ -497,12 +497,6 @@ class Trainer:
                          "pinned host memory" if torch.cuda.is_available() else "separate CPU tensors (CPU run)")
             log.info("run directory %s; %d micro-batches of %d per step per data-parallel rank (dp %d)",
                      self.run_dir, self.num_microbatches, t.micro_batch_size, dp_size)
-            r = t.batch_rampup
-            if r.start:
-                log.info("train.batch_rampup: the global batch grows from %d to %d sequences by %d over the first %d "
-                         "sequences (micro-batches per step and data-parallel rank: %d to %d; steps 1 to %d ramp)",
-                         r.start, t.global_batch_size, r.increment, r.samples,
-                         r.start // (t.micro_batch_size * dp_size), self.num_microbatches, t.rampup_steps())
             version = code_version()  # this launch's; the log keeps every launch's, the file the latest
             log.info("code version %s", version)
             if not self.eval_only:  # the file names the code that trained the run's latest steps
@@ -511,10 +505,30 @@ class Trainer:
             return
         self._resume()
         if self.rank == 0:
+            self._log_rampup(dp_size)
             for note in set_aside_redone(self.run_dir, self.step):
                 log.info("%s", note)
             if resolved_config_yaml:
                 record_config(self.run_dir, resolved_config_yaml, self.step)
+
+    def _log_rampup(self, dp_size: int) -> None:
+        """train.batch_rampup's steps from where this launch starts (a resumed run: its checkpoint's position; one
+        past the ramp takes train.global_batch_size, whatever the ramp's settings and this layout)."""
+        t = self.cfg.train
+        r, per_rank = t.batch_rampup, t.micro_batch_size * dp_size
+        if not r.start:
+            return
+        if self.consumed_samples >= r.samples:
+            log.info("train.batch_rampup: over (%d of its %d sequences consumed): global batch %d, %d micro-batches "
+                     "per step and data-parallel rank", self.consumed_samples, r.samples, t.global_batch_size,
+                     t.global_batch_size // per_rank)
+            return
+        batch, end = t.batch_size_at(self.consumed_samples), t.batches_from(self.step, self.consumed_samples)[-1][0]
+        log.info("train.batch_rampup: the global batch grows from %d to %d sequences by %d over the first %d "
+                 "sequences (micro-batches per step and data-parallel rank: %d to %d; steps %d to %d ramp%s)",
+                 r.start, t.global_batch_size, r.increment, r.samples, batch // per_rank,
+                 t.global_batch_size // per_rank, self.step + 1, end - 1,
+                 f", from batch {batch} after the {self.consumed_samples} sequences consumed" if self.step else "")
 
     # ----------------------------------------------------------------------------------------------
     def _video_stream(self, cfg, dp_rank: int, dp_size: int, *, held_out: bool = False, shards: str = "",

@@ -18,6 +18,7 @@ from train.config import BatchRampupConfig, TrainConfig
 
 RAMP = ["train.global_batch_size=8", "train.batch_rampup.start=4", "train.batch_rampup.increment=4",
         "train.batch_rampup.samples=4"]
+RAMP_LOG = ("train.batch_rampup: the global batch grows", "train.batch_rampup: over")   # the launch's line on the ramp
 # global batch 4 (0 sequences consumed), then 8 (4 consumed: 4 x 1 // 4 = 1 increment, the ramp's last)
 BATCHES = [4, 8, 8]
 
@@ -237,15 +238,21 @@ def one_step(world):
     return world / "one_step", first
 
 
-def test_a_resume_mid_ramp_continues_as_the_uninterrupted_run(world, ramped, one_step):
+def test_a_resume_mid_ramp_continues_as_the_uninterrupted_run(world, ramped, one_step, caplog):
     """Stopped after step 1 and resumed with the same settings: steps 2 and 3 as the uninterrupted run's, bit for bit,
-    the same final weights and data position. The checkpoint holds the sequences consumed."""
+    the same final weights and data position. The checkpoint holds the sequences consumed; the resumed launch logs
+    the ramp as over (it logged the ramp's first batch, 4 sequences in 1 micro-batch, as where it goes on from)."""
+    import logging
     import shutil
 
     history, weights, state, consumed = ramped
     shutil.copytree(one_step[0], world / "resumed")
     first = one_step[1]
-    second, resumed_weights, resumed_state, resumed_consumed = _train(world / "resumed", *RAMP)
+    with caplog.at_level(logging.INFO):
+        second, resumed_weights, resumed_state, resumed_consumed = _train(world / "resumed", *RAMP)
+    ramp_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(RAMP_LOG)]
+    assert ramp_lines == ["train.batch_rampup: over (4 of its 4 sequences consumed): global batch 8, 2 micro-batches "
+                          "per step and data-parallel rank"]
     assert [s.loss for s in first + second] == [s.loss for s in history]
     assert [s.extra["global_batch"] for s in second] == BATCHES[1:]
     assert _same_weights(weights, resumed_weights)
@@ -341,13 +348,14 @@ def test_an_evaluation_mid_ramp_scores_the_global_batch(world):
     assert mid["val_loss"] == full["val_loss"]
 
 
-def test_a_video_mixture_resumed_mid_ramp_reads_and_trains_as_the_uninterrupted_run(world):
+def test_a_video_mixture_resumed_mid_ramp_reads_and_trains_as_the_uninterrupted_run(world, caplog):
     """The multimodal tiny model (ViT, projector, MoE LM) on synthetic video shards with token-file rows as 0.4 of its
     packs (data.video.text_tokens), ramped 1, 1, 1, 2 packs over 4 steps: the run's checkpoint after step 2 (2 packs
     consumed, mid-ramp; the run's later checkpoints removed from a copy) resumed. Steps 3 and 4 against the
     uninterrupted run's, bit for bit (the same packs summed in the same order on one CPU), the same packs in the last
     step (sources, epochs and samples), the same sequences consumed, and the same per-step data counts (documents of
     each kind, from the loader's counters: a pack read twice or skipped would move them)."""
+    import logging
     import shutil
 
     from data.token_files import ensure_synthetic_token_files
@@ -378,7 +386,12 @@ def test_a_video_mixture_resumed_mid_ramp_reads_and_trains_as_the_uninterrupted_
     shutil.copytree(world / "video_ramp", world / "video_ramp_resumed")
     shutil.rmtree(world / "video_ramp_resumed" / "checkpoints" / "step_000004")
     (world / "video_ramp_resumed" / "checkpoints" / "latest").unlink()
-    resumed, resumed_last, resumed_consumed = train(world / "video_ramp_resumed")
+    with caplog.at_level(logging.INFO):
+        resumed, resumed_last, resumed_consumed = train(world / "video_ramp_resumed")
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(RAMP_LOG)] == [
+        "train.batch_rampup: the global batch grows from 1 to 2 sequences by 1 over the first 3 sequences "
+        "(micro-batches per step and data-parallel rank: 1 to 2; steps 3 to 3 ramp, from batch 1 after the 2 "
+        "sequences consumed)"]   # the ramp from where the run goes on (it logged steps 1 to 3)
     assert [s.step for s in resumed] == [3, 4]
     assert [s.loss for s in resumed] == [s.loss for s in whole[2:]]
     assert [s.extra["global_batch"] for s in resumed] == [1, 2]
