@@ -280,7 +280,16 @@ def test_a_resume_past_the_ramp_goes_on_at_another_data_parallel_size(world, one
         "data-parallel size (2) (this run resumes after step 1, 4 of the ramp's train.batch_rampup.samples (24) "
         "sequences consumed): resume the rest of the ramp (its batches 4, 8, 12, to step 4) at a data-parallel size "
         "that divides each, and change it once the ramp is over")
-    _validate(*common, f"run_dir={run_dir}", *longer, world_size=1)   # on its one rank it goes on
+    cfg, _ = _validate(*common, f"run_dir={run_dir}", *longer, world_size=1)   # on its one rank it goes on
+    # the trainer judges the checkpoint it resumes (an older one where the newest fails its checksums) the same way
+    from parallel.layout import ParallelLayout
+    from train import checkpoint as ckpt
+
+    ref = ckpt.find_latest(run_dir)
+    with pytest.raises(ValueError) as again:
+        ckpt.check_resume_point(cfg, ParallelLayout.build(cfg.parallel, world_size=2, lm=cfg.model.lm), ref,
+                                ckpt.saved_common(ref))
+    assert str(again.value) == str(e.value)
     with pytest.raises(ValueError, match=r"^train\.batch_rampup\.start \(4\) must be a multiple of train\."
                        r"micro_batch_size \(4\) x data-parallel size \(2\)$"):
         _validate(*common, f"run_dir={world / 'fresh_at_dp2'}", *RAMP, world_size=2)
