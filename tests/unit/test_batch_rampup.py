@@ -166,19 +166,8 @@ def world(tmp_path_factory):
     """A gloo world of one rank (the trainers of this module build their process groups in it:
     tests/launch_util.one_rank_world); the checkpoint writer's helper process is started once for the module, not
     once per trainer."""
-    import train.trainer as trainer_module
-
-    restart, started = trainer_module.restart_checkpoint_helpers, []
-
-    def once():
-        if not started:
-            started.append(restart())
-    trainer_module.restart_checkpoint_helpers = once
-    try:
-        with one_rank_world():
-            yield tmp_path_factory.mktemp("rampup")
-    finally:
-        trainer_module.restart_checkpoint_helpers = restart
+    with one_rank_world(checkpoint_helpers_once=True):
+        yield tmp_path_factory.mktemp("rampup")
 
 
 def _train(run_dir, *overrides):

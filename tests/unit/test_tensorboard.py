@@ -112,19 +112,8 @@ def test_per_source_tables_and_a_skipped_steps_nan_are_scalars_of_their_own(tmp_
 def world(tmp_path_factory):
     """A gloo world of one rank (tests/launch_util.one_rank_world); the checkpoint writer's helper process is started
     once for the module, not once per trainer."""
-    import train.trainer as trainer_module
-
-    restart, started = trainer_module.restart_checkpoint_helpers, []
-
-    def once():
-        if not started:
-            started.append(restart())
-    trainer_module.restart_checkpoint_helpers = once
-    try:
-        with one_rank_world():
-            yield tmp_path_factory.mktemp("tensorboard")
-    finally:
-        trainer_module.restart_checkpoint_helpers = restart
+    with one_rank_world(checkpoint_helpers_once=True):
+        yield tmp_path_factory.mktemp("tensorboard")
 
 
 def _trainer(run_dir, *overrides):
