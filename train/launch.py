@@ -211,7 +211,16 @@ def check_eval_only(cfg: Config) -> None:
         ckpt.eval_checkpoints(cfg)
 
 
-def check_resume(cfg: Config, layout: ParallelLayout) -> None:
+def latest_checkpoint(cfg: Config) -> tuple:
+    """(the newest checkpoint of run_dir whose files have their sizes, its common state: {} where it cannot be read),
+    or (None, {}): what check_resume judges and resume_position reads, found and read once per launch."""
+    from train import checkpoint as ckpt
+
+    ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
+    return (None, {}) if ref is None else (ref, ckpt.saved_common(ref) or {})
+
+
+def check_resume(cfg: Config, layout: ParallelLayout, latest: tuple | None = None) -> None:
     """A run directory holding a complete checkpoint is resumed: the model configured must be the one that
     checkpoint holds, at a layout its optimizer state loads at (train/checkpoint.check_resumable). ValueError naming
     each model setting that differs, before any process group exists; the
@@ -222,10 +231,10 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
     This judges the newest checkpoint whose files have their sizes (no process group yet, and checksumming a large
     checkpoint is the ranks' shared work); the trainer judges the one it resumes from again
     (train/checkpoint.check_resume_point) before it builds the model: a newest one whose checksums fail, or whose
-    state cannot be read, gives way to an older one."""
+    state cannot be read, gives way to an older one. `latest`: latest_checkpoint(cfg), where the caller has it."""
     from train import checkpoint as ckpt
 
-    ref = ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)  # the trainer logs what it skips, once per rank
+    ref, common = latest_checkpoint(cfg) if latest is None else latest
     if ref is None:
         return
     if not cfg.train.checkpoint.resume and not cfg.train.eval.only:  # scoring it writes no checkpoint among them
@@ -233,17 +242,15 @@ def check_resume(cfg: Config, layout: ParallelLayout) -> None:
                          f"train.checkpoint.resume=false: a fresh run would write its checkpoints among that run's. "
                          f"Give it another run_dir (train.checkpoint.init_from={cfg.resolved_run_dir()} to start from "
                          f"those weights), or remove {ref.path.parent}")
-    ckpt.check_resume_point(cfg, layout, ref, ckpt.saved_common(ref) or {})
+    ckpt.check_resume_point(cfg, layout, ref, common)
 
 
-def resume_position(cfg: Config) -> tuple[int, int]:
-    """(steps, packed sequences consumed) of the checkpoint this launch resumes (check_resume's: the newest whose files
-    have their sizes), (0, 0) for a fresh run or one whose checkpoint's state cannot be read (judged as fresh)."""
-    from train import checkpoint as ckpt
-
-    if not cfg.train.checkpoint.resume or (ref := ckpt.find_latest(cfg.resolved_run_dir(), quiet=True)) is None:
+def resume_position(cfg: Config, latest: tuple) -> tuple[int, int]:
+    """(steps, packed sequences consumed) of the checkpoint this launch resumes (`latest`: latest_checkpoint(cfg),
+    check_resume's), (0, 0) for a fresh run or one whose checkpoint's state cannot be read (judged as fresh)."""
+    ref, common = latest
+    if not cfg.train.checkpoint.resume or ref is None:
         return 0, 0
-    common = ckpt.saved_common(ref) or {}
     return (int(common["step"]), saved_consumed_samples(common, common.get("config"))) if "step" in common else (0, 0)
 
 
@@ -550,9 +557,10 @@ def validate(dcfg: DictConfig, world_size: int | None = None) -> tuple[Config, P
     cfg = to_config(dcfg)
     layout = ParallelLayout.build(cfg.parallel, world_size=world_size_from_env() if world_size is None else world_size,
                                   lm=cfg.model.lm)
-    check_settings(cfg, layout, resumed_at=resume_position(cfg))
+    latest = latest_checkpoint(cfg)   # listed and read once: its position for the settings, then judged
+    check_settings(cfg, layout, resumed_at=resume_position(cfg, latest))
     check_tokenizer(cfg)
-    check_resume(cfg, layout)
+    check_resume(cfg, layout, latest)
     check_eval_only(cfg)  # after the held-out data's checks: what to score it with comes second
     return cfg, layout
 
