@@ -18,6 +18,7 @@ import os
 import subprocess
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -284,6 +285,23 @@ def rerun_hint(t, run_dir) -> str:
     if t.checkpoint.enabled:
         return "No checkpoint was written yet: rerunning the same command starts the run over."
     return "Checkpoints are off (train.checkpoint.enabled=false): rerunning starts the run over."
+
+
+def first_readers(texts: Sequence[str], ranks) -> dict[str, int]:
+    """Each data of a step once, by the first of `ranks` whose data it is (`texts`: every rank's, as worded): the TP,
+    CP and PP ranks of a replica read the same."""
+    first: dict[str, int] = {}
+    for r in ranks:
+        first.setdefault(texts[r], r)
+    return first
+
+
+def named_data(texts: Sequence[str], ranks: Sequence[int], me: int) -> tuple[dict[int, str], str, str]:
+    """For the log lines of a step: the data of the first 4 of `ranks` (distinct: first_readers) as worded, by rank,
+    how many more there are, and all of those but this rank's (`me`) as a line's tail."""
+    named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in ranks[:4]}
+    more = f" (and {len(ranks) - len(named)} more ranks': their logs name it)" if ranks[4:] else ""
+    return named, more, "".join(f"; {text}" for r, text in named.items() if r != me) + more
 
 
 class Trainer:
@@ -1172,14 +1190,10 @@ class Trainer:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (data, record, numbers))
         texts, records, numbers = zip(*gathered)
-        first: dict[str, int] = {}   # each data once: the ranks of a TP, CP or PP group read the same
-        for r, text in enumerate(texts):
-            first.setdefault(text, r)
+        first = first_readers(texts, range(len(texts)))
         distinct = sorted(first.values())
         suspects, replicas = self._spike_suspects([first[t] for t in texts], numbers)
-        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in distinct[:4]}
-        more = f" (and {len(distinct) - 4} more ranks': their logs name it)" if len(distinct) > 4 else ""
-        others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
+        named, more, others = named_data(texts, distinct, self.rank)
         ranked = ("; the suspects, by their replica's own gradient norm, then loss: " +
                   "; ".join(f"{k}) {s['words']}" for k, s in enumerate(suspects, 1))) if suspects else ""
         skip = self.spike_in_row <= sp.skip_steps
@@ -1282,13 +1296,8 @@ class Trainer:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (data, record))
         texts, records = zip(*gathered)
-        first: dict[str, int] = {}   # each data once: the TP, CP and PP ranks of a replica read the same
-        for r in bad.origin:
-            first.setdefault(texts[r], r)
-        origin = sorted(first.values())
-        named = {r: f"rank {r}'s data in the step: {texts[r]}" for r in origin[:4]}
-        more = f" (and {len(origin) - len(named)} more ranks': their logs name it)" if origin[4:] else ""
-        others = "".join(f"; {text}" for r, text in named.items() if r != self.rank) + more
+        origin = sorted(first_readers(texts, bad.origin).values())
+        named, more, others = named_data(texts, origin, self.rank)
         skip = self.nonfinite_in_row <= t.skip_nonfinite_steps
         if self.rank == 0:
             record_nonfinite_step(self.run_dir, self.step, bad, {"loss": loss, **extra}, texts, records,
