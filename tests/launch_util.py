@@ -315,34 +315,20 @@ def destroy_one_process_megatron() -> None:
 
 
 @contextlib.contextmanager
-def one_rank_world(*, checkpoint_helpers_once: bool = False):
+def one_rank_world():
     """The environment of a one-rank gloo world (a free port) that a Trainer built in this process makes its process
     groups in; afterwards megatron's model-parallel state, the process group, megatron's process-wide MoE aux-loss
-    tracker (one slot per layer of the first model that logged into it) and the environment are as before.
-    checkpoint_helpers_once: the checkpoint writer's helper process is started once for all the trainers built in
-    the world, not once per trainer (train/trainer.py restart_checkpoint_helpers)."""
+    tracker (one slot per layer of the first model that logged into it) and the environment are as before."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0"}
-    restore = contextlib.ExitStack()
-    if checkpoint_helpers_once:
-        import train.trainer as trainer_module
-
-        restart, started = trainer_module.restart_checkpoint_helpers, []
-
-        def once():
-            if not started:
-                started.append(restart())
-        trainer_module.restart_checkpoint_helpers = once
-        restore.callback(setattr, trainer_module, "restart_checkpoint_helpers", restart)
     old = _set_env(env)
     try:
         yield
     finally:
-        restore.close()
         get_moe_layer_wise_logging_tracker().clear()
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():

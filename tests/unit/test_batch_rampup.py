@@ -166,7 +166,7 @@ def world(tmp_path_factory):
     """A gloo world of one rank (the trainers of this module build their process groups in it:
     tests/launch_util.one_rank_world); the checkpoint writer's helper process is started once for the module, not
     once per trainer."""
-    with one_rank_world(checkpoint_helpers_once=True):
+    with one_rank_world():
         yield tmp_path_factory.mktemp("rampup")
 
 

@@ -112,7 +112,7 @@ def test_per_source_tables_and_a_skipped_steps_nan_are_scalars_of_their_own(tmp_
 def world(tmp_path_factory):
     """A gloo world of one rank (tests/launch_util.one_rank_world); the checkpoint writer's helper process is started
     once for the module, not once per trainer."""
-    with one_rank_world(checkpoint_helpers_once=True):
+    with one_rank_world():
         yield tmp_path_factory.mktemp("tensorboard")
 
 
