@@ -79,7 +79,7 @@ def run_layouts_all(nproc: int, layouts: dict[str, list[str]], tmp: Path, *, tim
 # The tests of what torchrun carries (signals through the SLURM node script, a killed rank, SIGINT to one rank,
 # the README's command) keep running torchrun (run_pretrain).
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "hydra", "train.config", "train.launch",
-            "train.trainer"]
+            "train.trainer", "tests.gc_frozen"]
 # what the fork server (and so every forked rank) starts with: one intra-op thread (as run_pretrain's
 # OMP_NUM_THREADS=1), no wandb, and compiled (not interpreted) Triton, which is decided when a kernel module
 # is imported
