@@ -107,12 +107,16 @@ class BalancedTopKRouter(TopKRouter):
             loss = switch_load_balancing_loss_func(scores_for_aux_loss.reshape(s, b * E), counts, row_tokens, k, E,
                                                    coeff) / b
         else:
-            counts, local_tokens, tokens = get_tokens_per_expert_and_token_count(
-                routing_map, self.tp_cp_group, topk=k, with_padding_mask=with_padding_mask)
-            if self.tp_dp_cp_group.size() > self.tp_cp_group.size():   # the other data-parallel replicas' too
-                counts = routing_map.sum(dim=0).to(torch.float64)
+            if with_padding_mask:   # megatron's padded routing map: the replica's tokens are counted over TP x CP
+                _, local_tokens, tokens = get_tokens_per_expert_and_token_count(
+                    routing_map, self.tp_cp_group, topk=k, with_padding_mask=True)
+            else:
+                tokens = local_tokens * self.tp_cp_group.size()
+            # the E counts of every TP x DP x CP rank in one all-reduce (a sum over TP x CP first added nothing)
+            counts = routing_map.sum(dim=0).to(torch.float64)
+            if self.tp_dp_cp_group.size() > 1:
                 torch.distributed.all_reduce(counts, group=self.tp_dp_cp_group)
-            self.step_counts += counts.to(torch.float64)
+            self.step_counts += counts
             # f_e = step_counts_e / sum: given as this micro-batch's tokens x k x f, megatron's formula is E sum f P
             share = (self.step_counts / self.step_counts.sum().clamp_min(1)).to(scores_for_aux_loss.dtype)
             loss = switch_load_balancing_loss_func(scores_for_aux_loss, share * (k * tokens), tokens, k, E, coeff)

@@ -188,3 +188,39 @@ def test_config_errors_name_the_key():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _lm(moe_balance="micro_batch", moe_aux_loss_coeff=0.0)
+
+
+class _Group:
+    """A stand-in process group of `size` ranks that all routed this rank's micro-batches (an all-reduce multiplies
+    by the size)."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return 0
+
+
+def test_global_batch_takes_one_all_reduce_per_micro_batch(pgs, monkeypatch):
+    """At TP2 x DP2 (stand-in groups whose ranks all hold this rank's tokens) the global counts take one all-reduce of
+    E counts over TP x DP x CP per micro-batch, and the loss is this rank's share of the reference: f as in one
+    process (every rank the same counts), P over its replica's 2 x S x B tokens of which it holds half."""
+    router = _router(pgs, "global_batch")
+    tp_cp, tp_dp_cp = _Group(2), _Group(4)
+    router.tp_cp_group, router.tp_dp_cp_group = tp_cp, tp_dp_cp
+    calls = []
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        calls.append((group, t.numel()))
+        t.mul_(group.size())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    got = _run(router)
+    assert calls == [(tp_dp_cp, E)] * MICRO   # before: the counts went over TP x CP first too, (tp_cp, E) each time
+    ref = _reference("global_batch", [g[1] for g in got])
+    for (loss, _, grad), (ref_loss, ref_grad) in zip(got, ref):
+        assert loss == pytest.approx(ref_loss / 2, rel=1e-6)
+        assert_close("global_batch at TP2 x DP2 dL/dlogits", ref_grad / 2, grad, 1e-5)
