@@ -98,7 +98,7 @@ class LMConfig:
     moe_aux_loss_coeff: float = 1.0e-3
     # the level the balancing loss counts the experts' load at (models/moe/router.py): "micro_batch" (megatron's
     # aux_loss), "global_batch" (Qwen3: the step's micro-batches so far on every data-parallel replica) or
-    # "sequence" (DeepSeek-V3's sequence-wise loss, per packed row)
+    # "sequence" (DeepSeek-V3's sequence-wise loss, per document of a packed row, weighted by its tokens)
     moe_balance: str = "micro_batch"
     moe_norm_topk_prob: bool = True  # Qwen3 renormalises the top-k router probabilities to sum to 1
     moe_router_dtype: str = "fp32"

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import (
 from models.attention import attention_spec
 from models.config import LMConfig, ModelParallelSizes
 from models.moe.chunked_loss_gpt import ChunkedLossMixin
+from models.moe.router import PackedSeqDocuments
 from models.moe.spec import moe_module_spec
 from models.norm import RMSNorm
 
@@ -96,10 +97,28 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
     )
 
 
+class DocumentRoutingLayer(TransformerLayer):
+    """megatron's TransformerLayer that hands its router the documents of the call's packed row (a
+    `PackedSeqDocuments` packed_seq_params, as the trainer gives them) for the time of the call, for the balancing
+    loss per document (model.lm.moe_balance=sequence, models/moe/router.py). The documents come with the call's
+    arguments, so a layer run again in the backward (full recompute) routes with its own micro-batch's documents."""
+
+    def forward(self, *args, **kwargs):
+        router = getattr(self.mlp, "router", None)
+        if router is None or not hasattr(router, "documents"):
+            return super().forward(*args, **kwargs)
+        params = kwargs.get("packed_seq_params")
+        router.documents = params if isinstance(params, PackedSeqDocuments) else None
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            router.documents = None
+
+
 def layer_spec(lm: LMConfig, variant: str, layer_index: int, *, cp_ops=None) -> ModuleSpec:
     """One decoder layer: RMSNorm -> attention (variant) -> residual -> RMSNorm -> MoE -> residual."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=DocumentRoutingLayer if lm.moe_balance == "sequence" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=attention_spec(variant, lm, layer_index, cp_ops=cp_ops),

@@ -15,8 +15,8 @@ metrics (console, metrics.jsonl, wandb):
   micro-batch's loss by its LM-loss tokens instead (parallel/megatron_compat.py fix 2). With
   `model.lm.moe_balance=global_batch` each micro-batch's loss counts the load f over the step so far on every
   data-parallel replica (from the step's whole global batch at its last micro-batch; a global batch balanced over
-  its domains shows 1.0 even where single micro-batches are not); with `sequence` it is the mean over rows of each
-  packed row's own loss (models/moe/router.py).
+  its domains shows 1.0 even where single micro-batches are not); with `sequence` it is the token-weighted mean of
+  each document's own loss (each row's without documents; models/moe/router.py).
 
 - `moe_bias_min` / `moe_bias_max` (with `model.lm.moe_expert_bias`): the range, over every layer and expert, of the
   auxiliary-loss-free routing bias the step routed with (models/moe/router.py); it widens while the routers

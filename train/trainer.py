@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from models.init import init_layout_invariant
 from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
 from models.attention.dsa import record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
+from models.moe.router import PackedSeqDocuments
 from parallel.groups import build_process_groups, init_distributed, seed_all
 from parallel.layout import ParallelLayout
 from parallel.megatron_compat import set_balancing_tokens, set_balancing_tokens_in_backward
@@ -126,6 +127,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     visual_pos = raw.get("visual_pos")
     teacher = None
+    real_segments = None   # a packed row's segments before the KSA padding (the rest: padding)
     if inputs.ksa_chunk:
         cu = batch["cu_seqlens"].reshape(-1) if "cu_seqlens" in batch else None
         sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
@@ -138,6 +140,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             teacher = (tokens, pos, teacher_kwargs)
         tokens, labels, mask, pos = sb.input_ids, sb.labels, sb.loss_mask, sb.position_ids
         if cu is not None:  # packed documents: summaries follow each document's chunks; pad to the fixed length
+            real_segments = sb.cu_seqlens.numel() - 1
             tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos, sb.cu_seqlens,
                                                                             inputs.model_seq)
         if visual_pos is not None:
@@ -163,6 +166,9 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         parts = cp_share(parts, kwargs, inputs.cp_group, split=inputs.cp_split)
         if groups is not None:
             groups = cp_share(groups, kwargs, inputs.cp_group, split=inputs.cp_split)
+    if cu is not None:  # the routers' documents of this rank's tokens (model.lm.moe_balance=sequence)
+        documents = token_documents(parts, n_parts, real_segments=real_segments, doc_groups=batch.get("doc_groups"))
+        kwargs["packed_seq_params"] = replace(kwargs["packed_seq_params"], documents=documents, num_documents=n_parts)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
         # CP: the vision tower already placed this rank's share (in the model's, i.e. interleaved, sequence)
         where = raw["visual_local_pos"] if "visual_local_pos" in raw else visual_pos
@@ -205,14 +211,28 @@ def pad_packed_row(tokens, labels, mask, pos, cu_seqlens, length: int):
     return pad(tokens, 0), pad(labels, 0), pad(mask, 0), torch.cat([pos, ramp], dim=-1), cu
 
 
+def token_documents(parts: torch.Tensor, n_parts: int, *, real_segments: int | None,
+                    doc_groups: torch.Tensor | None) -> torch.Tensor:
+    """Each token's document for the routers' balancing per document (models/moe/router.py PackedSeqDocuments): its
+    segment of the packed row (`parts`, part_ids of the tokens as this rank holds them), -1 for padding: the segments
+    from `real_segments` on (a KSA row's padding to the model's length) and those whose group is -1 (`doc_groups`, a
+    video pack's padding segment)."""
+    pad = torch.zeros(n_parts, dtype=torch.bool, device=parts.device)
+    if real_segments is not None:
+        pad[real_segments:] = True
+    if doc_groups is not None:
+        groups = doc_groups.reshape(-1).to(parts.device)
+        pad[:groups.numel()] |= groups < 0
+    return torch.where(pad[parts], -1, parts)
+
+
 def packed_params(cu_seqlens: torch.Tensor):
     """PackedSeqParams for one packed row in megatron's sbhd layout: rotary embeddings use the explicit
-    positions (no per-document restart, which the thd path would do), the core attention the bounds."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
+    positions (no per-document restart, which the thd path would do), the core attention the bounds (the routers'
+    documents are added by _forward_step, for this rank's tokens)."""
     cu = cu_seqlens.reshape(-1).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+    return PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                            max_seqlen_kv=longest)
 
 

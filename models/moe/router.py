@@ -13,8 +13,11 @@ share of the routed slots (c_e / sum c) counted at the level `balance` names:
                   all TP x DP x CP ranks, summed over the step (Qwen3's global-batch balancing, as megatron's
                   global_aux_loss and Qwen's code count them; the step's later micro-batches are not known when a
                   micro-batch's backward runs); zeroed at each step's end by train/moe_stats.py (`reset_balance`)
-    sequence      each row (a packed row: several documents) on its own, f and P over the row, the loss the mean over
-                  the rows (DeepSeek-V3's sequence-wise loss, megatron's seq_aux_loss)
+    sequence      each document on its own (DeepSeek-V3's complementary sequence-wise loss): f_d and P_d over the
+                  document's T_d tokens (over every TP x CP rank holding some), the loss their mean weighted by
+                  tokens, sum_d (T_d / T) E sum_e f_de P_de, T = sum_d T_d. The documents are those of a packed row
+                  where the layer is given them (`PackedSeqDocuments`, set by the trainer: padding belongs to none),
+                  else each row is one (megatron's seq_aux_loss)
 
 All three are weighted and logged alike (parallel/megatron_compat.py fix 2, train/moe_stats.py `moe_lb_loss`).
 
@@ -36,8 +39,10 @@ updated between steps by `updated_expert_bias` from the step's token counts of t
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.moe.moe_utils import (get_tokens_per_expert_and_token_count,
                                                      switch_load_balancing_loss_func)
 from megatron.core.transformer.moe.router import TopKRouter
@@ -51,6 +56,17 @@ def updated_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -
     counts = counts.to(torch.float64)   # counts exact to 2^53; the sign of (mean - count) then exact too
     step = torch.sign(counts.mean() - counts).to(torch.float32) * rate
     return (bias + step.to(bias.device)).to(torch.float32)
+
+
+@dataclass
+class PackedSeqDocuments(PackedSeqParams):
+    """megatron's PackedSeqParams of a packed row with the document of each token this rank holds, for the balancing
+    loss per document (model.lm.moe_balance=sequence): `documents` [b, s] int64, in the layout of the tokens given to
+    the model on this context-parallel rank (before sequence parallelism splits them), each token's segment of the
+    row's cu_seqlens_q (0 .. `num_documents` - 1), -1 for padding (no document's)."""
+
+    documents: torch.Tensor | None = None
+    num_documents: int = 0
 
 
 class _BiasedChoice:
@@ -78,6 +94,8 @@ class BalancedTopKRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection)
         self.balance = balance
         self.rows = None   # (sequence length on this rank, rows) of the routing in progress
+        # sequence: the documents of the routing in progress (PackedSeqDocuments), set by its layer for the call
+        self.documents: PackedSeqDocuments | None = None
         # global_batch: the step's routed slots per expert so far, summed over every TP x DP x CP rank (fp64: exact)
         self.register_buffer("step_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64,
                                                         device=self.weight.device), persistent=False)
@@ -93,6 +111,22 @@ class BalancedTopKRouter(TopKRouter):
         finally:
             self.rows = None
 
+    def _token_documents(self) -> tuple[torch.Tensor, int]:
+        """The document of each of this rank's routed tokens, in the routing's order ([s, b] flattened), -1
+        for padding, and the number of documents: those of `documents` where given, else each row's tokens one."""
+        s, b = self.rows
+        docs = self.documents
+        if docs is None or docs.documents is None:
+            return torch.arange(b, device=self.weight.device).repeat(s), b
+        ids = docs.documents.to(self.weight.device, torch.int64).transpose(0, 1)   # [s of this CP rank, b]
+        tp = self.tp_group.size() if self.config.sequence_parallel else 1
+        if ids.shape != (s * tp, b):
+            raise ValueError(f"the documents of a packed row cover {tuple(ids.shape[::-1])} tokens [b, s]; this rank "
+                             f"routes {(b, s)} (x {tp} sequence-parallel ranks)")
+        if tp > 1:   # sequence parallelism: this TP rank's slice of the sequence
+            ids = ids[self.tp_group.rank() * s:(self.tp_group.rank() + 1) * s]
+        return ids.reshape(-1), docs.num_documents
+
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
         coeff = self.get_aux_loss_coeff("aux_loss")
         if self.balance == "micro_batch" or coeff == 0:
@@ -100,12 +134,21 @@ class BalancedTopKRouter(TopKRouter):
         E, k = self.config.num_moe_experts, self.topk
         local_tokens = routing_map.shape[0]
         if self.balance == "sequence":
-            s, b = self.rows
-            # [s, b * E]: column r * E + e counts expert e within row r, over the row's TP x CP ranks
-            counts, _, row_tokens = get_tokens_per_expert_and_token_count(
-                routing_map.reshape(s, b * E), self.tp_cp_group, topk=k * b, with_padding_mask=with_padding_mask)
-            loss = switch_load_balancing_loss_func(scores_for_aux_loss.reshape(s, b * E), counts, row_tokens, k, E,
-                                                   coeff) / b
+            ids, num = self._token_documents()
+            keep = (ids >= 0).unsqueeze(-1)
+            ids = ids.clamp_min(0)
+            # [documents, E] counts of every TP x CP rank's tokens, in one all-reduce; each token has k slots
+            counts = torch.zeros(num, E, dtype=torch.float64, device=routing_map.device).index_add_(
+                0, ids, (routing_map & keep).to(torch.float64))
+            if self.tp_cp_group.size() > 1:
+                torch.distributed.all_reduce(counts, group=self.tp_cp_group)
+            doc_tokens = counts.sum(dim=1, keepdim=True) / k                          # T_d
+            # sum_d (T_d / T) E sum_e f_de P_de = E sum_de c_de / (k T_d T) * (this rank's sum of p over d)
+            weight = (counts / (k * doc_tokens.clamp_min(1) * doc_tokens.sum().clamp_min(1))).to(
+                scores_for_aux_loss.dtype)
+            prob_sums = torch.zeros(num, E, dtype=scores_for_aux_loss.dtype, device=routing_map.device).index_add(
+                0, ids, scores_for_aux_loss * keep)
+            loss = coeff * E * (weight * prob_sums).sum()
         else:
             if with_padding_mask:   # megatron's padded routing map: the replica's tokens are counted over TP x CP
                 _, local_tokens, tokens = get_tokens_per_expert_and_token_count(
