@@ -2,7 +2,8 @@
 carries the LM loss, for tests/dist/test_balancing_strength.py.
 
     run(OUT, RUN_ROOT, SPEC): SPEC is 'name=overrides;...' as in layouts_driver.py; an override `mask=partial` gives
-    each micro-batch its own share of loss tokens (below), `mask=all` keeps every token's loss (text rows).
+    each micro-batch its own share of loss tokens (below), `mask=all` keeps every token's loss (text rows);
+    `docs=packed` makes each micro-batch (one row) a packed row of three documents and padding (packed_documents).
 
 Each entry builds the trainer (train/trainer.py) from its overrides, draws one step's micro-batches from its data, sets
 their loss mask, and runs the trainer's schedule over them (forward, backward, finalize: the data-parallel sum and the
@@ -17,7 +18,8 @@ n_mb the micro-batch's loss tokens, switch = E / (k T^2) * sum_e count_e * sum_t
 tokens (the Switch / megatron formula, counts not differentiated), i.e. the mean LM loss plus coeff x the
 loss-token-weighted mean of the micro-batches' switch losses, as transformers' Qwen3-MoE adds coeff x its balancing loss
 to the mean LM loss. global_batch: E sum_e f_e P_e with f the step's counts so far (every replica's micro-batches up
-to this one's position) / their sum and P_e the mean probability; sequence: the mean over rows of each row's switch.
+to this one's position) / their sum and P_e the mean probability; sequence: the mean over rows of each row's switch,
+or in a packed row the mean over its documents of each one's, weighted by their tokens (the padding in none).
 The model's own balancing loss is off (coefficient 0) while the reference runs.
 """
 
@@ -44,16 +46,36 @@ def partial_mask(batch: dict) -> dict:
     return {**batch, "loss_mask": mask}
 
 
+def packed_documents(batch: dict) -> dict:
+    """The micro-batch (one row) as a packed row of three documents and a padding segment, decided by its tokens
+    alone: cu_seqlens, doc_groups (-1: the padding, which carries no loss, as a video pack's)."""
+    tokens = batch["tokens"]
+    S = tokens.shape[1]
+    assert tokens.shape[0] == 1, "packed documents need train.micro_batch_size=1"
+    a, b = 9 + int(tokens[0, 0]) % 24, 50 + int(tokens[0, 1]) % 30
+    cu = torch.tensor([0, a, b, S - 12 - int(tokens[0, 2]) % 8, S], dtype=torch.int32)
+    mask = batch["loss_mask"].clone()
+    mask[:, int(cu[-2]):] = 0
+    return {**batch, "loss_mask": mask, "cu_seqlens": cu, "doc_groups": torch.tensor([0, 0, 0, -1])}
+
+
 def _routers(chunks) -> list:
     from megatron.core.transformer.moe.router import TopKRouter
 
     return [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
 
 
-def _switch(balance: str, probs: torch.Tensor, counts: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+def _switch(balance: str, probs: torch.Tensor, counts: torch.Tensor, running: torch.Tensor,
+            documents: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's balancing loss on one micro-batch ([s, b, E] probabilities and top-k counts, float64) at the level
-    `balance` (models/moe/router.py); `running`: the step's counts so far over every replica (global_batch)."""
+    `balance` (models/moe/router.py); `running`: the step's counts so far over every replica (global_batch);
+    `documents`: a packed row's [s] document of each token (-1: padding, in none)."""
     E, k = probs.shape[-1], int(counts[0, 0].sum())
+    if balance == "sequence" and documents is not None:   # each document's own loss, weighted by its tokens
+        docs = [documents == d for d in range(int(documents.max()) + 1)]
+        total = sum(int(d.sum()) for d in docs)
+        return sum(int(d.sum()) / total * E * (counts[d, 0].sum(0) / (k * int(d.sum())) * probs[d, 0].mean(0)).sum()
+                   for d in docs)
     if balance == "sequence":   # each row's own loss, their mean
         return (E * (counts.sum(0) / (k * counts.shape[0]) * probs.mean(0)).sum(-1)).mean()
     if balance == "global_batch":
@@ -68,6 +90,8 @@ def reference_grads(module, replicas: list[list[dict]], coeff: float, balance: s
     the same of the mean LM loss alone (J at coeff 0); each {layer number: gradient}. `replicas`: each data-parallel
     replica's micro-batches in the order its schedule runs them (the global_batch counts at position m sum every
     replica's micro-batches up to m)."""
+    from train.trainer import packed_params
+
     routers = _routers([module])
     routed: list[tuple[int, torch.Tensor]] = []
 
@@ -91,15 +115,16 @@ def reference_grads(module, replicas: list[list[dict]], coeff: float, balance: s
                 mb = mbs[m]
                 routed.clear()
                 pos = mb["position_ids"].unsqueeze(0).expand(3, -1, -1)
-                per_token = module(mb["tokens"], pos, None, labels=mb["labels"])  # [b, s]
+                packed = {} if "cu_seqlens" not in mb else {"packed_seq_params": packed_params(mb["cu_seqlens"])}
+                per_token = module(mb["tokens"], pos, None, labels=mb["labels"], **packed)  # [b, s]
                 n = float(mb["loss_mask"].sum())
                 lm_sum = lm_sum + (per_token.double() * mb["loss_mask"].double()).sum()
                 n_all += n
-                at_m.append((n, list(routed)))
+                at_m.append((n, list(routed), _documents(mb)))
                 for layer, _, counts in routed:
                     running[layer] = running.get(layer, 0) + counts.sum((0, 1))
-            for n, layers in at_m:
-                balancing = balancing + coeff * n * torch.stack([_switch(balance, probs, counts, running[layer])
+            for n, layers, docs in at_m:
+                balancing = balancing + coeff * n * torch.stack([_switch(balance, probs, counts, running[layer], docs)
                                                                  for layer, probs, counts in layers]).sum()
         weights = [r.weight for r in routers]
         grads = torch.autograd.grad((lm_sum + balancing) / n_all, weights, retain_graph=True)
@@ -113,6 +138,15 @@ def reference_grads(module, replicas: list[list[dict]], coeff: float, balance: s
             {r.layer_number: g.detach().float() for r, g in zip(routers, lm_grads)})
 
 
+def _documents(mb: dict) -> torch.Tensor | None:
+    """A packed row's [s] document of each token, -1 for its padding segment (packed_documents), else None."""
+    if "cu_seqlens" not in mb:
+        return None
+    cu = mb["cu_seqlens"].long()
+    ids = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+    return torch.where(mb["doc_groups"][ids] < 0, -1, ids)
+
+
 def run(out: str, run_root: str, spec: str) -> None:
     import torch.distributed as dist
 
@@ -123,8 +157,9 @@ def run(out: str, run_root: str, spec: str) -> None:
     results = {}
     for item in spec.split(";"):
         name, overrides = item.split("=", 1)
-        ov = [o for o in overrides.split() if not o.startswith("mask=")]
+        ov = [o for o in overrides.split() if not o.startswith(("mask=", "docs="))]
         mode = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("mask=")][-1]
+        packed = "docs=packed" in overrides.split()
         cfg, layout = validate(compose_config(ov + [f"run_dir={Path(run_root) / name}"]))
         from train.trainer import Trainer
 
@@ -133,6 +168,8 @@ def run(out: str, run_root: str, spec: str) -> None:
         drawn = [[next(s) for _ in range(n)] for s in trainer.streams]  # every model chunk's micro-batches
         if mode == "partial":
             drawn = [[partial_mask(mb) for mb in chunk] for chunk in drawn]
+        if packed:
+            drawn = [[packed_documents(mb) for mb in chunk] for chunk in drawn]
         for m in trainer.model:
             m.zero_grad_buffer()
         trainer._schedule([iter(chunk) for chunk in drawn], n, trainer.step_inputs, forward_only=False)
