@@ -17,7 +17,8 @@ tokens x keys instead: indexer_loss_dense.py.
 
 Forward keeps per token only (KL, lse_I, Z) with online log-sum-exp; backward recomputes I and P
 tile by tile. dq_idx and dw are written once per token (no atomics); dk_idx is scatter-added with
-fp32 atomics (one per key tile and block). The target is detached: q, k, lse get no gradient.
+fp32 atomics (one per key tile and block), or, with torch's deterministic algorithms on, stored per union
+entry and summed per key in a fixed order (indexer_kl_bwd). The target is detached: q, k, lse get no gradient.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, dot_precision, interpreting, pow2, relu_nan
-from .plan import SparsePlan
+from .plan import SparsePlan, add_entry_rows, entry_chunks
+from .sparse_attn import DET_CHUNK_BYTES
 
 
 @triton.jit
@@ -233,9 +235,12 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
                                DI: tl.constexpr, DIP: tl.constexpr, BQ: tl.constexpr,
-                               BS: tl.constexpr, LOAD_P: tl.constexpr, DOT_PREC: tl.constexpr):
+                               BS: tl.constexpr, LOAD_P: tl.constexpr, DET: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
     """LOAD_P: read the head-summed P (the forward's, or the attention backward's fp32 chunk:
-    entry u at row u - U0) instead of recomputing it. Program p handles block PID0 + p."""
+    entry u at row u - U0) instead of recomputing it. Program p handles block PID0 + p.
+    DET (deterministic): no atomics; dk_idx is the chunk's partials [U - U0, DI] (fp32), entry u
+    written by its block's program alone, summed per key by the caller (plan.add_entry_rows)."""
     pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
@@ -265,8 +270,12 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         dwv += tl.sum(relu_nan(u) * d_rows, axis=1)
         dqi += tl.dot(du.to(ki.dtype), ki, input_precision=DOT_PREC)
         dki = tl.dot(tl.trans(du.to(qi.dtype)), qi, input_precision=DOT_PREC)
-        tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
-                      mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
+        if DET:
+            tl.store(dk_idx + ((u0 + tl.arange(0, BS) - U0).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
+                     mask=um[:, None] & (dd[None, :] < DI))
+        else:
+            tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
+                          mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
     tl.store(dq_idx + irow[:, None] * DI + dd[None, :], dqi.to(dq_idx.dtype.element_ty), mask=imask)
     tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
 
@@ -322,21 +331,9 @@ def psum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def psum_chunks(plan: SparsePlan, chunk_bytes: int) -> tuple[list[tuple[int, int, int, int]], int]:
-    """Chunks (b0, b1, u0, u1) of the plan's blocks [b0, b1), entries [u0, u1), whose fp32 head-summed
-    P fits `chunk_bytes`, cut where the entry count crosses multiples of the budget (a block has at
-    most BQ * K entries, so a chunk needs at most budget + that), and the widest chunk's entries.
-    One host sync for the cut points."""
-    bq, nb, offs = plan.block_q, plan.num_blocks, plan.offsets_N1
-    n_u = plan.pos_U.numel()
-    budget = max(1, chunk_bytes // (4 * bq))
-    cuts = [0, nb]
-    if n_u > budget:
-        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
-        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
-    cuts = sorted(set(cuts))
-    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
-    chunks = [(b0, b1, u0, u1) for b0, b1, u0, u1 in zip(cuts[:-1], cuts[1:], bounds[:-1], bounds[1:])]
-    return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
+    """Chunks (b0, b1, u0, u1) of the plan's blocks whose fp32 head-summed P fits `chunk_bytes`
+    (plan.entry_chunks), and the widest chunk's entries."""
+    return entry_chunks(plan, 4 * plan.block_q, chunk_bytes)
 
 
 def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, kl=None, lse_i=None,
@@ -395,10 +392,13 @@ def kl_fwd_from_p(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: fl
 
 
 def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, lse_i, z, gscale,
-                   dq_idx=None, dw=None, psum=None):
+                   dq_idx=None, dw=None, psum=None, chunk_bytes: int | None = None):
     """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor). `psum` (from
     indexer_kl_fwd(keep_psum=True)) replaces the recomputation of P from q, k and lse; q and k
-    may then be shapes (torch.Size) instead of tensors, and lse None."""
+    may then be shapes (torch.Size) instead of tensors, and lse None. dk_idx accumulates in fp32 with
+    atomics, or, when torch's deterministic algorithms are on, per chunk of blocks whose per-entry partials fit
+    `chunk_bytes` (default DET_CHUNK_BYTES), summed per key in a fixed order (plan.add_entry_rows), chunks in
+    order."""
     q_idx, w, k_idx = (x.contiguous() for x in (q_idx, w, k_idx))
     shapes = tuple(x.shape if torch.is_tensor(x) else x for x in (q, k))
     if psum is None:
@@ -406,26 +406,41 @@ def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, l
     dq_idx = torch.empty_like(q_idx) if dq_idx is None else dq_idx
     dw = torch.empty_like(w) if dw is None else dw
     dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
-    kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, dk32, psum=psum,
-                  qkl=None if psum is not None else (q, k, lse))
+    qkl = None if psum is not None else (q, k, lse)
+    if not torch.are_deterministic_algorithms_enabled():
+        kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, dk32, psum=psum, qkl=qkl)
+        return dq_idx, dw, dk32.to(k_idx.dtype)
+    DI = k_idx.shape[-1]
+    chunks, width = entry_chunks(plan, 4 * DI, chunk_bytes or DET_CHUNK_BYTES)
+    part = torch.empty(max(1, width), DI, dtype=torch.float32, device=q_idx.device)
+    for chunk in chunks:
+        b0, b1, u0, _ = chunk
+        # the cached P is indexed from the chunk's first entry, as the partials are
+        kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, part,
+                      psum=None if psum is None else psum[u0 * plan.block_q:], qkl=qkl, blocks=(b0, b1), u0=u0,
+                      deterministic=True)
+        add_entry_rows(dk32.view(-1, DI), plan, chunk, part)
     return dq_idx, dw, dk32.to(k_idx.dtype)
 
 
 def kl_bwd_blocks(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: float, lse_i, z, gscale, dq_idx, dw,
-                  dk32, psum=None, qkl=None, blocks=None, u0: int = 0) -> None:
+                  dk32, psum=None, qkl=None, blocks=None, u0: int = 0, deterministic: bool = False) -> None:
     """The KL backward kernel over the plan's blocks [b0, b1) (all when None): writes their rows of dq_idx and dw
     and adds into the fp32 dk32, with P read from `psum` (entry u at row u - u0) or, without it, recomputed from
-    qkl = (q, k, lse). Shared by indexer_kl_bwd and kernels/dsa/fused.py."""
+    qkl = (q, k, lse). Shared by indexer_kl_bwd and kernels/dsa/fused.py. `deterministic`: no atomics; dk32 is
+    instead the partials [u1 - u0, DI] of the blocks' entries, each written once (the caller sums them)."""
     meta, B, T, nbt = _launch_meta(q_shape, k_shape, q_idx, plan)
     cfg = _config(q_idx.device)
     b0, b1 = blocks if blocks is not None else (0, B * nbt)
+    if b1 <= b0:
+        return
     load_p = psum is not None
     q, k, lse = (z, z, z) if load_p else qkl  # unused by the LOAD_P kernel: any tensor fills the pointer slots
     indexer_loss_bwd_kernel_kl[(b1 - b0,)](
         q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
         dq_idx, dw, dk32, T, nbt, b0, u0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
-        LOAD_P=load_p, DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
-        num_stages=cfg["stages_bwd_p" if load_p else "stages"])
+        LOAD_P=load_p, DET=deterministic, DOT_PREC=dot_precision(q_idx.dtype),
+        num_warps=cfg["warps" if load_p else "warps_bwd"], num_stages=cfg["stages_bwd_p" if load_p else "stages"])
 
 
 class IndexerKLLossFn(torch.autograd.Function):

@@ -61,6 +61,41 @@ class SparsePlan:
         return self.pos_U.numel() / max(1, self.num_blocks)
 
 
+def entry_chunks(plan: SparsePlan, entry_bytes: int,
+                 chunk_bytes: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Chunks (b0, b1, u0, u1) of the plan's blocks [b0, b1), entries [u0, u1), whose per-entry buffers
+    (`entry_bytes` each) fit `chunk_bytes`, cut where the entry count crosses multiples of the budget (a block has
+    at most BQ * K entries, so a chunk needs at most budget + that), and the widest chunk's entries. The cuts depend
+    on the plan and the budget alone. One host sync for the cut points."""
+    nb, offs = plan.num_blocks, plan.offsets_N1
+    n_u = plan.pos_U.numel()
+    budget = max(1, chunk_bytes // max(1, entry_bytes))
+    cuts = [0, nb]
+    if n_u > budget:
+        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
+        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
+    cuts = sorted(set(cuts))
+    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
+    chunks = [(b0, b1, u0, u1) for b0, b1, u0, u1 in zip(cuts[:-1], cuts[1:], bounds[:-1], bounds[1:])]
+    return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
+
+
+def add_entry_rows(dst: torch.Tensor, plan: SparsePlan, chunk: tuple[int, int, int, int],
+                   part: torch.Tensor) -> None:
+    """dst [B * T, R] (fp32 rows of keys) += the chunk's per-entry partials part [u1 - u0, R], each entry's row
+    into its key's row (batch row of its block, position pos_U), in an order that does not depend on the GPU's
+    scheduling: torch's index_put_(accumulate=True), deterministic under torch's deterministic algorithms (on a
+    GPU it sorts the row indices, then adds each key's partials one after another in the sorted order; on the CPU
+    in entry order). The deterministic backward (sparse_attn.py, fused.py, indexer_loss.py) runs only then."""
+    _, _, u0, u1 = chunk
+    if u1 <= u0:
+        return
+    ents = torch.arange(u0, u1, device=plan.offsets_N1.device, dtype=plan.offsets_N1.dtype)
+    blk = torch.searchsorted(plan.offsets_N1, ents, right=True).sub_(1)
+    rows = (blk // plan.num_blocks_t) * plan.T + plan.pos_U[u0:u1].to(torch.int64)
+    dst.index_put_((rows,), part[: u1 - u0], accumulate=True)
+
+
 MAX_SORT = 16384  # block_q * next_pow2(K) entries sorted in registers by the Triton builder
 
 

@@ -13,7 +13,9 @@ Forward stores o [B, T, Hq, D] and lse [B, T, Hq] (fp32, natural log). Backward 
 probabilities from lse, computes dq in registers (no atomics: a token belongs to one block), and
 scatter-adds dk / dv per union key with fp32 atomics into [B, T, Hkv, D] buffers: one atomic per
 (block, distinct key, group) rather than per (token, key). Summation order of those atomics is not
-fixed, so dk / dv may differ in the last bits between runs (dq, o, lse are deterministic).
+fixed, so dk / dv may differ in the last bits between runs (dq, o, lse are deterministic). With torch's
+deterministic algorithms on (train.deterministic), the kernel's DET variant stores each (entry, group)'s
+dk / dv rows into a chunk of partials instead, summed per key in a fixed order (plan.add_entry_rows).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, dot_precision, interpreting, maxnreg, pow2
-from .plan import SparsePlan
+from .plan import SparsePlan, add_entry_rows, entry_chunks
 
 
 @triton.jit(do_not_specialize=["T", "NBT"])
@@ -85,11 +87,13 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
                                  PID0, U0, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                  DP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                                 PSUM: tl.constexpr, DOT_PREC: tl.constexpr):
+                                 PSUM: tl.constexpr, DET: tl.constexpr, DOT_PREC: tl.constexpr):
     """Program (p, g) handles block PID0 + p, KV group g. PSUM: also add the group's probabilities,
     summed over its query heads, into psum [U - U0, BQ] (fp32, entry u at row u - U0; zeroed by the
     caller): the sparse indexer KL's target, taken from the P this kernel recomputes anyway
-    (kernels/dsa/fused.py)."""
+    (kernels/dsa/fused.py). DET (deterministic): no atomics; dk / dv are the chunk's partials
+    [U - U0, HKV, D] and psum [U - U0, HKV, BQ] (fp32), entry u, group g written by this program alone;
+    the caller sums them in a fixed order (add_entry_rows, the groups of psum in order)."""
     pid = PID0 + tl.program_id(0)
     g = tl.program_id(1)
     bb = pid // NBT
@@ -130,12 +134,21 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
         dq_acc += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
         dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
         dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
-        tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
-        tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+        if DET:
+            part_off = ((uu - U0).to(tl.int64) * HKV + g) * D
+            tl.store(dv + part_off[:, None] + d[None, :], dv_t, mask=kvmask)
+            tl.store(dk + part_off[:, None] + d[None, :], dk_t, mask=kvmask)
+        else:
+            tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
+            tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
         if PSUM:
             pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)
-            tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
-                          mask=um[None, :], sem="relaxed")
+            if DET:
+                tl.store(psum + ((uu - U0).to(tl.int64) * HKV + g)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
+                         mask=um[None, :])
+            else:
+                tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
+                              mask=um[None, :], sem="relaxed")
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
 
@@ -196,23 +209,47 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Spa
     return o, lse
 
 
+# the deterministic backward's per-chunk partials (dk / dv per union entry and KV group, fp32; with the fused KL also
+# P per group and dk_idx): at Keye's shapes 4-4.3 KB per entry and ~6K entries per 4-token block (DSA_UNION_SHARE
+# 0.75 of 4 x 2048), so 1 GiB holds ~40 blocks, 160 programs of (block, KV group) per launch: about one wave of an
+# H100's 132 SMs at two programs each (256 MiB would launch ~40, a third of the SMs). Not timed on a GPU yet
+# (bench/bench_dsa_deterministic.py --det-chunk-mib). parallel/memory.py charges no separate term: the forward's
+# largest stage transient, which the backward no longer holds, is of this order at long sequences.
+DET_CHUNK_BYTES = 1 << 30
+
+
 def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
-                    dq: torch.Tensor | None = None):
-    """(dq, dk, dv). dk / dv accumulate in fp32 buffers (keys nobody selected stay 0)."""
+                    dq: torch.Tensor | None = None, chunk_bytes: int | None = None):
+    """(dq, dk, dv). dk / dv accumulate in fp32 buffers (keys nobody selected stay 0): with fp32 atomics, or,
+    when torch's deterministic algorithms are on (train.deterministic), per chunk of blocks whose partials fit
+    `chunk_bytes` (default DET_CHUNK_BYTES), summed per key in a fixed order (plan.add_entry_rows), chunks in
+    order."""
     q, k, v, o, do, lse = (x.contiguous() for x in (q, k, v, o, do, lse))
     dq = torch.empty_like(q) if dq is None else dq
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32)
+    if not torch.are_deterministic_algorithms_enabled():
+        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32)
+        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    row = k.shape[2] * k.shape[3]  # HKV * D
+    chunks, width = entry_chunks(plan, 8 * row, chunk_bytes or DET_CHUNK_BYTES)
+    part = torch.empty(2, max(1, width), row, dtype=torch.float32, device=q.device)
+    for chunk in chunks:
+        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, part[0], part[1], blocks=chunk[:2],
+                               u0=chunk[2], deterministic=True)
+        add_entry_rows(dk32.view(-1, row), plan, chunk, part[0])
+        add_entry_rows(dv32.view(-1, row), plan, chunk, part[1])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
 def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq, dk32, dv32,
                            blocks: tuple[int, int] | None = None, psum: torch.Tensor | None = None,
-                           u0: int = 0) -> None:
+                           u0: int = 0, deterministic: bool = False) -> None:
     """The backward of the plan's blocks [b0, b1) (all when None): writes their rows of dq and adds into
     the fp32 dk32 / dv32; with `psum`, also adds each group's head-summed P of entry u, token i at
-    psum[(u - u0) * BQ + i]. Inputs contiguous."""
+    psum[(u - u0) * BQ + i]. Inputs contiguous. `deterministic`: no atomics; dk32 / dv32 are instead the
+    partials of entries [u0, u1) of the blocks, [u1 - u0, HKV, D], and psum [u1 - u0, HKV, BQ], each written
+    once (the caller sums them)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
@@ -230,7 +267,7 @@ def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, 
     sparse_attn_bwd_kernel_union[(b1 - b0, HKV)](
         q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U,
         dk32 if psum is None else psum, T, plan.num_blocks_t, b0, u0, scale, HQ=HQ, HKV=HKV, G=G,
-        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None,
+        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None, DET=deterministic,
         DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"], num_stages=cfg["stages_bwd"],
         **maxnreg(cfg["maxnreg_bwd"]))
 

@@ -731,6 +731,82 @@ def test_dsa_attention_kl_in_backward(B, T, Hq, Hkv, D, HI, DI, topk, cu, chunk_
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"split vs kl_in_backward {name}"
 
 
+class _FloatAtomics:
+    """Counts the fp32 atomic read-modify-writes the interpreted kernels issue while active (the plan's integer
+    OR / max are not counted: their result does not depend on order). The interpreter runs programs one after
+    another, so a run here cannot show nondeterminism itself; what it shows is that no fp32 sum is left to the
+    order of atomics, and that every partial reaches its key (the gradients match the reference)."""
+
+    def __init__(self, monkeypatch):
+        import triton.runtime.interpreter as ti
+        self.n, self.on = 0, False
+        real = ti.interpreter_builder.create_atomic_rmw
+
+        def rmw(op, ptr, val, mask, sem, scope):
+            if self.on and val.data.dtype.kind == "f":
+                self.n += 1
+            return real(op, ptr, val, mask, sem, scope)
+
+        monkeypatch.setattr(ti.interpreter_builder, "create_atomic_rmw", rmw)
+
+
+@pytest.fixture
+def _torch_deterministic():
+    """torch's deterministic algorithms on (train.deterministic's switch, process-wide), restored afterwards."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="counts atomics in the interpreter")
+def test_deterministic_backward_without_float_atomics(monkeypatch, _torch_deterministic):
+    """With torch's deterministic algorithms on, the sparse stage's Triton backward (attention + KL in one node,
+    and the split attention / loss nodes) writes per-(union entry, KV group) partials and sums them per key in the
+    plan's entry order: no fp32 atomic in any kernel, the six gradients and the KL equal the float64 reference
+    (tolerances as above: fp32 sums, now in a fixed order), packed documents, odd T, chunks of a few blocks.
+    Chunking does not change the order of the sums: 2 KB chunks give bit-identical results to one chunk. With
+    the mode off the same backward adds with fp32 atomics (the counter sees them)."""
+    from kernels.dsa import fused, indexer_loss, sparse_attn
+    B, T, Hq, Hkv, D, HI, DI, topk = 1, 45, 4, 2, 16, 2, 16, 8
+    cu = _cu(0, 17, 18, 45)
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    qi, w, ki = qi.round(), w.round(), ki.round()  # integer-valued indexer: exact selection on both backends
+    v, dout, weight = torch.randn_like(k), torch.randn(B, T, Hq, D, device=DEV), 0.7
+    atomics = _FloatAtomics(monkeypatch)
+
+    def run(backend, fused_kl=True, chunk=None, det=True):
+        for mod in (fused, indexer_loss, sparse_attn):
+            monkeypatch.setattr(mod, "DET_CHUNK_BYTES", chunk or sparse_attn.DET_CHUNK_BYTES)
+        torch.use_deterministic_algorithms(det)
+        xs = [x.detach().clone().double() if backend == "naive" else x.detach().clone() for x in (q, k, v, qi, w, ki)]
+        xs = [x.requires_grad_() for x in xs]
+        o, kl, _ = dsa_attention(*xs, topk=topk, cu_seqlens=cu, backend=backend,
+                                 kl_in_backward=weight if fused_kl else None)
+        atomics.n, atomics.on = 0, True
+        g = torch.autograd.grad(o, xs, dout.to(o.dtype)) if fused_kl else \
+            torch.autograd.grad((o * dout).sum() + weight * kl, xs)
+        atomics.on = False
+        return atomics.n, float(kl.detach()), g
+
+    _, kl_r, g_r = run("naive")
+    names = ("dq", "dk", "dv", "dq_idx", "dw", "dk_idx")
+    res = {}
+    for fused_kl in (True, False):
+        n, kl, g = res[fused_kl] = run("triton", fused_kl, chunk=2048)
+        assert n == 0, f"fused={fused_kl}: {n} fp32 atomics in the deterministic backward"
+        assert abs(kl - kl_r) <= TOL_OUT * max(abs(kl_r), 1.0), (kl, kl_r)
+        for name, a, b in zip(names, g_r, g):
+            assert_close(f"deterministic fused={fused_kl} {name}", a, b, TOL_GRAD)
+    _, kl, g = res[True]
+    n1, kl1, g1 = run("triton", chunk=1 << 30)  # one chunk: the same sums in the same order
+    assert n1 == 0 and kl1 == kl
+    for name, a, b in zip(names, g, g1):
+        assert torch.equal(a, b), f"{name} depends on the chunking"
+    n_atomic, _, _ = run("triton", det=False)
+    assert n_atomic > 0
+
+
 def test_dsa_attention_reads_packed_bounds_once(monkeypatch):
     """With packed documents, dsa_attention copies cu_seqlens to the host once (a GPU sync per
     layer): validate_cu_seqlens returns the longest document, which the plan's launch setting
