@@ -21,8 +21,11 @@ calls it right after the config is read, Trainer again for code that builds one 
 
 Our own ops follow torch's switch as torch's and megatron's MoE do (`torch.are_deterministic_algorithms_enabled()`,
 no state of ours): the ViT's position table resized per frame size (models/vision/vit.py, whose bilinear
-interpolate has no deterministic CUDA backward). What cannot be deterministic stops the run before it starts
-(`check_deterministic`): DSA's Triton sparse-stage backward sums dK / dV with fp32 atomics.
+interpolate has no deterministic CUDA backward), and DSA's Triton sparse-stage backward (kernels/dsa), which then
+writes its dK / dV, the KL's head-summed P and dk_idx per (union entry, KV group) instead of adding them with fp32
+atomics, and sums them per key in a fixed order (kernels/dsa/README.md, "Deterministic backward": up to 1 GiB of
+partials per chunk; bench/bench_dsa_deterministic.py times it). What cannot be deterministic stops the run before it
+starts (`check_deterministic`: the environment's cuBLAS and NCCL settings).
 """
 from __future__ import annotations
 
@@ -42,16 +45,6 @@ def check_deterministic(cfg, *, cuda: bool, environ: MutableMapping[str, str] | 
     if not cfg.train.deterministic:
         return
     env = os.environ if environ is None else environ
-    lm = cfg.model.lm
-    backend = lm.dsa.backend if lm.dsa.backend != "auto" else ("triton" if cuda else "naive")
-    if ("dsa" in lm.layer_attention() and lm.dsa.stage == "sparse" and backend == "triton"
-            and lm.dsa.topk < cfg.train.seq_length and not cfg.train.eval.only):   # its forward is deterministic
-        setting = "model.lm.dsa.backend=" + lm.dsa.backend + (" (Triton on a GPU)" if lm.dsa.backend == "auto" else "")
-        raise ValueError(f"train.deterministic=true cannot be kept with {setting} in the sparse stage "
-                         f"(model.lm.dsa.stage=sparse, topk {lm.dsa.topk} < train.seq_length {cfg.train.seq_length}): "
-                         f"its backward sums dK and dV with fp32 atomics, in no fixed order. Use "
-                         f"model.lm.dsa.backend=naive (the PyTorch reference, deterministic; its memory grows with "
-                         f"the square of the sequence: small sizes only) or train.deterministic=false")
     cublas = env.get("CUBLAS_WORKSPACE_CONFIG")
     if cublas is not None and cublas not in CUBLAS_DETERMINISTIC:
         raise ValueError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG to be one of {CUBLAS_DETERMINISTIC} "

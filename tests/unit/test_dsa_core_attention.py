@@ -108,6 +108,41 @@ def test_sparse_stage_with_a_longer_document_takes_the_sparse_path(backend, in_b
         assert_close(name, g, grads[name], TOL_GRAD)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="counts the interpreter's atomics")
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_the_layer_takes_the_deterministic_backward_under_torchs_switch(in_backward, monkeypatch):
+    """train.deterministic turns on torch's deterministic algorithms; the layer on the Triton backend then takes
+    the sparse stage's backward without fp32 atomics (kernels/dsa: per-entry partials summed per key in a fixed
+    order, plan.add_entry_rows), with no setting of its own, and still matches the float64 reference."""
+    import kernels.dsa.fused as kf
+    import kernels.dsa.indexer_loss as kil
+    import kernels.dsa.sparse_attn as ksa
+    from tests.kernels.test_dsa import _FloatAtomics
+
+    sums = []
+    for mod in (kf, kil, ksa):
+        monkeypatch.setattr(mod, "add_entry_rows", lambda *a, _real=mod.add_entry_rows: sums.append(1) or _real(*a))
+    atomics = _FloatAtomics(monkeypatch)
+    bounds = (0, 12, 30, 40)
+    x = _inputs()
+    core = _core(17, "triton")
+    core.kl_in_attention_backward = in_backward
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    atomics.on = True
+    try:
+        out, kl, grads = _run_core(core, x, _packed(bounds, 18))  # 18 > top-k 17: the sparse path
+    finally:
+        atomics.on = False
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    assert atomics.n == 0 and sums, (atomics.n, len(sums))
+    ref = _run_reference(x, 17, torch.tensor(bounds, dtype=torch.int32, device=DEV))
+    assert_close("out", ref[0], out, TOL_OUT)
+    assert_close("kl", ref[1], kl, TOL_OUT)
+    for name, g in ref[2].items():
+        assert_close(name, g, grads[name], TOL_GRAD)
+
+
 def test_longest_document():
     assert mdsa.longest_document(40, None) == 40
     assert mdsa.longest_document(40, _packed((0, 12, 30, 40), 18)) == 18
