@@ -338,12 +338,21 @@ def test_dsa_triton_topk_on_query_subset():
     assert torch.equal(ref, got)
 
 
-@pytest.mark.parametrize("stage", ["sparse", "sparse_in_backward", "dense", "dense_now"])
-def test_dsa_triton_kernels_on_query_subset(stage):
+@pytest.mark.parametrize("stage", ["sparse", "sparse_in_backward", "sparse_in_backward_deterministic", "dense",
+                                   "dense_now"])
+def test_dsa_triton_kernels_on_query_subset(stage, monkeypatch):
     """dense_now: the dense KL back-propagated at once (the warm-up's local backward: two passes over
     the keys), against the reference's autograd. sparse_in_backward: the KL rides on the output, its target
-    summed in the attention backward over the gathered keys (kernels/dsa/fused.py), its value filled there."""
+    summed in the attention backward over the gathered keys (kernels/dsa/fused.py), its value filled there;
+    _deterministic: with torch's deterministic algorithms on (train.deterministic), whose backward adds its
+    per-entry partials into the gathered keys' rows (plan.add_entry_rows: more key rows than query rows here)."""
+    import kernels.dsa.fused as kf
     from parallel.context.dsa import _dense_kl_triton, _kl_ref, _sparse_attn_ref, _sparse_triton, _topk_ref
+    sums = []
+    monkeypatch.setattr(kf, "add_entry_rows", lambda *a, _real=kf.add_entry_rows: sums.append(1) or _real(*a))
+    deterministic = stage.endswith("_deterministic")
+    stage = stage.removesuffix("_deterministic")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     T, pos, start = _subset_inputs(torch.float32, integer=False)
     idx = _topk_ref(T[3][pos], T[4][pos], T[5], pos, start, 16)
     scale = 0.25
@@ -380,7 +389,13 @@ def test_dsa_triton_kernels_on_query_subset(stage):
         grads = {n: t.grad for n, t in zip(("dq", "dk", "dv", "dq_idx", "dw", "dk_idx"), X) if t.grad is not None}
         return {"out": o.detach(), "kl": kl.detach(), **grads}
 
-    ref, got = run("ref"), run("triton")
+    ref = run("ref")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = run("triton")
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    assert bool(sums) == deterministic
     assert ref.keys() == got.keys()
     for name in ref:
         assert rel_rmse(ref[name], got[name]) <= TOL_TRITON, (name, rel_rmse(ref[name], got[name]))
