@@ -210,11 +210,12 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Spa
 
 
 # the deterministic backward's per-chunk partials (dk / dv per union entry and KV group, fp32; with the fused KL also
-# P per group and dk_idx): at Keye's shapes 4-4.3 KB per entry and ~6K entries per 4-token block (DSA_UNION_SHARE
-# 0.75 of 4 x 2048), so 1 GiB holds ~40 blocks, 160 programs of (block, KV group) per launch: about one wave of an
-# H100's 132 SMs at two programs each (256 MiB would launch ~40, a third of the SMs). Not timed on a GPU yet
-# (bench/bench_dsa_deterministic.py --det-chunk-mib). parallel/memory.py charges no separate term: the forward's
-# largest stage transient, which the backward no longer holds, is of this order at long sequences.
+# P per group and dk_idx): at Keye's shapes 4-4.3 KB per entry and 4-6K entries per 4-token block (bench_dsa.py's
+# smooth inputs: 3,965 at 128K; parallel/memory.py assumes 0.75 of 4 x 2048), so 1 GiB holds ~45-65 blocks, 180-260
+# programs of (block, KV group) per launch: about one wave of an H100's 132 SMs at two programs each (256 MiB would
+# fill a third to a half of it). Not timed on a GPU yet (bench/bench_dsa_deterministic.py --det-chunk-mib).
+# parallel/memory.py charges no separate term: at 16K tokens and more the forward's largest stage transient (the
+# top-k selector's 1 GiB chunk), which the backward no longer holds, is as large; below that it undercounts.
 DET_CHUNK_BYTES = 1 << 30
 
 
