@@ -5,8 +5,9 @@
 # whether off1 == off2, and whether "on" equals "resumed" at every step before the stop (run to run) and after it
 # (across the stop and resume): every logged value of every step, bit for bit (loss, grad_norm, vit_grad, the routers'
 # and DSA's metrics), timings, decode counters and peak memory left out; and the speed of on against off.
-# The DSA sparse stage runs its mode "on" with model.lm.dsa.backend=naive (its Triton backward sums dK / dV with
-# atomics: the mode refuses it), so its speed ratio is the reference path's against the kernels'.
+# The DSA sparse stage runs its mode "on" with the Triton kernels' deterministic backward (kernels/dsa/README.md;
+# DSA_ON_BACKEND=naive runs the reference instead, as the results in bench/RESULTS.md from before it did, when the
+# mode refused the Triton backward), so its speed ratio is the deterministic kernels' against the atomics'.
 # To stay within ~3 minutes the runs go in three phases, all recipes side by side: off1 and off2; on and the first
 # half of resumed; its second half. Speed is the median step time of steps 3 to STOP, while each phase's 8 tiny
 # processes share the GPU alike (one mode per phase): a ratio under sharing, not a single run's speed.
@@ -31,7 +32,9 @@ mode_args() {   # recipe, variant, tag -> that run's settings
     resumed_second) echo "train.deterministic=true train.stop_after=$((STEPS - STOP))" ;;
   esac
   case $3 in resumed*) echo "train.checkpoint.save_interval=1000" ;; esac
-  case $1-$2 in keye_tiny_vl_dsa_sparse-on|keye_tiny_vl_dsa_sparse-resumed) echo "model.lm.dsa.backend=naive" ;; esac
+  case $1-$2 in
+    keye_tiny_vl_dsa_sparse-on|keye_tiny_vl_dsa_sparse-resumed) echo "model.lm.dsa.backend=${DSA_ON_BACKEND:-auto}" ;;
+  esac
 }
 
 phase() {   # variant:tag ...: every recipe's run of each, side by side
