@@ -85,8 +85,9 @@ def add_entry_rows(dst: torch.Tensor, plan: SparsePlan, chunk: tuple[int, int, i
     """dst [B * T, R] (fp32 rows of keys) += the chunk's per-entry partials part [u1 - u0, R], each entry's row
     into its key's row (batch row of its block, position pos_U), in an order that does not depend on the GPU's
     scheduling: torch's index_put_(accumulate=True), deterministic under torch's deterministic algorithms (on a
-    GPU it sorts the row indices, then adds each key's partials one after another in the sorted order; on the CPU
-    in entry order). The deterministic backward (sparse_attn.py, fused.py, indexer_loss.py) runs only then."""
+    GPU aten's _index_put_impl_ takes its sort-based kernel for accumulate=True: it sorts the row indices, then
+    adds each key's partials one after another in the sorted order; on the CPU in entry order). The deterministic
+    backward (sparse_attn.py, fused.py, indexer_loss.py) runs only then."""
     _, _, u0, u1 = chunk
     if u1 <= u0:
         return
