@@ -34,6 +34,17 @@ from .plan import SparsePlan, add_entry_rows, entry_chunks
 from .sparse_attn import DET_CHUNK_BYTES, sparse_attn_bwd_blocks, sparse_attn_fwd
 
 
+def _grad_buffers(q, k, v, q_idx, w, k_idx):
+    """Both backwards' outputs: dq, fp32 dk / dv (keys nobody selected stay 0), per-token kl, lse_I and Z, dq_idx, dw,
+    fp32 dk_idx."""
+    B, T = q.shape[:2]
+    kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
+    return (torch.empty_like(q), torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+            torch.zeros(v.shape, dtype=torch.float32, device=v.device), kl, torch.empty_like(kl), torch.empty_like(kl),
+            torch.empty_like(q_idx), torch.empty_like(w), torch.zeros(k_idx.shape, dtype=torch.float32,
+                                                                     device=k_idx.device))
+
+
 def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, scale: float,
                      gscale: torch.Tensor, chunk_bytes: int | None = None):
     """(dq, dk, dv, dq_idx, dw, dk_idx, kl) for the attention's output gradient `do` and d loss / d KL_t =
@@ -44,14 +55,7 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     bounds all the partials, default DET_CHUNK_BYTES)."""
     if torch.are_deterministic_algorithms_enabled():
         return _attention_kl_bwd_det(q, k, v, o, do, lse, q_idx, w, k_idx, plan, scale, gscale, chunk_bytes)
-    B, T = q.shape[:2]
-    dq = torch.empty_like(q)
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
-    lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
-    dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
-    dki32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    dq, dk32, dv32, kl, lse_i, z, dq_idx, dw, dki32 = _grad_buffers(q, k, v, q_idx, w, k_idx)
     chunks, width = psum_chunks(plan, chunk_bytes or LOSS_CHUNK_BYTES)
     buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
     for b0, b1, u0, u1 in chunks:
@@ -75,16 +79,9 @@ def _attention_kl_bwd_det(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan
     in group order (0, 1, ...); the KL kernels read it and write each entry's dk_idx once; dk / dv / dk_idx are added
     per key in a fixed order (plan.add_entry_rows), chunks in order. dq, dq_idx, dw are written once per token, as in
     the atomics path."""
-    B, T = q.shape[:2]
     HKV, D, DI, BQ = k.shape[2], k.shape[3], k_idx.shape[-1], plan.block_q
     row = HKV * D
-    dq = torch.empty_like(q)
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
-    lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
-    dq_idx, dw = torch.empty_like(q_idx), torch.empty_like(w)
-    dki32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+    dq, dk32, dv32, kl, lse_i, z, dq_idx, dw, dki32 = _grad_buffers(q, k, v, q_idx, w, k_idx)
     chunks, width = entry_chunks(plan, 4 * (2 * row + (HKV + 1) * BQ + DI), chunk_bytes or DET_CHUNK_BYTES)
     width = max(1, width)
     dkv = torch.empty(2, width, row, dtype=torch.float32, device=q.device)
