@@ -111,12 +111,12 @@ def restart_checkpoint_helpers() -> None:
     leaves its Manager running as an orphan (holding the job's output pipes). The Manager started here dies with
     the training process (PR_SET_PDEATHSIG) and ignores the stop signals.
 
-    It is forked (megatron spawns its own): a spawned Manager imports torch to unpickle the first write results put
-    in its queue (and, under torchrun, runs the entry point's imports again), about 1.8 s of CPU and a few hundred MB
-    per rank; forked it starts in ~0.02 s with the modules already loaded. It runs only Python (no CUDA, no
-    collective), as megatron's writer processes forked at every save do. A live one of this process is kept, so
-    trainers built one after another in a process share it (each call gets a new queue); one that died (SIGKILL, the
-    out-of-memory killer: it ignores SIGINT, as every Manager does, and the stop signals) is replaced.
+    A live one of this process is kept, so trainers built one after another in a process (the tests' layout jobs,
+    the benchmarks' cases) share it, each call with a queue of its own: spawning one (a fresh interpreter that imports
+    torch, ~1.8 s of CPU) was each trainer's cost. One that died (SIGKILL, the out-of-memory killer: it ignores
+    SIGINT, as every Manager does, and the stop signals) is replaced. Spawned, not forked: a forked server would
+    inherit whatever lock another thread of the training process held at the fork (a test process's worker threads,
+    a loader's), and a proxy's after-fork call into a stuck server hangs every later forked child of the process.
     """
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
@@ -128,7 +128,7 @@ def restart_checkpoint_helpers() -> None:
     if live:
         manager = live[-1]
     else:
-        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(initializer=_die_with_parent)
         _MANAGERS.append((os.getpid(), manager))  # keep it referenced: its finalizer would shut the server down
     # a queue of its own for each call (a writer takes the queue of its save's start: a save in flight keeps its own),
