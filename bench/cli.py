@@ -28,7 +28,9 @@ def require_gpus(script: str, *, gpus: int = 1, hint: str = "") -> None:
     minutes recording each case as an error."""
     import torch
 
-    seen = torch.cuda.device_count()
+    # is_available first: the trainer's CPU mode (parallel/cpu_mode.py) answers device_count() with 1 in a process
+    # where a CPU run was built (a test process), where no GPU is there either
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if seen >= gpus:
         return
     need = "a CUDA GPU" if gpus == 1 else f"{gpus} CUDA GPUs"
