@@ -385,7 +385,7 @@ def test_the_trainer_gives_each_token_its_document():
         return torch.zeros(tokens.shape)
 
     try:
-        _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16), iter([batch]), model)
+        _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16, route_documents=True), iter([batch]), model)
     finally:
         set_balancing_tokens(None)   # _forward_step set the micro-batch's loss tokens for the routers
     assert torch.equal(seen["psp"].documents, DOCS.view(1, -1)) and seen["psp"].num_documents == len(CU) - 1
