@@ -1,13 +1,12 @@
 """GPU: DSA's sparse-stage Triton backward with fp32 atomics against its deterministic variant, in the same run.
 
     python bench/bench_dsa_deterministic.py --out $OUT/dsa_det.json                    # L = 8K, 32K, 128K
-    python bench/bench_dsa_deterministic.py --L 32768 --det-chunk-mib 256 2048 --out $OUT/dsa_det_chunks.json
 
 Shapes and inputs are bench_dsa.py's: B = 1, 32 query / 4 KV heads, head dim 128, indexer 16 x 64, top-k 2048,
 bf16, smooth indexer inputs. Per L, the sparse stage as the model's DSA layer runs it (top-k, union plan, the
 attention with the KL's target summed in its backward: kernels/dsa/fused.py) with torch's deterministic algorithms
 off (the backward adds dK / dV, P over the KV groups and dk_idx with fp32 atomics) and on (what train.deterministic
-sets: the deterministic backward, kernels/dsa/README.md "Deterministic backward"), for each chunk budget given:
+sets: the deterministic backward's int64 fixed-point sums, kernels/dsa/README.md "Deterministic backward"):
 - fwd_bwd_ms: forward + backward, median of triton's do_bench; peak_gib: the peak memory allocated during one;
 - bwd_ms / bwd_extra_gib: the backward alone (fused.attention_kl_bwd on one plan) and the memory it adds;
 - bitwise_repeat: per output (dq, dk, dv, dq_idx, dw, dk_idx, kl), whether two backward passes on the same inputs
@@ -47,8 +46,6 @@ def positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", type=positive_int, nargs="+", default=list(LENGTHS), help="sequence lengths (tokens)")
-    ap.add_argument("--det-chunk-mib", type=positive_int, nargs="+", default=None,
-                    help="the deterministic backward's chunk budgets in MiB (default: the kernels' DET_CHUNK_BYTES)")
     ap.add_argument("--quick", action="store_true", help="fewer timing repeats")
     ap.add_argument("--out", default="dsa_deterministic.json")
     return ap.parse_args(argv)
@@ -65,7 +62,7 @@ def torch_deterministic(on: bool):
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
-def stage_fwd_bwd(x: dict, topk: int, block_q: int, chunk_bytes: int | None):
+def stage_fwd_bwd(x: dict, topk: int, block_q: int, chunk_bytes: int | None = None):
     """The sparse stage as the model's layer runs it (dsa_attention(kl_in_backward=1)), forward and backward: the
     gradients of q, k, v, q_idx, w, k_idx for the output gradient x["do"], and the KL the backward filled."""
     from kernels.dsa import build_sparse_plan, dsa_topk
@@ -97,7 +94,7 @@ def backward_inputs(x: dict, topk: int, block_q: int) -> dict:
                 gscale=torch.full((1,), 1.0 / n, dtype=torch.float32, device=q.device))
 
 
-def backward(b: dict, chunk_bytes: int | None):
+def backward(b: dict, chunk_bytes: int | None = None):
     """fused.attention_kl_bwd alone: (dq, dk, dv, dq_idx, dw, dk_idx, per-token kl)."""
     from kernels.dsa.fused import attention_kl_bwd
 
@@ -110,35 +107,34 @@ def bitwise_repeat(first, second) -> dict[str, bool]:
     return {n: bool(torch.equal(a, b)) for n, a, b in zip(OUTPUTS, first, second)}
 
 
-def run_case(x: dict, *, deterministic: bool, chunk_bytes: int | None, quick: bool) -> dict:
+def run_case(x: dict, *, deterministic: bool, quick: bool) -> dict:
     from bench.bench_dsa import TOPK, peak_mem, timed
     from kernels.dsa import default_block_q
 
     block_q = default_block_q(x["q"].shape[2], x["k"].shape[2])
     row = {}
     with torch_deterministic(deterministic):
-        chunk = chunk_bytes if deterministic else None   # the atomics path's chunks of P keep their default
-        row["fwd_bwd_ms"] = timed(lambda: stage_fwd_bwd(x, TOPK, block_q, chunk), quick)
-        row["peak_gib"] = peak_mem(lambda: stage_fwd_bwd(x, TOPK, block_q, chunk))[0] / 2**30
+        row["fwd_bwd_ms"] = timed(lambda: stage_fwd_bwd(x, TOPK, block_q), quick)
+        row["peak_gib"] = peak_mem(lambda: stage_fwd_bwd(x, TOPK, block_q))[0] / 2**30
         b = backward_inputs(x, TOPK, block_q)
-        row["bwd_ms"] = timed(lambda: backward(b, chunk), quick)
-        row["bwd_extra_gib"] = peak_mem(lambda: backward(b, chunk))[1] / 2**30
-        first = backward(b, chunk)
-        second = backward(b, chunk)
+        row["bwd_ms"] = timed(lambda: backward(b), quick)
+        row["bwd_extra_gib"] = peak_mem(lambda: backward(b))[1] / 2**30
+        first = backward(b)
+        second = backward(b)
         row["bitwise_repeat"] = bitwise_repeat(first, second)
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'L':>7} {'path':>14} {'chunk MiB':>9} {'fwd+bwd ms':>11} {'bwd ms':>8} {'peak GiB':>9} "
+    print(f"{'L':>7} {'path':>14} {'fwd+bwd ms':>11} {'bwd ms':>8} {'peak GiB':>9} "
           f"{'bwd +GiB':>9}  bit-identical twice")
     for r in rows:
         for path, res in r["paths"].items():
             if "error" in res:
-                print(f"{r['L']:>7} {path:>14} {'':>9}  {res['error'][:80]}")
+                print(f"{r['L']:>7} {path:>14}  {res['error'][:80]}")
                 continue
             same = [n for n, ok in res["bitwise_repeat"].items() if ok]
-            print(f"{r['L']:>7} {path:>14} {res.get('chunk_mib', ''):>9} {res['fwd_bwd_ms']:>11.2f} "
+            print(f"{r['L']:>7} {path:>14} {res['fwd_bwd_ms']:>11.2f} "
                   f"{res['bwd_ms']:>8.2f} {res['peak_gib']:>9.2f} {res['bwd_extra_gib']:>9.2f}  "
                   f"{'all' if len(same) == len(OUTPUTS) else ','.join(same) or 'none'}")
 
@@ -150,9 +146,7 @@ def main(argv=None) -> None:
     import triton
 
     from bench.bench_dsa import make_inputs
-    from kernels.dsa import sparse_attn
 
-    chunks = args.det_chunk_mib or [sparse_attn.DET_CHUNK_BYTES >> 20]
     rows = []
     for L in args.L:
         row = {"L": L, "paths": {}}
@@ -162,12 +156,10 @@ def main(argv=None) -> None:
             row["paths"]["inputs"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)
             continue
-        cases = [("atomics", False, None)] + [(f"deterministic@{c}", True, c) for c in chunks]
-        for name, det, mib in cases:
+        for name, det in (("atomics", False), ("deterministic", True)):
             try:
-                res = run_case(x, deterministic=det, chunk_bytes=None if mib is None else mib << 20, quick=args.quick)
-                if mib is not None:
-                    res["chunk_mib"] = mib
+                res = run_case(x, deterministic=det, quick=args.quick)
+                if det:
                     base = row["paths"].get("atomics", {})
                     if "fwd_bwd_ms" in base:
                         res["fwd_bwd_x_atomics"] = res["fwd_bwd_ms"] / base["fwd_bwd_ms"]

@@ -92,6 +92,7 @@ class MemoryInputs:
     vit_layout: str = "spread"  # parallel.vit.layout: replicated encodes on the LM-input ranks (pipeline rank 0) only
     vit_recompute: bool = False  # parallel.vit.recompute
     vit_group: int = 0  # parallel.vit.group: micro-batches per vision phase (0: the whole step's)
+    deterministic: bool = False  # train.deterministic: DSA's sparse backward sums dK / dV in int64, not fp32
 
     @property
     def model_seq(self) -> int:
@@ -294,15 +295,16 @@ def _attention(m: MemoryInputs, variant: str, *, recompute_core: bool) -> tuple[
             # backward (kernels/dsa/fused.py, on one rank and under CP), into the loss chunk counted below
             plan = t * x.topk * DSA_UNION_SHARE * 8
             ind += plan
-            # the backward's fp32 dK / dV (every key the rank's queries can select) and the largest
-            # transient of the forward's stages (top-k candidates, plan building, loss chunk)
+            # the backward's fp32 dK / dV (every key the rank's queries can select; int64 fixed point with
+            # train.deterministic, kernels/dsa/README.md) and the largest transient of the forward's stages
+            # (top-k candidates, plan building, loss chunk)
             # the selector's rows: every token of the micro-batch, or under CP the rank's t against all S keys
             selector = topk_transient_bytes(m.micro_batch_size, m.model_seq, x.topk,
                                             rows=int(t) if cp > 1 else None)
             if cp > 1:  # its [S, topk] output and the query copies at their global rows, alive with the selector's
                 selector += cp_topk_rows_bytes(S, x, b)
             stage = max(selector, PLAN_CHUNK_BYTES + plan, LOSS_CHUNK_BYTES)
-            transient += 2 * (S if cp > 1 else t) * hkv * 4 + stage
+            transient += 2 * (S if cp > 1 else t) * hkv * (8 if m.deterministic else 4) + stage
         else:
             rows = S if cp > 1 else t  # under CP the rank's rows scattered to their global positions
             transient += (min(GPU_CHUNK_BYTES, rows * S * 4) + rows * x.index_dim * 4
@@ -679,4 +681,5 @@ def inputs_from_config(cfg, layout) -> MemoryInputs:
                         vision=cfg.model.vision.build(cfg.model.lm.hidden_size) if cfg.model.vision.enabled else None,
                         vit_ranks=layout.tp * layout.cp * layout.pp if cfg.parallel.vit.layout == "spread" else 1,
                         vit_layout=cfg.parallel.vit.layout,
-                        vit_recompute=cfg.parallel.vit.recompute, vit_group=cfg.parallel.vit.group)
+                        vit_recompute=cfg.parallel.vit.recompute, vit_group=cfg.parallel.vit.group,
+                        deterministic=t.deterministic)

@@ -148,11 +148,12 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     for T, psum, det in ((131072, False, False), (65536, False, False), (131072, True, False), (65536, True, False),
                          (131072, True, True)):
         # uncapped registers above 64K-token documents, capped up to it; with the KL's target (fused.py) or not;
-        # det: the deterministic backward's stores of per-entry partials instead of atomics
+        # det: the deterministic backward's int64 fixed-point sums (integer atomics) instead of fp32 atomics
         c = sa._config(CUDA, BQ * GP, D, span=T)
+        acc = "*i64" if det else "*fp32"
         out.append((sa.sparse_attn_bwd_kernel_union,
-                    dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk="*fp32",
-                         dv="*fp32", offsets="*i64", upos="*i32", ubits="*i32", psum="*fp32",
+                    dict(q=dt, k=dt, v=dt, o=dt, do=dt, lse="*fp32", dq=dt, dk=acc,
+                         dv=acc, offsets="*i64", upos="*i32", ubits="*i32", psum=acc, fix="*fp32",
                          T="i32", NBT="i32", PID0="i32", U0="i64", scale="fp32"),
                     dict(heads, BS=c["BS_bwd"], PSUM=psum, DET=det), c["warps_bwd"], c["stages_bwd"],
                     c["maxnreg_bwd"]))
@@ -176,7 +177,8 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
     for det in (False, True):
         out.append((il.indexer_loss_bwd_kernel_kl,
                     dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt, gscale_ptr="*fp32",
-                         dq_idx=dt, dw=dt, dk_idx="*fp32", T="i32", NBT="i32", PID0="i32", U0="i64",
+                         dq_idx=dt, dw=dt, dk_idx="*i64" if det else "*fp32", fix="*fp32", T="i32", NBT="i32",
+                         PID0="i32", U0="i64",
                          scale_log2="fp32"),
                     dict(meta, BS=c["BS_bwd_p"], LOAD_P=True, DET=det), c["warps"], c["stages_bwd_p"]))
     c = ild._config(CUDA)

@@ -1,4 +1,5 @@
-"""Small helpers shared by the DSA Triton wrappers: argument checks, document starts, sizes; a NaN-keeping ReLU."""
+"""Small helpers shared by the DSA Triton wrappers: argument checks, document starts, sizes; a NaN-keeping ReLU; the
+fixed-point scales of the deterministic backward."""
 from __future__ import annotations
 
 import os
@@ -56,6 +57,38 @@ def row_doc_start(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> to
     pos = torch.arange(T, device=device)
     seg = torch.searchsorted(cu[1:], pos, right=True)
     return cu[seg].to(torch.int32).repeat(B)
+
+
+# The deterministic backward (torch's deterministic algorithms on: train.deterministic) adds its dK / dV, head-summed P
+# and dk_idx contributions as int64 fixed-point values with integer atomics: an integer sum is exact, so it does not
+# depend on the order the GPU adds in. Each sum's scale is a power of two 2^e with bound * 2^e <= 2^FIXED_POINT_BITS,
+# `bound` a bound on the sum of the absolute contributions to any one element (taken from the inputs, below), so no
+# partial sum can overflow int64 (2^63: the 8x headroom covers fp32 rounding in the bound and in the contributions).
+# Resolution: bound * 2^-60 (about 1e-18 of the bound) per contribution, far below fp32's rounding of the sums.
+FIXED_POINT_BITS = 60
+
+
+def fixed_point_scales(bounds: list[torch.Tensor | float], device) -> torch.Tensor:
+    """[len(bounds)] fp32 powers of two 2^e with bound * 2^e <= 2^FIXED_POINT_BITS (e in [-126, 126]: fp32's normal
+    powers of two), one per bound (0-dim tensors or numbers), computed on the device (no host sync; torch's
+    reductions that made the bounds are run-to-run deterministic, so the scales are too). A bound that is not finite (a NaN or inf among the inputs it
+    reads) gives a NaN scale, so every value of that sum comes out NaN, as the fp32 atomics would give it."""
+    b = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(()) for x in bounds])
+    _, e = torch.frexp(b)  # b = m * 2^e with m in [0.5, 1): b < 2^e
+    s = torch.ldexp(torch.ones_like(b), (FIXED_POINT_BITS - e).clamp(-126, 126))
+    return torch.where(torch.isfinite(b), s, torch.full_like(s, float("nan")))
+
+
+def from_fixed_point(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int64 fixed-point sums `acc` as `dtype` (one rounding to fp32, then an exact division by the power of two
+    `scale`, a 1-element tensor: NaN for a non-finite bound)."""
+    return (acc.to(torch.float32) / scale).to(dtype)
+
+
+@triton.jit
+def to_fixed_point(x, s):
+    """fp32 x -> the nearest int64 of x * s (s a power of two: the product is exact)."""
+    return tl.floor(x * s + 0.5).to(tl.int64)
 
 
 def check_same_device(*tensors: torch.Tensor) -> None:

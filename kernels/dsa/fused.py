@@ -23,89 +23,65 @@ What this changes for a user of `dsa_attention(..., kl_in_backward=weight)`:
   is one chunk of fp32 P;
 * P's sum over the KV groups is taken by fp32 atomics, so the KL and the indexer's gradients depend on
   their order in the last bits, as dk, dv and dk_idx already do; with torch's deterministic algorithms on,
-  every one of these sums has a fixed order instead (_attention_kl_bwd_det, kernels/dsa/README.md).
+  every one of these sums is taken in int64 fixed point with integer atomics instead, exact in any order
+  (kernels/dsa/README.md, "Deterministic backward").
 """
 from __future__ import annotations
 
 import torch
 
-from .indexer_loss import LOSS_CHUNK_BYTES, kl_bwd_blocks, kl_fwd_from_p, psum_chunks
-from .plan import SparsePlan, add_entry_rows, entry_chunks
-from .sparse_attn import DET_CHUNK_BYTES, sparse_attn_bwd_blocks, sparse_attn_fwd
-
-
-def _grad_buffers(q, k, v, q_idx, w, k_idx):
-    """Both backwards' outputs: dq, fp32 dk / dv (keys nobody selected stay 0), per-token kl, lse_I and Z, dq_idx, dw,
-    fp32 dk_idx."""
-    B, T = q.shape[:2]
-    kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
-    return (torch.empty_like(q), torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-            torch.zeros(v.shape, dtype=torch.float32, device=v.device), kl, torch.empty_like(kl), torch.empty_like(kl),
-            torch.empty_like(q_idx), torch.empty_like(w), torch.zeros(k_idx.shape, dtype=torch.float32,
-                                                                     device=k_idx.device))
+from .common import from_fixed_point
+from .indexer_loss import LOSS_CHUNK_BYTES, kl_bwd_blocks, kl_bwd_fixed_point_scale, kl_fwd_from_p, psum_chunks
+from .plan import SparsePlan
+from .sparse_attn import attn_bwd_fixed_point_scales, sparse_attn_bwd_blocks, sparse_attn_fwd
 
 
 def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, scale: float,
                      gscale: torch.Tensor, chunk_bytes: int | None = None):
     """(dq, dk, dv, dq_idx, dw, dk_idx, kl) for the attention's output gradient `do` and d loss / d KL_t =
     gscale (a 1-element fp32 tensor); kl [B*T] fp32 is each token's KL over its selected keys. The plan's
-    block size must be the loss kernels' (`indexer_loss.loss_block_q`). Inputs contiguous.
-    With torch's deterministic algorithms on (train.deterministic): no atomics; per chunk the kernels write
-    per-entry partials (dk / dv and P per KV group, dk_idx), summed afterwards in a fixed order (chunk_bytes then
-    bounds all the partials, default DET_CHUNK_BYTES)."""
-    if torch.are_deterministic_algorithms_enabled():
-        return _attention_kl_bwd_det(q, k, v, o, do, lse, q_idx, w, k_idx, plan, scale, gscale, chunk_bytes)
-    dq, dk32, dv32, kl, lse_i, z, dq_idx, dw, dki32 = _grad_buffers(q, k, v, q_idx, w, k_idx)
-    chunks, width = psum_chunks(plan, chunk_bytes or LOSS_CHUNK_BYTES)
-    buf = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device)
+    block size must be the loss kernels' (`indexer_loss.loss_block_q`). Inputs contiguous. Per chunk of blocks
+    whose head-summed P fits `chunk_bytes` (default LOSS_CHUNK_BYTES) as fp32.
+    With torch's deterministic algorithms on (train.deterministic): dk, dv, P and dk_idx are summed in int64 fixed
+    point with integer atomics (exact in any order), each with its scale (attn_bwd_fixed_point_scales,
+    kl_bwd_fixed_point_scale); a chunk's P is converted to fp32 before the KL kernels read it. Its int64 sums and
+    their fp32 copy take the same budget (a third as many entries per chunk)."""
+    B, T = q.shape[:2]
+    det = torch.are_deterministic_algorithms_enabled()
+    acc = torch.int64 if det else torch.float32
+    dq, dq_idx, dw = torch.empty_like(q), torch.empty_like(q_idx), torch.empty_like(w)
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)   # keys nobody selected stay 0
+    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dki_acc = torch.zeros(k_idx.shape, dtype=acc, device=k_idx.device)
+    kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
+    lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
+    fix = fix_ki = None
+    budget = chunk_bytes or LOSS_CHUNK_BYTES
+    if det:
+        fix, fix_ki = attn_bwd_fixed_point_scales(q, k, v, o, do, scale), kl_bwd_fixed_point_scale(q_idx, w, k_idx,
+                                                                                                  gscale)
+        budget //= 3
+    chunks, width = psum_chunks(plan, budget)
+    buf = torch.empty(max(1, width) * plan.block_q, dtype=acc, device=q.device)
+    p32 = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device) if det else None
     for b0, b1, u0, u1 in chunks:
         if b1 <= b0:
             continue
         part = buf[: (u1 - u0) * plan.block_q]
         part.zero_()
-        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32, blocks=(b0, b1), psum=part,
-                               u0=u0)
+        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk_acc, dv_acc, blocks=(b0, b1), psum=part,
+                               u0=u0, fix=fix)
+        if det:
+            part = p32[: part.numel()].copy_(part).div_(fix[2])
         kl_fwd_from_p(q_idx, w, k_idx, q.shape, k.shape, plan, scale, part, (b0, b1), u0, kl, lse_i, z)
-        kl_bwd_blocks(q_idx, w, k_idx, q.shape, k.shape, plan, scale, lse_i, z, gscale, dq_idx, dw, dki32, psum=part,
-                      blocks=(b0, b1), u0=u0)
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype), dq_idx, dw, dki32.to(k_idx.dtype), kl
-
-
-def _attention_kl_bwd_det(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, scale: float,
-                          gscale: torch.Tensor, chunk_bytes: int | None):
-    """attention_kl_bwd without atomics. Per chunk of blocks whose per-entry partials fit `chunk_bytes` (default
-    DET_CHUNK_BYTES: dk and dv per KV group, P per KV group and summed, dk_idx; 4.3 KB per entry at Keye's shapes):
-    the attention backward writes each (entry, group)'s dk / dv and head-summed P once; P is summed over the groups
-    in group order (0, 1, ...); the KL kernels read it and write each entry's dk_idx once; dk / dv / dk_idx are added
-    per key in a fixed order (plan.add_entry_rows), chunks in order. dq, dq_idx, dw are written once per token, as in
-    the atomics path."""
-    HKV, D, DI, BQ = k.shape[2], k.shape[3], k_idx.shape[-1], plan.block_q
-    row = HKV * D
-    dq, dk32, dv32, kl, lse_i, z, dq_idx, dw, dki32 = _grad_buffers(q, k, v, q_idx, w, k_idx)
-    chunks, width = entry_chunks(plan, 4 * (2 * row + (HKV + 1) * BQ + DI), chunk_bytes or DET_CHUNK_BYTES)
-    width = max(1, width)
-    dkv = torch.empty(2, width, row, dtype=torch.float32, device=q.device)
-    pg = torch.empty(width, HKV, BQ, dtype=torch.float32, device=q.device)
-    p = torch.empty(width, BQ, dtype=torch.float32, device=q.device)
-    dki = torch.empty(width, DI, dtype=torch.float32, device=q.device)
-    for chunk in chunks:
-        b0, b1, u0, u1 = chunk
-        if b1 <= b0:
-            continue
-        n = u1 - u0
-        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dkv[0], dkv[1], blocks=(b0, b1), psum=pg,
-                               u0=u0, deterministic=True)
-        part = p[:n]
-        part.copy_(pg[:n, 0])
-        for g in range(1, HKV):   # P's sum over the KV groups, in group order
-            part.add_(pg[:n, g])
-        kl_fwd_from_p(q_idx, w, k_idx, q.shape, k.shape, plan, scale, part, (b0, b1), u0, kl, lse_i, z)
-        kl_bwd_blocks(q_idx, w, k_idx, q.shape, k.shape, plan, scale, lse_i, z, gscale, dq_idx, dw, dki, psum=part,
-                      blocks=(b0, b1), u0=u0, deterministic=True)
-        add_entry_rows(dk32.view(-1, row), plan, chunk, dkv[0])
-        add_entry_rows(dv32.view(-1, row), plan, chunk, dkv[1])
-        add_entry_rows(dki32.view(-1, DI), plan, chunk, dki)
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype), dq_idx, dw, dki32.to(k_idx.dtype), kl
+        kl_bwd_blocks(q_idx, w, k_idx, q.shape, k.shape, plan, scale, lse_i, z, gscale, dq_idx, dw, dki_acc, psum=part,
+                      blocks=(b0, b1), u0=u0, fix=fix_ki)
+    if not det:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), dq_idx, dw, dki_acc.to(k_idx.dtype), kl
+    # a NaN in the target or the scores (seen in the KL) reaches dk_idx as NaN, not as a wrapped int
+    fix_ki = fix_ki + 0.0 * kl.sum()
+    return (dq, from_fixed_point(dk_acc, fix[0:1], k.dtype), from_fixed_point(dv_acc, fix[1:2], v.dtype), dq_idx, dw,
+            from_fixed_point(dki_acc, fix_ki, k_idx.dtype), kl)
 
 
 class SparseAttentionKLFn(torch.autograd.Function):

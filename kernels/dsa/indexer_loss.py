@@ -17,8 +17,9 @@ tokens x keys instead: indexer_loss_dense.py.
 
 Forward keeps per token only (KL, lse_I, Z) with online log-sum-exp; backward recomputes I and P
 tile by tile. dq_idx and dw are written once per token (no atomics); dk_idx is scatter-added with
-fp32 atomics (one per key tile and block), or, with torch's deterministic algorithms on, stored per union
-entry and summed per key in a fixed order (indexer_kl_bwd). The target is detached: q, k, lse get no gradient.
+fp32 atomics (one per key tile and block), or, with torch's deterministic algorithms on, as int64 fixed-point
+values with integer atomics (exact sums in any order; indexer_kl_bwd). The target is detached: q, k, lse get no
+gradient.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, pow2, relu_nan
-from .plan import SparsePlan, add_entry_rows, entry_chunks
-from .sparse_attn import DET_CHUNK_BYTES
+from .common import (LOG2E, dot_precision, fixed_point_scales, from_fixed_point, interpreting, pow2, relu_nan,
+                     to_fixed_point)
+from .plan import SparsePlan, entry_chunks
 
 
 @triton.jit
@@ -230,7 +231,7 @@ def indexer_loss_fwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
 
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
 def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
-                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx,
+                               lse_i_ptr, z_ptr, psum_ptr, gscale_ptr, dq_idx, dw, dk_idx, fix,
                                T, NBT, PID0, U0, scale_log2, HQ: tl.constexpr, HKV: tl.constexpr,
                                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, HI: tl.constexpr, HIP: tl.constexpr,
@@ -239,8 +240,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
                                DOT_PREC: tl.constexpr):
     """LOAD_P: read the head-summed P (the forward's, or the attention backward's fp32 chunk:
     entry u at row u - U0) instead of recomputing it. Program p handles block PID0 + p.
-    DET (deterministic): no atomics; dk_idx is the chunk's partials [U - U0, DI] (fp32), entry u
-    written by its block's program alone, summed per key by the caller (plan.add_entry_rows)."""
+    DET (deterministic): no fp32 atomics; dk_idx is int64 and takes each contribution x as round(x * fix[0])
+    (integer atomics: exact sums in any order; kl_bwd_fixed_point_scale)."""
     pid = PID0 + tl.program_id(0)
     bb = pid // NBT
     t0 = (pid % NBT) * BQ
@@ -250,6 +251,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
     lse_i = tl.load(lse_i_ptr + row, mask=tvalid, other=0.0)
     z_i = tl.load(z_ptr + row, mask=tvalid, other=1.0)
     gscale = tl.load(gscale_ptr)  # d loss / d KL_t = grad_out / number of tokens
+    if DET:
+        fix_ki = tl.load(fix)
     dd = tl.arange(0, DIP)
     dqi = tl.zeros([BQ * HIP, DIP], dtype=tl.float32)
     dwv = tl.zeros([BQ * HIP], dtype=tl.float32)
@@ -271,8 +274,8 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         dqi += tl.dot(du.to(ki.dtype), ki, input_precision=DOT_PREC)
         dki = tl.dot(tl.trans(du.to(qi.dtype)), qi, input_precision=DOT_PREC)
         if DET:
-            tl.store(dk_idx + ((u0 + tl.arange(0, BS) - U0).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
-                     mask=um[:, None] & (dd[None, :] < DI))
+            tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :],
+                          to_fixed_point(dki, fix_ki), mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
         else:
             tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
                           mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
@@ -391,44 +394,47 @@ def kl_fwd_from_p(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: fl
         DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps_kl"], num_stages=cfg["stages_split"])
 
 
+def kl_bwd_fixed_point_scale(q_idx, w, k_idx, gscale: torch.Tensor) -> torch.Tensor:
+    """The deterministic backward's fixed-point scale of dk_idx ([1], common.fixed_point_scales), from a bound on
+    the sum of |contributions| to any one element: dk_idx[s] += sum_j d[t,s] w[t,j] [q_idx[t,j].k_idx[s] > 0]
+    q_idx[t,j], d[t,s] = gscale (softmax(I)[t,s] - p[t,s]), two distributions over t's keys, so sum_s |d[t,s]| <=
+    2 |gscale|: the bound is 2 |gscale| sum_(t,j) |w[t,j]| |q_idx[t,j]|_inf. k_idx enters as 0 * max |k_idx| (a NaN
+    or inf there: a NaN scale, NaN sums)."""
+    f32, norm, inf = torch.float32, torch.linalg.vector_norm, float("inf")
+    bound = 2 * gscale.abs().reshape(()) * (w.abs().to(f32) * norm(q_idx, inf, dim=-1, dtype=f32)).sum()
+    return fixed_point_scales([bound + 0.0 * norm(k_idx, inf, dtype=f32)], q_idx.device)
+
+
 def indexer_kl_bwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, lse_i, z, gscale,
-                   dq_idx=None, dw=None, psum=None, chunk_bytes: int | None = None):
+                   dq_idx=None, dw=None, psum=None):
     """(dq_idx, dw, dk_idx) for d loss / d KL_t = gscale (a 1-element fp32 tensor). `psum` (from
     indexer_kl_fwd(keep_psum=True)) replaces the recomputation of P from q, k and lse; q and k
     may then be shapes (torch.Size) instead of tensors, and lse None. dk_idx accumulates in fp32 with
-    atomics, or, when torch's deterministic algorithms are on, per chunk of blocks whose per-entry partials fit
-    `chunk_bytes` (default DET_CHUNK_BYTES), summed per key in a fixed order (plan.add_entry_rows), chunks in
-    order."""
+    atomics, or, when torch's deterministic algorithms are on, in int64 fixed point with integer atomics (exact
+    sums: the same bits whatever the order of the adds), then converted."""
     q_idx, w, k_idx = (x.contiguous() for x in (q_idx, w, k_idx))
     shapes = tuple(x.shape if torch.is_tensor(x) else x for x in (q, k))
     if psum is None:
         q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
     dq_idx = torch.empty_like(q_idx) if dq_idx is None else dq_idx
     dw = torch.empty_like(w) if dw is None else dw
-    dk32 = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
-    qkl = None if psum is not None else (q, k, lse)
-    if not torch.are_deterministic_algorithms_enabled():
-        kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, dk32, psum=psum, qkl=qkl)
-        return dq_idx, dw, dk32.to(k_idx.dtype)
-    DI = k_idx.shape[-1]
-    chunks, width = entry_chunks(plan, 4 * DI, chunk_bytes or DET_CHUNK_BYTES)
-    part = torch.empty(max(1, width), DI, dtype=torch.float32, device=q_idx.device)
-    for chunk in chunks:
-        b0, b1, u0, _ = chunk
-        # the cached P is indexed from the chunk's first entry, as the partials are
-        kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, part,
-                      psum=None if psum is None else psum[u0 * plan.block_q:], qkl=qkl, blocks=(b0, b1), u0=u0,
-                      deterministic=True)
-        add_entry_rows(dk32.view(-1, DI), plan, chunk, part)
-    return dq_idx, dw, dk32.to(k_idx.dtype)
+    fix = None
+    if torch.are_deterministic_algorithms_enabled():
+        # lse_I and Z (from the forward) carry a NaN of the target or the scores into the scale
+        fix = kl_bwd_fixed_point_scale(q_idx, w, k_idx, gscale) + 0.0 * (lse_i.abs().amax() + z.abs().amax())
+    dk_acc = torch.zeros(k_idx.shape, dtype=torch.float32 if fix is None else torch.int64, device=k_idx.device)
+    kl_bwd_blocks(q_idx, w, k_idx, *shapes, plan, scale, lse_i, z, gscale, dq_idx, dw, dk_acc, psum=psum,
+                  qkl=None if psum is not None else (q, k, lse), fix=fix)
+    return dq_idx, dw, dk_acc.to(k_idx.dtype) if fix is None else from_fixed_point(dk_acc, fix, k_idx.dtype)
 
 
 def kl_bwd_blocks(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: float, lse_i, z, gscale, dq_idx, dw,
-                  dk32, psum=None, qkl=None, blocks=None, u0: int = 0, deterministic: bool = False) -> None:
+                  dk_acc, psum=None, qkl=None, blocks=None, u0: int = 0, fix: torch.Tensor | None = None) -> None:
     """The KL backward kernel over the plan's blocks [b0, b1) (all when None): writes their rows of dq_idx and dw
-    and adds into the fp32 dk32, with P read from `psum` (entry u at row u - u0) or, without it, recomputed from
-    qkl = (q, k, lse). Shared by indexer_kl_bwd and kernels/dsa/fused.py. `deterministic`: no atomics; dk32 is
-    instead the partials [u1 - u0, DI] of the blocks' entries, each written once (the caller sums them)."""
+    and adds into dk_acc, with P read from `psum` (entry u at row u - u0) or, without it, recomputed from
+    qkl = (q, k, lse). Shared by indexer_kl_bwd and kernels/dsa/fused.py. fp32 sums with fp32 atomics; with `fix`
+    (the deterministic backward: kl_bwd_fixed_point_scale) dk_acc is int64 fixed point, added with integer
+    atomics."""
     meta, B, T, nbt = _launch_meta(q_shape, k_shape, q_idx, plan)
     cfg = _config(q_idx.device)
     b0, b1 = blocks if blocks is not None else (0, B * nbt)
@@ -438,9 +444,10 @@ def kl_bwd_blocks(q_idx, w, k_idx, q_shape, k_shape, plan: SparsePlan, scale: fl
     q, k, lse = (z, z, z) if load_p else qkl  # unused by the LOAD_P kernel: any tensor fills the pointer slots
     indexer_loss_bwd_kernel_kl[(b1 - b0,)](
         q, k, lse, q_idx, w, k_idx, *_plan_args(plan), lse_i, z, psum if load_p else z, gscale,
-        dq_idx, dw, dk32, T, nbt, b0, u0, scale * LOG2E, **meta, BS=cfg["BS_bwd_p" if load_p else "BS_bwd"],
-        LOAD_P=load_p, DET=deterministic, DOT_PREC=dot_precision(q_idx.dtype),
-        num_warps=cfg["warps" if load_p else "warps_bwd"], num_stages=cfg["stages_bwd_p" if load_p else "stages"])
+        dq_idx, dw, dk_acc, dk_acc if fix is None else fix, T, nbt, b0, u0, scale * LOG2E, **meta,
+        BS=cfg["BS_bwd_p" if load_p else "BS_bwd"], LOAD_P=load_p, DET=fix is not None,
+        DOT_PREC=dot_precision(q_idx.dtype), num_warps=cfg["warps" if load_p else "warps_bwd"],
+        num_stages=cfg["stages_bwd_p" if load_p else "stages"])
 
 
 class IndexerKLLossFn(torch.autograd.Function):

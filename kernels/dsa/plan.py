@@ -80,23 +80,6 @@ def entry_chunks(plan: SparsePlan, entry_bytes: int,
     return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
 
 
-def add_entry_rows(dst: torch.Tensor, plan: SparsePlan, chunk: tuple[int, int, int, int],
-                   part: torch.Tensor) -> None:
-    """dst [B * T, R] (fp32 rows of keys) += the chunk's per-entry partials part [u1 - u0, R], each entry's row
-    into its key's row (batch row of its block, position pos_U), in an order that does not depend on the GPU's
-    scheduling: torch's index_put_(accumulate=True), deterministic under torch's deterministic algorithms (on a
-    GPU aten's _index_put_impl_ takes its sort-based kernel for accumulate=True: it sorts the row indices, then
-    adds each key's partials one after another in the sorted order; on the CPU in entry order). The deterministic
-    backward (sparse_attn.py, fused.py, indexer_loss.py) runs only then."""
-    _, _, u0, u1 = chunk
-    if u1 <= u0:
-        return
-    ents = torch.arange(u0, u1, device=plan.offsets_N1.device, dtype=plan.offsets_N1.dtype)
-    blk = torch.searchsorted(plan.offsets_N1, ents, right=True).sub_(1)
-    rows = (blk // plan.num_blocks_t) * plan.T + plan.pos_U[u0:u1].to(torch.int64)
-    dst.index_put_((rows,), part[: u1 - u0], accumulate=True)
-
-
 MAX_SORT = 16384  # block_q * next_pow2(K) entries sorted in registers by the Triton builder
 
 

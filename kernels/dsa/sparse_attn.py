@@ -14,8 +14,8 @@ probabilities from lse, computes dq in registers (no atomics: a token belongs to
 scatter-adds dk / dv per union key with fp32 atomics into [B, T, Hkv, D] buffers: one atomic per
 (block, distinct key, group) rather than per (token, key). Summation order of those atomics is not
 fixed, so dk / dv may differ in the last bits between runs (dq, o, lse are deterministic). With torch's
-deterministic algorithms on (train.deterministic), the kernel's DET variant stores each (entry, group)'s
-dk / dv rows into a chunk of partials instead, summed per key in a fixed order (plan.add_entry_rows).
+deterministic algorithms on (train.deterministic), the kernel's DET variant adds the same rows as int64
+fixed-point values with integer atomics instead (exact sums, in any order: common.fixed_point_scales).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, interpreting, maxnreg, pow2
-from .plan import SparsePlan, add_entry_rows, entry_chunks
+from .common import (LOG2E, dot_precision, fixed_point_scales, from_fixed_point, interpreting, maxnreg, pow2,
+                     to_fixed_point)
+from .plan import SparsePlan
 
 
 @triton.jit(do_not_specialize=["T", "NBT"])
@@ -83,7 +84,7 @@ def sparse_attn_fwd_kernel_union(q, k, v, o, lse, offsets, upos, ubits, T, NBT, 
 
 
 @triton.jit(do_not_specialize=["T", "NBT", "PID0", "U0"])
-def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, psum, T, NBT,
+def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos, ubits, psum, fix, T, NBT,
                                  PID0, U0, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                  DP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
@@ -91,9 +92,9 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
     """Program (p, g) handles block PID0 + p, KV group g. PSUM: also add the group's probabilities,
     summed over its query heads, into psum [U - U0, BQ] (fp32, entry u at row u - U0; zeroed by the
     caller): the sparse indexer KL's target, taken from the P this kernel recomputes anyway
-    (kernels/dsa/fused.py). DET (deterministic): no atomics; dk / dv are the chunk's partials
-    [U - U0, HKV, D] and psum [U - U0, HKV, BQ] (fp32), entry u, group g written by this program alone;
-    the caller sums them in a fixed order (add_entry_rows, the groups of psum in order)."""
+    (kernels/dsa/fused.py). DET (deterministic): no fp32 atomics; dk, dv and psum are int64 and take
+    each contribution x as round(x * s) (integer atomics: exact sums, whatever their order), s = fix[0],
+    fix[1], fix[2] (fp32 powers of two, common.fixed_point_scales)."""
     pid = PID0 + tl.program_id(0)
     g = tl.program_id(1)
     bb = pid // NBT
@@ -117,6 +118,10 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
     u_lo = tl.load(offsets + pid)
     u_hi = tl.load(offsets + pid + 1)
     dq_acc = tl.zeros([BM, DP], dtype=tl.float32)
+    if DET:
+        fix_k = tl.load(fix)
+        fix_v = tl.load(fix + 1)
+        fix_p = tl.load(fix + 2)
     for u0 in range(u_lo, u_hi, BS):
         uu = u0 + tl.arange(0, BS)
         um = uu < u_hi
@@ -135,20 +140,18 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
         dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
         dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
         if DET:
-            part_off = ((uu - U0).to(tl.int64) * HKV + g) * D
-            tl.store(dv + part_off[:, None] + d[None, :], dv_t, mask=kvmask)
-            tl.store(dk + part_off[:, None] + d[None, :], dk_t, mask=kvmask)
+            tl.atomic_add(dv + kv_off[:, None] + d[None, :], to_fixed_point(dv_t, fix_v), mask=kvmask, sem="relaxed")
+            tl.atomic_add(dk + kv_off[:, None] + d[None, :], to_fixed_point(dk_t, fix_k), mask=kvmask, sem="relaxed")
         else:
             tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
             tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
         if PSUM:
             pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)
+            p_off = (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None]
             if DET:
-                tl.store(psum + ((uu - U0).to(tl.int64) * HKV + g)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
-                         mask=um[None, :])
+                tl.atomic_add(psum + p_off, to_fixed_point(pg, fix_p), mask=um[None, :], sem="relaxed")
             else:
-                tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None], pg,
-                              mask=um[None, :], sem="relaxed")
+                tl.atomic_add(psum + p_off, pg, mask=um[None, :], sem="relaxed")
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
 
@@ -209,49 +212,48 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Spa
     return o, lse
 
 
-# the deterministic backward's per-chunk partials (dk / dv per union entry and KV group, fp32; with the fused KL also
-# P per group and dk_idx): at Keye's shapes 4-4.3 KB per entry and 4-6K entries per 4-token block (bench_dsa.py's
-# smooth inputs: 3,965 at 128K; parallel/memory.py assumes 0.75 of 4 x 2048), so 1 GiB holds ~45-65 blocks, 180-260
-# programs of (block, KV group) per launch: about one wave of an H100's 132 SMs at two programs each (256 MiB would
-# fill a third to a half of it). Measured on one H100 (bench/RESULTS.md): 128K's forward+backward 3,409 / 1,386 /
-# 1,003 ms at 256 MiB / 1 GiB / 4 GiB, peak 7.82 / 8.58 / 11.57 GiB (dense attention's 8.86): 1 GiB kept.
-# parallel/memory.py charges no separate term: at 16K tokens and more the forward's largest stage transient (the
-# top-k selector's 1 GiB chunk), which the backward no longer holds, is as large; below that it undercounts.
-DET_CHUNK_BYTES = 1 << 30
+def attn_bwd_fixed_point_scales(q, k, v, o, do, scale: float) -> torch.Tensor:
+    """The deterministic backward's fixed-point scales [dk, dv, P] (common.fixed_point_scales), from bounds on the
+    sum of |contributions| to any one element. Row r = (token, query head), s a key of its group: dv[s] += P[r,s]
+    dO[r]; dk[s] += scale P[r,s] (dO[r].v[s] - dO[r].o[r]) q[r]; P (fused.py) adds P[r,s] over a token's heads.
+    With sum_s P[r,s] <= 1, |dO.v| <= |dO|_1 max_s |v_s|_inf and |dO.o| <= |dO|_1 |o|_inf the sums over every key
+    and row bound each element: dv: sum_r |dO_r|_inf; dk: scale * sum_r |q_r|_inf |dO_r|_1 (max |v|_inf +
+    |o_r|_inf); P: Hq. (1- and inf-norms: no squares, which underflow fp32 for gradients near 1e-20.) k enters as
+    0 * max |k|, so a NaN or inf in any input makes the scales, and the sums, NaN. Norms in fp32 without fp32
+    copies of the inputs; torch's reductions, deterministic run to run."""
+    f32, norm, inf = torch.float32, torch.linalg.vector_norm, float("inf")
+    do_1 = norm(do, 1, dim=-1, dtype=f32)
+    v_inf = norm(v, inf, dtype=f32)
+    bound_k = scale * (norm(q, inf, dim=-1, dtype=f32) * do_1 * (v_inf + norm(o, inf, dim=-1, dtype=f32))).sum()
+    bound_v = norm(do, inf, dim=-1, dtype=f32).sum()
+    poison = 0.0 * norm(k, inf, dtype=f32)
+    return fixed_point_scales([bound_k + poison, bound_v + poison, float(q.shape[2]) + poison], q.device)
 
 
-def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float,
-                    dq: torch.Tensor | None = None, chunk_bytes: int | None = None):
-    """(dq, dk, dv). dk / dv accumulate in fp32 buffers (keys nobody selected stay 0): with fp32 atomics, or,
-    when torch's deterministic algorithms are on (train.deterministic), per chunk of blocks whose partials fit
-    `chunk_bytes` (default DET_CHUNK_BYTES), summed per key in a fixed order (plan.add_entry_rows), chunks in
-    order."""
+def sparse_attn_bwd(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq: torch.Tensor | None = None):
+    """(dq, dk, dv). dk / dv accumulate in fp32 buffers with fp32 atomics (keys nobody selected stay 0), or, when
+    torch's deterministic algorithms are on (train.deterministic), in int64 fixed point with integer atomics (exact
+    sums: the same bits whatever the order of the adds), then converted."""
     q, k, v, o, do, lse = (x.contiguous() for x in (q, k, v, o, do, lse))
     dq = torch.empty_like(q) if dq is None else dq
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if not torch.are_deterministic_algorithms_enabled():
-        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk32, dv32)
-        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-    row = k.shape[2] * k.shape[3]  # HKV * D
-    chunks, width = entry_chunks(plan, 8 * row, chunk_bytes or DET_CHUNK_BYTES)
-    part = torch.empty(2, max(1, width), row, dtype=torch.float32, device=q.device)
-    for chunk in chunks:
-        sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, part[0], part[1], blocks=chunk[:2],
-                               u0=chunk[2], deterministic=True)
-        add_entry_rows(dk32.view(-1, row), plan, chunk, part[0])
-        add_entry_rows(dv32.view(-1, row), plan, chunk, part[1])
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    fix = attn_bwd_fixed_point_scales(q, k, v, o, do, scale) if torch.are_deterministic_algorithms_enabled() else None
+    acc = torch.float32 if fix is None else torch.int64
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan, scale, dq, dk_acc, dv_acc, fix=fix)
+    if fix is None:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dq, from_fixed_point(dk_acc, fix[0:1], k.dtype), from_fixed_point(dv_acc, fix[1:2], v.dtype)
 
 
-def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq, dk32, dv32,
+def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, dq, dk_acc, dv_acc,
                            blocks: tuple[int, int] | None = None, psum: torch.Tensor | None = None,
-                           u0: int = 0, deterministic: bool = False) -> None:
+                           u0: int = 0, fix: torch.Tensor | None = None) -> None:
     """The backward of the plan's blocks [b0, b1) (all when None): writes their rows of dq and adds into
-    the fp32 dk32 / dv32; with `psum`, also adds each group's head-summed P of entry u, token i at
-    psum[(u - u0) * BQ + i]. Inputs contiguous. `deterministic`: no atomics; dk32 / dv32 are instead the
-    partials of entries [u0, u1) of the blocks, [u1 - u0, HKV, D], and psum [u1 - u0, HKV, BQ], each written
-    once (the caller sums them)."""
+    dk_acc / dv_acc; with `psum`, also adds each group's head-summed P of entry u, token i at
+    psum[(u - u0) * BQ + i]. Inputs contiguous. fp32 sums with fp32 atomics; with `fix` (the deterministic
+    backward: attn_bwd_fixed_point_scales) dk_acc, dv_acc and psum are int64 fixed point, added with integer
+    atomics."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
@@ -267,9 +269,9 @@ def sparse_attn_bwd_blocks(q, k, v, o, do, lse, plan: SparsePlan, scale: float, 
     # atomics hit the same keys at about the same time (the KV groups of a block adjacent instead,
     # as in the forward: 280 vs 222 ms at 128K, 45.6 vs 40.7 at 32K on an H200, the same run)
     sparse_attn_bwd_kernel_union[(b1 - b0, HKV)](
-        q, k, v, o, do, lse, dq, dk32, dv32, plan.offsets_N1, plan.pos_U, plan.bits_U,
-        dk32 if psum is None else psum, T, plan.num_blocks_t, b0, u0, scale, HQ=HQ, HKV=HKV, G=G,
-        GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None, DET=deterministic,
+        q, k, v, o, do, lse, dq, dk_acc, dv_acc, plan.offsets_N1, plan.pos_U, plan.bits_U,
+        dk_acc if psum is None else psum, dk_acc if fix is None else fix, T, plan.num_blocks_t, b0, u0, scale,
+        HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, DP=DP, BQ=BQ, BS=cfg["BS_bwd"], PSUM=psum is not None, DET=fix is not None,
         DOT_PREC=dot_precision(q.dtype), num_warps=cfg["warps_bwd"], num_stages=cfg["stages_bwd"],
         **maxnreg(cfg["maxnreg_bwd"]))
 

@@ -344,12 +344,12 @@ def test_dsa_triton_kernels_on_query_subset(stage, monkeypatch):
     """dense_now: the dense KL back-propagated at once (the warm-up's local backward: two passes over
     the keys), against the reference's autograd. sparse_in_backward: the KL rides on the output, its target
     summed in the attention backward over the gathered keys (kernels/dsa/fused.py), its value filled there;
-    _deterministic: with torch's deterministic algorithms on (train.deterministic), whose backward adds its
-    per-entry partials into the gathered keys' rows (plan.add_entry_rows: more key rows than query rows here)."""
+    _deterministic: with torch's deterministic algorithms on (train.deterministic), whose backward sums into the
+    gathered keys' rows in int64 fixed point (more key rows than query rows here), converted at the end."""
     import kernels.dsa.fused as kf
     from parallel.context.dsa import _dense_kl_triton, _kl_ref, _sparse_attn_ref, _sparse_triton, _topk_ref
     sums = []
-    monkeypatch.setattr(kf, "add_entry_rows", lambda *a, _real=kf.add_entry_rows: sums.append(1) or _real(*a))
+    monkeypatch.setattr(kf, "from_fixed_point", lambda *a, _real=kf.from_fixed_point: sums.append(1) or _real(*a))
     deterministic = stage.endswith("_deterministic")
     stage = stage.removesuffix("_deterministic")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())

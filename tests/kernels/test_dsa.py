@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -732,19 +733,22 @@ def test_dsa_attention_kl_in_backward(B, T, Hq, Hkv, D, HI, DI, topk, cu, chunk_
 
 
 class _FloatAtomics:
-    """Counts the fp32 atomic read-modify-writes the interpreted kernels issue while active (the plan's integer
-    OR / max are not counted: their result does not depend on order). The interpreter runs programs one after
-    another, so a run here cannot show nondeterminism itself; what it shows is that no fp32 sum is left to the
-    order of atomics, and that every partial reaches its key (the gradients match the reference)."""
+    """Counts the atomic read-modify-writes the interpreted kernels issue while active: `n` the fp32 ones, `n_int64`
+    the int64 ones (the deterministic backward's fixed-point sums; the plan's int32 OR / max are in neither). The
+    interpreter runs programs one after another, so a run here cannot show nondeterminism itself; what it shows is
+    that no fp32 sum is left to the order of atomics, and that every contribution reaches its key (the gradients
+    match the reference)."""
 
     def __init__(self, monkeypatch):
         import triton.runtime.interpreter as ti
-        self.n, self.on = 0, False
+        self.n, self.n_int64, self.on = 0, 0, False
         real = ti.interpreter_builder.create_atomic_rmw
 
         def rmw(op, ptr, val, mask, sem, scope):
             if self.on and val.data.dtype.kind == "f":
                 self.n += 1
+            if self.on and val.data.dtype.kind == "i" and val.data.dtype.itemsize == 8:
+                self.n_int64 += 1
             return real(op, ptr, val, mask, sem, scope)
 
         monkeypatch.setattr(ti.interpreter_builder, "create_atomic_rmw", rmw)
@@ -759,56 +763,116 @@ def _torch_deterministic():
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
+def _det_inputs(B, T, seed=0):
+    """Small DSA inputs with an integer-valued indexer (exact selection on both backends)."""
+    torch.manual_seed(seed)
+    Hq, Hkv, D, HI, DI = 4, 2, 16, 2, 16
+    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
+    return q, k, torch.randn_like(k), qi.round(), w.round(), ki.round(), torch.randn(B, T, Hq, D, device=DEV)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="counts atomics in the interpreter")
 @pytest.mark.parametrize("B,T,cu", [(1, 45, (0, 17, 18, 45)), (2, 23, None)], ids=["T45-packed", "B2-T23"])
 def test_deterministic_backward_without_float_atomics(B, T, cu, monkeypatch, _torch_deterministic):
     """With torch's deterministic algorithms on, the sparse stage's Triton backward (attention + KL in one node,
-    and the split attention / loss nodes) writes per-(union entry, KV group) partials and sums them per key in the
-    plan's entry order: no fp32 atomic in any kernel, the six gradients and the KL equal the float64 reference
-    (tolerances as above: fp32 sums, now in a fixed order), packed documents or two batch rows, odd T, chunks of a
-    few blocks.
-    Chunking does not change the order of the sums: 2 KB chunks give bit-identical results to one chunk. With
-    the mode off the same backward adds with fp32 atomics (the counter sees them)."""
-    from kernels.dsa import fused, indexer_loss, sparse_attn
-    Hq, Hkv, D, HI, DI, topk = 4, 2, 16, 2, 16, 8
+    and the split attention / loss nodes) sums dk, dv, the head-summed P and dk_idx in int64 fixed point with
+    integer atomics: no fp32 atomic in any kernel, and the six gradients and the KL equal the float64 reference
+    (tolerances as above: the fixed-point resolution, about 1e-18 of each sum's bound, is far below fp32's
+    rounding), packed documents or two batch rows, odd T, P's chunks of a few blocks.
+    The chunking of P does not change a sum: 2 KB chunks give bit-identical results to one chunk. With the mode
+    off the same backward adds with fp32 atomics (the counter sees them)."""
+    from kernels.dsa import fused
+    topk, weight = 8, 0.7
     cu = None if cu is None else _cu(*cu)
-    q, k, qi, w, ki = _loss_inputs(B, T, Hq, Hkv, D, HI, DI)
-    qi, w, ki = qi.round(), w.round(), ki.round()  # integer-valued indexer: exact selection on both backends
-    v, dout, weight = torch.randn_like(k), torch.randn(B, T, Hq, D, device=DEV), 0.7
+    q, k, v, qi, w, ki, dout = _det_inputs(B, T)
     atomics = _FloatAtomics(monkeypatch)
 
     def run(backend, fused_kl=True, chunk=None, det=True):
-        for mod in (fused, indexer_loss, sparse_attn):
-            monkeypatch.setattr(mod, "DET_CHUNK_BYTES", chunk or sparse_attn.DET_CHUNK_BYTES)
+        monkeypatch.setattr(fused, "LOSS_CHUNK_BYTES", chunk or 256 << 20)
         torch.use_deterministic_algorithms(det)
         xs = [x.detach().clone().double() if backend == "naive" else x.detach().clone() for x in (q, k, v, qi, w, ki)]
         xs = [x.requires_grad_() for x in xs]
         o, kl, _ = dsa_attention(*xs, topk=topk, cu_seqlens=cu, backend=backend,
                                  kl_in_backward=weight if fused_kl else None)
-        atomics.n, atomics.on = 0, True
+        atomics.n, atomics.n_int64, atomics.on = 0, 0, True
         g = torch.autograd.grad(o, xs, dout.to(o.dtype)) if fused_kl else \
             torch.autograd.grad((o * dout).sum() + weight * kl, xs)
         atomics.on = False
-        return atomics.n, float(kl.detach()), g
+        return (atomics.n, atomics.n_int64), float(kl.detach()), g
 
     _, kl_r, g_r = run("naive")
     names = ("dq", "dk", "dv", "dq_idx", "dw", "dk_idx")
     res = {}
     for fused_kl in (True, False):
-        n, kl, g = res[fused_kl] = run("triton", fused_kl, chunk=2048)
-        assert n == 0, f"fused={fused_kl}: {n} fp32 atomics in the deterministic backward"
+        (n, n_int), kl, g = res[fused_kl] = run("triton", fused_kl, chunk=2048)
+        assert n == 0 and n_int > 0, f"fused={fused_kl}: {n} fp32 atomics, {n_int} int64 ones"
         assert abs(kl - kl_r) <= TOL_OUT * max(abs(kl_r), 1.0), (kl, kl_r)
         for name, a, b in zip(names, g_r, g):
             assert_close(f"deterministic fused={fused_kl} {name}", a, b, TOL_GRAD)
     if B > 1:  # two batch rows: their keys kept apart; the checks below once, on the packed case
         return
     _, kl, g = res[True]
-    n1, kl1, g1 = run("triton", chunk=1 << 30)  # one chunk: the same sums in the same order
+    (n1, _), kl1, g1 = run("triton", chunk=1 << 30)  # one chunk of P: the same sums
     assert n1 == 0 and kl1 == kl
     for name, a, b in zip(names, g, g1):
         assert torch.equal(a, b), f"{name} depends on the chunking"
-    n_atomic, _, _ = run("triton", det=False)
+    (n_atomic, _), _, _ = run("triton", det=False)
     assert n_atomic > 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="runs the blocks in an order of its own")
+def test_deterministic_sums_do_not_depend_on_the_order_of_the_adds():
+    """What makes the backward deterministic on a GPU, whose programs add in any order: the int64 fixed-point sums of
+    dk / dv are the same bits when the blocks run in the opposite order (one launch per block, last block first),
+    where the fp32 atomics' sums of the same contributions are not (so the check can tell)."""
+    from kernels.dsa.sparse_attn import attn_bwd_fixed_point_scales, sparse_attn_bwd_blocks
+    B, T = 1, 61
+    q, k, v, qi, w, ki, dout = _det_inputs(B, T, seed=3)
+    idx = dsa_topk(qi, w, ki, topk=16, backend="naive")
+    plan = build_sparse_plan(idx, block_q=default_block_q(q.shape[2], k.shape[2]))
+    scale = q.shape[-1] ** -0.5
+    o, lse = sparse_attn_fwd(q, k, v, plan, scale)
+    fix = attn_bwd_fixed_point_scales(q, k, v, o, dout, scale)
+
+    def sums(dtype, order):
+        dk, dv = (torch.zeros(k.shape, dtype=dtype) for _ in range(2))
+        for b in order:
+            sparse_attn_bwd_blocks(q, k, v, o, dout, lse, plan, scale, torch.empty_like(q), dk, dv, blocks=(b, b + 1),
+                                   fix=fix if dtype == torch.int64 else None)
+        return dk, dv
+
+    order = list(range(plan.num_blocks))
+    for dtype, same in ((torch.int64, True), (torch.float32, False)):
+        (dk1, dv1), (dk2, dv2) = sums(dtype, order), sums(dtype, order[::-1])
+        assert (torch.equal(dk1, dk2) and torch.equal(dv1, dv2)) == same, dtype
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="the interpreter's fp32 path")
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_deterministic_backward_scales_with_the_gradients(magnitude, _torch_deterministic):
+    """The fixed-point scale follows the gradients' size (a bound taken from the inputs): an output gradient of
+    1e30 neither overflows int64 nor, at 1e-30, drowns in the resolution; both match the float64 reference at the
+    usual tolerance. A NaN in an input makes every value of the sums it enters NaN (fp32 atomics give NaN where it
+    reaches), not a wrapped integer: one in v enters dk (through dO.v) and not dv (P^T dO)."""
+    B, T = 1, 40
+    q, k, v, qi, w, ki, dout = _det_inputs(B, T, seed=5)
+    dout = dout * magnitude
+    idx = dsa_topk(qi, w, ki, topk=8, backend="naive")
+    plan = build_sparse_plan(idx, block_q=default_block_q(q.shape[2], k.shape[2]))
+    scale = q.shape[-1] ** -0.5
+    o, lse = sparse_attn_fwd(q, k, v, plan, scale)
+    dq, dk, dv = sparse_attn_bwd(q, k, v, o, dout, lse, plan, scale)
+    xs = [x.double().requires_grad_() for x in (q, k, v)]
+    o_r, _ = naive.sparse_gqa_attention(*xs, idx, scale)
+    g_r = torch.autograd.grad(o_r, xs, dout.double())
+    for name, a, b in zip(("dq", "dk", "dv"), g_r, (dq, dk, dv)):
+        assert_close(f"{name} at {magnitude:g}", a / magnitude, b / magnitude, TOL_GRAD)
+    v_nan = v.clone()
+    v_nan[0, 3, 1, 0] = float("nan")
+    with warnings.catch_warnings():  # the interpreter's numpy warns as the NaN contributions are cast to int64
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, dk_nan, dv_nan = sparse_attn_bwd(q, k, v_nan, o, dout, lse, plan, scale)
+    assert torch.isnan(dk_nan).all() and torch.equal(dv_nan, dv)
 
 
 def test_dsa_attention_reads_packed_bounds_once(monkeypatch):

@@ -112,8 +112,8 @@ def test_sparse_stage_with_a_longer_document_takes_the_sparse_path(backend, in_b
 @pytest.mark.parametrize("in_backward", [True, False])
 def test_the_layer_takes_the_deterministic_backward_under_torchs_switch(in_backward, monkeypatch):
     """train.deterministic turns on torch's deterministic algorithms; the layer on the Triton backend then takes
-    the sparse stage's backward without fp32 atomics (kernels/dsa: per-entry partials summed per key in a fixed
-    order, plan.add_entry_rows), with no setting of its own, and still matches the float64 reference."""
+    the sparse stage's backward without fp32 atomics (kernels/dsa: int64 fixed-point sums, exact in any order,
+    converted by common.from_fixed_point), with no setting of its own, and still matches the float64 reference."""
     import kernels.dsa.fused as kf
     import kernels.dsa.indexer_loss as kil
     import kernels.dsa.sparse_attn as ksa
@@ -121,7 +121,7 @@ def test_the_layer_takes_the_deterministic_backward_under_torchs_switch(in_backw
 
     sums = []
     for mod in (kf, kil, ksa):
-        monkeypatch.setattr(mod, "add_entry_rows", lambda *a, _real=mod.add_entry_rows: sums.append(1) or _real(*a))
+        monkeypatch.setattr(mod, "from_fixed_point", lambda *a, _real=mod.from_fixed_point: sums.append(1) or _real(*a))
     atomics = _FloatAtomics(monkeypatch)
     bounds = (0, 12, 30, 40)
     x = _inputs()
@@ -135,7 +135,7 @@ def test_the_layer_takes_the_deterministic_backward_under_torchs_switch(in_backw
     finally:
         atomics.on = False
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    assert atomics.n == 0 and sums, (atomics.n, len(sums))
+    assert atomics.n == 0 and atomics.n_int64 and sums, (atomics.n, atomics.n_int64, len(sums))
     ref = _run_reference(x, 17, torch.tensor(bounds, dtype=torch.int32, device=DEV))
     assert_close("out", ref[0], out, TOL_OUT)
     assert_close("kl", ref[1], kl, TOL_OUT)

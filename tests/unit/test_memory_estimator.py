@@ -8,6 +8,8 @@ bench/bench_cp.py records the prediction next to the measurement for every CP ca
 bench/bench_dsa_warmup.py for the warm-up step (2026-12-01: indexer-only step 10.3 / 11.5 GB measured at 8K /
 32K against 10.2 / 12.4 estimated).
 """
+import dataclasses
+
 import pytest
 
 from models.config import DSAConfig, KSAConfig, LMConfig, lm_param_count
@@ -111,6 +113,10 @@ def test_dsa_sparse_counts_the_kernels_plan_and_backward_buffers():
     # the warm-up's: its KL's fp32 d (64 x 64), dk_idx (64 x 8) and lse_I partials (one segment)
     dense_kl = 64 * 64 * 4 + 64 * 8 * 4 + 64 * 4
     assert ts - td == 2 * 64 * 32 * 4 + DSA_PLAN_CHUNK_BYTES + 64 * 4 * DSA_UNION_SHARE * 8 - dense_kl
+    # train.deterministic: the backward's dK / dV are int64 fixed-point sums (kernels/dsa/README.md), 8 B a value
+    det = dataclasses.replace(sparse, deterministic=True)
+    kt, tt = _attention(det, "dsa", recompute_core=False)
+    assert kt == ks and tt - ts == 2 * 64 * 32 * 4
 
 
 def test_topk_transient_bytes_at_the_tiny_shape():
