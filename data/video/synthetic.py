@@ -11,6 +11,7 @@ ingest and decode paths must survive.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -386,9 +387,18 @@ def make_synthetic_shards(out_dir: str | os.PathLike, n_videos: int, seed: int =
     # scene similarity 0.8, not the real-video default 0.95: the counter band (the top sixth of the picture,
     # `COUNTER_BAND`) changes on every frame and covers up to 3 of a 16-cell thumbnail's 16 rows (18.75% of the
     # cells), so at 0.95 the counter alone would make every examined frame a scene change
-    ingest(IngestOptions(videos=str(vdir), annotations=str(ann), out=str(shard_dir),
-                         shard_size_mb=shard_size_mb, workers=workers, proxy=proxy, progress=False,
-                         scene_similarity=SYNTHETIC_SCENE_SIMILARITY))
+    summary = ingest(IngestOptions(videos=str(vdir), annotations=str(ann), out=str(shard_dir),
+                                   shard_size_mb=shard_size_mb, workers=workers, proxy=proxy, progress=False,
+                                   scene_similarity=SYNTHETIC_SCENE_SIMILARITY))
+    if n_videos and not summary["shards"]:
+        # nothing ingested: the run went on to the loader's "no .tar shards found", which named no cause (seen once
+        # on a GPU machine with PyAV 17 and the machine's own Pillow; with PyAV 18.1 / Pillow 13 the same run passed)
+        from .ingest import REJECTS
+        first = ""
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            first = "; the first: " + next(iter(open(shard_dir / REJECTS, encoding="utf-8"))).strip()[:400]
+        raise RuntimeError(f"synthetic videos in {vdir}: ingest accepted none of them (rejected by reason: "
+                           f"{summary['rejects_by_reason']}, in {shard_dir / REJECTS}{first})")
     return shard_dir
 
 

@@ -64,3 +64,26 @@ def test_more_scenes_than_a_clip_holds_are_named(tmp_path, caplog):
     caplog.clear()
     assert main(["--out", str(tmp_path / "t"), "--n", "2", "--scenes", "2", "--min-seconds", "1"]) == 0
     assert not [r for r in caplog.records if r.levelname == "WARNING"]   # 8+ frames hold 2 scenes: nothing to say
+
+
+def test_synthetic_videos_that_ingest_rejects_every_one_of_stop_naming_why(tmp_path, monkeypatch):
+    """When ingest takes none of the synthetic videos (here: files it cannot read), the run went on to the loader's
+    "no .tar shards found", naming no cause (seen once on a GPU machine with PyAV 17 and its own Pillow).
+    make_synthetic_shards now stops there, naming the videos, the rejects' reasons and the first reject;
+    ensure_synthetic_shards then writes no marker, so a rerun tries again."""
+    from data.video import synthetic
+    from data.video_stream import READY, ensure_synthetic_shards
+
+    real = synthetic.make_synthetic_videos
+
+    def unreadable(out, n, seed, **kw):   # what such a machine's encoder and decoder amount to
+        vdir, ann = real(out, n, seed, **kw)
+        for f in vdir.iterdir():
+            f.write_bytes(b"not a video")
+        return vdir, ann
+
+    monkeypatch.setattr(synthetic, "make_synthetic_videos", unreadable)
+    with pytest.raises(RuntimeError, match=r"synthetic videos in .*: ingest accepted none of them \(rejected by "
+                                           r"reason: \{'.+': 2\}, in .*rejects.jsonl; the first: \{"):
+        ensure_synthetic_shards(tmp_path / "syn", 2, seed=0, rank=0)
+    assert not (tmp_path / "syn" / READY).exists()
