@@ -22,9 +22,9 @@ calls it right after the config is read, Trainer again for code that builds one 
 Our own ops follow torch's switch as torch's and megatron's MoE do (`torch.are_deterministic_algorithms_enabled()`,
 no state of ours): the ViT's position table resized per frame size (models/vision/vit.py, whose bilinear
 interpolate has no deterministic CUDA backward), and DSA's Triton sparse-stage backward (kernels/dsa), which then
-writes its dK / dV, the KL's head-summed P and dk_idx per (union entry, KV group) instead of adding them with fp32
-atomics, and sums them per key in a fixed order (kernels/dsa/README.md, "Deterministic backward": up to 1 GiB of
-partials per chunk; bench/bench_dsa_deterministic.py times it). What cannot be deterministic stops the run before it
+adds its dK / dV, the KL's head-summed P and dk_idx as int64 fixed-point values with integer atomics (exact sums,
+whatever their order) instead of fp32 atomics (kernels/dsa/README.md, "Deterministic backward";
+bench/bench_dsa_deterministic.py times it). What cannot be deterministic stops the run before it
 starts (`check_deterministic`: the environment's cuBLAS and NCCL settings).
 """
 from __future__ import annotations
