@@ -613,6 +613,15 @@ class TokenSource:
             tokens = np.concatenate([tokens[~blank], tokens[blank]])
             blank = np.sort(blank)
         r = row_tensors(tokens, starts, document_bounds=document_bounds)
+        if document_bounds:
+            # each segment's group (train/loss_groups.py: a text document's; -1 for a left-out document's, padding
+            # to the routers' balancing per document, as a video pack's padding segment is): segment i is piece i
+            from data.video.packing import DOC_KINDS
+            n_seg = r["cu_seqlens"].numel() - 1
+            groups = torch.full((n_seg,), DOC_KINDS.index("text"), dtype=torch.int64)
+            if blank is not None:
+                groups[torch.from_numpy(hit[:n_seg])] = -1
+            r["doc_groups"] = groups
         if blank is None:
             return r, docs, []
         # no loss on a blanked token, nor on the label before it (a blanked token)
@@ -834,7 +843,8 @@ class TokenFileStream(GlobalSamplePosition):
     """Micro-batches of one data-parallel rank from a `TokenCorpus`, in the trainer's token-stream interface (that of
     data/synthetic_tokens.SyntheticTokenStream; the position: data/sample_position.py): tokens / labels /
     position_ids [mbs, S] int64, loss_mask [mbs, S] float32, and with document bounds (micro-batch size 1)
-    cu_seqlens [D + 1] int32."""
+    cu_seqlens [D + 1] int32 and doc_groups [D] int64 (a text document's group, -1 for one data.exclude leaves out:
+    TokenSource.row)."""
 
     kind, what = "tokens", "a token-file stream (data.kind=tokens)"
 
@@ -958,7 +968,8 @@ class TokenFileStream(GlobalSamplePosition):
         if self.document_bounds:
             r = rows[0]
             return {"tokens": r["tokens"][None], "labels": r["labels"][None], "loss_mask": r["loss_mask"][None],
-                    "position_ids": r["position_ids"][None], "cu_seqlens": r["cu_seqlens"]}
+                    "position_ids": r["position_ids"][None], "cu_seqlens": r["cu_seqlens"],
+                    "doc_groups": r["doc_groups"]}
         return {k: torch.stack([r[k] for r in rows]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 

@@ -8,6 +8,7 @@ segment cut out (its tokens, its frames' patches and grids): the documents of a 
 end, so the rest must be the same, padded at the end; every other pack is the same.
 """
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from data.exclude import ExcludeError, read_exclude
 from data.token_files import TokenCorpus, TokenFileStream, TokenPacks
 from data.video.loader import VideoPackedLoader
 from data.video.tokenizer import ByteTokenizer
+from data.video_stream import VideoBatchStream
+from train.trainer import token_documents
 
 from .conftest import small_cfg
 from .test_token_files import _documents_named_by_their_ids
@@ -115,22 +118,34 @@ def test_token_documents_named_become_padding_without_loss_and_no_other_row_chan
                    for ex in (None, read_exclude(lst)))
     assert left.unmatched_exclusions == ["a#999", "c#1", "shard-000000.tar/clip"]
     assert plain.unmatched_exclusions == []
-    met = moved = 0
+    met = moved = blanked = 0
     for _ in range(60):
         p, q = next(plain), next(left)
         assert p.keys() == q.keys()
         for r in range(mbs):
             # without document bounds the row's documents attend each other: the left-out ones' blanks move to
             # its end, where nothing attends them
-            ref = _row_reference({k: v[r] for k, v in p.items() if k != "cu_seqlens"}, gone, close_up=not bounds)
+            ref = _row_reference({k: v[r] for k, v in p.items() if k not in ("cu_seqlens", "doc_groups")}, gone,
+                                 close_up=not bounds)
             for k in ref:
                 assert torch.equal(q[k][r], ref[k]), k
-            moved += not torch.equal(ref["tokens"], _row_reference({k: v[r] for k, v in p.items()}, gone)["tokens"])
+            moved += not torch.equal(ref["tokens"], _row_reference({k: v[r] for k, v in p.items() if k != "doc_groups"},
+                                                                   gone)["tokens"])
             # the left-out pieces this row held: one per named document whose id is among its S + 1 tokens
             met += len(set(p["tokens"][r].tolist() + p["labels"][r, -1:].tolist()) & gone)
         if bounds:
             assert torch.equal(q["cu_seqlens"], p["cu_seqlens"])
+            # each segment's group: a text document's (2), -1 for a left-out one (padding to the routers' balancing
+            # per document, train/trainer.token_documents), whose tokens are all its id
+            cu = p["cu_seqlens"].tolist()
+            want = [-1 if set(p["tokens"][0, lo:hi].tolist()) <= gone else 2 for lo, hi in zip(cu[:-1], cu[1:])]
+            assert p["doc_groups"].tolist() == [2] * len(want) and q["doc_groups"].tolist() == want
+            parts = torch.repeat_interleave(torch.arange(len(want)), p["cu_seqlens"].diff())
+            docs = token_documents(parts, len(want), real_segments=None, doc_groups=q["doc_groups"])
+            assert docs.tolist() == [-1 if want[i] < 0 else i for i in parts.tolist()]
+            blanked += want.count(-1)
     assert met >= 4 and left.left_out_met == met
+    assert blanked > 0 or not bounds
     assert (moved > 0) == (not bounds), moved   # some left-out piece had kept tokens after it in its row
 
 
@@ -152,6 +167,10 @@ def test_token_rows_in_the_video_mixture_leave_their_named_documents_out(tmp_pat
         assert torch.equal(q.labels, torch.where(ref["loss_mask"] > 0, ref["labels"],
                                                  torch.full_like(q.labels, cfg.label_ignore_index)))
         assert q.planned_keys == p.planned_keys and torch.equal(q.cu_seqlens, p.cu_seqlens)
+        # the segments of the documents left out in place: group -1 (padding to the routers' balancing per document)
+        groups = VideoBatchStream._doc_groups(SimpleNamespace(loader=SimpleNamespace(source_names=[""])), q).tolist()
+        want = [-1 if key in q.excluded else 2 for key in q.sample_keys]
+        assert groups[:len(want)] == want and set(groups[len(want):]) <= {-1}
         seen += q.excluded
         assert set(q.excluded) <= {"a#4", "b#2"}
         assert all(k in p.planned_keys for k in q.excluded)
