@@ -65,7 +65,8 @@ def _micro_batch(source, docs, pad, seed):
         cu.append(S)
     assert cu[-1] == S
     pack = SimpleNamespace(doc_kinds=[k for k, _ in docs], num_docs=len(docs), source=source,
-                           cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+                           cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                           sample_keys=[f"doc{i}" for i in range(len(docs))], excluded=[])   # as a PackedSample's
     loader = SimpleNamespace(loader=SimpleNamespace(source_names=SOURCES))
     return {"tokens": tokens, "labels": labels, "loss_mask": mask,
             "position_ids": torch.arange(S).view(1, 1, S).expand(3, 1, S),
