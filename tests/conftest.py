@@ -30,13 +30,21 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 @pytest.fixture(autouse=True)
-def _megatron_aux_loss_scale_reset():
-    """megatron keeps the auxiliary losses' backward scale in a class attribute (MoEAuxLossAutoScaler; its pipeline
-    schedule sets loss_scale / num_microbatches there at every forward) and never resets it: a test that trained with
-    4 micro-batches left 1/4 for a later test's plain backward in the same worker, whose balancing-loss gradients then
-    came out a quarter (test_moe_reference's d_input 0.187 relative RMSE off). Each test starts from megatron's
-    default (None: a scale of 1 at the first backward); nothing is imported here that the test did not import."""
+def _moe_process_state_reset():
+    """The MoE routers' process-wide state, reset before each test. megatron keeps the auxiliary losses' backward
+    scale in a class attribute (MoEAuxLossAutoScaler; its pipeline schedule sets loss_scale / num_microbatches there
+    at every forward) and never resets it: a test that trained with 4 micro-batches left 1/4 for a later test's plain
+    backward in the same worker, whose balancing-loss gradients then came out a quarter (test_moe_reference's d_input
+    0.187 relative RMSE off). Each test starts from megatron's default (None: a scale of 1 at the first backward);
+    nothing is imported here that the test did not import."""
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    # likewise the routers' loss-token count that train/trainer._forward_step sets for its micro-batch
+    # (parallel/megatron_compat.set_balancing_tokens, process-wide until the next step): a test that ran
+    # _forward_step (test_loss_groups.py) left its count for test_moe_balance.py's routers after it in one worker
+    # (their dL/dlogits 0.58 relative RMSE off)
+    compat = sys.modules.get("parallel.megatron_compat")
+    if compat is not None:
+        compat.set_balancing_tokens(None)
     yield

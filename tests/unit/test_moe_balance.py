@@ -370,7 +370,6 @@ def test_each_layer_call_routes_with_its_own_documents(pgs):
 def test_the_trainer_gives_each_token_its_document():
     """_forward_step gives the model each token's document of a packed row, -1 for a video pack's padding segment
     (its group -1) and for the segment a KSA row is padded with (from real_segments on)."""
-    from parallel.megatron_compat import set_balancing_tokens
     from train.trainer import StepInputs, _forward_step, token_documents
 
     cu = torch.tensor(CU, dtype=torch.int32)
@@ -384,10 +383,8 @@ def test_the_trainer_gives_each_token_its_document():
         seen["psp"] = packed_seq_params
         return torch.zeros(tokens.shape)
 
-    try:
-        _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16, route_documents=True), iter([batch]), model)
-    finally:
-        set_balancing_tokens(None)   # _forward_step set the micro-batch's loss tokens for the routers
+    # _forward_step sets the micro-batch's loss tokens for the routers: tests/conftest.py resets them for the next test
+    _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16, route_documents=True), iter([batch]), model)
     assert torch.equal(seen["psp"].documents, DOCS.view(1, -1)) and seen["psp"].num_documents == len(CU) - 1
     torch.testing.assert_close(seen["psp"].cu_seqlens_q, cu)
     parts = torch.repeat_interleave(torch.arange(5), torch.tensor(CU[1:]) - torch.tensor(CU[:-1])).view(1, -1)
