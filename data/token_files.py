@@ -56,6 +56,7 @@ from data.exclude import ExcludeList, blank_pieces
 from data.node_files import prune, shaped, shared_arrays
 from data.sample_position import DataStateMismatch, GlobalSamplePosition
 from data.video.annotations import unpaired_surrogate
+from data.video.packing import DOC_KINDS
 from data.video.shards import unique_tails
 
 log = logging.getLogger(__name__)
@@ -616,7 +617,6 @@ class TokenSource:
         if document_bounds:
             # each segment's group (train/loss_groups.py: a text document's; -1 for a left-out document's, padding
             # to the routers' balancing per document, as a video pack's padding segment is): segment i is piece i
-            from data.video.packing import DOC_KINDS
             n_seg = r["cu_seqlens"].numel() - 1
             groups = torch.full((n_seg,), DOC_KINDS.index("text"), dtype=torch.int64)
             if blank is not None:

@@ -302,12 +302,13 @@ class VideoBatchStream:
         (train/loss_groups.py): its source's index among the loader's sources * 3 + its kind's in DOC_KINDS; -1 for
         the padding segment and for a document data.exclude leaves out in place (a token file's, whose tokens are
         padding without loss: the routers' balancing per document counts it as padding)."""
-        if len(s.doc_kinds) != s.num_docs:
-            raise AssertionError(f"a pack of {s.num_docs} documents with {len(s.doc_kinds)} kinds")
+        if not len(s.doc_kinds) == len(s.sample_keys) == s.num_docs:
+            raise AssertionError(f"a pack of {s.num_docs} documents with {len(s.doc_kinds)} kinds and "
+                                 f"{len(s.sample_keys)} keys")
         src = self.loader.source_names.index(s.source) if s.source else 0
-        left_out = set(s.excluded) & set(s.sample_keys) if len(s.sample_keys) == s.num_docs else set()
+        left_out = set(s.excluded)
         groups = [-1 if key in left_out else src * len(DOC_KINDS) + DOC_KINDS.index(k)
-                  for k, key in zip(s.doc_kinds, s.sample_keys if left_out else [None] * s.num_docs)]
+                  for k, key in zip(s.doc_kinds, s.sample_keys)]
         return torch.tensor(groups + [-1] * (s.cu_seqlens.numel() - 1 - len(groups)), dtype=torch.int64)
 
     def _step_packs(self, micro_batches: list[int] | None, parts: dict[int, list[int]] | None) -> list[tuple]:

@@ -178,8 +178,7 @@ def specs(dt: str = "*bf16", HQ=32, HKV=4, D=128, HI=16, DI=64, K=2048):
         out.append((il.indexer_loss_bwd_kernel_kl,
                     dict(common, lse_i_ptr="*fp32", z_ptr="*fp32", psum_ptr=dt, gscale_ptr="*fp32",
                          dq_idx=dt, dw=dt, dk_idx="*i64" if det else "*fp32", fix="*fp32", T="i32", NBT="i32",
-                         PID0="i32", U0="i64",
-                         scale_log2="fp32"),
+                         PID0="i32", U0="i64", scale_log2="fp32"),
                     dict(meta, BS=c["BS_bwd_p"], LOAD_P=True, DET=det), c["warps"], c["stages_bwd_p"]))
     c = ild._config(CUDA)
     out.append((ild.dense_kl_kernel_lse,

@@ -71,8 +71,9 @@ FIXED_POINT_BITS = 60
 def fixed_point_scales(bounds: list[torch.Tensor | float], device) -> torch.Tensor:
     """[len(bounds)] fp32 powers of two 2^e with bound * 2^e <= 2^FIXED_POINT_BITS (e in [-126, 126]: fp32's normal
     powers of two), one per bound (0-dim tensors or numbers), computed on the device (no host sync; torch's
-    reductions that made the bounds are run-to-run deterministic, so the scales are too). A bound that is not finite (a NaN or inf among the inputs it
-    reads) gives a NaN scale, so every value of that sum comes out NaN, as the fp32 atomics would give it."""
+    reductions that made the bounds are run-to-run deterministic, so the scales are too). A bound that is not finite
+    (a NaN or inf among the inputs it reads) gives a NaN scale, so every value of that sum comes out NaN, as the fp32
+    atomics would give it."""
     b = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(()) for x in bounds])
     _, e = torch.frexp(b)  # b = m * 2^e with m in [0.5, 1): b < 2^e
     s = torch.ldexp(torch.ones_like(b), (FIXED_POINT_BITS - e).clamp(-126, 126))

@@ -45,7 +45,7 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     With torch's deterministic algorithms on (train.deterministic): dk, dv, P and dk_idx are summed in int64 fixed
     point with integer atomics (exact in any order), each with its scale (attn_bwd_fixed_point_scales,
     kl_bwd_fixed_point_scale); a chunk's P is converted to fp32 before the KL kernels read it. Its int64 sums and
-    their fp32 copy take the same budget (a third as many entries per chunk)."""
+    their fp32 copy share the same budget."""
     B, T = q.shape[:2]
     det = torch.are_deterministic_algorithms_enabled()
     acc = torch.int64 if det else torch.float32
@@ -55,13 +55,9 @@ def attention_kl_bwd(q, k, v, o, do, lse, q_idx, w, k_idx, plan: SparsePlan, sca
     dki_acc = torch.zeros(k_idx.shape, dtype=acc, device=k_idx.device)
     kl = torch.empty(B * T, dtype=torch.float32, device=q.device)
     lse_i, z = torch.empty_like(kl), torch.empty_like(kl)
-    fix = fix_ki = None
-    budget = chunk_bytes or LOSS_CHUNK_BYTES
-    if det:
-        fix, fix_ki = attn_bwd_fixed_point_scales(q, k, v, o, do, scale), kl_bwd_fixed_point_scale(q_idx, w, k_idx,
-                                                                                                  gscale)
-        budget //= 3
-    chunks, width = psum_chunks(plan, budget)
+    fix = attn_bwd_fixed_point_scales(q, k, v, o, do, scale) if det else None
+    fix_ki = kl_bwd_fixed_point_scale(q_idx, w, k_idx, gscale) if det else None
+    chunks, width = psum_chunks(plan, chunk_bytes or LOSS_CHUNK_BYTES, value_bytes=12 if det else 4)
     buf = torch.empty(max(1, width) * plan.block_q, dtype=acc, device=q.device)
     p32 = torch.empty(max(1, width) * plan.block_q, dtype=torch.float32, device=q.device) if det else None
     for b0, b1, u0, u1 in chunks:

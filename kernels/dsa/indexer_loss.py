@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .common import (LOG2E, dot_precision, fixed_point_scales, from_fixed_point, interpreting, pow2, relu_nan,
                      to_fixed_point)
-from .plan import SparsePlan, entry_chunks
+from .plan import SparsePlan
 
 
 @triton.jit
@@ -273,12 +273,10 @@ def indexer_loss_bwd_kernel_kl(q, k, lse, q_idx, w, k_idx, offsets, upos, ubits,
         dwv += tl.sum(relu_nan(u) * d_rows, axis=1)
         dqi += tl.dot(du.to(ki.dtype), ki, input_precision=DOT_PREC)
         dki = tl.dot(tl.trans(du.to(qi.dtype)), qi, input_precision=DOT_PREC)
-        if DET:
-            tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :],
-                          to_fixed_point(dki, fix_ki), mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
-        else:
-            tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :], dki,
-                          mask=um[:, None] & (dd[None, :] < DI), sem="relaxed")
+        # DET: int64 fixed point (constexpr: the buffer's type)
+        tl.atomic_add(dk_idx + ((bb * T + pos).to(tl.int64) * DI)[:, None] + dd[None, :],
+                      to_fixed_point(dki, fix_ki) if DET else dki, mask=um[:, None] & (dd[None, :] < DI),
+                      sem="relaxed")
     tl.store(dq_idx + irow[:, None] * DI + dd[None, :], dqi.to(dq_idx.dtype.element_ty), mask=imask)
     tl.store(dw + irow, dwv.to(dw.dtype.element_ty), mask=ivalid)
 
@@ -333,10 +331,23 @@ def psum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def psum_chunks(plan: SparsePlan, chunk_bytes: int) -> tuple[list[tuple[int, int, int, int]], int]:
-    """Chunks (b0, b1, u0, u1) of the plan's blocks whose fp32 head-summed P fits `chunk_bytes`
-    (plan.entry_chunks), and the widest chunk's entries."""
-    return entry_chunks(plan, 4 * plan.block_q, chunk_bytes)
+def psum_chunks(plan: SparsePlan, chunk_bytes: int,
+                value_bytes: int = 4) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Chunks (b0, b1, u0, u1) of the plan's blocks [b0, b1), entries [u0, u1), whose head-summed P fits
+    `chunk_bytes` at `value_bytes` per value (fp32: 4; the deterministic backward's int64 sums and their fp32 copy:
+    12), cut where the entry count crosses multiples of the budget (a block has at most BQ * K entries, so a chunk
+    needs at most budget + that), and the widest chunk's entries. One host sync for the cut points."""
+    nb, offs = plan.num_blocks, plan.offsets_N1
+    n_u = plan.pos_U.numel()
+    budget = max(1, chunk_bytes // (value_bytes * plan.block_q))
+    cuts = [0, nb]
+    if n_u > budget:
+        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
+        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
+    cuts = sorted(set(cuts))
+    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
+    chunks = [(b0, b1, u0, u1) for b0, b1, u0, u1 in zip(cuts[:-1], cuts[1:], bounds[:-1], bounds[1:])]
+    return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
 
 
 def indexer_kl_fwd(q_idx, w, k_idx, q, k, lse, plan: SparsePlan, scale: float, kl=None, lse_i=None,

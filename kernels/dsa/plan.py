@@ -61,25 +61,6 @@ class SparsePlan:
         return self.pos_U.numel() / max(1, self.num_blocks)
 
 
-def entry_chunks(plan: SparsePlan, entry_bytes: int,
-                 chunk_bytes: int) -> tuple[list[tuple[int, int, int, int]], int]:
-    """Chunks (b0, b1, u0, u1) of the plan's blocks [b0, b1), entries [u0, u1), whose per-entry buffers
-    (`entry_bytes` each) fit `chunk_bytes`, cut where the entry count crosses multiples of the budget (a block has
-    at most BQ * K entries, so a chunk needs at most budget + that), and the widest chunk's entries. The cuts depend
-    on the plan and the budget alone. One host sync for the cut points."""
-    nb, offs = plan.num_blocks, plan.offsets_N1
-    n_u = plan.pos_U.numel()
-    budget = max(1, chunk_bytes // max(1, entry_bytes))
-    cuts = [0, nb]
-    if n_u > budget:
-        targets = torch.arange(budget, n_u, budget, device=offs.device, dtype=offs.dtype)
-        cuts[1:1] = torch.searchsorted(offs, targets, right=True).sub_(1).tolist()
-    cuts = sorted(set(cuts))
-    bounds = offs[torch.tensor(cuts, device=offs.device)].tolist()
-    chunks = [(b0, b1, u0, u1) for b0, b1, u0, u1 in zip(cuts[:-1], cuts[1:], bounds[:-1], bounds[1:])]
-    return chunks, max((u1 - u0 for *_, u0, u1 in chunks), default=0)
-
-
 MAX_SORT = 16384  # block_q * next_pow2(K) entries sorted in registers by the Triton builder
 
 

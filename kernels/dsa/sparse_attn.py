@@ -139,19 +139,15 @@ def sparse_attn_bwd_kernel_union(q, k, v, o, do, lse, dq, dk, dv, offsets, upos,
         dq_acc += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
         dv_t = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
         dk_t = tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC) * scale
-        if DET:
-            tl.atomic_add(dv + kv_off[:, None] + d[None, :], to_fixed_point(dv_t, fix_v), mask=kvmask, sem="relaxed")
-            tl.atomic_add(dk + kv_off[:, None] + d[None, :], to_fixed_point(dk_t, fix_k), mask=kvmask, sem="relaxed")
-        else:
-            tl.atomic_add(dv + kv_off[:, None] + d[None, :], dv_t, mask=kvmask, sem="relaxed")
-            tl.atomic_add(dk + kv_off[:, None] + d[None, :], dk_t, mask=kvmask, sem="relaxed")
+        # DET: the same values as int64 fixed point (constexpr: the buffers' type), each converted as it is added
+        tl.atomic_add(dv + kv_off[:, None] + d[None, :], to_fixed_point(dv_t, fix_v) if DET else dv_t, mask=kvmask,
+                      sem="relaxed")
+        tl.atomic_add(dk + kv_off[:, None] + d[None, :], to_fixed_point(dk_t, fix_k) if DET else dk_t, mask=kvmask,
+                      sem="relaxed")
         if PSUM:
             pg = tl.sum(tl.reshape(p, [BQ, GP, BS]), axis=1)
-            p_off = (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None]
-            if DET:
-                tl.atomic_add(psum + p_off, to_fixed_point(pg, fix_p), mask=um[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(psum + p_off, pg, mask=um[None, :], sem="relaxed")
+            tl.atomic_add(psum + (uu - U0).to(tl.int64)[None, :] * BQ + tl.arange(0, BQ)[:, None],
+                          to_fixed_point(pg, fix_p) if DET else pg, mask=um[None, :], sem="relaxed")
     tl.store(dq + row_off[:, None] + d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
              mask=rmask)
 

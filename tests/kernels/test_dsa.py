@@ -732,7 +732,7 @@ def test_dsa_attention_kl_in_backward(B, T, Hq, Hkv, D, HI, DI, topk, cu, chunk_
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"split vs kl_in_backward {name}"
 
 
-class _FloatAtomics:
+class _Atomics:
     """Counts the atomic read-modify-writes the interpreted kernels issue while active: `n` the fp32 ones, `n_int64`
     the int64 ones (the deterministic backward's fixed-point sums; the plan's int32 OR / max are in neither). The
     interpreter runs programs one after another, so a run here cannot show nondeterminism itself; what it shows is
@@ -785,10 +785,12 @@ def test_deterministic_backward_without_float_atomics(B, T, cu, monkeypatch, _to
     topk, weight = 8, 0.7
     cu = None if cu is None else _cu(*cu)
     q, k, v, qi, w, ki, dout = _det_inputs(B, T)
-    atomics = _FloatAtomics(monkeypatch)
+    atomics = _Atomics(monkeypatch)
+
+    default_chunk = fused.LOSS_CHUNK_BYTES
 
     def run(backend, fused_kl=True, chunk=None, det=True):
-        monkeypatch.setattr(fused, "LOSS_CHUNK_BYTES", chunk or 256 << 20)
+        monkeypatch.setattr(fused, "LOSS_CHUNK_BYTES", chunk or default_chunk)
         torch.use_deterministic_algorithms(det)
         xs = [x.detach().clone().double() if backend == "naive" else x.detach().clone() for x in (q, k, v, qi, w, ki)]
         xs = [x.requires_grad_() for x in xs]

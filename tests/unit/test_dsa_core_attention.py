@@ -117,12 +117,12 @@ def test_the_layer_takes_the_deterministic_backward_under_torchs_switch(in_backw
     import kernels.dsa.fused as kf
     import kernels.dsa.indexer_loss as kil
     import kernels.dsa.sparse_attn as ksa
-    from tests.kernels.test_dsa import _FloatAtomics
+    from tests.kernels.test_dsa import _Atomics
 
     sums = []
     for mod in (kf, kil, ksa):
         monkeypatch.setattr(mod, "from_fixed_point", lambda *a, _real=mod.from_fixed_point: sums.append(1) or _real(*a))
-    atomics = _FloatAtomics(monkeypatch)
+    atomics = _Atomics(monkeypatch)
     bounds = (0, 12, 30, 40)
     x = _inputs()
     core = _core(17, "triton")
