@@ -206,7 +206,12 @@ def is_attached_picture(stream) -> bool:
     import av
 
     flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 1024)
-    return bool(int(stream.disposition) & int(flag))
+    # PyAV 17 gives an enum.Flag (no int(): its bits are .value), PyAV 18 an IntFlag
+    return bool(_bits(stream.disposition) & _bits(flag))
+
+
+def _bits(flags) -> int:
+    return int(getattr(flags, "value", flags))
 
 
 def _validate(req: DecodeRequest) -> None:

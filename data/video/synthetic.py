@@ -160,6 +160,9 @@ def write_video(path: str | os.PathLike, spec: VideoSpec) -> dict:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)
         if rot:
+            if not hasattr(stream, "set_display_rotation"):
+                raise RuntimeError(f"{path}: writing a video rotated {rot} degrees needs PyAV >= 18 "
+                                   f"(Stream.set_display_rotation); this is PyAV {av.__version__}")
             stream.set_display_rotation(rot)
         times: list[float] = []
         t_ms = 0
@@ -391,8 +394,8 @@ def make_synthetic_shards(out_dir: str | os.PathLike, n_videos: int, seed: int =
                                    shard_size_mb=shard_size_mb, workers=workers, proxy=proxy, progress=False,
                                    scene_similarity=SYNTHETIC_SCENE_SIMILARITY))
     if n_videos and not summary["shards"]:
-        # nothing ingested: the run went on to the loader's "no .tar shards found", which named no cause (seen once
-        # on a GPU machine with PyAV 17 and the machine's own Pillow; with PyAV 18.1 / Pillow 13 the same run passed)
+        # nothing ingested: the run went on to the loader's "no .tar shards found", which named no cause (seen on a
+        # GPU machine with PyAV 17, whose stream disposition int() refused: backends.is_attached_picture)
         from .ingest import REJECTS
         first = ""
         with contextlib.suppress(OSError, ValueError, StopIteration):

@@ -89,6 +89,25 @@ def test_the_stream_measured_and_decoded_is_ffmpegs_best_and_never_a_cover_pictu
     assert e.value.reason == "no_video_stream" and "attached picture" in e.value.detail
 
 
+def test_a_disposition_that_is_a_plain_flag_is_read_as_its_bits():
+    """PyAV 17's Disposition is an enum.Flag, which int() refuses (18's is an IntFlag): with it every video was
+    rejected as 'exception' by ingest, synthetic ones included. The bits are compared whatever the type."""
+    import enum
+
+    from data.video.backends import is_attached_picture
+
+    Flag17 = enum.Flag("Disposition", {"default": 1, "attached_pic": 1024})
+    with pytest.raises(TypeError):
+        int(Flag17.default)
+    stream = type("Stream", (), {})
+    stream.disposition = Flag17.default | Flag17.attached_pic
+    assert is_attached_picture(stream)
+    stream.disposition = Flag17.default
+    assert not is_attached_picture(stream)
+    stream.disposition = 1024   # an int, as older PyAV gave
+    assert is_attached_picture(stream)
+
+
 @pytest.mark.parametrize("n", [20, 1])
 def test_a_file_decord_cannot_open_is_decoded_with_pyav_by_the_decord_backend(tmp_path, n):
     """decord's FFmpeg has no AV1 decoder: ingest accepted AV1 files (PyAV decodes them) with decord_seek_ok None,
