@@ -99,8 +99,9 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
 
 class DocumentRoutingLayer(TransformerLayer):
     """megatron's TransformerLayer that hands its router the documents of the call's packed row (a
-    `PackedSeqDocuments` packed_seq_params, as the trainer gives them) for the time of the call, for the balancing
-    loss per document (model.lm.moe_balance=sequence, models/moe/router.py). The documents come with the call's
+    `PackedSeqDocuments` packed_seq_params, as the trainer gives them) for the time of the call: its padding is left
+    out of the balancing and the load counts, and model.lm.moe_balance=sequence balances each document (models/moe/
+    router.py). The documents come with the call's
     arguments, so a layer run again in the backward (full recompute) routes with its own micro-batch's documents."""
 
     def forward(self, *args, **kwargs):
@@ -118,7 +119,7 @@ class DocumentRoutingLayer(TransformerLayer):
 def layer_spec(lm: LMConfig, variant: str, layer_index: int, *, cp_ops=None) -> ModuleSpec:
     """One decoder layer: RMSNorm -> attention (variant) -> residual -> RMSNorm -> MoE -> residual."""
     return ModuleSpec(
-        module=DocumentRoutingLayer if lm.moe_balance == "sequence" else TransformerLayer,
+        module=DocumentRoutingLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=attention_spec(variant, lm, layer_index, cp_ops=cp_ops),

@@ -113,7 +113,6 @@ class StepInputs:
     cp_split: str = "document"  # parallel.cp_split: the token layout (the model's CP attention uses the same)
     loss_groups: int = 0  # > 0: the loss of each of this many groups of source and kind (train/loss_groups.py)
     part_loss: bool = False  # each document's or row's loss sum and tokens in the loss report (train.spike on)
-    route_documents: bool = False  # each token's document for the routers (model.lm.moe_balance=sequence)
 
 
 VISION_KEYS = ("pixel_values", "grid_thw", "visual_pos", "visual_embeds", "visual_local_pos")
@@ -167,7 +166,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         parts = cp_share(parts, kwargs, inputs.cp_group, split=inputs.cp_split)
         if groups is not None:
             groups = cp_share(groups, kwargs, inputs.cp_group, split=inputs.cp_split)
-    if cu is not None and inputs.route_documents:  # the routers' documents of this rank's tokens
+    if cu is not None:  # the routers' documents of this rank's tokens (padding -1: left out of the balancing)
         documents = token_documents(parts, n_parts, real_segments=real_segments, doc_groups=batch.get("doc_groups"))
         kwargs["packed_seq_params"] = replace(kwargs["packed_seq_params"], documents=documents, num_documents=n_parts)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model
@@ -445,8 +444,7 @@ class Trainer:
                                            sequence_parallel=layout.sequence_parallel) if t.distill.enabled else None,
             tp_group=self.pgs.tp, sequence_parallel=layout.sequence_parallel,
             cp_group=self.pgs.cp if layout.cp > 1 else None, cp_split=layout.cp_split,
-            loss_groups=len(self.loss_sources) * len(DOC_KINDS), part_loss=bool(t.spike.factor),
-            route_documents=cfg.model.lm.moe_balance == "sequence")
+            loss_groups=len(self.loss_sources) * len(DOC_KINDS), part_loss=bool(t.spike.factor))
 
         dp_rank, dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         if cfg.data.kind == "video":

@@ -20,6 +20,10 @@ share of the routed slots (c_e / sum c) counted at the level `balance` names:
                   else each row is one (megatron's seq_aux_loss)
 
 All three are weighted and logged alike (parallel/megatron_compat.py fix 2, train/moe_stats.py `moe_lb_loss`).
+At every level the tokens of a packed row that belong to no document (its padding: the trainer gives them document
+-1) are left out: of the counts, of the probabilities' mean, of the token count T (megatron's `padding_mask`, built
+from the documents by `padding_of`). A video pack is about 17-30% padding at the tiny recipe's 512 and 2,048
+tokens; counted, padding (one token id repeated) would be that share of every count the balance is taken from.
 
     scores  = softmax(logits)                     [T, E] fp32 (the router's own probabilities)
     chosen  = topk(scores + expert_bias, k)        the bias moves the choice only
@@ -104,17 +108,29 @@ class BalancedTopKRouter(TopKRouter):
         """A new step begins (global_batch: its counts start at zero)."""
         self.step_counts.zero_()
 
-    def routing(self, logits, *args, **kwargs):
+    def routing(self, logits, padding_mask=None):
         self.rows = tuple(logits.shape[:2])
         try:
-            return super().routing(logits, *args, **kwargs)
+            if padding_mask is None:   # megatron's mask (True: padding) from the row's documents, where given
+                padding_mask = self.padding_of(self.rows)
+            return super().routing(logits, padding_mask=padding_mask)
         finally:
             self.rows = None
 
-    def _token_documents(self) -> tuple[torch.Tensor, int]:
+    def padding_of(self, rows: tuple[int, int]) -> torch.Tensor | None:
+        """[s, b] bool, True where a token of the routing of `rows` = (s, b) tokens is padding (its document -1:
+        a video pack's padding segment, a KSA row's, a document data.exclude blanks), None without documents.
+        Padding is left out of the balancing loss (its counts and its mean probabilities) and of the expert load
+        train/moe_stats.py counts (the expert bias's update, `moe_load_max`)."""
+        docs = self.documents
+        if docs is None or docs.documents is None:
+            return None
+        return (self._token_documents(rows)[0] < 0).view(rows)
+
+    def _token_documents(self, rows: tuple[int, int]) -> tuple[torch.Tensor, int]:
         """The document of each of this rank's routed tokens, in the routing's order ([s, b] flattened), -1
         for padding, and the number of documents: those of `documents` where given, else each row's tokens one."""
-        s, b = self.rows
+        s, b = rows
         docs = self.documents
         if docs is None or docs.documents is None:
             return torch.arange(b, device=self.weight.device).repeat(s), b
@@ -129,12 +145,17 @@ class BalancedTopKRouter(TopKRouter):
 
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
         coeff = self.get_aux_loss_coeff("aux_loss")
-        if self.balance == "micro_batch" or coeff == 0:
+        if coeff == 0 or (self.balance == "micro_batch" and not with_padding_mask):
             return super()._apply_aux_loss(probs, scores_for_aux_loss, routing_map, with_padding_mask)
         E, k = self.config.num_moe_experts, self.topk
         local_tokens = routing_map.shape[0]
-        if self.balance == "sequence":
-            ids, num = self._token_documents()
+        if self.balance == "micro_batch":   # megatron's, padding left out (its rows of the routing map and scores
+            # are zero); a micro-batch of padding alone gives a loss of 0, where megatron's would be 0 / 0
+            counts, local_tokens, tokens = get_tokens_per_expert_and_token_count(
+                routing_map, self.tp_cp_group, topk=k, with_padding_mask=True)
+            loss = switch_load_balancing_loss_func(scores_for_aux_loss, counts, tokens.clamp_min(1), k, E, coeff)
+        elif self.balance == "sequence":
+            ids, num = self._token_documents(self.rows)
             keep = (ids >= 0).unsqueeze(-1)
             ids = ids.clamp_min(0)
             # [documents, E] counts of every TP x CP rank's tokens, in one all-reduce; each token has k slots
@@ -150,9 +171,10 @@ class BalancedTopKRouter(TopKRouter):
                 0, ids, scores_for_aux_loss * keep)
             loss = coeff * E * (weight * prob_sums).sum()
         else:
-            if with_padding_mask:   # megatron's padded routing map: the replica's tokens are counted over TP x CP
+            if with_padding_mask:   # padding's rows are zero: the replica's other tokens are counted over TP x CP
                 _, local_tokens, tokens = get_tokens_per_expert_and_token_count(
                     routing_map, self.tp_cp_group, topk=k, with_padding_mask=True)
+                tokens = tokens.clamp_min(1)   # all padding: a loss of 0, not 0 / 0
             else:
                 tokens = local_tokens * self.tp_cp_group.size()
             # the E counts of every TP x DP x CP rank in one all-reduce (a sum over TP x CP first added nothing)

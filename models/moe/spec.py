@@ -22,7 +22,8 @@ def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias
                     balance: str = "micro_batch") -> ModuleSpec:
     """megatron's local (no TransformerEngine) MoE spec, experts replaced by GroupedExperts(impl) ("sequential":
     megatron's SequentialMLP kept); `expert_bias`: the router is BiasedTopKRouter (auxiliary-loss-free balancing);
-    `balance` other than micro_batch: the router is BalancedTopKRouter (models/moe/router.py), else megatron's."""
+    else BalancedTopKRouter (models/moe/router.py): megatron's, with the balancing level `balance`, and the padding of
+    a packed row (its documents, from the layer) left out of the balancing."""
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
@@ -31,6 +32,6 @@ def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias
         sub = replace(sub, experts=grouped_experts_spec(experts_impl))
     if expert_bias:
         sub = replace(sub, router=partial(BiasedTopKRouter, balance=balance))
-    elif balance != "micro_batch":
+    else:
         sub = replace(sub, router=partial(BalancedTopKRouter, balance=balance))
     return replace(spec, submodules=sub)
