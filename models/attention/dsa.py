@@ -17,7 +17,8 @@ Stages (`model.lm.dsa.stage`):
                 KL over all eligible keys, so that case runs the dense kernels (the warm-up stage's
                 computation; no selection, union plan or gathers) with the same result.
 In both stages the indexer's input is detached, so the LM loss never reaches the indexer and the
-indexer loss never reaches the model.
+indexer loss never reaches the model. A packed row's padding (document -1, given by the trainer) trains no
+indexer: its rows of w are zeroed (`without_padding_rows`).
 
 How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
   "attach"  the KL rides on the attention output's gradient (AttachLossFn), so it arrives during the
@@ -185,6 +186,7 @@ class DSACoreAttention(MegatronModule):
             raise RuntimeError("DSACoreAttention must be called from DSASelfAttention (no indexer output)")
         q_idx, w, k_idx = self.indexer_out
         s, b, nq, d = query.shape
+        w = without_padding_rows(w, packed_seq_params)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
@@ -242,6 +244,23 @@ class DSACoreAttention(MegatronModule):
         """d(total)/d(KL): per-token loss convention, the trainer divides every gradient by the global token
         count; each TP rank's KL uses its own heads (module docstring)."""
         return self.loss_weight * b * s / self.tp
+
+
+def without_padding_rows(w: torch.Tensor, packed_seq_params) -> torch.Tensor:
+    """The indexer's head weights w [b, s, index heads] with the rows of a packed row's padding zeroed: the tokens
+    whose document is -1 in `packed_seq_params.documents` (the trainer's PackedSeqDocuments, [b, s] as this rank's
+    attention sees the row: a video pack's padding segment, a KSA row's, a token file's document data.exclude
+    blanks). Such a query's index scores are then 0, so its KL term gives no gradient to w (the product with 0),
+    q_idx or k_idx (each is scaled by w): padding trains no indexer, where it was 17-30% of a tiny video pack's
+    tokens. A padding query still selects keys (all tied: the kernels' order for ties) within its own document, so
+    no real token's selection, attention or KL changes; its KL (against a uniform choice) stays in the logged mean."""
+    docs = getattr(packed_seq_params, "documents", None)
+    if docs is None:
+        return w
+    if tuple(docs.shape) != tuple(w.shape[:2]):
+        raise ValueError(f"the documents of a packed row cover {tuple(docs.shape)} tokens [b, s]; the indexer has "
+                         f"{tuple(w.shape[:2])}")
+    return w * (docs >= 0).to(device=w.device, dtype=w.dtype).unsqueeze(-1)
 
 
 def record_kls(modules) -> list:

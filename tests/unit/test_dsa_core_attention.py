@@ -53,7 +53,7 @@ def _run_core(core, x, packed):
     core.indexer_out = (t["q_idx"], t["w"], t["k_idx"])
     q, k, v = (t[n].transpose(0, 1) for n in ("q", "k", "v"))  # megatron's [s, b, h, d]
     out = core(q, k, v, None, packed_seq_params=packed)
-    out = out.view(S, 1, HQ, D).transpose(0, 1)
+    out = out.view(x["q"].shape[1], 1, HQ, D).transpose(0, 1)
     (out * x["dout"]).sum().backward()  # the attached KL's gradient is b * s (loss_weight 1, tp 1)
     return out.detach(), core.last_kl, {n: p.grad for n, p in t.items()}
 
@@ -222,3 +222,28 @@ def test_training_forward_without_autograd_computes_no_kl(stage, topk, backend, 
     with torch.no_grad():
         forward(core)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("stage,backend", [("sparse", "naive"), ("sparse", "triton"), ("dense_warmup", "naive"),
+                                           ("dense_warmup", "triton")])
+def test_a_packed_rows_padding_trains_no_indexer(stage, backend):
+    """A packed row's padding (document -1 in the trainer's PackedSeqDocuments) gives the indexer no gradient: the
+    layer on the row with a padding segment (its last 10 tokens, no LM loss) gives its documents' tokens the
+    outputs and the gradients of the same layer on the row without the padding, and the padding's rows none. Before,
+    the padding's KL terms trained the indexer (its rows of q_idx and w had gradients; the check below)."""
+    from models.moe.router import PackedSeqDocuments
+
+    bounds, real = (0, 12, 30, 40), 30                           # documents of 12 and 18 tokens, 10 of padding
+    x = _inputs()
+    x["dout"][:, real:] = 0.0                                     # padding carries no LM loss
+    ids = torch.repeat_interleave(torch.tensor([0, 1, -1]), torch.tensor([12, 18, 10])).view(1, -1).to(DEV)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+    packed = PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=18,
+                                max_seqlen_kv=18, documents=ids, num_documents=3)
+    out, _, grads = _run_core(_core(8, backend, stage), x, packed)    # top-k 8 < 12, 18: the sparse path
+    y = {n: t[:, :real].contiguous() for n, t in x.items()}
+    ref_out, _, ref = _run_core(_core(8, backend, stage), y, _packed(bounds[:-1], 18))
+    assert_close("out", ref_out, out[:, :real], TOL_OUT)
+    for name, g in ref.items():
+        assert_close(name, g, grads[name][:, :real], TOL_GRAD)
+        assert torch.equal(grads[name][:, real:], torch.zeros_like(grads[name][:, real:])), name
