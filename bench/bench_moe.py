@@ -18,7 +18,9 @@ chunked loss), at Keye-30B-A3B sizes on one GPU.
      forward+backward, with achieved TFLOP/s (expert GEMMs only: 6*R*H*F forward, 3x that with backward,
      R = tokens * top-k) against the 775 TFLOP/s bf16 ceiling;
    for impl in sequential (megatron's loop), torch_grouped_mm, triton; peak memory above the inputs.
-3. Loss timing, per token count (8K, 32K; vocab 151936, hidden 2048, bf16): megatron's path (logits =
+3. Padding (`bench_padding`): the MoE layer on an 8K / 32K packed row with 10% / 25% padding, forward+backward
+   with the row's documents (padding routed to no expert) against without (padding routed as any token).
+4. Loss timing, per token count (8K, 32K; vocab 151936, hidden 2048, bf16): megatron's path (logits =
    h @ W^T in bf16, then tensor_parallel.vocab_parallel_cross_entropy) vs chunked_cross_entropy (chunk
    4096 and 8192 tokens): forward+backward time and peak memory above the inputs.
 
@@ -342,6 +344,60 @@ def bench_moe(pgs, device, dtype, sz, impls, out) -> None:
                 record_failure(out, key, e)
 
 
+def bench_padding(pgs, device, dtype, sz, out, fractions=(0.1, 0.25)) -> None:
+    """The MoE layer (experts_impl auto) forward+backward on one packed row whose last `fraction` of tokens is
+    padding (one repeated vector, as a pad token's hidden state is; no gradient from it): the row's documents given
+    (models/moe/router.py: padding routed to no expert) against none (every token routed, as before that change),
+    the same layer and inputs in the same run; and the relative RMSE of the documents' outputs and input gradients
+    between the two (the gradients differ by the balancing loss's part, which no longer counts the padding)."""
+    from models.moe.router import PackedSeqDocuments
+
+    cfg = transformer_config(sz, dtype)
+    reps = 3 if GPU else 1
+    for tokens in sz["tokens"]:
+        for fraction in fractions:
+            key = f"padding/{tokens}/{fraction}"
+            real = tokens - int(tokens * fraction)
+            try:
+                layer = build_layer("auto", cfg, pgs, sz["experts"]).to(device)
+                g = torch.Generator(device=device).manual_seed(0)
+                hidden = torch.randn(tokens, 1, sz["hidden"], generator=g, device=device).to(dtype)
+                hidden[real:] = hidden[real]
+                dh = torch.randn(tokens, 1, sz["hidden"], generator=g, device=device).to(dtype)
+                dh[real:] = 0
+                ids = torch.zeros(1, tokens, dtype=torch.int64, device=device)
+                ids[:, real:] = -1
+                docs = PackedSeqDocuments(qkv_format="sbhd", documents=ids, num_documents=2)
+                hi = hidden.clone().requires_grad_()
+
+                def step(d):
+                    layer.router.documents = d   # as its layer sets it for the call (models/lm.py)
+                    try:
+                        y, _ = layer(hi)
+                    finally:
+                        layer.router.documents = None
+                    y.backward(dh)
+                    return y
+
+                row = {"tokens": tokens, "padding_fraction": fraction, "padding_tokens": tokens - real}
+                got = {}
+                for name, d in (("routed", None), ("dropped", docs)):
+                    row[f"{name}_ms"] = timed(lambda d=d: step(d), reps=reps)
+                    row[f"{name}_peak_gb"] = peak_gb(lambda d=d: step(d))
+                    hi.grad = None
+                    y = step(d)
+                    got[name] = (y.detach()[:real].float(), hi.grad[:real].float())
+                    hi.grad = None
+                    layer.zero_grad(set_to_none=True)
+                row["dropped_over_routed"] = row["dropped_ms"] / row["routed_ms"]
+                row["docs_out_rel_diff"] = rel(got["routed"][0], got["dropped"][0])
+                row["docs_dinput_rel_diff"] = rel(got["routed"][1], got["dropped"][1])
+                out[key] = row
+                layer = None
+            except Exception as e:  # noqa: BLE001
+                record_failure(out, key, e)
+
+
 # ------------------------------------------------------------------------------------------ loss timing
 def bench_ce(device, dtype, sz, out) -> None:
     from models.moe.chunked_ce import chunked_cross_entropy
@@ -379,6 +435,11 @@ def print_table(res: dict) -> None:
         if "error" in v:
             print(f"{k:<40}  FAILED: {v['error'][:80]}")
             continue
+        if k.startswith("padding/"):
+            print(f"{k:<40}  fwd+bwd {v['routed_ms']:.2f} ms padding routed, {v['dropped_ms']:.2f} ms dropped "
+                  f"({v['dropped_over_routed']:.3f}); documents' output / d_input differ by "
+                  f"{v['docs_out_rel_diff']:.1e} / {v['docs_dinput_rel_diff']:.1e}")
+            continue
         tf = v.get("fwd_bwd_tflops", v.get("expert_tflops"))
         pk = v.get("peak_gb")
         print(f"{k:<40}{v.get('fwd_ms', float('nan')):>10.2f}{v['fwd_bwd_ms']:>12.2f}"
@@ -412,7 +473,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes, fp32 on CPU: checks that everything runs")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 8192,32768)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {IMPLS}")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: checks,moe,ce")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: checks,moe,padding,ce")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section only
     args = ap.parse_args()
     if not GPU and not args.smoke:
@@ -449,6 +510,9 @@ def main() -> None:
         dump()
         if "moe" not in skip:
             bench_moe(pgs, device, dtype, sz, impls, res["timings"])
+            dump()
+        if "padding" not in skip:
+            bench_padding(pgs, device, dtype, sz, res["timings"])
             dump()
         if "ce" not in skip:
             bench_ce(device, dtype, sz, res["timings"])

@@ -23,8 +23,8 @@ metrics (console, metrics.jsonl, wandb):
   lean on a few experts and stays within a few update steps of itself once the load is balanced.
 
 The expert counts come from a forward hook on each megatron `TopKRouter` (its routing map summed over
-tokens, a packed row's padding left out: models/moe/router.py `padding_of`), kept on the device until the step's
-end. A router forward is counted when it runs in training
+tokens; a packed row's padding is routed to no expert: models/moe/router.py `padding_of`), kept on the device until
+the step's end. A router forward is counted when it runs in training
 mode with gradients enabled, the rule by which megatron logs its balancing loss: under full recompute a
 layer's first forward runs without gradients and its rerun inside the backward is counted (the same
 routing), and a KSA distillation teacher's pass (the same model, without gradients) and evaluation
@@ -71,14 +71,10 @@ class RouterStats:
         for r in self.balanced:
             r.reset_balance()
 
-    def _count(self, router, inputs, output) -> None:
+    def _count(self, router, _inputs, output) -> None:
         if not (router.training and torch.is_grad_enabled()) or router.layer_number is None:
             return
-        routing_map = output[1]  # [tokens, experts] bool
-        padding = getattr(router, "padding_of", None)   # a packed row's padding is no expert's load
-        padding = padding(tuple(inputs[0].shape[:2])) if padding is not None else None
-        if padding is not None:
-            routing_map = routing_map & ~padding.reshape(-1, 1)
+        routing_map = output[1]  # [tokens, experts] bool (a packed row's padding: no expert's)
         self.counts[router.layer_number - 1] += routing_map.sum(dim=0)
 
     def step_vector(self) -> torch.Tensor:

@@ -20,9 +20,10 @@ share of the routed slots (c_e / sum c) counted at the level `balance` names:
                   else each row is one (megatron's seq_aux_loss)
 
 All three are weighted and logged alike (parallel/megatron_compat.py fix 2, train/moe_stats.py `moe_lb_loss`).
-At every level the tokens of a packed row that belong to no document (its padding: the trainer gives them document
--1) are left out: of the counts, of the probabilities' mean, of the token count T (megatron's `padding_mask`, built
-from the documents by `padding_of`). A video pack is about 17-30% padding at the tiny recipe's 512 and 2,048
+The tokens of a packed row that belong to no document (its padding: the trainer gives them document -1) are routed
+to no expert (no dispatch, no expert compute, the layer's output 0 there) and, at every level, left out of the
+counts, of the probabilities' mean and of the token count T (megatron's `padding_mask`, built from the documents by
+`padding_of`). A video pack is about 17-30% padding at the tiny recipe's 512 and 2,048
 tokens; counted, padding (one token id repeated) would be that share of every count the balance is taken from.
 
     scores  = softmax(logits)                     [T, E] fp32 (the router's own probabilities)
@@ -113,15 +114,20 @@ class BalancedTopKRouter(TopKRouter):
         try:
             if padding_mask is None:   # megatron's mask (True: padding) from the row's documents, where given
                 padding_mask = self.padding_of(self.rows)
-            return super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
             self.rows = None
+        if padding_mask is not None:   # padding goes to no expert: not dispatched, no expert's work, output 0
+            keep = ~padding_mask.reshape(-1, 1)
+            probs, routing_map = probs * keep, routing_map & keep
+        return probs, routing_map
 
     def padding_of(self, rows: tuple[int, int]) -> torch.Tensor | None:
         """[s, b] bool, True where a token of the routing of `rows` = (s, b) tokens is padding (its document -1:
         a video pack's padding segment, a KSA row's, a document data.exclude blanks), None without documents.
-        Padding is left out of the balancing loss (its counts and its mean probabilities) and of the expert load
-        train/moe_stats.py counts (the expert bias's update, `moe_load_max`)."""
+        Padding is routed to no expert (the dispatchers send it nowhere; the layer's output there is 0, the
+        residual stream passes), so it is left out of the balancing loss (its counts and its mean probabilities)
+        and of the expert load train/moe_stats.py counts (the expert bias's update, `moe_load_max`)."""
         docs = self.documents
         if docs is None or docs.documents is None:
             return None

@@ -186,6 +186,53 @@ def test_moe_layer_with_grouped_experts_matches_sequential(pgs):
         check(f"moe layer {name}", r, o)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padding", [7, 24], ids=["seven_of_24", "all"])
+def test_a_packed_rows_padding_goes_to_no_expert(pgs, padding, impl):
+    """Given a packed row's documents (padding -1, as the trainer gives them), the MoE layer dispatches the padding
+    to no expert: the experts get TOPK x the documents' tokens, the padding's output and input gradient are 0, and
+    the documents' tokens get the output and gradients (input, router, experts) of the same layer run on them
+    alone. Before, every padding token went to TOPK experts (their work: 7 of 24 tokens here; the tiny recipe's
+    video packs are 17-30% padding). A row of padding alone gives the experts nothing and the layer 0."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from models.moe.router import PackedSeqDocuments
+    from models.moe.spec import moe_module_spec
+
+    T, real = 24, 24 - padding
+    torch.manual_seed(SEED)
+    layer = build_module(moe_module_spec(num_experts=E, experts_impl=impl), config=tconfig(),
+                         pg_collection=pgs)
+    seen = []
+    layer.experts.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
+    g = torch.Generator().manual_seed(SEED)
+    x, dy = torch.randn(T, 1, H, generator=g), torch.randn(T, 1, H, generator=g)
+    dy[real:] = 0.0                                        # padding carries no loss
+    ids = torch.cat([torch.zeros(real // 2), torch.ones(real - real // 2), -torch.ones(padding)]).long()
+    outs = []
+    for rows, docs in ((T, PackedSeqDocuments(qkv_format="sbhd", documents=ids.view(1, -1), num_documents=3)),
+                       (real, None)):
+        layer.zero_grad(set_to_none=True)
+        xi = x[:rows].clone().requires_grad_()
+        layer.router.documents = docs                       # as its layer sets it (models/lm.py)
+        y, _ = layer(xi)
+        layer.router.documents = None
+        y.backward(dy[:rows])
+        outs.append((y.detach(), xi.grad, layer.router.weight.grad, *expert_grads(layer.experts)))
+        if real == 0:
+            break
+    assert seen[0] == TOPK * real
+    full = outs[0]
+    assert torch.equal(full[0][real:], torch.zeros_like(full[0][real:]))
+    assert torch.equal(full[1][real:], torch.zeros_like(full[1][real:]))
+    if real == 0:
+        return
+    for name, r, o in zip(("output", "d_input"), outs[1][:2], full[:2]):
+        check(f"padded row's documents, {name}", r, o[:real])
+    for name, r, o in zip(("d_router", "d_w13", "d_w2"), outs[1][2:], full[2:]):
+        check(f"padded row's documents, {name}", r, o)
+
+
 def _flat(sharded_sd):
     """(key, global offset) -> (global shape, local shape, prepend axes, fragments, replica id, data) of every leaf."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
