@@ -99,10 +99,10 @@ def transformer_config(lm: LMConfig, sizes: ModelParallelSizes, *, bf16: bool,
 
 class DocumentRoutingLayer(TransformerLayer):
     """megatron's TransformerLayer that hands its router the documents of the call's packed row (a
-    `PackedSeqDocuments` packed_seq_params, as the trainer gives them) for the time of the call: its padding is left
-    out of the balancing and the load counts, and model.lm.moe_balance=sequence balances each document (models/moe/
-    router.py). The documents come with the call's
-    arguments, so a layer run again in the backward (full recompute) routes with its own micro-batch's documents."""
+    `PackedSeqDocuments` packed_seq_params, as the trainer gives them) for the time of the call: its padding is routed
+    to no expert and counted in no balancing, and model.lm.moe_balance=sequence balances each document
+    (models/moe/router.py). The documents come with the call's arguments, so a layer run again in the backward (full
+    recompute) routes with its own micro-batch's documents."""
 
     def forward(self, *args, **kwargs):
         router = getattr(self.mlp, "router", None)

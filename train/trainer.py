@@ -166,7 +166,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         parts = cp_share(parts, kwargs, inputs.cp_group, split=inputs.cp_split)
         if groups is not None:
             groups = cp_share(groups, kwargs, inputs.cp_group, split=inputs.cp_split)
-    if cu is not None:  # the routers' documents of this rank's tokens (padding -1: left out of the balancing)
+    if cu is not None:  # each token's document, as this rank holds them (padding -1: no expert's, no indexer's)
         documents = token_documents(parts, n_parts, real_segments=real_segments, doc_groups=batch.get("doc_groups"))
         kwargs["packed_seq_params"] = replace(kwargs["packed_seq_params"], documents=documents, num_documents=n_parts)
     if raw.get("visual_embeds") is not None:  # LM-input ranks of a multimodal model

@@ -22,8 +22,8 @@ def moe_module_spec(*, num_experts: int, experts_impl: str = "auto", expert_bias
                     balance: str = "micro_batch") -> ModuleSpec:
     """megatron's local (no TransformerEngine) MoE spec, experts replaced by GroupedExperts(impl) ("sequential":
     megatron's SequentialMLP kept); `expert_bias`: the router is BiasedTopKRouter (auxiliary-loss-free balancing);
-    else BalancedTopKRouter (models/moe/router.py): megatron's, with the balancing level `balance`, and the padding of
-    a packed row (its documents, from the layer) left out of the balancing."""
+    else BalancedTopKRouter (models/moe/router.py): megatron's, with the balancing level `balance`; either routes a
+    packed row's padding (its documents, from the layer) to no expert."""
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
