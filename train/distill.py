@@ -12,7 +12,9 @@ Per micro-batch (text, or packed video + text; the data stream is unchanged):
        + attn_weight * mean_l clamp(MSE(A_S[l], A_T[l]), 0, attn_clamp)       (per micro-batch)
 The released recipe uses 1.0 / 5.0 / 5.0 with the clamp at 0.1. The clamp is a plain clamp: a layer
 whose error exceeds it contributes a constant (no gradient) until the error falls back under it. Layers
-are averaged (not summed), so the weight means the same at any depth.
+are averaged (not summed), so the weight means the same at any depth. The MSE is over the text positions of a
+packed row's documents: its padding (document -1; the loss mask already leaves it out of CE and KL) is in no mean,
+and the teacher, given the row's documents, routes it to no expert (models/moe/router.py).
 
 Losses follow megatron's per-token convention (sum over tokens + token count; the trainer divides by
 the global count): the per-micro-batch attention term is multiplied by the micro-batch's token count. That term is
@@ -79,6 +81,16 @@ def target_logprob(logp: torch.Tensor, labels: torch.Tensor, group) -> torch.Ten
     return picked
 
 
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference (fp32) of two layer outputs [s, b, h] over the positions `real` [b, s] marks (all
+    when None); 0 when it marks none."""
+    diff = (student.float() - teacher.float()).pow(2)
+    if real is None:
+        return diff.mean()
+    keep = real.transpose(0, 1).unsqueeze(-1).to(diff.dtype)
+    return (diff * keep).sum() / (keep.sum() * diff.shape[-1]).clamp_min(1)
+
+
 class AttentionMatch:
     """The attention-output term, computed in each KSA layer's forward and attached to its output there.
 
@@ -103,6 +115,7 @@ class AttentionMatch:
         self.teacher_out: dict = {}   # layer -> the teacher pass's output [s, b, h]
         self.values: dict = {}        # layer -> the student pass's clamped MSE (no gradient)
         self.text_index = None
+        self.real = None              # [b, s_text] bool: the text positions the MSE is taken over (None: all)
         self.scale = 0.0
         self.clamp = 0.0
         for m in self.layers:
@@ -123,7 +136,7 @@ class AttentionMatch:
         if self.mode != "student" or mod not in self.teacher_out:
             return None
         a_s = self._whole(a).index_select(0, self.text_index)
-        mse = torch.clamp((a_s.float() - self.teacher_out[mod].float()).pow(2).mean(), 0.0, self.clamp)
+        mse = torch.clamp(masked_mse(a_s, self.teacher_out[mod], self.real), 0.0, self.clamp)
         self.values.setdefault(mod, mse.detach())
         if not a.requires_grad:
             return None
@@ -138,9 +151,12 @@ class AttentionMatch:
         finally:
             self.mode = None
 
-    def arm_student(self, text_index: torch.Tensor, *, weight_per_layer: torch.Tensor, clamp: float) -> None:
-        """From now until the next teacher pass, each layer's forward attaches weight_per_layer x its clamped MSE."""
+    def arm_student(self, text_index: torch.Tensor, *, weight_per_layer: torch.Tensor, clamp: float,
+                    real: torch.Tensor | None = None) -> None:
+        """From now until the next teacher pass, each layer's forward attaches weight_per_layer x its clamped MSE,
+        over the text positions `real` [b, s_text] marks (all when None: a packed row's padding is not)."""
         self.mode, self.text_index, self.scale, self.clamp = "student", text_index, weight_per_layer, clamp
+        self.real = real
 
     def mean(self, like: torch.Tensor) -> torch.Tensor:
         """The student pass's MSE, the mean over the layers (no gradient)."""
@@ -149,18 +165,20 @@ class AttentionMatch:
 
 
 def distill_losses(model, batch: dict, teacher: tuple, student: tuple, text_index: torch.Tensor, cfg: DistillConfig,
-                   match: AttentionMatch, *, tp_group):
+                   match: AttentionMatch, *, tp_group, text_documents: torch.Tensor | None = None):
     """Returns (loss_sum over text tokens, number of text tokens, report dict). `teacher` and `student` are the
     model's (tokens, position_ids, keyword arguments) for the text row and for the row with summary slots (packed
     documents' bounds, the visual embeddings and their positions in each); `text_index` maps the text row's
     positions into the student's; labels and loss mask are the text row's (`batch`). The attention term's gradient
-    reaches the model through `match` (attached in the layers); loss_sum holds the LM and KL terms."""
+    reaches the model through `match` (attached in the layers); loss_sum holds the LM and KL terms.
+    `text_documents` [b, s_text]: each text token's document in a packed row, -1 for padding, which the attention
+    term leaves out (the LM and KL terms read the loss mask, 0 there)."""
     with torch.no_grad(), ksa_teacher_mode(model), match.teacher():
         logits_t = model(teacher[0], teacher[1], None, **teacher[2])
     mask = batch["loss_mask"].float()
     n_tokens = mask.sum()
     match.arm_student(text_index, weight_per_layer=cfg.attn_weight * n_tokens.detach() / max(len(match.teacher_out), 1),
-                      clamp=cfg.attn_clamp)
+                      clamp=cfg.attn_clamp, real=None if text_documents is None else text_documents >= 0)
     logits_s = model(student[0], student[1], None, **student[2])
     logits_s = logits_s.index_select(1, text_index)  # [b, s_text, V/tp]
     logp_s = vocab_parallel_log_softmax(logits_s, tp_group)

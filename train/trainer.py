@@ -134,7 +134,12 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
                                   loss_mask=mask, position_ids=pos, slot_ids_from=inputs.vocab_size, ignore_index=0,
                                   cu_seqlens=cu)
         if inputs.distill is not None:  # the dense teacher reads the row as it came: its documents, its frames
-            teacher_kwargs = {} if cu is None else {"packed_seq_params": packed_params(cu)}
+            teacher_kwargs, text_documents = {}, None
+            if cu is not None:   # and each token's document (padding -1: no expert's, no attention term's)
+                text_documents = token_documents(part_ids(tokens.shape, cu, tokens.device), cu.numel() - 1,
+                                                 real_segments=None, doc_groups=batch.get("doc_groups"))
+                teacher_kwargs["packed_seq_params"] = replace(packed_params(cu), documents=text_documents,
+                                                              num_documents=cu.numel() - 1)
             if raw.get("visual_embeds") is not None:
                 teacher_kwargs["visual"] = (raw["visual_embeds"], visual_pos.to(inputs.device))
             teacher = (tokens, pos, teacher_kwargs)
@@ -175,7 +180,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
         kwargs["visual"] = (raw["visual_embeds"], where.to(inputs.device))
     if teacher is not None:  # KSA conversion stage 1: the student is the row as the model trains on it
         loss_sum, n, report = distill_losses(model, batch, teacher, (tokens, pos, kwargs), sb.layout.text_index,
-                                             inputs.distill, inputs.attention_match, tp_group=inputs.tp_group)
+                                             inputs.distill, inputs.attention_match, tp_group=inputs.tp_group,
+                                             text_documents=text_documents)
         set_balancing_tokens_in_backward(loss_sum, loss_tokens)
         return loss_sum, functools.partial(_distill_loss_func, n, report)
     output = model(tokens, pos, None, labels=labels, **kwargs)
