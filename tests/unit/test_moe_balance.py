@@ -256,12 +256,15 @@ def _packed_rows():
     return [x.reshape(S * B, 1, H) for x in _micro_batches()]
 
 
-def test_sequence_balances_each_document_of_a_packed_row(pgs):
-    """With a packed row's documents (as the trainer gives them) each document is balanced on its own, weighted by
-    its tokens, the padding in none; before, the row was one sequence (its gradient 0.49 to 1.14 relative RMSE off)."""
+def _row_documents():
+    """The packed row's documents as its layer hands them to the router (models/lm.py DocumentRoutingLayer)."""
     from models.moe.router import PackedSeqDocuments
 
-    router = _router(pgs, "sequence")
+    return PackedSeqDocuments(qkv_format="sbhd", documents=DOCS.view(1, -1), num_documents=len(CU) - 1)
+
+
+def _keep_logits(router) -> list:
+    """Makes the router keep the logits of each call, their gradient retained, in the list returned."""
     gating, kept = router.gating, []
 
     def keep(x):
@@ -270,7 +273,15 @@ def test_sequence_balances_each_document_of_a_packed_row(pgs):
         return kept[-1]
 
     router.gating = keep
-    docs = PackedSeqDocuments(qkv_format="sbhd", documents=DOCS.view(1, -1), num_documents=len(CU) - 1)
+    return kept
+
+
+def test_sequence_balances_each_document_of_a_packed_row(pgs):
+    """With a packed row's documents (as the trainer gives them) each document is balanced on its own, weighted by
+    its tokens, the padding in none; before, the row was one sequence (its gradient 0.49 to 1.14 relative RMSE off)."""
+    router = _router(pgs, "sequence")
+    kept = _keep_logits(router)
+    docs = _row_documents()
     for x in _packed_rows():
         router.documents = docs   # as its layer sets it for the call (models/lm.py DocumentRoutingLayer)
         router(x)[0].sum().mul(0).backward()
@@ -317,21 +328,12 @@ def test_a_packed_rows_padding_is_left_out_of_the_balancing(pgs, balance, expert
     is that of the documents' tokens alone: the padding (5 of 36 tokens, one vector) is in no count, no mean
     probability and no token count, and gets no gradient. Counted, the same padding moves the documents' gradient
     by 0.024 to 0.29 relative RMSE (measured; the check: > 0.01, 1,000 x the tolerance of the match)."""
-    from models.moe.router import PackedSeqDocuments
-
     router = _router(pgs, balance, expert_bias=expert_bias)
     if expert_bias:
         with torch.no_grad():
             router.expert_bias.copy_(torch.linspace(-0.5, 0.5, E))   # moves the choice, not the balancing loss
-    gating, kept = router.gating, []
-
-    def keep(x):
-        kept.append(gating(x))
-        kept[-1].retain_grad()
-        return kept[-1]
-
-    router.gating = keep
-    docs = PackedSeqDocuments(qkv_format="sbhd", documents=DOCS.view(1, -1), num_documents=len(CU) - 1)
+    kept = _keep_logits(router)
+    docs = _row_documents()
     got = []
     for x in _padded_rows():
         router.documents = docs
@@ -367,12 +369,11 @@ def test_a_micro_batch_of_padding_alone_adds_no_balancing_loss(pgs, balance):
 def test_the_load_counts_leave_out_a_packed_rows_padding(pgs):
     """RouterStats counts the experts' load (the expert bias's update, moe_load_max) over the documents' tokens:
     the router's top-k of the tokens whose document is not -1."""
-    from models.moe.router import PackedSeqDocuments
     from train.moe_stats import RouterStats
 
     router = _router(pgs, "micro_batch")
     stats = RouterStats([router], num_layers=1, num_experts=E, dp_size=1, device=torch.device("cpu"))
-    docs = PackedSeqDocuments(qkv_format="sbhd", documents=DOCS.view(1, -1), num_documents=len(CU) - 1)
+    docs = _row_documents()
     want = torch.zeros(E, dtype=torch.int64)
     try:
         for x in _padded_rows():
@@ -402,11 +403,9 @@ def test_sequence_documents_under_sequence_parallelism(pgs, monkeypatch):
     the row's documents, and sums the documents' counts over TP x CP in one all-reduce (stand-in groups: the sum adds
     the other rank's counts, from the plain reference). The ranks' losses add up to the reference's, their gradients
     are its halves."""
-    from models.moe.router import PackedSeqDocuments
-
     router = _router(pgs, "sequence")
     router.config.sequence_parallel, router.config.tensor_model_parallel_size = True, 2
-    docs = PackedSeqDocuments(qkv_format="sbhd", documents=DOCS.view(1, -1), num_documents=len(CU) - 1)
+    docs = _row_documents()
     half = S * B // 2
     for x in _packed_rows():
         with torch.no_grad():
