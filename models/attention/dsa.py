@@ -251,7 +251,7 @@ def without_padding_rows(w: torch.Tensor, packed_seq_params) -> torch.Tensor:
     whose document is -1 in `packed_seq_params.documents` (the trainer's PackedSeqDocuments, [b, s] as this rank's
     attention sees the row: a video pack's padding segment, a KSA row's, a token file's document data.exclude
     blanks). Such a query's index scores are then 0, so its KL term gives no gradient to w (the product with 0),
-    q_idx or k_idx (each is scaled by w): padding trains no indexer, where it was 17-30% of a tiny video pack's
+    q_idx or k_idx (each is scaled by w): padding trains no indexer, where it was 30% of the tiny recipe's packed
     tokens. A padding query still selects keys (all tied: the kernels' order for ties) within its own document, so
     no real token's selection, attention or KL changes; its KL (against a uniform choice) stays in the logged mean."""
     docs = getattr(packed_seq_params, "documents", None)

@@ -23,8 +23,8 @@ All three are weighted and logged alike (parallel/megatron_compat.py fix 2, trai
 The tokens of a packed row that belong to no document (its padding: the trainer gives them document -1) are routed
 to no expert (no dispatch, no expert compute, the layer's output 0 there) and, at every level, left out of the
 counts, of the probabilities' mean and of the token count T (megatron's `padding_mask`, built from the documents by
-`padding_of`). A video pack is about 17-30% padding at the tiny recipe's 512 and 2,048 tokens; counted, padding (one
-token id repeated) would be that share of every count the balance is taken from.
+`padding_of`). The tiny recipe's video packs are 30% padding (launch/preview.py's summary.json); counted, padding
+(one token id repeated) would be that share of every count the balance is taken from.
 
     scores  = softmax(logits)                     [T, E] fp32 (the router's own probabilities)
     chosen  = topk(scores + expert_bias, k)        the bias moves the choice only

@@ -193,7 +193,7 @@ def test_a_packed_rows_padding_goes_to_no_expert(pgs, padding, impl):
     to no expert: the experts get TOPK x the documents' tokens, the padding's output and input gradient are 0, and
     the documents' tokens get the output and gradients (input, router, experts) of the same layer run on them
     alone. Before, every padding token went to TOPK experts (their work: 7 of 24 tokens here; the tiny recipe's
-    video packs are 17-30% padding). A row of padding alone gives the experts nothing and the layer 0."""
+    video packs are 30% padding). A row of padding alone gives the experts nothing and the layer 0."""
     from megatron.core.transformer.spec_utils import build_module
 
     from models.moe.router import PackedSeqDocuments
