@@ -23,7 +23,7 @@ metrics (console, metrics.jsonl, wandb):
   lean on a few experts and stays within a few update steps of itself once the load is balanced.
 
 The expert counts come from a forward hook on each megatron `TopKRouter` (its routing map summed over
-tokens; a packed row's padding is routed to no expert: models/moe/router.py `padding_of`), kept on the device until
+tokens; a packed row's padding is routed to no expert: models/moe/router.py `routing`), kept on the device until
 the step's end. A router forward is counted when it runs in training
 mode with gradients enabled, the rule by which megatron logs its balancing loss: under full recompute a
 layer's first forward runs without gradients and its rerun inside the backward is counted (the same

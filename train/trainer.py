@@ -138,8 +138,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             if cu is not None:   # and each token's document (padding -1: no expert's, no attention term's)
                 text_documents = token_documents(part_ids(tokens.shape, cu, tokens.device), cu.numel() - 1,
                                                  real_segments=None, doc_groups=batch.get("doc_groups"))
-                teacher_kwargs["packed_seq_params"] = replace(packed_params(cu), documents=text_documents,
-                                                              num_documents=cu.numel() - 1)
+                teacher_kwargs["packed_seq_params"] = packed_params(cu, text_documents)
             if raw.get("visual_embeds") is not None:
                 teacher_kwargs["visual"] = (raw["visual_embeds"], visual_pos.to(inputs.device))
             teacher = (tokens, pos, teacher_kwargs)
@@ -232,14 +231,16 @@ def token_documents(parts: torch.Tensor, n_parts: int, *, real_segments: int | N
     return torch.where(pad[parts], -1, parts)
 
 
-def packed_params(cu_seqlens: torch.Tensor):
+def packed_params(cu_seqlens: torch.Tensor, documents: torch.Tensor | None = None):
     """PackedSeqParams for one packed row in megatron's sbhd layout: rotary embeddings use the explicit
-    positions (no per-document restart, which the thd path would do), the core attention the bounds (the routers'
-    documents are added by _forward_step, for this rank's tokens)."""
+    positions (no per-document restart, which the thd path would do), the core attention the bounds, and the
+    layers each token's `documents` where given (token_documents; _forward_step adds them after a CP split, for
+    this rank's tokens)."""
     cu = cu_seqlens.reshape(-1).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     return PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+                              max_seqlen_kv=longest, documents=documents,
+                              num_documents=0 if documents is None else cu.numel() - 1)
 
 
 def _count(n: int) -> str:

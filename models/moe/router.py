@@ -22,9 +22,9 @@ share of the routed slots (c_e / sum c) counted at the level `balance` names:
 All three are weighted and logged alike (parallel/megatron_compat.py fix 2, train/moe_stats.py `moe_lb_loss`).
 The tokens of a packed row that belong to no document (its padding: the trainer gives them document -1) are routed
 to no expert (no dispatch, no expert compute, the layer's output 0 there) and, at every level, left out of the
-counts, of the probabilities' mean and of the token count T (megatron's `padding_mask`, built from the documents by
-`padding_of`). The tiny recipe's video packs are 30% padding (launch/preview.py's summary.json); counted, padding
-(one token id repeated) would be that share of every count the balance is taken from.
+counts, of the probabilities' mean and of the token count T (megatron's `padding_mask`, built from the documents in
+`BalancedTopKRouter.routing`). The tiny recipe's video packs are 30% padding (launch/preview.py's summary.json);
+counted, padding (one token id repeated) would be that share of every count the balance is taken from.
 
     scores  = softmax(logits)                     [T, E] fp32 (the router's own probabilities)
     chosen  = topk(scores + expert_bias, k)        the bias moves the choice only
@@ -98,7 +98,8 @@ class BalancedTopKRouter(TopKRouter):
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         super().__init__(config=config, pg_collection=pg_collection)
         self.balance = balance
-        self.rows = None   # (sequence length on this rank, rows) of the routing in progress
+        # the routing in progress: its tokens' documents and their count (_token_documents), where it needs them
+        self.routed: tuple[torch.Tensor, int] | None = None
         # sequence: the documents of the routing in progress (PackedSeqDocuments), set by its layer for the call
         self.documents: PackedSeqDocuments | None = None
         # global_batch: the step's routed slots per expert so far, summed over every TP x DP x CP rank (fp64: exact)
@@ -110,28 +111,24 @@ class BalancedTopKRouter(TopKRouter):
         self.step_counts.zero_()
 
     def routing(self, logits, padding_mask=None):
-        self.rows = tuple(logits.shape[:2])
+        """megatron's routing, with the padding of a packed row (its tokens whose document is -1: a video pack's
+        padding segment, a KSA row's, a document data.exclude blanks) as megatron's padding_mask, so that it is
+        left out of the balancing loss (its counts and mean probabilities), then routed to no expert: the
+        dispatchers send it nowhere, the layer's output there is 0 (the residual stream passes), and the expert
+        load train/moe_stats.py counts (the expert bias's update, `moe_load_max`) holds none of it."""
+        rows = tuple(logits.shape[:2])
+        given = self.documents is not None and self.documents.documents is not None
+        self.routed = self._token_documents(rows) if given or self.balance == "sequence" else None
         try:
-            if padding_mask is None:   # megatron's mask (True: padding) from the row's documents, where given
-                padding_mask = self.padding_of(self.rows)
+            if padding_mask is None and given:   # megatron's mask: True for padding
+                padding_mask = (self.routed[0] < 0).view(rows)
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
-            self.rows = None
-        if padding_mask is not None:   # padding goes to no expert: not dispatched, no expert's work, output 0
+            self.routed = None
+        if padding_mask is not None:
             keep = ~padding_mask.reshape(-1, 1)
             probs, routing_map = probs * keep, routing_map & keep
         return probs, routing_map
-
-    def padding_of(self, rows: tuple[int, int]) -> torch.Tensor | None:
-        """[s, b] bool, True where a token of the routing of `rows` = (s, b) tokens is padding (its document -1:
-        a video pack's padding segment, a KSA row's, a document data.exclude blanks), None without documents.
-        Padding is routed to no expert (the dispatchers send it nowhere; the layer's output there is 0, the
-        residual stream passes), so it is left out of the balancing loss (its counts and its mean probabilities)
-        and of the expert load train/moe_stats.py counts (the expert bias's update, `moe_load_max`)."""
-        docs = self.documents
-        if docs is None or docs.documents is None:
-            return None
-        return (self._token_documents(rows)[0] < 0).view(rows)
 
     def _token_documents(self, rows: tuple[int, int]) -> tuple[torch.Tensor, int]:
         """The document of each of this rank's routed tokens, in the routing's order ([s, b] flattened), -1
@@ -161,12 +158,13 @@ class BalancedTopKRouter(TopKRouter):
                 routing_map, self.tp_cp_group, topk=k, with_padding_mask=True)
             loss = switch_load_balancing_loss_func(scores_for_aux_loss, counts, tokens.clamp_min(1), k, E, coeff)
         elif self.balance == "sequence":
-            ids, num = self._token_documents(self.rows)
-            keep = (ids >= 0).unsqueeze(-1)
+            ids, num = self.routed
+            # padding's rows of the routing map and scores are zero (megatron's padding mask): added to document 0,
+            # they add nothing
             ids = ids.clamp_min(0)
             # [documents, E] counts of every TP x CP rank's tokens, in one all-reduce; each token has k slots
             counts = torch.zeros(num, E, dtype=torch.float64, device=routing_map.device).index_add_(
-                0, ids, (routing_map & keep).to(torch.float64))
+                0, ids, routing_map.to(torch.float64))
             if self.tp_cp_group.size() > 1:
                 torch.distributed.all_reduce(counts, group=self.tp_cp_group)
             doc_tokens = counts.sum(dim=1, keepdim=True) / k                          # T_d
@@ -174,7 +172,7 @@ class BalancedTopKRouter(TopKRouter):
             weight = (counts / (k * doc_tokens.clamp_min(1) * doc_tokens.sum().clamp_min(1))).to(
                 scores_for_aux_loss.dtype)
             prob_sums = torch.zeros(num, E, dtype=scores_for_aux_loss.dtype, device=routing_map.device).index_add(
-                0, ids, scores_for_aux_loss * keep)
+                0, ids, scores_for_aux_loss)
             loss = coeff * E * (weight * prob_sums).sum()
         else:
             if with_padding_mask:   # padding's rows are zero: the replica's other tokens are counted over TP x CP
