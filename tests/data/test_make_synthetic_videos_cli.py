@@ -68,7 +68,7 @@ def test_more_scenes_than_a_clip_holds_are_named(tmp_path, caplog):
 
 def test_synthetic_videos_that_ingest_rejects_every_one_of_stop_naming_why(tmp_path, monkeypatch):
     """When ingest takes none of the synthetic videos (here: files it cannot read), the run went on to the loader's
-    "no .tar shards found", naming no cause (seen once on a GPU machine with PyAV 17 and its own Pillow).
+    "no .tar shards found", naming no cause (seen on a GPU machine with PyAV 17: backends.is_attached_picture).
     make_synthetic_shards now stops there, naming the videos, the rejects' reasons and the first reject;
     ensure_synthetic_shards then writes no marker, so a rerun tries again."""
     from data.video import synthetic
