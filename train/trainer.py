@@ -128,6 +128,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
     visual_pos = raw.get("visual_pos")
     teacher = None
     real_segments = None   # a packed row's segments before the KSA padding (the rest: padding)
+    # the row's segments on the host (no device sync): their lengths, and which are padding
+    lengths, padding = segments_on_host(raw.get("cu_seqlens"), raw.get("doc_groups"))
     if inputs.ksa_chunk:
         cu = batch["cu_seqlens"].reshape(-1) if "cu_seqlens" in batch else None
         sb = insert_summary_slots(tokens, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary, labels=labels,
@@ -138,7 +140,8 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             if cu is not None:   # and each token's document (padding -1: no expert's, no attention term's)
                 text_documents = token_documents(part_ids(tokens.shape, cu, tokens.device), cu.numel() - 1,
                                                  real_segments=None, doc_groups=batch.get("doc_groups"))
-                teacher_kwargs["packed_seq_params"] = packed_params(cu, text_documents)
+                teacher_kwargs["packed_seq_params"] = packed_params(cu, text_documents,
+                                                                    tail=trailing_padding(lengths, padding))
             if raw.get("visual_embeds") is not None:
                 teacher_kwargs["visual"] = (raw["visual_embeds"], visual_pos.to(inputs.device))
             teacher = (tokens, pos, teacher_kwargs)
@@ -147,11 +150,16 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             real_segments = sb.cu_seqlens.numel() - 1
             tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos, sb.cu_seqlens,
                                                                             inputs.model_seq)
+            lengths = [n + n // inputs.ksa_chunk * inputs.ksa_summary for n in lengths]  # build_summary_layout's
+            if inputs.model_seq > sum(lengths):  # pad_packed_row's segment
+                lengths, padding = lengths + [inputs.model_seq - sum(lengths)], padding + [True]
         if visual_pos is not None:
             visual_pos = sb.layout.text_index[visual_pos.to(sb.layout.text_index.device)]
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
-        kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"])
+        # the core attentions leave out the padding at the row's end, but not under CP (each rank has a share)
+        kwargs["packed_seq_params"] = packed_params(
+            batch["cu_seqlens"], tail=trailing_padding(lengths, padding if inputs.cp_group is None else None))
     # the micro-batch's LM-loss tokens over its whole sequence (before a CP split): its routers weigh their balancing
     # loss by them, so that model.lm.moe_aux_loss_coeff acts at its strength against the mean LM loss whatever share
     # of the tokens carries loss (none: no balancing gradient from this micro-batch; parallel/megatron_compat.py fix 2)
@@ -231,16 +239,50 @@ def token_documents(parts: torch.Tensor, n_parts: int, *, real_segments: int | N
     return torch.where(pad[parts], -1, parts)
 
 
-def packed_params(cu_seqlens: torch.Tensor, documents: torch.Tensor | None = None):
+def packed_params(cu_seqlens: torch.Tensor, documents: torch.Tensor | None = None,
+                  tail: tuple[int, int, int] | None = None):
     """PackedSeqParams for one packed row in megatron's sbhd layout: rotary embeddings use the explicit
     positions (no per-document restart, which the thd path would do), the core attention the bounds, and the
     layers each token's `documents` where given (token_documents; _forward_step adds them after a CP split, for
-    this rank's tokens)."""
+    this rank's tokens). tail (trailing_padding, from the host's copy of the bounds): the padding at the row's end,
+    which the core attentions leave out, and the longest segment before it (read from cu_seqlens without)."""
     cu = cu_seqlens.reshape(-1).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if tail is None:
+        tail = (0, 0, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0)
+    pad_tail, pad_segments, longest = tail
     return PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                               max_seqlen_kv=longest, documents=documents,
-                              num_documents=0 if documents is None else cu.numel() - 1)
+                              num_documents=0 if documents is None else cu.numel() - 1, pad_tail=pad_tail,
+                              pad_tail_segments=pad_segments)
+
+
+def segments_on_host(cu_seqlens, doc_groups) -> tuple[list[int] | None, list[bool] | None]:
+    """(lengths, padding): each segment's tokens of a packed row's `cu_seqlens` as the loader gave them (host
+    tensors: no device sync) and whether it is padding (its `doc_groups` entry < 0: a video pack's padding
+    segment); (None, None) for a row without bounds."""
+    if cu_seqlens is None:
+        return None, None
+    cu = cu_seqlens.reshape(-1).tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    padding = [False] * len(lengths)
+    if doc_groups is not None:
+        for i, g in enumerate(doc_groups.reshape(-1).tolist()[:len(lengths)]):
+            padding[i] = g < 0
+    return lengths, padding
+
+
+def trailing_padding(lengths: list[int] | None, padding: list[bool] | None) -> tuple[int, int, int] | None:
+    """(tokens, segments, longest) for packed_params: the padding segments at a row's end (never all of its
+    segments) and the longest segment before them; padding None: no padding named (the longest of all). None
+    without lengths (the bounds are then read from the device)."""
+    if lengths is None:
+        return None
+    k = 0
+    if padding is not None:
+        while k < len(lengths) - 1 and padding[len(lengths) - 1 - k]:
+            k += 1
+    kept = lengths[:len(lengths) - k]
+    return sum(lengths[len(kept):]), k, max(kept, default=0)
 
 
 def _count(n: int) -> str:

@@ -5,7 +5,8 @@ Drop-in for megatron-core's `core_attention` slot (same constructor and forward 
 the flash / memory-efficient kernels there; every call goes through models/sdpa.py, whose backward gets a
 contiguous gradient). Packed sequences (`PackedSeqParams` with cu_seqlens) are attended per document, so no
 token attends across a document boundary: one SDPA call per document, or on a GPU one varlen call when the
-documents are short (`causal_attention`).
+documents are short (`causal_attention`). The padding the trainer names at a row's end is not attended: its output
+is 0 (`documents_part`, which the DSA and KSA core attentions and the chunked loss use too).
 
 Shapes (megatron layout): query [s, b, nq, d], key/value [s, b, nkv, d] -> context [s, b, nq*d].
 
@@ -53,20 +54,51 @@ class SDPACoreAttention(MegatronModule):
             out = self.cp_ops.dense(query, key, value, cp_group=self.cp_group, scale=self.softmax_scale,
                                     cu_seqlens=cu, dropout_p=p, cp_comm=self.cp_comm)
             return out.reshape(s, b, nq * d)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        n, cu = documents_part(s, packed_seq_params)  # the row without its trailing padding
+        # [s, b, h, d] -> [b, h, n, d]
+        q, k, v = (t[:n].permute(1, 2, 0, 3) for t in (query, key, value))
         out = causal_attention(q, k, v, cu, self.softmax_scale, dropout_p=p,
                                max_seqlen=None if cu is None else longest_document(s, packed_seq_params))
-        return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+        return with_padding_rows(out.permute(2, 0, 1, 3), s, 0).reshape(s, b, nq * d)
 
 
 def longest_document(s: int, packed_seq_params) -> int:
     """Tokens in the longest document of a micro-batch row of s tokens: the packed parameters' Python-int
-    max_seqlen_q when given (the trainer sets it; no device sync), else read from cu_seqlens."""
+    max_seqlen_q when given (the trainer sets it, the longest segment before a trailing padding it names; no device
+    sync), else read from cu_seqlens."""
     if packed_seq_params is None:
         return s
     longest = packed_seq_params.max_seqlen_q
     return longest if isinstance(longest, int) else _longest(packed_seq_params.cu_seqlens_q)
+
+
+def documents_part(s: int, packed_seq_params) -> tuple[int, torch.Tensor | None]:
+    """(n, cu_seqlens): the first n of a row's s tokens, before its trailing padding, and the bounds of their
+    segments. The trainer names the padding at the row's end (`pad_tail` tokens in `pad_tail_segments` segments of
+    models/moe/router.py PackedSeqDocuments, Python ints): a video pack's padding segment, a KSA row's padding to
+    the model's length. No document attends to it and no loss reads its outputs, so a core attention runs on the n
+    tokens alone and gives the padding a zero output (`with_padding_rows`): its (s - n)^2 / 2 pairs go uncomputed.
+    (s, the row's cu_seqlens) when nothing is named, or when the whole row is padding (attended as before, so every
+    projection still gets a gradient)."""
+    cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+    tail = getattr(packed_seq_params, "pad_tail", 0)
+    if cu is None or not tail or tail >= s:
+        return s, cu
+    if not 0 < packed_seq_params.pad_tail_segments < cu.numel() - 1:
+        raise ValueError(f"the row's padding takes {packed_seq_params.pad_tail_segments} of its {cu.numel() - 1} "
+                         "segments: it needs at least one and leaves at least one")
+    return s - tail, cu[: cu.numel() - packed_seq_params.pad_tail_segments]
+
+
+def with_padding_rows(out: torch.Tensor, s: int, dim: int) -> torch.Tensor:
+    """out, the attention of a row's first n tokens (documents_part), with zero rows for its s - n padding tokens
+    along `dim`."""
+    n = out.shape[dim]
+    if n == s:
+        return out
+    shape = list(out.shape)
+    shape[dim] = s - n
+    return torch.cat([out, out.new_zeros(shape)], dim=dim)
 
 
 def _longest(cu_seqlens: torch.Tensor) -> int:

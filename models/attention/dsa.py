@@ -18,7 +18,9 @@ Stages (`model.lm.dsa.stage`):
                 computation; no selection, union plan or gathers) with the same result.
 In both stages the indexer's input is detached, so the LM loss never reaches the indexer and the
 indexer loss never reaches the model. A packed row's padding (document -1, given by the trainer) trains no
-indexer: its rows of w are zeroed (`without_padding_rows`).
+indexer: its rows of w are zeroed (`without_padding_rows`). The padding at the row's end is cut off before the
+attention (dense.documents_part): no selection, attention or KL of it is computed, and the KL's value is the mean
+over the documents' tokens.
 
 How the KL's gradient reaches the indexer (`DSACoreAttention.kl_backward`):
   "attach"  the KL rides on the attention output's gradient (AttachLossFn), so it arrives during the
@@ -66,7 +68,7 @@ from megatron.core.transformer.module import MegatronModule
 from kernels.dsa import dsa_attention, indexer_kl_loss, indexer_kl_loss_backward_now
 from kernels.dsa.fused import AttachLossFn
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
-from models.attention.dense import causal_attention, longest_document
+from models.attention.dense import causal_attention, documents_part, longest_document, with_padding_rows
 from models.attention.layer_axis import on_variant_axis
 
 STAGES = ("dense_warmup", "sparse")
@@ -187,8 +189,13 @@ class DSACoreAttention(MegatronModule):
         q_idx, w, k_idx = self.indexer_out
         s, b, nq, d = query.shape
         w = without_padding_rows(w, packed_seq_params)
-        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        n = s
+        if self.cp_group is None:  # the row without its trailing padding (dense.documents_part); b == 1 there
+            n, cu = documents_part(s, packed_seq_params)
+            query, key, value = query[:n], key[:n], value[:n]
+            q_idx, w, k_idx = q_idx[:, :n], w[:, :n], k_idx[:, :n]
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, n, h, d]
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
         longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
         now = self.kl_backward == "local" and self.training and torch.is_grad_enabled()
@@ -204,36 +211,36 @@ class DSACoreAttention(MegatronModule):
             out, kl = self.cp_ops.dsa(query, key, value, q_idx, w, k_idx, cp_group=self.cp_group, topk=self.topk,
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
-                                      kl_grad=self._kl_grad(b, s) if now else None, with_kl=with_kl,
-                                      kl_in_backward=self._kl_grad(b, s) if in_bwd else None)
+                                      kl_grad=self._kl_grad(b, n) if now else None, with_kl=with_kl,
+                                      kl_in_backward=self._kl_grad(b, n) if in_bwd else None)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan
             out, kl, _ = dsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_idx, w, k_idx,
                                        topk=self.topk, scale=self.scale, cu_seqlens=cu, backend=backend,
-                                       with_loss=with_kl, kl_in_backward=self._kl_grad(b, s) if in_bwd else None)
+                                       with_loss=with_kl, kl_in_backward=self._kl_grad(b, n) if in_bwd else None)
         else:  # the dense warm-up, or a sparse stage whose top-k selects every causal key (module docstring)
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale,
                                    max_seqlen=longest).transpose(1, 2)
             if not with_kl:
                 kl = None
             elif now:  # its backward at once (module docstring)
-                kl = indexer_kl_loss_backward_now(q, k, q_idx, w, k_idx, grad=self._kl_grad(b, s), scale=self.scale,
+                kl = indexer_kl_loss_backward_now(q, k, q_idx, w, k_idx, grad=self._kl_grad(b, n), scale=self.scale,
                                                   cu_seqlens=cu, backend=backend)
             else:
                 kl = indexer_kl_loss(q, k, q_idx, w, k_idx, stage="dense", scale=self.scale, cu_seqlens=cu,
                                      backend=backend)
         if kl is None:  # last_kl keeps the value of the last pass that computed it
-            return out.transpose(0, 1).reshape(s, b, nq * d)
+            return with_padding_rows(out.transpose(0, 1), s, 0).reshape(s, b, nq * d)
         if self.training and torch.is_grad_enabled() and kl.requires_grad:
             if self.kl_backward == "local":
-                (kl * self._kl_grad(b, s)).backward()
+                (kl * self._kl_grad(b, n)).backward()
             else:
-                out = AttachLossFn.apply(out, kl, self._kl_grad(b, s))
+                out = AttachLossFn.apply(out, kl, self._kl_grad(b, n))
         self.last_kl = kl.detach()
         if self.record_kls:
             self.kls.append(self.last_kl)
-        return out.transpose(0, 1).reshape(s, b, nq * d)
+        return with_padding_rows(out.transpose(0, 1), s, 0).reshape(s, b, nq * d)
 
     def take_kls(self) -> list[torch.Tensor]:
         """The KLs computed since the last call (a value per forward that computed one), and forget them."""
@@ -253,7 +260,9 @@ def without_padding_rows(w: torch.Tensor, packed_seq_params) -> torch.Tensor:
     blanks). Such a query's index scores are then 0, so its KL term gives no gradient to w (the product with 0),
     q_idx or k_idx (each is scaled by w): padding trains no indexer, where it was 30% of the tiny recipe's packed
     tokens. A padding query still selects keys (all tied: the kernels' order for ties) within its own document, so
-    no real token's selection, attention or KL changes; its KL (against a uniform choice) stays in the logged mean."""
+    no real token's selection, attention or KL changes. The padding at a row's end (dense.documents_part) is not
+    attended at all and is in no KL; a padding segment before a document's (a token file's blanked document) still
+    has its KL (against a uniform choice) in the logged mean."""
     docs = getattr(packed_seq_params, "documents", None)
     if docs is None:
         return w

@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from kernels.ksa import ksa_attention
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
-from models.attention.dense import causal_attention
+from models.attention.dense import causal_attention, documents_part, with_padding_rows
 from models.attention.layer_axis import on_variant_axis
 
 
@@ -156,6 +156,8 @@ class KSACoreAttention(MegatronModule):
                                       num_summary=self.num_summary, cu_seqlens=cu, scale=self.scale,
                                       backend=self.backend)
             return out.reshape(s, b, nq * d)
+        n, cu = documents_part(s, packed_seq_params)  # the row without its trailing padding
+        q, k, v = q[:, :n], k[:, :n], v[:, :n]
         if self.teacher:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cu, self.scale).transpose(1, 2)
         else:
@@ -165,7 +167,7 @@ class KSACoreAttention(MegatronModule):
             out = ksa_attention(q.contiguous(), k.contiguous(), v.contiguous(), chunk=self.chunk,
                                 window=self.window, num_summary=self.num_summary, cu_seqlens=cu,
                                 scale=self.scale, backend=backend)
-        return out.transpose(0, 1).reshape(s, b, nq * d)
+        return with_padding_rows(out.transpose(0, 1), s, 0).reshape(s, b, nq * d)
 
 
 @contextlib.contextmanager

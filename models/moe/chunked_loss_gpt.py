@@ -25,6 +25,7 @@ from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
+from models.attention.dense import documents_part, with_padding_rows
 from models.moe.chunked_ce import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -50,10 +51,13 @@ class ChunkedLossMixin:
                                                                  group=tp_group)
         elif tp_group.size() > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
-        # hidden [s, b, h]; labels [b, s] -> loss [s, b] -> [b, s] (GPTModel's convention)
-        loss = chunked_cross_entropy(hidden_states, weight, labels.transpose(0, 1), tp_group=tp_group,
+        # hidden [s, b, h]; labels [b, s] -> loss [s, b] -> [b, s] (GPTModel's convention). The padding the
+        # trainer names at the row's end (models/attention/dense.py documents_part) gets no logits: a loss of 0
+        s = hidden_states.shape[0]
+        n, _ = documents_part(s, kwargs.get("packed_seq_params"))
+        loss = chunked_cross_entropy(hidden_states[:n], weight, labels.transpose(0, 1)[:n], tp_group=tp_group,
                                      chunk_tokens=int(self.loss_chunk_tokens))
-        return loss.transpose(0, 1).contiguous()
+        return with_padding_rows(loss, s, 0).transpose(0, 1).contiguous()
 
 
 class ChunkedLossGPTModel(ChunkedLossMixin, GPTModel):

@@ -65,13 +65,19 @@ def updated_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -
 
 @dataclass
 class PackedSeqDocuments(PackedSeqParams):
-    """megatron's PackedSeqParams of a packed row with the document of each token this rank holds, for the balancing
-    loss per document (model.lm.moe_balance=sequence): `documents` [b, s] int64, in the layout of the tokens given to
-    the model on this context-parallel rank (before sequence parallelism splits them), each token's segment of the
-    row's cu_seqlens_q (0 .. `num_documents` - 1), -1 for padding (no document's)."""
+    """megatron's PackedSeqParams of a packed row with the document of each token this rank holds (the routers'
+    padding mask and balancing per document, the DSA indexer's rows): `documents` [b, s] int64, in the layout of the
+    tokens given to the model on this context-parallel rank (before sequence parallelism splits them), each token's
+    segment of the row's cu_seqlens_q (0 .. `num_documents` - 1), -1 for padding (no document's).
+
+    `pad_tail` tokens in the last `pad_tail_segments` segments of cu_seqlens_q are padding (Python ints, known without
+    a device sync; 0 under context parallelism): the core attentions run on the row without them and give them a
+    zero output (models/attention/dense.py documents_part). `max_seqlen_q` is then the longest segment before them."""
 
     documents: torch.Tensor | None = None
     num_documents: int = 0
+    pad_tail: int = 0
+    pad_tail_segments: int = 0
 
 
 class _BiasedChoice:

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = ["--out", "{tmp}/o.json"]
 GPU_ONLY = [(s, OUT) for s in ("bench_checkpoint.py", "bench_cp.py", "bench_dsa_short.py", "bench_dsa_stage.py",
                                "bench_dsa_warmup.py", "bench_packed_attention.py", "bench_spine.py",
-                               "bench_vit_layout.py", "probe_dsa.py", "probe_fp8_index.py", "probe_overlap.py",
-                               "profile_dsa_stage.py", "sweep_dsa.py")]
+                               "bench_padding_tail.py", "bench_vit_layout.py", "probe_dsa.py", "probe_fp8_index.py",
+                               "probe_overlap.py", "profile_dsa_stage.py", "sweep_dsa.py")]
 GPU_ONLY += [("bench_nonfinite.py", []), ("probe_sdpa_grad_layout.py", []), ("probe_determinism.py", OUT)]
 GPU_ONLY += [("smoke_gpu_recipes.py", OUT + ["--root", "{tmp}/runs"])]
 
@@ -72,3 +72,19 @@ def test_a_missing_baseline_file_is_named(script, tmp_path):
     r = _run(script, [str(tmp_path / "nope.py")], tmp_path)
     assert r.returncode == 2 and f"'{tmp_path / 'nope.py'}': no such file" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_the_padding_bench_runs_its_smoke_cases_on_the_cpu(tmp_path):
+    """bench_padding_tail.py --smoke: every module's case at tiny shapes, the padding named against not: the
+    documents' outputs and gradients the same, the padding's output 0 when named and not 0 when attended."""
+    import json
+
+    r = _run("bench_padding_tail.py", ["--smoke", "--out", "{tmp}/p.json"], tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "p.json").read_text())["cases"]
+    assert [row["module"] for row in rows] == ["dense", "dsa", "ksa", "loss"]
+    for row in rows:
+        # fp32 on the CPU, the documents computed alike: exact but for sums over a row of another length in another
+        # order (KSA's reference: 1e-8 relative RMSE seen)
+        assert row["out_rel"] < 1e-6 and row["grad_rel"] < 1e-6 and row["padding_out_zero"], row
+        assert row["padding_out_max_not_named"] > 0.1, row

@@ -247,3 +247,36 @@ def test_a_packed_rows_padding_trains_no_indexer(stage, backend):
     for name, g in ref.items():
         assert_close(name, g, grads[name][:, :real], TOL_GRAD)
         assert torch.equal(grads[name][:, real:], torch.zeros_like(grads[name][:, real:])), name
+
+
+@pytest.mark.parametrize("stage,backend", [("sparse", "naive"), ("sparse", "triton"), ("dense_warmup", "naive"),
+                                           ("dense_warmup", "triton")])
+def test_the_padding_at_a_rows_end_is_not_attended_and_in_no_kl(stage, backend):
+    """The padding the trainer names at a row's end (PackedSeqDocuments.pad_tail) is cut off before the layer's
+    selection, attention and KL: the documents' tokens get the outputs, gradients and KL value of the same layer on
+    the row without the padding (the KL there a mean over their 30 tokens, not over 40), and the padding a zero
+    output and no gradient. Without pad_tail the KL's value counts the padding's 10 terms (checked: it differs)."""
+    from models.moe.router import PackedSeqDocuments
+
+    bounds, real = (0, 12, 30, 40), 30                           # documents of 12 and 18 tokens, 10 of padding
+    x = _inputs()
+    x["dout"][:, real:] = 0.0                                     # padding carries no LM loss
+    ids = torch.repeat_interleave(torch.tensor([0, 1, -1]), torch.tensor([12, 18, 10])).view(1, -1).to(DEV)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+
+    def packed(tail):
+        return PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=18,
+                                  max_seqlen_kv=18, documents=ids, num_documents=3, pad_tail=tail,
+                                  pad_tail_segments=1 if tail else 0)
+
+    out, kl, grads = _run_core(_core(8, backend, stage), x, packed(S - real))   # top-k 8 < 12, 18: sparse path
+    y = {n: t[:, :real].contiguous() for n, t in x.items()}
+    ref_out, ref_kl, ref = _run_core(_core(8, backend, stage), y, _packed(bounds[:-1], 18))
+    assert_close("out", ref_out, out[:, :real], TOL_OUT)
+    assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
+    assert_close("kl", ref_kl, kl, TOL_OUT)
+    for name, g in ref.items():
+        assert_close(name, g, grads[name][:, :real], TOL_GRAD)
+        assert torch.equal(grads[name][:, real:], torch.zeros_like(grads[name][:, real:])), name
+    _, kl_all, _ = _run_core(_core(8, backend, stage), x, packed(0))
+    assert abs(float(kl_all) - float(ref_kl)) > 1e-3, (float(kl_all), float(ref_kl))

@@ -494,3 +494,38 @@ def test_the_trainer_gives_each_token_its_document():
     parts = torch.repeat_interleave(torch.arange(5), torch.tensor(CU[1:]) - torch.tensor(CU[:-1])).view(1, -1)
     assert torch.equal(token_documents(parts, 5, real_segments=4, doc_groups=None), DOCS.view(1, -1))
     assert torch.equal(token_documents(parts, 5, real_segments=None, doc_groups=None), parts)
+    # the padding segment ends the row: the core attentions leave it out (models/attention/dense.py documents_part)
+    assert (seen["psp"].pad_tail, seen["psp"].pad_tail_segments, seen["psp"].max_seqlen_q) == (36 - 31, 1, 12)
+
+
+@pytest.mark.parametrize("groups,row", [((0, -1, 1, -1, -1), 80), ((0, -1, 1, 0, 2), 80), ((0, -1, 1, -1, -1), 0)])
+def test_the_trainer_names_the_padding_at_a_ksa_rows_end(groups, row):
+    """A KSA row (summary slots inserted after every 4 tokens of each document, then padded to the model's 80 tokens
+    by one more segment; row 0: not padded, its 43 tokens) ends with padding the trainer names from the host's
+    bounds (no device sync): the trailing padding segments' tokens after the insertion (build_summary_layout's, on
+    the device, here the reference) and the longest segment before them."""
+    from train.trainer import StepInputs, _forward_step
+
+    cu = torch.tensor(CU, dtype=torch.int32)
+    n = S * B
+    batch = {"tokens": torch.ones(1, n, dtype=torch.int64), "labels": torch.ones(1, n, dtype=torch.int64),
+             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1), "cu_seqlens": cu,
+             "doc_groups": torch.tensor(groups)}
+    seen = {}
+
+    def model(tokens, pos, _mask, labels, packed_seq_params):
+        seen["psp"], seen["s"] = packed_seq_params, tokens.shape[-1]
+        return torch.zeros(tokens.shape)
+
+    inputs = StepInputs(device=torch.device("cpu"), vocab_size=16, ksa_chunk=4, model_seq=row or 43)  # 36 + 7 slots
+    _forward_step(inputs, iter([batch]), model)
+    psp = seen["psp"]
+    bounds = psp.cu_seqlens_q.tolist()                      # the row's segments as the model gets them
+    pad = [g < 0 for g in groups] + [True] * (len(bounds) - 1 - len(groups))
+    k = 0
+    while k < len(pad) - 1 and pad[-1 - k]:
+        k += 1
+    kept = bounds[:len(bounds) - k]
+    assert bounds[-1] == seen["s"] and len(bounds) - 1 == 5 + (row > 0)
+    assert (psp.pad_tail, psp.pad_tail_segments) == (seen["s"] - kept[-1], k)
+    assert psp.max_seqlen_q == max(b - a for a, b in zip(kept[:-1], kept[1:]))

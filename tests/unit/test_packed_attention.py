@@ -102,3 +102,76 @@ def test_packed_attention_rejects_bounds_that_do_not_cover_the_row():
     x = [torch.randn(1, h, S, D) for h in (HQ, HKV, HKV)]
     with pytest.raises(ValueError, match="from 0 to the row's 40 tokens, got 0 .. 30"):
         dense.per_document_attention(*x, torch.tensor([0, 10, 30]), SCALE)
+
+
+def _cores():
+    """The dense and the KSA core attention of one small layer (KSA: chunk 4, one summary, window 8, its naive
+    backend)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from models.attention.ksa import KSACoreAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV,
+                            kv_channels=D, use_cpu_initialization=True, params_dtype=torch.float32,
+                            attention_dropout=0.0)
+    common = dict(layer_number=1, attn_mask_type=None, attention_type="self", softmax_scale=SCALE)
+    return {"dense": dense.SDPACoreAttention(cfg, **common),
+            "ksa": KSACoreAttention(cfg, **common, chunk=4, num_summary=1, window=8, backend="naive")}
+
+
+def _core_run(core, x, dout, bounds, **tail):
+    """The core attention's output [1, h, s, d] on a packed row ([1, h, s, d] inputs) and its input gradients."""
+    from models.moe.router import PackedSeqDocuments
+
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    packed = PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                max_seqlen_kv=longest, **tail)
+    t = [a.clone().requires_grad_(True) for a in x]
+    out = core(*(a.permute(2, 0, 1, 3) for a in t), None, packed_seq_params=packed)  # megatron's [s, b, h, d]
+    out = out.view(out.shape[0], 1, HQ, D).permute(1, 2, 0, 3)
+    out.backward(dout)
+    return [out.detach()] + [a.grad for a in t]
+
+
+@pytest.mark.parametrize("kind", ["dense", "ksa"])
+def test_the_padding_at_a_rows_end_is_not_attended(kind):
+    """The padding the trainer names at a row's end (PackedSeqDocuments.pad_tail: 12 tokens in 2 segments here, as
+    a KSA row of a video pack ends) is cut off before the core attention: the documents' tokens get the output and
+    gradients of the same layer on the row without it (the dense one also against the masked float64 reference),
+    the padding a zero output and no gradient (computed, it has a nonzero output: checked)."""
+    core = _cores()[kind]
+    g = torch.Generator().manual_seed(7)
+    x = [torch.randn(1, h, S, D, generator=g).to(DEV) for h in (HQ, HKV, HKV)]
+    dout = torch.randn(1, HQ, S, D, generator=g).to(DEV)
+    dout[:, :, 28:] = 0.0                       # the padding carries no loss
+    bounds, real = (0, 11, 28, 33, 40), 28      # documents of 11 and 17 tokens, then padding of 5 and 7
+    got = _core_run(core, x, dout, bounds, pad_tail=S - real, pad_tail_segments=2)
+    ref = _core_run(core, [a[:, :, :real] for a in x], dout[:, :, :real], bounds[:3])
+    for name, r, a in zip(("out", "dq", "dk", "dv"), ref, got):
+        # the same kernels on the same documents: fp32 sums over <= 17 keys in another call order (~1e-7)
+        assert_close(name, r, a[:, :, :real], 2e-5)
+        assert torch.equal(a[:, :, real:], torch.zeros_like(a[:, :, real:])), name
+    if kind == "dense":
+        masked = _grads(lambda q, k, v: _reference(q, k, v, bounds[:3]), [a[:, :, :real].double() for a in x],
+                        dout[:, :, :real].double())
+        for name, r, a in zip(("out", "dq", "dk", "dv"), masked, got):
+            assert_close(name, r, a[:, :, :real].double(), 2e-5)  # fp32 SDPA against float64 (as above)
+    computed = _core_run(core, x, dout, bounds)[0]
+    assert computed[:, :, real:].abs().amax() > 0.1
+
+
+def test_a_row_of_padding_alone_is_attended_and_a_tail_must_leave_a_segment():
+    """A row the trainer names all padding (pad_tail = s) is attended as before (so its projections still get a
+    gradient); a tail that names every segment, or none, is refused."""
+    core = _cores()["dense"]
+    g = torch.Generator().manual_seed(8)
+    x = [torch.randn(1, h, S, D, generator=g).to(DEV) for h in (HQ, HKV, HKV)]
+    dout = torch.randn(1, HQ, S, D, generator=g).to(DEV)
+    whole = _core_run(core, x, dout, (0, 40), pad_tail=S, pad_tail_segments=1)
+    plain = _core_run(core, x, dout, (0, 40))
+    for name, r, a in zip(("out", "dq", "dk", "dv"), plain, whole):
+        assert torch.equal(r, a), name
+    for segments in (0, 2):
+        with pytest.raises(ValueError, match=f"padding takes {segments} of its 2 segments"):
+            _core_run(core, x, dout, (0, 30, 40), pad_tail=10, pad_tail_segments=segments)
