@@ -9,6 +9,8 @@ is built.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -210,6 +212,20 @@ class ParallelLayout:
                              + f": sequence parallelism (on whenever parallel.tp > 1) splits {held} over the "
                              f"{self.tp} tensor-parallel ranks")
         return model_len
+
+    def row_length(self, tokens: int, model_len: int) -> int:
+        """The length a packed row of `tokens` is padded to (one more segment of padding, which the core attentions
+        and the chunked loss leave out) for this layout, at most `model_len` (check_seq_length's): the model's
+        whole length under pipeline parallelism (the stages exchange activations of one fixed shape), else the
+        next multiple of what context parallelism (2 * cp equal chunks) and sequence parallelism (each rank's
+        tokens over tp) split evenly, so a row left short (data.video.pad_to_seq_len=false) costs no padding at
+        tp = cp = pp = 1 and little otherwise."""
+        if self.pp > 1:
+            return model_len
+        unit = 2 * self.cp if self.cp > 1 else 1
+        if self.sequence_parallel:
+            unit = math.lcm(unit, self.cp * self.tp)
+        return min(model_len, -(-tokens // unit) * unit)
 
     def model_sizes(self) -> ModelParallelSizes:
         return ModelParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None,

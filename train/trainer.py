@@ -105,6 +105,9 @@ class StepInputs:
     ksa_chunk: int = 0  # > 0: insert KSA summary slots
     ksa_summary: int = 1
     model_seq: int = 0  # tokens per row the model sees (text + KSA summaries); packed KSA rows are padded to it
+    # packed rows (not KSA's) shorter than the layout takes are padded to row_length(tokens, model_seq)
+    # (parallel/layout.py ParallelLayout.row_length); None: as they come
+    row_length: object = None
     distill: DistillConfig | None = None
     attention_match: object = None  # with distill: train/distill.AttentionMatch, the KSA layers' attention term
     tp_group: object = None
@@ -155,6 +158,15 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
                 lengths, padding = lengths + [inputs.model_seq - sum(lengths)], padding + [True]
         if visual_pos is not None:
             visual_pos = sb.layout.text_index[visual_pos.to(sb.layout.text_index.device)]
+    elif inputs.row_length is not None and "cu_seqlens" in batch:
+        # a packed row shorter than the layout takes (data.video.pad_to_seq_len=false): padded to it
+        s = tokens.shape[-1]
+        length = inputs.row_length(s, inputs.model_seq)
+        if length > s:
+            real_segments = batch["cu_seqlens"].numel() - 1
+            tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos,
+                                                                            batch["cu_seqlens"], length)
+            lengths, padding = lengths + [length - s], padding + [True]
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
         # the core attentions leave out the padding at the row's end, but not under CP (each rank has a share)
@@ -487,7 +499,7 @@ class Trainer:
         self.loss_sources = [name for name, *_ in cfg.data.video.sources()] if cfg.data.kind == "video" else []
         self.step_inputs = StepInputs(
             device=self.device, vocab_size=lm.vocab_size, ksa_chunk=lm.ksa.chunk if lm.uses_ksa else 0,
-            ksa_summary=lm.ksa.num_summary, model_seq=self.model_seq_length,
+            ksa_summary=lm.ksa.num_summary, model_seq=self.model_seq_length, row_length=layout.row_length,
             distill=t.distill if t.distill.enabled else None,
             attention_match=AttentionMatch([m.module for m in self.model], tp_group=self.pgs.tp,
                                            sequence_parallel=layout.sequence_parallel) if t.distill.enabled else None,

@@ -24,6 +24,7 @@ Clipping: by the ViT's own gradient norm with train.grad_clip (the LM's clip see
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -41,13 +42,15 @@ log = logging.getLogger("train")
 VISION_SEED_OFFSET = 0x5EED  # the ViT's init stream: same on every rank, independent of the layout
 
 
-def model_row(seq: int, cu: torch.Tensor | None, visual_pos: torch.Tensor, ksa: tuple | None):
+def model_row(seq: int, cu: torch.Tensor | None, visual_pos: torch.Tensor, ksa: tuple | None, row_length=None):
     """(length, cu_seqlens, visual positions) of a packed row as the LM sees it. With KSA (`ksa` =
     (chunk, summaries per chunk, the model's row length)) the summary slots are inserted per document and
     the row padded with one more document to its fixed length, as train/trainer.py _forward_step does
-    (insert_summary_slots + pad_packed_row); the context-parallel split is taken of that row."""
+    (insert_summary_slots + pad_packed_row); without, a packed row shorter than the layout takes is padded to
+    `row_length(seq)` (the trainer's StepInputs.row_length); the context-parallel split is taken of that row."""
     if ksa is None:
-        return seq, cu, visual_pos
+        length = seq if cu is None or row_length is None else row_length(seq)
+        return length, cu if length == seq else pad_cu_seqlens(cu, length), visual_pos
     chunk, num_summary, model_seq = ksa
     lay = build_summary_layout(seq, chunk=chunk, num_summary=num_summary, cu_seqlens=cu)
     return model_seq, pad_cu_seqlens(lay.cu_seqlens.to(torch.int64), model_seq), lay.text_index[visual_pos]
@@ -136,6 +139,8 @@ class VisionTower:
         self.grad_clip = t.grad_clip
         lm = cfg.model.lm  # KSA: (chunk, summaries per chunk, the model's row length), for the visual positions
         self.ksa = (lm.ksa.chunk, lm.ksa.num_summary, lm.model_seq_length(t.seq_length)) if lm.uses_ksa else None
+        # a packed row shorter than the layout takes is padded to this length (as the trainer pads it)
+        self.row_length = functools.partial(layout.row_length, model_len=lm.model_seq_length(t.seq_length))
         self.steps = 0
         # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica
         self.layout = layout
@@ -201,7 +206,7 @@ class VisionTower:
             for mb in micro_batches:
                 cu = mb.get("cu_seqlens")
                 seq, cu, vpos = model_row(mb["tokens"].shape[-1], None if cu is None else cu.reshape(-1),
-                                          mb["visual_pos"], self.ksa)
+                                          mb["visual_pos"], self.ksa, self.row_length)
                 for c, r in self.consumer_cp_rank.items():
                     local = cp_global_indices(seq, self.layout.cp, r, split=self.layout.cp_split, cu_seqlens=cu)
                     mine = torch.zeros(seq, dtype=torch.bool)

@@ -38,8 +38,9 @@ def curves(tmp_path_factory):
     # backward, the LM's gradients reduced once after both (against the same step in one round)
     grouped = ["parallel.vit.group=1"]
     saved = [o for o in common if o != "train.checkpoint.enabled=false"] + ["run_dir=vit_resume"]
-    one = run_layouts(1, {"single": common, "ksa_single": ksa, "single_grouped": common + grouped},
-                      tmp_path_factory.mktemp("one"))
+    unpadded = ["data.video.pad_to_seq_len=false"]
+    one = run_layouts(1, {"single": common, "ksa_single": ksa, "single_grouped": common + grouped,
+                          "single_unpadded": common + unpadded}, tmp_path_factory.mktemp("one"))
     single = one["single"]
     data = run_layouts_all(2, {
         "tp2_spread": common + ["parallel.tp=2", "parallel.vit.layout=spread"],
@@ -57,6 +58,11 @@ def curves(tmp_path_factory):
         "ksa_cp2": ksa + ["parallel.cp=2", "parallel.vit.layout=spread"],
         "ksa_pp2": ksa + ["parallel.pp=2", "parallel.vit.layout=spread"],
         "pp2_grouped": common + ["parallel.pp=2", "parallel.vit.layout=spread"] + grouped,
+        # packs left short of train.seq_length: the trainer pads each row only as far as the layout needs (pp: the
+        # whole length; cp: 2 * cp chunks; tp: sequence parallelism's split); before, pp2 and cp2 stopped in step 1
+        "tp2_unpadded": common + ["parallel.tp=2"] + unpadded,
+        "pp2_unpadded": common + ["parallel.pp=2", "parallel.vit.layout=spread"] + unpadded,
+        "cp2_unpadded": common + ["parallel.cp=2", "parallel.vit.layout=spread"] + unpadded,
         "tp2_grouped_recompute": common + ["parallel.tp=2", "parallel.vit.recompute=true"] + grouped,
         # a checkpoint of the spread layout resumed in the replicated one, recomputing, in rounds: the tower's weights
         # and AdamW moments are the same tensors whatever the layout (train/vision.py sharded_state)
@@ -68,6 +74,7 @@ def curves(tmp_path_factory):
     two["_digests"], two["_extras"] = data["digests"], data["extras"]
     two["ksa_single"] = one["ksa_single"]
     two["single_grouped"] = one["single_grouped"]
+    two["single_unpadded"] = one["single_unpadded"]
     return single, two
 
 
@@ -77,6 +84,14 @@ def curves(tmp_path_factory):
 @pytest.mark.parametrize("name", ["tp2_spread", "tp2_replicated", "pp2_spread", "cp2_spread", "single_grouped",
                                   "pp2_grouped", "tp2_grouped_recompute"])
 def test_vit_layout_matches_single_process(curves, name):
+    single, runs = curves
+    assert _close(runs[name], single), (name, runs[name], single)
+
+
+@pytest.mark.parametrize("name", ["single_unpadded", "tp2_unpadded", "pp2_unpadded", "cp2_unpadded"])
+def test_packs_left_short_train_as_padded_ones_on_every_layout(curves, name):
+    """data.video.pad_to_seq_len=false: the same documents without the padding segment give the padded run's curve,
+    in one process and under TP2, PP2 and CP2 (parallel/layout.py ParallelLayout.row_length)."""
     single, runs = curves
     assert _close(runs[name], single), (name, runs[name], single)
 

@@ -141,3 +141,26 @@ def test_layout_checks_the_model_sequence_length():
     assert lay.check_seq_length(128, ksa) == 144
     with pytest.raises(ValueError, match="KSA summaries = 135"):
         lay.check_seq_length(120, ksa)
+
+
+@pytest.mark.parametrize("par,world,expect", [
+    (dict(), 1, {1: 1, 37: 37, 128: 128}),                          # nothing to split evenly: no padding
+    (dict(tp=2), 2, {37: 38, 38: 38, 127: 128}),                    # sequence parallelism: tp
+    (dict(cp=2), 2, {37: 40, 40: 40, 125: 128}),                    # 2 * cp chunks
+    (dict(cp=2, tp=2), 4, {37: 40, 41: 44, 125: 128}),              # both: lcm(2 cp, cp tp) = 4
+    (dict(cp=4, tp=2), 8, {37: 40, 97: 104, 121: 128}),             # lcm(8, 8) = 8
+    (dict(cp=2, tp=4), 8, {37: 40, 41: 48, 121: 128}),              # lcm(4, 8) = 8
+    (dict(pp=2), 2, {1: 128, 37: 128, 128: 128}),                   # the pipeline's fixed shape: the whole length
+])
+def test_a_short_packed_row_is_padded_only_as_far_as_the_layout_needs(par, world, expect):
+    """ParallelLayout.row_length: what a packed row of n tokens is padded to (data.video.pad_to_seq_len=false) with
+    a model length of 128: each case against the layout's own length check (check_seq_length accepts the length,
+    and refuses the length before it where that is not n)."""
+    lm = LMConfig(**{**LM, "num_layers": 2, "num_query_groups": 4})
+    lay = ParallelLayout.build(ParallelConfig(**par), world_size=world, lm=lm)
+    for n, length in expect.items():
+        assert lay.row_length(n, 128) == length, (par, n)
+        assert lay.check_seq_length(length, lm) == length
+        if length > n and "pp" not in par:
+            with pytest.raises(ValueError):
+                lay.check_seq_length(length - 1, lm)
