@@ -10,7 +10,6 @@ is built.
 from __future__ import annotations
 
 import math
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional

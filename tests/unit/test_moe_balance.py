@@ -498,6 +498,37 @@ def test_the_trainer_gives_each_token_its_document():
     assert (seen["psp"].pad_tail, seen["psp"].pad_tail_segments, seen["psp"].max_seqlen_q) == (36 - 31, 1, 12)
 
 
+def test_the_trainer_pads_a_short_row_as_far_as_the_layout_needs():
+    """A packed row of 36 tokens whose layout takes 40 (StepInputs.row_length, parallel/layout.py) is given the model
+    with one more segment of 4 padding tokens: no loss, document -1, and named with the padding segment before it
+    (5 + 4 tokens in 2 segments) for the core attentions; a row already as long as the layout takes is left."""
+    from train.trainer import StepInputs, _forward_step
+
+    cu = torch.tensor(CU, dtype=torch.int32)
+    n = S * B
+    batch = {"tokens": torch.ones(1, n, dtype=torch.int64), "labels": torch.ones(1, n, dtype=torch.int64),
+             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1), "cu_seqlens": cu,
+             "doc_groups": torch.tensor([0, 2, 1, 0, -1])}
+    seen = {}
+
+    def model(tokens, pos, _mask, labels, packed_seq_params):
+        seen.update(tokens=tokens, pos=pos, labels=labels, psp=packed_seq_params)
+        return torch.zeros(tokens.shape)
+
+    for length in (40, 36):
+        inputs = StepInputs(device=torch.device("cpu"), vocab_size=16, model_seq=40,
+                            row_length=lambda tokens, model_len, length=length: length)
+        _, loss_func = _forward_step(inputs, iter([dict(batch)]), model)
+        psp = seen["psp"]
+        assert seen["tokens"].shape[-1] == length and psp.cu_seqlens_q.tolist() == CU + [40] * (length > n)
+        docs = torch.cat([DOCS, torch.full((length - n,), -1)]).view(1, -1)
+        assert torch.equal(psp.documents, docs)
+        assert (psp.pad_tail, psp.pad_tail_segments) == (length - 31, 1 + (length > n))
+        assert torch.equal(seen["pos"][..., n:], torch.arange(length - n).expand(3, 1, -1))
+        mask = loss_func.args[0]                                  # the loss mask _loss_func is given
+        assert mask.shape[-1] == length and not mask[..., n:].any() and mask[..., :n].all()
+
+
 @pytest.mark.parametrize("groups,row", [((0, -1, 1, -1, -1), 80), ((0, -1, 1, 0, 2), 80), ((0, -1, 1, -1, -1), 0)])
 def test_the_trainer_names_the_padding_at_a_ksa_rows_end(groups, row):
     """A KSA row (summary slots inserted after every 4 tokens of each document, then padded to the model's 80 tokens
