@@ -471,26 +471,35 @@ def test_each_layer_call_routes_with_its_own_documents(pgs):
     assert all(r.documents is None for r in routers)   # nothing held past the call
 
 
-def test_the_trainer_gives_each_token_its_document():
-    """_forward_step gives the model each token's document of a packed row, -1 for a video pack's padding segment
-    (its group -1) and for the segment a KSA row is padded with (from real_segments on)."""
-    from train.trainer import StepInputs, _forward_step, token_documents
+def _trainer_step(groups=(0, 2, 1, 0, -1), **inputs):
+    """_forward_step (StepInputs `inputs`) on the packed row of CU, every token 1 and with loss, its segments in the
+    document `groups` (-1: a video pack's padding): what the model was given (tokens, pos, labels, psp, the packed
+    params) and the loss function."""
+    from train.trainer import StepInputs, _forward_step
 
-    cu = torch.tensor(CU, dtype=torch.int32)
     n = S * B
     batch = {"tokens": torch.ones(1, n, dtype=torch.int64), "labels": torch.ones(1, n, dtype=torch.int64),
-             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1), "cu_seqlens": cu,
-             "doc_groups": torch.tensor([0, 2, 1, 0, -1])}
+             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1),
+             "cu_seqlens": torch.tensor(CU, dtype=torch.int32), "doc_groups": torch.tensor(groups)}
     seen = {}
 
     def model(tokens, pos, _mask, labels, packed_seq_params):
-        seen["psp"] = packed_seq_params
+        seen.update(tokens=tokens, pos=pos, labels=labels, psp=packed_seq_params)
         return torch.zeros(tokens.shape)
 
     # _forward_step sets the micro-batch's loss tokens for the routers: tests/conftest.py resets them for the next test
-    _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16), iter([batch]), model)
+    _, loss_func = _forward_step(StepInputs(device=torch.device("cpu"), vocab_size=16, **inputs), iter([batch]), model)
+    return seen, loss_func
+
+
+def test_the_trainer_gives_each_token_its_document():
+    """_forward_step gives the model each token's document of a packed row, -1 for a video pack's padding segment
+    (its group -1) and for the segment a KSA row is padded with (from real_segments on)."""
+    from train.trainer import token_documents
+
+    seen, _ = _trainer_step()
     assert torch.equal(seen["psp"].documents, DOCS.view(1, -1)) and seen["psp"].num_documents == len(CU) - 1
-    torch.testing.assert_close(seen["psp"].cu_seqlens_q, cu)
+    torch.testing.assert_close(seen["psp"].cu_seqlens_q, torch.tensor(CU, dtype=torch.int32))
     parts = torch.repeat_interleave(torch.arange(5), torch.tensor(CU[1:]) - torch.tensor(CU[:-1])).view(1, -1)
     assert torch.equal(token_documents(parts, 5, real_segments=4, doc_groups=None), DOCS.view(1, -1))
     assert torch.equal(token_documents(parts, 5, real_segments=None, doc_groups=None), parts)
@@ -502,23 +511,9 @@ def test_the_trainer_pads_a_short_row_as_far_as_the_layout_needs():
     """A packed row of 36 tokens whose layout takes 40 (StepInputs.row_length, parallel/layout.py) is given the model
     with one more segment of 4 padding tokens: no loss, document -1, and named with the padding segment before it
     (5 + 4 tokens in 2 segments) for the core attentions; a row already as long as the layout takes is left."""
-    from train.trainer import StepInputs, _forward_step
-
-    cu = torch.tensor(CU, dtype=torch.int32)
     n = S * B
-    batch = {"tokens": torch.ones(1, n, dtype=torch.int64), "labels": torch.ones(1, n, dtype=torch.int64),
-             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1), "cu_seqlens": cu,
-             "doc_groups": torch.tensor([0, 2, 1, 0, -1])}
-    seen = {}
-
-    def model(tokens, pos, _mask, labels, packed_seq_params):
-        seen.update(tokens=tokens, pos=pos, labels=labels, psp=packed_seq_params)
-        return torch.zeros(tokens.shape)
-
     for length in (40, 36):
-        inputs = StepInputs(device=torch.device("cpu"), vocab_size=16, model_seq=40,
-                            row_length=lambda tokens, model_len, length=length: length)
-        _, loss_func = _forward_step(inputs, iter([dict(batch)]), model)
+        seen, loss_func = _trainer_step(model_seq=40, row_length=lambda tokens, model_len, length=length: length)
         psp = seen["psp"]
         assert seen["tokens"].shape[-1] == length and psp.cu_seqlens_q.tolist() == CU + [40] * (length > n)
         docs = torch.cat([DOCS, torch.full((length - n,), -1)]).view(1, -1)
@@ -535,22 +530,9 @@ def test_the_trainer_names_the_padding_at_a_ksa_rows_end(groups, row):
     by one more segment; row 0: not padded, its 43 tokens) ends with padding the trainer names from the host's
     bounds (no device sync): the trailing padding segments' tokens after the insertion (build_summary_layout's, on
     the device, here the reference) and the longest segment before them."""
-    from train.trainer import StepInputs, _forward_step
-
-    cu = torch.tensor(CU, dtype=torch.int32)
-    n = S * B
-    batch = {"tokens": torch.ones(1, n, dtype=torch.int64), "labels": torch.ones(1, n, dtype=torch.int64),
-             "loss_mask": torch.ones(1, n), "position_ids": torch.arange(n).view(1, -1), "cu_seqlens": cu,
-             "doc_groups": torch.tensor(groups)}
-    seen = {}
-
-    def model(tokens, pos, _mask, labels, packed_seq_params):
-        seen["psp"], seen["s"] = packed_seq_params, tokens.shape[-1]
-        return torch.zeros(tokens.shape)
-
-    inputs = StepInputs(device=torch.device("cpu"), vocab_size=16, ksa_chunk=4, model_seq=row or 43)  # 36 + 7 slots
-    _forward_step(inputs, iter([batch]), model)
+    seen, _ = _trainer_step(groups, ksa_chunk=4, model_seq=row or 43)  # 36 tokens + 7 slots
     psp = seen["psp"]
+    seen["s"] = seen["tokens"].shape[-1]
     bounds = psp.cu_seqlens_q.tolist()                      # the row's segments as the model gets them
     pad = [g < 0 for g in groups] + [True] * (len(bounds) - 1 - len(groups))
     k = 0
