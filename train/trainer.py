@@ -169,9 +169,9 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             lengths, padding = lengths + [length - s], padding + [True]
     kwargs = {}
     if "cu_seqlens" in batch:  # packed documents: attention stays within each (sbhd layout, batch 1)
-        # the core attentions leave out the padding at the row's end, but not under CP (each rank has a share)
-        kwargs["packed_seq_params"] = packed_params(
-            batch["cu_seqlens"], tail=trailing_padding(lengths, padding if inputs.cp_group is None else None))
+        # the core attentions leave out the padding at the row's end (under CP, the dense and KSA ones: the whole
+        # row's, as their context-parallel functions see it)
+        kwargs["packed_seq_params"] = packed_params(batch["cu_seqlens"], tail=trailing_padding(lengths, padding))
     # the micro-batch's LM-loss tokens over its whole sequence (before a CP split): its routers weigh their balancing
     # loss by them, so that model.lm.moe_aux_loss_coeff acts at its strength against the mean LM loss whatever share
     # of the tokens carries loss (none: no balancing gradient from this micro-batch; parallel/megatron_compat.py fix 2)

@@ -33,8 +33,10 @@ class ContextParallelOps(Protocol):
 
     def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group,
               scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float = 0.0,
-              cp_comm: str = "a2a") -> torch.Tensor:
-        """Causal GQA attention of the local queries over the whole sequence -> [n, b, Hq, D]."""
+              cp_comm: str = "a2a", pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Causal GQA attention of the local queries over the whole sequence -> [n, b, Hq, D]. pad_tail: (tokens,
+        segments) of padding at the whole sequence's end (models/attention/dense.py padding_tail), not attended: the
+        output of its tokens is 0."""
 
     def dsa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_idx: torch.Tensor,
             w: torch.Tensor, k_idx: torch.Tensor, *, cp_group, topk: int, stage: str, scale: float,
@@ -50,8 +52,8 @@ class ContextParallelOps(Protocol):
 
     def ksa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group, chunk: int,
             window: int, num_summary: int, cu_seqlens: torch.Tensor | None, scale: float | None,
-            backend: str) -> torch.Tensor:
-        """KSA over the whole interleaved sequence -> [n, b, Hq, D]."""
+            backend: str, pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """KSA over the whole interleaved sequence -> [n, b, Hq, D]; pad_tail as for dense."""
 
     def summary_mask(self, seq_len: int, batch: int, *, chunk: int, num_summary: int,
                      cu_seqlens: torch.Tensor | None, cp_group, device) -> torch.Tensor:

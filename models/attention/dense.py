@@ -52,7 +52,8 @@ class SDPACoreAttention(MegatronModule):
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if self.cp_group is not None:  # s = this rank's tokens; cu_seqlens are the global boundaries
             out = self.cp_ops.dense(query, key, value, cp_group=self.cp_group, scale=self.softmax_scale,
-                                    cu_seqlens=cu, dropout_p=p, cp_comm=self.cp_comm)
+                                    cu_seqlens=cu, dropout_p=p, cp_comm=self.cp_comm,
+                                    pad_tail=padding_tail(packed_seq_params))
             return out.reshape(s, b, nq * d)
         n, cu = documents_part(s, packed_seq_params)  # the row without its trailing padding
         # [s, b, h, d] -> [b, h, n, d]
@@ -81,13 +82,24 @@ def documents_part(s: int, packed_seq_params) -> tuple[int, torch.Tensor | None]
     (s, the row's cu_seqlens) when nothing is named, or when the whole row is padding (attended as before, so every
     projection still gets a gradient)."""
     cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-    tail = getattr(packed_seq_params, "pad_tail", 0)
-    if cu is None or not tail or tail >= s:
+    return cut_padding_tail(s, cu, padding_tail(packed_seq_params))
+
+
+def padding_tail(packed_seq_params) -> tuple[int, int]:
+    """(tokens, segments) of the padding the trainer names at a packed row's end; (0, 0) for none. Under context
+    parallelism they count the whole row (the context-parallel attention functions take them: models/attention/cp.py)."""
+    return getattr(packed_seq_params, "pad_tail", 0), getattr(packed_seq_params, "pad_tail_segments", 0)
+
+
+def cut_padding_tail(s: int, cu: torch.Tensor | None, tail: tuple[int, int]) -> tuple[int, torch.Tensor | None]:
+    """documents_part's cut of a row of s tokens whose bounds are `cu`, given its padding_tail."""
+    tokens, segments = tail
+    if cu is None or not tokens or tokens >= s:
         return s, cu
-    if not 0 < packed_seq_params.pad_tail_segments < cu.numel() - 1:
-        raise ValueError(f"the row's padding takes {packed_seq_params.pad_tail_segments} of its {cu.numel() - 1} "
-                         "segments: it needs at least one and leaves at least one")
-    return s - tail, cu[: cu.numel() - packed_seq_params.pad_tail_segments]
+    if not 0 < segments < cu.numel() - 1:
+        raise ValueError(f"the row's padding takes {segments} of its {cu.numel() - 1} segments: it needs at least "
+                         "one and leaves at least one")
+    return s - tokens, cu[: cu.numel() - segments]
 
 
 def with_padding_rows(out: torch.Tensor, s: int, dim: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from kernels.ksa import ksa_attention
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
-from models.attention.dense import causal_attention, documents_part, with_padding_rows
+from models.attention.dense import causal_attention, documents_part, padding_tail, with_padding_rows
 from models.attention.layer_axis import on_variant_axis
 
 
@@ -150,11 +150,11 @@ class KSACoreAttention(MegatronModule):
         if self.cp_group is not None:  # s = this rank's tokens; cu = global (interleaved) boundaries
             if self.teacher:
                 out = self.cp_ops.dense(query, key, value, cp_group=self.cp_group, scale=self.scale, cu_seqlens=cu,
-                                        cp_comm=self.cp_comm)
+                                        cp_comm=self.cp_comm, pad_tail=padding_tail(packed_seq_params))
             else:
                 out = self.cp_ops.ksa(query, key, value, cp_group=self.cp_group, chunk=self.chunk, window=self.window,
                                       num_summary=self.num_summary, cu_seqlens=cu, scale=self.scale,
-                                      backend=self.backend)
+                                      backend=self.backend, pad_tail=padding_tail(packed_seq_params))
             return out.reshape(s, b, nq * d)
         n, cu = documents_part(s, packed_seq_params)  # the row without its trailing padding
         q, k, v = q[:, :n], k[:, :n], v[:, :n]

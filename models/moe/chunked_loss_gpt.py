@@ -53,8 +53,9 @@ class ChunkedLossMixin:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
         # hidden [s, b, h]; labels [b, s] -> loss [s, b] -> [b, s] (GPTModel's convention). The padding the
         # trainer names at the row's end (models/attention/dense.py documents_part) gets no logits: a loss of 0
+        # (not under context parallelism, where this rank's tokens are a share of the row in the split's order)
         s = hidden_states.shape[0]
-        n, _ = documents_part(s, kwargs.get("packed_seq_params"))
+        n = s if self.config.context_parallel_size > 1 else documents_part(s, kwargs.get("packed_seq_params"))[0]
         loss = chunked_cross_entropy(hidden_states[:n], weight, labels.transpose(0, 1)[:n], tp_group=tp_group,
                                      chunk_tokens=int(self.loss_chunk_tokens))
         return with_padding_rows(loss, s, 0).transpose(0, 1).contiguous()

@@ -71,8 +71,9 @@ class PackedSeqDocuments(PackedSeqParams):
     segment of the row's cu_seqlens_q (0 .. `num_documents` - 1), -1 for padding (no document's).
 
     `pad_tail` tokens in the last `pad_tail_segments` segments of cu_seqlens_q are padding (Python ints, known without
-    a device sync; 0 under context parallelism): the core attentions run on the row without them and give them a
-    zero output (models/attention/dense.py documents_part). `max_seqlen_q` is then the longest segment before them."""
+    a device sync; under context parallelism, of the whole row): the core attentions run on the row without them and
+    give them a zero output (models/attention/dense.py documents_part; under CP the dense and KSA ones, through the
+    context-parallel functions). `max_seqlen_q` is then the longest segment before them."""
 
     documents: torch.Tensor | None = None
     num_documents: int = 0

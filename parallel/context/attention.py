@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.bias import causal_lower_right
 
-from models.attention.dense import causal_attention
+from models.attention.dense import causal_attention, cut_padding_tail, with_padding_rows
 from models.sdpa import sdpa
 from parallel.context.comm import all_gather_seq, group_size_rank, head_to_seq_a2a, seq_to_head_a2a
 from parallel.context.split import (CPSplit, cp_chunk_bounds, cp_global_indices, natural_to_rank_concat,
@@ -101,17 +101,23 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return head_to_seq_a2a(natural_to_rank_concat(out, cp, dim=0, **layout), cp_group)
 
 
-def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float) -> AttnFn:
+def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float,
+               pad_tail: tuple[int, int] = (0, 0)) -> AttnFn:
+    """The whole sequence's causal attention, its tail of padding (`pad_tail`) left out and given a zero output."""
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, S, d]
-        return causal_attention(q, k, v, cu_seqlens, scale, dropout_p=dropout_p).permute(2, 0, 1, 3)
+        s = q.shape[0]
+        n, cu = cut_padding_tail(s, cu_seqlens, pad_tail)
+        q, k, v = (t[:n].permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, n, d]
+        out = causal_attention(q, k, v, cu, scale, dropout_p=dropout_p).permute(2, 0, 1, 3)
+        return with_padding_rows(out, s, 0)
     return fn
 
 
 def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group,
                      cu_seqlens: torch.Tensor | None, scale: float, dropout_p: float,
-                     split: CPSplit = "sequence") -> torch.Tensor:
-    """Local queries against all-gathered K/V, per run of contiguous local positions and document."""
+                     split: CPSplit = "sequence", pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Local queries against all-gathered K/V, per run of contiguous local positions and document; the documents
+    of the padding `pad_tail` names at the sequence's end get a zero output, unattended."""
     cp, rank = group_size_rank(cp_group)
     n, b, hq, d = query.shape
     seq_len = n * cp
@@ -122,6 +128,7 @@ def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     bounds = [0, seq_len] if cu_seqlens is None else cu_seqlens.tolist()
     if cu_seqlens is not None and b != 1:
         raise ValueError("packed sequences (cu_seqlens) need micro batch size 1")
+    kept = len(cut_padding_tail(seq_len, cu_seqlens, pad_tail)[1] if cu_seqlens is not None else bounds) - 1
     pieces, local0 = [], 0
     for a, e in cp_chunk_bounds(seq_len, cp, rank, split=split, cu_seqlens=cu_seqlens):
         i = bisect_right(bounds, a) - 1  # the document holding position a
@@ -132,6 +139,9 @@ def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             if hi <= lo:
                 continue
             qs = q_b[:, :, local0 + lo - a: local0 + hi - a]
+            if i > kept:  # a padding segment at the end
+                pieces.append(qs.new_zeros(qs.shape))
+                continue
             ks, vs = k_b[:, :, ds:hi], v_b[:, :, ds:hi]
             pieces.append(sdpa(
                 qs, ks, vs, attn_mask=causal_lower_right(hi - lo, hi - ds), dropout_p=dropout_p, scale=scale,
@@ -143,27 +153,31 @@ def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def dense_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                        cp_group: dist.ProcessGroup | None, scale: float,
                        cu_seqlens: torch.Tensor | None = None, dropout_p: float = 0.0,
-                       cp_comm: CPComm = "a2a", split: CPSplit = "sequence") -> torch.Tensor:
-    """Causal GQA attention of this rank's tokens over the whole (packed) sequence.
+                       cp_comm: CPComm = "a2a", split: CPSplit = "sequence",
+                       pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Causal GQA attention of this rank's tokens over the whole (packed) sequence; the padding `pad_tail` names at
+    its end ((tokens, segments), models/attention/dense.py padding_tail) is not attended, its output 0.
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D] in the load-balanced `split`; cu_seqlens: the
     GLOBAL document boundaries (int32 [docs + 1], batch 1). Returns [n, b, Hq, D].
     """
     if cp_comm == "a2a":
-        return ulysses_attention(query, key, value, _sdpa_sbhd(scale, cu_seqlens, dropout_p), cp_group=cp_group,
-                                 split=split, cu_seqlens=cu_seqlens)
+        return ulysses_attention(query, key, value, _sdpa_sbhd(scale, cu_seqlens, dropout_p, pad_tail),
+                                 cp_group=cp_group, split=split, cu_seqlens=cu_seqlens)
     if cp_comm == "allgather":
         return _allgather_dense(query, key, value, cp_group=cp_group, cu_seqlens=cu_seqlens, scale=scale,
-                                dropout_p=dropout_p, split=split)
+                                dropout_p=dropout_p, split=split, pad_tail=pad_tail)
     raise ValueError(f"cp_comm must be 'a2a' or 'allgather', got {cp_comm!r}")
 
 
 def ksa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                      cp_group: dist.ProcessGroup | None, chunk: int, window: int, num_summary: int = 1,
                      cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
-                     backend: str = "auto", split: CPSplit = "sequence") -> torch.Tensor:
+                     backend: str = "auto", split: CPSplit = "sequence",
+                     pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """KSA under CP by Ulysses: each rank runs the unchanged KSA kernel on the whole interleaved
-    sequence (text AND summary tokens) for Hq / cp heads.
+    sequence (text AND summary tokens) for Hq / cp heads; the padding `pad_tail` names at its end
+    (models/attention/dense.py padding_tail) is left out, its output 0.
 
     The split must be of the INTERLEAVED sequence (after models/ksa_tokens.insert_summary_slots), so
     S counts summary slots and cu_seqlens are the interleaved boundaries; the summary / text role of
@@ -175,10 +189,12 @@ def ksa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         backend = "triton" if query.is_cuda else "naive"
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [b, S, h, d]
-        out = ksa_attention(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu_seqlens,
+        s = q.shape[0]
+        n, cu = cut_padding_tail(s, cu_seqlens, pad_tail)
+        q, k, v = (t[:n].transpose(0, 1).contiguous() for t in (q, k, v))  # [b, n, h, d]
+        out = ksa_attention(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu,
                             scale=scale, backend=backend)
-        return out.transpose(0, 1)
+        return with_padding_rows(out.transpose(0, 1), s, 0)
     return ulysses_attention(query, key, value, fn, cp_group=cp_group, split=split, cu_seqlens=cu_seqlens)
 
 

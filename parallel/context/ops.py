@@ -34,9 +34,9 @@ class ContextParallelAttention:
         check_cp_heads(num_q_heads, num_kv_heads, cp_size)
 
     def dense(self, query, key, value, *, cp_group, scale: float, cu_seqlens=None, dropout_p: float = 0.0,
-              cp_comm: str = "a2a") -> torch.Tensor:
+              cp_comm: str = "a2a", pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
         return dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
-                                  dropout_p=dropout_p, cp_comm=cp_comm, split=self.split)
+                                  dropout_p=dropout_p, cp_comm=cp_comm, split=self.split, pad_tail=pad_tail)
 
     def dsa(self, query, key, value, q_idx, w, k_idx, *, cp_group, topk: int, stage: str, scale: float,
             cu_seqlens=None, backend: str = "auto", dense_cp_comm: str = "a2a",
@@ -48,10 +48,10 @@ class ContextParallelAttention:
         return r.out, r.kl
 
     def ksa(self, query, key, value, *, cp_group, chunk: int, window: int, num_summary: int = 1, cu_seqlens=None,
-            scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+            scale: float | None = None, backend: str = "auto", pad_tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
         return ksa_cp_attention(query, key, value, cp_group=cp_group, chunk=chunk, window=window,
                                 num_summary=num_summary, cu_seqlens=cu_seqlens, scale=scale, backend=backend,
-                                split=self.split)
+                                split=self.split, pad_tail=pad_tail)
 
     def summary_mask(self, seq_len: int, batch: int, *, chunk: int, num_summary: int, cu_seqlens, cp_group,
                      device) -> torch.Tensor:

@@ -67,7 +67,10 @@ def _dense_cases(group, world, rank, res):
 
     S, D = 64, 16
     cu = torch.tensor([0, 13, 40, 64], dtype=torch.int32)  # 13 and 40 fall inside chunks at cp 2 and 4
-    for name, b, hq, hkv, cu_ in [("packed_gqa", 1, 8, 2, cu), ("batch2_mha", 2, 4, 4, None), ("packed_1kv", 1, 4, 1, cu)]:
+    # the last 24 tokens padding in 2 segments, named (models/attention/dense.py padding_tail): not attended
+    cu_tail, tail = torch.tensor([0, 13, 40, 50, 64], dtype=torch.int32), (24, 2)
+    for name, b, hq, hkv, cu_, pad in [("packed_gqa", 1, 8, 2, cu, (0, 0)), ("batch2_mha", 2, 4, 4, None, (0, 0)),
+                                       ("packed_1kv", 1, 4, 1, cu, (0, 0)), ("packed_tail", 1, 8, 2, cu_tail, tail)]:
         g = torch.Generator().manual_seed(42)
         q = torch.randn(S, b, hq, D, generator=g, dtype=torch.float64)
         k = torch.randn(S, b, hkv, D, generator=g, dtype=torch.float64)
@@ -77,8 +80,10 @@ def _dense_cases(group, world, rank, res):
         cu_ = None if cu_ is None else cu_.to(DEVICE)
         scale = D ** -0.5
         ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        qr, kr, vr = (t.permute(1, 2, 0, 3) for t in ref_in)
-        ref = causal_attention(qr, kr, vr, cu_, scale).permute(2, 0, 1, 3)
+        n = S - pad[0]                  # the reference: the documents alone, the padding's output 0
+        qr, kr, vr = (t[:n].permute(1, 2, 0, 3) for t in ref_in)
+        ref = causal_attention(qr, kr, vr, None if cu_ is None else cu_[:cu_.numel() - pad[1]], scale)
+        ref = torch.cat([ref.permute(2, 0, 1, 3), q.new_zeros(S - n, b, hq, D)])
         (ref * dout).sum().backward()
         for split in ("sequence", "document") if cu_ is not None else ("sequence",):
             lay = dict(split=split, cu_seqlens=cu_)
@@ -89,12 +94,14 @@ def _dense_cases(group, world, rank, res):
                 if comm == "a2a" and hq % world:
                     continue
                 x = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
-                out = dense_cp_attention(*x, cp_group=group, scale=scale, cu_seqlens=cu_, cp_comm=comm, split=split)
+                out = dense_cp_attention(*x, cp_group=group, scale=scale, cu_seqlens=cu_, cp_comm=comm, split=split,
+                                         pad_tail=pad)
                 (out * loc(dout)).sum().backward()
                 res[f"dense/{name}/{comm}{suffix}"] = {n: rel_rmse(r, o) for n, r, o in
                                                        zip(("out", "dq", "dk", "dv"), ref_l, [out] + _grads(x))}
             # DeepSpeed's Ulysses wrapper with our local attention (natural order inside), where heads split cleanly
-            if hq % world == 0 and DEVICE.type == "cpu":  # (DeepSpeed is not installed on the GPU machine)
+            # (DeepSpeed is not installed on the GPU machine; its wrapper knows no padding to leave out)
+            if hq % world == 0 and DEVICE.type == "cpu" and pad == (0, 0):
                 from deepspeed.sequence.layer import DistributedAttention
 
                 def local_attn(ql, kl, vl):
@@ -188,7 +195,8 @@ def _ksa_cases(group, world, rank, res):
     cu = batch.cu_seqlens
     S = int(cu[-1])
     assert S == 64, S
-    for name, hq, hkv in [("gqa", 8, 2), ("one_kv", 4, 1)]:
+    # "tail": the last document (18 interleaved tokens) named as padding (models/attention/dense.py padding_tail)
+    for name, hq, hkv, pad in [("gqa", 8, 2, (0, 0)), ("one_kv", 4, 1, (0, 0)), ("tail", 8, 2, (18, 1))]:
         g = torch.Generator().manual_seed(3)
         q = torch.randn(S, 1, hq, D, generator=g)
         k, v = torch.randn(S, 1, hkv, D, generator=g), torch.randn(S, 1, hkv, D, generator=g)
@@ -196,14 +204,16 @@ def _ksa_cases(group, world, rank, res):
         q, k, v, dout = (t.to(DEVICE) for t in (q, k, v, dout))
         cu = cu.to(DEVICE)
         R = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        ref = ksa_attention(*(t.transpose(0, 1) for t in R), chunk=C, window=W, num_summary=NS, cu_seqlens=cu,
-                            backend="naive").transpose(0, 1)
+        n = S - pad[0]                  # the reference: the documents alone, the padding's output 0
+        ref = ksa_attention(*(t[:n].transpose(0, 1) for t in R), chunk=C, window=W, num_summary=NS,
+                            cu_seqlens=cu[:cu.numel() - pad[1]], backend="naive").transpose(0, 1)
+        ref = torch.cat([ref, q.new_zeros(S - n, 1, hq, D)])
         (ref * dout).sum().backward()
         for split in ("sequence", "document"):
             loc = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank, split=split, cu_seqlens=cu)
             X = [loc(t).clone().requires_grad_(True) for t in (q, k, v)]
             out = ksa_cp_attention(*X, cp_group=group, chunk=C, window=W, num_summary=NS, cu_seqlens=cu,
-                                   backend="naive", split=split)
+                                   backend="naive", split=split, pad_tail=pad)
             (out * loc(dout)).sum().backward()
             errs = {n: rel_rmse(loc(a), bb) for n, a, bb in zip(("out", "dq", "dk", "dv"), [ref] + _grads(R),
                                                                     [out] + _grads(X))}
@@ -287,10 +297,10 @@ def _check(results: dict, prefix: str, tol: float) -> int:
 def test_dense_cp_matches_single_process(cp_results):
     world, res = cp_results
     n = _check(res, "dense/", TOL_F64)
-    # 3 head layouts x (a2a, allgather, DeepSpeed), the 2 packed ones also in the document layout;
-    # at cp 4 the single KV head is replicated 4x
-    assert n == 9 + 6
-    assert sum(k.endswith("/doc") for k in res if k.startswith("dense/")) == 6
+    # 3 head layouts x (a2a, allgather, DeepSpeed) and the named padding's x (a2a, allgather), the 3 packed ones also
+    # in the document layout; at cp 4 the single KV head is replicated 4x
+    assert n == 11 + 8
+    assert sum(k.endswith("/doc") for k in res if k.startswith("dense/")) == 8
 
 
 @pytest.mark.slow
@@ -302,7 +312,7 @@ def test_dsa_cp_matches_single_process(cp_results):
 @pytest.mark.slow
 def test_ksa_cp_matches_single_process(cp_results):
     _, res = cp_results
-    assert _check(res, "ksa/", TOL_F32) == 2 + 2  # both head layouts also in the document layout
+    assert _check(res, "ksa/", TOL_F32) == 3 + 3  # each case also in the document layout
 
 
 # ------------------------------------------------------------ Triton DSA kernels on query subsets (1 process)
