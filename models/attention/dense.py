@@ -87,7 +87,7 @@ def documents_part(s: int, packed_seq_params) -> tuple[int, torch.Tensor | None]
 
 def padding_tail(packed_seq_params) -> tuple[int, int]:
     """(tokens, segments) of the padding the trainer names at a packed row's end; (0, 0) for none. Under context
-    parallelism they count the whole row (the context-parallel attention functions take them: models/attention/cp.py)."""
+    parallelism they count the whole row (the context-parallel functions take them: models/attention/cp.py)."""
     return getattr(packed_seq_params, "pad_tail", 0), getattr(packed_seq_params, "pad_tail_segments", 0)
 
 
