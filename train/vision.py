@@ -139,8 +139,9 @@ class VisionTower:
         self.grad_clip = t.grad_clip
         lm = cfg.model.lm  # KSA: (chunk, summaries per chunk, the model's row length), for the visual positions
         self.ksa = (lm.ksa.chunk, lm.ksa.num_summary, lm.model_seq_length(t.seq_length)) if lm.uses_ksa else None
-        # a packed row shorter than the layout takes is padded to this length (as the trainer pads it)
-        self.row_length = functools.partial(layout.row_length, model_len=lm.model_seq_length(t.seq_length))
+        # the model's row length: a packed row shorter than the layout takes is padded towards it (as the trainer
+        # pads it: the layout's row_length)
+        self.model_len = lm.model_seq_length(t.seq_length)
         self.steps = 0
         # The ranks that share one LM sequence: TP x CP x PP of this data-parallel replica
         self.layout = layout
@@ -206,7 +207,8 @@ class VisionTower:
             for mb in micro_batches:
                 cu = mb.get("cu_seqlens")
                 seq, cu, vpos = model_row(mb["tokens"].shape[-1], None if cu is None else cu.reshape(-1),
-                                          mb["visual_pos"], self.ksa, self.row_length)
+                                          mb["visual_pos"], self.ksa,
+                                          functools.partial(self.layout.row_length, model_len=self.model_len))
                 for c, r in self.consumer_cp_rank.items():
                     local = cp_global_indices(seq, self.layout.cp, r, split=self.layout.cp_split, cu_seqlens=cu)
                     mine = torch.zeros(seq, dtype=torch.bool)
