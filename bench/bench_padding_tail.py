@@ -49,16 +49,16 @@ def _bounds(s: int, pad: int, doc: int | None) -> list[int]:
 
 
 def _packed(bounds, device, named: bool):
-    from models.moe.router import PackedSeqDocuments
+    """The trainer's packed params of the row (train/trainer.py packed_params): its last segment padding
+    (document -1), named at the row's end or not (as before the trainer named it)."""
+    from train.trainer import packed_params, trailing_padding
 
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     docs = torch.repeat_interleave(torch.arange(len(lengths), device=device), cu[1:] - cu[:-1])
     docs[bounds[-2]:] = -1
-    longest = max(lengths[:-1]) if named else max(lengths)
-    return PackedSeqDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                              max_seqlen_kv=longest, documents=docs.view(1, -1), num_documents=len(lengths),
-                              pad_tail=lengths[-1] if named else 0, pad_tail_segments=1 if named else 0)
+    padding = [False] * (len(lengths) - 1) + [True]
+    return packed_params(cu, docs.view(1, -1), tail=trailing_padding(lengths, padding if named else None))
 
 
 def _config(k):

@@ -81,6 +81,12 @@ class SummaryBatch:
     layout: SummaryLayout
 
 
+def interleaved_length(text_tokens, *, chunk: int, num_summary: int):
+    """Tokens of a document of `text_tokens` text tokens (an int, or a tensor of them) once its summary slots are
+    inserted: num_summary after each complete chunk."""
+    return text_tokens + (text_tokens // chunk) * num_summary
+
+
 def build_summary_layout(
     num_text_tokens: int, *, chunk: int, num_summary: int = 1, cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str | None = None,
@@ -102,7 +108,7 @@ def build_summary_layout(
     n_text = cu.diff()                                   # [docs]
     n_full = n_text // chunk                             # complete chunks per document
     cu_new = torch.zeros_like(cu)
-    cu_new[1:] = (n_text + n_full * num_summary).cumsum(0)
+    cu_new[1:] = interleaved_length(n_text, chunk=chunk, num_summary=num_summary).cumsum(0)
     docs = torch.arange(n_text.numel(), device=cu.device)
 
     doc_of_text = torch.repeat_interleave(docs, n_text)  # [T]

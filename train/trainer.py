@@ -35,7 +35,7 @@ from data.sample_position import counters_of_rank, format_runs
 from data.video.packing import DOC_KINDS
 from models.config import lm_flops_per_token, lm_param_count
 from models.init import init_layout_invariant
-from models.ksa_tokens import insert_summary_slots, pad_cu_seqlens
+from models.ksa_tokens import insert_summary_slots, interleaved_length, pad_cu_seqlens
 from models.attention.dsa import record_kls, use_local_kl_backward
 from models.lm import build_lm, copy_text_qkv_to_summary, freeze_for_stage, transformer_config
 from models.moe.router import PackedSeqDocuments
@@ -153,7 +153,7 @@ def _forward_step(inputs: StepInputs, data_iterator, model):
             real_segments = sb.cu_seqlens.numel() - 1
             tokens, labels, mask, pos, batch["cu_seqlens"] = pad_packed_row(tokens, labels, mask, pos, sb.cu_seqlens,
                                                                             inputs.model_seq)
-            lengths = [n + n // inputs.ksa_chunk * inputs.ksa_summary for n in lengths]  # build_summary_layout's
+            lengths = [interleaved_length(n, chunk=inputs.ksa_chunk, num_summary=inputs.ksa_summary) for n in lengths]
             if inputs.model_seq > sum(lengths):  # pad_packed_row's segment
                 lengths, padding = lengths + [inputs.model_seq - sum(lengths)], padding + [True]
         if visual_pos is not None:
