@@ -91,6 +91,18 @@ def padding_tail(packed_seq_params) -> tuple[int, int]:
     return getattr(packed_seq_params, "pad_tail", 0), getattr(packed_seq_params, "pad_tail_segments", 0)
 
 
+def local_documents(s: int, packed_seq_params, context_parallel: bool) -> int:
+    """The first n of the s tokens this rank holds, before the padding that ends them: under context parallelism its
+    share of the row's trailing padding (PackedSeqDocuments.pad_tail_local, which the CP split sets: a rank holds
+    its tokens in the row's order; none left out where it is not set), else the row's own (pad_tail,
+    documents_part's n). s when none is named or all s tokens would be padding."""
+    if context_parallel:
+        tail = getattr(packed_seq_params, "pad_tail_local", None) or 0
+    else:
+        tail = padding_tail(packed_seq_params)[0]
+    return s - tail if 0 < tail < s else s
+
+
 def cut_padding_tail(s: int, cu: torch.Tensor | None, tail: tuple[int, int]) -> tuple[int, torch.Tensor | None]:
     """documents_part's cut of a row of s tokens whose bounds are `cu`, given its padding_tail."""
     tokens, segments = tail

@@ -51,7 +51,9 @@ CP rank, so the index RoPE uses each token's global position); the injected `cp_
 the local queries over all keys with the GLOBAL cu_seqlens, attends over all-gathered K/V and returns
 the KL as the mean over the rank's tokens, so the attached `kl * b * s_local` is this rank's share of the
 global per-token sum (CP gradients are summed over the DP x CP group and divided by the global token
-count, as for the LM loss).
+count, as for the LM loss). The row's trailing padding ends each rank's share (the trainer names the rank's part,
+dense.local_documents): `cp_ops.dsa` selects, attends and takes the KL for the rank's other tokens only, and
+s_local counts those.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ from megatron.core.transformer.module import MegatronModule
 from kernels.dsa import dsa_attention, indexer_kl_loss, indexer_kl_loss_backward_now
 from kernels.dsa.fused import AttachLossFn
 from models.attention.cp import ContextParallelOps, cp_ops_for, resolve_cp_comm
-from models.attention.dense import causal_attention, documents_part, longest_document, with_padding_rows
+from models.attention.dense import (causal_attention, documents_part, local_documents, longest_document, padding_tail,
+                                    with_padding_rows)
 from models.attention.layer_axis import on_variant_axis
 
 STAGES = ("dense_warmup", "sparse")
@@ -190,11 +193,12 @@ class DSACoreAttention(MegatronModule):
         s, b, nq, d = query.shape
         w = without_padding_rows(w, packed_seq_params)
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-        n = s
         if self.cp_group is None:  # the row without its trailing padding (dense.documents_part); b == 1 there
             n, cu = documents_part(s, packed_seq_params)
             query, key, value = query[:n], key[:n], value[:n]
             q_idx, w, k_idx = q_idx[:, :n], w[:, :n], k_idx[:, :n]
+        else:  # cp_ops.dsa leaves out the rank's share of the row's trailing padding, and weighs its KL by the rest
+            n = local_documents(s, packed_seq_params, context_parallel=True)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, n, h, d]
         backend = self.backend if self.backend != "auto" else ("triton" if q.is_cuda else "naive")
         longest = None if self.cp_group is not None else longest_document(s, packed_seq_params)
@@ -212,7 +216,8 @@ class DSACoreAttention(MegatronModule):
                                       stage="sparse" if self.stage == "sparse" else "dense", scale=self.scale,
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
                                       kl_grad=self._kl_grad(b, n) if now else None, with_kl=with_kl,
-                                      kl_in_backward=self._kl_grad(b, n) if in_bwd else None)
+                                      kl_in_backward=self._kl_grad(b, n) if in_bwd else None,
+                                      pad_tail=padding_tail(packed_seq_params))
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan

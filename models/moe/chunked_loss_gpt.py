@@ -25,7 +25,7 @@ from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
-from models.attention.dense import documents_part, with_padding_rows
+from models.attention.dense import local_documents, with_padding_rows
 from models.moe.chunked_ce import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -52,10 +52,10 @@ class ChunkedLossMixin:
         elif tp_group.size() > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
         # hidden [s, b, h]; labels [b, s] -> loss [s, b] -> [b, s] (GPTModel's convention). The padding the
-        # trainer names at the row's end (models/attention/dense.py documents_part) gets no logits: a loss of 0
-        # (not under context parallelism, where this rank's tokens are a share of the row in the split's order)
+        # trainer names at the row's end (models/attention/dense.py documents_part; under context parallelism the
+        # part of it that ends this rank's share) gets no logits: a loss of 0
         s = hidden_states.shape[0]
-        n = s if self.config.context_parallel_size > 1 else documents_part(s, kwargs.get("packed_seq_params"))[0]
+        n = local_documents(s, kwargs.get("packed_seq_params"), self.config.context_parallel_size > 1)
         loss = chunked_cross_entropy(hidden_states[:n], weight, labels.transpose(0, 1)[:n], tp_group=tp_group,
                                      chunk_tokens=int(self.loss_chunk_tokens))
         return with_padding_rows(loss, s, 0).transpose(0, 1).contiguous()

@@ -73,12 +73,16 @@ class PackedSeqDocuments(PackedSeqParams):
     `pad_tail` tokens in the last `pad_tail_segments` segments of cu_seqlens_q are padding (Python ints, known without
     a device sync; under context parallelism, of the whole row): the core attentions run on the row without them and
     give them a zero output (models/attention/dense.py documents_part; under CP the dense and KSA ones, through the
-    context-parallel functions). `max_seqlen_q` is then the longest segment before them."""
+    context-parallel functions). `max_seqlen_q` is then the longest segment before them. `pad_tail_local`: how many
+    of them end the tokens this rank holds under context parallelism (a rank holds its tokens in ascending order of
+    their places in the row, so the row's trailing padding is a trailing run of each rank's share; parallel/context
+    batch.py sets it, 0 where the share would be all padding; models/attention/dense.py local_documents)."""
 
     documents: torch.Tensor | None = None
     num_documents: int = 0
     pad_tail: int = 0
     pad_tail_segments: int = 0
+    pad_tail_local: int | None = None
 
 
 class _BiasedChoice:

@@ -22,16 +22,20 @@ What is split and what is not, and why:
     The rotary embedding is [S, b, 1, D] per layer call (one per forward, shared by the layers), a few
     MB even at 256K, so computing it whole costs nothing that matters.
   * packed_seq_params (sbhd, batch 1) keeps the GLOBAL cu_seqlens: the CP attention functions need the
-    document boundaries of the whole sequence (documents cross rank and chunk boundaries).
+    document boundaries of the whole sequence (documents cross rank and chunk boundaries). Where the trainer names
+    padding at the row's end (pad_tail), it gains `pad_tail_local`, the part of it that ends this rank's share
+    (`split.cp_local_tail`): the DSA attention and the chunked loss leave those rows out.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
 from parallel.context.comm import group_size_rank
-from parallel.context.split import (CPSplit, check_cp_seq_len, cp_rank_concat_indices, rank_concat_to_natural,
-                                    split_for_cp)
+from parallel.context.split import (CPSplit, check_cp_seq_len, cp_local_tail, cp_rank_concat_indices,
+                                    rank_concat_to_natural, split_for_cp)
 
 __all__ = ["split_batch_for_cp", "rotary_positions_for_cp", "cp_share"]
 
@@ -57,7 +61,8 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
 
     tokens / labels / mask [b, S] -> [b, S/cp]; pos [3, b, S] global-length, unchanged ("sequence") or
     permuted for megatron's rotary slice ("document", see `rotary_positions_for_cp`);
-    kwargs["packed_seq_params"] (if any) unchanged (global cu_seqlens). Raises ValueError when S is not
+    kwargs["packed_seq_params"] (if any) with the GLOBAL cu_seqlens, and the share of a trailing padding it names
+    that ends this rank's tokens (pad_tail_local). Raises ValueError when S is not
     divisible by 2 * cp or the packed boundaries do not cover the sequence.
     """
     cp, rank = group_size_rank(cp_group)
@@ -81,6 +86,9 @@ def split_batch_for_cp(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
                              "cu_seqlens must be the GLOBAL boundaries of the whole sequence")
     tokens, labels, mask = (None if t is None else cp_share(t, kwargs, cp_group, split=split)
                             for t in (tokens, labels, mask))
+    if getattr(psp, "pad_tail", 0):  # the row's trailing padding ends this rank's share: how much of it
+        tail = cp_local_tail(seq_len, cp, rank, psp.pad_tail, split=split, cu_seqlens=cu)
+        kwargs = {**kwargs, "packed_seq_params": dataclasses.replace(psp, pad_tail_local=tail)}
     return tokens, labels, mask, rotary_positions_for_cp(pos, cp, split=split, cu_seqlens=cu), kwargs
 
 

@@ -43,9 +43,10 @@ import torch.distributed as dist
 
 from kernels.dsa import naive as dsa_naive
 from kernels.dsa.common import check_triton_device
+from models.attention.dense import with_padding_rows
 from parallel.context.attention import CPComm, dense_cp_attention
 from parallel.context.comm import all_gather_seq, group_size_rank
-from parallel.context.split import CPSplit, cp_global_indices, rank_concat_to_natural
+from parallel.context.split import CPSplit, cp_global_indices, cp_local_tail, rank_concat_to_natural
 
 __all__ = ["DSACPOutput", "dsa_cp_attention", "cp_topk_indices", "gather_index_keys"]
 
@@ -304,7 +305,8 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      stage: Stage, scale: float, cu_seqlens: torch.Tensor | None = None,
                      backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
                      split: CPSplit = "sequence", kl_grad: float | None = None,
-                     with_kl: bool = True, kl_in_backward: float | None = None) -> DSACPOutput:
+                     with_kl: bool = True, kl_in_backward: float | None = None,
+                     pad_tail: tuple[int, int] = (0, 0)) -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
@@ -321,6 +323,10 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     autograd). The sparse stage's Triton path then trains the indexer in the output's backward, which also
     computes the KL's target (kernels/dsa/fused.py), and returns the KL detached, filled by that backward;
     every other path returns it with its graph, for the caller to attach.
+    pad_tail: (tokens, segments) of padding at the row's end (models/attention/dense.py padding_tail; packed rows):
+    the local tokens in it end this rank's share (`split.cp_local_tail`); they select no keys, their output is 0,
+    their idx rows -1, and the KL and its mean are over the rank's other tokens (unless they are all of them: then
+    nothing is left out on this rank). The dense stage's attention leaves the whole row's padding out.
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -332,11 +338,14 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     pos, start = _fold(S, b, cp, rank, cu_seqlens, query.device, split)
     layout = dict(split=split, cu_seqlens=cu_seqlens)
     R = b * n
-    q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:]), w.reshape(R, -1)
-    q_R = query.transpose(0, 1).reshape(R, Hq, D)
+    # the rows before this rank's share of the row's trailing padding (batch 1 when packed: _fold checks)
+    m = R - (cp_local_tail(S, cp, rank, pad_tail[0], **layout) if cu_seqlens is not None else 0)
+    pos, start = pos[:m], start[:m]
+    q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:])[:m], w.reshape(R, -1)[:m]
+    q_R = query.transpose(0, 1).reshape(R, Hq, D)[:m]
     if stage == "dense":
         out = dense_cp_attention(query, key, value, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens,
-                                 cp_comm=dense_cp_comm, split=split)
+                                 cp_comm=dense_cp_comm, split=split, pad_tail=pad_tail)
         if not with_kl:
             return DSACPOutput(out=out, kl=None, idx=None)
         k_idx_T = gather_index_keys(k_idx, cp_group, dim=1, **layout).reshape(b * S, -1)   # grads reduce-scattered
@@ -360,5 +369,6 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         span = int((pos - start).max()) + 1  # one host sync, like the top-k's
         o_R, kl = _sparse_triton(q_R, k_T, v_T, q_idx_R, w_R, k_idx_T, idx, scale, span, with_kl,
                                  kl_in_backward if torch.is_grad_enabled() else None)
-    out = o_R.view(b, n, Hq, D).transpose(0, 1)
+    out = with_padding_rows(o_R, R, 0).view(b, n, Hq, D).transpose(0, 1)
+    idx = torch.cat([idx, idx.new_full((R - m, idx.shape[1]), -1)]) if m < R else idx
     return DSACPOutput(out=out, kl=kl, idx=_unfold_idx(idx, b, n, S))

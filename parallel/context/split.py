@@ -41,7 +41,7 @@ import torch
 
 __all__ = [
     "CPSplit", "CP_SPLITS", "check_cp_seq_len", "cp_chunk_bounds", "cp_global_indices", "cp_rank_concat_indices",
-    "split_for_cp", "unsplit_from_cp", "natural_to_rank_concat", "rank_concat_to_natural",
+    "cp_local_tail", "split_for_cp", "unsplit_from_cp", "natural_to_rank_concat", "rank_concat_to_natural",
     "causal_pairs_per_rank",
 ]
 
@@ -166,6 +166,20 @@ def cp_chunk_bounds(seq_len: int, cp_size: int, cp_rank: int, *, split: CPSplit 
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank {cp_rank} out of range for cp = {cp_size}")
     return list(_runs(seq_len, cp_size, _bounds(seq_len, split, cu_seqlens))[cp_rank])
+
+
+def cp_local_tail(seq_len: int, cp_size: int, cp_rank: int, tail: int, *, split: CPSplit = "sequence",
+                  cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> int:
+    """How many of the tokens rank `cp_rank` holds lie in the row's last `tail` tokens (its trailing padding). A
+    rank keeps its tokens in ascending global order, so they end its share; 0 when they would be all of it (a
+    rank's computation then goes on as for a row without padding, which keeps its collectives' graph)."""
+    if tail <= 0:
+        return 0
+    first = seq_len - tail
+    runs = cp_chunk_bounds(seq_len, cp_size, cp_rank, split=split, cu_seqlens=cu_seqlens)
+    held = sum(e - a for a, e in runs)
+    mine = sum(e - max(a, first) for a, e in runs if e > first)
+    return 0 if mine >= held else mine
 
 
 def cp_rank_concat_indices(seq_len: int, cp_size: int, device: torch.device | str | None = None, *,

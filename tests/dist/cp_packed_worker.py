@@ -8,14 +8,15 @@ groups for `parallel.cp=CP` (the rest data parallel), the recipe's language mode
 layout-invariant initialisation and, as the trainer does, parallel/context's attention functions injected
 (`build_lm(..., cp_ops=ContextParallelAttention(split))`), ONE packed micro-batch (batch 1, documents of odd
 lengths so that they start and end inside CP chunks, positions restarting per document, KSA summary slots
-inserted for KSA models), forward through `parallel.context.batch.split_batch_for_cp` with the same split
-exactly as the trainer calls it, backward of the summed per-token loss. Gradients are then summed over
-the CP group (what DDP does over DP x CP) and compared, on rank 0, against CP 1: loss sum, token count
-and every parameter's gradient. DSA/KSA extras (the indexer KL attached in DSA layers, the summary projections) are part of the
-gradients compared. Writes {recipe: {CP: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}}
+inserted for KSA models, then a segment of padding named as the trainer names it), forward through
+`parallel.context.batch.split_batch_for_cp` with the same split exactly as the trainer calls it, backward of the
+summed per-token loss. Gradients are then summed over the CP group (what DDP does over DP x CP) and compared, on
+rank 0, against CP 1: loss sum, token count and every parameter's gradient. DSA/KSA extras (the indexer KL attached
+in DSA layers, the summary projections) are part of the gradients compared. Writes {recipe: {CP: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}}
 (keyed by the CP argument as given).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 DOCS = [45, 38, 37, 3]  # text tokens per document: 123; odd, so documents straddle CP chunk boundaries
+PAD_MIN = 37  # the padding segment's least length (module docstring)
 
 
 def packed_batch(lm, device):
@@ -59,12 +61,14 @@ def run_one(recipe: str, cp: int, pad_to: int,
     from models.init import init_layout_invariant
     from models.lm import build_lm, transformer_config
     from parallel.context import ContextParallelAttention
-    from parallel.context.batch import split_batch_for_cp
+    from parallel.context.batch import cp_share, split_batch_for_cp
     from parallel.groups import build_process_groups, seed_all
+    from parallel.megatron_compat import set_balancing_tokens
     from parallel.layout import ParallelLayout
     from train.config import to_config
     from train.launch import compose_config
-    from train.trainer import packed_params
+    from train.nonfinite import part_ids
+    from train.trainer import packed_params, token_documents, trailing_padding
 
     cfg = to_config(compose_config([f"recipe={recipe}", "parallel=single", f"parallel.cp={cp}"]
                                    + ([f"parallel.cp_split={split}"] if split else [])))
@@ -79,17 +83,30 @@ def run_one(recipe: str, cp: int, pad_to: int,
     model.train()
     (tokens, labels, mask, pos), cu = packed_batch(lm, torch.device("cpu"))
     seq = tokens.shape[-1]
-    if seq % pad_to:  # a padding document with no loss, so that every CP degree tested splits evenly
-        extra = pad_to - seq % pad_to
-        tokens = torch.cat([tokens, tokens.new_zeros(1, extra)], -1)
-        labels = torch.cat([labels, labels.new_zeros(1, extra)], -1)
-        mask = torch.cat([mask, mask.new_zeros(1, extra)], -1)
-        pos = torch.cat([pos, torch.arange(extra).expand(3, 1, extra)], -1)
-        cu = torch.cat([cu, cu.new_tensor([seq + extra])])
-    kwargs = {"packed_seq_params": packed_params(cu)}
+    # a padding document with no loss, at least PAD_MIN tokens, so that every CP degree tested splits evenly; named
+    # as padding as the trainer names a video pack's (its tokens' document -1; not attended, no logits, in no KL),
+    # and long enough to take a share of every rank's tokens at cp 2
+    extra = PAD_MIN + (-(seq + PAD_MIN)) % pad_to
+    tokens = torch.cat([tokens, tokens.new_zeros(1, extra)], -1)
+    labels = torch.cat([labels, labels.new_zeros(1, extra)], -1)
+    mask = torch.cat([mask, mask.new_zeros(1, extra)], -1)
+    pos = torch.cat([pos, torch.arange(extra).expand(3, 1, extra)], -1)
+    cu = torch.cat([cu, cu.new_tensor([seq + extra])])
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    kwargs = {"packed_seq_params": packed_params(cu, tail=trailing_padding(lengths, [False] * (len(lengths) - 1)
+                                                                           + [True]))}
     group = pgs.cp if cp > 1 else None
+    parts, full_mask = part_ids(tokens.shape, cu, tokens.device), mask
     tokens, labels, mask, pos, kwargs = split_batch_for_cp(tokens, labels, mask, pos, kwargs, group,
                                                            split=layout.cp_split)
+    if cp > 1:
+        parts = cp_share(parts, kwargs, group, split=layout.cp_split)
+    documents = token_documents(parts, len(lengths), real_segments=len(lengths) - 1, doc_groups=None)
+    kwargs["packed_seq_params"] = dataclasses.replace(kwargs["packed_seq_params"], documents=documents,
+                                                      num_documents=len(lengths))
+    # the routers weigh their balancing loss by the micro-batch's LM-loss tokens over its whole row (the trainer's
+    # call: the padding's share differs between the CP ranks)
+    set_balancing_tokens(full_mask.sum().to(torch.int64))
     out = model(tokens, pos, None, labels=labels, **kwargs)
     loss = (out.float() * mask).sum()
     loss.backward()

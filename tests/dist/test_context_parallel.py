@@ -183,6 +183,87 @@ def _dsa_cases(group, world, rank, res):
                     + ("/doc" if split == "document" else "")] = errs
 
 
+def _dsa_tail_cases(group, world, rank, res):
+    """DSA under CP with padding named at the row's end (models/attention/dense.py padding_tail): against one process
+    on the documents alone. "tail": 24 tokens in 2 segments, a share of each rank's tokens but none's whole (cp 4:
+    rank 3 holds none); "mostly": 54 of 64, all of some ranks' tokens, which then leave nothing out (split.py
+    cp_local_tail). As the trainer gives it, the padding's rows of w are 0 (models/attention/dsa.py
+    without_padding_rows) and no loss reads its outputs (dout 0 there); compared: the documents' outputs, every
+    gradient but w's on the padding (a padding row the rank attends still has a KL against a uniform choice, whose
+    gradient to a w of 0 the model's mask stops), and, where no rank's share is all padding, the KL, the documents'
+    mean, from each rank's mean times the tokens it kept."""
+    import torch.distributed as dist
+
+    from kernels.dsa import dsa_topk, indexer_kl_loss, sparse_gqa_attention
+    from models.attention.dense import causal_attention
+    from parallel.context import dsa_cp_attention, split_for_cp
+    from parallel.context.split import cp_local_tail
+
+    S, D, HI, DI, K, hq, hkv = 64, 16, 2, 8, 8, 8, 2
+    for name, cu, pad in [("tail", [0, 13, 40, 50, 64], (24, 2)), ("mostly", [0, 10, 64], (54, 1))]:
+        cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+        n = S - pad[0]
+        cu_docs = cu[:cu.numel() - pad[1]]
+        for stage in ("sparse", "dense"):
+            g = torch.Generator().manual_seed(11)
+            f64 = dict(generator=g, dtype=torch.float64)
+            q = torch.randn(S, 1, hq, D, **f64)
+            k, v = torch.randn(S, 1, hkv, D, **f64), torch.randn(S, 1, hkv, D, **f64)
+            qi, w, ki = torch.randn(1, S, HI, DI, **f64), torch.randn(1, S, HI, **f64), torch.randn(1, S, DI, **f64)
+            dout = torch.randn(S, 1, hq, D, **f64)
+            w[:, n:] = 0
+            dout[n:] = 0
+            q, k, v, qi, w, ki, dout = (t.to(DEVICE) for t in (q, k, v, qi, w, ki, dout))
+            lam, scale = 0.7, D ** -0.5
+            R = [t.clone().requires_grad_(True) for t in (q, k, v, qi, w, ki)]
+            Q, Kt, V = (t.transpose(0, 1)[:, :n] for t in R[:3])
+            I3 = [t[:, :n] for t in R[3:]]
+            if stage == "sparse":
+                idx = dsa_topk(*I3, K, cu_seqlens=cu_docs, backend="naive")
+                o, lse = sparse_gqa_attention(Q, Kt, V, idx, scale=scale, cu_seqlens=cu_docs, return_lse=True,
+                                              backend="naive")
+                kl = indexer_kl_loss(Q, Kt, *I3, stage="sparse", idx=idx, lse=lse, scale=scale, cu_seqlens=cu_docs,
+                                     backend="naive")
+            else:
+                o = causal_attention(Q.transpose(1, 2), Kt.transpose(1, 2), V.transpose(1, 2), cu_docs,
+                                     scale).transpose(1, 2)
+                kl = indexer_kl_loss(Q, Kt, *I3, stage="dense", scale=scale, cu_seqlens=cu_docs, backend="naive")
+            ref_out = torch.cat([o.transpose(0, 1), o.new_zeros(S - n, 1, hq, D)])
+            ((ref_out * dout).sum() + lam * kl).backward()
+            for split in ("sequence", "document"):
+                lay = dict(split=split, cu_seqlens=cu)
+                sl0 = lambda t: split_for_cp(t, dim=0, cp_size=world, cp_rank=rank, **lay)
+                sl1 = lambda t: split_for_cp(t, dim=1, cp_size=world, cp_rank=rank, **lay)
+                X = [sl0(t).requires_grad_(True) for t in (q, k, v)] + \
+                    [sl1(t).requires_grad_(True) for t in (qi, w, ki)]
+                r = dsa_cp_attention(*X, cp_group=group, topk=K, stage=stage, scale=scale, cu_seqlens=cu,
+                                     backend="naive", split=split, pad_tail=pad)
+                n_local = X[0].shape[0]
+                kept = n_local - cp_local_tail(S, world, rank, pad[0], **lay)  # the rows whose KL the rank took
+                ((r.out * sl0(dout)).sum() + lam * r.kl * (kept / n)).backward()
+                docs = sl0(torch.arange(S, device=DEVICE)) < n  # this rank's documents' tokens
+                errs = {"out": rel_rmse(sl0(ref_out)[docs], r.out[docs])} if docs.any() else {}
+                if kept < n_local:
+                    errs["padding_out_zero"] = bool((r.out[kept:] == 0).all())
+                    if stage == "sparse":
+                        errs["padding_idx_empty"] = bool((r.idx[0, kept:] == -1).all())
+                places = torch.arange(S, device=DEVICE)
+                if not any((split_for_cp(places, dim=0, cp_size=world, cp_rank=j, **lay) >= n).all()
+                           for j in range(world)):  # no rank's share all padding
+                    kl_glob = (r.kl.detach() * kept).clone()
+                    dist.all_reduce(kl_glob, group=group)
+                    errs["kl"] = rel_rmse(kl.detach(), kl_glob / n)
+                for nm, ref_t, got, sl in zip(("dq", "dk", "dv", "dq_idx", "dw", "dk_idx"), R, X,
+                                              (sl0, sl0, sl0, sl1, sl1, sl1)):
+                    ref_g, got_g = sl(ref_t.grad), got.grad
+                    if nm == "dw":
+                        if not docs.any():
+                            continue
+                        ref_g, got_g = ref_g[:, docs], got_g[:, docs]
+                    errs[nm] = rel_rmse(ref_g, got_g)
+                res[f"dsa_tail/{name}/{stage}" + ("/doc" if split == "document" else "")] = errs
+
+
 def _ksa_cases(group, world, rank, res):
     from kernels.ksa import ksa_attention
     from models.ksa_tokens import insert_summary_slots
@@ -249,7 +330,7 @@ def _worker(rank: int, world: int, out: str, port: int) -> None:
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     group = dist.group.WORLD
     res: dict = {}
-    for cases in (_dense_cases, _dsa_cases, _ksa_cases):
+    for cases in (_dense_cases, _dsa_cases, _dsa_tail_cases, _ksa_cases):
         try:
             cases(group, world, rank, res)
         except Exception:  # report, then fail the pytest side with the traceback
@@ -277,7 +358,7 @@ def cp_results(request, tmp_path_factory):
     return world, json.loads(out.read_text())
 
 
-def _check(results: dict, prefix: str, tol: float) -> int:
+def _check(results: dict, prefix: str, tol: float, f32_names: tuple[str, ...] = ("kl",)) -> int:
     errors = [k for k in results if k.startswith("error/")]
     assert not errors, "\n".join(next(iter(results[k].values())) for k in errors)
     keys = [k for k in results if k.startswith(prefix)]
@@ -288,7 +369,7 @@ def _check(results: dict, prefix: str, tol: float) -> int:
                 if isinstance(val, bool):
                     assert val, f"{key} rank {rank}: {name} is False"
                 else:
-                    limit = max(tol, TOL_F32) if name == "kl" else tol  # fp32 KL value, see the docstring
+                    limit = max(tol, TOL_F32) if name in f32_names else tol  # fp32 KL value, see the docstring
                     assert val <= limit, f"{key} rank {rank}: {name} relative RMSE {val:.3e} > {limit:.0e}"
     return len(keys)
 
@@ -307,6 +388,16 @@ def test_dense_cp_matches_single_process(cp_results):
 def test_dsa_cp_matches_single_process(cp_results):
     _, res = cp_results
     assert _check(res, "dsa/", TOL_F64) == 4 + 2  # packed sparse / dense also in the document layout
+
+
+@pytest.mark.slow
+def test_dsa_cp_leaves_out_the_rows_padding(cp_results):
+    _, res = cp_results
+    # the indexer's gradients come through the fp32 KL scalar: the test loss's weight of it, lam * kept / n (not a
+    # power of two here, unlike the other cases' n_local / S), is rounded to fp32 on its way in, so they differ from
+    # the reference's by that rounding (2e-8 seen): TOL_F32 for them
+    assert _check(res, "dsa_tail/", TOL_F64, f32_names=("kl", "dq_idx", "dw", "dk_idx")) == 2 * 2 * 2  # rows x
+    # stages x layouts
 
 
 @pytest.mark.slow

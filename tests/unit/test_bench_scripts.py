@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = ["--out", "{tmp}/o.json"]
 GPU_ONLY = [(s, OUT) for s in ("bench_checkpoint.py", "bench_cp.py", "bench_dsa_short.py", "bench_dsa_stage.py",
                                "bench_dsa_warmup.py", "bench_packed_attention.py", "bench_spine.py",
-                               "bench_padding_tail.py", "bench_vit_layout.py", "probe_dsa.py", "probe_fp8_index.py",
+                               "bench_padding_tail.py", "bench_padding_tail_cp.py", "bench_vit_layout.py",
+                               "probe_dsa.py", "probe_fp8_index.py",
                                "probe_overlap.py", "profile_dsa_stage.py", "sweep_dsa.py")]
 GPU_ONLY += [("bench_nonfinite.py", []), ("probe_sdpa_grad_layout.py", []), ("probe_determinism.py", OUT)]
 GPU_ONLY += [("smoke_gpu_recipes.py", OUT + ["--root", "{tmp}/runs"])]
@@ -88,3 +89,21 @@ def test_the_padding_bench_runs_its_smoke_cases_on_the_cpu(tmp_path):
         # order (KSA's reference: 1e-8 relative RMSE seen)
         assert row["out_rel"] < 1e-6 and row["grad_rel"] < 1e-6 and row["padding_out_zero"], row
         assert row["padding_out_max_not_named"] > 0.1, row
+
+
+def test_the_padding_bench_under_context_parallelism_runs_its_smoke_cases_on_the_cpu(tmp_path):
+    """bench_padding_tail_cp.py --smoke: 2 gloo ranks, each module at tiny shapes under CP 2 with the padding named
+    against not: on each rank the documents' outputs and gradients the same and the padding's output 0 when named;
+    each rank holds a share of the padding (the document layout deals the padding segment's chunks to both)."""
+    import json
+
+    r = _run("bench_padding_tail_cp.py", ["--smoke", "--out", "{tmp}/p.json"], tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "p.json").read_text())["cases"]
+    assert sorted((row["module"], row["rank"]) for row in rows) == sorted(
+        (m, rank) for m in ("dense", "dsa", "dsa", "loss") for rank in (0, 1))
+    for row in rows:
+        # fp32, the documents' rows computed from the same inputs either way (the attention and the KL only see
+        # fewer padding rows): exact but for sums in another order
+        assert row["out_rel"] < 1e-6 and row["grad_rel"] < 1e-6 and row["padding_out_zero"], row
+        assert row["local_padding"] == row["padding"] // 2, row

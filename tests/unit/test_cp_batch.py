@@ -63,6 +63,36 @@ def test_document_split_positions_survive_megatrons_rotary_slice(cp):
         assert torch.equal(sliced, pos[..., idx])
 
 
+@pytest.mark.parametrize("split", ["sequence", "document"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_each_rank_is_told_the_padding_that_ends_its_share(split, cp):
+    """pad_tail_local, what the DSA attention and the chunked loss leave out on a CP rank: the rank's tokens that lie
+    in the row's named trailing padding, counted from its global positions (cp_global_indices, independent of
+    split.cp_local_tail's run arithmetic); they end its share, and a share that is padding alone leaves out none."""
+    from models.attention.dense import local_documents
+    from train.trainer import packed_params, trailing_padding
+
+    s = 64
+    for lengths in ([13, 27, 10, 14], [7, 57], [30, 2, 32], [60, 4]):
+        cu = torch.tensor([0, *lengths]).cumsum(0)
+        for k in range(1, len(lengths)):  # the last k segments named padding
+            tail = trailing_padding(lengths, [False] * (len(lengths) - k) + [True] * k)
+            psp = packed_params(cu, tail=tail)
+            first = s - tail[0]
+            for r in range(cp):
+                *_, kw = split_batch_for_cp(*_batch(s), {"packed_seq_params": psp}, FakeGroup(cp, r), split=split)
+                idx = cp_global_indices(s, cp, r, split=split, cu_seqlens=cu)
+                padding = idx >= first
+                whole = bool(padding.all())
+                expect = 0 if whole else int(padding.sum())
+                assert kw["packed_seq_params"].pad_tail_local == expect, (lengths, k, r)
+                assert bool(padding[idx.numel() - expect:].all()) and not padding[:idx.numel() - expect].any() \
+                    or whole
+                n = local_documents(idx.numel(), kw["packed_seq_params"], context_parallel=True)
+                assert n == idx.numel() - expect
+                assert kw["packed_seq_params"].pad_tail == tail[0]  # the whole row's, for the attention functions
+
+
 def test_no_group_is_a_no_op():
     tok, lab, mask, pos = _batch(6)
     assert split_batch_for_cp(tok, lab, mask, pos, {}, None, split="document")[0] is tok
