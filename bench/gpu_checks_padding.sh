@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two GPUs: the padding at a packed row's end under context parallelism, and the tiny recipe's GPU curve against
+# Two GPUs (GPUS="0 0" runs part 2 on one): the padding at a packed row's end under context parallelism, and the tiny recipe's GPU curve against
 # another tree's. Needs $OUT; BASE: a checkout of the tree to compare with (its own launch/pretrain.py runs there).
 #  1. bench/bench_padding_tail_cp.py (CP 2 over both GPUs): $OUT/padding_tail_cp.json.
 #  2. keye_tiny (40 steps, one GPU each, one process) on ONE set of synthetic videos made here (a set made twice is
@@ -56,6 +56,7 @@ run() {   # name, gpu, tree, extra settings
   echo "tiny_$name rc=$?" >> "$OUT/rc.txt"
   cp /tmp/pad_run_$name/metrics.jsonl "$OUT/tiny_$name.jsonl" 2>/dev/null
 }
-run base_det 0 "$BASE" train.deterministic=true & run this_det 1 "$PWD" train.deterministic=true & wait
-run this_off1 0 "$PWD" & run this_off2 1 "$PWD" & wait
+read -r G0 G1 <<< "${GPUS:-0 1}"   # GPUS="0 0": both runs of a pair on one GPU
+run base_det "$G0" "$BASE" train.deterministic=true & run this_det "$G1" "$PWD" train.deterministic=true & wait
+run this_off1 "$G0" "$PWD" & run this_off2 "$G1" "$PWD" & wait
 python3 bench/gpu_checks_padding_summary.py tiny "$OUT" | tee "$OUT/tiny_summary.txt"

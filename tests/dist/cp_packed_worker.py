@@ -12,8 +12,8 @@ inserted for KSA models, then a segment of padding named as the trainer names it
 `parallel.context.batch.split_batch_for_cp` with the same split exactly as the trainer calls it, backward of the
 summed per-token loss. Gradients are then summed over the CP group (what DDP does over DP x CP) and compared, on
 rank 0, against CP 1: loss sum, token count and every parameter's gradient. DSA/KSA extras (the indexer KL attached
-in DSA layers, the summary projections) are part of the gradients compared. Writes {recipe: {CP: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}}
-(keyed by the CP argument as given).
+in DSA layers, the summary projections) are part of the gradients compared. Writes
+{recipe: {CP: {"loss": .., "tokens": .., "grad_rel_err": {param: rel RMSE}}}} (keyed by the CP argument as given).
 """
 
 import dataclasses
