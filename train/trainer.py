@@ -1034,8 +1034,8 @@ class Trainer:
     def _loss_vector(self, losses: list[dict], padding: list[list[bool]] | None = None,
                      layer_kls: list | None = None) -> torch.Tensor:
         """This rank's share of the step's loss sums, on the device, to be summed over the world (_loss_from):
-        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL, DSA layers, then each group of source
-        and kind's loss and tokens (train/loss_groups.py; video data)]. padding (an evaluation
+        [LM loss, loss tokens, distillation KL, attention MSE, DSA indexer KL x its tokens, those tokens, then each
+        group of source and kind's loss and tokens (train/loss_groups.py; video data)]. padding (an evaluation
         of a whole held-out set): per model chunk, which of its micro-batches were filler, whose indexer KLs are left
         out (their loss tokens are masked already). layer_kls: filled with each DSA layer's KLs, one per
         micro-batch in order (train/nonfinite.py nonfinite_micro_batches reads them)."""
@@ -1049,15 +1049,17 @@ class Trainer:
                 if GROUPS_KEY in d:
                     total[6:] += d[GROUPS_KEY].to(self.device)
         # DSA indexer KL: every micro-batch's of this rank's DSA layers since the last call (each layer's per-token
-        # mean), averaged over them and then over ranks (summed on the device: no host wait per layer)
+        # mean over the tokens it attended), weighed by those tokens, so that the world's sum over them is the mean
+        # over every token of every layer, whatever the micro-batches' padding or the context-parallel ranks' shares
+        # of it (summed on the device: no host wait per layer)
         flags = padding or [None] * len(self.dsa_by_chunk)
         by_layer = [_without_filler(m.take_kls(), pad) for layers, pad in zip(self.dsa_by_chunk, flags) for m in layers]
         if layer_kls is not None:
-            layer_kls.extend(by_layer)
-        kls = [kl for layer in by_layer for kl in layer]
+            layer_kls.extend([kl for kl, _ in layer] for layer in by_layer)
+        kls = [pair for layer in by_layer for pair in layer]
         if kls:
-            total[4] = torch.stack([k.to(self.device, torch.float64) for k in kls]).sum()
-            total[5] = len(kls)
+            total[4] = torch.stack([kl.to(self.device, torch.float64) * tokens for kl, tokens in kls]).sum()
+            total[5] = sum(tokens for _, tokens in kls)
         return total
 
     def _loss_from(self, total: torch.Tensor) -> tuple[float, dict]:

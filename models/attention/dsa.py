@@ -178,12 +178,13 @@ class DSACoreAttention(MegatronModule):
         # sparse stage: the KL's target from the attention backward (dsa_attention(kl_in_backward), and under CP
         # cp_ops.dsa's); False runs the loss forward apart (bench/bench_dsa_stage.py's baseline)
         self.kl_in_attention_backward = True
-        # with record_kls (the trainer sets it), every KL this layer computes is kept until its reader takes them
-        # (take_kls): one per micro-batch, so a step or an evaluation reports their mean, not the last micro-batch's.
-        # A sparse stage's KL is filled in by the backward, so the values are read after it. Off by default, so a
-        # caller that never takes them (a benchmark, inference) does not collect them.
+        # with record_kls (the trainer sets it), every KL this layer computes is kept, with the number of tokens it is
+        # the mean over, until its reader takes them (take_kls): one per micro-batch, so a step or an evaluation
+        # reports their mean over every token, not the last micro-batch's. A sparse stage's KL is filled in by the
+        # backward, so the values are read after it. Off by default, so a caller that never takes them (a benchmark,
+        # inference) does not collect them.
         self.record_kls = False
-        self.kls: list[torch.Tensor] = []
+        self.kls: list[tuple[torch.Tensor, int]] = []
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -244,11 +245,13 @@ class DSACoreAttention(MegatronModule):
                 out = AttachLossFn.apply(out, kl, self._kl_grad(b, n))
         self.last_kl = kl.detach()
         if self.record_kls:
-            self.kls.append(self.last_kl)
+            self.kls.append((self.last_kl, b * n))
         return with_padding_rows(out.transpose(0, 1), s, 0).reshape(s, b, nq * d)
 
-    def take_kls(self) -> list[torch.Tensor]:
-        """The KLs computed since the last call (a value per forward that computed one), and forget them."""
+    def take_kls(self) -> list[tuple[torch.Tensor, int]]:
+        """The KLs computed since the last call (a value per forward that computed one), each with the tokens it is
+        the mean over (the rows the layer attended on this rank: without a row's trailing padding), and forget
+        them."""
         kls, self.kls = self.kls, []
         return kls
 

@@ -127,6 +127,30 @@ def test_multimodal_stages_hand_over_from_dense_to_warmup_to_sparse(tmp_path_fac
         assert any(part in n for n in moved), (part, sorted(moved)[:5])
 
 
+def test_the_indexer_kl_of_packed_rows_is_the_same_under_context_parallelism(tmp_path_factory):
+    """The multimodal warm-up (packed synthetic videos, whose rows end with padding) from a dense checkpoint, at CP 2
+    in the sequence layout against one process: each step's indexer_kl the same. The layout gives rank 0 the row's
+    last chunk, so the ranks attend different shares of it (each leaves its part of the trailing padding out) and
+    their KLs are means over different numbers of tokens: the step's KL weighs each by its tokens (an unweighted
+    mean of the ranks' means was 0.7% off at step 1). Relative 1e-5: the same fp32 KL terms summed over ranks
+    in another order (the losses, from a frozen model, to 2e-6 as tests/dist/test_cp_model.py allows)."""
+    from data.video_stream import ensure_synthetic_shards
+    shards = ensure_synthetic_shards(tmp_path_factory.mktemp("videos"), 8, 1234, rank=0)
+    common = ["parallel=single", "train.steps=2", "train.warmup_steps=1", "train.global_batch_size=2",
+              "data.synthetic_videos=8", f"data.video.shards={shards}"]
+    one_root = tmp_path_factory.mktemp("one")
+    warm = common + ["recipe=keye_tiny_vl_dsa_warmup", f"train.checkpoint.init_from={one_root / 'runs' / 'dense'}",
+                     "train.checkpoint.enabled=false"]
+    one = run_layouts_all(1, {"dense": common + ["recipe=keye_tiny"], "warm": warm}, one_root)
+    cp2 = run_layouts_all(2, {"warm_cp2": warm + ["parallel.cp=2", "parallel.cp_split=sequence"]},
+                          tmp_path_factory.mktemp("cp2"))
+    for step in (1, 2):
+        ref, got = one["extras"]["warm"][step]["indexer_kl"], cp2["extras"]["warm_cp2"][step]["indexer_kl"]
+        assert ref > 0 and abs(got - ref) <= 1e-5 * ref, (step, got, ref)
+        ref, got = one["losses"]["warm"][step], cp2["losses"]["warm_cp2"][step]
+        assert abs(got - ref) <= 2e-6 * ref, (step, got, ref)
+
+
 def test_sparse_stage_trains(runs):
     losses, _, _ = runs
     curve = losses["sparse"]
@@ -146,9 +170,8 @@ def test_sparse_tp2_matches_single_process(runs, tmp_path):
 
 @pytest.mark.parametrize("stage", ["warmup", "sparse"])
 def test_the_step_reports_the_indexer_kl_of_all_its_micro_batches(runs, stage):
-    """A step's indexer_kl is the mean of its micro-batches' KLs (each a per-token mean over the same number of
-    tokens), so 4 micro-batches of 2 sequences report what one micro-batch of the 8 does at step 1 (the same
-    weights). Relative 1e-5: the same fp32 KL per token, summed in another order (one mean of 1,024 tokens against
+    """A step's indexer_kl is the mean of its micro-batches' KLs weighed by their tokens (each a per-token mean), so
+    4 micro-batches of 2 sequences report what one micro-batch of the 8 does at step 1. Relative 1e-5: the same fp32 KL per token, summed in another order (one mean of 1,024 tokens against
     a mean of four means of 256). The warm-up's KL comes from each layer's forward, the sparse stage's from the
     attention's backward (kernels/dsa/fused.py). The last micro-batch's KL alone differs from it by far more."""
     _, _, extras = runs
