@@ -140,18 +140,21 @@ def gpu_median_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
     n = max(7, min(100, int(0.5 / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [event_ms(fn) for _ in range(n)]
     return sorted(times)[n // 2]
 
 
-def _rel(a, b) -> float:
+def event_ms(fn) -> float:
+    """One call of fn timed by CUDA events (ms)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def rel_rmse(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
@@ -167,8 +170,8 @@ def run_case(kind, s, pad, doc, k, device, dtype, timer) -> dict:
     # left out of the comparison are the hidden states' (and the weight's, whose padding rows give 0 either way)
     # the documents' rows of the outputs and of the inputs' gradients (the loss's weight gradient whole: the
     # padding adds nothing to it either way, its loss being masked)
-    checks = {"out_rel": _rel(out_n[:real], out_p[:real]),
-              "grad_rel": max(_rel(a[:real], b[:real]) if a.shape[0] == s else _rel(a, b)
+    checks = {"out_rel": rel_rmse(out_n[:real], out_p[:real]),
+              "grad_rel": max(rel_rmse(a[:real], b[:real]) if a.shape[0] == s else rel_rmse(a, b)
                               for a, b in zip(grads_n, grads_p)),
               "padding_out_zero": bool((out_n[real:] == 0).all()),
               "padding_out_max_not_named": float(out_p[real:].abs().amax())}

@@ -33,6 +33,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.bench_padding_tail import event_ms, rel_rmse  # noqa: E402
 from bench.cli import require_gpus  # noqa: E402
 
 HQ, HKV, D, HI, DI, TOPK, HIDDEN, VOCAB = 32, 4, 128, 16, 64, 2048, 2048, 151936
@@ -137,22 +138,12 @@ def _timer(fn, calls: int, device) -> float:
     times = []
     for _ in range(calls):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(event_ms(fn))
         else:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[calls // 2]
-
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def worker(out: str, smoke: bool) -> None:
@@ -179,8 +170,8 @@ def worker(out: str, smoke: bool) -> None:
             kept = n - (named.pad_tail_local or 0)
             row = {"module": kind, "seq": s, "padding": pad, "padding_share": pad / s, "rank": rank,
                    "local_padding": n - kept, "documents_local": int(real.sum()),
-                   "out_rel": _rel(out_n[real], out_p[real]),
-                   "grad_rel": max(_rel(a[real] if a.shape[0] == n else a[:, real], b[real] if b.shape[0] == n
+                   "out_rel": rel_rmse(out_n[real], out_p[real]),
+                   "grad_rel": max(rel_rmse(a[real] if a.shape[0] == n else a[:, real], b[real] if b.shape[0] == n
                                         else b[:, real]) for a, b in zip(grads_n, grads_p)),
                    "padding_out_zero": bool((out_n[kept:] == 0).all())}
             del out_n, grads_n, out_p, grads_p
