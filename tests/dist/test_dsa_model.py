@@ -172,8 +172,9 @@ def test_sparse_tp2_matches_single_process(runs, tmp_path):
 def test_the_step_reports_the_indexer_kl_of_all_its_micro_batches(runs, stage):
     """A step's indexer_kl is the mean of its micro-batches' KLs weighed by their tokens (each a per-token mean), so
     4 micro-batches of 2 sequences report what one micro-batch of the 8 does at step 1. Relative 1e-5: the same fp32
-    KL per token, summed in another order (one mean of 1,024 tokens against a mean of four means of 256). The warm-up's KL comes from each layer's forward, the sparse stage's from the
-    attention's backward (kernels/dsa/fused.py). The last micro-batch's KL alone differs from it by far more."""
+    KL per token, summed in another order (one mean of 1,024 tokens against a mean of four means of 256). The
+    warm-up's KL comes from each layer's forward, the sparse stage's from the attention's backward
+    (kernels/dsa/fused.py). The last micro-batch's KL alone differs from it by far more."""
     _, _, extras = runs
     four, one = extras[stage][1]["indexer_kl"], extras[f"{stage}_one_mb"][1]["indexer_kl"]
     assert four > 0 and abs(four - one) <= 1e-5 * one, (four, one)
