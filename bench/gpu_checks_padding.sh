@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two GPUs (GPUS="0 0" runs part 2 on one): the padding at a packed row's end under context parallelism, and the
-# tiny recipe's GPU curve against another tree's. Needs $OUT; BASE: a checkout of the tree to compare with (its own launch/pretrain.py runs there).
+# tiny recipe's GPU curve against another tree's. Needs $OUT; BASE: a checkout of the tree to compare with (its own
+# launch/pretrain.py runs there).
 #  1. bench/bench_padding_tail_cp.py (CP 2 over both GPUs): $OUT/padding_tail_cp.json.
 #  2. keye_tiny (40 steps, one GPU each, one process) on ONE set of synthetic videos made here (a set made twice is
 #     not the same bytes: tests/dist/test_vision_layout_parity.py): BASE's tree and this one side by side with
