@@ -101,16 +101,24 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return head_to_seq_a2a(natural_to_rank_concat(out, cp, dim=0, **layout), cp_group)
 
 
-def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float,
-               pad_tail: tuple[int, int] = (0, 0)) -> AttnFn:
-    """The whole sequence's causal attention, its tail of padding (`pad_tail`) left out and given a zero output."""
+def _without_padding(attend, cu_seqlens: torch.Tensor | None, pad_tail: tuple[int, int]) -> AttnFn:
+    """An AttnFn on the whole sequence ([S, b, h, d], natural order) that runs attend(q, k, v, cu_seqlens) on the
+    tokens before the padding `pad_tail` names at its end (models/attention/dense.py cut_padding_tail) and gives the
+    padding a zero output."""
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = q.shape[0]
         n, cu = cut_padding_tail(s, cu_seqlens, pad_tail)
-        q, k, v = (t[:n].permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, n, d]
-        out = causal_attention(q, k, v, cu, scale, dropout_p=dropout_p).permute(2, 0, 1, 3)
-        return with_padding_rows(out, s, 0)
+        return with_padding_rows(attend(q[:n], k[:n], v[:n], cu), s, 0)
     return fn
+
+
+def _sdpa_sbhd(scale: float, cu_seqlens: torch.Tensor | None, dropout_p: float,
+               pad_tail: tuple[int, int] = (0, 0)) -> AttnFn:
+    """The whole sequence's causal attention, its tail of padding (`pad_tail`) left out and given a zero output."""
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, n, d]
+        return causal_attention(q, k, v, cu, scale, dropout_p=dropout_p).permute(2, 0, 1, 3)
+    return _without_padding(attend, cu_seqlens, pad_tail)
 
 
 def _allgather_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, cp_group,
@@ -188,14 +196,13 @@ def ksa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if backend == "auto":  # the Triton kernel on a GPU, the mask reference elsewhere (as KSACoreAttention)
         backend = "triton" if query.is_cuda else "naive"
 
-    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s = q.shape[0]
-        n, cu = cut_padding_tail(s, cu_seqlens, pad_tail)
-        q, k, v = (t[:n].transpose(0, 1).contiguous() for t in (q, k, v))  # [b, n, h, d]
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [b, n, h, d]
         out = ksa_attention(q, k, v, chunk=chunk, window=window, num_summary=num_summary, cu_seqlens=cu,
                             scale=scale, backend=backend)
-        return with_padding_rows(out.transpose(0, 1), s, 0)
-    return ulysses_attention(query, key, value, fn, cp_group=cp_group, split=split, cu_seqlens=cu_seqlens)
+        return out.transpose(0, 1)
+    return ulysses_attention(query, key, value, _without_padding(attend, cu_seqlens, pad_tail), cp_group=cp_group,
+                             split=split, cu_seqlens=cu_seqlens)
 
 
 def ksa_summary_mask_for_cp(seq_len: int, batch: int, *, chunk: int, num_summary: int,
