@@ -22,6 +22,7 @@ waits for the other, so the slower rank's is the step's. This script starts torc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,8 +65,8 @@ def _row(s: int, pad: int, doc: int | None, named: bool, group, device):
     docs = torch.repeat_interleave(torch.arange(len(lengths), device=device), cu[1:] - cu[:-1])
     docs[real:] = -1
     docs = cp_share(docs.view(1, -1), kwargs, group, split="document")
-    from dataclasses import replace
-    return replace(kwargs["packed_seq_params"], documents=docs, num_documents=len(lengths)), docs.view(-1) >= 0
+    packed = dataclasses.replace(kwargs["packed_seq_params"], documents=docs, num_documents=len(lengths))
+    return packed, docs.view(-1) >= 0
 
 
 def _config(k, cp: int):

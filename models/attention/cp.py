@@ -42,10 +42,11 @@ class ContextParallelOps(Protocol):
             w: torch.Tensor, k_idx: torch.Tensor, *, cp_group, topk: int, stage: str, scale: float,
             cu_seqlens: torch.Tensor | None, backend: str, dense_cp_comm: str, kl_grad: float | None = None,
             with_kl: bool = True, kl_in_backward: float | None = None,
-            pad_tail: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None]:
+            pad_tail: tuple[int, int] = (0, 0), local_tail: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """DSA ("sparse" | "dense" stage) -> (out [n, b, Hq, D], mean indexer KL over the local tokens).
-        pad_tail: as for dense; the local tokens in it (they end the rank's share: models/attention/dense.py
-        local_documents) select nothing, attend nothing (output 0) and are not in the KL or its mean.
+        pad_tail: as for dense (the dense stage's attention leaves it out). local_tail: how many of the local tokens,
+        at the end of the rank's share, lie in it (models/attention/dense.py local_documents): they select nothing,
+        attend nothing (output 0) and are not in the KL or its mean.
         kl_grad: the caller's d(total)/d(KL) when it back-propagates the KL in its forward; an implementation may
         back-propagate it itself and return the KL detached (the caller then has nothing left to do).
         with_kl=False: the caller will not use the KL (None is returned); every rank of the group passes the same.

@@ -218,7 +218,7 @@ class DSACoreAttention(MegatronModule):
                                       cu_seqlens=cu, backend=backend, dense_cp_comm=self.cp_comm,
                                       kl_grad=self._kl_grad(b, n) if now else None, with_kl=with_kl,
                                       kl_in_backward=self._kl_grad(b, n) if in_bwd else None,
-                                      pad_tail=padding_tail(packed_seq_params))
+                                      pad_tail=padding_tail(packed_seq_params), local_tail=s - n)
             out = out.transpose(0, 1)  # [b, s, h, d] like the single-rank path below
         elif self.stage == "sparse" and longest > self.topk:
             # selection, attention and KL sharing one union plan

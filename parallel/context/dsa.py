@@ -46,7 +46,7 @@ from kernels.dsa.common import check_triton_device
 from models.attention.dense import with_padding_rows
 from parallel.context.attention import CPComm, dense_cp_attention
 from parallel.context.comm import all_gather_seq, group_size_rank
-from parallel.context.split import CPSplit, cp_global_indices, cp_local_tail, rank_concat_to_natural
+from parallel.context.split import CPSplit, cp_global_indices, rank_concat_to_natural
 
 __all__ = ["DSACPOutput", "dsa_cp_attention", "cp_topk_indices", "gather_index_keys"]
 
@@ -306,7 +306,7 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      backend: Backend = "auto", dense_cp_comm: CPComm = "a2a",
                      split: CPSplit = "sequence", kl_grad: float | None = None,
                      with_kl: bool = True, kl_in_backward: float | None = None,
-                     pad_tail: tuple[int, int] = (0, 0)) -> DSACPOutput:
+                     pad_tail: tuple[int, int] = (0, 0), local_tail: int = 0) -> DSACPOutput:
     """DSA of this rank's tokens under CP (see the module docstring).
 
     query [n, b, Hq, D], key / value [n, b, Hkv, D]; q_idx [b, n, HI, DI], w [b, n, HI], k_idx [b, n, DI];
@@ -323,10 +323,11 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     autograd). The sparse stage's Triton path then trains the indexer in the output's backward, which also
     computes the KL's target (kernels/dsa/fused.py), and returns the KL detached, filled by that backward;
     every other path returns it with its graph, for the caller to attach.
-    pad_tail: (tokens, segments) of padding at the row's end (models/attention/dense.py padding_tail; packed rows):
-    the local tokens in it end this rank's share (`split.cp_local_tail`); they select no keys, their output is 0,
-    their idx rows -1, and the KL and its mean are over the rank's other tokens (unless they are all of them: then
-    nothing is left out on this rank). The dense stage's attention leaves the whole row's padding out.
+    pad_tail: (tokens, segments) of padding at the row's end (models/attention/dense.py padding_tail; packed rows),
+    which the dense stage's attention leaves out. local_tail: how many of this rank's tokens, at the end of its
+    share, lie in it (`split.cp_local_tail`, which the trainer's CP split gives as PackedSeqDocuments.pad_tail_local;
+    the caller weighs the KL by the rest): they select no keys, their output is 0, their idx rows -1, and the KL and
+    its mean are over the rank's other tokens.
     """
     if stage not in ("dense", "sparse"):
         raise ValueError(f"stage must be 'dense' or 'sparse', got {stage!r}")
@@ -338,8 +339,9 @@ def dsa_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     pos, start = _fold(S, b, cp, rank, cu_seqlens, query.device, split)
     layout = dict(split=split, cu_seqlens=cu_seqlens)
     R = b * n
-    # the rows before this rank's share of the row's trailing padding (batch 1 when packed: _fold checks)
-    m = R - (cp_local_tail(S, cp, rank, pad_tail[0], **layout) if cu_seqlens is not None else 0)
+    if local_tail and not (cu_seqlens is not None and 0 < local_tail < R):
+        raise ValueError(f"local_tail={local_tail}: a packed row's padding must leave some of the rank's {R} tokens")
+    m = R - local_tail   # the rows before this rank's share of the row's trailing padding (batch 1 when packed)
     pos, start = pos[:m], start[:m]
     q_idx_R, w_R = q_idx.reshape(R, *q_idx.shape[2:])[:m], w.reshape(R, -1)[:m]
     q_R = query.transpose(0, 1).reshape(R, Hq, D)[:m]

@@ -42,11 +42,11 @@ class ContextParallelAttention:
             cu_seqlens=None, backend: str = "auto", dense_cp_comm: str = "a2a",
             kl_grad: float | None = None, with_kl: bool = True,
             kl_in_backward: float | None = None,
-            pad_tail: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None]:
+            pad_tail: tuple[int, int] = (0, 0), local_tail: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         r = dsa_cp_attention(query, key, value, q_idx, w, k_idx, cp_group=cp_group, topk=topk, stage=stage,
                              scale=scale, cu_seqlens=cu_seqlens, backend=backend, dense_cp_comm=dense_cp_comm,
                              split=self.split, kl_grad=kl_grad, with_kl=with_kl, kl_in_backward=kl_in_backward,
-                             pad_tail=pad_tail)
+                             pad_tail=pad_tail, local_tail=local_tail)
         return r.out, r.kl
 
     def ksa(self, query, key, value, *, cp_group, chunk: int, window: int, num_summary: int = 1, cu_seqlens=None,

@@ -236,10 +236,11 @@ def _dsa_tail_cases(group, world, rank, res):
                 sl1 = lambda t: split_for_cp(t, dim=1, cp_size=world, cp_rank=rank, **lay)
                 X = [sl0(t).requires_grad_(True) for t in (q, k, v)] + \
                     [sl1(t).requires_grad_(True) for t in (qi, w, ki)]
-                r = dsa_cp_attention(*X, cp_group=group, topk=K, stage=stage, scale=scale, cu_seqlens=cu,
-                                     backend="naive", split=split, pad_tail=pad)
                 n_local = X[0].shape[0]
-                kept = n_local - cp_local_tail(S, world, rank, pad[0], **lay)  # the rows whose KL the rank took
+                tail = cp_local_tail(S, world, rank, pad[0], **lay)  # what the trainer's CP split tells the rank
+                r = dsa_cp_attention(*X, cp_group=group, topk=K, stage=stage, scale=scale, cu_seqlens=cu,
+                                     backend="naive", split=split, pad_tail=pad, local_tail=tail)
+                kept = n_local - tail  # the rows whose KL the rank took
                 ((r.out * sl0(dout)).sum() + lam * r.kl * (kept / n)).backward()
                 docs = sl0(torch.arange(S, device=DEVICE)) < n  # this rank's documents' tokens
                 errs = {"out": rel_rmse(sl0(ref_out)[docs], r.out[docs])} if docs.any() else {}
