@@ -125,19 +125,57 @@ class IngestOptions:
         return SceneSpec(fps=self.scene_fps, similarity=self.scene_similarity) if self.scene_fps else None
 
 
-def list_videos(root: str, extensions=LISTED_EXTS) -> list[str]:
+def list_videos(root: str, extensions=LISTED_EXTS, bad_names: list[str] | None = None) -> list[str]:
     """The files under `root` (relative paths, sorted) of `extensions`; a .png or .avif only when it is an animation
-    (MOSTLY_STILL_EXTS: its header is read)."""
+    (MOSTLY_STILL_EXTS: its header is read). A linked folder is followed where it leads out of `root` (a folder that
+    gathers data sets by links; one leading inside is listed under its own path already), each real folder once.
+    A file whose name is not UTF-8 (its key and the shard index are text) is left out, its relative path (with the
+    undecodable bytes as os.fsdecode gives them) added to `bad_names` where given."""
     exts = {e.lower().lstrip(".") for e in extensions}
     out = []
-    for dirpath, _, files in os.walk(root):
+    top = os.path.realpath(root)
+    seen = {top}
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            linked = os.path.islink(os.path.join(dirpath, d))
+            if real in seen or (linked and _inside(real, top)):
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
         for name in files:
             ext = name.rsplit(".", 1)[-1].lower()
             if ext in exts and "." in name:
                 path = os.path.join(dirpath, name)
+                if not _is_utf8(name):
+                    if bad_names is not None:
+                        bad_names.append(os.path.relpath(path, root))
+                    continue
                 if ext not in MOSTLY_STILL_EXTS or looks_animated(path):
                     out.append(os.path.relpath(path, root))
+    if bad_names is not None:
+        bad_names.sort()
     return sorted(out)
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:      # os.fsdecode's surrogates for bytes that are not UTF-8
+        return False
+
+
+def shown_name(name: str) -> str:
+    """A file name for a message: undecodable bytes as \\xNN escapes (a name that is not UTF-8 cannot be printed
+    or written as UTF-8 text as it is)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def record_digest(record: dict) -> str:
@@ -298,11 +336,31 @@ def marker_segments(record: dict) -> list[tuple[str, bool]]:
             if not isinstance(t, Verbatim)]
 
 
-def read_annotations(path: str | None) -> Annotations:
+def annotation_path(x: str, root: str | None) -> tuple[str, str | None]:
+    """A record's file path as ingest names it (relative to --videos `root`, normalised), and what is wrong with it
+    (None): empty, or outside `root` (a path with `..` out of it, or an absolute one elsewhere; an absolute path in
+    `root` is taken as the relative one)."""
+    if not x.strip():
+        return x, "an empty path"
+    rel = os.path.normpath(x)
+    if os.path.isabs(rel):
+        if root is None:
+            return rel, "an absolute path, and no --videos folder to find it in"
+        for top, there in ((root, rel), (os.path.realpath(root), os.path.realpath(rel))):
+            if _inside(there, top) and there != top:
+                return os.path.relpath(there, top), None
+        return rel, f"not under --videos {root} (a record names its file by its path relative to that folder)"
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return rel, "a path out of --videos (a record names its file by its path relative to that folder)"
+    return rel, None
+
+
+def read_annotations(path: str | None, root: str | None = None) -> Annotations:
     """JSONL (or one JSON array of records) -> records by kind, and the problems found. A record names its `video`,
-    its `image` or its `images` (paths relative to --videos; several images are placed at the "<image>" markers of
-    its text, one per image, or first when it has none); one with none of them is a text-only sample when it has
-    text."""
+    its `image` or its `images` (paths relative to --videos `root`, or absolute ones in it: annotation_path; several
+    images are placed at the "<image>" markers of its text, one per image, or first when it has none); one with none
+    of them is a text-only sample when it has text. A video record whose path is empty or outside `root` is a
+    problem and its path one of `bad_videos`."""
     out = Annotations()
     if path is None:
         return out
@@ -327,7 +385,7 @@ def read_annotations(path: str | None) -> Annotations:
         if wrong is not None:
             problems.append(f"{path}:{n}: {wrong}; record left out")
             if isinstance(v, str):          # its video is rejected, not ingested without its text
-                bad.setdefault(os.path.normpath(v), f"{path}:{n}: {wrong}")
+                bad.setdefault(annotation_path(v, root)[0], f"{path}:{n}: {wrong}")
             continue
         if ims is not None:
             if not (isinstance(ims, list) and ims and all(isinstance(x, str) for x in ims)):
@@ -340,7 +398,15 @@ def read_annotations(path: str | None) -> Annotations:
                 continue
             im = [im]
         if im is not None:
-            rels = [os.path.normpath(x) for x in im]
+            named_at = [annotation_path(x, root) for x in im]
+            if wrong := next((f"{x!r}: {why}" for x, (_, why) in zip(im, named_at) if why), None):
+                problems.append(f"{path}:{n}: field {'images' if ims is not None else 'image'} {wrong}; "
+                                f"record left out")
+                continue
+            rels = [rel for rel, _ in named_at]
+            if any(os.path.isabs(x) for x in im):
+                r = dict(r, **({"images": rels} if ims is not None else
+                               {"image": rels if isinstance(r["image"], list) else rels[0]}))
             marks = image_marker_count(r)
             if len(set(rels)) != len(rels):
                 problems.append(f"{path}:{n}: an image is listed twice in {rels}")
@@ -383,7 +449,13 @@ def read_annotations(path: str | None) -> Annotations:
                             f"or 'messages')" if v is None else
                             f"{path}:{n}: field 'video' is {type(v).__name__}, not a string")
             continue
-        rel = os.path.normpath(v)
+        rel, why = annotation_path(v, root)
+        if why is not None:
+            problems.append(f"{path}:{n}: field 'video' {v!r}: {why}; record left out")
+            bad.setdefault(rel, f"{path}:{n}: field 'video' {v!r}: {why}")
+            continue
+        if os.path.isabs(v):        # stored as the path it is known by, as a relative one is
+            r = dict(r, video=rel)
         if rel in out.images:
             problems.append(f"{path}:{n}: record for {rel!r} ignored (an image record named it first)")
             out.extra_records += 1
@@ -438,6 +510,10 @@ class _Pool:
 def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dict:
     path = os.path.join(root, rel)
     key = make_key(rel)
+    if not os.path.exists(path):     # the listing names a link as the file it leads to
+        return {"rel": rel, "key": key, "ok": False, "reason": "missing_file", "bytes_in": 0, "seconds": 0.0,
+                "detail": (f"a link to {os.readlink(path)!r}, which does not exist" if os.path.islink(path)
+                           else "removed since the folder was listed")}
     spec = opts.scene_spec()
     kwargs = {"path": path, "threads": opts.threads_per_file, "check_decord": opts.check_decord,
               "scenes": asdict(spec) if spec is not None else None}
@@ -528,8 +604,9 @@ def ingest(opts: IngestOptions) -> dict:
     """Run (or resume) an ingest; returns the summary also written to `<out>/dataset.json`."""
     t_start = time.monotonic()
     root = os.path.abspath(opts.videos) if opts.videos is not None else None
-    videos = list_videos(root, opts.extensions) if root is not None else []
-    annotations = read_annotations(opts.annotations)
+    bad_names: list[str] = []      # files whose names are not UTF-8: rejected, with what to do
+    videos = list_videos(root, opts.extensions, bad_names) if root is not None else []
+    annotations = read_annotations(opts.annotations, root)
     if root is not None:
         # a still .png or .avif (left out of the listing) that a video record names is taken, and rejected as
         # still_image with what to do, not as an unsupported extension
@@ -542,7 +619,8 @@ def ingest(opts: IngestOptions) -> dict:
     videos = [v for v in videos if v not in image_files]
     for p in annotations.problems:
         print(f"[ingest] warning: {p}", file=sys.stderr)
-    if not (videos or annotations.videos or annotations.images or annotations.texts or annotations.bad_videos):
+    if not (videos or annotations.videos or annotations.images or annotations.texts or annotations.bad_videos
+            or bad_names):
         supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
         where = (f"no video file under --videos {opts.videos} (searched recursively for {supported})"
                  if root is not None else "")
@@ -585,11 +663,31 @@ def ingest(opts: IngestOptions) -> dict:
             reject("video", rel, "bad_annotation", why[:500])
             done.add(rel)
             bad_listed += rel in listed
+    for rel in bad_names:
+        if rel not in done:
+            reject("video", rel, "bad_file_name", f"{shown_name(rel)}: its name is not UTF-8 (a sample's key and "
+                   f"the shard index are text): rename the file")
+            done.add(rel)
     missing = sorted(set(ann) - listed)
     supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
+    exts = {e.lower().lstrip(".") for e in opts.extensions}
+    listed_as: dict[str, str] | None = None    # a listed file's real path -> its path in the listing
     for rel in missing:
         if rel not in done:
-            if root is not None and os.path.isfile(os.path.join(root, rel)):
+            if root is not None and os.path.isfile(os.path.join(root, rel)) and \
+                    rel.rsplit(".", 1)[-1].lower() in exts:
+                # on disk with an extension ingest reads, not listed: an image record's file, or reached through a
+                # linked folder that leads into --videos, whose files the listing names by their own paths
+                reason = "bad_annotation"
+                if rel in image_files:
+                    detail = "an image record names this file too: it is ingested as that image"
+                else:
+                    if listed_as is None:
+                        listed_as = {os.path.realpath(os.path.join(root, v)): v for v in videos}
+                    real = listed_as.get(os.path.realpath(os.path.join(root, rel)))
+                    detail = ("listed in annotations by a path through a linked folder, whose files ingest lists "
+                              "by their own paths" + (f": name it {real!r}" if real else ""))
+            elif root is not None and os.path.isfile(os.path.join(root, rel)):
                 reason = "unsupported_extension"
                 detail = (f"listed in annotations and found under --videos, but its extension "
                           f"{os.path.splitext(rel)[1] or '(none)'!r} is not one ingest reads ({supported})")

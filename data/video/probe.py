@@ -165,6 +165,9 @@ def probe_video(path: str, *, proxy: ProxySpec | None = None, proxy_path: str | 
     writer = _ProxyWriter(proxy_path, proxy) if proxy is not None else None
     try:
         st = video_stream(container)
+        if st is None and not len(container.streams):
+            raise ProbeError("open_failed", "no stream at all: the container's index of its media is cut short (an "
+                             "MP4 cut off within its moov atom, e.g. a copy or download that stopped)")
         if st is None:
             kinds = [s.type for s in container.streams]
             pictures = sum(map(is_attached_picture, container.streams.video))
