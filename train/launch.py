@@ -767,6 +767,7 @@ def run(dcfg: DictConfig) -> None:
     from train.spikes import SpikeStepError
     from train.trainer import Trainer
 
+    from data.video.shards import ShardIndexError
     from train.checkpoint import CheckpointLoadError, CheckpointSaveError, RunDirInUse
 
     failed = False   # an error this rank alone may have met: no barrier at the teardown (parallel/groups.py)
@@ -781,6 +782,10 @@ def run(dcfg: DictConfig) -> None:
     except SettingsError as e:   # found once the process groups exist (what init_from holds): on every rank
         logging.getLogger("train").error("config error: %s", e)
         stop(f"config error: {e}")
+        sys.exit(2)
+    except ShardIndexError as e:   # the data's fault, read alike on every rank before the first step
+        logging.getLogger("train").error("data error: %s", e)
+        stop(f"data error: {e}")
         sys.exit(2)
     except RunDirInUse as e:   # before this launch wrote anything there but its log lines
         logging.getLogger("train").error("run_dir error: %s", e)

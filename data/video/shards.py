@@ -427,12 +427,55 @@ def load_shard_index(tar_path: str, remote: RemoteOptions | None = None) -> dict
     """The index of a shard: its `.idx.json`, or a local tar without one scanned. A shard on object storage must
     have its index (ValueError naming its URL: scanning would read the whole tar over the network)."""
     if remote_mod.is_url(tar_path):
-        return remote_mod.load_index(tar_path, remote or RemoteOptions())
+        where = f"{remote_mod.clean_url(remote_mod.full_index_url(tar_path))} of {tar_path}"
+        return check_shard_index(remote_mod.load_index(tar_path, remote or RemoteOptions()), where,
+                                 "write it again (launch/ingest.py) and upload it")
     p = index_path(tar_path)
     if os.path.exists(p):
-        with open(p) as f:
-            return json.load(f)
+        try:
+            with open(p, "rb") as f:
+                idx = json.loads(f.read())
+        except ValueError as e:       # JSONDecodeError, UnicodeDecodeError: an index cut short or overwritten
+            raise ShardIndexError(f"shard index {p}: not JSON ({e}); {_INDEX_FIX}") from None
+        return check_shard_index(idx, p)
     return scan_shard(tar_path)
+
+
+_INDEX_FIX = "write it again (launch/ingest.py), or delete it: a local shard without its index is scanned"
+
+
+class ShardIndexError(ValueError):
+    """A shard's index that cannot be read as one (not there on object storage, not JSON, not an index, a sample
+    without what the catalog reads), named with what is wrong: the same on every rank, a stop before training."""
+
+
+def check_shard_index(idx, where: str, fix: str = _INDEX_FIX) -> dict:
+    """`idx` when it is a shard index whose samples hold what the catalog reads of them; else ValueError naming
+    `where` (the index's path or URL), the first sample that is wrong, what is wrong with it and `fix`."""
+    if not isinstance(idx, dict) or not isinstance(idx.get("samples"), list):
+        raise ShardIndexError(f"shard index {where}: not a shard index (a JSON object with a 'samples' list); {fix}")
+    for i, s in enumerate(idx["samples"]):
+        if not isinstance(s, dict):
+            why = f"not an object (a JSON {type(s).__name__})"
+        elif not isinstance(s.get("key"), str) or not s["key"]:
+            why = "no string 'key'"
+        elif s.get("video") is not None and (wrong := [f for f in ("video_offset", "video_size")
+                                                       if not _count(s.get(f))]):
+            why = f"{' and '.join(repr(f) for f in wrong)} not a byte count (an integer >= 0)"
+        elif s.get("image_members") is not None and not (
+                isinstance(s["image_members"], list)
+                and all(isinstance(m, dict) and _count(m.get("offset")) and _count(m.get("size"))
+                        for m in s["image_members"])):
+            why = "'image_members' not a list of {'offset', 'size'} byte counts"
+        else:
+            continue
+        name = f" ({s['key']})" if isinstance(s, dict) and isinstance(s.get("key"), str) else ""
+        raise ShardIndexError(f"shard index {where}: sample {i}{name}: {why}; {fix}")
+    return idx
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 # the catalog's files in an index directory (Catalog, load_catalog); a record is marshal's bytes, whose format may
@@ -683,10 +726,8 @@ def _indexes(shards: list[str], remote: RemoteOptions | None, field: str) -> Ite
 def _index_of(tar_path: str, remote: RemoteOptions | None, field: str) -> dict:
     try:
         return load_shard_index(tar_path, remote)
-    except ValueError as e:
-        if not remote_mod.is_url(tar_path):
-            raise
-        raise ValueError(f"VideoDataConfig.{field}: {e}") from None
+    except ValueError as e:      # an index that is not there (object storage) or not an index
+        raise ShardIndexError(f"VideoDataConfig.{field}: {e}") from None
 
 
 def read_member(shard: str, offset: int, size: int, remote: RemoteOptions | None = None) -> bytes:

@@ -50,3 +50,23 @@ def test_an_error_found_after_the_process_groups_exist_is_printed_once(tmp_path)
     assert errors[1] == (f"config error on rank 1: the same as rank 0's, printed once by rank 0 (and in "
                          f"{run_dir / 'logs' / 'rank1.log'})"), errors
     assert message.removeprefix("config error: ") in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_a_broken_shard_index_is_a_data_error_printed_once(tmp_path):
+    """A training shard's index cut to 0 bytes (an interrupted copy) ended every rank with a traceback whose last line,
+    `JSONDecodeError: Expecting value: line 1 column 1 (char 0)`, named no file. Now a `data error` naming the index,
+    printed once, exit 2 (tests/data/test_shard_index_errors.py: each way an index can be wrong)."""
+    from data.video_stream import ensure_synthetic_shards
+
+    videos = ensure_synthetic_shards(tmp_path / "videos", 8, 1234, rank=0)
+    index = sorted(videos.glob("*.idx.json"))[0]
+    index.write_text("")
+    run_dir = tmp_path / "run"
+    proc = run_launch(2, ["recipe=keye_tiny", "train.steps=2", "train.checkpoint.enabled=false",
+                          f"data.video.shards={videos}"], run_dir, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("data error")]
+    assert len(errors) == 2 and errors[0].startswith(
+        f"data error: VideoDataConfig.shards: shard index {index}: not JSON (Expecting value"), errors
+    assert errors[1].startswith("data error on rank 1: the same as rank 0's"), errors
+    assert "Traceback" not in proc.stderr
