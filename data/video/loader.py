@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -538,9 +539,41 @@ class FrameSource:
             raise SampleFailure("short_decode", f"frame file has {size} bytes, expected {shape}")
         return np.memmap(out_path, dtype=np.uint8, mode="r", shape=tuple(shape))   # valid after unlink
 
-    def _stem(self, rec: SampleRecord) -> str:
+    def _stem(self, rec: SampleRecord, where: str) -> str:
         self._n += 1
-        return os.path.join(self.spill_dir, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
+        return os.path.join(where, f"keye-{_HOST}-{os.getpid()}-{self._n}-{rec.uid}")
+
+    def _in_spill(self, rec: SampleRecord, nbytes: int, work):
+        """work(directory): the sample's files (its member's copy, the decoded pixels) written in the spill
+        directory, or in the temporary directory's where the spill directory has no room for `nbytes` now, or ran out
+        while they were written (a tmpfs: a container's /dev/shm is often 64 MB), said once. An OSError that escapes
+        `work` (the copy's read or write) is the sample's read_error."""
+        tmp = tempfile.gettempdir()
+        where = self.spill_dir
+        if where != tmp and nbytes and not _has_room(where, nbytes):
+            self._note_full(rec, nbytes)
+            where = tmp
+        try:
+            try:
+                return work(where)
+            except (OSError, SampleFailure) as e:
+                if where == tmp or not _out_of_room(e):
+                    raise
+                self._note_full(rec, nbytes)
+                where = tmp
+                return work(where)
+        except OSError as e:
+            after = f" (in {tmp}, after data.video.spill_dir={self.spill_dir} had no room)" if where != self.spill_dir \
+                else ""
+            raise SampleFailure("read_error", f"{str(e)[:300]}{after}", gone=getattr(e, "gone", False),
+                                refused=getattr(e, "refused", False)) from None
+
+    def _note_full(self, rec: SampleRecord, nbytes: int) -> None:
+        if not self._spill_full_noted:
+            self._spill_full_noted = True
+            log.warning("video loader: data.video.spill_dir=%s has no room for %s/%s (%.1f MB with its decoded "
+                        "pixels): samples that do not fit there are written to %s", self.spill_dir, rec.shard,
+                        rec.key, nbytes / 1e6, tempfile.gettempdir())
 
     def images(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
         """uint8 [1, 3, H, W] (planar) of each planned image of an image sample, or SampleFailure. Decoded
@@ -548,36 +581,38 @@ class FrameSource:
         this sample; "inline": in this worker."""
         out = []
         for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
-            req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width,
-                       what=f"{rec.key} image {i}")
-            local = None
-            if is_url(rec.shard):       # read here (timeout, retries), decoded from a local copy
-                local = self._stem(rec) + f".img{i}"
+            what = f"{rec.key} image {i}"
+
+            def work(where: str, offset=offset, size=size, fp=fp, what=what) -> np.ndarray:
+                req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width, what=what)
+                stem = self._stem(rec, where)
+                local, raw = (f"{stem}.img{i}" if is_url(rec.shard) else None), f"{stem}.rgb"
                 try:
-                    spill_member(rec.shard, offset, size, local, remote=self.remote)
-                except OSError as e:
-                    _unlink(local)
-                    raise SampleFailure("read_error", f"{req['what']}: {str(e)[:300]}",
-                                        gone=getattr(e, "gone", False),
-                                        refused=getattr(e, "refused", False)) from None
-                req.update(shard=local, offset=0)
-            try:
-                if self.cfg.decode_isolation == "process":
-                    raw = self._stem(rec) + ".rgb"
+                    if local is not None:       # read here (timeout, retries), decoded from a local copy
+                        try:
+                            spill_member(rec.shard, offset, size, local, remote=self.remote)
+                        except OSError as e:
+                            if e.errno == errno.ENOSPC:
+                                raise
+                            raise SampleFailure("read_error", f"{what}: {str(e)[:300]}", gone=getattr(e, "gone", False),
+                                                refused=getattr(e, "refused", False)) from None
+                        req.update(shard=local, offset=0)
+                    if self.cfg.decode_isolation == "process":
+                        return self._guarded("decode_image", raw, **req)
                     try:
-                        out.append(self._guarded("decode_image", raw, **req))
-                    finally:
-                        _unlink(raw)
-                    continue
-                try:
-                    out.append(decode_member(**req))
-                except ImageError as e:
-                    raise SampleFailure(e.reason, e.detail) from None
-                except MemoryError as e:
-                    raise _out_of_memory(req['what'], e) from None
-            finally:
-                if local is not None:
-                    _unlink(local)
+                        return decode_member(**req)
+                    except ImageError as e:
+                        raise SampleFailure(e.reason, e.detail) from None
+                    except MemoryError as e:
+                        raise _out_of_memory(what, e) from None
+                finally:
+                    _unlink(raw)
+                    if local is not None:
+                        _unlink(local)
+
+            nbytes = ((size if is_url(rec.shard) else 0)
+                      + (3 * fp.height * fp.width if self.cfg.decode_isolation == "process" else 0))
+            out.append(self._in_spill(rec, nbytes, work))
         return out
 
     def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
@@ -585,46 +620,33 @@ class FrameSource:
         fast frames each run [m, 3, h, w] (`FramePlan.runs`; the decoder scales each frame to its own size).
         Or SampleFailure."""
         fp = doc.frames
-        stem = self._stem(rec)
-        video = f"{stem}.{rec.video_ext}"
-        raw = f"{stem}.rgb"
-        req = dict(path=video, indices=list(fp.indices), height=fp.height, width=fp.width, meta=rec.video,
+        want = (fp.patches(1) * 3,) if fp.num_fast else (fp.num_frames, 3, fp.height, fp.width)
+        req = dict(indices=list(fp.indices), height=fp.height, width=fp.width, meta=rec.video,
                    threads=self.cfg.decode_threads, layout="chw")
         if fp.num_fast:
             req.update(fast=list(fp.fast), fast_height=fp.fast_height, fast_width=fp.fast_width)
-        try:
+
+        def work(where: str) -> np.ndarray:
+            stem = self._stem(rec, where)
+            video, raw = f"{stem}.{rec.video_ext}", f"{stem}.rgb"
             try:
-                spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
-            except OSError as e:
-                if e.errno != errno.ENOSPC or self.spill_dir == tempfile.gettempdir():
-                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False),
-                                        refused=getattr(e, "refused", False)) from None
-                # the spill directory (a tmpfs: a container's /dev/shm is often 64 MB) cannot hold this video:
-                # it goes to the temporary directory's disk instead, said once
-                _unlink(video)
-                if not self._spill_full_noted:
-                    self._spill_full_noted = True
-                    log.warning("video loader: data.video.spill_dir=%s has no room for %s/%s (%.1f MB): videos that "
-                                "do not fit there are written to %s", self.spill_dir, rec.shard,
-                                rec.key, rec.video_size / 1e6, tempfile.gettempdir())
-                video = os.path.join(tempfile.gettempdir(), os.path.basename(video))
-                raw = os.path.join(tempfile.gettempdir(), os.path.basename(raw))
-                req["path"] = video
                 try:
                     spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
-                except OSError as e2:
-                    raise SampleFailure("read_error", f"{str(e2)[:200]} (spilling the video to {tempfile.gettempdir()}, "
-                                                      f"after data.video.spill_dir={self.spill_dir} had no room)",
-                                        gone=getattr(e2, "gone", False),
-                                        refused=getattr(e2, "refused", False)) from None
-            if self.cfg.decode_isolation == "process":
-                arr = self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key, **req)
-            else:
-                arr = self._inline(req)
-        finally:
-            _unlink(video)
-            _unlink(raw)
-        want = (fp.patches(1) * 3,) if fp.num_fast else (fp.num_frames, 3, fp.height, fp.width)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:     # _in_spill tries the temporary directory
+                        raise
+                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False),
+                                        refused=getattr(e, "refused", False)) from None
+                if self.cfg.decode_isolation == "process":
+                    return self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key,
+                                         path=video, **req)
+                return self._inline(dict(req, path=video))
+            finally:
+                _unlink(video)
+                _unlink(raw)
+
+        raw_bytes = int(np.prod(want)) if self.cfg.decode_isolation == "process" else 0
+        arr = self._in_spill(rec, rec.video_size + raw_bytes, work)
         if arr.shape != want:
             raise SampleFailure("short_decode", f"got {arr.shape}, planned {want}")
         return split_runs(arr, fp) if fp.num_fast else [arr]
@@ -651,6 +673,21 @@ class FrameSource:
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old)
+
+
+def _has_room(directory: str, nbytes: int) -> bool:
+    """Whether `directory`'s filesystem has `nbytes` free now, with 1 MiB to spare (True where it cannot be asked)."""
+    try:
+        return shutil.disk_usage(directory).free >= nbytes + (1 << 20)
+    except OSError:
+        return True
+
+
+def _out_of_room(e: Exception) -> bool:
+    """A write that found its filesystem full: here (ENOSPC), or in the guarded child (its detail)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return f"[Errno {errno.ENOSPC}]" in (getattr(e, "detail", "") or "")
 
 
 def _unlink(path: str) -> None:

@@ -226,3 +226,47 @@ def test_a_video_the_spill_directory_has_no_room_for_is_spilled_to_the_temp_dir(
     assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
     assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
     assert any(not str(c).startswith(str(small)) for c in calls) and not list(small.iterdir())
+
+
+@pytest.mark.parametrize("full", ["asked", "child"])
+def test_a_spill_directory_without_room_for_the_decoded_frames_sends_them_to_the_temp_dir(shard_dir, tmp_path,
+                                                                                          monkeypatch, caplog, full):
+    """The guarded child writes a sample's decoded frames beside its spilled video: a spill directory with room for
+    the video but not its pixels (a 3-minute 640x360 clip: 3.5 MB of video, 100 MB of frames; a container's 64 MB
+    /dev/shm) failed every such sample as `exception: OSError: [Errno 28] No space left on device`, with no word of
+    the directory. Now the sample goes to the temporary directory where the spill directory has no room for both
+    (`asked`: its free space, read before) or runs out while the child writes (`child`), with one warning; the packs
+    are those of a roomy spill directory."""
+    import logging
+
+    from data.video import loader as loader_module
+    from data.video.loader import SampleFailure
+
+    small = tmp_path / "shm"
+    small.mkdir()
+    cfg = small_cfg(shard_dir, tmp_path, shuffle=False, num_epochs=1, decode_isolation="process")
+    want = [(p.sample_keys, p.pixel_values.sum().item()) for p in VideoPackedLoader(cfg, seed=0)]
+    outs = []
+    if full == "asked":
+        real_room = loader_module._has_room
+        monkeypatch.setattr(loader_module, "_has_room",
+                            lambda d, n: not str(d).startswith(str(small)) and real_room(d, n))
+    else:
+        real = loader_module.FrameSource._guarded
+
+        def guarded(self, op, out_path, **kw):
+            outs.append(out_path)
+            if str(out_path).startswith(str(small)):
+                raise SampleFailure("exception", "OSError: [Errno 28] No space left on device")
+            return real(self, op, out_path, **kw)
+
+        monkeypatch.setattr(loader_module.FrameSource, "_guarded", guarded)
+    cfg = replace(cfg, spill_dir=str(small), quarantine_path=str(tmp_path / "q2.jsonl"))
+    with caplog.at_level(logging.WARNING):
+        loader = VideoPackedLoader(cfg, seed=0)
+        got = [(p.sample_keys, p.pixel_values.sum().item()) for p in loader]
+    assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
+    assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
+    assert not list(small.iterdir())
+    if full == "child":
+        assert any(str(o).startswith(str(small)) for o in outs) and any(not str(o).startswith(str(small)) for o in outs)
