@@ -193,13 +193,25 @@ def test_shards_whose_every_sample_cannot_be_planned_stop_with_the_reasons(tmp_p
     loader.close()
 
 
+def _same_packs_with_a_full_spill_dir(cfg, want, small, tmp_path, caplog) -> None:
+    """The loader with `small` as its spill directory gives the packs `want` (a roomy one's), none failed, and says
+    once that `small` had no room."""
+    import logging
+
+    cfg = replace(cfg, spill_dir=str(small), quarantine_path=str(tmp_path / "q2.jsonl"))
+    with caplog.at_level(logging.WARNING):
+        loader = VideoPackedLoader(cfg, seed=0)
+        got = [(p.sample_keys, p.pixel_values.sum().item()) for p in loader]
+    assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
+    assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
+
+
 def test_a_video_the_spill_directory_has_no_room_for_is_spilled_to_the_temp_dir(shard_dir, tmp_path, monkeypatch,
                                                                                 caplog):
     """A tmpfs spill directory too small for a video (a container's 64 MB /dev/shm) failed every such video as
     read_error 'No space left on device', naming neither the directory nor the cure. The video now goes to the
     temporary directory's disk, with one warning; the samples are the ones a roomy spill directory gives."""
     import errno
-    import logging
 
     from data.video import loader as loader_module
 
@@ -219,12 +231,7 @@ def test_a_video_the_spill_directory_has_no_room_for_is_spilled_to_the_temp_dir(
     cfg = small_cfg(shard_dir, tmp_path, shuffle=False, num_epochs=1, decode_isolation="inline")
     want = [(p.sample_keys, p.pixel_values.sum().item()) for p in VideoPackedLoader(cfg, seed=0)]
     monkeypatch.setattr(loader_module, "spill_member", full)
-    cfg = replace(cfg, spill_dir=str(small), quarantine_path=str(tmp_path / "q2.jsonl"))
-    with caplog.at_level(logging.WARNING):
-        loader = VideoPackedLoader(cfg, seed=0)
-        got = [(p.sample_keys, p.pixel_values.sum().item()) for p in loader]
-    assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
-    assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
+    _same_packs_with_a_full_spill_dir(cfg, want, small, tmp_path, caplog)
     assert any(not str(c).startswith(str(small)) for c in calls) and not list(small.iterdir())
 
 
@@ -237,8 +244,6 @@ def test_a_spill_directory_without_room_for_the_decoded_frames_sends_them_to_the
     the directory. Now the sample goes to the temporary directory where the spill directory has no room for both
     (`asked`: its free space, read before) or runs out while the child writes (`child`), with one warning; the packs
     are those of a roomy spill directory."""
-    import logging
-
     from data.video import loader as loader_module
     from data.video.loader import SampleFailure
 
@@ -261,12 +266,7 @@ def test_a_spill_directory_without_room_for_the_decoded_frames_sends_them_to_the
             return real(self, op, out_path, **kw)
 
         monkeypatch.setattr(loader_module.FrameSource, "_guarded", guarded)
-    cfg = replace(cfg, spill_dir=str(small), quarantine_path=str(tmp_path / "q2.jsonl"))
-    with caplog.at_level(logging.WARNING):
-        loader = VideoPackedLoader(cfg, seed=0)
-        got = [(p.sample_keys, p.pixel_values.sum().item()) for p in loader]
-    assert got == want and loader.stats.get("samples_failed", 0) == 0 and len(got) > 0
-    assert caplog.text.count(f"data.video.spill_dir={small} has no room for") == 1
+    _same_packs_with_a_full_spill_dir(cfg, want, small, tmp_path, caplog)
     assert not list(small.iterdir())
     if full == "child":
         assert any(str(o).startswith(str(small)) for o in outs) and any(not str(o).startswith(str(small)) for o in outs)
