@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 COMPLETE = "COMPLETE.json"
+# written into a committed checkpoint whose files a resume found not to match their checksums: every later check
+# (the next resume's, retention's, an export's) skips it without reading it again; delete it after restoring the files
+DAMAGED = "DAMAGED.json"
 # Optimizer formats (train.checkpoint.optimizer_format): "dp_reshardable" (each rank its own flat buffers:
 # fully parallel, no gather; loads at another DP size only) or "fully_reshardable" (per-parameter tensors
 # in model space, gathered over DP at save: TP/PP/EP may change between save and load).
@@ -108,6 +111,8 @@ def _verify(path: Path) -> tuple[bool, str]:
         info = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return False, f"unreadable COMPLETE.json: {e}"
+    if (path / DAMAGED).is_file():
+        return False, f"found corrupted by an earlier resume ({DAMAGED}, which names its files)"
     for rel, meta in info.get("files", {}).items():
         size = meta["size"] if isinstance(meta, dict) else meta
         f = path / rel
@@ -148,10 +153,13 @@ def verify_checkpoint(path: Path) -> list[str]:
     return verify_checksums(CheckpointRef(path=path, step=0)) if ok else [why]
 
 
-def find_latest_verified(run_dir, problems: list[str] | None = None, *, exclude: list[str] = ()) -> CheckpointRef | None:
+def find_latest_verified(run_dir, problems: list[str] | None = None, *, exclude: list[str] = (),
+                         mark: bool = False) -> CheckpointRef | None:
     """Collective: the newest checkpoint that is complete AND whose files match their checksums; a
-    corrupted one is reported (file named, and added to `problems`) and skipped for the next older one.
-    `exclude`: names of checkpoint directories not to consider (ones that failed to load)."""
+    corrupted one is reported (file named, and added to `problems`) and skipped for the next older one, and with
+    `mark` (the run's own directory) marked so (DAMAGED): retention then counts it as no checkpoint, where its
+    files' sizes alone kept it and removed a good older one. `exclude`: names of checkpoint directories not to
+    consider (ones that failed to load)."""
     skipped: list[str] = list(exclude)
     while True:
         ref = find_latest(run_dir, exclude=skipped, problems=problems)
@@ -161,9 +169,21 @@ def find_latest_verified(run_dir, problems: list[str] | None = None, *, exclude:
         if not bad:
             return ref
         log.error("checkpoint %s is corrupted, looking for an older one: %s", ref.path, "; ".join(bad))
+        if mark and dist.get_rank() == 0:
+            _mark_damaged(ref.path, bad)
         if problems is not None:
             problems.append(f"{ref.path.name}: {'; '.join(bad)}")
         skipped.append(ref.path.name)
+
+
+def _mark_damaged(path: Path, bad: list[str]) -> None:
+    """Writes DAMAGED.json (what was found) into a checkpoint whose files do not match their checksums."""
+    tmp = path / f"{DAMAGED}.tmp"
+    try:
+        tmp.write_text(json.dumps({"corrupted": bad, "found": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+        os.replace(tmp, path / DAMAGED)
+    except OSError as e:     # a read-only copy: the next resume reads its files again
+        log.warning("could not mark checkpoint %s as damaged (%s): %s", path, DAMAGED, e)
 
 
 class CheckpointLoadError(RuntimeError):
@@ -310,7 +330,7 @@ def find_resume_point(run_dir) -> CheckpointRef | None:
     the run's progress without a word (and its first save would replace the damaged files), so the run stops
     and says what it found."""
     problems: list[str] = []
-    ref = find_latest_verified(run_dir, problems)
+    ref = find_latest_verified(run_dir, problems, mark=True)
     if ref is not None:
         return ref
     if not any((path / COMPLETE).is_file() for _, path in _candidates(run_dir)):

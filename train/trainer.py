@@ -863,7 +863,7 @@ class Trainer:
             if not tried and saved is not None and "config" in saved and (diff := self._changed_since(saved)):
                 changed = f"settings changed since {ref.path.name}: {diff}"
             tried.append(ref.path.name)
-            ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried)
+            ref = ckpt.find_latest_verified(self.run_dir, problems, exclude=tried, mark=True)
             if ref is None:
                 raise ckpt.damaged_everywhere(self.run_dir, problems, unloaded=tried, changed=changed)
 

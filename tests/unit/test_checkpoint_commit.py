@@ -115,6 +115,37 @@ def test_retention_counts_only_checkpoints_that_verify_and_keeps_the_one_just_sa
     assert sorted(int(p.name[5:]) for p in root.iterdir()) == [8, 16]
 
 
+def test_a_checkpoint_a_resume_found_corrupted_is_no_checkpoint_to_retention(tmp_path):
+    """A resume that found its newest checkpoint (20) corrupted (same sizes, a CRC32 that differs) resumed from 10 and
+    saved 30; retention with keep_last=2 judged 20 by its sizes alone, kept it and removed 10: the run was left one
+    good checkpoint. The resume now marks 20 (DAMAGED.json, naming its files), so retention keeps 10 and 30, and later
+    checks skip 20 without reading it again."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from train.checkpoint import DAMAGED, _prune, chunk_crc32s, find_resume_point
+
+    for step in (10, 20):
+        d = make(tmp_path, step)
+        records = {n: {"chunk_bytes": 4, "crc32": chunk_crc32s(d / n, 4)} for n in ("__0_0.distcp", ".metadata")}
+        (d / "CHECKSUMS.rank0.json").write_text(json.dumps({"files": records}))
+    (d / "__0_0.distcp").write_bytes(b"x" * 5 + b"z" + b"x" * 4)          # step 20: same size, one byte changed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        assert find_resume_point(tmp_path).step == 10
+    finally:
+        dist.destroy_process_group()
+    assert "__0_0.distcp: CRC32 differs" in json.loads((d / DAMAGED).read_text())["corrupted"][0]
+    problems = []
+    assert find_latest(tmp_path, problems=problems).step == 10                 # sizes alone: 20 is marked
+    assert problems == [f"step_000020: found corrupted by an earlier resume ({DAMAGED}, which names its files)"]
+    make(tmp_path, 30)
+    _prune(tmp_path / "checkpoints", 2, committed=30)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010", "step_000030"]
+
+
 def test_a_run_directory_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(tmp_path):
     """Torn saves alone (no COMPLETE.json) are a fresh run. Committed checkpoints that all fail their checks, by
     size or (checksums recorded at save time) by CRC32, stop the run with each one's reason; the old trainer
