@@ -61,12 +61,15 @@ def ensure_synthetic_shards(directory: str | os.PathLike, n_videos: int, seed: i
     """Shard directory of `n_videos` synthetic videos under `directory`, made by rank 0 if missing. With
     `n_images` images (and a quarter as many interleaved records of 2-3 images) and `n_text` text-only samples
     among them (a held-out set's: none of those of the training set text_held_out_from=(seed, count) names), and
-    videos of `scenes` still scenes each (slow and fast frames), in a directory of their own
-    (`<directory>_text<n>_images<m>_scenes<k>`, each part only when non-zero)."""
+    videos of `scenes` still scenes each (slow and fast frames), in a directory of their own named by all of these
+    (`<directory>_<n_videos>_seed<seed>_text<n>_images<m>_scenes<k>_heldout<seed>-<count>`, the last four only where
+    given): a run whose settings ask for other data makes it, where one directory for every count and seed gave a run
+    asking for 4 videos the 24 an earlier launch had made."""
     from data.video.synthetic import make_synthetic_shards
 
-    d = Path(f"{directory}{f'_text{n_text}' if n_text else ''}{f'_images{n_images}' if n_images else ''}"
-             f"{f'_scenes{scenes}' if scenes else ''}")
+    held = f"_heldout{text_held_out_from[0]}-{text_held_out_from[1]}" if text_held_out_from else ""
+    d = Path(f"{directory}_{n_videos}_seed{seed}{f'_text{n_text}' if n_text else ''}"
+             f"{f'_images{n_images}' if n_images else ''}{f'_scenes{scenes}' if scenes else ''}{held}")
     marker = d / READY
     if rank == 0 and not marker.exists():
         extra = [f"{n} {what}" for n, what in ((n_images, "images"), (n_text, "text-only samples"),

@@ -43,7 +43,9 @@ def test_tiny_multimodal_recipe_trains_checkpoints_and_resumes(tmp_path):
     # stopped and the resumed launch fork their ranks (tests/launch_util.run_launch: the same trainer, without
     # torchrun's ~20 CPU-seconds of imports per launch); the curve they must repeat is the torchrun launch's.
     resumed = tmp_path / "resumed"
-    shared = [f"data.video.shards={full / 'synthetic_videos' / 'shards'}"]
+    made = sorted(full.glob("synthetic_videos_*"))
+    assert [p.name for p in made] == ["synthetic_videos_24_seed1234"], made     # the recipe's data
+    shared = [f"data.video.shards={made[0] / 'shards'}"]
     run_launch(2, COMMON + shared + ["train.stop_after=5"], resumed)
     run_launch(2, COMMON + shared, resumed)
     assert "resumed from" in (resumed / "logs" / "rank0.log").read_text()
