@@ -404,6 +404,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # torch's generators take 64-bit seeds and megatron seeds its tensor- and expert-parallel streams at seed +
+        # 2718 + rank; 2^32 keeps every derived seed in range (a seed of 2^64 - 1 stopped the ranks with
+        # "Overflow when unpacking long long" once the process groups existed)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2^32), got {self.seed}")
+
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.recipe_name}"
 

@@ -1004,3 +1004,12 @@ def test_an_absolute_quarantine_path_without_rank_is_refused_where_several_repli
     for ok in ("data.video.quarantine_path='/shared/q.{rank}.jsonl'", "data.video.quarantine_path=q.jsonl"):
         _validate("recipe=keye_tiny", ok)
     _validate("recipe=keye_tiny", "data.video.quarantine_path=/shared/q.jsonl", "parallel.ep=1", world_size=1)
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "18446744073709551615"])
+def test_a_seed_out_of_range_is_a_config_error(seed):
+    """A top-level seed torch's generators cannot take (megatron seeds its streams at seed + 2718 + rank) stopped the
+    ranks with `Overflow when unpacking long long` once the process groups existed; now the launch's check says so."""
+    with pytest.raises(ValueError, match=rf"^seed must be an integer in \[0, 2\^32\), got {seed}$"):
+        _validate("recipe=keye_tiny_lm", f"seed={seed}")
+    _validate("recipe=keye_tiny_lm", "seed=4294967295")
