@@ -80,7 +80,6 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
     from models.hf.keye_vision import lm_hf_config
     from models.hf.qwen3_moe import lm_config_from_hf
 
-    base = OmegaConf.structured(LMConfig)
     if model:
         path = model_file(model)
         if path.resolve().parent == (REPO / "recipes" / "model").resolve():
@@ -95,8 +94,7 @@ def model_config(model: str | None, overrides: list[str], *, hf_dir: str | None 
             if "model" not in raw and "lm" not in raw:
                 raise ValueError(f"--model {model}: the file has no `lm:` node (nor `model.lm`)")
             node = raw.model.lm if "model" in raw else raw.lm
-        merged = OmegaConf.merge(base, node, OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides]))
-        return OmegaConf.to_object(merged)
+        return _lm_from_dict(node, overrides, source=f"--model {model}")
     if hf_dir:
         return _lm_from_dict(asdict(lm_config_from_hf(lm_hf_config(hf_dir))), overrides)
     if run_yaml(run_dir) is not None:
@@ -543,11 +541,21 @@ def load_vision_file(path: str):
     return model
 
 
-def _lm_from_dict(d: dict, overrides=()) -> LMConfig:
+def _lm_from_dict(d, overrides=(), *, source: str = "the Hugging Face config") -> LMConfig:
+    """LMConfig from `d` (a dict or config node; `source` names it) with the --set overrides. A key that is not one
+    of its settings: ValueError naming it (omegaconf's ConfigKeyError is a KeyError, which ended the command with a
+    traceback)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
 
-    dots = OmegaConf.from_dotlist([o.removeprefix("lm.") for o in overrides])
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), d, dots))
+    dots = [o.removeprefix("lm.") for o in overrides]
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), d, OmegaConf.from_dotlist(dots)))
+    except ConfigKeyError as e:
+        key = e.full_key or e.key
+        where = next((f"--set {o}" for o, dot in zip(overrides, dots) if dot.split("=", 1)[0] == key), source)
+        raise ValueError(f"{where}: lm.{key} is not a setting of the language model (models/config.py LMConfig)") \
+            from None
 
 
 class PeerFailed(RuntimeError):

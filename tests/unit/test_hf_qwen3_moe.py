@@ -974,6 +974,23 @@ def test_convert_model_preset_takes_the_presets_it_builds_on(preset, base, varia
     assert convert.model_config(preset, ["lm.num_layers=3"]).num_layers == 3   # --set still applies on top
 
 
+def test_a_set_key_that_is_no_model_setting_is_named(tmp_path):
+    """`--set lm.hidden_sise=64` (or a model file's unknown key) ended convert.py with omegaconf's ConfigKeyError
+    traceback (a KeyError, which its ValueError handler let through); now a ValueError naming the override."""
+    import pytest
+
+    convert = _convert_module()
+    with pytest.raises(ValueError, match=r"^--set lm.hidden_sise=64: lm.hidden_sise is not a setting of the language "
+                                         r"model \(models/config.py LMConfig\)$"):
+        convert.model_config("keye_tiny", ["lm.hidden_sise=64"])
+    with pytest.raises(ValueError, match=r"^--set lm.dsa.topkk=3: lm.dsa.topkk is not a setting"):
+        convert.model_config("keye_tiny", ["lm.dsa.topkk=3"])
+    bad = tmp_path / "m.yaml"
+    bad.write_text("lm:\n  num_layerz: 2\n")
+    with pytest.raises(ValueError, match=rf"^--model {bad}: lm.num_layerz is not a setting"):
+        convert.model_config(str(bad), [])
+
+
 def test_export_of_a_step_folder_without_its_run_directory_takes_the_config_the_checkpoint_records(tmp_path):
     """A training checkpoint's step folder copied out of its run directory (no config.yaml beside it) stopped the
     export: `no model config: pass --model`, though the checkpoint's common state records the run's resolved config.
