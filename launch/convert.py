@@ -414,15 +414,33 @@ def trained_tokenizer(common: dict, run_dir: Path | None) -> Path | None:
     """The Hugging Face tokenizer directory a checkpoint's text was tokenized with: its run's
     data.video.tokenizer when that names a directory (an import's, or the HF checkpoint's own), else the run
     directory itself when it holds a tokenizer.json (an import's checkpoint). None for byte ids (synthetic data)."""
-    name = (((common.get("config") or {}).get("data") or {}).get("video") or {}).get("tokenizer")
-    if name and name != "bytes" and Path(name, "tokenizer.json").is_file():
-        return Path(name)
+    config = common.get("config") or {}
+    name = ((config.get("data") or {}).get("video") or {}).get("tokenizer")
+    if name and name != "bytes":
+        for base in launch_dirs(common, run_dir):
+            if Path(base, name, "tokenizer.json").is_file():
+                return Path(base, name)
     if run_dir is not None and Path(run_dir, "tokenizer.json").is_file():
         return Path(run_dir)
     if name and name != "bytes":
         log.warning("the run tokenized with data.video.tokenizer=%s, which holds no tokenizer.json (now): copy the "
                     "tokenizer files into the export yourself", name)
     return None
+
+
+def launch_dirs(common: dict, run_dir: Path | None) -> list[Path]:
+    """Where a checkpoint's config's relative paths may be relative to, most likely first: the working directory of
+    the launch that saved it (its common state's launch_dir; older checkpoints lack it), the one its relative run_dir
+    implies (the run directory's path without that run_dir at its end), this process's. An export run from another
+    directory looked for a relative data.video.tokenizer in its own and lost the tokenizer and the vision token ids."""
+    out = [Path(common["launch_dir"])] if common.get("launch_dir") else []
+    config = common.get("config") or {}
+    recorded = config.get("run_dir") or (f"runs/{config['recipe_name']}" if config.get("recipe_name") else "")
+    if run_dir is not None and recorded and not os.path.isabs(recorded):
+        here, parts = Path(run_dir).resolve(), Path(recorded).parts
+        if here.parts[-len(parts):] == parts:
+            out.append(Path(*here.parts[:-len(parts)]))
+    return out + [Path.cwd()]
 
 
 def export_tokenizer(common: dict, run_dir: Path | None, out_dir: str) -> list[str]:

@@ -761,6 +761,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "layout": ckpt.layout_record(self.layout),
                 "recipe": self.cfg.recipe_name, "seed": self.cfg.seed, "config": asdict(self.cfg),
+                "launch_dir": os.getcwd(),   # what the config's relative paths are relative to (launch/convert.py)
                 "vision_steps": self.vision.steps if self.vision is not None else 0,
                 "nonfinite": {"in_row": self.nonfinite_in_row, "skipped": self.skipped_steps},
                 "spike": {"in_row": self.spike_in_row, "skipped": self.spike_skipped,

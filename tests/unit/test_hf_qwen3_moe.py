@@ -396,6 +396,29 @@ def test_import_carries_the_tokenizer_and_the_launcher_holds_runs_to_it(hf, pgs,
     assert not (tmp_path / "back_plain" / "tokenizer.json").exists()
 
 
+def test_a_relative_tokenizer_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    """A run launched in /x with data.video.tokenizer=runs/keye_init, exported from another directory, looked for the
+    tokenizer there: the export warned that the directory held no tokenizer.json and wrote no vision token ids. It is
+    now looked for from the launch's directory (recorded with the checkpoint), or, for a checkpoint without that
+    record, the one its relative run_dir implies."""
+    convert = _convert_module()
+    launch = tmp_path / "x"
+    (launch / "runs" / "keye_init").mkdir(parents=True)
+    (launch / "runs" / "keye_init" / "tokenizer.json").write_text("{}")
+    run_dir = launch / "runs" / "ft"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = {"data": {"video": {"tokenizer": "runs/keye_init"}}, "run_dir": "runs/ft"}
+    want = launch / "runs" / "keye_init"
+    assert convert.trained_tokenizer({"config": config, "launch_dir": str(launch)}, run_dir) == want
+    assert convert.trained_tokenizer({"config": config}, run_dir) == want                 # from run_dir=runs/ft
+    assert convert.trained_tokenizer({"config": {**config, "run_dir": "", "recipe_name": "ft"}}, run_dir) == want
+    assert convert.trained_tokenizer({"config": {**config, "run_dir": str(run_dir)}}, run_dir) is None   # no clue
+    monkeypatch.chdir(launch)
+    assert convert.trained_tokenizer({"config": {**config, "run_dir": str(run_dir)}}, run_dir) == want    # from here
+
+
 def test_tied_embeddings_import_and_export(hf, pgs, tmp_path):
     """tie_word_embeddings: no lm_head in the files; the output layer is the embedding."""
     from models.hf.tiny import save_tiny_qwen3_moe
