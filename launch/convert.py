@@ -351,10 +351,15 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if rank0:   # the files this export writes are its own from here on, even if it is cut off
+
+    def record() -> None:
+        """The files this export writes are its own from here on, even if it is cut off. Written once export_hf has
+        judged the checkpoint (a refused export wrote it first: it replaced an earlier export's record, and a later
+        export then took a Hugging Face checkpoint's weights for its own and removed them without --overwrite)."""
         _record_export(out_dir, step_dir, complete=False)
+
     result = export_hf(step_dir, out_dir, lm=lm, max_shard_bytes=max_shard_bytes,
-                       dtype=DTYPES[dtype] if dtype else None)
+                       dtype=DTYPES[dtype] if dtype else None, before_write=record if rank0 else None)
     log.info("exported %s -> %s: %d tensors, %.1f MB in %d file(s)", step_dir, out_dir, result["tensors"],
              result["bytes"] / 1e6, len(result["files"]))
     common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})

@@ -31,6 +31,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -791,13 +792,16 @@ def _plan_shards(plan_units: list[Unit], nbytes: dict[str, int], max_shard_bytes
 
 @torch.no_grad()
 def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, lm: LMConfig,
-              max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> dict:
+              max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
+              before_write: Callable[[], None] | None = None) -> dict:
     """Writes one of our checkpoints (a `step_*` directory) as a Qwen3-MoE HF checkpoint: config.json,
     safetensors files of at most `max_shard_bytes` each (plus model.safetensors.index.json when there are
     several). Tensors are loaded one output file at a time, so memory stays about one file's worth.
 
     Collective when torch.distributed is initialised (every rank loads, rank 0 writes). `dtype`: cast the
-    weights (default: as stored). Raises on a checkpoint tensor with no HF name or of the wrong shape.
+    weights (default: as stored). Raises on a checkpoint tensor with no HF name or of the wrong shape, before
+    anything is written. `before_write`: called on rank 0 once the checkpoint is judged exportable, before the first
+    file of `out_dir` is removed or written (launch/convert.py records the export there).
     Returns {"files": [...], "tensors": n, "bytes": total}.
     """
     from megatron.core import dist_checkpointing
@@ -846,6 +850,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     shards = _plan_shards(plan, nbytes, max_shard_bytes)
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if rank0:  # an earlier export's files would mix with these (remove_earlier_save says how)
+        if before_write is not None:
+            before_write()
         removed = remove_earlier_save(out_dir, also=tuple(path.name for path, _ in MODELING.values()))
         if removed:
             log.warning("%s held an earlier save: removed its %s before writing", out_dir, ", ".join(removed))

@@ -527,6 +527,33 @@ def test_export_refuses_to_delete_weights_no_earlier_export_wrote(hf, pgs, tmp_p
         convert.export(str(tmp_path / "ours"), str(out))
 
 
+def test_a_refused_export_leaves_the_output_directory_as_it_was(hf, pgs, tmp_path):
+    """A refused export (here a model with a layer more than the checkpoint; an expert-bias checkpoint, a DSA one
+    as dense) wrote its record (keye_export.json, 'complete': false) before the checkpoint was judged: it replaced an
+    earlier export's record, left a directory holding that record alone, and an export into that directory later
+    took a Hugging Face checkpoint copied there for its own and removed its weights without --overwrite."""
+    from dataclasses import replace
+
+    from models.hf.tiny import save_tiny_qwen3_moe
+
+    convert = _convert_module()
+    convert.import_hf(str(hf["single"]), str(tmp_path / "ours"), lm=hf["lm"])
+    wrong = replace(hf["lm"], num_layers=hf["lm"].num_layers + 1)
+    out = tmp_path / "out"
+    convert.export(str(tmp_path / "ours"), str(out))
+    record = (out / "keye_export.json").read_text()
+    with pytest.raises(ValueError, match=r"has shape \[2, 64\], model.lm gives \[3, 64\]"):
+        convert.export(str(tmp_path / "ours"), str(out), lm=wrong)
+    assert (out / "keye_export.json").read_text() == record
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=r"has shape \[2, 64\], model.lm gives \[3, 64\]"):
+        convert.export(str(tmp_path / "ours"), str(fresh), lm=wrong)
+    assert not fresh.exists()
+    save_tiny_qwen3_moe(fresh, seed=1)                     # a Hugging Face checkpoint put there since
+    with pytest.raises(ValueError, match="which no earlier export into it wrote"):
+        convert.export(str(tmp_path / "ours"), str(fresh))
+
+
 @pytest.mark.parametrize("where", ["start", "end"])
 def test_an_export_record_tells_a_same_size_rewrite_in_the_same_tick(tmp_path, where):
     """keye_export.json compared each weight file's size and modification time: a rewrite of the same size within
