@@ -459,7 +459,12 @@ def _check_variant_layers(cfg: dict, lm: LMConfig, variant: str, fields: tuple[s
     if theirs != ours:
         if not ours:
             raise ValueError(f"HF config {variant}_layers={theirs}: the checkpoint has {what}, model.lm has none "
-                             f"(attention=dense): {use}")
+                             f"(attention={lm.attention}): {use}")
+        other = "ksa" if variant == "dsa" else "dsa"
+        if not theirs and cfg.get(f"{other}_layers"):
+            raise ValueError(f"model.lm has {up} on layers {ours} but the HF config has none (no {variant}_layers): "
+                             f"a checkpoint with {other.upper()} on layers {list(cfg[f'{other}_layers'])}. Import it "
+                             f"with a model of {other.upper()} layers (e.g. --model <preset>_{other}, docs/hf.md)")
         if not theirs:
             raise ValueError(f"model.lm has {up} on layers {ours} but the HF config has none (no {variant}_layers): a "
                              f"plain Qwen3-MoE checkpoint. {start}, or import it into the dense model (docs/hf.md)")

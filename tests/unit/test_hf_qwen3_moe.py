@@ -527,6 +527,22 @@ def test_export_refuses_to_delete_weights_no_earlier_export_wrote(hf, pgs, tmp_p
         convert.export(str(tmp_path / "ours"), str(out))
 
 
+def test_an_import_into_the_other_sparse_attention_names_both():
+    """A DSA export imported with a KSA model was refused as `model.lm has none (attention=dense)`, and the other
+    way round the KSA export was called `a plain Qwen3-MoE checkpoint`, whose DSA warm-up it was told to start."""
+    from models.hf.qwen3_moe import check_hf_dsa, check_hf_ksa, hf_config_from_lm
+
+    convert = _convert_module()
+    dsa, ksa = convert.model_config("keye_tiny_dsa", []), convert.model_config("keye_tiny_ksa", [])
+    with pytest.raises(ValueError, match=r"the checkpoint has DSA .*, model.lm has none \(attention=ksa\)"):
+        check_hf_dsa(hf_config_from_lm(dsa), ksa)
+    with pytest.raises(ValueError, match=r"but the HF config has none \(no ksa_layers\): a checkpoint with DSA on "
+                                         r"layers \[.*\]\. Import it with a model of DSA layers"):
+        check_hf_ksa(hf_config_from_lm(dsa), ksa)
+    with pytest.raises(ValueError, match=r"\(no dsa_layers\): a checkpoint with KSA on layers"):
+        check_hf_dsa(hf_config_from_lm(ksa), dsa)
+
+
 def test_a_refused_export_leaves_the_output_directory_as_it_was(hf, pgs, tmp_path):
     """A refused export (here a model with a layer more than the checkpoint; an expert-bias checkpoint, a DSA one
     as dense) wrote its record (keye_export.json, 'complete': false) before the checkpoint was judged: it replaced an
