@@ -159,10 +159,9 @@ def frame_display_matrix(frame) -> list[int] | None:
     """The display matrix a decoded PyAV frame carries (its stream's), or None."""
     import av
 
-    for sd in frame.side_data:
-        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-            return np.frombuffer(bytes(sd), np.int32)[:9].tolist()
-    return None
+    # a Mapping of side data by type: PyAV 18.1.1 iterates over its keys, 18.1.0 over its values
+    sd = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    return None if sd is None else np.frombuffer(bytes(sd), np.int32)[:9].tolist()
 
 
 def orient(a: np.ndarray, rotation: int, hflip: bool, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
