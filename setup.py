@@ -12,7 +12,8 @@ INSTALL_REQUIRES = [
     "triton==3.6.0",
     "webdataset==1.0.2",
     "decord==0.6.0",
-    # 18.1.0 and 18.1.1 tested; 17 writes no rotated clip (no Stream.set_display_rotation): the suite's rotated videos need 18.
+    # 18.1.0 and 18.1.1 tested; 17 writes no rotated clip (no Stream.set_display_rotation): the suite's rotated
+    # videos need 18.
     # Reproducible files need asm=0 and one encoder thread (data/video/synthetic.py)
     "av>=18,<19",
     "hydra-core==1.3.8",

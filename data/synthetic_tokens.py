@@ -38,8 +38,8 @@ class DataConfig:
     branching: int = 4
     copy_prob: float = 0.5
     # video: data.video.shards names the shard directory; empty = synthetic videos this project makes
-    # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos_<count>_seed<seed>, once, then reused), with
-    # data.synthetic_images images and data.synthetic_texts text-only samples among them (docs/data.md
+    # itself (data.synthetic_videos of them, under <run_dir>/synthetic_videos_<count>_seed<seed>, once, then
+    # reused), with data.synthetic_images images and data.synthetic_texts text-only samples among them (docs/data.md
     # "Image samples", "Text-only samples"), and videos of data.synthetic_scenes still scenes each ("Slow and
     # fast frames": set data.video.fast_frame_ratio to encode the repeated frames small)
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
