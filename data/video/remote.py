@@ -27,7 +27,6 @@ import base64
 import datetime
 import email.utils
 import http.client
-import json
 import os
 import random
 import re
@@ -909,11 +908,12 @@ def read_range(url: str, offset: int, size: int, opts: RemoteOptions, sink: Call
         fs_read_range(url, offset, size, opts, sink, total=total, version=version)
 
 
-def load_index(shard: str, opts: RemoteOptions) -> dict:
-    """The shard index (`<shard>.idx.json`) of a shard on object storage. ValueError naming its clean URL when it is
-    not there (a shard on object storage is not scanned: that would read the whole tar) or not an index. Its
-    `object_version` (not in the file) is what the reads check the tar against, None where nothing can be: for
-    http(s), when the index was read (the answer's Date, the store's clock); through fsspec, the tar's tag now."""
+def load_index(shard: str, opts: RemoteOptions) -> tuple[bytes, dict | None]:
+    """The bytes of the shard index (`<shard>.idx.json`) of a shard on object storage (data/video/shards.py parses
+    and checks them), and its `object_version` (not in the file): what the reads check the tar against, None where
+    nothing can be: for http(s), when the index was read (the answer's Date, the store's clock); through fsspec, the
+    tar's tag now. ValueError naming its clean URL when it is not there (a shard on object storage is not scanned:
+    that would read the whole tar)."""
     url = full_index_url(shard)
     headers: dict = {}
     try:
@@ -922,15 +922,7 @@ def load_index(shard: str, opts: RemoteOptions) -> dict:
         why = ("not found: upload the .idx.json that launch/ingest.py writes beside each tar"
                if e.gone else str(e))
         raise ValueError(f"shard index {clean_url(url)} of {shard}: {why}") from None
-    try:
-        idx = json.loads(data)
-    except ValueError as e:
-        raise ValueError(f"shard index {clean_url(url)} of {shard}: not JSON ({e})") from None
-    if not isinstance(idx, dict) or not isinstance(idx.get("samples"), list):
-        raise ValueError(f"shard index {clean_url(url)} of {shard}: not a shard index (no 'samples' list)")
     if scheme(url) in HTTP_SCHEMES:
         read_at = _http_time(headers.get("Date"))
-        idx["object_version"] = None if read_at is None else {"read_at": read_at}
-    else:
-        idx["object_version"] = fs_version(full_url(shard), opts)
-    return idx
+        return data, None if read_at is None else {"read_at": read_at}
+    return data, fs_version(full_url(shard), opts)

@@ -427,17 +427,15 @@ def load_shard_index(tar_path: str, remote: RemoteOptions | None = None) -> dict
     """The index of a shard: its `.idx.json`, or a local tar without one scanned. A shard on object storage must
     have its index (ValueError naming its URL: scanning would read the whole tar over the network)."""
     if remote_mod.is_url(tar_path):
-        where = f"{remote_mod.clean_url(remote_mod.full_index_url(tar_path))} of {tar_path}"
-        return check_shard_index(remote_mod.load_index(tar_path, remote or RemoteOptions()), where,
-                                 "write it again (launch/ingest.py) and upload it")
+        data, version = remote_mod.load_index(tar_path, remote or RemoteOptions())
+        idx = _parsed_index(data, f"{remote_mod.clean_url(remote_mod.full_index_url(tar_path))} of {tar_path}",
+                            "write it again (launch/ingest.py) and upload it")
+        idx["object_version"] = version
+        return idx
     p = index_path(tar_path)
     if os.path.exists(p):
-        try:
-            with open(p, "rb") as f:
-                idx = json.loads(f.read())
-        except ValueError as e:       # JSONDecodeError, UnicodeDecodeError: an index cut short or overwritten
-            raise ShardIndexError(f"shard index {p}: not JSON ({e}); {_INDEX_FIX}") from None
-        return check_shard_index(idx, p)
+        with open(p, "rb") as f:
+            return _parsed_index(f.read(), p)
     return scan_shard(tar_path)
 
 
@@ -447,6 +445,15 @@ _INDEX_FIX = "write it again (launch/ingest.py), or delete it: a local shard wit
 class ShardIndexError(ValueError):
     """A shard's index that cannot be read as one (not there on object storage, not JSON, not an index, a sample
     without what the catalog reads), named with what is wrong: the same on every rank, a stop before training."""
+
+
+def _parsed_index(data: bytes, where: str, fix: str = _INDEX_FIX) -> dict:
+    """A shard index's bytes (read from `where`, its path or URL) as the index, checked (check_shard_index)."""
+    try:
+        idx = json.loads(data)
+    except ValueError as e:       # JSONDecodeError, UnicodeDecodeError: an index cut short or overwritten
+        raise ShardIndexError(f"shard index {where}: not JSON ({e}); {fix}") from None
+    return check_shard_index(idx, where, fix)
 
 
 def check_shard_index(idx, where: str, fix: str = _INDEX_FIX) -> dict:
