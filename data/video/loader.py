@@ -50,6 +50,7 @@ the run raises only after `max_consecutive_failures` failures in a row.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib
 import json
@@ -568,6 +569,17 @@ class FrameSource:
             raise SampleFailure("read_error", f"{str(e)[:300]}{after}", gone=getattr(e, "gone", False),
                                 refused=getattr(e, "refused", False)) from None
 
+    def _copy_member(self, shard: str, offset: int, size: int, path: str, what: str = "") -> None:
+        """spill_member: a full filesystem's OSError is raised as it is (_in_spill tries the temporary directory),
+        any other failure to read or write is the sample's read_error."""
+        try:
+            spill_member(shard, offset, size, path, remote=self.remote)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            raise SampleFailure("read_error", f"{what}{str(e)[:300]}", gone=getattr(e, "gone", False),
+                                refused=getattr(e, "refused", False)) from None
+
     def _note_full(self, rec: SampleRecord, nbytes: int) -> None:
         if not self._spill_full_noted:
             self._spill_full_noted = True
@@ -581,39 +593,33 @@ class FrameSource:
         this sample; "inline": in this worker."""
         out = []
         for i, ((offset, size), fp) in enumerate(zip(rec.image_members, doc.images)):
-            what = f"{rec.key} image {i}"
-
-            def work(where: str, offset=offset, size=size, fp=fp, what=what) -> np.ndarray:
-                req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width, what=what)
-                stem = self._stem(rec, where)
-                local, raw = (f"{stem}.img{i}" if is_url(rec.shard) else None), f"{stem}.rgb"
-                try:
-                    if local is not None:       # read here (timeout, retries), decoded from a local copy
-                        try:
-                            spill_member(rec.shard, offset, size, local, remote=self.remote)
-                        except OSError as e:
-                            if e.errno == errno.ENOSPC:
-                                raise
-                            raise SampleFailure("read_error", f"{what}: {str(e)[:300]}", gone=getattr(e, "gone", False),
-                                                refused=getattr(e, "refused", False)) from None
-                        req.update(shard=local, offset=0)
-                    if self.cfg.decode_isolation == "process":
-                        return self._guarded("decode_image", raw, **req)
-                    try:
-                        return decode_member(**req)
-                    except ImageError as e:
-                        raise SampleFailure(e.reason, e.detail) from None
-                    except MemoryError as e:
-                        raise _out_of_memory(what, e) from None
-                finally:
-                    _unlink(raw)
-                    if local is not None:
-                        _unlink(local)
-
             nbytes = ((size if is_url(rec.shard) else 0)
                       + (3 * fp.height * fp.width if self.cfg.decode_isolation == "process" else 0))
-            out.append(self._in_spill(rec, nbytes, work))
+            out.append(self._in_spill(rec, nbytes, functools.partial(self._image, rec, i, offset, size, fp)))
         return out
+
+    def _image(self, rec: SampleRecord, i: int, offset: int, size: int, fp, where: str) -> np.ndarray:
+        """Image `i` of an image sample (its member at `offset`, `size` bytes; its plan `fp`), its files in `where`."""
+        what = f"{rec.key} image {i}"
+        req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width, what=what)
+        stem = self._stem(rec, where)
+        local, raw = (f"{stem}.img{i}" if is_url(rec.shard) else None), f"{stem}.rgb"
+        try:
+            if local is not None:       # read here (timeout, retries), decoded from a local copy
+                self._copy_member(rec.shard, offset, size, local, f"{what}: ")
+                req.update(shard=local, offset=0)
+            if self.cfg.decode_isolation == "process":
+                return self._guarded("decode_image", raw, **req)
+            try:
+                return decode_member(**req)
+            except ImageError as e:
+                raise SampleFailure(e.reason, e.detail) from None
+            except MemoryError as e:
+                raise _out_of_memory(what, e) from None
+        finally:
+            _unlink(raw)
+            if local is not None:
+                _unlink(local)
 
     def frames(self, rec: SampleRecord, doc: DocPlan) -> list[np.ndarray]:
         """The planned frames, uint8 planar, as runs of frames of one size: [n, 3, H, W] alone, or with slow and
@@ -630,13 +636,7 @@ class FrameSource:
             stem = self._stem(rec, where)
             video, raw = f"{stem}.{rec.video_ext}", f"{stem}.rgb"
             try:
-                try:
-                    spill_member(rec.shard, rec.video_offset, rec.video_size, video, remote=self.remote)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:     # _in_spill tries the temporary directory
-                        raise
-                    raise SampleFailure("read_error", str(e)[:300], gone=getattr(e, "gone", False),
-                                        refused=getattr(e, "refused", False)) from None
+                self._copy_member(rec.shard, rec.video_offset, rec.video_size, video)
                 if self.cfg.decode_isolation == "process":
                     return self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key,
                                          path=video, **req)
