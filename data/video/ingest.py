@@ -27,6 +27,7 @@ shard), and continues numbering. An --out that holds other files and none of the
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -507,6 +508,27 @@ class _Pool:
             w.close()
 
 
+def _why_unlisted(rel: str, root: str | None, extensions, image_files: set[str], listed_as) -> tuple[str, str]:
+    """(reason, detail) of a file a video record names that is not among the videos to ingest: not there, an
+    extension ingest does not read, an image record's file, or reached through a linked folder that leads into
+    --videos, whose files the listing names by their own paths (`listed_as()`: real path -> listed path)."""
+    if root is None:
+        return "missing_file", "listed in annotations; no --videos folder given"
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        return "missing_file", "listed in annotations, not found under --videos"
+    exts = [e.lower().lstrip(".") for e in extensions]
+    if rel.rsplit(".", 1)[-1].lower() not in exts:
+        return "unsupported_extension", (f"listed in annotations and found under --videos, but its extension "
+                                         f"{os.path.splitext(rel)[1] or '(none)'!r} is not one ingest reads "
+                                         f"({' '.join(exts)})")
+    if rel in image_files:
+        return "bad_annotation", "an image record names this file too: it is ingested as that image"
+    real = listed_as().get(os.path.realpath(path))
+    return "bad_annotation", ("listed in annotations by a path through a linked folder, whose files ingest lists by "
+                              "their own paths" + (f": name it {real!r}" if real else ""))
+
+
 def _job(pool: _Pool, opts: IngestOptions, root: str, rel: str, tmp: str) -> dict:
     path = os.path.join(root, rel)
     key = make_key(rel)
@@ -668,34 +690,11 @@ def ingest(opts: IngestOptions) -> dict:
             reject("video", rel, "bad_file_name", f"{shown_name(rel)}: its name is not UTF-8 (a sample's key and "
                    f"the shard index are text): rename the file")
             done.add(rel)
-    missing = sorted(set(ann) - listed)
-    supported = " ".join(e.lower().lstrip(".") for e in opts.extensions)
-    exts = {e.lower().lstrip(".") for e in opts.extensions}
-    listed_as: dict[str, str] | None = None    # a listed file's real path -> its path in the listing
-    for rel in missing:
+    # a listed file's real path -> its path in the listing, made once a record names a file by another path
+    listed_as = functools.cache(lambda: {os.path.realpath(os.path.join(root, v)): v for v in videos})
+    for rel in sorted(set(ann) - listed):
         if rel not in done:
-            if root is not None and os.path.isfile(os.path.join(root, rel)) and \
-                    rel.rsplit(".", 1)[-1].lower() in exts:
-                # on disk with an extension ingest reads, not listed: an image record's file, or reached through a
-                # linked folder that leads into --videos, whose files the listing names by their own paths
-                reason = "bad_annotation"
-                if rel in image_files:
-                    detail = "an image record names this file too: it is ingested as that image"
-                else:
-                    if listed_as is None:
-                        listed_as = {os.path.realpath(os.path.join(root, v)): v for v in videos}
-                    real = listed_as.get(os.path.realpath(os.path.join(root, rel)))
-                    detail = ("listed in annotations by a path through a linked folder, whose files ingest lists "
-                              "by their own paths" + (f": name it {real!r}" if real else ""))
-            elif root is not None and os.path.isfile(os.path.join(root, rel)):
-                reason = "unsupported_extension"
-                detail = (f"listed in annotations and found under --videos, but its extension "
-                          f"{os.path.splitext(rel)[1] or '(none)'!r} is not one ingest reads ({supported})")
-            else:
-                reason = "missing_file"
-                detail = ("listed in annotations, not found under --videos" if root is not None
-                          else "listed in annotations; no --videos folder given")
-            reject("video", rel, reason, detail)
+            reject("video", rel, *_why_unlisted(rel, root, opts.extensions, image_files, listed_as))
             done.add(rel)
     images = sorted(annotations.images)
     missing_images = 0
