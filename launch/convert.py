@@ -37,6 +37,7 @@ each rank reads only its own slices of the safetensors files. Exit code 1 when v
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -351,15 +352,12 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-    def record() -> None:
-        """The files this export writes are its own from here on, even if it is cut off. Written once export_hf has
-        judged the checkpoint (a refused export wrote it first: it replaced an earlier export's record, and a later
-        export then took a Hugging Face checkpoint's weights for its own and removed them without --overwrite)."""
-        _record_export(out_dir, step_dir, complete=False)
-
+    # the files this export writes are its own from here on, even if it is cut off: recorded once export_hf has judged
+    # the checkpoint (a refused export that recorded first replaced an earlier export's record, and a later export then
+    # took a Hugging Face checkpoint's weights for its own and removed them without --overwrite)
+    record = functools.partial(_record_export, out_dir, step_dir, complete=False) if rank0 else None
     result = export_hf(step_dir, out_dir, lm=lm, max_shard_bytes=max_shard_bytes,
-                       dtype=DTYPES[dtype] if dtype else None, before_write=record if rank0 else None)
+                       dtype=DTYPES[dtype] if dtype else None, before_write=record)
     log.info("exported %s -> %s: %d tensors, %.1f MB in %d file(s)", step_dir, out_dir, result["tensors"],
              result["bytes"] / 1e6, len(result["files"]))
     common = dist_checkpointing.load_common_state_dict(str(step_dir)).get("common", {})
