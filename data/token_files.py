@@ -342,25 +342,50 @@ def _tokenize_in_worker(chunk):
     return _tokenize_chunk(chunk, **_WORKER)
 
 
+class TokenizeWorkerDied(RuntimeError):
+    """A tokenize_jsonl worker process ended mid-chunk (killed, or out of memory): nothing of the output is kept."""
+
+
 def _tokenized_chunks(inputs, tokenizer, key: str, tail: list[int], lines: int,
                       workers: int) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], list[dict]]]:
-    """`_tokenize_chunk` of each chunk of `inputs`, in their order: in this process, or over `workers` forked
-    processes with at most 2 x workers chunks in flight (the files are read no further ahead than that)."""
+    """`_tokenize_chunk` of each chunk of `inputs`, in their order: in this process, or over `workers` processes
+    with at most 2 x workers chunks in flight (the files are read no further ahead than that).
+
+    The workers are forked from a fork server (a fresh process that imported this module), not from this process: a
+    child forked from a process with other threads (pytest's, a tokenizer's, a training job's) may start with a lock
+    one of them held and wait on it forever, and so would `get()` on its chunk. A worker that dies is an error
+    (TokenizeWorkerDied), not a wait without end as under multiprocessing.Pool."""
     chunks = _jsonl_chunks(inputs, lines)
     if workers <= 1:
         yield from (_tokenize_chunk(c, tokenizer, key, tail) for c in chunks)
         return
     import multiprocessing as mp
     from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
 
-    with mp.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(tokenizer, key, tail)) as pool:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])   # each worker forked with numpy, torch and this module imported
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(tokenizer, key, tail))
+    try:
         pending: deque = deque()
         for c in chunks:
-            pending.append(pool.apply_async(_tokenize_in_worker, (c,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+            pending.append(pool.submit(_tokenize_in_worker, c))
+            while len(pending) >= 2 * workers or (pending and pending[0].done()):
+                yield _chunk_result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _chunk_result(pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunk_result(future):
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise TokenizeWorkerDied(f"a tokenize worker process ended while tokenizing ({e}): killed, or out of "
+                                 f"memory? Run again with fewer --workers; nothing of this output is kept") from None
 
 
 def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, key: str = "text",

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if os.path.exists(a.out + ".idx"):
         p.error(f"--out {a.out}: {a.out}.idx exists; give another prefix or remove it")
 
-    from data.token_files import tokenize_jsonl, write_synthetic_token_files
+    from data.token_files import TokenizeWorkerDied, tokenize_jsonl, write_synthetic_token_files
     from data.video.tokenizer import ByteTokenizer, HFTokenizer
 
     try:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     else:
         try:
             info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos, workers=a.workers)
-        except OSError as e:
+        except (OSError, TokenizeWorkerDied) as e:
             print(f"tokenize_text: {e}", file=sys.stderr)
             return 1
     dt = time.perf_counter() - t0

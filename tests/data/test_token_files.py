@@ -6,6 +6,8 @@ sequential loop over the Weyl rule (the blend), and a loop over each row's posit
 """
 import json
 import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -86,8 +88,59 @@ def test_a_text_holding_an_unpaired_surrogate_is_a_line_left_out(tmp_path):
             assert skipped[0]["reason"].startswith("'text' holds an unpaired surrogate '\\ud800' at character 4")
 
 
+_LOCK = threading.Lock()   # held by the test's process while the workers tokenize (LockingTokenizer)
+
+
+class LockingTokenizer(ByteTokenizer):
+    """Takes _LOCK for each text, as a library's tokenizer takes its own locks: a worker that inherited the lock held
+    (forked from the test's process, which holds it) would wait on it forever."""
+
+    def encode(self, text):
+        with _LOCK:
+            return super().encode(text)
+
+
+class DyingTokenizer(ByteTokenizer):
+    """Ends its process (as the kernel's OOM killer would) on the text 'die', in a worker process only."""
+
+    def __init__(self, parent: int):
+        super().__init__()
+        self.parent = parent
+
+    def encode(self, text):
+        if text == "die" and os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode(text)
+
+
+@pytest.mark.timeout(180)
+def test_tokenize_jsonl_workers_do_not_inherit_this_process_s_locks(tmp_path):
+    """The workers are not forked from the calling process: a lock it holds (another thread's, at the moment of a
+    fork) is not held in them. Under multiprocessing.Pool with fork this waited forever. Reference: one process."""
+    lines = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(40))
+    (tmp_path / "in.jsonl").write_text(lines)
+    one = tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / "one", TOK, batch=3)
+    with _LOCK:
+        two = tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / "two", LockingTokenizer(), batch=3, workers=2)
+    assert {**two, "tokenizer": None} == {**one, "tokenizer": None} and one["documents"] == 40
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()
+
+
+@pytest.mark.timeout(180)
+def test_a_tokenize_worker_that_dies_is_an_error_and_leaves_no_files(tmp_path):
+    """A worker killed mid-chunk: TokenizeWorkerDied saying so, and no output or partial file (multiprocessing.Pool
+    waited forever for the chunk)."""
+    from data.token_files import TokenizeWorkerDied
+
+    texts = [f"document {i}" for i in range(30)] + ["die"] + [f"after {i}" for i in range(30)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with pytest.raises(TokenizeWorkerDied, match="ended while tokenizing.*fewer --workers"):
+        tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / "out", DyingTokenizer(os.getpid()), batch=4, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
-    """A Hugging Face tokenizer in forked workers, many chunks in flight: the documents in the lines' order, as one
+    """A Hugging Face tokenizer in worker processes, many chunks in flight: the documents in the lines' order, as one
     process writes them."""
     import gzip
 
@@ -95,7 +148,7 @@ def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
 
     tok = HFTokenizer(make_synthetic_hf_tokenizer(tmp_path / "hf"))
     texts = list(synthetic_documents(300, 3))
-    texts[200] += " <|endoftext|> <|im_end|>"       # read as text in a forked worker too
+    texts[200] += " <|endoftext|> <|im_end|>"       # read as text in a worker process too
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:170])
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[170:]))
