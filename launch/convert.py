@@ -55,6 +55,7 @@ silence_known_warnings()
 import torch  # noqa: E402
 
 from models.config import LMConfig  # noqa: E402
+from models.hf.checkpoint_io import EXPORT_RECORD, export_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("convert")
@@ -249,7 +250,6 @@ def copy_tokenizer(hf_dir: str, out_dir: str) -> list[str]:
     return copied
 
 
-EXPORT_RECORD = "keye_export.json"   # an export's record of the weight files it wrote (check_export_dir)
 
 
 def _weight_files(out_dir: str | os.PathLike) -> list[Path]:
@@ -301,10 +301,7 @@ def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     out = Path(out_dir)
     if overwrite or not out.is_dir():
         return
-    try:
-        record = json.loads((out / EXPORT_RECORD).read_text())
-    except (OSError, ValueError):
-        record = None
+    record = export_record(out)
     if record is not None and not record.get("complete", False):
         return   # an export of ours that did not finish: every weight file there is its own
     written = record.get("files", {}) if record is not None else {}
@@ -320,16 +317,32 @@ def check_export_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
             f"output directory, or --overwrite to replace them")
 
 
-def _record_export(out_dir: str | os.PathLike, checkpoint: Path, *, complete: bool) -> None:
+def _record_export(out_dir: str | os.PathLike, checkpoint: Path, *, complete: bool,
+                   trained: dict | None = None) -> None:
     """Writes EXPORT_RECORD: before the export writes (complete=False), and after, with each weight file's size,
-    modification time and sampled hash (_file_mark; check_export_dir)."""
+    modification time and sampled hash (_file_mark; check_export_dir). `trained`: how the source run trained
+    (_trained), which a later run starting from the export reads (train/launch.py check_hf_teacher)."""
     rec: dict = {"checkpoint": str(checkpoint), "complete": complete}
+    if trained:
+        rec["trained"] = trained
     if complete:
         rec["files"] = {p.name: _file_mark(p) for p in _weight_files(out_dir)}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(out_dir, EXPORT_RECORD + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
     os.replace(tmp, Path(out_dir, EXPORT_RECORD))
+
+
+def _trained(common: dict) -> dict | None:
+    """How the run that wrote a checkpoint trained, from its recorded config: which parameters
+    (train.trainable) under which attention per layer. A KSA model whose run trained its language model under KSA
+    is no dense teacher for a distillation (train/launch.py check_hf_teacher). None for a checkpoint that records no
+    run config (one `import` wrote)."""
+    train = (common.get("config") or {}).get("train") or {}
+    lm = ((common.get("config") or {}).get("model") or {}).get("lm") or {}
+    if "trainable" not in train:
+        return None
+    return {"trainable": train["trainable"], "attention": lm.get("attention_per_layer") or lm.get("attention")}
 
 
 def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: str | None = None,
@@ -379,7 +392,7 @@ def export(checkpoint: str, out_dir: str, *, lm: LMConfig | None = None, model: 
         if rank0:
             result = {**result, "files": result["files"] + vis["files"], "tensors": result["tensors"] + vis["tensors"]}
     if rank0:
-        _record_export(out_dir, step_dir, complete=True)
+        _record_export(out_dir, step_dir, complete=True, trained=_trained(common))
         if export_tokenizer(common, run_dir, out_dir) and (vision or stored is not None):
             ids = add_vision_token_ids(out_dir, trained_tokenizer(common, run_dir))
             if ids:

@@ -329,6 +329,8 @@ def check_paths(cfg: Config) -> None:
         check_source_model(cfg, name, source, ref)
     if c.init_from and is_hf_checkpoint(c.init_from):
         check_hf_model(c.init_from, cfg.model.lm)
+        if cfg.train.distill.enabled:
+            check_hf_teacher(c.init_from)
 
 
 # the model settings that fix the shapes of the tensors a run directory's checkpoint hands to another run through
@@ -512,6 +514,33 @@ def check_hf_model(source: str, lm) -> None:
         check_hf_config(lm_hf_config(source), lm, plain_ok=True)
     except ValueError as e:
         raise ValueError(f"train.checkpoint.init_from={source!r}: {e}") from None
+
+
+def check_hf_teacher(source: str) -> None:
+    """A distillation from the Hugging Face directory `source`: its teacher is those weights with dense attention,
+    a dense model only where the run that wrote them trained none of them under KSA (check_source_model says why).
+    An export of ours records how its run trained (keye_export.json "trained"): one that trained under KSA is refused
+    as its run directory is; a KSA directory that records nothing (another program's, a copy without the record, an
+    older export) is taken with a warning, as its history cannot be read."""
+    from models.hf import lm_hf_config
+    from models.hf.checkpoint_io import EXPORT_RECORD, export_record
+
+    if not lm_hf_config(source).get("ksa_layers"):
+        return
+    record = export_record(source) or {}
+    trained = record.get("trained") or {}
+    if trained.get("trainable", "summary") != "summary":
+        raise ValueError(f"train.checkpoint.init_from={source!r} is an export of a KSA model (of "
+                         f"{record.get('checkpoint')}) whose run trained train.trainable={trained['trainable']} "
+                         f"with KSA attention: the "
+                         f"distillation's teacher, those weights with dense attention, would not be a dense model. "
+                         f"Distil from a dense model, or from an export of a stage-1 run (train.trainable=summary), "
+                         f"which keeps its source's dense weights")
+    if not trained:
+        warnings.warn(f"train.checkpoint.init_from={source!r} holds KSA layers and no record of how they trained "
+                      f"({EXPORT_RECORD} {'names none' if record else 'is not there'}): the distillation takes its "
+                      f"weights, read with dense attention, as the dense teacher. That holds for a stage-1 run's "
+                      f"export (train.trainable=summary), not for one that trained its language model under KSA")
 
 
 def check_text_only(cfg: Config) -> None:

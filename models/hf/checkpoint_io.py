@@ -20,12 +20,24 @@ import torch
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+EXPORT_RECORD = "keye_export.json"   # an export's record (launch/convert.py): the checkpoint it read, the weight files
+                                     # it wrote, and how the source run trained ("trained")
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory with config.json and safetensors weights (one file or an index)."""
     p = Path(path)
     return (p / "config.json").is_file() and ((p / INDEX).is_file() or (p / SINGLE).is_file())
+
+
+def export_record(hf_dir: str | os.PathLike) -> dict | None:
+    """The EXPORT_RECORD of an export of ours in `hf_dir`; None where there is none (another program's checkpoint,
+    or a copy of an export without it) or it cannot be read."""
+    try:
+        record = json.loads(Path(hf_dir, EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -923,6 +923,56 @@ def test_a_distillation_from_a_ksa_run_that_trained_its_weights_is_refused(tmp_p
                           f"train.checkpoint.init_from={ksa}")[0])
 
 
+def test_a_distillation_from_an_export_of_a_ksa_run_that_trained_its_weights_is_refused(tmp_path):
+    """The run-directory rule above, for a Hugging Face export of such a run: the export records how its run trained
+    (keye_export.json "trained", from the checkpoint's recorded config), and a distillation from an export whose run
+    trained under KSA is refused; a stage-1 export passes; a KSA directory without that record (another program's, or
+    a copy of the weights alone) is taken with a warning; a dense directory without a word. It was taken silently."""
+    import importlib.util
+    import warnings
+
+    from models.hf.qwen3_moe import hf_config_from_lm
+    from train.launch import check_paths
+
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "launch" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    ksa_run, _ = _validate("recipe=keye_tiny_ksa")
+    assert convert._trained({"config": dataclasses.asdict(ksa_run)}) == {"trainable": "all", "attention": "ksa"}
+    assert convert._trained({"model_lm": {}}) is None      # a checkpoint `import` wrote records no run
+
+    distill = ["recipe=keye_tiny_ksa_distill", f"run_dir={tmp_path / 'new'}"]
+    lm = _validate(*distill)[0].model.lm
+
+    def hf_dir(name, lm, trained=None, record=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(hf_config_from_lm(lm)))
+        (d / "model.safetensors").write_bytes(b"")     # the launch's checks read config.json alone
+        if record:
+            convert._record_export(d, tmp_path / "runs" / name / "checkpoints" / "step_000002", complete=True,
+                                   trained=trained)
+        return str(d)
+
+    stage2 = hf_dir("stage2", lm, {"trainable": "all", "attention": "ksa"})
+    with pytest.raises(ValueError, match=r"init_from='.*/stage2' is an export of a KSA model \(of .*/runs/stage2/"
+                                         r"checkpoints/step_000002\) whose run trained train\.trainable=all with KSA "
+                                         r"attention: the distillation's teacher.*would not be a dense model"):
+        check_paths(_validate(*distill, f"train.checkpoint.init_from={stage2}")[0])
+    check_paths(_validate("recipe=keye_tiny_ksa", f"run_dir={tmp_path / 'new'}",
+                          f"train.checkpoint.init_from={stage2}")[0])       # stage 2 from it: no distillation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_paths(_validate(*distill, "train.checkpoint.init_from=" + hf_dir("stage1", lm, {"trainable": "summary",
+                                                                                           "attention": "ksa"}))[0])
+        dense = dataclasses.replace(lm, attention="dense", attention_per_layer=[])
+        check_paths(_validate(*distill, "train.checkpoint.init_from=" + hf_dir("dense", dense, record=False))[0])
+    for name, kw, why in (("copy", {"record": False}, "keye_export.json is not there"),
+                          ("older", {}, "keye_export.json names none")):
+        with pytest.warns(UserWarning, match=rf"holds KSA layers and no record of how they trained \({why}\)"):
+            check_paths(_validate(*distill, "train.checkpoint.init_from=" + hf_dir(name, lm, **kw))[0])
+
+
 def test_recipe_comments_chain_the_commands_they_give():
     """A recipe whose header comment gives the commands of a chain (the dense model, then this stage) names, in each
     init_from=runs/<dir>, the run directory an earlier command of that comment makes; without an earlier command,
