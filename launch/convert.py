@@ -620,13 +620,31 @@ def _on_rank0(fn, what: str):
     return value
 
 
-def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, seed: int = 0) -> dict:
-    """Collective: our logits vs transformers' (computed on rank 0) on a fixed input; same verdict on all ranks
-    (PeerFailed on the others when rank 0 cannot compute transformers' logits)."""
+def verify_seq(hf_config: dict, tp: int = 1) -> int:
+    """The input length `verify` compares at unless told (--seq): 32 tokens for a dense model; for a sparse one the
+    shortest (a multiple of `tp`, sequence parallel) at which every sparse layer leaves keys out, so that the
+    comparison reaches what differs from dense attention: past a DSA layer's top-k (16 rows beyond it), past the
+    widest KSA window (two chunks beyond it). At 32 a tiny DSA model's top-32 and its KSA windows of 4 and 64 chunks of
+    8 were never reached, and the sparse code of both sides went unchecked."""
+    seq = 32
+    if hf_config.get("dsa_layers"):
+        seq = max(seq, int(hf_config["index_topk"]) + 16)
+    if hf_config.get("ksa_layers"):
+        seq = max(seq, int(hf_config["ksa_chunk"]) * (max(hf_config["ksa_windows"]) + 2))
+    return -(-seq // tp) * tp
+
+
+def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int | None = None, seed: int = 0) -> dict:
+    """Collective: our logits vs transformers' (computed on rank 0) on a fixed input of `seq` tokens (verify_seq when
+    None); same verdict on all ranks (PeerFailed on the others when rank 0 cannot compute transformers' logits)."""
+    from models.hf.keye_vision import lm_hf_config
     from models.hf.verify import compare_logits, fixed_input_ids, model_logits, reference_logits
 
-    vocab = json.loads(Path(hf_dir, "config.json").read_text())["vocab_size"]
-    ids = fixed_input_ids(vocab, batch=batch, seq=seq, seed=seed)
+    config = lm_hf_config(hf_dir)
+    if seq is None:
+        seq = verify_seq(config, pgs.tp.size())
+        log.info("verify: %d tokens per row (--seq to change)", seq)
+    ids = fixed_input_ids(config["vocab_size"], batch=batch, seq=seq, seed=seed)
     ours = model_logits(chunks[0], ids, tp_group=pgs.tp)
 
     def compare() -> dict:
@@ -638,7 +656,8 @@ def verify_chunks(chunks, hf_dir: str, *, pgs, batch: int = 2, seq: int = 32, se
     return _on_rank0(compare, f"computing transformers' reference logits of {hf_dir}")
 
 
-def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep=1, etp=1, batch=2, seq=32) -> dict:
+def verify(hf_dir: str, *, lm: LMConfig, checkpoint: str | None = None, tp=1, ep=1, etp=1, batch=2,
+           seq: int | None = None) -> dict:
     """Builds our model (fp32) from the HF weights or from `checkpoint`, and compares logits with transformers.
     With DSA layers, transformers runs the directory's DSA code (models/hf/modeling_qwen3_moe_dsa.py, which the
     export writes), so the indexers select the keys on both sides at any `seq`."""
@@ -722,7 +741,9 @@ def parser() -> argparse.ArgumentParser:
     model_args(s)
     layout_args(s, pp=False)
     s.add_argument("--batch", type=int, default=2)
-    s.add_argument("--seq", type=int, default=32)
+    s.add_argument("--seq", type=int, default=None,
+                   help="tokens per row (default: 32, or for a DSA or KSA model the shortest length at which every "
+                        "sparse layer leaves keys out: top-k + 16, or the widest window + 2 chunks)")
     return p
 
 

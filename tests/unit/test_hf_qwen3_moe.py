@@ -702,6 +702,28 @@ def _with_indexers(src: Path, dst: Path, layers) -> Path:
     return dst
 
 
+def test_verify_compares_where_the_sparse_layers_leave_keys_out(hf, pgs, tmp_path):
+    """`verify` compared at 32 tokens unless told, where a top-32 indexer selects every key and KSA windows of 4 chunks
+    of 8 hold every token: the sparse code of both sides went unchecked. Its default now reaches past each sparse
+    layer's top-k or widest window. Reference: an export whose indexers are not the checkpoint's (another seed), which
+    verify passes at 32 tokens and fails at its default length."""
+    from models.hf.tiny import add_tiny_dsa_indexers
+
+    convert = _convert_module()
+    assert convert.verify_seq(hf["config"]) == 32
+    assert convert.verify_seq({"dsa_layers": [1], "index_topk": 32}) == 48
+    assert convert.verify_seq({"dsa_layers": [0], "index_topk": 2048}, tp=4) == 2064
+    assert convert.verify_seq({"ksa_layers": [0], "ksa_chunk": 8, "ksa_windows": [4, 4, 4, 64]}, tp=3) == 528
+    assert convert.verify_seq({"ksa_layers": [1], "ksa_chunk": 4, "ksa_windows": [1, 2]}) == 32
+    lm = _dsa_lm(hf["lm"], [1])
+    convert.import_hf(str(_with_indexers(hf["single"], tmp_path / "dsa", [1])), str(tmp_path / "ours"), lm=lm)
+    shutil.copytree(hf["single"], tmp_path / "other")
+    add_tiny_dsa_indexers(tmp_path / "other", [1], topk=32, seed=7)
+    assert convert.verify(str(tmp_path / "dsa"), lm=lm, checkpoint=str(tmp_path / "ours"))["ok"]
+    assert convert.verify(str(tmp_path / "other"), lm=lm, checkpoint=str(tmp_path / "ours"), seq=32)["ok"]
+    assert not convert.verify(str(tmp_path / "other"), lm=lm, checkpoint=str(tmp_path / "ours"))["ok"]
+
+
 def test_dsa_config_and_tensor_names(hf, caplog):
     """A DSA model's config.json carries its indexers (DeepSeek-V3.2's field names + the layers that have one) and
     maps back to the same model.lm; its tensors are the Qwen3-MoE ones plus an indexer per DSA layer; every
