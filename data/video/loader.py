@@ -86,7 +86,8 @@ from .packing import (DocPlan, PackedSample, assemble_pack, build_document, enco
 from .sampling import PlanError
 from .images import ImageError, decode_member
 from .remote import RemoteOptions, is_url
-from .shards import Catalog, SampleRecord, load_catalog, shard_identity, spill_member
+from .shards import (Catalog, MemberChecksumError, SampleRecord, check_member, load_catalog, shard_identity,
+                     spill_member)
 from .shards import shard_names as shard_names_of
 from .streams import MixedStream, SourceStream, advance, iter_stream, remaining_count  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer, build_tokenizer
@@ -569,11 +570,15 @@ class FrameSource:
             raise SampleFailure("read_error", f"{str(e)[:300]}{after}", gone=getattr(e, "gone", False),
                                 refused=getattr(e, "refused", False)) from None
 
-    def _copy_member(self, shard: str, offset: int, size: int, path: str, what: str = "") -> None:
+    def _copy_member(self, shard: str, offset: int, size: int, path: str, what: str = "",
+                     crc32: int | None = None) -> None:
         """spill_member: a full filesystem's OSError is raised as it is (_in_spill tries the temporary directory),
-        any other failure to read or write is the sample's read_error."""
+        any other failure to read or write is the sample's read_error; bytes other than ingest's (`crc32`, the
+        index's) its corrupt_member."""
         try:
-            spill_member(shard, offset, size, path, remote=self.remote)
+            spill_member(shard, offset, size, path, remote=self.remote, crc32=crc32)
+        except MemberChecksumError as e:
+            raise SampleFailure("corrupt_member", f"{what}{e}") from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise
@@ -604,10 +609,16 @@ class FrameSource:
         req = dict(shard=rec.shard, offset=offset, size=size, height=fp.height, width=fp.width, what=what)
         stem = self._stem(rec, where)
         local, raw = (f"{stem}.img{i}" if is_url(rec.shard) else None), f"{stem}.rgb"
+        crc = rec.image_crc32[i] if rec.image_crc32 else None
         try:
             if local is not None:       # read here (timeout, retries), decoded from a local copy
-                self._copy_member(rec.shard, offset, size, local, f"{what}: ")
+                self._copy_member(rec.shard, offset, size, local, f"{what}: ", crc32=crc)
                 req.update(shard=local, offset=0)
+            else:                       # decoded in place: its bytes checked first (a few MB at most)
+                try:
+                    check_member(rec.shard, offset, size, crc)
+                except MemberChecksumError as e:
+                    raise SampleFailure("corrupt_member", f"{what}: {e}") from None
             if self.cfg.decode_isolation == "process":
                 return self._guarded("decode_image", raw, **req)
             try:
@@ -636,7 +647,7 @@ class FrameSource:
             stem = self._stem(rec, where)
             video, raw = f"{stem}.{rec.video_ext}", f"{stem}.rgb"
             try:
-                self._copy_member(rec.shard, rec.video_offset, rec.video_size, video)
+                self._copy_member(rec.shard, rec.video_offset, rec.video_size, video, crc32=rec.video_crc32)
                 if self.cfg.decode_isolation == "process":
                     return self._guarded("decode", raw, backend=self.cfg.decode_backend, fault_tag=rec.key,
                                          path=video, **req)

@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.parse
+import zlib
 from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -99,6 +100,18 @@ def image_member_ext(path: str, fmt: str | None) -> str:
     return ext if re.fullmatch(r"[a-z0-9]+", ext) else "img"
 
 
+class _Crc32Reader:
+    """A file read through: the CRC32 of the bytes read so far (`crc`)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.crc = f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        buf = self.f.read(n)
+        self.crc = zlib.crc32(buf, self.crc)
+        return buf
+
+
 class ShardWriter:
     """Writes one shard to `<name>.tmp`; `close()` renames it and writes its index."""
 
@@ -118,15 +131,20 @@ class ShardWriter:
         data_start = end - ((size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
         return data_start, size
 
+    def _add_file(self, name: str, path: str) -> tuple[int, int, int]:
+        """A file as member `name`: (data offset, size, CRC32 of its bytes as read while they were written)."""
+        with open(path, "rb") as f:
+            reader = _Crc32Reader(f)
+            off, size = self._add(name, os.path.getsize(path), reader)
+        return off, size, reader.crc
+
     def add_sample(self, key: str, video_path: str, video_ext: str, record: dict) -> dict:
         payload = json.dumps(record, sort_keys=True).encode("utf-8")
         j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
-        vsize = os.path.getsize(video_path)
-        with open(video_path, "rb") as f:
-            v_off, v_size = self._add(f"{key}.{video_ext}", vsize, f)
+        v_off, v_size, v_crc = self._add_file(f"{key}.{video_ext}", video_path)
         entry = {"key": key, "json_offset": j_off, "json_size": j_size,
                  "video_member": f"{key}.{video_ext}", "video_offset": v_off, "video_size": v_size,
-                 "source_path": record.get("source_path"), "video": record["video"],
+                 "video_crc32": v_crc, "source_path": record.get("source_path"), "video": record["video"],
                  "annotation": record.get("annotation", {})}
         self.entries.append(entry)
         return entry
@@ -144,8 +162,8 @@ class ShardWriter:
         j_off, j_size = self._add(f"{key}.json", len(payload), io.BytesIO(payload))
         entry = {"key": key, "json_offset": j_off, "json_size": j_size, "video_member": video_member,
                  "video_offset": owner["video_offset"], "video_size": owner["video_size"],
-                 "source_path": rec.get("source_path"), "video": owner["video"],
-                 "annotation": rec.get("annotation", {})}
+                 "video_crc32": owner.get("video_crc32"), "source_path": rec.get("source_path"),
+                 "video": owner["video"], "annotation": rec.get("annotation", {})}
         self.entries.append(entry)
         return entry
 
@@ -160,9 +178,8 @@ class ShardWriter:
         for i, path in enumerate(image_paths):
             ext = image_member_ext(path, record["images"][i].get("format"))
             name = f"{key}.{ext}" if len(image_paths) == 1 else f"{key}.{i}.{ext}"
-            with open(path, "rb") as f:
-                off, size = self._add(name, os.path.getsize(path), f)
-            members.append({"member": name, "offset": off, "size": size})
+            off, size, crc = self._add_file(name, path)
+            members.append({"member": name, "offset": off, "size": size, "crc32": crc})
         entry = {"key": key, "kind": "image", "json_offset": j_off, "json_size": j_size, "video_member": None,
                  "video_offset": -1, "video_size": 0, "image_members": members,
                  "source_path": record.get("source_path"), "video": None, "images": record["images"],
@@ -220,6 +237,10 @@ class SampleRecord:
     annotation: dict
     images: list[dict] | None = None                    # an image sample: each image's verified metadata
     image_members: list[tuple[int, int]] | None = None  # ... and its member's (byte offset, size) in the tar
+    # the CRC32 of the video member's bytes, and of each image member's, as ingest wrote them (checked where a member is
+    # read: MemberChecksumError); None where the index records none (written before they were, or by scan_shard)
+    video_crc32: int | None = None
+    image_crc32: list[int | None] | None = None
 
     @property
     def is_text(self) -> bool:
@@ -474,6 +495,9 @@ def check_shard_index(idx, where: str, fix: str = _INDEX_FIX) -> dict:
                 and all(isinstance(m, dict) and _count(m.get("offset")) and _count(m.get("size"))
                         for m in s["image_members"])):
             why = "'image_members' not a list of {'offset', 'size'} byte counts"
+        elif not _crc(s.get("video_crc32")) or (isinstance(s.get("image_members"), list)
+                                                and not all(_crc(m.get("crc32")) for m in s["image_members"])):
+            why = "a member's CRC32 ('video_crc32', an image member's 'crc32') not an integer in [0, 2^32)"
         else:
             continue
         name = f" ({s['key']})" if isinstance(s, dict) and isinstance(s.get("key"), str) else ""
@@ -485,9 +509,14 @@ def _count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _crc(x) -> bool:
+    """A member's CRC32 as an index records it, or None (an index written before they were recorded, or by scan)."""
+    return x is None or (_count(x) and x < 2**32)
+
+
 # the catalog's files in an index directory (Catalog, load_catalog); a record is marshal's bytes, whose format may
 # change between Python versions: the version is part of the format
-CATALOG_FORMAT = f"keye-catalog/2-py{sys.version_info[0]}.{sys.version_info[1]}-marshal{marshal.version}"
+CATALOG_FORMAT = f"keye-catalog/3-py{sys.version_info[0]}.{sys.version_info[1]}-marshal{marshal.version}"
 KINDS = ("video", "text", "image")      # Catalog.kind codes
 
 
@@ -498,7 +527,8 @@ def _record_bytes(s: dict) -> bytes:
     rec = {"key": s["key"], "video_offset": int(s["video_offset"]), "video_size": int(s["video_size"]),
            "video_ext": ext, "video": s["video"], "annotation": s.get("annotation") or {}, "images": s.get("images"),
            "image_members": [[int(m["offset"]), int(m["size"])] for m in s["image_members"]]
-           if s.get("image_members") else None}
+           if s.get("image_members") else None, "video_crc32": s.get("video_crc32"),
+           "image_crc32": [m.get("crc32") for m in s["image_members"]] if s.get("image_members") else None}
     return marshal.dumps(rec)
 
 
@@ -545,7 +575,8 @@ class Catalog:
         r = self._decoded[uid] = SampleRecord(
             uid=uid, shard=self.shards[int(self.shard_of[uid])], key=d["key"], video_offset=d["video_offset"],
             video_size=d["video_size"], video_ext=d["video_ext"], video=d["video"], annotation=d["annotation"],
-            images=d["images"], image_members=[tuple(m) for m in members] if members is not None else None)
+            images=d["images"], image_members=[tuple(m) for m in members] if members is not None else None,
+            video_crc32=d["video_crc32"], image_crc32=d["image_crc32"])
         if len(self._decoded) > self.KEEP:
             self._decoded.popitem(last=False)
         return r
@@ -575,8 +606,9 @@ class Catalog:
         samples = [{"key": r.key, "video_offset": r.video_offset, "video_size": r.video_size,
                     "video_member": f"{r.key}.{r.video_ext}" if r.video_ext else None, "video": r.video,
                     "annotation": r.annotation, "images": r.images,
-                    "image_members": [{"offset": o, "size": n} for o, n in r.image_members]
-                    if r.image_members else None} for r in records]
+                    "image_members": [{"offset": o, "size": n, "crc32": c} for (o, n), c in
+                                      zip(r.image_members, r.image_crc32 or [None] * len(r.image_members))]
+                    if r.image_members else None, "video_crc32": r.video_crc32} for r in records]
         blob, offsets, shard_of, kind, meta = _columns(shards, [(sid[r.shard], s) for r, s in zip(records, samples)])
         return cls(shards, blob, offsets, shard_of, kind, meta["fingerprint"],
                    hashlib.sha1(blob.tobytes() + json.dumps(shards).encode()).hexdigest()[:16])
@@ -753,14 +785,33 @@ def read_member(shard: str, offset: int, size: int, remote: RemoteOptions | None
     return data
 
 
+class MemberChecksumError(ValueError):
+    """A tar member's bytes are not those ingest wrote (their CRC32 differs from the index's)."""
+
+
+def _check_crc(shard: str, offset: int, size: int, got: int, want: int | None) -> None:
+    if want is not None and got != want:
+        raise MemberChecksumError(f"{shard} bytes {offset}-{offset + size - 1}: CRC32 {got:08x}, the index says "
+                                  f"{want:08x}: the member changed since ingest wrote it (a damaged disk, copy or "
+                                  f"upload); write the shard again (launch/ingest.py)")
+
+
 def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 << 20,
-                 remote: RemoteOptions | None = None) -> None:
+                 remote: RemoteOptions | None = None, crc32: int | None = None) -> None:
     """Copy a tar member to its own file (decoders want a path), without holding it in memory; on object storage
-    by one Range request, streamed (remote.RemoteError, an OSError, when it fails after the retries)."""
+    by one Range request, streamed (remote.RemoteError, an OSError, when it fails after the retries). `crc32`: the
+    member's as its index records it, checked on the bytes copied (MemberChecksumError)."""
+    crc = 0
     if remote_mod.is_url(shard):
         with open(dst, "wb") as out:
-            remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), out.write,
+            def write(buf) -> None:
+                nonlocal crc
+                crc = zlib.crc32(buf, crc)
+                out.write(buf)
+
+            remote_mod.read_range(remote_mod.full_url(shard), offset, size, remote or RemoteOptions(), write,
                                   total=getattr(shard, "size", None), version=getattr(shard, "version", None))
+        _check_crc(shard, offset, size, crc, crc32)
         return
     with open(shard, "rb") as src, open(dst, "wb") as out:
         src.seek(offset)
@@ -769,8 +820,26 @@ def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 <<
             buf = src.read(min(chunk, left))
             if not buf:
                 raise OSError(f"{shard}: member truncated at {offset + size - left}")
+            crc = zlib.crc32(buf, crc)
             out.write(buf)
             left -= len(buf)
+    _check_crc(shard, offset, size, crc, crc32)
+
+
+def check_member(shard: str, offset: int, size: int, crc32: int | None, chunk: int = 8 << 20) -> None:
+    """The CRC32 of a local shard's member (read in place) is `crc32` (MemberChecksumError), where there is one."""
+    if crc32 is None:
+        return
+    crc, left = 0, size
+    with open(shard, "rb") as src:
+        src.seek(offset)
+        while left > 0:
+            buf = src.read(min(chunk, left))
+            if not buf:
+                raise OSError(f"{shard}: member truncated at {offset + size - left}")
+            crc = zlib.crc32(buf, crc)
+            left -= len(buf)
+    _check_crc(shard, offset, size, crc, crc32)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

@@ -64,6 +64,9 @@ def test_catalog_holds_each_shard_index_record(kinds, tmp_path):
             assert r.video_ext == (s["video_member"].rsplit(".", 1)[1] if s["video_member"] else "")
             assert r.image_members == ([(m["offset"], m["size"]) for m in s["image_members"]]
                                        if s.get("image_members") else None)
+            assert (r.video_crc32, r.image_crc32) == (s.get("video_crc32"), [m["crc32"] for m in s["image_members"]]
+                                                      if s.get("image_members") else None)
+            assert (r.video_crc32 is not None) == (s["video"] is not None)       # ingest records each member's
         assert [cat.count(k) for k in ("video", "image", "text")] == [4, 4, 10]
         assert list(cat.uids("text")) == [u for u, (_, s) in enumerate(want) if s["video"] is None
                                           and not s.get("images")]

@@ -227,8 +227,12 @@ def test_fingerprint_without_images_has_no_image_fields(shard_dir, tmp_path):
 @pytest.mark.parametrize("isolation", ["process", "inline"])
 def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path, isolation):
     """A stored image whose bytes go bad after ingest (a disk, a copy): that sample is left out of its pack and
-    quarantined with the reason; every other sample of the epoch still arrives."""
+    quarantined with the reason; every other sample of the epoch still arrives. The reason is corrupt_member (its
+    CRC32 is not the index's); from an index that records no CRC32s (written before they were), the decoder's."""
+    import json
     import shutil
+
+    from data.video.shards import index_path
 
     out, _ = with_images
     shards = tmp_path / "shards"
@@ -239,14 +243,21 @@ def test_image_corrupted_after_ingest_is_quarantined(with_images, tmp_path, isol
     with open(victim.shard, "r+b") as f:
         f.seek(offset + 16)
         f.write(b"\0" * (size - 16))
-    cfg = small_cfg(shards, tmp_path, seq_len=768, num_epochs=1, max_image_tokens=24, decode_isolation=isolation)
-    loader = VideoPackedLoader(cfg, seed=6)
-    got = sorted(k for p in loader for k in p.sample_keys)
     name = f"{os.path.basename(victim.shard)}/{victim.key}"
-    assert got == sorted(f"{os.path.basename(c.shard)}/{c.key}" for c in cat if c.key != victim.key)
-    q = read_jsonl(cfg.quarantine_path)
-    assert [(f"{r['shard']}/{r['key']}", r["reason"], r["stage"]) for r in q] == [(name, "decode_error", "decode")]
-    assert "image 1" in q[0]["detail"]
+    for reason in ("corrupt_member", "decode_error"):
+        if reason == "decode_error":    # the index as written before members' CRC32s were recorded
+            idx = json.loads(open(index_path(victim.shard)).read())
+            for m in (m for s in idx["samples"] for m in s.get("image_members") or ()):
+                del m["crc32"]
+            open(index_path(victim.shard), "w").write(json.dumps(idx))
+        cfg = small_cfg(shards, tmp_path / reason, seq_len=768, num_epochs=1, max_image_tokens=24,
+                        decode_isolation=isolation)
+        loader = VideoPackedLoader(cfg, seed=6)
+        got = sorted(k for p in loader for k in p.sample_keys)
+        assert got == sorted(f"{os.path.basename(c.shard)}/{c.key}" for c in cat if c.key != victim.key)
+        q = read_jsonl(cfg.quarantine_path)
+        assert [(f"{r['shard']}/{r['key']}", r["reason"], r["stage"]) for r in q] == [(name, reason, "decode")]
+        assert "image 1" in q[0]["detail"]
 
 
 @pytest.mark.parametrize("rotated", [False, True])

@@ -959,3 +959,25 @@ def test_image_samples_read_from_urls_decode_as_the_local_ones(srv, tmp_path):
     assert len(rec) == 1 and rec[0]["reason"] == "read_error" and "HTTP 503" in rec[0]["detail"], rec
     assert f"{srv.url}/img/shard-000000.tar bytes=" in rec[0]["detail"]
     assert sum(p.num_docs for p in packs) == 2
+
+
+def test_a_member_read_over_http_whose_bytes_changed_since_ingest_is_a_corrupt_member(srv, tmp_path):
+    """The members' CRC32s (tests/data/test_bad_samples.py, there on local shards) are checked on the bytes a
+    Range request brought, the video's as the image's: the two flipped samples are corrupt_member, naming the URL and
+    the byte range, and the others train, as on the local copy."""
+    from dataclasses import replace
+
+    from .test_bad_samples import corrupted_copy
+
+    d, flipped = corrupted_copy(tmp_path)
+    (srv.root / f"corrupt_{tmp_path.name}").symlink_to(d)
+    url = f"{srv.url}/corrupt_{tmp_path.name}/shard-000000.tar"
+    cfg = rcfg(url, tmp_path, shuffle=False, num_epochs=1)
+    got = {k.split("/")[1] for p in VideoPackedLoader(cfg, seed=0) for k in p.sample_keys}
+    local = {k.split("/")[1] for p in VideoPackedLoader(replace(cfg, shards=str(d), quarantine_path=""), seed=0)
+             for k in p.sample_keys}
+    assert got == local and not set(flipped) & got
+    q = {r["key"]: r for r in read_jsonl(cfg.quarantine_path)}
+    assert set(q) == set(flipped) and all(r["reason"] == "corrupt_member" for r in q.values())
+    for key, (off, size) in flipped.items():
+        assert f"{url} bytes {off}-{off + size - 1}: CRC32 " in q[key]["detail"], q[key]

@@ -16,7 +16,7 @@ def _sample(shard_dir):
 
 
 @pytest.mark.parametrize("case", ["empty", "half", "object", "array", "not_object", "no_key", "no_offset",
-                                  "negative_size", "image_members"])
+                                  "negative_size", "image_members", "crc"])
 def test_a_broken_index_is_named_with_what_is_wrong(shard_dir, tmp_path, case):
     shards = tmp_path / "shards"
     shutil.copytree(shard_dir, shards)
@@ -28,14 +28,17 @@ def test_a_broken_index_is_named_with_what_is_wrong(shard_dir, tmp_path, case):
             "no_key": json.dumps({"samples": [{k: v for k, v in s0.items() if k != "key"}]}),
             "no_offset": json.dumps({"samples": [{k: v for k, v in s0.items() if k != "video_offset"}]}),
             "negative_size": json.dumps({"samples": [dict(s0, video_size=-1)]}),
-            "image_members": json.dumps({"samples": [dict(s0, image_members=[{"offset": 0}])]})}[case]
+            "image_members": json.dumps({"samples": [dict(s0, image_members=[{"offset": 0}])]}),
+            "crc": json.dumps({"samples": [dict(s0, video_crc32=2**32)]})}[case]
     path.write_text(body)
     what = {"empty": "not JSON (Expecting value", "half": "not JSON (", "object": "not a shard index (a JSON object",
             "array": "not a shard index (a JSON object", "not_object": "sample 0: not an object (a JSON int)",
             "no_key": "sample 0: no string 'key'",
             "no_offset": f"sample 0 ({s0['key']}): 'video_offset' not a byte count",
             "negative_size": f"sample 0 ({s0['key']}): 'video_size' not a byte count",
-            "image_members": f"sample 0 ({s0['key']}): 'image_members' not a list"}[case]
+            "image_members": f"sample 0 ({s0['key']}): 'image_members' not a list",
+            "crc": f"sample 0 ({s0['key']}): a member's CRC32 ('video_crc32', an image member's 'crc32') not an "
+                   f"integer in [0, 2^32)"}[case]
     with pytest.raises(ShardIndexError) as e:
         load_catalog(str(shards), field="long_shards")
     assert str(e.value).startswith(f"VideoDataConfig.long_shards: shard index {path}: {what}"), e.value
