@@ -259,14 +259,15 @@ def _probe_view(dirs: list[Path], token: str, wait_s: float) -> list[str]:
 
 
 def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WAIT_S) -> list[str]:
-    """Collective, as a launch starts: every rank sees the run directory rank 0 sees (and, with `checkpoints`, its
-    checkpoints/ directory, which may be a link elsewhere). Rank 0 writes a probe file of a fresh name there; every
-    rank reads it back; rank 0 removes it. Every rank raises SettingsError naming the directory and the ranks, with
-    their hosts, that do not see it. A run directory on each node's own disk (the same path, another directory on
-    every node) let a save "commit" on rank 0's node a checkpoint whose other shards lay on the other nodes, and its
-    resume stop on rank 0's node ("every checkpoint ... is damaged") while the other nodes started afresh and
-    waited in their first collective for ever. Returns every rank's host name, by rank (for messages that name a
-    rank: a user must find its node)."""
+    """Collective, as a launch starts: every rank's run directory is the one rank 0 sees (and, with `checkpoints`,
+    its checkpoints/ directory, which may be a link elsewhere). Rank 0 writes a probe file of a fresh name there;
+    every rank reads it back through its own run_dir; rank 0 removes it. Every rank raises SettingsError naming the
+    directory and the ranks, with their hosts, that do not see it. A run directory on each node's own disk (the same
+    path, another directory on every node) let a save "commit" on rank 0's node a checkpoint whose other shards lay
+    on the other nodes, and its resume stop on rank 0's node ("every checkpoint ... is damaged") while the other
+    nodes started afresh and waited in their first collective for ever. So did ranks given other run_dir values (a
+    `${now:...}` in it resolves on each rank, in the second that rank started): each rank probes its own, not rank
+    0's. Returns every rank's host name, by rank (for messages that name a rank: a user must find its node)."""
     import socket
     import uuid
 
@@ -276,15 +277,15 @@ def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WA
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
         return [socket.gethostname()]
+    own = [Path(run_dir)] + [checkpoint_root(run_dir)] * bool(checkpoints)
     sent: list = [None, [], ""]
     if rank == 0:
         token = uuid.uuid4().hex
-        dirs = [Path(run_dir)] + [checkpoint_root(run_dir)] * bool(checkpoints)
         try:
-            for d in dirs:
+            for d in own:
                 d.mkdir(parents=True, exist_ok=True)
                 (d / f"{PROBE_PREFIX}{token}").write_text(token)
-            sent = [token, [str(d) for d in dirs], ""]
+            sent = [token, [str(d) for d in own], ""]
         except OSError as e:
             sent = [None, [], f"rank 0 ({socket.gethostname()}) cannot write in {d}: {e.strerror}"]
     dist.broadcast_object_list(sent, src=0)
@@ -292,24 +293,35 @@ def check_shared_run_dir(run_dir, *, checkpoints: bool, wait_s: float = PROBE_WA
     if failed:
         raise SettingsError(f"run_dir={run_dir}: {failed}")
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (socket.gethostname(), _probe_view(dirs, token, wait_s)))
+    dist.all_gather_object(gathered, (socket.gethostname(), str(Path(run_dir).absolute()),
+                                      _probe_view(own, token, wait_s)))
     if rank == 0:
         for d in dirs:
             (d / f"{PROBE_PREFIX}{token}").unlink(missing_ok=True)
+    others = [r for r, (_, theirs, _) in enumerate(gathered) if theirs != gathered[0][1]]
     for i, d in enumerate(dirs):
-        blind = [r for r, (_, seen) in enumerate(gathered) if seen[i]]
+        blind = [r for r, (_, _, seen) in enumerate(gathered) if seen[i]]
         if not blind:
             continue
         hosts = list(dict.fromkeys(gathered[r][0] for r in blind))
-        where = f"run_dir={run_dir} ({d.absolute()})" if i == 0 else f"run_dir={run_dir}: its checkpoints/ ({d})"
+        # rank 0's run_dir and directories, in the same words on every rank
+        where = f"run_dir={dirs[0]} ({gathered[0][1]})" if i == 0 else f"run_dir={dirs[0]}: its checkpoints/ ({d})"
+        if set(blind) & set(others):
+            r = min(set(blind) & set(others))
+            raise SettingsError(
+                f"{where} is not the run directory of every rank: rank {r} (host {gathered[r][0]}) was given "
+                f"run_dir={gathered[r][1]}, which does not hold rank 0's probe file {PROBE_PREFIX}{token} "
+                f"({gathered[r][2][i]}). Every rank writes its checkpoint shards into its run_dir and rank 0 commits "
+                f"them: give every rank the same run_dir (one that resolves per rank, such as ${{now:...}}, differs "
+                f"where the ranks start in different seconds: write the time out)")
         raise SettingsError(
             f"{where} is not the same directory on every rank: rank 0 (host {gathered[0][0]}) "
             f"wrote {PROBE_PREFIX}{token} there and rank{'s' * (len(blind) > 1)} {format_runs(blind, sep='-')} "
             f"(host{'s' * (len(hosts) > 1)} {', '.join(hosts)}) do{'es' * (len(blind) == 1)} not see it "
-            f"({gathered[blind[0]][1][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, "
+            f"({gathered[blind[0]][2][i]}). Every rank writes its checkpoint shards there and rank 0 commits them, "
             f"so a multi-node run needs a run_dir on a filesystem every node mounts at the same path (NFS, Lustre, "
             f"...), not a node's own disk: give run_dir=<a shared path>")
-    return [host for host, _ in gathered]
+    return [host for host, _, _ in gathered]
 
 
 def remove_torn_saves(run_dir) -> list[str]:
@@ -679,6 +691,12 @@ def _commit(root: Path, partial: Path, final: Path, step: int, keep_last: int, k
         on_disk = {p.name for p in partial.iterdir() if p.is_file()}
         if on_disk - set(files):
             raise CheckpointSaveError(f"files in {partial} that no rank accounted for: {sorted(on_disk - set(files))}")
+        if missing := _not_there(partial, set(files) - on_disk):
+            # a rank that wrote its shards elsewhere (another run_dir, which check_shared_run_dir refuses at the
+            # start): committed, this checkpoint would list files it does not hold, and every resume would stop on it
+            ranks = sorted({r for r, part in enumerate(gathered) if set(part) & missing})
+            raise CheckpointSaveError(f"{partial}: the shards {sorted(missing)[:4]} of rank(s) {ranks} are not there "
+                                      f"(those ranks wrote them into another directory): not committed")
         (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
         if final.exists():  # an older copy of the same step (e.g. rerun after a crash): replace it
             shutil.rmtree(final)
@@ -691,6 +709,18 @@ def _commit(root: Path, partial: Path, final: Path, step: int, keep_last: int, k
                  sum(v["size"] for v in files.values()) / 1e6)
     dist.barrier()
     CHECKSUMS.start(final, rank, sorted(mine))
+
+
+def _not_there(partial: Path, names: set[str]) -> set[str]:
+    """Of files the ranks listed and rank 0's listing of `partial` lacks, those still not there after PROBE_WAIT_S
+    seconds (another node's newly closed file can lag in a directory listing on NFS; its own name is looked up)."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while names:
+        names = {n for n in names if not (partial / n).is_file()}
+        if not names or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    return names
 
 
 def _prune(root: Path, keep_last: int, keep_every: int = 0, *, committed: int) -> None:

@@ -242,3 +242,38 @@ def test_a_load_failure_of_several_lines_keeps_its_cause():
     assert load_failure(e) == ("ValueError: Model param Parameter containing: ... [0., 0., 0., 0., 0., 0.]], "
                                "requires_grad=True) not in model_sharded_state_dict. Hint: ...")
     assert load_failure(KeyError("step")) == "KeyError: 'step'"    # a message of one line stays as it was
+
+
+def test_a_commit_whose_listed_shards_are_not_in_its_directory_is_refused(tmp_path, monkeypatch):
+    """Rank 1 saved into another run directory (ranks given other run_dir values): rank 0 committed a checkpoint
+    whose COMPLETE.json listed rank 1's shards, which its directory did not hold, and every resume stopped on it.
+    The commit now refuses, naming the shards and their rank; nothing is committed. In one process, rank 1 stood in
+    for by the gather (its part lists its shard). Reference: the same commit with that shard present commits."""
+    import types
+
+    import pytest
+
+    from train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    partial = root / "step_000002.partial"
+    partial.mkdir(parents=True)
+    (partial / "__0_0.distcp").write_bytes(b"x" * 10)
+    (partial / ".metadata").write_bytes(b"m")
+
+    def all_gather_object(out, obj, group=None):
+        out[:] = [obj, {"__1_0.distcp": {"size": 10}}]
+
+    fake = types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 2, all_gather_object=all_gather_object,
+                                 barrier=lambda: None)
+    monkeypatch.setattr(ckpt, "dist", fake)
+    monkeypatch.setattr(ckpt, "PROBE_WAIT_S", 0.0)
+    monkeypatch.setattr(ckpt.CHECKSUMS, "start", lambda *a: None)
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"step_000002\.partial: the shards \['__1_0\.distcp'\] of "
+                                                        r"rank\(s\) \[1\] are not there .*not committed"):
+        ckpt._commit(root, partial, root / "step_000002", 2, keep_last=2, keep_every=0)
+    assert not (root / "step_000002").exists() and not (partial / COMPLETE).exists()
+    (partial / "__1_0.distcp").write_bytes(b"y" * 10)
+    ckpt._commit(root, partial, root / "step_000002", 2, keep_last=2, keep_every=0)
+    assert sorted(json.loads((root / "step_000002" / COMPLETE).read_text())["files"]) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]

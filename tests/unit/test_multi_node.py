@@ -27,8 +27,9 @@ from train import checkpoint as ckpt
 from train.config import SettingsError
 
 
-def two_ranks(monkeypatch, view):
-    """train/checkpoint's collectives as in a world of two whose rank 1 (on host node-b) sees path p as view(p)."""
+def two_ranks(monkeypatch, view, run_dir_1=None):
+    """train/checkpoint's collectives as in a world of two whose rank 1 (on host node-b) sees path p as view(p) and
+    was given run_dir=`run_dir_1` (None: rank 0's)."""
     sent = {}
 
     def broadcast_object_list(objs, src=0, group=None):
@@ -38,8 +39,11 @@ def two_ranks(monkeypatch, view):
     def all_gather_object(out, obj, group=None):
         mine = [None]
         dist.all_gather_object(mine, obj, group=group)
-        dirs = [view(ckpt.Path(d)) for d in sent["dirs"]]
-        out[:] = [mine[0], ("node-b", ckpt._probe_view(dirs, sent["token"], wait_s=0.0))]
+        own = [ckpt.Path(d) for d in sent["dirs"]]
+        if run_dir_1 is not None:
+            own = [ckpt.Path(run_dir_1), ckpt.checkpoint_root(run_dir_1)][:len(own)]
+        out[:] = [mine[0], ("node-b", str(own[0].absolute()),
+                            ckpt._probe_view([view(d) for d in own], sent["token"], wait_s=0.0))]
 
     fake = types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 2,
                                  broadcast_object_list=broadcast_object_list, all_gather_object=all_gather_object)
@@ -70,6 +74,28 @@ def test_a_run_dir_on_each_node_s_own_disk_stops_naming_the_ranks_and_hosts(tmp_
     with pytest.raises(SettingsError, match=want):
         ckpt.check_shared_run_dir(run, checkpoints=True)
     assert not [p for p in run.iterdir() if p.name.startswith(ckpt.PROBE_PREFIX)]   # removed all the same
+
+
+def test_ranks_given_other_run_dirs_stop_naming_the_rank_and_its_run_dir(tmp_path, world, monkeypatch):
+    """run_dir='/x/n_${now:%H%M%S_%f}' resolves on each rank as it starts: two ranks got two directories, and each
+    saved its shards into its own; rank 0 "committed" a checkpoint whose COMPLETE.json listed rank 1's files, and
+    the resume found every checkpoint damaged. The check looked for the probe at rank 0's path on every rank, which
+    each saw. Now each rank looks through its own run_dir. Reference: rank 1 given rank 0's run_dir passes."""
+    run, other = tmp_path / "n_211500_1", tmp_path / "n_211500_2"
+    two_ranks(monkeypatch, lambda p: p, run_dir_1=other)
+    want = (rf"^run_dir={run} \({run}\) is not the run directory of every rank: rank 1 \(host node-b\) was given "
+            rf"run_dir={other}, which does not hold rank 0's probe file \.shared_probe\.\w+ \(no such file\)\. "
+            rf".*give every rank the same run_dir \(one that resolves per rank, such as \$\{{now:\.\.\.\}}")
+    with pytest.raises(SettingsError, match=want):
+        ckpt.check_shared_run_dir(run, checkpoints=True)
+    two_ranks(monkeypatch, lambda p: p, run_dir_1=run)
+    ckpt.check_shared_run_dir(run, checkpoints=True)
+    # a relative run_dir on a node started in another working directory: its own view of the shared path is named
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    two_ranks(monkeypatch, lambda p: p, run_dir_1=tmp_path / "elsewhere" / "runs" / "x")
+    with pytest.raises(SettingsError, match=rf"rank 1 \(host node-b\) was given run_dir={tmp_path}/elsewhere/runs/x"):
+        ckpt.check_shared_run_dir("runs/x", checkpoints=True)
 
 
 def test_a_checkpoint_directory_linked_to_a_node_s_own_disk_is_named(tmp_path, world, monkeypatch):
