@@ -753,8 +753,10 @@ class TokenCorpus:
         changed = {name: (saved.get(k), self.record[k]) for k, name in settings.items()
                    if saved.get(k) != self.record[k]}
         old, now = changed.get("data.tokens.weights", (None, None))
-        if self.blend is not None and (not changed or set(changed) == {"data.tokens.weights"} and len(old) == len(now)
-                                       and [w > 0 for w in old] == [w > 0 for w in now]):
+        # weights added or removed (None on one side) change how the paths make sources: no blend continues that
+        reweighted = (set(changed) == {"data.tokens.weights"} and old is not None and now is not None
+                      and len(old) == len(now) and [w > 0 for w in old] == [w > 0 for w in now])
+        if self.blend is not None and (not changed or reweighted):
             self.continue_blend(saved.get("blend") or [[0, saved["weights"]]], position)
             if changed:
                 log.warning("data.tokens.weights %s -> %s from global sample %d on: each source continues where it "

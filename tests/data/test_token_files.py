@@ -599,6 +599,27 @@ def test_a_blend_resumed_with_other_weights_continues_each_source_where_it_stopp
 
 
 
+def test_weights_added_or_removed_on_resume_are_refused_naming_them(files):
+    """data.tokens.weights set on resume of a run saved without them (one pool become a blend) moves every sample, as
+    their removal does: both are refused naming the change. (Adding them stopped the resume with a TypeError,
+    `len(None)`, naming no setting.)"""
+    from data.sample_position import DataStateMismatch
+
+    d, _, _ = files
+    kw = dict(document_bounds=True, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+
+    def stream(weights):
+        return TokenFileStream(TokenCorpus(f"{d / 'a'},{d / 'b'}", weights=weights, seq_length=8, seed=9), **kw)
+
+    pool, blend = stream(None), stream([0.7, 0.3])
+    for s in (pool, blend):
+        [next(s) for _ in range(8)]
+    with pytest.raises(DataStateMismatch, match=r"data.tokens.weights None -> \[0.7, 0.3\]"):
+        stream([0.7, 0.3]).load_state_dict(pool.state_dict())
+    with pytest.raises(DataStateMismatch, match=r"data.tokens.weights \[0.7, 0.3\] -> None"):
+        stream(None).load_state_dict(blend.state_dict())
+
+
 
 def _documents_named_by_their_ids(tmp_path) -> dict:
     """Files a and b whose documents' tokens are one id of their own: token id -> (file prefix, document number)."""
