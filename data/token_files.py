@@ -762,6 +762,10 @@ class TokenCorpus:
                 log.warning("data.tokens.weights %s -> %s from global sample %d on: each source continues where it "
                             "stopped", old, now, position)
             return
+        if reweighted:   # no blend: one source has weight > 0, the same one before and now, so the same samples
+            log.info("data.tokens.weights %s -> %s: one source, %s, takes every sample either way", old, now,
+                     ", ".join(self.sources[0].prefixes))
+            return
         if not changed:
             return
         files = changed.pop("data.tokens.paths", None)

@@ -620,6 +620,26 @@ def test_weights_added_or_removed_on_resume_are_refused_naming_them(files):
         stream(None).load_state_dict(blend.state_dict())
 
 
+def test_weights_of_a_lone_source_changed_on_resume_continue_it(files):
+    """Weights where one source alone has weight > 0 ([1] -> [2], [1, 0] -> [2, 0]) give the same samples: that
+    source takes each one. The resume continues (it was refused saying the samples differ). Reference: the run that
+    was not interrupted."""
+    d, _, _ = files
+    kw = dict(document_bounds=True, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+    for paths, before, after in ((str(d / "a"), [1], [2]), (f"{d / 'a'},{d / 'b'}", [1, 0], [2, 0]),
+                                 (f"{d / 'a'},{d / 'b'}", [0, 1], [0, 3.5])):
+        def stream(weights):
+            return TokenFileStream(TokenCorpus(paths, weights=weights, seq_length=8, seed=9), **kw)
+
+        whole = stream(before)
+        ref = [next(whole)["tokens"] for _ in range(20)]
+        first = stream(before)
+        [next(first) for _ in range(8)]
+        second = stream(after)
+        second.load_state_dict(first.state_dict())
+        assert all(torch.equal(next(second)["tokens"], r) for r in ref[8:]), (paths, before, after)
+
+
 
 def _documents_named_by_their_ids(tmp_path) -> dict:
     """Files a and b whose documents' tokens are one id of their own: token id -> (file prefix, document number)."""
