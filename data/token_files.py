@@ -180,12 +180,17 @@ def count_tokens(prefixes: list[str]) -> tuple[int, int]:
 
 
 def sidecar(prefix: str) -> dict | None:
-    """The PREFIX.json that launch/tokenize_text.py wrote beside a dataset (None for files written elsewhere)."""
+    """The PREFIX.json that launch/tokenize_text.py wrote beside a dataset (None for files written elsewhere: a
+    PREFIX.json that is not a JSON object with the sidecar's "format", e.g. the JSON lines a corpus was tokenized
+    from, is someone else's file, not a reason to stop the launch)."""
     p = Path(prefix + ".json")
     if not p.is_file():
         return None
-    meta = json.loads(p.read_text())
-    return meta if meta.get("format") == FORMAT else None
+    try:
+        meta = json.loads(p.read_bytes())
+    except (ValueError, RecursionError):   # not JSON (JSON lines, not UTF-8) or nested past the parser
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def specials_as_ids(field_name: str, prefixes: list[str]) -> str | None:

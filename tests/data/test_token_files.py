@@ -640,6 +640,27 @@ def test_weights_of_a_lone_source_changed_on_resume_continue_it(files):
         assert all(torch.equal(next(second)["tokens"], r) for r in ref[8:]), (paths, before, after)
 
 
+def test_a_prefix_json_that_is_not_a_sidecar_is_no_sidecar(tmp_path):
+    """A PREFIX.json beside files written elsewhere (the JSON lines they came from, a JSON list) is not the sidecar:
+    sidecar() is None and the launch checks pass (they stopped with 'config error: Extra data: line 2 column 1' or an
+    AttributeError). Reference: the same files without a PREFIX.json."""
+    from types import SimpleNamespace
+
+    from train.launch import check_token_paths
+
+    write_token_files(_docs(40, 1), tmp_path / "web", vocab_size=512)
+    cfg = SimpleNamespace(model=SimpleNamespace(lm=SimpleNamespace(vocab_size=512)), train=SimpleNamespace(
+        seq_length=8), data=SimpleNamespace(tokens=SimpleNamespace(paths=str(tmp_path / "web"), eval_paths="",
+                                                                   weights=None)))
+    for foreign in ('{"text": "a"}\n{"text": "b"}\n', '[1, 2, 3]', '"web"', '{"format": "other"}', "\xff\xfe",
+                    "[" * 100000 + "]" * 100000):
+        (tmp_path / "web.json").write_bytes(foreign.encode("latin-1"))
+        assert sidecar(str(tmp_path / "web")) is None, foreign[:20]
+        check_token_paths(cfg)
+    (tmp_path / "web.json").unlink()
+    assert sidecar(str(tmp_path / "web")) is None
+
+
 
 def _documents_named_by_their_ids(tmp_path) -> dict:
     """Files a and b whose documents' tokens are one id of their own: token id -> (file prefix, document number)."""
