@@ -291,7 +291,10 @@ def _line_text(raw: bytes, key: str) -> tuple[str | None, str]:
 
 def _jsonl_chunks(inputs: Iterable[str | os.PathLike], lines: int) -> Iterator[tuple[str, int, list[bytes]]]:
     """The lines of JSONL files (.jsonl or .jsonl.gz) as undecoded bytes, `lines` at a time: (file, the first's line
-    number, lines). Each line is decoded alone (`_line_text`), so a bad byte costs its own line only."""
+    number, lines). Each line is decoded alone (`_line_text`), so a bad byte costs its own line only. A UTF-8 byte
+    order mark opening a file (as Windows tools write them) is left out, as utf-8-sig decodes it: else line 1 read
+    as 'not JSON'."""
+    import codecs
     import gzip
     import zlib
 
@@ -302,6 +305,8 @@ def _jsonl_chunks(inputs: Iterable[str | os.PathLike], lines: int) -> Iterator[t
             first, chunk = 1, []
             try:
                 for raw in f:
+                    if first == 1 and not chunk and raw.startswith(codecs.BOM_UTF8):   # the file's first line
+                        raw = raw[len(codecs.BOM_UTF8):]
                     chunk.append(raw)
                     if len(chunk) == lines:
                         yield path, first, chunk

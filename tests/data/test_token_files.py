@@ -88,6 +88,27 @@ def test_a_text_holding_an_unpaired_surrogate_is_a_line_left_out(tmp_path):
             assert skipped[0]["reason"].startswith("'text' holds an unpaired surrogate '\\ud800' at character 4")
 
 
+def test_a_byte_order_mark_opening_a_jsonl_file_is_no_text(tmp_path):
+    """A UTF-8 byte order mark before line 1 (Windows tools write one) made the line 'not JSON' and left it out; it
+    is read as utf-8-sig reads it, in .jsonl and .jsonl.gz. Reference: `json` on the lines decoded as utf-8-sig, and
+    IndexedDataset reading the files back."""
+    import gzip
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    body = '{"text": "first"}\n{"text": "second"}\n'.encode()
+    data = b"\xef\xbb\xbf" + body
+    (tmp_path / "bom.jsonl").write_bytes(data)
+    (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress(data))
+    inputs = [str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.jsonl.gz")]
+    ref = [json.loads(x)["text"] for x in data.decode("utf-8-sig").splitlines()] * 2
+    for workers in (1, 2):
+        info = tokenize_jsonl(inputs, tmp_path / f"out{workers}", TOK, batch=1, workers=workers)
+        ds = IndexedDataset(str(tmp_path / f"out{workers}"))
+        assert info["skipped_lines"] == 0 and [ds[i].tolist() for i in range(len(ds))] == [
+            TOK.encode(t) + [TOK.eos_id] for t in ref]
+
+
 _LOCK = threading.Lock()   # held by the test's process while the workers tokenize (LockingTokenizer)
 
 
