@@ -279,6 +279,8 @@ def _line_text(raw: bytes, key: str) -> tuple[str | None, str]:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg}, column {e.colno})"
+    except RecursionError:   # arrays or objects nested past the parser's depth: one bad line, not the whole run
+        return None, "not JSON (nested too deeply)"
     value = rec.get(key) if isinstance(rec, dict) else None
     if isinstance(value, str) and value:
         if (bad := unpaired_surrogate(value, repr(key))) is not None:   # a tokenizer would fail on it, ending the run

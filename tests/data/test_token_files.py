@@ -109,6 +109,22 @@ def test_a_byte_order_mark_opening_a_jsonl_file_is_no_text(tmp_path):
             TOK.encode(t) + [TOK.eos_id] for t in ref]
 
 
+def test_a_line_nested_too_deeply_is_a_line_left_out(tmp_path):
+    """One line of arrays nested 200,000 deep (json.loads: RecursionError) stopped the whole tokenization; it is a
+    line left out and listed, the others written. Reference: the good lines themselves and IndexedDataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    deep = '{"text": "x", "a": ' + "[" * 200000 + "]" * 200000 + "}"
+    (tmp_path / "in.jsonl").write_text('{"text": "good"}\n' + deep + '\n{"text": "after"}\n')
+    for workers in (1, 2):
+        info = tokenize_jsonl([str(tmp_path / "in.jsonl")], tmp_path / f"out{workers}", TOK, workers=workers)
+        ds = IndexedDataset(str(tmp_path / f"out{workers}"))
+        assert [ds[i].tolist() for i in range(len(ds))] == [TOK.encode(t) + [TOK.eos_id] for t in ("good", "after")]
+        skipped = [json.loads(x) for x in (tmp_path / f"out{workers}.skipped.jsonl").read_text().splitlines()]
+        assert info["skipped_lines"] == 1 and skipped == [{"file": str(tmp_path / "in.jsonl"), "line": 2,
+                                                           "reason": "not JSON (nested too deeply)"}]
+
+
 _LOCK = threading.Lock()   # held by the test's process while the workers tokenize (LockingTokenizer)
 
 
