@@ -231,6 +231,9 @@ def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = str(prefix)
+    if not os.path.basename(prefix) or os.path.isdir(prefix):
+        raise ValueError(f"{prefix}: names a directory; a prefix is what the files' names begin with (PREFIX.bin, "
+                         f"PREFIX.idx, PREFIX.json): give e.g. {os.path.join(prefix, 'web')}")
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     dtype = DType.optimal_dtype(vocab_size)
     tmp_bin, tmp_idx = prefix + ".bin.partial", prefix + ".idx.partial"

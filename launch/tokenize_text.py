@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     missing = [f for f in a.input if not os.path.isfile(f)]
     if missing:
         p.error(f"--input {missing[0]}: no such file")
+    if not os.path.basename(a.out) or os.path.isdir(a.out):   # "od/" would write the hidden files od/.bin, od/.idx
+        p.error(f"--out {a.out}: names a directory; --out is a prefix that the files' names begin with (OUT.bin, "
+                f"OUT.idx, OUT.json): give e.g. --out {os.path.join(a.out, 'web')}")
     if os.path.exists(a.out + ".idx"):
         p.error(f"--out {a.out}: {a.out}.idx exists; give another prefix or remove it")
 

@@ -914,6 +914,23 @@ def test_tokenize_text_command(tmp_path, capsys):
     assert (tmp_path / "tok" / "in6.bin").read_bytes() == (tmp_path / "tok" / "in.bin").read_bytes()
 
 
+def test_an_out_that_is_a_directory_is_refused(tmp_path, capsys):
+    """--out od/ (or an existing directory) wrote the hidden files od/.bin, od/.idx, od/.json: refused, naming --out,
+    writing nothing; write_token_files refuses such a prefix too."""
+    from launch.tokenize_text import main
+
+    (tmp_path / "in.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "od").mkdir()
+    for out in (f"{tmp_path / 'od'}/", str(tmp_path / "od"), f"{tmp_path / 'new'}/"):
+        with pytest.raises(SystemExit) as e:
+            main(["--input", str(tmp_path / "in.jsonl"), "--out", out])
+        assert e.value.code == 2 and f"--out {out}: names a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.jsonl", "od"]
+    with pytest.raises(ValueError, match="names a directory"):
+        write_token_files([[1, 2]], f"{tmp_path / 'od'}/", vocab_size=512)
+    assert not list((tmp_path / "od").iterdir())
+
+
 def test_a_truncated_or_foreign_gz_input_is_named_not_a_traceback(tmp_path, capsys):
     """tokenize_text.py given a .jsonl.gz cut short ended in gzip's EOFError traceback, naming no file (and left
     PREFIX.bin.partial behind); a .gz that is not gzip said 'Not a gzipped file', naming none either."""
