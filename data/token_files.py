@@ -44,7 +44,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 
 from data.exclude import ExcludeList, blank_pieces
-from data.node_files import prune, shaped, shared_arrays
+from data.node_files import _host, prune, shaped, shared_arrays
 from data.sample_position import DataStateMismatch, GlobalSamplePosition
 from data.video.annotations import unpaired_surrogate
 from data.video.packing import DOC_KINDS
@@ -211,23 +213,114 @@ def specials_as_ids(field_name: str, prefixes: list[str]) -> str | None:
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def write_token_files(documents: Iterable[list[int]], prefix: str | os.PathLike, *, vocab_size: int,
-                      meta: dict | Callable[[], dict] | None = None) -> dict:
+                      meta: dict | Callable[[], dict] | None = None, replace: bool = True) -> dict:
     """Writes `documents` (lists of token ids, each written as one sequence) as megatron's PREFIX.bin + PREFIX.idx
     with the narrowest dtype that holds `vocab_size` ids, and PREFIX.json (the sidecar: counts plus `meta`, or what
     `meta()` returns once every document is written). The files appear under their names only once complete
-    (written beside them, then renamed; the .idx last, so a prefix whose .idx exists is whole). Returns the
-    sidecar."""
+    (written beside them, then renamed; the .idx last, so a prefix whose .idx exists is whole), under a lock on the
+    prefix (write_token_runs). Returns the sidecar."""
     def runs():
         for ids in documents:
             arr = np.asarray(ids, dtype=np.int64)
             yield arr, np.array([arr.size], dtype=np.int64)
-    return write_token_runs(runs(), prefix, vocab_size=vocab_size, meta=meta)
+    return write_token_runs(runs(), prefix, vocab_size=vocab_size, meta=meta, replace=replace)
+
+
+class PrefixBusy(OSError):
+    """Another process is writing the prefix (it holds PREFIX.lock): a second writer would write over its files."""
+
+
+OUTPUTS = (".bin", ".idx", ".json", ".skipped.jsonl")   # what writing a prefix leaves there (tokenize_jsonl)
+
+
+def _is_partial(name: str, base: str) -> bool:
+    """Whether the file name `name` is a file written beside a prefix whose file name is `base` before its rename
+    (PREFIX.bin.HOST.PID.partial; PREFIX.bin.partial from an earlier version)."""
+    return re.fullmatch(re.escape(base) + r"\.(bin|idx|json)(\..+\.\d+)?\.partial", name) is not None
+
+
+def written_over(prefix: str, inputs: Iterable[str | os.PathLike]) -> tuple[str, str] | None:
+    """(input, output) where one of `inputs` is a file that writing `prefix` replaces, truncates or removes (its
+    .bin, .idx, .json, .skipped.jsonl, lock or partial files), by real path or as the same file (a link); else None.
+    `--input ow/web.json --out ow/web` replaced the input with the sidecar."""
+    names = [prefix + s for s in (*OUTPUTS, ".lock")]
+    real = {os.path.realpath(n): n for n in names}
+    where = os.path.realpath(os.path.dirname(os.path.abspath(prefix)))
+    for path in map(str, inputs):
+        path_real = os.path.realpath(path)
+        if path_real in real:
+            return path, real[path_real]
+        for n in names:
+            try:
+                if os.path.samefile(path, n):
+                    return path, n
+            except OSError:     # either is missing
+                pass
+        if os.path.dirname(path_real) == where and _is_partial(os.path.basename(path_real), os.path.basename(prefix)):
+            return path, path_real
+    return None
+
+
+@contextmanager
+def _writing(prefix: str):
+    """Holds PREFIX.lock (an exclusive flock, not waited for) while the prefix is written: a second writer of the same
+    prefix is refused (PrefixBusy, naming the holder's host and pid) instead of truncating the first's files under it
+    and both reporting success. The lock file says who holds it and goes when the write ends; partial files a writer
+    killed before left beside the prefix go when the lock is taken (no writer holds them). On a filesystem without
+    flock the write goes on unlocked (the log says so): each writer's partial files have names of its own."""
+    import fcntl
+
+    path = prefix + ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = Path(path).read_text()[:200].strip()
+            except OSError:
+                holder = ""
+            who = holder or "a process that has not written its pid yet"
+            raise PrefixBusy(f"{prefix}: another process is writing this prefix ({who} holds {path}); two writers "
+                             f"at once write over each other's files. Wait for it to end, or give another "
+                             f"prefix") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("%s: cannot lock %s (%s): writing without a lock; do not write this prefix from two "
+                        "processes at once", prefix, path, e)
+            fd = None
+            break
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)   # its holder removed it as it finished, between our open and our lock: take the new one
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {_host()} pid {os.getpid()}\n".encode())
+        base = os.path.basename(prefix)
+        for stale in glob.glob(glob.escape(prefix) + ".*.partial"):
+            if _is_partial(os.path.basename(stale), base):
+                os.unlink(stale)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(path)   # before the lock goes: a writer that opened it meanwhile sees it gone (samestat)
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str | os.PathLike, *, vocab_size: int,
-                     meta: dict | Callable[[], dict] | None = None) -> dict:
+                     meta: dict | Callable[[], dict] | None = None, replace: bool = True) -> dict:
     """`write_token_files` for documents that come in runs: (their tokens back to back, their lengths), one write
-    per run. Empty documents are left out."""
+    per run. Empty documents are left out. The prefix is locked for the whole write (`_writing`: PrefixBusy where
+    another process writes it); replace=False: FileExistsError where PREFIX.idx exists once the lock is held."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -236,37 +329,43 @@ def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str 
                          f"PREFIX.idx, PREFIX.json): give e.g. {os.path.join(prefix, 'web')}")
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     dtype = DType.optimal_dtype(vocab_size)
-    tmp_bin, tmp_idx = prefix + ".bin.partial", prefix + ".idx.partial"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    n_docs = n_tokens = longest = 0
-    try:
-        for tokens, lengths in runs:
-            lengths = np.asarray(lengths, dtype=np.int64)
-            if tokens.size:
-                bad = (tokens < 0) | (tokens >= vocab_size)
-                if bad.any():
-                    at = int(np.argmax(bad))
-                    doc = n_docs + int(np.count_nonzero(np.cumsum(lengths[lengths > 0]) <= at))
-                    raise ValueError(f"{prefix}: document {doc} holds id {int(tokens[at])}, outside the vocabulary "
-                                     f"(0..{vocab_size - 1})")
-            kept = lengths[lengths > 0]
-            if kept.size:
-                builder.add_document(torch.from_numpy(np.ascontiguousarray(tokens)), kept.tolist())
-                n_docs, n_tokens = n_docs + kept.size, n_tokens + int(kept.sum())
-                longest = max(longest, int(kept.max()))
-    except BaseException:               # a failed write leaves nothing behind, not even its partial files
-        builder.data_file.close()
-        for p in (tmp_bin, tmp_idx):
-            if os.path.exists(p):
-                os.unlink(p)
-        raise
-    builder.finalize(tmp_idx)
-    info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name, "documents": n_docs,
-            "tokens": n_tokens, "longest_document": longest, **((meta() if callable(meta) else meta) or {})}
-    Path(prefix + ".json.partial").write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp_bin, prefix + ".bin")
-    os.replace(prefix + ".json.partial", prefix + ".json")
-    os.replace(tmp_idx, prefix + ".idx")
+    # names of this process's own: a writer that the lock does not stop (no flock there) does not write into them
+    tmp_bin, tmp_idx, tmp_json = (f"{prefix}{s}.{_host()}.{os.getpid()}.partial" for s in (".bin", ".idx", ".json"))
+    with _writing(prefix):
+        if not replace and os.path.exists(prefix + ".idx"):
+            raise FileExistsError(f"{prefix}.idx exists (written while this process started): give another prefix "
+                                  f"or remove it")
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        n_docs = n_tokens = longest = 0
+        try:
+            for tokens, lengths in runs:
+                lengths = np.asarray(lengths, dtype=np.int64)
+                if tokens.size:
+                    bad = (tokens < 0) | (tokens >= vocab_size)
+                    if bad.any():
+                        at = int(np.argmax(bad))
+                        doc = n_docs + int(np.count_nonzero(np.cumsum(lengths[lengths > 0]) <= at))
+                        raise ValueError(f"{prefix}: document {doc} holds id {int(tokens[at])}, outside the "
+                                         f"vocabulary (0..{vocab_size - 1})")
+                kept = lengths[lengths > 0]
+                if kept.size:
+                    builder.add_document(torch.from_numpy(np.ascontiguousarray(tokens)), kept.tolist())
+                    n_docs, n_tokens = n_docs + kept.size, n_tokens + int(kept.sum())
+                    longest = max(longest, int(kept.max()))
+            builder.finalize(tmp_idx)
+            info = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": np.dtype(dtype).name,
+                    "documents": n_docs, "tokens": n_tokens, "longest_document": longest,
+                    **((meta() if callable(meta) else meta) or {})}
+            Path(tmp_json).write_text(json.dumps(info, indent=1) + "\n")
+        except BaseException:               # a failed write leaves nothing behind, not even its partial files
+            builder.data_file.close()
+            for p in (tmp_bin, tmp_idx, tmp_json):
+                if os.path.exists(p):
+                    os.unlink(p)
+            raise
+        os.replace(tmp_bin, prefix + ".bin")
+        os.replace(tmp_json, prefix + ".json")
+        os.replace(tmp_idx, prefix + ".idx")
     return info
 
 
@@ -404,7 +503,7 @@ def _chunk_result(future):
 
 
 def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, key: str = "text",
-                   append_eos: bool = True, batch: int = 1000, workers: int = 1) -> dict:
+                   append_eos: bool = True, batch: int = 1000, workers: int = 1, replace: bool = True) -> dict:
     """Tokenizes the `key` text of each line of `inputs` (JSONL) into one indexed dataset at `prefix`, one document
     per line with `<eos>` after it, in the lines' order; `batch` lines at a time, over `workers` processes. Lines
     without usable text are left out, listed in PREFIX.skipped.jsonl (file, line, reason) and counted in the
@@ -429,7 +528,7 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
             out["specials_in_text"] = tokenizer.specials_in_text
         return out
 
-    return write_token_runs(runs(), prefix, vocab_size=tokenizer.vocab_size, meta=meta)
+    return write_token_runs(runs(), prefix, vocab_size=tokenizer.vocab_size, meta=meta, replace=replace)
 
 
 def synthetic_documents(n: int, seed: int, *, held_out_from: tuple[int, int] | None = None) -> Iterator[str]:
@@ -452,7 +551,8 @@ def synthetic_documents(n: int, seed: int, *, held_out_from: tuple[int, int] | N
 
 
 def write_synthetic_token_files(prefix: str | os.PathLike, n_documents: int, seed: int, tokenizer, *,
-                                append_eos: bool = True, held_out_from: tuple[int, int] | None = None) -> dict:
+                                append_eos: bool = True, held_out_from: tuple[int, int] | None = None,
+                                replace: bool = True) -> dict:
     """`n_documents` synthetic documents (synthetic_documents; held_out_from: none of that training set's)
     tokenized with `tokenizer` at `prefix`, `<eos>` after each unless `append_eos` is false; returns the sidecar."""
     tail = [tokenizer.eos_id] if append_eos else []
@@ -460,7 +560,8 @@ def write_synthetic_token_files(prefix: str | os.PathLike, n_documents: int, see
     return write_token_files((tokenizer.encode(t) + tail for t in docs), prefix,
                              vocab_size=tokenizer.vocab_size, meta={"tokenizer": repr(tokenizer),
                                                                     "eos_id": tail[0] if tail else None,
-                                                                    "source": f"synthetic, seed {seed}"})
+                                                                    "source": f"synthetic, seed {seed}"},
+                             replace=replace)
 
 
 def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int, seed: int, *, rank: int,
@@ -473,8 +574,11 @@ def ensure_synthetic_token_files(directory: str | os.PathLike, n_documents: int,
 
     prefix = str(Path(directory) / f"synthetic_{n_documents}_seed{seed}")
     if rank == 0 and not os.path.isfile(prefix + ".idx"):
-        write_synthetic_token_files(prefix, n_documents, seed, ByteTokenizer(vocab_size=vocab_size),
-                                    held_out_from=held_out_from)
+        try:
+            write_synthetic_token_files(prefix, n_documents, seed, ByteTokenizer(vocab_size=vocab_size),
+                                        held_out_from=held_out_from)
+        except PrefixBusy:   # another run's rank 0 writes the same files (the same name, the same documents): wait
+            pass
     deadline = time.time() + timeout_s
     while not os.path.isfile(prefix + ".idx"):
         if time.time() > deadline:

@@ -60,14 +60,16 @@ def main(argv=None) -> int:
     import importlib
     importlib.import_module("megatron.core.datasets.indexed_dataset")   # its import (seconds) is not the tokenizer's
     t0 = time.perf_counter()
-    if a.synthetic:
-        info = write_synthetic_token_files(a.out, a.synthetic, a.seed, tok, append_eos=not a.no_eos)
-    else:
-        try:
-            info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos, workers=a.workers)
-        except (OSError, TokenizeWorkerDied) as e:
-            print(f"tokenize_text: {e}", file=sys.stderr)
-            return 1
+    try:   # replace=False: an .idx that another run wrote since the check above is not written over
+        if a.synthetic:
+            info = write_synthetic_token_files(a.out, a.synthetic, a.seed, tok, append_eos=not a.no_eos,
+                                               replace=False)
+        else:
+            info = tokenize_jsonl(a.input, a.out, tok, key=a.key, append_eos=not a.no_eos, workers=a.workers,
+                                  replace=False)
+    except (OSError, TokenizeWorkerDied) as e:   # PrefixBusy (another process writes --out) is an OSError
+        print(f"tokenize_text: {e}", file=sys.stderr)
+        return 1
     dt = time.perf_counter() - t0
     if info["documents"] == 0:
         for ext in (".bin", ".idx", ".json"):

@@ -931,6 +931,56 @@ def test_an_out_that_is_a_directory_is_refused(tmp_path, capsys):
     assert not list((tmp_path / "od").iterdir())
 
 
+def test_a_prefix_is_written_by_one_writer_at_a_time(tmp_path, capsys):
+    """Two runs of tokenize_text into one prefix at once both wrote PREFIX.bin.partial (the builder opens it "wb"):
+    the files were corrupt and one run reported success. A writer holds PREFIX.lock for the whole write; a second one
+    is refused naming the prefix and the holder's pid, and leaves the first's files alone. The partial files have
+    names of the writer's own; those a killed writer left go when the lock is taken. Reference: IndexedDataset reading
+    the first writer's documents back."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.node_files import _host
+    from launch.tokenize_text import main
+
+    docs, out, d = _docs(50, 7), tmp_path / "c" / "same", tmp_path / "c"
+    d.mkdir()
+    stale = ["same.bin.partial", "same.idx.partial", "same.json.partial", "same.bin.otherhost.12.partial"]
+    others = ["same.v2.bin.h.1.partial", "samex.bin.partial"]      # another prefix's: kept
+    for name in stale + others:
+        (d / name).write_bytes(b"old")
+    started, go, written = threading.Event(), threading.Event(), []
+
+    def slow():
+        for i, doc in enumerate(docs):
+            if i == 10:
+                started.set()
+                go.wait(60)
+            yield doc
+
+    first = threading.Thread(target=lambda: written.append(write_token_files(slow(), out, vocab_size=512)))
+    first.start()
+    try:
+        assert started.wait(60)
+        mine = f"same.bin.{_host()}.{os.getpid()}.partial"
+        assert sorted(p.name for p in d.iterdir()) == sorted(others + [mine, "same.lock"])
+        holder = rf"host {_host()} pid {os.getpid()} holds {out}\.lock"
+        with pytest.raises(OSError, match=rf"{out}: another process is writing this prefix \({holder}\)"):
+            write_token_files([[1, 2]], out, vocab_size=512)
+        (tmp_path / "in.jsonl").write_text('{"text": "second writer"}\n')
+        assert main(["--input", str(tmp_path / "in.jsonl"), "--out", str(out), "--workers", "1"]) == 1
+        err = capsys.readouterr().err
+        assert f"{out}: another process is writing this prefix (host {_host()} pid {os.getpid()}" in err, err
+    finally:
+        go.set()
+        first.join(60)
+    ds = IndexedDataset(str(out))
+    assert [ds[i].tolist() for i in range(len(ds))] == docs and written[0]["documents"] == len(docs)
+    assert sorted(p.name for p in d.iterdir()) == sorted(others + ["same.bin", "same.idx", "same.json"])
+    with pytest.raises(FileExistsError, match=rf"{out}\.idx exists"):   # the command's: no write over a finished one
+        tokenize_jsonl([str(tmp_path / "in.jsonl")], out, TOK, replace=False)
+    assert [ds[i].tolist() for i in range(len(ds))] == docs
+
+
 def test_a_truncated_or_foreign_gz_input_is_named_not_a_traceback(tmp_path, capsys):
     """tokenize_text.py given a .jsonl.gz cut short ended in gzip's EOFError traceback, naming no file (and left
     PREFIX.bin.partial behind); a .gz that is not gzip said 'Not a gzipped file', naming none either."""
