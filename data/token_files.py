@@ -507,8 +507,10 @@ def tokenize_jsonl(inputs: list[str], prefix: str | os.PathLike, tokenizer, *, k
     """Tokenizes the `key` text of each line of `inputs` (JSONL) into one indexed dataset at `prefix`, one document
     per line with `<eos>` after it, in the lines' order; `batch` lines at a time, over `workers` processes. Lines
     without usable text are left out, listed in PREFIX.skipped.jsonl (file, line, reason) and counted in the
-    sidecar. Returns the sidecar."""
+    sidecar. Returns the sidecar. ValueError where an input is one of the files written at `prefix` (written_over)."""
     prefix = str(prefix)
+    if (hit := written_over(prefix, inputs)) is not None:
+        raise ValueError(f"{hit[0]}: is {hit[1]}, a file that writing {prefix} replaces: give another prefix")
     skipped: list[dict] = []
     tail = [tokenizer.eos_id] if append_eos else []
 

@@ -47,6 +47,11 @@ def main(argv=None) -> int:
     if not os.path.basename(a.out) or os.path.isdir(a.out):   # "od/" would write the hidden files od/.bin, od/.idx
         p.error(f"--out {a.out}: names a directory; --out is a prefix that the files' names begin with (OUT.bin, "
                 f"OUT.idx, OUT.json): give e.g. --out {os.path.join(a.out, 'web')}")
+    from data.token_files import written_over
+
+    if (hit := written_over(a.out, a.input)) is not None:   # --input ow/web.json --out ow/web: the input replaced
+        p.error(f"--input {hit[0]}: is {hit[1]}, a file that writing --out {a.out} replaces; give another --out, or "
+                f"rename the input")
     if os.path.exists(a.out + ".idx"):
         p.error(f"--out {a.out}: {a.out}.idx exists; give another prefix or remove it")
 

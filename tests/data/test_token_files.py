@@ -981,6 +981,42 @@ def test_a_prefix_is_written_by_one_writer_at_a_time(tmp_path, capsys):
     assert [ds[i].tolist() for i in range(len(ds))] == docs
 
 
+def test_an_input_that_is_one_of_the_outputs_is_refused(tmp_path, capsys):
+    """--input ow/web.json --out ow/web replaced the input with the sidecar (the lines were gone). Any output name (the
+    .bin, .idx, .json, .skipped.jsonl, lock and partial files), by its own path, through a link to it or a hard link,
+    is refused (exit 2) naming the input, and the input is left as it was. Reference: the input's bytes."""
+    from launch.tokenize_text import main
+
+    d = tmp_path / "ow"
+    d.mkdir()
+    body = b'{"text": "the only copy"}\n'
+    cases = {"web.json": None, "web.skipped.jsonl": None, "web.bin": None, "web.lock": None,
+             "web.idx.partial": None, "web.bin.host.7.partial": None, "link.jsonl": "web.json", "hard.jsonl": "hard"}
+    for name, how in cases.items():
+        for f in d.iterdir():
+            f.unlink()
+        path = d / name
+        if how == "hard":
+            (d / "web.skipped.jsonl").write_bytes(body)
+            os.link(d / "web.skipped.jsonl", path)
+        else:
+            path.write_bytes(body)
+            if how is not None:
+                os.symlink(path, d / how)
+        for argv in (["--input", str(path), "--out", str(d / "web")],
+                     ["--input", str(tmp_path / ".." / tmp_path.name / "ow" / name), "--out", f"{d}/./web"]):
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"--input {argv[1]}: is " in err and "give another --out" in err, (name, err)
+            assert path.read_bytes() == body
+        with pytest.raises(ValueError, match=f"{path}: is .*, a file that writing {d / 'web'} replaces"):
+            tokenize_jsonl([str(path)], d / "web", TOK)
+        assert path.read_bytes() == body and not (d / "web.idx").exists()
+    (tmp_path / "in.jsonl").write_bytes(body)     # a name beside the outputs that is none of them
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--out", str(d / "web.v2")]) == 0
+
+
 def test_a_truncated_or_foreign_gz_input_is_named_not_a_traceback(tmp_path, capsys):
     """tokenize_text.py given a .jsonl.gz cut short ended in gzip's EOFError traceback, naming no file (and left
     PREFIX.bin.partial behind); a .gz that is not gzip said 'Not a gzipped file', naming none either."""
