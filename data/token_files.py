@@ -108,6 +108,22 @@ def split_paths(spec: str) -> list[str]:
     return [p.strip() for p in str(spec or "").split(",") if p.strip()]
 
 
+def _glob_prefixes(pattern: str) -> list[str]:
+    """The prefixes that a glob's matches name: PREFIX.bin or PREFIX.idx, a directory's (every *.idx in it, as a
+    directory of data.tokens.paths), or a prefix matched as itself. Other files name no prefix: the ones this tool
+    writes beside a prefix (PREFIX.json, PREFIX.skipped.jsonl, PREFIX.lock, partial files) and any other ('/dir/*'
+    stopped the launch with 'dir/a.json.bin and dir/a.json.idx do not exist')."""
+    found = set()
+    for m in glob.glob(pattern):
+        if os.path.isdir(m):
+            found.update(str(x)[:-4] for x in Path(m).glob("*.idx"))
+        elif m.endswith((".bin", ".idx")):
+            found.add(m[:-4])
+        elif os.path.isfile(m + ".idx") or os.path.isfile(m + ".bin"):
+            found.add(m)
+    return sorted(found)
+
+
 def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> list[list[str]]:
     """The dataset prefixes `spec` names, one list per comma-separated part (a directory or glob may name several):
     ValueError naming the part that names none, or a prefix whose .bin or .idx is missing."""
@@ -117,7 +133,7 @@ def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> lis
         if p.is_dir():
             found = sorted(str(x)[:-4] for x in p.glob("*.idx"))
         elif any(c in part for c in "*?["):
-            found = sorted({x[:-4] if x.endswith((".idx", ".bin")) else x for x in glob.glob(str(p))})
+            found = _glob_prefixes(str(p))
         else:
             found = [str(p)[:-4] if str(p).endswith((".idx", ".bin")) else str(p)]
         if not found:

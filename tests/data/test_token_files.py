@@ -818,6 +818,39 @@ def test_bad_settings_and_files_are_named(files, tmp_path):
                         global_batch_size=4, dp_rank=0, dp_size=1)
 
 
+def test_a_glob_names_the_prefixes_of_its_matches(tmp_path):
+    """A glob matching the files tokenize_text writes beside a prefix ('/dir/*', '/dir/a*') took PREFIX.json for a
+    prefix: 'config error: ... dir/a.json.bin and dir/a.json.idx do not exist'. Its matches name the prefixes of their
+    .bin and .idx (and a directory's, as docs/data.md says paths are directories or globs of either); the sidecar,
+    skipped lines, lock and partial files and other files name none; a glob naming no prefix is an error naming it.
+    Reference: the prefixes written, and IndexedDataset's document counts."""
+    import re
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    d = tmp_path / "tok"
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(30)))
+    for name in ("a", "ab"):
+        tokenize_jsonl([str(tmp_path / "in.jsonl")], d / name, TOK)
+    write_token_files(_docs(20, 3), d / "sub" / "c", vocab_size=512)
+    for name in ("a.lock", "a.bin.host.1.partial", "ab.idx.partial", "notes.txt"):
+        (d / name).write_text("x")
+    a, ab, c = str(d / "a"), str(d / "ab"), str(d / "sub" / "c")
+    for spec, want in ((f"{d}/*", [a, ab, c]), (f"{d}/a*", [a, ab]), (f"{d}/a.*", [a]), (f"{tmp_path}/t?k/", [a, ab]),
+                       (f"{d}/*.json", None), (f"{d}/a.j*", None)):
+        if want is None:
+            with pytest.raises(ValueError, match=rf"paths=.*: '{re.escape(spec)}' names no indexed dataset"):
+                resolve_prefixes(spec)
+            continue
+        assert resolve_prefixes(spec) == [want], spec
+        corpus = TokenCorpus(spec, seq_length=8, seed=0)
+        assert corpus.sources[0].documents == sum(len(IndexedDataset(p)) for p in want)
+    (d / "half.bin").write_bytes(b"")          # half a dataset that a glob matches is still named
+    with pytest.raises(ValueError, match=r"half\.idx does not exist"):
+        resolve_prefixes(f"{d}/h*")
+
+
+
 # ---- token files in the packed video loader's mixture (data.video.text_tokens) -----------------------------
 
 @pytest.fixture(scope="module")
