@@ -126,9 +126,12 @@ def _glob_prefixes(pattern: str) -> list[str]:
 
 def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> list[list[str]]:
     """The dataset prefixes `spec` names, one list per comma-separated part (a directory or glob may name several):
-    ValueError naming the part that names none, or a prefix whose .bin or .idx is missing."""
+    ValueError naming the part that names none, a prefix whose .bin or .idx is missing, or a prefix named twice (a
+    directory and a prefix in it, 'a,a.bin', a link to a folder beside it): its documents would be read twice an
+    epoch (as the launch refuses video shards named twice)."""
     out = []
-    for part in split_paths(spec):
+    seen: dict[tuple[int, int], tuple[str, int, str]] = {}   # .idx (device, inode) -> (prefix, part's place, part)
+    for k, part in enumerate(split_paths(spec)):
         p = Path(part).expanduser()
         if p.is_dir():
             found = sorted(str(x)[:-4] for x in p.glob("*.idx"))
@@ -146,6 +149,13 @@ def resolve_prefixes(spec: str, *, field_name: str = "data.tokens.paths") -> lis
                     f"{prefix}.bin and {prefix}.idx do not exist"
                 raise ValueError(f"{field_name}={spec!r}: {what} (an indexed dataset is PREFIX.bin + PREFIX.idx, "
                                  f"written by launch/tokenize_text.py)")
+            st = os.stat(prefix + ".idx")
+            first = seen.setdefault((st.st_dev, st.st_ino), (prefix, k, part))
+            if first[:2] != (prefix, k):
+                what = (f"{prefix} is named twice, by {first[2]!r} and by {part!r}" if first[0] == prefix else
+                        f"{first[0]} (named by {first[2]!r}) and {prefix} (by {part!r}) are the same files")
+                raise ValueError(f"{field_name}={spec!r}: {what}: its documents would be read twice an epoch. Name "
+                                 f"each prefix once")
         out.append(found)
     return out
 

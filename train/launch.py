@@ -128,7 +128,7 @@ def check_token_files(cfg: Config) -> None:
 def check_token_paths(cfg: Config) -> None:
     """The token files of data.kind=tokens exist, hold tokens, were tokenized for a vocabulary the model holds (their
     sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
-    from data.held_out import held_out_paths, held_out_sets
+    from data.held_out import held_out_sets
     from data.token_files import count_tokens, empty_prefix, resolve_prefixes, sidecar, specials_as_ids
 
     vocab = cfg.model.lm.vocab_size
@@ -136,9 +136,11 @@ def check_token_paths(cfg: Config) -> None:
     found = {}
     for name in ("paths", "eval_paths"):
         spec = getattr(tk, name)
-        if name == "eval_paths":     # its sets' names off (ValueError for a half-named list)
-            spec = held_out_paths(spec, field_name="data.tokens.eval_paths")
-        found[name] = [p for g in resolve_prefixes(spec, field_name=f"data.tokens.{name}") for p in g] if spec else []
+        # held-out sets each on their own (ValueError for a half-named list): a prefix named twice within one is read
+        # twice (resolve_prefixes refuses it), one in two sets is scored in each
+        specs = [paths for _, paths in held_out_sets(spec, field_name="data.tokens.eval_paths")] \
+            if name == "eval_paths" else [spec]
+        found[name] = [p for s in specs if s for g in resolve_prefixes(s, field_name=f"data.tokens.{name}") for p in g]
         for prefix in found[name]:
             if (why := empty_prefix(prefix)) is not None:
                 raise ValueError(f"data.tokens.{name}: {why}")

@@ -800,7 +800,8 @@ def test_bad_settings_and_files_are_named(files, tmp_path):
     (tmp_path / "half.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"half\.idx does not exist"):
         resolve_prefixes(str(tmp_path / "half"))
-    assert resolve_prefixes(f"{d / 'a.idx'}, {d}") == [[str(d / "a")], [str(d / "a"), str(d / "b")]]
+    assert resolve_prefixes(f"{d / 'a.idx'}, {d / 'b.bin'}") == [[str(d / "a")], [str(d / "b")]]
+    assert resolve_prefixes(str(d)) == [[str(d / "a"), str(d / "b")]]
     with pytest.raises(ValueError, match=r"2 weight\(s\) for 1 path"):
         TokenFilesConfig(paths=str(d / "a"), weights=[1, 2])
     with pytest.raises(ValueError, match="must be >= 0"):
@@ -848,6 +849,48 @@ def test_a_glob_names_the_prefixes_of_its_matches(tmp_path):
     (d / "half.bin").write_bytes(b"")          # half a dataset that a glob matches is still named
     with pytest.raises(ValueError, match=r"half\.idx does not exist"):
         resolve_prefixes(f"{d}/h*")
+
+
+def test_a_prefix_named_twice_is_refused(files, tmp_path):
+    """A prefix named twice (a directory and a prefix in it, 'a,a.bin', a folder and a link to it; in a blend too)
+    was read twice an epoch without a word: refused, naming the prefix and both parts that name it, as the launch
+    refuses video shards named twice. A prefix in two held-out sets is scored in each: allowed. Reference: the
+    documents the pool would read, counted by IndexedDataset."""
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from train.launch import check_token_paths
+
+    d, _, _ = files
+    a = str(d / "a")
+    os.symlink(d, tmp_path / "link")
+    for spec, what in ((f"{d},{a}", f"{a} is named twice, by '{d}' and by '{a}'"),
+                       (f"{a},{a}.bin", f"{a} is named twice, by '{a}' and by '{a}.bin'"),
+                       (f"{a}, {d}/a*", f"{a} is named twice, by '{a}' and by '{d}/a*'"),
+                       (f"{d},{tmp_path / 'link'}", f"{a} (named by '{d}') and {tmp_path / 'link' / 'a'} (by "
+                                                   f"'{tmp_path / 'link'}') are the same files")):
+        with pytest.raises(ValueError) as e:
+            TokenCorpus(spec, seq_length=8, seed=0)
+        assert str(e.value) == (f"data.tokens.paths={spec!r}: {what}: its documents would be read twice an epoch. "
+                                f"Name each prefix once"), spec
+    with pytest.raises(ValueError, match="read twice an epoch"):
+        TokenCorpus(f"{a},{a}", weights=[1, 1], seq_length=8, seed=0)
+    # once each: the pool holds each document once
+    assert TokenCorpus(f"{a},{d / 'b'}", seq_length=8, seed=0).sources[0].documents == sum(
+        len(IndexedDataset(str(d / p))) for p in "ab")
+
+    def cfg(paths, eval_paths=""):
+        return SimpleNamespace(model=SimpleNamespace(lm=SimpleNamespace(vocab_size=512)), train=SimpleNamespace(
+            seq_length=8), data=SimpleNamespace(tokens=SimpleNamespace(paths=paths, eval_paths=eval_paths,
+                                                                       weights=None)))
+
+    with pytest.raises(ValueError, match=rf"data.tokens.paths=.*{a} is named twice"):
+        check_token_paths(cfg(f"{d},{a}"))
+    write_token_files(_docs(30, 4), tmp_path / "train", vocab_size=512)
+    check_token_paths(cfg(str(tmp_path / "train"), f"all={d},web={a}"))      # one prefix in two held-out sets
+    with pytest.raises(ValueError, match=rf"data.tokens.eval_paths=.*{a} is named twice"):
+        check_token_paths(cfg(str(tmp_path / "train"), f"{d},{a}"))
 
 
 
