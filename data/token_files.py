@@ -171,6 +171,54 @@ def empty_prefix(prefix: str) -> str | None:
             f"--key?)") if empty else None
 
 
+INDEX_HEADER = b"MMIDIDX\x00\x00"   # megatron's .idx: magic, version <Q (1), dtype code <B, sequences <Q, documents <Q
+INDEX_HEAD = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+
+
+def damaged_prefix(prefix: str) -> str | None:
+    """What is wrong with a prefix whose .idx is not megatron's index or is cut short, or whose .bin is not as long as
+    its .idx says (the last sequence's pointer plus its length in items): an interrupted copy. Megatron reads such
+    files without a check, failing with 'buffer is smaller than requested size' (naming no file) at the launch or at
+    the first row past the cut, mid-run. None for a whole prefix, or one whose file is missing (whoever opens it
+    names it)."""
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import DType
+
+    idx, again = prefix + ".idx", "copy the prefix again, or write it again with launch/tokenize_text.py"
+    try:
+        with open(idx, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(INDEX_HEAD)
+            if len(head) < INDEX_HEAD or not head.startswith(INDEX_HEADER):
+                what = "cut short in its header" if INDEX_HEADER.startswith(head[:len(INDEX_HEADER)]) else \
+                    "another header"
+                return f"{idx} is not a megatron indexed-dataset index ({size} bytes, {what}): {again}"
+            version, code, sequences, documents = struct.unpack("<QBQQ", head[len(INDEX_HEADER):])
+            if version != 1 or code not in {d.value for d in DType}:
+                return f"{idx}: version {version}, dtype code {code}: not an index megatron-core reads: {again}"
+            need = INDEX_HEAD + sequences * (4 + 8) + documents * 8
+            if size < need:
+                return (f"{idx} holds {size} bytes, fewer than the {need} its header's {sequences} sequences and "
+                        f"{documents} document indices take: it was cut short (an interrupted copy?): {again}")
+            itemsize = DType.size(code)
+            expect = 0
+            if sequences:
+                f.seek(INDEX_HEAD + (sequences - 1) * 4)
+                last = struct.unpack("<i", f.read(4))[0]
+                f.seek(INDEX_HEAD + sequences * 4 + (sequences - 1) * 8)
+                expect = struct.unpack("<q", f.read(8))[0] + last * itemsize
+        bin_size = os.path.getsize(prefix + ".bin")
+    except OSError:
+        return None
+    if bin_size == expect:
+        return None
+    why = ("cut short (an interrupted copy?)" if bin_size < expect else
+           "longer than its index says (a .bin of another writing than its .idx?)")
+    return (f"{prefix}.bin holds {bin_size} bytes, but {idx} indexes {expect} ({sequences} sequences of "
+            f"{DType.dtype_from_code(code).__name__}): the .bin is {why}: {again}")
+
+
 FINGERPRINT_BLOCK = 4096      # bytes read at each of a file's sampled places (content_fingerprint): a page
 FINGERPRINT_PLACES = 8        # places between the first and the last block, evenly spread
 
@@ -628,8 +676,8 @@ class TokenSource:
 
         self.prefixes, self.S, self.seed, self.source_id, self.shuffle = list(prefixes), seq_length, seed, source_id, shuffle
         self.vocab_size = vocab_size
-        for p in self.prefixes:
-            if (why := empty_prefix(p)) is not None:
+        for p in self.prefixes:   # a damaged prefix before an empty one: a .bin cut to nothing is not "no document"
+            if (why := damaged_prefix(p) or empty_prefix(p)) is not None:
                 raise ValueError(why)
         self.datasets = [IndexedDataset(p, mmap=True) for p in self.prefixes]
         # the lengths stay in the .idx maps (megatron reads them zero-copy): nothing per document is held here

@@ -126,10 +126,12 @@ def check_token_files(cfg: Config) -> None:
 
 
 def check_token_paths(cfg: Config) -> None:
-    """The token files of data.kind=tokens exist, hold tokens, were tokenized for a vocabulary the model holds (their
-    sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out files are not training files."""
+    """The token files of data.kind=tokens exist, are whole (damaged_prefix), hold tokens, were tokenized for a
+    vocabulary the model holds (their sidecar's vocab_size, when launch/tokenize_text.py wrote one), and the held-out
+    files are not training files."""
     from data.held_out import held_out_sets
-    from data.token_files import count_tokens, empty_prefix, resolve_prefixes, sidecar, specials_as_ids
+    from data.token_files import (count_tokens, damaged_prefix, empty_prefix, resolve_prefixes, sidecar,
+                                  specials_as_ids)
 
     vocab = cfg.model.lm.vocab_size
     tk = cfg.data.tokens
@@ -142,7 +144,8 @@ def check_token_paths(cfg: Config) -> None:
             if name == "eval_paths" else [spec]
         found[name] = [p for s in specs if s for g in resolve_prefixes(s, field_name=f"data.tokens.{name}") for p in g]
         for prefix in found[name]:
-            if (why := empty_prefix(prefix)) is not None:
+            # a .bin or .idx cut short (an interrupted copy) failed at the first row past the cut, naming no file
+            if (why := damaged_prefix(prefix) or empty_prefix(prefix)) is not None:
                 raise ValueError(f"data.tokens.{name}: {why}")
             meta = sidecar(prefix)
             if meta is not None and meta["vocab_size"] > vocab:

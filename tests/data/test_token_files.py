@@ -893,6 +893,50 @@ def test_a_prefix_named_twice_is_refused(files, tmp_path):
         check_token_paths(cfg(str(tmp_path / "train"), f"{d},{a}"))
 
 
+def test_a_truncated_bin_or_idx_is_named_at_the_launch(tmp_path):
+    """A .bin or .idx cut short (an interrupted copy) passed the launch checks; the run then failed with megatron's
+    'buffer is smaller than requested size', naming no file, at the launch or mid-run at the first row past the cut.
+    The launch and TokenSource compare the .bin's size with what the .idx indexes (read field by field), naming the
+    file, what is wrong and what to do. Reference: the whole files megatron's IndexedDataset reads back, and their
+    sizes."""
+    import shutil
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from train.launch import check_token_paths
+
+    docs = _docs(60, 8)
+    write_token_files(docs, tmp_path / "whole", vocab_size=512)
+    ds = IndexedDataset(str(tmp_path / "whole"))
+    assert [ds[i].tolist() for i in range(len(ds))] == docs
+    bin_bytes, idx_bytes = (tmp_path / "whole.bin").read_bytes(), (tmp_path / "whole.idx").read_bytes()
+    assert len(bin_bytes) == 2 * sum(map(len, docs))               # uint16 ids
+    cases = {"bin_short": (bin_bytes[:-6], idx_bytes, r"bin holds \d+ bytes, but .*idx indexes \d+ \(60 sequences of "
+                                                       r"uint16\): the \.bin is cut short"),
+             "bin_empty": (b"", idx_bytes, r"bin holds 0 bytes, but .*idx indexes \d+.*cut short"),
+             "bin_long": (bin_bytes + b"\0\0", idx_bytes, r"bin holds \d+ bytes.*longer than its index says"),
+             "idx_short": (bin_bytes, idx_bytes[:len(idx_bytes) // 2], r"idx holds \d+ bytes, fewer than the \d+ its "
+                                                                      r"header's 60 sequences .*cut short"),
+             "idx_header": (bin_bytes, idx_bytes[:20], r"idx is not a megatron indexed-dataset index \(20 bytes, cut "
+                                                       r"short in its header\)"),
+             "idx_foreign": (bin_bytes, b"PK\3\4" + idx_bytes[4:], r"idx is not a megatron .*another header")}
+    for name, (b, i, why) in cases.items():
+        (tmp_path / f"{name}.bin").write_bytes(b)
+        (tmp_path / f"{name}.idx").write_bytes(i)
+        prefix = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{prefix}\.{why}.*copy the prefix again, or write it again"):
+            TokenSource([prefix], seq_length=8, seed=0, source_id=0)
+        cfg = SimpleNamespace(model=SimpleNamespace(lm=SimpleNamespace(vocab_size=512)), train=SimpleNamespace(
+            seq_length=8), data=SimpleNamespace(tokens=SimpleNamespace(paths=prefix, eval_paths="", weights=None)))
+        with pytest.raises(ValueError, match=rf"data\.tokens\.paths: {prefix}\.{why}"):
+            check_token_paths(cfg)
+    shutil.copy(tmp_path / "whole.bin", tmp_path / "copy.bin")
+    shutil.copy(tmp_path / "whole.idx", tmp_path / "copy.idx")
+    src = TokenSource([str(tmp_path / "copy")], seq_length=8, seed=0, source_id=0)   # a whole copy reads
+    assert src.documents == 60 and src.tokens == sum(map(len, docs))
+
+
 
 # ---- token files in the packed video loader's mixture (data.video.text_tokens) -----------------------------
 
