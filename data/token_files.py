@@ -521,9 +521,39 @@ def _tokenize_chunk(chunk: tuple[str, int, list[bytes]], tokenizer, key: str,
 _WORKER: dict = {}   # a tokenize_jsonl worker process's tokenizer, key and tail (set once by _start_worker)
 
 
-def _start_worker(tokenizer, key: str, tail: list[int]) -> None:
+def _start_worker(tokenizer, key: str, tail: list[int], caller: int | None = None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one thread per worker: the processes are the parallelism
     _WORKER.update(tokenizer=tokenizer, key=key, tail=tail)
+    if caller is not None:
+        import threading
+
+        threading.Thread(target=_exit_with, args=(caller,), daemon=True, name="tokenize-caller-watch").start()
+
+
+def _exit_with(pid: int) -> None:
+    """Ends this worker process once process `pid` (the caller of tokenize_jsonl) has ended. A caller killed (SIGKILL,
+    or SIGTERM, which Python does not catch) shuts no pool down, and its workers, children of the fork server, waited
+    on their queues' pipes forever: each holds both ends of them, so no end-of-file comes. With the workers gone the
+    fork server and resource tracker end too (the workers held the fork server's 'alive' pipe open). Waits on a
+    pidfd; where there is none (Linux before 5.3), polls the pid each second."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):   # no pidfd here, or the caller has already ended (ProcessLookupError)
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])     # readable once the process has ended
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:      # alive, another user's (not a caller of ours, but not ended either)
+                pass
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _tokenize_in_worker(chunk):
@@ -553,7 +583,8 @@ def _tokenized_chunks(inputs, tokenizer, key: str, tail: list[int], lines: int,
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])   # each worker forked with numpy, torch and this module imported
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(tokenizer, key, tail))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(tokenizer, key, tail, os.getpid()))   # the workers end with this process
     try:
         pending: deque = deque()
         for c in chunks:

@@ -176,6 +176,61 @@ def test_a_tokenize_worker_that_dies_is_an_error_and_leaves_no_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+def _session(sid: int) -> dict[int, str]:
+    """The live processes of session `sid` (/proc; zombies left out): pid -> command line."""
+    out = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()   # after the command's name: state, ppid, pgrp, session
+            if int(fields[3]) == sid and fields[0] != "Z":
+                with open(f"/proc/{d}/cmdline") as f:
+                    out[int(d)] = f.read().replace("\0", " ")
+        except (OSError, ValueError, IndexError):   # ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_tokenize_workers_end_with_a_killed_caller(tmp_path, sig):
+    """tokenize_text killed (SIGKILL, or SIGTERM: no pool shutdown runs) left its workers, children of the fork server,
+    blocked on their queues' pipes forever, and with them the fork server and its resource tracker. Each worker now
+    watches the caller and ends with it, and the fork server with them. Reference: the processes of the caller's
+    session, from /proc. The caller reads its input from a pipe held open, so its workers are waiting when it dies."""
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    script = (f"import sys; sys.path.insert(0, {repo!r})\n"
+              f"from data.token_files import tokenize_jsonl\nfrom data.video.tokenizer import ByteTokenizer\n"
+              f"tokenize_jsonl([{str(fifo)!r}], {str(tmp_path / 'out')!r}, ByteTokenizer(), batch=1, workers=2)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    left = {}
+    try:
+        with open(fifo, "w") as w:       # the caller blocks reading more lines: its workers idle on their queue
+            w.write("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(8)))
+            w.flush()
+            deadline = time.time() + 120
+            while sum("multiprocessing.forkserver" in c for c in _session(caller.pid).values()) < 3:  # server + 2
+                assert time.time() < deadline and caller.poll() is None, _session(caller.pid)
+                time.sleep(0.2)
+            caller.send_signal(sig)
+            caller.wait(30)
+            deadline = time.time() + 15
+            while (left := _session(caller.pid)) and time.time() < deadline:
+                time.sleep(0.2)
+        assert not left, f"left running after the caller ended: {left}"
+    finally:
+        for pid in _session(caller.pid):     # what this test started, if a worker stayed
+            os.kill(pid, signal.SIGKILL)
+        if caller.poll() is None:
+            caller.kill()
+
+
 def test_tokenize_jsonl_over_workers_keeps_the_order(tmp_path):
     """A Hugging Face tokenizer in worker processes, many chunks in flight: the documents in the lines' order, as one
     process writes them."""
