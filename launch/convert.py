@@ -222,6 +222,10 @@ def import_hf(hf_dir: str, out_dir: str, *, lm: LMConfig, tp=1, pp=1, ep=1, etp=
               "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "etp": layout.etp,
                          "cp": layout.cp, "dp": layout.dp, "world_size": layout.world_size},
               "model_lm": asdict(lm), **vision_common}
+    # how the exported run trained (an export of ours records it): a distillation from this import judges its teacher
+    # by it, as it would the export's (train/launch.py check_source_model)
+    if trained := (export_record(hf_dir) or {}).get("trained"):
+        common["trained"] = trained
     path = ckpt.save_checkpoint(out_dir, 0, chunks, _NoOptimizer(), common, keep_last=1, dp_cp_group=pgs.dp_cp,
                                 extra=extra)
     tokenizer = copy_tokenizer(hf_dir, out_dir) if dist.get_rank() == 0 else []

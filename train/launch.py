@@ -346,6 +346,7 @@ SOURCE_SHAPE_KEYS = {
     "lm": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "vocab_size",
            "num_experts", "moe_ffn_hidden_size"),
     "lm.dsa": ("index_heads", "index_dim"),
+    "lm.ksa": ("num_summary",),   # the summary embedding is [num_summary, hidden]
     "vision": ("depth", "hidden", "heads", "mlp", "patch", "merge", "pos_grid"),
 }
 
@@ -378,7 +379,8 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
         lm = model.get("lm", {})
         return variant in (lm.get("attention_per_layer") or [lm.get("attention")])
 
-    parts = [] if name == "vision_init_from" else ["lm"] + ["lm.dsa"] * (uses(saved, "dsa") and uses(ours, "dsa"))
+    parts = [] if name == "vision_init_from" else ["lm"] + [f"lm.{v}" for v in ("dsa", "ksa")
+                                                            if uses(saved, v) and uses(ours, v)]
     # the vision tower comes from vision_init_from when it is set, else from init_from when that holds one
     if ((name == "vision_init_from" or not cfg.train.checkpoint.vision_init_from)
             and saved.get("vision", {}).get("enabled") and ours["vision"]["enabled"]):
@@ -390,6 +392,16 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
             theirs, mine = theirs.get(k, {}), mine[k]
         differ += [f"model.{part}.{k} is {theirs[k]!r} there, {mine[k]!r} here" for k in SOURCE_SHAPE_KEYS[part]
                    if k in theirs and theirs[k] != mine[k]]
+    # a DSA or KSA layer's own tensors are stacked over that variant's layers (models/attention/layer_axis.py): the
+    # i-th indexer is the i-th DSA layer's, whichever layer that is. Other layers with the variant loaded the source's
+    # indexers onto the wrong layers without a word (or stopped every rank on a shape mismatch where the count differs)
+    for v in ("dsa", "ksa"):
+        if name == "init_from" and uses(saved, v) and uses(ours, v):
+            theirs_l = [l for l, k in enumerate(saved["lm"].get("attention_per_layer")
+                                               or [saved["lm"].get("attention")] * saved["lm"]["num_layers"]) if k == v]
+            if theirs_l != cfg.model.lm.layers_with(v):
+                differ.append(f"its {v.upper()} layers are {theirs_l}, here {cfg.model.lm.layers_with(v)} "
+                              f"(model.lm.attention_per_layer)")
     if differ:
         raise ValueError(f"train.checkpoint.{name}={source!r} holds a checkpoint (step {ref.step}, {ref.path}) of a "
                          f"model of other sizes: {'; '.join(differ)}. Its weights do not fit this model: give it the "
@@ -410,7 +422,13 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
     # a distillation's teacher is the source's weights with dense attention: the dense model only where the source
     # trained none of them under KSA attention (a stage-1 run, train.trainable=summary). From a KSA run that trained
     # them (keye_tiny_ksa, a stage-2 run) the teacher was that KSA model read densely, and the stage ran without a word
-    there = recorded.get("train") or {}
+    # an import records no run, but how the exported run trained where its export said (launch/convert.py import)
+    there = recorded.get("train") or common.get("trained") or {}
+    if name == "init_from" and cfg.train.distill.enabled and uses(saved, "ksa") and not there:
+        warnings.warn(f"train.checkpoint.init_from={source!r} holds KSA layers (step {ref.step}, {ref.path}) and no "
+                      f"record of how they trained (an import of a Hugging Face directory without keye_export.json): "
+                      f"the distillation takes its weights, read with dense attention, as the dense teacher. That "
+                      f"holds for a stage-1 run's weights (train.trainable=summary), not for a stage-2 run's")
     if (name == "init_from" and cfg.train.distill.enabled and uses(saved, "ksa")
             and there.get("trainable", "summary") != "summary"):
         started = (there.get("checkpoint") or {}).get("init_from")

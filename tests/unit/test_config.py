@@ -973,6 +973,67 @@ def test_a_distillation_from_an_export_of_a_ksa_run_that_trained_its_weights_is_
             check_paths(_validate(*distill, "train.checkpoint.init_from=" + hf_dir(name, lm, **kw))[0])
 
 
+def test_init_from_a_run_whose_sparse_layers_or_summaries_differ_stops_before_the_build(tmp_path):
+    """A DSA or KSA layer's own tensors are stacked over that variant's layers: from a warm-up with DSA on layers 0
+    and 2, a sparse stage with DSA on 1 and 3 loaded layer 0's indexer into layer 1 and layer 2's into layer 3 without
+    a word, and one with another count of DSA (or KSA) layers, or another model.lm.ksa.num_summary, stopped every rank
+    with megatron's shape mismatch once the model was built. Now config errors naming the layers or the setting; the
+    source's own layout passes (the Hugging Face route refused them already)."""
+    from train.launch import check_paths
+
+    warm = _run_dir_of(tmp_path, "warm", "recipe=keye_tiny_dsa_warmup",
+                       "model.lm.attention_per_layer=[dsa,dense,dsa,dense]")
+    ksa = _run_dir_of(tmp_path, "ksa", "recipe=keye_tiny_ksa")
+    new = f"run_dir={tmp_path / 'new'}"
+    check_paths(_validate("recipe=keye_tiny_dsa_sparse", new, f"train.checkpoint.init_from={warm}",
+                          "model.lm.attention_per_layer=[dsa,dense,dsa,dense]")[0])
+    for layers, want in (("[dense,dsa,dense,dsa]", r"\[1, 3\]"), ("[dsa,dsa,dsa,dense]", r"\[0, 1, 2\]")):
+        with pytest.raises(ValueError, match=rf"init_from='.*/warm' holds a checkpoint \(step 2, .*\) of a model of "
+                                             rf"other sizes: its DSA layers are \[0, 2\], here {want}"):
+            check_paths(_validate("recipe=keye_tiny_dsa_sparse", new, f"train.checkpoint.init_from={warm}",
+                                  f"model.lm.attention_per_layer={layers}")[0])
+    check_paths(_validate("recipe=keye_tiny_ksa", new, f"train.checkpoint.init_from={ksa}")[0])
+    with pytest.raises(ValueError, match=r"model\.lm\.ksa\.num_summary is 1 there, 2 here"):
+        check_paths(_validate("recipe=keye_tiny_ksa", new, f"train.checkpoint.init_from={ksa}",
+                              "model.lm.ksa.num_summary=2")[0])
+    with pytest.raises(ValueError, match=r"its KSA layers are \[0, 1, 2, 3\], here \[0, 2\]"):
+        check_paths(_validate("recipe=keye_tiny_ksa", new, f"train.checkpoint.init_from={ksa}",
+                              "model.lm.attention_per_layer=[ksa,dense,ksa,dense]")[0])
+
+
+def test_a_distillation_from_an_import_of_a_ksa_run_s_export_reads_its_record(tmp_path):
+    """`convert import` of an export wrote a checkpoint that records no run: a distillation from the import of a
+    stage-2 export (refused from the export itself) took it as a stage-1 run's. The import now keeps the export's
+    record of how its run trained; one without (another program's directory) is taken with a warning."""
+    import warnings
+
+    from train.launch import check_paths
+
+    lm = _validate("recipe=keye_tiny_ksa_distill")[0].model.lm
+
+    def imported(name, trained):
+        step = tmp_path / name / "checkpoints" / "step_000000"
+        step.mkdir(parents=True)
+        (step / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                        "common_backend": "torch", "common_backend_version": 1}))
+        common = {"step": 0, "recipe": "hf_import", "model_lm": dataclasses.asdict(lm),
+                  **({"trained": trained} if trained else {})}
+        torch.save({"common": common}, step / "common.pt")
+        (step / "COMPLETE.json").write_text(json.dumps({"step": 0, "files": {}}))
+        return tmp_path / name
+
+    distill = ["recipe=keye_tiny_ksa_distill", f"run_dir={tmp_path / 'new'}"]
+    with pytest.raises(ValueError, match=r"holds a KSA model .* whose run trained train\.trainable=all with KSA"):
+        check_paths(_validate(*distill, "train.checkpoint.init_from="
+                              + str(imported("stage2", {"trainable": "all", "attention": "ksa"})))[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_paths(_validate(*distill, "train.checkpoint.init_from="
+                              + str(imported("stage1", {"trainable": "summary", "attention": "ksa"})))[0])
+    with pytest.warns(UserWarning, match=r"holds KSA layers .* and no record of how they trained"):
+        check_paths(_validate(*distill, "train.checkpoint.init_from=" + str(imported("other", None)))[0])
+
+
 def test_recipe_comments_chain_the_commands_they_give():
     """A recipe whose header comment gives the commands of a chain (the dense model, then this stage) names, in each
     init_from=runs/<dir>, the run directory an earlier command of that comment makes; without an earlier command,
