@@ -112,3 +112,33 @@ def test_without_a_recipe_the_job_trains_the_recipe_its_run_directory_names(fake
             made.rmdir()
             if not any((REPO / "runs").iterdir()):
                 (REPO / "runs").rmdir()
+
+
+def test_a_repository_path_with_spaces_is_found(fake_slurm, tmp_path):
+    """scontrol's Command= was cut at its first space: a repository under a path with a space was not found, and the
+    directory sbatch was called in was not tried (the cut path was not empty), so the job stopped with 'cannot find
+    the repository'. The whole value is taken now, shortened at spaces from the right (scontrol appends the script's
+    arguments) until it names a file."""
+    start, recorded, _ = fake_slurm
+    spaced = tmp_path / "my repo"
+    spaced.symlink_to(REPO)
+    p = start("recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}",
+              FAKE_SUBMITTED=str(spaced / "launch" / "slurm" / "pretrain.sbatch"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    got = recorded()
+    assert got["cwd"] == str(spaced) and got["node_sh"] == "yes", got
+
+
+def test_a_submitted_path_that_is_gone_falls_back_to_the_submit_directory(fake_slurm, tmp_path):
+    """A Command= that names no file (the script moved since, or a path scontrol does not show whole) leaves the
+    directory sbatch was called in to try."""
+    start, recorded, _ = fake_slurm
+    p = start("recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}", FAKE_SUBMITTED=str(tmp_path / "gone" / "x.sbatch"),
+              SLURM_SUBMIT_DIR=str(REPO))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert recorded()["cwd"] == str(REPO)
+    p = start("recipe=keye_tiny_lm", f"run_dir={tmp_path / 'run'}", FAKE_SUBMITTED=str(tmp_path / "gone" / "x.sbatch"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "cannot find the repository" in err and "call sbatch in the repository's" in err, err
