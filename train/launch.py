@@ -19,8 +19,11 @@ from parallel.groups import teardown, world_size_from_env
 from parallel.layout import ParallelLayout
 from train.config import Config, SettingsError, check_batches, register_configs, saved_consumed_samples, to_config
 from train.determinism import apply_deterministic, check_deterministic
+from train.preemption import LAUNCH_STARTED_ENV, launch_start
 
-LAUNCHED = time.time()   # this process's start, near enough: a STOP file older than it is stale (train/preemption.py)
+# this launch's start: a STOP file older than it is stale (train/preemption.py). The job step's start where a launch
+# script exported it (KEYE_LAUNCH_STARTED), else this process's, near enough; LAUNCHED_WARNING names a value not a time
+LAUNCHED, LAUNCHED_WARNING = launch_start(time.time(), os.environ.get(LAUNCH_STARTED_ENV))
 
 
 def setup_logging(run_dir: str, rank: int, *, eval_only: bool = False) -> None:
@@ -815,6 +818,8 @@ def run(dcfg: DictConfig) -> None:
         logging.getLogger("train").warning("memory: %s", warning)
     if unused and rank == 0:
         logging.getLogger("train").warning("%s", unused)
+    if LAUNCHED_WARNING and rank == 0:
+        logging.getLogger("train").warning("%s", LAUNCHED_WARNING)
     from train.nonfinite import NonFiniteStepError
     from train.spikes import SpikeStepError
     from train.trainer import Trainer

@@ -15,6 +15,7 @@ checkpoint is written and training returns, so a requeued or rerun job resumes f
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -32,6 +33,30 @@ log = logging.getLogger(__name__)
 STALE_SLACK_S = 2.0
 
 STOP_FILE = "STOP"
+
+# When the launch began, as launch/slurm/pretrain.sbatch (and node.sh, where it is not set) exports it at the start of
+# the job step: seconds since the epoch (`date +%s.%N`). A STOP file older than the launch is stale, and the
+# trainer's own start (its import) comes seconds to minutes after the job step's: a SLURM warning in between, whose
+# STOP the script touched for this launch, was taken for an earlier launch's and removed.
+LAUNCH_STARTED_ENV = "KEYE_LAUNCH_STARTED"
+
+
+def launch_start(now: float, value: str | None) -> tuple[float, str | None]:
+    """When this launch began, for StopRequests.drop_stale: the earlier of `now` (this process's start, near
+    enough) and the time `value` (LAUNCH_STARTED_ENV's) names; with a warning to log where `value` is set and not
+    such a time (it is then left out)."""
+    if value is None or not value.strip():
+        return now, None
+    try:
+        started = float(value)
+    except ValueError:
+        started = math.nan
+    if not math.isfinite(started) or started <= 0:
+        return now, (f"{LAUNCH_STARTED_ENV}={value!r} is not a time in seconds since the epoch (`date +%s.%N`, as "
+                     f"launch/slurm/pretrain.sbatch sets it); ignored: this process's start stands for the launch's (a "
+                     f"STOP file older than it is taken for an earlier launch's). Unset it, or set it to the job "
+                     f"step's start")
+    return min(now, started), None
 
 
 class StopRequests:

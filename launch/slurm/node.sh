@@ -4,6 +4,7 @@
 #   SLURM_JOB_ID, SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST   set by SLURM
 #   GPUS_PER_NODE   processes per node (default: the GPUs this node shows, else 1)
 #   MASTER_ADDR / MASTER_PORT   rendezvous host / port (default: first node of the job / 29400)
+#   KEYE_LAUNCH_STARTED   when the job step began, seconds since the epoch (pretrain.sbatch sets it; default: now)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -23,6 +24,9 @@ fi
 # TORCHELASTIC_SIGNALS_TO_HANDLE (what its process context reads) over any value given.
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE"
+# the trainer removes a STOP file older than its launch as an earlier launch's (train/preemption.py), and its own
+# start comes later than this: a STOP touched meanwhile is this launch's
+export KEYE_LAUNCH_STARTED="${KEYE_LAUNCH_STARTED:-$(date +%s.%N)}"
 # NVLink multicast stays off (it can take a shared host's GPUs out of service).
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 mkdir -p "${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}"

@@ -1,15 +1,19 @@
 """What a launch finds in its run directory before it trains: a run_dir it cannot write (stopped with a config error
 naming it, not a traceback per rank), and a STOP file an earlier launch left (removed, so the run does not stop
-after its first step; one written after the launch began still stops it)."""
+after its first step; one written after the launch began, by the job step's clock where a launch script gives it,
+still stops it)."""
 import logging
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from train.launch import check_run_dir
-from train.preemption import StopRequests
+from train.preemption import LAUNCH_STARTED_ENV, StopRequests, launch_start
 
 
 def _cfg(path):
@@ -46,6 +50,43 @@ def test_a_stop_file_from_before_the_launch_is_removed_and_a_new_one_kept(tmp_pa
     assert stop.exists()
     stop.unlink()
     requests.drop_stale(launched)                             # nothing to do without one
+
+
+KEEPS_STOP = """import sys
+from train.launch import LAUNCHED, LAUNCHED_WARNING
+from train.preemption import StopRequests
+StopRequests(sys.argv[1], rank=0, signals=()).drop_stale(LAUNCHED)
+print(LAUNCHED_WARNING)
+"""
+
+
+def test_a_stop_file_written_while_the_job_step_started_is_kept(tmp_path):
+    """launch/slurm/pretrain.sbatch touches STOP on SLURM's warning as soon as the job step has begun; the trainer's
+    own start (train/launch.py's import) comes seconds to minutes later. A warning in between was taken for an earlier
+    launch's: its STOP removed ('written before this launch began'), the run trained on and the job was requeued
+    without a checkpoint of the stop. The launch's start is now the earlier of the script's (KEYE_LAUNCH_STARTED)
+    and the import's."""
+    stop = tmp_path / "STOP"
+    stop.touch()
+    now = time.time()
+    os.utime(stop, (now - 30, now - 30))                      # the warning, 30 s into the job step's start
+    env = {**os.environ, LAUNCH_STARTED_ENV: f"{now - 60:.6f}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", KEEPS_STOP, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert stop.exists(), run.stderr[-3000:]
+    assert run.stdout.strip() == "None"
+
+
+def test_the_launch_start_is_the_earlier_of_the_script_and_the_process(tmp_path):
+    assert launch_start(100.0, None) == (100.0, None)
+    assert launch_start(100.0, "") == (100.0, None)
+    assert launch_start(100.0, "40.5") == (40.5, None)
+    assert launch_start(100.0, "160") == (100.0, None)        # another node's clock, ahead: the process's start
+    for bad in ("yesterday", "nan", "-5", "inf"):
+        start, warning = launch_start(100.0, bad)
+        assert start == 100.0 and f"KEYE_LAUNCH_STARTED={bad!r} is not a time in seconds since the epoch" in warning
 
 
 def test_a_fault_drill_with_a_misspelled_fault_stops_before_the_run(monkeypatch):

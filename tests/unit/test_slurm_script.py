@@ -1,7 +1,7 @@
 """launch/slurm/pretrain.sbatch run as sbatch runs it: a copy in a spool directory, from another working directory,
 with stand-ins for srun and scontrol on PATH (no SLURM here). It finds the repository from the submitted script,
 honours a MASTER_ADDR given to it, and after its early-warning signal touches STOP, waits for the job step, removes
-the file, requeues the job and exits with the step's status."""
+the file, requeues the job where the trainer stopped well with a checkpoint and exits with the step's status."""
 import os
 import shutil
 import signal
@@ -15,14 +15,20 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "slurm" / "pretrain.sbatch"
 
 SRUN = """#!/usr/bin/env bash
-# records where and with what it ran; with FAKE_WAIT_STOP, runs until <run_dir>/STOP exists (the trainer's stop)
+# records where and with what it ran; with FAKE_WAIT_STOP, runs until <run_dir>/STOP exists and stops as the trainer
+# does: a checkpoint written (unless FAKE_NO_CHECKPOINT), STOP removed (unless FAKE_KEEP_STOP: a trainer that ended
+# without looking), exit FAKE_RC
 run_dir=""
 for a in "$@"; do case "$a" in run_dir=*) run_dir="${a#run_dir=}" ;; esac; done
 printf '%s\\n' "cwd=$PWD" "master=$MASTER_ADDR" "node_sh=$( [[ -x launch/slurm/node.sh ]] && echo yes )" \\
-    "args=$*" > "$FAKE_RECORD"
+    "started=${KEYE_LAUNCH_STARTED:-}" "args=$*" > "$FAKE_RECORD"
 if [[ -n "${FAKE_WAIT_STOP:-}" ]]; then
-  for _ in $(seq 200); do [[ -e "$run_dir/STOP" ]] && exit 0; sleep 0.1; done
-  exit 99
+  for _ in $(seq 200); do [[ -e "$run_dir/STOP" ]] && break; sleep 0.1; done
+  [[ -e "$run_dir/STOP" ]] || exit 99
+  if [[ -z "${FAKE_NO_CHECKPOINT:-}" ]]; then
+    mkdir -p "$run_dir/checkpoints/step_000003" && echo '{}' > "$run_dir/checkpoints/step_000003/COMPLETE.json"
+  fi
+  [[ -n "${FAKE_KEEP_STOP:-}" ]] || rm "$run_dir/STOP"
 fi
 exit "${FAKE_RC:-0}"
 """
@@ -77,19 +83,51 @@ def test_the_spool_copy_runs_the_job_step_from_the_repository(fake_slurm, tmp_pa
     assert p.returncode == 0 and recorded()["master"] == "10.1.2.3"   # the README's override
 
 
-def test_the_early_warning_stops_the_step_requeues_and_exits_zero(fake_slurm, tmp_path):
-    start, recorded, record = fake_slurm
-    run_dir = tmp_path / "run"
-    p = start("recipe=keye_tiny_lm", f"run_dir={run_dir}", FAKE_WAIT_STOP="1")
+def _warn_while_the_step_runs(start, record, run_dir, **env):
+    """Starts the job with the stand-in trainer that stops on STOP, sends the early warning once the step has started;
+    returns its exit status, its stderr, and when it was started and warned (time.time())."""
+    began = time.time()
+    p = start("recipe=keye_tiny_lm", f"run_dir={run_dir}", FAKE_WAIT_STOP="1", **env)
     deadline = time.time() + 30
     while not record.exists() and time.time() < deadline:   # the job step has started
         time.sleep(0.1)
+    warned = time.time()
     p.send_signal(signal.SIGUSR1)
     out, err = p.communicate(timeout=60)
+    return p.returncode, err, began, warned
+
+
+def test_the_early_warning_stops_the_step_requeues_and_exits_zero(fake_slurm, tmp_path):
+    start, recorded, record = fake_slurm
+    run_dir = tmp_path / "run"
+    status, err, began, warned = _warn_while_the_step_runs(start, record, run_dir)
     assert "asking the trainer to checkpoint and stop" in err and "requeueing job 42" in err, err
-    assert p.returncode == 0, err                      # the step ended well: not the interrupted wait's 138
+    assert status == 0, err                      # the step ended well: not the interrupted wait's 138
     assert (tmp_path / "record.txt.scontrol").read_text().split() == ["requeue", "42"]
     assert not (run_dir / "STOP").exists()              # a requeued attempt does not stop at its first step
+    # the job step's start, for the trainer: a STOP touched after it is this launch's (train/preemption.py). The
+    # trainer's own start (its import) came later: a warning while the workers started was dropped as stale
+    started = float(recorded()["started"])
+    assert began - 1 <= started <= warned, (began, started, warned)
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"FAKE_RC": "3"}, "the job step exited with status 3 after the stop request: not requeueing job 42"),
+    ({"FAKE_NO_CHECKPOINT": "1"}, "holds no complete checkpoint (train.checkpoint.enabled=false?): not requeueing"),
+    ({"FAKE_KEEP_STOP": "1"}, "the trainer ended without taking the stop request (its training had finished): not "
+                              "requeueing job 42"),
+])
+def test_after_the_early_warning_only_a_stop_with_a_checkpoint_is_requeued(fake_slurm, tmp_path, env, said):
+    """The job was requeued after any warning, whatever the step's status and whether a checkpoint was written,
+    saying 'checkpoint written': a failing trainer was requeued to fail again, one that had finished to train
+    nothing, one without a checkpoint to start over."""
+    start, recorded, record = fake_slurm
+    run_dir = tmp_path / "run"
+    status, err, _, _ = _warn_while_the_step_runs(start, record, run_dir, **env)
+    assert said in err and "requeueing job 42" not in err.replace("not requeueing job 42", ""), err
+    assert status == int(env.get("FAKE_RC", "0")), err
+    assert not (tmp_path / "record.txt.scontrol").exists()
+    assert not (run_dir / "STOP").exists()
 
 
 def test_without_a_recipe_the_job_trains_the_recipe_its_run_directory_names(fake_slurm):
