@@ -3,7 +3,8 @@
 On a request every rank finishes its current step, the ranks agree (one all-reduce per step), a
 checkpoint is written and training returns, so a requeued or rerun job resumes from exactly there.
 - SIGTERM: what torchrun forwards to its workers when it is terminated (scancel, preemption); torchrun
-  kills workers that have not exited 30 s later, so this path suits jobs whose save takes less.
+  kills workers that have not exited TORCH_ELASTIC_SHUTDOWN_TIMEOUT s later (30 by default; launch/slurm/node.sh
+  sets 600), so this path suits jobs whose step and save take less.
 - SIGUSR1: SLURM's early warning (`sbatch --signal=USR1@<seconds>` delivered to the tasks). torchrun forwards it
   only when told to (`--signals-to-handle`, which launch/slurm/node.sh sets); by default it dies of it.
 - STOP file: launch/slurm/pretrain.sbatch traps its own early-warning signal and touches
