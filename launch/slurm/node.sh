@@ -7,6 +7,9 @@
 #   KEYE_LAUNCH_STARTED   when the job step began, seconds since the epoch (pretrain.sbatch sets it; default: now)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT   seconds torchrun gives its workers to exit after it passes them a stop signal
 #                   (SIGTERM, SIGUSR1) before it kills them (default here: 600; torchrun's own: 30)
+# torchrun tees each worker's stdout and stderr into <RUN_LOG_DIR>/torchrun-node<K>/<job id>_*/attempt_<N>/<local
+# rank>/ (RUN_LOG_DIR: pretrain.sbatch's run directory; default: <repo>/runs/slurm-<job id>), lines on the console
+# prefixed [default<local rank>]:.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -53,5 +56,5 @@ mkdir -p "${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}"
 exec python3 -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
-  --log_dir="${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}/torchrun-node$SLURM_NODEID" \
+  --tee=3 --log_dir="${RUN_LOG_DIR:-$repo/runs/slurm-$SLURM_JOB_ID}/torchrun-node$SLURM_NODEID" \
   "$repo/launch/pretrain.py" "$@"

@@ -108,3 +108,18 @@ def test_a_shutdown_timeout_that_is_not_seconds_is_named(node):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2, err
     assert "node.sh: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=10m is not a whole number of seconds" in err, err
+
+
+def test_the_workers_output_is_teed_into_the_torchrun_log_directory(node):
+    """node.sh passed --log_dir without --tee or --redirects: <run_dir>/torchrun-node<K>/ held empty directories,
+    where the README said torchrun's logs were. Now each worker's stdout and stderr are there, and on the console."""
+    start, logs, _ = node
+    p = start(2)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        attempt = list((logs / "torchrun-node0").glob(f"77_*/attempt_0/{rank}"))
+        assert len(attempt) == 1, list((logs / "torchrun-node0").rglob("*"))
+        assert (attempt[0] / "stdout.log").read_text() == f"rank {rank} says hello\n"
+        assert (attempt[0] / "stderr.log").read_text() == f"rank {rank} warns\n"
+        assert f"[default{rank}]:rank {rank} says hello" in out and f"[default{rank}]:rank {rank} warns" in err
