@@ -87,3 +87,49 @@ def test_synthetic_videos_that_ingest_rejects_every_one_of_stop_naming_why(tmp_p
                                            r"reason: \{'.+': 2\}, in .*rejects.jsonl; the first: \{"):
         ensure_synthetic_shards(tmp_path / "syn", 2, seed=0, rank=0)
     assert not (tmp_path / "syn" / READY).exists()
+
+
+def _annotations(d):
+    return (d / "annotations.jsonl").read_text()
+
+
+def test_an_out_made_with_other_settings_is_refused(tmp_path, capsys):
+    """--shards into an --out made with other settings kept the old shards (ingest resumes by file name) but wrote
+    new annotations and said it wrote the new set: clip_00000 in the annotations was not the clip in the shards."""
+    d = tmp_path / "s"
+    assert main(["--out", str(d), "--n", "2", "--text", "1", "--shards"]) == 0
+    before, shards = _annotations(d), sorted(p.name for p in (d / "shards").iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(d), "--n", "1", "--seed", "7", "--shards"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (f"--out {d}: holds a synthetic set made with --n 2 --seed 0 --text 1, not the --n 1 --seed 7 --text 0 "
+            "asked") in err and "Choose another --out, or remove" in err, err
+    assert _annotations(d) == before and sorted(p.name for p in (d / "shards").iterdir()) == shards
+    # the same settings remake the same set (here without shards: those made stay theirs)
+    assert main(["--out", str(d), "--n", "2", "--text", "1"]) == 0
+    assert _annotations(d) == before
+
+
+def test_an_out_holding_a_set_without_a_record_of_its_settings_is_refused(tmp_path, capsys):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "annotations.jsonl").write_text("")
+    (d / "notes.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(d), "--n", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {d}: holds annotations.jsonl but no synthetic_settings.json" in err, err
+    assert main(["--out", str(tmp_path / "other"), "--n", "1"]) == 0
+    e = tmp_path / "empty"     # a directory of other files is the user's: the set is made beside them
+    e.mkdir()
+    (e / "notes.txt").write_text("")
+    assert main(["--out", str(e), "--n", "1"]) == 0
+
+
+def test_the_summary_names_every_kind_written(tmp_path, capsys):
+    """Without --shards the line left out the image sets."""
+    assert main(["--out", str(tmp_path / "s"), "--n", "1", "--images", "1", "--image-sets", "1", "--text", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 videos, 1 images, 1 image sets and 2 text-only records: the files under" in out, out
