@@ -669,6 +669,18 @@ def check_settings(cfg: Config, layout: ParallelLayout, *, resumed_at: tuple[int
         raise ValueError(f"model.lm.ksa.chunk ({ksa.chunk}) exceeds train.seq_length ({cfg.train.seq_length}): no chunk "
                          "of a sequence would complete, so no summary token would exist and the KSA layers would be "
                          "plain causal attention, their summary parameters never used")
+    if cfg.model.lm.uses_ksa:
+        # a text query of chunk c reads the summaries of chunks before c - W alone: a row of n chunks uses them only
+        # where n >= W + 2. Windows that cover a whole row left the summaries out of every loss (grad 0.000, the
+        # dense model's loss) without a word
+        n = -(-cfg.train.seq_length // ksa.chunk)
+        windows = sorted({ksa.window(l) for l in cfg.model.lm.layers_with("ksa")})
+        if windows[0] + 2 > n:   # a warning: such a model is the dense one, which a check may want to show
+            warnings.warn(f"model.lm.ksa.windows {list(ksa.windows)} (chunks of {ksa.chunk} tokens) cover every row "
+                          f"of train.seq_length={cfg.train.seq_length} ({n} chunks at most): a token reads the "
+                          f"summaries of chunks before its window alone, so no KSA layer reads one, the model is the "
+                          f"dense one and its summary parameters get no gradient. Give a window of at most {n - 2} "
+                          f"chunks, or a longer train.seq_length, for them to train")
     if cfg.train.seq_length > cfg.model.lm.max_position_embeddings:
         raise ValueError(f"train.seq_length ({cfg.train.seq_length}) exceeds model.lm.max_position_embeddings "
                          f"({cfg.model.lm.max_position_embeddings})")
@@ -704,6 +716,15 @@ def check_attention_stage(cfg: Config) -> None:
     if cfg.model.lm.dsa.stage == "dense_warmup" and "dsa" not in kinds:
         warnings.warn("model.lm.dsa.stage=dense_warmup is ignored: model.lm has no DSA layer "
                       f"(its attention: {', '.join(sorted(kinds))})")
+    dsa = cfg.model.lm.dsa
+    if "dsa" in kinds and cfg.train.trained == "indexer" and dsa.loss_weight == 0:
+        # the stage's whole loss is lambda x KL: it ran with grad 0.000 every step, its checkpoints its source's
+        raise ValueError("model.lm.dsa.loss_weight=0 with train.trainable=indexer: the indexers learn from the KL "
+                         "alone (the loss is lambda x KL), so the stage would train nothing; give a weight > 0 "
+                         "(DeepSeek's 1.0)")
+    if "dsa" in kinds and cfg.train.trained in ("all", "indexer") and dsa.stage == "sparse" and dsa.topk == 1:
+        warnings.warn("model.lm.dsa.topk=1 in the sparse stage: its KL is over each query's selected keys, one key, "
+                      "so it is 0 and the indexers get no gradient (the warm-up's KL over every key trains them)")
 
 
 # layouts check_memory proposes when the configured one does not fit, cheapest in compute first

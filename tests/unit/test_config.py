@@ -1034,6 +1034,30 @@ def test_a_distillation_from_an_import_of_a_ksa_run_s_export_reads_its_record(tm
         check_paths(_validate(*distill, "train.checkpoint.init_from=" + str(imported("other", None)))[0])
 
 
+def test_settings_under_which_a_sparse_stage_trains_nothing_are_named(tmp_path):
+    """Stages that ran with grad 0.000 every step without a word: a DSA warm-up with model.lm.dsa.loss_weight=0 (its
+    whole loss is lambda x KL: a config error now), KSA windows that cover every row (no token reads a summary: the
+    dense model, which a check may want, so a warning), and the sparse stage at dsa.topk=1 (a KL over one key is 0:
+    a warning). The recipes' own settings pass without a word."""
+    import warnings
+
+    run = f"run_dir={tmp_path / 'new'}"
+    with pytest.raises(ValueError, match=r"model\.lm\.dsa\.loss_weight=0 with train\.trainable=indexer: .* would "
+                                         r"train nothing"):
+        _validate("recipe=keye_tiny_dsa_warmup", run, "model.lm.dsa.loss_weight=0")
+    _validate("recipe=keye_tiny_dsa_sparse", run, "model.lm.dsa.loss_weight=0")   # the model trains; the indexer not
+    with pytest.warns(UserWarning, match=r"model\.lm\.ksa\.windows \[64\] \(chunks of 8 tokens\) cover every row "
+                                         r"of train\.seq_length=256 \(32 chunks at most\).*at most 30 chunks"):
+        _validate("recipe=keye_tiny_ksa_distill", run, "model.lm.ksa.windows=[64]")
+    with pytest.warns(UserWarning, match=r"model\.lm\.dsa\.topk=1 in the sparse stage"):
+        _validate("recipe=keye_tiny_dsa_sparse", run, "model.lm.dsa.topk=1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for recipe in ("keye_tiny_dsa_warmup", "keye_tiny_dsa_sparse", "keye_tiny_ksa_distill", "keye_tiny_ksa"):
+            _validate(f"recipe={recipe}", run)
+        _validate("recipe=keye_tiny_ksa_distill", run, "model.lm.ksa.windows=[30]")   # 32 chunks: the last reads one
+
+
 def test_recipe_comments_chain_the_commands_they_give():
     """A recipe whose header comment gives the commands of a chain (the dense model, then this stage) names, in each
     init_from=runs/<dir>, the run directory an earlier command of that comment makes; without an earlier command,
