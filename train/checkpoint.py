@@ -830,13 +830,16 @@ def check_resume_point(cfg, layout, ref: CheckpointRef, common: dict) -> None:
     changed = [c for c in config_changes(saved["model"], asdict(cfg.model), defaults=asdict(Config())["model"])
                if c[0] not in MODEL_KEYS_FREE_ON_RESUME] if "model" in saved else []
     if changed:
+        scoring = cfg.train.eval.only   # an eval-only launch scores the run directory's checkpoints with its model
         raise ValueError(
             f"run_dir={cfg.resolved_run_dir()} holds a checkpoint (step {ref.step}, {ref.path}) of another model, and "
-            f"a run directory with a checkpoint is resumed: "
+            + ("train.eval.only scores a run directory's checkpoints with the model they trained: " if scoring else
+               "a run directory with a checkpoint is resumed: ")
             + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in changed)
-            + ". Resume it with its own model settings, or give this model another run_dir "
-              f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
-              "stage recipes do)")
+            + (". Score it with its own model settings" if scoring else
+               ". Resume it with its own model settings, or give this model another run_dir "
+               f"(train.checkpoint.init_from={cfg.resolved_run_dir()} starts a new run from those weights, as the "
+               "stage recipes do)"))
     trained = (saved.get("train") or {}).get("trainable")
     if trained is not None and trained != cfg.train.trainable and not cfg.train.eval.only:
         # its optimizer state holds the parameters that stage trained: megatron's load failed after the build, on

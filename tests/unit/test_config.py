@@ -814,6 +814,19 @@ def test_a_checkpoint_from_before_a_model_setting_existed_resumes_where_it_is_at
         _validate("recipe=keye_tiny_lm", f"run_dir={run}", f"model.lm.{key}=1e-3")
 
 
+def test_scoring_a_run_directory_with_another_model_says_it_scores(tmp_path):
+    """train.eval.only with a model setting other than the run directory's checkpoint: refused, as a resume is, but
+    the message said "a run directory with a checkpoint is resumed" and offered init_from, which an eval-only launch
+    does not train from."""
+    run = _run_dir_of(tmp_path, "sparse", "recipe=keye_tiny_dsa_sparse")
+    with pytest.raises(ValueError, match=r"of another model, and train\.eval\.only scores a run directory's "
+                                         r"checkpoints with the model they trained: model\.lm\.dsa\.topk is 32 "
+                                         r"there, 16 here\. Score it with its own model settings$"):
+        _validate("recipe=keye_tiny_dsa_sparse", f"run_dir={run}", "train.eval.only=true", "model.lm.dsa.topk=16")
+    with pytest.raises(ValueError, match=r"a run directory with a checkpoint is resumed: model\.lm\.dsa\.topk"):
+        _validate("recipe=keye_tiny_dsa_sparse", f"run_dir={run}", "model.lm.dsa.topk=16")
+
+
 @pytest.mark.parametrize("stage", ["keye_tiny_vl_dsa_warmup", "keye_tiny_vl_ksa_distill", "keye_tiny_align"])
 def test_a_frozen_language_model_keeps_the_rope_base_of_its_source(tmp_path, stage):
     """A stage that keeps the language model frozen (trainable indexer, summary, projector) started from a run at
