@@ -813,16 +813,10 @@ def spill_member(shard: str, offset: int, size: int, dst: str, chunk: int = 8 <<
                                   total=getattr(shard, "size", None), version=getattr(shard, "version", None))
         _check_crc(shard, offset, size, crc, crc32)
         return
-    with open(shard, "rb") as src, open(dst, "wb") as out:
-        src.seek(offset)
-        left = size
-        while left > 0:
-            buf = src.read(min(chunk, left))
-            if not buf:
-                raise OSError(f"{shard}: member truncated at {offset + size - left}")
+    with open(dst, "wb") as out:
+        for buf in _member_pieces(shard, offset, size, chunk):
             crc = zlib.crc32(buf, crc)
             out.write(buf)
-            left -= len(buf)
     _check_crc(shard, offset, size, crc, crc32)
 
 
@@ -830,16 +824,23 @@ def check_member(shard: str, offset: int, size: int, crc32: int | None, chunk: i
     """The CRC32 of a local shard's member (read in place) is `crc32` (MemberChecksumError), where there is one."""
     if crc32 is None:
         return
-    crc, left = 0, size
+    crc = 0
+    for buf in _member_pieces(shard, offset, size, chunk):
+        crc = zlib.crc32(buf, crc)
+    _check_crc(shard, offset, size, crc, crc32)
+
+
+def _member_pieces(shard: str, offset: int, size: int, chunk: int) -> Iterator[bytes]:
+    """A local shard's member, `chunk` bytes at a time (OSError where the tar ends before it does)."""
     with open(shard, "rb") as src:
         src.seek(offset)
+        left = size
         while left > 0:
             buf = src.read(min(chunk, left))
             if not buf:
                 raise OSError(f"{shard}: member truncated at {offset + size - left}")
-            crc = zlib.crc32(buf, crc)
+            yield buf
             left -= len(buf)
-    _check_crc(shard, offset, size, crc, crc32)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
