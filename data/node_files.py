@@ -43,7 +43,8 @@ class LockStale(TimeoutError):
     """A lock whose holder has not written that it lives for LOCK_STALE_S (an OSError: built in memory instead)."""
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This machine's name as it goes into file names and lock records (characters other than [A-Za-z0-9_.-] as _)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
 
 
@@ -92,7 +93,7 @@ class _Beat:
     def _write(self, count: int) -> None:
         try:
             os.ftruncate(self.fd, 0)
-            os.write(self.fd, f"host {_host()} pid {os.getpid()} beat {count}\n".encode())
+            os.write(self.fd, f"host {host_name()} pid {os.getpid()} beat {count}\n".encode())
             os.fsync(self.fd)      # to the server, where waiters on other nodes read it
         except OSError:
             pass
@@ -129,7 +130,7 @@ def _write(names: list[Path], arrays) -> None:
     # the host in the name too: on a filesystem shared by several nodes whose flock does not lock across them (Lustre
     # mounted with localflock), processes of two nodes may build the same file at once, and containers give their
     # processes the same pids; one file for both let the second truncate the first's under it
-    host = _host()
+    host = host_name()
     for name, a in zip(names, arrays):
         tmp = name.with_name(f"{name.name}.{host}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:

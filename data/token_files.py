@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from data.exclude import ExcludeList, blank_pieces
-from data.node_files import _host, prune, shaped, shared_arrays
+from data.node_files import host_name, prune, shaped, shared_arrays
 from data.sample_position import DataStateMismatch, GlobalSamplePosition
 from data.video.annotations import unpaired_surrogate
 from data.video.packing import DOC_KINDS
@@ -374,7 +374,7 @@ def _writing(prefix: str):
         os.close(fd)   # its holder removed it as it finished, between our open and our lock: take the new one
     if fd is not None:
         os.ftruncate(fd, 0)
-        os.write(fd, f"host {_host()} pid {os.getpid()}\n".encode())
+        os.write(fd, f"host {host_name()} pid {os.getpid()}\n".encode())
         base = os.path.basename(prefix)
         for stale in glob.glob(glob.escape(prefix) + ".*.partial"):
             if _is_partial(os.path.basename(stale), base):
@@ -404,7 +404,7 @@ def write_token_runs(runs: Iterable[tuple[np.ndarray, np.ndarray]], prefix: str 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     dtype = DType.optimal_dtype(vocab_size)
     # names of this process's own: a writer that the lock does not stop (no flock there) does not write into them
-    tmp_bin, tmp_idx, tmp_json = (f"{prefix}{s}.{_host()}.{os.getpid()}.partial" for s in (".bin", ".idx", ".json"))
+    tmp_bin, tmp_idx, tmp_json = (f"{prefix}{s}.{host_name()}.{os.getpid()}.partial" for s in (".bin", ".idx", ".json"))
     with _writing(prefix):
         if not replace and os.path.exists(prefix + ".idx"):
             raise FileExistsError(f"{prefix}.idx exists (written while this process started): give another prefix "

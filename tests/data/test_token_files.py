@@ -1114,7 +1114,7 @@ def test_a_prefix_is_written_by_one_writer_at_a_time(tmp_path, capsys):
     the first writer's documents back."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from data.node_files import _host
+    from data.node_files import host_name
     from launch.tokenize_text import main
 
     docs, out, d = _docs(50, 7), tmp_path / "c" / "same", tmp_path / "c"
@@ -1136,15 +1136,15 @@ def test_a_prefix_is_written_by_one_writer_at_a_time(tmp_path, capsys):
     first.start()
     try:
         assert started.wait(60)
-        mine = f"same.bin.{_host()}.{os.getpid()}.partial"
+        mine = f"same.bin.{host_name()}.{os.getpid()}.partial"
         assert sorted(p.name for p in d.iterdir()) == sorted(others + [mine, "same.lock"])
-        holder = rf"host {_host()} pid {os.getpid()} holds {out}\.lock"
+        holder = rf"host {host_name()} pid {os.getpid()} holds {out}\.lock"
         with pytest.raises(OSError, match=rf"{out}: another process is writing this prefix \({holder}\)"):
             write_token_files([[1, 2]], out, vocab_size=512)
         (tmp_path / "in.jsonl").write_text('{"text": "second writer"}\n')
         assert main(["--input", str(tmp_path / "in.jsonl"), "--out", str(out), "--workers", "1"]) == 1
         err = capsys.readouterr().err
-        assert f"{out}: another process is writing this prefix (host {_host()} pid {os.getpid()}" in err, err
+        assert f"{out}: another process is writing this prefix (host {host_name()} pid {os.getpid()}" in err, err
     finally:
         go.set()
         first.join(60)

@@ -389,7 +389,7 @@ def test_a_holder_that_builds_for_longer_than_the_bound_is_waited_for(tmp_path, 
     waiter.join(5.0)
     (got,), note = second[0]
     assert note == "" and is_mapped(got) and (got == want).all()
-    assert re.fullmatch(rf"host {re.escape(node_files._host())} pid {os.getpid()} beat [1-9]\d*",
+    assert re.fullmatch(rf"host {re.escape(node_files.host_name())} pid {os.getpid()} beat [1-9]\d*",
                         (tmp_path / "epoch0.lock").read_text().strip())
 
 
