@@ -379,15 +379,16 @@ def _measure(seq: int, *args: str) -> dict:
     """tests/unit/memory_measure_worker.py in its own process (it starts a one-process group)."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.launch_util import free_port
+
     repo = Path(__file__).resolve().parents[2]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # below the ephemeral range: a port from bind(0) was taken by another process's outgoing connection before the
+    # worker's store bound it (EADDRINUSE, once in a CI run)
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, str(repo / "tests/unit/memory_measure_worker.py"), str(seq), *args],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.supervise import free_port
+from tests.launch_util import free_port
 
 pytestmark = pytest.mark.slow   # starts torchrun; one case waits out a 35 s save
 
