@@ -127,33 +127,19 @@ def _wait_for_pid(pid_file: Path, proc=None, seconds: float = 60) -> int:
     return int(pid_file.read_text())
 
 
-def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
-    """Past the grace only torchrun's process group was killed: the worker, in a session of its own, ran on."""
-    pid_file = tmp_path / "pid"
-    cmd = [sys.executable, "-c", AGENT, STUBBORN, str(pid_file)]
-    worker = None
-    try:
-        with pytest.raises(subprocess.TimeoutExpired):
-            run_torchrun(cmd, timeout=5, grace=1)
-        worker = _wait_for_pid(pid_file, seconds=1)
-        assert _gone_within(worker, 5), "a worker that ignores SIGTERM outlived run_torchrun's grace"
-    finally:
-        if worker is None and pid_file.exists() and pid_file.read_text():
-            worker = int(pid_file.read_text())
-        if worker is not None and _alive(worker):
-            os.kill(worker, signal.SIGKILL)
-
-
-def test_a_worker_that_ignores_sigterm_under_torchrun_is_killed_after_the_grace(tmp_path):
-    """The same under torchrun itself, whose shutdown timeout (30 s) outlasts the grace."""
+@pytest.mark.parametrize("agent", ["stand-in", "torchrun"])
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, agent):
+    """Past the grace only torchrun's process group was killed: the worker, in a session of its own, ran on. Under
+    the stand-in agent above, and under torchrun itself, whose shutdown timeout (30 s) outlasts the grace."""
     script, pid_file = tmp_path / "worker.py", tmp_path / "pid"
     script.write_text(STUBBORN)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script),
-           str(pid_file)]
+    cmd, timeout, grace = ([sys.executable, "-c", AGENT, STUBBORN, str(pid_file)], 5, 1) if agent == "stand-in" else (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script),
+         str(pid_file)], 20, 3)
     worker = None
     try:
         with pytest.raises(subprocess.TimeoutExpired):
-            run_torchrun(cmd, timeout=20, grace=3)
+            run_torchrun(cmd, timeout=timeout, grace=grace)
         worker = _wait_for_pid(pid_file, seconds=1)
         assert _gone_within(worker, 5), "a worker that ignores SIGTERM outlived run_torchrun's grace"
     finally:
