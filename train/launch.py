@@ -378,9 +378,13 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
         return
     ours = asdict(cfg.model)
 
-    def uses(model: dict, variant: str) -> bool:
+    def layers(model: dict, variant: str) -> list[int]:   # LMConfig.layers_with, of a recorded model's dict
         lm = model.get("lm", {})
-        return variant in (lm.get("attention_per_layer") or [lm.get("attention")])
+        kinds = lm.get("attention_per_layer") or [lm.get("attention")] * lm.get("num_layers", 1)
+        return [l for l, kind in enumerate(kinds) if kind == variant]
+
+    def uses(model: dict, variant: str) -> bool:
+        return bool(layers(model, variant))
 
     parts = [] if name == "vision_init_from" else ["lm"] + [f"lm.{v}" for v in ("dsa", "ksa")
                                                             if uses(saved, v) and uses(ours, v)]
@@ -399,12 +403,9 @@ def check_source_model(cfg: Config, name: str, source: str, ref) -> None:
     # i-th indexer is the i-th DSA layer's, whichever layer that is. Other layers with the variant loaded the source's
     # indexers onto the wrong layers without a word (or stopped every rank on a shape mismatch where the count differs)
     for v in ("dsa", "ksa"):
-        if name == "init_from" and uses(saved, v) and uses(ours, v):
-            theirs_l = [l for l, k in enumerate(saved["lm"].get("attention_per_layer")
-                                               or [saved["lm"].get("attention")] * saved["lm"]["num_layers"]) if k == v]
-            if theirs_l != cfg.model.lm.layers_with(v):
-                differ.append(f"its {v.upper()} layers are {theirs_l}, here {cfg.model.lm.layers_with(v)} "
-                              f"(model.lm.attention_per_layer)")
+        if name == "init_from" and uses(saved, v) and uses(ours, v) and layers(saved, v) != layers(ours, v):
+            differ.append(f"its {v.upper()} layers are {layers(saved, v)}, here {layers(ours, v)} "
+                          f"(model.lm.attention_per_layer)")
     if differ:
         raise ValueError(f"train.checkpoint.{name}={source!r} holds a checkpoint (step {ref.step}, {ref.path}) of a "
                          f"model of other sizes: {'; '.join(differ)}. Its weights do not fit this model: give it the "
@@ -674,8 +675,7 @@ def check_settings(cfg: Config, layout: ParallelLayout, *, resumed_at: tuple[int
         # where n >= W + 2. Windows that cover a whole row left the summaries out of every loss (grad 0.000, the
         # dense model's loss) without a word
         n = -(-cfg.train.seq_length // ksa.chunk)
-        windows = sorted({ksa.window(l) for l in cfg.model.lm.layers_with("ksa")})
-        if windows[0] + 2 > n:   # a warning: such a model is the dense one, which a check may want to show
+        if min(ksa.window(l) for l in cfg.model.lm.layers_with("ksa")) + 2 > n:   # a warning: such a model is the dense one, which a check may want to show
             warnings.warn(f"model.lm.ksa.windows {list(ksa.windows)} (chunks of {ksa.chunk} tokens) cover every row "
                           f"of train.seq_length={cfg.train.seq_length} ({n} chunks at most): a token reads the "
                           f"summaries of chunks before its window alone, so no KSA layer reads one, the model is the "
